@@ -1,0 +1,81 @@
+"""Shared launcher plumbing for the Triton kernels: input checks and config selection.
+
+Every kernel family keeps two handles on one kernel body: the plain `@triton.jit` function and an
+`@triton.autotune` wrapper. On the GPU the launcher calls the autotuned one; under
+TRITON_INTERPRET=1 autotune does not work, so the launcher launches one explicit config (the
+first of the list, or the one a test passes in to exercise every config).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import triton
+
+FP8_E4M3_MAX = 448.0
+FP8_DTYPE = torch.float8_e4m3fn
+# The quantization block edge of the DeepSeek checkpoints: weights 128x128, activations 1x128.
+QUANT_BLOCK = 128
+# amax floor, same value as dsv3_export.reference.fp8.AMAX_FLOOR: all-zero blocks get a finite scale.
+AMAX_FLOOR = 1e-12
+
+
+def is_interpreted(kernel: Any) -> bool:
+    """True when `kernel` (a @triton.jit result) runs in the CPU interpreter."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def autotune_or_single(kernel: Callable, configs: Sequence[triton.Config], key: list[str], **tune_kwargs: Any):
+    """The kernel wrapped in autotune for compiled runs; the bare kernel when interpreting."""
+    if is_interpreted(kernel):
+        return None
+    return triton.autotune(configs=list(configs), key=key, **tune_kwargs)(kernel)
+
+
+def launch(kernel: Callable, tuned: Callable | None, configs: Sequence[triton.Config], grid: Callable,
+           args: Sequence[Any], kwargs: dict[str, Any], config: triton.Config | None) -> None:
+    """Launch `tuned` (autotuned on GPU) or `kernel` with an explicit config.
+
+    `grid` is a function of the meta-parameter dict, as autotune expects.
+    """
+    if config is None and tuned is not None:
+        tuned[grid](*args, **kwargs)
+        return
+    cfg = config if config is not None else configs[0]
+    meta = cfg.all_kwargs()
+    if is_interpreted(kernel):
+        # The interpreter has no warps or pipeline stages.
+        meta = dict(cfg.kwargs)
+    kernel[grid({**kwargs, **cfg.kwargs})](*args, **kwargs, **meta)
+
+
+def check_tensor(name: str, t: Any, *, dtypes: Sequence[torch.dtype] | None = None, ndim: int | None = None,
+                 device: torch.device | None = None, contiguous: bool = False) -> None:
+    """Raise a ValueError/TypeError that names the tensor and the broken requirement."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: dtype {t.dtype} not supported; expected one of {[str(d) for d in dtypes]}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: on device {t.device}, expected {device} (same device as the first input)")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous (shape {tuple(t.shape)}, strides {t.stride()}); call .contiguous()")
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int]) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; a nominal 132 (H100/H200) elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132

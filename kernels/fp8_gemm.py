@@ -1,0 +1,190 @@
+"""FP8 blockwise-scaled GEMM: C = (A * a_s) @ (B * b_s)^T, as in DeepSeek-V3's fp8 Linear.
+
+Layouts:
+  a   fp8 e4m3fn [M, K] (activations), a_s fp32 [M, ceil(K/128)]        (one scale per 1x128)
+  b   fp8 e4m3fn [N, K] (weight, nn.Linear layout), b_s fp32 [ceil(N/128), ceil(K/128)] (128x128)
+  c   [M, N] in out_dtype (bf16 by default)
+
+Algorithm (tutorial-03 tiling with per-K-block scales): a program owns a [BLOCK_M, BLOCK_N] tile
+of C and walks K in steps of exactly 128 (the scale block), so each step's fp8 x fp8 -> fp32 dot
+is multiplied by a_s[m, kb] (a column vector) times b_s[n // 128, kb] (a row vector) before it is
+added to the fp32 accumulator. Tiles are visited in GROUP_M super-rows for L2 reuse. M, N and K
+may be ragged: loads are masked with zero fill and stores are masked.
+
+Split-K (decode): with few output tiles (M <= 64 and N / BLOCK_N << #SMs) the K loop is split over
+SPLIT_K programs that store fp32 partial tiles into a [SPLIT_K, M, N] workspace, summed after the
+kernel (deterministic, unlike atomics). The launcher chooses SPLIT_K from the tile count.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, autotune_or_single, check_tensor, launch,
+                                         next_pow2, num_sms)
+from dsv3_export.kernels.fp8_quant import act_quant
+from dsv3_export.reference import fp8 as fp8_ref
+
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Largest split of the K loop; more adds reduction traffic without adding useful parallelism.
+MAX_SPLIT_K = 16
+
+# Decode (small M) wants narrow N tiles to spread the weight read over many SMs; prefill wants
+# big square tiles for tensor-core reuse. The autotune key includes a power-of-2 bucket of M.
+FP8_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles far taller than M (wasted MMA rows); keep at least one config."""
+    m = named_args["M"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, 2 * next_pow2(m))]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr,
+    M, N, K, M_BUCKET,
+    stride_am, stride_asm, stride_bn, stride_bsn, stride_cs, stride_cm,
+    K_BLOCKS_PER_SPLIT,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # -- tile ids, grouped along M for L2 reuse of B tiles
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_rows = a_ptr + offs_m[:, None] * stride_am
+    b_cols = b_ptr + offs_n[None, :] * stride_bn
+    a_s_rows = a_s_ptr + offs_m * stride_asm
+    b_s_cols = b_s_ptr + (offs_n // BLOCK_K) * stride_bsn
+
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    kb_start = pid_k * K_BLOCKS_PER_SPLIT
+    kb_end = tl.minimum(kb_start + K_BLOCKS_PER_SPLIT, k_blocks)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(kb_start, kb_end):
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(a_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_cols + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
+        a_s = tl.load(a_s_rows + kb, mask=mask_m, other=0.0)
+        b_s = tl.load(b_s_cols + kb, mask=mask_n, other=0.0)
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+
+    c_ptrs = c_ptr + pid_k * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+_fp8_gemm_tuned = autotune_or_single(_fp8_gemm_kernel, FP8_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K"],
+                                     prune_configs_by={"early_config_prune": _prune_configs})
+
+
+def _choose_split_k(m: int, n: int, k_blocks: int, device: torch.device) -> int:
+    """Split K only when the output tiles (at BLOCK_N=64) leave most SMs idle."""
+    if m > 64:
+        return 1
+    tiles = triton.cdiv(m, 16) * triton.cdiv(n, 64)
+    split = max(1, min(num_sms(device) // max(tiles, 1), k_blocks, MAX_SPLIT_K))
+    # Keep at least 2 K-blocks per split: one block per program is all prologue.
+    return max(1, min(split, k_blocks // 2))
+
+
+def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+             out_dtype: torch.dtype = torch.bfloat16, *, split_k: int | None = None,
+             config: triton.Config | None = None) -> torch.Tensor:
+    """a fp8 [M, K], a_s fp32 [M, ceil(K/128)], b fp8 [N, K], b_s fp32 [ceil(N/128), ceil(K/128)] -> [M, N]."""
+    check_tensor("fp8_gemm: a", a, dtypes=(FP8_DTYPE,), ndim=2)
+    dev = a.device
+    check_tensor("fp8_gemm: a_s", a_s, dtypes=(torch.float32,), ndim=2, device=dev)
+    check_tensor("fp8_gemm: b", b, dtypes=(FP8_DTYPE,), ndim=2, device=dev)
+    check_tensor("fp8_gemm: b_s", b_s, dtypes=(torch.float32,), ndim=2, device=dev)
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"fp8_gemm: out_dtype {out_dtype} not supported; expected one of {OUT_DTYPES}")
+    m, k = a.shape
+    n, kb_ = b.shape
+    if kb_ != k:
+        raise ValueError(f"fp8_gemm: a is [M={m}, K={k}] but b is [N={n}, K={kb_}]; K must match")
+    k_blocks = triton.cdiv(k, QUANT_BLOCK)
+    if tuple(a_s.shape) != (m, k_blocks):
+        raise ValueError(f"fp8_gemm: a_s must be [M, ceil(K/128)] = {(m, k_blocks)}, got {tuple(a_s.shape)}")
+    if tuple(b_s.shape) != (triton.cdiv(n, QUANT_BLOCK), k_blocks):
+        raise ValueError(f"fp8_gemm: b_s must be [ceil(N/128), ceil(K/128)] = "
+                         f"{(triton.cdiv(n, QUANT_BLOCK), k_blocks)}, got {tuple(b_s.shape)}")
+    for name, t in (("a", a), ("a_s", a_s), ("b", b), ("b_s", b_s)):
+        if t.stride(1) != 1:
+            raise ValueError(f"fp8_gemm: {name} needs unit stride along its last dim, got strides {t.stride()}")
+    out = torch.empty((m, n), dtype=out_dtype, device=dev)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+
+    split = split_k if split_k is not None else _choose_split_k(m, n, k_blocks, dev)
+    if not 1 <= split <= k_blocks:
+        raise ValueError(f"fp8_gemm: split_k={split} must be in [1, ceil(K/128)={k_blocks}]")
+    per_split = triton.cdiv(k_blocks, split)
+    split = triton.cdiv(k_blocks, per_split)  # no empty splits
+    c = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=dev)
+    stride_cs = 0 if split == 1 else c.stride(0)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+    launch(_fp8_gemm_kernel, _fp8_gemm_tuned, FP8_GEMM_CONFIGS, grid,
+           (a, a_s, b, b_s, c, m, n, k, min(next_pow2(m), 4096),
+            a.stride(0), a_s.stride(0), b.stride(0), b_s.stride(0), stride_cs, n, per_split),
+           dict(SPLIT_K=split, BLOCK_K=QUANT_BLOCK), config)
+    if split > 1:
+        torch.sum(c, dim=0, out=out) if out_dtype == torch.float32 else out.copy_(c.sum(dim=0))
+    return out
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype: torch.dtype | None = None
+               ) -> torch.Tensor:
+    """y = x @ dequant(w, w_s)^T with x quantized 1x128 on the fly: x [..., K] -> [..., N]."""
+    check_tensor("fp8_linear: x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32))
+    if x.dim() == 0:
+        raise ValueError("fp8_linear: x must have at least 1 dim [..., K]")
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)  # [M, K]
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    q, s = act_quant(x2)
+    y = fp8_gemm(q, s, w, w_s, out_dtype=out_dtype or x.dtype)  # [M, N]
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+def fp8_gemm_ref(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+                 out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Dequantize both operands in fp32 and multiply: the same quantized inputs as the kernel."""
+    a_f = fp8_ref.act_dequant(a, a_s, torch.float32)
+    b_f = fp8_ref.weight_dequant(b, b_s, torch.float32)
+    return (a_f @ b_f.T).to(out_dtype)
+
+
+def fp8_linear_ref(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype: torch.dtype | None = None
+                   ) -> torch.Tensor:
+    k = x.shape[-1]
+    q, s = fp8_ref.act_quant(x.reshape(-1, k))
+    y = fp8_gemm_ref(q, s, w, w_s, out_dtype=out_dtype or x.dtype)
+    return y.view(*x.shape[:-1], w.shape[0])

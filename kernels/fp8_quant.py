@@ -1,0 +1,134 @@
+"""FP8 e4m3 blockwise quantization kernels: activation quant (1x128) and weight dequant (128x128).
+
+Layouts (DeepSeek's):
+  act_quant       x [M, K] bf16/fp16/fp32 -> q fp8 e4m3fn [M, K], s fp32 [M, ceil(K/128)]
+                  s[m, j] = max(amax(|x[m, 128j:128j+128]|), AMAX_FLOOR) / 448 and
+                  q = clamp(x / s, -448, 448) rounded to e4m3 (IEEE division, like the torch oracle,
+                  so the scales are bit-identical to dsv3_export.reference.fp8.act_quant).
+  weight_dequant  w fp8 [N, K], s fp32 [ceil(N/128), ceil(K/128)] -> w * s (broadcast per block).
+The last block row/column may be ragged (K=300, N=10944): every load and store is masked.
+
+Algorithm: one program per [BLOCK_M, 128] tile (act_quant) or [BLOCK_N, BLOCK_K] tile (dequant);
+each activation row-block's amax is a row reduction of the tile, so no second pass over memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv3_export.kernels._common import (AMAX_FLOOR, FP8_DTYPE, FP8_E4M3_MAX, QUANT_BLOCK,
+                                         autotune_or_single, check_tensor, launch)
+from dsv3_export.reference import fp8 as fp8_ref
+
+ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+ACT_QUANT_CONFIGS = [
+    triton.Config({"BLOCK_M": 8}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 1}, num_warps=1, num_stages=1),
+    triton.Config({"BLOCK_M": 32}, num_warps=8, num_stages=1),
+]
+DEQUANT_CONFIGS = [
+    triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=1),
+]
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr, q_ptr, s_ptr,
+    M, K,
+    stride_xm, stride_qm, stride_sm,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_FLOOR)  # [BLOCK_M]
+    s = tl.math.div_rn(amax, FP8_E4M3_MAX)
+    q = tl.math.div_rn(x, s[:, None])
+    q = tl.minimum(tl.maximum(q, -FP8_E4M3_MAX), FP8_E4M3_MAX)
+    tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + offs_m * stride_sm + pid_k, s, mask=offs_m < M)
+
+
+@triton.jit
+def _weight_dequant_kernel(
+    w_ptr, s_ptr, y_ptr,
+    N, K,
+    stride_wn, stride_sn, stride_yn,
+    SCALE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    s_ptrs = s_ptr + (offs_n // SCALE_BLOCK)[:, None] * stride_sn + (offs_k // SCALE_BLOCK)[None, :]
+    s = tl.load(s_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs_n[:, None] * stride_yn + offs_k[None, :], (w * s).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+_act_quant_tuned = autotune_or_single(_act_quant_kernel, ACT_QUANT_CONFIGS, key=["K"])
+_weight_dequant_tuned = autotune_or_single(_weight_dequant_kernel, DEQUANT_CONFIGS, key=["N", "K"])
+
+
+def act_quant(x: torch.Tensor, block_size: int = QUANT_BLOCK, *, config: triton.Config | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q fp8 e4m3fn [M, K], s fp32 [M, ceil(K/128)]). `config` forces one tuning config."""
+    check_tensor("act_quant: x", x, dtypes=ACT_DTYPES, ndim=2)
+    if block_size != QUANT_BLOCK:
+        raise ValueError(f"act_quant: block_size={block_size} unsupported; the kernels use {QUANT_BLOCK}")
+    if x.stride(1) != 1:
+        raise ValueError(f"act_quant: x must have unit stride along K, got strides {x.stride()}")
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty((m, triton.cdiv(k, block_size)), dtype=torch.float32, device=x.device)
+    if m == 0 or k == 0:
+        return q, s
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
+    launch(_act_quant_kernel, _act_quant_tuned, ACT_QUANT_CONFIGS, grid,
+           (x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0)), dict(BLOCK_K=block_size), config)
+    return q, s
+
+
+def weight_dequant(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                   block_size: int = QUANT_BLOCK, *, config: triton.Config | None = None) -> torch.Tensor:
+    """w fp8 [N, K] + s fp32 [ceil(N/128), ceil(K/128)] -> [N, K] in `dtype`."""
+    check_tensor("weight_dequant: w", w, dtypes=(FP8_DTYPE,), ndim=2)
+    check_tensor("weight_dequant: s", s, dtypes=(torch.float32,), ndim=2, device=w.device)
+    if dtype not in OUT_DTYPES:
+        raise TypeError(f"weight_dequant: dtype {dtype} not supported; expected one of {OUT_DTYPES}")
+    if block_size != QUANT_BLOCK:
+        raise ValueError(f"weight_dequant: block_size={block_size} unsupported; the kernels use {QUANT_BLOCK}")
+    n, k = w.shape
+    expected = (triton.cdiv(n, block_size), triton.cdiv(k, block_size))
+    if tuple(s.shape) != expected:
+        raise ValueError(f"weight_dequant: weight {tuple(w.shape)} needs scale shape {expected}, got {tuple(s.shape)}")
+    if w.stride(1) != 1 or s.stride(1) != 1:
+        raise ValueError(f"weight_dequant: w and s need unit stride along K, got {w.stride()} and {s.stride()}")
+    y = torch.empty((n, k), dtype=dtype, device=w.device)
+    if n == 0 or k == 0:
+        return y
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
+    launch(_weight_dequant_kernel, _weight_dequant_tuned, DEQUANT_CONFIGS, grid,
+           (w, s, y, n, k, w.stride(0), s.stride(0), y.stride(0)), dict(SCALE_BLOCK=block_size), config)
+    return y
+
+
+def act_quant_ref(x: torch.Tensor, block_size: int = QUANT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pure-torch oracle (dsv3_export.reference.fp8.act_quant)."""
+    return fp8_ref.act_quant(x, block_size)
+
+
+def weight_dequant_ref(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                       block_size: int = QUANT_BLOCK) -> torch.Tensor:
+    """The pure-torch oracle (dsv3_export.reference.fp8.weight_dequant)."""
+    return fp8_ref.weight_dequant(w, s, dtype, block_size)

@@ -1,1 +1,1 @@
-"""dsv3-export."""
+"""Graph passes over torch.export programs (ExportedProgram -> PassResult)."""

@@ -93,13 +93,16 @@ def rope_tables(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) of the last dim by the angles in cos/sin.
 
-    x: [b, s, h, r]; cos, sin: [s, r/2]. Equal to DeepSeek's complex multiply
-    view_as_complex(x) * freqs_cis, written with real ops so that it exports to ONNX.
+    x: [b, s, h, r]; cos, sin: [s, r/2] (shared positions) or [b, s, r/2] (per-row positions).
+    Equal to DeepSeek's complex multiply view_as_complex(x) * freqs_cis, written with real ops
+    so that it exports to ONNX.
     """
     dtype = x.dtype
     pairs = x.float().unflatten(-1, (-1, 2))  # [b, s, h, r/2, 2]
     x0, x1 = pairs[..., 0], pairs[..., 1]  # [b, s, h, r/2]
-    c = cos[None, :, None, :]  # [1, s, 1, r/2]
-    s = sin[None, :, None, :]
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]  # [1, s, r/2]
+    c = cos[:, :, None, :]  # [b|1, s, 1, r/2]
+    s = sin[:, :, None, :]
     y = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)  # [b, s, h, r/2, 2]
     return y.flatten(-2).to(dtype)

@@ -1,0 +1,246 @@
+"""HuggingFace DeepseekV2/V3 config.json <-> ModelArgs, refusing what our model cannot represent.
+
+Semantics follow transformers 5.24's modeling_deepseek_v2.py / modeling_deepseek_v3.py (see
+docs/hf_compat.md for every difference and why each rule below exists):
+  * softmax scale: HF multiplies qk_head_dim^-0.5 by yarn_get_mscale(factor, mscale_all_dim)^2,
+    so ModelArgs.mscale := rope_scaling.mscale_all_dim (0 when absent: no scaling).
+  * HF also multiplies cos/sin by attention_factor = get_mscale(factor, mscale) /
+    get_mscale(factor, mscale_all_dim) (or get_mscale(factor) when either is missing). Our model
+    has no such factor, so anything but 1 is refused.
+  * HF applies YaRN whenever rope_type == "yarn"; our model (DeepSeek's rule) only when
+    max_seq_len > original_seq_len. Loading therefore needs max_seq_len > original.
+  * V2 routing: softmax, greedy or group_limited_greedy, no normalization (HF 5.24 ignores
+    norm_topk_prob for V2). V3 routing: sigmoid + e_score_correction_bias, top-2-sum group scores,
+    normalized weights (norm_topk_prob must be true).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from dsv3_export.checkpoint.errors import CheckpointError
+from dsv3_export.reference.args import ConfigError, ModelArgs
+
+HF_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+DEFAULT_MAX_SEQ_LEN = ModelArgs().max_seq_len  # the KV cache length when the caller names none
+
+# Keys that do not change inference logits (training, tokenizer, bookkeeping, parallelism).
+_IGNORED_KEYS = frozenset({
+    "architectures", "auto_map", "aux_loss_alpha", "bos_token_id", "eos_token_id", "pad_token_id",
+    "dtype", "torch_dtype", "ep_size", "initializer_range", "output_router_logits",
+    "pretraining_tp", "router_aux_loss_coef", "seq_aux", "transformers_version", "use_cache",
+    "attention_dropout", "model_type", "num_nextn_predict_layers", "num_mtp_layers",
+    "head_dim", "qk_head_dim", "return_dict", "output_hidden_states", "output_attentions",
+    "tokenizer_class", "generation_config", "use_mtp",
+})
+# Keys read below; a key in neither set is refused so that nothing is silently dropped.
+_READ_KEYS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "first_k_dense_replace", "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
+    "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group",
+    "topk_method", "scoring_func", "routed_scaling_factor", "norm_topk_prob", "q_lora_rank",
+    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rope_theta",
+    "rope_scaling", "rope_parameters", "rope_interleave", "max_position_embeddings", "hidden_act",
+    "attention_bias", "mlp_bias", "moe_layer_freq", "tie_word_embeddings", "quantization_config",
+})
+_ROPE_KEYS = frozenset({
+    "type", "rope_type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast",
+    "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate", "partial_rotary_factor",
+})
+
+
+@dataclass(frozen=True)
+class HfLayout:
+    """What the tensor-name mapping needs to know besides ModelArgs."""
+
+    model_type: str
+    rope_interleave: bool  # False: HF rotate_half layout, q/k rope rows must be de-permuted
+    tie_word_embeddings: bool
+    n_mtp_layers: int  # DeepSeek-V3's multi-token-prediction layers after the last layer (skipped)
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _rope_args(cfg: dict[str, Any], src: str, max_seq_len: int) -> dict[str, Any]:
+    """rope_scaling / rope_parameters -> ModelArgs yarn fields (YaRN on iff HF uses it)."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{src}: rope_scaling must be an object, got {rope!r}")
+    unknown = sorted(set(rope) - _ROPE_KEYS)
+    if unknown:
+        raise CheckpointError(f"{src}: rope_scaling key(s) {unknown} are not supported")
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise CheckpointError(f"{src}: rope_scaling.partial_rotary_factor={rope['partial_rotary_factor']} != 1 is not supported")
+    if rope_type == "default":
+        # YaRN off: DeepSeek's rule needs max_seq_len <= original_seq_len.
+        return dict(rope_theta=float(theta), original_seq_len=max_seq_len)
+    if rope_type != "yarn":
+        raise CheckpointError(f"{src}: rope_scaling.rope_type={rope_type!r} is not supported (only 'yarn' or none)")
+    original = rope.get("original_max_position_embeddings")
+    if not original:
+        raise CheckpointError(f"{src}: rope_scaling.original_max_position_embeddings is required for yarn")
+    factor = rope.get("factor") or cfg["max_position_embeddings"] / original
+    if factor < 1:
+        raise CheckpointError(f"{src}: rope_scaling.factor={factor} < 1 is not supported")
+    if rope.get("truncate", True) is not True:
+        raise CheckpointError(f"{src}: rope_scaling.truncate=false is not supported (DeepSeek floors/ceils the ramp)")
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _yarn_mscale(factor, 1.0)
+    if abs(attention_factor - 1.0) > 1e-6:
+        raise CheckpointError(
+            f"{src}: rope_scaling.mscale={mscale} / mscale_all_dim={mscale_all_dim} (attention_factor="
+            f"{attention_factor:.6f}) scale HF's cos/sin tables; our model (DeepSeek's) has no such factor. "
+            "Only configs with mscale == mscale_all_dim (or an explicit attention_factor 1.0) load.")
+    if max_seq_len <= original:
+        raise CheckpointError(
+            f"{src}: HF applies YaRN at every length, our model only when max_seq_len > "
+            f"original_max_position_embeddings={original}; got max_seq_len={max_seq_len}. "
+            f"Pass max_seq_len > {original}.")
+    beta_fast, beta_slow = rope.get("beta_fast") or 32, rope.get("beta_slow") or 1
+    return dict(rope_theta=float(theta), original_seq_len=int(original), rope_factor=float(factor),
+                beta_fast=beta_fast, beta_slow=beta_slow, mscale=float(mscale_all_dim or 0.0))
+
+
+def _require(cfg: dict[str, Any], key: str, src: str, ok: bool, why: str) -> None:
+    if not ok:
+        raise CheckpointError(f"{src}: {key}={cfg.get(key)!r} is not supported: {why}")
+
+
+def _routing_args(cfg: dict[str, Any], src: str, model_type: str) -> dict[str, Any]:
+    n_experts, top_k = cfg.get("n_routed_experts"), cfg.get("num_experts_per_tok")
+    n_group, topk_group = cfg.get("n_group") or 1, cfg.get("topk_group") or 1
+    scoring, method = cfg.get("scoring_func"), cfg.get("topk_method")
+    if model_type == "deepseek_v2":
+        _require(cfg, "scoring_func", src, scoring in (None, "softmax"), "DeepseekV2 routes with softmax")
+        _require(cfg, "topk_method", src, method in (None, "greedy", "group_limited_greedy"),
+                 "DeepseekV2 knows greedy and group_limited_greedy")
+        if cfg.get("norm_topk_prob"):
+            warnings.warn(f"{src}: norm_topk_prob=true is ignored, as transformers' DeepseekV2 router ignores it",
+                          stacklevel=3)
+        if method != "group_limited_greedy":
+            n_group = topk_group = 1  # greedy ignores groups
+        elif top_k > topk_group * (n_experts // n_group):
+            # HF masks dropped groups with 0 (picks zero-weight experts); we mask with -inf.
+            raise CheckpointError(f"{src}: num_experts_per_tok={top_k} exceeds the experts of topk_group="
+                                  f"{topk_group} groups; HF and DeepSeek routing differ there")
+        return dict(score_func="softmax", gate_bias=False, n_expert_groups=n_group, n_limited_groups=topk_group)
+    _require(cfg, "scoring_func", src, scoring in (None, "sigmoid"), "DeepseekV3 routes with sigmoid")
+    _require(cfg, "topk_method", src, method in (None, "noaux_tc"), "DeepseekV3 routes with noaux_tc")
+    _require(cfg, "norm_topk_prob", src, cfg.get("norm_topk_prob", True) is True,
+             "our sigmoid router always normalizes the top-k weights")
+    return dict(score_func="sigmoid", gate_bias=True, n_expert_groups=n_group, n_limited_groups=topk_group)
+
+
+def _quant_args(cfg: dict[str, Any], src: str) -> dict[str, Any]:
+    q = cfg.get("quantization_config")
+    if q is None:
+        return dict(dtype="bf16")
+    ok = (isinstance(q, dict) and q.get("quant_method") == "fp8" and q.get("fmt", "e4m3") == "e4m3"
+          and q.get("activation_scheme", "dynamic") == "dynamic")
+    block = q.get("weight_block_size") if isinstance(q, dict) else None
+    if not ok or not (isinstance(block, list) and len(block) == 2 and block[0] == block[1]):
+        raise CheckpointError(f"{src}: quantization_config={q!r} is not supported; only fp8 e4m3 with square "
+                              "weight_block_size and dynamic activations (DeepSeek-V3's scheme)")
+    return dict(dtype="fp8", block_size=int(block[0]))
+
+
+def hf_config_to_args(cfg: dict[str, Any], src: str, max_seq_len: int | None = None) -> tuple[ModelArgs, HfLayout]:
+    """HF config dict -> (ModelArgs, HfLayout). max_seq_len: KV cache length (default min(max_position_embeddings, 16384))."""
+    model_type = cfg.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise CheckpointError(f"{src}: model_type={model_type!r} is not one of {HF_MODEL_TYPES}")
+    unknown = sorted(k for k in set(cfg) - _READ_KEYS - _IGNORED_KEYS if not k.startswith("_"))
+    if unknown:
+        raise CheckpointError(f"{src}: unknown config key(s) {unknown} for {model_type}; refusing to guess their meaning")
+    _require(cfg, "hidden_act", src, cfg.get("hidden_act", "silu") == "silu", "only SwiGLU (silu) MLPs")
+    for key in ("attention_bias", "mlp_bias"):
+        _require(cfg, key, src, not cfg.get(key, False), "our Linears have no bias")
+    _require(cfg, "moe_layer_freq", src, cfg.get("moe_layer_freq", 1) == 1, "every layer after the dense ones is MoE")
+    kv_heads = cfg.get("num_key_value_heads")
+    _require(cfg, "num_key_value_heads", src, kv_heads in (None, cfg.get("num_attention_heads")),
+             "MLA has one latent shared by all heads; num_key_value_heads must equal num_attention_heads")
+    mpe = int(cfg.get("max_position_embeddings", DEFAULT_MAX_SEQ_LEN))
+    seq = int(max_seq_len) if max_seq_len is not None else min(mpe, DEFAULT_MAX_SEQ_LEN)
+    try:
+        values = dict(
+            vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], inter_dim=cfg["intermediate_size"],
+            moe_inter_dim=cfg["moe_intermediate_size"], n_layers=cfg["num_hidden_layers"],
+            n_dense_layers=cfg.get("first_k_dense_replace") or 0, n_heads=cfg["num_attention_heads"],
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), n_routed_experts=cfg["n_routed_experts"],
+            n_shared_experts=cfg.get("n_shared_experts") or 0, n_activated_experts=cfg["num_experts_per_tok"],
+            route_scale=float(cfg.get("routed_scaling_factor", 1.0)), q_lora_rank=cfg.get("q_lora_rank") or 0,
+            kv_lora_rank=cfg["kv_lora_rank"], qk_nope_head_dim=cfg["qk_nope_head_dim"],
+            qk_rope_head_dim=cfg["qk_rope_head_dim"], v_head_dim=cfg["v_head_dim"], max_seq_len=seq,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{src}: required key {e.args[0]!r} missing") from None
+    values.update(_routing_args(cfg, src, model_type))
+    values.update(_rope_args(cfg, src, seq))
+    values.update(_quant_args(cfg, src))
+    try:
+        args = ModelArgs(**values)
+    except ConfigError as e:
+        raise CheckpointError(f"{src}: {e}") from None
+    layout = HfLayout(
+        model_type=model_type,
+        rope_interleave=model_type == "deepseek_v2" or bool(cfg.get("rope_interleave", True)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        n_mtp_layers=int(cfg.get("num_nextn_predict_layers") or cfg.get("num_mtp_layers") or 0),
+    )
+    return args, layout
+
+
+def args_to_hf_config(args: ModelArgs, weight_dtype: str) -> dict[str, Any]:
+    """ModelArgs -> an HF config dict that transformers loads into a model with the same logits."""
+    sigmoid = args.score_func == "sigmoid"
+    if sigmoid and not args.has_gate_bias and args.n_expert_groups > 1:
+        raise CheckpointError("cannot save as HF: sigmoid routing without gate bias but with n_expert_groups > 1 "
+                              "(HF DeepseekV3 scores groups by top-2 sums, ours by max)")
+    if not sigmoid and args.has_gate_bias:
+        raise CheckpointError("cannot save as HF: softmax routing with a gate bias has no HF model type")
+    if not sigmoid and args.n_expert_groups > 1 and \
+            args.n_activated_experts > args.n_limited_groups * (args.n_routed_experts // args.n_expert_groups):
+        raise CheckpointError("cannot save as HF: top-k exceeds the experts of the kept groups (HF masks with 0)")
+    model_type = "deepseek_v3" if sigmoid else "deepseek_v2"
+    cfg: dict[str, Any] = dict(
+        architectures=["DeepseekV3ForCausalLM" if sigmoid else "DeepseekV2ForCausalLM"], model_type=model_type,
+        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.inter_dim,
+        moe_intermediate_size=args.moe_inter_dim, num_hidden_layers=args.n_layers,
+        first_k_dense_replace=args.n_dense_layers, num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_heads, rms_norm_eps=args.norm_eps, n_routed_experts=args.n_routed_experts,
+        n_shared_experts=args.n_shared_experts, num_experts_per_tok=args.n_activated_experts,
+        n_group=args.n_expert_groups, topk_group=args.n_limited_groups,
+        routed_scaling_factor=args.route_scale, norm_topk_prob=sigmoid,
+        q_lora_rank=args.q_lora_rank or None, kv_lora_rank=args.kv_lora_rank,
+        qk_nope_head_dim=args.qk_nope_head_dim, qk_rope_head_dim=args.qk_rope_head_dim,
+        v_head_dim=args.v_head_dim, max_position_embeddings=args.max_seq_len, hidden_act="silu",
+        attention_bias=False, tie_word_embeddings=False, dtype=weight_dtype,
+    )
+    if sigmoid:
+        cfg.update(rope_interleave=True, topk_method="noaux_tc", scoring_func="sigmoid", num_nextn_predict_layers=0)
+    else:
+        cfg.update(mlp_bias=False, topk_method="group_limited_greedy" if args.n_expert_groups > 1 else "greedy")
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": args.rope_theta}
+    if args.yarn_enabled:
+        rope.update(rope_type="yarn", factor=args.rope_factor, original_max_position_embeddings=args.original_seq_len,
+                    beta_fast=args.beta_fast, beta_slow=args.beta_slow, mscale=args.mscale,
+                    mscale_all_dim=args.mscale)
+        if not args.mscale:
+            rope["attention_factor"] = 1.0  # HF would otherwise scale cos/sin by get_mscale(factor)
+    cfg["rope_parameters"] = rope
+    if args.dtype == "fp8":
+        cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                      "weight_block_size": [args.block_size, args.block_size]}
+    return cfg

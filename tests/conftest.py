@@ -1,0 +1,26 @@
+"""Shared fixtures and the tolerance table used across the suite."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# One table of tolerances: relative error ||a - b|| / ||b|| unless said otherwise.
+TOLERANCES = {
+    "fp32_structural": 1e-5,  # two formulations of the same math in fp32 (naive vs absorb, passes)
+    "fp32_engine": 1e-4,  # an engine (other kernels, other summation order) vs the reference
+    "bf16": 2e-2,
+}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh seed per test run (printed on failure through the test id's output)."""
+    s = int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(torch.seed())).item())
+    print(f"seed={s}")
+    return s

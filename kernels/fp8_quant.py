@@ -4,7 +4,9 @@ Layouts (DeepSeek's):
   act_quant       x [M, K] bf16/fp16/fp32 -> q fp8 e4m3fn [M, K], s fp32 [M, ceil(K/128)]
                   s[m, j] = max(amax(|x[m, 128j:128j+128]|), AMAX_FLOOR) / 448 and
                   q = clamp(x / s, -448, 448) rounded to e4m3 (IEEE division, like the torch oracle,
-                  so the scales are bit-identical to dsv3_export.reference.fp8.act_quant).
+                  so the scales are bit-identical to dsv3_export.reference.fp8.act_quant). The
+                  rounding to e4m3 is done in fp32 arithmetic before the (then exact) cast, so q is
+                  bit-identical to the oracle too, on the GPU and in the CPU interpreter alike.
   weight_dequant  w fp8 [N, K], s fp32 [ceil(N/128), ceil(K/128)] -> w * s (broadcast per block).
 The last block row/column may be ragged (K=300, N=10944): every load and store is masked.
 
@@ -18,9 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3_export.kernels._common import (AMAX_FLOOR, FP8_DTYPE, FP8_E4M3_MAX, QUANT_BLOCK,
-                                         autotune_or_single, check_tensor, launch)
+from dsv3_export.kernels import _common
+from dsv3_export.kernels._common import FP8_DTYPE, QUANT_BLOCK, autotune_or_single, check_tensor, launch
 from dsv3_export.reference import fp8 as fp8_ref
+
+# Kernel constants must be tl.constexpr globals for the compiler.
+FP8_E4M3_MAX = tl.constexpr(_common.FP8_E4M3_MAX)
+AMAX_FLOOR = tl.constexpr(_common.AMAX_FLOOR)
+# e4m3: 3 mantissa bits, smallest normal exponent -6; 1.5 * 2^23 forces fp32 rounding to integers.
+FP8_E4M3_MANTISSA_BITS = tl.constexpr(3)
+FP8_E4M3_MIN_NORMAL_EXP = tl.constexpr(-6)
+RNE_MAGIC = tl.constexpr(12582912.0)
 
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -35,6 +45,24 @@ DEQUANT_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=1),
 ]
+
+
+@triton.jit
+def _round_to_e4m3(q):
+    """Round fp32 q (|q| <= 448) to the nearest e4m3 value (ties to even), staying in fp32.
+
+    The e4m3 spacing is 2^(max(exponent, -6) - 3); adding and subtracting 1.5 * 2^23 rounds
+    q / spacing to an integer with the FPU's round-to-nearest-even. The final cast to fp8 is then
+    exact everywhere: on the GPU this changes nothing, and it sidesteps the CPU interpreter's
+    fp32 -> fp8 conversion, which gets ~2.5% of values wrong (TOOLCHAIN.md).
+    """
+    bits = q.to(tl.int32, bitcast=True)
+    exponent = ((bits >> 23) & 0xFF) - 127
+    spacing_exp = tl.maximum(exponent, FP8_E4M3_MIN_NORMAL_EXP) - FP8_E4M3_MANTISSA_BITS
+    spacing = ((spacing_exp + 127) << 23).to(tl.float32, bitcast=True)
+    inv_spacing = ((127 - spacing_exp) << 23).to(tl.float32, bitcast=True)
+    steps = (q * inv_spacing + RNE_MAGIC) - RNE_MAGIC
+    return steps * spacing
 
 
 @triton.jit
@@ -53,7 +81,7 @@ def _act_quant_kernel(
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_FLOOR)  # [BLOCK_M]
     s = tl.math.div_rn(amax, FP8_E4M3_MAX)
     q = tl.math.div_rn(x, s[:, None])
-    q = tl.minimum(tl.maximum(q, -FP8_E4M3_MAX), FP8_E4M3_MAX)
+    q = _round_to_e4m3(tl.minimum(tl.maximum(q, -FP8_E4M3_MAX), FP8_E4M3_MAX))
     tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + offs_m * stride_sm + pid_k, s, mask=offs_m < M)
 

@@ -1,0 +1,315 @@
+"""Absorbed MLA attention over the latent cache: split-KV decode and causal prefill.
+
+In absorbed MLA every head attends to the same per-token cache row: the normalized latent
+kv [C = kv_lora_rank] (key and value at once) and the roped key part pe [R]. With the query
+already folded through W_UK:
+    score[h, t] = (q_latent[h] . kv[t] + q_pe[h] . pe[t]) * softmax_scale
+    out[h]      = sum_t softmax_t(score[h, :]) kv[t]                     (the latent, C wide)
+W_UV is applied afterwards by the caller (dsv3_export.reference.attention.MLA.attend_absorb).
+
+Layouts: q_latent [B, H, C] (decode) / [B, S_q, H, C] (prefill), q_pe likewise with R,
+kv_cache [Bmax, S, C], pe_cache [Bmax, S, R]; batch row b uses cache row b; unit stride on the
+last dim. Outputs take q_latent's dtype; softmax and accumulation are fp32.
+
+Decode (flash-decoding): because all heads share the cache row, one program holds a block of
+BLOCK_H heads (a [BLOCK_H, C] x [C, BLOCK_N] tensor-core tile) and reads each KV tile once. The
+sequence of batch row b is cut into NUM_SPLITS chunks of ceil(len_b / NUM_SPLITS) tokens (rounded
+to BLOCK_N) computed from the device-side cache_seqlens, so ragged batches need no host sync; each
+program runs an online softmax (base 2) over its chunk and writes a normalized partial output and
+its log2-sum-exp; a second kernel merges the splits. Empty chunks write lse = -inf, weight 0.
+
+Prefill: rows (query i, head h) are flattened to r = i * H + h (they share the keys), a program
+takes BLOCK_Q rows, loops over keys up to the block's last absolute position start_pos + i and
+masks t > start_pos + i per row.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv3_export.kernels._common import autotune_or_single, check_tensor, is_interpreted, launch, next_pow2, num_sms
+from dsv3_export.reference.attention import causal_mask
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+LOG2E = 1.4426950408889634
+# Upper bound on KV splits: each adds a [C] fp32 partial per head to merge.
+MAX_SPLITS = 32
+# Heads per decode program: at least 16 (tensor-core M), at most 64 (registers for the C-wide accumulator).
+MIN_BLOCK_H, MAX_BLOCK_H = 16, 64
+
+DECODE_CONFIGS = [
+    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
+]
+PREFILL_CONFIGS = [
+    triton.Config({"BLOCK_Q": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_Q": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_Q": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_Q": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+]
+
+
+@triton.jit
+def _attend_tile(q, q_pe, kv_ptrs, pe_ptrs, offs_n, valid, m_i, l_i, acc, scale_log2,
+                 mask_c, mask_r, UPCAST: tl.constexpr):
+    """One online-softmax step over a BLOCK_N tile of keys; `valid` [rows, BLOCK_N] masks scores."""
+    kv = tl.load(kv_ptrs, mask=(tl.max(valid, axis=0) > 0)[:, None] & mask_c[None, :], other=0.0)  # [BN, C]
+    pe = tl.load(pe_ptrs, mask=(tl.max(valid, axis=0) > 0)[:, None] & mask_r[None, :], other=0.0)  # [BN, R]
+    if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong
+        kv = kv.to(tl.float32)
+        pe = pe.to(tl.float32)
+    s = tl.dot(q, tl.trans(kv)) + tl.dot(q_pe, tl.trans(pe))  # [rows, BN] fp32
+    s = tl.where(valid > 0, s * scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: keep exp2 finite
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _mla_decode_split_kernel(
+    q_ptr, q_pe_ptr, kv_ptr, pe_ptr, seqlens_ptr, o_part_ptr, lse_ptr,
+    H, scale_log2,
+    stride_qb, stride_qh, stride_qpb, stride_qph, stride_kvb, stride_kvs, stride_peb, stride_pes,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    seqlen = tl.load(seqlens_ptr + pid_b)
+    chunk = tl.cdiv(tl.cdiv(seqlen, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = pid_s * chunk
+    end = tl.minimum(start + chunk, seqlen)
+
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_h, mask_c, mask_r = offs_h < H, offs_c < C, offs_r < R
+    b = pid_b.to(tl.int64)
+    q = tl.load(q_ptr + b * stride_qb + offs_h[:, None] * stride_qh + offs_c[None, :],
+                mask=mask_h[:, None] & mask_c[None, :], other=0.0)
+    q_pe = tl.load(q_pe_ptr + b * stride_qpb + offs_h[:, None] * stride_qph + offs_r[None, :],
+                   mask=mask_h[:, None] & mask_r[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        q_pe = q_pe.to(tl.float32)
+
+    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = tl.broadcast_to((offs_n < end)[None, :], (BLOCK_H, BLOCK_N)).to(tl.int32)
+        kv_ptrs = kv_ptr + b * stride_kvb + offs_n.to(tl.int64)[:, None] * stride_kvs + offs_c[None, :]
+        pe_ptrs = pe_ptr + b * stride_peb + offs_n.to(tl.int64)[:, None] * stride_pes + offs_r[None, :]
+        m_i, l_i, acc = _attend_tile(q, q_pe, kv_ptrs, pe_ptrs, offs_n, valid, m_i, l_i, acc, scale_log2,
+                                     mask_c, mask_r, UPCAST)
+
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    o_ptrs = o_part_ptr + b * stride_ob + offs_h[:, None] * stride_oh + pid_s * stride_os + offs_c[None, :]
+    tl.store(o_ptrs, out, mask=mask_h[:, None] & mask_c[None, :])
+    tl.store(lse_ptr + b * stride_lb + offs_h * stride_lh + pid_s, lse, mask=mask_h)
+
+
+@triton.jit
+def _mla_decode_reduce_kernel(
+    o_part_ptr, lse_ptr, out_ptr,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
+    C: tl.constexpr, BLOCK_C: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_s, mask_c = offs_s < NUM_SPLITS, offs_c < C
+    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # [BLOCK_S], 0 for empty splits
+    o = tl.load(o_part_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_c[None, :],
+                mask=mask_s[:, None] & mask_c[None, :], other=0.0)
+    denom = tl.sum(w, axis=0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + b * stride_outb + h * stride_outh + offs_c, out.to(out_ptr.dtype.element_ty), mask=mask_c)
+
+
+@triton.jit
+def _mla_prefill_kernel(
+    q_ptr, q_pe_ptr, kv_ptr, pe_ptr, out_ptr,
+    H, ROWS, start_pos, kv_len, scale_log2,
+    stride_qb, stride_qr, stride_qpb, stride_qpr, stride_kvb, stride_kvs, stride_peb, stride_pes,
+    stride_outb, stride_outr,
+    C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    pid_q = tl.program_id(1)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)  # flattened (query, head) rows
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_q, mask_c, mask_r = offs_q < ROWS, offs_c < C, offs_r < R
+    pos = start_pos + offs_q // H  # absolute position of each row's query
+    q = tl.load(q_ptr + b * stride_qb + offs_q[:, None] * stride_qr + offs_c[None, :],
+                mask=mask_q[:, None] & mask_c[None, :], other=0.0)
+    q_pe = tl.load(q_pe_ptr + b * stride_qpb + offs_q[:, None] * stride_qpr + offs_r[None, :],
+                   mask=mask_q[:, None] & mask_r[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        q_pe = q_pe.to(tl.float32)
+
+    last_row = tl.minimum((pid_q + 1) * BLOCK_Q, ROWS) - 1
+    hi = tl.minimum(start_pos + last_row // H + 1, kv_len)  # keys this block can see
+    m_i = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
+    for n0 in range(0, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = ((offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] < hi) & mask_q[:, None]).to(tl.int32)
+        kv_ptrs = kv_ptr + b * stride_kvb + offs_n.to(tl.int64)[:, None] * stride_kvs + offs_c[None, :]
+        pe_ptrs = pe_ptr + b * stride_peb + offs_n.to(tl.int64)[:, None] * stride_pes + offs_r[None, :]
+        m_i, l_i, acc = _attend_tile(q, q_pe, kv_ptrs, pe_ptrs, offs_n, valid, m_i, l_i, acc, scale_log2,
+                                     mask_c, mask_r, UPCAST)
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + b * stride_outb + offs_q[:, None] * stride_outr + offs_c[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_c[None, :])
+
+
+_decode_tuned = autotune_or_single(_mla_decode_split_kernel, DECODE_CONFIGS, key=["H", "C", "R", "NUM_SPLITS"])
+_prefill_tuned = autotune_or_single(_mla_prefill_kernel, PREFILL_CONFIGS, key=["H", "C", "R"])
+
+
+def _check_caches(op: str, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+                  pe_cache: torch.Tensor, batch: int) -> tuple[int, int]:
+    dev = q_latent.device
+    check_tensor(f"{op}: q_latent", q_latent, dtypes=DTYPES)
+    check_tensor(f"{op}: q_pe", q_pe, dtypes=(q_latent.dtype,), ndim=q_latent.dim(), device=dev)
+    check_tensor(f"{op}: kv_cache", kv_cache, dtypes=(q_latent.dtype,), ndim=3, device=dev)
+    check_tensor(f"{op}: pe_cache", pe_cache, dtypes=(q_latent.dtype,), ndim=3, device=dev)
+    c, r = q_latent.shape[-1], q_pe.shape[-1]
+    if q_pe.shape[:-1] != q_latent.shape[:-1]:
+        raise ValueError(f"{op}: q_pe {tuple(q_pe.shape)} and q_latent {tuple(q_latent.shape)} differ before the last dim")
+    if kv_cache.shape[-1] != c or pe_cache.shape[-1] != r or kv_cache.shape[:2] != pe_cache.shape[:2]:
+        raise ValueError(f"{op}: kv_cache {tuple(kv_cache.shape)} must be [Bmax, S, C={c}] and pe_cache "
+                         f"{tuple(pe_cache.shape)} [Bmax, S, R={r}] with the same Bmax, S")
+    if kv_cache.shape[0] < batch:
+        raise ValueError(f"{op}: batch {batch} exceeds the cache's {kv_cache.shape[0]} rows")
+    for name, t in (("q_latent", q_latent), ("q_pe", q_pe), ("kv_cache", kv_cache), ("pe_cache", pe_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} needs unit stride on its last dim, got strides {t.stride()}")
+    return c, r
+
+
+def choose_num_splits(batch: int, heads: int, max_seq: int, device: torch.device) -> int:
+    """Enough (batch, head-block, split) programs for ~2 waves, never splits shorter than 64 keys."""
+    programs = batch * triton.cdiv(heads, _block_h(heads))
+    splits = triton.cdiv(2 * num_sms(device), programs)
+    return max(1, min(splits, MAX_SPLITS, triton.cdiv(max_seq, 64)))
+
+
+def _block_h(heads: int) -> int:
+    return min(max(MIN_BLOCK_H, next_pow2(heads)), MAX_BLOCK_H)
+
+
+def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
+               cache_seqlens: torch.Tensor, softmax_scale: float, *, num_splits: int | None = None,
+               config: triton.Config | None = None) -> torch.Tensor:
+    """One query per batch row: q_latent [B, H, C], q_pe [B, H, R], keys t < cache_seqlens[b] -> [B, H, C]."""
+    check_tensor("mla_decode: q_latent", q_latent, ndim=3)
+    bsz, heads, _ = q_latent.shape
+    c, r = _check_caches("mla_decode", q_latent, q_pe, kv_cache, pe_cache, bsz)
+    check_tensor("mla_decode: cache_seqlens", cache_seqlens, dtypes=(torch.int32,), ndim=1, device=q_latent.device,
+                 contiguous=True)
+    if cache_seqlens.shape[0] != bsz:
+        raise ValueError(f"mla_decode: cache_seqlens has {cache_seqlens.shape[0]} entries for batch {bsz}")
+    dev = q_latent.device
+    out = torch.empty((bsz, heads, c), dtype=q_latent.dtype, device=dev)
+    if out.numel() == 0:
+        return out
+    splits = num_splits or choose_num_splits(bsz, heads, kv_cache.shape[1], dev)
+    if not 1 <= splits <= 1024:
+        raise ValueError(f"mla_decode: num_splits={splits} must be in [1, 1024]")
+    block_h = _block_h(heads)
+    o_part = torch.empty((bsz, heads, splits, c), dtype=torch.float32, device=dev)
+    lse = torch.empty((bsz, heads, splits), dtype=torch.float32, device=dev)
+    grid = (bsz, triton.cdiv(heads, block_h), splits)
+    launch(_mla_decode_split_kernel, _decode_tuned, DECODE_CONFIGS, lambda meta: grid,
+           (q_latent, q_pe, kv_cache, pe_cache, cache_seqlens, o_part, lse, heads, softmax_scale * LOG2E,
+            q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1),
+            kv_cache.stride(0), kv_cache.stride(1), pe_cache.stride(0), pe_cache.stride(1),
+            o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1)),
+           dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), NUM_SPLITS=splits,
+                UPCAST=is_interpreted(_mla_decode_split_kernel) and q_latent.dtype != torch.float32,
+                BLOCK_H=block_h), config)
+    _mla_decode_reduce_kernel[(bsz, heads)](
+        o_part, lse, out, o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1), C=c, BLOCK_C=next_pow2(c), NUM_SPLITS=splits, BLOCK_S=next_pow2(splits))
+    return out
+
+
+def mla_prefill(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
+                start_pos: int, softmax_scale: float, *, config: triton.Config | None = None) -> torch.Tensor:
+    """Causal: q_latent [B, S_q, H, C], q_pe [B, S_q, H, R]; query i sees keys t <= start_pos + i -> [B, S_q, H, C]."""
+    check_tensor("mla_prefill: q_latent", q_latent, ndim=4)
+    bsz, s_q, heads, _ = q_latent.shape
+    c, r = _check_caches("mla_prefill", q_latent, q_pe, kv_cache, pe_cache, bsz)
+    if start_pos < 0 or start_pos + s_q > kv_cache.shape[1]:
+        raise ValueError(f"mla_prefill: positions [{start_pos}, {start_pos + s_q}) outside the cache's "
+                         f"{kv_cache.shape[1]} positions")
+    out = torch.empty((bsz, s_q, heads, c), dtype=q_latent.dtype, device=q_latent.device)
+    if out.numel() == 0:
+        return out
+    rows = s_q * heads
+    q = q_latent.reshape(bsz, rows, c)  # [B, S_q*H, C], row r = (i, h) = (r // H, r % H)
+    qp = q_pe.reshape(bsz, rows, r)  # [B, S_q*H, R]
+    o = out.view(bsz, rows, c)
+    grid = lambda meta: (bsz, triton.cdiv(rows, meta["BLOCK_Q"]))  # noqa: E731
+    launch(_mla_prefill_kernel, _prefill_tuned, PREFILL_CONFIGS, grid,
+           (q, qp, kv_cache, pe_cache, o, heads, rows, start_pos, start_pos + s_q, softmax_scale * LOG2E,
+            q.stride(0), q.stride(1), qp.stride(0), qp.stride(1), kv_cache.stride(0), kv_cache.stride(1),
+            pe_cache.stride(0), pe_cache.stride(1), o.stride(0), o.stride(1)),
+           dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r),
+                UPCAST=is_interpreted(_mla_prefill_kernel) and q_latent.dtype != torch.float32), config)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# pure-torch references (the einsum math of MLA.attend_absorb, in fp32)
+
+
+def _attend_ref(q: torch.Tensor, qp: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor, scale: float,
+                mask: torch.Tensor | None) -> torch.Tensor:
+    """q [s, h, c], qp [s, h, r], kv [t, c], pe [t, r] -> [s, h, c] fp32."""
+    scores = (torch.einsum("shc,tc->sht", q.float(), kv.float())
+              + torch.einsum("shr,tr->sht", qp.float(), pe.float())) * scale
+    if mask is not None:
+        scores = scores + mask.unsqueeze(1)  # [s, t] -> [s, 1, t]
+    return torch.einsum("sht,tc->shc", scores.softmax(dim=-1), kv.float())
+
+
+def mla_decode_ref(q_latent, q_pe, kv_cache, pe_cache, cache_seqlens, softmax_scale) -> torch.Tensor:
+    out = torch.zeros(q_latent.shape, dtype=torch.float32, device=q_latent.device)
+    for b, n in enumerate(cache_seqlens.tolist()):
+        if n > 0:
+            out[b] = _attend_ref(q_latent[b, None], q_pe[b, None], kv_cache[b, :n], pe_cache[b, :n],
+                                 softmax_scale, None)[0]
+    return out.to(q_latent.dtype)
+
+
+def mla_prefill_ref(q_latent, q_pe, kv_cache, pe_cache, start_pos, softmax_scale) -> torch.Tensor:
+    bsz, s_q = q_latent.shape[:2]
+    end = start_pos + s_q
+    mask = causal_mask(s_q, start_pos, end, q_latent.device)
+    out = torch.stack([_attend_ref(q_latent[b], q_pe[b], kv_cache[b, :end], pe_cache[b, :end], softmax_scale, mask)
+                       for b in range(bsz)])
+    return out.to(q_latent.dtype)

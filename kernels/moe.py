@@ -1,0 +1,311 @@
+"""Mixture-of-Experts as token alignment + grouped GEMM (vLLM fused_moe style), no host sync.
+
+Shapes: T tokens, k = top-k, E experts, D model dim, I expert inter dim.
+  moe_align(topk_ids [T, k], E, block_m)
+      -> sorted_token_ids int32 [n_blocks * block_m]: flat assignment ids a = t * k + j grouped by
+         expert, each expert's run padded to a multiple of block_m with the sentinel T * k;
+         expert_ids int32 [n_blocks]: the expert of each block_m-row block (-1 past the end);
+         num_tokens_post_pad int32 [1]: rows actually used (sum of the padded runs).
+      n_blocks = ceil((T*k + E*(block_m-1)) / block_m) is the worst case, so every size is a
+      function of T, k, E only: no .item(), graph-capturable, exportable.
+  grouped_gemm(a, w [E, N, K], sorted_token_ids, expert_ids, num_tokens_post_pad, topk)
+      program (block b, column tile n): rows a[sorted_ids // topk] of its block times w[expert]^T;
+      output row = the assignment id, so out is [T*k, N] in (token, slot) order. Blocks past
+      num_tokens_post_pad exit at once. Options: fp8 (a fp8 [T, K] with scales [T, ceil(K/128)],
+      w fp8 with [E, ceil(N/128), ceil(K/128)] scales, applied per 128-wide K block), a fused
+      SwiGLU epilogue (w rows = [gate ; up], writes silu(gate) * up, N/2 columns), a fused
+      routing-weight epilogue (row a scaled by topk_weights.flatten()[a]).
+  fused_moe = align -> grouped gemm up (+SwiGLU) -> grouped gemm down (x routing weight) -> sum over k.
+BLOCK_M of the GEMM is the alignment's block_m (inferred from the tensor sizes); BLOCK_N and the
+pipeline are autotuned. Accumulation and epilogues are fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, autotune_or_single, check_tensor, is_interpreted,
+                                         launch)
+from dsv3_export.kernels.fp8_quant import act_quant
+from dsv3_export.reference import fp8 as fp8_ref
+
+DENSE_DTYPES = (torch.bfloat16, torch.float16)
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# K step of the dense path; the fp8 path steps by the scale block (128).
+DENSE_BLOCK_K = 64
+
+GROUPED_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=5),
+    triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 256}, num_warps=8, num_stages=3),
+]
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr,
+    sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr,
+    N_OUT, K, NUM_VALID, TOPK, UP_OFFSET,
+    stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
+    FP8: tl.constexpr, SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr, UPCAST: tl.constexpr,
+    SCALE_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
+        return
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    tok = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # assignment ids
+    tok_mask = tok < NUM_VALID
+    a_row = (tok // TOPK).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N_OUT
+
+    a_rows = a_ptr + a_row[:, None] * stride_am
+    w_gate = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn
+    w_up = w_ptr + expert * stride_we + (offs_n + UP_OFFSET)[None, :] * stride_wn
+    a_s_rows = a_s_ptr + a_row * stride_asm
+    w_s_gate = w_s_ptr + expert * stride_wse + (offs_n // SCALE_BLOCK) * stride_wsn
+    w_s_up = w_s_ptr + expert * stride_wse + ((offs_n + UP_OFFSET) // SCALE_BLOCK) * stride_wsn
+
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(a_rows + offs_k[None, :], mask=tok_mask[:, None] & mask_k[None, :], other=0.0)
+        wg = tl.load(w_gate + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
+        if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong
+            a = a.to(tl.float32)
+            wg = wg.to(tl.float32)
+        if FP8:
+            a_s = tl.load(a_s_rows + kb, mask=tok_mask, other=0.0)
+            wg_s = tl.load(w_s_gate + kb, mask=mask_n, other=0.0)
+            acc_g += tl.dot(a, wg) * a_s[:, None] * wg_s[None, :]
+        else:
+            acc_g = tl.dot(a, wg, acc_g)
+        if SWIGLU:
+            wu = tl.load(w_up + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if UPCAST:
+                wu = wu.to(tl.float32)
+            if FP8:
+                wu_s = tl.load(w_s_up + kb, mask=mask_n, other=0.0)
+                acc_u += tl.dot(a, wu) * a_s[:, None] * wu_s[None, :]
+            else:
+                acc_u = tl.dot(a, wu, acc_u)
+
+    out = acc_g
+    if SWIGLU:
+        out = acc_g * tl.sigmoid(acc_g) * acc_u
+    if MUL_WEIGHT:
+        rw = tl.load(topk_w_ptr + tok, mask=tok_mask, other=0.0).to(tl.float32)
+        out = out * rw[:, None]
+    c_ptrs = c_ptr + tok.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=tok_mask[:, None] & mask_n[None, :])
+
+
+_grouped_gemm_tuned = autotune_or_single(_grouped_gemm_kernel, GROUPED_GEMM_CONFIGS,
+                                         key=["N_OUT", "K", "BLOCK_M", "FP8", "SWIGLU"])
+
+
+def moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group the T*k (token, slot) assignments by expert, padded per expert to block_m rows.
+
+    topk_ids values must lie in [0, n_experts) (not checked: that would need a host sync).
+    """
+    check_tensor("moe_align: topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2)
+    if n_experts <= 0:
+        raise ValueError(f"moe_align: n_experts={n_experts} must be positive")
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"moe_align: block_m={block_m} must be a power of 2 >= 16 (tl.dot tile)")
+    dev = topk_ids.device
+    numel = topk_ids.numel()
+    n_blocks = triton.cdiv(numel + n_experts * (block_m - 1), block_m)
+    flat = topk_ids.reshape(-1).long()  # [T*k]
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m  # [E]
+    ends = torch.cumsum(padded, 0)  # [E]
+    starts = ends - padded
+    order = torch.argsort(flat, stable=True)  # [T*k] assignment ids by expert
+    sorted_experts = flat[order]
+    rank = torch.arange(numel, device=dev) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
+    dest = starts[sorted_experts] + rank  # [T*k] slot of each sorted assignment
+    sorted_token_ids = torch.full((n_blocks * block_m,), numel, dtype=torch.int32, device=dev)
+    sorted_token_ids.scatter_(0, dest, order.to(torch.int32))
+    block_starts = torch.arange(n_blocks, device=dev) * block_m  # [n_blocks]
+    expert_ids = torch.searchsorted(ends, block_starts, right=True)  # first expert whose run ends past the block
+    expert_ids = torch.where(expert_ids < n_experts, expert_ids, -1).to(torch.int32)
+    num_tokens_post_pad = ends[-1:].to(torch.int32)
+    return sorted_token_ids, expert_ids, num_tokens_post_pad
+
+
+def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor,
+                 num_tokens_post_pad: torch.Tensor, topk: int, *, a_scale: torch.Tensor | None = None,
+                 w_scale: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None,
+                 fuse_swiglu: bool = False, out_dtype: torch.dtype | None = None,
+                 config: triton.Config | None = None) -> torch.Tensor:
+    """a [T, K] (row of assignment i is i // topk), w [E, N, K] -> [T*topk, N] (or N/2 with fuse_swiglu)."""
+    check_tensor("grouped_gemm: a", a, dtypes=DENSE_DTYPES + (FP8_DTYPE,), ndim=2)
+    dev = a.device
+    fp8 = a.dtype == FP8_DTYPE
+    check_tensor("grouped_gemm: w", w, dtypes=(FP8_DTYPE,) if fp8 else (a.dtype,), ndim=3, device=dev)
+    check_tensor("grouped_gemm: sorted_token_ids", sorted_token_ids, dtypes=(torch.int32,), ndim=1, device=dev,
+                 contiguous=True)
+    check_tensor("grouped_gemm: expert_ids", expert_ids, dtypes=(torch.int32,), ndim=1, device=dev, contiguous=True)
+    check_tensor("grouped_gemm: num_tokens_post_pad", num_tokens_post_pad, dtypes=(torch.int32,), ndim=1,
+                 device=dev)
+    t, k = a.shape
+    e, n, kw = w.shape
+    if kw != k:
+        raise ValueError(f"grouped_gemm: a is [T, K={k}] but w is [E, N, K={kw}]")
+    if topk < 1:
+        raise ValueError(f"grouped_gemm: topk={topk} must be >= 1")
+    if expert_ids.numel() == 0 or sorted_token_ids.numel() % expert_ids.numel():
+        raise ValueError(f"grouped_gemm: sorted_token_ids ({sorted_token_ids.numel()}) must be expert_ids "
+                         f"({expert_ids.numel()}) blocks of block_m rows; pass moe_align's outputs unchanged")
+    block_m = sorted_token_ids.numel() // expert_ids.numel()
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"grouped_gemm: inferred block_m={block_m} must be a power of 2 >= 16")
+    if fuse_swiglu and n % 2:
+        raise ValueError(f"grouped_gemm: fuse_swiglu needs w rows [gate; up] (even N), got N={n}")
+    n_out = n // 2 if fuse_swiglu else n
+    k_blocks = triton.cdiv(k, QUANT_BLOCK)
+    if fp8:
+        if a_scale is None or w_scale is None:
+            raise ValueError("grouped_gemm: fp8 a/w need a_scale [T, ceil(K/128)] and w_scale [E, ceil(N/128), ceil(K/128)]")
+        check_tensor("grouped_gemm: a_scale", a_scale, dtypes=(torch.float32,), ndim=2, device=dev)
+        check_tensor("grouped_gemm: w_scale", w_scale, dtypes=(torch.float32,), ndim=3, device=dev)
+        if tuple(a_scale.shape) != (t, k_blocks) or a_scale.stride(1) != 1:
+            raise ValueError(f"grouped_gemm: a_scale must be [T, ceil(K/128)] = {(t, k_blocks)} with unit last "
+                             f"stride, got {tuple(a_scale.shape)} strides {a_scale.stride()}")
+        if tuple(w_scale.shape) != (e, triton.cdiv(n, QUANT_BLOCK), k_blocks) or w_scale.stride(2) != 1:
+            raise ValueError(f"grouped_gemm: w_scale must be [E, ceil(N/128), ceil(K/128)] = "
+                             f"{(e, triton.cdiv(n, QUANT_BLOCK), k_blocks)}, got {tuple(w_scale.shape)}")
+    elif a_scale is not None or w_scale is not None:
+        raise ValueError(f"grouped_gemm: a_scale/w_scale are only for fp8 inputs; a is {a.dtype}")
+    if a.stride(1) != 1 or w.stride(2) != 1:
+        raise ValueError(f"grouped_gemm: a and w need unit stride along K, got {a.stride()} and {w.stride()}")
+    if topk_weights is not None:
+        check_tensor("grouped_gemm: topk_weights", topk_weights, device=dev, contiguous=True,
+                     dtypes=(torch.float32, torch.bfloat16, torch.float16))
+        if topk_weights.numel() != t * topk:
+            raise ValueError(f"grouped_gemm: topk_weights has {topk_weights.numel()} entries, need T*topk={t * topk}")
+    out_dtype = out_dtype or (torch.bfloat16 if fp8 else a.dtype)
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"grouped_gemm: out_dtype {out_dtype} not supported; expected one of {OUT_DTYPES}")
+    out = torch.empty((t * topk, n_out), dtype=out_dtype, device=dev)
+    if out.numel() == 0:
+        return out
+    dummy = out  # never read: the constexpr flags compile its loads away
+    args = (a, a_scale if fp8 else dummy, w, w_scale if fp8 else dummy, out,
+            topk_weights if topk_weights is not None else dummy,
+            sorted_token_ids, expert_ids, num_tokens_post_pad,
+            n_out, k, t * topk, topk, n_out if fuse_swiglu else 0,
+            a.stride(0), a_scale.stride(0) if fp8 else 0, w.stride(0), w.stride(1),
+            w_scale.stride(0) if fp8 else 0, w_scale.stride(1) if fp8 else 0, out.stride(0))
+    kwargs = dict(FP8=fp8, SWIGLU=fuse_swiglu, MUL_WEIGHT=topk_weights is not None,
+                  UPCAST=is_interpreted(_grouped_gemm_kernel) and not fp8, SCALE_BLOCK=QUANT_BLOCK,
+                  BLOCK_M=block_m, BLOCK_K=QUANT_BLOCK if fp8 else DENSE_BLOCK_K)
+    grid = lambda meta: (expert_ids.numel(), triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
+    launch(_grouped_gemm_kernel, _grouped_gemm_tuned, GROUPED_GEMM_CONFIGS, grid, args, kwargs, config)
+    return out
+
+
+def choose_block_m(n_tokens: int, topk: int, n_experts: int) -> int:
+    """Rows per block ~ the mean assignments per expert, within [16, 64]: little padding at decode."""
+    per_expert = n_tokens * topk / max(n_experts, 1)
+    for bm in (16, 32):
+        if per_expert <= bm:
+            return bm
+    return 64
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+              block_m: int | None = None) -> torch.Tensor:
+    """Routed experts: x [T, D], w13 [E, 2I, D] (rows [w1; w3]), w2 [E, D, I] -> [T, D] in x.dtype.
+
+    With w13_scale/w2_scale (fp8 weights) activations are quantized 1x128 on the fly.
+    """
+    check_tensor("fused_moe: x", x, dtypes=DENSE_DTYPES, ndim=2)
+    check_tensor("fused_moe: topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2, device=x.device)
+    check_tensor("fused_moe: topk_weights", topk_weights, ndim=2, device=x.device)
+    if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"fused_moe: topk_ids {tuple(topk_ids.shape)} and topk_weights "
+                         f"{tuple(topk_weights.shape)} must both be [T={x.shape[0]}, k]")
+    if (w13_scale is None) != (w2_scale is None):
+        raise ValueError("fused_moe: pass both w13_scale and w2_scale (fp8) or neither")
+    t, _ = x.shape
+    topk = topk_ids.shape[1]
+    n_experts = w13.shape[0]
+    bm = block_m or choose_block_m(t, topk, n_experts)
+    sorted_ids, expert_ids, npp = moe_align(topk_ids, n_experts, bm)
+    weights = topk_weights.contiguous()
+    if w13_scale is None:
+        h = grouped_gemm(x.contiguous(), w13, sorted_ids, expert_ids, npp, topk, fuse_swiglu=True,
+                         out_dtype=x.dtype)  # [T*k, I]
+        y = grouped_gemm(h, w2, sorted_ids, expert_ids, npp, 1, topk_weights=weights, out_dtype=x.dtype)  # [T*k, D]
+    else:
+        xq, xs = act_quant(x.contiguous())
+        h = grouped_gemm(xq, w13, sorted_ids, expert_ids, npp, topk, a_scale=xs, w_scale=w13_scale,
+                         fuse_swiglu=True, out_dtype=x.dtype)  # [T*k, I]
+        hq, hs = act_quant(h)
+        y = grouped_gemm(hq, w2, sorted_ids, expert_ids, npp, 1, a_scale=hs, w_scale=w2_scale,
+                         topk_weights=weights, out_dtype=x.dtype)  # [T*k, D]
+    return y.view(t, topk, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)  # [T, D]
+
+
+# ---------------------------------------------------------------------------------------------
+# pure-torch references
+
+
+def _dense(w: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+    """[E, N, K] fp8 + [E, nb_n, nb_k] scales (or dense) -> fp32 [E, N, K]."""
+    if s is None:
+        return w.float()
+    return torch.stack([fp8_ref.weight_dequant(w[i], s[i], torch.float32) for i in range(w.shape[0])])
+
+
+def grouped_gemm_ref(a: torch.Tensor, w: torch.Tensor, topk_ids: torch.Tensor, topk: int, *,
+                     a_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
+                     topk_weights: torch.Tensor | None = None, fuse_swiglu: bool = False,
+                     out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Row i of the output = f(a[i // topk] @ w[topk_ids.flatten()[i]]^T), fp32 math."""
+    a_f = fp8_ref.act_dequant(a, a_scale) if a_scale is not None else a.float()
+    w_f = _dense(w, w_scale)
+    experts = topk_ids.reshape(-1).long()  # [T*topk]
+    rows = a_f[torch.arange(experts.numel(), device=a.device) // topk]  # [T*topk, K]
+    y = torch.einsum("ik,ink->in", rows, w_f[experts])  # [T*topk, N]
+    if fuse_swiglu:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    if topk_weights is not None:
+        y = y * topk_weights.reshape(-1, 1).float()
+    return y.to(out_dtype)
+
+
+def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
+                  w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-expert loop in fp32; with fp8 weights the activations are quantized where the kernel does."""
+    fp8 = w13_scale is not None
+    w13_f, w2_f = _dense(w13, w13_scale), _dense(w2, w2_scale)
+    inter = w13.shape[1] // 2
+    xf = fp8_ref.act_dequant(*fp8_ref.act_quant(x)) if fp8 else x.float()
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(w13.shape[0]):
+        tok, slot = torch.where(topk_ids == e)
+        if tok.numel() == 0:
+            continue
+        gu = xf[tok] @ w13_f[e].T  # [n_e, 2I]
+        h = (F.silu(gu[:, :inter]) * gu[:, inter:]).to(x.dtype)  # the kernel stores h in x.dtype
+        hf = fp8_ref.act_dequant(*fp8_ref.act_quant(h)) if fp8 else h.float()
+        y.index_add_(0, tok, (hf @ w2_f[e].T) * topk_weights[tok, slot, None].float())
+    return y.to(x.dtype)

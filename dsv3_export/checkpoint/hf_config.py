@@ -36,6 +36,20 @@ _IGNORED_KEYS = frozenset({
     "head_dim", "qk_head_dim", "return_dict", "output_hidden_states", "output_attentions",
     "tokenizer_class", "generation_config", "use_mtp",
 })
+# transformers' generic PretrainedConfig keys (4.x and 5.x), written by to_dict(): labels, generation
+# defaults, output switches. None changes logits (pruned_heads would, but then shapes mismatch).
+_GENERIC_KEYS = frozenset({
+    "add_cross_attention", "bad_words_ids", "begin_suppress_tokens", "chunk_size_feed_forward",
+    "cross_attention_hidden_size", "decoder_start_token_id", "diversity_penalty", "do_sample",
+    "early_stopping", "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty",
+    "finetuning_task", "forced_bos_token_id", "forced_eos_token_id", "id2label", "is_decoder",
+    "is_encoder_decoder", "label2id", "length_penalty", "max_length", "min_length",
+    "no_repeat_ngram_size", "num_beam_groups", "num_beams", "num_return_sequences", "output_scores",
+    "prefix", "problem_type", "pruned_heads", "remove_invalid_values", "repetition_penalty",
+    "return_dict_in_generate", "sep_token_id", "suppress_tokens", "task_specific_params",
+    "temperature", "tf_legacy_loss", "tie_encoder_decoder", "top_k", "top_p", "torchscript",
+    "typical_p", "use_bfloat16",
+})
 # Keys read below; a key in neither set is refused so that nothing is silently dropped.
 _READ_KEYS = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
@@ -68,7 +82,7 @@ def _yarn_mscale(factor: float, mscale: float) -> float:
 
 def _rope_args(cfg: dict[str, Any], src: str, max_seq_len: int) -> dict[str, Any]:
     """rope_scaling / rope_parameters -> ModelArgs yarn fields (YaRN on iff HF uses it)."""
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}  # transformers' priority
     if not isinstance(rope, dict):
         raise CheckpointError(f"{src}: rope_scaling must be an object, got {rope!r}")
     unknown = sorted(set(rope) - _ROPE_KEYS)
@@ -161,7 +175,7 @@ def hf_config_to_args(cfg: dict[str, Any], src: str, max_seq_len: int | None = N
     model_type = cfg.get("model_type")
     if model_type not in HF_MODEL_TYPES:
         raise CheckpointError(f"{src}: model_type={model_type!r} is not one of {HF_MODEL_TYPES}")
-    unknown = sorted(k for k in set(cfg) - _READ_KEYS - _IGNORED_KEYS if not k.startswith("_"))
+    unknown = sorted(k for k in set(cfg) - _READ_KEYS - _IGNORED_KEYS - _GENERIC_KEYS if not k.startswith("_"))
     if unknown:
         raise CheckpointError(f"{src}: unknown config key(s) {unknown} for {model_type}; refusing to guess their meaning")
     _require(cfg, "hidden_act", src, cfg.get("hidden_act", "silu") == "silu", "only SwiGLU (silu) MLPs")

@@ -142,6 +142,16 @@ def get_backend(name: str) -> Backend:
     return module.BACKEND
 
 
+def compute_dtype(target: Target) -> torch.dtype:
+    """The dtype a program for `target` is exported in (activations, dense weights, KV cache).
+
+    fp32 -> float32; bf16 -> bfloat16; fp8 (weights fp8 + scales) -> bfloat16 on CUDA, float32 on
+    the CPU (ONNX Runtime's CPU kernels have no bf16 compute)."""
+    if target.precision == "fp32" or (target.precision == "fp8" and target.device == "cpu"):
+        return torch.float32
+    return torch.bfloat16
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """"float32" -> torch.float32 (TensorSpec / manifest dtype names)."""
     dtype = getattr(torch, name, None)

@@ -31,6 +31,7 @@ AMAX_FLOOR = tl.constexpr(_common.AMAX_FLOOR)
 FP8_E4M3_MANTISSA_BITS = tl.constexpr(3)
 FP8_E4M3_MIN_NORMAL_EXP = tl.constexpr(-6)
 RNE_MAGIC = tl.constexpr(12582912.0)
+SIGN_BIT = tl.constexpr(-(2**31))  # 0x80000000 as int32
 
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -62,7 +63,9 @@ def _round_to_e4m3(q):
     spacing = ((spacing_exp + 127) << 23).to(tl.float32, bitcast=True)
     inv_spacing = ((127 - spacing_exp) << 23).to(tl.float32, bitcast=True)
     steps = (q * inv_spacing + RNE_MAGIC) - RNE_MAGIC
-    return steps * spacing
+    rounded = (steps * spacing).to(tl.int32, bitcast=True)
+    # Keep q's sign when it rounds to zero (-0.0, as torch's cast gives).
+    return (rounded | (bits & SIGN_BIT)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

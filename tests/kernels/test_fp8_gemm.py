@@ -1,0 +1,98 @@
+"""fp8_gemm / fp8_linear vs dequantize-then-matmul on the SAME quantized inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: kernel tests need it (TRITON_INTERPRET=1 on CPU)")
+
+from dsv3_export.kernels import fp8_gemm as G  # noqa: E402
+from dsv3_export.reference import fp8 as R  # noqa: E402
+from tests.kernels._helpers import TOL, assert_finite, mean_rel  # noqa: E402
+
+
+def _operands(m: int, n: int, k: int):
+    a, a_s = R.act_quant(torch.randn(m, k) * 2)
+    b, b_s = R.weight_quant(torch.randn(n, k) / k**0.5)
+    return a, a_s, b, b_s
+
+
+@pytest.mark.parametrize("m", [1, 3, 37])
+@pytest.mark.parametrize("split_k", [None, 1, 3])
+def test_fp8_gemm_matches_reference(seed, m, split_k):
+    torch.manual_seed(seed)
+    a, a_s, b, b_s = _operands(m, 200, 300)
+    out = G.fp8_gemm(a, a_s, b, b_s, torch.float32, split_k=split_k)
+    ref = G.fp8_gemm_ref(a, a_s, b, b_s, torch.float32)
+    assert out.shape == (m, 200) and out.dtype == torch.float32
+    assert_finite("fp8_gemm", out)
+    assert mean_rel(out, ref) < TOL["fp8_gemm_fp32_out"]
+
+
+def test_fp8_gemm_bf16_output(seed):
+    torch.manual_seed(seed)
+    a, a_s, b, b_s = _operands(19, 257, 384)
+    out = G.fp8_gemm(a, a_s, b, b_s)  # bf16 by default
+    assert out.dtype == torch.bfloat16
+    assert mean_rel(out, G.fp8_gemm_ref(a, a_s, b, b_s, torch.float32)) < TOL["fp8_gemm_bf16_out"]
+
+
+@pytest.mark.parametrize("config", G.FP8_GEMM_CONFIGS, ids=str)
+def test_fp8_gemm_every_config(seed, config):
+    torch.manual_seed(seed)
+    a, a_s, b, b_s = _operands(37, 200, 300)
+    out = G.fp8_gemm(a, a_s, b, b_s, torch.float32, split_k=2, config=config)
+    assert mean_rel(out, G.fp8_gemm_ref(a, a_s, b, b_s, torch.float32)) < TOL["fp8_gemm_fp32_out"]
+
+
+def test_fp8_gemm_zero_blocks_stay_finite():
+    a, a_s = R.act_quant(torch.zeros(5, 300))
+    b, b_s = R.weight_quant(torch.zeros(200, 300))
+    out = G.fp8_gemm(a, a_s, b, b_s, torch.float32)
+    assert_finite("fp8_gemm of zeros", out)
+    assert (out == 0).all()
+
+
+def test_split_k_heuristic_only_for_small_m():
+    assert G._choose_split_k(4096, 2048, 16, torch.device("cpu")) == 1
+    assert G._choose_split_k(1, 2048, 16, torch.device("cpu")) > 1
+    assert G._choose_split_k(1, 2048, 1, torch.device("cpu")) == 1
+
+
+@pytest.mark.parametrize("shape", [(300,), (2, 5, 300), (1, 1, 300)])
+def test_fp8_linear_matches_reference(seed, shape):
+    torch.manual_seed(seed)
+    x = torch.randn(*shape, dtype=torch.bfloat16)
+    w, w_s = R.weight_quant(torch.randn(200, 300) / 300**0.5)
+    y = G.fp8_linear(x, w, w_s, out_dtype=torch.float32)
+    ref = G.fp8_linear_ref(x, w, w_s, out_dtype=torch.float32)  # same (exact) activation quantization
+    assert y.shape == (*shape[:-1], 200)
+    assert mean_rel(y, ref) < TOL["fp8_gemm_fp32_out"]
+    assert G.fp8_linear(x, w, w_s).dtype == torch.bfloat16  # out_dtype defaults to x.dtype
+
+
+def test_fp8_linear_close_to_dense_linear(seed):
+    # End to end: fp8 activations and weights vs the dense bf16 product (quantization error only).
+    torch.manual_seed(seed)
+    x = torch.randn(7, 300)
+    w_dense = torch.randn(200, 300) / 300**0.5
+    w, w_s = R.weight_quant(w_dense)
+    y = G.fp8_linear(x, w, w_s)
+    assert mean_rel(y, x @ w_dense.T) < 0.1
+
+
+def test_bad_inputs_name_the_problem():
+    a, a_s, b, b_s = _operands(3, 200, 300)
+    with pytest.raises(ValueError, match="K must match"):
+        G.fp8_gemm(a, a_s, b[:, :256], b_s)
+    with pytest.raises(ValueError, match=r"a_s must be \[M, ceil\(K/128\)\]"):
+        G.fp8_gemm(a, a_s[:, :2], b, b_s)
+    with pytest.raises(ValueError, match=r"b_s must be \[ceil\(N/128\), ceil\(K/128\)\]"):
+        G.fp8_gemm(a, a_s, b, b_s.T.contiguous())
+    with pytest.raises(TypeError, match="fp8_gemm: a: dtype torch.float32"):
+        G.fp8_gemm(a.float(), a_s, b, b_s)
+    with pytest.raises(ValueError, match="split_k=9"):
+        G.fp8_gemm(a, a_s, b, b_s, split_k=9)
+    with pytest.raises(TypeError, match="out_dtype"):
+        G.fp8_gemm(a, a_s, b, b_s, torch.int32)

@@ -1,0 +1,111 @@
+"""act_quant / weight_dequant kernels vs the pure-torch oracle (dsv3_export.reference.fp8)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: kernel tests need it (TRITON_INTERPRET=1 on CPU)")
+
+from dsv3_export.kernels import fp8_quant as K  # noqa: E402
+from dsv3_export.reference import fp8 as R  # noqa: E402
+from tests.kernels._helpers import TOL, assert_finite, max_ulp_rel  # noqa: E402
+
+
+def _bits(q: torch.Tensor) -> torch.Tensor:
+    return q.view(torch.uint8)
+
+
+@pytest.mark.parametrize("m,k", [(1, 300), (3, 128), (37, 300), (5, 70)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_act_quant_bit_exact(seed, m, k, dtype):
+    torch.manual_seed(seed)
+    x = (torch.randn(m, k) * torch.logspace(-3, 2, k)).to(dtype)  # many binades, so many rounding cases
+    q, s = K.act_quant(x)
+    q_ref, s_ref = K.act_quant_ref(x)
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32
+    assert s.shape == (m, (k + 127) // 128)
+    assert torch.equal(s, s_ref), "scales must be bit-identical (IEEE division like the oracle)"
+    # Bit-exact values: the kernel rounds to e4m3 in fp32 before the cast (see fp8_quant docstring),
+    # which sidesteps the interpreter's fp32->fp8 conversion defect.
+    assert torch.equal(_bits(q), _bits(q_ref)), f"{int((_bits(q) != _bits(q_ref)).sum())} fp8 values differ"
+
+
+def test_act_quant_rounding_ties_and_subnormals():
+    # Values on e4m3 rounding ties, subnormals, the 448 edge: x / s lands exactly on them when amax = 448.
+    ties = torch.tensor([448.0, 1.0625, 1.1875, 2.0**-10, 3 * 2.0**-10, 2.0**-7 * 1.0625, 15.5, 240.0, 232.0,
+                         -0.0, 0.0, -3.5, 2.0**-9, 5 * 2.0**-10, 416.0, 447.0])
+    x = torch.cat([ties, -ties.flip(0)]).view(1, -1)  # amax 448 -> scale exactly 1
+    q, s = K.act_quant(x)
+    q_ref, s_ref = K.act_quant_ref(x)
+    assert torch.equal(s, s_ref) and s.item() == 1.0
+    assert torch.equal(_bits(q), _bits(q_ref))
+
+
+def test_act_quant_all_zero_block_is_finite():
+    x = torch.randn(4, 300, dtype=torch.bfloat16)
+    x[:, 128:256] = 0
+    x[2] = 0
+    q, s = K.act_quant(x)
+    assert_finite("act_quant scale", s)
+    assert_finite("act_quant q", q)
+    assert (s[:, 1] > 0).all() and torch.equal(s[:, 1], torch.full((4,), R.AMAX_FLOOR / R.FP8_E4M3_MAX))
+    assert (q[:, 128:256].float() == 0).all()
+    assert_finite("dequant", R.act_dequant(q, s))
+
+
+def test_act_quant_block_max_hits_448(seed):
+    torch.manual_seed(seed)
+    q, _ = K.act_quant(torch.randn(6, 256) * 1000)
+    assert torch.equal(q.float().abs().view(6, 2, 128).amax(-1), torch.full((6, 2), 448.0))
+
+
+@pytest.mark.parametrize("config", K.ACT_QUANT_CONFIGS, ids=str)
+def test_act_quant_every_config(seed, config):
+    torch.manual_seed(seed)
+    x = torch.randn(37, 200, dtype=torch.bfloat16)
+    q, s = K.act_quant(x, config=config)
+    q_ref, s_ref = K.act_quant_ref(x)
+    assert torch.equal(s, s_ref) and torch.equal(_bits(q), _bits(q_ref))
+
+
+@pytest.mark.parametrize("n,k", [(200, 300), (128, 128), (1, 129)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_weight_dequant_matches_reference(seed, n, k, dtype):
+    torch.manual_seed(seed)
+    w, s = R.weight_quant(torch.randn(n, k) * 3)
+    y = K.weight_dequant(w, s, dtype)
+    ref = K.weight_dequant_ref(w, s, dtype)
+    assert y.dtype == dtype and y.shape == (n, k)
+    assert_finite("weight_dequant", y)
+    if dtype == torch.bfloat16:  # interpreter truncates fp32 -> bf16: within one ulp
+        assert max_ulp_rel(y, ref) <= TOL["dequant_bf16_ulp"]
+    else:
+        assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("config", K.DEQUANT_CONFIGS, ids=str)
+def test_weight_dequant_every_config(seed, config):
+    torch.manual_seed(seed)
+    w, s = R.weight_quant(torch.randn(200, 300))
+    assert torch.equal(K.weight_dequant(w, s, torch.float32, config=config),
+                       K.weight_dequant_ref(w, s, torch.float32))
+
+
+def test_bad_inputs_name_the_problem():
+    x = torch.randn(3, 300)
+    with pytest.raises(TypeError, match="act_quant: x: dtype torch.int32"):
+        K.act_quant(x.int())
+    with pytest.raises(ValueError, match="expected 2 dims"):
+        K.act_quant(x.view(1, 3, 300))
+    with pytest.raises(ValueError, match="unit stride along K"):
+        K.act_quant(torch.randn(300, 3).T)
+    with pytest.raises(ValueError, match="block_size=64"):
+        K.act_quant(x, 64)
+    w, s = R.weight_quant(torch.randn(200, 300))
+    with pytest.raises(ValueError, match=r"needs scale shape \(2, 3\)"):
+        K.weight_dequant(w, s[:, :2])
+    with pytest.raises(TypeError, match="weight_dequant: w: dtype torch.float32"):
+        K.weight_dequant(w.float(), s)
+    with pytest.raises(TypeError, match="weight_dequant: dtype"):
+        K.weight_dequant(w, s, torch.int8)

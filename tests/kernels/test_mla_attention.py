@@ -1,0 +1,112 @@
+"""mla_decode / mla_prefill vs the einsum math of MLA.attend_absorb (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: kernel tests need it (TRITON_INTERPRET=1 on CPU)")
+
+from dsv3_export.kernels import mla_attention as A  # noqa: E402
+from tests.kernels._helpers import TOL, assert_finite, mean_rel  # noqa: E402
+
+H, C, R, S = 5, 64, 16, 100  # H not a power of 2; the real model has C=512, R=64, H=16
+SCALE = 0.173
+
+
+def _caches(bmax: int, dtype):
+    return torch.randn(bmax, S, C, dtype=dtype), torch.randn(bmax, S, R, dtype=dtype)
+
+
+def _check(out, ref, dtype):
+    assert_finite("mla", out)
+    if dtype == torch.float32:
+        assert (out - ref).abs().max().item() < TOL["mla_fp32_abs"]
+    else:
+        assert mean_rel(out, ref) < TOL["mla_bf16_mean_rel"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [None, 1, 3, 7])
+def test_mla_decode_ragged(seed, dtype, num_splits):
+    torch.manual_seed(seed)
+    kv, pe = _caches(4, dtype)  # one more cache row than the batch
+    q, qp = torch.randn(3, H, C, dtype=dtype), torch.randn(3, H, R, dtype=dtype)
+    seqlens = torch.tensor([1, 37, S], dtype=torch.int32)
+    out = A.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=num_splits)
+    assert out.shape == (3, H, C) and out.dtype == dtype
+    _check(out, A.mla_decode_ref(q, qp, kv, pe, seqlens, SCALE), dtype)
+
+
+def test_mla_decode_empty_sequence_gives_zeros():
+    kv, pe = _caches(2, torch.float32)
+    q, qp = torch.randn(2, H, C), torch.randn(2, H, R)
+    out = A.mla_decode(q, qp, kv, pe, torch.tensor([0, 5], dtype=torch.int32), SCALE, num_splits=4)
+    assert_finite("mla_decode", out)
+    assert (out[0] == 0).all()
+    assert (out[1] - A.mla_decode_ref(q[1:], qp[1:], kv[1:], pe[1:], torch.tensor([5], dtype=torch.int32),
+                                      SCALE)[0]).abs().max() < TOL["mla_fp32_abs"]
+
+
+@pytest.mark.parametrize("config", A.DECODE_CONFIGS, ids=str)
+def test_mla_decode_every_config(seed, config):
+    torch.manual_seed(seed)
+    kv, pe = _caches(2, torch.float32)
+    q, qp = torch.randn(2, H, C), torch.randn(2, H, R)
+    seqlens = torch.tensor([70, 9], dtype=torch.int32)
+    out = A.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=2, config=config)
+    _check(out, A.mla_decode_ref(q, qp, kv, pe, seqlens, SCALE), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("s_q,start_pos", [(7, 0), (7, 20), (1, 50), (30, 3)])
+def test_mla_prefill_causal(seed, dtype, s_q, start_pos):
+    torch.manual_seed(seed)
+    kv, pe = _caches(3, dtype)
+    q, qp = torch.randn(2, s_q, H, C, dtype=dtype), torch.randn(2, s_q, H, R, dtype=dtype)
+    out = A.mla_prefill(q, qp, kv, pe, start_pos, SCALE)
+    assert out.shape == (2, s_q, H, C) and out.dtype == dtype
+    _check(out, A.mla_prefill_ref(q, qp, kv, pe, start_pos, SCALE), dtype)
+
+
+def test_mla_prefill_single_query_equals_decode(seed):
+    torch.manual_seed(seed)
+    kv, pe = _caches(2, torch.float32)
+    q, qp = torch.randn(2, 1, H, C), torch.randn(2, 1, H, R)
+    pre = A.mla_prefill(q, qp, kv, pe, 41, SCALE)
+    dec = A.mla_decode(q[:, 0], qp[:, 0], kv, pe, torch.tensor([42, 42], dtype=torch.int32), SCALE, num_splits=3)
+    assert (pre[:, 0] - dec).abs().max() < TOL["mla_fp32_abs"]
+
+
+@pytest.mark.parametrize("config", A.PREFILL_CONFIGS, ids=str)
+def test_mla_prefill_every_config(seed, config):
+    torch.manual_seed(seed)
+    kv, pe = _caches(1, torch.float32)
+    q, qp = torch.randn(1, 9, H, C), torch.randn(1, 9, H, R)
+    out = A.mla_prefill(q, qp, kv, pe, 11, SCALE, config=config)
+    _check(out, A.mla_prefill_ref(q, qp, kv, pe, 11, SCALE), torch.float32)
+
+
+def test_non_power_of_two_latent_width(seed):
+    torch.manual_seed(seed)
+    kv, pe = torch.randn(1, 40, 48), torch.randn(1, 40, 8)
+    q, qp = torch.randn(1, 3, 48), torch.randn(1, 3, 8)
+    seqlens = torch.tensor([33], dtype=torch.int32)
+    out = A.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=2)
+    _check(out, A.mla_decode_ref(q, qp, kv, pe, seqlens, SCALE), torch.float32)
+
+
+def test_bad_inputs_name_the_problem():
+    kv, pe = _caches(2, torch.float32)
+    q, qp = torch.randn(2, H, C), torch.randn(2, H, R)
+    seqlens = torch.tensor([3, 4], dtype=torch.int32)
+    with pytest.raises(TypeError, match="cache_seqlens: dtype torch.int64"):
+        A.mla_decode(q, qp, kv, pe, seqlens.long(), SCALE)
+    with pytest.raises(ValueError, match="exceeds the cache's 2 rows"):
+        A.mla_decode(torch.randn(3, H, C), torch.randn(3, H, R), kv, pe, torch.ones(3, dtype=torch.int32), SCALE)
+    with pytest.raises(ValueError, match=r"kv_cache .* must be \[Bmax, S, C=64\]"):
+        A.mla_decode(q, qp, kv[..., :32], pe, seqlens, SCALE)
+    with pytest.raises(TypeError, match="kv_cache: dtype torch.bfloat16"):
+        A.mla_decode(q, qp, kv.bfloat16(), pe, seqlens, SCALE)
+    with pytest.raises(ValueError, match=r"positions \[95, 105\) outside"):
+        A.mla_prefill(torch.randn(2, 10, H, C), torch.randn(2, 10, H, R), kv, pe, 95, SCALE)

@@ -1,0 +1,169 @@
+"""moe_align / grouped_gemm / fused_moe vs per-expert torch loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: kernel tests need it (TRITON_INTERPRET=1 on CPU)")
+
+from dsv3_export.kernels import moe as M  # noqa: E402
+from dsv3_export.reference import fp8 as R  # noqa: E402
+from dsv3_export.reference.args import ModelArgs  # noqa: E402
+from dsv3_export.reference.moe import MoE  # noqa: E402
+from tests.kernels._helpers import TOL, assert_finite, mean_rel  # noqa: E402
+
+E, D, I = 8, 200, 96  # I < 128: the [gate; up] rows straddle a 128-row scale block
+
+
+def _routing(t: int, k: int, e: int = E):
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)])  # distinct experts per token
+    weights = torch.rand(t, k)
+    return ids, weights / weights.sum(-1, keepdim=True)
+
+
+def _weights(dtype):
+    w13 = (torch.randn(E, 2 * I, D) / D**0.5).to(dtype)
+    w2 = (torch.randn(E, D, I) / I**0.5).to(dtype)
+    return w13, w2
+
+
+def _quantize_experts(w):
+    qs, ss = zip(*(R.weight_quant(w[e].float()) for e in range(w.shape[0])))
+    return torch.stack(qs), torch.stack(ss)
+
+
+@pytest.mark.parametrize("t,k,block_m", [(1, 6, 16), (37, 3, 16), (37, 3, 32), (5, 2, 64)])
+def test_moe_align_invariants(seed, t, k, block_m):
+    torch.manual_seed(seed)
+    ids, _ = _routing(t, k)
+    sorted_ids, expert_ids, npp = M.moe_align(ids, E, block_m)
+    numel = t * k
+    n_blocks = -(-(numel + E * (block_m - 1)) // block_m)
+    assert sorted_ids.dtype == expert_ids.dtype == npp.dtype == torch.int32
+    assert sorted_ids.shape == (n_blocks * block_m,) and expert_ids.shape == (n_blocks,) and npp.shape == (1,)
+    counts = torch.bincount(ids.flatten(), minlength=E)
+    assert npp.item() == int(((counts + block_m - 1) // block_m * block_m).sum())
+    used = sorted_ids[: npp.item()]
+    real = used[used < numel]
+    assert torch.equal(real.sort().values, torch.arange(numel, dtype=torch.int32)), "each assignment exactly once"
+    assert (sorted_ids[npp.item():] == numel).all() and (used[used >= numel] == numel).all()
+    blocks = used.view(-1, block_m)  # [used blocks, block_m]
+    for b, row in enumerate(blocks):
+        valid = row[row < numel].long()
+        assert valid.numel() > 0, "no block is pure padding"
+        assert (ids.flatten()[valid] == expert_ids[b]).all(), f"block {b} mixes experts"
+    assert (expert_ids[blocks.shape[0]:] == -1).all()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, "grouped_gemm_fp16"), (torch.bfloat16, "grouped_gemm_bf16")])
+@pytest.mark.parametrize("swiglu,weighted", [(False, False), (True, False), (False, True)])
+def test_grouped_gemm_dense(seed, dtype, tol, swiglu, weighted):
+    torch.manual_seed(seed)
+    t, k = 37, 3
+    ids, rw = _routing(t, k)
+    x = torch.randn(t, D, dtype=dtype)
+    w13, _ = _weights(dtype)
+    s_ids, e_ids, npp = M.moe_align(ids, E, 16)
+    tw = rw if weighted else None
+    out = M.grouped_gemm(x, w13, s_ids, e_ids, npp, k, topk_weights=tw, fuse_swiglu=swiglu,
+                         out_dtype=torch.float32)
+    ref = M.grouped_gemm_ref(x, w13, ids, k, topk_weights=tw, fuse_swiglu=swiglu)
+    assert out.shape == (t * k, I if swiglu else 2 * I)
+    assert_finite("grouped_gemm", out)
+    assert mean_rel(out, ref) < TOL[tol]
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_grouped_gemm_fp8_same_quantized_inputs(seed, swiglu):
+    torch.manual_seed(seed)
+    t, k = 11, 3
+    ids, rw = _routing(t, k)
+    xq, xs = R.act_quant(torch.randn(t, D))
+    w13q, w13s = _quantize_experts(_weights(torch.float32)[0])
+    s_ids, e_ids, npp = M.moe_align(ids, E, 16)
+    out = M.grouped_gemm(xq, w13q, s_ids, e_ids, npp, k, a_scale=xs, w_scale=w13s, topk_weights=rw,
+                         fuse_swiglu=swiglu, out_dtype=torch.float32)
+    ref = M.grouped_gemm_ref(xq, w13q, ids, k, a_scale=xs, w_scale=w13s, topk_weights=rw, fuse_swiglu=swiglu)
+    assert_finite("grouped_gemm fp8", out)
+    assert mean_rel(out, ref) < TOL["fp8_gemm_fp32_out"]
+
+
+@pytest.mark.parametrize("config", M.GROUPED_GEMM_CONFIGS, ids=str)
+def test_grouped_gemm_every_config(seed, config):
+    torch.manual_seed(seed)
+    t, k = 9, 2
+    ids, rw = _routing(t, k)
+    x = torch.randn(t, D, dtype=torch.float16)
+    w13, _ = _weights(torch.float16)
+    s_ids, e_ids, npp = M.moe_align(ids, E, 16)
+    out = M.grouped_gemm(x, w13, s_ids, e_ids, npp, k, fuse_swiglu=True, out_dtype=torch.float32, config=config)
+    assert mean_rel(out, M.grouped_gemm_ref(x, w13, ids, k, fuse_swiglu=True)) < TOL["grouped_gemm_fp16"]
+
+
+@pytest.mark.parametrize("t", [1, 37])
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, "fused_moe_fp16"), (torch.bfloat16, "fused_moe_bf16")])
+def test_fused_moe_dense(seed, t, dtype, tol):
+    torch.manual_seed(seed)
+    ids, rw = _routing(t, 3)
+    x = torch.randn(t, D, dtype=dtype)
+    w13, w2 = _weights(dtype)
+    y = M.fused_moe(x, w13, w2, rw.to(dtype), ids)
+    assert y.shape == (t, D) and y.dtype == dtype
+    assert_finite("fused_moe", y)
+    assert mean_rel(y, M.fused_moe_ref(x, w13, w2, rw.to(dtype), ids)) < TOL[tol]
+
+
+@pytest.mark.parametrize("t", [1, 19])
+def test_fused_moe_fp8(seed, t):
+    torch.manual_seed(seed)
+    ids, rw = _routing(t, 3)
+    x = torch.randn(t, D, dtype=torch.float16)
+    w13, w2 = _weights(torch.float32)
+    (w13q, w13s), (w2q, w2s) = _quantize_experts(w13), _quantize_experts(w2)
+    y = M.fused_moe(x, w13q, w2q, rw, ids, w13_scale=w13s, w2_scale=w2s)
+    ref = M.fused_moe_ref(x, w13q, w2q, rw, ids, w13_scale=w13s, w2_scale=w2s)
+    assert_finite("fused_moe fp8", y)
+    assert mean_rel(y, ref) < TOL["fused_moe_fp8_fp16"]
+
+
+def test_fused_moe_matches_reference_moe_module(seed):
+    # The reference MoE (DeepSeek's per-expert loop, fp32) on the tiny preset: routed part only.
+    torch.manual_seed(seed)
+    args = ModelArgs.preset("tiny")
+    moe = MoE(args)
+    for p in moe.parameters():
+        p.normal_(0, args.dim**-0.5)
+    x = torch.randn(13, args.dim)
+    weights, ids = moe.gate(x)
+    routed_ref = moe.forward_loop(x)
+    w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in moe.experts]).half()  # [E, 2I, D]
+    w2 = torch.stack([e.w2.weight for e in moe.experts]).half()  # [E, D, I]
+    y = M.fused_moe(x.half(), w13, w2, weights.half(), ids)
+    assert mean_rel(y, routed_ref) < TOL["fused_moe_vs_model"]
+
+
+def test_bad_inputs_name_the_problem():
+    ids, rw = _routing(4, 2)
+    x = torch.randn(4, D, dtype=torch.float16)
+    w13, w2 = _weights(torch.float16)
+    s_ids, e_ids, npp = M.moe_align(ids, E, 16)
+    with pytest.raises(ValueError, match="block_m=24"):
+        M.moe_align(ids, E, 24)
+    with pytest.raises(ValueError, match="K=200"):
+        M.grouped_gemm(x[:, :128], w13, s_ids, e_ids, npp, 2)
+    with pytest.raises(TypeError, match="grouped_gemm: w: dtype torch.bfloat16"):
+        M.grouped_gemm(x, w13.bfloat16(), s_ids, e_ids, npp, 2)
+    with pytest.raises(ValueError, match="pass moe_align's outputs unchanged"):
+        M.grouped_gemm(x, w13, s_ids[:-1], e_ids, npp, 2)
+    with pytest.raises(ValueError, match="only for fp8"):
+        M.grouped_gemm(x, w13, s_ids, e_ids, npp, 2, a_scale=torch.ones(4, 2))
+    with pytest.raises(ValueError, match="fp8 a/w need a_scale"):
+        xq, _ = R.act_quant(x)
+        M.grouped_gemm(xq, _quantize_experts(w13)[0], s_ids, e_ids, npp, 2)
+    with pytest.raises(ValueError, match="topk_weights has 3 entries"):
+        M.grouped_gemm(x, w13, s_ids, e_ids, npp, 2, topk_weights=torch.ones(3))
+    with pytest.raises(ValueError, match="both w13_scale and w2_scale"):
+        M.fused_moe(x, w13, w2, rw, ids, w13_scale=torch.ones(1))
+    with pytest.raises(ValueError, match=r"must both be \[T=4, k\]"):
+        M.fused_moe(x, w13, w2, rw[:, :1], ids)

@@ -220,3 +220,92 @@ def test_no_rope_scaling_disables_yarn(tmp_path):
     assert ours.args.softmax_scale == pytest.approx(ours.args.qk_head_dim**-0.5)
     assert compare(hf, ours, seed=15) < REL_TOL_FP32
     shutil.rmtree(tmp_path)
+
+
+def test_hf_fp8_checkpoint_matches_dequantized_hf(tmp_path):
+    """DeepSeek-V3-style fp8: layer Linears as float8_e4m3fn + weight_scale_inv (w = q * s per 128x128 block,
+    transformers' finegrained_fp8 convention), embed / lm_head / router / norms dense. Reference: HF
+    on the dequantized weights (transformers' own fp8 loader needs accelerate, absent here)."""
+    from dsv3_export.reference.fp8 import weight_dequant, weight_quant
+
+    hf = hf_model(v3_config(hidden_size=160, intermediate_size=200, q_lora_rank=136), seed=16)
+    hf.save_pretrained(tmp_path / "dense")
+    with safe_open(str(tmp_path / "dense" / "model.safetensors"), "pt") as f:
+        tensors = {n: f.get_tensor(n) for n in f.keys()}
+    quantized, dequantized = {}, {}
+    for name, t in tensors.items():
+        linear = name.endswith("proj.weight") or name.endswith("proj_with_mqa.weight")
+        if linear and name.startswith("model.layers."):
+            q, s = weight_quant(t)
+            quantized[name], quantized[name.replace(".weight", ".weight_scale_inv")] = q, s
+            dequantized[name] = weight_dequant(q, s, torch.float32)
+        else:
+            quantized[name] = dequantized[name] = t
+    assert quantized["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].shape == (1, 2)  # 40 x 160
+    assert quantized["model.layers.1.mlp.experts.0.gate_proj.weight_scale_inv"].shape == (1, 2)  # ragged 40 x 160
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    shutil.copytree(tmp_path / "dense", tmp_path / "fp8")
+    save_file(dequantized, str(tmp_path / "dense" / "model.safetensors"))
+    save_file(quantized, str(tmp_path / "fp8" / "model.safetensors"))
+    config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                     "weight_block_size": [128, 128]}
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", attn_implementation="eager").eval()
+    ours = load_checkpoint(tmp_path / "fp8")
+    assert ours.args.dtype == "fp8" and ours.layers[1].ffn.experts[0].w1.weight.dtype == torch.float8_e4m3fn
+    assert compare(reference, ours, seed=17) < REL_TOL_FP32
+
+
+# The published config.json files of deepseek-ai/DeepSeek-V2-Lite and deepseek-ai/DeepSeek-V3 (auto_map left out).
+V2_LITE_CONFIG = {
+    "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 10944,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v2", "moe_intermediate_size": 1408,
+    "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": False,
+    "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 27, "num_key_value_heads": 16,
+    "pretraining_tp": 1, "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy", "torch_dtype": "bfloat16",
+    "transformers_version": "4.39.3", "use_cache": True, "v_head_dim": 128, "vocab_size": 102400,
+}
+V3_CONFIG = {
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
+    "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3", "moe_intermediate_size": 2048,
+    "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True,
+    "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128,
+    "num_nextn_predict_layers": 1, "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+    "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
+}
+
+
+@pytest.mark.parametrize("config, preset", [(V2_LITE_CONFIG, "16b"), (V3_CONFIG, "671b")])
+def test_published_hf_configs_give_our_presets(config, preset):
+    """HF config conversion agrees with DeepSeek's own configs (config_16B.json, config_671B.json)."""
+    from dsv3_export.reference import ModelArgs
+
+    args, layout = hf_config_to_args(config, preset)
+    want = ModelArgs.preset(preset)
+    assert args.has_gate_bias == want.has_gate_bias and layout.rope_interleave
+    assert args.replace(gate_bias=None) == want
+    assert layout.n_mtp_layers == (1 if preset == "671b" else 0)
+
+
+def test_missing_hf_keys_take_transformers_defaults():
+    """A config.json that leaves keys out means transformers' class defaults, not ours."""
+    args, layout = hf_config_to_args({"model_type": "deepseek_v3"}, "config.json")
+    cfg = transformers.DeepseekV3Config()
+    assert (args.n_expert_groups, args.n_limited_groups, args.route_scale) == (cfg.n_group, cfg.topk_group, 2.5)
+    assert (args.dim, args.n_layers, args.q_lora_rank, args.n_dense_layers) == (7168, 61, 1536, 3)
+    assert args.max_seq_len == cfg.max_position_embeddings == 4096 and not args.yarn_enabled

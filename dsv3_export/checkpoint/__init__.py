@@ -11,6 +11,8 @@ file or sharded with model.safetensors.index.json), experts per-expert or fused 
 with weight_scale_inv. Only safetensors are read, memory-mapped; pickle files are never opened.
 
 HF semantics (transformers 5.24, verified by tests/test_hf_compat.py; details in docs/hf_compat.md):
+  * Keys a config.json leaves out take transformers' config-class defaults; keys we do not know
+    are refused; the published DeepSeek-V2-Lite / V3 configs give exactly our 16b / 671b presets.
   * RoPE: DeepseekV2 rotates interleaved pairs through a complex view, exactly as DeepSeek does;
     DeepseekV3 does too when rope_interleave=true (the default; its outputs come out
     de-interleaved, which dot products do not see). With rope_interleave=false V3 uses rotate_half,

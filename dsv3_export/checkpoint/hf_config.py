@@ -66,6 +66,27 @@ _ROPE_KEYS = frozenset({
 })
 
 
+# transformers 5.24's config-class defaults, used for keys a config.json leaves out (as HF does).
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek_v2": dict(
+        vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6, first_k_dense_replace=0,
+        kv_lora_rank=512, q_lora_rank=1536, n_group=None, n_routed_experts=64, n_shared_experts=2,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, routed_scaling_factor=1.0, topk_group=None,
+        topk_method="greedy", norm_topk_prob=False, v_head_dim=128, num_experts_per_tok=None,
+        moe_intermediate_size=1407, tie_word_embeddings=False,
+    ),
+    "deepseek_v3": dict(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+        num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1,
+        n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536,
+        qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=8, topk_group=4,
+        num_experts_per_tok=8, first_k_dense_replace=3, norm_topk_prob=True, max_position_embeddings=4096,
+        rms_norm_eps=1e-6, rope_interleave=True, tie_word_embeddings=False, num_nextn_predict_layers=1,
+    ),
+}
+
+
 @dataclass(frozen=True)
 class HfLayout:
     """What the tensor-name mapping needs to know besides ModelArgs."""
@@ -175,6 +196,7 @@ def hf_config_to_args(cfg: dict[str, Any], src: str, max_seq_len: int | None = N
     model_type = cfg.get("model_type")
     if model_type not in HF_MODEL_TYPES:
         raise CheckpointError(f"{src}: model_type={model_type!r} is not one of {HF_MODEL_TYPES}")
+    cfg = {**_HF_DEFAULTS[model_type], **cfg}
     unknown = sorted(k for k in set(cfg) - _READ_KEYS - _IGNORED_KEYS - _GENERIC_KEYS if not k.startswith("_"))
     if unknown:
         raise CheckpointError(f"{src}: unknown config key(s) {unknown} for {model_type}; refusing to guess their meaning")
@@ -187,25 +209,24 @@ def hf_config_to_args(cfg: dict[str, Any], src: str, max_seq_len: int | None = N
              "MLA has one latent shared by all heads; num_key_value_heads must equal num_attention_heads")
     mpe = int(cfg.get("max_position_embeddings", DEFAULT_MAX_SEQ_LEN))
     seq = int(max_seq_len) if max_seq_len is not None else min(mpe, DEFAULT_MAX_SEQ_LEN)
-    try:
-        values = dict(
-            vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], inter_dim=cfg["intermediate_size"],
-            moe_inter_dim=cfg["moe_intermediate_size"], n_layers=cfg["num_hidden_layers"],
-            n_dense_layers=cfg.get("first_k_dense_replace") or 0, n_heads=cfg["num_attention_heads"],
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), n_routed_experts=cfg["n_routed_experts"],
-            n_shared_experts=cfg.get("n_shared_experts") or 0, n_activated_experts=cfg["num_experts_per_tok"],
-            route_scale=float(cfg.get("routed_scaling_factor", 1.0)), q_lora_rank=cfg.get("q_lora_rank") or 0,
-            kv_lora_rank=cfg["kv_lora_rank"], qk_nope_head_dim=cfg["qk_nope_head_dim"],
-            qk_rope_head_dim=cfg["qk_rope_head_dim"], v_head_dim=cfg["v_head_dim"], max_seq_len=seq,
-        )
-    except KeyError as e:
-        raise CheckpointError(f"{src}: required key {e.args[0]!r} missing") from None
+    if cfg.get("num_experts_per_tok") is None:
+        raise CheckpointError(f"{src}: num_experts_per_tok is required")
+    values = dict(
+        vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], inter_dim=cfg["intermediate_size"],
+        moe_inter_dim=cfg["moe_intermediate_size"], n_layers=cfg["num_hidden_layers"],
+        n_dense_layers=cfg.get("first_k_dense_replace") or 0, n_heads=cfg["num_attention_heads"],
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), n_routed_experts=cfg["n_routed_experts"],
+        n_shared_experts=cfg.get("n_shared_experts") or 0, n_activated_experts=cfg["num_experts_per_tok"],
+        route_scale=float(cfg.get("routed_scaling_factor", 1.0)), q_lora_rank=cfg.get("q_lora_rank") or 0,
+        kv_lora_rank=cfg["kv_lora_rank"], qk_nope_head_dim=cfg["qk_nope_head_dim"],
+        qk_rope_head_dim=cfg["qk_rope_head_dim"], v_head_dim=cfg["v_head_dim"], max_seq_len=seq,
+    )
     values.update(_routing_args(cfg, src, model_type))
     values.update(_rope_args(cfg, src, seq))
     values.update(_quant_args(cfg, src))
     try:
         args = ModelArgs(**values)
-    except ConfigError as e:
+    except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{src}: {e}") from None
     layout = HfLayout(
         model_type=model_type,

@@ -65,7 +65,7 @@ def save_checkpoint(model: Transformer, path: str | Path, layout: str = "deepsee
     path = Path(path)
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise CheckpointError(f"{path}: exists and is not empty (pass overwrite=True to replace it)")
-    dense = next(t.dtype for n, t in model.state_dict().items() if n == "embed.weight")
+    dense = model.embed.weight.dtype
     if layout == "hf":
         config = args_to_hf_config(model.args, _DTYPE_NAMES.get(dense, str(dense)))
         tensors = _hf_tensors(model)

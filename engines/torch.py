@@ -1,0 +1,192 @@
+"""The torch backend: AOTInductor packages for prefill and decode, weights stored once.
+
+Payload (engine directory):
+    prefill.pt2          AOTInductor package of the prefill program (tokens [b, s], s >= 2)
+    decode.pt2           AOTInductor package of the decode program (tokens [b, 1])
+    weights.safetensors  every constant both packages read (parameters, rope tables), by FQN
+
+Why two packages without weights inside: the programs share all weights, and an AOTI package
+embeds its constants in its .so by default, which would store them twice (and a 16b model's
+31 GB does not fit a shared library's data section). Both packages are compiled with
+`package_constants_in_so=False`; the loader reads weights.safetensors once (no pickle) and hands
+the same tensors to both (`load_constants(user_managed=True)`: no copy). runtime/cpp/ does the
+same from C++, so the engine runs without Python.
+
+Device: CPU packages are compiled for a named x86-64 level (engines/torch_device.py) and refuse
+to load on a CPU that lacks its flags. CUDA packages embed Triton kernels (Inductor's, and ours
+where engines/torch_triton.py wraps them in triton_op) for one compute capability.
+CUDA graph: on CUDA, decode steps are replayed from a CUDA graph captured per (batch, cache
+length, cache buffer) (`backend_info.decode_cuda_graph` says so); prefill runs the package
+directly. CPU engines use no graphs. The KV cache is never inside the packages: the runtime owns
+it and writes new_kv in place (dsv3_export.runtime; runtime/cpp/ for C++).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+from torch.export import ExportedProgram
+
+from dsv3_export.engines.base import (BackendUnavailable, BuildOutput, Progress, Target, TensorSpec, dtype_name,
+                                       torch_dtype)
+from dsv3_export.engines.torch_device import device_info, incompatibility
+from dsv3_export.engines.torch_lower import lower_dsv3_ops
+from dsv3_export.engines.torch_step import AOTIStep, load_weights, save_weights
+
+if TYPE_CHECKING:
+    from dsv3_export.manifest import Manifest
+    from dsv3_export.reference.args import ModelArgs
+
+log = logging.getLogger(__name__)
+
+PROGRAM_KINDS = ("prefill", "decode")
+PACKAGE_FILES = {"prefill": "prefill.pt2", "decode": "decode.pt2"}
+WEIGHTS_FILE = "weights.safetensors"
+# Kept in the manifest: a reader (runtime/cpp) refuses a layout it does not know.
+PAYLOAD_LAYOUT = "aoti-packages+safetensors/1"
+
+
+def _triton_lowerings(device: str) -> dict:
+    if device != "cuda":
+        return {}
+    from dsv3_export.engines.torch_triton import TRITON_LOWERINGS
+
+    return TRITON_LOWERINGS
+
+
+def lower_program(ep: ExportedProgram, device: str) -> tuple[ExportedProgram, dict[str, str]]:
+    """dsv3:: ops replaced (see torch_lower.py), then the program moved to `device`."""
+    ep, how = lower_dsv3_ops(ep, device, _triton_lowerings(device))
+    return ep, how
+
+
+def inductor_configs(kind: str, info: dict[str, Any]) -> dict[str, Any]:
+    configs: dict[str, Any] = {
+        "aot_inductor.package_constants_in_so": False,
+        "aot_inductor.metadata": {"dsv3_program": kind, "dsv3_device_kind": info["device_kind"]},
+    }
+    if info["device_kind"] == "cpu" and info.get("march"):
+        configs["cpp.march"] = info["march"]
+    return configs
+
+
+def compile_package(ep: ExportedProgram, kind: str, path: Path, info: dict[str, Any]) -> Path:
+    """AOTInductor-compile one (lowered) program into a .pt2 package without its weights."""
+    out = torch._inductor.aoti_compile_and_package(ep, package_path=str(path),
+                                                   inductor_configs=inductor_configs(kind, info))
+    return Path(out)
+
+
+def program_constants(ep: ExportedProgram) -> dict[str, torch.Tensor]:
+    """Every tensor the program reads that is not a user input, by FQN (parameters, buffers, constants)."""
+    values = {**ep.state_dict, **ep.constants}
+    return {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+
+
+def _collect_weights(weights: dict[str, torch.Tensor], ep: ExportedProgram, package: Path) -> None:
+    """Add the constants `package` reads (its own list, so unused buffers of the model stay out)."""
+    available = program_constants(ep)
+    fqns = torch._inductor.aoti_load_package(str(package)).get_constant_fqns()
+    missing = sorted(set(fqns) - set(available))
+    if missing:
+        raise ValueError(f"torch backend: {package.name} reads constants the program does not hold "
+                         f"(folded by Inductor?): {missing[:8]}")
+    for fqn in fqns:
+        t = available[fqn]
+        if fqn in weights and (weights[fqn].shape != t.shape or weights[fqn].dtype != t.dtype):
+            raise ValueError(f"torch backend: constant {fqn!r} differs between programs "
+                             f"({tuple(weights[fqn].shape)} {weights[fqn].dtype} vs {tuple(t.shape)} {t.dtype})")
+        weights.setdefault(fqn, t)
+
+
+def _input_dtype(ep: ExportedProgram, name: str) -> torch.dtype:
+    user = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in user and node.name == name:
+            return node.meta["val"].dtype
+    raise ValueError(f"torch backend: program has no user input {name!r} (inputs: {user})")
+
+
+def _aten_histogram(programs: Mapping[str, ExportedProgram]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for ep in programs.values():
+        for node in ep.graph.nodes:
+            if node.op == "call_function":
+                name = getattr(node.target, "__name__", str(node.target))
+                counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+class TorchBackend:
+    name = "torch"
+    program_kinds = PROGRAM_KINDS
+
+    def check_target(self, target: Target) -> str | None:
+        import shutil
+
+        if target.device == "cuda" and not torch.cuda.is_available():
+            return "torch backend: --device cuda needs a CUDA GPU visible to torch (torch.cuda.is_available() is False)"
+        if target.device == "cpu" and shutil.which("c++") is None and shutil.which("g++") is None:
+            return "torch backend: AOTInductor needs a C++ compiler (c++ / g++) on PATH to build CPU engines"
+        return None
+
+    def build(self, programs: Mapping[str, ExportedProgram], args: "ModelArgs", target: Target,
+              out_dir: Path, progress: Progress | None = None) -> BuildOutput:
+        say = progress or (lambda message: None)
+        reason = self.check_target(target)
+        if reason:
+            raise BackendUnavailable(reason)
+        missing = [k for k in PROGRAM_KINDS if k not in programs]
+        if missing:
+            raise ValueError(f"torch backend: needs programs {PROGRAM_KINDS}, missing {missing}")
+        info = device_info(target.device)
+        lowered: dict[str, ExportedProgram] = {}
+        lowerings: dict[str, str] = {}
+        weights: dict[str, torch.Tensor] = {}
+        for kind in PROGRAM_KINDS:
+            ep, how = lower_program(programs[kind], target.device)
+            lowered[kind], lowerings = ep, {**lowerings, **how}
+            say(f"torch: AOTInductor compiling {kind} for {target.device} "
+                f"({info.get('march') or info.get('compute_capability') or 'native'})")
+            path = compile_package(ep, kind, out_dir / PACKAGE_FILES[kind], info)
+            _collect_weights(weights, ep, path)
+        say(f"torch: writing {WEIGHTS_FILE} ({len(weights)} tensors)")
+        save_weights(weights, out_dir / WEIGHTS_FILE)
+        cache_dtype = _input_dtype(lowered["decode"], "kv_cache")
+        width = args.kv_lora_rank + args.qk_rope_head_dim
+        cd = dtype_name(cache_dtype)
+        inputs = [TensorSpec("tokens", "int64", ("batch", "seq")), TensorSpec("start_pos", "int64", ("batch",)),
+                  TensorSpec("kv_cache", cd, ("batch", args.n_layers, "cache_len", width))]
+        outputs = [TensorSpec("logits", "float32", ("batch", "seq", args.vocab_size)),
+                   TensorSpec("new_kv", cd, ("batch", args.n_layers, "seq", width))]
+        extra = {
+            **info,
+            "layout": PAYLOAD_LAYOUT,
+            "packages": dict(PACKAGE_FILES),
+            "weights": WEIGHTS_FILE,
+            "decode_cuda_graph": target.device == "cuda",
+            "dispatch": "tokens.shape[1] == 1 -> decode package, else prefill package",
+        }
+        return BuildOutput(files=[*PACKAGE_FILES.values(), WEIGHTS_FILE], inputs=inputs, outputs=outputs,
+                           cache_dtype=cd, lowerings=lowerings, op_histogram=_aten_histogram(lowered), extra=extra)
+
+    def load(self, engine_dir: Path, manifest: "Manifest") -> AOTIStep:
+        info = dict(manifest.backend_info)
+        if info.get("layout") != PAYLOAD_LAYOUT:
+            raise BackendUnavailable(f"{engine_dir}: torch payload layout {info.get('layout')!r} is not "
+                                     f"{PAYLOAD_LAYOUT!r}; rebuild the engine with this dsv3-export")
+        reason = incompatibility(info)
+        if reason:
+            raise BackendUnavailable(f"{engine_dir}: cannot run this torch engine here: {reason}")
+        device = torch.device(info["device_kind"])
+        weights = load_weights(Path(engine_dir) / info["weights"], device)
+        packages = {kind: Path(engine_dir) / name for kind, name in info["packages"].items()}
+        cache_dtype = torch_dtype(manifest.kv_cache["dtype"])
+        return AOTIStep.from_packages(packages, weights, device, cache_dtype,
+                                      cuda_graph=bool(info.get("decode_cuda_graph")))
+
+
+BACKEND = TorchBackend()

@@ -29,8 +29,8 @@ ModelArgs key in a DeepSeek-layout config is the reference's ConfigError.
 """
 
 from dsv3_export.checkpoint.errors import CheckpointError
-from dsv3_export.checkpoint.load import load_checkpoint
+from dsv3_export.checkpoint.load import load_args, load_checkpoint
 from dsv3_export.checkpoint.presets import preset_model
 from dsv3_export.checkpoint.save import LAYOUTS, save_checkpoint
 
-__all__ = ["LAYOUTS", "CheckpointError", "load_checkpoint", "preset_model", "save_checkpoint"]
+__all__ = ["LAYOUTS", "CheckpointError", "load_args", "load_checkpoint", "preset_model", "save_checkpoint"]

@@ -39,18 +39,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device
     min(max_position_embeddings, 16384).
     """
     directory = Path(path)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a checkpoint directory")
-    config_path = directory / "config.json"
-    config = read_json(config_path)
+    args, layout = _read_config(directory, max_seq_len)
     files = WeightFiles(directory)
-    layout: HfLayout | None = None
-    if "model_type" in config:
-        args, layout = hf_config_to_args(config, str(config_path), max_seq_len)
-    else:
-        args = ModelArgs.from_dict(config, source=str(config_path))  # ConfigError on unknown keys
-        if max_seq_len is not None:
-            args = args.replace(max_seq_len=max_seq_len)
     runtime = {k: v for k, v in dict(max_batch_size=max_batch_size, attn_impl=attn_impl).items() if v is not None}
     args = args.replace(**runtime)
     with torch.device("meta"):
@@ -59,6 +49,24 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device
     model.load_state_dict(state, strict=True, assign=True)
     model.materialize_buffers(device)
     return model.eval()
+
+
+def load_args(path: str | Path, max_seq_len: int | None = None) -> ModelArgs:
+    """The ModelArgs of a checkpoint directory, from its config.json alone (no weights read)."""
+    return _read_config(Path(path), max_seq_len)[0]
+
+
+def _read_config(directory: Path, max_seq_len: int | None) -> tuple[ModelArgs, HfLayout | None]:
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a checkpoint directory")
+    config_path = directory / "config.json"
+    config = read_json(config_path)
+    if "model_type" in config:
+        return hf_config_to_args(config, str(config_path), max_seq_len)
+    args = ModelArgs.from_dict(config, source=str(config_path))  # ConfigError on unknown keys
+    if max_seq_len is not None:
+        args = args.replace(max_seq_len=max_seq_len)
+    return args, None
 
 
 def _sources(files: WeightFiles, args: ModelArgs, layout: HfLayout | None) -> tuple[dict[str, tuple[str, Piece]], list[str]]:

@@ -1,0 +1,143 @@
+"""Run an engine directory: forward (one call, like the reference model) and generate (prefill + decode).
+
+    engine = load_engine("engine/")                  # manifest verified, then the backend loads
+    logits = engine.forward(tokens)                  # [b, s] int64 -> [b, s, V] float32 (CPU tensor)
+    ids = engine.generate([[1, 2, 3], [4, 5]], max_new_tokens=32)   # greedy; temperature / top_p
+
+Backend independent: the backend gives a step function and the device its tensors live on
+(engines/base.py); this module owns the KV cache (allocated once on that device, capacity =
+longest prompt + max_new_tokens), writes each step's new rows into it in place, and samples.
+Prompts of different lengths share one batch: they are right-padded and prefilled at position 0,
+then every row decodes at its own position (start_pos per row); the padded rows' cache entries
+are overwritten before any query can see them (step.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from dsv3_export.engines.base import StepFunction, get_backend
+from dsv3_export.manifest import Manifest, verify_engine_dir
+from dsv3_export.reference.args import ModelArgs
+
+PAD_ID = 0  # right padding of shorter prompts; its logits and cache rows are never used
+
+
+def write_rows(kv_cache: torch.Tensor, new_kv: torch.Tensor, start_pos: torch.Tensor) -> None:
+    """kv_cache[r, :, start_pos[r] + j] = new_kv[r, :, j] for every row r and j < s, in one index_put."""
+    b, _, s, _ = new_kv.shape
+    rows = torch.arange(b, device=kv_cache.device)[:, None].expand(b, s)  # [b, s]
+    cols = start_pos.to(kv_cache.device)[:, None] + torch.arange(s, device=kv_cache.device)  # [b, s]
+    kv_cache[rows, :, cols] = new_kv.transpose(1, 2)  # indexed view is [b, s, L, w]
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """logits [b, V] -> token ids [b] (int64, on logits' device). temperature 0: argmax."""
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)  # [b, V], sampled on the CPU: reproducible
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p  # mass before this token already >= top_p
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@dataclass
+class Engine:
+    manifest: Manifest
+    step: StepFunction
+    path: Path
+
+    @property
+    def args(self) -> ModelArgs:
+        return ModelArgs.from_dict(self.manifest.model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.step.device
+
+    def new_cache(self, batch: int, length: int) -> torch.Tensor:
+        a = self.args
+        if length > a.max_seq_len:
+            raise ValueError(f"{length} positions exceed the engine's max_seq_len={a.max_seq_len} "
+                             "(its rotary tables end there)")
+        return torch.zeros(batch, a.n_layers, length, a.kv_lora_rank + a.qk_rope_head_dim,
+                           dtype=self.step.cache_dtype, device=self.device)  # [b, L, T, w]
+
+    @torch.no_grad()
+    def forward(self, tokens) -> torch.Tensor:
+        """tokens [b, s] int64 -> logits [b, s, V] float32 on the CPU, from a fresh cache."""
+        tokens = torch.as_tensor(tokens, dtype=torch.int64)
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+        b, s = tokens.shape
+        cache = self.new_cache(b, s)
+        start = torch.zeros(b, dtype=torch.int64, device=self.device)
+        logits, _ = self.step(tokens.to(self.device), start, cache)
+        return logits.float().cpu()
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 eos_id: int | None = None) -> list[int] | list[list[int]]:
+        """New token ids after each prompt (a list of ints -> a list; a list of lists -> one per prompt).
+
+        Greedy when temperature == 0; otherwise temperature / nucleus (top_p) sampling with a
+        torch.Generator seeded by `seed`. A row stops after emitting eos_id (included).
+        """
+        single = len(prompt_ids) > 0 and not isinstance(prompt_ids[0], (list, tuple))
+        prompts = [list(map(int, prompt_ids))] if single else [list(map(int, p)) for p in prompt_ids]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        vocab = self.args.vocab_size
+        bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+        generator = None
+        if temperature > 0.0:
+            generator = torch.Generator()
+            generator.manual_seed(seed if seed is not None else torch.seed())
+
+        b, lengths = len(prompts), [len(p) for p in prompts]
+        longest = max(lengths)
+        cache = self.new_cache(b, longest + max_new_tokens)
+        padded = torch.tensor([p + [PAD_ID] * (longest - len(p)) for p in prompts], dtype=torch.int64)  # [b, S]
+        pos = torch.zeros(b, dtype=torch.int64, device=self.device)
+        logits, new_kv = self.step(padded.to(self.device), pos, cache)  # [b, S, V]
+        write_rows(cache, new_kv, pos)
+        last = torch.tensor(lengths, device=self.device) - 1
+        next_logits = logits[torch.arange(b, device=self.device), last]  # [b, V]
+        pos = last + 1
+        out: list[list[int]] = [[] for _ in range(b)]
+        done = [False] * b
+        for step_index in range(max_new_tokens):
+            token = sample(next_logits, temperature, top_p, generator)  # [b]
+            for row, t in enumerate(token.tolist()):
+                if not done[row]:
+                    out[row].append(t)
+                    done[row] = eos_id is not None and t == eos_id
+            if all(done) or step_index == max_new_tokens - 1:
+                break
+            logits, new_kv = self.step(token[:, None], pos, cache)  # [b, 1, V]
+            write_rows(cache, new_kv, pos)
+            next_logits = logits[:, 0]
+            pos = pos + 1
+        return out[0] if single else out
+
+
+def load_engine(engine_dir: str | Path, check_hashes: bool = True) -> Engine:
+    """Verify the engine directory (manifest, every file's size and sha256), then load its backend."""
+    engine_dir = Path(engine_dir)
+    manifest = verify_engine_dir(engine_dir, check_hashes=check_hashes)
+    backend = get_backend(manifest.backend)
+    return Engine(manifest=manifest, step=backend.load(engine_dir, manifest), path=engine_dir)

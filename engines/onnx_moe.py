@@ -1,0 +1,122 @@
+"""ONNX lowering of dsv3::moe_experts and dsv3::moe_experts_fp8 (the routed experts).
+
+CPU (standard ONNX): dense over experts, static shapes, no data-dependent control flow:
+
+    routing = ScatterElements(zeros [T, E], topk_ids, topk_weights)     [T, E], zero off the top-k
+    h       = x @ w13_flat^T                                            [T, E * 2I]  one Gemm
+    a       = silu(h[..., :I]) * h[..., I:] * routing[..., None]        [T, E, I]
+    y       = a_flat @ w2_cat^T                                         [T, D]       one Gemm
+
+It computes every expert for every token (E / k times the FLOPs of a sparse MoE) but as two
+large GEMMs; standard ONNX has no grouped GEMM, and a Loop over experts with NonZero/Gather is
+slower for the small token counts of decode. The weighting commutes with w2 (it is linear).
+
+CUDA (com.microsoft.MoE, grouped CUTLASS GEMMs over the routed tokens only). MoE routes by
+itself from `router_probs` (softmax over experts, then top-k), while our op receives the routing
+already made (any scoring: softmax, sigmoid, group-limited, biased, scaled). We feed
+router_probs = log(routing): exp(log w) = w on the top-k and 0 elsewhere, so MoE picks exactly
+our experts with weights w_i / sum_j w_j (whether it normalizes or not), and multiplying the
+output by sum_j w_j restores w_i. w13's [w1; w3] rows are interleaved (swiglu_fusion=1, the
+layout ORT's kernels read) at build time by constant folding. fp8 experts on CUDA are
+dequantized in the graph and then go through the same MoE op.
+"""
+
+from __future__ import annotations
+
+from dsv3_export.engines.base import Target
+from dsv3_export.engines.onnx_fp8 import dequant_weight, fake_quant_act, static_weight_reason
+from dsv3_export.engines.onnx_ops import Lowering
+
+_FLOAT = 1
+
+
+def _ints(op, *values: int):
+    return op.Constant(value_ints=list(values))
+
+
+def _routing(op, x, topk_weights, topk_ids, n_experts: int):
+    """Dense [T, E] routing weights in x's dtype, zero off the top-k."""
+    shape = op.Concat(op.Shape(x, end=1), _ints(op, n_experts), axis=0)
+    zeros = op.CastLike(op.ConstantOfShape(shape), x)  # [T, E]
+    return op.ScatterElements(zeros, topk_ids, op.CastLike(topk_weights, x), axis=1)
+
+
+def _dense_experts(op, x, topk_weights, topk_ids, w13, w2, act_quant: bool):
+    e, two_i, d = w13.shape
+    i = two_i // 2
+    routing = _routing(op, x, topk_weights, topk_ids, e)  # [T, E]
+    xq = fake_quant_act(op, x) if act_quant else x
+    h = op.Gemm(xq, op.Reshape(w13, _ints(op, e * two_i, d)), transB=1)  # [T, E * 2I]
+    h = op.Reshape(h, _ints(op, -1, e, 2, i))  # [T, E, 2, I]
+    gate, up = op.Split(h, axis=2, num_outputs=2)  # [T, E, 1, I] each
+    a = op.Squeeze(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), _ints(op, 2))  # [T, E, I]
+    if act_quant:
+        a = fake_quant_act(op, a)  # per (token, expert) 1x128 blocks along I, as the kernel does
+    a = op.Mul(a, op.Unsqueeze(routing, _ints(op, -1)))  # [T, E, I]
+    w2_cat = op.Reshape(op.Transpose(w2, perm=[1, 0, 2]), _ints(op, d, e * i))  # [D, E * I]
+    return op.Gemm(op.Reshape(a, _ints(op, -1, e * i)), w2_cat, transB=1)  # [T, D]
+
+
+def _contrib_moe(op, x, topk_weights, topk_ids, w13, w2):
+    e, two_i, d = w13.shape
+    i = two_i // 2
+    k = topk_ids.shape[-1]
+    routing = op.Cast(_routing(op, x, topk_weights, topk_ids, e), to=_FLOAT)  # [T, E] fp32
+    router_logits = op.CastLike(op.Log(routing), x)  # log 0 = -inf: never chosen
+    fc1 = op.Reshape(op.Transpose(op.Reshape(w13, _ints(op, e, 2, i, d)), perm=[0, 2, 1, 3]),
+                     _ints(op, e, two_i, d))  # [E, 2I, D], rows g0, u0, g1, u1, ...
+    y = _ms_op("MoE", x, router_logits, fc1, None, w2, k=k, activation_type="swiglu", swiglu_fusion=1,
+               normalize_routing_weights=0, activation_alpha=1.0, activation_beta=0.0)  # [T, D]
+    total = op.ReduceSum(op.Cast(topk_weights, to=_FLOAT), _ints(op, -1), keepdims=1)  # [T, 1]
+    return op.Mul(y, op.CastLike(total, x))
+
+
+def _ms_op(op_type: str, *inputs, **attributes):
+    """A com.microsoft node through onnxscript's tracer (the standard opsets cannot make one)."""
+    import onnxscript
+
+    ms = onnxscript.values.Opset("com.microsoft", 1)
+    return getattr(ms, op_type)(*inputs, **attributes)
+
+
+def _moe_experts(target: Target):
+    def moe_experts(x, topk_weights, topk_ids, w13, w2):
+        from onnxscript import opset21 as op
+
+        if target.device == "cuda":
+            return _contrib_moe(op, x, topk_weights, topk_ids, w13, w2)
+        return _dense_experts(op, x, topk_weights, topk_ids, w13, w2, act_quant=False)
+
+    return moe_experts
+
+
+def _moe_experts_fp8(target: Target):
+    def moe_experts_fp8(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, act_quant: bool):
+        from onnxscript import opset21 as op
+
+        w13_d = dequant_weight(op, w13, w13_scale, x)  # [E, 2I, D] in x's dtype
+        w2_d = dequant_weight(op, w2, w2_scale, x)  # [E, D, I]
+        if target.device == "cuda":
+            return _contrib_moe(op, x, topk_weights, topk_ids, w13_d, w2_d)
+        return _dense_experts(op, x, topk_weights, topk_ids, w13_d, w2_d, act_quant)
+
+    return moe_experts_fp8
+
+
+def _fp8_supports(node, target: Target) -> str | None:
+    reason = static_weight_reason(node, (3, 4, 5, 6))
+    if reason is None and target.device == "cuda" and node.args[7]:
+        return ("act_quant=True: com.microsoft.MoE computes in bf16 (weight-only fp8); "
+                "build with fp8_activations off for onnxruntime/cuda")
+    return reason
+
+
+LOWERINGS = (
+    Lowering(op="dsv3::moe_experts", supports=lambda node, target: static_weight_reason(node, (3, 4)),
+             translate=_moe_experts,
+             describe=lambda target: ("com.microsoft.MoE (router_probs = log routing, swiglu interleaved)"
+                                      if target.device == "cuda" else "standard ONNX: dense routing, two Gemms")),
+    Lowering(op="dsv3::moe_experts_fp8", supports=_fp8_supports, translate=_moe_experts_fp8,
+             describe=lambda target: ("fp8 dequant (Cast + Mul) -> com.microsoft.MoE" if target.device == "cuda"
+                                      else "standard ONNX: fp8 dequant (Cast + Mul), dense routing, two Gemms")),
+)

@@ -85,6 +85,13 @@ def info(
     Console().print(table)
 
 
+from dsv3_export.commands import build as _build_cmd, generate as _generate_cmd, inspect as _inspect_cmd  # noqa: E402
+
+app.command("build")(_build_cmd.build)
+app.command("generate")(_generate_cmd.generate)
+app.command("inspect")(_inspect_cmd.inspect)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         result = app(args=argv, standalone_mode=False)

@@ -40,9 +40,11 @@ def dequant_weight(op, weight, scale, like):
     return op.CastLike(op.Mul(op.Cast(weight, to=_FLOAT), s), like)
 
 
-def fake_quant_act(op, x):
-    """x [..., K] -> dequant(act_quant(x)) in x's dtype: 1x128 blocks, scale = amax / 448."""
-    k = x.shape[-1]
+def fake_quant_act(op, x, k: int | None = None):
+    """x [..., K] -> dequant(act_quant(x)) in x's dtype: 1x128 blocks, scale = amax / 448.
+
+    k: the static last dim, for a computed x whose shape the tracer does not know."""
+    k = k if k is not None else x.shape[-1]
     nb = -(-k // FP8_BLOCK)
     xf = op.Cast(x, to=_FLOAT)
     padded = op.Pad(xf, _ints(op, 0, nb * FP8_BLOCK - k), axes=_ints(op, -1))  # [..., nb * 128]

@@ -41,24 +41,24 @@ def _routing(op, x, topk_weights, topk_ids, n_experts: int):
     return op.ScatterElements(zeros, topk_ids, op.CastLike(topk_weights, x), axis=1)
 
 
-def _dense_experts(op, x, topk_weights, topk_ids, w13, w2, act_quant: bool):
-    e, two_i, d = w13.shape
+def _dense_experts(op, x, topk_weights, topk_ids, w13, w2, shape: tuple[int, int, int], act_quant: bool):
+    e, two_i, d = shape  # w13's [E, 2I, D], static (w13 may be computed, with no shape recorded)
     i = two_i // 2
     routing = _routing(op, x, topk_weights, topk_ids, e)  # [T, E]
-    xq = fake_quant_act(op, x) if act_quant else x
+    xq = fake_quant_act(op, x, d) if act_quant else x
     h = op.Gemm(xq, op.Reshape(w13, _ints(op, e * two_i, d)), transB=1)  # [T, E * 2I]
     h = op.Reshape(h, _ints(op, -1, e, 2, i))  # [T, E, 2, I]
     gate, up = op.Split(h, axis=2, num_outputs=2)  # [T, E, 1, I] each
     a = op.Squeeze(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), _ints(op, 2))  # [T, E, I]
     if act_quant:
-        a = fake_quant_act(op, a)  # per (token, expert) 1x128 blocks along I, as the kernel does
+        a = fake_quant_act(op, a, i)  # per (token, expert) 1x128 blocks along I, as the kernel does
     a = op.Mul(a, op.Unsqueeze(routing, _ints(op, -1)))  # [T, E, I]
     w2_cat = op.Reshape(op.Transpose(w2, perm=[1, 0, 2]), _ints(op, d, e * i))  # [D, E * I]
     return op.Gemm(op.Reshape(a, _ints(op, -1, e * i)), w2_cat, transB=1)  # [T, D]
 
 
-def _contrib_moe(op, x, topk_weights, topk_ids, w13, w2):
-    e, two_i, d = w13.shape
+def _contrib_moe(op, x, topk_weights, topk_ids, w13, w2, shape: tuple[int, int, int]):
+    e, two_i, d = shape  # w13's [E, 2I, D]
     i = two_i // 2
     k = topk_ids.shape[-1]
     routing = op.Cast(_routing(op, x, topk_weights, topk_ids, e), to=_FLOAT)  # [T, E] fp32
@@ -83,9 +83,10 @@ def _moe_experts(target: Target):
     def moe_experts(x, topk_weights, topk_ids, w13, w2):
         from onnxscript import opset21 as op
 
+        shape = tuple(w13.shape)
         if target.device == "cuda":
-            return _contrib_moe(op, x, topk_weights, topk_ids, w13, w2)
-        return _dense_experts(op, x, topk_weights, topk_ids, w13, w2, act_quant=False)
+            return _contrib_moe(op, x, topk_weights, topk_ids, w13, w2, shape)
+        return _dense_experts(op, x, topk_weights, topk_ids, w13, w2, shape, act_quant=False)
 
     return moe_experts
 
@@ -94,11 +95,12 @@ def _moe_experts_fp8(target: Target):
     def moe_experts_fp8(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, act_quant: bool):
         from onnxscript import opset21 as op
 
+        shape = tuple(w13.shape)
         w13_d = dequant_weight(op, w13, w13_scale, x)  # [E, 2I, D] in x's dtype
         w2_d = dequant_weight(op, w2, w2_scale, x)  # [E, D, I]
         if target.device == "cuda":
-            return _contrib_moe(op, x, topk_weights, topk_ids, w13_d, w2_d)
-        return _dense_experts(op, x, topk_weights, topk_ids, w13_d, w2_d, act_quant)
+            return _contrib_moe(op, x, topk_weights, topk_ids, w13_d, w2_d, shape)
+        return _dense_experts(op, x, topk_weights, topk_ids, w13_d, w2_d, shape, act_quant)
 
     return moe_experts_fp8
 

@@ -42,14 +42,16 @@ MIN_BLOCK_H, MAX_BLOCK_H = 16, 64
 DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=3),
 ]
+# The [BLOCK_Q, 512] fp32 accumulator dominates registers: BLOCK_Q = 128 spills kilobytes on sm_90.
 PREFILL_CONFIGS = [
     triton.Config({"BLOCK_Q": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_Q": 32, "BLOCK_N": 16}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_Q": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_Q": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_Q": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_Q": 64, "BLOCK_N": 16}, num_warps=8, num_stages=2),
 ]
 
 

@@ -1,0 +1,136 @@
+"""Compile every kernel x config for sm_90 (H100/H200) on a machine without a GPU.
+
+Run as `python -m tests.kernels._sm90_compile [--all-configs] [--ptxas-v]` WITHOUT TRITON_INTERPRET (the test
+runs it in a subprocess). Triton's frontend, its NVIDIA backend and the bundled ptxas need no
+GPU, so this catches what the interpreter cannot: non-constexpr globals, dtype rules of the
+compiled tl.dot, shared-memory overflows; --ptxas-v adds registers and spill bytes per thread.
+Prints one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "unset TRITON_INTERPRET to compile"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from dsv3_export.kernels import fp8_gemm, fp8_quant, mla_attention, moe, rmsnorm  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+# Opt-in shared memory per block on H100/H200 (227 KB).
+SMEM_LIMIT = 232448
+FLOAT_ARGS = {"scale_log2", "eps"}
+# Integer args that are multiples of 16 at the real 16b shapes (K=2048/1408/10944, N likewise);
+# the launch-time specialization tells the compiler so, which enables vectorized masked loads.
+DIVISIBLE_INTS = {"K", "N", "N_OUT", "D"}
+
+
+def _attrs(kernel, pointers: dict[str, str]) -> dict[tuple[int], list]:
+    """tt.divisibility=16 on pointers, strides and DIVISIBLE_INTS, as a real launch would infer."""
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+            if name in pointers or name.startswith("stride") or name in DIVISIBLE_INTS}
+
+
+def _ptxas_usage(ptx: str, arch: str) -> dict[str, int]:
+    """Registers and spill bytes per thread, from the bundled ptxas in verbose mode."""
+    from triton.backends.nvidia.compiler import get_ptxas  # the ptxas triton itself uses for sm_90
+
+    ptxas = get_ptxas(90).path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        res = subprocess.run([str(ptxas), "-v", f"--gpu-name={arch}", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    log = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores", log)
+    return dict(registers=int(regs.group(1)) if regs else -1, spill_bytes=int(spill.group(1)) if spill else 0)
+
+
+def _signature(kernel, pointers: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        else:
+            sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
+    return sig
+
+
+def _cases(all_configs: bool):
+    def pick(configs):
+        return configs if all_configs else configs[:1]
+
+    bf, f8, f32, i32 = "*bf16", "*fp8e4nv", "*fp32", "*i32"
+    for cfg in pick(fp8_quant.ACT_QUANT_CONFIGS):
+        yield ("act_quant", fp8_quant._act_quant_kernel, cfg,
+               dict(x_ptr=bf, q_ptr=f8, s_ptr=f32), dict(BLOCK_K=128))
+    for cfg in pick(fp8_quant.DEQUANT_CONFIGS):
+        yield ("weight_dequant", fp8_quant._weight_dequant_kernel, cfg,
+               dict(w_ptr=f8, s_ptr=f32, y_ptr=bf), dict(SCALE_BLOCK=128))
+    for cfg in pick(fp8_gemm.FP8_GEMM_CONFIGS):
+        for split, c in ((1, bf), (4, f32)):
+            yield (f"fp8_gemm split_k={split}", fp8_gemm._fp8_gemm_kernel, cfg,
+                   dict(a_ptr=f8, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c), dict(SPLIT_K=split, BLOCK_K=128))
+    for cfg in pick(moe.GROUPED_GEMM_CONFIGS):
+        for fp8, swiglu, block_m in ((True, True, 16), (True, False, 64), (False, True, 64), (False, False, 16)):
+            a = f8 if fp8 else bf
+            yield (f"grouped_gemm fp8={fp8} swiglu={swiglu} block_m={block_m}", moe._grouped_gemm_kernel, cfg,
+                   dict(a_ptr=a, a_s_ptr=f32, w_ptr=a, w_s_ptr=f32, c_ptr=bf, topk_w_ptr=f32, sorted_ids_ptr=i32,
+                        expert_ids_ptr=i32, num_post_pad_ptr=i32),
+                   dict(FP8=fp8, SWIGLU=swiglu, MUL_WEIGHT=not swiglu, UPCAST=False, SCALE_BLOCK=128,
+                        BLOCK_M=block_m, BLOCK_K=128 if fp8 else moe.DENSE_BLOCK_K))
+    mla_dims = dict(C=512, R=64, BLOCK_C=512, BLOCK_R=64, UPCAST=False)
+    for cfg in pick(mla_attention.DECODE_CONFIGS):
+        yield ("mla_decode_split", mla_attention._mla_decode_split_kernel, cfg,
+               dict(q_ptr=bf, q_pe_ptr=bf, kv_ptr=bf, pe_ptr=bf, seqlens_ptr=i32, o_part_ptr=f32, lse_ptr=f32),
+               dict(mla_dims, NUM_SPLITS=8, BLOCK_H=16))
+    yield ("mla_decode_reduce", mla_attention._mla_decode_reduce_kernel, triton.Config({}, num_warps=4),
+           dict(o_part_ptr=f32, lse_ptr=f32, out_ptr=bf), dict(C=512, BLOCK_C=512, NUM_SPLITS=8, BLOCK_S=8))
+    for cfg in pick(mla_attention.PREFILL_CONFIGS):
+        yield ("mla_prefill", mla_attention._mla_prefill_kernel, cfg,
+               dict(q_ptr=bf, q_pe_ptr=bf, kv_ptr=bf, pe_ptr=bf, out_ptr=bf), mla_dims)
+    for cfg in pick(rmsnorm.RMSNORM_CONFIGS):
+        yield ("rmsnorm", rmsnorm._rmsnorm_kernel, cfg,
+               dict(x_ptr=bf, res_ptr=bf, w_ptr=bf, y_ptr=bf, h_ptr=bf), dict(HAS_RESIDUAL=True, BLOCK_D=2048))
+
+
+def main(all_configs: bool, with_ptxas: bool = False) -> int:
+    failures = 0
+    for name, kernel, cfg, pointers, constexprs in _cases(all_configs):
+        consts = {**constexprs, **cfg.kwargs}
+        src = ASTSource(fn=kernel, signature=_signature(kernel, pointers, consts), constexprs=consts,
+                        attrs=_attrs(kernel, pointers))
+        t0 = time.time()
+        row = dict(kernel=name, config=str(cfg))
+        try:
+            compiled = triton.compile(src, target=TARGET,
+                                      options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            ptx = compiled.asm["ptx"]
+            row.update(ok=True, shared=compiled.metadata.shared, wgmma="wgmma" in ptx,
+                       mma="mma.sync" in ptx, fits=compiled.metadata.shared <= SMEM_LIMIT)
+            if with_ptxas:
+                arch = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1).rstrip(",")
+                row.update(_ptxas_usage(ptx, arch))
+        except Exception as e:  # noqa: BLE001 - report every failure, keep compiling the rest
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:800]}")
+        row["seconds"] = round(time.time() - t0, 2)
+        failures += not (row["ok"] and row.get("fits", False))
+        print(json.dumps(row), flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main("--all-configs" in sys.argv, "--ptxas-v" in sys.argv))

@@ -155,9 +155,13 @@ class ProgramState:
     def replace(self, target: str, tensor: torch.Tensor) -> Node:
         """Give an existing parameter/buffer/constant a new value (shape and dtype may change).
 
-        The caller is responsible for its users still being valid (recompute their meta).
+        The _assert_tensor_metadata checks of the old value are erased; the caller is responsible
+        for the other users still being valid (rewire them, or recompute their meta).
         """
         node = self.node_of(target)
+        for user in list(node.users):
+            if user.target is _ASSERT_METADATA and not user.users:
+                self.graph.erase_node(user)
         if target in self.state_dict:
             old = self.state_dict[target]
             if isinstance(old, torch.nn.Parameter) and not isinstance(tensor, torch.nn.Parameter):

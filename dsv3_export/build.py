@@ -29,6 +29,7 @@ from dsv3_export.engines.base import BackendUnavailable, Target, compute_dtype, 
 from dsv3_export.export import export_step
 from dsv3_export.manifest import Manifest, kv_cache_layout, write_engine_dir
 from dsv3_export.reference.model import Transformer
+from dsv3_export.step import LatentCacheStep
 
 FP8_PASS = "quantize_fp8_blockwise"
 
@@ -126,7 +127,9 @@ def _run_passes(programs: dict, options: BuildOptions, target: Target, backend_n
     return out, passes_run
 
 
-def build_engine(options: BuildOptions, console: Console | None = None) -> BuildSummary:
+def build_engine(options: BuildOptions, console: Console | None = None,
+                 step_factory: type[LatentCacheStep] = LatentCacheStep) -> BuildSummary:
+    """step_factory: the traced step module's class (default LatentCacheStep; `diff` passes a debug step)."""
     console = console or Console(stderr=True)
     if options.preset is not None and options.checkpoint is not None:
         raise ValueError("give only one of preset / checkpoint")
@@ -148,7 +151,7 @@ def build_engine(options: BuildOptions, console: Console | None = None) -> Build
     args = model.args
     with phases.phase("export", f"torch.export {', '.join(backend.program_kinds)}"), \
             contextlib.redirect_stdout(sys.stderr):
-        programs = {kind: export_step(model, kind) for kind in backend.program_kinds}
+        programs = {kind: export_step(model, kind, step_factory) for kind in backend.program_kinds}
     with phases.phase("passes", "passes") as report:
         programs, passes_run = _run_passes(programs, options, target, options.backend, report)
     del model  # the programs hold the weights they need

@@ -66,9 +66,11 @@ def dynamic_shapes(model: Transformer, kind: str) -> dict[str, dict[int, Dim]]:
     return {"tokens": tokens, "start_pos": {0: batch}, "kv_cache": {0: batch, 2: cache_len}}
 
 
-def export_step(model: Transformer, kind: str) -> ExportedProgram:
-    """Export one step program ("prefill" or "decode") of `model` (ATen IR, not yet decomposed)."""
-    step = LatentCacheStep(model).eval()
+def export_step(model: Transformer, kind: str, step_factory=LatentCacheStep) -> ExportedProgram:
+    """Export one step program ("prefill" or "decode") of `model` (ATen IR, not yet decomposed).
+
+    step_factory: the step module's class (debug_step.DebugLatentCacheStep adds per-stage outputs)."""
+    step = step_factory(model).eval()
     inputs = example_inputs(model, kind)
     with static_moe(model), torch.no_grad():
         return torch.export.export(step, inputs, dynamic_shapes=dynamic_shapes(model, kind), strict=False)

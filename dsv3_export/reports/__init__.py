@@ -1,0 +1,1 @@
+"""Accuracy diff reports and latency profiles of engine directories (`dsv3-export diff` / `profile`)."""

@@ -1,0 +1,54 @@
+"""Report directories written atomically, and JSON that stays standard with non-finite numbers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+REPORT_FILES = ("report.json", "report.md")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling of `out`; on success it replaces `out`, on failure it is removed.
+
+    An existing `out` is replaced only when it is empty or looks like a report directory (has
+    report.json), so a mistyped --out never deletes unrelated files."""
+    out = Path(out).absolute()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())):
+        raise FileExistsError(f"{out}: exists and is not a report directory; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "report")
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def finite_json(value: Any) -> Any:
+    """Replace float NaN/Inf (not JSON) by the strings "nan", "inf", "-inf", recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def dump_json(value: Any, path: Path) -> None:
+    path.write_text(json.dumps(finite_json(value), indent=1, allow_nan=False) + "\n")

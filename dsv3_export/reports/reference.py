@@ -1,0 +1,106 @@
+"""The reference side of `diff`: the eager reference model, its per-stage outputs and greedy tokens.
+
+    model, source = load_reference(manifest, checkpoint=None, preset=None, seed=None, device="cpu")
+    logits, hidden = reference_stages(model, tokens)   # [b, s, V], [b, L + 2, s, dim] (CPU, float32)
+    ids = reference_generate(model, prompts, 16)       # greedy, with the model's own KV cache
+
+The reference runs in float32 (whatever the engine's precision: the gap to an fp32 model is what
+the tolerance table bounds) with the eager MoE loop, i.e. DeepSeek's own computation. Stage
+outputs come from forward hooks on the modules debug_step.stage_names names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsv3_export.debug_step import stage_names
+from dsv3_export.manifest import Manifest
+from dsv3_export.reference.model import Transformer
+
+# Runtime settings that may differ between an engine's config and its source's.
+RUNTIME_KEYS = ("max_batch_size", "max_seq_len", "attn_impl")
+
+
+class ReferenceError(ValueError):
+    """The reference cannot be compared with the engine (missing, or another model)."""
+
+
+def load_reference(manifest: Manifest, checkpoint: Path | None = None, preset: str | None = None,
+                   seed: int | None = None, device: str = "cpu") -> tuple[Transformer, dict[str, Any]]:
+    """The reference: --reference CHECKPOINT, --preset NAME, or (neither) the engine's recorded source."""
+    if checkpoint is not None and preset is not None:
+        raise ReferenceError("give only one of --reference and --preset")
+    source = manifest.source
+    if checkpoint is None and preset is None:
+        if "checkpoint" in source:
+            checkpoint = Path(source["checkpoint"])
+        elif "preset" in source:
+            preset = source["preset"]
+            seed = int(source.get("seed", 0)) if seed is None else seed
+        else:
+            raise ReferenceError("the engine's manifest records no source; pass --reference CHECKPOINT or --preset NAME")
+    runtime = {"max_batch_size": manifest.model["max_batch_size"], "max_seq_len": manifest.model["max_seq_len"]}
+    if checkpoint is not None:
+        from dsv3_export.checkpoint import load_checkpoint
+
+        if not Path(checkpoint).is_dir():
+            raise ReferenceError(f"reference checkpoint {checkpoint}: not a directory")
+        model = load_checkpoint(checkpoint, torch.float32, device, attn_impl="absorb", **runtime)
+        described = {"checkpoint": str(Path(checkpoint).absolute())}
+    else:
+        from dsv3_export.checkpoint import preset_model
+
+        seed = 0 if seed is None else seed
+        model = preset_model(preset, torch.float32, device, seed=seed, attn_impl="absorb", **runtime)
+        described = {"preset": preset, "seed": seed}
+    check_same_model(model.args.to_dict(), manifest.model)
+    return model, described
+
+
+def check_same_model(ref: dict[str, Any], engine: dict[str, Any]) -> None:
+    differ = sorted(k for k in set(ref) | set(engine) if k not in RUNTIME_KEYS and ref.get(k) != engine.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: reference {ref.get(k)!r} vs engine {engine.get(k)!r}" for k in differ[:6])
+        raise ReferenceError(f"the reference is another model than the engine's ({shown})")
+
+
+@torch.no_grad()
+def reference_stages(model: Transformer, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens [b, s] -> logits [b, s, V], hidden [b, L + 2, s, dim] (float32 CPU), from position 0."""
+    names = stage_names(model.args.n_layers)
+    modules = dict(model.named_modules())
+    captured: dict[str, torch.Tensor] = {}
+    handles = [modules[n].register_forward_hook(lambda _m, _i, out, n=n: captured.__setitem__(n, out.detach()))
+               for n in names]
+    try:
+        device = model.embed.weight.device
+        logits = model(tokens.to(device), start_pos=0)
+    finally:
+        for h in handles:
+            h.remove()
+    hidden = torch.stack([captured[n].float().cpu() for n in names], dim=1)  # [b, L + 2, s, dim]
+    return logits.float().cpu(), hidden
+
+
+@torch.no_grad()
+def reference_generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy tokens after each prompt (one prompt at a time, through the model's own KV cache)."""
+    device = model.embed.weight.device
+    out: list[list[int]] = []
+    for prompt in prompts:
+        tokens = torch.tensor([prompt], dtype=torch.int64, device=device)  # [1, s]
+        logits = model(tokens, start_pos=0)
+        ids = []
+        pos = len(prompt)
+        for step in range(max_new_tokens):
+            token = logits[:, -1].argmax(-1)  # [1]
+            ids.append(int(token))
+            if step == max_new_tokens - 1:
+                break
+            logits = model(token[:, None], start_pos=pos)
+            pos += 1
+        out.append(ids)
+    return out

@@ -1,0 +1,62 @@
+"""One tiny fp32 CPU torch engine per test session, shared by the Python and C++ runtime tests.
+
+AOTInductor compiles each program in ~30-60 s on 2 cores, so the engine is built once (through
+the same build_engine the CLI uses: export -> passes -> torch backend) and memoized here rather
+than in a fixture, which pytest would instantiate once per test module that imports it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3_export.reference.model import Transformer
+
+PRESET, SEED = "tiny", 0
+_built: dict[str, Path] = {}
+
+
+def skip_reason() -> str | None:
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        return "AOTInductor needs a C++ compiler (c++/g++) on PATH"
+    return None
+
+
+def tiny_torch_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of the session's engine directory (built on first use)."""
+    if "engine" not in _built:
+        reason = skip_reason()
+        if reason:
+            pytest.skip(reason)
+        from rich.console import Console
+
+        from dsv3_export.build import BuildOptions, build_engine
+
+        out = tmp_path_factory.mktemp("torch_engine") / "engine"
+        build_engine(BuildOptions(preset=PRESET, seed=SEED, backend="torch", precision="fp32", device="cpu", out=out),
+                     console=Console(stderr=True, quiet=True))
+        _built["engine"] = out
+    return _built["engine"]
+
+
+def reference_model() -> Transformer:
+    """The model the engine was built from (same preset and seed), eager, DeepSeek's MoE loop."""
+    from dsv3_export.checkpoint import preset_model
+
+    return preset_model(PRESET, torch.float32, "cpu", seed=SEED, attn_impl="absorb").eval()
+
+
+@torch.no_grad()
+def reference_greedy(model: Transformer, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens from the reference model's own cache (prefill, then one token per call)."""
+    model.reset_cache()
+    logits = model(torch.tensor([prompt]), 0)
+    pos, out = len(prompt), []
+    for _ in range(max_new_tokens):
+        out.append(int(logits[0, -1].argmax()))
+        logits = model(torch.tensor([[out[-1]]]), pos)
+        pos += 1
+    return out

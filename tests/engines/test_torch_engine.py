@@ -1,0 +1,213 @@
+"""The torch backend (AOTInductor packages): numerics, greedy parity, device records and refusals.
+
+One tiny fp32 CPU engine is built per session (tests/engines/_torch_engine.py) through the
+real build path: export -> passes (MLA / MoE fused into dsv3:: ops) -> lowering -> AOTInductor.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3_export.engines.base import BackendUnavailable
+from dsv3_export.engines.torch_device import cpu_flags, cpu_target, incompatibility
+from dsv3_export.engines.torch_lower import ATEN_LOWERINGS, LoweringError, dsv3_ops, lower_dsv3_ops
+from dsv3_export.runtime import load_engine
+from dsv3_export.step import LatentCacheStep
+from tests.conftest import TOLERANCES, rel_err
+from tests.engines._torch_engine import reference_greedy, reference_model, tiny_torch_engine
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory) -> Path:
+    return tiny_torch_engine(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def engine(engine_dir):
+    return load_engine(engine_dir)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return reference_model()
+
+
+def _edited_copy(engine_dir: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the engine whose manifest.json was changed by edit(dict)."""
+    out = tmp_path / "engine"
+    shutil.copytree(engine_dir, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    edit(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.mark.parametrize("batch, seqlen", [(3, 7), (2, 1), (1, 4)])
+def test_step_matches_reference_step(engine, model, seed, batch, seqlen):
+    """Prefill (s > 1) and decode (s == 1) packages vs LatentCacheStep, random cache and positions."""
+    g = torch.Generator().manual_seed(seed)
+    a = model.args
+    cache_len = 11  # not a power of two; entries at t >= start_pos must be ignored
+    tokens = torch.randint(0, a.vocab_size, (batch, seqlen), generator=g)
+    start_pos = torch.randint(0, cache_len, (batch,), generator=g)
+    cache = torch.randn(batch, a.n_layers, cache_len, a.kv_lora_rank + a.qk_rope_head_dim, generator=g)
+    with torch.no_grad():
+        want_logits, want_kv = LatentCacheStep(model).eval()(tokens, start_pos, cache)
+    logits, new_kv = engine.step(tokens, start_pos, cache)
+    assert logits.shape == want_logits.shape and new_kv.shape == want_kv.shape
+    assert rel_err(logits, want_logits) < TOLERANCES["fp32_engine"]
+    assert rel_err(new_kv, want_kv) < TOLERANCES["fp32_engine"]
+
+
+def test_greedy_32_tokens_match_reference_model(engine, model, seed):
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.args.vocab_size, (6,), generator=g).tolist()
+    assert engine.generate(prompt, max_new_tokens=32) == reference_greedy(model, prompt, 32)
+
+
+def test_batched_prompts_of_different_lengths(engine, model, seed):
+    """Batch > 1 with right padding and per-row positions gives each prompt's own tokens."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, model.args.vocab_size, (n,), generator=g).tolist() for n in (5, 2, 1)]
+    got = engine.generate(prompts, max_new_tokens=8)
+    assert got == [reference_greedy(model, p, 8) for p in prompts]
+
+
+def test_manifest_records_payload_and_machine(engine_dir):
+    m = json.loads((engine_dir / "manifest.json").read_text())
+    info = m["backend_info"]
+    assert m["backend"] == "torch" and m["device"] == "cpu"
+    assert sorted(m["files"]) == sorted([*info["packages"].values(), info["weights"]])
+    assert info["device_kind"] == "cpu" and info["decode_cuda_graph"] is False
+    assert info["cpu_flags_required"] and set(info["cpu_flags_required"]) <= cpu_flags()
+    # The fused ops of the pass pipeline reached the backend and were lowered.
+    assert {"dsv3::mla_attention", "dsv3::moe_experts"} <= set(m["lowerings"])
+    assert not any(op.startswith("dsv3") for op in m["op_histogram"])
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 micro-architecture levels")
+def test_cpu_target_names_an_x86_level():
+    march, flags = cpu_target("avx512 avx512_vnni")
+    assert march == "x86-64-v4" and {"avx512f", "avx512bw", "avx2", "fma", "avx512_vnni"} <= set(flags)
+    march, flags = cpu_target("avx2")
+    assert march == "x86-64-v3" and "avx2" in flags and not any(f.startswith("avx512") for f in flags)
+
+
+def test_refuses_cpu_without_required_flags(engine_dir, tmp_path):
+    def edit(m):
+        m["backend_info"]["cpu_flags_required"].append("avx10_99")
+
+    with pytest.raises(BackendUnavailable, match="lacks avx10_99.*rebuild the engine"):
+        load_engine(_edited_copy(engine_dir, tmp_path, edit))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_refuses_cuda_engine_on_cpu_machine(engine_dir, tmp_path):
+    def edit(m):
+        m["backend_info"].update(device_kind="cuda", compute_capability="9.0")
+
+    with pytest.raises(BackendUnavailable, match="built for CUDA but torch sees no CUDA device"):
+        load_engine(_edited_copy(engine_dir, tmp_path, edit))
+
+
+def test_incompatibility_names_compute_capability_and_machine():
+    assert "built for riscv64" in incompatibility({"device_kind": "cpu", "machine": "riscv64"})
+    assert "expected 'cpu' or 'cuda'" in incompatibility({"device_kind": "tpu"})
+
+
+def test_refuses_unknown_payload_layout(engine_dir, tmp_path):
+    def edit(m):
+        m["backend_info"]["layout"] = "aoti-packages+safetensors/99"
+
+    with pytest.raises(BackendUnavailable, match="payload layout"):
+        load_engine(_edited_copy(engine_dir, tmp_path, edit))
+
+
+def test_step_rejects_bad_inputs(engine):
+    a = engine.args
+    tokens, pos = torch.zeros(2, 1, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+    width = a.kv_lora_rank + a.qk_rope_head_dim
+    with pytest.raises(ValueError, match="kv_cache must be torch.float32"):
+        engine.step(tokens, pos, torch.zeros(2, a.n_layers, 4, width, dtype=torch.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        engine.step(tokens, pos, torch.zeros(2, a.n_layers, 8, width)[:, :, :4])
+    with pytest.raises(ValueError, match="start_pos must be int64"):
+        engine.step(tokens, pos.int(), torch.zeros(2, a.n_layers, 4, width))
+
+
+# --- lowerings (no compile) ------------------------------------------------------------------
+
+def _op(name: str):
+    return getattr(torch.ops.dsv3, name.split("::")[1]).default
+
+
+def _fp8_weight(n: int, k: int, g: torch.Generator, experts: int | None = None):
+    from dsv3_export.reference.fp8 import weight_quant
+
+    if experts is None:
+        return weight_quant(torch.randn(n, k, generator=g) * k**-0.5)
+    pairs = [weight_quant(torch.randn(n, k, generator=g) * k**-0.5) for _ in range(experts)]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def _routing(t: int, e: int, k: int, g: torch.Generator):
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])  # [T, k] distinct experts
+    return torch.rand(t, k, generator=g), ids
+
+
+@pytest.mark.parametrize("act_quant", [False, True])
+def test_fp8_lowerings_match_op_bodies(seed, act_quant):
+    """Shapes off the 128 grid (ragged scale blocks); act_quant=True differs only in fp32 summation order."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 5, 200, generator=g)
+    w, s = _fp8_weight(130, 200, g)
+    want = _op("dsv3::fp8_linear")(x, w, s, act_quant)
+    assert rel_err(ATEN_LOWERINGS["dsv3::fp8_linear"](x, w, s, act_quant), want) < 1e-5
+    t, e, k, d, i = 7, 5, 2, 136, 72
+    x2 = torch.randn(t, d, generator=g)
+    weights, ids = _routing(t, e, k, g)
+    w13, s13 = _fp8_weight(2 * i, d, g, experts=e)
+    w2, s2 = _fp8_weight(d, i, g, experts=e)
+    want = _op("dsv3::moe_experts_fp8")(x2, weights, ids, w13, s13, w2, s2, act_quant)
+    got = ATEN_LOWERINGS["dsv3::moe_experts_fp8"](x2, weights, ids, w13, s13, w2, s2, act_quant)
+    assert rel_err(got, want) < 1e-5
+
+
+def test_moe_and_mla_lowerings_match_op_bodies(seed):
+    g = torch.Generator().manual_seed(seed)
+    t, e, k, d, i = 9, 6, 3, 40, 24
+    x = torch.randn(t, d, generator=g)
+    weights, ids = _routing(t, e, k, g)
+    w13, w2 = torch.randn(e, 2 * i, d, generator=g), torch.randn(e, d, i, generator=g)
+    want = _op("dsv3::moe_experts")(x, weights, ids, w13, w2)
+    assert rel_err(ATEN_LOWERINGS["dsv3::moe_experts"](x, weights, ids, w13, w2), want) < TOLERANCES["fp32_structural"]
+    b, s, h, dn, r, c, dv, tl = 2, 3, 4, 8, 6, 10, 7, 5
+    args = (torch.randn(b, s, h, dn, generator=g), torch.randn(b, s, h, r, generator=g),
+            torch.randn(b, s, c + r, generator=g), torch.randn(b, tl, c + r, generator=g),
+            torch.tensor([2, 5]), torch.randn(h * (dn + dv), c, generator=g), 0.3)
+    want = _op("dsv3::mla_attention")(*args)
+    assert rel_err(ATEN_LOWERINGS["dsv3::mla_attention"](*args), want) < TOLERANCES["fp32_structural"]
+
+
+def test_unknown_dsv3_op_fails_lowering():
+    if not hasattr(torch.ops.dsv3, "_test_unlowerable"):
+        @torch.library.custom_op("dsv3::_test_unlowerable", mutates_args=())
+        def _unlowerable(x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+        _unlowerable.register_fake(lambda x: torch.empty_like(x))
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.dsv3._test_unlowerable(x) + 1
+
+    ep = torch.export.export(M(), (torch.randn(3),))
+    assert dsv3_ops(ep) == {"dsv3::_test_unlowerable": 1}
+    with pytest.raises(LoweringError, match="no cpu lowering for op dsv3::_test_unlowerable"):
+        lower_dsv3_ops(ep, "cpu")

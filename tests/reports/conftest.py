@@ -1,0 +1,53 @@
+"""Checkpoints and engines shared by the report tests, built once per session (~25 s per build on 2 cores).
+
+A 4-layer tiny model (so a bug in layer 2 has a layer after it) saved as checkpoints:
+  clean          the model as drawn
+  bug_layer2     layers.2.attn.wo.weight perturbed (2% of its std): the injected bug
+  bug_layer1     layers.1.ffn.shared_experts.w2.weight perturbed: a wrong *reference*
+and ONNX Runtime cpu/fp32 engines built from `clean` and `bug_layer2`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from dsv3_export.build import BuildOptions, build_engine
+from dsv3_export.checkpoint import preset_model, save_checkpoint
+
+N_LAYERS = 4
+PERTURBED = {"bug_layer2": "layers.2.attn.wo.weight", "bug_layer1": "layers.1.ffn.shared_experts.w2.weight"}
+NOISE = 0.02  # of the weight's std
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    checkpoints: dict[str, Path]
+    engines: dict[str, Path]
+    debug_engines: dict[str, Path]  # where diff keeps (and reuses) each engine's debug build
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory) -> Artifacts:
+    root = tmp_path_factory.mktemp("reports")
+    checkpoints = {}
+    for name in ("clean", *PERTURBED):
+        model = preset_model("tiny", torch.float32, "cpu", seed=0, n_layers=N_LAYERS)
+        if name in PERTURBED:
+            w = model.state_dict()[PERTURBED[name]]
+            g = torch.Generator().manual_seed(1)
+            w.add_(torch.randn(w.shape, generator=g) * w.std() * NOISE)
+        checkpoints[name] = save_checkpoint(model, root / f"ckpt_{name}")
+    engines = {}
+    for name in ("clean", "bug_layer2"):
+        out = root / f"engine_{name}"
+        with contextlib.redirect_stdout(io.StringIO()):
+            build_engine(BuildOptions(checkpoint=checkpoints[name], out=out), Console(stderr=True, quiet=True))
+        engines[name] = out
+    return Artifacts(checkpoints, engines, {name: root / f"debug_{name}" for name in engines})

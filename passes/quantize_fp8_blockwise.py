@@ -227,6 +227,7 @@ def quantize_fp8_blockwise(program: ExportedProgram, config: PassConfig) -> Pass
 
     matches, reused = 0, 0
     groups: dict[str, list[_Linear]] = {}
+    replaced: list[str] = []
     with torch.no_grad():
         for lin in linears:
             if isinstance(lin.weight, Fp8Weight):
@@ -241,6 +242,7 @@ def quantize_fp8_blockwise(program: ExportedProgram, config: PassConfig) -> Pass
             quantized = _quantize_dense(state, group, notes)
             if quantized is None:
                 continue
+            replaced.append(target)
             for lin in group:
                 _rewrite_linear(state, lin, *quantized, config.fp8_activations)
                 matches += 1
@@ -250,7 +252,7 @@ def quantize_fp8_blockwise(program: ExportedProgram, config: PassConfig) -> Pass
         return PassResult(program, 0, notes)
 
     state.eliminate_dead_code()
-    stale = [u.name for t in groups if state.has(t) for u in state.node_of(t).users
+    stale = [u.name for t in replaced for u in state.node_of(t).users
              if u.target not in (FP8_LINEAR, _ASSERT_METADATA)]
     if stale:
         raise PassError(PASS, f"quantized weights still read by non-fp8 nodes: {stale[:4]}")

@@ -1,0 +1,119 @@
+"""Export: the latent-cache step equals the reference model, the programs equal the eager step,
+per-row positions serve prompts of different lengths, and the 16b preset exports on meta."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3_export.export import static_moe
+from dsv3_export.reference import ModelArgs, Transformer
+from dsv3_export.step import LatentCacheStep, write_cache
+from tests.conftest import TOLERANCES, rel_err
+from tests.passes.tiny_programs import run, step_inputs, tiny_model, tiny_program
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_step_prefill_then_16_decode_steps_equals_full_forward(seed):
+    model = tiny_model()
+    step = LatentCacheStep(model)
+    gen = torch.Generator().manual_seed(seed)
+    prompt_len, steps, batch = 6, 16, 2
+    tokens = torch.randint(0, model.args.vocab_size, (batch, prompt_len + steps), generator=gen)
+    model.reset_cache()
+    with torch.no_grad():
+        full = model(tokens, 0)  # [b, s + 16, vocab]
+        cache = step.empty_cache(batch, prompt_len + steps, model.dtype)
+        start = torch.zeros(batch, dtype=torch.int64)
+        logits, new_kv = step(tokens[:, :prompt_len], start, cache)
+        write_cache(cache, new_kv, start)
+        outputs = [logits]
+        for i in range(prompt_len, prompt_len + steps):
+            start = torch.full((batch,), i, dtype=torch.int64)
+            logits, new_kv = step(tokens[:, i : i + 1], start, cache)
+            write_cache(cache, new_kv, start)
+            outputs.append(logits)
+    assert rel_err(torch.cat(outputs, dim=1), full) < TOLERANCES["fp32_structural"]
+
+
+@pytest.mark.parametrize("kind", ["prefill", "decode"])
+def test_exported_program_equals_eager_step(kind, seed):
+    model = tiny_model()
+    inputs = step_inputs(kind, seed)  # batch, sequence and cache sizes unlike the traced ones
+    with torch.no_grad(), static_moe(model):
+        eager = LatentCacheStep(model)(*inputs)
+    exported = run(tiny_program(kind), inputs)
+    for e, x in zip(eager, exported):
+        assert x.shape == e.shape
+        assert rel_err(x, e) < TOLERANCES["fp32_structural"]
+
+
+def test_prompts_of_different_lengths_in_one_batch(seed):
+    """Right-padded prefill at start_pos 0, then each row decodes at its own position."""
+    model = tiny_model()
+    prefill, decode = tiny_program("prefill"), tiny_program("decode")
+    gen = torch.Generator().manual_seed(seed)
+    lengths, steps, vocab = [4, 7], 5, model.args.vocab_size
+    rows = [torch.randint(0, vocab, (n + steps,), generator=gen) for n in lengths]
+    padded = torch.zeros(len(rows), max(lengths), dtype=torch.int64)
+    for r, (row, n) in enumerate(zip(rows, lengths)):
+        padded[r, :n] = row[:n]
+        padded[r, n:] = 999  # garbage that must never be seen
+    cache = LatentCacheStep(model).empty_cache(len(rows), max(lengths) + steps, model.dtype)
+    start = torch.zeros(len(rows), dtype=torch.int64)
+    logits, new_kv = run(prefill, (padded, start, cache))
+    write_cache(cache, new_kv, start)
+    got = [[logits[r, :n]] for r, n in enumerate(lengths)]
+    start = torch.tensor(lengths)
+    for i in range(steps):
+        next_tokens = torch.stack([row[n + i] for row, n in zip(rows, lengths)])[:, None]  # [b, 1]
+        logits, new_kv = run(decode, (next_tokens, start, cache))
+        write_cache(cache, new_kv, start)
+        for r in range(len(rows)):
+            got[r].append(logits[r])
+        start = start + 1
+    for r, (row, n) in enumerate(zip(rows, lengths)):
+        model.reset_cache()
+        with torch.no_grad():
+            expected = model(row[None, : n + steps], 0)[0]  # this row alone, [n + steps, vocab]
+        assert rel_err(torch.cat(got[r]), expected) < TOLERANCES["fp32_structural"], f"row {r} (length {n})"
+
+
+def test_programs_have_dynamic_batch_sequence_and_cache_dims():
+    args = tiny_model().args
+    for kind in ("prefill", "decode"):
+        program = tiny_program(kind)
+        tokens, _, cache = (n.meta["val"] for n in program.graph.nodes
+                            if n.op == "placeholder" and n.name in ("tokens", "start_pos", "kv_cache"))
+        assert isinstance(tokens.shape[0], torch.SymInt) and isinstance(cache.shape[2], torch.SymInt)
+        assert isinstance(tokens.shape[1], torch.SymInt) == (kind == "prefill")
+        uppers = sorted(int(r.upper) for r in program.range_constraints.values())
+        assert args.max_batch_size in uppers and args.max_seq_len in uppers
+
+
+def test_naive_attention_model_is_refused():
+    torch.manual_seed(0)
+    naive = Transformer(ModelArgs.preset("tiny").replace(attn_impl="naive"))
+    with pytest.raises(ValueError, match="absorb-mode model"):
+        LatentCacheStep(naive)
+
+
+@pytest.mark.slow
+def test_16b_preset_exports_and_compiles_on_meta():
+    """torch.export + every pass on the 16b preset on the meta device, in a fresh process so that
+    the peak RSS is this job's alone. Wall time and peak RSS are printed (pytest -s shows them)."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "export_16b_meta.py"), "--kinds", "decode"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ModelArgs.preset("16b")
+    assert f"fuse_mla_absorb: {args.n_layers} matches" in proc.stdout
+    total = re.search(r"total ([\d.]+) s, peak RSS ([\d.]+) GiB", proc.stdout)
+    assert total is not None
+    assert float(total.group(2)) < 4.0, "exporting on meta must not materialize weights"

@@ -43,10 +43,9 @@ def launch(kernel: Callable, tuned: Callable | None, configs: Sequence[triton.Co
         tuned[grid](*args, **kwargs)
         return
     cfg = config if config is not None else configs[0]
-    meta = cfg.all_kwargs()
-    if is_interpreted(kernel):
-        # The interpreter has no warps or pipeline stages.
-        meta = dict(cfg.kwargs)
+    meta = dict(cfg.kwargs)
+    if not is_interpreted(kernel):  # the interpreter has no warps or pipeline stages
+        meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     kernel[grid({**kwargs, **cfg.kwargs})](*args, **kwargs, **meta)
 
 

@@ -1,0 +1,579 @@
+"""Benchmark the Triton kernels on one GPU at the 16b shapes, against the best torch alternative.
+
+One invocation = one GPU call (H200, torch 2.11, triton 3.6). For every kernel it first checks
+correctness on the GPU at the real shapes (against the pure-torch references), then times it with
+triton.testing.do_bench (median) and reports: time, achieved TB/s or TFLOP/s, the roofline floor
+(max(bytes / HBM_BW, flops / peak)) and the ratio to the best alternative timed in the same run:
+  fp8 GEMM      torch._scaled_mm with 1x128 x 128x128 block scales (per-tensor scales if the
+                blockwise form is refused, and the row says so)
+  grouped GEMM  torch._grouped_mm (bf16), MoE end to end with it
+  MLA decode    the eager absorbed einsum math and F.scaled_dot_product_attention
+  RMSNorm, act_quant: eager torch
+Device copy bandwidth is measured in the same run. Every section is guarded: an error prints and
+the script continues. `--quick` runs fewer shapes with shorter timing.
+
+    python benchmarks/kernels.py [--quick] [--only fp8,moe,mla,norm,quant,copy]
+Writes kernels.json and kernels.md to $OUT when it is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The 16b preset (DeepSeek-V2-Lite, configs/config_16B.json); `tiny` is the CPU smoke test."""
+
+    dim: int = 2048
+    inter: int = 10944
+    moe_inter: int = 1408
+    n_experts: int = 64
+    topk: int = 6
+    n_heads: int = 16
+    kv_lora: int = 512
+    rope: int = 64
+    decode_m: tuple[int, ...] = (1, 16, 64)
+    prefill_m: int = 4096
+    mla_decode: tuple[tuple[int, int], ...] = ((32, 4096), (1, 1024), (8, 1024), (64, 1024))
+    softmax_scale: float = (128 + 64) ** -0.5
+    device: str = "cuda"
+
+
+TINY = Shapes(dim=160, inter=200, moe_inter=48, n_experts=4, topk=2, n_heads=4, kv_lora=64, rope=16,
+              decode_m=(1, 5), prefill_m=24, mla_decode=((3, 70), (1, 33)), device="cpu")
+# Ceilings (TOOLCHAIN.md, measured on this H200): floors use these.
+HBM_BW = 4.2e12
+FP8_PEAK = 1458e12
+BF16_PEAK = 800e12
+
+
+def _bootstrap_imports() -> None:
+    """Make dsv3_export.{kernels,reference} importable from a plain checkout (no pip install)."""
+    try:
+        import dsv3_export.kernels  # noqa: F401
+        import dsv3_export.reference  # noqa: F401
+        return
+    except ImportError:
+        pass
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    import dsv3_export
+
+    dsv3_export.__path__.append(str(root))  # dsv3_export.kernels -> <root>/kernels, like package-dir
+
+
+@dataclass
+class Row:
+    section: str
+    case: str
+    impl: str
+    ms: float | None = None
+    tflops: float | None = None
+    tbps: float | None = None
+    floor_ms: float | None = None
+    frac_of_roofline: float | None = None  # floor / time
+    speedup_vs_best_alt: float | None = None  # best alternative time / our time (ours rows only)
+    error: float | None = None
+    tol: float | None = None
+    ok: bool | None = None
+    note: str = ""
+
+
+@dataclass
+class Report:
+    device: str = ""
+    versions: dict = field(default_factory=dict)
+    copy_tbps: float | None = None
+    rows: list[Row] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def bench(fn, sh: Shapes, quick: bool) -> float:
+    """Median milliseconds: triton.testing.do_bench on the GPU, one timed call on the CPU smoke test."""
+    if sh.device == "cpu":  # the smoke test checks the plumbing; one call, no warm-up
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
+                                         return_mode="median"))
+
+
+def mean_rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).abs().mean() / ref.abs().mean().clamp_min(1e-30)).item()
+
+
+def add(report: Report, row: Row, *, bytes_: float = 0.0, flops: float = 0.0, peak: float = BF16_PEAK) -> Row:
+    if row.ms:
+        sec = row.ms * 1e-3
+        row.tbps = bytes_ / sec / 1e12 if bytes_ else None
+        row.tflops = flops / sec / 1e12 if flops else None
+        floor = max(bytes_ / HBM_BW, flops / peak if flops else 0.0)
+        row.floor_ms = floor * 1e3 if floor else None
+        row.frac_of_roofline = floor / sec if floor else None
+    report.rows.append(row)
+    return row
+
+
+def finish_group(rows: list[Row]) -> None:
+    """speedup_vs_best_alt on our rows of one case = best torch time / our time."""
+    alts = [r.ms for r in rows if r.impl.startswith("torch") and r.ms]
+    if not alts:
+        return
+    for r in rows:
+        if not r.impl.startswith("torch") and r.ms:
+            r.speedup_vs_best_alt = min(alts) / r.ms
+
+
+def guarded(report: Report, label: str, fn):
+    """Run one alternative; on error record it and return None (the section goes on)."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - an alternative that does not run is a result, not a crash
+        msg = f"{label}: {type(e).__name__}: {str(e)[:300]}"
+        report.failures.append(msg)
+        print("  failed:", msg, flush=True)
+        return None
+
+
+def show(case: str, rows: list[Row]) -> None:
+    print(f"  {case}: " + ", ".join(f"{r.impl} {r.ms:.4f} ms" for r in rows if r and r.ms), flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# sections
+
+
+def bench_copy(report: Report, sh: Shapes, quick: bool) -> None:
+    n = (1 << 29) if sh.device == "cuda" else (1 << 20)  # 512 MiB each way on the GPU
+    src = torch.empty(n, dtype=torch.uint8, device=sh.device)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), sh, quick)
+    report.copy_tbps = 2 * n / (ms * 1e-3) / 1e12
+    add(report, Row("copy", f"{n >> 20} MiB", "torch copy_", ms), bytes_=2 * n)
+    print(f"  device copy: {report.copy_tbps:.2f} TB/s (read + write)")
+
+
+def _scaled_mm_blockwise(a, a_s, b, b_s):
+    """torch._scaled_mm with 1x128 (a; scales M-major) x 128x128 (b) block scales."""
+    return torch._scaled_mm(a, b.t(), scale_a=a_s.t().contiguous().t(), scale_b=b_s.t(), out_dtype=torch.bfloat16)
+
+
+def _scaled_mm_tensorwise(a, b):
+    one = torch.ones((), device=a.device)
+    return torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+
+
+def bench_fp8_gemm(report: Report, sh: Shapes, quick: bool) -> None:
+    from dsv3_export.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, fp8_linear
+    from dsv3_export.reference import fp8 as R
+
+    shapes = [("w1/w3 mlp", sh.inter, sh.dim), ("w2 mlp", sh.dim, sh.inter),
+              ("wkv_a", sh.kv_lora + sh.rope, sh.dim), ("wo", sh.dim, sh.dim)]
+    if quick:
+        shapes = shapes[:2]
+    for label, n, k in shapes:
+        w, w_s = R.weight_quant(torch.randn(n, k, device=sh.device) / k**0.5)
+        w_dense = R.weight_dequant(w, w_s, torch.bfloat16)
+        for m in (*sh.decode_m, sh.prefill_m):
+            case = f"{label} M={m} N={n} K={k}"
+            x = torch.randn(m, k, device=sh.device, dtype=torch.bfloat16)
+            a, a_s = R.act_quant(x)
+            bytes_ = m * k + a_s.numel() * 4 + n * k + w_s.numel() * 4 + m * n * 2
+            flops = 2 * m * n * k
+            ref = fp8_gemm_ref(a, a_s, w, w_s, torch.float32)
+            err = mean_rel(fp8_gemm(a, a_s, w, w_s).float(), ref)
+            rows = [add(report, Row("fp8_gemm", case, "triton fp8_gemm",
+                                    bench(lambda: fp8_gemm(a, a_s, w, w_s), sh, quick), error=err, tol=5e-3,
+                                    ok=err < 5e-3), bytes_=bytes_, flops=flops, peak=FP8_PEAK)]
+
+            def blockwise():
+                e = mean_rel(_scaled_mm_blockwise(a, a_s, w, w_s).float(), ref)
+                return add(report, Row("fp8_gemm", case, "torch._scaled_mm blockwise",
+                                       bench(lambda: _scaled_mm_blockwise(a, a_s, w, w_s), sh, quick),
+                                       error=e, tol=5e-3, ok=e < 5e-3), bytes_=bytes_, flops=flops, peak=FP8_PEAK)
+
+            def tensorwise(reason: str):
+                return add(report, Row("fp8_gemm", case, "torch._scaled_mm tensorwise",
+                                       bench(lambda: _scaled_mm_tensorwise(a, w), sh, quick),
+                                       note=f"blockwise refused ({reason}): per-tensor fallback, less work than ours"),
+                           bytes_=bytes_, flops=flops, peak=FP8_PEAK)
+
+            try:
+                rows.append(blockwise())
+            except Exception as e:  # noqa: BLE001 - the refusal itself is the finding; fall back
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                rows.append(guarded(report, f"{case} _scaled_mm tensorwise", lambda: tensorwise(reason)))
+            rows.append(add(report, Row("fp8_gemm", case, "torch F.linear bf16 (dense weight)",
+                                        bench(lambda: F.linear(x, w_dense), sh, quick)),
+                            bytes_=m * k * 2 + n * k * 2 + m * n * 2, flops=flops, peak=BF16_PEAK))
+            rows.append(add(report, Row("fp8_gemm", case, "triton fp8_linear (act_quant + gemm)",
+                                        bench(lambda: fp8_linear(x, w, w_s), sh, quick)),
+                            bytes_=bytes_ + m * k * 2, flops=flops, peak=FP8_PEAK))
+            rows = [r for r in rows if r is not None]
+            finish_group(rows)
+            show(case, rows)
+
+
+def bench_act_quant(report: Report, sh: Shapes, quick: bool) -> None:
+    from dsv3_export.kernels.fp8_quant import act_quant, weight_dequant
+    from dsv3_export.reference import fp8 as R
+
+    for m in (*sh.decode_m, sh.prefill_m):
+        for k in (sh.dim, sh.inter):
+            case = f"act_quant M={m} K={k}"
+            x = torch.randn(m, k, device=sh.device, dtype=torch.bfloat16)
+            q, s = act_quant(x)
+            q_ref, s_ref = R.act_quant(x)
+            exact = torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+            bytes_ = m * k * 3 + s.numel() * 4
+            rows = [add(report, Row("act_quant", case, "triton act_quant", bench(lambda: act_quant(x), sh, quick),
+                                    error=0.0 if exact else 1.0, tol=0.0, ok=exact,
+                                    note="bit-exact vs reference" if exact else "NOT bit-exact vs reference"),
+                        bytes_=bytes_),
+                    add(report, Row("act_quant", case, "torch eager reference",
+                                    bench(lambda: R.act_quant(x), sh, quick)), bytes_=bytes_)]
+            finish_group(rows)
+            show(case, rows)
+    case = f"weight_dequant N={sh.inter} K={sh.dim}"
+    w, w_s = R.weight_quant(torch.randn(sh.inter, sh.dim, device=sh.device))
+    err = mean_rel(weight_dequant(w, w_s, torch.bfloat16).float(), R.weight_dequant(w, w_s, torch.float32))
+    bytes_ = sh.inter * sh.dim * 3
+    rows = [add(report, Row("weight_dequant", case, "triton weight_dequant",
+                            bench(lambda: weight_dequant(w, w_s, torch.bfloat16), sh, quick), error=err, tol=4e-3,
+                            ok=err < 4e-3), bytes_=bytes_),
+            add(report, Row("weight_dequant", case, "torch eager reference",
+                            bench(lambda: R.weight_dequant(w, w_s, torch.bfloat16), sh, quick)), bytes_=bytes_)]
+    finish_group(rows)
+    show(case, rows)
+
+
+def _moe_grouped_mm(x, w13_t, w2_t, tw, ids, n_experts):
+    """Best torch alternative: sort by expert, two torch._grouped_mm, SwiGLU, weighted index_add."""
+    k = ids.shape[1]
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    offs = torch.cumsum(torch.bincount(flat, minlength=n_experts), 0).to(torch.int32)
+    rows = order // k
+    h = torch._grouped_mm(x[rows], w13_t, offs=offs)  # [T*k, 2I]
+    inter = h.shape[1] // 2
+    h = F.silu(h[:, :inter]) * h[:, inter:]
+    y = torch._grouped_mm(h, w2_t, offs=offs) * tw.reshape(-1)[order, None]  # [T*k, D]
+    return torch.zeros_like(x).index_add_(0, rows, y)
+
+
+def bench_moe(report: Report, sh: Shapes, quick: bool) -> None:
+    from dsv3_export.kernels import moe as M
+    from dsv3_export.reference import fp8 as R
+
+    torch.manual_seed(0)
+    d, i, e = sh.dim, sh.moe_inter, sh.n_experts
+    w13 = (torch.randn(e, 2 * i, d, device=sh.device) / d**0.5).bfloat16()
+    w2 = (torch.randn(e, d, i, device=sh.device) / i**0.5).bfloat16()
+    q13 = [R.weight_quant(w13[j].float()) for j in range(e)]
+    q2 = [R.weight_quant(w2[j].float()) for j in range(e)]
+    w13q, w13s = torch.stack([q for q, _ in q13]), torch.stack([s for _, s in q13])
+    w2q, w2s = torch.stack([q for q, _ in q2]), torch.stack([s for _, s in q2])
+    w13_t, w2_t = w13.transpose(1, 2), w2.transpose(1, 2)  # [E, K, N] views for _grouped_mm
+    expert_elems = 3 * i * d
+    for t in (*sh.decode_m, sh.prefill_m):
+        case = f"T={t} E={e} top{sh.topk} D={d} I={i}"
+        x = torch.randn(t, d, device=sh.device, dtype=torch.bfloat16)
+        tw, ids = torch.randn(t, e, device=sh.device).softmax(-1).topk(sh.topk, dim=-1)
+        tw = tw.to(torch.bfloat16)
+        active = int(torch.unique(ids).numel())
+        flops = 2 * t * sh.topk * 3 * i * d
+        act_bytes = 2 * (2 * t * d + 2 * t * sh.topk * (i + d))
+        note = f"{active} experts active"
+        ref = M.fused_moe_ref(x, w13, w2, tw, ids)
+        err = mean_rel(M.fused_moe(x, w13, w2, tw, ids).float(), ref.float())
+        rows = [add(report, Row("moe", case, "triton fused_moe bf16",
+                                bench(lambda: M.fused_moe(x, w13, w2, tw, ids), sh, quick),
+                                error=err, tol=2e-2, ok=err < 2e-2, note=note),
+                    bytes_=active * expert_elems * 2 + act_bytes, flops=flops, peak=BF16_PEAK)]
+        fp8_kw = dict(w13_scale=w13s, w2_scale=w2s)
+        ref8 = M.fused_moe_ref(x, w13q, w2q, tw, ids, **fp8_kw)
+        err8 = mean_rel(M.fused_moe(x, w13q, w2q, tw, ids, **fp8_kw).float(), ref8.float())
+        rows.append(add(report, Row("moe", case, "triton fused_moe fp8",
+                                    bench(lambda: M.fused_moe(x, w13q, w2q, tw, ids, **fp8_kw), sh, quick),
+                                    error=err8, tol=2e-2, ok=err8 < 2e-2, note=note + "; ref: same fp8 weights"),
+                        bytes_=active * expert_elems + act_bytes, flops=flops, peak=FP8_PEAK))
+
+        def baseline():
+            e_ = mean_rel(_moe_grouped_mm(x, w13_t, w2_t, tw, ids, e).float(), ref.float())
+            return add(report, Row("moe", case, "torch._grouped_mm moe bf16",
+                                   bench(lambda: _moe_grouped_mm(x, w13_t, w2_t, tw, ids, e), sh, quick),
+                                   error=e_, tol=2e-2, ok=e_ < 2e-2),
+                       bytes_=active * expert_elems * 2 + act_bytes, flops=flops, peak=BF16_PEAK)
+
+        rows.append(guarded(report, f"moe {case} _grouped_mm", baseline))
+        rows = [r for r in rows if r is not None]
+        finish_group(rows)
+        show(case, rows)
+
+        # The up projection alone: grouped GEMM + fused SwiGLU vs _grouped_mm + eager SwiGLU.
+        up_case = f"up+swiglu {case}"
+        bm = M.choose_block_m(t, sh.topk, e)
+        s_ids, e_ids, npp = M.moe_align(ids, e, bm)
+        up_flops = 2 * t * sh.topk * 2 * i * d
+        up_bytes = active * 2 * i * d * 2 + 2 * t * (d + sh.topk * i)
+        g_err = mean_rel(M.grouped_gemm(x, w13, s_ids, e_ids, npp, sh.topk, fuse_swiglu=True).float(),
+                         M.grouped_gemm_ref(x, w13, ids, sh.topk, fuse_swiglu=True))
+        up_rows = [add(report, Row("grouped_gemm", up_case, "triton moe_align (block_m=%d)" % bm,
+                                   bench(lambda: M.moe_align(ids, e, bm), sh, quick))),
+                   add(report, Row("grouped_gemm", up_case, "triton grouped_gemm bf16",
+                                   bench(lambda: M.grouped_gemm(x, w13, s_ids, e_ids, npp, sh.topk, fuse_swiglu=True),
+                                         sh, quick), error=g_err, tol=2e-2, ok=g_err < 2e-2),
+                       bytes_=up_bytes, flops=up_flops, peak=BF16_PEAK)]
+
+        def gm_up():
+            flat = ids.reshape(-1)
+            order = torch.argsort(flat, stable=True)
+            offs = torch.cumsum(torch.bincount(flat, minlength=e), 0).to(torch.int32)
+            xs = x[order // sh.topk]
+
+            def run():
+                h = torch._grouped_mm(xs, w13_t, offs=offs)
+                return F.silu(h[:, :i]) * h[:, i:]
+
+            return add(report, Row("grouped_gemm", up_case, "torch._grouped_mm + swiglu", bench(run, sh, quick),
+                                   note="rows pre-sorted outside the timing"),
+                       bytes_=up_bytes, flops=up_flops, peak=BF16_PEAK)
+
+        up_rows.append(guarded(report, f"grouped_gemm {case} _grouped_mm", gm_up))
+        up_rows = [r for r in up_rows if r is not None]
+        finish_group(up_rows)
+        show(up_case, up_rows)
+
+
+def _absorbed_eager(q, qp, kv, pe, scale):
+    scores = (torch.einsum("bhc,btc->bht", q, kv) + torch.einsum("bhr,btr->bht", qp, pe)) * scale
+    return torch.einsum("bht,btc->bhc", scores.softmax(-1, dtype=torch.float32).type_as(q), kv)
+
+
+def bench_mla(report: Report, sh: Shapes, quick: bool) -> None:
+    from dsv3_export.kernels.mla_attention import mla_decode, mla_decode_ref, mla_prefill, mla_prefill_ref
+
+    h, c, r_ = sh.n_heads, sh.kv_lora, sh.rope
+    scale = sh.softmax_scale
+    for bsz, ctx in sh.mla_decode:
+        case = f"decode B={bsz} ctx={ctx} H={h} C={c} R={r_}"
+        q = torch.randn(bsz, h, c, device=sh.device, dtype=torch.bfloat16)
+        qp = torch.randn(bsz, h, r_, device=sh.device, dtype=torch.bfloat16)
+        kv = torch.randn(bsz, ctx, c, device=sh.device, dtype=torch.bfloat16)
+        pe = torch.randn(bsz, ctx, r_, device=sh.device, dtype=torch.bfloat16)
+        seqlens = torch.full((bsz,), ctx, dtype=torch.int32, device=sh.device)
+        bytes_ = bsz * ctx * (c + r_) * 2 + bsz * h * (2 * c + r_) * 2
+        flops = 2 * bsz * h * ctx * (2 * c + r_)
+        ref = mla_decode_ref(q.float(), qp.float(), kv.float(), pe.float(), seqlens, scale)
+        err = mean_rel(mla_decode(q, qp, kv, pe, seqlens, scale).float(), ref)
+        rows = [add(report, Row("mla", case, "triton mla_decode",
+                                bench(lambda: mla_decode(q, qp, kv, pe, seqlens, scale), sh, quick),
+                                error=err, tol=1e-2, ok=err < 1e-2), bytes_=bytes_, flops=flops),
+                add(report, Row("mla", case, "torch eager absorbed einsum",
+                                bench(lambda: _absorbed_eager(q, qp, kv, pe, scale), sh, quick)),
+                    bytes_=bytes_, flops=flops)]
+
+        def sdpa():
+            qs = torch.cat([q, qp], -1).unsqueeze(2)  # [B, H, 1, C+R]
+            ks = torch.cat([kv, pe], -1).unsqueeze(1)  # [B, 1, T, C+R]: the cache layout SDPA needs
+            vs = kv.unsqueeze(1)  # [B, 1, T, C]
+
+            def run():
+                return F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=True)
+
+            e_ = mean_rel(run().squeeze(2).float(), ref)
+            return add(report, Row("mla", case, "torch F.scaled_dot_product_attention", bench(run, sh, quick),
+                                   error=e_, tol=1e-2, ok=e_ < 1e-2, note="K = [kv, pe] concatenated outside timing"),
+                       bytes_=bytes_, flops=flops)
+
+        rows.append(guarded(report, f"mla {case} sdpa", sdpa))
+        rows = [r for r in rows if r is not None]
+        finish_group(rows)
+        show(case, rows)
+
+    s_q = sh.prefill_m // 4 if quick else sh.prefill_m
+    case = f"prefill B=1 S={s_q} H={h}"
+    q = torch.randn(1, s_q, h, c, device=sh.device, dtype=torch.bfloat16)
+    qp = torch.randn(1, s_q, h, r_, device=sh.device, dtype=torch.bfloat16)
+    kv = torch.randn(1, s_q, c, device=sh.device, dtype=torch.bfloat16)
+    pe = torch.randn(1, s_q, r_, device=sh.device, dtype=torch.bfloat16)
+    flops = 2 * h * (s_q * (s_q + 1) / 2) * (2 * c + r_)
+    bytes_ = s_q * (c + r_) * 2 + 2 * s_q * h * (2 * c + r_) * 2
+    n_check = min(s_q, 256)
+    ref = mla_prefill_ref(q[:, :n_check].float(), qp[:, :n_check].float(), kv.float(), pe.float(), 0, scale)
+    err = mean_rel(mla_prefill(q, qp, kv, pe, 0, scale)[:, :n_check].float(), ref)
+    rows = [add(report, Row("mla", case, "triton mla_prefill", bench(lambda: mla_prefill(q, qp, kv, pe, 0, scale), sh, quick),
+                            error=err, tol=1e-2, ok=err < 1e-2, note=f"checked on the first {n_check} queries"),
+                bytes_=bytes_, flops=flops)]
+
+    def sdpa_prefill():
+        qs = torch.cat([q, qp], -1).transpose(1, 2)  # [1, H, S, C+R]
+        ks = torch.cat([kv, pe], -1).unsqueeze(1)  # [1, 1, S, C+R]
+        vs = kv.unsqueeze(1)  # [1, 1, S, C]
+        return add(report, Row("mla", case, "torch F.scaled_dot_product_attention",
+                               bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                                                            enable_gqa=True), sh, quick)),
+                   bytes_=bytes_, flops=flops)
+
+    rows.append(guarded(report, "mla prefill sdpa", sdpa_prefill))
+    rows = [r for r in rows if r is not None]
+    finish_group(rows)
+    show(case, rows)
+
+
+def bench_rmsnorm(report: Report, sh: Shapes, quick: bool) -> None:
+    from dsv3_export.kernels.rmsnorm import rmsnorm, rmsnorm_ref
+
+    w = torch.randn(sh.dim, device=sh.device, dtype=torch.bfloat16)
+    for m in (*sh.decode_m, sh.prefill_m):
+        case = f"add+rmsnorm M={m} D={sh.dim}"
+        x = torch.randn(m, sh.dim, device=sh.device, dtype=torch.bfloat16)
+        r = torch.randn_like(x)
+        err = mean_rel(rmsnorm(x, w, 1e-6, residual=r)[0].float(), rmsnorm_ref(x, w, 1e-6, residual=r)[0].float())
+        bytes_ = 4 * m * sh.dim * 2 + sh.dim * 2
+        rows = [add(report, Row("rmsnorm", case, "triton rmsnorm(residual)",
+                                bench(lambda: rmsnorm(x, w, 1e-6, residual=r), sh, quick),
+                                error=err, tol=4e-3, ok=err < 4e-3), bytes_=bytes_),
+                add(report, Row("rmsnorm", case, "torch eager add + rms_norm",
+                                bench(lambda: rmsnorm_ref(x, w, 1e-6, residual=r), sh, quick)), bytes_=bytes_)]
+        finish_group(rows)
+        show(case, rows)
+
+
+SECTIONS = {
+    "copy": ("device copy bandwidth", bench_copy),
+    "quant": ("fp8 act_quant / weight_dequant", bench_act_quant),
+    "fp8": ("fp8 blockwise GEMM", bench_fp8_gemm),
+    "moe": ("MoE: grouped GEMM + fused MoE", bench_moe),
+    "mla": ("MLA absorbed attention", bench_mla),
+    "norm": ("fused add + RMSNorm", bench_rmsnorm),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# output
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def to_markdown(report: Report) -> str:
+    lines = [f"# Kernel benchmark on {report.device}", "",
+             f"versions: {report.versions}; device copy {_fmt(report.copy_tbps, '.2f')} TB/s; floors use "
+             f"{HBM_BW / 1e12:.1f} TB/s, {FP8_PEAK / 1e12:.0f} TFLOP/s fp8, {BF16_PEAK / 1e12:.0f} TFLOP/s bf16", "",
+             "| section | case | impl | ms | TFLOP/s | TB/s | floor ms | floor/time | speedup vs best torch | err (tol) | note |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in report.rows:
+        check = "-" if r.error is None else f"{r.error:.2e} ({r.tol:g}) {'ok' if r.ok else 'FAIL'}"
+        lines.append(f"| {r.section} | {r.case} | {r.impl} | {_fmt(r.ms, '.4f')} | {_fmt(r.tflops, '.1f')} | "
+                     f"{_fmt(r.tbps, '.2f')} | {_fmt(r.floor_ms, '.4f')} | {_fmt(r.frac_of_roofline, '.2f')} | "
+                     f"{_fmt(r.speedup_vs_best_alt, '.2f')} | {check} | {r.note} |")
+    if report.failures:
+        lines += ["", "## failures", *[f"- {f}" for f in report.failures]]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(report: Report) -> None:
+    print(f"\n{'case':<48} {'impl':<38} {'ms':>9} {'TF/s':>7} {'TB/s':>6} {'floor':>8} {'%roof':>6} {'vs best':>7} check")
+    for r in report.rows:
+        check = "" if r.ok is None else ("ok" if r.ok else f"FAIL err={r.error:.2e}")
+        print(f"{r.case[:48]:<48} {r.impl[:38]:<38} {_fmt(r.ms, '9.4f')} {_fmt(r.tflops, '7.1f')} "
+              f"{_fmt(r.tbps, '6.2f')} {_fmt(r.floor_ms, '8.4f')} "
+              f"{_fmt(None if r.frac_of_roofline is None else 100 * r.frac_of_roofline, '6.1f')} "
+              f"{_fmt(r.speedup_vs_best_alt, '7.2f')} {check}")
+    for f in report.failures:
+        print("FAILED:", f)
+
+
+def run_section(report: Report, key: str, sh: Shapes, quick: bool) -> None:
+    """One guarded section: an exception is printed and recorded, and the run goes on."""
+    title, fn = SECTIONS[key]
+    t0 = time.time()
+    print(f"\n== {title}", flush=True)
+    try:
+        fn(report, sh, quick)
+    except Exception as e:  # noqa: BLE001 - a benchmark section must never stop the run
+        msg = f"{title}: {type(e).__name__}: {e}"
+        report.failures.append(msg)
+        print("SECTION FAILED:", msg, flush=True)
+        traceback.print_exc()
+    print(f"   ({time.time() - t0:.1f} s)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {list(SECTIONS)}")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="tiny shapes on the CPU through TRITON_INTERPRET=1: checks the script, times nothing useful")
+    args = parser.parse_args(argv)
+    if args.cpu_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
+        sh = TINY
+    elif not torch.cuda.is_available():
+        print("benchmarks/kernels.py needs a CUDA GPU (or --cpu-smoke).", file=sys.stderr)
+        return 2
+    else:
+        sh = Shapes()
+    if args.quick:
+        sh = dataclasses.replace(sh, decode_m=sh.decode_m[:1] + sh.decode_m[-1:], mla_decode=sh.mla_decode[:2])
+    _bootstrap_imports()
+    import triton
+
+    wanted = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(wanted) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    if sh.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        device = f"{props.name} ({props.multi_processor_count} SMs)"
+    else:
+        device = "CPU smoke test (TRITON_INTERPRET=1, tiny shapes)"
+    report = Report(device=device,
+                    versions=dict(torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda))
+    print(f"{report.device}; {report.versions}", flush=True)
+    t0 = time.time()
+    for key in [k for k in SECTIONS if k in wanted]:
+        run_section(report, key, sh, args.quick)
+    print_table(report)
+    print(f"\ntotal {time.time() - t0:.0f} s", flush=True)
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        payload = dict(device=report.device, versions=report.versions, copy_tbps=report.copy_tbps,
+                       ceilings=dict(hbm_bw=HBM_BW, fp8_peak=FP8_PEAK, bf16_peak=BF16_PEAK),
+                       rows=[asdict(r) for r in report.rows], failures=report.failures)
+        for name, text in (("kernels.json", json.dumps(payload, indent=1)), ("kernels.md", to_markdown(report))):
+            tmp = out / f".{name}.tmp"
+            tmp.write_text(text)
+            tmp.replace(out / name)
+        print(f"wrote {out / 'kernels.json'} and {out / 'kernels.md'}")
+    wrong = [r for r in report.rows if r.ok is False]
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -90,9 +90,10 @@ from dsv3_export.commands import build as _build_cmd, generate as _generate_cmd,
 app.command("build")(_build_cmd.build)
 app.command("generate")(_generate_cmd.generate)
 app.command("inspect")(_inspect_cmd.inspect)
-from dsv3_export.commands import diff as _diff_cmd  # noqa: E402
+from dsv3_export.commands import diff as _diff_cmd, profile as _profile_cmd  # noqa: E402
 
 app.command("diff")(_diff_cmd.diff)
+app.command("profile")(_profile_cmd.profile)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -140,6 +140,7 @@ def profile_plot(report: dict[str, Any], path: Path) -> Path:
         left.legend(fontsize=8)
     if boxes:
         right.boxplot(boxes, showfliers=True)
+        right.set_yscale("log")  # outliers (scheduling, allocator growth) stay visible next to the median
         right.set_xticks(np.arange(1, len(labels) + 1), labels, rotation=45, ha="right", fontsize=7)
     right.set_ylabel("TPOT (ms per decode step)")
     right.set_title("decode latency per step (each box: all steps)")

@@ -8,6 +8,9 @@
 #include <set>
 #include <sstream>
 
+#include <ATen/ATen.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+
 #include "json.hpp"
 #include "safetensors.hpp"
 #include "sha256.hpp"
@@ -210,6 +213,8 @@ Engine::Engine(const std::string& engine_dir, bool verify_hashes) : dir_(engine_
     throw EngineError(engine_dir + ": " + e.what());
   }
 }
+
+Engine::~Engine() = default;
 
 std::pair<at::Tensor, at::Tensor> Engine::step(const at::Tensor& tokens, const at::Tensor& start_pos,
                                                const at::Tensor& kv_cache) {

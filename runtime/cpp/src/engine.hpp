@@ -11,8 +11,12 @@
 #include <utility>
 #include <vector>
 
-#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+namespace torch::inductor {
+class AOTIModelPackageLoader;
+}  // namespace torch::inductor
 
 namespace dsv3 {
 
@@ -32,6 +36,7 @@ class Engine {
   // Throws EngineError naming the file and the reason when the directory cannot be trusted or
   // run here. verify_hashes=false skips only the sha256 pass (sizes are always checked).
   explicit Engine(const std::string& engine_dir, bool verify_hashes = true);
+  ~Engine();
 
   // LatentCacheStep's contract: tokens [b, s] int64, start_pos [b] int64, kv_cache [b, L, T, w]
   // -> {logits [b, s, V] float32, new_kv [b, L, s, w]}. s == 1 runs decode.pt2, else prefill.pt2.

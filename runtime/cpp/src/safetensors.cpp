@@ -8,6 +8,8 @@
 #include <cstring>
 #include <stdexcept>
 
+#include <ATen/ATen.h>
+
 #include "json.hpp"
 
 namespace dsv3 {

@@ -5,7 +5,8 @@
 #include <string>
 #include <unordered_map>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 namespace dsv3 {
 

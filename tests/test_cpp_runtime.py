@@ -1,0 +1,128 @@
+"""runtime/cpp (dsv3-run): builds with CMake against the torch wheel and matches the Python runtime.
+
+Skipped, with the reason, when cmake or a C++ compiler is missing. The build (~40-90 s on two
+cores) and the tiny engine (tests/engines/_torch_engine.py) are made once per module/session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3_export.runtime import load_engine
+from tests.engines._torch_engine import tiny_torch_engine
+
+SOURCE = Path(__file__).resolve().parents[1] / "runtime" / "cpp"
+
+
+def _missing_tools() -> str | None:
+    if shutil.which("cmake") is None:
+        return "cmake is not installed"
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        return "no C++ compiler (c++/g++) on PATH"
+    return None
+
+
+@pytest.fixture(scope="module")
+def dsv3_run(tmp_path_factory) -> Path:
+    reason = _missing_tools()
+    if reason:
+        pytest.skip(reason)
+    build = tmp_path_factory.mktemp("cpp_build")
+    configure = ["cmake", "-S", str(SOURCE), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                 f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+    if shutil.which("ninja"):
+        configure += ["-G", "Ninja"]
+    for cmd in (configure, ["cmake", "--build", str(build), "--parallel", str(os.cpu_count() or 2)]):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    exe = build / "dsv3-run"
+    assert exe.is_file()
+    return exe
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory) -> Path:
+    return tiny_torch_engine(tmp_path_factory)
+
+
+def _run(exe: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_cpp_tokens_match_python_runtime(dsv3_run, engine_dir, seed):
+    g = torch.Generator().manual_seed(seed)
+    engine = load_engine(engine_dir)
+    prompt = torch.randint(0, engine.args.vocab_size, (7,), generator=g).tolist()
+    done = _run(dsv3_run, engine_dir, "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", 32)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"tokens": engine.generate(prompt, max_new_tokens=32)}
+
+
+def test_cpp_single_token_prompt_uses_decode_package(dsv3_run, engine_dir):
+    engine = load_engine(engine_dir)
+    done = _run(dsv3_run, engine_dir, "--prompt-ids", "42", "--max-new-tokens", 5)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["tokens"] == engine.generate([42], max_new_tokens=5)
+
+
+def _copy(engine_dir: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "engine"
+    shutil.copytree(engine_dir, out)
+    return out
+
+
+def test_cpp_refuses_altered_file(dsv3_run, engine_dir, tmp_path):
+    bad = _copy(engine_dir, tmp_path)
+    weights = bad / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # same size, one bit of one weight changed
+    weights.write_bytes(bytes(data))
+    done = _run(dsv3_run, bad, "--prompt-ids", "1,2")
+    assert done.returncode == 1
+    assert "weights.safetensors: sha256" in done.stderr and "does not match" in done.stderr
+
+
+def test_cpp_refuses_unlisted_file(dsv3_run, engine_dir, tmp_path):
+    bad = _copy(engine_dir, tmp_path)
+    (bad / "extra.bin").write_bytes(b"x")
+    done = _run(dsv3_run, bad, "--prompt-ids", "1,2")
+    assert done.returncode == 1 and "extra.bin: unexpected file" in done.stderr
+
+
+def test_cpp_refuses_cpu_without_required_flags(dsv3_run, engine_dir, tmp_path):
+    bad = _copy(engine_dir, tmp_path)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["backend_info"]["cpu_flags_required"].append("avx10_99")
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    done = _run(dsv3_run, bad, "--prompt-ids", "1,2")
+    assert done.returncode == 1 and "this CPU lacks avx10_99" in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cpp_refuses_cuda_engine_with_cpu_libtorch(dsv3_run, engine_dir, tmp_path):
+    bad = _copy(engine_dir, tmp_path)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["backend_info"].update(device_kind="cuda", compute_capability="9.0")
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    done = _run(dsv3_run, bad, "--prompt-ids", "1,2")
+    assert done.returncode == 1 and "built for CUDA" in done.stderr
+
+
+def test_cpp_rejects_other_backends_and_bad_usage(dsv3_run, engine_dir, tmp_path):
+    bad = _copy(engine_dir, tmp_path)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["backend"] = "onnxruntime"
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    done = _run(dsv3_run, bad, "--prompt-ids", "1,2")
+    assert done.returncode == 1 and "runs only torch-backend engines" in done.stderr
+    assert _run(dsv3_run, engine_dir).returncode == 2  # no --prompt-ids
+    assert _run(dsv3_run, engine_dir, "--prompt-ids", "1,x").returncode == 2
+    done = _run(dsv3_run, engine_dir, "--prompt-ids", "1,999999")
+    assert done.returncode == 1 and "outside the vocabulary" in done.stderr

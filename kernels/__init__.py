@@ -1,1 +1,14 @@
-"""dsv3-export."""
+"""Triton kernels for the dsv3:: ops (CUDA implementations; pure functions of tensors).
+
+One family per module, each with its kernel(s), a checking launcher and a pure-torch `*_ref`:
+  fp8_quant       act_quant (1x128 activation quant), weight_dequant (128x128 blocks)
+  fp8_gemm        fp8_gemm (blockwise-scaled, split-K for decode), fp8_linear = act_quant + fp8_gemm
+  moe             moe_align, grouped_gemm (fp8 or bf16, fused SwiGLU / routing weight), fused_moe
+  mla_attention   mla_decode (split-KV flash-decoding over the latent cache), mla_prefill (causal)
+  rmsnorm         rmsnorm, optionally fused with the residual add
+
+Importing this package does not import triton; the modules do. On a CPU machine the kernels run
+under TRITON_INTERPRET=1 (set before the modules are imported), launching one config; on a GPU
+they are autotuned. `python -m tests.kernels._sm90_compile --all-configs --ptxas-v` compiles every
+kernel x config for sm_90 without a GPU (registers, spills, shared memory, wgmma use).
+"""

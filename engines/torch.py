@@ -49,18 +49,14 @@ WEIGHTS_FILE = "weights.safetensors"
 PAYLOAD_LAYOUT = "aoti-packages+safetensors/1"
 
 
-def _triton_lowerings(device: str) -> dict:
-    if device != "cuda":
-        return {}
-    from dsv3_export.engines.torch_triton import TRITON_LOWERINGS
+def lower_program(ep: ExportedProgram, device: str, kind: str) -> tuple[ExportedProgram, dict[str, str]]:
+    """dsv3:: ops replaced: ATen math, or on CUDA our Triton kernels where torch_triton.py has them."""
+    triton = None
+    if device == "cuda":
+        from dsv3_export.engines.torch_triton import triton_lowerings
 
-    return TRITON_LOWERINGS
-
-
-def lower_program(ep: ExportedProgram, device: str) -> tuple[ExportedProgram, dict[str, str]]:
-    """dsv3:: ops replaced (see torch_lower.py), then the program moved to `device`."""
-    ep, how = lower_dsv3_ops(ep, device, _triton_lowerings(device))
-    return ep, how
+        triton = triton_lowerings(kind)
+    return lower_dsv3_ops(ep, device, triton)
 
 
 def inductor_configs(kind: str, info: dict[str, Any]) -> dict[str, Any]:
@@ -147,7 +143,7 @@ class TorchBackend:
         lowerings: dict[str, str] = {}
         weights: dict[str, torch.Tensor] = {}
         for kind in PROGRAM_KINDS:
-            ep, how = lower_program(programs[kind], target.device)
+            ep, how = lower_program(programs[kind], target.device, kind)
             lowered[kind], lowerings = ep, {**lowerings, **how}
             say(f"torch: AOTInductor compiling {kind} for {target.device} "
                 f"({info.get('march') or info.get('compute_capability') or 'native'})")

@@ -211,3 +211,52 @@ def test_unknown_dsv3_op_fails_lowering():
     assert dsv3_ops(ep) == {"dsv3::_test_unlowerable": 1}
     with pytest.raises(LoweringError, match="no cpu lowering for op dsv3::_test_unlowerable"):
         lower_dsv3_ops(ep, "cpu")
+
+
+_TRITON_OPS_SCRIPT = r'''
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels
+import torch
+import dsv3_export.ops  # noqa: F401
+from dsv3_export.engines.torch_triton import moe_experts, moe_experts_fp8
+from dsv3_export.reference.fp8 import weight_quant
+
+g = torch.Generator().manual_seed(int(sys.argv[1]))
+t, e, k, d, i = 5, 6, 2, 136, 72  # D, I off the 128 grid: ragged fp8 scale blocks
+x = torch.randn(t, d, generator=g).bfloat16()
+ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+w = torch.rand(t, k, generator=g).bfloat16()
+w13 = (torch.randn(e, 2 * i, d, generator=g) * d**-0.5).bfloat16()
+w2 = (torch.randn(e, d, i, generator=g) * i**-0.5).bfloat16()
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+def fp8_experts(n, kk):
+    pairs = [weight_quant(torch.randn(n, kk, generator=g) * kk**-0.5) for _ in range(e)]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+q13, s13 = fp8_experts(2 * i, d)
+q2, s2 = fp8_experts(d, i)
+print(rel(moe_experts(x, w, ids, w13, w2, 16), torch.ops.dsv3.moe_experts(x, w, ids, w13, w2)))
+print(rel(moe_experts_fp8(x, w, ids, q13, s13, q2, s2, 16),
+          torch.ops.dsv3.moe_experts_fp8(x, w, ids, q13, s13, q2, s2, True)))
+'''
+
+
+def test_triton_ops_match_dsv3_ops_in_the_interpreter(seed):
+    """The CUDA lowerings' launch code (torch_triton.py), run eagerly by the Triton CPU interpreter.
+
+    A subprocess, because TRITON_INTERPRET must be set before the kernels are decorated. bf16
+    activations and fp8 rounding: tolerance is the bf16 entry of the table (x2 for fp8).
+    """
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, "-c", _TRITON_OPS_SCRIPT, str(seed % 2**31)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    dense, fp8 = map(float, done.stdout.split())
+    assert dense < TOLERANCES["bf16"]
+    assert fp8 < 2 * TOLERANCES["bf16"]

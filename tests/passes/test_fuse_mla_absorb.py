@@ -166,3 +166,18 @@ def test_program_without_fake_values_is_a_pass_error_naming_the_node():
     assert err.value.pass_name == "fuse_mla_absorb"
     assert err.value.node == "q_nope"
     assert "meta['val']" in str(err.value) and "fuse_mla_absorb" in str(err.value)
+
+
+def test_fires_on_fp8_checkpoint_weights(seed):
+    """An fp8 checkpoint's wkv_b is a dequant subgraph of weights only: still fused, same numbers."""
+    from dsv3_export.export import export_step
+    from dsv3_export.reference import ModelArgs, Transformer
+
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs.preset("tiny").replace(dtype="fp8")).eval()
+    program = export_step(model, "decode")
+    result = fuse_mla_absorb(program, PassConfig())
+    assert result.matches == model.args.n_layers
+    inputs = step_inputs("decode", seed)
+    for b, a in zip(run(program, inputs), run(result.program, inputs)):
+        assert rel_err(a, b) < TOLERANCES["fp32_structural"]

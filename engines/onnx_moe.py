@@ -65,18 +65,46 @@ def _contrib_moe(op, x, topk_weights, topk_ids, w13, w2, shape: tuple[int, int, 
     router_logits = op.CastLike(op.Log(routing), x)  # log 0 = -inf: never chosen
     fc1 = op.Reshape(op.Transpose(op.Reshape(w13, _ints(op, e, 2, i, d)), perm=[0, 2, 1, 3]),
                      _ints(op, e, two_i, d))  # [E, 2I, D], rows g0, u0, g1, u1, ...
-    y = _ms_op("MoE", x, router_logits, fc1, None, w2, k=k, activation_type="swiglu", swiglu_fusion=1,
+    y = _ms_moe(x, router_logits, fc1, None, w2, k=k, activation_type="swiglu", swiglu_fusion=1,
                normalize_routing_weights=0, activation_alpha=1.0, activation_beta=0.0)  # [T, D]
     total = op.ReduceSum(op.Cast(topk_weights, to=_FLOAT), _ints(op, -1), keepdims=1)  # [T, 1]
     return op.Mul(y, op.CastLike(total, x))
 
 
-def _ms_op(op_type: str, *inputs, **attributes):
-    """A com.microsoft node through onnxscript's tracer (the standard opsets cannot make one)."""
-    import onnxscript
+def _moe_schema():
+    """onnx.defs.OpSchema of com.microsoft.MoE (ORT's contrib op), registered once.
 
-    ms = onnxscript.values.Opset("com.microsoft", 1)
-    return getattr(ms, op_type)(*inputs, **attributes)
+    onnxscript's tracer needs a schema to build a node, and ONNX ships none for contrib ops. The
+    inputs, attributes and types follow ORT's registered schema (onnxruntime >= 1.30)."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    try:
+        return onnx.defs.get_schema("MoE", 1, "com.microsoft")
+    except onnx.defs.SchemaError:
+        pass
+    optional = OpSchema.FormalParameterOption.Optional
+    inputs = [OpSchema.FormalParameter(name, "T", param_option=optional if name.endswith("bias") or "fc3" in name
+                                       else OpSchema.FormalParameterOption.Single)
+              for name in ("input", "router_probs", "fc1_experts_weights", "fc1_experts_bias", "fc2_experts_weights",
+                           "fc2_experts_bias", "fc3_experts_weights", "fc3_experts_bias")]
+    attr = OpSchema.AttrType
+    attributes = [OpSchema.Attribute(name, kind, required=False) for name, kind in (
+        ("k", attr.INT), ("activation_type", attr.STRING), ("normalize_routing_weights", attr.INT),
+        ("swiglu_fusion", attr.INT), ("activation_alpha", attr.FLOAT), ("activation_beta", attr.FLOAT),
+        ("use_sparse_mixer", attr.INT), ("swiglu_limit", attr.FLOAT))]
+    schema = OpSchema("MoE", "com.microsoft", 1, inputs=inputs, outputs=[OpSchema.FormalParameter("output", "T")],
+                      type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")],
+                      attributes=attributes)
+    onnx.defs.register_schema(schema)
+    return schema
+
+
+def _ms_moe(*inputs, **attributes):
+    """A com.microsoft.MoE node through onnxscript's tracer (see _moe_schema)."""
+    from onnxscript import values
+
+    return values.Op(values.Opset("com.microsoft", 1), "MoE", _moe_schema())(*inputs, **attributes)
 
 
 def _moe_experts(target: Target):

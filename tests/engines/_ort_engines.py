@@ -1,0 +1,79 @@
+"""Tiny ONNX Runtime engines built once per test process and shared by the engine, runtime and CLI tests.
+
+Building takes ~20 s on 2 cores (export, passes, ONNX export), so each kind is built once:
+  default_cli_engine()   `dsv3-export build` with no arguments, run in a scratch working directory
+                         (the README's main job); its exit code and stderr are kept for the CLI test
+  built(precision, device)   build_engine for other targets
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from dsv3_export.build import BuildOptions, build_engine
+from dsv3_export.checkpoint import preset_model
+
+ROOT = Path(tempfile.mkdtemp(prefix="dsv3-ort-tests-"))
+atexit.register(shutil.rmtree, ROOT, True)
+SEED = 0  # the preset's weight seed, as the CLI's default
+
+
+@dataclass(frozen=True)
+class CliBuild:
+    path: Path
+    exit_code: int
+    stderr: str
+    stdout: str
+
+
+@lru_cache(maxsize=None)
+def default_cli_engine() -> CliBuild:
+    from dsv3_export.cli import main
+
+    workdir = ROOT / "cli-default"
+    workdir.mkdir()
+    err, out = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    try:
+        os.chdir(workdir)
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            code = main(["build"])
+    finally:
+        os.chdir(cwd)
+    return CliBuild(workdir / "engine", code, err.getvalue(), out.getvalue())
+
+
+def fp32_engine_dir() -> Path:
+    build = default_cli_engine()
+    assert build.exit_code == 0, build.stderr[-3000:]
+    return build.path
+
+
+@lru_cache(maxsize=None)
+def built(precision: str, device: str = "cpu") -> Path:
+    out = ROOT / f"{device}-{precision}"
+    build_engine(BuildOptions(preset="tiny", precision=precision, device=device, out=out, seed=SEED),
+                 console=Console(stderr=True, quiet=True))
+    return out
+
+
+@lru_cache(maxsize=None)
+def tiny_model():
+    """The reference model the default engine was built from (fp32, eager loop MoE)."""
+    return preset_model("tiny", torch.float32, "cpu", seed=SEED)
+
+
+def copy_engine(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

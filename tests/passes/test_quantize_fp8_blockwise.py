@@ -25,7 +25,7 @@ from torch import nn
 import dsv3_export.ops.fp8  # noqa: F401
 import dsv3_export.ops.moe  # noqa: F401
 from dsv3_export.export import export_step
-from dsv3_export.passes.base import PassConfig
+from dsv3_export.passes.base import PassConfig, PassError
 from dsv3_export.passes.quantize_fp8_blockwise import quantize_fp8_blockwise
 from dsv3_export.passes.rewrite_moe_grouped_gemm import rewrite_moe_grouped_gemm
 from dsv3_export.reference import ModelArgs, Transformer
@@ -322,3 +322,18 @@ def test_16b_meta_two_layers():
 def test_16b_meta_full():
     """26 MoE layers x 64 experts; export ~90-150 s on 2 cores, the two passes ~25 s."""
     assert _16b_both_passes(27) < 60
+
+
+# --- block sizes the dsv3 ops do not take ----------------------------------------------------------
+def test_block_size_other_than_128():
+    with pytest.raises(PassError, match="block_size 64"):
+        quantize_fp8_blockwise(moe_program(), PassConfig(precision="fp8", block_size=64))
+
+    torch.manual_seed(3)
+    model = Transformer(ModelArgs.preset("tiny").replace(dtype="fp8", block_size=64, n_layers=2)).eval()
+    program = export_step(model, "decode")
+    moe = rewrite_moe_grouped_gemm(program, FP8)
+    assert moe.matches == 0 and any("block size 64 is not 128" in n for n in moe.notes), moe.notes
+    result = quantize_fp8_blockwise(program, FP8)
+    assert result.matches == 0 and result.program is program
+    assert any("fp8 block 64 is not 128" in n for n in result.notes), result.notes

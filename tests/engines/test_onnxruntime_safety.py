@@ -1,0 +1,68 @@
+"""Loading an ONNX Runtime engine refuses external data that leaves the engine directory.
+
+The manifest's hashes cannot catch this: a malicious directory comes with a manifest that matches
+its own files. So each case below rewrites model.onnx AND re-hashes the manifest, and loading
+must still refuse, before any session is created, naming model.onnx, the tensor and why.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import onnx
+import pytest
+
+from dsv3_export.engines.onnx_graph import DATA_FILE, MODEL_FILE
+from dsv3_export.manifest import MANIFEST_NAME, EngineDirError, sha256_file
+from dsv3_export.runtime import load_engine
+from tests.engines._ort_engines import copy_engine, fp32_engine_dir
+
+
+def rehash(engine_dir):
+    path = engine_dir / MANIFEST_NAME
+    d = json.loads(path.read_text())
+    for name in d["files"]:
+        p = engine_dir / name
+        d["files"][name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    path.write_text(json.dumps(d))
+
+
+def relocate_first_weight(engine_dir, location: str) -> str:
+    model_path = engine_dir / MODEL_FILE
+    proto = onnx.load(str(model_path), load_external_data=False)
+    tensor = next(t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            entry.value = location
+    onnx.save(proto, str(model_path))
+    rehash(engine_dir)
+    return tensor.name
+
+
+@pytest.mark.parametrize("location", [f"../{DATA_FILE}", "/etc/hostname", MANIFEST_NAME, f"sub/../{DATA_FILE}"])
+def test_external_data_outside_the_payload_is_refused(tmp_path, location):
+    engine = copy_engine(fp32_engine_dir(), tmp_path / "engine")
+    shutil.copy(engine / DATA_FILE, tmp_path / DATA_FILE)  # what '..' would reach
+    tensor = relocate_first_weight(engine, location)
+    with pytest.raises(ValueError, match=rf"model\.onnx: tensor '{tensor}' has external-data location") as info:
+        load_engine(engine)
+    assert repr(location)[1:-1] in str(info.value)
+
+
+def test_symlinked_data_file_is_refused(tmp_path):
+    engine = copy_engine(fp32_engine_dir(), tmp_path / "engine")
+    outside = tmp_path / "elsewhere.data"
+    shutil.move(engine / DATA_FILE, outside)
+    (engine / DATA_FILE).symlink_to(outside)
+    with pytest.raises(EngineDirError, match=r"model\.onnx\.data: is a symlink"):
+        load_engine(engine)
+
+
+def test_tampered_graph_is_refused_by_hash(tmp_path):
+    engine = copy_engine(fp32_engine_dir(), tmp_path / "engine")
+    raw = bytearray((engine / MODEL_FILE).read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    (engine / MODEL_FILE).write_bytes(bytes(raw))
+    with pytest.raises(EngineDirError, match=r"model\.onnx: sha256"):
+        load_engine(engine)

@@ -1,0 +1,106 @@
+"""`dsv3-export build / generate / inspect` through the CLI entry point (dsv3_export.cli.main).
+
+The no-argument build (tiny preset -> onnxruntime cpu fp32 -> ./engine) is the README's main job;
+it runs once in a scratch directory (tests/engines/_ort_engines.py) and is shared by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from dsv3_export.cli import main
+from dsv3_export.runtime import load_engine
+from tests.engines._ort_engines import default_cli_engine, fp32_engine_dir
+
+
+def test_build_without_arguments_writes_engine_and_reports():
+    build = default_cli_engine()
+    assert build.exit_code == 0, build.stderr[-3000:]
+    assert build.path.name == "engine"
+    assert sorted(p.name for p in build.path.iterdir()) == ["manifest.json", "model.onnx", "model.onnx.data"]
+    for what in ("fuse_mla_absorb=3", "dsv3::mla_attention", "model.onnx.data", "total"):
+        assert what in build.stderr
+    assert build.stdout == ""  # progress and summary go to stderr
+
+
+def test_generate_json_prints_only_json(capsys):
+    engine_dir = fp32_engine_dir()
+    code = main(["generate", str(engine_dir), "--prompt-ids", "5,17,256", "--max-new-tokens", "6", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    result = json.loads(out)
+    assert result["new_ids"] == [load_engine(engine_dir).generate([5, 17, 256], max_new_tokens=6)]
+    assert result["backend"] == "onnxruntime" and result["prompts"] == [[5, 17, 256]]
+
+
+def test_generate_batch_and_sampling_flags(capsys):
+    code = main(["generate", str(fp32_engine_dir()), "--prompt-ids", "1,2,3;4,5", "--max-new-tokens", "3",
+                 "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and len(lines) == 2 and lines[0].startswith("1,2,3 -> ") and lines[1].startswith("4,5 -> ")
+
+
+def test_inspect_shows_io_ops_and_files(capsys):
+    code = main(["inspect", str(fp32_engine_dir())])
+    out = capsys.readouterr().out
+    assert code == 0
+    for what in ("kv_cache", "cache_len", "MatMul", "model.onnx.data", "sha256", "fuse_mla_absorb"):
+        assert what in out
+    assert main(["inspect", str(fp32_engine_dir()), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == "onnxruntime"
+
+
+def test_tensorrt_is_refused_clearly(capsys, tmp_path):
+    code = main(["build", "--backend", "tensorrt", "--out", str(tmp_path / "e")])
+    assert code == 1
+    assert "not available: TensorRT builder is not installable here" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("argv", [["--precision", "fp16"], ["--device", "tpu"], ["--backend", "tvm"],
+                                  ["--preset", "tiny", "--checkpoint", "x"]])
+def test_bad_build_flags_are_usage_errors(capsys, tmp_path, argv):
+    assert main(["build", "--out", str(tmp_path / "e"), *argv]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_tampered_engine_naming_the_file(capsys, tmp_path):
+    engine = tmp_path / "engine"
+    shutil.copytree(fp32_engine_dir(), engine)
+    (engine / "extra.bin").write_bytes(b"0")
+    assert main(["generate", str(engine), "--prompt-ids", "1,2"]) == 1
+    assert "extra.bin: unexpected file" in capsys.readouterr().err
+    assert main(["generate", str(fp32_engine_dir()), "--prompt-ids", "1,x"]) == 2
+
+
+def test_hf_checkpoint_builds_and_generates_through_the_cli(capsys, tmp_path):
+    """A tiny transformers DeepseekV2 checkpoint (save_pretrained) -> build -> generate, CLI only;
+    the tokens equal greedy decoding of the checkpoint loaded into the reference model."""
+    transformers = pytest.importorskip("transformers")
+    from dsv3_export.checkpoint import load_checkpoint
+    from tests.test_runtime import reference_greedy
+
+    config = transformers.DeepseekV2Config(
+        vocab_size=211, hidden_size=64, intermediate_size=96, moe_intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1,
+        first_k_dense_replace=1, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+        q_lora_rank=None, max_position_embeddings=128, attn_implementation="eager")
+    torch.manual_seed(0)
+    hf = transformers.DeepseekV2ForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # unit-gain weights: HF's N(0, 0.02) init makes routing scores near-ties
+        for p in hf.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5 if p.dim() >= 2 else 1 + 0.1 * torch.randn(p.shape, generator=gen))
+    ckpt, out = tmp_path / "ckpt", tmp_path / "engine"
+    hf.save_pretrained(ckpt)
+    assert main(["build", "--checkpoint", str(ckpt), "--out", str(out)]) == 0, capsys.readouterr().err[-3000:]
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt-ids", "3,1,4,1,5,9,2,6", "--max-new-tokens", "12", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    expected = reference_greedy(load_checkpoint(ckpt), [3, 1, 4, 1, 5, 9, 2, 6], 12)
+    assert result["new_ids"] == [expected]
+    assert load_engine(out).manifest.source["checkpoint"] == str(ckpt.absolute())

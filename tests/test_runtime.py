@@ -1,0 +1,112 @@
+"""dsv3_export.runtime: the KV-cache writes, sampling, and generation against the reference model.
+
+Greedy decoding must give exactly the reference model's own greedy tokens (its buffer cache,
+model(tokens, start_pos)); a batch of prompts of different lengths must give the same tokens as
+one prompt at a time. Prompts are fixed (seeded) so that token identity is a deterministic check.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv3_export.manifest import Manifest, kv_cache_layout
+from dsv3_export.runtime import Engine, load_engine, sample, write_rows
+from dsv3_export.step import LatentCacheStep, write_cache
+from tests.engines._ort_engines import fp32_engine_dir, tiny_model
+
+PROMPTS = [[5, 17, 256, 999, 3, 42, 7], [11, 12], [900, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13]]
+
+
+@torch.no_grad()
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """The reference model's own decoding: prefill, then one token at a time through its buffers."""
+    logits = model(torch.tensor([prompt]), start_pos=0)
+    out, pos = [], len(prompt)
+    for _ in range(n):
+        token = int(logits[0, -1].argmax())
+        out.append(token)
+        logits = model(torch.tensor([[token]]), start_pos=pos)
+        pos += 1
+    return out
+
+
+class TorchStep:
+    """LatentCacheStep as a StepFunction: the runtime's logic checked without any backend."""
+
+    def __init__(self, model):
+        self.step, self.device, self.cache_dtype = LatentCacheStep(model).eval(), torch.device("cpu"), torch.float32
+
+    def __call__(self, tokens, start_pos, kv_cache):
+        with torch.no_grad():
+            return self.step(tokens, start_pos, kv_cache)
+
+
+def torch_engine() -> Engine:
+    args = tiny_model().args
+    manifest = Manifest(model=args.to_dict(), backend="torch-eager", precision="fp32", device="cpu", inputs=[],
+                        outputs=[], kv_cache=kv_cache_layout(args, "float32"))
+    return Engine(manifest=manifest, step=TorchStep(tiny_model()), path=None)
+
+
+def test_write_rows_matches_step_write_cache(seed):
+    gen = torch.Generator().manual_seed(seed)
+    cache = torch.randn(3, 2, 20, 7, generator=gen)
+    new_kv = torch.randn(3, 2, 4, 7, generator=gen)
+    start_pos = torch.tensor([0, 9, 16])
+    expected = cache.clone()
+    write_cache(expected, new_kv, start_pos)
+    write_rows(cache, new_kv, start_pos)
+    assert torch.equal(cache, expected)
+
+
+def test_runtime_logic_with_an_eager_step_matches_reference_greedy():
+    engine, model = torch_engine(), tiny_model()
+    assert engine.generate(PROMPTS[0], max_new_tokens=12) == reference_greedy(model, PROMPTS[0], 12)
+    assert engine.generate(PROMPTS, max_new_tokens=6) == [reference_greedy(model, p, 6) for p in PROMPTS]
+
+
+def test_greedy_32_tokens_identical_to_reference_decoding():
+    engine = load_engine(fp32_engine_dir())
+    assert engine.generate(PROMPTS[0], max_new_tokens=32) == reference_greedy(tiny_model(), PROMPTS[0], 32)
+
+
+def test_batch_of_different_lengths_equals_one_by_one():
+    engine = load_engine(fp32_engine_dir())
+    batch = engine.generate(PROMPTS, max_new_tokens=16)
+    assert batch == [engine.generate(p, max_new_tokens=16) for p in PROMPTS]
+    assert batch[1] == reference_greedy(tiny_model(), PROMPTS[1], 16)
+
+
+def test_sampling_is_seeded_and_top_p_near_zero_is_greedy():
+    engine = torch_engine()
+    a = engine.generate(PROMPTS, max_new_tokens=8, temperature=1.3, top_p=0.9, seed=7)
+    assert a == engine.generate(PROMPTS, max_new_tokens=8, temperature=1.3, top_p=0.9, seed=7)
+    assert all(0 <= t < 1000 for row in a for t in row)
+    greedy = engine.generate(PROMPTS, max_new_tokens=8)
+    assert engine.generate(PROMPTS, max_new_tokens=8, temperature=0.7, top_p=1e-6, seed=1) == greedy
+
+
+def test_sample_top_p_keeps_the_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    drawn = {int(sample(logits, 1.0, 0.7, gen)) for _ in range(200)}
+    assert drawn == {0, 1}  # 0.5 < 0.7 needs the second token; 0.8 >= 0.7 stops there
+
+
+def test_eos_stops_a_row():
+    engine = torch_engine()
+    free = engine.generate(PROMPTS[0], max_new_tokens=10)
+    eos = free[3]
+    stopped = engine.generate(PROMPTS[0], max_new_tokens=10, eos_id=eos)
+    assert stopped == free[: free.index(eos) + 1]
+
+
+def test_bad_requests_are_refused():
+    engine = torch_engine()
+    with pytest.raises(ValueError, match="exceed the engine's max_seq_len=256"):
+        engine.generate([1] * 250, max_new_tokens=10)
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 1000\)"):
+        engine.generate([1, 1000])
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.generate([[1, 2], []])

@@ -16,7 +16,7 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, OutputSpec, TensorArgument
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import Graph, Node
 
 from dsv3_export.passes.base import PassError
 
@@ -100,13 +100,19 @@ def _synced_signature(graph: Graph, signature: ExportGraphSignature) -> ExportGr
 
 def rebuild_program(program: ExportedProgram, graph: Graph, *, signature: ExportGraphSignature | None = None,
                     state_dict: dict | None = None, constants: dict | None = None) -> ExportedProgram:
-    """A new ExportedProgram around an edited graph: DCE, lint, recompile, validate.
+    """A new ExportedProgram around an edited graph: DCE, lint, recompile and validate (the constructor).
 
     Output specs follow the graph's output node; everything not given is shared with `program`.
     """
     graph.eliminate_dead_code()
     graph.lint()
-    gm = GraphModule(program.graph_module, graph)
-    gm.recompile()
     signature = _synced_signature(graph, signature or program.graph_signature)
-    return program._update(gm, signature, state_dict=state_dict, constants=constants)
+    # ExportedProgram builds (and recompiles) its own GraphModule from root + graph: one codegen.
+    return ExportedProgram(
+        root=program.graph_module, graph=graph, graph_signature=signature,
+        state_dict=program.state_dict if state_dict is None else state_dict,
+        range_constraints=copy.deepcopy(program.range_constraints),
+        module_call_graph=copy.deepcopy(program.module_call_graph),
+        example_inputs=program.example_inputs,
+        constants=program.constants if constants is None else constants,
+        verifiers=program.verifiers)

@@ -380,8 +380,8 @@ def bench_mla(report: Report, sh: Shapes, quick: bool) -> None:
         case = f"decode B={bsz} ctx={ctx} H={h} C={c} R={r_}"
         q = torch.randn(bsz, h, c, device=sh.device, dtype=torch.bfloat16)
         qp = torch.randn(bsz, h, r_, device=sh.device, dtype=torch.bfloat16)
-        kv = torch.randn(bsz, ctx, c, device=sh.device, dtype=torch.bfloat16)
-        pe = torch.randn(bsz, ctx, r_, device=sh.device, dtype=torch.bfloat16)
+        cache = torch.randn(bsz, ctx, c + r_, device=sh.device, dtype=torch.bfloat16)  # FlashMLA-style layout
+        kv, pe = cache[..., :c], cache[..., c:]  # strided views, as dsv3::mla_attention passes them
         seqlens = torch.full((bsz,), ctx, dtype=torch.int32, device=sh.device)
         bytes_ = bsz * ctx * (c + r_) * 2 + bsz * h * (2 * c + r_) * 2
         flops = 2 * bsz * h * ctx * (2 * c + r_)
@@ -393,18 +393,26 @@ def bench_mla(report: Report, sh: Shapes, quick: bool) -> None:
                 add(report, Row("mla", case, "torch eager absorbed einsum",
                                 bench(lambda: _absorbed_eager(q, qp, kv, pe, scale), sh, quick)),
                     bytes_=bytes_, flops=flops)]
+        # The op's form: the step's new token arrives beside the cache (kv_new), not in it.
+        len_m1 = seqlens - 1
+        new_kv, new_pe = cache[:, -1, :c], cache[:, -1, c:]
+        err_new = mean_rel(mla_decode(q, qp, kv, pe, len_m1, scale, kv_new=new_kv, pe_new=new_pe).float(), ref)
+        rows.append(add(report, Row("mla", case, "triton mla_decode (cache + kv_new)",
+                                    bench(lambda: mla_decode(q, qp, kv, pe, len_m1, scale, kv_new=new_kv,
+                                                             pe_new=new_pe), sh, quick),
+                                    error=err_new, tol=1e-2, ok=err_new < 1e-2), bytes_=bytes_, flops=flops))
 
         def sdpa():
             qs = torch.cat([q, qp], -1).unsqueeze(2)  # [B, H, 1, C+R]
-            ks = torch.cat([kv, pe], -1).unsqueeze(1)  # [B, 1, T, C+R]: the cache layout SDPA needs
-            vs = kv.unsqueeze(1)  # [B, 1, T, C]
+            ks = cache.unsqueeze(1)  # [B, 1, T, C+R]: the combined cache is SDPA's K as is
+            vs = kv.unsqueeze(1)  # [B, 1, T, C] (strided view)
 
             def run():
                 return F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=True)
 
             e_ = mean_rel(run().squeeze(2).float(), ref)
             return add(report, Row("mla", case, "torch F.scaled_dot_product_attention", bench(run, sh, quick),
-                                   error=e_, tol=1e-2, ok=e_ < 1e-2, note="K = [kv, pe] concatenated outside timing"),
+                                   error=e_, tol=1e-2, ok=e_ < 1e-2, note="enable_gqa: 1 KV head, 16 query heads"),
                        bytes_=bytes_, flops=flops)
 
         rows.append(guarded(report, f"mla {case} sdpa", sdpa))
@@ -416,8 +424,8 @@ def bench_mla(report: Report, sh: Shapes, quick: bool) -> None:
     case = f"prefill B=1 S={s_q} H={h}"
     q = torch.randn(1, s_q, h, c, device=sh.device, dtype=torch.bfloat16)
     qp = torch.randn(1, s_q, h, r_, device=sh.device, dtype=torch.bfloat16)
-    kv = torch.randn(1, s_q, c, device=sh.device, dtype=torch.bfloat16)
-    pe = torch.randn(1, s_q, r_, device=sh.device, dtype=torch.bfloat16)
+    cache = torch.randn(1, s_q, c + r_, device=sh.device, dtype=torch.bfloat16)
+    kv, pe = cache[..., :c], cache[..., c:]
     flops = 2 * h * (s_q * (s_q + 1) / 2) * (2 * c + r_)
     bytes_ = s_q * (c + r_) * 2 + 2 * s_q * h * (2 * c + r_) * 2
     n_check = min(s_q, 256)
@@ -429,7 +437,7 @@ def bench_mla(report: Report, sh: Shapes, quick: bool) -> None:
 
     def sdpa_prefill():
         qs = torch.cat([q, qp], -1).transpose(1, 2)  # [1, H, S, C+R]
-        ks = torch.cat([kv, pe], -1).unsqueeze(1)  # [1, 1, S, C+R]
+        ks = cache.unsqueeze(1)  # [1, 1, S, C+R]
         vs = kv.unsqueeze(1)  # [1, 1, S, C]
         return add(report, Row("mla", case, "torch F.scaled_dot_product_attention",
                                bench(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,

@@ -9,7 +9,13 @@ W_UV is applied afterwards by the caller (dsv3_export.reference.attention.MLA.at
 
 Layouts: q_latent [B, H, C] (decode) / [B, S_q, H, C] (prefill), q_pe likewise with R,
 kv_cache [Bmax, S, C], pe_cache [Bmax, S, R]; batch row b uses cache row b; unit stride on the
-last dim. Outputs take q_latent's dtype; softmax and accumulation are fp32.
+last dim only, so views of one FlashMLA-style [B, S, C + R] cache (cache[..., :C], cache[..., C:])
+work as they are. Outputs take q_latent's dtype; softmax and accumulation are fp32.
+
+Keys of batch row b: cache positions t < len_b, then optionally the new tokens kv_new/pe_new
+(not yet written to the cache; dsv3::mla_attention is functional): decode's one new token is key
+len_b; prefill's new token u is key start_b + u and query i sees u <= i. Without kv_new the new
+tokens must already be in the cache.
 
 Decode (flash-decoding): because all heads share the cache row, one program holds a block of
 BLOCK_H heads (a [BLOCK_H, C] x [C, BLOCK_N] tensor-core tile) and reads each KV tile once. The
@@ -56,16 +62,24 @@ PREFILL_CONFIGS = [
 
 
 @triton.jit
-def _attend_tile(q, q_pe, kv_ptrs, pe_ptrs, offs_n, valid, m_i, l_i, acc, scale_log2,
-                 mask_c, mask_r, UPCAST: tl.constexpr):
-    """One online-softmax step over a BLOCK_N tile of keys; `valid` [rows, BLOCK_N] masks scores."""
-    kv = tl.load(kv_ptrs, mask=(tl.max(valid, axis=0) > 0)[:, None] & mask_c[None, :], other=0.0)  # [BN, C]
-    pe = tl.load(pe_ptrs, mask=(tl.max(valid, axis=0) > 0)[:, None] & mask_r[None, :], other=0.0)  # [BN, R]
+def _load_keys(kv_ptrs, pe_ptrs, kvn_ptrs, pen_ptrs, in_cache, in_new, mask_c, mask_r, HAS_NEW: tl.constexpr):
+    """[BN, C] and [BN, R] key tiles from the cache and/or the new tokens (disjoint masks)."""
+    kv = tl.load(kv_ptrs, mask=in_cache[:, None] & mask_c[None, :], other=0.0)
+    pe = tl.load(pe_ptrs, mask=in_cache[:, None] & mask_r[None, :], other=0.0)
+    if HAS_NEW:  # disjoint masks with zero fill: the sum is a select, exact
+        kv += tl.load(kvn_ptrs, mask=in_new[:, None] & mask_c[None, :], other=0.0)
+        pe += tl.load(pen_ptrs, mask=in_new[:, None] & mask_r[None, :], other=0.0)
+    return kv, pe
+
+
+@triton.jit
+def _attend_tile(q, q_pe, kv, pe, valid, m_i, l_i, acc, scale_log2, UPCAST: tl.constexpr):
+    """One online-softmax step (base 2) over a BLOCK_N tile of keys; `valid` [rows, BLOCK_N] masks scores."""
     if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong
         kv = kv.to(tl.float32)
         pe = pe.to(tl.float32)
     s = tl.dot(q, tl.trans(kv)) + tl.dot(q_pe, tl.trans(pe))  # [rows, BN] fp32
-    s = tl.where(valid > 0, s * scale_log2, float("-inf"))
+    s = tl.where(valid, s * scale_log2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: keep exp2 finite
     alpha = tl.exp2(m_i - m_safe)
@@ -77,17 +91,19 @@ def _attend_tile(q, q_pe, kv_ptrs, pe_ptrs, offs_n, valid, m_i, l_i, acc, scale_
 
 @triton.jit
 def _mla_decode_split_kernel(
-    q_ptr, q_pe_ptr, kv_ptr, pe_ptr, seqlens_ptr, o_part_ptr, lse_ptr,
+    q_ptr, q_pe_ptr, kv_ptr, pe_ptr, kvn_ptr, pen_ptr, seqlens_ptr, o_part_ptr, lse_ptr,
     H, scale_log2,
     stride_qb, stride_qh, stride_qpb, stride_qph, stride_kvb, stride_kvs, stride_peb, stride_pes,
+    stride_kvnb, stride_penb,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, HAS_NEW: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     pid_s = tl.program_id(2)
-    seqlen = tl.load(seqlens_ptr + pid_b)
+    seqlen = tl.load(seqlens_ptr + pid_b)  # cached keys of this row
     chunk = tl.cdiv(tl.cdiv(seqlen, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = pid_s * chunk
     end = tl.minimum(start + chunk, seqlen)
@@ -110,11 +126,25 @@ def _mla_decode_split_kernel(
     acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        valid = tl.broadcast_to((offs_n < end)[None, :], (BLOCK_H, BLOCK_N)).to(tl.int32)
+        in_cache = offs_n < end
         kv_ptrs = kv_ptr + b * stride_kvb + offs_n.to(tl.int64)[:, None] * stride_kvs + offs_c[None, :]
         pe_ptrs = pe_ptr + b * stride_peb + offs_n.to(tl.int64)[:, None] * stride_pes + offs_r[None, :]
-        m_i, l_i, acc = _attend_tile(q, q_pe, kv_ptrs, pe_ptrs, offs_n, valid, m_i, l_i, acc, scale_log2,
-                                     mask_c, mask_r, UPCAST)
+        kv, pe = _load_keys(kv_ptrs, pe_ptrs, kv_ptrs, pe_ptrs, in_cache, in_cache, mask_c, mask_r, False)
+        valid = tl.broadcast_to(in_cache[None, :], (BLOCK_H, BLOCK_N))
+        m_i, l_i, acc = _attend_tile(q, q_pe, kv, pe, valid, m_i, l_i, acc, scale_log2, UPCAST)
+
+    if HAS_NEW:
+        if pid_s == NUM_SPLITS - 1:  # the new token (key number `seqlen`) joins the last split
+            kv_new = tl.load(kvn_ptr + b * stride_kvnb + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+            pe_new = tl.load(pen_ptr + b * stride_penb + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+            s_new = (tl.sum(q.to(tl.float32) * kv_new[None, :], axis=1)
+                     + tl.sum(q_pe.to(tl.float32) * pe_new[None, :], axis=1)) * scale_log2  # [BLOCK_H]
+            m_new = tl.maximum(m_i, s_new)
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s_new - m_new)
+            l_i = l_i * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * kv_new[None, :]
+            m_i = m_new
 
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -147,20 +177,21 @@ def _mla_decode_reduce_kernel(
 
 @triton.jit
 def _mla_prefill_kernel(
-    q_ptr, q_pe_ptr, kv_ptr, pe_ptr, out_ptr,
-    H, ROWS, start_pos, kv_len, scale_log2,
+    q_ptr, q_pe_ptr, kv_ptr, pe_ptr, kvn_ptr, pen_ptr, start_ptr, out_ptr,
+    H, ROWS, scale_log2,
     stride_qb, stride_qr, stride_qpb, stride_qpr, stride_kvb, stride_kvs, stride_peb, stride_pes,
-    stride_outb, stride_outr,
-    C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_kvnb, stride_kvns, stride_penb, stride_pens, stride_outb, stride_outr,
+    C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_NEW: tl.constexpr, UPCAST: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     pid_q = tl.program_id(1)
+    start = tl.load(start_ptr + b)  # absolute position of this row's first query
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)  # flattened (query, head) rows
     offs_c = tl.arange(0, BLOCK_C)
     offs_r = tl.arange(0, BLOCK_R)
     mask_q, mask_c, mask_r = offs_q < ROWS, offs_c < C, offs_r < R
-    pos = start_pos + offs_q // H  # absolute position of each row's query
+    pos = start + offs_q // H  # absolute position of each row's query
     q = tl.load(q_ptr + b * stride_qb + offs_q[:, None] * stride_qr + offs_c[None, :],
                 mask=mask_q[:, None] & mask_c[None, :], other=0.0)
     q_pe = tl.load(q_pe_ptr + b * stride_qpb + offs_q[:, None] * stride_qpr + offs_r[None, :],
@@ -170,17 +201,23 @@ def _mla_prefill_kernel(
         q_pe = q_pe.to(tl.float32)
 
     last_row = tl.minimum((pid_q + 1) * BLOCK_Q, ROWS) - 1
-    hi = tl.minimum(start_pos + last_row // H + 1, kv_len)  # keys this block can see
+    hi = start + last_row // H + 1  # keys this block can see
+    cache_end = start if HAS_NEW else hi  # keys below cache_end come from the cache
     m_i = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
     for n0 in range(0, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        valid = ((offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] < hi) & mask_q[:, None]).to(tl.int32)
-        kv_ptrs = kv_ptr + b * stride_kvb + offs_n.to(tl.int64)[:, None] * stride_kvs + offs_c[None, :]
-        pe_ptrs = pe_ptr + b * stride_peb + offs_n.to(tl.int64)[:, None] * stride_pes + offs_r[None, :]
-        m_i, l_i, acc = _attend_tile(q, q_pe, kv_ptrs, pe_ptrs, offs_n, valid, m_i, l_i, acc, scale_log2,
-                                     mask_c, mask_r, UPCAST)
+        in_cache = offs_n < cache_end
+        in_new = (offs_n >= cache_end) & (offs_n < hi)
+        offs_n64 = offs_n.to(tl.int64)
+        kv_ptrs = kv_ptr + b * stride_kvb + offs_n64[:, None] * stride_kvs + offs_c[None, :]
+        pe_ptrs = pe_ptr + b * stride_peb + offs_n64[:, None] * stride_pes + offs_r[None, :]
+        kvn_ptrs = kvn_ptr + b * stride_kvnb + (offs_n64 - start)[:, None] * stride_kvns + offs_c[None, :]
+        pen_ptrs = pen_ptr + b * stride_penb + (offs_n64 - start)[:, None] * stride_pens + offs_r[None, :]
+        kv, pe = _load_keys(kv_ptrs, pe_ptrs, kvn_ptrs, pen_ptrs, in_cache, in_new, mask_c, mask_r, HAS_NEW)
+        valid = (offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] < hi) & mask_q[:, None]
+        m_i, l_i, acc = _attend_tile(q, q_pe, kv, pe, valid, m_i, l_i, acc, scale_log2, UPCAST)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + b * stride_outb + offs_q[:, None] * stride_outr + offs_c[None, :],
@@ -223,10 +260,31 @@ def _block_h(heads: int) -> int:
     return min(max(MIN_BLOCK_H, next_pow2(heads)), MAX_BLOCK_H)
 
 
+def _check_new(op: str, kv_new: torch.Tensor | None, pe_new: torch.Tensor | None, q_latent: torch.Tensor,
+               shape_c: tuple[int, ...], shape_r: tuple[int, ...]) -> bool:
+    """Validate the optional new-token keys; True when they are given."""
+    if (kv_new is None) != (pe_new is None):
+        raise ValueError(f"{op}: pass both kv_new and pe_new, or neither")
+    if kv_new is None:
+        return False
+    for name, t, shape in (("kv_new", kv_new, shape_c), ("pe_new", pe_new, shape_r)):
+        check_tensor(f"{op}: {name}", t, dtypes=(q_latent.dtype,), device=q_latent.device)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{op}: {name} must be {shape}, got {tuple(t.shape)}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} needs unit stride on its last dim, got strides {t.stride()}")
+    return True
+
+
 def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
-               cache_seqlens: torch.Tensor, softmax_scale: float, *, num_splits: int | None = None,
+               cache_seqlens: torch.Tensor, softmax_scale: float, *, kv_new: torch.Tensor | None = None,
+               pe_new: torch.Tensor | None = None, num_splits: int | None = None,
                config: triton.Config | None = None) -> torch.Tensor:
-    """One query per batch row: q_latent [B, H, C], q_pe [B, H, R], keys t < cache_seqlens[b] -> [B, H, C]."""
+    """One query per batch row -> [B, H, C].
+
+    q_latent [B, H, C], q_pe [B, H, R]; keys: cache positions t < cache_seqlens[b] (int32 [B]),
+    then, when given, the row's new token kv_new [B, C] / pe_new [B, R] (not in the cache).
+    """
     check_tensor("mla_decode: q_latent", q_latent, ndim=3)
     bsz, heads, _ = q_latent.shape
     c, r = _check_caches("mla_decode", q_latent, q_pe, kv_cache, pe_cache, bsz)
@@ -234,6 +292,7 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
                  contiguous=True)
     if cache_seqlens.shape[0] != bsz:
         raise ValueError(f"mla_decode: cache_seqlens has {cache_seqlens.shape[0]} entries for batch {bsz}")
+    has_new = _check_new("mla_decode", kv_new, pe_new, q_latent, (bsz, c), (bsz, r))
     dev = q_latent.device
     out = torch.empty((bsz, heads, c), dtype=q_latent.dtype, device=dev)
     if out.numel() == 0:
@@ -244,13 +303,15 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     block_h = _block_h(heads)
     o_part = torch.empty((bsz, heads, splits, c), dtype=torch.float32, device=dev)
     lse = torch.empty((bsz, heads, splits), dtype=torch.float32, device=dev)
+    kvn, pen = (kv_new, pe_new) if has_new else (kv_cache, pe_cache)  # never read without HAS_NEW
     grid = (bsz, triton.cdiv(heads, block_h), splits)
     launch(_mla_decode_split_kernel, _decode_tuned, DECODE_CONFIGS, lambda meta: grid,
-           (q_latent, q_pe, kv_cache, pe_cache, cache_seqlens, o_part, lse, heads, softmax_scale * LOG2E,
+           (q_latent, q_pe, kv_cache, pe_cache, kvn, pen, cache_seqlens, o_part, lse, heads, softmax_scale * LOG2E,
             q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1),
             kv_cache.stride(0), kv_cache.stride(1), pe_cache.stride(0), pe_cache.stride(1),
+            kvn.stride(0), pen.stride(0),
             o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1)),
-           dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), NUM_SPLITS=splits,
+           dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), NUM_SPLITS=splits, HAS_NEW=has_new,
                 UPCAST=is_interpreted(_mla_decode_split_kernel) and q_latent.dtype != torch.float32,
                 BLOCK_H=block_h), config)
     _mla_decode_reduce_kernel[(bsz, heads)](
@@ -260,27 +321,47 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
 
 
 def mla_prefill(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
-                start_pos: int, softmax_scale: float, *, config: triton.Config | None = None) -> torch.Tensor:
-    """Causal: q_latent [B, S_q, H, C], q_pe [B, S_q, H, R]; query i sees keys t <= start_pos + i -> [B, S_q, H, C]."""
+                start_pos: int | torch.Tensor, softmax_scale: float, *, kv_new: torch.Tensor | None = None,
+                pe_new: torch.Tensor | None = None, config: triton.Config | None = None) -> torch.Tensor:
+    """Causal attention of S_q new queries per row -> [B, S_q, H, C].
+
+    q_latent [B, S_q, H, C], q_pe [B, S_q, H, R]; query i of row b is at position start_b + i
+    (start_pos: an int, or int32 [B] for ragged rows) and sees keys t <= start_b + i. Without
+    kv_new all those keys are read from the cache; with kv_new [B, S_q, C] / pe_new [B, S_q, R]
+    positions t >= start_b are the new tokens (key start_b + u is new token u), and the cache is
+    read only below start_b.
+    """
     check_tensor("mla_prefill: q_latent", q_latent, ndim=4)
     bsz, s_q, heads, _ = q_latent.shape
     c, r = _check_caches("mla_prefill", q_latent, q_pe, kv_cache, pe_cache, bsz)
-    if start_pos < 0 or start_pos + s_q > kv_cache.shape[1]:
-        raise ValueError(f"mla_prefill: positions [{start_pos}, {start_pos + s_q}) outside the cache's "
-                         f"{kv_cache.shape[1]} positions")
-    out = torch.empty((bsz, s_q, heads, c), dtype=q_latent.dtype, device=q_latent.device)
+    has_new = _check_new("mla_prefill", kv_new, pe_new, q_latent, (bsz, s_q, c), (bsz, s_q, r))
+    dev = q_latent.device
+    if isinstance(start_pos, torch.Tensor):
+        check_tensor("mla_prefill: start_pos", start_pos, dtypes=(torch.int32,), ndim=1, device=dev, contiguous=True)
+        if start_pos.shape[0] != bsz:
+            raise ValueError(f"mla_prefill: start_pos has {start_pos.shape[0]} entries for batch {bsz}")
+        starts = start_pos  # bounds are the caller's contract: checking them would sync the host
+    else:
+        last = start_pos if has_new else start_pos + s_q
+        if start_pos < 0 or last > kv_cache.shape[1]:
+            raise ValueError(f"mla_prefill: cached positions [0, {last}) outside the cache's "
+                             f"{kv_cache.shape[1]} positions")
+        starts = torch.full((bsz,), start_pos, dtype=torch.int32, device=dev)
+    out = torch.empty((bsz, s_q, heads, c), dtype=q_latent.dtype, device=dev)
     if out.numel() == 0:
         return out
     rows = s_q * heads
     q = q_latent.reshape(bsz, rows, c)  # [B, S_q*H, C], row r = (i, h) = (r // H, r % H)
     qp = q_pe.reshape(bsz, rows, r)  # [B, S_q*H, R]
     o = out.view(bsz, rows, c)
+    kvn, pen = (kv_new, pe_new) if has_new else (kv_cache, pe_cache)  # never read without HAS_NEW
     grid = lambda meta: (bsz, triton.cdiv(rows, meta["BLOCK_Q"]))  # noqa: E731
     launch(_mla_prefill_kernel, _prefill_tuned, PREFILL_CONFIGS, grid,
-           (q, qp, kv_cache, pe_cache, o, heads, rows, start_pos, start_pos + s_q, softmax_scale * LOG2E,
+           (q, qp, kv_cache, pe_cache, kvn, pen, starts, o, heads, rows, softmax_scale * LOG2E,
             q.stride(0), q.stride(1), qp.stride(0), qp.stride(1), kv_cache.stride(0), kv_cache.stride(1),
-            pe_cache.stride(0), pe_cache.stride(1), o.stride(0), o.stride(1)),
-           dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r),
+            pe_cache.stride(0), pe_cache.stride(1), kvn.stride(0), kvn.stride(1), pen.stride(0), pen.stride(1),
+            o.stride(0), o.stride(1)),
+           dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), HAS_NEW=has_new,
                 UPCAST=is_interpreted(_mla_prefill_kernel) and q_latent.dtype != torch.float32), config)
     return out
 
@@ -299,19 +380,28 @@ def _attend_ref(q: torch.Tensor, qp: torch.Tensor, kv: torch.Tensor, pe: torch.T
     return torch.einsum("sht,tc->shc", scores.softmax(dim=-1), kv.float())
 
 
-def mla_decode_ref(q_latent, q_pe, kv_cache, pe_cache, cache_seqlens, softmax_scale) -> torch.Tensor:
+def mla_decode_ref(q_latent, q_pe, kv_cache, pe_cache, cache_seqlens, softmax_scale, *, kv_new=None,
+                   pe_new=None) -> torch.Tensor:
     out = torch.zeros(q_latent.shape, dtype=torch.float32, device=q_latent.device)
     for b, n in enumerate(cache_seqlens.tolist()):
-        if n > 0:
-            out[b] = _attend_ref(q_latent[b, None], q_pe[b, None], kv_cache[b, :n], pe_cache[b, :n],
-                                 softmax_scale, None)[0]
+        kv, pe = kv_cache[b, :n], pe_cache[b, :n]
+        if kv_new is not None:
+            kv, pe = torch.cat([kv, kv_new[b, None]]), torch.cat([pe, pe_new[b, None]])
+        if kv.shape[0] > 0:
+            out[b] = _attend_ref(q_latent[b, None], q_pe[b, None], kv, pe, softmax_scale, None)[0]
     return out.to(q_latent.dtype)
 
 
-def mla_prefill_ref(q_latent, q_pe, kv_cache, pe_cache, start_pos, softmax_scale) -> torch.Tensor:
+def mla_prefill_ref(q_latent, q_pe, kv_cache, pe_cache, start_pos, softmax_scale, *, kv_new=None,
+                    pe_new=None) -> torch.Tensor:
     bsz, s_q = q_latent.shape[:2]
-    end = start_pos + s_q
-    mask = causal_mask(s_q, start_pos, end, q_latent.device)
-    out = torch.stack([_attend_ref(q_latent[b], q_pe[b], kv_cache[b, :end], pe_cache[b, :end], softmax_scale, mask)
-                       for b in range(bsz)])
-    return out.to(q_latent.dtype)
+    starts = start_pos.tolist() if isinstance(start_pos, torch.Tensor) else [start_pos] * bsz
+    out = []
+    for b, start in enumerate(starts):
+        end = start + s_q
+        kv, pe = kv_cache[b, :end], pe_cache[b, :end]
+        if kv_new is not None:
+            kv, pe = torch.cat([kv_cache[b, :start], kv_new[b]]), torch.cat([pe_cache[b, :start], pe_new[b]])
+        mask = causal_mask(s_q, start, end, q_latent.device)
+        out.append(_attend_ref(q_latent[b], q_pe[b], kv, pe, softmax_scale, mask))
+    return torch.stack(out).to(q_latent.dtype)

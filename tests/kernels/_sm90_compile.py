@@ -94,14 +94,18 @@ def _cases(all_configs: bool):
                         BLOCK_M=block_m, BLOCK_K=128 if fp8 else moe.DENSE_BLOCK_K))
     mla_dims = dict(C=512, R=64, BLOCK_C=512, BLOCK_R=64, UPCAST=False)
     for cfg in pick(mla_attention.DECODE_CONFIGS):
-        yield ("mla_decode_split", mla_attention._mla_decode_split_kernel, cfg,
-               dict(q_ptr=bf, q_pe_ptr=bf, kv_ptr=bf, pe_ptr=bf, seqlens_ptr=i32, o_part_ptr=f32, lse_ptr=f32),
-               dict(mla_dims, NUM_SPLITS=8, BLOCK_H=16))
+        for has_new in (False, True):
+            yield (f"mla_decode_split has_new={has_new}", mla_attention._mla_decode_split_kernel, cfg,
+                   dict(q_ptr=bf, q_pe_ptr=bf, kv_ptr=bf, pe_ptr=bf, kvn_ptr=bf, pen_ptr=bf, seqlens_ptr=i32,
+                        o_part_ptr=f32, lse_ptr=f32),
+                   dict(mla_dims, NUM_SPLITS=8, BLOCK_H=16, HAS_NEW=has_new))
     yield ("mla_decode_reduce", mla_attention._mla_decode_reduce_kernel, triton.Config({}, num_warps=4),
            dict(o_part_ptr=f32, lse_ptr=f32, out_ptr=bf), dict(C=512, BLOCK_C=512, NUM_SPLITS=8, BLOCK_S=8))
     for cfg in pick(mla_attention.PREFILL_CONFIGS):
-        yield ("mla_prefill", mla_attention._mla_prefill_kernel, cfg,
-               dict(q_ptr=bf, q_pe_ptr=bf, kv_ptr=bf, pe_ptr=bf, out_ptr=bf), mla_dims)
+        for has_new in (False, True):
+            yield (f"mla_prefill has_new={has_new}", mla_attention._mla_prefill_kernel, cfg,
+                   dict(q_ptr=bf, q_pe_ptr=bf, kv_ptr=bf, pe_ptr=bf, kvn_ptr=bf, pen_ptr=bf, start_ptr=i32,
+                        out_ptr=bf), dict(mla_dims, HAS_NEW=has_new))
     for cfg in pick(rmsnorm.RMSNORM_CONFIGS):
         yield ("rmsnorm", rmsnorm._rmsnorm_kernel, cfg,
                dict(x_ptr=bf, res_ptr=bf, w_ptr=bf, y_ptr=bf, h_ptr=bf), dict(HAS_RESIDUAL=True, BLOCK_D=2048))

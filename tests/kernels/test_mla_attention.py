@@ -96,6 +96,67 @@ def test_non_power_of_two_latent_width(seed):
     _check(out, A.mla_decode_ref(q, qp, kv, pe, seqlens, SCALE), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_mla_decode_with_new_token_outside_the_cache(seed, dtype, num_splits):
+    torch.manual_seed(seed)
+    cache = torch.randn(4, S, C + R, dtype=dtype)  # one FlashMLA-style [latent | rope] cache; views below
+    new = torch.randn(3, C + R, dtype=dtype)
+    q, qp = torch.randn(3, H, C, dtype=dtype), torch.randn(3, H, R, dtype=dtype)
+    seqlens = torch.tensor([0, 37, S - 1], dtype=torch.int32)  # row 0: only the new token
+    kw = dict(kv_new=new[:, :C], pe_new=new[:, C:])
+    out = A.mla_decode(q, qp, cache[..., :C], cache[..., C:], seqlens, SCALE, num_splits=num_splits, **kw)
+    ref = A.mla_decode_ref(q, qp, cache[..., :C], cache[..., C:], seqlens, SCALE, **kw)
+    _check(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mla_prefill_ragged_starts_with_new_tokens(seed, dtype):
+    torch.manual_seed(seed)
+    s_q = 6
+    cache = torch.randn(3, S, C + R, dtype=dtype)
+    new = torch.randn(3, s_q, C + R, dtype=dtype)
+    q, qp = torch.randn(3, s_q, H, C, dtype=dtype), torch.randn(3, s_q, H, R, dtype=dtype)
+    starts = torch.tensor([0, 17, 90], dtype=torch.int32)
+    kw = dict(kv_new=new[..., :C], pe_new=new[..., C:])
+    out = A.mla_prefill(q, qp, cache[..., :C], cache[..., C:], starts, SCALE, **kw)
+    _check(out, A.mla_prefill_ref(q, qp, cache[..., :C], cache[..., C:], starts, SCALE, **kw), dtype)
+
+
+def test_mla_prefill_ragged_starts_in_cache(seed):
+    torch.manual_seed(seed)
+    kv, pe = _caches(2, torch.float32)
+    q, qp = torch.randn(2, 5, H, C), torch.randn(2, 5, H, R)
+    starts = torch.tensor([3, 60], dtype=torch.int32)
+    out = A.mla_prefill(q, qp, kv, pe, starts, SCALE)
+    _check(out, A.mla_prefill_ref(q, qp, kv, pe, starts, SCALE), torch.float32)
+
+
+@pytest.mark.parametrize("s", [1, 4])
+def test_kernels_compose_to_the_mla_attention_op_math(seed, s):
+    """W_UK -> mla_decode / mla_prefill (cache + new tokens) -> W_UV == dsv3_export.step.absorbed_attention."""
+    step = pytest.importorskip("dsv3_export.step", reason="dsv3_export.step (the op's reference math) not present")
+    torch.manual_seed(seed)
+    b, t_len, dn, dv = 3, 40, 24, 20
+    q_nope, q_pe = torch.randn(b, s, H, dn), torch.randn(b, s, H, R)
+    kv_new, kv_cache = torch.randn(b, s, C + R), torch.randn(b, t_len, C + R)
+    start_pos = torch.tensor([0, 9, t_len], dtype=torch.int64)
+    wkv_b = torch.randn(H * (dn + dv), C) / C**0.5
+    ref = step.absorbed_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, SCALE)  # [b, s, h, dv]
+
+    w = wkv_b.view(H, dn + dv, C)  # [h, dn + dv, c]
+    q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w[:, :dn])  # [b, s, h, c]
+    caches = (kv_cache[..., :C], kv_cache[..., C:])
+    if s == 1:
+        lat = A.mla_decode(q_latent[:, 0], q_pe[:, 0], *caches, start_pos.to(torch.int32), SCALE,
+                           kv_new=kv_new[:, 0, :C], pe_new=kv_new[:, 0, C:], num_splits=3)[:, None]
+    else:
+        lat = A.mla_prefill(q_latent, q_pe, *caches, start_pos.to(torch.int32), SCALE,
+                            kv_new=kv_new[..., :C], pe_new=kv_new[..., C:])
+    out = torch.einsum("bshc,hdc->bshd", lat, w[:, dn:])  # [b, s, h, dv]
+    assert (out - ref).abs().max().item() < 1e-4
+
+
 def test_bad_inputs_name_the_problem():
     kv, pe = _caches(2, torch.float32)
     q, qp = torch.randn(2, H, C), torch.randn(2, H, R)
@@ -106,7 +167,13 @@ def test_bad_inputs_name_the_problem():
         A.mla_decode(torch.randn(3, H, C), torch.randn(3, H, R), kv, pe, torch.ones(3, dtype=torch.int32), SCALE)
     with pytest.raises(ValueError, match=r"kv_cache .* must be \[Bmax, S, C=64\]"):
         A.mla_decode(q, qp, kv[..., :32], pe, seqlens, SCALE)
+    with pytest.raises(ValueError, match="pass both kv_new and pe_new"):
+        A.mla_decode(q, qp, kv, pe, seqlens, SCALE, kv_new=torch.randn(2, C))
+    with pytest.raises(ValueError, match=r"kv_new must be \(2, 64\)"):
+        A.mla_decode(q, qp, kv, pe, seqlens, SCALE, kv_new=torch.randn(2, 32), pe_new=torch.randn(2, R))
+    with pytest.raises(TypeError, match="start_pos: dtype torch.int64"):
+        A.mla_prefill(q[:, None], qp[:, None], kv, pe, torch.zeros(2, dtype=torch.int64), SCALE)
     with pytest.raises(TypeError, match="kv_cache: dtype torch.bfloat16"):
         A.mla_decode(q, qp, kv.bfloat16(), pe, seqlens, SCALE)
-    with pytest.raises(ValueError, match=r"positions \[95, 105\) outside"):
+    with pytest.raises(ValueError, match=r"cached positions \[0, 105\) outside"):
         A.mla_prefill(torch.randn(2, 10, H, C), torch.randn(2, 10, H, R), kv, pe, 95, SCALE)

@@ -132,7 +132,12 @@ def _run_one(name: str, fn: PassFn, program: ExportedProgram, config: PassConfig
         before = debug.run_program(program, step_inputs)
     nodes_before = len(program.graph.nodes)
     start = time.perf_counter()
-    result = fn(program, config)
+    try:
+        result = fn(program, config)
+    except PassError:
+        raise
+    except Exception as e:  # a crash inside a pass still names the pass
+        raise PassError(name, f"failed with {type(e).__name__}: {e}") from e
     seconds = time.perf_counter() - start
     if not isinstance(result, PassResult):
         raise PassError(name, f"returned {type(result).__name__}, not a PassResult")

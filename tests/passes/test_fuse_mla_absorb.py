@@ -181,3 +181,32 @@ def test_fires_on_fp8_checkpoint_weights(seed):
     inputs = step_inputs("decode", seed)
     for b, a in zip(run(program, inputs), run(result.program, inputs)):
         assert rel_err(a, b) < TOLERANCES["fp32_structural"]
+
+
+def test_op_matches_its_reference_body_and_fake(seed):
+    gen = torch.Generator().manual_seed(seed)
+    b, s, t = 2, 3, 5
+    args = (torch.randn(b, s, H, DN, generator=gen), torch.randn(b, s, H, R, generator=gen),
+            torch.randn(b, s, C + R, generator=gen), torch.randn(b, t, C + R, generator=gen),
+            torch.tensor([0, 4]), torch.randn(H * (DN + DV), C, generator=gen), 0.3)
+    out = MLA_OP(*args)
+    assert out.shape == (b, s, H, DV)
+    assert torch.equal(out, absorbed_attention(*args))
+    torch.library.opcheck(MLA_OP, args)  # schema, fake impl, and that the op does not alias its inputs
+
+
+def test_op_module_that_fails_to_import_is_an_error(monkeypatch):
+    import importlib
+
+    import dsv3_export.ops as ops
+
+    real_import = importlib.import_module
+
+    def broken(name, *a, **k):
+        if name == "dsv3_export.ops.mla":
+            raise RuntimeError("boom")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    with pytest.raises(ImportError, match="dsv3 op module dsv3_export.ops.mla exists but failed to import: boom"):
+        ops._register_all()

@@ -198,3 +198,19 @@ def test_step_inputs_are_usable_by_verify(seed):
     assert tokens.shape[1] == 1 and kv_cache.shape[0] == tokens.shape[0] == start_pos.shape[0]
     assert int(start_pos.max()) <= kv_cache.shape[2]
     assert step_inputs("decode", seed)[0].shape[1] == 1
+
+
+def _crashing_pass(program, config):
+    raise KeyError("layers.0.attn.wkv_b.weight")
+
+
+def test_a_crashing_pass_is_named(extended_pipeline):
+    extended_pipeline(_crashing_pass)
+    with pytest.raises(PassError, match=r"pass crashing_pass: failed with KeyError: 'layers.0.attn.wkv_b.weight'"):
+        pipeline.run_pipeline(tiny_program("decode"), PassConfig(), passes=["crashing_pass"])
+
+
+def test_optional_pass_module_without_its_function_is_an_error():
+    assert pipeline._optional_pass("no_such_pass_module") is None
+    with pytest.raises(ImportError, match="defines no pass function graph_utils"):
+        pipeline._optional_pass("graph_utils")  # the module exists, the function does not

@@ -214,3 +214,11 @@ def test_optional_pass_module_without_its_function_is_an_error():
     assert pipeline._optional_pass("no_such_pass_module") is None
     with pytest.raises(ImportError, match="defines no pass function graph_utils"):
         pipeline._optional_pass("graph_utils")  # the module exists, the function does not
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp8"])
+def test_whole_pipeline_is_idempotent(precision):
+    once, _ = pipeline.run_pipeline(tiny_program("decode"), PassConfig(precision=precision))
+    twice, reports = pipeline.run_pipeline(once, PassConfig(precision=precision))
+    assert [r.matches for r in reports] == [0] * len(reports)
+    assert twice is once

@@ -110,6 +110,10 @@ def _wildcard_literals(graph: Graph) -> Graph:
         node.args = replace(node.args)
         node.kwargs = {k: replace(v) for k, v in node.kwargs.items()}
     graph.lint()
+    expected = set(TENSOR_INPUTS) | set(_MARKERS) | {"s", "T", "scale", "device"}
+    got = {n.target for n in graph.nodes if n.op == "placeholder"}
+    if got != expected:  # step.absorbed_attention changed in a way the wildcards do not cover
+        raise AssertionError(f"traced MLA pattern has inputs {sorted(got)}, expected {sorted(expected)}")
     return graph
 
 

@@ -275,11 +275,12 @@ def _placeholder_name(kind: InputKind, target: str) -> str:
     return prefix + target.replace(".", "_")
 
 
-def state_nbytes(program: ExportedProgram) -> int:
-    """Bytes of every lifted tensor the program's signature refers to (works for meta tensors)."""
+def state_nbytes(program: ExportedProgram, kinds: tuple[InputKind, ...] = STATE_KINDS) -> int:
+    """Bytes of the lifted tensors of the given kinds (default all) the program's signature refers
+    to; works for meta tensors."""
     total, seen = 0, set()
     for spec in program.graph_signature.input_specs:
-        if spec.kind not in STATE_KINDS or spec.target in seen:
+        if spec.kind not in kinds or spec.target in seen:
             continue
         seen.add(spec.target)
         t = program.state_dict.get(spec.target, program.constants.get(spec.target))

@@ -259,7 +259,7 @@ def quantize_fp8_blockwise(program: ExportedProgram, config: PassConfig) -> Pass
         raise PassError(PASS, f"quantized weights still read by non-fp8 nodes: {stale[:4]}")
     notes += _left_unquantized(state, config)
     result = state.program()
-    before, after = state_nbytes(program), state_nbytes(result)
+    before, after = (state_nbytes(p, (InputKind.PARAMETER,)) for p in (program, result))
     notes.append(f"{matches} rewrite(s) ({reused} fp8 checkpoint Linear(s) reused as they are); "
-                 f"weights {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB")
+                 f"weights {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB (parameters only)")
     return PassResult(result, matches, notes)

@@ -48,7 +48,7 @@ def name_dims(model: ir.Model, names: dict[tuple[str, int], str]) -> None:
 
 # Ops that only move weight values around: folded at build time whatever the size (a weight
 # re-laid out by the lowering, e.g. MoE's interleaved w13, must not be re-laid out on every step).
-_LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Concat"})
+_LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Concat", "Expand"})
 
 
 def _should_fold(node: ir.Node) -> bool | None:

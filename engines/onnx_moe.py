@@ -124,8 +124,9 @@ def _moe_experts_fp8(target: Target):
         from onnxscript import opset21 as op
 
         shape = tuple(w13.shape)
-        w13_d = dequant_weight(op, w13, w13_scale, x)  # [E, 2I, D] in x's dtype
-        w2_d = dequant_weight(op, w2, w2_scale, x)  # [E, D, I]
+        keep_fp8 = target.device == "cpu"  # see onnx_fp8.dequant_weight
+        w13_d = dequant_weight(op, w13, w13_scale, x, keep_fp8)  # [E, 2I, D] in x's dtype
+        w2_d = dequant_weight(op, w2, w2_scale, x, keep_fp8)  # [E, D, I]
         if target.device == "cuda":
             return _contrib_moe(op, x, topk_weights, topk_ids, w13_d, w2_d, shape)
         return _dense_experts(op, x, topk_weights, topk_ids, w13_d, w2_d, shape, act_quant)
@@ -147,6 +148,7 @@ LOWERINGS = (
              describe=lambda target: ("com.microsoft.MoE (router_probs = log routing, swiglu interleaved)"
                                       if target.device == "cuda" else "standard ONNX: dense routing, two Gemms")),
     Lowering(op="dsv3::moe_experts_fp8", supports=_fp8_supports, translate=_moe_experts_fp8,
-             describe=lambda target: ("fp8 dequant (Cast + Mul) -> com.microsoft.MoE" if target.device == "cuda"
-                                      else "standard ONNX: fp8 dequant (Cast + Mul), dense routing, two Gemms")),
+             describe=lambda target: ("fp8 dequant (Cast + Mul, folded to bf16 by ORT) -> com.microsoft.MoE"
+                                      if target.device == "cuda"
+                                      else "standard ONNX: DequantizeLinear blocked, dense routing, two Gemms")),
 )

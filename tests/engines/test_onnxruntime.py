@@ -74,7 +74,7 @@ def test_payload_is_one_graph_with_all_weights_in_one_external_file():
     assert m.versions["onnxruntime"] == ort.__version__ and m.versions["tensorrt"] is None
 
 
-def test_fp8_engine_keeps_fp8_weights_and_matches_the_fp8_program():
+def test_fp8_engine_keeps_fp8_weights_and_matches_the_fp8_program(tmp_path):
     """Top-1 agreement with the fp8 program the engine was built from, over 512 positions (4 x 128).
 
     With 1x128 activation quantization a 1-ulp difference upstream (ONNX's decomposed RMSNorm vs
@@ -95,6 +95,11 @@ def test_fp8_engine_keeps_fp8_weights_and_matches_the_fp8_program():
     engine = load_engine(engine_dir)
     assert engine.manifest.backend_info["fp8_initializers"] == len(fp8)
     assert "dsv3::fp8_linear" in engine.manifest.lowerings
+    options = ort.SessionOptions()  # what ORT holds after its own optimizations: still fp8
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(engine_dir / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    assert sum(t.data_type == onnx.TensorProto.FLOAT8E4M3FN for t in optimized.graph.initializer) == len(fp8)
     model = tiny_model()
     program, _ = run_pipeline(export_step(model, "prefill"), PassConfig(precision="fp8"))
     tokens = torch.randint(0, model.args.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0))

@@ -58,17 +58,19 @@ def quantized(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("act_quant", [False, True])
-def test_fp8_linear(tmp_path, seed, act_quant):
+def test_fp8_linear(tmp_path, seed, act_quant, device):
+    """cpu: DequantizeLinear blocked (the weight stays fp8 in ORT's memory); cuda: Cast + Mul."""
     gen = torch.Generator().manual_seed(seed)
     w, s = quantized(torch.randn(200, 300, generator=gen) / 17)
     x = torch.randn(2, 5, 300, generator=gen)
     x[0, 0, :128] = 0.0  # an all-zero activation block: finite scale, no NaN
     module = OneOp(torch.ops.dsv3.fp8_linear, [w, s], (act_quant,))
-    got, lowerings, hist = run_lowered(module, (x,), Target("fp8", "cpu"), tmp_path)
+    got, lowerings, hist = run_lowered(module, (x,), Target("fp8", device), tmp_path)
     expected = module(x)
     assert torch.isfinite(got).all() and rel_err(got, expected) < TOL
-    assert "dsv3::fp8_linear" in lowerings and hist["Cast"] >= 1
+    assert "dsv3::fp8_linear" in lowerings and ("DequantizeLinear" in hist) == (device == "cpu")
 
 
 def experts(gen, e=5, d=150, i=70, t=7, k=2):
@@ -99,13 +101,22 @@ def test_moe_contrib_lowering_takes_any_routing_weights(tmp_path, seed):
     assert rel_err(got, module(x, tw, ti)) < TOL
 
 
-@pytest.mark.parametrize("act_quant", [False, True])
-def test_moe_experts_fp8(tmp_path, seed, act_quant):
+@pytest.mark.parametrize("device,act_quant", [("cpu", False), ("cpu", True), ("cuda", False)])
+def test_moe_experts_fp8(tmp_path, seed, device, act_quant):
     x, tw, ti, w13, w2 = experts(torch.Generator().manual_seed(seed))
     (q13, s13), (q2, s2) = quantized(w13), quantized(w2)
     module = OneOp(torch.ops.dsv3.moe_experts_fp8, [q13, s13, q2, s2], (act_quant,))
-    got, lowerings, _ = run_lowered(module, (x, tw, ti), Target("fp8", "cpu"), tmp_path)
+    got, lowerings, hist = run_lowered(module, (x, tw, ti), Target("fp8", device), tmp_path)
     assert rel_err(got, module(x, tw, ti)) < TOL
+    assert ("com.microsoft::MoE" in hist) == (device == "cuda")
+
+
+def test_moe_experts_fp8_with_act_quant_is_refused_on_cuda():
+    x, tw, ti, w13, w2 = experts(torch.Generator().manual_seed(0))
+    (q13, s13), (q2, s2) = quantized(w13), quantized(w2)
+    program = torch.export.export(OneOp(torch.ops.dsv3.moe_experts_fp8, [q13, s13, q2, s2], (True,)), (x, tw, ti))
+    with pytest.raises(ValueError, match="moe_experts_fp8 cannot lower for cuda/fp8: act_quant=True"):
+        check_program(program, Target("fp8", "cuda"))
 
 
 def test_mla_attention(tmp_path, seed):

@@ -50,6 +50,7 @@ class BuildOptions:
     seed: int = 0  # preset weights
     max_batch_size: int | None = None  # runtime overrides of the model config
     max_seq_len: int | None = None
+    config_overrides: tuple[tuple[str, Any], ...] = ()  # other ModelArgs fields, e.g. (("n_layers", 2),)
 
 
 @dataclass
@@ -81,6 +82,8 @@ def _load_model(options: BuildOptions, dtype: torch.dtype) -> tuple[Transformer,
     overrides = {k: v for k, v in (("max_batch_size", options.max_batch_size), ("max_seq_len", options.max_seq_len))
                  if v is not None}
     if options.checkpoint is not None:
+        if options.config_overrides:
+            raise ValueError("config_overrides apply to presets only; a checkpoint's config is its own")
         from dsv3_export.checkpoint import load_checkpoint
 
         model = load_checkpoint(options.checkpoint, dtype=dtype, device="cpu", attn_impl="absorb", **overrides)
@@ -88,6 +91,7 @@ def _load_model(options: BuildOptions, dtype: torch.dtype) -> tuple[Transformer,
     from dsv3_export.checkpoint import preset_model
 
     name = options.preset or "tiny"
+    overrides.update(dict(options.config_overrides))
     model = preset_model(name, dtype, "cpu", seed=options.seed, attn_impl="absorb", **overrides)
     return model, {"preset": name, "seed": options.seed, **overrides}
 
@@ -165,7 +169,7 @@ def build_engine(options: BuildOptions, console: Console | None = None,
             inputs=[s.to_dict() for s in built.inputs], outputs=[s.to_dict() for s in built.outputs],
             kv_cache=kv_cache_layout(args, built.cache_dtype), passes=passes_run, lowerings=built.lowerings,
             op_histogram=built.op_histogram, source=source, compute_capability=_compute_capability(target),
-            backend_info=built.extra)
+            backend_info=built.extra if step_factory is LatentCacheStep else {**built.extra, "step": step_factory.__name__})
 
     start = time.perf_counter()
     manifest = write_engine_dir(options.out, fill)  # fill shows its own phase; the rest is hashing

@@ -63,16 +63,13 @@ def _passes(manifest: Manifest) -> tuple[str, ...]:
 
 def mismatch(debug: Manifest, manifest: Manifest) -> str | None:
     """Why `debug` is not the debug engine of `manifest` (None when it is)."""
+    if debug.backend_info.get("step") != DebugLatentCacheStep.__name__:
+        return f"it was not built from {DebugLatentCacheStep.__name__} (backend_info.step)"
     for key in ("model", "backend", "precision", "device", "source"):
         if getattr(debug, key) != getattr(manifest, key):
             return f"its {key} differs from the engine's"
     if _passes(debug) != _passes(manifest):
         return "its passes differ from the engine's"
-    if len(debug.outputs) != 3:
-        return f"it has {len(debug.outputs)} outputs, not logits, new_kv and the hidden states"
-    n_stages = len(stage_names(manifest.model["n_layers"]))
-    if debug.outputs[2]["shape"][1] != n_stages:
-        return f"its hidden-state output has {debug.outputs[2]['shape'][1]} stages, not {n_stages}"
     return None
 
 
@@ -99,9 +96,14 @@ class DebugRunner:
     def __init__(self, engine: Engine):
         self.engine = engine
         m = engine.manifest
-        if len(m.outputs) != 3:
-            raise DebugEngineError(f"{engine.path} is not a debug engine (outputs: {[o['name'] for o in m.outputs]})")
-        self.hidden_spec = m.outputs[2]
+        if m.backend_info.get("step") != DebugLatentCacheStep.__name__:
+            raise DebugEngineError(f"{engine.path} is not a debug engine (manifest backend_info.step is "
+                                   f"{m.backend_info.get('step')!r}, not {DebugLatentCacheStep.__name__!r})")
+        if m.backend == "onnxruntime" and len(m.outputs) != 3:
+            raise DebugEngineError(f"{engine.path}: expected outputs logits, new_kv, hidden; manifest lists "
+                                   f"{[o['name'] for o in m.outputs]}")
+        # ONNX Runtime records the graph's third output (named by the exporter); torch engines list two.
+        self.hidden_spec = m.outputs[2] if len(m.outputs) > 2 else {"name": "hidden", "dtype": m.kv_cache["dtype"]}
         self.stages = stage_names(m.model["n_layers"])
 
     @classmethod

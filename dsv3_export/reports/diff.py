@@ -234,8 +234,10 @@ def run_diff(options: DiffOptions, console: Console | None = None) -> dict[str, 
             shutil.rmtree(tmp, ignore_errors=True)
 
     outputs = []
+    n_stages = len(stage_names(args.n_layers))
     for name in [*stages, LOGITS]:
-        tol = tols.for_output(name)
+        depth = stages.index(name) + 1 if name in stages else n_stages + 1  # 1 = embed; logits after norm
+        tol = tols.for_output(name, depth)
         stats = metrics.error_stats(c.cat(c.ref, name), c.cat(c.test, name), tol)
         d = stats.to_dict()
         d["max_abs_at"] = _locate(stats.max_abs_index, c.where)
@@ -244,7 +246,7 @@ def run_diff(options: DiffOptions, console: Console | None = None) -> dict[str, 
     ref_logits, test_logits = c.cat(c.ref, LOGITS), c.cat(c.test, LOGITS)
     logits = _logit_metrics(ref_logits, test_logits, table.logits, options.seed)
     if runner is not None:
-        consistency = metrics.error_stats(test_logits, torch.cat(c.debug_logits), tols.for_output(LOGITS))
+        consistency = metrics.error_stats(test_logits, torch.cat(c.debug_logits), tols.for_output(LOGITS, 1))
         debug_info["logits_vs_engine"] = {k: getattr(consistency, k) for k in ("max_abs", "cosine", "failures")}
         debug_info["reproduces_engine"] = consistency.passed
     greedy = _greedy(engine, model, prompts, options.gen_steps, table.logits.min_greedy) if options.gen_steps else None

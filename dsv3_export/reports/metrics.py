@@ -27,15 +27,28 @@ _TINY = 1e-30  # guards divisions by an all-zero reference
 @dataclass(frozen=True)
 class Tolerance:
     """When an output passes: every value finite, at most max_outlier_frac of the elements outside
-    |test - ref| <= atol + rtol * |ref| (numpy.allclose's rule), and cosine >= min_cosine."""
+    |test - ref| <= atol + rtol * |ref| (numpy.allclose's rule), and cosine >= the cosine floor.
+
+    The cosine floor of the stage at depth d (1 = embedding, 2 = layers.0, ...) is
+    max(min_cosine, 1 - cos_dist_per_stage * d) when cos_dist_per_stage > 0: rounding adds
+    independent error at every layer, so 1 - cosine grows about linearly with depth, while a bug
+    makes it jump at one stage. A floor that follows the expected growth keeps the early stages
+    strict (where a bug would otherwise hide under the budget of the last layer)."""
 
     atol: float
     rtol: float
     max_outlier_frac: float = 0.0
     min_cosine: float = 0.0
+    cos_dist_per_stage: float = 0.0
 
     def replace(self, **changes: float) -> "Tolerance":
         return Tolerance(**{**asdict(self), **changes})
+
+    def at_depth(self, depth: int) -> "Tolerance":
+        """This tolerance with min_cosine raised to the floor of the stage at `depth` (see above)."""
+        if self.cos_dist_per_stage <= 0:
+            return self
+        return self.replace(min_cosine=max(self.min_cosine, 1.0 - self.cos_dist_per_stage * depth))
 
 
 @dataclass

@@ -41,14 +41,16 @@ def render_diff(report: dict[str, Any], images: list[str]) -> str:
     lines += [f"Tolerances: table entry {'/'.join(tol['table_key'])}: atol {_g(tol['base']['atol'])}, "
               f"rtol {_g(tol['base']['rtol'])}, outliers <= {_g(tol['base']['max_outlier_frac'])}, "
               f"cosine >= {tol['base']['min_cosine']}"
+              + (f" and >= 1 - {_g(tol['base']['cos_dist_per_stage'])} x depth" if tol['base']['cos_dist_per_stage'] else "")
               + (f"; overrides {', '.join(o['pattern'] for o in tol['overrides'])}" if tol["overrides"] else ""), ""]
     lines += ["## Outputs", "",
-              "| output | max abs err (at) | mean abs err | max rel err (at) | cosine | SQNR dB | outliers | |",
+              "| output | max abs err (at) | mean abs err | max rel err (at) | cosine (floor) | SQNR dB | outliers | |",
               "|---|---|---|---|---|---|---|---|"]
     for o in report["outputs"]:
         mark = "ok" if o["passed"] else "**FAIL**"
         lines.append(f"| {o['name']} | {_g(o['max_abs'])} ({_at(o['max_abs_at'])}) | {_g(o['mean_abs'])} | "
-                     f"{_g(o['max_rel'])} ({_at(o['max_rel_at'])}) | {_g(o['cosine'], 7)} | {_g(o['sqnr_db'], 4)} | "
+                     f"{_g(o['max_rel'])} ({_at(o['max_rel_at'])}) | {_g(o['cosine'], 7)} ({_g(o['tolerance']['min_cosine'], 6)}) | "
+                     f"{_g(o['sqnr_db'], 4)} | "
                      f"{_g(o['outlier_frac'])} | {mark} |")
     lg = report["logits"]
     gates = lg["gates"]

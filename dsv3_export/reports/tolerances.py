@@ -1,12 +1,22 @@
 """Tolerances of `dsv3-export diff`, per precision and device, in one table.
 
-Why these numbers: fp32 engines should match the fp32 reference to rounding (the CPU entry is
-~100x the largest error measured on the tiny preset's ONNX Runtime engine); on CUDA, fp32 GEMMs
-may run in TF32 (ONNX Runtime's CUDA provider enables it by default: ~1e-3 relative). bf16 and
-fp8 engines are compared with an fp32 reference model, so their entries allow bf16 rounding of
-every activation (and fp8 weight/activation quantization) accumulated over the layers; the
-allclose rule alone would flag values near zero, so a small fraction of outliers is allowed and
-the cosine floor bounds the overall error. Logit gates bound the distribution change users see.
+Why these numbers (measured on the tiny preset, 3 and 27 layers, random weights, 128 positions):
+  fp32 cpu   ONNX Runtime vs eager: max abs error 3.6e-6, SQNR > 124 dB, KL 2e-13. The entry is
+             ~30x above that, so a 2% perturbation of one weight fails loudly (tests/reports).
+  fp32 cuda  GEMMs may run in TF32 (ONNX Runtime's CUDA provider enables it by default): ~2
+             more mantissa bits than bf16, so between the two.
+  bf16       the reference model in bf16 (bf16 weights) vs fp32: cosine >= 0.9991 and SQNR
+             >= 27 dB at every depth, mean KL 9e-4, top-1 agreement 0.93 at 27 layers; 1 - cosine
+             grows by 3e-5 to 5e-5 per layer. The residual stream grows with depth (RMS 1 -> 4.7),
+             so a fixed elementwise atol either misses bugs early or flags rounding late: the
+             scale-free, depth-proportional cosine floor (Tolerance.at_depth, 2e-4 per stage) is
+             the main gate here, allclose only catches gross elementwise blow-ups. It catches a
+             25% wrong scale of one layer's wo (cosine 0.996 there, tests/reports).
+  fp8        fp8 e4m3 128x128 weights + 1x128 activation quantization + bf16 compute, emulated
+             in eager: cosine 0.979 and mean KL 0.021 at 27 layers, top-1 0.70 (random weights
+             give flat logits: top-1 is far more fragile than on a trained checkpoint); 1 - cosine
+             grows ~1e-3 per layer early, less later: 3e-3 per stage.
+A gate left at None is reported, not enforced.
 
 Override from the command line: --atol / --rtol (every output), --tol 'PATTERN:key=value,...'
 (outputs whose name matches the fnmatch PATTERN, e.g. 'layers.*:rtol=0.1' or 'logits:atol=1e-3').
@@ -42,14 +52,17 @@ class Tolerances:
 TABLE: dict[tuple[str, str], Tolerances] = {
     ("fp32", "cpu"): Tolerances(Tolerance(atol=1e-4, rtol=1e-3, max_outlier_frac=0.0, min_cosine=0.99999),
                                 LogitGates(max_kl_mean=1e-7, max_kl_p99=1e-6, min_top1=0.99, min_greedy=1.0)),
-    ("fp32", "cuda"): Tolerances(Tolerance(atol=5e-3, rtol=1e-2, max_outlier_frac=1e-3, min_cosine=0.9999),
-                                 LogitGates(max_kl_mean=1e-4, max_kl_p99=1e-3, min_top1=0.98, min_greedy=None)),
-    ("bf16", "*"): Tolerances(Tolerance(atol=5e-2, rtol=5e-2, max_outlier_frac=2e-2, min_cosine=0.999),
-                              LogitGates(max_kl_mean=1e-2, max_kl_p99=5e-2, min_top1=0.9, min_greedy=None)),
-    ("fp8", "*"): Tolerances(Tolerance(atol=1e-1, rtol=1e-1, max_outlier_frac=5e-2, min_cosine=0.99),
-                             LogitGates(max_kl_mean=5e-2, max_kl_p99=2e-1, min_top1=0.8, min_greedy=None)),
+    ("fp32", "cuda"): Tolerances(Tolerance(atol=0.1, rtol=0.05, max_outlier_frac=1e-3, min_cosine=0.999,
+                                           cos_dist_per_stage=2e-5),
+                                 LogitGates(max_kl_mean=1e-3, max_kl_p99=1e-2, min_top1=0.9, min_greedy=None)),
+    ("bf16", "*"): Tolerances(Tolerance(atol=1.0, rtol=0.5, max_outlier_frac=0.01, min_cosine=0.995,
+                                        cos_dist_per_stage=2e-4),
+                              LogitGates(max_kl_mean=5e-3, max_kl_p99=5e-2, min_top1=0.8, min_greedy=None)),
+    ("fp8", "*"): Tolerances(Tolerance(atol=2.0, rtol=0.5, max_outlier_frac=0.05, min_cosine=0.95,
+                                       cos_dist_per_stage=3e-3),
+                             LogitGates(max_kl_mean=0.1, max_kl_p99=0.5, min_top1=0.5, min_greedy=None)),
 }
-TOLERANCE_KEYS = ("atol", "rtol", "max_outlier_frac", "min_cosine")
+TOLERANCE_KEYS = ("atol", "rtol", "max_outlier_frac", "min_cosine", "cos_dist_per_stage")
 
 
 def default_tolerances(precision: str, device: str) -> Tolerances:
@@ -91,12 +104,13 @@ class ToleranceSet:
         parsed = tuple((p, tuple(sorted(v.items()))) for p, v in map(parse_override, per_output))
         return cls(base.replace(**changes), parsed)
 
-    def for_output(self, name: str) -> Tolerance:
+    def for_output(self, name: str, depth: int | None = None) -> Tolerance:
+        """The tolerance of output `name`; with its depth (1 = embed), its cosine floor applied."""
         tol = self.base
         for pattern, values in self.overrides:
             if fnmatch.fnmatchcase(name, pattern):
                 tol = tol.replace(**dict(values))
-        return tol
+        return tol if depth is None else tol.at_depth(depth)
 
     def unused_patterns(self, names: list[str]) -> list[str]:
         return [p for p, _ in self.overrides if not any(fnmatch.fnmatchcase(n, p) for n in names)]

@@ -101,6 +101,11 @@ def test_tolerance_table_and_overrides():
     assert tols.for_output("layers.3") == base.replace(atol=1e-2, rtol=0.5, min_cosine=0.0)
     assert tols.unused_patterns(["embed", "layers.3"]) == []
     assert ToleranceSet.build(base, per_output=["head:atol=1"]).unused_patterns(["logits"]) == ["head"]
+    deep = Tolerance(atol=1.0, rtol=0.5, min_cosine=0.99, cos_dist_per_stage=1e-3)
+    assert deep.at_depth(1).min_cosine == pytest.approx(0.999) and deep.at_depth(5).min_cosine == pytest.approx(0.995)
+    assert deep.at_depth(50).min_cosine == 0.99  # never below the absolute floor
+    assert base.at_depth(3) == base  # no per-stage budget: unchanged
+    assert ToleranceSet.build(deep).for_output("layers.0", depth=2).min_cosine == pytest.approx(0.998)
     for bad in ("logits", "logits:", "logits:atol", "logits:speed=1", "logits:atol=x"):
         with pytest.raises(ValueError):
             parse_override(bad)

@@ -230,6 +230,11 @@ def bench_fp8_gemm(report: Report, sh: Shapes, quick: bool) -> None:
             rows.append(add(report, Row("fp8_gemm", case, "triton fp8_linear (act_quant + gemm)",
                                         bench(lambda: fp8_linear(x, w, w_s), sh, quick)),
                             bytes_=bytes_ + m * k * 2, flops=flops, peak=FP8_PEAK))
+            wo_err = mean_rel(fp8_gemm(x, None, w, w_s).float(), fp8_gemm_ref(x, None, w, w_s, torch.float32))
+            rows.append(add(report, Row("fp8_gemm", case, "triton fp8_gemm weight-only (W8A16)",
+                                        bench(lambda: fp8_gemm(x, None, w, w_s), sh, quick), error=wo_err,
+                                        tol=5e-3, ok=wo_err < 5e-3),
+                            bytes_=m * k * 2 + n * k + w_s.numel() * 4 + m * n * 2, flops=flops, peak=BF16_PEAK))
             rows = [r for r in rows if r is not None]
             finish_group(rows)
             show(case, rows)
@@ -318,6 +323,14 @@ def bench_moe(report: Report, sh: Shapes, quick: bool) -> None:
                                     bench(lambda: M.fused_moe(x, w13q, w2q, tw, ids, **fp8_kw), sh, quick),
                                     error=err8, tol=2e-2, ok=err8 < 2e-2, note=note + "; ref: same fp8 weights"),
                         bytes_=active * expert_elems + act_bytes, flops=flops, peak=FP8_PEAK))
+
+        wo_kw = dict(w13_scale=w13s, w2_scale=w2s, act_quant=False)
+        ref_wo = M.fused_moe_ref(x, w13q, w2q, tw, ids, **wo_kw)
+        err_wo = mean_rel(M.fused_moe(x, w13q, w2q, tw, ids, **wo_kw).float(), ref_wo.float())
+        rows.append(add(report, Row("moe", case, "triton fused_moe fp8 weight-only (W8A16)",
+                                    bench(lambda: M.fused_moe(x, w13q, w2q, tw, ids, **wo_kw), sh, quick),
+                                    error=err_wo, tol=2e-2, ok=err_wo < 2e-2, note=note),
+                        bytes_=active * expert_elems + act_bytes, flops=flops, peak=BF16_PEAK))
 
         def baseline():
             e_ = mean_rel(_moe_grouped_mm(x, w13_t, w2_t, tw, ids, e).float(), ref.float())

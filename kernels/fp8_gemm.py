@@ -4,6 +4,10 @@ Layouts:
   a   fp8 e4m3fn [M, K] (activations), a_s fp32 [M, ceil(K/128)]        (one scale per 1x128)
   b   fp8 e4m3fn [N, K] (weight, nn.Linear layout), b_s fp32 [ceil(N/128), ceil(K/128)] (128x128)
   c   [M, N] in out_dtype (bf16 by default)
+Weight-only (W8A16, dsv3::fp8_linear(act_quant=False)): a is bf16/fp16 and a_s is None; the fp8
+tile is widened to a's dtype in registers (exact) and each K block's partial is scaled by b_s
+only. (The torch reference rounds dequant(w) to bf16 first; the kernel does not: it is the more
+accurate of the two, within one bf16 rounding of w per element.)
 
 Algorithm (tutorial-03 tiling with per-K-block scales): a program owns a [BLOCK_M, BLOCK_N] tile
 of C and walks K in steps of exactly 128 (the scale block), so each step's fp8 x fp8 -> fp32 dot
@@ -22,12 +26,13 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, autotune_or_single, check_tensor, launch,
-                                         next_pow2, num_sms)
-from dsv3_export.kernels.fp8_quant import act_quant
+from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, autotune_or_single, check_tensor, is_interpreted,
+                                         launch, next_pow2, num_sms)
+from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
 from dsv3_export.reference import fp8 as fp8_ref
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DENSE_DTYPES = (torch.bfloat16, torch.float16)
 # Largest split of the K loop; more adds reduction traffic without adding useful parallelism.
 MAX_SPLIT_K = 16
 
@@ -64,7 +69,7 @@ def _fp8_gemm_kernel(
     M, N, K, M_BUCKET,
     stride_am, stride_asm, stride_bn, stride_bsn, stride_cs, stride_cm,
     K_BLOCKS_PER_SPLIT,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, A_FP8: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # -- tile ids, grouped along M for L2 reuse of B tiles
@@ -96,15 +101,23 @@ def _fp8_gemm_kernel(
         mask_k = offs_k < K
         a = tl.load(a_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_cols + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
-        a_s = tl.load(a_s_rows + kb, mask=mask_m, other=0.0)
         b_s = tl.load(b_s_cols + kb, mask=mask_n, other=0.0)
-        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        if A_FP8:
+            a_s = tl.load(a_s_rows + kb, mask=mask_m, other=0.0)
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        else:  # weight-only: e4m3 -> bf16/fp16 is exact, the block scale multiplies the fp32 partial
+            if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            else:
+                b = b.to(a.dtype)
+            acc += tl.dot(a, b) * b_s[None, :]
 
     c_ptrs = c_ptr + pid_k * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-_fp8_gemm_tuned = autotune_or_single(_fp8_gemm_kernel, FP8_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K"],
+_fp8_gemm_tuned = autotune_or_single(_fp8_gemm_kernel, FP8_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K", "A_FP8"],
                                      prune_configs_by={"early_config_prune": _prune_configs})
 
 
@@ -118,13 +131,17 @@ def _choose_split_k(m: int, n: int, k_blocks: int, device: torch.device) -> int:
     return max(1, min(split, k_blocks // 2))
 
 
-def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: torch.Tensor,
              out_dtype: torch.dtype = torch.bfloat16, *, split_k: int | None = None,
              config: triton.Config | None = None) -> torch.Tensor:
-    """a fp8 [M, K], a_s fp32 [M, ceil(K/128)], b fp8 [N, K], b_s fp32 [ceil(N/128), ceil(K/128)] -> [M, N]."""
-    check_tensor("fp8_gemm: a", a, dtypes=(FP8_DTYPE,), ndim=2)
+    """a [M, K], b fp8 [N, K], b_s fp32 [ceil(N/128), ceil(K/128)] -> [M, N] in out_dtype.
+
+    a fp8 with a_s fp32 [M, ceil(K/128)] (W8A8), or a bf16/fp16 with a_s=None (weight-only W8A16:
+    the fp8 weight is widened in registers, never written back dequantized).
+    """
+    check_tensor("fp8_gemm: a", a, dtypes=(FP8_DTYPE,) + DENSE_DTYPES, ndim=2)
     dev = a.device
-    check_tensor("fp8_gemm: a_s", a_s, dtypes=(torch.float32,), ndim=2, device=dev)
+    a_fp8 = a.dtype == FP8_DTYPE
     check_tensor("fp8_gemm: b", b, dtypes=(FP8_DTYPE,), ndim=2, device=dev)
     check_tensor("fp8_gemm: b_s", b_s, dtypes=(torch.float32,), ndim=2, device=dev)
     if out_dtype not in OUT_DTYPES:
@@ -134,13 +151,19 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     if kb_ != k:
         raise ValueError(f"fp8_gemm: a is [M={m}, K={k}] but b is [N={n}, K={kb_}]; K must match")
     k_blocks = triton.cdiv(k, QUANT_BLOCK)
-    if tuple(a_s.shape) != (m, k_blocks):
-        raise ValueError(f"fp8_gemm: a_s must be [M, ceil(K/128)] = {(m, k_blocks)}, got {tuple(a_s.shape)}")
+    if a_fp8:
+        if a_s is None:
+            raise ValueError("fp8_gemm: fp8 a needs a_s [M, ceil(K/128)]")
+        check_tensor("fp8_gemm: a_s", a_s, dtypes=(torch.float32,), ndim=2, device=dev)
+        if tuple(a_s.shape) != (m, k_blocks):
+            raise ValueError(f"fp8_gemm: a_s must be [M, ceil(K/128)] = {(m, k_blocks)}, got {tuple(a_s.shape)}")
+    elif a_s is not None:
+        raise ValueError(f"fp8_gemm: a_s is only for fp8 a; a is {a.dtype} (weight-only path takes a_s=None)")
     if tuple(b_s.shape) != (triton.cdiv(n, QUANT_BLOCK), k_blocks):
         raise ValueError(f"fp8_gemm: b_s must be [ceil(N/128), ceil(K/128)] = "
                          f"{(triton.cdiv(n, QUANT_BLOCK), k_blocks)}, got {tuple(b_s.shape)}")
     for name, t in (("a", a), ("a_s", a_s), ("b", b), ("b_s", b_s)):
-        if t.stride(1) != 1:
+        if t is not None and t.stride(1) != 1:
             raise ValueError(f"fp8_gemm: {name} needs unit stride along its last dim, got strides {t.stride()}")
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     if m == 0 or n == 0:
@@ -155,42 +178,56 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     split = triton.cdiv(k_blocks, per_split)  # no empty splits
     c = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=dev)
     stride_cs = 0 if split == 1 else c.stride(0)
+    a_s_arg = a_s if a_fp8 else b_s  # never read on the weight-only path
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
     launch(_fp8_gemm_kernel, _fp8_gemm_tuned, FP8_GEMM_CONFIGS, grid,
-           (a, a_s, b, b_s, c, m, n, k, min(next_pow2(m), 4096),
-            a.stride(0), a_s.stride(0), b.stride(0), b_s.stride(0), stride_cs, n, per_split),
-           dict(SPLIT_K=split, BLOCK_K=QUANT_BLOCK), config)
+           (a, a_s_arg, b, b_s, c, m, n, k, min(next_pow2(m), 4096),
+            a.stride(0), a_s_arg.stride(0), b.stride(0), b_s.stride(0), stride_cs, n, per_split),
+           dict(SPLIT_K=split, A_FP8=a_fp8, UPCAST=is_interpreted(_fp8_gemm_kernel) and not a_fp8,
+                BLOCK_K=QUANT_BLOCK), config)
     if split > 1:
         torch.sum(c, dim=0, out=out) if out_dtype == torch.float32 else out.copy_(c.sum(dim=0))
     return out
 
 
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype: torch.dtype | None = None
-               ) -> torch.Tensor:
-    """y = x @ dequant(w, w_s)^T with x quantized 1x128 on the fly: x [..., K] -> [..., N]."""
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype: torch.dtype | None = None,
+               *, act_quant: bool = True) -> torch.Tensor:
+    """y = x @ dequant(w, w_s)^T: x [..., K] -> [..., N].
+
+    act_quant=True: x is quantized 1x128 on the fly (W8A8, dsv3::fp8_linear(act_quant=True)).
+    act_quant=False: weight-only (W8A16) for bf16/fp16 x.
+    """
     check_tensor("fp8_linear: x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32))
     if x.dim() == 0:
         raise ValueError("fp8_linear: x must have at least 1 dim [..., K]")
+    if not act_quant and x.dtype not in DENSE_DTYPES:
+        raise TypeError(f"fp8_linear: the weight-only path needs bf16/fp16 x, got {x.dtype}")
     k = x.shape[-1]
     x2 = x.reshape(-1, k)  # [M, K]
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    q, s = act_quant(x2)
-    y = fp8_gemm(q, s, w, w_s, out_dtype=out_dtype or x.dtype)  # [M, N]
+    if act_quant:
+        q, s = act_quant_kernel(x2)
+        y = fp8_gemm(q, s, w, w_s, out_dtype=out_dtype or x.dtype)  # [M, N]
+    else:
+        y = fp8_gemm(x2, None, w, w_s, out_dtype=out_dtype or x.dtype)  # [M, N]
     return y.view(*x.shape[:-1], w.shape[0])
 
 
-def fp8_gemm_ref(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+def fp8_gemm_ref(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: torch.Tensor,
                  out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Dequantize both operands in fp32 and multiply: the same quantized inputs as the kernel."""
-    a_f = fp8_ref.act_dequant(a, a_s, torch.float32)
+    a_f = fp8_ref.act_dequant(a, a_s, torch.float32) if a_s is not None else a.float()
     b_f = fp8_ref.weight_dequant(b, b_s, torch.float32)
     return (a_f @ b_f.T).to(out_dtype)
 
 
-def fp8_linear_ref(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype: torch.dtype | None = None
-                   ) -> torch.Tensor:
+def fp8_linear_ref(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype: torch.dtype | None = None,
+                   *, act_quant: bool = True) -> torch.Tensor:
     k = x.shape[-1]
-    q, s = fp8_ref.act_quant(x.reshape(-1, k))
-    y = fp8_gemm_ref(q, s, w, w_s, out_dtype=out_dtype or x.dtype)
+    x2 = x.reshape(-1, k)  # [M, K]
+    if act_quant:
+        y = fp8_gemm_ref(*fp8_ref.act_quant(x2), w, w_s, out_dtype=out_dtype or x.dtype)
+    else:
+        y = fp8_gemm_ref(x2, None, w, w_s, out_dtype=out_dtype or x.dtype)
     return y.view(*x.shape[:-1], w.shape[0])

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, autotune_or_single, check_tensor, is_interpreted,
                                          launch)
-from dsv3_export.kernels.fp8_quant import act_quant
+from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
 from dsv3_export.reference import fp8 as fp8_ref
 
 DENSE_DTYPES = (torch.bfloat16, torch.float16)
@@ -47,12 +47,31 @@ GROUPED_GEMM_CONFIGS = [
 
 
 @triton.jit
+def _expert_k_step(a, a_s, w_ptrs, w_s_ptrs, mask_k, mask_n, acc, W_FP8: tl.constexpr, A_FP8: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    """acc += one K block of a [BM, BK] x w [BK, BN], with the fp8 block scales where they apply."""
+    w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
+    if UPCAST:
+        w = w.to(tl.float32)
+    if W_FP8:
+        w_s = tl.load(w_s_ptrs, mask=mask_n, other=0.0)
+        if A_FP8:
+            acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
+        else:  # weight-only: e4m3 -> a's dtype is exact, the block scale multiplies the fp32 partial
+            acc += tl.dot(a, w.to(a.dtype)) * w_s[None, :]
+    else:
+        acc = tl.dot(a, w, acc)
+    return acc
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr,
     sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr,
     N_OUT, K, NUM_VALID, TOPK, UP_OFFSET,
     stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
-    FP8: tl.constexpr, SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr, UPCAST: tl.constexpr,
+    W_FP8: tl.constexpr, A_FP8: tl.constexpr, SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+    UPCAST: tl.constexpr,
     SCALE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -80,25 +99,17 @@ def _grouped_gemm_kernel(
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         a = tl.load(a_rows + offs_k[None, :], mask=tok_mask[:, None] & mask_k[None, :], other=0.0)
-        wg = tl.load(w_gate + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
         if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong
             a = a.to(tl.float32)
-            wg = wg.to(tl.float32)
-        if FP8:
+        if A_FP8:
             a_s = tl.load(a_s_rows + kb, mask=tok_mask, other=0.0)
-            wg_s = tl.load(w_s_gate + kb, mask=mask_n, other=0.0)
-            acc_g += tl.dot(a, wg) * a_s[:, None] * wg_s[None, :]
         else:
-            acc_g = tl.dot(a, wg, acc_g)
+            a_s = tl.zeros((BLOCK_M,), dtype=tl.float32)  # unused
+        acc_g = _expert_k_step(a, a_s, w_gate + offs_k[:, None], w_s_gate + kb, mask_k, mask_n, acc_g,
+                               W_FP8, A_FP8, UPCAST)
         if SWIGLU:
-            wu = tl.load(w_up + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            if UPCAST:
-                wu = wu.to(tl.float32)
-            if FP8:
-                wu_s = tl.load(w_s_up + kb, mask=mask_n, other=0.0)
-                acc_u += tl.dot(a, wu) * a_s[:, None] * wu_s[None, :]
-            else:
-                acc_u = tl.dot(a, wu, acc_u)
+            acc_u = _expert_k_step(a, a_s, w_up + offs_k[:, None], w_s_up + kb, mask_k, mask_n, acc_u,
+                                   W_FP8, A_FP8, UPCAST)
 
     out = acc_g
     if SWIGLU:
@@ -111,7 +122,7 @@ def _grouped_gemm_kernel(
 
 
 _grouped_gemm_tuned = autotune_or_single(_grouped_gemm_kernel, GROUPED_GEMM_CONFIGS,
-                                         key=["N_OUT", "K", "BLOCK_M", "FP8", "SWIGLU"])
+                                         key=["N_OUT", "K", "BLOCK_M", "W_FP8", "A_FP8", "SWIGLU"])
 
 
 def moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int
@@ -151,11 +162,18 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tenso
                  w_scale: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None,
                  fuse_swiglu: bool = False, out_dtype: torch.dtype | None = None,
                  config: triton.Config | None = None) -> torch.Tensor:
-    """a [T, K] (row of assignment i is i // topk), w [E, N, K] -> [T*topk, N] (or N/2 with fuse_swiglu)."""
+    """a [T, K] (row of assignment i is i // topk), w [E, N, K] -> [T*topk, N] (or N/2 with fuse_swiglu).
+
+    Precisions: a and w bf16/fp16 (same dtype); w fp8 + w_scale with fp8 a + a_scale (W8A8); or
+    w fp8 + w_scale with bf16/fp16 a and no a_scale (weight-only W8A16).
+    """
     check_tensor("grouped_gemm: a", a, dtypes=DENSE_DTYPES + (FP8_DTYPE,), ndim=2)
     dev = a.device
-    fp8 = a.dtype == FP8_DTYPE
-    check_tensor("grouped_gemm: w", w, dtypes=(FP8_DTYPE,) if fp8 else (a.dtype,), ndim=3, device=dev)
+    check_tensor("grouped_gemm: w", w, dtypes=DENSE_DTYPES + (FP8_DTYPE,), ndim=3, device=dev)
+    a_fp8, w_fp8 = a.dtype == FP8_DTYPE, w.dtype == FP8_DTYPE
+    if a_fp8 and not w_fp8 or not w_fp8 and w.dtype != a.dtype:
+        raise TypeError(f"grouped_gemm: a {a.dtype} with w {w.dtype} is not a supported pair "
+                        "(same dense dtype, fp8 x fp8, or dense a x fp8 w)")
     check_tensor("grouped_gemm: sorted_token_ids", sorted_token_ids, dtypes=(torch.int32,), ndim=1, device=dev,
                  contiguous=True)
     check_tensor("grouped_gemm: expert_ids", expert_ids, dtypes=(torch.int32,), ndim=1, device=dev, contiguous=True)
@@ -177,19 +195,24 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tenso
         raise ValueError(f"grouped_gemm: fuse_swiglu needs w rows [gate; up] (even N), got N={n}")
     n_out = n // 2 if fuse_swiglu else n
     k_blocks = triton.cdiv(k, QUANT_BLOCK)
-    if fp8:
-        if a_scale is None or w_scale is None:
-            raise ValueError("grouped_gemm: fp8 a/w need a_scale [T, ceil(K/128)] and w_scale [E, ceil(N/128), ceil(K/128)]")
-        check_tensor("grouped_gemm: a_scale", a_scale, dtypes=(torch.float32,), ndim=2, device=dev)
+    if w_fp8:
+        if w_scale is None:
+            raise ValueError("grouped_gemm: fp8 w needs w_scale [E, ceil(N/128), ceil(K/128)]")
         check_tensor("grouped_gemm: w_scale", w_scale, dtypes=(torch.float32,), ndim=3, device=dev)
-        if tuple(a_scale.shape) != (t, k_blocks) or a_scale.stride(1) != 1:
-            raise ValueError(f"grouped_gemm: a_scale must be [T, ceil(K/128)] = {(t, k_blocks)} with unit last "
-                             f"stride, got {tuple(a_scale.shape)} strides {a_scale.stride()}")
         if tuple(w_scale.shape) != (e, triton.cdiv(n, QUANT_BLOCK), k_blocks) or w_scale.stride(2) != 1:
             raise ValueError(f"grouped_gemm: w_scale must be [E, ceil(N/128), ceil(K/128)] = "
                              f"{(e, triton.cdiv(n, QUANT_BLOCK), k_blocks)}, got {tuple(w_scale.shape)}")
-    elif a_scale is not None or w_scale is not None:
-        raise ValueError(f"grouped_gemm: a_scale/w_scale are only for fp8 inputs; a is {a.dtype}")
+    elif w_scale is not None:
+        raise ValueError(f"grouped_gemm: w_scale is only for fp8 w; w is {w.dtype}")
+    if a_fp8:
+        if a_scale is None:
+            raise ValueError("grouped_gemm: fp8 a needs a_scale [T, ceil(K/128)]")
+        check_tensor("grouped_gemm: a_scale", a_scale, dtypes=(torch.float32,), ndim=2, device=dev)
+        if tuple(a_scale.shape) != (t, k_blocks) or a_scale.stride(1) != 1:
+            raise ValueError(f"grouped_gemm: a_scale must be [T, ceil(K/128)] = {(t, k_blocks)} with unit last "
+                             f"stride, got {tuple(a_scale.shape)} strides {a_scale.stride()}")
+    elif a_scale is not None:
+        raise ValueError(f"grouped_gemm: a_scale is only for fp8 a; a is {a.dtype}")
     if a.stride(1) != 1 or w.stride(2) != 1:
         raise ValueError(f"grouped_gemm: a and w need unit stride along K, got {a.stride()} and {w.stride()}")
     if topk_weights is not None:
@@ -197,22 +220,22 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tenso
                      dtypes=(torch.float32, torch.bfloat16, torch.float16))
         if topk_weights.numel() != t * topk:
             raise ValueError(f"grouped_gemm: topk_weights has {topk_weights.numel()} entries, need T*topk={t * topk}")
-    out_dtype = out_dtype or (torch.bfloat16 if fp8 else a.dtype)
+    out_dtype = out_dtype or (torch.bfloat16 if a_fp8 else a.dtype)
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"grouped_gemm: out_dtype {out_dtype} not supported; expected one of {OUT_DTYPES}")
     out = torch.empty((t * topk, n_out), dtype=out_dtype, device=dev)
     if out.numel() == 0:
         return out
     dummy = out  # never read: the constexpr flags compile its loads away
-    args = (a, a_scale if fp8 else dummy, w, w_scale if fp8 else dummy, out,
+    args = (a, a_scale if a_fp8 else dummy, w, w_scale if w_fp8 else dummy, out,
             topk_weights if topk_weights is not None else dummy,
             sorted_token_ids, expert_ids, num_tokens_post_pad,
             n_out, k, t * topk, topk, n_out if fuse_swiglu else 0,
-            a.stride(0), a_scale.stride(0) if fp8 else 0, w.stride(0), w.stride(1),
-            w_scale.stride(0) if fp8 else 0, w_scale.stride(1) if fp8 else 0, out.stride(0))
-    kwargs = dict(FP8=fp8, SWIGLU=fuse_swiglu, MUL_WEIGHT=topk_weights is not None,
-                  UPCAST=is_interpreted(_grouped_gemm_kernel) and not fp8, SCALE_BLOCK=QUANT_BLOCK,
-                  BLOCK_M=block_m, BLOCK_K=QUANT_BLOCK if fp8 else DENSE_BLOCK_K)
+            a.stride(0), a_scale.stride(0) if a_fp8 else 0, w.stride(0), w.stride(1),
+            w_scale.stride(0) if w_fp8 else 0, w_scale.stride(1) if w_fp8 else 0, out.stride(0))
+    kwargs = dict(W_FP8=w_fp8, A_FP8=a_fp8, SWIGLU=fuse_swiglu, MUL_WEIGHT=topk_weights is not None,
+                  UPCAST=is_interpreted(_grouped_gemm_kernel) and not a_fp8, SCALE_BLOCK=QUANT_BLOCK,
+                  BLOCK_M=block_m, BLOCK_K=QUANT_BLOCK if w_fp8 else DENSE_BLOCK_K)
     grid = lambda meta: (expert_ids.numel(), triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
     launch(_grouped_gemm_kernel, _grouped_gemm_tuned, GROUPED_GEMM_CONFIGS, grid, args, kwargs, config)
     return out
@@ -229,10 +252,11 @@ def choose_block_m(n_tokens: int, topk: int, n_experts: int) -> int:
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-              block_m: int | None = None) -> torch.Tensor:
+              act_quant: bool = True, block_m: int | None = None) -> torch.Tensor:
     """Routed experts: x [T, D], w13 [E, 2I, D] (rows [w1; w3]), w2 [E, D, I] -> [T, D] in x.dtype.
 
-    With w13_scale/w2_scale (fp8 weights) activations are quantized 1x128 on the fly.
+    With w13_scale/w2_scale (fp8 weights): act_quant=True quantizes the activations 1x128 on the
+    fly (W8A8, dsv3::moe_experts_fp8(act_quant=True)); act_quant=False keeps them in x.dtype (W8A16).
     """
     check_tensor("fused_moe: x", x, dtypes=DENSE_DTYPES, ndim=2)
     check_tensor("fused_moe: topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2, device=x.device)
@@ -248,15 +272,18 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     bm = block_m or choose_block_m(t, topk, n_experts)
     sorted_ids, expert_ids, npp = moe_align(topk_ids, n_experts, bm)
     weights = topk_weights.contiguous()
-    if w13_scale is None:
+    if w13_scale is None or not act_quant:
+        scales = {} if w13_scale is None else dict(w_scale=w13_scale)
         h = grouped_gemm(x.contiguous(), w13, sorted_ids, expert_ids, npp, topk, fuse_swiglu=True,
-                         out_dtype=x.dtype)  # [T*k, I]
-        y = grouped_gemm(h, w2, sorted_ids, expert_ids, npp, 1, topk_weights=weights, out_dtype=x.dtype)  # [T*k, D]
+                         out_dtype=x.dtype, **scales)  # [T*k, I]
+        scales = {} if w2_scale is None else dict(w_scale=w2_scale)
+        y = grouped_gemm(h, w2, sorted_ids, expert_ids, npp, 1, topk_weights=weights, out_dtype=x.dtype,
+                         **scales)  # [T*k, D]
     else:
-        xq, xs = act_quant(x.contiguous())
+        xq, xs = act_quant_kernel(x.contiguous())
         h = grouped_gemm(xq, w13, sorted_ids, expert_ids, npp, topk, a_scale=xs, w_scale=w13_scale,
                          fuse_swiglu=True, out_dtype=x.dtype)  # [T*k, I]
-        hq, hs = act_quant(h)
+        hq, hs = act_quant_kernel(h)
         y = grouped_gemm(hq, w2, sorted_ids, expert_ids, npp, 1, a_scale=hs, w_scale=w2_scale,
                          topk_weights=weights, out_dtype=x.dtype)  # [T*k, D]
     return y.view(t, topk, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)  # [T, D]
@@ -293,9 +320,9 @@ def grouped_gemm_ref(a: torch.Tensor, w: torch.Tensor, topk_ids: torch.Tensor, t
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
-                  w2_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-expert loop in fp32; with fp8 weights the activations are quantized where the kernel does."""
-    fp8 = w13_scale is not None
+                  w2_scale: torch.Tensor | None = None, act_quant: bool = True) -> torch.Tensor:
+    """Per-expert loop in fp32; with fp8 weights and act_quant the activations are quantized where the kernel does."""
+    fp8 = w13_scale is not None and act_quant
     w13_f, w2_f = _dense(w13, w13_scale), _dense(w2, w2_scale)
     inter = w13.shape[1] // 2
     xf = fp8_ref.act_dequant(*fp8_ref.act_quant(x)) if fp8 else x.float()

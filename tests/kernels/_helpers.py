@@ -17,6 +17,7 @@ TOL = {
     # mean|out - ref| / mean|ref|, against a reference fed the SAME quantized inputs
     "fp8_gemm_fp32_out": 1e-3,
     "fp8_gemm_bf16_out": 4e-3,  # + bf16 output truncation (<= 1 ulp)
+    "fp8_weight_only_vs_op": 1e-2,  # kernel skips the op's bf16 rounding of dequant(w); + bf16 output
     "grouped_gemm_fp16": 1e-3,
     "grouped_gemm_bf16": 1e-2,
     "fused_moe_fp16": 2e-3,  # h is stored in fp16 between the two GEMMs (the ref rounds there too)

@@ -81,17 +81,20 @@ def _cases(all_configs: bool):
         yield ("weight_dequant", fp8_quant._weight_dequant_kernel, cfg,
                dict(w_ptr=f8, s_ptr=f32, y_ptr=bf), dict(SCALE_BLOCK=128))
     for cfg in pick(fp8_gemm.FP8_GEMM_CONFIGS):
-        for split, c in ((1, bf), (4, f32)):
-            yield (f"fp8_gemm split_k={split}", fp8_gemm._fp8_gemm_kernel, cfg,
-                   dict(a_ptr=f8, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c), dict(SPLIT_K=split, BLOCK_K=128))
+        for split, c, a_fp8 in ((1, bf, True), (4, f32, True), (1, bf, False)):
+            yield (f"fp8_gemm split_k={split} a_fp8={a_fp8}", fp8_gemm._fp8_gemm_kernel, cfg,
+                   dict(a_ptr=f8 if a_fp8 else bf, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c),
+                   dict(SPLIT_K=split, A_FP8=a_fp8, UPCAST=False, BLOCK_K=128))
     for cfg in pick(moe.GROUPED_GEMM_CONFIGS):
-        for fp8, swiglu, block_m in ((True, True, 16), (True, False, 64), (False, True, 64), (False, False, 16)):
-            a = f8 if fp8 else bf
-            yield (f"grouped_gemm fp8={fp8} swiglu={swiglu} block_m={block_m}", moe._grouped_gemm_kernel, cfg,
-                   dict(a_ptr=a, a_s_ptr=f32, w_ptr=a, w_s_ptr=f32, c_ptr=bf, topk_w_ptr=f32, sorted_ids_ptr=i32,
-                        expert_ids_ptr=i32, num_post_pad_ptr=i32),
-                   dict(FP8=fp8, SWIGLU=swiglu, MUL_WEIGHT=not swiglu, UPCAST=False, SCALE_BLOCK=128,
-                        BLOCK_M=block_m, BLOCK_K=128 if fp8 else moe.DENSE_BLOCK_K))
+        for w_fp8, a_fp8, swiglu, block_m in ((True, True, True, 16), (True, True, False, 64),
+                                              (True, False, True, 16), (False, False, True, 64),
+                                              (False, False, False, 16)):
+            yield (f"grouped_gemm w_fp8={w_fp8} a_fp8={a_fp8} swiglu={swiglu} block_m={block_m}",
+                   moe._grouped_gemm_kernel, cfg,
+                   dict(a_ptr=f8 if a_fp8 else bf, a_s_ptr=f32, w_ptr=f8 if w_fp8 else bf, w_s_ptr=f32, c_ptr=bf,
+                        topk_w_ptr=f32, sorted_ids_ptr=i32, expert_ids_ptr=i32, num_post_pad_ptr=i32),
+                   dict(W_FP8=w_fp8, A_FP8=a_fp8, SWIGLU=swiglu, MUL_WEIGHT=not swiglu, UPCAST=False,
+                        SCALE_BLOCK=128, BLOCK_M=block_m, BLOCK_K=128 if w_fp8 else moe.DENSE_BLOCK_K))
     mla_dims = dict(C=512, R=64, BLOCK_C=512, BLOCK_R=64, UPCAST=False)
     for cfg in pick(mla_attention.DECODE_CONFIGS):
         for has_new in (False, True):

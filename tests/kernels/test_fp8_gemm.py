@@ -82,6 +82,29 @@ def test_fp8_linear_close_to_dense_linear(seed):
     assert mean_rel(y, x @ w_dense.T) < 0.1
 
 
+@pytest.mark.parametrize("m", [1, 37])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_weight_only_gemm(seed, m, dtype, split_k):
+    torch.manual_seed(seed)
+    _, _, b, b_s = _operands(m, 200, 300)
+    a = torch.randn(m, 300, dtype=dtype)
+    out = G.fp8_gemm(a, None, b, b_s, torch.float32, split_k=split_k)
+    assert_finite("fp8_gemm weight-only", out)
+    assert mean_rel(out, G.fp8_gemm_ref(a, None, b, b_s, torch.float32)) < TOL["fp8_gemm_fp32_out"]
+
+
+def test_weight_only_linear_matches_the_op_semantics(seed):
+    # dsv3::fp8_linear(act_quant=False) = F.linear(x, dequant(W) in x.dtype): equal up to bf16 rounding.
+    torch.manual_seed(seed)
+    x = torch.randn(3, 4, 300, dtype=torch.bfloat16)
+    w, w_s = R.weight_quant(torch.randn(200, 300) / 300**0.5)
+    y = G.fp8_linear(x, w, w_s, act_quant=False)
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 4, 200)
+    op_ref = torch.nn.functional.linear(x.float(), R.weight_dequant(w, w_s, torch.bfloat16).float())
+    assert mean_rel(y, op_ref) < TOL["fp8_weight_only_vs_op"]
+
+
 def test_bad_inputs_name_the_problem():
     a, a_s, b, b_s = _operands(3, 200, 300)
     with pytest.raises(ValueError, match="K must match"):
@@ -94,5 +117,11 @@ def test_bad_inputs_name_the_problem():
         G.fp8_gemm(a.float(), a_s, b, b_s)
     with pytest.raises(ValueError, match="split_k=9"):
         G.fp8_gemm(a, a_s, b, b_s, split_k=9)
+    with pytest.raises(ValueError, match="a_s is only for fp8 a"):
+        G.fp8_gemm(torch.randn(3, 300, dtype=torch.bfloat16), a_s, b, b_s)
+    with pytest.raises(ValueError, match="fp8 a needs a_s"):
+        G.fp8_gemm(a, None, b, b_s)
+    with pytest.raises(TypeError, match="weight-only path needs bf16/fp16 x"):
+        G.fp8_linear(torch.randn(3, 300), b, b_s, act_quant=False)
     with pytest.raises(TypeError, match="out_dtype"):
         G.fp8_gemm(a, a_s, b, b_s, torch.int32)

@@ -127,6 +127,32 @@ def test_fused_moe_fp8(seed, t):
     assert mean_rel(y, ref) < TOL["fused_moe_fp8_fp16"]
 
 
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_grouped_gemm_weight_only_fp8(seed, swiglu):
+    torch.manual_seed(seed)
+    t, k = 11, 3
+    ids, rw = _routing(t, k)
+    x = torch.randn(t, D, dtype=torch.float16)
+    w13q, w13s = _quantize_experts(_weights(torch.float32)[0])
+    s_ids, e_ids, npp = M.moe_align(ids, E, 16)
+    out = M.grouped_gemm(x, w13q, s_ids, e_ids, npp, k, w_scale=w13s, topk_weights=rw, fuse_swiglu=swiglu,
+                         out_dtype=torch.float32)
+    ref = M.grouped_gemm_ref(x, w13q, ids, k, w_scale=w13s, topk_weights=rw, fuse_swiglu=swiglu)
+    assert_finite("grouped_gemm weight-only", out)
+    assert mean_rel(out, ref) < TOL["grouped_gemm_fp16"]
+
+
+def test_fused_moe_weight_only_fp8(seed):
+    torch.manual_seed(seed)
+    ids, rw = _routing(9, 3)
+    x = torch.randn(9, D, dtype=torch.float16)
+    w13, w2 = _weights(torch.float32)
+    (w13q, w13s), (w2q, w2s) = _quantize_experts(w13), _quantize_experts(w2)
+    kw = dict(w13_scale=w13s, w2_scale=w2s, act_quant=False)
+    y = M.fused_moe(x, w13q, w2q, rw, ids, **kw)
+    assert mean_rel(y, M.fused_moe_ref(x, w13q, w2q, rw, ids, **kw)) < TOL["fused_moe_fp16"]
+
+
 def test_fused_moe_matches_reference_moe_module(seed):
     # The reference MoE (DeepSeek's per-expert loop, fp32) on the tiny preset: routed part only.
     torch.manual_seed(seed)
@@ -152,15 +178,20 @@ def test_bad_inputs_name_the_problem():
         M.moe_align(ids, E, 24)
     with pytest.raises(ValueError, match="K=200"):
         M.grouped_gemm(x[:, :128], w13, s_ids, e_ids, npp, 2)
-    with pytest.raises(TypeError, match="grouped_gemm: w: dtype torch.bfloat16"):
+    with pytest.raises(TypeError, match="a torch.float16 with w torch.bfloat16 is not a supported pair"):
         M.grouped_gemm(x, w13.bfloat16(), s_ids, e_ids, npp, 2)
     with pytest.raises(ValueError, match="pass moe_align's outputs unchanged"):
         M.grouped_gemm(x, w13, s_ids[:-1], e_ids, npp, 2)
-    with pytest.raises(ValueError, match="only for fp8"):
+    with pytest.raises(ValueError, match="a_scale is only for fp8 a"):
         M.grouped_gemm(x, w13, s_ids, e_ids, npp, 2, a_scale=torch.ones(4, 2))
-    with pytest.raises(ValueError, match="fp8 a/w need a_scale"):
-        xq, _ = R.act_quant(x)
-        M.grouped_gemm(xq, _quantize_experts(w13)[0], s_ids, e_ids, npp, 2)
+    w13q, w13s = _quantize_experts(w13)
+    xq, _ = R.act_quant(x)
+    with pytest.raises(ValueError, match="fp8 w needs w_scale"):
+        M.grouped_gemm(xq, w13q, s_ids, e_ids, npp, 2)
+    with pytest.raises(ValueError, match="fp8 a needs a_scale"):
+        M.grouped_gemm(xq, w13q, s_ids, e_ids, npp, 2, w_scale=w13s)
+    with pytest.raises(TypeError, match="not a supported pair"):
+        M.grouped_gemm(xq, w13, s_ids, e_ids, npp, 2)
     with pytest.raises(ValueError, match="topk_weights has 3 entries"):
         M.grouped_gemm(x, w13, s_ids, e_ids, npp, 2, topk_weights=torch.ones(3))
     with pytest.raises(ValueError, match="both w13_scale and w2_scale"):

@@ -111,7 +111,8 @@ class OnnxRuntimeBackend:
         if manifest.device == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
             provider_options = {"device_id": str(device.index),
-                                "user_compute_stream": str(torch.cuda.current_stream(device).cuda_stream)}
+                                "user_compute_stream": str(torch.cuda.current_stream(device).cuda_stream),
+                                "arena_extend_strategy": "kSameAsRequested"}  # no power-of-two slack on 31 GB
         session = ort.InferenceSession(str(model_path), options, providers=[(provider, provider_options)])
         cache_dtype = torch_dtype(manifest.kv_cache["dtype"])
         return OrtStep(session, device, cache_dtype, vocab=manifest.model["vocab_size"])

@@ -1,0 +1,331 @@
+"""ONNX Runtime CUDA engines of the 16b preset (random weights) on one GPU: build, check, time.
+
+    PYTHONPATH=/tmp/site python benchmarks/onnxruntime_16b.py [--precisions bf16,fp8]
+        [--batches 1,8,64] [--context 1024] [--decode-steps 8] [--work /tmp/ort16b]
+        [--budget-s 560] [--out DIR] [--n-layers N] [--skip-reference] [--delete-engines]
+
+Needs onnxruntime-gpu (CUDAExecutionProvider) on PYTHONPATH. Made for one device call: each
+section runs in try/except, checks the time left against its estimate (skipped with a reason
+when it would not fit) and the JSON is rewritten after every section, so a call stopped at its
+limit still returns what was measured. Engines are built into --work and reused when a later
+call on the same warm machine finds them there (delete --work to rebuild); measured on the CPU
+machine, a 3-layer 16b build takes 165 s on 2 cores and peaks at 3x the weight bytes of host
+RAM, so the full 16b build (31 GB bf16) may need a call of its own: e.g. call 1
+`--precisions bf16 --skip-reference`, call 2 `--precisions fp8 --skip-reference`, call 3 the
+default (both engines reused, reference timed, one table). Sections:
+
+  floor      measured device copy bandwidth; bytes a decode step must read at batch b (dense
+             weights + expected distinct routed experts + the KV cache of `context` positions)
+             / bandwidth, per precision
+  build      dsv3-export build --preset 16b --backend onnxruntime --device cuda --precision P
+             (export -> passes -> ONNX -> engine dir), seconds and file sizes
+  engine     load_engine (hash check, session creation) seconds; prefill of `context` tokens at
+             batch 1; decode ms/token (one token per row per step) at each batch over a cache of
+             `context` positions; accuracy of the engine's logits vs the eager step (same weights,
+             bf16) on a 2 x 64 prompt: relative error and top-1 agreement
+  reference  the reference model in eager PyTorch (DeepSeek's MoE loop, buffer cache), bf16,
+             same timings
+
+Prints a Markdown table on stdout; writes onnxruntime_16b.json to --out (default $OUT or .).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+T0 = time.perf_counter()
+PRESET_SEED = 0
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+class Report:
+    """Results by section; the JSON file is rewritten after each one."""
+
+    def __init__(self, path: Path, budget_s: float, meta: dict[str, Any]):
+        self.path, self.budget_s = path, budget_s
+        self.data: dict[str, Any] = {"meta": meta, "results": {}}
+
+    def left(self) -> float:
+        return self.budget_s - (time.perf_counter() - T0)
+
+    def put(self, key: str, section: str, value: Any) -> None:
+        self.data["results"].setdefault(key, {})[section] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        os.replace(tmp, self.path)
+
+    def section(self, key: str, name: str, need_s: float, fn: Callable[[], dict[str, Any]]) -> dict | None:
+        if self.left() < need_s:
+            self.put(key, name, {"skipped": f"needs ~{need_s:.0f} s, {self.left():.0f} s left"})
+            log(f"{key}/{name}: skipped (time)")
+            return None
+        log(f"{key}/{name} ...")
+        start = time.perf_counter()
+        try:
+            value = fn()
+            value["seconds"] = round(time.perf_counter() - start, 2)
+        except Exception as e:  # noqa: BLE001 - a benchmark section reports its failure and the run goes on
+            value = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+            log(f"{key}/{name} failed: {type(e).__name__}: {e}")
+        self.put(key, name, value)
+        gc.collect()
+        torch.cuda.empty_cache()
+        return value
+
+
+def cuda_ms(fn: Callable[[], Any], warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+# --- floor -------------------------------------------------------------------------------------
+def copy_bandwidth(gib: float = 4.0) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted)."""
+    n = int(gib * 2**30)
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = cuda_ms(lambda: b.copy_(a), warmup=2, reps=10)
+    del a, b
+    return 2 * n / (ms / 1e3)
+
+
+def decode_bytes(args, batch: int, context: int, precision: str) -> float:
+    """Bytes one decode step at `batch` must read: every dense weight once (head included, the
+    embedding only for its b rows), the routed experts the batch is expected to touch under
+    uniform routing, and the KV cache of `context` positions per row."""
+    from dsv3_export.reference.model import Transformer
+    from dsv3_export.stats import HIGH_PRECISION_MODULES
+
+    with torch.device("meta"):
+        model = Transformer(args.replace(dtype="bf16"), dtype=torch.bfloat16)
+    dense = routed = 0.0
+    for name, p in model.named_parameters():
+        if name.startswith("embed"):
+            continue
+        size = 2 if precision == "bf16" or any(s in name for s in HIGH_PRECISION_MODULES) or p.dim() < 2 else 1
+        if ".experts." in name:
+            routed += p.numel() * size
+        else:
+            dense += p.numel() * size
+    e, k = args.n_routed_experts, args.n_activated_experts
+    touched = e * (1 - (1 - k / e) ** batch) / e  # expected fraction of experts a batch uses
+    cache = batch * args.n_layers * context * (args.kv_lora_rank + args.qk_rope_head_dim) * 2
+    return dense + routed * touched + cache + batch * args.dim * 2
+
+
+# --- engine ------------------------------------------------------------------------------------
+def build(precision: str, work: Path, n_layers: int | None) -> dict[str, Any]:
+    from rich.console import Console
+
+    from dsv3_export.build import BuildOptions, build_engine
+    from dsv3_export.manifest import verify_engine_dir
+
+    out = work / f"engine-{precision}"
+    try:
+        manifest = verify_engine_dir(out, check_hashes=False)
+        return {"reused": str(out), "files": {n: e.size for n, e in manifest.files.items()}}
+    except Exception:  # noqa: BLE001 - no usable engine there yet: build it
+        pass
+    summary = build_engine(BuildOptions(preset="16b", backend="onnxruntime", device="cuda", precision=precision,
+                                        out=out, seed=PRESET_SEED, max_batch_size=64,
+                                        config_overrides=(("n_layers", n_layers),) if n_layers else ()),
+                           console=Console(stderr=True))
+    m = summary.manifest
+    return {"build_seconds": summary.seconds, "files": {n: e.size for n, e in m.files.items()},
+            "lowerings": m.lowerings, "passes": {p["name"]: p["matches"] for p in m.passes},
+            "top_ops": dict(list(m.op_histogram.items())[:15])}
+
+
+def reference_model(n_layers: int | None, max_batch: int):
+    """The 16b reference model with the same weights as the engines (drawn on the CPU), on the GPU."""
+    from dsv3_export.checkpoint import preset_model
+
+    over = {"max_batch_size": max_batch, "attn_impl": "absorb"}
+    if n_layers:
+        over["n_layers"] = n_layers
+    model = preset_model("16b", torch.bfloat16, "cpu", seed=PRESET_SEED, **over)
+    return model.to("cuda")
+
+
+def time_engine(precision: str, work: Path, batches: list[int], context: int, steps: int,
+                reference: Any) -> dict[str, Any]:
+    from dsv3_export.runtime import load_engine, write_rows
+    from dsv3_export.step import LatentCacheStep
+
+    start = time.perf_counter()
+    engine = load_engine(work / f"engine-{precision}")
+    free, total = torch.cuda.mem_get_info()
+    out: dict[str, Any] = {"load_seconds": round(time.perf_counter() - start, 1),
+                           "gpu_used_after_load_gib": round((total - free) / 2**30, 2)}
+    args = engine.args
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    vocab = args.vocab_size
+
+    tokens = torch.randint(0, vocab, (1, context), device="cuda", generator=gen)
+    cache = engine.new_cache(1, context)
+    zero = torch.zeros(1, dtype=torch.int64, device="cuda")
+    out["prefill_ms"] = round(cuda_ms(lambda: engine.step(tokens, zero, cache), warmup=1, reps=3), 2)
+    del cache
+    decode = {}
+    for b in batches:
+        try:
+            cache = engine.new_cache(b, context + steps + 4)
+            cache.normal_(generator=gen)
+            pos = torch.full((b,), context, dtype=torch.int64, device="cuda")
+            tok = torch.randint(0, vocab, (b, 1), device="cuda", generator=gen)
+
+            def one_step():
+                _, new_kv = engine.step(tok, pos, cache)
+                write_rows(cache, new_kv, pos)
+
+            decode[b] = round(cuda_ms(one_step, warmup=2, reps=steps), 3)
+            del cache
+        except Exception as e:  # noqa: BLE001
+            decode[b] = f"{type(e).__name__}: {e}"
+        torch.cuda.empty_cache()
+    out["decode_ms_per_step"] = decode
+    if reference is not None:  # same weights: the eager latent-cache step is the numerical reference
+        prompt = torch.randint(0, vocab, (2, 64), device="cuda", generator=gen)
+        cache = engine.new_cache(2, 64)
+        zeros = torch.zeros(2, dtype=torch.int64, device="cuda")
+        got, _ = engine.step(prompt, zeros, cache)
+        with torch.no_grad():
+            want, _ = LatentCacheStep(reference)(prompt, zeros, cache)
+        got, want = got.float(), want.float()
+        out["vs_eager_step"] = {"rel_err": ((got - want).norm() / want.norm()).item(),
+                                "top1_agree": (got.argmax(-1) == want.argmax(-1)).float().mean().item()}
+        out["generate_sample"] = engine.generate([1, 2, 3, 4, 5, 6, 7, 8], max_new_tokens=8)
+    del engine
+    return out
+
+
+def time_reference(model, batches: list[int], context: int, steps: int) -> dict[str, Any]:
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    vocab = model.args.vocab_size
+    out: dict[str, Any] = {"impl": "reference Transformer, eager, bf16, absorb attention, MoE loop"}
+    with torch.no_grad():
+        tokens = torch.randint(0, vocab, (1, context), device="cuda", generator=gen)
+        out["prefill_ms"] = round(cuda_ms(lambda: model(tokens, 0), warmup=1, reps=3), 2)
+        decode = {}
+        for b in batches:
+            if b > model.args.max_batch_size:
+                decode[b] = f"batch {b} > max_batch_size {model.args.max_batch_size}"
+                continue
+            tok = torch.randint(0, vocab, (b, 1), device="cuda", generator=gen)
+            decode[b] = round(cuda_ms(lambda: model(tok, context), warmup=2, reps=steps), 3)
+        out["decode_ms_per_step"] = decode
+    return out
+
+
+def markdown(data: dict[str, Any], batches: list[int]) -> str:
+    rows = ["| engine | prefill ms (1x%s) | %s |" % (data["meta"]["context"],
+                                                       " | ".join(f"decode ms/step b={b}" for b in batches)),
+            "|---|---|" + "---|" * len(batches)]
+    for key, sections in data["results"].items():
+        for name in ("engine", "reference"):
+            r = sections.get(name)
+            if not isinstance(r, dict) or "decode_ms_per_step" not in r:
+                continue
+            dec = r["decode_ms_per_step"]
+            cells = [str(dec.get(b, dec.get(str(b), "-"))) for b in batches]
+            rows.append(f"| {key} {name} | {r.get('prefill_ms', '-')} | {' | '.join(cells)} |")
+        floor = sections.get("floor")
+        if isinstance(floor, dict) and "decode_floor_ms" in floor:
+            cells = [f"{floor['decode_floor_ms'][str(b)]:.3f}" for b in batches]
+            rows.append(f"| {key} bandwidth floor | - | {' | '.join(cells)} |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--precisions", default="bf16,fp8")
+    p.add_argument("--batches", default="1,8,64")
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--decode-steps", type=int, default=8)
+    p.add_argument("--work", type=Path, default=Path("/tmp/ort16b"))
+    p.add_argument("--budget-s", type=float, default=560.0)
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    p.add_argument("--n-layers", type=int, default=None, help="smaller model for a smoke run")
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--delete-engines", action="store_true", help="delete each engine after timing it (disk)")
+    a = p.parse_args()
+    precisions = [x for x in a.precisions.split(",") if x]
+    batches = [int(x) for x in a.batches.split(",") if x]
+    import onnxruntime as ort
+
+    from dsv3_export.manifest import installed_versions
+    from dsv3_export.reference import ModelArgs
+
+    meta = {"context": a.context, "batches": batches, "decode_steps": a.decode_steps, "versions": installed_versions(),
+            "onnxruntime_providers": ort.get_available_providers(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    report = Report(a.out / "onnxruntime_16b.json", a.budget_s, meta)
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        report.put("setup", "error", {"error": "onnxruntime has no CUDAExecutionProvider; put onnxruntime-gpu on "
+                                               "PYTHONPATH (../shared/tools/device-wheels)"})
+        print(json.dumps(report.data, indent=2))
+        return 1
+    args = ModelArgs.preset("16b").replace(max_batch_size=64, **({"n_layers": a.n_layers} if a.n_layers else {}))
+    a.work.mkdir(parents=True, exist_ok=True)
+
+    def floor() -> dict[str, Any]:
+        bw = copy_bandwidth()
+        out = {"copy_bandwidth_tb_s": round(bw / 1e12, 3)}
+        for prec in precisions:
+            out[prec] = {str(b): decode_bytes(args, b, a.context, prec) / bw * 1e3 for b in batches}
+        return out
+
+    fl = report.section("all", "floor", 20, floor)
+    for prec in precisions:
+        if isinstance(fl, dict) and prec in fl:
+            report.put(prec, "floor", {"decode_floor_ms": fl[prec]})
+    holder: dict[str, Any] = {}
+
+    def load_reference() -> dict[str, Any]:
+        holder["model"] = reference_model(a.n_layers, max(batches))
+        free, total = torch.cuda.mem_get_info()
+        return {"gpu_used_gib": round((total - free) / 2**30, 2)}
+
+    if not a.skip_reference:
+        report.section("reference", "load", 120, load_reference)
+    reference = holder.get("model")
+    for prec in precisions:
+        built = report.section(prec, "build", 240, lambda: build(prec, a.work, a.n_layers))
+        if built is None or "error" in built:
+            continue
+        report.section(prec, "engine", 90, lambda: time_engine(prec, a.work, batches, a.context, a.decode_steps,
+                                                                reference))
+        if a.delete_engines:
+            shutil.rmtree(a.work / f"engine-{prec}", ignore_errors=True)  # disk: 31 GB bf16, 16 GB fp8
+    if reference is not None:
+        report.section("bf16", "reference", 60, lambda: time_reference(reference, batches, a.context, a.decode_steps))
+    print(markdown(report.data, batches))
+    print(f"\nJSON: {report.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -40,17 +40,26 @@ def build_options(manifest: Manifest, out: Path):
     source = manifest.source
     model = manifest.model
     common = dict(backend=manifest.backend, precision=manifest.precision, device=manifest.device, out=out,
-                  passes=_passes(manifest), max_batch_size=model["max_batch_size"], max_seq_len=model["max_seq_len"])
-    if "checkpoint" in source:
+                  passes=_passes(manifest))
+    if "checkpoint" in source:  # the recorded source omits runtime sizes: take them from the engine's config
+        common.update(max_batch_size=model["max_batch_size"], max_seq_len=model["max_seq_len"])
         path = Path(source["checkpoint"])
         if not (path / "config.json").is_file():
             raise DebugEngineError(f"the engine's source checkpoint {path} is gone (no config.json there); "
                                    "per-layer outputs need it (or pass --no-layers)")
         return BuildOptions(checkpoint=path, **common)
     if "preset" in source:
-        return BuildOptions(preset=source["preset"], seed=int(source.get("seed", 0)), **common)
+        overrides = tuple(sorted(preset_overrides(source).items()))
+        return BuildOptions(preset=source["preset"], seed=int(source.get("seed", 0)), config_overrides=overrides,
+                            max_batch_size=source.get("max_batch_size"), max_seq_len=source.get("max_seq_len"),
+                            **common)
     raise DebugEngineError(f"the engine's manifest records no source (source={source!r}); per-layer outputs "
                            "need one (rebuild the engine with this dsv3-export, or pass --no-layers)")
+
+
+def preset_overrides(source: dict) -> dict:
+    """The ModelArgs overrides a preset source records besides its name, seed and runtime sizes."""
+    return {k: v for k, v in source.items() if k not in ("preset", "seed", "max_batch_size", "max_seq_len")}
 
 
 def _passes(manifest: Manifest) -> tuple[str, ...]:
@@ -87,6 +96,9 @@ def ensure_debug_engine(engine: Engine, path: Path, console: Console | None = No
     options = build_options(engine.manifest, path)
     with contextlib.redirect_stdout(io.StringIO()):  # exporters print; stdout stays clean
         build_engine(options, console, step_factory=DebugLatentCacheStep)
+    reason = mismatch(read_manifest(path), engine.manifest)
+    if reason is not None:
+        raise DebugEngineError(f"the debug engine built at {path} does not reproduce {engine.path}: {reason}")
     return path
 
 

@@ -53,7 +53,11 @@ def load_reference(manifest: Manifest, checkpoint: Path | None = None, preset: s
     else:
         from dsv3_export.checkpoint import preset_model
 
+        from dsv3_export.reports.debug_engine import preset_overrides
+
         seed = 0 if seed is None else seed
+        if source.get("preset") == preset:  # the engine's own preset: its config overrides too (e.g. n_layers)
+            runtime = {**preset_overrides(source), **runtime}
         model = preset_model(preset, torch.float32, device, seed=seed, attn_impl="absorb", **runtime)
         described = {"preset": preset, "seed": seed}
     check_same_model(model.args.to_dict(), manifest.model)

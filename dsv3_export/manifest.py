@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -111,9 +112,15 @@ def kv_cache_layout(args: Any, dtype: str) -> dict[str, Any]:
 
 
 def installed_versions() -> dict[str, str | None]:
+    """Versions of the modules in use: an imported module's own __version__ first (two
+    distributions can provide one module, e.g. onnxruntime and onnxruntime-gpu on PYTHONPATH),
+    else the first installed distribution's metadata."""
     out: dict[str, str | None] = {}
     for key, dists in VERSIONED.items():
-        out[key] = None
+        module = sys.modules.get(key)
+        out[key] = getattr(module, "__version__", None) if module is not None else None
+        if out[key] is not None:
+            continue
         for dist in dists:
             try:
                 out[key] = metadata.version(dist)

@@ -173,7 +173,23 @@ def _static_with_extra(extra):
     return forward_static
 
 
+def _static_column_reused(self, x):
+    weights, indices = self.gate(x)
+    routing = torch.zeros(x.size(0), self.n_routed_experts, dtype=x.dtype, device=x.device)
+    routing = routing.scatter(1, indices, weights)  # [T, E]
+    y = torch.zeros_like(x)
+    for i, expert in enumerate(self.experts):
+        column = routing[:, i, None]  # [T, 1]
+        y = y + expert(x) * column
+        if i == 2:
+            y = y + 0.25 * column  # column 2 also read outside its expert
+    return y
+
+
 GUARDS = {
+    "routing column used elsewhere": (
+        lambda m: setattr(m.layers[2].ffn, "forward_static", types.MethodType(_static_column_reused, m.layers[2].ffn)),
+        "routing column 2 used elsewhere"),
     "routing used elsewhere": (
         lambda m: setattr(m.layers[2].ffn, "forward_static", types.MethodType(
             _static_with_extra(lambda y, r, p: y + r.sum(-1, keepdim=True)), m.layers[2].ffn)),

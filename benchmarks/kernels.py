@@ -12,8 +12,10 @@ triton.testing.do_bench (median) and reports: time, achieved TB/s or TFLOP/s, th
 Device copy bandwidth is measured in the same run. Every section is guarded: an error prints and
 the script continues. `--quick` runs fewer shapes with shorter timing.
 
-    python benchmarks/kernels.py [--quick] [--only fp8,moe,mla,norm,quant,copy]
-Writes kernels.json and kernels.md to $OUT when it is set.
+    python benchmarks/kernels.py [--quick] [--only copy,quant,fp8,moe,mla,norm] [--budget-s 480]
+Writes kernels.json and kernels.md to $OUT (after every section) when it is set. The first call of
+each kernel autotunes it (compiles and times every config per shape key): expect a few minutes
+for the full run on a cold Triton cache; --quick or --only split it into smaller calls.
 """
 
 from __future__ import annotations
@@ -482,13 +484,13 @@ def bench_rmsnorm(report: Report, sh: Shapes, quick: bool) -> None:
         show(case, rows)
 
 
-SECTIONS = {
+SECTIONS = {  # cheap sections first: if the time budget runs out, the expensive autotuning goes last
     "copy": ("device copy bandwidth", bench_copy),
     "quant": ("fp8 act_quant / weight_dequant", bench_act_quant),
-    "fp8": ("fp8 blockwise GEMM", bench_fp8_gemm),
-    "moe": ("MoE: grouped GEMM + fused MoE", bench_moe),
-    "mla": ("MLA absorbed attention", bench_mla),
     "norm": ("fused add + RMSNorm", bench_rmsnorm),
+    "mla": ("MLA absorbed attention", bench_mla),
+    "moe": ("MoE: grouped GEMM + fused MoE", bench_moe),
+    "fp8": ("fp8 blockwise GEMM", bench_fp8_gemm),
 }
 
 
@@ -528,6 +530,18 @@ def print_table(report: Report) -> None:
         print("FAILED:", f)
 
 
+def write_reports(report: Report, out: Path) -> None:
+    """kernels.json + kernels.md, each written to a temporary name and renamed."""
+    out.mkdir(parents=True, exist_ok=True)
+    payload = dict(device=report.device, versions=report.versions, copy_tbps=report.copy_tbps,
+                   ceilings=dict(hbm_bw=HBM_BW, fp8_peak=FP8_PEAK, bf16_peak=BF16_PEAK),
+                   rows=[asdict(r) for r in report.rows], failures=report.failures)
+    for name, text in (("kernels.json", json.dumps(payload, indent=1)), ("kernels.md", to_markdown(report))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
+
+
 def run_section(report: Report, key: str, sh: Shapes, quick: bool) -> None:
     """One guarded section: an exception is printed and recorded, and the run goes on."""
     title, fn = SECTIONS[key]
@@ -547,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {list(SECTIONS)}")
+    parser.add_argument("--budget-s", type=float, default=480.0,
+                        help="start no new section after this many seconds (the device call is capped at 600 s)")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny shapes on the CPU through TRITON_INTERPRET=1: checks the script, times nothing useful")
     args = parser.parse_args(argv)
@@ -576,22 +592,21 @@ def main(argv: list[str] | None = None) -> int:
                     versions=dict(torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda))
     print(f"{report.device}; {report.versions}", flush=True)
     t0 = time.time()
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     for key in [k for k in SECTIONS if k in wanted]:
+        if time.time() - t0 > args.budget_s:
+            msg = f"{SECTIONS[key][0]}: skipped, the {args.budget_s:.0f} s budget was spent"
+            report.failures.append(msg)
+            print(msg, flush=True)
+            continue
         run_section(report, key, sh, args.quick)
+        if out_dir:  # after every section, so a run killed at its time limit still leaves results
+            write_reports(report, out_dir)
     print_table(report)
     print(f"\ntotal {time.time() - t0:.0f} s", flush=True)
-    out_dir = os.environ.get("OUT")
     if out_dir:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        payload = dict(device=report.device, versions=report.versions, copy_tbps=report.copy_tbps,
-                       ceilings=dict(hbm_bw=HBM_BW, fp8_peak=FP8_PEAK, bf16_peak=BF16_PEAK),
-                       rows=[asdict(r) for r in report.rows], failures=report.failures)
-        for name, text in (("kernels.json", json.dumps(payload, indent=1)), ("kernels.md", to_markdown(report))):
-            tmp = out / f".{name}.tmp"
-            tmp.write_text(text)
-            tmp.replace(out / name)
-        print(f"wrote {out / 'kernels.json'} and {out / 'kernels.md'}")
+        write_reports(report, out_dir)
+        print(f"wrote {out_dir / 'kernels.json'} and {out_dir / 'kernels.md'}")
     wrong = [r for r in report.rows if r.ok is False]
     return 1 if wrong else 0
 

@@ -68,8 +68,8 @@ def _fp8_gemm_kernel(
     a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr,
     M, N, K, M_BUCKET,
     stride_am, stride_asm, stride_bn, stride_bsn, stride_cs, stride_cm,
-    K_BLOCKS_PER_SPLIT,
-    SPLIT_K: tl.constexpr, A_FP8: tl.constexpr, UPCAST: tl.constexpr,
+    K_BLOCKS_PER_SPLIT, SPLIT_K,  # SPLIT_K: unused in the body, a runtime arg only to key the autotuner
+    A_FP8: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # -- tile ids, grouped along M for L2 reuse of B tiles
@@ -182,8 +182,8 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
     launch(_fp8_gemm_kernel, _fp8_gemm_tuned, FP8_GEMM_CONFIGS, grid,
            (a, a_s_arg, b, b_s, c, m, n, k, min(next_pow2(m), 4096),
-            a.stride(0), a_s_arg.stride(0), b.stride(0), b_s.stride(0), stride_cs, n, per_split),
-           dict(SPLIT_K=split, A_FP8=a_fp8, UPCAST=is_interpreted(_fp8_gemm_kernel) and not a_fp8,
+            a.stride(0), a_s_arg.stride(0), b.stride(0), b_s.stride(0), stride_cs, n, per_split, split),
+           dict(A_FP8=a_fp8, UPCAST=is_interpreted(_fp8_gemm_kernel) and not a_fp8,
                 BLOCK_K=QUANT_BLOCK), config)
     if split > 1:
         torch.sum(c, dim=0, out=out) if out_dtype == torch.float32 else out.copy_(c.sum(dim=0))

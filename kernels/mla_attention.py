@@ -92,12 +92,12 @@ def _attend_tile(q, q_pe, kv, pe, valid, m_i, l_i, acc, scale_log2, UPCAST: tl.c
 @triton.jit
 def _mla_decode_split_kernel(
     q_ptr, q_pe_ptr, kv_ptr, pe_ptr, kvn_ptr, pen_ptr, seqlens_ptr, o_part_ptr, lse_ptr,
-    H, scale_log2,
+    H, NUM_SPLITS, scale_log2,
     stride_qb, stride_qh, stride_qpb, stride_qph, stride_kvb, stride_kvs, stride_peb, stride_pes,
     stride_kvnb, stride_penb,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, HAS_NEW: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_NEW: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
@@ -156,9 +156,9 @@ def _mla_decode_split_kernel(
 
 @triton.jit
 def _mla_decode_reduce_kernel(
-    o_part_ptr, lse_ptr, out_ptr,
+    o_part_ptr, lse_ptr, out_ptr, NUM_SPLITS,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
-    C: tl.constexpr, BLOCK_C: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -306,17 +306,18 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     kvn, pen = (kv_new, pe_new) if has_new else (kv_cache, pe_cache)  # never read without HAS_NEW
     grid = (bsz, triton.cdiv(heads, block_h), splits)
     launch(_mla_decode_split_kernel, _decode_tuned, DECODE_CONFIGS, lambda meta: grid,
-           (q_latent, q_pe, kv_cache, pe_cache, kvn, pen, cache_seqlens, o_part, lse, heads, softmax_scale * LOG2E,
+           (q_latent, q_pe, kv_cache, pe_cache, kvn, pen, cache_seqlens, o_part, lse, heads, splits,
+            softmax_scale * LOG2E,
             q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1),
             kv_cache.stride(0), kv_cache.stride(1), pe_cache.stride(0), pe_cache.stride(1),
             kvn.stride(0), pen.stride(0),
             o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1)),
-           dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), NUM_SPLITS=splits, HAS_NEW=has_new,
+           dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), HAS_NEW=has_new,
                 UPCAST=is_interpreted(_mla_decode_split_kernel) and q_latent.dtype != torch.float32,
                 BLOCK_H=block_h), config)
     _mla_decode_reduce_kernel[(bsz, heads)](
-        o_part, lse, out, o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1), C=c, BLOCK_C=next_pow2(c), NUM_SPLITS=splits, BLOCK_S=next_pow2(splits))
+        o_part, lse, out, splits, o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1), C=c, BLOCK_C=next_pow2(c), BLOCK_S=next_pow2(splits))
     return out
 
 

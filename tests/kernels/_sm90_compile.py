@@ -84,7 +84,7 @@ def _cases(all_configs: bool):
         for split, c, a_fp8 in ((1, bf, True), (4, f32, True), (1, bf, False)):
             yield (f"fp8_gemm split_k={split} a_fp8={a_fp8}", fp8_gemm._fp8_gemm_kernel, cfg,
                    dict(a_ptr=f8 if a_fp8 else bf, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c),
-                   dict(SPLIT_K=split, A_FP8=a_fp8, UPCAST=False, BLOCK_K=128))
+                   dict(A_FP8=a_fp8, UPCAST=False, BLOCK_K=128))
     for cfg in pick(moe.GROUPED_GEMM_CONFIGS):
         for w_fp8, a_fp8, swiglu, block_m in ((True, True, True, 16), (True, True, False, 64),
                                               (True, False, True, 16), (False, False, True, 64),
@@ -101,9 +101,9 @@ def _cases(all_configs: bool):
             yield (f"mla_decode_split has_new={has_new}", mla_attention._mla_decode_split_kernel, cfg,
                    dict(q_ptr=bf, q_pe_ptr=bf, kv_ptr=bf, pe_ptr=bf, kvn_ptr=bf, pen_ptr=bf, seqlens_ptr=i32,
                         o_part_ptr=f32, lse_ptr=f32),
-                   dict(mla_dims, NUM_SPLITS=8, BLOCK_H=16, HAS_NEW=has_new))
+                   dict(mla_dims, BLOCK_H=16, HAS_NEW=has_new))
     yield ("mla_decode_reduce", mla_attention._mla_decode_reduce_kernel, triton.Config({}, num_warps=4),
-           dict(o_part_ptr=f32, lse_ptr=f32, out_ptr=bf), dict(C=512, BLOCK_C=512, NUM_SPLITS=8, BLOCK_S=8))
+           dict(o_part_ptr=f32, lse_ptr=f32, out_ptr=bf), dict(C=512, BLOCK_C=512, BLOCK_S=8))
     for cfg in pick(mla_attention.PREFILL_CONFIGS):
         for has_new in (False, True):
             yield (f"mla_prefill has_new={has_new}", mla_attention._mla_prefill_kernel, cfg,

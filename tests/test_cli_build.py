@@ -104,3 +104,20 @@ def test_hf_checkpoint_builds_and_generates_through_the_cli(capsys, tmp_path):
     expected = reference_greedy(load_checkpoint(ckpt), [3, 1, 4, 1, 5, 9, 2, 6], 12)
     assert result["new_ids"] == [expected]
     assert load_engine(out).manifest.source["checkpoint"] == str(ckpt.absolute())
+
+
+def test_selected_passes_dump_graphs_and_verify_each_pass(capsys, tmp_path):
+    out = tmp_path / "engine"
+    code = main(["build", "--out", str(out), "--passes", "fuse_mla_absorb", "--dump-graphs", "--verify-each-pass"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    engine = load_engine(out)
+    assert [p["name"] for p in engine.manifest.passes] == ["fuse_mla_absorb"]
+    assert set(engine.manifest.lowerings) == {"dsv3::mla_attention"}  # the MoE stays as exported
+    dumps = tmp_path / "engine.graphs" / "prefill"
+    assert dumps.is_dir() and any(dumps.iterdir())
+    tokens = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(3))
+    from tests.engines._ort_engines import tiny_model
+
+    with torch.no_grad():
+        expected = tiny_model()(tokens)
+    assert ((engine.forward(tokens) - expected).norm() / expected.norm()).item() < 1e-4

@@ -159,3 +159,18 @@ def test_op_without_lowering_is_named():
     program = torch.export.export(Uses(), (torch.ones(2, 3),))
     with pytest.raises(UnsupportedOp, match=r"_test_unlowered.*no ONNX lowering"):
         check_program(program, Target())
+
+
+def test_program_straight_from_export_lowers_without_passes(tmp_path, seed):
+    """No pipeline: the exported ATen program (static MoE, unfused attention) is standard ONNX."""
+    from rich.console import Console
+
+    from dsv3_export.build import BuildOptions, build_engine
+
+    summary = build_engine(BuildOptions(out=tmp_path / "engine", passes=()), console=Console(stderr=True, quiet=True))
+    assert summary.manifest.passes == [] and summary.manifest.lowerings == {}
+    engine = load_engine(tmp_path / "engine")
+    tokens = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected = tiny_model()(tokens)
+    assert rel_err(engine.forward(tokens), expected) < TOLERANCES["fp32_engine"]

@@ -39,11 +39,13 @@ def make_checkpoints(work: Path) -> dict[str, Path]:
 def excerpt(report_md: str, profile_md: str, diff_cmd: str, profile_cmd: str) -> str:
     """The README excerpt: the diff verdict and stage table, and the profile table."""
     lines = report_md.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("**First output"))
+    first = next(line for line in lines if line.startswith("**First output"))
     end = next(i for i, line in enumerate(lines) if line.startswith("## Logit"))
+    start = next(i for i, line in enumerate(lines) if line.startswith("| output"))
     table = [line for line in lines[start:end] if line.strip()]
     prof = [line for line in profile_md.splitlines() if line.startswith("|")]
-    return "\n".join([f"```\n$ {diff_cmd}\n```", "", *table, "", f"```\n$ {profile_cmd}\n```", "", *prof, ""])
+    return "\n".join([f"```\n$ {diff_cmd}\n```", "", first, "", *table, "", f"```\n$ {profile_cmd}\n```", "",
+                      *prof, ""])
 
 
 def run(work: Path, docs: Path | None) -> int:

@@ -53,7 +53,7 @@ def stage_plot(report: dict[str, Any], path: Path) -> Path:
     first = verdict["first_failing"]
     title = "all outputs within tolerance" if verdict["passed"] else f"first output over tolerance: {first}"
     e = report["engine"]
-    top.set_title(f"{e['backend']} {e['device']}/{e['precision']} vs reference: {title}")
+    top.set_title(f"{e['backend']} {e['device']}/{e['precision']} engine vs reference\n{title}", fontsize=10)
     if first in names:
         i = names.index(first)
         top.annotate("first failing", (i, shown[i]), xytext=(0, 12), textcoords="offset points", ha="center",
@@ -65,6 +65,8 @@ def stage_plot(report: dict[str, Any], path: Path) -> Path:
     bottom.semilogy(x, np.clip(np.nan_to_num(mean_abs, nan=1e30, posinf=1e30), floor, None), "s--", label="mean |err|")
     atol = [o["tolerance"]["atol"] for o in outputs]
     bottom.step(x, atol, where="mid", color="grey", linewidth=1, label="atol")
+    for i in np.flatnonzero(max_abs == 0):
+        bottom.annotate("exact", (i, floor), xytext=(0, 6), textcoords="offset points", ha="center", fontsize=7)
     bottom.set_ylabel("abs error")
     bottom.legend(loc="upper left", fontsize=8)
     bottom.set_xticks(x, names, rotation=60, ha="right", fontsize=8)

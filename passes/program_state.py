@@ -65,7 +65,8 @@ class ProgramState:
             raise ValueError("program's placeholders are not all at the start of its graph")
         if len(placeholders) != len(self.input_specs):
             raise ValueError(f"program has {len(placeholders)} placeholders but {len(self.input_specs)} input specs")
-        fake_mode = detect_fake_mode([n.meta["val"] for n in placeholders if isinstance(n.meta.get("val"), torch.Tensor)])
+        vals = [n.meta.get("val") for n in placeholders]
+        fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
         self.fake_mode: FakeTensorMode = fake_mode or FakeTensorMode(allow_non_fake_inputs=True)
         self._index: tuple[dict[str, InputSpec], dict[str, Node]] | None = None  # by name, by target
 
@@ -249,9 +250,10 @@ class ProgramState:
         output = next(n for n in reversed(self.graph.nodes) if n.op == "output")
         outputs = output.args[0]
         if len(outputs) != len(self.output_specs):
-            raise ValueError(f"graph returns {len(outputs)} values but the signature has {len(self.output_specs)} outputs")
-        output_specs = [
-            OutputSpec(s.kind, TensorArgument(o.name), s.target) if isinstance(s.arg, TensorArgument) and isinstance(o, Node) else s
+            raise ValueError(f"graph returns {len(outputs)} values, the signature has {len(self.output_specs)} outputs")
+        output_specs = [  # an output node may have been replaced: specs follow the graph's names
+            OutputSpec(s.kind, TensorArgument(o.name), s.target)
+            if isinstance(s.arg, TensorArgument) and isinstance(o, Node) else s
             for s, o in zip(self.output_specs, outputs)
         ]
         gm = torch.fx.GraphModule(self.source.graph_module, self.graph)

@@ -67,7 +67,9 @@ class _Linear:
 
 def scale_name(weight_target: str) -> str:
     """"layers.0.attn.wq.weight" -> "layers.0.attn.wq.scale" (DeepSeek's fp8 checkpoint names)."""
-    return weight_target[: -len(".weight")] + ".scale" if weight_target.endswith(".weight") else weight_target + "_scale"
+    if weight_target.endswith(".weight"):
+        return weight_target[: -len(".weight")] + ".scale"
+    return weight_target + "_scale"
 
 
 def _skipped(target: str, config: PassConfig) -> str | None:

@@ -40,7 +40,7 @@ from dsv3_export.ops.fp8 import FP8_BLOCK
 from dsv3_export.passes.base import PassConfig, PassError, PassResult
 from dsv3_export.passes.program_state import ProgramState
 from dsv3_export.passes.weight_source import DenseWeight, Fp8Weight, match_linear, resolve_weight
-from dsv3_export.reference.fp8 import FP8_DTYPE, cdiv
+from dsv3_export.reference.fp8 import cdiv
 
 PASS = "rewrite_moe_grouped_gemm"
 aten = torch.ops.aten
@@ -124,7 +124,8 @@ def _check_experts(experts: list[Expert]) -> str | None:
     for i, e in enumerate(experts):
         got = tuple(_shape(w) for w in (e.w1, e.w3, e.w2))
         if got != ((w1_shape, dtype), (w3_shape, dtype), (w2_shape, dtype)):
-            return f"experts of different shapes/dtypes: expert {i} has {got}, expert 0 has {(w1_shape, w3_shape, w2_shape, dtype)}"
+            want = (w1_shape, w3_shape, w2_shape, dtype)
+            return f"experts of different shapes/dtypes: expert {i} has {got}, expert 0 has {want}"
         if isinstance(e.w1, Fp8Weight) and {e.w1.block_size, e.w3.block_size, e.w2.block_size} != {FP8_BLOCK}:
             return f"expert {i}: fp8 block size {e.w1.block_size} is not {FP8_BLOCK} (the dsv3 ops' block)"
     return None
@@ -161,7 +162,8 @@ def match_moe(state: ProgramState, scatter: Node) -> MoESite | str:
     for i in range(n_experts):
         col = _only_user(columns[i])
         if not (_call(col, aten.unsqueeze.default) and col.args[1] in (1, -1)):
-            return f"routing column {i} used elsewhere (users of {columns[i].name}: {[u.name for u in columns[i].users]})"
+            users = [u.name for u in columns[i].users]
+            return f"routing column {i} used elsewhere (users of {columns[i].name}: {users})"
         scaled = _only_user(col)
         if not _call(scaled, aten.mul.Tensor):
             return f"routing column {i} used elsewhere (users of {col.name}: {[u.name for u in col.users]})"
@@ -224,7 +226,8 @@ def _stack_fp8(state: ProgramState, site: MoESite) -> tuple[torch.Tensor, ...]:
     get = lambda node: state.tensor(state.target_of(node))  # noqa: E731
     w13 = torch.stack([torch.cat([pad_rows(get(e.w1.weight), padded), pad_rows(get(e.w3.weight), padded)])
                        for e in site.experts])  # [E, 2I', D]
-    w13_scale = torch.stack([torch.cat([get(e.w1.scale), get(e.w3.scale)]) for e in site.experts])  # [E, 2I'/128, D/128]
+    # [E, 2I'/128, D/128]: each half's own blocks, which the padding aligns with the stacked matrix's
+    w13_scale = torch.stack([torch.cat([get(e.w1.scale), get(e.w3.scale)]) for e in site.experts])
     w2 = torch.stack([pad_rows(get(e.w2.weight).T, padded).T for e in site.experts])  # [E, D, I']
     w2_scale = torch.stack([get(e.w2.scale) for e in site.experts])  # [E, D/128, I'/128]
     return w13, w13_scale, w2, w2_scale
@@ -273,7 +276,8 @@ def rewrite_moe_grouped_gemm(program: ExportedProgram, config: PassConfig) -> Pa
     state.eliminate_dead_code()
     for site in sites:
         if not site.scatter._erased:
-            raise PassError(PASS, "the static expert chains are still in the graph after the rewrite", site.scatter.name)
+            raise PassError(PASS, "the static expert chains are still in the graph after the rewrite",
+                            site.scatter.name)
     kept = set(obsolete) - set(state.remove_if_unused(obsolete))
     if kept:
         raise PassError(PASS, f"per-expert parameters still used after the rewrite: {sorted(kept)[:4]}")

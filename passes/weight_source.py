@@ -116,7 +116,8 @@ def resolve_weight(state: ProgramState, value: Node) -> DenseWeight | Fp8Weight 
     return None
 
 
-def _match_scale_expansion(state: ProgramState, node: Node, shape: tuple[int, int]) -> tuple[Node, int, list[Node]] | None:
+def _match_scale_expansion(state: ProgramState, node: Node,
+                           shape: tuple[int, int]) -> tuple[Node, int, list[Node]] | None:
     """Match slice*(repeat_interleave(repeat_interleave(cast*(p_s), b, 0), b, 1)) -> (p_s, b, nodes)."""
     n, k = shape
     chain, repeats = [], {}
@@ -124,7 +125,9 @@ def _match_scale_expansion(state: ProgramState, node: Node, shape: tuple[int, in
         if _is_call(node, *CASTS):
             pass
         elif _is_call(node, aten.slice.Tensor):
-            dim, start, step = node.args[1], node.args[2] if len(node.args) > 2 else 0, node.args[4] if len(node.args) > 4 else 1
+            dim = node.args[1]
+            start = node.args[2] if len(node.args) > 2 else 0
+            step = node.args[4] if len(node.args) > 4 else 1
             if dim not in (0, 1) or start not in (0, None) or step != 1:
                 return None
         elif _is_call(node, aten.repeat_interleave.self_int):

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import sys
+import io
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -76,6 +77,16 @@ class _Phases:
             yield lambda msg: status.update(f"{what}: {msg}")
         self.seconds[name] = round(time.perf_counter() - start, 2)
         self.console.print(f"[green]done[/green] {what} [dim]({self.seconds[name]:.1f} s)[/dim]")
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Keep the libraries' own chatter (torch.onnx's step prints on stdout, torch's pytree
+    FutureWarning) out of the build's output: the phases above report progress on stderr, and
+    stdout stays free for machine-readable output."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*LeafSpec.*")
+        yield
 
 
 def _load_model(options: BuildOptions, dtype: torch.dtype) -> tuple[Transformer, dict[str, Any]]:
@@ -153,16 +164,15 @@ def build_engine(options: BuildOptions, console: Console | None = None,
     with phases.phase("load", f"model ({options.checkpoint or options.preset or 'tiny'}, {str(dtype)[6:]})"):
         model, source = _load_model(options, dtype)
     args = model.args
-    with phases.phase("export", f"torch.export {', '.join(backend.program_kinds)}"), \
-            contextlib.redirect_stdout(sys.stderr):
+    with phases.phase("export", f"torch.export {', '.join(backend.program_kinds)}"), _quiet_libraries():
         programs = {kind: export_step(model, kind, step_factory) for kind in backend.program_kinds}
-    with phases.phase("passes", "passes") as report:
+    with phases.phase("passes", "passes") as report, _quiet_libraries():
         programs, passes_run = _run_passes(programs, options, target, options.backend, report)
     del model  # the programs hold the weights they need
 
     def fill(tmp: Path) -> Manifest:
         with phases.phase("backend", f"{options.backend} {target.device}/{target.precision}") as report, \
-                contextlib.redirect_stdout(sys.stderr):
+                _quiet_libraries():
             built = backend.build(programs, args, target, tmp, progress=report)
         return Manifest(
             model=args.to_dict(), backend=options.backend, precision=target.precision, device=target.device,

@@ -15,6 +15,7 @@ are overwritten before any query can see them (step.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -54,7 +55,7 @@ class Engine:
     step: StepFunction
     path: Path
 
-    @property
+    @cached_property
     def args(self) -> ModelArgs:
         return ModelArgs.from_dict(self.manifest.model)
 

@@ -20,6 +20,8 @@ stream, so no extra synchronization is needed.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
@@ -42,15 +44,15 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _ONNX_TYPES = {torch.int64: 7, torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}  # TensorProto.DataType
 
 
+_IR_TO_TORCH = {"INT64": torch.int64, "FLOAT": torch.float32, "FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16}
+
+
 def _specs(values) -> list[TensorSpec]:
     out = []
     for v in values:
         dims = tuple(d if isinstance(d, int) else str(d) for d in v.shape)
         out.append(TensorSpec(v.name, dtype_name(_IR_TO_TORCH[v.dtype.name]), dims))
     return out
-
-
-_IR_TO_TORCH = {"INT64": torch.int64, "FLOAT": torch.float32, "FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16}
 
 
 class OnnxRuntimeBackend:
@@ -75,10 +77,11 @@ class OnnxRuntimeBackend:
         lowerings = onnx_ops.check_program(program, target)  # raises, naming the node, if an op cannot lower
         report(f"torch.onnx.export (opset {OPSET}, {len(program.graph.nodes)} FX nodes)")
         t0 = time.perf_counter()
-        onnx_program = torch.onnx.export(
-            program, (), dynamo=True, opset_version=OPSET, input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES), custom_translation_table=onnx_ops.translation_table(target),
-            optimize=False, verify=False, report=False)
+        with _quiet("torch.onnx._internal.exporter._registration"):  # "torchvision is not installed" x4
+            onnx_program = torch.onnx.export(
+                program, (), dynamo=True, opset_version=OPSET, input_names=list(INPUT_NAMES),
+                output_names=list(OUTPUT_NAMES), custom_translation_table=onnx_ops.translation_table(target),
+                optimize=False, verify=False, report=False)
         model = onnx_program.model
         report(f"exported in {time.perf_counter() - t0:.1f} s; optimizing")
         onnx_graph.name_dims(model, DIM_NAMES)
@@ -116,6 +119,17 @@ class OnnxRuntimeBackend:
         session = ort.InferenceSession(str(model_path), options, providers=[(provider, provider_options)])
         cache_dtype = torch_dtype(manifest.kv_cache["dtype"])
         return OrtStep(session, device, cache_dtype, vocab=manifest.model["vocab_size"])
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _count_fp8(model) -> int:

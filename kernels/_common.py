@@ -26,6 +26,16 @@ def is_interpreted(kernel: Any) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+def traceable(kernel: Any) -> Any:
+    """`kernel` behind torch.library.wrap_triton when compiled: a plain launch in eager mode, and a
+    graph node when a launcher runs inside torch.library.triton_op under make_fx / torch.export
+    (how AOTInductor embeds the kernels). Interpreted kernels are launched as they are."""
+    wrap = getattr(torch.library, "wrap_triton", None)
+    if wrap is None or is_interpreted(kernel) or is_interpreted(getattr(kernel, "fn", None)):
+        return kernel
+    return wrap(kernel)
+
+
 def autotune_or_single(kernel: Callable, configs: Sequence[triton.Config], key: list[str], **tune_kwargs: Any):
     """The kernel wrapped in autotune for compiled runs; the bare kernel when interpreting."""
     if is_interpreted(kernel):
@@ -40,13 +50,13 @@ def launch(kernel: Callable, tuned: Callable | None, configs: Sequence[triton.Co
     `grid` is a function of the meta-parameter dict, as autotune expects.
     """
     if config is None and tuned is not None:
-        tuned[grid](*args, **kwargs)
+        traceable(tuned)[grid](*args, **kwargs)
         return
     cfg = config if config is not None else configs[0]
     meta = dict(cfg.kwargs)
     if not is_interpreted(kernel):  # the interpreter has no warps or pipeline stages
         meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    kernel[grid({**kwargs, **cfg.kwargs})](*args, **kwargs, **meta)
+    traceable(kernel)[grid({**kwargs, **cfg.kwargs})](*args, **kwargs, **meta)
 
 
 def check_tensor(name: str, t: Any, *, dtypes: Sequence[torch.dtype] | None = None, ndim: int | None = None,

@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3_export.kernels._common import autotune_or_single, check_tensor, is_interpreted, launch, next_pow2, num_sms
+from dsv3_export.kernels._common import (autotune_or_single, check_tensor, is_interpreted, launch, next_pow2, num_sms,
+                                         traceable)
 from dsv3_export.reference.attention import causal_mask
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -315,7 +316,7 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
            dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), HAS_NEW=has_new,
                 UPCAST=is_interpreted(_mla_decode_split_kernel) and q_latent.dtype != torch.float32,
                 BLOCK_H=block_h), config)
-    _mla_decode_reduce_kernel[(bsz, heads)](
+    traceable(_mla_decode_reduce_kernel)[(bsz, heads)](
         o_part, lse, out, splits, o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1), C=c, BLOCK_C=next_pow2(c), BLOCK_S=next_pow2(splits))
     return out

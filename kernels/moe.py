@@ -11,10 +11,11 @@ Shapes: T tokens, k = top-k, E experts, D model dim, I expert inter dim.
   grouped_gemm(a, w [E, N, K], sorted_token_ids, expert_ids, num_tokens_post_pad, topk)
       program (block b, column tile n): rows a[sorted_ids // topk] of its block times w[expert]^T;
       output row = the assignment id, so out is [T*k, N] in (token, slot) order. Blocks past
-      num_tokens_post_pad exit at once. Options: fp8 (a fp8 [T, K] with scales [T, ceil(K/128)],
-      w fp8 with [E, ceil(N/128), ceil(K/128)] scales, applied per 128-wide K block), a fused
-      SwiGLU epilogue (w rows = [gate ; up], writes silu(gate) * up, N/2 columns), a fused
-      routing-weight epilogue (row a scaled by topk_weights.flatten()[a]).
+      num_tokens_post_pad exit at once. Precisions: bf16/fp16; W8A8 (a fp8 [T, K] with scales
+      [T, ceil(K/128)], w fp8 with [E, ceil(N/128), ceil(K/128)] scales, applied per 128-wide K
+      block); W8A16 (bf16/fp16 a, fp8 w widened in registers). Epilogues: SwiGLU (w rows =
+      [gate ; up], writes silu(gate) * up, N/2 columns) and the routing weight (row a scaled by
+      topk_weights.flatten()[a]).
   fused_moe = align -> grouped gemm up (+SwiGLU) -> grouped gemm down (x routing weight) -> sum over k.
 BLOCK_M of the GEMM is the alignment's block_m (inferred from the tensor sizes); BLOCK_N and the
 pipeline are autotuned. Accumulation and epilogues are fp32.

@@ -142,7 +142,7 @@ class _Collected:
 def _collect(engine: Engine, model, runner: DebugRunner | None, prompts: list[list[int]],
              stages: list[str]) -> _Collected:
     c = _Collected()
-    for rows, tokens in _groups(prompts, engine.args.max_batch_size):
+    for rows, tokens in _groups(prompts, model.args.max_batch_size):  # <= the engine's max_batch_size
         b, s = tokens.shape
         c.where += [(r, p) for r in rows for p in range(s)]
         ref_logits, ref_hidden = reference_stages(model, tokens)  # [b, s, V], [b, L + 2, s, dim]
@@ -209,8 +209,9 @@ def run_diff(options: DiffOptions, console: Console | None = None) -> dict[str, 
     args = engine.args
     ref_device = options.reference_device or m.device
     console.print(f"reference model on {ref_device} (float32)")
-    model, ref_source = load_reference(m, options.reference, options.preset, options.weight_seed, ref_device)
     prompts = make_prompts(options, args.vocab_size, args.max_seq_len)
+    model, ref_source = load_reference(m, options.reference, options.preset, options.weight_seed, ref_device,
+                                       max_batch_size=len(prompts))
     table = default_tolerances(m.precision, m.device)
     tols = ToleranceSet.build(table.tensor, options.atol, options.rtol, options.tol)
     stages = stage_names(args.n_layers) if options.layers else []

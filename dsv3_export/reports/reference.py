@@ -29,8 +29,13 @@ class ReferenceError(ValueError):
 
 
 def load_reference(manifest: Manifest, checkpoint: Path | None = None, preset: str | None = None,
-                   seed: int | None = None, device: str = "cpu") -> tuple[Transformer, dict[str, Any]]:
-    """The reference: --reference CHECKPOINT, --preset NAME, or (neither) the engine's recorded source."""
+                   seed: int | None = None, device: str = "cpu",
+                   max_batch_size: int | None = None) -> tuple[Transformer, dict[str, Any]]:
+    """The reference: --reference CHECKPOINT, --preset NAME, or (neither) the engine's recorded source.
+
+    max_batch_size: rows the reference runs at once (its KV-cache buffers are allocated for
+    max_batch_size x max_seq_len: 2 GB per row for the 16b model in fp32). max_seq_len stays the
+    engine's, since it switches YaRN on or off."""
     if checkpoint is not None and preset is not None:
         raise ReferenceError("give only one of --reference and --preset")
     source = manifest.source
@@ -42,7 +47,8 @@ def load_reference(manifest: Manifest, checkpoint: Path | None = None, preset: s
             seed = int(source.get("seed", 0)) if seed is None else seed
         else:
             raise ReferenceError("the engine's manifest records no source; pass --reference CHECKPOINT or --preset NAME")
-    runtime = {"max_batch_size": manifest.model["max_batch_size"], "max_seq_len": manifest.model["max_seq_len"]}
+    rows = manifest.model["max_batch_size"] if max_batch_size is None else min(max_batch_size, manifest.model["max_batch_size"])
+    runtime = {"max_batch_size": rows, "max_seq_len": manifest.model["max_seq_len"]}
     if checkpoint is not None:
         from dsv3_export.checkpoint import load_checkpoint
 

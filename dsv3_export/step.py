@@ -63,6 +63,35 @@ def absorbed_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.T
     return torch.einsum("bshc,hdc->bshd", out_latent, w_uv)  # [b, s, h, dv]
 
 
+def naive_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
+                    start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """Naive MLA attention over [cache | new], for attn_impl="naive" models: the same inputs and
+    the same function as absorbed_attention, but every latent (cached and new) is expanded
+    through wkv_b into per-head K/V first, as DeepSeek's naive path does. The cache is still the
+    latent one; passes.fuse_mla_absorb turns this subgraph into dsv3::mla_attention as well.
+    """
+    b, s, h, dn = q_nope.shape
+    c = wkv_b.shape[-1]
+    t_len = kv_cache.shape[1]
+    kv_all = torch.cat([kv_cache, kv_new], dim=1)  # [b, T + s, c + r]
+    kv = torch.einsum("btc,hec->bthe", kv_all[..., :c], wkv_b.view(h, -1, c))  # [b, T + s, h, dn + dv]
+    k_nope, v = kv[..., :dn], kv[..., dn:]  # [b, T + s, h, dn], [b, T + s, h, dv]
+    k_pe = kv_all[..., c:].unsqueeze(2).expand(-1, -1, h, -1)  # [b, T + s, h, r]
+    k = torch.cat([k_nope, k_pe], dim=-1)  # [b, T + s, h, dn + r]
+    q = torch.cat([q_nope, q_pe], dim=-1)  # [b, s, h, dn + r]
+    scores = torch.einsum("bshd,bthd->bsht", q, k) * softmax_scale  # [b, s, h, T + s]
+    t = torch.arange(t_len, device=q.device)
+    past_visible = (t[None, :] < start_pos[:, None])[:, None, :].expand(-1, s, -1)  # [b, s, T]
+    new_visible = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()[None].expand(b, -1, -1)  # [b, s, s]
+    visible = torch.cat([past_visible, new_visible], dim=-1)  # [b, s, T + s]
+    scores = scores.masked_fill(~visible[:, :, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1, dtype=torch.float32).type_as(q)
+    return torch.einsum("bsht,bthd->bshd", probs, v)  # [b, s, h, dv]
+
+
+ATTENTION_BY_IMPL = {"absorb": absorbed_attention, "naive": naive_attention}
+
+
 def mla_step(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
              start_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [b, s, dim] -> (attention output [b, s, dim], new cache entries [b, s, c + r])."""
@@ -74,8 +103,8 @@ def mla_step(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k
     latent, k_pe = torch.split(kv, [attn.kv_lora_rank, attn.qk_rope_head_dim], dim=-1)
     k_pe = apply_rotary_emb(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # [b, s, r]
     kv_new = torch.cat([attn.kv_norm(latent), k_pe], dim=-1)  # [b, s, c + r]
-    out = absorbed_attention(q_nope, q_pe, kv_new, kv_cache, start_pos,
-                             attn.wkv_b.dense_weight(x.dtype), attn.softmax_scale)
+    attend = ATTENTION_BY_IMPL[attn.attn_impl]
+    out = attend(q_nope, q_pe, kv_new, kv_cache, start_pos, attn.wkv_b.dense_weight(x.dtype), attn.softmax_scale)
     return attn.wo(out.flatten(2)), kv_new
 
 
@@ -83,14 +112,12 @@ class LatentCacheStep(nn.Module):
     """A prefill or decode step of `model` with the latent cache as explicit input and output.
 
     Holds the model's own embed/layers/norm/head modules, so parameter names (and the exported
-    program's state dict) are the checkpoint's names.
+    program's state dict) are the checkpoint's names. The cache is the latent one whatever the
+    model's attn_impl: a naive-mode model attends with naive_attention over it (same function).
     """
 
     def __init__(self, model: Transformer):
         super().__init__()
-        if model.args.attn_impl != "absorb":
-            raise ValueError("LatentCacheStep needs an absorb-mode model (attn_impl='absorb'), "
-                             f"got attn_impl={model.args.attn_impl!r}")
         self.args = model.args
         self.embed, self.layers, self.norm, self.head = model.embed, model.layers, model.norm, model.head
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)

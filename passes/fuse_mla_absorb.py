@@ -17,11 +17,15 @@ becomes
 
     out    = dsv3::mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, scale)
 
-The pattern is not hand-written: it is traced from `absorbed_attention` with marker sizes, and the
-sizes (h, dn, c, T, s), the softmax scale and the device become wildcards that the match binds and
-the guards check against the tensors' shapes. So the pass follows the math if step.py changes.
-It runs on the un-decomposed export IR (before run_decompositions) and before any CSE (the
-masks of different layers must not be shared).
+The naive formulation a naive-mode model exports (`step.naive_attention`: the latent cache and
+new positions expanded through wkv_b into per-head K/V, one masked softmax over [cache | new],
+tail einsum "bsht,bthd->bshd") is the same function and becomes the same op.
+
+The patterns are not hand-written: they are traced from `absorbed_attention` / `naive_attention`
+with marker sizes, and the sizes (b, h, dn, c, T, s), the softmax scale and the device become
+wildcards that the match binds and the guards check against the tensors' shapes. So the pass
+follows the math if step.py changes. It runs on the un-decomposed export IR (before
+run_decompositions) and before any CSE (the masks of different layers must not be shared).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import dsv3_export.ops  # noqa: F401 - registers dsv3::mla_attention
 from dsv3_export.passes.base import PassConfig, PassError, PassResult
 from dsv3_export.passes.graph_utils import (copy_graph, count_calls, depends_on, fake_arg, fake_mode_of, node_val,
                                             rebuild_program, user_input_names)
-from dsv3_export.step import absorbed_attention
+from dsv3_export.step import absorbed_attention, naive_attention
 
 NAME = "fuse_mla_absorb"
 log = logging.getLogger(__name__)
@@ -50,26 +54,37 @@ TENSOR_INPUTS = ("q_nope", "q_pe", "kv_new", "kv_cache", "start_pos", "wkv_b")
 # Marker sizes for tracing the pattern: distinct, and unlike any dim index or other literal in it.
 _MARKERS = {"h": 7, "dn": 11, "c": 17}
 _R, _DV, _SCALE = 13, 19, 0.123456789
-_ANCHOR_EQUATION = "bshc,hdc->bshd"  # the last einsum: latent -> per-head values through W_UV
 MLA_OP = torch.ops.dsv3.mla_attention.default
+# The formulations that become dsv3::mla_attention, with the equation of their last einsum.
+FORMULATIONS = {"absorbed": (absorbed_attention, "bshc,hdc->bshd"), "naive": (naive_attention, "bsht,bthd->bshd")}
+_SIZES = {("kv_cache", 1): "T", **{(x, 1): "s" for x in ("q_nope", "q_pe", "kv_new")},
+          **{(x, 0): "b" for x in TENSOR_INPUTS if x != "wkv_b"}}
+_WILDCARDS = set(TENSOR_INPUTS) | set(_MARKERS) | set(_SIZES.values()) | {"scale", "device"}
 
 
 class _Pattern(torch.nn.Module):
+    def __init__(self, attention):
+        super().__init__()
+        self.attention = attention
+
     def forward(self, q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b):
-        return absorbed_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, _SCALE)
+        return self.attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, _SCALE)
 
 
 @functools.cache
-def attention_pattern() -> Graph:
-    """The ATen graph of absorbed_attention with sizes, scale and device as placeholders."""
+def attention_patterns() -> tuple[tuple[str, Graph], ...]:
+    """(formulation, ATen graph with sizes, scale and device as placeholders) for each formulation."""
     h, dn, c = _MARKERS["h"], _MARKERS["dn"], _MARKERS["c"]
     b, s, t = 2, 3, 5
     example = (torch.randn(b, s, h, dn), torch.randn(b, s, h, _R), torch.randn(b, s, c + _R),
                torch.randn(b, t, c + _R), torch.zeros(b, dtype=torch.int64), torch.randn(h * (dn + _DV), c))
     batch, seq, cache = Dim("b", min=1, max=64), Dim("s", min=1, max=4096), Dim("t", min=1, max=4096)
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: cache}, {0: batch}, None)
-    graph = torch.export.export(_Pattern(), example, dynamic_shapes=dynamic, strict=False).graph
-    return _wildcard_literals(graph)
+    patterns = []
+    for name, (attention, _) in FORMULATIONS.items():
+        program = torch.export.export(_Pattern(attention), example, dynamic_shapes=dynamic, strict=False)
+        patterns.append((name, _wildcard_literals(program.graph)))
+    return tuple(patterns)
 
 
 def _wildcard_literals(graph: Graph) -> Graph:
@@ -101,7 +116,7 @@ def _wildcard_literals(graph: Graph) -> Graph:
             continue
         if node.target == torch.ops.aten.sym_size.int:
             src, dim = node.args
-            size = {("kv_cache", 1): "T", ("q_pe", 1): "s", ("q_nope", 1): "s"}.get((src.name, dim))
+            size = _SIZES.get((src.target, dim))
             if size is None:
                 raise AssertionError(f"unexpected size {src.name}.shape[{dim}] in the traced MLA pattern")
             node.replace_all_uses_with(placeholder(size))
@@ -110,16 +125,15 @@ def _wildcard_literals(graph: Graph) -> Graph:
         node.args = replace(node.args)
         node.kwargs = {k: replace(v) for k, v in node.kwargs.items()}
     graph.lint()
-    expected = set(TENSOR_INPUTS) | set(_MARKERS) | {"s", "T", "scale", "device"}
     got = {n.target for n in graph.nodes if n.op == "placeholder"}
-    if got != expected:  # step.absorbed_attention changed in a way the wildcards do not cover
-        raise AssertionError(f"traced MLA pattern has inputs {sorted(got)}, expected {sorted(expected)}")
+    if not set(TENSOR_INPUTS) | {"scale", "T", "s"} <= got <= _WILDCARDS:  # step.py changed beyond the wildcards
+        raise AssertionError(f"traced MLA pattern has inputs {sorted(got)}, expected a subset of {sorted(_WILDCARDS)}")
     return graph
 
 
-def _bound(match: InternalMatch, name: str):
-    pattern_node = next(n for n in match.nodes_map if n.op == "placeholder" and n.target == name)
-    return match.nodes_map[pattern_node]
+def _bindings(match: InternalMatch) -> dict[str, object]:
+    """Pattern placeholder name -> the node or literal it matched."""
+    return {pn.target: gn for pn, gn in match.nodes_map.items() if pn.op == "placeholder"}
 
 
 def _size(value) -> object:
@@ -127,9 +141,9 @@ def _size(value) -> object:
     return value.meta.get("val") if isinstance(value, Node) else value
 
 
-def _check(match: InternalMatch, user_inputs: set[str]) -> str | None:
+def _check(bound: dict[str, object], user_inputs: set[str]) -> str | None:
     """None if the match can become dsv3::mla_attention, else the reason it cannot."""
-    vals = {k: node_val(_bound(match, k), NAME) for k in TENSOR_INPUTS}
+    vals = {k: node_val(bound[k], NAME) for k in TENSOR_INPUTS}
     q_nope, wkv_b, start_pos = vals["q_nope"], vals["wkv_b"], vals["start_pos"]
     if q_nope.dtype not in SUPPORTED_DTYPES:
         return f"unsupported dtype {q_nope.dtype} (supported: {SUPPORTED_DTYPES})"
@@ -140,19 +154,26 @@ def _check(match: InternalMatch, user_inputs: set[str]) -> str | None:
         return f"start_pos is {start_pos.dtype}, dsv3::mla_attention takes int64"
     if wkv_b.dim() != 2:
         return f"wkv_b has {wkv_b.dim()} dims, expected [h * (dn + dv), c]"
-    scale = _bound(match, "scale")
+    scale = bound["scale"]
     if not isinstance(scale, float) or not math.isfinite(scale):
         return f"softmax scale is {scale!r}, not a finite constant"
     expected = {"h": q_nope.shape[2], "dn": q_nope.shape[3], "c": wkv_b.shape[1],
-                "T": vals["kv_cache"].shape[1], "s": q_nope.shape[1]}
+                "T": vals["kv_cache"].shape[1], "s": q_nope.shape[1], "b": q_nope.shape[0]}
     for name, want in expected.items():
-        got = _size(_bound(match, name))
+        if name not in bound:  # this formulation does not use the size
+            continue
+        got = _size(bound[name])
         if got is None or not statically_known_true(got == want):
             return f"size {name} bound to {got}, but the tensors say {want}"
-    reads_input = depends_on(_bound(match, "wkv_b"), user_inputs)
+    reads_input = depends_on(bound["wkv_b"], user_inputs)
     if reads_input is not None:
         return f"wkv_b depends on the user input {reads_input!r}, not only on weights"
     return None
+
+
+def _find(graph: Graph) -> list[tuple[str, InternalMatch]]:
+    return [(name, m) for name, pattern in attention_patterns()
+            for m in SubgraphMatcher(pattern, ignore_literals=False).match(graph)]
 
 
 def fuse_mla_absorb(program: ExportedProgram, config: PassConfig) -> PassResult:
@@ -160,21 +181,21 @@ def fuse_mla_absorb(program: ExportedProgram, config: PassConfig) -> PassResult:
     fake_mode = fake_mode_of(program, NAME)
     user_inputs = user_input_names(program)
     notes: list[str] = []
-    matches = SubgraphMatcher(attention_pattern(), ignore_literals=False).match(graph)
-    matched_anchors = {m.returning_nodes[0] for m in matches}
-    for node in graph.nodes:  # near-misses: output einsums of attention that did not match
-        if node.target == torch.ops.aten.einsum.default and node.args[0] == _ANCHOR_EQUATION \
-                and node not in matched_anchors:
-            notes.append(f"{node.name}: einsum {_ANCHOR_EQUATION!r} is not the tail of an absorbed-attention "
-                         "subgraph (naive attention, or the graph differs from step.absorbed_attention)")
-    rewritten = 0
-    for match in matches:
-        anchor = match.returning_nodes[0]
-        reason = _check(match, user_inputs)
+    matches = _find(graph)
+    matched_anchors = {m.returning_nodes[0] for _, m in matches}
+    tails = {equation: name for name, (_, equation) in FORMULATIONS.items()}
+    for node in graph.nodes:  # near-misses: tail einsums of attention that did not match
+        if node.target == torch.ops.aten.einsum.default and node.args[0] in tails and node not in matched_anchors:
+            notes.append(f"{node.name}: einsum {node.args[0]!r} is not the tail of an attention subgraph (the graph "
+                         f"differs from step.{tails[node.args[0]]}_attention)")
+    rewritten: dict[str, int] = {}
+    for formulation, match in matches:
+        anchor, bound = match.returning_nodes[0], _bindings(match)
+        reason = _check(bound, user_inputs)
         if reason is not None:
             notes.append(f"{anchor.name}: {reason}")
             continue
-        args = tuple(_bound(match, k) for k in TENSOR_INPUTS) + (_bound(match, "scale"),)
+        args = tuple(bound[k] for k in TENSOR_INPUTS) + (bound["scale"],)
         with fake_mode:
             val = MLA_OP(*fake_arg(args, NAME))
         with graph.inserting_before(anchor):
@@ -182,18 +203,21 @@ def fuse_mla_absorb(program: ExportedProgram, config: PassConfig) -> PassResult:
         fused.meta.update({k: v for k, v in anchor.meta.items() if k != "val"})
         fused.meta["val"] = val
         anchor.replace_all_uses_with(fused)
-        rewritten += 1
+        rewritten[formulation] = rewritten.get(formulation, 0) + 1
     if not matches:
-        notes.append("no absorbed-attention subgraph found (naive attention, already fused, or decomposed IR)")
+        notes.append("no attention subgraph found (already fused, other math, or decomposed IR)")
+    if rewritten:
+        notes.append("rewritten: " + ", ".join(f"{n} {f}" for f, n in rewritten.items()))
     if config.debug:
         for note in notes:
             log.info("%s: %s", NAME, note)
-    if rewritten == 0:
+    count = sum(rewritten.values())
+    if count == 0:
         return PassResult(program, 0, notes)
     before = count_calls(program.graph, [MLA_OP])
     result = rebuild_program(program, graph)
-    _check_postcondition(result, expected_ops=before + rewritten, expected_leftovers=len(matches) - rewritten)
-    return PassResult(result, rewritten, notes)
+    _check_postcondition(result, expected_ops=before + count, expected_leftovers=len(matches) - count)
+    return PassResult(result, count, notes)
 
 
 def _check_postcondition(program: ExportedProgram, expected_ops: int, expected_leftovers: int) -> None:
@@ -201,8 +225,8 @@ def _check_postcondition(program: ExportedProgram, expected_ops: int, expected_l
     fused = count_calls(program.graph, [MLA_OP])
     if fused != expected_ops:
         raise PassError(NAME, f"expected {expected_ops} dsv3::mla_attention nodes after rewriting, found {fused}")
-    leftovers = SubgraphMatcher(attention_pattern()).match(program.graph)
+    leftovers = _find(program.graph)
     if len(leftovers) != expected_leftovers:
-        raise PassError(NAME, f"{len(leftovers)} absorbed-attention subgraphs remain after rewriting, "
-                              f"expected {expected_leftovers} (the skipped ones)", node=leftovers[0].returning_nodes[0].name
-                        if leftovers else None)
+        raise PassError(NAME, f"{len(leftovers)} attention subgraphs remain after rewriting, expected "
+                              f"{expected_leftovers} (the skipped ones)",
+                        node=leftovers[0][1].returning_nodes[0].name if leftovers else None)

@@ -97,11 +97,26 @@ def test_programs_have_dynamic_batch_sequence_and_cache_dims():
         assert args.max_batch_size in uppers and args.max_seq_len in uppers
 
 
-def test_naive_attention_model_is_refused():
-    torch.manual_seed(0)
-    naive = Transformer(ModelArgs.preset("tiny").replace(attn_impl="naive"))
-    with pytest.raises(ValueError, match="absorb-mode model"):
-        LatentCacheStep(naive)
+def test_naive_mode_step_equals_naive_reference(seed):
+    """A naive-mode model steps over the same latent cache (step.naive_attention)."""
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs.preset("tiny").replace(attn_impl="naive")).eval()
+    step = LatentCacheStep(model)
+    tokens = torch.randint(0, model.args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(seed))
+    model.reset_cache()
+    with torch.no_grad():
+        full = model(tokens, 0)
+        cache = step.empty_cache(2, 9, model.dtype)
+        start = torch.zeros(2, dtype=torch.int64)
+        logits, new_kv = step(tokens[:, :5], start, cache)
+        write_cache(cache, new_kv, start)
+        outputs = [logits]
+        for i in range(5, 9):
+            start = torch.full((2,), i, dtype=torch.int64)
+            logits, new_kv = step(tokens[:, i : i + 1], start, cache)
+            write_cache(cache, new_kv, start)
+            outputs.append(logits)
+    assert rel_err(torch.cat(outputs, dim=1), full) < TOLERANCES["fp32_structural"]
 
 
 @pytest.mark.slow

@@ -53,8 +53,12 @@ def lower_program(ep: ExportedProgram, device: str, kind: str) -> tuple[Exported
     """dsv3:: ops replaced: ATen math, or on CUDA our Triton kernels where torch_triton.py has them."""
     triton = None
     if device == "cuda":
+        from torch.export.passes import move_to_device_pass
+
         from dsv3_export.engines.torch_triton import triton_lowerings
 
+        if any(t.device.type != "cuda" for t in program_constants(ep).values()):
+            ep = move_to_device_pass(ep, f"cuda:{torch.cuda.current_device()}")  # build.py exports on the CPU; kernels trace on the GPU
         triton = triton_lowerings(kind)
     return lower_dsv3_ops(ep, device, triton)
 
@@ -77,21 +81,28 @@ def compile_package(ep: ExportedProgram, kind: str, path: Path, info: dict[str, 
 
 
 def program_constants(ep: ExportedProgram) -> dict[str, torch.Tensor]:
-    """Every tensor the program reads that is not a user input, by FQN (parameters, buffers, constants)."""
+    """The tensors the program's graph reads that are not user inputs, by FQN (parameters, buffers,
+    lifted constants), without the unused ones (the reference model's own KV-cache buffers)."""
+    from torch.export.graph_signature import InputKind
+
     values = {**ep.state_dict, **ep.constants}
-    return {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    used = {n.name for n in ep.graph.nodes if n.op == "placeholder" and n.users}
+    out = {}
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR) \
+                and spec.arg.name in used and isinstance(values.get(spec.target), torch.Tensor):
+            out[spec.target] = values[spec.target]
+    return out
 
 
-def _collect_weights(weights: dict[str, torch.Tensor], ep: ExportedProgram, package: Path) -> None:
-    """Add the constants `package` reads (its own list, so unused buffers of the model stay out)."""
-    available = program_constants(ep)
-    fqns = torch._inductor.aoti_load_package(str(package)).get_constant_fqns()
-    missing = sorted(set(fqns) - set(available))
-    if missing:
-        raise ValueError(f"torch backend: {package.name} reads constants the program does not hold "
-                         f"(folded by Inductor?): {missing[:8]}")
-    for fqn in fqns:
-        t = available[fqn]
+def _collect_weights(weights: dict[str, torch.Tensor], ep: ExportedProgram) -> None:
+    """Add the program's constants to `weights` (both programs share names; shapes must agree).
+
+    Not from loading the package: the build machine need not be able to load it (torch 2.11's
+    Python loader crashed on CUDA packages, see engines/torch_step.py); the loaders check that
+    every constant a package asks for is in the file.
+    """
+    for fqn, t in program_constants(ep).items():
         if fqn in weights and (weights[fqn].shape != t.shape or weights[fqn].dtype != t.dtype):
             raise ValueError(f"torch backend: constant {fqn!r} differs between programs "
                              f"({tuple(weights[fqn].shape)} {weights[fqn].dtype} vs {tuple(t.shape)} {t.dtype})")
@@ -147,8 +158,8 @@ class TorchBackend:
             lowered[kind], lowerings = ep, {**lowerings, **how}
             say(f"torch: AOTInductor compiling {kind} for {target.device} "
                 f"({info.get('march') or info.get('compute_capability') or 'native'})")
-            path = compile_package(ep, kind, out_dir / PACKAGE_FILES[kind], info)
-            _collect_weights(weights, ep, path)
+            compile_package(ep, kind, out_dir / PACKAGE_FILES[kind], info)
+            _collect_weights(weights, ep)
         say(f"torch: writing {WEIGHTS_FILE} ({len(weights)} tensors)")
         save_weights(weights, out_dir / WEIGHTS_FILE)
         cache_dtype = _input_dtype(lowered["decode"], "kv_cache")

@@ -41,20 +41,19 @@ def _mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_sca
 
 
 def _fake_quant(x: torch.Tensor) -> torch.Tensor:
-    """x rounded through 1x128 fp8 blocks, in fp32: dequant(act_quant(x)).
+    """x rounded through 1x128 fp8 blocks, back in x.dtype: dequant(act_quant(x)).
 
     sum_kb (xq . wq)_kb * xs * ws == dequant(xq) @ dequant(wq)^T exactly in real arithmetic, so
-    this is the act_quant=True math of dsv3::fp8_linear up to fp32 summation order.
+    with fp32 compute this is the act_quant=True math of dsv3::fp8_linear up to summation order;
+    bf16 engines (CUDA) round the dequantized operands to bf16 and run a bf16 GEMM.
     """
     q, s = act_quant(x, FP8_BLOCK)
-    return act_dequant(q, s, torch.float32, FP8_BLOCK)
+    return act_dequant(q, s, x.dtype, FP8_BLOCK)
 
 
 def _fp8_linear(x, weight, scale, act_quant_x):
-    w = weight_dequant(weight, scale, torch.float32 if act_quant_x else x.dtype, FP8_BLOCK)
-    if not act_quant_x:
-        return F.linear(x, w)
-    return F.linear(_fake_quant(x), w).to(x.dtype)
+    w = weight_dequant(weight, scale, x.dtype, FP8_BLOCK)
+    return F.linear(_fake_quant(x) if act_quant_x else x, w)
 
 
 def _dequant_experts(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -83,19 +82,18 @@ def _moe_experts(x, topk_weights, topk_ids, w13, w2):
 
 
 def _moe_experts_fp8(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, act_quant_x):
-    dtype = torch.float32 if act_quant_x else x.dtype
-    w13d = _dequant_experts(w13, w13_scale, dtype)
-    w2d = _dequant_experts(w2, w2_scale, dtype)
+    w13d = _dequant_experts(w13, w13_scale, x.dtype)
+    w2d = _dequant_experts(w2, w2_scale, x.dtype)
     if not act_quant_x:
         return _moe_experts(x, topk_weights, topk_ids, w13d, w2d)
     t, d = x.shape
     e = w13.shape[0]
     routing = torch.zeros(t, e, dtype=torch.float32, device=x.device)
     routing = routing.scatter_add(1, topk_ids, topk_weights.to(torch.float32))  # [T, E]
-    h = torch.einsum("td,end->etn", _fake_quant(x), w13d).to(x.dtype)  # [E, T, 2I]
+    h = torch.einsum("td,end->etn", _fake_quant(x), w13d)  # [E, T, 2I]
     gate, up = h.chunk(2, dim=-1)  # [E, T, I]
-    y = torch.einsum("eti,edi->etd", _fake_quant(F.silu(gate) * up), w2d)  # [E, T, D] fp32
-    return torch.einsum("etd,te->td", y, routing).to(x.dtype)
+    y = torch.einsum("eti,edi->etd", _fake_quant(F.silu(gate) * up), w2d)  # [E, T, D]
+    return torch.einsum("etd,te->td", y.to(torch.float32), routing).to(x.dtype)
 
 
 # op name -> ATen lowering with the op's signature. The reference bodies of moe_experts(_fp8)

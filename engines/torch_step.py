@@ -51,6 +51,19 @@ def load_weights(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
     return load_file(str(path), device=str(device))
 
 
+def load_package(path: Path, device: torch.device):
+    """An AOTInductor package as a callable, through the same C++ loader runtime/cpp uses.
+
+    Not torch._inductor.aoti_load_package: on the GPU machine (torch 2.11) it crashed (SIGSEGV)
+    before returning for every CUDA package, a plain Linear included, while building the C++
+    AOTIModelPackageLoader directly is what the C++ runtime does.
+    """
+    from torch._inductor.package.package import AOTICompiledModel
+
+    index = device.index if device.type == "cuda" and device.index is not None else -1
+    return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index))
+
+
 def _check_inputs(tokens: torch.Tensor, start_pos: torch.Tensor, kv_cache: torch.Tensor,
                   device: torch.device, cache_dtype: torch.dtype) -> None:
     problems = []
@@ -131,7 +144,7 @@ class AOTIStep:
                       device: torch.device, cache_dtype: torch.dtype, cuda_graph: bool = False) -> "AOTIStep":
         loaded = {}
         for kind, path in packages.items():
-            model = torch._inductor.aoti_load_package(str(path))
+            model = load_package(path, device)
             fqns = model.get_constant_fqns()
             missing = sorted(set(fqns) - set(weights))
             if missing:

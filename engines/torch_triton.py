@@ -67,15 +67,18 @@ def _grouped_gemm(a, w, sorted_ids, expert_ids, npp, topk: int, out_dtype: torch
     n_out = n // 2 if swiglu else n
     out = torch.empty((t * topk, n_out), dtype=out_dtype, device=a.device)
     dummy = out
-    args = (a, a_scale if fp8 else dummy, w, w_scale if fp8 else dummy, out,
+    args = (a, a_scale if fp8 else dummy, w, w_scale if w_scale is not None else dummy, out,
             topk_weights if topk_weights is not None else dummy, sorted_ids, expert_ids, npp,
             n_out, k, t * topk, topk, n_out if swiglu else 0,
             a.stride(0), a_scale.stride(0) if fp8 else 0, w.stride(0), w.stride(1),
-            w_scale.stride(0) if fp8 else 0, w_scale.stride(1) if fp8 else 0, out.stride(0))
-    kwargs = dict(FP8=fp8, SWIGLU=swiglu, MUL_WEIGHT=topk_weights is not None,
+            w_scale.stride(0) if w_scale is not None else 0, w_scale.stride(1) if w_scale is not None else 0,
+            out.stride(0))
+    flags = ({"FP8": fp8} if "FP8" in km._grouped_gemm_kernel.arg_names  # one fp8 flag, or one per operand
+             else {"W_FP8": w_scale is not None, "A_FP8": fp8})
+    kwargs = dict(**flags, SWIGLU=swiglu, MUL_WEIGHT=topk_weights is not None,
                   UPCAST=is_interpreted(km._grouped_gemm_kernel) and not fp8, SCALE_BLOCK=QUANT_BLOCK,
                   BLOCK_M=sorted_ids.shape[0] // expert_ids.shape[0],
-                  BLOCK_K=QUANT_BLOCK if fp8 else km.DENSE_BLOCK_K)
+                  BLOCK_K=QUANT_BLOCK if w_scale is not None else km.DENSE_BLOCK_K)
     grid = lambda meta: (expert_ids.shape[0], triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
     _launch(km._grouped_gemm_kernel, km._grouped_gemm_tuned, km.GROUPED_GEMM_CONFIGS, grid, args, kwargs)
     return out

@@ -1,0 +1,304 @@
+"""The torch backend on the 16b preset (random weights) on one GPU: compile, then time it.
+
+    python benchmarks/torch_16b.py [--precisions bf16,fp8] [--batches 1,8,64] [--prompt-len 1024]
+                                   [--decode-steps 8] [--budget-s 540] [--out DIR]
+
+Made for ONE device call (10-minute limit): every section checks the time left and is skipped
+with a reason when it would not fit, and the JSON is rewritten after every section, so a call
+killed at its limit still returns what was measured. Sections, per precision (bf16, fp8):
+
+  floor        bandwidth floor of a decode step: weight bytes that a batch of b tokens must read
+               (dense part + expected distinct routed experts + the KV cache) / measured copy
+               bandwidth of this GPU
+  engine       the torch engine built in memory exactly as engines/torch.py builds it (export ->
+               passes -> dsv3 op lowering -> AOTInductor package per program), compile seconds;
+               decode ms/token at each batch (CUDA graph replay, and the package run directly),
+               prefill ms for prompt-len tokens at batch 1; max rel. error of decode logits vs
+               the eager step
+  eager        the reference model in eager PyTorch (DeepSeek's MoE loop), same timings
+  compile      torch.compile of the reference model (default mode), decode only, if it compiles
+
+Decode is timed at position prompt-len over a cache of random values (the step's cost does not
+depend on them); ms/token = ms per decode step (one token per row). Prints a Markdown table on
+stdout; writes torch_16b.json to --out (default $OUT or the current directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dsv3_export.checkpoint import preset_model
+from dsv3_export.engines.torch import compile_package, lower_program, program_constants
+from dsv3_export.engines.torch_device import device_info
+from dsv3_export.engines.torch_step import AOTIStep
+from dsv3_export.export import export_step
+from dsv3_export.passes.base import PassConfig
+from dsv3_export.passes.pipeline import run_pipeline
+from dsv3_export.runtime import write_rows
+from dsv3_export.stats import model_stats
+from dsv3_export.step import LatentCacheStep
+
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+class Report:
+    """Results by section, rewritten to JSON after every change."""
+
+    def __init__(self, path: Path, budget_s: float, meta: dict[str, Any]):
+        self.path, self.budget_s = path, budget_s
+        self.data: dict[str, Any] = {"meta": meta, "results": {}}
+
+    def left(self) -> float:
+        return self.budget_s - (time.perf_counter() - T0)
+
+    def put(self, precision: str, section: str, value: Any) -> None:
+        self.data["results"].setdefault(precision, {})[section] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        os.replace(tmp, self.path)
+
+    def section(self, precision: str, name: str, need_s: float, fn: Callable[[], dict[str, Any]]) -> dict | None:
+        """Run fn unless fewer than need_s seconds are left; record its result, or why it has none."""
+        if self.left() < need_s:
+            self.put(precision, name, {"skipped": f"needs ~{need_s:.0f} s, {self.left():.0f} s left in the budget"})
+            log(f"{precision}/{name}: skipped (time)")
+            return None
+        log(f"{precision}/{name}: start")
+        start = time.perf_counter()
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 - a failed section is a result, the others still run
+            out = {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-4000:]}
+        out["seconds"] = round(time.perf_counter() - start, 1)
+        self.put(precision, name, out)
+        log(f"{precision}/{name}: done in {out['seconds']} s{' (error)' if 'error' in out else ''}")
+        return out
+
+
+def cuda_ms(fn: Callable[[], Any], iters: int, warmup: int = 2) -> float:
+    """Median milliseconds of fn() (CUDA events around each call)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    """bytes/s of a 4 GiB device-to-device copy (read + write counted)."""
+    x = torch.empty(2**31, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = cuda_ms(lambda: y.copy_(x), iters=5)
+    del x, y
+    return 2 * 2**31 / (ms / 1e3)
+
+
+def floor_ms(args, precision: str, batch: int, context: int, bandwidth: float) -> float:
+    """Bytes a decode step must read at least / bandwidth: each weight once, the cache once."""
+    stats = model_stats(args)
+    per_weight = 1.0 if precision == "fp8" else 2.0
+    n_moe = args.n_layers - args.n_dense_layers
+    expert_params = stats.routed_expert_params // max(n_moe * args.n_routed_experts, 1)
+    dense = stats.total_params - stats.routed_expert_params - args.vocab_size * args.dim  # no embedding table
+    k, e = args.n_activated_experts, args.n_routed_experts
+    distinct = e * (1.0 - (1.0 - k / e) ** batch)  # expected distinct experts per layer, uniform routing
+    weights = (dense + n_moe * distinct * expert_params) * per_weight
+    cache = batch * context * stats.kv_values_per_token_absorbed * 2
+    return (weights + cache) / bandwidth * 1e3
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def build_engine_in_memory(model, precision: str, kinds: tuple[str, ...], workdir: Path,
+                           report: dict[str, Any]) -> AOTIStep:
+    """What TorchBackend.build + load do, without writing 31 GB of weights to disk and hashing them."""
+    info = device_info("cuda")
+    config = PassConfig(precision=precision, fp8_activations=True)
+    weights: dict[str, torch.Tensor] = {}
+    packages = {}
+    for kind in kinds:
+        t = time.perf_counter()
+        ep = export_step(model, kind)
+        report[f"{kind}_export_s"] = round(time.perf_counter() - t, 1)
+        t = time.perf_counter()
+        ep, reports = run_pipeline(ep, config)
+        report[f"{kind}_passes"] = {r.name: r.matches for r in reports}
+        report[f"{kind}_passes_s"] = round(time.perf_counter() - t, 1)
+        ep, how = lower_program(ep, "cuda", kind)
+        report["lowerings"] = how
+        t = time.perf_counter()
+        packages[kind] = compile_package(ep, kind, workdir / f"{kind}.pt2", info)
+        report[f"{kind}_aoti_compile_s"] = round(time.perf_counter() - t, 1)
+        log(f"compiled {kind} in {report[f'{kind}_aoti_compile_s']} s")
+        for fqn, tensor in program_constants(ep).items():
+            weights.setdefault(fqn, tensor)
+        del ep
+    gc.collect()
+    prefill = packages.get("prefill", packages["decode"])
+    return AOTIStep.from_packages({"prefill": prefill, "decode": packages["decode"]}, weights,
+                                  torch.device("cuda"), model.dtype, cuda_graph=True)
+
+
+def time_step_decode(step: Callable, model, batch: int, context: int, iters: int) -> float:
+    a = model.args
+    cache = torch.randn(batch, a.n_layers, context + 1, a.kv_lora_rank + a.qk_rope_head_dim,
+                        device="cuda").to(model.dtype)  # [b, L, T, w]
+    tokens = torch.randint(0, a.vocab_size, (batch, 1), device="cuda")
+    pos = torch.full((batch,), context, dtype=torch.int64, device="cuda")
+
+    def one():
+        _, new_kv = step(tokens, pos, cache)
+        write_rows(cache, new_kv, pos)
+
+    ms = cuda_ms(one, iters)
+    del cache
+    return ms
+
+
+def engine_section(model, precision, batches, prompt_len, steps, workdir) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    kinds = ("decode", "prefill")
+    step = build_engine_in_memory(model, precision, kinds, workdir, out)
+    a = model.args
+    with torch.no_grad():  # decode numerics vs the eager step at batch 2
+        cache = torch.randn(2, a.n_layers, prompt_len, a.kv_lora_rank + a.qk_rope_head_dim, device="cuda").to(model.dtype)
+        tokens = torch.randint(0, a.vocab_size, (2, 1), device="cuda")
+        pos = torch.tensor([prompt_len - 1, prompt_len // 2], device="cuda")
+        want, _ = LatentCacheStep(model).eval()(tokens, pos, cache)
+        got, _ = step(tokens, pos, cache)
+        out["decode_logits_rel_err_vs_eager_step"] = rel_err(got, want)
+        del cache
+    direct = AOTIStep(step._prefill, step._decode, step.device, step.cache_dtype, cuda_graph=False)
+    for b in batches:
+        out[f"decode_ms_b{b}"] = cuda_ms_safe(lambda: time_step_decode(step, model, b, prompt_len, steps))
+        out[f"decode_ms_b{b}_no_graph"] = cuda_ms_safe(lambda: time_step_decode(direct, model, b, prompt_len, steps))
+    tokens = torch.randint(0, a.vocab_size, (1, prompt_len), device="cuda")
+    cache = torch.zeros(1, a.n_layers, prompt_len, a.kv_lora_rank + a.qk_rope_head_dim, device="cuda", dtype=model.dtype)
+    start = torch.zeros(1, dtype=torch.int64, device="cuda")
+    out["prefill_ms_b1"] = cuda_ms(lambda: step(tokens, start, cache), iters=3, warmup=1)
+    out["decode_uses_cuda_graph"] = step._graphs is not None and not step._graphs.failed
+    return out
+
+
+def cuda_ms_safe(fn: Callable[[], float]) -> float | str:
+    try:
+        return round(fn(), 3)
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory at batch 64: keep the other batches
+        torch.cuda.empty_cache()
+        return f"error: {type(e).__name__}: {str(e)[:300]}"
+
+
+@torch.no_grad()
+def eager_section(model, batches, prompt_len, steps, compiled: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    run = torch.compile(model, dynamic=False) if compiled else model
+    a = model.args
+    for b in batches:
+        tokens = torch.randint(0, a.vocab_size, (b, 1), device="cuda")
+        out[f"decode_ms_b{b}"] = cuda_ms_safe(lambda: cuda_ms(lambda: run(tokens, prompt_len), iters=steps))
+    if not compiled:
+        prompt = torch.randint(0, a.vocab_size, (1, prompt_len), device="cuda")
+        out["prefill_ms_b1"] = cuda_ms(lambda: run(prompt, 0), iters=3, warmup=1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="16b")
+    p.add_argument("--precisions", default="bf16,fp8")
+    p.add_argument("--batches", default="1,8,64")
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--decode-steps", type=int, default=8)
+    p.add_argument("--budget-s", type=float, default=540.0, help="stop starting sections after this")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: engine,eager,compile")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    opts = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("torch_16b: needs a CUDA GPU", file=sys.stderr)
+        return 1
+    batches = [int(b) for b in opts.batches.split(",")]
+    skip = set(filter(None, opts.skip.split(",")))
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": opts.preset,
+            "batches": batches, "prompt_len": opts.prompt_len, "decode_steps": opts.decode_steps,
+            "note": "max_seq_len set to 2 * prompt_len (YaRN off) to keep the reference caches small"}
+    report = Report(opts.out / "torch_16b.json", opts.budget_s, meta)
+    bandwidth = copy_bandwidth()
+    report.data["meta"]["copy_bandwidth_GBps"] = round(bandwidth / 1e9, 1)
+    for precision in opts.precisions.split(","):
+        if report.left() < 60:
+            report.put(precision, "all", {"skipped": "no time left"})
+            continue
+        model = preset_model(opts.preset, torch.bfloat16, "cuda", seed=0, weight_dtype=precision,
+                             max_batch_size=max(batches), max_seq_len=2 * opts.prompt_len)
+        args = model.args
+        report.put(precision, "floor", {f"decode_ms_b{b}": round(floor_ms(args, precision, b, opts.prompt_len, bandwidth), 3)
+                                        for b in batches})
+        with tempfile.TemporaryDirectory() as tmp:
+            if "engine" not in skip:
+                report.section(precision, "engine", 200,
+                               lambda: engine_section(model, precision, batches, opts.prompt_len, opts.decode_steps, Path(tmp)))
+            gc.collect()
+            torch.cuda.empty_cache()
+        if "eager" not in skip:
+            report.section(precision, "eager", 30, lambda: eager_section(model, batches, opts.prompt_len,
+                                                                          max(2, opts.decode_steps // 2), False))
+        if "compile" not in skip and precision == "bf16":
+            report.section(precision, "compile", 150, lambda: eager_section(model, batches[:1], opts.prompt_len,
+                                                                             opts.decode_steps, True))
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    print(markdown(report.data, batches))
+    return 0
+
+
+def markdown(data: dict[str, Any], batches: list[int]) -> str:
+    cols = ["prefill ms (b1, {} tok)".format(data["meta"]["prompt_len"])] + [f"decode ms/tok b{b}" for b in batches]
+    lines = ["| precision | what | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for precision, sections in data["results"].items():
+        for name, key_suffix in (("engine", ""), ("engine (no CUDA graph)", "_no_graph"), ("eager", ""),
+                                 ("compile", ""), ("floor", "")):
+            sec = sections.get(name.split(" ")[0])
+            if sec is None:
+                continue
+            if "error" in sec or "skipped" in sec:
+                if key_suffix:
+                    continue
+                lines.append(f"| {precision} | {name} | {sec.get('skipped') or sec['error'][:80]} |")
+                continue
+            cells = [sec.get("prefill_ms_b1", "") if not key_suffix else ""]
+            cells += [sec.get(f"decode_ms_b{b}{key_suffix}", "") for b in batches]
+            fmt = [f"{c:.2f}" if isinstance(c, float) and math.isfinite(c) else str(c) for c in cells]
+            lines.append(f"| {precision} | {name} | " + " | ".join(fmt) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -52,7 +52,7 @@ def diff(
     reference_device: Optional[str] = typer.Option(None, help="cpu | cuda (default: the engine's device)."),
     json_out: bool = typer.Option(False, "--json", help="Print the verdict as JSON on stdout."),
 ) -> int:
-    """Compare an engine with the reference model: per-stage errors, logit KL, greedy agreement. Exit 3 when over tolerance."""
+    """Compare an engine with the reference model: per-stage errors, logit KL, greedy tokens. Exit 3: over tolerance."""
     import json
     import sys
 
@@ -64,6 +64,7 @@ def diff(
     from dsv3_export.manifest import EngineDirError
     from dsv3_export.reports.debug_engine import DebugEngineError
     from dsv3_export.reports.diff import DiffOptions, run_diff, write_diff_report
+    from dsv3_export.reports.files import check_replaceable
     from dsv3_export.reports.reference import ReferenceError
     from dsv3_export.reports.tolerances import parse_override
 
@@ -87,6 +88,7 @@ def diff(
         reference_device=reference_device)
     console = Console(stderr=True, quiet=not sys.stderr.isatty())
     try:
+        check_replaceable(out)
         report = run_diff(options, console)
         files = write_diff_report(report, out)
     except (EngineDirError, BackendUnavailable, DebugEngineError, CheckpointError, FileExistsError) as e:

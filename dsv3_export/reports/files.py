@@ -14,6 +14,13 @@ from typing import Any, Iterator
 REPORT_FILES = ("report.json", "report.md")
 
 
+def check_replaceable(out: Path) -> None:
+    """Refuse (FileExistsError) an `out` that atomic_dir would not replace; called before long work."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())):
+        raise FileExistsError(f"{out.absolute()}: exists and is not a report directory; refusing to overwrite it")
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path) -> Iterator[Path]:
     """Yield an empty temporary sibling of `out`; on success it replaces `out`, on failure it is removed.
@@ -21,8 +28,7 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     An existing `out` is replaced only when it is empty or looks like a report directory (has
     report.json), so a mistyped --out never deletes unrelated files."""
     out = Path(out).absolute()
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())):
-        raise FileExistsError(f"{out}: exists and is not a report directory; refusing to overwrite it")
+    check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

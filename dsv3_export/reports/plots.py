@@ -131,7 +131,8 @@ def profile_plot(report: dict[str, Any], path: Path) -> Path:
                 continue
             by_batch.setdefault(r["batch"], []).append((r["prompt_len"], r["ttft_ms"]["median"]))
             boxes.append(r["tpot_ms"]["samples"])
-            labels.append(f"{name}\nb{r['batch']} p{r['prompt_len']}" if len(engines) > 1 else f"b{r['batch']} p{r['prompt_len']}")
+            config = f"b{r['batch']} p{r['prompt_len']}"
+            labels.append(f"{name}\n{config}" if len(engines) > 1 else config)
         for b, pts in sorted(by_batch.items()):
             pts.sort()
             left.plot([p for p, _ in pts], [t for _, t in pts], "o-", label=f"{name} batch {b}")

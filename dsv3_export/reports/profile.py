@@ -214,7 +214,8 @@ class _MemoryMeter:
             return Memory(kind="cuda device used", peak_bytes=int(self.peak_used),
                           torch_peak_bytes=int(torch.cuda.max_memory_allocated(self.device)),
                           note="cudaMemGetInfo after each run (all allocators, other processes included)")
-        match = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()) if Path("/proc/self/status").exists() else None
+        status = Path("/proc/self/status")
+        match = re.search(r"VmHWM:\s+(\d+) kB", status.read_text()) if status.exists() else None
         if match is None:
             import resource
 

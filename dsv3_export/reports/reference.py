@@ -47,7 +47,8 @@ def load_reference(manifest: Manifest, checkpoint: Path | None = None, preset: s
             seed = int(source.get("seed", 0)) if seed is None else seed
         else:
             raise ReferenceError("the engine's manifest records no source; pass --reference CHECKPOINT or --preset NAME")
-    rows = manifest.model["max_batch_size"] if max_batch_size is None else min(max_batch_size, manifest.model["max_batch_size"])
+    rows = manifest.model["max_batch_size"]
+    rows = rows if max_batch_size is None else min(max_batch_size, rows)
     runtime = {"max_batch_size": rows, "max_seq_len": manifest.model["max_seq_len"]}
     if checkpoint is not None:
         from dsv3_export.checkpoint import load_checkpoint

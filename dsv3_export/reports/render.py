@@ -49,14 +49,16 @@ def render_diff(report: dict[str, Any], images: list[str]) -> str:
     for o in report["outputs"]:
         mark = "ok" if o["passed"] else "**FAIL**"
         lines.append(f"| {o['name']} | {_g(o['max_abs'])} ({_at(o['max_abs_at'])}) | {_g(o['mean_abs'])} | "
-                     f"{_g(o['max_rel'])} ({_at(o['max_rel_at'])}) | {_g(o['cosine'], 7)} ({_g(o['tolerance']['min_cosine'], 6)}) | "
+                     f"{_g(o['max_rel'])} ({_at(o['max_rel_at'])}) | "
+                     f"{_g(o['cosine'], 7)} ({_g(o['tolerance']['min_cosine'], 6)}) | "
                      f"{_g(o['sqnr_db'], 4)} | "
                      f"{_g(o['outlier_frac'])} | {mark} |")
     lg = report["logits"]
     gates = lg["gates"]
     lines += ["", "## Logit distributions", "", "| metric | value | 95% CI (bootstrap) | gate |", "|---|---|---|---|"]
+    p99_gate = f"<= {_g(gates['max_kl_p99'])}" if gates["max_kl_p99"] is not None else "-"
     for label, key, gate in (("mean KL(p_ref ‖ p_engine), nats", "kl_mean", f"<= {_g(gates['max_kl_mean'])}"),
-                             ("p99 KL, nats", "kl_p99", f"<= {_g(gates['max_kl_p99'])}" if gates["max_kl_p99"] is not None else "-"),
+                             ("p99 KL, nats", "kl_p99", p99_gate),
                              ("top-1 agreement", "top1_agreement", f">= {gates['min_top1']}"),
                              ("RMS dp (reference top-1 token)", "delta_p_rms", "-")):
         value, ci = _ci(lg[key], 4)

@@ -48,8 +48,8 @@ def _load(tp: Any, value: Any, path: str) -> Any:
         unknown = sorted(set(value) - fields)
         missing = sorted(fields - set(value))
         if unknown or missing:
-            raise SchemaError(f"{path}: {tp.__name__} " + ", ".join(
-                s for s in (f"unknown keys {unknown}" if unknown else "", f"missing keys {missing}" if missing else "") if s))
+            problems = ([f"unknown keys {unknown}"] if unknown else []) + ([f"missing keys {missing}"] if missing else [])
+            raise SchemaError(f"{path}: {tp.__name__} " + ", ".join(problems))
         return tp(**{k: _load(hints[k], value[k], f"{path}.{k}") for k in fields})
     if origin is list:
         if not isinstance(value, list):

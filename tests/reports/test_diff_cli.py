@@ -113,3 +113,12 @@ def test_prompt_ids_and_usage_errors(artifacts, tmp_path):
     assert main(["diff", str(artifacts.engines["clean"]), "--out", str(tmp_path / "x"), "--no-layers",
                  "--preset", "tiny"]) == EXIT_USAGE  # 3-layer preset vs the 4-layer engine: another model
     assert not (tmp_path / "x").exists()
+
+
+def test_out_that_is_not_a_report_dir_is_refused_before_running(artifacts, tmp_path, capsys):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(["diff", str(artifacts.engines["clean"]), "--out", str(out), "--no-layers"]) == 1
+    assert "not a report directory" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1

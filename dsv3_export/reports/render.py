@@ -81,7 +81,8 @@ def render_diff(report: dict[str, Any], images: list[str]) -> str:
         lines += [f"- `{f['output']}`: {'; '.join(f['reasons'])}" for f in v["failures"]]
     p = report["provenance"]
     vers = ", ".join(f"{k} {val}" for k, val in p["versions"].items() if val)
-    lines += ["", "## Provenance", "", f"- versions: {vers}", f"- engine built with: "
+    seeds = ", ".join(f"{k} {val}" for k, val in p["seeds"].items() if val is not None)
+    lines += ["", "## Provenance", "", f"- seeds: {seeds}", f"- versions: {vers}", f"- engine built with: "
               + ", ".join(f"{k} {val}" for k, val in e["built_with"].items() if val),
               f"- device: {p['torch_device']}; reference on {p['reference_device']}", f"- created {p['created']}", ""]
     lines += [f"![{name}]({name})" for name in images]

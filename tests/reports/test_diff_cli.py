@@ -60,6 +60,7 @@ def test_engine_equal_to_reference_passes(artifacts, tmp_path):
     assert report["logits"]["kl_mean"]["value"] < 1e-9
     p = report["provenance"]
     assert p["versions"]["torch"] == torch.__version__ and report["engine"]["hash"]
+    assert p["seeds"] == {"prompts": 0, "bootstrap": 0, "reference_weights": None}  # a checkpoint has no seed
     assert report["inputs"]["seed"] == 0 and report["inputs"]["positions"] == 2 * 24
 
 

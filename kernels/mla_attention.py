@@ -10,7 +10,8 @@ W_UV is applied afterwards by the caller (dsv3_export.reference.attention.MLA.at
 Layouts: q_latent [B, H, C] (decode) / [B, S_q, H, C] (prefill), q_pe likewise with R,
 kv_cache [Bmax, S, C], pe_cache [Bmax, S, R]; batch row b uses cache row b; unit stride on the
 last dim only, so views of one FlashMLA-style [B, S, C + R] cache (cache[..., :C], cache[..., C:])
-work as they are. Outputs take q_latent's dtype; softmax and accumulation are fp32.
+work as they are. Outputs take q_latent's dtype; softmax and accumulation are fp32 (fp32 inputs
+go through TF32 tensor cores on the GPU; bf16 is the intended dtype).
 
 Keys of batch row b: cache positions t < len_b, then optionally the new tokens kv_new/pe_new
 (not yet written to the cache; dsv3::mla_attention is functional): decode's one new token is key

@@ -92,30 +92,37 @@ class Report:
         return out
 
 
+DEVICE = "cuda"  # --device cpu: a smoke run of this script's code on the tiny preset (no GPU numbers)
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def cuda_ms(fn: Callable[[], Any], iters: int, warmup: int = 2) -> float:
-    """Median milliseconds of fn() (CUDA events around each call)."""
+    """Median milliseconds of fn() (synchronized around each call)."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    sync()
     times = []
     for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
+        start = time.perf_counter()
         fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
     times.sort()
     return times[len(times) // 2]
 
 
 def copy_bandwidth() -> float:
     """bytes/s of a 4 GiB device-to-device copy (read + write counted)."""
-    x = torch.empty(2**31, dtype=torch.uint8, device="cuda")
+    x = torch.empty(2**31 if DEVICE == "cuda" else 2**26, dtype=torch.uint8, device=DEVICE)
     y = torch.empty_like(x)
     ms = cuda_ms(lambda: y.copy_(x), iters=5)
+    x_bytes = x.numel()
     del x, y
-    return 2 * 2**31 / (ms / 1e3)
+    return 2 * x_bytes / (ms / 1e3)
 
 
 def floor_ms(args, precision: str, batch: int, context: int, bandwidth: float) -> float:
@@ -139,7 +146,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def build_engine_in_memory(model, precision: str, kinds: tuple[str, ...], workdir: Path,
                            report: dict[str, Any]) -> AOTIStep:
     """What TorchBackend.build + load do, without writing 31 GB of weights to disk and hashing them."""
-    info = device_info("cuda")
+    info = device_info(DEVICE)
     config = PassConfig(precision=precision, fp8_activations=True)
     weights: dict[str, torch.Tensor] = {}
     packages = {}
@@ -151,7 +158,7 @@ def build_engine_in_memory(model, precision: str, kinds: tuple[str, ...], workdi
         ep, reports = run_pipeline(ep, config)
         report[f"{kind}_passes"] = {r.name: r.matches for r in reports}
         report[f"{kind}_passes_s"] = round(time.perf_counter() - t, 1)
-        ep, how = lower_program(ep, "cuda", kind)
+        ep, how = lower_program(ep, DEVICE, kind)
         report["lowerings"] = how
         t = time.perf_counter()
         packages[kind] = compile_package(ep, kind, workdir / f"{kind}.pt2", info)
@@ -163,15 +170,15 @@ def build_engine_in_memory(model, precision: str, kinds: tuple[str, ...], workdi
     gc.collect()
     prefill = packages.get("prefill", packages["decode"])
     return AOTIStep.from_packages({"prefill": prefill, "decode": packages["decode"]}, weights,
-                                  torch.device("cuda"), model.dtype, cuda_graph=True)
+                                  torch.device(DEVICE), model.dtype, cuda_graph=DEVICE == "cuda")
 
 
 def time_step_decode(step: Callable, model, batch: int, context: int, iters: int) -> float:
     a = model.args
     cache = torch.randn(batch, a.n_layers, context + 1, a.kv_lora_rank + a.qk_rope_head_dim,
-                        device="cuda").to(model.dtype)  # [b, L, T, w]
-    tokens = torch.randint(0, a.vocab_size, (batch, 1), device="cuda")
-    pos = torch.full((batch,), context, dtype=torch.int64, device="cuda")
+                        device=DEVICE).to(model.dtype)  # [b, L, T, w]
+    tokens = torch.randint(0, a.vocab_size, (batch, 1), device=DEVICE)
+    pos = torch.full((batch,), context, dtype=torch.int64, device=DEVICE)
 
     def one():
         _, new_kv = step(tokens, pos, cache)
@@ -182,15 +189,14 @@ def time_step_decode(step: Callable, model, batch: int, context: int, iters: int
     return ms
 
 
-def engine_section(model, precision, batches, prompt_len, steps, workdir) -> dict[str, Any]:
+def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    kinds = ("decode", "prefill")
     step = build_engine_in_memory(model, precision, kinds, workdir, out)
     a = model.args
     with torch.no_grad():  # decode numerics vs the eager step at batch 2
-        cache = torch.randn(2, a.n_layers, prompt_len, a.kv_lora_rank + a.qk_rope_head_dim, device="cuda").to(model.dtype)
-        tokens = torch.randint(0, a.vocab_size, (2, 1), device="cuda")
-        pos = torch.tensor([prompt_len - 1, prompt_len // 2], device="cuda")
+        cache = torch.randn(2, a.n_layers, prompt_len, a.kv_lora_rank + a.qk_rope_head_dim, device=DEVICE).to(model.dtype)
+        tokens = torch.randint(0, a.vocab_size, (2, 1), device=DEVICE)
+        pos = torch.tensor([prompt_len - 1, prompt_len // 2], device=DEVICE)
         want, _ = LatentCacheStep(model).eval()(tokens, pos, cache)
         got, _ = step(tokens, pos, cache)
         out["decode_logits_rel_err_vs_eager_step"] = rel_err(got, want)
@@ -199,10 +205,12 @@ def engine_section(model, precision, batches, prompt_len, steps, workdir) -> dic
     for b in batches:
         out[f"decode_ms_b{b}"] = cuda_ms_safe(lambda: time_step_decode(step, model, b, prompt_len, steps))
         out[f"decode_ms_b{b}_no_graph"] = cuda_ms_safe(lambda: time_step_decode(direct, model, b, prompt_len, steps))
-    tokens = torch.randint(0, a.vocab_size, (1, prompt_len), device="cuda")
-    cache = torch.zeros(1, a.n_layers, prompt_len, a.kv_lora_rank + a.qk_rope_head_dim, device="cuda", dtype=model.dtype)
-    start = torch.zeros(1, dtype=torch.int64, device="cuda")
-    out["prefill_ms_b1"] = cuda_ms(lambda: step(tokens, start, cache), iters=3, warmup=1)
+    if "prefill" in kinds:
+        tokens = torch.randint(0, a.vocab_size, (1, prompt_len), device=DEVICE)
+        cache = torch.zeros(1, a.n_layers, prompt_len, a.kv_lora_rank + a.qk_rope_head_dim, device=DEVICE,
+                            dtype=model.dtype)
+        start = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+        out["prefill_ms_b1"] = cuda_ms(lambda: step(tokens, start, cache), iters=3, warmup=1)
     out["decode_uses_cuda_graph"] = step._graphs is not None and not step._graphs.failed
     return out
 
@@ -211,7 +219,8 @@ def cuda_ms_safe(fn: Callable[[], float]) -> float | str:
     try:
         return round(fn(), 3)
     except Exception as e:  # noqa: BLE001 - e.g. out of memory at batch 64: keep the other batches
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
         return f"error: {type(e).__name__}: {str(e)[:300]}"
 
 
@@ -221,10 +230,10 @@ def eager_section(model, batches, prompt_len, steps, compiled: bool) -> dict[str
     run = torch.compile(model, dynamic=False) if compiled else model
     a = model.args
     for b in batches:
-        tokens = torch.randint(0, a.vocab_size, (b, 1), device="cuda")
+        tokens = torch.randint(0, a.vocab_size, (b, 1), device=DEVICE)
         out[f"decode_ms_b{b}"] = cuda_ms_safe(lambda: cuda_ms(lambda: run(tokens, prompt_len), iters=steps))
     if not compiled:
-        prompt = torch.randint(0, a.vocab_size, (1, prompt_len), device="cuda")
+        prompt = torch.randint(0, a.vocab_size, (1, prompt_len), device=DEVICE)
         out["prefill_ms_b1"] = cuda_ms(lambda: run(prompt, 0), iters=3, warmup=1)
     return out
 
@@ -237,15 +246,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting sections after this")
+    p.add_argument("--engine-kinds", default="decode,prefill", help="programs to compile (decode first)")
+    p.add_argument("--engine-need-s", type=float, default=240.0,
+                   help="start the engine section only with this many seconds of budget left")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: engine,eager,compile")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: smoke-test the script (tiny preset)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     opts = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("torch_16b: needs a CUDA GPU", file=sys.stderr)
+    global DEVICE
+    DEVICE = opts.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        print("torch_16b: needs a CUDA GPU (or --device cpu for a smoke run)", file=sys.stderr)
         return 1
     batches = [int(b) for b in opts.batches.split(",")]
     skip = set(filter(None, opts.skip.split(",")))
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": opts.preset,
+    meta = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)", "torch": torch.__version__, "preset": opts.preset,
             "batches": batches, "prompt_len": opts.prompt_len, "decode_steps": opts.decode_steps,
             "note": "max_seq_len set to 2 * prompt_len (YaRN off) to keep the reference caches small"}
     report = Report(opts.out / "torch_16b.json", opts.budget_s, meta)
@@ -255,26 +270,30 @@ def main(argv: list[str] | None = None) -> int:
         if report.left() < 60:
             report.put(precision, "all", {"skipped": "no time left"})
             continue
-        model = preset_model(opts.preset, torch.bfloat16, "cuda", seed=0, weight_dtype=precision,
+        model = preset_model(opts.preset, torch.bfloat16, DEVICE, seed=0, weight_dtype=precision,
                              max_batch_size=max(batches), max_seq_len=2 * opts.prompt_len)
         args = model.args
         report.put(precision, "floor", {f"decode_ms_b{b}": round(floor_ms(args, precision, b, opts.prompt_len, bandwidth), 3)
                                         for b in batches})
-        with tempfile.TemporaryDirectory() as tmp:
-            if "engine" not in skip:
-                report.section(precision, "engine", 200,
-                               lambda: engine_section(model, precision, batches, opts.prompt_len, opts.decode_steps, Path(tmp)))
-            gc.collect()
-            torch.cuda.empty_cache()
+        # eager first: a native crash in the engine section (a segfault is no exception) keeps its numbers
         if "eager" not in skip:
             report.section(precision, "eager", 30, lambda: eager_section(model, batches, opts.prompt_len,
                                                                           max(2, opts.decode_steps // 2), False))
+        with tempfile.TemporaryDirectory() as tmp:
+            if "engine" not in skip:
+                report.section(precision, "engine", opts.engine_need_s,
+                               lambda: engine_section(model, precision, batches, opts.prompt_len, opts.decode_steps,
+                                                      Path(tmp), tuple(opts.engine_kinds.split(","))))
+            gc.collect()
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
         if "compile" not in skip and precision == "bf16":
             report.section(precision, "compile", 150, lambda: eager_section(model, batches[:1], opts.prompt_len,
                                                                              opts.decode_steps, True))
         del model
         gc.collect()
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     print(markdown(report.data, batches))
     return 0
 

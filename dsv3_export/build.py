@@ -107,6 +107,27 @@ def _load_model(options: BuildOptions, dtype: torch.dtype) -> tuple[Transformer,
     return model, {"preset": name, "seed": options.seed, **overrides}
 
 
+def _drop_reference_caches(model: Transformer) -> int:
+    """Free the reference model's own KV buffers before export; returns the bytes freed.
+
+    They hold max_batch_size x max_seq_len positions per layer (33 GB for the 16b preset at batch
+    64), which LatentCacheStep never reads: the engine's cache is an explicit input the runtime
+    allocates. Without this they are traced into the program as constants and kept in memory
+    through the whole build. The model cannot run its own forward afterwards; it is only exported.
+    """
+    from dsv3_export.reference.attention import MLA
+
+    freed = 0
+    for module in model.modules():
+        if isinstance(module, MLA):
+            for name in ("kv_cache", "pe_cache", "k_cache", "v_cache"):
+                buf = module._buffers.get(name)
+                if buf is not None:
+                    freed += buf.numel() * buf.element_size()
+                    module._buffers[name] = buf.new_empty(0)
+    return freed
+
+
 def _pipeline_available() -> bool:
     return importlib.util.find_spec("dsv3_export.passes.pipeline") is not None
 
@@ -163,12 +184,13 @@ def build_engine(options: BuildOptions, console: Console | None = None,
     dtype = compute_dtype(target)
     with phases.phase("load", f"model ({options.checkpoint or options.preset or 'tiny'}, {str(dtype)[6:]})"):
         model, source = _load_model(options, dtype)
+        _drop_reference_caches(model)
     args = model.args
     with phases.phase("export", f"torch.export {', '.join(backend.program_kinds)}"), _quiet_libraries():
         programs = {kind: export_step(model, kind, step_factory) for kind in backend.program_kinds}
+    del model  # the programs hold the weights they need; a pass that replaces some frees the old ones
     with phases.phase("passes", "passes") as report, _quiet_libraries():
         programs, passes_run = _run_passes(programs, options, target, options.backend, report)
-    del model  # the programs hold the weights they need
 
     def fill(tmp: Path) -> Manifest:
         with phases.phase("backend", f"{options.backend} {target.device}/{target.precision}") as report, \

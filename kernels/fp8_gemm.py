@@ -15,7 +15,7 @@ is multiplied by a_s[m, kb] (a column vector) times b_s[n // 128, kb] (a row vec
 added to the fp32 accumulator. Tiles are visited in GROUP_M super-rows for L2 reuse. M, N and K
 may be ragged: loads are masked with zero fill and stores are masked.
 
-Split-K (decode): with few output tiles (M <= 64 and N / BLOCK_N << #SMs) the K loop is split over
+Split-K (decode): with few output tiles (M <= DECODE_MAX_M = 64 and N / BLOCK_N << #SMs) the K loop is split over
 SPLIT_K programs that store fp32 partial tiles into a [SPLIT_K, M, N] workspace, summed after the
 kernel (deterministic, unlike atomics). The launcher chooses SPLIT_K from the tile count.
 """
@@ -37,30 +37,29 @@ DENSE_DTYPES = (torch.bfloat16, torch.float16)
 MAX_SPLIT_K = 16
 
 # Decode (small M) wants narrow N tiles to spread the weight read over many SMs; prefill wants
-# big square tiles for tensor-core reuse. The autotune key includes a power-of-2 bucket of M.
-FP8_GEMM_CONFIGS = [
-    # decode-sized tiles (mma.sync; the weight read is the cost)
+# big tiles for tensor-core reuse. Two tuned entry points instead of one list with a prune hook,
+# because torch.library.wrap_triton (AOTInductor) does not support prune_configs_by.
+DECODE_CONFIGS = [  # mma.sync tiles; the weight read is the cost
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 256, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 8}, num_warps=2, num_stages=6),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    # prefill tiles (wgmma from BLOCK_M = 64). 128x256 and 256x128 spill with the second
-    # (per-K-block scaled) accumulator, per ptxas on sm_90, so they are not offered.
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+]
+# wgmma tiles from BLOCK_M = 64. 128x256 and 256x128 spill with the second (per-K-block scaled)
+# accumulator, per ptxas on sm_90, so they are not offered.
+PREFILL_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
 ]
-
-
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles far taller than M (wasted MMA rows); keep at least one config."""
-    m = named_args["M"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, 2 * next_pow2(m))]
-    return kept or configs[:1]
+FP8_GEMM_CONFIGS = DECODE_CONFIGS + PREFILL_CONFIGS[:-1]  # every distinct config (the tests run each)
+# M at or below this uses the decode tiles (and may split K).
+DECODE_MAX_M = 64
 
 
 @triton.jit
@@ -117,13 +116,14 @@ def _fp8_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-_fp8_gemm_tuned = autotune_or_single(_fp8_gemm_kernel, FP8_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "SPLIT_K", "A_FP8"],
-                                     prune_configs_by={"early_config_prune": _prune_configs})
+_TUNE_KEY = ["M_BUCKET", "N", "K", "SPLIT_K", "A_FP8"]
+_fp8_gemm_decode_tuned = autotune_or_single(_fp8_gemm_kernel, DECODE_CONFIGS, key=_TUNE_KEY)
+_fp8_gemm_prefill_tuned = autotune_or_single(_fp8_gemm_kernel, PREFILL_CONFIGS, key=_TUNE_KEY)
 
 
 def _choose_split_k(m: int, n: int, k_blocks: int, device: torch.device) -> int:
     """Split K only when the output tiles (at BLOCK_N=64) leave most SMs idle."""
-    if m > 64:
+    if m > DECODE_MAX_M:
         return 1
     tiles = triton.cdiv(m, 16) * triton.cdiv(n, 64)
     split = max(1, min(num_sms(device) // max(tiles, 1), k_blocks, MAX_SPLIT_K))
@@ -133,11 +133,13 @@ def _choose_split_k(m: int, n: int, k_blocks: int, device: torch.device) -> int:
 
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: torch.Tensor,
              out_dtype: torch.dtype = torch.bfloat16, *, split_k: int | None = None,
-             config: triton.Config | None = None) -> torch.Tensor:
+             shape_class: str | None = None, config: triton.Config | None = None) -> torch.Tensor:
     """a [M, K], b fp8 [N, K], b_s fp32 [ceil(N/128), ceil(K/128)] -> [M, N] in out_dtype.
 
     a fp8 with a_s fp32 [M, ceil(K/128)] (W8A8), or a bf16/fp16 with a_s=None (weight-only W8A16:
     the fp8 weight is widened in registers, never written back dequantized).
+    shape_class "decode" / "prefill" picks the tile set (default: from M <= 64); split_k
+    overrides the split heuristic. Both let a traced caller with a symbolic M avoid guards on M.
     """
     check_tensor("fp8_gemm: a", a, dtypes=(FP8_DTYPE,) + DENSE_DTYPES, ndim=2)
     dev = a.device
@@ -165,37 +167,42 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
     for name, t in (("a", a), ("a_s", a_s), ("b", b), ("b_s", b_s)):
         if t is not None and t.stride(1) != 1:
             raise ValueError(f"fp8_gemm: {name} needs unit stride along its last dim, got strides {t.stride()}")
-    out = torch.empty((m, n), dtype=out_dtype, device=dev)
-    if m == 0 or n == 0:
-        return out
-    if k == 0:
-        return out.zero_()
-
-    split = split_k if split_k is not None else _choose_split_k(m, n, k_blocks, dev)
+    if m == 0 or n == 0 or k == 0:
+        return torch.zeros((m, n), dtype=out_dtype, device=dev)
+    if shape_class not in (None, "decode", "prefill"):
+        raise ValueError(f"fp8_gemm: shape_class={shape_class!r} must be 'decode', 'prefill' or None")
+    decode = shape_class == "decode" if shape_class else m <= DECODE_MAX_M
+    if split_k is None:
+        split_k = _choose_split_k(m, n, k_blocks, dev) if decode else 1
+    split = split_k
     if not 1 <= split <= k_blocks:
         raise ValueError(f"fp8_gemm: split_k={split} must be in [1, ceil(K/128)={k_blocks}]")
     per_split = triton.cdiv(k_blocks, split)
     split = triton.cdiv(k_blocks, per_split)  # no empty splits
-    c = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=dev)
+    if split == 1:
+        c = torch.empty((m, n), dtype=out_dtype, device=dev)
+    else:
+        c = torch.empty((split, m, n), dtype=torch.float32, device=dev)  # [S, M, N] partials
     stride_cs = 0 if split == 1 else c.stride(0)
     a_s_arg = a_s if a_fp8 else b_s  # never read on the weight-only path
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
-    launch(_fp8_gemm_kernel, _fp8_gemm_tuned, FP8_GEMM_CONFIGS, grid,
+    launch(_fp8_gemm_kernel, _fp8_gemm_decode_tuned if decode else _fp8_gemm_prefill_tuned,
+           DECODE_CONFIGS if decode else PREFILL_CONFIGS, grid,
            (a, a_s_arg, b, b_s, c, m, n, k, min(next_pow2(m), 4096),
             a.stride(0), a_s_arg.stride(0), b.stride(0), b_s.stride(0), stride_cs, n, per_split, split),
            dict(A_FP8=a_fp8, UPCAST=is_interpreted(_fp8_gemm_kernel) and not a_fp8,
                 BLOCK_K=QUANT_BLOCK), config)
     if split > 1:
-        torch.sum(c, dim=0, out=out) if out_dtype == torch.float32 else out.copy_(c.sum(dim=0))
-    return out
+        return c.sum(dim=0).to(out_dtype)  # [M, N]: the deterministic split-K reduction
+    return c
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype: torch.dtype | None = None,
-               *, act_quant: bool = True) -> torch.Tensor:
+               *, act_quant: bool = True, shape_class: str | None = None) -> torch.Tensor:
     """y = x @ dequant(w, w_s)^T: x [..., K] -> [..., N].
 
     act_quant=True: x is quantized 1x128 on the fly (W8A8, dsv3::fp8_linear(act_quant=True)).
-    act_quant=False: weight-only (W8A16) for bf16/fp16 x.
+    act_quant=False: weight-only (W8A16) for bf16/fp16 x. shape_class: see fp8_gemm.
     """
     check_tensor("fp8_linear: x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32))
     if x.dim() == 0:
@@ -208,9 +215,9 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype: t
         x2 = x2.contiguous()
     if act_quant:
         q, s = act_quant_kernel(x2)
-        y = fp8_gemm(q, s, w, w_s, out_dtype=out_dtype or x.dtype)  # [M, N]
+        y = fp8_gemm(q, s, w, w_s, out_dtype=out_dtype or x.dtype, shape_class=shape_class)  # [M, N]
     else:
-        y = fp8_gemm(x2, None, w, w_s, out_dtype=out_dtype or x.dtype)  # [M, N]
+        y = fp8_gemm(x2, None, w, w_s, out_dtype=out_dtype or x.dtype, shape_class=shape_class)  # [M, N]
     return y.view(*x.shape[:-1], w.shape[0])
 
 

@@ -54,6 +54,20 @@ def test_fp8_gemm_zero_blocks_stay_finite():
     assert (out == 0).all()
 
 
+@pytest.mark.parametrize("shape_class", ["decode", "prefill"])
+def test_shape_class_overrides_the_tile_set(seed, shape_class):
+    torch.manual_seed(seed)
+    a, a_s, b, b_s = _operands(70, 200, 300)  # 70 > DECODE_MAX_M: "decode" forces small tiles + split-K
+    out = G.fp8_gemm(a, a_s, b, b_s, torch.float32, shape_class=shape_class)
+    assert mean_rel(out, G.fp8_gemm_ref(a, a_s, b, b_s, torch.float32)) < TOL["fp8_gemm_fp32_out"]
+
+
+def test_empty_k_gives_zeros():
+    a, a_s, b, b_s = _operands(3, 200, 300)
+    out = G.fp8_gemm(a[:, :0], a_s[:, :0], b[:, :0], b_s[:, :0], torch.float32)
+    assert out.shape == (3, 200) and (out == 0).all()
+
+
 def test_split_k_heuristic_only_for_small_m():
     assert G._choose_split_k(4096, 2048, 16, torch.device("cpu")) == 1
     assert G._choose_split_k(1, 2048, 16, torch.device("cpu")) > 1
@@ -123,5 +137,7 @@ def test_bad_inputs_name_the_problem():
         G.fp8_gemm(a, None, b, b_s)
     with pytest.raises(TypeError, match="weight-only path needs bf16/fp16 x"):
         G.fp8_linear(torch.randn(3, 300), b, b_s, act_quant=False)
+    with pytest.raises(ValueError, match="shape_class='huge'"):
+        G.fp8_gemm(a, a_s, b, b_s, shape_class="huge")
     with pytest.raises(TypeError, match="out_dtype"):
         G.fp8_gemm(a, a_s, b, b_s, torch.int32)

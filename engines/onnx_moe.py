@@ -35,16 +35,16 @@ def _ints(op, *values: int):
 
 
 def _routing(op, x, topk_weights, topk_ids, n_experts: int):
-    """Dense [T, E] routing weights in x's dtype, zero off the top-k."""
+    """Dense [T, E] routing weights in topk_weights' dtype, zero off the top-k."""
     shape = op.Concat(op.Shape(x, end=1), _ints(op, n_experts), axis=0)
-    zeros = op.CastLike(op.ConstantOfShape(shape), x)  # [T, E]
-    return op.ScatterElements(zeros, topk_ids, op.CastLike(topk_weights, x), axis=1)
+    zeros = op.CastLike(op.ConstantOfShape(shape), topk_weights)  # [T, E]
+    return op.ScatterElements(zeros, topk_ids, topk_weights, axis=1)
 
 
 def _dense_experts(op, x, topk_weights, topk_ids, w13, w2, shape: tuple[int, int, int], act_quant: bool):
     e, two_i, d = shape  # w13's [E, 2I, D], static (w13 may be computed, with no shape recorded)
     i = two_i // 2
-    routing = _routing(op, x, topk_weights, topk_ids, e)  # [T, E]
+    routing = _routing(op, x, op.CastLike(topk_weights, x), topk_ids, e)  # [T, E]
     xq = fake_quant_act(op, x, d) if act_quant else x
     h = op.Gemm(xq, op.Reshape(w13, _ints(op, e * two_i, d)), transB=1)  # [T, E * 2I]
     h = op.Reshape(h, _ints(op, -1, e, 2, i))  # [T, E, 2, I]
@@ -61,13 +61,17 @@ def _contrib_moe(op, x, topk_weights, topk_ids, w13, w2, shape: tuple[int, int, 
     e, two_i, d = shape  # w13's [E, 2I, D]
     i = two_i // 2
     k = topk_ids.shape[-1]
-    routing = op.Cast(_routing(op, x, topk_weights, topk_ids, e), to=_FLOAT)  # [T, E] fp32
-    router_logits = op.CastLike(op.Log(routing), x)  # log 0 = -inf: never chosen
+    weights = op.Cast(topk_weights, to=_FLOAT)  # [T, k] fp32
+    routing = _routing(op, x, weights, topk_ids, e)  # [T, E] fp32
+    # log 0 = -inf: never chosen. Shifted by the row's largest log (softmax ignores the shift) so the
+    # values are small where bf16 (router_probs has x's type) has the most precision.
+    log_w = op.Log(routing)
+    router_logits = op.CastLike(op.Sub(log_w, op.ReduceMax(log_w, _ints(op, -1), keepdims=1)), x)  # [T, E]
     fc1 = op.Reshape(op.Transpose(op.Reshape(w13, _ints(op, e, 2, i, d)), perm=[0, 2, 1, 3]),
                      _ints(op, e, two_i, d))  # [E, 2I, D], rows g0, u0, g1, u1, ...
     y = _ms_moe(x, router_logits, fc1, None, w2, k=k, activation_type="swiglu", swiglu_fusion=1,
                normalize_routing_weights=0, activation_alpha=1.0, activation_beta=0.0)  # [T, D]
-    total = op.ReduceSum(op.Cast(topk_weights, to=_FLOAT), _ints(op, -1), keepdims=1)  # [T, 1]
+    total = op.ReduceSum(weights, _ints(op, -1), keepdims=1)  # [T, 1]
     return op.Mul(y, op.CastLike(total, x))
 
 

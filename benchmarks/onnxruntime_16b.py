@@ -9,8 +9,8 @@ section runs in try/except, checks the time left against its estimate (skipped w
 when it would not fit) and the JSON is rewritten after every section, so a call stopped at its
 limit still returns what was measured. Engines are built into --work and reused when a later
 call on the same warm machine finds them there (delete --work to rebuild); measured on the CPU
-machine, a 3-layer 16b build takes 165 s on 2 cores and peaks at 3x the weight bytes of host
-RAM, so the full 16b build (31 GB bf16) may need a call of its own: e.g. call 1
+machine, a 3-layer 16b build (3.3 GB bf16) takes ~100 s on 2 cores and peaks at 2.4x the weight
+bytes of host RAM, so the full 16b build (31 GB bf16, ~75 GB peak) may need a call of its own: e.g. call 1
 `--precisions bf16 --skip-reference`, call 2 `--precisions fp8 --skip-reference`, call 3 the
 default (both engines reused, reference timed, one table). Sections:
 

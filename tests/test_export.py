@@ -123,12 +123,17 @@ def test_naive_mode_step_equals_naive_reference(seed):
 def test_16b_preset_exports_and_compiles_on_meta():
     """torch.export + every pass on the 16b preset on the meta device, in a fresh process so that
     the peak RSS is this job's alone. Wall time and peak RSS are printed (pytest -s shows them)."""
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "export_16b_meta.py"), "--kinds", "decode"],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "export_16b_meta.py"), "--kinds", "decode",
+                           "--precision", "fp8"], cwd=REPO, capture_output=True, text=True, timeout=900)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     args = ModelArgs.preset("16b")
+    n_moe = args.n_layers - args.n_dense_layers
     assert f"fuse_mla_absorb: {args.n_layers} matches" in proc.stdout
+    assert f"rewrite_moe_grouped_gemm: {n_moe} matches" in proc.stdout
+    # every Linear of every layer (wq, wkv_a, wo; dense w1/w2/w3 or shared experts) + each MoE stack
+    quantized = int(re.search(r"quantize_fp8_blockwise: (\d+) matches", proc.stdout).group(1))
+    assert quantized == args.n_layers * 3 + args.n_dense_layers * 3 + n_moe * 4, quantized
     total = re.search(r"total ([\d.]+) s, peak RSS ([\d.]+) GiB", proc.stdout)
     assert total is not None
     assert float(total.group(2)) < 4.0, "exporting on meta must not materialize weights"

@@ -16,15 +16,14 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
-import os
-import shutil
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
+
+from dsv3_export.atomic import atomic_directory
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -164,26 +163,14 @@ def write_engine_dir(out_dir: str | Path, fill: Callable[[Path], Manifest]) -> M
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file())):
         raise EngineDirError(f"{out_dir}: exists and is not an engine directory; refusing to overwrite it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         manifest = fill(tmp)
         entries = sorted(p.name for p in tmp.iterdir())
         manifest.files = _describe_files(tmp, entries)
         manifest.versions = manifest.versions or installed_versions()
         manifest.created = manifest.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.rename(out_dir, old / "engine")
-        os.rename(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return manifest
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return manifest
 
 
 def read_manifest(engine_dir: str | Path) -> Manifest:

@@ -8,14 +8,12 @@ model.safetensors.index.json (both layouts load it).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from dsv3_export.atomic import atomic_directory
 from dsv3_export.checkpoint.errors import CheckpointError
 from dsv3_export.checkpoint.hf_config import args_to_hf_config
 from dsv3_export.checkpoint.io import INDEX_FILE
@@ -75,9 +73,7 @@ def save_checkpoint(model: Transformer, path: str | Path, layout: str = "deepsee
         tensors = dict(model.state_dict())
         single = "model0-mp1.safetensors"
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         shards = _shards(tensors, max_shard_bytes)
         if len(shards) == 1:
@@ -91,14 +87,4 @@ def save_checkpoint(model: Transformer, path: str | Path, layout: str = "deepsee
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

@@ -5,11 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from dsv3_export.atomic import atomic_directory
 
 REPORT_FILES = ("report.json", "report.md")
 
@@ -27,22 +26,9 @@ def atomic_dir(out: Path) -> Iterator[Path]:
 
     An existing `out` is replaced only when it is empty or looks like a report directory (has
     report.json), so a mistyped --out never deletes unrelated files."""
-    out = Path(out).absolute()
     check_replaceable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         yield tmp
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "report")
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def finite_json(value: Any) -> Any:

@@ -200,6 +200,12 @@ def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds)
         want, _ = LatentCacheStep(model).eval()(tokens, pos, cache)
         got, _ = step(tokens, pos, cache)
         out["decode_logits_rel_err_vs_eager_step"] = rel_err(got, want)
+        if "prefill" in kinds:  # 64 new tokens after 1 cached one, batch 2
+            tokens = torch.randint(0, a.vocab_size, (2, 64), device=DEVICE)
+            pos = torch.tensor([1, 0], device=DEVICE)
+            want, _ = LatentCacheStep(model).eval()(tokens, pos, cache)
+            got, _ = step(tokens, pos, cache)
+            out["prefill_logits_rel_err_vs_eager_step"] = rel_err(got, want)
         del cache
     direct = AOTIStep(step._prefill, step._decode, step.device, step.cache_dtype, cuda_graph=False)
     for b in batches:

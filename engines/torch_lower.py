@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.export import ExportedProgram
 
 import dsv3_export.ops  # noqa: F401 - registers whichever dsv3:: ops exist
-from dsv3_export.reference.fp8 import act_dequant, act_quant, weight_dequant
+from dsv3_export.reference.fp8 import AMAX_FLOOR, FP8_DTYPE, FP8_E4M3_MAX, cdiv, weight_dequant
 from dsv3_export.step import absorbed_attention
 
 NAMESPACE = "dsv3"
@@ -41,14 +41,24 @@ def _mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_sca
 
 
 def _fake_quant(x: torch.Tensor) -> torch.Tensor:
-    """x rounded through 1x128 fp8 blocks, back in x.dtype: dequant(act_quant(x)).
+    """x rounded through 1x128 fp8 blocks, back in x.dtype: dequant(act_quant(x)), bit-identical.
 
     sum_kb (xq . wq)_kb * xs * ws == dequant(xq) @ dequant(wq)^T exactly in real arithmetic, so
     with fp32 compute this is the act_quant=True math of dsv3::fp8_linear up to summation order;
     bf16 engines (CUDA) round the dequantized operands to bf16 and run a bf16 GEMM.
+    Written out instead of calling reference.fp8.act_quant: Inductor (2.13, CPU and
+    torch.compile alike) miscompiles that form when K is not a multiple of 128 (the slice back
+    to K before the fp8 cast gives garbage, 1e25, then NaN); slicing after dequantizing does not.
     """
-    q, s = act_quant(x, FP8_BLOCK)
-    return act_dequant(q, s, x.dtype, FP8_BLOCK)
+    k = x.shape[-1]
+    nb = cdiv(k, FP8_BLOCK)
+    xf = x.to(torch.float32)
+    if nb * FP8_BLOCK != k:
+        xf = torch.cat([xf, xf.new_zeros(*xf.shape[:-1], nb * FP8_BLOCK - k)], dim=-1)  # [..., nb * 128]
+    blocks = xf.unflatten(-1, (nb, FP8_BLOCK))  # [..., nb, 128]
+    scale = blocks.abs().amax(dim=-1, keepdim=True).clamp_min(AMAX_FLOOR) / FP8_E4M3_MAX  # [..., nb, 1]
+    q = (blocks / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)
+    return (q.to(torch.float32) * scale).flatten(-2)[..., :k].to(x.dtype)  # [..., K]
 
 
 def _fp8_linear(x, weight, scale, act_quant_x):

@@ -116,6 +116,14 @@ def test_refuses_cuda_engine_on_cpu_machine(engine_dir, tmp_path):
         load_engine(_edited_copy(engine_dir, tmp_path, edit))
 
 
+def test_cpu_fp8_is_refused_with_the_reason():
+    from dsv3_export.engines.base import Target
+    from dsv3_export.engines.torch import BACKEND
+
+    reason = BACKEND.check_target(Target("fp8", "cpu"))
+    assert reason is not None and "miscompiles the fp8 prefill program" in reason
+
+
 def test_incompatibility_names_compute_capability_and_machine():
     assert "built for riscv64" in incompatibility({"device_kind": "cpu", "machine": "riscv64"})
     assert "expected 'cpu' or 'cuda'" in incompatibility({"device_kind": "tpu"})
@@ -260,3 +268,26 @@ def test_triton_ops_match_dsv3_ops_in_the_interpreter(seed):
     dense, fp8 = map(float, done.stdout.split())
     assert dense < TOLERANCES["bf16"]
     assert fp8 < 2 * TOLERANCES["bf16"]
+
+
+@pytest.mark.parametrize("k", [200, 256])
+def test_fake_quant_is_exact_after_aoti_compile(tmp_path, seed, k):
+    """The fp8 activation rounding survives AOTInductor bit-exactly, ragged K included (an earlier
+    form, reference.fp8.act_quant + act_dequant, compiled to NaN for K = 200)."""
+    from dsv3_export.engines.torch_lower import _fake_quant
+    from dsv3_export.engines.torch_step import load_package
+    from dsv3_export.reference.fp8 import act_dequant, act_quant
+
+    class FakeQuant(torch.nn.Module):
+        def forward(self, x):
+            return _fake_quant(x)
+
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(seed)) * 3
+    q, s = act_quant(x)
+    want = act_dequant(q, s)
+    assert torch.equal(_fake_quant(x), want)
+    package = torch._inductor.aoti_compile_and_package(torch.export.export(FakeQuant(), (x,)),
+                                                       package_path=str(tmp_path / "fq.pt2"))
+    got = load_package(package, torch.device("cpu"))(x)
+    got = got[0] if isinstance(got, (list, tuple)) else got
+    assert torch.equal(got, want)

@@ -8,6 +8,7 @@ first of the list, or the one a test passes in to exercise every config).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import torch
@@ -26,10 +27,28 @@ def is_interpreted(kernel: Any) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+def tracing() -> bool:
+    """True while torch.compile, make_fx or torch.export trace the caller (a dispatch mode such as
+    FakeTensorMode / FunctionalTensorMode / ProxyTorchDispatchMode is active, or dynamo runs).
+    Two C-level reads, a microsecond: cheap enough to ask on every launch."""
+    return torch._C._len_torch_dispatch_stack() > 0 or torch.compiler.is_compiling()
+
+
 def traceable(kernel: Any) -> Any:
-    """`kernel` behind torch.library.wrap_triton when compiled: a plain launch in eager mode, and a
-    graph node when a launcher runs inside torch.library.triton_op under make_fx / torch.export
-    (how AOTInductor embeds the kernels). Interpreted kernels are launched as they are."""
+    """`kernel` itself in eager mode; behind torch.library.wrap_triton only while tracing.
+
+    wrap_triton in eager mode launches through the triton_kernel_wrapper_mutation higher-order op
+    (torch's own docstring: ~1 ms): pytree flattening, a new wrapper and side-table entry per
+    call, the grid evaluated for every autotune config and a grid function generated with exec.
+    That was the 0.7 ms floor of every launch in the first H200 run. Worse, for an autotuner with
+    a prune hook (or num_warps passed as a launch kwarg) it builds a NEW autotuner with an empty
+    cache on every call, so the old fp8_gemm re-tuned all its configs on every call (0.4-1.4 s).
+    While tracing (make_fx / torch.export inside torch.library.triton_op, how AOTInductor embeds
+    the kernels) the wrapped form is required, so that is when it is used. Interpreted kernels
+    are launched as they are.
+    """
+    if not tracing():
+        return kernel
     wrap = getattr(torch.library, "wrap_triton", None)
     if wrap is None or is_interpreted(kernel) or is_interpreted(getattr(kernel, "fn", None)):
         return kernel
@@ -79,12 +98,23 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int]) -> None:
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (triton.cdiv is a constexpr_function: several us per call)."""
+    return -(-a // b)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; a nominal 132 (H100/H200) elsewhere."""
+    """Streaming multiprocessors of a CUDA device (queried once per device); a nominal 132
+    (H100/H200) elsewhere."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 132

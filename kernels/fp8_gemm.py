@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, autotune_or_single, check_tensor, is_interpreted,
-                                         launch, next_pow2, num_sms)
+from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, autotune_or_single, cdiv, check_tensor,
+                                         is_interpreted, launch, next_pow2, num_sms)
 from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
 from dsv3_export.reference import fp8 as fp8_ref
 
@@ -125,7 +125,7 @@ def _choose_split_k(m: int, n: int, k_blocks: int, device: torch.device) -> int:
     """Split K only when the output tiles (at BLOCK_N=64) leave most SMs idle."""
     if m > DECODE_MAX_M:
         return 1
-    tiles = triton.cdiv(m, 16) * triton.cdiv(n, 64)
+    tiles = cdiv(m, 16) * cdiv(n, 64)
     split = max(1, min(num_sms(device) // max(tiles, 1), k_blocks, MAX_SPLIT_K))
     # Keep at least 2 K-blocks per split: one block per program is all prologue.
     return max(1, min(split, k_blocks // 2))
@@ -152,7 +152,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
     n, kb_ = b.shape
     if kb_ != k:
         raise ValueError(f"fp8_gemm: a is [M={m}, K={k}] but b is [N={n}, K={kb_}]; K must match")
-    k_blocks = triton.cdiv(k, QUANT_BLOCK)
+    k_blocks = cdiv(k, QUANT_BLOCK)
     if a_fp8:
         if a_s is None:
             raise ValueError("fp8_gemm: fp8 a needs a_s [M, ceil(K/128)]")
@@ -161,9 +161,9 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
             raise ValueError(f"fp8_gemm: a_s must be [M, ceil(K/128)] = {(m, k_blocks)}, got {tuple(a_s.shape)}")
     elif a_s is not None:
         raise ValueError(f"fp8_gemm: a_s is only for fp8 a; a is {a.dtype} (weight-only path takes a_s=None)")
-    if tuple(b_s.shape) != (triton.cdiv(n, QUANT_BLOCK), k_blocks):
+    if tuple(b_s.shape) != (cdiv(n, QUANT_BLOCK), k_blocks):
         raise ValueError(f"fp8_gemm: b_s must be [ceil(N/128), ceil(K/128)] = "
-                         f"{(triton.cdiv(n, QUANT_BLOCK), k_blocks)}, got {tuple(b_s.shape)}")
+                         f"{(cdiv(n, QUANT_BLOCK), k_blocks)}, got {tuple(b_s.shape)}")
     for name, t in (("a", a), ("a_s", a_s), ("b", b), ("b_s", b_s)):
         if t is not None and t.stride(1) != 1:
             raise ValueError(f"fp8_gemm: {name} needs unit stride along its last dim, got strides {t.stride()}")
@@ -177,15 +177,15 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
     split = split_k
     if not 1 <= split <= k_blocks:
         raise ValueError(f"fp8_gemm: split_k={split} must be in [1, ceil(K/128)={k_blocks}]")
-    per_split = triton.cdiv(k_blocks, split)
-    split = triton.cdiv(k_blocks, per_split)  # no empty splits
+    per_split = cdiv(k_blocks, split)
+    split = cdiv(k_blocks, per_split)  # no empty splits
     if split == 1:
         c = torch.empty((m, n), dtype=out_dtype, device=dev)
     else:
         c = torch.empty((split, m, n), dtype=torch.float32, device=dev)  # [S, M, N] partials
     stride_cs = 0 if split == 1 else c.stride(0)
     a_s_arg = a_s if a_fp8 else b_s  # never read on the weight-only path
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
     launch(_fp8_gemm_kernel, _fp8_gemm_decode_tuned if decode else _fp8_gemm_prefill_tuned,
            DECODE_CONFIGS if decode else PREFILL_CONFIGS, grid,
            (a, a_s_arg, b, b_s, c, m, n, k, min(next_pow2(m), 4096),

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from dsv3_export.kernels import _common
-from dsv3_export.kernels._common import FP8_DTYPE, QUANT_BLOCK, autotune_or_single, check_tensor, launch
+from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, autotune_or_single, cdiv, check_tensor,
+                                         launch)
 from dsv3_export.reference import fp8 as fp8_ref
 
 # Kernel constants must be tl.constexpr globals for the compiler.
@@ -121,10 +122,10 @@ def act_quant(x: torch.Tensor, block_size: int = QUANT_BLOCK, *, config: triton.
         raise ValueError(f"act_quant: x must have unit stride along K, got strides {x.stride()}")
     m, k = x.shape
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty((m, triton.cdiv(k, block_size)), dtype=torch.float32, device=x.device)
+    s = torch.empty((m, cdiv(k, block_size)), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
         return q, s
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(k, meta["BLOCK_K"]))  # noqa: E731
     launch(_act_quant_kernel, _act_quant_tuned, ACT_QUANT_CONFIGS, grid,
            (x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0)), dict(BLOCK_K=block_size), config)
     return q, s
@@ -140,7 +141,7 @@ def weight_dequant(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.
     if block_size != QUANT_BLOCK:
         raise ValueError(f"weight_dequant: block_size={block_size} unsupported; the kernels use {QUANT_BLOCK}")
     n, k = w.shape
-    expected = (triton.cdiv(n, block_size), triton.cdiv(k, block_size))
+    expected = (cdiv(n, block_size), cdiv(k, block_size))
     if tuple(s.shape) != expected:
         raise ValueError(f"weight_dequant: weight {tuple(w.shape)} needs scale shape {expected}, got {tuple(s.shape)}")
     if w.stride(1) != 1 or s.stride(1) != 1:
@@ -148,7 +149,7 @@ def weight_dequant(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.
     y = torch.empty((n, k), dtype=dtype, device=w.device)
     if n == 0 or k == 0:
         return y
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
+    grid = lambda meta: (cdiv(n, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"]))  # noqa: E731
     launch(_weight_dequant_kernel, _weight_dequant_tuned, DEQUANT_CONFIGS, grid,
            (w, s, y, n, k, w.stride(0), s.stride(0), y.stride(0)), dict(SCALE_BLOCK=block_size), config)
     return y

@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3_export.kernels._common import (autotune_or_single, check_tensor, is_interpreted, launch, next_pow2, num_sms,
-                                         traceable)
+from dsv3_export.kernels._common import (autotune_or_single, cdiv, check_tensor, is_interpreted, launch, next_pow2,
+                                         num_sms, traceable)
 from dsv3_export.reference.attention import causal_mask
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -253,9 +253,9 @@ def _check_caches(op: str, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache:
 
 def choose_num_splits(batch: int, heads: int, max_seq: int, device: torch.device) -> int:
     """Enough (batch, head-block, split) programs for ~2 waves, never splits shorter than 64 keys."""
-    programs = batch * triton.cdiv(heads, _block_h(heads))
-    splits = triton.cdiv(2 * num_sms(device), programs)
-    return max(1, min(splits, MAX_SPLITS, triton.cdiv(max_seq, 64)))
+    programs = batch * cdiv(heads, _block_h(heads))
+    splits = cdiv(2 * num_sms(device), programs)
+    return max(1, min(splits, MAX_SPLITS, cdiv(max_seq, 64)))
 
 
 def _block_h(heads: int) -> int:
@@ -306,7 +306,7 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     o_part = torch.empty((bsz, heads, splits, c), dtype=torch.float32, device=dev)
     lse = torch.empty((bsz, heads, splits), dtype=torch.float32, device=dev)
     kvn, pen = (kv_new, pe_new) if has_new else (kv_cache, pe_cache)  # never read without HAS_NEW
-    grid = (bsz, triton.cdiv(heads, block_h), splits)
+    grid = (bsz, cdiv(heads, block_h), splits)
     launch(_mla_decode_split_kernel, _decode_tuned, DECODE_CONFIGS, lambda meta: grid,
            (q_latent, q_pe, kv_cache, pe_cache, kvn, pen, cache_seqlens, o_part, lse, heads, splits,
             softmax_scale * LOG2E,
@@ -358,7 +358,7 @@ def mla_prefill(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tens
     qp = q_pe.reshape(bsz, rows, r)  # [B, S_q*H, R]
     o = out.view(bsz, rows, c)
     kvn, pen = (kv_new, pe_new) if has_new else (kv_cache, pe_cache)  # never read without HAS_NEW
-    grid = lambda meta: (bsz, triton.cdiv(rows, meta["BLOCK_Q"]))  # noqa: E731
+    grid = lambda meta: (bsz, cdiv(rows, meta["BLOCK_Q"]))  # noqa: E731
     launch(_mla_prefill_kernel, _prefill_tuned, PREFILL_CONFIGS, grid,
            (q, qp, kv_cache, pe_cache, kvn, pen, starts, o, heads, rows, softmax_scale * LOG2E,
             q.stride(0), q.stride(1), qp.stride(0), qp.stride(1), kv_cache.stride(0), kv_cache.stride(1),

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, autotune_or_single, check_tensor, is_interpreted,
-                                         launch)
+from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, autotune_or_single, cdiv, check_tensor,
+                                         is_interpreted, launch)
 from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
 from dsv3_export.reference import fp8 as fp8_ref
 
@@ -139,7 +139,7 @@ def moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int
         raise ValueError(f"moe_align: block_m={block_m} must be a power of 2 >= 16 (tl.dot tile)")
     dev = topk_ids.device
     numel = topk_ids.numel()
-    n_blocks = triton.cdiv(numel + n_experts * (block_m - 1), block_m)
+    n_blocks = cdiv(numel + n_experts * (block_m - 1), block_m)
     flat = topk_ids.reshape(-1).long()  # [T*k]
     counts = torch.zeros(n_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m  # [E]
@@ -195,14 +195,14 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tenso
     if fuse_swiglu and n % 2:
         raise ValueError(f"grouped_gemm: fuse_swiglu needs w rows [gate; up] (even N), got N={n}")
     n_out = n // 2 if fuse_swiglu else n
-    k_blocks = triton.cdiv(k, QUANT_BLOCK)
+    k_blocks = cdiv(k, QUANT_BLOCK)
     if w_fp8:
         if w_scale is None:
             raise ValueError("grouped_gemm: fp8 w needs w_scale [E, ceil(N/128), ceil(K/128)]")
         check_tensor("grouped_gemm: w_scale", w_scale, dtypes=(torch.float32,), ndim=3, device=dev)
-        if tuple(w_scale.shape) != (e, triton.cdiv(n, QUANT_BLOCK), k_blocks) or w_scale.stride(2) != 1:
+        if tuple(w_scale.shape) != (e, cdiv(n, QUANT_BLOCK), k_blocks) or w_scale.stride(2) != 1:
             raise ValueError(f"grouped_gemm: w_scale must be [E, ceil(N/128), ceil(K/128)] = "
-                             f"{(e, triton.cdiv(n, QUANT_BLOCK), k_blocks)}, got {tuple(w_scale.shape)}")
+                             f"{(e, cdiv(n, QUANT_BLOCK), k_blocks)}, got {tuple(w_scale.shape)}")
     elif w_scale is not None:
         raise ValueError(f"grouped_gemm: w_scale is only for fp8 w; w is {w.dtype}")
     if a_fp8:
@@ -237,7 +237,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tenso
     kwargs = dict(W_FP8=w_fp8, A_FP8=a_fp8, SWIGLU=fuse_swiglu, MUL_WEIGHT=topk_weights is not None,
                   UPCAST=is_interpreted(_grouped_gemm_kernel) and not a_fp8, SCALE_BLOCK=QUANT_BLOCK,
                   BLOCK_M=block_m, BLOCK_K=QUANT_BLOCK if w_fp8 else DENSE_BLOCK_K)
-    grid = lambda meta: (expert_ids.numel(), triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (expert_ids.numel(), cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
     launch(_grouped_gemm_kernel, _grouped_gemm_tuned, GROUPED_GEMM_CONFIGS, grid, args, kwargs, config)
     return out
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dsv3_export.kernels._common import autotune_or_single, check_tensor, launch, next_pow2
+from dsv3_export.kernels._common import autotune_or_single, cdiv, check_tensor, launch, next_pow2
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -78,7 +78,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
     y = torch.empty((n_rows, d), dtype=x.dtype, device=x.device)
     h = torch.empty((n_rows, d), dtype=x.dtype, device=x.device) if residual is not None else y
     if n_rows and d:
-        grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_ROWS"]),)  # noqa: E731
+        grid = lambda meta: (cdiv(n_rows, meta["BLOCK_ROWS"]),)  # noqa: E731
         launch(_rmsnorm_kernel, _rmsnorm_tuned, RMSNORM_CONFIGS, grid,
                (x2, res2 if res2 is not None else x2, weight, y, h, n_rows, d, float(eps),
                 x2.stride(0), res2.stride(0) if res2 is not None else 0, y.stride(0), h.stride(0)),

@@ -3,10 +3,17 @@
 Layouts (DeepSeek's):
   act_quant       x [M, K] bf16/fp16/fp32 -> q fp8 e4m3fn [M, K], s fp32 [M, ceil(K/128)]
                   s[m, j] = max(amax(|x[m, 128j:128j+128]|), AMAX_FLOOR) / 448 and
-                  q = clamp(x / s, -448, 448) rounded to e4m3 (IEEE division, like the torch oracle,
-                  so the scales are bit-identical to dsv3_export.reference.fp8.act_quant). The
-                  rounding to e4m3 is done in fp32 arithmetic before the (then exact) cast, so q is
-                  bit-identical to the oracle too, on the GPU and in the CPU interpreter alike.
+                  q = clamp(x / s, -448, 448) rounded to e4m3 (IEEE division x / s, like the
+                  oracle). The rounding to e4m3 is done in fp32 arithmetic before the (then exact)
+                  cast, so q and s are bit-identical to dsv3_export.reference.fp8.act_quant run on
+                  the same device as x.
+                  "On the same device" matters for s: the oracle's `amax / 448.0` divides by a
+                  Python scalar, which ATen computes as a true division on the CPU but as
+                  amax * fp32(1/448) on CUDA (div_true_kernel_cuda: a CPU-scalar divisor becomes a
+                  reciprocal multiply). The two differ by one ulp for about half of all amax
+                  values, which made every GPU act_quant "not bit-exact" in the first H200 run.
+                  SCALE_RECIPROCAL picks the form: the launcher follows x's device; the kernel's
+                  default is the CUDA form (callers that launch it directly target the GPU).
   weight_dequant  w fp8 [N, K], s fp32 [ceil(N/128), ceil(K/128)] -> w * s (broadcast per block).
 The last block row/column may be ragged (K=300, N=10944): every load and store is masked.
 
@@ -28,6 +35,8 @@ from dsv3_export.reference import fp8 as fp8_ref
 # Kernel constants must be tl.constexpr globals for the compiler.
 FP8_E4M3_MAX = tl.constexpr(_common.FP8_E4M3_MAX)
 AMAX_FLOOR = tl.constexpr(_common.AMAX_FLOOR)
+# fp32(1 / 448): what ATen multiplies by on CUDA for `tensor / 448.0` (see the module docstring).
+INV_FP8_E4M3_MAX = tl.constexpr(1.0 / _common.FP8_E4M3_MAX)
 # e4m3: 3 mantissa bits, smallest normal exponent -6; 1.5 * 2^23 forces fp32 rounding to integers.
 FP8_E4M3_MANTISSA_BITS = tl.constexpr(3)
 FP8_E4M3_MIN_NORMAL_EXP = tl.constexpr(-6)
@@ -74,7 +83,7 @@ def _act_quant_kernel(
     x_ptr, q_ptr, s_ptr,
     M, K,
     stride_xm, stride_qm, stride_sm,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr = True,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -83,7 +92,10 @@ def _act_quant_kernel(
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_FLOOR)  # [BLOCK_M]
-    s = tl.math.div_rn(amax, FP8_E4M3_MAX)
+    if SCALE_RECIPROCAL:  # torch on CUDA: amax * fp32(1/448)
+        s = amax * INV_FP8_E4M3_MAX
+    else:  # torch on the CPU: IEEE amax / 448
+        s = tl.math.div_rn(amax, FP8_E4M3_MAX)
     q = tl.math.div_rn(x, s[:, None])
     q = _round_to_e4m3(tl.minimum(tl.maximum(q, -FP8_E4M3_MAX), FP8_E4M3_MAX))
     tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
@@ -112,9 +124,13 @@ _act_quant_tuned = autotune_or_single(_act_quant_kernel, ACT_QUANT_CONFIGS, key=
 _weight_dequant_tuned = autotune_or_single(_weight_dequant_kernel, DEQUANT_CONFIGS, key=["N", "K"])
 
 
-def act_quant(x: torch.Tensor, block_size: int = QUANT_BLOCK, *, config: triton.Config | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (q fp8 e4m3fn [M, K], s fp32 [M, ceil(K/128)]). `config` forces one tuning config."""
+def act_quant(x: torch.Tensor, block_size: int = QUANT_BLOCK, *, config: triton.Config | None = None,
+              scale_reciprocal: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q fp8 e4m3fn [M, K], s fp32 [M, ceil(K/128)]). `config` forces one tuning config.
+
+    scale_reciprocal: s = amax * fp32(1/448) (True) or amax / 448 (False); default: as torch
+    computes the oracle on x's device (True on CUDA), so the result is bit-identical to it.
+    """
     check_tensor("act_quant: x", x, dtypes=ACT_DTYPES, ndim=2)
     if block_size != QUANT_BLOCK:
         raise ValueError(f"act_quant: block_size={block_size} unsupported; the kernels use {QUANT_BLOCK}")
@@ -127,7 +143,9 @@ def act_quant(x: torch.Tensor, block_size: int = QUANT_BLOCK, *, config: triton.
         return q, s
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(k, meta["BLOCK_K"]))  # noqa: E731
     launch(_act_quant_kernel, _act_quant_tuned, ACT_QUANT_CONFIGS, grid,
-           (x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0)), dict(BLOCK_K=block_size), config)
+           (x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0)),
+           dict(BLOCK_K=block_size,
+                SCALE_RECIPROCAL=x.is_cuda if scale_reciprocal is None else bool(scale_reciprocal)), config)
     return q, s
 
 

@@ -76,7 +76,7 @@ def _cases(all_configs: bool):
     bf, f8, f32, i32 = "*bf16", "*fp8e4nv", "*fp32", "*i32"
     for cfg in pick(fp8_quant.ACT_QUANT_CONFIGS):
         yield ("act_quant", fp8_quant._act_quant_kernel, cfg,
-               dict(x_ptr=bf, q_ptr=f8, s_ptr=f32), dict(BLOCK_K=128))
+               dict(x_ptr=bf, q_ptr=f8, s_ptr=f32), dict(BLOCK_K=128, SCALE_RECIPROCAL=True))
     for cfg in pick(fp8_quant.DEQUANT_CONFIGS):
         yield ("weight_dequant", fp8_quant._weight_dequant_kernel, cfg,
                dict(w_ptr=f8, s_ptr=f32, y_ptr=bf), dict(SCALE_BLOCK=128))

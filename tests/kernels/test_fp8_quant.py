@@ -42,6 +42,35 @@ def test_act_quant_rounding_ties_and_subnormals():
     assert torch.equal(_bits(q), _bits(q_ref))
 
 
+def _act_quant_cuda_oracle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.fp8.act_quant as ATen computes it on CUDA: `amax / 448.0` (a CPU-scalar divisor)
+    is amax * fp32(1/448) there (div_true_kernel_cuda), x / scale stays an IEEE division."""
+    k = x.shape[-1]
+    nb = (k + 127) // 128
+    blocks = torch.nn.functional.pad(x.float(), (0, nb * 128 - k)).unflatten(-1, (nb, 128))  # [M, nb, 128]
+    scale = blocks.abs().amax(-1).clamp_min(R.AMAX_FLOOR) * torch.tensor(1 / R.FP8_E4M3_MAX, dtype=torch.float32)
+    q = (blocks / scale.unsqueeze(-1)).clamp(-R.FP8_E4M3_MAX, R.FP8_E4M3_MAX).flatten(-2)[..., :k]
+    return q.to(R.FP8_DTYPE), scale
+
+
+@pytest.mark.parametrize("m,k", [(1, 2048), (37, 300)])
+def test_act_quant_cuda_scale_form_bit_exact(seed, m, k):
+    """The kernel's GPU default (SCALE_RECIPROCAL) reproduces the oracle as torch runs it on CUDA.
+
+    The first H200 run compared the kernel's IEEE-division scales with the CUDA oracle's
+    reciprocal-multiply ones: about half the scales differ by one ulp, so no call was bit-exact.
+    """
+    torch.manual_seed(seed)
+    x = (torch.randn(m, k) * torch.logspace(-3, 2, k)).to(torch.bfloat16)
+    q, s = K.act_quant(x, scale_reciprocal=True)
+    q_ref, s_ref = _act_quant_cuda_oracle(x)
+    assert torch.equal(s, s_ref), f"{int((s != s_ref).sum())} of {s.numel()} scales differ"
+    assert torch.equal(_bits(q), _bits(q_ref)), f"{int((_bits(q) != _bits(q_ref)).sum())} fp8 values differ"
+    # The two forms really differ (else this test would not tell them apart).
+    amax = torch.rand(4096) * 10 + 1e-3
+    assert (amax / R.FP8_E4M3_MAX != amax * torch.tensor(1 / R.FP8_E4M3_MAX)).float().mean() > 0.2
+
+
 def test_act_quant_all_zero_block_is_finite():
     x = torch.randn(4, 300, dtype=torch.bfloat16)
     x[:, 128:256] = 0

@@ -198,3 +198,50 @@ def test_bad_inputs_name_the_problem():
         M.fused_moe(x, w13, w2, rw, ids, w13_scale=torch.ones(1))
     with pytest.raises(ValueError, match=r"must both be \[T=4, k\]"):
         M.fused_moe(x, w13, w2, rw[:, :1], ids)
+
+
+class _MaxAlloc(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any torch op produces (elements), and which op made it."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
+                self.numel, self.op = t.numel(), str(func)
+        return out
+
+
+def test_memory_is_linear_in_assignments_not_in_weights_times_tokens(seed):
+    """Every MoE function allocates O(E*N*K + (T*topk + E*block_m) * max(N, K)) elements.
+
+    The first H200 run died in grouped_gemm_ref, which gathered w[topk_ids]: a [T*topk, N, K]
+    tensor, 528 GiB at the 16b shapes with T=4096. Here T*topk*N*K is ~16x the bound.
+    """
+    torch.manual_seed(seed)
+    t, k, block_m = 64, 6, 16
+    ids, weights = _routing(t, k)
+    x = torch.randn(t, D, dtype=torch.float16)
+    w13, w2 = _weights(torch.float16)
+    w13q, w13s = _quantize_experts(w13)
+    w2q, w2s = _quantize_experts(w2)
+    n_max = max(2 * I, D)
+    bound = 2 * (E * 2 * I * D + (t * k + E * block_m) * n_max)
+    assert t * k * 2 * I * D > 8 * bound, "shapes too small to tell linear from product memory"
+    sorted_ids, expert_ids, npp = M.moe_align(ids, E, block_m)
+    calls = {
+        "moe_align": lambda: M.moe_align(ids, E, block_m),
+        "grouped_gemm": lambda: M.grouped_gemm(x, w13, sorted_ids, expert_ids, npp, k, fuse_swiglu=True),
+        "grouped_gemm_ref": lambda: M.grouped_gemm_ref(x, w13, ids, k, fuse_swiglu=True),
+        "grouped_gemm_ref fp8": lambda: M.grouped_gemm_ref(*R.act_quant(x)[:1], w13q, ids, k,
+                                                           a_scale=R.act_quant(x)[1], w_scale=w13s),
+        "fused_moe": lambda: M.fused_moe(x, w13, w2, weights, ids, block_m=block_m),
+        "fused_moe_ref fp8": lambda: M.fused_moe_ref(x, w13q, w2q, weights, ids, w13_scale=w13s, w2_scale=w2s),
+    }
+    for name, fn in calls.items():
+        with _MaxAlloc() as probe:
+            fn()
+        assert probe.numel <= bound, f"{name}: {probe.op} made a {probe.numel}-element tensor (bound {bound})"

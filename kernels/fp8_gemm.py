@@ -15,6 +15,13 @@ is multiplied by a_s[m, kb] (a column vector) times b_s[n // 128, kb] (a row vec
 added to the fp32 accumulator. Tiles are visited in GROUP_M super-rows for L2 reuse. M, N and K
 may be ragged: loads are masked with zero fill and stores are masked.
 
+Tensor cores (sm_90, checked on the PTX by tests/kernels/test_compile_sm90.py): tiles of 64+ rows
+compile to wgmma with e4m3 operands and an fp32 accumulator; the 16/32-row decode tiles to
+mma.sync after an exact e4m3 -> f16 widening (Triton has no fp8 mma.sync on sm_90; decode is
+weight-read bound). W8A16 widens the fp8 tile to bf16 (exact) for a bf16 wgmma / mma.sync. No
+operand is ever upcast to fp32 on the GPU: UPCAST is set only under the CPU interpreter, whose
+bf16 dot is wrong.
+
 Split-K (decode): with few output tiles (M <= DECODE_MAX_M = 64 and N / BLOCK_N << #SMs) the K loop is split over
 SPLIT_K programs that store fp32 partial tiles into a [SPLIT_K, M, N] workspace, summed after the
 kernel (deterministic, unlike atomics). The launcher chooses SPLIT_K from the tile count.

@@ -30,6 +30,9 @@ TARGET = GPUTarget("cuda", 90, 32)
 # Opt-in shared memory per block on H100/H200 (227 KB).
 SMEM_LIMIT = 232448
 FLOAT_ARGS = {"scale_log2", "eps"}
+# Tensor-core instructions in the PTX, with their operand types (e.g.
+# wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3, mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32).
+MMA_OP = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)[\w.]*")
 # Integer args that are multiples of 16 at the real 16b shapes (K=2048/1408/10944, N likewise);
 # the launch-time specialization tells the compiler so, which enables vectorized masked loads.
 DIVISIBLE_INTS = {"K", "N", "N_OUT", "D"}
@@ -80,7 +83,10 @@ def _cases(all_configs: bool):
     for cfg in pick(fp8_quant.DEQUANT_CONFIGS):
         yield ("weight_dequant", fp8_quant._weight_dequant_kernel, cfg,
                dict(w_ptr=f8, s_ptr=f32, y_ptr=bf), dict(SCALE_BLOCK=128))
-    for cfg in pick(fp8_gemm.FP8_GEMM_CONFIGS):
+    # Both tile sets even without --all-configs: decode tiles use mma.sync, prefill tiles wgmma.
+    gemm_configs = fp8_gemm.FP8_GEMM_CONFIGS if all_configs else fp8_gemm.DECODE_CONFIGS[:1] + \
+        fp8_gemm.PREFILL_CONFIGS[:1]
+    for cfg in gemm_configs:
         for split, c, a_fp8 in ((1, bf, True), (4, f32, True), (1, bf, False)):
             yield (f"fp8_gemm split_k={split} a_fp8={a_fp8}", fp8_gemm._fp8_gemm_kernel, cfg,
                    dict(a_ptr=f8 if a_fp8 else bf, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c),
@@ -127,7 +133,8 @@ def main(all_configs: bool, with_ptxas: bool = False) -> int:
                                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
             ptx = compiled.asm["ptx"]
             row.update(ok=True, shared=compiled.metadata.shared, wgmma="wgmma" in ptx,
-                       mma="mma.sync" in ptx, fits=compiled.metadata.shared <= SMEM_LIMIT)
+                       mma="mma.sync" in ptx, fits=compiled.metadata.shared <= SMEM_LIMIT,
+                       mma_ops=sorted(set(MMA_OP.findall(ptx))))
             if with_ptxas:
                 arch = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1).rstrip(",")
                 row.update(_ptxas_usage(ptx, arch))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,8 +53,41 @@ def _check(rows: list[dict]) -> None:
     assert not too_big, [f"{r['kernel']}: {r['shared']} B shared" for r in too_big]
 
 
+def _block_m(row: dict) -> int:
+    m = re.search(r"BLOCK_M: (\d+)", row["config"]) or re.search(r"block_m=(\d+)", row["kernel"])
+    return int(m.group(1))
+
+
+def _check_tensor_cores(rows: list[dict]) -> None:
+    """The GEMMs run on tensor cores with their storage dtypes; fp32 upcasts stay in the interpreter.
+
+    fp8 x fp8 tiles of 64+ rows must be Hopper's wgmma with e4m3 operands (fp32 accumulator);
+    smaller tiles may use mma.sync after an exact e4m3 -> f16 conversion (Triton has no fp8
+    mma.sync on sm_90). No GEMM may be a tf32 dot (what an fp32 upcast of the operands compiles
+    to) or have no tensor-core instruction at all.
+    """
+    gemms = [r for r in rows if r["kernel"].startswith(("fp8_gemm", "grouped_gemm", "mla_decode_split", "mla_prefill"))]
+    assert gemms
+    for r in gemms:
+        ops = r["mma_ops"]
+        assert ops, f"{r['kernel']} [{r['config']}]: no tensor-core instruction in the PTX"
+        assert not any("tf32" in op for op in ops), f"{r['kernel']} [{r['config']}]: fp32 operands {ops}"
+        fp8_pair = "a_fp8=True" in r["kernel"]
+        if fp8_pair and _block_m(r) >= 64:
+            assert any(op.startswith("wgmma.mma_async") and op.endswith(".e4m3.e4m3") for op in ops), (
+                f"{r['kernel']} [{r['config']}]: expected wgmma with e4m3 operands, got {ops}")
+        if not fp8_pair:  # bf16 activations (dense, weight-only, attention): bf16 operands
+            assert all(".bf16" in op for op in ops), f"{r['kernel']} [{r['config']}]: {ops}"
+    assert any("wgmma" in op and op.endswith(".e4m3.e4m3") for r in gemms for op in r["mma_ops"]
+               if r["kernel"].startswith("fp8_gemm")), "no fp8 GEMM tile reached wgmma e4m3"
+    assert any("wgmma" in op and op.endswith(".e4m3.e4m3") for r in gemms for op in r["mma_ops"]
+               if r["kernel"].startswith("grouped_gemm")), "no grouped GEMM tile reached wgmma e4m3"
+
+
 def test_every_kernel_compiles_for_sm90():
-    _check(_compile())
+    rows = _compile()
+    _check(rows)
+    _check_tensor_cores(rows)
 
 
 @pytest.mark.slow
@@ -63,6 +97,4 @@ def test_every_config_compiles_for_sm90_without_heavy_spills():
     spilling = [f"{r['kernel']} [{r['config']}]: {r['spill_bytes']} B" for r in rows
                 if r["spill_bytes"] > MAX_SPILL_BYTES]
     assert not spilling, spilling
-    # The prefill-sized fp8 GEMM tiles must reach Hopper's wgmma, not the mma.sync fallback.
-    big = [r for r in rows if r["kernel"].startswith("fp8_gemm") and "BLOCK_M: 128" in r["config"]]
-    assert big and all(r["wgmma"] for r in big)
+    _check_tensor_cores(rows)

@@ -46,6 +46,13 @@ LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
 # Heads per decode program: at least 16 (tensor-core M), at most 64 (registers for the C-wide accumulator).
 MIN_BLOCK_H, MAX_BLOCK_H = 16, 64
+# Split sizing (choose_num_splits). Resident decode programs per SM: the decode tiles take 56-94 KB
+# of shared memory and 95-168 registers per thread on sm_90 (ptxas, tests/kernels/_sm90_compile.py),
+# so 2-3 fit; 2 is the conservative count. A split's partial output write ([H, C] fp32) costs
+# about as much traffic as reading 32 cache rows (C + R = 576 bf16 each).
+DECODE_PROGRAMS_PER_SM = 2
+MIN_SPLIT_KEYS = 64
+SPLIT_OVERHEAD_KEYS = 32
 
 DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),
@@ -252,10 +259,25 @@ def _check_caches(op: str, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache:
 
 
 def choose_num_splits(batch: int, heads: int, max_seq: int, device: torch.device) -> int:
-    """Enough (batch, head-block, split) programs for ~2 waves, never splits shorter than 64 keys."""
-    programs = batch * cdiv(heads, _block_h(heads))
-    splits = cdiv(2 * num_sms(device), programs)
-    return max(1, min(splits, MAX_SPLITS, cdiv(max_seq, 64)))
+    """KV splits per (row, head block): the count with the least `waves x keys per program`.
+
+    Decode is a stream over the cache, so its time is about (waves of programs) x (keys each
+    program reads, plus its partial-output write, ~SPLIT_OVERHEAD_KEYS). A wave holds
+    DECODE_PROGRAMS_PER_SM programs per SM. The old rule (programs ~ 2 x #SMs, rounded up) gave
+    B=32 on 132 SMs 9 splits = 288 programs: a second wave of 24 for ~1.1 waves of work; this
+    picks 8 (256 programs, one wave). Splits stay >= MIN_SPLIT_KEYS keys; ties go to fewer splits
+    (less merging).
+    """
+    head_blocks = cdiv(heads, _block_h(heads))
+    slots = DECODE_PROGRAMS_PER_SM * num_sms(device)
+    best, best_cost = 1, float("inf")
+    for splits in range(1, max(1, min(MAX_SPLITS, max_seq // MIN_SPLIT_KEYS)) + 1):
+        waves = cdiv(batch * head_blocks * splits, slots)
+        chunk = cdiv(cdiv(max_seq, splits), MIN_SPLIT_KEYS) * MIN_SPLIT_KEYS
+        cost = waves * (chunk + SPLIT_OVERHEAD_KEYS)
+        if cost < best_cost:
+            best, best_cost = splits, cost
+    return best
 
 
 def _block_h(heads: int) -> int:

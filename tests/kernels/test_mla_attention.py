@@ -177,3 +177,16 @@ def test_bad_inputs_name_the_problem():
         A.mla_decode(q, qp, kv.bfloat16(), pe, seqlens, SCALE)
     with pytest.raises(ValueError, match=r"cached positions \[0, 105\) outside"):
         A.mla_prefill(torch.randn(2, 10, H, C), torch.randn(2, 10, H, R), kv, pe, 95, SCALE)
+
+
+@pytest.mark.parametrize("batch,ctx", [(32, 4096), (1, 1024), (8, 1024), (64, 1024), (128, 4096), (3, 70), (1, 33)])
+def test_choose_num_splits_fills_whole_waves(batch, ctx):
+    """On 132 SMs (2 decode programs each): one wave where it can, never splits under 64 keys."""
+    splits = A.choose_num_splits(batch, 16, ctx, torch.device("cpu"))  # CPU: the nominal 132 SMs
+    assert 1 <= splits <= A.MAX_SPLITS
+    assert splits == 1 or -(-ctx // splits) >= A.MIN_SPLIT_KEYS
+    slots = A.DECODE_PROGRAMS_PER_SM * 132
+    programs = batch * splits
+    if batch <= slots:
+        assert programs <= slots, f"{programs} programs spill into a second wave of {slots}"
+    assert (batch, ctx) != (32, 4096) or splits == 8  # the old rule's 9 splits = 1.09 waves

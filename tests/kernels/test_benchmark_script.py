@@ -25,7 +25,7 @@ def _load():
 def test_cpu_smoke_writes_reports_and_checks_pass(tmp_path, monkeypatch):
     bench = _load()
     monkeypatch.setenv("OUT", str(tmp_path))
-    rc = bench.main(["--cpu-smoke", "--quick", "--only", "fp8,moe,mla"])
+    rc = bench.main(["--cpu-smoke", "--only", "fp8,moe,mla"])
     data = json.loads((tmp_path / "kernels.json").read_text())
     assert (tmp_path / "kernels.md").read_text().startswith("# Kernel benchmark")
     checked = [r for r in data["rows"] if r["ok"] is not None]
@@ -42,3 +42,34 @@ def test_unknown_section_is_a_usage_error():
     with pytest.raises(SystemExit) as exc:
         bench.main(["--cpu-smoke", "--only", "nope"])
     assert exc.value.code == 2
+
+
+def test_ragged_k_padding_of_the_scaled_mm_baseline_keeps_the_product(seed):
+    """The _scaled_mm baseline gets K zero-padded to a multiple of 128; the product must not change."""
+    import torch
+
+    from dsv3_export.kernels.fp8_gemm import fp8_gemm_ref
+    from dsv3_export.reference import fp8 as R
+
+    bench = _load()
+    torch.manual_seed(seed)
+    a, a_s = R.act_quant(torch.randn(5, 300))
+    w, w_s = R.weight_quant(torch.randn(70, 300))
+    a_p, w_p = bench._pad_k(a), bench._pad_k(w)
+    assert a_p.shape == (5, 384) and w_p.shape == (70, 384) and a_p.dtype == w_p.dtype == torch.float8_e4m3fn
+    assert torch.equal(a_p[:, :300].view(torch.uint8), a.view(torch.uint8))
+    assert (a_p[:, 300:].float() == 0).all() and (w_p[:, 300:].float() == 0).all()
+    assert bench._pad_k(a_p) is a_p
+    ref = fp8_gemm_ref(a, a_s, w, w_s, torch.float32)
+    padded = fp8_gemm_ref(a_p, a_s, w_p, w_s, torch.float32)  # the same scales cover the pad
+    torch.testing.assert_close(padded, ref, rtol=1e-5, atol=1e-4)  # only the fp32 summation order differs
+
+
+def test_summary_table_is_the_last_output(tmp_path, monkeypatch, capsys):
+    bench = _load()
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert bench.main(["--cpu-smoke", "--only", "norm"]) == 0
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    header = max(i for i, line in enumerate(lines) if line.startswith("case "))
+    assert all(line.startswith("add+rmsnorm") for line in lines[header + 1:]), lines[header:]
+    assert len(lines) - header - 1 == 6  # M = 1, 5, 24: triton and torch rows

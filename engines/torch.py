@@ -45,11 +45,6 @@ log = logging.getLogger(__name__)
 PROGRAM_KINDS = ("prefill", "decode")
 PACKAGE_FILES = {"prefill": "prefill.pt2", "decode": "decode.pt2"}
 WEIGHTS_FILE = "weights.safetensors"
-# Measured 2026-11-28 (torch 2.13 CPU): the exported fp8 prefill program, with no pass and no
-# lowering of ours, compiles to wrong logits (rel. error 0.23 vs the same program run eagerly; the
-# decode program is right). Until that is bisected, CPU fp8 builds are refused, not shipped wrong.
-FP8_CPU_DEFECT = ("fp8 on CPU is disabled: AOTInductor miscompiles the fp8 prefill program "
-                  "(rel. error 0.23 vs eager, decode unaffected)")
 # Kept in the manifest: a reader (runtime/cpp) refuses a layout it does not know.
 PAYLOAD_LAYOUT = "aoti-packages+safetensors/1"
 
@@ -141,9 +136,6 @@ class TorchBackend:
 
         if target.device == "cuda" and not torch.cuda.is_available():
             return "torch backend: --device cuda needs a CUDA GPU visible to torch (torch.cuda.is_available() is False)"
-        if target.device == "cpu" and target.precision == "fp8":
-            return (f"torch backend: {FP8_CPU_DEFECT}; build fp8 CPU engines with --backend onnxruntime, "
-                    "or fp8 for --device cuda")
         if target.device == "cpu" and shutil.which("c++") is None and shutil.which("g++") is None:
             return "torch backend: AOTInductor needs a C++ compiler (c++ / g++) on PATH to build CPU engines"
         return None

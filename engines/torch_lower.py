@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.export import ExportedProgram
 
 import dsv3_export.ops  # noqa: F401 - registers whichever dsv3:: ops exist
-from dsv3_export.reference.fp8 import AMAX_FLOOR, FP8_DTYPE, FP8_E4M3_MAX, cdiv, weight_dequant
+from dsv3_export.reference.fp8 import AMAX_FLOOR, FP8_DTYPE, FP8_E4M3_MAX, cdiv
 from dsv3_export.step import absorbed_attention
 
 NAMESPACE = "dsv3"
@@ -61,16 +61,25 @@ def _fake_quant(x: torch.Tensor) -> torch.Tensor:
     return (q.to(torch.float32) * scale).flatten(-2)[..., :k].to(x.dtype)  # [..., K]
 
 
+def _dequant(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 [..., N, K] + fp32 [..., ceil(N/128), ceil(K/128)] -> dense [..., N, K], bit-identical to
+    reference.fp8.weight_dequant.
+
+    Block form (pad, view as blocks, scale, slice) because Inductor (2.13 CPU) miscompiles the
+    reference's repeat_interleave form, and an index_select form, when a scale dim has one block
+    (a Linear with N = 80: outputs went inf); this form compiled exactly for every shape tried.
+    """
+    n, k = w.shape[-2:]
+    nr, nc = scale.shape[-2:]
+    wf = F.pad(w.to(torch.float32), (0, nc * FP8_BLOCK - k, 0, nr * FP8_BLOCK - n))  # [..., nr*128, nc*128]
+    blocks = wf.unflatten(-1, (nc, FP8_BLOCK)).unflatten(-3, (nr, FP8_BLOCK))  # [..., nr, 128, nc, 128]
+    blocks = blocks * scale.to(torch.float32)[..., :, None, :, None]
+    return blocks.flatten(-2).flatten(-3, -2)[..., :n, :k].to(dtype)  # [..., N, K]
+
+
 def _fp8_linear(x, weight, scale, act_quant_x):
-    w = weight_dequant(weight, scale, x.dtype, FP8_BLOCK)
+    w = _dequant(weight, scale, x.dtype)
     return F.linear(_fake_quant(x) if act_quant_x else x, w)
-
-
-def _dequant_experts(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp8 [E, N, K] + fp32 [E, ceil(N/128), ceil(K/128)] -> dense [E, N, K]."""
-    e, n, k = w.shape
-    full = scale.repeat_interleave(FP8_BLOCK, dim=1).repeat_interleave(FP8_BLOCK, dim=2)[:, :n, :k]  # [E, N, K]
-    return (w.to(torch.float32) * full).to(dtype)
 
 
 def _moe_experts(x, topk_weights, topk_ids, w13, w2):
@@ -92,8 +101,8 @@ def _moe_experts(x, topk_weights, topk_ids, w13, w2):
 
 
 def _moe_experts_fp8(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, act_quant_x):
-    w13d = _dequant_experts(w13, w13_scale, x.dtype)
-    w2d = _dequant_experts(w2, w2_scale, x.dtype)
+    w13d = _dequant(w13, w13_scale, x.dtype)
+    w2d = _dequant(w2, w2_scale, x.dtype)
     if not act_quant_x:
         return _moe_experts(x, topk_weights, topk_ids, w13d, w2d)
     t, d = x.shape

@@ -116,14 +116,6 @@ def test_refuses_cuda_engine_on_cpu_machine(engine_dir, tmp_path):
         load_engine(_edited_copy(engine_dir, tmp_path, edit))
 
 
-def test_cpu_fp8_is_refused_with_the_reason():
-    from dsv3_export.engines.base import Target
-    from dsv3_export.engines.torch import BACKEND
-
-    reason = BACKEND.check_target(Target("fp8", "cpu"))
-    assert reason is not None and "miscompiles the fp8 prefill program" in reason
-
-
 def test_incompatibility_names_compute_capability_and_machine():
     assert "built for riscv64" in incompatibility({"device_kind": "cpu", "machine": "riscv64"})
     assert "expected 'cpu' or 'cuda'" in incompatibility({"device_kind": "tpu"})
@@ -291,3 +283,29 @@ def test_fake_quant_is_exact_after_aoti_compile(tmp_path, seed, k):
     got = load_package(package, torch.device("cpu"))(x)
     got = got[0] if isinstance(got, (list, tuple)) else got
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("out_features, in_features", [(80, 192), (130, 200)])
+def test_fp8_linear_lowering_is_exact_after_aoti_compile(tmp_path, seed, out_features, in_features):
+    """One scale block along N (80 < 128) is where Inductor miscompiled the reference's
+    repeat_interleave dequant (inf); the lowering's block form must compile exactly."""
+    from dsv3_export.engines.torch_lower import ATEN_LOWERINGS
+    from dsv3_export.engines.torch_step import load_package
+
+    g = torch.Generator().manual_seed(seed)
+    w, s = _fp8_weight(out_features, in_features, g)
+
+    class Fp8Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.s = torch.nn.Parameter(w, requires_grad=False), torch.nn.Parameter(s, requires_grad=False)
+
+        def forward(self, x):
+            return ATEN_LOWERINGS["dsv3::fp8_linear"](x, self.w, self.s, True)
+
+    module, x = Fp8Linear(), torch.randn(2, 5, in_features, generator=g)
+    package = torch._inductor.aoti_compile_and_package(torch.export.export(module, (x,)),
+                                                       package_path=str(tmp_path / "fp8_linear.pt2"))
+    got = load_package(package, torch.device("cpu"))(x)
+    got = got[0] if isinstance(got, (list, tuple)) else got
+    assert rel_err(got, module(x)) < TOLERANCES["fp32_structural"]

@@ -19,6 +19,10 @@ CUDA graph: on CUDA, decode steps are replayed from a CUDA graph captured per (b
 length, cache buffer) (`backend_info.decode_cuda_graph` says so); prefill runs the package
 directly. CPU engines use no graphs. The KV cache is never inside the packages: the runtime owns
 it and writes new_kv in place (dsv3_export.runtime; runtime/cpp/ for C++).
+Status (2026-11-28): CPU engines are tested (tests/engines, tests/test_cpp_runtime.py). On the
+H200 (torch 2.11) the tiny CUDA programs, triton_op lowering included, compiled, but loading any
+package through torch._inductor.aoti_load_package crashed there; the loader now builds the C++
+AOTIModelPackageLoader directly (as runtime/cpp does), which has not yet run on the GPU.
 """
 
 from __future__ import annotations
@@ -57,8 +61,8 @@ def lower_program(ep: ExportedProgram, device: str, kind: str) -> tuple[Exported
 
         from dsv3_export.engines.torch_triton import triton_lowerings
 
-        if any(t.device.type != "cuda" for t in program_constants(ep).values()):
-            ep = move_to_device_pass(ep, f"cuda:{torch.cuda.current_device()}")  # build.py exports on the CPU; kernels trace on the GPU
+        if any(t.device.type != "cuda" for t in program_constants(ep).values()):  # build.py exports on the CPU
+            ep = move_to_device_pass(ep, f"cuda:{torch.cuda.current_device()}")
         triton = triton_lowerings(kind)
     return lower_dsv3_ops(ep, device, triton)
 

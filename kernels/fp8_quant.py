@@ -12,8 +12,9 @@ Layouts (DeepSeek's):
                   amax * fp32(1/448) on CUDA (div_true_kernel_cuda: a CPU-scalar divisor becomes a
                   reciprocal multiply). The two differ by one ulp for about half of all amax
                   values, which made every GPU act_quant "not bit-exact" in the first H200 run.
-                  SCALE_RECIPROCAL picks the form: the launcher follows x's device; the kernel's
-                  default is the CUDA form (callers that launch it directly target the GPU).
+                  Two kernels share one body: _act_quant_kernel has the CUDA form (callers that
+                  launch it directly, like engines/torch_triton.py, target the GPU) and
+                  _act_quant_ieee_kernel the CPU form; the launcher picks by x's device.
   weight_dequant  w fp8 [N, K], s fp32 [ceil(N/128), ceil(K/128)] -> w * s (broadcast per block).
 The last block row/column may be ragged (K=300, N=10944): every load and store is masked.
 
@@ -79,12 +80,8 @@ def _round_to_e4m3(q):
 
 
 @triton.jit
-def _act_quant_kernel(
-    x_ptr, q_ptr, s_ptr,
-    M, K,
-    stride_xm, stride_qm, stride_sm,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr = True,
-):
+def _act_quant_body(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -100,6 +97,28 @@ def _act_quant_kernel(
     q = _round_to_e4m3(tl.minimum(tl.maximum(q, -FP8_E4M3_MAX), FP8_E4M3_MAX))
     tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + offs_m * stride_sm + pid_k, s, mask=offs_m < M)
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr, q_ptr, s_ptr,
+    M, K,
+    stride_xm, stride_qm, stride_sm,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """s = amax * fp32(1/448): torch's oracle as computed on CUDA."""
+    _act_quant_body(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, BLOCK_M, BLOCK_K, True)
+
+
+@triton.jit
+def _act_quant_ieee_kernel(
+    x_ptr, q_ptr, s_ptr,
+    M, K,
+    stride_xm, stride_qm, stride_sm,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """s = amax / 448 (IEEE): torch's oracle as computed on the CPU."""
+    _act_quant_body(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, BLOCK_M, BLOCK_K, False)
 
 
 @triton.jit
@@ -121,6 +140,7 @@ def _weight_dequant_kernel(
 
 
 _act_quant_tuned = autotune_or_single(_act_quant_kernel, ACT_QUANT_CONFIGS, key=["K"])
+_act_quant_ieee_tuned = autotune_or_single(_act_quant_ieee_kernel, ACT_QUANT_CONFIGS, key=["K"])
 _weight_dequant_tuned = autotune_or_single(_weight_dequant_kernel, DEQUANT_CONFIGS, key=["N", "K"])
 
 
@@ -142,10 +162,11 @@ def act_quant(x: torch.Tensor, block_size: int = QUANT_BLOCK, *, config: triton.
     if m == 0 or k == 0:
         return q, s
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(k, meta["BLOCK_K"]))  # noqa: E731
-    launch(_act_quant_kernel, _act_quant_tuned, ACT_QUANT_CONFIGS, grid,
-           (x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0)),
-           dict(BLOCK_K=block_size,
-                SCALE_RECIPROCAL=x.is_cuda if scale_reciprocal is None else bool(scale_reciprocal)), config)
+    reciprocal = x.is_cuda if scale_reciprocal is None else scale_reciprocal
+    kernel, tuned = (_act_quant_kernel, _act_quant_tuned) if reciprocal else (_act_quant_ieee_kernel,
+                                                                              _act_quant_ieee_tuned)
+    launch(kernel, tuned, ACT_QUANT_CONFIGS, grid, (x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0)),
+           dict(BLOCK_K=block_size), config)
     return q, s
 
 

@@ -33,6 +33,9 @@ FLOAT_ARGS = {"scale_log2", "eps"}
 # Tensor-core instructions in the PTX, with their operand types (e.g.
 # wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3, mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32).
 MMA_OP = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)[\w.]*")
+DIV_OP = re.compile(r"\bdiv\.[\w.]+")
+# fp32(1/448) as a PTX immediate: the act_quant GPU form multiplies by it (torch's CUDA oracle does).
+RECIP_448 = "0f3B124925"
 # Integer args that are multiples of 16 at the real 16b shapes (K=2048/1408/10944, N likewise);
 # the launch-time specialization tells the compiler so, which enables vectorized masked loads.
 DIVISIBLE_INTS = {"K", "N", "N_OUT", "D"}
@@ -78,8 +81,9 @@ def _cases(all_configs: bool):
 
     bf, f8, f32, i32 = "*bf16", "*fp8e4nv", "*fp32", "*i32"
     for cfg in pick(fp8_quant.ACT_QUANT_CONFIGS):
-        yield ("act_quant", fp8_quant._act_quant_kernel, cfg,
-               dict(x_ptr=bf, q_ptr=f8, s_ptr=f32), dict(BLOCK_K=128, SCALE_RECIPROCAL=True))
+        for name, kernel in (("act_quant", fp8_quant._act_quant_kernel),
+                             ("act_quant ieee", fp8_quant._act_quant_ieee_kernel)):
+            yield (name, kernel, cfg, dict(x_ptr=bf, q_ptr=f8, s_ptr=f32), dict(BLOCK_K=128))
     for cfg in pick(fp8_quant.DEQUANT_CONFIGS):
         yield ("weight_dequant", fp8_quant._weight_dequant_kernel, cfg,
                dict(w_ptr=f8, s_ptr=f32, y_ptr=bf), dict(SCALE_BLOCK=128))
@@ -134,7 +138,8 @@ def main(all_configs: bool, with_ptxas: bool = False) -> int:
             ptx = compiled.asm["ptx"]
             row.update(ok=True, shared=compiled.metadata.shared, wgmma="wgmma" in ptx,
                        mma="mma.sync" in ptx, fits=compiled.metadata.shared <= SMEM_LIMIT,
-                       mma_ops=sorted(set(MMA_OP.findall(ptx))))
+                       mma_ops=sorted(set(MMA_OP.findall(ptx))), div_ops=sorted(set(DIV_OP.findall(ptx))),
+                       mul_recip_448=RECIP_448 in ptx)
             if with_ptxas:
                 arch = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1).rstrip(",")
                 row.update(_ptxas_usage(ptx, arch))

@@ -84,10 +84,21 @@ def _check_tensor_cores(rows: list[dict]) -> None:
                if r["kernel"].startswith("grouped_gemm")), "no grouped GEMM tile reached wgmma e4m3"
 
 
+def _check_act_quant_arithmetic(rows: list[dict]) -> None:
+    """act_quant's bit-exactness needs IEEE x / s (div.rn, not div.approx / div.full) and, in the
+    GPU kernel, the scale as amax * fp32(1/448) like torch's CUDA oracle (see kernels/fp8_quant.py)."""
+    quant = {r["kernel"]: r for r in rows if r["kernel"].startswith("act_quant")}
+    assert set(quant) == {"act_quant", "act_quant ieee"}, sorted(quant)
+    for r in quant.values():
+        assert r["div_ops"] and all(op == "div.rn.f32" for op in r["div_ops"]), (r["kernel"], r["div_ops"])
+    assert quant["act_quant"]["mul_recip_448"] and not quant["act_quant ieee"]["mul_recip_448"]
+
+
 def test_every_kernel_compiles_for_sm90():
     rows = _compile()
     _check(rows)
     _check_tensor_cores(rows)
+    _check_act_quant_arithmetic(rows)
 
 
 @pytest.mark.slow

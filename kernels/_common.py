@@ -27,11 +27,16 @@ def is_interpreted(kernel: Any) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+_TRACING_MODES = tuple(getattr(torch._C._TorchDispatchModeKey, k) for k in ("FAKE", "PROXY", "FUNCTIONAL"))
+
+
 def tracing() -> bool:
-    """True while torch.compile, make_fx or torch.export trace the caller (a dispatch mode such as
-    FakeTensorMode / FunctionalTensorMode / ProxyTorchDispatchMode is active, or dynamo runs).
-    Two C-level reads, a microsecond: cheap enough to ask on every launch."""
-    return torch._C._len_torch_dispatch_stack() > 0 or torch.compiler.is_compiling()
+    """True while torch.compile, make_fx or torch.export trace the caller: one of torch's tracing
+    dispatch modes (FakeTensorMode, ProxyTorchDispatchMode, FunctionalTensorMode) is active, or
+    dynamo runs. Other (user) dispatch modes do not count: kernels launch as they are under them.
+    A few C-level reads, about a microsecond: cheap enough to ask on every launch."""
+    get = torch._C._get_dispatch_mode
+    return any(get(key) is not None for key in _TRACING_MODES) or torch.compiler.is_compiling()
 
 
 def traceable(kernel: Any) -> Any:

@@ -105,6 +105,10 @@ def _cases(all_configs: bool):
                         topk_w_ptr=f32, sorted_ids_ptr=i32, expert_ids_ptr=i32, num_post_pad_ptr=i32),
                    dict(W_FP8=w_fp8, A_FP8=a_fp8, SWIGLU=swiglu, MUL_WEIGHT=not swiglu, UPCAST=False,
                         SCALE_BLOCK=128, BLOCK_M=block_m, BLOCK_K=128 if w_fp8 else moe.DENSE_BLOCK_K))
+    for e, ids in ((64, "*i64"), (256, "*i32")):  # the 16b preset's 64 experts; V3's 256
+        yield (f"moe_align E={e}", moe._moe_align_kernel, triton.Config({}, num_warps=4),
+               dict(ids_ptr=ids, sorted_ids_ptr=i32, expert_ids_ptr=i32, npp_ptr=i32),
+               dict(E=e, BLOCK_E=e, BLOCK_M=16, CHUNK=moe.ALIGN_TILE // e, FILL=1024))
     mla_dims = dict(C=512, R=64, BLOCK_C=512, BLOCK_R=64, UPCAST=False)
     for cfg in pick(mla_attention.DECODE_CONFIGS):
         for has_new in (False, True):

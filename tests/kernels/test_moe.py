@@ -56,6 +56,27 @@ def test_moe_align_invariants(seed, t, k, block_m):
     assert (expert_ids[blocks.shape[0]:] == -1).all()
 
 
+@pytest.mark.parametrize("t,k,e,block_m,idtype", [
+    (1, 6, 64, 16, torch.int64),  # decode: 6 of 64 experts
+    (37, 3, 8, 32, torch.int32),
+    (300, 6, 64, 64, torch.int64),  # several CHUNK tiles
+    (2900, 6, 64, 16, torch.int32),  # > 1024 blocks: several FILL tiles of slots and of block experts
+    (5, 2, 3, 16, torch.int64),  # E not a power of 2
+])
+def test_moe_align_kernel_equals_aten_form(seed, t, k, e, block_m, idtype):
+    """The single-program kernel (eager) and the ATen form (traced) give identical outputs."""
+    torch.manual_seed(seed)
+    ids = torch.randint(0, e, (t, k), dtype=idtype)
+    ids[0, :] = e - 1  # an expert with several assignments from one token; others may get none
+    got = M.moe_align(ids, e, block_m)
+    ref = M.moe_align_ref(ids, e, block_m)
+    for name, a, b in zip(("sorted_token_ids", "expert_ids", "num_tokens_post_pad"), got, ref):
+        assert a.dtype == b.dtype == torch.int32 and a.shape == b.shape, name
+        assert torch.equal(a, b), f"{name}: {int((a != b).sum())} entries differ"
+    strided = M.moe_align(ids.t().contiguous().t(), e, block_m)  # a non-contiguous [T, k] view
+    assert all(torch.equal(a, b) for a, b in zip(strided, ref))
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, "grouped_gemm_fp16"), (torch.bfloat16, "grouped_gemm_bf16")])
 @pytest.mark.parametrize("swiglu,weighted", [(False, False), (True, False), (False, True)])
 def test_grouped_gemm_dense(seed, dtype, tol, swiglu, weighted):

@@ -32,61 +32,19 @@ Prints a Markdown table on stdout; writes onnxruntime_16b.json to --out (default
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import shutil
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-T0 = time.perf_counter()
+from _report import Report  # noqa: E402 - sibling module of this script
+
 PRESET_SEED = 0
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
-
-
-class Report:
-    """Results by section; the JSON file is rewritten after each one."""
-
-    def __init__(self, path: Path, budget_s: float, meta: dict[str, Any]):
-        self.path, self.budget_s = path, budget_s
-        self.data: dict[str, Any] = {"meta": meta, "results": {}}
-
-    def left(self) -> float:
-        return self.budget_s - (time.perf_counter() - T0)
-
-    def put(self, key: str, section: str, value: Any) -> None:
-        self.data["results"].setdefault(key, {})[section] = value
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        os.replace(tmp, self.path)
-
-    def section(self, key: str, name: str, need_s: float, fn: Callable[[], dict[str, Any]]) -> dict | None:
-        if self.left() < need_s:
-            self.put(key, name, {"skipped": f"needs ~{need_s:.0f} s, {self.left():.0f} s left"})
-            log(f"{key}/{name}: skipped (time)")
-            return None
-        log(f"{key}/{name} ...")
-        start = time.perf_counter()
-        try:
-            value = fn()
-            value["seconds"] = round(time.perf_counter() - start, 2)
-        except Exception as e:  # noqa: BLE001 - a benchmark section reports its failure and the run goes on
-            value = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
-            log(f"{key}/{name} failed: {type(e).__name__}: {e}")
-        self.put(key, name, value)
-        gc.collect()
-        torch.cuda.empty_cache()
-        return value
-
 
 def cuda_ms(fn: Callable[[], Any], warmup: int, reps: int) -> float:
     for _ in range(warmup):

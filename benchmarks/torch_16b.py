@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,47 +48,7 @@ from dsv3_export.runtime import write_rows
 from dsv3_export.stats import model_stats
 from dsv3_export.step import LatentCacheStep
 
-T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
-
-
-class Report:
-    """Results by section, rewritten to JSON after every change."""
-
-    def __init__(self, path: Path, budget_s: float, meta: dict[str, Any]):
-        self.path, self.budget_s = path, budget_s
-        self.data: dict[str, Any] = {"meta": meta, "results": {}}
-
-    def left(self) -> float:
-        return self.budget_s - (time.perf_counter() - T0)
-
-    def put(self, precision: str, section: str, value: Any) -> None:
-        self.data["results"].setdefault(precision, {})[section] = value
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        os.replace(tmp, self.path)
-
-    def section(self, precision: str, name: str, need_s: float, fn: Callable[[], dict[str, Any]]) -> dict | None:
-        """Run fn unless fewer than need_s seconds are left; record its result, or why it has none."""
-        if self.left() < need_s:
-            self.put(precision, name, {"skipped": f"needs ~{need_s:.0f} s, {self.left():.0f} s left in the budget"})
-            log(f"{precision}/{name}: skipped (time)")
-            return None
-        log(f"{precision}/{name}: start")
-        start = time.perf_counter()
-        try:
-            out = fn()
-        except Exception as e:  # noqa: BLE001 - a failed section is a result, the others still run
-            out = {"error": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-4000:]}
-        out["seconds"] = round(time.perf_counter() - start, 1)
-        self.put(precision, name, out)
-        log(f"{precision}/{name}: done in {out['seconds']} s{' (error)' if 'error' in out else ''}")
-        return out
-
+from _report import Report, log  # noqa: E402 - sibling module of this script
 
 DEVICE = "cuda"  # --device cpu: a smoke run of this script's code on the tiny preset (no GPU numbers)
 

@@ -153,8 +153,8 @@ def lower_dsv3_ops(ep: ExportedProgram, device: str,
             continue
         if device == "cuda" and triton_lowerings and name in triton_lowerings:
             table[node.target] = triton_lowerings[name]
-            how[name] = ("triton_op dsv3_aoti::* (our kernels/ kernel, embedded through wrap_triton) for bf16/fp16 "
-                         "and fp8 with act_quant; ATen math otherwise")
+            how[name] = getattr(triton_lowerings[name], "how",
+                                "triton_op dsv3_aoti::* (our kernels/ kernel, embedded through wrap_triton)")
         elif name in ATEN_LOWERINGS:
             table[node.target] = ATEN_LOWERINGS[name]
             how[name] = "ATen decomposition (Inductor-generated " + ("Triton" if device == "cuda" else "C++") + " kernels)"

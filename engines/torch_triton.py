@@ -9,17 +9,22 @@ package (TOOLCHAIN.md: measured on the H200, loadable from C++ with no op regist
 Lowered here (engines/torch_lower.py uses these on CUDA, ATen math for the rest):
     dsv3::moe_experts      -> dsv3_aoti::moe_experts      moe_align + 2 grouped GEMMs (SwiGLU and
                                                           routing-weight epilogues), kernels/moe.py
+                                                          (bf16/fp16; fp32 engines: ATen)
     dsv3::moe_experts_fp8  -> dsv3_aoti::moe_experts_fp8  the same with 1x128 act_quant (act_quant=True
                              only; weight-only fp8 lowers to ATen: the kernel has no bf16 x fp8 path)
-Not lowered to a kernel: dsv3::mla_attention. kernels/mla_attention.py attends over a cache
-that already holds the new keys (DeepSeek's write-then-attend); the engine's step contract keeps
-new keys out of the cache (the runtime writes them after the step), so its ATen math is compiled
-by Inductor instead. dsv3::fp8_linear likewise (its split-K launcher prunes configs with a hook
-wrap_triton does not support); both are listed in the manifest's `lowerings`.
+    dsv3::mla_attention    -> dsv3_aoti::mla_attention    W_UK absorbed by an ATen einsum, then
+                             kernels/mla_attention.py over [cache | new keys] (split-KV mla_decode in
+                             the decode program, causal mla_prefill in the prefill program; new keys
+                             passed separately, the cache is only read), then W_UV by einsum.
+                             bf16/fp16; fp32 engines keep ATen (the kernel's fp32 dots are TF32).
+    dsv3::fp8_linear       -> dsv3_aoti::fp8_linear       act_quant=True: act_quant + fp8 x fp8 GEMM;
+                             act_quant=False: the weight-only GEMM (fp8 widened in registers; bf16/fp16
+                             x only, fp32 x keeps ATen). kernels/fp8_gemm.py.
 
-block_m (rows per expert block) is fixed per program, not chosen from the token count, because
-the count is symbolic when the package is traced: 16 for decode (few tokens per expert), 64 for
-prefill.
+Shapes are symbolic when a package is traced, so nothing here is chosen from a token, batch or
+cache count: block_m (rows per expert block) is 16 for decode and 64 for prefill; the fp8 GEMM's
+tile set and split-K come from the program kind and the (static) weight shape; MLA decode uses a
+fixed DECODE_SPLITS. The kernels' own checks compare symbolic sizes only with themselves.
 """
 
 from __future__ import annotations
@@ -30,11 +35,21 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
+from dsv3_export.kernels import fp8_gemm as kg
 from dsv3_export.kernels import fp8_quant as kq
+from dsv3_export.kernels import mla_attention as ka
 from dsv3_export.kernels import moe as km
-from dsv3_export.kernels._common import FP8_DTYPE, QUANT_BLOCK, is_interpreted
+from dsv3_export.kernels._common import FP8_DTYPE, QUANT_BLOCK, cdiv, is_interpreted
 
 BLOCK_M = {"decode": 16, "prefill": 64}
+# KV splits of the decode attention. choose_num_splits needs the batch and cache length, which are
+# symbolic here; 8 splits x 16-64 head blocks x batch 16-32 fill about one wave on 132 SMs, and
+# empty splits (short caches) cost one lse = -inf write.
+DECODE_SPLITS = 8
+# M the fp8 GEMM's split-K is chosen for in the decode program (one 16-row tile: batch <= 16);
+# and the autotune key's M bucket per program kind.
+FP8_DECODE_M = 16
+FP8_M_BUCKET = {"decode": kg.DECODE_MAX_M, "prefill": 4096}
 
 
 def _launch(kernel, tuned, configs, grid: Callable, args: tuple, kwargs: dict) -> None:
@@ -53,7 +68,10 @@ def _act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     s = torch.empty((m, triton.cdiv(k, QUANT_BLOCK)), dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, QUANT_BLOCK))  # noqa: E731
-    _launch(kq._act_quant_kernel, kq._act_quant_tuned, kq.ACT_QUANT_CONFIGS, grid,
+    # the scale's rounding as torch computes the op body on x's device (kernels/fp8_quant.act_quant)
+    kernel, tuned = ((kq._act_quant_kernel, kq._act_quant_tuned) if x.is_cuda
+                     else (kq._act_quant_ieee_kernel, kq._act_quant_ieee_tuned))
+    _launch(kernel, tuned, kq.ACT_QUANT_CONFIGS, grid,
             (x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0)), dict(BLOCK_K=QUANT_BLOCK))
     return q, s
 
@@ -115,6 +133,78 @@ def moe_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
     return _combine(y, t, topk, x.dtype)
 
 
+def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor,
+              out_dtype: torch.dtype, kind: str) -> torch.Tensor:
+    """kernels/fp8_gemm.py fp8_gemm's launch with M symbolic: tiles and split-K from `kind` and the
+    weight's static [N, K] (fp8_gemm itself buckets M with int(M), a guard on the traced size).
+    a fp8 [M, K] + a_s [M, ceil(K/128)], or bf16/fp16 [M, K] with a_s None (weight-only)."""
+    m, k = a.shape
+    n = w.shape[0]
+    k_blocks = cdiv(k, QUANT_BLOCK)
+    decode = kind == "decode"
+    split = kg._choose_split_k(FP8_DECODE_M, n, k_blocks, a.device) if decode else 1
+    per_split = cdiv(k_blocks, split)
+    split = cdiv(k_blocks, per_split)  # no empty splits
+    if split == 1:
+        c = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    else:
+        c = torch.empty((split, m, n), dtype=torch.float32, device=a.device)  # [S, M, N] partials
+    a_fp8 = a_s is not None
+    a_s_arg = a_s if a_fp8 else w_s  # never read on the weight-only path
+    args = (a, a_s_arg, w, w_s, c, m, n, k, FP8_M_BUCKET[kind], a.stride(0), a_s_arg.stride(0), w.stride(0),
+            w_s.stride(0), 0 if split == 1 else c.stride(0), n, per_split, split)
+    kwargs = dict(A_FP8=a_fp8, UPCAST=is_interpreted(kg._fp8_gemm_kernel) and not a_fp8, BLOCK_K=QUANT_BLOCK)
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+    tuned, configs = ((kg._fp8_gemm_decode_tuned, kg.DECODE_CONFIGS) if decode
+                      else (kg._fp8_gemm_prefill_tuned, kg.PREFILL_CONFIGS))
+    _launch(kg._fp8_gemm_kernel, tuned, configs, grid, args, kwargs)
+    return c.sum(dim=0).to(out_dtype) if split > 1 else c  # [M, N]
+
+
+@triton_op("dsv3_aoti::fp8_linear", mutates_args={})
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool,
+               decode: bool) -> torch.Tensor:
+    """dsv3::fp8_linear: x [..., K] -> [..., N]; act_quant 1x128 + fp8 GEMM, or weight-only."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).contiguous()  # [M, K]
+    kind = "decode" if decode else "prefill"
+    if act_quant:
+        xq, xs = _act_quant(x2)
+        y = _fp8_gemm(xq, xs, weight, scale, x.dtype, kind)  # [M, N]
+    else:
+        y = _fp8_gemm(x2, None, weight, scale, x.dtype, kind)  # [M, N]
+    return y.reshape(*x.shape[:-1], weight.shape[0])  # [..., N]
+
+
+@triton_op("dsv3_aoti::mla_attention", mutates_args={})
+def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
+                  start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, decode: bool) -> torch.Tensor:
+    """dsv3::mla_attention (step.absorbed_attention's math): W_UK absorbed into the query, the
+    kernel over cache positions t < min(start_pos, T) plus the s new keys (causal), then W_UV.
+
+    decode=True needs s == 1 (the decode program's static seq) and runs mla_decode; otherwise
+    mla_prefill. Clamping start_pos to [0, T] keeps the op's masking (t >= start_pos and t >= T are
+    not keys) and the new keys' causal order, and keeps the kernels' cache reads in bounds.
+    """
+    b, s, h, dn = q_nope.shape
+    c = wkv_b.shape[-1]
+    w = wkv_b.view(h, -1, c)  # [h, dn + dv, c]
+    w_uk, w_uv = w[:, :dn], w[:, dn:]  # [h, dn, c], [h, dv, c]
+    q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk).contiguous()  # [b, s, h, c]
+    q_pe = q_pe.contiguous()
+    seen = start_pos.clamp(0, kv_cache.shape[1]).to(torch.int32)  # [b] cached keys per row
+    kv_c, pe_c = kv_cache[..., :c], kv_cache[..., c:]  # [b, T, c], [b, T, r]
+    kv_n, pe_n = kv_new[..., :c], kv_new[..., c:]  # [b, s, c], [b, s, r]
+    if decode:
+        torch._check(s == 1, lambda: f"dsv3_aoti::mla_attention: decode needs one new position, got {s}")
+        lat = ka.mla_decode(q_latent[:, 0], q_pe[:, 0], kv_c, pe_c, seen, softmax_scale, kv_new=kv_n[:, 0],
+                            pe_new=pe_n[:, 0], num_splits=DECODE_SPLITS)  # [b, h, c]
+        lat = lat[:, None]  # [b, 1, h, c]
+    else:
+        lat = ka.mla_prefill(q_latent, q_pe, kv_c, pe_c, seen, softmax_scale, kv_new=kv_n, pe_new=pe_n)
+    return torch.einsum("bshc,hdc->bshd", lat, w_uv)  # [b, s, h, dv]
+
+
 def triton_lowerings(kind: str) -> dict[str, Callable]:
     """dsv3:: op name -> function with the op's signature calling a triton_op (for run_decompositions)."""
     from dsv3_export.engines.torch_lower import ATEN_LOWERINGS
@@ -132,4 +222,27 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
                                                            act_quant)
         return moe_experts_fp8(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m)
 
-    return {"dsv3::moe_experts": lower_moe, "dsv3::moe_experts_fp8": lower_moe_fp8}
+    def lower_mla(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale):
+        if q_nope.dtype not in km.DENSE_DTYPES:  # fp32: the kernel's dots would be TF32
+            return ATEN_LOWERINGS["dsv3::mla_attention"](q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b,
+                                                         softmax_scale)
+        s = q_nope.shape[1]
+        decode = kind == "decode" and isinstance(s, int) and s == 1  # static, never a guard on a symbol
+        return mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, decode)
+
+    def lower_fp8_linear(x, weight, scale, act_quant):
+        if not act_quant and x.dtype not in kg.DENSE_DTYPES:  # weight-only GEMM: bf16/fp16 activations
+            return ATEN_LOWERINGS["dsv3::fp8_linear"](x, weight, scale, act_quant)
+        return fp8_linear(x, weight, scale, act_quant, kind == "decode")
+
+    lower_moe.how = ("triton_op dsv3_aoti::moe_experts (kernels/moe.py grouped GEMMs) for bf16/fp16; "
+                     "ATen math for fp32")
+    lower_moe_fp8.how = ("triton_op dsv3_aoti::moe_experts_fp8 (act_quant + fp8 grouped GEMMs) with act_quant; "
+                         "ATen math for weight-only")
+    lower_mla.how = ("triton_op dsv3_aoti::mla_attention (W_UK einsum, kernels/mla_attention.py over "
+                     "[cache | new]: mla_decode in the decode program, mla_prefill in prefill; W_UV einsum) "
+                     "for bf16/fp16; ATen math for fp32")
+    lower_fp8_linear.how = ("triton_op dsv3_aoti::fp8_linear (kernels/fp8_gemm.py: act_quant + fp8 GEMM, or "
+                            "weight-only for bf16/fp16 x); ATen math for weight-only fp32 x")
+    return {"dsv3::moe_experts": lower_moe, "dsv3::moe_experts_fp8": lower_moe_fp8,
+            "dsv3::mla_attention": lower_mla, "dsv3::fp8_linear": lower_fp8_linear}

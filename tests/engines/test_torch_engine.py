@@ -218,7 +218,7 @@ import os, sys
 os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels
 import torch
 import dsv3_export.ops  # noqa: F401
-from dsv3_export.engines.torch_triton import moe_experts, moe_experts_fp8
+from dsv3_export.engines.torch_triton import fp8_linear, mla_attention, moe_experts, moe_experts_fp8
 from dsv3_export.reference.fp8 import weight_quant
 
 g = torch.Generator().manual_seed(int(sys.argv[1]))
@@ -230,7 +230,7 @@ w13 = (torch.randn(e, 2 * i, d, generator=g) * d**-0.5).bfloat16()
 w2 = (torch.randn(e, d, i, generator=g) * i**-0.5).bfloat16()
 
 def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 def fp8_experts(n, kk):
     pairs = [weight_quant(torch.randn(n, kk, generator=g) * kk**-0.5) for _ in range(e)]
@@ -238,28 +238,138 @@ def fp8_experts(n, kk):
 
 q13, s13 = fp8_experts(2 * i, d)
 q2, s2 = fp8_experts(d, i)
-print(rel(moe_experts(x, w, ids, w13, w2, 16), torch.ops.dsv3.moe_experts(x, w, ids, w13, w2)))
-print(rel(moe_experts_fp8(x, w, ids, q13, s13, q2, s2, 16),
-          torch.ops.dsv3.moe_experts_fp8(x, w, ids, q13, s13, q2, s2, True)))
+print("moe", rel(moe_experts(x, w, ids, w13, w2, 16), torch.ops.dsv3.moe_experts(x, w, ids, w13, w2)))
+print("moe_fp8", rel(moe_experts_fp8(x, w, ids, q13, s13, q2, s2, 16),
+                     torch.ops.dsv3.moe_experts_fp8(x, w, ids, q13, s13, q2, s2, True)))
+
+# MLA: a populated cache of T = 13 rows; per-row start_pos 0 (cache unused), inside the cache, and
+# past its end (every cache row visible); heads, latent and rope widths off the kernels' blocks.
+b, h, dn, r, c, dv, tl = 3, 5, 16, 8, 40, 12, 13
+start_pos = torch.tensor([0, 6, tl + 3])
+for dtype in (torch.float32, torch.bfloat16):
+    wkv_b = (torch.randn(h * (dn + dv), c, generator=g) * c**-0.5).to(dtype)
+    cache = torch.randn(b, tl, c + r, generator=g).to(dtype)
+    for s, decode in ((1, True), (1, False), (6, False)):
+        args = [torch.randn(b, s, h, dn, generator=g), torch.randn(b, s, h, r, generator=g),
+                torch.randn(b, s, c + r, generator=g)]
+        args = [a.to(dtype) for a in args] + [cache, start_pos, wkv_b, dn**-0.5]
+        name = f"mla_{'decode' if decode else 'prefill'}_s{s}_{str(dtype).split('.')[1]}"
+        print(name, rel(mla_attention(*args, decode), torch.ops.dsv3.mla_attention(*args)))
+
+# fp8_linear: lead dims [2, 3], N = 130 and K = 200 / 520 off the 128 grid (K = 520 splits K in decode).
+for kk in (200, 520):
+    wq, ws = weight_quant(torch.randn(130, kk, generator=g) * kk**-0.5)
+    xf = torch.randn(2, 3, kk, generator=g)
+    for decode in (True, False):
+        tag = f"k{kk}_{'decode' if decode else 'prefill'}"
+        print(f"fp8_act_fp32_{tag}", rel(fp8_linear(xf, wq, ws, True, decode), torch.ops.dsv3.fp8_linear(xf, wq, ws, True)))
+        xb = xf.bfloat16()
+        print(f"fp8_act_bf16_{tag}", rel(fp8_linear(xb, wq, ws, True, decode), torch.ops.dsv3.fp8_linear(xb, wq, ws, True)))
+        print(f"fp8_wonly_bf16_{tag}", rel(fp8_linear(xb, wq, ws, False, decode),
+                                          torch.ops.dsv3.fp8_linear(xb, wq, ws, False)))
 '''
+
+
+def _triton_op_errors(seed: int) -> dict[str, float]:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _TRITON_OPS_SCRIPT, str(seed % 2**31)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {name: float(v) for name, v in (line.split() for line in done.stdout.split("\n") if line.strip())}
 
 
 def test_triton_ops_match_dsv3_ops_in_the_interpreter(seed):
     """The CUDA lowerings' launch code (torch_triton.py), run eagerly by the Triton CPU interpreter.
 
-    A subprocess, because TRITON_INTERPRET must be set before the kernels are decorated. bf16
-    activations and fp8 rounding: tolerance is the bf16 entry of the table (x2 for fp8).
+    A subprocess, because TRITON_INTERPRET must be set before the kernels are decorated.
+    Tolerances: fp32 MLA is the same math in another order (the interpreter's fp32 dots are fp32:
+    1e-5); fp32 act_quant fp8_linear has identical quantized operands and exact fp8 products (1e-5);
+    bf16 runs get the bf16 entry of the table (x2 for fp8, whose rounding of x and h may differ
+    by one bf16 step from the op body's).
     """
+    pytest.importorskip("triton")
+    errs = _triton_op_errors(seed)
+    mla = {n: v for n, v in errs.items() if n.startswith("mla_")}
+    assert len(mla) == 6 and len([n for n in errs if n.startswith("fp8_")]) == 12, errs
+    for name, err in errs.items():
+        if name.endswith("_float32") or name.startswith("fp8_act_fp32"):
+            limit = TOLERANCES["fp32_structural"]
+        elif name.startswith(("moe_fp8", "fp8_")):
+            limit = 2 * TOLERANCES["bf16"]
+        else:
+            limit = TOLERANCES["bf16"]
+        assert err < limit, f"{name}: rel err {err:.2e} >= {limit:.0e} (seed {seed}; all: {errs})"
+
+
+_TRITON_TRACE_SCRIPT = r'''
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)  # traced kernels must be real JITFunctions for wrap_triton
+import torch
+from torch.export import Dim
+import dsv3_export.ops  # noqa: F401
+from dsv3_export.engines.torch_lower import lower_dsv3_ops
+from dsv3_export.engines.torch_triton import triton_lowerings
+from dsv3_export.reference.fp8 import weight_quant
+
+kind = sys.argv[1]
+b, h, dn, r, c, dv, tl = 3, 4, 16, 8, 40, 12, 13
+s = 1 if kind == "decode" else 5
+
+
+class Attn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wkv_b = torch.nn.Parameter(torch.randn(h * (dn + dv), c).bfloat16(), requires_grad=False)
+        wq, ws = weight_quant(torch.randn(70, h * dv))
+        self.wq, self.ws = torch.nn.Parameter(wq, requires_grad=False), torch.nn.Parameter(ws, requires_grad=False)
+
+    def forward(self, q_nope, q_pe, kv_new, kv_cache, start_pos):
+        o = torch.ops.dsv3.mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, self.wkv_b, 0.25)
+        return (torch.ops.dsv3.fp8_linear(o.flatten(2), self.wq, self.ws, True)
+                + torch.ops.dsv3.fp8_linear(o.flatten(2), self.wq, self.ws, False))
+
+
+args = (torch.randn(b, s, h, dn).bfloat16(), torch.randn(b, s, h, r).bfloat16(), torch.randn(b, s, c + r).bfloat16(),
+        torch.randn(b, tl, c + r).bfloat16(), torch.tensor([0, 6, 20]))
+B, T = Dim("batch", min=1, max=64), Dim("cache_len", min=1, max=4096)
+S = Dim("seq", min=1, max=512) if kind == "prefill" else Dim.STATIC
+dyn = ({0: B, 1: S}, {0: B, 1: S}, {0: B, 1: S}, {0: B, 1: T}, {0: B})
+ep = torch.export.export(Attn(), args, dynamic_shapes=dyn, strict=False)
+lowered, how = lower_dsv3_ops(ep, "cuda", triton_lowerings(kind))
+ops = sorted({str(n.target) for n in lowered.graph.nodes if n.op == "call_function" and "dsv3" in str(n.target)})
+print("ops", ",".join(ops))
+print("dims", len(lowered.range_constraints))
+kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)  # what AOTInductor does
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+names = sorted({getattr(getattr(k, "fn", k), "__name__", "?") for k in
+                (kernel_side_table.get_kernel(n.kwargs["kernel_idx"]) for n in kernels.graph.nodes
+                 if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target))})
+print("kernels", ",".join(names))
+print("kernel_dims", len(kernels.range_constraints))
+'''
+
+
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_triton_ops_trace_with_dynamic_dims(kind):
+    """torch.export of dsv3::mla_attention + fp8_linear with dynamic batch / cache (and seq for
+    prefill), lowered for CUDA: the dsv3_aoti triton_ops stay in the program without specializing
+    a dim, and decompose (as AOTInductor decomposes them) into our kernels. CPU-only: the triton
+    kernels are traced, never launched (torch's mutation analysis warns that no GPU driver exists)."""
     import subprocess
     import sys
 
     pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, "-c", _TRITON_OPS_SCRIPT, str(seed % 2**31)], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", _TRITON_TRACE_SCRIPT, kind], capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    dense, fp8 = map(float, done.stdout.split())
-    assert dense < TOLERANCES["bf16"]
-    assert fp8 < 2 * TOLERANCES["bf16"]
+    out = dict(line.split(" ", 1) for line in done.stdout.strip().split("\n"))
+    assert out["ops"] == "dsv3_aoti.fp8_linear.default,dsv3_aoti.mla_attention.default", out
+    n_dims = 3 if kind == "prefill" else 2
+    assert int(out["dims"]) == n_dims and int(out["kernel_dims"]) == n_dims, out
+    attention = "_mla_decode_split_kernel" if kind == "decode" else "_mla_prefill_kernel"
+    assert {attention, "_fp8_gemm_kernel", "_act_quant_ieee_kernel"} <= set(out["kernels"].split(",")), out
 
 
 @pytest.mark.parametrize("k", [200, 256])

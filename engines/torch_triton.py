@@ -153,7 +153,7 @@ def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: t
     a_s_arg = a_s if a_fp8 else w_s  # never read on the weight-only path
     args = (a, a_s_arg, w, w_s, c, m, n, k, FP8_M_BUCKET[kind], a.stride(0), a_s_arg.stride(0), w.stride(0),
             w_s.stride(0), 0 if split == 1 else c.stride(0), n, per_split, split)
-    kwargs = dict(A_FP8=a_fp8, UPCAST=is_interpreted(kg._fp8_gemm_kernel) and not a_fp8, BLOCK_K=QUANT_BLOCK)
+    kwargs = {"A_FP8": a_fp8, "UPCAST": is_interpreted(kg._fp8_gemm_kernel) and not a_fp8, "BLOCK_K": QUANT_BLOCK}
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
     tuned, configs = ((kg._fp8_gemm_decode_tuned, kg.DECODE_CONFIGS) if decode
                       else (kg._fp8_gemm_prefill_tuned, kg.PREFILL_CONFIGS))
@@ -186,7 +186,7 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor
     mla_prefill. Clamping start_pos to [0, T] keeps the op's masking (t >= start_pos and t >= T are
     not keys) and the new keys' causal order, and keeps the kernels' cache reads in bounds.
     """
-    b, s, h, dn = q_nope.shape
+    _, s, h, dn = q_nope.shape
     c = wkv_b.shape[-1]
     w = wkv_b.view(h, -1, c)  # [h, dn + dv, c]
     w_uk, w_uv = w[:, :dn], w[:, dn:]  # [h, dn, c], [h, dv, c]

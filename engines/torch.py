@@ -1,7 +1,7 @@
 """The torch backend: AOTInductor packages for prefill and decode, weights stored once.
 
 Payload (engine directory):
-    prefill.pt2          AOTInductor package of the prefill program (tokens [b, s], s >= 2)
+    prefill.pt2          AOTInductor package of the prefill program (tokens [b, s]; the runtime sends it s >= 2)
     decode.pt2           AOTInductor package of the decode program (tokens [b, 1])
     weights.safetensors  every constant both packages read (parameters, rope tables), by FQN
 

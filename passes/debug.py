@@ -77,7 +77,8 @@ def random_step_inputs(program: ExportedProgram, seed: int) -> tuple[torch.Tenso
 
     Dynamic dims get sizes in _DIM_RANGE (within the program's range constraints); tokens are
     below the embedding's vocabulary; start_pos[row] is in [0, cache_len], so rows see cached
-    positions and rows see none.
+    positions and rows see none. Row 0 always sees the whole cache: a decode step whose rows all
+    start at 0 attends to one key only, and softmax over one key hides any error in the scores.
     """
     gen = torch.Generator().manual_seed(seed)
     names = [s.arg.name for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
@@ -104,6 +105,7 @@ def random_step_inputs(program: ExportedProgram, seed: int) -> tuple[torch.Tenso
     tokens = torch.randint(0, vocab, [concrete(d) for d in tokens_val.shape], generator=gen)
     cache_shape = [concrete(d) for d in cache_val.shape]
     start_pos = torch.randint(0, cache_shape[2] + 1, (tokens.shape[0],), generator=gen)
+    start_pos[0] = cache_shape[2]
     kv_cache = torch.randn(cache_shape, generator=gen).to(cache_val.dtype)
     return tokens, start_pos, kv_cache
 

@@ -130,7 +130,8 @@ def reference_model(n_layers: int | None, max_batch: int):
 
 def time_engine(precision: str, work: Path, batches: list[int], context: int, steps: int,
                 reference: Any) -> dict[str, Any]:
-    from dsv3_export.runtime import load_engine, write_rows
+    from dsv3_export.runtime import load_engine
+    from dsv3_export.step import write_cache
     from dsv3_export.step import LatentCacheStep
 
     start = time.perf_counter()
@@ -157,7 +158,7 @@ def time_engine(precision: str, work: Path, batches: list[int], context: int, st
 
             def one_step():
                 _, new_kv = engine.step(tok, pos, cache)
-                write_rows(cache, new_kv, pos)
+                write_cache(cache, new_kv, pos)
 
             decode[b] = round(cuda_ms(one_step, warmup=2, reps=steps), 3)
             del cache

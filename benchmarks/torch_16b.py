@@ -44,7 +44,7 @@ from dsv3_export.engines.torch_step import AOTIStep
 from dsv3_export.export import export_step
 from dsv3_export.passes.base import PassConfig
 from dsv3_export.passes.pipeline import run_pipeline
-from dsv3_export.runtime import write_rows
+from dsv3_export.step import write_cache
 from dsv3_export.stats import model_stats
 from dsv3_export.step import LatentCacheStep
 
@@ -140,7 +140,7 @@ def time_step_decode(step: Callable, model, batch: int, context: int, iters: int
 
     def one():
         _, new_kv = step(tokens, pos, cache)
-        write_rows(cache, new_kv, pos)
+        write_cache(cache, new_kv, pos)
 
     ms = cuda_ms(one, iters)
     del cache

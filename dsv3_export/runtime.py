@@ -24,16 +24,9 @@ import torch
 from dsv3_export.engines.base import StepFunction, get_backend
 from dsv3_export.manifest import Manifest, verify_engine_dir
 from dsv3_export.reference.args import ModelArgs
+from dsv3_export.step import write_cache
 
 PAD_ID = 0  # right padding of shorter prompts; its logits and cache rows are never used
-
-
-def write_rows(kv_cache: torch.Tensor, new_kv: torch.Tensor, start_pos: torch.Tensor) -> None:
-    """kv_cache[r, :, start_pos[r] + j] = new_kv[r, :, j] for every row r and j < s, in one index_put."""
-    b, _, s, _ = new_kv.shape
-    rows = torch.arange(b, device=kv_cache.device)[:, None].expand(b, s)  # [b, s]
-    cols = start_pos.to(kv_cache.device)[:, None] + torch.arange(s, device=kv_cache.device)  # [b, s]
-    kv_cache[rows, :, cols] = new_kv.transpose(1, 2)  # indexed view is [b, s, L, w]
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -115,7 +108,7 @@ class Engine:
         padded = torch.tensor([p + [PAD_ID] * (longest - len(p)) for p in prompts], dtype=torch.int64)  # [b, S]
         pos = torch.zeros(b, dtype=torch.int64, device=self.device)
         logits, new_kv = self.step(padded.to(self.device), pos, cache)  # [b, S, V]
-        write_rows(cache, new_kv, pos)
+        write_cache(cache, new_kv, pos)
         last = torch.tensor(lengths, device=self.device) - 1
         next_logits = logits[torch.arange(b, device=self.device), last]  # [b, V]
         pos = last + 1
@@ -130,7 +123,7 @@ class Engine:
             if all(done) or step_index == max_new_tokens - 1:
                 break
             logits, new_kv = self.step(token[:, None], pos, cache)  # [b, 1, V]
-            write_rows(cache, new_kv, pos)
+            write_cache(cache, new_kv, pos)
             next_logits = logits[:, 0]
             pos = pos + 1
         return out[0] if single else out

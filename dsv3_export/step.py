@@ -147,7 +147,11 @@ class LatentCacheStep(nn.Module):
 
 
 def write_cache(kv_cache: torch.Tensor, new_kv: torch.Tensor, start_pos: torch.Tensor) -> None:
-    """Write new_kv [b, L, s, w] into kv_cache [B, L, T, w] rows [0, b) at their start positions."""
-    s = new_kv.shape[2]
-    for row, pos in enumerate(start_pos.tolist()):
-        kv_cache[row, :, pos : pos + s] = new_kv[row]
+    """kv_cache[r, :, start_pos[r] + j] = new_kv[r, :, j] for every row r < b and j < s.
+
+    new_kv [b, L, s, w] into kv_cache [B, L, T, w], in one index_put (no host sync, no loop).
+    """
+    b, _, s, _ = new_kv.shape
+    rows = torch.arange(b, device=kv_cache.device)[:, None].expand(b, s)  # [b, s]
+    cols = start_pos.to(kv_cache.device)[:, None] + torch.arange(s, device=kv_cache.device)  # [b, s]
+    kv_cache[rows, :, cols] = new_kv.transpose(1, 2)  # indexed view is [b, s, L, w]

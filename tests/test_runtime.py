@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dsv3_export.manifest import Manifest, kv_cache_layout
-from dsv3_export.runtime import Engine, load_engine, sample, write_rows
+from dsv3_export.runtime import Engine, load_engine, sample
 from dsv3_export.step import LatentCacheStep, write_cache
 from tests.engines._ort_engines import fp32_engine_dir, tiny_model
 
@@ -49,14 +49,15 @@ def torch_engine() -> Engine:
     return Engine(manifest=manifest, step=TorchStep(tiny_model()), path=None)
 
 
-def test_write_rows_matches_step_write_cache(seed):
+def test_write_cache_writes_each_row_at_its_start(seed):
     gen = torch.Generator().manual_seed(seed)
     cache = torch.randn(3, 2, 20, 7, generator=gen)
     new_kv = torch.randn(3, 2, 4, 7, generator=gen)
     start_pos = torch.tensor([0, 9, 16])
     expected = cache.clone()
-    write_cache(expected, new_kv, start_pos)
-    write_rows(cache, new_kv, start_pos)
+    for row, pos in enumerate(start_pos.tolist()):
+        expected[row, :, pos : pos + 4] = new_kv[row]
+    write_cache(cache, new_kv, start_pos)
     assert torch.equal(cache, expected)
 
 

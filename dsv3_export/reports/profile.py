@@ -33,7 +33,8 @@ from rich.progress import Progress
 
 from dsv3_export.manifest import installed_versions
 from dsv3_export.reports.diff import _device_name, engine_hash
-from dsv3_export.runtime import Engine, load_engine, write_rows
+from dsv3_export.runtime import Engine, load_engine
+from dsv3_export.step import write_cache
 
 SCHEMA = "dsv3-export/profile/1"
 
@@ -168,7 +169,7 @@ def timed_run(engine: Engine, tokens: torch.Tensor, decode_steps: int, step=None
     sync()
     t0 = time.perf_counter()
     logits, new_kv = step(tokens, pos, cache)
-    write_rows(cache, new_kv, pos)
+    write_cache(cache, new_kv, pos)
     token = logits[:, -1].argmax(-1)  # [b]
     sync()
     ttft = (time.perf_counter() - t0) * 1e3
@@ -177,7 +178,7 @@ def timed_run(engine: Engine, tokens: torch.Tensor, decode_steps: int, step=None
     for _ in range(decode_steps):
         t0 = time.perf_counter()
         logits, new_kv = step(token[:, None], pos, cache)
-        write_rows(cache, new_kv, pos)
+        write_cache(cache, new_kv, pos)
         token = logits[:, 0].argmax(-1)
         sync()
         tpot.append((time.perf_counter() - t0) * 1e3)

@@ -19,6 +19,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from dsv3_export.checkpoint import CheckpointError, load_checkpoint, preset_model, save_checkpoint  # noqa: E402
 from dsv3_export.checkpoint.hf_config import hf_config_to_args  # noqa: E402
+from tests.conftest import rel_err  # noqa: E402
 
 REL_TOL_FP32 = 1e-4
 TOKENS_SHAPE = (2, 9)
@@ -70,10 +71,6 @@ def hf_model(config, seed: int):
     model = cls(config).eval()
     randomize(model, seed)
     return model
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @torch.no_grad()

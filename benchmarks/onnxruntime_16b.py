@@ -90,7 +90,7 @@ def decode_bytes(args, batch: int, context: int, precision: str) -> float:
             dense += p.numel() * size
     e, k = args.n_routed_experts, args.n_activated_experts
     touched = e * (1 - (1 - k / e) ** batch) / e  # expected fraction of experts a batch uses
-    cache = batch * args.n_layers * context * (args.kv_lora_rank + args.qk_rope_head_dim) * 2
+    cache = batch * args.n_layers * context * args.latent_cache_width * 2
     return dense + routed * touched + cache + batch * args.dim * 2
 
 

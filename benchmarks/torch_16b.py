@@ -133,7 +133,7 @@ def build_engine_in_memory(model, precision: str, kinds: tuple[str, ...], workdi
 
 def time_step_decode(step: Callable, model, batch: int, context: int, iters: int) -> float:
     a = model.args
-    cache = torch.randn(batch, a.n_layers, context + 1, a.kv_lora_rank + a.qk_rope_head_dim,
+    cache = torch.randn(batch, a.n_layers, context + 1, a.latent_cache_width,
                         device=DEVICE).to(model.dtype)  # [b, L, T, w]
     tokens = torch.randint(0, a.vocab_size, (batch, 1), device=DEVICE)
     pos = torch.full((batch,), context, dtype=torch.int64, device=DEVICE)
@@ -152,7 +152,7 @@ def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds)
     step = build_engine_in_memory(model, precision, kinds, workdir, out)
     a = model.args
     with torch.no_grad():  # decode numerics vs the eager step at batch 2
-        cache = torch.randn(2, a.n_layers, prompt_len, a.kv_lora_rank + a.qk_rope_head_dim, device=DEVICE).to(model.dtype)
+        cache = torch.randn(2, a.n_layers, prompt_len, a.latent_cache_width, device=DEVICE).to(model.dtype)
         tokens = torch.randint(0, a.vocab_size, (2, 1), device=DEVICE)
         pos = torch.tensor([prompt_len - 1, prompt_len // 2], device=DEVICE)
         want, _ = LatentCacheStep(model).eval()(tokens, pos, cache)
@@ -171,7 +171,7 @@ def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds)
         out[f"decode_ms_b{b}_no_graph"] = cuda_ms_safe(lambda: time_step_decode(direct, model, b, prompt_len, steps))
     if "prefill" in kinds:
         tokens = torch.randint(0, a.vocab_size, (1, prompt_len), device=DEVICE)
-        cache = torch.zeros(1, a.n_layers, prompt_len, a.kv_lora_rank + a.qk_rope_head_dim, device=DEVICE,
+        cache = torch.zeros(1, a.n_layers, prompt_len, a.latent_cache_width, device=DEVICE,
                             dtype=model.dtype)
         start = torch.zeros(1, dtype=torch.int64, device=DEVICE)
         out["prefill_ms_b1"] = cuda_ms(lambda: step(tokens, start, cache), iters=3, warmup=1)

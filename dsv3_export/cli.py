@@ -74,7 +74,7 @@ def info(
         ("parameters", f"{stats.total_params / 1e9:.3f} B"),
         ("active per token", f"{stats.active_params_per_token / 1e9:.3f} B (top-{args.n_activated_experts} of "
                              f"{args.n_routed_experts} experts + {args.n_shared_experts} shared; no embedding)"),
-        ("KV cache / token, absorbed", f"{absorbed:,} B bf16 ({args.kv_lora_rank + args.qk_rope_head_dim} values x {args.n_layers} layers)"),
+        ("KV cache / token, absorbed", f"{absorbed:,} B bf16 ({args.latent_cache_width} values x {args.n_layers} layers)"),
         ("KV cache / token, naive", f"{naive:,} B bf16 ({1 - absorbed / naive:.0%} saved by the latent cache)"),
         ("weights bf16", f"{stats.weight_bytes_bf16 / 1e9:.3f} GB"),
         ("weights fp8", f"{stats.weight_bytes_fp8 / 1e9:.3f} GB (e4m3 + 128x128 fp32 scales; embed/gate/norm/head bf16)"),

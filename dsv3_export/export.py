@@ -51,7 +51,7 @@ def example_inputs(model: Transformer, kind: str, batch: int = 2, seqlen: int = 
     s = 1 if kind == "decode" else seqlen
     tokens = torch.zeros(batch, s, dtype=torch.int64, device=device)
     start_pos = torch.zeros(batch, dtype=torch.int64, device=device)
-    width = args.kv_lora_rank + args.qk_rope_head_dim
+    width = args.latent_cache_width
     cache = torch.zeros(batch, args.n_layers, cache_len, width, dtype=model.dtype, device=device)
     return tokens, start_pos, cache
 

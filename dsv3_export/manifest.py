@@ -102,7 +102,7 @@ class Manifest:
 def kv_cache_layout(args: Any, dtype: str) -> dict[str, Any]:
     """The cache the runtime allocates and the engine reads (LatentCacheStep in step.py)."""
     return {
-        "shape": ["batch", args.n_layers, "cache_len", args.kv_lora_rank + args.qk_rope_head_dim],
+        "shape": ["batch", args.n_layers, "cache_len", args.latent_cache_width],
         "dtype": dtype,
         "parts": [{"name": "latent (kv_norm output)", "width": args.kv_lora_rank},
                   {"name": "k_pe (roped key)", "width": args.qk_rope_head_dim}],

@@ -61,7 +61,7 @@ class Engine:
         if length > a.max_seq_len:
             raise ValueError(f"{length} positions exceed the engine's max_seq_len={a.max_seq_len} "
                              "(its rotary tables end there)")
-        return torch.zeros(batch, a.n_layers, length, a.kv_lora_rank + a.qk_rope_head_dim,
+        return torch.zeros(batch, a.n_layers, length, a.latent_cache_width,
                            dtype=self.step.cache_dtype, device=self.device)  # [b, L, T, w]
 
     @torch.no_grad()

@@ -59,7 +59,7 @@ def model_stats(args: ModelArgs) -> ModelStats:
         total_params=total,
         active_params_per_token=active,
         routed_expert_params=routed,
-        kv_values_per_token_absorbed=args.n_layers * (args.kv_lora_rank + args.qk_rope_head_dim),
+        kv_values_per_token_absorbed=args.n_layers * args.latent_cache_width,
         kv_values_per_token_naive=args.n_layers * args.n_heads * (args.qk_head_dim + args.v_head_dim),
         weight_bytes_bf16=total * 2,
         weight_bytes_fp8=total * 2 + fp8_bytes,

@@ -125,7 +125,7 @@ class LatentCacheStep(nn.Module):
 
     @property
     def cache_width(self) -> int:
-        return self.args.kv_lora_rank + self.args.qk_rope_head_dim
+        return self.args.latent_cache_width
 
     def empty_cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
         return torch.zeros(batch, self.args.n_layers, length, self.cache_width, dtype=dtype, device=device)

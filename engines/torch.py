@@ -167,7 +167,7 @@ class TorchBackend:
         say(f"torch: writing {WEIGHTS_FILE} ({len(weights)} tensors)")
         save_weights(weights, out_dir / WEIGHTS_FILE)
         cache_dtype = _input_dtype(lowered["decode"], "kv_cache")
-        width = args.kv_lora_rank + args.qk_rope_head_dim
+        width = args.latent_cache_width
         cd = dtype_name(cache_dtype)
         inputs = [TensorSpec("tokens", "int64", ("batch", "seq")), TensorSpec("start_pos", "int64", ("batch",)),
                   TensorSpec("kv_cache", cd, ("batch", args.n_layers, "cache_len", width))]

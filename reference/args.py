@@ -94,6 +94,11 @@ class ModelArgs:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
+    def latent_cache_width(self) -> int:
+        """Values cached per token and layer in absorb mode: normalized latent + roped key (576 for 16b)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
     def has_gate_bias(self) -> bool:
         return self.dim == 7168 if self.gate_bias is None else self.gate_bias
 

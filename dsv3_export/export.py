@@ -20,7 +20,7 @@ from torch.export import Dim, ExportedProgram
 
 from dsv3_export.reference.moe import MoE
 from dsv3_export.reference.model import Transformer
-from dsv3_export.step import LatentCacheStep
+from dsv3_export.step import LatentCacheStep, empty_cache
 
 PROGRAM_KINDS = ("prefill", "decode")
 INPUT_NAMES = ("tokens", "start_pos", "kv_cache")
@@ -51,8 +51,7 @@ def example_inputs(model: Transformer, kind: str, batch: int = 2, seqlen: int = 
     s = 1 if kind == "decode" else seqlen
     tokens = torch.zeros(batch, s, dtype=torch.int64, device=device)
     start_pos = torch.zeros(batch, dtype=torch.int64, device=device)
-    width = args.latent_cache_width
-    cache = torch.zeros(batch, args.n_layers, cache_len, width, dtype=model.dtype, device=device)
+    cache = empty_cache(args, batch, cache_len, model.dtype, device)
     return tokens, start_pos, cache
 
 

@@ -24,7 +24,7 @@ import torch
 from dsv3_export.engines.base import StepFunction, get_backend
 from dsv3_export.manifest import Manifest, verify_engine_dir
 from dsv3_export.reference.args import ModelArgs
-from dsv3_export.step import write_cache
+from dsv3_export.step import empty_cache, write_cache
 
 PAD_ID = 0  # right padding of shorter prompts; its logits and cache rows are never used
 
@@ -61,8 +61,7 @@ class Engine:
         if length > a.max_seq_len:
             raise ValueError(f"{length} positions exceed the engine's max_seq_len={a.max_seq_len} "
                              "(its rotary tables end there)")
-        return torch.zeros(batch, a.n_layers, length, a.latent_cache_width,
-                           dtype=self.step.cache_dtype, device=self.device)  # [b, L, T, w]
+        return empty_cache(a, batch, length, self.step.cache_dtype, self.device)  # [b, L, T, w]
 
     @torch.no_grad()
     def forward(self, tokens) -> torch.Tensor:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsv3_export.reference.args import ModelArgs
 from dsv3_export.reference.attention import MLA
 from dsv3_export.reference.layers import apply_rotary_emb
 from dsv3_export.reference.model import Transformer
@@ -123,12 +124,8 @@ class LatentCacheStep(nn.Module):
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
 
-    @property
-    def cache_width(self) -> int:
-        return self.args.latent_cache_width
-
     def empty_cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.zeros(batch, self.args.n_layers, length, self.cache_width, dtype=dtype, device=device)
+        return empty_cache(self.args, batch, length, dtype, device)
 
     def forward(self, tokens: torch.Tensor, start_pos: torch.Tensor,
                 kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,6 +141,12 @@ class LatentCacheStep(nn.Module):
             new_kv.append(kv_new)
         logits = self.head(self.norm(h)).float()  # [b, s, vocab]
         return logits, torch.stack(new_kv, dim=1)  # [b, L, s, c + r]
+
+
+def empty_cache(args: ModelArgs, batch: int, length: int, dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """A zeroed latent cache [batch, L, length, latent_cache_width]: the layout every step reads."""
+    return torch.zeros(batch, args.n_layers, length, args.latent_cache_width, dtype=dtype, device=device)
 
 
 def write_cache(kv_cache: torch.Tensor, new_kv: torch.Tensor, start_pos: torch.Tensor) -> None:

@@ -34,6 +34,7 @@ def _rmsnorm_kernel(
     stride_x, stride_res, stride_y, stride_h,
     HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr,
 ):
+    eps = tl.cast(eps, tl.float32)  # Inductor passes Python floats as fp64 scalars
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < ROWS) & (cols[None, :] < D)

@@ -30,6 +30,12 @@ TARGET = GPUTarget("cuda", 90, 32)
 # Opt-in shared memory per block on H100/H200 (227 KB).
 SMEM_LIMIT = 232448
 FLOAT_ARGS = {"scale_log2", "eps"}
+# How Inductor types a Python float argument of a user-defined Triton kernel on CUDA
+# (torch/_inductor/codegen/triton_utils.py, _use_fp64_for_unbacked_floats): fp64. A kernel that
+# multiplies fp32 tiles by such a scalar inside a loop then fails to compile inside an AOTInductor
+# package ("loop-carried variable m_i ... re-assigned to fp64"), as seen on the H200 with torch 2.11.
+# The eager launch types it fp32; fp64 is the stricter of the two, so every kernel is compiled with it.
+FLOAT_TYPE = "fp64"
 # Tensor-core instructions in the PTX, with their operand types (e.g.
 # wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3, mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32).
 MMA_OP = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)[\w.]*")
@@ -71,7 +77,7 @@ def _signature(kernel, pointers: dict[str, str], constexprs: dict[str, object]) 
         elif name in pointers:
             sig[name] = pointers[name]
         else:
-            sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
+            sig[name] = FLOAT_TYPE if name in FLOAT_ARGS else "i32"
     return sig
 
 

@@ -22,9 +22,15 @@ weight-read bound). W8A16 widens the fp8 tile to bf16 (exact) for a bf16 wgmma /
 operand is ever upcast to fp32 on the GPU: UPCAST is set only under the CPU interpreter, whose
 bf16 dot is wrong.
 
-Split-K (decode): with few output tiles (M <= DECODE_MAX_M = 64 and N / BLOCK_N << #SMs) the K loop is split over
-SPLIT_K programs that store fp32 partial tiles into a [SPLIT_K, M, N] workspace, summed after the
-kernel (deterministic, unlike atomics). The launcher chooses SPLIT_K from the tile count.
+Split-K (decode): M <= DECODE_MAX_M = 64 reads 2-22 MB of fp8 weight for a few MFLOP, so the
+cost is the weight read, and that needs many CTAs with loads in flight. When the N tiles alone
+leave SMs idle (N=2048: 32 tiles of 64 on 132 SMs) the K loop is split over SPLIT_K programs that
+store fp32 partial tiles into a [SPLIT_K, M, N] workspace; one small kernel sums them in split
+order (deterministic, unlike atomics) and casts to out_dtype. The launcher chooses SPLIT_K.
+
+Scales: a tile of BLOCK_N <= 128 columns lies in one 128-row block of the weight (tiles are
+BLOCK_N-aligned and BLOCK_N divides 128), so b_s is one scalar per K step, folded into the [BM]
+row scales before the [BM, BN] multiply; only 256-wide tiles load a per-column b_s vector.
 """
 
 from __future__ import annotations
@@ -46,27 +52,38 @@ MAX_SPLIT_K = 16
 # Decode (small M) wants narrow N tiles to spread the weight read over many SMs; prefill wants
 # big tiles for tensor-core reuse. Two tuned entry points instead of one list with a prune hook,
 # because torch.library.wrap_triton (AOTInductor) does not support prune_configs_by.
-DECODE_CONFIGS = [  # mma.sync tiles; the weight read is the cost
+# Shared memory per config (bytes, from tests/kernels/_sm90_compile.py on sm_90) in the comments.
+DECODE_CONFIGS = [  # M <= 64 streams the weight: many CTAs, deep cp.async pipelines, mma.sync tiles
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 256, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 8}, num_warps=2, num_stages=6),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=6),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),  # wgmma
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),  # wgmma
 ]
-# wgmma tiles from BLOCK_M = 64. 128x256 and 256x128 spill with the second (per-K-block scaled)
-# accumulator, per ptxas on sm_90, so they are not offered.
+# wgmma tiles from BLOCK_M = 64. Every K step needs the dot's fp32 partial next to the fp32
+# accumulator (the per-K-block scale multiplies the partial), so a 128x128 tile on 8 warps holds
+# 2 x 64 fp32 registers per thread and one CTA fills an SM's register file: 128x256 / 256x128
+# would need 2 x 128 and spill (ptxas on sm_90). 64x128 on 4 warps lets two or three CTAs share
+# an SM, so one CTA's scale promotion overlaps another's wgmma.
 PREFILL_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    # 168 registers (16 B spill) and 72 KB of shared memory: three CTAs per SM instead of two.
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=3, maxnreg=168),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
 ]
-FP8_GEMM_CONFIGS = DECODE_CONFIGS + PREFILL_CONFIGS[:-1]  # every distinct config (the tests run each)
+# Every distinct config once (the tests run each; the two lists share 64x128 w4 s4).
+FP8_GEMM_CONFIGS = list({str(c): c for c in DECODE_CONFIGS + PREFILL_CONFIGS}.values())
 # M at or below this uses the decode tiles (and may split K).
 DECODE_MAX_M = 64
+# Split K until the weight's N tiles (at BLOCK_N = 64) times the split give this many CTAs per SM:
+# the weight read needs every SM busy with a few loads in flight.
+DECODE_CTAS_PER_SM = 2
+SPLIT_K_SUM_BLOCK = 1024
 
 
 @triton.jit
@@ -96,7 +113,10 @@ def _fp8_gemm_kernel(
     a_rows = a_ptr + offs_m[:, None] * stride_am
     b_cols = b_ptr + offs_n[None, :] * stride_bn
     a_s_rows = a_s_ptr + offs_m * stride_asm
-    b_s_cols = b_s_ptr + (offs_n // BLOCK_K) * stride_bsn
+    if BLOCK_N <= BLOCK_K:  # the tile lies in one 128-column scale block: one b_s per K step
+        b_s_cols = b_s_ptr + (pid_n * BLOCK_N // BLOCK_K) * stride_bsn
+    else:
+        b_s_cols = b_s_ptr + (offs_n // BLOCK_K) * stride_bsn
 
     k_blocks = tl.cdiv(K, BLOCK_K)
     kb_start = pid_k * K_BLOCKS_PER_SPLIT
@@ -107,20 +127,38 @@ def _fp8_gemm_kernel(
         mask_k = offs_k < K
         a = tl.load(a_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_cols + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BK, BN]
-        b_s = tl.load(b_s_cols + kb, mask=mask_n, other=0.0)
+        if BLOCK_N <= BLOCK_K:
+            b_s = tl.load(b_s_cols + kb)  # scalar
+        else:
+            b_s = tl.load(b_s_cols + kb, mask=mask_n, other=0.0)[None, :]  # [1, BN]
         if A_FP8:
             a_s = tl.load(a_s_rows + kb, mask=mask_m, other=0.0)
-            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+            if BLOCK_N <= BLOCK_K:  # fold the scalar into the row scales: BM multiplies, not BM * BN
+                acc += tl.dot(a, b) * (a_s * b_s)[:, None]
+            else:
+                acc += tl.dot(a, b) * a_s[:, None] * b_s
         else:  # weight-only: e4m3 -> bf16/fp16 is exact, the block scale multiplies the fp32 partial
             if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             else:
                 b = b.to(a.dtype)
-            acc += tl.dot(a, b) * b_s[None, :]
+            acc += tl.dot(a, b) * b_s
 
     c_ptrs = c_ptr + pid_k * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _split_k_sum_kernel(ws_ptr, c_ptr, MN, SPLIT_K, BLOCK: tl.constexpr):
+    """c[i] = sum over s of ws[s, i] (fp32, in split order: deterministic), stored in c's dtype.
+    One launch for the split-K reduction and the output cast ([S, M, N] and [M, N] contiguous)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
+    tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 _TUNE_KEY = ["M_BUCKET", "N", "K", "SPLIT_K", "A_FP8"]
@@ -129,13 +167,35 @@ _fp8_gemm_prefill_tuned = autotune_or_single(_fp8_gemm_kernel, PREFILL_CONFIGS, 
 
 
 def _choose_split_k(m: int, n: int, k_blocks: int, device: torch.device) -> int:
-    """Split K only when the output tiles (at BLOCK_N=64) leave most SMs idle."""
+    """Decode is a weight read: split K until the N tiles (at BLOCK_N = 64) times the split give
+    DECODE_CTAS_PER_SM CTAs per SM. The M tiles do not count: they re-read the same weight tile
+    from L2, so they add no HBM parallelism. Keep at least 2 K blocks per split (one block per
+    program is all prologue) and at most MAX_SPLIT_K."""
     if m > DECODE_MAX_M:
         return 1
-    tiles = cdiv(m, 16) * cdiv(n, 64)
-    split = max(1, min(num_sms(device) // max(tiles, 1), k_blocks, MAX_SPLIT_K))
-    # Keep at least 2 K-blocks per split: one block per program is all prologue.
-    return max(1, min(split, k_blocks // 2))
+    n_tiles = cdiv(n, 64)
+    target = DECODE_CTAS_PER_SM * num_sms(device)
+    if n_tiles >= num_sms(device):
+        return 1
+    # The partials (written and read back, S * M * N * 8 bytes) stay under half the weight's bytes.
+    traffic_cap = (k_blocks * 128) // (16 * max(m, 1))
+    split = min(cdiv(target, n_tiles), MAX_SPLIT_K, k_blocks // 2, traffic_cap)
+    return max(1, split)
+
+
+def config_label(config: triton.Config | None) -> str:
+    """'BLOCK_M=16 BLOCK_N=64 GROUP_M=8 w4 s4': a tuning config in one short line (benchmarks)."""
+    if config is None:
+        return "-"
+    kw = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
+    return f"{kw} w{config.num_warps} s{config.num_stages}"
+
+
+def tuned_config(shape_class: str) -> triton.Config | None:
+    """The config the autotuner used for the last 'decode' / 'prefill' launch (None when interpreted
+    or not yet launched)."""
+    tuned = _fp8_gemm_decode_tuned if shape_class == "decode" else _fp8_gemm_prefill_tuned
+    return getattr(tuned, "best_config", None)
 
 
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: torch.Tensor,
@@ -199,8 +259,12 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
             a.stride(0), a_s_arg.stride(0), b.stride(0), b_s.stride(0), stride_cs, n, per_split, split),
            dict(A_FP8=a_fp8, UPCAST=is_interpreted(_fp8_gemm_kernel) and not a_fp8,
                 BLOCK_K=QUANT_BLOCK), config)
-    if split > 1:
-        return c.sum(dim=0).to(out_dtype)  # [M, N]: the deterministic split-K reduction
+    if split > 1:  # the deterministic split-K reduction, cast to out_dtype in the same pass
+        out = torch.empty((m, n), dtype=out_dtype, device=dev)
+        sum_grid = (cdiv(m * n, SPLIT_K_SUM_BLOCK),)
+        launch(_split_k_sum_kernel, None, [triton.Config({}, num_warps=4)], lambda meta: sum_grid,
+               (c, out, m * n, split), dict(BLOCK=SPLIT_K_SUM_BLOCK), None)
+        return out
     return c
 
 

@@ -101,6 +101,9 @@ def _cases(all_configs: bool):
             yield (f"fp8_gemm split_k={split} a_fp8={a_fp8}", fp8_gemm._fp8_gemm_kernel, cfg,
                    dict(a_ptr=f8 if a_fp8 else bf, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c),
                    dict(A_FP8=a_fp8, UPCAST=False, BLOCK_K=128))
+    for c in (bf, f32):
+        yield (f"split_k_sum c={c}", fp8_gemm._split_k_sum_kernel, triton.Config({}, num_warps=4),
+               dict(ws_ptr=f32, c_ptr=c), dict(BLOCK=fp8_gemm.SPLIT_K_SUM_BLOCK))
     for cfg in pick(moe.GROUPED_GEMM_CONFIGS):
         for w_fp8, a_fp8, swiglu, block_m in ((True, True, True, 16), (True, True, False, 64),
                                               (True, False, True, 16), (False, False, True, 64),
@@ -144,7 +147,8 @@ def main(all_configs: bool, with_ptxas: bool = False) -> int:
         row = dict(kernel=name, config=str(cfg))
         try:
             compiled = triton.compile(src, target=TARGET,
-                                      options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                                      options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                                   **({'maxnreg': cfg.maxnreg} if cfg.maxnreg else {})))
             ptx = compiled.asm["ptx"]
             row.update(ok=True, shared=compiled.metadata.shared, wgmma="wgmma" in ptx,
                        mma="mma.sync" in ptx, fits=compiled.metadata.shared <= SMEM_LIMIT,

@@ -157,6 +157,9 @@ class AOTIStep:
     def __call__(self, tokens: torch.Tensor, start_pos: torch.Tensor,
                  kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_inputs(tokens, start_pos, kv_cache, self.device, self.cache_dtype)
+        # The packages read inputs with the strides they were compiled for (contiguous): a view
+        # such as tokens[:, :1] (row stride s) would silently feed row 0's neighbours to row 1.
+        tokens, start_pos = tokens.contiguous(), start_pos.contiguous()
         if tokens.shape[1] == 1:
             if self._graphs is not None:
                 return self._graphs(tokens, start_pos, kv_cache)

@@ -65,6 +65,21 @@ def test_step_matches_reference_step(engine, model, seed, batch, seqlen):
     assert rel_err(new_kv, want_kv) < TOLERANCES["fp32_engine"]
 
 
+def test_step_accepts_strided_views(engine, model, seed):
+    """tokens[:, :1] of a [b, s] prompt has row stride s: the package must still see each row's token."""
+    g = torch.Generator().manual_seed(seed)
+    a = model.args
+    prompt = torch.randint(0, a.vocab_size, (3, 7), generator=g)
+    start_pos = torch.tensor([9, 4, 0, 2, 6, 1])[::2]  # stride 2
+    cache = torch.randn(3, a.n_layers, 11, a.latent_cache_width, generator=g)
+    for tokens in (prompt[:, :1], prompt[:, 2:5]):  # decode and prefill packages
+        assert not tokens.is_contiguous()
+        with torch.no_grad():
+            want, _ = LatentCacheStep(model).eval()(tokens.contiguous(), start_pos.contiguous(), cache)
+        got, _ = engine.step(tokens, start_pos, cache)
+        assert rel_err(got, want) < TOLERANCES["fp32_engine"]
+
+
 def test_greedy_32_tokens_match_reference_model(engine, model, seed):
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, model.args.vocab_size, (6,), generator=g).tolist()

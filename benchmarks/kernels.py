@@ -6,9 +6,10 @@ triton.testing.do_bench (median) and reports: time, achieved TB/s or TFLOP/s, th
 (max(bytes / HBM_BW, flops / peak)) and the ratio to the best alternative timed in the same run:
   fp8 GEMM      torch._scaled_mm with 1x128 x 128x128 block scales (per-tensor scales if the
                 blockwise form is refused, and the row says so). For a K that is not a multiple
-                of 128 (10944) its operands are zero-padded to the next multiple (outside the
-                timing): torch 2.11's blockwise _scaled_mm returned wrong results (mean rel err
-                2.27) for the ragged K. Zero columns add nothing to the product.
+                of 512 (10944) its operands are zero-padded to the next multiple (outside the
+                timing): cuBLAS wants the 128x128 scales' rows round_up(K/128, 4) apart, which
+                torch 2.11 did not enforce (mean rel err 2.27 before). M=1 is padded to 16 rows
+                (cuBLAS refused it). Zero rows and columns add nothing to the product.
   grouped GEMM  torch._grouped_mm (bf16), MoE end to end with it
   MLA decode    the eager absorbed einsum math and F.scaled_dot_product_attention
   RMSNorm, act_quant: eager torch
@@ -180,9 +181,9 @@ def bench_copy(report: Report, sh: Shapes, quick: bool) -> None:
     print(f"  device copy: {report.copy_tbps:.2f} TB/s (read + write)")
 
 
-def _scaled_mm_blockwise(a, a_s, b, b_s):
-    """torch._scaled_mm with 1x128 (a; scales M-major) x 128x128 (b) block scales."""
-    return torch._scaled_mm(a, b.t(), scale_a=a_s.t().contiguous().t(), scale_b=b_s.t(), out_dtype=torch.bfloat16)
+def _scaled_mm_blockwise(a, scale_a, b, scale_b):
+    """torch._scaled_mm with 1x128 (a) x 128x128 (b) block scales, operands from _blockwise_operands."""
+    return torch._scaled_mm(a, b.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
 
 
 def _pad_k(t: torch.Tensor, multiple: int = 128) -> torch.Tensor:
@@ -193,9 +194,53 @@ def _pad_k(t: torch.Tensor, multiple: int = 128) -> torch.Tensor:
     return F.pad(t.view(torch.uint8), (0, pad)).view(t.dtype)
 
 
+# cuBLAS reads a 128x128 block-scale tensor with a leading dimension of L4 = round_up(ceil(K/128), 4)
+# (cuBLAS docs, "1D and 128x128 2D block scaling for FP8"; torch's test_scaled_matmul_cuda.py pads
+# the scales with _pad_128x128_scales; newer torch checks for that stride). torch 2.11 accepted the
+# unpadded stride ceil(K/128), so K=10944 (86 blocks, presumably read as if rows were 88 apart)
+# gave garbage (mean rel err 2.27) even with K padded to 11008. Padding K to a multiple of
+# 4 * 128 = 512 makes every reading agree: L = L4.
+BLOCKWISE_K_MULTIPLE = 512
+# cuBLAS refused blockwise scaling at M=1 (CUBLAS_STATUS_NOT_SUPPORTED): the M-major 1x128 scales
+# need an aligned leading dimension, so M is zero-padded to a multiple of 16 rows.
+BLOCKWISE_M_MULTIPLE = 16
+
+
+def _blockwise_operands(a, a_s, w, w_s):
+    """(a, scale_a, w, scale_b) in the layout torch._scaled_mm's blockwise path wants, padded so
+    the product of the first M rows is unchanged (zero rows/columns, unit scales on the pad):
+      a       fp8 [M', K'] (M' = round_up(M, 16), K' = round_up(K, 512))
+      scale_a fp32 [M', K'/128], outer-dim-major (strides (1, M')): the 1x128 activation scales
+      w       fp8 [N, K']
+      scale_b fp32 [K'/128, ceil(N/128)] = the [ceil(N/128), K'/128] weight scales transposed
+    """
+    m, n = a.shape[0], w.shape[0]
+    a_p, w_p = _pad_k(a, BLOCKWISE_K_MULTIPLE), _pad_k(w, BLOCKWISE_K_MULTIPLE)
+    m_pad, l_pad = -m % BLOCKWISE_M_MULTIPLE, a_p.shape[1] // 128 - a_s.shape[1]
+    if m_pad:
+        a_p = F.pad(a_p.view(torch.uint8), (0, 0, 0, m_pad)).view(a.dtype)
+    a_s_p = F.pad(a_s, (0, l_pad, 0, m_pad), value=1.0)  # [M', K'/128]
+    w_s_p = F.pad(w_s, (0, l_pad), value=1.0).contiguous()  # [ceil(N/128), K'/128]
+    assert w_s_p.shape[0] == -(-n // 128)
+    return a_p, a_s_p.t().contiguous().t(), w_p, w_s_p.t()
+
+
 def _scaled_mm_tensorwise(a, b):
     one = torch.ones((), device=a.device)
     return torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+
+
+def _fp8_choice(m: int, n: int, k: int, device: str) -> str:
+    """The tile set, split-K and the config fp8_gemm's autotuner used for its last launch."""
+    from dsv3_export.kernels import fp8_gemm as G
+
+    shape_class = "decode" if m <= G.DECODE_MAX_M else "prefill"
+    k_blocks = -(-k // 128)
+    split = G._choose_split_k(m, n, k_blocks, torch.device(device)) if shape_class == "decode" else 1
+    split = -(-k_blocks // -(-k_blocks // split))  # as the launcher rounds it: no empty splits
+    cfg = G.tuned_config(shape_class) or (G.DECODE_CONFIGS if shape_class == "decode" else G.PREFILL_CONFIGS)[0]
+    tiles = -(-m // cfg.kwargs["BLOCK_M"]) * -(-n // cfg.kwargs["BLOCK_N"])
+    return f"{shape_class} config {G.config_label(cfg)}, split_k {split}, {tiles * split} CTAs"
 
 
 def bench_fp8_gemm(report: Report, sh: Shapes, quick: bool) -> None:
@@ -217,18 +262,21 @@ def bench_fp8_gemm(report: Report, sh: Shapes, quick: bool) -> None:
             flops = 2 * m * n * k
             ref = fp8_gemm_ref(a, a_s, w, w_s, torch.float32)
             err = mean_rel(fp8_gemm(a, a_s, w, w_s).float(), ref)
+            choice = _fp8_choice(m, n, k, sh.device)  # the autotuner's pick for this shape (first call above)
             rows = [add(report, Row("fp8_gemm", case, "triton fp8_gemm",
                                     bench(lambda: fp8_gemm(a, a_s, w, w_s), sh, quick), error=err, tol=5e-3,
-                                    ok=err < 5e-3), bytes_=bytes_, flops=flops, peak=FP8_PEAK)]
+                                    ok=err < 5e-3, note=choice), bytes_=bytes_, flops=flops, peak=FP8_PEAK)]
+            print(f"  {case}: triton fp8_gemm {choice}", flush=True)
 
             def blockwise():
-                # Ragged K zero-padded outside the timing (the scales already cover ceil(K/128) blocks).
-                a_p, w_p = _pad_k(a), _pad_k(w)
-                e = mean_rel(_scaled_mm_blockwise(a_p, a_s, w_p, w_s).float(), ref)
-                note = f"K zero-padded to {a_p.shape[1]}" if a_p.shape[1] != k else ""
+                # Padded (K to a multiple of 512, M to 16 rows) outside the timing: _blockwise_operands.
+                a_p, s_a, w_p, s_b = _blockwise_operands(a, a_s, w, w_s)
+                e = mean_rel(_scaled_mm_blockwise(a_p, s_a, w_p, s_b)[:m].float(), ref)
+                pads = [f"K zero-padded to {a_p.shape[1]}" if a_p.shape[1] != k else "",
+                        f"M zero-padded to {a_p.shape[0]}" if a_p.shape[0] != m else ""]
                 return add(report, Row("fp8_gemm", case, "torch._scaled_mm blockwise",
-                                       bench(lambda: _scaled_mm_blockwise(a_p, a_s, w_p, w_s), sh, quick),
-                                       error=e, tol=5e-3, ok=e < 5e-3, note=note),
+                                       bench(lambda: _scaled_mm_blockwise(a_p, s_a, w_p, s_b), sh, quick),
+                                       error=e, tol=5e-3, ok=e < 5e-3, note="; ".join(p for p in pads if p)),
                            bytes_=bytes_, flops=flops, peak=FP8_PEAK)
 
             def tensorwise(reason: str):
@@ -249,9 +297,10 @@ def bench_fp8_gemm(report: Report, sh: Shapes, quick: bool) -> None:
                                         bench(lambda: fp8_linear(x, w, w_s), sh, quick)),
                             bytes_=bytes_ + m * k * 2, flops=flops, peak=FP8_PEAK))
             wo_err = mean_rel(fp8_gemm(x, None, w, w_s).float(), fp8_gemm_ref(x, None, w, w_s, torch.float32))
+            wo_choice = _fp8_choice(m, n, k, sh.device)
             rows.append(add(report, Row("fp8_gemm", case, "triton fp8_gemm weight-only (W8A16)",
                                         bench(lambda: fp8_gemm(x, None, w, w_s), sh, quick), error=wo_err,
-                                        tol=5e-3, ok=wo_err < 5e-3),
+                                        tol=5e-3, ok=wo_err < 5e-3, note=wo_choice),
                             bytes_=m * k * 2 + n * k + w_s.numel() * 4 + m * n * 2, flops=flops, peak=BF16_PEAK))
             rows = [r for r in rows if r is not None]
             finish_group(rows)
@@ -405,6 +454,29 @@ def _absorbed_eager(q, qp, kv, pe, scale):
     return torch.einsum("bht,btc->bhc", scores.softmax(-1, dtype=torch.float32).type_as(q), kv)
 
 
+def _graph_of(fn):
+    """fn captured in a CUDA graph (after a warm-up on a side stream): replay costs no Python launches."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def _decode_choice(bsz: int, h: int, ctx: int, device: str) -> str:
+    """The split count mla_decode picks and the config the autotuner chose for it."""
+    from dsv3_export.kernels import mla_attention as ka
+
+    splits = ka.choose_num_splits(bsz, h, ctx, torch.device(device))
+    tuned = ka._decode_tuned
+    cfg = getattr(tuned, "best_config", None) if tuned is not None else ka.DECODE_CONFIGS[0]
+    return f"NUM_SPLITS={splits} ({bsz * splits} programs), config {cfg}"
+
+
 def bench_mla(report: Report, sh: Shapes, quick: bool) -> None:
     from dsv3_export.kernels.mla_attention import mla_decode, mla_decode_ref, mla_prefill, mla_prefill_ref
 
@@ -450,9 +522,26 @@ def bench_mla(report: Report, sh: Shapes, quick: bool) -> None:
                        bytes_=bytes_, flops=flops)
 
         rows.append(guarded(report, f"mla {case} sdpa", sdpa))
+        choice = _decode_choice(bsz, h, ctx, sh.device)
+        rows[0].note = choice
+
+        def graphed():
+            # The kernels alone: a decode step runs them from a CUDA graph / AOTInductor, not from
+            # Python; do_bench around mla_decode() also times the host's argument checks and launches.
+            graph = _graph_of(lambda: mla_decode(q, qp, kv, pe, seqlens, scale))
+            return add(report, Row("mla", case, "triton mla_decode (CUDA graph)", bench(graph.replay, sh, quick),
+                                   note=choice), bytes_=bytes_, flops=flops)
+
+        if sh.device == "cuda":
+            rows.append(guarded(report, f"mla {case} graph", graphed))
         rows = [r for r in rows if r is not None]
         finish_group(rows)
         show(case, rows)
+        print(f"  {case}: {choice}", flush=True)
+        for r in rows:
+            if r.impl.startswith("triton") and r.tbps and report.copy_tbps:
+                print(f"    {r.impl}: {r.tbps:.2f} TB/s = {100 * r.tbps / report.copy_tbps:.0f}% of copy "
+                      f"({report.copy_tbps:.2f} TB/s)", flush=True)
 
     s_q = sh.prefill_m // 4 if quick else sh.prefill_m
     case = f"prefill B=1 S={s_q} H={h}"

@@ -19,11 +19,19 @@ len_b; prefill's new token u is key start_b + u and query i sees u <= i. Without
 tokens must already be in the cache.
 
 Decode (flash-decoding): because all heads share the cache row, one program holds a block of
-BLOCK_H heads (a [BLOCK_H, C] x [C, BLOCK_N] tensor-core tile) and reads each KV tile once. The
-sequence of batch row b is cut into NUM_SPLITS chunks of ceil(len_b / NUM_SPLITS) tokens (rounded
-to BLOCK_N) computed from the device-side cache_seqlens, so ragged batches need no host sync; each
-program runs an online softmax (base 2) over its chunk and writes a normalized partial output and
-its log2-sum-exp; a second kernel merges the splits. Empty chunks write lse = -inf, weight 0.
+BLOCK_H heads and reads each KV tile once. The sequence of batch row b is cut into NUM_SPLITS
+chunks of ceil(len_b / NUM_SPLITS) tokens (rounded to BLOCK_N) computed from the device-side
+cache_seqlens, so ragged batches need no host sync; each program runs an online softmax (base 2)
+over its chunk and writes a normalized partial output and its log2-sum-exp; a second kernel merges
+the splits. Empty chunks write lse = -inf, weight 0.
+The decode tiles put the keys, not the heads, on the dots' M dimension ("swap AB", as decode
+kernels do when the query block is small): scores^T = kv [BN, C] . q^T [C, BLOCK_H] and
+out^T += kv^T [C, BN] . p^T [BN, BLOCK_H]. On sm_90 the value dot (M = C = 512) and, for
+BLOCK_N >= 64, the score dot become wgmma reading the KV tile straight from the shared-memory
+buffer the cp.async pipeline filled, q^T stays in shared memory instead of being replicated in
+every warp's registers, and the fp32 accumulator [C, BLOCK_H] is spread over the warpgroup (64
+registers per thread at 4 warps). The heads-as-M form (M = 16) ran everything as mma.sync with q
+held in registers (164 registers/thread at 4 warps).
 
 Prefill: rows (query i, head h) are flattened to r = i * H + h (they share the keys), a program
 takes BLOCK_Q rows, loops over keys up to the block's last absolute position start_pos + i and
@@ -31,6 +39,8 @@ masks t > start_pos + i per row.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -46,20 +56,32 @@ LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
 # Heads per decode program: at least 16 (tensor-core M), at most 64 (registers for the C-wide accumulator).
 MIN_BLOCK_H, MAX_BLOCK_H = 16, 64
-# Split sizing (choose_num_splits). Resident decode programs per SM: the decode tiles take 56-94 KB
-# of shared memory and 95-168 registers per thread on sm_90 (ptxas, tests/kernels/_sm90_compile.py),
-# so 2-3 fit; 2 is the conservative count. A split's partial output write ([H, C] fp32) costs
-# about as much traffic as reading 32 cache rows (C + R = 576 bf16 each).
+# Split sizing (choose_num_splits). Resident decode programs per SM: most decode configs take
+# 74-130 KB of shared memory and 100-190 registers per thread on sm_90 (ptxas,
+# tests/kernels/_sm90_compile.py), so 1-2 fit; 2 is the count the splits are sized for (with 1,
+# the 256 programs of B=32 run as 2 nearly full waves). A split's partial output write ([H, C]
+# fp32) costs about as much traffic as reading 32 cache rows (C + R = 576 bf16 each).
 DECODE_PROGRAMS_PER_SM = 2
 MIN_SPLIT_KEYS = 64
 SPLIT_OVERHEAD_KEYS = 32
 
+# Decode is a stream over the cache: what matters is how many cache bytes each SM keeps in flight.
+# A [BN, 512 + 64] bf16 tile is BN x 1152 B (36.9 KB at BN = 32). With the mma.sync score dot
+# (BN < 64) the pipeline keeps num_stages - 1 tile buffers and, from 3 stages on, the next tiles
+# load while the current one is computed; the wgmma score dot (BN = 64) needs one buffer more, so
+# only 2 stages fit in 227 KB and its loads do not overlap its compute (one 73.7 KB tile per SM at
+# a time). Shared memory / registers per thread (4 warps | 8 warps) at H = 16, sm_90:
+#   BN=32 s3: 93 KB (2 per SM), 154 | 114 regs    BN=32 s4: 130 KB (1 per SM), 154 | 114
+#   BN=16 s5: 93 KB (2 per SM), 144 | 100 regs    BN=64 s2: 168 KB (1 per SM), 191
+# (the kv_new variant adds up to 35 registers in its epilogue). The autotuner times them all.
 DECODE_CONFIGS = [
-    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=5),
+    triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=5),
+    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
 ]
 # The [BLOCK_Q, 512] fp32 accumulator dominates registers: BLOCK_Q = 128 spills kilobytes on sm_90.
 PREFILL_CONFIGS = [
@@ -130,37 +152,56 @@ def _mla_decode_split_kernel(
     if UPCAST:
         q = q.to(tl.float32)
         q_pe = q_pe.to(tl.float32)
+    q_t = tl.trans(q)  # [BLOCK_C, BLOCK_H]
+    q_pe_t = tl.trans(q_pe)  # [BLOCK_R, BLOCK_H]
 
+    # Keys on the dots' M dimension (scores transposed, [BLOCK_N, BLOCK_H]): see the module docstring.
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_C, BLOCK_H), dtype=tl.float32)  # out^T
+    kv_base = kv_ptr + b * stride_kvb
+    pe_base = pe_ptr + b * stride_peb
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_cache = offs_n < end
-        kv_ptrs = kv_ptr + b * stride_kvb + offs_n.to(tl.int64)[:, None] * stride_kvs + offs_c[None, :]
-        pe_ptrs = pe_ptr + b * stride_peb + offs_n.to(tl.int64)[:, None] * stride_pes + offs_r[None, :]
-        kv, pe = _load_keys(kv_ptrs, pe_ptrs, kv_ptrs, pe_ptrs, in_cache, in_cache, mask_c, mask_r, False)
-        valid = tl.broadcast_to(in_cache[None, :], (BLOCK_H, BLOCK_N))
-        m_i, l_i, acc = _attend_tile(q, q_pe, kv, pe, valid, m_i, l_i, acc, scale_log2, UPCAST)
+        kv = tl.load(kv_base + offs_n[:, None] * stride_kvs + offs_c[None, :],
+                     mask=in_cache[:, None] & mask_c[None, :], other=0.0)  # [BN, C]
+        pe = tl.load(pe_base + offs_n[:, None] * stride_pes + offs_r[None, :],
+                     mask=in_cache[:, None] & mask_r[None, :], other=0.0)  # [BN, R]
+        if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong
+            kv = kv.to(tl.float32)
+            pe = pe.to(tl.float32)
+        s = tl.dot(kv, q_t) + tl.dot(pe, q_pe_t)  # [BN, BLOCK_H] fp32
+        s = tl.where(in_cache[:, None], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: every tile has a key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(kv), p.to(kv.dtype))  # [C, BN] x [BN, BLOCK_H]
+        m_i = m_new
 
     if HAS_NEW:
         if pid_s == NUM_SPLITS - 1:  # the new token (key number `seqlen`) joins the last split
             kv_new = tl.load(kvn_ptr + b * stride_kvnb + offs_c, mask=mask_c, other=0.0).to(tl.float32)
             pe_new = tl.load(pen_ptr + b * stride_penb + offs_r, mask=mask_r, other=0.0).to(tl.float32)
-            s_new = (tl.sum(q.to(tl.float32) * kv_new[None, :], axis=1)
-                     + tl.sum(q_pe.to(tl.float32) * pe_new[None, :], axis=1)) * scale_log2  # [BLOCK_H]
+            # q again (an L2 hit), [C, BLOCK_H]: keeping the loop's copy live would cost registers in the loop
+            q_c = tl.load(q_ptr + b * stride_qb + offs_h[None, :] * stride_qh + offs_c[:, None],
+                          mask=mask_h[None, :] & mask_c[:, None], other=0.0).to(tl.float32)
+            q_r = tl.load(q_pe_ptr + b * stride_qpb + offs_h[None, :] * stride_qph + offs_r[:, None],
+                          mask=mask_h[None, :] & mask_r[:, None], other=0.0).to(tl.float32)
+            s_new = (tl.sum(q_c * kv_new[:, None], axis=0) + tl.sum(q_r * pe_new[:, None], axis=0)) * scale_log2
             m_new = tl.maximum(m_i, s_new)
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s_new - m_new)
             l_i = l_i * alpha + p
-            acc = acc * alpha[:, None] + p[:, None] * kv_new[None, :]
+            acc = acc * alpha[None, :] + kv_new[:, None] * p[None, :]
             m_i = m_new
 
     has_keys = l_i > 0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    out = acc / tl.where(has_keys, l_i, 1.0)[None, :]
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    o_ptrs = o_part_ptr + b * stride_ob + offs_h[:, None] * stride_oh + pid_s * stride_os + offs_c[None, :]
-    tl.store(o_ptrs, out, mask=mask_h[:, None] & mask_c[None, :])
+    o_ptrs = o_part_ptr + b * stride_ob + offs_h[None, :] * stride_oh + pid_s * stride_os + offs_c[:, None]
+    tl.store(o_ptrs, out, mask=mask_h[None, :] & mask_c[:, None])
     tl.store(lse_ptr + b * stride_lb + offs_h * stride_lh + pid_s, lse, mask=mask_h)
 
 
@@ -270,8 +311,14 @@ def choose_num_splits(batch: int, heads: int, max_seq: int, device: torch.device
     picks 8 (256 programs, one wave). Splits stay >= MIN_SPLIT_KEYS keys; ties go to fewer splits
     (less merging).
     """
+    return _num_splits(batch, heads, max_seq, num_sms(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _num_splits(batch: int, heads: int, max_seq: int, sms: int) -> int:
+    """choose_num_splits' search, memoized: the loop costs ~15 us of host time per decode call."""
     head_blocks = cdiv(heads, _block_h(heads))
-    slots = DECODE_PROGRAMS_PER_SM * num_sms(device)
+    slots = DECODE_PROGRAMS_PER_SM * sms
     best, best_cost = 1, float("inf")
     for splits in range(1, max(1, min(MAX_SPLITS, max_seq // MIN_SPLIT_KEYS)) + 1):
         waves = cdiv(batch * head_blocks * splits, slots)
@@ -331,19 +378,20 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     lse = torch.empty((bsz, heads, splits), dtype=torch.float32, device=dev)
     kvn, pen = (kv_new, pe_new) if has_new else (kv_cache, pe_cache)  # never read without HAS_NEW
     grid = (bsz, cdiv(heads, block_h), splits)
+    # Strides: one stride() tuple per input; the fresh contiguous buffers' strides by arithmetic
+    # (each Tensor.stride(i) call is host time on every decode step).
+    sq, sqp, skv, spe = q_latent.stride(), q_pe.stride(), kv_cache.stride(), pe_cache.stride()
+    so = (heads * splits * c, splits * c, c)  # o_part [B, H, splits, C]
+    sl = (heads * splits, splits)  # lse [B, H, splits]
     launch(_mla_decode_split_kernel, _decode_tuned, DECODE_CONFIGS, lambda meta: grid,
            (q_latent, q_pe, kv_cache, pe_cache, kvn, pen, cache_seqlens, o_part, lse, heads, splits,
-            softmax_scale * LOG2E,
-            q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1),
-            kv_cache.stride(0), kv_cache.stride(1), pe_cache.stride(0), pe_cache.stride(1),
-            kvn.stride(0), pen.stride(0),
-            o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1)),
+            softmax_scale * LOG2E, sq[0], sq[1], sqp[0], sqp[1], skv[0], skv[1], spe[0], spe[1],
+            kvn.stride(0), pen.stride(0), *so, *sl),
            dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), HAS_NEW=has_new,
                 UPCAST=is_interpreted(_mla_decode_split_kernel) and q_latent.dtype != torch.float32,
                 BLOCK_H=block_h), config)
     traceable(_mla_decode_reduce_kernel)[(bsz, heads)](
-        o_part, lse, out, splits, o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
-        out.stride(0), out.stride(1), C=c, BLOCK_C=next_pow2(c), BLOCK_S=next_pow2(splits))
+        o_part, lse, out, splits, *so, *sl, heads * c, c, C=c, BLOCK_C=next_pow2(c), BLOCK_S=next_pow2(splits))
     return out
 
 

@@ -188,7 +188,8 @@ def config_label(config: triton.Config | None) -> str:
     if config is None:
         return "-"
     kw = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
-    return f"{kw} w{config.num_warps} s{config.num_stages}"
+    regs = f" maxnreg={config.maxnreg}" if config.maxnreg else ""
+    return f"{kw} w{config.num_warps} s{config.num_stages}{regs}"
 
 
 def tuned_config(shape_class: str) -> triton.Config | None:

@@ -65,6 +65,32 @@ def test_ragged_k_padding_of_the_scaled_mm_baseline_keeps_the_product(seed):
     torch.testing.assert_close(padded, ref, rtol=1e-5, atol=1e-4)  # only the fp32 summation order differs
 
 
+@pytest.mark.parametrize("m,k", [(1, 300), (5, 1100), (16, 512)])
+def test_blockwise_scaled_mm_operands_follow_the_cublas_layout(seed, m, k):
+    """The blockwise _scaled_mm baseline's operands: K padded so ceil(K/128) is a multiple of 4 (the
+    leading dimension cuBLAS reads the 128x128 scales with), M padded to 16 rows, 1x128 scales
+    outer-dim-major, and the same product on the original rows."""
+    import torch
+
+    from dsv3_export.kernels.fp8_gemm import fp8_gemm_ref
+    from dsv3_export.reference import fp8 as R
+
+    bench = _load()
+    torch.manual_seed(seed)
+    a, a_s = R.act_quant(torch.randn(m, k))
+    w, w_s = R.weight_quant(torch.randn(200, k))
+    a_p, s_a, w_p, s_b = bench._blockwise_operands(a, a_s, w, w_s)
+    m_p, k_p = a_p.shape
+    blocks = k_p // 128
+    assert k_p % 512 == 0 and k_p - k < 512 and m_p % 16 == 0 and m_p - m < 16 and w_p.shape == (200, k_p)
+    # torch's is_blockwise_1x128_scaling(a, scale_a) and is_blockwise_128x128_scaling(b.t(), scale_b.t())
+    assert s_a.shape == (m_p, blocks) and s_a.stride() == (1, m_p)
+    assert s_b.t().shape == (2, blocks) and s_b.t().stride() == (blocks, 1)
+    out = fp8_gemm_ref(a_p, s_a.contiguous(), w_p, s_b.t().contiguous(), torch.float32)[:m]
+    torch.testing.assert_close(out, fp8_gemm_ref(a, a_s, w, w_s, torch.float32), rtol=1e-5, atol=1e-4)
+    assert (a_p[m:].float() == 0).all() and (a_p[:, k:].float() == 0).all() and (w_p[:, k:].float() == 0).all()
+
+
 def test_summary_table_is_the_last_output(tmp_path, monkeypatch, capsys):
     bench = _load()
     monkeypatch.setenv("OUT", str(tmp_path))

@@ -243,7 +243,20 @@ def _fp8_choice(m: int, n: int, k: int, device: str) -> str:
     return f"{shape_class} config {G.config_label(cfg)}, split_k {split}, {tiles * split} CTAs"
 
 
+def _fp8_tuning(shape_class: str, top: int = 4) -> str:
+    """The autotuner's timings for the key it tuned last (the first call of a new shape), fastest
+    first: what the runner-up configs cost, for the next round of config choices."""
+    from dsv3_export.kernels import fp8_gemm as G
+
+    tuned = G._fp8_gemm_decode_tuned if shape_class == "decode" else G._fp8_gemm_prefill_tuned
+    timings = getattr(tuned, "configs_timings", None) or {}
+    ranked = sorted(timings.items(), key=lambda kv: kv[1][0] if isinstance(kv[1], (list, tuple)) else kv[1])
+    return "; ".join(f"{G.config_label(c)}: {(t[0] if isinstance(t, (list, tuple)) else t):.4f} ms"
+                     for c, t in ranked[:top])
+
+
 def bench_fp8_gemm(report: Report, sh: Shapes, quick: bool) -> None:
+    from dsv3_export.kernels import fp8_gemm as G
     from dsv3_export.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, fp8_linear
     from dsv3_export.reference import fp8 as R
 
@@ -267,6 +280,9 @@ def bench_fp8_gemm(report: Report, sh: Shapes, quick: bool) -> None:
                                     bench(lambda: fp8_gemm(a, a_s, w, w_s), sh, quick), error=err, tol=5e-3,
                                     ok=err < 5e-3, note=choice), bytes_=bytes_, flops=flops, peak=FP8_PEAK)]
             print(f"  {case}: triton fp8_gemm {choice}", flush=True)
+            decode = m <= G.DECODE_MAX_M
+            if sh.device == "cuda":
+                print(f"    autotuner timings: {_fp8_tuning('decode' if decode else 'prefill')}", flush=True)
 
             def blockwise():
                 # Padded (K to a multiple of 512, M to 16 rows) outside the timing: _blockwise_operands.
@@ -302,6 +318,22 @@ def bench_fp8_gemm(report: Report, sh: Shapes, quick: bool) -> None:
                                         bench(lambda: fp8_gemm(x, None, w, w_s), sh, quick), error=wo_err,
                                         tol=5e-3, ok=wo_err < 5e-3, note=wo_choice),
                             bytes_=m * k * 2 + n * k + w_s.numel() * 4 + m * n * 2, flops=flops, peak=BF16_PEAK))
+            if decode and sh.device == "cuda":
+                # A decode step runs from a CUDA graph / AOTInductor: the kernels alone, without the
+                # host's checks and launches that do_bench around the Python call also times.
+                graphed = [("triton fp8_gemm (CUDA graph)", lambda: fp8_gemm(a, a_s, w, w_s), FP8_PEAK, choice),
+                           ("triton fp8_linear (CUDA graph)", lambda: fp8_linear(x, w, w_s), FP8_PEAK, "")]
+                if any(r is not None and r.impl == "torch._scaled_mm blockwise" and r.ok for r in rows):
+                    a_p, s_a, w_p, s_b = _blockwise_operands(a, a_s, w, w_s)
+                    graphed.append(("torch._scaled_mm blockwise (CUDA graph)",
+                                    lambda: _scaled_mm_blockwise(a_p, s_a, w_p, s_b), FP8_PEAK, ""))
+                for impl, fn, peak, note in graphed:
+                    def timed(impl=impl, fn=fn, peak=peak, note=note):
+                        graph = _graph_of(fn)
+                        return add(report, Row("fp8_gemm", case, impl, bench(graph.replay, sh, quick), note=note),
+                                   bytes_=bytes_, flops=flops, peak=peak)
+
+                    rows.append(guarded(report, f"{case} {impl}", timed))
             rows = [r for r in rows if r is not None]
             finish_group(rows)
             show(case, rows)
@@ -467,13 +499,12 @@ def _graph_of(fn):
     return graph
 
 
-def _decode_choice(bsz: int, h: int, ctx: int, device: str) -> str:
+def _decode_choice(bsz: int, h: int, c: int, r: int, ctx: int, device: str) -> str:
     """The split count mla_decode picks and the config the autotuner chose for it."""
     from dsv3_export.kernels import mla_attention as ka
 
     splits = ka.choose_num_splits(bsz, h, ctx, torch.device(device))
-    tuned = ka._decode_tuned
-    cfg = getattr(tuned, "best_config", None) if tuned is not None else ka.DECODE_CONFIGS[0]
+    cfg = ka.decode_config(h, c, r, splits, torch.bfloat16) if device == "cuda" else ka.DECODE_CONFIGS[0]
     return f"NUM_SPLITS={splits} ({bsz * splits} programs), config {cfg}"
 
 
@@ -522,7 +553,7 @@ def bench_mla(report: Report, sh: Shapes, quick: bool) -> None:
                        bytes_=bytes_, flops=flops)
 
         rows.append(guarded(report, f"mla {case} sdpa", sdpa))
-        choice = _decode_choice(bsz, h, ctx, sh.device)
+        choice = _decode_choice(bsz, h, c, r_, ctx, sh.device)
         rows[0].note = choice
 
         def graphed():

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from dsv3_export.kernels._common import (autotune_or_single, cdiv, check_tensor, is_interpreted, launch, next_pow2,
-                                         num_sms, traceable)
+                                         num_sms, traceable, tracing)
 from dsv3_export.reference.attention import causal_mask
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -277,6 +277,15 @@ def _mla_prefill_kernel(
 
 
 _decode_tuned = autotune_or_single(_mla_decode_split_kernel, DECODE_CONFIGS, key=["H", "C", "R", "NUM_SPLITS"])
+# The config the autotuner chose, per (H, C, R, NUM_SPLITS, dtype, HAS_NEW); later eager calls launch
+# the kernel with it directly. Autotuner.run re-keys all ~37 arguments on every call (list lookups,
+# str(dtype)): host time each decode step pays before its kernels are queued.
+_decode_chosen: dict[tuple, triton.Config] = {}
+
+
+def decode_config(heads: int, c: int, r: int, splits: int, dtype: torch.dtype, has_new: bool = False):
+    """The split kernel's config for this shape once the autotuner has chosen it (None before)."""
+    return _decode_chosen.get((heads, c, r, splits, dtype, has_new))
 _prefill_tuned = autotune_or_single(_mla_prefill_kernel, PREFILL_CONFIGS, key=["H", "C", "R"])
 
 
@@ -383,13 +392,19 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     sq, sqp, skv, spe = q_latent.stride(), q_pe.stride(), kv_cache.stride(), pe_cache.stride()
     so = (heads * splits * c, splits * c, c)  # o_part [B, H, splits, C]
     sl = (heads * splits, splits)  # lse [B, H, splits]
+    tune_key = (heads, c, r, splits, q_latent.dtype, has_new)
+    eager_tuned = config is None and _decode_tuned is not None and not tracing()  # tracing needs the autotuner
+    cfg = _decode_chosen.get(tune_key) if eager_tuned else config
     launch(_mla_decode_split_kernel, _decode_tuned, DECODE_CONFIGS, lambda meta: grid,
            (q_latent, q_pe, kv_cache, pe_cache, kvn, pen, cache_seqlens, o_part, lse, heads, splits,
             softmax_scale * LOG2E, sq[0], sq[1], sqp[0], sqp[1], skv[0], skv[1], spe[0], spe[1],
             kvn.stride(0), pen.stride(0), *so, *sl),
            dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), HAS_NEW=has_new,
                 UPCAST=is_interpreted(_mla_decode_split_kernel) and q_latent.dtype != torch.float32,
-                BLOCK_H=block_h), config)
+                BLOCK_H=block_h), cfg)
+    chosen = getattr(_decode_tuned, "best_config", None) if eager_tuned and cfg is None else None
+    if chosen is not None:
+        _decode_chosen[tune_key] = chosen
     traceable(_mla_decode_reduce_kernel)[(bsz, heads)](
         o_part, lse, out, splits, *so, *sl, heads * c, c, C=c, BLOCK_C=next_pow2(c), BLOCK_S=next_pow2(splits))
     return out

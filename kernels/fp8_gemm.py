@@ -84,6 +84,7 @@ DECODE_MAX_M = 64
 # the weight read needs every SM busy with a few loads in flight.
 DECODE_CTAS_PER_SM = 2
 SPLIT_K_SUM_BLOCK = 1024
+SPLIT_K_SUM_CONFIGS = [triton.Config({}, num_warps=4)]  # built once: a Config per call costs host time
 
 
 @triton.jit
@@ -263,7 +264,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
     if split > 1:  # the deterministic split-K reduction, cast to out_dtype in the same pass
         out = torch.empty((m, n), dtype=out_dtype, device=dev)
         sum_grid = (cdiv(m * n, SPLIT_K_SUM_BLOCK),)
-        launch(_split_k_sum_kernel, None, [triton.Config({}, num_warps=4)], lambda meta: sum_grid,
+        launch(_split_k_sum_kernel, None, SPLIT_K_SUM_CONFIGS, lambda meta: sum_grid,
                (c, out, m * n, split), dict(BLOCK=SPLIT_K_SUM_BLOCK), None)
         return out
     return c

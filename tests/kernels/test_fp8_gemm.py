@@ -74,6 +74,28 @@ def test_split_k_heuristic_only_for_small_m():
     assert G._choose_split_k(1, 2048, 1, torch.device("cpu")) == 1
 
 
+def test_split_k_heuristic_at_the_16b_shapes():
+    cpu = torch.device("cpu")  # a nominal 132 SMs
+    assert G._choose_split_k(1, 10944, 16, cpu) == 1  # 171 N tiles of 64 already cover the SMs
+    assert G._choose_split_k(1, 2048, 86, cpu) == 9  # 32 N tiles x 9 = 288 CTAs, 2+ per SM
+    assert G._choose_split_k(1, 2048, 16, cpu) == 8  # at least 2 K blocks per split
+    assert G._choose_split_k(64, 2048, 16, cpu) == 2  # partials' traffic <= half the weight: K / (16 M)
+
+
+def test_split_k_partials_are_summed_and_cast_in_one_pass(seed):
+    torch.manual_seed(seed)
+    a, a_s, b, b_s = _operands(3, 200, 1100)  # 9 K blocks: splits of 3
+    out = G.fp8_gemm(a, a_s, b, b_s, torch.bfloat16, split_k=3)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 200)
+    assert mean_rel(out, G.fp8_gemm_ref(a, a_s, b, b_s, torch.float32)) < TOL["fp8_gemm_bf16_out"]
+
+
+def test_config_list_covers_both_tile_sets_once():
+    keys = [str(c) for c in G.FP8_GEMM_CONFIGS]
+    assert len(keys) == len(set(keys))
+    assert {str(c) for c in G.DECODE_CONFIGS + G.PREFILL_CONFIGS} == set(keys)
+
+
 @pytest.mark.parametrize("shape", [(300,), (2, 5, 300), (1, 1, 300)])
 def test_fp8_linear_matches_reference(seed, shape):
     torch.manual_seed(seed)

@@ -14,8 +14,17 @@ gain nothing ONNX Runtime does not already get from shapes at run time.
 Load: the manifest has verified every file; the external-data locations are checked to stay in
 the engine directory; then an InferenceSession is created. The step function binds torch
 tensors by pointer (IOBinding) on both devices: on the CPU that is zero-copy numpy, on CUDA the
-KV cache and the outputs stay on the GPU between steps and ONNX Runtime runs on torch's current
-stream, so no extra synchronization is needed.
+KV cache and the outputs stay on the GPU between steps.
+
+CUDA streams: ONNX Runtime runs on a torch stream of its own (user_compute_stream), ordered after
+the caller's current stream before each run and before it after. Passing torch's current stream
+instead does not work: torch's default stream has handle 0, which ONNX Runtime reads as "no user
+stream" and then runs on a non-blocking stream of its own, unordered with torch's kernels, so a
+step could read start_pos / tokens / cache rows before the torch kernels writing them had run.
+
+CUDA sizes: ONNX Runtime's CUDA kernels index with 32-bit ints, so a step whose tensors would
+reach 2^31 elements (the [b, h, s, T + s] attention scores, the [b, s, V] logits of a large
+prefill) is run over row chunks of the batch (engines/ort_cuda_limits.py).
 
 Known cost: the graph reads layer i's cache as kv_cache[:, i], which ONNX (no views) computes as
 a copy, so a decode step moves the whole cache once more than attention needs (~15% of a batch-64
@@ -36,11 +45,12 @@ from torch.export import ExportedProgram
 from dsv3_export.engines import onnx_graph, onnx_ops
 from dsv3_export.engines.base import (BackendUnavailable, BuildOutput, Progress, Target, TensorSpec, compute_dtype,
                                       dtype_name, torch_dtype)
+from dsv3_export.engines.ort_cuda_limits import CUDA_MAX_ELEMENTS, rows_per_run
 from dsv3_export.export import INPUT_NAMES, OUTPUT_NAMES
+from dsv3_export.reference.args import ModelArgs
 
 if TYPE_CHECKING:
     from dsv3_export.manifest import Manifest
-    from dsv3_export.reference.args import ModelArgs
 
 OPSET = 21
 DIM_NAMES = {("tokens", 0): "batch", ("tokens", 1): "seq", ("kv_cache", 2): "cache_len"}
@@ -113,14 +123,17 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         device = torch.device("cpu")
         provider_options: dict[str, str] = {}
+        stream, max_elements = None, None
         if manifest.device == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
-            provider_options = {"device_id": str(device.index),
-                                "user_compute_stream": str(torch.cuda.current_stream(device).cuda_stream),
+            stream = torch.cuda.Stream(device)  # a non-zero handle (module docstring: why not torch's current)
+            max_elements = CUDA_MAX_ELEMENTS
+            provider_options = {"device_id": str(device.index), "user_compute_stream": str(stream.cuda_stream),
                                 "arena_extend_strategy": "kSameAsRequested"}  # no power-of-two slack on 31 GB
         session = ort.InferenceSession(str(model_path), options, providers=[(provider, provider_options)])
         cache_dtype = torch_dtype(manifest.kv_cache["dtype"])
-        return OrtStep(session, device, cache_dtype, vocab=manifest.model["vocab_size"])
+        return OrtStep(session, device, cache_dtype, ModelArgs.from_dict(manifest.model), stream=stream,
+                       max_elements=max_elements)
 
 
 @contextlib.contextmanager
@@ -139,37 +152,62 @@ def _count_fp8(model) -> int:
 
 
 class OrtStep:
-    """LatentCacheStep's contract over an InferenceSession, with torch tensors bound by pointer."""
+    """LatentCacheStep's contract over an InferenceSession, with torch tensors bound by pointer.
 
-    def __init__(self, session, device: torch.device, cache_dtype: torch.dtype, vocab: int):
+    stream: the CUDA stream the session was created with (its user_compute_stream), None on the CPU.
+    max_elements: no run makes a tensor of this many elements or more; a larger batch is run over
+    row chunks written into slices of the outputs (None: no limit, the CPU provider's case).
+    """
+
+    def __init__(self, session, device: torch.device, cache_dtype: torch.dtype, args: ModelArgs,
+                 stream: "torch.cuda.Stream | None" = None, max_elements: int | None = None):
         self.session = session
         self.device = device
         self.cache_dtype = cache_dtype
-        self.vocab = vocab
+        self.args = args
+        self.vocab = args.vocab_size
+        self.stream = stream
+        self.max_elements = max_elements
         self._ort_device = ("cuda" if device.type == "cuda" else "cpu", device.index or 0)
+
+    def with_session(self, session) -> "OrtStep":
+        """The same step over another session of the same model (e.g. one with profiling on)."""
+        return OrtStep(session, self.device, self.cache_dtype, self.args, self.stream, self.max_elements)
 
     def _bind(self, binding, name: str, t: torch.Tensor, output: bool = False) -> None:
         bind = binding.bind_output if output else binding.bind_input
         bind(name, *self._ort_device, _ONNX_TYPES[t.dtype], list(t.shape), t.data_ptr())
 
+    def _run(self, tensors: dict[str, torch.Tensor]) -> None:
+        binding = self.session.io_binding()
+        for name, t in tensors.items():
+            self._bind(binding, name, t, output=name in OUTPUT_NAMES)
+        self.session.run_with_iobinding(binding)
+
     def __call__(self, tokens: torch.Tensor, start_pos: torch.Tensor,
                  kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, s = tokens.shape
-        _, n_layers, _, width = kv_cache.shape
+        _, n_layers, cache_len, width = kv_cache.shape
         inputs = {"tokens": tokens.to(self.device, torch.int64).contiguous(),
                   "start_pos": start_pos.to(self.device, torch.int64).contiguous(),
                   "kv_cache": kv_cache.contiguous()}
         if inputs["kv_cache"].dtype != self.cache_dtype or inputs["kv_cache"].device != self.device:
             raise ValueError(f"kv_cache must be {self.cache_dtype} on {self.device}, got "
                              f"{kv_cache.dtype} on {kv_cache.device}")
+        rows = b if self.max_elements is None else rows_per_run(self.args, s, cache_len, self.max_elements)
         logits = torch.empty(b, s, self.vocab, dtype=torch.float32, device=self.device)  # [b, s, V]
         new_kv = torch.empty(b, n_layers, s, width, dtype=self.cache_dtype, device=self.device)  # [b, L, s, w]
-        binding = self.session.io_binding()
-        for name, t in inputs.items():
-            self._bind(binding, name, t)
-        self._bind(binding, "logits", logits, output=True)
-        self._bind(binding, "new_kv", new_kv, output=True)
-        self.session.run_with_iobinding(binding)
+        tensors = {**inputs, "logits": logits, "new_kv": new_kv}
+        caller = None
+        if self.stream is not None:  # after the allocations: ORT must not write before the caller's reads
+            caller = torch.cuda.current_stream(self.device)
+            self.stream.wait_stream(caller)
+            for t in tensors.values():
+                t.record_stream(self.stream)
+        for r0 in range(0, b, rows):  # batch rows are independent; dim 0 slices stay contiguous
+            self._run({name: t[r0:r0 + rows] for name, t in tensors.items()})
+        if caller is not None:
+            caller.wait_stream(self.stream)
         return logits, new_kv
 
 

@@ -45,7 +45,6 @@ def _trace_ort(engine: Engine, tokens: torch.Tensor, options: "ProfileOptions", 
     import onnxruntime as ort
 
     from dsv3_export.engines import onnx_graph
-    from dsv3_export.engines.onnxruntime import OrtStep
     from dsv3_export.reports.profile import timed_run
 
     step = engine.step
@@ -56,7 +55,7 @@ def _trace_ort(engine: Engine, tokens: torch.Tensor, options: "ProfileOptions", 
     provider_options = step.session.get_provider_options()
     providers = [(p, provider_options.get(p, {})) for p in step.session.get_providers()]
     session = ort.InferenceSession(str(engine.path / onnx_graph.MODEL_FILE), so, providers=providers)
-    traced = OrtStep(session, step.device, step.cache_dtype, step.vocab)
+    traced = step.with_session(session)
     with torch.no_grad():
         timed_run(engine, tokens, options.decode_steps, step=traced)
     written = Path(session.end_profiling())

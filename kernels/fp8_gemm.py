@@ -35,6 +35,8 @@ row scales before the [BM, BN] multiply; only 256-wide tiles load a per-column b
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -162,11 +164,13 @@ def _split_k_sum_kernel(ws_ptr, c_ptr, MN, SPLIT_K, BLOCK: tl.constexpr):
     tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+_INTERPRETED = is_interpreted(_fp8_gemm_kernel)
 _TUNE_KEY = ["M_BUCKET", "N", "K", "SPLIT_K", "A_FP8"]
 _fp8_gemm_decode_tuned = autotune_or_single(_fp8_gemm_kernel, DECODE_CONFIGS, key=_TUNE_KEY)
 _fp8_gemm_prefill_tuned = autotune_or_single(_fp8_gemm_kernel, PREFILL_CONFIGS, key=_TUNE_KEY)
 
 
+@functools.lru_cache(maxsize=4096)
 def _choose_split_k(m: int, n: int, k_blocks: int, device: torch.device) -> int:
     """Decode is a weight read: split K until the N tiles (at BLOCK_N = 64) times the split give
     DECODE_CTAS_PER_SM CTAs per SM. The M tiles do not count: they re-read the same weight tile
@@ -233,9 +237,10 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
     if tuple(b_s.shape) != (cdiv(n, QUANT_BLOCK), k_blocks):
         raise ValueError(f"fp8_gemm: b_s must be [ceil(N/128), ceil(K/128)] = "
                          f"{(cdiv(n, QUANT_BLOCK), k_blocks)}, got {tuple(b_s.shape)}")
-    for name, t in (("a", a), ("a_s", a_s), ("b", b), ("b_s", b_s)):
-        if t is not None and t.stride(1) != 1:
-            raise ValueError(f"fp8_gemm: {name} needs unit stride along its last dim, got strides {t.stride()}")
+    strides = {name: t.stride() for name, t in (("a", a), ("a_s", a_s), ("b", b), ("b_s", b_s)) if t is not None}
+    for name, st in strides.items():  # one stride() call per tensor: this runs on every decode step
+        if st[1] != 1:
+            raise ValueError(f"fp8_gemm: {name} needs unit stride along its last dim, got strides {st}")
     if m == 0 or n == 0 or k == 0:
         return torch.zeros((m, n), dtype=out_dtype, device=dev)
     if shape_class not in (None, "decode", "prefill"):
@@ -252,14 +257,14 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
         c = torch.empty((m, n), dtype=out_dtype, device=dev)
     else:
         c = torch.empty((split, m, n), dtype=torch.float32, device=dev)  # [S, M, N] partials
-    stride_cs = 0 if split == 1 else c.stride(0)
-    a_s_arg = a_s if a_fp8 else b_s  # never read on the weight-only path
+    stride_cs = 0 if split == 1 else m * n
+    a_s_arg, stride_asm = (a_s, strides["a_s"][0]) if a_fp8 else (b_s, 0)  # weight-only: never read
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
     launch(_fp8_gemm_kernel, _fp8_gemm_decode_tuned if decode else _fp8_gemm_prefill_tuned,
            DECODE_CONFIGS if decode else PREFILL_CONFIGS, grid,
            (a, a_s_arg, b, b_s, c, m, n, k, min(next_pow2(m), 4096),
-            a.stride(0), a_s_arg.stride(0), b.stride(0), b_s.stride(0), stride_cs, n, per_split, split),
-           dict(A_FP8=a_fp8, UPCAST=is_interpreted(_fp8_gemm_kernel) and not a_fp8,
+            strides["a"][0], stride_asm, strides["b"][0], strides["b_s"][0], stride_cs, n, per_split, split),
+           dict(A_FP8=a_fp8, UPCAST=_INTERPRETED and not a_fp8,
                 BLOCK_K=QUANT_BLOCK), config)
     if split > 1:  # the deterministic split-K reduction, cast to out_dtype in the same pass
         out = torch.empty((m, n), dtype=out_dtype, device=dev)

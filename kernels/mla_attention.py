@@ -70,18 +70,23 @@ SPLIT_OVERHEAD_KEYS = 32
 # (BN < 64) the pipeline keeps num_stages - 1 tile buffers and, from 3 stages on, the next tiles
 # load while the current one is computed; the wgmma score dot (BN = 64) needs one buffer more, so
 # only 2 stages fit in 227 KB and its loads do not overlap its compute (one 73.7 KB tile per SM at
-# a time). Shared memory / registers per thread (4 warps | 8 warps) at H = 16, sm_90:
+# a time). PREFETCH = d > 0 also asks L2 for the tile d tiles ahead (prefetch.global.L2, no
+# registers or shared memory): d more tiles in flight per program, 264 x 2 x 36.9 KB = 19 MB of
+# the 50 MB L2 at most. Shared memory / registers per thread (4 warps | 8 warps) at H = 16, sm_90:
 #   BN=32 s3: 93 KB (2 per SM), 154 | 114 regs    BN=32 s4: 130 KB (1 per SM), 154 | 114
 #   BN=16 s5: 93 KB (2 per SM), 144 | 100 regs    BN=64 s2: 168 KB (1 per SM), 191
-# (the kv_new variant adds up to 35 registers in its epilogue). The autotuner times them all.
+# (the kv_new variant adds up to 38 registers in its epilogue; PREFETCH up to 12). The autotuner
+# times them all. PREFETCH sits in every config: the sm_90 compile test passes config kwargs as constexprs.
 DECODE_CONFIGS = [
-    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=5),
-    triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=5),
-    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 32, "PREFETCH": 2}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 32, "PREFETCH": 2}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=4, num_stages=5),
+    triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=8, num_stages=5),
+    triton.Config({"BLOCK_N": 64, "PREFETCH": 1}, num_warps=4, num_stages=2),
 ]
 # The [BLOCK_Q, 512] fp32 accumulator dominates registers: BLOCK_Q = 128 spills kilobytes on sm_90.
 PREFILL_CONFIGS = [
@@ -128,8 +133,8 @@ def _mla_decode_split_kernel(
     stride_kvnb, stride_penb,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_NEW: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_NEW: tl.constexpr, UPCAST: tl.constexpr,  # UPCAST: interpreted (fp32 operands, no inline PTX)
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as fp64 scalars
     pid_b = tl.program_id(0)
@@ -164,9 +169,21 @@ def _mla_decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_cache = offs_n < end
-        kv = tl.load(kv_base + offs_n[:, None] * stride_kvs + offs_c[None, :],
+        if PREFETCH > 0:
+            if not UPCAST:  # PTX; the interpreter (UPCAST) has none
+                # L2 prefetch of the tile PREFETCH tiles ahead (clamped to this chunk): more bytes in
+                # flight per SM than the shared-memory pipeline holds. A kv row is 8 x 128 B lines.
+                rows = tl.minimum(offs_n + PREFETCH * BLOCK_N, end - 1)
+                rows = rows.to(tl.int64)
+                lines = kv_base + rows[:, None] * stride_kvs + (tl.arange(0, 8) * (C // 8))[None, :]
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [lines], dtype=tl.int32,
+                                          is_pure=False, pack=1)
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [pe_base + rows * stride_pes],
+                                          dtype=tl.int32, is_pure=False, pack=1)
+        offs_n64 = offs_n.to(tl.int64)
+        kv = tl.load(kv_base + offs_n64[:, None] * stride_kvs + offs_c[None, :],
                      mask=in_cache[:, None] & mask_c[None, :], other=0.0)  # [BN, C]
-        pe = tl.load(pe_base + offs_n[:, None] * stride_pes + offs_r[None, :],
+        pe = tl.load(pe_base + offs_n64[:, None] * stride_pes + offs_r[None, :],
                      mask=in_cache[:, None] & mask_r[None, :], other=0.0)  # [BN, R]
         if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong
             kv = kv.to(tl.float32)
@@ -400,7 +417,7 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
             softmax_scale * LOG2E, sq[0], sq[1], sqp[0], sqp[1], skv[0], skv[1], spe[0], spe[1],
             kvn.stride(0), pen.stride(0), *so, *sl),
            dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), HAS_NEW=has_new,
-                UPCAST=is_interpreted(_mla_decode_split_kernel) and q_latent.dtype != torch.float32,
+                UPCAST=is_interpreted(_mla_decode_split_kernel),  # fp32 .to(fp32) is a no-op; also skips PTX
                 BLOCK_H=block_h), cfg)
     chosen = getattr(_decode_tuned, "best_config", None) if eager_tuned and cfg is None else None
     if chosen is not None:

@@ -11,7 +11,8 @@ triton.testing.do_bench (median) and reports: time, achieved TB/s or TFLOP/s, th
                 torch 2.11 did not enforce (mean rel err 2.27 before). M=1 is padded to 16 rows
                 (cuBLAS refused it). Zero rows and columns add nothing to the product.
   grouped GEMM  torch._grouped_mm (bf16), MoE end to end with it
-  MLA decode    the eager absorbed einsum math and F.scaled_dot_product_attention
+  MLA decode    the eager absorbed einsum math and F.scaled_dot_product_attention; mla_decode is
+                also timed as a CUDA-graph replay (its kernels without Python launch cost)
   RMSNorm, act_quant: eager torch
 Device copy bandwidth is measured in the same run. Every section is guarded: an error prints and
 the script continues. The default run (fewer shapes, short timing) fits in about 4 minutes of

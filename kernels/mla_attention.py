@@ -54,10 +54,10 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 LOG2E = 1.4426950408889634
 # Upper bound on KV splits: each adds a [C] fp32 partial per head to merge.
 MAX_SPLITS = 32
-# Heads per decode program: at least 16 (tensor-core M), at most 64 (registers for the C-wide accumulator).
+# Heads per decode program (the dots' N): at least 16, at most 64 (registers for the C-wide accumulator).
 MIN_BLOCK_H, MAX_BLOCK_H = 16, 64
 # Split sizing (choose_num_splits). Resident decode programs per SM: most decode configs take
-# 74-130 KB of shared memory and 100-190 registers per thread on sm_90 (ptxas,
+# 93-130 KB of shared memory and 97-181 registers per thread on sm_90 (ptxas,
 # tests/kernels/_sm90_compile.py), so 1-2 fit; 2 is the count the splits are sized for (with 1,
 # the 256 programs of B=32 run as 2 nearly full waves). A split's partial output write ([H, C]
 # fp32) costs about as much traffic as reading 32 cache rows (C + R = 576 bf16 each).
@@ -73,9 +73,9 @@ SPLIT_OVERHEAD_KEYS = 32
 # a time). PREFETCH = d > 0 also asks L2 for the tile d tiles ahead (prefetch.global.L2, no
 # registers or shared memory): d more tiles in flight per program, 264 x 2 x 36.9 KB = 19 MB of
 # the 50 MB L2 at most. Shared memory / registers per thread (4 warps | 8 warps) at H = 16, sm_90:
-#   BN=32 s3: 93 KB (2 per SM), 154 | 114 regs    BN=32 s4: 130 KB (1 per SM), 154 | 114
-#   BN=16 s5: 93 KB (2 per SM), 144 | 100 regs    BN=64 s2: 168 KB (1 per SM), 191
-# (the kv_new variant adds up to 38 registers in its epilogue; PREFETCH up to 12). The autotuner
+#   BN=32 s3: 93 KB (2 per SM), 128 | 97 regs    BN=32 s4: 130 KB (1 per SM), 128 | 97
+#   BN=16 s5: 93 KB (2 per SM), 128 | 97 regs    BN=64 s2 d=1: 168 KB (1 per SM), 222
+# (the kv_new variant needs up to 53 more in its epilogue; BN=64 with kv_new: 255, 20 B spill). The autotuner
 # times them all. PREFETCH sits in every config: the sm_90 compile test passes config kwargs as constexprs.
 DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=4, num_stages=3),

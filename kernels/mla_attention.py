@@ -176,9 +176,10 @@ def _mla_decode_split_kernel(
                 rows = tl.minimum(offs_n + PREFETCH * BLOCK_N, end - 1)
                 rows = rows.to(tl.int64)
                 lines = kv_base + rows[:, None] * stride_kvs + (tl.arange(0, 8) * (C // 8))[None, :]
-                tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [lines], dtype=tl.int32,
-                                          is_pure=False, pack=1)
-                tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [pe_base + rows * stride_pes],
+                pe_lines = pe_base + rows * stride_pes
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [lines.to(tl.int64)],
+                                          dtype=tl.int32, is_pure=False, pack=1)
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [pe_lines.to(tl.int64)],
                                           dtype=tl.int32, is_pure=False, pack=1)
         offs_n64 = offs_n.to(tl.int64)
         kv = tl.load(kv_base + offs_n64[:, None] * stride_kvs + offs_c[None, :],

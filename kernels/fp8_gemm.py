@@ -54,7 +54,14 @@ MAX_SPLIT_K = 16
 # Decode (small M) wants narrow N tiles to spread the weight read over many SMs; prefill wants
 # big tiles for tensor-core reuse. Two tuned entry points instead of one list with a prune hook,
 # because torch.library.wrap_triton (AOTInductor) does not support prune_configs_by.
-# Shared memory per config (bytes, from tests/kernels/_sm90_compile.py on sm_90) in the comments.
+# Numbers below: shared memory / registers per thread of the fp8 x fp8 kernel from ptxas on sm_90
+# (python -m tests.kernels._sm90_compile --all-configs --ptxas-v); CTAs at the 16b shapes.
+#
+# Decode, M <= 64: 22 MB of weight for w1/w3 (N=10944, K=2048) and w2 (N=2048, K=10944), 5.3 us
+# at 4.2 TB/s. w1/w3: 171 N tiles of 64 (342 of 32), no split; w2: 32 N tiles x split 9 = 288
+# CTAs (576 at BLOCK_N 32). A 16x64 s4 CTA keeps 3 x 8 KB of weight in flight in 30 KB of shared
+# memory (72 registers), so several CTAs share an SM; its K step is ~180 instructions per thread
+# (64 e4m3 -> f16 converts, 16 mma.sync): far below the memory time, the weight read is the cost.
 DECODE_CONFIGS = [  # M <= 64 streams the weight: many CTAs, deep cp.async pipelines, mma.sync tiles
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 8}, num_warps=2, num_stages=6),
@@ -64,19 +71,25 @@ DECODE_CONFIGS = [  # M <= 64 streams the weight: many CTAs, deep cp.async pipel
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),  # wgmma
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),  # wgmma
 ]
-# wgmma tiles from BLOCK_M = 64. Every K step needs the dot's fp32 partial next to the fp32
-# accumulator (the per-K-block scale multiplies the partial), so a 128x128 tile on 8 warps holds
-# 2 x 64 fp32 registers per thread and one CTA fills an SM's register file: 128x256 / 256x128
-# would need 2 x 128 and spill (ptxas on sm_90). 64x128 on 4 warps lets two or three CTAs share
-# an SM, so one CTA's scale promotion overlaps another's wgmma.
+# Prefill (M=4096) is compute bound: wgmma tiles from BLOCK_M = 64. Every K step's dot starts from
+# zero and its fp32 partial is scaled into the fp32 accumulator (DeepGEMM's promotion: the fp8
+# tensor-core accumulation is imprecise over long K), so the partial and the accumulator are both
+# live: a 128x128 tile on 8 warps holds 2 x 64 fp32 registers per thread (190 in all) and one CTA
+# per SM; the wgmma waits while its partial is promoted (64 FFMA) and the next stage's cp.async is
+# issued (~120 instructions per thread after the wait, ~200 per step). 128x256 / 256x128 would
+# need 2 x 128 and spill (and Triton issues both halves of a split dot before waiting: spills too).
+# 64x128 on 4 warps lets two (173 registers, 96 KB) or three (maxnreg=168, 72 KB) CTAs share an
+# SM, so one CTA's promotion overlaps another's wgmma, for 1.33x the L2 -> SM bytes per flop.
+# M=4096: N=10944 is 32 x 86 = 2752 tiles of 128x128 (20.8 waves at one CTA per SM), N=2048 is
+# 512 tiles (3.9 waves of 86 K steps); at 64x128 5504 / 1024 tiles, 396 resident at 3 per SM.
 PREFILL_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),  # 128 KB
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),  # 96 KB
     # 168 registers (16 B spill) and 72 KB of shared memory: three CTAs per SM instead of two.
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=3, maxnreg=168),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),  # 96 KB
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),  # 97 KB, 202 regs
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "GROUP_M": 8}, num_warps=8, num_stages=3),  # 121 KB, 230 regs
 ]
 # Every distinct config once (the tests run each; the two lists share 64x128 w4 s4).
 FP8_GEMM_CONFIGS = list({str(c): c for c in DECODE_CONFIGS + PREFILL_CONFIGS}.values())

@@ -77,7 +77,7 @@ DECODE_CONFIGS = [  # M <= 64 streams the weight: many CTAs, deep cp.async pipel
 # live: a 128x128 tile on 8 warps holds 2 x 64 fp32 registers per thread (190 in all) and one CTA
 # per SM; the wgmma waits while its partial is promoted (64 FFMA) and the next stage's cp.async is
 # issued (~120 instructions per thread after the wait, ~200 per step). 128x256 / 256x128 would
-# need 2 x 128 and spill (and Triton issues both halves of a split dot before waiting: spills too).
+# need 2 x 128 and spill (128x256 as two 128-column dots per K step spills too, checked).
 # 64x128 on 4 warps lets two (173 registers, 96 KB) or three (maxnreg=168, 72 KB) CTAs share an
 # SM, so one CTA's promotion overlaps another's wgmma, for 1.33x the L2 -> SM bytes per flop.
 # M=4096: N=10944 is 32 x 86 = 2752 tiles of 128x128 (20.8 waves at one CTA per SM), N=2048 is

@@ -71,22 +71,26 @@ SPLIT_OVERHEAD_KEYS = 32
 # load while the current one is computed; the wgmma score dot (BN = 64) needs one buffer more, so
 # only 2 stages fit in 227 KB and its loads do not overlap its compute (one 73.7 KB tile per SM at
 # a time). PREFETCH = d > 0 also asks L2 for the tile d tiles ahead (prefetch.global.L2, no
-# registers or shared memory): d more tiles in flight per program, 264 x 2 x 36.9 KB = 19 MB of
-# the 50 MB L2 at most. Shared memory / registers per thread (4 warps | 8 warps) at H = 16, sm_90:
+# registers or shared memory): up to d tiles in flight per program however few buffers fit. It
+# only adds to the pipeline when d exceeds its own lookahead (num_stages - 1 tiles for BN < 64);
+# resident prefetched bytes stay <= 29 MB of the 50 MB L2 (256 x 3 x 36.9 KB for BN=32 s3 at 2
+# programs per SM; 132 x 4 x 36.9 KB and 132 x 2 x 73.7 KB = 19 MB for the 1-per-SM tiles).
+# Shared memory / registers per thread (4 warps | 8 warps) at H = 16, sm_90:
 #   BN=32 s3: 93 KB (2 per SM), 128 | 97 regs    BN=32 s4: 130 KB (1 per SM), 128 | 97
 #   BN=16 s5: 93 KB (2 per SM), 128 | 97 regs    BN=64 s2 d=1: 168 KB (1 per SM), 222
 # (the kv_new variant needs up to 53 more in its epilogue; BN=64 with kv_new: 255, 20 B spill). The autotuner
 # times them all. PREFETCH sits in every config: the sm_90 compile test passes config kwargs as constexprs.
 DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 32, "PREFETCH": 2}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 32, "PREFETCH": 3}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 32, "PREFETCH": 2}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 32, "PREFETCH": 4}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=4, num_stages=5),
     triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=8, num_stages=5),
     triton.Config({"BLOCK_N": 64, "PREFETCH": 1}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "PREFETCH": 2}, num_warps=4, num_stages=2),
 ]
 # The [BLOCK_Q, 512] fp32 accumulator dominates registers: BLOCK_Q = 128 spills kilobytes on sm_90.
 PREFILL_CONFIGS = [

@@ -1,13 +1,25 @@
 """ONNX lowering of dsv3::fp8_linear, and the fp8 helpers the MoE lowering shares.
 
 Weights stay FLOAT8E4M3FN initializers in model.onnx.data; the graph dequantizes them as the
-reference does (fp8 value times its block's fp32 scale, then the compute dtype). On the CPU with
-DequantizeLinear blocked along K (ORT's CPU provider rejects the raw 2-D block scale, so the
-scales are repeated over the rows of each block at build time; bit-exact with torch), which ORT
-keeps as is: fp8 weights stay fp8 in memory. On CUDA with Cast + Mul by the expanded scales:
-ORT folds that into a bf16 initializer when the session is created, so a CUDA fp8 engine is
-fp8 on disk and bf16 in GPU memory (no blockwise-fp8 GEMM contrib op exists for dense layers,
-and whether the CUDA provider has a blocked fp8 DequantizeLinear is unchecked). act_quant=True quantizes the activation 1x128 in the graph (amax / 448 per block, Cast to
+reference does (fp8 value times its block's fp32 scale, then the compute dtype) with
+DequantizeLinear blocked along K: ORT's kernels reject the raw 2-D block scale, so the scales are
+repeated over the rows of each block at build time (bit-exact with torch, TOOLCHAIN.md), then
+CastLike to the compute dtype. The same graph on both targets; what differs is the session:
+
+  cpu:  ORT does not constant-fold DequantizeLinear by default, so the weights stay fp8 in
+        memory and are dequantized where they are used.
+  cuda: the loader's session options (engines/ort_session.py) let ORT fold every
+        DequantizeLinear + Cast at session creation: fp8 on disk, bf16 in GPU memory, the bf16
+        engine's graph at run time (no blockwise-fp8 GEMM contrib op exists for dense layers).
+
+Why DequantizeLinear and not Cast + Mul by the expanded scales (the first CUDA lowering): ORT
+holds every intermediate its constant-folding pass creates until the pass ends. Measured at
+session creation on the 16b shapes with n_layers=2 (one MoE layer), bf16 graph, size limit
+raised: peak RSS 17.0 GiB with Cast + Mul (fp32 Cast, Expand, Mul outputs and the bf16 copies)
+against 4.8 GiB with DequantizeLinear + Cast, which adds 3.4 GiB per further MoE layer (its fp8,
+fp32 and bf16 expert weights): ~90 GiB for the 16b model's 26 MoE layers instead of ~400.
+
+act_quant=True quantizes the activation 1x128 in the graph (amax / 448 per block, Cast to
 FLOAT8E4M3FN with saturation, back to float): the product of the dequantized operands equals the
 kernel's per-block fp8 dot products times both scales, up to fp32 summation order.
 
@@ -31,29 +43,28 @@ def _ints(op, *values: int):
     return op.Constant(value_ints=list(values))
 
 
-def dequant_weight(op, weight, scale, like, keep_fp8: bool = True):
-    """fp8 [..., N, K] and fp32 [..., ceil(N/128), ceil(K/128)] -> weight in like's dtype.
+def row_scales(op, scale, n: int):
+    """fp32 [..., ceil(N/128), ceil(K/128)] block scales -> [..., N, ceil(K/128)]: each block's scale
+    repeated over its 128 rows, the scale layout of DequantizeLinear blocked along K (folded at build)."""
+    *lead, nbn, nbk = scale.shape
+    s = op.Unsqueeze(scale, _ints(op, -2))  # [..., nbn, 1, nbk]
+    s = op.Expand(s, _ints(op, *([1] * len(lead)), 1, FP8_BLOCK, 1))  # [..., nbn, 128, nbk]
+    s = op.Reshape(s, _ints(op, *lead, nbn * FP8_BLOCK, nbk))
+    return op.Slice(s, _ints(op, 0), _ints(op, n), _ints(op, -2))  # [..., N, nbk]
 
-    keep_fp8: DequantizeLinear (opset 21, blocked along K, scales repeated over N's blocks at
-    build time): ONNX Runtime does not constant-fold it, so the weight stays fp8 in memory and is
-    dequantized where it is used. Otherwise Cast + Mul by the fully expanded scales, which ORT
-    folds into a dense initializer when the session is created (fp8 on disk only).
-    """
-    *lead, n, k = weight.shape
-    *_, nbn, nbk = scale.shape
-    lead_ones = [1] * len(lead)
-    if keep_fp8:
-        s = op.Unsqueeze(scale, _ints(op, -2))  # [..., nbn, 1, nbk]
-        s = op.Expand(s, _ints(op, *lead_ones, 1, FP8_BLOCK, 1))  # [..., nbn, 128, nbk]
-        s = op.Reshape(s, _ints(op, *lead, nbn * FP8_BLOCK, nbk))
-        s = op.Slice(s, _ints(op, 0), _ints(op, n), _ints(op, -2))  # [..., N, nbk]: folded at build
-        w = op.DequantizeLinear(weight, s, axis=len(lead) + 1, block_size=FP8_BLOCK)  # [..., N, K] fp32
-        return op.CastLike(w, like)
-    s = op.Unsqueeze(scale, _ints(op, -1, -3))  # [..., nbn, 1, nbk, 1]
-    s = op.Expand(s, _ints(op, *lead_ones, 1, FP8_BLOCK, 1, FP8_BLOCK))  # [..., nbn, 128, nbk, 128]
-    s = op.Reshape(s, _ints(op, *lead, nbn * FP8_BLOCK, nbk * FP8_BLOCK))
-    s = op.Slice(s, _ints(op, 0, 0), _ints(op, n, k), _ints(op, -2, -1))  # [..., N, K]
-    return op.CastLike(op.Mul(op.Cast(weight, to=_FLOAT), s), like)
+
+def dequant_rows(op, weight, rows, like, rank: int):
+    """fp8 [..., N, K] and row scales [..., N, ceil(K/128)] -> [..., N, K] in like's dtype.
+
+    rank: the weight's rank (a computed weight's shape is unknown to the tracer)."""
+    w = op.DequantizeLinear(weight, rows, axis=rank - 1, block_size=FP8_BLOCK)  # [..., N, K] fp32
+    return op.CastLike(w, like)
+
+
+def dequant_weight(op, weight, scale, like):
+    """fp8 [..., N, K] and fp32 [..., ceil(N/128), ceil(K/128)] -> weight in like's dtype (see the
+    module docstring for where ORT folds it)."""
+    return dequant_rows(op, weight, row_scales(op, scale, weight.shape[-2]), like, len(weight.shape))
 
 
 def fake_quant_act(op, x, k: int | None = None):
@@ -76,16 +87,13 @@ def fake_quant_act(op, x, k: int | None = None):
 
 
 def _fp8_linear_for(target: Target):
-    def fp8_linear(x, weight, scale, act_quant: bool):
-        return _fp8_linear(x, weight, scale, act_quant, keep_fp8=target.device == "cpu")
-
-    return fp8_linear
+    return _fp8_linear  # the same graph for both targets; the session decides what ORT folds
 
 
-def _fp8_linear(x, weight, scale, act_quant: bool, keep_fp8: bool):
+def _fp8_linear(x, weight, scale, act_quant: bool):
     from onnxscript import opset21 as op
 
-    w = dequant_weight(op, weight, scale, x, keep_fp8)  # [N, K]
+    w = dequant_weight(op, weight, scale, x)  # [N, K]
     if act_quant:
         x = fake_quant_act(op, x)
     return op.MatMul(x, op.Transpose(w, perm=[1, 0]))  # [..., N]
@@ -101,9 +109,13 @@ def static_weight_reason(node: torch.fx.Node, indices: tuple[int, ...]) -> str |
     return None
 
 
+def describe_dequant(target: Target) -> str:
+    return ("DequantizeLinear blocked (fp8 kept in memory)" if target.device == "cpu"
+            else "DequantizeLinear blocked, folded to bf16 by ORT at session creation (loader's session options)")
+
+
 def _describe(target: Target) -> str:
-    dequant = ("DequantizeLinear blocked (fp8 kept in memory)" if target.device == "cpu"
-               else "Cast + Mul (ORT folds it to bf16 at session creation)")
+    dequant = describe_dequant(target)
     return f"standard ONNX: fp8 initializer, {dequant}, MatMul; act_quant: 1x128 fake-quant through FLOAT8E4M3FN"
 
 

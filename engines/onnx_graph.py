@@ -49,14 +49,18 @@ def name_dims(model: ir.Model, names: dict[tuple[str, int], str]) -> None:
 # Ops that only move weight values around: folded at build time whatever the size (a weight
 # re-laid out by the lowering, e.g. MoE's interleaved w13, must not be re-laid out on every step).
 _LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Concat", "Expand"})
+# Those whose output on an fp8 weight is still the same fp8 values, no more of them (not Expand).
+_FP8_LAYOUT_OPS = _LAYOUT_OPS - {"Expand"}
 
 
 def _should_fold(node: ir.Node) -> bool | None:
-    """Never fold a node that reads fp8 (fp8 weights stay fp8 in the file); always fold layout
-    ops on constants; the optimizer's size rules for everything else."""
+    """Fold layout ops on constants (fp8 ones too: the result stays FLOAT8E4M3FN in the file);
+    never fold anything else that reads fp8 (fp8 weights stay fp8 in the file); the optimizer's
+    size rules for everything else."""
+    standard = node.domain in ("", "ai.onnx")
     if any(v is not None and v.dtype == ir.DataType.FLOAT8E4M3FN for v in node.inputs):
-        return False
-    if node.domain in ("", "ai.onnx") and node.op_type in _LAYOUT_OPS:
+        return standard and node.op_type in _FP8_LAYOUT_OPS
+    if standard and node.op_type in _LAYOUT_OPS:
         return True
     return None
 

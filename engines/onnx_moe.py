@@ -18,13 +18,16 @@ router_probs = log(routing): exp(log w) = w on the top-k and 0 elsewhere, so MoE
 our experts with weights w_i / sum_j w_j (whether it normalizes or not), and multiplying the
 output by sum_j w_j restores w_i. w13's [w1; w3] rows are interleaved (swiglu_fusion=1, the
 layout ORT's kernels read) at build time by constant folding. fp8 experts on CUDA are
-dequantized in the graph and then go through the same MoE op.
+interleaved the same way while still fp8 (weight and row scales, folded at build), then
+dequantized by DequantizeLinear + Cast, which ORT folds into bf16 initializers when the session
+is created (onnx_fp8.py says why this form), and go through the same MoE op.
 """
 
 from __future__ import annotations
 
 from dsv3_export.engines.base import Target
-from dsv3_export.engines.onnx_fp8 import dequant_weight, fake_quant_act, static_weight_reason
+from dsv3_export.engines.onnx_fp8 import (FP8_BLOCK, dequant_rows, dequant_weight, describe_dequant, fake_quant_act,
+                                           row_scales, static_weight_reason)
 from dsv3_export.engines.onnx_ops import Lowering
 
 _FLOAT = 1
@@ -57,7 +60,16 @@ def _dense_experts(op, x, topk_weights, topk_ids, w13, w2, shape: tuple[int, int
     return op.Gemm(op.Reshape(a, _ints(op, -1, e * i)), w2_cat, transB=1)  # [T, D]
 
 
-def _contrib_moe(op, x, topk_weights, topk_ids, w13, w2, shape: tuple[int, int, int]):
+def _interleave_gate_up(op, w, e: int, i: int, width: int):
+    """[E, 2I, width] rows [w1; w3] -> [E, 2I, width] rows g0, u0, g1, u1, ... (swiglu_fusion=1).
+
+    width: D for a weight, ceil(D/128) for its row scales (the rows move with their scales)."""
+    w = op.Reshape(w, _ints(op, e, 2, i, width))  # [E, 2, I, width]
+    return op.Reshape(op.Transpose(w, perm=[0, 2, 1, 3]), _ints(op, e, 2 * i, width))  # [E, 2I, width]
+
+
+def _contrib_moe(op, x, topk_weights, topk_ids, w13, w2, shape: tuple[int, int, int], interleaved: bool = False):
+    """interleaved: w13's rows are already in MoE's swiglu order (_interleave_gate_up)."""
     e, two_i, d = shape  # w13's [E, 2I, D]
     i = two_i // 2
     k = topk_ids.shape[-1]
@@ -67,8 +79,7 @@ def _contrib_moe(op, x, topk_weights, topk_ids, w13, w2, shape: tuple[int, int, 
     # values are small where bf16 (router_probs has x's type) has the most precision.
     log_w = op.Log(routing)
     router_logits = op.CastLike(op.Sub(log_w, op.ReduceMax(log_w, _ints(op, -1), keepdims=1)), x)  # [T, E]
-    fc1 = op.Reshape(op.Transpose(op.Reshape(w13, _ints(op, e, 2, i, d)), perm=[0, 2, 1, 3]),
-                     _ints(op, e, two_i, d))  # [E, 2I, D], rows g0, u0, g1, u1, ...
+    fc1 = w13 if interleaved else _interleave_gate_up(op, w13, e, i, d)  # [E, 2I, D], rows g0, u0, g1, u1, ...
     y = _ms_moe(x, router_logits, fc1, None, w2, k=k, activation_type="swiglu", swiglu_fusion=1,
                normalize_routing_weights=0, activation_alpha=1.0, activation_beta=0.0)  # [T, D]
     total = op.ReduceSum(weights, _ints(op, -1), keepdims=1)  # [T, 1]
@@ -127,12 +138,16 @@ def _moe_experts_fp8(target: Target):
     def moe_experts_fp8(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, act_quant: bool):
         from onnxscript import opset21 as op
 
-        shape = tuple(w13.shape)
-        keep_fp8 = target.device == "cpu"  # see onnx_fp8.dequant_weight
-        w13_d = dequant_weight(op, w13, w13_scale, x, keep_fp8)  # [E, 2I, D] in x's dtype
-        w2_d = dequant_weight(op, w2, w2_scale, x, keep_fp8)  # [E, D, I]
+        shape = e, two_i, d = tuple(w13.shape)
+        w2_d = dequant_weight(op, w2, w2_scale, x)  # [E, D, I] in x's dtype
         if target.device == "cuda":
-            return _contrib_moe(op, x, topk_weights, topk_ids, w13_d, w2_d, shape)
+            # Interleaved in fp8 (folded at build) so ORT's session-time folding of the dequant
+            # writes the final bf16 layout directly, with no bf16 Transpose copy to hold.
+            i, nbk = two_i // 2, -(-d // FP8_BLOCK)
+            rows = _interleave_gate_up(op, row_scales(op, w13_scale, two_i), e, i, nbk)  # [E, 2I, nbk]
+            w13_d = dequant_rows(op, _interleave_gate_up(op, w13, e, i, d), rows, x, rank=3)  # [E, 2I, D], swiglu order
+            return _contrib_moe(op, x, topk_weights, topk_ids, w13_d, w2_d, shape, interleaved=True)
+        w13_d = dequant_weight(op, w13, w13_scale, x)  # [E, 2I, D]
         return _dense_experts(op, x, topk_weights, topk_ids, w13_d, w2_d, shape, act_quant)
 
     return moe_experts_fp8
@@ -152,7 +167,7 @@ LOWERINGS = (
              describe=lambda target: ("com.microsoft.MoE (router_probs = log routing, swiglu interleaved)"
                                       if target.device == "cuda" else "standard ONNX: dense routing, two Gemms")),
     Lowering(op="dsv3::moe_experts_fp8", supports=_fp8_supports, translate=_moe_experts_fp8,
-             describe=lambda target: ("fp8 dequant (Cast + Mul, folded to bf16 by ORT) -> com.microsoft.MoE"
-                                      if target.device == "cuda"
+             describe=lambda target: (f"fp8 {describe_dequant(target)}, w13 interleaved while fp8 "
+                                      "-> com.microsoft.MoE" if target.device == "cuda"
                                       else "standard ONNX: DequantizeLinear blocked, dense routing, two Gemms")),
 )

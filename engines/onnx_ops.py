@@ -4,10 +4,10 @@
     lowerings = check_program(program, target)   # {op: how it lowers}; UnsupportedOp names the node
 
 CPU target: standard ONNX only (opset 21), fp32 compute; fp8 weights stay FLOAT8E4M3FN
-initializers and are dequantized in the graph (Cast + Mul by the block scales expanded to the
-weight's shape: bit-exact with torch, TOOLCHAIN.md). CUDA target: the routed experts become
-com.microsoft.MoE / QMoE; MLA stays standard ONNX (see onnx_mla.py for why no contrib
-attention op fits the latent cache).
+initializers and are dequantized in the graph (DequantizeLinear blocked along K, bit-exact with
+torch, TOOLCHAIN.md; on CUDA the same node is folded to bf16 at session creation, onnx_fp8.py).
+CUDA target: the routed experts become com.microsoft.MoE; MLA stays standard ONNX (see
+onnx_mla.py for why no contrib attention op fits the latent cache).
 
 The translations themselves live beside this file, one module per op family (onnx_mla.py,
 onnx_moe.py, onnx_fp8.py); this module is only the table.

@@ -12,9 +12,10 @@ the machine that builds it) or need hand-shared external data; the decode-specif
 gain nothing ONNX Runtime does not already get from shapes at run time.
 
 Load: the manifest has verified every file; the external-data locations are checked to stay in
-the engine directory; then an InferenceSession is created. The step function binds torch
-tensors by pointer (IOBinding) on both devices: on the CPU that is zero-copy numpy, on CUDA the
-KV cache and the outputs stay on the GPU between steps.
+the engine directory; then an InferenceSession is created with engines/ort_session.py's options
+(on CUDA they make ORT fold every fp8 weight's dequantization into bf16 at creation). The step
+function binds torch tensors by pointer (IOBinding) on both devices: on the CPU that is zero-copy
+numpy, on CUDA the KV cache and the outputs stay on the GPU between steps.
 
 CUDA streams: ONNX Runtime runs on a torch stream of its own (user_compute_stream), ordered after
 the caller's current stream before each run and before it after. Passing torch's current stream
@@ -42,7 +43,7 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 from torch.export import ExportedProgram
 
-from dsv3_export.engines import onnx_graph, onnx_ops
+from dsv3_export.engines import onnx_graph, onnx_ops, ort_session
 from dsv3_export.engines.base import (BackendUnavailable, BuildOutput, Progress, Target, TensorSpec, compute_dtype,
                                       dtype_name, torch_dtype)
 from dsv3_export.engines.ort_cuda_limits import CUDA_MAX_ELEMENTS, rows_per_run
@@ -119,8 +120,7 @@ class OnnxRuntimeBackend:
         if onnx_graph.MODEL_FILE not in manifest.files:
             raise ValueError(f"{engine_dir}: manifest.json lists no {onnx_graph.MODEL_FILE}")
         onnx_graph.check_external_data(model_path, engine_dir, set(manifest.files))
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options = ort_session.session_options(manifest.device, model_path)  # CUDA: fp8 dequant folded to bf16
         device = torch.device("cpu")
         provider_options: dict[str, str] = {}
         stream, max_elements = None, None

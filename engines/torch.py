@@ -16,13 +16,17 @@ Device: CPU packages are compiled for a named x86-64 level (engines/torch_device
 to load on a CPU that lacks its flags. CUDA packages embed Triton kernels (Inductor's, and ours
 where engines/torch_triton.py wraps them in triton_op) for one compute capability.
 CUDA graph: on CUDA, decode steps are replayed from a CUDA graph captured per (batch, cache
-length, cache buffer) (`backend_info.decode_cuda_graph` says so); prefill runs the package
-directly. CPU engines use no graphs. The KV cache is never inside the packages: the runtime owns
+length, cache buffer) (`backend_info.decode_cuda_graph` says so; DSV3_TORCH_CUDA_GRAPH=0 turns it
+off at load); prefill runs the package directly. `backend_info.constants` records each constant's
+dtype, shape and strides as compiled; the loader checks the weights file against it. CPU engines use no graphs. The KV cache is never inside the packages: the runtime owns
 it and writes new_kv in place (dsv3_export.runtime; runtime/cpp/ for C++).
 Status (2026-11-28): CPU engines are tested (tests/engines, tests/test_cpp_runtime.py). On the
 H200 (torch 2.11) the tiny CUDA programs, triton_op lowering included, compiled, but loading any
 package through torch._inductor.aoti_load_package crashed there; the loader now builds the C++
-AOTIModelPackageLoader directly (as runtime/cpp does), which has not yet run on the GPU.
+AOTIModelPackageLoader directly (as runtime/cpp does). That loader then also died with SIGSEGV
+after the CUDA build (benchmarks/results/torch_tiny_cuda_segfault.log), stage unknown; the
+loader now runs packages single-threaded and checks constants (engines/torch_step.py), and
+benchmarks/torch_load_probe.py isolates each load/run stage in its own process.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from dsv3_export.engines.base import (BackendUnavailable, BuildOutput, Progress,
                                        torch_dtype)
 from dsv3_export.engines.torch_device import device_info, incompatibility
 from dsv3_export.engines.torch_lower import lower_dsv3_ops
-from dsv3_export.engines.torch_step import AOTIStep, load_weights, save_weights
+from dsv3_export.engines.torch_step import (CUDA_GRAPH_ENV, SINGLE_THREADED_ENV, AOTIStep, constant_records, env_flag,
+                                            load_weights, save_weights)
 
 if TYPE_CHECKING:
     from dsv3_export.manifest import Manifest
@@ -107,9 +112,11 @@ def _collect_weights(weights: dict[str, torch.Tensor], ep: ExportedProgram) -> N
     every constant a package asks for is in the file.
     """
     for fqn, t in program_constants(ep).items():
-        if fqn in weights and (weights[fqn].shape != t.shape or weights[fqn].dtype != t.dtype):
+        if fqn in weights and (weights[fqn].shape != t.shape or weights[fqn].dtype != t.dtype
+                               or weights[fqn].stride() != t.stride()):
             raise ValueError(f"torch backend: constant {fqn!r} differs between programs "
-                             f"({tuple(weights[fqn].shape)} {weights[fqn].dtype} vs {tuple(t.shape)} {t.dtype})")
+                             f"({tuple(weights[fqn].shape)} {weights[fqn].dtype} stride {weights[fqn].stride()} vs "
+                             f"{tuple(t.shape)} {t.dtype} stride {t.stride()})")
         weights.setdefault(fqn, t)
 
 
@@ -129,6 +136,11 @@ def _aten_histogram(programs: Mapping[str, ExportedProgram]) -> dict[str, int]:
                 name = getattr(node.target, "__name__", str(node.target))
                 counts[name] = counts.get(name, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def decode_cuda_graph(info: Mapping[str, Any]) -> bool:
+    """Whether decode replays CUDA graphs: the manifest says so and DSV3_TORCH_CUDA_GRAPH is not 0."""
+    return bool(info.get("decode_cuda_graph")) and env_flag(CUDA_GRAPH_ENV, True)
 
 
 class TorchBackend:
@@ -179,6 +191,8 @@ class TorchBackend:
             "packages": dict(PACKAGE_FILES),
             "weights": WEIGHTS_FILE,
             "decode_cuda_graph": target.device == "cuda",
+            # what the packages were compiled for; the loader checks the weights file against it
+            "constants": constant_records(weights),
             "dispatch": "tokens.shape[1] == 1 -> decode package, else prefill package",
         }
         return BuildOutput(files=[*PACKAGE_FILES.values(), WEIGHTS_FILE], inputs=inputs, outputs=outputs,
@@ -197,7 +211,8 @@ class TorchBackend:
         packages = {kind: Path(engine_dir) / name for kind, name in info["packages"].items()}
         cache_dtype = torch_dtype(manifest.kv_cache["dtype"])
         return AOTIStep.from_packages(packages, weights, device, cache_dtype,
-                                      cuda_graph=bool(info.get("decode_cuda_graph")))
+                                      cuda_graph=decode_cuda_graph(info), constants=info.get("constants"),
+                                      single_threaded=env_flag(SINGLE_THREADED_ENV, True))
 
 
 BACKEND = TorchBackend()

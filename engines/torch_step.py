@@ -13,11 +13,25 @@ with static token / position buffers; later steps with that key copy their input
 buffers and replay. The cache tensor is captured by address, which is right because the runtime
 updates it in place. At most MAX_GRAPHS graphs are kept (least recently used dropped). If a
 capture fails the step falls back to running the package directly and says so once (log).
+
+Loading defences (the GPU machine's torch 2.11 died with SIGSEGV somewhere between the CUDA build
+and the end of the first steps; benchmarks/torch_load_probe.py runs each stage in its own process
+to say where):
+  * packages run single-threaded (AOTIModelPackageLoader's run_single_threaded): the thread-safe
+    container run records, queries and synchronizes a CUDA event around every call and moves the
+    model between pools, which is illegal inside a CUDA graph capture; torch documents this mode
+    for CUDA graphs. DSV3_TORCH_AOTI_SINGLE_THREADED=0 restores the thread-safe run.
+  * every constant handed over with user_managed=True is checked first (each name the package asks
+    for present; dtype, shape and strides as the build recorded them; on the package's exact
+    device) and the tensors actually handed over are kept for the step's life.
+  * step inputs must be on the engine's exact device (cuda:N, not only "cuda").
+  * DSV3_TORCH_CUDA_GRAPH=0 turns decode CUDA graphs off (the package runs directly).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -27,6 +41,28 @@ import torch
 log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 8
+SINGLE_THREADED_ENV = "DSV3_TORCH_AOTI_SINGLE_THREADED"
+CUDA_GRAPH_ENV = "DSV3_TORCH_CUDA_GRAPH"
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A 0/1 switch from the environment; anything else is an error naming the variable."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={os.environ[name]!r}: expected 0 or 1")
+
+
+def exact_device(device: torch.device | str) -> torch.device:
+    """cuda -> cuda:N (the current device): packages, weights, inputs and graphs agree on one index."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def save_weights(weights: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -51,17 +87,82 @@ def load_weights(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
     return load_file(str(path), device=str(device))
 
 
-def load_package(path: Path, device: torch.device):
+def load_package(path: Path, device: torch.device, single_threaded: bool = True):
     """An AOTInductor package as a callable, through the same C++ loader runtime/cpp uses.
 
     Not torch._inductor.aoti_load_package: on the GPU machine (torch 2.11) it crashed (SIGSEGV)
     before returning for every CUDA package, a plain Linear included, while building the C++
-    AOTIModelPackageLoader directly is what the C++ runtime does.
+    AOTIModelPackageLoader directly is what the C++ runtime does. On CUDA the runtime is
+    initialized and the package's device made current while the loader runs: the model's
+    constructor takes the current device (cudaGetDevice) when given none.
     """
     from torch._inductor.package.package import AOTICompiledModel
 
-    index = device.index if device.type == "cuda" and device.index is not None else -1
-    return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index))
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: AOTInductor package not found")
+    device = exact_device(device)
+    if device.type != "cuda":
+        return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", single_threaded, 1, -1))
+    torch.cuda.init()
+    with torch.cuda.device(device.index):
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", single_threaded, 1, device.index)
+    return AOTICompiledModel(loader)
+
+
+def constant_records(constants: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """{fqn: {dtype, shape, stride}} of a program's constants as the package was compiled for them."""
+    return {fqn: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "stride": list(t.stride())}
+            for fqn, t in sorted(constants.items())}
+
+
+def prepare_constants(path: Path, fqns: list[str], weights: Mapping[str, torch.Tensor], device: torch.device,
+                      expected: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors to hand to one package with user_managed=True, checked and placed.
+
+    The package keeps handles to these tensors and indexes them with the dtype, shape and strides
+    it was compiled for, on its own device, checking none of it (torch 2.11): a wrong one is a
+    wrong answer or a native crash. So each is checked against the build's record (`expected`,
+    backend_info["constants"]; None: names only), moved to the exact device, and given the
+    recorded strides (the weights file stores contiguous copies) or made contiguous.
+    """
+    device = exact_device(device)
+    missing = sorted(set(fqns) - set(weights))
+    if missing:
+        raise ValueError(f"{path}: package needs constants missing from the weights file: {missing[:8]}"
+                         + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+    unrecorded = sorted(set(fqns) - set(expected)) if expected is not None else []
+    if unrecorded:
+        raise ValueError(f"{path}: package needs constants the build did not record: {unrecorded[:8]}")
+    out: dict[str, torch.Tensor] = {}
+    for fqn in fqns:
+        t = weights[fqn]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{path}: constant {fqn!r} is a {type(t).__name__}, not a tensor")
+        stride = None
+        if expected is not None:
+            want = expected[fqn]
+            shape, dtype = tuple(want["shape"]), str(t.dtype).removeprefix("torch.")
+            if dtype != want["dtype"] or tuple(t.shape) != shape:
+                raise ValueError(f"{path}: constant {fqn!r} is {dtype} {tuple(t.shape)} in the weights file, "
+                                 f"the package was compiled for {want['dtype']} {shape}")
+            stride = tuple(want["stride"]) if want.get("stride") is not None else None
+        if t.device != device:
+            t = t.to(device)
+        if stride is not None and t.stride() != stride and t.numel() > 1:
+            t = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=device).copy_(t)
+        elif stride is None and not t.is_contiguous():
+            t = t.contiguous()
+        out[fqn] = t
+    return out
+
+
+def attach_weights(model, path: Path, weights: Mapping[str, torch.Tensor], device: torch.device,
+                   expected: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, torch.Tensor]:
+    """Hand a package its constants without copying; returns the tensors handed over (keep them)."""
+    constants = prepare_constants(path, list(model.get_constant_fqns()), weights, device, expected)
+    model.load_constants(constants, check_full_update=True, user_managed=True)
+    return constants
 
 
 def _check_inputs(tokens: torch.Tensor, start_pos: torch.Tensor, kv_cache: torch.Tensor,
@@ -77,7 +178,7 @@ def _check_inputs(tokens: torch.Tensor, start_pos: torch.Tensor, kv_cache: torch
     elif not kv_cache.is_contiguous():
         problems.append("kv_cache must be contiguous (AOTInductor packages assume contiguous strides)")
     for name, t in (("tokens", tokens), ("start_pos", start_pos), ("kv_cache", kv_cache)):
-        if t.device.type != device.type:
+        if t.device != device:
             problems.append(f"{name} is on {t.device}, the engine runs on {device}")
     if problems:
         raise ValueError("torch engine step: " + "; ".join(problems))
@@ -132,27 +233,27 @@ class AOTIStep:
     """StepFunction over a prefill and a decode AOTInductor package sharing one weight dict."""
 
     def __init__(self, prefill: Callable, decode: Callable, device: torch.device, cache_dtype: torch.dtype,
-                 cuda_graph: bool = False, weights: Mapping[str, torch.Tensor] | None = None):
-        self.device, self.cache_dtype = device, cache_dtype
+                 cuda_graph: bool = False, weights: Mapping[str, Any] | None = None):
+        self.device, self.cache_dtype = exact_device(device), cache_dtype
         self._prefill, self._decode = prefill, decode
         self._weights = weights  # kept alive: the packages use these tensors' memory (user_managed)
-        self.cuda_graph = cuda_graph and device.type == "cuda"
+        self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self._graphs = _DecodeGraphs(decode) if self.cuda_graph else None
 
     @classmethod
     def from_packages(cls, packages: Mapping[str, Path], weights: Mapping[str, torch.Tensor],
-                      device: torch.device, cache_dtype: torch.dtype, cuda_graph: bool = False) -> "AOTIStep":
-        loaded = {}
+                      device: torch.device, cache_dtype: torch.dtype, cuda_graph: bool = False,
+                      constants: Mapping[str, Mapping[str, Any]] | None = None,
+                      single_threaded: bool = True) -> "AOTIStep":
+        """constants: the build's {fqn: {dtype, shape, stride}} record (None for engines built before it)."""
+        device = exact_device(device)
+        loaded, handed = {}, {}
         for kind, path in packages.items():
-            model = load_package(path, device)
-            fqns = model.get_constant_fqns()
-            missing = sorted(set(fqns) - set(weights))
-            if missing:
-                raise ValueError(f"{path}: package needs constants missing from the weights file: {missing[:8]}"
-                                 + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
-            model.load_constants({f: weights[f] for f in fqns}, check_full_update=True, user_managed=True)
+            model = load_package(path, device, single_threaded)
+            handed[kind] = attach_weights(model, path, weights, device, constants)
             loaded[kind] = model
-        return cls(loaded["prefill"], loaded["decode"], device, cache_dtype, cuda_graph, weights)
+        # every tensor a package holds a handle to stays referenced by the step
+        return cls(loaded["prefill"], loaded["decode"], device, cache_dtype, cuda_graph, {"file": weights, **handed})
 
     def __call__(self, tokens: torch.Tensor, start_pos: torch.Tensor,
                  kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

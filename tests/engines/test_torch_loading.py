@@ -1,0 +1,176 @@
+"""Loading defences of the torch backend (engines/torch_step.py) and the GPU load probe, on CPU.
+
+The CUDA crash these guard against (torch 2.11, H200) cannot happen here; what is tested is that
+each defence does what it says: constants checked and placed before a package keeps handles to
+them, the handed tensors kept alive, run_single_threaded equal to the thread-safe run, the
+switches parsed, and benchmarks/torch_load_probe.py's stages run and report.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dsv3_export.engines.base import torch_dtype
+from dsv3_export.engines.torch import decode_cuda_graph
+from dsv3_export.engines.torch_step import (CUDA_GRAPH_ENV, AOTIStep, constant_records, env_flag, load_package,
+                                            load_weights, prepare_constants)
+from dsv3_export.manifest import verify_engine_dir
+from dsv3_export.step import LatentCacheStep
+from tests.conftest import TOLERANCES, rel_err
+from tests.engines._torch_engine import reference_model, tiny_torch_engine
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory) -> Path:
+    return tiny_torch_engine(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def parts(engine_dir):
+    manifest = verify_engine_dir(engine_dir)
+    info = dict(manifest.backend_info)
+    packages = {kind: engine_dir / name for kind, name in info["packages"].items()}
+    return manifest, info, packages
+
+
+def _step_inputs(model, seed: int, seqlen: int):
+    g = torch.Generator().manual_seed(seed)
+    a = model.args
+    tokens = torch.randint(0, a.vocab_size, (2, seqlen), generator=g)
+    start = torch.randint(0, 11 - seqlen, (2,), generator=g)
+    cache = torch.randn(2, a.n_layers, 11, a.latent_cache_width, generator=g)
+    return tokens, start, cache
+
+
+def test_manifest_records_every_constant_as_in_the_weights_file(engine_dir, parts):
+    _, info, _ = parts
+    record = info["constants"]
+    with safe_open(str(engine_dir / info["weights"]), framework="pt") as f:
+        names = set(f.keys())
+        assert set(record) == names
+        for name in names:
+            t = f.get_tensor(name)
+            assert record[name]["dtype"] == str(t.dtype).removeprefix("torch.") and record[name]["shape"] == list(t.shape)
+            assert len(record[name]["stride"]) == t.dim()
+
+
+def test_prepare_constants_refuses_what_the_package_was_not_compiled_for(tmp_path):
+    path = tmp_path / "decode.pt2"
+    w = {"a.weight": torch.randn(3, 4), "b.bias": torch.randn(4)}
+    expected = constant_records(w)
+    with pytest.raises(ValueError, match=r"decode\.pt2: package needs constants missing .*'c\.weight'"):
+        prepare_constants(path, ["a.weight", "c.weight"], w, torch.device("cpu"), expected)
+    with pytest.raises(ValueError, match=r"constant 'a\.weight' is float64 \(3, 4\) .* compiled for float32 \(3, 4\)"):
+        prepare_constants(path, ["a.weight"], {**w, "a.weight": w["a.weight"].double()}, torch.device("cpu"), expected)
+    with pytest.raises(ValueError, match=r"constant 'b\.bias' is float32 \(5,\) .* compiled for float32 \(4,\)"):
+        prepare_constants(path, ["b.bias"], {**w, "b.bias": torch.randn(5)}, torch.device("cpu"), expected)
+    with pytest.raises(ValueError, match=r"constants the build did not record: \['b\.bias'\]"):
+        prepare_constants(path, ["b.bias"], w, torch.device("cpu"), {"a.weight": expected["a.weight"]})
+    with pytest.raises(TypeError, match=r"constant 'a\.weight' is a list"):
+        prepare_constants(path, ["a.weight"], {"a.weight": [1.0]}, torch.device("cpu"))
+
+
+def test_prepare_constants_aliases_or_restrides(tmp_path, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = {"w": torch.randn(5, 7, generator=g), "t": torch.randn(7, 5, generator=g).t()}  # "t": strides (1, 5)
+    expected = constant_records(w)
+    assert expected["t"]["stride"] == [1, 5]
+    stored = {k: v.contiguous() for k, v in w.items()}  # what save_weights writes
+    out = prepare_constants(tmp_path / "p.pt2", ["w", "t"], stored, torch.device("cpu"), expected)
+    assert out["w"] is stored["w"]  # same device, layout as compiled: handed over without a copy
+    assert out["t"].stride() == (1, 5) and torch.equal(out["t"], w["t"])
+    # no record (engines built before it): names only, non-contiguous made contiguous
+    out = prepare_constants(tmp_path / "p.pt2", ["t"], w, torch.device("cpu"))
+    assert out["t"].is_contiguous() and torch.equal(out["t"], w["t"])
+
+
+def test_step_keeps_the_tensors_it_handed_over(parts, seed):
+    """The packages hold handles to the weight tensors (user_managed): the caller dropping its dict
+    must not matter, and both packages share the very same tensors (no copy)."""
+    manifest, info, packages = parts
+    weights = load_weights(packages["decode"].parent / info["weights"], torch.device("cpu"))
+    ids = {k: v.data_ptr() for k, v in weights.items()}
+    step = AOTIStep.from_packages(packages, weights, torch.device("cpu"), torch_dtype(manifest.kv_cache["dtype"]),
+                                  constants=info["constants"])
+    del weights
+    gc.collect()
+    handed = step._weights
+    for kind in ("prefill", "decode"):
+        assert handed[kind] and all(t.data_ptr() == ids[f] for f, t in handed[kind].items())
+    model = reference_model()
+    for seqlen in (1, 4):
+        tokens, start, cache = _step_inputs(model, seed + seqlen, seqlen)
+        with torch.no_grad():
+            want, _ = LatentCacheStep(model).eval()(tokens, start, cache)
+        got, _ = step(tokens, start, cache)
+        assert rel_err(got, want) < TOLERANCES["fp32_engine"]
+
+
+def test_single_threaded_run_equals_thread_safe_run(parts, seed):
+    manifest, info, packages = parts
+    weights = load_weights(packages["decode"].parent / info["weights"], torch.device("cpu"))
+    cache_dtype = torch_dtype(manifest.kv_cache["dtype"])
+    steps = [AOTIStep.from_packages(packages, weights, torch.device("cpu"), cache_dtype, single_threaded=s)
+             for s in (True, False)]
+    model = reference_model()
+    for seqlen in (1, 5):
+        tokens, start, cache = _step_inputs(model, seed, seqlen)
+        a, b = (s(tokens, start, cache) for s in steps)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_load_package_names_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.pt2: AOTInductor package not found"):
+        load_package(tmp_path / "nope.pt2", torch.device("cpu"))
+
+
+def test_switches(monkeypatch):
+    monkeypatch.delenv(CUDA_GRAPH_ENV, raising=False)
+    assert env_flag(CUDA_GRAPH_ENV, True) and not env_flag(CUDA_GRAPH_ENV, False)
+    assert decode_cuda_graph({"decode_cuda_graph": True}) and not decode_cuda_graph({"decode_cuda_graph": False})
+    for value, want in (("0", False), ("off", False), ("1", True), ("TRUE", True)):
+        monkeypatch.setenv(CUDA_GRAPH_ENV, value)
+        assert env_flag(CUDA_GRAPH_ENV, not want) is want
+    monkeypatch.setenv(CUDA_GRAPH_ENV, "0")
+    assert not decode_cuda_graph({"decode_cuda_graph": True})
+    monkeypatch.setenv(CUDA_GRAPH_ENV, "maybe")
+    with pytest.raises(ValueError, match="DSV3_TORCH_CUDA_GRAPH='maybe': expected 0 or 1"):
+        env_flag(CUDA_GRAPH_ENV, True)
+
+
+def _probe(args: list[str], out: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "torch_load_probe.py"), "--device", "cpu",
+                           "--out", str(out), *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return done, json.loads((out / "torch_load_probe.json").read_text())
+
+
+def test_probe_reports_a_native_crash_with_both_stacks(tmp_path):
+    done, report = _probe(["--stages", "selftest_segv"], tmp_path)
+    assert done.returncode == 1
+    (stage,) = report["stages"]
+    assert stage["status"] == "SIGSEGV" and stage["last_step"] == "read address 0"
+    assert "Fatal Python error: Segmentation fault" in stage["stderr_tail"]
+    if report["native_handler"]:
+        assert "native stack (dsv3 probe handler)" in stage["stderr_tail"]
+
+
+@pytest.mark.slow
+def test_probe_stages_run_on_cpu(engine_dir, tmp_path):
+    stages = "load,attach,prefill,decode,decode_threadsafe,engine,aoti_load_package"
+    done, report = _probe(["--engine", str(engine_dir), "--stages", stages], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [s["stage"] for s in report["stages"]] == stages.split(",")
+    assert all(s["status"] == "ok" for s in report["stages"]), report
+    by = {s["stage"]: s for s in report["stages"]}
+    assert "decode: logits (2, 1," in by["decode"]["stdout_tail"] and "finite=True" in by["decode"]["stdout_tail"]
+    assert by["attach"]["last_step"] == "attach weights to decode"

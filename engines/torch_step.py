@@ -111,9 +111,10 @@ def load_package(path: Path, device: torch.device, single_threaded: bool = True)
 
 
 def constant_records(constants: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
-    """{fqn: {dtype, shape, stride}} of a program's constants as the package was compiled for them."""
-    return {fqn: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "stride": list(t.stride())}
-            for fqn, t in sorted(constants.items())}
+    """{fqn: {dtype, shape, stride, device}} of a program's constants as the package was compiled for
+    them (device: the type, "cuda" or "cpu"; a CUDA program may keep a constant on the CPU)."""
+    return {fqn: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "stride": list(t.stride()),
+                  "device": t.device.type} for fqn, t in sorted(constants.items())}
 
 
 def prepare_constants(path: Path, fqns: list[str], weights: Mapping[str, torch.Tensor], device: torch.device,
@@ -123,8 +124,9 @@ def prepare_constants(path: Path, fqns: list[str], weights: Mapping[str, torch.T
     The package keeps handles to these tensors and indexes them with the dtype, shape and strides
     it was compiled for, on its own device, checking none of it (torch 2.11): a wrong one is a
     wrong answer or a native crash. So each is checked against the build's record (`expected`,
-    backend_info["constants"]; None: names only), moved to the exact device, and given the
-    recorded strides (the weights file stores contiguous copies) or made contiguous.
+    backend_info["constants"]; None: names only), moved to the exact device (or kept on the CPU
+    where the build recorded a CPU constant: a CUDA package reads those on the host), and given
+    the recorded strides (the weights file stores contiguous copies) or made contiguous.
     """
     device = exact_device(device)
     missing = sorted(set(fqns) - set(weights))
@@ -139,7 +141,7 @@ def prepare_constants(path: Path, fqns: list[str], weights: Mapping[str, torch.T
         t = weights[fqn]
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{path}: constant {fqn!r} is a {type(t).__name__}, not a tensor")
-        stride = None
+        stride, target = None, device
         if expected is not None:
             want = expected[fqn]
             shape, dtype = tuple(want["shape"]), str(t.dtype).removeprefix("torch.")
@@ -147,10 +149,12 @@ def prepare_constants(path: Path, fqns: list[str], weights: Mapping[str, torch.T
                 raise ValueError(f"{path}: constant {fqn!r} is {dtype} {tuple(t.shape)} in the weights file, "
                                  f"the package was compiled for {want['dtype']} {shape}")
             stride = tuple(want["stride"]) if want.get("stride") is not None else None
-        if t.device != device:
-            t = t.to(device)
+            if want.get("device", device.type) != device.type:
+                target = exact_device(torch.device(want["device"]))
+        if t.device != target:
+            t = t.to(target)
         if stride is not None and t.stride() != stride and t.numel() > 1:
-            t = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=device).copy_(t)
+            t = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=target).copy_(t)
         elif stride is None and not t.is_contiguous():
             t = t.contiguous()
         out[fqn] = t

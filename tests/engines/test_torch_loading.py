@@ -61,7 +61,7 @@ def test_manifest_records_every_constant_as_in_the_weights_file(engine_dir, part
         for name in names:
             t = f.get_tensor(name)
             assert record[name]["dtype"] == str(t.dtype).removeprefix("torch.") and record[name]["shape"] == list(t.shape)
-            assert len(record[name]["stride"]) == t.dim()
+            assert len(record[name]["stride"]) == t.dim() and record[name]["device"] == "cpu"
 
 
 def test_prepare_constants_refuses_what_the_package_was_not_compiled_for(tmp_path):
@@ -89,6 +89,11 @@ def test_prepare_constants_aliases_or_restrides(tmp_path, seed):
     out = prepare_constants(tmp_path / "p.pt2", ["w", "t"], stored, torch.device("cpu"), expected)
     assert out["w"] is stored["w"]  # same device, layout as compiled: handed over without a copy
     assert out["t"].stride() == (1, 5) and torch.equal(out["t"], w["t"])
+    # a constant recorded on another device type is placed there, e.g. "cuda" on a CPU engine
+    if not torch.cuda.is_available():
+        with pytest.raises((RuntimeError, AssertionError), match="CUDA|cuda"):
+            prepare_constants(tmp_path / "p.pt2", ["w"], stored, torch.device("cpu"),
+                              {"w": {**expected["w"], "device": "cuda"}})
     # no record (engines built before it): names only, non-contiguous made contiguous
     out = prepare_constants(tmp_path / "p.pt2", ["t"], w, torch.device("cpu"))
     assert out["t"].is_contiguous() and torch.equal(out["t"], w["t"])

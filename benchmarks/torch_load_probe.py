@@ -21,6 +21,8 @@ Stages (each loads from scratch; later ones include the earlier steps):
     linear             a plain Linear compiled with AOTInductor, constants in the .so, loaded by
                        the C++ loader and run; then the same with package_constants_in_so=False and
                        user-managed constants (the session-1 crash was reported for a plain Linear)
+    linear_fresh       the two Linear packages loaded and run in a fresh process (compile and load
+                       in one process, as torch_tiny_cuda.py does, vs load alone)
     load               both packages through the C++ loader, no weights (constant names, metadata)
     attach             + weights checked and handed over (user_managed=True)
     prefill            + one prefill run ([2, 7] tokens into a cache of 11), synchronized
@@ -46,7 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
-STAGES = ("build", "linear", "load", "attach", "prefill", "decode", "decode_threadsafe", "graph", "engine",
+STAGES = ("build", "linear", "linear_fresh", "load", "attach", "prefill", "decode", "decode_threadsafe", "graph", "engine",
           "aoti_load_package")
 CUDA_ONLY = {"graph"}
 
@@ -120,34 +122,47 @@ def _describe(name: str, out) -> None:
           flush=True)
 
 
-def stage_linear(device) -> None:
+def _linear(device):
     import torch
 
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(40, 24).to(device)
+    return lin, torch.randn(3, 40, device=device)
+
+
+def _run_linear(tag: str, path: Path, lin, x, device) -> None:
     from dsv3_export.engines.torch_step import attach_weights, load_package
 
-    lin = torch.nn.Linear(40, 24).to(device)
-    x = torch.randn(3, 40, device=device)
-    ep = torch.export.export(lin, (x,))
-    with tempfile.TemporaryDirectory() as tmp:
-        for in_so in (True, False):
-            tag = "in_so" if in_so else "user_managed"
+    step(f"linear {tag}: load (C++ loader)")
+    model = load_package(path, device)
+    if tag == "user_managed":
+        step(f"linear {tag}: load_constants")
+        attach_weights(model, path, dict(lin.state_dict()), device)
+    step(f"linear {tag}: run")
+    got = model(x)
+    got = got[0] if isinstance(got, (list, tuple)) else got
+    _sync(device)
+    want = lin(x)
+    err = ((got - want).norm() / want.norm()).item()
+    print(f"linear {tag}: rel err {err:.2e}", flush=True)
+    if not err < 1e-3:
+        raise AssertionError(f"linear {tag}: rel err {err}")
+
+
+def stage_linear(device, work: Path, fresh: bool) -> None:
+    """Compile (unless fresh) and run a plain Linear package, constants in the .so and user-managed."""
+    import torch
+
+    lin, x = _linear(device)
+    work.mkdir(parents=True, exist_ok=True)
+    for tag in ("in_so", "user_managed"):
+        path = work / f"linear_{tag}.pt2"
+        if not fresh:
             step(f"linear {tag}: compile")
-            path = torch._inductor.aoti_compile_and_package(
-                ep, package_path=str(Path(tmp) / f"linear_{tag}.pt2"),
-                inductor_configs={"aot_inductor.package_constants_in_so": in_so})
-            step(f"linear {tag}: load (C++ loader)")
-            model = load_package(Path(path), device)
-            if not in_so:
-                step(f"linear {tag}: load_constants")
-                attach_weights(model, Path(path), dict(lin.state_dict()), device)
-            step(f"linear {tag}: run")
-            got = model(x)
-            got = got[0] if isinstance(got, (list, tuple)) else got
-            _sync(device)
-            err = ((got - lin(x)).norm() / lin(x).norm()).item()
-            print(f"linear {tag}: rel err {err:.2e}", flush=True)
-            if not err < 1e-3:
-                raise AssertionError(f"linear {tag}: rel err {err}")
+            torch._inductor.aoti_compile_and_package(
+                torch.export.export(lin, (x,)), package_path=str(path),
+                inductor_configs={"aot_inductor.package_constants_in_so": tag == "in_so"})
+        _run_linear(tag, path, lin, x, device)
 
 
 def stage_packages(stage: str, engine: Path, device) -> None:
@@ -258,7 +273,7 @@ def stage_build(engine: Path, device: str, precision: str) -> None:
                  console=Console(stderr=True))
 
 
-def run_stage(stage: str, engine: Path, device_name: str, precision: str) -> None:
+def run_stage(stage: str, engine: Path, work: Path, device_name: str, precision: str) -> None:
     if stage == "selftest_segv":  # checks the crash reporting itself
         import ctypes
 
@@ -275,8 +290,8 @@ def run_stage(stage: str, engine: Path, device_name: str, precision: str) -> Non
     device = exact_device(torch.device(device_name))
     print(f"torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), flush=True)
-    if stage == "linear":
-        stage_linear(device)
+    if stage in ("linear", "linear_fresh"):
+        stage_linear(device, work / "linear", fresh=stage == "linear_fresh")
     elif stage == "engine":
         stage_engine(engine, device)
     elif stage == "aoti_load_package":
@@ -315,14 +330,14 @@ def status_of(returncode: int | None) -> str:
     return f"error (exit {returncode})"
 
 
-def launch(stage: str, a: argparse.Namespace, engine: Path, handler: Path | None) -> dict:
+def launch(stage: str, a: argparse.Namespace, engine: Path, work: Path, handler: Path | None) -> dict:
     env = dict(os.environ, PYTHONFAULTHANDLER="1", TORCH_SHOW_CPP_STACKTRACES="1", PYTHONUNBUFFERED="1")
     if handler is not None:
         env["LD_PRELOAD"] = ":".join(p for p in (str(handler), env.get("LD_PRELOAD", "")) if p)
     if a.blocking:
         env["CUDA_LAUNCH_BLOCKING"] = "1"
     cmd = [sys.executable, "-X", "faulthandler", str(Path(__file__).resolve()), "--stage", stage,
-           "--engine", str(engine), "--device", a.device, "--precision", a.precision]
+           "--engine", str(engine), "--work", str(work), "--device", a.device, "--precision", a.precision]
     t = time.perf_counter()
     try:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
@@ -347,10 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocking", action="store_true", help="CUDA_LAUNCH_BLOCKING=1 in every stage")
     p.add_argument("--keep", action="store_true", help="keep the built engine (its path is printed)")
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # child mode
+    p.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.precision = a.precision or ("bf16" if a.device == "cuda" else "fp32")
     if a.stage is not None:
-        run_stage(a.stage, a.engine, a.device, a.precision)
+        run_stage(a.stage, a.engine, a.work, a.device, a.precision)
         return 0
     stages = [s for s in a.stages.split(",") if s]
     unknown = sorted(set(stages) - set(STAGES) - {"selftest_segv"})
@@ -366,13 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     engine = a.engine if a.engine is not None else work / "engine"
     if a.engine is not None and "build" in stages:
         stages.remove("build")
-    if a.engine is None and "build" not in stages and any(s not in ("linear", "selftest_segv") for s in stages):
+    if a.engine is None and "build" not in stages and any(s not in ("linear", "linear_fresh", "selftest_segv") for s in stages):
         p.error("without --engine the stages need `build`")
     handler = build_handler(work)
     report = {"device": a.device, "precision": a.precision, "engine": str(engine), "native_handler": handler is not None,
               "skipped": skipped, "stages": []}
     for stage in stages:
-        result = launch(stage, a, engine, handler)
+        result = launch(stage, a, engine, work, handler)
         report["stages"].append(result)
         print(f"{stage:<18} {result['status']:<16} {result['seconds']:>7.1f} s   last step: {result['last_step']}",
               flush=True)

@@ -14,7 +14,9 @@ Python process, so one crash cannot hide the next stage, with
     the library (libcuda, libtorch_cuda, the package's model .so, ...) and exported function;
   * progress lines "@ step" flushed before each native call, so the last one names the call;
   * TORCH_SHOW_CPP_STACKTRACES=1 for C++ exceptions that do come back as Python errors;
-  * --blocking adds CUDA_LAUNCH_BLOCKING=1 (a kernel fault then surfaces at its launch).
+  * --blocking adds CUDA_LAUNCH_BLOCKING=1 (a kernel fault then surfaces at its launch);
+  * --aten-only builds without our kernels/ Triton ops (DSV3_TORCH_TRITON_OPS=0): if that engine
+    runs where the default one dies, the crash is in launching our triton_op kernels from AOTI.
 
 Stages (each loads from scratch; later ones include the earlier steps):
     build              build_engine(tiny, torch, device, precision) into --out/engine
@@ -336,6 +338,8 @@ def launch(stage: str, a: argparse.Namespace, engine: Path, work: Path, handler:
         env["LD_PRELOAD"] = ":".join(p for p in (str(handler), env.get("LD_PRELOAD", "")) if p)
     if a.blocking:
         env["CUDA_LAUNCH_BLOCKING"] = "1"
+    if a.aten_only:
+        env["DSV3_TORCH_TRITON_OPS"] = "0"
     cmd = [sys.executable, "-X", "faulthandler", str(Path(__file__).resolve()), "--stage", stage,
            "--engine", str(engine), "--work", str(work), "--device", a.device, "--precision", a.precision]
     t = time.perf_counter()
@@ -361,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=420.0, help="seconds per stage")
     p.add_argument("--blocking", action="store_true", help="CUDA_LAUNCH_BLOCKING=1 in every stage")
     p.add_argument("--keep", action="store_true", help="keep the built engine (its path is printed)")
+    p.add_argument("--aten-only", action="store_true",
+                   help="build with DSV3_TORCH_TRITON_OPS=0: no kernels/ Triton ops in the packages, Inductor's only")
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # child mode
     p.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -385,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.engine is None and "build" not in stages and any(s not in ("linear", "linear_fresh", "selftest_segv") for s in stages):
         p.error("without --engine the stages need `build`")
     handler = build_handler(work)
-    report = {"device": a.device, "precision": a.precision, "engine": str(engine), "native_handler": handler is not None,
+    report = {"device": a.device, "precision": a.precision, "engine": str(engine), "aten_only": a.aten_only,
+              "native_handler": handler is not None,
               "skipped": skipped, "stages": []}
     for stage in stages:
         result = launch(stage, a, engine, work, handler)

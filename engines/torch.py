@@ -58,8 +58,13 @@ WEIGHTS_FILE = "weights.safetensors"
 PAYLOAD_LAYOUT = "aoti-packages+safetensors/1"
 
 
+TRITON_OPS_ENV = "DSV3_TORCH_TRITON_OPS"
+
+
 def lower_program(ep: ExportedProgram, device: str, kind: str) -> tuple[ExportedProgram, dict[str, str]]:
-    """dsv3:: ops replaced: ATen math, or on CUDA our Triton kernels where torch_triton.py has them."""
+    """dsv3:: ops replaced: ATen math, or on CUDA our Triton kernels where torch_triton.py has them
+    (DSV3_TORCH_TRITON_OPS=0: ATen everywhere, Inductor's own kernels only; the manifest's
+    `lowerings` says which, to tell our kernels' launches apart from the rest of a package)."""
     triton = None
     if device == "cuda":
         from torch.export.passes import move_to_device_pass
@@ -68,7 +73,7 @@ def lower_program(ep: ExportedProgram, device: str, kind: str) -> tuple[Exported
 
         if any(t.device.type != "cuda" for t in program_constants(ep).values()):  # build.py exports on the CPU
             ep = move_to_device_pass(ep, f"cuda:{torch.cuda.current_device()}")
-        triton = triton_lowerings(kind)
+        triton = triton_lowerings(kind) if env_flag(TRITON_OPS_ENV, True) else None
     return lower_dsv3_ops(ep, device, triton)
 
 

@@ -179,3 +179,24 @@ def test_probe_stages_run_on_cpu(engine_dir, tmp_path):
     by = {s["stage"]: s for s in report["stages"]}
     assert "decode: logits (2, 1," in by["decode"]["stdout_tail"] and "finite=True" in by["decode"]["stdout_tail"]
     assert by["attach"]["last_step"] == "attach weights to decode"
+
+
+def test_triton_ops_switch_lowers_cuda_programs_to_aten(monkeypatch):
+    """DSV3_TORCH_TRITON_OPS=0 (the probe's --aten-only) builds CUDA packages without our triton_ops;
+    traced on the CPU (no constants, so no move to a GPU is needed)."""
+    import dsv3_export.ops  # noqa: F401 - registers dsv3::mla_attention
+    from dsv3_export.engines.torch import TRITON_OPS_ENV, lower_program
+
+    class Attn(torch.nn.Module):
+        def forward(self, q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b):
+            return torch.ops.dsv3.mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, 0.25)
+
+    b, h, dn, r, c, dv, t = 2, 3, 8, 4, 10, 6, 5
+    args = (torch.randn(b, 1, h, dn), torch.randn(b, 1, h, r), torch.randn(b, 1, c + r), torch.randn(b, t, c + r),
+            torch.tensor([1, 4]), torch.randn(h * (dn + dv), c))
+    ep = torch.export.export(Attn(), args)
+    monkeypatch.setenv(TRITON_OPS_ENV, "0")
+    lowered, how = lower_program(ep, "cuda", "decode")
+    assert how["dsv3::mla_attention"].startswith("ATen decomposition")
+    assert not any("dsv3" in str(n.target) for n in lowered.graph.nodes if n.op == "call_function")
+    assert rel_err(lowered.module()(*args), Attn()(*args)) < TOLERANCES["fp32_structural"]

@@ -312,7 +312,8 @@ def build_handler(work: Path) -> Path | None:
         return None
     src, lib = work / "dsv3_segv_handler.c", work / "dsv3_segv_handler.so"
     src.write_text(_SEGV_HANDLER_C)
-    done = subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(lib), str(src)], capture_output=True, text=True)
+    done = subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(lib), str(src)], capture_output=True, text=True,
+                          check=False)
     if done.returncode != 0:
         print(f"probe: native handler not built ({done.stderr.strip()[:300]})", file=sys.stderr)
         return None
@@ -344,7 +345,7 @@ def launch(stage: str, a: argparse.Namespace, engine: Path, work: Path, handler:
            "--engine", str(engine), "--work", str(work), "--device", a.device, "--precision", a.precision]
     t = time.perf_counter()
     try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout, check=False)
         rc, stdout, stderr = done.returncode, done.stdout, done.stderr
     except subprocess.TimeoutExpired as e:
         rc = None

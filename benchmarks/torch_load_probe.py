@@ -31,6 +31,8 @@ Stages (each loads from scratch; later ones include the earlier steps):
     decode             + one decode run without a CUDA graph
     decode_threadsafe  the same with run_single_threaded=False (how loading ran before this change)
     graph              AOTIStep with decode CUDA graphs: capture + 2 replays (CUDA only)
+    graph_threadsafe   the same with run_single_threaded=False (event record / query / sync of the
+                       thread-safe container run inside the capture)
     engine             dsv3_export.runtime.load_engine + prefill + 3 decode steps, as torch_tiny_cuda.py
     aoti_load_package  torch._inductor.aoti_load_package(decode.pt2) + weights + decode (session 1's path)
 Writes torch_load_probe.json to --out (default $OUT or .), prints a table: stage, status (ok, error,
@@ -50,9 +52,10 @@ import tempfile
 import time
 from pathlib import Path
 
-STAGES = ("build", "linear", "linear_fresh", "load", "attach", "prefill", "decode", "decode_threadsafe", "graph", "engine",
+STAGES = ("build", "linear", "linear_fresh", "load", "attach", "prefill", "decode", "decode_threadsafe", "graph", "graph_threadsafe",
+          "engine",
           "aoti_load_package")
-CUDA_ONLY = {"graph"}
+CUDA_ONLY = {"graph", "graph_threadsafe"}
 
 _SEGV_HANDLER_C = r"""
 #include <execinfo.h>
@@ -175,7 +178,7 @@ def stage_packages(stage: str, engine: Path, device) -> None:
 
     manifest, args, info = _engine_parts(engine)
     cache_dtype = torch_dtype(manifest.kv_cache["dtype"])
-    single = stage != "decode_threadsafe"
+    single = stage not in ("decode_threadsafe", "graph_threadsafe")
     models = {}
     for kind, name in info["packages"].items():
         step(f"load {kind} (run_single_threaded={single})")
@@ -205,10 +208,10 @@ def stage_packages(stage: str, engine: Path, device) -> None:
         _sync(device)
         if stage in ("decode", "decode_threadsafe"):
             return
-        step("AOTIStep with CUDA graphs")
+        step(f"AOTIStep with CUDA graphs (run_single_threaded={single})")
         packages = {kind: engine / name for kind, name in info["packages"].items()}
         run = AOTIStep.from_packages(packages, weights, device, cache_dtype, cuda_graph=True,
-                                     constants=info.get("constants"))
+                                     constants=info.get("constants"), single_threaded=single)
         tokens, start, cache = _inputs(args, cache_dtype, device, 1)
         for i in range(3):
             step(f"graph decode {i} ({'capture' if i == 0 else 'replay'})")

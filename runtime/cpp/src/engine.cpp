@@ -148,7 +148,9 @@ c10::ScalarType dtype_from_name(const std::string& name) {
 std::unique_ptr<torch::inductor::AOTIModelPackageLoader> load_package(
     const fs::path& path, std::unordered_map<std::string, at::Tensor>& weights, const c10::Device& device) {
   auto loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
-      path.string(), "model", /*run_single_threaded=*/false, /*num_runners=*/1,
+      // single-threaded like the Python runtime (engines/torch_step.py): the thread-safe run adds
+      // event record/sync and runner-pool moves per call that this one-caller runtime never needs
+      path.string(), "model", /*run_single_threaded=*/true, /*num_runners=*/1,
       device.is_cuda() ? device.index() : static_cast<c10::DeviceIndex>(-1));
   std::unordered_map<std::string, at::Tensor> constants;
   for (const std::string& fqn : loader->get_constant_fqns()) {

@@ -82,7 +82,7 @@ class ConfigResult:
     batch: int
     prompt_len: int
     decode_steps: int
-    skipped: str | None
+    skipped: str | None  # why there are no numbers: a limit, or "failed: <error>" when a run raised
     ttft_ms: Stats | None
     tpot_ms: Stats | None
     decode_tokens_per_s: float | None  # batch / mean TPOT
@@ -275,6 +275,26 @@ def profile_config(engine: Engine, batch: int, prompt_len: int, options: Profile
         prefill_tokens_per_s=batch * prompt_len * 1e3 / ttft_s.median, memory=meter.result())
 
 
+def _guarded_config(engine: Engine, label: str, batch: int, prompt_len: int, options: ProfileOptions,
+                    advance: Callable[[], None], console: Console) -> ConfigResult:
+    """profile_config, with a failure (out of memory, a provider error) recorded in the report
+    instead of losing every configuration measured before it; the command then exits 1."""
+    try:
+        return profile_config(engine, batch, prompt_len, options, advance)
+    except (RuntimeError, ValueError) as e:  # torch.OutOfMemoryError, onnxruntime's errors are RuntimeErrors
+        message = f"failed: {type(e).__name__}: {' '.join(str(e).split())[:400]}"
+        console.print(f"[red]{label}: batch {batch}, prompt {prompt_len}: {message}[/red]")
+        if engine.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return ConfigResult(batch, prompt_len, options.decode_steps, message, None, None, None, None, None)
+
+
+def failed_configs(report: ProfileReport) -> list[str]:
+    """'label batch b prompt p: reason' for every configuration whose runs raised."""
+    return [f"{e.label} batch {r.batch} prompt {r.prompt_len}: {r.skipped}"
+            for e in report.engines for r in e.results if r.skipped and r.skipped.startswith("failed:")]
+
+
 def _labels(paths: tuple[Path, ...]) -> list[str]:
     names = [Path(p).absolute().name for p in paths]
     return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
@@ -302,7 +322,7 @@ def run_profile(options: ProfileOptions, console: Console | None = None, trace_d
             results = []
             for b, p in configs:
                 progress.update(task, description=f"{label}: batch {b}, prompt {p}")
-                result = profile_config(engine, b, p, options, lambda: progress.advance(task))
+                result = _guarded_config(engine, label, b, p, options, lambda: progress.advance(task), console)
                 if result.skipped:
                     progress.advance(task, options.warmup + options.repeats)
                 results.append(result)

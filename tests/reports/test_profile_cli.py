@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dsv3_export.cli import main
-from dsv3_export.errors import EXIT_OK, EXIT_USAGE
+from dsv3_export.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from dsv3_export.reports.profile import ProfileReport
 from dsv3_export.reports.schema import SchemaError, from_dict
 
@@ -92,6 +92,31 @@ def test_profile_stdout_and_progress(artifacts, tmp_path, capsys):
     summary = json.loads(captured.out)
     assert summary["engines"][0]["results"][0]["tpot_ms_median"] > 0
     assert "profiling" not in captured.err and "wrote" in captured.err
+
+
+def test_failing_configuration_is_recorded_and_fails_the_command(artifacts, tmp_path, monkeypatch, capsys):
+    """A configuration whose runs raise (an out-of-memory, a provider error) is written into the
+    report with its error; the configurations around it keep their numbers; exit code 1."""
+    import dsv3_export.reports.profile as profile_module
+
+    real = profile_module.timed_run
+
+    def failing_at_batch_2(engine, tokens, decode_steps, step=None):
+        if tokens.shape[0] == 2:
+            raise RuntimeError("injected\nprovider failure")
+        return real(engine, tokens, decode_steps, step)
+
+    monkeypatch.setattr(profile_module, "timed_run", failing_at_batch_2)
+    out = tmp_path / "p"
+    code = main(["profile", str(artifacts.engines["clean"]), "--out", str(out), "--batch", "1,2,3",
+                 "--prompt-len", "6", "--decode-steps", "2", "--repeats", "1"])
+    assert code == EXIT_FAILURE
+    assert "1 configuration(s) failed" in capsys.readouterr().err
+    report = from_dict(ProfileReport, json.loads((out / "report.json").read_text()))
+    by_batch = {r.batch: r for r in report.engines[0].results}
+    assert by_batch[2].skipped == "failed: RuntimeError: injected provider failure" and by_batch[2].tpot_ms is None
+    assert by_batch[1].skipped is None and by_batch[3].skipped is None and by_batch[3].tpot_ms.n == 2
+    assert "failed: RuntimeError" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("flags", [["--batch", "0"], ["--batch", "1,x"], ["--prompt-len", ""], ["--decode-steps", "0"]])

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import time
@@ -148,7 +149,10 @@ def time_engine(precision: str, work: Path, batches: list[int], context: int, st
     engine = load_engine(work / f"engine-{precision}")
     free, total = torch.cuda.mem_get_info()
     out: dict[str, Any] = {"load_seconds": round(time.perf_counter() - start, 1),
-                           "gpu_used_after_load_gib": round((total - free) / 2**30, 2)}
+                           "gpu_used_after_load_gib": round((total - free) / 2**30, 2),
+                           # process lifetime peak (the CPU-drawn reference counts too): session creation
+                           # folds the fp8 weights on the host, ~90 GiB extrapolated for 16b fp8
+                           "host_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1)}
     args = engine.args
     gen = torch.Generator(device="cuda").manual_seed(1)
     vocab = args.vocab_size

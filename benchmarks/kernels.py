@@ -509,6 +509,21 @@ def _decode_choice(bsz: int, h: int, c: int, r: int, ctx: int, device: str) -> s
     return f"NUM_SPLITS={splits} ({bsz * splits} programs), config {cfg}"
 
 
+def _split_sweep(report: Report, q, qp, kv, pe, seqlens, scale, bytes_: int, sh: Shapes, quick: bool) -> None:
+    """mla_decode from a CUDA graph at forced NUM_SPLITS (each autotuned): printed, not tabled,
+    to show how far choose_num_splits' pick is from the best split count on this GPU."""
+    from dsv3_export.kernels.mla_attention import mla_decode
+
+    parts = []
+    for splits in (2, 4, 8, 12, 16, 24, 32):
+        mla_decode(q, qp, kv, pe, seqlens, scale, num_splits=splits)  # autotune this key outside the graph
+        graph = _graph_of(lambda: mla_decode(q, qp, kv, pe, seqlens, scale, num_splits=splits))
+        ms = bench(graph.replay, sh, quick)
+        pct = f" = {100 * bytes_ / (ms * 1e-3) / 1e12 / report.copy_tbps:.0f}% of copy" if report.copy_tbps else ""
+        parts.append(f"{splits}: {ms:.4f} ms{pct}")
+    print("    split sweep (CUDA graph): " + "; ".join(parts), flush=True)
+
+
 def bench_mla(report: Report, sh: Shapes, quick: bool) -> None:
     from dsv3_export.kernels.mla_attention import mla_decode, mla_decode_ref, mla_prefill, mla_prefill_ref
 
@@ -570,6 +585,9 @@ def bench_mla(report: Report, sh: Shapes, quick: bool) -> None:
         finish_group(rows)
         show(case, rows)
         print(f"  {case}: {choice}", flush=True)
+        if sh.device == "cuda" and bsz * ctx >= 32 * 4096:  # the bandwidth-bound shape: does the split heuristic pay?
+            guarded(report, f"mla {case} split sweep", lambda: _split_sweep(report, q, qp, kv, pe, seqlens, scale,
+                                                                              bytes_, sh, quick))
         for r in rows:
             if r.impl.startswith("triton") and r.tbps and report.copy_tbps:
                 print(f"    {r.impl}: {r.tbps:.2f} TB/s = {100 * r.tbps / report.copy_tbps:.0f}% of copy "

@@ -105,6 +105,24 @@ def test_cpp_refuses_cpu_without_required_flags(dsv3_run, engine_dir, tmp_path):
     assert done.returncode == 1 and "this CPU lacks avx10_99" in done.stderr
 
 
+def test_cpp_checks_constants_against_the_build_record(dsv3_run, engine_dir, tmp_path):
+    """A constant whose recorded shape or dtype disagrees with the weights file is refused, naming it
+    (the package would index it blindly); an unrecorded one too."""
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    records = manifest["backend_info"]["constants"]
+    fqn = next(name for name, r in records.items() if len(r["shape"]) == 2)
+    for i, edit in enumerate((lambda r: r[fqn].update(shape=[r[fqn]["shape"][0] + 1, r[fqn]["shape"][1]]),
+                              lambda r: r[fqn].update(dtype="float16"),
+                              lambda r: r.pop(fqn))):
+        bad = _copy(engine_dir, tmp_path / str(i))
+        m = json.loads((bad / "manifest.json").read_text())
+        edit(m["backend_info"]["constants"])
+        (bad / "manifest.json").write_text(json.dumps(m))
+        done = _run(dsv3_run, bad, "--prompt-ids", "1,2")
+        assert done.returncode == 1 and f"'{fqn}'" in done.stderr, done.stderr
+        assert ("did not record" if i == 2 else "the package was compiled for") in done.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cpp_refuses_cuda_engine_with_cpu_libtorch(dsv3_run, engine_dir, tmp_path):
     bad = _copy(engine_dir, tmp_path)

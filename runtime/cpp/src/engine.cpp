@@ -145,8 +145,55 @@ c10::ScalarType dtype_from_name(const std::string& name) {
   throw EngineError("manifest kv_cache.dtype '" + name + "' is not float32, bfloat16 or float16");
 }
 
+// The manifest's name of a dtype (Python's str(torch.dtype) without "torch.").
+std::string dtype_name(c10::ScalarType t) {
+  switch (t) {
+    case c10::kFloat: return "float32";
+    case c10::kBFloat16: return "bfloat16";
+    case c10::kHalf: return "float16";
+    case c10::kDouble: return "float64";
+    case c10::kLong: return "int64";
+    case c10::kInt: return "int32";
+    case c10::kBool: return "bool";
+    case c10::kFloat8_e4m3fn: return "float8_e4m3fn";
+    default: return c10::toString(t);
+  }
+}
+
+std::vector<int64_t> int_list(const Json& value, const std::string& what) {
+  std::vector<int64_t> out;
+  for (const Json& v : value.as_array(what)) out.push_back(v.as_int(what));
+  return out;
+}
+
+// A constant as the package was compiled for it (backend_info.constants, engines/torch_step.py's
+// constant_records): the package indexes it with that dtype, shape and strides and checks none of
+// it, so a mismatch is refused here, the recorded strides are restored (the weights file stores
+// contiguous copies) and a constant the build kept on the CPU stays there.
+at::Tensor checked_constant(const fs::path& path, const std::string& fqn, const at::Tensor& t, const Json& record) {
+  const std::string what = "backend_info.constants." + fqn;
+  const std::string dtype = record.at("dtype", what).as_string(what + ".dtype");
+  const std::vector<int64_t> shape = int_list(record.at("shape", what), what + ".shape");
+  if (dtype_name(t.scalar_type()) != dtype || t.sizes().vec() != shape) {
+    std::ostringstream msg;
+    msg << path.string() << ": constant '" << fqn << "' is " << dtype_name(t.scalar_type()) << " " << t.sizes()
+        << " in the weights file, the package was compiled for " << dtype << " " << c10::IntArrayRef(shape);
+    throw EngineError(msg.str());
+  }
+  at::Tensor out = t;
+  const Json* device = record.find("device");
+  if (device != nullptr && device->as_string(what + ".device") == "cpu" && !t.device().is_cpu()) out = t.to(c10::kCPU);
+  const Json* stride = record.find("stride");
+  if (stride != nullptr && !stride->is_null() && out.numel() > 1) {
+    const std::vector<int64_t> want = int_list(*stride, what + ".stride");
+    if (out.strides().vec() != want) out = at::empty_strided(out.sizes(), want, out.options()).copy_(out);
+  }
+  return out;
+}
+
 std::unique_ptr<torch::inductor::AOTIModelPackageLoader> load_package(
-    const fs::path& path, std::unordered_map<std::string, at::Tensor>& weights, const c10::Device& device) {
+    const fs::path& path, std::unordered_map<std::string, at::Tensor>& weights, const c10::Device& device,
+    const Json* records) {
   auto loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
       // single-threaded like the Python runtime (engines/torch_step.py): the thread-safe run adds
       // event record/sync and runner-pool moves per call that this one-caller runtime never needs
@@ -157,7 +204,16 @@ std::unique_ptr<torch::inductor::AOTIModelPackageLoader> load_package(
     auto it = weights.find(fqn);
     if (it == weights.end())
       throw EngineError(path.string() + ": package needs constant '" + fqn + "', missing from the weights file");
-    constants.emplace(fqn, it->second);
+    if (records == nullptr) {  // engines built before the build recorded its constants: names only
+      constants.emplace(fqn, it->second);
+      continue;
+    }
+    const Json* record = records->find(fqn);
+    if (record == nullptr)
+      throw EngineError(path.string() + ": package needs constant '" + fqn + "', which the build did not record");
+    at::Tensor placed = checked_constant(path, fqn, it->second, *record);
+    if (!placed.is_same(it->second)) it->second = placed;  // one placed copy, shared by both packages
+    constants.emplace(fqn, placed);
   }
   loader->load_constants(constants, /*use_inactive=*/false, /*check_full_update=*/true, /*user_managed=*/true);
   return loader;
@@ -207,8 +263,11 @@ Engine::Engine(const std::string& engine_dir, bool verify_hashes) : dir_(engine_
     weights_ = load_safetensors((dir / info.at("weights", "backend_info").as_string("backend_info.weights")).string(),
                                 device_);
     const Json& packages = info.at("packages", "backend_info");
-    prefill_ = load_package(dir / packages.at("prefill", "packages").as_string("packages.prefill"), weights_, device_);
-    decode_ = load_package(dir / packages.at("decode", "packages").as_string("packages.decode"), weights_, device_);
+    const Json* records = info.find("constants");
+    prefill_ = load_package(dir / packages.at("prefill", "packages").as_string("packages.prefill"), weights_, device_,
+                            records);
+    decode_ = load_package(dir / packages.at("decode", "packages").as_string("packages.decode"), weights_, device_,
+                           records);
   } catch (const EngineError&) {
     throw;
   } catch (const std::exception& e) {

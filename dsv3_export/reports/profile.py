@@ -8,7 +8,9 @@ dsv3_export.runtime sees it: TTFT = the prefill step of [batch, prompt] random i
 write and the greedy argmax of the first token; then `decode_steps` decode steps (step + cache
 write + argmax), each timed on its own (TPOT). Every step is synchronized (CUDA), so a sample is
 wall time of that step alone. The cache is allocated before the clock starts. `warmup` untimed
-runs come first (kernel loading, allocator growth, CUDA-graph capture).
+runs come first (kernel loading, allocator growth, CUDA-graph capture). TTFT includes the head over
+every prompt position: the step contract returns [b, s, V] logits (for 16b at b=64, s=1024 that is
+13.7 TFLOP and 26.8 GB of fp32 logits), which a server computing only the last position skips.
 Memory: CUDA: the device's used memory at its highest sampled point (torch's peak plus what
 other allocators such as ONNX Runtime's arena hold: cudaMemGetInfo after each run) and torch's
 own peak; CPU: the process's peak resident set size over the configuration (VmHWM, reset per

@@ -94,7 +94,9 @@ def render_profile(report: dict[str, Any], images: list[str]) -> str:
     s = report["settings"]
     lines += [f"Warm-up {s['warmup']} run(s) per configuration excluded; {s['repeats']} timed run(s) of prefill + "
               f"{s['decode_steps']} decode steps each; latencies include the runtime's cache write and greedy "
-              "argmax, synchronized per step.", ""]
+              "argmax, synchronized per step. TTFT includes the logits of every prompt position (the engines' "
+              "step returns [batch, prompt, vocab]); a server that computes only the last position's would not.",
+              ""]
     multi = len(report["engines"]) > 1
     lines += [("| engine " if multi else "") + "| batch | prompt | TTFT ms (median) | TPOT ms min / mean / median / p90 / p99 "
               "| decode tok/s | prefill tok/s | peak memory |",

@@ -390,6 +390,24 @@ def _moe_grouped_mm(x, w13_t, w2_t, tw, ids, n_experts):
     return torch.zeros_like(x).index_add_(0, rows, y)
 
 
+def _presorted_grouped_mm(x, w13_t, w2_t, tw, ids, n_experts):
+    """_moe_grouped_mm with the routing sort done once outside (bincount syncs the host, which a CUDA
+    graph cannot hold): the torch baseline's best case, GEMMs + SwiGLU + weighted combine only."""
+    k = ids.shape[1]
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    offs = torch.cumsum(torch.bincount(flat, minlength=n_experts), 0).to(torch.int32)
+    rows, weights = order // k, tw.reshape(-1)[order, None]
+
+    def run():
+        h = torch._grouped_mm(x[rows], w13_t, offs=offs)  # [T*k, 2I]
+        inter = h.shape[1] // 2
+        y = torch._grouped_mm(F.silu(h[:, :inter]) * h[:, inter:], w2_t, offs=offs) * weights  # [T*k, D]
+        return torch.zeros_like(x).index_add_(0, rows, y)
+
+    return run
+
+
 def bench_moe(report: Report, sh: Shapes, quick: bool) -> None:
     from dsv3_export.kernels import moe as M
     from dsv3_export.reference import fp8 as R
@@ -443,6 +461,18 @@ def bench_moe(report: Report, sh: Shapes, quick: bool) -> None:
                        bytes_=active * expert_elems * 2 + act_bytes, flops=flops, peak=BF16_PEAK)
 
         rows.append(guarded(report, f"moe {case} _grouped_mm", baseline))
+        if sh.device == "cuda" and t <= 64:  # decode sizes: eager timings there are mostly Python launch cost
+            bf16_bytes = active * expert_elems * 2 + act_bytes
+            for impl, fn, nbytes, peak in (
+                    ("triton fused_moe bf16 (CUDA graph)", lambda: M.fused_moe(x, w13, w2, tw, ids), bf16_bytes,
+                     BF16_PEAK),
+                    ("triton fused_moe fp8 (CUDA graph)", lambda: M.fused_moe(x, w13q, w2q, tw, ids, **fp8_kw),
+                     active * expert_elems + act_bytes, FP8_PEAK),
+                    ("torch._grouped_mm moe bf16 (CUDA graph, rows pre-sorted)", _presorted_grouped_mm(x, w13_t, w2_t, tw, ids, e),
+                     bf16_bytes, BF16_PEAK)):
+                rows.append(guarded(report, f"moe {case} {impl}", lambda impl=impl, fn=fn, nbytes=nbytes, peak=peak: add(
+                    report, Row("moe", case, impl, bench(_graph_of(fn).replay, sh, quick), note=note),
+                    bytes_=nbytes, flops=flops, peak=peak)))
         rows = [r for r in rows if r is not None]
         finish_group(rows)
         show(case, rows)

@@ -33,22 +33,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def reference_tokens(model, prompt: list[int], steps: int, device: str) -> list[int]:
-    """Greedy continuation by the reference model's own buffer-cache loop."""
-    model.reset_cache() if hasattr(model, "reset_cache") else None
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt], device=device), 0)
-        pos, out = len(prompt), []
-        for _ in range(steps):
-            out.append(int(logits[0, -1].argmax()))
-            logits = model(torch.tensor([[out[-1]]], device=device), pos)
-            pos += 1
-    return out
-
-
 def check(precision: str, device: str, work: Path) -> dict:
     from dsv3_export.build import BuildOptions, build_engine
     from dsv3_export.checkpoint import preset_model
+    from dsv3_export.reports.reference import reference_generate
     from dsv3_export.runtime import load_engine
     from dsv3_export.step import LatentCacheStep
 
@@ -76,7 +64,8 @@ def check(precision: str, device: str, work: Path) -> dict:
         got, _ = engine.step(tokens[:, :1], pos, cache)
         out["decode_logits_rel_err"] = rel_err(got, want)
     prompt = [17, 402, 9, 881, 5]
-    ref = reference_tokens(model, prompt, 32, device)
+    with torch.no_grad():
+        ref = reference_generate(model, [prompt], 32)[0]  # the reference model's own buffer-cache loop
     eng = engine.generate(prompt, 32)
     out["greedy_equal"] = ref == eng
     out["greedy_identical_prefix"] = next((i for i, (x, y) in enumerate(zip(ref, eng)) if x != y), 32)

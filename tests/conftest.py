@@ -13,6 +13,15 @@ TOLERANCES = {
 }
 
 
+@torch.no_grad()
+def reference_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens by the reference model's own decoding (prefill, then one token at a time
+    through its buffer cache): dsv3_export.reports.reference.reference_generate for one prompt."""
+    from dsv3_export.reports.reference import reference_generate
+
+    return reference_generate(model, [prompt], max_new_tokens)[0]
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

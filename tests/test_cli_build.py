@@ -82,7 +82,7 @@ def test_hf_checkpoint_builds_and_generates_through_the_cli(capsys, tmp_path):
     the tokens equal greedy decoding of the checkpoint loaded into the reference model."""
     transformers = pytest.importorskip("transformers")
     from dsv3_export.checkpoint import load_checkpoint
-    from tests.test_runtime import reference_greedy
+    from tests.conftest import reference_greedy
 
     config = transformers.DeepseekV2Config(
         vocab_size=211, hidden_size=64, intermediate_size=96, moe_intermediate_size=40, num_hidden_layers=2,

@@ -13,22 +13,10 @@ import torch
 from dsv3_export.manifest import Manifest, kv_cache_layout
 from dsv3_export.runtime import Engine, load_engine, sample
 from dsv3_export.step import LatentCacheStep, write_cache
+from tests.conftest import reference_greedy
 from tests.engines._ort_engines import fp32_engine_dir, tiny_model
 
 PROMPTS = [[5, 17, 256, 999, 3, 42, 7], [11, 12], [900, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13]]
-
-
-@torch.no_grad()
-def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
-    """The reference model's own decoding: prefill, then one token at a time through its buffers."""
-    logits = model(torch.tensor([prompt]), start_pos=0)
-    out, pos = [], len(prompt)
-    for _ in range(n):
-        token = int(logits[0, -1].argmax())
-        out.append(token)
-        logits = model(torch.tensor([[token]]), start_pos=pos)
-        pos += 1
-    return out
 
 
 class TorchStep:

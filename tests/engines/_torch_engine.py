@@ -47,16 +47,3 @@ def reference_model() -> Transformer:
     from dsv3_export.checkpoint import preset_model
 
     return preset_model(PRESET, torch.float32, "cpu", seed=SEED, attn_impl="absorb").eval()
-
-
-@torch.no_grad()
-def reference_greedy(model: Transformer, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy tokens from the reference model's own cache (prefill, then one token per call)."""
-    model.reset_cache()
-    logits = model(torch.tensor([prompt]), 0)
-    pos, out = len(prompt), []
-    for _ in range(max_new_tokens):
-        out.append(int(logits[0, -1].argmax()))
-        logits = model(torch.tensor([[out[-1]]]), pos)
-        pos += 1
-    return out

@@ -19,8 +19,8 @@ from dsv3_export.engines.torch_device import cpu_flags, cpu_target, incompatibil
 from dsv3_export.engines.torch_lower import ATEN_LOWERINGS, LoweringError, dsv3_ops, lower_dsv3_ops
 from dsv3_export.runtime import load_engine
 from dsv3_export.step import LatentCacheStep
-from tests.conftest import TOLERANCES, rel_err
-from tests.engines._torch_engine import reference_greedy, reference_model, tiny_torch_engine
+from tests.conftest import TOLERANCES, reference_greedy, rel_err
+from tests.engines._torch_engine import reference_model, tiny_torch_engine
 
 
 @pytest.fixture(scope="module")

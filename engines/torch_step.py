@@ -252,9 +252,11 @@ class AOTIStep:
         """constants: the build's {fqn: {dtype, shape, stride}} record (None for engines built before it)."""
         device = exact_device(device)
         loaded, handed = {}, {}
+        placed = dict(weights)  # constants moved / re-strided for one package serve the next as they are
         for kind, path in packages.items():
             model = load_package(path, device, single_threaded)
-            handed[kind] = attach_weights(model, path, weights, device, constants)
+            handed[kind] = attach_weights(model, path, placed, device, constants)
+            placed.update(handed[kind])
             loaded[kind] = model
         # every tensor a package holds a handle to stays referenced by the step
         return cls(loaded["prefill"], loaded["decode"], device, cache_dtype, cuda_graph, {"file": weights, **handed})

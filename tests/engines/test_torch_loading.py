@@ -121,6 +121,25 @@ def test_step_keeps_the_tensors_it_handed_over(parts, seed):
         assert rel_err(got, want) < TOLERANCES["fp32_engine"]
 
 
+def test_a_restrided_constant_is_placed_once_for_both_packages(parts, seed):
+    """A weight that must be copied to the recorded strides is copied once: the prefill and the
+    decode package hold the same tensor (a 16b model would otherwise carry a second copy)."""
+    manifest, info, packages = parts
+    weights = load_weights(packages["decode"].parent / info["weights"], torch.device("cpu"))
+    fqn = next(f for f, r in info["constants"].items() if len(r["shape"]) == 2 and min(r["shape"]) > 1)
+    weights[fqn] = weights[fqn].t().contiguous().t()  # same values, column-major: not the recorded strides
+    step = AOTIStep.from_packages(packages, weights, torch.device("cpu"), torch_dtype(manifest.kv_cache["dtype"]),
+                                  constants=info["constants"])
+    prefill, decode = step._weights["prefill"][fqn], step._weights["decode"][fqn]
+    assert prefill.stride() == tuple(info["constants"][fqn]["stride"]) and torch.equal(prefill, weights[fqn])
+    assert prefill.data_ptr() == decode.data_ptr() != weights[fqn].data_ptr()
+    model = reference_model()
+    tokens, start, cache = _step_inputs(model, seed, 1)
+    with torch.no_grad():
+        want, _ = LatentCacheStep(model).eval()(tokens, start, cache)
+    assert rel_err(step(tokens, start, cache)[0], want) < TOLERANCES["fp32_engine"]
+
+
 def test_single_threaded_run_equals_thread_safe_run(parts, seed):
     manifest, info, packages = parts
     weights = load_weights(packages["decode"].parent / info["weights"], torch.device("cpu"))

@@ -96,28 +96,25 @@ def decode_bytes(args, batch: int, context: int, precision: str) -> float:
 
 
 # --- engine ------------------------------------------------------------------------------------
-def _engine_ready(path: Path) -> bool:
+def _reusable_engine(path: Path):
+    """The manifest of a complete engine directory at path (hashes not checked), or None: build it."""
     from dsv3_export.manifest import verify_engine_dir
 
     try:
-        verify_engine_dir(path, check_hashes=False)
-    except Exception:  # noqa: BLE001 - missing or incomplete: it will be built
-        return False
-    return True
+        return verify_engine_dir(path, check_hashes=False)
+    except Exception:  # noqa: BLE001 - missing or incomplete
+        return None
 
 
 def build(precision: str, work: Path, n_layers: int | None) -> dict[str, Any]:
     from rich.console import Console
 
     from dsv3_export.build import BuildOptions, build_engine
-    from dsv3_export.manifest import verify_engine_dir
 
     out = work / f"engine-{precision}"
-    try:
-        manifest = verify_engine_dir(out, check_hashes=False)
+    manifest = _reusable_engine(out)
+    if manifest is not None:
         return {"reused": str(out), "files": {n: e.size for n, e in manifest.files.items()}}
-    except Exception:  # noqa: BLE001 - no usable engine there yet: build it
-        pass
     summary = build_engine(BuildOptions(preset="16b", backend="onnxruntime", device="cuda", precision=precision,
                                         out=out, seed=PRESET_SEED, max_batch_size=64,
                                         config_overrides=(("n_layers", n_layers),) if n_layers else ()),
@@ -288,7 +285,7 @@ def main() -> int:
         report.section("reference", "load", 120, load_reference)
     reference = holder.get("model")
     for prec in precisions:
-        reusable = _engine_ready(a.work / f"engine-{prec}")  # a reused engine costs seconds, a build minutes
+        reusable = _reusable_engine(a.work / f"engine-{prec}") is not None  # reused: seconds; built: minutes
         built = report.section(prec, "build", 5 if reusable else 240, lambda: build(prec, a.work, a.n_layers))
         if built is None or "error" in built:
             continue

@@ -17,9 +17,10 @@ to load on a CPU that lacks its flags. CUDA packages embed Triton kernels (Induc
 where engines/torch_triton.py wraps them in triton_op) for one compute capability.
 CUDA graph: on CUDA, decode steps are replayed from a CUDA graph captured per (batch, cache
 length, cache buffer) (`backend_info.decode_cuda_graph` says so; DSV3_TORCH_CUDA_GRAPH=0 turns it
-off at load); prefill runs the package directly. `backend_info.constants` records each constant's
-dtype, shape and strides as compiled; the loader checks the weights file against it. CPU engines use no graphs. The KV cache is never inside the packages: the runtime owns
-it and writes new_kv in place (dsv3_export.runtime; runtime/cpp/ for C++).
+off at load); prefill runs the package directly. CPU engines use no graphs.
+`backend_info.constants` records each constant's dtype, shape and strides as compiled; both
+loaders check the weights file against it. The KV cache is never inside the packages: the runtime
+owns it and writes new_kv in place (dsv3_export.runtime; runtime/cpp/ for C++).
 Status (2026-11-28): CPU engines are tested (tests/engines, tests/test_cpp_runtime.py). On the
 H200 (torch 2.11) the tiny CUDA programs, triton_op lowering included, compiled, but loading any
 package through torch._inductor.aoti_load_package crashed there; the loader now builds the C++

@@ -378,21 +378,12 @@ def bench_act_quant(report: Report, sh: Shapes, quick: bool) -> None:
 
 def _moe_grouped_mm(x, w13_t, w2_t, tw, ids, n_experts):
     """Best torch alternative: sort by expert, two torch._grouped_mm, SwiGLU, weighted index_add."""
-    k = ids.shape[1]
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    offs = torch.cumsum(torch.bincount(flat, minlength=n_experts), 0).to(torch.int32)
-    rows = order // k
-    h = torch._grouped_mm(x[rows], w13_t, offs=offs)  # [T*k, 2I]
-    inter = h.shape[1] // 2
-    h = F.silu(h[:, :inter]) * h[:, inter:]
-    y = torch._grouped_mm(h, w2_t, offs=offs) * tw.reshape(-1)[order, None]  # [T*k, D]
-    return torch.zeros_like(x).index_add_(0, rows, y)
+    return _presorted_grouped_mm(x, w13_t, w2_t, tw, ids, n_experts)()
 
 
 def _presorted_grouped_mm(x, w13_t, w2_t, tw, ids, n_experts):
-    """_moe_grouped_mm with the routing sort done once outside (bincount syncs the host, which a CUDA
-    graph cannot hold): the torch baseline's best case, GEMMs + SwiGLU + weighted combine only."""
+    """The torch MoE split in two: the routing sort now (bincount syncs the host, which a CUDA graph
+    cannot hold), and the returned run() = two torch._grouped_mm, SwiGLU, weighted index_add."""
     k = ids.shape[1]
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)

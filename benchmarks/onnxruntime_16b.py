@@ -3,16 +3,18 @@
     PYTHONPATH=/tmp/site python benchmarks/onnxruntime_16b.py [--precisions bf16,fp8]
         [--batches 1,8,64] [--context 1024] [--decode-steps 8] [--work /tmp/ort16b]
         [--budget-s 560] [--out DIR] [--n-layers N] [--skip-reference] [--delete-engines]
+        [--wait-builds SECONDS]
 
 Needs onnxruntime-gpu (CUDAExecutionProvider) on PYTHONPATH. Made for one device call: each
 section runs in try/except, checks the time left against its estimate (skipped with a reason
 when it would not fit) and the JSON is rewritten after every section, so a call stopped at its
 limit still returns what was measured. Engines are built into --work and reused when a later
-call on the same warm machine finds them there (delete --work to rebuild); measured on the CPU
-machine, a 3-layer 16b build (3.3 GB bf16) takes ~100 s on 2 cores and peaks at 2.4x the weight
-bytes of host RAM, so the full 16b build (31 GB bf16, ~75 GB peak) may need a call of its own: e.g. call 1
-`--precisions bf16 --skip-reference`, call 2 `--precisions fp8 --skip-reference`, call 3 the
-default (both engines reused, reference timed, one table). Sections:
+call on the same warm machine finds them there (delete --work to rebuild). A full 16b build takes
+5-8 minutes and up to ~75 GB of host RAM, so the usual way is to run benchmarks/ort_builds_16b.sh in
+the background and this script with --wait-builds: the reference is loaded and timed first (the GPU
+is idle while the engines are built), then each engine is timed as soon as its build's marker file
+appears, all in one process (see benchmarks/device_chain.sh). Sections:
+Sections:
 
   floor      measured device copy bandwidth; bytes a decode step must read at batch b (dense
              weights + expected distinct routed experts + the KV cache of `context` positions)
@@ -43,7 +45,7 @@ from typing import Any, Callable
 
 import torch
 
-from _report import Report  # noqa: E402 - sibling module of this script
+from _report import Report, log  # noqa: E402 - sibling module of this script
 
 PRESET_SEED = 0
 
@@ -104,6 +106,18 @@ def _reusable_engine(path: Path):
         return verify_engine_dir(path, check_hashes=False)
     except Exception:  # noqa: BLE001 - missing or incomplete
         return None
+
+
+def wait_for_build(work: Path, precision: str, timeout_s: float) -> dict[str, Any]:
+    """Wait for benchmarks/ort_builds_16b.sh (running in the background) to finish this engine:
+    it leaves engine-P.done, or engine-P.failed with the exit code."""
+    start = time.perf_counter()
+    done, failed = work / f"engine-{precision}.done", work / f"engine-{precision}.failed"
+    while not (done.exists() or failed.exists()) and time.perf_counter() - start < timeout_s:
+        time.sleep(2.0)
+    state = "done" if done.exists() else f"failed rc={failed.read_text().strip()}" if failed.exists() else "timed out"
+    log(f"{precision}/wait: {state} after {time.perf_counter() - start:.0f} s")
+    return {"state": state, "waited_s": round(time.perf_counter() - start, 1)}
 
 
 def build(precision: str, work: Path, n_layers: int | None) -> dict[str, Any]:
@@ -242,6 +256,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     p.add_argument("--n-layers", type=int, default=None, help="smaller model for a smoke run")
     p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--wait-builds", type=float, default=0.0,
+                   help="wait up to this many seconds per engine for ort_builds_16b.sh's marker file")
     p.add_argument("--delete-engines", action="store_true", help="delete each engine after timing it (disk)")
     a = p.parse_args()
     precisions = [x for x in a.precisions.split(",") if x]
@@ -284,7 +300,11 @@ def main() -> int:
     if not a.skip_reference:
         report.section("reference", "load", 120, load_reference)
     reference = holder.get("model")
+    if reference is not None:  # first: the GPU is free while the background builds still run
+        report.section("bf16", "reference", 60, lambda: time_reference(reference, batches, a.context, a.decode_steps))
     for prec in precisions:
+        if a.wait_builds:
+            report.put(prec, "wait", wait_for_build(a.work, prec, a.wait_builds))
         reusable = _reusable_engine(a.work / f"engine-{prec}") is not None  # reused: seconds; built: minutes
         built = report.section(prec, "build", 5 if reusable else 240, lambda: build(prec, a.work, a.n_layers))
         if built is None or "error" in built:
@@ -293,8 +313,6 @@ def main() -> int:
                                                                 reference))
         if a.delete_engines:
             shutil.rmtree(a.work / f"engine-{prec}", ignore_errors=True)  # disk: 31 GB bf16, 16 GB fp8
-    if reference is not None:
-        report.section("bf16", "reference", 60, lambda: time_reference(reference, batches, a.context, a.decode_steps))
     print(markdown(report.data, batches))
     print(f"\nJSON: {report.path}")
     return 0

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# A device session's GPU work as ONE background chain on one warm machine, fed and read by short
+# device calls. Why: the machine is held for 30 minutes at most, /tmp lives only while it stays warm
+# (~30 s after a call), a call carries at most 64 MiB (onnxruntime-gpu needs 4 calls) and returns at
+# most 8 files; the 16b engine builds (CPU, 5-8 min each) and the GPU runs overlap only if something
+# keeps running between calls.
+#
+#   bash benchmarks/device_chain.sh start        # call 1: install the package, start the chain, return
+#   bash benchmarks/device_chain.sh chunk FILE   # calls 2..: hand over one onnxruntime-gpu chunk
+#                                                #   (benchmarks/pack_onnxruntime_gpu.sh; the last one
+#                                                #   is named with `chunk FILE last`)
+#   bash benchmarks/device_chain.sh wait SECONDS # later calls: wait until the chain ends or SECONDS
+#                                                #   pass, then pack everything into $OUT/chain.tgz
+#
+# Every call prints the chain's log and packs its results, so a machine lost mid-way still leaves
+# what was measured up to the previous call. Chain, in order:
+#   background (cores 8-15): benchmarks/ort_builds_16b.sh (16b ONNX Runtime CUDA engines, bf16 then fp8)
+#   foreground (cores 0-7, the GPU), one after the other:
+#     probe    benchmarks/torch_load_probe.py (tiny torch engine on CUDA: which load/run stage dies)
+#     ort      benchmarks/onnxruntime_16b.py --wait-builds: eager reference first, then each engine as
+#              soon as its build is done, generate included (one process: one run)
+#     profile  dsv3-export profile of both 16b engines (--batch 1,8,64 --prompt-len 128,1024
+#              --decode-steps 64): the numbers of benchmarks/RESULTS.md
+#     trace    dsv3-export profile --trace of the bf16 engine at batch 1 (ONNX Runtime's per-op times)
+#     torch16b benchmarks/torch_16b.py --precisions fp8, with the time left before MINUTES_HELD
+# A step starts only if the minutes since `start` are below its own start limit (the machine goes
+# back 30 minutes after it was taken, with whatever is running).
+set -u
+CHAIN=${CHAIN_DIR:-/tmp/chain}
+ORT_SITE=/tmp/site
+ORT_CHUNKS=/tmp/ortxz
+ENGINES=/tmp/ort16b
+
+log() { echo "=== $(date +%T) $*" >> "$CHAIN/chain.log"; }
+minutes() { echo $(( ($(date +%s) - $(cat "$CHAIN/t0")) / 60 )); }
+
+# step NAME START_LIMIT_MIN CMD...: run CMD (output in NAME.log) unless the chain is START_LIMIT_MIN old
+step() {
+  local name=$1 limit=$2; shift 2
+  if [ "$(minutes)" -ge "$limit" ]; then log "$name skipped: $(minutes) min >= $limit"; return; fi
+  log "$name start"
+  local t=$(date +%s)
+  "$@" > "$CHAIN/$name.log" 2>&1
+  log "$name rc=$? in $(( $(date +%s) - t )) s"
+}
+
+wait_for_onnxruntime() {
+  while [ ! -f "$ORT_SITE/.unpacked" ]; do sleep 2; done
+}
+
+chain() {
+  taskset -c 8-15 env WORK=$ENGINES bash benchmarks/ort_builds_16b.sh > "$CHAIN/ort_builds.log" 2>&1 &
+  export PYTHONUNBUFFERED=1
+  step probe 12 taskset -c 0-7 timeout 480 python3 benchmarks/torch_load_probe.py --timeout 150 --out "$CHAIN/probe"
+  wait_for_onnxruntime
+  export PYTHONPATH=$ORT_SITE
+  step ort 14 taskset -c 0-7 python3 benchmarks/onnxruntime_16b.py --wait-builds 900 --budget-s 1500 \
+    --out "$CHAIN/ort"
+  step profile 21 taskset -c 0-7 python3 -m dsv3_export profile "$ENGINES/engine-bf16" --compare "$ENGINES/engine-fp8" \
+    --batch 1,8,64 --prompt-len 128,1024 --decode-steps 64 --out "$CHAIN/profile"
+  step trace 24 taskset -c 0-7 python3 -m dsv3_export profile "$ENGINES/engine-bf16" --batch 1 --prompt-len 128 \
+    --decode-steps 8 --repeats 1 --trace --out "$CHAIN/trace"
+  step torch16b 20 taskset -c 0-7 python3 benchmarks/torch_16b.py --precisions fp8 \
+    --budget-s $(( (28 - $(minutes)) * 60 )) --out "$CHAIN/torch16b"
+  log "chain done"
+  touch "$CHAIN/chain.done"
+}
+
+report() {
+  echo "--- chain.log ($(minutes) min since start)"; cat "$CHAIN/chain.log"
+  echo "--- ort_builds.log (tail)"; tail -n 8 "$CHAIN/ort_builds.log" 2>/dev/null
+  for f in "$CHAIN"/*.log; do
+    case $f in */chain.log|*/ort_builds.log) continue ;; esac
+    echo "--- $(basename "$f") (tail)"; tail -n 25 "$f"
+  done
+  # one file back: logs, JSON, Markdown and plots; not engines (the probe's) nor traces over 16 MiB
+  [ -n "${OUT:-}" ] && tar czf "$OUT/chain.tgz" -C "$CHAIN" --exclude=engine --exclude='*.pt2' . \
+    && ls -l "$OUT/chain.tgz"
+  cp "$ENGINES"/build-*.log "$OUT/" 2>/dev/null
+  true
+}
+
+case ${1:-} in
+  start)
+    mkdir -p "$CHAIN" "$ORT_CHUNKS"
+    date +%s > "$CHAIN/t0"
+    python3 -m pip install -q --no-deps --no-build-isolation -e . > "$CHAIN/install.log" 2>&1 \
+      || { cat "$CHAIN/install.log"; exit 1; }
+    log "installed; chain starting"
+    setsid nohup bash "$0" _chain < /dev/null > "$CHAIN/chain.out" 2>&1 &
+    sleep 5
+    report
+    ;;
+  chunk)
+    mkdir -p "$ORT_CHUNKS"
+    cp "$2" "$ORT_CHUNKS/" && log "chunk $(basename "$2") copied"
+    if [ "${3:-}" = last ]; then
+      mkdir -p "$ORT_SITE"
+      cat "$ORT_CHUNKS"/ortxz.* | xz -d | tar x -C "$ORT_SITE" && touch "$ORT_SITE/.unpacked" \
+        && log "onnxruntime-gpu unpacked into $ORT_SITE" || log "onnxruntime-gpu unpack FAILED"
+    fi
+    report
+    ;;
+  wait)
+    end=$(( $(date +%s) + ${2:-60} ))
+    while [ ! -f "$CHAIN/chain.done" ] && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
+    report
+    ;;
+  _chain) chain ;;
+  *) echo "usage: $0 start | chunk FILE [last] | wait SECONDS" >&2; exit 2 ;;
+esac

@@ -38,8 +38,7 @@ from typing import Any, Callable
 import torch
 
 from dsv3_export.checkpoint import preset_model
-from dsv3_export.engines.torch import compile_package, lower_program, program_constants
-from dsv3_export.engines.torch_device import device_info
+from dsv3_export.engines.torch import compile_package, lower_program, package_info, program_constants
 from dsv3_export.engines.torch_step import AOTIStep
 from dsv3_export.export import export_step
 from dsv3_export.passes.base import PassConfig
@@ -104,7 +103,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def build_engine_in_memory(model, precision: str, kinds: tuple[str, ...], workdir: Path,
                            report: dict[str, Any]) -> AOTIStep:
     """What TorchBackend.build + load do, without writing 31 GB of weights to disk and hashing them."""
-    info = device_info(DEVICE)
+    info = package_info(DEVICE, log)  # the C++ compiler checked first (engines/torch_cxx.py)
     config = PassConfig(precision=precision, fp8_activations=True)
     weights: dict[str, torch.Tensor] = {}
     packages = {}

@@ -20,7 +20,7 @@ Python process, so one crash cannot hide the next stage, with
 
 Stages (each loads from scratch; later ones include the earlier steps):
     build              build_engine(tiny, torch, device, precision) into --out/engine
-    linear             a plain Linear compiled with AOTInductor, constants in the .so, loaded by
+    linear             a plain Linear compiled with AOTInductor (C++ compiler chosen as the build does), constants in the .so, loaded by
                        the C++ loader and run; then the same with package_constants_in_so=False and
                        user-managed constants (the session-1 crash was reported for a plain Linear)
     linear_fresh       the two Linear packages loaded and run in a fresh process (compile and load
@@ -158,15 +158,18 @@ def stage_linear(device, work: Path, fresh: bool) -> None:
     """Compile (unless fresh) and run a plain Linear package, constants in the .so and user-managed."""
     import torch
 
+    from dsv3_export.engines.torch_cxx import select_cxx
+
     lin, x = _linear(device)
     work.mkdir(parents=True, exist_ok=True)
+    cxx = select_cxx().path  # as the build does (DSV3_TORCH_CXX forces one; session 3: $CXX broke loading)
     for tag in ("in_so", "user_managed"):
         path = work / f"linear_{tag}.pt2"
         if not fresh:
             step(f"linear {tag}: compile")
             torch._inductor.aoti_compile_and_package(
                 torch.export.export(lin, (x,)), package_path=str(path),
-                inductor_configs={"aot_inductor.package_constants_in_so": tag == "in_so"})
+                inductor_configs={"aot_inductor.package_constants_in_so": tag == "in_so", "cpp.cxx": (None, cxx)})
         _run_linear(tag, path, lin, x, device)
 
 

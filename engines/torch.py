@@ -21,13 +21,13 @@ off at load); prefill runs the package directly. CPU engines use no graphs.
 `backend_info.constants` records each constant's dtype, shape and strides as compiled; both
 loaders check the weights file against it. The KV cache is never inside the packages: the runtime
 owns it and writes new_kv in place (dsv3_export.runtime; runtime/cpp/ for C++).
+C++ compiler: checked before compiling (engines/torch_cxx.py): on the H200 machine `$CXX` linked
+libstdc++ statically into shared objects, and every package it built crashed at load (std::regex in
+AOTInductor's device-string parsing). `backend_info.cxx` records the compiler used and those refused.
 Status (2026-11-28): CPU engines are tested (tests/engines, tests/test_cpp_runtime.py). On the
-H200 (torch 2.11) the tiny CUDA programs, triton_op lowering included, compiled, but loading any
-package through torch._inductor.aoti_load_package crashed there; the loader now builds the C++
-AOTIModelPackageLoader directly (as runtime/cpp does). That loader then also died with SIGSEGV
-after the CUDA build (benchmarks/results/torch_tiny_cuda_segfault.log), stage unknown; the
-loader now runs packages single-threaded and checks constants (engines/torch_step.py), and
-benchmarks/torch_load_probe.py isolates each load/run stage in its own process.
+H200 (torch 2.11) the tiny CUDA programs, triton_op lowering included, compile; with a checked
+compiler a plain CUDA package loads and runs there (benchmarks/RESULTS.md, session 3); the tiny and
+16b engines have not been run there since.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from torch.export import ExportedProgram
 
 from dsv3_export.engines.base import (BackendUnavailable, BuildOutput, Progress, Target, TensorSpec, dtype_name,
                                        torch_dtype)
+from dsv3_export.engines.torch_cxx import select_cxx
 from dsv3_export.engines.torch_device import device_info, incompatibility
 from dsv3_export.engines.torch_lower import lower_dsv3_ops
 from dsv3_export.engines.torch_step import (CUDA_GRAPH_ENV, SINGLE_THREADED_ENV, AOTIStep, constant_records, env_flag,
@@ -85,7 +86,23 @@ def inductor_configs(kind: str, info: dict[str, Any]) -> dict[str, Any]:
     }
     if info["device_kind"] == "cpu" and info.get("march"):
         configs["cpp.march"] = info["march"]
+    if info.get("cxx"):  # checked by engines/torch_cxx.py: its shared objects load next to torch
+        configs["cpp.cxx"] = (None, info["cxx"]["path"])
     return configs
+
+
+def package_info(device: str, say: Progress | None = None) -> dict[str, Any]:
+    """What the packages are compiled for (engines/torch_device.py) and with: the C++ compiler
+    whose shared objects were checked to load next to torch (engines/torch_cxx.py)."""
+    try:
+        cxx = select_cxx()
+    except RuntimeError as e:
+        raise BackendUnavailable(str(e)) from None
+    if say is not None:
+        for compiler, why in cxx.rejected.items():
+            say(f"torch: not compiling with {compiler}: {why}")
+        say(f"torch: C++ compiler {cxx.path} ({cxx.version})")
+    return {**device_info(device), "cxx": cxx.record()}
 
 
 def compile_package(ep: ExportedProgram, kind: str, path: Path, info: dict[str, Any]) -> Path:
@@ -171,7 +188,7 @@ class TorchBackend:
         missing = [k for k in PROGRAM_KINDS if k not in programs]
         if missing:
             raise ValueError(f"torch backend: needs programs {PROGRAM_KINDS}, missing {missing}")
-        info = device_info(target.device)
+        info = package_info(target.device, say)
         lowered: dict[str, ExportedProgram] = {}
         lowerings: dict[str, str] = {}
         weights: dict[str, torch.Tensor] = {}

@@ -90,9 +90,9 @@ def load_weights(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
 def load_package(path: Path, device: torch.device, single_threaded: bool = True):
     """An AOTInductor package as a callable, through the same C++ loader runtime/cpp uses.
 
-    Not torch._inductor.aoti_load_package: on the GPU machine (torch 2.11) it crashed (SIGSEGV)
-    before returning for every CUDA package, a plain Linear included, while building the C++
-    AOTIModelPackageLoader directly is what the C++ runtime does. On CUDA the runtime is
+    Builds the C++ AOTIModelPackageLoader directly, as the C++ runtime does, with the run mode
+    chosen here (torch._inductor.aoti_load_package picks its own). The crashes at load seen on the
+    GPU machine with either path were the C++ compiler's (engines/torch_cxx.py). On CUDA the runtime is
     initialized and the package's device made current while the loader runs: the model's
     constructor takes the current device (cudaGetDevice) when given none.
     """

@@ -12,8 +12,11 @@ runs come first (kernel loading, allocator growth, CUDA-graph capture). TTFT inc
 every prompt position: the step contract returns [b, s, V] logits (for 16b at b=64, s=1024 that is
 13.7 TFLOP and 26.8 GB of fp32 logits), which a server computing only the last position skips.
 Memory: CUDA: the device's used memory at its highest sampled point (torch's peak plus what
-other allocators such as ONNX Runtime's arena hold: cudaMemGetInfo after each run) and torch's
-own peak; CPU: the process's peak resident set size over the configuration (VmHWM, reset per
+other allocators such as ONNX Runtime's arena hold: cudaMemGetInfo after each run), torch's own
+peak, and the device's used memory just before the engine was loaded (the previous engine gone,
+torch's cache emptied), so peak - baseline is this engine's; torch's cache is emptied before each
+configuration too, or blocks cached by a larger earlier one would count (session 3's 16b report
+counted 40 GiB of the bf16 engine's logits in the fp8 engine's rows that way). CPU: the process's peak resident set size over the configuration (VmHWM, reset per
 configuration through /proc/self/clear_refs where the kernel allows it).
 """
 
@@ -38,7 +41,7 @@ from dsv3_export.reports.diff import _device_name, engine_hash
 from dsv3_export.runtime import Engine, load_engine
 from dsv3_export.step import write_cache
 
-SCHEMA = "dsv3-export/profile/1"
+SCHEMA = "dsv3-export/profile/2"
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class Memory:
     peak_bytes: int
     torch_peak_bytes: int | None  # CUDA: torch.cuda.max_memory_allocated
     note: str
+    baseline_bytes: int | None = None  # CUDA: device used before the engine was loaded
 
 
 @dataclass
@@ -191,13 +195,15 @@ def timed_run(engine: Engine, tokens: torch.Tensor, decode_steps: int, step=None
 class _MemoryMeter:
     """Peak memory over one configuration (see the module docstring for what is measured)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, baseline_bytes: int | None = None):
         self.device = device
+        self.baseline_bytes = baseline_bytes
         self.peak_used = 0
         self.reset_ok = False
 
     def start(self) -> None:
         if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # blocks an earlier configuration cached are not this one's
             torch.cuda.reset_peak_memory_stats(self.device)
             self.peak_used = 0
         else:
@@ -216,7 +222,8 @@ class _MemoryMeter:
         if self.device.type == "cuda":
             return Memory(kind="cuda device used", peak_bytes=int(self.peak_used),
                           torch_peak_bytes=int(torch.cuda.max_memory_allocated(self.device)),
-                          note="cudaMemGetInfo after each run (all allocators, other processes included)")
+                          note="cudaMemGetInfo after each run (all allocators, other processes included)",
+                          baseline_bytes=self.baseline_bytes)
         status = Path("/proc/self/status")
         match = re.search(r"VmHWM:\s+(\d+) kB", status.read_text()) if status.exists() else None
         if match is None:
@@ -250,13 +257,13 @@ def _skip_reason(engine: Engine, batch: int, prompt_len: int, decode_steps: int)
 
 
 def profile_config(engine: Engine, batch: int, prompt_len: int, options: ProfileOptions,
-                   advance: Callable[[], None]) -> ConfigResult:
+                   advance: Callable[[], None], baseline_bytes: int | None = None) -> ConfigResult:
     reason = _skip_reason(engine, batch, prompt_len, options.decode_steps)
     if reason:
         return ConfigResult(batch, prompt_len, options.decode_steps, reason, None, None, None, None, None)
     g = torch.Generator().manual_seed(options.seed)
     tokens = torch.randint(0, engine.args.vocab_size, (batch, prompt_len), generator=g)  # [b, P]
-    meter = _MemoryMeter(engine.device)
+    meter = _MemoryMeter(engine.device, baseline_bytes)
     meter.start()
     with torch.no_grad():
         for _ in range(options.warmup):
@@ -278,11 +285,11 @@ def profile_config(engine: Engine, batch: int, prompt_len: int, options: Profile
 
 
 def _guarded_config(engine: Engine, label: str, batch: int, prompt_len: int, options: ProfileOptions,
-                    advance: Callable[[], None], console: Console) -> ConfigResult:
+                    advance: Callable[[], None], console: Console, baseline_bytes: int | None) -> ConfigResult:
     """profile_config, with a failure (out of memory, a provider error) recorded in the report
     instead of losing every configuration measured before it; the command then exits 1."""
     try:
-        return profile_config(engine, batch, prompt_len, options, advance)
+        return profile_config(engine, batch, prompt_len, options, advance, baseline_bytes)
     except (RuntimeError, ValueError) as e:  # torch.OutOfMemoryError, onnxruntime's errors are RuntimeErrors
         message = f"failed: {type(e).__name__}: {' '.join(str(e).split())[:400]}"
         console.print(f"[red]{label}: batch {batch}, prompt {prompt_len}: {message}[/red]")
@@ -295,6 +302,21 @@ def failed_configs(report: ProfileReport) -> list[str]:
     """'label batch b prompt p: reason' for every configuration whose runs raised."""
     return [f"{e.label} batch {r.batch} prompt {r.prompt_len}: {r.skipped}"
             for e in report.engines for r in e.results if r.skipped and r.skipped.startswith("failed:")]
+
+
+def device_used_before_load(engine_dir: Path) -> int | None:
+    """CUDA engines: bytes in use on the device with nothing of ours cached (the previous engine is
+    gone by now; its tensors left in torch's cache are released); None for CPU engines."""
+    import gc
+
+    from dsv3_export.manifest import verify_engine_dir
+
+    if verify_engine_dir(engine_dir, check_hashes=False).device != "cuda" or not torch.cuda.is_available():
+        return None
+    gc.collect()
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    return int(total - free)
 
 
 def _labels(paths: tuple[Path, ...]) -> list[str]:
@@ -318,13 +340,15 @@ def run_profile(options: ProfileOptions, console: Console | None = None, trace_d
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("profiling", total=runs)
         for label, path in zip(_labels(options.engine_dirs), options.engine_dirs):
+            baseline = device_used_before_load(path)
             t0 = time.perf_counter()
             engine = load_engine(path)
             load_s = time.perf_counter() - t0
             results = []
             for b, p in configs:
                 progress.update(task, description=f"{label}: batch {b}, prompt {p}")
-                result = _guarded_config(engine, label, b, p, options, lambda: progress.advance(task), console)
+                result = _guarded_config(engine, label, b, p, options, lambda: progress.advance(task), console,
+                                         baseline)
                 if result.skipped:
                     progress.advance(task, options.warmup + options.repeats)
                 results.append(result)

@@ -89,6 +89,13 @@ def render_diff(report: dict[str, Any], images: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _memory_cell(mem: dict) -> str:
+    cell = f"{mem['peak_bytes'] / 2**20:.1f} MiB ({mem['kind']})"
+    if mem.get("baseline_bytes") is not None:
+        cell += f", {(mem['peak_bytes'] - mem['baseline_bytes']) / 2**20:.1f} MiB above the load baseline"
+    return cell
+
+
 def render_profile(report: dict[str, Any], images: list[str]) -> str:
     lines = ["# dsv3-export profile", ""]
     s = report["settings"]
@@ -112,7 +119,7 @@ def render_profile(report: dict[str, Any], images: list[str]) -> str:
             lines.append(head + f"| {r['batch']} | {r['prompt_len']} | {r['ttft_ms']['median']:.3f} | "
                          f"{t['min']:.3f} / {t['mean']:.3f} / {t['median']:.3f} / {t['p90']:.3f} / {t['p99']:.3f} | "
                          f"{r['decode_tokens_per_s']:.1f} | {r['prefill_tokens_per_s']:.1f} | "
-                         f"{mem['peak_bytes'] / 2**20:.1f} MiB ({mem['kind']}) |")
+                         f"{_memory_cell(mem)} |")
     lines.append("")
     for e in report["engines"]:
         lines.append(f"- `{e['label']}`: {e['backend']} {e['device']}/{e['precision']}, CUDA graphs: "

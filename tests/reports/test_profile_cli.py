@@ -30,7 +30,7 @@ def test_profile_writes_schema_checked_json(profiled):
     assert code == EXIT_OK
     raw = json.loads((out / "report.json").read_text())
     report = from_dict(ProfileReport, raw)  # every key and type, recursively; unknown keys refused
-    assert report.schema == "dsv3-export/profile/1"
+    assert report.schema == "dsv3-export/profile/2"
     assert [e.label for e in report.engines] == ["engine_clean#0", "engine_clean#1"]
     e = report.engines[0]
     assert (e.backend, e.device, e.precision, e.cuda_graphs) == ("onnxruntime", "cpu", "fp32", False)

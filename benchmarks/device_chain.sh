@@ -5,26 +5,29 @@
 # most 8 files; the 16b engine builds (CPU, 5-8 min each) and the GPU runs overlap only if something
 # keeps running between calls.
 #
-#   bash benchmarks/device_chain.sh start        # call 1: install the package, start the chain, return
-#   bash benchmarks/device_chain.sh chunk FILE   # calls 2..: hand over one onnxruntime-gpu chunk
-#                                                #   (benchmarks/pack_onnxruntime_gpu.sh; the last one
-#                                                #   is named with `chunk FILE last`)
-#   bash benchmarks/device_chain.sh wait SECONDS # later calls: wait until the chain ends or SECONDS
-#                                                #   pass, then pack everything into $OUT/chain.tgz
+#   bash benchmarks/device_chain.sh start [STEPS]  # call 1: install the package, start the chain, return
+#   bash benchmarks/device_chain.sh chunk FILE     # calls 2..: hand over one onnxruntime-gpu chunk
+#                                                  #   (benchmarks/pack_onnxruntime_gpu.sh; the last one
+#                                                  #   is named with `chunk FILE last`)
+#   bash benchmarks/device_chain.sh wait SECONDS   # later calls: wait until the chain ends or SECONDS
+#                                                  #   pass, then pack everything into $OUT/chain.tgz
 #
 # Every call prints the chain's log and packs its results, so a machine lost mid-way still leaves
-# what was measured up to the previous call. Chain, in order:
-#   background (cores 8-15): benchmarks/ort_builds_16b.sh (16b ONNX Runtime CUDA engines, bf16 then fp8)
-#   foreground (cores 0-7, the GPU), one after the other:
-#     probe    benchmarks/torch_load_probe.py (tiny torch engine on CUDA: which load/run stage dies)
-#     ort      benchmarks/onnxruntime_16b.py --wait-builds: eager reference first, then each engine as
-#              soon as its build is done, generate included (one process: one run)
-#     profile  dsv3-export profile of both 16b engines (--batch 1,8,64 --prompt-len 128,1024
+# what was measured up to the previous call. STEPS: comma-separated, run in that order (default:
+# session 3's "builds,probe,ort,profile,trace,torch16b"):
+#   builds     in the background (cores 8-15): benchmarks/ort_builds_16b.sh, the 16b ONNX Runtime CUDA
+#              engines ($PRECISIONS, default "bf16 fp8"); the next steps run on cores 0-7 and the GPU
+#   probe      benchmarks/torch_load_probe.py (tiny torch engine on CUDA: which load/run stage dies)
+#   tinytorch  benchmarks/torch_tiny_cuda.py (tiny torch engine on CUDA: build, accuracy, generate)
+#   torch16b   benchmarks/torch_16b.py ($TORCH16B_PRECISIONS, default "fp8,bf16"), with the time left
+#   kernels    benchmarks/kernels.py ($KERNELS_ARGS)
+#   ort        benchmarks/onnxruntime_16b.py --wait-builds: eager reference first, then each engine as
+#              soon as its build is done, generate included (one process: one run); needs onnxruntime-gpu
+#   profile    dsv3-export profile of the 16b engines (--batch 1,8,64 --prompt-len 128,1024
 #              --decode-steps 64): the numbers of benchmarks/RESULTS.md
-#     trace    dsv3-export profile --trace of the bf16 engine at batch 1 (ONNX Runtime's per-op times)
-#     torch16b benchmarks/torch_16b.py --precisions fp8, with the time left before MINUTES_HELD
-# A step starts only if the minutes since `start` are below its own start limit (the machine goes
-# back 30 minutes after it was taken, with whatever is running).
+#   trace      dsv3-export profile --trace of the bf16 engine at batch 1 (ONNX Runtime's per-op times)
+# A step starts only if the minutes since `start` are below its start limit (the machine goes back
+# 30 minutes after it was taken, with whatever is running).
 set -u
 CHAIN=${CHAIN_DIR:-/tmp/chain}
 ORT_SITE=/tmp/site
@@ -48,20 +51,38 @@ wait_for_onnxruntime() {
   while [ ! -f "$ORT_SITE/.unpacked" ]; do sleep 2; done
 }
 
+wait_for_engine() {  # the background build of engine-$1 finished (done or failed)
+  while [ ! -f "$ENGINES/engine-$1.done" ] && [ ! -f "$ENGINES/engine-$1.failed" ]; do sleep 2; done
+}
+
+run_step() {
+  case $1 in
+    builds) taskset -c 8-15 env WORK=$ENGINES bash benchmarks/ort_builds_16b.sh > "$CHAIN/ort_builds.log" 2>&1 &
+            log "builds started in the background" ;;
+    probe) step probe 12 taskset -c 0-7 timeout 480 python3 benchmarks/torch_load_probe.py --timeout 300 \
+             --out "$CHAIN/probe" ;;
+    tinytorch) step tinytorch 20 taskset -c 0-7 timeout 540 python3 benchmarks/torch_tiny_cuda.py --out "$CHAIN/tinytorch" ;;
+    torch16b) step torch16b 20 taskset -c 0-7 python3 benchmarks/torch_16b.py --precisions "${TORCH16B_PRECISIONS:-fp8,bf16}" \
+                --budget-s $(( (28 - $(minutes)) * 60 )) --out "$CHAIN/torch16b" ;;
+    kernels) mkdir -p "$CHAIN/kernels"
+             step kernels 24 env OUT="$CHAIN/kernels" taskset -c 0-7 python3 benchmarks/kernels.py ${KERNELS_ARGS:-} ;;
+    ort) wait_for_onnxruntime
+         step ort 14 env PYTHONPATH=$ORT_SITE taskset -c 0-7 python3 benchmarks/onnxruntime_16b.py \
+           --precisions "$(echo ${PRECISIONS:-bf16 fp8} | tr ' ' ,)" --wait-builds 900 --budget-s 1500 --out "$CHAIN/ort" ;;
+    profile) wait_for_onnxruntime
+             step profile 21 env PYTHONPATH=$ORT_SITE taskset -c 0-7 python3 -m dsv3_export profile \
+               "$ENGINES/engine-bf16" --compare "$ENGINES/engine-fp8" --batch 1,8,64 --prompt-len 128,1024 \
+               --decode-steps 64 --out "$CHAIN/profile" ;;
+    trace) wait_for_onnxruntime; wait_for_engine bf16
+           step trace 24 env PYTHONPATH=$ORT_SITE taskset -c 0-7 python3 -m dsv3_export profile "$ENGINES/engine-bf16" \
+             --batch 1 --prompt-len 128 --decode-steps 8 --repeats 1 --trace --out "$CHAIN/trace" ;;
+    *) log "unknown step $1" ;;
+  esac
+}
+
 chain() {
-  taskset -c 8-15 env WORK=$ENGINES bash benchmarks/ort_builds_16b.sh > "$CHAIN/ort_builds.log" 2>&1 &
-  export PYTHONUNBUFFERED=1
-  step probe 12 taskset -c 0-7 timeout 480 python3 benchmarks/torch_load_probe.py --timeout 150 --out "$CHAIN/probe"
-  wait_for_onnxruntime
-  export PYTHONPATH=$ORT_SITE
-  step ort 14 taskset -c 0-7 python3 benchmarks/onnxruntime_16b.py --wait-builds 900 --budget-s 1500 \
-    --out "$CHAIN/ort"
-  step profile 21 taskset -c 0-7 python3 -m dsv3_export profile "$ENGINES/engine-bf16" --compare "$ENGINES/engine-fp8" \
-    --batch 1,8,64 --prompt-len 128,1024 --decode-steps 64 --out "$CHAIN/profile"
-  step trace 24 taskset -c 0-7 python3 -m dsv3_export profile "$ENGINES/engine-bf16" --batch 1 --prompt-len 128 \
-    --decode-steps 8 --repeats 1 --trace --out "$CHAIN/trace"
-  step torch16b 20 taskset -c 0-7 python3 benchmarks/torch_16b.py --precisions fp8 \
-    --budget-s $(( (28 - $(minutes)) * 60 )) --out "$CHAIN/torch16b"
+  export PYTHONUNBUFFERED=1 TORCH_DISABLE_ADDR2LINE=1  # symbolizing every C++ exception slowed builds 3x
+  for name in $(echo "${1:-builds,probe,ort,profile,trace,torch16b}" | tr , ' '); do run_step "$name"; done
   log "chain done"
   touch "$CHAIN/chain.done"
 }
@@ -84,10 +105,12 @@ case ${1:-} in
   start)
     mkdir -p "$CHAIN" "$ORT_CHUNKS"
     date +%s > "$CHAIN/t0"
-    python3 -m pip install -q --no-deps --no-build-isolation -e . > "$CHAIN/install.log" 2>&1 \
-      || { cat "$CHAIN/install.log"; exit 1; }
+    if [ -z "${CHAIN_NO_INSTALL:-}" ]; then  # set it where the package is installed already
+      python3 -m pip install -q --no-deps --no-build-isolation -e . > "$CHAIN/install.log" 2>&1 \
+        || { cat "$CHAIN/install.log"; exit 1; }
+    fi
     log "installed; chain starting"
-    setsid nohup bash "$0" _chain < /dev/null > "$CHAIN/chain.out" 2>&1 &
+    setsid nohup bash "$0" _chain "${2:-}" < /dev/null > "$CHAIN/chain.out" 2>&1 &
     sleep 5
     report
     ;;
@@ -106,6 +129,6 @@ case ${1:-} in
     while [ ! -f "$CHAIN/chain.done" ] && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
     report
     ;;
-  _chain) chain ;;
-  *) echo "usage: $0 start | chunk FILE [last] | wait SECONDS" >&2; exit 2 ;;
+  _chain) chain "${2:-}" ;;
+  *) echo "usage: $0 start [STEPS] | chunk FILE [last] | wait SECONDS" >&2; exit 2 ;;
 esac

@@ -203,7 +203,7 @@ def eager_section(model, batches, prompt_len, steps, compiled: bool) -> dict[str
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="16b")
+    p.add_argument("--preset", default=None, help="default: 16b on cuda, tiny on cpu")
     p.add_argument("--precisions", default="bf16,fp8")
     p.add_argument("--batches", default="1,8,64")
     p.add_argument("--prompt-len", type=int, default=1024)
@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = p.parse_args(argv)
     global DEVICE
     DEVICE = opts.device
+    opts.preset = opts.preset or ("16b" if DEVICE == "cuda" else "tiny")  # 16b on this CPU: out of memory
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("torch_16b: needs a CUDA GPU (or --device cpu for a smoke run)", file=sys.stderr)
         return 1

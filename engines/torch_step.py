@@ -14,9 +14,8 @@ buffers and replay. The cache tensor is captured by address, which is right beca
 updates it in place. At most MAX_GRAPHS graphs are kept (least recently used dropped). If a
 capture fails the step falls back to running the package directly and says so once (log).
 
-Loading defences (the GPU machine's torch 2.11 died with SIGSEGV somewhere between the CUDA build
-and the end of the first steps; benchmarks/torch_load_probe.py runs each stage in its own process
-to say where):
+Loading defences (added while the GPU machine's packages died with SIGSEGV at load, before the
+cause was found: its C++ compiler, engines/torch_cxx.py; kept because each is right on its own):
   * packages run single-threaded (AOTIModelPackageLoader's run_single_threaded): the thread-safe
     container run records, queries and synchronizes a CUDA event around every call and moves the
     model between pools, which is illegal inside a CUDA graph capture; torch documents this mode

@@ -9,7 +9,7 @@ in the compiler's name or version says so, and a build takes minutes before the 
 the build first compiles a probe library that does the same (std::regex on a device string), loads
 it into a child process that imported torch, and uses the first compiler that passes:
 
-    choice = select_cxx()    # $DSV3_TORCH_CXX alone if set; else Inductor's default, then g++, c++, clang++
+    choice = select_cxx()    # $DSV3_TORCH_CXX alone if set; else Inductor's default, then g++, c++, clang++ (all on PATH)
     inductor_configs["cpp.cxx"] = (None, choice.path)
 
 `choice.rejected` says which compilers failed and why (the build prints it and the manifest keeps it).
@@ -100,17 +100,30 @@ def _version(cxx: str) -> str:
     return out.strip().splitlines()[0] if out.strip() else "unknown"
 
 
+def _on_path(name: str) -> list[str]:
+    """Every `name` on PATH, not only the first: a broken wrapper early on PATH (the H200 machine's
+    /opt/gcc/bin/g++) must not hide a working /usr/bin/g++."""
+    if os.sep in name:  # a path ($CXX may be one)
+        found = shutil.which(name)
+        return [found] if found else []
+    dirs = os.environ.get("PATH", os.defpath).split(os.pathsep)
+    return [found for d in dirs if d and (found := shutil.which(name, path=d))]
+
+
 def _candidates() -> list[str]:
-    """Inductor's default first, then the usual names on PATH; one entry per resolved file."""
+    """Inductor's default first, then the usual names, each wherever it is on PATH; one entry per
+    resolved file."""
+    try:
+        default = [inductor_default_cxx()]
+    except RuntimeError:  # InvalidCxxCompiler: Inductor cannot run $CXX (e.g. "ccache g++"); try the others
+        default = []
     seen, out = set(), []
-    for name in (inductor_default_cxx(), *FALLBACKS):
-        path = shutil.which(name)
-        if path is None:
-            continue
-        key = os.path.realpath(path)
-        if key not in seen:
-            seen.add(key)
-            out.append(path)
+    for name in (*default, *FALLBACKS):
+        for path in _on_path(name):
+            key = os.path.realpath(path)
+            if key not in seen:
+                seen.add(key)
+                out.append(path)
     return out
 
 

@@ -9,6 +9,7 @@ machine: a package it builds aborts the process at load (std::bad_cast; SIGSEGV 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,26 @@ def test_selection_skips_the_broken_default_and_says_why(static_gxx, inductor_de
     assert choice.path != static_gxx and torch_cxx.check_cxx(choice.path) is None
     assert list(choice.rejected) == [static_gxx]
     assert choice.record()["rejected"][static_gxx] == torch_cxx.check_cxx(static_gxx)
+
+
+def test_an_unrunnable_inductor_default_falls_back(tmp_path, inductor_default):
+    """$CXX="ccache g++" or a missing file: Inductor cannot run it (InvalidCxxCompiler), but the
+    backend sets cpp.cxx itself, so a working g++ must still be chosen rather than the build refused."""
+    inductor_default(str(tmp_path / "no-such-g++"))
+    assert torch_cxx.check_cxx(torch_cxx.select_cxx().path) is None
+
+
+def test_a_broken_compiler_early_on_path_does_not_hide_a_working_one(static_gxx, inductor_default, tmp_path,
+                                                                       monkeypatch):
+    """As a wrapper directory put first on PATH would (the H200 machine's /opt/gcc/bin): every
+    fallback name there is broken; the working g++ further down PATH is found."""
+    for name in torch_cxx.FALLBACKS:
+        (tmp_path / name).symlink_to(static_gxx)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    inductor_default(str(tmp_path / "g++"))
+    choice = torch_cxx.select_cxx()
+    assert not choice.path.startswith(str(tmp_path)) and torch_cxx.check_cxx(choice.path) is None
+    assert list(choice.rejected) == [str(tmp_path / "g++")]
 
 
 def test_a_forced_compiler_that_fails_is_an_error_naming_it(static_gxx, monkeypatch):

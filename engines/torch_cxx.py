@@ -9,7 +9,7 @@ in the compiler's name or version says so, and a build takes minutes before the 
 the build first compiles a probe library that does the same (std::regex on a device string), loads
 it into a child process that imported torch, and uses the first compiler that passes:
 
-    choice = select_cxx()    # $DSV3_TORCH_CXX alone if set; else Inductor's default, then g++, c++, clang++ (all on PATH)
+    choice = select_cxx()    # $DSV3_TORCH_CXX alone if set; else Inductor's default, then g++, c++, clang++ on PATH
     inductor_configs["cpp.cxx"] = (None, choice.path)
 
 `choice.rejected` says which compilers failed and why (the build prints it and the manifest keeps it).

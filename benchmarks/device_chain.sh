@@ -47,12 +47,16 @@ step() {
   log "$name rc=$? in $(( $(date +%s) - t )) s"
 }
 
+# The waits end at the waiting step's start limit ($1), so a missing chunk or a build never started
+# makes that step log "skipped" and the chain go on instead of blocking every later step.
 wait_for_onnxruntime() {
-  while [ ! -f "$ORT_SITE/.unpacked" ]; do sleep 2; done
+  while [ ! -f "$ORT_SITE/.unpacked" ] && [ "$(minutes)" -lt "$1" ]; do sleep 2; done
 }
 
-wait_for_engine() {  # the background build of engine-$1 finished (done or failed)
-  while [ ! -f "$ENGINES/engine-$1.done" ] && [ ! -f "$ENGINES/engine-$1.failed" ]; do sleep 2; done
+wait_for_engine() {  # the background build of engine-$2 finished (done or failed), or $1 minutes passed
+  while [ ! -f "$ENGINES/engine-$2.done" ] && [ ! -f "$ENGINES/engine-$2.failed" ] && [ "$(minutes)" -lt "$1" ]; do
+    sleep 2
+  done
 }
 
 run_step() {
@@ -66,14 +70,14 @@ run_step() {
                 --budget-s $(( (28 - $(minutes)) * 60 )) --out "$CHAIN/torch16b" ;;
     kernels) mkdir -p "$CHAIN/kernels"
              step kernels 24 env OUT="$CHAIN/kernels" taskset -c 0-7 python3 benchmarks/kernels.py ${KERNELS_ARGS:-} ;;
-    ort) wait_for_onnxruntime
+    ort) wait_for_onnxruntime 14
          step ort 14 env PYTHONPATH=$ORT_SITE taskset -c 0-7 python3 benchmarks/onnxruntime_16b.py \
            --precisions "$(echo ${PRECISIONS:-bf16 fp8} | tr ' ' ,)" --wait-builds 900 --budget-s 1500 --out "$CHAIN/ort" ;;
-    profile) wait_for_onnxruntime
+    profile) wait_for_onnxruntime 21
              step profile 21 env PYTHONPATH=$ORT_SITE taskset -c 0-7 python3 -m dsv3_export profile \
                "$ENGINES/engine-bf16" --compare "$ENGINES/engine-fp8" --batch 1,8,64 --prompt-len 128,1024 \
                --decode-steps 64 --out "$CHAIN/profile" ;;
-    trace) wait_for_onnxruntime; wait_for_engine bf16
+    trace) wait_for_onnxruntime 24; wait_for_engine 24 bf16
            step trace 24 env PYTHONPATH=$ORT_SITE taskset -c 0-7 python3 -m dsv3_export profile "$ENGINES/engine-bf16" \
              --batch 1 --prompt-len 128 --decode-steps 8 --repeats 1 --trace --out "$CHAIN/trace" ;;
     *) log "unknown step $1" ;;
@@ -97,7 +101,7 @@ report() {
   # one file back: logs, JSON, Markdown and plots; not engines (the probe's) nor traces over 16 MiB
   [ -n "${OUT:-}" ] && tar czf "$OUT/chain.tgz" -C "$CHAIN" --exclude=engine --exclude='*.pt2' . \
     && ls -l "$OUT/chain.tgz"
-  cp "$ENGINES"/build-*.log "$OUT/" 2>/dev/null
+  [ -n "${OUT:-}" ] && cp "$ENGINES"/build-*.log "$OUT/" 2>/dev/null
   true
 }
 

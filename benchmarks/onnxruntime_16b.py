@@ -13,8 +13,8 @@ call on the same warm machine finds them there (delete --work to rebuild). A ful
 5-8 minutes and up to ~75 GB of host RAM, so the usual way is to run benchmarks/ort_builds_16b.sh in
 the background and this script with --wait-builds: the reference is loaded and timed first (the GPU
 is idle while the engines are built), then each engine is timed as soon as its build's marker file
-appears, all in one process (see benchmarks/device_chain.sh). Sections:
-Sections:
+appears, all in one process (see benchmarks/device_chain.sh); an engine whose build failed or
+did not finish in time is not built here (one complete in --work is still used). Sections:
 
   floor      measured device copy bandwidth; bytes a decode step must read at batch b (dense
              weights + expected distinct routed experts + the KV cache of `context` positions)
@@ -304,7 +304,10 @@ def main() -> int:
         report.section("bf16", "reference", 60, lambda: time_reference(reference, batches, a.context, a.decode_steps))
     for prec in precisions:
         if a.wait_builds:
-            report.put(prec, "wait", wait_for_build(a.work, prec, a.wait_builds))
+            waited = wait_for_build(a.work, prec, a.wait_builds)
+            report.put(prec, "wait", waited)
+            if waited["state"] != "done" and _reusable_engine(a.work / f"engine-{prec}") is None:
+                continue  # not built here too: a build still running writes there, both need ~75 GB of RAM
         reusable = _reusable_engine(a.work / f"engine-{prec}") is not None  # reused: seconds; built: minutes
         built = report.section(prec, "build", 5 if reusable else 240, lambda: build(prec, a.work, a.n_layers))
         if built is None or "error" in built:

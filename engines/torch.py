@@ -102,7 +102,8 @@ def package_info(device: str, say: Progress | None = None) -> dict[str, Any]:
         for compiler, why in cxx.rejected.items():
             say(f"torch: not compiling with {compiler}: {why}")
         say(f"torch: C++ compiler {cxx.path} ({cxx.version})")
-    return {**device_info(device), "cxx": cxx.record()}
+    with torch._inductor.config.patch({"cpp.cxx": (None, cxx.path)}):  # Inductor's CPU ISA probe compiles too
+        return {**device_info(device), "cxx": cxx.record()}
 
 
 def compile_package(ep: ExportedProgram, kind: str, path: Path, info: dict[str, Any]) -> Path:

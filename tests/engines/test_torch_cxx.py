@@ -72,6 +72,18 @@ def test_an_unrunnable_inductor_default_falls_back(tmp_path, inductor_default):
     assert torch_cxx.check_cxx(torch_cxx.select_cxx().path) is None
 
 
+def test_package_info_for_cpu_uses_the_chosen_compiler_throughout(tmp_path):
+    """device_info("cpu") asks Inductor for the CPU's vector ISA, which compiles probes with
+    Inductor's own compiler; with $CXX unrunnable that must be the chosen one too. A fresh process:
+    $CXX is read when Inductor's config is imported, and the ISA probes are cached per process."""
+    code = "from dsv3_export.engines.torch import package_info; i = package_info('cpu'); print(i['cxx']['path'])"
+    env = {k: v for k, v in os.environ.items() if k != torch_cxx.CXX_ENV}
+    env.update(CXX=str(tmp_path / "no-such-g++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0 and run.stdout.strip(), f"exit {run.returncode}: {run.stderr[-2000:]}"
+    assert torch_cxx.check_cxx(run.stdout.strip().splitlines()[-1]) is None
+
+
 def test_a_broken_compiler_early_on_path_does_not_hide_a_working_one(static_gxx, inductor_default, tmp_path,
                                                                        monkeypatch):
     """As a wrapper directory put first on PATH would (the H200 machine's /opt/gcc/bin): every

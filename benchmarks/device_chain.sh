@@ -98,9 +98,14 @@ report() {
     case $f in */chain.log|*/ort_builds.log) continue ;; esac
     echo "--- $(basename "$f") (tail)"; tail -n 25 "$f"
   done
-  # one file back: logs, JSON, Markdown and plots; not engines (the probe's) nor traces over 16 MiB
-  [ -n "${OUT:-}" ] && tar czf "$OUT/chain.tgz" -C "$CHAIN" --exclude=engine --exclude='*.pt2' . \
-    && ls -l "$OUT/chain.tgz"
+  # one file back (a call returns files of 16 MiB at most): logs, JSON, Markdown and plots; not the
+  # probe's engine, nor any file over 8 MiB (a raw ORT trace: its per-op table is in report.md)
+  if [ -n "${OUT:-}" ]; then
+    (cd "$CHAIN" && find . -type f -size +8M) > "$CHAIN/.too_big"
+    [ -s "$CHAIN/.too_big" ] && echo "left out of chain.tgz (over 8 MiB):" && cat "$CHAIN/.too_big"
+    tar czf "$OUT/chain.tgz" -C "$CHAIN" --exclude=engine --exclude='*.pt2' --exclude-from="$CHAIN/.too_big" . \
+      && ls -l "$OUT/chain.tgz"
+  fi
   [ -n "${OUT:-}" ] && cp "$ENGINES"/build-*.log "$OUT/" 2>/dev/null
   true
 }

@@ -340,7 +340,10 @@ def status_of(returncode: int | None) -> str:
 
 
 def launch(stage: str, a: argparse.Namespace, engine: Path, work: Path, handler: Path | None) -> dict:
-    env = dict(os.environ, PYTHONFAULTHANDLER="1", TORCH_SHOW_CPP_STACKTRACES="1", PYTHONUNBUFFERED="1")
+    # TORCH_DISABLE_ADDR2LINE: with C++ stack traces on, symbolizing every exception torch throws and
+    # catches while compiling made the tiny build take > 150 s on the H200 (session 3)
+    env = dict(os.environ, PYTHONFAULTHANDLER="1", TORCH_SHOW_CPP_STACKTRACES="1", TORCH_DISABLE_ADDR2LINE="1",
+               PYTHONUNBUFFERED="1")
     if handler is not None:
         env["LD_PRELOAD"] = ":".join(p for p in (str(handler), env.get("LD_PRELOAD", "")) if p)
     if a.blocking:

@@ -172,12 +172,12 @@ class TorchBackend:
     program_kinds = PROGRAM_KINDS
 
     def check_target(self, target: Target) -> str | None:
-        import shutil
-
         if target.device == "cuda" and not torch.cuda.is_available():
             return "torch backend: --device cuda needs a CUDA GPU visible to torch (torch.cuda.is_available() is False)"
-        if target.device == "cpu" and shutil.which("c++") is None and shutil.which("g++") is None:
-            return "torch backend: AOTInductor needs a C++ compiler (c++ / g++) on PATH to build CPU engines"
+        try:  # before the export, which takes minutes at 16b; the check is cached for package_info
+            select_cxx()
+        except RuntimeError as e:
+            return str(e)
         return None
 
     def build(self, programs: Mapping[str, ExportedProgram], args: "ModelArgs", target: Target,

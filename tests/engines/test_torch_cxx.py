@@ -148,3 +148,14 @@ def test_packages_compiled_under_the_broken_default_load_and_run(static_gxx, ind
     run = subprocess.run([sys.executable, "-c", _LOAD_AND_RUN, str(package), str(tmp_path / "t.safetensors")],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "ran" in run.stdout, f"exit {run.returncode}: {run.stderr[-2000:]}"
+
+
+def test_build_is_refused_before_the_export_when_no_compiler_works(tmp_path, monkeypatch):
+    from dsv3_export import build
+
+    missing = str(tmp_path / "no-such-g++")
+    monkeypatch.setenv(torch_cxx.CXX_ENV, missing)
+    monkeypatch.setattr(build, "_load_model", lambda *a, **k: pytest.fail("the model was loaded for export"))
+    with pytest.raises(BackendUnavailable, match="no usable C\\+\\+ compiler") as info:
+        build.build_engine(build.BuildOptions(backend="torch", out=tmp_path / "engine"))
+    assert missing in str(info.value) and not (tmp_path / "engine").exists()

@@ -44,17 +44,17 @@ def ort_op_times(trace_file: Path) -> dict[str, list[float]]:
 def _trace_ort(engine: Engine, tokens: torch.Tensor, options: "ProfileOptions", dest: Path) -> tuple[str, dict]:
     import onnxruntime as ort
 
-    from dsv3_export.engines import onnx_graph
+    from dsv3_export.engines import onnx_graph, ort_session
     from dsv3_export.reports.profile import timed_run
 
     step = engine.step
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    model_path = engine.path / onnx_graph.MODEL_FILE
+    so = ort_session.session_options(engine.manifest.device, model_path)  # the engine's (CUDA: fp8 folded)
     so.enable_profiling = True
     so.profile_file_prefix = str(dest.with_suffix(""))
     provider_options = step.session.get_provider_options()
     providers = [(p, provider_options.get(p, {})) for p in step.session.get_providers()]
-    session = ort.InferenceSession(str(engine.path / onnx_graph.MODEL_FILE), so, providers=providers)
+    session = ort.InferenceSession(str(model_path), so, providers=providers)
     traced = step.with_session(session)
     with torch.no_grad():
         timed_run(engine, tokens, options.decode_steps, step=traced)

@@ -19,8 +19,9 @@ cuda: every DequantizeLinear -> Cast on a weight is folded into a bf16 initializ
       above 1 GiB, logging "Skipping constant folding for <op> node ... exceeds the limit". The
       fp32 DequantizeLinear output of the 16b model's stacked experts, [64, 2816, 2048], is
       1.48 GB: unfolded, it was recomputed every step (fp8 decode 117 ms vs 32 ms for bf16 on an
-      H200; 44-48 ms once folded, session 3). The limit is raised to the fp32 size of the largest fp8 initializer and never
-      below ORT's default, so the guard stays on for anything larger than our own dequantization.
+      H200; 44-48 ms once folded, session 3). The limit is raised to the fp32 size of the largest
+      fp8 initializer and never below ORT's default, so the guard stays on for anything larger
+      than our own dequantization.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ other allocators such as ONNX Runtime's arena hold: cudaMemGetInfo after each ru
 peak, and the device's used memory just before the engine was loaded (the previous engine gone,
 torch's cache emptied), so peak - baseline is this engine's; torch's cache is emptied before each
 configuration too, or blocks cached by a larger earlier one would count (session 3's 16b report
-counted 40 GiB of the bf16 engine's logits in the fp8 engine's rows that way). CPU: the process's peak resident set size over the configuration (VmHWM, reset per
-configuration through /proc/self/clear_refs where the kernel allows it).
+counted 40 GiB of the bf16 engine's logits in the fp8 engine's rows that way). CPU: the process's
+peak resident set size over the configuration (VmHWM, reset per configuration through
+/proc/self/clear_refs where the kernel allows it).
 """
 
 from __future__ import annotations

@@ -303,12 +303,12 @@ def main() -> int:
     if reference is not None:  # first: the GPU is free while the background builds still run
         report.section("bf16", "reference", 60, lambda: time_reference(reference, batches, a.context, a.decode_steps))
     for prec in precisions:
-        if a.wait_builds:
-            waited = wait_for_build(a.work, prec, a.wait_builds)
+        waited = wait_for_build(a.work, prec, a.wait_builds) if a.wait_builds else None
+        if waited is not None:
             report.put(prec, "wait", waited)
-            if waited["state"] != "done" and _reusable_engine(a.work / f"engine-{prec}") is None:
-                continue  # not built here too: a build still running writes there, both need ~75 GB of RAM
         reusable = _reusable_engine(a.work / f"engine-{prec}") is not None  # reused: seconds; built: minutes
+        if waited is not None and waited["state"] != "done" and not reusable:
+            continue  # not built here too: a build still running writes there, both need ~75 GB of RAM
         built = report.section(prec, "build", 5 if reusable else 240, lambda: build(prec, a.work, a.n_layers))
         if built is None or "error" in built:
             continue

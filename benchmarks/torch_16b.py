@@ -14,7 +14,8 @@ killed at its limit still returns what was measured. Sections, per precision (bf
                passes -> dsv3 op lowering -> AOTInductor package per program), compile seconds;
                decode ms/token at each batch (CUDA graph replay, and the package run directly),
                prefill ms for prompt-len tokens at batch 1; max rel. error of decode logits vs
-               the eager step
+               the eager step; `Engine.generate` (the runtime's greedy loop) on this step, 16
+               tokens, vs the reference model's own greedy loop (identical prefix length)
   eager        the reference model in eager PyTorch (DeepSeek's MoE loop), same timings
   compile      torch.compile of the reference model (default mode), decode only, if it compiles
 
@@ -32,6 +33,7 @@ import os
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,6 +45,8 @@ from dsv3_export.engines.torch_step import AOTIStep
 from dsv3_export.export import export_step
 from dsv3_export.passes.base import PassConfig
 from dsv3_export.passes.pipeline import run_pipeline
+from dsv3_export.reports.reference import reference_generate
+from dsv3_export.runtime import Engine
 from dsv3_export.step import write_cache
 from dsv3_export.stats import model_stats
 from dsv3_export.step import LatentCacheStep
@@ -157,13 +161,14 @@ def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds)
         want, _ = LatentCacheStep(model).eval()(tokens, pos, cache)
         got, _ = step(tokens, pos, cache)
         out["decode_logits_rel_err_vs_eager_step"] = rel_err(got, want)
-        if "prefill" in kinds:  # 64 new tokens after 1 cached one, batch 2
-            tokens = torch.randint(0, a.vocab_size, (2, 64), device=DEVICE)
+        if "prefill" in kinds:  # 64 new tokens (fewer on a short smoke run) after 1 cached one, batch 2
+            tokens = torch.randint(0, a.vocab_size, (2, min(64, prompt_len - 1)), device=DEVICE)
             pos = torch.tensor([1, 0], device=DEVICE)
             want, _ = LatentCacheStep(model).eval()(tokens, pos, cache)
             got, _ = step(tokens, pos, cache)
             out["prefill_logits_rel_err_vs_eager_step"] = rel_err(got, want)
         del cache
+    out.update(generate_check(step, model))
     direct = AOTIStep(step._prefill, step._decode, step.device, step.cache_dtype, cuda_graph=False)
     for b in batches:
         out[f"decode_ms_b{b}"] = cuda_ms_safe(lambda: time_step_decode(step, model, b, prompt_len, steps))
@@ -176,6 +181,24 @@ def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds)
         out["prefill_ms_b1"] = cuda_ms(lambda: step(tokens, start, cache), iters=3, warmup=1)
     out["decode_uses_cuda_graph"] = step._graphs is not None and not step._graphs.failed
     return out
+
+
+def generate_check(step: AOTIStep, model, new_tokens: int = 16) -> dict[str, Any]:
+    """Engine.generate, the runtime's prefill + greedy decode loop, driven by the in-memory step
+    (an Engine's generate needs only the model args and the step), against the reference model's
+    own greedy loop on the same weights. bf16 rounding differs between the two, so a near-tie can
+    make them part ways: the identical prefix is reported, not required."""
+    engine = Engine(manifest=types.SimpleNamespace(model=model.args.to_dict()), step=step, path=Path("."))
+    prompt = [t % model.args.vocab_size for t in (17, 402, 9, 881, 5, 1234, 77, 3)]
+    t = time.perf_counter()
+    got = engine.generate(prompt, new_tokens)
+    sync()
+    generate_s = time.perf_counter() - t
+    with torch.no_grad():
+        want = reference_generate(model, [prompt], new_tokens)[0]
+    same = next((i for i, (x, y) in enumerate(zip(want, got)) if x != y), new_tokens)
+    return {"generate_tokens": got, "generate_s": round(generate_s, 3),
+            "generate_identical_prefix_vs_reference": same, "generate_new_tokens": new_tokens}
 
 
 def cuda_ms_safe(fn: Callable[[], float]) -> float | str:
@@ -280,6 +303,13 @@ def markdown(data: dict[str, Any], batches: list[int]) -> str:
             cells += [sec.get(f"decode_ms_b{b}{key_suffix}", "") for b in batches]
             fmt = [f"{c:.2f}" if isinstance(c, float) and math.isfinite(c) else str(c) for c in cells]
             lines.append(f"| {precision} | {name} | " + " | ".join(fmt) + " |")
+    for precision, sections in data["results"].items():
+        eng = sections.get("engine", {})
+        if "generate_s" in eng:
+            lines.append(f"\n{precision}: Engine.generate {eng['generate_new_tokens']} tokens in {eng['generate_s']} s, "
+                         f"identical to the reference's greedy tokens for the first "
+                         f"{eng['generate_identical_prefix_vs_reference']}; decode CUDA graph used: "
+                         f"{eng.get('decode_uses_cuda_graph')}")
     return "\n".join(lines)
 
 

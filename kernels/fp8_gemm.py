@@ -46,10 +46,14 @@ import triton.language as tl
 
 from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, autotune_or_single, cdiv, check_tensor,
                                          is_interpreted, launch, next_pow2, num_sms)
+from dsv3_export.kernels.fp8_gemm_persistent import fp8_gemm_tma_persistent
 from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
 from dsv3_export.reference import fp8 as fp8_ref
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# fp8_gemm(variant=...): "default" is this file's kernel; "tma_persistent" the Hopper prefill
+# candidate in fp8_gemm_persistent.py, until the H200 numbers say which one prefill should run.
+VARIANTS = ("default", "tma_persistent")
 DENSE_DTYPES = (torch.bfloat16, torch.float16)
 # Largest split of the K loop; more adds reduction traffic without adding useful parallelism.
 MAX_SPLIT_K = 16
@@ -222,14 +226,20 @@ def tuned_config(shape_class: str) -> triton.Config | None:
 
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: torch.Tensor,
              out_dtype: torch.dtype = torch.bfloat16, *, split_k: int | None = None,
-             shape_class: str | None = None, config: triton.Config | None = None) -> torch.Tensor:
+             shape_class: str | None = None, config: triton.Config | None = None,
+             variant: str = "default") -> torch.Tensor:
     """a [M, K], b fp8 [N, K], b_s fp32 [ceil(N/128), ceil(K/128)] -> [M, N] in out_dtype.
 
     a fp8 with a_s fp32 [M, ceil(K/128)] (W8A8), or a bf16/fp16 with a_s=None (weight-only W8A16:
     the fp8 weight is widened in registers, never written back dequantized).
     shape_class "decode" / "prefill" picks the tile set (default: from M <= 64); split_k
     overrides the split heuristic. Both let a traced caller with a symbolic M avoid guards on M.
+    variant "tma_persistent" runs the Hopper prefill candidate (kernels/fp8_gemm_persistent.py:
+    TMA loads, persistent CTAs; fp8 a only, no split-K, 16-byte aligned rows) on any M; config
+    then names one of its TMA_PERSISTENT_CONFIGS. "default" is the kernel above.
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"fp8_gemm: variant={variant!r} must be one of {VARIANTS}")
     check_tensor("fp8_gemm: a", a, dtypes=(FP8_DTYPE,) + DENSE_DTYPES, ndim=2)
     dev = a.device
     a_fp8 = a.dtype == FP8_DTYPE
@@ -259,6 +269,13 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
             raise ValueError(f"fp8_gemm: {name} needs unit stride along its last dim, got strides {st}")
     if m == 0 or n == 0 or k == 0:
         return torch.zeros((m, n), dtype=out_dtype, device=dev)
+    if variant == "tma_persistent":
+        if not a_fp8:
+            raise ValueError("fp8_gemm: variant='tma_persistent' needs fp8 a with a_s (W8A8); "
+                             "the weight-only path runs on variant='default'")
+        if split_k not in (None, 1):
+            raise ValueError(f"fp8_gemm: variant='tma_persistent' does not split K (split_k={split_k})")
+        return fp8_gemm_tma_persistent(a, a_s, b, b_s, out_dtype, config)
     if shape_class not in (None, "decode", "prefill"):
         raise ValueError(f"fp8_gemm: shape_class={shape_class!r} must be 'decode', 'prefill' or None")
     decode = shape_class == "decode" if shape_class else m <= DECODE_MAX_M

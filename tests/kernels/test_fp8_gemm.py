@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed: kernel tests need it (TRITON_INTERPRET=1 on CPU)")
 
 from dsv3_export.kernels import fp8_gemm as G  # noqa: E402
+from dsv3_export.kernels import fp8_gemm_persistent as P  # noqa: E402
 from dsv3_export.reference import fp8 as R  # noqa: E402
 from tests.kernels._helpers import TOL, assert_finite, mean_rel  # noqa: E402
 
@@ -163,3 +164,53 @@ def test_bad_inputs_name_the_problem():
         G.fp8_gemm(a, a_s, b, b_s, shape_class="huge")
     with pytest.raises(TypeError, match="out_dtype"):
         G.fp8_gemm(a, a_s, b, b_s, torch.int32)
+
+
+# -- variant="tma_persistent" (kernels/fp8_gemm_persistent.py): the Hopper prefill candidate
+
+
+@pytest.mark.parametrize("config", P.TMA_PERSISTENT_CONFIGS, ids=str)
+@pytest.mark.parametrize("m, n, k", [(37, 200, 400), (130, 264, 272), (5, 136, 1040)])
+def test_tma_persistent_every_config_ragged(seed, config, m, n, k):
+    # Ragged M and N, K not a multiple of 128 (TMA zero-fills the tail); 3 programs so every
+    # program walks several tiles of the persistent loop. torch.empty is NaN-poisoned (conftest).
+    torch.manual_seed(seed)
+    a, a_s, b, b_s = _operands(m, n, k)
+    out = P.fp8_gemm_tma_persistent(a, a_s, b, b_s, torch.float32, config, programs=3)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    assert_finite("fp8_gemm tma_persistent", out)
+    assert mean_rel(out, G.fp8_gemm_ref(a, a_s, b, b_s, torch.float32)) < TOL["fp8_gemm_fp32_out"]
+
+
+def test_tma_persistent_variant_through_fp8_gemm(seed):
+    torch.manual_seed(seed)
+    a, a_s, b, b_s = _operands(70, 200, 400)
+    ref = G.fp8_gemm_ref(a, a_s, b, b_s, torch.float32)
+    out = G.fp8_gemm(a, a_s, b, b_s, variant="tma_persistent")  # bf16, the default out_dtype
+    assert out.dtype == torch.bfloat16 and out.shape == (70, 200)
+    assert mean_rel(out, ref) < TOL["fp8_gemm_bf16_out"]
+    default = G.fp8_gemm(a, a_s, b, b_s, torch.float32)  # the default variant is unchanged
+    assert mean_rel(default, ref) < TOL["fp8_gemm_fp32_out"]
+
+
+def test_tma_persistent_refuses_what_tma_cannot_load():
+    a, a_s, b, b_s = _operands(3, 200, 300)  # K=300: 300-byte fp8 rows are not 16-byte aligned
+    with pytest.raises(ValueError, match=r"K=300 must be a multiple of 16"):
+        G.fp8_gemm(a, a_s, b, b_s, variant="tma_persistent")
+    a, a_s, b, b_s = _operands(3, 204, 256)  # bf16 c rows of 408 bytes
+    with pytest.raises(ValueError, match=r"c rows are 408 B"):
+        G.fp8_gemm(a, a_s, b, b_s, variant="tma_persistent")
+    a, a_s, b, b_s = _operands(3, 200, 256)
+    with pytest.raises(ValueError, match="needs fp8 a with a_s"):
+        G.fp8_gemm(torch.randn(3, 256, dtype=torch.bfloat16), None, b, b_s, variant="tma_persistent")
+    with pytest.raises(ValueError, match="does not split K"):
+        G.fp8_gemm(a, a_s, b, b_s, split_k=2, variant="tma_persistent")
+    with pytest.raises(ValueError, match="variant='fast'"):
+        G.fp8_gemm(a, a_s, b, b_s, variant="fast")
+
+
+def test_tma_persistent_configs_are_hopper_sized():
+    # One scale per K step needs BLOCK_N <= 128; the grid multiplies the SM count by CTAS_PER_SM.
+    for cfg in P.TMA_PERSISTENT_CONFIGS:
+        assert cfg.kwargs["BLOCK_N"] <= 128 and cfg.kwargs["CTAS_PER_SM"] >= 1
+    assert any(cfg.kwargs["WARP_SPECIALIZE"] for cfg in P.TMA_PERSISTENT_CONFIGS)

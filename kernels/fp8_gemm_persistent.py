@@ -1,0 +1,161 @@
+"""FP8 blockwise GEMM for Hopper prefill: persistent CTAs, TMA tensor-descriptor loads and stores.
+
+A candidate next to fp8_gemm's default prefill kernel (kernels/fp8_gemm.py), selected with
+fp8_gemm(..., variant="tma_persistent"); same layouts, same math, same precision:
+  a fp8 e4m3fn [M, K], a_s fp32 [M, ceil(K/128)]; b fp8 e4m3fn [N, K], b_s fp32 [ceil(N/128), ceil(K/128)]
+  c [M, N] in out_dtype. Every 128-wide K block's fp8 wgmma partial starts from zero and is
+  promoted into the fp32 accumulator as partial * a_s[m, kb] * b_s[n // 128, kb] (DeepGEMM style:
+  never accumulate across K blocks inside the tensor core, whose fp8 accumulation keeps ~14 bits).
+
+Why it may beat the default kernel at M=4096 (0.49-0.66x cuBLAS with cp.async, 64x128 tiles):
+- TMA (tl.make_tensor_descriptor) moves a 128x128 fp8 tile with one instruction from one thread
+  and zero-fills out-of-bounds rows/columns itself: no per-thread pointer tensors or masks, so the
+  registers cp.async spent on addresses go to the accumulator, and 128x128 tiles on 8 warps (two
+  warpgroups, 64 + 64 fp32 registers of accumulator and partial each) fit without spills.
+- Persistent CTAs (grid = SMs x CTAS_PER_SM, a tl.range tile loop in GROUP_M order): no launch
+  tail per tile, and with flatten=True the software pipeliner runs the next tile's TMA loads
+  while this tile's epilogue (cast, TMA store) executes.
+- WARP_SPECIALIZE=True (tl.range(warp_specialize=True), Hopper autoWS since triton 3.5): a producer
+  warpgroup issues the TMA loads and two consumer warpgroups (64 rows each) only wait on mbarriers,
+  wgmma and promote, so one consumer's promotion FFMAs can overlap the other's wgmma. flatten and
+  warp_specialize do not combine, so the WS config keeps the nested loop.
+TMA needs 16-byte aligned row strides: K % 16 == 0 for a and b, N * itemsize % 16 == 0 for c
+(the 16b shapes: K 2048 / 10944, N 10944 / 2048 all qualify); the launcher refuses the rest with
+a message. W8A8 only (a fp8): W8A16 would widen b in registers, which TMA -> wgmma bypasses.
+
+Device-side descriptors need global scratch (128 B each, written by the kernel): the launcher
+installs a torch allocator with triton.set_allocator when none is set. AOTInductor allocates that
+scratch itself for user Triton kernels with device-side TMA (pytorch PR #155896, torch >= 2.8),
+but that is not tested here: the variant is for eager use and benchmarks until it is.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv3_export.kernels._common import QUANT_BLOCK, autotune_or_single, cdiv, is_interpreted, launch, next_pow2, num_sms
+
+# TMA: the global address and every stride but the last must be multiples of 16 bytes.
+TMA_ALIGN = 16
+# Smem per 128x128 tile pair per stage: 16 KB of a + 16 KB of b; the bf16 epilogue tile is 32 KB.
+# CTAS_PER_SM is how many CTAs the launcher keeps resident per SM (the grid): it must agree with
+# the registers and shared memory. ptxas on sm_90, triton 3.6 and 3.9 alike (bf16 c; fp32 c adds
+# 32 / 16 KB of epilogue): python -m tests.kernels._sm90_compile --all-configs --ptxas-v
+#   128x128 w8 s4:        256 threads, 177-182 registers, 0 spill, 160 KB  -> 1 CTA / SM
+#   128x128 w4 s4 WS:     384 threads, 168 (setmaxnreg 232 consumers / 40 producer), 0 spill, 160 KB
+#   64x128  w4 s4:        128 threads, 177-182 registers, 0 spill, 112 KB -> 2 CTAs / SM
+TMA_PERSISTENT_CONFIGS = [
+    # 4 stages x 32 KB + 32 KB epilogue = 160 KB, one CTA per SM; the pipeliner overlaps tiles.
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "CTAS_PER_SM": 1, "WARP_SPECIALIZE": False},
+                  num_warps=8, num_stages=4),
+    # Same tile, warp-specialized: Hopper's autoWS splits the 128 rows over two consumer warpgroups
+    # of num_warps=4 each plus a producer warpgroup (384 threads, setmaxnreg 232 / 40 registers).
+    # With num_warps=8 the pass does not fire (256 threads, no producer): checked on the PTX.
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "CTAS_PER_SM": 1, "WARP_SPECIALIZE": True},
+                  num_warps=4, num_stages=4),
+    # 64x128 on one warpgroup, two CTAs per SM: one CTA's promotion FFMAs overlap the other's wgmma.
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "CTAS_PER_SM": 2, "WARP_SPECIALIZE": False},
+                  num_warps=4, num_stages=4),
+]
+
+
+@triton.jit
+def _fp8_gemm_tma_persistent_kernel(
+    a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr,
+    M, N, K, M_BUCKET,  # M_BUCKET: unused in the body, a runtime arg only to key the autotuner
+    stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    CTAS_PER_SM: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    tl.static_assert(BLOCK_N <= BLOCK_K, "a tile must lie in one 128-row block of b_s (one scale per K step)")
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N])
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    group_size = GROUP_M * num_pid_n
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0),
+                         flatten=not WARP_SPECIALIZE, warp_specialize=WARP_SPECIALIZE):
+        # -- tile ids, grouped along M for L2 reuse of b tiles (as the default kernel)
+        first_m = (tile // group_size) * GROUP_M
+        group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % group_size) % group_m
+        pid_n = (tile % group_size) // group_m
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        a_s_rows = a_s_ptr + offs_m * stride_asm
+        b_s_row = b_s_ptr + (off_n // BLOCK_K) * stride_bsn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(k_blocks):
+            a = a_desc.load([off_m, kb * BLOCK_K])  # [BM, BK], zero-filled past M and K
+            b = b_desc.load([off_n, kb * BLOCK_K])  # [BN, BK], zero-filled past N and K
+            a_s = tl.load(a_s_rows + kb, mask=offs_m < M, other=0.0)  # [BM]
+            b_s = tl.load(b_s_row + kb)  # scalar: the tile lies in one 128-row scale block
+            acc += tl.dot(a, b.T) * (a_s * b_s)[:, None]  # promotion: fresh partial, fp32 FFMA
+        c_desc.store([off_m, off_n], acc.to(c_ptr.dtype.element_ty))  # clipped at M and N by the TMA unit
+
+
+_INTERPRETED = is_interpreted(_fp8_gemm_tma_persistent_kernel)
+_tma_persistent_tuned = autotune_or_single(_fp8_gemm_tma_persistent_kernel, TMA_PERSISTENT_CONFIGS,
+                                           key=["M_BUCKET", "N", "K"])
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Global scratch for device-side tensor descriptors (triton.set_allocator protocol)."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _ensure_allocator() -> None:
+    """Install _scratch unless the caller already set an allocator (theirs wins: last writer wins
+    in triton's ContextVar, so never overwrite one)."""
+    from triton.runtime import _allocation  # private, but the only way to read the current allocator
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
+def tma_unsupported(a: torch.Tensor, b: torch.Tensor, c_dtype: torch.dtype, n: int) -> str | None:
+    """Why the TMA variant cannot take these operands, or None: TMA wants 16-byte aligned base
+    addresses and row strides (a, b: K fp8 bytes per row; c: N * itemsize)."""
+    c_row = n * torch.empty((), dtype=c_dtype).element_size()
+    for name, t in (("a", a), ("b", b)):
+        if t.data_ptr() % TMA_ALIGN or (t.stride(0) * t.element_size()) % TMA_ALIGN:
+            return (f"{name} needs a 16-byte aligned base and row stride for TMA; got row stride "
+                    f"{t.stride(0) * t.element_size()} B (K={a.shape[1]} must be a multiple of 16)")
+    if c_row % TMA_ALIGN:
+        return f"c rows are {c_row} B (N={n} x {c_dtype}); TMA needs a multiple of 16"
+    return None
+
+
+def tuned_config() -> triton.Config | None:
+    """The config the autotuner used for the last launch (None when interpreted or not launched)."""
+    return getattr(_tma_persistent_tuned, "best_config", None)
+
+
+def fp8_gemm_tma_persistent(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+                            out_dtype: torch.dtype, config: triton.Config | None = None,
+                            programs: int | None = None) -> torch.Tensor:
+    """Launch on operands fp8_gemm has already checked (shapes, dtypes, unit last stride).
+    programs caps the persistent grid (tests: several tiles per program on tiny shapes)."""
+    m, k = a.shape
+    n = b.shape[0]
+    reason = tma_unsupported(a, b, out_dtype, n)
+    if reason:
+        raise ValueError(f"fp8_gemm(variant='tma_persistent'): {reason}")
+    if not _INTERPRETED:
+        _ensure_allocator()
+    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    slots = num_sms(a.device)
+    cap = programs or 1 << 30
+    grid = lambda meta: (min(cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),  # noqa: E731
+                             slots * meta["CTAS_PER_SM"], cap),)
+    launch(_fp8_gemm_tma_persistent_kernel, _tma_persistent_tuned, TMA_PERSISTENT_CONFIGS, grid,
+           (a, a_s, b, b_s, c, m, n, k, min(next_pow2(m), 4096),
+            a.stride(0), a_s.stride(0), b.stride(0), b_s.stride(0), c.stride(0)),
+           dict(BLOCK_K=QUANT_BLOCK), config)
+    return c

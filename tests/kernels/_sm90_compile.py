@@ -24,7 +24,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from dsv3_export.kernels import fp8_gemm, fp8_quant, mla_attention, moe, rmsnorm  # noqa: E402
+from dsv3_export.kernels import fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_attention, moe, rmsnorm  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Opt-in shared memory per block on H100/H200 (227 KB).
@@ -101,6 +101,11 @@ def _cases(all_configs: bool):
             yield (f"fp8_gemm split_k={split} a_fp8={a_fp8}", fp8_gemm._fp8_gemm_kernel, cfg,
                    dict(a_ptr=f8 if a_fp8 else bf, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c),
                    dict(A_FP8=a_fp8, UPCAST=False, BLOCK_K=128))
+    # The Hopper prefill candidate (TMA descriptors, persistent): every config, it has three.
+    for cfg in fp8_gemm_persistent.TMA_PERSISTENT_CONFIGS:
+        for c in (bf, f32):
+            yield (f"fp8_gemm tma_persistent c={c} a_fp8=True", fp8_gemm_persistent._fp8_gemm_tma_persistent_kernel,
+                   cfg, dict(a_ptr=f8, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c), dict(BLOCK_K=128))
     for c in (bf, f32):
         yield (f"split_k_sum c={c}", fp8_gemm._split_k_sum_kernel, triton.Config({}, num_warps=4),
                dict(ws_ptr=f32, c_ptr=c), dict(BLOCK=fp8_gemm.SPLIT_K_SUM_BLOCK))

@@ -64,6 +64,14 @@ MIN_BLOCK_H, MAX_BLOCK_H = 16, 64
 DECODE_PROGRAMS_PER_SM = 2
 MIN_SPLIT_KEYS = 64
 SPLIT_OVERHEAD_KEYS = 32
+# How decode merges its splits: "separate" (a second kernel reads the fp32 partials) or "fused" (the
+# last split program of each (row, head block) to finish merges them, found with a self-cleaning
+# atomic counter: one launch, and the partials are read back while still in L2). `merge=` per call
+# overrides this default; the benchmark (benchmarks/kernels.py, mla) times both.
+MERGE_MODES = ("separate", "fused")
+DECODE_MERGE = "separate"
+# Columns of the latent the fused merge handles at a time ([BLOCK_H, MERGE_C] fp32 tiles: few registers).
+MERGE_C = 128
 
 # Decode is a stream over the cache: what matters is how many cache bytes each SM keeps in flight.
 # A [BN, 512 + 64] bf16 tile is BN x 1152 B (36.9 KB at BN = 32). With the mma.sync score dot
@@ -131,13 +139,14 @@ def _attend_tile(q, q_pe, kv, pe, valid, m_i, l_i, acc, scale_log2, UPCAST: tl.c
 
 @triton.jit
 def _mla_decode_split_kernel(
-    q_ptr, q_pe_ptr, kv_ptr, pe_ptr, kvn_ptr, pen_ptr, seqlens_ptr, o_part_ptr, lse_ptr,
+    q_ptr, q_pe_ptr, kv_ptr, pe_ptr, kvn_ptr, pen_ptr, seqlens_ptr, o_part_ptr, lse_ptr, out_ptr, cnt_ptr,
     H, NUM_SPLITS, scale_log2,
     stride_qb, stride_qh, stride_qpb, stride_qph, stride_kvb, stride_kvs, stride_peb, stride_pes,
     stride_kvnb, stride_penb,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_NEW: tl.constexpr, UPCAST: tl.constexpr,  # UPCAST: interpreted (fp32 operands, no inline PTX)
+    FUSED: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_C: tl.constexpr,  # FUSED: merge here (out_ptr, cnt_ptr)
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as fp64 scalars
@@ -223,8 +232,61 @@ def _mla_decode_split_kernel(
     out = acc / tl.where(has_keys, l_i, 1.0)[None, :]
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     o_ptrs = o_part_ptr + b * stride_ob + offs_h[None, :] * stride_oh + pid_s * stride_os + offs_c[:, None]
-    tl.store(o_ptrs, out, mask=mask_h[None, :] & mask_c[:, None])
-    tl.store(lse_ptr + b * stride_lb + offs_h * stride_lh + pid_s, lse, mask=mask_h)
+    if FUSED:
+        if NUM_SPLITS == 1:  # (Triton specializes an int argument equal to 1): the output, no partials
+            tl.store(out_ptr + b * stride_outb + offs_h[None, :] * stride_outh + offs_c[:, None],
+                     out.to(out_ptr.dtype.element_ty), mask=mask_h[None, :] & mask_c[:, None])
+        else:
+            tl.store(o_ptrs, out, mask=mask_h[None, :] & mask_c[:, None])
+            tl.store(lse_ptr + b * stride_lb + offs_h * stride_lh + pid_s, lse, mask=mask_h)
+            # Count this split; the program that completes the count is the last split of this
+            # (row, head block) to finish and merges them all. bar.sync orders every thread's partial
+            # stores before the one thread's acq_rel atomic (release); the second spreads its acquire
+            # to the merging threads.
+            tl.debug_barrier()
+            cnt = cnt_ptr + pid_b * tl.num_programs(1) + pid_h
+            done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+            if done == NUM_SPLITS - 1:
+                tl.debug_barrier()
+                _merge_splits(o_part_ptr, lse_ptr, out_ptr, b, offs_h, mask_h, NUM_SPLITS,
+                              stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
+                              C, BLOCK_H, BLOCK_S, MERGE_C)
+                # Self-cleaning: every split of this group has counted, so the counter is zero again for
+                # the next launch or CUDA-graph replay, without a memset.
+                tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
+    else:
+        tl.store(o_ptrs, out, mask=mask_h[None, :] & mask_c[:, None])
+        tl.store(lse_ptr + b * stride_lb + offs_h * stride_lh + pid_s, lse, mask=mask_h)
+
+
+@triton.jit
+def _merge_splits(o_part_ptr, lse_ptr, out_ptr, b, offs_h, mask_h, NUM_SPLITS,
+                  stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
+                  C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_C: tl.constexpr):
+    """out[b, heads] = sum_s w_s o_part[b, heads, s] with w_s = 2^lse_s / sum 2^lse (0 for empty splits).
+
+    Heads on rows here ([BLOCK_H, MERGE_C] tiles, MERGE_C columns at a time): the loop's accumulator
+    is dead, so this costs few registers. Loads bypass L1 (.cg): the partials come from other SMs.
+    """
+    offs_s = tl.arange(0, BLOCK_S)
+    lse_base = lse_ptr + b * stride_lb + offs_h * stride_lh  # [BLOCK_H] pointers, split 0
+    lse = tl.load(lse_base[None, :] + offs_s[:, None], mask=(offs_s[:, None] < NUM_SPLITS) & mask_h[None, :],
+                  other=float("-inf"), cache_modifier=".cg")  # [BLOCK_S, BLOCK_H]
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # rows with no key at all: weights 0, output 0
+    denom = tl.sum(tl.exp2(lse - m[None, :]), axis=0)
+    inv = 1.0 / tl.where(denom > 0, denom, 1.0)
+    o_base = o_part_ptr + b * stride_ob + offs_h[:, None] * stride_oh  # [BLOCK_H, 1]
+    out_base = out_ptr + b * stride_outb + offs_h[:, None] * stride_outh
+    for c0 in tl.static_range(0, C, MERGE_C):
+        offs_c = c0 + tl.arange(0, MERGE_C)
+        mask = mask_h[:, None] & (offs_c < C)[None, :]
+        acc = tl.zeros((BLOCK_H, MERGE_C), dtype=tl.float32)
+        for s in range(0, NUM_SPLITS):
+            w = tl.exp2(tl.load(lse_base + s, mask=mask_h, other=float("-inf"), cache_modifier=".cg") - m) * inv
+            o = tl.load(o_base + s * stride_os + offs_c[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+            acc += o * w[:, None]
+        tl.store(out_base + offs_c[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -299,15 +361,20 @@ def _mla_prefill_kernel(
 
 
 _decode_tuned = autotune_or_single(_mla_decode_split_kernel, DECODE_CONFIGS, key=["H", "C", "R", "NUM_SPLITS"])
-# The config the autotuner chose, per (H, C, R, NUM_SPLITS, dtype, HAS_NEW); later eager calls launch
-# the kernel with it directly. Autotuner.run re-keys all ~37 arguments on every call (list lookups,
-# str(dtype)): host time each decode step pays before its kernels are queued.
+# The fused-merge form tunes on its own (a second autotuner, its own cache), so one process can time
+# both forms; HAS_NEW is in its key (the epilogues differ).
+_decode_fused_tuned = autotune_or_single(_mla_decode_split_kernel, DECODE_CONFIGS,
+                                         key=["H", "C", "R", "NUM_SPLITS", "HAS_NEW"])
+# The config the autotuner chose, per (H, C, R, NUM_SPLITS, dtype, HAS_NEW, merge); later eager calls
+# launch the kernel with it directly. Autotuner.run re-keys all ~40 arguments on every call (list
+# lookups, str(dtype)): host time each decode step pays before its kernels are queued.
 _decode_chosen: dict[tuple, triton.Config] = {}
 
 
-def decode_config(heads: int, c: int, r: int, splits: int, dtype: torch.dtype, has_new: bool = False):
+def decode_config(heads: int, c: int, r: int, splits: int, dtype: torch.dtype, has_new: bool = False,
+                  merge: str | None = None):
     """The split kernel's config for this shape once the autotuner has chosen it (None before)."""
-    return _decode_chosen.get((heads, c, r, splits, dtype, has_new))
+    return _decode_chosen.get((heads, c, r, splits, dtype, has_new, merge or DECODE_MERGE))
 _prefill_tuned = autotune_or_single(_mla_prefill_kernel, PREFILL_CONFIGS, key=["H", "C", "R"])
 
 
@@ -383,11 +450,13 @@ def _check_new(op: str, kv_new: torch.Tensor | None, pe_new: torch.Tensor | None
 def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
                cache_seqlens: torch.Tensor, softmax_scale: float, *, kv_new: torch.Tensor | None = None,
                pe_new: torch.Tensor | None = None, num_splits: int | None = None,
-               config: triton.Config | None = None) -> torch.Tensor:
+               config: triton.Config | None = None, merge: str | None = None) -> torch.Tensor:
     """One query per batch row -> [B, H, C].
 
     q_latent [B, H, C], q_pe [B, H, R]; keys: cache positions t < cache_seqlens[b] (int32 [B]),
     then, when given, the row's new token kv_new [B, C] / pe_new [B, R] (not in the cache).
+    merge: "separate" or "fused" (MERGE_MODES; default DECODE_MERGE): how the splits are merged.
+    Eager fused calls share one counter buffer per device: do not run two at once on different streams.
     """
     check_tensor("mla_decode: q_latent", q_latent, ndim=3)
     bsz, heads, _ = q_latent.shape
@@ -397,6 +466,10 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     if cache_seqlens.shape[0] != bsz:
         raise ValueError(f"mla_decode: cache_seqlens has {cache_seqlens.shape[0]} entries for batch {bsz}")
     has_new = _check_new("mla_decode", kv_new, pe_new, q_latent, (bsz, c), (bsz, r))
+    merge = merge or DECODE_MERGE
+    if merge not in MERGE_MODES:
+        raise ValueError(f"mla_decode: merge={merge!r} must be one of {MERGE_MODES}")
+    fused = merge == "fused"
     dev = q_latent.device
     out = torch.empty((bsz, heads, c), dtype=q_latent.dtype, device=dev)
     if out.numel() == 0:
@@ -405,31 +478,59 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     if not 1 <= splits <= 1024:
         raise ValueError(f"mla_decode: num_splits={splits} must be in [1, 1024]")
     block_h = _block_h(heads)
+    head_blocks = cdiv(heads, block_h)
     o_part = torch.empty((bsz, heads, splits, c), dtype=torch.float32, device=dev)
     lse = torch.empty((bsz, heads, splits), dtype=torch.float32, device=dev)
+    counters = _split_counters(bsz * head_blocks, dev) if fused else cache_seqlens  # never touched unless fused
     kvn, pen = (kv_new, pe_new) if has_new else (kv_cache, pe_cache)  # never read without HAS_NEW
-    grid = (bsz, cdiv(heads, block_h), splits)
+    grid = (bsz, head_blocks, splits)
     # Strides: one stride() tuple per input; the fresh contiguous buffers' strides by arithmetic
     # (each Tensor.stride(i) call is host time on every decode step).
     sq, sqp, skv, spe = q_latent.stride(), q_pe.stride(), kv_cache.stride(), pe_cache.stride()
     so = (heads * splits * c, splits * c, c)  # o_part [B, H, splits, C]
     sl = (heads * splits, splits)  # lse [B, H, splits]
-    tune_key = (heads, c, r, splits, q_latent.dtype, has_new)
-    eager_tuned = config is None and _decode_tuned is not None and not tracing()  # tracing needs the autotuner
+    tuned = _decode_fused_tuned if fused else _decode_tuned
+    tune_key = (heads, c, r, splits, q_latent.dtype, has_new, merge)
+    eager_tuned = config is None and tuned is not None and not tracing()  # tracing needs the autotuner
     cfg = _decode_chosen.get(tune_key) if eager_tuned else config
-    launch(_mla_decode_split_kernel, _decode_tuned, DECODE_CONFIGS, lambda meta: grid,
-           (q_latent, q_pe, kv_cache, pe_cache, kvn, pen, cache_seqlens, o_part, lse, heads, splits,
+    launch(_mla_decode_split_kernel, tuned, DECODE_CONFIGS, lambda meta: grid,
+           (q_latent, q_pe, kv_cache, pe_cache, kvn, pen, cache_seqlens, o_part, lse, out, counters, heads, splits,
             softmax_scale * LOG2E, sq[0], sq[1], sqp[0], sqp[1], skv[0], skv[1], spe[0], spe[1],
-            kvn.stride(0), pen.stride(0), *so, *sl),
+            kvn.stride(0), pen.stride(0), *so, *sl, heads * c, c),
            dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), HAS_NEW=has_new,
                 UPCAST=is_interpreted(_mla_decode_split_kernel),  # fp32 .to(fp32) is a no-op; also skips PTX
-                BLOCK_H=block_h), cfg)
-    chosen = getattr(_decode_tuned, "best_config", None) if eager_tuned and cfg is None else None
+                FUSED=fused, BLOCK_S=next_pow2(splits), MERGE_C=min(MERGE_C, next_pow2(c)), BLOCK_H=block_h), cfg)
+    chosen = getattr(tuned, "best_config", None) if eager_tuned and cfg is None else None
     if chosen is not None:
         _decode_chosen[tune_key] = chosen
-    traceable(_mla_decode_reduce_kernel)[(bsz, heads)](
-        o_part, lse, out, splits, *so, *sl, heads * c, c, C=c, BLOCK_C=next_pow2(c), BLOCK_S=next_pow2(splits))
+    if not fused:
+        traceable(_mla_decode_reduce_kernel)[(bsz, heads)](
+            o_part, lse, out, splits, *so, *sl, heads * c, c, C=c, BLOCK_C=next_pow2(c), BLOCK_S=next_pow2(splits))
     return out
+
+
+# Per-device int32 counters of the fused merge, zero between launches (the kernel resets each one it
+# completes). Eager calls reuse one buffer: no memset per decode step.
+_counter_cache: dict[torch.device, torch.Tensor] = {}
+COUNTER_BUFFER_MIN = 4096
+
+
+def _split_counters(n: int, device: torch.device) -> torch.Tensor:
+    """n zeroed int32 counters for one fused mla_decode launch.
+
+    While tracing (torch.export / AOTInductor, where the op is functional) and while a CUDA graph is
+    being captured with no buffer yet, a fresh torch.zeros (a memset the graph or package replays);
+    otherwise the cached self-cleaning buffer, grown when a larger batch needs more.
+    """
+    if tracing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    buf = _counter_cache.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return torch.zeros(n, dtype=torch.int32, device=device)  # graph-pool memory: not cached
+        buf = torch.zeros(max(n, COUNTER_BUFFER_MIN), dtype=torch.int32, device=device)
+        _counter_cache[device] = buf
+    return buf[:n]
 
 
 def mla_prefill(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,

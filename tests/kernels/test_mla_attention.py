@@ -195,3 +195,99 @@ def test_choose_num_splits_fills_whole_waves(batch, ctx):
     if batch <= slots:
         assert programs <= slots, f"{programs} programs spill into a second wave of {slots}"
     assert (batch, ctx) != (32, 4096) or splits == 8  # the old rule's 9 splits = 1.09 waves
+
+
+# Fused merge (merge="fused"): the last split program of each (row, head block) merges the partials,
+# found with a self-cleaning atomic counter. In the interpreter the programs run one after another, so
+# this checks the arithmetic, the counting and the reset, not the GPU's memory ordering (the benchmark
+# checks the fused form against mla_decode_ref on the H200).
+
+
+def _counters_clean() -> None:
+    for dev, buf in A._counter_cache.items():
+        assert (buf == 0).all(), f"fused-merge counters on {dev} not reset: {buf[buf != 0][:8].tolist()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [None, 1, 3, 7])
+def test_mla_decode_fused_merge_ragged(seed, dtype, num_splits):
+    torch.manual_seed(seed)
+    kv, pe = _caches(5, dtype)
+    q, qp = torch.randn(4, H, C, dtype=dtype), torch.randn(4, H, R, dtype=dtype)
+    seqlens = torch.tensor([1, 37, 0, S], dtype=torch.int32)  # row 2 empty; 37: not a multiple of BLOCK_N
+    ref = A.mla_decode_ref(q, qp, kv, pe, seqlens, SCALE)
+    for _ in range(2):  # the second call reuses the counters the first one left
+        out = A.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=num_splits, merge="fused")
+        assert out.shape == (4, H, C) and out.dtype == dtype
+        _check(out, ref, dtype)
+        assert (out[2] == 0).all()
+        _counters_clean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_mla_decode_fused_merge_with_new_token(seed, dtype, num_splits):
+    torch.manual_seed(seed)
+    cache = torch.randn(4, S, C + R, dtype=dtype)
+    new = torch.randn(3, C + R, dtype=dtype)
+    q, qp = torch.randn(3, H, C, dtype=dtype), torch.randn(3, H, R, dtype=dtype)
+    seqlens = torch.tensor([0, 37, S - 1], dtype=torch.int32)
+    kw = dict(kv_new=new[:, :C], pe_new=new[:, C:])
+    out = A.mla_decode(q, qp, cache[..., :C], cache[..., C:], seqlens, SCALE, num_splits=num_splits, merge="fused",
+                       **kw)
+    _check(out, A.mla_decode_ref(q, qp, cache[..., :C], cache[..., C:], seqlens, SCALE, **kw), dtype)
+    _counters_clean()
+
+
+def test_mla_decode_fused_merge_many_heads_and_wide_latent(seed):
+    """Two head blocks (H=80 > MAX_BLOCK_H: counters per (row, head block)) and a latent wider than
+    MERGE_C, not a multiple of it (the merge's column loop and its mask)."""
+    torch.manual_seed(seed)
+    heads, c, r = 80, A.MERGE_C + 72, 8
+    kv, pe = torch.randn(2, 50, c), torch.randn(2, 50, r)
+    q, qp = torch.randn(2, heads, c), torch.randn(2, heads, r)
+    seqlens = torch.tensor([50, 23], dtype=torch.int32)
+    out = A.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=3, merge="fused")
+    _check(out, A.mla_decode_ref(q, qp, kv, pe, seqlens, SCALE), torch.float32)
+    _counters_clean()
+
+
+@pytest.mark.parametrize("config", DECODE_TILES, ids=str)
+def test_mla_decode_fused_merge_every_config(seed, config):
+    torch.manual_seed(seed)
+    kv, pe = _caches(2, torch.float32)
+    q, qp = torch.randn(2, H, C), torch.randn(2, H, R)
+    seqlens = torch.tensor([70, 9], dtype=torch.int32)
+    out = A.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=5, config=config, merge="fused")
+    _check(out, A.mla_decode_ref(q, qp, kv, pe, seqlens, SCALE), torch.float32)
+
+
+def test_mla_decode_fused_equals_separate(seed):
+    torch.manual_seed(seed)
+    kv, pe = _caches(3, torch.float32)
+    q, qp = torch.randn(3, H, C), torch.randn(3, H, R)
+    seqlens = torch.tensor([99, 64, 2], dtype=torch.int32)
+    sep = A.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=6, merge="separate")
+    fus = A.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=6, merge="fused")
+    assert (sep - fus).abs().max().item() < 1e-6
+
+
+def test_split_counters_are_fresh_while_tracing():
+    """Under torch.export / AOTInductor (the op is functional) the counters are the op's own zeros,
+    not the eager cache."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    before = dict(A._counter_cache)
+    with FakeTensorMode():
+        cnt = A._split_counters(7, torch.device("cpu"))
+    assert type(cnt).__name__ == "FakeTensor" and cnt.shape == (7,) and cnt.dtype == torch.int32
+    assert A._counter_cache == before
+    eager = A._split_counters(A.COUNTER_BUFFER_MIN + 5, torch.device("cpu"))  # grows the cached buffer
+    assert eager.shape == (A.COUNTER_BUFFER_MIN + 5,) and (eager == 0).all()
+
+
+def test_mla_decode_rejects_unknown_merge():
+    kv, pe = _caches(1, torch.float32)
+    with pytest.raises(ValueError, match="merge='both' must be one of"):
+        A.mla_decode(torch.randn(1, H, C), torch.randn(1, H, R), kv, pe, torch.ones(1, dtype=torch.int32), SCALE,
+                     merge="both")

@@ -5,7 +5,8 @@
 # most 8 files; the 16b engine builds (CPU, 5-8 min each) and the GPU runs overlap only if something
 # keeps running between calls.
 #
-#   bash benchmarks/device_chain.sh start [STEPS]  # call 1: install the package, start the chain, return
+#   bash benchmarks/device_chain.sh start [STEPS [STEPS_GPU1]]
+#                                                  # call 1: install the package, start the chain, return
 #   bash benchmarks/device_chain.sh chunk FILE     # calls 2..: hand over one onnxruntime-gpu chunk
 #                                                  #   (benchmarks/pack_onnxruntime_gpu.sh; the last one
 #                                                  #   is named with `chunk FILE last`)
@@ -14,12 +15,17 @@
 #
 # Every call prints the chain's log and packs its results, so a machine lost mid-way still leaves
 # what was measured up to the previous call. STEPS: comma-separated, run in that order (default:
-# session 3's "builds,probe,ort,profile,trace,torch16b"):
+# session 3's "builds,probe,ort,profile,trace,torch16b"). STEPS_GPU1, on a machine of 2+ GPUs: a
+# second lane run at the same time on GPU 1 and the upper half of the cores (lane 0 then takes GPU 0
+# and the lower half); on one GPU it runs after STEPS. Each lane's processes see only their GPU
+# (CUDA_VISIBLE_DEVICES), so the timings of one lane are not shared with the other's kernels.
 #   builds     in the background (cores 8-15): benchmarks/ort_builds_16b.sh, the 16b ONNX Runtime CUDA
 #              engines ($PRECISIONS, default "bf16 fp8"); the next steps run on cores 0-7 and the GPU
 #   probe      benchmarks/torch_load_probe.py (tiny torch engine on CUDA: which load/run stage dies)
 #   tinytorch  benchmarks/torch_tiny_cuda.py (tiny torch engine on CUDA: build, accuracy, generate)
 #   torch16b   benchmarks/torch_16b.py ($TORCH16B_PRECISIONS, default "fp8,bf16"), with the time left
+#              until minute 28; `torch16b:PREC[:END]` runs precision PREC with the time left until
+#              minute END (its results in torch16b-PREC/)
 #   kernels    benchmarks/kernels.py ($KERNELS_ARGS)
 #   ort        benchmarks/onnxruntime_16b.py --wait-builds: eager reference first, then each engine as
 #              soon as its build is done, generate included (one process: one run); needs onnxruntime-gpu
@@ -36,6 +42,8 @@ ENGINES=/tmp/ort16b
 
 log() { echo "=== $(date +%T) $*" >> "$CHAIN/chain.log"; }
 minutes() { echo $(( ($(date +%s) - $(cat "$CHAIN/t0")) / 60 )); }
+
+CORES=0-7  # this lane's CPU cores (taskset); the background builds take 8-15
 
 # step NAME START_LIMIT_MIN CMD...: run CMD (output in NAME.log) unless the chain is START_LIMIT_MIN old
 step() {
@@ -60,33 +68,53 @@ wait_for_engine() {  # the background build of engine-$2 finished (done or faile
 }
 
 run_step() {
+  local prec end
   case $1 in
+    torch16b:*) prec=$(echo "$1" | cut -d: -f2); end=$(echo "$1" | cut -d: -f3); end=${end:-28}
+                step "torch16b-$prec" $(( end - 8 )) taskset -c $CORES python3 benchmarks/torch_16b.py \
+                  --precisions "$prec" --budget-s $(( (end - $(minutes)) * 60 )) --out "$CHAIN/torch16b-$prec" ;;
     builds) taskset -c 8-15 env WORK=$ENGINES bash benchmarks/ort_builds_16b.sh > "$CHAIN/ort_builds.log" 2>&1 &
             log "builds started in the background" ;;
-    probe) step probe 12 taskset -c 0-7 timeout 480 python3 benchmarks/torch_load_probe.py --timeout 300 \
+    probe) step probe 12 taskset -c $CORES timeout 480 python3 benchmarks/torch_load_probe.py --timeout 300 \
              --out "$CHAIN/probe" ;;
-    tinytorch) step tinytorch 20 taskset -c 0-7 timeout 540 python3 benchmarks/torch_tiny_cuda.py --out "$CHAIN/tinytorch" ;;
-    torch16b) step torch16b 20 taskset -c 0-7 python3 benchmarks/torch_16b.py --precisions "${TORCH16B_PRECISIONS:-fp8,bf16}" \
+    tinytorch) step tinytorch 20 taskset -c $CORES timeout 540 python3 benchmarks/torch_tiny_cuda.py --out "$CHAIN/tinytorch" ;;
+    torch16b) step torch16b 20 taskset -c $CORES python3 benchmarks/torch_16b.py --precisions "${TORCH16B_PRECISIONS:-fp8,bf16}" \
                 --budget-s $(( (28 - $(minutes)) * 60 )) --out "$CHAIN/torch16b" ;;
     kernels) mkdir -p "$CHAIN/kernels"
-             step kernels 24 env OUT="$CHAIN/kernels" taskset -c 0-7 python3 benchmarks/kernels.py ${KERNELS_ARGS:-} ;;
+             step kernels 24 env OUT="$CHAIN/kernels" taskset -c $CORES python3 benchmarks/kernels.py ${KERNELS_ARGS:-} ;;
     ort) wait_for_onnxruntime 14
-         step ort 14 env PYTHONPATH=$ORT_SITE taskset -c 0-7 python3 benchmarks/onnxruntime_16b.py \
+         step ort 14 env PYTHONPATH=$ORT_SITE taskset -c $CORES python3 benchmarks/onnxruntime_16b.py \
            --precisions "$(echo ${PRECISIONS:-bf16 fp8} | tr ' ' ,)" --wait-builds 900 --budget-s 1500 --out "$CHAIN/ort" ;;
     profile) wait_for_onnxruntime 21
-             step profile 21 env PYTHONPATH=$ORT_SITE taskset -c 0-7 python3 -m dsv3_export profile \
+             step profile 21 env PYTHONPATH=$ORT_SITE taskset -c $CORES python3 -m dsv3_export profile \
                "$ENGINES/engine-bf16" --compare "$ENGINES/engine-fp8" --batch 1,8,64 --prompt-len 128,1024 \
                --decode-steps 64 --out "$CHAIN/profile" ;;
     trace) wait_for_onnxruntime 24; wait_for_engine 24 bf16
-           step trace 24 env PYTHONPATH=$ORT_SITE taskset -c 0-7 python3 -m dsv3_export profile "$ENGINES/engine-bf16" \
+           step trace 24 env PYTHONPATH=$ORT_SITE taskset -c $CORES python3 -m dsv3_export profile "$ENGINES/engine-bf16" \
              --batch 1 --prompt-len 128 --decode-steps 8 --repeats 1 --trace --out "$CHAIN/trace" ;;
     *) log "unknown step $1" ;;
   esac
 }
 
-chain() {
+lane() {  # lane STEPS: run the steps in order
+  for name in $(echo "$1" | tr , ' '); do run_step "$name"; done
+}
+
+chain() {  # chain STEPS [STEPS_GPU1]
   export PYTHONUNBUFFERED=1 TORCH_DISABLE_ADDR2LINE=1  # symbolizing every C++ exception slowed builds 3x
-  for name in $(echo "${1:-builds,probe,ort,profile,trace,torch16b}" | tr , ' '); do run_step "$name"; done
+  local steps=${1:-builds,probe,ort,profile,trace,torch16b} steps1=${2:-}
+  local gpus cores
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  cores=$(nproc)
+  if [ -n "$steps1" ] && [ "${gpus:-0}" -ge 2 ]; then
+    log "two lanes: GPU 0 on cores 0-$(( cores / 2 - 1 )), GPU 1 on cores $(( cores / 2 ))-$(( cores - 1 ))"
+    (CORES=$(( cores / 2 ))-$(( cores - 1 )) CUDA_VISIBLE_DEVICES=1 lane "$steps1"; log "lane GPU 1 done") &
+    CORES=0-$(( cores / 2 - 1 )) CUDA_VISIBLE_DEVICES=0 lane "$steps"
+    log "lane GPU 0 done"
+    wait
+  else
+    lane "$steps${steps1:+,$steps1}"
+  fi
   log "chain done"
   touch "$CHAIN/chain.done"
 }
@@ -119,7 +147,7 @@ case ${1:-} in
         || { cat "$CHAIN/install.log"; exit 1; }
     fi
     log "installed; chain starting"
-    setsid nohup bash "$0" _chain "${2:-}" < /dev/null > "$CHAIN/chain.out" 2>&1 &
+    setsid nohup bash "$0" _chain "${2:-}" "${3:-}" < /dev/null > "$CHAIN/chain.out" 2>&1 &
     sleep 5
     report
     ;;
@@ -138,6 +166,6 @@ case ${1:-} in
     while [ ! -f "$CHAIN/chain.done" ] && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
     report
     ;;
-  _chain) chain "${2:-}" ;;
-  *) echo "usage: $0 start [STEPS] | chunk FILE [last] | wait SECONDS" >&2; exit 2 ;;
+  _chain) chain "${2:-}" "${3:-}" ;;
+  *) echo "usage: $0 start [STEPS [STEPS_GPU1]] | chunk FILE [last] | wait SECONDS" >&2; exit 2 ;;
 esac

@@ -256,6 +256,44 @@ def _fp8_tuning(shape_class: str, top: int = 4) -> str:
                      for c, t in ranked[:top])
 
 
+def _fp8_variant_rows(report: Report, case: str, operands, ref, sh: Shapes, quick: bool, bytes_: float,
+                      flops: float) -> list:
+    """Prefill candidates beside the default kernel, in the same process: fp8_gemm(variant=
+    "tma_persistent") with each of its configs pinned (checked, then timed), then autotuned over
+    them (the path fp8_gemm would take if it became the default). Each row prints as soon as it
+    is timed, so a config that fails or hangs on the GPU leaves the earlier ones on stdout. The
+    warp-specialized config is last in TMA_PERSISTENT_CONFIGS for that reason."""
+    from dsv3_export.kernels import fp8_gemm as G
+    from dsv3_export.kernels import fp8_gemm_persistent as P
+
+    a, a_s, w, w_s = operands
+    m, n = a.shape[0], w.shape[0]
+    reason = P.tma_unsupported(a, w, torch.bfloat16, n)
+    if reason:
+        print(f"  {case}: tma_persistent skipped: {reason}", flush=True)
+        return []
+    rows = []
+    for cfg in [*P.TMA_PERSISTENT_CONFIGS, None]:
+        def timed(cfg=cfg):
+            run = lambda: G.fp8_gemm(a, a_s, w, w_s, variant="tma_persistent", config=cfg)  # noqa: E731
+            err = mean_rel(run().float(), ref)
+            used = cfg or P.tuned_config() or P.TMA_PERSISTENT_CONFIGS[0]
+            tiles = -(-m // used.kwargs["BLOCK_M"]) * -(-n // used.kwargs["BLOCK_N"])
+            grid = min(tiles, G.num_sms(torch.device(sh.device)) * used.kwargs["CTAS_PER_SM"])
+            kw = used.kwargs  # the summary table shows ~35 characters of impl: keep the tile in them
+            impl = (f"triton fp8 tma {kw['BLOCK_M']}x{kw['BLOCK_N']} w{used.num_warps} s{used.num_stages}"
+                    f"{' WS' if kw['WARP_SPECIALIZE'] else ''}" if cfg else "triton fp8 tma autotuned")
+            note = f"config {G.config_label(used)}, {tiles} tiles on {grid} persistent CTAs"
+            row = add(report, Row("fp8_gemm", case, impl, bench(run, sh, quick), error=err, tol=5e-3, ok=err < 5e-3,
+                                  note=note), bytes_=bytes_, flops=flops, peak=FP8_PEAK)
+            print(f"  {case}: {impl} {row.ms:.4f} ms, {row.tflops or 0:.0f} TFLOP/s, err {err:.2e}; {note}",
+                  flush=True)
+            return row
+
+        rows.append(guarded(report, f"{case} tma_persistent {G.config_label(cfg) if cfg else 'autotuned'}", timed))
+    return rows
+
+
 def bench_fp8_gemm(report: Report, sh: Shapes, quick: bool) -> None:
     from dsv3_export.kernels import fp8_gemm as G
     from dsv3_export.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, fp8_linear
@@ -284,6 +322,8 @@ def bench_fp8_gemm(report: Report, sh: Shapes, quick: bool) -> None:
             decode = m <= G.DECODE_MAX_M
             if sh.device == "cuda":
                 print(f"    autotuner timings: {_fp8_tuning('decode' if decode else 'prefill')}", flush=True)
+            if m == sh.prefill_m:  # the prefill candidates (sh.prefill_m is 24 in the CPU smoke test)
+                rows += _fp8_variant_rows(report, case, (a, a_s, w, w_s), ref, sh, quick, bytes_, flops)
 
             def blockwise():
                 # Padded (K to a multiple of 512, M to 16 rows) outside the timing: _blockwise_operands.

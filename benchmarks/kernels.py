@@ -538,6 +538,21 @@ def bench_moe(report: Report, sh: Shapes, quick: bool) -> None:
                        bytes_=up_bytes, flops=up_flops, peak=BF16_PEAK)
 
         up_rows.append(guarded(report, f"grouped_gemm {case} _grouped_mm", gm_up))
+        if sh.device == "cuda" and t <= 64:  # decode sizes: eager rows are mostly Python launch cost
+            flat = ids.reshape(-1)
+            offs = torch.cumsum(torch.bincount(flat, minlength=e), 0).to(torch.int32)
+            xs = x[torch.argsort(flat, stable=True) // sh.topk]  # rows pre-sorted, as in gm_up
+
+            def gm_up_run():
+                h = torch._grouped_mm(xs, w13_t, offs=offs)
+                return F.silu(h[:, :i]) * h[:, i:]
+
+            for impl, fn in (("triton grouped_gemm bf16 (CUDA graph)",
+                              lambda: M.grouped_gemm(x, w13, s_ids, e_ids, npp, sh.topk, fuse_swiglu=True)),
+                             ("torch._grouped_mm + swiglu (CUDA graph, rows pre-sorted)", gm_up_run)):
+                up_rows.append(guarded(report, f"grouped_gemm {case} {impl}", lambda impl=impl, fn=fn: add(
+                    report, Row("grouped_gemm", up_case, impl, bench(_graph_of(fn).replay, sh, quick)),
+                    bytes_=up_bytes, flops=up_flops, peak=BF16_PEAK)))
         up_rows = [r for r in up_rows if r is not None]
         finish_group(up_rows)
         show(up_case, up_rows)

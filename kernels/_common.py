@@ -80,6 +80,8 @@ def launch(kernel: Callable, tuned: Callable | None, configs: Sequence[triton.Co
     meta = dict(cfg.kwargs)
     if not is_interpreted(kernel):  # the interpreter has no warps or pipeline stages
         meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if cfg.maxnreg:  # the register cap the autotuner timed (it sets the CTAs per SM)
+            meta["maxnreg"] = cfg.maxnreg
     traceable(kernel)[grid({**kwargs, **cfg.kwargs})](*args, **kwargs, **meta)
 
 

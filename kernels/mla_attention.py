@@ -70,8 +70,9 @@ SPLIT_OVERHEAD_KEYS = 32
 # overrides this default; the benchmark (benchmarks/kernels.py, mla) times both.
 MERGE_MODES = ("separate", "fused")
 DECODE_MERGE = "separate"
-# Columns of the latent the fused merge handles at a time ([BLOCK_H, MERGE_C] fp32 tiles: few registers).
-MERGE_C = 128
+# Columns of the latent the fused merge handles at a time ([BLOCK_H, MERGE_C] fp32 tiles): on sm_90,
+# BN=32 w4 s3 takes 165 registers with 64 (3 programs per SM by registers), 204 with 128 (2 per SM).
+MERGE_C = 64
 
 # Decode is a stream over the cache: what matters is how many cache bytes each SM keeps in flight.
 # A [BN, 512 + 64] bf16 tile is BN x 1152 B (36.9 KB at BN = 32). With the mma.sync score dot
@@ -97,6 +98,9 @@ DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=4, num_stages=5),
     triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=8, num_stages=5),
+    # 4 per SM: 56 KB of shared memory, registers capped at 128 (65536 / (4 x 128 threads)); pairs with
+    # 16 splits at B=32 (512 programs = one wave of 4 x 132) -- the benchmark's split sweep times it.
+    triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=4, num_stages=3, maxnreg=128),
     triton.Config({"BLOCK_N": 64, "PREFETCH": 1}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 64, "PREFETCH": 2}, num_warps=4, num_stages=2),
 ]

@@ -291,3 +291,24 @@ def test_mla_decode_rejects_unknown_merge():
     with pytest.raises(ValueError, match="merge='both' must be one of"):
         A.mla_decode(torch.randn(1, H, C), torch.randn(1, H, R), kv, pe, torch.ones(1, dtype=torch.int32), SCALE,
                      merge="both")
+
+
+def test_launch_passes_the_register_cap_of_an_explicit_config(monkeypatch):
+    """mla_decode relaunches the autotuner's choice as an explicit config: a maxnreg config (4 decode
+    programs per SM) must keep its register cap, or it runs at the occupancy it was not timed at."""
+    import triton
+
+    from dsv3_export.kernels import _common
+
+    seen = {}
+
+    class FakeKernel:  # a compiled kernel's launch surface: kernel[grid](*args, **meta)
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.update(kw)
+
+    monkeypatch.setattr(_common, "is_interpreted", lambda kernel: False)
+    monkeypatch.setattr(_common, "tracing", lambda: False)
+    cfg = triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=3, maxnreg=128)
+    _common.launch(FakeKernel(), None, [cfg], lambda meta: (1,), (), {"C": 8}, cfg)
+    assert seen == dict(C=8, BLOCK_N=16, num_warps=4, num_stages=3, maxnreg=128)
+    assert any(c.maxnreg == 128 for c in A.DECODE_CONFIGS)

@@ -9,9 +9,9 @@ fp8_gemm(..., variant="tma_persistent"); same layouts, same math, same precision
 
 Why it may beat the default kernel at M=4096 (0.49-0.66x cuBLAS with cp.async, 64x128 tiles):
 - TMA (tl.make_tensor_descriptor) moves a 128x128 fp8 tile with one instruction from one thread
-  and zero-fills out-of-bounds rows/columns itself: no per-thread pointer tensors or masks, so the
-  registers cp.async spent on addresses go to the accumulator, and 128x128 tiles on 8 warps (two
-  warpgroups, 64 + 64 fp32 registers of accumulator and partial each) fit without spills.
+  and zero-fills out-of-bounds rows/columns itself: no per-thread address arithmetic, masks or
+  cp.async issue in the K loop, so the issue slots between two wgmmas go to the promotion FFMAs.
+  (Registers are not what it saves: 128x128 on 8 warps is ~180 per thread either way, no spill.)
 - Persistent CTAs (grid = SMs x CTAS_PER_SM, a tl.range tile loop in GROUP_M order): no launch
   tail per tile, and with flatten=True the software pipeliner runs the next tile's TMA loads
   while this tile's epilogue (cast, TMA store) executes.
@@ -35,14 +35,16 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3_export.kernels._common import QUANT_BLOCK, autotune_or_single, cdiv, is_interpreted, launch, next_pow2, num_sms
+from dsv3_export.kernels._common import (QUANT_BLOCK, autotune_or_single, cdiv, is_interpreted, launch, next_pow2,
+                                         num_sms, tracing)
 
 # TMA: the global address and every stride but the last must be multiples of 16 bytes.
 TMA_ALIGN = 16
 # Smem per 128x128 tile pair per stage: 16 KB of a + 16 KB of b; the bf16 epilogue tile is 32 KB.
 # CTAS_PER_SM is how many CTAs the launcher keeps resident per SM (the grid): it must agree with
-# the registers and shared memory. ptxas on sm_90, triton 3.6 and 3.9 alike (bf16 c; fp32 c adds
-# 32 / 16 KB of epilogue): python -m tests.kernels._sm90_compile --all-configs --ptxas-v
+# the registers and shared memory. ptxas on sm_90, triton 3.6 and 3.9 alike, bf16 c (fp32 c adds
+# 32 / 16 KB of epilogue tile, and then 64x128 no longer fits twice per SM: correct, but the
+# second CTA waits). Numbers from python -m tests.kernels._sm90_compile --all-configs --ptxas-v:
 #   128x128 w8 s4:        256 threads, 177-182 registers, 0 spill, 160 KB  -> 1 CTA / SM
 #   128x128 w4 s4 WS:     384 threads, 168 (setmaxnreg 232 consumers / 40 producer), 0 spill, 160 KB
 #   64x128  w4 s4:        128 threads, 177-182 registers, 0 spill, 112 KB -> 2 CTAs / SM
@@ -142,6 +144,9 @@ def fp8_gemm_tma_persistent(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor,
                             programs: int | None = None) -> torch.Tensor:
     """Launch on operands fp8_gemm has already checked (shapes, dtypes, unit last stride).
     programs caps the persistent grid (tests: several tiles per program on tiny shapes)."""
+    if tracing():  # the alignment check reads data_ptr(), which fake tensors do not have
+        raise NotImplementedError("fp8_gemm(variant='tma_persistent') is eager-only (benchmarks) until it is "
+                                  "tested inside torch.export / AOTInductor; trace variant='default'")
     m, k = a.shape
     n = b.shape[0]
     reason = tma_unsupported(a, b, out_dtype, n)

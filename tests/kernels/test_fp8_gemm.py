@@ -214,3 +214,13 @@ def test_tma_persistent_configs_are_hopper_sized():
     for cfg in P.TMA_PERSISTENT_CONFIGS:
         assert cfg.kwargs["BLOCK_N"] <= 128 and cfg.kwargs["CTAS_PER_SM"] >= 1
     assert any(cfg.kwargs["WARP_SPECIALIZE"] for cfg in P.TMA_PERSISTENT_CONFIGS)
+
+
+def test_tma_persistent_refuses_tracing():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    a, a_s, b, b_s = _operands(3, 200, 256)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fa, fa_s, fb, fb_s = (mode.from_tensor(t) for t in (a, a_s, b, b_s))
+        with pytest.raises(NotImplementedError, match="eager-only"):
+            G.fp8_gemm(fa, fa_s, fb, fb_s, variant="tma_persistent")

@@ -563,8 +563,9 @@ def _absorbed_eager(q, qp, kv, pe, scale):
     return torch.einsum("bht,btc->bhc", scores.softmax(-1, dtype=torch.float32).type_as(q), kv)
 
 
-def _graph_of(fn):
-    """fn captured in a CUDA graph (after a warm-up on a side stream): replay costs no Python launches."""
+def _graph_of(fn, outputs: list | None = None):
+    """fn captured in a CUDA graph (after a warm-up on a side stream): replay costs no Python launches.
+    `outputs` (a list) receives the captured call's result, which every replay rewrites."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -572,32 +573,59 @@ def _graph_of(fn):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        out = fn()
+    if outputs is not None:
+        outputs.append(out)
     return graph
 
 
-def _decode_choice(bsz: int, h: int, c: int, r: int, ctx: int, device: str) -> str:
-    """The split count mla_decode picks and the config the autotuner chose for it."""
+def _decode_choice(bsz: int, h: int, c: int, r: int, ctx: int, device: str, merge: str | None = None,
+                   splits: int | None = None) -> str:
+    """The split count mla_decode picks (or `splits`) and the config the autotuner chose for it."""
     from dsv3_export.kernels import mla_attention as ka
 
-    splits = ka.choose_num_splits(bsz, h, ctx, torch.device(device))
-    cfg = ka.decode_config(h, c, r, splits, torch.bfloat16) if device == "cuda" else ka.DECODE_CONFIGS[0]
-    return f"NUM_SPLITS={splits} ({bsz * splits} programs), config {cfg}"
+    splits = splits or ka.choose_num_splits(bsz, h, ctx, torch.device(device))
+    merge = merge or ka.DECODE_MERGE
+    cfg = ka.decode_config(h, c, r, splits, torch.bfloat16, merge=merge) if device == "cuda" else ka.DECODE_CONFIGS[0]
+    regs = f" maxnreg={cfg.maxnreg}" if cfg is not None and cfg.maxnreg else ""
+    return f"merge={merge} NUM_SPLITS={splits} ({bsz * splits} programs), config {cfg}{regs}"
 
 
-def _split_sweep(report: Report, q, qp, kv, pe, seqlens, scale, bytes_: int, sh: Shapes, quick: bool) -> None:
-    """mla_decode from a CUDA graph at forced NUM_SPLITS (each autotuned): printed, not tabled,
-    to show how far choose_num_splits' pick is from the best split count on this GPU."""
+# Forced split counts of the sweep, per merge form; 16 and 32 compile apart (Triton specializes
+# ints divisible by 16), so the sweep costs ~2 compiles per config and form, then ~1.5 s per key.
+SWEEP_SPLITS = (4, 8, 12, 16, 24, 32)
+
+
+def _split_sweep(report: Report, q, qp, kv, pe, seqlens, scale, bytes_: int, sh: Shapes, quick: bool,
+                 ref: torch.Tensor) -> None:
+    """mla_decode from a CUDA graph at forced NUM_SPLITS (each autotuned), separate and fused merge:
+    printed, not tabled, to show how far choose_num_splits' pick is from the best split count on this
+    GPU and which (merge, splits, config) is fastest. Each point's graph output is checked against
+    `ref` after its timing (the fused form's counters must survive hundreds of replays)."""
     from dsv3_export.kernels.mla_attention import mla_decode
 
-    parts = []
-    for splits in (2, 4, 8, 12, 16, 24, 32):
-        mla_decode(q, qp, kv, pe, seqlens, scale, num_splits=splits)  # autotune this key outside the graph
-        graph = _graph_of(lambda: mla_decode(q, qp, kv, pe, seqlens, scale, num_splits=splits))
-        ms = bench(graph.replay, sh, quick)
-        pct = f" = {100 * bytes_ / (ms * 1e-3) / 1e12 / report.copy_tbps:.0f}% of copy" if report.copy_tbps else ""
-        parts.append(f"{splits}: {ms:.4f} ms{pct}")
-    print("    split sweep (CUDA graph): " + "; ".join(parts), flush=True)
+    bsz, h, c = q.shape
+    best = None
+    for merge in ("separate", "fused"):
+        parts = []
+        for splits in SWEEP_SPLITS:
+            mla_decode(q, qp, kv, pe, seqlens, scale, num_splits=splits, merge=merge)  # autotune outside the graph
+            outs: list = []
+            graph = _graph_of(lambda: mla_decode(q, qp, kv, pe, seqlens, scale, num_splits=splits, merge=merge),
+                              outs)
+            ms = bench(graph.replay, sh, quick)
+            torch.cuda.synchronize()
+            err = mean_rel(outs[0].float(), ref)
+            pct = f" = {100 * bytes_ / (ms * 1e-3) / 1e12 / report.copy_tbps:.0f}% of copy" if report.copy_tbps else ""
+            bad = "" if err < 1e-2 else f" WRONG (mean rel err {err:.3g})"
+            if err >= 1e-2:
+                report.failures.append(f"mla split sweep merge={merge} splits={splits}: mean rel err {err:.3g}")
+            parts.append(f"{splits}: {ms:.4f} ms{pct}{bad}")
+            if err < 1e-2 and (best is None or ms < best[0]):
+                best = (ms, _decode_choice(bsz, h, c, pe.shape[-1], kv.shape[1], sh.device, merge, splits))
+        print(f"    split sweep merge={merge} (CUDA graph): " + "; ".join(parts), flush=True)
+    if best is not None:
+        print(f"    split sweep best: {best[0]:.4f} ms with {best[1]}", flush=True)
 
 
 def bench_mla(report: Report, sh: Shapes, quick: bool) -> None:
@@ -657,13 +685,41 @@ def bench_mla(report: Report, sh: Shapes, quick: bool) -> None:
 
         if sh.device == "cuda":
             rows.append(guarded(report, f"mla {case} graph", graphed))
+
+        def fused():
+            # One launch: the last split program of each (row, head block) merges (self-cleaning counter).
+            # Checked eagerly (cache + kv_new, the op's form) and from the graph after all its replays.
+            e_new = mean_rel(mla_decode(q, qp, kv, pe, len_m1, scale, kv_new=new_kv, pe_new=new_pe,
+                                        merge="fused").float(), ref)
+            out = [add(report, Row("mla", case, "triton mla fused merge (+ kv_new)",
+                                   bench(lambda: mla_decode(q, qp, kv, pe, len_m1, scale, kv_new=new_kv, pe_new=new_pe,
+                                                            merge="fused"), sh, quick),
+                                   error=e_new, tol=1e-2, ok=e_new < 1e-2), bytes_=bytes_, flops=flops)]
+            if sh.device != "cuda":
+                e_ = mean_rel(mla_decode(q, qp, kv, pe, seqlens, scale, merge="fused", num_splits=3).float(), ref)
+                out[0].note = f"fused at 3 splits without kv_new: mean rel err {e_:.2g}"
+                out[0].ok = out[0].ok and e_ < 1e-2
+                return out
+            mla_decode(q, qp, kv, pe, seqlens, scale, merge="fused")  # autotune outside the graph
+            outs: list = []
+            graph = _graph_of(lambda: mla_decode(q, qp, kv, pe, seqlens, scale, merge="fused"), outs)
+            ms = bench(graph.replay, sh, quick)
+            torch.cuda.synchronize()
+            e_ = mean_rel(outs[0].float(), ref)  # after every replay: the counters reset themselves
+            out.append(add(report, Row("mla", case, "triton mla fused merge (CUDA graph)", ms, error=e_,
+                                       tol=1e-2, ok=e_ < 1e-2,
+                                       note=_decode_choice(bsz, h, c, r_, ctx, sh.device, "fused")),
+                           bytes_=bytes_, flops=flops))
+            return out
+
+        rows.extend(guarded(report, f"mla {case} fused merge", fused) or [])
         rows = [r for r in rows if r is not None]
         finish_group(rows)
         show(case, rows)
         print(f"  {case}: {choice}", flush=True)
         if sh.device == "cuda" and bsz * ctx >= 32 * 4096:  # the bandwidth-bound shape: does the split heuristic pay?
             guarded(report, f"mla {case} split sweep", lambda: _split_sweep(report, q, qp, kv, pe, seqlens, scale,
-                                                                              bytes_, sh, quick))
+                                                                              bytes_, sh, quick, ref))
         for r in rows:
             if r.impl.startswith("triton") and r.tbps and report.copy_tbps:
                 print(f"    {r.impl}: {r.tbps:.2f} TB/s = {100 * r.tbps / report.copy_tbps:.0f}% of copy "

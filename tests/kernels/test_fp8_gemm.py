@@ -224,3 +224,22 @@ def test_tma_persistent_refuses_tracing():
         fa, fa_s, fb, fb_s = (mode.from_tensor(t) for t in (a, a_s, b, b_s))
         with pytest.raises(NotImplementedError, match="eager-only"):
             G.fp8_gemm(fa, fa_s, fb, fb_s, variant="tma_persistent")
+
+
+def test_tma_persistent_allocator_installed_once_never_overwritten():
+    # Device-side descriptors need triton's global-scratch allocator: installed when none is set,
+    # a caller's own allocator is kept. Run in copies of the context: the setting is a ContextVar.
+    import contextvars
+
+    import triton
+    from triton.runtime import _allocation
+
+    def after_ensure(preset):
+        if preset is not None:
+            triton.set_allocator(preset)
+        P._ensure_allocator()
+        return _allocation._allocator.get()
+
+    assert contextvars.copy_context().run(after_ensure, None) is P._scratch
+    theirs = lambda size, alignment, stream: None  # noqa: E731
+    assert contextvars.copy_context().run(after_ensure, theirs) is theirs

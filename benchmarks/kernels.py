@@ -10,6 +10,8 @@ triton.testing.do_bench (median) and reports: time, achieved TB/s or TFLOP/s, th
                 timing): cuBLAS wants the 128x128 scales' rows round_up(K/128, 4) apart, which
                 torch 2.11 did not enforce (mean rel err 2.27 before). M=1 is padded to 16 rows
                 (cuBLAS refused it). Zero rows and columns add nothing to the product.
+                At the prefill M the Hopper candidate fp8_gemm(variant="tma_persistent") is
+                checked and timed too, each config pinned, then autotuned (rows "triton fp8 tma").
   grouped GEMM  torch._grouped_mm (bf16), MoE end to end with it
   MLA decode    the eager absorbed einsum math and F.scaled_dot_product_attention; mla_decode is
                 also timed as a CUDA-graph replay (its kernels without Python launch cost)

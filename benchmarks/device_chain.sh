@@ -81,7 +81,8 @@ run_step() {
     torch16b) step torch16b 20 taskset -c $CORES python3 benchmarks/torch_16b.py --precisions "${TORCH16B_PRECISIONS:-fp8,bf16}" \
                 --budget-s $(( (28 - $(minutes)) * 60 )) --out "$CHAIN/torch16b" ;;
     kernels) mkdir -p "$CHAIN/kernels"
-             step kernels 24 env OUT="$CHAIN/kernels" taskset -c $CORES python3 benchmarks/kernels.py ${KERNELS_ARGS:-} ;;
+             step kernels 24 env OUT="$CHAIN/kernels" taskset -c $CORES timeout ${KERNELS_TIMEOUT:-480} \
+               python3 benchmarks/kernels.py ${KERNELS_ARGS:-} ;;
     ort) wait_for_onnxruntime 14
          step ort 14 env PYTHONPATH=$ORT_SITE taskset -c $CORES python3 benchmarks/onnxruntime_16b.py \
            --precisions "$(echo ${PRECISIONS:-bf16 fp8} | tr ' ' ,)" --wait-builds 900 --budget-s 1500 --out "$CHAIN/ort" ;;

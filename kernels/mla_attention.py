@@ -98,9 +98,15 @@ DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=4, num_stages=5),
     triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=8, num_stages=5),
-    # 4 per SM: 56 KB of shared memory, registers capped at 128 (65536 / (4 x 128 threads)); pairs with
-    # 16 splits at B=32 (512 programs = one wave of 4 x 132) -- the benchmark's split sweep times it.
+    # More programs per SM to hide each tile's latency chain (score dot, cross-warp max/sum, value
+    # wgmma): registers capped so that 65536 / (cap x 128 threads) programs fit, shared memory too.
+    # 4 per SM: 56 KB, 128 registers (pairs with 16 splits at B=32: 512 programs = one wave of 4 x 132);
+    # 3 per SM: 56 / 74 KB, 168 registers (12 splits: 384 programs = one wave of 3 x 132). No spills
+    # (kv_new at 128: 144 B). choose_num_splits still sizes for 2 per SM: the benchmark's split sweep
+    # times every (splits, config) pair.
     triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=4, num_stages=3, maxnreg=128),
+    triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=4, num_stages=2, maxnreg=168),
+    triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=4, num_stages=4, maxnreg=168),
     triton.Config({"BLOCK_N": 64, "PREFETCH": 1}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 64, "PREFETCH": 2}, num_warps=4, num_stages=2),
 ]

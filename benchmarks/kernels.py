@@ -593,9 +593,10 @@ def _decode_choice(bsz: int, h: int, c: int, r: int, ctx: int, device: str, merg
     return f"merge={merge} NUM_SPLITS={splits} ({bsz * splits} programs), config {cfg}{regs}"
 
 
-# Forced split counts of the sweep, per merge form; 16 and 32 compile apart (Triton specializes
-# ints divisible by 16), so the sweep costs ~2 compiles per config and form, then ~1.5 s per key.
-SWEEP_SPLITS = (4, 8, 12, 16, 24, 32)
+# Forced split counts of the sweep, per merge form: 8 = one wave at 2 programs per SM (B=32, 132 SMs),
+# 12 at 3, 16 at 4 (the maxnreg configs), 24 = two waves at 3. 16 compiles apart (Triton specializes ints
+# divisible by 16): ~2 compiles per config and form, then ~2 s of autotuning per new key.
+SWEEP_SPLITS = (8, 12, 16, 24)
 
 
 def _split_sweep(report: Report, q, qp, kv, pe, seqlens, scale, bytes_: int, sh: Shapes, quick: bool,

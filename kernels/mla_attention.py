@@ -23,7 +23,13 @@ BLOCK_H heads and reads each KV tile once. The sequence of batch row b is cut in
 chunks of ceil(len_b / NUM_SPLITS) tokens (rounded to BLOCK_N) computed from the device-side
 cache_seqlens, so ragged batches need no host sync; each program runs an online softmax (base 2)
 over its chunk and writes a normalized partial output and its log2-sum-exp; a second kernel merges
-the splits. Empty chunks write lse = -inf, weight 0.
+the splits (merge="separate"). Empty chunks write lse = -inf, weight 0. merge="fused" merges in the
+same launch: each program counts its finished split on an int32 counter per (row, head block)
+(bar.sync, then one thread's acq_rel atomic add); the program that completes the count merges all
+splits' partials (still in L2, read with ld.global.cg) into the output and resets the counter to 0,
+so the counters stay valid across launches and CUDA-graph replays with no memset. With one split,
+the fused form writes the output directly. Eager calls share a cached counter buffer per device;
+traced calls (torch.export / AOTInductor, where the op is functional) allocate zeroed counters.
 The decode tiles put the keys, not the heads, on the dots' M dimension ("swap AB", as decode
 kernels do when the query block is small): scores^T = kv [BN, C] . q^T [C, BLOCK_H] and
 out^T += kv^T [C, BN] . p^T [BN, BLOCK_H]. On sm_90 the value dot (M = C = 512) and, for
@@ -110,6 +116,12 @@ DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "PREFETCH": 1}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 64, "PREFETCH": 2}, num_warps=4, num_stages=2),
 ]
+# The fused merge's autotune set: the 2-4 per SM configs (BN=64 and the 130 KB ones run 1 per SM, and BN=64
+# takes 255 registers with the merge epilogue); each config costs ~1 s of compile per specialization.
+_FUSED_KEEP = {(32, 0, 4, 3, None), (32, 3, 4, 3, None), (32, 0, 8, 3, None), (16, 0, 4, 5, None),
+               (16, 0, 4, 3, 128), (32, 0, 4, 2, 168), (16, 0, 4, 4, 168)}
+FUSED_DECODE_CONFIGS = [c for c in DECODE_CONFIGS
+                        if (c.kwargs["BLOCK_N"], c.kwargs["PREFETCH"], c.num_warps, c.num_stages, c.maxnreg) in _FUSED_KEEP]
 # The [BLOCK_Q, 512] fp32 accumulator dominates registers: BLOCK_Q = 128 spills kilobytes on sm_90.
 PREFILL_CONFIGS = [
     triton.Config({"BLOCK_Q": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
@@ -373,7 +385,7 @@ def _mla_prefill_kernel(
 _decode_tuned = autotune_or_single(_mla_decode_split_kernel, DECODE_CONFIGS, key=["H", "C", "R", "NUM_SPLITS"])
 # The fused-merge form tunes on its own (a second autotuner, its own cache), so one process can time
 # both forms; HAS_NEW is in its key (the epilogues differ).
-_decode_fused_tuned = autotune_or_single(_mla_decode_split_kernel, DECODE_CONFIGS,
+_decode_fused_tuned = autotune_or_single(_mla_decode_split_kernel, FUSED_DECODE_CONFIGS,
                                          key=["H", "C", "R", "NUM_SPLITS", "HAS_NEW"])
 # The config the autotuner chose, per (H, C, R, NUM_SPLITS, dtype, HAS_NEW, merge); later eager calls
 # launch the kernel with it directly. Autotuner.run re-keys all ~40 arguments on every call (list
@@ -503,7 +515,7 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     tune_key = (heads, c, r, splits, q_latent.dtype, has_new, merge)
     eager_tuned = config is None and tuned is not None and not tracing()  # tracing needs the autotuner
     cfg = _decode_chosen.get(tune_key) if eager_tuned else config
-    launch(_mla_decode_split_kernel, tuned, DECODE_CONFIGS, lambda meta: grid,
+    launch(_mla_decode_split_kernel, tuned, FUSED_DECODE_CONFIGS if fused else DECODE_CONFIGS, lambda meta: grid,
            (q_latent, q_pe, kv_cache, pe_cache, kvn, pen, cache_seqlens, o_part, lse, out, counters, heads, splits,
             softmax_scale * LOG2E, sq[0], sq[1], sqp[0], sqp[1], skv[0], skv[1], spe[0], spe[1],
             kvn.stride(0), pen.stride(0), *so, *sl, heads * c, c),

@@ -125,7 +125,9 @@ def _cases(all_configs: bool):
                dict(E=e, BLOCK_E=e, BLOCK_M=16, CHUNK=moe.ALIGN_TILE // e, FILL=1024))
     mla_dims = dict(C=512, R=64, BLOCK_C=512, BLOCK_R=64, UPCAST=False)
     for cfg in pick(mla_attention.DECODE_CONFIGS):
-        for has_new, fused in ((False, False), (True, False), (False, True), (True, True)):
+        forms = ((False, False), (True, False)) + (((False, True), (True, True))
+                                                   if cfg in mla_attention.FUSED_DECODE_CONFIGS else ())
+        for has_new, fused in forms:
             yield (f"mla_decode_split has_new={has_new} fused={fused}", mla_attention._mla_decode_split_kernel, cfg,
                    dict(q_ptr=bf, q_pe_ptr=bf, kv_ptr=bf, pe_ptr=bf, kvn_ptr=bf, pen_ptr=bf, seqlens_ptr=i32,
                         o_part_ptr=f32, lse_ptr=f32, out_ptr=bf, cnt_ptr=i32),

@@ -252,7 +252,7 @@ def test_mla_decode_fused_merge_many_heads_and_wide_latent(seed):
     _counters_clean()
 
 
-@pytest.mark.parametrize("config", DECODE_TILES, ids=str)
+@pytest.mark.parametrize("config", list({c.kwargs["BLOCK_N"]: c for c in A.FUSED_DECODE_CONFIGS}.values()), ids=str)
 def test_mla_decode_fused_merge_every_config(seed, config):
     torch.manual_seed(seed)
     kv, pe = _caches(2, torch.float32)
@@ -312,3 +312,8 @@ def test_launch_passes_the_register_cap_of_an_explicit_config(monkeypatch):
     _common.launch(FakeKernel(), None, [cfg], lambda meta: (1,), (), {"C": 8}, cfg)
     assert seen == dict(C=8, BLOCK_N=16, num_warps=4, num_stages=3, maxnreg=128)
     assert any(c.maxnreg == 128 for c in A.DECODE_CONFIGS)
+
+
+def test_fused_configs_are_decode_configs():
+    assert len(A.FUSED_DECODE_CONFIGS) == len(A._FUSED_KEEP)  # each kept tuple names an existing config
+    assert all(c in A.DECODE_CONFIGS for c in A.FUSED_DECODE_CONFIGS)

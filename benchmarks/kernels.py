@@ -589,8 +589,7 @@ def _decode_choice(bsz: int, h: int, c: int, r: int, ctx: int, device: str, merg
     splits = splits or ka.choose_num_splits(bsz, h, ctx, torch.device(device))
     merge = merge or ka.DECODE_MERGE
     cfg = ka.decode_config(h, c, r, splits, torch.bfloat16, merge=merge) if device == "cuda" else ka.DECODE_CONFIGS[0]
-    regs = f" maxnreg={cfg.maxnreg}" if cfg is not None and cfg.maxnreg else ""
-    return f"merge={merge} NUM_SPLITS={splits} ({bsz * splits} programs), config {cfg}{regs}"
+    return f"merge={merge} NUM_SPLITS={splits} ({bsz * splits} programs), config {cfg}"
 
 
 # Forced split counts of the sweep, per merge form: 8 = one wave at 2 programs per SM (B=32, 132 SMs),
@@ -600,11 +599,11 @@ SWEEP_SPLITS = (8, 12, 16, 24)
 
 
 def _split_sweep(report: Report, q, qp, kv, pe, seqlens, scale, bytes_: int, sh: Shapes, quick: bool,
-                 ref: torch.Tensor) -> None:
+                 ref: torch.Tensor, case: str, flops: float) -> None:
     """mla_decode from a CUDA graph at forced NUM_SPLITS (each autotuned), separate and fused merge:
-    printed, not tabled, to show how far choose_num_splits' pick is from the best split count on this
-    GPU and which (merge, splits, config) is fastest. Each point's graph output is checked against
-    `ref` after its timing (the fused form's counters must survive hundreds of replays)."""
+    printed, to show how far choose_num_splits' pick is from the best split count on this GPU; the
+    fastest correct (merge, splits, config) is also tabled. Each point's graph output is checked
+    against `ref` after its timing (the fused form's counters must survive hundreds of replays)."""
     from dsv3_export.kernels.mla_attention import mla_decode
 
     bsz, h, c = q.shape
@@ -629,6 +628,8 @@ def _split_sweep(report: Report, q, qp, kv, pe, seqlens, scale, bytes_: int, sh:
         print(f"    split sweep merge={merge} (CUDA graph): " + "; ".join(parts), flush=True)
     if best is not None:
         print(f"    split sweep best: {best[0]:.4f} ms with {best[1]}", flush=True)
+        add(report, Row("mla", case, "triton mla sweep best (CUDA graph)", best[0], note=best[1], ok=True),
+            bytes_=bytes_, flops=flops)
 
 
 def bench_mla(report: Report, sh: Shapes, quick: bool) -> None:
@@ -722,7 +723,7 @@ def bench_mla(report: Report, sh: Shapes, quick: bool) -> None:
         print(f"  {case}: {choice}", flush=True)
         if sh.device == "cuda" and bsz * ctx >= 32 * 4096:  # the bandwidth-bound shape: does the split heuristic pay?
             guarded(report, f"mla {case} split sweep", lambda: _split_sweep(report, q, qp, kv, pe, seqlens, scale,
-                                                                              bytes_, sh, quick, ref))
+                                                                              bytes_, sh, quick, ref, case, flops))
         for r in rows:
             if r.impl.startswith("triton") and r.tbps and report.copy_tbps:
                 print(f"    {r.impl}: {r.tbps:.2f} TB/s = {100 * r.tbps / report.copy_tbps:.0f}% of copy "

@@ -76,9 +76,17 @@ SPLIT_OVERHEAD_KEYS = 32
 # overrides this default; the benchmark (benchmarks/kernels.py, mla) times both.
 MERGE_MODES = ("separate", "fused")
 DECODE_MERGE = "separate"
-# Columns of the latent the fused merge handles at a time ([BLOCK_H, MERGE_C] fp32 tiles): on sm_90,
-# BN=32 w4 s3 takes 165 registers with 64 (3 programs per SM by registers), 204 with 128 (2 per SM).
-MERGE_C = 64
+# The fused merge loads [BLOCK_S, BLOCK_H, MERGE_C] fp32 tiles of partials: MERGE_ELEMS elements (32
+# registers per thread at 4 warps, plus their 64-bit addresses), at least MIN_MERGE_C columns
+# (merge_cols). sm_90, BN=32 w4 s3 fused: 138 registers at 4096 (208 at 8192; the earlier one-split-
+# at-a-time loop took 165 and chained NUM_SPLITS x C/64 dependent L2 round trips).
+MERGE_ELEMS = 4096
+MIN_MERGE_C = 8
+
+
+def merge_cols(block_s: int, block_h: int, c: int) -> int:
+    """Latent columns per step of the fused merge (a power of 2)."""
+    return max(MIN_MERGE_C, min(next_pow2(c), MERGE_ELEMS // (block_s * block_h)))
 
 # Decode is a stream over the cache: what matters is how many cache bytes each SM keeps in flight.
 # A [BN, 512 + 64] bf16 tile is BN x 1152 B (36.9 KB at BN = 32). With the mma.sync score dot
@@ -287,28 +295,30 @@ def _merge_splits(o_part_ptr, lse_ptr, out_ptr, b, offs_h, mask_h, NUM_SPLITS,
                   C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_C: tl.constexpr):
     """out[b, heads] = sum_s w_s o_part[b, heads, s] with w_s = 2^lse_s / sum 2^lse (0 for empty splits).
 
-    Heads on rows here ([BLOCK_H, MERGE_C] tiles, MERGE_C columns at a time): the loop's accumulator
-    is dead, so this costs few registers. Loads bypass L1 (.cg): the partials come from other SMs.
+    One program merges a (row, head block) while the others are done, so its loads must not be a
+    chain of round trips: each step loads every split's [BLOCK_H, MERGE_C] slice at once (a
+    [BLOCK_S, BLOCK_H, MERGE_C] tile, MERGE_C sized by the launcher to ~32 fp32 registers per thread)
+    and sums over the splits. Loads bypass L1 (.cg): the partials come from other SMs.
     """
     offs_s = tl.arange(0, BLOCK_S)
-    lse_base = lse_ptr + b * stride_lb + offs_h * stride_lh  # [BLOCK_H] pointers, split 0
-    lse = tl.load(lse_base[None, :] + offs_s[:, None], mask=(offs_s[:, None] < NUM_SPLITS) & mask_h[None, :],
-                  other=float("-inf"), cache_modifier=".cg")  # [BLOCK_S, BLOCK_H]
+    mask_s = offs_s < NUM_SPLITS
+    lse = tl.load(lse_ptr + b * stride_lb + offs_h[None, :] * stride_lh + offs_s[:, None],
+                  mask=mask_s[:, None] & mask_h[None, :], other=float("-inf"), cache_modifier=".cg")  # [S, H]
     m = tl.max(lse, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)  # rows with no key at all: weights 0, output 0
-    denom = tl.sum(tl.exp2(lse - m[None, :]), axis=0)
-    inv = 1.0 / tl.where(denom > 0, denom, 1.0)
-    o_base = o_part_ptr + b * stride_ob + offs_h[:, None] * stride_oh  # [BLOCK_H, 1]
+    w = tl.exp2(lse - m[None, :])  # [BLOCK_S, BLOCK_H]
+    denom = tl.sum(w, axis=0)
+    w = w / tl.where(denom > 0, denom, 1.0)[None, :]
+    o_base = o_part_ptr + b * stride_ob + offs_s[:, None, None] * stride_os + offs_h[None, :, None] * stride_oh
+    mask_sh = mask_s[:, None, None] & mask_h[None, :, None]  # [BLOCK_S, BLOCK_H, 1]
     out_base = out_ptr + b * stride_outb + offs_h[:, None] * stride_outh
     for c0 in tl.static_range(0, C, MERGE_C):
         offs_c = c0 + tl.arange(0, MERGE_C)
-        mask = mask_h[:, None] & (offs_c < C)[None, :]
-        acc = tl.zeros((BLOCK_H, MERGE_C), dtype=tl.float32)
-        for s in range(0, NUM_SPLITS):
-            w = tl.exp2(tl.load(lse_base + s, mask=mask_h, other=float("-inf"), cache_modifier=".cg") - m) * inv
-            o = tl.load(o_base + s * stride_os + offs_c[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-            acc += o * w[:, None]
-        tl.store(out_base + offs_c[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        o = tl.load(o_base + offs_c[None, None, :], mask=mask_sh & (offs_c < C)[None, None, :], other=0.0,
+                    cache_modifier=".cg")  # [BLOCK_S, BLOCK_H, MERGE_C]
+        acc = tl.sum(o * w[:, :, None], axis=0)  # [BLOCK_H, MERGE_C]
+        tl.store(out_base + offs_c[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask_h[:, None] & (offs_c < C)[None, :])
 
 
 @triton.jit
@@ -521,7 +531,8 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
             kvn.stride(0), pen.stride(0), *so, *sl, heads * c, c),
            dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), HAS_NEW=has_new,
                 UPCAST=is_interpreted(_mla_decode_split_kernel),  # fp32 .to(fp32) is a no-op; also skips PTX
-                FUSED=fused, BLOCK_S=next_pow2(splits), MERGE_C=min(MERGE_C, next_pow2(c)), BLOCK_H=block_h), cfg)
+                FUSED=fused, BLOCK_S=next_pow2(splits), MERGE_C=merge_cols(next_pow2(splits), block_h, c),
+                BLOCK_H=block_h), cfg)
     chosen = getattr(tuned, "best_config", None) if eager_tuned and cfg is None else None
     if chosen is not None:
         _decode_chosen[tune_key] = chosen

@@ -132,7 +132,7 @@ def _cases(all_configs: bool):
                    dict(q_ptr=bf, q_pe_ptr=bf, kv_ptr=bf, pe_ptr=bf, kvn_ptr=bf, pen_ptr=bf, seqlens_ptr=i32,
                         o_part_ptr=f32, lse_ptr=f32, out_ptr=bf, cnt_ptr=i32),
                    dict(mla_dims, BLOCK_H=16, HAS_NEW=has_new, FUSED=fused, BLOCK_S=8,
-                        MERGE_C=mla_attention.MERGE_C))
+                        MERGE_C=mla_attention.merge_cols(8, 16, 512)))
     yield ("mla_decode_reduce", mla_attention._mla_decode_reduce_kernel, triton.Config({}, num_warps=4),
            dict(o_part_ptr=f32, lse_ptr=f32, out_ptr=bf), dict(C=512, BLOCK_C=512, BLOCK_S=8))
     for cfg in pick(mla_attention.PREFILL_CONFIGS):

@@ -241,9 +241,10 @@ def test_mla_decode_fused_merge_with_new_token(seed, dtype, num_splits):
 
 def test_mla_decode_fused_merge_many_heads_and_wide_latent(seed):
     """Two head blocks (H=80 > MAX_BLOCK_H: counters per (row, head block)) and a latent wider than
-    MERGE_C, not a multiple of it (the merge's column loop and its mask)."""
+    the merge's column step, not a multiple of it (the merge's column loop and its mask)."""
     torch.manual_seed(seed)
-    heads, c, r = 80, A.MERGE_C + 72, 8
+    heads, c, r = 80, 200, 8
+    assert A.merge_cols(4, 64, c) < c and c % A.merge_cols(4, 64, c)
     kv, pe = torch.randn(2, 50, c), torch.randn(2, 50, r)
     q, qp = torch.randn(2, heads, c), torch.randn(2, heads, r)
     seqlens = torch.tensor([50, 23], dtype=torch.int32)

@@ -39,6 +39,7 @@ CHAIN=${CHAIN_DIR:-/tmp/chain}
 ORT_SITE=/tmp/site
 ORT_CHUNKS=/tmp/ortxz
 ENGINES=/tmp/ort16b
+SRC=/tmp/chain-src  # the chain's own copy of the working tree (see `start`)
 
 log() { echo "=== $(date +%T) $*" >> "$CHAIN/chain.log"; }
 minutes() { echo $(( ($(date +%s) - $(cat "$CHAIN/t0")) / 60 )); }
@@ -144,11 +145,15 @@ case ${1:-} in
     mkdir -p "$CHAIN" "$ORT_CHUNKS"
     date +%s > "$CHAIN/t0"
     if [ -z "${CHAIN_NO_INSTALL:-}" ]; then  # set it where the package is installed already
+      # The chain runs from its own copy of the tree: each device call re-sends the working tree
+      # and replaces carried folders, which pulled the ground from under a running chain (its
+      # working directory vanished mid-build: "getcwd() failed").
+      rm -rf "$SRC" && mkdir -p "$SRC" && cp -a . "$SRC/" && cd "$SRC" || exit 1
       python3 -m pip install -q --no-deps --no-build-isolation -e . > "$CHAIN/install.log" 2>&1 \
         || { cat "$CHAIN/install.log"; exit 1; }
     fi
     log "installed; chain starting"
-    setsid nohup bash "$0" _chain "${2:-}" "${3:-}" < /dev/null > "$CHAIN/chain.out" 2>&1 &
+    setsid nohup bash "$(pwd)/benchmarks/device_chain.sh" _chain "${2:-}" "${3:-}" < /dev/null > "$CHAIN/chain.out" 2>&1 &
     sleep 5
     report
     ;;

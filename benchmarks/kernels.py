@@ -14,7 +14,9 @@ triton.testing.do_bench (median) and reports: time, achieved TB/s or TFLOP/s, th
                 checked and timed too, each config pinned, then autotuned (rows "triton fp8 tma").
   grouped GEMM  torch._grouped_mm (bf16), MoE end to end with it
   MLA decode    the eager absorbed einsum math and F.scaled_dot_product_attention; mla_decode is
-                also timed as a CUDA-graph replay (its kernels without Python launch cost)
+                also timed as a CUDA-graph replay (its kernels without Python launch cost), in both
+                merge forms (separate reduce kernel / fused in the split kernel), and at B=32 over
+                forced split counts (each autotuned and checked; the fastest is tabled)
   RMSNorm, act_quant: eager torch
 Device copy bandwidth is measured in the same run. Every section is guarded: an error prints and
 the script continues. The default run (fewer shapes, short timing) fits in about 4 minutes of

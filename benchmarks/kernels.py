@@ -595,9 +595,9 @@ def _decode_choice(bsz: int, h: int, c: int, r: int, ctx: int, device: str, merg
 
 
 # Forced split counts of the sweep, per merge form: 8 = one wave at 2 programs per SM (B=32, 132 SMs),
-# 12 at 3, 16 at 4 (the maxnreg configs), 24 = two waves at 3. 16 compiles apart (Triton specializes ints
-# divisible by 16): ~2 compiles per config and form, then ~2 s of autotuning per new key.
-SWEEP_SPLITS = (8, 12, 16, 24)
+# 12 at 3, 16 at 4 (the maxnreg configs). 16 compiles apart (Triton specializes ints divisible by 16):
+# ~2 compiles per config and form, then ~2 s of autotuning per new key.
+SWEEP_SPLITS = (8, 12, 16)
 
 
 def _split_sweep(report: Report, q, qp, kv, pe, seqlens, scale, bytes_: int, sh: Shapes, quick: bool,

@@ -128,8 +128,8 @@ DECODE_CONFIGS = [
 # takes 255 registers with the merge epilogue); each config costs ~1 s of compile per specialization.
 _FUSED_KEEP = {(32, 0, 4, 3, None), (32, 3, 4, 3, None), (32, 0, 8, 3, None), (16, 0, 4, 5, None),
                (16, 0, 4, 3, 128), (32, 0, 4, 2, 168), (16, 0, 4, 4, 168)}
-FUSED_DECODE_CONFIGS = [c for c in DECODE_CONFIGS
-                        if (c.kwargs["BLOCK_N"], c.kwargs["PREFETCH"], c.num_warps, c.num_stages, c.maxnreg) in _FUSED_KEEP]
+FUSED_DECODE_CONFIGS = [c for c in DECODE_CONFIGS if (c.kwargs["BLOCK_N"], c.kwargs["PREFETCH"], c.num_warps,
+                                                       c.num_stages, c.maxnreg) in _FUSED_KEEP]
 # The [BLOCK_Q, 512] fp32 accumulator dominates registers: BLOCK_Q = 128 spills kilobytes on sm_90.
 PREFILL_CONFIGS = [
     triton.Config({"BLOCK_Q": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),

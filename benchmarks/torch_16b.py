@@ -18,6 +18,9 @@ killed at its limit still returns what was measured. Sections, per precision (bf
                tokens, vs the reference model's own greedy loop (identical prefix length)
   eager        the reference model in eager PyTorch (DeepSeek's MoE loop), same timings
   compile      torch.compile of the reference model (default mode), decode only, if it compiles
+  kernels      (in the engine section) torch.profiler over a few batch-1 decode steps of the package
+               run directly: GPU kernels per step, GPU-busy ms per step and the kernels that take
+               the most time, to say where a step's time goes (a step far above its floor)
 
 Decode is timed at position prompt-len over a cache of random values (the step's cost does not
 depend on them); ms/token = ms per decode step (one token per row). Prints a Markdown table on
@@ -180,7 +183,44 @@ def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds)
         start = torch.zeros(1, dtype=torch.int64, device=DEVICE)
         out["prefill_ms_b1"] = cuda_ms(lambda: step(tokens, start, cache), iters=3, warmup=1)
     out["decode_uses_cuda_graph"] = step._graphs is not None and not step._graphs.failed
+    out["decode_b1_kernels"] = cuda_ms_safe_dict(lambda: decode_kernel_profile(direct, model, prompt_len))
     return out
+
+
+def decode_kernel_profile(step: Callable, model, context: int, steps: int = 4, top: int = 30) -> dict[str, Any]:
+    """Per-kernel GPU time of batch-1 decode steps (torch.profiler; CPU ops on a CPU smoke run)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    a = model.args
+    cache = torch.randn(1, a.n_layers, context + 1, a.latent_cache_width, device=DEVICE).to(model.dtype)
+    tokens = torch.zeros(1, 1, dtype=torch.int64, device=DEVICE)
+    pos = torch.full((1,), context, dtype=torch.int64, device=DEVICE)
+    step(tokens, pos, cache)  # warm
+    sync()
+    gpu = DEVICE == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with torch.no_grad(), profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(tokens, pos, cache)
+        sync()
+    rows = []
+    for evt in prof.key_averages():
+        us = evt.self_device_time_total if gpu else evt.self_cpu_time_total
+        if us > 0 and (not gpu or evt.device_type == torch.autograd.DeviceType.CUDA):
+            rows.append((us / steps, evt.count / steps, evt.key))
+    rows.sort(reverse=True)
+    return {"steps": steps, "what": "GPU kernels" if gpu else "CPU ops (smoke run)",
+            "launches_per_step": round(sum(r[1] for r in rows), 1),
+            "busy_ms_per_step": round(sum(r[0] for r in rows) / 1e3, 3),
+            "top": [{"us_per_step": round(us, 1), "calls_per_step": round(n, 2), "name": name[:160]}
+                    for us, n, name in rows[:top]]}
+
+
+def cuda_ms_safe_dict(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - a profiler failure must not lose the timings above
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
 
 
 def generate_check(step: AOTIStep, model, new_tokens: int = 16) -> dict[str, Any]:
@@ -310,6 +350,11 @@ def markdown(data: dict[str, Any], batches: list[int]) -> str:
                          f"identical to the reference's greedy tokens for the first "
                          f"{eng['generate_identical_prefix_vs_reference']}; decode CUDA graph used: "
                          f"{eng.get('decode_uses_cuda_graph')}")
+        prof = eng.get("decode_b1_kernels") or {}
+        if "top" in prof:
+            lines.append(f"{precision}: batch-1 decode step, {prof['what']}: {prof['launches_per_step']} per step, "
+                         f"{prof['busy_ms_per_step']} ms busy; most time:")
+            lines += [f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:<6} {r['name'][:90]}" for r in prof["top"][:12]]
     return "\n".join(lines)
 
 

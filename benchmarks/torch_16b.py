@@ -183,7 +183,7 @@ def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds)
         start = torch.zeros(1, dtype=torch.int64, device=DEVICE)
         out["prefill_ms_b1"] = cuda_ms(lambda: step(tokens, start, cache), iters=3, warmup=1)
     out["decode_uses_cuda_graph"] = step._graphs is not None and not step._graphs.failed
-    out["decode_b1_kernels"] = cuda_ms_safe_dict(lambda: decode_kernel_profile(direct, model, prompt_len))
+    out["decode_b1_kernels"] = guarded_dict(lambda: decode_kernel_profile(direct, model, prompt_len))
     return out
 
 
@@ -216,7 +216,7 @@ def decode_kernel_profile(step: Callable, model, context: int, steps: int = 4, t
                     for us, n, name in rows[:top]]}
 
 
-def cuda_ms_safe_dict(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def guarded_dict(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 - a profiler failure must not lose the timings above

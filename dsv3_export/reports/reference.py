@@ -35,7 +35,8 @@ def load_reference(manifest: Manifest, checkpoint: Path | None = None, preset: s
 
     max_batch_size: rows the reference runs at once (its KV-cache buffers are allocated for
     max_batch_size x max_seq_len: 2 GB per row for the 16b model in fp32). max_seq_len stays the
-    engine's, since it switches YaRN on or off."""
+    engine's, since it switches YaRN on or off. A preset's weights are drawn on the CPU whatever
+    `device` is (as the build drew them), so the host holds the fp32 model once (16b: ~62 GB)."""
     if checkpoint is not None and preset is not None:
         raise ReferenceError("give only one of --reference and --preset")
     source = manifest.source
@@ -65,7 +66,9 @@ def load_reference(manifest: Manifest, checkpoint: Path | None = None, preset: s
         seed = 0 if seed is None else seed
         if source.get("preset") == preset:  # the engine's own preset: its config overrides too (e.g. n_layers)
             runtime = {**preset_overrides(source), **runtime}
-        model = preset_model(preset, torch.float32, device, seed=seed, attn_impl="absorb", **runtime)
+        # Drawn on the CPU, as build_engine draws a preset's weights, then moved: the same seed
+        # gives other numbers on a CUDA generator, i.e. another model than the engine's.
+        model = preset_model(preset, torch.float32, "cpu", seed=seed, attn_impl="absorb", **runtime).to(device)
         described = {"preset": preset, "seed": seed}
     check_same_model(model.args.to_dict(), manifest.model)
     return model, described

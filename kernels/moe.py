@@ -173,21 +173,31 @@ def _moe_align_kernel(
     tl.store(npp_ptr, total)
 
 
-def moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int
+# How moe_align is traced (torch.export inside the engines' triton_ops, then AOTInductor): "aten" is
+# moe_align_ref's ~15 ops, which Inductor compiles into several kernels per MoE layer (the form the
+# 16b engines ran on the H200 in session 4, ~6 ms per batch-1 step); "kernel" is the single-program
+# kernel behind wrap_triton, one launch per layer (traced and compiled for sm_90 here, not yet run
+# inside a GPU package: hence not the default until an H200 run compares the two).
+TRACED_ALIGN_FORMS = ("aten", "kernel")
+
+
+def moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int, *, traced_form: str = "aten"
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group the T*k (token, slot) assignments by expert, padded per expert to block_m rows.
 
     topk_ids values must lie in [0, n_experts) (not checked: that would need a host sync).
     Eager: one single-program Triton kernel (the ATen form below is ~15 launches, 0.48 ms on the
     H200 at T=1, which dominated a decode MoE step). While tracing (torch.export / AOTInductor):
-    the ATen form, which Inductor compiles. Both give identical outputs.
+    `traced_form` (TRACED_ALIGN_FORMS). Both forms give identical outputs.
     """
     check_tensor("moe_align: topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2)
     if n_experts <= 0:
         raise ValueError(f"moe_align: n_experts={n_experts} must be positive")
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"moe_align: block_m={block_m} must be a power of 2 >= 16 (tl.dot tile)")
-    if tracing() or n_experts > MAX_ALIGN_EXPERTS:
+    if traced_form not in TRACED_ALIGN_FORMS:
+        raise ValueError(f"moe_align: traced_form={traced_form!r} must be one of {TRACED_ALIGN_FORMS}")
+    if (tracing() and traced_form == "aten") or n_experts > MAX_ALIGN_EXPERTS:
         return moe_align_ref(topk_ids, n_experts, block_m)
     dev = topk_ids.device
     numel = topk_ids.numel()

@@ -188,3 +188,24 @@ def test_dense_guards(bias, seed):
     with torch.no_grad():
         for got, want in zip(result.program.module()(x), program.module()(x)):
             assert rel_err(got, want) < TOLERANCES["fp32_structural"]
+
+
+# --- 16b shapes on the meta device (2 layers: 1 dense MLP, 1 MoE) ------------------------------------
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_16b_meta_two_layers(precision):
+    from dsv3_export.export import export_step
+    from dsv3_export.reference import ModelArgs, Transformer
+
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.preset("16b").replace(n_layers=2), dtype=torch.bfloat16)
+    program = pipeline.run_pipeline(export_step(model, "decode"), PassConfig(precision=precision), passes=BEFORE)[0]
+    result = fuse_shared_input_linears(program, PassConfig(precision=precision))
+    sd = result.program.state_dict
+    assert sd["layers.1.attn.wq_wkv_a.weight"].shape == (16 * 192 + 576, 2048)
+    if precision == "bf16":  # attention x 2, dense w1 + w3, gate + shared w1 + shared w3
+        assert result.matches == 4 and sd["layers.0.ffn.w1_w3.weight"].shape == (2 * 10944, 2048)
+        assert sd["layers.1.ffn.gate_shared_experts_w1_shared_experts_w3.weight"].shape == (64 + 2 * 2816, 2048)
+    else:  # the dense w1 / w3 (10944 = 85.5 x 128 rows each) are a near-miss; the gate stays dense
+        assert result.matches == 3 and sd["layers.1.ffn.shared_experts.w1_w3.scale"].shape == (44, 16)
+        assert sd["layers.0.attn.wq_wkv_a.scale"].shape == (24 + 5, 16)
+        assert any("layers.0.ffn.w1.weight (10944 rows)" in n for n in result.notes), result.notes

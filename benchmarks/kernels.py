@@ -586,11 +586,11 @@ def _graph_of(fn, outputs: list | None = None):
 def _decode_choice(bsz: int, h: int, c: int, r: int, ctx: int, device: str, merge: str | None = None,
                    splits: int | None = None) -> str:
     """The split count mla_decode picks (or `splits`) and the config the autotuner chose for it."""
-    from dsv3_export.kernels import mla_attention as ka
+    from dsv3_export.kernels import mla_decode as kd
 
-    splits = splits or ka.choose_num_splits(bsz, h, ctx, torch.device(device))
-    merge = merge or ka.DECODE_MERGE
-    cfg = ka.decode_config(h, c, r, splits, torch.bfloat16, merge=merge) if device == "cuda" else ka.DECODE_CONFIGS[0]
+    splits = splits or kd.choose_num_splits(bsz, h, ctx, torch.device(device))
+    merge = merge or kd.DECODE_MERGE
+    cfg = kd.decode_config(h, c, r, splits, torch.bfloat16, merge=merge) if device == "cuda" else kd.DECODE_CONFIGS[0]
     return f"merge={merge} NUM_SPLITS={splits} ({bsz * splits} programs), config {cfg}"
 
 
@@ -611,7 +611,7 @@ def _split_sweep(report: Report, q, qp, kv, pe, seqlens, scale, bytes_: int, sh:
     printed, to show how far choose_num_splits' pick is from the best split count on this GPU; the
     fastest correct (merge, splits, config) is also tabled. Each point's graph output is checked
     against `ref` after its timing (the fused form's counters must survive hundreds of replays)."""
-    from dsv3_export.kernels.mla_attention import mla_decode
+    from dsv3_export.kernels.mla_decode import mla_decode
 
     bsz, h, c = q.shape
     best = None
@@ -640,7 +640,9 @@ def _split_sweep(report: Report, q, qp, kv, pe, seqlens, scale, bytes_: int, sh:
 
 
 def bench_mla(report: Report, sh: Shapes, quick: bool) -> None:
-    from dsv3_export.kernels.mla_attention import mla_decode, mla_decode_ref, mla_prefill, mla_prefill_ref
+    from dsv3_export.kernels.mla_attention import mla_decode_ref, mla_prefill_ref
+    from dsv3_export.kernels.mla_decode import mla_decode
+    from dsv3_export.kernels.mla_prefill import mla_prefill
 
     h, c, r_ = sh.n_heads, sh.kv_lora, sh.rope
     scale = sh.softmax_scale

@@ -37,7 +37,8 @@ from torch.library import triton_op, wrap_triton
 
 from dsv3_export.kernels import fp8_gemm as kg
 from dsv3_export.kernels import fp8_quant as kq
-from dsv3_export.kernels import mla_attention as ka
+from dsv3_export.kernels import mla_decode as kd
+from dsv3_export.kernels import mla_prefill as kp
 from dsv3_export.kernels import moe as km
 from dsv3_export.kernels._common import FP8_DTYPE, QUANT_BLOCK, cdiv, is_interpreted
 
@@ -197,11 +198,11 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor
     kv_n, pe_n = kv_new[..., :c], kv_new[..., c:]  # [b, s, c], [b, s, r]
     if decode:
         torch._check(s == 1, lambda: f"dsv3_aoti::mla_attention: decode needs one new position, got {s}")
-        lat = ka.mla_decode(q_latent[:, 0], q_pe[:, 0], kv_c, pe_c, seen, softmax_scale, kv_new=kv_n[:, 0],
+        lat = kd.mla_decode(q_latent[:, 0], q_pe[:, 0], kv_c, pe_c, seen, softmax_scale, kv_new=kv_n[:, 0],
                             pe_new=pe_n[:, 0], num_splits=DECODE_SPLITS)  # [b, h, c]
         lat = lat[:, None]  # [b, 1, h, c]
     else:
-        lat = ka.mla_prefill(q_latent, q_pe, kv_c, pe_c, seen, softmax_scale, kv_new=kv_n, pe_new=pe_n)
+        lat = kp.mla_prefill(q_latent, q_pe, kv_c, pe_c, seen, softmax_scale, kv_new=kv_n, pe_new=pe_n)
     return torch.einsum("bshc,hdc->bshd", lat, w_uv)  # [b, s, h, dv]
 
 

@@ -18,396 +18,25 @@ Keys of batch row b: cache positions t < len_b, then optionally the new tokens k
 len_b; prefill's new token u is key start_b + u and query i sees u <= i. Without kv_new the new
 tokens must already be in the cache.
 
-Decode (flash-decoding): because all heads share the cache row, one program holds a block of
-BLOCK_H heads and reads each KV tile once. The sequence of batch row b is cut into NUM_SPLITS
-chunks of ceil(len_b / NUM_SPLITS) tokens (rounded to BLOCK_N) computed from the device-side
-cache_seqlens, so ragged batches need no host sync; each program runs an online softmax (base 2)
-over its chunk and writes a normalized partial output and its log2-sum-exp; a second kernel merges
-the splits (merge="separate"). Empty chunks write lse = -inf, weight 0. merge="fused" merges in the
-same launch: each program counts its finished split on an int32 counter per (row, head block)
-(bar.sync, then one thread's acq_rel atomic add); the program that completes the count merges all
-splits' partials (still in L2, read with ld.global.cg) into the output and resets the counter to 0,
-so the counters stay valid across launches and CUDA-graph replays with no memset. With one split,
-the fused form writes the output directly. Eager calls share a cached counter buffer per device;
-traced calls (torch.export / AOTInductor, where the op is functional) allocate zeroed counters.
-The decode tiles put the keys, not the heads, on the dots' M dimension ("swap AB", as decode
-kernels do when the query block is small): scores^T = kv [BN, C] . q^T [C, BLOCK_H] and
-out^T += kv^T [C, BN] . p^T [BN, BLOCK_H]. On sm_90 the value dot (M = C = 512) and, for
-BLOCK_N >= 64, the score dot become wgmma reading the KV tile straight from the shared-memory
-buffer the cp.async pipeline filled, q^T stays in shared memory instead of being replicated in
-every warp's registers, and the fp32 accumulator [C, BLOCK_H] is spread over the warpgroup (64
-registers per thread at 4 warps). The heads-as-M form (M = 16) ran everything as mma.sync with q
-held in registers (164 registers/thread at 4 warps).
-
-Prefill: rows (query i, head h) are flattened to r = i * H + h (they share the keys), a program
-takes BLOCK_Q rows, loops over keys up to the block's last absolute position start_pos + i and
-masks t > start_pos + i per row.
+Decode lives in kernels/mla_decode.py (split-KV flash-decoding, separate or fused merge of the
+splits), prefill in kernels/mla_prefill.py (causal). This module is the family's entry point: what
+both share (DTYPES, LOG2E, the input checks), the pure-torch references, and every name of the two
+kernel modules, re-exported (see _REEXPORTS), so `from dsv3_export.kernels.mla_attention import
+mla_decode` and `mla_attention.DECODE_CONFIGS` keep working.
 """
 
 from __future__ import annotations
 
-import functools
+import importlib
+from typing import Any
 
 import torch
-import triton
-import triton.language as tl
 
-from dsv3_export.kernels._common import (autotune_or_single, cdiv, check_tensor, is_interpreted, launch, next_pow2,
-                                         num_sms, traceable, tracing)
+from dsv3_export.kernels._common import check_tensor
 from dsv3_export.reference.attention import causal_mask
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 LOG2E = 1.4426950408889634
-# Upper bound on KV splits: each adds a [C] fp32 partial per head to merge.
-MAX_SPLITS = 32
-# Heads per decode program (the dots' N): at least 16, at most 64 (registers for the C-wide accumulator).
-MIN_BLOCK_H, MAX_BLOCK_H = 16, 64
-# Split sizing (choose_num_splits). Resident decode programs per SM: most decode configs take
-# 93-130 KB of shared memory and 97-181 registers per thread on sm_90 (ptxas,
-# tests/kernels/_sm90_compile.py), so 1-2 fit; 2 is the count the splits are sized for (with 1,
-# the 256 programs of B=32 run as 2 nearly full waves). A split's partial output write ([H, C]
-# fp32) costs about as much traffic as reading 32 cache rows (C + R = 576 bf16 each).
-DECODE_PROGRAMS_PER_SM = 2
-MIN_SPLIT_KEYS = 64
-SPLIT_OVERHEAD_KEYS = 32
-# How decode merges its splits: "separate" (a second kernel reads the fp32 partials) or "fused" (the
-# last split program of each (row, head block) to finish merges them, found with a self-cleaning
-# atomic counter: one launch, and the partials are read back while still in L2). `merge=` per call
-# overrides this default; the benchmark (benchmarks/kernels.py, mla) times both.
-MERGE_MODES = ("separate", "fused")
-DECODE_MERGE = "separate"
-# The fused merge loads [BLOCK_S, BLOCK_H, MERGE_C] fp32 tiles of partials: MERGE_ELEMS elements (32
-# registers per thread at 4 warps, plus their 64-bit addresses), at least MIN_MERGE_C columns
-# (merge_cols). sm_90, BN=32 w4 s3 fused: 138 registers at 4096 (208 at 8192; the earlier one-split-
-# at-a-time loop took 165 and chained NUM_SPLITS x C/64 dependent L2 round trips).
-MERGE_ELEMS = 4096
-MIN_MERGE_C = 8
-
-
-def merge_cols(block_s: int, block_h: int, c: int) -> int:
-    """Latent columns per step of the fused merge (a power of 2)."""
-    return max(MIN_MERGE_C, min(next_pow2(c), MERGE_ELEMS // (block_s * block_h)))
-
-# Decode is a stream over the cache: what matters is how many cache bytes each SM keeps in flight.
-# A [BN, 512 + 64] bf16 tile is BN x 1152 B (36.9 KB at BN = 32). With the mma.sync score dot
-# (BN < 64) the pipeline keeps num_stages - 1 tile buffers and, from 3 stages on, the next tiles
-# load while the current one is computed; the wgmma score dot (BN = 64) needs one buffer more, so
-# only 2 stages fit in 227 KB and its loads do not overlap its compute (one 73.7 KB tile per SM at
-# a time). PREFETCH = d > 0 also asks L2 for the tile d tiles ahead (prefetch.global.L2, no
-# registers or shared memory): up to d tiles in flight per program however few buffers fit. It
-# only adds to the pipeline when d exceeds its own lookahead (num_stages - 1 tiles for BN < 64);
-# resident prefetched bytes stay <= 29 MB of the 50 MB L2 (256 x 3 x 36.9 KB for BN=32 s3 at 2
-# programs per SM; 132 x 4 x 36.9 KB and 132 x 2 x 73.7 KB = 19 MB for the 1-per-SM tiles).
-# Shared memory / registers per thread (4 warps | 8 warps) at H = 16, sm_90:
-#   BN=32 s3: 93 KB (2 per SM), 128 | 97 regs    BN=32 s4: 130 KB (1 per SM), 128 | 97
-#   BN=16 s5: 93 KB (2 per SM), 128 | 97 regs    BN=64 s2 d=1: 168 KB (1 per SM), 222
-# (the kv_new variant needs up to 53 more in its epilogue; BN=64 with kv_new: 255, 20 B spill). The autotuner
-# times them all. PREFETCH sits in every config: the sm_90 compile test passes config kwargs as constexprs.
-DECODE_CONFIGS = [
-    triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 32, "PREFETCH": 3}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 32, "PREFETCH": 4}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=4, num_stages=5),
-    triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=8, num_stages=5),
-    # More programs per SM to hide each tile's latency chain (score dot, cross-warp max/sum, value
-    # wgmma): registers capped so that 65536 / (cap x 128 threads) programs fit, shared memory too.
-    # 4 per SM: 56 KB, 128 registers (pairs with 16 splits at B=32: 512 programs = one wave of 4 x 132);
-    # 3 per SM: 56 / 74 KB, 168 registers (12 splits: 384 programs = one wave of 3 x 132). No spills
-    # (kv_new at 128: 144 B). choose_num_splits still sizes for 2 per SM: the benchmark's split sweep
-    # times every (splits, config) pair.
-    triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=4, num_stages=3, maxnreg=128),
-    triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=4, num_stages=2, maxnreg=168),
-    triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=4, num_stages=4, maxnreg=168),
-    triton.Config({"BLOCK_N": 64, "PREFETCH": 1}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 64, "PREFETCH": 2}, num_warps=4, num_stages=2),
-]
-# The fused merge's autotune set: the 2-4 per SM configs (BN=64 and the 130 KB ones run 1 per SM, and BN=64
-# takes 255 registers with the merge epilogue); each config costs ~1 s of compile per specialization.
-_FUSED_KEEP = {(32, 0, 4, 3, None), (32, 3, 4, 3, None), (32, 0, 8, 3, None), (16, 0, 4, 5, None),
-               (16, 0, 4, 3, 128), (32, 0, 4, 2, 168), (16, 0, 4, 4, 168)}
-FUSED_DECODE_CONFIGS = [c for c in DECODE_CONFIGS if (c.kwargs["BLOCK_N"], c.kwargs["PREFETCH"], c.num_warps,
-                                                       c.num_stages, c.maxnreg) in _FUSED_KEEP]
-# The [BLOCK_Q, 512] fp32 accumulator dominates registers: BLOCK_Q = 128 spills kilobytes on sm_90.
-PREFILL_CONFIGS = [
-    triton.Config({"BLOCK_Q": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_Q": 32, "BLOCK_N": 16}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_Q": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_Q": 64, "BLOCK_N": 16}, num_warps=8, num_stages=2),
-]
-
-
-@triton.jit
-def _load_keys(kv_ptrs, pe_ptrs, kvn_ptrs, pen_ptrs, in_cache, in_new, mask_c, mask_r, HAS_NEW: tl.constexpr):
-    """[BN, C] and [BN, R] key tiles from the cache and/or the new tokens (disjoint masks)."""
-    kv = tl.load(kv_ptrs, mask=in_cache[:, None] & mask_c[None, :], other=0.0)
-    pe = tl.load(pe_ptrs, mask=in_cache[:, None] & mask_r[None, :], other=0.0)
-    if HAS_NEW:  # disjoint masks with zero fill: the sum is a select, exact
-        kv += tl.load(kvn_ptrs, mask=in_new[:, None] & mask_c[None, :], other=0.0)
-        pe += tl.load(pen_ptrs, mask=in_new[:, None] & mask_r[None, :], other=0.0)
-    return kv, pe
-
-
-@triton.jit
-def _attend_tile(q, q_pe, kv, pe, valid, m_i, l_i, acc, scale_log2, UPCAST: tl.constexpr):
-    """One online-softmax step (base 2) over a BLOCK_N tile of keys; `valid` [rows, BLOCK_N] masks scores."""
-    if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong
-        kv = kv.to(tl.float32)
-        pe = pe.to(tl.float32)
-    s = tl.dot(q, tl.trans(kv)) + tl.dot(q_pe, tl.trans(pe))  # [rows, BN] fp32
-    s = tl.where(valid, s * scale_log2, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: keep exp2 finite
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _mla_decode_split_kernel(
-    q_ptr, q_pe_ptr, kv_ptr, pe_ptr, kvn_ptr, pen_ptr, seqlens_ptr, o_part_ptr, lse_ptr, out_ptr, cnt_ptr,
-    H, NUM_SPLITS, scale_log2,
-    stride_qb, stride_qh, stride_qpb, stride_qph, stride_kvb, stride_kvs, stride_peb, stride_pes,
-    stride_kvnb, stride_penb,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
-    C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_NEW: tl.constexpr, UPCAST: tl.constexpr,  # UPCAST: interpreted (fp32 operands, no inline PTX)
-    FUSED: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_C: tl.constexpr,  # FUSED: merge here (out_ptr, cnt_ptr)
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
-):
-    scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as fp64 scalars
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    seqlen = tl.load(seqlens_ptr + pid_b)  # cached keys of this row
-    chunk = tl.cdiv(tl.cdiv(seqlen, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = pid_s * chunk
-    end = tl.minimum(start + chunk, seqlen)
-
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_h, mask_c, mask_r = offs_h < H, offs_c < C, offs_r < R
-    b = pid_b.to(tl.int64)
-    q = tl.load(q_ptr + b * stride_qb + offs_h[:, None] * stride_qh + offs_c[None, :],
-                mask=mask_h[:, None] & mask_c[None, :], other=0.0)
-    q_pe = tl.load(q_pe_ptr + b * stride_qpb + offs_h[:, None] * stride_qph + offs_r[None, :],
-                   mask=mask_h[:, None] & mask_r[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        q_pe = q_pe.to(tl.float32)
-    q_t = tl.trans(q)  # [BLOCK_C, BLOCK_H]
-    q_pe_t = tl.trans(q_pe)  # [BLOCK_R, BLOCK_H]
-
-    # Keys on the dots' M dimension (scores transposed, [BLOCK_N, BLOCK_H]): see the module docstring.
-    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_C, BLOCK_H), dtype=tl.float32)  # out^T
-    kv_base = kv_ptr + b * stride_kvb
-    pe_base = pe_ptr + b * stride_peb
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        in_cache = offs_n < end
-        if PREFETCH > 0:
-            if not UPCAST:  # PTX; the interpreter (UPCAST) has none
-                # L2 prefetch of the tile PREFETCH tiles ahead (clamped to this chunk): more bytes in
-                # flight per SM than the shared-memory pipeline holds. A kv row is 8 x 128 B lines.
-                rows = tl.minimum(offs_n + PREFETCH * BLOCK_N, end - 1)
-                rows = rows.to(tl.int64)
-                lines = kv_base + rows[:, None] * stride_kvs + (tl.arange(0, 8) * (C // 8))[None, :]
-                pe_lines = pe_base + rows * stride_pes
-                tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [lines.to(tl.int64)],
-                                          dtype=tl.int32, is_pure=False, pack=1)
-                tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [pe_lines.to(tl.int64)],
-                                          dtype=tl.int32, is_pure=False, pack=1)
-        offs_n64 = offs_n.to(tl.int64)
-        kv = tl.load(kv_base + offs_n64[:, None] * stride_kvs + offs_c[None, :],
-                     mask=in_cache[:, None] & mask_c[None, :], other=0.0)  # [BN, C]
-        pe = tl.load(pe_base + offs_n64[:, None] * stride_pes + offs_r[None, :],
-                     mask=in_cache[:, None] & mask_r[None, :], other=0.0)  # [BN, R]
-        if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong
-            kv = kv.to(tl.float32)
-            pe = pe.to(tl.float32)
-        s = tl.dot(kv, q_t) + tl.dot(pe, q_pe_t)  # [BN, BLOCK_H] fp32
-        s = tl.where(in_cache[:, None], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: every tile has a key
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[None, :])
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha[None, :] + tl.dot(tl.trans(kv), p.to(kv.dtype))  # [C, BN] x [BN, BLOCK_H]
-        m_i = m_new
-
-    if HAS_NEW:
-        if pid_s == NUM_SPLITS - 1:  # the new token (key number `seqlen`) joins the last split
-            kv_new = tl.load(kvn_ptr + b * stride_kvnb + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-            pe_new = tl.load(pen_ptr + b * stride_penb + offs_r, mask=mask_r, other=0.0).to(tl.float32)
-            # q again (an L2 hit), [C, BLOCK_H]: keeping the loop's copy live would cost registers in the loop
-            q_c = tl.load(q_ptr + b * stride_qb + offs_h[None, :] * stride_qh + offs_c[:, None],
-                          mask=mask_h[None, :] & mask_c[:, None], other=0.0).to(tl.float32)
-            q_r = tl.load(q_pe_ptr + b * stride_qpb + offs_h[None, :] * stride_qph + offs_r[:, None],
-                          mask=mask_h[None, :] & mask_r[:, None], other=0.0).to(tl.float32)
-            s_new = (tl.sum(q_c * kv_new[:, None], axis=0) + tl.sum(q_r * pe_new[:, None], axis=0)) * scale_log2
-            m_new = tl.maximum(m_i, s_new)
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s_new - m_new)
-            l_i = l_i * alpha + p
-            acc = acc * alpha[None, :] + kv_new[:, None] * p[None, :]
-            m_i = m_new
-
-    has_keys = l_i > 0
-    out = acc / tl.where(has_keys, l_i, 1.0)[None, :]
-    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    o_ptrs = o_part_ptr + b * stride_ob + offs_h[None, :] * stride_oh + pid_s * stride_os + offs_c[:, None]
-    if FUSED:
-        if NUM_SPLITS == 1:  # (Triton specializes an int argument equal to 1): the output, no partials
-            tl.store(out_ptr + b * stride_outb + offs_h[None, :] * stride_outh + offs_c[:, None],
-                     out.to(out_ptr.dtype.element_ty), mask=mask_h[None, :] & mask_c[:, None])
-        else:
-            tl.store(o_ptrs, out, mask=mask_h[None, :] & mask_c[:, None])
-            tl.store(lse_ptr + b * stride_lb + offs_h * stride_lh + pid_s, lse, mask=mask_h)
-            # Count this split; the program that completes the count is the last split of this
-            # (row, head block) to finish and merges them all. bar.sync orders every thread's partial
-            # stores before the one thread's acq_rel atomic (release); the second spreads its acquire
-            # to the merging threads.
-            tl.debug_barrier()
-            cnt = cnt_ptr + pid_b * tl.num_programs(1) + pid_h
-            done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-            if done == NUM_SPLITS - 1:
-                tl.debug_barrier()
-                _merge_splits(o_part_ptr, lse_ptr, out_ptr, b, offs_h, mask_h, NUM_SPLITS,
-                              stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
-                              C, BLOCK_H, BLOCK_S, MERGE_C)
-                # Self-cleaning: every split of this group has counted, so the counter is zero again for
-                # the next launch or CUDA-graph replay, without a memset.
-                tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
-    else:
-        tl.store(o_ptrs, out, mask=mask_h[None, :] & mask_c[:, None])
-        tl.store(lse_ptr + b * stride_lb + offs_h * stride_lh + pid_s, lse, mask=mask_h)
-
-
-@triton.jit
-def _merge_splits(o_part_ptr, lse_ptr, out_ptr, b, offs_h, mask_h, NUM_SPLITS,
-                  stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
-                  C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_C: tl.constexpr):
-    """out[b, heads] = sum_s w_s o_part[b, heads, s] with w_s = 2^lse_s / sum 2^lse (0 for empty splits).
-
-    One program merges a (row, head block) while the others are done, so its loads must not be a
-    chain of round trips: each step loads every split's [BLOCK_H, MERGE_C] slice at once (a
-    [BLOCK_S, BLOCK_H, MERGE_C] tile, MERGE_C sized by the launcher to ~32 fp32 registers per thread)
-    and sums over the splits. Loads bypass L1 (.cg): the partials come from other SMs.
-    """
-    offs_s = tl.arange(0, BLOCK_S)
-    mask_s = offs_s < NUM_SPLITS
-    lse = tl.load(lse_ptr + b * stride_lb + offs_h[None, :] * stride_lh + offs_s[:, None],
-                  mask=mask_s[:, None] & mask_h[None, :], other=float("-inf"), cache_modifier=".cg")  # [S, H]
-    m = tl.max(lse, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # rows with no key at all: weights 0, output 0
-    w = tl.exp2(lse - m[None, :])  # [BLOCK_S, BLOCK_H]
-    denom = tl.sum(w, axis=0)
-    w = w / tl.where(denom > 0, denom, 1.0)[None, :]
-    o_base = o_part_ptr + b * stride_ob + offs_s[:, None, None] * stride_os + offs_h[None, :, None] * stride_oh
-    mask_sh = mask_s[:, None, None] & mask_h[None, :, None]  # [BLOCK_S, BLOCK_H, 1]
-    out_base = out_ptr + b * stride_outb + offs_h[:, None] * stride_outh
-    for c0 in tl.static_range(0, C, MERGE_C):
-        offs_c = c0 + tl.arange(0, MERGE_C)
-        o = tl.load(o_base + offs_c[None, None, :], mask=mask_sh & (offs_c < C)[None, None, :], other=0.0,
-                    cache_modifier=".cg")  # [BLOCK_S, BLOCK_H, MERGE_C]
-        acc = tl.sum(o * w[:, :, None], axis=0)  # [BLOCK_H, MERGE_C]
-        tl.store(out_base + offs_c[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=mask_h[:, None] & (offs_c < C)[None, :])
-
-
-@triton.jit
-def _mla_decode_reduce_kernel(
-    o_part_ptr, lse_ptr, out_ptr, NUM_SPLITS,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
-    C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_s, mask_c = offs_s < NUM_SPLITS, offs_c < C
-    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # [BLOCK_S], 0 for empty splits
-    o = tl.load(o_part_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_c[None, :],
-                mask=mask_s[:, None] & mask_c[None, :], other=0.0)
-    denom = tl.sum(w, axis=0)
-    out = tl.sum(o * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + b * stride_outb + h * stride_outh + offs_c, out.to(out_ptr.dtype.element_ty), mask=mask_c)
-
-
-@triton.jit
-def _mla_prefill_kernel(
-    q_ptr, q_pe_ptr, kv_ptr, pe_ptr, kvn_ptr, pen_ptr, start_ptr, out_ptr,
-    H, ROWS, scale_log2,
-    stride_qb, stride_qr, stride_qpb, stride_qpr, stride_kvb, stride_kvs, stride_peb, stride_pes,
-    stride_kvnb, stride_kvns, stride_penb, stride_pens, stride_outb, stride_outr,
-    C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_NEW: tl.constexpr, UPCAST: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as fp64 scalars
-    b = tl.program_id(0).to(tl.int64)
-    pid_q = tl.program_id(1)
-    start = tl.load(start_ptr + b)  # absolute position of this row's first query
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)  # flattened (query, head) rows
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_q, mask_c, mask_r = offs_q < ROWS, offs_c < C, offs_r < R
-    pos = start + offs_q // H  # absolute position of each row's query
-    q = tl.load(q_ptr + b * stride_qb + offs_q[:, None] * stride_qr + offs_c[None, :],
-                mask=mask_q[:, None] & mask_c[None, :], other=0.0)
-    q_pe = tl.load(q_pe_ptr + b * stride_qpb + offs_q[:, None] * stride_qpr + offs_r[None, :],
-                   mask=mask_q[:, None] & mask_r[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        q_pe = q_pe.to(tl.float32)
-
-    last_row = tl.minimum((pid_q + 1) * BLOCK_Q, ROWS) - 1
-    hi = start + last_row // H + 1  # keys this block can see
-    cache_end = start if HAS_NEW else hi  # keys below cache_end come from the cache
-    m_i = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
-    for n0 in range(0, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        in_cache = offs_n < cache_end
-        in_new = (offs_n >= cache_end) & (offs_n < hi)
-        offs_n64 = offs_n.to(tl.int64)
-        kv_ptrs = kv_ptr + b * stride_kvb + offs_n64[:, None] * stride_kvs + offs_c[None, :]
-        pe_ptrs = pe_ptr + b * stride_peb + offs_n64[:, None] * stride_pes + offs_r[None, :]
-        kvn_ptrs = kvn_ptr + b * stride_kvnb + (offs_n64 - start)[:, None] * stride_kvns + offs_c[None, :]
-        pen_ptrs = pen_ptr + b * stride_penb + (offs_n64 - start)[:, None] * stride_pens + offs_r[None, :]
-        kv, pe = _load_keys(kv_ptrs, pe_ptrs, kvn_ptrs, pen_ptrs, in_cache, in_new, mask_c, mask_r, HAS_NEW)
-        valid = (offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] < hi) & mask_q[:, None]
-        m_i, l_i, acc = _attend_tile(q, q_pe, kv, pe, valid, m_i, l_i, acc, scale_log2, UPCAST)
-
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + b * stride_outb + offs_q[:, None] * stride_outr + offs_c[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_c[None, :])
-
-
-_decode_tuned = autotune_or_single(_mla_decode_split_kernel, DECODE_CONFIGS, key=["H", "C", "R", "NUM_SPLITS"])
-# The fused-merge form tunes on its own (a second autotuner, its own cache), so one process can time
-# both forms; HAS_NEW is in its key (the epilogues differ).
-_decode_fused_tuned = autotune_or_single(_mla_decode_split_kernel, FUSED_DECODE_CONFIGS,
-                                         key=["H", "C", "R", "NUM_SPLITS", "HAS_NEW"])
-# The config the autotuner chose, per (H, C, R, NUM_SPLITS, dtype, HAS_NEW, merge); later eager calls
-# launch the kernel with it directly. Autotuner.run re-keys all ~40 arguments on every call (list
-# lookups, str(dtype)): host time each decode step pays before its kernels are queued.
-_decode_chosen: dict[tuple, triton.Config] = {}
-
-
-def decode_config(heads: int, c: int, r: int, splits: int, dtype: torch.dtype, has_new: bool = False,
-                  merge: str | None = None):
-    """The split kernel's config for this shape once the autotuner has chosen it (None before)."""
-    return _decode_chosen.get((heads, c, r, splits, dtype, has_new, merge or DECODE_MERGE))
-_prefill_tuned = autotune_or_single(_mla_prefill_kernel, PREFILL_CONFIGS, key=["H", "C", "R"])
 
 
 def _check_caches(op: str, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
@@ -431,38 +60,6 @@ def _check_caches(op: str, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache:
     return c, r
 
 
-def choose_num_splits(batch: int, heads: int, max_seq: int, device: torch.device) -> int:
-    """KV splits per (row, head block): the count with the least `waves x keys per program`.
-
-    Decode is a stream over the cache, so its time is about (waves of programs) x (keys each
-    program reads, plus its partial-output write, ~SPLIT_OVERHEAD_KEYS). A wave holds
-    DECODE_PROGRAMS_PER_SM programs per SM. The old rule (programs ~ 2 x #SMs, rounded up) gave
-    B=32 on 132 SMs 9 splits = 288 programs: a second wave of 24 for ~1.1 waves of work; this
-    picks 8 (256 programs, one wave). Splits stay >= MIN_SPLIT_KEYS keys; ties go to fewer splits
-    (less merging).
-    """
-    return _num_splits(batch, heads, max_seq, num_sms(device))
-
-
-@functools.lru_cache(maxsize=4096)
-def _num_splits(batch: int, heads: int, max_seq: int, sms: int) -> int:
-    """choose_num_splits' search, memoized: the loop costs ~15 us of host time per decode call."""
-    head_blocks = cdiv(heads, _block_h(heads))
-    slots = DECODE_PROGRAMS_PER_SM * sms
-    best, best_cost = 1, float("inf")
-    for splits in range(1, max(1, min(MAX_SPLITS, max_seq // MIN_SPLIT_KEYS)) + 1):
-        waves = cdiv(batch * head_blocks * splits, slots)
-        chunk = cdiv(cdiv(max_seq, splits), MIN_SPLIT_KEYS) * MIN_SPLIT_KEYS
-        cost = waves * (chunk + SPLIT_OVERHEAD_KEYS)
-        if cost < best_cost:
-            best, best_cost = splits, cost
-    return best
-
-
-def _block_h(heads: int) -> int:
-    return min(max(MIN_BLOCK_H, next_pow2(heads)), MAX_BLOCK_H)
-
-
 def _check_new(op: str, kv_new: torch.Tensor | None, pe_new: torch.Tensor | None, q_latent: torch.Tensor,
                shape_c: tuple[int, ...], shape_r: tuple[int, ...]) -> bool:
     """Validate the optional new-token keys; True when they are given."""
@@ -477,139 +74,6 @@ def _check_new(op: str, kv_new: torch.Tensor | None, pe_new: torch.Tensor | None
         if t.stride(-1) != 1:
             raise ValueError(f"{op}: {name} needs unit stride on its last dim, got strides {t.stride()}")
     return True
-
-
-def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
-               cache_seqlens: torch.Tensor, softmax_scale: float, *, kv_new: torch.Tensor | None = None,
-               pe_new: torch.Tensor | None = None, num_splits: int | None = None,
-               config: triton.Config | None = None, merge: str | None = None) -> torch.Tensor:
-    """One query per batch row -> [B, H, C].
-
-    q_latent [B, H, C], q_pe [B, H, R]; keys: cache positions t < cache_seqlens[b] (int32 [B]),
-    then, when given, the row's new token kv_new [B, C] / pe_new [B, R] (not in the cache).
-    merge: "separate" or "fused" (MERGE_MODES; default DECODE_MERGE): how the splits are merged.
-    Eager fused calls share one counter buffer per device: do not run two at once on different streams.
-    """
-    check_tensor("mla_decode: q_latent", q_latent, ndim=3)
-    bsz, heads, _ = q_latent.shape
-    c, r = _check_caches("mla_decode", q_latent, q_pe, kv_cache, pe_cache, bsz)
-    check_tensor("mla_decode: cache_seqlens", cache_seqlens, dtypes=(torch.int32,), ndim=1, device=q_latent.device,
-                 contiguous=True)
-    if cache_seqlens.shape[0] != bsz:
-        raise ValueError(f"mla_decode: cache_seqlens has {cache_seqlens.shape[0]} entries for batch {bsz}")
-    has_new = _check_new("mla_decode", kv_new, pe_new, q_latent, (bsz, c), (bsz, r))
-    merge = merge or DECODE_MERGE
-    if merge not in MERGE_MODES:
-        raise ValueError(f"mla_decode: merge={merge!r} must be one of {MERGE_MODES}")
-    fused = merge == "fused"
-    dev = q_latent.device
-    out = torch.empty((bsz, heads, c), dtype=q_latent.dtype, device=dev)
-    if out.numel() == 0:
-        return out
-    splits = num_splits or choose_num_splits(bsz, heads, kv_cache.shape[1], dev)
-    if not 1 <= splits <= 1024:
-        raise ValueError(f"mla_decode: num_splits={splits} must be in [1, 1024]")
-    block_h = _block_h(heads)
-    head_blocks = cdiv(heads, block_h)
-    o_part = torch.empty((bsz, heads, splits, c), dtype=torch.float32, device=dev)
-    lse = torch.empty((bsz, heads, splits), dtype=torch.float32, device=dev)
-    counters = _split_counters(bsz * head_blocks, dev) if fused else cache_seqlens  # never touched unless fused
-    kvn, pen = (kv_new, pe_new) if has_new else (kv_cache, pe_cache)  # never read without HAS_NEW
-    grid = (bsz, head_blocks, splits)
-    # Strides: one stride() tuple per input; the fresh contiguous buffers' strides by arithmetic
-    # (each Tensor.stride(i) call is host time on every decode step).
-    sq, sqp, skv, spe = q_latent.stride(), q_pe.stride(), kv_cache.stride(), pe_cache.stride()
-    so = (heads * splits * c, splits * c, c)  # o_part [B, H, splits, C]
-    sl = (heads * splits, splits)  # lse [B, H, splits]
-    tuned = _decode_fused_tuned if fused else _decode_tuned
-    tune_key = (heads, c, r, splits, q_latent.dtype, has_new, merge)
-    eager_tuned = config is None and tuned is not None and not tracing()  # tracing needs the autotuner
-    cfg = _decode_chosen.get(tune_key) if eager_tuned else config
-    launch(_mla_decode_split_kernel, tuned, FUSED_DECODE_CONFIGS if fused else DECODE_CONFIGS, lambda meta: grid,
-           (q_latent, q_pe, kv_cache, pe_cache, kvn, pen, cache_seqlens, o_part, lse, out, counters, heads, splits,
-            softmax_scale * LOG2E, sq[0], sq[1], sqp[0], sqp[1], skv[0], skv[1], spe[0], spe[1],
-            kvn.stride(0), pen.stride(0), *so, *sl, heads * c, c),
-           dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), HAS_NEW=has_new,
-                UPCAST=is_interpreted(_mla_decode_split_kernel),  # fp32 .to(fp32) is a no-op; also skips PTX
-                FUSED=fused, BLOCK_S=next_pow2(splits), MERGE_C=merge_cols(next_pow2(splits), block_h, c),
-                BLOCK_H=block_h), cfg)
-    chosen = getattr(tuned, "best_config", None) if eager_tuned and cfg is None else None
-    if chosen is not None:
-        _decode_chosen[tune_key] = chosen
-    if not fused:
-        traceable(_mla_decode_reduce_kernel)[(bsz, heads)](
-            o_part, lse, out, splits, *so, *sl, heads * c, c, C=c, BLOCK_C=next_pow2(c), BLOCK_S=next_pow2(splits))
-    return out
-
-
-# Per-device int32 counters of the fused merge, zero between launches (the kernel resets each one it
-# completes). Eager calls reuse one buffer: no memset per decode step.
-_counter_cache: dict[torch.device, torch.Tensor] = {}
-COUNTER_BUFFER_MIN = 4096
-
-
-def _split_counters(n: int, device: torch.device) -> torch.Tensor:
-    """n zeroed int32 counters for one fused mla_decode launch.
-
-    While tracing (torch.export / AOTInductor, where the op is functional) and while a CUDA graph is
-    being captured with no buffer yet, a fresh torch.zeros (a memset the graph or package replays);
-    otherwise the cached self-cleaning buffer, grown when a larger batch needs more.
-    """
-    if tracing():
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    buf = _counter_cache.get(device)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return torch.zeros(n, dtype=torch.int32, device=device)  # graph-pool memory: not cached
-        buf = torch.zeros(max(n, COUNTER_BUFFER_MIN), dtype=torch.int32, device=device)
-        _counter_cache[device] = buf
-    return buf[:n]
-
-
-def mla_prefill(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
-                start_pos: int | torch.Tensor, softmax_scale: float, *, kv_new: torch.Tensor | None = None,
-                pe_new: torch.Tensor | None = None, config: triton.Config | None = None) -> torch.Tensor:
-    """Causal attention of S_q new queries per row -> [B, S_q, H, C].
-
-    q_latent [B, S_q, H, C], q_pe [B, S_q, H, R]; query i of row b is at position start_b + i
-    (start_pos: an int, or int32 [B] for ragged rows) and sees keys t <= start_b + i. Without
-    kv_new all those keys are read from the cache; with kv_new [B, S_q, C] / pe_new [B, S_q, R]
-    positions t >= start_b are the new tokens (key start_b + u is new token u), and the cache is
-    read only below start_b.
-    """
-    check_tensor("mla_prefill: q_latent", q_latent, ndim=4)
-    bsz, s_q, heads, _ = q_latent.shape
-    c, r = _check_caches("mla_prefill", q_latent, q_pe, kv_cache, pe_cache, bsz)
-    has_new = _check_new("mla_prefill", kv_new, pe_new, q_latent, (bsz, s_q, c), (bsz, s_q, r))
-    dev = q_latent.device
-    if isinstance(start_pos, torch.Tensor):
-        check_tensor("mla_prefill: start_pos", start_pos, dtypes=(torch.int32,), ndim=1, device=dev, contiguous=True)
-        if start_pos.shape[0] != bsz:
-            raise ValueError(f"mla_prefill: start_pos has {start_pos.shape[0]} entries for batch {bsz}")
-        starts = start_pos  # bounds are the caller's contract: checking them would sync the host
-    else:
-        last = start_pos if has_new else start_pos + s_q
-        if start_pos < 0 or last > kv_cache.shape[1]:
-            raise ValueError(f"mla_prefill: cached positions [0, {last}) outside the cache's "
-                             f"{kv_cache.shape[1]} positions")
-        starts = torch.full((bsz,), start_pos, dtype=torch.int32, device=dev)
-    out = torch.empty((bsz, s_q, heads, c), dtype=q_latent.dtype, device=dev)
-    if out.numel() == 0:
-        return out
-    rows = s_q * heads
-    q = q_latent.reshape(bsz, rows, c)  # [B, S_q*H, C], row r = (i, h) = (r // H, r % H)
-    qp = q_pe.reshape(bsz, rows, r)  # [B, S_q*H, R]
-    o = out.view(bsz, rows, c)
-    kvn, pen = (kv_new, pe_new) if has_new else (kv_cache, pe_cache)  # never read without HAS_NEW
-    grid = lambda meta: (bsz, cdiv(rows, meta["BLOCK_Q"]))  # noqa: E731
-    launch(_mla_prefill_kernel, _prefill_tuned, PREFILL_CONFIGS, grid,
-           (q, qp, kv_cache, pe_cache, kvn, pen, starts, o, heads, rows, softmax_scale * LOG2E,
-            q.stride(0), q.stride(1), qp.stride(0), qp.stride(1), kv_cache.stride(0), kv_cache.stride(1),
-            pe_cache.stride(0), pe_cache.stride(1), kvn.stride(0), kvn.stride(1), pen.stride(0), pen.stride(1),
-            o.stride(0), o.stride(1)),
-           dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), HAS_NEW=has_new,
-                UPCAST=is_interpreted(_mla_prefill_kernel) and q_latent.dtype != torch.float32), config)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,3 +115,36 @@ def mla_prefill_ref(q_latent, q_pe, kv_cache, pe_cache, start_pos, softmax_scale
         mask = causal_mask(s_q, start, end, q_latent.device)
         out.append(_attend_ref(q_latent[b], q_pe[b], kv, pe, softmax_scale, mask))
     return torch.stack(out).to(q_latent.dtype)
+
+
+# The kernel modules' names, by module. Resolved on first access (PEP 562 module __getattr__), not
+# imported here: mla_decode and mla_prefill import this module's checks, so importing them at the top
+# would be an import cycle whichever module is imported first. Each name is the kernel module's own
+# object, read when accessed: module state (DECODE_MERGE, _decode_chosen, _counter_cache) lives in
+# mla_decode alone, and a default is changed there (mla_decode.DECODE_MERGE = ...), not here.
+_REEXPORTS = {
+    "mla_decode": (
+        "MAX_SPLITS", "MIN_BLOCK_H", "MAX_BLOCK_H", "DECODE_PROGRAMS_PER_SM", "MIN_SPLIT_KEYS",
+        "SPLIT_OVERHEAD_KEYS", "MERGE_MODES", "DECODE_MERGE", "MERGE_ELEMS", "MIN_MERGE_C", "merge_cols",
+        "DECODE_CONFIGS", "_FUSED_KEEP", "FUSED_DECODE_CONFIGS", "_mla_decode_split_kernel", "_merge_splits",
+        "_mla_decode_reduce_kernel", "_decode_tuned", "_decode_fused_tuned", "_decode_chosen", "decode_config",
+        "choose_num_splits", "_num_splits", "_block_h", "mla_decode", "_counter_cache", "COUNTER_BUFFER_MIN",
+        "_split_counters",
+    ),
+    "mla_prefill": (
+        "PREFILL_CONFIGS", "_load_keys", "_attend_tile", "_mla_prefill_kernel", "_prefill_tuned", "mla_prefill",
+    ),
+}
+_MODULE_OF = {name: module for module, names in _REEXPORTS.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    """A kernel module's name (mla_decode, DECODE_CONFIGS, _mla_prefill_kernel...), from that module."""
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"dsv3_export.kernels.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MODULE_OF))

@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from dsv3_export.kernels import _common, fp8_gemm, fp8_quant, mla_attention, moe, rmsnorm  # noqa: E402
+from dsv3_export.kernels import _common, fp8_gemm, fp8_quant, mla_decode, moe, rmsnorm  # noqa: E402
 
 COUNTS = {"launch": 0, "wrapped": 0}
 
@@ -58,7 +58,7 @@ def _cases():
     q, qp = torch.randn(32, 16, 512, dtype=bf), torch.randn(32, 16, 64, dtype=bf)
     cache = torch.randn(32, 64, 576, dtype=bf)
     seqlens = torch.full((32,), 64, dtype=torch.int32)
-    yield "mla_decode B=32", lambda: mla_attention.mla_decode(q, qp, cache[..., :512], cache[..., 512:], seqlens, 0.1)
+    yield "mla_decode B=32", lambda: mla_decode.mla_decode(q, qp, cache[..., :512], cache[..., 512:], seqlens, 0.1)
     w13, w2 = torch.randn(8, 96, 64, dtype=bf), torch.randn(8, 64, 48, dtype=bf)
     xm = torch.randn(4, 64, dtype=bf)
     ids = torch.randint(0, 8, (4, 2))

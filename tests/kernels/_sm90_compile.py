@@ -24,7 +24,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from dsv3_export.kernels import fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_attention, moe, rmsnorm  # noqa: E402
+from dsv3_export.kernels import fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_decode, mla_prefill, moe, rmsnorm  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Opt-in shared memory per block on H100/H200 (227 KB).
@@ -124,20 +124,20 @@ def _cases(all_configs: bool):
                dict(ids_ptr=ids, sorted_ids_ptr=i32, expert_ids_ptr=i32, npp_ptr=i32),
                dict(E=e, BLOCK_E=e, BLOCK_M=16, CHUNK=moe.ALIGN_TILE // e, FILL=1024))
     mla_dims = dict(C=512, R=64, BLOCK_C=512, BLOCK_R=64, UPCAST=False)
-    for cfg in pick(mla_attention.DECODE_CONFIGS):
+    for cfg in pick(mla_decode.DECODE_CONFIGS):
         forms = ((False, False), (True, False)) + (((False, True), (True, True))
-                                                   if cfg in mla_attention.FUSED_DECODE_CONFIGS else ())
+                                                   if cfg in mla_decode.FUSED_DECODE_CONFIGS else ())
         for has_new, fused in forms:
-            yield (f"mla_decode_split has_new={has_new} fused={fused}", mla_attention._mla_decode_split_kernel, cfg,
+            yield (f"mla_decode_split has_new={has_new} fused={fused}", mla_decode._mla_decode_split_kernel, cfg,
                    dict(q_ptr=bf, q_pe_ptr=bf, kv_ptr=bf, pe_ptr=bf, kvn_ptr=bf, pen_ptr=bf, seqlens_ptr=i32,
                         o_part_ptr=f32, lse_ptr=f32, out_ptr=bf, cnt_ptr=i32),
                    dict(mla_dims, BLOCK_H=16, HAS_NEW=has_new, FUSED=fused, BLOCK_S=8,
-                        MERGE_C=mla_attention.merge_cols(8, 16, 512)))
-    yield ("mla_decode_reduce", mla_attention._mla_decode_reduce_kernel, triton.Config({}, num_warps=4),
+                        MERGE_C=mla_decode.merge_cols(8, 16, 512)))
+    yield ("mla_decode_reduce", mla_decode._mla_decode_reduce_kernel, triton.Config({}, num_warps=4),
            dict(o_part_ptr=f32, lse_ptr=f32, out_ptr=bf), dict(C=512, BLOCK_C=512, BLOCK_S=8))
-    for cfg in pick(mla_attention.PREFILL_CONFIGS):
+    for cfg in pick(mla_prefill.PREFILL_CONFIGS):
         for has_new in (False, True):
-            yield (f"mla_prefill has_new={has_new}", mla_attention._mla_prefill_kernel, cfg,
+            yield (f"mla_prefill has_new={has_new}", mla_prefill._mla_prefill_kernel, cfg,
                    dict(q_ptr=bf, q_pe_ptr=bf, kv_ptr=bf, pe_ptr=bf, kvn_ptr=bf, pen_ptr=bf, start_ptr=i32,
                         out_ptr=bf), dict(mla_dims, HAS_NEW=has_new))
     for cfg in pick(rmsnorm.RMSNORM_CONFIGS):

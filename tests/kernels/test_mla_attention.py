@@ -8,6 +8,8 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed: kernel tests need it (TRITON_INTERPRET=1 on CPU)")
 
 from dsv3_export.kernels import mla_attention as A  # noqa: E402
+from dsv3_export.kernels import mla_decode as D  # noqa: E402
+from dsv3_export.kernels import mla_prefill as P  # noqa: E402
 from tests.kernels._helpers import TOL, assert_finite, mean_rel  # noqa: E402
 
 H, C, R, S = 5, 64, 16, 100  # H not a power of 2; the real model has C=512, R=64, H=16
@@ -33,7 +35,7 @@ def test_mla_decode_ragged(seed, dtype, num_splits):
     kv, pe = _caches(4, dtype)  # one more cache row than the batch
     q, qp = torch.randn(3, H, C, dtype=dtype), torch.randn(3, H, R, dtype=dtype)
     seqlens = torch.tensor([1, 37, S], dtype=torch.int32)
-    out = A.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=num_splits)
+    out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=num_splits)
     assert out.shape == (3, H, C) and out.dtype == dtype
     _check(out, A.mla_decode_ref(q, qp, kv, pe, seqlens, SCALE), dtype)
 
@@ -41,7 +43,7 @@ def test_mla_decode_ragged(seed, dtype, num_splits):
 def test_mla_decode_empty_sequence_gives_zeros():
     kv, pe = _caches(2, torch.float32)
     q, qp = torch.randn(2, H, C), torch.randn(2, H, R)
-    out = A.mla_decode(q, qp, kv, pe, torch.tensor([0, 5], dtype=torch.int32), SCALE, num_splits=4)
+    out = D.mla_decode(q, qp, kv, pe, torch.tensor([0, 5], dtype=torch.int32), SCALE, num_splits=4)
     assert_finite("mla_decode", out)
     assert (out[0] == 0).all()
     assert (out[1] - A.mla_decode_ref(q[1:], qp[1:], kv[1:], pe[1:], torch.tensor([5], dtype=torch.int32),
@@ -50,7 +52,7 @@ def test_mla_decode_empty_sequence_gives_zeros():
 
 # The interpreter ignores num_warps / num_stages and skips the PTX-only L2 prefetch (PREFETCH): one run
 # per BLOCK_N covers every decode config (test_compile_sm90 compiles each one for the GPU).
-DECODE_TILES = list({c.kwargs["BLOCK_N"]: c for c in A.DECODE_CONFIGS}.values())
+DECODE_TILES = list({c.kwargs["BLOCK_N"]: c for c in D.DECODE_CONFIGS}.values())
 
 
 @pytest.mark.parametrize("config", DECODE_TILES, ids=str)
@@ -59,7 +61,7 @@ def test_mla_decode_every_config(seed, config):
     kv, pe = _caches(2, torch.float32)
     q, qp = torch.randn(2, H, C), torch.randn(2, H, R)
     seqlens = torch.tensor([70, 9], dtype=torch.int32)
-    out = A.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=2, config=config)
+    out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=2, config=config)
     _check(out, A.mla_decode_ref(q, qp, kv, pe, seqlens, SCALE), torch.float32)
 
 
@@ -69,7 +71,7 @@ def test_mla_prefill_causal(seed, dtype, s_q, start_pos):
     torch.manual_seed(seed)
     kv, pe = _caches(3, dtype)
     q, qp = torch.randn(2, s_q, H, C, dtype=dtype), torch.randn(2, s_q, H, R, dtype=dtype)
-    out = A.mla_prefill(q, qp, kv, pe, start_pos, SCALE)
+    out = P.mla_prefill(q, qp, kv, pe, start_pos, SCALE)
     assert out.shape == (2, s_q, H, C) and out.dtype == dtype
     _check(out, A.mla_prefill_ref(q, qp, kv, pe, start_pos, SCALE), dtype)
 
@@ -78,17 +80,17 @@ def test_mla_prefill_single_query_equals_decode(seed):
     torch.manual_seed(seed)
     kv, pe = _caches(2, torch.float32)
     q, qp = torch.randn(2, 1, H, C), torch.randn(2, 1, H, R)
-    pre = A.mla_prefill(q, qp, kv, pe, 41, SCALE)
-    dec = A.mla_decode(q[:, 0], qp[:, 0], kv, pe, torch.tensor([42, 42], dtype=torch.int32), SCALE, num_splits=3)
+    pre = P.mla_prefill(q, qp, kv, pe, 41, SCALE)
+    dec = D.mla_decode(q[:, 0], qp[:, 0], kv, pe, torch.tensor([42, 42], dtype=torch.int32), SCALE, num_splits=3)
     assert (pre[:, 0] - dec).abs().max() < TOL["mla_fp32_abs"]
 
 
-@pytest.mark.parametrize("config", A.PREFILL_CONFIGS, ids=str)
+@pytest.mark.parametrize("config", P.PREFILL_CONFIGS, ids=str)
 def test_mla_prefill_every_config(seed, config):
     torch.manual_seed(seed)
     kv, pe = _caches(1, torch.float32)
     q, qp = torch.randn(1, 9, H, C), torch.randn(1, 9, H, R)
-    out = A.mla_prefill(q, qp, kv, pe, 11, SCALE, config=config)
+    out = P.mla_prefill(q, qp, kv, pe, 11, SCALE, config=config)
     _check(out, A.mla_prefill_ref(q, qp, kv, pe, 11, SCALE), torch.float32)
 
 
@@ -97,7 +99,7 @@ def test_non_power_of_two_latent_width(seed):
     kv, pe = torch.randn(1, 40, 48), torch.randn(1, 40, 8)
     q, qp = torch.randn(1, 3, 48), torch.randn(1, 3, 8)
     seqlens = torch.tensor([33], dtype=torch.int32)
-    out = A.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=2)
+    out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=2)
     _check(out, A.mla_decode_ref(q, qp, kv, pe, seqlens, SCALE), torch.float32)
 
 
@@ -110,7 +112,7 @@ def test_mla_decode_with_new_token_outside_the_cache(seed, dtype, num_splits):
     q, qp = torch.randn(3, H, C, dtype=dtype), torch.randn(3, H, R, dtype=dtype)
     seqlens = torch.tensor([0, 37, S - 1], dtype=torch.int32)  # row 0: only the new token
     kw = dict(kv_new=new[:, :C], pe_new=new[:, C:])
-    out = A.mla_decode(q, qp, cache[..., :C], cache[..., C:], seqlens, SCALE, num_splits=num_splits, **kw)
+    out = D.mla_decode(q, qp, cache[..., :C], cache[..., C:], seqlens, SCALE, num_splits=num_splits, **kw)
     ref = A.mla_decode_ref(q, qp, cache[..., :C], cache[..., C:], seqlens, SCALE, **kw)
     _check(out, ref, dtype)
 
@@ -124,7 +126,7 @@ def test_mla_prefill_ragged_starts_with_new_tokens(seed, dtype):
     q, qp = torch.randn(3, s_q, H, C, dtype=dtype), torch.randn(3, s_q, H, R, dtype=dtype)
     starts = torch.tensor([0, 17, 90], dtype=torch.int32)
     kw = dict(kv_new=new[..., :C], pe_new=new[..., C:])
-    out = A.mla_prefill(q, qp, cache[..., :C], cache[..., C:], starts, SCALE, **kw)
+    out = P.mla_prefill(q, qp, cache[..., :C], cache[..., C:], starts, SCALE, **kw)
     _check(out, A.mla_prefill_ref(q, qp, cache[..., :C], cache[..., C:], starts, SCALE, **kw), dtype)
 
 
@@ -133,7 +135,7 @@ def test_mla_prefill_ragged_starts_in_cache(seed):
     kv, pe = _caches(2, torch.float32)
     q, qp = torch.randn(2, 5, H, C), torch.randn(2, 5, H, R)
     starts = torch.tensor([3, 60], dtype=torch.int32)
-    out = A.mla_prefill(q, qp, kv, pe, starts, SCALE)
+    out = P.mla_prefill(q, qp, kv, pe, starts, SCALE)
     _check(out, A.mla_prefill_ref(q, qp, kv, pe, starts, SCALE), torch.float32)
 
 
@@ -153,10 +155,10 @@ def test_kernels_compose_to_the_mla_attention_op_math(seed, s):
     q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w[:, :dn])  # [b, s, h, c]
     caches = (kv_cache[..., :C], kv_cache[..., C:])
     if s == 1:
-        lat = A.mla_decode(q_latent[:, 0], q_pe[:, 0], *caches, start_pos.to(torch.int32), SCALE,
+        lat = D.mla_decode(q_latent[:, 0], q_pe[:, 0], *caches, start_pos.to(torch.int32), SCALE,
                            kv_new=kv_new[:, 0, :C], pe_new=kv_new[:, 0, C:], num_splits=3)[:, None]
     else:
-        lat = A.mla_prefill(q_latent, q_pe, *caches, start_pos.to(torch.int32), SCALE,
+        lat = P.mla_prefill(q_latent, q_pe, *caches, start_pos.to(torch.int32), SCALE,
                             kv_new=kv_new[..., :C], pe_new=kv_new[..., C:])
     out = torch.einsum("bshc,hdc->bshd", lat, w[:, dn:])  # [b, s, h, dv]
     assert (out - ref).abs().max().item() < 1e-4
@@ -167,30 +169,30 @@ def test_bad_inputs_name_the_problem():
     q, qp = torch.randn(2, H, C), torch.randn(2, H, R)
     seqlens = torch.tensor([3, 4], dtype=torch.int32)
     with pytest.raises(TypeError, match="cache_seqlens: dtype torch.int64"):
-        A.mla_decode(q, qp, kv, pe, seqlens.long(), SCALE)
+        D.mla_decode(q, qp, kv, pe, seqlens.long(), SCALE)
     with pytest.raises(ValueError, match="exceeds the cache's 2 rows"):
-        A.mla_decode(torch.randn(3, H, C), torch.randn(3, H, R), kv, pe, torch.ones(3, dtype=torch.int32), SCALE)
+        D.mla_decode(torch.randn(3, H, C), torch.randn(3, H, R), kv, pe, torch.ones(3, dtype=torch.int32), SCALE)
     with pytest.raises(ValueError, match=r"kv_cache .* must be \[Bmax, S, C=64\]"):
-        A.mla_decode(q, qp, kv[..., :32], pe, seqlens, SCALE)
+        D.mla_decode(q, qp, kv[..., :32], pe, seqlens, SCALE)
     with pytest.raises(ValueError, match="pass both kv_new and pe_new"):
-        A.mla_decode(q, qp, kv, pe, seqlens, SCALE, kv_new=torch.randn(2, C))
+        D.mla_decode(q, qp, kv, pe, seqlens, SCALE, kv_new=torch.randn(2, C))
     with pytest.raises(ValueError, match=r"kv_new must be \(2, 64\)"):
-        A.mla_decode(q, qp, kv, pe, seqlens, SCALE, kv_new=torch.randn(2, 32), pe_new=torch.randn(2, R))
+        D.mla_decode(q, qp, kv, pe, seqlens, SCALE, kv_new=torch.randn(2, 32), pe_new=torch.randn(2, R))
     with pytest.raises(TypeError, match="start_pos: dtype torch.int64"):
-        A.mla_prefill(q[:, None], qp[:, None], kv, pe, torch.zeros(2, dtype=torch.int64), SCALE)
+        P.mla_prefill(q[:, None], qp[:, None], kv, pe, torch.zeros(2, dtype=torch.int64), SCALE)
     with pytest.raises(TypeError, match="kv_cache: dtype torch.bfloat16"):
-        A.mla_decode(q, qp, kv.bfloat16(), pe, seqlens, SCALE)
+        D.mla_decode(q, qp, kv.bfloat16(), pe, seqlens, SCALE)
     with pytest.raises(ValueError, match=r"cached positions \[0, 105\) outside"):
-        A.mla_prefill(torch.randn(2, 10, H, C), torch.randn(2, 10, H, R), kv, pe, 95, SCALE)
+        P.mla_prefill(torch.randn(2, 10, H, C), torch.randn(2, 10, H, R), kv, pe, 95, SCALE)
 
 
 @pytest.mark.parametrize("batch,ctx", [(32, 4096), (1, 1024), (8, 1024), (64, 1024), (128, 4096), (3, 70), (1, 33)])
 def test_choose_num_splits_fills_whole_waves(batch, ctx):
     """On 132 SMs (2 decode programs each): one wave where it can, never splits under 64 keys."""
-    splits = A.choose_num_splits(batch, 16, ctx, torch.device("cpu"))  # CPU: the nominal 132 SMs
-    assert 1 <= splits <= A.MAX_SPLITS
-    assert splits == 1 or -(-ctx // splits) >= A.MIN_SPLIT_KEYS
-    slots = A.DECODE_PROGRAMS_PER_SM * 132
+    splits = D.choose_num_splits(batch, 16, ctx, torch.device("cpu"))  # CPU: the nominal 132 SMs
+    assert 1 <= splits <= D.MAX_SPLITS
+    assert splits == 1 or -(-ctx // splits) >= D.MIN_SPLIT_KEYS
+    slots = D.DECODE_PROGRAMS_PER_SM * 132
     programs = batch * splits
     if batch <= slots:
         assert programs <= slots, f"{programs} programs spill into a second wave of {slots}"
@@ -204,7 +206,7 @@ def test_choose_num_splits_fills_whole_waves(batch, ctx):
 
 
 def _counters_clean() -> None:
-    for dev, buf in A._counter_cache.items():
+    for dev, buf in D._counter_cache.items():
         assert (buf == 0).all(), f"fused-merge counters on {dev} not reset: {buf[buf != 0][:8].tolist()}"
 
 
@@ -217,7 +219,7 @@ def test_mla_decode_fused_merge_ragged(seed, dtype, num_splits):
     seqlens = torch.tensor([1, 37, 0, S], dtype=torch.int32)  # row 2 empty; 37: not a multiple of BLOCK_N
     ref = A.mla_decode_ref(q, qp, kv, pe, seqlens, SCALE)
     for _ in range(2):  # the second call reuses the counters the first one left
-        out = A.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=num_splits, merge="fused")
+        out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=num_splits, merge="fused")
         assert out.shape == (4, H, C) and out.dtype == dtype
         _check(out, ref, dtype)
         assert (out[2] == 0).all()
@@ -233,7 +235,7 @@ def test_mla_decode_fused_merge_with_new_token(seed, dtype, num_splits):
     q, qp = torch.randn(3, H, C, dtype=dtype), torch.randn(3, H, R, dtype=dtype)
     seqlens = torch.tensor([0, 37, S - 1], dtype=torch.int32)
     kw = dict(kv_new=new[:, :C], pe_new=new[:, C:])
-    out = A.mla_decode(q, qp, cache[..., :C], cache[..., C:], seqlens, SCALE, num_splits=num_splits, merge="fused",
+    out = D.mla_decode(q, qp, cache[..., :C], cache[..., C:], seqlens, SCALE, num_splits=num_splits, merge="fused",
                        **kw)
     _check(out, A.mla_decode_ref(q, qp, cache[..., :C], cache[..., C:], seqlens, SCALE, **kw), dtype)
     _counters_clean()
@@ -244,22 +246,22 @@ def test_mla_decode_fused_merge_many_heads_and_wide_latent(seed):
     the merge's column step, not a multiple of it (the merge's column loop and its mask)."""
     torch.manual_seed(seed)
     heads, c, r = 80, 200, 8
-    assert A.merge_cols(4, 64, c) < c and c % A.merge_cols(4, 64, c)
+    assert D.merge_cols(4, 64, c) < c and c % D.merge_cols(4, 64, c)
     kv, pe = torch.randn(2, 50, c), torch.randn(2, 50, r)
     q, qp = torch.randn(2, heads, c), torch.randn(2, heads, r)
     seqlens = torch.tensor([50, 23], dtype=torch.int32)
-    out = A.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=3, merge="fused")
+    out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=3, merge="fused")
     _check(out, A.mla_decode_ref(q, qp, kv, pe, seqlens, SCALE), torch.float32)
     _counters_clean()
 
 
-@pytest.mark.parametrize("config", list({c.kwargs["BLOCK_N"]: c for c in A.FUSED_DECODE_CONFIGS}.values()), ids=str)
+@pytest.mark.parametrize("config", list({c.kwargs["BLOCK_N"]: c for c in D.FUSED_DECODE_CONFIGS}.values()), ids=str)
 def test_mla_decode_fused_merge_every_config(seed, config):
     torch.manual_seed(seed)
     kv, pe = _caches(2, torch.float32)
     q, qp = torch.randn(2, H, C), torch.randn(2, H, R)
     seqlens = torch.tensor([70, 9], dtype=torch.int32)
-    out = A.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=5, config=config, merge="fused")
+    out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=5, config=config, merge="fused")
     _check(out, A.mla_decode_ref(q, qp, kv, pe, seqlens, SCALE), torch.float32)
 
 
@@ -268,8 +270,8 @@ def test_mla_decode_fused_equals_separate(seed):
     kv, pe = _caches(3, torch.float32)
     q, qp = torch.randn(3, H, C), torch.randn(3, H, R)
     seqlens = torch.tensor([99, 64, 2], dtype=torch.int32)
-    sep = A.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=6, merge="separate")
-    fus = A.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=6, merge="fused")
+    sep = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=6, merge="separate")
+    fus = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=6, merge="fused")
     assert (sep - fus).abs().max().item() < 1e-6
 
 
@@ -278,19 +280,19 @@ def test_split_counters_are_fresh_while_tracing():
     not the eager cache."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    before = dict(A._counter_cache)
+    before = dict(D._counter_cache)
     with FakeTensorMode():
-        cnt = A._split_counters(7, torch.device("cpu"))
+        cnt = D._split_counters(7, torch.device("cpu"))
     assert type(cnt).__name__ == "FakeTensor" and cnt.shape == (7,) and cnt.dtype == torch.int32
-    assert A._counter_cache == before
-    eager = A._split_counters(A.COUNTER_BUFFER_MIN + 5, torch.device("cpu"))  # grows the cached buffer
-    assert eager.shape == (A.COUNTER_BUFFER_MIN + 5,) and (eager == 0).all()
+    assert D._counter_cache == before
+    eager = D._split_counters(D.COUNTER_BUFFER_MIN + 5, torch.device("cpu"))  # grows the cached buffer
+    assert eager.shape == (D.COUNTER_BUFFER_MIN + 5,) and (eager == 0).all()
 
 
 def test_mla_decode_rejects_unknown_merge():
     kv, pe = _caches(1, torch.float32)
     with pytest.raises(ValueError, match="merge='both' must be one of"):
-        A.mla_decode(torch.randn(1, H, C), torch.randn(1, H, R), kv, pe, torch.ones(1, dtype=torch.int32), SCALE,
+        D.mla_decode(torch.randn(1, H, C), torch.randn(1, H, R), kv, pe, torch.ones(1, dtype=torch.int32), SCALE,
                      merge="both")
 
 
@@ -312,9 +314,45 @@ def test_launch_passes_the_register_cap_of_an_explicit_config(monkeypatch):
     cfg = triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=3, maxnreg=128)
     _common.launch(FakeKernel(), None, [cfg], lambda meta: (1,), (), {"C": 8}, cfg)
     assert seen == dict(C=8, BLOCK_N=16, num_warps=4, num_stages=3, maxnreg=128)
-    assert any(c.maxnreg == 128 for c in A.DECODE_CONFIGS)
+    assert any(c.maxnreg == 128 for c in D.DECODE_CONFIGS)
 
 
 def test_fused_configs_are_decode_configs():
-    assert len(A.FUSED_DECODE_CONFIGS) == len(A._FUSED_KEEP)  # each kept tuple names an existing config
-    assert all(c in A.DECODE_CONFIGS for c in A.FUSED_DECODE_CONFIGS)
+    assert len(D.FUSED_DECODE_CONFIGS) == len(D._FUSED_KEEP)  # each kept tuple names an existing config
+    assert all(c in D.DECODE_CONFIGS for c in D.FUSED_DECODE_CONFIGS)
+
+
+# The family's entry point (kernels/mla_attention.py) re-exports the kernel modules' names, lazily, so
+# the imports that predate the split into mla_decode / mla_prefill keep working.
+
+
+def test_entry_point_reexports_the_kernel_modules_own_objects():
+    for module in (D, P):
+        for name in A._REEXPORTS[module.__name__.rsplit(".", 1)[1]]:
+            assert getattr(A, name) is getattr(module, name), name
+            assert name in dir(A)
+    from dsv3_export.kernels.mla_attention import _mla_decode_split_kernel, mla_prefill  # the from-import form
+
+    assert _mla_decode_split_kernel is D._mla_decode_split_kernel and mla_prefill is P.mla_prefill
+    with pytest.raises(AttributeError, match="has no attribute 'mla_decode_fast'"):
+        A.mla_decode_fast  # noqa: B018
+
+
+def test_entry_point_reads_module_state_where_it_lives(monkeypatch):
+    """DECODE_MERGE and the caches live in mla_decode only; the entry point reads them there."""
+    monkeypatch.setattr(D, "DECODE_MERGE", "fused")
+    assert A.DECODE_MERGE == "fused" and A._counter_cache is D._counter_cache and A._decode_chosen is D._decode_chosen
+
+
+@pytest.mark.parametrize("first", ["mla_decode", "mla_prefill", "mla_attention"])
+def test_any_module_of_the_family_can_be_imported_first(first):
+    """mla_decode / mla_prefill import mla_attention's checks: no import cycle whichever comes first."""
+    import subprocess
+    import sys
+
+    code = (f"import dsv3_export.kernels.{first}; from dsv3_export.kernels import mla_attention as A; "
+            "from dsv3_export.kernels.mla_attention import mla_decode, mla_prefill, DECODE_CONFIGS; "
+            "print(mla_decode.__module__, mla_prefill.__module__, len(DECODE_CONFIGS))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[:2] == ["dsv3_export.kernels.mla_decode", "dsv3_export.kernels.mla_prefill"]

@@ -551,6 +551,18 @@ def bench_moe(report: Report, sh: Shapes, quick: bool) -> None:
                 h = torch._grouped_mm(xs, w13_t, offs=offs)
                 return F.silu(h[:, :i]) * h[:, i:]
 
+            # moe_align as the packages trace it (DSV3_TORCH_MOE_ALIGN): ATen ops (default) vs the kernel
+            align_case = f"moe_align block_m={bm} {case}"
+            same = all(torch.equal(x_, y_) for x_, y_ in zip(M.moe_align(ids, e, bm), M.moe_align_ref(ids, e, bm)))
+            align_rows = [guarded(report, f"moe_align {case} {impl}", lambda impl=impl, fn=fn: add(
+                report, Row("moe_align", align_case, impl, bench(_graph_of(fn).replay, sh, quick), ok=same,
+                            note="outputs identical" if same else "OUTPUTS DIFFER")))
+                for impl, fn in (("torch moe_align_ref, the traced ATen form (CUDA graph)",
+                                  lambda: M.moe_align_ref(ids, e, bm)),
+                                 ("triton moe_align kernel (CUDA graph)", lambda: M.moe_align(ids, e, bm)))]
+            align_rows = [r for r in align_rows if r is not None]
+            finish_group(align_rows)
+            show(align_case, align_rows)
             for impl, fn in (("triton grouped_gemm bf16 (CUDA graph)",
                               lambda: M.grouped_gemm(x, w13, s_ids, e_ids, npp, sh.topk, fuse_swiglu=True)),
                              ("torch._grouped_mm + swiglu (CUDA graph, rows pre-sorted)", gm_up_run)):

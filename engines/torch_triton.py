@@ -29,6 +29,7 @@ fixed DECODE_SPLITS. The kernels' own checks compare symbolic sizes only with th
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -43,6 +44,9 @@ from dsv3_export.kernels import moe as km
 from dsv3_export.kernels._common import FP8_DTYPE, QUANT_BLOCK, cdiv, is_interpreted
 
 BLOCK_M = {"decode": 16, "prefill": 64}
+# moe_align's traced form in the packages (kernels/moe.py TRACED_ALIGN_FORMS), read when a program is
+# lowered: `aten` (default, the form measured on the H200) or `kernel` (one launch per MoE layer).
+MOE_ALIGN_ENV = "DSV3_TORCH_MOE_ALIGN"
 # KV splits of the decode attention. choose_num_splits needs the batch and cache length, which are
 # symbolic here; 8 splits x 16-64 head blocks x batch 16-32 fill about one wave on 132 SMs, and
 # empty splits (short caches) cost one lse = -inf write.
@@ -61,6 +65,13 @@ def _launch(kernel, tuned, configs, grid: Callable, args: tuple, kwargs: dict) -
     cfg = configs[0]
     meta = {**kwargs, **cfg.kwargs}
     wrap_triton(kernel)[grid(meta)](*args, **kwargs, **cfg.kwargs)
+
+
+def _moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int):
+    form = os.environ.get(MOE_ALIGN_ENV, "aten")
+    if form not in km.TRACED_ALIGN_FORMS:
+        raise ValueError(f"{MOE_ALIGN_ENV}={form!r}: choose one of {', '.join(km.TRACED_ALIGN_FORMS)}")
+    return km.moe_align(topk_ids, n_experts, block_m, traced_form=form)
 
 
 def _act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +122,7 @@ def _combine(y: torch.Tensor, t: int, topk: int, dtype: torch.dtype) -> torch.Te
 def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
                 w2: torch.Tensor, block_m: int) -> torch.Tensor:
     t, topk = topk_ids.shape
-    sorted_ids, expert_ids, npp = km.moe_align(topk_ids, w13.shape[0], block_m)
+    sorted_ids, expert_ids, npp = _moe_align(topk_ids, w13.shape[0], block_m)
     x = x.contiguous()
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
     h = _grouped_gemm(x, w13, sorted_ids, expert_ids, npp, topk, x.dtype, swiglu=True)  # [T*k, I]
@@ -124,7 +135,7 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
 def moe_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
                     w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, block_m: int) -> torch.Tensor:
     t, topk = topk_ids.shape
-    sorted_ids, expert_ids, npp = km.moe_align(topk_ids, w13.shape[0], block_m)
+    sorted_ids, expert_ids, npp = _moe_align(topk_ids, w13.shape[0], block_m)
     xq, xs = _act_quant(x.contiguous())
     h = _grouped_gemm(xq, w13, sorted_ids, expert_ids, npp, topk, x.dtype, a_scale=xs, w_scale=w13_scale,
                       swiglu=True)  # [T*k, I]

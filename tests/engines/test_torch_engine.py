@@ -441,3 +441,72 @@ def test_fp8_linear_lowering_is_exact_after_aoti_compile(tmp_path, seed, out_fea
     got = load_package(package, torch.device("cpu"))(x)
     got = got[0] if isinstance(got, (list, tuple)) else got
     assert rel_err(got, module(x)) < TOLERANCES["fp32_structural"]
+
+
+_MOE_ALIGN_TRACE_SCRIPT = r'''
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)  # traced kernels must be real JITFunctions for wrap_triton
+os.environ["DSV3_TORCH_MOE_ALIGN"] = sys.argv[1]
+import torch
+from torch.export import Dim
+import dsv3_export.ops  # noqa: F401
+from dsv3_export.engines.torch_lower import lower_dsv3_ops
+from dsv3_export.engines.torch_triton import triton_lowerings
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+t, d, i, e, k = 3, 32, 24, 5, 2
+
+
+class Moe(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w13 = torch.nn.Parameter(torch.randn(e, 2 * i, d).bfloat16(), requires_grad=False)
+        self.w2 = torch.nn.Parameter(torch.randn(e, d, i).bfloat16(), requires_grad=False)
+
+    def forward(self, x, weights, ids):
+        return torch.ops.dsv3.moe_experts(x, weights, ids, self.w13, self.w2)
+
+
+args = (torch.randn(t, d).bfloat16(), torch.rand(t, k).bfloat16(), torch.randint(0, e, (t, k)))
+T = Dim("tokens", min=1, max=4096)
+ep = torch.export.export(Moe(), args, dynamic_shapes=({0: T}, {0: T}, {0: T}), strict=False)
+lowered, _ = lower_dsv3_ops(ep, "cuda", triton_lowerings("decode"))
+kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)  # what AOTInductor does
+names = sorted(getattr(getattr(k_, "fn", k_), "__name__", "?") for k_ in
+               (kernel_side_table.get_kernel(n.kwargs["kernel_idx"]) for n in kernels.graph.nodes
+                if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target)))
+aten = sorted({str(n.target) for n in kernels.graph.nodes if n.op == "call_function"
+               and any(a in str(n.target) for a in ("sort", "searchsorted", "scatter"))})
+print("kernels", ",".join(names))
+print("aten", ",".join(aten))
+print("dims", len(kernels.range_constraints))
+'''
+
+
+@pytest.mark.parametrize("form", ["aten", "kernel"])
+def test_moe_align_traced_form_switch(form):
+    """DSV3_TORCH_MOE_ALIGN picks how the MoE's alignment is traced into a CUDA package: the ATen ops
+    (sort / scatter / searchsorted, several kernels) or the single-program kernel (one launch),
+    with the token dim still dynamic. Traced only: the package is never run on this CPU."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, "-c", _MOE_ALIGN_TRACE_SCRIPT, form], check=False, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = dict((line.split(" ", 1) + [""])[:2] for line in done.stdout.strip().split("\n"))
+    kernels = out["kernels"].split(",")
+    assert kernels.count("_grouped_gemm_kernel") == 2 and int(out["dims"]) == 1, out
+    if form == "kernel":
+        assert "_moe_align_kernel" in kernels and out["aten"] == "", out
+    else:
+        assert "_moe_align_kernel" not in kernels and "sort" in out["aten"], out
+
+
+def test_moe_align_traced_form_rejects_unknown(monkeypatch):
+    from dsv3_export.engines import torch_triton
+
+    monkeypatch.setenv(torch_triton.MOE_ALIGN_ENV, "fast")
+    with pytest.raises(ValueError, match="DSV3_TORCH_MOE_ALIGN='fast'"):
+        torch_triton._moe_align(torch.zeros(2, 2, dtype=torch.int64), 4, 16)

@@ -5,7 +5,9 @@
 
 Order matters (passes/README.md says why): fuse_mla_absorb matches the raw export IR, so it runs
 before anything rewrites casts; the MoE rewrite runs before fp8 quantization so that the
-quantizer sees grouped expert weights; cleanups run last and remove what the rewrites left dead.
+quantizer sees grouped expert weights; fuse_shared_input_linears runs after the quantizer (fp8
+weights are concatenated as quantized, bit-exact; it sees through the dense weights' casts);
+cleanups run last and remove what the rewrites left dead.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dsv3_export.passes import debug
 from dsv3_export.passes.base import PassConfig, PassError, PassResult
 from dsv3_export.passes.cleanup import remove_noop_casts, remove_tensor_asserts, remove_unused_constants
 from dsv3_export.passes.fuse_mla_absorb import fuse_mla_absorb
+from dsv3_export.passes.fuse_shared_input_linears import fuse_shared_input_linears
 
 PassFn = Callable[[ExportedProgram, PassConfig], PassResult]
 log = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ PIPELINE: tuple[tuple[str, PassFn], ...] = tuple((name, fn) for name, fn in (
     ("fuse_mla_absorb", fuse_mla_absorb),
     ("rewrite_moe_grouped_gemm", _optional_pass("rewrite_moe_grouped_gemm")),
     ("quantize_fp8_blockwise", _only_for_fp8(_optional_pass("quantize_fp8_blockwise"))),
+    ("fuse_shared_input_linears", fuse_shared_input_linears),
     ("remove_noop_casts", remove_noop_casts),
     ("remove_tensor_asserts", remove_tensor_asserts),
     ("remove_unused_constants", remove_unused_constants),

@@ -215,8 +215,8 @@ def test_16b_meta_two_layers(precision):
 ALIGNED = (("qk_nope_head_dim", 48), ("moe_inter_dim", 64), ("inter_dim", 256))  # wq 256, w1/w3 256, shared 128
 
 
-@pytest.mark.slow  # ~16 s: export, passes, torch.onnx.export, ORT session
 def test_fp8_fused_onnxruntime_engine_matches_the_program(tmp_path, seed):
+    """~10 s: export, passes, torch.onnx.export, an ORT session."""
     from rich.console import Console
 
     from dsv3_export.build import BuildOptions, _load_model, build_engine

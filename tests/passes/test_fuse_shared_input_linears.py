@@ -235,4 +235,10 @@ def test_fp8_fused_onnxruntime_engine_matches_the_program(tmp_path, seed):
     with torch.no_grad():
         expected, _ = program.module()(tokens, torch.zeros(2, dtype=torch.int64), cache)
     got = load_engine(tmp_path / "engine").forward(tokens)
-    assert rel_err(got, expected) < 1e-3, f"seed={seed}"  # measured 9e-7 (seed 5)
+    # An fp8 engine is not bit-exact to its program (another summation order can move a value across
+    # an fp8 rounding boundary, and later layers amplify it), with or without this pass: over seeds
+    # 1, 2, 3, 588180305 the engine differed by 9e-4 to 1.5e-2 from the fused AND the unfused program
+    # alike, top-1 98.6-100% of 74 positions. That the fusion itself is exact is checked above.
+    assert rel_err(got, expected) < 5e-2, f"seed={seed}"
+    agree = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    assert agree >= 0.95, f"seed={seed}: top-1 agreement {agree:.3f}"

@@ -443,6 +443,21 @@ def _presorted_grouped_mm(x, w13_t, w2_t, tw, ids, n_experts):
     return run
 
 
+def _presorted_up_swiglu(x, w13_t, ids, n_experts):
+    """torch's MoE up projection split in two: the routing sort now, the returned run() = one
+    torch._grouped_mm over the expert-sorted rows + SwiGLU (w13_t [E, D, 2I])."""
+    flat = ids.reshape(-1)
+    offs = torch.cumsum(torch.bincount(flat, minlength=n_experts), 0).to(torch.int32)
+    xs = x[torch.argsort(flat, stable=True) // ids.shape[1]]  # [T*k, D], sorted by expert
+    inter = w13_t.shape[2] // 2
+
+    def run():
+        h = torch._grouped_mm(xs, w13_t, offs=offs)  # [T*k, 2I]
+        return F.silu(h[:, :inter]) * h[:, inter:]
+
+    return run
+
+
 def bench_moe(report: Report, sh: Shapes, quick: bool) -> None:
     from dsv3_export.kernels import moe as M
     from dsv3_export.reference import fp8 as R
@@ -528,29 +543,13 @@ def bench_moe(report: Report, sh: Shapes, quick: bool) -> None:
                        bytes_=up_bytes, flops=up_flops, peak=BF16_PEAK)]
 
         def gm_up():
-            flat = ids.reshape(-1)
-            order = torch.argsort(flat, stable=True)
-            offs = torch.cumsum(torch.bincount(flat, minlength=e), 0).to(torch.int32)
-            xs = x[order // sh.topk]
-
-            def run():
-                h = torch._grouped_mm(xs, w13_t, offs=offs)
-                return F.silu(h[:, :i]) * h[:, i:]
-
+            run = _presorted_up_swiglu(x, w13_t, ids, e)
             return add(report, Row("grouped_gemm", up_case, "torch._grouped_mm + swiglu", bench(run, sh, quick),
                                    note="rows pre-sorted outside the timing"),
                        bytes_=up_bytes, flops=up_flops, peak=BF16_PEAK)
 
         up_rows.append(guarded(report, f"grouped_gemm {case} _grouped_mm", gm_up))
         if sh.device == "cuda" and t <= 64:  # decode sizes: eager rows are mostly Python launch cost
-            flat = ids.reshape(-1)
-            offs = torch.cumsum(torch.bincount(flat, minlength=e), 0).to(torch.int32)
-            xs = x[torch.argsort(flat, stable=True) // sh.topk]  # rows pre-sorted, as in gm_up
-
-            def gm_up_run():
-                h = torch._grouped_mm(xs, w13_t, offs=offs)
-                return F.silu(h[:, :i]) * h[:, i:]
-
             # moe_align as the packages trace it (DSV3_TORCH_MOE_ALIGN): ATen ops (default) vs the kernel
             align_case = f"moe_align block_m={bm} {case}"
             same = all(torch.equal(x_, y_) for x_, y_ in zip(M.moe_align(ids, e, bm), M.moe_align_ref(ids, e, bm)))
@@ -565,7 +564,8 @@ def bench_moe(report: Report, sh: Shapes, quick: bool) -> None:
             show(align_case, align_rows)
             for impl, fn in (("triton grouped_gemm bf16 (CUDA graph)",
                               lambda: M.grouped_gemm(x, w13, s_ids, e_ids, npp, sh.topk, fuse_swiglu=True)),
-                             ("torch._grouped_mm + swiglu (CUDA graph, rows pre-sorted)", gm_up_run)):
+                             ("torch._grouped_mm + swiglu (CUDA graph, rows pre-sorted)",
+                              _presorted_up_swiglu(x, w13_t, ids, e))):
                 up_rows.append(guarded(report, f"grouped_gemm {case} {impl}", lambda impl=impl, fn=fn: add(
                     report, Row("grouped_gemm", up_case, impl, bench(_graph_of(fn).replay, sh, quick)),
                     bytes_=up_bytes, flops=up_flops, peak=BF16_PEAK)))

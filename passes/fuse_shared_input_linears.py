@@ -109,7 +109,7 @@ def _fused_name(state: ProgramState, targets: list[str], suffix: str) -> str:
         common += 1
     name = ".".join(paths[0][:common] + ["_".join("_".join(p[common:]) for p in paths)]) + suffix
     unique, i = name, 1
-    while state.has(unique) or unique in state.state_dict or unique in state.constants:
+    while state.taken(unique):
         unique, i = f"{name}_{i}", i + 1
     return unique
 

@@ -110,6 +110,10 @@ class ProgramState:
     def has(self, target: str) -> bool:
         return target in self._lookup()[1]
 
+    def taken(self, target: str) -> bool:
+        """True when a placeholder, parameter, buffer or constant already has this name."""
+        return self.has(target) or target in self.state_dict or target in self.constants
+
     # --- fake values -----------------------------------------------------------------------
     def fake(self, tensor: torch.Tensor) -> torch.Tensor:
         """A FakeTensor of the program's fake mode with tensor's shape, dtype, device and strides."""
@@ -131,7 +135,7 @@ class ProgramState:
         return self._add(target, tensor, InputKind.BUFFER, persistent=persistent)
 
     def _add(self, target: str, tensor: torch.Tensor, kind: InputKind, persistent: bool | None) -> Node:
-        if self.has(target) or target in self.state_dict or target in self.constants:
+        if self.taken(target):
             raise ValueError(f"cannot add {target!r}: the program already has a tensor of that name")
         rank = _KIND_ORDER[kind]
         index = next((i for i, s in enumerate(self.input_specs) if _KIND_ORDER[s.kind] > rank), len(self.input_specs))

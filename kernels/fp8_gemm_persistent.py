@@ -124,7 +124,7 @@ def _ensure_allocator() -> None:
 def tma_unsupported(a: torch.Tensor, b: torch.Tensor, c_dtype: torch.dtype, n: int) -> str | None:
     """Why the TMA variant cannot take these operands, or None: TMA wants 16-byte aligned base
     addresses and row strides (a, b: K fp8 bytes per row; c: N * itemsize)."""
-    c_row = n * torch.empty((), dtype=c_dtype).element_size()
+    c_row = n * c_dtype.itemsize
     for name, t in (("a", a), ("b", b)):
         if t.data_ptr() % TMA_ALIGN or (t.stride(0) * t.element_size()) % TMA_ALIGN:
             return (f"{name} needs a 16-byte aligned base and row stride for TMA; got row stride "

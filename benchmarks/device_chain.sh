@@ -25,7 +25,8 @@
 #   tinytorch  benchmarks/torch_tiny_cuda.py (tiny torch engine on CUDA: build, accuracy, generate)
 #   torch16b   benchmarks/torch_16b.py ($TORCH16B_PRECISIONS, default "fp8,bf16"), with the time left
 #              until minute 28; `torch16b:PREC[:END]` runs precision PREC with the time left until
-#              minute END (its results in torch16b-PREC/)
+#              minute END (its results in torch16b-PREC/); `torch16b:PREC:END:TAG` adds the arguments
+#              in $TORCH16B_ARGS_TAG (e.g. "--n-layers 4 --moe-align kernel"), results in torch16b-PREC-TAG/
 #   kernels    benchmarks/kernels.py ($KERNELS_ARGS)
 #   ort        benchmarks/onnxruntime_16b.py --wait-builds: eager reference first, then each engine as
 #              soon as its build is done, generate included (one process: one run); needs onnxruntime-gpu
@@ -72,8 +73,10 @@ run_step() {
   local prec end
   case $1 in
     torch16b:*) prec=$(echo "$1" | cut -d: -f2); end=$(echo "$1" | cut -d: -f3); end=${end:-28}
-                step "torch16b-$prec" $(( end - 8 )) taskset -c $CORES python3 benchmarks/torch_16b.py \
-                  --precisions "$prec" --budget-s $(( (end - $(minutes)) * 60 )) --out "$CHAIN/torch16b-$prec" ;;
+                tag=$(echo "$1" | cut -d: -f4); extra=""; [ -n "$tag" ] && extra=$(printenv "TORCH16B_ARGS_$tag")
+                step "torch16b-$prec${tag:+-$tag}" $(( end - 8 )) taskset -c $CORES python3 benchmarks/torch_16b.py \
+                  --precisions "$prec" --budget-s $(( (end - $(minutes)) * 60 )) $extra \
+                  --out "$CHAIN/torch16b-$prec${tag:+-$tag}" ;;
     builds) taskset -c 8-15 env WORK=$ENGINES bash benchmarks/ort_builds_16b.sh > "$CHAIN/ort_builds.log" 2>&1 &
             log "builds started in the background" ;;
     probe) step probe 12 taskset -c $CORES timeout 480 python3 benchmarks/torch_load_probe.py --timeout 300 \

@@ -171,7 +171,8 @@ def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds)
             got, _ = step(tokens, pos, cache)
             out["prefill_logits_rel_err_vs_eager_step"] = rel_err(got, want)
         del cache
-    out.update(generate_check(step, model))
+    if "prefill" in kinds:  # the prompt needs the prefill program
+        out.update(generate_check(step, model))
     direct = AOTIStep(step._prefill, step._decode, step.device, step.cache_dtype, cuda_graph=False)
     for b in batches:
         out[f"decode_ms_b{b}"] = cuda_ms_safe(lambda: time_step_decode(step, model, b, prompt_len, steps))
@@ -187,7 +188,7 @@ def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds)
     return out
 
 
-def decode_kernel_profile(step: Callable, model, context: int, steps: int = 4, top: int = 30) -> dict[str, Any]:
+def decode_kernel_profile(step: Callable, model, context: int, steps: int = 4, top: int = 60) -> dict[str, Any]:
     """Per-kernel GPU time of batch-1 decode steps (torch.profiler; CPU ops on a CPU smoke run)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -276,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-need-s", type=float, default=240.0,
                    help="start the engine section only with this many seconds of budget left")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: engine,eager,compile")
+    p.add_argument("--n-layers", type=int, default=None,
+                   help="override the preset's layer count (a profile of the per-layer kernels at a fraction "
+                        "of the build time; the floor follows the same layer count)")
+    p.add_argument("--moe-align", choices=("aten", "kernel"), default=None,
+                   help="how the MoE alignment is traced into the package (sets DSV3_TORCH_MOE_ALIGN)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: smoke-test the script (tiny preset)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     opts = p.parse_args(argv)
@@ -286,9 +292,13 @@ def main(argv: list[str] | None = None) -> int:
         print("torch_16b: needs a CUDA GPU (or --device cpu for a smoke run)", file=sys.stderr)
         return 1
     batches = [int(b) for b in opts.batches.split(",")]
+    overrides = {"n_layers": opts.n_layers} if opts.n_layers else {}
+    if opts.moe_align:
+        os.environ["DSV3_TORCH_MOE_ALIGN"] = opts.moe_align
     skip = set(filter(None, opts.skip.split(",")))
     meta = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)", "torch": torch.__version__, "preset": opts.preset,
             "batches": batches, "prompt_len": opts.prompt_len, "decode_steps": opts.decode_steps,
+            "n_layers_override": opts.n_layers, "moe_align": os.environ.get("DSV3_TORCH_MOE_ALIGN", "aten"),
             "note": "max_seq_len set to 2 * prompt_len (YaRN off) to keep the reference caches small"}
     report = Report(opts.out / "torch_16b.json", opts.budget_s, meta)
     bandwidth = copy_bandwidth()
@@ -298,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             report.put(precision, "all", {"skipped": "no time left"})
             continue
         model = preset_model(opts.preset, torch.bfloat16, DEVICE, seed=0, weight_dtype=precision,
-                             max_batch_size=max(batches), max_seq_len=2 * opts.prompt_len)
+                             max_batch_size=max(batches), max_seq_len=2 * opts.prompt_len, **overrides)
         args = model.args
         report.put(precision, "floor", {f"decode_ms_b{b}": round(floor_ms(args, precision, b, opts.prompt_len, bandwidth), 3)
                                         for b in batches})

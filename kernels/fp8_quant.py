@@ -80,6 +80,22 @@ def _round_to_e4m3(q):
 
 
 @triton.jit
+def quantize_rows(x, SCALE_RECIPROCAL: tl.constexpr):
+    """fp32 x [BM, 128] (masked entries 0) -> (q on the e4m3 grid, fp32 [BM, 128]; s fp32 [BM]).
+
+    The one copy of act_quant's arithmetic: the act_quant kernels and the GEMMs that quantize
+    their A tiles in registers (kernels/moe.py) call it, so their q and s are the same bits.
+    """
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_FLOOR)  # [BM]
+    if SCALE_RECIPROCAL:  # torch on CUDA: amax * fp32(1/448)
+        s = amax * INV_FP8_E4M3_MAX
+    else:  # torch on the CPU: IEEE amax / 448
+        s = tl.math.div_rn(amax, FP8_E4M3_MAX)
+    q = tl.math.div_rn(x, s[:, None])
+    return _round_to_e4m3(tl.minimum(tl.maximum(q, -FP8_E4M3_MAX), FP8_E4M3_MAX)), s
+
+
+@triton.jit
 def _act_quant_body(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -88,13 +104,7 @@ def _act_quant_body(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_FLOOR)  # [BLOCK_M]
-    if SCALE_RECIPROCAL:  # torch on CUDA: amax * fp32(1/448)
-        s = amax * INV_FP8_E4M3_MAX
-    else:  # torch on the CPU: IEEE amax / 448
-        s = tl.math.div_rn(amax, FP8_E4M3_MAX)
-    q = tl.math.div_rn(x, s[:, None])
-    q = _round_to_e4m3(tl.minimum(tl.maximum(q, -FP8_E4M3_MAX), FP8_E4M3_MAX))
+    q, s = quantize_rows(x, SCALE_RECIPROCAL)
     tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + offs_m * stride_sm + pid_k, s, mask=offs_m < M)
 

@@ -35,6 +35,7 @@ from torch.export.graph_signature import (ExportGraphSignature, InputKind, Input
 from torch.fx import Node
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -224,7 +225,11 @@ class ProgramState:
                 return a.meta["val"]
             return a
 
-        with self.fake_mode:
+        # The Python dispatcher, as torch.export traces: composite ops (aten.linear -> matmul) then
+        # decompose through their SymInt-aware Python forms. Without it torch 2.11's C++ matmul
+        # calls numel() on a symbolic batch ("Cannot call numel() on tensor with symbolic sizes",
+        # the 16b bf16 decode program on the H200); 2.13's does not.
+        with self.fake_mode, enable_python_dispatcher():
             return target(*map_aggregate(args, val), **map_aggregate(kwargs or {}, val))
 
     def eliminate_dead_code(self) -> int:

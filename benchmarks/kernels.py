@@ -265,8 +265,7 @@ def _fp8_variant_rows(report: Report, case: str, operands, ref, sh: Shapes, quic
     """Prefill candidates beside the default kernel, in the same process: fp8_gemm(variant=
     "tma_persistent") with each of its configs pinned (checked, then timed), then autotuned over
     them (the path fp8_gemm would take if it became the default). Each row prints as soon as it
-    is timed, so a config that fails or hangs on the GPU leaves the earlier ones on stdout. The
-    warp-specialized config is last in TMA_PERSISTENT_CONFIGS for that reason."""
+    is timed, so a config that fails or hangs on the GPU leaves the earlier ones on stdout."""
     from dsv3_export.kernels import fp8_gemm as G
     from dsv3_export.kernels import fp8_gemm_persistent as P
 
@@ -286,7 +285,7 @@ def _fp8_variant_rows(report: Report, case: str, operands, ref, sh: Shapes, quic
             grid = min(tiles, G.num_sms(torch.device(sh.device)) * used.kwargs["CTAS_PER_SM"])
             kw = used.kwargs  # the summary table shows ~35 characters of impl: keep the tile in them
             impl = (f"triton fp8 tma {kw['BLOCK_M']}x{kw['BLOCK_N']} w{used.num_warps} s{used.num_stages}"
-                    f"{' WS' if kw['WARP_SPECIALIZE'] else ''}" if cfg else "triton fp8 tma autotuned")
+                    if cfg else "triton fp8 tma autotuned")
             note = f"config {G.config_label(used)}, {tiles} tiles on {grid} persistent CTAs"
             row = add(report, Row("fp8_gemm", case, impl, bench(run, sh, quick), error=err, tol=5e-3, ok=err < 5e-3,
                                   note=note), bytes_=bytes_, flops=flops, peak=FP8_PEAK)

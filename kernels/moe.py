@@ -10,12 +10,15 @@ Shapes: T tokens, k = top-k, E experts, D model dim, I expert inter dim.
       function of T, k, E only: no .item(), graph-capturable, exportable.
   grouped_gemm(a, w [E, N, K], sorted_token_ids, expert_ids, num_tokens_post_pad, topk)
       program (block b, column tile n): rows a[sorted_ids // topk] of its block times w[expert]^T;
-      output row = the assignment id, so out is [T*k, N] in (token, slot) order. Blocks past
+      output row = the assignment id, so out is [T*k, N] in (token, slot) order. The grid has
+      row_blocks(n_blocks, T*k) rows (no more blocks can hold work); blocks past
       num_tokens_post_pad exit at once. Precisions: bf16/fp16; W8A8 (a fp8 [T, K] with scales
       [T, ceil(K/128)], w fp8 with [E, ceil(N/128), ceil(K/128)] scales, applied per 128-wide K
-      block); W8A16 (bf16/fp16 a, fp8 w widened in registers). Epilogues: SwiGLU (w rows =
-      [gate ; up], writes silu(gate) * up, N/2 columns) and the routing weight (row a scaled by
-      topk_weights.flatten()[a]).
+      block); W8A8 with a in bf16/fp16, quantized 1x128 in registers with act_quant's arithmetic
+      (quantize_a: the same bits as act_quant + the fp8 GEMM, one launch less; each program
+      re-quantizes its A tiles, cheap for decode's few 16-row blocks); W8A16 (bf16/fp16 a, fp8 w
+      widened in registers). Epilogues: SwiGLU (w rows = [gate ; up], writes silu(gate) * up, N/2
+      columns) and the routing weight (row a scaled by topk_weights.flatten()[a]).
   fused_moe = align -> grouped gemm up (+SwiGLU) -> grouped gemm down (x routing weight) -> sum over k.
 BLOCK_M of the GEMM is the alignment's block_m (inferred from the tensor sizes); BLOCK_N and the
 pipeline are autotuned. Accumulation and epilogues are fp32.
@@ -31,6 +34,7 @@ import triton.language as tl
 from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, autotune_or_single, cdiv, check_tensor,
                                          is_interpreted, launch, next_pow2, traceable, tracing)
 from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
+from dsv3_export.kernels.fp8_quant import quantize_rows
 from dsv3_export.reference import fp8 as fp8_ref
 
 DENSE_DTYPES = (torch.bfloat16, torch.float16)
@@ -41,6 +45,10 @@ DENSE_BLOCK_K = 64
 # MAX_ALIGN_EXPERTS experts the ATen form is used.
 ALIGN_TILE = 8192
 MAX_ALIGN_EXPERTS = 1024
+# fused_moe quantizes the activations inside the grouped GEMMs (quantize_a) up to this block_m:
+# every (row block, N tile) program re-quantizes its [block_m, 128] A tiles, a few KB at decode,
+# but N/BLOCK_N times the separate act_quant's work at prefill sizes.
+FUSED_QUANT_MAX_BLOCK_M = 16
 
 GROUPED_GEMM_CONFIGS = [
     triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4),
@@ -79,7 +87,10 @@ def _grouped_gemm_kernel(
     UPCAST: tl.constexpr,
     SCALE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    QUANT_A: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr,
 ):
+    """A_FP8: fp8 x fp8 dots with a's 1x128 scales; from a_s_ptr, or with QUANT_A from quantizing
+    a's bf16/fp16 tiles here (BLOCK_K = 128, SCALE_RECIPROCAL as in fp8_quant.quantize_rows)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
@@ -106,7 +117,10 @@ def _grouped_gemm_kernel(
         a = tl.load(a_rows + offs_k[None, :], mask=tok_mask[:, None] & mask_k[None, :], other=0.0)
         if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong
             a = a.to(tl.float32)
-        if A_FP8:
+        if QUANT_A:  # act_quant of this K block, masked entries 0 as act_quant loads them
+            q, a_s = quantize_rows(a.to(tl.float32), SCALE_RECIPROCAL)
+            a = q.to(w_ptr.dtype.element_ty)  # exact: q is on the e4m3 grid
+        elif A_FP8:
             a_s = tl.load(a_s_rows + kb, mask=tok_mask, other=0.0)
         else:
             a_s = tl.zeros((BLOCK_M,), dtype=tl.float32)  # unused
@@ -127,7 +141,20 @@ def _grouped_gemm_kernel(
 
 
 _grouped_gemm_tuned = autotune_or_single(_grouped_gemm_kernel, GROUPED_GEMM_CONFIGS,
-                                         key=["N_OUT", "K", "BLOCK_M", "W_FP8", "A_FP8", "SWIGLU"])
+                                         key=["N_OUT", "K", "BLOCK_M", "W_FP8", "A_FP8", "SWIGLU", "QUANT_A"])
+
+
+def row_blocks(n_blocks, n_assignments):
+    """Row blocks of a grouped GEMM's grid: min(n_blocks, T*k), no guard on a traced size.
+
+    Why no block past that bound can hold work: moe_align lays the experts' padded runs out from
+    row 0, so the used blocks are the first num_tokens_post_pad / block_m; each used block holds
+    at least one real assignment (a run of c > 0 assignments has ceil(c / block_m) blocks, the
+    last one partial, none empty), so used blocks <= T*k; and used <= n_blocks by construction.
+    At T=1, k=6, E=64, block_m=16 that is 6 row blocks instead of 61. torch.sym_min: a Min of the
+    symbolic sizes while tracing (a Python min would specialize T), a plain int in eager mode.
+    """
+    return torch.sym_min(n_blocks, n_assignments)
 
 
 @triton.jit
@@ -173,15 +200,15 @@ def _moe_align_kernel(
     tl.store(npp_ptr, total)
 
 
-# How moe_align is traced (torch.export inside the engines' triton_ops, then AOTInductor): "aten" is
+# How moe_align is traced (torch.export inside the engines' triton_ops, then AOTInductor): "kernel"
+# (default) is the single-program kernel behind wrap_triton, one launch per layer; "aten" is
 # moe_align_ref's ~15 ops, which Inductor compiles into several kernels per MoE layer (the form the
-# 16b engines ran on the H200 in session 4, ~6 ms per batch-1 step); "kernel" is the single-program
-# kernel behind wrap_triton, one launch per layer (traced and compiled for sm_90 here, not yet run
-# inside a GPU package: hence not the default until an H200 run compares the two).
-TRACED_ALIGN_FORMS = ("aten", "kernel")
+# 16b engines ran in session 4). On the H200 (session 5, 4-layer 16b fp8 decode program) the kernel
+# form took the CUDA-graph step from 0.739 to 0.708 ms (1.84 to 1.05 ms without a graph).
+TRACED_ALIGN_FORMS = ("kernel", "aten")
 
 
-def moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int, *, traced_form: str = "aten"
+def moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int, *, traced_form: str = "kernel"
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group the T*k (token, slot) assignments by expert, padded per expert to block_m rows.
 
@@ -242,11 +269,14 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tenso
                  num_tokens_post_pad: torch.Tensor, topk: int, *, a_scale: torch.Tensor | None = None,
                  w_scale: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None,
                  fuse_swiglu: bool = False, out_dtype: torch.dtype | None = None,
+                 quantize_a: bool = False, scale_reciprocal: bool | None = None,
                  config: triton.Config | None = None) -> torch.Tensor:
     """a [T, K] (row of assignment i is i // topk), w [E, N, K] -> [T*topk, N] (or N/2 with fuse_swiglu).
 
-    Precisions: a and w bf16/fp16 (same dtype); w fp8 + w_scale with fp8 a + a_scale (W8A8); or
-    w fp8 + w_scale with bf16/fp16 a and no a_scale (weight-only W8A16).
+    Precisions: a and w bf16/fp16 (same dtype); w fp8 + w_scale with fp8 a + a_scale (W8A8);
+    w fp8 + w_scale with bf16/fp16 a and no a_scale: weight-only W8A16, or with quantize_a W8A8
+    with a quantized 1x128 in the kernel, bit for bit fp8_quant.act_quant(a, scale_reciprocal=
+    scale_reciprocal) (default: as on a's device) followed by this GEMM.
     """
     check_tensor("grouped_gemm: a", a, dtypes=DENSE_DTYPES + (FP8_DTYPE,), ndim=2)
     dev = a.device
@@ -255,6 +285,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tenso
     if a_fp8 and not w_fp8 or not w_fp8 and w.dtype != a.dtype:
         raise TypeError(f"grouped_gemm: a {a.dtype} with w {w.dtype} is not a supported pair "
                         "(same dense dtype, fp8 x fp8, or dense a x fp8 w)")
+    if quantize_a and (a_fp8 or not w_fp8):
+        raise TypeError(f"grouped_gemm: quantize_a needs bf16/fp16 a and fp8 w, got a {a.dtype}, w {w.dtype}")
     check_tensor("grouped_gemm: sorted_token_ids", sorted_token_ids, dtypes=(torch.int32,), ndim=1, device=dev,
                  contiguous=True)
     check_tensor("grouped_gemm: expert_ids", expert_ids, dtypes=(torch.int32,), ndim=1, device=dev, contiguous=True)
@@ -314,10 +346,13 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tenso
             n_out, k, t * topk, topk, n_out if fuse_swiglu else 0,
             a.stride(0), a_scale.stride(0) if a_fp8 else 0, w.stride(0), w.stride(1),
             w_scale.stride(0) if w_fp8 else 0, w_scale.stride(1) if w_fp8 else 0, out.stride(0))
-    kwargs = dict(W_FP8=w_fp8, A_FP8=a_fp8, SWIGLU=fuse_swiglu, MUL_WEIGHT=topk_weights is not None,
-                  UPCAST=is_interpreted(_grouped_gemm_kernel) and not a_fp8, SCALE_BLOCK=QUANT_BLOCK,
-                  BLOCK_M=block_m, BLOCK_K=QUANT_BLOCK if w_fp8 else DENSE_BLOCK_K)
-    grid = lambda meta: (expert_ids.numel(), cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
+    fp8_dot = a_fp8 or quantize_a
+    kwargs = dict(W_FP8=w_fp8, A_FP8=fp8_dot, SWIGLU=fuse_swiglu, MUL_WEIGHT=topk_weights is not None,
+                  UPCAST=is_interpreted(_grouped_gemm_kernel) and not fp8_dot, SCALE_BLOCK=QUANT_BLOCK,
+                  BLOCK_M=block_m, BLOCK_K=QUANT_BLOCK if w_fp8 else DENSE_BLOCK_K, QUANT_A=quantize_a,
+                  SCALE_RECIPROCAL=a.is_cuda if scale_reciprocal is None else scale_reciprocal)
+    rows = row_blocks(expert_ids.numel(), t * topk)
+    grid = lambda meta: (rows, cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
     launch(_grouped_gemm_kernel, _grouped_gemm_tuned, GROUPED_GEMM_CONFIGS, grid, args, kwargs, config)
     return out
 
@@ -333,11 +368,14 @@ def choose_block_m(n_tokens: int, topk: int, n_experts: int) -> int:
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-              act_quant: bool = True, block_m: int | None = None) -> torch.Tensor:
+              act_quant: bool = True, block_m: int | None = None, fuse_act_quant: bool | None = None
+              ) -> torch.Tensor:
     """Routed experts: x [T, D], w13 [E, 2I, D] (rows [w1; w3]), w2 [E, D, I] -> [T, D] in x.dtype.
 
     With w13_scale/w2_scale (fp8 weights): act_quant=True quantizes the activations 1x128 on the
     fly (W8A8, dsv3::moe_experts_fp8(act_quant=True)); act_quant=False keeps them in x.dtype (W8A16).
+    fuse_act_quant: quantize x and h inside the grouped GEMMs (same result, two launches fewer)
+    instead of with act_quant launches; default when block_m <= FUSED_QUANT_MAX_BLOCK_M.
     """
     check_tensor("fused_moe: x", x, dtypes=DENSE_DTYPES, ndim=2)
     check_tensor("fused_moe: topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2, device=x.device)
@@ -360,6 +398,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         scales = {} if w2_scale is None else dict(w_scale=w2_scale)
         y = grouped_gemm(h, w2, sorted_ids, expert_ids, npp, 1, topk_weights=weights, out_dtype=x.dtype,
                          **scales)  # [T*k, D]
+    elif fuse_act_quant or fuse_act_quant is None and bm <= FUSED_QUANT_MAX_BLOCK_M:
+        h = grouped_gemm(x.contiguous(), w13, sorted_ids, expert_ids, npp, topk, w_scale=w13_scale,
+                         fuse_swiglu=True, out_dtype=x.dtype, quantize_a=True)  # [T*k, I]
+        y = grouped_gemm(h, w2, sorted_ids, expert_ids, npp, 1, w_scale=w2_scale, topk_weights=weights,
+                         out_dtype=x.dtype, quantize_a=True)  # [T*k, D]
     else:
         xq, xs = act_quant_kernel(x.contiguous())
         h = grouped_gemm(xq, w13, sorted_ids, expert_ids, npp, topk, a_scale=xs, w_scale=w13_scale,

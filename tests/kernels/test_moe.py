@@ -14,6 +14,7 @@ from dsv3_export.reference.moe import MoE  # noqa: E402
 from tests.kernels._helpers import TOL, assert_finite, mean_rel  # noqa: E402
 
 E, D, I = 8, 200, 96  # I < 128: the [gate; up] rows straddle a 128-row scale block
+QUANT_K = 128  # the activation scale block
 
 
 def _routing(t: int, k: int, e: int = E):
@@ -266,3 +267,154 @@ def test_memory_is_linear_in_assignments_not_in_weights_times_tokens(seed):
         with _MaxAlloc() as probe:
             fn()
         assert probe.numel <= bound, f"{name}: {probe.op} made a {probe.numel}-element tensor (bound {bound})"
+
+
+def _recorded_grids(monkeypatch, module, name: str) -> list[tuple[str, tuple]]:
+    """(kernel name, grid) of every launch through module.<name> (kernels' `launch` signature)."""
+    seen, real = [], getattr(module, name)
+
+    def record(kernel, tuned, configs, grid, args, kwargs, *rest):
+        seen.append((kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__,
+                     tuple(grid({**kwargs, **configs[0].kwargs}))))
+        return real(kernel, tuned, configs, grid, args, kwargs, *rest)
+
+    monkeypatch.setattr(module, name, record)
+    return seen
+
+
+def _fp8_experts(e: int = E):
+    w13, w2 = (torch.randn(e, 2 * I, D) / D**0.5), (torch.randn(e, D, I) / I**0.5)
+    return _quantize_experts(w13), _quantize_experts(w2)
+
+
+@pytest.mark.parametrize("case", ["decode_distinct", "shared_expert", "one_expert_many_tokens"])
+def test_grouped_gemm_grid_launches_only_blocks_that_can_hold_work(seed, monkeypatch, case):
+    """Row blocks launched = min(n_blocks, T*k): 6 instead of 61 at T=1, k=6, E=64 (all k experts
+    distinct, every launched block used); 6 of 8 when 3 tokens share experts 0 and 1 (2 used, the
+    rest exit on num_tokens_post_pad); n_blocks = 10 < T*k = 40 when 40 tokens pick one expert.
+    Outputs NaN-poisoned (conftest) and checked against the per-expert loop."""
+    torch.manual_seed(seed)
+    t, k, e = {"decode_distinct": (1, 6, 64), "shared_expert": (3, 2, E), "one_expert_many_tokens": (40, 1, E)}[case]
+    if case == "decode_distinct":
+        ids, rw = _routing(t, k, e)
+    else:
+        ids = torch.stack([torch.randperm(2)[:k] for _ in range(t)]) if k == 2 else torch.full((t, k), 3)
+        rw = torch.rand(t, k)
+    x = torch.randn(t, D, dtype=torch.float16)
+    (w13q, w13s), (w2q, w2s) = _fp8_experts(e)
+    block_m = 16
+    s_ids, e_ids, npp = M.moe_align(ids, e, block_m)
+    n_blocks = e_ids.numel()
+    grids = _recorded_grids(monkeypatch, M, "launch")
+    h = M.grouped_gemm(x, w13q, s_ids, e_ids, npp, k, w_scale=w13s, fuse_swiglu=True, quantize_a=True)
+    y = M.grouped_gemm(h, w2q, s_ids, e_ids, npp, 1, w_scale=w2s, topk_weights=rw, quantize_a=True,
+                       out_dtype=torch.float32)
+    want_rows = min(n_blocks, t * k)
+    assert want_rows < n_blocks or case == "one_expert_many_tokens", "case does not exercise the bound"
+    assert [g[0] for _, g in grids] == [want_rows, want_rows], (grids, n_blocks)
+    assert want_rows * block_m >= npp.item(), "a used block was not launched"
+    xq, xs = R.act_quant(x)
+    h_ref = M.grouped_gemm_ref(xq, w13q, ids, k, a_scale=xs, w_scale=w13s, fuse_swiglu=True, out_dtype=torch.float16)
+    assert_finite("grouped_gemm up", h)
+    assert mean_rel(h, h_ref) < TOL["fused_moe_fp8_fp16"]
+    hq, hs = R.act_quant(h)
+    y_ref = M.grouped_gemm_ref(hq, w2q, ids.reshape(-1, 1), 1, a_scale=hs, w_scale=w2s, topk_weights=rw)
+    assert_finite("grouped_gemm down", y)
+    assert mean_rel(y, y_ref) < TOL["fp8_gemm_fp32_out"]
+
+
+@pytest.mark.parametrize("t,block_m,dtype,reciprocal", [
+    (1, 16, torch.bfloat16, True),  # the decode program on CUDA: scale = amax * fp32(1/448)
+    (1, 16, torch.float16, False),  # IEEE amax / 448, as on the CPU
+    (13, 16, torch.bfloat16, False),
+    (13, 16, torch.float16, True),
+    (13, 32, torch.bfloat16, True),
+])
+def test_grouped_gemm_quantize_a_is_act_quant_then_gemm_bit_for_bit(seed, t, block_m, dtype, reciprocal):
+    """The in-kernel 1x128 quantization (quantize_a) gives exactly act_quant(scale_reciprocal) + the
+    fp8 x fp8 GEMM: same q, same scales, same dots. K = D = 200 (up) and I = 96 (down) leave ragged
+    K blocks; an all-zero row and an all-zero 128-block get the amax floor, not NaN."""
+    torch.manual_seed(seed)
+    k = 3
+    ids, rw = _routing(t, k)
+    x = (torch.randn(t, D) * 3).to(dtype)
+    x[0, QUANT_K:] = 0
+    if t > 2:
+        x[t // 2] = 0
+    (w13q, w13s), (w2q, w2s) = _fp8_experts()
+    s_ids, e_ids, npp = M.moe_align(ids, E, block_m)
+
+    def both(a, w, w_s, topk, **kw):
+        aq, a_s = M.act_quant_kernel(a, scale_reciprocal=reciprocal)
+        sep = M.grouped_gemm(aq, w, s_ids, e_ids, npp, topk, a_scale=a_s, w_scale=w_s, **kw)
+        fused = M.grouped_gemm(a, w, s_ids, e_ids, npp, topk, w_scale=w_s, quantize_a=True,
+                               scale_reciprocal=reciprocal, **kw)
+        assert_finite("grouped_gemm quantize_a", fused)
+        assert torch.equal(fused, sep), f"{int((fused != sep).sum())} of {fused.numel()} outputs differ"
+        return fused
+
+    h = both(x, w13q, w13s, k, fuse_swiglu=True, out_dtype=dtype)  # [T*k, I]
+    y = both(h, w2q, w2s, 1, topk_weights=rw, out_dtype=torch.float32)  # [T*k, D]
+    xq, xs = R.act_quant(x)  # the oracle (its CPU scale rounding): the fused GEMM computes a real product
+    ref = M.grouped_gemm_ref(xq, w13q, ids, k, a_scale=xs, w_scale=w13s, fuse_swiglu=True)
+    assert mean_rel(h, ref) < TOL["fused_moe_fp8_fp16"] and y.abs().sum() > 0
+
+
+def test_quantize_a_bad_inputs_name_the_problem():
+    ids, _ = _routing(4, 2)
+    x = torch.randn(4, D, dtype=torch.float16)
+    w13, _ = _weights(torch.float16)
+    (w13q, w13s), _ = _fp8_experts()
+    s_ids, e_ids, npp = M.moe_align(ids, E, 16)
+    with pytest.raises(TypeError, match="quantize_a needs bf16/fp16 a and fp8 w"):
+        M.grouped_gemm(x, w13, s_ids, e_ids, npp, 2, quantize_a=True)
+    xq, xs = R.act_quant(x)
+    with pytest.raises(TypeError, match="quantize_a needs bf16/fp16 a and fp8 w"):
+        M.grouped_gemm(xq, w13q, s_ids, e_ids, npp, 2, a_scale=xs, w_scale=w13s, quantize_a=True)
+
+
+@pytest.mark.parametrize("t", [1, 11])
+def test_fused_moe_quantizes_inside_the_gemms_at_decode_block_m(seed, monkeypatch, t):
+    """fused_moe fp8 at block_m 16 (its choice for few tokens per expert) launches no act_quant and
+    equals the two-act_quant form bit for bit; at block_m 64 (prefill) it keeps act_quant."""
+    torch.manual_seed(seed)
+    ids, rw = _routing(t, 3)
+    x = torch.randn(t, D, dtype=torch.bfloat16)
+    (w13q, w13s), (w2q, w2s) = _fp8_experts()
+    calls, real = [], M.act_quant_kernel
+    monkeypatch.setattr(M, "act_quant_kernel", lambda a, *r, **kw: calls.append(a.shape) or real(a, *r, **kw))
+    kw = dict(w13_scale=w13s, w2_scale=w2s)
+    assert M.choose_block_m(t, 3, E) == 16
+    fused = M.fused_moe(x, w13q, w2q, rw, ids, **kw)
+    assert calls == []
+    separate = M.fused_moe(x, w13q, w2q, rw, ids, fuse_act_quant=False, **kw)
+    assert len(calls) == 2
+    assert_finite("fused_moe fused act_quant", fused)
+    assert torch.equal(fused, separate)
+    M.fused_moe(x, w13q, w2q, rw, ids, block_m=64, **kw)
+    assert len(calls) == 4, "prefill block_m keeps the separate act_quant"
+
+
+def test_engine_moe_fp8_decode_form_fuses_act_quant(seed, monkeypatch):
+    """dsv3_aoti::moe_experts_fp8 (the CUDA lowering's launch code, run by the interpreter):
+    fuse_act_quant=True (the decode program's form) launches moe_align + 2 grouped GEMMs and no
+    act_quant, each GEMM on min(n_blocks, T*k) row blocks, and equals the separate form bit for bit."""
+    from dsv3_export.engines import torch_triton as TT
+
+    torch.manual_seed(seed)
+    t, k = 2, 3
+    ids, rw = _routing(t, k)
+    x = torch.randn(t, D, dtype=torch.bfloat16)
+    x[1, :QUANT_K] = 0
+    (w13q, w13s), (w2q, w2s) = _fp8_experts()
+    grids = _recorded_grids(monkeypatch, TT, "_launch")
+    args = (x, rw.bfloat16(), ids, w13q, w13s, w2q, w2s, TT.BLOCK_M["decode"])
+    fused = TT.moe_experts_fp8(*args, True)
+    fused_launches = [name for name, _ in grids]
+    separate = TT.moe_experts_fp8(*args, False)
+    assert fused_launches == ["_grouped_gemm_kernel", "_grouped_gemm_kernel"], fused_launches
+    assert [name for name, _ in grids[2:]].count("_act_quant_ieee_kernel") == 2, grids
+    n_blocks = -(-(t * k + E * 15) // 16)
+    assert all(g[0] == min(n_blocks, t * k) == t * k for name, g in grids if name == "_grouped_gemm_kernel"), grids
+    assert_finite("moe_experts_fp8 fused", fused)
+    assert torch.equal(fused, separate)

@@ -4,7 +4,8 @@
                                     dump_dir=Path("graphs"), verify_each_pass=True)
 
 Order matters (passes/README.md says why): fuse_mla_absorb matches the raw export IR, so it runs
-before anything rewrites casts; the MoE rewrite runs before fp8 quantization so that the
+before anything rewrites casts, and fold_attention_weights right after it computes the attention's
+wkv_b once (an fp8 checkpoint's dequantization would otherwise run every step); the MoE rewrite runs before fp8 quantization so that the
 quantizer sees grouped expert weights; fuse_shared_input_linears runs after the quantizer (fp8
 weights are concatenated as quantized, bit-exact; it sees through the dense weights' casts);
 cleanups run last and remove what the rewrites left dead.
@@ -29,6 +30,7 @@ from torch.export import ExportedProgram
 from dsv3_export.passes import debug
 from dsv3_export.passes.base import PassConfig, PassError, PassResult
 from dsv3_export.passes.cleanup import remove_noop_casts, remove_tensor_asserts, remove_unused_constants
+from dsv3_export.passes.fold_attention_weights import fold_attention_weights
 from dsv3_export.passes.fuse_mla_absorb import fuse_mla_absorb
 from dsv3_export.passes.fuse_shared_input_linears import fuse_shared_input_linears
 
@@ -61,6 +63,7 @@ def _only_for_fp8(fn: PassFn | None) -> PassFn | None:
 
 PIPELINE: tuple[tuple[str, PassFn], ...] = tuple((name, fn) for name, fn in (
     ("fuse_mla_absorb", fuse_mla_absorb),
+    ("fold_attention_weights", fold_attention_weights),
     ("rewrite_moe_grouped_gemm", _optional_pass("rewrite_moe_grouped_gemm")),
     ("quantize_fp8_blockwise", _only_for_fp8(_optional_pass("quantize_fp8_blockwise"))),
     ("fuse_shared_input_linears", fuse_shared_input_linears),

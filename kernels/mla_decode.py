@@ -15,6 +15,13 @@ splits' partials (still in L2, read with ld.global.cg) into the output and reset
 so the counters stay valid across launches and CUDA-graph replays with no memset. With one split,
 the fused form writes the output directly. Eager calls share a cached counter buffer per device;
 traced calls (torch.export / AOTInductor, where the op is functional) allocate zeroed counters.
+A traced decode program cannot pick NUM_SPLITS on the host (the batch and cache length are
+symbolic), and a fixed count leaves B=1 with 8 programs on 132 SMs. runtime_splits=True launches
+MAX_SPLITS split programs per (row, head block) and both kernels compute the count a row uses from
+the grid's batch (tl.num_programs) and the row's cache length (RUNTIME_MIN_SPLITS' comment): the
+surplus programs return before touching memory, so no shape or argument holds a min/max of the
+batch. Its chunks are cdiv(len, splits) keys, not rounded to BLOCK_N, so the reduce kernel (which
+has no BLOCK_N) recomputes the same count and merges only the partials that were written.
 The decode tiles put the keys, not the heads, on the dots' M dimension ("swap AB", as decode
 kernels do when the query block is small): scores^T = kv [BN, C] . q^T [C, BLOCK_H] and
 out^T += kv^T [C, BN] . p^T [BN, BLOCK_H]. On sm_90 the value dot (M = C = 512) and, for
@@ -49,6 +56,14 @@ MIN_BLOCK_H, MAX_BLOCK_H = 16, 64
 DECODE_PROGRAMS_PER_SM = 2
 MIN_SPLIT_KEYS = 64
 SPLIT_OVERHEAD_KEYS = 32
+# The runtime split rule (runtime_splits=True, the traced decode program, where the batch and the
+# cache length are symbolic): the grid has MAX_SPLITS split programs per (row, head block) and the
+# kernels themselves use clamp(SPLIT_TARGET // (B x head blocks), RUNTIME_MIN_SPLITS, MAX_SPLITS) of
+# them, SPLIT_TARGET = DECODE_PROGRAMS_PER_SM x #SMs, capped at one split per MIN_SPLIT_KEYS cached
+# keys of the row (runtime_num_splits). 132 SMs: B=32 -> 8 (the count measured best in session 4),
+# B=16 -> 16, B<=8 -> 32 (B=1 at context 1024: 15-16 by the key cap). RUNTIME_MIN_SPLITS is the fixed
+# count the traced program used before, so large batches keep it.
+RUNTIME_MIN_SPLITS = 8
 # How decode merges its splits: "separate" (a second kernel reads the fp32 partials) or "fused" (the
 # last split program of each (row, head block) to finish merges them, found with a self-cleaning
 # atomic counter: one launch, and the partials are read back while still in L2). `merge=` per call
@@ -112,6 +127,19 @@ FUSED_DECODE_CONFIGS = [c for c in DECODE_CONFIGS if (c.kwargs["BLOCK_N"], c.kwa
 
 
 @triton.jit
+def _batch_splits(programs, NUM_SPLITS, SPLIT_TARGET: tl.constexpr, MIN_SPLITS: tl.constexpr):
+    """The runtime rule's splits before the per-row cap: SPLIT_TARGET programs over the `programs`
+    (row, head block) pairs of the launch, clamped to [MIN_SPLITS, NUM_SPLITS] (runtime_num_splits)."""
+    return tl.minimum(tl.maximum(SPLIT_TARGET // programs, MIN_SPLITS), NUM_SPLITS)
+
+
+@triton.jit
+def _row_splits(batch_splits, seqlen, MIN_KEYS: tl.constexpr):
+    """At most one split per MIN_KEYS cached keys of the row, at least one (empty rows too)."""
+    return tl.minimum(batch_splits, tl.maximum(seqlen // MIN_KEYS, 1))
+
+
+@triton.jit
 def _mla_decode_split_kernel(
     q_ptr, q_pe_ptr, kv_ptr, pe_ptr, kvn_ptr, pen_ptr, seqlens_ptr, o_part_ptr, lse_ptr, out_ptr, cnt_ptr,
     H, NUM_SPLITS, scale_log2,
@@ -121,14 +149,26 @@ def _mla_decode_split_kernel(
     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_NEW: tl.constexpr, UPCAST: tl.constexpr,  # UPCAST: interpreted (fp32 operands, no inline PTX)
     FUSED: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_C: tl.constexpr,  # FUSED: merge here (out_ptr, cnt_ptr)
+    SPLIT_TARGET: tl.constexpr, MIN_SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr,  # > 0: the runtime split rule
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as fp64 scalars
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     pid_s = tl.program_id(2)
-    seqlen = tl.load(seqlens_ptr + pid_b)  # cached keys of this row
-    chunk = tl.cdiv(tl.cdiv(seqlen, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    if SPLIT_TARGET > 0:  # runtime rule: NUM_SPLITS is the grid's split axis, the most a row may use
+        splits = _batch_splits(tl.num_programs(0) * tl.num_programs(1), NUM_SPLITS, SPLIT_TARGET, MIN_SPLITS)
+        if pid_s >= splits:  # from the grid alone, before any memory access (most programs at B=32)
+            return
+        seqlen = tl.load(seqlens_ptr + pid_b)  # cached keys of this row
+        splits = _row_splits(splits, seqlen, MIN_KEYS)
+        if pid_s >= splits:
+            return
+        chunk = tl.cdiv(seqlen, splits)  # not rounded to BLOCK_N: the reduce kernel recomputes `splits`
+    else:
+        splits = NUM_SPLITS
+        seqlen = tl.load(seqlens_ptr + pid_b)  # cached keys of this row
+        chunk = tl.cdiv(tl.cdiv(seqlen, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = pid_s * chunk
     end = tl.minimum(start + chunk, seqlen)
 
@@ -186,7 +226,7 @@ def _mla_decode_split_kernel(
         m_i = m_new
 
     if HAS_NEW:
-        if pid_s == NUM_SPLITS - 1:  # the new token (key number `seqlen`) joins the last split
+        if pid_s == splits - 1:  # the new token (key number `seqlen`) joins the last split
             kv_new = tl.load(kvn_ptr + b * stride_kvnb + offs_c, mask=mask_c, other=0.0).to(tl.float32)
             pe_new = tl.load(pen_ptr + b * stride_penb + offs_r, mask=mask_r, other=0.0).to(tl.float32)
             # q again (an L2 hit), [C, BLOCK_H]: keeping the loop's copy live would cost registers in the loop
@@ -207,7 +247,7 @@ def _mla_decode_split_kernel(
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     o_ptrs = o_part_ptr + b * stride_ob + offs_h[None, :] * stride_oh + pid_s * stride_os + offs_c[:, None]
     if FUSED:
-        if NUM_SPLITS == 1:  # (Triton specializes an int argument equal to 1): the output, no partials
+        if splits == 1:  # the output, no partials (static when Triton specializes NUM_SPLITS = 1)
             tl.store(out_ptr + b * stride_outb + offs_h[None, :] * stride_outh + offs_c[:, None],
                      out.to(out_ptr.dtype.element_ty), mask=mask_h[None, :] & mask_c[:, None])
         else:
@@ -220,9 +260,9 @@ def _mla_decode_split_kernel(
             tl.debug_barrier()
             cnt = cnt_ptr + pid_b * tl.num_programs(1) + pid_h
             done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-            if done == NUM_SPLITS - 1:
+            if done == splits - 1:
                 tl.debug_barrier()
-                _merge_splits(o_part_ptr, lse_ptr, out_ptr, b, offs_h, mask_h, NUM_SPLITS,
+                _merge_splits(o_part_ptr, lse_ptr, out_ptr, b, offs_h, mask_h, splits,
                               stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
                               C, BLOCK_H, BLOCK_S, MERGE_C)
                 # Self-cleaning: every split of this group has counted, so the counter is zero again for
@@ -267,15 +307,21 @@ def _merge_splits(o_part_ptr, lse_ptr, out_ptr, b, offs_h, mask_h, NUM_SPLITS,
 
 @triton.jit
 def _mla_decode_reduce_kernel(
-    o_part_ptr, lse_ptr, out_ptr, NUM_SPLITS,
+    o_part_ptr, lse_ptr, out_ptr, seqlens_ptr, NUM_SPLITS, HEAD_BLOCKS,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
     C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    SPLIT_TARGET: tl.constexpr, MIN_SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(0)
     h = tl.program_id(1)
+    splits = NUM_SPLITS
+    if SPLIT_TARGET > 0:  # the split kernel's runtime rule: only the row's first `splits` partials were written
+        splits = _batch_splits(tl.num_programs(0) * HEAD_BLOCKS, NUM_SPLITS, SPLIT_TARGET, MIN_SPLITS)
+        splits = _row_splits(splits, tl.load(seqlens_ptr + pid_b), MIN_KEYS)
+    b = pid_b.to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_c = tl.arange(0, BLOCK_C)
-    mask_s, mask_c = offs_s < NUM_SPLITS, offs_c < C
+    mask_s, mask_c = offs_s < splits, offs_c < C
     lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
     m = tl.max(lse, axis=0)
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # [BLOCK_S], 0 for empty splits
@@ -286,21 +332,24 @@ def _mla_decode_reduce_kernel(
     tl.store(out_ptr + b * stride_outb + h * stride_outh + offs_c, out.to(out_ptr.dtype.element_ty), mask=mask_c)
 
 
-_decode_tuned = autotune_or_single(_mla_decode_split_kernel, DECODE_CONFIGS, key=["H", "C", "R", "NUM_SPLITS"])
+_decode_tuned = autotune_or_single(_mla_decode_split_kernel, DECODE_CONFIGS,
+                                   key=["H", "C", "R", "NUM_SPLITS", "SPLIT_TARGET"])
 # The fused-merge form tunes on its own (a second autotuner, its own cache), so one process can time
 # both forms; HAS_NEW is in its key (the epilogues differ).
 _decode_fused_tuned = autotune_or_single(_mla_decode_split_kernel, FUSED_DECODE_CONFIGS,
-                                         key=["H", "C", "R", "NUM_SPLITS", "HAS_NEW"])
-# The config the autotuner chose, per (H, C, R, NUM_SPLITS, dtype, HAS_NEW, merge); later eager calls
+                                         key=["H", "C", "R", "NUM_SPLITS", "HAS_NEW", "SPLIT_TARGET"])
+# The config the autotuner chose, per (H, C, R, NUM_SPLITS, dtype, HAS_NEW, merge, SPLIT_TARGET); later eager calls
 # launch the kernel with it directly. Autotuner.run re-keys all ~40 arguments on every call (list
 # lookups, str(dtype)): host time each decode step pays before its kernels are queued.
 _decode_chosen: dict[tuple, triton.Config] = {}
 
 
 def decode_config(heads: int, c: int, r: int, splits: int, dtype: torch.dtype, has_new: bool = False,
-                  merge: str | None = None):
-    """The split kernel's config for this shape once the autotuner has chosen it (None before)."""
-    return _decode_chosen.get((heads, c, r, splits, dtype, has_new, merge or DECODE_MERGE))
+                  merge: str | None = None, split_target: int = 0):
+    """The split kernel's config for this shape once the autotuner has chosen it (None before).
+    split_target: 0 for a host-chosen split count; runtime_splits calls: splits=MAX_SPLITS and
+    split_target=runtime_split_target(device)."""
+    return _decode_chosen.get((heads, c, r, splits, dtype, has_new, merge or DECODE_MERGE, split_target))
 
 
 def choose_num_splits(batch: int, heads: int, max_seq: int, device: torch.device) -> int:
@@ -331,6 +380,19 @@ def _num_splits(batch: int, heads: int, max_seq: int, sms: int) -> int:
     return best
 
 
+def runtime_split_target(device: torch.device) -> int:
+    """SPLIT_TARGET of the runtime rule: the decode programs one wave holds on `device`."""
+    return DECODE_PROGRAMS_PER_SM * num_sms(device)
+
+
+def runtime_num_splits(batch: int, heads: int, seqlen: int, device: torch.device) -> int:
+    """The splits a row of `seqlen` cached keys uses under runtime_splits=True: the kernels' own
+    rule (_batch_splits, _row_splits), here for tests and benchmark notes."""
+    programs = batch * cdiv(heads, _block_h(heads))
+    splits = min(max(runtime_split_target(device) // programs, RUNTIME_MIN_SPLITS), MAX_SPLITS)
+    return min(splits, max(seqlen // MIN_SPLIT_KEYS, 1))
+
+
 def _block_h(heads: int) -> int:
     return min(max(MIN_BLOCK_H, next_pow2(heads)), MAX_BLOCK_H)
 
@@ -338,11 +400,16 @@ def _block_h(heads: int) -> int:
 def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
                cache_seqlens: torch.Tensor, softmax_scale: float, *, kv_new: torch.Tensor | None = None,
                pe_new: torch.Tensor | None = None, num_splits: int | None = None,
-               config: triton.Config | None = None, merge: str | None = None) -> torch.Tensor:
+               config: triton.Config | None = None, merge: str | None = None,
+               runtime_splits: bool = False) -> torch.Tensor:
     """One query per batch row -> [B, H, C].
 
     q_latent [B, H, C], q_pe [B, H, R]; keys: cache positions t < cache_seqlens[b] (int32 [B]),
     then, when given, the row's new token kv_new [B, C] / pe_new [B, R] (not in the cache).
+    num_splits: KV splits per row (default choose_num_splits). runtime_splits=True instead lets the
+    kernels pick each row's splits from the launch's batch and the row's cache length
+    (runtime_num_splits): nothing on the host depends on the batch or cache length, for programs
+    traced with a symbolic batch.
     merge: "separate" or "fused" (MERGE_MODES; default DECODE_MERGE): how the splits are merged.
     Eager fused calls share one counter buffer per device: do not run two at once on different streams.
     """
@@ -362,7 +429,10 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     out = torch.empty((bsz, heads, c), dtype=q_latent.dtype, device=dev)
     if out.numel() == 0:
         return out
-    splits = num_splits or choose_num_splits(bsz, heads, kv_cache.shape[1], dev)
+    if runtime_splits and num_splits is not None:
+        raise ValueError(f"mla_decode: num_splits={num_splits} with runtime_splits=True; pass one of them")
+    split_target = runtime_split_target(dev) if runtime_splits else 0
+    splits = MAX_SPLITS if runtime_splits else num_splits or choose_num_splits(bsz, heads, kv_cache.shape[1], dev)
     if not 1 <= splits <= 1024:
         raise ValueError(f"mla_decode: num_splits={splits} must be in [1, 1024]")
     block_h = _block_h(heads)
@@ -378,7 +448,8 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     so = (heads * splits * c, splits * c, c)  # o_part [B, H, splits, C]
     sl = (heads * splits, splits)  # lse [B, H, splits]
     tuned = _decode_fused_tuned if fused else _decode_tuned
-    tune_key = (heads, c, r, splits, q_latent.dtype, has_new, merge)
+    rule = dict(SPLIT_TARGET=split_target, MIN_SPLITS=RUNTIME_MIN_SPLITS, MIN_KEYS=MIN_SPLIT_KEYS)
+    tune_key = (heads, c, r, splits, q_latent.dtype, has_new, merge, split_target)
     eager_tuned = config is None and tuned is not None and not tracing()  # tracing needs the autotuner
     cfg = _decode_chosen.get(tune_key) if eager_tuned else config
     launch(_mla_decode_split_kernel, tuned, FUSED_DECODE_CONFIGS if fused else DECODE_CONFIGS, lambda meta: grid,
@@ -388,13 +459,14 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
            dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), HAS_NEW=has_new,
                 UPCAST=is_interpreted(_mla_decode_split_kernel),  # fp32 .to(fp32) is a no-op; also skips PTX
                 FUSED=fused, BLOCK_S=next_pow2(splits), MERGE_C=merge_cols(next_pow2(splits), block_h, c),
-                BLOCK_H=block_h), cfg)
+                **rule, BLOCK_H=block_h), cfg)
     chosen = getattr(tuned, "best_config", None) if eager_tuned and cfg is None else None
     if chosen is not None:
         _decode_chosen[tune_key] = chosen
     if not fused:
         traceable(_mla_decode_reduce_kernel)[(bsz, heads)](
-            o_part, lse, out, splits, *so, *sl, heads * c, c, C=c, BLOCK_C=next_pow2(c), BLOCK_S=next_pow2(splits))
+            o_part, lse, out, cache_seqlens, splits, head_blocks, *so, *sl, heads * c, c, C=c, BLOCK_C=next_pow2(c),
+            BLOCK_S=next_pow2(splits), **rule)
     return out
 
 

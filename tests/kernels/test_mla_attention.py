@@ -7,6 +7,9 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: kernel tests need it (TRITON_INTERPRET=1 on CPU)")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from dsv3_export.kernels import mla_attention as A  # noqa: E402
 from dsv3_export.kernels import mla_decode as D  # noqa: E402
 from dsv3_export.kernels import mla_prefill as P  # noqa: E402
@@ -197,6 +200,125 @@ def test_choose_num_splits_fills_whole_waves(batch, ctx):
     if batch <= slots:
         assert programs <= slots, f"{programs} programs spill into a second wave of {slots}"
     assert (batch, ctx) != (32, 4096) or splits == 8  # the old rule's 9 splits = 1.09 waves
+
+
+# Runtime split rule (runtime_splits=True, the traced decode program): MAX_SPLITS split programs per
+# (row, head block); the kernels use runtime_num_splits of them, from the launch's batch and each row's
+# cache length. SMS = 20 (SPLIT_TARGET 40) gives each batch below its own count before the key cap:
+# B=1 -> 32, B=2 -> 20, B=5 -> 8; the contexts then cap some rows (37 keys: 1 split, 130: 2) and
+# leave others at the batch count; 0 is an empty cache.
+RUNTIME_SMS = 20
+RUNTIME_CASES = {1: [2100], 2: [0, 1400], 5: [0, 37, 130, 600, 1000]}
+
+
+@pytest.fixture
+def runtime_sms(monkeypatch):
+    monkeypatch.setattr(D, "num_sms", lambda device: RUNTIME_SMS)
+    return RUNTIME_SMS
+
+
+def _runtime_inputs(bsz: int, dtype):
+    lens = RUNTIME_CASES[bsz]
+    cache = torch.randn(bsz + 1, max(lens) + 3, C + R, dtype=dtype)  # one more cache row, 3 spare positions
+    q, qp = torch.randn(bsz, H, C, dtype=dtype), torch.randn(bsz, H, R, dtype=dtype)
+    new = torch.randn(bsz, C + R, dtype=dtype)
+    return cache[..., :C], cache[..., C:], q, qp, new, torch.tensor(lens, dtype=torch.int32)
+
+
+def test_runtime_split_rule(runtime_sms):
+    """runtime_num_splits: the batch count, its clamp to [RUNTIME_MIN_SPLITS, MAX_SPLITS], the key cap."""
+    cpu = torch.device("cpu")
+    got = {b: [D.runtime_num_splits(b, H, n, cpu) for n in lens] for b, lens in RUNTIME_CASES.items()}
+    assert got == {1: [32], 2: [1, 20], 5: [1, 1, 2, 8, 8]}
+    assert D.runtime_num_splits(64, H, 4096, cpu) == D.RUNTIME_MIN_SPLITS  # 40 // 64 = 0: the floor
+
+
+@pytest.mark.parametrize("batch,ctx,heads,want", [
+    (32, 4096, 16, 8),  # the count measured best at B=32 (session 4); one wave of 256 programs
+    (1, 1024, 16, 16), (1, 1023, 16, 15),  # B=1: the key cap (one split per 64 keys)
+    (1, 4096, 16, 32), (8, 4096, 16, 32), (16, 4096, 16, 16), (64, 4096, 16, 8),
+    (16, 4096, 128, 8),  # V3's 128 heads: 2 head blocks of 64
+    (1, 100, 16, 1), (1, 0, 16, 1)])
+def test_runtime_split_rule_on_132_sms(batch, ctx, heads, want):
+    assert D.runtime_num_splits(batch, heads, ctx, torch.device("cpu")) == want  # CPU: the nominal 132 SMs
+
+
+@triton.jit
+def _rule_probe_kernel(programs_ptr, seqlens_ptr, out_ptr, NUM_SPLITS, SPLIT_TARGET: tl.constexpr,
+                       MIN_SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr):
+    i = tl.program_id(0)
+    splits = D._batch_splits(tl.load(programs_ptr + i), NUM_SPLITS, SPLIT_TARGET, MIN_SPLITS)
+    tl.store(out_ptr + i, D._row_splits(splits, tl.load(seqlens_ptr + i), MIN_KEYS))
+
+
+def test_kernel_split_rule_is_runtime_num_splits():
+    """The jit helpers both kernels call compute what runtime_num_splits says (132 SMs, H=16)."""
+    batches, lens = (1, 2, 3, 8, 9, 16, 17, 32, 33, 64, 300), (0, 1, 63, 64, 65, 200, 1023, 1024, 5000)
+    cases = [(b, n) for b in batches for n in lens]
+    programs = torch.tensor([b for b, _ in cases], dtype=torch.int32)  # one head block at H=16
+    seqlens = torch.tensor([n for _, n in cases], dtype=torch.int32)
+    out = torch.empty(len(cases), dtype=torch.int32)
+    _rule_probe_kernel[(len(cases),)](programs, seqlens, out, D.MAX_SPLITS,
+                                      SPLIT_TARGET=D.runtime_split_target(torch.device("cpu")),
+                                      MIN_SPLITS=D.RUNTIME_MIN_SPLITS, MIN_KEYS=D.MIN_SPLIT_KEYS)
+    assert out.tolist() == [D.runtime_num_splits(b, 16, n, torch.device("cpu")) for b, n in cases]
+
+
+@pytest.mark.parametrize("bsz", sorted(RUNTIME_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mla_decode_runtime_splits_writes_the_rules_partials(seed, runtime_sms, monkeypatch, bsz, dtype):
+    """Separate merge: each row's split programs write exactly runtime_num_splits partials (the rest of
+    the MAX_SPLITS slots keep torch.empty's NaN poison) and the reduce kernel merges just those."""
+    torch.manual_seed(seed)
+    kv, pe, q, qp, _, seqlens = _runtime_inputs(bsz, dtype)
+    made = []
+    empty = torch.empty  # conftest's NaN-poisoned allocator
+
+    def recording_empty(*args, **kwargs):
+        made.append(empty(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, runtime_splits=True)
+    _check(out, A.mla_decode_ref(q, qp, kv, pe, seqlens, SCALE), dtype)
+    (lse,) = [t for t in made if t.shape == (bsz, H, D.MAX_SPLITS)]
+    written = (~lse.isnan()).sum(dim=-1)  # [B, H] partials each (row, head) got
+    want = [D.runtime_num_splits(bsz, H, n, kv.device) for n in seqlens.tolist()]
+    assert written.tolist() == [[w] * H for w in want]
+
+
+@pytest.mark.parametrize("bsz", sorted(RUNTIME_CASES))
+@pytest.mark.parametrize("merge", D.MERGE_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mla_decode_runtime_splits_with_new_token(seed, runtime_sms, bsz, merge, dtype):
+    """The traced program's form (cache + new token, runtime splits) vs the reference, both merges;
+    the fused merge's counters come back clean."""
+    torch.manual_seed(seed)
+    kv, pe, q, qp, new, seqlens = _runtime_inputs(bsz, dtype)
+    kw = dict(kv_new=new[:, :C], pe_new=new[:, C:])
+    ref = A.mla_decode_ref(q, qp, kv, pe, seqlens, SCALE, **kw)
+    for _ in range(2 if merge == "fused" else 1):  # the fused form's second call reuses its counters
+        out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, runtime_splits=True, merge=merge, **kw)
+        assert out.shape == (bsz, H, C) and out.dtype == dtype
+        _check(out, ref, dtype)
+        _counters_clean()
+
+
+@pytest.mark.parametrize("config", DECODE_TILES, ids=str)
+def test_mla_decode_runtime_splits_every_tile(seed, runtime_sms, config):
+    """Runtime chunks are not rounded to BLOCK_N (the reduce kernel recomputes the split count without
+    it): every tile size over chunks that start and end inside its tiles."""
+    torch.manual_seed(seed)
+    kv, pe, q, qp, _, seqlens = _runtime_inputs(5, torch.float32)
+    out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, runtime_splits=True, config=config)
+    _check(out, A.mla_decode_ref(q, qp, kv, pe, seqlens, SCALE), torch.float32)
+
+
+def test_mla_decode_runtime_splits_excludes_num_splits():
+    kv, pe = _caches(1, torch.float32)
+    with pytest.raises(ValueError, match="num_splits=4 with runtime_splits=True"):
+        D.mla_decode(torch.randn(1, H, C), torch.randn(1, H, R), kv, pe, torch.ones(1, dtype=torch.int32), SCALE,
+                     num_splits=4, runtime_splits=True)
 
 
 # Fused merge (merge="fused"): the last split program of each (row, head block) merges the partials,

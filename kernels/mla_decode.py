@@ -60,9 +60,11 @@ SPLIT_OVERHEAD_KEYS = 32
 # cache length are symbolic): the grid has MAX_SPLITS split programs per (row, head block) and the
 # kernels themselves use clamp(SPLIT_TARGET // (B x head blocks), RUNTIME_MIN_SPLITS, MAX_SPLITS) of
 # them, SPLIT_TARGET = DECODE_PROGRAMS_PER_SM x #SMs, capped at one split per MIN_SPLIT_KEYS cached
-# keys of the row (runtime_num_splits). 132 SMs: B=32 -> 8 (the count measured best in session 4),
-# B=16 -> 16, B<=8 -> 32 (B=1 at context 1024: 15-16 by the key cap). RUNTIME_MIN_SPLITS is the fixed
-# count the traced program used before, so large batches keep it.
+# keys of the row, rounded up (runtime_num_splits). Rounded up, a capped row's chunks hold at most
+# MIN_SPLIT_KEYS keys, a whole number of tiles for every BLOCK_N (1023 keys: 16 chunks of 64 = 2 tiles
+# of 32; rounded down, 15 chunks of 69 = 3 tiles), and more than half as many. 132 SMs: B=32 -> 8
+# (the count measured best in session 4), B=16 -> 16, B<=8 -> 32 (B=1 at context 1024: 16 by the key
+# cap). RUNTIME_MIN_SPLITS is the fixed count the traced program used before: large batches keep it.
 RUNTIME_MIN_SPLITS = 8
 # How decode merges its splits: "separate" (a second kernel reads the fp32 partials) or "fused" (the
 # last split program of each (row, head block) to finish merges them, found with a self-cleaning
@@ -135,8 +137,8 @@ def _batch_splits(programs, NUM_SPLITS, SPLIT_TARGET: tl.constexpr, MIN_SPLITS: 
 
 @triton.jit
 def _row_splits(batch_splits, seqlen, MIN_KEYS: tl.constexpr):
-    """At most one split per MIN_KEYS cached keys of the row, at least one (empty rows too)."""
-    return tl.minimum(batch_splits, tl.maximum(seqlen // MIN_KEYS, 1))
+    """At most one split per MIN_KEYS cached keys of the row (rounded up), at least one (empty rows too)."""
+    return tl.minimum(batch_splits, tl.maximum(tl.cdiv(seqlen, MIN_KEYS), 1))
 
 
 @triton.jit
@@ -164,7 +166,7 @@ def _mla_decode_split_kernel(
         splits = _row_splits(splits, seqlen, MIN_KEYS)
         if pid_s >= splits:
             return
-        chunk = tl.cdiv(seqlen, splits)  # not rounded to BLOCK_N: the reduce kernel recomputes `splits`
+        chunk = tl.cdiv(seqlen, splits)  # not rounded to BLOCK_N (the reduce kernel recomputes `splits`)
     else:
         splits = NUM_SPLITS
         seqlen = tl.load(seqlens_ptr + pid_b)  # cached keys of this row
@@ -390,7 +392,7 @@ def runtime_num_splits(batch: int, heads: int, seqlen: int, device: torch.device
     rule (_batch_splits, _row_splits), here for tests and benchmark notes."""
     programs = batch * cdiv(heads, _block_h(heads))
     splits = min(max(runtime_split_target(device) // programs, RUNTIME_MIN_SPLITS), MAX_SPLITS)
-    return min(splits, max(seqlen // MIN_SPLIT_KEYS, 1))
+    return min(splits, max(cdiv(seqlen, MIN_SPLIT_KEYS), 1))
 
 
 def _block_h(heads: int) -> int:

@@ -205,8 +205,8 @@ def test_choose_num_splits_fills_whole_waves(batch, ctx):
 # Runtime split rule (runtime_splits=True, the traced decode program): MAX_SPLITS split programs per
 # (row, head block); the kernels use runtime_num_splits of them, from the launch's batch and each row's
 # cache length. SMS = 20 (SPLIT_TARGET 40) gives each batch below its own count before the key cap:
-# B=1 -> 32, B=2 -> 20, B=5 -> 8; the contexts then cap some rows (37 keys: 1 split, 130: 2) and
-# leave others at the batch count; 0 is an empty cache.
+# B=1 -> 32, B=2 -> 20, B=5 -> 8; the contexts then cap some rows (one split per 64 keys, rounded up:
+# 37 keys -> 1 split, 130 -> 3) and leave others at the batch count; 0 is an empty cache.
 RUNTIME_SMS = 20
 RUNTIME_CASES = {1: [2100], 2: [0, 1400], 5: [0, 37, 130, 600, 1000]}
 
@@ -229,16 +229,16 @@ def test_runtime_split_rule(runtime_sms):
     """runtime_num_splits: the batch count, its clamp to [RUNTIME_MIN_SPLITS, MAX_SPLITS], the key cap."""
     cpu = torch.device("cpu")
     got = {b: [D.runtime_num_splits(b, H, n, cpu) for n in lens] for b, lens in RUNTIME_CASES.items()}
-    assert got == {1: [32], 2: [1, 20], 5: [1, 1, 2, 8, 8]}
+    assert got == {1: [32], 2: [1, 20], 5: [1, 1, 3, 8, 8]}
     assert D.runtime_num_splits(64, H, 4096, cpu) == D.RUNTIME_MIN_SPLITS  # 40 // 64 = 0: the floor
 
 
 @pytest.mark.parametrize("batch,ctx,heads,want", [
     (32, 4096, 16, 8),  # the count measured best at B=32 (session 4); one wave of 256 programs
-    (1, 1024, 16, 16), (1, 1023, 16, 15),  # B=1: the key cap (one split per 64 keys)
+    (1, 1024, 16, 16), (1, 1023, 16, 16), (1, 960, 16, 15),  # B=1: the key cap (one split per 64 keys)
     (1, 4096, 16, 32), (8, 4096, 16, 32), (16, 4096, 16, 16), (64, 4096, 16, 8),
     (16, 4096, 128, 8),  # V3's 128 heads: 2 head blocks of 64
-    (1, 100, 16, 1), (1, 0, 16, 1)])
+    (1, 100, 16, 2), (1, 64, 16, 1), (1, 0, 16, 1)])
 def test_runtime_split_rule_on_132_sms(batch, ctx, heads, want):
     assert D.runtime_num_splits(batch, heads, ctx, torch.device("cpu")) == want  # CPU: the nominal 132 SMs
 

@@ -45,6 +45,7 @@ import torch
 from dsv3_export.checkpoint import preset_model
 from dsv3_export.engines.torch import compile_package, lower_program, package_info, program_constants
 from dsv3_export.engines.torch_step import AOTIStep
+from dsv3_export.engines.torch_triton import MOE_ALIGN_DEFAULT, MOE_ALIGN_ENV
 from dsv3_export.export import export_step
 from dsv3_export.passes.base import PassConfig
 from dsv3_export.passes.pipeline import run_pipeline
@@ -89,17 +90,21 @@ def copy_bandwidth() -> float:
     return 2 * x_bytes / (ms / 1e3)
 
 
-def floor_ms(args, precision: str, batch: int, context: int, bandwidth: float) -> float:
-    """Bytes a decode step must read at least / bandwidth: each weight once, the cache once."""
-    stats = model_stats(args)
-    per_weight = 1.0 if precision == "fp8" else 2.0
-    n_moe = args.n_layers - args.n_dense_layers
-    expert_params = stats.routed_expert_params // max(n_moe * args.n_routed_experts, 1)
-    dense = stats.total_params - stats.routed_expert_params - args.vocab_size * args.dim  # no embedding table
-    k, e = args.n_activated_experts, args.n_routed_experts
+def floor_ms(model, batch: int, context: int, bandwidth: float) -> float:
+    """Bytes a decode step must read at least / bandwidth: each weight once at the precision the
+    checkpoint stores it (fp8 Linears with their scales; the head, gate, norms and embedding rows
+    in bf16: the fp8 16b keeps its 420 MB head in bf16, as DeepSeek's checkpoints do), the routed
+    experts a batch of `batch` tokens is expected to touch, and the cache once."""
+    a = model.args
+    k, e = a.n_activated_experts, a.n_routed_experts
     distinct = e * (1.0 - (1.0 - k / e) ** batch)  # expected distinct experts per layer, uniform routing
-    weights = (dense + n_moe * distinct * expert_params) * per_weight
-    cache = batch * context * stats.kv_values_per_token_absorbed * 2
+    weights = 0.0
+    for name, p in model.named_parameters():
+        if name.startswith("embed."):
+            continue  # a step reads `batch` rows of the table, not the table
+        share = distinct / e if ".experts." in name else 1.0
+        weights += p.numel() * p.element_size() * share
+    cache = batch * context * model_stats(a).kv_values_per_token_absorbed * 2
     return (weights + cache) / bandwidth * 1e3
 
 
@@ -294,11 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in opts.batches.split(",")]
     overrides = {"n_layers": opts.n_layers} if opts.n_layers else {}
     if opts.moe_align:
-        os.environ["DSV3_TORCH_MOE_ALIGN"] = opts.moe_align
+        os.environ[MOE_ALIGN_ENV] = opts.moe_align
     skip = set(filter(None, opts.skip.split(",")))
     meta = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)", "torch": torch.__version__, "preset": opts.preset,
             "batches": batches, "prompt_len": opts.prompt_len, "decode_steps": opts.decode_steps,
-            "n_layers_override": opts.n_layers, "moe_align": os.environ.get("DSV3_TORCH_MOE_ALIGN", "aten"),
+            "n_layers_override": opts.n_layers, "moe_align": os.environ.get(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT),
             "note": "max_seq_len set to 2 * prompt_len (YaRN off) to keep the reference caches small"}
     report = Report(opts.out / "torch_16b.json", opts.budget_s, meta)
     bandwidth = copy_bandwidth()
@@ -309,8 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         model = preset_model(opts.preset, torch.bfloat16, DEVICE, seed=0, weight_dtype=precision,
                              max_batch_size=max(batches), max_seq_len=2 * opts.prompt_len, **overrides)
-        args = model.args
-        report.put(precision, "floor", {f"decode_ms_b{b}": round(floor_ms(args, precision, b, opts.prompt_len, bandwidth), 3)
+        report.put(precision, "floor", {f"decode_ms_b{b}": round(floor_ms(model, b, opts.prompt_len, bandwidth), 3)
                                         for b in batches})
         # eager first: a native crash in the engine section (a segfault is no exception) keeps its numbers
         if "eager" not in skip:

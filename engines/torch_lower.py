@@ -49,6 +49,9 @@ def _fake_quant(x: torch.Tensor) -> torch.Tensor:
     Written out instead of calling reference.fp8.act_quant: Inductor (2.13, CPU and
     torch.compile alike) miscompiles that form when K is not a multiple of 128 (the slice back
     to K before the fp8 cast gives garbage, 1e25, then NaN); slicing after dequantizing does not.
+    The cast back to x.dtype comes before that slice: sliced first, bf16 / fp16 x with ragged K
+    (192, 200, 328) compiled to garbage or NaN (2.13 CPU, 27 of 45 shape x dtype cases; the
+    tiny fp8 torch engine's logits were NaN); cast first, all 45 are bit-exact.
     """
     k = x.shape[-1]
     nb = cdiv(k, FP8_BLOCK)
@@ -58,7 +61,7 @@ def _fake_quant(x: torch.Tensor) -> torch.Tensor:
     blocks = xf.unflatten(-1, (nb, FP8_BLOCK))  # [..., nb, 128]
     scale = blocks.abs().amax(dim=-1, keepdim=True).clamp_min(AMAX_FLOOR) / FP8_E4M3_MAX  # [..., nb, 1]
     q = (blocks / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_DTYPE)
-    return (q.to(torch.float32) * scale).flatten(-2)[..., :k].to(x.dtype)  # [..., K]
+    return (q.to(torch.float32) * scale).to(x.dtype).flatten(-2)[..., :k]  # [..., K]
 
 
 def _dequant(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

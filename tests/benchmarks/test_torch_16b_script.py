@@ -1,0 +1,30 @@
+"""benchmarks/torch_16b.py runs end to end on the CPU (tiny preset), so the one GPU run does not die
+on a typo: a 2-layer decode-only engine (the --n-layers profile run), its timings, the floor and
+the per-op profile all land in the JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "torch_16b.py"
+
+
+def test_cpu_smoke_decode_only_profile_run(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--precisions", "fp8", "--batches", "1,2",
+                           "--prompt-len", "16", "--n-layers", "2", "--engine-kinds", "decode", "--skip", "compile,eager",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "torch_16b.json").read_text())
+    assert data["meta"]["n_layers_override"] == 2
+    fp8 = data["results"]["fp8"]
+    engine = fp8["engine"]
+    assert "error" not in engine, engine
+    assert isinstance(engine["decode_ms_b1"], float) and isinstance(engine["decode_ms_b2"], float), engine
+    assert engine["decode_logits_rel_err_vs_eager_step"] < 0.1, engine  # fp8 W8A8 vs the weight-only step
+    assert "generate_tokens" not in engine  # needs the prefill program, not built here
+    assert engine["decode_b1_kernels"]["launches_per_step"] > 0, engine["decode_b1_kernels"]
+    assert 0 < fp8["floor"]["decode_ms_b1"] < fp8["floor"]["decode_ms_b2"]
+    assert "| fp8 | engine |" in done.stdout

@@ -12,11 +12,15 @@ triton.testing.do_bench (median) and reports: time, achieved TB/s or TFLOP/s, th
                 (cuBLAS refused it). Zero rows and columns add nothing to the product.
                 At the prefill M the Hopper candidate fp8_gemm(variant="tma_persistent") is
                 checked and timed too, each config pinned, then autotuned (rows "triton fp8 tma").
+                At decode M, fp8_linear's fused path (the GEMM quantizes x itself, one launch) is
+                checked and timed beside act_quant + gemm, eagerly and from a CUDA graph.
   grouped GEMM  torch._grouped_mm (bf16), MoE end to end with it
   MLA decode    the eager absorbed einsum math and F.scaled_dot_product_attention; mla_decode is
                 also timed as a CUDA-graph replay (its kernels without Python launch cost), in both
                 merge forms (separate reduce kernel / fused in the split kernel), and at B=32 over
-                forced split counts (each autotuned and checked; the fastest is tabled)
+                forced split counts (each autotuned and checked; the fastest is tabled); the
+                traced program's form (cache + kv_new) with the split count chosen in the
+                kernels (runtime_splits) and with the fixed 8 splits it used before
   RMSNorm, act_quant: eager torch
 Device copy bandwidth is measured in the same run. Every section is guarded: an error prints and
 the script continues. The default run (fewer shapes, short timing) fits in about 4 minutes of
@@ -354,8 +358,18 @@ def bench_fp8_gemm(report: Report, sh: Shapes, quick: bool) -> None:
                                         bench(lambda: F.linear(x, w_dense), sh, quick)),
                             bytes_=m * k * 2 + n * k * 2 + m * n * 2, flops=flops, peak=BF16_PEAK))
             rows.append(add(report, Row("fp8_gemm", case, "triton fp8_linear (act_quant + gemm)",
-                                        bench(lambda: fp8_linear(x, w, w_s), sh, quick)),
+                                        bench(lambda: fp8_linear(x, w, w_s, fused_quant=False), sh, quick)),
                             bytes_=bytes_ + m * k * 2, flops=flops, peak=FP8_PEAK))
+            fused_bytes = m * k * 2 + n * k + w_s.numel() * 4 + m * n * 2  # x read in bf16, no a / a_s round trip
+            if decode:  # the decode path: one launch, the GEMM quantizes x's 1x128 blocks itself
+                fq_out, fq_choice = fp8_linear(x, w, w_s, fused_quant=True), _fp8_choice(m, n, k, sh.device)
+                fq_err = mean_rel(fq_out.float(), ref)
+                fq_diff = int((fq_out != fp8_linear(x, w, w_s, fused_quant=False)).sum())
+                rows.append(add(report, Row("fp8_gemm", case, "triton fp8_linear (fused act_quant)",
+                                            bench(lambda: fp8_linear(x, w, w_s, fused_quant=True), sh, quick),
+                                            error=fq_err, tol=5e-3, ok=fq_err < 5e-3,
+                                            note=f"{fq_choice}; {fq_diff} outputs differ from act_quant + gemm"),
+                                bytes_=fused_bytes, flops=flops, peak=FP8_PEAK))
             wo_err = mean_rel(fp8_gemm(x, None, w, w_s).float(), fp8_gemm_ref(x, None, w, w_s, torch.float32))
             wo_choice = _fp8_choice(m, n, k, sh.device)
             rows.append(add(report, Row("fp8_gemm", case, "triton fp8_gemm weight-only (W8A16)",
@@ -366,7 +380,8 @@ def bench_fp8_gemm(report: Report, sh: Shapes, quick: bool) -> None:
                 # A decode step runs from a CUDA graph / AOTInductor: the kernels alone, without the
                 # host's checks and launches that do_bench around the Python call also times.
                 graphed = [("triton fp8_gemm (CUDA graph)", lambda: fp8_gemm(a, a_s, w, w_s), FP8_PEAK, choice),
-                           ("triton fp8_linear (CUDA graph)", lambda: fp8_linear(x, w, w_s), FP8_PEAK, "")]
+                           ("triton fp8_linear (CUDA graph)", lambda: fp8_linear(x, w, w_s, fused_quant=False),
+                            FP8_PEAK, "")]
                 if any(r is not None and r.impl == "torch._scaled_mm blockwise" and r.ok for r in rows):
                     a_p, s_a, w_p, s_b = _blockwise_operands(a, a_s, w, w_s)
                     graphed.append(("torch._scaled_mm blockwise (CUDA graph)",
@@ -378,6 +393,18 @@ def bench_fp8_gemm(report: Report, sh: Shapes, quick: bool) -> None:
                                    bytes_=bytes_, flops=flops, peak=peak)
 
                     rows.append(guarded(report, f"{case} {impl}", timed))
+
+                def fused_graphed():  # checked on the graph's own output, after a replay
+                    outs = []
+                    graph = _graph_of(lambda: fp8_linear(x, w, w_s, fused_quant=True), outs)
+                    graph.replay()
+                    e = mean_rel(outs[0].float(), ref)
+                    return add(report, Row("fp8_gemm", case, "triton fp8_linear fused act_quant (CUDA graph)",
+                                           bench(graph.replay, sh, quick), error=e, tol=5e-3, ok=e < 5e-3,
+                                           note="one launch (+ split-K sum)"),
+                               bytes_=fused_bytes, flops=flops, peak=FP8_PEAK)
+
+                rows.append(guarded(report, f"{case} fp8_linear fused act_quant (CUDA graph)", fused_graphed))
             rows = [r for r in rows if r is not None]
             finish_group(rows)
             show(case, rows)
@@ -515,13 +542,25 @@ def bench_moe(report: Report, sh: Shapes, quick: bool) -> None:
             for impl, fn, nbytes, peak in (
                     ("triton fused_moe bf16 (CUDA graph)", lambda: M.fused_moe(x, w13, w2, tw, ids), bf16_bytes,
                      BF16_PEAK),
-                    ("triton fused_moe fp8 (CUDA graph)", lambda: M.fused_moe(x, w13q, w2q, tw, ids, **fp8_kw),
+                    ("triton fused_moe fp8 (CUDA graph)",
+                     lambda: M.fused_moe(x, w13q, w2q, tw, ids, fuse_act_quant=False, **fp8_kw),
                      active * expert_elems + act_bytes, FP8_PEAK),
                     ("torch._grouped_mm moe bf16 (CUDA graph, rows pre-sorted)", _presorted_grouped_mm(x, w13_t, w2_t, tw, ids, e),
                      bf16_bytes, BF16_PEAK)):
                 rows.append(guarded(report, f"moe {case} {impl}", lambda impl=impl, fn=fn, nbytes=nbytes, peak=peak: add(
                     report, Row("moe", case, impl, bench(_graph_of(fn).replay, sh, quick), note=note),
                     bytes_=nbytes, flops=flops, peak=peak)))
+
+            def fused_quant_graph():  # the decode program's fp8 MoE: x and h quantized inside the GEMMs
+                fused = lambda: M.fused_moe(x, w13q, w2q, tw, ids, fuse_act_quant=True, **fp8_kw)  # noqa: E731
+                same = torch.equal(fused(), M.fused_moe(x, w13q, w2q, tw, ids, fuse_act_quant=False, **fp8_kw))
+                return add(report, Row("moe", case, "triton fused_moe fp8, act_quant in the GEMMs (CUDA graph)",
+                                       bench(_graph_of(fused).replay, sh, quick), ok=same,
+                                       note=note + ("; = the act_quant form bit for bit" if same else
+                                                    "; DIFFERS from the act_quant form")),
+                           bytes_=active * expert_elems + act_bytes, flops=flops, peak=FP8_PEAK)
+
+            rows.append(guarded(report, f"moe {case} fp8 act_quant in the GEMMs", fused_quant_graph))
         rows = [r for r in rows if r is not None]
         finish_group(rows)
         show(case, rows)
@@ -709,6 +748,34 @@ def bench_mla(report: Report, sh: Shapes, quick: bool) -> None:
 
         if sh.device == "cuda":
             rows.append(guarded(report, f"mla {case} graph", graphed))
+
+        def traced_form():
+            # The decode program's call (engines/torch_triton.py): cache + new token, the split count
+            # picked inside the kernels (runtime_splits), beside the fixed 8 splits it used before.
+            # From a CUDA graph on the GPU, checked on the graph's own output after the replays.
+            from dsv3_export.kernels.mla_decode import runtime_num_splits
+
+            out = []
+            for label, kw, note in (
+                    ("runtime splits", {"runtime_splits": True},
+                     f"{runtime_num_splits(bsz, h, ctx - 1, q.device)} splits per row"),
+                    ("fixed 8 splits", {"num_splits": 8}, "the traced program's split count before")):
+                def call(kw=kw):
+                    return mla_decode(q, qp, kv, pe, len_m1, scale, kv_new=new_kv, pe_new=new_pe, **kw)
+
+                outs = [call()]  # also autotunes, outside any graph
+                fn = call
+                if sh.device == "cuda":
+                    outs = []
+                    fn = _graph_of(call, outs).replay
+                    note += ", CUDA graph"
+                ms = bench(fn, sh, quick)
+                e_ = mean_rel(outs[0].float(), ref)
+                out.append(add(report, Row("mla", case, f"triton mla traced form, {label} (+ kv_new)", ms, error=e_,
+                                           tol=1e-2, ok=e_ < 1e-2, note=note), bytes_=bytes_, flops=flops))
+            return out
+
+        rows.extend(guarded(report, f"mla {case} traced form", traced_form) or [])
 
         def fused():
             # One launch: the last split program of each (row, head block) merges (self-cleaning counter).

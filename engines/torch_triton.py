@@ -11,20 +11,25 @@ Lowered here (engines/torch_lower.py uses these on CUDA, ATen math for the rest)
                                                           routing-weight epilogues), kernels/moe.py
                                                           (bf16/fp16; fp32 engines: ATen)
     dsv3::moe_experts_fp8  -> dsv3_aoti::moe_experts_fp8  the same with 1x128 act_quant (act_quant=True
-                             only; weight-only fp8 lowers to ATen: the kernel has no bf16 x fp8 path)
+                             only; weight-only fp8 lowers to ATen: the kernel has no bf16 x fp8 path);
+                             decode: the grouped GEMMs quantize x and h themselves (bit-identical, no
+                             act_quant launch); prefill: separate act_quant launches
     dsv3::mla_attention    -> dsv3_aoti::mla_attention    W_UK absorbed by an ATen einsum, then
                              kernels/mla_attention.py over [cache | new keys] (split-KV mla_decode in
                              the decode program, causal mla_prefill in the prefill program; new keys
                              passed separately, the cache is only read), then W_UV by einsum.
                              bf16/fp16; fp32 engines keep ATen (the kernel's fp32 dots are TF32).
-    dsv3::fp8_linear       -> dsv3_aoti::fp8_linear       act_quant=True: act_quant + fp8 x fp8 GEMM;
+    dsv3::fp8_linear       -> dsv3_aoti::fp8_linear       act_quant=True: act_quant + fp8 x fp8 GEMM
+                             (decode: one GEMM launch that quantizes its A tiles itself, bit-identical);
                              act_quant=False: the weight-only GEMM (fp8 widened in registers; bf16/fp16
                              x only, fp32 x keeps ATen). kernels/fp8_gemm.py.
 
 Shapes are symbolic when a package is traced, so nothing here is chosen from a token, batch or
 cache count: block_m (rows per expert block) is 16 for decode and 64 for prefill; the fp8 GEMM's
-tile set and split-K come from the program kind and the (static) weight shape; MLA decode uses a
-fixed DECODE_SPLITS. The kernels' own checks compare symbolic sizes only with themselves.
+tile set and split-K come from the program kind and the (static) weight shape; MLA decode launches
+MAX_SPLITS split programs per row and its kernels pick the splits they use from the batch and each
+row's cache length at run time (mla_decode runtime_splits). The kernels' own checks compare symbolic
+sizes only with themselves.
 """
 
 from __future__ import annotations
@@ -45,12 +50,11 @@ from dsv3_export.kernels._common import FP8_DTYPE, QUANT_BLOCK, cdiv, is_interpr
 
 BLOCK_M = {"decode": 16, "prefill": 64}
 # moe_align's traced form in the packages (kernels/moe.py TRACED_ALIGN_FORMS), read when a program is
-# lowered: `aten` (default, the form measured on the H200) or `kernel` (one launch per MoE layer).
+# lowered: `kernel` (default: one launch per MoE layer) or `aten` (Inductor's kernels for the ATen
+# form). Measured on the H200 (4-layer 16b fp8 decode program): CUDA-graph step 0.708 ms with the
+# kernel vs 0.739 ms aten, 1.05 vs 1.84 ms without a graph; per call 9.3 us vs 61 us (kernels.py).
 MOE_ALIGN_ENV = "DSV3_TORCH_MOE_ALIGN"
-# KV splits of the decode attention. choose_num_splits needs the batch and cache length, which are
-# symbolic here; 8 splits x 16-64 head blocks x batch 16-32 fill about one wave on 132 SMs, and
-# empty splits (short caches) cost one lse = -inf write.
-DECODE_SPLITS = 8
+MOE_ALIGN_DEFAULT = "kernel"
 # M the fp8 GEMM's split-K is chosen for in the decode program (one 16-row tile: batch <= 16);
 # and the autotune key's M bucket per program kind.
 FP8_DECODE_M = 16
@@ -68,7 +72,7 @@ def _launch(kernel, tuned, configs, grid: Callable, args: tuple, kwargs: dict) -
 
 
 def _moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int):
-    form = os.environ.get(MOE_ALIGN_ENV, "aten")
+    form = os.environ.get(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT)
     if form not in km.TRACED_ALIGN_FORMS:
         raise ValueError(f"{MOE_ALIGN_ENV}={form!r}: choose one of {', '.join(km.TRACED_ALIGN_FORMS)}")
     return km.moe_align(topk_ids, n_experts, block_m, traced_form=form)
@@ -89,8 +93,9 @@ def _act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _grouped_gemm(a, w, sorted_ids, expert_ids, npp, topk: int, out_dtype: torch.dtype, *, a_scale=None,
-                  w_scale=None, topk_weights=None, swiglu: bool = False) -> torch.Tensor:
-    """kernels/moe.py grouped_gemm's launch (checks done once by the caller's shapes)."""
+                  w_scale=None, topk_weights=None, swiglu: bool = False, quantize_a: bool = False) -> torch.Tensor:
+    """kernels/moe.py grouped_gemm's launch (checks done once by the caller's shapes). quantize_a: bf16/fp16
+    a quantized 1x128 inside the kernel, as _act_quant would on a's device (fp8 w only)."""
     t, k = a.shape
     n = w.shape[1]
     fp8 = a_scale is not None
@@ -103,13 +108,14 @@ def _grouped_gemm(a, w, sorted_ids, expert_ids, npp, topk: int, out_dtype: torch
             a.stride(0), a_scale.stride(0) if fp8 else 0, w.stride(0), w.stride(1),
             w_scale.stride(0) if w_scale is not None else 0, w_scale.stride(1) if w_scale is not None else 0,
             out.stride(0))
-    flags = ({"FP8": fp8} if "FP8" in km._grouped_gemm_kernel.arg_names  # one fp8 flag, or one per operand
-             else {"W_FP8": w_scale is not None, "A_FP8": fp8})
-    kwargs = dict(**flags, SWIGLU=swiglu, MUL_WEIGHT=topk_weights is not None,
-                  UPCAST=is_interpreted(km._grouped_gemm_kernel) and not fp8, SCALE_BLOCK=QUANT_BLOCK,
+    fp8_dot = fp8 or quantize_a
+    kwargs = dict(W_FP8=w_scale is not None, A_FP8=fp8_dot, SWIGLU=swiglu, MUL_WEIGHT=topk_weights is not None,
+                  UPCAST=is_interpreted(km._grouped_gemm_kernel) and not fp8_dot, SCALE_BLOCK=QUANT_BLOCK,
                   BLOCK_M=sorted_ids.shape[0] // expert_ids.shape[0],
-                  BLOCK_K=QUANT_BLOCK if w_scale is not None else km.DENSE_BLOCK_K)
-    grid = lambda meta: (expert_ids.shape[0], triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
+                  BLOCK_K=QUANT_BLOCK if w_scale is not None else km.DENSE_BLOCK_K,
+                  QUANT_A=quantize_a, SCALE_RECIPROCAL=a.is_cuda)  # the scale rounding as _act_quant picks it
+    rows = km.row_blocks(expert_ids.shape[0], t * topk)  # symbolic Min while traced: no guard on T
+    grid = lambda meta: (rows, triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
     _launch(km._grouped_gemm_kernel, km._grouped_gemm_tuned, km.GROUPED_GEMM_CONFIGS, grid, args, kwargs)
     return out
 
@@ -133,9 +139,18 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
 
 @triton_op("dsv3_aoti::moe_experts_fp8", mutates_args={})
 def moe_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
-                    w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, block_m: int) -> torch.Tensor:
+                    w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, block_m: int,
+                    fuse_act_quant: bool = False) -> torch.Tensor:
+    """fuse_act_quant (decode): the grouped GEMMs quantize x and h themselves, the same bits as the
+    two _act_quant launches of the other form (kernels/moe.py grouped_gemm(quantize_a=True))."""
     t, topk = topk_ids.shape
     sorted_ids, expert_ids, npp = _moe_align(topk_ids, w13.shape[0], block_m)
+    if fuse_act_quant:
+        h = _grouped_gemm(x.contiguous(), w13, sorted_ids, expert_ids, npp, topk, x.dtype, w_scale=w13_scale,
+                          swiglu=True, quantize_a=True)  # [T*k, I]
+        y = _grouped_gemm(h, w2, sorted_ids, expert_ids, npp, 1, x.dtype, w_scale=w2_scale,
+                          topk_weights=topk_weights.contiguous(), quantize_a=True)  # [T*k, D]
+        return _combine(y, t, topk, x.dtype)
     xq, xs = _act_quant(x.contiguous())
     h = _grouped_gemm(xq, w13, sorted_ids, expert_ids, npp, topk, x.dtype, a_scale=xs, w_scale=w13_scale,
                       swiglu=True)  # [T*k, I]
@@ -146,10 +161,12 @@ def moe_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
 
 
 def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor,
-              out_dtype: torch.dtype, kind: str) -> torch.Tensor:
+              out_dtype: torch.dtype, kind: str, quant_a: bool = False) -> torch.Tensor:
     """kernels/fp8_gemm.py fp8_gemm's launch with M symbolic: tiles and split-K from `kind` and the
     weight's static [N, K] (fp8_gemm itself buckets M with int(M), a guard on the traced size).
-    a fp8 [M, K] + a_s [M, ceil(K/128)], or bf16/fp16 [M, K] with a_s None (weight-only)."""
+    a fp8 [M, K] + a_s [M, ceil(K/128)], or bf16/fp16 [M, K] with a_s None (weight-only), or with
+    quant_a the bf16/fp16/fp32 activation quantized 1x128 inside the GEMM (act_quant's arithmetic in
+    _act_quant's form for a's device: one launch, the same fp8 operands)."""
     m, k = a.shape
     n = w.shape[0]
     k_blocks = cdiv(k, QUANT_BLOCK)
@@ -165,7 +182,8 @@ def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: t
     a_s_arg = a_s if a_fp8 else w_s  # never read on the weight-only path
     args = (a, a_s_arg, w, w_s, c, m, n, k, FP8_M_BUCKET[kind], a.stride(0), a_s_arg.stride(0), w.stride(0),
             w_s.stride(0), 0 if split == 1 else c.stride(0), n, per_split, split)
-    kwargs = {"A_FP8": a_fp8, "UPCAST": is_interpreted(kg._fp8_gemm_kernel) and not a_fp8, "BLOCK_K": QUANT_BLOCK}
+    kwargs = {"A_FP8": a_fp8 or quant_a, "QUANT_A": quant_a, "SCALE_RECIPROCAL": a.is_cuda,
+              "UPCAST": is_interpreted(kg._fp8_gemm_kernel) and not (a_fp8 or quant_a), "BLOCK_K": QUANT_BLOCK}
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
     tuned, configs = ((kg._fp8_gemm_decode_tuned, kg.DECODE_CONFIGS) if decode
                       else (kg._fp8_gemm_prefill_tuned, kg.PREFILL_CONFIGS))
@@ -176,11 +194,14 @@ def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: t
 @triton_op("dsv3_aoti::fp8_linear", mutates_args={})
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool,
                decode: bool) -> torch.Tensor:
-    """dsv3::fp8_linear: x [..., K] -> [..., N]; act_quant 1x128 + fp8 GEMM, or weight-only."""
+    """dsv3::fp8_linear: x [..., K] -> [..., N]; act_quant 1x128 + fp8 GEMM (decode: one launch, the
+    GEMM quantizes its own A tiles), or weight-only."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     kind = "decode" if decode else "prefill"
-    if act_quant:
+    if act_quant and decode:
+        y = _fp8_gemm(x2, None, weight, scale, x.dtype, kind, quant_a=True)  # [M, N]
+    elif act_quant:
         xq, xs = _act_quant(x2)
         y = _fp8_gemm(xq, xs, weight, scale, x.dtype, kind)  # [M, N]
     else:
@@ -210,7 +231,7 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor
     if decode:
         torch._check(s == 1, lambda: f"dsv3_aoti::mla_attention: decode needs one new position, got {s}")
         lat = kd.mla_decode(q_latent[:, 0], q_pe[:, 0], kv_c, pe_c, seen, softmax_scale, kv_new=kv_n[:, 0],
-                            pe_new=pe_n[:, 0], num_splits=DECODE_SPLITS)  # [b, h, c]
+                            pe_new=pe_n[:, 0], runtime_splits=True)  # [b, h, c]
         lat = lat[:, None]  # [b, 1, h, c]
     else:
         lat = kp.mla_prefill(q_latent, q_pe, kv_c, pe_c, seen, softmax_scale, kv_new=kv_n, pe_new=pe_n)
@@ -232,7 +253,7 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
         if not act_quant:  # weight-only fp8: no kernel for bf16 activations x fp8 weights
             return ATEN_LOWERINGS["dsv3::moe_experts_fp8"](x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale,
                                                            act_quant)
-        return moe_experts_fp8(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m)
+        return moe_experts_fp8(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m, kind == "decode")
 
     def lower_mla(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale):
         if q_nope.dtype not in km.DENSE_DTYPES:  # fp32: the kernel's dots would be TF32
@@ -249,12 +270,13 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
 
     lower_moe.how = ("triton_op dsv3_aoti::moe_experts (kernels/moe.py grouped GEMMs) for bf16/fp16; "
                      "ATen math for fp32")
-    lower_moe_fp8.how = ("triton_op dsv3_aoti::moe_experts_fp8 (act_quant + fp8 grouped GEMMs) with act_quant; "
-                         "ATen math for weight-only")
+    lower_moe_fp8.how = ("triton_op dsv3_aoti::moe_experts_fp8 (act_quant + fp8 grouped GEMMs; decode: the GEMMs "
+                         "quantize their own activations) with act_quant; ATen math for weight-only")
     lower_mla.how = ("triton_op dsv3_aoti::mla_attention (W_UK einsum, kernels/mla_attention.py over "
                      "[cache | new]: mla_decode in the decode program, mla_prefill in prefill; W_UV einsum) "
                      "for bf16/fp16; ATen math for fp32")
-    lower_fp8_linear.how = ("triton_op dsv3_aoti::fp8_linear (kernels/fp8_gemm.py: act_quant + fp8 GEMM, or "
-                            "weight-only for bf16/fp16 x); ATen math for weight-only fp32 x")
+    lower_fp8_linear.how = ("triton_op dsv3_aoti::fp8_linear (kernels/fp8_gemm.py: act_quant + fp8 GEMM, fused "
+                            "into one launch in the decode program, or weight-only for bf16/fp16 x); ATen math "
+                            "for weight-only fp32 x")
     return {"dsv3::moe_experts": lower_moe, "dsv3::moe_experts_fp8": lower_moe_fp8,
             "dsv3::mla_attention": lower_mla, "dsv3::fp8_linear": lower_fp8_linear}

@@ -256,6 +256,8 @@ q2, s2 = fp8_experts(d, i)
 print("moe", rel(moe_experts(x, w, ids, w13, w2, 16), torch.ops.dsv3.moe_experts(x, w, ids, w13, w2)))
 print("moe_fp8", rel(moe_experts_fp8(x, w, ids, q13, s13, q2, s2, 16),
                      torch.ops.dsv3.moe_experts_fp8(x, w, ids, q13, s13, q2, s2, True)))
+print("moe_fp8_fused_quant", rel(moe_experts_fp8(x, w, ids, q13, s13, q2, s2, 16, True),
+                                 torch.ops.dsv3.moe_experts_fp8(x, w, ids, q13, s13, q2, s2, True)))
 
 # MLA: a populated cache of T = 13 rows; per-row start_pos 0 (cache unused), inside the cache, and
 # past its end (every cache row visible); heads, latent and rope widths off the kernels' blocks.
@@ -367,6 +369,16 @@ names = sorted({getattr(getattr(k, "fn", k), "__name__", "?") for k in
                  if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target))})
 print("kernels", ",".join(names))
 print("kernel_dims", len(kernels.range_constraints))
+# MLA decode's split rule runs in its kernels: (grid split axis, SPLIT_TARGET) per MLA decode launch,
+# and how many of their grid sizes / arguments hold a min/max of a dim (none: untested in AOTInductor).
+mla = [(name, n.kwargs) for n in kernels.graph.nodes if n.op == "call_function"
+       and "triton_kernel_wrapper" in str(n.target)
+       for k in [kernel_side_table.get_kernel(n.kwargs["kernel_idx"])]
+       for name in [getattr(getattr(k, "fn", k), "__name__", "?")] if name.startswith("_mla_decode")]
+print("mla_rule", ";".join(f"{name}:{kw['grid'][0][2]}:{kw['kwargs'].get('SPLIT_TARGET')}" for name, kw in mla) or "-")
+vals = [str(v.meta.get("val")) for _, kw in mla for v in [*kw["kwargs"].values(), *(x for g in kw["grid"] for x in g)]
+        if isinstance(v, torch.fx.Node)]
+print("mla_minmax", sum("Min(" in e or "Max(" in e for e in vals))
 '''
 
 
@@ -388,16 +400,28 @@ def test_triton_ops_trace_with_dynamic_dims(kind):
     n_dims = 3 if kind == "prefill" else 2
     assert int(out["dims"]) == n_dims and int(out["kernel_dims"]) == n_dims, out
     attention = "_mla_decode_split_kernel" if kind == "decode" else "_mla_prefill_kernel"
-    assert {attention, "_fp8_gemm_kernel", "_act_quant_ieee_kernel"} <= set(out["kernels"].split(",")), out
+    kernels = set(out["kernels"].split(","))
+    assert {attention, "_fp8_gemm_kernel"} <= kernels, out
+    # decode: the fp8 GEMM quantizes its own activations (one launch); prefill runs act_quant first
+    assert ("_act_quant_ieee_kernel" in kernels) == (kind == "prefill"), out
+    # decode: MAX_SPLITS split programs per row, the kernels pick how many run (mla_decode runtime_splits)
+    from dsv3_export.kernels.mla_decode import MAX_SPLITS, runtime_split_target
+
+    target = runtime_split_target(torch.device("cpu"))  # traced on CPU tensors: the nominal 132 SMs
+    want = f"_mla_decode_split_kernel:{MAX_SPLITS}:{target};_mla_decode_reduce_kernel:1:{target}"
+    assert out["mla_rule"] == (want if kind == "decode" else "-"), out
+    assert out["mla_minmax"] == "0", out
     # the manifest's `lowerings` text names what each op became
     assert "dsv3_aoti::mla_attention" in out["how_mla"] and "kernels/mla_attention.py" in out["how_mla"], out
     assert "dsv3_aoti::fp8_linear" in out["how_fp8"] and "kernels/fp8_gemm.py" in out["how_fp8"], out
 
 
-@pytest.mark.parametrize("k", [200, 256])
-def test_fake_quant_is_exact_after_aoti_compile(tmp_path, seed, k):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("k", [200, 256, 328])
+def test_fake_quant_is_exact_after_aoti_compile(tmp_path, seed, k, dtype):
     """The fp8 activation rounding survives AOTInductor bit-exactly, ragged K included (an earlier
-    form, reference.fp8.act_quant + act_dequant, compiled to NaN for K = 200)."""
+    form, reference.fp8.act_quant + act_dequant, compiled to NaN for K = 200; slicing back to K
+    before the cast to bf16 compiled to garbage for K = 200 and 328: the tiny fp8 CPU engine's NaN)."""
     from dsv3_export.engines.torch_lower import _fake_quant
     from dsv3_export.engines.torch_step import load_package
     from dsv3_export.reference.fp8 import act_dequant, act_quant
@@ -406,9 +430,9 @@ def test_fake_quant_is_exact_after_aoti_compile(tmp_path, seed, k):
         def forward(self, x):
             return _fake_quant(x)
 
-    x = torch.randn(5, k, generator=torch.Generator().manual_seed(seed)) * 3
+    x = (torch.randn(5, k, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype)
     q, s = act_quant(x)
-    want = act_dequant(q, s)
+    want = act_dequant(q, s).to(dtype)
     assert torch.equal(_fake_quant(x), want)
     package = torch._inductor.aoti_compile_and_package(torch.export.export(FakeQuant(), (x,)),
                                                        package_path=str(tmp_path / "fq.pt2"))
@@ -446,15 +470,24 @@ def test_fp8_linear_lowering_is_exact_after_aoti_compile(tmp_path, seed, out_fea
 _MOE_ALIGN_TRACE_SCRIPT = r'''
 import os, sys
 os.environ.pop("TRITON_INTERPRET", None)  # traced kernels must be real JITFunctions for wrap_triton
-os.environ["DSV3_TORCH_MOE_ALIGN"] = sys.argv[1]
+if sys.argv[1] == "default":
+    os.environ.pop("DSV3_TORCH_MOE_ALIGN", None)
+else:
+    os.environ["DSV3_TORCH_MOE_ALIGN"] = sys.argv[1]
 import torch
 from torch.export import Dim
 import dsv3_export.ops  # noqa: F401
 from dsv3_export.engines.torch_lower import lower_dsv3_ops
 from dsv3_export.engines.torch_triton import triton_lowerings
+from dsv3_export.reference.fp8 import weight_quant
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
-t, d, i, e, k = 3, 32, 24, 5, 2
+t, d, i, e, k = 3, 136, 24, 5, 2  # D off the 128 grid: a ragged activation scale block
+
+
+def fp8_experts(n, kk):
+    pairs = [weight_quant(torch.randn(n, kk)) for _ in range(e)]
+    return [torch.nn.Parameter(torch.stack([p[j] for p in pairs]), requires_grad=False) for j in (0, 1)]
 
 
 class Moe(torch.nn.Module):
@@ -462,44 +495,56 @@ class Moe(torch.nn.Module):
         super().__init__()
         self.w13 = torch.nn.Parameter(torch.randn(e, 2 * i, d).bfloat16(), requires_grad=False)
         self.w2 = torch.nn.Parameter(torch.randn(e, d, i).bfloat16(), requires_grad=False)
+        (self.q13, self.s13), (self.q2, self.s2) = fp8_experts(2 * i, d), fp8_experts(d, i)
 
     def forward(self, x, weights, ids):
-        return torch.ops.dsv3.moe_experts(x, weights, ids, self.w13, self.w2)
+        return (torch.ops.dsv3.moe_experts(x, weights, ids, self.w13, self.w2)
+                + torch.ops.dsv3.moe_experts_fp8(x, weights, ids, self.q13, self.s13, self.q2, self.s2, True))
 
 
 args = (torch.randn(t, d).bfloat16(), torch.rand(t, k).bfloat16(), torch.randint(0, e, (t, k)))
 T = Dim("tokens", min=1, max=4096)
 ep = torch.export.export(Moe(), args, dynamic_shapes=({0: T}, {0: T}, {0: T}), strict=False)
-lowered, _ = lower_dsv3_ops(ep, "cuda", triton_lowerings("decode"))
+lowered, _ = lower_dsv3_ops(ep, "cuda", triton_lowerings(sys.argv[2]))
 kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)  # what AOTInductor does
-names = sorted(getattr(getattr(k_, "fn", k_), "__name__", "?") for k_ in
-               (kernel_side_table.get_kernel(n.kwargs["kernel_idx"]) for n in kernels.graph.nodes
-                if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target)))
+launches = [(getattr(getattr(k_, "fn", k_), "__name__", "?"), n.kwargs["grid"]) for n, k_ in
+            ((n, kernel_side_table.get_kernel(n.kwargs["kernel_idx"])) for n in kernels.graph.nodes
+             if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target))]
 aten = sorted({str(n.target) for n in kernels.graph.nodes if n.op == "call_function"
                and any(a in str(n.target) for a in ("sort", "searchsorted", "scatter"))})
-print("kernels", ",".join(names))
+print("kernels", ",".join(sorted(name for name, _ in launches)))
 print("aten", ",".join(aten))
 print("dims", len(kernels.range_constraints))
+# the grouped GEMMs' row blocks: one expression of the token symbol per autotune config
+rows = {getattr(getattr(g[0], "target", None), "__name__", str(g[0])) for name, grid in launches
+        if name == "_grouped_gemm_kernel" for g in grid}
+print("gemm_rows", ",".join(sorted(rows)))
 '''
 
 
-@pytest.mark.parametrize("form", ["aten", "kernel"])
-def test_moe_align_traced_form_switch(form):
+@pytest.mark.parametrize("form,kind", [("aten", "decode"), ("kernel", "decode"), ("default", "decode"),
+                                       ("default", "prefill")])
+def test_moe_align_traced_form_switch(form, kind):
     """DSV3_TORCH_MOE_ALIGN picks how the MoE's alignment is traced into a CUDA package: the ATen ops
-    (sort / scatter / searchsorted, several kernels) or the single-program kernel (one launch),
-    with the token dim still dynamic. Traced only: the package is never run on this CPU."""
+    (sort / scatter / searchsorted, several kernels) or the single-program kernel (one launch, the
+    default), with the token dim still dynamic. The bf16 and fp8 MoE ops of one program: the grouped
+    GEMMs launch sym_min(n_blocks, T*k) row blocks (a Min of the token symbol, no guard); the decode
+    program's fp8 MoE quantizes inside its GEMMs (no act_quant), prefill's launches act_quant twice.
+    Traced only: the package is never run on this CPU."""
     import subprocess
     import sys
 
     pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, "-c", _MOE_ALIGN_TRACE_SCRIPT, form], check=False, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", _MOE_ALIGN_TRACE_SCRIPT, form, kind], check=False,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = dict((line.split(" ", 1) + [""])[:2] for line in done.stdout.strip().split("\n"))
     kernels = out["kernels"].split(",")
-    assert kernels.count("_grouped_gemm_kernel") == 2 and int(out["dims"]) == 1, out
-    if form == "kernel":
-        assert "_moe_align_kernel" in kernels and out["aten"] == "", out
+    assert kernels.count("_grouped_gemm_kernel") == 4 and int(out["dims"]) == 1, out
+    assert out["gemm_rows"] == "sym_min", out
+    assert kernels.count("_act_quant_ieee_kernel") == (0 if kind == "decode" else 2), out
+    if form in ("kernel", "default"):
+        assert kernels.count("_moe_align_kernel") == 2 and out["aten"] == "", out
     else:
         assert "_moe_align_kernel" not in kernels and "sort" in out["aten"], out
 

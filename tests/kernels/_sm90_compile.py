@@ -100,7 +100,13 @@ def _cases(all_configs: bool):
         for split, c, a_fp8 in ((1, bf, True), (4, f32, True), (1, bf, False)):
             yield (f"fp8_gemm split_k={split} a_fp8={a_fp8}", fp8_gemm._fp8_gemm_kernel, cfg,
                    dict(a_ptr=f8 if a_fp8 else bf, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c),
-                   dict(A_FP8=a_fp8, UPCAST=False, BLOCK_K=128))
+                   dict(A_FP8=a_fp8, QUANT_A=False, SCALE_RECIPROCAL=True, UPCAST=False, BLOCK_K=128))
+    # The decode GEMM that quantizes its own A tiles (bf16 x; fp32 x, split-K; the CPU scale form).
+    for cfg in fp8_gemm.DECODE_CONFIGS if all_configs else fp8_gemm.DECODE_CONFIGS[:1] + fp8_gemm.DECODE_CONFIGS[-1:]:
+        for split, a, c, recip in ((1, bf, bf, True), (4, f32, f32, True), (1, bf, bf, False)):
+            yield (f"fp8_gemm quant_a x={a[1:]} recip={recip} split_k={split} a_fp8=True", fp8_gemm._fp8_gemm_kernel,
+                   cfg, dict(a_ptr=a, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c),
+                   dict(A_FP8=True, QUANT_A=True, SCALE_RECIPROCAL=recip, UPCAST=False, BLOCK_K=128))
     # The Hopper prefill candidate (TMA descriptors, persistent): every config, it has three.
     for cfg in fp8_gemm_persistent.TMA_PERSISTENT_CONFIGS:
         for c in (bf, f32):
@@ -110,31 +116,47 @@ def _cases(all_configs: bool):
         yield (f"split_k_sum c={c}", fp8_gemm._split_k_sum_kernel, triton.Config({}, num_warps=4),
                dict(ws_ptr=f32, c_ptr=c), dict(BLOCK=fp8_gemm.SPLIT_K_SUM_BLOCK))
     for cfg in pick(moe.GROUPED_GEMM_CONFIGS):
-        for w_fp8, a_fp8, swiglu, block_m in ((True, True, True, 16), (True, True, False, 64),
-                                              (True, False, True, 16), (False, False, True, 64),
-                                              (False, False, False, 16)):
-            yield (f"grouped_gemm w_fp8={w_fp8} a_fp8={a_fp8} swiglu={swiglu} block_m={block_m}",
-                   moe._grouped_gemm_kernel, cfg,
-                   dict(a_ptr=f8 if a_fp8 else bf, a_s_ptr=f32, w_ptr=f8 if w_fp8 else bf, w_s_ptr=f32, c_ptr=bf,
-                        topk_w_ptr=f32, sorted_ids_ptr=i32, expert_ids_ptr=i32, num_post_pad_ptr=i32),
+        # quant_a: bf16 a quantized 1x128 in the kernel (the decode program's fp8 MoE, CUDA scale form)
+        for w_fp8, a_fp8, quant_a, swiglu, block_m in ((True, True, False, True, 16), (True, True, False, False, 64),
+                                                       (True, True, True, True, 16), (True, True, True, False, 16),
+                                                       (True, False, False, True, 16), (False, False, False, True, 64),
+                                                       (False, False, False, False, 16)):
+            yield (f"grouped_gemm w_fp8={w_fp8} a_fp8={a_fp8}{' quant_a=True' if quant_a else ''} swiglu={swiglu} "
+                   f"block_m={block_m}", moe._grouped_gemm_kernel, cfg,
+                   dict(a_ptr=f8 if a_fp8 and not quant_a else bf, a_s_ptr=f32, w_ptr=f8 if w_fp8 else bf,
+                        w_s_ptr=f32, c_ptr=bf, topk_w_ptr=f32, sorted_ids_ptr=i32, expert_ids_ptr=i32,
+                        num_post_pad_ptr=i32),
                    dict(W_FP8=w_fp8, A_FP8=a_fp8, SWIGLU=swiglu, MUL_WEIGHT=not swiglu, UPCAST=False,
-                        SCALE_BLOCK=128, BLOCK_M=block_m, BLOCK_K=128 if w_fp8 else moe.DENSE_BLOCK_K))
+                        SCALE_BLOCK=128, BLOCK_M=block_m, BLOCK_K=128 if w_fp8 else moe.DENSE_BLOCK_K,
+                        QUANT_A=quant_a, SCALE_RECIPROCAL=True))
     for e, ids in ((64, "*i64"), (256, "*i32")):  # the 16b preset's 64 experts; V3's 256
         yield (f"moe_align E={e}", moe._moe_align_kernel, triton.Config({}, num_warps=4),
                dict(ids_ptr=ids, sorted_ids_ptr=i32, expert_ids_ptr=i32, npp_ptr=i32),
                dict(E=e, BLOCK_E=e, BLOCK_M=16, CHUNK=moe.ALIGN_TILE // e, FILL=1024))
     mla_dims = dict(C=512, R=64, BLOCK_C=512, BLOCK_R=64, UPCAST=False)
+    # Host-chosen splits (8), and the traced program's runtime split rule (MAX_SPLITS split programs, the
+    # kernels pick how many run: early returns, a runtime `splits`); it always has the new token.
+    eager = dict(SPLIT_TARGET=0, MIN_SPLITS=mla_decode.RUNTIME_MIN_SPLITS, MIN_KEYS=mla_decode.MIN_SPLIT_KEYS)
+    runtime = dict(eager, SPLIT_TARGET=2 * 132)
+    max_s = triton.next_power_of_2(mla_decode.MAX_SPLITS)
     for cfg in pick(mla_decode.DECODE_CONFIGS):
-        forms = ((False, False), (True, False)) + (((False, True), (True, True))
-                                                   if cfg in mla_decode.FUSED_DECODE_CONFIGS else ())
-        for has_new, fused in forms:
-            yield (f"mla_decode_split has_new={has_new} fused={fused}", mla_decode._mla_decode_split_kernel, cfg,
+        fused_ok = cfg in mla_decode.FUSED_DECODE_CONFIGS
+        # (the fused merge over 32 split slots unrolls 64 merge steps: ~15 s of compile, --all-configs only)
+        forms = ((False, False, False), (True, False, False), (True, False, True)) + (
+            ((False, True, False), (True, True, False)) if fused_ok else ()) + (
+            ((True, True, True),) if fused_ok and all_configs else ())
+        for has_new, fused, rt in forms:
+            block_s = max_s if rt else 8
+            yield (f"mla_decode_split has_new={has_new} fused={fused} runtime_splits={rt}",
+                   mla_decode._mla_decode_split_kernel, cfg,
                    dict(q_ptr=bf, q_pe_ptr=bf, kv_ptr=bf, pe_ptr=bf, kvn_ptr=bf, pen_ptr=bf, seqlens_ptr=i32,
                         o_part_ptr=f32, lse_ptr=f32, out_ptr=bf, cnt_ptr=i32),
-                   dict(mla_dims, BLOCK_H=16, HAS_NEW=has_new, FUSED=fused, BLOCK_S=8,
-                        MERGE_C=mla_decode.merge_cols(8, 16, 512)))
-    yield ("mla_decode_reduce", mla_decode._mla_decode_reduce_kernel, triton.Config({}, num_warps=4),
-           dict(o_part_ptr=f32, lse_ptr=f32, out_ptr=bf), dict(C=512, BLOCK_C=512, BLOCK_S=8))
+                   dict(mla_dims, BLOCK_H=16, HAS_NEW=has_new, FUSED=fused, BLOCK_S=block_s,
+                        MERGE_C=mla_decode.merge_cols(block_s, 16, 512), **(runtime if rt else eager)))
+    for rt in (False, True):
+        yield (f"mla_decode_reduce runtime_splits={rt}", mla_decode._mla_decode_reduce_kernel,
+               triton.Config({}, num_warps=4), dict(o_part_ptr=f32, lse_ptr=f32, out_ptr=bf, seqlens_ptr=i32),
+               dict(C=512, BLOCK_C=512, BLOCK_S=max_s if rt else 8, **(runtime if rt else eager)))
     for cfg in pick(mla_prefill.PREFILL_CONFIGS):
         for has_new in (False, True):
             yield (f"mla_prefill has_new={has_new}", mla_prefill._mla_prefill_kernel, cfg,

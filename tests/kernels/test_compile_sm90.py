@@ -94,11 +94,39 @@ def _check_act_quant_arithmetic(rows: list[dict]) -> None:
     assert quant["act_quant"]["mul_recip_448"] and not quant["act_quant ieee"]["mul_recip_448"]
 
 
+def _check_fused_quant_arithmetic(rows: list[dict]) -> None:
+    """The decode GEMM that quantizes its own A tiles keeps act_quant's arithmetic: IEEE x / s
+    (div.rn) and, in the CUDA form only, amax * fp32(1/448); and fp8 x fp8 tensor-core dots."""
+    fused = [r for r in rows if r["kernel"].startswith("fp8_gemm quant_a")]
+    assert {"recip=True" in r["kernel"] for r in fused} == {True, False}, [r["kernel"] for r in fused]
+    for r in fused:
+        f32_divs = [op for op in r["div_ops"] if op.endswith(".f32")]
+        assert f32_divs and all(op == "div.rn.f32" for op in f32_divs), (r["kernel"], r["div_ops"])
+        assert r["mul_recip_448"] == ("recip=True" in r["kernel"]), r["kernel"]
+        assert all(op.endswith(".e4m3.e4m3") or ".f16.f16." in op for op in r["mma_ops"]), (r["kernel"], r["mma_ops"])
+
+
+def _check_grouped_gemm_quant_arithmetic(rows: list[dict]) -> None:
+    """The MoE grouped GEMM that quantizes its own A tiles (quant_a, CUDA form) keeps act_quant's
+    arithmetic: IEEE x / s (div.rn) and amax * fp32(1/448); its dots stay fp8-sourced tensor-core ops.
+    (The SwiGLU epilogue's tl.sigmoid divides with div.full, in the unfused kernel too.)"""
+    fused = [r for r in rows if r["kernel"].startswith("grouped_gemm") and "quant_a=True" in r["kernel"]]
+    assert {"swiglu=True" in r["kernel"] for r in fused} == {True, False}, [r["kernel"] for r in fused]
+    for r in fused:
+        f32_divs = {op for op in r["div_ops"] if op.endswith(".f32")}
+        epilogue = {"div.full.f32"} if "swiglu=True" in r["kernel"] else set()
+        assert "div.rn.f32" in f32_divs and f32_divs <= {"div.rn.f32"} | epilogue, (r["kernel"], r["div_ops"])
+        assert r["mul_recip_448"], r["kernel"]
+        assert all(op.endswith(".e4m3.e4m3") or ".f16.f16." in op for op in r["mma_ops"]), (r["kernel"], r["mma_ops"])
+
+
 def test_every_kernel_compiles_for_sm90():
     rows = _compile()
     _check(rows)
     _check_tensor_cores(rows)
     _check_act_quant_arithmetic(rows)
+    _check_fused_quant_arithmetic(rows)
+    _check_grouped_gemm_quant_arithmetic(rows)
 
 
 @pytest.mark.slow

@@ -12,15 +12,16 @@ Lowered here (engines/torch_lower.py uses these on CUDA, ATen math for the rest)
                                                           (bf16/fp16; fp32 engines: ATen)
     dsv3::moe_experts_fp8  -> dsv3_aoti::moe_experts_fp8  the same with 1x128 act_quant (act_quant=True
                              only; weight-only fp8 lowers to ATen: the kernel has no bf16 x fp8 path);
-                             decode: the grouped GEMMs quantize x and h themselves (bit-identical, no
-                             act_quant launch); prefill: separate act_quant launches
+                             (DSV3_TORCH_FUSED_ACT_QUANT=1: the decode program's grouped GEMMs quantize
+                             x and h themselves, bit-identical, no act_quant launch; measured slower)
     dsv3::mla_attention    -> dsv3_aoti::mla_attention    W_UK absorbed by an ATen einsum, then
                              kernels/mla_attention.py over [cache | new keys] (split-KV mla_decode in
                              the decode program, causal mla_prefill in the prefill program; new keys
                              passed separately, the cache is only read), then W_UV by einsum.
                              bf16/fp16; fp32 engines keep ATen (the kernel's fp32 dots are TF32).
     dsv3::fp8_linear       -> dsv3_aoti::fp8_linear       act_quant=True: act_quant + fp8 x fp8 GEMM
-                             (decode: one GEMM launch that quantizes its A tiles itself, bit-identical);
+                             (DSV3_TORCH_FUSED_ACT_QUANT=1, decode: one GEMM launch that quantizes its A
+                             tiles itself, bit-identical; measured slower);
                              act_quant=False: the weight-only GEMM (fp8 widened in registers; bf16/fp16
                              x only, fp32 x keeps ATen). kernels/fp8_gemm.py.
 
@@ -55,6 +56,23 @@ BLOCK_M = {"decode": 16, "prefill": 64}
 # kernel vs 0.739 ms aten, 1.05 vs 1.84 ms without a graph; per call 9.3 us vs 61 us (kernels.py).
 MOE_ALIGN_ENV = "DSV3_TORCH_MOE_ALIGN"
 MOE_ALIGN_DEFAULT = "kernel"
+# Whether the decode program's fp8 GEMMs (fp8_linear and the MoE's grouped GEMMs) quantize their
+# own activations (QUANT_A: one launch fewer per Linear, two per MoE layer, bit-identical) or take
+# them from a separate act_quant launch. Off by default: measured on the H200 (4-layer 16b fp8
+# decode program, session 5) the fused GEMMs were 3-4x slower (fp8 GEMM ~22 us vs ~6 us per call,
+# grouped GEMM ~37 us vs ~16-19 us), far more than the ~2.5 us act_quant launches they remove (that
+# program's CUDA-graph step: 0.995 ms fused, 0.708 ms before this session's other decode changes).
+# DSV3_TORCH_FUSED_ACT_QUANT=1 at build time turns it on.
+FUSED_ACT_QUANT_ENV = "DSV3_TORCH_FUSED_ACT_QUANT"
+
+
+def _fused_act_quant(kind: str) -> bool:
+    value = os.environ.get(FUSED_ACT_QUANT_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{FUSED_ACT_QUANT_ENV}={value!r}: use 1 (fused, decode program) or 0 (separate act_quant)")
+    return kind == "decode" and value == "1"
+
+
 # M the fp8 GEMM's split-K is chosen for in the decode program (one 16-row tile: batch <= 16);
 # and the autotune key's M bucket per program kind.
 FP8_DECODE_M = 16
@@ -193,13 +211,13 @@ def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: t
 
 @triton_op("dsv3_aoti::fp8_linear", mutates_args={})
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool,
-               decode: bool) -> torch.Tensor:
-    """dsv3::fp8_linear: x [..., K] -> [..., N]; act_quant 1x128 + fp8 GEMM (decode: one launch, the
-    GEMM quantizes its own A tiles), or weight-only."""
+               decode: bool, fuse_act_quant: bool = False) -> torch.Tensor:
+    """dsv3::fp8_linear: x [..., K] -> [..., N]; act_quant 1x128 + fp8 GEMM (fuse_act_quant: one
+    launch, the GEMM quantizes its own A tiles; see FUSED_ACT_QUANT_ENV), or weight-only."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     kind = "decode" if decode else "prefill"
-    if act_quant and decode:
+    if act_quant and fuse_act_quant:
         y = _fp8_gemm(x2, None, weight, scale, x.dtype, kind, quant_a=True)  # [M, N]
     elif act_quant:
         xq, xs = _act_quant(x2)
@@ -243,6 +261,7 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
     from dsv3_export.engines.torch_lower import ATEN_LOWERINGS
 
     block_m = BLOCK_M[kind]
+    fused = _fused_act_quant(kind)
 
     def lower_moe(x, topk_weights, topk_ids, w13, w2):
         if x.dtype not in km.DENSE_DTYPES:  # fp32 engines: the dense kernel takes bf16/fp16 only
@@ -253,7 +272,7 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
         if not act_quant:  # weight-only fp8: no kernel for bf16 activations x fp8 weights
             return ATEN_LOWERINGS["dsv3::moe_experts_fp8"](x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale,
                                                            act_quant)
-        return moe_experts_fp8(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m, kind == "decode")
+        return moe_experts_fp8(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m, fused)
 
     def lower_mla(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale):
         if q_nope.dtype not in km.DENSE_DTYPES:  # fp32: the kernel's dots would be TF32
@@ -266,17 +285,18 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
     def lower_fp8_linear(x, weight, scale, act_quant):
         if not act_quant and x.dtype not in kg.DENSE_DTYPES:  # weight-only GEMM: bf16/fp16 activations
             return ATEN_LOWERINGS["dsv3::fp8_linear"](x, weight, scale, act_quant)
-        return fp8_linear(x, weight, scale, act_quant, kind == "decode")
+        return fp8_linear(x, weight, scale, act_quant, kind == "decode", fused)
 
     lower_moe.how = ("triton_op dsv3_aoti::moe_experts (kernels/moe.py grouped GEMMs) for bf16/fp16; "
                      "ATen math for fp32")
-    lower_moe_fp8.how = ("triton_op dsv3_aoti::moe_experts_fp8 (act_quant + fp8 grouped GEMMs; decode: the GEMMs "
-                         "quantize their own activations) with act_quant; ATen math for weight-only")
+    lower_moe_fp8.how = ("triton_op dsv3_aoti::moe_experts_fp8 (act_quant + fp8 grouped GEMMs"
+                         + ("; the GEMMs quantize their own activations" if fused else "")
+                         + ") with act_quant; ATen math for weight-only")
     lower_mla.how = ("triton_op dsv3_aoti::mla_attention (W_UK einsum, kernels/mla_attention.py over "
                      "[cache | new]: mla_decode in the decode program, mla_prefill in prefill; W_UV einsum) "
                      "for bf16/fp16; ATen math for fp32")
-    lower_fp8_linear.how = ("triton_op dsv3_aoti::fp8_linear (kernels/fp8_gemm.py: act_quant + fp8 GEMM, fused "
-                            "into one launch in the decode program, or weight-only for bf16/fp16 x); ATen math "
-                            "for weight-only fp32 x")
+    lower_fp8_linear.how = ("triton_op dsv3_aoti::fp8_linear (kernels/fp8_gemm.py: act_quant + fp8 GEMM"
+                            + (", fused into one launch" if fused else "")
+                            + ", or weight-only for bf16/fp16 x); ATen math for weight-only fp32 x")
     return {"dsv3::moe_experts": lower_moe, "dsv3::moe_experts_fp8": lower_moe_fp8,
             "dsv3::mla_attention": lower_mla, "dsv3::fp8_linear": lower_fp8_linear}

@@ -31,15 +31,16 @@ leave SMs idle (N=2048: 32 tiles of 64 on 132 SMs) the K loop is split over SPLI
 store fp32 partial tiles into a [SPLIT_K, M, N] workspace; one small kernel sums them in split
 order (deterministic, unlike atomics) and casts to out_dtype. The launcher chooses SPLIT_K.
 
-Fused activation quantization (decode, QUANT_A): fp8_linear(act_quant=True) at M <= DECODE_MAX_M
-passes the bf16/fp16/fp32 activation itself (fp8_gemm(quant_a=True)) and each K step quantizes
+Fused activation quantization (QUANT_A, opt-in: fp8_linear(fused_quant=True)) passes the
+bf16/fp16/fp32 activation itself (fp8_gemm(quant_a=True)) and each K step quantizes
 its [BLOCK_M, 128] A tile 1x128 in registers with the act_quant kernels' arithmetic, step for step
 (amax floor, amax * fp32(1/448) on CUDA or IEEE amax / 448 on the CPU as kernels/fp8_quant.py
 explains, IEEE x / s, e4m3 rounding in fp32): one launch instead of act_quant + GEMM, and the same
 fp8 operands and scales, so the same output bit for bit. Every N tile (and K split) quantizes its
 own copy of A's blocks; at decode A is a few KB and the tile is 16 rows, so the redundant work is
-small next to the weight read. Prefill keeps the separate act_quant (its M tiles would re-quantize
-A once per N tile: 86x at N=10944).
+small next to the weight read, or so it seemed: on the H200 (session 5, 16b decode shapes inside
+the AOTInductor package) each fused GEMM took ~22 us against ~6 us for act_quant (~2.5 us) + GEMM,
+so it is not the default anywhere. Prefill would re-quantize A once per N tile (86x at N=10944).
 
 Scales: a tile of BLOCK_N <= 128 columns lies in one 128-row block of the weight (tiles are
 BLOCK_N-aligned and BLOCK_N divides 128), so b_s is one scalar per K step, folded into the [BM]
@@ -353,14 +354,15 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype: torch.dtype | None = None,
                *, act_quant: bool = True, shape_class: str | None = None,
-               fused_quant: bool | None = None) -> torch.Tensor:
+               fused_quant: bool = False) -> torch.Tensor:
     """y = x @ dequant(w, w_s)^T: x [..., K] -> [..., N].
 
     act_quant=True: x is quantized 1x128 on the fly (W8A8, dsv3::fp8_linear(act_quant=True)).
     act_quant=False: weight-only (W8A16) for bf16/fp16 x. shape_class: see fp8_gemm.
     fused_quant (act_quant only): quantize inside the GEMM (one launch, fp8_gemm(quant_a=True))
-    instead of an act_quant launch first; same result bit for bit. Default: fused for decode
-    (shape_class "decode", or M <= DECODE_MAX_M when shape_class is None), separate for prefill.
+    instead of an act_quant launch first; same result bit for bit. Default: separate (measured
+    3-4x slower fused on the H200 at the 16b decode shapes: see engines/torch_triton.py
+    FUSED_ACT_QUANT_ENV).
     """
     check_tensor("fp8_linear: x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32))
     if x.dim() == 0:
@@ -373,8 +375,6 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype: t
     x2 = x.reshape(-1, k)  # [M, K]
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if fused_quant is None:
-        fused_quant = shape_class == "decode" if shape_class else x2.shape[0] <= DECODE_MAX_M
     if act_quant and fused_quant:
         y = fp8_gemm(x2, None, w, w_s, out_dtype=out_dtype or x.dtype, shape_class=shape_class,
                      quant_a=True)  # [M, N]

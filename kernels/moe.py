@@ -16,7 +16,7 @@ Shapes: T tokens, k = top-k, E experts, D model dim, I expert inter dim.
       [T, ceil(K/128)], w fp8 with [E, ceil(N/128), ceil(K/128)] scales, applied per 128-wide K
       block); W8A8 with a in bf16/fp16, quantized 1x128 in registers with act_quant's arithmetic
       (quantize_a: the same bits as act_quant + the fp8 GEMM, one launch less; each program
-      re-quantizes its A tiles, cheap for decode's few 16-row blocks); W8A16 (bf16/fp16 a, fp8 w
+      re-quantizes its A tiles; opt-in, 2x slower than act_quant + GEMM on the H200 at decode); W8A16 (bf16/fp16 a, fp8 w
       widened in registers). Epilogues: SwiGLU (w rows = [gate ; up], writes silu(gate) * up, N/2
       columns) and the routing weight (row a scaled by topk_weights.flatten()[a]).
   fused_moe = align -> grouped gemm up (+SwiGLU) -> grouped gemm down (x routing weight) -> sum over k.
@@ -45,10 +45,6 @@ DENSE_BLOCK_K = 64
 # MAX_ALIGN_EXPERTS experts the ATen form is used.
 ALIGN_TILE = 8192
 MAX_ALIGN_EXPERTS = 1024
-# fused_moe quantizes the activations inside the grouped GEMMs (quantize_a) up to this block_m:
-# every (row block, N tile) program re-quantizes its [block_m, 128] A tiles, a few KB at decode,
-# but N/BLOCK_N times the separate act_quant's work at prefill sizes.
-FUSED_QUANT_MAX_BLOCK_M = 16
 
 GROUPED_GEMM_CONFIGS = [
     triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4),
@@ -368,14 +364,15 @@ def choose_block_m(n_tokens: int, topk: int, n_experts: int) -> int:
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-              act_quant: bool = True, block_m: int | None = None, fuse_act_quant: bool | None = None
+              act_quant: bool = True, block_m: int | None = None, fuse_act_quant: bool = False
               ) -> torch.Tensor:
     """Routed experts: x [T, D], w13 [E, 2I, D] (rows [w1; w3]), w2 [E, D, I] -> [T, D] in x.dtype.
 
     With w13_scale/w2_scale (fp8 weights): act_quant=True quantizes the activations 1x128 on the
     fly (W8A8, dsv3::moe_experts_fp8(act_quant=True)); act_quant=False keeps them in x.dtype (W8A16).
     fuse_act_quant: quantize x and h inside the grouped GEMMs (same result, two launches fewer)
-    instead of with act_quant launches; default when block_m <= FUSED_QUANT_MAX_BLOCK_M.
+    instead of with act_quant launches. Off by default: 2x slower on the H200 at decode (see
+    engines/torch_triton.py FUSED_ACT_QUANT_ENV).
     """
     check_tensor("fused_moe: x", x, dtypes=DENSE_DTYPES, ndim=2)
     check_tensor("fused_moe: topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2, device=x.device)
@@ -398,7 +395,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         scales = {} if w2_scale is None else dict(w_scale=w2_scale)
         y = grouped_gemm(h, w2, sorted_ids, expert_ids, npp, 1, topk_weights=weights, out_dtype=x.dtype,
                          **scales)  # [T*k, D]
-    elif fuse_act_quant or fuse_act_quant is None and bm <= FUSED_QUANT_MAX_BLOCK_M:
+    elif fuse_act_quant:
         h = grouped_gemm(x.contiguous(), w13, sorted_ids, expert_ids, npp, topk, w_scale=w13_scale,
                          fuse_swiglu=True, out_dtype=x.dtype, quantize_a=True)  # [T*k, I]
         y = grouped_gemm(h, w2, sorted_ids, expert_ids, npp, 1, w_scale=w2_scale, topk_weights=weights,

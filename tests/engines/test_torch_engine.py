@@ -325,6 +325,7 @@ def test_triton_ops_match_dsv3_ops_in_the_interpreter(seed):
 _TRITON_TRACE_SCRIPT = r'''
 import os, sys
 os.environ.pop("TRITON_INTERPRET", None)  # traced kernels must be real JITFunctions for wrap_triton
+os.environ["DSV3_TORCH_FUSED_ACT_QUANT"] = sys.argv[2]
 import torch
 from torch.export import Dim
 import dsv3_export.ops  # noqa: F401
@@ -382,8 +383,8 @@ print("mla_minmax", sum("Min(" in e or "Max(" in e for e in vals))
 '''
 
 
-@pytest.mark.parametrize("kind", ["decode", "prefill"])
-def test_triton_ops_trace_with_dynamic_dims(kind):
+@pytest.mark.parametrize("kind,fused", [("decode", "0"), ("decode", "1"), ("prefill", "0")])
+def test_triton_ops_trace_with_dynamic_dims(kind, fused):
     """torch.export of dsv3::mla_attention + fp8_linear with dynamic batch / cache (and seq for
     prefill), lowered for CUDA: the dsv3_aoti triton_ops stay in the program without specializing
     a dim, and decompose (as AOTInductor decomposes them) into our kernels. CPU-only: the triton
@@ -392,8 +393,8 @@ def test_triton_ops_trace_with_dynamic_dims(kind):
     import sys
 
     pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, "-c", _TRITON_TRACE_SCRIPT, kind], check=False, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", _TRITON_TRACE_SCRIPT, kind, fused], check=False,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = dict(line.split(" ", 1) for line in done.stdout.strip().split("\n"))
     assert out["ops"] == "dsv3_aoti.fp8_linear.default,dsv3_aoti.mla_attention.default", out
@@ -402,8 +403,9 @@ def test_triton_ops_trace_with_dynamic_dims(kind):
     attention = "_mla_decode_split_kernel" if kind == "decode" else "_mla_prefill_kernel"
     kernels = set(out["kernels"].split(","))
     assert {attention, "_fp8_gemm_kernel"} <= kernels, out
-    # decode: the fp8 GEMM quantizes its own activations (one launch); prefill runs act_quant first
-    assert ("_act_quant_ieee_kernel" in kernels) == (kind == "prefill"), out
+    # act_quant then the fp8 GEMM, unless DSV3_TORCH_FUSED_ACT_QUANT=1 makes the decode program's GEMM
+    # quantize its own activations (one launch)
+    assert ("_act_quant_ieee_kernel" in kernels) == (kind == "prefill" or fused == "0"), out
     # decode: MAX_SPLITS split programs per row, the kernels pick how many run (mla_decode runtime_splits)
     from dsv3_export.kernels.mla_decode import MAX_SPLITS, runtime_split_target
 
@@ -474,6 +476,7 @@ if sys.argv[1] == "default":
     os.environ.pop("DSV3_TORCH_MOE_ALIGN", None)
 else:
     os.environ["DSV3_TORCH_MOE_ALIGN"] = sys.argv[1]
+os.environ["DSV3_TORCH_FUSED_ACT_QUANT"] = sys.argv[3]
 import torch
 from torch.export import Dim
 import dsv3_export.ops  # noqa: F401
@@ -522,27 +525,29 @@ print("gemm_rows", ",".join(sorted(rows)))
 '''
 
 
-@pytest.mark.parametrize("form,kind", [("aten", "decode"), ("kernel", "decode"), ("default", "decode"),
-                                       ("default", "prefill")])
-def test_moe_align_traced_form_switch(form, kind):
+@pytest.mark.parametrize("form,kind,fused", [("aten", "decode", "0"), ("kernel", "decode", "0"),
+                                             ("default", "decode", "0"), ("default", "decode", "1"),
+                                             ("default", "prefill", "0")])
+def test_moe_align_traced_form_switch(form, kind, fused):
     """DSV3_TORCH_MOE_ALIGN picks how the MoE's alignment is traced into a CUDA package: the ATen ops
     (sort / scatter / searchsorted, several kernels) or the single-program kernel (one launch, the
     default), with the token dim still dynamic. The bf16 and fp8 MoE ops of one program: the grouped
-    GEMMs launch sym_min(n_blocks, T*k) row blocks (a Min of the token symbol, no guard); the decode
-    program's fp8 MoE quantizes inside its GEMMs (no act_quant), prefill's launches act_quant twice.
+    GEMMs launch sym_min(n_blocks, T*k) row blocks (a Min of the token symbol, no guard); the fp8 MoE
+    launches act_quant twice, none when DSV3_TORCH_FUSED_ACT_QUANT=1 makes the decode program's
+    grouped GEMMs quantize their own activations.
     Traced only: the package is never run on this CPU."""
     import subprocess
     import sys
 
     pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, "-c", _MOE_ALIGN_TRACE_SCRIPT, form, kind], check=False,
+    done = subprocess.run([sys.executable, "-c", _MOE_ALIGN_TRACE_SCRIPT, form, kind, fused], check=False,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = dict((line.split(" ", 1) + [""])[:2] for line in done.stdout.strip().split("\n"))
     kernels = out["kernels"].split(",")
     assert kernels.count("_grouped_gemm_kernel") == 4 and int(out["dims"]) == 1, out
     assert out["gemm_rows"] == "sym_min", out
-    assert kernels.count("_act_quant_ieee_kernel") == (0 if kind == "decode" else 2), out
+    assert kernels.count("_act_quant_ieee_kernel") == (0 if kind == "decode" and fused == "1" else 2), out
     if form in ("kernel", "default"):
         assert kernels.count("_moe_align_kernel") == 2 and out["aten"] == "", out
     else:
@@ -555,3 +560,11 @@ def test_moe_align_traced_form_rejects_unknown(monkeypatch):
     monkeypatch.setenv(torch_triton.MOE_ALIGN_ENV, "fast")
     with pytest.raises(ValueError, match="DSV3_TORCH_MOE_ALIGN='fast'"):
         torch_triton._moe_align(torch.zeros(2, 2, dtype=torch.int64), 4, 16)
+
+
+def test_fused_act_quant_switch_rejects_unknown(monkeypatch):
+    from dsv3_export.engines import torch_triton
+
+    monkeypatch.setenv(torch_triton.FUSED_ACT_QUANT_ENV, "yes")
+    with pytest.raises(ValueError, match="DSV3_TORCH_FUSED_ACT_QUANT='yes'"):
+        torch_triton.triton_lowerings("decode")

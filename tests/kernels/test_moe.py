@@ -374,9 +374,9 @@ def test_quantize_a_bad_inputs_name_the_problem():
 
 
 @pytest.mark.parametrize("t", [1, 11])
-def test_fused_moe_quantizes_inside_the_gemms_at_decode_block_m(seed, monkeypatch, t):
-    """fused_moe fp8 at block_m 16 (its choice for few tokens per expert) launches no act_quant and
-    equals the two-act_quant form bit for bit; at block_m 64 (prefill) it keeps act_quant."""
+def test_fused_moe_quantizes_inside_the_gemms_when_asked(seed, monkeypatch, t):
+    """fused_moe fp8 with fuse_act_quant=True launches no act_quant and equals the two-act_quant
+    form bit for bit; the default keeps act_quant (the fused GEMMs measured 2x slower on the H200)."""
     torch.manual_seed(seed)
     ids, rw = _routing(t, 3)
     x = torch.randn(t, D, dtype=torch.bfloat16)
@@ -385,14 +385,12 @@ def test_fused_moe_quantizes_inside_the_gemms_at_decode_block_m(seed, monkeypatc
     monkeypatch.setattr(M, "act_quant_kernel", lambda a, *r, **kw: calls.append(a.shape) or real(a, *r, **kw))
     kw = dict(w13_scale=w13s, w2_scale=w2s)
     assert M.choose_block_m(t, 3, E) == 16
-    fused = M.fused_moe(x, w13q, w2q, rw, ids, **kw)
+    fused = M.fused_moe(x, w13q, w2q, rw, ids, fuse_act_quant=True, **kw)
     assert calls == []
-    separate = M.fused_moe(x, w13q, w2q, rw, ids, fuse_act_quant=False, **kw)
-    assert len(calls) == 2
+    separate = M.fused_moe(x, w13q, w2q, rw, ids, **kw)
+    assert len(calls) == 2, "the default quantizes with act_quant launches"
     assert_finite("fused_moe fused act_quant", fused)
     assert torch.equal(fused, separate)
-    M.fused_moe(x, w13q, w2q, rw, ids, block_m=64, **kw)
-    assert len(calls) == 4, "prefill block_m keeps the separate act_quant"
 
 
 def test_engine_moe_fp8_decode_form_fuses_act_quant(seed, monkeypatch):

@@ -33,9 +33,9 @@ order (deterministic, unlike atomics) and casts to out_dtype. The launcher choos
 
 Fused activation quantization (QUANT_A, opt-in: fp8_linear(fused_quant=True)) passes the
 bf16/fp16/fp32 activation itself (fp8_gemm(quant_a=True)) and each K step quantizes
-its [BLOCK_M, 128] A tile 1x128 in registers with the act_quant kernels' arithmetic, step for step
-(amax floor, amax * fp32(1/448) on CUDA or IEEE amax / 448 on the CPU as kernels/fp8_quant.py
-explains, IEEE x / s, e4m3 rounding in fp32): one launch instead of act_quant + GEMM, and the same
+its [BLOCK_M, 128] A tile 1x128 in registers with kernels/fp8_quant.py quantize_rows, the function
+the act_quant kernels call (amax floor, amax * fp32(1/448) on CUDA or IEEE amax / 448 on the CPU,
+IEEE x / s, e4m3 rounding in fp32): one launch instead of act_quant + GEMM, and the same
 fp8 operands and scales, so the same output bit for bit. Every N tile (and K split) quantizes its
 own copy of A's blocks; at decode A is a few KB and the tile is 16 rows, so the redundant work is
 small next to the weight read, or so it seemed: on the H200 (session 5, 16b decode shapes inside
@@ -58,8 +58,7 @@ import triton.language as tl
 from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, autotune_or_single, cdiv, check_tensor,
                                          is_interpreted, launch, next_pow2, num_sms)
 from dsv3_export.kernels.fp8_gemm_persistent import fp8_gemm_tma_persistent
-from dsv3_export.kernels.fp8_quant import (ACT_DTYPES, AMAX_FLOOR, FP8_E4M3_MAX, INV_FP8_E4M3_MAX,
-                                            _round_to_e4m3)
+from dsv3_export.kernels.fp8_quant import ACT_DTYPES, quantize_rows
 from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
 from dsv3_export.reference import fp8 as fp8_ref
 
@@ -123,23 +122,6 @@ SPLIT_K_SUM_CONFIGS = [triton.Config({}, num_warps=4)]  # built once: a Config p
 
 
 @triton.jit
-def _quant_tile(x, SCALE_RECIPROCAL: tl.constexpr):
-    """[BM, 128] activation tile -> (values rounded to e4m3, still fp32; fp32 row scales [BM]).
-
-    kernels/fp8_quant.py _act_quant_body's arithmetic, op for op (tests/kernels/test_fp8_gemm.py
-    checks the fused GEMM against act_quant + GEMM bit for bit): masked (zero) columns and rows do
-    not raise amax, an all-zero row gets the AMAX_FLOOR scale and quantizes to zeros (no NaN)."""
-    x = x.to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_FLOOR)  # [BM]
-    if SCALE_RECIPROCAL:  # torch on CUDA: amax * fp32(1/448)
-        s = amax * INV_FP8_E4M3_MAX
-    else:  # torch on the CPU: IEEE amax / 448
-        s = tl.math.div_rn(amax, FP8_E4M3_MAX)
-    q = tl.math.div_rn(x, s[:, None])
-    return _round_to_e4m3(tl.minimum(tl.maximum(q, -FP8_E4M3_MAX), FP8_E4M3_MAX)), s
-
-
-@triton.jit
 def _fp8_gemm_kernel(
     a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr,
     M, N, K, M_BUCKET,
@@ -186,7 +168,7 @@ def _fp8_gemm_kernel(
             b_s = tl.load(b_s_cols + kb, mask=mask_n, other=0.0)[None, :]  # [1, BN]
         if A_FP8:
             if QUANT_A:  # a is the activation itself: act_quant's 1x128 step, in registers
-                a, a_s = _quant_tile(a, SCALE_RECIPROCAL)
+                a, a_s = quantize_rows(a.to(tl.float32), SCALE_RECIPROCAL)  # act_quant's arithmetic
                 a = a.to(b_ptr.dtype.element_ty)  # exact: already rounded to e4m3
             else:
                 a_s = tl.load(a_s_rows + kb, mask=mask_m, other=0.0)

@@ -26,7 +26,7 @@
 #   torch16b   benchmarks/torch_16b.py ($TORCH16B_PRECISIONS, default "fp8,bf16"), with the time left
 #              until minute 28; `torch16b:PREC[:END]` runs precision PREC with the time left until
 #              minute END (its results in torch16b-PREC/); `torch16b:PREC:END:TAG` adds the arguments
-#              in $TORCH16B_ARGS_TAG (e.g. "--n-layers 4 --moe-align kernel"), results in torch16b-PREC-TAG/
+#              in $TORCH16B_ARGS_<TAG> (e.g. "--n-layers 4 --moe-align kernel"), results in torch16b-PREC-TAG/
 #   kernels    benchmarks/kernels.py ($KERNELS_ARGS)
 #   ort        benchmarks/onnxruntime_16b.py --wait-builds: eager reference first, then each engine as
 #              soon as its build is done, generate included (one process: one run); needs onnxruntime-gpu

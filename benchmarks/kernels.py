@@ -361,7 +361,7 @@ def bench_fp8_gemm(report: Report, sh: Shapes, quick: bool) -> None:
                                         bench(lambda: fp8_linear(x, w, w_s, fused_quant=False), sh, quick)),
                             bytes_=bytes_ + m * k * 2, flops=flops, peak=FP8_PEAK))
             fused_bytes = m * k * 2 + n * k + w_s.numel() * 4 + m * n * 2  # x read in bf16, no a / a_s round trip
-            if decode:  # the decode path: one launch, the GEMM quantizes x's 1x128 blocks itself
+            if decode:  # the opt-in fused form: one launch, the GEMM quantizes x's 1x128 blocks itself
                 fq_out, fq_choice = fp8_linear(x, w, w_s, fused_quant=True), _fp8_choice(m, n, k, sh.device)
                 fq_err = mean_rel(fq_out.float(), ref)
                 fq_diff = int((fq_out != fp8_linear(x, w, w_s, fused_quant=False)).sum())
@@ -551,7 +551,7 @@ def bench_moe(report: Report, sh: Shapes, quick: bool) -> None:
                     report, Row("moe", case, impl, bench(_graph_of(fn).replay, sh, quick), note=note),
                     bytes_=nbytes, flops=flops, peak=peak)))
 
-            def fused_quant_graph():  # the decode program's fp8 MoE: x and h quantized inside the GEMMs
+            def fused_quant_graph():  # the opt-in fused fp8 MoE: x and h quantized inside the GEMMs
                 fused = lambda: M.fused_moe(x, w13q, w2q, tw, ids, fuse_act_quant=True, **fp8_kw)  # noqa: E731
                 same = torch.equal(fused(), M.fused_moe(x, w13q, w2q, tw, ids, fuse_act_quant=False, **fp8_kw))
                 return add(report, Row("moe", case, "triton fused_moe fp8, act_quant in the GEMMs (CUDA graph)",
@@ -588,7 +588,7 @@ def bench_moe(report: Report, sh: Shapes, quick: bool) -> None:
 
         up_rows.append(guarded(report, f"grouped_gemm {case} _grouped_mm", gm_up))
         if sh.device == "cuda" and t <= 64:  # decode sizes: eager rows are mostly Python launch cost
-            # moe_align as the packages trace it (DSV3_TORCH_MOE_ALIGN): ATen ops (default) vs the kernel
+            # moe_align as the packages trace it (DSV3_TORCH_MOE_ALIGN): ATen ops vs the kernel (default)
             align_case = f"moe_align block_m={bm} {case}"
             same = all(torch.equal(x_, y_) for x_, y_ in zip(M.moe_align(ids, e, bm), M.moe_align_ref(ids, e, bm)))
             align_rows = [guarded(report, f"moe_align {case} {impl}", lambda impl=impl, fn=fn: add(

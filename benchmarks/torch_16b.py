@@ -45,7 +45,7 @@ import torch
 from dsv3_export.checkpoint import preset_model
 from dsv3_export.engines.torch import compile_package, lower_program, package_info, program_constants
 from dsv3_export.engines.torch_step import AOTIStep
-from dsv3_export.engines.torch_triton import MOE_ALIGN_DEFAULT, MOE_ALIGN_ENV
+from dsv3_export.engines.torch_triton import FUSED_ACT_QUANT_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_ENV
 from dsv3_export.export import export_step
 from dsv3_export.passes.base import PassConfig
 from dsv3_export.passes.pipeline import run_pipeline
@@ -92,9 +92,10 @@ def copy_bandwidth() -> float:
 
 def floor_ms(model, batch: int, context: int, bandwidth: float) -> float:
     """Bytes a decode step must read at least / bandwidth: each weight once at the precision the
-    checkpoint stores it (fp8 Linears with their scales; the head, gate, norms and embedding rows
-    in bf16: the fp8 16b keeps its 420 MB head in bf16, as DeepSeek's checkpoints do), the routed
-    experts a batch of `batch` tokens is expected to touch, and the cache once."""
+    checkpoint stores it (fp8 Linears with their scales; the head, gate and norms in bf16: the fp8
+    16b keeps its 420 MB head in bf16, as DeepSeek's checkpoints do; not the embedding table, of
+    which a step reads `batch` rows), the routed experts a batch of `batch` tokens is expected to
+    touch, and the cache once."""
     a = model.args
     k, e = a.n_activated_experts, a.n_routed_experts
     distinct = e * (1.0 - (1.0 - k / e) ** batch)  # expected distinct experts per layer, uniform routing
@@ -304,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)", "torch": torch.__version__, "preset": opts.preset,
             "batches": batches, "prompt_len": opts.prompt_len, "decode_steps": opts.decode_steps,
             "n_layers_override": opts.n_layers, "moe_align": os.environ.get(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT),
+            "fused_act_quant": os.environ.get(FUSED_ACT_QUANT_ENV, "0"),
             "note": "max_seq_len set to 2 * prompt_len (YaRN off) to keep the reference caches small"}
     report = Report(opts.out / "torch_16b.json", opts.budget_s, meta)
     bandwidth = copy_bandwidth()

@@ -59,8 +59,8 @@ MOE_ALIGN_DEFAULT = "kernel"
 # Whether the decode program's fp8 GEMMs (fp8_linear and the MoE's grouped GEMMs) quantize their
 # own activations (QUANT_A: one launch fewer per Linear, two per MoE layer, bit-identical) or take
 # them from a separate act_quant launch. Off by default: measured on the H200 (4-layer 16b fp8
-# decode program, session 5) the fused GEMMs were 3-4x slower (fp8 GEMM ~22 us vs ~6 us per call,
-# grouped GEMM ~37 us vs ~16-19 us), far more than the ~2.5 us act_quant launches they remove (that
+# decode program, session 5) the fused GEMMs were slower (fp8 GEMM ~3.5x: ~22 us vs ~6 us per call;
+# grouped GEMM ~2x: ~37 us vs ~16-19 us), far more than the ~2.5 us act_quant launches they remove (that
 # program's CUDA-graph step: 0.995 ms fused, 0.708 ms before this session's other decode changes).
 # DSV3_TORCH_FUSED_ACT_QUANT=1 at build time turns it on.
 FUSED_ACT_QUANT_ENV = "DSV3_TORCH_FUSED_ACT_QUANT"
@@ -159,8 +159,9 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
 def moe_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
                     w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, block_m: int,
                     fuse_act_quant: bool = False) -> torch.Tensor:
-    """fuse_act_quant (decode): the grouped GEMMs quantize x and h themselves, the same bits as the
-    two _act_quant launches of the other form (kernels/moe.py grouped_gemm(quantize_a=True))."""
+    """fuse_act_quant (opt-in, FUSED_ACT_QUANT_ENV; bf16/fp16 x): the grouped GEMMs quantize x and h
+    themselves, the same bits as the two _act_quant launches of the default form (kernels/moe.py
+    grouped_gemm(quantize_a=True)); measured slower on the H200."""
     t, topk = topk_ids.shape
     sorted_ids, expert_ids, npp = _moe_align(topk_ids, w13.shape[0], block_m)
     if fuse_act_quant:
@@ -272,7 +273,8 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
         if not act_quant:  # weight-only fp8: no kernel for bf16 activations x fp8 weights
             return ATEN_LOWERINGS["dsv3::moe_experts_fp8"](x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale,
                                                            act_quant)
-        return moe_experts_fp8(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m, fused)
+        fuse = fused and x.dtype in km.DENSE_DTYPES  # the in-GEMM quantization reads bf16/fp16 activations
+        return moe_experts_fp8(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m, fuse)
 
     def lower_mla(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale):
         if q_nope.dtype not in km.DENSE_DTYPES:  # fp32: the kernel's dots would be TF32

@@ -29,7 +29,6 @@ from torch.fx.node import map_arg
 
 import dsv3_export.ops  # noqa: F401  (registers dsv3::mla_attention)
 from dsv3_export.passes.base import PassConfig, PassError, PassResult
-from dsv3_export.passes.graph_utils import depends_on, user_input_names
 from dsv3_export.passes.program_state import ProgramState
 
 PASS = "fold_attention_weights"
@@ -49,15 +48,12 @@ def _cone(node: Node) -> list[Node]:
     return [n for n in node.graph.nodes if n in seen]
 
 
-def _evaluate(state: ProgramState, node: Node) -> torch.Tensor:
+def _evaluate(state: ProgramState, node: Node, cone: list[Node]) -> torch.Tensor:
     """node's value from the program's weights: its cone run op by op on the real tensors."""
     env: dict[Node, object] = {}
-    for n in _cone(node):
+    for n in cone:
         if n.op == "placeholder":
-            target = state.target_of(n)
-            if target is None:
-                raise PassError(PASS, f"{n.name} is not a parameter, buffer or constant", node.name)
-            env[n] = state.tensor(target)
+            env[n] = state.tensor(state.target_of(n))
         elif n.op == "call_function":
             env[n] = n.target(*map_arg(n.args, env.__getitem__), **map_arg(n.kwargs, env.__getitem__))
         else:
@@ -68,9 +64,44 @@ def _evaluate(state: ProgramState, node: Node) -> torch.Tensor:
     return value
 
 
-def _folded_name(state: ProgramState, node: Node) -> str:
+def _not_constant(state: ProgramState, cone: list[Node], mutated: set[str]) -> str | None:
+    """Why the cone's value can change between steps (a user input, a buffer the step writes), or None."""
+    for n in cone:
+        if n.op != "placeholder":
+            continue
+        target = state.target_of(n)
+        if target is None:
+            return f"it reads the input {n.name!r}"
+        if target in mutated:
+            return f"it reads the buffer {target!r}, which the step updates"
+    return None
+
+
+def _mutated_state(state: ProgramState, program: ExportedProgram) -> set[str]:
+    """Buffers the step writes: its buffer mutations (functional IR), or state placeholders that an
+    in-place op writes (the non-functional IR torch.export also returns)."""
+    mutated = set(program.graph_signature.buffers_to_mutate.values())
+    for node in state.placeholders():
+        writes = (u for u in node.users if u.op == "call_function" and getattr(u.target, "_schema", None) is not None
+                  and u.target._schema.is_mutable)
+        if any(writes) and state.target_of(node) is not None:
+            mutated.add(state.target_of(node))
+    return mutated
+
+
+def _plain_parameter(node: Node, cone: list[Node]) -> bool:
+    """True when node only re-labels one parameter (same dtype and shape: a no-op cast or view
+    chain, which remove_noop_casts drops): nothing to compute, nothing to fold."""
+    sources = [n for n in cone if n.op == "placeholder"]
+    if len(sources) != 1:
+        return False
+    src, val = sources[0].meta["val"], node.meta["val"]
+    return src.dtype == val.dtype and tuple(src.shape) == tuple(val.shape)
+
+
+def _folded_name(state: ProgramState, cone: list[Node]) -> str:
     """"layers.0.attn.wkv_b.weight" (the cone's largest parameter) -> "layers.0.attn.wkv_b.folded"."""
-    sources = [state.target_of(n) for n in _cone(node) if n.op == "placeholder"]
+    sources = [state.target_of(n) for n in cone if n.op == "placeholder"]
     source = max(sources, key=lambda t: state.tensor(t).numel())
     base = source.rsplit(".", 1)[0] + ".folded"
     name, i = base, 1
@@ -79,46 +110,41 @@ def _folded_name(state: ProgramState, node: Node) -> str:
     return name
 
 
-def _plain_parameter(node: Node) -> bool:
-    """True when node only re-labels one parameter (same dtype and shape: a no-op cast or view
-    chain, which remove_noop_casts drops): nothing to compute, nothing to fold."""
-    sources = [n for n in _cone(node) if n.op == "placeholder"]
-    if len(sources) != 1:
-        return False
-    src, val = sources[0].meta["val"], node.meta["val"]
-    return src.dtype == val.dtype and tuple(src.shape) == tuple(val.shape)
-
-
 def fold_attention_weights(program: ExportedProgram, config: PassConfig) -> PassResult:
     state = ProgramState(program)
-    inputs = user_input_names(program)
+    mutated = _mutated_state(state, program)
     notes: list[str] = []
     folded: dict[Node, Node] = {}  # computed wkv_b -> its new parameter (shared by every reader)
     sources: list[str] = []
-    for node in list(state.graph.nodes):
-        if node.op != "call_function" or node.target is not MLA:
-            continue
+    attentions = [n for n in state.graph.nodes if n.op == "call_function" and n.target is MLA]
+    for node in attentions:
         wkv_b = node.args[WKV_B_ARG]
-        if not isinstance(wkv_b, Node) or wkv_b.op == "placeholder" or _plain_parameter(wkv_b):
-            continue
-        reads = depends_on(wkv_b, inputs)
-        if reads is not None:
-            notes.append(f"{node.name}: wkv_b depends on the input {reads!r}; left alone")
+        if not isinstance(wkv_b, Node) or wkv_b.op == "placeholder":
             continue
         if wkv_b not in folded:
+            cone = _cone(wkv_b)
+            if _plain_parameter(wkv_b, cone):
+                continue
+            why = _not_constant(state, cone, mutated)
+            if why is not None:
+                notes.append(f"{node.name}: wkv_b left alone: {why}")
+                continue
             with torch.no_grad():
-                value = _evaluate(state, wkv_b).contiguous()
+                value = _evaluate(state, wkv_b, cone).contiguous()
             want = wkv_b.meta["val"]
             if value.dtype != want.dtype or tuple(value.shape) != tuple(want.shape):
                 raise PassError(PASS, f"evaluated to {value.dtype} {tuple(value.shape)}, the graph says "
                                       f"{want.dtype} {tuple(want.shape)}", wkv_b.name)
-            sources += [state.target_of(n) for n in _cone(wkv_b) if n.op == "placeholder"]
-            folded[wkv_b] = state.add_parameter(_folded_name(state, wkv_b), value)
+            sources += [state.target_of(n) for n in cone if n.op == "placeholder"]
+            folded[wkv_b] = state.add_parameter(_folded_name(state, cone), value)
         node.replace_input_with(wkv_b, folded[wkv_b])
     if not folded:
         return PassResult(program, 0, notes or ["every attention's wkv_b is already a parameter"])
     state.eliminate_dead_code()
     removed = state.remove_if_unused(sources)
+    computed = [n.name for n in attentions if n.args[WKV_B_ARG] in folded]
+    if computed:
+        raise PassError(PASS, f"attention(s) still read a computed wkv_b after the rewrite: {computed[:4]}")
     result = state.program()
     notes.append(f"{len(folded)} wkv_b computation(s) folded into parameters; {len(removed)} source tensor(s) "
                  f"dropped (e.g. {removed[0] if removed else '-'})")

@@ -4,8 +4,9 @@
                                     dump_dir=Path("graphs"), verify_each_pass=True)
 
 Order matters (passes/README.md says why): fuse_mla_absorb matches the raw export IR, so it runs
-before anything rewrites casts, and fold_attention_weights right after it computes the attention's
-wkv_b once (an fp8 checkpoint's dequantization would otherwise run every step); the MoE rewrite runs before fp8 quantization so that the
+before anything rewrites casts; fold_attention_weights runs right after it and computes each
+attention's wkv_b once at build time (an fp8 checkpoint's dequantization would otherwise run every
+step); the MoE rewrite runs before fp8 quantization so that the
 quantizer sees grouped expert weights; fuse_shared_input_linears runs after the quantizer (fp8
 weights are concatenated as quantized, bit-exact; it sees through the dense weights' casts);
 cleanups run last and remove what the rewrites left dead.

@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "torch_16b.py"
 
 
+@pytest.mark.slow  # ~30 s: an AOTInductor build of a 2-layer decode program
 def test_cpu_smoke_decode_only_profile_run(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--precisions", "fp8", "--batches", "1,2",
                            "--prompt-len", "16", "--n-layers", "2", "--engine-kinds", "decode", "--skip", "compile,eager",

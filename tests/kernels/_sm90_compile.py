@@ -107,7 +107,7 @@ def _cases(all_configs: bool):
             yield (f"fp8_gemm quant_a x={a[1:]} recip={recip} split_k={split} a_fp8=True", fp8_gemm._fp8_gemm_kernel,
                    cfg, dict(a_ptr=a, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c),
                    dict(A_FP8=True, QUANT_A=True, SCALE_RECIPROCAL=recip, UPCAST=False, BLOCK_K=128))
-    # The Hopper prefill candidate (TMA descriptors, persistent): every config, it has three.
+    # The Hopper prefill candidate (TMA descriptors, persistent): every config.
     for cfg in fp8_gemm_persistent.TMA_PERSISTENT_CONFIGS:
         for c in (bf, f32):
             yield (f"fp8_gemm tma_persistent c={c} a_fp8=True", fp8_gemm_persistent._fp8_gemm_tma_persistent_kernel,
@@ -116,7 +116,7 @@ def _cases(all_configs: bool):
         yield (f"split_k_sum c={c}", fp8_gemm._split_k_sum_kernel, triton.Config({}, num_warps=4),
                dict(ws_ptr=f32, c_ptr=c), dict(BLOCK=fp8_gemm.SPLIT_K_SUM_BLOCK))
     for cfg in pick(moe.GROUPED_GEMM_CONFIGS):
-        # quant_a: bf16 a quantized 1x128 in the kernel (the decode program's fp8 MoE, CUDA scale form)
+        # quant_a: bf16 a quantized 1x128 in the kernel (the opt-in fused fp8 MoE, CUDA scale form)
         for w_fp8, a_fp8, quant_a, swiglu, block_m in ((True, True, False, True, 16), (True, True, False, False, 64),
                                                        (True, True, True, True, 16), (True, True, True, False, 16),
                                                        (True, False, False, True, 16), (False, False, False, True, 64),

@@ -329,8 +329,9 @@ def test_fp8_linear_fuses_the_quantization_only_when_asked(seed, monkeypatch):
 
 def test_quant_a_empty_inputs_and_bad_arguments():
     w, w_s = R.weight_quant(torch.randn(200, 300))
-    out = G.fp8_linear(torch.zeros(0, 300, dtype=torch.bfloat16), w, w_s)
-    assert out.shape == (0, 200)
+    for fused in (False, True):
+        out = G.fp8_linear(torch.zeros(0, 300, dtype=torch.bfloat16), w, w_s, fused_quant=fused)
+        assert out.shape == (0, 200)
     x = torch.randn(3, 300, dtype=torch.bfloat16)
     a, a_s = R.act_quant(x)
     with pytest.raises(TypeError, match="fp8_gemm: a: dtype torch.float8_e4m3fn"):

@@ -395,7 +395,7 @@ def test_fused_moe_quantizes_inside_the_gemms_when_asked(seed, monkeypatch, t):
 
 def test_engine_moe_fp8_decode_form_fuses_act_quant(seed, monkeypatch):
     """dsv3_aoti::moe_experts_fp8 (the CUDA lowering's launch code, run by the interpreter):
-    fuse_act_quant=True (the decode program's form) launches moe_align + 2 grouped GEMMs and no
+    fuse_act_quant=True (the opt-in DSV3_TORCH_FUSED_ACT_QUANT=1 form) launches moe_align + 2 grouped GEMMs and no
     act_quant, each GEMM on min(n_blocks, T*k) row blocks, and equals the separate form bit for bit."""
     from dsv3_export.engines import torch_triton as TT
 

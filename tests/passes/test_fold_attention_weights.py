@@ -66,3 +66,48 @@ def test_dense_wkv_b_is_left_alone():
 def test_in_the_pipeline_after_the_attention_fusion():
     names = pipeline.PASS_NAMES
     assert names.index("fuse_mla_absorb") < names.index("fold_attention_weights") < names.index("quantize_fp8_blockwise")
+
+
+def test_second_run_finds_nothing_left():
+    once = fold_attention_weights(absorbed("decode", "fp8"), PassConfig(precision="bf16")).program
+    again = fold_attention_weights(once, PassConfig(precision="bf16"))
+    assert again.matches == 0 and "already a parameter" in again.notes[0]
+
+
+class _Attention(torch.nn.Module):
+    """One dsv3::mla_attention whose wkv_b is computed from weights only, or also from an input or a
+    buffer the step mutates (h=4, dn=16, dv=12, c=40, r=8)."""
+
+    def __init__(self, source: str):
+        super().__init__()
+        self.source = source
+        self.w = torch.nn.Parameter(torch.randn(4 * (16 + 12), 40), requires_grad=False)
+        self.s = torch.nn.Parameter(torch.rand(1, 40) + 0.5, requires_grad=False)
+        self.register_buffer("steps", torch.ones(1))
+
+    def forward(self, q_nope, q_pe, kv_new, kv_cache, start_pos):
+        wkv_b = self.w * self.s
+        if self.source == "input":
+            wkv_b = wkv_b * q_nope.mean()
+        elif self.source == "buffer":
+            wkv_b = wkv_b * self.steps
+            self.steps.add_(1)
+        return torch.ops.dsv3.mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, 0.25)
+
+
+@pytest.mark.parametrize("source,folds", [("weights", True), ("input", False), ("buffer", False)])
+def test_folds_only_what_cannot_change_between_steps(source, folds, seed):
+    g = torch.Generator().manual_seed(seed)
+    args = (torch.randn(2, 1, 4, 16, generator=g), torch.randn(2, 1, 4, 8, generator=g),
+            torch.randn(2, 1, 48, generator=g), torch.randn(2, 7, 48, generator=g), torch.tensor([3, 7]))
+    program = torch.export.export(_Attention(source), args, strict=False)
+    result = fold_attention_weights(program, PassConfig(precision="fp32"))
+    assert result.matches == int(folds), result.notes
+    if not folds:
+        assert {"input": "reads the input", "buffer": "which the step updates"}[source] in result.notes[0]
+        return
+    assert "w" not in result.program.state_dict and "s" not in result.program.state_dict
+    fresh = _Attention(source)
+    fresh.load_state_dict({"w": program.state_dict["w"], "s": program.state_dict["s"], "steps": torch.ones(1)})
+    want = fresh(*args)
+    assert torch.equal(result.program.module()(*args), want)

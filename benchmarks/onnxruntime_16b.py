@@ -45,6 +45,7 @@ from typing import Any, Callable
 
 import torch
 
+from _floor import decode_step_bytes  # noqa: E402 - sibling module of this script
 from _report import Report, log  # noqa: E402 - sibling module of this script
 
 PRESET_SEED = 0
@@ -74,27 +75,13 @@ def copy_bandwidth(gib: float = 4.0) -> float:
 
 
 def decode_bytes(args, batch: int, context: int, precision: str) -> float:
-    """Bytes one decode step at `batch` must read: every dense weight once (head included, the
-    embedding only for its b rows), the routed experts the batch is expected to touch under
-    uniform routing, and the KV cache of `context` positions per row."""
+    """Bytes one decode step at `batch` must read (benchmarks/_floor.py), for the model as the
+    `precision` checkpoint stores it (built on the meta device: no memory)."""
     from dsv3_export.reference.model import Transformer
-    from dsv3_export.stats import HIGH_PRECISION_MODULES
 
     with torch.device("meta"):
-        model = Transformer(args.replace(dtype="bf16"), dtype=torch.bfloat16)
-    dense = routed = 0.0
-    for name, p in model.named_parameters():
-        if name.startswith("embed"):
-            continue
-        size = 2 if precision == "bf16" or any(s in name for s in HIGH_PRECISION_MODULES) or p.dim() < 2 else 1
-        if ".experts." in name:
-            routed += p.numel() * size
-        else:
-            dense += p.numel() * size
-    e, k = args.n_routed_experts, args.n_activated_experts
-    touched = e * (1 - (1 - k / e) ** batch) / e  # expected fraction of experts a batch uses
-    cache = batch * args.n_layers * context * args.latent_cache_width * 2
-    return dense + routed * touched + cache + batch * args.dim * 2
+        model = Transformer(args.replace(dtype=precision), dtype=torch.bfloat16)
+    return decode_step_bytes(model, batch, context)
 
 
 # --- engine ------------------------------------------------------------------------------------

@@ -52,9 +52,9 @@ from dsv3_export.passes.pipeline import run_pipeline
 from dsv3_export.reports.reference import reference_generate
 from dsv3_export.runtime import Engine
 from dsv3_export.step import write_cache
-from dsv3_export.stats import model_stats
 from dsv3_export.step import LatentCacheStep
 
+from _floor import decode_step_bytes  # noqa: E402 - sibling module of this script
 from _report import Report, log  # noqa: E402 - sibling module of this script
 
 DEVICE = "cuda"  # --device cpu: a smoke run of this script's code on the tiny preset (no GPU numbers)
@@ -91,22 +91,8 @@ def copy_bandwidth() -> float:
 
 
 def floor_ms(model, batch: int, context: int, bandwidth: float) -> float:
-    """Bytes a decode step must read at least / bandwidth: each weight once at the precision the
-    checkpoint stores it (fp8 Linears with their scales; the head, gate and norms in bf16: the fp8
-    16b keeps its 420 MB head in bf16, as DeepSeek's checkpoints do; not the embedding table, of
-    which a step reads `batch` rows), the routed experts a batch of `batch` tokens is expected to
-    touch, and the cache once."""
-    a = model.args
-    k, e = a.n_activated_experts, a.n_routed_experts
-    distinct = e * (1.0 - (1.0 - k / e) ** batch)  # expected distinct experts per layer, uniform routing
-    weights = 0.0
-    for name, p in model.named_parameters():
-        if name.startswith("embed."):
-            continue  # a step reads `batch` rows of the table, not the table
-        share = distinct / e if ".experts." in name else 1.0
-        weights += p.numel() * p.element_size() * share
-    cache = batch * context * model_stats(a).kv_values_per_token_absorbed * 2
-    return (weights + cache) / bandwidth * 1e3
+    """Milliseconds to read what a decode step must read (benchmarks/_floor.py) at `bandwidth`."""
+    return decode_step_bytes(model, batch, context) / bandwidth * 1e3
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

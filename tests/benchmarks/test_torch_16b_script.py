@@ -29,5 +29,5 @@ def test_cpu_smoke_decode_only_profile_run(tmp_path):
     assert engine["decode_logits_rel_err_vs_eager_step"] < 0.1, engine  # fp8 W8A8 vs the weight-only step
     assert "generate_tokens" not in engine  # needs the prefill program, not built here
     assert engine["decode_b1_kernels"]["launches_per_step"] > 0, engine["decode_b1_kernels"]
-    assert 0 < fp8["floor"]["decode_ms_b1"] < fp8["floor"]["decode_ms_b2"]
+    assert 0 < fp8["floor"]["decode_ms_b1"] <= fp8["floor"]["decode_ms_b2"]  # rounded to 1 us: tiny may tie
     assert "| fp8 | engine |" in done.stdout

@@ -3,7 +3,8 @@
 One family per module, each with its kernel(s), a checking launcher and a pure-torch `*_ref`:
   fp8_quant       act_quant (1x128 activation quant), weight_dequant (128x128 blocks)
   fp8_gemm        fp8_gemm (blockwise-scaled, split-K for decode), fp8_linear = act_quant + fp8_gemm
-  moe             moe_align, grouped_gemm (fp8 or bf16, fused SwiGLU / routing weight), fused_moe
+  moe             grouped_gemm (fp8 or bf16, fused SwiGLU / routing weight), fused_moe; moe_align re-exported
+  moe_align       moe_align (token assignments grouped and padded per expert), moe_align_ref (ATen form)
   mla_attention   the MLA family's entry point: shared checks, mla_decode_ref / mla_prefill_ref, and
                   the names of mla_decode / mla_prefill re-exported
   mla_decode      mla_decode (split-KV flash-decoding over the latent cache, separate or fused merge)

@@ -1,13 +1,9 @@
 """Mixture-of-Experts as token alignment + grouped GEMM (vLLM fused_moe style), no host sync.
 
 Shapes: T tokens, k = top-k, E experts, D model dim, I expert inter dim.
-  moe_align(topk_ids [T, k], E, block_m)
-      -> sorted_token_ids int32 [n_blocks * block_m]: flat assignment ids a = t * k + j grouped by
-         expert, each expert's run padded to a multiple of block_m with the sentinel T * k;
-         expert_ids int32 [n_blocks]: the expert of each block_m-row block (-1 past the end);
-         num_tokens_post_pad int32 [1]: rows actually used (sum of the padded runs).
-      n_blocks = ceil((T*k + E*(block_m-1)) / block_m) is the worst case, so every size is a
-      function of T, k, E only: no .item(), graph-capturable, exportable.
+  moe_align(topk_ids [T, k], E, block_m) -> sorted_token_ids, expert_ids, num_tokens_post_pad:
+      the assignments grouped by expert, padded per expert to block_m rows (kernels/moe_align.py,
+      re-exported here).
   grouped_gemm(a, w [E, N, K], sorted_token_ids, expert_ids, num_tokens_post_pad, topk)
       program (block b, column tile n): rows a[sorted_ids // topk] of its block times w[expert]^T;
       output row = the assignment id, so out is [T*k, N] in (token, slot) order. The grid has
@@ -32,19 +28,16 @@ import triton
 import triton.language as tl
 
 from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, autotune_or_single, cdiv, check_tensor,
-                                         is_interpreted, launch, next_pow2, traceable, tracing)
+                                         is_interpreted, launch)
 from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
 from dsv3_export.kernels.fp8_quant import quantize_rows
+from dsv3_export.kernels.moe_align import TRACED_ALIGN_FORMS, moe_align, moe_align_ref  # noqa: F401 (re-exported)
 from dsv3_export.reference import fp8 as fp8_ref
 
 DENSE_DTYPES = (torch.bfloat16, torch.float16)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # K step of the dense path; the fp8 path steps by the scale block (128).
 DENSE_BLOCK_K = 64
-# moe_align kernel: [CHUNK, next_pow2(E)] one-hot tiles of ALIGN_TILE elements; above
-# MAX_ALIGN_EXPERTS experts the ATen form is used.
-ALIGN_TILE = 8192
-MAX_ALIGN_EXPERTS = 1024
 
 GROUPED_GEMM_CONFIGS = [
     triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4),
@@ -151,114 +144,6 @@ def row_blocks(n_blocks, n_assignments):
     symbolic sizes while tracing (a Python min would specialize T), a plain int in eager mode.
     """
     return torch.sym_min(n_blocks, n_assignments)
-
-
-@triton.jit
-def _moe_align_kernel(
-    ids_ptr, sorted_ids_ptr, expert_ids_ptr, npp_ptr,
-    NUMEL, N_BLOCKS,
-    E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr,
-):
-    """One program: histogram -> padded offsets -> stable scatter -> block experts (see moe_align)."""
-    experts = tl.arange(0, BLOCK_E)
-    # 1. assignments per expert
-    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    for c0 in range(0, NUMEL, CHUNK):
-        offs = c0 + tl.arange(0, CHUNK)
-        e = tl.load(ids_ptr + offs, mask=offs < NUMEL, other=BLOCK_E).to(tl.int32)
-        counts += tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
-    # 2. each expert's run padded to BLOCK_M rows; runs laid out in expert order
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, axis=0)  # [BLOCK_E]; lanes >= E have count 0
-    total = tl.sum(padded, axis=0)
-    # 3. every slot starts as the padding sentinel NUMEL ...
-    for f0 in range(0, N_BLOCKS * BLOCK_M, FILL):
-        offs = f0 + tl.arange(0, FILL)
-        tl.store(sorted_ids_ptr + offs, tl.full((FILL,), 0, tl.int32) + NUMEL, mask=offs < N_BLOCKS * BLOCK_M)
-    tl.debug_barrier()  # ... before any thread writes a real id over a sentinel
-    # 4. assignment a goes to ends[e] - padded[e] + (assignments of e before a): a stable sort
-    next_slot = ends - padded
-    for c0 in range(0, NUMEL, CHUNK):
-        offs = c0 + tl.arange(0, CHUNK)
-        valid = offs < NUMEL
-        e = tl.load(ids_ptr + offs, mask=valid, other=BLOCK_E).to(tl.int32)
-        onehot = (e[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, BLOCK_E]
-        before = tl.cumsum(onehot, axis=0) - onehot  # same-expert assignments earlier in the chunk
-        dest = tl.sum((before + next_slot[None, :]) * onehot, axis=1)  # [CHUNK]
-        tl.store(sorted_ids_ptr + dest, offs.to(tl.int32), mask=valid)
-        next_slot += tl.sum(onehot, axis=0)
-    # 5. block b belongs to the first expert whose run ends past b * BLOCK_M (-1 past the last run)
-    real = experts < E
-    for b0 in range(0, N_BLOCKS, CHUNK):
-        blocks = b0 + tl.arange(0, CHUNK)
-        owner = tl.sum(((ends[None, :] <= blocks[:, None] * BLOCK_M) & real[None, :]).to(tl.int32), axis=1)
-        tl.store(expert_ids_ptr + blocks, tl.where(owner < E, owner, -1), mask=blocks < N_BLOCKS)
-    tl.store(npp_ptr, total)
-
-
-# How moe_align is traced (torch.export inside the engines' triton_ops, then AOTInductor): "kernel"
-# (default) is the single-program kernel behind wrap_triton, one launch per layer; "aten" is
-# moe_align_ref's ~15 ops, which Inductor compiles into several kernels per MoE layer (the form the
-# 16b engines ran in session 4). On the H200 (session 5, 4-layer 16b fp8 decode program) the kernel
-# form took the CUDA-graph step from 0.739 to 0.708 ms (1.84 to 1.05 ms without a graph).
-TRACED_ALIGN_FORMS = ("kernel", "aten")
-
-
-def moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int, *, traced_form: str = "kernel"
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group the T*k (token, slot) assignments by expert, padded per expert to block_m rows.
-
-    topk_ids values must lie in [0, n_experts) (not checked: that would need a host sync).
-    Eager: one single-program Triton kernel (the ATen form below is ~15 launches, 0.48 ms on the
-    H200 at T=1, which dominated a decode MoE step). While tracing (torch.export / AOTInductor):
-    `traced_form` (TRACED_ALIGN_FORMS). Both forms give identical outputs.
-    """
-    check_tensor("moe_align: topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2)
-    if n_experts <= 0:
-        raise ValueError(f"moe_align: n_experts={n_experts} must be positive")
-    if block_m < 16 or block_m & (block_m - 1):
-        raise ValueError(f"moe_align: block_m={block_m} must be a power of 2 >= 16 (tl.dot tile)")
-    if traced_form not in TRACED_ALIGN_FORMS:
-        raise ValueError(f"moe_align: traced_form={traced_form!r} must be one of {TRACED_ALIGN_FORMS}")
-    if (tracing() and traced_form == "aten") or n_experts > MAX_ALIGN_EXPERTS:
-        return moe_align_ref(topk_ids, n_experts, block_m)
-    dev = topk_ids.device
-    numel = topk_ids.numel()
-    n_blocks = cdiv(numel + n_experts * (block_m - 1), block_m)
-    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
-    sorted_token_ids = torch.empty((n_blocks * block_m,), dtype=torch.int32, device=dev)
-    expert_ids = torch.empty((n_blocks,), dtype=torch.int32, device=dev)
-    num_tokens_post_pad = torch.empty((1,), dtype=torch.int32, device=dev)
-    block_e = max(16, next_pow2(n_experts))
-    traceable(_moe_align_kernel)[(1,)](
-        ids, sorted_token_ids, expert_ids, num_tokens_post_pad, numel, n_blocks,
-        E=n_experts, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK=max(16, ALIGN_TILE // block_e), FILL=1024,
-        num_warps=4)
-    return sorted_token_ids, expert_ids, num_tokens_post_pad
-
-
-def moe_align_ref(topk_ids: torch.Tensor, n_experts: int, block_m: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """moe_align in ATen ops (argsort + scatter + searchsorted): the oracle, and the traced form."""
-    dev = topk_ids.device
-    numel = topk_ids.numel()
-    n_blocks = cdiv(numel + n_experts * (block_m - 1), block_m)
-    flat = topk_ids.reshape(-1).long()  # [T*k]
-    counts = torch.zeros(n_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m  # [E]
-    ends = torch.cumsum(padded, 0)  # [E]
-    starts = ends - padded
-    order = torch.argsort(flat, stable=True)  # [T*k] assignment ids by expert
-    sorted_experts = flat[order]
-    rank = torch.arange(numel, device=dev) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
-    dest = starts[sorted_experts] + rank  # [T*k] slot of each sorted assignment
-    sorted_token_ids = torch.full((n_blocks * block_m,), numel, dtype=torch.int32, device=dev)
-    sorted_token_ids.scatter_(0, dest, order.to(torch.int32))
-    block_starts = torch.arange(n_blocks, device=dev) * block_m  # [n_blocks]
-    expert_ids = torch.searchsorted(ends, block_starts, right=True)  # first expert whose run ends past the block
-    expert_ids = torch.where(expert_ids < n_experts, expert_ids, -1).to(torch.int32)
-    num_tokens_post_pad = ends[-1:].to(torch.int32)
-    return sorted_token_ids, expert_ids, num_tokens_post_pad
 
 
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor,

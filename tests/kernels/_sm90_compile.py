@@ -24,7 +24,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from dsv3_export.kernels import fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_decode, mla_prefill, moe, rmsnorm  # noqa: E402
+from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_decode, mla_prefill, moe,  # noqa: E402
+                                 moe_align, rmsnorm)
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Opt-in shared memory per block on H100/H200 (227 KB).
@@ -130,9 +131,9 @@ def _cases(all_configs: bool):
                         SCALE_BLOCK=128, BLOCK_M=block_m, BLOCK_K=128 if w_fp8 else moe.DENSE_BLOCK_K,
                         QUANT_A=quant_a, SCALE_RECIPROCAL=True))
     for e, ids in ((64, "*i64"), (256, "*i32")):  # the 16b preset's 64 experts; V3's 256
-        yield (f"moe_align E={e}", moe._moe_align_kernel, triton.Config({}, num_warps=4),
+        yield (f"moe_align E={e}", moe_align._moe_align_kernel, triton.Config({}, num_warps=4),
                dict(ids_ptr=ids, sorted_ids_ptr=i32, expert_ids_ptr=i32, npp_ptr=i32),
-               dict(E=e, BLOCK_E=e, BLOCK_M=16, CHUNK=moe.ALIGN_TILE // e, FILL=1024))
+               dict(E=e, BLOCK_E=e, BLOCK_M=16, CHUNK=moe_align.ALIGN_TILE // e, FILL=1024))
     mla_dims = dict(C=512, R=64, BLOCK_C=512, BLOCK_R=64, UPCAST=False)
     # Host-chosen splits (8), and the traced program's runtime split rule (MAX_SPLITS split programs, the
     # kernels pick how many run: early returns, a runtime `splits`); it always has the new token.

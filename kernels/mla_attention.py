@@ -124,12 +124,14 @@ def mla_prefill_ref(q_latent, q_pe, kv_cache, pe_cache, start_pos, softmax_scale
 # mla_decode alone, and a default is changed there (mla_decode.DECODE_MERGE = ...), not here.
 _REEXPORTS = {
     "mla_decode": (
-        "MAX_SPLITS", "MIN_BLOCK_H", "MAX_BLOCK_H", "DECODE_PROGRAMS_PER_SM", "MIN_SPLIT_KEYS",
-        "SPLIT_OVERHEAD_KEYS", "MERGE_MODES", "DECODE_MERGE", "MERGE_ELEMS", "MIN_MERGE_C", "merge_cols",
+        "MERGE_MODES", "DECODE_MERGE", "MERGE_ELEMS", "MIN_MERGE_C", "merge_cols",
         "DECODE_CONFIGS", "_FUSED_KEEP", "FUSED_DECODE_CONFIGS", "_mla_decode_split_kernel", "_merge_splits",
         "_mla_decode_reduce_kernel", "_decode_tuned", "_decode_fused_tuned", "_decode_chosen", "decode_config",
-        "choose_num_splits", "_num_splits", "_block_h", "mla_decode", "_counter_cache", "COUNTER_BUFFER_MIN",
-        "_split_counters",
+        "mla_decode", "_counter_cache", "COUNTER_BUFFER_MIN", "_split_counters",
+    ),
+    "mla_splits": (
+        "MAX_SPLITS", "MIN_BLOCK_H", "MAX_BLOCK_H", "DECODE_PROGRAMS_PER_SM", "MIN_SPLIT_KEYS",
+        "SPLIT_OVERHEAD_KEYS", "choose_num_splits", "_num_splits", "_block_h",
     ),
     "mla_prefill": (
         "PREFILL_CONFIGS", "_load_keys", "_attend_tile", "_mla_prefill_kernel", "_prefill_tuned", "mla_prefill",

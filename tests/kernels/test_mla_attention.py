@@ -13,6 +13,7 @@ import triton.language as tl  # noqa: E402
 from dsv3_export.kernels import mla_attention as A  # noqa: E402
 from dsv3_export.kernels import mla_decode as D  # noqa: E402
 from dsv3_export.kernels import mla_prefill as P  # noqa: E402
+from dsv3_export.kernels import mla_splits  # noqa: E402
 from tests.kernels._helpers import TOL, assert_finite, mean_rel  # noqa: E402
 
 H, C, R, S = 5, 64, 16, 100  # H not a power of 2; the real model has C=512, R=64, H=16
@@ -213,7 +214,7 @@ RUNTIME_CASES = {1: [2100], 2: [0, 1400], 5: [0, 37, 130, 600, 1000]}
 
 @pytest.fixture
 def runtime_sms(monkeypatch):
-    monkeypatch.setattr(D, "num_sms", lambda device: RUNTIME_SMS)
+    monkeypatch.setattr(mla_splits, "num_sms", lambda device: RUNTIME_SMS)  # where the split rules read it
     return RUNTIME_SMS
 
 

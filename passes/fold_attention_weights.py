@@ -29,23 +29,12 @@ from torch.fx.node import map_arg
 
 import dsv3_export.ops  # noqa: F401  (registers dsv3::mla_attention)
 from dsv3_export.passes.base import PassConfig, PassError, PassResult
+from dsv3_export.passes.graph_utils import ancestors
 from dsv3_export.passes.program_state import ProgramState
 
 PASS = "fold_attention_weights"
 MLA = torch.ops.dsv3.mla_attention.default
 WKV_B_ARG = 5  # dsv3::mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale)
-
-
-def _cone(node: Node) -> list[Node]:
-    """The nodes `node` is computed from (itself included), in graph order."""
-    seen: set[Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return [n for n in node.graph.nodes if n in seen]
 
 
 def _evaluate(state: ProgramState, node: Node, cone: list[Node]) -> torch.Tensor:
@@ -122,7 +111,7 @@ def fold_attention_weights(program: ExportedProgram, config: PassConfig) -> Pass
         if not isinstance(wkv_b, Node) or wkv_b.op == "placeholder":
             continue
         if wkv_b not in folded:
-            cone = _cone(wkv_b)
+            cone = ancestors(wkv_b)
             if _plain_parameter(wkv_b, cone):
                 continue
             why = _not_constant(state, cone, mutated)

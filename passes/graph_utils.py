@@ -60,18 +60,21 @@ def user_input_names(program: ExportedProgram) -> set[str]:
     return {s.arg.name for s in program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
 
 
-def depends_on(node: Node, names: set[str]) -> str | None:
-    """Name of a placeholder in `names` that `node` (transitively) reads, else None."""
-    seen, stack = set(), [node]
+def ancestors(node: Node) -> list[Node]:
+    """The nodes `node` is computed from, itself included, in graph order."""
+    seen: set[Node] = set()
+    stack = [node]
     while stack:
         n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder" and n.name in names:
-            return n.name
-        stack.extend(n.all_input_nodes)
-    return None
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return [n for n in node.graph.nodes if n in seen]
+
+
+def depends_on(node: Node, names: set[str]) -> str | None:
+    """Name of a placeholder in `names` that `node` (transitively) reads, else None."""
+    return next((n.name for n in ancestors(node) if n.op == "placeholder" and n.name in names), None)
 
 
 def op_histogram(graph: Graph) -> Counter:

@@ -356,7 +356,8 @@ def markdown(data: dict[str, Any], batches: list[int]) -> str:
         if "top" in prof:
             lines.append(f"{precision}: batch-1 decode step, {prof['what']}: {prof['launches_per_step']} per step, "
                          f"{prof['busy_ms_per_step']} ms busy; most time:")
-            lines += [f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:<6} {r['name'][:90]}" for r in prof["top"][:12]]
+            lines += [f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:<6} {r['name'][:90]}"
+                      for r in prof["top"][:12]]
     return "\n".join(lines)
 
 

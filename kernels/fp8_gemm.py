@@ -255,8 +255,8 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
     TMA loads, persistent CTAs; fp8 a only, no split-K, 16-byte aligned rows) on any M; config
     then names one of its TMA_PERSISTENT_CONFIGS. "default" is the kernel above.
     quant_a: a is the bf16/fp16/fp32 activation (a_s=None), quantized 1x128 inside the kernel
-    (one launch, W8A8; opt-in: fp8_linear(fused_quant=True), slower on the H200): the same result as fp8_gemm(*act_quant(a),
-    ...) bit for bit. scale_reciprocal picks act_quant's scale form (default: as torch computes
+    (one launch, W8A8; opt-in: fp8_linear(fused_quant=True), slower on the H200): the same result
+    as fp8_gemm(*act_quant(a), ...) bit for bit. scale_reciprocal picks act_quant's scale form (default: as torch computes
     it on a's device, see kernels/fp8_quant.py act_quant).
     """
     if variant not in VARIANTS:

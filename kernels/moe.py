@@ -12,8 +12,8 @@ Shapes: T tokens, k = top-k, E experts, D model dim, I expert inter dim.
       [T, ceil(K/128)], w fp8 with [E, ceil(N/128), ceil(K/128)] scales, applied per 128-wide K
       block); W8A8 with a in bf16/fp16, quantized 1x128 in registers with act_quant's arithmetic
       (quantize_a: the same bits as act_quant + the fp8 GEMM, one launch less; each program
-      re-quantizes its A tiles; opt-in, 2x slower than act_quant + GEMM on the H200 at decode); W8A16 (bf16/fp16 a, fp8 w
-      widened in registers). Epilogues: SwiGLU (w rows = [gate ; up], writes silu(gate) * up, N/2
+      re-quantizes its A tiles; opt-in, 2x slower than act_quant + GEMM on the H200 at decode);
+      W8A16 (bf16/fp16 a, fp8 w widened in registers). Epilogues: SwiGLU (w rows = [gate ; up], writes silu(gate) * up, N/2
       columns) and the routing weight (row a scaled by topk_weights.flatten()[a]).
   fused_moe = align -> grouped gemm up (+SwiGLU) -> grouped gemm down (x routing weight) -> sum over k.
 BLOCK_M of the GEMM is the alignment's block_m (inferred from the tensor sizes); BLOCK_N and the

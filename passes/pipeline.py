@@ -7,7 +7,8 @@ Order matters (passes/README.md says why): fuse_mla_absorb matches the raw expor
 before anything rewrites casts; fold_attention_weights runs right after it and computes each
 attention's wkv_b once at build time (an fp8 checkpoint's dequantization would otherwise run every
 step); the MoE rewrite runs before fp8 quantization so that the
-quantizer sees grouped expert weights; fuse_shared_input_linears runs after the quantizer (fp8
+quantizer sees grouped expert weights, and fuse_shared_experts right after it (it needs the op, and
+the shared weights are then quantized as experts); fuse_shared_input_linears runs after the quantizer (fp8
 weights are concatenated as quantized, bit-exact; it sees through the dense weights' casts);
 cleanups run last and remove what the rewrites left dead.
 """
@@ -33,6 +34,7 @@ from dsv3_export.passes.base import PassConfig, PassError, PassResult
 from dsv3_export.passes.cleanup import remove_noop_casts, remove_tensor_asserts, remove_unused_constants
 from dsv3_export.passes.fold_attention_weights import fold_attention_weights
 from dsv3_export.passes.fuse_mla_absorb import fuse_mla_absorb
+from dsv3_export.passes.fuse_shared_experts import fuse_shared_experts
 from dsv3_export.passes.fuse_shared_input_linears import fuse_shared_input_linears
 
 PassFn = Callable[[ExportedProgram, PassConfig], PassResult]
@@ -66,6 +68,7 @@ PIPELINE: tuple[tuple[str, PassFn], ...] = tuple((name, fn) for name, fn in (
     ("fuse_mla_absorb", fuse_mla_absorb),
     ("fold_attention_weights", fold_attention_weights),
     ("rewrite_moe_grouped_gemm", _optional_pass("rewrite_moe_grouped_gemm")),
+    ("fuse_shared_experts", fuse_shared_experts),
     ("quantize_fp8_blockwise", _only_for_fp8(_optional_pass("quantize_fp8_blockwise"))),
     ("fuse_shared_input_linears", fuse_shared_input_linears),
     ("remove_noop_casts", remove_noop_casts),

@@ -83,7 +83,7 @@ def _other(node: Node, known: Node) -> object:
     return b if a is known else a
 
 
-def _match_expert(state: ProgramState, out: Node, i: int) -> tuple[Node, Expert] | str:
+def match_expert(state: ProgramState, out: Node, i: int) -> tuple[Node, Expert] | str:
     """out = linear(mul(silu(linear(x, W1)), linear(x, W3)), W2) -> (x, weights) or a reason."""
     down = match_linear(out)
     if down is None or down.bias is not None:
@@ -171,7 +171,7 @@ def match_moe(state: ProgramState, scatter: Node) -> MoESite | str:
         add = _only_user(scaled)
         if not isinstance(out, Node) or len(out.users) != 1 or not _call(add, aten.add.Tensor) or "alpha" in add.kwargs:
             return f"expert {i}'s weighted output {scaled.name} is not only added to the expert sum"
-        matched = _match_expert(state, out, i)
+        matched = match_expert(state, out, i)
         if isinstance(matched, str):
             return matched
         xi, expert = matched

@@ -865,10 +865,32 @@ def bench_rmsnorm(report: Report, sh: Shapes, quick: bool) -> None:
         show(case, rows)
 
 
+def bench_topk(report: Report, sh: Shapes, quick: bool) -> None:
+    """The router's top-k over softmax scores of the routed + shared experts (fuse_shared_experts)."""
+    from dsv3_export.kernels.topk import topk
+
+    n = sh.n_experts + 2
+    for m in (*sh.decode_m, sh.prefill_m):
+        case = f"router topk M={m} E={n} k={sh.topk}"
+        scores = torch.randn(m, n, device=sh.device).softmax(-1)  # [M, E]
+        got, want = topk(scores, sh.topk), torch.topk(scores, sh.topk)
+        wrong = float((got[1] != want[1]).float().mean()) + float((got[0] != want[0]).float().mean())
+        bytes_ = m * n * 4 + m * sh.topk * (4 + 8)
+        rows = [add(report, Row("topk", case, "triton topk (sorted)", bench(lambda: topk(scores, sh.topk), sh, quick),
+                                error=wrong, tol=0.0, ok=wrong == 0), bytes_=bytes_),
+                add(report, Row("topk", case, "torch topk (sorted)",
+                                bench(lambda: torch.topk(scores, sh.topk), sh, quick)), bytes_=bytes_),
+                add(report, Row("topk", case, "torch topk (sorted=False)",
+                                bench(lambda: torch.topk(scores, sh.topk, sorted=False), sh, quick)), bytes_=bytes_)]
+        finish_group(rows)
+        show(case, rows)
+
+
 SECTIONS = {  # cheap sections first: if the time budget runs out, the expensive autotuning goes last
     "copy": ("device copy bandwidth", bench_copy),
     "quant": ("fp8 act_quant / weight_dequant", bench_act_quant),
     "norm": ("fused add + RMSNorm", bench_rmsnorm),
+    "topk": ("router top-k", bench_topk),
     "mla": ("MLA absorbed attention", bench_mla),
     "moe": ("MoE: grouped GEMM + fused MoE", bench_moe),
     "fp8": ("fp8 blockwise GEMM", bench_fp8_gemm),

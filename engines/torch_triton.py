@@ -24,6 +24,10 @@ Lowered here (engines/torch_lower.py uses these on CUDA, ATen math for the rest)
                              tiles itself, bit-identical; measured slower);
                              act_quant=False: the weight-only GEMM (fp8 widened in registers; bf16/fp16
                              x only, fp32 x keeps ATen). kernels/fp8_gemm.py.
+    aten::topk             -> dsv3_aoti::topk             the router's top-k (rows <= 1024 values, k <= 32,
+                             largest, last dim), one launch instead of torch's gatherTopK + sort;
+                             kernels/topk.py. Only when every topk of the program fits (a lowering of
+                             an ATen op cannot fall back to that op inside run_decompositions).
 
 Shapes are symbolic when a package is traced, so nothing here is chosen from a token, batch or
 cache count: block_m (rows per expert block) is 16 for decode and 64 for prefill; the fp8 GEMM's
@@ -47,6 +51,7 @@ from dsv3_export.kernels import fp8_quant as kq
 from dsv3_export.kernels import mla_decode as kd
 from dsv3_export.kernels import mla_prefill as kp
 from dsv3_export.kernels import moe as km
+from dsv3_export.kernels import topk as kt
 from dsv3_export.kernels._common import FP8_DTYPE, QUANT_BLOCK, cdiv, is_interpreted
 
 BLOCK_M = {"decode": 16, "prefill": 64}
@@ -257,6 +262,34 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor
     return torch.einsum("bshc,hdc->bshd", lat, w_uv)  # [b, s, h, dv]
 
 
+@triton_op("dsv3_aoti::topk", mutates_args={})
+def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """aten.topk(x, k, dim=-1, largest=True): values [..., k] in x.dtype, indices [..., k] int64, sorted."""
+    n = x.shape[-1]
+    rows = x.reshape(-1, n).contiguous()  # [R, N]
+    values = torch.empty((rows.shape[0], k), dtype=x.dtype, device=x.device)
+    indices = torch.empty((rows.shape[0], k), dtype=torch.int64, device=x.device)
+    kt.topk_out(rows, k, values, indices)
+    return values.view(*x.shape[:-1], k), indices.view(*x.shape[:-1], k)
+
+
+def topk_unfit(node: torch.fx.Node) -> str | None:
+    """Why an aten.topk node is not one the kernel takes (None: it is)."""
+    args = dict(zip(("self", "k", "dim", "largest", "sorted"), node.args)) | dict(node.kwargs)
+    x, k = args["self"].meta["val"], args["k"]
+    dim, largest = args.get("dim", -1), args.get("largest", True)
+    n = x.shape[-1] if x.dim() else None
+    if x.dtype not in kt.DTYPES:
+        return f"{node.name}: dtype {x.dtype}"
+    if dim not in (-1, x.dim() - 1) or not largest:
+        return f"{node.name}: dim={dim}, largest={largest} (the kernel: last dim, largest)"
+    if not isinstance(n, int) or n > kt.MAX_N:
+        return f"{node.name}: last dim {n} is not static and <= {kt.MAX_N}"
+    if not isinstance(k, int) or not 1 <= k <= min(n, kt.MAX_K):
+        return f"{node.name}: k={k} is not in [1, min({n}, {kt.MAX_K})]"
+    return None
+
+
 def triton_lowerings(kind: str) -> dict[str, Callable]:
     """dsv3:: op name -> function with the op's signature calling a triton_op (for run_decompositions)."""
     from dsv3_export.engines.torch_lower import ATEN_LOWERINGS
@@ -289,6 +322,11 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
             return ATEN_LOWERINGS["dsv3::fp8_linear"](x, weight, scale, act_quant)
         return fp8_linear(x, weight, scale, act_quant, kind == "decode", fused)
 
+    def lower_topk(x, k, dim=-1, largest=True, sorted=True):
+        return topk(x, k)  # sorted either way: sorted=False allows any order
+
+    lower_topk.unfit = topk_unfit
+    lower_topk.how = "triton_op dsv3_aoti::topk (kernels/topk.py: one launch per top-k, sorted)"
     lower_moe.how = ("triton_op dsv3_aoti::moe_experts (kernels/moe.py grouped GEMMs) for bf16/fp16; "
                      "ATen math for fp32")
     lower_moe_fp8.how = ("triton_op dsv3_aoti::moe_experts_fp8 (act_quant + fp8 grouped GEMMs"
@@ -301,4 +339,4 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
                             + (", fused into one launch" if fused else "")
                             + ", or weight-only for bf16/fp16 x); ATen math for weight-only fp32 x")
     return {"dsv3::moe_experts": lower_moe, "dsv3::moe_experts_fp8": lower_moe_fp8,
-            "dsv3::mla_attention": lower_mla, "dsv3::fp8_linear": lower_fp8_linear}
+            "dsv3::mla_attention": lower_mla, "dsv3::fp8_linear": lower_fp8_linear, "aten::topk": lower_topk}

@@ -11,6 +11,7 @@ One family per module, each with its kernel(s), a checking launcher and a pure-t
   mla_splits      how many KV splits mla_decode uses: choose_num_splits (host), the runtime rule (traced)
   mla_prefill     mla_prefill (causal)
   rmsnorm         rmsnorm, optionally fused with the residual add
+  topk            topk over short rows (the MoE router's scores), sorted, one launch
 
 Launch path: in eager mode a launcher calls the jitted (autotuned) kernel directly, a few us of
 Python; only while make_fx / torch.export / torch.compile trace it does the launch go through

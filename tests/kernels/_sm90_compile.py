@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_decode, mla_prefill, moe,  # noqa: E402
-                                 moe_align, rmsnorm)
+                                 moe_align, rmsnorm, topk)
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Opt-in shared memory per block on H100/H200 (227 KB).
@@ -166,6 +166,8 @@ def _cases(all_configs: bool):
     for cfg in pick(rmsnorm.RMSNORM_CONFIGS):
         yield ("rmsnorm", rmsnorm._rmsnorm_kernel, cfg,
                dict(x_ptr=bf, res_ptr=bf, w_ptr=bf, y_ptr=bf, h_ptr=bf), dict(HAS_RESIDUAL=True, BLOCK_D=2048))
+    for cfg in pick(topk.TOPK_CONFIGS):  # the 16b router: 64 routed + 2 shared experts, top-8
+        yield ("topk", topk._topk_kernel, cfg, dict(x_ptr=f32, val_ptr=f32, idx_ptr="*i64"), dict(TOPK=8, BLOCK_N=128))
 
 
 def main(all_configs: bool, with_ptxas: bool = False) -> int:

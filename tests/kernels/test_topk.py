@@ -1,0 +1,81 @@
+"""topk (router top-k over short rows) vs torch.topk: exact values and indices, every config.
+
+Exact, not a tolerance: the kernel only compares and copies. Indices are compared with topk_ref
+(torch's stable descending sort: the kernel's lower-index-first order among ties) and, where the
+row has no ties, with torch.topk itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: kernel tests need it (TRITON_INTERPRET=1 on CPU)")
+
+from dsv3_export.kernels import topk as K  # noqa: E402
+
+
+# 2048 values exact in bf16, fp16 and fp32, all distinct: +-2^e (1 + m/128), e in 0..7, m in 0..127
+_DISTINCT = torch.cat([s * 2.0 ** (i // 128) * (1 + (i % 128) / 128) for s in (1, -1) for i in [torch.arange(1024)]])
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("config", K.TOPK_CONFIGS, ids=str)
+@pytest.mark.parametrize("rows, n, k", [(1, 64, 6), (37, 64, 8), (5, 66, 8), (3, 200, 5), (2, 7, 7), (9, 1000, 32)])
+@pytest.mark.parametrize("dtype", K.DTYPES)
+def test_topk_matches_torch(seed, config, rows, n, k, dtype):
+    """Rows of distinct random values (no ties): the same values and indices as torch.topk."""
+    torch.manual_seed(seed)
+    x = torch.stack([_DISTINCT[torch.randperm(_DISTINCT.numel())[:n]] for _ in range(rows)]).to(dtype)
+    values, indices = K.topk(x, k, config=config)
+    want_v, want_i = torch.topk(x, k, dim=-1)
+    assert values.dtype == dtype and indices.dtype == torch.int64 and values.shape == (rows, k)
+    assert torch.equal(indices, want_i)
+    assert torch.equal(_bits(values), _bits(want_v))
+
+
+@pytest.mark.parametrize("config", K.TOPK_CONFIGS, ids=str)
+def test_ties_nan_and_infinities(config):
+    """Ties: the lower index first; NaN ranks above +inf (torch's CUDA order); -inf rows still give k."""
+    x = torch.randn(6, 20)
+    x[0] = 0.25  # all equal
+    x[1, 3], x[1, 4], x[1, 5] = float("inf"), float("nan"), float("inf")
+    x[2] = float("-inf")
+    x[3, ::2] = 7.0  # ten-way tie for the top
+    x[4, 19] = float("nan")
+    values, indices = K.topk(x, 6, config=config)
+    want_v, want_i = K.topk_ref(x, 6)
+    assert torch.equal(indices, want_i)
+    assert torch.equal(values.isnan(), want_v.isnan()) and torch.equal(values.nan_to_num(), want_v.nan_to_num())
+    assert indices[0].tolist() == [0, 1, 2, 3, 4, 5] and indices[2].tolist() == [0, 1, 2, 3, 4, 5]
+    assert indices[1, :3].tolist() == [4, 3, 5] and indices[4, 0].item() == 19
+    assert indices[3].tolist() == [0, 2, 4, 6, 8, 10]
+    # as a set, the same as torch.topk's selection
+    for r in range(6):
+        torch_v = torch.topk(x[r], 6).values
+        assert torch.equal(torch_v.nan_to_num().sort().values, values[r].nan_to_num().sort().values)
+
+
+def test_strided_rows_and_empty():
+    x = torch.randn(4, 130)[:, :64]  # row stride 130
+    values, indices = K.topk(x, 6)
+    assert torch.equal(indices, torch.topk(x, 6).indices)
+    values, indices = K.topk(torch.randn(0, 64), 6)
+    assert values.shape == (0, 6) and indices.shape == (0, 6)
+
+
+@pytest.mark.parametrize("x, k, match", [
+    (torch.randn(3, 2000), 4, "do not fit"),
+    (torch.randn(3, 10), 11, "k=11"),
+    (torch.randn(3, 64), 33, "k=33"),
+    (torch.randn(3, 64), 0, "k=0"),
+    (torch.randn(3, 64).T, 2, "unit stride"),
+    (torch.randn(64), 2, "2 dims"),
+    (torch.randint(0, 9, (3, 64)), 2, "dtype"),
+])
+def test_bad_inputs_name_the_problem(x, k, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        K.topk(x, k)

@@ -164,8 +164,10 @@ def _cases(all_configs: bool):
                    dict(q_ptr=bf, q_pe_ptr=bf, kv_ptr=bf, pe_ptr=bf, kvn_ptr=bf, pen_ptr=bf, start_ptr=i32,
                         out_ptr=bf), dict(mla_dims, HAS_NEW=has_new))
     for cfg in pick(rmsnorm.RMSNORM_CONFIGS):
-        yield ("rmsnorm", rmsnorm._rmsnorm_kernel, cfg,
-               dict(x_ptr=bf, res_ptr=bf, w_ptr=bf, y_ptr=bf, h_ptr=bf), dict(HAS_RESIDUAL=True, BLOCK_D=2048))
+        for quant in (False, True):
+            yield (f"rmsnorm quant={quant}", rmsnorm._rmsnorm_kernel, cfg,
+                   dict(x_ptr=bf, res_ptr=bf, w_ptr=bf, y_ptr=bf, h_ptr=bf, q_ptr=f8, s_ptr=f32),
+                   dict(HAS_RESIDUAL=True, QUANT=quant, SCALE_RECIPROCAL=True, BLOCK_D=2048))
     for cfg in pick(topk.TOPK_CONFIGS):  # the 16b router: 64 routed + 2 shared experts, top-8
         yield ("topk", topk._topk_kernel, cfg, dict(x_ptr=f32, val_ptr=f32, idx_ptr="*i64"), dict(TOPK=8, BLOCK_N=128))
 

@@ -7,9 +7,11 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: kernel tests need it (TRITON_INTERPRET=1 on CPU)")
 
+from dsv3_export.kernels import fp8_quant as Q  # noqa: E402
 from dsv3_export.kernels import rmsnorm as N  # noqa: E402
+from dsv3_export.reference import fp8 as fp8_ref  # noqa: E402
 from dsv3_export.reference.layers import RMSNorm  # noqa: E402
-from tests.kernels._helpers import TOL, assert_finite, max_ulp_rel  # noqa: E402
+from tests.kernels._helpers import TOL, assert_finite, max_ulp_rel, mean_rel  # noqa: E402
 
 
 def _close(out, ref, dtype):
@@ -79,3 +81,50 @@ def test_bad_inputs_name_the_problem():
         N.rmsnorm(x, torch.ones(200), 1e-6, residual=torch.randn(3, 100))
     with pytest.raises(TypeError, match="rmsnorm: residual: dtype torch.float16"):
         N.rmsnorm(x, torch.ones(200), 1e-6, residual=x.half())
+
+
+# --- rmsnorm_quant: the norm and the 1x128 fp8 quantization of its output in one kernel -------------
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+@pytest.mark.parametrize("config", N.RMSNORM_CONFIGS, ids=str)
+@pytest.mark.parametrize("shape", [(1, 2048), (3, 5, 200), (9, 64), (4, 130), (2, 300)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rmsnorm_quant_is_rmsnorm_then_act_quant_bit_for_bit(seed, config, shape, dtype, with_residual):
+    """y and h are rmsnorm's; q and s are act_quant(y)'s bits (D = 64 and 130: one partial 128-block
+    padded in registers; D = 300: 3 blocks in a 512-wide row, no 4th scale stored); both scale forms."""
+    torch.manual_seed(seed)
+    x = (torch.randn(shape) * 4).to(dtype)
+    w = torch.randn(shape[-1]).to(dtype)
+    x.view(-1, shape[-1])[0] = 0  # an all-zero row: amax floor, finite scale, zero q (without residual)
+    r = torch.randn(shape).to(dtype) if with_residual else None
+    for reciprocal in (False, True):
+        y, h, q, s = N.rmsnorm_quant(x, w, 1e-6, residual=r, scale_reciprocal=reciprocal, config=config)
+        plain = N.rmsnorm(x, w, 1e-6, residual=r, config=config)
+        y_want, h_want = plain if with_residual else (plain, None)
+        assert torch.equal(y, y_want) and (h is None) == (r is None) and (h is None or torch.equal(h, h_want))
+        q_want, s_want = Q.act_quant(y.reshape(-1, shape[-1]), scale_reciprocal=reciprocal)
+        assert q.shape == shape and s.shape == (*shape[:-1], -(-shape[-1] // 128))
+        assert_finite("rmsnorm_quant scale", s)
+        assert torch.equal(s.reshape(s_want.shape), s_want), f"{int((s.reshape(s_want.shape) != s_want).sum())} scales"
+        assert torch.equal(_bits(q.reshape(q_want.shape)), _bits(q_want))
+
+
+def test_rmsnorm_quant_matches_the_oracle(seed):
+    """Against the unfused torch math and reference act_quant: dequantized q within fp8's rounding."""
+    torch.manual_seed(seed)
+    x, r, w = torch.randn(5, 300), torch.randn(5, 300), torch.randn(300)
+    y, h, q, s = N.rmsnorm_quant(x, w, 1e-6, residual=r)
+    y_ref, h_ref, q_ref, s_ref = N.rmsnorm_quant_ref(x, w, 1e-6, residual=r)
+    _close(y, y_ref, torch.float32)
+    _close(h, h_ref, torch.float32)
+    deq = lambda q_, s_: fp8_ref.act_dequant(q_, s_)  # noqa: E731
+    assert mean_rel(deq(q, s), deq(q_ref, s_ref)) < TOL["fp8_gemm_fp32_out"]
+    assert mean_rel(deq(q, s), y) < 0.05  # e4m3: 3 mantissa bits
+
+
+def test_rmsnorm_quant_bad_inputs_name_the_problem():
+    with pytest.raises(ValueError, match="rmsnorm_quant: weight has 100 entries"):
+        N.rmsnorm_quant(torch.randn(3, 200), torch.ones(100), 1e-6)

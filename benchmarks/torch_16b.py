@@ -45,10 +45,11 @@ import torch
 from dsv3_export.checkpoint import preset_model
 from dsv3_export.engines.torch import compile_package, lower_program, package_info, program_constants
 from dsv3_export.engines.torch_step import AOTIStep
-from dsv3_export.engines.torch_triton import FUSED_ACT_QUANT_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_ENV
+from dsv3_export.engines.torch_norm_quant import NORM_QUANT_ENV
+from dsv3_export.engines.torch_triton import FUSED_ACT_QUANT_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_ENV, TOPK_ENV
 from dsv3_export.export import export_step
 from dsv3_export.passes.base import PassConfig
-from dsv3_export.passes.pipeline import run_pipeline
+from dsv3_export.passes.pipeline import PASS_NAMES, run_pipeline
 from dsv3_export.reports.reference import reference_generate
 from dsv3_export.runtime import Engine
 from dsv3_export.step import write_cache
@@ -99,6 +100,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
+SKIP_PASSES: set[str] = set()  # --skip-passes: an A/B of one pass against the same build without it
+
+
 def build_engine_in_memory(model, precision: str, kinds: tuple[str, ...], workdir: Path,
                            report: dict[str, Any]) -> AOTIStep:
     """What TorchBackend.build + load do, without writing 31 GB of weights to disk and hashing them."""
@@ -111,7 +115,7 @@ def build_engine_in_memory(model, precision: str, kinds: tuple[str, ...], workdi
         ep = export_step(model, kind)
         report[f"{kind}_export_s"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
-        ep, reports = run_pipeline(ep, config)
+        ep, reports = run_pipeline(ep, config, passes=[n for n in PASS_NAMES if n not in SKIP_PASSES])
         report[f"{kind}_passes"] = {r.name: r.matches for r in reports}
         report[f"{kind}_passes_s"] = round(time.perf_counter() - t, 1)
         ep, how = lower_program(ep, DEVICE, kind)
@@ -274,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
                         "of the build time; the floor follows the same layer count)")
     p.add_argument("--moe-align", choices=("aten", "kernel"), default=None,
                    help="how the MoE alignment is traced into the package (sets DSV3_TORCH_MOE_ALIGN)")
+    p.add_argument("--skip-passes", default="", help=f"comma-separated passes left out of the pipeline: {PASS_NAMES}")
+    p.add_argument("--norm-quant", choices=("0", "1"), default=None,
+                   help="RMSNorm fused with the act_quant of its fp8 GEMMs (sets DSV3_TORCH_NORM_QUANT)")
+    p.add_argument("--topk", choices=("kernel", "aten"), default=None,
+                   help="the router top-k as our kernel or torch's (sets DSV3_TORCH_TOPK)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: smoke-test the script (tiny preset)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     opts = p.parse_args(argv)
@@ -287,11 +296,20 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"n_layers": opts.n_layers} if opts.n_layers else {}
     if opts.moe_align:
         os.environ[MOE_ALIGN_ENV] = opts.moe_align
+    for env, value in ((NORM_QUANT_ENV, opts.norm_quant), (TOPK_ENV, opts.topk)):
+        if value:
+            os.environ[env] = value
+    unknown = set(filter(None, opts.skip_passes.split(","))) - set(PASS_NAMES)
+    if unknown:
+        p.error(f"--skip-passes: unknown {sorted(unknown)}; passes: {PASS_NAMES}")
+    SKIP_PASSES.update(filter(None, opts.skip_passes.split(",")))
     skip = set(filter(None, opts.skip.split(",")))
     meta = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)", "torch": torch.__version__, "preset": opts.preset,
             "batches": batches, "prompt_len": opts.prompt_len, "decode_steps": opts.decode_steps,
             "n_layers_override": opts.n_layers, "moe_align": os.environ.get(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT),
             "fused_act_quant": os.environ.get(FUSED_ACT_QUANT_ENV, "0"),
+            "norm_quant": os.environ.get(NORM_QUANT_ENV, "1"), "topk": os.environ.get(TOPK_ENV, "kernel"),
+            "skip_passes": sorted(SKIP_PASSES),
             "note": "max_seq_len set to 2 * prompt_len (YaRN off) to keep the reference caches small"}
     report = Report(opts.out / "torch_16b.json", opts.budget_s, meta)
     bandwidth = copy_bandwidth()

@@ -52,7 +52,7 @@ from dsv3_export.kernels import mla_decode as kd
 from dsv3_export.kernels import mla_prefill as kp
 from dsv3_export.kernels import moe as km
 from dsv3_export.kernels import topk as kt
-from dsv3_export.kernels._common import FP8_DTYPE, QUANT_BLOCK, cdiv, is_interpreted
+from dsv3_export.kernels._common import FP8_DTYPE, QUANT_BLOCK, cdiv, fake_values_only, is_interpreted
 
 BLOCK_M = {"decode": 16, "prefill": 64}
 # moe_align's traced form in the packages (kernels/moe.py TRACED_ALIGN_FORMS), read when a program is
@@ -61,6 +61,10 @@ BLOCK_M = {"decode": 16, "prefill": 64}
 # kernel vs 0.739 ms aten, 1.05 vs 1.84 ms without a graph; per call 9.3 us vs 61 us (kernels.py).
 MOE_ALIGN_ENV = "DSV3_TORCH_MOE_ALIGN"
 MOE_ALIGN_DEFAULT = "kernel"
+# The router's top-k: `kernel` (default: kernels/topk.py, one launch) or `aten` (torch's topk: on
+# CUDA gatherTopK + a sort of the k results), read when a program is lowered.
+TOPK_ENV = "DSV3_TORCH_TOPK"
+TOPK_FORMS = ("kernel", "aten")
 # Whether the decode program's fp8 GEMMs (fp8_linear and the MoE's grouped GEMMs) quantize their
 # own activations (QUANT_A: one launch fewer per Linear, two per MoE layer, bit-identical) or take
 # them from a separate act_quant launch. Off by default: measured on the H200 (4-layer 16b fp8
@@ -85,9 +89,14 @@ FP8_M_BUCKET = {"decode": kg.DECODE_MAX_M, "prefill": 4096}
 
 
 def _launch(kernel, tuned, configs, grid: Callable, args: tuple, kwargs: dict) -> None:
-    """wrap_triton(autotuned kernel) on the GPU; the first config under the CPU interpreter."""
+    """wrap_triton(autotuned kernel) on the GPU; the first config under the CPU interpreter.
+
+    The interpreter runs a kernel even on fake tensors (wrap_triton defers only compiled kernels),
+    so there a launch whose outputs are only fake metadata is skipped: their shapes are set."""
     if tuned is not None:
         wrap_triton(tuned)[grid](*args, **kwargs)
+        return
+    if is_interpreted(kernel) and fake_values_only():
         return
     cfg = configs[0]
     meta = {**kwargs, **cfg.kwargs}
@@ -176,12 +185,23 @@ def moe_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
                           topk_weights=topk_weights.contiguous(), quantize_a=True)  # [T*k, D]
         return _combine(y, t, topk, x.dtype)
     xq, xs = _act_quant(x.contiguous())
-    h = _grouped_gemm(xq, w13, sorted_ids, expert_ids, npp, topk, x.dtype, a_scale=xs, w_scale=w13_scale,
+    return moe_fp8_quantized(xq, xs, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale,
+                             (sorted_ids, expert_ids, npp), x.dtype)
+
+
+def moe_fp8_quantized(xq: torch.Tensor, xs: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                      w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
+                      alignment: tuple, out_dtype: torch.dtype) -> torch.Tensor:
+    """The W8A8 experts from x already quantized 1x128 (xq [T, D] fp8, xs [T, ceil(D/128)]): up GEMM
+    with SwiGLU, act_quant of h, down GEMM with the routing weights, sum over k -> [T, D]."""
+    t, topk = topk_ids.shape
+    sorted_ids, expert_ids, npp = alignment
+    h = _grouped_gemm(xq, w13, sorted_ids, expert_ids, npp, topk, out_dtype, a_scale=xs, w_scale=w13_scale,
                       swiglu=True)  # [T*k, I]
     hq, hs = _act_quant(h)
-    y = _grouped_gemm(hq, w2, sorted_ids, expert_ids, npp, 1, x.dtype, a_scale=hs, w_scale=w2_scale,
+    y = _grouped_gemm(hq, w2, sorted_ids, expert_ids, npp, 1, out_dtype, a_scale=hs, w_scale=w2_scale,
                       topk_weights=topk_weights.contiguous())  # [T*k, D]
-    return _combine(y, t, topk, x.dtype)
+    return _combine(y, t, topk, out_dtype)
 
 
 def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor,
@@ -269,7 +289,7 @@ def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = x.reshape(-1, n).contiguous()  # [R, N]
     values = torch.empty((rows.shape[0], k), dtype=x.dtype, device=x.device)
     indices = torch.empty((rows.shape[0], k), dtype=torch.int64, device=x.device)
-    kt.topk_out(rows, k, values, indices)
+    _launch(kt._topk_kernel, kt._topk_tuned, kt.TOPK_CONFIGS, *kt.topk_spec(rows, k, values, indices))
     return values.view(*x.shape[:-1], k), indices.view(*x.shape[:-1], k)
 
 
@@ -296,6 +316,9 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
 
     block_m = BLOCK_M[kind]
     fused = _fused_act_quant(kind)
+    topk_form = os.environ.get(TOPK_ENV, TOPK_FORMS[0])
+    if topk_form not in TOPK_FORMS:
+        raise ValueError(f"{TOPK_ENV}={topk_form!r}: choose one of {', '.join(TOPK_FORMS)}")
 
     def lower_moe(x, topk_weights, topk_ids, w13, w2):
         if x.dtype not in km.DENSE_DTYPES:  # fp32 engines: the dense kernel takes bf16/fp16 only
@@ -338,5 +361,6 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
     lower_fp8_linear.how = ("triton_op dsv3_aoti::fp8_linear (kernels/fp8_gemm.py: act_quant + fp8 GEMM"
                             + (", fused into one launch" if fused else "")
                             + ", or weight-only for bf16/fp16 x); ATen math for weight-only fp32 x")
-    return {"dsv3::moe_experts": lower_moe, "dsv3::moe_experts_fp8": lower_moe_fp8,
-            "dsv3::mla_attention": lower_mla, "dsv3::fp8_linear": lower_fp8_linear, "aten::topk": lower_topk}
+    table = {"dsv3::moe_experts": lower_moe, "dsv3::moe_experts_fp8": lower_moe_fp8,
+             "dsv3::mla_attention": lower_mla, "dsv3::fp8_linear": lower_fp8_linear}
+    return table | ({"aten::topk": lower_topk} if topk_form == "kernel" else {})

@@ -50,14 +50,36 @@ def traceable(kernel: Any) -> Any:
     cache on every call, so the old fp8_gemm re-tuned all its configs on every call (0.4-1.4 s).
     While tracing (make_fx / torch.export inside torch.library.triton_op, how AOTInductor embeds
     the kernels) the wrapped form is required, so that is when it is used. Interpreted kernels
-    are launched as they are.
+    are launched as they are, except while only fake values are computed (fake_values_only).
     """
     if not tracing():
         return kernel
+    if (is_interpreted(kernel) or is_interpreted(getattr(kernel, "fn", None))) and fake_values_only():
+        return _NO_LAUNCH
     wrap = getattr(torch.library, "wrap_triton", None)
     if wrap is None or is_interpreted(kernel) or is_interpreted(getattr(kernel, "fn", None)):
         return kernel
     return wrap(kernel)
+
+
+class _SkippedLaunch:
+    """kernel[grid](*args) that launches nothing (see fake_values_only)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+_NO_LAUNCH = _SkippedLaunch()
+
+
+def fake_values_only() -> bool:
+    """A FakeTensorMode computes output metadata (e.g. a graph pass inserting a triton_op node) and
+    nothing traces the launches. The CPU interpreter runs a kernel even on fake tensors (wrap_triton
+    defers only compiled kernels), so interpreted launches are skipped then: the outputs' shapes are
+    already set, their values are never read."""
+    get = torch._C._get_dispatch_mode
+    keys = torch._C._TorchDispatchModeKey
+    return get(keys.FAKE) is not None and get(keys.PROXY) is None
 
 
 def autotune_or_single(kernel: Callable, configs: Sequence[triton.Config], key: list[str], **tune_kwargs: Any):

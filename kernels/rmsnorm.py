@@ -70,22 +70,22 @@ def _rmsnorm_kernel(
 _rmsnorm_tuned = autotune_or_single(_rmsnorm_kernel, RMSNORM_CONFIGS, key=["D", "HAS_RESIDUAL", "QUANT"])
 
 
-def rmsnorm_launch(x2: torch.Tensor, res2: torch.Tensor | None, weight: torch.Tensor, y: torch.Tensor,
-                   h: torch.Tensor | None, q: torch.Tensor | None, s: torch.Tensor | None, eps: float,
-                   scale_reciprocal: bool, config: triton.Config | None = None) -> None:
-    """The launch over rows [R, D] (unit stride on D) into given outputs; no checks and no branch on
-    R, so the traced lowerings (engines/torch_triton.py) call it with a symbolic R too."""
+def rmsnorm_spec(x2: torch.Tensor, res2: torch.Tensor | None, weight: torch.Tensor, y: torch.Tensor,
+                 h: torch.Tensor | None, q: torch.Tensor | None, s: torch.Tensor | None, eps: float,
+                 scale_reciprocal: bool) -> tuple:
+    """(grid, args, kwargs) of one launch over rows [R, D] (unit stride on D) into given outputs; no
+    checks and no branch on R, so the traced lowerings (engines/) launch it with a symbolic R too."""
     rows, d = x2.shape
     quant = q is not None
     dummy = y  # never read or written: the constexpr flags compile its uses away
     grid = lambda meta: (cdiv(rows, meta["BLOCK_ROWS"]),)  # noqa: E731
-    launch(_rmsnorm_kernel, _rmsnorm_tuned, RMSNORM_CONFIGS, grid,
-           (x2, res2 if res2 is not None else x2, weight, y, h if h is not None else dummy,
+    args = (x2, res2 if res2 is not None else x2, weight, y, h if h is not None else dummy,
             q if quant else dummy, s if quant else dummy, rows, d, float(eps),
             x2.stride(0), res2.stride(0) if res2 is not None else 0, y.stride(0), h.stride(0) if h is not None else 0,
-            q.stride(0) if quant else 0, s.stride(0) if quant else 0),
-           dict(HAS_RESIDUAL=res2 is not None, QUANT=quant, SCALE_RECIPROCAL=scale_reciprocal,
-                BLOCK_D=max(next_pow2(d), QUANT_BLOCK) if quant else next_pow2(d)), config)
+            q.stride(0) if quant else 0, s.stride(0) if quant else 0)
+    kwargs = dict(HAS_RESIDUAL=res2 is not None, QUANT=quant, SCALE_RECIPROCAL=scale_reciprocal,
+                  BLOCK_D=max(next_pow2(d), QUANT_BLOCK) if quant else next_pow2(d))
+    return grid, args, kwargs
 
 
 def _checked_rows(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, name: str):
@@ -117,7 +117,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
     y = torch.empty((n_rows, d), dtype=x.dtype, device=x.device)
     h = torch.empty((n_rows, d), dtype=x.dtype, device=x.device) if residual is not None else None
     if n_rows and d:
-        rmsnorm_launch(x2, res2, weight, y, h, None, None, eps, False, config)
+        launch(_rmsnorm_kernel, _rmsnorm_tuned, RMSNORM_CONFIGS,
+               *rmsnorm_spec(x2, res2, weight, y, h, None, None, eps, False), config)
     if residual is None:
         return y.view(x.shape)
     return y.view(x.shape), h.view(x.shape)
@@ -138,7 +139,8 @@ def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: t
     s = torch.empty((n_rows, cdiv(d, QUANT_BLOCK)), dtype=torch.float32, device=x.device)
     if n_rows and d:
         reciprocal = x.is_cuda if scale_reciprocal is None else scale_reciprocal
-        rmsnorm_launch(x2, res2, weight, y, h, q, s, eps, reciprocal, config)
+        launch(_rmsnorm_kernel, _rmsnorm_tuned, RMSNORM_CONFIGS,
+               *rmsnorm_spec(x2, res2, weight, y, h, q, s, eps, reciprocal), config)
     lead = x.shape[:-1]
     return (y.view(x.shape), None if h is None else h.view(x.shape), q.view(x.shape),
             s.view(*lead, cdiv(d, QUANT_BLOCK)))

@@ -77,15 +77,13 @@ def check_topk(x: torch.Tensor, k: int) -> None:
         raise ValueError(f"topk: x needs unit stride along the row, got strides {x.stride()}")
 
 
-def topk_out(x: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor,
-             config: triton.Config | None = None) -> None:
-    """The launch into given outputs values [R, k] (x.dtype), indices [R, k] int64 (checked by the
-    caller; R may be a traced symbolic size: nothing here branches on it)."""
+def topk_spec(x: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor) -> tuple:
+    """(grid, args, kwargs) of the launch into given outputs values [R, k] (x.dtype), indices [R, k]
+    int64 (checked by the caller; R may be a traced symbolic size: nothing here branches on it)."""
     rows, n = x.shape
     grid = lambda meta: (cdiv(rows, meta["BLOCK_ROWS"]),)  # noqa: E731
-    launch(_topk_kernel, _topk_tuned, TOPK_CONFIGS, grid,
-           (x, values, indices, rows, n, x.stride(0), values.stride(0), indices.stride(0)),
-           dict(TOPK=k, BLOCK_N=max(next_pow2(n), 16)), config)
+    return (grid, (x, values, indices, rows, n, x.stride(0), values.stride(0), indices.stride(0)),
+            dict(TOPK=k, BLOCK_N=max(next_pow2(n), 16)))
 
 
 def topk(x: torch.Tensor, k: int, *, config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +92,7 @@ def topk(x: torch.Tensor, k: int, *, config: triton.Config | None = None) -> tup
     values = torch.empty((x.shape[0], k), dtype=x.dtype, device=x.device)
     indices = torch.empty((x.shape[0], k), dtype=torch.int64, device=x.device)
     if x.shape[0]:
-        topk_out(x, k, values, indices, config)
+        launch(_topk_kernel, _topk_tuned, TOPK_CONFIGS, *topk_spec(x, k, values, indices), config)
     return values, indices
 
 

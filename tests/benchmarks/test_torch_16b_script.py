@@ -18,10 +18,11 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "torch_16b.py"
 def test_cpu_smoke_decode_only_profile_run(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--precisions", "fp8", "--batches", "1,2",
                            "--prompt-len", "16", "--n-layers", "2", "--engine-kinds", "decode", "--skip", "compile,eager",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, check=False)
+                           "--skip-passes", "fuse_shared_experts", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads((tmp_path / "torch_16b.json").read_text())
-    assert data["meta"]["n_layers_override"] == 2
+    assert data["meta"]["n_layers_override"] == 2 and data["meta"]["skip_passes"] == ["fuse_shared_experts"]
     fp8 = data["results"]["fp8"]
     engine = fp8["engine"]
     assert "error" not in engine, engine
@@ -31,3 +32,10 @@ def test_cpu_smoke_decode_only_profile_run(tmp_path):
     assert engine["decode_b1_kernels"]["launches_per_step"] > 0, engine["decode_b1_kernels"]
     assert 0 < fp8["floor"]["decode_ms_b1"] <= fp8["floor"]["decode_ms_b2"]  # rounded to 1 us: tiny may tie
     assert "| fp8 | engine |" in done.stdout
+    assert "fuse_shared_experts" not in engine["decode_passes"], engine["decode_passes"]
+
+
+def test_unknown_skipped_pass_is_a_usage_error(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--skip-passes", "fuse_everything",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 2 and "fuse_everything" in done.stderr, done.stderr[-2000:]

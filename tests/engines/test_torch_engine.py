@@ -599,3 +599,14 @@ def test_topk_lowering_is_all_or_none(second, reason):
     lowered, how = lower_dsv3_ops(ep, "cuda", torch_triton.triton_lowerings("decode"))
     assert lowered is ep, "nothing to lower: the program must come back unchanged"
     assert how["aten::topk"].startswith("ATen (1 of 2 nodes do not fit") and reason in how["aten::topk"], how
+
+
+def test_topk_switch(monkeypatch):
+    from dsv3_export.engines import torch_triton
+
+    assert "aten::topk" in torch_triton.triton_lowerings("decode")
+    monkeypatch.setenv(torch_triton.TOPK_ENV, "aten")
+    assert "aten::topk" not in torch_triton.triton_lowerings("decode")
+    monkeypatch.setenv(torch_triton.TOPK_ENV, "fast")
+    with pytest.raises(ValueError, match="DSV3_TORCH_TOPK='fast'"):
+        torch_triton.triton_lowerings("decode")

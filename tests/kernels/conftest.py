@@ -8,7 +8,13 @@ this folder imports them. Each test module skips itself when triton is not insta
 from __future__ import annotations
 
 import os
+import sys
 
+if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    # triton.language's own jit helpers (tl.cdiv, ...) were built for the compiler, so every interpreted
+    # kernel calling one would fail with "Cannot call @triton.jit'd outside of the scope of a kernel".
+    raise RuntimeError("tests/kernels: triton was imported before this conftest set TRITON_INTERPRET=1; a test "
+                       "module collected earlier imports it at module level (import it inside the tests)")
 os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402

@@ -50,8 +50,7 @@ def _norm_quant(x2, res2, weight, eps):
     h = torch.empty((rows, d), dtype=x2.dtype, device=x2.device) if res2 is not None else None
     q = torch.empty((rows, d), dtype=FP8_DTYPE, device=x2.device)
     s = torch.empty((rows, cdiv(d, QUANT_BLOCK)), dtype=torch.float32, device=x2.device)
-    spec = kr.rmsnorm_spec(x2, res2, weight, y, h, q, s, eps, x2.is_cuda)  # the scale rounding as _act_quant's
-    tt._launch(kr._rmsnorm_kernel, kr._rmsnorm_tuned, kr.RMSNORM_CONFIGS, *spec)
+    tt._launch(kr.rmsnorm_spec(x2, res2, weight, y, h, q, s, eps, x2.is_cuda))  # scale rounding as _act_quant's
     return y, h, q, s
 
 

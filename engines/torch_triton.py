@@ -52,7 +52,7 @@ from dsv3_export.kernels import mla_decode as kd
 from dsv3_export.kernels import mla_prefill as kp
 from dsv3_export.kernels import moe as km
 from dsv3_export.kernels import topk as kt
-from dsv3_export.kernels._common import FP8_DTYPE, QUANT_BLOCK, cdiv, fake_values_only, is_interpreted
+from dsv3_export.kernels._common import FP8_DTYPE, QUANT_BLOCK, LaunchSpec, cdiv, fake_values_only, is_interpreted
 
 BLOCK_M = {"decode": 16, "prefill": 64}
 # moe_align's traced form in the packages (kernels/moe.py TRACED_ALIGN_FORMS), read when a program is
@@ -88,19 +88,19 @@ FP8_DECODE_M = 16
 FP8_M_BUCKET = {"decode": kg.DECODE_MAX_M, "prefill": 4096}
 
 
-def _launch(kernel, tuned, configs, grid: Callable, args: tuple, kwargs: dict) -> None:
-    """wrap_triton(autotuned kernel) on the GPU; the first config under the CPU interpreter.
-
-    The interpreter runs a kernel even on fake tensors (wrap_triton defers only compiled kernels),
-    so there a launch whose outputs are only fake metadata is skipped: their shapes are set."""
-    if tuned is not None:
-        wrap_triton(tuned)[grid](*args, **kwargs)
+def _launch(spec: LaunchSpec) -> None:
+    """A kernel family's launch (its *_spec) through wrap_triton: the autotuned kernel on the GPU,
+    the first config under the CPU interpreter. The interpreter runs a kernel even on fake tensors
+    (wrap_triton defers only compiled kernels), so there a launch whose outputs are only fake
+    metadata is skipped: their shapes are set (kernels/_common.py fake_values_only)."""
+    if spec.tuned is not None:
+        wrap_triton(spec.tuned)[spec.grid](*spec.args, **spec.kwargs)
         return
-    if is_interpreted(kernel) and fake_values_only():
+    if is_interpreted(spec.kernel) and fake_values_only():
         return
-    cfg = configs[0]
-    meta = {**kwargs, **cfg.kwargs}
-    wrap_triton(kernel)[grid(meta)](*args, **kwargs, **cfg.kwargs)
+    cfg = spec.configs[0]
+    meta = {**spec.kwargs, **cfg.kwargs}
+    wrap_triton(spec.kernel)[spec.grid(meta)](*spec.args, **spec.kwargs, **cfg.kwargs)
 
 
 def _moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int):
@@ -115,12 +115,7 @@ def _act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     s = torch.empty((m, triton.cdiv(k, QUANT_BLOCK)), dtype=torch.float32, device=x.device)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, QUANT_BLOCK))  # noqa: E731
-    # the scale's rounding as torch computes the op body on x's device (kernels/fp8_quant.act_quant)
-    kernel, tuned = ((kq._act_quant_kernel, kq._act_quant_tuned) if x.is_cuda
-                     else (kq._act_quant_ieee_kernel, kq._act_quant_ieee_tuned))
-    _launch(kernel, tuned, kq.ACT_QUANT_CONFIGS, grid,
-            (x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0)), dict(BLOCK_K=QUANT_BLOCK))
+    _launch(kq.act_quant_spec(x, q, s, x.is_cuda))  # the scale's rounding as torch's on x's device
     return q, s
 
 
@@ -128,27 +123,11 @@ def _grouped_gemm(a, w, sorted_ids, expert_ids, npp, topk: int, out_dtype: torch
                   w_scale=None, topk_weights=None, swiglu: bool = False, quantize_a: bool = False) -> torch.Tensor:
     """kernels/moe.py grouped_gemm's launch (checks done once by the caller's shapes). quantize_a: bf16/fp16
     a quantized 1x128 inside the kernel, as _act_quant would on a's device (fp8 w only)."""
-    t, k = a.shape
-    n = w.shape[1]
-    fp8 = a_scale is not None
-    n_out = n // 2 if swiglu else n
+    t = a.shape[0]
+    n_out = w.shape[1] // 2 if swiglu else w.shape[1]
     out = torch.empty((t * topk, n_out), dtype=out_dtype, device=a.device)
-    dummy = out
-    args = (a, a_scale if fp8 else dummy, w, w_scale if w_scale is not None else dummy, out,
-            topk_weights if topk_weights is not None else dummy, sorted_ids, expert_ids, npp,
-            n_out, k, t * topk, topk, n_out if swiglu else 0,
-            a.stride(0), a_scale.stride(0) if fp8 else 0, w.stride(0), w.stride(1),
-            w_scale.stride(0) if w_scale is not None else 0, w_scale.stride(1) if w_scale is not None else 0,
-            out.stride(0))
-    fp8_dot = fp8 or quantize_a
-    kwargs = dict(W_FP8=w_scale is not None, A_FP8=fp8_dot, SWIGLU=swiglu, MUL_WEIGHT=topk_weights is not None,
-                  UPCAST=is_interpreted(km._grouped_gemm_kernel) and not fp8_dot, SCALE_BLOCK=QUANT_BLOCK,
-                  BLOCK_M=sorted_ids.shape[0] // expert_ids.shape[0],
-                  BLOCK_K=QUANT_BLOCK if w_scale is not None else km.DENSE_BLOCK_K,
-                  QUANT_A=quantize_a, SCALE_RECIPROCAL=a.is_cuda)  # the scale rounding as _act_quant picks it
-    rows = km.row_blocks(expert_ids.shape[0], t * topk)  # symbolic Min while traced: no guard on T
-    grid = lambda meta: (rows, triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
-    _launch(km._grouped_gemm_kernel, km._grouped_gemm_tuned, km.GROUPED_GEMM_CONFIGS, grid, args, kwargs)
+    _launch(km.grouped_gemm_spec(a, a_scale, w, w_scale, out, topk_weights, sorted_ids, expert_ids, npp, topk,
+                                 swiglu, quantize_a, a.is_cuda))  # the scale rounding as _act_quant picks it
     return out
 
 
@@ -222,16 +201,7 @@ def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: t
         c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     else:
         c = torch.empty((split, m, n), dtype=torch.float32, device=a.device)  # [S, M, N] partials
-    a_fp8 = a_s is not None
-    a_s_arg = a_s if a_fp8 else w_s  # never read on the weight-only path
-    args = (a, a_s_arg, w, w_s, c, m, n, k, FP8_M_BUCKET[kind], a.stride(0), a_s_arg.stride(0), w.stride(0),
-            w_s.stride(0), 0 if split == 1 else c.stride(0), n, per_split, split)
-    kwargs = {"A_FP8": a_fp8 or quant_a, "QUANT_A": quant_a, "SCALE_RECIPROCAL": a.is_cuda,
-              "UPCAST": is_interpreted(kg._fp8_gemm_kernel) and not (a_fp8 or quant_a), "BLOCK_K": QUANT_BLOCK}
-    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
-    tuned, configs = ((kg._fp8_gemm_decode_tuned, kg.DECODE_CONFIGS) if decode
-                      else (kg._fp8_gemm_prefill_tuned, kg.PREFILL_CONFIGS))
-    _launch(kg._fp8_gemm_kernel, tuned, configs, grid, args, kwargs)
+    _launch(kg.fp8_gemm_spec(a, a_s, w, w_s, c, FP8_M_BUCKET[kind], per_split, split, decode, quant_a, a.is_cuda))
     return c.sum(dim=0).to(out_dtype) if split > 1 else c  # [M, N]
 
 
@@ -289,7 +259,7 @@ def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = x.reshape(-1, n).contiguous()  # [R, N]
     values = torch.empty((rows.shape[0], k), dtype=x.dtype, device=x.device)
     indices = torch.empty((rows.shape[0], k), dtype=torch.int64, device=x.device)
-    _launch(kt._topk_kernel, kt._topk_tuned, kt.TOPK_CONFIGS, *kt.topk_spec(rows, k, values, indices))
+    _launch(kt.topk_spec(rows, k, values, indices))
     return values.view(*x.shape[:-1], k), indices.view(*x.shape[:-1], k)
 
 

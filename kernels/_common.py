@@ -9,7 +9,7 @@ first of the list, or the one a test passes in to exercise every config).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import triton
@@ -87,6 +87,20 @@ def autotune_or_single(kernel: Callable, configs: Sequence[triton.Config], key: 
     if is_interpreted(kernel):
         return None
     return triton.autotune(configs=list(configs), key=key, **tune_kwargs)(kernel)
+
+
+class LaunchSpec(NamedTuple):
+    """One launch of a kernel family, as its `*_spec` function builds it from tensors already checked
+    and allocated: the one place that knows the kernel's argument order. The eager launchers run it
+    with launch(*spec, config); the traced lowerings (engines/torch_triton.py) through wrap_triton.
+    Nothing in a spec branches on a tensor size, so sizes may be symbolic (traced)."""
+
+    kernel: Callable
+    tuned: Callable | None
+    configs: Sequence[triton.Config]
+    grid: Callable
+    args: tuple
+    kwargs: dict[str, Any]
 
 
 def launch(kernel: Callable, tuned: Callable | None, configs: Sequence[triton.Config], grid: Callable,

@@ -55,8 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, autotune_or_single, cdiv, check_tensor,
-                                         is_interpreted, launch, next_pow2, num_sms)
+from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv,
+                                         check_tensor, is_interpreted, launch, next_pow2, num_sms)
 from dsv3_export.kernels.fp8_gemm_persistent import fp8_gemm_tma_persistent
 from dsv3_export.kernels.fp8_quant import ACT_DTYPES, quantize_rows
 from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
@@ -240,6 +240,24 @@ def tuned_config(shape_class: str) -> triton.Config | None:
     return getattr(tuned, "best_config", None)
 
 
+def fp8_gemm_spec(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: torch.Tensor, c: torch.Tensor,
+                  m_bucket: int, per_split: int, split: int, decode: bool, quant_a: bool,
+                  scale_reciprocal: bool) -> LaunchSpec:
+    """The GEMM's launch into c ([M, N], or [split, M, N] fp32 partials when split > 1); inputs checked
+    by the caller. a_s None: weight-only, or quant_a. m_bucket: the autotune key's M (a power of 2)."""
+    m, k = a.shape
+    n = b.shape[0]
+    a_fp8 = a_s is not None
+    a_s_arg = a_s if a_fp8 else b_s  # weight-only / quant_a: never read
+    args = (a, a_s_arg, b, b_s, c, m, n, k, m_bucket, a.stride(0), a_s_arg.stride(0) if a_fp8 else 0, b.stride(0),
+            b_s.stride(0), 0 if split == 1 else c.stride(0), n, per_split, split)
+    kwargs = dict(A_FP8=a_fp8 or quant_a, QUANT_A=quant_a, SCALE_RECIPROCAL=scale_reciprocal,
+                  UPCAST=_INTERPRETED and not (a_fp8 or quant_a), BLOCK_K=QUANT_BLOCK)
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+    tuned, configs = (_fp8_gemm_decode_tuned, DECODE_CONFIGS) if decode else (_fp8_gemm_prefill_tuned, PREFILL_CONFIGS)
+    return LaunchSpec(_fp8_gemm_kernel, tuned, configs, grid, args, kwargs)
+
+
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: torch.Tensor,
              out_dtype: torch.dtype = torch.bfloat16, *, split_k: int | None = None,
              shape_class: str | None = None, config: triton.Config | None = None,
@@ -315,16 +333,9 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
         c = torch.empty((m, n), dtype=out_dtype, device=dev)
     else:
         c = torch.empty((split, m, n), dtype=torch.float32, device=dev)  # [S, M, N] partials
-    stride_cs = 0 if split == 1 else m * n
-    a_s_arg, stride_asm = (a_s, strides["a_s"][0]) if a_fp8 else (b_s, 0)  # weight-only / quant_a: never read
     reciprocal = dev.type == "cuda" if scale_reciprocal is None else scale_reciprocal
-    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
-    launch(_fp8_gemm_kernel, _fp8_gemm_decode_tuned if decode else _fp8_gemm_prefill_tuned,
-           DECODE_CONFIGS if decode else PREFILL_CONFIGS, grid,
-           (a, a_s_arg, b, b_s, c, m, n, k, min(next_pow2(m), 4096),
-            strides["a"][0], stride_asm, strides["b"][0], strides["b_s"][0], stride_cs, n, per_split, split),
-           dict(A_FP8=a_fp8 or quant_a, QUANT_A=quant_a, SCALE_RECIPROCAL=reciprocal,
-                UPCAST=_INTERPRETED and not (a_fp8 or quant_a), BLOCK_K=QUANT_BLOCK), config)
+    launch(*fp8_gemm_spec(a, a_s, b, b_s, c, min(next_pow2(m), 4096), per_split, split, decode, quant_a, reciprocal),
+           config)
     if split > 1:  # the deterministic split-K reduction, cast to out_dtype in the same pass
         out = torch.empty((m, n), dtype=out_dtype, device=dev)
         sum_grid = (cdiv(m * n, SPLIT_K_SUM_BLOCK),)

@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from dsv3_export.kernels import _common
-from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, autotune_or_single, cdiv, check_tensor,
-                                         launch)
+from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv,
+                                         check_tensor, launch)
 from dsv3_export.reference import fp8 as fp8_ref
 
 # Kernel constants must be tl.constexpr globals for the compiler.
@@ -172,13 +172,20 @@ def act_quant(x: torch.Tensor, block_size: int = QUANT_BLOCK, *, config: triton.
     s = torch.empty((m, cdiv(k, block_size)), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
         return q, s
-    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(k, meta["BLOCK_K"]))  # noqa: E731
     reciprocal = x.is_cuda if scale_reciprocal is None else scale_reciprocal
-    kernel, tuned = (_act_quant_kernel, _act_quant_tuned) if reciprocal else (_act_quant_ieee_kernel,
-                                                                              _act_quant_ieee_tuned)
-    launch(kernel, tuned, ACT_QUANT_CONFIGS, grid, (x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0)),
-           dict(BLOCK_K=block_size), config)
+    launch(*act_quant_spec(x, q, s, reciprocal), config)
     return q, s
+
+
+def act_quant_spec(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, scale_reciprocal: bool) -> LaunchSpec:
+    """act_quant of x [M, K] (unit stride on K) into q [M, K], s [M, ceil(K/128)]; the kernel with
+    the scale rounding asked for (amax * fp32(1/448), or IEEE amax / 448)."""
+    m, k = x.shape
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(k, meta["BLOCK_K"]))  # noqa: E731
+    kernel, tuned = ((_act_quant_kernel, _act_quant_tuned) if scale_reciprocal
+                     else (_act_quant_ieee_kernel, _act_quant_ieee_tuned))
+    return LaunchSpec(kernel, tuned, ACT_QUANT_CONFIGS, grid, (x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0)),
+                      dict(BLOCK_K=QUANT_BLOCK))
 
 
 def weight_dequant(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.bfloat16,

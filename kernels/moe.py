@@ -27,8 +27,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, autotune_or_single, cdiv, check_tensor,
-                                         is_interpreted, launch)
+from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv,
+                                         check_tensor, is_interpreted, launch)
 from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
 from dsv3_export.kernels.fp8_quant import quantize_rows
 from dsv3_export.kernels.moe_align import TRACED_ALIGN_FORMS, moe_align, moe_align_ref  # noqa: F401 (re-exported)
@@ -220,6 +220,21 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tenso
     out = torch.empty((t * topk, n_out), dtype=out_dtype, device=dev)
     if out.numel() == 0:
         return out
+    reciprocal = a.is_cuda if scale_reciprocal is None else scale_reciprocal
+    launch(*grouped_gemm_spec(a, a_scale, w, w_scale, out, topk_weights, sorted_token_ids, expert_ids,
+                              num_tokens_post_pad, topk, fuse_swiglu, quantize_a, reciprocal), config)
+    return out
+
+
+def grouped_gemm_spec(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor | None,
+                      out: torch.Tensor, topk_weights: torch.Tensor | None, sorted_token_ids: torch.Tensor,
+                      expert_ids: torch.Tensor, num_tokens_post_pad: torch.Tensor, topk: int, fuse_swiglu: bool,
+                      quantize_a: bool, scale_reciprocal: bool) -> LaunchSpec:
+    """grouped_gemm's launch into out [T*topk, N or N/2] (inputs checked by the caller); block_m is
+    inferred from moe_align's sizes, the grid's rows bounded by row_blocks (symbolic when traced)."""
+    t, k = a.shape
+    n_out = out.shape[1]
+    a_fp8, w_fp8 = a_scale is not None, w_scale is not None
     dummy = out  # never read: the constexpr flags compile its loads away
     args = (a, a_scale if a_fp8 else dummy, w, w_scale if w_fp8 else dummy, out,
             topk_weights if topk_weights is not None else dummy,
@@ -230,12 +245,11 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tenso
     fp8_dot = a_fp8 or quantize_a
     kwargs = dict(W_FP8=w_fp8, A_FP8=fp8_dot, SWIGLU=fuse_swiglu, MUL_WEIGHT=topk_weights is not None,
                   UPCAST=is_interpreted(_grouped_gemm_kernel) and not fp8_dot, SCALE_BLOCK=QUANT_BLOCK,
-                  BLOCK_M=block_m, BLOCK_K=QUANT_BLOCK if w_fp8 else DENSE_BLOCK_K, QUANT_A=quantize_a,
-                  SCALE_RECIPROCAL=a.is_cuda if scale_reciprocal is None else scale_reciprocal)
-    rows = row_blocks(expert_ids.numel(), t * topk)
+                  BLOCK_M=sorted_token_ids.shape[0] // expert_ids.shape[0],
+                  BLOCK_K=QUANT_BLOCK if w_fp8 else DENSE_BLOCK_K, QUANT_A=quantize_a, SCALE_RECIPROCAL=scale_reciprocal)
+    rows = row_blocks(expert_ids.shape[0], t * topk)  # symbolic Min while traced: no guard on T
     grid = lambda meta: (rows, cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
-    launch(_grouped_gemm_kernel, _grouped_gemm_tuned, GROUPED_GEMM_CONFIGS, grid, args, kwargs, config)
-    return out
+    return LaunchSpec(_grouped_gemm_kernel, _grouped_gemm_tuned, GROUPED_GEMM_CONFIGS, grid, args, kwargs)
 
 
 def choose_block_m(n_tokens: int, topk: int, n_experts: int) -> int:

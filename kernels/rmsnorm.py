@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, autotune_or_single, cdiv, check_tensor, launch,
-                                         next_pow2)
+from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv,
+                                         check_tensor, launch, next_pow2)
 from dsv3_export.kernels.fp8_quant import quantize_rows
 from dsv3_export.reference import fp8 as fp8_ref
 
@@ -72,9 +72,8 @@ _rmsnorm_tuned = autotune_or_single(_rmsnorm_kernel, RMSNORM_CONFIGS, key=["D", 
 
 def rmsnorm_spec(x2: torch.Tensor, res2: torch.Tensor | None, weight: torch.Tensor, y: torch.Tensor,
                  h: torch.Tensor | None, q: torch.Tensor | None, s: torch.Tensor | None, eps: float,
-                 scale_reciprocal: bool) -> tuple:
-    """(grid, args, kwargs) of one launch over rows [R, D] (unit stride on D) into given outputs; no
-    checks and no branch on R, so the traced lowerings (engines/) launch it with a symbolic R too."""
+                 scale_reciprocal: bool) -> LaunchSpec:
+    """One launch over rows [R, D] (unit stride on D) into given outputs (checked by the caller)."""
     rows, d = x2.shape
     quant = q is not None
     dummy = y  # never read or written: the constexpr flags compile its uses away
@@ -85,7 +84,7 @@ def rmsnorm_spec(x2: torch.Tensor, res2: torch.Tensor | None, weight: torch.Tens
             q.stride(0) if quant else 0, s.stride(0) if quant else 0)
     kwargs = dict(HAS_RESIDUAL=res2 is not None, QUANT=quant, SCALE_RECIPROCAL=scale_reciprocal,
                   BLOCK_D=max(next_pow2(d), QUANT_BLOCK) if quant else next_pow2(d))
-    return grid, args, kwargs
+    return LaunchSpec(_rmsnorm_kernel, _rmsnorm_tuned, RMSNORM_CONFIGS, grid, args, kwargs)
 
 
 def _checked_rows(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, name: str):
@@ -117,8 +116,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
     y = torch.empty((n_rows, d), dtype=x.dtype, device=x.device)
     h = torch.empty((n_rows, d), dtype=x.dtype, device=x.device) if residual is not None else None
     if n_rows and d:
-        launch(_rmsnorm_kernel, _rmsnorm_tuned, RMSNORM_CONFIGS,
-               *rmsnorm_spec(x2, res2, weight, y, h, None, None, eps, False), config)
+        launch(*rmsnorm_spec(x2, res2, weight, y, h, None, None, eps, False), config)
     if residual is None:
         return y.view(x.shape)
     return y.view(x.shape), h.view(x.shape)
@@ -139,8 +137,7 @@ def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: t
     s = torch.empty((n_rows, cdiv(d, QUANT_BLOCK)), dtype=torch.float32, device=x.device)
     if n_rows and d:
         reciprocal = x.is_cuda if scale_reciprocal is None else scale_reciprocal
-        launch(_rmsnorm_kernel, _rmsnorm_tuned, RMSNORM_CONFIGS,
-               *rmsnorm_spec(x2, res2, weight, y, h, q, s, eps, reciprocal), config)
+        launch(*rmsnorm_spec(x2, res2, weight, y, h, q, s, eps, reciprocal), config)
     lead = x.shape[:-1]
     return (y.view(x.shape), None if h is None else h.view(x.shape), q.view(x.shape),
             s.view(*lead, cdiv(d, QUANT_BLOCK)))

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3_export.kernels._common import autotune_or_single, cdiv, check_tensor, launch, next_pow2
+from dsv3_export.kernels._common import LaunchSpec, autotune_or_single, cdiv, check_tensor, launch, next_pow2
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_N = 1024  # a row in registers
@@ -77,13 +77,13 @@ def check_topk(x: torch.Tensor, k: int) -> None:
         raise ValueError(f"topk: x needs unit stride along the row, got strides {x.stride()}")
 
 
-def topk_spec(x: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor) -> tuple:
-    """(grid, args, kwargs) of the launch into given outputs values [R, k] (x.dtype), indices [R, k]
-    int64 (checked by the caller; R may be a traced symbolic size: nothing here branches on it)."""
+def topk_spec(x: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor) -> LaunchSpec:
+    """The launch into given outputs values [R, k] (x.dtype), indices [R, k] int64 (checked by the caller)."""
     rows, n = x.shape
     grid = lambda meta: (cdiv(rows, meta["BLOCK_ROWS"]),)  # noqa: E731
-    return (grid, (x, values, indices, rows, n, x.stride(0), values.stride(0), indices.stride(0)),
-            dict(TOPK=k, BLOCK_N=max(next_pow2(n), 16)))
+    return LaunchSpec(_topk_kernel, _topk_tuned, TOPK_CONFIGS, grid,
+                      (x, values, indices, rows, n, x.stride(0), values.stride(0), indices.stride(0)),
+                      dict(TOPK=k, BLOCK_N=max(next_pow2(n), 16)))
 
 
 def topk(x: torch.Tensor, k: int, *, config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +92,7 @@ def topk(x: torch.Tensor, k: int, *, config: triton.Config | None = None) -> tup
     values = torch.empty((x.shape[0], k), dtype=x.dtype, device=x.device)
     indices = torch.empty((x.shape[0], k), dtype=torch.int64, device=x.device)
     if x.shape[0]:
-        launch(_topk_kernel, _topk_tuned, TOPK_CONFIGS, *topk_spec(x, k, values, indices), config)
+        launch(*topk_spec(x, k, values, indices), config)
     return values, indices
 
 

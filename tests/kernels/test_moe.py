@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: kernel tests need it (TRITON_INTERPRET=1 on CPU)")
 
+from dsv3_export.kernels._common import LaunchSpec  # noqa: E402
 from dsv3_export.kernels import moe as M  # noqa: E402
 from dsv3_export.reference import fp8 as R  # noqa: E402
 from dsv3_export.reference.args import ModelArgs  # noqa: E402
@@ -270,13 +271,16 @@ def test_memory_is_linear_in_assignments_not_in_weights_times_tokens(seed):
 
 
 def _recorded_grids(monkeypatch, module, name: str) -> list[tuple[str, tuple]]:
-    """(kernel name, grid) of every launch through module.<name> (kernels' `launch` signature)."""
+    """(kernel name, grid) of every launch through module.<name>: the kernels' `launch(kernel, tuned,
+    configs, grid, args, kwargs, config)` or the engines' `_launch(spec)`."""
     seen, real = [], getattr(module, name)
 
-    def record(kernel, tuned, configs, grid, args, kwargs, *rest):
+    def record(*call):
+        spec = call[0] if len(call) == 1 else LaunchSpec(*call[:6])
+        kernel = spec.kernel
         seen.append((kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__,
-                     tuple(grid({**kwargs, **configs[0].kwargs}))))
-        return real(kernel, tuned, configs, grid, args, kwargs, *rest)
+                     tuple(spec.grid({**spec.kwargs, **spec.configs[0].kwargs}))))
+        return real(*call)
 
     monkeypatch.setattr(module, name, record)
     return seen

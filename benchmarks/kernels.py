@@ -847,7 +847,9 @@ def bench_mla(report: Report, sh: Shapes, quick: bool) -> None:
 
 
 def bench_rmsnorm(report: Report, sh: Shapes, quick: bool) -> None:
-    from dsv3_export.kernels.rmsnorm import rmsnorm, rmsnorm_ref
+    from dsv3_export.kernels.fp8_quant import act_quant
+    from dsv3_export.kernels.rmsnorm import rmsnorm, rmsnorm_quant, rmsnorm_quant_ref, rmsnorm_ref
+    from dsv3_export.reference.fp8 import act_dequant
 
     w = torch.randn(sh.dim, device=sh.device, dtype=torch.bfloat16)
     for m in (*sh.decode_m, sh.prefill_m):
@@ -861,6 +863,19 @@ def bench_rmsnorm(report: Report, sh: Shapes, quick: bool) -> None:
                                 error=err, tol=4e-3, ok=err < 4e-3), bytes_=bytes_),
                 add(report, Row("rmsnorm", case, "torch eager add + rms_norm",
                                 bench(lambda: rmsnorm_ref(x, w, 1e-6, residual=r), sh, quick)), bytes_=bytes_)]
+        finish_group(rows)
+        show(case, rows)
+        case = f"add+rmsnorm+act_quant M={m} D={sh.dim}"
+        got, want = rmsnorm_quant(x, w, 1e-6, residual=r), rmsnorm_quant_ref(x, w, 1e-6, residual=r)
+        err = mean_rel(act_dequant(got[2], got[3]), act_dequant(want[2], want[3]))
+        bytes_ = 3 * m * sh.dim * 2 + m * sh.dim * (1 + 2) + sh.dim * 2 + m * (sh.dim // 128) * 4
+        rows = [add(report, Row("rmsnorm", case, "triton rmsnorm_quant(residual), one launch",
+                                bench(lambda: rmsnorm_quant(x, w, 1e-6, residual=r), sh, quick),
+                                error=err, tol=1e-2, ok=err < 1e-2), bytes_=bytes_),
+                add(report, Row("rmsnorm", case, "triton rmsnorm(residual) + act_quant, two launches",
+                                bench(lambda: act_quant(rmsnorm(x, w, 1e-6, residual=r)[0]), sh, quick)), bytes_=bytes_),
+                add(report, Row("rmsnorm", case, "torch eager add + rms_norm + act_quant",
+                                bench(lambda: rmsnorm_quant_ref(x, w, 1e-6, residual=r), sh, quick)), bytes_=bytes_)]
         finish_group(rows)
         show(case, rows)
 

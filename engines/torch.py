@@ -24,10 +24,11 @@ owns it and writes new_kv in place (dsv3_export.runtime; runtime/cpp/ for C++).
 C++ compiler: checked before compiling (engines/torch_cxx.py): on the H200 machine `$CXX` linked
 libstdc++ statically into shared objects, and every package it built crashed at load (std::regex in
 AOTInductor's device-string parsing). `backend_info.cxx` records the compiler used and those refused.
-Status (2026-11-28): CPU engines are tested (tests/engines, tests/test_cpp_runtime.py). On the
-H200 (torch 2.11) the tiny CUDA programs, triton_op lowering included, compile; with a checked
-compiler a plain CUDA package loads and runs there (benchmarks/RESULTS.md, session 3); the tiny and
-16b engines have not been run there since.
+Status (2026-11-29): CPU engines are tested (tests/engines, tests/test_cpp_runtime.py). On the
+H200 (torch 2.11) the 16b bf16 and fp8 engines were built and timed with our kernels inside
+(benchmarks/torch_16b.py; benchmarks/RESULTS.md, sessions 4-5). The lowerings added since (router
+top-k kernel, fused RMSNorm + act_quant, and the fuse_shared_experts pass) are checked on the CPU
+(interpreter, traced programs) but not yet on the GPU.
 """
 
 from __future__ import annotations

@@ -117,14 +117,14 @@ def _quantized_consumers(y: Node, d: int) -> list[tuple[Node, Node]]:
     return found
 
 
-def _match(state: ProgramState, norm: Node) -> dict | str:
+def _match(norm: Node) -> dict | str:
     """The pieces of one norm site, or why it is not one."""
     x_cast, shape, w, eps = (list(norm.args) + [None] * 4)[:4]
     y = norm
     if len(norm.users) == 1 and _cast_dtype(next(iter(norm.users))) in DENSE:
         y = next(iter(norm.users))
     dtype = y.meta["val"].dtype
-    x, _ = strip_casts(x_cast) if _cast_dtype(x_cast) == torch.float32 else (x_cast, [])
+    x = x_cast.args[0] if _cast_dtype(x_cast) == torch.float32 else x_cast  # the reference's x.float()
     xv = x.meta["val"]
     d = xv.shape[-1]
     if xv.dtype != dtype or dtype not in DENSE:
@@ -184,7 +184,7 @@ def fuse_norm_act_quant(ep: ExportedProgram, kind: str) -> tuple[ExportedProgram
     sites, skipped = [], []
     for node in state.graph.nodes:
         if _call(node, aten.rms_norm.default):
-            found = _match(state, node)
+            found = _match(node)
             (skipped if isinstance(found, str) else sites).append(found)
     with torch.no_grad():
         for site in sites:

@@ -98,4 +98,4 @@ def test_summary_table_is_the_last_output(tmp_path, monkeypatch, capsys):
     lines = capsys.readouterr().out.rstrip().splitlines()
     header = max(i for i, line in enumerate(lines) if line.startswith("case "))
     assert all(line.startswith("add+rmsnorm") for line in lines[header + 1:]), lines[header:]
-    assert len(lines) - header - 1 == 6  # M = 1, 5, 24: triton and torch rows
+    assert len(lines) - header - 1 == 15  # M = 1, 5, 24: rmsnorm (triton, torch), + act_quant (fused, two launches, torch)

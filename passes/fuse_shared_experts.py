@@ -42,6 +42,7 @@ from dsv3_export.ops.fp8 import FP8_BLOCK
 from dsv3_export.passes.base import PassConfig, PassError, PassResult
 from dsv3_export.passes.program_state import ProgramState
 from dsv3_export.passes.rewrite_moe_grouped_gemm import Expert, match_expert
+from dsv3_export.passes.sites import apply_rewrites, scan_sites
 from dsv3_export.passes.weight_source import DenseWeight, Fp8Weight
 from dsv3_export.reference.fp8 import cdiv
 
@@ -161,27 +162,12 @@ def _rewrite(state: ProgramState, site: SharedSite) -> list[str]:
 
 def fuse_shared_experts(program: ExportedProgram, config: PassConfig) -> PassResult:
     state = ProgramState(program)
-    sites, notes = [], []
-    for node in state.graph.nodes:
-        if _call(node, MOE, MOE_FP8):
-            found = match_shared(state, node)
-            if isinstance(found, str):
-                notes.append(f"{node.name}: not fused: {found}")
-            else:
-                sites.append(found)
+    sites, notes = scan_sites(state, lambda n: n.target in (MOE, MOE_FP8), match_shared, "not fused")
     if not sites:
         return PassResult(program, 0, notes)
-
-    obsolete = []
-    with torch.no_grad():
-        for site in sites:
-            obsolete += _rewrite(state, site)
-    state.eliminate_dead_code()
+    obsolete = apply_rewrites(state, sites, _rewrite, PASS, "shared-expert weights")
     if any(not site.moe._erased for site in sites):
         raise PassError(PASS, "an old dsv3::moe_experts node is still used after the rewrite", sites[0].moe.name)
-    kept = set(obsolete) - set(state.remove_if_unused(obsolete))
-    if kept:
-        raise PassError(PASS, f"shared-expert weights still used after the rewrite: {sorted(kept)[:4]}")
     notes.append(f"{len(sites)} MoE layer(s): shared experts -> routed experts every token takes; removed "
                  f"{len(obsolete)} shared-expert tensors")
     return PassResult(state.program(), len(sites), notes)

@@ -39,6 +39,7 @@ import dsv3_export.ops.moe  # noqa: F401  (registers dsv3::moe_experts*)
 from dsv3_export.ops.fp8 import FP8_BLOCK
 from dsv3_export.passes.base import PassConfig, PassError, PassResult
 from dsv3_export.passes.program_state import ProgramState
+from dsv3_export.passes.sites import apply_rewrites, scan_sites
 from dsv3_export.passes.weight_source import DenseWeight, Fp8Weight, match_linear, resolve_weight
 from dsv3_export.reference.fp8 import cdiv
 
@@ -258,29 +259,15 @@ def _rewrite(state: ProgramState, site: MoESite) -> list[str]:
 
 def rewrite_moe_grouped_gemm(program: ExportedProgram, config: PassConfig) -> PassResult:
     state = ProgramState(program)
-    sites, notes = [], []
-    for node in state.graph.nodes:  # one scan; matching only looks near each routing scatter
-        if node.op == "call_function" and node.target is aten.scatter.src:
-            found = match_moe(state, node)
-            if isinstance(found, str):
-                notes.append(f"{node.name}: not rewritten: {found}")
-            else:
-                sites.append(found)
+    # one scan; matching only looks near each routing scatter
+    sites, notes = scan_sites(state, lambda n: n.target is aten.scatter.src, match_moe, "not rewritten")
     if not sites:
         return PassResult(program, 0, notes)
-
-    obsolete = []
-    with torch.no_grad():
-        for site in sites:
-            obsolete += _rewrite(state, site)
-    state.eliminate_dead_code()
+    obsolete = apply_rewrites(state, sites, _rewrite, PASS, "per-expert parameters")
     for site in sites:
         if not site.scatter._erased:
             raise PassError(PASS, "the static expert chains are still in the graph after the rewrite",
                             site.scatter.name)
-    kept = set(obsolete) - set(state.remove_if_unused(obsolete))
-    if kept:
-        raise PassError(PASS, f"per-expert parameters still used after the rewrite: {sorted(kept)[:4]}")
     n_fp8 = sum(site.fp8 for site in sites)
     notes.append(f"{len(sites) - n_fp8} MoE layer(s) -> dsv3::moe_experts, {n_fp8} -> dsv3::moe_experts_fp8; "
                  f"removed {len(obsolete)} per-expert tensors")

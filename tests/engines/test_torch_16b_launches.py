@@ -1,0 +1,81 @@
+"""The 16b fp8 decode program's kernels per layer, as the torch backend lowers it for CUDA.
+
+Traced on the CPU (meta weights, 2 layers: the dense layer 0 and one MoE layer), lowered as
+engines/torch.py lower_program does on CUDA and decomposed as AOTInductor decomposes the
+triton_ops, so every launch of our kernels is a node. Structural, not a timing: it pins the
+batch-1 decode launch structure the GPU profile was read from (session 5: ~35 kernels per MoE
+layer, 6 of them act_quant), and how each switch changes it. Inductor's own kernels (the glue
+between these) only exist after an AOTInductor compile for a GPU and are not counted here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+_SCRIPT = r'''
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)  # traced kernels must be real JITFunctions for wrap_triton
+import torch
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from dsv3_export.engines.torch_lower import lower_dsv3_ops
+from dsv3_export.engines.torch_norm_quant import fuse_norm_act_quant
+from dsv3_export.engines.torch_triton import triton_lowerings
+from dsv3_export.export import export_step
+from dsv3_export.passes.base import PassConfig
+from dsv3_export.passes.pipeline import PASS_NAMES, run_pipeline
+from dsv3_export.reference import ModelArgs, Transformer
+
+skip = set(filter(None, sys.argv[1].split(",")))
+with torch.device("meta"):
+    model = Transformer(ModelArgs.preset("16b").replace(n_layers=2, dtype="fp8"), dtype=torch.bfloat16)
+program, _ = run_pipeline(export_step(model, "decode"), PassConfig(precision="fp8"),
+                          passes=[n for n in PASS_NAMES if n not in skip])
+program, _ = fuse_norm_act_quant(program, "decode")
+lowered, how = lower_dsv3_ops(program, "cuda", triton_lowerings("decode"))
+kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)
+names = []
+for n in kernels.graph.nodes:
+    if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target):
+        k = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
+        names.append(getattr(getattr(k, "fn", k), "__name__", "?"))
+extern = [str(n.target) for n in kernels.graph.nodes if n.op == "call_function"
+          and getattr(n.target, "_opname", None) in ("topk", "sort", "mm", "bmm", "addmm")]
+print(json.dumps({"kernels": {k: names.count(k) for k in set(names)}, "extern": extern}))
+'''
+
+
+def _launches(skip_passes: str = "", **env: str) -> dict:
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, "-c", _SCRIPT, skip_passes], check=False, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow  # ~40 s: a 16b export on meta, the passes and the lowering, twice
+def test_16b_decode_launches_per_layer():
+    """Layer 0 (dense MLP) + layer 1 (MoE), after this session's changes and with all of them off."""
+    new = _launches()
+    k = new["kernels"]
+    # per layer: one fused (add +) RMSNorm + act_quant before attention and before the FFN
+    assert k["_rmsnorm_kernel"] == 4, k
+    # fp8 GEMMs: wq+wkv_a and wo per layer, the dense layer's w1, w3 (10944 rows: not concatenated) and
+    # w2; the MoE's shared experts are experts of its grouped GEMMs now (fuse_shared_experts)
+    assert k["_fp8_gemm_kernel"] == 2 * 2 + 3, k
+    # act_quant only where no norm feeds the GEMM: wo's input per layer, the dense w2's, the MoE's h
+    assert k.get("_act_quant_kernel", 0) + k.get("_act_quant_ieee_kernel", 0) == 2 + 1 + 1, k
+    assert k["_grouped_gemm_kernel"] == 2 and k["_moe_align_kernel"] == 1 and k["_topk_kernel"] == 1, k
+    assert not any(".topk." in e or ".sort." in e for e in new["extern"]), new["extern"]
+
+    old = _launches("fuse_shared_experts", DSV3_TORCH_NORM_QUANT="0", DSV3_TORCH_TOPK="aten")
+    k_old = old["kernels"]
+    assert "_rmsnorm_kernel" not in k_old and "_topk_kernel" not in k_old, k_old
+    assert k_old["_fp8_gemm_kernel"] == 2 * 2 + 3 + 2, k_old  # + the shared experts' w1+w3 and w2
+    # one per fp8 GEMM (dense layer 5, MoE layer 4) + the MoE's x and h: session 5's 6 per MoE layer
+    assert k_old.get("_act_quant_kernel", 0) + k_old.get("_act_quant_ieee_kernel", 0) == 5 + 6, k_old
+    assert sum(".topk." in e for e in old["extern"]) == 1, old["extern"]

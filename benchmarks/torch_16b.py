@@ -46,6 +46,7 @@ from dsv3_export.checkpoint import preset_model
 from dsv3_export.engines.torch import compile_package, lower_program, package_info, program_constants
 from dsv3_export.engines.torch_step import AOTIStep
 from dsv3_export.engines.torch_norm_quant import NORM_QUANT_ENV
+from dsv3_export.engines.torch_router import ROUTER_ENV
 from dsv3_export.engines.torch_triton import FUSED_ACT_QUANT_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_ENV, TOPK_ENV
 from dsv3_export.export import export_step
 from dsv3_export.passes.base import PassConfig
@@ -282,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--norm-quant", choices=("0", "1"), default=None,
                    help="RMSNorm fused with the act_quant of its fp8 GEMMs (sets DSV3_TORCH_NORM_QUANT)")
     p.add_argument("--topk", choices=("kernel", "aten"), default=None,
-                   help="the router top-k as our kernel or torch's (sets DSV3_TORCH_TOPK)")
+                   help="top-k as our kernel or torch's (sets DSV3_TORCH_TOPK)")
+    p.add_argument("--router", choices=("0", "1"), default=None,
+                   help="the softmax MoE router as one kernel (sets DSV3_TORCH_ROUTER)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: smoke-test the script (tiny preset)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     opts = p.parse_args(argv)
@@ -296,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"n_layers": opts.n_layers} if opts.n_layers else {}
     if opts.moe_align:
         os.environ[MOE_ALIGN_ENV] = opts.moe_align
-    for env, value in ((NORM_QUANT_ENV, opts.norm_quant), (TOPK_ENV, opts.topk)):
+    for env, value in ((NORM_QUANT_ENV, opts.norm_quant), (TOPK_ENV, opts.topk), (ROUTER_ENV, opts.router)):
         if value:
             os.environ[env] = value
     unknown = set(filter(None, opts.skip_passes.split(","))) - set(PASS_NAMES)
@@ -309,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             "n_layers_override": opts.n_layers, "moe_align": os.environ.get(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT),
             "fused_act_quant": os.environ.get(FUSED_ACT_QUANT_ENV, "0"),
             "norm_quant": os.environ.get(NORM_QUANT_ENV, "1"), "topk": os.environ.get(TOPK_ENV, "kernel"),
+            "router": os.environ.get(ROUTER_ENV, "1"),
             "skip_passes": sorted(SKIP_PASSES),
             "note": "max_seq_len set to 2 * prompt_len (YaRN off) to keep the reference caches small"}
     report = Report(opts.out / "torch_16b.json", opts.budget_s, meta)

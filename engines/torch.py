@@ -66,7 +66,8 @@ TRITON_OPS_ENV = "DSV3_TORCH_TRITON_OPS"
 
 def lower_program(ep: ExportedProgram, device: str, kind: str) -> tuple[ExportedProgram, dict[str, str]]:
     """dsv3:: ops replaced: ATen math, or on CUDA our Triton kernels where torch_triton.py has them,
-    with each RMSNorm that feeds fp8 GEMMs fused with their act_quant (torch_norm_quant.py)
+    with each RMSNorm that feeds fp8 GEMMs fused with their act_quant (torch_norm_quant.py) and each
+    softmax MoE router in one kernel (torch_router.py)
     (DSV3_TORCH_TRITON_OPS=0: ATen everywhere, Inductor's own kernels only; the manifest's
     `lowerings` says which, to tell our kernels' launches apart from the rest of a package)."""
     triton = None
@@ -81,10 +82,12 @@ def lower_program(ep: ExportedProgram, device: str, kind: str) -> tuple[Exported
     if triton is None:
         return lower_dsv3_ops(ep, device, triton)
     from dsv3_export.engines.torch_norm_quant import fuse_norm_act_quant
+    from dsv3_export.engines.torch_router import fuse_router
 
+    ep, router_how = fuse_router(ep)  # first: the norm rewrite copies the MoE ops' routing inputs
     ep, norm_how = fuse_norm_act_quant(ep, kind)
     lowered, how = lower_dsv3_ops(ep, device, triton)
-    return lowered, {**how, "aten::rms_norm": norm_how}
+    return lowered, {**how, "router": router_how, "aten::rms_norm": norm_how}
 
 
 def inductor_configs(kind: str, info: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Top-k over short rows (the MoE router's [T, E] scores), one program per block of rows.
+"""Top-k over short rows (the MoE router's [T, E] scores), one program per block of rows; and the
+whole softmax router (softmax, top-k, weights, the shared experts' columns) as one kernel.
 
     values, indices = topk(x [R, N], k)      # largest k of each row, in descending order
 
@@ -12,6 +13,12 @@ Semantics are torch.topk(x, k, dim=-1, largest=True, sorted=True)'s: same values
 among equal values the lower index comes first (torch leaves that order unspecified). NaN ranks
 above every number, as in torch's CUDA topk, and is returned as NaN. Values keep x's dtype,
 indices are int64.
+
+router_topk (engines/torch_router.py puts it in the CUDA programs): the Gate of a softmax-scored
+MoE (DeepSeek-V2/16b: one group, no bias) from its logits: p = softmax(logits) in fp32, the top-k
+of p as above, weights p * route_scale in the output dtype, then the experts every token takes
+(passes/fuse_shared_experts) with weight 1: the five kernels of that chain (softmax, gatherTopK,
+sort, gather * scale, the concatenations) in one.
 """
 
 from __future__ import annotations
@@ -34,6 +41,25 @@ TOPK_CONFIGS = [
 
 
 @triton.jit
+def _take_max(key, nan, valid, cols, BLOCK_N: tl.constexpr):
+    """The next pick of each row: (index [BLOCK_ROWS], one-hot [BLOCK_ROWS, BLOCK_N]). Among the
+    maxima of key a NaN first (it ranks above +inf), then the lowest index."""
+    best = tl.max(key, axis=1)  # [BLOCK_ROWS]
+    is_best = (key == best[:, None]) & valid
+    nan_best = tl.max((is_best & nan).to(tl.int32), axis=1) > 0
+    pick = is_best & (nan | ~nan_best[:, None])
+    idx = tl.min(tl.where(pick, cols[None, :], BLOCK_N), axis=1)  # [BLOCK_ROWS]
+    return idx, cols[None, :] == idx[:, None]
+
+
+@triton.jit
+def _value_at(x, nan, chosen):
+    """x at the chosen column of each row, NaN kept."""
+    val = tl.sum(tl.where(chosen & ~nan, x, 0.0), axis=1)
+    return tl.where(tl.max((chosen & nan).to(tl.int32), axis=1) > 0, float("nan"), val)
+
+
+@triton.jit
 def _topk_kernel(x_ptr, val_ptr, idx_ptr, ROWS, N, stride_x, stride_v, stride_i,
                  TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ROWS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -43,26 +69,53 @@ def _topk_kernel(x_ptr, val_ptr, idx_ptr, ROWS, N, stride_x, stride_v, stride_i,
     x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :],
                 mask=row_ok[:, None] & (cols[None, :] < N), other=float("-inf")).to(tl.float32)
     # the ranking key: NaN above +inf (torch's CUDA order); -inf for the masked tail and taken entries
-    key = tl.where(x != x, float("inf"), x)
     nan = x != x
+    key = tl.where(nan, float("inf"), x)
     valid = cols[None, :] < N
     for j in tl.static_range(TOPK):
-        best = tl.max(key, axis=1)  # [BLOCK_ROWS]
-        # among the maxima: a NaN first (it ranks above +inf), then the lowest index
-        is_best = (key == best[:, None]) & valid
-        nan_best = tl.max((is_best & nan).to(tl.int32), axis=1) > 0
-        pick = is_best & (nan | ~nan_best[:, None])
-        idx = tl.min(tl.where(pick, cols[None, :], BLOCK_N), axis=1)  # [BLOCK_ROWS]
-        chosen = cols[None, :] == idx[:, None]
-        val = tl.sum(tl.where(chosen & ~nan, x, 0.0), axis=1)
-        val = tl.where(tl.max((chosen & nan).to(tl.int32), axis=1) > 0, float("nan"), val)
-        tl.store(val_ptr + rows64 * stride_v + j, val.to(val_ptr.dtype.element_ty), mask=row_ok)
+        idx, chosen = _take_max(key, nan, valid, cols, BLOCK_N)
+        tl.store(val_ptr + rows64 * stride_v + j, _value_at(x, nan, chosen).to(val_ptr.dtype.element_ty), mask=row_ok)
         tl.store(idx_ptr + rows64 * stride_i + j, idx.to(tl.int64), mask=row_ok)
         key = tl.where(chosen, float("-inf"), key)
         valid = valid & ~chosen
 
 
+@triton.jit
+def _router_kernel(logits_ptr, w_ptr, idx_ptr, ROWS, N, scale, first_extra, stride_l, stride_w, stride_i,
+                   TOPK: tl.constexpr, N_EXTRA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """Columns [0, TOPK): the top-k of softmax(logits) in fp32, weight p * scale; columns
+    [TOPK, TOPK + N_EXTRA): expert first_extra + j with weight 1 (experts every token takes)."""
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64 scalars
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < ROWS
+    rows64 = rows.to(tl.int64)
+    valid = cols[None, :] < N
+    x = tl.load(logits_ptr + rows64[:, None] * stride_l + cols[None, :], mask=row_ok[:, None] & valid,
+                other=float("-inf")).to(tl.float32)
+    m = tl.max(x, axis=1)
+    m = tl.where(m == float("-inf"), 0.0, m)  # rows past ROWS (all -inf): no inf - inf
+    e = tl.where(valid, tl.exp(x - m[:, None]), 0.0)
+    total = tl.where(row_ok, tl.sum(e, axis=1), 1.0)  # >= 1 on a real row (its max gives exp(0))
+    p = e / total[:, None]  # [BLOCK_ROWS, BLOCK_N] softmax, fp32
+    nan = p != p
+    key = tl.where(nan, float("inf"), tl.where(valid, p, float("-inf")))
+    for j in tl.static_range(TOPK):
+        idx, chosen = _take_max(key, nan, valid, cols, BLOCK_N)
+        w = _value_at(p, nan, chosen) * scale
+        tl.store(w_ptr + rows64 * stride_w + j, w.to(w_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(idx_ptr + rows64 * stride_i + j, idx.to(tl.int64), mask=row_ok)
+        key = tl.where(chosen, float("-inf"), key)
+        valid = valid & ~chosen
+    for j in tl.static_range(N_EXTRA):
+        tl.store(w_ptr + rows64 * stride_w + TOPK + j, tl.full((BLOCK_ROWS,), 1.0, tl.float32).to(w_ptr.dtype.element_ty),
+                 mask=row_ok)
+        tl.store(idx_ptr + rows64 * stride_i + TOPK + j, tl.full((BLOCK_ROWS,), 0, tl.int64) + first_extra + j,
+                 mask=row_ok)
+
+
 _topk_tuned = autotune_or_single(_topk_kernel, TOPK_CONFIGS, key=["N", "TOPK"])
+_router_tuned = autotune_or_single(_router_kernel, TOPK_CONFIGS, key=["N", "TOPK", "N_EXTRA"])
 
 
 def check_topk(x: torch.Tensor, k: int) -> None:
@@ -105,3 +158,46 @@ def topk_ref(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
                               stable=True)
     idx = order.gather(-1, nan_first)[:, :k]
     return x.gather(-1, idx), idx
+
+
+# ---------------------------------------------------------------------------------------------
+# the MoE router: softmax, top-k, weights (and the experts every token takes) in one launch
+
+
+def router_spec(logits: torch.Tensor, k: int, scale: float, n_extra: int, first_extra: int,
+                weights: torch.Tensor, indices: torch.Tensor) -> LaunchSpec:
+    """The launch into weights [R, k + n_extra], indices [R, k + n_extra] int64 (checked by the caller)."""
+    rows, n = logits.shape
+    grid = lambda meta: (cdiv(rows, meta["BLOCK_ROWS"]),)  # noqa: E731
+    return LaunchSpec(_router_kernel, _router_tuned, TOPK_CONFIGS, grid,
+                      (logits, weights, indices, rows, n, float(scale), first_extra, logits.stride(0),
+                       weights.stride(0), indices.stride(0)),
+                      dict(TOPK=k, N_EXTRA=n_extra, BLOCK_N=max(next_pow2(n), 16)))
+
+
+def router_topk(logits: torch.Tensor, k: int, *, scale: float = 1.0, n_extra: int = 0, first_extra: int = 0,
+                out_dtype: torch.dtype = torch.float32, config: triton.Config | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [R, E] -> (weights [R, k + n_extra] out_dtype, ids [R, k + n_extra] int64): the top-k
+    experts of softmax(logits) (fp32) with weight p * scale, then experts first_extra + j (j < n_extra)
+    with weight 1. DeepSeek's softmax router (Gate with score_func softmax, one group, no bias) plus
+    the shared experts of passes/fuse_shared_experts."""
+    check_topk(logits, k)
+    if n_extra < 0:
+        raise ValueError(f"router_topk: n_extra={n_extra} must be >= 0")
+    weights = torch.empty((logits.shape[0], k + n_extra), dtype=out_dtype, device=logits.device)
+    indices = torch.empty((logits.shape[0], k + n_extra), dtype=torch.int64, device=logits.device)
+    if logits.shape[0]:
+        launch(*router_spec(logits, k, scale, n_extra, first_extra, weights, indices), config)
+    return weights, indices
+
+
+def router_topk_ref(logits: torch.Tensor, k: int, *, scale: float = 1.0, n_extra: int = 0, first_extra: int = 0,
+                    out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference Gate's math (softmax in fp32, top-k, gather, scale, cast) and the extra columns."""
+    p = logits.softmax(dim=-1, dtype=torch.float32)
+    _, ids = topk_ref(p, k)
+    weights = (p.gather(1, ids) * scale).to(out_dtype)
+    extra_ids = torch.arange(first_extra, first_extra + n_extra, device=logits.device).expand(logits.shape[0], -1)
+    return (torch.cat([weights, weights.new_ones(logits.shape[0], n_extra)], 1),
+            torch.cat([ids, extra_ids], 1))

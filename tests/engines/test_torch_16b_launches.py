@@ -24,6 +24,7 @@ import torch
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from dsv3_export.engines.torch_lower import lower_dsv3_ops
 from dsv3_export.engines.torch_norm_quant import fuse_norm_act_quant
+from dsv3_export.engines.torch_router import fuse_router
 from dsv3_export.engines.torch_triton import triton_lowerings
 from dsv3_export.export import export_step
 from dsv3_export.passes.base import PassConfig
@@ -35,6 +36,7 @@ with torch.device("meta"):
     model = Transformer(ModelArgs.preset("16b").replace(n_layers=2, dtype="fp8"), dtype=torch.bfloat16)
 program, _ = run_pipeline(export_step(model, "decode"), PassConfig(precision="fp8"),
                           passes=[n for n in PASS_NAMES if n not in skip])
+program, _ = fuse_router(program)
 program, _ = fuse_norm_act_quant(program, "decode")
 lowered, how = lower_dsv3_ops(program, "cuda", triton_lowerings("decode"))
 kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)
@@ -59,7 +61,9 @@ def _launches(skip_passes: str = "", **env: str) -> dict:
 
 @pytest.mark.slow  # ~40 s: a 16b export on meta, the passes and the lowering, twice
 def test_16b_decode_launches_per_layer():
-    """Layer 0 (dense MLP) + layer 1 (MoE), after this session's changes and with all of them off."""
+    """Layer 0 (dense MLP) + layer 1 (MoE), after this session's changes and with all of them off
+    (then the MoE layer also runs torch's top-k, 2 launches, and the Inductor kernels of the softmax,
+    gather and the shared experts' SwiGLU, add and split-K sums, not counted here)."""
     new = _launches()
     k = new["kernels"]
     # per layer: one fused (add +) RMSNorm + act_quant before attention and before the FFN
@@ -69,13 +73,17 @@ def test_16b_decode_launches_per_layer():
     assert k["_fp8_gemm_kernel"] == 2 * 2 + 3, k
     # act_quant only where no norm feeds the GEMM: wo's input per layer, the dense w2's, the MoE's h
     assert k.get("_act_quant_kernel", 0) + k.get("_act_quant_ieee_kernel", 0) == 2 + 1 + 1, k
-    assert k["_grouped_gemm_kernel"] == 2 and k["_moe_align_kernel"] == 1 and k["_topk_kernel"] == 1, k
+    assert k["_grouped_gemm_kernel"] == 2 and k["_moe_align_kernel"] == 1, k
+    # the router: softmax, top-k, weights and the shared experts' columns in one kernel
+    assert k["_router_kernel"] == 1 and "_topk_kernel" not in k, k
     assert not any(".topk." in e or ".sort." in e for e in new["extern"]), new["extern"]
+    assert sum(new["kernels"].values()) == 23, k
 
-    old = _launches("fuse_shared_experts", DSV3_TORCH_NORM_QUANT="0", DSV3_TORCH_TOPK="aten")
+    old = _launches("fuse_shared_experts", DSV3_TORCH_NORM_QUANT="0", DSV3_TORCH_TOPK="aten", DSV3_TORCH_ROUTER="0")
     k_old = old["kernels"]
-    assert "_rmsnorm_kernel" not in k_old and "_topk_kernel" not in k_old, k_old
+    assert not {"_rmsnorm_kernel", "_topk_kernel", "_router_kernel"} & set(k_old), k_old
     assert k_old["_fp8_gemm_kernel"] == 2 * 2 + 3 + 2, k_old  # + the shared experts' w1+w3 and w2
     # one per fp8 GEMM (dense layer 5, MoE layer 4) + the MoE's x and h: session 5's 6 per MoE layer
     assert k_old.get("_act_quant_kernel", 0) + k_old.get("_act_quant_ieee_kernel", 0) == 5 + 6, k_old
     assert sum(".topk." in e for e in old["extern"]) == 1, old["extern"]
+    assert sum(k_old.values()) == 27, k_old

@@ -30,7 +30,7 @@ from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_d
 TARGET = GPUTarget("cuda", 90, 32)
 # Opt-in shared memory per block on H100/H200 (227 KB).
 SMEM_LIMIT = 232448
-FLOAT_ARGS = {"scale_log2", "eps"}
+FLOAT_ARGS = {"scale_log2", "eps", "scale"}
 # How Inductor types a Python float argument of a user-defined Triton kernel on CUDA
 # (torch/_inductor/codegen/triton_utils.py, _use_fp64_for_unbacked_floats): fp64. A kernel that
 # multiplies fp32 tiles by such a scalar inside a loop then fails to compile inside an AOTInductor
@@ -170,6 +170,8 @@ def _cases(all_configs: bool):
                    dict(HAS_RESIDUAL=True, QUANT=quant, SCALE_RECIPROCAL=True, BLOCK_D=2048))
     for cfg in pick(topk.TOPK_CONFIGS):  # the 16b router: 64 routed + 2 shared experts, top-8
         yield ("topk", topk._topk_kernel, cfg, dict(x_ptr=f32, val_ptr=f32, idx_ptr="*i64"), dict(TOPK=8, BLOCK_N=128))
+        yield ("router", topk._router_kernel, cfg, dict(logits_ptr=bf, w_ptr=bf, idx_ptr="*i64"),
+               dict(TOPK=6, N_EXTRA=2, BLOCK_N=64))
 
 
 def main(all_configs: bool, with_ptxas: bool = False) -> int:

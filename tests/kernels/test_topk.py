@@ -79,3 +79,23 @@ def test_strided_rows_and_empty():
 def test_bad_inputs_name_the_problem(x, k, match):
     with pytest.raises((ValueError, TypeError), match=match):
         K.topk(x, k)
+
+
+# --- router_topk: softmax + top-k + weights + the shared experts' columns -----------------------------
+@pytest.mark.parametrize("config", K.TOPK_CONFIGS, ids=str)
+@pytest.mark.parametrize("rows, n, k, n_extra", [(1, 64, 6, 2), (37, 64, 6, 2), (5, 8, 3, 2), (3, 100, 8, 0)])
+@pytest.mark.parametrize("dtype", K.DTYPES)
+def test_router_topk_matches_the_gate(seed, config, rows, n, k, n_extra, dtype):
+    """Ids exactly the reference Gate's (softmax in fp32, top-k); weights within one output rounding
+    (the interpreter truncates to bf16, the kernel's exp may differ from torch's by an ulp); the
+    extra columns exactly (ids n.., weight 1)."""
+    torch.manual_seed(seed)
+    logits = (torch.stack([_DISTINCT[torch.randperm(_DISTINCT.numel())[:n]] for _ in range(rows)]) / 64).to(dtype)
+    weights, ids = K.router_topk(logits, k, scale=2.5, n_extra=n_extra, first_extra=n, out_dtype=dtype, config=config)
+    want_w, want_ids = K.router_topk_ref(logits, k, scale=2.5, n_extra=n_extra, first_extra=n, out_dtype=dtype)
+    assert weights.shape == ids.shape == (rows, k + n_extra) and weights.dtype == dtype and ids.dtype == torch.int64
+    assert torch.equal(ids, want_ids)
+    ulp = {torch.float32: 1e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+    assert ((weights.float() - want_w.float()).abs() <= ulp * want_w.float().abs() * 2 + 1e-30).all()
+    assert (weights[:, k:] == 1).all()
+    assert torch.equal(ids[:, :k], torch.topk(logits.float(), k).indices)  # softmax keeps the logits' order

@@ -1,0 +1,137 @@
+"""The MoE router of a softmax-scored model as one kernel, in the torch backend's CUDA programs.
+
+Why: between the gate GEMM and the grouped GEMMs a batch-1 decode step runs, per MoE layer, a
+softmax, torch's top-k (gatherTopK + a sort), a gather * route_scale and the concatenations of
+the shared experts' columns (passes/fuse_shared_experts): ~5 launches of ~2-5 us for a [T, 64]
+tensor. kernels/topk.py router_topk does all of it from the logits in one.
+
+Rewrites (before the dsv3:: ops are lowered; CUDA only; DSV3_TORCH_ROUTER=0 turns it off):
+
+    s   = softmax(logits, -1, f32)                            # the reference Gate, score_func softmax,
+    ids = getitem(topk(s, k), 1)                              # one group, no bias
+    w   = type_as(mul(gather(s, 1, ids), route_scale), x)    # (or to(dtype); the mul may be absent)
+    ids = cat([ids, expand(arange(E, E + n), [T, n])], 1)    # fuse_shared_experts' columns, if there
+    w   = cat([w, new_ones(w, [T, n])], 1)
+    dsv3::moe_experts(_fp8)(x, w, ids, ...)
+becomes
+    w, ids = dsv3_aoti::router_topk(logits, k, route_scale, n, E, dtype)
+    dsv3::moe_experts(_fp8)(x, w, ids, ...)
+Sigmoid scoring, a score bias or group-limited routing (DeepSeek-V3) do not match and keep their
+ATen form (their top-k still becomes kernels/topk.py's, torch_triton.py's aten::topk lowering).
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+
+import torch
+from torch.export import ExportedProgram
+from torch.fx import Node
+from torch.library import triton_op
+
+import dsv3_export.ops  # noqa: F401  (registers the dsv3:: ops matched here)
+from dsv3_export.engines import torch_triton as tt
+from dsv3_export.kernels import topk as kt
+from dsv3_export.passes.program_state import ProgramState
+
+ROUTER_ENV = "DSV3_TORCH_ROUTER"
+aten = torch.ops.aten
+CASTS = (aten.type_as.default, aten.to.dtype, aten._to_copy.default)
+MOE_OPS = (torch.ops.dsv3.moe_experts.default, torch.ops.dsv3.moe_experts_fp8.default)
+
+
+@triton_op("dsv3_aoti::router_topk", mutates_args={})
+def router_topk(logits: torch.Tensor, k: int, scale: float, n_extra: int, first_extra: int,
+                out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] -> weights [T, k + n_extra] (out_dtype), ids [T, k + n_extra] int64."""
+    logits = logits.contiguous()
+    weights = torch.empty((logits.shape[0], k + n_extra), dtype=out_dtype, device=logits.device)
+    ids = torch.empty((logits.shape[0], k + n_extra), dtype=torch.int64, device=logits.device)
+    tt._launch(kt.router_spec(logits, k, scale, n_extra, first_extra, weights, ids))
+    return weights, ids
+
+
+def _call(node: object, *targets) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def _arg(node: Node, index: int, name: str, default):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _shared_columns(w: Node, ids: Node) -> tuple[Node, Node, int, int] | None:
+    """(w0, ids0, n, E) when w / ids are fuse_shared_experts' concatenations, else None."""
+    if not (_call(w, aten.cat.default) and _call(ids, aten.cat.default)):
+        return None
+    if _arg(w, 1, "dim", 0) not in (1, -1) or _arg(ids, 1, "dim", 0) not in (1, -1):
+        return None
+    (w0, ones), (ids0, extra) = (list(w.args[0]) + [None])[:2], (list(ids.args[0]) + [None])[:2]
+    if len(w.args[0]) != 2 or len(ids.args[0]) != 2 or not _call(ones, aten.new_ones.default):
+        return None
+    if not (_call(extra, aten.expand.default) and _call(extra.args[0], aten.arange.start)):
+        return None
+    start, end = extra.args[0].args[:2]
+    if not (isinstance(start, int) and isinstance(end, int)) or extra.args[0].kwargs.get("dtype") != torch.int64:
+        return None
+    return w0, ids0, end - start, start
+
+
+def _match(moe: Node) -> dict | str:
+    """The router feeding one MoE op, or why it is not one the kernel computes."""
+    w, ids = moe.args[1], moe.args[2]
+    shared = _shared_columns(w, ids)
+    w0, ids0, n_extra, first = shared if shared else (w, ids, 0, 0)
+    if not (isinstance(ids0, Node) and ids0.target is operator.getitem and ids0.args[1] == 1):
+        return "topk_ids is not a top-k's indices"
+    topk = ids0.args[0]
+    if not _call(topk, aten.topk.default) or _arg(topk, 2, "dim", -1) not in (-1, 1) or not _arg(topk, 3, "largest", True):
+        return "topk_ids is not the largest top-k over the last dim"
+    s, k = topk.args[:2]
+    if any(not (u.target is operator.getitem and u.args[1] == 1) for u in topk.users):
+        return "the top-k's values are used"
+    if not _call(s, aten.softmax.int) or _arg(s, 1, "dim", -1) not in (-1, 1) or s.meta["val"].dtype != torch.float32:
+        return "the top-k does not rank an fp32 softmax over the last dim (sigmoid / biased / grouped routing)"
+    logits = s.args[0]
+    cast = w0 if _call(w0, *CASTS) else None
+    scaled = cast.args[0] if cast is not None else w0
+    scale = 1.0
+    if _call(scaled, aten.mul.Tensor, aten.mul.Scalar) and isinstance(scaled.args[1], float):
+        scaled, scale = scaled.args[0], scaled.args[1]
+    if not (_call(scaled, aten.gather.default) and scaled.args[0] is s and scaled.args[1] in (1, -1)
+            and scaled.args[2] is ids0):
+        return "the weights are not the softmax gathered at the top-k's indices (times a float)"
+    if set(s.users) - {topk, scaled}:
+        return "the softmax is used elsewhere"
+    n = logits.meta["val"].shape[-1]
+    if logits.meta["val"].dim() != 2 or not isinstance(n, int) or n > kt.MAX_N or not 1 <= k <= min(n, kt.MAX_K):
+        return f"logits {tuple(logits.meta['val'].shape)} with k={k} do not fit the kernel"
+    return dict(moe=moe, w=w, ids=ids, logits=logits, k=k, scale=float(scale), n_extra=n_extra, first=first,
+                dtype=w.meta["val"].dtype)
+
+
+def fuse_router(ep: ExportedProgram) -> tuple[ExportedProgram, str]:
+    """The program with each matching router rewritten, and a line for the manifest's `lowerings`."""
+    value = os.environ.get(ROUTER_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{ROUTER_ENV}={value!r}: use 1 (one router kernel) or 0 (ATen softmax / top-k / gather)")
+    moes = [n for n in ep.graph.nodes if _call(n, *MOE_OPS)]
+    if value == "0" or not moes:
+        return ep, f"not fused ({ROUTER_ENV}=0)" if moes else "no MoE"
+    state = ProgramState(ep)
+    found = [_match(n) for n in state.graph.nodes if _call(n, *MOE_OPS)]
+    sites = [f for f in found if not isinstance(f, str)]
+    for site in sites:
+        with state.graph.inserting_before(site["moe"]):
+            out = state.call(torch.ops.dsv3_aoti.router_topk.default,
+                             (site["logits"], site["k"], site["scale"], site["n_extra"], site["first"], site["dtype"]))
+            weights, ids = (state.call(operator.getitem, (out, i)) for i in range(2))
+        site["moe"].replace_input_with(site["w"], weights)
+        site["moe"].replace_input_with(site["ids"], ids)
+    state.eliminate_dead_code()
+    how = (f"{len(sites)} of {len(moes)} MoE routers (softmax, top-k, weights, shared-expert columns) -> "
+           "dsv3_aoti::router_topk (kernels/topk.py)")
+    skipped = [f for f in found if isinstance(f, str)]
+    if skipped:
+        how += f"; not fused: {skipped[0]}"
+    return (state.program() if sites else ep), how

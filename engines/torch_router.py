@@ -85,7 +85,8 @@ def _match(moe: Node) -> dict | str:
     if not (isinstance(ids0, Node) and ids0.target is operator.getitem and ids0.args[1] == 1):
         return "topk_ids is not a top-k's indices"
     topk = ids0.args[0]
-    if not _call(topk, aten.topk.default) or _arg(topk, 2, "dim", -1) not in (-1, 1) or not _arg(topk, 3, "largest", True):
+    if not _call(topk, aten.topk.default) or _arg(topk, 2, "dim", -1) not in (-1, 1) \
+            or not _arg(topk, 3, "largest", True):
         return "topk_ids is not the largest top-k over the last dim"
     s, k = topk.args[:2]
     if any(not (u.target is operator.getitem and u.args[1] == 1) for u in topk.users):

@@ -120,14 +120,14 @@ def _act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _grouped_gemm(a, w, sorted_ids, expert_ids, npp, topk: int, out_dtype: torch.dtype, *, a_scale=None,
-                  w_scale=None, topk_weights=None, swiglu: bool = False, quantize_a: bool = False) -> torch.Tensor:
-    """kernels/moe.py grouped_gemm's launch (checks done once by the caller's shapes). quantize_a: bf16/fp16
+                  w_scale=None, topk_weights=None, swiglu: bool = False, quant_a: bool = False) -> torch.Tensor:
+    """kernels/moe.py grouped_gemm's launch (checks done once by the caller's shapes). quant_a: bf16/fp16
     a quantized 1x128 inside the kernel, as _act_quant would on a's device (fp8 w only)."""
     t = a.shape[0]
     n_out = w.shape[1] // 2 if swiglu else w.shape[1]
     out = torch.empty((t * topk, n_out), dtype=out_dtype, device=a.device)
     _launch(km.grouped_gemm_spec(a, a_scale, w, w_scale, out, topk_weights, sorted_ids, expert_ids, npp, topk,
-                                 swiglu, quantize_a, a.is_cuda))  # the scale rounding as _act_quant picks it
+                                 swiglu, quant_a, a.is_cuda))  # the scale rounding as _act_quant picks it
     return out
 
 
@@ -154,14 +154,14 @@ def moe_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
                     fuse_act_quant: bool = False) -> torch.Tensor:
     """fuse_act_quant (opt-in, FUSED_ACT_QUANT_ENV; bf16/fp16 x): the grouped GEMMs quantize x and h
     themselves, the same bits as the two _act_quant launches of the default form (kernels/moe.py
-    grouped_gemm(quantize_a=True)); measured slower on the H200."""
+    grouped_gemm(quant_a=True)); measured slower on the H200."""
     t, topk = topk_ids.shape
     sorted_ids, expert_ids, npp = _moe_align(topk_ids, w13.shape[0], block_m)
     if fuse_act_quant:
         h = _grouped_gemm(x.contiguous(), w13, sorted_ids, expert_ids, npp, topk, x.dtype, w_scale=w13_scale,
-                          swiglu=True, quantize_a=True)  # [T*k, I]
+                          swiglu=True, quant_a=True)  # [T*k, I]
         y = _grouped_gemm(h, w2, sorted_ids, expert_ids, npp, 1, x.dtype, w_scale=w2_scale,
-                          topk_weights=topk_weights.contiguous(), quantize_a=True)  # [T*k, D]
+                          topk_weights=topk_weights.contiguous(), quant_a=True)  # [T*k, D]
         return _combine(y, t, topk, x.dtype)
     xq, xs = _act_quant(x.contiguous())
     return moe_fp8_quantized(xq, xs, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale,

@@ -31,7 +31,7 @@ leave SMs idle (N=2048: 32 tiles of 64 on 132 SMs) the K loop is split over SPLI
 store fp32 partial tiles into a [SPLIT_K, M, N] workspace; one small kernel sums them in split
 order (deterministic, unlike atomics) and casts to out_dtype. The launcher chooses SPLIT_K.
 
-Fused activation quantization (QUANT_A, opt-in: fp8_linear(fused_quant=True)) passes the
+Fused activation quantization (QUANT_A, opt-in: fp8_linear(fuse_act_quant=True)) passes the
 bf16/fp16/fp32 activation itself (fp8_gemm(quant_a=True)) and each K step quantizes
 its [BLOCK_M, 128] A tile 1x128 in registers with kernels/fp8_quant.py quantize_rows, the function
 the act_quant kernels call (amax floor, amax * fp32(1/448) on CUDA or IEEE amax / 448 on the CPU,
@@ -273,7 +273,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
     TMA loads, persistent CTAs; fp8 a only, no split-K, 16-byte aligned rows) on any M; config
     then names one of its TMA_PERSISTENT_CONFIGS. "default" is the kernel above.
     quant_a: a is the bf16/fp16/fp32 activation (a_s=None), quantized 1x128 inside the kernel
-    (one launch, W8A8; opt-in: fp8_linear(fused_quant=True), slower on the H200): the same result
+    (one launch, W8A8; opt-in: fp8_linear(fuse_act_quant=True), slower on the H200): the same result
     as fp8_gemm(*act_quant(a), ...) bit for bit. scale_reciprocal picks act_quant's scale form (default: as torch computes
     it on a's device, see kernels/fp8_quant.py act_quant).
     """
@@ -347,12 +347,12 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype: torch.dtype | None = None,
                *, act_quant: bool = True, shape_class: str | None = None,
-               fused_quant: bool = False) -> torch.Tensor:
+               fuse_act_quant: bool = False) -> torch.Tensor:
     """y = x @ dequant(w, w_s)^T: x [..., K] -> [..., N].
 
     act_quant=True: x is quantized 1x128 on the fly (W8A8, dsv3::fp8_linear(act_quant=True)).
     act_quant=False: weight-only (W8A16) for bf16/fp16 x. shape_class: see fp8_gemm.
-    fused_quant (act_quant only): quantize inside the GEMM (one launch, fp8_gemm(quant_a=True))
+    fuse_act_quant (act_quant only): quantize inside the GEMM (one launch, fp8_gemm(quant_a=True))
     instead of an act_quant launch first; same result bit for bit. Default: separate (measured
     3-4x slower fused on the H200 at the 16b decode shapes: see engines/torch_triton.py
     FUSED_ACT_QUANT_ENV).
@@ -362,13 +362,13 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype: t
         raise ValueError("fp8_linear: x must have at least 1 dim [..., K]")
     if not act_quant and x.dtype not in DENSE_DTYPES:
         raise TypeError(f"fp8_linear: the weight-only path needs bf16/fp16 x, got {x.dtype}")
-    if fused_quant and not act_quant:
-        raise ValueError("fp8_linear: fused_quant=True needs act_quant=True (weight-only has nothing to quantize)")
+    if fuse_act_quant and not act_quant:
+        raise ValueError("fp8_linear: fuse_act_quant=True needs act_quant=True (weight-only has nothing to quantize)")
     k = x.shape[-1]
     x2 = x.reshape(-1, k)  # [M, K]
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if act_quant and fused_quant:
+    if act_quant and fuse_act_quant:
         y = fp8_gemm(x2, None, w, w_s, out_dtype=out_dtype or x.dtype, shape_class=shape_class,
                      quant_a=True)  # [M, N]
     elif act_quant:

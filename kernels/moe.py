@@ -11,7 +11,7 @@ Shapes: T tokens, k = top-k, E experts, D model dim, I expert inter dim.
       num_tokens_post_pad exit at once. Precisions: bf16/fp16; W8A8 (a fp8 [T, K] with scales
       [T, ceil(K/128)], w fp8 with [E, ceil(N/128), ceil(K/128)] scales, applied per 128-wide K
       block); W8A8 with a in bf16/fp16, quantized 1x128 in registers with act_quant's arithmetic
-      (quantize_a: the same bits as act_quant + the fp8 GEMM, one launch less; each program
+      (quant_a: the same bits as act_quant + the fp8 GEMM, one launch less; each program
       re-quantizes its A tiles; opt-in, 2x slower than act_quant + GEMM on the H200 at decode);
       W8A16 (bf16/fp16 a, fp8 w widened in registers). Epilogues: SwiGLU (w rows = [gate ; up], writes silu(gate) * up, N/2
       columns) and the routing weight (row a scaled by topk_weights.flatten()[a]).
@@ -150,12 +150,12 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tenso
                  num_tokens_post_pad: torch.Tensor, topk: int, *, a_scale: torch.Tensor | None = None,
                  w_scale: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None,
                  fuse_swiglu: bool = False, out_dtype: torch.dtype | None = None,
-                 quantize_a: bool = False, scale_reciprocal: bool | None = None,
+                 quant_a: bool = False, scale_reciprocal: bool | None = None,
                  config: triton.Config | None = None) -> torch.Tensor:
     """a [T, K] (row of assignment i is i // topk), w [E, N, K] -> [T*topk, N] (or N/2 with fuse_swiglu).
 
     Precisions: a and w bf16/fp16 (same dtype); w fp8 + w_scale with fp8 a + a_scale (W8A8);
-    w fp8 + w_scale with bf16/fp16 a and no a_scale: weight-only W8A16, or with quantize_a W8A8
+    w fp8 + w_scale with bf16/fp16 a and no a_scale: weight-only W8A16, or with quant_a W8A8
     with a quantized 1x128 in the kernel, bit for bit fp8_quant.act_quant(a, scale_reciprocal=
     scale_reciprocal) (default: as on a's device) followed by this GEMM.
     """
@@ -166,8 +166,8 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tenso
     if a_fp8 and not w_fp8 or not w_fp8 and w.dtype != a.dtype:
         raise TypeError(f"grouped_gemm: a {a.dtype} with w {w.dtype} is not a supported pair "
                         "(same dense dtype, fp8 x fp8, or dense a x fp8 w)")
-    if quantize_a and (a_fp8 or not w_fp8):
-        raise TypeError(f"grouped_gemm: quantize_a needs bf16/fp16 a and fp8 w, got a {a.dtype}, w {w.dtype}")
+    if quant_a and (a_fp8 or not w_fp8):
+        raise TypeError(f"grouped_gemm: quant_a needs bf16/fp16 a and fp8 w, got a {a.dtype}, w {w.dtype}")
     check_tensor("grouped_gemm: sorted_token_ids", sorted_token_ids, dtypes=(torch.int32,), ndim=1, device=dev,
                  contiguous=True)
     check_tensor("grouped_gemm: expert_ids", expert_ids, dtypes=(torch.int32,), ndim=1, device=dev, contiguous=True)
@@ -222,14 +222,14 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tenso
         return out
     reciprocal = a.is_cuda if scale_reciprocal is None else scale_reciprocal
     launch(*grouped_gemm_spec(a, a_scale, w, w_scale, out, topk_weights, sorted_token_ids, expert_ids,
-                              num_tokens_post_pad, topk, fuse_swiglu, quantize_a, reciprocal), config)
+                              num_tokens_post_pad, topk, fuse_swiglu, quant_a, reciprocal), config)
     return out
 
 
 def grouped_gemm_spec(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor | None,
                       out: torch.Tensor, topk_weights: torch.Tensor | None, sorted_token_ids: torch.Tensor,
                       expert_ids: torch.Tensor, num_tokens_post_pad: torch.Tensor, topk: int, fuse_swiglu: bool,
-                      quantize_a: bool, scale_reciprocal: bool) -> LaunchSpec:
+                      quant_a: bool, scale_reciprocal: bool) -> LaunchSpec:
     """grouped_gemm's launch into out [T*topk, N or N/2] (inputs checked by the caller); block_m is
     inferred from moe_align's sizes, the grid's rows bounded by row_blocks (symbolic when traced)."""
     t, k = a.shape
@@ -242,11 +242,11 @@ def grouped_gemm_spec(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Te
             n_out, k, t * topk, topk, n_out if fuse_swiglu else 0,
             a.stride(0), a_scale.stride(0) if a_fp8 else 0, w.stride(0), w.stride(1),
             w_scale.stride(0) if w_fp8 else 0, w_scale.stride(1) if w_fp8 else 0, out.stride(0))
-    fp8_dot = a_fp8 or quantize_a
+    fp8_dot = a_fp8 or quant_a
     kwargs = dict(W_FP8=w_fp8, A_FP8=fp8_dot, SWIGLU=fuse_swiglu, MUL_WEIGHT=topk_weights is not None,
                   UPCAST=is_interpreted(_grouped_gemm_kernel) and not fp8_dot, SCALE_BLOCK=QUANT_BLOCK,
                   BLOCK_M=sorted_token_ids.shape[0] // expert_ids.shape[0],
-                  BLOCK_K=QUANT_BLOCK if w_fp8 else DENSE_BLOCK_K, QUANT_A=quantize_a, SCALE_RECIPROCAL=scale_reciprocal)
+                  BLOCK_K=QUANT_BLOCK if w_fp8 else DENSE_BLOCK_K, QUANT_A=quant_a, SCALE_RECIPROCAL=scale_reciprocal)
     rows = row_blocks(expert_ids.shape[0], t * topk)  # symbolic Min while traced: no guard on T
     grid = lambda meta: (rows, cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
     return LaunchSpec(_grouped_gemm_kernel, _grouped_gemm_tuned, GROUPED_GEMM_CONFIGS, grid, args, kwargs)
@@ -296,9 +296,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
                          **scales)  # [T*k, D]
     elif fuse_act_quant:
         h = grouped_gemm(x.contiguous(), w13, sorted_ids, expert_ids, npp, topk, w_scale=w13_scale,
-                         fuse_swiglu=True, out_dtype=x.dtype, quantize_a=True)  # [T*k, I]
+                         fuse_swiglu=True, out_dtype=x.dtype, quant_a=True)  # [T*k, I]
         y = grouped_gemm(h, w2, sorted_ids, expert_ids, npp, 1, w_scale=w2_scale, topk_weights=weights,
-                         out_dtype=x.dtype, quantize_a=True)  # [T*k, D]
+                         out_dtype=x.dtype, quant_a=True)  # [T*k, D]
     else:
         xq, xs = act_quant_kernel(x.contiguous())
         h = grouped_gemm(xq, w13, sorted_ids, expert_ids, npp, topk, a_scale=xs, w_scale=w13_scale,

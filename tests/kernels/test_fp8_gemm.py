@@ -311,7 +311,7 @@ def test_quant_a_every_decode_config(seed, config):
 
 
 def test_fp8_linear_fuses_the_quantization_only_when_asked(seed, monkeypatch):
-    """fp8_linear(fused_quant=True): one launch (no act_quant kernel), the same output bit for bit;
+    """fp8_linear(fuse_act_quant=True): one launch (no act_quant kernel), the same output bit for bit;
     the default is act_quant + GEMM at every size (the fused GEMM measured 3-4x slower on the H200)."""
     torch.manual_seed(seed)
     w, w_s = R.weight_quant(torch.randn(130, 300) / 300**0.5)
@@ -319,7 +319,7 @@ def test_fp8_linear_fuses_the_quantization_only_when_asked(seed, monkeypatch):
     calls = []
     real = G.act_quant_kernel
     monkeypatch.setattr(G, "act_quant_kernel", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    fused = G.fp8_linear(x, w, w_s, fused_quant=True, shape_class="decode")
+    fused = G.fp8_linear(x, w, w_s, fuse_act_quant=True, shape_class="decode")
     assert calls == []
     separate = G.fp8_linear(x, w, w_s, shape_class="decode")  # M = 6: decode-sized, still separate
     assert calls == [1] and torch.equal(fused, separate) and fused.shape == (2, 3, 130)
@@ -330,7 +330,7 @@ def test_fp8_linear_fuses_the_quantization_only_when_asked(seed, monkeypatch):
 def test_quant_a_empty_inputs_and_bad_arguments():
     w, w_s = R.weight_quant(torch.randn(200, 300))
     for fused in (False, True):
-        out = G.fp8_linear(torch.zeros(0, 300, dtype=torch.bfloat16), w, w_s, fused_quant=fused)
+        out = G.fp8_linear(torch.zeros(0, 300, dtype=torch.bfloat16), w, w_s, fuse_act_quant=fused)
         assert out.shape == (0, 200)
     x = torch.randn(3, 300, dtype=torch.bfloat16)
     a, a_s = R.act_quant(x)
@@ -340,5 +340,5 @@ def test_quant_a_empty_inputs_and_bad_arguments():
         G.fp8_gemm(x, a_s, w, w_s, quant_a=True)
     with pytest.raises(ValueError, match="does not quantize a"):
         G.fp8_gemm(x[:, :256], None, w[:, :256], w_s[:, :2], quant_a=True, variant="tma_persistent")
-    with pytest.raises(ValueError, match="fused_quant=True needs act_quant=True"):
-        G.fp8_linear(x, w, w_s, act_quant=False, fused_quant=True)
+    with pytest.raises(ValueError, match="fuse_act_quant=True needs act_quant=True"):
+        G.fp8_linear(x, w, w_s, act_quant=False, fuse_act_quant=True)

@@ -310,8 +310,8 @@ def test_grouped_gemm_grid_launches_only_blocks_that_can_hold_work(seed, monkeyp
     s_ids, e_ids, npp = M.moe_align(ids, e, block_m)
     n_blocks = e_ids.numel()
     grids = _recorded_grids(monkeypatch, M, "launch")
-    h = M.grouped_gemm(x, w13q, s_ids, e_ids, npp, k, w_scale=w13s, fuse_swiglu=True, quantize_a=True)
-    y = M.grouped_gemm(h, w2q, s_ids, e_ids, npp, 1, w_scale=w2s, topk_weights=rw, quantize_a=True,
+    h = M.grouped_gemm(x, w13q, s_ids, e_ids, npp, k, w_scale=w13s, fuse_swiglu=True, quant_a=True)
+    y = M.grouped_gemm(h, w2q, s_ids, e_ids, npp, 1, w_scale=w2s, topk_weights=rw, quant_a=True,
                        out_dtype=torch.float32)
     want_rows = min(n_blocks, t * k)
     assert want_rows < n_blocks or case == "one_expert_many_tokens", "case does not exercise the bound"
@@ -334,8 +334,8 @@ def test_grouped_gemm_grid_launches_only_blocks_that_can_hold_work(seed, monkeyp
     (13, 16, torch.float16, True),
     (13, 32, torch.bfloat16, True),
 ])
-def test_grouped_gemm_quantize_a_is_act_quant_then_gemm_bit_for_bit(seed, t, block_m, dtype, reciprocal):
-    """The in-kernel 1x128 quantization (quantize_a) gives exactly act_quant(scale_reciprocal) + the
+def test_grouped_gemm_quant_a_is_act_quant_then_gemm_bit_for_bit(seed, t, block_m, dtype, reciprocal):
+    """The in-kernel 1x128 quantization (quant_a) gives exactly act_quant(scale_reciprocal) + the
     fp8 x fp8 GEMM: same q, same scales, same dots. K = D = 200 (up) and I = 96 (down) leave ragged
     K blocks; an all-zero row and an all-zero 128-block get the amax floor, not NaN."""
     torch.manual_seed(seed)
@@ -351,9 +351,9 @@ def test_grouped_gemm_quantize_a_is_act_quant_then_gemm_bit_for_bit(seed, t, blo
     def both(a, w, w_s, topk, **kw):
         aq, a_s = M.act_quant_kernel(a, scale_reciprocal=reciprocal)
         sep = M.grouped_gemm(aq, w, s_ids, e_ids, npp, topk, a_scale=a_s, w_scale=w_s, **kw)
-        fused = M.grouped_gemm(a, w, s_ids, e_ids, npp, topk, w_scale=w_s, quantize_a=True,
+        fused = M.grouped_gemm(a, w, s_ids, e_ids, npp, topk, w_scale=w_s, quant_a=True,
                                scale_reciprocal=reciprocal, **kw)
-        assert_finite("grouped_gemm quantize_a", fused)
+        assert_finite("grouped_gemm quant_a", fused)
         assert torch.equal(fused, sep), f"{int((fused != sep).sum())} of {fused.numel()} outputs differ"
         return fused
 
@@ -367,17 +367,17 @@ def test_grouped_gemm_quantize_a_is_act_quant_then_gemm_bit_for_bit(seed, t, blo
     assert mean_rel(h, ref) < TOL["fused_moe_fp8_fp16"] and y.abs().sum() > 0
 
 
-def test_quantize_a_bad_inputs_name_the_problem():
+def test_quant_a_bad_inputs_name_the_problem():
     ids, _ = _routing(4, 2)
     x = torch.randn(4, D, dtype=torch.float16)
     w13, _ = _weights(torch.float16)
     (w13q, w13s), _ = _fp8_experts()
     s_ids, e_ids, npp = M.moe_align(ids, E, 16)
-    with pytest.raises(TypeError, match="quantize_a needs bf16/fp16 a and fp8 w"):
-        M.grouped_gemm(x, w13, s_ids, e_ids, npp, 2, quantize_a=True)
+    with pytest.raises(TypeError, match="quant_a needs bf16/fp16 a and fp8 w"):
+        M.grouped_gemm(x, w13, s_ids, e_ids, npp, 2, quant_a=True)
     xq, xs = R.act_quant(x)
-    with pytest.raises(TypeError, match="quantize_a needs bf16/fp16 a and fp8 w"):
-        M.grouped_gemm(xq, w13q, s_ids, e_ids, npp, 2, a_scale=xs, w_scale=w13s, quantize_a=True)
+    with pytest.raises(TypeError, match="quant_a needs bf16/fp16 a and fp8 w"):
+        M.grouped_gemm(xq, w13q, s_ids, e_ids, npp, 2, a_scale=xs, w_scale=w13s, quant_a=True)
 
 
 @pytest.mark.parametrize("t", [1, 11])

@@ -33,7 +33,8 @@ from torch.library import triton_op
 import dsv3_export.ops  # noqa: F401  (registers the dsv3:: ops matched here)
 from dsv3_export.engines import torch_triton as tt
 from dsv3_export.kernels import rmsnorm as kr
-from dsv3_export.kernels._common import FP8_DTYPE, QUANT_BLOCK, cdiv
+from dsv3_export.kernels._common import QUANT_BLOCK, cdiv
+from dsv3_export.passes.graph_utils import is_call
 from dsv3_export.passes.program_state import ProgramState
 from dsv3_export.passes.weight_source import strip_casts
 
@@ -45,11 +46,7 @@ DENSE = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _norm_quant(x2, res2, weight, eps):
-    rows, d = x2.shape
-    y = torch.empty((rows, d), dtype=x2.dtype, device=x2.device)
-    h = torch.empty((rows, d), dtype=x2.dtype, device=x2.device) if res2 is not None else None
-    q = torch.empty((rows, d), dtype=FP8_DTYPE, device=x2.device)
-    s = torch.empty((rows, cdiv(d, QUANT_BLOCK)), dtype=torch.float32, device=x2.device)
+    y, h, q, s = kr.rmsnorm_outputs(x2, res2 is not None, True)
     tt._launch(kr.rmsnorm_spec(x2, res2, weight, y, h, q, s, eps, x2.is_cuda))  # scale rounding as _act_quant's
     return y, h, q, s
 
@@ -93,26 +90,22 @@ def moe_experts_fp8_q(xq: torch.Tensor, xs: torch.Tensor, topk_weights: torch.Te
     return tt.moe_fp8_quantized(xq, xs, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, alignment, out_dtype)
 
 
-def _call(node: object, *targets) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
-
-
 def _cast_dtype(node: Node) -> torch.dtype | None:
     """The dtype a lone cast node converts to (None if it is not one)."""
-    if not _call(node, *CASTS) or set(node.kwargs) - {"dtype", "layout", "device"}:
+    if not is_call(node, *CASTS) or set(node.kwargs) - {"dtype", "layout", "device"}:
         return None
     dtype = node.args[1] if node.target is aten.to.dtype and len(node.args) > 1 else node.kwargs.get("dtype")
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
-def _quantized_consumers(y: Node, d: int) -> list[tuple[Node, Node]]:
-    """(consumer, the node it reads y through) for fp8 GEMMs with act_quant that read y or a [.., D] view."""
+def _quantized_consumers(y: Node, d: int) -> list[Node]:
+    """The fp8 GEMMs with act_quant that read y (fp8_linear) or a [.., D] view of it (moe_experts_fp8)."""
     found = []
     for user in y.users:
-        if _call(user, torch.ops.dsv3.fp8_linear.default) and user.args[0] is y and user.args[3]:
-            found.append((user, y))
-        elif _call(user, *VIEWS) and user.meta["val"].shape[-1] == d:
-            found += [(moe, user) for moe in user.users if _call(moe, torch.ops.dsv3.moe_experts_fp8.default)
+        if is_call(user, torch.ops.dsv3.fp8_linear.default) and user.args[0] is y and user.args[3]:
+            found.append(user)
+        elif is_call(user, *VIEWS) and user.meta["val"].shape[-1] == d:
+            found += [moe for moe in user.users if is_call(moe, torch.ops.dsv3.moe_experts_fp8.default)
                       and moe.args[0] is user and moe.args[7]]
     return found
 
@@ -138,7 +131,7 @@ def _match(norm: Node) -> dict | str:
     if not consumers:
         return f"{norm.name}: no fp8 GEMM with act_quant reads its output"
     residual = None
-    if _call(x, aten.add.Tensor) and not x.kwargs and all(
+    if is_call(x, aten.add.Tensor) and not x.kwargs and all(
             isinstance(a, Node) and a.meta["val"].shape == xv.shape and a.meta["val"].dtype == dtype for a in x.args):
         residual = x.args
     return dict(x=x, y=y, weight=weight, eps=eps, d=d, dtype=dtype, consumers=consumers, residual=residual)
@@ -155,9 +148,9 @@ def _rewrite(state: ProgramState, site: dict, kind: str) -> None:
             out = state.call(ops.rmsnorm_quant.default, (x, site["weight"], site["eps"]))
             y, q, s = (state.call(operator.getitem, (out, i)) for i in range(3))
             h = None
-    for consumer, _ in site["consumers"]:
+    for consumer in site["consumers"]:
         with state.graph.inserting_before(consumer):
-            if _call(consumer, torch.ops.dsv3.fp8_linear.default):
+            if is_call(consumer, torch.ops.dsv3.fp8_linear.default):
                 new = state.call(ops.fp8_linear_q.default, (q, s, *consumer.args[1:3], dtype, kind == "decode"),
                                  meta_from=consumer)
             else:
@@ -177,13 +170,13 @@ def fuse_norm_act_quant(ep: ExportedProgram, kind: str) -> tuple[ExportedProgram
     value = os.environ.get(NORM_QUANT_ENV, "1")
     if value not in ("0", "1"):
         raise ValueError(f"{NORM_QUANT_ENV}={value!r}: use 1 (fused RMSNorm + act_quant) or 0 (separate)")
-    norms = [n for n in ep.graph.nodes if _call(n, aten.rms_norm.default)]
+    norms = [n for n in ep.graph.nodes if is_call(n, aten.rms_norm.default)]
     if value == "0" or not norms:
         return ep, f"not fused ({NORM_QUANT_ENV}=0)" if norms else "no RMSNorm"
     state = ProgramState(ep)
     sites, skipped = [], []
     for node in state.graph.nodes:
-        if _call(node, aten.rms_norm.default):
+        if is_call(node, aten.rms_norm.default):
             found = _match(node)
             (skipped if isinstance(found, str) else sites).append(found)
     with torch.no_grad():

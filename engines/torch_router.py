@@ -33,6 +33,7 @@ from torch.library import triton_op
 import dsv3_export.ops  # noqa: F401  (registers the dsv3:: ops matched here)
 from dsv3_export.engines import torch_triton as tt
 from dsv3_export.kernels import topk as kt
+from dsv3_export.passes.graph_utils import is_call
 from dsv3_export.passes.program_state import ProgramState
 
 ROUTER_ENV = "DSV3_TORCH_ROUTER"
@@ -52,24 +53,20 @@ def router_topk(logits: torch.Tensor, k: int, scale: float, n_extra: int, first_
     return weights, ids
 
 
-def _call(node: object, *targets) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
-
-
 def _arg(node: Node, index: int, name: str, default):
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 def _shared_columns(w: Node, ids: Node) -> tuple[Node, Node, int, int] | None:
     """(w0, ids0, n, E) when w / ids are fuse_shared_experts' concatenations, else None."""
-    if not (_call(w, aten.cat.default) and _call(ids, aten.cat.default)):
+    if not (is_call(w, aten.cat.default) and is_call(ids, aten.cat.default)):
         return None
     if _arg(w, 1, "dim", 0) not in (1, -1) or _arg(ids, 1, "dim", 0) not in (1, -1):
         return None
     (w0, ones), (ids0, extra) = (list(w.args[0]) + [None])[:2], (list(ids.args[0]) + [None])[:2]
-    if len(w.args[0]) != 2 or len(ids.args[0]) != 2 or not _call(ones, aten.new_ones.default):
+    if len(w.args[0]) != 2 or len(ids.args[0]) != 2 or not is_call(ones, aten.new_ones.default):
         return None
-    if not (_call(extra, aten.expand.default) and _call(extra.args[0], aten.arange.start)):
+    if not (is_call(extra, aten.expand.default) and is_call(extra.args[0], aten.arange.start)):
         return None
     start, end = extra.args[0].args[:2]
     if not (isinstance(start, int) and isinstance(end, int)) or extra.args[0].kwargs.get("dtype") != torch.int64:
@@ -82,31 +79,29 @@ def _match(moe: Node) -> dict | str:
     w, ids = moe.args[1], moe.args[2]
     shared = _shared_columns(w, ids)
     w0, ids0, n_extra, first = shared if shared else (w, ids, 0, 0)
-    if not (isinstance(ids0, Node) and ids0.target is operator.getitem and ids0.args[1] == 1):
+    topk = ids0.args[0] if isinstance(ids0, Node) and ids0.target is operator.getitem and ids0.args[1] == 1 else None
+    if not is_call(topk, aten.topk.default):
         return "topk_ids is not a top-k's indices"
-    topk = ids0.args[0]
-    if not _call(topk, aten.topk.default) or _arg(topk, 2, "dim", -1) not in (-1, 1) \
-            or not _arg(topk, 3, "largest", True):
-        return "topk_ids is not the largest top-k over the last dim"
+    if (reason := tt.topk_unfit(topk)) is not None:
+        return f"its top-k does not fit the kernel: {reason}"
     s, k = topk.args[:2]
     if any(not (u.target is operator.getitem and u.args[1] == 1) for u in topk.users):
         return "the top-k's values are used"
-    if not _call(s, aten.softmax.int) or _arg(s, 1, "dim", -1) not in (-1, 1) or s.meta["val"].dtype != torch.float32:
+    if not is_call(s, aten.softmax.int) or _arg(s, 1, "dim", -1) not in (-1, 1) or s.meta["val"].dtype != torch.float32:
         return "the top-k does not rank an fp32 softmax over the last dim (sigmoid / biased / grouped routing)"
     logits = s.args[0]
-    cast = w0 if _call(w0, *CASTS) else None
+    cast = w0 if is_call(w0, *CASTS) else None
     scaled = cast.args[0] if cast is not None else w0
     scale = 1.0
-    if _call(scaled, aten.mul.Tensor, aten.mul.Scalar) and isinstance(scaled.args[1], float):
+    if is_call(scaled, aten.mul.Tensor, aten.mul.Scalar) and isinstance(scaled.args[1], float):
         scaled, scale = scaled.args[0], scaled.args[1]
-    if not (_call(scaled, aten.gather.default) and scaled.args[0] is s and scaled.args[1] in (1, -1)
+    if not (is_call(scaled, aten.gather.default) and scaled.args[0] is s and scaled.args[1] in (1, -1)
             and scaled.args[2] is ids0):
         return "the weights are not the softmax gathered at the top-k's indices (times a float)"
     if set(s.users) - {topk, scaled}:
         return "the softmax is used elsewhere"
-    n = logits.meta["val"].shape[-1]
-    if logits.meta["val"].dim() != 2 or not isinstance(n, int) or n > kt.MAX_N or not 1 <= k <= min(n, kt.MAX_K):
-        return f"logits {tuple(logits.meta['val'].shape)} with k={k} do not fit the kernel"
+    if logits.meta["val"].dim() != 2:
+        return f"logits {tuple(logits.meta['val'].shape)} are not [T, E]"
     return dict(moe=moe, w=w, ids=ids, logits=logits, k=k, scale=float(scale), n_extra=n_extra, first=first,
                 dtype=w.meta["val"].dtype)
 
@@ -116,11 +111,11 @@ def fuse_router(ep: ExportedProgram) -> tuple[ExportedProgram, str]:
     value = os.environ.get(ROUTER_ENV, "1")
     if value not in ("0", "1"):
         raise ValueError(f"{ROUTER_ENV}={value!r}: use 1 (one router kernel) or 0 (ATen softmax / top-k / gather)")
-    moes = [n for n in ep.graph.nodes if _call(n, *MOE_OPS)]
+    moes = [n for n in ep.graph.nodes if is_call(n, *MOE_OPS)]
     if value == "0" or not moes:
         return ep, f"not fused ({ROUTER_ENV}=0)" if moes else "no MoE"
     state = ProgramState(ep)
-    found = [_match(n) for n in state.graph.nodes if _call(n, *MOE_OPS)]
+    found = [_match(n) for n in state.graph.nodes if is_call(n, *MOE_OPS)]
     sites = [f for f in found if not isinstance(f, str)]
     for site in sites:
         with state.graph.inserting_before(site["moe"]):

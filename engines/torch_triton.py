@@ -273,11 +273,8 @@ def topk_unfit(node: torch.fx.Node) -> str | None:
         return f"{node.name}: dtype {x.dtype}"
     if dim not in (-1, x.dim() - 1) or not largest:
         return f"{node.name}: dim={dim}, largest={largest} (the kernel: last dim, largest)"
-    if not isinstance(n, int) or n > kt.MAX_N:
-        return f"{node.name}: last dim {n} is not static and <= {kt.MAX_N}"
-    if not isinstance(k, int) or not 1 <= k <= min(n, kt.MAX_K):
-        return f"{node.name}: k={k} is not in [1, min({n}, {kt.MAX_K})]"
-    return None
+    reason = kt.rows_unfit(n, k)
+    return None if reason is None else f"{node.name}: {reason}"
 
 
 def triton_lowerings(kind: str) -> dict[str, Callable]:

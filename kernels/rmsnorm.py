@@ -87,6 +87,17 @@ def rmsnorm_spec(x2: torch.Tensor, res2: torch.Tensor | None, weight: torch.Tens
     return LaunchSpec(_rmsnorm_kernel, _rmsnorm_tuned, RMSNORM_CONFIGS, grid, args, kwargs)
 
 
+def rmsnorm_outputs(x2: torch.Tensor, residual: bool, quant: bool) -> tuple:
+    """(y, h, q, s) for rows x2 [R, D]: y [R, D] in x2's dtype, h likewise with a residual (else
+    None), q fp8 [R, D] and s fp32 [R, ceil(D/128)] when quantizing (else None)."""
+    rows, d = x2.shape
+    y = torch.empty((rows, d), dtype=x2.dtype, device=x2.device)
+    h = torch.empty((rows, d), dtype=x2.dtype, device=x2.device) if residual else None
+    q = torch.empty((rows, d), dtype=FP8_DTYPE, device=x2.device) if quant else None
+    s = torch.empty((rows, cdiv(d, QUANT_BLOCK)), dtype=torch.float32, device=x2.device) if quant else None
+    return y, h, q, s
+
+
 def _checked_rows(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, name: str):
     check_tensor(f"{name}: x", x, dtypes=DTYPES)
     if x.dim() == 0:
@@ -113,8 +124,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
     """x [..., D] -> y [..., D]; with residual: (y, h = x + residual), y = rmsnorm(h)."""
     x2, res2 = _checked_rows(x, weight, residual, "rmsnorm")
     n_rows, d = x2.shape
-    y = torch.empty((n_rows, d), dtype=x.dtype, device=x.device)
-    h = torch.empty((n_rows, d), dtype=x.dtype, device=x.device) if residual is not None else None
+    y, h, _, _ = rmsnorm_outputs(x2, residual is not None, False)
     if n_rows and d:
         launch(*rmsnorm_spec(x2, res2, weight, y, h, None, None, eps, False), config)
     if residual is None:
@@ -131,10 +141,7 @@ def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: t
     """
     x2, res2 = _checked_rows(x, weight, residual, "rmsnorm_quant")
     n_rows, d = x2.shape
-    y = torch.empty((n_rows, d), dtype=x.dtype, device=x.device)
-    h = torch.empty((n_rows, d), dtype=x.dtype, device=x.device) if residual is not None else None
-    q = torch.empty((n_rows, d), dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty((n_rows, cdiv(d, QUANT_BLOCK)), dtype=torch.float32, device=x.device)
+    y, h, q, s = rmsnorm_outputs(x2, residual is not None, True)
     if n_rows and d:
         reciprocal = x.is_cuda if scale_reciprocal is None else scale_reciprocal
         launch(*rmsnorm_spec(x2, res2, weight, y, h, q, s, eps, reciprocal), config)

@@ -118,14 +118,21 @@ _topk_tuned = autotune_or_single(_topk_kernel, TOPK_CONFIGS, key=["N", "TOPK"])
 _router_tuned = autotune_or_single(_router_kernel, TOPK_CONFIGS, key=["N", "TOPK", "N_EXTRA"])
 
 
+def rows_unfit(n, k) -> str | None:
+    """Why the top-k of rows of n values is not one the kernels take (None: it is). n and k may be
+    traced sizes: only static ones fit (the launchers and engines/ lowerings ask here)."""
+    if not isinstance(n, int) or n > MAX_N:
+        return f"last dim {n}: rows of more than {MAX_N} values (or not static) do not fit the kernel"
+    if not isinstance(k, int) or not 1 <= k <= min(n, MAX_K):
+        return f"k={k} must be in [1, min(N={n}, {MAX_K})]"
+    return None
+
+
 def check_topk(x: torch.Tensor, k: int) -> None:
     """Raise naming the problem when (x, k) is outside what the kernel takes."""
     check_tensor("topk: x", x, dtypes=DTYPES, ndim=2)
-    n = x.shape[1]
-    if n > MAX_N:
-        raise ValueError(f"topk: rows of {n} > {MAX_N} values do not fit the kernel (use torch.topk)")
-    if not 1 <= k <= min(n, MAX_K):
-        raise ValueError(f"topk: k={k} must be in [1, min(N={n}, {MAX_K})]")
+    if (reason := rows_unfit(x.shape[1], k)) is not None:
+        raise ValueError(f"topk: {reason}")
     if x.stride(1) != 1:
         raise ValueError(f"topk: x needs unit stride along the row, got strides {x.stride()}")
 

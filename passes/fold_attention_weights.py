@@ -29,7 +29,7 @@ from torch.fx.node import map_arg
 
 import dsv3_export.ops  # noqa: F401  (registers dsv3::mla_attention)
 from dsv3_export.passes.base import PassConfig, PassError, PassResult
-from dsv3_export.passes.graph_utils import ancestors
+from dsv3_export.passes.graph_utils import ancestors, is_call
 from dsv3_export.passes.program_state import ProgramState
 
 PASS = "fold_attention_weights"
@@ -105,7 +105,7 @@ def fold_attention_weights(program: ExportedProgram, config: PassConfig) -> Pass
     notes: list[str] = []
     folded: dict[Node, Node] = {}  # computed wkv_b -> its new parameter (shared by every reader)
     sources: list[str] = []
-    attentions = [n for n in state.graph.nodes if n.op == "call_function" and n.target is MLA]
+    attentions = [n for n in state.graph.nodes if is_call(n, MLA)]
     for node in attentions:
         wkv_b = node.args[WKV_B_ARG]
         if not isinstance(wkv_b, Node) or wkv_b.op == "placeholder":

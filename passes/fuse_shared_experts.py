@@ -40,6 +40,7 @@ from torch.fx import Node
 import dsv3_export.ops.moe  # noqa: F401  (registers dsv3::moe_experts*)
 from dsv3_export.ops.fp8 import FP8_BLOCK
 from dsv3_export.passes.base import PassConfig, PassError, PassResult
+from dsv3_export.passes.graph_utils import is_call
 from dsv3_export.passes.program_state import ProgramState
 from dsv3_export.passes.rewrite_moe_grouped_gemm import Expert, match_expert
 from dsv3_export.passes.sites import apply_rewrites, scan_sites
@@ -60,10 +61,6 @@ class SharedSite:
     stacked: tuple[str, ...]  # the op's weight targets: (w13, w2) or (w13, w13_scale, w2, w2_scale)
 
 
-def _call(node: object, *targets) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
-
-
 def match_shared(state: ProgramState, moe: Node) -> SharedSite | str:
     """The shared MLP added to a dsv3::moe_experts output, or the reason there is none."""
     fp8 = moe.target is MOE_FP8
@@ -72,7 +69,7 @@ def match_shared(state: ProgramState, moe: Node) -> SharedSite | str:
     if len(moe.users) != 1:
         return f"output used by {len(moe.users)} nodes, not one add"
     add = next(iter(moe.users))
-    if not _call(add, aten.add.Tensor) or "alpha" in add.kwargs or len(add.args) != 2:
+    if not is_call(add, aten.add.Tensor) or "alpha" in add.kwargs or len(add.args) != 2:
         return f"output used by {add.name} ({add.target}), not an add"
     out = add.args[1] if add.args[0] is moe else add.args[0]
     if not isinstance(out, Node) or len(out.users) != 1:

@@ -21,6 +21,11 @@ from torch.fx import Graph, Node
 from dsv3_export.passes.base import PassError
 
 
+def is_call(node: object, *targets) -> bool:
+    """node is a call_function node of one of `targets` (False for constants and other node kinds)."""
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
 def copy_graph(program: ExportedProgram) -> Graph:
     """A copy of the program's graph: same node names, shallow-copied meta, shared weights."""
     return copy.deepcopy(program.graph)

@@ -38,6 +38,7 @@ from torch.fx import Node
 import dsv3_export.ops.moe  # noqa: F401  (registers dsv3::moe_experts*)
 from dsv3_export.ops.fp8 import FP8_BLOCK
 from dsv3_export.passes.base import PassConfig, PassError, PassResult
+from dsv3_export.passes.graph_utils import is_call
 from dsv3_export.passes.program_state import ProgramState
 from dsv3_export.passes.sites import apply_rewrites, scan_sites
 from dsv3_export.passes.weight_source import DenseWeight, Fp8Weight, match_linear, resolve_weight
@@ -70,10 +71,6 @@ class MoESite:
         return isinstance(self.experts[0].w1, Fp8Weight)
 
 
-def _call(node: object, *targets) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
-
-
 def _only_user(node: Node) -> Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
@@ -90,11 +87,11 @@ def match_expert(state: ProgramState, out: Node, i: int) -> tuple[Node, Expert] 
     if down is None or down.bias is not None:
         return f"expert {i}: output {out.name} is not a bias-free Linear"
     h = down.x
-    if not _call(h, aten.mul.Tensor) or len(h.users) != 1:
+    if not is_call(h, aten.mul.Tensor) or len(h.users) != 1:
         return f"expert {i}: {h.name} is not a SwiGLU product used only by w2"
     a, b = h.args[:2]
-    gate_act, up = (a, b) if _call(a, aten.silu.default) else (b, a)
-    if not _call(gate_act, aten.silu.default) or len(gate_act.users) != 1:
+    gate_act, up = (a, b) if is_call(a, aten.silu.default) else (b, a)
+    if not is_call(gate_act, aten.silu.default) or len(gate_act.users) != 1:
         return f"expert {i}: no silu(w1 x) feeding {h.name}"
     gate, up = match_linear(gate_act.args[0]), match_linear(up) if isinstance(up, Node) else None
     if gate is None or up is None or gate.bias is not None or up.bias is not None:
@@ -148,12 +145,12 @@ def match_moe(state: ProgramState, scatter: Node) -> MoESite | str:
     routing = scatter.meta.get("val")
     if routing is None or routing.dim() != 2 or dim not in (1, -1) or not isinstance(routing.shape[1], int):
         return "not a [T, E] scatter along dim 1 with a static E"
-    if not _call(base, *ZEROS):
+    if not is_call(base, *ZEROS):
         return f"routing base {getattr(base, 'name', base)} is not zeros"
     n_experts = routing.shape[1]
     columns: dict[int, Node] = {}
     for user in scatter.users:
-        if not (_call(user, aten.select.int) and user.args[1] in (1, -1) and isinstance(user.args[2], int)):
+        if not (is_call(user, aten.select.int) and user.args[1] in (1, -1) and isinstance(user.args[2], int)):
             return f"routing matrix also used by {user.name} ({user.target}), not only per-expert columns"
         columns[user.args[2] % n_experts] = user
     if sorted(columns) != list(range(n_experts)) or len(columns) != len(scatter.users):
@@ -162,15 +159,15 @@ def match_moe(state: ProgramState, scatter: Node) -> MoESite | str:
     experts, adds, x = [], {}, None
     for i in range(n_experts):
         col = _only_user(columns[i])
-        if not (_call(col, aten.unsqueeze.default) and col.args[1] in (1, -1)):
+        if not (is_call(col, aten.unsqueeze.default) and col.args[1] in (1, -1)):
             users = [u.name for u in columns[i].users]
             return f"routing column {i} used elsewhere (users of {columns[i].name}: {users})"
         scaled = _only_user(col)
-        if not _call(scaled, aten.mul.Tensor):
+        if not is_call(scaled, aten.mul.Tensor):
             return f"routing column {i} used elsewhere (users of {col.name}: {[u.name for u in col.users]})"
         out = _other(scaled, col)
         add = _only_user(scaled)
-        if not isinstance(out, Node) or len(out.users) != 1 or not _call(add, aten.add.Tensor) or "alpha" in add.kwargs:
+        if not isinstance(out, Node) or len(out.users) != 1 or not is_call(add, aten.add.Tensor) or "alpha" in add.kwargs:
             return f"expert {i}'s weighted output {scaled.name} is not only added to the expert sum"
         matched = match_expert(state, out, i)
         if isinstance(matched, str):
@@ -184,7 +181,7 @@ def match_moe(state: ProgramState, scatter: Node) -> MoESite | str:
 
     # the adds must form one chain zeros -> ... -> last, with no partial sum used elsewhere
     heads = [a for a, s in adds.items() if _other(a, s) not in adds]
-    if len(heads) != 1 or not _call(_other(heads[0], adds[heads[0]]), *ZEROS):
+    if len(heads) != 1 or not is_call(_other(heads[0], adds[heads[0]]), *ZEROS):
         return "the expert outputs are not summed in one chain starting from zeros"
     node, length = heads[0], 1
     while True:

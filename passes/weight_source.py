@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
+from dsv3_export.passes.graph_utils import is_call
 from dsv3_export.passes.program_state import ProgramState
 from dsv3_export.reference.fp8 import FP8_DTYPE, cdiv
 
@@ -54,10 +55,6 @@ class Fp8Weight:
     chain: tuple[Node, ...]  # the dequant subgraph
 
 
-def _is_call(node: object, *targets) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
-
-
 def _val(node: Node):
     return node.meta.get("val")
 
@@ -82,7 +79,7 @@ def match_linear(node: Node) -> LinearSite | None:
         if node.target is aten.addmm.default and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
             return None
         bias, x, wt = (None, *node.args[:2]) if node.target is aten.mm.default else node.args[:3]
-        if _is_call(wt, *TRANSPOSES) and _is_transpose_2d(wt):
+        if is_call(wt, *TRANSPOSES) and _is_transpose_2d(wt):
             return LinearSite(node, x, wt.args[0], bias)
     return None
 
@@ -90,7 +87,7 @@ def match_linear(node: Node) -> LinearSite | None:
 def strip_casts(node: Node) -> tuple[Node, list[Node]]:
     """Follow value-preserving casts upward; returns (source node, the casts passed)."""
     chain = []
-    while _is_call(node, *CASTS) and isinstance(node.args[0], Node):
+    while is_call(node, *CASTS) and isinstance(node.args[0], Node):
         chain.append(node)
         node = node.args[0]
     return node, chain
@@ -101,7 +98,7 @@ def resolve_weight(state: ProgramState, value: Node) -> DenseWeight | Fp8Weight 
     src, chain = strip_casts(value)
     if src.op == "placeholder":
         return DenseWeight(src, tuple(chain)) if state.target_of(src) is not None else None
-    if not _is_call(src, aten.mul.Tensor) or len(src.args) != 2:
+    if not is_call(src, aten.mul.Tensor) or len(src.args) != 2:
         return None
     for q_side, s_side in (src.args, src.args[::-1]):
         if not isinstance(q_side, Node) or not isinstance(s_side, Node):
@@ -122,15 +119,15 @@ def _match_scale_expansion(state: ProgramState, node: Node,
     n, k = shape
     chain, repeats = [], {}
     while True:
-        if _is_call(node, *CASTS):
+        if is_call(node, *CASTS):
             pass
-        elif _is_call(node, aten.slice.Tensor):
+        elif is_call(node, aten.slice.Tensor):
             dim = node.args[1]
             start = node.args[2] if len(node.args) > 2 else 0
             step = node.args[4] if len(node.args) > 4 else 1
             if dim not in (0, 1) or start not in (0, None) or step != 1:
                 return None
-        elif _is_call(node, aten.repeat_interleave.self_int):
+        elif is_call(node, aten.repeat_interleave.self_int):
             dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
             if dim not in (0, 1) or dim in repeats or not isinstance(node.args[1], int):
                 return None

@@ -45,9 +45,10 @@ import torch
 from dsv3_export.checkpoint import preset_model
 from dsv3_export.engines.torch import compile_package, lower_program, package_info, program_constants
 from dsv3_export.engines.torch_step import AOTIStep
-from dsv3_export.engines.torch_norm_quant import NORM_QUANT_ENV
+from dsv3_export.engines.torch_norm_quant import NORM_QUANT_DEFAULT, NORM_QUANT_ENV
 from dsv3_export.engines.torch_router import ROUTER_ENV
-from dsv3_export.engines.torch_triton import FUSED_ACT_QUANT_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_ENV, TOPK_ENV
+from dsv3_export.engines.torch_triton import (FUSED_ACT_QUANT_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_ENV, TOPK_DEFAULT,
+                                             TOPK_ENV)
 from dsv3_export.export import export_step
 from dsv3_export.passes.base import PassConfig
 from dsv3_export.passes.pipeline import PASS_NAMES, run_pipeline
@@ -311,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             "batches": batches, "prompt_len": opts.prompt_len, "decode_steps": opts.decode_steps,
             "n_layers_override": opts.n_layers, "moe_align": os.environ.get(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT),
             "fused_act_quant": os.environ.get(FUSED_ACT_QUANT_ENV, "0"),
-            "norm_quant": os.environ.get(NORM_QUANT_ENV, "1"), "topk": os.environ.get(TOPK_ENV, "kernel"),
+            "norm_quant": os.environ.get(NORM_QUANT_ENV, NORM_QUANT_DEFAULT),
+            "topk": os.environ.get(TOPK_ENV, TOPK_DEFAULT),
             "router": os.environ.get(ROUTER_ENV, "1"),
             "skip_passes": sorted(SKIP_PASSES),
             "note": "max_seq_len set to 2 * prompt_len (YaRN off) to keep the reference caches small"}

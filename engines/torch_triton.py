@@ -14,17 +14,20 @@ Lowered here (engines/torch_lower.py uses these on CUDA, ATen math for the rest)
                              only; weight-only fp8 lowers to ATen: the kernel has no bf16 x fp8 path);
                              (DSV3_TORCH_FUSED_ACT_QUANT=1: the decode program's grouped GEMMs quantize
                              x and h themselves, bit-identical, no act_quant launch; measured slower)
-    dsv3::mla_attention    -> dsv3_aoti::mla_attention    W_UK absorbed by an ATen einsum, then
+    dsv3::mla_attention    -> dsv3_aoti::mla_attention    W_UK absorbed into the query, then
                              kernels/mla_attention.py over [cache | new keys] (split-KV mla_decode in
                              the decode program, causal mla_prefill in the prefill program; new keys
-                             passed separately, the cache is only read), then W_UV by einsum.
+                             passed separately, the cache is only read), then W_UV. The decode program's
+                             W_UK and W_UV are kernels/mla_absorb.py head_gemm (one launch each on the
+                             strided views; DSV3_TORCH_ABSORB_GEMM=0: einsums), prefill's are einsums.
                              bf16/fp16; fp32 engines keep ATen (the kernel's fp32 dots are TF32).
     dsv3::fp8_linear       -> dsv3_aoti::fp8_linear       act_quant=True: act_quant + fp8 x fp8 GEMM
                              (DSV3_TORCH_FUSED_ACT_QUANT=1, decode: one GEMM launch that quantizes its A
                              tiles itself, bit-identical; measured slower);
                              act_quant=False: the weight-only GEMM (fp8 widened in registers; bf16/fp16
                              x only, fp32 x keeps ATen). kernels/fp8_gemm.py.
-    aten::topk             -> dsv3_aoti::topk             the router's top-k (rows <= 1024 values, k <= 32,
+    aten::topk             -> dsv3_aoti::topk             opt-in (DSV3_TORCH_TOPK=kernel; measured slower than
+                             torch's from 64 rows on): the router's top-k (rows <= 1024 values, k <= 32,
                              largest, last dim), one launch instead of torch's gatherTopK + sort;
                              kernels/topk.py. Only when every topk of the program fits (a lowering of
                              an ATen op cannot fall back to that op inside run_decompositions).
@@ -48,6 +51,7 @@ from torch.library import triton_op, wrap_triton
 
 from dsv3_export.kernels import fp8_gemm as kg
 from dsv3_export.kernels import fp8_quant as kq
+from dsv3_export.kernels import mla_absorb as ka
 from dsv3_export.kernels import mla_decode as kd
 from dsv3_export.kernels import mla_prefill as kp
 from dsv3_export.kernels import moe as km
@@ -61,10 +65,14 @@ BLOCK_M = {"decode": 16, "prefill": 64}
 # kernel vs 0.739 ms aten, 1.05 vs 1.84 ms without a graph; per call 9.3 us vs 61 us (kernels.py).
 MOE_ALIGN_ENV = "DSV3_TORCH_MOE_ALIGN"
 MOE_ALIGN_DEFAULT = "kernel"
-# The router's top-k: `kernel` (default: kernels/topk.py, one launch) or `aten` (torch's topk: on
-# CUDA gatherTopK + a sort of the k results), read when a program is lowered.
+# The router's top-k (routers the router kernel does not take: sigmoid, biased, grouped): `aten`
+# (default: torch's topk, on CUDA gatherTopK + a sort of the k results) or `kernel` (kernels/topk.py,
+# one launch), read when a program is lowered. Measured on the H200 (session 7, kernels.py, 66 scores,
+# k=6): the kernel 7.9 us vs torch 8.0 (sorted=False) / 13.4 us (sorted) at 1 row, but 60 vs 14 us at
+# 64 rows and 43 vs 32 us at 4096: torch's wins where it matters.
 TOPK_ENV = "DSV3_TORCH_TOPK"
 TOPK_FORMS = ("kernel", "aten")
+TOPK_DEFAULT = "aten"
 # Whether the decode program's fp8 GEMMs (fp8_linear and the MoE's grouped GEMMs) quantize their
 # own activations (QUANT_A: one launch fewer per Linear, two per MoE layer, bit-identical) or take
 # them from a separate act_quant launch. Off by default: measured on the H200 (4-layer 16b fp8
@@ -80,6 +88,21 @@ def _fused_act_quant(kind: str) -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"{FUSED_ACT_QUANT_ENV}={value!r}: use 1 (fused, decode program) or 0 (separate act_quant)")
     return kind == "decode" and value == "1"
+
+
+# The decode program's absorbed MLA projections (q_nope @ W_UK, lat @ W_UV per head): `1` (default)
+# kernels/mla_absorb.py head_gemm, one launch each reading the strided activation and weight views;
+# `0` the einsums (Inductor: a permute copy + cuBLAS bmm + a copy each, ~9 us per layer for both in
+# the 16b batch-1 decode profile). Read when a program is lowered; prefill keeps the einsums (cuBLAS
+# wins at large M).
+ABSORB_ENV = "DSV3_TORCH_ABSORB_GEMM"
+
+
+def _absorb_gemm() -> bool:
+    value = os.environ.get(ABSORB_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{ABSORB_ENV}={value!r}: use 1 (head_gemm kernel, decode program) or 0 (einsums)")
+    return value == "1"
 
 
 # M the fp8 GEMM's split-K is chosen for in the decode program (one 16-row tile: batch <= 16);
@@ -223,32 +246,49 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_q
     return y.reshape(*x.shape[:-1], weight.shape[0])  # [..., N]
 
 
+def _head_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """kernels/mla_absorb.py head_gemm's launch: x [b, h, k] @ w [h, k, n] per head -> [b, h, n]
+    (strided views read as they are), tuned for the decode bucket (b is symbolic when traced)."""
+    out = torch.empty((x.shape[0], x.shape[1], w.shape[2]), dtype=x.dtype, device=x.device)  # [b, h, n]
+    _launch(ka.head_gemm_spec(x, w, out, ka.DECODE_MAX_M))
+    return out
+
+
 @triton_op("dsv3_aoti::mla_attention", mutates_args={})
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
-                  start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, decode: bool) -> torch.Tensor:
+                  start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, decode: bool,
+                  absorb_gemm: bool = True) -> torch.Tensor:
     """dsv3::mla_attention (step.absorbed_attention's math): W_UK absorbed into the query, the
     kernel over cache positions t < min(start_pos, T) plus the s new keys (causal), then W_UV.
 
     decode=True needs s == 1 (the decode program's static seq) and runs mla_decode; otherwise
     mla_prefill. Clamping start_pos to [0, T] keeps the op's masking (t >= start_pos and t >= T are
     not keys) and the new keys' causal order, and keeps the kernels' cache reads in bounds.
+    absorb_gemm (decode, bf16/fp16; ABSORB_ENV): W_UK and W_UV by kernels/mla_absorb.py head_gemm,
+    one launch each, instead of the einsums.
     """
     _, s, h, dn = q_nope.shape
     c = wkv_b.shape[-1]
     w = wkv_b.view(h, -1, c)  # [h, dn + dv, c]
     w_uk, w_uv = w[:, :dn], w[:, dn:]  # [h, dn, c], [h, dv, c]
-    q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk).contiguous()  # [b, s, h, c]
+    absorb_gemm = absorb_gemm and decode and q_nope.dtype in ka.DOT_DTYPES  # fp32 dots would be TF32
     q_pe = q_pe.contiguous()
     seen = start_pos.clamp(0, kv_cache.shape[1]).to(torch.int32)  # [b] cached keys per row
     kv_c, pe_c = kv_cache[..., :c], kv_cache[..., c:]  # [b, T, c], [b, T, r]
     kv_n, pe_n = kv_new[..., :c], kv_new[..., c:]  # [b, s, c], [b, s, r]
     if decode:
         torch._check(s == 1, lambda: f"dsv3_aoti::mla_attention: decode needs one new position, got {s}")
-        lat = kd.mla_decode(q_latent[:, 0], q_pe[:, 0], kv_c, pe_c, seen, softmax_scale, kv_new=kv_n[:, 0],
+        if absorb_gemm:
+            q_latent = _head_gemm(q_nope[:, 0], w_uk)  # [b, h, c] from the strided [b, h, dn] slice
+        else:
+            q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk).contiguous()[:, 0]  # [b, h, c]
+        lat = kd.mla_decode(q_latent, q_pe[:, 0], kv_c, pe_c, seen, softmax_scale, kv_new=kv_n[:, 0],
                             pe_new=pe_n[:, 0], runtime_splits=True)  # [b, h, c]
-        lat = lat[:, None]  # [b, 1, h, c]
-    else:
-        lat = kp.mla_prefill(q_latent, q_pe, kv_c, pe_c, seen, softmax_scale, kv_new=kv_n, pe_new=pe_n)
+        if absorb_gemm:
+            return _head_gemm(lat, w_uv.transpose(1, 2))[:, None]  # [b, 1, h, dv]
+        return torch.einsum("bshc,hdc->bshd", lat[:, None], w_uv)  # [b, 1, h, dv]
+    q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk).contiguous()  # [b, s, h, c]
+    lat = kp.mla_prefill(q_latent, q_pe, kv_c, pe_c, seen, softmax_scale, kv_new=kv_n, pe_new=pe_n)
     return torch.einsum("bshc,hdc->bshd", lat, w_uv)  # [b, s, h, dv]
 
 
@@ -283,7 +323,8 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
 
     block_m = BLOCK_M[kind]
     fused = _fused_act_quant(kind)
-    topk_form = os.environ.get(TOPK_ENV, TOPK_FORMS[0])
+    absorb = _absorb_gemm()
+    topk_form = os.environ.get(TOPK_ENV, TOPK_DEFAULT)
     if topk_form not in TOPK_FORMS:
         raise ValueError(f"{TOPK_ENV}={topk_form!r}: choose one of {', '.join(TOPK_FORMS)}")
 
@@ -305,7 +346,7 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
                                                          softmax_scale)
         s = q_nope.shape[1]
         decode = kind == "decode" and isinstance(s, int) and s == 1  # static, never a guard on a symbol
-        return mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, decode)
+        return mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, decode, absorb)
 
     def lower_fp8_linear(x, weight, scale, act_quant):
         if not act_quant and x.dtype not in kg.DENSE_DTYPES:  # weight-only GEMM: bf16/fp16 activations
@@ -322,9 +363,11 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
     lower_moe_fp8.how = ("triton_op dsv3_aoti::moe_experts_fp8 (act_quant + fp8 grouped GEMMs"
                          + ("; the GEMMs quantize their own activations" if fused else "")
                          + ") with act_quant; ATen math for weight-only")
-    lower_mla.how = ("triton_op dsv3_aoti::mla_attention (W_UK einsum, kernels/mla_attention.py over "
-                     "[cache | new]: mla_decode in the decode program, mla_prefill in prefill; W_UV einsum) "
-                     "for bf16/fp16; ATen math for fp32")
+    lower_mla.how = ("triton_op dsv3_aoti::mla_attention ("
+                     + ("W_UK and W_UV by kernels/mla_absorb.py head_gemm in the decode program, einsums in "
+                        "prefill" if absorb else "W_UK and W_UV by einsums")
+                     + "; kernels/mla_attention.py over [cache | new]: mla_decode in the decode program, "
+                     "mla_prefill in prefill) for bf16/fp16; ATen math for fp32")
     lower_fp8_linear.how = ("triton_op dsv3_aoti::fp8_linear (kernels/fp8_gemm.py: act_quant + fp8 GEMM"
                             + (", fused into one launch" if fused else "")
                             + ", or weight-only for bf16/fp16 x); ATen math for weight-only fp32 x")

@@ -7,6 +7,7 @@ real build path: export -> passes (MLA / MoE fused into dsv3:: ops) -> lowering 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 from pathlib import Path
@@ -403,7 +404,8 @@ def test_triton_ops_trace_with_dynamic_dims(kind, fused):
 
     pytest.importorskip("triton")
     done = subprocess.run([sys.executable, "-c", _TRITON_TRACE_SCRIPT, kind, fused], check=False,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DSV3_TORCH_TOPK": "kernel"})  # the top-k kernel is opt-in
     assert done.returncode == 0, done.stderr[-3000:]
     out = dict(line.split(" ", 1) for line in done.stdout.strip().split("\n"))
     assert out["ops"] == "dsv3_aoti.fp8_linear.default,dsv3_aoti.mla_attention.default,dsv3_aoti.topk.default", out
@@ -586,10 +588,12 @@ def test_fused_act_quant_switch_rejects_unknown(monkeypatch):
     (lambda x: torch.topk(torch.cat([x] * 20, -1), 2), "last dim 1280"),
     (lambda x: torch.topk(x.long(), 2), "dtype torch.int64"),
 ])
-def test_topk_lowering_is_all_or_none(second, reason):
+def test_topk_lowering_is_all_or_none(second, reason, monkeypatch):
     """One topk the kernel does not take keeps every topk of the program in ATen, and says why."""
     pytest.importorskip("triton")
     from dsv3_export.engines import torch_triton
+
+    monkeypatch.setenv(torch_triton.TOPK_ENV, "kernel")  # opt-in (torch's top-k is the default)
 
     class TwoTopk(torch.nn.Module):
         def forward(self, x):
@@ -604,9 +608,9 @@ def test_topk_lowering_is_all_or_none(second, reason):
 def test_topk_switch(monkeypatch):
     from dsv3_export.engines import torch_triton
 
+    assert "aten::topk" not in torch_triton.triton_lowerings("decode")  # default: torch's (measured faster)
+    monkeypatch.setenv(torch_triton.TOPK_ENV, "kernel")
     assert "aten::topk" in torch_triton.triton_lowerings("decode")
-    monkeypatch.setenv(torch_triton.TOPK_ENV, "aten")
-    assert "aten::topk" not in torch_triton.triton_lowerings("decode")
     monkeypatch.setenv(torch_triton.TOPK_ENV, "fast")
     with pytest.raises(ValueError, match="DSV3_TORCH_TOPK='fast'"):
         torch_triton.triton_lowerings("decode")

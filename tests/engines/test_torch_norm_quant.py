@@ -15,6 +15,7 @@ for the kernels it launches.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -83,7 +84,8 @@ def _run(mode: str, seed: int = 0) -> dict:
 
     pytest.importorskip("triton")
     done = subprocess.run([sys.executable, "-c", _SCRIPT, mode, str(seed % 2**31)], check=False,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "DSV3_TORCH_NORM_QUANT": "1"})  # off by default
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -132,10 +134,14 @@ def test_switch_and_non_fp8_programs(monkeypatch):
     from dsv3_export.passes.pipeline import run_pipeline
     from tests.passes.tiny_programs import tiny_program
 
+    fp8 = run_pipeline(tiny_program("decode"), PassConfig(precision="fp8"))[0]
+    assert nq.NORM_QUANT_DEFAULT == "0"  # measured slower on the H200 (module docstring)
+    program, how = nq.fuse_norm_act_quant(fp8, "decode")
+    assert program is fp8 and "DSV3_TORCH_NORM_QUANT=0" in how
+    monkeypatch.setenv(nq.NORM_QUANT_ENV, "1")
     bf16 = run_pipeline(tiny_program("decode", torch.bfloat16), PassConfig(precision="bf16"))[0]
     program, how = nq.fuse_norm_act_quant(bf16, "decode")
     assert program is bf16 and how.startswith("0 of 10 RMSNorms") and "no fp8 GEMM" in how
-    fp8 = run_pipeline(tiny_program("decode"), PassConfig(precision="fp8"))[0]
     monkeypatch.setenv(nq.NORM_QUANT_ENV, "0")
     program, how = nq.fuse_norm_act_quant(fp8, "decode")
     assert program is fp8 and "DSV3_TORCH_NORM_QUANT=0" in how

@@ -19,15 +19,33 @@ MoE (DeepSeek-V2/16b: one group, no bias) from its logits: p = softmax(logits) i
 of p as above, weights p * route_scale in the output dtype, then the experts every token takes
 (passes/fuse_shared_experts) with weight 1: the five kernels of that chain (softmax, gatherTopK,
 sort, gather * scale, the concatenations) in one.
+
+router_topk_gate: the same from x [T, D] and the gate's weight [E, D]: logits = x @ W^T in fp32,
+rounded to x's dtype as the reference's F.linear is, then router_topk's math (one @triton.jit
+helper, _route, for both). The logits differ from cuBLAS's by the summation order only, so an id
+can differ only where two logits are within one rounding of x's dtype (tests/kernels/test_topk.py).
+Why: the 16b gate GEMM ([1, 2048] @ [2048, 64] at decode, 262 KB of bf16 weight) is a cuBLAS call
+of ~5 us whose 64-wide tile gives ONE thread block, followed by the router's launch; here it is
+one launch. Launch shape at T=1: one program reads the whole weight (the routing needs every
+expert's logit, so splitting E or K over programs would need a second launch, or a counter that
+itself must be zeroed by a launch, to combine the parts). A single program's read is latency
+bound, so the decode configs keep many loads in flight per step: wide K steps (BLOCK_K 256-512:
+32-64 KB of weight per step over 8-16 warps) and few steps (4-8 at D=2048), and num_stages for
+the pipeliner. Rows < 16 per program use a broadcast multiply and a sum over K (tl.dot's M tile
+is >= 16: padding one row to 16 would multiply 15 zero rows); prefill row blocks of 16/64 use
+tl.dot (fp32 inputs at input_precision "ieee", not tf32: the reference's fp32 linear).
 """
+
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dsv3_export.kernels._common import LaunchSpec, autotune_or_single, cdiv, check_tensor, launch, next_pow2
+from dsv3_export.kernels._common import LaunchSpec, autotune_or_single, cdiv, check_tensor, is_interpreted, launch, \
+    next_pow2
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_N = 1024  # a row in registers
@@ -37,6 +55,17 @@ TOPK_CONFIGS = [
     triton.Config({"BLOCK_ROWS": 1}, num_warps=1, num_stages=1),
     triton.Config({"BLOCK_ROWS": 4}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_ROWS": 16}, num_warps=4, num_stages=1),
+]
+
+# The gate GEMM + router (router_topk_gate). Decode rows first (the interpreter runs the first):
+# BLOCK_ROWS < 16 multiply-and-sum, <= 64 fp32 products per thread at E = 64; >= 16: tl.dot.
+GATE_CONFIGS = [
+    triton.Config({"BLOCK_ROWS": 1, "BLOCK_K": 256}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_ROWS": 1, "BLOCK_K": 512}, num_warps=16, num_stages=1),
+    triton.Config({"BLOCK_ROWS": 1, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_ROWS": 4, "BLOCK_K": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_ROWS": 16, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_ROWS": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
 ]
 
 
@@ -81,18 +110,13 @@ def _topk_kernel(x_ptr, val_ptr, idx_ptr, ROWS, N, stride_x, stride_v, stride_i,
 
 
 @triton.jit
-def _router_kernel(logits_ptr, w_ptr, idx_ptr, ROWS, N, scale, first_extra, stride_l, stride_w, stride_i,
-                   TOPK: tl.constexpr, N_EXTRA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ROWS: tl.constexpr):
-    """Columns [0, TOPK): the top-k of softmax(logits) in fp32, weight p * scale; columns
-    [TOPK, TOPK + N_EXTRA): expert first_extra + j with weight 1 (experts every token takes)."""
+def _route(x, rows, row_ok, valid, cols, w_ptr, idx_ptr, scale, first_extra, stride_w, stride_i,
+           TOPK: tl.constexpr, N_EXTRA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """The router's math from fp32 logits x [BLOCK_ROWS, BLOCK_N] (-inf past N): columns [0, TOPK):
+    the top-k of softmax(x), weight p * scale; columns [TOPK, TOPK + N_EXTRA): expert
+    first_extra + j with weight 1 (experts every token takes)."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64 scalars
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.arange(0, BLOCK_N)
-    row_ok = rows < ROWS
     rows64 = rows.to(tl.int64)
-    valid = cols[None, :] < N
-    x = tl.load(logits_ptr + rows64[:, None] * stride_l + cols[None, :], mask=row_ok[:, None] & valid,
-                other=float("-inf")).to(tl.float32)
     m = tl.max(x, axis=1)
     m = tl.where(m == float("-inf"), 0.0, m)  # rows past ROWS (all -inf): no inf - inf
     e = tl.where(valid, tl.exp(x - m[:, None]), 0.0)
@@ -114,8 +138,57 @@ def _router_kernel(logits_ptr, w_ptr, idx_ptr, ROWS, N, scale, first_extra, stri
                  mask=row_ok)
 
 
+@triton.jit
+def _router_kernel(logits_ptr, w_ptr, idx_ptr, ROWS, N, scale, first_extra, stride_l, stride_w, stride_i,
+                   TOPK: tl.constexpr, N_EXTRA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """_route from the logits [ROWS, N]."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < ROWS
+    valid = cols[None, :] < N
+    x = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_l + cols[None, :], mask=row_ok[:, None] & valid,
+                other=float("-inf")).to(tl.float32)
+    _route(x, rows, row_ok, valid, cols, w_ptr, idx_ptr, scale, first_extra, stride_w, stride_i,
+           TOPK, N_EXTRA, BLOCK_N, BLOCK_ROWS)
+
+
+@triton.jit
+def _router_gate_kernel(x_ptr, g_ptr, w_ptr, idx_ptr, ROWS, N, D, scale, first_extra, stride_x, stride_g,
+                        stride_w, stride_i, TOPK: tl.constexpr, N_EXTRA: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """_route from logits = x [ROWS, D] @ gate [N, D]^T, accumulated in fp32 over a K loop and rounded
+    to x's dtype (the reference's F.linear in x.dtype). Row blocks of >= 16 use tl.dot (its M tile
+    minimum); smaller ones (decode) a broadcast multiply and a sum over K, no padded MMA rows.
+    UPCAST (the CPU interpreter only): its tl.dot multiplies bf16 as raw uint16, so fp32 operands."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < ROWS
+    valid = cols[None, :] < N
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x  # [BLOCK_ROWS, 1]
+    g_rows = g_ptr + cols.to(tl.int64)[:, None] * stride_g  # [BLOCK_N, 1]
+    acc = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = (k0 + ks)[None, :] < D
+        a = tl.load(x_rows + k0 + ks[None, :], mask=row_ok[:, None] & k_ok, other=0.0)  # [BLOCK_ROWS, BLOCK_K]
+        b = tl.load(g_rows + k0 + ks[None, :], mask=(cols[:, None] < N) & k_ok, other=0.0)  # [BLOCK_N, BLOCK_K]
+        if BLOCK_ROWS >= 16:
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+        else:
+            acc += tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
+    logits = tl.where(valid, acc.to(x_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
+    _route(logits, rows, row_ok, valid, cols, w_ptr, idx_ptr, scale, first_extra, stride_w, stride_i,
+           TOPK, N_EXTRA, BLOCK_N, BLOCK_ROWS)
+
+
 _topk_tuned = autotune_or_single(_topk_kernel, TOPK_CONFIGS, key=["N", "TOPK"])
 _router_tuned = autotune_or_single(_router_kernel, TOPK_CONFIGS, key=["N", "TOPK", "N_EXTRA"])
+# ROWS in the key: the decode (1-row programs) and prefill (dot) configs are far apart; AOTInductor
+# tunes each program once, at its example size
+_GATE_INTERPRETED = is_interpreted(_router_gate_kernel)
+_router_gate_tuned = autotune_or_single(_router_gate_kernel, GATE_CONFIGS, key=["ROWS", "N", "D", "TOPK", "N_EXTRA"])
 
 
 def rows_unfit(n, k) -> str | None:
@@ -208,3 +281,57 @@ def router_topk_ref(logits: torch.Tensor, k: int, *, scale: float = 1.0, n_extra
     extra_ids = torch.arange(first_extra, first_extra + n_extra, device=logits.device).expand(logits.shape[0], -1)
     return (torch.cat([weights, weights.new_ones(logits.shape[0], n_extra)], 1),
             torch.cat([ids, extra_ids], 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# the gate GEMM and the router in one launch
+
+
+def router_gate_spec(x: torch.Tensor, gate: torch.Tensor, k: int, scale: float, n_extra: int, first_extra: int,
+                     weights: torch.Tensor, indices: torch.Tensor) -> LaunchSpec:
+    """The launch of logits = x [R, D] @ gate [E, D]^T and the router into weights, indices
+    [R, k + n_extra] (checked by the caller)."""
+    rows, d = x.shape
+    grid = lambda meta: (cdiv(rows, meta["BLOCK_ROWS"]),)  # noqa: E731
+    return LaunchSpec(_router_gate_kernel, _router_gate_tuned, GATE_CONFIGS, grid,
+                      (x, gate, weights, indices, rows, gate.shape[0], d, float(scale), first_extra, x.stride(0),
+                       gate.stride(0), weights.stride(0), indices.stride(0)),
+                      dict(TOPK=k, N_EXTRA=n_extra, BLOCK_N=max(next_pow2(gate.shape[0]), 16),
+                           UPCAST=_GATE_INTERPRETED and x.dtype != torch.float32))
+
+
+def check_router_gate(x: torch.Tensor, gate: torch.Tensor, k: int, n_extra: int) -> None:
+    """Raise naming the tensor and the problem when (x, gate, k) is outside what the kernel takes."""
+    check_tensor("router_topk_gate: x", x, dtypes=DTYPES, ndim=2)
+    check_tensor("router_topk_gate: weight", gate, dtypes=(x.dtype,), ndim=2, device=x.device)
+    if gate.shape[1] != x.shape[1]:
+        raise ValueError(f"router_topk_gate: weight {tuple(gate.shape)} is not [E, D] for x {tuple(x.shape)} "
+                         f"(D={x.shape[1]})")
+    if (reason := rows_unfit(gate.shape[0], k)) is not None:
+        raise ValueError(f"router_topk_gate: weight rows (experts): {reason}")
+    for name, t in (("x", x), ("weight", gate)):
+        if t.stride(1) != 1:
+            raise ValueError(f"router_topk_gate: {name} needs unit stride along the row, got strides {t.stride()}")
+    if n_extra < 0:
+        raise ValueError(f"router_topk_gate: n_extra={n_extra} must be >= 0")
+
+
+def router_topk_gate(x: torch.Tensor, weight: torch.Tensor, k: int, *, scale: float = 1.0, n_extra: int = 0,
+                     first_extra: int = 0, out_dtype: torch.dtype = torch.float32,
+                     config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, D], the gate's weight [E, D] (x's dtype) -> router_topk(F.linear(x, weight), ...) in one
+    launch: (weights [R, k + n_extra] out_dtype, ids [R, k + n_extra] int64)."""
+    check_router_gate(x, weight, k, n_extra)
+    weights = torch.empty((x.shape[0], k + n_extra), dtype=out_dtype, device=x.device)
+    indices = torch.empty((x.shape[0], k + n_extra), dtype=torch.int64, device=x.device)
+    if x.shape[0]:
+        launch(*router_gate_spec(x, weight, k, scale, n_extra, first_extra, weights, indices), config)
+    return weights, indices
+
+
+def router_topk_gate_ref(x: torch.Tensor, weight: torch.Tensor, k: int, *, scale: float = 1.0, n_extra: int = 0,
+                         first_extra: int = 0, out_dtype: torch.dtype = torch.float32
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference Gate: F.linear in x's dtype, then router_topk_ref."""
+    return router_topk_ref(F.linear(x, weight), k, scale=scale, n_extra=n_extra, first_extra=first_extra,
+                           out_dtype=out_dtype)

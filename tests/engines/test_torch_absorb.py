@@ -1,0 +1,106 @@
+"""engines/torch_triton.py mla_attention: the decode program's W_UK / W_UV projections by
+kernels/mla_absorb.py head_gemm (DSV3_TORCH_ABSORB_GEMM=1, the default) instead of einsums (=0).
+
+Numerics in the Triton CPU interpreter (a subprocess: TRITON_INTERPRET must be set before the
+kernels are decorated): the tiny bf16 model's decode program lowered for CUDA as engines/torch.py
+lower_program lowers it (every dsv3:: op a triton_op, run by the interpreter on CPU tensors), with
+the switch on and off, against each other and against the program before lowering (ATen op
+bodies), random inputs, fresh seed. Wiring, not bits (head_gemm's numerics: tests/kernels): a wrong
+view, stride or head is an O(1) error. Both lowered forms run the same attention and MoE kernels;
+they differ by the projections' bf16 output rounding (the interpreter truncates where the einsum
+rounds: one bf16 step, ~0.4%) passed through 3 layers: measured 0.6-1.1% over three seeds, bound
+0.04. Against the unlowered program (which also rounds differently in the attention and the MoE):
+measured 0.5-1.2% with the kernel, 0.5-1.0% without, bound 0.05.
+The prefill program keeps its einsums either way.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+_SCRIPT = r'''
+import os, sys, json
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from dsv3_export.engines.torch_lower import lower_dsv3_ops
+from dsv3_export.engines.torch_triton import triton_lowerings
+from dsv3_export.export import export_step
+from dsv3_export.kernels import mla_absorb
+from dsv3_export.passes.base import PassConfig
+from dsv3_export.passes.pipeline import run_pipeline
+from dsv3_export.reference import ModelArgs, Transformer
+from tests.passes.tiny_programs import step_inputs
+
+launches = []
+spec = mla_absorb.head_gemm_spec
+mla_absorb.head_gemm_spec = lambda x, w, out, bucket: launches.append(tuple(w.shape)) or spec(x, w, out, bucket)
+
+seed, out = int(sys.argv[1]), {}
+torch.manual_seed(0)
+model = Transformer(ModelArgs.preset("tiny"), dtype=torch.bfloat16).eval()
+for kind in ("decode", "prefill"):
+    program, _ = run_pipeline(export_step(model, kind), PassConfig(precision="bf16"))
+    inputs = step_inputs(kind, seed, torch.bfloat16)
+    with torch.no_grad():
+        want = program.module()(*inputs)
+    got = {}
+    for switch in ("1", "0"):
+        os.environ["DSV3_TORCH_ABSORB_GEMM"] = switch
+        lowered, how = lower_dsv3_ops(program, "cuda", triton_lowerings(kind))
+        out[f"{kind}_{switch}_how"] = how["dsv3::mla_attention"]
+        launches.clear()
+        with torch.no_grad():
+            got[switch] = lowered.module()(*inputs)
+        out[f"{kind}_{switch}_launches"] = launches[:]
+        out[f"{kind}_{switch}_finite"] = all(bool(torch.isfinite(g.float()).all()) for g in got[switch])
+        out[f"{kind}_{switch}_rel_program"] = [((g.double() - w.double()).norm() / w.double().norm()).item()
+                                               for g, w in zip(got[switch], want)]
+    out[f"{kind}_rel_switch"] = [((a.double() - b.double()).norm() / b.double().norm()).item()
+                                 for a, b in zip(got["1"], got["0"])]
+print(json.dumps(out))
+'''
+
+
+def test_decode_program_with_and_without_the_kernel_in_the_interpreter(seed):
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, "-c", _SCRIPT, str(seed % 2**31)], check=False, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    # each decode layer: W_UK [h, dn, c] then W_UV^T [h, c, dv]; none with the switch off, none in prefill
+    from dsv3_export.reference import ModelArgs
+
+    a = ModelArgs.preset("tiny")
+    h, dn, dv, c = a.n_heads, a.qk_nope_head_dim, a.v_head_dim, a.kv_lora_rank
+    assert out["decode_1_launches"] == [[h, dn, c], [h, c, dv]] * a.n_layers, out["decode_1_launches"]
+    assert out["decode_0_launches"] == out["prefill_1_launches"] == out["prefill_0_launches"] == [], out
+    assert "kernels/mla_absorb.py head_gemm" in out["decode_1_how"], out["decode_1_how"]
+    assert "head_gemm" not in out["decode_0_how"] and "kernels/mla_attention.py" in out["decode_0_how"]
+    for kind in ("decode", "prefill"):
+        for switch in ("1", "0"):
+            assert out[f"{kind}_{switch}_finite"], (kind, switch)
+            rel = out[f"{kind}_{switch}_rel_program"]
+            assert max(rel) < 0.05, f"{kind} switch={switch} vs the unlowered program: {rel} (seed {seed})"
+    assert max(out["decode_rel_switch"]) < 0.04, f"decode 1 vs 0: {out['decode_rel_switch']} (seed {seed})"
+    assert max(out["prefill_rel_switch"]) == 0, out["prefill_rel_switch"]  # the same program either way
+
+
+def test_switch_values(monkeypatch):
+    pytest.importorskip("triton")
+    from dsv3_export.engines import torch_triton
+
+    monkeypatch.setenv(torch_triton.ABSORB_ENV, "yes")
+    with pytest.raises(ValueError, match="DSV3_TORCH_ABSORB_GEMM='yes'"):
+        torch_triton.triton_lowerings("decode")
+    for value in ("0", "1"):
+        monkeypatch.setenv(torch_triton.ABSORB_ENV, value)
+        how = torch_triton.triton_lowerings("decode")["dsv3::mla_attention"].how
+        assert ("mla_absorb.py head_gemm" in how) == (value == "1"), how
+    monkeypatch.delenv(torch_triton.ABSORB_ENV)
+    assert "mla_absorb.py head_gemm" in torch_triton.triton_lowerings("decode")["dsv3::mla_attention"].how
+    assert torch.bfloat16 in torch_triton.ka.DOT_DTYPES and torch.float32 not in torch_triton.ka.DOT_DTYPES

@@ -287,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="top-k as our kernel or torch's (sets DSV3_TORCH_TOPK)")
     p.add_argument("--router", choices=("0", "1"), default=None,
                    help="the softmax MoE router as one kernel (sets DSV3_TORCH_ROUTER)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="a DSV3_TORCH_* build switch to set (repeatable), e.g. DSV3_TORCH_ABSORB_GEMM=0")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: smoke-test the script (tiny preset)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     opts = p.parse_args(argv)
@@ -303,6 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     for env, value in ((NORM_QUANT_ENV, opts.norm_quant), (TOPK_ENV, opts.topk), (ROUTER_ENV, opts.router)):
         if value:
             os.environ[env] = value
+    for item in opts.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("DSV3_TORCH_"):
+            p.error(f"--env {item!r}: expected DSV3_TORCH_<SWITCH>=VALUE")
+        os.environ[name] = value
     unknown = set(filter(None, opts.skip_passes.split(","))) - set(PASS_NAMES)
     if unknown:
         p.error(f"--skip-passes: unknown {sorted(unknown)}; passes: {PASS_NAMES}")
@@ -316,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             "topk": os.environ.get(TOPK_ENV, TOPK_DEFAULT),
             "router": os.environ.get(ROUTER_ENV, "1"),
             "skip_passes": sorted(SKIP_PASSES),
+            "build_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("DSV3_TORCH_")},
             "note": "max_seq_len set to 2 * prompt_len (YaRN off) to keep the reference caches small"}
     report = Report(opts.out / "torch_16b.json", opts.budget_s, meta)
     bandwidth = copy_bandwidth()

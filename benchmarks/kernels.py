@@ -926,6 +926,69 @@ def bench_topk(report: Report, sh: Shapes, quick: bool) -> None:
         show(case, rows)
 
 
+# Candidate grouped-GEMM configs for decode, timed beside GROUPED_GEMM_CONFIGS by the moe_cfg
+# section: deeper pipelines and narrower N tiles keep more weight bytes in flight per SM when each
+# expert has one row (batch-1 decode: the 16b MoE's GEMMs run at ~60% of copy bandwidth, session 7).
+MOE_CFG_CANDIDATES = (  # (BLOCK_N, num_warps, num_stages)
+    (16, 4, 6), (32, 4, 6), (32, 4, 8), (64, 4, 6), (64, 8, 5), (128, 4, 5),
+)
+
+
+def bench_moe_configs(report: Report, sh: Shapes, quick: bool) -> None:
+    """Each grouped-GEMM config on the 16b fp8 MoE's two GEMMs at decode sizes, in CUDA graphs: which
+    tile the decode program should tune to (AOTInductor autotunes once, at its example batch)."""
+    import triton
+
+    from dsv3_export.kernels import fp8_quant as Q
+    from dsv3_export.kernels import moe as M
+    from dsv3_export.reference import fp8 as R
+
+    torch.manual_seed(0)
+    d, i = sh.dim, sh.moe_inter
+    e, k = sh.n_experts + 2, sh.topk + 2  # fuse_shared_experts: 2 shared experts every token takes
+    q13 = [R.weight_quant((torch.randn(2 * i, d, device=sh.device) / d**0.5)) for _ in range(e)]
+    q2 = [R.weight_quant((torch.randn(d, i, device=sh.device) / i**0.5)) for _ in range(e)]
+    w13, w13s = torch.stack([q for q, _ in q13]), torch.stack([s for _, s in q13])
+    w2, w2s = torch.stack([q for q, _ in q2]), torch.stack([s for _, s in q2])
+    configs = list(M.GROUPED_GEMM_CONFIGS) + [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
+                                              for bn, w, st in MOE_CFG_CANDIDATES]
+    for t in sh.decode_m:
+        x = torch.randn(t, d, device=sh.device, dtype=torch.bfloat16)
+        routed = torch.randn(t, sh.n_experts, device=sh.device).topk(sh.topk, dim=-1)[1]
+        shared = torch.arange(sh.n_experts, e, device=sh.device).expand(t, -1)
+        ids = torch.cat([routed, shared], 1)  # [T, k]
+        tw = torch.rand(t, k, device=sh.device)
+        active = int(torch.unique(ids).numel())
+        sorted_ids, expert_ids, npp = M.moe_align(ids, e, M.choose_block_m(t, k, e))
+        xq, xs = Q.act_quant(x)
+        h = M.grouped_gemm(xq, w13, sorted_ids, expert_ids, npp, k, a_scale=xs, w_scale=w13s, fuse_swiglu=True)
+        hq, hs = Q.act_quant(h)
+        gemms = {  # name -> (call with a config, weight bytes the active experts move)
+            "up+SwiGLU": (lambda cfg: M.grouped_gemm(xq, w13, sorted_ids, expert_ids, npp, k, a_scale=xs,
+                                                     w_scale=w13s, fuse_swiglu=True, config=cfg),
+                          active * 2 * i * d),
+            "down": (lambda cfg: M.grouped_gemm(hq, w2, sorted_ids, expert_ids, npp, 1, a_scale=hs, w_scale=w2s,
+                                                topk_weights=tw, config=cfg), active * d * i),
+        }
+        for name, (call, nbytes) in gemms.items():
+            case = f"{name} T={t} E={e} k={k} D={d} I={i}"
+            want = call(configs[0]).float()
+            rows = []
+            for cfg in configs:
+                label = f"triton BN={cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
+
+                def one(cfg=cfg, label=label):
+                    err = mean_rel(call(cfg).float(), want)
+                    ms = bench(_graph_of(lambda: call(cfg)).replay if sh.device == "cuda" else (lambda: call(cfg)),
+                               sh, quick)
+                    tuned = " (GROUPED_GEMM_CONFIGS)" if cfg in M.GROUPED_GEMM_CONFIGS else ""
+                    return add(report, Row("moe_cfg", case, label, ms, error=err, tol=1e-3, ok=err < 1e-3,
+                                           note=f"{active} experts active{tuned}"), bytes_=nbytes)
+
+                rows.append(guarded(report, f"moe_cfg {case} {label}", one))
+            show(case, [r for r in rows if r])
+
+
 SECTIONS = {  # cheap sections first: if the time budget runs out, the expensive autotuning goes last
     "copy": ("device copy bandwidth", bench_copy),
     "quant": ("fp8 act_quant / weight_dequant", bench_act_quant),
@@ -933,6 +996,7 @@ SECTIONS = {  # cheap sections first: if the time budget runs out, the expensive
     "topk": ("router top-k", bench_topk),
     "mla": ("MLA absorbed attention", bench_mla),
     "moe": ("MoE: grouped GEMM + fused MoE", bench_moe),
+    "moe_cfg": ("grouped GEMM configs at decode (fp8, 16b MoE)", bench_moe_configs),
     "fp8": ("fp8 blockwise GEMM", bench_fp8_gemm),
 }
 

@@ -22,6 +22,10 @@ shapes, ~0.5 us at 4.2 TB/s): narrow N tiles give H x N/BLOCK_N CTAs (16 x 512/3
 to spread it over the SMs. Prefill (M in the thousands) keeps cuBLAS in the engine; the 64-row
 configs are there so the launcher is correct at any M, not to beat cuBLAS.
 
+sm_90 (ptxas, tests/kernels/_sm90_compile.py; unit strides specialized as a launch specializes
+them): every config compiles to bf16 mma.sync (16/32-row tiles) or wgmma (64-row tiles) fed by
+cp.async pipelines, 37-126 registers per thread, no spills, 12-72 KB of shared memory.
+
 Autotune key: M_BUCKET (a power of 2, a runtime argument only to key the tuner, as in fp8_gemm.py),
 never M itself: M is symbolic when a program is traced, and the key must not specialize it.
 Under TRITON_INTERPRET=1 bf16/fp16 operands are upcast to fp32 before the dot (UPCAST: the
@@ -53,6 +57,9 @@ HEAD_GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128}, num_warps=2, num_stages=4),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=2, num_stages=5),
+    # W_UV (N = 128, K = 512): 16-column tiles give H x 8 = 128 CTAs, each streaming 16 KB of weight
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64}, num_warps=2, num_stages=4),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),

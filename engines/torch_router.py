@@ -18,6 +18,14 @@ becomes
     dsv3::moe_experts(_fp8)(x, w, ids, ...)
 Sigmoid scoring, a score bias or group-limited routing (DeepSeek-V3) do not match and keep their
 ATen form (their top-k still becomes kernels/topk.py's, torch_triton.py's aten::topk lowering).
+
+The gate GEMM too (DSV3_TORCH_ROUTER_GATE, default 1): at batch-1 decode it is a cuBLAS call of ~5 us
+(the 16b's [1, 2048] @ [2048, 64]: one thread block). When the logits are
+    logits = linear(x, weight)         # (or mm(x, t(weight))); x [T, D], weight [E, D] a parameter,
+                                       # buffer or constant in x's dtype; the softmax its only reader
+the router becomes
+    w, ids = dsv3_aoti::router_topk_gate(x, weight, k, route_scale, n, E, dtype)
+(kernels/topk.py router_topk_gate: the logits in fp32, rounded to x's dtype, then the same math).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from dsv3_export.passes.graph_utils import is_call
 from dsv3_export.passes.program_state import ProgramState
 
 ROUTER_ENV = "DSV3_TORCH_ROUTER"
+GATE_ENV = "DSV3_TORCH_ROUTER_GATE"
 aten = torch.ops.aten
 CASTS = (aten.type_as.default, aten.to.dtype, aten._to_copy.default)
 MOE_OPS = (torch.ops.dsv3.moe_experts.default, torch.ops.dsv3.moe_experts_fp8.default)
@@ -50,6 +59,17 @@ def router_topk(logits: torch.Tensor, k: int, scale: float, n_extra: int, first_
     weights = torch.empty((logits.shape[0], k + n_extra), dtype=out_dtype, device=logits.device)
     ids = torch.empty((logits.shape[0], k + n_extra), dtype=torch.int64, device=logits.device)
     tt._launch(kt.router_spec(logits, k, scale, n_extra, first_extra, weights, ids))
+    return weights, ids
+
+
+@triton_op("dsv3_aoti::router_topk_gate", mutates_args={})
+def router_topk_gate(x: torch.Tensor, gate: torch.Tensor, k: int, scale: float, n_extra: int, first_extra: int,
+                     out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, D], the gate's weight [E, D] -> router_topk(F.linear(x, gate), ...) in one launch."""
+    x, gate = x.contiguous(), gate.contiguous()
+    weights = torch.empty((x.shape[0], k + n_extra), dtype=out_dtype, device=x.device)
+    ids = torch.empty((x.shape[0], k + n_extra), dtype=torch.int64, device=x.device)
+    tt._launch(kt.router_gate_spec(x, gate, k, scale, n_extra, first_extra, weights, ids))
     return weights, ids
 
 
@@ -106,27 +126,64 @@ def _match(moe: Node) -> dict | str:
                 dtype=w.meta["val"].dtype)
 
 
+def _gate(logits: Node, state: ProgramState) -> tuple[Node, Node] | str:
+    """(x, weight) when the logits are the gate's linear of a 2-D x and a weight of the program
+    (parameter, buffer or constant) [E, D] in x's dtype, read by nothing but the router; else why not."""
+    if is_call(logits, aten.linear.default) and _arg(logits, 2, "bias", None) is None:
+        x, weight = logits.args[:2]
+    elif is_call(logits, aten.mm.default) and (is_call(logits.args[1], aten.t.default) or (
+            is_call(logits.args[1], aten.permute.default) and list(logits.args[1].args[1]) == [1, 0])):
+        x, weight = logits.args[0], logits.args[1].args[0]
+    else:
+        return "the logits are not a bias-free linear (or mm with a transposed weight)"
+    if len(logits.users) != 1:
+        return "the logits are used elsewhere"
+    if not (isinstance(weight, Node) and state.target_of(weight) is not None):
+        return "the gate weight is not a parameter, buffer or constant of the program"
+    xv, wv = x.meta["val"], weight.meta["val"]
+    if xv.dim() != 2 or wv.dim() != 2 or xv.shape[1] != wv.shape[1] or xv.dtype != wv.dtype:
+        return f"x {tuple(xv.shape)} {xv.dtype} and weight {tuple(wv.shape)} {wv.dtype} are not [T, D] @ [E, D]^T"
+    if xv.dtype not in kt.DTYPES:
+        return f"gate dtype {xv.dtype}"
+    return x, weight
+
+
 def fuse_router(ep: ExportedProgram) -> tuple[ExportedProgram, str]:
     """The program with each matching router rewritten, and a line for the manifest's `lowerings`."""
-    value = os.environ.get(ROUTER_ENV, "1")
+    value, gate_value = os.environ.get(ROUTER_ENV, "1"), os.environ.get(GATE_ENV, "1")
     if value not in ("0", "1"):
         raise ValueError(f"{ROUTER_ENV}={value!r}: use 1 (one router kernel) or 0 (ATen softmax / top-k / gather)")
+    if gate_value not in ("0", "1"):
+        raise ValueError(f"{GATE_ENV}={gate_value!r}: use 1 (the gate GEMM inside the router kernel) or 0 "
+                         "(the gate GEMM separate)")
     moes = [n for n in ep.graph.nodes if is_call(n, *MOE_OPS)]
     if value == "0" or not moes:
         return ep, f"not fused ({ROUTER_ENV}=0)" if moes else "no MoE"
     state = ProgramState(ep)
     found = [_match(n) for n in state.graph.nodes if is_call(n, *MOE_OPS)]
     sites = [f for f in found if not isinstance(f, str)]
+    gated, kept = 0, []  # kept: why a gate GEMM stays separate
     for site in sites:
+        gate = _gate(site["logits"], state) if gate_value == "1" else f"{GATE_ENV}=0"
+        route = (site["k"], site["scale"], site["n_extra"], site["first"], site["dtype"])
         with state.graph.inserting_before(site["moe"]):
-            out = state.call(torch.ops.dsv3_aoti.router_topk.default,
-                             (site["logits"], site["k"], site["scale"], site["n_extra"], site["first"], site["dtype"]))
+            if isinstance(gate, str):
+                kept.append(gate)
+                out = state.call(torch.ops.dsv3_aoti.router_topk.default, (site["logits"], *route))
+            else:
+                out = state.call(torch.ops.dsv3_aoti.router_topk_gate.default, (*gate, *route))
+                gated += 1
             weights, ids = (state.call(operator.getitem, (out, i)) for i in range(2))
         site["moe"].replace_input_with(site["w"], weights)
         site["moe"].replace_input_with(site["ids"], ids)
     state.eliminate_dead_code()
     how = (f"{len(sites)} of {len(moes)} MoE routers (softmax, top-k, weights, shared-expert columns) -> "
            "dsv3_aoti::router_topk (kernels/topk.py)")
+    if sites:
+        how += (f", {gated} of them with the gate GEMM (router_topk_gate)" if gate_value == "1"
+                else f", the gate GEMM separate ({GATE_ENV}=0)")
+        if gate_value == "1" and kept:
+            how += f" (gate kept: {kept[0]})"
     skipped = [f for f in found if isinstance(f, str)]
     if skipped:
         how += f"; not fused: {skipped[0]}"

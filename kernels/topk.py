@@ -153,12 +153,22 @@ def _router_kernel(logits_ptr, w_ptr, idx_ptr, ROWS, N, scale, first_extra, stri
 
 
 @triton.jit
+def _gate_tiles(x_rows, g_rows, row_ok, cols, ks, k0, N, D):
+    """The K step at k0: x [BLOCK_ROWS, BLOCK_K] and gate [BLOCK_N, BLOCK_K] tiles, zero past the edges."""
+    k_ok = (k0 + ks)[None, :] < D
+    a = tl.load(x_rows + k0 + ks[None, :], mask=row_ok[:, None] & k_ok, other=0.0)
+    b = tl.load(g_rows + k0 + ks[None, :], mask=(cols[:, None] < N) & k_ok, other=0.0)
+    return a, b
+
+
+@triton.jit
 def _router_gate_kernel(x_ptr, g_ptr, w_ptr, idx_ptr, ROWS, N, D, scale, first_extra, stride_x, stride_g,
                         stride_w, stride_i, TOPK: tl.constexpr, N_EXTRA: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
     """_route from logits = x [ROWS, D] @ gate [N, D]^T, accumulated in fp32 over a K loop and rounded
     to x's dtype (the reference's F.linear in x.dtype). Row blocks of >= 16 use tl.dot (its M tile
-    minimum); smaller ones (decode) a broadcast multiply and a sum over K, no padded MMA rows.
+    minimum); smaller ones (decode) multiply-and-add into per-lane fp32 partials [BLOCK_ROWS, BLOCK_N,
+    BLOCK_K] (no padded MMA rows, no cross-warp reduction inside the loop) summed once at the end.
     UPCAST (the CPU interpreter only): its tl.dot multiplies bf16 as raw uint16, so fp32 operands."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_N)
@@ -167,17 +177,19 @@ def _router_gate_kernel(x_ptr, g_ptr, w_ptr, idx_ptr, ROWS, N, D, scale, first_e
     valid = cols[None, :] < N
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x  # [BLOCK_ROWS, 1]
     g_rows = g_ptr + cols.to(tl.int64)[:, None] * stride_g  # [BLOCK_N, 1]
-    acc = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        k_ok = (k0 + ks)[None, :] < D
-        a = tl.load(x_rows + k0 + ks[None, :], mask=row_ok[:, None] & k_ok, other=0.0)  # [BLOCK_ROWS, BLOCK_K]
-        b = tl.load(g_rows + k0 + ks[None, :], mask=(cols[:, None] < N) & k_ok, other=0.0)  # [BLOCK_N, BLOCK_K]
-        if BLOCK_ROWS >= 16:
+    if BLOCK_ROWS >= 16:
+        acc = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            a, b = _gate_tiles(x_rows, g_rows, row_ok, cols, ks, k0, N, D)
             if UPCAST:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
-        else:
-            acc += tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
+    else:
+        part = tl.zeros((BLOCK_ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)  # per-lane partial sums
+        for k0 in range(0, D, BLOCK_K):
+            a, b = _gate_tiles(x_rows, g_rows, row_ok, cols, ks, k0, N, D)
+            part += a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :]
+        acc = tl.sum(part, axis=2)  # one cross-lane reduction after the loop, none inside it
     logits = tl.where(valid, acc.to(x_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
     _route(logits, rows, row_ok, valid, cols, w_ptr, idx_ptr, scale, first_extra, stride_w, stride_i,
            TOPK, N_EXTRA, BLOCK_N, BLOCK_ROWS)

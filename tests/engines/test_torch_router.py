@@ -127,3 +127,36 @@ def test_switch(monkeypatch):
     monkeypatch.setenv(torch_router.GATE_ENV, "yes")
     with pytest.raises(ValueError, match="DSV3_TORCH_ROUTER_GATE='yes'"):
         torch_router.fuse_router(program)
+
+
+def test_gate_guards():
+    """The gate GEMM joins the router only for a bias-free linear of a program weight [E, D] in x's
+    dtype whose logits nothing else reads; each other case says why it stays separate."""
+    pytest.importorskip("triton")
+    from dsv3_export.engines import torch_router
+    from dsv3_export.passes.program_state import ProgramState
+
+    class Gates(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(8, 16), requires_grad=False)
+            self.b = torch.nn.Parameter(torch.randn(8), requires_grad=False)
+            self.w16 = torch.nn.Parameter(torch.randn(8, 16, dtype=torch.bfloat16), requires_grad=False)
+
+        def forward(self, x, w_in):
+            fused = torch.nn.functional.linear(x, self.w)
+            shared = torch.nn.functional.linear(x * 2, self.w)
+            return (fused.softmax(-1), shared.softmax(-1), shared, torch.nn.functional.linear(x, w_in),
+                    torch.nn.functional.linear(x, self.w, self.b), torch.nn.functional.linear(x, self.w16.float()),
+                    torch.nn.functional.linear(x.bfloat16(), self.w16))
+
+    program = torch.export.export(Gates(), (torch.randn(3, 16), torch.randn(8, 16)))
+    state = ProgramState(program)
+    linears = [n for n in state.graph.nodes if n.target is torch.ops.aten.linear.default]
+    got = [torch_router._gate(n, state) for n in linears]
+    assert got[0] == tuple(linears[0].args[:2])
+    assert got[1] == "the logits are used elsewhere"
+    assert got[2] == "the gate weight is not a parameter, buffer or constant of the program"
+    assert got[3].startswith("the logits are not a bias-free linear")
+    assert got[4] == "the gate weight is not a parameter, buffer or constant of the program"  # a cast of one
+    assert got[5] == tuple(linears[5].args[:2])  # bf16 x and weight

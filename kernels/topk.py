@@ -29,9 +29,11 @@ of ~5 us whose 64-wide tile gives ONE thread block, followed by the router's lau
 one launch. Launch shape at T=1: one program reads the whole weight (the routing needs every
 expert's logit, so splitting E or K over programs would need a second launch, or a counter that
 itself must be zeroed by a launch, to combine the parts). A single program's read is latency
-bound, so the decode configs keep many loads in flight per step: wide K steps (BLOCK_K 256-512:
-32-64 KB of weight per step over 8-16 warps) and few steps (4-8 at D=2048), and num_stages for
-the pipeliner. Rows < 16 per program use a broadcast multiply and a sum over K (tl.dot's M tile
+bound, so the decode configs keep many loads in flight: wide K steps (BLOCK_K 256: 32 KB of
+weight per step over 8-16 warps), few steps (8 at D=2048), and the next step's loads issued
+before this step's products (Triton's pipeliner stages only loads that feed a dot: the sm_90
+PTX of these configs has plain ld.global, no cp.async). One SM's read rate still bounds it: at
+~100-200 GB/s per SM, 262 KB is ~1.5-2.5 us, against ~5 us for cuBLAS's one block plus the router. Rows < 16 per program use a broadcast multiply and a sum over K (tl.dot's M tile
 is >= 16: padding one row to 16 would multiply 15 zero rows); prefill row blocks of 16/64 use
 tl.dot (fp32 inputs at input_precision "ieee", not tf32: the reference's fp32 linear).
 """
@@ -58,11 +60,12 @@ TOPK_CONFIGS = [
 ]
 
 # The gate GEMM + router (router_topk_gate). Decode rows first (the interpreter runs the first):
-# BLOCK_ROWS < 16 multiply-and-sum, <= 64 fp32 products per thread at E = 64; >= 16: tl.dot.
+# BLOCK_ROWS < 16 multiply-and-sum, 64 fp32 partials per thread at E = 64 (plus two K steps' tiles
+# in flight); >= 16: tl.dot, its loads staged by the pipeliner (num_stages).
 GATE_CONFIGS = [
     triton.Config({"BLOCK_ROWS": 1, "BLOCK_K": 256}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_ROWS": 1, "BLOCK_K": 512}, num_warps=16, num_stages=1),
-    triton.Config({"BLOCK_ROWS": 1, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_ROWS": 1, "BLOCK_K": 256}, num_warps=16, num_stages=1),
+    triton.Config({"BLOCK_ROWS": 1, "BLOCK_K": 128}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_ROWS": 4, "BLOCK_K": 64}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_ROWS": 16, "BLOCK_K": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_ROWS": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
@@ -168,7 +171,8 @@ def _router_gate_kernel(x_ptr, g_ptr, w_ptr, idx_ptr, ROWS, N, D, scale, first_e
     """_route from logits = x [ROWS, D] @ gate [N, D]^T, accumulated in fp32 over a K loop and rounded
     to x's dtype (the reference's F.linear in x.dtype). Row blocks of >= 16 use tl.dot (its M tile
     minimum); smaller ones (decode) multiply-and-add into per-lane fp32 partials [BLOCK_ROWS, BLOCK_N,
-    BLOCK_K] (no padded MMA rows, no cross-warp reduction inside the loop) summed once at the end.
+    BLOCK_K] (no padded MMA rows, no cross-warp reduction inside the loop) summed once at the end,
+    loading one K step ahead.
     UPCAST (the CPU interpreter only): its tl.dot multiplies bf16 as raw uint16, so fp32 operands."""
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_N)
@@ -185,10 +189,14 @@ def _router_gate_kernel(x_ptr, g_ptr, w_ptr, idx_ptr, ROWS, N, D, scale, first_e
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
     else:
+        # no pipeliner here (it stages only loads feeding a dot): the next step's tiles are loaded
+        # before this step's products, so two steps' loads are in flight (the last one masked off)
         part = tl.zeros((BLOCK_ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)  # per-lane partial sums
-        for k0 in range(0, D, BLOCK_K):
-            a, b = _gate_tiles(x_rows, g_rows, row_ok, cols, ks, k0, N, D)
+        a, b = _gate_tiles(x_rows, g_rows, row_ok, cols, ks, 0, N, D)
+        for k0 in range(BLOCK_K, D + BLOCK_K, BLOCK_K):
+            a_next, b_next = _gate_tiles(x_rows, g_rows, row_ok, cols, ks, k0, N, D)
             part += a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :]
+            a, b = a_next, b_next
         acc = tl.sum(part, axis=2)  # one cross-lane reduction after the loop, none inside it
     logits = tl.where(valid, acc.to(x_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
     _route(logits, rows, row_ok, valid, cols, w_ptr, idx_ptr, scale, first_extra, stride_w, stride_i,

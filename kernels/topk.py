@@ -68,6 +68,7 @@ GATE_CONFIGS = [
     triton.Config({"BLOCK_ROWS": 1, "BLOCK_K": 128}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_ROWS": 4, "BLOCK_K": 64}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_ROWS": 16, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_ROWS": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),  # 128 programs at T=4096
     triton.Config({"BLOCK_ROWS": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
 ]
 

@@ -924,6 +924,97 @@ def bench_topk(report: Report, sh: Shapes, quick: bool) -> None:
                                 bench(lambda: _torch_router(logits, sh.topk, sh.n_experts), sh, quick)), bytes_=bytes_)]
         finish_group(rows)
         show(case, rows)
+    for m in sorted({sh.decode_m[0], sh.decode_m[-1], sh.prefill_m}):  # 16b: M = 1, 64, 4096
+        _bench_router_gate(report, sh, quick, m)
+
+
+def _untied_mismatch(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, want: torch.Tensor, k: int) -> float:
+    """Fraction of rows whose top-k ids differ from the reference's where its top-(k+1) logits hold
+    no two within one rounding of x's dtype (kernels/topk.py router_topk_gate: its logits are
+    cuBLAS's up to the summation order, then one rounding; tests/kernels/test_topk.py's tie rule)."""
+    logits = torch.nn.functional.linear(x, w).float()  # [M, E]
+    top = logits.topk(k + 1, dim=1).values  # [M, k + 1]
+    step = torch.finfo(x.dtype).eps * top.abs() + 1e-6 * top.abs().amax(1, keepdim=True)
+    near_tie = ((top[:, :-1] - top[:, 1:]) <= step[:, :-1] + step[:, 1:]).any(1)
+    return float(((ids[:, :k] != want[:, :k]).any(1) & ~near_tie).float().mean())
+
+
+def _bench_router_gate(report: Report, sh: Shapes, quick: bool, m: int) -> None:
+    """The gate GEMM + router in one launch (engines/torch_router.py DSV3_TORCH_ROUTER_GATE) against
+    torch's linear + the router's ops, and against torch's linear + the router kernel."""
+    from dsv3_export.kernels.topk import router_topk, router_topk_gate, router_topk_gate_ref
+
+    case = f"gate + router M={m} D={sh.dim} E={sh.n_experts}+2 k={sh.topk}"
+    x = torch.randn(m, sh.dim, device=sh.device, dtype=torch.bfloat16)
+    w = (torch.randn(sh.n_experts, sh.dim, device=sh.device) / sh.dim**0.5).to(torch.bfloat16)
+    route = dict(n_extra=2, first_extra=sh.n_experts, out_dtype=torch.bfloat16)
+    got, want = router_topk_gate(x, w, sh.topk, **route), router_topk_gate_ref(x, w, sh.topk, **route)
+    wrong = _untied_mismatch(x, w, got[1], want[1], sh.topk)
+    bytes_ = (m + sh.n_experts) * sh.dim * 2 + m * (sh.topk + 2) * (2 + 8)
+    flops = 2 * m * sh.dim * sh.n_experts
+    rows = [add(report, Row("topk", case, "triton router_topk_gate, one launch",
+                            bench(lambda: router_topk_gate(x, w, sh.topk, **route), sh, quick),
+                            error=wrong, tol=0.0, ok=wrong == 0), bytes_=bytes_, flops=flops),
+            add(report, Row("topk", case, "torch linear + softmax + topk + gather + cat",
+                            bench(lambda: _torch_router(torch.nn.functional.linear(x, w), sh.topk, sh.n_experts), sh,
+                                  quick)), bytes_=bytes_, flops=flops),
+            add(report, Row("topk", case, "torch linear + triton router_topk",
+                            bench(lambda: router_topk(torch.nn.functional.linear(x, w), sh.topk, **route), sh, quick)),
+                bytes_=bytes_, flops=flops)]
+    finish_group(rows)
+    show(case, rows)
+
+
+# MLA's absorbed projections at the 16b head dims (qk_nope_head_dim, v_head_dim); the CPU smoke
+# test's dims are off the kernel's blocks.
+ABSORB_HEAD_DIMS = {"cuda": (128, 128), "cpu": (40, 24)}
+ABSORB_TOL = 1e-2  # mean rel err vs the bf16 einsum: both round an fp32 sum to bf16
+
+
+def bench_absorb(report: Report, sh: Shapes, quick: bool) -> None:
+    """The decode program's absorbed MLA projections, q_nope @ W_UK and lat @ W_UV per head:
+    kernels/mla_absorb.py head_gemm (one launch on the strided q_nope slice and the wkv_b views)
+    against the einsums it replaces (Inductor / eager torch: permute copy + bmm + copy). On the GPU
+    both also from CUDA graphs (the decode step's form), checked on the graph's own output."""
+    from dsv3_export.kernels.mla_absorb import head_gemm
+
+    h, c = sh.n_heads, sh.kv_lora
+    dn, dv = ABSORB_HEAD_DIMS[sh.device]
+    w = (torch.randn(h * (dn + dv), c, device=sh.device) * c**-0.5).bfloat16().view(h, dn + dv, c)  # [h, dn + dv, c]
+    w_uk, w_uv = w[:, :dn], w[:, dn:]  # [h, dn, c], [h, dv, c]
+    for m in ((1, 8, 64) if sh.device == "cuda" else sh.decode_m):
+        q = torch.randn(m, 1, h, dn + sh.rope, device=sh.device).bfloat16()  # the q projection [b, 1, h, dn + r]
+        q_nope = q[..., :dn]  # [b, 1, h, dn], strided
+        lat = torch.randn(m, h, c, device=sh.device).bfloat16()  # mla_decode's output [b, h, c]
+        projections = (
+            ("W_UK", dn, c, lambda: head_gemm(q_nope[:, 0], w_uk),  # [b, h, c]
+             lambda: torch.einsum("bshd,hdc->bshc", q_nope, w_uk).contiguous()),  # [b, 1, h, c]
+            ("W_UV", c, dv, lambda: head_gemm(lat, w_uv.transpose(1, 2)),  # [b, h, dv]
+             lambda: torch.einsum("bshc,hdc->bshd", lat[:, None], w_uv)),  # [b, 1, h, dv]
+        )
+        for name, k, n, ours, theirs in projections:
+            case = f"{name} M={m} H={h} K={k} N={n}"
+            bytes_, flops = 2 * (h * k * n + m * h * (k + n)), 2 * m * h * k * n
+            ref = theirs().float().view(m, h, n)
+
+            def checked(impl: str, fn, graph: bool):
+                out = []
+                timed = _graph_of(lambda: out.append(fn()) or out[-1]).replay if graph else fn
+                ms = bench(timed, sh, quick)
+                err = mean_rel((out[-1] if graph else fn()).float().view(m, h, n), ref)
+                return add(report, Row("absorb", case, impl, ms, error=err, tol=ABSORB_TOL, ok=err < ABSORB_TOL),
+                           bytes_=bytes_, flops=flops)
+
+            rows = [guarded(report, f"absorb {case} triton", lambda: checked("triton head_gemm", ours, False)),
+                    guarded(report, f"absorb {case} torch", lambda: checked("torch einsum", theirs, False))]
+            if sh.device == "cuda":
+                rows += [guarded(report, f"absorb {case} triton graph",
+                                 lambda: checked("triton head_gemm (CUDA graph)", ours, True)),
+                         guarded(report, f"absorb {case} torch graph",
+                                 lambda: checked("torch einsum (CUDA graph)", theirs, True))]
+            rows = [r for r in rows if r]
+            finish_group(rows)
+            show(case, rows)
 
 
 # Candidate grouped-GEMM configs for decode, timed beside GROUPED_GEMM_CONFIGS by the moe_cfg
@@ -994,6 +1085,7 @@ SECTIONS = {  # cheap sections first: if the time budget runs out, the expensive
     "quant": ("fp8 act_quant / weight_dequant", bench_act_quant),
     "norm": ("fused add + RMSNorm", bench_rmsnorm),
     "topk": ("router top-k", bench_topk),
+    "absorb": ("MLA absorbed projections (W_UK, W_UV per head)", bench_absorb),
     "mla": ("MLA absorbed attention", bench_mla),
     "moe": ("MoE: grouped GEMM + fused MoE", bench_moe),
     "moe_cfg": ("grouped GEMM configs at decode (fp8, 16b MoE)", bench_moe_configs),

@@ -46,7 +46,7 @@ for n in kernels.graph.nodes:
         k = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
         names.append(getattr(getattr(k, "fn", k), "__name__", "?"))
 extern = [str(n.target) for n in kernels.graph.nodes if n.op == "call_function"
-          and getattr(n.target, "_opname", None) in ("topk", "sort", "mm", "bmm", "addmm")]
+          and getattr(n.target, "_opname", None) in ("topk", "sort", "mm", "bmm", "addmm", "linear")]
 print(json.dumps({"kernels": {k: names.count(k) for k in set(names)}, "extern": extern}))
 '''
 
@@ -75,24 +75,30 @@ def test_16b_decode_launches_per_layer():
     # act_quant only where no norm feeds the GEMM: wo's input per layer, the dense w2's, the MoE's h
     assert k.get("_act_quant_kernel", 0) + k.get("_act_quant_ieee_kernel", 0) == 2 + 1 + 1, k
     assert k["_grouped_gemm_kernel"] == 2 and k["_moe_align_kernel"] == 1, k
-    # the router: softmax, top-k, weights and the shared experts' columns in one kernel
-    assert k["_router_kernel"] == 1 and "_topk_kernel" not in k, k
+    # the router: the gate GEMM, softmax, top-k, weights and the shared experts' columns in one kernel
+    # (DSV3_TORCH_ROUTER_GATE): the only ATen linear left is the LM head's (the gate's was a cuBLAS call)
+    assert k["_router_gate_kernel"] == 1 and not {"_router_kernel", "_topk_kernel"} & set(k), k
+    assert sum(".linear." in e for e in new["extern"]) == 1, new["extern"]
     assert not any(".topk." in e or ".sort." in e for e in new["extern"]), new["extern"]
-    assert sum(new["kernels"].values()) == 23, k
+    # MLA's absorbed W_UK and W_UV per layer: kernels/mla_absorb.py head_gemm, no einsum's bmm
+    assert k["_head_gemm_kernel"] == 2 * 2 and not any(".bmm." in e for e in new["extern"]), (k, new["extern"])
+    assert sum(new["kernels"].values()) == 27, k
 
     default = _launches()
     k_def = default["kernels"]
-    assert "_rmsnorm_kernel" not in k_def and k_def["_router_kernel"] == 1, k_def  # Inductor's norms
+    assert "_rmsnorm_kernel" not in k_def and k_def["_router_gate_kernel"] == 1, k_def  # Inductor's norms
     assert k_def["_fp8_gemm_kernel"] == k["_fp8_gemm_kernel"], k_def
     # one per fp8 GEMM (dense layer 5, MoE layer 2) + the MoE's x and h
     assert k_def.get("_act_quant_kernel", 0) + k_def.get("_act_quant_ieee_kernel", 0) == 5 + 4, k_def
-    assert sum(k_def.values()) == 23 - 4 + 5, k_def
+    assert sum(k_def.values()) == 27 - 4 + 5, k_def
 
-    old = _launches("fuse_shared_experts", DSV3_TORCH_NORM_QUANT="0", DSV3_TORCH_TOPK="aten", DSV3_TORCH_ROUTER="0")
+    old = _launches("fuse_shared_experts", DSV3_TORCH_NORM_QUANT="0", DSV3_TORCH_TOPK="aten", DSV3_TORCH_ROUTER="0",
+                    DSV3_TORCH_ABSORB_GEMM="0")
     k_old = old["kernels"]
-    assert not {"_rmsnorm_kernel", "_topk_kernel", "_router_kernel"} & set(k_old), k_old
+    assert not {"_rmsnorm_kernel", "_topk_kernel", "_router_kernel", "_head_gemm_kernel"} & set(k_old), k_old
     assert k_old["_fp8_gemm_kernel"] == 2 * 2 + 3 + 2, k_old  # + the shared experts' w1+w3 and w2
     # one per fp8 GEMM (dense layer 5, MoE layer 4) + the MoE's x and h: session 5's 6 per MoE layer
     assert k_old.get("_act_quant_kernel", 0) + k_old.get("_act_quant_ieee_kernel", 0) == 5 + 6, k_old
     assert sum(".topk." in e for e in old["extern"]) == 1, old["extern"]
+    assert sum(".linear." in e for e in old["extern"]) == 2, old["extern"]  # the LM head and the gate
     assert sum(k_old.values()) == 27, k_old

@@ -24,8 +24,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_decode, mla_prefill, moe,  # noqa: E402
-                                 moe_align, rmsnorm, topk)
+from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_absorb, mla_decode,  # noqa: E402
+                                 mla_prefill, moe, moe_align, rmsnorm, topk)
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Opt-in shared memory per block on H100/H200 (227 KB).
@@ -172,6 +172,12 @@ def _cases(all_configs: bool):
         yield ("topk", topk._topk_kernel, cfg, dict(x_ptr=f32, val_ptr=f32, idx_ptr="*i64"), dict(TOPK=8, BLOCK_N=128))
         yield ("router", topk._router_kernel, cfg, dict(logits_ptr=bf, w_ptr=bf, idx_ptr="*i64"),
                dict(TOPK=6, N_EXTRA=2, BLOCK_N=64))
+    # the 16b gate GEMM + router: the multiply-and-sum (1-row) and a tl.dot (32-row) form
+    for cfg in topk.GATE_CONFIGS if all_configs else topk.GATE_CONFIGS[:1] + topk.GATE_CONFIGS[-2:-1]:
+        yield ("router_gate", topk._router_gate_kernel, cfg, dict(x_ptr=bf, g_ptr=bf, w_ptr=bf, idx_ptr="*i64"),
+               dict(TOPK=6, N_EXTRA=2, BLOCK_N=64, UPCAST=False))
+    for cfg in pick(mla_absorb.HEAD_GEMM_CONFIGS):  # MLA's W_UK / W_UV per-head GEMM (bf16 x and weight views)
+        yield ("head_gemm", mla_absorb._head_gemm_kernel, cfg, dict(x_ptr=bf, w_ptr=bf, out_ptr=bf), dict(UPCAST=False))
 
 
 def main(all_configs: bool, with_ptxas: bool = False) -> int:

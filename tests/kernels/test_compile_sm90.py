@@ -66,7 +66,8 @@ def _check_tensor_cores(rows: list[dict]) -> None:
     mma.sync on sm_90). No GEMM may be a tf32 dot (what an fp32 upcast of the operands compiles
     to) or have no tensor-core instruction at all.
     """
-    gemms = [r for r in rows if r["kernel"].startswith(("fp8_gemm", "grouped_gemm", "mla_decode_split", "mla_prefill"))]
+    gemms = [r for r in rows if r["kernel"].startswith(("fp8_gemm", "grouped_gemm", "mla_decode_split", "mla_prefill",
+                                                          "head_gemm"))]
     assert gemms
     for r in gemms:
         ops = r["mma_ops"]

@@ -19,8 +19,11 @@ becomes
 Sigmoid scoring, a score bias or group-limited routing (DeepSeek-V3) do not match and keep their
 ATen form (their top-k still becomes kernels/topk.py's, torch_triton.py's aten::topk lowering).
 
-The gate GEMM too (DSV3_TORCH_ROUTER_GATE, default 1): at batch-1 decode it is a cuBLAS call of ~5 us
-(the 16b's [1, 2048] @ [2048, 64]: one thread block). When the logits are
+The gate GEMM too, opt-in (DSV3_TORCH_ROUTER_GATE=1): at batch-1 decode it is a cuBLAS call of ~5 us
+(the 16b's [1, 2048] @ [2048, 64]: one thread block). Measured slower on the H200 (session 7, 16b fp8
+decode, batch 1): router_topk_gate took 13.2 us per call (one program streams the 262 KB weight
+alone) against ~5 us for cuBLAS's gate plus ~2.5 us for router_topk, so the default keeps the gate
+GEMM separate (GATE_DEFAULT). When the logits are
     logits = linear(x, weight)         # (or mm(x, t(weight))); x [T, D], weight [E, D] a parameter,
                                        # buffer or constant in x's dtype; the softmax its only reader
 the router becomes
@@ -46,6 +49,7 @@ from dsv3_export.passes.program_state import ProgramState
 
 ROUTER_ENV = "DSV3_TORCH_ROUTER"
 GATE_ENV = "DSV3_TORCH_ROUTER_GATE"
+GATE_DEFAULT = "0"  # measured slower (module docstring)
 aten = torch.ops.aten
 CASTS = (aten.type_as.default, aten.to.dtype, aten._to_copy.default)
 MOE_OPS = (torch.ops.dsv3.moe_experts.default, torch.ops.dsv3.moe_experts_fp8.default)
@@ -150,7 +154,7 @@ def _gate(logits: Node, state: ProgramState) -> tuple[Node, Node] | str:
 
 def fuse_router(ep: ExportedProgram) -> tuple[ExportedProgram, str]:
     """The program with each matching router rewritten, and a line for the manifest's `lowerings`."""
-    value, gate_value = os.environ.get(ROUTER_ENV, "1"), os.environ.get(GATE_ENV, "1")
+    value, gate_value = os.environ.get(ROUTER_ENV, "1"), os.environ.get(GATE_ENV, GATE_DEFAULT)
     if value not in ("0", "1"):
         raise ValueError(f"{ROUTER_ENV}={value!r}: use 1 (one router kernel) or 0 (ATen softmax / top-k / gather)")
     if gate_value not in ("0", "1"):

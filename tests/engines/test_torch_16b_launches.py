@@ -61,11 +61,12 @@ def _launches(skip_passes: str = "", **env: str) -> dict:
 
 @pytest.mark.slow  # ~40 s: a 16b export on meta, the passes and the lowering, twice
 def test_16b_decode_launches_per_layer():
-    """Layer 0 (dense MLP) + layer 1 (MoE), with every switch of session 6 on, with the defaults
-    (session 7's measurements turned the fused norm and the top-k kernel off) and with all of them
+    """Layer 0 (dense MLP) + layer 1 (MoE), with every switch of sessions 6-7 on, with the defaults
+    (session 7's measurements turned the fused norm, the top-k kernel and the gate in the router
+    off) and with all of them
     off (then the MoE layer also runs torch's top-k, 2 launches, and the Inductor kernels of the
     softmax, gather and the shared experts' SwiGLU, add and split-K sums, not counted here)."""
-    new = _launches(DSV3_TORCH_NORM_QUANT="1", DSV3_TORCH_TOPK="kernel")
+    new = _launches(DSV3_TORCH_NORM_QUANT="1", DSV3_TORCH_TOPK="kernel", DSV3_TORCH_ROUTER_GATE="1")
     k = new["kernels"]
     # per layer: one fused (add +) RMSNorm + act_quant before attention and before the FFN
     assert k["_rmsnorm_kernel"] == 4, k
@@ -86,7 +87,11 @@ def test_16b_decode_launches_per_layer():
 
     default = _launches()
     k_def = default["kernels"]
-    assert "_rmsnorm_kernel" not in k_def and k_def["_router_gate_kernel"] == 1, k_def  # Inductor's norms
+    assert "_rmsnorm_kernel" not in k_def, k_def  # Inductor's norms
+    # the gate GEMM separate (cuBLAS), the rest of the router in one kernel
+    assert k_def["_router_kernel"] == 1 and "_router_gate_kernel" not in k_def, k_def
+    assert sum(".linear." in e for e in default["extern"]) == 2, default["extern"]
+    assert k_def["_head_gemm_kernel"] == 2 * 2, k_def
     assert k_def["_fp8_gemm_kernel"] == k["_fp8_gemm_kernel"], k_def
     # one per fp8 GEMM (dense layer 5, MoE layer 2) + the MoE's x and h
     assert k_def.get("_act_quant_kernel", 0) + k_def.get("_act_quant_ieee_kernel", 0) == 5 + 4, k_def

@@ -18,6 +18,10 @@ killed at its limit still returns what was measured. Sections, per precision (bf
                tokens, vs the reference model's own greedy loop (identical prefix length)
   eager        the reference model in eager PyTorch (DeepSeek's MoE loop), same timings
   compile      torch.compile of the reference model (default mode), decode only, if it compiles
+  engine-NAME  (--variant NAME:DSV3_TORCH_X=V,...) the same engine section for a variant of the build
+               switches, lowered and compiled from the SAME exported and pass-rewritten programs (the
+               switches act at lowering): an A/B of a lowering choice in one run, without a second
+               export (~2 minutes of the 16b's 6-7 minute build)
   kernels      (in the engine section) torch.profiler over a few batch-1 decode steps of the package
                run directly: GPU kernels per step, GPU-busy ms per step and the kernels that take
                the most time, to say where a step's time goes (a step far above its floor)
@@ -30,6 +34,7 @@ stdout; writes torch_16b.json to --out (default $OUT or the current directory).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
 import os
@@ -106,21 +111,28 @@ SKIP_PASSES: set[str] = set()  # --skip-passes: an A/B of one pass against the s
 
 
 def build_engine_in_memory(model, precision: str, kinds: tuple[str, ...], workdir: Path,
-                           report: dict[str, Any]) -> AOTIStep:
-    """What TorchBackend.build + load do, without writing 31 GB of weights to disk and hashing them."""
+                           report: dict[str, Any], programs: dict[str, Any] | None = None) -> AOTIStep:
+    """What TorchBackend.build + load do, without writing 31 GB of weights to disk and hashing them.
+    programs: kind -> the exported, pass-rewritten program, filled on first use and reused by later
+    calls (the --variant builds; lowering never modifies its input program)."""
     info = package_info(DEVICE, log)  # the C++ compiler checked first (engines/torch_cxx.py)
     config = PassConfig(precision=precision, fp8_activations=True)
     weights: dict[str, torch.Tensor] = {}
     packages = {}
+    programs = {} if programs is None else programs
     for kind in kinds:
-        t = time.perf_counter()
-        ep = export_step(model, kind)
-        report[f"{kind}_export_s"] = round(time.perf_counter() - t, 1)
-        t = time.perf_counter()
-        ep, reports = run_pipeline(ep, config, passes=[n for n in PASS_NAMES if n not in SKIP_PASSES])
-        report[f"{kind}_passes"] = {r.name: r.matches for r in reports}
-        report[f"{kind}_passes_s"] = round(time.perf_counter() - t, 1)
-        ep, how = lower_program(ep, DEVICE, kind)
+        if kind not in programs:
+            t = time.perf_counter()
+            ep = export_step(model, kind)
+            report[f"{kind}_export_s"] = round(time.perf_counter() - t, 1)
+            t = time.perf_counter()
+            ep, reports = run_pipeline(ep, config, passes=[n for n in PASS_NAMES if n not in SKIP_PASSES])
+            report[f"{kind}_passes"] = {r.name: r.matches for r in reports}
+            report[f"{kind}_passes_s"] = round(time.perf_counter() - t, 1)
+            programs[kind] = ep
+        else:
+            report[f"{kind}_export_s"] = report[f"{kind}_passes_s"] = "shared with the first build"
+        ep, how = lower_program(programs[kind], DEVICE, kind)
         report["lowerings"] = how
         t = time.perf_counter()
         packages[kind] = compile_package(ep, kind, workdir / f"{kind}.pt2", info)
@@ -151,9 +163,35 @@ def time_step_decode(step: Callable, model, batch: int, context: int, iters: int
     return ms
 
 
-def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    step = build_engine_in_memory(model, precision, kinds, workdir, out)
+@contextlib.contextmanager
+def switched_env(env: dict[str, str]):
+    """The build switches of one --variant set while its programs are lowered, restored after."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """NAME:DSV3_TORCH_A=1,DSV3_TORCH_B=0 -> (NAME, {switch: value})."""
+    name, _, spec = text.partition(":")
+    env = dict(item.partition("=")[::2] for item in filter(None, spec.split(",")))
+    if not name.isidentifier() or not env or any(not k.startswith("DSV3_TORCH_") or not v for k, v in env.items()):
+        raise ValueError(f"--variant {text!r}: expected NAME:DSV3_TORCH_<SWITCH>=VALUE[,...] (NAME a word)")
+    return name, env
+
+
+def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds,
+                   env: dict[str, str] | None = None, programs: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"build_env": dict(env or {})} if env else {}
+    with switched_env(env or {}):
+        step = build_engine_in_memory(model, precision, kinds, workdir, out, programs)
     a = model.args
     with torch.no_grad():  # decode numerics vs the eager step at batch 2
         cache = torch.randn(2, a.n_layers, prompt_len, a.latent_cache_width, device=DEVICE).to(model.dtype)
@@ -289,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the softmax MoE router as one kernel (sets DSV3_TORCH_ROUTER)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="a DSV3_TORCH_* build switch to set (repeatable), e.g. DSV3_TORCH_ABSORB_GEMM=0")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:DSV3_TORCH_X=V[,...]",
+                   help="also build and time the engine with these switches (repeatable), from the same "
+                        "exported programs: results under engine-NAME")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: smoke-test the script (tiny preset)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     opts = p.parse_args(argv)
@@ -310,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not name.startswith("DSV3_TORCH_"):
             p.error(f"--env {item!r}: expected DSV3_TORCH_<SWITCH>=VALUE")
         os.environ[name] = value
+    try:
+        variants = [parse_variant(v) for v in opts.variant]
+    except ValueError as e:
+        p.error(str(e))
     unknown = set(filter(None, opts.skip_passes.split(","))) - set(PASS_NAMES)
     if unknown:
         p.error(f"--skip-passes: unknown {sorted(unknown)}; passes: {PASS_NAMES}")
@@ -324,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             "router": os.environ.get(ROUTER_ENV, "1"),
             "skip_passes": sorted(SKIP_PASSES),
             "build_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("DSV3_TORCH_")},
+            "variants": {name: env for name, env in variants},
             "note": "max_seq_len set to 2 * prompt_len (YaRN off) to keep the reference caches small"}
     report = Report(opts.out / "torch_16b.json", opts.budget_s, meta)
     bandwidth = copy_bandwidth()
@@ -340,14 +386,16 @@ def main(argv: list[str] | None = None) -> int:
         if "eager" not in skip:
             report.section(precision, "eager", 30, lambda: eager_section(model, batches, opts.prompt_len,
                                                                           max(2, opts.decode_steps // 2), False))
-        with tempfile.TemporaryDirectory() as tmp:
-            if "engine" not in skip:
-                report.section(precision, "engine", opts.engine_need_s,
+        programs: dict[str, Any] = {}  # exported + passes once, lowered per variant
+        for name, env in ([("", {})] + variants) if "engine" not in skip else []:
+            with tempfile.TemporaryDirectory() as tmp:
+                report.section(precision, f"engine-{name}" if name else "engine", opts.engine_need_s,
                                lambda: engine_section(model, precision, batches, opts.prompt_len, opts.decode_steps,
-                                                      Path(tmp), tuple(opts.engine_kinds.split(","))))
+                                                      Path(tmp), tuple(opts.engine_kinds.split(",")), env, programs))
             gc.collect()
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
+        del programs
         if "compile" not in skip and precision == "bf16":
             report.section(precision, "compile", 150, lambda: eager_section(model, batches[:1], opts.prompt_len,
                                                                              opts.decode_steps, True))
@@ -359,12 +407,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _engine_sections(sections: dict[str, Any]) -> list[str]:
+    """The engine section and the --variant ones (engine-NAME), in build order."""
+    return [k for k in sections if k == "engine" or k.startswith("engine-")]
+
+
+def _engine_notes(label: str, eng: dict[str, Any]) -> list[str]:
+    """The generate check and the batch-1 kernel profile of one engine section, as text lines."""
+    lines = []
+    if "generate_s" in eng:
+        lines.append(f"\n{label}: Engine.generate {eng['generate_new_tokens']} tokens in {eng['generate_s']} s, "
+                     f"identical to the reference's greedy tokens for the first "
+                     f"{eng['generate_identical_prefix_vs_reference']}; decode CUDA graph used: "
+                     f"{eng.get('decode_uses_cuda_graph')}")
+    prof = eng.get("decode_b1_kernels") or {}
+    if "top" in prof:
+        lines.append(f"{label}: batch-1 decode step, {prof['what']}: {prof['launches_per_step']} per step, "
+                     f"{prof['busy_ms_per_step']} ms busy; most time:")
+        lines += [f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:<6} {r['name'][:90]}" for r in prof["top"][:12]]
+    return lines
+
+
 def markdown(data: dict[str, Any], batches: list[int]) -> str:
     cols = ["prefill ms (b1, {} tok)".format(data["meta"]["prompt_len"])] + [f"decode ms/tok b{b}" for b in batches]
     lines = ["| precision | what | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for precision, sections in data["results"].items():
-        for name, key_suffix in (("engine", ""), ("engine (no CUDA graph)", "_no_graph"), ("eager", ""),
-                                 ("compile", ""), ("floor", "")):
+        engines = _engine_sections(sections)
+        rows = [(e, "") for e in engines] + [(f"{e} (no CUDA graph)", "_no_graph") for e in engines]
+        for name, key_suffix in rows + [("eager", ""), ("compile", ""), ("floor", "")]:
             sec = sections.get(name.split(" ")[0])
             if sec is None:
                 continue
@@ -378,18 +448,8 @@ def markdown(data: dict[str, Any], batches: list[int]) -> str:
             fmt = [f"{c:.2f}" if isinstance(c, float) and math.isfinite(c) else str(c) for c in cells]
             lines.append(f"| {precision} | {name} | " + " | ".join(fmt) + " |")
     for precision, sections in data["results"].items():
-        eng = sections.get("engine", {})
-        if "generate_s" in eng:
-            lines.append(f"\n{precision}: Engine.generate {eng['generate_new_tokens']} tokens in {eng['generate_s']} s, "
-                         f"identical to the reference's greedy tokens for the first "
-                         f"{eng['generate_identical_prefix_vs_reference']}; decode CUDA graph used: "
-                         f"{eng.get('decode_uses_cuda_graph')}")
-        prof = eng.get("decode_b1_kernels") or {}
-        if "top" in prof:
-            lines.append(f"{precision}: batch-1 decode step, {prof['what']}: {prof['launches_per_step']} per step, "
-                         f"{prof['busy_ms_per_step']} ms busy; most time:")
-            lines += [f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:<6} {r['name'][:90]}"
-                      for r in prof["top"][:12]]
+        for engine in _engine_sections(sections):
+            lines += _engine_notes(f"{precision}" + engine[len("engine"):], sections[engine])
     return "\n".join(lines)
 
 

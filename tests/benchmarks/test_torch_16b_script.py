@@ -14,11 +14,12 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "torch_16b.py"
 
 
-@pytest.mark.slow  # ~30 s: an AOTInductor build of a 2-layer decode program
+@pytest.mark.slow  # ~50 s: AOTInductor builds of a 2-layer decode program, twice (--variant)
 def test_cpu_smoke_decode_only_profile_run(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--precisions", "fp8", "--batches", "1,2",
                            "--prompt-len", "16", "--n-layers", "2", "--engine-kinds", "decode", "--skip", "compile,eager",
-                           "--skip-passes", "fuse_shared_experts", "--out", str(tmp_path)],
+                           "--skip-passes", "fuse_shared_experts",
+                           "--variant", "einsums:DSV3_TORCH_ABSORB_GEMM=0,DSV3_TORCH_NORM_QUANT=1", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads((tmp_path / "torch_16b.json").read_text())
@@ -33,6 +34,23 @@ def test_cpu_smoke_decode_only_profile_run(tmp_path):
     assert 0 < fp8["floor"]["decode_ms_b1"] <= fp8["floor"]["decode_ms_b2"]  # rounded to 1 us: tiny may tie
     assert "| fp8 | engine |" in done.stdout
     assert "fuse_shared_experts" not in engine["decode_passes"], engine["decode_passes"]
+    # the --variant build: lowered and compiled from the first build's exported program, its switches
+    # recorded and restored (the process environment outside the build is unchanged)
+    variant = fp8["engine-einsums"]
+    assert "error" not in variant, variant
+    assert variant["decode_export_s"] == "shared with the first build", variant
+    assert variant["build_env"] == {"DSV3_TORCH_ABSORB_GEMM": "0", "DSV3_TORCH_NORM_QUANT": "1"}
+    assert isinstance(variant["decode_ms_b1"], float), variant
+    assert data["meta"]["variants"] == {"einsums": variant["build_env"]}
+    assert "| fp8 | engine-einsums |" in done.stdout and "fp8-einsums: batch-1 decode step" in done.stdout
+
+
+@pytest.mark.parametrize("variant", ["x:FOO=1", "x", "two words:DSV3_TORCH_ROUTER=0", "x:DSV3_TORCH_ROUTER="])
+def test_malformed_variant_is_a_usage_error(tmp_path, variant):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--variant", variant, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 2 and "--variant" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "torch_16b.json").exists()
 
 
 def test_unknown_skipped_pass_is_a_usage_error(tmp_path):

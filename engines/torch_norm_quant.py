@@ -28,7 +28,6 @@ the order of the mean's sum (one bf16 rounding, now and then).
 from __future__ import annotations
 
 import operator
-import os
 
 import torch
 from torch.export import ExportedProgram
@@ -37,6 +36,7 @@ from torch.library import triton_op
 
 import dsv3_export.ops  # noqa: F401  (registers the dsv3:: ops matched here)
 from dsv3_export.engines import torch_triton as tt
+from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.kernels import rmsnorm as kr
 from dsv3_export.kernels._common import QUANT_BLOCK, cdiv
 from dsv3_export.passes.graph_utils import is_call
@@ -173,9 +173,7 @@ def _rewrite(state: ProgramState, site: dict, kind: str) -> None:
 def fuse_norm_act_quant(ep: ExportedProgram, kind: str) -> tuple[ExportedProgram, str]:
     """The program with each RMSNorm feeding fp8 GEMMs rewritten (see the module docstring), and a
     line for the manifest's `lowerings` saying how many."""
-    value = os.environ.get(NORM_QUANT_ENV, NORM_QUANT_DEFAULT)
-    if value not in ("0", "1"):
-        raise ValueError(f"{NORM_QUANT_ENV}={value!r}: use 1 (fused RMSNorm + act_quant) or 0 (separate)")
+    value = env_choice(NORM_QUANT_ENV, NORM_QUANT_DEFAULT, {"1": "fused RMSNorm + act_quant", "0": "separate"})
     norms = [n for n in ep.graph.nodes if is_call(n, aten.rms_norm.default)]
     if value == "0" or not norms:
         return ep, f"not fused ({NORM_QUANT_ENV}=0)" if norms else "no RMSNorm"

@@ -34,7 +34,6 @@ the router becomes
 from __future__ import annotations
 
 import operator
-import os
 
 import torch
 from torch.export import ExportedProgram
@@ -43,6 +42,7 @@ from torch.library import triton_op
 
 import dsv3_export.ops  # noqa: F401  (registers the dsv3:: ops matched here)
 from dsv3_export.engines import torch_triton as tt
+from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.kernels import topk as kt
 from dsv3_export.passes.graph_utils import is_call
 from dsv3_export.passes.program_state import ProgramState
@@ -154,12 +154,9 @@ def _gate(logits: Node, state: ProgramState) -> tuple[Node, Node] | str:
 
 def fuse_router(ep: ExportedProgram) -> tuple[ExportedProgram, str]:
     """The program with each matching router rewritten, and a line for the manifest's `lowerings`."""
-    value, gate_value = os.environ.get(ROUTER_ENV, "1"), os.environ.get(GATE_ENV, GATE_DEFAULT)
-    if value not in ("0", "1"):
-        raise ValueError(f"{ROUTER_ENV}={value!r}: use 1 (one router kernel) or 0 (ATen softmax / top-k / gather)")
-    if gate_value not in ("0", "1"):
-        raise ValueError(f"{GATE_ENV}={gate_value!r}: use 1 (the gate GEMM inside the router kernel) or 0 "
-                         "(the gate GEMM separate)")
+    value = env_choice(ROUTER_ENV, "1", {"1": "one router kernel", "0": "ATen softmax / top-k / gather"})
+    gate_value = env_choice(GATE_ENV, GATE_DEFAULT, {"1": "the gate GEMM inside the router kernel",
+                                                     "0": "the gate GEMM separate"})
     moes = [n for n in ep.graph.nodes if is_call(n, *MOE_OPS)]
     if value == "0" or not moes:
         return ep, f"not fused ({ROUTER_ENV}=0)" if moes else "no MoE"

@@ -56,6 +56,15 @@ def env_flag(name: str, default: bool) -> bool:
     raise ValueError(f"{name}={os.environ[name]!r}: expected 0 or 1")
 
 
+def env_choice(name: str, default: str, choices: Mapping[str, str]) -> str:
+    """A build switch with exact values (choices: value -> what it selects), read when a program is
+    lowered; anything else is an error naming the variable, its value and each choice."""
+    value = os.environ.get(name, default)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: use " + " or ".join(f"{v} ({what})" for v, what in choices.items()))
+    return value
+
+
 def exact_device(device: torch.device | str) -> torch.device:
     """cuda -> cuda:N (the current device): packages, weights, inputs and graphs agree on one index."""
     device = torch.device(device)

@@ -42,7 +42,6 @@ sizes only with themselves.
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
@@ -56,6 +55,7 @@ from dsv3_export.kernels import mla_decode as kd
 from dsv3_export.kernels import mla_prefill as kp
 from dsv3_export.kernels import moe as km
 from dsv3_export.kernels import topk as kt
+from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.kernels._common import FP8_DTYPE, QUANT_BLOCK, LaunchSpec, cdiv, fake_values_only, is_interpreted
 
 BLOCK_M = {"decode": 16, "prefill": 64}
@@ -65,13 +65,14 @@ BLOCK_M = {"decode": 16, "prefill": 64}
 # kernel vs 0.739 ms aten, 1.05 vs 1.84 ms without a graph; per call 9.3 us vs 61 us (kernels.py).
 MOE_ALIGN_ENV = "DSV3_TORCH_MOE_ALIGN"
 MOE_ALIGN_DEFAULT = "kernel"
+MOE_ALIGN_FORMS = {"kernel": "one Triton kernel per MoE layer", "aten": "Inductor's kernels for the ATen form"}
 # The router's top-k (routers the router kernel does not take: sigmoid, biased, grouped): `aten`
 # (default: torch's topk, on CUDA gatherTopK + a sort of the k results) or `kernel` (kernels/topk.py,
 # one launch), read when a program is lowered. Measured on the H200 (session 7, kernels.py, 66 scores,
 # k=6): the kernel 7.9 us vs torch 8.0 (sorted=False) / 13.4 us (sorted) at 1 row, but 60 vs 14 us at
 # 64 rows and 43 vs 32 us at 4096: torch's wins where it matters.
 TOPK_ENV = "DSV3_TORCH_TOPK"
-TOPK_FORMS = ("kernel", "aten")
+TOPK_FORMS = {"kernel": "kernels/topk.py, one launch", "aten": "torch's top-k"}
 TOPK_DEFAULT = "aten"
 # Whether the decode program's fp8 GEMMs (fp8_linear and the MoE's grouped GEMMs) quantize their
 # own activations (QUANT_A: one launch fewer per Linear, two per MoE layer, bit-identical) or take
@@ -84,9 +85,7 @@ FUSED_ACT_QUANT_ENV = "DSV3_TORCH_FUSED_ACT_QUANT"
 
 
 def _fused_act_quant(kind: str) -> bool:
-    value = os.environ.get(FUSED_ACT_QUANT_ENV, "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"{FUSED_ACT_QUANT_ENV}={value!r}: use 1 (fused, decode program) or 0 (separate act_quant)")
+    value = env_choice(FUSED_ACT_QUANT_ENV, "0", {"1": "fused, decode program", "0": "separate act_quant"})
     return kind == "decode" and value == "1"
 
 
@@ -99,10 +98,7 @@ ABSORB_ENV = "DSV3_TORCH_ABSORB_GEMM"
 
 
 def _absorb_gemm() -> bool:
-    value = os.environ.get(ABSORB_ENV, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{ABSORB_ENV}={value!r}: use 1 (head_gemm kernel, decode program) or 0 (einsums)")
-    return value == "1"
+    return env_choice(ABSORB_ENV, "1", {"1": "head_gemm kernel, decode program", "0": "einsums"}) == "1"
 
 
 # M the fp8 GEMM's split-K is chosen for in the decode program (one 16-row tile: batch <= 16);
@@ -127,9 +123,7 @@ def _launch(spec: LaunchSpec) -> None:
 
 
 def _moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int):
-    form = os.environ.get(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT)
-    if form not in km.TRACED_ALIGN_FORMS:
-        raise ValueError(f"{MOE_ALIGN_ENV}={form!r}: choose one of {', '.join(km.TRACED_ALIGN_FORMS)}")
+    form = env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS)
     return km.moe_align(topk_ids, n_experts, block_m, traced_form=form)
 
 
@@ -324,9 +318,7 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
     block_m = BLOCK_M[kind]
     fused = _fused_act_quant(kind)
     absorb = _absorb_gemm()
-    topk_form = os.environ.get(TOPK_ENV, TOPK_DEFAULT)
-    if topk_form not in TOPK_FORMS:
-        raise ValueError(f"{TOPK_ENV}={topk_form!r}: choose one of {', '.join(TOPK_FORMS)}")
+    topk_form = env_choice(TOPK_ENV, TOPK_DEFAULT, TOPK_FORMS)
 
     def lower_moe(x, topk_weights, topk_ids, w13, w2):
         if x.dtype not in km.DENSE_DTYPES:  # fp32 engines: the dense kernel takes bf16/fp16 only

@@ -484,18 +484,23 @@ def _presorted_up_swiglu(x, w13_t, ids, n_experts):
     return run
 
 
+def _quantized_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert weights [E, N, K] -> fp8 [E, N, K] and their 128x128 block scales, as a checkpoint stores them."""
+    from dsv3_export.reference import fp8 as R
+
+    pairs = [R.weight_quant(w[j].float()) for j in range(w.shape[0])]
+    return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
+
+
 def bench_moe(report: Report, sh: Shapes, quick: bool) -> None:
     from dsv3_export.kernels import moe as M
-    from dsv3_export.reference import fp8 as R
 
     torch.manual_seed(0)
     d, i, e = sh.dim, sh.moe_inter, sh.n_experts
     w13 = (torch.randn(e, 2 * i, d, device=sh.device) / d**0.5).bfloat16()
     w2 = (torch.randn(e, d, i, device=sh.device) / i**0.5).bfloat16()
-    q13 = [R.weight_quant(w13[j].float()) for j in range(e)]
-    q2 = [R.weight_quant(w2[j].float()) for j in range(e)]
-    w13q, w13s = torch.stack([q for q, _ in q13]), torch.stack([s for _, s in q13])
-    w2q, w2s = torch.stack([q for q, _ in q2]), torch.stack([s for _, s in q2])
+    w13q, w13s = _quantized_experts(w13)
+    w2q, w2s = _quantized_experts(w2)
     w13_t, w2_t = w13.transpose(1, 2), w2.transpose(1, 2)  # [E, K, N] views for _grouped_mm
     expert_elems = 3 * i * d
     for t in (*sh.decode_m, sh.prefill_m):
@@ -1032,15 +1037,12 @@ def bench_moe_configs(report: Report, sh: Shapes, quick: bool) -> None:
 
     from dsv3_export.kernels import fp8_quant as Q
     from dsv3_export.kernels import moe as M
-    from dsv3_export.reference import fp8 as R
 
     torch.manual_seed(0)
     d, i = sh.dim, sh.moe_inter
     e, k = sh.n_experts + 2, sh.topk + 2  # fuse_shared_experts: 2 shared experts every token takes
-    q13 = [R.weight_quant((torch.randn(2 * i, d, device=sh.device) / d**0.5)) for _ in range(e)]
-    q2 = [R.weight_quant((torch.randn(d, i, device=sh.device) / i**0.5)) for _ in range(e)]
-    w13, w13s = torch.stack([q for q, _ in q13]), torch.stack([s for _, s in q13])
-    w2, w2s = torch.stack([q for q, _ in q2]), torch.stack([s for _, s in q2])
+    w13, w13s = _quantized_experts(torch.randn(e, 2 * i, d, device=sh.device) / d**0.5)
+    w2, w2s = _quantized_experts(torch.randn(e, d, i, device=sh.device) / i**0.5)
     configs = list(M.GROUPED_GEMM_CONFIGS) + [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
                                               for bn, w, st in MOE_CFG_CANDIDATES]
     for t in sh.decode_m:

@@ -33,6 +33,7 @@ from dsv3_export.export import export_step
 from dsv3_export.passes.base import PassConfig
 from dsv3_export.passes.pipeline import run_pipeline
 from dsv3_export.reference import ModelArgs, Transformer
+from tests.conftest import rel_err
 from tests.passes.tiny_programs import step_inputs
 
 seed, out = int(sys.argv[1]), {}
@@ -59,7 +60,7 @@ for dtype_name in ("float32", "bfloat16"):
             out[key + "_routers"] = sorted(str(n.target) for n in fused.graph.nodes if "router_topk" in str(n.target))
             with torch.no_grad():
                 got = fused.module()(*inputs)
-            out[key + "_rel"] = [((g.double() - w.double()).norm() / w.double().norm()).item() for g, w in zip(got, want)]
+            out[key + "_rel"] = [rel_err(g, w) for g, w in zip(got, want)]
 print(json.dumps(out))
 '''
 

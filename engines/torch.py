@@ -45,8 +45,8 @@ from dsv3_export.engines.base import (BackendUnavailable, BuildOutput, Progress,
 from dsv3_export.engines.torch_cxx import select_cxx
 from dsv3_export.engines.torch_device import device_info, incompatibility
 from dsv3_export.engines.torch_lower import lower_dsv3_ops
-from dsv3_export.engines.torch_step import (CUDA_GRAPH_ENV, SINGLE_THREADED_ENV, AOTIStep, constant_records, env_flag,
-                                            load_weights, save_weights)
+from dsv3_export.engines.torch_step import (CUDA_GRAPH_ENV, SINGLE_THREADED_ENV, AOTIStep, constant_records, env_choice,
+                                            env_flag, load_weights, save_weights)
 
 if TYPE_CHECKING:
     from dsv3_export.manifest import Manifest
@@ -90,11 +90,20 @@ def lower_program(ep: ExportedProgram, device: str, kind: str) -> tuple[Exported
     return lowered, {**how, "router": router_how, "aten::rms_norm": norm_how}
 
 
+# Inductor's combo kernels (CUDA packages): independent kernels Inductor generates side by side (the
+# decode step's rope of q, rope of k, kv_norm and q_nope copy after the q/kv GEMM, each a ~1 us
+# launch at batch 1) become one launch. Opt-in until the H200 measures it: DSV3_TORCH_COMBO_KERNELS=1.
+COMBO_KERNELS_ENV = "DSV3_TORCH_COMBO_KERNELS"
+COMBO_KERNELS_FORMS = {"0": "one launch per Inductor kernel", "1": "Inductor's combo kernels (horizontal fusion)"}
+
+
 def inductor_configs(kind: str, info: dict[str, Any]) -> dict[str, Any]:
     configs: dict[str, Any] = {
         "aot_inductor.package_constants_in_so": False,
         "aot_inductor.metadata": {"dsv3_program": kind, "dsv3_device_kind": info["device_kind"]},
     }
+    if info["device_kind"] != "cpu" and env_choice(COMBO_KERNELS_ENV, "0", COMBO_KERNELS_FORMS) == "1":
+        configs["combo_kernels"] = True
     if info["device_kind"] == "cpu" and info.get("march"):
         configs["cpp.march"] = info["march"]
     if info.get("cxx"):  # checked by engines/torch_cxx.py: its shared objects load next to torch

@@ -67,26 +67,19 @@ def _expert_k_step(a, a_s, w_ptrs, w_s_ptrs, mask_k, mask_n, acc, W_FP8: tl.cons
 
 
 @triton.jit
-def _grouped_gemm_kernel(
+def _expert_rows_tile(
     a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr,
-    sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr,
-    N_OUT, K, NUM_VALID, TOPK, UP_OFFSET,
+    expert, tok, tok_mask, pid_n,
+    N_OUT, K, TOPK, UP_OFFSET,
     stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
     W_FP8: tl.constexpr, A_FP8: tl.constexpr, SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr,
-    UPCAST: tl.constexpr,
-    SCALE_BLOCK: tl.constexpr,
+    UPCAST: tl.constexpr, SCALE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     QUANT_A: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr,
 ):
-    """A_FP8: fp8 x fp8 dots with a's 1x128 scales; from a_s_ptr, or with QUANT_A from quantizing
-    a's bf16/fp16 tiles here (BLOCK_K = 128, SCALE_RECIPROCAL as in fp8_quant.quantize_rows)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
-        return
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    tok = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # assignment ids
-    tok_mask = tok < NUM_VALID
+    """Rows tok [BLOCK_M] (assignment ids, tok_mask: real ones) of one expert times column tile
+    pid_n: the K loop and epilogue shared by the aligned and the scan kernels, so that a row's
+    arithmetic does not depend on how its rows were found."""
     a_row = (tok // TOPK).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N_OUT
@@ -129,6 +122,69 @@ def _grouped_gemm_kernel(
     tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=tok_mask[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr,
+    sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr,
+    N_OUT, K, NUM_VALID, TOPK, UP_OFFSET,
+    stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
+    W_FP8: tl.constexpr, A_FP8: tl.constexpr, SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SCALE_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    QUANT_A: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr,
+):
+    """A_FP8: fp8 x fp8 dots with a's 1x128 scales; from a_s_ptr, or with QUANT_A from quantizing
+    a's bf16/fp16 tiles here (BLOCK_K = 128, SCALE_RECIPROCAL as in fp8_quant.quantize_rows)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
+        return
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    tok = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # assignment ids
+    _expert_rows_tile(a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr, expert, tok, tok < NUM_VALID, pid_n,
+                      N_OUT, K, TOPK, UP_OFFSET,
+                      stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
+                      W_FP8, A_FP8, SWIGLU, MUL_WEIGHT, UPCAST, SCALE_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K,
+                      QUANT_A, SCALE_RECIPROCAL)
+
+
+@triton.jit
+def _grouped_gemm_scan_kernel(
+    a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr, ids_ptr,
+    N_OUT, K, NUM_VALID, TOPK, UP_OFFSET,
+    stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
+    W_FP8: tl.constexpr, A_FP8: tl.constexpr, SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SCALE_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    QUANT_A: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Program (expert e, column tile): finds e's assignments in the flat topk_ids itself, CHUNK ids
+    at a time, and runs them BLOCK_M at a time in ascending assignment order (moe_align's stable
+    order: within one chunk the same row groups as the aligned kernel's blocks)."""
+    expert = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    for c0 in range(0, NUM_VALID, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < NUM_VALID, other=-1)
+        match = (ids == expert).to(tl.int32)  # [CHUNK]
+        n_match = tl.sum(match, axis=0)
+        rank = tl.cumsum(match, axis=0) - 1  # [CHUNK] the match's row among e's rows of the chunk
+        sel = tl.where(match != 0, rank, -1)  # -1: not e's
+        for r0 in range(0, n_match, BLOCK_M):  # no iteration where e has no assignment in the chunk
+            pick = sel[None, :] == (r0 + rows)[:, None]  # [BLOCK_M, CHUNK] one-hot of row r0 + i's id
+            tok = tl.sum(tl.where(pick, offs[None, :], 0), axis=1)  # [BLOCK_M] assignment ids
+            tok_mask = r0 + rows < n_match
+            tok = tl.where(tok_mask, tok, NUM_VALID)
+            _expert_rows_tile(a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr, expert.to(tl.int64), tok,
+                              tok_mask, pid_n, N_OUT, K, TOPK, UP_OFFSET,
+                              stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
+                              W_FP8, A_FP8, SWIGLU, MUL_WEIGHT, UPCAST, SCALE_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K,
+                              QUANT_A, SCALE_RECIPROCAL)
+
+
 _grouped_gemm_tuned = autotune_or_single(_grouped_gemm_kernel, GROUPED_GEMM_CONFIGS,
                                          key=["N_OUT", "K", "BLOCK_M", "W_FP8", "A_FP8", "SWIGLU", "QUANT_A"])
 
@@ -146,6 +202,60 @@ def row_blocks(n_blocks, n_assignments):
     return torch.sym_min(n_blocks, n_assignments)
 
 
+def _check_operands(fn: str, a: torch.Tensor, w: torch.Tensor, topk: int, a_scale: torch.Tensor | None,
+                    w_scale: torch.Tensor | None, topk_weights: torch.Tensor | None, fuse_swiglu: bool,
+                    out_dtype: torch.dtype | None, quant_a: bool) -> tuple[int, torch.dtype]:
+    """The checks grouped_gemm and grouped_gemm_scan share (fn names the caller in the errors);
+    -> (output columns, output dtype)."""
+    check_tensor(f"{fn}: a", a, dtypes=DENSE_DTYPES + (FP8_DTYPE,), ndim=2)
+    dev = a.device
+    check_tensor(f"{fn}: w", w, dtypes=DENSE_DTYPES + (FP8_DTYPE,), ndim=3, device=dev)
+    a_fp8, w_fp8 = a.dtype == FP8_DTYPE, w.dtype == FP8_DTYPE
+    if a_fp8 and not w_fp8 or not w_fp8 and w.dtype != a.dtype:
+        raise TypeError(f"{fn}: a {a.dtype} with w {w.dtype} is not a supported pair "
+                        "(same dense dtype, fp8 x fp8, or dense a x fp8 w)")
+    if quant_a and (a_fp8 or not w_fp8):
+        raise TypeError(f"{fn}: quant_a needs bf16/fp16 a and fp8 w, got a {a.dtype}, w {w.dtype}")
+    t, k = a.shape
+    e, n, kw = w.shape
+    if kw != k:
+        raise ValueError(f"{fn}: a is [T, K={k}] but w is [E, N, K={kw}]")
+    if topk < 1:
+        raise ValueError(f"{fn}: topk={topk} must be >= 1")
+    if fuse_swiglu and n % 2:
+        raise ValueError(f"{fn}: fuse_swiglu needs w rows [gate; up] (even N), got N={n}")
+    k_blocks = cdiv(k, QUANT_BLOCK)
+    if w_fp8:
+        if w_scale is None:
+            raise ValueError(f"{fn}: fp8 w needs w_scale [E, ceil(N/128), ceil(K/128)]")
+        check_tensor(f"{fn}: w_scale", w_scale, dtypes=(torch.float32,), ndim=3, device=dev)
+        if tuple(w_scale.shape) != (e, cdiv(n, QUANT_BLOCK), k_blocks) or w_scale.stride(2) != 1:
+            raise ValueError(f"{fn}: w_scale must be [E, ceil(N/128), ceil(K/128)] = "
+                             f"{(e, cdiv(n, QUANT_BLOCK), k_blocks)}, got {tuple(w_scale.shape)}")
+    elif w_scale is not None:
+        raise ValueError(f"{fn}: w_scale is only for fp8 w; w is {w.dtype}")
+    if a_fp8:
+        if a_scale is None:
+            raise ValueError(f"{fn}: fp8 a needs a_scale [T, ceil(K/128)]")
+        check_tensor(f"{fn}: a_scale", a_scale, dtypes=(torch.float32,), ndim=2, device=dev)
+        if tuple(a_scale.shape) != (t, k_blocks) or a_scale.stride(1) != 1:
+            raise ValueError(f"{fn}: a_scale must be [T, ceil(K/128)] = {(t, k_blocks)} with unit last "
+                             f"stride, got {tuple(a_scale.shape)} strides {a_scale.stride()}")
+    elif a_scale is not None:
+        raise ValueError(f"{fn}: a_scale is only for fp8 a; a is {a.dtype}")
+    if a.stride(1) != 1 or w.stride(2) != 1:
+        raise ValueError(f"{fn}: a and w need unit stride along K, got {a.stride()} and {w.stride()}")
+    if topk_weights is not None:
+        check_tensor(f"{fn}: topk_weights", topk_weights, device=dev, contiguous=True,
+                     dtypes=(torch.float32, torch.bfloat16, torch.float16))
+        if topk_weights.numel() != t * topk:
+            raise ValueError(f"{fn}: topk_weights has {topk_weights.numel()} entries, need T*topk={t * topk}")
+    out_dtype = out_dtype or (torch.bfloat16 if a_fp8 else a.dtype)
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"{fn}: out_dtype {out_dtype} not supported; expected one of {OUT_DTYPES}")
+    return (n // 2 if fuse_swiglu else n), out_dtype
+
+
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor,
                  num_tokens_post_pad: torch.Tensor, topk: int, *, a_scale: torch.Tensor | None = None,
                  w_scale: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None,
@@ -159,65 +269,21 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tenso
     with a quantized 1x128 in the kernel, bit for bit fp8_quant.act_quant(a, scale_reciprocal=
     scale_reciprocal) (default: as on a's device) followed by this GEMM.
     """
-    check_tensor("grouped_gemm: a", a, dtypes=DENSE_DTYPES + (FP8_DTYPE,), ndim=2)
+    n_out, out_dtype = _check_operands("grouped_gemm", a, w, topk, a_scale, w_scale, topk_weights, fuse_swiglu,
+                                       out_dtype, quant_a)
     dev = a.device
-    check_tensor("grouped_gemm: w", w, dtypes=DENSE_DTYPES + (FP8_DTYPE,), ndim=3, device=dev)
-    a_fp8, w_fp8 = a.dtype == FP8_DTYPE, w.dtype == FP8_DTYPE
-    if a_fp8 and not w_fp8 or not w_fp8 and w.dtype != a.dtype:
-        raise TypeError(f"grouped_gemm: a {a.dtype} with w {w.dtype} is not a supported pair "
-                        "(same dense dtype, fp8 x fp8, or dense a x fp8 w)")
-    if quant_a and (a_fp8 or not w_fp8):
-        raise TypeError(f"grouped_gemm: quant_a needs bf16/fp16 a and fp8 w, got a {a.dtype}, w {w.dtype}")
     check_tensor("grouped_gemm: sorted_token_ids", sorted_token_ids, dtypes=(torch.int32,), ndim=1, device=dev,
                  contiguous=True)
     check_tensor("grouped_gemm: expert_ids", expert_ids, dtypes=(torch.int32,), ndim=1, device=dev, contiguous=True)
     check_tensor("grouped_gemm: num_tokens_post_pad", num_tokens_post_pad, dtypes=(torch.int32,), ndim=1,
                  device=dev)
-    t, k = a.shape
-    e, n, kw = w.shape
-    if kw != k:
-        raise ValueError(f"grouped_gemm: a is [T, K={k}] but w is [E, N, K={kw}]")
-    if topk < 1:
-        raise ValueError(f"grouped_gemm: topk={topk} must be >= 1")
     if expert_ids.numel() == 0 or sorted_token_ids.numel() % expert_ids.numel():
         raise ValueError(f"grouped_gemm: sorted_token_ids ({sorted_token_ids.numel()}) must be expert_ids "
                          f"({expert_ids.numel()}) blocks of block_m rows; pass moe_align's outputs unchanged")
     block_m = sorted_token_ids.numel() // expert_ids.numel()
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"grouped_gemm: inferred block_m={block_m} must be a power of 2 >= 16")
-    if fuse_swiglu and n % 2:
-        raise ValueError(f"grouped_gemm: fuse_swiglu needs w rows [gate; up] (even N), got N={n}")
-    n_out = n // 2 if fuse_swiglu else n
-    k_blocks = cdiv(k, QUANT_BLOCK)
-    if w_fp8:
-        if w_scale is None:
-            raise ValueError("grouped_gemm: fp8 w needs w_scale [E, ceil(N/128), ceil(K/128)]")
-        check_tensor("grouped_gemm: w_scale", w_scale, dtypes=(torch.float32,), ndim=3, device=dev)
-        if tuple(w_scale.shape) != (e, cdiv(n, QUANT_BLOCK), k_blocks) or w_scale.stride(2) != 1:
-            raise ValueError(f"grouped_gemm: w_scale must be [E, ceil(N/128), ceil(K/128)] = "
-                             f"{(e, cdiv(n, QUANT_BLOCK), k_blocks)}, got {tuple(w_scale.shape)}")
-    elif w_scale is not None:
-        raise ValueError(f"grouped_gemm: w_scale is only for fp8 w; w is {w.dtype}")
-    if a_fp8:
-        if a_scale is None:
-            raise ValueError("grouped_gemm: fp8 a needs a_scale [T, ceil(K/128)]")
-        check_tensor("grouped_gemm: a_scale", a_scale, dtypes=(torch.float32,), ndim=2, device=dev)
-        if tuple(a_scale.shape) != (t, k_blocks) or a_scale.stride(1) != 1:
-            raise ValueError(f"grouped_gemm: a_scale must be [T, ceil(K/128)] = {(t, k_blocks)} with unit last "
-                             f"stride, got {tuple(a_scale.shape)} strides {a_scale.stride()}")
-    elif a_scale is not None:
-        raise ValueError(f"grouped_gemm: a_scale is only for fp8 a; a is {a.dtype}")
-    if a.stride(1) != 1 or w.stride(2) != 1:
-        raise ValueError(f"grouped_gemm: a and w need unit stride along K, got {a.stride()} and {w.stride()}")
-    if topk_weights is not None:
-        check_tensor("grouped_gemm: topk_weights", topk_weights, device=dev, contiguous=True,
-                     dtypes=(torch.float32, torch.bfloat16, torch.float16))
-        if topk_weights.numel() != t * topk:
-            raise ValueError(f"grouped_gemm: topk_weights has {topk_weights.numel()} entries, need T*topk={t * topk}")
-    out_dtype = out_dtype or (torch.bfloat16 if a_fp8 else a.dtype)
-    if out_dtype not in OUT_DTYPES:
-        raise TypeError(f"grouped_gemm: out_dtype {out_dtype} not supported; expected one of {OUT_DTYPES}")
-    out = torch.empty((t * topk, n_out), dtype=out_dtype, device=dev)
+    out = torch.empty((a.shape[0] * topk, n_out), dtype=out_dtype, device=dev)
     if out.numel() == 0:
         return out
     reciprocal = a.is_cuda if scale_reciprocal is None else scale_reciprocal
@@ -250,6 +316,83 @@ def grouped_gemm_spec(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Te
     rows = row_blocks(expert_ids.shape[0], t * topk)  # symbolic Min while traced: no guard on T
     grid = lambda meta: (rows, cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
     return LaunchSpec(_grouped_gemm_kernel, _grouped_gemm_tuned, GROUPED_GEMM_CONFIGS, grid, args, kwargs)
+
+
+# The scan form (grouped_gemm_scan): decode sizes only (T*k <= SCAN_CHUNK in one chunk), few configs
+# so that its autotuning stays short.
+SCAN_CHUNK = 512
+SCAN_BLOCK_M = 16
+GROUPED_GEMM_SCAN_CONFIGS = [
+    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=5),
+    triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
+]
+_grouped_gemm_scan_tuned = autotune_or_single(_grouped_gemm_scan_kernel, GROUPED_GEMM_SCAN_CONFIGS,
+                                              key=["N_OUT", "K", "BLOCK_M", "W_FP8", "A_FP8", "SWIGLU", "QUANT_A",
+                                                   "CHUNK"])
+
+
+def grouped_gemm_scan(a: torch.Tensor, w: torch.Tensor, topk_ids: torch.Tensor, topk: int, *,
+                      a_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
+                      topk_weights: torch.Tensor | None = None, fuse_swiglu: bool = False,
+                      out_dtype: torch.dtype | None = None, quant_a: bool = False,
+                      scale_reciprocal: bool | None = None, block_m: int = SCAN_BLOCK_M, chunk: int = SCAN_CHUNK,
+                      config: triton.Config | None = None) -> torch.Tensor:
+    """grouped_gemm without moe_align: the same operands, precisions and epilogues, with topk_ids
+    [T, k'] (any int dtype; k' * T == T_a * topk assignments: the up GEMM's [T, k] ids with topk=k,
+    the down GEMM's the same ids with topk=1) instead of the alignment.
+
+    Why: at decode the alignment is a single-program launch (~4.4 us per MoE layer on the H200)
+    in front of GEMMs of ~13 us each. Here program (expert e, column tile) reads the flat ids
+    itself (chunk at a time; one chunk covers T*k <= chunk) and runs e's rows block_m at a time:
+    the same per-row arithmetic as grouped_gemm (one shared K loop and epilogue). Correct for any
+    T*k; fast only while the ids fit one chunk (more chunks rescan, and an expert's rows split
+    across chunks run in more row blocks). Ids outside [0, E) match no expert: their rows are not
+    written (moe_align drops them too).
+    """
+    n_out, out_dtype = _check_operands("grouped_gemm_scan", a, w, topk, a_scale, w_scale, topk_weights,
+                                       fuse_swiglu, out_dtype, quant_a)
+    check_tensor("grouped_gemm_scan: topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), device=a.device)
+    if topk_ids.numel() != a.shape[0] * topk:
+        raise ValueError(f"grouped_gemm_scan: topk_ids has {topk_ids.numel()} entries, need T*topk="
+                         f"{a.shape[0] * topk} (a is [T={a.shape[0]}, K], topk={topk})")
+    if block_m < 16 or block_m & (block_m - 1) or chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"grouped_gemm_scan: block_m={block_m} and chunk={chunk} must be powers of 2 >= 16")
+    out = torch.empty((a.shape[0] * topk, n_out), dtype=out_dtype, device=a.device)
+    if out.numel() == 0:
+        return out
+    reciprocal = a.is_cuda if scale_reciprocal is None else scale_reciprocal
+    launch(*grouped_gemm_scan_spec(a, a_scale, w, w_scale, out, topk_weights, topk_ids.contiguous(), topk,
+                                   fuse_swiglu, quant_a, reciprocal, block_m, chunk), config)
+    return out
+
+
+def grouped_gemm_scan_spec(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor,
+                           w_scale: torch.Tensor | None, out: torch.Tensor, topk_weights: torch.Tensor | None,
+                           topk_ids: torch.Tensor, topk: int, fuse_swiglu: bool, quant_a: bool,
+                           scale_reciprocal: bool, block_m: int = SCAN_BLOCK_M,
+                           chunk: int = SCAN_CHUNK) -> LaunchSpec:
+    """grouped_gemm_scan's launch into out [T*topk, N or N/2] (inputs checked by the caller; topk_ids
+    contiguous): grid (E, column tiles), both static, so no size of it depends on T."""
+    t, k = a.shape
+    n_out = out.shape[1]
+    a_fp8, w_fp8 = a_scale is not None, w_scale is not None
+    dummy = out  # never read: the constexpr flags compile its loads away
+    args = (a, a_scale if a_fp8 else dummy, w, w_scale if w_fp8 else dummy, out,
+            topk_weights if topk_weights is not None else dummy, topk_ids,
+            n_out, k, t * topk, topk, n_out if fuse_swiglu else 0,
+            a.stride(0), a_scale.stride(0) if a_fp8 else 0, w.stride(0), w.stride(1),
+            w_scale.stride(0) if w_fp8 else 0, w_scale.stride(1) if w_fp8 else 0, out.stride(0))
+    fp8_dot = a_fp8 or quant_a
+    kwargs = dict(W_FP8=w_fp8, A_FP8=fp8_dot, SWIGLU=fuse_swiglu, MUL_WEIGHT=topk_weights is not None,
+                  UPCAST=is_interpreted(_grouped_gemm_scan_kernel) and not fp8_dot, SCALE_BLOCK=QUANT_BLOCK,
+                  BLOCK_M=block_m, BLOCK_K=QUANT_BLOCK if w_fp8 else DENSE_BLOCK_K, QUANT_A=quant_a,
+                  SCALE_RECIPROCAL=scale_reciprocal, CHUNK=chunk)
+    n_experts = w.shape[0]
+    grid = lambda meta: (n_experts, cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
+    return LaunchSpec(_grouped_gemm_scan_kernel, _grouped_gemm_scan_tuned, GROUPED_GEMM_SCAN_CONFIGS, grid, args,
+                      kwargs)
 
 
 def choose_block_m(n_tokens: int, topk: int, n_experts: int) -> int:

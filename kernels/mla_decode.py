@@ -40,6 +40,7 @@ import triton.language as tl
 
 from dsv3_export.kernels._common import (autotune_or_single, cdiv, check_tensor, is_interpreted, launch, next_pow2,
                                          traceable, tracing)
+from dsv3_export.kernels.fp8_gemm_persistent import TMA_ALIGN, _ensure_allocator
 from dsv3_export.kernels.mla_attention import LOG2E, _check_caches, _check_new
 from dsv3_export.kernels.mla_splits import (DECODE_PROGRAMS_PER_SM, MAX_BLOCK_H, MAX_SPLITS,  # noqa: F401
                                            MIN_BLOCK_H, MIN_SPLIT_KEYS, RUNTIME_MIN_SPLITS,
@@ -107,6 +108,29 @@ _FUSED_KEEP = {(32, 0, 4, 3, None), (32, 3, 4, 3, None), (32, 0, 8, 3, None), (1
 FUSED_DECODE_CONFIGS = [c for c in DECODE_CONFIGS if (c.kwargs["BLOCK_N"], c.kwargs["PREFETCH"], c.num_warps,
                                                        c.num_stages, c.maxnreg) in _FUSED_KEEP]
 
+# Kernel variants, selected per call (variant=...; DECODE_VARIANT is the default). "pointer": the
+# cp.async loads of the configs above. "tma": KV tiles through device-side tensor descriptors (Hopper's
+# TMA unit: one thread issues the [BN, 512] copy, no per-thread addresses or masks in the loop, the
+# loaded tile lands swizzled in shared memory where both dots read it). Not measured yet: the benchmark's
+# mla_sweep times it against the default before it may become one.
+DECODE_VARIANTS = ("pointer", "tma")
+DECODE_VARIANT = "pointer"
+# TMA tiles, sm_90 (python -m tests.kernels._sm90_compile --all-configs --ptxas-v, triton 3.9): the
+# pipeliner keeps num_stages - 1 buffers of BN x 1152 B (BN=64: num_stages) plus q^T (18 KB); the loads
+# need no registers (125 against the pointer form's 128 at BN=32 w4), so shared memory sets the programs
+# per SM. No spills; the new-token epilogue takes 164-180.
+#   BN=32 w4 s3: 93 KB, 2 per SM (the default's tile: 8 splits at B=32 = one wave)
+#   BN=32 w8 s3: 93 KB, 2 per SM, the [C, BLOCK_H] accumulator over two warpgroups
+#   BN=16 w4 s4: 74 KB, 3 per SM (12 splits at B=32 = 384 programs of 396 slots)
+#   BN=64 w4 s2: 168 KB, 1 per SM, both dots wgmma (B=1: 16 programs, one 64-key tile each)
+# (BN=64 s3 takes 242 KB: over the 227 KB limit.)
+TMA_DECODE_CONFIGS = [
+    triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 64, "PREFETCH": 0}, num_warps=4, num_stages=2),
+]
+
 
 @triton.jit
 def _mla_decode_split_kernel(
@@ -120,6 +144,7 @@ def _mla_decode_split_kernel(
     FUSED: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_C: tl.constexpr,  # FUSED: merge here (out_ptr, cnt_ptr)
     SPLIT_TARGET: tl.constexpr, MIN_SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr,  # > 0: the runtime split rule
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
+    TMA: tl.constexpr = False,  # KV tiles through device-side tensor descriptors (variant="tma")
 ):
     scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as fp64 scalars
     pid_b = tl.program_id(0)
@@ -162,6 +187,12 @@ def _mla_decode_split_kernel(
     acc = tl.zeros((BLOCK_C, BLOCK_H), dtype=tl.float32)  # out^T
     kv_base = kv_ptr + b * stride_kvb
     pe_base = pe_ptr + b * stride_peb
+    if TMA:  # the row's keys as a [seqlen, C] tensor: the TMA unit zero-fills rows >= seqlen, columns >= C
+        rows_b = tl.maximum(seqlen, 1)  # an empty row issues no load; its descriptor still needs a dimension
+        kv_desc = tl.make_tensor_descriptor(kv_base, shape=[rows_b, C], strides=[stride_kvs, 1],
+                                            block_shape=[BLOCK_N, BLOCK_C])
+        pe_desc = tl.make_tensor_descriptor(pe_base, shape=[rows_b, R], strides=[stride_pes, 1],
+                                            block_shape=[BLOCK_N, BLOCK_R])
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_cache = offs_n < end
@@ -177,11 +208,15 @@ def _mla_decode_split_kernel(
                                           dtype=tl.int32, is_pure=False, pack=1)
                 tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [pe_lines.to(tl.int64)],
                                           dtype=tl.int32, is_pure=False, pack=1)
-        offs_n64 = offs_n.to(tl.int64)
-        kv = tl.load(kv_base + offs_n64[:, None] * stride_kvs + offs_c[None, :],
-                     mask=in_cache[:, None] & mask_c[None, :], other=0.0)  # [BN, C]
-        pe = tl.load(pe_base + offs_n64[:, None] * stride_pes + offs_r[None, :],
-                     mask=in_cache[:, None] & mask_r[None, :], other=0.0)  # [BN, R]
+        if TMA:  # rows in [end, seqlen) are the next split's keys (finite; their scores are masked below)
+            kv = kv_desc.load([n0, 0])  # [BN, BLOCK_C]
+            pe = pe_desc.load([n0, 0])  # [BN, BLOCK_R]
+        else:
+            offs_n64 = offs_n.to(tl.int64)
+            kv = tl.load(kv_base + offs_n64[:, None] * stride_kvs + offs_c[None, :],
+                         mask=in_cache[:, None] & mask_c[None, :], other=0.0)  # [BN, C]
+            pe = tl.load(pe_base + offs_n64[:, None] * stride_pes + offs_r[None, :],
+                         mask=in_cache[:, None] & mask_r[None, :], other=0.0)  # [BN, R]
         if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong
             kv = kv.to(tl.float32)
             pe = pe.to(tl.float32)
@@ -301,12 +336,16 @@ def _mla_decode_reduce_kernel(
     tl.store(out_ptr + b * stride_outb + h * stride_outh + offs_c, out.to(out_ptr.dtype.element_ty), mask=mask_c)
 
 
+_INTERPRETED = is_interpreted(_mla_decode_split_kernel)
 _decode_tuned = autotune_or_single(_mla_decode_split_kernel, DECODE_CONFIGS,
                                    key=["H", "C", "R", "NUM_SPLITS", "SPLIT_TARGET"])
 # The fused-merge form tunes on its own (a second autotuner, its own cache), so one process can time
 # both forms; HAS_NEW is in its key (the epilogues differ).
 _decode_fused_tuned = autotune_or_single(_mla_decode_split_kernel, FUSED_DECODE_CONFIGS,
                                          key=["H", "C", "R", "NUM_SPLITS", "HAS_NEW", "SPLIT_TARGET"])
+# The TMA variant tunes on its own too, both merge forms in one key.
+_decode_tma_tuned = autotune_or_single(_mla_decode_split_kernel, TMA_DECODE_CONFIGS,
+                                       key=["H", "C", "R", "NUM_SPLITS", "HAS_NEW", "FUSED", "SPLIT_TARGET"])
 # The config the autotuner chose, per (H, C, R, NUM_SPLITS, dtype, HAS_NEW, merge, SPLIT_TARGET); later eager calls
 # launch the kernel with it directly. Autotuner.run re-keys all ~40 arguments on every call (list
 # lookups, str(dtype)): host time each decode step pays before its kernels are queued.
@@ -314,18 +353,30 @@ _decode_chosen: dict[tuple, triton.Config] = {}
 
 
 def decode_config(heads: int, c: int, r: int, splits: int, dtype: torch.dtype, has_new: bool = False,
-                  merge: str | None = None, split_target: int = 0):
+                  merge: str | None = None, split_target: int = 0, variant: str | None = None):
     """The split kernel's config for this shape once the autotuner has chosen it (None before).
     split_target: 0 for a host-chosen split count; runtime_splits calls: splits=MAX_SPLITS and
     split_target=runtime_split_target(device)."""
-    return _decode_chosen.get((heads, c, r, splits, dtype, has_new, merge or DECODE_MERGE, split_target))
+    return _decode_chosen.get((heads, c, r, splits, dtype, has_new, merge or DECODE_MERGE, split_target,
+                               variant or DECODE_VARIANT))
+
+
+def tma_unsupported(kv_cache: torch.Tensor, pe_cache: torch.Tensor) -> str | None:
+    """Why variant="tma" cannot read these caches, or None: TMA wants 16-byte aligned base addresses
+    (each batch row's too) and row strides."""
+    for name, t in (("kv_cache", kv_cache), ("pe_cache", pe_cache)):
+        item = t.element_size()
+        if t.data_ptr() % TMA_ALIGN or (t.stride(0) * item) % TMA_ALIGN or (t.stride(1) * item) % TMA_ALIGN:
+            return (f"{name} needs a 16-byte aligned base, batch stride and row stride for TMA; got address "
+                    f"{t.data_ptr() % TMA_ALIGN} mod 16 and strides {tuple(x * item for x in t.stride())} B")
+    return None
 
 
 def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
                cache_seqlens: torch.Tensor, softmax_scale: float, *, kv_new: torch.Tensor | None = None,
                pe_new: torch.Tensor | None = None, num_splits: int | None = None,
                config: triton.Config | None = None, merge: str | None = None,
-               runtime_splits: bool = False) -> torch.Tensor:
+               runtime_splits: bool = False, variant: str | None = None) -> torch.Tensor:
     """One query per batch row -> [B, H, C].
 
     q_latent [B, H, C], q_pe [B, H, R]; keys: cache positions t < cache_seqlens[b] (int32 [B]),
@@ -335,6 +386,8 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     (runtime_num_splits): nothing on the host depends on the batch or cache length, for programs
     traced with a symbolic batch.
     merge: "separate" or "fused" (MERGE_MODES; default DECODE_MERGE): how the splits are merged.
+    variant: "pointer" or "tma" (DECODE_VARIANTS; default DECODE_VARIANT): how the KV tiles are loaded;
+    "tma" is eager-only (benchmarks) and needs 16-byte aligned caches (tma_unsupported).
     Eager fused calls share one counter buffer per device: do not run two at once on different streams.
     """
     check_tensor("mla_decode: q_latent", q_latent, ndim=3)
@@ -349,6 +402,19 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     if merge not in MERGE_MODES:
         raise ValueError(f"mla_decode: merge={merge!r} must be one of {MERGE_MODES}")
     fused = merge == "fused"
+    variant = variant or DECODE_VARIANT
+    if variant not in DECODE_VARIANTS:
+        raise ValueError(f"mla_decode: variant={variant!r} must be one of {DECODE_VARIANTS}")
+    tma = variant == "tma"
+    if tma:
+        if tracing():  # its alignment check reads data_ptr(); AOTInductor's descriptor scratch is untested here
+            raise NotImplementedError("mla_decode(variant='tma') is eager-only (benchmarks) until it is tested "
+                                      "inside torch.export / AOTInductor; trace variant='pointer'")
+        reason = tma_unsupported(kv_cache, pe_cache)
+        if reason:
+            raise ValueError(f"mla_decode(variant='tma'): {reason}")
+        if not _INTERPRETED:
+            _ensure_allocator()  # global scratch for the device-side descriptors
     dev = q_latent.device
     out = torch.empty((bsz, heads, c), dtype=q_latent.dtype, device=dev)
     if out.numel() == 0:
@@ -371,19 +437,22 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     sq, sqp, skv, spe = q_latent.stride(), q_pe.stride(), kv_cache.stride(), pe_cache.stride()
     so = (heads * splits * c, splits * c, c)  # o_part [B, H, splits, C]
     sl = (heads * splits, splits)  # lse [B, H, splits]
-    tuned = _decode_fused_tuned if fused else _decode_tuned
+    if tma:
+        tuned, configs = _decode_tma_tuned, TMA_DECODE_CONFIGS
+    else:
+        tuned, configs = (_decode_fused_tuned, FUSED_DECODE_CONFIGS) if fused else (_decode_tuned, DECODE_CONFIGS)
     rule = dict(SPLIT_TARGET=split_target, MIN_SPLITS=RUNTIME_MIN_SPLITS, MIN_KEYS=MIN_SPLIT_KEYS)
-    tune_key = (heads, c, r, splits, q_latent.dtype, has_new, merge, split_target)
+    tune_key = (heads, c, r, splits, q_latent.dtype, has_new, merge, split_target, variant)
     eager_tuned = config is None and tuned is not None and not tracing()  # tracing needs the autotuner
     cfg = _decode_chosen.get(tune_key) if eager_tuned else config
-    launch(_mla_decode_split_kernel, tuned, FUSED_DECODE_CONFIGS if fused else DECODE_CONFIGS, lambda meta: grid,
+    launch(_mla_decode_split_kernel, tuned, configs, lambda meta: grid,
            (q_latent, q_pe, kv_cache, pe_cache, kvn, pen, cache_seqlens, o_part, lse, out, counters, heads, splits,
             softmax_scale * LOG2E, sq[0], sq[1], sqp[0], sqp[1], skv[0], skv[1], spe[0], spe[1],
             kvn.stride(0), pen.stride(0), *so, *sl, heads * c, c),
            dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), HAS_NEW=has_new,
-                UPCAST=is_interpreted(_mla_decode_split_kernel),  # fp32 .to(fp32) is a no-op; also skips PTX
+                UPCAST=_INTERPRETED,  # fp32 .to(fp32) is a no-op; also skips PTX
                 FUSED=fused, BLOCK_S=next_pow2(splits), MERGE_C=merge_cols(next_pow2(splits), block_h, c),
-                **rule, BLOCK_H=block_h), cfg)
+                **rule, BLOCK_H=block_h, **({"TMA": True} if tma else {})), cfg)
     chosen = getattr(tuned, "best_config", None) if eager_tuned and cfg is None else None
     if chosen is not None:
         _decode_chosen[tune_key] = chosen

@@ -1,0 +1,149 @@
+"""mla_decode's variants (kernels/mla_decode.py DECODE_VARIANTS) vs mla_decode_ref, in the interpreter.
+
+variant="tma" loads the KV tiles through device-side tensor descriptors whose row count is the row's
+cache length: the TMA unit (the interpreter too) zero-fills the rows past it, where the pointer form
+masks its loads. So the caches here hold NaN past every row's length: a tile that read them without
+the zero fill would turn the output into NaN (0 x NaN in the value dot). torch.empty is NaN-poisoned
+(conftest), so a partial or output the kernels forget to write fails the comparison too. Tolerances:
+tests/kernels/_helpers.py TOL (fp32: max abs 2e-5, summation order only; bf16: mean rel 1e-2). The
+sm_90 build of every TMA config is checked by tests/kernels/test_compile_sm90.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: kernel tests need it (TRITON_INTERPRET=1 on CPU)")
+
+from dsv3_export.kernels import mla_attention as A  # noqa: E402
+from dsv3_export.kernels import mla_decode as D  # noqa: E402
+from dsv3_export.kernels import mla_splits  # noqa: E402
+from tests.kernels._helpers import TOL, assert_finite, mean_rel  # noqa: E402
+
+H, C, R, S = 5, 64, 16, 100  # H not a power of 2; the real model has C=512, R=64, H=16
+SCALE = 0.173
+
+
+def _poisoned_cache(bmax: int, lens: list[int], c: int, r: int, dtype) -> torch.Tensor:
+    """[bmax, S, c + r] (FlashMLA-style [latent | rope] rows), NaN at and past each row's length."""
+    cache = torch.randn(bmax, S, c + r, dtype=dtype)
+    for b, n in enumerate(lens):
+        cache[b, n:] = float("nan")
+    return cache
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor, dtype) -> None:
+    assert_finite("mla_decode tma", out)
+    if dtype == torch.float32:
+        assert (out - ref).abs().max().item() < TOL["mla_fp32_abs"]
+    else:
+        assert mean_rel(out, ref) < TOL["mla_bf16_mean_rel"]
+
+
+@pytest.mark.parametrize("config", D.TMA_DECODE_CONFIGS, ids=str)
+@pytest.mark.parametrize("merge", D.MERGE_MODES)
+def test_tma_every_config_ragged(seed, config, merge):
+    """Ragged rows (empty, 1 key, not a multiple of any BLOCK_N, the full cache) over 3 splits."""
+    torch.manual_seed(seed)
+    lens = [0, 1, 37, S]
+    cache = _poisoned_cache(5, lens, C, R, torch.float32)  # one more cache row than the batch
+    kv, pe = cache[..., :C], cache[..., C:]
+    q, qp = torch.randn(4, H, C), torch.randn(4, H, R)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    ref = A.mla_decode_ref(q, qp, torch.nan_to_num(kv), torch.nan_to_num(pe), seqlens, SCALE)
+    out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=3, config=config, merge=merge, variant="tma")
+    assert out.shape == (4, H, C) and out.dtype == torch.float32
+    _check(out, ref, torch.float32)
+    assert (out[0] == 0).all()  # no keys: zeros, as the pointer form
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [None, 1, 7])
+def test_tma_matches_pointer_form(seed, dtype, num_splits):
+    """Same tiles, same math: the TMA form equals the pointer form (fp32: to rounding; bf16: the
+    reference's tolerance), at the host's split count and at forced ones."""
+    torch.manual_seed(seed)
+    lens = [70, 9, 64]
+    cache = _poisoned_cache(3, lens, C, R, dtype)
+    kv, pe = cache[..., :C], cache[..., C:]
+    q, qp = torch.randn(3, H, C, dtype=dtype), torch.randn(3, H, R, dtype=dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    tma = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=num_splits, variant="tma")
+    ptr = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=num_splits, variant="pointer")
+    assert_finite("mla_decode pointer", ptr)
+    if dtype == torch.float32:
+        assert (tma - ptr).abs().max().item() < 1e-6
+    _check(tma, A.mla_decode_ref(q, qp, torch.nan_to_num(kv), torch.nan_to_num(pe), seqlens, SCALE), dtype)
+
+
+@pytest.mark.parametrize("merge", D.MERGE_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tma_runtime_splits_with_new_token(seed, monkeypatch, merge, dtype):
+    """The decode program's form: cache + new token, the kernels' runtime split rule (20 SMs: B=5 -> 8
+    splits before the key cap; chunks not multiples of BLOCK_N), both merges, twice (fused counters)."""
+    monkeypatch.setattr(mla_splits, "num_sms", lambda device: 20)
+    torch.manual_seed(seed)
+    lens = [0, 37, 65, 90, S - 1]  # cache keys before the new token: 1, 1, 2, 2, 2 splits
+    cache = _poisoned_cache(6, lens, C, R, dtype)
+    kv, pe = cache[..., :C], cache[..., C:]
+    new = torch.randn(5, C + R, dtype=dtype)
+    q, qp = torch.randn(5, H, C, dtype=dtype), torch.randn(5, H, R, dtype=dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    kw = dict(kv_new=new[:, :C], pe_new=new[:, C:])
+    ref = A.mla_decode_ref(q, qp, torch.nan_to_num(kv), torch.nan_to_num(pe), seqlens, SCALE, **kw)
+    assert [D.runtime_num_splits(5, H, n, kv.device) for n in lens] == [1, 1, 2, 2, 2]
+    for cfg in (D.TMA_DECODE_CONFIGS[0], D.TMA_DECODE_CONFIGS[-1]):  # BN=32 (mma.sync scores), BN=64 (wgmma)
+        out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, runtime_splits=True, merge=merge, config=cfg,
+                           variant="tma", **kw)
+        _check(out, ref, dtype)
+    for buf in D._counter_cache.values():
+        assert (buf == 0).all(), "fused-merge counters not reset"
+
+
+def test_tma_non_power_of_two_latent_width(seed):
+    """C=48 under a 64-wide tile: the descriptor's column bound zero-fills columns 48..63."""
+    torch.manual_seed(seed)
+    c, r = 48, 8
+    cache = _poisoned_cache(2, [33, 40], c, r, torch.float32)
+    kv, pe = cache[..., :c], cache[..., c:]
+    q, qp = torch.randn(2, 3, c), torch.randn(2, 3, r)
+    seqlens = torch.tensor([33, 40], dtype=torch.int32)
+    out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=2, variant="tma")
+    _check(out, A.mla_decode_ref(q, qp, torch.nan_to_num(kv), torch.nan_to_num(pe), seqlens, SCALE), torch.float32)
+
+
+def test_tma_refuses_unaligned_caches():
+    """TMA needs 16-byte aligned bases and strides: a cache view one fp32 column in is refused by name."""
+    cache = torch.randn(1, 20, C + R + 1)
+    kv, pe = cache[..., 1:C + 1], cache[..., C + 1:]
+    q, qp = torch.randn(1, H, C), torch.randn(1, H, R)
+    with pytest.raises(ValueError, match=r"variant='tma'.*kv_cache needs a 16-byte aligned base"):
+        D.mla_decode(q, qp, kv, pe, torch.tensor([5], dtype=torch.int32), SCALE, variant="tma")
+    assert D.tma_unsupported(cache[..., :C], cache[..., C:]) is not None  # row stride 81 x 4 B
+    ok = torch.randn(1, 20, C + R)
+    assert D.tma_unsupported(ok[..., :C], ok[..., C:]) is None
+
+
+def test_unknown_variant_is_an_error():
+    kv, pe = torch.randn(1, 8, C), torch.randn(1, 8, R)
+    with pytest.raises(ValueError, match="variant='wgmma' must be one of"):
+        D.mla_decode(torch.randn(1, H, C), torch.randn(1, H, R), kv, pe, torch.ones(1, dtype=torch.int32), SCALE,
+                     variant="wgmma")
+
+
+def test_tma_is_eager_only():
+    """Traced calls (torch.export / AOTInductor) must take the pointer form: the TMA one says so."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        kv, pe = torch.randn(1, 8, C), torch.randn(1, 8, R)
+        with pytest.raises(NotImplementedError, match="variant='tma'.*eager-only"):
+            D.mla_decode(torch.randn(1, H, C), torch.randn(1, H, R), kv, pe, torch.ones(1, dtype=torch.int32),
+                         SCALE, variant="tma")
+
+
+def test_default_variant_is_the_measured_one():
+    """No variant becomes the default before the H200 measured it (benchmarks/kernels.py mla_sweep)."""
+    assert D.DECODE_VARIANT == "pointer" and D.DECODE_VARIANTS[0] == "pointer"
+    assert all(c.kwargs["PREFETCH"] == 0 for c in D.TMA_DECODE_CONFIGS)  # no L2 prefetch in the TMA loop

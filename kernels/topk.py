@@ -49,8 +49,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dsv3_export.kernels._common import LaunchSpec, autotune_or_single, cdiv, check_tensor, is_interpreted, launch, \
-    next_pow2
+from dsv3_export.kernels._common import LaunchSpec, arrival_counters, autotune_or_single, cdiv, check_tensor, \
+    is_interpreted, last_to_arrive, launch, next_pow2, reset_arrivals
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_N = 1024  # a row in registers
@@ -74,6 +74,20 @@ GATE_CONFIGS = [
     triton.Config({"BLOCK_ROWS": 32, "BLOCK_K": 64}, num_warps=4, num_stages=3),  # 128 programs at T=4096
     triton.Config({"BLOCK_ROWS": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
 ]
+
+# The split form (router_topk_gate_split): BLOCK_E experts per program, so P = cdiv(E, BLOCK_E)
+# programs per row block stream the gate weight side by side. Decode first (the interpreter runs
+# the first): at the 16b's E=64, D=2048 bf16, 8 programs of 32 KB or 16 of 16 KB (per-lane partials
+# [ROWS, BLOCK_E, BLOCK_K]: 16-32 fp32 registers per thread), 4 rows a program for batches of 8-64;
+# one tl.dot form (E tile >= 16, 32-row blocks) for prefill programs, which AOTInductor tunes at
+# their own example size.
+GATE_SPLIT_CONFIGS = [
+    triton.Config({"BLOCK_ROWS": 1, "BLOCK_E": 8, "BLOCK_K": 256}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_ROWS": 1, "BLOCK_E": 4, "BLOCK_K": 512}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_ROWS": 4, "BLOCK_E": 8, "BLOCK_K": 128}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_ROWS": 32, "BLOCK_E": 16, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+]
+MIN_SPLIT_ROWS = min(c.kwargs["BLOCK_ROWS"] for c in GATE_SPLIT_CONFIGS)  # sizes the counters before tuning
 
 
 @triton.jit
@@ -169,42 +183,76 @@ def _gate_tiles(x_rows, g_rows, row_ok, cols, ks, k0, N, D):
 
 
 @triton.jit
-def _router_gate_kernel(x_ptr, g_ptr, w_ptr, idx_ptr, ROWS, N, D, scale, first_extra, stride_x, stride_g,
-                        stride_w, stride_i, TOPK: tl.constexpr, N_EXTRA: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
-    """_route from logits = x [ROWS, D] @ gate [N, D]^T, accumulated in fp32 over a K loop and rounded
-    to x's dtype (the reference's F.linear in x.dtype). Row blocks of >= 16 use tl.dot (its M tile
-    minimum); smaller ones (decode) multiply-and-add into per-lane fp32 partials [BLOCK_ROWS, BLOCK_N,
-    BLOCK_K] (no padded MMA rows, no cross-warp reduction inside the loop) summed once at the end,
-    loading one K step ahead.
-    UPCAST (the CPU interpreter only): its tl.dot multiplies bf16 as raw uint16, so fp32 operands."""
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.arange(0, BLOCK_N)
+def _gate_logits(x_ptr, g_ptr, rows, row_ok, cols, D, N, stride_x, stride_g, BLOCK_ROWS: tl.constexpr,
+                 BLOCK_COLS: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """x [rows, D] @ gate [cols, D]^T -> [BLOCK_ROWS, BLOCK_COLS] fp32 (0 past the edges). Row blocks of
+    >= 16 use tl.dot (its M tile minimum); smaller ones (decode) multiply-and-add into per-lane fp32
+    partials [BLOCK_ROWS, BLOCK_COLS, BLOCK_K] (no padded MMA rows, no cross-warp reduction inside
+    the loop) summed once at the end, loading one K step ahead (Triton's pipeliner stages only
+    loads that feed a dot). UPCAST (the CPU interpreter only): its tl.dot multiplies bf16 as raw
+    uint16, so fp32 operands."""
     ks = tl.arange(0, BLOCK_K)
-    row_ok = rows < ROWS
-    valid = cols[None, :] < N
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x  # [BLOCK_ROWS, 1]
-    g_rows = g_ptr + cols.to(tl.int64)[:, None] * stride_g  # [BLOCK_N, 1]
+    g_rows = g_ptr + cols.to(tl.int64)[:, None] * stride_g  # [BLOCK_COLS, 1]
     if BLOCK_ROWS >= 16:
-        acc = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             a, b = _gate_tiles(x_rows, g_rows, row_ok, cols, ks, k0, N, D)
             if UPCAST:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
     else:
-        # no pipeliner here (it stages only loads feeding a dot): the next step's tiles are loaded
-        # before this step's products, so two steps' loads are in flight (the last one masked off)
-        part = tl.zeros((BLOCK_ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)  # per-lane partial sums
+        part = tl.zeros((BLOCK_ROWS, BLOCK_COLS, BLOCK_K), dtype=tl.float32)  # per-lane partial sums
         a, b = _gate_tiles(x_rows, g_rows, row_ok, cols, ks, 0, N, D)
         for k0 in range(BLOCK_K, D + BLOCK_K, BLOCK_K):
             a_next, b_next = _gate_tiles(x_rows, g_rows, row_ok, cols, ks, k0, N, D)
             part += a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :]
             a, b = a_next, b_next
-        acc = tl.sum(part, axis=2)  # one cross-lane reduction after the loop, none inside it
+        acc = tl.sum(part, axis=2)
+    return acc
+
+
+@triton.jit
+def _router_gate_kernel(x_ptr, g_ptr, w_ptr, idx_ptr, ROWS, N, D, scale, first_extra, stride_x, stride_g,
+                        stride_w, stride_i, TOPK: tl.constexpr, N_EXTRA: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """_route from logits = x [ROWS, D] @ gate [N, D]^T (_gate_logits), rounded to x's dtype (the
+    reference's F.linear in x.dtype)."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < ROWS
+    valid = cols[None, :] < N
+    acc = _gate_logits(x_ptr, g_ptr, rows, row_ok, cols, D, N, stride_x, stride_g, BLOCK_ROWS, BLOCK_N, BLOCK_K,
+                       UPCAST)
     logits = tl.where(valid, acc.to(x_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
     _route(logits, rows, row_ok, valid, cols, w_ptr, idx_ptr, scale, first_extra, stride_w, stride_i,
            TOPK, N_EXTRA, BLOCK_N, BLOCK_ROWS)
+
+
+@triton.jit
+def _router_gate_split_kernel(x_ptr, g_ptr, logits_ptr, cnt_ptr, w_ptr, idx_ptr, ROWS, N, D, scale, first_extra,
+                              stride_x, stride_g, stride_w, stride_i, TOPK: tl.constexpr, N_EXTRA: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_E: tl.constexpr,
+                              BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """Program (r, p): logits of row block r for experts [p * BLOCK_E, (p + 1) * BLOCK_E), rounded to
+    x's dtype, into logits_ptr [ROWS, N] (x's dtype, row stride N); the last of the row block's
+    tl.num_programs(1) programs to count itself on cnt_ptr[r] runs _route on the whole rows."""
+    r = tl.program_id(0)
+    rows = r * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    row_ok = rows < ROWS
+    acc = _gate_logits(x_ptr, g_ptr, rows, row_ok, cols, D, N, stride_x, stride_g, BLOCK_ROWS, BLOCK_E, BLOCK_K,
+                       UPCAST)
+    l_rows = logits_ptr + rows.to(tl.int64)[:, None] * N  # [BLOCK_ROWS, 1]
+    tl.store(l_rows + cols[None, :], acc.to(logits_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < N)[None, :])
+    if last_to_arrive(cnt_ptr + r, tl.num_programs(1)):
+        all_cols = tl.arange(0, BLOCK_N)
+        valid = all_cols[None, :] < N
+        logits = tl.load(l_rows + all_cols[None, :], mask=row_ok[:, None] & valid, other=float("-inf"),
+                         cache_modifier=".cg").to(tl.float32)  # [BLOCK_ROWS, BLOCK_N], the others' parts from L2
+        _route(logits, rows, row_ok, valid, all_cols, w_ptr, idx_ptr, scale, first_extra, stride_w, stride_i,
+               TOPK, N_EXTRA, BLOCK_N, BLOCK_ROWS)
+        reset_arrivals(cnt_ptr + r)
 
 
 _topk_tuned = autotune_or_single(_topk_kernel, TOPK_CONFIGS, key=["N", "TOPK"])
@@ -213,6 +261,10 @@ _router_tuned = autotune_or_single(_router_kernel, TOPK_CONFIGS, key=["N", "TOPK
 # tunes each program once, at its example size
 _GATE_INTERPRETED = is_interpreted(_router_gate_kernel)
 _router_gate_tuned = autotune_or_single(_router_gate_kernel, GATE_CONFIGS, key=["ROWS", "N", "D", "TOPK", "N_EXTRA"])
+# no ROWS in the split form's key: eager decode calls at every batch size share one tuning (the
+# first call's); AOTInductor tunes each program at its own example size anyway
+_router_gate_split_tuned = autotune_or_single(_router_gate_split_kernel, GATE_SPLIT_CONFIGS,
+                                              key=["N", "D", "TOPK", "N_EXTRA"])
 
 
 def rows_unfit(n, k) -> str | None:
@@ -359,3 +411,41 @@ def router_topk_gate_ref(x: torch.Tensor, weight: torch.Tensor, k: int, *, scale
     """The reference Gate: F.linear in x's dtype, then router_topk_ref."""
     return router_topk_ref(F.linear(x, weight), k, scale=scale, n_extra=n_extra, first_extra=first_extra,
                            out_dtype=out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# the gate GEMM split over programs by experts, the last program of a row block routing it
+
+
+def router_gate_split_spec(x: torch.Tensor, gate: torch.Tensor, k: int, scale: float, n_extra: int,
+                           first_extra: int, logits: torch.Tensor, counters: torch.Tensor, weights: torch.Tensor,
+                           indices: torch.Tensor) -> LaunchSpec:
+    """The launch of router_topk_gate_split into weights, indices [R, k + n_extra], with scratch logits
+    [R, E] (x's dtype, contiguous) and counters (int32, zero, >= cdiv(R, MIN_SPLIT_ROWS); checked by
+    the caller). Grid (row blocks, cdiv(E, BLOCK_E))."""
+    rows, d = x.shape
+    n = gate.shape[0]
+    grid = lambda meta: (cdiv(rows, meta["BLOCK_ROWS"]), cdiv(n, meta["BLOCK_E"]))  # noqa: E731
+    return LaunchSpec(_router_gate_split_kernel, _router_gate_split_tuned, GATE_SPLIT_CONFIGS, grid,
+                      (x, gate, logits, counters, weights, indices, rows, n, d, float(scale), first_extra,
+                       x.stride(0), gate.stride(0), weights.stride(0), indices.stride(0)),
+                      dict(TOPK=k, N_EXTRA=n_extra, BLOCK_N=max(next_pow2(n), 16),
+                           UPCAST=_GATE_INTERPRETED and x.dtype != torch.float32))
+
+
+def router_topk_gate_split(x: torch.Tensor, weight: torch.Tensor, k: int, *, scale: float = 1.0, n_extra: int = 0,
+                           first_extra: int = 0, out_dtype: torch.dtype = torch.float32,
+                           config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_topk_gate's result (the same rounding of the logits, the same routing) from one launch
+    whose programs split the experts: (weights [R, k + n_extra] out_dtype, ids [R, k + n_extra] int64).
+    Eager calls share the device's arrival counters (kernels/_common.py): one stream at a time."""
+    check_router_gate(x, weight, k, n_extra)
+    rows = x.shape[0]
+    weights = torch.empty((rows, k + n_extra), dtype=out_dtype, device=x.device)
+    indices = torch.empty((rows, k + n_extra), dtype=torch.int64, device=x.device)
+    if rows:
+        logits = torch.empty((rows, weight.shape[0]), dtype=x.dtype, device=x.device)  # [R, E] scratch
+        counters = arrival_counters(cdiv(rows, MIN_SPLIT_ROWS), x.device)
+        launch(*router_gate_split_spec(x, weight, k, scale, n_extra, first_extra, logits, counters, weights,
+                                       indices), config)
+    return weights, indices

@@ -26,10 +26,11 @@ The sums run in another order than the separate kernels' (the merge per K chunk,
 tiles), so now and then a value lands one bf16 step away, and its fp8 code one e4m3 step away.
 
 Algorithm: a program owns BLOCK_B rows and one head (grid (cdiv(B, BLOCK_B), H)) and walks C in
-BLOCK_K chunks: it merges the chunk's partials ([BLOCK_B, BLOCK_S, BLOCK_K] fp32, the next chunk's
-loaded before this one is used, so the L2 round trips overlap) and multiplies the rounded chunk with
-W_UV[h]'s [DV, BLOCK_K] slice by tl.dot with the rows on N ("swap AB": M = DV = 128 fits the tensor
-cores, the W_UV loads feed the dot and are pipelined over num_stages). BLOCK_B = 1 (DOT_N = 16: the
+BLOCK_K chunks: it merges the chunk's partials ([BLOCK_B, BLOCK_S, BLOCK_K] fp32) and multiplies the
+rounded chunk with W_UV[h]'s [DV, BLOCK_K] slice by tl.dot with the rows on N ("swap AB": M = DV = 128
+fits the tensor cores). Triton's pipeliner streams both loads through cp.async over num_stages (sm_90
+PTX: cp.async + wgmma m64n16k16; a hand-written prefetch of the next partials into registers instead
+kept the loop from being pipelined at all: one W_UV buffer, no cp.async). BLOCK_B = 1 (DOT_N = 16: the
 one row broadcast to the dot's minimum N) gives H programs per row, each streaming its head's 128 KB
 of W_UV once per row: the batch-1 form. BLOCK_B = 16 reads W_UV once per 16 rows (at B = 64 the 1-row
 form would read 2 MB x 64 from L2) with smaller K chunks to bound the merge tile's registers.
@@ -57,12 +58,12 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DECODE_MAX_B = 64  # B at or below: the autotune key's bucket is next_pow2(B); above: one bucket
 
 # BLOCK_B 1: the batch-1 form (DOT_N 16: the row broadcast to the dot's minimum N), W_UV in 64/128-wide
-# K chunks over 2-4 stages (16-32 KB each); BLOCK_B 16: W_UV read once per 16 rows, 16/32-wide chunks
+# K chunks over 2-4 stages (16-32 KB each; 128 wide at 4 warps spilled 804 B on sm_90); BLOCK_B 16: W_UV read once per 16 rows, 16/32-wide chunks
 # (the [16, BLOCK_S, BLOCK_K] fp32 merge tile, twice for the prefetch, at 8 warps). The first config
 # is the interpreter's (one launch, no autotune).
 MLA_TAIL_CONFIGS = [
     triton.Config({"BLOCK_B": 1, "DOT_N": 16, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_B": 1, "DOT_N": 16, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_B": 1, "DOT_N": 16, "BLOCK_K": 128}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_B": 1, "DOT_N": 16, "BLOCK_K": 64}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_B": 1, "DOT_N": 16, "BLOCK_K": 128}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_B": 16, "DOT_N": 16, "BLOCK_K": 16}, num_warps=8, num_stages=4),
@@ -117,8 +118,7 @@ def _mla_tail_kernel(
     o = tl.load(o_ptrs, mask=mask_o & (offs_k < C)[None, None, :], other=0.0)
     acc = tl.zeros((BLOCK_D, DOT_N), dtype=tl.float32)  # out^T: the rows on the dot's N
     for k0 in range(0, C, BLOCK_K):
-        o_next = tl.load(o_ptrs + (k0 + BLOCK_K), mask=mask_o & (offs_k < C - k0 - BLOCK_K)[None, None, :],
-                         other=0.0)  # the next chunk's partials, in flight while this one is used
+        o = tl.load(o_ptrs + k0, mask=mask_o & (offs_k < C - k0)[None, None, :], other=0.0)
         lat_t = tl.trans(_merge_chunk(o, w, denom, w_ptr.dtype.element_ty))  # [BK, BB] the latent, rounded
         if BLOCK_B < DOT_N:  # one row: broadcast to the dot's minimum N (every column the same)
             lat_t = tl.broadcast_to(lat_t, (BLOCK_K, DOT_N))
@@ -127,7 +127,6 @@ def _mla_tail_kernel(
             lat_t = lat_t.to(tl.float32)
             w_uv = w_uv.to(tl.float32)
         acc += tl.dot(w_uv, lat_t)  # [BD, BK] x [BK, DOT_N]
-        o = o_next
 
     y = tl.trans(acc).to(w_ptr.dtype.element_ty)  # [DOT_N, BD], rounded as head_gemm stores it
     cols = tl.arange(0, DOT_N)

@@ -50,12 +50,43 @@ TMA_ALIGN = 16
 #   64x128  w4 s4:        128 threads, 177-182 registers, 0 spill, 112 KB -> 2 CTAs / SM
 TMA_PERSISTENT_CONFIGS = [
     # 4 stages x 32 KB + 32 KB epilogue = 160 KB, one CTA per SM; the pipeliner overlaps tiles.
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "CTAS_PER_SM": 1},
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "CTAS_PER_SM": 1, "SCALE_PREFETCH": False},
                   num_warps=8, num_stages=4),
     # 64x128 on one warpgroup, two CTAs per SM: one CTA's promotion FFMAs overlap the other's wgmma.
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "CTAS_PER_SM": 2},
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "CTAS_PER_SM": 2, "SCALE_PREFETCH": False},
                   num_warps=4, num_stages=4),
 ]
+
+
+def _candidate(block_m: int, ctas_per_sm: int, stages: int, prefetch: bool, maxnreg: int | None = None):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": 128, "GROUP_M": 8, "CTAS_PER_SM": ctas_per_sm,
+                          "SCALE_PREFETCH": prefetch}, num_warps=block_m // 16, num_stages=stages, maxnreg=maxnreg)
+
+
+# The prefill sweep (benchmarks/kernels.py section fp8_prefill pins each one; autotuning above is
+# unchanged until the H200 has timed them). Why these, from the sm_90 PTX of the loop (triton 3.9):
+# every K step ends in wgmma.wait_group 0 (a dot whose fp32 partial is read in the same step is
+# never left in flight: deferring the promotion by one step, or two dots per step, compiled to the
+# same wait 0 with 250+ registers), so a warpgroup's tensor core idles through its promotion, its
+# barrier and its next TMA issue; only ANOTHER independent warpgroup on the SM fills that gap. The
+# two warpgroups of a 128x128 w8 CTA do not: a bar.sync before each TMA re-issue keeps them in
+# lockstep. So the levers are (1) shorter gaps, (2) more independent CTAs per SM:
+# - SCALE_PREFETCH: a_s / b_s for K block kb + 1 are loaded during step kb (the pipeliner stages
+#   only the dot-fed TMA loads; the scales were plain ld.global issued just before the wgmma and
+#   waited on right after it, an L2 round trip per step). Registers: 182 -> 173 (64x128).
+# - 64x128 on three CTAs per SM: 2 stages (64 KB shared each), maxnreg 168 (162 used, no spill).
+# - 128x128 with 5 stages (192 KB; 224 KB with an fp32 c): deeper TMA prefetch for the one-CTA form.
+# Not here: split-K for w2 (N=2048, K=10944): 512 tiles of 128x128 are 3.9 waves of 132 (3% tail)
+# while the fp32 partials would add 2 x 32 MB of traffic per split (~15 us at 4.2 TB/s against a
+# ~150 us GEMM); a warp-specialized loop (wrong on the H200, see the module docstring).
+PREFILL_CANDIDATES = {
+    "64x128 x2 s4": TMA_PERSISTENT_CONFIGS[1],
+    "64x128 x2 s4 pf": _candidate(64, 2, 4, True),
+    "64x128 x3 s2 pf r168": _candidate(64, 3, 2, True, maxnreg=168),
+    "128x128 x1 s4": TMA_PERSISTENT_CONFIGS[0],
+    "128x128 x1 s4 pf": _candidate(128, 1, 4, True),
+    "128x128 x1 s5 pf": _candidate(128, 1, 5, True),
+}
 
 
 @triton.jit
@@ -64,7 +95,7 @@ def _fp8_gemm_tma_persistent_kernel(
     M, N, K, M_BUCKET,  # M_BUCKET: unused in the body, a runtime arg only to key the autotuner
     stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    CTAS_PER_SM: tl.constexpr,
+    CTAS_PER_SM: tl.constexpr, SCALE_PREFETCH: tl.constexpr,
 ):
     tl.static_assert(BLOCK_N <= BLOCK_K, "a tile must lie in one 128-row block of b_s (one scale per K step)")
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
@@ -87,12 +118,22 @@ def _fp8_gemm_tma_persistent_kernel(
         a_s_rows = a_s_ptr + offs_m * stride_asm
         b_s_row = b_s_ptr + (off_n // BLOCK_K) * stride_bsn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(k_blocks):
-            a = a_desc.load([off_m, kb * BLOCK_K])  # [BM, BK], zero-filled past M and K
-            b = b_desc.load([off_n, kb * BLOCK_K])  # [BN, BK], zero-filled past N and K
-            a_s = tl.load(a_s_rows + kb, mask=offs_m < M, other=0.0)  # [BM]
-            b_s = tl.load(b_s_row + kb)  # scalar: the tile lies in one 128-row scale block
-            acc += tl.dot(a, b.T) * (a_s * b_s)[:, None]  # promotion: fresh partial, fp32 FFMA
+        if SCALE_PREFETCH:  # the scales of K block kb + 1 are in flight while step kb runs
+            s_next = tl.load(a_s_rows, mask=offs_m < M, other=0.0) * tl.load(b_s_row)  # [BM]
+            for kb in range(k_blocks):
+                a = a_desc.load([off_m, kb * BLOCK_K])  # [BM, BK], zero-filled past M and K
+                b = b_desc.load([off_n, kb * BLOCK_K])  # [BN, BK], zero-filled past N and K
+                s = s_next
+                kn = tl.minimum(kb + 1, k_blocks - 1)  # the last step re-reads its own (unused) scales
+                s_next = tl.load(a_s_rows + kn, mask=offs_m < M, other=0.0) * tl.load(b_s_row + kn)  # [BM]
+                acc += tl.dot(a, b.T) * s[:, None]  # promotion: fresh partial, fp32 FFMA
+        else:
+            for kb in range(k_blocks):
+                a = a_desc.load([off_m, kb * BLOCK_K])  # [BM, BK], zero-filled past M and K
+                b = b_desc.load([off_n, kb * BLOCK_K])  # [BN, BK], zero-filled past N and K
+                a_s = tl.load(a_s_rows + kb, mask=offs_m < M, other=0.0)  # [BM]
+                b_s = tl.load(b_s_row + kb)  # scalar: the tile lies in one 128-row scale block
+                acc += tl.dot(a, b.T) * (a_s * b_s)[:, None]  # promotion: fresh partial, fp32 FFMA
         c_desc.store([off_m, off_n], acc.to(c_ptr.dtype.element_ty))  # clipped at M and N by the TMA unit
 
 

@@ -183,6 +183,38 @@ def test_tma_persistent_every_config_ragged(seed, config, m, n, k):
     assert mean_rel(out, G.fp8_gemm_ref(a, a_s, b, b_s, torch.float32)) < TOL["fp8_gemm_fp32_out"]
 
 
+# The prefill sweep's candidates, one per distinct kernel body (the interpreter ignores stages,
+# warps and maxnreg; tests/kernels/test_compile_sm90.py compiles every one of them for sm_90).
+_CANDIDATE_BODIES = {str(sorted(c.kwargs.items())): (name, c) for name, c in P.PREFILL_CANDIDATES.items()}
+
+
+@pytest.mark.parametrize("name, config", list(_CANDIDATE_BODIES.values()), ids=[n for n, _ in _CANDIDATE_BODIES.values()])
+@pytest.mark.parametrize("m, n, k", [(37, 200, 400), (130, 264, 272), (5, 136, 1040), (70, 136, 128)])
+def test_tma_persistent_prefill_candidates_ragged(seed, name, config, m, n, k):
+    # Ragged M, N and K (1 to 9 K blocks: the prefetch's first and last block), several tiles per
+    # program; fp32 c so the comparison sees the kernel's own arithmetic.
+    torch.manual_seed(seed)
+    a, a_s, b, b_s = _operands(m, n, k)
+    out = G.fp8_gemm(a, a_s, b, b_s, torch.float32, variant="tma_persistent", config=config)
+    assert_finite(f"fp8_gemm tma_persistent {name}", out)
+    assert mean_rel(out, G.fp8_gemm_ref(a, a_s, b, b_s, torch.float32)) < TOL["fp8_gemm_fp32_out"]
+    few = P.fp8_gemm_tma_persistent(a, a_s, b, b_s, torch.float32, config, programs=3)
+    assert torch.equal(few, out), "the persistent tile loop changed the result"
+
+
+def test_prefill_candidates_pin_the_scale_prefetch_and_fit_an_sm():
+    # Both scale-load forms are swept; the grid's CTAs per SM must fit the H200's 64K registers
+    # (maxnreg, else 255 per thread) and 228 KB of shared memory (stages x 24/32 KB + epilogue).
+    assert {c.kwargs["SCALE_PREFETCH"] for c in P.PREFILL_CANDIDATES.values()} == {True, False}
+    assert all(not c.kwargs["SCALE_PREFETCH"] for c in P.TMA_PERSISTENT_CONFIGS)  # autotuning unchanged
+    for name, c in P.PREFILL_CANDIDATES.items():
+        bm, bn, per_sm = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["CTAS_PER_SM"]
+        assert bn <= 128 and c.num_warps == bm // 16, name
+        assert per_sm * 32 * c.num_warps * (c.maxnreg or 255) <= 65536, name
+        smem = c.num_stages * (bm + bn) * 128 + bm * bn * 2  # fp8 a and b stages + bf16 c tile
+        assert per_sm * (smem + 1024) <= 228 * 1024, (name, smem)
+
+
 def test_tma_persistent_variant_through_fp8_gemm(seed):
     torch.manual_seed(seed)
     a, a_s, b, b_s = _operands(70, 200, 400)

@@ -4,7 +4,8 @@ A one-op program is exported through the backend's translation table, constant-f
 the way engines are, and run by ONNX Runtime's CPU provider. The CUDA lowering of the experts
 (com.microsoft.MoE) runs there too: ORT's CPU provider implements MoE in fp32. Inputs are the
 graph's own inputs, so fp8 activation quantization sees the same bits as torch and the only
-difference is summation order: relative error < 1e-5 in fp32. Shapes are not multiples of 128.
+difference is summation order: relative error < 1e-5 in fp32 (the fp8 experts with act_quant: per
+token row, where a last-bit difference in h can flip one fp8 step; see that test). Shapes are not multiples of 128.
 """
 
 from __future__ import annotations
@@ -107,7 +108,17 @@ def test_moe_experts_fp8(tmp_path, seed, device, act_quant):
     (q13, s13), (q2, s2) = quantized(w13), quantized(w2)
     module = OneOp(torch.ops.dsv3.moe_experts_fp8, [q13, s13, q2, s2], (act_quant,))
     got, lowerings, hist = run_lowered(module, (x, tw, ti), Target("fp8", device), tmp_path)
-    assert rel_err(got, module(x, tw, ti)) < TOL
+    want = module(x, tw, ti)
+    if not act_quant:
+        assert rel_err(got, want) < TOL
+    else:
+        # The second 1x128 quantization (of h, between the GEMMs) sees ORT's fp32 h, whose GEMM and
+        # SiLU round differently from torch's in the last bit; now and then (seed 2025232336: one
+        # row of 7) that moves an element of h across an e4m3 rounding boundary, one fp8 step
+        # (1/16-1/8 of it), and only its token's output row moves (0.0055 there). Every other row
+        # must hold the fp32 bound; a wrong lowering (scales, layout, routing) moves every row.
+        rows = torch.stack([torch.tensor(rel_err(g, w)) for g, w in zip(got, want)])  # [t]
+        assert (rows > TOL).sum() <= 2 and rows.max() < 0.02, rows
     assert ("com.microsoft::MoE" in hist) == (device == "cuda")
 
 

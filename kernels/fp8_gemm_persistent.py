@@ -19,7 +19,11 @@ default's 0.48-0.66x; still short of par):
 - No warp specialization: a 128x128 w4 config with tl.range(warp_specialize=True) (Hopper autoWS,
   a producer warpgroup for the TMA loads, two consumers) was the fastest on the H200 (0.91x cuBLAS
   at w1/w3 M=4096, session 5) but WRONG there: mean rel. error 0.11 at both 16b shapes, triton
-  3.6, while the same kernel without it is right (1.4e-3). Removed until that is understood.
+  3.6, while the same kernel without it is right (1.4e-3). Likely cause (not proven: the CPU
+  interpreter ignores warp specialization, so no test here can see it): triton-lang/triton#8311,
+  open, wrong results from warp_specialize=True when the loop mixes pointer tl.loads with
+  descriptor loads, which is this loop's shape (a_s, b_s are pointer loads beside the a, b TMA
+  loads). Left out; a form with every loop load through a descriptor would need the GPU to judge.
 TMA needs 16-byte aligned row strides: K % 16 == 0 for a and b, N * itemsize % 16 == 0 for c
 (the 16b shapes: K 2048 / 10944, N 10944 / 2048 all qualify); the launcher refuses the rest with
 a message. W8A8 only (a fp8): W8A16 would widen b in registers, which TMA -> wgmma bypasses.

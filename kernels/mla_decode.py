@@ -30,6 +30,16 @@ buffer the cp.async pipeline filled, q^T stays in shared memory instead of being
 every warp's registers, and the fp32 accumulator [C, BLOCK_H] is spread over the warpgroup (64
 registers per thread at 4 warps). The heads-as-M form (M = 16) ran everything as mma.sync with q
 held in registers (164 registers/thread at 4 warps).
+Variants (session 8, VARIANT_FLAGS; unmeasured, so none is the default: benchmarks/kernels.py
+mla_sweep times them against it). Sessions 4-5 left B=32 at context 4096 at 0.059 ms (61% of copy) with
+BN=32 w4 s3 at 8 splits, where bytes in flight are not short (two programs per SM, two 36.9 KB tiles
+ahead each): what is left is per-tile issue work and the serial chain of each tile. "tma" moves the tile
+loads to the TMA unit (device-side descriptors over the row's [seqlen, C] keys, zero-filled past them):
+no per-thread address arithmetic, masks or cp.async issue in the loop. At B=1 (16 programs of one or
+two tiles) the time is latency: "early" issues q and the new token before the program waits for its
+cache length (which the runtime rule's row check does) and scores the new token from q in registers,
+where the default reloads q after the loop (and, on sm_90, uses fewer registers: 134 against 173 at
+BN=32 with the new token, 168 against 255 at BN=64).
 """
 
 from __future__ import annotations
@@ -113,7 +123,13 @@ FUSED_DECODE_CONFIGS = [c for c in DECODE_CONFIGS if (c.kwargs["BLOCK_N"], c.kwa
 # TMA unit: one thread issues the [BN, 512] copy, no per-thread addresses or masks in the loop, the
 # loaded tile lands swizzled in shared memory where both dots read it). Not measured yet: the benchmark's
 # mla_sweep times it against the default before it may become one.
-DECODE_VARIANTS = ("pointer", "tma")
+# "early" (either load form): q and the new token are loaded before the program waits for its row's
+# cache length (in the runtime split rule, the row check that returns surplus programs stalls on it),
+# and the new token's scores come from q already in registers, where the default reloads q ([C,
+# BLOCK_H], an L2 round trip) after the loop. Latency, not bytes: for B=1 at context 1024 (16 programs,
+# one or two tiles each). "early" variants take a pinned config (no autotuner).
+VARIANT_FLAGS = {"pointer": {}, "tma": {"TMA": True}, "early": {"EARLY": True}, "tma_early": {"TMA": True, "EARLY": True}}
+DECODE_VARIANTS = tuple(VARIANT_FLAGS)
 DECODE_VARIANT = "pointer"
 # TMA tiles, sm_90 (python -m tests.kernels._sm90_compile --all-configs --ptxas-v, triton 3.9): the
 # pipeliner keeps num_stages - 1 buffers of BN x 1152 B (BN=64: num_stages) plus q^T (18 KB); the loads
@@ -145,16 +161,28 @@ def _mla_decode_split_kernel(
     SPLIT_TARGET: tl.constexpr, MIN_SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr,  # > 0: the runtime split rule
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
     TMA: tl.constexpr = False,  # KV tiles through device-side tensor descriptors (variant="tma")
+    EARLY: tl.constexpr = False,  # q and the new token loaded before the seqlen wait (variant "*early")
 ):
     scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as fp64 scalars
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     pid_s = tl.program_id(2)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_h, mask_c, mask_r = offs_h < H, offs_c < C, offs_r < R
+    b = pid_b.to(tl.int64)
     if SPLIT_TARGET > 0:  # runtime rule: NUM_SPLITS is the grid's split axis, the most a row may use
         splits = _batch_splits(tl.num_programs(0) * tl.num_programs(1), NUM_SPLITS, SPLIT_TARGET, MIN_SPLITS)
         if pid_s >= splits:  # from the grid alone, before any memory access (most programs at B=32)
             return
         seqlen = tl.load(seqlens_ptr + pid_b)  # cached keys of this row
+        if EARLY:  # issued before the row check below waits for seqlen
+            q, q_pe = _query_tiles(q_ptr, q_pe_ptr, b, offs_h, offs_c, offs_r, mask_h, mask_c, mask_r,
+                                   stride_qb, stride_qh, stride_qpb, stride_qph)
+            if HAS_NEW:  # every program loads the new token (1 KB, an L2 hit); the last split uses it
+                kv_new = tl.load(kvn_ptr + b * stride_kvnb + offs_c, mask=mask_c, other=0.0)
+                pe_new = tl.load(pen_ptr + b * stride_penb + offs_r, mask=mask_r, other=0.0)
         splits = _row_splits(splits, seqlen, MIN_KEYS)
         if pid_s >= splits:
             return
@@ -162,22 +190,26 @@ def _mla_decode_split_kernel(
     else:
         splits = NUM_SPLITS
         seqlen = tl.load(seqlens_ptr + pid_b)  # cached keys of this row
+        if EARLY:
+            q, q_pe = _query_tiles(q_ptr, q_pe_ptr, b, offs_h, offs_c, offs_r, mask_h, mask_c, mask_r,
+                                   stride_qb, stride_qh, stride_qpb, stride_qph)
+            if HAS_NEW:
+                kv_new = tl.load(kvn_ptr + b * stride_kvnb + offs_c, mask=mask_c, other=0.0)
+                pe_new = tl.load(pen_ptr + b * stride_penb + offs_r, mask=mask_r, other=0.0)
         chunk = tl.cdiv(tl.cdiv(seqlen, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = pid_s * chunk
     end = tl.minimum(start + chunk, seqlen)
 
-    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_h, mask_c, mask_r = offs_h < H, offs_c < C, offs_r < R
-    b = pid_b.to(tl.int64)
-    q = tl.load(q_ptr + b * stride_qb + offs_h[:, None] * stride_qh + offs_c[None, :],
-                mask=mask_h[:, None] & mask_c[None, :], other=0.0)
-    q_pe = tl.load(q_pe_ptr + b * stride_qpb + offs_h[:, None] * stride_qph + offs_r[None, :],
-                   mask=mask_h[:, None] & mask_r[None, :], other=0.0)
+    if not EARLY:
+        q, q_pe = _query_tiles(q_ptr, q_pe_ptr, b, offs_h, offs_c, offs_r, mask_h, mask_c, mask_r,
+                               stride_qb, stride_qh, stride_qpb, stride_qph)
     if UPCAST:
         q = q.to(tl.float32)
         q_pe = q_pe.to(tl.float32)
+    if EARLY:
+        if HAS_NEW:  # the new token's scores [BLOCK_H] now, from q in registers: no reload of q after the loop
+            s_new = (tl.sum(q.to(tl.float32) * kv_new.to(tl.float32)[None, :], axis=1)
+                     + tl.sum(q_pe.to(tl.float32) * pe_new.to(tl.float32)[None, :], axis=1)) * scale_log2
     q_t = tl.trans(q)  # [BLOCK_C, BLOCK_H]
     q_pe_t = tl.trans(q_pe)  # [BLOCK_R, BLOCK_H]
 
@@ -231,19 +263,22 @@ def _mla_decode_split_kernel(
 
     if HAS_NEW:
         if pid_s == splits - 1:  # the new token (key number `seqlen`) joins the last split
-            kv_new = tl.load(kvn_ptr + b * stride_kvnb + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-            pe_new = tl.load(pen_ptr + b * stride_penb + offs_r, mask=mask_r, other=0.0).to(tl.float32)
-            # q again (an L2 hit), [C, BLOCK_H]: keeping the loop's copy live would cost registers in the loop
-            q_c = tl.load(q_ptr + b * stride_qb + offs_h[None, :] * stride_qh + offs_c[:, None],
-                          mask=mask_h[None, :] & mask_c[:, None], other=0.0).to(tl.float32)
-            q_r = tl.load(q_pe_ptr + b * stride_qpb + offs_h[None, :] * stride_qph + offs_r[:, None],
-                          mask=mask_h[None, :] & mask_r[:, None], other=0.0).to(tl.float32)
-            s_new = (tl.sum(q_c * kv_new[:, None], axis=0) + tl.sum(q_r * pe_new[:, None], axis=0)) * scale_log2
+            if EARLY:
+                kv_new32 = kv_new.to(tl.float32)  # loaded before the loop, s_new computed there
+            else:
+                kv_new32 = tl.load(kvn_ptr + b * stride_kvnb + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+                pe_new32 = tl.load(pen_ptr + b * stride_penb + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+                # q again (an L2 hit), [C, BLOCK_H]: keeping the loop's copy live would cost registers in the loop
+                q_c = tl.load(q_ptr + b * stride_qb + offs_h[None, :] * stride_qh + offs_c[:, None],
+                              mask=mask_h[None, :] & mask_c[:, None], other=0.0).to(tl.float32)
+                q_r = tl.load(q_pe_ptr + b * stride_qpb + offs_h[None, :] * stride_qph + offs_r[:, None],
+                              mask=mask_h[None, :] & mask_r[:, None], other=0.0).to(tl.float32)
+                s_new = (tl.sum(q_c * kv_new32[:, None], axis=0) + tl.sum(q_r * pe_new32[:, None], axis=0)) * scale_log2
             m_new = tl.maximum(m_i, s_new)
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s_new - m_new)
             l_i = l_i * alpha + p
-            acc = acc * alpha[None, :] + kv_new[:, None] * p[None, :]
+            acc = acc * alpha[None, :] + kv_new32[:, None] * p[None, :]
             m_i = m_new
 
     has_keys = l_i > 0
@@ -275,6 +310,17 @@ def _mla_decode_split_kernel(
     else:
         tl.store(o_ptrs, out, mask=mask_h[None, :] & mask_c[:, None])
         tl.store(lse_ptr + b * stride_lb + offs_h * stride_lh + pid_s, lse, mask=mask_h)
+
+
+@triton.jit
+def _query_tiles(q_ptr, q_pe_ptr, b, offs_h, offs_c, offs_r, mask_h, mask_c, mask_r,
+                 stride_qb, stride_qh, stride_qpb, stride_qph):
+    """This row's query block: q [BLOCK_H, BLOCK_C] and q_pe [BLOCK_H, BLOCK_R], zero past H, C, R."""
+    q = tl.load(q_ptr + b * stride_qb + offs_h[:, None] * stride_qh + offs_c[None, :],
+                mask=mask_h[:, None] & mask_c[None, :], other=0.0)
+    q_pe = tl.load(q_pe_ptr + b * stride_qpb + offs_h[:, None] * stride_qph + offs_r[None, :],
+                   mask=mask_h[:, None] & mask_r[None, :], other=0.0)
+    return q, q_pe
 
 
 @triton.jit
@@ -386,8 +432,8 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     (runtime_num_splits): nothing on the host depends on the batch or cache length, for programs
     traced with a symbolic batch.
     merge: "separate" or "fused" (MERGE_MODES; default DECODE_MERGE): how the splits are merged.
-    variant: "pointer" or "tma" (DECODE_VARIANTS; default DECODE_VARIANT): how the KV tiles are loaded;
-    "tma" is eager-only (benchmarks) and needs 16-byte aligned caches (tma_unsupported).
+    variant: one of DECODE_VARIANTS (default DECODE_VARIANT; VARIANT_FLAGS says what each changes): the
+    "tma" ones are eager-only (benchmarks) and need 16-byte aligned caches (tma_unsupported).
     Eager fused calls share one counter buffer per device: do not run two at once on different streams.
     """
     check_tensor("mla_decode: q_latent", q_latent, ndim=3)
@@ -405,7 +451,8 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     variant = variant or DECODE_VARIANT
     if variant not in DECODE_VARIANTS:
         raise ValueError(f"mla_decode: variant={variant!r} must be one of {DECODE_VARIANTS}")
-    tma = variant == "tma"
+    flags = VARIANT_FLAGS[variant]
+    tma = flags.get("TMA", False)
     if tma:
         if tracing():  # its alignment check reads data_ptr(); AOTInductor's descriptor scratch is untested here
             raise NotImplementedError("mla_decode(variant='tma') is eager-only (benchmarks) until it is tested "
@@ -441,6 +488,8 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
         tuned, configs = _decode_tma_tuned, TMA_DECODE_CONFIGS
     else:
         tuned, configs = (_decode_fused_tuned, FUSED_DECODE_CONFIGS) if fused else (_decode_tuned, DECODE_CONFIGS)
+    if flags.get("EARLY"):
+        tuned = None  # pinned: `config`, else the list's first
     rule = dict(SPLIT_TARGET=split_target, MIN_SPLITS=RUNTIME_MIN_SPLITS, MIN_KEYS=MIN_SPLIT_KEYS)
     tune_key = (heads, c, r, splits, q_latent.dtype, has_new, merge, split_target, variant)
     eager_tuned = config is None and tuned is not None and not tracing()  # tracing needs the autotuner
@@ -452,7 +501,7 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
            dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), HAS_NEW=has_new,
                 UPCAST=_INTERPRETED,  # fp32 .to(fp32) is a no-op; also skips PTX
                 FUSED=fused, BLOCK_S=next_pow2(splits), MERGE_C=merge_cols(next_pow2(splits), block_h, c),
-                **rule, BLOCK_H=block_h, **({"TMA": True} if tma else {})), cfg)
+                **rule, BLOCK_H=block_h, **flags), cfg)
     chosen = getattr(tuned, "best_config", None) if eager_tuned and cfg is None else None
     if chosen is not None:
         _decode_chosen[tune_key] = chosen

@@ -6,7 +6,9 @@ masks its loads. So the caches here hold NaN past every row's length: a tile tha
 the zero fill would turn the output into NaN (0 x NaN in the value dot). torch.empty is NaN-poisoned
 (conftest), so a partial or output the kernels forget to write fails the comparison too. Tolerances:
 tests/kernels/_helpers.py TOL (fp32: max abs 2e-5, summation order only; bf16: mean rel 1e-2). The
-sm_90 build of every TMA config is checked by tests/kernels/test_compile_sm90.py.
+"early" variants (q and the new token loaded before the cache-length wait) run the same checks with
+the pointer configs the benchmark pins. The sm_90 build of every variant's configs is checked by
+tests/kernels/test_compile_sm90.py.
 """
 
 from __future__ import annotations
@@ -41,9 +43,21 @@ def _check(out: torch.Tensor, ref: torch.Tensor, dtype) -> None:
         assert mean_rel(out, ref) < TOL["mla_bf16_mean_rel"]
 
 
-@pytest.mark.parametrize("config", D.TMA_DECODE_CONFIGS, ids=str)
+OTHER_VARIANTS = [v for v in D.DECODE_VARIANTS if v != D.DECODE_VARIANT]
+# The early-load variants run pinned pointer configs: the ones benchmarks/kernels.py mla_sweep times.
+EARLY_CONFIGS = [c for c in D.DECODE_CONFIGS if c.num_warps == 4 and not c.maxnreg and
+                 (c.kwargs["BLOCK_N"], c.kwargs["PREFETCH"], c.num_stages) in ((32, 0, 3), (64, 2, 2))]
+VARIANT_CONFIGS = [(v, c) for v in OTHER_VARIANTS
+                   for c in (D.TMA_DECODE_CONFIGS if D.VARIANT_FLAGS[v].get("TMA") else EARLY_CONFIGS)]
+
+
+def test_early_configs_found():
+    assert len(EARLY_CONFIGS) == 2 and set(OTHER_VARIANTS) == {"tma", "early", "tma_early"}
+
+
+@pytest.mark.parametrize("variant,config", VARIANT_CONFIGS, ids=str)
 @pytest.mark.parametrize("merge", D.MERGE_MODES)
-def test_tma_every_config_ragged(seed, config, merge):
+def test_variant_every_config_ragged(seed, variant, config, merge):
     """Ragged rows (empty, 1 key, not a multiple of any BLOCK_N, the full cache) over 3 splits."""
     torch.manual_seed(seed)
     lens = [0, 1, 37, S]
@@ -52,16 +66,17 @@ def test_tma_every_config_ragged(seed, config, merge):
     q, qp = torch.randn(4, H, C), torch.randn(4, H, R)
     seqlens = torch.tensor(lens, dtype=torch.int32)
     ref = A.mla_decode_ref(q, qp, torch.nan_to_num(kv), torch.nan_to_num(pe), seqlens, SCALE)
-    out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=3, config=config, merge=merge, variant="tma")
+    out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=3, config=config, merge=merge, variant=variant)
     assert out.shape == (4, H, C) and out.dtype == torch.float32
     _check(out, ref, torch.float32)
     assert (out[0] == 0).all()  # no keys: zeros, as the pointer form
 
 
+@pytest.mark.parametrize("variant", OTHER_VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_splits", [None, 1, 7])
-def test_tma_matches_pointer_form(seed, dtype, num_splits):
-    """Same tiles, same math: the TMA form equals the pointer form (fp32: to rounding; bf16: the
+def test_variant_matches_pointer_form(seed, variant, dtype, num_splits):
+    """Same tiles, same math: each variant equals the pointer form (fp32: to rounding; bf16: the
     reference's tolerance), at the host's split count and at forced ones."""
     torch.manual_seed(seed)
     lens = [70, 9, 64]
@@ -69,7 +84,8 @@ def test_tma_matches_pointer_form(seed, dtype, num_splits):
     kv, pe = cache[..., :C], cache[..., C:]
     q, qp = torch.randn(3, H, C, dtype=dtype), torch.randn(3, H, R, dtype=dtype)
     seqlens = torch.tensor(lens, dtype=torch.int32)
-    tma = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=num_splits, variant="tma")
+    tma = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=num_splits, variant=variant,
+                       config=EARLY_CONFIGS[0] if variant == "early" else None)
     ptr = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=num_splits, variant="pointer")
     assert_finite("mla_decode pointer", ptr)
     if dtype == torch.float32:
@@ -77,11 +93,13 @@ def test_tma_matches_pointer_form(seed, dtype, num_splits):
     _check(tma, A.mla_decode_ref(q, qp, torch.nan_to_num(kv), torch.nan_to_num(pe), seqlens, SCALE), dtype)
 
 
+@pytest.mark.parametrize("variant", OTHER_VARIANTS)
 @pytest.mark.parametrize("merge", D.MERGE_MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tma_runtime_splits_with_new_token(seed, monkeypatch, merge, dtype):
-    """The decode program's form: cache + new token, the kernels' runtime split rule (20 SMs: B=5 -> 8
-    splits before the key cap; chunks not multiples of BLOCK_N), both merges, twice (fused counters)."""
+def test_variant_runtime_splits_with_new_token(seed, monkeypatch, variant, merge, dtype):
+    """The decode program's form: cache + new token (the early variants score it before the loop), the
+    kernels' runtime split rule (20 SMs: B=5 -> 8 splits before the key cap; chunks not multiples of
+    BLOCK_N), both merges, the first and last config of the variant's list (fused counters reset)."""
     monkeypatch.setattr(mla_splits, "num_sms", lambda device: 20)
     torch.manual_seed(seed)
     lens = [0, 37, 65, 90, S - 1]  # cache keys before the new token: 1, 1, 2, 2, 2 splits
@@ -93,9 +111,10 @@ def test_tma_runtime_splits_with_new_token(seed, monkeypatch, merge, dtype):
     kw = dict(kv_new=new[:, :C], pe_new=new[:, C:])
     ref = A.mla_decode_ref(q, qp, torch.nan_to_num(kv), torch.nan_to_num(pe), seqlens, SCALE, **kw)
     assert [D.runtime_num_splits(5, H, n, kv.device) for n in lens] == [1, 1, 2, 2, 2]
-    for cfg in (D.TMA_DECODE_CONFIGS[0], D.TMA_DECODE_CONFIGS[-1]):  # BN=32 (mma.sync scores), BN=64 (wgmma)
+    configs = D.TMA_DECODE_CONFIGS if D.VARIANT_FLAGS[variant].get("TMA") else EARLY_CONFIGS
+    for cfg in (configs[0], configs[-1]):  # BN=32 (mma.sync scores), BN=64 (wgmma)
         out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, runtime_splits=True, merge=merge, config=cfg,
-                           variant="tma", **kw)
+                           variant=variant, **kw)
         _check(out, ref, dtype)
     for buf in D._counter_cache.values():
         assert (buf == 0).all(), "fused-merge counters not reset"
@@ -145,5 +164,5 @@ def test_tma_is_eager_only():
 
 def test_default_variant_is_the_measured_one():
     """No variant becomes the default before the H200 measured it (benchmarks/kernels.py mla_sweep)."""
-    assert D.DECODE_VARIANT == "pointer" and D.DECODE_VARIANTS[0] == "pointer"
+    assert D.DECODE_VARIANT == "pointer" and D.DECODE_VARIANTS[0] == "pointer" and D.VARIANT_FLAGS["pointer"] == {}
     assert all(c.kwargs["PREFETCH"] == 0 for c in D.TMA_DECODE_CONFIGS)  # no L2 prefetch in the TMA loop

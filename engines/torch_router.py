@@ -29,6 +29,13 @@ GEMM separate (GATE_DEFAULT). When the logits are
 the router becomes
     w, ids = dsv3_aoti::router_topk_gate(x, weight, k, route_scale, n, E, dtype)
 (kernels/topk.py router_topk_gate: the logits in fp32, rounded to x's dtype, then the same math).
+DSV3_TORCH_ROUTER_GATE=split takes the same sites into
+    w, ids = dsv3_aoti::router_topk_gate_split(x, weight, k, route_scale, n, E, dtype)
+(kernels/topk.py router_topk_gate_split): the experts split over programs (8-16 at E=64, each
+streaming 16-32 KB of the weight instead of one program streaming all 262 KB), the last program of
+a row block to finish routing the row from the others' logits (an arrival counter). Not measured
+yet: the default stays "0" until the H200 times it. Its traced form allocates the counters zeroed
+(one memset node per router in the package) where eager calls reuse a self-cleaning buffer.
 """
 
 from __future__ import annotations
@@ -44,12 +51,16 @@ import dsv3_export.ops  # noqa: F401  (registers the dsv3:: ops matched here)
 from dsv3_export.engines import torch_triton as tt
 from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.kernels import topk as kt
+from dsv3_export.kernels._common import arrival_counters
 from dsv3_export.passes.graph_utils import is_call
 from dsv3_export.passes.program_state import ProgramState
 
 ROUTER_ENV = "DSV3_TORCH_ROUTER"
 GATE_ENV = "DSV3_TORCH_ROUTER_GATE"
-GATE_DEFAULT = "0"  # measured slower (module docstring)
+GATE_DEFAULT = "0"  # "1" measured slower, "split" not measured yet (module docstring)
+GATE_CHOICES = {"1": "the gate GEMM inside the router kernel, one program per row block",
+                "split": "the gate GEMM inside the router kernel, the experts split over programs",
+                "0": "the gate GEMM separate"}
 aten = torch.ops.aten
 CASTS = (aten.type_as.default, aten.to.dtype, aten._to_copy.default)
 MOE_OPS = (torch.ops.dsv3.moe_experts.default, torch.ops.dsv3.moe_experts_fp8.default)
@@ -74,6 +85,21 @@ def router_topk_gate(x: torch.Tensor, gate: torch.Tensor, k: int, scale: float, 
     weights = torch.empty((x.shape[0], k + n_extra), dtype=out_dtype, device=x.device)
     ids = torch.empty((x.shape[0], k + n_extra), dtype=torch.int64, device=x.device)
     tt._launch(kt.router_gate_spec(x, gate, k, scale, n_extra, first_extra, weights, ids))
+    return weights, ids
+
+
+@triton_op("dsv3_aoti::router_topk_gate_split", mutates_args={})
+def router_topk_gate_split(x: torch.Tensor, gate: torch.Tensor, k: int, scale: float, n_extra: int,
+                           first_extra: int, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_topk_gate's result from programs that split the experts (the last one routes). Traced
+    (torch.export / AOTInductor), the arrival counters are this op's own zeros; eager, the device's
+    self-cleaning buffer (kernels/_common.py arrival_counters)."""
+    x, gate = x.contiguous(), gate.contiguous()
+    weights = torch.empty((x.shape[0], k + n_extra), dtype=out_dtype, device=x.device)
+    ids = torch.empty((x.shape[0], k + n_extra), dtype=torch.int64, device=x.device)
+    logits = torch.empty((x.shape[0], gate.shape[0]), dtype=x.dtype, device=x.device)  # [T, E] scratch
+    counters = arrival_counters(x.shape[0], x.device)  # >= one per row block (MIN_SPLIT_ROWS is 1)
+    tt._launch(kt.router_gate_split_spec(x, gate, k, scale, n_extra, first_extra, logits, counters, weights, ids))
     return weights, ids
 
 
@@ -155,8 +181,9 @@ def _gate(logits: Node, state: ProgramState) -> tuple[Node, Node] | str:
 def fuse_router(ep: ExportedProgram) -> tuple[ExportedProgram, str]:
     """The program with each matching router rewritten, and a line for the manifest's `lowerings`."""
     value = env_choice(ROUTER_ENV, "1", {"1": "one router kernel", "0": "ATen softmax / top-k / gather"})
-    gate_value = env_choice(GATE_ENV, GATE_DEFAULT, {"1": "the gate GEMM inside the router kernel",
-                                                     "0": "the gate GEMM separate"})
+    gate_value = env_choice(GATE_ENV, GATE_DEFAULT, GATE_CHOICES)
+    gate_op = {"1": torch.ops.dsv3_aoti.router_topk_gate.default,
+               "split": torch.ops.dsv3_aoti.router_topk_gate_split.default}.get(gate_value)
     moes = [n for n in ep.graph.nodes if is_call(n, *MOE_OPS)]
     if value == "0" or not moes:
         return ep, f"not fused ({ROUTER_ENV}=0)" if moes else "no MoE"
@@ -165,14 +192,14 @@ def fuse_router(ep: ExportedProgram) -> tuple[ExportedProgram, str]:
     sites = [f for f in found if not isinstance(f, str)]
     gated, kept = 0, []  # kept: why a gate GEMM stays separate
     for site in sites:
-        gate = _gate(site["logits"], state) if gate_value == "1" else f"{GATE_ENV}=0"
+        gate = _gate(site["logits"], state) if gate_op is not None else f"{GATE_ENV}=0"
         route = (site["k"], site["scale"], site["n_extra"], site["first"], site["dtype"])
         with state.graph.inserting_before(site["moe"]):
             if isinstance(gate, str):
                 kept.append(gate)
                 out = state.call(torch.ops.dsv3_aoti.router_topk.default, (site["logits"], *route))
             else:
-                out = state.call(torch.ops.dsv3_aoti.router_topk_gate.default, (*gate, *route))
+                out = state.call(gate_op, (*gate, *route))
                 gated += 1
             weights, ids = (state.call(operator.getitem, (out, i)) for i in range(2))
         site["moe"].replace_input_with(site["w"], weights)
@@ -181,9 +208,9 @@ def fuse_router(ep: ExportedProgram) -> tuple[ExportedProgram, str]:
     how = (f"{len(sites)} of {len(moes)} MoE routers (softmax, top-k, weights, shared-expert columns) -> "
            "dsv3_aoti::router_topk (kernels/topk.py)")
     if sites:
-        how += (f", {gated} of them with the gate GEMM (router_topk_gate)" if gate_value == "1"
+        how += (f", {gated} of them with the gate GEMM ({gate_op.name().split('::')[1]})" if gate_op is not None
                 else f", the gate GEMM separate ({GATE_ENV}=0)")
-        if gate_value == "1" and kept:
+        if gate_op is not None and kept:
             how += f" (gate kept: {kept[0]})"
     skipped = [f for f in found if isinstance(f, str)]
     if skipped:

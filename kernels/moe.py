@@ -150,6 +150,14 @@ def _grouped_gemm_kernel(
 
 
 @triton.jit
+def _scan_chunk(ids_ptr, c0, NUM_VALID, expert, CHUNK: tl.constexpr):
+    """Assignment ids c0 + [0, CHUNK) and each one's row among expert's rows of the chunk (-1: not expert's)."""
+    offs = c0 + tl.arange(0, CHUNK)
+    match = (tl.load(ids_ptr + offs, mask=offs < NUM_VALID, other=-1) == expert).to(tl.int32)  # [CHUNK]
+    return offs, tl.where(match != 0, tl.cumsum(match, axis=0) - 1, -1)
+
+
+@triton.jit
 def _grouped_gemm_scan_kernel(
     a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr, ids_ptr,
     N_OUT, K, NUM_VALID, TOPK, UP_OFFSET,
@@ -160,29 +168,34 @@ def _grouped_gemm_scan_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     QUANT_A: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """Program (expert e, column tile): finds e's assignments in the flat topk_ids itself, CHUNK ids
-    at a time, and runs them BLOCK_M at a time in ascending assignment order (moe_align's stable
-    order: within one chunk the same row groups as the aligned kernel's blocks)."""
+    """Program (expert e, column tile): finds e's assignments in the flat topk_ids itself and runs
+    them BLOCK_M at a time in ascending assignment order: moe_align's stable order, so the same row
+    groups as the aligned kernel's blocks. The ids are read CHUNK at a time: a count pass, then one
+    pass per row group (the [BLOCK_M, CHUNK] pick stays small in registers; work grows with
+    groups x T*k, fine at decode sizes)."""
     expert = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
+    n_match = tl.full((), 0, tl.int32)
     for c0 in range(0, NUM_VALID, CHUNK):
-        offs = c0 + tl.arange(0, CHUNK)
-        ids = tl.load(ids_ptr + offs, mask=offs < NUM_VALID, other=-1)
-        match = (ids == expert).to(tl.int32)  # [CHUNK]
-        n_match = tl.sum(match, axis=0)
-        rank = tl.cumsum(match, axis=0) - 1  # [CHUNK] the match's row among e's rows of the chunk
-        sel = tl.where(match != 0, rank, -1)  # -1: not e's
-        for r0 in range(0, n_match, BLOCK_M):  # no iteration where e has no assignment in the chunk
-            pick = sel[None, :] == (r0 + rows)[:, None]  # [BLOCK_M, CHUNK] one-hot of row r0 + i's id
-            tok = tl.sum(tl.where(pick, offs[None, :], 0), axis=1)  # [BLOCK_M] assignment ids
-            tok_mask = r0 + rows < n_match
-            tok = tl.where(tok_mask, tok, NUM_VALID)
-            _expert_rows_tile(a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr, expert.to(tl.int64), tok,
-                              tok_mask, pid_n, N_OUT, K, TOPK, UP_OFFSET,
-                              stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
-                              W_FP8, A_FP8, SWIGLU, MUL_WEIGHT, UPCAST, SCALE_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K,
-                              QUANT_A, SCALE_RECIPROCAL)
+        _, ranks = _scan_chunk(ids_ptr, c0, NUM_VALID, expert, CHUNK)
+        n_match += tl.max(ranks, axis=0) + 1
+    for r0 in range(0, n_match, BLOCK_M):  # none when e has no assignment
+        tok = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        before = tl.full((), 0, tl.int32)  # e's assignments in the chunks already read
+        for c0 in range(0, NUM_VALID, CHUNK):
+            offs, ranks = _scan_chunk(ids_ptr, c0, NUM_VALID, expert, CHUNK)
+            row = tl.where(ranks >= 0, ranks + before, -1)  # [CHUNK] e's row of each id, -1: not e's
+            pick = row[None, :] == (r0 + rows)[:, None]  # [BLOCK_M, CHUNK] one-hot of row r0 + i's id
+            tok += tl.sum(tl.where(pick, offs[None, :], 0), axis=1)  # [BLOCK_M] assignment ids
+            before += tl.max(ranks, axis=0) + 1
+        tok_mask = r0 + rows < n_match
+        tok = tl.where(tok_mask, tok, NUM_VALID)
+        _expert_rows_tile(a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr, expert.to(tl.int64), tok, tok_mask,
+                          pid_n, N_OUT, K, TOPK, UP_OFFSET,
+                          stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
+                          W_FP8, A_FP8, SWIGLU, MUL_WEIGHT, UPCAST, SCALE_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K,
+                          QUANT_A, SCALE_RECIPROCAL)
 
 
 _grouped_gemm_tuned = autotune_or_single(_grouped_gemm_kernel, GROUPED_GEMM_CONFIGS,
@@ -318,9 +331,9 @@ def grouped_gemm_spec(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Te
     return LaunchSpec(_grouped_gemm_kernel, _grouped_gemm_tuned, GROUPED_GEMM_CONFIGS, grid, args, kwargs)
 
 
-# The scan form (grouped_gemm_scan): decode sizes only (T*k <= SCAN_CHUNK in one chunk), few configs
-# so that its autotuning stays short.
-SCAN_CHUNK = 512
+# The scan form (grouped_gemm_scan): ids read SCAN_CHUNK at a time (one chunk up to T*k = 256, T = 32 at
+# k = 8; sm_90 registers about the same for 128..512); few configs so that its autotuning stays short.
+SCAN_CHUNK = 256
 SCAN_BLOCK_M = 16
 GROUPED_GEMM_SCAN_CONFIGS = [
     triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4),
@@ -345,11 +358,11 @@ def grouped_gemm_scan(a: torch.Tensor, w: torch.Tensor, topk_ids: torch.Tensor, 
 
     Why: at decode the alignment is a single-program launch (~4.4 us per MoE layer on the H200)
     in front of GEMMs of ~13 us each. Here program (expert e, column tile) reads the flat ids
-    itself (chunk at a time; one chunk covers T*k <= chunk) and runs e's rows block_m at a time:
-    the same per-row arithmetic as grouped_gemm (one shared K loop and epilogue). Correct for any
-    T*k; fast only while the ids fit one chunk (more chunks rescan, and an expert's rows split
-    across chunks run in more row blocks). Ids outside [0, E) match no expert: their rows are not
-    written (moe_align drops them too).
+    itself (chunk ids at a time) and runs e's rows block_m at a time in assignment order: the row
+    groups of moe_align's blocks, with the shared K loop and epilogue, so the results equal
+    grouped_gemm's bit for bit under the same config. Correct for any T*k; meant for decode: each
+    program reads all T*k ids once plus once per row group of its expert. Ids outside [0, E) match
+    no expert: their rows are not written.
     """
     n_out, out_dtype = _check_operands("grouped_gemm_scan", a, w, topk, a_scale, w_scale, topk_weights,
                                        fuse_swiglu, out_dtype, quant_a)

@@ -68,21 +68,26 @@ def _candidate(block_m: int, ctas_per_sm: int, stages: int, prefetch: bool, maxn
 
 
 # The prefill sweep (benchmarks/kernels.py section fp8_prefill pins each one; autotuning above is
-# unchanged until the H200 has timed them). Why these, from the sm_90 PTX of the loop (triton 3.9):
-# every K step ends in wgmma.wait_group 0 (a dot whose fp32 partial is read in the same step is
-# never left in flight: deferring the promotion by one step, or two dots per step, compiled to the
-# same wait 0 with 250+ registers), so a warpgroup's tensor core idles through its promotion, its
-# barrier and its next TMA issue; only ANOTHER independent warpgroup on the SM fills that gap. The
-# two warpgroups of a 128x128 w8 CTA do not: a bar.sync before each TMA re-issue keeps them in
-# lockstep. So the levers are (1) shorter gaps, (2) more independent CTAs per SM:
+# unchanged until the H200 has timed them). Why these, from the sm_90 PTX / SASS of the loop
+# (triton 3.9, 64x128): a K step is 4 QGMMA, then WARPGROUP.DEPBAR 0 (the wait), 64 FFMA of
+# promotion, 4 BAR.SYNC around the TMA re-issue and ~100 other instructions. A dot whose fp32
+# partial is read in the same step is never left in flight (deferring the promotion by one step,
+# or two dots per step, compiled to the same wait 0 with 250+ registers), so a warpgroup's tensor
+# core idles through all of that; only ANOTHER independent warpgroup on the SM fills the gap. The
+# two warpgroups of a 128x128 w8 CTA do not: the bar.syncs keep them in lockstep. So the levers
+# are (1) a shorter gap, (2) more independent CTAs per SM:
 # - SCALE_PREFETCH: a_s / b_s for K block kb + 1 are loaded during step kb (the pipeliner stages
 #   only the dot-fed TMA loads; the scales were plain ld.global issued just before the wgmma and
-#   waited on right after it, an L2 round trip per step). Registers: 182 -> 173 (64x128).
-# - 64x128 on three CTAs per SM: 2 stages (64 KB shared each), maxnreg 168 (162 used, no spill).
+#   waited on right after it, an L2 round trip per step). Registers: 182 -> 171 (bf16 c, both tiles).
+# - 64x128 on three CTAs per SM: 2 stages (64 KB shared each), maxnreg 168 (161 used, no spill).
 # - 128x128 with 5 stages (192 KB; 224 KB with an fp32 c): deeper TMA prefetch for the one-CTA form.
-# Not here: split-K for w2 (N=2048, K=10944): 512 tiles of 128x128 are 3.9 waves of 132 (3% tail)
-# while the fp32 partials would add 2 x 32 MB of traffic per split (~15 us at 4.2 TB/s against a
-# ~150 us GEMM); a warp-specialized loop (wrong on the H200, see the module docstring).
+# Tried and not offered (ptxas, sm_90): 128x256 w8 and 64x256 w4 (255 registers, 220-244 B spilled:
+# a 64x256 partial and accumulator are 256 registers per thread); a 128x128 tile on ONE warpgroup
+# as two 64-row dots per step (255 registers, 268-388 B spilled: both dots are issued before either
+# promotion; a tl.debug_barrier between them turned the software pipelining off). Split-K for w2
+# (N=2048, K=10944): 512 tiles of 128x128 are 3.9 waves of 132 (3% tail), while a split of 2 writes
+# and re-reads two 32 MB fp32 partials (~30 us at 4.2 TB/s against a ~150 us GEMM). A
+# warp-specialized loop: wrong on the H200 (see the module docstring).
 PREFILL_CANDIDATES = {
     "64x128 x2 s4": TMA_PERSISTENT_CONFIGS[1],
     "64x128 x2 s4 pf": _candidate(64, 2, 4, True),

@@ -6,12 +6,13 @@ numerics run on the tiny preset with v_head_dim = 128 (each head's output one bl
 Numerics in the Triton CPU interpreter (a subprocess: TRITON_INTERPRET must be set before the kernels
 are decorated): the decode program lowered for CUDA as engines/torch.py lower_program lowers it (every
 op a triton_op, run by the interpreter on CPU tensors) with DSV3_TORCH_MLA_TAIL=1 against =0, random
-inputs, fresh seed. Both run the same split kernel and the same GEMMs; they differ where the tail sums
-in another order than reduce + head_gemm (now and then one bf16 step of y, then one e4m3 step of
-its code, kernels/mla_tail.py), which the tiny random network amplifies (fp8 noise, as in
-test_torch_norm_quant): measured 0.3-1.5% over five seeds, bound 0.06; a wrong head, scale or view
-is O(1). Against the unlowered program (ATen op bodies, which round differently everywhere):
-measured 3.6-6.1% with the tail, 3.5-6.0% without, bound 0.2 (the bf16 bound of test_torch_norm_quant).
+inputs, fresh seed. Both run the same split kernel and the same GEMMs; they can differ only where the
+tail sums in another order than reduce + head_gemm (now and then one bf16 step of y, then one e4m3
+step of its code, kernels/mla_tail.py), which the tiny random network would amplify (fp8 noise, as in
+test_torch_norm_quant): measured 0 (identical outputs) for seeds 11, 22, 33 and the first runs; bound
+0.06, room for such a flip; a wrong head, scale or view is O(1). Against the unlowered program (ATen
+op bodies, which round differently everywhere): measured 3.6-6.1%, the same with and without the
+tail, bound 0.2 (the bf16 bound of test_torch_norm_quant).
 The traced form (no interpreter, decomposed as AOTInductor decomposes) is checked for the kernels it
 launches: one tail kernel per layer, no reduce kernel, no W_UV head_gemm, 3 act_quant fewer.
 """

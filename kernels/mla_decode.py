@@ -30,7 +30,7 @@ buffer the cp.async pipeline filled, q^T stays in shared memory instead of being
 every warp's registers, and the fp32 accumulator [C, BLOCK_H] is spread over the warpgroup (64
 registers per thread at 4 warps). The heads-as-M form (M = 16) ran everything as mma.sync with q
 held in registers (164 registers/thread at 4 warps).
-Variants (session 8, VARIANT_FLAGS; unmeasured, so none is the default: benchmarks/kernels.py
+Variants (session 8, kernels/mla_variants.py; unmeasured, so none is the default: benchmarks/kernels.py
 mla_sweep times them against it). Sessions 4-5 left B=32 at context 4096 at 0.059 ms (61% of copy) with
 BN=32 w4 s3 at 8 splits, where bytes in flight are not short (two programs per SM, two 36.9 KB tiles
 ahead each): what is left is per-tile issue work and the serial chain of each tile. "tma" moves the tile
@@ -50,12 +50,13 @@ import triton.language as tl
 
 from dsv3_export.kernels._common import (autotune_or_single, cdiv, check_tensor, is_interpreted, launch, next_pow2,
                                          traceable, tracing)
-from dsv3_export.kernels.fp8_gemm_persistent import TMA_ALIGN, _ensure_allocator
+from dsv3_export.kernels.fp8_gemm_persistent import _ensure_allocator
 from dsv3_export.kernels.mla_attention import LOG2E, _check_caches, _check_new
 from dsv3_export.kernels.mla_splits import (DECODE_PROGRAMS_PER_SM, MAX_BLOCK_H, MAX_SPLITS,  # noqa: F401
                                            MIN_BLOCK_H, MIN_SPLIT_KEYS, RUNTIME_MIN_SPLITS,
                                            SPLIT_OVERHEAD_KEYS, _batch_splits, _block_h, _row_splits,
                                            choose_num_splits, runtime_num_splits, runtime_split_target)
+from dsv3_export.kernels.mla_variants import DECODE_VARIANTS, TMA_DECODE_CONFIGS, VARIANT_FLAGS, tma_unsupported
 
 # How decode merges its splits: "separate" (a second kernel reads the fp32 partials) or "fused" (the
 # last split program of each (row, head block) to finish merges them, found with a self-cleaning
@@ -118,34 +119,9 @@ _FUSED_KEEP = {(32, 0, 4, 3, None), (32, 3, 4, 3, None), (32, 0, 8, 3, None), (1
 FUSED_DECODE_CONFIGS = [c for c in DECODE_CONFIGS if (c.kwargs["BLOCK_N"], c.kwargs["PREFETCH"], c.num_warps,
                                                        c.num_stages, c.maxnreg) in _FUSED_KEEP]
 
-# Kernel variants, selected per call (variant=...; DECODE_VARIANT is the default). "pointer": the
-# cp.async loads of the configs above. "tma": KV tiles through device-side tensor descriptors (Hopper's
-# TMA unit: one thread issues the [BN, 512] copy, no per-thread addresses or masks in the loop, the
-# loaded tile lands swizzled in shared memory where both dots read it). Not measured yet: the benchmark's
-# mla_sweep times it against the default before it may become one.
-# "early" (either load form): q and the new token are loaded before the program waits for its row's
-# cache length (in the runtime split rule, the row check that returns surplus programs stalls on it),
-# and the new token's scores come from q already in registers, where the default reloads q ([C,
-# BLOCK_H], an L2 round trip) after the loop. Latency, not bytes: for B=1 at context 1024 (16 programs,
-# one or two tiles each). "early" variants take a pinned config (no autotuner).
-VARIANT_FLAGS = {"pointer": {}, "tma": {"TMA": True}, "early": {"EARLY": True}, "tma_early": {"TMA": True, "EARLY": True}}
-DECODE_VARIANTS = tuple(VARIANT_FLAGS)
+# The kernel variant a call runs unless it names one (variant=...; kernels/mla_variants.py says what each
+# changes). The benchmark's mla_sweep times the others against it; none replaces it before it is measured.
 DECODE_VARIANT = "pointer"
-# TMA tiles, sm_90 (python -m tests.kernels._sm90_compile --all-configs --ptxas-v, triton 3.9): the
-# pipeliner keeps num_stages - 1 buffers of BN x 1152 B (BN=64: num_stages) plus q^T (18 KB); the loads
-# need no registers (125 against the pointer form's 128 at BN=32 w4), so shared memory sets the programs
-# per SM. No spills; the new-token epilogue takes 164-180.
-#   BN=32 w4 s3: 93 KB, 2 per SM (the default's tile: 8 splits at B=32 = one wave)
-#   BN=32 w8 s3: 93 KB, 2 per SM, the [C, BLOCK_H] accumulator over two warpgroups
-#   BN=16 w4 s4: 74 KB, 3 per SM (12 splits at B=32 = 384 programs of 396 slots)
-#   BN=64 w4 s2: 168 KB, 1 per SM, both dots wgmma (B=1: 16 programs, one 64-key tile each)
-# (BN=64 s3 takes 242 KB: over the 227 KB limit.)
-TMA_DECODE_CONFIGS = [
-    triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 64, "PREFETCH": 0}, num_warps=4, num_stages=2),
-]
 
 
 @triton.jit
@@ -392,8 +368,8 @@ _decode_fused_tuned = autotune_or_single(_mla_decode_split_kernel, FUSED_DECODE_
 # The TMA variant tunes on its own too, both merge forms in one key.
 _decode_tma_tuned = autotune_or_single(_mla_decode_split_kernel, TMA_DECODE_CONFIGS,
                                        key=["H", "C", "R", "NUM_SPLITS", "HAS_NEW", "FUSED", "SPLIT_TARGET"])
-# The config the autotuner chose, per (H, C, R, NUM_SPLITS, dtype, HAS_NEW, merge, SPLIT_TARGET); later eager calls
-# launch the kernel with it directly. Autotuner.run re-keys all ~40 arguments on every call (list
+# The config the autotuner chose, per (H, C, R, NUM_SPLITS, dtype, HAS_NEW, merge, SPLIT_TARGET, variant);
+# later eager calls launch the kernel with it directly. Autotuner.run re-keys all ~40 arguments on every call (list
 # lookups, str(dtype)): host time each decode step pays before its kernels are queued.
 _decode_chosen: dict[tuple, triton.Config] = {}
 
@@ -405,17 +381,6 @@ def decode_config(heads: int, c: int, r: int, splits: int, dtype: torch.dtype, h
     split_target=runtime_split_target(device)."""
     return _decode_chosen.get((heads, c, r, splits, dtype, has_new, merge or DECODE_MERGE, split_target,
                                variant or DECODE_VARIANT))
-
-
-def tma_unsupported(kv_cache: torch.Tensor, pe_cache: torch.Tensor) -> str | None:
-    """Why variant="tma" cannot read these caches, or None: TMA wants 16-byte aligned base addresses
-    (each batch row's too) and row strides."""
-    for name, t in (("kv_cache", kv_cache), ("pe_cache", pe_cache)):
-        item = t.element_size()
-        if t.data_ptr() % TMA_ALIGN or (t.stride(0) * item) % TMA_ALIGN or (t.stride(1) * item) % TMA_ALIGN:
-            return (f"{name} needs a 16-byte aligned base, batch stride and row stride for TMA; got address "
-                    f"{t.data_ptr() % TMA_ALIGN} mod 16 and strides {tuple(x * item for x in t.stride())} B")
-    return None
 
 
 def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
@@ -455,11 +420,11 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     tma = flags.get("TMA", False)
     if tma:
         if tracing():  # its alignment check reads data_ptr(); AOTInductor's descriptor scratch is untested here
-            raise NotImplementedError("mla_decode(variant='tma') is eager-only (benchmarks) until it is tested "
-                                      "inside torch.export / AOTInductor; trace variant='pointer'")
+            raise NotImplementedError(f"mla_decode(variant={variant!r}) is eager-only (benchmarks) until TMA is "
+                                      "tested inside torch.export / AOTInductor; trace variant='pointer'")
         reason = tma_unsupported(kv_cache, pe_cache)
         if reason:
-            raise ValueError(f"mla_decode(variant='tma'): {reason}")
+            raise ValueError(f"mla_decode(variant={variant!r}): {reason}")
         if not _INTERPRETED:
             _ensure_allocator()  # global scratch for the device-side descriptors
     dev = q_latent.device

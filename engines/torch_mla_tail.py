@@ -5,7 +5,9 @@ with W_UV and act_quant of wo's input: three launches of ~2-3 us each at batch 1
 launch latency more than work. kernels/mla_tail.py does the three in one kernel, so the attention
 hands wo its input already quantized.
 
-Off by default (DSV3_TORCH_MLA_TAIL=1 at build time turns it on) until the H200 has measured it.
+Off by default (DSV3_TORCH_MLA_TAIL=1 at build time turns it on) until the H200 has measured it. The
+same switch makes the decode attentions this rewrite leaves (bf16 engines, v_head_dim != 128) run the
+unquantized tail, merge + W_UV in one kernel (engines/torch_triton.py mla_attention(tail=True)).
 
 Rewrites (after export, before the dsv3:: ops are lowered; the decode program only):
 
@@ -49,20 +51,17 @@ aten = torch.ops.aten
 FLATTENS = (aten.flatten.using_ints, aten.reshape.default, aten.view.default, aten._unsafe_view.default)
 
 
-@triton_op("dsv3_aoti::mla_attention_q", mutates_args={})
-def mla_attention_q(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
-                    start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, absorb_gemm: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dsv3::mla_attention's decode (one new position) flattened and act_quant-ed for wo:
-    q fp8 [b, 1, h * dv], s fp32 [b, 1, h] (dv == 128). W_UK as dsv3_aoti::mla_attention applies it
-    (head_gemm, or the einsum with absorb_gemm False), the split kernel under the runtime split rule,
-    then kernels/mla_tail.py."""
+def decode_tail(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
+                start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, absorb_gemm: bool, quant: bool):
+    """dsv3::mla_attention's decode (one new position) through kernels/mla_tail.py: W_UK as
+    dsv3_aoti::mla_attention applies it (head_gemm, or the einsum with absorb_gemm False), the split
+    kernel under the runtime split rule, then the tail -> (q fp8 [b, h * dv], s fp32 [b, h]) with quant
+    (dv == 128), else [b, h, dv] in the attention's dtype."""
     b, s, h, dn = q_nope.shape
     c = wkv_b.shape[-1]
-    torch._check(s == 1, lambda: f"dsv3_aoti::mla_attention_q: decode needs one new position, got {s}")
+    torch._check(s == 1, lambda: f"dsv3_aoti::mla_attention (tail): decode needs one new position, got {s}")
     w = wkv_b.view(h, -1, c)  # [h, dn + dv, c]
     w_uk, w_uv = w[:, :dn], w[:, dn:]  # [h, dn, c], [h, dv, c]
-    dv = w_uv.shape[1]
     dev = q_nope.device
     seen = start_pos.clamp(0, kv_cache.shape[1]).to(torch.int32)  # [b] cached keys per row
     if absorb_gemm:
@@ -76,9 +75,20 @@ def mla_attention_q(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tens
     tt._launch(kt.decode_partials_spec(q_latent, q_pe[:, 0], kv_cache[:, :, :c], kv_cache[:, :, c:],
                                        kv_new[:, 0, :c], kv_new[:, 0, c:], seen, o_part, lse, softmax_scale,
                                        split_target))
-    q, scale = kt.tail_outputs(b, h, dv, q_nope.dtype, True, dev)  # [b, h * dv] fp8, [b, h] fp32
-    tt._launch(kt.mla_tail_spec(o_part, lse, seen, w_uv, q, scale, split_target, q_nope.is_cuda, kt.DECODE_MAX_B))
-    return q.view(b, 1, h * dv), scale.view(b, 1, h)
+    out, scale = kt.tail_outputs(b, h, w_uv.shape[1], q_nope.dtype, quant, dev)  # q, s or [b, h, dv]
+    tt._launch(kt.mla_tail_spec(o_part, lse, seen, w_uv, out, scale, split_target, q_nope.is_cuda, kt.DECODE_MAX_B))
+    return (out, scale) if quant else out
+
+
+@triton_op("dsv3_aoti::mla_attention_q", mutates_args={})
+def mla_attention_q(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
+                    start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, absorb_gemm: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """dsv3::mla_attention's decode flattened and act_quant-ed for wo (decode_tail):
+    q fp8 [b, 1, h * dv], s fp32 [b, 1, h] (dv == 128)."""
+    q, scale = decode_tail(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, absorb_gemm, True)
+    b, h = scale.shape
+    return q.view(b, 1, q.shape[1]), scale.view(b, 1, h)
 
 
 def _match(attn: Node, kind: str) -> dict | str:

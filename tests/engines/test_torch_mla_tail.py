@@ -13,6 +13,9 @@ test_torch_norm_quant): measured 0 (identical outputs) for seeds 11, 22, 33 and 
 0.06, room for such a flip; a wrong head, scale or view is O(1). Against the unlowered program (ATen
 op bodies, which round differently everywhere): measured 3.6-6.1%, the same with and without the
 tail, bound 0.2 (the bf16 bound of test_torch_norm_quant).
+The bf16 engine (no fp8 wo to rewrite; the same v128 model): with the switch its decode attention runs
+the unquantized tail (merge + W_UV) instead of reduce + head_gemm: measured identical to the switch off
+(seeds 5, 6), 0.6-1.1% from the unlowered program, bounds 0.04 / 0.05 (test_torch_absorb's).
 The traced form (no interpreter, decomposed as AOTInductor decomposes) is checked for the kernels it
 launches: one tail kernel per layer, no reduce kernel, no W_UV head_gemm, 3 act_quant fewer.
 """
@@ -60,13 +63,34 @@ for switch in ("1", "0"):
                                   if n.op == "call_function" and "dsv3" in str(n.target))
     lowered[switch], _ = lower_dsv3_ops(fused, "cuda", triton_lowerings("decode"))
 if mode == "interpret":
+    from dsv3_export.kernels import mla_tail
+    tails = []
+    spec = mla_tail.mla_tail_spec
+    mla_tail.mla_tail_spec = lambda *a: tails.append("q" if a[5] is not None else "bf16") or spec(*a)
     with torch.no_grad():
         want = program.module()(*inputs)
-        got = {k: v.module()(*inputs) for k, v in lowered.items()}
+        got = {}
+        for k, v in lowered.items():
+            tails.clear()
+            got[k] = v.module()(*inputs)
+            out[k + "_tails"] = tails[:]
     out["rel_switch"] = [rel_err(a, b) for a, b in zip(got["1"], got["0"])]
     for k in got:
         out[k + "_rel_program"] = [rel_err(g, w) for g, w in zip(got[k], want)]
         out[k + "_finite"] = all(bool(torch.isfinite(g.float()).all()) for g in got[k])
+    # the bf16 engine: no fp8 wo to rewrite; the switch makes mla_attention's decode use the unquantized tail
+    bf16, _ = run_pipeline(export_step(model, "decode"), PassConfig(precision="bf16"))
+    with torch.no_grad():
+        want = bf16.module()(*inputs)
+        for switch in ("1", "0"):
+            os.environ["DSV3_TORCH_MLA_TAIL"] = switch
+            low, how = lower_dsv3_ops(fuse_mla_tail(bf16, "decode")[0], "cuda", triton_lowerings("decode"))
+            out[f"bf16_{switch}_how"] = how["dsv3::mla_attention"]
+            tails.clear()
+            got[switch] = low.module()(*inputs)
+            out[f"bf16_{switch}_tails"] = tails[:]
+            out[f"bf16_{switch}_rel_program"] = [rel_err(g, w) for g, w in zip(got[switch], want)]
+    out["bf16_rel_switch"] = [rel_err(a, b) for a, b in zip(got["1"], got["0"])]
 else:
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     for k, ep in lowered.items():
@@ -103,6 +127,13 @@ def test_rewritten_decode_program_matches_in_the_interpreter(seed):
     assert max(out["rel_switch"]) < 0.06, f"tail vs separate kernels: {out['rel_switch']} (seed {seed})"
     for switch in ("1", "0"):
         assert max(out[switch + "_rel_program"]) < 0.2, (switch, out[switch + "_rel_program"], seed)
+    assert out["1_tails"] == ["q"] * LAYERS and out["0_tails"] == [], (out["1_tails"], out["0_tails"])
+    # bf16 engine: one unquantized tail per layer with the switch on
+    assert out["bf16_1_tails"] == ["bf16"] * LAYERS and out["bf16_0_tails"] == [], out["bf16_1_tails"]
+    assert "kernels/mla_tail.py" in out["bf16_1_how"] and "mla_tail" not in out["bf16_0_how"]
+    assert max(out["bf16_rel_switch"]) < 0.04, f"bf16 tail vs separate kernels: {out['bf16_rel_switch']} ({seed})"
+    for switch in ("1", "0"):
+        assert max(out[f"bf16_{switch}_rel_program"]) < 0.05, (switch, out[f"bf16_{switch}_rel_program"], seed)
 
 
 def test_traced_program_launches_the_tail_kernel():

@@ -14,8 +14,9 @@ default's 0.48-0.66x; still short of par):
   cp.async issue in the K loop, so the issue slots between two wgmmas go to the promotion FFMAs.
   (Registers are not what it saves: 128x128 on 8 warps is ~180 per thread either way, no spill.)
 - Persistent CTAs (grid = SMs x CTAS_PER_SM, a tl.range tile loop in GROUP_M order): no launch
-  tail per tile, and with flatten=True the software pipeliner runs the next tile's TMA loads
-  while this tile's epilogue (cast, TMA store) executes.
+  tail per tile, and with FLATTEN (tl.range(flatten=True); every config but one sweep candidate)
+  the software pipeliner runs the next tile's TMA loads while this tile's epilogue (cast, TMA
+  store) executes.
 - No warp specialization: a 128x128 w4 config with tl.range(warp_specialize=True) (Hopper autoWS,
   a producer warpgroup for the TMA loads, two consumers) was the fastest on the H200 (0.91x cuBLAS
   at w1/w3 M=4096, session 5) but WRONG there: mean rel. error 0.11 at both 16b shapes, triton
@@ -54,17 +55,21 @@ TMA_ALIGN = 16
 #   64x128  w4 s4:        128 threads, 177-182 registers, 0 spill, 112 KB -> 2 CTAs / SM
 TMA_PERSISTENT_CONFIGS = [
     # 4 stages x 32 KB + 32 KB epilogue = 160 KB, one CTA per SM; the pipeliner overlaps tiles.
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "CTAS_PER_SM": 1, "SCALE_PREFETCH": False},
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "CTAS_PER_SM": 1, "SCALE_PREFETCH": False,
+                   "FLATTEN": True},
                   num_warps=8, num_stages=4),
     # 64x128 on one warpgroup, two CTAs per SM: one CTA's promotion FFMAs overlap the other's wgmma.
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "CTAS_PER_SM": 2, "SCALE_PREFETCH": False},
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "CTAS_PER_SM": 2, "SCALE_PREFETCH": False,
+                   "FLATTEN": True},
                   num_warps=4, num_stages=4),
 ]
 
 
-def _candidate(block_m: int, ctas_per_sm: int, stages: int, prefetch: bool, maxnreg: int | None = None):
+def _candidate(block_m: int, ctas_per_sm: int, stages: int, prefetch: bool, maxnreg: int | None = None,
+               flatten: bool = True):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": 128, "GROUP_M": 8, "CTAS_PER_SM": ctas_per_sm,
-                          "SCALE_PREFETCH": prefetch}, num_warps=block_m // 16, num_stages=stages, maxnreg=maxnreg)
+                          "SCALE_PREFETCH": prefetch, "FLATTEN": flatten},
+                         num_warps=block_m // 16, num_stages=stages, maxnreg=maxnreg)
 
 
 # The prefill sweep (benchmarks/kernels.py section fp8_prefill pins each one; autotuning above is
@@ -81,6 +86,9 @@ def _candidate(block_m: int, ctas_per_sm: int, stages: int, prefetch: bool, maxn
 #   waited on right after it, an L2 round trip per step). Registers: 182 -> 171 (bf16 c, both tiles).
 # - 64x128 on three CTAs per SM: 2 stages (64 KB shared each), maxnreg 168 (161 used, no spill).
 # - 128x128 with 5 stages (192 KB; 224 KB with an fp32 c): deeper TMA prefetch for the one-CTA form.
+# - FLATTEN=False: the tile loop and the K loop stay nested; the K loop then carries no per-step
+#   tile-boundary logic (the flattened loop re-selects a zeroed accumulator and tests for the
+#   epilogue every step), at the cost of a pipeline refill per tile that the other CTAs cover.
 # Tried and not offered (ptxas, sm_90): 128x256 w8 and 64x256 w4 (255 registers, 220-244 B spilled:
 # a 64x256 partial and accumulator are 256 registers per thread); a 128x128 tile on ONE warpgroup
 # as two 64-row dots per step (255 registers, 268-388 B spilled: both dots are issued before either
@@ -92,6 +100,7 @@ PREFILL_CANDIDATES = {
     "64x128 x2 s4": TMA_PERSISTENT_CONFIGS[1],
     "64x128 x2 s4 pf": _candidate(64, 2, 4, True),
     "64x128 x3 s2 pf r168": _candidate(64, 3, 2, True, maxnreg=168),
+    "64x128 x3 s2 pf r168 nested": _candidate(64, 3, 2, True, maxnreg=168, flatten=False),
     "128x128 x1 s4": TMA_PERSISTENT_CONFIGS[0],
     "128x128 x1 s4 pf": _candidate(128, 1, 4, True),
     "128x128 x1 s5 pf": _candidate(128, 1, 5, True),
@@ -104,7 +113,7 @@ def _fp8_gemm_tma_persistent_kernel(
     M, N, K, M_BUCKET,  # M_BUCKET: unused in the body, a runtime arg only to key the autotuner
     stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    CTAS_PER_SM: tl.constexpr, SCALE_PREFETCH: tl.constexpr,
+    CTAS_PER_SM: tl.constexpr, SCALE_PREFETCH: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     tl.static_assert(BLOCK_N <= BLOCK_K, "a tile must lie in one 128-row block of b_s (one scale per K step)")
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
@@ -115,7 +124,7 @@ def _fp8_gemm_tma_persistent_kernel(
     num_tiles = num_pid_m * num_pid_n
     k_blocks = tl.cdiv(K, BLOCK_K)
     group_size = GROUP_M * num_pid_n
-    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
         # -- tile ids, grouped along M for L2 reuse of b tiles (as the default kernel)
         first_m = (tile // group_size) * GROUP_M
         group_m = tl.minimum(num_pid_m - first_m, GROUP_M)

@@ -40,6 +40,19 @@ it opt-in (engines/torch_router.py DSV3_TORCH_ROUTER_GATE). Rows < 16 per progra
 multiply and a sum over K (tl.dot's M tile is >= 16: padding one row to 16 would multiply 15 zero
 rows); prefill row blocks of 16/64 use tl.dot (fp32 inputs at input_precision "ieee", not tf32: the
 reference's fp32 linear).
+
+router_topk_gate_split: the same result from programs that split the experts, so the weight is
+streamed P-way in parallel (the 16b at batch 1: 8 or 16 programs of 32 or 16 KB instead of one of
+262 KB). Grid (row blocks, P = cdiv(E, BLOCK_E)); program (r, p) computes the logits of row block r
+for its BLOCK_E experts (the same K loop, _gate_logits), rounds them to x's dtype and stores them
+in a [T, E] scratch; then it counts itself on an int32 arrival counter of row block r
+(kernels/_common.py last_to_arrive: bar.sync, one thread's acq_rel atomic add). The program that
+completes the count (the last to finish) reads the whole rows back from L2 (ld.global.cg: the
+other programs' stores are not in its L1) and runs _route, then resets the counter to 0, so the
+counters are zero again for the next launch or CUDA-graph replay with no memset. Eager calls share
+one cached counter buffer per device; traced calls (engines/torch_router.py, AOTInductor) allocate
+zeroed counters (one memset in the package). Its logits are summed in the same per-lane / tl.dot
+order as router_topk_gate's config of the same BLOCK_K, so the ids follow the same tie rule.
 """
 
 from __future__ import annotations

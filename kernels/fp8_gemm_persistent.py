@@ -99,8 +99,8 @@ def _candidate(block_m: int, ctas_per_sm: int, stages: int, prefetch: bool, maxn
 PREFILL_CANDIDATES = {
     "64x128 x2 s4": TMA_PERSISTENT_CONFIGS[1],
     "64x128 x2 s4 pf": _candidate(64, 2, 4, True),
-    "64x128 x3 s2 pf r168": _candidate(64, 3, 2, True, maxnreg=168),
-    "64x128 x3 s2 pf r168 nested": _candidate(64, 3, 2, True, maxnreg=168, flatten=False),
+    "64x128 x3 s2 pf": _candidate(64, 3, 2, True, maxnreg=168),
+    "64x128 x3 s2 pf nest": _candidate(64, 3, 2, True, maxnreg=168, flatten=False),
     "128x128 x1 s4": TMA_PERSISTENT_CONFIGS[0],
     "128x128 x1 s4 pf": _candidate(128, 1, 4, True),
     "128x128 x1 s5 pf": _candidate(128, 1, 5, True),

@@ -42,10 +42,10 @@ rows); prefill row blocks of 16/64 use tl.dot (fp32 inputs at input_precision "i
 reference's fp32 linear).
 
 router_topk_gate_split: the same result from programs that split the experts, so the weight is
-streamed P-way in parallel (the 16b at batch 1: 8 or 16 programs of 32 or 16 KB instead of one of
-262 KB). Grid (row blocks, P = cdiv(E, BLOCK_E)); program (r, p) computes the logits of row block r
-for its BLOCK_E experts (the same K loop, _gate_logits), rounds them to x's dtype and stores them
-in a [T, E] scratch; then it counts itself on an int32 arrival counter of row block r
+streamed P-way in parallel (the 16b at batch 1: 16 or 8 programs of 16 or 32 KB, in 2 or 4 K
+steps, instead of one program reading 262 KB in 8). Grid (row blocks, P = cdiv(E, BLOCK_E));
+program (r, p) computes the logits of row block r for its BLOCK_E experts (the same K loop,
+_gate_logits), rounds them to x's dtype and stores them in a [T, E] scratch; then it counts itself on an int32 arrival counter of row block r
 (kernels/_common.py last_to_arrive: bar.sync, one thread's acq_rel atomic add). The program that
 completes the count (the last to finish) reads the whole rows back from L2 (ld.global.cg: the
 other programs' stores are not in its L1) and runs _route, then resets the counter to 0, so the
@@ -53,6 +53,7 @@ counters are zero again for the next launch or CUDA-graph replay with no memset.
 one cached counter buffer per device; traced calls (engines/torch_router.py, AOTInductor) allocate
 zeroed counters (one memset in the package). Its logits are summed in the same per-lane / tl.dot
 order as router_topk_gate's config of the same BLOCK_K, so the ids follow the same tie rule.
+sm_90 (ptxas): 64-80 registers per thread for the decode configs, 105 for the tl.dot one, no spills.
 """
 
 from __future__ import annotations
@@ -90,14 +91,16 @@ GATE_CONFIGS = [
 
 # The split form (router_topk_gate_split): BLOCK_E experts per program, so P = cdiv(E, BLOCK_E)
 # programs per row block stream the gate weight side by side. Decode first (the interpreter runs
-# the first): at the 16b's E=64, D=2048 bf16, 8 programs of 32 KB or 16 of 16 KB (per-lane partials
-# [ROWS, BLOCK_E, BLOCK_K]: 16-32 fp32 registers per thread), 4 rows a program for batches of 8-64;
-# one tl.dot form (E tile >= 16, 32-row blocks) for prefill programs, which AOTInductor tunes at
-# their own example size.
+# the first). At the 16b's E=64, D=2048 bf16 and batch 1 a program's whole slice is 16 or 32 KB, so
+# the decode configs take it in few wide K steps (2 or 4, the next one loaded before this one's
+# products): a program's read is a chain of ~1-2 DRAM round trips, not 8 (per-lane fp32 partials
+# [ROWS, BLOCK_E, BLOCK_K]: 16-32 registers per thread at 8 warps); 4 rows a program for batches of
+# 8-64; one tl.dot form (E tile >= 16, 32-row blocks) for prefill programs, which AOTInductor tunes
+# at their own example size.
 GATE_SPLIT_CONFIGS = [
-    triton.Config({"BLOCK_ROWS": 1, "BLOCK_E": 8, "BLOCK_K": 256}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_ROWS": 1, "BLOCK_E": 4, "BLOCK_K": 512}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_ROWS": 4, "BLOCK_E": 8, "BLOCK_K": 128}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_ROWS": 1, "BLOCK_E": 4, "BLOCK_K": 1024}, num_warps=8, num_stages=1),  # P=16 at E=64
+    triton.Config({"BLOCK_ROWS": 1, "BLOCK_E": 8, "BLOCK_K": 512}, num_warps=8, num_stages=1),  # P=8
+    triton.Config({"BLOCK_ROWS": 4, "BLOCK_E": 8, "BLOCK_K": 256}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_ROWS": 32, "BLOCK_E": 16, "BLOCK_K": 64}, num_warps=4, num_stages=3),
 ]
 MIN_SPLIT_ROWS = min(c.kwargs["BLOCK_ROWS"] for c in GATE_SPLIT_CONFIGS)  # sizes the counters before tuning

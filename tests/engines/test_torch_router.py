@@ -14,11 +14,11 @@ logits rounded to bf16 by the interpreter's truncation where torch rounds) and 0
 GEMM separate), under the same bounds; measured over 6 seeds: bf16 gate=1 up to 2.8%, gate=0 up to
 2.6%; fp32 both < 1e-4. Structure: with gate=1 no linear reads a gate weight any more.
 DSV3_TORCH_ROUTER_GATE=split (the experts split over programs, the last to arrive routing): the same
-sites and structure; its output equals gate=1's exactly here (the interpreter's first configs of
-both kernels sum K in the same 256-wide per-lane steps) and is held to the bounds against gate=0
-too (measured over 4 seeds: bf16 up to 2.6% from gate=0's output and 4.7% from the unrewritten
-program's, fp32 < 3e-7). The interpreter runs programs one after
-another: the arrival counter's logic is exercised, its memory ordering is the GPU benchmark's to check.
+sites and structure, held to the bounds against the unrewritten program, gate=0 and gate=1; measured
+over 6 seeds: bf16 up to 4.7% from the unrewritten program's output, 2.8% from gate=0's, and equal to
+gate=1's (the tiny dim 192 is one K step of either kernel's first config), fp32 < 3e-7.
+The interpreter runs programs one after another: the arrival counter's logic is exercised, its
+memory ordering is the GPU benchmark's to check (benchmarks/kernels.py gate).
 """
 
 from __future__ import annotations
@@ -104,9 +104,7 @@ def test_rewritten_tiny_programs_match_in_the_interpreter(seed):
             assert out[split + "_gate_gemms"] == [2, 0], out[split + "_gate_gemms"]
             assert out[split + "_routers"] == ["dsv3_aoti.router_topk_gate_split.default"] * 2, out[split + "_routers"]
             assert max(out[f"{dtype}_{kind}_split_vs_0"]) < limit, (out[f"{dtype}_{kind}_split_vs_0"], seed)
-            # the interpreter's first configs of both gate kernels sum K in 256-wide per-lane steps: the
-            # same logits, the same routing, the same program output
-            assert out[f"{dtype}_{kind}_split_vs_1"] == [0.0, 0.0], out[f"{dtype}_{kind}_split_vs_1"]
+            assert max(out[f"{dtype}_{kind}_split_vs_1"]) < limit, (out[f"{dtype}_{kind}_split_vs_1"], seed)
 
 
 @pytest.mark.parametrize("overrides, reason", [

@@ -15,6 +15,9 @@ Shapes: T tokens, k = top-k, E experts, D model dim, I expert inter dim.
       re-quantizes its A tiles; opt-in, 2x slower than act_quant + GEMM on the H200 at decode);
       W8A16 (bf16/fp16 a, fp8 w widened in registers). Epilogues: SwiGLU (w rows = [gate ; up], writes silu(gate) * up, N/2
       columns) and the routing weight (row a scaled by topk_weights.flatten()[a]).
+  grouped_gemm_scan(a, w, topk_ids, topk): the same GEMM without the alignment (decode): program
+      (expert, column tile) finds its expert's rows in the flat topk_ids itself, in moe_align's
+      row groups, and shares grouped_gemm's K loop and epilogue (equal results, one launch less).
   fused_moe = align -> grouped gemm up (+SwiGLU) -> grouped gemm down (x routing weight) -> sum over k.
 BLOCK_M of the GEMM is the alignment's block_m (inferred from the tensor sizes); BLOCK_N and the
 pipeline are autotuned. Accumulation and epilogues are fp32.

@@ -34,7 +34,12 @@ kept the loop from being pipelined at all: one W_UV buffer, no cp.async). BLOCK_
 one row broadcast to the dot's minimum N) gives H programs per row, each streaming its head's 128 KB
 of W_UV once per row: the batch-1 form. BLOCK_B = 16 reads W_UV once per 16 rows (at B = 64 the 1-row
 form would read 2 MB x 64 from L2) with smaller K chunks to bound the merge tile's registers.
+sm_90 (ptxas, tests/kernels/_sm90_compile.py, runtime split rule, C = 512): wgmma m64n16k16 bf16 fed by
+cp.async in every config, no spills; BLOCK_B = 1: 176-249 registers per thread, 34-70 KB of shared
+memory (one program per SM at most at batch 1 anyway: 16 programs); BLOCK_B = 16: 127-189 registers,
+100-140 KB (the merge tile is pipelined too). Not measured on a GPU yet (benchmarks/kernels.py `tail`).
 Autotune key: B_BUCKET (a runtime argument only to key the tuner, as head_gemm's M_BUCKET), never B.
+The traced decode program passes a constant bucket, so AOTInductor tunes once, at its example batch.
 Under TRITON_INTERPRET=1 the dot's operands are upcast to fp32 (UPCAST: the interpreter's bf16 dot is
 wrong); the rounding to the latent dtype happens before, so the products are the same.
 """

@@ -16,8 +16,8 @@ Shapes: T tokens, k = top-k, E experts, D model dim, I expert inter dim.
       W8A16 (bf16/fp16 a, fp8 w widened in registers). Epilogues: SwiGLU (w rows = [gate ; up], writes silu(gate) * up, N/2
       columns) and the routing weight (row a scaled by topk_weights.flatten()[a]).
   grouped_gemm_scan(a, w, topk_ids, topk): the same GEMM without the alignment (decode): program
-      (expert, column tile) finds its expert's rows in the flat topk_ids itself, in moe_align's
-      row groups, and shares grouped_gemm's K loop and epilogue (equal results, one launch less).
+      (row block, column tile) finds its block of moe_align's layout in the flat topk_ids itself
+      and shares grouped_gemm's K loop and epilogue (equal results, one launch less).
   fused_moe = align -> grouped gemm up (+SwiGLU) -> grouped gemm down (x routing weight) -> sum over k.
 BLOCK_M of the GEMM is the alignment's block_m (inferred from the tensor sizes); BLOCK_N and the
 pipeline are autotuned. Accumulation and epilogues are fp32.
@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv,
-                                         check_tensor, is_interpreted, launch)
+                                         check_tensor, is_interpreted, launch, next_pow2)
 from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
 from dsv3_export.kernels.fp8_quant import quantize_rows
 from dsv3_export.kernels.moe_align import TRACED_ALIGN_FORMS, moe_align, moe_align_ref  # noqa: F401 (re-exported)
@@ -154,7 +154,7 @@ def _grouped_gemm_kernel(
 
 @triton.jit
 def _scan_chunk(ids_ptr, c0, NUM_VALID, expert, CHUNK: tl.constexpr):
-    """Assignment ids c0 + [0, CHUNK) and each one's row among expert's rows of the chunk (-1: not expert's)."""
+    """Assignment ids c0 + [0, CHUNK) and each one's rank among expert's ids of the chunk (-1: not expert's)."""
     offs = c0 + tl.arange(0, CHUNK)
     match = (tl.load(ids_ptr + offs, mask=offs < NUM_VALID, other=-1) == expert).to(tl.int32)  # [CHUNK]
     return offs, tl.where(match != 0, tl.cumsum(match, axis=0) - 1, -1)
@@ -163,42 +163,52 @@ def _scan_chunk(ids_ptr, c0, NUM_VALID, expert, CHUNK: tl.constexpr):
 @triton.jit
 def _grouped_gemm_scan_kernel(
     a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr, ids_ptr,
-    N_OUT, K, NUM_VALID, TOPK, UP_OFFSET,
+    N_OUT, K, NUM_VALID, TOPK, UP_OFFSET, N_EXPERTS,
     stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
     W_FP8: tl.constexpr, A_FP8: tl.constexpr, SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr,
     UPCAST: tl.constexpr,
     SCALE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    QUANT_A: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr, CHUNK: tl.constexpr,
+    QUANT_A: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """Program (expert e, column tile): finds e's assignments in the flat topk_ids itself and runs
-    them BLOCK_M at a time in ascending assignment order: moe_align's stable order, so the same row
-    groups as the aligned kernel's blocks. The ids are read CHUNK at a time: a count pass, then one
-    pass per row group (the [BLOCK_M, CHUNK] pick stays small in registers; work grows with
-    groups x T*k, fine at decode sizes)."""
-    expert = tl.program_id(0)
+    """Program (row block b, column tile): block b of moe_align's layout (experts in order, each
+    expert's assignments in order, BLOCK_M per block), found from the flat topk_ids here: a
+    histogram of the ids gives each expert's blocks, b's expert and its first row r0; a second
+    pass picks that expert's rows r0..r0+BLOCK_M-1. The ids are read CHUNK at a time (the
+    [CHUNK, BLOCK_E] and [BLOCK_M, CHUNK] one-hots stay small); blocks past the last exit."""
+    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows = tl.arange(0, BLOCK_M)
-    n_match = tl.full((), 0, tl.int32)
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
     for c0 in range(0, NUM_VALID, CHUNK):
-        _, ranks = _scan_chunk(ids_ptr, c0, NUM_VALID, expert, CHUNK)
-        n_match += tl.max(ranks, axis=0) + 1
-    for r0 in range(0, n_match, BLOCK_M):  # none when e has no assignment
-        tok = tl.zeros((BLOCK_M,), dtype=tl.int32)
-        before = tl.full((), 0, tl.int32)  # e's assignments in the chunks already read
-        for c0 in range(0, NUM_VALID, CHUNK):
-            offs, ranks = _scan_chunk(ids_ptr, c0, NUM_VALID, expert, CHUNK)
-            row = tl.where(ranks >= 0, ranks + before, -1)  # [CHUNK] e's row of each id, -1: not e's
-            pick = row[None, :] == (r0 + rows)[:, None]  # [BLOCK_M, CHUNK] one-hot of row r0 + i's id
-            tok += tl.sum(tl.where(pick, offs[None, :], 0), axis=1)  # [BLOCK_M] assignment ids
-            before += tl.max(ranks, axis=0) + 1
-        tok_mask = r0 + rows < n_match
-        tok = tl.where(tok_mask, tok, NUM_VALID)
-        _expert_rows_tile(a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr, expert.to(tl.int64), tok, tok_mask,
-                          pid_n, N_OUT, K, TOPK, UP_OFFSET,
-                          stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
-                          W_FP8, A_FP8, SWIGLU, MUL_WEIGHT, UPCAST, SCALE_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K,
-                          QUANT_A, SCALE_RECIPROCAL)
+        offs = c0 + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < NUM_VALID, other=-1)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)  # [BLOCK_E]
+    counts = tl.where(experts < N_EXPERTS, counts, 0)  # ids past E match no expert (their rows stay unwritten)
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    ends = tl.cumsum(blocks, axis=0)  # [BLOCK_E] blocks up to and including each expert
+    if pid_m >= tl.sum(blocks, axis=0):
+        return
+    expert = tl.sum((ends <= pid_m).to(tl.int32), axis=0)  # the expert whose blocks hold pid_m
+    mine = experts == expert
+    r0 = (pid_m - tl.sum(tl.where(mine, ends - blocks, 0), axis=0)) * BLOCK_M
+    n_match = tl.sum(tl.where(mine, counts, 0), axis=0)
+    rows = r0 + tl.arange(0, BLOCK_M)
+    tok = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    before = tl.full((), 0, tl.int32)  # expert's assignments in the chunks already read
+    for c0 in range(0, NUM_VALID, CHUNK):
+        offs, ranks = _scan_chunk(ids_ptr, c0, NUM_VALID, expert, CHUNK)
+        row = tl.where(ranks >= 0, ranks + before, -1)  # [CHUNK] expert's row of each id, -1: not its
+        pick = row[None, :] == rows[:, None]  # [BLOCK_M, CHUNK] one-hot of each row's id
+        tok += tl.sum(tl.where(pick, offs[None, :], 0), axis=1)  # [BLOCK_M] assignment ids
+        before += tl.max(ranks, axis=0) + 1
+    tok_mask = rows < n_match
+    tok = tl.where(tok_mask, tok, NUM_VALID)
+    _expert_rows_tile(a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr, expert.to(tl.int64), tok, tok_mask,
+                      pid_n, N_OUT, K, TOPK, UP_OFFSET,
+                      stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
+                      W_FP8, A_FP8, SWIGLU, MUL_WEIGHT, UPCAST, SCALE_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K,
+                      QUANT_A, SCALE_RECIPROCAL)
 
 
 _grouped_gemm_tuned = autotune_or_single(_grouped_gemm_kernel, GROUPED_GEMM_CONFIGS,
@@ -334,9 +344,10 @@ def grouped_gemm_spec(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Te
     return LaunchSpec(_grouped_gemm_kernel, _grouped_gemm_tuned, GROUPED_GEMM_CONFIGS, grid, args, kwargs)
 
 
-# The scan form (grouped_gemm_scan): ids read SCAN_CHUNK at a time (one chunk up to T*k = 256, T = 32 at
-# k = 8; sm_90 registers about the same for 128..512); few configs so that its autotuning stays short.
-SCAN_CHUNK = 256
+# The scan form (grouped_gemm_scan): ids read SCAN_CHUNK at a time (one chunk up to T*k = 64, T = 8 at
+# k = 8; its [SCAN_CHUNK, next_pow2(E)] histogram tile: 64 x 128 int32 at E = 66); few configs so that
+# its autotuning stays short.
+SCAN_CHUNK = 64
 SCAN_BLOCK_M = 16
 GROUPED_GEMM_SCAN_CONFIGS = [
     triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4),
@@ -360,12 +371,12 @@ def grouped_gemm_scan(a: torch.Tensor, w: torch.Tensor, topk_ids: torch.Tensor, 
     the down GEMM's the same ids with topk=1) instead of the alignment.
 
     Why: at decode the alignment is a single-program launch (~4.4 us per MoE layer on the H200)
-    in front of GEMMs of ~13 us each. Here program (expert e, column tile) reads the flat ids
-    itself (chunk ids at a time) and runs e's rows block_m at a time in assignment order: the row
-    groups of moe_align's blocks, with the shared K loop and epilogue, so the results equal
-    grouped_gemm's bit for bit under the same config. Correct for any T*k; meant for decode: each
-    program reads all T*k ids once plus once per row group of its expert. Ids outside [0, E) match
-    no expert: their rows are not written.
+    in front of GEMMs of ~13 us each. Here program (row block b, column tile) reads the flat ids
+    itself (chunk ids at a time, twice: a histogram, then its rows) and finds block b of
+    moe_align's layout: the same row groups, the same K loop and epilogue, so the results equal
+    grouped_gemm's bit for bit under the same config, and the same grid (row_blocks). Correct for
+    any T*k; meant for decode: every program reads all T*k ids twice. Ids outside [0, E) match no
+    expert: their rows are not written.
     """
     n_out, out_dtype = _check_operands("grouped_gemm_scan", a, w, topk, a_scale, w_scale, topk_weights,
                                        fuse_swiglu, out_dtype, quant_a)
@@ -390,23 +401,25 @@ def grouped_gemm_scan_spec(a: torch.Tensor, a_scale: torch.Tensor | None, w: tor
                            scale_reciprocal: bool, block_m: int = SCAN_BLOCK_M,
                            chunk: int = SCAN_CHUNK) -> LaunchSpec:
     """grouped_gemm_scan's launch into out [T*topk, N or N/2] (inputs checked by the caller; topk_ids
-    contiguous): grid (E, column tiles), both static, so no size of it depends on T."""
+    contiguous): grouped_gemm's grid, row_blocks(moe_align's n_blocks, T*k) x column tiles."""
     t, k = a.shape
     n_out = out.shape[1]
     a_fp8, w_fp8 = a_scale is not None, w_scale is not None
     dummy = out  # never read: the constexpr flags compile its loads away
     args = (a, a_scale if a_fp8 else dummy, w, w_scale if w_fp8 else dummy, out,
             topk_weights if topk_weights is not None else dummy, topk_ids,
-            n_out, k, t * topk, topk, n_out if fuse_swiglu else 0,
+            n_out, k, t * topk, topk, n_out if fuse_swiglu else 0, w.shape[0],
             a.stride(0), a_scale.stride(0) if a_fp8 else 0, w.stride(0), w.stride(1),
             w_scale.stride(0) if w_fp8 else 0, w_scale.stride(1) if w_fp8 else 0, out.stride(0))
     fp8_dot = a_fp8 or quant_a
     kwargs = dict(W_FP8=w_fp8, A_FP8=fp8_dot, SWIGLU=fuse_swiglu, MUL_WEIGHT=topk_weights is not None,
                   UPCAST=is_interpreted(_grouped_gemm_scan_kernel) and not fp8_dot, SCALE_BLOCK=QUANT_BLOCK,
                   BLOCK_M=block_m, BLOCK_K=QUANT_BLOCK if w_fp8 else DENSE_BLOCK_K, QUANT_A=quant_a,
-                  SCALE_RECIPROCAL=scale_reciprocal, CHUNK=chunk)
+                  SCALE_RECIPROCAL=scale_reciprocal, CHUNK=chunk, BLOCK_E=next_pow2(w.shape[0]))
     n_experts = w.shape[0]
-    grid = lambda meta: (n_experts, cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
+    n_blocks = cdiv(t * topk + n_experts * (block_m - 1), block_m)  # moe_align's worst case
+    rows = row_blocks(n_blocks, t * topk)  # symbolic Min while traced: no guard on T
+    grid = lambda meta: (rows, cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
     return LaunchSpec(_grouped_gemm_scan_kernel, _grouped_gemm_scan_tuned, GROUPED_GEMM_SCAN_CONFIGS, grid, args,
                       kwargs)
 

@@ -105,14 +105,22 @@ def test_scan_equals_aligned_bit_for_bit_and_the_loop(seed, case, e, chunk, prec
     assert mean_rel(y_scan, y_ref) < TOL["grouped_gemm_fp16"]
 
 
-def test_scan_launches_experts_by_column_tiles_and_no_alignment(seed, monkeypatch):
-    """Grid (E, ceil(N_out / BLOCK_N)) whatever T is; nothing but the GEMM is launched."""
-    ids = _ids("decode", 20, seed)
-    a, w13, up_kw, *_ = _operands("w8a8", 1, 20, seed)
+@pytest.mark.parametrize("case,e", [("decode", 20), ("busy_expert", 9)])
+def test_scan_launches_the_aligned_grid_and_no_alignment(seed, monkeypatch, case, e):
+    """Grid (min(n_blocks, T*k), ceil(N_out / BLOCK_N)), as the aligned GEMM's (8 row blocks at T=1,
+    k=8, not one per expert); nothing but the GEMM is launched."""
+    ids = _ids(case, e, seed)
+    t, k = ids.shape
+    a, w13, up_kw, *_ = _operands("w8a8", t, e, seed)
+    s_ids, e_ids, npp = M.moe_align(ids, e, M.SCAN_BLOCK_M)
     grids = _recorded_grids(monkeypatch, M, "launch")
-    M.grouped_gemm_scan(a, w13, ids, 8, fuse_swiglu=True, **up_kw)
+    M.grouped_gemm(a, w13, s_ids, e_ids, npp, k, fuse_swiglu=True, **up_kw)
+    M.grouped_gemm_scan(a, w13, ids, k, fuse_swiglu=True, **up_kw)
     bn = M.GROUPED_GEMM_SCAN_CONFIGS[0].kwargs["BLOCK_N"]
-    assert grids == [("_grouped_gemm_scan_kernel", (20, -(-I // bn)))], grids
+    want = (min(e_ids.numel(), t * k), -(-I // bn))
+    assert grids == [("_grouped_gemm_kernel", want), ("_grouped_gemm_scan_kernel", want)], grids
+    if case == "decode":
+        assert want[0] == 8
 
 
 def test_scan_moe_matches_reference_moe_module(seed):

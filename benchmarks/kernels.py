@@ -14,6 +14,9 @@ triton.testing.do_bench (median) and reports: time, achieved TB/s or TFLOP/s, th
                 checked and timed too, each config pinned, then autotuned (rows "triton fp8 tma").
                 At decode M, fp8_linear's fused path (the GEMM quantizes x itself, one launch) is
                 checked and timed beside act_quant + gemm, eagerly and from a CUDA graph.
+  fp8 prefill   (--only fp8_prefill; planned < 60 s: 8 compiles, 16 timed rows) the same baseline at M=4096 vs every
+                PREFILL_CANDIDATES config of kernels/fp8_gemm_persistent.py pinned (one compile
+                each, no autotuning), each checked on its timed bf16 output (mean rel. < 1e-3).
   grouped GEMM  torch._grouped_mm (bf16), MoE end to end with it
   MLA decode    the eager absorbed einsum math and F.scaled_dot_product_attention; mla_decode is
                 also timed as a CUDA-graph replay (its kernels without Python launch cost), in both
@@ -21,6 +24,8 @@ triton.testing.do_bench (median) and reports: time, achieved TB/s or TFLOP/s, th
                 forced split counts (each autotuned and checked; the fastest is tabled); the
                 traced program's form (cache + kv_new) with the split count chosen in the
                 kernels (runtime_splits) and with the fixed 8 splits it used before
+  MLA sweep     (mla_sweep, < 60 s) mla_decode's variants (TMA loads, early loads), split counts and
+                merge forms, each pinned, from CUDA graphs: % of copy bandwidth and error (MLA_SWEEP)
   RMSNorm, act_quant: eager torch
 Device copy bandwidth is measured in the same run. Every section is guarded: an error prints and
 the script continues. The default run (fewer shapes, short timing) fits in about 4 minutes of
@@ -408,6 +413,71 @@ def bench_fp8_gemm(report: Report, sh: Shapes, quick: bool) -> None:
             rows = [r for r in rows if r is not None]
             finish_group(rows)
             show(case, rows)
+
+
+def bench_fp8_prefill(report: Report, sh: Shapes, quick: bool) -> None:
+    """fp8 GEMM at the 16b prefill shapes (w1/w3, w2 at M=4096): every PREFILL_CANDIDATES config of
+    the TMA + persistent kernel pinned (one compile each, no autotuning) and the default kernel's
+    session-5 winner, vs blockwise torch._scaled_mm. Each row is checked on its own timed bf16
+    output against the fp32 reference rounded to bf16: a right kernel differs only where its fp32
+    sum rounds the other way (mean rel. error ~1e-6), so < 1e-3 flags a wrong one (the removed
+    warp-specialized loop was at 0.11). The CPU smoke test checks fp32 outputs instead (the
+    interpreter truncates fp32 -> bf16)."""
+    from dsv3_export.kernels import fp8_gemm as G
+    from dsv3_export.kernels import fp8_gemm_persistent as P
+    from dsv3_export.reference import fp8 as R
+
+    m = sh.prefill_m
+    out_dtype = torch.bfloat16 if sh.device == "cuda" else torch.float32
+    for label, n, k in (("w1/w3 mlp", sh.inter, sh.dim), ("w2 mlp", sh.dim, sh.inter)):
+        case = f"prefill {label} M={m} N={n} K={k}"
+        w, w_s = R.weight_quant(torch.randn(n, k, device=sh.device) / k**0.5)
+        a, a_s = R.act_quant(torch.randn(m, k, device=sh.device, dtype=torch.bfloat16))
+        ref32 = G.fp8_gemm_ref(a, a_s, w, w_s, torch.float32)
+        ref = ref32.to(out_dtype).float()  # what a right kernel stores
+        bytes_, flops = m * k + a_s.numel() * 4 + n * k + w_s.numel() * 4 + m * n * 2, 2 * m * n * k
+        rows = []
+
+        def ours(impl: str, run, note: str) -> Row:
+            err = mean_rel(run().float(), ref)
+            row = add(report, Row("fp8_prefill", case, impl, bench(run, sh, quick), error=err, tol=1e-3,
+                                  ok=err < 1e-3, note=note), bytes_=bytes_, flops=flops, peak=FP8_PEAK)
+            print(f"  {case}: {impl} {row.ms:.4f} ms, {row.tflops or 0:.0f} TFLOP/s, err {err:.2e}; {note}", flush=True)
+            return row
+
+        def baseline() -> Row:
+            try:
+                a_p, s_a, w_p, s_b = _blockwise_operands(a, a_s, w, w_s)
+                e = mean_rel(_scaled_mm_blockwise(a_p, s_a, w_p, s_b)[:m].float(), ref32)
+                impl, fn = "torch._scaled_mm blockwise", lambda: _scaled_mm_blockwise(a_p, s_a, w_p, s_b)
+            except Exception as exc:  # noqa: BLE001 - refused (the CPU): the per-tensor form, and say so
+                e, impl, fn = None, "torch._scaled_mm tensorwise", lambda: _scaled_mm_tensorwise(a, w)
+                print(f"  {case}: blockwise _scaled_mm refused ({type(exc).__name__}), per-tensor instead", flush=True)
+            return add(report, Row("fp8_prefill", case, impl, bench(fn, sh, quick), error=e, tol=5e-3,
+                                   ok=None if e is None else e < 5e-3, note="vs the fp32 reference"),
+                       bytes_=bytes_, flops=flops, peak=FP8_PEAK)
+
+        rows.append(guarded(report, f"{case} _scaled_mm", baseline))
+        # the default kernel's pick at w1/w3 in session 5 (64x128 w4 s3 maxnreg 168), pinned
+        dflt = next((c for c in G.PREFILL_CONFIGS if c.maxnreg), G.PREFILL_CONFIGS[0])
+        dkw = dflt.kwargs
+        rows.append(guarded(report, f"{case} default", lambda: ours(
+            f"triton fp8_gemm {dkw['BLOCK_M']}x{dkw['BLOCK_N']} s{dflt.num_stages}"
+            + (f" r{dflt.maxnreg}" if dflt.maxnreg else ""),
+            lambda: G.fp8_gemm(a, a_s, w, w_s, out_dtype, config=dflt), f"default kernel, config {G.config_label(dflt)}")))
+        reason = P.tma_unsupported(a, w, out_dtype, n)
+        for name, cfg in P.PREFILL_CANDIDATES.items() if not reason else ():
+            kw = cfg.kwargs
+            tiles = -(-m // kw["BLOCK_M"]) * -(-n // kw["BLOCK_N"])
+            grid = min(tiles, G.num_sms(torch.device(sh.device)) * kw["CTAS_PER_SM"])
+            rows.append(guarded(report, f"{case} tma {name}", lambda name=name, cfg=cfg, tiles=tiles, grid=grid: ours(
+                f"triton tma {name}", lambda: G.fp8_gemm(a, a_s, w, w_s, out_dtype, variant="tma_persistent", config=cfg),
+                f"config {G.config_label(cfg)}, {tiles} tiles on {grid} persistent CTAs")))
+        if reason:
+            print(f"  {case}: tma candidates skipped: {reason}", flush=True)
+        rows = [r for r in rows if r is not None]
+        finish_group(rows)
+        show(case, rows)
 
 
 def bench_act_quant(report: Report, sh: Shapes, quick: bool) -> None:
@@ -851,6 +921,105 @@ def bench_mla(report: Report, sh: Shapes, quick: bool) -> None:
     show(case, rows)
 
 
+# mla_sweep: MLA decode's variants (kernels/mla_decode.py DECODE_VARIANTS, configs, split counts, merge
+# forms), each point pinned (variant, splits, merge, config: no autotuning), timed from a CUDA graph
+# (split + merge together) and checked on the graph's output. Per (batch, context): whether the last key
+# arrives beside the cache (the decode program's form) or in it (comparable with sessions 4-5's B=32
+# sweeps), and the points, the first being what the default does there (the autotuner's pick of sessions
+# 4-5: BN=32 w4 s3 at B>=8, BN=64 s2 PREFETCH=2 at B=1). A point is (variant, splits or None for the
+# runtime rule, merge, (BLOCK_N, num_warps, num_stages, PREFETCH)), most wanted first: points that would
+# start after MLA_SWEEP_BUDGET_S are skipped (and printed). The fused points use 16 fixed splits (the
+# runtime rule's count at B=1, context 1024): with 32 split slots the fused merge takes ~9 s to compile. The CPU smoke test runs the first entries'
+# points at its tiny shapes.
+MLA_SWEEP = [
+    ((32, 4096), False, [("pointer", 8, "separate", (32, 4, 3, 0)), ("tma", 8, "separate", (32, 4, 3, 0)),
+                         ("tma", 8, "separate", (32, 8, 3, 0)), ("tma", 12, "separate", (16, 4, 4, 0)),
+                         ("tma", 4, "separate", (64, 4, 2, 0))]),
+    ((1, 1024), True, [("pointer", None, "separate", (64, 4, 2, 2)), ("early", None, "separate", (64, 4, 2, 2)),
+                       ("tma", None, "separate", (64, 4, 2, 0)), ("tma_early", None, "separate", (64, 4, 2, 0)),
+                       ("pointer", 16, "fused", (32, 4, 3, 0)), ("early", 16, "fused", (32, 4, 3, 0)),
+                       ("pointer", 32, "separate", (32, 4, 3, 0)), ("early", 32, "separate", (32, 4, 3, 0))]),
+    ((8, 4096), True, [("pointer", None, "separate", (32, 4, 3, 0)), ("early", None, "separate", (32, 4, 3, 0)),
+                       ("tma", None, "separate", (32, 4, 3, 0)), ("tma", 16, "separate", (64, 4, 2, 0))]),
+]
+MLA_SWEEP_BUDGET_S = 55.0
+
+
+def _sweep_config(configs, spec: tuple[int, int, int, int]):
+    """The config of `configs` with (BLOCK_N, num_warps, num_stages, PREFETCH) = spec and no register cap."""
+    for cfg in configs:
+        if (cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages, cfg.kwargs["PREFETCH"]) == spec and not cfg.maxnreg:
+            return cfg
+    raise LookupError(f"mla_sweep: no decode config BLOCK_N, warps, stages, PREFETCH = {spec}")
+
+
+def bench_mla_sweep(report: Report, sh: Shapes, quick: bool) -> None:
+    """Which MLA decode variant the GPU prefers: % of the copy bandwidth measured in this run, the split +
+    merge total from a CUDA graph, the error vs mla_decode_ref; one line per point, the fastest correct
+    one per shape last."""
+    from dsv3_export.kernels import mla_decode as kd
+    from dsv3_export.kernels.mla_attention import mla_decode_ref
+
+    if report.copy_tbps is None:
+        bench_copy(report, sh, quick)
+    h, c, r_, scale = sh.n_heads, sh.kv_lora, sh.rope, sh.softmax_scale
+    t0 = time.time()
+    shapes = [shape for shape, _, _ in MLA_SWEEP] if sh.device == "cuda" else sh.mla_decode
+    for (bsz, ctx), (_, new_token, points) in zip(shapes, MLA_SWEEP):
+        case = f"decode B={bsz} ctx={ctx} H={h} C={c} R={r_}"
+        cache = torch.randn(bsz, ctx, c + r_, device=sh.device, dtype=torch.bfloat16)  # [latent | rope] rows
+        kv, pe = cache[..., :c], cache[..., c:]
+        q = torch.randn(bsz, h, c, device=sh.device, dtype=torch.bfloat16)
+        qp = torch.randn(bsz, h, r_, device=sh.device, dtype=torch.bfloat16)
+        seqlens = torch.full((bsz,), ctx - new_token, dtype=torch.int32, device=sh.device)
+        kw = dict(kv_new=cache[:, -1, :c], pe_new=cache[:, -1, c:]) if new_token else {}
+        full = torch.full((bsz,), ctx, dtype=torch.int32, device=sh.device)
+        ref = mla_decode_ref(q.float(), qp.float(), kv.float(), pe.float(), full, scale)
+        bytes_ = bsz * ctx * (c + r_) * 2 + bsz * h * (2 * c + r_) * 2
+        best = None
+        for variant, splits, merge, spec in points:
+            if time.time() - t0 > MLA_SWEEP_BUDGET_S:
+                print(f"    {case} {variant} {splits} {merge} {spec}: skipped (the {MLA_SWEEP_BUDGET_S:.0f} s budget)")
+                continue
+            cfg = _sweep_config(kd.TMA_DECODE_CONFIGS if kd.VARIANT_FLAGS[variant].get("TMA") else kd.DECODE_CONFIGS,
+                                spec)
+            split_kw = {"runtime_splits": True} if splits is None else {"num_splits": splits}
+            n_splits = kd.runtime_num_splits(bsz, h, ctx - new_token, q.device) if splits is None else splits
+            bn, prefetch = cfg.kwargs["BLOCK_N"], cfg.kwargs["PREFETCH"]
+            label = (f"{variant} {merge} {'runtime ' if splits is None else ''}{n_splits} splits BN={bn} "
+                     f"w{cfg.num_warps} s{cfg.num_stages}" + (f" P{prefetch}" if prefetch else ""))
+
+            def call(split_kw=split_kw, merge=merge, cfg=cfg, variant=variant):
+                return kd.mla_decode(q, qp, kv, pe, seqlens, scale, merge=merge, config=cfg, variant=variant,
+                                     **split_kw, **kw)
+
+            def point(call=call, label=label):
+                outs = [call()]  # compiles outside any graph
+                fn = call
+                if sh.device == "cuda":
+                    outs = []
+                    fn = _graph_of(call, outs).replay
+                ms = bench(fn, sh, quick)
+                if sh.device == "cuda":
+                    torch.cuda.synchronize()
+                err = mean_rel(outs[0].float(), ref)  # after every replay (fused counters, TMA scratch)
+                return add(report, Row("mla_sweep", case, f"triton {label}", ms, error=err, tol=1e-2, ok=err < 1e-2,
+                                       note="CUDA graph, split + merge" if sh.device == "cuda" else ""),
+                           bytes_=bytes_)
+
+            row = guarded(report, f"mla_sweep {case} {label}", point)
+            if row is None:
+                continue
+            pct = 100 * row.tbps / report.copy_tbps if row.tbps and report.copy_tbps else float("nan")
+            print(f"    {case} {label}: {row.ms * 1e3:.1f} us = {pct:.0f}% of copy, err {row.error:.2e}"
+                  f"{'' if row.ok else ' WRONG'}", flush=True)
+            if row.ok and (best is None or row.ms < best.ms):
+                best = row
+        if best is not None:
+            print(f"  {case}: fastest {best.impl} {best.ms * 1e3:.1f} us (the first point is the default's form)",
+                  flush=True)
+
+
 def bench_rmsnorm(report: Report, sh: Shapes, quick: bool) -> None:
     from dsv3_export.kernels.fp8_quant import act_quant
     from dsv3_export.kernels.rmsnorm import rmsnorm, rmsnorm_quant, rmsnorm_quant_ref, rmsnorm_ref
@@ -970,6 +1139,78 @@ def _bench_router_gate(report: Report, sh: Shapes, quick: bool, m: int) -> None:
     show(case, rows)
 
 
+GATE_GRAPH_M = (1, 8, 64)  # decode batches of the gate section on the GPU
+
+
+def bench_gate(report: Report, sh: Shapes, quick: bool) -> None:
+    """The MoE gate GEMM + router at decode batches as the decode step runs them, from CUDA graphs:
+    router_topk_gate_split (engines/torch_router.py DSV3_TORCH_ROUTER_GATE=split: the experts split over
+    programs, the last of a row block to arrive routes), the default (cuBLAS's F.linear + router_topk)
+    and the one-program router_topk_gate (=1). Ids checked on each graph's own output after its timing
+    (the split form's arrival counters must survive the replays, and be zero after them). The split
+    autotuner's key has no batch: M=8 and 64 reuse M=1's choice (as eager decode calls do), so at the
+    largest M each split config is also timed pinned (printed; the fastest tabled)."""
+    from dsv3_export.kernels import _common
+    from dsv3_export.kernels import topk as kt
+
+    route = dict(n_extra=2, first_extra=sh.n_experts, out_dtype=torch.bfloat16)
+    ms_list = GATE_GRAPH_M if sh.device == "cuda" else sh.decode_m
+    one_program_cfg = None  # router_topk_gate: autotuned at the first M, that choice pinned after (its key has M)
+    for m in ms_list:
+        case = f"gate + router M={m} D={sh.dim} E={sh.n_experts}+2 k={sh.topk}"
+        x = torch.randn(m, sh.dim, device=sh.device, dtype=torch.bfloat16)
+        w = (torch.randn(sh.n_experts, sh.dim, device=sh.device) / sh.dim**0.5).to(torch.bfloat16)
+        want = kt.router_topk_gate_ref(x, w, sh.topk, **route)[1]
+        bytes_ = (m + sh.n_experts) * sh.dim * 2 + m * (sh.topk + 2) * (2 + 8)
+        flops = 2 * m * sh.dim * sh.n_experts
+
+        def timed(impl: str, fn, note: str = ""):
+            fn()  # autotune outside the graph
+            if sh.device == "cuda":
+                outs: list = []
+                ms = bench(_graph_of(fn, outs).replay, sh, quick)
+                torch.cuda.synchronize()
+                got = outs[0]
+            else:
+                ms, got = bench(fn, sh, quick), fn()
+            wrong = _untied_mismatch(x, w, got[1], want, sh.topk)
+            clean = all(bool((b == 0).all()) for b in _common._arrival_buffers.values())
+            return add(report, Row("gate", case, impl + (" (CUDA graph)" if sh.device == "cuda" else ""), ms,
+                                   error=wrong, tol=0.0, ok=wrong == 0 and clean,
+                                   note=note + ("" if clean else " arrival counters NOT reset")),
+                       bytes_=bytes_, flops=flops)
+
+        split = lambda cfg=None: kt.router_topk_gate_split(x, w, sh.topk, config=cfg, **route)  # noqa: E731
+        rows = [guarded(report, f"gate {case} split", lambda: timed("triton router_topk_gate_split", split)),
+                guarded(report, f"gate {case} one program", lambda: timed(
+                    "triton router_topk_gate", lambda: kt.router_topk_gate(x, w, sh.topk, config=one_program_cfg,
+                                                                         **route))),
+                guarded(report, f"gate {case} linear", lambda: timed(
+                    "torch linear + triton router_topk", lambda: kt.router_topk(F.linear(x, w), sh.topk, **route)))]
+        if sh.device == "cuda":
+            chosen = getattr(kt._router_gate_split_tuned, "best_config", None)
+            if rows[0] is not None:
+                rows[0].note = f"autotuned at M={ms_list[0]}: {chosen}"
+            one_program_cfg = one_program_cfg or getattr(kt._router_gate_tuned, "best_config", None)
+        if m == ms_list[-1]:  # each split config pinned at the largest M
+            pinned = [guarded(report, f"gate {case} split {cfg}", lambda cfg=cfg: timed(
+                "triton router_topk_gate_split pinned", lambda: split(cfg), note=str(cfg)))
+                for cfg in kt.GATE_SPLIT_CONFIGS]
+            pinned = [r for r in pinned if r is not None]
+            print("    split configs pinned: " + "; ".join(f"{r.note}: {r.ms:.4f} ms" for r in pinned), flush=True)
+            good = [r for r in pinned if r.ok]
+            best = min(good, key=lambda r: r.ms) if good else None
+            for r in good:  # the fastest correct one tabled; a wrong one stays as a failed row
+                if r is not best:
+                    report.rows.remove(r)
+            if best is not None:
+                best.impl = "triton router_topk_gate_split best pinned config" + best.impl.split("pinned")[1]
+                rows.append(best)
+        rows = [r for r in rows if r]
+        finish_group(rows)
+        show(case, rows)
+
+
 # MLA's absorbed projections at the 16b head dims (qk_nope_head_dim, v_head_dim); the CPU smoke
 # test's dims are off the kernel's blocks.
 ABSORB_HEAD_DIMS = {"cuda": (128, 128), "cpu": (40, 24)}
@@ -1020,6 +1261,82 @@ def bench_absorb(report: Report, sh: Shapes, quick: bool) -> None:
             rows = [r for r in rows if r]
             finish_group(rows)
             show(case, rows)
+
+
+# MLA decode's tail: the 16b's v_head_dim (one 1x128 act_quant block per head) and context; CPU smoke dims.
+TAIL_DIMS = {"cuda": (128, 1024, (1, 8, 64)), "cpu": (40, 70, (1, 3))}  # (qk_nope_head_dim, context, batches)
+TAIL_TOL = 1e-2  # mean rel err of dequantized q x s vs the current path: rare one-step fp8 flips only
+
+
+def bench_tail(report: Report, sh: Shapes, quick: bool) -> None:
+    """MLA decode's tail (kernels/mla_tail.py: merge of the split partials + W_UV + wo's act_quant, one
+    launch, each config pinned) against the fp8 decode program's current path (reduce + head_gemm +
+    act_quant), both after the same split kernel under the runtime split rule (its config pinned to
+    DECODE_CONFIGS[0] in all three: no split-kernel autotuning here), from CUDA graphs on the GPU;
+    `split only` is the split kernel alone, so tail cost = total - split. head_gemm and act_quant
+    autotune as in the engine (already tuned if `absorb` ran first). Error: dequantized q x s against
+    the current path's."""
+    from dsv3_export.kernels import mla_decode as kd
+    from dsv3_export.kernels import mla_tail as kt
+    from dsv3_export.kernels._common import launch
+    from dsv3_export.kernels.fp8_quant import act_quant
+    from dsv3_export.kernels.mla_absorb import head_gemm
+
+    h, c, r, dv = sh.n_heads, sh.kv_lora, sh.rope, 128
+    dn, ctx, batches = TAIL_DIMS[sh.device]
+    w_uv = (torch.randn(h * (dn + dv), c, device=sh.device) * c**-0.5).bfloat16().view(h, dn + dv, c)[:, dn:]
+    for b in batches:
+        cache = torch.randn(b, ctx, c + r, device=sh.device).bfloat16()  # [b, T, c + r]
+        kv, pe = cache[..., :c], cache[..., c:]
+        q = (torch.randn(b, h, c, device=sh.device) * 0.1).bfloat16()
+        qp = (torch.randn(b, h, r, device=sh.device) * 0.1).bfloat16()
+        kv_new, pe_new = torch.randn(b, c, device=sh.device).bfloat16(), torch.randn(b, r, device=sh.device).bfloat16()
+        seq = torch.full((b,), ctx - 1, dtype=torch.int32, device=sh.device)
+        keys = dict(kv_new=kv_new, pe_new=pe_new, runtime_splits=True)
+        split_cfg = kd.DECODE_CONFIGS[0]
+        splits = kd.runtime_num_splits(b, h, ctx - 1, torch.device(sh.device))
+        case = f"B={b} H={h} C={c} DV={dv} ctx={ctx} splits={splits}"
+
+        def current():
+            lat = kd.mla_decode(q, qp, kv, pe, seq, sh.softmax_scale, merge="separate", config=split_cfg,
+                                **keys)  # [b, h, c]
+            return act_quant(head_gemm(lat, w_uv.transpose(1, 2)).view(b, h * dv))  # wo's input, quantized
+
+        def split_only():
+            o_part = torch.empty((b, h, kd.MAX_SPLITS, c), dtype=torch.float32, device=sh.device)
+            lse = torch.empty((b, h, kd.MAX_SPLITS), dtype=torch.float32, device=sh.device)
+            target = kt.runtime_split_target(torch.device(sh.device))
+            launch(*kt.decode_partials_spec(q, qp, kv, pe, kv_new, pe_new, seq, o_part, lse, sh.softmax_scale,
+                                            target), split_cfg)
+            return o_part
+
+        def timed(impl: str, fn, ref=None):
+            out = []
+            ms = bench(_graph_of(lambda: out.append(fn()) or out[-1]).replay if sh.device == "cuda" else
+                       (lambda: out.append(fn())), sh, quick)
+            err = None
+            if ref is not None:
+                got = out[-1][0].float().view(b, h, dv) * out[-1][1].view(b, h, 1)  # dequantized [b, h, dv]
+                err = mean_rel(got, ref)
+            return add(report, Row("tail", case, impl, ms, error=err, tol=TAIL_TOL if ref is not None else None,
+                                   ok=None if err is None else err < TAIL_TOL),
+                       bytes_=2 * (b * ctx * (c + r) + h * dv * c))
+
+        q_cur, s_cur = current()
+        ref = q_cur.float().view(b, h, dv) * s_cur.view(b, h, 1)
+        base = guarded(report, f"tail {case} current", lambda: timed("triton split + reduce + head_gemm + act_quant",
+                                                                      current))
+        rows = [base, guarded(report, f"tail {case} split", lambda: timed("triton split only", split_only))]
+        for cfg in kt.MLA_TAIL_CONFIGS if sh.device == "cuda" else kt.MLA_TAIL_CONFIGS[:1]:
+            label = "BLOCK_B={BLOCK_B} BLOCK_K={BLOCK_K}".format(**cfg.kwargs) + f" w{cfg.num_warps} s{cfg.num_stages}"
+            row = guarded(report, f"tail {case} {label}", lambda: timed(
+                f"triton split + mla_tail {label}",
+                lambda: kt.mla_decode_tail(q, qp, kv, pe, seq, sh.softmax_scale, w_uv, config=cfg,
+                                           split_config=split_cfg, **keys), ref))
+            if row and base and base.ms and row.ms:
+                row.speedup_vs_best_alt = base.ms / row.ms  # against the current path
+            rows.append(row)
+        show(case, [x for x in rows if x])
 
 
 # Candidate grouped-GEMM configs for decode, timed beside GROUPED_GEMM_CONFIGS by the moe_cfg
@@ -1082,15 +1399,77 @@ def bench_moe_configs(report: Report, sh: Shapes, quick: bool) -> None:
             show(case, [r for r in rows if r])
 
 
+# Batch sizes of the moe_scan section on the GPU (the CPU smoke test uses Shapes.decode_m).
+MOE_SCAN_T = (1, 8, 64)
+
+
+def bench_moe_scan(report: Report, sh: Shapes, quick: bool) -> None:
+    """The 16b fp8 decode MoE (E = 64 + 2 shared, k = 6 + 2) from CUDA graphs: moe_align + up GEMM +
+    act_quant(h) + down GEMM as the decode program runs it now (block_m 16) against the two
+    grouped_gemm_scan GEMMs (no alignment; DSV3_TORCH_MOE_ALIGN=scan) with the same act_quant: the
+    scan's error against the aligned chain (0 with equal configs; each form autotunes its own) and
+    the weight-byte floor of the active experts. Autotunes at the first T (4 scan configs per GEMM)."""
+    from dsv3_export.kernels import fp8_quant as Q
+    from dsv3_export.kernels import moe as M
+
+    torch.manual_seed(0)
+    d, i = sh.dim, sh.moe_inter
+    e, k = sh.n_experts + 2, sh.topk + 2  # fuse_shared_experts: 2 shared experts every token takes
+    w13, w13s = _quantized_experts(torch.randn(e, 2 * i, d, device=sh.device) / d**0.5)
+    w2, w2s = _quantized_experts(torch.randn(e, d, i, device=sh.device) / i**0.5)
+    for t in MOE_SCAN_T if sh.device == "cuda" else sh.decode_m:
+        x = torch.randn(t, d, device=sh.device, dtype=torch.bfloat16)
+        routed = torch.randn(t, sh.n_experts, device=sh.device).topk(sh.topk, dim=-1)[1]
+        shared = torch.arange(sh.n_experts, e, device=sh.device).expand(t, -1)
+        ids = torch.cat([routed, shared], 1)  # [T, k]
+        tw = torch.rand(t, k, device=sh.device)
+        xq, xs = Q.act_quant(x)
+        active = int(torch.unique(ids).numel())
+        nbytes = active * 3 * i * d  # fp8 w13 [2I, D] + w2 [D, I] of each active expert
+
+        def aligned():
+            sorted_ids, expert_ids, npp = M.moe_align(ids, e, 16)
+            h = M.grouped_gemm(xq, w13, sorted_ids, expert_ids, npp, k, a_scale=xs, w_scale=w13s, fuse_swiglu=True)
+            hq, hs = Q.act_quant(h)
+            return M.grouped_gemm(hq, w2, sorted_ids, expert_ids, npp, 1, a_scale=hs, w_scale=w2s, topk_weights=tw)
+
+        def scan():
+            h = M.grouped_gemm_scan(xq, w13, ids, k, a_scale=xs, w_scale=w13s, fuse_swiglu=True)
+            hq, hs = Q.act_quant(h)
+            return M.grouped_gemm_scan(hq, w2, ids, 1, a_scale=hs, w_scale=w2s, topk_weights=tw)
+
+        case = f"T={t} E={e} k={k} D={d} I={i}"
+        want = aligned().float()
+        rows = []
+        for impl, fn, note in (("triton moe_align + up + act_quant + down", aligned, "the decode program now"),
+                               ("triton scan up + act_quant + scan down", scan, "DSV3_TORCH_MOE_ALIGN=scan")):
+            def one(impl=impl, fn=fn, note=note):
+                err = mean_rel(fn().float(), want)
+                ms = bench(_graph_of(fn).replay if sh.device == "cuda" else fn, sh, quick)
+                return add(report, Row("moe_scan", case, impl, ms, error=err, tol=1e-3, ok=err < 1e-3,
+                                       note=f"{note}; {active} experts active, floor = their fp8 weights"),
+                           bytes_=nbytes)
+
+            rows.append(guarded(report, f"moe_scan {case} {impl}", one))
+        show(case, [r for r in rows if r])
+
+
 SECTIONS = {  # cheap sections first: if the time budget runs out, the expensive autotuning goes last
     "copy": ("device copy bandwidth", bench_copy),
     "quant": ("fp8 act_quant / weight_dequant", bench_act_quant),
     "norm": ("fused add + RMSNorm", bench_rmsnorm),
     "topk": ("router top-k", bench_topk),
+    "gate": ("MoE gate GEMM + router at decode: split over programs vs cuBLAS + router (CUDA graphs)", bench_gate),
     "absorb": ("MLA absorbed projections (W_UK, W_UV per head)", bench_absorb),
+    "tail": ("MLA decode tail: split + merge/W_UV/act_quant in one kernel vs the separate kernels (CUDA graphs)",
+             bench_tail),
     "mla": ("MLA absorbed attention", bench_mla),
+    "mla_sweep": ("MLA decode variants (TMA, splits, merge), pinned configs, CUDA graphs", bench_mla_sweep),
     "moe": ("MoE: grouped GEMM + fused MoE", bench_moe),
     "moe_cfg": ("grouped GEMM configs at decode (fp8, 16b MoE)", bench_moe_configs),
+    "moe_scan": ("decode MoE without moe_align: grouped_gemm_scan vs align + grouped_gemm (fp8, 16b)",
+                 bench_moe_scan),
+    "fp8_prefill": ("fp8 blockwise GEMM at prefill M: TMA candidates, pinned", bench_fp8_prefill),
     "fp8": ("fp8 blockwise GEMM", bench_fp8_gemm),
 }
 

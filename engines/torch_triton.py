@@ -9,7 +9,9 @@ package (TOOLCHAIN.md: measured on the H200, loadable from C++ with no op regist
 Lowered here (engines/torch_lower.py uses these on CUDA, ATen math for the rest):
     dsv3::moe_experts      -> dsv3_aoti::moe_experts      moe_align + 2 grouped GEMMs (SwiGLU and
                                                           routing-weight epilogues), kernels/moe.py
-                                                          (bf16/fp16; fp32 engines: ATen)
+                                                          (bf16/fp16; fp32 engines: ATen);
+                                                          DSV3_TORCH_MOE_ALIGN=scan: the decode program's
+                                                          GEMMs find their own rows, no moe_align
     dsv3::moe_experts_fp8  -> dsv3_aoti::moe_experts_fp8  the same with 1x128 act_quant (act_quant=True
                              only; weight-only fp8 lowers to ATen: the kernel has no bf16 x fp8 path);
                              (DSV3_TORCH_FUSED_ACT_QUANT=1: the decode program's grouped GEMMs quantize
@@ -42,7 +44,7 @@ sizes only with themselves.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import triton
@@ -65,7 +67,12 @@ BLOCK_M = {"decode": 16, "prefill": 64}
 # kernel vs 0.739 ms aten, 1.05 vs 1.84 ms without a graph; per call 9.3 us vs 61 us (kernels.py).
 MOE_ALIGN_ENV = "DSV3_TORCH_MOE_ALIGN"
 MOE_ALIGN_DEFAULT = "kernel"
-MOE_ALIGN_FORMS = {"kernel": "one Triton kernel per MoE layer", "aten": "Inductor's kernels for the ATen form"}
+MOE_ALIGN_FORMS = {"kernel": "one Triton kernel per MoE layer", "aten": "Inductor's kernels for the ATen form",
+                   "scan": "no alignment: each grouped GEMM program scans topk_ids itself; decode program only "
+                           "(prefill keeps `kernel`)"}
+# `scan` (kernels/moe.py grouped_gemm_scan): no moe_align launch (~4.4 us per MoE layer in the H200's
+# 27-layer batch-1 decode profile); the program kind reaches the MoE ops only as their block_m, so
+# the decode program is the one whose block_m is BLOCK_M["decode"]. Not measured yet: not the default.
 # The router's top-k (routers the router kernel does not take: sigmoid, biased, grouped): `aten`
 # (default: torch's topk, on CUDA gatherTopK + a sort of the k results) or `kernel` (kernels/topk.py,
 # one launch), read when a program is lowered. Measured on the H200 (session 7, kernels.py, 66 scores,
@@ -122,9 +129,19 @@ def _launch(spec: LaunchSpec) -> None:
     wrap_triton(spec.kernel)[spec.grid(meta)](*spec.args, **spec.kwargs, **cfg.kwargs)
 
 
+class ScanRouting(NamedTuple):
+    """The MoE's routing for the scan form: the grouped GEMMs read topk_ids [T, k] themselves."""
+
+    topk_ids: torch.Tensor
+
+
 def _moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int):
+    """moe_align's (sorted_ids, expert_ids, npp) in the MOE_ALIGN_ENV form, or ScanRouting for the
+    scan form in the decode program (prefill's block_m: the kernel form)."""
     form = env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS)
-    return km.moe_align(topk_ids, n_experts, block_m, traced_form=form)
+    if form == "scan" and block_m == BLOCK_M["decode"]:
+        return ScanRouting(topk_ids.contiguous())
+    return km.moe_align(topk_ids, n_experts, block_m, traced_form="kernel" if form == "scan" else form)
 
 
 def _act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,13 +153,19 @@ def _act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
-def _grouped_gemm(a, w, sorted_ids, expert_ids, npp, topk: int, out_dtype: torch.dtype, *, a_scale=None,
+def _grouped_gemm(a, w, routing, topk: int, out_dtype: torch.dtype, *, a_scale=None,
                   w_scale=None, topk_weights=None, swiglu: bool = False, quant_a: bool = False) -> torch.Tensor:
-    """kernels/moe.py grouped_gemm's launch (checks done once by the caller's shapes). quant_a: bf16/fp16
-    a quantized 1x128 inside the kernel, as _act_quant would on a's device (fp8 w only)."""
+    """kernels/moe.py grouped_gemm's launch (checks done once by the caller's shapes), or grouped_gemm_scan's
+    when routing is a ScanRouting (_moe_align). quant_a: bf16/fp16 a quantized 1x128 inside the kernel,
+    as _act_quant would on a's device (fp8 w only)."""
     t = a.shape[0]
     n_out = w.shape[1] // 2 if swiglu else w.shape[1]
     out = torch.empty((t * topk, n_out), dtype=out_dtype, device=a.device)
+    if isinstance(routing, ScanRouting):
+        _launch(km.grouped_gemm_scan_spec(a, a_scale, w, w_scale, out, topk_weights, routing.topk_ids, topk, swiglu,
+                                          quant_a, a.is_cuda))
+        return out
+    sorted_ids, expert_ids, npp = routing
     _launch(km.grouped_gemm_spec(a, a_scale, w, w_scale, out, topk_weights, sorted_ids, expert_ids, npp, topk,
                                  swiglu, quant_a, a.is_cuda))  # the scale rounding as _act_quant picks it
     return out
@@ -156,11 +179,11 @@ def _combine(y: torch.Tensor, t: int, topk: int, dtype: torch.dtype) -> torch.Te
 def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
                 w2: torch.Tensor, block_m: int) -> torch.Tensor:
     t, topk = topk_ids.shape
-    sorted_ids, expert_ids, npp = _moe_align(topk_ids, w13.shape[0], block_m)
+    routing = _moe_align(topk_ids, w13.shape[0], block_m)
     x = x.contiguous()
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
-    h = _grouped_gemm(x, w13, sorted_ids, expert_ids, npp, topk, x.dtype, swiglu=True)  # [T*k, I]
-    y = _grouped_gemm(h, w2, sorted_ids, expert_ids, npp, 1, x.dtype,
+    h = _grouped_gemm(x, w13, routing, topk, x.dtype, swiglu=True)  # [T*k, I]
+    y = _grouped_gemm(h, w2, routing, 1, x.dtype,
                       topk_weights=topk_weights.contiguous())  # [T*k, D]
     return _combine(y, t, topk, x.dtype)
 
@@ -173,29 +196,29 @@ def moe_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
     themselves, the same bits as the two _act_quant launches of the default form (kernels/moe.py
     grouped_gemm(quant_a=True)); measured slower on the H200."""
     t, topk = topk_ids.shape
-    sorted_ids, expert_ids, npp = _moe_align(topk_ids, w13.shape[0], block_m)
+    routing = _moe_align(topk_ids, w13.shape[0], block_m)
     if fuse_act_quant:
-        h = _grouped_gemm(x.contiguous(), w13, sorted_ids, expert_ids, npp, topk, x.dtype, w_scale=w13_scale,
+        h = _grouped_gemm(x.contiguous(), w13, routing, topk, x.dtype, w_scale=w13_scale,
                           swiglu=True, quant_a=True)  # [T*k, I]
-        y = _grouped_gemm(h, w2, sorted_ids, expert_ids, npp, 1, x.dtype, w_scale=w2_scale,
+        y = _grouped_gemm(h, w2, routing, 1, x.dtype, w_scale=w2_scale,
                           topk_weights=topk_weights.contiguous(), quant_a=True)  # [T*k, D]
         return _combine(y, t, topk, x.dtype)
     xq, xs = _act_quant(x.contiguous())
     return moe_fp8_quantized(xq, xs, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale,
-                             (sorted_ids, expert_ids, npp), x.dtype)
+                             routing, x.dtype)
 
 
 def moe_fp8_quantized(xq: torch.Tensor, xs: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                       w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
                       alignment: tuple, out_dtype: torch.dtype) -> torch.Tensor:
     """The W8A8 experts from x already quantized 1x128 (xq [T, D] fp8, xs [T, ceil(D/128)]): up GEMM
-    with SwiGLU, act_quant of h, down GEMM with the routing weights, sum over k -> [T, D]."""
+    with SwiGLU, act_quant of h, down GEMM with the routing weights, sum over k -> [T, D].
+    alignment: _moe_align's result (moe_align's three tensors or a ScanRouting)."""
     t, topk = topk_ids.shape
-    sorted_ids, expert_ids, npp = alignment
-    h = _grouped_gemm(xq, w13, sorted_ids, expert_ids, npp, topk, out_dtype, a_scale=xs, w_scale=w13_scale,
+    h = _grouped_gemm(xq, w13, alignment, topk, out_dtype, a_scale=xs, w_scale=w13_scale,
                       swiglu=True)  # [T*k, I]
     hq, hs = _act_quant(h)
-    y = _grouped_gemm(hq, w2, sorted_ids, expert_ids, npp, 1, out_dtype, a_scale=hs, w_scale=w2_scale,
+    y = _grouped_gemm(hq, w2, alignment, 1, out_dtype, a_scale=hs, w_scale=w2_scale,
                       topk_weights=topk_weights.contiguous())  # [T*k, D]
     return _combine(y, t, topk, out_dtype)
 
@@ -251,7 +274,7 @@ def _head_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @triton_op("dsv3_aoti::mla_attention", mutates_args={})
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
                   start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, decode: bool,
-                  absorb_gemm: bool = True) -> torch.Tensor:
+                  absorb_gemm: bool = True, tail: bool = False) -> torch.Tensor:
     """dsv3::mla_attention (step.absorbed_attention's math): W_UK absorbed into the query, the
     kernel over cache positions t < min(start_pos, T) plus the s new keys (causal), then W_UV.
 
@@ -260,7 +283,14 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor
     not keys) and the new keys' causal order, and keeps the kernels' cache reads in bounds.
     absorb_gemm (decode, bf16/fp16; ABSORB_ENV): W_UK and W_UV by kernels/mla_absorb.py head_gemm,
     one launch each, instead of the einsums.
+    tail (decode, bf16/fp16; DSV3_TORCH_MLA_TAIL=1, engines/torch_mla_tail.py): the split kernel, then
+    the merge and W_UV in one kernel (kernels/mla_tail.py) instead of the reduce kernel + W_UV.
     """
+    if tail and decode and q_nope.dtype in ka.DOT_DTYPES:
+        from dsv3_export.engines.torch_mla_tail import decode_tail
+
+        return decode_tail(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, absorb_gemm,
+                           False)[:, None]  # [b, 1, h, dv]
     _, s, h, dn = q_nope.shape
     c = wkv_b.shape[-1]
     w = wkv_b.view(h, -1, c)  # [h, dn + dv, c]
@@ -315,10 +345,17 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
     """dsv3:: op name -> function with the op's signature calling a triton_op (for run_decompositions)."""
     from dsv3_export.engines.torch_lower import ATEN_LOWERINGS
 
+    from dsv3_export.engines.torch_mla_tail import MLA_TAIL_CHOICES, MLA_TAIL_DEFAULT, MLA_TAIL_ENV
+
     block_m = BLOCK_M[kind]
     fused = _fused_act_quant(kind)
     absorb = _absorb_gemm()
+    tail = env_choice(MLA_TAIL_ENV, MLA_TAIL_DEFAULT, MLA_TAIL_CHOICES) == "1" and kind == "decode"
     topk_form = env_choice(TOPK_ENV, TOPK_DEFAULT, TOPK_FORMS)
+    align_form = env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS)
+    routing = ("no moe_align: grouped_gemm_scan programs find their rows in topk_ids"
+               if align_form == "scan" and kind == "decode"
+               else "moe_align " + ("in ATen ops" if align_form == "aten" else "kernel"))
 
     def lower_moe(x, topk_weights, topk_ids, w13, w2):
         if x.dtype not in km.DENSE_DTYPES:  # fp32 engines: the dense kernel takes bf16/fp16 only
@@ -338,7 +375,7 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
                                                          softmax_scale)
         s = q_nope.shape[1]
         decode = kind == "decode" and isinstance(s, int) and s == 1  # static, never a guard on a symbol
-        return mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, decode, absorb)
+        return mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, decode, absorb, tail)
 
     def lower_fp8_linear(x, weight, scale, act_quant):
         if not act_quant and x.dtype not in kg.DENSE_DTYPES:  # weight-only GEMM: bf16/fp16 activations
@@ -350,16 +387,18 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
 
     lower_topk.unfit = topk_unfit
     lower_topk.how = "triton_op dsv3_aoti::topk (kernels/topk.py: one launch per top-k, sorted)"
-    lower_moe.how = ("triton_op dsv3_aoti::moe_experts (kernels/moe.py grouped GEMMs) for bf16/fp16; "
+    lower_moe.how = (f"triton_op dsv3_aoti::moe_experts (kernels/moe.py grouped GEMMs; {routing}) for bf16/fp16; "
                      "ATen math for fp32")
-    lower_moe_fp8.how = ("triton_op dsv3_aoti::moe_experts_fp8 (act_quant + fp8 grouped GEMMs"
+    lower_moe_fp8.how = (f"triton_op dsv3_aoti::moe_experts_fp8 ({routing}; act_quant + fp8 grouped GEMMs"
                          + ("; the GEMMs quantize their own activations" if fused else "")
                          + ") with act_quant; ATen math for weight-only")
     lower_mla.how = ("triton_op dsv3_aoti::mla_attention ("
                      + ("W_UK and W_UV by kernels/mla_absorb.py head_gemm in the decode program, einsums in "
                         "prefill" if absorb else "W_UK and W_UV by einsums")
                      + "; kernels/mla_attention.py over [cache | new]: mla_decode in the decode program, "
-                     "mla_prefill in prefill) for bf16/fp16; ATen math for fp32")
+                     "mla_prefill in prefill"
+                     + ("; decode: the splits' merge and W_UV in one kernel, kernels/mla_tail.py" if tail else "")
+                     + ") for bf16/fp16; ATen math for fp32")
     lower_fp8_linear.how = ("triton_op dsv3_aoti::fp8_linear (kernels/fp8_gemm.py: act_quant + fp8 GEMM"
                             + (", fused into one launch" if fused else "")
                             + ", or weight-only for bf16/fp16 x); ATen math for weight-only fp32 x")

@@ -23,6 +23,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # traced kernels must be real JITFunct
 import torch
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from dsv3_export.engines.torch_lower import lower_dsv3_ops
+from dsv3_export.engines.torch_mla_tail import fuse_mla_tail
 from dsv3_export.engines.torch_norm_quant import fuse_norm_act_quant
 from dsv3_export.engines.torch_router import fuse_router
 from dsv3_export.engines.torch_triton import triton_lowerings
@@ -38,6 +39,7 @@ program, _ = run_pipeline(export_step(model, "decode"), PassConfig(precision="fp
                           passes=[n for n in PASS_NAMES if n not in skip])
 program, _ = fuse_router(program)
 program, _ = fuse_norm_act_quant(program, "decode")
+program, _ = fuse_mla_tail(program, "decode")
 lowered, how = lower_dsv3_ops(program, "cuda", triton_lowerings("decode"))
 kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)
 names = []
@@ -96,6 +98,27 @@ def test_16b_decode_launches_per_layer():
     # one per fp8 GEMM (dense layer 5, MoE layer 2) + the MoE's x and h
     assert k_def.get("_act_quant_kernel", 0) + k_def.get("_act_quant_ieee_kernel", 0) == 5 + 4, k_def
     assert sum(k_def.values()) == 27 - 4 + 5, k_def
+
+    # DSV3_TORCH_ROUTER_GATE=split: the gate GEMM in the router launch again, its programs splitting the
+    # experts (the arrival counters' zeros are an ATen op, not a kernel launch of ours)
+    split = _launches(DSV3_TORCH_ROUTER_GATE="split")
+    k_split = split["kernels"]
+    assert k_split["_router_gate_split_kernel"] == 1 and "_router_kernel" not in k_split, k_split
+    assert sum(".linear." in e for e in split["extern"]) == 1, split["extern"]
+    assert sum(k_split.values()) == sum(k_def.values()), k_split
+
+    # DSV3_TORCH_MLA_TAIL=1: per layer the splits' merge, W_UV and wo's act_quant in one kernel
+    tail = _launches(DSV3_TORCH_MLA_TAIL="1")["kernels"]
+    assert tail["_mla_tail_kernel"] == 2 and "_mla_decode_reduce_kernel" not in tail, tail
+    assert k_def["_mla_decode_reduce_kernel"] == 2 and tail["_mla_decode_split_kernel"] == 2, (k_def, tail)
+    assert tail["_head_gemm_kernel"] == 2 and tail["_fp8_gemm_kernel"] == k_def["_fp8_gemm_kernel"], tail
+    assert tail.get("_act_quant_kernel", 0) + tail.get("_act_quant_ieee_kernel", 0) == 5 + 4 - 2, tail
+    assert sum(tail.values()) == sum(k_def.values()) - 2 * 2, tail
+
+    # DSV3_TORCH_MOE_ALIGN=scan: the MoE layer's two grouped GEMMs find their rows themselves, no moe_align
+    scan = _launches(DSV3_TORCH_MOE_ALIGN="scan")["kernels"]
+    assert scan["_grouped_gemm_scan_kernel"] == 2 and not {"_moe_align_kernel", "_grouped_gemm_kernel"} & set(scan)
+    assert sum(scan.values()) == sum(k_def.values()) - 1, scan
 
     old = _launches("fuse_shared_experts", DSV3_TORCH_NORM_QUANT="0", DSV3_TORCH_TOPK="aten", DSV3_TORCH_ROUTER="0",
                     DSV3_TORCH_ABSORB_GEMM="0")

@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_absorb, mla_decode,  # noqa: E402
-                                 mla_prefill, moe, moe_align, rmsnorm, topk)
+                                 mla_prefill, mla_tail, moe, moe_align, rmsnorm, topk)
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Opt-in shared memory per block on H100/H200 (227 KB).
@@ -108,8 +108,9 @@ def _cases(all_configs: bool):
             yield (f"fp8_gemm quant_a x={a[1:]} recip={recip} split_k={split} a_fp8=True", fp8_gemm._fp8_gemm_kernel,
                    cfg, dict(a_ptr=a, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c),
                    dict(A_FP8=True, QUANT_A=True, SCALE_RECIPROCAL=recip, UPCAST=False, BLOCK_K=128))
-    # The Hopper prefill candidate (TMA descriptors, persistent): every config.
-    for cfg in fp8_gemm_persistent.TMA_PERSISTENT_CONFIGS:
+    # The Hopper prefill candidate (TMA descriptors, persistent): every config and prefill sweep candidate.
+    for cfg in {str(c): c for c in [*fp8_gemm_persistent.TMA_PERSISTENT_CONFIGS,
+                                    *fp8_gemm_persistent.PREFILL_CANDIDATES.values()]}.values():
         for c in (bf, f32):
             yield (f"fp8_gemm tma_persistent c={c} a_fp8=True", fp8_gemm_persistent._fp8_gemm_tma_persistent_kernel,
                    cfg, dict(a_ptr=f8, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c), dict(BLOCK_K=128))
@@ -130,6 +131,16 @@ def _cases(all_configs: bool):
                    dict(W_FP8=w_fp8, A_FP8=a_fp8, SWIGLU=swiglu, MUL_WEIGHT=not swiglu, UPCAST=False,
                         SCALE_BLOCK=128, BLOCK_M=block_m, BLOCK_K=128 if w_fp8 else moe.DENSE_BLOCK_K,
                         QUANT_A=quant_a, SCALE_RECIPROCAL=True))
+    # the scan form (DSV3_TORCH_MOE_ALIGN=scan, decode): int64 router ids read SCAN_CHUNK at a time
+    for cfg in pick(moe.GROUPED_GEMM_SCAN_CONFIGS):
+        for w_fp8, a_fp8, swiglu in ((True, True, True), (True, True, False), (True, False, True), (False, False, True)):
+            yield (f"grouped_gemm_scan w_fp8={w_fp8} a_fp8={a_fp8} swiglu={swiglu} block_m={moe.SCAN_BLOCK_M}",
+                   moe._grouped_gemm_scan_kernel, cfg,
+                   dict(a_ptr=f8 if a_fp8 else bf, a_s_ptr=f32, w_ptr=f8 if w_fp8 else bf, w_s_ptr=f32, c_ptr=bf,
+                        topk_w_ptr=f32, ids_ptr="*i64"),
+                   dict(W_FP8=w_fp8, A_FP8=a_fp8, SWIGLU=swiglu, MUL_WEIGHT=not swiglu, UPCAST=False,
+                        SCALE_BLOCK=128, BLOCK_M=moe.SCAN_BLOCK_M, BLOCK_K=128 if w_fp8 else moe.DENSE_BLOCK_K,
+                        QUANT_A=False, SCALE_RECIPROCAL=True, CHUNK=moe.SCAN_CHUNK, BLOCK_E=128))  # 16b: E = 66
     for e, ids in ((64, "*i64"), (256, "*i32")):  # the 16b preset's 64 experts; V3's 256
         yield (f"moe_align E={e}", moe_align._moe_align_kernel, triton.Config({}, num_warps=4),
                dict(ids_ptr=ids, sorted_ids_ptr=i32, expert_ids_ptr=i32, npp_ptr=i32),
@@ -154,6 +165,22 @@ def _cases(all_configs: bool):
                         o_part_ptr=f32, lse_ptr=f32, out_ptr=bf, cnt_ptr=i32),
                    dict(mla_dims, BLOCK_H=16, HAS_NEW=has_new, FUSED=fused, BLOCK_S=block_s,
                         MERGE_C=mla_decode.merge_cols(block_s, 16, 512), **(runtime if rt else eager)))
+    # The other variants (mla_decode.VARIANT_FLAGS: TMA descriptors, early loads): every TMA config, the
+    # pointer configs the benchmark's mla_sweep pins for "early"; both merges, the new token, both split rules.
+    early_ptr = [c for c in mla_decode.DECODE_CONFIGS if (c.kwargs["BLOCK_N"], c.kwargs["PREFETCH"], c.maxnreg) in
+                 ((32, 0, None), (64, 2, None)) and c.num_warps == 4 and c.num_stages in (2, 3)]
+    for variant, flags in mla_decode.VARIANT_FLAGS.items():
+        if variant == "pointer":
+            continue
+        for cfg in mla_decode.TMA_DECODE_CONFIGS if flags.get("TMA") else early_ptr:
+            for has_new, fused, rt in ((False, False, False), (True, False, True), (True, True, False)):
+                block_s = max_s if rt else 8
+                yield (f"mla_decode_split {variant} has_new={has_new} fused={fused} runtime_splits={rt}",
+                       mla_decode._mla_decode_split_kernel, cfg,
+                       dict(q_ptr=bf, q_pe_ptr=bf, kv_ptr=bf, pe_ptr=bf, kvn_ptr=bf, pen_ptr=bf, seqlens_ptr=i32,
+                            o_part_ptr=f32, lse_ptr=f32, out_ptr=bf, cnt_ptr=i32),
+                       dict(mla_dims, BLOCK_H=16, HAS_NEW=has_new, FUSED=fused, BLOCK_S=block_s, **flags,
+                            MERGE_C=mla_decode.merge_cols(block_s, 16, 512), **(runtime if rt else eager)))
     for rt in (False, True):
         yield (f"mla_decode_reduce runtime_splits={rt}", mla_decode._mla_decode_reduce_kernel,
                triton.Config({}, num_warps=4), dict(o_part_ptr=f32, lse_ptr=f32, out_ptr=bf, seqlens_ptr=i32),
@@ -176,14 +203,28 @@ def _cases(all_configs: bool):
     for cfg in topk.GATE_CONFIGS if all_configs else topk.GATE_CONFIGS[:1] + topk.GATE_CONFIGS[-2:-1]:
         yield ("router_gate", topk._router_gate_kernel, cfg, dict(x_ptr=bf, g_ptr=bf, w_ptr=bf, idx_ptr="*i64"),
                dict(TOPK=6, N_EXTRA=2, BLOCK_N=64, UPCAST=False))
+    # the split form (experts over programs, the last one routes): a multiply-and-sum and the tl.dot config
+    for cfg in topk.GATE_SPLIT_CONFIGS if all_configs else topk.GATE_SPLIT_CONFIGS[:1] + topk.GATE_SPLIT_CONFIGS[-1:]:
+        yield ("router_gate_split", topk._router_gate_split_kernel, cfg,
+               dict(x_ptr=bf, g_ptr=bf, logits_ptr=bf, cnt_ptr=i32, w_ptr=bf, idx_ptr="*i64"),
+               dict(TOPK=6, N_EXTRA=2, BLOCK_N=64, UPCAST=False))
     for cfg in pick(mla_absorb.HEAD_GEMM_CONFIGS):  # MLA's W_UK / W_UV per-head GEMM (bf16 x and weight views)
         yield ("head_gemm", mla_absorb._head_gemm_kernel, cfg, dict(x_ptr=bf, w_ptr=bf, out_ptr=bf), dict(UPCAST=False))
+    for cfg in pick(mla_tail.MLA_TAIL_CONFIGS) + ([] if all_configs else mla_tail.MLA_TAIL_CONFIGS[-1:]):
+        # MLA decode's tail (runtime split rule, 16b shapes): quantized (CUDA and CPU scale forms) and bf16 out
+        for quant, recip in ((True, True), (True, False), (False, True)):
+            yield (f"mla_tail quant={quant} recip={recip}", mla_tail._mla_tail_kernel, cfg,
+                   dict(o_part_ptr=f32, lse_ptr=f32, seqlens_ptr=i32, w_ptr=bf, out_ptr=f8 if quant else bf, s_ptr=f32),
+                   dict(C=512, DV=128, BLOCK_D=128, BLOCK_S=mla_decode.MAX_SPLITS, SPLIT_TARGET=264, MIN_SPLITS=8,
+                        MIN_KEYS=64, QUANT=quant, SCALE_RECIPROCAL=recip, UPCAST=False))
 
 
 def main(all_configs: bool, with_ptxas: bool = False) -> int:
     failures = 0
     for name, kernel, cfg, pointers, constexprs in _cases(all_configs):
-        consts = {**constexprs, **cfg.kwargs}
+        # constexpr parameters with a default (mla_decode's TMA) take it, as a real launch does
+        defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
+        consts = {**defaults, **constexprs, **cfg.kwargs}
         src = ASTSource(fn=kernel, signature=_signature(kernel, pointers, consts), constexprs=consts,
                         attrs=_attrs(kernel, pointers))
         t0 = time.time()

@@ -25,14 +25,15 @@ def _load():
 def test_cpu_smoke_writes_reports_and_checks_pass(tmp_path, monkeypatch):
     bench = _load()
     monkeypatch.setenv("OUT", str(tmp_path))
-    rc = bench.main(["--cpu-smoke", "--only", "fp8,moe,mla,topk,absorb,moe_cfg"])
+    rc = bench.main(["--cpu-smoke", "--only", "fp8,moe,mla,mla_sweep,topk,gate,absorb,tail,moe_cfg,moe_scan"])
     data = json.loads((tmp_path / "kernels.json").read_text())
     assert (tmp_path / "kernels.md").read_text().startswith("# Kernel benchmark")
     checked = [r for r in data["rows"] if r["ok"] is not None]
     assert checked and all(r["ok"] for r in checked), [r for r in checked if not r["ok"]]
     assert rc == 0
     sections = {r["section"] for r in data["rows"]}
-    assert {"fp8_gemm", "moe", "grouped_gemm", "mla", "topk", "absorb", "moe_cfg"} <= sections
+    assert {"fp8_gemm", "moe", "grouped_gemm", "mla", "mla_sweep", "topk", "gate", "absorb", "tail", "moe_cfg",
+            "moe_scan"} <= sections
     ours = [r for r in data["rows"] if r["impl"].startswith("triton") and r["speedup_vs_best_alt"] is not None]
     assert ours, "every section compares against a torch alternative"
 

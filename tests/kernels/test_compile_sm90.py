@@ -67,7 +67,7 @@ def _check_tensor_cores(rows: list[dict]) -> None:
     to) or have no tensor-core instruction at all.
     """
     gemms = [r for r in rows if r["kernel"].startswith(("fp8_gemm", "grouped_gemm", "mla_decode_split", "mla_prefill",
-                                                          "head_gemm"))]
+                                                          "head_gemm", "mla_tail"))]
     assert gemms
     for r in gemms:
         ops = r["mma_ops"]
@@ -121,6 +121,17 @@ def _check_grouped_gemm_quant_arithmetic(rows: list[dict]) -> None:
         assert all(op.endswith(".e4m3.e4m3") or ".f16.f16." in op for op in r["mma_ops"]), (r["kernel"], r["mma_ops"])
 
 
+def _check_mla_tail_quant_arithmetic(rows: list[dict]) -> None:
+    """MLA decode's tail quantizes wo's input with act_quant's arithmetic: IEEE x / s (div.rn; the merge's
+    division by the softmax sum may be div.full, as in the reduce kernel), amax * fp32(1/448) in the CUDA form only."""
+    tails = [r for r in rows if r["kernel"].startswith("mla_tail quant=True")]
+    assert {"recip=True" in r["kernel"] for r in tails} == {True, False}, [r["kernel"] for r in tails]
+    for r in tails:
+        f32_divs = {op for op in r["div_ops"] if op.endswith(".f32")}
+        assert "div.rn.f32" in f32_divs and f32_divs <= {"div.rn.f32", "div.full.f32"}, (r["kernel"], r["div_ops"])
+        assert r["mul_recip_448"] == ("recip=True" in r["kernel"]), r["kernel"]
+
+
 def test_every_kernel_compiles_for_sm90():
     rows = _compile()
     _check(rows)
@@ -128,6 +139,7 @@ def test_every_kernel_compiles_for_sm90():
     _check_act_quant_arithmetic(rows)
     _check_fused_quant_arithmetic(rows)
     _check_grouped_gemm_quant_arithmetic(rows)
+    _check_mla_tail_quant_arithmetic(rows)
 
 
 @pytest.mark.slow

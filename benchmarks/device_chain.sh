@@ -45,7 +45,7 @@ SRC=/tmp/chain-src  # the chain's own copy of the working tree (see `start`)
 log() { echo "=== $(date +%T) $*" >> "$CHAIN/chain.log"; }
 minutes() { echo $(( ($(date +%s) - $(cat "$CHAIN/t0")) / 60 )); }
 
-CORES=0-7  # this lane's CPU cores (taskset); the background builds take 8-15
+CORES=${CHAIN_CORES:-0-7}  # this lane's CPU cores (taskset); the background builds take 8-15
 
 # step NAME START_LIMIT_MIN CMD...: run CMD (output in NAME.log) unless the chain is START_LIMIT_MIN old
 step() {

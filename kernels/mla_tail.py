@@ -212,7 +212,8 @@ def decode_partials_spec(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: t
     kwargs = dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), HAS_NEW=has_new,
                   UPCAST=is_interpreted(kd._mla_decode_split_kernel), FUSED=False, BLOCK_S=next_pow2(splits),
                   MERGE_C=kd.merge_cols(next_pow2(splits), block_h, c), SPLIT_TARGET=split_target,
-                  MIN_SPLITS=RUNTIME_MIN_SPLITS, MIN_KEYS=MIN_SPLIT_KEYS, BLOCK_H=block_h)
+                  MIN_SPLITS=RUNTIME_MIN_SPLITS, MIN_KEYS=MIN_SPLIT_KEYS, BLOCK_H=block_h,
+                  **kd.VARIANT_FLAGS["pointer"])
     return LaunchSpec(kd._mla_decode_split_kernel, kd._decode_tuned, kd.DECODE_CONFIGS, lambda meta: grid, args,
                       kwargs)
 

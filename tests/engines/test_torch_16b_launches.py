@@ -22,6 +22,7 @@ import json, os, sys
 os.environ.pop("TRITON_INTERPRET", None)  # traced kernels must be real JITFunctions for wrap_triton
 import torch
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from triton.runtime.jit import JITFunction
 from dsv3_export.engines.torch_lower import lower_dsv3_ops
 from dsv3_export.engines.torch_mla_tail import fuse_mla_tail
 from dsv3_export.engines.torch_norm_quant import fuse_norm_act_quant
@@ -42,14 +43,22 @@ program, _ = fuse_norm_act_quant(program, "decode")
 program, _ = fuse_mla_tail(program, "decode")
 lowered, how = lower_dsv3_ops(program, "cuda", triton_lowerings("decode"))
 kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)
-names = []
+names, incomplete = [], {}
 for n in kernels.graph.nodes:
     if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target):
         k = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
-        names.append(getattr(getattr(k, "fn", k), "__name__", "?"))
+        fn = k
+        while not isinstance(fn, JITFunction):  # an Autotuner (or heuristics) around it
+            fn = fn.fn
+        names.append(fn.__name__)
+        passed = set(n.kwargs["kwargs"]) | set(kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"]))
+        passed |= set(k.configs[0].kwargs) if getattr(k, "configs", None) else set()
+        missing = sorted(set(fn.arg_names) - passed)
+        if missing:
+            incomplete[fn.__name__] = missing
 extern = [str(n.target) for n in kernels.graph.nodes if n.op == "call_function"
           and getattr(n.target, "_opname", None) in ("topk", "sort", "mm", "bmm", "addmm", "linear")]
-print(json.dumps({"kernels": {k: names.count(k) for k in set(names)}, "extern": extern}))
+print(json.dumps({"kernels": {k: names.count(k) for k in set(names)}, "extern": extern, "incomplete": incomplete}))
 '''
 
 
@@ -58,7 +67,13 @@ def _launches(skip_passes: str = "", **env: str) -> dict:
     done = subprocess.run([sys.executable, "-c", _SCRIPT, skip_passes], check=False, capture_output=True, text=True,
                           timeout=600, env={**os.environ, **env})
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    # Every traced launch names every kernel argument, defaulted constexprs too: torch's triton_op
+    # tracing (identify_mutated_tensors, which only runs where a GPU driver is) otherwise assumes each
+    # input is mutated and AOTInductor copies them around the kernel -- the KV cache at every layer
+    # (session 8: the split kernel's new TMA / EARLY flags, caught on the H200 by the warning alone).
+    assert not result["incomplete"], result["incomplete"]
+    return result
 
 
 @pytest.mark.slow  # ~40 s: a 16b export on meta, the passes and the lowering, twice

@@ -164,5 +164,5 @@ def test_tma_is_eager_only():
 
 def test_default_variant_is_the_measured_one():
     """No variant becomes the default before the H200 measured it (benchmarks/kernels.py mla_sweep)."""
-    assert D.DECODE_VARIANT == "pointer" and D.DECODE_VARIANTS[0] == "pointer" and D.VARIANT_FLAGS["pointer"] == {}
+    assert D.DECODE_VARIANT == "pointer" and D.DECODE_VARIANTS[0] == "pointer" and not any(D.VARIANT_FLAGS["pointer"].values())
     assert all(c.kwargs["PREFETCH"] == 0 for c in D.TMA_DECODE_CONFIGS)  # no L2 prefetch in the TMA loop

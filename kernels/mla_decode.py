@@ -480,6 +480,7 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
 # Per-device int32 counters of the fused merge, zero between launches (the kernel resets each one it
 # completes). Eager calls reuse one buffer: no memset per decode step.
 _counter_cache: dict[torch.device, torch.Tensor] = {}
+_retired_counters: list[torch.Tensor] = []  # outgrown buffers a captured CUDA graph may still point at
 COUNTER_BUFFER_MIN = 4096
 
 
@@ -488,7 +489,8 @@ def _split_counters(n: int, device: torch.device) -> torch.Tensor:
 
     While tracing (torch.export / AOTInductor, where the op is functional) and while a CUDA graph is
     being captured with no buffer yet, a fresh torch.zeros (a memset the graph or package replays);
-    otherwise the cached self-cleaning buffer, grown when a larger batch needs more.
+    otherwise the cached self-cleaning buffer, grown when a larger batch needs more (the outgrown one
+    is kept alive: a graph captured with it replays its address).
     """
     if tracing():
         return torch.zeros(n, dtype=torch.int32, device=device)
@@ -496,6 +498,8 @@ def _split_counters(n: int, device: torch.device) -> torch.Tensor:
     if buf is None or buf.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return torch.zeros(n, dtype=torch.int32, device=device)  # graph-pool memory: not cached
+        if buf is not None:
+            _retired_counters.append(buf)
         buf = torch.zeros(max(n, COUNTER_BUFFER_MIN), dtype=torch.int32, device=device)
         _counter_cache[device] = buf
     return buf[:n]

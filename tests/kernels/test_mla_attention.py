@@ -408,8 +408,11 @@ def test_split_counters_are_fresh_while_tracing():
         cnt = D._split_counters(7, torch.device("cpu"))
     assert type(cnt).__name__ == "FakeTensor" and cnt.shape == (7,) and cnt.dtype == torch.int32
     assert D._counter_cache == before
+    old = D._split_counters(1, torch.device("cpu"))
     eager = D._split_counters(D.COUNTER_BUFFER_MIN + 5, torch.device("cpu"))  # grows the cached buffer
     assert eager.shape == (D.COUNTER_BUFFER_MIN + 5,) and (eager == 0).all()
+    # the outgrown buffer stays alive: a CUDA graph captured with it replays its address
+    assert any(r.untyped_storage().data_ptr() == old.untyped_storage().data_ptr() for r in D._retired_counters)
 
 
 def test_mla_decode_rejects_unknown_merge():

@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3_export.kernels._common import COUNTER_BUFFER_MIN, _arrival_buffers, arrival_counters  # noqa: F401
 from dsv3_export.kernels._common import (autotune_or_single, cdiv, check_tensor, is_interpreted, launch, next_pow2,
                                          traceable, tracing)
 from dsv3_export.kernels.fp8_gemm_persistent import _ensure_allocator
@@ -477,29 +478,8 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     return out
 
 
-# Per-device int32 counters of the fused merge, zero between launches (the kernel resets each one it
-# completes). Eager calls reuse one buffer: no memset per decode step.
-_counter_cache: dict[torch.device, torch.Tensor] = {}
-_retired_counters: list[torch.Tensor] = []  # outgrown buffers a captured CUDA graph may still point at
-COUNTER_BUFFER_MIN = 4096
-
-
-def _split_counters(n: int, device: torch.device) -> torch.Tensor:
-    """n zeroed int32 counters for one fused mla_decode launch.
-
-    While tracing (torch.export / AOTInductor, where the op is functional) and while a CUDA graph is
-    being captured with no buffer yet, a fresh torch.zeros (a memset the graph or package replays);
-    otherwise the cached self-cleaning buffer, grown when a larger batch needs more (the outgrown one
-    is kept alive: a graph captured with it replays its address).
-    """
-    if tracing():
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    buf = _counter_cache.get(device)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return torch.zeros(n, dtype=torch.int32, device=device)  # graph-pool memory: not cached
-        if buf is not None:
-            _retired_counters.append(buf)
-        buf = torch.zeros(max(n, COUNTER_BUFFER_MIN), dtype=torch.int32, device=device)
-        _counter_cache[device] = buf
-    return buf[:n]
+# The fused merge's per-device int32 counters, zero between launches (the kernel resets each one it
+# completes): kernels/_common.py arrival_counters, the buffer the router's split gate kernel shares
+# (one stream: its launches and these never overlap). Names kept for mla_attention's re-exports.
+_counter_cache = _arrival_buffers
+_split_counters = arrival_counters

@@ -10,6 +10,7 @@ pytest.importorskip("triton", reason="triton is not installed: kernel tests need
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from dsv3_export.kernels import _common  # noqa: E402
 from dsv3_export.kernels import mla_attention as A  # noqa: E402
 from dsv3_export.kernels import mla_decode as D  # noqa: E402
 from dsv3_export.kernels import mla_prefill as P  # noqa: E402
@@ -412,7 +413,7 @@ def test_split_counters_are_fresh_while_tracing():
     eager = D._split_counters(D.COUNTER_BUFFER_MIN + 5, torch.device("cpu"))  # grows the cached buffer
     assert eager.shape == (D.COUNTER_BUFFER_MIN + 5,) and (eager == 0).all()
     # the outgrown buffer stays alive: a CUDA graph captured with it replays its address
-    assert any(r.untyped_storage().data_ptr() == old.untyped_storage().data_ptr() for r in D._retired_counters)
+    assert any(r.untyped_storage().data_ptr() == old.untyped_storage().data_ptr() for r in _common._retired_buffers)
 
 
 def test_mla_decode_rejects_unknown_merge():

@@ -64,7 +64,8 @@ if _HERE not in sys.path:
 
 from kbench.common import (BF16_PEAK, FP8_PEAK, HBM_BW, TINY, Report, Shapes,  # noqa: E402 - needs the path above
                            _bootstrap_imports, bench_copy)
-from kbench.fp8 import _blockwise_operands, _pad_k, bench_fp8_gemm, bench_fp8_prefill  # noqa: E402, F401 - tests use the _ helpers
+# _blockwise_operands and _pad_k: tests/kernels/test_benchmark_script.py checks them as attributes of this script
+from kbench.fp8 import _blockwise_operands, _pad_k, bench_fp8_gemm, bench_fp8_prefill  # noqa: E402, F401
 from kbench.mla import SWEEP_MERGES, bench_mla  # noqa: E402
 from kbench.mla_proj import bench_absorb, bench_tail  # noqa: E402
 from kbench.mla_sweep import bench_mla_sweep  # noqa: E402

@@ -443,13 +443,7 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     o_part = torch.empty((bsz, heads, splits, c), dtype=torch.float32, device=dev)
     lse = torch.empty((bsz, heads, splits), dtype=torch.float32, device=dev)
     counters = _split_counters(bsz * head_blocks, dev) if fused else cache_seqlens  # never touched unless fused
-    kvn, pen = (kv_new, pe_new) if has_new else (kv_cache, pe_cache)  # never read without HAS_NEW
     grid = (bsz, head_blocks, splits)
-    # Strides: one stride() tuple per input; the fresh contiguous buffers' strides by arithmetic
-    # (each Tensor.stride(i) call is host time on every decode step).
-    sq, sqp, skv, spe = q_latent.stride(), q_pe.stride(), kv_cache.stride(), pe_cache.stride()
-    so = (heads * splits * c, splits * c, c)  # o_part [B, H, splits, C]
-    sl = (heads * splits, splits)  # lse [B, H, splits]
     if tma:
         tuned, configs = _decode_tma_tuned, TMA_DECODE_CONFIGS
     else:
@@ -460,22 +454,48 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     tune_key = (heads, c, r, splits, q_latent.dtype, has_new, merge, split_target, variant)
     eager_tuned = config is None and tuned is not None and not tracing()  # tracing needs the autotuner
     cfg = _decode_chosen.get(tune_key) if eager_tuned else config
-    launch(_mla_decode_split_kernel, tuned, configs, lambda meta: grid,
-           (q_latent, q_pe, kv_cache, pe_cache, kvn, pen, cache_seqlens, o_part, lse, out, counters, heads, splits,
-            softmax_scale * LOG2E, sq[0], sq[1], sqp[0], sqp[1], skv[0], skv[1], spe[0], spe[1],
-            kvn.stride(0), pen.stride(0), *so, *sl, heads * c, c),
-           dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), HAS_NEW=has_new,
-                UPCAST=_INTERPRETED,  # fp32 .to(fp32) is a no-op; also skips PTX
-                FUSED=fused, BLOCK_S=next_pow2(splits), MERGE_C=merge_cols(next_pow2(splits), block_h, c),
-                **rule, BLOCK_H=block_h, **flags), cfg)
+    args, kwargs = split_kernel_args(q_latent, q_pe, kv_cache, pe_cache, kv_new, pe_new, cache_seqlens, o_part, lse,
+                                     out, counters, softmax_scale, split_target, fused=fused, variant=variant)
+    launch(_mla_decode_split_kernel, tuned, configs, lambda meta: grid, args, kwargs, cfg)
     chosen = getattr(tuned, "best_config", None) if eager_tuned and cfg is None else None
     if chosen is not None:
         _decode_chosen[tune_key] = chosen
     if not fused:
+        so, sl = (heads * splits * c, splits * c, c), (heads * splits, splits)  # o_part, lse: contiguous
         traceable(_mla_decode_reduce_kernel)[(bsz, heads)](
             o_part, lse, out, cache_seqlens, splits, head_blocks, *so, *sl, heads * c, c, C=c, BLOCK_C=next_pow2(c),
             BLOCK_S=next_pow2(splits), **rule)
     return out
+
+
+def split_kernel_args(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
+                      kv_new: torch.Tensor | None, pe_new: torch.Tensor | None, cache_seqlens: torch.Tensor,
+                      o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, counters: torch.Tensor,
+                      softmax_scale: float, split_target: int, *, fused: bool = False,
+                      variant: str = "pointer") -> tuple[tuple, dict]:
+    """The split kernel's arguments and constexprs (less the config's) writing o_part [B, H, S, C] and
+    lse [B, H, S]: one list for mla_decode and kernels/mla_tail.py's partials-only launch, so a new
+    kernel argument cannot be left out of one of them (a traced launch missing one makes torch assume
+    every input mutated: VARIANT_FLAGS). out / counters are only touched by the fused merge."""
+    bsz, heads, c = q_latent.shape
+    r, splits = q_pe.shape[-1], o_part.shape[2]
+    has_new = kv_new is not None
+    kvn, pen = (kv_new, pe_new) if has_new else (kv_cache, pe_cache)  # never read without HAS_NEW
+    # Strides: one stride() tuple per input; the fresh contiguous buffers' strides by arithmetic
+    # (each Tensor.stride(i) call is host time on every decode step).
+    sq, sqp, skv, spe = q_latent.stride(), q_pe.stride(), kv_cache.stride(), pe_cache.stride()
+    so = (heads * splits * c, splits * c, c)  # o_part [B, H, splits, C]
+    sl = (heads * splits, splits)  # lse [B, H, splits]
+    args = (q_latent, q_pe, kv_cache, pe_cache, kvn, pen, cache_seqlens, o_part, lse, out, counters, heads, splits,
+            softmax_scale * LOG2E, sq[0], sq[1], sqp[0], sqp[1], skv[0], skv[1], spe[0], spe[1],
+            kvn.stride(0), pen.stride(0), *so, *sl, heads * c, c)
+    block_h = _block_h(heads)
+    kwargs = dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), HAS_NEW=has_new,
+                  UPCAST=_INTERPRETED,  # fp32 .to(fp32) is a no-op; also skips PTX
+                  FUSED=fused, BLOCK_S=next_pow2(splits), MERGE_C=merge_cols(next_pow2(splits), block_h, c),
+                  SPLIT_TARGET=split_target, MIN_SPLITS=RUNTIME_MIN_SPLITS, MIN_KEYS=MIN_SPLIT_KEYS,
+                  BLOCK_H=block_h, **VARIANT_FLAGS[variant])
+    return args, kwargs
 
 
 # The fused merge's per-device int32 counters, zero between launches (the kernel resets each one it

@@ -54,7 +54,7 @@ from dsv3_export.kernels import mla_decode as kd
 from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv, check_tensor,
                                          is_interpreted, launch, next_pow2)
 from dsv3_export.kernels.fp8_quant import quantize_rows
-from dsv3_export.kernels.mla_attention import LOG2E, _check_caches, _check_new
+from dsv3_export.kernels.mla_attention import _check_caches, _check_new
 from dsv3_export.kernels.mla_splits import (MAX_SPLITS, MIN_SPLIT_KEYS, RUNTIME_MIN_SPLITS, _batch_splits, _block_h,
                                            _row_splits, choose_num_splits, runtime_num_splits, runtime_split_target)
 from dsv3_export.reference import fp8 as fp8_ref
@@ -195,25 +195,11 @@ def decode_partials_spec(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: t
     o_part [B, H, S, C] and lse [B, H, S] for mla_tail instead of the reduce kernel. Inputs as
     mla_decode takes them (checked by the caller); split_target as mla_decode(runtime_splits=True)
     passes it, or 0 for S fixed splits."""
-    b, heads, c = q_latent.shape
-    r = q_pe.shape[-1]
-    splits = o_part.shape[2]
-    has_new = kv_new is not None
-    kvn, pen = (kv_new, pe_new) if has_new else (kv_cache, pe_cache)  # never read without HAS_NEW
-    block_h = _block_h(heads)
-    sq, sqp, skv, spe = q_latent.stride(), q_pe.stride(), kv_cache.stride(), pe_cache.stride()
-    so = (heads * splits * c, splits * c, c)
-    sl = (heads * splits, splits)
-    grid = (b, cdiv(heads, block_h), splits)
+    b, heads = q_latent.shape[:2]
+    grid = (b, cdiv(heads, _block_h(heads)), o_part.shape[2])
     # out_ptr / cnt_ptr: only the fused merge touches them (o_part / cache_seqlens stand in)
-    args = (q_latent, q_pe, kv_cache, pe_cache, kvn, pen, cache_seqlens, o_part, lse, o_part, cache_seqlens, heads,
-            splits, softmax_scale * LOG2E, sq[0], sq[1], sqp[0], sqp[1], skv[0], skv[1], spe[0], spe[1],
-            kvn.stride(0), pen.stride(0), *so, *sl, heads * c, c)
-    kwargs = dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), HAS_NEW=has_new,
-                  UPCAST=is_interpreted(kd._mla_decode_split_kernel), FUSED=False, BLOCK_S=next_pow2(splits),
-                  MERGE_C=kd.merge_cols(next_pow2(splits), block_h, c), SPLIT_TARGET=split_target,
-                  MIN_SPLITS=RUNTIME_MIN_SPLITS, MIN_KEYS=MIN_SPLIT_KEYS, BLOCK_H=block_h,
-                  **kd.VARIANT_FLAGS["pointer"])
+    args, kwargs = kd.split_kernel_args(q_latent, q_pe, kv_cache, pe_cache, kv_new, pe_new, cache_seqlens, o_part, lse,
+                                        o_part, cache_seqlens, softmax_scale, split_target)
     return LaunchSpec(kd._mla_decode_split_kernel, kd._decode_tuned, kd.DECODE_CONFIGS, lambda meta: grid, args,
                       kwargs)
 

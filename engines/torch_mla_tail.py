@@ -5,7 +5,10 @@ with W_UV and act_quant of wo's input: three launches of ~2-3 us each at batch 1
 launch latency more than work. kernels/mla_tail.py does the three in one kernel, so the attention
 hands wo its input already quantized.
 
-Off by default (DSV3_TORCH_MLA_TAIL=1 at build time turns it on) until the H200 has measured it. The
+Off by default (DSV3_TORCH_MLA_TAIL=1 at build time turns it on): measured slower on the H200 (session 8,
+CUDA graphs, 16b shapes, context 1024): split + tail 23.7 / 25.8 / 72.4 us at batch 1 / 8 / 64 against
+21.2 / 23.8 / 57.3 for split + reduce + head_gemm + act_quant; in the 27-layer batch-1 step 269 us
+against ~235 (W_UV streamed by 16 programs at batch 1, re-read per row at 64). The
 same switch makes the decode attentions this rewrite leaves (bf16 engines, v_head_dim != 128) run the
 unquantized tail, merge + W_UV in one kernel (engines/torch_triton.py mla_attention(tail=True)).
 

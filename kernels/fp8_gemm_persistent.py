@@ -73,7 +73,9 @@ def _candidate(block_m: int, ctas_per_sm: int, stages: int, prefetch: bool, maxn
 
 
 # The prefill sweep (benchmarks/kernels.py section fp8_prefill pins each one; autotuning above is
-# unchanged until the H200 has timed them). Why these, from the sm_90 PTX / SASS of the loop
+# unchanged: on the H200, session 8, none beat the existing 64x128 x2 s4 at w2 (0.63x of blockwise
+# _scaled_mm) and the scale prefetch gained 1% at w1/w3 (0.77x), lost 4% at w2; 3 CTAs per SM and
+# 128x128 were slower). Why these, from the sm_90 PTX / SASS of the loop
 # (triton 3.9, 64x128): a K step is 4 QGMMA, then WARPGROUP.DEPBAR 0 (the wait), 64 FFMA of
 # promotion, 4 BAR.SYNC around the TMA re-issue and ~100 other instructions. A dot whose fp32
 # partial is read in the same step is never left in flight (deferring the promotion by one step,

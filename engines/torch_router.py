@@ -35,8 +35,9 @@ DSV3_TORCH_ROUTER_GATE=split takes the same sites into
 streaming 16-32 KB of the weight instead of one program streaming all 262 KB), the last program of
 a row block to finish routing the row from the others' logits (an arrival counter). Measured on
 the H200 (session 8, CUDA graphs): 11.5 / 12.1 / 18.1 us at 1 / 8 / 64 rows against 11.6 / 11.7 / 12.4
-for cuBLAS's gate + router_topk; 197 vs 191 us per 27-layer batch-1 step: not the default. Its traced form allocates the counters zeroed
-(one memset node per router in the package) where eager calls reuse a self-cleaning buffer.
+for cuBLAS's gate + router_topk; 197 vs 191 us per 27-layer batch-1 step: not the default. Its traced
+form allocates the counters zeroed (one memset node per router in the package) where eager calls
+reuse a self-cleaning buffer.
 """
 
 from __future__ import annotations

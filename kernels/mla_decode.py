@@ -33,14 +33,14 @@ held in registers (164 registers/thread at 4 warps).
 Variants (session 8, kernels/mla_variants.py; none is the default: benchmarks/kernels.py mla_sweep,
 H200: "tma" 59.0 us at B=32 ctx 4096 like the default's 59.0 (62% of copy); "early" 13.8 vs 14.1 us at
 B=1 ctx 1024 and 26.9 vs 28.7 at B=8 ctx 4096, eager-only for now). Sessions 4-5 left B=32 at context
-4096 at 0.059 ms (61% of copy) with BN=32 w4 s3 at 8 splits, where bytes in flight are not short (two programs per SM, two 36.9 KB tiles
-ahead each): what is left is per-tile issue work and the serial chain of each tile. "tma" moves the tile
-loads to the TMA unit (device-side descriptors over the row's [seqlen, C] keys, zero-filled past them):
-no per-thread address arithmetic, masks or cp.async issue in the loop. At B=1 (16 programs of one or
-two tiles) the time is latency: "early" issues q and the new token before the program waits for its
-cache length (which the runtime rule's row check does) and scores the new token from q in registers,
-where the default reloads q after the loop (and, on sm_90, uses fewer registers: 134 against 173 at
-BN=32 with the new token, 168 against 255 at BN=64).
+4096 at 0.059 ms (61% of copy) with BN=32 w4 s3 at 8 splits, where bytes in flight are not short (two
+programs per SM, two 36.9 KB tiles ahead each): what is left is per-tile issue work and the serial chain
+of each tile. "tma" moves the tile loads to the TMA unit (device-side descriptors over the row's
+[seqlen, C] keys, zero-filled past them): no per-thread address arithmetic, masks or cp.async issue in
+the loop. At B=1 (16 programs of one or two tiles) the time is latency: "early" issues q and the new
+token before the program waits for its cache length (which the runtime rule's row check does) and scores
+the new token from q in registers, where the default reloads q after the loop (and, on sm_90, uses fewer
+registers: 134 against 173 at BN=32 with the new token, 168 against 255 at BN=64).
 """
 
 from __future__ import annotations

@@ -410,8 +410,9 @@ def test_split_counters_are_fresh_while_tracing():
     assert type(cnt).__name__ == "FakeTensor" and cnt.shape == (7,) and cnt.dtype == torch.int32
     assert D._counter_cache == before
     old = D._split_counters(1, torch.device("cpu"))
-    eager = D._split_counters(D.COUNTER_BUFFER_MIN + 5, torch.device("cpu"))  # grows the cached buffer
-    assert eager.shape == (D.COUNTER_BUFFER_MIN + 5,) and (eager == 0).all()
+    n = D._counter_cache[torch.device("cpu")].numel() + 5  # grows the cached buffer (shared with other tests)
+    eager = D._split_counters(n, torch.device("cpu"))
+    assert eager.shape == (n,) and (eager == 0).all()
     # the outgrown buffer stays alive: a CUDA graph captured with it replays its address
     assert any(r.untyped_storage().data_ptr() == old.untyped_storage().data_ptr() for r in _common._retired_buffers)
 

@@ -41,6 +41,7 @@ from dsv3_export.engines import torch_norm_quant  # noqa: F401  (registers dsv3_
 from dsv3_export.engines import torch_triton as tt
 from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.kernels import mla_absorb as ka
+from dsv3_export.kernels import mla_decode as kd
 from dsv3_export.kernels import mla_tail as kt
 from dsv3_export.kernels._common import QUANT_BLOCK
 from dsv3_export.passes.graph_utils import is_call
@@ -67,14 +68,10 @@ def decode_tail(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, 
     w_uk, w_uv = w[:, :dn], w[:, dn:]  # [h, dn, c], [h, dv, c]
     dev = q_nope.device
     seen = start_pos.clamp(0, kv_cache.shape[1]).to(torch.int32)  # [b] cached keys per row
-    if absorb_gemm:
-        q_latent = tt._head_gemm(q_nope[:, 0], w_uk)  # [b, h, c] from the strided [b, h, dn] slice
-    else:
-        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk).contiguous()[:, 0]  # [b, h, c]
+    q_latent = tt.decode_query(q_nope, w_uk, absorb_gemm)  # [b, h, c]
     q_pe = q_pe.contiguous()
     split_target = kt.runtime_split_target(dev)
-    o_part = torch.empty((b, h, kt.MAX_SPLITS, c), dtype=torch.float32, device=dev)  # [b, h, S, c]
-    lse = torch.empty((b, h, kt.MAX_SPLITS), dtype=torch.float32, device=dev)  # [b, h, S]
+    o_part, lse = kd.split_partials(b, h, kd.MAX_SPLITS, c, dev)  # [b, h, S, c], [b, h, S]
     tt._launch(kt.decode_partials_spec(q_latent, q_pe[:, 0], kv_cache[:, :, :c], kv_cache[:, :, c:],
                                        kv_new[:, 0, :c], kv_new[:, 0, c:], seen, o_part, lse, softmax_scale,
                                        split_target))

@@ -273,6 +273,14 @@ def _head_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def decode_query(q_nope: torch.Tensor, w_uk: torch.Tensor, absorb_gemm: bool) -> torch.Tensor:
+    """W_UK absorbed into the decode query: q_nope [b, 1, h, dn] x w_uk [h, dn, c] -> [b, h, c], by
+    head_gemm on the strided [b, h, dn] slice (absorb_gemm) or the einsum."""
+    if absorb_gemm:
+        return _head_gemm(q_nope[:, 0], w_uk)
+    return torch.einsum("bshd,hdc->bshc", q_nope, w_uk).contiguous()[:, 0]
+
+
 @triton_op("dsv3_aoti::mla_attention", mutates_args={})
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
                   start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, decode: bool,
@@ -304,10 +312,7 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor
     kv_n, pe_n = kv_new[..., :c], kv_new[..., c:]  # [b, s, c], [b, s, r]
     if decode:
         torch._check(s == 1, lambda: f"dsv3_aoti::mla_attention: decode needs one new position, got {s}")
-        if absorb_gemm:
-            q_latent = _head_gemm(q_nope[:, 0], w_uk)  # [b, h, c] from the strided [b, h, dn] slice
-        else:
-            q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk).contiguous()[:, 0]  # [b, h, c]
+        q_latent = decode_query(q_nope, w_uk, absorb_gemm)  # [b, h, c]
         lat = kd.mla_decode(q_latent, q_pe[:, 0], kv_c, pe_c, seen, softmax_scale, kv_new=kv_n[:, 0],
                             pe_new=pe_n[:, 0], runtime_splits=True)  # [b, h, c]
         if absorb_gemm:

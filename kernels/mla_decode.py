@@ -433,16 +433,10 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     out = torch.empty((bsz, heads, c), dtype=q_latent.dtype, device=dev)
     if out.numel() == 0:
         return out
-    if runtime_splits and num_splits is not None:
-        raise ValueError(f"mla_decode: num_splits={num_splits} with runtime_splits=True; pass one of them")
-    split_target = runtime_split_target(dev) if runtime_splits else 0
-    splits = MAX_SPLITS if runtime_splits else num_splits or choose_num_splits(bsz, heads, kv_cache.shape[1], dev)
-    if not 1 <= splits <= 1024:
-        raise ValueError(f"mla_decode: num_splits={splits} must be in [1, 1024]")
+    splits, split_target = split_plan("mla_decode", bsz, heads, kv_cache.shape[1], dev, runtime_splits, num_splits)
     block_h = _block_h(heads)
     head_blocks = cdiv(heads, block_h)
-    o_part = torch.empty((bsz, heads, splits, c), dtype=torch.float32, device=dev)
-    lse = torch.empty((bsz, heads, splits), dtype=torch.float32, device=dev)
+    o_part, lse = split_partials(bsz, heads, splits, c, dev)
     counters = _split_counters(bsz * head_blocks, dev) if fused else cache_seqlens  # never touched unless fused
     grid = (bsz, head_blocks, splits)
     if tma:
@@ -467,6 +461,25 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
             o_part, lse, out, cache_seqlens, splits, head_blocks, *so, *sl, heads * c, c, C=c, BLOCK_C=next_pow2(c),
             BLOCK_S=next_pow2(splits), **rule)
     return out
+
+
+def split_plan(op: str, bsz: int, heads: int, cache_len: int, device: torch.device, runtime_splits: bool,
+               num_splits: int | None) -> tuple[int, int]:
+    """(split programs per row, split_target) of a decode launch: MAX_SPLITS under the runtime rule
+    (runtime_split_target), else num_splits or choose_num_splits; errors name `op`."""
+    if runtime_splits and num_splits is not None:
+        raise ValueError(f"{op}: num_splits={num_splits} with runtime_splits=True; pass one of them")
+    split_target = runtime_split_target(device) if runtime_splits else 0
+    splits = MAX_SPLITS if runtime_splits else num_splits or choose_num_splits(bsz, heads, cache_len, device)
+    if not 1 <= splits <= 1024:
+        raise ValueError(f"{op}: num_splits={splits} must be in [1, 1024]")
+    return splits, split_target
+
+
+def split_partials(bsz, heads, splits: int, c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split kernel's outputs: o_part fp32 [B, H, S, C] and lse fp32 [B, H, S] (B may be symbolic)."""
+    return (torch.empty((bsz, heads, splits, c), dtype=torch.float32, device=device),
+            torch.empty((bsz, heads, splits), dtype=torch.float32, device=device))
 
 
 def split_kernel_args(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,

@@ -55,8 +55,9 @@ from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, aut
                                          is_interpreted, launch, next_pow2)
 from dsv3_export.kernels.fp8_quant import quantize_rows
 from dsv3_export.kernels.mla_attention import _check_caches, _check_new
-from dsv3_export.kernels.mla_splits import (MAX_SPLITS, MIN_SPLIT_KEYS, RUNTIME_MIN_SPLITS, _batch_splits, _block_h,
-                                           _row_splits, choose_num_splits, runtime_num_splits, runtime_split_target)
+from dsv3_export.kernels.mla_splits import (MIN_SPLIT_KEYS, RUNTIME_MIN_SPLITS, _batch_splits, _block_h, _row_splits,
+                                           runtime_num_splits)
+from dsv3_export.kernels.mla_splits import runtime_split_target  # noqa: F401  (callers' split_target, as kt.*)
 from dsv3_export.reference import fp8 as fp8_ref
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -262,17 +263,12 @@ def mla_decode_tail(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.
         raise ValueError(f"mla_decode_tail: cache_seqlens has {cache_seqlens.shape[0]} entries for batch {bsz}")
     _check_new("mla_decode_tail", kv_new, pe_new, q_latent, (bsz, c), (bsz, q_pe.shape[-1]))
     dv = check_w_uv("mla_decode_tail", w_uv, heads, c, q_latent.dtype, quant)
-    if runtime_splits and num_splits is not None:
-        raise ValueError(f"mla_decode_tail: num_splits={num_splits} with runtime_splits=True; pass one of them")
-    split_target = runtime_split_target(dev) if runtime_splits else 0
-    splits = MAX_SPLITS if runtime_splits else num_splits or choose_num_splits(bsz, heads, kv_cache.shape[1], dev)
-    if not 1 <= splits <= 1024:
-        raise ValueError(f"mla_decode_tail: num_splits={splits} must be in [1, 1024]")
+    splits, split_target = kd.split_plan("mla_decode_tail", bsz, heads, kv_cache.shape[1], dev, runtime_splits,
+                                         num_splits)
     if bsz * heads == 0:
         out, s = tail_outputs(bsz, heads, dv, q_latent.dtype, quant, dev)
         return (out, s) if quant else out
-    o_part = torch.empty((bsz, heads, splits, c), dtype=torch.float32, device=dev)
-    lse = torch.empty((bsz, heads, splits), dtype=torch.float32, device=dev)
+    o_part, lse = kd.split_partials(bsz, heads, splits, c, dev)
     launch(*decode_partials_spec(q_latent, q_pe, kv_cache, pe_cache, kv_new, pe_new, cache_seqlens, o_part, lse,
                                  softmax_scale, split_target), split_config)
     return mla_tail(o_part, lse, cache_seqlens, w_uv, split_target=split_target, quant=quant, config=config)

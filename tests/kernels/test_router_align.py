@@ -1,0 +1,107 @@
+"""router_align (router + moe_align in one program) vs router_topk + moe_align (bit for bit) and vs
+router_align_ref (ids and alignment exactly, weights within one output rounding: the kernel's exp
+against torch's, as tests/kernels/test_topk.py's router test). Every config; row counts past one
+chunk and not chunk multiples; NaN-poisoned outputs (conftest: every torch.empty), so a slot the
+kernel forgets to write fails the equality.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: kernel tests need it (TRITON_INTERPRET=1 on CPU)")
+
+from dsv3_export.kernels import moe_align as A  # noqa: E402
+from dsv3_export.kernels import router_align as R  # noqa: E402
+from dsv3_export.kernels import topk as K  # noqa: E402
+
+# (T, N routed logits, k, n_extra, E experts of the grouped GEMMs, block_m)
+CASES = [(1, 64, 6, 2, 66, 16), (3, 8, 1, 0, 8, 16), (37, 30, 8, 2, 40, 64), (64, 64, 6, 2, 66, 16),
+         (70, 66, 4, 0, 66, 16), (5, 20, 3, 2, 22, 32)]
+
+
+def _logits(t: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    return (torch.randn(t, n) * 2).to(dtype)  # [T, N]
+
+
+def _separate(logits, k, e, block_m, route):
+    """The two launches router_align replaces."""
+    weights, ids = K.router_topk(logits, k, **route)
+    return (weights, ids, *A.moe_align(ids, e, block_m))
+
+
+def _assert_same(got, want):
+    for name, g, w in zip(("weights", "ids", "sorted_token_ids", "expert_ids", "num_tokens_post_pad"), got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape, (name, g.dtype, w.dtype, g.shape, w.shape)
+        assert torch.equal(g, w) or (g.dtype.is_floating_point and torch.equal(g.isnan(), w.isnan())
+                                     and torch.equal(g.nan_to_num(), w.nan_to_num())), name
+
+
+@pytest.mark.parametrize("config", R.ROUTER_ALIGN_CONFIGS, ids=str)
+@pytest.mark.parametrize("t, n, k, n_extra, e, block_m", CASES)
+def test_equals_router_topk_then_moe_align(seed, config, t, n, k, n_extra, e, block_m):
+    torch.manual_seed(seed)
+    logits = _logits(t, n, torch.bfloat16)
+    route = dict(scale=2.5, n_extra=n_extra, first_extra=n, out_dtype=torch.bfloat16)
+    got = R.router_align(logits, k, e, block_m, config=config, **route)
+    _assert_same(got, _separate(logits, k, e, block_m, route))
+    weights, ids, sorted_ids, expert_ids, npp = got
+    assert ids.shape == (t, k + n_extra) and sorted_ids.shape == (A.align_blocks(ids.numel(), e, block_m) * block_m,)
+    assert int(npp) % block_m == 0 and (expert_ids[: int(npp) // block_m] >= 0).all()
+
+
+@pytest.mark.parametrize("dtype", K.DTYPES)
+@pytest.mark.parametrize("t, n, k, n_extra, e, block_m", CASES)
+def test_matches_the_reference(seed, dtype, t, n, k, n_extra, e, block_m):
+    """Ids and alignment exactly the reference's (ties: the lower index first in both); weights within
+    one rounding of the output dtype (as test_topk's router test)."""
+    torch.manual_seed(seed)
+    logits = _logits(t, n, dtype)
+    route = dict(scale=1.5, n_extra=n_extra, first_extra=n, out_dtype=dtype)
+    got = R.router_align(logits, k, e, block_m, **route)
+    want = R.router_align_ref(logits, k, e, block_m, **route)
+    for g, w in zip(got[1:], want[1:]):
+        assert torch.equal(g, w)
+    ulp = {torch.float32: 1e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+    assert got[0].dtype == dtype
+    assert ((got[0].float() - want[0].float()).abs() <= ulp * want[0].float().abs() * 2 + 1e-30).all()
+
+
+def test_nan_rows_strided_logits_and_extra_experts_past_the_routed_ones():
+    """A NaN logit (its row's softmax all NaN: the lowest ids first, NaN weights), logits with a row stride
+    past N, and shared experts numbered after unused ones (E > N + n_extra): still the separate
+    launches' outputs, bit for bit."""
+    torch.manual_seed(0)
+    logits = torch.randn(9, 50)[:, :40]  # [9, 40], row stride 50
+    logits[2, 7] = float("nan")
+    route = dict(scale=1.0, n_extra=2, first_extra=45, out_dtype=torch.float32)
+    got = R.router_align(logits, 5, 47, 16, **route)
+    _assert_same(got, _separate(logits, 5, 47, 16, route))
+    assert got[1][2, :5].tolist() == [0, 1, 2, 3, 4] and got[0][2, :5].isnan().all()
+    assert (got[1][:, 5:] == torch.tensor([45, 46])).all() and not got[0][[0, 1, 3]].isnan().any()
+
+
+def test_no_rows():
+    """T = 0: empty weights and ids; the alignment is all padding (npp 0, every block -1)."""
+    logits = torch.randn(0, 16)
+    got = R.router_align(logits, 2, 18, 16, n_extra=2, first_extra=16)
+    _assert_same(got, _separate(logits, 2, 18, 16, dict(n_extra=2, first_extra=16)))
+    assert got[0].shape == (0, 4) and int(got[4]) == 0 and (got[3] == -1).all()
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: R.router_align(torch.randn(3, 8, 2), 2, 8, 16), "router_align: logits: expected 2 dims"),
+    (lambda: R.router_align(torch.randn(3, 8).long(), 2, 8, 16), "router_align: logits: dtype torch.int64"),
+    (lambda: R.router_align(torch.randn(3, 8), 9, 8, 16), "router_align: logits: k=9"),
+    (lambda: R.router_align(torch.randn(3, 2000), 2, 2000, 16), "router_align: logits: last dim 2000"),
+    (lambda: R.router_align(torch.randn(8, 3).t(), 2, 8, 16), "router_align: logits needs unit stride"),
+    (lambda: R.router_align(torch.randn(3, 8), 2, 8, 24), "router_align: block_m=24"),
+    (lambda: R.router_align(torch.randn(3, 8), 2, 0, 16), "router_align: n_experts=0"),
+    (lambda: R.router_align(torch.randn(3, 8), 2, 6, 16), r"do not fit n_experts=6"),
+    (lambda: R.router_align(torch.randn(3, 8), 2, 9, 16, n_extra=2, first_extra=8), r"extra experts \[8, 10\)"),
+    (lambda: R.router_align(torch.randn(3, 8), 2, 8, 16, n_extra=-1), "n_extra=-1"),
+])
+def test_bad_inputs_name_the_problem(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()

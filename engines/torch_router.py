@@ -38,6 +38,24 @@ the H200 (session 8, CUDA graphs): 11.5 / 12.1 / 18.1 us at 1 / 8 / 64 rows agai
 for cuBLAS's gate + router_topk; 197 vs 191 us per 27-layer batch-1 step: not the default. Its traced
 form allocates the counters zeroed (one memset node per router in the package) where eager calls
 reuse a self-cleaning buffer.
+
+The router and moe_align in one launch, opt-in (DSV3_TORCH_ROUTER_ALIGN=1; the decode program only):
+the MoE op then aligns its ids with kernels/moe_align.py's single-program kernel right after the
+router's launch (4.4 us per MoE layer in the H200's batch-1 decode profile, plus the gap before it).
+Where the router above feeds dsv3::moe_experts_fp8 (act_quant=True) or dsv3::moe_experts (bf16/fp16)
+    w, ids = dsv3_aoti::router_topk(logits, k, route_scale, n, E, dtype)
+    dsv3::moe_experts_fp8(x, w, ids, w13, s13, w2, s2, True)
+becomes
+    w, ids, sorted, experts, npp = dsv3_aoti::router_align(logits, k, route_scale, n, E, dtype, E_all, block_m)
+    dsv3_aoti::moe_experts_fp8_aligned(x, w, ids, sorted, experts, npp, w13, s13, w2, s2, quant_h)
+(dsv3_aoti::moe_experts_aligned for the bf16 MoE): kernels/router_align.py routes every row and
+aligns the ids in one program, the same bits as router_topk + moe_align; the MoE op runs
+engines/torch_triton.py's experts (moe_fp8_quantized / moe_dense_aligned) on that alignment.
+E_all = w13.shape[0] (the shared experts included), block_m = BLOCK_M["decode"]. Not with the gate
+GEMM in the router (DSV3_TORCH_ROUTER_GATE != 0), nor with DSV3_TORCH_MOE_ALIGN=scan / aten, nor
+DSV3_TORCH_FUSED_ACT_QUANT=1 (those paths are kept as they are), nor in prefill (one program
+serializing thousands of rows). With DSV3_TORCH_NORM_QUANT=1 the FFN norm no longer sees an fp8
+MoE op to quantize for, so the MoE input keeps its own act_quant launch (both switches are opt-in).
 """
 
 from __future__ import annotations
@@ -52,8 +70,11 @@ from torch.library import triton_op
 import dsv3_export.ops  # noqa: F401  (registers the dsv3:: ops matched here)
 from dsv3_export.engines import torch_triton as tt
 from dsv3_export.engines.torch_step import env_choice
+from dsv3_export.kernels import moe as km
+from dsv3_export.kernels import router_align as kra
 from dsv3_export.kernels import topk as kt
 from dsv3_export.kernels._common import arrival_counters
+from dsv3_export.kernels.moe_align import MAX_ALIGN_EXPERTS
 from dsv3_export.passes.graph_utils import is_call
 from dsv3_export.passes.program_state import ProgramState
 
@@ -63,6 +84,10 @@ GATE_DEFAULT = "0"  # "1" measured slower, "split" not measured yet (module docs
 GATE_CHOICES = {"1": "the gate GEMM inside the router kernel, one program per row block",
                 "split": "the gate GEMM inside the router kernel, the experts split over programs",
                 "0": "the gate GEMM separate"}
+ALIGN_ENV = "DSV3_TORCH_ROUTER_ALIGN"
+ALIGN_DEFAULT = "0"  # not measured on the H200 yet
+ALIGN_CHOICES = {"1": "the router and moe_align in one kernel (decode program)",
+                 "0": "the router kernel, then moe_align inside the MoE op"}
 aten = torch.ops.aten
 CASTS = (aten.type_as.default, aten.to.dtype, aten._to_copy.default)
 MOE_OPS = (torch.ops.dsv3.moe_experts.default, torch.ops.dsv3.moe_experts_fp8.default)
@@ -103,6 +128,39 @@ def router_topk_gate_split(x: torch.Tensor, gate: torch.Tensor, k: int, scale: f
     counters = arrival_counters(x.shape[0], x.device)  # >= one per row block (MIN_SPLIT_ROWS is 1)
     tt._launch(kt.router_gate_split_spec(x, gate, k, scale, n_extra, first_extra, logits, counters, weights, ids))
     return weights, ids
+
+
+@triton_op("dsv3_aoti::router_align", mutates_args={})
+def router_align(logits: torch.Tensor, k: int, scale: float, n_extra: int, first_extra: int, out_dtype: torch.dtype,
+                 n_experts: int, block_m: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """router_topk's (weights, ids) and moe_align(ids, n_experts, block_m)'s (sorted_token_ids,
+    expert_ids, num_tokens_post_pad), from one launch (kernels/router_align.py)."""
+    logits = logits.contiguous()
+    out = kra.router_align_outputs(logits.shape[0], k, n_extra, n_experts, block_m, out_dtype, logits.device)
+    tt._launch(kra.router_align_spec(logits, k, scale, n_extra, first_extra, n_experts, block_m, *out))
+    return out
+
+
+@triton_op("dsv3_aoti::moe_experts_fp8_aligned", mutates_args={})
+def moe_experts_fp8_aligned(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                            sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor, num_tokens_post_pad: torch.Tensor,
+                            w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
+                            quant_h: bool) -> torch.Tensor:
+    """dsv3::moe_experts_fp8(act_quant=True) with the alignment given (router_align's): act_quant of x,
+    then engines/torch_triton.py moe_fp8_quantized (quant_h: its DSV3_TORCH_MOE_QUANT_H form)."""
+    xq, xs = tt._act_quant(x.contiguous())
+    return tt.moe_fp8_quantized(xq, xs, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale,
+                                (sorted_token_ids, expert_ids, num_tokens_post_pad), x.dtype, quant_h=quant_h)
+
+
+@triton_op("dsv3_aoti::moe_experts_aligned", mutates_args={})
+def moe_experts_aligned(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                        sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor, num_tokens_post_pad: torch.Tensor,
+                        w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """dsv3::moe_experts (bf16/fp16) with the alignment given: engines/torch_triton.py moe_dense_aligned."""
+    return tt.moe_dense_aligned(x, topk_weights, topk_ids, w13, w2,
+                                (sorted_token_ids, expert_ids, num_tokens_post_pad))
 
 
 def _arg(node: Node, index: int, name: str, default):
@@ -180,10 +238,56 @@ def _gate(logits: Node, state: ProgramState) -> tuple[Node, Node] | str:
     return x, weight
 
 
-def fuse_router(ep: ExportedProgram) -> tuple[ExportedProgram, str]:
-    """The program with each matching router rewritten, and a line for the manifest's `lowerings`."""
+def _align_unfit(site: dict, kind: str, gate_value: str) -> str | None:
+    """Why one routed MoE op keeps moe_align inside it rather than router_align's alignment (None: it
+    takes router_align)."""
+    moe = site["moe"]
+    if kind != "decode":
+        return f"{kind} program (router_align is decode's)"
+    if gate_value != "0":
+        return f"{GATE_ENV}={gate_value} (the gate GEMM in the router)"
+    form = env_choice(tt.MOE_ALIGN_ENV, tt.MOE_ALIGN_DEFAULT, tt.MOE_ALIGN_FORMS)
+    if form != "kernel":
+        return f"{tt.MOE_ALIGN_ENV}={form}"
+    x = moe.args[0].meta["val"]
+    if is_call(moe, torch.ops.dsv3.moe_experts_fp8.default):
+        if not _arg(moe, 7, "act_quant", False):
+            return f"{moe.name}: weight-only fp8 experts (ATen)"
+        if tt._fused_act_quant(kind):
+            return f"{tt.FUSED_ACT_QUANT_ENV}=1 (the grouped GEMMs quantize their own activations)"
+    elif x.dtype not in km.DENSE_DTYPES:
+        return f"{moe.name}: {x.dtype} experts (ATen)"
+    n, e = site["logits"].meta["val"].shape[1], moe.args[3].meta["val"].shape[0]
+    if not isinstance(e, int) or e > MAX_ALIGN_EXPERTS:
+        return f"{moe.name}: {e} experts (the alignment takes <= {MAX_ALIGN_EXPERTS})"
+    if n > e or site["first"] + site["n_extra"] > e:
+        return f"{moe.name}: ids up to {max(n, site['first'] + site['n_extra']) - 1} for {e} experts"
+    return None
+
+
+def _route_and_align(state: ProgramState, site: dict, route: tuple, kind: str) -> None:
+    """router_align in place of the router, its alignment handed to the MoE op's aligned form."""
+    moe = site["moe"]
+    x, w13 = moe.args[0], moe.args[3]
+    ops = torch.ops.dsv3_aoti
+    with state.graph.inserting_before(moe):
+        out = state.call(ops.router_align.default,
+                         (site["logits"], *route, w13.meta["val"].shape[0], tt.BLOCK_M[kind]))
+        parts = [state.call(operator.getitem, (out, i)) for i in range(5)]  # w, ids, sorted, experts, npp
+        if is_call(moe, torch.ops.dsv3.moe_experts_fp8.default):
+            new = state.call(ops.moe_experts_fp8_aligned.default, (x, *parts, *moe.args[3:7], tt._moe_quant_h(kind)),
+                             meta_from=moe)
+        else:
+            new = state.call(ops.moe_experts_aligned.default, (x, *parts, w13, moe.args[4]), meta_from=moe)
+    moe.replace_all_uses_with(new)
+
+
+def fuse_router(ep: ExportedProgram, kind: str) -> tuple[ExportedProgram, str]:
+    """The program (`kind`: prefill or decode) with each matching router rewritten, and a line for
+    the manifest's `lowerings`."""
     value = env_choice(ROUTER_ENV, "1", {"1": "one router kernel", "0": "ATen softmax / top-k / gather"})
     gate_value = env_choice(GATE_ENV, GATE_DEFAULT, GATE_CHOICES)
+    align_value = env_choice(ALIGN_ENV, ALIGN_DEFAULT, ALIGN_CHOICES)
     gate_op = {"1": torch.ops.dsv3_aoti.router_topk_gate.default,
                "split": torch.ops.dsv3_aoti.router_topk_gate_split.default}.get(gate_value)
     moes = [n for n in ep.graph.nodes if is_call(n, *MOE_OPS)]
@@ -192,10 +296,16 @@ def fuse_router(ep: ExportedProgram) -> tuple[ExportedProgram, str]:
     state = ProgramState(ep)
     found = [_match(n) for n in state.graph.nodes if is_call(n, *MOE_OPS)]
     sites = [f for f in found if not isinstance(f, str)]
-    gated, kept = 0, []  # kept: why a gate GEMM stays separate
+    gated, aligned, kept, unaligned = 0, 0, [], []  # kept: why a gate GEMM stays separate
     for site in sites:
         gate = _gate(site["logits"], state) if gate_op is not None else f"{GATE_ENV}=0"
         route = (site["k"], site["scale"], site["n_extra"], site["first"], site["dtype"])
+        align = _align_unfit(site, kind, gate_value) if align_value == "1" else f"{ALIGN_ENV}=0"
+        if align is None:
+            _route_and_align(state, site, route, kind)
+            aligned += 1
+            continue
+        unaligned.append(align)
         with state.graph.inserting_before(site["moe"]):
             if isinstance(gate, str):
                 kept.append(gate)
@@ -214,6 +324,10 @@ def fuse_router(ep: ExportedProgram) -> tuple[ExportedProgram, str]:
                 else f", the gate GEMM separate ({GATE_ENV}=0)")
         if gate_op is not None and kept:
             how += f" (gate kept: {kept[0]})"
+        if align_value == "1":
+            how += (f"; {aligned} of them with moe_align in the same launch (dsv3_aoti::router_align, "
+                    "kernels/router_align.py) feeding the MoE's aligned form"
+                    + (f" (not aligned: {unaligned[0]})" if unaligned else ""))
     skipped = [f for f in found if isinstance(f, str)]
     if skipped:
         how += f"; not fused: {skipped[0]}"

@@ -54,7 +54,7 @@ for dtype_name in ("float32", "bfloat16"):
             want = program.module()(*inputs)
         for gate in ("1", "0", "split"):
             os.environ["DSV3_TORCH_ROUTER_GATE"] = gate
-            fused, how = fuse_router(program)
+            fused, how = fuse_router(program, kind)
             key = f"{dtype_name}_{kind}_gate{gate}"
             out[key + "_how"] = how
             ops = lambda p, names: [n for n in p.graph.nodes if getattr(n.target, "_opname", "") in names]  # noqa: E731
@@ -123,7 +123,7 @@ def test_other_routers_keep_their_aten_form(overrides, reason):
     torch.manual_seed(0)
     model = Transformer(ModelArgs.preset("tiny").replace(**overrides)).eval()
     program = run_pipeline(export_step(model, "decode"), PassConfig(precision="fp8"))[0]
-    fused, how = torch_router.fuse_router(program)
+    fused, how = torch_router.fuse_router(program, "decode")
     assert fused is program and how.startswith("0 of 2 MoE routers") and reason in how, how
 
 
@@ -136,20 +136,20 @@ def test_switch(monkeypatch):
 
     program = run_pipeline(tiny_program("decode"), PassConfig(precision="fp8"))[0]
     assert torch_router.GATE_DEFAULT == "0"  # measured slower on the H200 (engines/torch_router.py)
-    fused, how = torch_router.fuse_router(program)
+    fused, how = torch_router.fuse_router(program, "decode")
     assert "router_topk_gate" not in str(fused.graph) and "DSV3_TORCH_ROUTER_GATE=0" in how, how
     monkeypatch.setenv(torch_router.ROUTER_ENV, "0")
-    fused, how = torch_router.fuse_router(program)
+    fused, how = torch_router.fuse_router(program, "decode")
     assert fused is program and "DSV3_TORCH_ROUTER=0" in how
     monkeypatch.setenv(torch_router.ROUTER_ENV, "on")
     with pytest.raises(ValueError, match="DSV3_TORCH_ROUTER='on'"):
-        torch_router.fuse_router(program)
+        torch_router.fuse_router(program, "decode")
     monkeypatch.setenv(torch_router.ROUTER_ENV, "1")
     monkeypatch.setenv(torch_router.GATE_ENV, "yes")
     with pytest.raises(ValueError, match="DSV3_TORCH_ROUTER_GATE='yes'.* or split "):
-        torch_router.fuse_router(program)
+        torch_router.fuse_router(program, "decode")
     monkeypatch.setenv(torch_router.GATE_ENV, "split")
-    fused, how = torch_router.fuse_router(program)
+    fused, how = torch_router.fuse_router(program, "decode")
     assert "router_topk_gate_split" in str(fused.graph) and "with the gate GEMM (router_topk_gate_split)" in how, how
 
 

@@ -2,15 +2,22 @@
 
 Why: the fp8 decode step ran, per layer after the split-KV kernel, the merge of the splits, head_gemm
 with W_UV and act_quant of wo's input: three launches of ~2-3 us each at batch 1 (H200 profile),
-launch latency more than work. kernels/mla_tail.py does the three in one kernel, so the attention
-hands wo its input already quantized.
+launch latency more than work. Two ways to hand wo its input already quantized (DSV3_TORCH_MLA_TAIL at
+build time; off by default):
 
-Off by default (DSV3_TORCH_MLA_TAIL=1 at build time turns it on): measured slower on the H200 (session 8,
-CUDA graphs, 16b shapes, context 1024): split + tail 23.7 / 25.8 / 72.4 us at batch 1 / 8 / 64 against
-21.2 / 23.8 / 57.3 for split + reduce + head_gemm + act_quant; in the 27-layer batch-1 step 269 us
-against ~235 (W_UV streamed by 16 programs at batch 1, re-read per row at 64). The
-same switch makes the decode attentions this rewrite leaves (bf16 engines, v_head_dim != 128) run the
-unquantized tail, merge + W_UV in one kernel (engines/torch_triton.py mla_attention(tail=True)).
+  1      kernels/mla_tail.py does the three in one kernel. Measured slower on the H200 (session 8, CUDA
+         graphs, 16b shapes, context 1024): split + tail 23.7 / 25.8 / 72.4 us at batch 1 / 8 / 64
+         against 21.2 / 23.8 / 57.3 for split + reduce + head_gemm + act_quant; in the 27-layer batch-1
+         step 269 us against ~235 (W_UV streamed by 16 programs at batch 1, re-read per row at 64).
+         q, s are act_quant of the kernel's bf16 output, which may differ from the separate kernels'
+         by one bf16 step now and then (other summation orders; kernels/mla_tail.py). The same switch
+         makes the decode attentions this rewrite leaves (bf16 engines, v_head_dim != 128) run the
+         unquantized tail, merge + W_UV in one kernel (engines/torch_triton.py mla_attention(tail=True)).
+  gemmq  the split and reduce kernels as before, then W_UV by kernels/mla_absorb.py head_gemm_quant,
+         which quantizes its own output (act_quant in the epilogue): one launch fewer per layer, and
+         bit-identical to head_gemm + act_quant (the same K loop, the same quantize_rows), so the
+         engine's numbers do not move (with DSV3_TORCH_ABSORB_GEMM=0 W_UK is the einsum as in
+         mla_attention, W_UV still head_gemm_quant). Attentions it leaves run mla_attention's default.
 
 Rewrites (after export, before the dsv3:: ops are lowered; the decode program only):
 
@@ -18,13 +25,12 @@ Rewrites (after export, before the dsv3:: ops are lowered; the decode program on
     x = flatten(o, 2)                                                                 # [b, 1, h * 128]
     dsv3::fp8_linear(x, W, S, act_quant=True)
 becomes
-    q, s = dsv3_aoti::mla_attention_q(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, scale, absorb)
+    q, s = dsv3_aoti::mla_attention_q(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, scale, absorb, tail)
     dsv3_aoti::fp8_linear_q(q, s, W, S, dtype, decode=True)                          # q [b, 1, h * 128]
 
-Only where each head's output is one 1x128 act_quant block (v_head_dim == 128), the attention runs
-in bf16/fp16 (the fp32 engine keeps ATen) and fp8 GEMMs with act_quant are the only readers of its
-output. q, s are act_quant of the kernel's bf16 output, which may differ from the separate kernels'
-by one bf16 step now and then (other summation orders; kernels/mla_tail.py).
+(tail: True for `1`, False for `gemmq`.) Only where each head's output is one 1x128 act_quant block
+(v_head_dim == 128), the attention runs in bf16/fp16 (the fp32 engine keeps ATen) and fp8 GEMMs with
+act_quant are the only readers of its output.
 """
 
 from __future__ import annotations
@@ -43,13 +49,14 @@ from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.kernels import mla_absorb as ka
 from dsv3_export.kernels import mla_decode as kd
 from dsv3_export.kernels import mla_tail as kt
-from dsv3_export.kernels._common import QUANT_BLOCK
+from dsv3_export.kernels._common import FP8_DTYPE, QUANT_BLOCK
 from dsv3_export.passes.graph_utils import is_call
 from dsv3_export.passes.program_state import ProgramState
 
 MLA_TAIL_ENV = "DSV3_TORCH_MLA_TAIL"
-MLA_TAIL_DEFAULT = "0"  # not measured on the H200 yet
+MLA_TAIL_DEFAULT = "0"  # 1: measured slower (module docstring); gemmq: not measured on the H200 yet
 MLA_TAIL_CHOICES = {"1": "merge + W_UV + wo's act_quant in one kernel (fp8 decode program)",
+                    "gemmq": "reduce kernel, then W_UV + wo's act_quant in one head_gemm_quant (fp8 decode program)",
                     "0": "reduce, head_gemm and act_quant kernels"}
 aten = torch.ops.aten
 FLATTENS = (aten.flatten.using_ints, aten.reshape.default, aten.view.default, aten._unsafe_view.default)
@@ -80,13 +87,35 @@ def decode_tail(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, 
     return (out, scale) if quant else out
 
 
+def decode_gemm_quant(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
+                      start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, absorb_gemm: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """dsv3_aoti::mla_attention's decode step for step (decode_query, mla_decode with the runtime split
+    rule and its reduce), then W_UV and wo's act_quant by head_gemm_quant -> (q fp8 [b, h * 128],
+    s fp32 [b, h]): the same bits as head_gemm + act_quant (dv == 128, bf16/fp16; checked by _match)."""
+    b, s, h, dn = q_nope.shape
+    c = wkv_b.shape[-1]
+    torch._check(s == 1, lambda: f"dsv3_aoti::mla_attention_q (gemmq): decode needs one new position, got {s}")
+    w = wkv_b.view(h, -1, c)  # [h, dn + dv, c]
+    w_uk, w_uv = w[:, :dn], w[:, dn:]  # [h, dn, c], [h, dv, c]
+    seen = start_pos.clamp(0, kv_cache.shape[1]).to(torch.int32)  # [b] cached keys per row
+    q_latent = tt.decode_query(q_nope, w_uk, absorb_gemm)  # [b, h, c]
+    lat = kd.mla_decode(q_latent, q_pe.contiguous()[:, 0], kv_cache[..., :c], kv_cache[..., c:], seen, softmax_scale,
+                        kv_new=kv_new[:, 0, :c], pe_new=kv_new[:, 0, c:], runtime_splits=True)  # [b, h, c]
+    q = torch.empty((b, h * w_uv.shape[1]), dtype=FP8_DTYPE, device=q_nope.device)  # [b, h * dv]
+    scale = torch.empty((b, h), dtype=torch.float32, device=q_nope.device)  # [b, h]: one block per head
+    tt._launch(ka.head_gemm_quant_spec(lat, w_uv.transpose(1, 2), q, scale, ka.DECODE_MAX_M, lat.is_cuda))
+    return q, scale
+
+
 @triton_op("dsv3_aoti::mla_attention_q", mutates_args={})
 def mla_attention_q(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
-                    start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, absorb_gemm: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dsv3::mla_attention's decode flattened and act_quant-ed for wo (decode_tail):
-    q fp8 [b, 1, h * dv], s fp32 [b, 1, h] (dv == 128)."""
-    q, scale = decode_tail(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, absorb_gemm, True)
+                    start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, absorb_gemm: bool,
+                    tail: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """dsv3::mla_attention's decode flattened and act_quant-ed for wo: q fp8 [b, 1, h * dv], s fp32
+    [b, 1, h] (dv == 128), by decode_tail (tail, DSV3_TORCH_MLA_TAIL=1) or decode_gemm_quant (gemmq)."""
+    args = (q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, absorb_gemm)
+    q, scale = decode_tail(*args, True) if tail else decode_gemm_quant(*args)
     b, h = scale.shape
     return q.view(b, 1, q.shape[1]), scale.view(b, 1, h)
 
@@ -118,11 +147,11 @@ def _match(attn: Node, kind: str) -> dict | str:
     return dict(attn=attn, flat=flat, linears=linears, dtype=out.dtype)
 
 
-def _rewrite(state: ProgramState, site: dict, absorb: bool) -> None:
+def _rewrite(state: ProgramState, site: dict, absorb: bool, tail: bool) -> None:
     ops = torch.ops.dsv3_aoti
     attn = site["attn"]
     with state.graph.inserting_before(attn):
-        out = state.call(ops.mla_attention_q.default, (*attn.args[:7], absorb), meta_from=attn)
+        out = state.call(ops.mla_attention_q.default, (*attn.args[:7], absorb, tail), meta_from=attn)
         q, s = (state.call(operator.getitem, (out, i)) for i in range(2))
     for linear in site["linears"]:
         with state.graph.inserting_before(linear):
@@ -143,13 +172,15 @@ def fuse_mla_tail(ep: ExportedProgram, kind: str) -> tuple[ExportedProgram, str]
         if is_call(node, torch.ops.dsv3.mla_attention.default):
             found = _match(node, kind)
             (skipped if isinstance(found, str) else sites).append(found)
-    absorb = tt._absorb_gemm()
+    absorb, tail = tt._absorb_gemm(), value == "1"
     with torch.no_grad():
         for site in sites:
-            _rewrite(state, site, absorb)
+            _rewrite(state, site, absorb, tail)
     state.eliminate_dead_code()
+    kernels = ("split kernel + kernels/mla_tail.py: merge, W_UV, act_quant in one launch" if tail else
+               "split and reduce kernels + kernels/mla_absorb.py head_gemm_quant: W_UV, act_quant in one launch")
     how = (f"{len(sites)} of {len(attns)} MLA attentions + the act_quant of their fp8 wo -> dsv3_aoti::mla_attention_q "
-           f"(split kernel + kernels/mla_tail.py: merge, W_UV, act_quant in one launch) feeding fp8_linear_q")
+           f"({kernels}) feeding fp8_linear_q")
     if skipped:
         how += f"; not fused: {skipped[0]}" + (f" (+{len(skipped) - 1} more)" if len(skipped) > 1 else "")
     return (state.program() if sites else ep), how

@@ -16,8 +16,13 @@ tail, bound 0.2 (the bf16 bound of test_torch_norm_quant).
 The bf16 engine (no fp8 wo to rewrite; the same v128 model): with the switch its decode attention runs
 the unquantized tail (merge + W_UV) instead of reduce + head_gemm: measured identical to the switch off
 (seeds 5, 6), 0.6-1.1% from the unlowered program, bounds 0.04 / 0.05 (test_torch_absorb's).
+DSV3_TORCH_MLA_TAIL=gemmq (the same rewrite; split + reduce, then kernels/mla_absorb.py head_gemm_quant for
+W_UV and wo's act_quant) must not move a bit: its outputs are torch.equal to the switch off's. The
+interpreter's dot is numpy's matmul, whose summation order may change with the tile shape, so the
+separate head_gemm runs with head_gemm_quant's tile there (BLOCK_N 128, the same BLOCK_M / BLOCK_K).
 The traced form (no interpreter, decomposed as AOTInductor decomposes) is checked for the kernels it
-launches: one tail kernel per layer, no reduce kernel, no W_UV head_gemm, 3 act_quant fewer.
+launches: with `1` one tail kernel per layer, no reduce kernel, no W_UV head_gemm, 3 act_quant fewer;
+with gemmq one head_gemm_quant per layer for W_UV's head_gemm and wo's act_quant (one launch fewer).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 _SCRIPT = r'''
 import os, sys, json, dataclasses
 mode, seed = sys.argv[1], int(sys.argv[2])
+SWITCHES = ("1", "gemmq", "0")
 if mode == "interpret":
     os.environ["TRITON_INTERPRET"] = "1"
 else:
@@ -54,8 +60,15 @@ gen = torch.Generator().manual_seed(seed)
 b, t = 3, 11
 inputs = (torch.randint(0, args.vocab_size, (b, 1), generator=gen), torch.tensor([0, 5, 11]),
           torch.randn(b, args.n_layers, t, args.kv_lora_rank + args.qk_rope_head_dim, generator=gen).to(torch.bfloat16))
+if mode == "interpret":
+    # head_gemm's interpreter config (HEAD_GEMM_CONFIGS[0]) with head_gemm_quant's first tile (BLOCK_N 128):
+    # numpy's matmul (the interpreter's dot) may sum in another order for another tile shape
+    import triton
+    from dsv3_export.kernels import mla_absorb
+    first = mla_absorb.HEAD_GEMM_QUANT_CONFIGS[0]
+    mla_absorb.HEAD_GEMM_CONFIGS.insert(0, triton.Config({**first.kwargs, "BLOCK_N": 128}))
 out, lowered = {}, {}
-for switch in ("1", "0"):
+for switch in SWITCHES:
     os.environ["DSV3_TORCH_MLA_TAIL"] = switch
     fused, how = fuse_mla_tail(program, "decode")
     out[switch + "_how"] = how
@@ -67,6 +80,8 @@ if mode == "interpret":
     tails = []
     spec = mla_tail.mla_tail_spec
     mla_tail.mla_tail_spec = lambda *a: tails.append("q" if a[5] is not None else "bf16") or spec(*a)
+    quant_spec = mla_absorb.head_gemm_quant_spec
+    mla_absorb.head_gemm_quant_spec = lambda *a: tails.append("gemmq") or quant_spec(*a)
     with torch.no_grad():
         want = program.module()(*inputs)
         got = {}
@@ -75,6 +90,7 @@ if mode == "interpret":
             got[k] = v.module()(*inputs)
             out[k + "_tails"] = tails[:]
     out["rel_switch"] = [rel_err(a, b) for a, b in zip(got["1"], got["0"])]
+    out["gemmq_equal"] = [torch.equal(a, b) for a, b in zip(got["gemmq"], got["0"])]
     for k in got:
         out[k + "_rel_program"] = [rel_err(g, w) for g, w in zip(got[k], want)]
         out[k + "_finite"] = all(bool(torch.isfinite(g.float()).all()) for g in got[k])
@@ -82,7 +98,7 @@ if mode == "interpret":
     bf16, _ = run_pipeline(export_step(model, "decode"), PassConfig(precision="bf16"))
     with torch.no_grad():
         want = bf16.module()(*inputs)
-        for switch in ("1", "0"):
+        for switch in SWITCHES:
             os.environ["DSV3_TORCH_MLA_TAIL"] = switch
             low, how = lower_dsv3_ops(fuse_mla_tail(bf16, "decode")[0], "cuda", triton_lowerings("decode"))
             out[f"bf16_{switch}_how"] = how["dsv3::mla_attention"]
@@ -91,6 +107,7 @@ if mode == "interpret":
             out[f"bf16_{switch}_tails"] = tails[:]
             out[f"bf16_{switch}_rel_program"] = [rel_err(g, w) for g, w in zip(got[switch], want)]
     out["bf16_rel_switch"] = [rel_err(a, b) for a, b in zip(got["1"], got["0"])]
+    out["bf16_gemmq_equal"] = [torch.equal(a, b) for a, b in zip(got["gemmq"], got["0"])]
 else:
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     for k, ep in lowered.items():
@@ -128,10 +145,18 @@ def test_rewritten_decode_program_matches_in_the_interpreter(seed):
     for switch in ("1", "0"):
         assert max(out[switch + "_rel_program"]) < 0.2, (switch, out[switch + "_rel_program"], seed)
     assert out["1_tails"] == ["q"] * LAYERS and out["0_tails"] == [], (out["1_tails"], out["0_tails"])
+    # gemmq: the same rewrite, W_UV + act_quant in head_gemm_quant; the outputs the very same bits
+    assert out["gemmq_how"].startswith(f"{LAYERS} of {LAYERS} MLA attentions") and "head_gemm_quant" in out["gemmq_how"]
+    assert out["gemmq_ops"] == out["1_ops"], out["gemmq_ops"]
+    assert out["gemmq_tails"] == ["gemmq"] * LAYERS and out["gemmq_finite"], out["gemmq_tails"]
+    assert all(out["gemmq_equal"]), f"gemmq vs separate kernels: {out['gemmq_equal']} (seed {seed})"
     # bf16 engine: one unquantized tail per layer with the switch on
     assert out["bf16_1_tails"] == ["bf16"] * LAYERS and out["bf16_0_tails"] == [], out["bf16_1_tails"]
     assert "kernels/mla_tail.py" in out["bf16_1_how"] and "mla_tail" not in out["bf16_0_how"]
     assert max(out["bf16_rel_switch"]) < 0.04, f"bf16 tail vs separate kernels: {out['bf16_rel_switch']} ({seed})"
+    # gemmq changes nothing in the bf16 engine (its W_UV has no act_quant after it)
+    assert out["bf16_gemmq_tails"] == [] and "mla_tail" not in out["bf16_gemmq_how"], out["bf16_gemmq_tails"]
+    assert all(out["bf16_gemmq_equal"]), out["bf16_gemmq_equal"]
     for switch in ("1", "0"):
         assert max(out[f"bf16_{switch}_rel_program"]) < 0.05, (switch, out[f"bf16_{switch}_rel_program"], seed)
 
@@ -148,6 +173,14 @@ def test_traced_program_launches_the_tail_kernel():
     assert act_quant["0_kernels"] - act_quant["1_kernels"] == LAYERS, act_quant
     before, after = out["1_dims"]
     assert before == after and after >= 2, out["1_dims"]
+    # gemmq: split + reduce as before; W_UV's head_gemm and wo's act_quant become one head_gemm_quant
+    gemmq = out["gemmq_kernels"]
+    assert gemmq.get("_head_gemm_quant_kernel") == LAYERS and "_mla_tail_kernel" not in gemmq, gemmq
+    assert gemmq["_mla_decode_reduce_kernel"] == gemmq["_mla_decode_split_kernel"] == LAYERS, gemmq
+    assert plain["_head_gemm_kernel"] - gemmq["_head_gemm_kernel"] == LAYERS, gemmq
+    assert act_quant["0_kernels"] - act_quant["gemmq_kernels"] == LAYERS, act_quant
+    assert sum(gemmq.values()) == sum(plain.values()) - LAYERS, (gemmq, plain)
+    assert out["gemmq_dims"] == out["1_dims"], out["gemmq_dims"]
 
 
 def test_where_it_does_not_apply(monkeypatch):

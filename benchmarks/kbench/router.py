@@ -1,8 +1,10 @@
-"""Sections `topk` and `gate`: the MoE router's kernels (kernels/topk.py) against torch's chain of
-ops. topk: top-k over the routed + shared experts' scores, the softmax router (router_topk) and the
-gate GEMM + router in one launch (router_topk_gate); gate: the decode batches from CUDA graphs, the
+"""Sections `topk`, `gate` and `router_align`: the MoE router's kernels (kernels/topk.py) against torch's
+chain of ops. topk: top-k over the routed + shared experts' scores, the softmax router (router_topk) and
+the gate GEMM + router in one launch (router_topk_gate); gate: the decode batches from CUDA graphs, the
 split-over-programs form (router_topk_gate_split) against cuBLAS's F.linear + router_topk and the
-one-program form. Ids are checked exactly, except where the reference's logits nearly tie.
+one-program form; router_align: the router and moe_align in one launch (kernels/router_align.py)
+against the two launches, from CUDA graphs. Ids are checked exactly, except where the reference's
+logits nearly tie.
 """
 
 from __future__ import annotations
@@ -165,4 +167,71 @@ def bench_gate(report: Report, sh: Shapes, quick: bool) -> None:
                 rows.append(best)
         rows = [r for r in rows if r]
         finish_group(rows)
+        show(case, rows)
+
+
+ALIGN_GRAPH_M = (1, 8, 64)  # decode batches of the router_align section on the GPU
+ALIGN_BLOCK_M = 16  # engines/torch_triton.py BLOCK_M["decode"]
+
+
+def _align_errors(got: tuple, want: tuple, dtype: torch.dtype) -> int:
+    """Elements of router_align's five outputs off the reference: ids and the alignment exactly,
+    weights within two roundings of dtype (the kernel's exp against torch's; tests/kernels/test_topk.py)."""
+    ulp = torch.finfo(dtype).eps
+    bad = int(((got[0].float() - want[0].float()).abs() > 2 * ulp * want[0].float().abs() + 1e-30).sum())
+    return bad + sum(int((g != w).sum()) if g.shape == w.shape else w.numel() for g, w in zip(got[1:], want[1:]))
+
+
+def bench_router_align(report: Report, sh: Shapes, quick: bool) -> None:
+    """The 16b decode router (64 routed + 2 shared experts, k=6) and moe_align (E=66, block_m 16) as the
+    decode program runs them, from CUDA graphs: router_topk then moe_align (two launches, the default)
+    against router_align (one program: engines/torch_router.py DSV3_TORCH_ROUTER_ALIGN=1). Checked on
+    each graph's own outputs after its timing: ids and alignment exactly the reference's, weights within
+    two bf16 roundings, and router_align bit for bit the two launches' outputs."""
+    from dsv3_export.kernels import moe_align as A
+    from dsv3_export.kernels import router_align as RA
+    from dsv3_export.kernels import topk as kt
+
+    e, k = sh.n_experts + 2, sh.topk
+    route = dict(scale=1.0, n_extra=2, first_extra=sh.n_experts, out_dtype=torch.bfloat16)
+    for m in ALIGN_GRAPH_M if sh.device == "cuda" else sh.decode_m:
+        case = f"router + moe_align M={m} E={sh.n_experts}+2 k={k} block_m={ALIGN_BLOCK_M}"
+        logits = torch.randn(m, sh.n_experts, device=sh.device, dtype=torch.bfloat16)  # [M, E routed]
+        want = RA.router_align_ref(logits, k, e, ALIGN_BLOCK_M, **route)
+        bytes_ = m * sh.n_experts * 2 + m * (k + 2) * (2 + 8)  # logits in; weights, ids out (the floor ignores align)
+
+        def separate():
+            weights, ids = kt.router_topk(logits, k, **route)
+            return (weights, ids, *A.moe_align(ids, e, ALIGN_BLOCK_M))
+
+        def fused():
+            return RA.router_align(logits, k, e, ALIGN_BLOCK_M, **route)
+
+        outs: dict[str, tuple] = {}
+
+        def timed(impl: str, fn, note: str):
+            fn()  # autotune outside the graph
+            if sh.device == "cuda":
+                captured: list = []
+                ms = bench(_graph_of(fn, captured).replay, sh, quick)
+                torch.cuda.synchronize()
+                got = captured[0]
+            else:
+                ms, got = bench(fn, sh, quick), fn()
+            outs[impl] = got
+            wrong = _align_errors(got, want, torch.bfloat16)
+            same = "separate" not in outs or all(torch.equal(a, b) for a, b in zip(got, outs["separate"]))
+            return add(report, Row("router_align", case, note + (" (CUDA graph)" if sh.device == "cuda" else ""), ms,
+                                   error=float(wrong), tol=0.0, ok=wrong == 0 and same,
+                                   note="" if same else "NOT bit-identical to router_topk + moe_align"),
+                       bytes_=bytes_)
+
+        rows = [guarded(report, f"router_align {case} separate",
+                        lambda: timed("separate", separate, "triton router_topk + moe_align, two launches")),
+                guarded(report, f"router_align {case} fused",
+                        lambda: timed("fused", fused, "triton router_align, one launch"))]
+        if all(rows) and rows[1].ms:
+            rows[1].note = (rows[1].note + f" {rows[0].ms / rows[1].ms:.2f}x the two launches; config "
+                            f"{getattr(RA._router_align_tuned, 'best_config', None)}").strip()
+        rows = [r for r in rows if r]
         show(case, rows)

@@ -105,3 +105,23 @@ def test_no_rows():
 def test_bad_inputs_name_the_problem(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_benchmark_section_cpu_smoke(tmp_path, monkeypatch):
+    """benchmarks/kernels.py --only router_align on the CPU (tiny shapes): both rows per batch, checked ok
+    (ids and alignment against the reference, router_align bit for bit the two launches')."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels_router_align", script)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(mod)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert mod.main(["--cpu-smoke", "--only", "router_align"]) == 0
+    rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
+    assert len(rows) == 2 * len(mod.TINY.decode_m) and all(r["section"] == "router_align" and r["ok"] for r in rows)
+    assert sum("router_align, one launch" in r["impl"] for r in rows) == len(mod.TINY.decode_m), rows

@@ -1,6 +1,8 @@
-"""Sections `absorb` and `tail`: MLA decode's projections around the attention kernel.
-  absorb  kernels/mla_absorb.py head_gemm (q_nope @ W_UK, lat @ W_UV per head, one launch on the
-          strided views) against the einsums it replaces
+"""Sections `absorb`, `absorb_q` and `tail`: MLA decode's projections around the attention kernel.
+  absorb    kernels/mla_absorb.py head_gemm (q_nope @ W_UK, lat @ W_UV per head, one launch on the
+            strided views) against the einsums it replaces
+  absorb_q  kernels/mla_absorb.py head_gemm_quant (W_UV with wo's act_quant in its epilogue, one launch)
+            against head_gemm + act_quant, bit for bit (DSV3_TORCH_MLA_TAIL=gemmq)
   tail    kernels/mla_tail.py (merge of the split partials + W_UV + wo's act_quant in one launch)
           against the current path (reduce + head_gemm + act_quant), both after the same split kernel
 On the GPU also (absorb) or only (tail) from CUDA graphs, checked on the graph's own output.
@@ -139,3 +141,80 @@ def bench_tail(report: Report, sh: Shapes, quick: bool) -> None:
                 row.speedup_vs_best_alt = base.ms / row.ms  # against the current path
             rows.append(row)
         show(case, [x for x in rows if x])
+
+
+ABSORB_Q_BATCHES = {"cuda": (1, 8, 64), "cpu": (1, 5)}
+
+
+def bench_absorb_q(report: Report, sh: Shapes, quick: bool) -> None:
+    """W_UV with wo's act_quant (DSV3_TORCH_MLA_TAIL=gemmq): head_gemm_quant (one launch: each head's 128
+    outputs are one 1x128 block) against head_gemm + act_quant, both launched as the engine launches them
+    (autotune key M = DECODE_MAX_M at every batch), from CUDA graphs on the GPU; then each
+    HEAD_GEMM_QUANT_CONFIGS entry pinned. Error: the fraction of fp8 codes and scales whose bits differ
+    from the two launches' (must be 0: the engine's numbers may not move); `bits vs every head_gemm
+    config`: how many of HEAD_GEMM_CONFIGS, pinned in head_gemm, give other bits than the fused kernel
+    (0: the GPU's sums do not depend on the tile, which the fusion's bit-identity relies on)."""
+    import triton
+
+    from dsv3_export.kernels import mla_absorb as ka
+    from dsv3_export.kernels._common import FP8_DTYPE, launch
+    from dsv3_export.kernels.fp8_quant import act_quant
+
+    h, c, dv, dn = sh.n_heads, sh.kv_lora, 128, 128
+    dev = torch.device(sh.device)
+    w_uv = (torch.randn(h * (dn + dv), c, device=dev) * c**-0.5).bfloat16().view(h, dn + dv, c)[:, dn:]  # [h, dv, c]
+    w = w_uv.transpose(1, 2)  # [h, c, dv], K contiguous: the engine's view
+    for m in ABSORB_Q_BATCHES[sh.device]:
+        lat = torch.randn(m, h, c, device=dev).bfloat16()  # mla_decode's output [b, h, c]
+        case = f"W_UV+quant M={m} H={h} K={c} N={dv}"
+        bytes_ = 2 * (h * c * dv + m * h * c) + m * h * (dv + 4)
+
+        def separate(config=None):
+            o = torch.empty((m, h, dv), dtype=torch.bfloat16, device=dev)  # [b, h, dv]
+            launch(*ka.head_gemm_spec(lat, w, o, ka.DECODE_MAX_M), config)
+            return act_quant(o.view(m, h * dv))  # [b, h * dv] -> q, s [b, h]
+
+        def fused(config=None):
+            q = torch.empty((m, h * dv), dtype=FP8_DTYPE, device=dev)
+            s = torch.empty((m, h), dtype=torch.float32, device=dev)
+            launch(*ka.head_gemm_quant_spec(lat, w, q, s, ka.DECODE_MAX_M, lat.is_cuda), config)
+            return q, s
+
+        def differing(got, want) -> float:
+            """The fraction of codes and scales whose bits differ."""
+            bad = (got[0].view(torch.uint8) != want[0].view(torch.uint8)).sum() + (got[1] != want[1]).sum()
+            return bad.item() / (got[0].numel() + got[1].numel())
+
+        # the interpreter's dot (numpy) may sum in another order for another tile: there the same tile
+        first = ka.HEAD_GEMM_QUANT_CONFIGS[0]
+        want = separate(None if sh.device == "cuda" else triton.Config({**first.kwargs, "BLOCK_N": dv}))
+
+        def timed(impl: str, fn, check: bool):
+            out = []
+            graph = sh.device == "cuda"
+            ms = bench(_graph_of(lambda: out.append(fn()) or out[-1]).replay if graph else
+                       (lambda: out.append(fn())), sh, quick)
+            err = differing(out[-1], want) if check else None
+            return add(report, Row("absorb_q", case, impl, ms, error=err, tol=0.0 if check else None,
+                                   ok=None if err is None else err == 0), bytes_=bytes_)
+
+        base = guarded(report, f"absorb_q {case} separate",
+                       lambda: timed("triton head_gemm + act_quant" + (" (CUDA graph)" if sh.device == "cuda" else ""),
+                                     separate, False))
+        rows = [base]
+        configs = [None] + (ka.HEAD_GEMM_QUANT_CONFIGS if sh.device == "cuda" else ka.HEAD_GEMM_QUANT_CONFIGS[:1])
+        for cfg in configs:
+            label = "autotuned" if cfg is None else (
+                "BLOCK_M={BLOCK_M} BLOCK_K={BLOCK_K}".format(**cfg.kwargs) + f" w{cfg.num_warps} s{cfg.num_stages}")
+            row = guarded(report, f"absorb_q {case} {label}",
+                          lambda: timed(f"triton head_gemm_quant {label}", lambda: fused(cfg), True))
+            if row and base and base.ms and row.ms:
+                row.speedup_vs_best_alt = base.ms / row.ms  # against the two launches
+            rows.append(row)
+        if sh.device == "cuda":  # the fused kernel's bits against head_gemm under each of its configs
+            got = fused()
+            off = [f"{cfg.kwargs}" for cfg in ka.HEAD_GEMM_CONFIGS if differing(got, separate(cfg)) > 0]
+            impl = f"bits vs every head_gemm config ({len(ka.HEAD_GEMM_CONFIGS)})"
+            rows.append(add(report, Row("absorb_q", case, impl, error=float(len(off)), tol=0.0, ok=not off,
+                                        note="; ".join(off)[:300])))
+        show(case, [r for r in rows if r])

@@ -17,7 +17,8 @@ The bf16 engine (no fp8 wo to rewrite; the same v128 model): with the switch its
 the unquantized tail (merge + W_UV) instead of reduce + head_gemm: measured identical to the switch off
 (seeds 5, 6), 0.6-1.1% from the unlowered program, bounds 0.04 / 0.05 (test_torch_absorb's).
 DSV3_TORCH_MLA_TAIL=gemmq (the same rewrite; split + reduce, then kernels/mla_absorb.py head_gemm_quant for
-W_UV and wo's act_quant) must not move a bit: its outputs are torch.equal to the switch off's. The
+W_UV and wo's act_quant) must not move a bit: its outputs, and every fp8 GEMM's quantized input (codes and scales: a one-ulp
+scale would hide in the outputs), are torch.equal to the switch off's. The
 interpreter's dot is numpy's matmul, whose summation order may change with the tile shape, so the
 separate head_gemm runs with head_gemm_quant's tile there (BLOCK_N 128, the same BLOCK_M / BLOCK_K).
 The traced form (no interpreter, decomposed as AOTInductor decomposes) is checked for the kernels it
@@ -82,15 +83,28 @@ if mode == "interpret":
     mla_tail.mla_tail_spec = lambda *a: tails.append("q" if a[5] is not None else "bf16") or spec(*a)
     quant_spec = mla_absorb.head_gemm_quant_spec
     mla_absorb.head_gemm_quant_spec = lambda *a: tails.append("gemmq") or quant_spec(*a)
+    # every fp8 GEMM's quantized input (wo's among them), bits: the outputs alone would hide a one-ulp scale
+    from dsv3_export.engines import torch_triton
+    gemm_inputs, fp8_gemm = [], torch_triton._fp8_gemm
+    def recording_fp8_gemm(a, a_s, *rest, **kwargs):
+        if a_s is not None:
+            gemm_inputs.append((a.view(torch.uint8).clone(), a_s.clone()))
+        return fp8_gemm(a, a_s, *rest, **kwargs)
+    torch_triton._fp8_gemm = recording_fp8_gemm
     with torch.no_grad():
         want = program.module()(*inputs)
-        got = {}
+        got, quantized = {}, {}
         for k, v in lowered.items():
             tails.clear()
+            gemm_inputs.clear()
             got[k] = v.module()(*inputs)
             out[k + "_tails"] = tails[:]
+            quantized[k] = gemm_inputs[:]
     out["rel_switch"] = [rel_err(a, b) for a, b in zip(got["1"], got["0"])]
     out["gemmq_equal"] = [torch.equal(a, b) for a, b in zip(got["gemmq"], got["0"])]
+    out["gemmq_fp8_inputs"] = [len(quantized["0"]), len(quantized["gemmq"]),
+                               sum(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                                   for a, b in zip(quantized["gemmq"], quantized["0"]))]
     for k in got:
         out[k + "_rel_program"] = [rel_err(g, w) for g, w in zip(got[k], want)]
         out[k + "_finite"] = all(bool(torch.isfinite(g.float()).all()) for g in got[k])
@@ -150,6 +164,9 @@ def test_rewritten_decode_program_matches_in_the_interpreter(seed):
     assert out["gemmq_ops"] == out["1_ops"], out["gemmq_ops"]
     assert out["gemmq_tails"] == ["gemmq"] * LAYERS and out["gemmq_finite"], out["gemmq_tails"]
     assert all(out["gemmq_equal"]), f"gemmq vs separate kernels: {out['gemmq_equal']} (seed {seed})"
+    # ... and so are the fp8 GEMMs' quantized inputs (codes and scales), wo's included: [count, count, equal]
+    n_gemm = out["gemmq_fp8_inputs"][0]
+    assert n_gemm >= 2 * LAYERS and out["gemmq_fp8_inputs"] == [n_gemm] * 3, (out["gemmq_fp8_inputs"], seed)
     # bf16 engine: one unquantized tail per layer with the switch on
     assert out["bf16_1_tails"] == ["bf16"] * LAYERS and out["bf16_0_tails"] == [], out["bf16_1_tails"]
     assert "kernels/mla_tail.py" in out["bf16_1_how"] and "mla_tail" not in out["bf16_0_how"]

@@ -138,3 +138,22 @@ def test_empty_and_zero_rows():
 def test_bad_inputs_name_the_tensor(x, w, error, match):
     with pytest.raises(error, match=match):
         ka.head_gemm_quant(x, w)
+
+
+def test_benchmark_section_smoke(tmp_path, monkeypatch):
+    """benchmarks/kernels.py --only absorb_q on the CPU: the section runs and its bit checks pass."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels_absorb_q", script)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert bench.main(["--cpu-smoke", "--only", "absorb_q"]) == 0
+    rows = [r for r in json.loads((tmp_path / "kernels.json").read_text())["rows"] if r["section"] == "absorb_q"]
+    checked = [r for r in rows if r["ok"] is not None]
+    assert len(checked) == 2 * 2 and all(r["ok"] and r["error"] == 0 for r in checked), rows  # M 1, 5: tuned, pinned

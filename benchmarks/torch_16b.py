@@ -221,6 +221,7 @@ def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds,
         out["prefill_ms_b1"] = cuda_ms(lambda: step(tokens, start, cache), iters=3, warmup=1)
     out["decode_uses_cuda_graph"] = step._graphs is not None and not step._graphs.failed
     out["decode_b1_kernels"] = guarded_dict(lambda: decode_kernel_profile(direct, model, prompt_len))
+    out["decode_b1_graph_timeline"] = guarded_dict(lambda: decode_graph_timeline(step, model, prompt_len))
     return out
 
 
@@ -251,6 +252,62 @@ def decode_kernel_profile(step: Callable, model, context: int, steps: int = 4, t
             "busy_ms_per_step": round(sum(r[0] for r in rows) / 1e3, 3),
             "top": [{"us_per_step": round(us, 1), "calls_per_step": round(n, 2), "name": name[:160]}
                     for us, n, name in rows[:top]]}
+
+
+def kernel_gaps(kernels: list[tuple[str, float, float]], steps: int, top: int = 12) -> dict[str, Any]:
+    """Where a replayed decode step's time goes between its kernels: kernels are (name, start_us, end_us)
+    of `steps` equal steps in time order (one stream). Why: the CUDA-graph step took 0.43-0.70 ms more
+    than its kernels' summed time (session 8); spread evenly over ~700 launches that is the graph's
+    launch gap, in a few places it is something else (a memset node, a cuBLAS workspace, a host wait)."""
+    kernels = sorted(kernels, key=lambda k: k[1])
+    if steps < 1 or not kernels or len(kernels) % steps:
+        raise ValueError(f"kernel_gaps: {len(kernels)} kernels do not split into {steps} equal steps")
+    per = len(kernels) // steps
+    spans, busy, gaps = [], [], []  # gaps: (us, previous kernel, next kernel)
+    for s in range(steps):
+        run = kernels[s * per:(s + 1) * per]
+        spans.append(max(k[2] for k in run) - run[0][1])
+        busy.append(sum(k[2] - k[1] for k in run))
+        gaps += [(max(0.0, b[1] - a[2]), a[0], b[0]) for a, b in zip(run, run[1:])]
+    values = sorted(g[0] for g in gaps)
+    by_next: dict[str, list[float]] = {}
+    for us, _, nxt in gaps:
+        by_next.setdefault(nxt[:80], []).append(us)
+    worst_next = sorted(by_next.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {"kernels_per_step": per, "span_us": round(sum(spans) / steps, 1), "busy_us": round(sum(busy) / steps, 1),
+            "idle_us": round(sum(values) / steps, 1),
+            "gap_us_median": round(values[len(values) // 2], 2) if values else 0.0,
+            "gap_us_p90": round(values[int(len(values) * 0.9)], 2) if values else 0.0,
+            "gap_us_max": round(values[-1], 2) if values else 0.0,
+            "gaps_over_5us_per_step": round(sum(v > 5 for v in values) / steps, 1),
+            "idle_us_in_gaps_over_5us": round(sum(v for v in values if v > 5) / steps, 1),
+            "idle_before": [{"next": name, "us_per_step": round(sum(v) / steps, 1), "gaps_per_step": len(v) // steps,
+                             "max_us": round(max(v), 2)} for name, v in worst_next],
+            "longest": [{"us": round(us, 2), "after": a[:80], "before": b[:80]}
+                        for us, a, b in sorted(gaps, reverse=True)[:top]]}
+
+
+def decode_graph_timeline(step: Callable, model, context: int, steps: int = 3) -> dict[str, Any]:
+    """kernel_gaps of batch-1 decode steps replayed from the CUDA graph (torch.profiler's device events:
+    kernels, memsets and copies; CUPTI records a graph's kernels one by one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if DEVICE != "cuda":
+        return {"skipped": "no GPU (the timeline is of CUDA-graph replays)"}
+    a = model.args
+    cache = torch.randn(1, a.n_layers, context + 1, a.latent_cache_width, device=DEVICE).to(model.dtype)
+    tokens = torch.zeros(1, 1, dtype=torch.int64, device=DEVICE)
+    pos = torch.full((1,), context, dtype=torch.int64, device=DEVICE)
+    for _ in range(2):  # captured and warm
+        step(tokens, pos, cache)
+    sync()
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step(tokens, pos, cache)
+            sync()
+    device = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+              if e.device_type == torch.autograd.DeviceType.CUDA]
+    return kernel_gaps(device, steps)
 
 
 def guarded_dict(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -425,6 +482,16 @@ def _engine_notes(label: str, eng: dict[str, Any]) -> list[str]:
         lines.append(f"{label}: batch-1 decode step, {prof['what']}: {prof['launches_per_step']} per step, "
                      f"{prof['busy_ms_per_step']} ms busy; most time:")
         lines += [f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:<6} {r['name'][:90]}" for r in prof["top"][:12]]
+    tl = eng.get("decode_b1_graph_timeline") or {}
+    if "span_us" in tl:
+        lines.append(f"{label}: batch-1 CUDA-graph replay: {tl['kernels_per_step']} device events, span {tl['span_us']} us, "
+                     f"busy {tl['busy_us']}, idle {tl['idle_us']} (gap median {tl['gap_us_median']} us, p90 "
+                     f"{tl['gap_us_p90']}, max {tl['gap_us_max']}; {tl['gaps_over_5us_per_step']} gaps > 5 us holding "
+                     f"{tl['idle_us_in_gaps_over_5us']} us); idle before:")
+        lines += [f"  {r['us_per_step']:9.1f} us  x{r['gaps_per_step']:<4} max {r['max_us']:6.2f}  {r['next'][:80]}"
+                  for r in tl["idle_before"][:8]]
+    elif tl:
+        lines.append(f"{label}: graph timeline: {tl}")
     return lines
 
 

@@ -31,6 +31,7 @@ def test_cpu_smoke_decode_only_profile_run(tmp_path):
     assert engine["decode_logits_rel_err_vs_eager_step"] < 0.1, engine  # fp8 W8A8 vs the weight-only step
     assert "generate_tokens" not in engine  # needs the prefill program, not built here
     assert engine["decode_b1_kernels"]["launches_per_step"] > 0, engine["decode_b1_kernels"]
+    assert "skipped" in engine["decode_b1_graph_timeline"], engine["decode_b1_graph_timeline"]  # needs a GPU
     assert 0 < fp8["floor"]["decode_ms_b1"] <= fp8["floor"]["decode_ms_b2"]  # rounded to 1 us: tiny may tie
     assert "| fp8 | engine |" in done.stdout
     assert "fuse_shared_experts" not in engine["decode_passes"], engine["decode_passes"]
@@ -57,3 +58,30 @@ def test_unknown_skipped_pass_is_a_usage_error(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--skip-passes", "fuse_everything",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 2 and "fuse_everything" in done.stderr, done.stderr[-2000:]
+
+
+def _load_script(monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # the script imports its neighbours (_floor, _report)
+    spec = importlib.util.spec_from_file_location("torch_16b_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kernel_gaps_splits_steps_and_ranks_the_idle_time(monkeypatch):
+    """Two steps of three kernels (us): the gaps, the idle total per step and what waited longest."""
+    kernel_gaps = _load_script(monkeypatch).kernel_gaps
+    step = [("a", 0.0, 10.0), ("b", 11.0, 12.0), ("c", 20.0, 25.0)]  # gaps 1 (before b) and 8 (before c)
+    later = [(n, s + 100, e + 100) for n, s, e in [("a", 0.0, 10.0), ("b", 12.0, 13.0), ("c", 13.5, 30.0)]]  # 2, 0.5
+    got = kernel_gaps(list(reversed(step + later)), steps=2)  # any order in
+    assert got["kernels_per_step"] == 3
+    assert got["span_us"] == pytest.approx((25 + 30) / 2, abs=0.051)  # rounded to 0.1 us
+    assert got["busy_us"] == pytest.approx((16 + 27.5) / 2, abs=0.051)
+    assert got["idle_us"] == pytest.approx((1 + 8 + 2 + 0.5) / 2, abs=0.051)
+    assert got["gaps_over_5us_per_step"] == 0.5 and got["idle_us_in_gaps_over_5us"] == 4.0
+    assert got["gap_us_max"] == 8.0 and got["longest"][0] == {"us": 8.0, "after": "b", "before": "c"}
+    assert [r["next"] for r in got["idle_before"]] == ["c", "b"] and got["idle_before"][0]["us_per_step"] == pytest.approx(4.25, abs=0.051)
+    with pytest.raises(ValueError, match="do not split into 2 equal steps"):
+        kernel_gaps(step + later[:2], steps=2)

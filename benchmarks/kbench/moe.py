@@ -5,6 +5,8 @@
   moe_cfg   each grouped-GEMM config (GROUPED_GEMM_CONFIGS + MOE_CFG_CANDIDATES) on the fp8 MoE's two
             GEMMs at decode sizes, from CUDA graphs: which tile the decode program should tune to
   moe_scan  the fp8 decode MoE without moe_align (grouped_gemm_scan) against moe_align + grouped_gemm
+  moe_qh    the fp8 decode MoE's up GEMM writing h quantized (quant_out) against up GEMM + act_quant(h),
+            alone and in the whole MoE, both routing forms, from CUDA graphs
 """
 
 from __future__ import annotations
@@ -299,4 +301,94 @@ def bench_moe_scan(report: Report, sh: Shapes, quick: bool) -> None:
                            bytes_=nbytes)
 
             rows.append(guarded(report, f"moe_scan {case} {impl}", one))
+        show(case, [r for r in rows if r])
+
+
+# Batch sizes of the moe_qh section on the GPU (the CPU smoke test uses Shapes.decode_m).
+MOE_QH_T = (1, 8, 64)
+
+
+def bench_moe_qh(report: Report, sh: Shapes, quick: bool) -> None:
+    """The 16b fp8 decode MoE (E = 64 + 2 shared, k = 6 + 2) from CUDA graphs: the up GEMM (SwiGLU) +
+    act_quant(h), as the decode program runs it, against the up GEMM that writes h quantized
+    (quant_out; DSV3_TORCH_MOE_QUANT_H=1), and the whole MoE (routing + up + [act_quant] + down)
+    both ways, aligned (moe_align) and scan routing. Correct when hq's bits and hs equal: under one
+    pinned config (the kernel's contract) and as each form autotunes (the unfused GEMM may pick
+    BLOCK_N != 128: equal only if the dots' sums do not depend on the tile width, which decides
+    whether the engine's numbers stay put); the MoE outputs must be equal too."""
+    from dsv3_export.kernels import fp8_quant as Q
+    from dsv3_export.kernels import moe as M
+
+    torch.manual_seed(0)
+    d, i = sh.dim, sh.moe_inter
+    e, k = sh.n_experts + 2, sh.topk + 2  # fuse_shared_experts: 2 shared experts every token takes
+    w13, w13s = _quantized_experts(torch.randn(e, 2 * i, d, device=sh.device) / d**0.5)
+    w2, w2s = _quantized_experts(torch.randn(e, d, i, device=sh.device) / i**0.5)
+    pinned = M.QUANT_OUT_CONFIGS[0]
+    for t in MOE_QH_T if sh.device == "cuda" else sh.decode_m:
+        x = torch.randn(t, d, device=sh.device, dtype=torch.bfloat16)
+        routed = torch.randn(t, sh.n_experts, device=sh.device).topk(sh.topk, dim=-1)[1]
+        shared = torch.arange(sh.n_experts, e, device=sh.device).expand(t, -1)
+        ids = torch.cat([routed, shared], 1)  # [T, k]
+        tw = torch.rand(t, k, device=sh.device)
+        xq, xs = Q.act_quant(x)
+        active = int(torch.unique(ids).numel())
+        up_kw = dict(a_scale=xs, w_scale=w13s, fuse_swiglu=True)
+        aligned = M.moe_align(ids, e, 16)
+
+        def up(form, quant_h, config=None):
+            if form == "scan":
+                gemm = lambda **kw: M.grouped_gemm_scan(xq, w13, ids, k, **up_kw, **kw)  # noqa: E731
+            else:
+                gemm = lambda **kw: M.grouped_gemm(xq, w13, *aligned, k, **up_kw, **kw)  # noqa: E731
+            if quant_h:
+                return gemm(quant_out=True, config=config)  # (hq [T*k, I], hs [T*k, ceil(I/128)])
+            return Q.act_quant(gemm(config=config))
+
+        def moe(form, quant_h):
+            if form == "scan":
+                hq, hs = up("scan", quant_h)
+                return M.grouped_gemm_scan(hq, w2, ids, 1, a_scale=hs, w_scale=w2s, topk_weights=tw)
+            routing = M.moe_align(ids, e, 16)  # the alignment is part of the aligned MoE
+            gemm = lambda **kw: M.grouped_gemm(xq, w13, *routing, k, **up_kw, **kw)  # noqa: E731
+            hq, hs = gemm(quant_out=True) if quant_h else Q.act_quant(gemm())
+            return M.grouped_gemm(hq, w2, *routing, 1, a_scale=hs, w_scale=w2s, topk_weights=tw)
+
+        def same(a, b):
+            return torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8)) and torch.equal(a[1], b[1])
+
+        def run(fn):
+            return bench(_graph_of(fn).replay if sh.device == "cuda" else fn, sh, quick)
+
+        for form in ("aligned", "scan"):
+            case = f"up+SwiGLU {form} T={t} E={e} k={k} D={d} I={i}"
+            pinned_ok = same(up(form, True, pinned), up(form, False, pinned))
+            tuned_ok = same(up(form, True), up(form, False))
+            check = (f"hq, hs = act_quant(h) bit for bit: pinned {'yes' if pinned_ok else 'NO'}, "
+                     f"autotuned {'yes' if tuned_ok else 'NO'}")
+            rows = [guarded(report, f"moe_qh {case} {impl}", lambda impl=impl, quant_h=quant_h, note=note: add(
+                report, Row("moe_qh", case, impl, run(lambda: up(form, quant_h)), ok=pinned_ok and tuned_ok,
+                            note=f"{note}; {active} experts active, floor = their fp8 w13; {check}"),
+                bytes_=active * 2 * i * d))
+                for impl, quant_h, note in (("triton up GEMM + act_quant(h)", False, "the decode program now"),
+                                            ("triton up GEMM writing h quantized", True, "DSV3_TORCH_MOE_QUANT_H=1"))]
+            show(case, [r for r in rows if r])
+
+        case = f"whole MoE T={t} E={e} k={k} D={d} I={i}"
+        rows = []
+        for form in ("aligned", "scan"):
+            want = moe(form, False)  # the switch's contract: the same routing form's output, bit for bit
+            for quant_h in (False, True):
+                impl = (f"triton {'moe_align' if form == 'aligned' else 'scan'} MoE, "
+                        + ("h quantized by the up GEMM" if quant_h else "act_quant(h)"))
+
+                def one(form=form, quant_h=quant_h, impl=impl, want=want):
+                    equal = torch.equal(moe(form, quant_h), want)
+                    return add(report, Row("moe_qh", case, impl, run(lambda: moe(form, quant_h)), ok=equal,
+                                           note=f"{active} experts active, floor = their fp8 weights; "
+                                           + ("= the act_quant form bit for bit" if equal else
+                                              "DIFFERS from the act_quant form")),
+                               bytes_=active * 3 * i * d)
+
+                rows.append(guarded(report, f"moe_qh {case} {impl}", one))
         show(case, [r for r in rows if r])

@@ -15,7 +15,11 @@ as moe_align's own sentinel fill relies on); then moe_align.py's align_ids on th
 flat: sorted_token_ids int32 [n_blocks * block_m], expert_ids int32 [n_blocks], num_tokens_post_pad
 int32 [1], n_blocks = cdiv(T * (k + n_extra) + E * (block_m - 1), block_m) (moe_align's sizes; E is
 every expert of the grouped GEMMs, the shared ones included). Every output equals router_topk's and
-moe_align's bit for bit: the same helpers on the same values.
+moe_align's bit for bit: the same helpers on the same values, the alignment in exact integer
+arithmetic, and the one floating-point sum (the softmax's denominator) reduced in router_topk's order
+for the router_topk config of the same tile (ROUTER_TWINS; the autotuners of the two kernels choose
+their configs independently, and router_topk's own 16-row config sums in another order than its
+1- and 4-row ones: at most one fp32 rounding of that sum apart, then mostly the same bf16 weight).
 
 One program serializes the rows: at decode batches (T <= 64, 1-16 row chunks) that is a few
 microseconds of work against a launch saved; prefill keeps the two launches (engines/torch_router.py).
@@ -30,15 +34,22 @@ import triton.language as tl
 from dsv3_export.kernels._common import LaunchSpec, autotune_or_single, check_tensor, launch, next_pow2
 from dsv3_export.kernels.moe_align import MAX_ALIGN_EXPERTS, align_blocks, align_ids, align_meta, align_outputs, \
     check_align, moe_align_ref
-from dsv3_export.kernels.topk import DTYPES, _route, router_topk_ref, rows_unfit
+from dsv3_export.kernels.topk import DTYPES, TOPK_CONFIGS, _route, router_topk_ref, rows_unfit
 
-# Decode batches first (the interpreter runs the first): rows per routing step of the one program.
+# Rows per routing step of the one program. Only configs whose routing tile [BLOCK_ROWS, BLOCK_N] gets
+# the layout of one of router_topk's (kernels/topk.py TOPK_CONFIGS; the same BLOCK_ROWS and num_warps):
+# the softmax's sum over a row is then reduced in the same order (in-thread, then the same lane
+# shuffles), so the weights are router_topk's bits, not one fp32 rounding of the sum away. Measured
+# in the sm_90 TTGIR at N=64 (tests/kernels/test_router_align.py): 4 rows / 4 warps and router_topk's
+# 1 row / 1 warp and 4 / 4 all give each row [2 per thread x 32 lanes] on one warp; 16 / 4 gives
+# [8 x 8 lanes]; a 1-row / 4-warp or 8-warp tile would split the row otherwise (other sums).
+# Decode batches first (the interpreter runs the first).
 ROUTER_ALIGN_CONFIGS = [
-    triton.Config({"BLOCK_ROWS": 1}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_ROWS": 4}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_ROWS": 16}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_ROWS": 16}, num_warps=8, num_stages=1),
 ]
+# router_topk's config with the same routing tile as each of ROUTER_ALIGN_CONFIGS (tests, benchmark)
+ROUTER_TWINS = [TOPK_CONFIGS[1], TOPK_CONFIGS[2]]
 
 
 @triton.jit

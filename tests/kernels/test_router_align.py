@@ -25,9 +25,9 @@ def _logits(t: int, n: int, dtype: torch.dtype) -> torch.Tensor:
     return (torch.randn(t, n) * 2).to(dtype)  # [T, N]
 
 
-def _separate(logits, k, e, block_m, route):
-    """The two launches router_align replaces."""
-    weights, ids = K.router_topk(logits, k, **route)
+def _separate(logits, k, e, block_m, route, config=None):
+    """The two launches router_align replaces (router_topk with `config`)."""
+    weights, ids = K.router_topk(logits, k, config=config, **route)
     return (weights, ids, *A.moe_align(ids, e, block_m))
 
 
@@ -38,14 +38,14 @@ def _assert_same(got, want):
                                      and torch.equal(g.nan_to_num(), w.nan_to_num())), name
 
 
-@pytest.mark.parametrize("config", R.ROUTER_ALIGN_CONFIGS, ids=str)
+@pytest.mark.parametrize("config, twin", list(zip(R.ROUTER_ALIGN_CONFIGS, R.ROUTER_TWINS)), ids=str)
 @pytest.mark.parametrize("t, n, k, n_extra, e, block_m", CASES)
-def test_equals_router_topk_then_moe_align(seed, config, t, n, k, n_extra, e, block_m):
+def test_equals_router_topk_then_moe_align(seed, config, twin, t, n, k, n_extra, e, block_m):
     torch.manual_seed(seed)
     logits = _logits(t, n, torch.bfloat16)
     route = dict(scale=2.5, n_extra=n_extra, first_extra=n, out_dtype=torch.bfloat16)
     got = R.router_align(logits, k, e, block_m, config=config, **route)
-    _assert_same(got, _separate(logits, k, e, block_m, route))
+    _assert_same(got, _separate(logits, k, e, block_m, route, twin))
     weights, ids, sorted_ids, expert_ids, npp = got
     assert ids.shape == (t, k + n_extra) and sorted_ids.shape == (A.align_blocks(ids.numel(), e, block_m) * block_m,)
     assert int(npp) % block_m == 0 and (expert_ids[: int(npp) // block_m] >= 0).all()
@@ -125,3 +125,53 @@ def test_benchmark_section_cpu_smoke(tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
     assert len(rows) == 2 * len(mod.TINY.decode_m) and all(r["section"] == "router_align" and r["ok"] for r in rows)
     assert sum("router_align, one launch" in r["impl"] for r in rows) == len(mod.TINY.decode_m), rows
+
+
+_LAYOUT_SCRIPT = r"""
+import json, re, triton
+from triton.compiler import ASTSource
+import tests.kernels._sm90_compile as C
+from dsv3_export.kernels import moe_align, router_align, topk
+
+def layout(kernel, cfg, pointers, constexprs):
+    consts = {**constexprs, **cfg.kwargs}
+    src = ASTSource(fn=kernel, signature=C._signature(kernel, pointers, consts), constexprs=consts,
+                    attrs=C._attrs(kernel, pointers))
+    ttgir = triton.compile(src, target=C.TARGET, options=dict(num_warps=cfg.num_warps,
+                                                              num_stages=cfg.num_stages)).asm["ttgir"]
+    layouts = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<.*>)$", ttgir, re.M))
+    rows = cfg.kwargs["BLOCK_ROWS"]
+    return sorted({layouts[m] for m in re.findall(rf"tensor<{rows}x64xf32, (#\w+)>", ttgir)})
+
+bf, out = "*bf16", []
+route = dict(TOPK=6, N_EXTRA=2, BLOCK_N=64)
+for cfg, twin in zip(router_align.ROUTER_ALIGN_CONFIGS, router_align.ROUTER_TWINS):
+    out.append([layout(router_align._router_align_kernel, cfg,
+                       dict(logits_ptr=bf, w_ptr=bf, idx_ptr="*i64", sorted_ids_ptr="*i32", expert_ids_ptr="*i32",
+                            npp_ptr="*i32"), dict(route, **moe_align.align_meta(66, 16))),
+                layout(topk._router_kernel, twin, dict(logits_ptr=bf, w_ptr=bf, idx_ptr="*i64"), route)])
+one_row = layout(topk._router_kernel, topk.TOPK_CONFIGS[0], dict(logits_ptr=bf, w_ptr=bf, idx_ptr="*i64"), route)
+print(json.dumps(dict(pairs=out, one_row=one_row)))
+"""
+
+
+def test_routing_tiles_have_router_topks_layout():
+    """Compiled for sm_90 (no GPU needed; no interpreter: a subprocess): at the 16b's 64 routed experts
+    each config's fp32 routing tile [BLOCK_ROWS, 64] has exactly the blocked layout of its twin
+    router_topk config, so the softmax's sum runs in the same order (the GPU's bits, not just the
+    interpreter's); router_topk's 1-row config splits a row the same way (2 per thread x 32 lanes)."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _LAYOUT_SCRIPT], check=False, capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    for fused, twin in out["pairs"]:
+        assert len(fused) == 1 and fused == twin, (fused, twin)
+    row = re.compile(r"sizePerThread = \[\d+, (\d+)\], threadsPerWarp = \[\d+, (\d+)\], warpsPerCTA = \[\d+, (\d+)\]")
+    assert row.search(out["one_row"][0]).groups() == row.search(out["pairs"][0][0][0]).groups() == ("2", "32", "1")

@@ -213,3 +213,26 @@ def test_lowering_passes_the_switch_to_the_op(seed, monkeypatch):
         monkeypatch.setenv(TT.MOE_QUANT_H_ENV, "invalid")  # read at lowering time only
         lower(x.bfloat16(), rw, ids, w13, w13, w13, w13, True)
         assert seen.pop() == want, (value, kind)
+
+
+def test_fused_norm_form_of_the_moe_takes_quant_h(seed, monkeypatch):
+    """dsv3_aoti::moe_experts_fp8_q (the MoE of the fused RMSNorm + act_quant rewrite, x already
+    quantized) with quant_h: one GEMM launch writes hq, hs (no act_quant at all) and the output equals
+    quant_h=False's bit for bit."""
+    from dsv3_export.engines import torch_norm_quant as NQ
+    from dsv3_export.engines import torch_triton as TT
+
+    monkeypatch.setenv(TT.MOE_ALIGN_ENV, "kernel")
+    x, w13, ids, rw = _case(seed, 3, 200)
+    d = x.shape[1]
+    (w13q, w13s), (w2q, w2s) = _quantize(w13), _quantize(torch.randn(w13.shape[0], d, 200) / 200**0.5)
+    xq, xs = Q.act_quant(x.bfloat16())
+    args = (xq, xs, rw.bfloat16(), ids, w13q, w13s, w2q, w2s, TT.BLOCK_M["decode"], torch.bfloat16)
+    grids = _recorded_grids(monkeypatch, TT, "_launch")
+    base = NQ.moe_experts_fp8_q(*args, False)
+    assert [name for name, _ in grids] == ["_grouped_gemm_kernel", "_act_quant_ieee_kernel", "_grouped_gemm_kernel"]
+    grids.clear()
+    got = NQ.moe_experts_fp8_q(*args, True)
+    assert [name for name, _ in grids] == ["_grouped_gemm_kernel", "_grouped_gemm_kernel"], grids
+    assert_finite("moe_experts_fp8_q quant_h", got)
+    assert torch.equal(got, base), f"{int((got != base).sum())} of {got.numel()} outputs differ"

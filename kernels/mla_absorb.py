@@ -36,7 +36,7 @@ GPU (tl.dot accumulating k-step after k-step into acc) the sums, hence q and s, 
 two launches'. The interpreter's dot (numpy matmul) may sum in another order for another tile shape:
 compare there against head_gemm run with the same BLOCK_M/BLOCK_K and BLOCK_N = 128. sm_90 (ptxas, unit K
 strides specialized): every config a cp.async pipeline into mma.sync (16/32 rows) or wgmma (64 rows),
-58-128 registers, no spills, 55-110 KB of shared memory (18 KB, unpipelined, if the K strides are not 1).
+56-128 registers, no spills, 55-147 KB of shared memory (18 KB, unpipelined, if the K strides are not 1).
 
 Autotune key: M_BUCKET (a power of 2, a runtime argument only to key the tuner, as in fp8_gemm.py),
 never M itself: M is symbolic when a program is traced, and the key must not specialize it.
@@ -86,9 +86,11 @@ QUANT_N = tl.constexpr(QUANT_BLOCK)
 HEAD_GEMM_QUANT_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 16, "BLOCK_K": 64}, num_warps=4, num_stages=6),
+    triton.Config({"BLOCK_M": 16, "BLOCK_K": 64}, num_warps=4, num_stages=8),  # all of K = 512 in flight
     triton.Config({"BLOCK_M": 16, "BLOCK_K": 64}, num_warps=8, num_stages=5),
     triton.Config({"BLOCK_M": 16, "BLOCK_K": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 16, "BLOCK_K": 128}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_K": 128}, num_warps=8, num_stages=5),  # all of K = 512 in flight
     triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),

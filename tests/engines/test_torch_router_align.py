@@ -36,6 +36,7 @@ from dsv3_export.engines import torch_triton as tt
 from dsv3_export.engines.torch_lower import lower_dsv3_ops
 from dsv3_export.engines.torch_router import fuse_router
 from dsv3_export.export import export_step
+from dsv3_export.kernels import fp8_quant as kq
 from dsv3_export.kernels import moe as km
 from dsv3_export.kernels import router_align as kra
 from dsv3_export.kernels import topk as kt
@@ -45,7 +46,7 @@ from dsv3_export.reference import ModelArgs, Transformer
 from tests.passes.tiny_programs import step_inputs
 
 launches = []
-for mod, name in ((kra, "router_align_spec"), (kt, "router_spec")):
+for mod, name in ((kra, "router_align_spec"), (kt, "router_spec"), (kq, "act_quant_spec")):
     real = getattr(mod, name)
     setattr(mod, name, lambda *a, _real=real, _name=name, **kw: launches.append(_name) or _real(*a, **kw))
 align = km.moe_align
@@ -126,10 +127,15 @@ def test_rewritten_decode_program_equals_the_unrewritten_one_in_the_interpreter(
         assert out[on + "_ops"].count(aligned) == LAYERS and "dsv3_aoti.router_topk.default" not in out[on + "_ops"]
         assert not [o for o in out[on + "_ops"] if o.startswith("dsv3.moe_experts")], out[on + "_ops"]
         assert out[off + "_ops"].count("dsv3_aoti.router_topk.default") == LAYERS, out[off + "_ops"]
-        assert out[on + "_launches"] == {"router_align_spec": LAYERS}, out[on + "_launches"]
-        assert out[off + "_launches"] == {"router_spec": LAYERS, "moe_align": LAYERS}, out[off + "_launches"]
+        on_launches, off_launches = dict(out[on + "_launches"]), dict(out[off + "_launches"])
+        act_quant = on_launches.pop("act_quant_spec", 0)
+        assert act_quant == off_launches.pop("act_quant_spec", 0), (out[on + "_launches"], key)
+        assert on_launches == {"router_align_spec": LAYERS}, on_launches
+        assert off_launches == {"router_spec": LAYERS, "moe_align": LAYERS}, off_launches
         assert out[on + "_finite"] and out[off + "_finite"]
         assert out[key + "_equal"], f"{key}: the switch changed the engine's outputs (seed {seed})"
+    if "fp8_qh" in keys:  # MOE_QUANT_H passed through: no act_quant of h in either form
+        assert out["fp8_1_launches"]["act_quant_spec"] - out["fp8_qh_1_launches"]["act_quant_spec"] == LAYERS, out
 
 
 @pytest.mark.slow  # ~40 s: 4 lowerings decomposed as AOTInductor decomposes them

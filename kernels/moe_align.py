@@ -8,6 +8,8 @@
       n_blocks = ceil((T*k + E*(block_m-1)) / block_m) is the worst case, so every size is a
       function of T, k, E only: no .item(), graph-capturable, exportable.
 One single-program Triton kernel, and moe_align_ref, the same in ATen ops (oracle and a traced form).
+The kernel's body is the @triton.jit helper align_ids, which kernels/router_align.py also runs after
+routing the rows in the same program (router + alignment in one launch).
 """
 
 from __future__ import annotations

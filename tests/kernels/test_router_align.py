@@ -46,7 +46,7 @@ def test_equals_router_topk_then_moe_align(seed, config, twin, t, n, k, n_extra,
     route = dict(scale=2.5, n_extra=n_extra, first_extra=n, out_dtype=torch.bfloat16)
     got = R.router_align(logits, k, e, block_m, config=config, **route)
     _assert_same(got, _separate(logits, k, e, block_m, route, twin))
-    weights, ids, sorted_ids, expert_ids, npp = got
+    _, ids, sorted_ids, expert_ids, npp = got
     assert ids.shape == (t, k + n_extra) and sorted_ids.shape == (A.align_blocks(ids.numel(), e, block_m) * block_m,)
     assert int(npp) % block_m == 0 and (expert_ids[: int(npp) // block_m] >= 0).all()
 

@@ -151,8 +151,8 @@ def bench_absorb_q(report: Report, sh: Shapes, quick: bool) -> None:
     outputs are one 1x128 block) against head_gemm + act_quant, both launched as the engine launches them
     (autotune key M = DECODE_MAX_M at every batch), from CUDA graphs on the GPU; then each
     HEAD_GEMM_QUANT_CONFIGS entry pinned. Error: the fraction of fp8 codes and scales whose bits differ
-    from the two launches' (must be 0: the engine's numbers may not move); `bits vs every head_gemm
-    config`: how many of HEAD_GEMM_CONFIGS, pinned in head_gemm, give other bits than the fused kernel
+    from the two launches' (must be 0: the engine's numbers may not move); `bits vs N head_gemm
+    configs`: how many of HEAD_GEMM_CONFIGS, pinned in head_gemm, give other bits than the fused kernel
     (0: the GPU's sums do not depend on the tile, which the fusion's bit-identity relies on)."""
     import triton
 
@@ -199,22 +199,21 @@ def bench_absorb_q(report: Report, sh: Shapes, quick: bool) -> None:
                                    ok=None if err is None else err == 0), bytes_=bytes_)
 
         base = guarded(report, f"absorb_q {case} separate",
-                       lambda: timed("triton head_gemm + act_quant" + (" (CUDA graph)" if sh.device == "cuda" else ""),
-                                     separate, False))
+                       lambda: timed("triton head_gemm + act_quant", separate, False))
         rows = [base]
         configs = [None] + (ka.HEAD_GEMM_QUANT_CONFIGS if sh.device == "cuda" else ka.HEAD_GEMM_QUANT_CONFIGS[:1])
         for cfg in configs:
-            label = "autotuned" if cfg is None else (
-                "BLOCK_M={BLOCK_M} BLOCK_K={BLOCK_K}".format(**cfg.kwargs) + f" w{cfg.num_warps} s{cfg.num_stages}")
+            label = "autotuned" if cfg is None else (  # BLOCK_M x BLOCK_K, warps, stages (the table keeps 34 chars)
+                "{BLOCK_M}x{BLOCK_K}".format(**cfg.kwargs) + f" w{cfg.num_warps}s{cfg.num_stages}")
             row = guarded(report, f"absorb_q {case} {label}",
-                          lambda: timed(f"triton head_gemm_quant {label}", lambda: fused(cfg), True))
+                          lambda: timed(f"triton gemm_quant {label}", lambda: fused(cfg), True))
             if row and base and base.ms and row.ms:
                 row.speedup_vs_best_alt = base.ms / row.ms  # against the two launches
             rows.append(row)
         if sh.device == "cuda":  # the fused kernel's bits against head_gemm under each of its configs
             got = fused()
             off = [f"{cfg.kwargs}" for cfg in ka.HEAD_GEMM_CONFIGS if differing(got, separate(cfg)) > 0]
-            impl = f"bits vs every head_gemm config ({len(ka.HEAD_GEMM_CONFIGS)})"
+            impl = f"bits vs {len(ka.HEAD_GEMM_CONFIGS)} head_gemm configs"
             rows.append(add(report, Row("absorb_q", case, impl, error=float(len(off)), tol=0.0, ok=not off,
                                         note="; ".join(off)[:300])))
         show(case, [r for r in rows if r])

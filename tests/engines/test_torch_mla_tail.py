@@ -17,8 +17,8 @@ The bf16 engine (no fp8 wo to rewrite; the same v128 model): with the switch its
 the unquantized tail (merge + W_UV) instead of reduce + head_gemm: measured identical to the switch off
 (seeds 5, 6), 0.6-1.1% from the unlowered program, bounds 0.04 / 0.05 (test_torch_absorb's).
 DSV3_TORCH_MLA_TAIL=gemmq (the same rewrite; split + reduce, then kernels/mla_absorb.py head_gemm_quant for
-W_UV and wo's act_quant) must not move a bit: its outputs, and every fp8 GEMM's quantized input (codes and scales: a one-ulp
-scale would hide in the outputs), are torch.equal to the switch off's. The
+W_UV and wo's act_quant) must not move a bit: its outputs, and every fp8 GEMM's quantized input (codes
+and scales: a one-ulp scale would hide in the outputs), are torch.equal to the switch off's. The
 interpreter's dot is numpy's matmul, whose summation order may change with the tile shape, so the
 separate head_gemm runs with head_gemm_quant's tile there (BLOCK_N 128, the same BLOCK_M / BLOCK_K).
 The traced form (no interpreter, decomposed as AOTInductor decomposes) is checked for the kernels it

@@ -13,22 +13,23 @@ Shapes: T tokens, k = top-k, E experts, D model dim, I expert inter dim.
       block); W8A8 with a in bf16/fp16, quantized 1x128 in registers with act_quant's arithmetic
       (quant_a: the same bits as act_quant + the fp8 GEMM, one launch less; each program
       re-quantizes its A tiles; opt-in, 2x slower than act_quant + GEMM on the H200 at decode);
-      W8A16 (bf16/fp16 a, fp8 w widened in registers). Epilogues: SwiGLU (w rows = [gate ; up], writes silu(gate) * up, N/2
-      columns) and the routing weight (row a scaled by topk_weights.flatten()[a]); quant_out: the output
-      written as act_quant would quantize it (rounded to out_dtype, then fp8 + 1x128 scales: the up
-      GEMM hands the down GEMM its fp8 h, one act_quant launch fewer; BLOCK_N = 128).
+      W8A16 (bf16/fp16 a, fp8 w widened in registers). Epilogues: SwiGLU (w rows = [gate ; up], writes
+      silu(gate) * up, N/2 columns) and the routing weight (row a scaled by topk_weights.flatten()[a]);
+      quant_out: the output written as act_quant would quantize it (rounded to out_dtype, then fp8 +
+      1x128 scales: the up GEMM hands the down GEMM its fp8 h, one act_quant launch fewer; BLOCK_N = 128).
   grouped_gemm_scan(a, w, topk_ids, topk): the same GEMM without the alignment (decode): program
       (row block, column tile) finds its block of moe_align's layout in the flat topk_ids itself
       and shares grouped_gemm's K loop and epilogue (equal results, one launch less).
   fused_moe = align -> grouped gemm up (+SwiGLU) -> grouped gemm down (x routing weight) -> sum over k.
 BLOCK_M of the GEMM is the alignment's block_m (inferred from the tensor sizes); BLOCK_N and the
-pipeline are autotuned. Accumulation and epilogues are fp32.
+pipeline are autotuned. Accumulation and epilogues are fp32. The launchers' argument checks live in
+kernels/moe_checks.py, the pure-torch references (grouped_gemm_ref, fused_moe_ref, re-exported here)
+in kernels/moe_ref.py.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -36,10 +37,10 @@ from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, aut
                                          check_tensor, is_interpreted, launch, next_pow2)
 from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
 from dsv3_export.kernels.fp8_quant import quantize_rows
-from dsv3_export.kernels.moe_checks import (DENSE_DTYPES, OUT_DTYPES, check_alignment, check_operands,
-                                            check_scan_routing)
+from dsv3_export.kernels.moe_checks import OUT_DTYPES  # noqa: F401 (re-exported)
+from dsv3_export.kernels.moe_checks import DENSE_DTYPES, check_alignment, check_operands, check_scan_routing
+from dsv3_export.kernels.moe_ref import fused_moe_ref, grouped_gemm_ref  # noqa: F401 (re-exported)
 from dsv3_export.kernels.moe_align import TRACED_ALIGN_FORMS, moe_align, moe_align_ref  # noqa: F401 (re-exported)
-from dsv3_export.reference import fp8 as fp8_ref
 
 # K step of the dense path; the fp8 path steps by the scale block (128).
 DENSE_BLOCK_K = 64
@@ -487,55 +488,3 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         y = grouped_gemm(hq, w2, sorted_ids, expert_ids, npp, 1, a_scale=hs, w_scale=w2_scale,
                          topk_weights=weights, out_dtype=x.dtype)  # [T*k, D]
     return y.view(t, topk, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)  # [T, D]
-
-
-# ---------------------------------------------------------------------------------------------
-# pure-torch references
-
-
-def _dense_expert(w: torch.Tensor, s: torch.Tensor | None, e: int) -> torch.Tensor:
-    """Expert e of [E, N, K] (+ scales) -> fp32 [N, K]."""
-    return w[e].float() if s is None else fp8_ref.weight_dequant(w[e], s[e], torch.float32)
-
-
-def grouped_gemm_ref(a: torch.Tensor, w: torch.Tensor, topk_ids: torch.Tensor, topk: int, *,
-                     a_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
-                     topk_weights: torch.Tensor | None = None, fuse_swiglu: bool = False,
-                     out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Row i of the output = f(a[i // topk] @ w[topk_ids.flatten()[i]]^T), fp32 math.
-
-    A loop over the experts that are used, one fp32 expert weight at a time: memory
-    O(T*topk*max(N, K) + N*K). (Gathering w[topk_ids] instead materializes a [T*topk, N, K]
-    tensor: 528 GiB at T=4096, top-6, N=2816, K=2048, the OOM of the first H200 run.)
-    """
-    a_f = fp8_ref.act_dequant(a, a_scale) if a_scale is not None else a.float()
-    experts = topk_ids.reshape(-1).long()  # [T*topk]
-    y = torch.zeros((experts.numel(), w.shape[1]), dtype=torch.float32, device=a.device)  # [T*topk, N]
-    for e in torch.unique(experts).tolist():
-        rows = torch.nonzero(experts == e).squeeze(1)  # assignment ids routed to e
-        y[rows] = a_f[rows // topk] @ _dense_expert(w, w_scale, e).T  # [n_e, N]
-    if fuse_swiglu:
-        gate, up = y.chunk(2, dim=-1)
-        y = F.silu(gate) * up
-    if topk_weights is not None:
-        y = y * topk_weights.reshape(-1, 1).float()
-    return y.to(out_dtype)
-
-
-def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None,
-                  w2_scale: torch.Tensor | None = None, act_quant: bool = True) -> torch.Tensor:
-    """Per-expert loop in fp32; with fp8 weights and act_quant the activations are quantized where the kernel does."""
-    fp8 = w13_scale is not None and act_quant
-    inter = w13.shape[1] // 2
-    xf = fp8_ref.act_dequant(*fp8_ref.act_quant(x)) if fp8 else x.float()
-    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for e in range(w13.shape[0]):
-        tok, slot = torch.where(topk_ids == e)
-        if tok.numel() == 0:
-            continue
-        gu = xf[tok] @ _dense_expert(w13, w13_scale, e).T  # [n_e, 2I]
-        h = (F.silu(gu[:, :inter]) * gu[:, inter:]).to(x.dtype)  # the kernel stores h in x.dtype
-        hf = fp8_ref.act_dequant(*fp8_ref.act_quant(h)) if fp8 else h.float()
-        y.index_add_(0, tok, (hf @ _dense_expert(w2, w2_scale, e).T) * topk_weights[tok, slot, None].float())
-    return y.to(x.dtype)

@@ -372,6 +372,12 @@ def bench_moe_qh(report: Report, sh: Shapes, quick: bool) -> None:
                 bytes_=active * 2 * i * d))
                 for impl, quant_h, note in (("triton up GEMM + act_quant(h)", False, "the decode program now"),
                                             ("triton up GEMM writing h quantized", True, "DSV3_TORCH_MOE_QUANT_H=1"))]
+            if form == "aligned":  # each quant_out config pinned: which one the decode program should tune to
+                for cfg in M.QUANT_OUT_CONFIGS:
+                    label = f"triton quant_out w{cfg.num_warps} s{cfg.num_stages} (pinned)"
+                    rows.append(guarded(report, f"moe_qh {case} {label}", lambda cfg=cfg, label=label: add(
+                        report, Row("moe_qh", case, label, run(lambda: up("aligned", True, cfg)), note=check),
+                        bytes_=active * 2 * i * d)))
             show(case, [r for r in rows if r])
 
         case = f"whole MoE T={t} E={e} k={k} D={d} I={i}"

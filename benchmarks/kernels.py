@@ -38,7 +38,7 @@ run into smaller calls. The summary table is printed last (a remote runner may k
 
 The sections live in benchmarks/kbench/, one module per kernel family (common.py: shapes, rows,
 timing and checking helpers; fp8.py: fp8, fp8_prefill; quant.py: quant, norm; router.py: topk,
-gate; mla.py: mla; mla_sweep.py; mla_proj.py: absorb, tail; moe.py: moe, moe_cfg, moe_scan); this
+gate; mla.py: mla; mla_sweep.py; mla_proj.py: absorb, tail; moe.py: moe, moe_cfg, moe_scan, moe_qh); this
 file keeps the command line, the section order (SECTIONS) and the reports.
 """
 
@@ -67,11 +67,11 @@ from kbench.common import (BF16_PEAK, FP8_PEAK, HBM_BW, TINY, Report, Shapes,  #
 # _blockwise_operands and _pad_k: tests/kernels/test_benchmark_script.py checks them as attributes of this script
 from kbench.fp8 import _blockwise_operands, _pad_k, bench_fp8_gemm, bench_fp8_prefill  # noqa: E402, F401
 from kbench.mla import SWEEP_MERGES, bench_mla  # noqa: E402
-from kbench.mla_proj import bench_absorb, bench_tail  # noqa: E402
+from kbench.mla_proj import bench_absorb, bench_absorb_q, bench_tail  # noqa: E402
 from kbench.mla_sweep import bench_mla_sweep  # noqa: E402
-from kbench.moe import bench_moe, bench_moe_configs, bench_moe_scan  # noqa: E402
+from kbench.moe import bench_moe, bench_moe_configs, bench_moe_qh, bench_moe_scan  # noqa: E402
 from kbench.quant import bench_act_quant, bench_rmsnorm  # noqa: E402
-from kbench.router import bench_gate, bench_topk  # noqa: E402
+from kbench.router import bench_gate, bench_router_align, bench_topk  # noqa: E402
 
 
 SECTIONS = {  # cheap sections first: if the time budget runs out, the expensive autotuning goes last
@@ -80,7 +80,10 @@ SECTIONS = {  # cheap sections first: if the time budget runs out, the expensive
     "norm": ("fused add + RMSNorm", bench_rmsnorm),
     "topk": ("router top-k", bench_topk),
     "gate": ("MoE gate GEMM + router at decode: split over programs vs cuBLAS + router (CUDA graphs)", bench_gate),
+    "router_align": ("MoE router + moe_align in one launch vs two, 16b decode (CUDA graphs)", bench_router_align),
     "absorb": ("MLA absorbed projections (W_UK, W_UV per head)", bench_absorb),
+    "absorb_q": ("W_UV + wo's act_quant in one head_gemm_quant vs head_gemm + act_quant, bit for bit (CUDA graphs)",
+                 bench_absorb_q),
     "tail": ("MLA decode tail: split + merge/W_UV/act_quant in one kernel vs the separate kernels (CUDA graphs)",
              bench_tail),
     "mla": ("MLA absorbed attention", bench_mla),
@@ -89,6 +92,8 @@ SECTIONS = {  # cheap sections first: if the time budget runs out, the expensive
     "moe_cfg": ("grouped GEMM configs at decode (fp8, 16b MoE)", bench_moe_configs),
     "moe_scan": ("decode MoE without moe_align: grouped_gemm_scan vs align + grouped_gemm (fp8, 16b)",
                  bench_moe_scan),
+    "moe_qh": ("decode MoE: the up GEMM writing h quantized vs up GEMM + act_quant(h) (fp8, 16b, CUDA graphs)",
+               bench_moe_qh),
     "fp8_prefill": ("fp8 blockwise GEMM at prefill M: TMA candidates, pinned", bench_fp8_prefill),
     "fp8": ("fp8 blockwise GEMM", bench_fp8_gemm),
 }

@@ -86,7 +86,7 @@ def lower_program(ep: ExportedProgram, device: str, kind: str) -> tuple[Exported
     from dsv3_export.engines.torch_norm_quant import fuse_norm_act_quant
     from dsv3_export.engines.torch_router import fuse_router
 
-    ep, router_how = fuse_router(ep)  # first: the norm rewrite copies the MoE ops' routing inputs
+    ep, router_how = fuse_router(ep, kind)  # first: the norm rewrite copies the MoE ops' routing inputs
     ep, norm_how = fuse_norm_act_quant(ep, kind)
     ep, tail_how = fuse_mla_tail(ep, kind)
     lowered, how = lower_dsv3_ops(ep, device, triton)

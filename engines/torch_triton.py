@@ -15,7 +15,9 @@ Lowered here (engines/torch_lower.py uses these on CUDA, ATen math for the rest)
     dsv3::moe_experts_fp8  -> dsv3_aoti::moe_experts_fp8  the same with 1x128 act_quant (act_quant=True
                              only; weight-only fp8 lowers to ATen: the kernel has no bf16 x fp8 path);
                              (DSV3_TORCH_FUSED_ACT_QUANT=1: the decode program's grouped GEMMs quantize
-                             x and h themselves, bit-identical, no act_quant launch; measured slower)
+                             x and h themselves, bit-identical, no act_quant launch; measured slower;
+                             DSV3_TORCH_MOE_QUANT_H=1: the decode program's up GEMM writes h quantized,
+                             bit-identical, no act_quant launch for h)
     dsv3::mla_attention    -> dsv3_aoti::mla_attention    W_UK absorbed into the query, then
                              kernels/mla_attention.py over [cache | new keys] (split-KV mla_decode in
                              the decode program, causal mla_prefill in the prefill program; new keys
@@ -98,6 +100,18 @@ def _fused_act_quant(kind: str) -> bool:
     return kind == "decode" and value == "1"
 
 
+# Whether the decode program's MoE up GEMM (SwiGLU epilogue) writes h quantized for the down GEMM
+# (kernels/moe.py quant_out: h rounded to the activation dtype, then act_quant's arithmetic in the
+# epilogue; bit-identical, one act_quant launch fewer per MoE layer, its column tiles fixed at 128).
+# DSV3_TORCH_MOE_QUANT_H=1 at build time turns it on; off by default until measured on the H200.
+MOE_QUANT_H_ENV = "DSV3_TORCH_MOE_QUANT_H"
+MOE_QUANT_H_CHOICES = {"1": "the up GEMM quantizes h, decode program", "0": "act_quant launch for h"}
+
+
+def _moe_quant_h(kind: str) -> bool:
+    return env_choice(MOE_QUANT_H_ENV, "0", MOE_QUANT_H_CHOICES) == "1" and kind == "decode"
+
+
 # The decode program's absorbed MLA projections (q_nope @ W_UK, lat @ W_UV per head): `1` (default)
 # kernels/mla_absorb.py head_gemm, one launch each reading the strided activation and weight views;
 # `0` the einsums (Inductor: a permute copy + cuBLAS bmm + a copy each, ~9 us per layer for both in
@@ -156,21 +170,27 @@ def _act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _grouped_gemm(a, w, routing, topk: int, out_dtype: torch.dtype, *, a_scale=None,
-                  w_scale=None, topk_weights=None, swiglu: bool = False, quant_a: bool = False) -> torch.Tensor:
+                  w_scale=None, topk_weights=None, swiglu: bool = False, quant_a: bool = False,
+                  quant_out: bool = False):
     """kernels/moe.py grouped_gemm's launch (checks done once by the caller's shapes), or grouped_gemm_scan's
     when routing is a ScanRouting (_moe_align). quant_a: bf16/fp16 a quantized 1x128 inside the kernel,
-    as _act_quant would on a's device (fp8 w only)."""
+    as _act_quant would on a's device (fp8 w only). quant_out: -> _act_quant(the out_dtype output)'s
+    (q, s), quantized in the GEMM's epilogue."""
     t = a.shape[0]
     n_out = w.shape[1] // 2 if swiglu else w.shape[1]
-    out = torch.empty((t * topk, n_out), dtype=out_dtype, device=a.device)
+    if quant_out:
+        out, out_scale = km.quant_out_buffers(t * topk, n_out, a.device)
+    else:
+        out, out_scale = torch.empty((t * topk, n_out), dtype=out_dtype, device=a.device), None
     if isinstance(routing, ScanRouting):
         _launch(km.grouped_gemm_scan_spec(a, a_scale, w, w_scale, out, topk_weights, routing.topk_ids, topk, swiglu,
-                                          quant_a, a.is_cuda))
-        return out
-    sorted_ids, expert_ids, npp = routing
-    _launch(km.grouped_gemm_spec(a, a_scale, w, w_scale, out, topk_weights, sorted_ids, expert_ids, npp, topk,
-                                 swiglu, quant_a, a.is_cuda))  # the scale rounding as _act_quant picks it
-    return out
+                                          quant_a, a.is_cuda, out_scale=out_scale, round_dtype=out_dtype))
+    else:
+        sorted_ids, expert_ids, npp = routing
+        _launch(km.grouped_gemm_spec(a, a_scale, w, w_scale, out, topk_weights, sorted_ids, expert_ids, npp, topk,
+                                     swiglu, quant_a, a.is_cuda, out_scale,
+                                     out_dtype))  # the scale rounding as _act_quant picks it
+    return (out, out_scale) if quant_out else out
 
 
 def _combine(y: torch.Tensor, t: int, topk: int, dtype: torch.dtype) -> torch.Tensor:
@@ -180,8 +200,14 @@ def _combine(y: torch.Tensor, t: int, topk: int, dtype: torch.dtype) -> torch.Te
 @triton_op("dsv3_aoti::moe_experts", mutates_args={})
 def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
                 w2: torch.Tensor, block_m: int) -> torch.Tensor:
+    return moe_dense_aligned(x, topk_weights, topk_ids, w13, w2, _moe_align(topk_ids, w13.shape[0], block_m))
+
+
+def moe_dense_aligned(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
+                      w2: torch.Tensor, routing) -> torch.Tensor:
+    """The bf16/fp16 experts with a given routing (_moe_align's result; engines/torch_router.py passes
+    router_align's): up GEMM with SwiGLU, down GEMM with the routing weights, sum over k -> [T, D]."""
     t, topk = topk_ids.shape
-    routing = _moe_align(topk_ids, w13.shape[0], block_m)
     x = x.contiguous()
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
     h = _grouped_gemm(x, w13, routing, topk, x.dtype, swiglu=True)  # [T*k, I]
@@ -193,12 +219,19 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
 @triton_op("dsv3_aoti::moe_experts_fp8", mutates_args={})
 def moe_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
                     w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, block_m: int,
-                    fuse_act_quant: bool = False) -> torch.Tensor:
+                    fuse_act_quant: bool = False, quant_h: bool = False) -> torch.Tensor:
     """fuse_act_quant (opt-in, FUSED_ACT_QUANT_ENV; bf16/fp16 x): the grouped GEMMs quantize x and h
     themselves, the same bits as the two _act_quant launches of the default form (kernels/moe.py
-    grouped_gemm(quant_a=True)); measured slower on the H200."""
+    grouped_gemm(quant_a=True)); measured slower on the H200. quant_h (opt-in, MOE_QUANT_H_ENV): the
+    up GEMM writes h quantized (kernels/moe.py quant_out), the same bits as _act_quant(h)."""
     t, topk = topk_ids.shape
     routing = _moe_align(topk_ids, w13.shape[0], block_m)
+    if fuse_act_quant and quant_h:  # x quantized in the up GEMM's K loop, h in its epilogue
+        hq, hs = _grouped_gemm(x.contiguous(), w13, routing, topk, x.dtype, w_scale=w13_scale, swiglu=True,
+                               quant_a=True, quant_out=True)  # [T*k, I], [T*k, ceil(I/128)]
+        y = _grouped_gemm(hq, w2, routing, 1, x.dtype, a_scale=hs, w_scale=w2_scale,
+                          topk_weights=topk_weights.contiguous())  # [T*k, D]
+        return _combine(y, t, topk, x.dtype)
     if fuse_act_quant:
         h = _grouped_gemm(x.contiguous(), w13, routing, topk, x.dtype, w_scale=w13_scale,
                           swiglu=True, quant_a=True)  # [T*k, I]
@@ -207,19 +240,24 @@ def moe_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
         return _combine(y, t, topk, x.dtype)
     xq, xs = _act_quant(x.contiguous())
     return moe_fp8_quantized(xq, xs, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale,
-                             routing, x.dtype)
+                             routing, x.dtype, quant_h)
 
 
 def moe_fp8_quantized(xq: torch.Tensor, xs: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                       w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
-                      alignment: tuple, out_dtype: torch.dtype) -> torch.Tensor:
+                      alignment: tuple, out_dtype: torch.dtype, quant_h: bool = False) -> torch.Tensor:
     """The W8A8 experts from x already quantized 1x128 (xq [T, D] fp8, xs [T, ceil(D/128)]): up GEMM
     with SwiGLU, act_quant of h, down GEMM with the routing weights, sum over k -> [T, D].
-    alignment: _moe_align's result (moe_align's three tensors or a ScanRouting)."""
+    alignment: _moe_align's result (moe_align's three tensors or a ScanRouting). quant_h: the up GEMM's
+    epilogue quantizes h (rounded to out_dtype first: _act_quant(h)'s bits), no act_quant launch."""
     t, topk = topk_ids.shape
-    h = _grouped_gemm(xq, w13, alignment, topk, out_dtype, a_scale=xs, w_scale=w13_scale,
-                      swiglu=True)  # [T*k, I]
-    hq, hs = _act_quant(h)
+    if quant_h:
+        hq, hs = _grouped_gemm(xq, w13, alignment, topk, out_dtype, a_scale=xs, w_scale=w13_scale, swiglu=True,
+                               quant_out=True)  # [T*k, I], [T*k, ceil(I/128)]
+    else:
+        h = _grouped_gemm(xq, w13, alignment, topk, out_dtype, a_scale=xs, w_scale=w13_scale,
+                          swiglu=True)  # [T*k, I]
+        hq, hs = _act_quant(h)
     y = _grouped_gemm(hq, w2, alignment, 1, out_dtype, a_scale=hs, w_scale=w2_scale,
                       topk_weights=topk_weights.contiguous())  # [T*k, D]
     return _combine(y, t, topk, out_dtype)
@@ -356,6 +394,7 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
 
     block_m = BLOCK_M[kind]
     fused = _fused_act_quant(kind)
+    quant_h = _moe_quant_h(kind)
     absorb = _absorb_gemm()
     tail = env_choice(MLA_TAIL_ENV, MLA_TAIL_DEFAULT, MLA_TAIL_CHOICES) == "1" and kind == "decode"
     topk_form = env_choice(TOPK_ENV, TOPK_DEFAULT, TOPK_FORMS)
@@ -374,7 +413,7 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
             return ATEN_LOWERINGS["dsv3::moe_experts_fp8"](x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale,
                                                            act_quant)
         fuse = fused and x.dtype in km.DENSE_DTYPES  # the in-GEMM quantization reads bf16/fp16 activations
-        return moe_experts_fp8(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m, fuse)
+        return moe_experts_fp8(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m, fuse, quant_h)
 
     def lower_mla(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale):
         if q_nope.dtype not in km.DENSE_DTYPES:  # fp32: the kernel's dots would be TF32
@@ -398,6 +437,8 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
                      "ATen math for fp32")
     lower_moe_fp8.how = (f"triton_op dsv3_aoti::moe_experts_fp8 ({routing}; act_quant + fp8 grouped GEMMs"
                          + ("; the GEMMs quantize their own activations" if fused else "")
+                         + (f"; {MOE_QUANT_H_ENV}=1: the up GEMM writes h quantized, no act_quant of h"
+                            if quant_h else "")
                          + ") with act_quant; ATen math for weight-only")
     lower_mla.how = ("triton_op dsv3_aoti::mla_attention ("
                      + ("W_UK and W_UV by kernels/mla_absorb.py head_gemm in the decode program, einsums in "

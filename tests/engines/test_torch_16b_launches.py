@@ -38,7 +38,7 @@ with torch.device("meta"):
     model = Transformer(ModelArgs.preset("16b").replace(n_layers=2, dtype="fp8"), dtype=torch.bfloat16)
 program, _ = run_pipeline(export_step(model, "decode"), PassConfig(precision="fp8"),
                           passes=[n for n in PASS_NAMES if n not in skip])
-program, _ = fuse_router(program)
+program, _ = fuse_router(program, "decode")
 program, _ = fuse_norm_act_quant(program, "decode")
 program, _ = fuse_mla_tail(program, "decode")
 lowered, how = lower_dsv3_ops(program, "cuda", triton_lowerings("decode"))
@@ -169,3 +169,24 @@ def test_16b_decode_launches_all_switches_off():
     assert sum(".topk." in e for e in old["extern"]) == 1, old["extern"]
     assert sum(".linear." in e for e in old["extern"]) == 2, old["extern"]  # the LM head and the gate
     assert sum(k_old.values()) == 27, k_old
+
+
+@pytest.mark.slow  # ~40 s
+def test_16b_decode_launches_session9_switches():
+    """Session 9's opt-ins together (one trace: the suite's time), each one's launches against the defaults:
+    DSV3_TORCH_ROUTER_ALIGN=1 the MoE layer's router and moe_align in one launch (kernels/router_align.py);
+    DSV3_TORCH_MOE_QUANT_H=1 the MoE up GEMM writes h quantized (kernels/moe.py quant_out), no act_quant for h;
+    DSV3_TORCH_MLA_TAIL=gemmq per layer W_UV's head_gemm and wo's act_quant in one head_gemm_quant
+    (kernels/mla_absorb.py), split and reduce as in the defaults."""
+    k_def = _launches()["kernels"]
+    new = _launches(DSV3_TORCH_ROUTER_ALIGN="1", DSV3_TORCH_MOE_QUANT_H="1", DSV3_TORCH_MLA_TAIL="gemmq")["kernels"]
+    assert k_def["_router_kernel"] == k_def["_moe_align_kernel"] == 1, k_def
+    assert new["_router_align_kernel"] == 1 and not {"_router_kernel", "_moe_align_kernel"} & set(new), new
+    assert new["_grouped_gemm_kernel"] == k_def["_grouped_gemm_kernel"] == 2, new
+    assert new["_head_gemm_quant_kernel"] == 2 and "_mla_tail_kernel" not in new, new
+    assert new["_mla_decode_split_kernel"] == new["_mla_decode_reduce_kernel"] == 2, new
+    assert k_def["_head_gemm_kernel"] - new["_head_gemm_kernel"] == 2, (k_def, new)  # W_UK stays
+    assert new["_fp8_gemm_kernel"] == k_def["_fp8_gemm_kernel"], new
+    act_quant = [k.get("_act_quant_kernel", 0) + k.get("_act_quant_ieee_kernel", 0) for k in (k_def, new)]
+    assert act_quant[0] - act_quant[1] == 1 + 2, act_quant  # the MoE's h, wo's input per layer
+    assert sum(new.values()) == sum(k_def.values()) - 1 - 1 - 2, new

@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_absorb, mla_decode,  # noqa: E402
-                                 mla_prefill, mla_tail, moe, moe_align, rmsnorm, topk)
+                                 mla_prefill, mla_tail, moe, moe_align, rmsnorm, router_align, topk)
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Opt-in shared memory per block on H100/H200 (227 KB).
@@ -126,21 +126,33 @@ def _cases(all_configs: bool):
             yield (f"grouped_gemm w_fp8={w_fp8} a_fp8={a_fp8}{' quant_a=True' if quant_a else ''} swiglu={swiglu} "
                    f"block_m={block_m}", moe._grouped_gemm_kernel, cfg,
                    dict(a_ptr=f8 if a_fp8 and not quant_a else bf, a_s_ptr=f32, w_ptr=f8 if w_fp8 else bf,
-                        w_s_ptr=f32, c_ptr=bf, topk_w_ptr=f32, sorted_ids_ptr=i32, expert_ids_ptr=i32,
+                        w_s_ptr=f32, c_ptr=bf, c_s_ptr=f32, topk_w_ptr=f32, sorted_ids_ptr=i32, expert_ids_ptr=i32,
                         num_post_pad_ptr=i32),
                    dict(W_FP8=w_fp8, A_FP8=a_fp8, SWIGLU=swiglu, MUL_WEIGHT=not swiglu, UPCAST=False,
                         SCALE_BLOCK=128, BLOCK_M=block_m, BLOCK_K=128 if w_fp8 else moe.DENSE_BLOCK_K,
-                        QUANT_A=quant_a, SCALE_RECIPROCAL=True))
+                        QUANT_A=quant_a, SCALE_RECIPROCAL=True, QUANT_OUT=False, OUT_ROUND=0))
     # the scan form (DSV3_TORCH_MOE_ALIGN=scan, decode): int64 router ids read SCAN_CHUNK at a time
     for cfg in pick(moe.GROUPED_GEMM_SCAN_CONFIGS):
         for w_fp8, a_fp8, swiglu in ((True, True, True), (True, True, False), (True, False, True), (False, False, True)):
             yield (f"grouped_gemm_scan w_fp8={w_fp8} a_fp8={a_fp8} swiglu={swiglu} block_m={moe.SCAN_BLOCK_M}",
                    moe._grouped_gemm_scan_kernel, cfg,
                    dict(a_ptr=f8 if a_fp8 else bf, a_s_ptr=f32, w_ptr=f8 if w_fp8 else bf, w_s_ptr=f32, c_ptr=bf,
-                        topk_w_ptr=f32, ids_ptr="*i64"),
+                        c_s_ptr=f32, topk_w_ptr=f32, ids_ptr="*i64"),
                    dict(W_FP8=w_fp8, A_FP8=a_fp8, SWIGLU=swiglu, MUL_WEIGHT=not swiglu, UPCAST=False,
                         SCALE_BLOCK=128, BLOCK_M=moe.SCAN_BLOCK_M, BLOCK_K=128 if w_fp8 else moe.DENSE_BLOCK_K,
-                        QUANT_A=False, SCALE_RECIPROCAL=True, CHUNK=moe.SCAN_CHUNK, BLOCK_E=128))  # 16b: E = 66
+                        QUANT_A=False, SCALE_RECIPROCAL=True, QUANT_OUT=False, OUT_ROUND=0, CHUNK=moe.SCAN_CHUNK,
+                        BLOCK_E=128))  # 16b: E = 66
+    # quant_out (DSV3_TORCH_MOE_QUANT_H=1): the fp8 up GEMM writes h as fp8 + 1x128 scales (bf16 rounding first)
+    for cfg in pick(moe.QUANT_OUT_CONFIGS):
+        for name, kernel, routing in (("grouped_gemm", moe._grouped_gemm_kernel,
+                                       dict(sorted_ids_ptr=i32, expert_ids_ptr=i32, num_post_pad_ptr=i32)),
+                                      ("grouped_gemm_scan", moe._grouped_gemm_scan_kernel, dict(ids_ptr="*i64"))):
+            scan = dict(CHUNK=moe.SCAN_CHUNK, BLOCK_E=128) if "ids_ptr" in routing else {}
+            yield (f"{name} w_fp8=True a_fp8=True quant_out=True swiglu=True block_m=16", kernel, cfg,
+                   dict(a_ptr=f8, a_s_ptr=f32, w_ptr=f8, w_s_ptr=f32, c_ptr=f8, c_s_ptr=f32, topk_w_ptr=f32, **routing),
+                   dict(W_FP8=True, A_FP8=True, SWIGLU=True, MUL_WEIGHT=False, UPCAST=False, SCALE_BLOCK=128,
+                        BLOCK_M=16, BLOCK_K=128, QUANT_A=False, SCALE_RECIPROCAL=True, QUANT_OUT=True, OUT_ROUND=1,
+                        **scan))
     for e, ids in ((64, "*i64"), (256, "*i32")):  # the 16b preset's 64 experts; V3's 256
         yield (f"moe_align E={e}", moe_align._moe_align_kernel, triton.Config({}, num_warps=4),
                dict(ids_ptr=ids, sorted_ids_ptr=i32, expert_ids_ptr=i32, npp_ptr=i32),
@@ -208,8 +220,17 @@ def _cases(all_configs: bool):
         yield ("router_gate_split", topk._router_gate_split_kernel, cfg,
                dict(x_ptr=bf, g_ptr=bf, logits_ptr=bf, cnt_ptr=i32, w_ptr=bf, idx_ptr="*i64"),
                dict(TOPK=6, N_EXTRA=2, BLOCK_N=64, UPCAST=False))
+    for cfg in pick(router_align.ROUTER_ALIGN_CONFIGS):  # the 16b router + moe_align in one program (E = 64 + 2)
+        yield ("router_align", router_align._router_align_kernel, cfg,
+               dict(logits_ptr=bf, w_ptr=bf, idx_ptr="*i64", sorted_ids_ptr=i32, expert_ids_ptr=i32, npp_ptr=i32),
+               dict(TOPK=6, N_EXTRA=2, BLOCK_N=64, **moe_align.align_meta(66, 16)))
     for cfg in pick(mla_absorb.HEAD_GEMM_CONFIGS):  # MLA's W_UK / W_UV per-head GEMM (bf16 x and weight views)
         yield ("head_gemm", mla_absorb._head_gemm_kernel, cfg, dict(x_ptr=bf, w_ptr=bf, out_ptr=bf), dict(UPCAST=False))
+    for cfg in pick(mla_absorb.HEAD_GEMM_QUANT_CONFIGS):  # W_UV + wo's act_quant (DSV3_TORCH_MLA_TAIL=gemmq)
+        for recip in (True, False):
+            yield (f"head_gemm_quant recip={recip}", mla_absorb._head_gemm_quant_kernel, cfg,
+                   dict(x_ptr=bf, w_ptr=bf, q_ptr=f8, s_ptr=f32),  # K unit strides: as the launch specializes them
+                   dict(UPCAST=False, SCALE_RECIPROCAL=recip, stride_xk=1, stride_wk=1))
     for cfg in pick(mla_tail.MLA_TAIL_CONFIGS) + ([] if all_configs else mla_tail.MLA_TAIL_CONFIGS[-1:]):
         # MLA decode's tail (runtime split rule, 16b shapes): quantized (CUDA and CPU scale forms) and bf16 out
         for quant, recip in ((True, True), (True, False), (False, True)):

@@ -25,7 +25,7 @@ def _load():
 def test_cpu_smoke_writes_reports_and_checks_pass(tmp_path, monkeypatch):
     bench = _load()
     monkeypatch.setenv("OUT", str(tmp_path))
-    rc = bench.main(["--cpu-smoke", "--only", "fp8,moe,mla,mla_sweep,topk,gate,absorb,tail,moe_cfg,moe_scan"])
+    rc = bench.main(["--cpu-smoke", "--only", "fp8,moe,mla,mla_sweep,topk,gate,absorb,tail,moe_cfg,moe_scan,moe_qh"])
     data = json.loads((tmp_path / "kernels.json").read_text())
     assert (tmp_path / "kernels.md").read_text().startswith("# Kernel benchmark")
     checked = [r for r in data["rows"] if r["ok"] is not None]
@@ -33,7 +33,7 @@ def test_cpu_smoke_writes_reports_and_checks_pass(tmp_path, monkeypatch):
     assert rc == 0
     sections = {r["section"] for r in data["rows"]}
     assert {"fp8_gemm", "moe", "grouped_gemm", "mla", "mla_sweep", "topk", "gate", "absorb", "tail", "moe_cfg",
-            "moe_scan"} <= sections
+            "moe_scan", "moe_qh"} <= sections
     ours = [r for r in data["rows"] if r["impl"].startswith("triton") and r["speedup_vs_best_alt"] is not None]
     assert ours, "every section compares against a torch alternative"
 

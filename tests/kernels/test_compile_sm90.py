@@ -108,10 +108,12 @@ def _check_fused_quant_arithmetic(rows: list[dict]) -> None:
 
 
 def _check_grouped_gemm_quant_arithmetic(rows: list[dict]) -> None:
-    """The MoE grouped GEMM that quantizes its own A tiles (quant_a, CUDA form) keeps act_quant's
-    arithmetic: IEEE x / s (div.rn) and amax * fp32(1/448); its dots stay fp8-sourced tensor-core ops.
+    """The MoE grouped GEMM that quantizes its own A tiles (quant_a) or its output (quant_out), CUDA
+    form, keeps act_quant's arithmetic: IEEE x / s (div.rn) and amax * fp32(1/448); its dots stay
+    fp8-sourced tensor-core ops.
     (The SwiGLU epilogue's tl.sigmoid divides with div.full, in the unfused kernel too.)"""
-    fused = [r for r in rows if r["kernel"].startswith("grouped_gemm") and "quant_a=True" in r["kernel"]]
+    fused = [r for r in rows if r["kernel"].startswith("grouped_gemm") and ("quant_a=True" in r["kernel"]
+                                                                          or "quant_out=True" in r["kernel"])]
     assert {"swiglu=True" in r["kernel"] for r in fused} == {True, False}, [r["kernel"] for r in fused]
     for r in fused:
         f32_divs = {op for op in r["div_ops"] if op.endswith(".f32")}
@@ -132,6 +134,16 @@ def _check_mla_tail_quant_arithmetic(rows: list[dict]) -> None:
         assert r["mul_recip_448"] == ("recip=True" in r["kernel"]), r["kernel"]
 
 
+def _check_head_gemm_quant_arithmetic(rows: list[dict]) -> None:
+    """head_gemm_quant (W_UV + wo's act_quant, DSV3_TORCH_MLA_TAIL=gemmq) keeps act_quant's arithmetic:
+    IEEE x / s (div.rn, the only division), amax * fp32(1/448) in the CUDA form only."""
+    quant = [r for r in rows if r["kernel"].startswith("head_gemm_quant")]
+    assert {"recip=True" in r["kernel"] for r in quant} == {True, False}, [r["kernel"] for r in quant]
+    for r in quant:
+        assert r["div_ops"] and all(op == "div.rn.f32" for op in r["div_ops"]), (r["kernel"], r["div_ops"])
+        assert r["mul_recip_448"] == ("recip=True" in r["kernel"]), r["kernel"]
+
+
 def test_every_kernel_compiles_for_sm90():
     rows = _compile()
     _check(rows)
@@ -140,6 +152,7 @@ def test_every_kernel_compiles_for_sm90():
     _check_fused_quant_arithmetic(rows)
     _check_grouped_gemm_quant_arithmetic(rows)
     _check_mla_tail_quant_arithmetic(rows)
+    _check_head_gemm_quant_arithmetic(rows)
 
 
 @pytest.mark.slow

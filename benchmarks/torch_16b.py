@@ -247,7 +247,14 @@ def decode_kernel_profile(step: Callable, model, context: int, steps: int = 4, t
         if us > 0 and (not gpu or evt.device_type == torch.autograd.DeviceType.CUDA):
             rows.append((us / steps, evt.count / steps, evt.key))
     rows.sort(reverse=True)
+    host = []  # on the GPU also the host side: runtime API calls and ops by self CPU time (a sync, a
+    for evt in prof.key_averages() if gpu else []:  # Python fallback or an allocation per layer shows here)
+        if evt.device_type == torch.autograd.DeviceType.CPU and evt.self_cpu_time_total > 0:
+            host.append((evt.self_cpu_time_total / steps, evt.count / steps, evt.key))
+    host.sort(reverse=True)
     return {"steps": steps, "what": "GPU kernels" if gpu else "CPU ops (smoke run)",
+            "host_top": [{"us_per_step": round(us, 1), "calls_per_step": round(n, 2), "name": name[:120]}
+                         for us, n, name in host[:15]],
             "launches_per_step": round(sum(r[1] for r in rows), 1),
             "busy_ms_per_step": round(sum(r[0] for r in rows) / 1e3, 3),
             "top": [{"us_per_step": round(us, 1), "calls_per_step": round(n, 2), "name": name[:160]}
@@ -482,6 +489,9 @@ def _engine_notes(label: str, eng: dict[str, Any]) -> list[str]:
         lines.append(f"{label}: batch-1 decode step, {prof['what']}: {prof['launches_per_step']} per step, "
                      f"{prof['busy_ms_per_step']} ms busy; most time:")
         lines += [f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:<6} {r['name'][:90]}" for r in prof["top"][:12]]
+    if prof.get("host_top"):
+        lines.append(f"{label}: batch-1 decode step run directly, host side (self CPU time):")
+        lines += [f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:<6} {r['name'][:90]}" for r in prof["host_top"][:10]]
     tl = eng.get("decode_b1_graph_timeline") or {}
     if "span_us" in tl:
         lines.append(f"{label}: batch-1 CUDA-graph replay: {tl['kernels_per_step']} device events, span {tl['span_us']} us, "

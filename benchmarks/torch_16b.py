@@ -188,7 +188,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 
 def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds,
-                   env: dict[str, str] | None = None, programs: dict[str, Any] | None = None) -> dict[str, Any]:
+                   env: dict[str, str] | None = None, programs: dict[str, Any] | None = None,
+                   profile: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {"build_env": dict(env or {})} if env else {}
     with switched_env(env or {}):
         step = build_engine_in_memory(model, precision, kinds, workdir, out, programs)
@@ -220,8 +221,9 @@ def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds,
         start = torch.zeros(1, dtype=torch.int64, device=DEVICE)
         out["prefill_ms_b1"] = cuda_ms(lambda: step(tokens, start, cache), iters=3, warmup=1)
     out["decode_uses_cuda_graph"] = step._graphs is not None and not step._graphs.failed
-    out["decode_b1_kernels"] = guarded_dict(lambda: decode_kernel_profile(direct, model, prompt_len))
-    out["decode_b1_graph_timeline"] = guarded_dict(lambda: decode_graph_timeline(step, model, prompt_len))
+    if profile:  # after the timings; --skip profile: later --variant builds' timings not slowed by it (session 9)
+        out["decode_b1_kernels"] = guarded_dict(lambda: decode_kernel_profile(direct, model, prompt_len))
+        out["decode_b1_graph_timeline"] = guarded_dict(lambda: decode_graph_timeline(step, model, prompt_len))
     return out
 
 
@@ -376,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-kinds", default="decode,prefill", help="programs to compile (decode first)")
     p.add_argument("--engine-need-s", type=float, default=240.0,
                    help="start the engine section only with this many seconds of budget left")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: engine,eager,compile")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: engine,eager,compile,profile (the "
+                                                         "engines' torch.profiler runs)")
     p.add_argument("--n-layers", type=int, default=None,
                    help="override the preset's layer count (a profile of the per-layer kernels at a fraction "
                         "of the build time; the floor follows the same layer count)")
@@ -455,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 report.section(precision, f"engine-{name}" if name else "engine", opts.engine_need_s,
                                lambda: engine_section(model, precision, batches, opts.prompt_len, opts.decode_steps,
-                                                      Path(tmp), tuple(opts.engine_kinds.split(",")), env, programs))
+                                                      Path(tmp), tuple(opts.engine_kinds.split(",")), env, programs,
+                                                      "profile" not in skip))
             gc.collect()
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()

@@ -22,7 +22,8 @@ killed at its limit still returns what was measured. Sections, per precision (bf
                switches, lowered and compiled from the SAME exported and pass-rewritten programs (the
                switches act at lowering): an A/B of a lowering choice in one run, without a second
                export (~2 minutes of the 16b's 6-7 minute build)
-  kernels      (in the engine section) torch.profiler over a few batch-1 decode steps of the package
+  kernels      (in the engine section, run after every build of the process is timed: a profiled
+               process timed later builds slower) torch.profiler over a few batch-1 decode steps of the package
                run directly: GPU kernels per step, GPU-busy ms per step and the kernels that take
                the most time, to say where a step's time goes (a step far above its floor)
 
@@ -189,7 +190,12 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds,
                    env: dict[str, str] | None = None, programs: dict[str, Any] | None = None,
-                   profile: bool = True) -> dict[str, Any]:
+                   profiles: list | None = None) -> dict[str, Any]:
+    """Build, check and time one engine. profiles: where to leave the engine's torch.profiler runs (a
+    function returning their results), to be run after every build of the process is timed (None: none).
+    Why deferred: on the H200 (session 9) every in-process build timed after a profiled one was slower
+    with the same GPU work (4 layers, batch 1, CUDA graph: 0.65-0.71 ms against 0.54; the same builds
+    unprofiled: 0.55-0.61, the defaults built again last 0.56 = first 0.56)."""
     out: dict[str, Any] = {"build_env": dict(env or {})} if env else {}
     with switched_env(env or {}):
         step = build_engine_in_memory(model, precision, kinds, workdir, out, programs)
@@ -221,9 +227,10 @@ def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds,
         start = torch.zeros(1, dtype=torch.int64, device=DEVICE)
         out["prefill_ms_b1"] = cuda_ms(lambda: step(tokens, start, cache), iters=3, warmup=1)
     out["decode_uses_cuda_graph"] = step._graphs is not None and not step._graphs.failed
-    if profile:  # after the timings; --skip profile: later --variant builds' timings not slowed by it (session 9)
-        out["decode_b1_kernels"] = guarded_dict(lambda: decode_kernel_profile(direct, model, prompt_len))
-        out["decode_b1_graph_timeline"] = guarded_dict(lambda: decode_graph_timeline(step, model, prompt_len))
+    if profiles is not None:  # holds this engine until they run (memory: its packages and CUDA graphs)
+        profiles.append(lambda: {"decode_b1_kernels": guarded_dict(lambda: decode_kernel_profile(direct, model, prompt_len)),
+                                 "decode_b1_graph_timeline": guarded_dict(
+                                     lambda: decode_graph_timeline(step, model, prompt_len))})
     return out
 
 
@@ -454,16 +461,21 @@ def main(argv: list[str] | None = None) -> int:
             report.section(precision, "eager", 30, lambda: eager_section(model, batches, opts.prompt_len,
                                                                           max(2, opts.decode_steps // 2), False))
         programs: dict[str, Any] = {}  # exported + passes once, lowered per variant
+        deferred: list[tuple[str, list]] = []  # (section, its profile runs): after every build is timed
         for name, env in ([("", {})] + variants) if "engine" not in skip else []:
+            section, profiles = f"engine-{name}" if name else "engine", [] if "profile" not in skip else None
             with tempfile.TemporaryDirectory() as tmp:
-                report.section(precision, f"engine-{name}" if name else "engine", opts.engine_need_s,
+                report.section(precision, section, opts.engine_need_s,
                                lambda: engine_section(model, precision, batches, opts.prompt_len, opts.decode_steps,
                                                       Path(tmp), tuple(opts.engine_kinds.split(",")), env, programs,
-                                                      "profile" not in skip))
+                                                      profiles))
+            deferred += [(section, profiles)] if profiles else []
             gc.collect()
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
-        del programs
+        for section, profiles in deferred:
+            report.put(precision, section, report.data["results"][precision][section] | profiles[0]())
+        del programs, deferred
         if "compile" not in skip and precision == "bf16":
             report.section(precision, "compile", 150, lambda: eager_section(model, batches[:1], opts.prompt_len,
                                                                              opts.decode_steps, True))

@@ -54,7 +54,10 @@ from dsv3_export.passes.graph_utils import is_call
 from dsv3_export.passes.program_state import ProgramState
 
 MLA_TAIL_ENV = "DSV3_TORCH_MLA_TAIL"
-MLA_TAIL_DEFAULT = "0"  # 1: measured slower (module docstring); gemmq: not measured on the H200 yet
+# 1: measured slower (module docstring). gemmq, measured on the H200 (session 9, CUDA graphs): head_gemm_quant
+# 9.8 / 9.1 / 9.0 us at batch 1 / 8 / 64 against 9.0 / 9.1 / 10.9 for head_gemm + act_quant; 4-layer 16b fp8
+# decode (unprofiled, graph) 0.55 / 0.77 ms at batch 1 / 8 against the defaults' 0.56 / 0.77: within noise.
+MLA_TAIL_DEFAULT = "0"
 MLA_TAIL_CHOICES = {"1": "merge + W_UV + wo's act_quant in one kernel (fp8 decode program)",
                     "gemmq": "reduce kernel, then W_UV + wo's act_quant in one head_gemm_quant (fp8 decode program)",
                     "0": "reduce, head_gemm and act_quant kernels"}

@@ -80,12 +80,15 @@ from dsv3_export.passes.program_state import ProgramState
 
 ROUTER_ENV = "DSV3_TORCH_ROUTER"
 GATE_ENV = "DSV3_TORCH_ROUTER_GATE"
-GATE_DEFAULT = "0"  # "1" measured slower, "split" not measured yet (module docstring)
+GATE_DEFAULT = "0"  # "1" and "split" measured slower or on par (module docstring)
 GATE_CHOICES = {"1": "the gate GEMM inside the router kernel, one program per row block",
                 "split": "the gate GEMM inside the router kernel, the experts split over programs",
                 "0": "the gate GEMM separate"}
 ALIGN_ENV = "DSV3_TORCH_ROUTER_ALIGN"
-ALIGN_DEFAULT = "0"  # not measured on the H200 yet
+# Measured on the H200 (session 9): router_align 9.2 / 12.7 / 34.9 us at T = 1 / 8 / 64 against 10.3 / 12.7 /
+# 30.2 for router_topk + moe_align (kernels.py router_align, CUDA graphs); 4-layer 16b fp8 decode
+# (unprofiled, graph) 0.57 / 0.80 ms at batch 1 / 8 against the defaults' 0.56 / 0.77: not the default.
+ALIGN_DEFAULT = "0"
 ALIGN_CHOICES = {"1": "the router and moe_align in one kernel (decode program)",
                  "0": "the router kernel, then moe_align inside the MoE op"}
 aten = torch.ops.aten

@@ -103,7 +103,10 @@ def _fused_act_quant(kind: str) -> bool:
 # Whether the decode program's MoE up GEMM (SwiGLU epilogue) writes h quantized for the down GEMM
 # (kernels/moe.py quant_out: h rounded to the activation dtype, then act_quant's arithmetic in the
 # epilogue; bit-identical, one act_quant launch fewer per MoE layer, its column tiles fixed at 128).
-# DSV3_TORCH_MOE_QUANT_H=1 at build time turns it on; off by default until measured on the H200.
+# DSV3_TORCH_MOE_QUANT_H=1 at build time turns it on. Off by default: measured slower on the H200 (session 9,
+# CUDA graphs, 16b fp8 MoE): the quantizing up GEMM (128-wide tiles) 26.7 us at T=1 against 24.4 for the
+# up GEMM (32-wide) + act_quant, the whole MoE 43.4 / 115.6 / 212.7 us against 40.9 / 110.2 / 197.8 at
+# T = 1 / 8 / 64; 4-layer decode program (unprofiled, graph) 0.61 / 0.82 ms at batch 1 / 8 against 0.56 / 0.77.
 MOE_QUANT_H_ENV = "DSV3_TORCH_MOE_QUANT_H"
 MOE_QUANT_H_CHOICES = {"1": "the up GEMM quantizes h, decode program", "0": "act_quant launch for h"}
 

@@ -113,19 +113,52 @@ class Engine:
         pos = last + 1
         out: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b
+        # Greedy tokens never leave the device: the next step is queued before the host reads this
+        # token, so the host's bookkeeping and its launch of step n+1 overlap the device running step n
+        # (one step is queued past an end-of-sequence stop and dropped). Sampling reads the logits on
+        # the host (sample), so it runs one step at a time.
+        ahead = temperature <= 0.0
+        token = sample(next_logits, temperature, top_p, generator)  # [b]
         for step_index in range(max_new_tokens):
-            token = sample(next_logits, temperature, top_p, generator)  # [b]
-            for row, t in enumerate(token.tolist()):
+            last = step_index == max_new_tokens - 1
+            host = _HostCopy(token)  # queued before the next step, so it waits for this token only
+            if ahead and not last:
+                token, pos = self._decode(token, pos, cache, temperature, top_p, generator)
+            for row, t in enumerate(host.values()):
                 if not done[row]:
                     out[row].append(t)
                     done[row] = eos_id is not None and t == eos_id
-            if all(done) or step_index == max_new_tokens - 1:
+            if all(done) or last:
                 break
-            logits, new_kv = self.step(token[:, None], pos, cache)  # [b, 1, V]
-            write_cache(cache, new_kv, pos)
-            next_logits = logits[:, 0]
-            pos = pos + 1
+            if not ahead:
+                token, pos = self._decode(token, pos, cache, temperature, top_p, generator)
         return out[0] if single else out
+
+    def _decode(self, token: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step for tokens [b] at positions pos [b]: the cache written, -> (next tokens, pos + 1)."""
+        logits, new_kv = self.step(token[:, None], pos, cache)  # [b, 1, V]
+        write_cache(cache, new_kv, pos)
+        return sample(logits[:, 0], temperature, top_p, generator), pos + 1
+
+
+class _HostCopy:
+    """A device tensor's values on the host, copied without waiting for work queued after the copy
+    (a pinned buffer and an event on CUDA; .tolist() would wait for the whole stream)."""
+
+    def __init__(self, values: torch.Tensor):
+        if values.is_cuda:
+            self._buffer = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._buffer.copy_(values, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._buffer, self._done = values.clone(), None
+
+    def values(self) -> list:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._buffer.tolist()
 
 
 def load_engine(engine_dir: str | Path, check_hashes: bool = True) -> Engine:

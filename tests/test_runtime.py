@@ -99,3 +99,30 @@ def test_bad_requests_are_refused():
         engine.generate([1, 1000])
     with pytest.raises(ValueError, match="at least one token"):
         engine.generate([[1, 2], []])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_greedy_queues_the_next_step_before_reading_the_token(monkeypatch, temperature):
+    """Greedy: step n+1 is queued before the host reads token n (on a GPU the host's bookkeeping
+    overlaps the device's step; tokens unchanged, one step queued past an end-of-sequence stop).
+    Sampling reads the logits on the host, so it alternates."""
+    import dsv3_export.runtime as runtime
+
+    engine, events = torch_engine(), []
+    call = TorchStep.__call__
+    monkeypatch.setattr(TorchStep, "__call__", lambda self, tokens, pos, cache: (
+        events.append(f"step{tokens.shape[1]}"), call(self, tokens, pos, cache))[1])
+    read = runtime._HostCopy.values
+    monkeypatch.setattr(runtime._HostCopy, "values", lambda self: (events.append("read"), read(self))[1])
+    tokens = engine.generate(PROMPTS[0], max_new_tokens=4, temperature=temperature, seed=3)
+    assert len(tokens) == 4
+    prefill = f"step{len(PROMPTS[0])}"
+    if temperature == 0.0:
+        assert tokens == reference_greedy(tiny_model(), PROMPTS[0], 4)
+        assert events == [prefill, "step1", "read", "step1", "read", "step1", "read", "read"], events
+        events.clear()
+        eos = tokens[1]
+        assert engine.generate(PROMPTS[0], max_new_tokens=4, eos_id=eos) == tokens[:tokens.index(eos) + 1]
+        assert events.count("step1") == tokens.index(eos) + 1, events  # one queued past the stop
+    else:
+        assert events == [prefill, "read", "step1", "read", "step1", "read", "step1", "read"], events

@@ -227,6 +227,7 @@ def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds,
         start = torch.zeros(1, dtype=torch.int64, device=DEVICE)
         out["prefill_ms_b1"] = cuda_ms(lambda: step(tokens, start, cache), iters=3, warmup=1)
     out["decode_uses_cuda_graph"] = step._graphs is not None and not step._graphs.failed
+    out["generate_ms_per_token"] = guarded_dict(lambda: generate_ms_per_token(step, model, 1))
     if profiles is not None:  # holds this engine until they run (memory: its packages and CUDA graphs)
         profiles.append(lambda: {"decode_b1_kernels": guarded_dict(lambda: decode_kernel_profile(direct, model, prompt_len)),
                                  "decode_b1_graph_timeline": guarded_dict(
@@ -349,6 +350,26 @@ def generate_check(step: AOTIStep, model, new_tokens: int = 16) -> dict[str, Any
     same = next((i for i, (x, y) in enumerate(zip(want, got)) if x != y), new_tokens)
     return {"generate_tokens": got, "generate_s": round(generate_s, 3),
             "generate_identical_prefix_vs_reference": same, "generate_new_tokens": new_tokens}
+
+
+def generate_ms_per_token(step: AOTIStep, model, batch: int, new_tokens: int = 64) -> dict[str, Any]:
+    """Engine.generate's greedy loop per token (one-token prompts: the decode program alone serves),
+    with the next step queued before the host reads each token (the runtime's default) and one step
+    at a time (queue_ahead=False, the loop before session 9): what a caller of generate sees per token,
+    host reads and launches included, against the timing loop's back-to-back steps."""
+    out = {}
+    new_tokens = min(new_tokens, model.args.max_seq_len - 1)  # the one-token prompt + the new tokens fit
+    for name, ahead in (("queued", True), ("one_at_a_time", False)):
+        engine = Engine(manifest=types.SimpleNamespace(model=model.args.to_dict()), step=step, path=Path("."),
+                        queue_ahead=ahead)
+        prompts = [[(17 + 31 * row) % model.args.vocab_size] for row in range(batch)]
+        engine.generate(prompts, 4)  # warm (graph captured)
+        sync()
+        t = time.perf_counter()
+        engine.generate(prompts, new_tokens)
+        sync()
+        out[f"b{batch}_{name}"] = round((time.perf_counter() - t) * 1e3 / new_tokens, 3)
+    return out
 
 
 def cuda_ms_safe(fn: Callable[[], float]) -> float | str:
@@ -500,6 +521,10 @@ def _engine_notes(label: str, eng: dict[str, Any]) -> list[str]:
                      f"identical to the reference's greedy tokens for the first "
                      f"{eng['generate_identical_prefix_vs_reference']}; decode CUDA graph used: "
                      f"{eng.get('decode_uses_cuda_graph')}")
+    gen = eng.get("generate_ms_per_token") or {}
+    if "b1_queued" in gen:
+        lines.append(f"{label}: Engine.generate, greedy, batch 1: {gen['b1_queued']} ms/token with the next step queued "
+                     f"before each token is read, {gen['b1_one_at_a_time']} one step at a time")
     prof = eng.get("decode_b1_kernels") or {}
     if "top" in prof:
         lines.append(f"{label}: batch-1 decode step, {prof['what']}: {prof['launches_per_step']} per step, "

@@ -47,6 +47,7 @@ class Engine:
     manifest: Manifest
     step: StepFunction
     path: Path
+    queue_ahead: bool = True  # greedy: step n+1 queued before token n is read (generate); False: one at a time
 
     @cached_property
     def args(self) -> ModelArgs:
@@ -117,7 +118,7 @@ class Engine:
         # token, so the host's bookkeeping and its launch of step n+1 overlap the device running step n
         # (one step is queued past an end-of-sequence stop and dropped). Sampling reads the logits on
         # the host (sample), so it runs one step at a time.
-        ahead = temperature <= 0.0
+        ahead = self.queue_ahead and temperature <= 0.0
         token = sample(next_logits, temperature, top_p, generator)  # [b]
         for step_index in range(max_new_tokens):
             last = step_index == max_new_tokens - 1

@@ -32,6 +32,8 @@ def test_cpu_smoke_decode_only_profile_run(tmp_path):
     assert "generate_tokens" not in engine  # needs the prefill program, not built here
     assert engine["decode_b1_kernels"]["launches_per_step"] > 0, engine["decode_b1_kernels"]
     assert "skipped" in engine["decode_b1_graph_timeline"], engine["decode_b1_graph_timeline"]  # needs a GPU
+    gen = engine["generate_ms_per_token"]  # one-token prompts: the decode program alone serves generate
+    assert gen["b1_queued"] > 0 and gen["b1_one_at_a_time"] > 0, gen
     assert 0 < fp8["floor"]["decode_ms_b1"] <= fp8["floor"]["decode_ms_b2"]  # rounded to 1 us: tiny may tie
     assert "| fp8 | engine |" in done.stdout
     assert "fuse_shared_experts" not in engine["decode_passes"], engine["decode_passes"]

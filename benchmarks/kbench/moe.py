@@ -197,6 +197,26 @@ MOE_CFG_CANDIDATES = (  # (BLOCK_N, num_warps, num_stages)
 )
 
 
+def _decode_experts(sh: Shapes):
+    """The 16b fp8 MoE's experts as fuse_shared_experts leaves them (E = routed + 2 shared, k = top-k + 2),
+    random, quantized 128x128 -> (E, k, w13, w13 scales, w2, w2 scales)."""
+    d, i = sh.dim, sh.moe_inter
+    e, k = sh.n_experts + 2, sh.topk + 2  # fuse_shared_experts: 2 shared experts every token takes
+    w13, w13s = _quantized_experts(torch.randn(e, 2 * i, d, device=sh.device) / d**0.5)
+    w2, w2s = _quantized_experts(torch.randn(e, d, i, device=sh.device) / i**0.5)
+    return e, k, w13, w13s, w2, w2s
+
+
+def _decode_tokens(sh: Shapes, t: int, e: int, k: int):
+    """T random bf16 tokens, each routed to top-k of the routed experts and to every shared one
+    -> (x [T, D], ids [T, k], routing weights [T, k], experts active)."""
+    x = torch.randn(t, sh.dim, device=sh.device, dtype=torch.bfloat16)
+    routed = torch.randn(t, sh.n_experts, device=sh.device).topk(sh.topk, dim=-1)[1]
+    shared = torch.arange(sh.n_experts, e, device=sh.device).expand(t, -1)
+    ids = torch.cat([routed, shared], 1)  # [T, k]
+    return x, ids, torch.rand(t, k, device=sh.device), int(torch.unique(ids).numel())
+
+
 def bench_moe_configs(report: Report, sh: Shapes, quick: bool) -> None:
     """Each grouped-GEMM config on the 16b fp8 MoE's two GEMMs at decode sizes, in CUDA graphs: which
     tile the decode program should tune to (AOTInductor autotunes once, at its example batch)."""
@@ -207,18 +227,11 @@ def bench_moe_configs(report: Report, sh: Shapes, quick: bool) -> None:
 
     torch.manual_seed(0)
     d, i = sh.dim, sh.moe_inter
-    e, k = sh.n_experts + 2, sh.topk + 2  # fuse_shared_experts: 2 shared experts every token takes
-    w13, w13s = _quantized_experts(torch.randn(e, 2 * i, d, device=sh.device) / d**0.5)
-    w2, w2s = _quantized_experts(torch.randn(e, d, i, device=sh.device) / i**0.5)
+    e, k, w13, w13s, w2, w2s = _decode_experts(sh)
     configs = list(M.GROUPED_GEMM_CONFIGS) + [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
                                               for bn, w, st in MOE_CFG_CANDIDATES]
     for t in sh.decode_m:
-        x = torch.randn(t, d, device=sh.device, dtype=torch.bfloat16)
-        routed = torch.randn(t, sh.n_experts, device=sh.device).topk(sh.topk, dim=-1)[1]
-        shared = torch.arange(sh.n_experts, e, device=sh.device).expand(t, -1)
-        ids = torch.cat([routed, shared], 1)  # [T, k]
-        tw = torch.rand(t, k, device=sh.device)
-        active = int(torch.unique(ids).numel())
+        x, ids, tw, active = _decode_tokens(sh, t, e, k)
         sorted_ids, expert_ids, npp = M.moe_align(ids, e, M.choose_block_m(t, k, e))
         xq, xs = Q.act_quant(x)
         h = M.grouped_gemm(xq, w13, sorted_ids, expert_ids, npp, k, a_scale=xs, w_scale=w13s, fuse_swiglu=True)
@@ -264,17 +277,10 @@ def bench_moe_scan(report: Report, sh: Shapes, quick: bool) -> None:
 
     torch.manual_seed(0)
     d, i = sh.dim, sh.moe_inter
-    e, k = sh.n_experts + 2, sh.topk + 2  # fuse_shared_experts: 2 shared experts every token takes
-    w13, w13s = _quantized_experts(torch.randn(e, 2 * i, d, device=sh.device) / d**0.5)
-    w2, w2s = _quantized_experts(torch.randn(e, d, i, device=sh.device) / i**0.5)
+    e, k, w13, w13s, w2, w2s = _decode_experts(sh)
     for t in MOE_SCAN_T if sh.device == "cuda" else sh.decode_m:
-        x = torch.randn(t, d, device=sh.device, dtype=torch.bfloat16)
-        routed = torch.randn(t, sh.n_experts, device=sh.device).topk(sh.topk, dim=-1)[1]
-        shared = torch.arange(sh.n_experts, e, device=sh.device).expand(t, -1)
-        ids = torch.cat([routed, shared], 1)  # [T, k]
-        tw = torch.rand(t, k, device=sh.device)
+        x, ids, tw, active = _decode_tokens(sh, t, e, k)
         xq, xs = Q.act_quant(x)
-        active = int(torch.unique(ids).numel())
         nbytes = active * 3 * i * d  # fp8 w13 [2I, D] + w2 [D, I] of each active expert
 
         def aligned():
@@ -321,18 +327,11 @@ def bench_moe_qh(report: Report, sh: Shapes, quick: bool) -> None:
 
     torch.manual_seed(0)
     d, i = sh.dim, sh.moe_inter
-    e, k = sh.n_experts + 2, sh.topk + 2  # fuse_shared_experts: 2 shared experts every token takes
-    w13, w13s = _quantized_experts(torch.randn(e, 2 * i, d, device=sh.device) / d**0.5)
-    w2, w2s = _quantized_experts(torch.randn(e, d, i, device=sh.device) / i**0.5)
+    e, k, w13, w13s, w2, w2s = _decode_experts(sh)
     pinned = M.QUANT_OUT_CONFIGS[0]
     for t in MOE_QH_T if sh.device == "cuda" else sh.decode_m:
-        x = torch.randn(t, d, device=sh.device, dtype=torch.bfloat16)
-        routed = torch.randn(t, sh.n_experts, device=sh.device).topk(sh.topk, dim=-1)[1]
-        shared = torch.arange(sh.n_experts, e, device=sh.device).expand(t, -1)
-        ids = torch.cat([routed, shared], 1)  # [T, k]
-        tw = torch.rand(t, k, device=sh.device)
+        x, ids, tw, active = _decode_tokens(sh, t, e, k)
         xq, xs = Q.act_quant(x)
-        active = int(torch.unique(ids).numel())
         up_kw = dict(a_scale=xs, w_scale=w13s, fuse_swiglu=True)
         aligned = M.moe_align(ids, e, 16)
 

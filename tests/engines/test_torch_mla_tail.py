@@ -28,21 +28,14 @@ with gemmq one head_gemm_quant per layer for W_UV's head_gemm and wo's act_quant
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 
-_SCRIPT = r'''
-import os, sys, json, dataclasses
-mode, seed = sys.argv[1], int(sys.argv[2])
+from tests.engines._program_script import SCRIPT_PREAMBLE, run_script
+
+_SCRIPT = SCRIPT_PREAMBLE + r'''
+import dataclasses
 SWITCHES = ("1", "gemmq", "0")
-if mode == "interpret":
-    os.environ["TRITON_INTERPRET"] = "1"
-else:
-    os.environ.pop("TRITON_INTERPRET", None)  # traced kernels must be real JITFunctions for wrap_triton
 import torch
 from dsv3_export.engines.torch_lower import lower_dsv3_ops
 from dsv3_export.engines.torch_mla_tail import fuse_mla_tail
@@ -136,11 +129,7 @@ print(json.dumps(out))
 
 
 def _run(mode: str, seed: int = 0) -> dict:
-    pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, mode, str(seed % 2**31)], check=False,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_script(_SCRIPT, mode, seed)
 
 
 LAYERS = 3

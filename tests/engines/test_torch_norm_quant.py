@@ -15,25 +15,17 @@ for the kernels it launches.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+
+from tests.engines._program_script import SCRIPT_PREAMBLE, run_script
 
 # No module-level `import triton` (or importorskip) here: collected before tests/kernels/conftest.py
 # sets TRITON_INTERPRET=1, it would build triton.language's own jit helpers (tl.cdiv, ...) as
 # compiled functions, and every interpreted kernel calling one fails ("Cannot call @triton.jit'd
 # outside of the scope of a kernel"). Each test asks for triton itself.
 
-_SCRIPT = r'''
-import os, sys, json
-mode, seed = sys.argv[1], int(sys.argv[2])
-if mode == "interpret":
-    os.environ["TRITON_INTERPRET"] = "1"
-else:
-    os.environ.pop("TRITON_INTERPRET", None)  # traced kernels must be real JITFunctions for wrap_triton
+_SCRIPT = SCRIPT_PREAMBLE + r'''
 import torch
 from dsv3_export.engines.torch_norm_quant import fuse_norm_act_quant
 from dsv3_export.export import export_step
@@ -80,14 +72,7 @@ print(json.dumps(out))
 
 
 def _run(mode: str, seed: int = 0) -> dict:
-    import json
-
-    pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, mode, str(seed % 2**31)], check=False,
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "DSV3_TORCH_NORM_QUANT": "1"})  # off by default
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_script(_SCRIPT, mode, seed, env={"DSV3_TORCH_NORM_QUANT": "1"})  # off by default
 
 
 # tiny: 3 layers x (attn_norm, ffn_norm) feed fp8 GEMMs; 3 kv_norms (-> the cache) and the final

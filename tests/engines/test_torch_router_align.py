@@ -16,21 +16,13 @@ argument named in each launch (the 16b launch test's rule).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
+
+from tests.engines._program_script import SCRIPT_PREAMBLE, run_script
 
 LAYERS = 2  # the tiny preset's MoE layers (3 layers, 1 dense)
 
-_SCRIPT = r'''
-import os, sys, json
-mode, seed = sys.argv[1], int(sys.argv[2])
-if mode == "interpret":
-    os.environ["TRITON_INTERPRET"] = "1"
-else:
-    os.environ.pop("TRITON_INTERPRET", None)  # traced kernels must be real JITFunctions for wrap_triton
+_SCRIPT = SCRIPT_PREAMBLE + r'''
 import torch
 from dsv3_export.engines import torch_triton as tt
 from dsv3_export.engines.torch_lower import lower_dsv3_ops
@@ -105,11 +97,7 @@ print(json.dumps(out))
 
 
 def _run(mode: str, seed: int = 0) -> dict:
-    pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, mode, str(seed % 2**31)], check=False,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_script(_SCRIPT, mode, seed)
 
 
 @pytest.mark.slow  # ~40-80 s: the tiny decode programs exported, lowered 6 times and run by the interpreter

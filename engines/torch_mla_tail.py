@@ -93,18 +93,12 @@ def decode_tail(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, 
 def decode_gemm_quant(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
                       start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, absorb_gemm: bool
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dsv3_aoti::mla_attention's decode step for step (decode_query, mla_decode with the runtime split
-    rule and its reduce), then W_UV and wo's act_quant by head_gemm_quant -> (q fp8 [b, h * 128],
+    """dsv3_aoti::mla_attention's decode path itself (engines/torch_triton.py decode_latent: decode_query,
+    mla_decode with the runtime split rule and its reduce), then W_UV and wo's act_quant by head_gemm_quant -> (q fp8 [b, h * 128],
     s fp32 [b, h]): the same bits as head_gemm + act_quant (dv == 128, bf16/fp16; checked by _match)."""
-    b, s, h, dn = q_nope.shape
-    c = wkv_b.shape[-1]
-    torch._check(s == 1, lambda: f"dsv3_aoti::mla_attention_q (gemmq): decode needs one new position, got {s}")
-    w = wkv_b.view(h, -1, c)  # [h, dn + dv, c]
-    w_uk, w_uv = w[:, :dn], w[:, dn:]  # [h, dn, c], [h, dv, c]
-    seen = start_pos.clamp(0, kv_cache.shape[1]).to(torch.int32)  # [b] cached keys per row
-    q_latent = tt.decode_query(q_nope, w_uk, absorb_gemm)  # [b, h, c]
-    lat = kd.mla_decode(q_latent, q_pe.contiguous()[:, 0], kv_cache[..., :c], kv_cache[..., c:], seen, softmax_scale,
-                        kv_new=kv_new[:, 0, :c], pe_new=kv_new[:, 0, c:], runtime_splits=True)  # [b, h, c]
+    lat, w_uv = tt.decode_latent(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, absorb_gemm,
+                                 "dsv3_aoti::mla_attention_q (gemmq)")  # [b, h, c], [h, dv, c]
+    b, h = lat.shape[:2]
     q = torch.empty((b, h * w_uv.shape[1]), dtype=FP8_DTYPE, device=q_nope.device)  # [b, h * dv]
     scale = torch.empty((b, h), dtype=torch.float32, device=q_nope.device)  # [b, h]: one block per head
     tt._launch(ka.head_gemm_quant_spec(lat, w_uv.transpose(1, 2), q, scale, ka.DECODE_MAX_M, lat.is_cuda))

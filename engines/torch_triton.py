@@ -322,6 +322,25 @@ def decode_query(q_nope: torch.Tensor, w_uk: torch.Tensor, absorb_gemm: bool) ->
     return torch.einsum("bshd,hdc->bshc", q_nope, w_uk).contiguous()[:, 0]
 
 
+def decode_latent(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
+                  start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, absorb_gemm: bool,
+                  op: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode attention up to W_UV: W_UK into the query (decode_query), then mla_decode over the
+    cache rows t < min(start_pos, T) and the one new key, under the runtime split rule with its reduce
+    -> (lat [b, h, c], w_uv [h, dv, c]). dsv3_aoti::mla_attention's decode and engines/torch_mla_tail.py's
+    gemmq form both run this one path, so the W_UV they apply sees the same bits. op names the caller."""
+    _, s, h, dn = q_nope.shape
+    c = wkv_b.shape[-1]
+    torch._check(s == 1, lambda: f"{op}: decode needs one new position, got {s}")
+    w = wkv_b.view(h, -1, c)  # [h, dn + dv, c]
+    w_uk, w_uv = w[:, :dn], w[:, dn:]  # [h, dn, c], [h, dv, c]
+    seen = start_pos.clamp(0, kv_cache.shape[1]).to(torch.int32)  # [b] cached keys per row
+    q_latent = decode_query(q_nope, w_uk, absorb_gemm)  # [b, h, c]
+    lat = kd.mla_decode(q_latent, q_pe.contiguous()[:, 0], kv_cache[..., :c], kv_cache[..., c:], seen, softmax_scale,
+                        kv_new=kv_new[:, 0, :c], pe_new=kv_new[:, 0, c:], runtime_splits=True)  # [b, h, c]
+    return lat, w_uv
+
+
 @triton_op("dsv3_aoti::mla_attention", mutates_args={})
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
                   start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, decode: bool,
@@ -342,23 +361,21 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor
 
         return decode_tail(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, absorb_gemm,
                            False)[:, None]  # [b, 1, h, dv]
-    _, s, h, dn = q_nope.shape
+    if decode:
+        absorb_gemm = absorb_gemm and q_nope.dtype in ka.DOT_DTYPES  # fp32 dots would be TF32
+        lat, w_uv = decode_latent(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, absorb_gemm,
+                                  "dsv3_aoti::mla_attention")  # [b, h, c], [h, dv, c]
+        if absorb_gemm:
+            return _head_gemm(lat, w_uv.transpose(1, 2))[:, None]  # [b, 1, h, dv]
+        return torch.einsum("bshc,hdc->bshd", lat[:, None], w_uv)  # [b, 1, h, dv]
+    h, dn = q_nope.shape[2:]
     c = wkv_b.shape[-1]
     w = wkv_b.view(h, -1, c)  # [h, dn + dv, c]
     w_uk, w_uv = w[:, :dn], w[:, dn:]  # [h, dn, c], [h, dv, c]
-    absorb_gemm = absorb_gemm and decode and q_nope.dtype in ka.DOT_DTYPES  # fp32 dots would be TF32
     q_pe = q_pe.contiguous()
     seen = start_pos.clamp(0, kv_cache.shape[1]).to(torch.int32)  # [b] cached keys per row
     kv_c, pe_c = kv_cache[..., :c], kv_cache[..., c:]  # [b, T, c], [b, T, r]
     kv_n, pe_n = kv_new[..., :c], kv_new[..., c:]  # [b, s, c], [b, s, r]
-    if decode:
-        torch._check(s == 1, lambda: f"dsv3_aoti::mla_attention: decode needs one new position, got {s}")
-        q_latent = decode_query(q_nope, w_uk, absorb_gemm)  # [b, h, c]
-        lat = kd.mla_decode(q_latent, q_pe[:, 0], kv_c, pe_c, seen, softmax_scale, kv_new=kv_n[:, 0],
-                            pe_new=pe_n[:, 0], runtime_splits=True)  # [b, h, c]
-        if absorb_gemm:
-            return _head_gemm(lat, w_uv.transpose(1, 2))[:, None]  # [b, 1, h, dv]
-        return torch.einsum("bshc,hdc->bshd", lat[:, None], w_uv)  # [b, 1, h, dv]
     q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk).contiguous()  # [b, s, h, c]
     lat = kp.mla_prefill(q_latent, q_pe, kv_c, pe_c, seen, softmax_scale, kv_new=kv_n, pe_new=pe_n)
     return torch.einsum("bshc,hdc->bshd", lat, w_uv)  # [b, s, h, dv]

@@ -46,10 +46,11 @@ import dsv3_export.ops  # noqa: F401  (registers the dsv3:: ops matched here)
 from dsv3_export.engines import torch_norm_quant  # noqa: F401  (registers dsv3_aoti::fp8_linear_q)
 from dsv3_export.engines import torch_triton as tt
 from dsv3_export.engines.torch_step import env_choice
+from dsv3_export.kernels import fp8_quant as kq
 from dsv3_export.kernels import mla_absorb as ka
 from dsv3_export.kernels import mla_decode as kd
 from dsv3_export.kernels import mla_tail as kt
-from dsv3_export.kernels._common import FP8_DTYPE, QUANT_BLOCK
+from dsv3_export.kernels._common import QUANT_BLOCK
 from dsv3_export.passes.graph_utils import is_call
 from dsv3_export.passes.program_state import ProgramState
 
@@ -94,13 +95,12 @@ def decode_gemm_quant(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Te
                       start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, absorb_gemm: bool
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """dsv3_aoti::mla_attention's decode path itself (engines/torch_triton.py decode_latent: decode_query,
-    mla_decode with the runtime split rule and its reduce), then W_UV and wo's act_quant by head_gemm_quant -> (q fp8 [b, h * 128],
-    s fp32 [b, h]): the same bits as head_gemm + act_quant (dv == 128, bf16/fp16; checked by _match)."""
+    mla_decode with the runtime split rule and its reduce), then W_UV and wo's act_quant by head_gemm_quant
+    -> (q fp8 [b, h * 128], s fp32 [b, h]): the same bits as head_gemm + act_quant (dv == 128, bf16/fp16; checked by _match)."""
     lat, w_uv = tt.decode_latent(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, absorb_gemm,
                                  "dsv3_aoti::mla_attention_q (gemmq)")  # [b, h, c], [h, dv, c]
     b, h = lat.shape[:2]
-    q = torch.empty((b, h * w_uv.shape[1]), dtype=FP8_DTYPE, device=q_nope.device)  # [b, h * dv]
-    scale = torch.empty((b, h), dtype=torch.float32, device=q_nope.device)  # [b, h]: one block per head
+    q, scale = kq.act_quant_outputs(b, h * w_uv.shape[1], q_nope.device)  # [b, h * dv], [b, h]: a block per head
     tt._launch(ka.head_gemm_quant_spec(lat, w_uv.transpose(1, 2), q, scale, ka.DECODE_MAX_M, lat.is_cuda))
     return q, scale
 

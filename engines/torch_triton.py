@@ -49,7 +49,6 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import torch
-import triton
 from torch.library import triton_op, wrap_triton
 
 from dsv3_export.kernels import fp8_gemm as kg
@@ -60,7 +59,7 @@ from dsv3_export.kernels import mla_prefill as kp
 from dsv3_export.kernels import moe as km
 from dsv3_export.kernels import topk as kt
 from dsv3_export.engines.torch_step import env_choice
-from dsv3_export.kernels._common import FP8_DTYPE, QUANT_BLOCK, LaunchSpec, cdiv, fake_values_only, is_interpreted
+from dsv3_export.kernels._common import QUANT_BLOCK, LaunchSpec, cdiv, fake_values_only, is_interpreted
 
 BLOCK_M = {"decode": 16, "prefill": 64}
 # moe_align's traced form in the packages (kernels/moe.py TRACED_ALIGN_FORMS), read when a program is
@@ -165,9 +164,7 @@ def _moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int):
 
 def _act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> fp8 [M, K], fp32 scales [M, ceil(K/128)] (kernels/fp8_quant.py)."""
-    m, k = x.shape
-    q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty((m, triton.cdiv(k, QUANT_BLOCK)), dtype=torch.float32, device=x.device)
+    q, s = kq.act_quant_outputs(*x.shape, x.device)
     _launch(kq.act_quant_spec(x, q, s, x.is_cuda))  # the scale's rounding as torch's on x's device
     return q, s
 
@@ -182,7 +179,7 @@ def _grouped_gemm(a, w, routing, topk: int, out_dtype: torch.dtype, *, a_scale=N
     t = a.shape[0]
     n_out = w.shape[1] // 2 if swiglu else w.shape[1]
     if quant_out:
-        out, out_scale = km.quant_out_buffers(t * topk, n_out, a.device)
+        out, out_scale = kq.act_quant_outputs(t * topk, n_out, a.device)
     else:
         out, out_scale = torch.empty((t * topk, n_out), dtype=out_dtype, device=a.device), None
     if isinstance(routing, ScanRouting):

@@ -155,6 +155,14 @@ _act_quant_ieee_tuned = autotune_or_single(_act_quant_ieee_kernel, ACT_QUANT_CON
 _weight_dequant_tuned = autotune_or_single(_weight_dequant_kernel, DEQUANT_CONFIGS, key=["N", "K"])
 
 
+def act_quant_outputs(rows, cols, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """act_quant's outputs for a [rows, cols] input, allocated: q fp8 e4m3fn [rows, cols] and s fp32
+    [rows, ceil(cols/128)]; also what the kernels that quantize their own output write (rows, cols may
+    be symbolic)."""
+    return (torch.empty((rows, cols), dtype=FP8_DTYPE, device=device),
+            torch.empty((rows, cdiv(cols, QUANT_BLOCK)), dtype=torch.float32, device=device))
+
+
 def act_quant(x: torch.Tensor, block_size: int = QUANT_BLOCK, *, config: triton.Config | None = None,
               scale_reciprocal: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (q fp8 e4m3fn [M, K], s fp32 [M, ceil(K/128)]). `config` forces one tuning config.
@@ -168,8 +176,7 @@ def act_quant(x: torch.Tensor, block_size: int = QUANT_BLOCK, *, config: triton.
     if x.stride(1) != 1:
         raise ValueError(f"act_quant: x must have unit stride along K, got strides {x.stride()}")
     m, k = x.shape
-    q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty((m, cdiv(k, block_size)), dtype=torch.float32, device=x.device)
+    q, s = act_quant_outputs(m, k, x.device)
     if m == 0 or k == 0:
         return q, s
     reciprocal = x.is_cuda if scale_reciprocal is None else scale_reciprocal

@@ -50,9 +50,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3_export.kernels._common import FP8_DTYPE, QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv, check_tensor, \
+from dsv3_export.kernels._common import QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv, check_tensor, \
     is_interpreted, launch, next_pow2
-from dsv3_export.kernels.fp8_quant import act_quant_ref, quantize_rows
+from dsv3_export.kernels.fp8_quant import act_quant_outputs, act_quant_ref, quantize_rows
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DOT_DTYPES = (torch.bfloat16, torch.float16)  # what the engine passes (fp32 dots would be TF32 on the GPU)
@@ -249,8 +249,7 @@ def head_gemm_quant(x: torch.Tensor, w: torch.Tensor, *, scale_reciprocal: bool 
     scale_reciprocal: as act_quant's (default: x.is_cuda). config: one of HEAD_GEMM_QUANT_CONFIGS (tests)."""
     check_head_gemm_quant(x, w)
     m, h, _ = x.shape
-    q = torch.empty((m, h * QUANT_BLOCK), dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty((m, h), dtype=torch.float32, device=x.device)
+    q, s = act_quant_outputs(m, h * QUANT_BLOCK, x.device)  # [M, H * 128], [M, H]
     if m and h:
         reciprocal = x.is_cuda if scale_reciprocal is None else scale_reciprocal
         launch(*head_gemm_quant_spec(x, w, q, s, m_bucket(m), reciprocal), config)

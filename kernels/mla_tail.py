@@ -51,9 +51,9 @@ import triton
 import triton.language as tl
 
 from dsv3_export.kernels import mla_decode as kd
-from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv, check_tensor,
+from dsv3_export.kernels._common import (QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv, check_tensor,
                                          is_interpreted, launch, next_pow2)
-from dsv3_export.kernels.fp8_quant import quantize_rows
+from dsv3_export.kernels.fp8_quant import act_quant_outputs, quantize_rows
 from dsv3_export.kernels.mla_attention import _check_caches, _check_new
 from dsv3_export.kernels.mla_splits import (MIN_SPLIT_KEYS, RUNTIME_MIN_SPLITS, _batch_splits, _block_h, _row_splits,
                                            runtime_num_splits)
@@ -160,8 +160,7 @@ def b_bucket(b: int) -> int:
 def tail_outputs(batch, heads: int, dv: int, dtype: torch.dtype, quant: bool, device: torch.device):
     """The kernel's outputs, allocated: (q fp8 [B, H * DV], s fp32 [B, H]) or (out [B, H, DV], None)."""
     if quant:
-        return (torch.empty((batch, heads * dv), dtype=FP8_DTYPE, device=device),
-                torch.empty((batch, heads), dtype=torch.float32, device=device))
+        return act_quant_outputs(batch, heads * dv, device)  # [B, H * DV], [B, H] (dv == 128)
     return torch.empty((batch, heads, dv), dtype=dtype, device=device), None
 
 

@@ -33,10 +33,11 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv,
+from dsv3_export.kernels._common import FP8_DTYPE  # noqa: F401 (re-exported: the tests read moe.FP8_DTYPE)
+from dsv3_export.kernels._common import (QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv,
                                          check_tensor, is_interpreted, launch, next_pow2)
 from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
-from dsv3_export.kernels.fp8_quant import quantize_rows
+from dsv3_export.kernels.fp8_quant import act_quant_outputs, quantize_rows
 from dsv3_export.kernels.moe_checks import OUT_DTYPES  # noqa: F401 (re-exported)
 from dsv3_export.kernels.moe_checks import DENSE_DTYPES, check_alignment, check_operands, check_scan_routing
 from dsv3_export.kernels.moe_ref import fused_moe_ref, grouped_gemm_ref  # noqa: F401 (re-exported)
@@ -265,12 +266,6 @@ def row_blocks(n_blocks, n_assignments):
     return torch.sym_min(n_blocks, n_assignments)
 
 
-def quant_out_buffers(rows, n_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A quant_out launch's outputs, act_quant's layout: fp8 [rows, n_out], fp32 [rows, ceil(n_out/128)]."""
-    return (torch.empty((rows, n_out), dtype=FP8_DTYPE, device=device),
-            torch.empty((rows, cdiv(n_out, QUANT_BLOCK)), dtype=torch.float32, device=device))
-
-
 def _outputs(fn: str, rows: int, n_out: int, out_dtype: torch.dtype, device: torch.device, quant_out: bool,
              config: triton.Config | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A launcher's out (and, with quant_out, the scales)."""
@@ -279,7 +274,7 @@ def _outputs(fn: str, rows: int, n_out: int, out_dtype: torch.dtype, device: tor
     if config is not None and config.kwargs.get("BLOCK_N") != QUANT_BLOCK:
         raise ValueError(f"{fn}: quant_out needs BLOCK_N={QUANT_BLOCK} (one scale block per column tile), "
                          f"got config {config}")
-    return quant_out_buffers(rows, n_out, device)
+    return act_quant_outputs(rows, n_out, device)
 
 
 def _epilogue(out: torch.Tensor, out_scale: torch.Tensor | None, round_dtype: torch.dtype):
@@ -328,7 +323,7 @@ def grouped_gemm_spec(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Te
                       round_dtype: torch.dtype = torch.bfloat16) -> LaunchSpec:
     """grouped_gemm's launch into out [T*topk, N or N/2] (inputs checked by the caller); block_m is
     inferred from moe_align's sizes, the grid's rows bounded by row_blocks (symbolic when traced).
-    out_scale (quant_out_buffers): out is fp8, the output rounded to round_dtype is quantized 1x128."""
+    out_scale (fp8_quant.act_quant_outputs): out is fp8, the output rounded to round_dtype is quantized 1x128."""
     t, k = a.shape
     n_out = out.shape[1]
     a_fp8, w_fp8 = a_scale is not None, w_scale is not None

@@ -49,6 +49,7 @@ from typing import Any, Callable
 import torch
 
 from dsv3_export.checkpoint import preset_model
+from dsv3_export.engines.cuda_graph_pdl import PdlPlan
 from dsv3_export.engines.torch import compile_package, lower_program, package_info, program_constants
 from dsv3_export.engines.torch_step import AOTIStep
 from dsv3_export.engines.torch_norm_quant import NORM_QUANT_DEFAULT, NORM_QUANT_ENV
@@ -56,6 +57,7 @@ from dsv3_export.engines.torch_router import ROUTER_ENV
 from dsv3_export.engines.torch_triton import (FUSED_ACT_QUANT_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_ENV, TOPK_DEFAULT,
                                              TOPK_ENV)
 from dsv3_export.export import export_step
+from dsv3_export.kernels.pdl import waiting_kernel_names
 from dsv3_export.passes.base import PassConfig
 from dsv3_export.passes.pipeline import PASS_NAMES, run_pipeline
 from dsv3_export.reports.reference import reference_generate
@@ -188,9 +190,33 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     return name, env
 
 
+def pdl_timings(step: AOTIStep, model, batches, context: int, iters: int, ports: list[str]) -> dict[str, Any]:
+    """The same build's decode graph with programmatic edges (engines/cuda_graph_pdl.py), per port, then as
+    captured again (the control: drift shows as control != the plain graph timed before): ms per step,
+    the edit's counts, and whether batch-1 logits are bit-identical to the plain graph's."""
+    a = model.args
+    cache = torch.randn(1, a.n_layers, context + 1, a.latent_cache_width, device=DEVICE).to(model.dtype)
+    tokens = torch.randint(0, a.vocab_size, (1, 1), device=DEVICE)
+    pos = torch.full((1,), context, dtype=torch.int64, device=DEVICE)
+    step.set_decode_pdl(None)
+    want = step(tokens, pos, cache)[0].clone()
+    out: dict[str, Any] = {}
+    for port in [*ports, "0"]:
+        key = f"pdl_{port}" if port != "0" else "pdl_control"
+        step.set_decode_pdl(PdlPlan(port, waiting_kernel_names()) if port != "0" else None)
+        for _ in range(3):  # captured, then replayed
+            got = step(tokens, pos, cache)[0]
+        out[f"{key}_logits_identical"] = bool(torch.equal(got, want))
+        out[f"{key}_edges"] = str(step.pdl_edges) if step.pdl_edges else "as captured"
+        for b in batches:
+            out[f"decode_ms_b{b}_{key}"] = cuda_ms_safe(lambda: time_step_decode(step, model, b, context, iters))
+    step.set_decode_pdl(None)
+    return out
+
+
 def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds,
                    env: dict[str, str] | None = None, programs: dict[str, Any] | None = None,
-                   profiles: list | None = None) -> dict[str, Any]:
+                   profiles: list | None = None, pdl_ports: list[str] | None = None) -> dict[str, Any]:
     """Build, check and time one engine. profiles: where to leave the engine's torch.profiler runs (a
     function returning their results), to be run after every build of the process is timed (None: none).
     Why deferred: on the H200 (session 9) every in-process build timed after a profiled one was slower
@@ -220,6 +246,8 @@ def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds,
     for b in batches:
         out[f"decode_ms_b{b}"] = cuda_ms_safe(lambda: time_step_decode(step, model, b, prompt_len, steps))
         out[f"decode_ms_b{b}_no_graph"] = cuda_ms_safe(lambda: time_step_decode(direct, model, b, prompt_len, steps))
+    if DEVICE == "cuda" and pdl_ports:
+        out.update(guarded_dict(lambda: pdl_timings(step, model, batches, prompt_len, steps, pdl_ports)))
     if "prefill" in kinds:
         tokens = torch.randint(0, a.vocab_size, (1, prompt_len), device=DEVICE)
         cache = torch.zeros(1, a.n_layers, prompt_len, a.latent_cache_width, device=DEVICE,
@@ -425,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", default=[], metavar="NAME:DSV3_TORCH_X=V[,...]",
                    help="also build and time the engine with these switches (repeatable), from the same "
                         "exported programs: results under engine-NAME")
+    p.add_argument("--pdl-ports", default="launch,programmatic",
+                   help="decode graphs also timed with programmatic edges from these ports ('' for none)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: smoke-test the script (tiny preset)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     opts = p.parse_args(argv)
@@ -489,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                 report.section(precision, section, opts.engine_need_s,
                                lambda: engine_section(model, precision, batches, opts.prompt_len, opts.decode_steps,
                                                       Path(tmp), tuple(opts.engine_kinds.split(",")), env, programs,
-                                                      profiles))
+                                                      profiles, list(filter(None, opts.pdl_ports.split(",")))))
             deferred += [(section, profiles)] if profiles else []
             gc.collect()
             if DEVICE == "cuda":
@@ -552,6 +582,9 @@ def markdown(data: dict[str, Any], batches: list[int]) -> str:
     for precision, sections in data["results"].items():
         engines = _engine_sections(sections)
         rows = [(e, "") for e in engines] + [(f"{e} (no CUDA graph)", "_no_graph") for e in engines]
+        rows += [(f"{e} (PDL {key[4:]})", f"_{key}") for e in engines for key in ("pdl_launch", "pdl_programmatic",
+                                                                                "pdl_control")
+                 if f"decode_ms_b{batches[0]}_{key}" in sections[e]]
         for name, key_suffix in rows + [("eager", ""), ("compile", ""), ("floor", "")]:
             sec = sections.get(name.split(" ")[0])
             if sec is None:

@@ -42,11 +42,13 @@ from torch.export import ExportedProgram
 
 from dsv3_export.engines.base import (BackendUnavailable, BuildOutput, Progress, Target, TensorSpec, dtype_name,
                                        torch_dtype)
+from dsv3_export.engines.cuda_graph_pdl import PORTS, PdlPlan
 from dsv3_export.engines.torch_cxx import select_cxx
 from dsv3_export.engines.torch_device import device_info, incompatibility
 from dsv3_export.engines.torch_lower import lower_dsv3_ops
 from dsv3_export.engines.torch_step import (CUDA_GRAPH_ENV, SINGLE_THREADED_ENV, AOTIStep, constant_records, env_choice,
                                             env_flag, load_weights, save_weights)
+from dsv3_export.kernels.pdl import waiting_kernel_names
 
 if TYPE_CHECKING:
     from dsv3_export.manifest import Manifest
@@ -187,6 +189,23 @@ def _aten_histogram(programs: Mapping[str, ExportedProgram]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+# Programmatic edges in the decode CUDA graph (engines/cuda_graph_pdl.py): "0" leaves the graph as captured.
+PDL_ENV = "DSV3_TORCH_PDL"
+PDL_CHOICES = {"0": "edges as captured",
+               "programmatic": "a waiting kernel launches once its producer's blocks have all exited",
+               "launch": "a waiting kernel launches once its producer's blocks have all started"}
+PDL_DEFAULT = "0"
+assert set(PDL_CHOICES) - {"0"} == set(PORTS)
+
+
+def decode_pdl(info: Mapping[str, Any]) -> PdlPlan | None:
+    """The decode graphs' programmatic edges: DSV3_TORCH_PDL's port over the kernels the manifest records as
+    waiting first (engines built before that record get none: their kernels may not wait)."""
+    port = env_choice(PDL_ENV, PDL_DEFAULT, PDL_CHOICES)
+    waiting = info.get("pdl_waiting_kernels") or []
+    return PdlPlan(port, frozenset(waiting)) if port != "0" and waiting else None
+
+
 def decode_cuda_graph(info: Mapping[str, Any]) -> bool:
     """Whether decode replays CUDA graphs: the manifest says so and DSV3_TORCH_CUDA_GRAPH is not 0."""
     return bool(info.get("decode_cuda_graph")) and env_flag(CUDA_GRAPH_ENV, True)
@@ -240,6 +259,8 @@ class TorchBackend:
             "packages": dict(PACKAGE_FILES),
             "weights": WEIGHTS_FILE,
             "decode_cuda_graph": target.device == "cuda",
+            # the Triton kernels inside the packages that start with griddepcontrol.wait (kernels/pdl.py)
+            "pdl_waiting_kernels": sorted(waiting_kernel_names()) if target.device == "cuda" else [],
             # what the packages were compiled for; the loader checks the weights file against it
             "constants": constant_records(weights),
             "dispatch": "tokens.shape[1] == 1 -> decode package, else prefill package",
@@ -261,7 +282,7 @@ class TorchBackend:
         cache_dtype = torch_dtype(manifest.kv_cache["dtype"])
         return AOTIStep.from_packages(packages, weights, device, cache_dtype,
                                       cuda_graph=decode_cuda_graph(info), constants=info.get("constants"),
-                                      single_threaded=env_flag(SINGLE_THREADED_ENV, True))
+                                      single_threaded=env_flag(SINGLE_THREADED_ENV, True), pdl=decode_pdl(info))
 
 
 BACKEND = TorchBackend()

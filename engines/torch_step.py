@@ -25,6 +25,10 @@ cause was found: its C++ compiler, engines/torch_cxx.py; kept because each is ri
     device) and the tensors actually handed over are kept for the step's life.
   * step inputs must be on the engine's exact device (cuda:N, not only "cuda").
   * DSV3_TORCH_CUDA_GRAPH=0 turns decode CUDA graphs off (the package runs directly).
+
+Programmatic dependent launch (`pdl`, a PdlPlan): the decode graph is captured, its edges into the
+kernels that wait for their producer are made programmatic (engines/cuda_graph_pdl.py), then it is
+instantiated; `pdl_edges` says what changed. If the edit fails the graph runs as captured (logged).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+
+from dsv3_export.engines.cuda_graph_pdl import PdlEdges, PdlPlan, add_programmatic_edges
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +205,10 @@ def _check_inputs(tokens: torch.Tensor, start_pos: torch.Tensor, kv_cache: torch
 class _DecodeGraphs:
     """CUDA graphs of the decode package, one per (b, T, cache address, dtype)."""
 
-    def __init__(self, run: Callable):
+    def __init__(self, run: Callable, pdl: PdlPlan | None = None):
         self.run = run
+        self.pdl = pdl
+        self.pdl_edges: PdlEdges | None = None  # the last capture's edit
         self.graphs: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
         self.failed = False
 
@@ -234,9 +242,16 @@ class _DecodeGraphs:
             for _ in range(2):  # loads kernels, settles allocations outside the capture
                 self.run(static_tokens, static_pos, kv_cache)
         torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph(keep_graph=True) if self.pdl else torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             outputs = self.run(static_tokens, static_pos, kv_cache)
+        if self.pdl:
+            try:
+                self.pdl_edges = add_programmatic_edges(graph.raw_cuda_graph(), self.pdl.waiting, self.pdl.port)
+            except (OSError, RuntimeError) as e:  # the edit restores the captured edges on failure
+                log.warning("torch engine: decode graph runs without programmatic edges (%s)", e)
+                self.pdl_edges = None
+            graph.instantiate()
         return {"graph": graph, "tokens": static_tokens, "start_pos": static_pos, "outputs": outputs,
                 "cache": kv_cache}
 
@@ -245,18 +260,35 @@ class AOTIStep:
     """StepFunction over a prefill and a decode AOTInductor package sharing one weight dict."""
 
     def __init__(self, prefill: Callable, decode: Callable, device: torch.device, cache_dtype: torch.dtype,
-                 cuda_graph: bool = False, weights: Mapping[str, Any] | None = None):
+                 cuda_graph: bool = False, weights: Mapping[str, Any] | None = None, pdl: PdlPlan | None = None):
         self.device, self.cache_dtype = exact_device(device), cache_dtype
         self._prefill, self._decode = prefill, decode
         self._weights = weights  # kept alive: the packages use these tensors' memory (user_managed)
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
-        self._graphs = _DecodeGraphs(decode) if self.cuda_graph else None
+        self._graphs = _DecodeGraphs(decode, pdl) if self.cuda_graph else None
+
+    @property
+    def pdl(self) -> PdlPlan | None:
+        return self._graphs.pdl if self._graphs is not None else None
+
+    @property
+    def pdl_edges(self) -> PdlEdges | None:
+        """What the last decode graph capture made programmatic (None: none made, or no capture yet)."""
+        return self._graphs.pdl_edges if self._graphs is not None else None
+
+    def set_decode_pdl(self, pdl: PdlPlan | None) -> None:
+        """Capture decode graphs with (or without) programmatic edges from now on: the graphs captured so far
+        are dropped. The benchmark times both forms of one build this way."""
+        if self._graphs is None:
+            raise ValueError("torch engine step: programmatic edges need decode CUDA graphs (cuda_graph=True)")
+        self._graphs.graphs.clear()
+        self._graphs.pdl, self._graphs.pdl_edges = pdl, None
 
     @classmethod
     def from_packages(cls, packages: Mapping[str, Path], weights: Mapping[str, torch.Tensor],
                       device: torch.device, cache_dtype: torch.dtype, cuda_graph: bool = False,
                       constants: Mapping[str, Mapping[str, Any]] | None = None,
-                      single_threaded: bool = True) -> "AOTIStep":
+                      single_threaded: bool = True, pdl: PdlPlan | None = None) -> "AOTIStep":
         """constants: the build's {fqn: {dtype, shape, stride}} record (None for engines built before it)."""
         device = exact_device(device)
         loaded, handed = {}, {}
@@ -267,7 +299,8 @@ class AOTIStep:
             placed.update(handed[kind])
             loaded[kind] = model
         # every tensor a package holds a handle to stays referenced by the step
-        return cls(loaded["prefill"], loaded["decode"], device, cache_dtype, cuda_graph, {"file": weights, **handed})
+        return cls(loaded["prefill"], loaded["decode"], device, cache_dtype, cuda_graph, {"file": weights, **handed},
+                   pdl=pdl)
 
     def __call__(self, tokens: torch.Tensor, start_pos: torch.Tensor,
                  kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,6 +57,7 @@ import triton.language as tl
 
 from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv,
                                          check_tensor, is_interpreted, launch, next_pow2, num_sms)
+from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 from dsv3_export.kernels.fp8_gemm_persistent import fp8_gemm_tma_persistent
 from dsv3_export.kernels.fp8_quant import ACT_DTYPES, quantize_rows
 from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
@@ -123,6 +124,7 @@ SPLIT_K_SUM_BLOCK = 1024
 SPLIT_K_SUM_CONFIGS = [triton.Config({}, num_warps=4)]  # built once: a Config per call costs host time
 
 
+@waits_for_producer
 @triton.jit
 def _fp8_gemm_kernel(
     a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr,
@@ -133,6 +135,7 @@ def _fp8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # -- tile ids, grouped along M for L2 reuse of B tiles
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -190,10 +193,12 @@ def _fp8_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@waits_for_producer
 @triton.jit
 def _split_k_sum_kernel(ws_ptr, c_ptr, MN, SPLIT_K, BLOCK: tl.constexpr):
     """c[i] = sum over s of ws[s, i] (fp32, in split order: deterministic), stored in c's dtype.
     One launch for the split-K reduction and the output cast ([S, M, N] and [M, N] contiguous)."""
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)

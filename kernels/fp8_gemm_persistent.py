@@ -43,6 +43,7 @@ import triton.language as tl
 
 from dsv3_export.kernels._common import (QUANT_BLOCK, autotune_or_single, cdiv, is_interpreted, launch, next_pow2,
                                          num_sms, tracing)
+from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 
 # TMA: the global address and every stride but the last must be multiples of 16 bytes.
 TMA_ALIGN = 16
@@ -109,6 +110,7 @@ PREFILL_CANDIDATES = {
 }
 
 
+@waits_for_producer
 @triton.jit
 def _fp8_gemm_tma_persistent_kernel(
     a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr,
@@ -117,6 +119,7 @@ def _fp8_gemm_tma_persistent_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     CTAS_PER_SM: tl.constexpr, SCALE_PREFETCH: tl.constexpr, FLATTEN: tl.constexpr,
 ):
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     tl.static_assert(BLOCK_N <= BLOCK_K, "a tile must lie in one 128-row block of b_s (one scale per K step)")
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BLOCK_M, BLOCK_K])
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BLOCK_N, BLOCK_K])

@@ -31,6 +31,7 @@ import triton.language as tl
 from dsv3_export.kernels import _common
 from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv,
                                          check_tensor, launch)
+from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 from dsv3_export.reference import fp8 as fp8_ref
 
 # Kernel constants must be tl.constexpr globals for the compiler.
@@ -110,6 +111,7 @@ def _act_quant_body(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
     tl.store(s_ptr + offs_m * stride_sm + pid_k, s, mask=offs_m < M)
 
 
+@waits_for_producer
 @triton.jit
 def _act_quant_kernel(
     x_ptr, q_ptr, s_ptr,
@@ -118,9 +120,11 @@ def _act_quant_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """s = amax * fp32(1/448): torch's oracle as computed on CUDA."""
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     _act_quant_body(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, BLOCK_M, BLOCK_K, True)
 
 
+@waits_for_producer
 @triton.jit
 def _act_quant_ieee_kernel(
     x_ptr, q_ptr, s_ptr,
@@ -129,9 +133,11 @@ def _act_quant_ieee_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """s = amax / 448 (IEEE): torch's oracle as computed on the CPU."""
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     _act_quant_body(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, BLOCK_M, BLOCK_K, False)
 
 
+@waits_for_producer
 @triton.jit
 def _weight_dequant_kernel(
     w_ptr, s_ptr, y_ptr,
@@ -139,6 +145,7 @@ def _weight_dequant_kernel(
     stride_wn, stride_sn, stride_yn,
     SCALE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -52,6 +52,7 @@ import triton.language as tl
 
 from dsv3_export.kernels._common import QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv, check_tensor, \
     is_interpreted, launch, next_pow2
+from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 from dsv3_export.kernels.fp8_quant import act_quant_outputs, act_quant_ref, quantize_rows
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -124,6 +125,7 @@ def _head_gemm_tile(
     return acc
 
 
+@waits_for_producer
 @triton.jit
 def _head_gemm_kernel(
     x_ptr, w_ptr, out_ptr,
@@ -131,6 +133,7 @@ def _head_gemm_kernel(
     stride_xm, stride_xh, stride_xk, stride_wh, stride_wk, stride_wn, stride_om, stride_oh, stride_on,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     head = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -144,6 +147,7 @@ def _head_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@waits_for_producer
 @triton.jit
 def _head_gemm_quant_kernel(
     x_ptr, w_ptr, q_ptr, s_ptr,
@@ -152,6 +156,7 @@ def _head_gemm_quant_kernel(
     UPCAST: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """head_gemm of one head's full 128 columns, then act_quant of them: the row's 1x128 block."""
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     head = tl.program_id(0).to(tl.int64)
     offs_n = tl.arange(0, QUANT_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from dsv3_export.kernels._common import COUNTER_BUFFER_MIN, _arrival_buffers, arrival_counters  # noqa: F401
+from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 from dsv3_export.kernels._common import (autotune_or_single, cdiv, check_tensor, is_interpreted, launch, next_pow2,
                                          traceable, tracing)
 from dsv3_export.kernels.fp8_gemm_persistent import _ensure_allocator
@@ -126,6 +127,7 @@ FUSED_DECODE_CONFIGS = [c for c in DECODE_CONFIGS if (c.kwargs["BLOCK_N"], c.kwa
 DECODE_VARIANT = "pointer"
 
 
+@waits_for_producer
 @triton.jit
 def _mla_decode_split_kernel(
     q_ptr, q_pe_ptr, kv_ptr, pe_ptr, kvn_ptr, pen_ptr, seqlens_ptr, o_part_ptr, lse_ptr, out_ptr, cnt_ptr,
@@ -141,6 +143,7 @@ def _mla_decode_split_kernel(
     TMA: tl.constexpr = False,  # KV tiles through device-side tensor descriptors (variant="tma")
     EARLY: tl.constexpr = False,  # q and the new token loaded before the seqlen wait (variant "*early")
 ):
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as fp64 scalars
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -333,6 +336,7 @@ def _merge_splits(o_part_ptr, lse_ptr, out_ptr, b, offs_h, mask_h, NUM_SPLITS,
                  mask=mask_h[:, None] & (offs_c < C)[None, :])
 
 
+@waits_for_producer
 @triton.jit
 def _mla_decode_reduce_kernel(
     o_part_ptr, lse_ptr, out_ptr, seqlens_ptr, NUM_SPLITS, HEAD_BLOCKS,
@@ -340,6 +344,7 @@ def _mla_decode_reduce_kernel(
     C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     SPLIT_TARGET: tl.constexpr, MIN_SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr,
 ):
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     pid_b = tl.program_id(0)
     h = tl.program_id(1)
     splits = NUM_SPLITS

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from dsv3_export.kernels._common import autotune_or_single, cdiv, check_tensor, is_interpreted, launch, next_pow2
+from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 from dsv3_export.kernels.mla_attention import LOG2E, _check_caches, _check_new
 
 # The [BLOCK_Q, 512] fp32 accumulator dominates registers: BLOCK_Q = 128 spills kilobytes on sm_90.
@@ -54,6 +55,7 @@ def _attend_tile(q, q_pe, kv, pe, valid, m_i, l_i, acc, scale_log2, UPCAST: tl.c
     return m_new, l_i, acc
 
 
+@waits_for_producer
 @triton.jit
 def _mla_prefill_kernel(
     q_ptr, q_pe_ptr, kv_ptr, pe_ptr, kvn_ptr, pen_ptr, start_ptr, out_ptr,
@@ -63,6 +65,7 @@ def _mla_prefill_kernel(
     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_NEW: tl.constexpr, UPCAST: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as fp64 scalars
     b = tl.program_id(0).to(tl.int64)
     pid_q = tl.program_id(1)

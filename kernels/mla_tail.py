@@ -53,6 +53,7 @@ import triton.language as tl
 from dsv3_export.kernels import mla_decode as kd
 from dsv3_export.kernels._common import (QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv, check_tensor,
                                          is_interpreted, launch, next_pow2)
+from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 from dsv3_export.kernels.fp8_quant import act_quant_outputs, quantize_rows
 from dsv3_export.kernels.mla_attention import _check_caches, _check_new
 from dsv3_export.kernels.mla_splits import (MIN_SPLIT_KEYS, RUNTIME_MIN_SPLITS, _batch_splits, _block_h, _row_splits,
@@ -83,6 +84,7 @@ def _merge_chunk(o, w, denom, DTYPE: tl.constexpr):
     return (tl.sum(o * w[:, :, None], axis=1) / denom[:, None]).to(DTYPE)
 
 
+@waits_for_producer
 @triton.jit
 def _mla_tail_kernel(
     o_part_ptr, lse_ptr, seqlens_ptr, w_ptr, out_ptr, s_ptr,
@@ -94,6 +96,7 @@ def _mla_tail_kernel(
     QUANT: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_B: tl.constexpr, DOT_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     pid_b = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)

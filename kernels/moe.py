@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from dsv3_export.kernels._common import FP8_DTYPE  # noqa: F401 (re-exported: the tests read moe.FP8_DTYPE)
+from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 from dsv3_export.kernels._common import (QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv,
                                          check_tensor, is_interpreted, launch, next_pow2)
 from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
@@ -161,6 +162,7 @@ def _expert_rows_tile(
         tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
+@waits_for_producer
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, c_s_ptr, topk_w_ptr,
@@ -175,6 +177,7 @@ def _grouped_gemm_kernel(
 ):
     """A_FP8: fp8 x fp8 dots with a's 1x128 scales; from a_s_ptr, or with QUANT_A from quantizing
     a's bf16/fp16 tiles here (BLOCK_K = 128, SCALE_RECIPROCAL as in fp8_quant.quantize_rows)."""
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
@@ -196,6 +199,7 @@ def _scan_chunk(ids_ptr, c0, NUM_VALID, expert, CHUNK: tl.constexpr):
     return offs, tl.where(match != 0, tl.cumsum(match, axis=0) - 1, -1)
 
 
+@waits_for_producer
 @triton.jit
 def _grouped_gemm_scan_kernel(
     a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, c_s_ptr, topk_w_ptr, ids_ptr,
@@ -213,6 +217,7 @@ def _grouped_gemm_scan_kernel(
     histogram of the ids gives each expert's blocks, b's expert and its first row r0; a second
     pass picks that expert's rows r0..r0+BLOCK_M-1. The ids are read CHUNK at a time (the
     [CHUNK, BLOCK_E] and [BLOCK_M, CHUNK] one-hots stay small); blocks past the last exit."""
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     experts = tl.arange(0, BLOCK_E)

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from dsv3_export.kernels._common import cdiv, check_tensor, next_pow2, traceable, tracing
+from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 
 # moe_align kernel: [CHUNK, next_pow2(E)] one-hot tiles of ALIGN_TILE elements; above
 # MAX_ALIGN_EXPERTS experts the ATen form is used.
@@ -69,6 +70,7 @@ def align_ids(ids_ptr, sorted_ids_ptr, expert_ids_ptr, npp_ptr, NUMEL, N_BLOCKS,
     tl.store(npp_ptr, total)
 
 
+@waits_for_producer
 @triton.jit
 def _moe_align_kernel(
     ids_ptr, sorted_ids_ptr, expert_ids_ptr, npp_ptr,
@@ -76,6 +78,7 @@ def _moe_align_kernel(
     E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr,
 ):
     """One program: align_ids on ids [NUMEL] (see moe_align)."""
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     align_ids(ids_ptr, sorted_ids_ptr, expert_ids_ptr, npp_ptr, NUMEL, N_BLOCKS, E, BLOCK_E, BLOCK_M, CHUNK, FILL)
 
 

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv,
                                          check_tensor, launch, next_pow2)
+from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 from dsv3_export.kernels.fp8_quant import quantize_rows
 from dsv3_export.reference import fp8 as fp8_ref
 
@@ -32,6 +33,7 @@ RMSNORM_CONFIGS = [
 ]
 
 
+@waits_for_producer
 @triton.jit
 def _rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, q_ptr, s_ptr,
@@ -41,6 +43,7 @@ def _rmsnorm_kernel(
     BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr,
 ):
     """QUANT: also q fp8 [ROWS, D] and s fp32 [ROWS, ceil(D/128)] from y (BLOCK_D >= 128)."""
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     eps = tl.cast(eps, tl.float32)  # Inductor passes Python floats as fp64 scalars
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from dsv3_export.kernels._common import LaunchSpec, autotune_or_single, check_tensor, launch, next_pow2
+from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 from dsv3_export.kernels.moe_align import MAX_ALIGN_EXPERTS, align_blocks, align_ids, align_meta, align_outputs, \
     check_align, moe_align_ref
 from dsv3_export.kernels.topk import DTYPES, TOPK_CONFIGS, _route, router_topk_ref, rows_unfit
@@ -52,6 +53,7 @@ ROUTER_ALIGN_CONFIGS = [
 ROUTER_TWINS = [TOPK_CONFIGS[1], TOPK_CONFIGS[2]]
 
 
+@waits_for_producer
 @triton.jit
 def _router_align_kernel(logits_ptr, w_ptr, idx_ptr, sorted_ids_ptr, expert_ids_ptr, npp_ptr,
                          ROWS, N, scale, first_extra, stride_l, N_BLOCKS,
@@ -60,6 +62,7 @@ def _router_align_kernel(logits_ptr, w_ptr, idx_ptr, sorted_ids_ptr, expert_ids_
                          FILL: tl.constexpr):
     """_route over all ROWS in chunks of BLOCK_ROWS (weights, ids contiguous [ROWS, TOPK + N_EXTRA]),
     a CTA barrier, then align_ids on the ids."""
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     cols = tl.arange(0, BLOCK_N)
     valid = cols[None, :] < N
     for r0 in range(0, ROWS, BLOCK_ROWS):

@@ -65,6 +65,7 @@ import triton.language as tl
 
 from dsv3_export.kernels._common import LaunchSpec, arrival_counters, autotune_or_single, cdiv, check_tensor, \
     is_interpreted, last_to_arrive, launch, next_pow2, reset_arrivals
+from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_N = 1024  # a row in registers
@@ -125,9 +126,11 @@ def _value_at(x, nan, chosen):
     return tl.where(tl.max((chosen & nan).to(tl.int32), axis=1) > 0, float("nan"), val)
 
 
+@waits_for_producer
 @triton.jit
 def _topk_kernel(x_ptr, val_ptr, idx_ptr, ROWS, N, stride_x, stride_v, stride_i,
                  TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < ROWS
@@ -175,10 +178,12 @@ def _route(x, rows, row_ok, valid, cols, w_ptr, idx_ptr, scale, first_extra, str
                  mask=row_ok)
 
 
+@waits_for_producer
 @triton.jit
 def _router_kernel(logits_ptr, w_ptr, idx_ptr, ROWS, N, scale, first_extra, stride_l, stride_w, stride_i,
                    TOPK: tl.constexpr, N_EXTRA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ROWS: tl.constexpr):
     """_route from the logits [ROWS, N]."""
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < ROWS
@@ -228,12 +233,14 @@ def _gate_logits(x_ptr, g_ptr, rows, row_ok, cols, D, N, stride_x, stride_g, BLO
     return acc
 
 
+@waits_for_producer
 @triton.jit
 def _router_gate_kernel(x_ptr, g_ptr, w_ptr, idx_ptr, ROWS, N, D, scale, first_extra, stride_x, stride_g,
                         stride_w, stride_i, TOPK: tl.constexpr, N_EXTRA: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
     """_route from logits = x [ROWS, D] @ gate [N, D]^T (_gate_logits), rounded to x's dtype (the
     reference's F.linear in x.dtype)."""
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < ROWS
@@ -245,6 +252,7 @@ def _router_gate_kernel(x_ptr, g_ptr, w_ptr, idx_ptr, ROWS, N, D, scale, first_e
            TOPK, N_EXTRA, BLOCK_N, BLOCK_ROWS)
 
 
+@waits_for_producer
 @triton.jit
 def _router_gate_split_kernel(x_ptr, g_ptr, logits_ptr, cnt_ptr, w_ptr, idx_ptr, ROWS, N, D, scale, first_extra,
                               stride_x, stride_g, stride_w, stride_i, TOPK: tl.constexpr, N_EXTRA: tl.constexpr,
@@ -253,6 +261,7 @@ def _router_gate_split_kernel(x_ptr, g_ptr, logits_ptr, cnt_ptr, w_ptr, idx_ptr,
     """Program (r, p): logits of row block r for experts [p * BLOCK_E, (p + 1) * BLOCK_E), rounded to
     x's dtype, into logits_ptr [ROWS, N] (x's dtype, row stride N); the last of the row block's
     tl.num_programs(1) programs to count itself on cnt_ptr[r] runs _route on the whole rows."""
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     r = tl.program_id(0)
     rows = r * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)

@@ -1,0 +1,57 @@
+"""Programmatic edges in the decode CUDA graph: the switch, the manifest record it trusts, the edit's checks.
+The edit itself needs a GPU and a CUDA 12.3+ driver (benchmarks/pdl_probe.py and benchmarks/torch_16b.py
+check it there: bit-identical logits, replay times)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv3_export.engines.cuda_graph_pdl import PORTS, PdlPlan, add_programmatic_edges
+from dsv3_export.engines.torch import PDL_ENV, decode_pdl
+
+INFO = {"pdl_waiting_kernels": ["_fp8_gemm_kernel", "_act_quant_kernel"]}
+
+
+@pytest.mark.parametrize("port", sorted(PORTS))
+def test_switch_selects_the_port_over_the_manifests_kernels(monkeypatch, port):
+    monkeypatch.setenv(PDL_ENV, port)
+    assert decode_pdl(INFO) == PdlPlan(port, frozenset(INFO["pdl_waiting_kernels"]))
+
+
+def test_off_by_switch_and_for_engines_without_the_record(monkeypatch):
+    monkeypatch.setenv(PDL_ENV, "0")
+    assert decode_pdl(INFO) is None
+    monkeypatch.setenv(PDL_ENV, "launch")
+    assert decode_pdl({}) is None  # built before the record: its kernels may not wait
+    assert decode_pdl({"pdl_waiting_kernels": []}) is None  # a CPU build
+
+
+def test_bad_switch_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv(PDL_ENV, "yes")
+    with pytest.raises(ValueError, match=f"{PDL_ENV}='yes'.*launch"):
+        decode_pdl(INFO)
+
+
+def test_unknown_port_is_refused_before_any_driver_call():
+    with pytest.raises(ValueError, match="port='early'"):
+        add_programmatic_edges(0, {"_fp8_gemm_kernel"}, "early")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the edit is on a captured CUDA graph")
+def test_edited_graph_replays_the_same_result():
+    from dsv3_export.kernels.fp8_quant import act_quant
+    from dsv3_export.kernels.pdl import waiting_kernel_names
+
+    x = torch.randn(3, 300, device="cuda", dtype=torch.bfloat16)
+    want = [t.clone() for t in act_quant(x)]
+    graph = torch.cuda.CUDAGraph(keep_graph=True)
+    with torch.cuda.graph(graph):
+        outs = [act_quant(x) for _ in range(4)]
+    edges = add_programmatic_edges(graph.raw_cuda_graph(), waiting_kernel_names(), "launch")
+    graph.instantiate()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert edges.converted >= 1
+    for q, s in outs:
+        assert torch.equal(q.view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(s, want[1])

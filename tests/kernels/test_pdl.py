@@ -1,0 +1,54 @@
+"""kernels/pdl.py: only kernels that wait before touching memory are offered programmatic graph edges."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import triton
+
+from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_absorb, mla_decode, mla_prefill,
+                                 mla_tail, moe, moe_align, rmsnorm, router_align, topk)
+from dsv3_export.kernels.pdl import WAITING_KERNELS, waiting_kernel_names, waits_for_producer
+
+FAMILIES = (fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_absorb, mla_decode, mla_prefill, mla_tail, moe, moe_align,
+            rmsnorm, router_align, topk)
+
+
+def _kernels():
+    for module in FAMILIES:
+        for name, obj in vars(module).items():
+            if name.endswith("_kernel") and hasattr(obj, "fn") and inspect.getmodule(obj.fn) is module:
+                yield name
+
+
+def test_every_kernel_waits_for_its_producer():
+    # the graph rewrite covers every kernel of the package: a new kernel without the wait fails here
+    kernels = set(_kernels())
+    assert len(kernels) >= 20
+    assert kernels <= waiting_kernel_names(), sorted(kernels - waiting_kernel_names())
+
+
+def test_a_kernel_that_reads_before_waiting_is_refused():
+    @triton.jit
+    def _early_read_kernel(x_ptr):
+        """Reads, then waits: a programmatic edge would let the read see stale data."""
+        x = tl.load(x_ptr)  # noqa: F841, F821
+        wait_for_producer()  # noqa: F821
+
+    with pytest.raises(TypeError, match="_early_read_kernel must start with wait_for_producer"):
+        waits_for_producer(_early_read_kernel)
+    assert "_early_read_kernel" not in waiting_kernel_names()
+
+
+def test_the_wait_may_follow_the_docstring():
+    @triton.jit
+    def _docstring_first_kernel(x_ptr):
+        """Docstring, then the wait."""
+        wait_for_producer()  # noqa: F821
+
+    try:
+        waits_for_producer(_docstring_first_kernel)
+        assert "_docstring_first_kernel" in waiting_kernel_names()
+    finally:
+        WAITING_KERNELS.discard("_docstring_first_kernel")

@@ -5,7 +5,7 @@ a kernel's blocks are scheduled only once the previous kernel has fully complete
 pays the next kernel's launch ramp. AOTInductor launches its kernels with plain cuLaunchKernel (no
 PDL launch attribute), so the dependency type cannot come from the launches; instead the captured
 graph is edited before it is instantiated: an edge A -> B between two kernel nodes becomes a
-programmatic one when B is in kernels/pdl.py's WAITING_KERNELS (its first instruction is
+programmatic one when B is in kernels/pdl.py's waiting_kernel_names() (its first instruction is
 griddepcontrol.wait, which holds it until A has completed and A's writes are visible). Every other
 edge (into Inductor's or cuBLAS's kernels, memcpy and memset nodes) stays as captured.
 

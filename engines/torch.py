@@ -48,7 +48,6 @@ from dsv3_export.engines.torch_device import device_info, incompatibility
 from dsv3_export.engines.torch_lower import lower_dsv3_ops
 from dsv3_export.engines.torch_step import (CUDA_GRAPH_ENV, SINGLE_THREADED_ENV, AOTIStep, constant_records, env_choice,
                                             env_flag, load_weights, save_weights)
-from dsv3_export.kernels.pdl import waiting_kernel_names
 
 if TYPE_CHECKING:
     from dsv3_export.manifest import Manifest
@@ -234,6 +233,8 @@ class TorchBackend:
         if missing:
             raise ValueError(f"torch backend: needs programs {PROGRAM_KINDS}, missing {missing}")
         info = package_info(target.device, say)
+        from dsv3_export.kernels.pdl import waiting_kernel_names  # triton: not at import (tests/kernels/conftest.py)
+
         lowered: dict[str, ExportedProgram] = {}
         lowerings: dict[str, str] = {}
         weights: dict[str, torch.Tensor] = {}

@@ -10,17 +10,26 @@ waits before it touches any memory a predecessor writes, in every program that t
 
 So a kernel opts in with `@waits_for_producer` on top of `@triton.jit`, and its body's first
 statement must be `wait_for_producer()`; the decorator checks that at import and records the
-kernel's name in WAITING_KERNELS, the only names the graph rewrite gives programmatic edges to.
+kernel's name in CHECKED_KERNELS, with GDC on the only names the graph rewrite gives programmatic edges to.
 Because every such kernel completes only after its producer completed, completion stays transitive
 along the graph and kernels that never wait (Inductor's, cuBLAS's) keep ordinary edges.
 
 `griddepcontrol.wait` is a no-op when the launch had no programmatic dependency (eager calls,
 ordinary edges); the CPU interpreter has no such instruction, so there it is left out (GDC).
+
+torch's tracing of a user Triton kernel (torch.export / AOTInductor, triton_kernel_wrap) finds the
+tensors it writes by reading its TTIR, and gives up on inline assembly with side effects, which is
+how Triton 3.6 emits the wait; it then assumes every input is written (functional copies of the
+weights and caches; the first 16b package built that way died with an illegal memory access on the
+H200). The analysis reads the kernel compiled with GDC off (the same loads and stores, no wait):
+_analyse_without_the_wait wraps torch's TTIR generator for that. Where that wrapper cannot be
+installed (a torch without it), GDC stays off and no kernel is offered programmatic edges.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import textwrap
 from typing import Any
@@ -36,8 +45,34 @@ def _interpreter_probe():
     pass
 
 
+def _analyse_without_the_wait() -> bool:
+    """Wrap torch's TTIR generator for its kernel mutation analysis so that it compiles with GDC off."""
+    try:
+        from torch._higher_order_ops import triton_kernel_wrap
+    except ImportError:
+        return False
+    original = getattr(triton_kernel_wrap, "generate_ttir", None)
+    if original is None:
+        return False
+    if getattr(original, "compiles_without_gdc_wait", False):
+        return True
+
+    @functools.wraps(original)
+    def generate_ttir(*args, **kwargs):
+        saved = globals()["GDC"]
+        globals()["GDC"] = tl.constexpr(False)  # read by wait_for_producer while this TTIR is generated
+        try:
+            return original(*args, **kwargs)
+        finally:
+            globals()["GDC"] = saved
+
+    generate_ttir.compiles_without_gdc_wait = True
+    triton_kernel_wrap.generate_ttir = generate_ttir
+    return True
+
+
 # griddepcontrol exists on sm_90 and later; the interpreter (TRITON_INTERPRET=1) has none.
-GDC = tl.constexpr(not is_interpreted(_interpreter_probe))
+GDC = tl.constexpr(not is_interpreted(_interpreter_probe) and _analyse_without_the_wait())
 
 
 @triton.jit
@@ -47,16 +82,18 @@ def wait_for_producer():
         tl.extra.cuda.gdc_wait()
 
 
-# Names (as the CUDA driver reports them: the @triton.jit function's name) of the kernels that wait
-# first: the graph rewrite's allow-list.
-WAITING_KERNELS: set[str] = set()
+# Names (as the CUDA driver reports them: the @triton.jit function's name) of the kernels checked to
+# start with wait_for_producer(); with GDC on, the graph rewrite's allow-list.
+CHECKED_KERNELS: set[str] = set()
 
 
 def waiting_kernel_names() -> frozenset[str]:
-    """WAITING_KERNELS once every kernel family is imported (what an engine build records)."""
+    """The kernels compiled here that wait first, every kernel family imported (what an engine build
+    records): CHECKED_KERNELS with GDC on, none without (the interpreter; a torch the analysis wrapper
+    does not fit)."""
     from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_absorb, mla_decode,  # noqa: F401
                                      mla_prefill, mla_tail, moe, moe_align, rmsnorm, router_align, topk)
-    return frozenset(WAITING_KERNELS)
+    return frozenset(CHECKED_KERNELS) if GDC else frozenset()
 
 
 def waits_for_producer(kernel: Any) -> Any:
@@ -72,5 +109,5 @@ def waits_for_producer(kernel: Any) -> Any:
     if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "wait_for_producer"):
         raise TypeError(f"@waits_for_producer: kernel {name} must start with wait_for_producer() (after its "
                         "docstring): a programmatic graph edge would let it read its producer's outputs early")
-    WAITING_KERNELS.add(name)
+    CHECKED_KERNELS.add(name)
     return kernel

@@ -1,4 +1,5 @@
-"""kernels/pdl.py: only kernels that wait before touching memory are offered programmatic graph edges."""
+"""kernels/pdl.py: only kernels that wait before touching memory are offered programmatic graph edges.
+These run interpreted (tests/kernels/conftest.py), where the wait is compiled out (GDC off)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import triton
 
 from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_absorb, mla_decode, mla_prefill,
                                  mla_tail, moe, moe_align, rmsnorm, router_align, topk)
-from dsv3_export.kernels.pdl import WAITING_KERNELS, waiting_kernel_names, waits_for_producer
+from dsv3_export.kernels.pdl import CHECKED_KERNELS, GDC, waiting_kernel_names, waits_for_producer
 
 FAMILIES = (fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_absorb, mla_decode, mla_prefill, mla_tail, moe, moe_align,
             rmsnorm, router_align, topk)
@@ -24,9 +25,15 @@ def _kernels():
 
 def test_every_kernel_waits_for_its_producer():
     # the graph rewrite covers every kernel of the package: a new kernel without the wait fails here
+    waiting_kernel_names()  # imports every family
     kernels = set(_kernels())
     assert len(kernels) >= 20
-    assert kernels <= waiting_kernel_names(), sorted(kernels - waiting_kernel_names())
+    assert kernels <= CHECKED_KERNELS, sorted(kernels - CHECKED_KERNELS)
+
+
+def test_interpreted_kernels_are_not_offered_programmatic_edges():
+    assert not GDC  # the interpreter has no griddepcontrol: the kernels here do not wait
+    assert waiting_kernel_names() == frozenset()
 
 
 def test_a_kernel_that_reads_before_waiting_is_refused():
@@ -38,7 +45,7 @@ def test_a_kernel_that_reads_before_waiting_is_refused():
 
     with pytest.raises(TypeError, match="_early_read_kernel must start with wait_for_producer"):
         waits_for_producer(_early_read_kernel)
-    assert "_early_read_kernel" not in waiting_kernel_names()
+    assert "_early_read_kernel" not in CHECKED_KERNELS
 
 
 def test_the_wait_may_follow_the_docstring():
@@ -49,6 +56,6 @@ def test_the_wait_may_follow_the_docstring():
 
     try:
         waits_for_producer(_docstring_first_kernel)
-        assert "_docstring_first_kernel" in waiting_kernel_names()
+        assert "_docstring_first_kernel" in CHECKED_KERNELS
     finally:
-        WAITING_KERNELS.discard("_docstring_first_kernel")
+        CHECKED_KERNELS.discard("_docstring_first_kernel")

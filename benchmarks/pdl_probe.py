@@ -19,12 +19,16 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-import triton
-import triton.language as tl
+import os
 
-from dsv3_export.engines.cuda_graph_pdl import add_programmatic_edges, kernel_names
-from dsv3_export.kernels.pdl import wait_for_producer
+os.environ.setdefault("DSV3_TRITON_GDC", "1")  # before kernels/pdl.py is imported: wait_for_producer compiles the wait
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from dsv3_export.engines.cuda_graph_pdl import add_programmatic_edges, kernel_names  # noqa: E402
+from dsv3_export.kernels.pdl import wait_for_producer  # noqa: E402
 
 N_SHIFT = 1 << 18  # fp32 elements per shift buffer (1 MB)
 BLOCK = 2048

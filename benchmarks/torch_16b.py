@@ -26,6 +26,9 @@ killed at its limit still returns what was measured. Sections, per precision (bf
                process timed later builds slower) torch.profiler over a few batch-1 decode steps of the package
                run directly: GPU kernels per step, GPU-busy ms per step and the kernels that take
                the most time, to say where a step's time goes (a step far above its floor)
+  PDL          (in the engine section, with DSV3_TRITON_GDC=1 in the environment) the same build's decode
+               graph with programmatic edges (engines/cuda_graph_pdl.py) per --pdl-ports port, then as
+               captured again (the control); batch-1 logits bit-compared with the plain graph's
 
 Decode is timed at position prompt-len over a cache of random values (the step's cost does not
 depend on them); ms/token = ms per decode step (one token per row). Prints a Markdown table on
@@ -194,6 +197,8 @@ def pdl_timings(step: AOTIStep, model, batches, context: int, iters: int, ports:
     """The same build's decode graph with programmatic edges (engines/cuda_graph_pdl.py), per port, then as
     captured again (the control: drift shows as control != the plain graph timed before): ms per step,
     the edit's counts, and whether batch-1 logits are bit-identical to the plain graph's."""
+    if not waiting_kernel_names():
+        return {"pdl": "skipped: kernels compiled without griddepcontrol.wait (DSV3_TRITON_GDC=1 turns it on)"}
     a = model.args
     cache = torch.randn(1, a.n_layers, context + 1, a.latent_cache_width, device=DEVICE).to(model.dtype)
     tokens = torch.randint(0, a.vocab_size, (1, 1), device=DEVICE)
@@ -454,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also build and time the engine with these switches (repeatable), from the same "
                         "exported programs: results under engine-NAME")
     p.add_argument("--pdl-ports", default="launch,programmatic",
-                   help="decode graphs also timed with programmatic edges from these ports ('' for none)")
+                   help="decode graphs also timed with programmatic edges from these ports ('' for none); needs "
+                        "DSV3_TRITON_GDC=1 in the environment (kernels compiled with the wait)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: smoke-test the script (tiny preset)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     opts = p.parse_args(argv)

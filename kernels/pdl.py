@@ -1,5 +1,9 @@
 """Programmatic dependent launch (PDL, sm_90+): which of our kernels may start before their producer ends.
 
+Opt-in, two switches: DSV3_TRITON_GDC=1 when the engine is built (the kernels wait; the manifest lists
+them) and DSV3_TORCH_PDL=launch (or programmatic) when it runs (engines/torch.py). GDC_ENV's comment
+has the H200 figures that keep it off by default.
+
 A batch-1 decode step is ~720 short kernels replayed from one CUDA graph; with plain graph edges a
 kernel's blocks are only scheduled after the previous kernel has finished and flushed, so each
 boundary costs the launch ramp of the next kernel on top of the ~0.4 us gap (session 9's replay
@@ -14,8 +18,9 @@ kernel's name in CHECKED_KERNELS, with GDC on the only names the graph rewrite g
 Because every such kernel completes only after its producer completed, completion stays transitive
 along the graph and kernels that never wait (Inductor's, cuBLAS's) keep ordinary edges.
 
-`griddepcontrol.wait` is a no-op when the launch had no programmatic dependency (eager calls,
-ordinary edges); the CPU interpreter has no such instruction, so there it is left out (GDC).
+PTX documents `griddepcontrol.wait` as returning at once when the launch had no programmatic
+dependency (eager calls, ordinary edges), yet packages built with it ran slower without a CUDA graph
+(GDC_ENV). The CPU interpreter has no such instruction, so there it is left out (GDC).
 
 torch's tracing of a user Triton kernel (torch.export / AOTInductor, triton_kernel_wrap) finds the
 tensors it writes by reading its TTIR, and gives up on inline assembly with side effects, which is
@@ -31,6 +36,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import os
 import textwrap
 from typing import Any
 
@@ -71,8 +77,16 @@ def _analyse_without_the_wait() -> bool:
     return True
 
 
+# DSV3_TRITON_GDC=1 (read at import) compiles the kernels with the wait; off by default. H200, 16b fp8
+# decode, session 10 (benchmarks/RESULTS.md): with the wait, the same build's graph replays 2.79 ms per
+# 27-layer batch-1 step with the edges as captured and 2.71 with the launch port (-3%; b8 / b64 unchanged),
+# but 4-layer builds in separate processes gave 0.57 (wait, as captured) / 0.56 (wait, launch port) against
+# 0.53 ms (no wait), and the package run without a graph 1.16 against 0.73 ms (twice with the wait): no net
+# gain shown, so the wait stays opt-in until an A/B in one process shows one.
+GDC_ENV = "DSV3_TRITON_GDC"
 # griddepcontrol exists on sm_90 and later; the interpreter (TRITON_INTERPRET=1) has none.
-GDC = tl.constexpr(not is_interpreted(_interpreter_probe) and _analyse_without_the_wait())
+GDC = tl.constexpr(os.environ.get(GDC_ENV, "0") == "1" and not is_interpreted(_interpreter_probe)
+                   and _analyse_without_the_wait())
 
 
 @triton.jit

@@ -6,8 +6,9 @@ this GPU and driver, keep results exact, and shorten a chain of short dependent 
 One graph per mode from the same launches: "none" (as captured), "programmatic" and "launch" (the two
 ports). Kernels: `shift` (each block reads another block's slice of the previous kernel's output, so
 an early read shows as a wrong result) and `gemv` (an 8 MB bf16 weight streamed against the previous
-output, with its weight L2 prefetch before or after the wait). A last mode "unsafe" makes programmatic
-edges into kernels compiled WITHOUT the wait: it shows the check can fail (a race, so it may pass).
+output, with its weight L2 prefetch before or after the wait). "no wait" runs kernels compiled without the
+wait; "unsafe" gives those programmatic edges (a race the check may catch). Last, the chain launched directly
+(no graph) with and without the wait: what the wait costs outside PDL.
 Prints one table of replay ms (median of 30) and mismatches against eager; writes probe.json to --out.
 """
 
@@ -117,13 +118,16 @@ def main() -> int:
     names = {"_probe_shift_kernel", "_probe_gemv_kernel"}
     modes = [("none", True, False, None), ("programmatic", True, False, "programmatic"),
              ("launch", True, False, "launch"), ("none, prefetch first", True, True, None),
-             ("launch, prefetch first", True, True, "launch"), ("unsafe (no wait, launch)", False, False, "launch")]
+             ("launch, prefetch first", True, True, "launch"), ("no wait, as captured", False, False, None),
+             ("unsafe (no wait, launch)", False, False, "launch")]
     rows = []
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}, "
           f"driver CUDA {torch._C._cuda_getDriverVersion() if hasattr(torch._C, '_cuda_getDriverVersion') else '?'}")
+    last_graph = None
     for label, wait, prefetch, port in modes:
         try:
             graph, start, edges = capture(bufs, w, args.kernels, wait, prefetch, port, names)
+            last_graph = graph
         except Exception as e:  # noqa: BLE001 - report and go on to the next mode
             print(f"{label}: FAILED {type(e).__name__}: {e}")
             rows.append({"mode": label, "error": f"{type(e).__name__}: {e}"})
@@ -144,7 +148,21 @@ def main() -> int:
                "edges": str(edges) if edges else "as captured"}
         rows.append(row)
         print(f"{label:28s} {row['ms']:.4f} ms  mismatches {bad:3d}  {row['edges']}")
-    names_seen = sorted(set(kernel_names(graph.raw_cuda_graph()))) if rows and "error" not in rows[-1] else []
+    for wait in (True, False, True):  # the chain launched directly (no graph): what the wait costs there
+        chain(bufs, w, args.kernels, wait, False)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(12):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            chain(bufs, w, args.kernels, wait, False)
+            e1.record()
+            torch.cuda.synchronize()
+            times.append(e0.elapsed_time(e1))
+        row = {"mode": f"direct launches, {'with' if wait else 'no'} wait", "ms": statistics.median(times[2:])}
+        rows.append(row)
+        print(f"{row['mode']:28s} {row['ms']:.4f} ms")
+    names_seen = sorted(set(kernel_names(last_graph.raw_cuda_graph()))) if last_graph is not None else []
     print("kernel names in the last graph:", names_seen)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -81,8 +81,9 @@ def _analyse_without_the_wait() -> bool:
 # decode, session 10 (benchmarks/RESULTS.md): with the wait, the same build's graph replays 2.79 ms per
 # 27-layer batch-1 step with the edges as captured and 2.71 with the launch port (-3%; b8 / b64 unchanged),
 # but 4-layer builds in separate processes gave 0.57 (wait, as captured) / 0.56 (wait, launch port) against
-# 0.53 ms (no wait), and the package run without a graph 1.16 against 0.73 ms (twice with the wait): no net
-# gain shown, so the wait stays opt-in until an A/B in one process shows one.
+# 0.53 ms (no wait), and the package run without a graph 1.16 against 0.73 ms (twice with the wait), while the
+# wait alone costs ~0.015 us per kernel (benchmarks/pdl_probe.py): no net gain shown, so the wait stays opt-in
+# until an A/B with several builds per arm shows one.
 GDC_ENV = "DSV3_TRITON_GDC"
 # griddepcontrol exists on sm_90 and later; the interpreter (TRITON_INTERPRET=1) has none.
 GDC = tl.constexpr(os.environ.get(GDC_ENV, "0") == "1" and not is_interpreted(_interpreter_probe)

@@ -50,7 +50,6 @@ import triton
 import triton.language as tl
 
 from dsv3_export.kernels._common import COUNTER_BUFFER_MIN, _arrival_buffers, arrival_counters  # noqa: F401
-from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 from dsv3_export.kernels._common import (autotune_or_single, cdiv, check_tensor, is_interpreted, launch, next_pow2,
                                          traceable, tracing)
 from dsv3_export.kernels.fp8_gemm_persistent import _ensure_allocator
@@ -60,6 +59,7 @@ from dsv3_export.kernels.mla_splits import (DECODE_PROGRAMS_PER_SM, MAX_BLOCK_H,
                                            SPLIT_OVERHEAD_KEYS, _batch_splits, _block_h, _row_splits,
                                            choose_num_splits, runtime_num_splits, runtime_split_target)
 from dsv3_export.kernels.mla_variants import DECODE_VARIANTS, TMA_DECODE_CONFIGS, VARIANT_FLAGS, tma_unsupported
+from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 
 # How decode merges its splits: "separate" (a second kernel reads the fp32 partials) or "fused" (the
 # last split program of each (row, head block) to finish merges them, found with a self-cleaning

@@ -34,7 +34,6 @@ import triton
 import triton.language as tl
 
 from dsv3_export.kernels._common import FP8_DTYPE  # noqa: F401 (re-exported: the tests read moe.FP8_DTYPE)
-from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 from dsv3_export.kernels._common import (QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv,
                                          check_tensor, is_interpreted, launch, next_pow2)
 from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
@@ -43,6 +42,7 @@ from dsv3_export.kernels.moe_checks import OUT_DTYPES  # noqa: F401 (re-exported
 from dsv3_export.kernels.moe_checks import DENSE_DTYPES, check_alignment, check_operands, check_scan_routing
 from dsv3_export.kernels.moe_ref import fused_moe_ref, grouped_gemm_ref  # noqa: F401 (re-exported)
 from dsv3_export.kernels.moe_align import TRACED_ALIGN_FORMS, moe_align, moe_align_ref  # noqa: F401 (re-exported)
+from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 
 # K step of the dense path; the fp8 path steps by the scale block (128).
 DENSE_BLOCK_K = 64

@@ -245,7 +245,9 @@ def cuda_graph_state(engine: Engine) -> tuple[bool, str]:
     graphs = getattr(step, "_graphs", None)
     if graphs is not None and getattr(graphs, "failed", False):
         return False, "capture failed; decode ran the package directly"
-    return True, "decode steps replay a captured CUDA graph per (batch, cache length)"
+    note = "decode steps replay a captured CUDA graph per (batch, cache length)"
+    edges = getattr(step, "pdl_edges", None)  # DSV3_TORCH_PDL: the last capture's programmatic edges
+    return True, f"{note}; {edges}" if edges else note
 
 
 def _skip_reason(engine: Engine, batch: int, prompt_len: int, decode_steps: int) -> str | None:

@@ -37,6 +37,15 @@ def test_bad_switch_value_names_the_variable(monkeypatch):
         decode_pdl(INFO)
 
 
+def test_programmatic_edges_need_decode_graphs():
+    from dsv3_export.engines.torch_step import AOTIStep
+
+    step = AOTIStep(prefill=lambda *a: a, decode=lambda *a: a, device="cpu", cache_dtype=torch.bfloat16)
+    assert step.pdl is None and step.pdl_edges is None
+    with pytest.raises(ValueError, match="need decode CUDA graphs"):
+        step.set_decode_pdl(PdlPlan("launch", frozenset({"_fp8_gemm_kernel"})))
+
+
 def test_unknown_port_is_refused_before_any_driver_call():
     with pytest.raises(ValueError, match="port='early'"):
         add_programmatic_edges(0, {"_fp8_gemm_kernel"}, "early")

@@ -28,10 +28,10 @@ GEMM separate (GATE_DEFAULT). When the logits are
                                        # buffer or constant in x's dtype; the softmax its only reader
 the router becomes
     w, ids = dsv3_aoti::router_topk_gate(x, weight, k, route_scale, n, E, dtype)
-(kernels/topk.py router_topk_gate: the logits in fp32, rounded to x's dtype, then the same math).
+(kernels/router_gate.py router_topk_gate: the logits in fp32, rounded to x's dtype, then the same math).
 DSV3_TORCH_ROUTER_GATE=split takes the same sites into
     w, ids = dsv3_aoti::router_topk_gate_split(x, weight, k, route_scale, n, E, dtype)
-(kernels/topk.py router_topk_gate_split): the experts split over programs (8-16 at E=64, each
+(kernels/router_gate.py router_topk_gate_split): the experts split over programs (8-16 at E=64, each
 streaming 16-32 KB of the weight instead of one program streaming all 262 KB), the last program of
 a row block to finish routing the row from the others' logits (an arrival counter). Measured on
 the H200 (session 8, CUDA graphs): 11.5 / 12.1 / 18.1 us at 1 / 8 / 64 rows against 11.6 / 11.7 / 12.4
@@ -72,6 +72,7 @@ from dsv3_export.engines import torch_triton as tt
 from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.kernels import moe as km
 from dsv3_export.kernels import router_align as kra
+from dsv3_export.kernels import router_gate as kg
 from dsv3_export.kernels import topk as kt
 from dsv3_export.kernels._common import arrival_counters
 from dsv3_export.kernels.moe_align import MAX_ALIGN_EXPERTS
@@ -114,7 +115,7 @@ def router_topk_gate(x: torch.Tensor, gate: torch.Tensor, k: int, scale: float, 
     x, gate = x.contiguous(), gate.contiguous()
     weights = torch.empty((x.shape[0], k + n_extra), dtype=out_dtype, device=x.device)
     ids = torch.empty((x.shape[0], k + n_extra), dtype=torch.int64, device=x.device)
-    tt._launch(kt.router_gate_spec(x, gate, k, scale, n_extra, first_extra, weights, ids))
+    tt._launch(kg.router_gate_spec(x, gate, k, scale, n_extra, first_extra, weights, ids))
     return weights, ids
 
 
@@ -129,7 +130,7 @@ def router_topk_gate_split(x: torch.Tensor, gate: torch.Tensor, k: int, scale: f
     ids = torch.empty((x.shape[0], k + n_extra), dtype=torch.int64, device=x.device)
     logits = torch.empty((x.shape[0], gate.shape[0]), dtype=x.dtype, device=x.device)  # [T, E] scratch
     counters = arrival_counters(x.shape[0], x.device)  # >= one per row block (MIN_SPLIT_ROWS is 1)
-    tt._launch(kt.router_gate_split_spec(x, gate, k, scale, n_extra, first_extra, logits, counters, weights, ids))
+    tt._launch(kg.router_gate_split_spec(x, gate, k, scale, n_extra, first_extra, logits, counters, weights, ids))
     return weights, ids
 
 

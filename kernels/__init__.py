@@ -11,7 +11,11 @@ One family per module, each with its kernel(s), a checking launcher and a pure-t
   mla_splits      how many KV splits mla_decode uses: choose_num_splits (host), the runtime rule (traced)
   mla_prefill     mla_prefill (causal)
   rmsnorm         rmsnorm, optionally fused with the residual add
-  topk            topk over short rows (the MoE router's scores), sorted, one launch
+  topk            topk over short rows (the MoE router's scores), sorted, one launch; router_topk (the
+                  softmax router from its logits)
+  router_gate     router_topk_gate(_split): the gate GEMM and the router in one launch
+  router_align    the router and moe_align in one program
+  pdl             which kernels wait for their producer (programmatic dependent launch, opt-in)
 
 Launch path: in eager mode a launcher calls the jitted (autotuned) kernel directly, a few us of
 Python; only while make_fx / torch.export / torch.compile trace it does the launch go through

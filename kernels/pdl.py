@@ -107,7 +107,7 @@ def waiting_kernel_names() -> frozenset[str]:
     records): CHECKED_KERNELS with GDC on, none without (the interpreter; a torch the analysis wrapper
     does not fit)."""
     from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_absorb, mla_decode,  # noqa: F401
-                                     mla_prefill, mla_tail, moe, moe_align, rmsnorm, router_align, topk)
+                                     mla_prefill, mla_tail, moe, moe_align, rmsnorm, router_align, router_gate, topk)
     return frozenset(CHECKED_KERNELS) if GDC else frozenset()
 
 

@@ -1,4 +1,4 @@
-"""Sections `topk`, `gate` and `router_align`: the MoE router's kernels (kernels/topk.py) against torch's
+"""Sections `topk`, `gate` and `router_align`: the MoE router's kernels (kernels/topk.py, router_gate.py) against torch's
 chain of ops. topk: top-k over the routed + shared experts' scores, the softmax router (router_topk) and
 the gate GEMM + router in one launch (router_topk_gate); gate: the decode batches from CUDA graphs, the
 split-over-programs form (router_topk_gate_split) against cuBLAS's F.linear + router_topk and the
@@ -63,7 +63,7 @@ def bench_topk(report: Report, sh: Shapes, quick: bool) -> None:
 
 def _untied_mismatch(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, want: torch.Tensor, k: int) -> float:
     """Fraction of rows whose top-k ids differ from the reference's where its top-(k+1) logits hold
-    no two within one rounding of x's dtype (kernels/topk.py router_topk_gate: its logits are
+    no two within one rounding of x's dtype (kernels/router_gate.py router_topk_gate: its logits are
     cuBLAS's up to the summation order, then one rounding; tests/kernels/test_topk.py's tie rule)."""
     logits = torch.nn.functional.linear(x, w).float()  # [M, E]
     top = logits.topk(k + 1, dim=1).values  # [M, k + 1]
@@ -75,7 +75,8 @@ def _untied_mismatch(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, want: 
 def _bench_router_gate(report: Report, sh: Shapes, quick: bool, m: int) -> None:
     """The gate GEMM + router in one launch (engines/torch_router.py DSV3_TORCH_ROUTER_GATE) against
     torch's linear + the router's ops, and against torch's linear + the router kernel."""
-    from dsv3_export.kernels.topk import router_topk, router_topk_gate, router_topk_gate_ref
+    from dsv3_export.kernels.router_gate import router_topk_gate, router_topk_gate_ref
+    from dsv3_export.kernels.topk import router_topk
 
     case = f"gate + router M={m} D={sh.dim} E={sh.n_experts}+2 k={sh.topk}"
     x = torch.randn(m, sh.dim, device=sh.device, dtype=torch.bfloat16)
@@ -110,6 +111,7 @@ def bench_gate(report: Report, sh: Shapes, quick: bool) -> None:
     autotuner's key has no batch: M=8 and 64 reuse M=1's choice (as eager decode calls do), so at the
     largest M each split config is also timed pinned (printed; the fastest tabled)."""
     from dsv3_export.kernels import _common
+    from dsv3_export.kernels import router_gate as kg
     from dsv3_export.kernels import topk as kt
 
     route = dict(n_extra=2, first_extra=sh.n_experts, out_dtype=torch.bfloat16)
@@ -119,7 +121,7 @@ def bench_gate(report: Report, sh: Shapes, quick: bool) -> None:
         case = f"gate + router M={m} D={sh.dim} E={sh.n_experts}+2 k={sh.topk}"
         x = torch.randn(m, sh.dim, device=sh.device, dtype=torch.bfloat16)
         w = (torch.randn(sh.n_experts, sh.dim, device=sh.device) / sh.dim**0.5).to(torch.bfloat16)
-        want = kt.router_topk_gate_ref(x, w, sh.topk, **route)[1]
+        want = kg.router_topk_gate_ref(x, w, sh.topk, **route)[1]
         bytes_ = (m + sh.n_experts) * sh.dim * 2 + m * (sh.topk + 2) * (2 + 8)
         flops = 2 * m * sh.dim * sh.n_experts
 
@@ -139,22 +141,22 @@ def bench_gate(report: Report, sh: Shapes, quick: bool) -> None:
                                    note=note + ("" if clean else " arrival counters NOT reset")),
                        bytes_=bytes_, flops=flops)
 
-        split = lambda cfg=None: kt.router_topk_gate_split(x, w, sh.topk, config=cfg, **route)  # noqa: E731
+        split = lambda cfg=None: kg.router_topk_gate_split(x, w, sh.topk, config=cfg, **route)  # noqa: E731
         rows = [guarded(report, f"gate {case} split", lambda: timed("triton router_topk_gate_split", split)),
                 guarded(report, f"gate {case} one program", lambda: timed(
-                    "triton router_topk_gate", lambda: kt.router_topk_gate(x, w, sh.topk, config=one_program_cfg,
+                    "triton router_topk_gate", lambda: kg.router_topk_gate(x, w, sh.topk, config=one_program_cfg,
                                                                          **route))),
                 guarded(report, f"gate {case} linear", lambda: timed(
                     "torch linear + triton router_topk", lambda: kt.router_topk(F.linear(x, w), sh.topk, **route)))]
         if sh.device == "cuda":
-            chosen = getattr(kt._router_gate_split_tuned, "best_config", None)
+            chosen = getattr(kg._router_gate_split_tuned, "best_config", None)
             if rows[0] is not None:
                 rows[0].note = f"autotuned at M={ms_list[0]}: {chosen}"
-            one_program_cfg = one_program_cfg or getattr(kt._router_gate_tuned, "best_config", None)
+            one_program_cfg = one_program_cfg or getattr(kg._router_gate_tuned, "best_config", None)
         if m == ms_list[-1]:  # each split config pinned at the largest M
             pinned = [guarded(report, f"gate {case} split {cfg}", lambda cfg=cfg: timed(
                 "triton router_topk_gate_split pinned", lambda: split(cfg), note=str(cfg)))
-                for cfg in kt.GATE_SPLIT_CONFIGS]
+                for cfg in kg.GATE_SPLIT_CONFIGS]
             pinned = [r for r in pinned if r is not None]
             print("    split configs pinned: " + "; ".join(f"{r.note}: {r.ms:.4f} ms" for r in pinned), flush=True)
             good = [r for r in pinned if r.ok]

@@ -25,7 +25,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_absorb, mla_decode,  # noqa: E402
-                                 mla_prefill, mla_tail, moe, moe_align, rmsnorm, router_align, topk)
+                                 mla_prefill, mla_tail, moe, moe_align, rmsnorm, router_align, router_gate,
+                                 topk)
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Opt-in shared memory per block on H100/H200 (227 KB).
@@ -212,12 +213,12 @@ def _cases(all_configs: bool):
         yield ("router", topk._router_kernel, cfg, dict(logits_ptr=bf, w_ptr=bf, idx_ptr="*i64"),
                dict(TOPK=6, N_EXTRA=2, BLOCK_N=64))
     # the 16b gate GEMM + router: the multiply-and-sum (1-row) and a tl.dot (32-row) form
-    for cfg in topk.GATE_CONFIGS if all_configs else topk.GATE_CONFIGS[:1] + topk.GATE_CONFIGS[-2:-1]:
-        yield ("router_gate", topk._router_gate_kernel, cfg, dict(x_ptr=bf, g_ptr=bf, w_ptr=bf, idx_ptr="*i64"),
+    for cfg in router_gate.GATE_CONFIGS if all_configs else router_gate.GATE_CONFIGS[:1] + router_gate.GATE_CONFIGS[-2:-1]:
+        yield ("router_gate", router_gate._router_gate_kernel, cfg, dict(x_ptr=bf, g_ptr=bf, w_ptr=bf, idx_ptr="*i64"),
                dict(TOPK=6, N_EXTRA=2, BLOCK_N=64, UPCAST=False))
     # the split form (experts over programs, the last one routes): a multiply-and-sum and the tl.dot config
-    for cfg in topk.GATE_SPLIT_CONFIGS if all_configs else topk.GATE_SPLIT_CONFIGS[:1] + topk.GATE_SPLIT_CONFIGS[-1:]:
-        yield ("router_gate_split", topk._router_gate_split_kernel, cfg,
+    for cfg in router_gate.GATE_SPLIT_CONFIGS if all_configs else router_gate.GATE_SPLIT_CONFIGS[:1] + router_gate.GATE_SPLIT_CONFIGS[-1:]:
+        yield ("router_gate_split", router_gate._router_gate_split_kernel, cfg,
                dict(x_ptr=bf, g_ptr=bf, logits_ptr=bf, cnt_ptr=i32, w_ptr=bf, idx_ptr="*i64"),
                dict(TOPK=6, N_EXTRA=2, BLOCK_N=64, UPCAST=False))
     for cfg in pick(router_align.ROUTER_ALIGN_CONFIGS):  # the 16b router + moe_align in one program (E = 64 + 2)

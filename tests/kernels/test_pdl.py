@@ -9,11 +9,11 @@ import pytest
 import triton
 
 from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_absorb, mla_decode, mla_prefill,
-                                 mla_tail, moe, moe_align, rmsnorm, router_align, topk)
+                                 mla_tail, moe, moe_align, rmsnorm, router_align, router_gate, topk)
 from dsv3_export.kernels.pdl import CHECKED_KERNELS, GDC, waiting_kernel_names, waits_for_producer
 
 FAMILIES = (fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_absorb, mla_decode, mla_prefill, mla_tail, moe, moe_align,
-            rmsnorm, router_align, topk)
+            rmsnorm, router_align, router_gate, topk)
 
 
 def _kernels():

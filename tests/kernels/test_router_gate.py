@@ -91,27 +91,34 @@ def test_router_topk_gate_every_config(seed, config):
     assert _check_gate(x, w, 6, 2, torch.bfloat16, got, K.router_topk_gate_ref(x, w, 6, **route)) <= 4
 
 
-@pytest.mark.parametrize("config", [K.GATE_CONFIGS[0], K.GATE_CONFIGS[-1]], ids=str)
-def test_router_topk_gate_rounds_the_logits_to_x_dtype(config):
-    """Expert 1's fp32 logit is 1 + 2^-9, expert 0's 1: in bf16 both are 1.0 (a tie: the lower index
-    first). A kernel that ranked the fp32 sums would put expert 1 first."""
+def _bf16_tie() -> tuple[torch.Tensor, torch.Tensor]:
+    """x [3, 40], w [16, 40] bf16: expert 1's fp32 logit is 1 + 2^-9, expert 0's 1 (equal in bf16), the rest -1."""
     x = torch.zeros(3, 40, dtype=torch.bfloat16)
     x[:, :2] = 1.0
     w = torch.full((16, 40), -0.5, dtype=torch.bfloat16)
     w[0, 0], w[1, 0], w[1, 1] = 1.0, 1.0, 2.0**-9
     w[0, 1] = 0.0
+    return x, w
+
+
+@pytest.mark.parametrize("config", [K.GATE_CONFIGS[0], K.GATE_CONFIGS[-1]], ids=str)
+def test_router_topk_gate_rounds_the_logits_to_x_dtype(config):
+    """Expert 1's fp32 logit is 1 + 2^-9, expert 0's 1: in bf16 both are 1.0 (a tie: the lower index
+    first). A kernel that ranked the fp32 sums would put expert 1 first."""
+    x, w = _bf16_tie()
     _, ids = K.router_topk_gate(x, w, 2, out_dtype=torch.float32, config=config)
     assert ids.tolist() == [[0, 1]] * 3
     _, ids32 = K.router_topk_gate(x.float(), w.float(), 2, out_dtype=torch.float32, config=config)
     assert ids32.tolist() == [[1, 0]] * 3  # in fp32 the sums differ
 
 
-def test_router_topk_gate_strided_and_empty():
+@pytest.mark.parametrize("gate", [K.router_topk_gate, K.router_topk_gate_split], ids=lambda f: f.__name__)
+def test_strided_and_empty(gate):
     x = torch.randn(4, 300)[:, :200]  # row stride 300
     w = torch.randn(8, 256)[:, :200]
-    got, want = K.router_topk_gate(x, w, 3), K.router_topk_gate_ref(x, w, 3)
+    got, want = gate(x, w, 3), K.router_topk_gate_ref(x, w, 3)
     assert _check_gate(x, w, 3, 0, torch.float32, got, want) == 0
-    weights, ids = K.router_topk_gate(torch.randn(0, 200), w, 3, n_extra=2)
+    weights, ids = gate(torch.randn(0, 200), w, 3, n_extra=2)
     assert weights.shape == ids.shape == (0, 5)
 
 
@@ -191,11 +198,7 @@ def test_router_topk_gate_split_matches_linear_then_router(seed, rows, d, e, k, 
 def test_router_topk_gate_split_rounds_the_logits_and_breaks_ties_low(config):
     """As router_topk_gate: experts 0 and 1 tie in bf16 (1 + 2^-9 rounds to 1) and the lower index comes
     first, in fp32 they do not; a row of equal logits gives experts 0..k-1 in order."""
-    x = torch.zeros(3, 40, dtype=torch.bfloat16)
-    x[:, :2] = 1.0
-    w = torch.full((16, 40), -0.5, dtype=torch.bfloat16)
-    w[0, 0], w[1, 0], w[1, 1] = 1.0, 1.0, 2.0**-9
-    w[0, 1] = 0.0
+    x, w = _bf16_tie()
     _, ids = K.router_topk_gate_split(x, w, 2, out_dtype=torch.float32, config=config)
     assert ids.tolist() == [[0, 1]] * 3
     _, ids32 = K.router_topk_gate_split(x.float(), w.float(), 2, out_dtype=torch.float32, config=config)
@@ -224,13 +227,7 @@ def test_router_topk_gate_split_counters_reset_after_every_call(seed, config):
     assert K.MIN_SPLIT_ROWS == 1  # engines/torch_router.py sizes its counters one per row
 
 
-def test_router_topk_gate_split_strided_empty_and_bad_inputs():
-    x = torch.randn(4, 300)[:, :200]  # row stride 300
-    w = torch.randn(8, 256)[:, :200]
-    got, want = K.router_topk_gate_split(x, w, 3), K.router_topk_gate_ref(x, w, 3)
-    assert _check_gate(x, w, 3, 0, torch.float32, got, want) == 0
-    weights, ids = K.router_topk_gate_split(torch.randn(0, 200), w, 3, n_extra=2)
-    assert weights.shape == ids.shape == (0, 5)
+def test_router_topk_gate_split_bad_inputs():
     with pytest.raises(ValueError, match=r"router_topk_gate: weight \(8, 32\) is not \[E, D\]"):
         K.router_topk_gate_split(torch.randn(3, 64), torch.randn(8, 32), 2)
     with pytest.raises(ValueError, match="k=9"):

@@ -26,7 +26,9 @@
 #   torch16b   benchmarks/torch_16b.py ($TORCH16B_PRECISIONS, default "fp8,bf16"), with the time left
 #              until minute 28; `torch16b:PREC[:END]` runs precision PREC with the time left until
 #              minute END (its results in torch16b-PREC/); `torch16b:PREC:END:TAG` adds the arguments
-#              in $TORCH16B_ARGS_<TAG> (e.g. "--n-layers 4 --moe-align kernel"), results in torch16b-PREC-TAG/
+#              in $TORCH16B_ARGS_<TAG> (e.g. "--n-layers 4 --moe-align kernel"), results in torch16b-PREC-TAG/,
+#              and runs it with the NAME=VALUE pairs of $TORCH16B_ENV_<TAG> in its environment (switches read at
+#              import, e.g. "DSV3_TRITON_GDC=1": one process per setting, several tags per arm for an A/B across builds)
 #   kernels    benchmarks/kernels.py ($KERNELS_ARGS)
 #   ort        benchmarks/onnxruntime_16b.py --wait-builds: eager reference first, then each engine as
 #              soon as its build is done, generate included (one process: one run); needs onnxruntime-gpu
@@ -74,7 +76,8 @@ run_step() {
   case $1 in
     torch16b:*) prec=$(echo "$1" | cut -d: -f2); end=$(echo "$1" | cut -d: -f3); end=${end:-28}
                 tag=$(echo "$1" | cut -d: -f4); extra=""; [ -n "$tag" ] && extra=$(printenv "TORCH16B_ARGS_$tag")
-                step "torch16b-$prec${tag:+-$tag}" $(( end - 8 )) taskset -c $CORES python3 benchmarks/torch_16b.py \
+                procenv=""; [ -n "$tag" ] && procenv=$(printenv "TORCH16B_ENV_$tag")
+                step "torch16b-$prec${tag:+-$tag}" $(( end - 8 )) env $procenv taskset -c $CORES python3 benchmarks/torch_16b.py \
                   --precisions "$prec" --budget-s $(( (end - $(minutes)) * 60 )) $extra \
                   --out "$CHAIN/torch16b-$prec${tag:+-$tag}" ;;
     builds) taskset -c 8-15 env WORK=$ENGINES bash benchmarks/ort_builds_16b.sh > "$CHAIN/ort_builds.log" 2>&1 &

@@ -147,14 +147,13 @@ def add_programmatic_edges(graph_handle: int, waiting: Iterable[str], port: str 
     (torch.cuda.CUDAGraph(keep_graph=True).raw_cuda_graph())."""
     if port not in PORTS:
         raise ValueError(f"cuda_graph_pdl: port={port!r} must be one of {sorted(PORTS)}")
-    waiting = set(waiting)
+    waiting = frozenset(waiting)
     drv, graph = _driver(), ctypes.c_void_p(graph_handle)
     names = {n: _kernel_function_name(drv, n) for n in _nodes(drv, graph)}
-    kernels = {n for n, name in names.items() if name is not None}
-    waiting_nodes = {n for n in kernels if names[n] in waiting}
     edges = _edges(drv, graph)
-    chosen = [(a, b, d) for a, b, d in edges
-              if a in kernels and b in waiting_nodes and d.type == 0 and d.from_port == 0 and d.to_port == 0]
+    chosen = programmatic_candidates(names, edges, waiting)
+    kernels = sum(name is not None for name in names.values())
+    waiting_nodes = sum(name in waiting for name in names.values() if name is not None)
     if chosen:
         n = len(chosen)
         src = (ctypes.c_void_p * n)(*[a for a, _, _ in chosen])
@@ -166,4 +165,14 @@ def add_programmatic_edges(graph_handle: int, waiting: Iterable[str], port: str 
         if added != 0:  # put the captured edges back: a graph missing them would race
             _check(drv.add_edges(graph, src, dst, old, ctypes.c_size_t(n)), "cuGraphAddDependencies (restore)")
             _check(added, "cuGraphAddDependencies")
-    return PdlEdges(edges=len(edges), kernels=len(kernels), converted=len(chosen), waiting_kernels=len(waiting_nodes))
+    return PdlEdges(edges=len(edges), kernels=kernels, converted=len(chosen), waiting_kernels=waiting_nodes)
+
+
+def programmatic_candidates(names: dict[int, str | None], edges: list[tuple[int, int, _EdgeData]],
+                            waiting: Iterable[str]) -> list[tuple[int, int, _EdgeData]]:
+    """The edges to make programmatic: default edges (full completion, ports 0) from a kernel node to a
+    kernel node whose function waits first. names: node -> kernel function name (None: not a kernel)."""
+    waiting = set(waiting)
+    return [(a, b, d) for a, b, d in edges
+            if names.get(a) is not None and names.get(b) in waiting
+            and d.type == 0 and d.from_port == 0 and d.to_port == 0]

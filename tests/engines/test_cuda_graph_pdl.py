@@ -103,3 +103,103 @@ assert not getattr(tkw.generate_ttir, "compiles_without_gdc_wait", False)
 print("ok")
 """)
     assert out.startswith("ok")
+
+
+def _edge(from_port: int = 0, kind: int = 0):
+    from dsv3_export.engines.cuda_graph_pdl import _EdgeData
+
+    return _EdgeData(from_port, 0, kind)
+
+
+def test_only_kernel_to_waiting_kernel_default_edges_are_chosen():
+    from dsv3_export.engines.cuda_graph_pdl import programmatic_candidates
+
+    # 1 -> 2 -> 3 -> 4 -> 5 -> 6 in stream order, 7 a second producer of 6
+    names = {1: "_act_quant_kernel", 2: "_fp8_gemm_kernel", 3: None, 4: "_fp8_gemm_kernel",
+             5: "triton_poi_fused_add_0", 6: "_act_quant_kernel", 7: "nvjet_sm90_tst"}
+    edges = [(1, 2, _edge()),  # kernel -> waiting kernel: chosen
+             (2, 3, _edge()),  # into a memcpy node: kept
+             (3, 4, _edge()),  # from a memcpy node: kept (programmatic edges join kernels only)
+             (4, 5, _edge()),  # into an Inductor kernel that does not wait: kept
+             (5, 6, _edge()),  # Inductor kernel -> waiting kernel: chosen
+             (7, 6, _edge()),  # cuBLAS -> waiting kernel: chosen
+             (1, 4, _edge(from_port=1, kind=1))]  # already programmatic: left as it is
+    chosen = programmatic_candidates(names, edges, iter(["_act_quant_kernel", "_fp8_gemm_kernel"]))
+    assert [(a, b) for a, b, _ in chosen] == [(1, 2), (5, 6), (7, 6)]
+    assert programmatic_candidates(names, edges, []) == []
+
+
+class _FakeDriver:
+    """libcuda's graph calls over a 3-kernel chain A -> B -> C (B and C wait), answering through the same
+    ctypes arguments the real driver fills; add_edges fails with `add_result` for programmatic edge data."""
+
+    NAMES = {11: b"_rmsnorm_kernel", 12: b"_act_quant_kernel", 13: b"_fp8_gemm_kernel"}
+
+    def __init__(self, add_result: int = 0):
+        self.edges = [(11, 12, 0), (12, 13, 0)]  # (from, to, dependency type)
+        self.calls: list[str] = []
+        self.add_result = add_result
+        self.kernel_name = None
+
+    def get_nodes(self, graph, nodes, count):
+        if nodes is not None:
+            for i, node in enumerate(self.NAMES):
+                nodes[i] = node
+        count._obj.value = len(self.NAMES)
+        return 0
+
+    def node_type(self, node, kind):
+        kind._obj.value = 0  # CU_GRAPH_NODE_TYPE_KERNEL
+        return 0
+
+    def kernel_params(self, node, params):
+        params._obj.func = node.value  # the node id doubles as its CUfunction
+        return 0
+
+    def func_name(self, name, func):
+        name._obj.value = self.NAMES[func.value]
+        return 0
+
+    def get_edges(self, graph, src, dst, data, count):
+        if src is not None:
+            for i, (a, b, kind) in enumerate(self.edges):
+                src[i], dst[i] = a, b
+                data[i].type = kind
+        count._obj.value = len(self.edges)
+        return 0
+
+    def remove_edges(self, graph, src, dst, data, n):
+        self.calls.append("remove")
+        pairs = {(src[i], dst[i]) for i in range(n.value)}
+        self.edges = [e for e in self.edges if (e[0], e[1]) not in pairs]
+        return 0
+
+    def add_edges(self, graph, src, dst, data, n):
+        programmatic = data[0].type == 1
+        self.calls.append("add programmatic" if programmatic else "add default")
+        if programmatic and self.add_result:
+            return self.add_result
+        self.edges += [(src[i], dst[i], data[i].type) for i in range(n.value)]
+        return 0
+
+
+def test_edit_through_the_driver_calls(monkeypatch):
+    from dsv3_export.engines import cuda_graph_pdl
+
+    fake = _FakeDriver()
+    monkeypatch.setattr(cuda_graph_pdl, "_driver", lambda: fake)
+    done = add_programmatic_edges(1, {"_act_quant_kernel", "_fp8_gemm_kernel"}, "launch")
+    assert (done.edges, done.kernels, done.converted, done.waiting_kernels) == (2, 3, 2, 2)
+    assert sorted(fake.edges) == [(11, 12, 1), (12, 13, 1)] and fake.calls == ["remove", "add programmatic"]
+    assert cuda_graph_pdl.kernel_names(1) == ["_rmsnorm_kernel", "_act_quant_kernel", "_fp8_gemm_kernel"]
+
+
+def test_a_refused_edit_puts_the_captured_edges_back(monkeypatch):
+    from dsv3_export.engines import cuda_graph_pdl
+
+    fake = _FakeDriver(add_result=801)  # CUDA_ERROR_NOT_SUPPORTED
+    monkeypatch.setattr(cuda_graph_pdl, "_driver", lambda: fake)
+    with pytest.raises(RuntimeError, match="cuGraphAddDependencies failed with CUresult 801"):
+        add_programmatic_edges(1, {"_fp8_gemm_kernel"}, "programmatic")
+    assert fake.edges == [(11, 12, 0), (12, 13, 0)]  # as captured: nothing may run early
+    assert fake.calls == ["remove", "add programmatic", "add default"]

@@ -57,14 +57,19 @@ def _check_gate(x, w, k, n_extra, dtype, got, want) -> int:
     return int(differ.sum())
 
 
-@pytest.mark.parametrize("rows, d, e, k, n_extra", [(1, 200, 8, 3, 0), (5, 200, 64, 6, 0), (37, 200, 66, 6, 2),
-                                                    (1, 2048, 64, 6, 2)])
+_ONE, _SPLIT = K.router_topk_gate, K.router_topk_gate_split
+_RANDOM_CASES = [(_ONE, 1, 200, 8, 3, 0), (_ONE, 5, 200, 64, 6, 0), (_ONE, 37, 200, 66, 6, 2), (_ONE, 1, 2048, 64, 6, 2),
+                 (_SPLIT, 1, 200, 8, 3, 0), (_SPLIT, 19, 200, 66, 6, 2), (_SPLIT, 1, 2048, 64, 6, 2)]
+
+
+@pytest.mark.parametrize("gate, rows, d, e, k, n_extra", _RANDOM_CASES, ids=lambda v: getattr(v, "__name__", None))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_router_topk_gate_matches_linear_then_router(seed, rows, d, e, k, n_extra, dtype):
+def test_gate_matches_linear_then_router(seed, gate, rows, d, e, k, n_extra, dtype):
+    """Random logits: the tie rule (the split form's summation order is its own)."""
     torch.manual_seed(seed)
     x, w = _gate_inputs(rows, d, e, dtype)
     route = dict(scale=2.5, n_extra=n_extra, first_extra=e, out_dtype=dtype)
-    got, want = K.router_topk_gate(x, w, k, **route), K.router_topk_gate_ref(x, w, k, **route)
+    got, want = gate(x, w, k, **route), K.router_topk_gate_ref(x, w, k, **route)
     assert got[0].shape == got[1].shape == (rows, k + n_extra) and got[0].dtype == dtype and got[1].dtype == torch.int64
     excused = _check_gate(x, w, k, n_extra, dtype, got, want)
     assert excused <= max(1, rows // 8), f"{excused} of {rows} rows excused by the tie rule"
@@ -181,16 +186,6 @@ def test_router_topk_gate_split_every_config_exact(seed, config, dtype):
     _counters_clean()
 
 
-@pytest.mark.parametrize("rows, d, e, k, n_extra", [(1, 200, 8, 3, 0), (19, 200, 66, 6, 2), (1, 2048, 64, 6, 2)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_router_topk_gate_split_matches_linear_then_router(seed, rows, d, e, k, n_extra, dtype):
-    """Random logits: the tie rule of router_topk_gate (the summation order is the kernel's own)."""
-    torch.manual_seed(seed)
-    x, w = _gate_inputs(rows, d, e, dtype)
-    route = dict(scale=2.5, n_extra=n_extra, first_extra=e, out_dtype=dtype)
-    got, want = K.router_topk_gate_split(x, w, k, **route), K.router_topk_gate_ref(x, w, k, **route)
-    excused = _check_gate(x, w, k, n_extra, dtype, got, want)
-    assert excused <= max(1, rows // 8), f"{excused} of {rows} rows excused by the tie rule"
     _counters_clean()
 
 

@@ -15,7 +15,9 @@ killed at its limit still returns what was measured. Sections, per precision (bf
                decode ms/token at each batch (CUDA graph replay, and the package run directly),
                prefill ms for prompt-len tokens at batch 1; max rel. error of decode logits vs
                the eager step; `Engine.generate` (the runtime's greedy loop) on this step, 16
-               tokens, vs the reference model's own greedy loop (identical prefix length)
+               tokens, vs the reference model's own greedy loop (identical prefix length); the config
+               Inductor's compile-time autotuner picked for each kernel (<kind>_autotune_choices, JSON
+               only: what two builds of the same code may differ in)
   eager        the reference model in eager PyTorch (DeepSeek's MoE loop), same timings
   compile      torch.compile of the reference model (default mode), decode only, if it compiles
   engine-NAME  (--variant NAME:DSV3_TORCH_X=V,...) the same engine section for a variant of the build
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import logging
 import math
 import os
 import sys
@@ -114,6 +117,40 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 SKIP_PASSES: set[str] = set()  # --skip-passes: an A/B of one pass against the same build without it
+# Inductor's compile-time autotuner logs each kernel's winner here (DEBUG): "Best config for <kernel>: <config>: <ms>,
+# nreg <n>, nspill <n>, #shared-mem <bytes>"
+AUTOTUNE_LOGGER = "torch._inductor.runtime.triton_heuristics"
+
+
+@contextlib.contextmanager
+def autotune_choices():
+    """The configs Inductor's autotuner picks while a package compiles, one dict per kernel it tuned: what
+    differs between two builds of the same code (session 10: `_rmsnorm_kernel` 2.8 vs 10.9 us per call).
+    Kernels whose choice came from Inductor's on-disk autotune cache are not tuned again and not listed."""
+    found: list[dict[str, Any]] = []
+
+    logger = logging.getLogger(AUTOTUNE_LOGGER)
+
+    class Winners(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if str(record.msg).startswith("Best config for") and len(record.args or ()) == 6:
+                name, config, ms, nreg, nspill, shared = record.args
+                found.append({"kernel": str(name), "config": str(config), "ms": round(float(ms), 5),
+                              "nreg": nreg, "nspill": nspill, "shared": shared})
+            if record.levelno >= saved[0] and logger.parent is not None:  # what the logger let through before
+                logger.parent.handle(record)
+
+    handler = Winners(logging.DEBUG)
+    saved = (logger.getEffectiveLevel(), logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # its DEBUG records stop here; the rest are handed on by Winners
+    try:
+        yield found
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
 
 
 def build_engine_in_memory(model, precision: str, kinds: tuple[str, ...], workdir: Path,
@@ -141,8 +178,10 @@ def build_engine_in_memory(model, precision: str, kinds: tuple[str, ...], workdi
         ep, how = lower_program(programs[kind], DEVICE, kind)
         report["lowerings"] = how
         t = time.perf_counter()
-        packages[kind] = compile_package(ep, kind, workdir / f"{kind}.pt2", info)
+        with autotune_choices() as choices:
+            packages[kind] = compile_package(ep, kind, workdir / f"{kind}.pt2", info)
         report[f"{kind}_aoti_compile_s"] = round(time.perf_counter() - t, 1)
+        report[f"{kind}_autotune_choices"] = choices
         log(f"compiled {kind} in {report[f'{kind}_aoti_compile_s']} s")
         for fqn, tensor in program_constants(ep).items():
             weights.setdefault(fqn, tensor)

@@ -87,3 +87,22 @@ def test_kernel_gaps_splits_steps_and_ranks_the_idle_time(monkeypatch):
     assert [r["next"] for r in got["idle_before"]] == ["c", "b"] and got["idle_before"][0]["us_per_step"] == pytest.approx(4.25, abs=0.051)
     with pytest.raises(ValueError, match="do not split into 2 equal steps"):
         kernel_gaps(step + later[:2], steps=2)
+
+
+def test_autotune_choices_records_the_winners_and_hands_the_rest_on(monkeypatch, caplog):
+    """The winner lines of Inductor's compile-time autotuner (DEBUG) are recorded, not printed; its warnings
+    still reach the usual handlers; the logger is as before afterwards."""
+    import logging
+
+    script = _load_script(monkeypatch)
+    logger = logging.getLogger(script.AUTOTUNE_LOGGER)
+    before = (logger.level, logger.propagate)
+    with caplog.at_level(logging.WARNING), script.autotune_choices() as found:
+        logger.debug("Best config for %s: %s: %f, nreg %d, nspill %d, #shared-mem %s", "_rmsnorm_kernel",
+                     "BLOCK_ROWS: 4, num_warps: 8", 0.0109, 40, 0, 512)
+        logger.debug("Triton cache dir: %s", "/tmp/x")
+        logger.warning("a warning the build should still show")
+    assert found == [{"kernel": "_rmsnorm_kernel", "config": "BLOCK_ROWS: 4, num_warps: 8", "ms": 0.0109,
+                      "nreg": 40, "nspill": 0, "shared": 512}]
+    assert [r.getMessage() for r in caplog.records] == ["a warning the build should still show"]
+    assert (logger.level, logger.propagate) == before

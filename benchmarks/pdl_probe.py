@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from dsv3_export.engines.cuda_graph_pdl import add_programmatic_edges, kernel_names  # noqa: E402
+from dsv3_export.engines.cuda_graph_pdl import PdlPlan, capture_graph, kernel_names  # noqa: E402
 from dsv3_export.kernels.pdl import wait_for_producer  # noqa: E402
 
 N_SHIFT = 1 << 18  # fp32 elements per shift buffer (1 MB)
@@ -83,6 +83,12 @@ def chain(bufs, w, kernels: int, wait: bool, prefetch_first: bool):
     return a, b, g1
 
 
+def reset(bufs, init) -> None:
+    """The chain's buffers back to their starting values."""
+    for t, t0 in zip(bufs, init):
+        t.copy_(t0)
+
+
 def capture(bufs, w, kernels, wait, prefetch_first, port, names):
     init = [t.clone() for t in bufs]
     stream = torch.cuda.Stream()
@@ -90,13 +96,9 @@ def capture(bufs, w, kernels, wait, prefetch_first, port, names):
     with torch.cuda.stream(stream):
         chain(bufs, w, kernels, wait, prefetch_first)  # compile / load outside the capture
     torch.cuda.current_stream().wait_stream(stream)
-    for t, t0 in zip(bufs, init):
-        t.copy_(t0)
-    graph = torch.cuda.CUDAGraph(keep_graph=True)
-    with torch.cuda.graph(graph):
-        chain(bufs, w, kernels, wait, prefetch_first)
-    edges = add_programmatic_edges(graph.raw_cuda_graph(), names, port) if port else None
-    graph.instantiate()
+    reset(bufs, init)
+    plan = PdlPlan(port, frozenset(names)) if port else None
+    graph, _, edges = capture_graph(lambda: chain(bufs, w, kernels, wait, prefetch_first), plan)
     return graph, init, edges
 
 
@@ -113,8 +115,7 @@ def main() -> int:
     init = [t.clone() for t in bufs]
     chain(bufs, w, args.kernels, True, False)
     want = [t.clone() for t in bufs]
-    for t, t0 in zip(bufs, init):
-        t.copy_(t0)
+    reset(bufs, init)
     names = {"_probe_shift_kernel", "_probe_gemv_kernel"}
     modes = [("none", True, False, None), ("programmatic", True, False, "programmatic"),
              ("launch", True, False, "launch"), ("none, prefetch first", True, True, None),
@@ -134,8 +135,7 @@ def main() -> int:
             continue
         times, bad = [], 0
         for rep in range(33):
-            for t, t0 in zip(bufs, init):
-                t.copy_(t0)
+            reset(bufs, init)
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
             graph.replay()

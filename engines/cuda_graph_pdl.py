@@ -22,10 +22,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Callable, Iterable
+
+import torch
+
+log = logging.getLogger(__name__)
 
 PORTS = {"programmatic": 1, "launch": 2}  # CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC, _LAUNCH_ORDER
+PORT_MEANINGS = {"programmatic": "a waiting kernel launches once its producer's blocks have all exited",
+                 "launch": "a waiting kernel launches once its producer's blocks have all started"}
 _NODE_TYPE_KERNEL = 0  # CU_GRAPH_NODE_TYPE_KERNEL
 _DEPENDENCY_PROGRAMMATIC = 1  # CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
 
@@ -166,6 +173,23 @@ def add_programmatic_edges(graph_handle: int, waiting: Iterable[str], port: str 
             _check(drv.add_edges(graph, src, dst, old, ctypes.c_size_t(n)), "cuGraphAddDependencies (restore)")
             _check(added, "cuGraphAddDependencies")
     return PdlEdges(edges=len(edges), kernels=kernels, converted=len(chosen), waiting_kernels=waiting_nodes)
+
+
+def capture_graph(record: Callable[[], Any], plan: PdlPlan | None) -> tuple[torch.cuda.CUDAGraph, Any, PdlEdges | None]:
+    """Capture `record()` (warmed up by the caller) into a CUDA graph and, with a plan, make its edges into the
+    waiting kernels programmatic before instantiating it: (graph, record's result, what the edit changed). If the
+    edit fails the graph keeps its captured edges (add_programmatic_edges restores them) and says so in the log."""
+    graph = torch.cuda.CUDAGraph(keep_graph=True) if plan else torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = record()
+    edges = None
+    if plan:
+        try:
+            edges = add_programmatic_edges(graph.raw_cuda_graph(), plan.waiting, plan.port)
+        except (OSError, RuntimeError) as e:
+            log.warning("cuda_graph_pdl: the graph runs without programmatic edges (%s)", e)
+        graph.instantiate()
+    return graph, result, edges
 
 
 def programmatic_candidates(names: dict[int, str | None], edges: list[tuple[int, int, _EdgeData]],

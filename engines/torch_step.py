@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from dsv3_export.engines.cuda_graph_pdl import PdlEdges, PdlPlan, add_programmatic_edges
+from dsv3_export.engines.cuda_graph_pdl import PdlEdges, PdlPlan, capture_graph
 
 log = logging.getLogger(__name__)
 
@@ -242,16 +242,7 @@ class _DecodeGraphs:
             for _ in range(2):  # loads kernels, settles allocations outside the capture
                 self.run(static_tokens, static_pos, kv_cache)
         torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph(keep_graph=True) if self.pdl else torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outputs = self.run(static_tokens, static_pos, kv_cache)
-        if self.pdl:
-            try:
-                self.pdl_edges = add_programmatic_edges(graph.raw_cuda_graph(), self.pdl.waiting, self.pdl.port)
-            except (OSError, RuntimeError) as e:  # the edit restores the captured edges on failure
-                log.warning("torch engine: decode graph runs without programmatic edges (%s)", e)
-                self.pdl_edges = None
-            graph.instantiate()
+        graph, outputs, self.pdl_edges = capture_graph(lambda: self.run(static_tokens, static_pos, kv_cache), self.pdl)
         return {"graph": graph, "tokens": static_tokens, "start_pos": static_pos, "outputs": outputs,
                 "cache": kv_cache}
 

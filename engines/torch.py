@@ -42,7 +42,7 @@ from torch.export import ExportedProgram
 
 from dsv3_export.engines.base import (BackendUnavailable, BuildOutput, Progress, Target, TensorSpec, dtype_name,
                                        torch_dtype)
-from dsv3_export.engines.cuda_graph_pdl import PORTS, PdlPlan
+from dsv3_export.engines.cuda_graph_pdl import PORT_MEANINGS, PdlPlan
 from dsv3_export.engines.torch_cxx import select_cxx
 from dsv3_export.engines.torch_device import device_info, incompatibility
 from dsv3_export.engines.torch_lower import lower_dsv3_ops
@@ -190,11 +190,8 @@ def _aten_histogram(programs: Mapping[str, ExportedProgram]) -> dict[str, int]:
 
 # Programmatic edges in the decode CUDA graph (engines/cuda_graph_pdl.py): "0" leaves the graph as captured.
 PDL_ENV = "DSV3_TORCH_PDL"
-PDL_CHOICES = {"0": "edges as captured",
-               "programmatic": "a waiting kernel launches once its producer's blocks have all exited",
-               "launch": "a waiting kernel launches once its producer's blocks have all started"}
+PDL_CHOICES = {"0": "edges as captured", **PORT_MEANINGS}
 PDL_DEFAULT = "0"
-assert set(PDL_CHOICES) - {"0"} == set(PORTS)
 
 
 def decode_pdl(info: Mapping[str, Any]) -> PdlPlan | None:

@@ -35,9 +35,12 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib
 import inspect
 import os
+import pkgutil
 import textwrap
+from types import ModuleType
 from typing import Any
 
 import triton
@@ -106,9 +109,15 @@ def waiting_kernel_names() -> frozenset[str]:
     """The kernels compiled here that wait first, every kernel family imported (what an engine build
     records): CHECKED_KERNELS with GDC on, none without (the interpreter; a torch the analysis wrapper
     does not fit)."""
-    from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_absorb, mla_decode,  # noqa: F401
-                                     mla_prefill, mla_tail, moe, moe_align, rmsnorm, router_align, router_gate, topk)
+    import_kernel_families()
     return frozenset(CHECKED_KERNELS) if GDC else frozenset()
+
+
+def import_kernel_families() -> list[ModuleType]:
+    """Every module of dsv3_export.kernels, imported (each kernel registers itself when its module loads)."""
+    import dsv3_export.kernels as package
+
+    return [importlib.import_module(f"{package.__name__}.{info.name}") for info in pkgutil.iter_modules(package.__path__)]
 
 
 def waits_for_producer(kernel: Any) -> Any:

@@ -62,7 +62,7 @@ from dsv3_export.engines.torch_norm_quant import NORM_QUANT_DEFAULT, NORM_QUANT_
 from dsv3_export.engines.torch_router import ROUTER_ENV
 from dsv3_export.engines.torch_triton import (FUSED_ACT_QUANT_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_ENV, TOPK_DEFAULT,
                                              TOPK_ENV)
-from dsv3_export.export import export_step
+from dsv3_export.export import export_step, tune_shape
 from dsv3_export.kernels.pdl import waiting_kernel_names
 from dsv3_export.passes.base import PassConfig
 from dsv3_export.passes.pipeline import PASS_NAMES, run_pipeline
@@ -117,6 +117,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 SKIP_PASSES: set[str] = set()  # --skip-passes: an A/B of one pass against the same build without it
+# --tune-decode / --tune-prefill: the sizes each program is exported with (dsv3_export.export.tune_shape),
+# which AOTInductor's compile-time autotuning runs every kernel at
+TUNE: dict[str, dict[str, int]] = {}
+TUNE_FIELDS = {"decode": ("batch", "cache_len"), "prefill": ("batch", "seqlen")}
 # Inductor's compile-time autotuner logs each kernel's winner here (DEBUG): "Best config for <kernel>: <config>: <ms>,
 # nreg <n>, nspill <n>, #shared-mem <bytes>"
 AUTOTUNE_LOGGER = "torch._inductor.runtime.triton_heuristics"
@@ -166,7 +170,9 @@ def build_engine_in_memory(model, precision: str, kinds: tuple[str, ...], workdi
     for kind in kinds:
         if kind not in programs:
             t = time.perf_counter()
-            ep = export_step(model, kind)
+            shape = tune_shape(model.args, kind, **TUNE.get(kind, {}))
+            report[f"{kind}_tune_shape"] = shape._asdict()
+            ep = export_step(model, kind, shape=shape)
             report[f"{kind}_export_s"] = round(time.perf_counter() - t, 1)
             t = time.perf_counter()
             ep, reports = run_pipeline(ep, config, passes=[n for n in PASS_NAMES if n not in SKIP_PASSES])
@@ -500,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pdl-ports", default="launch,programmatic",
                    help="decode graphs also timed with programmatic edges from these ports ('' for none); needs "
                         "DSV3_TRITON_GDC=1 in the environment (kernels compiled with the wait)")
+    for kind, fields in TUNE_FIELDS.items():
+        p.add_argument(f"--tune-{kind}", default=None, metavar=",".join(f.upper() for f in fields),
+                       help=f"the {kind} program's example sizes, at which AOTInductor tunes its kernels "
+                            "(default: the tiny tracing sizes of dsv3_export.export.TRACE_SHAPES)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: smoke-test the script (tiny preset)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     opts = p.parse_args(argv)
@@ -529,6 +539,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"--skip-passes: unknown {sorted(unknown)}; passes: {PASS_NAMES}")
     SKIP_PASSES.update(filter(None, opts.skip_passes.split(",")))
+    for kind, fields in TUNE_FIELDS.items():
+        value = getattr(opts, f"tune_{kind}")
+        if value:
+            values = value.split(",")
+            if len(values) != len(fields) or not all(v.isdigit() for v in values):
+                p.error(f"--tune-{kind} {value!r}: expected {','.join(f.upper() for f in fields)} (integers)")
+            TUNE[kind] = dict(zip(fields, map(int, values)))
     skip = set(filter(None, opts.skip.split(",")))
     meta = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)", "torch": torch.__version__, "preset": opts.preset,
             "batches": batches, "prompt_len": opts.prompt_len, "decode_steps": opts.decode_steps,
@@ -537,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             "norm_quant": os.environ.get(NORM_QUANT_ENV, NORM_QUANT_DEFAULT),
             "topk": os.environ.get(TOPK_ENV, TOPK_DEFAULT),
             "router": os.environ.get(ROUTER_ENV, "1"),
-            "skip_passes": sorted(SKIP_PASSES),
+            "skip_passes": sorted(SKIP_PASSES), "tune": TUNE,
             "build_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("DSV3_TORCH_")},
             "variants": {name: env for name, env in variants},
             "note": "max_seq_len set to 2 * prompt_len (YaRN off) to keep the reference caches small"}

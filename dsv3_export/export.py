@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from torch.export import Dim, ExportedProgram
 
+from dsv3_export.reference.args import ModelArgs
 from dsv3_export.reference.moe import MoE
 from dsv3_export.reference.model import Transformer
 from dsv3_export.step import LatentCacheStep, empty_cache
@@ -41,17 +42,68 @@ def static_moe(model: Transformer) -> Iterator[None]:
             m.moe_impl = impl
 
 
-def example_inputs(model: Transformer, kind: str, batch: int = 2, seqlen: int = 3,
-                   cache_len: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs for tracing. Batch >= 2 and distinct sizes keep torch.export from specializing."""
+class TuneShape(NamedTuple):
+    """The sizes a program is exported with, and so the sizes every kernel of an AOTInductor package
+    is tuned at: AOTInductor's compile-time autotuning runs the program once on the export's example
+    inputs and bakes one config per kernel into the package for every batch and cache length
+    (TensorRT's "opt" shape of an optimization profile).
+
+    batch: rows; seqlen: new tokens per row (decode: 1); cache_len: cache positions, all of them
+    visible to decode (start_pos = cache_len), none to prefill (start_pos = 0)."""
+
+    batch: int
+    seqlen: int
+    cache_len: int
+
+
+# What tracing alone needs: batch >= 2 and no two dynamic sizes equal (torch.export specializes a size
+# of 1 and assumes equal sizes are the same symbol). Tiny, so they say nothing about the timings the
+# autotuner compares; `tune_shape` picks sizes that do.
+TRACE_SHAPES = {"prefill": TuneShape(2, 3, 5), "decode": TuneShape(2, 1, 5)}
+
+
+def tune_shape(args: ModelArgs, kind: str, batch: int | None = None, seqlen: int | None = None,
+               cache_len: int | None = None) -> TuneShape:
+    """TRACE_SHAPES[kind] with the given sizes, checked against the program's dynamic dims."""
     if kind not in PROGRAM_KINDS:
         raise ValueError(f"unknown program kind {kind!r}; kinds: {PROGRAM_KINDS}")
+    base = TRACE_SHAPES[kind]
+    shape = TuneShape(batch or base.batch, seqlen or base.seqlen, cache_len or base.cache_len)
+    problems = []
+    if not 2 <= shape.batch <= args.max_batch_size:
+        problems.append(f"batch {shape.batch} is not in [2, max_batch_size={args.max_batch_size}] "
+                        "(torch.export specializes a batch of 1)")
+    if kind == "decode" and shape.seqlen != 1:
+        problems.append(f"decode has one new token per row, not seqlen {shape.seqlen}")
+    if kind == "prefill" and not 2 <= shape.seqlen <= args.max_seq_len:
+        problems.append(f"prefill seqlen {shape.seqlen} is not in [2, max_seq_len={args.max_seq_len}]")
+    # decode attends to all cache_len positions plus the new token, at position cache_len
+    last = shape.cache_len + (shape.seqlen if kind == "decode" else 0)
+    if not 2 <= shape.cache_len or last > args.max_seq_len:
+        problems.append(f"cache_len {shape.cache_len} is not in [2, {args.max_seq_len - (kind == 'decode')}] "
+                        f"(max_seq_len={args.max_seq_len})")
+    dynamic = [shape.batch, shape.cache_len] + ([shape.seqlen] if kind == "prefill" else [])
+    if len(set(dynamic)) < len(dynamic):
+        problems.append(f"the dynamic sizes {dynamic} (batch, cache_len{', seqlen' if kind == 'prefill' else ''}) "
+                        "must differ (torch.export would take equal sizes for one symbol)")
+    if problems:
+        raise ValueError(f"{kind} tune shape {tuple(shape)}: " + "; ".join(problems))
+    return shape
+
+
+def example_inputs(model: Transformer, kind: str, shape: TuneShape | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs for tracing at `shape` (default TRACE_SHAPES[kind]). Random token ids (fixed seed): the
+    MoE routes them to different experts, as real batches are, where equal ids would all pick the
+    same experts for the autotuner's run."""
+    shape = shape or TRACE_SHAPES[kind]
     args = model.args
     device = model.embed.weight.device
-    s = 1 if kind == "decode" else seqlen
-    tokens = torch.zeros(batch, s, dtype=torch.int64, device=device)
-    start_pos = torch.zeros(batch, dtype=torch.int64, device=device)
-    cache = empty_cache(args, batch, cache_len, model.dtype, device)
+    ids = torch.Generator().manual_seed(0)
+    tokens = torch.randint(args.vocab_size, (shape.batch, shape.seqlen), generator=ids).to(device)
+    first = shape.cache_len if kind == "decode" else 0
+    start_pos = torch.full((shape.batch,), first, dtype=torch.int64, device=device)
+    cache = empty_cache(args, shape.batch, shape.cache_len, model.dtype, device)
     return tokens, start_pos, cache
 
 
@@ -65,12 +117,14 @@ def dynamic_shapes(model: Transformer, kind: str) -> dict[str, dict[int, Dim]]:
     return {"tokens": tokens, "start_pos": {0: batch}, "kv_cache": {0: batch, 2: cache_len}}
 
 
-def export_step(model: Transformer, kind: str, step_factory=LatentCacheStep) -> ExportedProgram:
+def export_step(model: Transformer, kind: str, step_factory=LatentCacheStep,
+                shape: TuneShape | None = None) -> ExportedProgram:
     """Export one step program ("prefill" or "decode") of `model` (ATen IR, not yet decomposed).
 
-    step_factory: the step module's class (debug_step.DebugLatentCacheStep adds per-stage outputs)."""
+    step_factory: the step module's class (debug_step.DebugLatentCacheStep adds per-stage outputs).
+    shape: the example inputs' sizes (tune_shape; default TRACE_SHAPES[kind])."""
     step = step_factory(model).eval()
-    inputs = example_inputs(model, kind)
+    inputs = example_inputs(model, kind, shape)
     with static_moe(model), torch.no_grad():
         return torch.export.export(step, inputs, dynamic_shapes=dynamic_shapes(model, kind), strict=False)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv3_export.export import static_moe
+from dsv3_export.export import TRACE_SHAPES, example_inputs, export_step, static_moe, tune_shape
 from dsv3_export.reference import ModelArgs, Transformer
 from dsv3_export.step import LatentCacheStep, write_cache
 from tests.conftest import TOLERANCES, rel_err
@@ -95,6 +95,47 @@ def test_programs_have_dynamic_batch_sequence_and_cache_dims():
         assert isinstance(tokens.shape[1], torch.SymInt) == (kind == "prefill")
         uppers = sorted(int(r.upper) for r in program.range_constraints.values())
         assert args.max_batch_size in uppers and args.max_seq_len in uppers
+
+
+@pytest.mark.parametrize("kind, sizes, problem", [
+    ("decode", dict(batch=1), "batch 1 is not in [2, max_batch_size"),
+    ("decode", dict(batch=10_000), "max_batch_size"),
+    ("decode", dict(seqlen=4), "one new token per row"),
+    ("decode", dict(cache_len=None), None),
+    ("decode", dict(batch=3, cache_len=3), "must differ"),
+    ("decode", dict(cache_len="max"), "cache_len"),  # the new token at position max_seq_len: no rope row
+    ("prefill", dict(seqlen=1), "seqlen 1 is not in [2"),
+    ("prefill", dict(batch=3, seqlen=3), "must differ"),
+    ("prefill", dict(seqlen="max"), None),
+])
+def test_tune_shape_is_checked_against_the_programs_dims(kind, sizes, problem):
+    args = tiny_model().args
+    sizes = {k: (args.max_seq_len if v == "max" else v) for k, v in sizes.items()}
+    if problem is None:
+        shape = tune_shape(args, kind, **sizes)
+        assert shape == TRACE_SHAPES[kind]._replace(**{k: v for k, v in sizes.items() if v})
+        return
+    with pytest.raises(ValueError, match=re.escape(problem)) as err:
+        tune_shape(args, kind, **sizes)
+    assert str(err.value).startswith(f"{kind} tune shape")
+
+
+def test_export_at_a_tune_shape_keeps_the_dims_dynamic(seed):
+    """A program exported at realistic sizes (what AOTInductor tunes its kernels at) is the same program:
+    it runs at other sizes and equals the eager step. Its example inputs are those sizes, with every
+    cache position visible to decode and token ids that differ (the MoE's experts differ)."""
+    model = tiny_model()
+    shape = tune_shape(model.args, "decode", batch=4, cache_len=model.args.max_seq_len - 1)
+    tokens, start_pos, cache = example_inputs(model, "decode", shape)
+    assert tokens.shape == (4, 1) and cache.shape[0] == 4 and cache.shape[2] == shape.cache_len
+    assert start_pos.tolist() == [shape.cache_len] * 4 and len(set(tokens.flatten().tolist())) > 1
+    program = export_step(model, "decode", shape=shape)
+    assert tuple(t.shape for t in program.example_inputs[0]) == (tokens.shape, start_pos.shape, cache.shape)
+    inputs = step_inputs("decode", seed)
+    with torch.no_grad(), static_moe(model):
+        eager = LatentCacheStep(model)(*inputs)
+    for e, x in zip(eager, run(program, inputs)):
+        assert x.shape == e.shape and rel_err(x, e) < TOLERANCES["fp32_structural"]
 
 
 def test_naive_mode_step_equals_naive_reference(seed):

@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind, fields in TUNE_FIELDS.items():
         p.add_argument(f"--tune-{kind}", default=None, metavar=",".join(f.upper() for f in fields),
                        help=f"the {kind} program's example sizes, at which AOTInductor tunes its kernels "
-                            "(default: the tiny tracing sizes of dsv3_export.export.TRACE_SHAPES)")
+                            "(default: dsv3_export.export.default_tune_shape)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: smoke-test the script (tiny preset)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     opts = p.parse_args(argv)

@@ -27,8 +27,9 @@ import torch
 from rich.console import Console
 
 from dsv3_export.engines.base import BackendUnavailable, Target, compute_dtype, get_backend
-from dsv3_export.export import export_step
+from dsv3_export.export import TuneShape, export_step, tune_shape
 from dsv3_export.manifest import Manifest, kv_cache_layout, write_engine_dir
+from dsv3_export.reference.args import ModelArgs
 from dsv3_export.reference.model import Transformer
 from dsv3_export.step import LatentCacheStep
 
@@ -52,6 +53,10 @@ class BuildOptions:
     max_batch_size: int | None = None  # runtime overrides of the model config
     max_seq_len: int | None = None
     config_overrides: tuple[tuple[str, Any], ...] = ()  # other ModelArgs fields, e.g. (("n_layers", 2),)
+    # The sizes each program is exported at, which AOTInductor tunes its kernels at (export.TuneShape;
+    # None: export.default_tune_shape): decode (batch, cache_len), prefill (batch, seqlen).
+    tune_decode: tuple[int, int] | None = None
+    tune_prefill: tuple[int, int] | None = None
 
 
 @dataclass
@@ -186,8 +191,9 @@ def build_engine(options: BuildOptions, console: Console | None = None,
         model, source = _load_model(options, dtype)
         _drop_reference_caches(model)
     args = model.args
+    shapes = export_shapes(options, args, backend.program_kinds)
     with phases.phase("export", f"torch.export {', '.join(backend.program_kinds)}"), _quiet_libraries():
-        programs = {kind: export_step(model, kind, step_factory) for kind in backend.program_kinds}
+        programs = {kind: export_step(model, kind, step_factory, shapes[kind]) for kind in backend.program_kinds}
     del model  # the programs hold the weights they need; a pass that replaces some frees the old ones
     with phases.phase("passes", "passes") as report, _quiet_libraries():
         programs, passes_run = _run_passes(programs, options, target, options.backend, report)
@@ -201,7 +207,8 @@ def build_engine(options: BuildOptions, console: Console | None = None,
             inputs=[s.to_dict() for s in built.inputs], outputs=[s.to_dict() for s in built.outputs],
             kv_cache=kv_cache_layout(args, built.cache_dtype), passes=passes_run, lowerings=built.lowerings,
             op_histogram=built.op_histogram, source=source, compute_capability=_compute_capability(target),
-            backend_info=built.extra if step_factory is LatentCacheStep else {**built.extra, "step": step_factory.__name__})
+            backend_info={**built.extra, "export_shapes": {kind: shape._asdict() for kind, shape in shapes.items()},
+                          **({} if step_factory is LatentCacheStep else {"step": step_factory.__name__})})
 
     start = time.perf_counter()
     manifest = write_engine_dir(options.out, fill)  # fill shows its own phase; the rest is hashing
@@ -209,6 +216,15 @@ def build_engine(options: BuildOptions, console: Console | None = None,
     summary = BuildSummary(manifest=manifest, out=Path(options.out), seconds=phases.seconds)
     print_summary(summary, console)
     return summary
+
+
+def export_shapes(options: BuildOptions, args: ModelArgs, kinds: Sequence[str]) -> dict[str, TuneShape]:
+    """The sizes each program in `kinds` is exported (and tuned) at, checked before any export starts;
+    sizes given for a program the backend does not build are checked too (a typo fails either way)."""
+    given = {"decode": dict(zip(("batch", "cache_len"), options.tune_decode or ())),
+             "prefill": dict(zip(("batch", "seqlen"), options.tune_prefill or ()))}
+    shapes = {kind: tune_shape(args, kind, **sizes) for kind, sizes in given.items()}
+    return {kind: shapes[kind] for kind in kinds}
 
 
 def _compute_capability(target: Target) -> str | None:

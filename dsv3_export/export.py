@@ -18,7 +18,7 @@ from typing import Iterator, NamedTuple
 import torch
 from torch.export import Dim, ExportedProgram
 
-from dsv3_export.reference.args import ModelArgs
+from dsv3_export.reference.args import ConfigError, ModelArgs
 from dsv3_export.reference.moe import MoE
 from dsv3_export.reference.model import Transformer
 from dsv3_export.step import LatentCacheStep, empty_cache
@@ -56,18 +56,37 @@ class TuneShape(NamedTuple):
     cache_len: int
 
 
-# What tracing alone needs: batch >= 2 and no two dynamic sizes equal (torch.export specializes a size
-# of 1 and assumes equal sizes are the same symbol). Tiny, so they say nothing about the timings the
-# autotuner compares; `tune_shape` picks sizes that do.
-TRACE_SHAPES = {"prefill": TuneShape(2, 3, 5), "decode": TuneShape(2, 1, 5)}
+# The default sizes: a full batch over a long cache for decode, a prompt of DEFAULT_TUNE_TOKENS for prefill,
+# capped by the model's limits. Before, every program was exported (so tuned) at batch 2 over a cache of 5,
+# where all configs time alike. H200, session 11, 4-layer 16b fp8 decode: one build tuned at 64 x 1024 ran
+# batch 1 / 8 / 64 at 0.56 / 0.77 / 1.27 ms; five builds whose kernels kept configs timed at 2 x 5 ran
+# 0.56-0.61 / 0.77-0.84 / 1.37-1.44 (one build each; the 64 x 1024 one on a later lease).
+DEFAULT_TUNE_BATCH = 64
+DEFAULT_TUNE_TOKENS = 1024
+# The sizes that fill what the caller leaves open where they are not tuned over: prefill's cache (a prompt at
+# start_pos 0 sees none of it) and a batch-2 prefill (torch.export specializes a batch of 1).
+PREFILL_CACHE_LEN = 5
+PREFILL_BATCH = 2
+
+
+def default_tune_shape(args: ModelArgs, kind: str) -> TuneShape:
+    """DEFAULT_TUNE_BATCH rows over a cache of DEFAULT_TUNE_TOKENS (decode) or prompts of that many tokens
+    (prefill), within max_batch_size and half of max_seq_len; no two dynamic sizes equal."""
+    tokens = max(3, min(DEFAULT_TUNE_TOKENS, args.max_seq_len // 2))
+    if kind == "decode":
+        batch = max(2, min(DEFAULT_TUNE_BATCH, args.max_batch_size))
+        return TuneShape(batch, 1, tokens + (tokens == batch))
+    cache_len = PREFILL_CACHE_LEN + (PREFILL_CACHE_LEN == tokens)
+    return TuneShape(PREFILL_BATCH, tokens, cache_len)
 
 
 def tune_shape(args: ModelArgs, kind: str, batch: int | None = None, seqlen: int | None = None,
                cache_len: int | None = None) -> TuneShape:
-    """TRACE_SHAPES[kind] with the given sizes, checked against the program's dynamic dims."""
+    """default_tune_shape(args, kind) with the given sizes, checked against the program's dynamic dims
+    (ConfigError: a ValueError that names every problem)."""
     if kind not in PROGRAM_KINDS:
         raise ValueError(f"unknown program kind {kind!r}; kinds: {PROGRAM_KINDS}")
-    base = TRACE_SHAPES[kind]
+    base = default_tune_shape(args, kind)
     shape = TuneShape(batch or base.batch, seqlen or base.seqlen, cache_len or base.cache_len)
     problems = []
     if not 2 <= shape.batch <= args.max_batch_size:
@@ -87,17 +106,17 @@ def tune_shape(args: ModelArgs, kind: str, batch: int | None = None, seqlen: int
         problems.append(f"the dynamic sizes {dynamic} (batch, cache_len{', seqlen' if kind == 'prefill' else ''}) "
                         "must differ (torch.export would take equal sizes for one symbol)")
     if problems:
-        raise ValueError(f"{kind} tune shape {tuple(shape)}: " + "; ".join(problems))
+        raise ConfigError(f"{kind} tune shape {tuple(shape)}: " + "; ".join(problems))
     return shape
 
 
 def example_inputs(model: Transformer, kind: str, shape: TuneShape | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs for tracing at `shape` (default TRACE_SHAPES[kind]). Random token ids (fixed seed): the
+    """Inputs for tracing at `shape` (default: default_tune_shape). Random token ids (fixed seed): the
     MoE routes them to different experts, as real batches are, where equal ids would all pick the
     same experts for the autotuner's run."""
-    shape = shape or TRACE_SHAPES[kind]
     args = model.args
+    shape = shape or default_tune_shape(args, kind)
     device = model.embed.weight.device
     ids = torch.Generator().manual_seed(0)
     tokens = torch.randint(args.vocab_size, (shape.batch, shape.seqlen), generator=ids).to(device)
@@ -122,7 +141,7 @@ def export_step(model: Transformer, kind: str, step_factory=LatentCacheStep,
     """Export one step program ("prefill" or "decode") of `model` (ATen IR, not yet decomposed).
 
     step_factory: the step module's class (debug_step.DebugLatentCacheStep adds per-stage outputs).
-    shape: the example inputs' sizes (tune_shape; default TRACE_SHAPES[kind])."""
+    shape: the example inputs' sizes (tune_shape; default: default_tune_shape)."""
     step = step_factory(model).eval()
     inputs = example_inputs(model, kind, shape)
     with static_moe(model), torch.no_grad():

@@ -110,6 +110,12 @@ def inductor_configs(kind: str, info: dict[str, Any]) -> dict[str, Any]:
     }
     if info["device_kind"] != "cpu" and env_choice(COMBO_KERNELS_ENV, "0", COMBO_KERNELS_FORMS) == "1":
         configs["combo_kernels"] = True
+    if info["device_kind"] != "cpu":
+        # Every build tunes at its own export sizes (dsv3_export.export.TuneShape). Inductor's on-disk
+        # autotune cache keys a kernel by its source, not by the sizes it was timed at: a package built
+        # after another on the same machine took that build's choices (H200, session 11: the decode
+        # kernels of builds exported at cache length 1024 kept choices timed at cache length 5).
+        configs["autotune_local_cache"] = False
     if info["device_kind"] == "cpu" and info.get("march"):
         configs["cpp.march"] = info["march"]
     if info.get("cxx"):  # checked by engines/torch_cxx.py: its shared objects load next to torch

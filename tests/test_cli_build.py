@@ -62,10 +62,26 @@ def test_tensorrt_is_refused_clearly(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--precision", "fp16"], ["--device", "tpu"], ["--backend", "tvm"],
-                                  ["--preset", "tiny", "--checkpoint", "x"]])
+                                  ["--preset", "tiny", "--checkpoint", "x"], ["--tune-decode", "64"],
+                                  ["--tune-prefill", "2,x"]])
 def test_bad_build_flags_are_usage_errors(capsys, tmp_path, argv):
     assert main(["build", "--out", str(tmp_path / "e"), *argv]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_tune_sizes_outside_the_models_limits_are_refused_before_export(capsys, tmp_path):
+    # tiny: max_batch_size 4, max_seq_len 256
+    assert main(["build", "--out", str(tmp_path / "e"), "--tune-decode", "8,1024"]) == 1
+    err = capsys.readouterr().err
+    assert "decode tune shape (8, 1, 1024)" in err and "max_batch_size=4" in err and "max_seq_len=256" in err
+    assert "export" not in err.split("decode tune shape")[0]  # refused before the export phase
+    assert not (tmp_path / "e").exists()
+
+
+def test_manifest_records_the_export_shapes():
+    manifest = json.loads((fp32_engine_dir() / "manifest.json").read_text())
+    # onnxruntime builds one program (prefill serves decode too); tiny: max_seq_len 256
+    assert manifest["backend_info"]["export_shapes"] == {"prefill": {"batch": 2, "seqlen": 128, "cache_len": 5}}
 
 
 def test_generate_refuses_a_tampered_engine_naming_the_file(capsys, tmp_path):

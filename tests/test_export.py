@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv3_export.export import TRACE_SHAPES, example_inputs, export_step, static_moe, tune_shape
+from dsv3_export.export import default_tune_shape, example_inputs, export_step, static_moe, tune_shape
 from dsv3_export.reference import ModelArgs, Transformer
 from dsv3_export.step import LatentCacheStep, write_cache
 from tests.conftest import TOLERANCES, rel_err
@@ -113,7 +113,7 @@ def test_tune_shape_is_checked_against_the_programs_dims(kind, sizes, problem):
     sizes = {k: (args.max_seq_len if v == "max" else v) for k, v in sizes.items()}
     if problem is None:
         shape = tune_shape(args, kind, **sizes)
-        assert shape == TRACE_SHAPES[kind]._replace(**{k: v for k, v in sizes.items() if v})
+        assert shape == default_tune_shape(args, kind)._replace(**{k: v for k, v in sizes.items() if v})
         return
     with pytest.raises(ValueError, match=re.escape(problem)) as err:
         tune_shape(args, kind, **sizes)

@@ -23,6 +23,15 @@ def _pass_list(passes: Optional[str]) -> tuple[str, ...] | None:
     return names
 
 
+def _sizes(flag: str, value: Optional[str], names: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    parts = value.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise CliError(f"{flag} {value!r}: give {names} as two integers, e.g. 64,1024", EXIT_USAGE)
+    return int(parts[0]), int(parts[1])
+
+
 def build(
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint directory (HF or DeepSeek layout)."),
     preset: Optional[str] = typer.Option(None, help="Built-in configuration with seeded random weights "
@@ -39,6 +48,13 @@ def build(
     seed: int = typer.Option(0, help="Seed of the preset's random weights."),
     max_batch_size: Optional[int] = typer.Option(None, help="Override the config's max_batch_size."),
     max_seq_len: Optional[int] = typer.Option(None, help="Override the config's max_seq_len."),
+    tune_decode: Optional[str] = typer.Option(None, metavar="BATCH,CACHE_LEN",
+                                              help="Sizes the decode program is exported at; the torch backend "
+                                                   "tunes its GPU kernels there (TensorRT's opt shape). "
+                                                   "Default: 64,1024 within max_batch_size and max_seq_len / 2."),
+    tune_prefill: Optional[str] = typer.Option(None, metavar="BATCH,SEQLEN",
+                                               help="Sizes the prefill program is exported (and tuned) at. "
+                                                    "Default: 2,1024 within max_seq_len / 2."),
 ) -> None:
     """Compile a model into an engine directory. With no arguments: tiny preset -> onnxruntime cpu fp32 -> ./engine."""
     from dsv3_export.build import BuildOptions, build_engine
@@ -56,7 +72,9 @@ def build(
     options = BuildOptions(
         preset=preset, checkpoint=checkpoint, backend=backend, precision=precision, device=device, out=out,
         passes=_pass_list(passes), dump_graphs=out.with_name(out.name + ".graphs") if dump_graphs else None,
-        verify_each_pass=verify_each_pass, seed=seed, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+        verify_each_pass=verify_each_pass, seed=seed, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+        tune_decode=_sizes("--tune-decode", tune_decode, "BATCH,CACHE_LEN"),
+        tune_prefill=_sizes("--tune-prefill", tune_prefill, "BATCH,SEQLEN"))
     try:
         build_engine(options)
     except BackendUnavailable as e:

@@ -31,3 +31,24 @@ def test_package_metadata_names_program_and_device_kind(monkeypatch):
     monkeypatch.delenv(COMBO_KERNELS_ENV, raising=False)
     meta = inductor_configs("prefill", CUDA)["aot_inductor.metadata"]
     assert meta == {"dsv3_program": "prefill", "dsv3_device_kind": "cuda"}
+
+
+def test_cuda_packages_tune_their_kernels_without_the_autotune_cache(monkeypatch):
+    # Inductor's local autotune cache keys a kernel by its source, not the sizes it was timed at: a package
+    # would take the configs another build timed at other export sizes (dsv3_export.export.TuneShape).
+    monkeypatch.delenv(COMBO_KERNELS_ENV, raising=False)
+    assert inductor_configs("decode", CUDA)["autotune_local_cache"] is False
+    assert "autotune_local_cache" not in inductor_configs("decode", CPU)  # nothing is autotuned on the CPU
+
+
+def test_every_config_key_is_one_inductor_knows(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setenv(COMBO_KERNELS_ENV, "1")
+    for info in (CUDA, CPU):
+        for key in inductor_configs("decode", info):
+            module, _, name = key.rpartition(".")
+            owner = inductor_config
+            for part in filter(None, module.split(".")):
+                owner = getattr(owner, part)
+            assert hasattr(owner, name), key

@@ -62,7 +62,7 @@ from dsv3_export.engines.torch_norm_quant import NORM_QUANT_DEFAULT, NORM_QUANT_
 from dsv3_export.engines.torch_router import ROUTER_ENV
 from dsv3_export.engines.torch_triton import (FUSED_ACT_QUANT_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_ENV, TOPK_DEFAULT,
                                              TOPK_ENV)
-from dsv3_export.export import export_step, tune_shape
+from dsv3_export.export import TUNE_FIELDS, export_step, parse_tune_sizes, tune_shape
 from dsv3_export.kernels.pdl import waiting_kernel_names
 from dsv3_export.passes.base import PassConfig
 from dsv3_export.passes.pipeline import PASS_NAMES, run_pipeline
@@ -120,7 +120,6 @@ SKIP_PASSES: set[str] = set()  # --skip-passes: an A/B of one pass against the s
 # --tune-decode / --tune-prefill: the sizes each program is exported with (dsv3_export.export.tune_shape),
 # which AOTInductor's compile-time autotuning runs every kernel at
 TUNE: dict[str, dict[str, int]] = {}
-TUNE_FIELDS = {"decode": ("batch", "cache_len"), "prefill": ("batch", "seqlen")}
 # Inductor's compile-time autotuner logs each kernel's winner here (DEBUG): "Best config for <kernel>: <config>: <ms>,
 # nreg <n>, nspill <n>, #shared-mem <bytes>"
 AUTOTUNE_LOGGER = "torch._inductor.runtime.triton_heuristics"
@@ -539,13 +538,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"--skip-passes: unknown {sorted(unknown)}; passes: {PASS_NAMES}")
     SKIP_PASSES.update(filter(None, opts.skip_passes.split(",")))
-    for kind, fields in TUNE_FIELDS.items():
+    for kind in TUNE_FIELDS:
         value = getattr(opts, f"tune_{kind}")
         if value:
-            values = value.split(",")
-            if len(values) != len(fields) or not all(v.isdigit() for v in values):
-                p.error(f"--tune-{kind} {value!r}: expected {','.join(f.upper() for f in fields)} (integers)")
-            TUNE[kind] = dict(zip(fields, map(int, values)))
+            try:
+                TUNE[kind] = parse_tune_sizes(kind, value)
+            except ValueError as e:
+                p.error(f"--tune-{kind} {e}")
     skip = set(filter(None, opts.skip.split(",")))
     meta = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)", "torch": torch.__version__, "preset": opts.preset,
             "batches": batches, "prompt_len": opts.prompt_len, "decode_steps": opts.decode_steps,

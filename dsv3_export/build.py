@@ -27,7 +27,7 @@ import torch
 from rich.console import Console
 
 from dsv3_export.engines.base import BackendUnavailable, Target, compute_dtype, get_backend
-from dsv3_export.export import TuneShape, export_step, tune_shape
+from dsv3_export.export import TUNE_FIELDS, TuneShape, export_step, tune_shape
 from dsv3_export.manifest import Manifest, kv_cache_layout, write_engine_dir
 from dsv3_export.reference.args import ModelArgs
 from dsv3_export.reference.model import Transformer
@@ -53,10 +53,9 @@ class BuildOptions:
     max_batch_size: int | None = None  # runtime overrides of the model config
     max_seq_len: int | None = None
     config_overrides: tuple[tuple[str, Any], ...] = ()  # other ModelArgs fields, e.g. (("n_layers", 2),)
-    # The sizes each program is exported at, which AOTInductor tunes its kernels at (export.TuneShape;
-    # None: export.default_tune_shape): decode (batch, cache_len), prefill (batch, seqlen).
-    tune_decode: tuple[int, int] | None = None
-    tune_prefill: tuple[int, int] | None = None
+    # The sizes each program is exported at, which AOTInductor tunes its kernels at (export.TuneShape): per
+    # program kind, the export.TUNE_FIELDS given; the others from export.default_tune_shape.
+    tune: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -221,9 +220,10 @@ def build_engine(options: BuildOptions, console: Console | None = None,
 def export_shapes(options: BuildOptions, args: ModelArgs, kinds: Sequence[str]) -> dict[str, TuneShape]:
     """The sizes each program in `kinds` is exported (and tuned) at, checked before any export starts;
     sizes given for a program the backend does not build are checked too (a typo fails either way)."""
-    given = {"decode": dict(zip(("batch", "cache_len"), options.tune_decode or ())),
-             "prefill": dict(zip(("batch", "seqlen"), options.tune_prefill or ()))}
-    shapes = {kind: tune_shape(args, kind, **sizes) for kind, sizes in given.items()}
+    unknown = set(options.tune) - set(TUNE_FIELDS)
+    if unknown:
+        raise ValueError(f"tune sizes for unknown program kinds {sorted(unknown)}; kinds: {sorted(TUNE_FIELDS)}")
+    shapes = {kind: tune_shape(args, kind, **options.tune.get(kind, {})) for kind in TUNE_FIELDS}
     return {kind: shapes[kind] for kind in kinds}
 
 

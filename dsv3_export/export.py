@@ -110,6 +110,21 @@ def tune_shape(args: ModelArgs, kind: str, batch: int | None = None, seqlen: int
     return shape
 
 
+# The sizes a user gives per program (the rest follow from the program): build --tune-decode BATCH,CACHE_LEN and
+# --tune-prefill BATCH,SEQLEN, benchmarks/torch_16b.py the same.
+TUNE_FIELDS = {"decode": ("batch", "cache_len"), "prefill": ("batch", "seqlen")}
+
+
+def parse_tune_sizes(kind: str, text: str) -> dict[str, int]:
+    """'64,1024' -> {"batch": 64, "cache_len": 1024} for decode (TUNE_FIELDS); ValueError naming the form."""
+    fields = TUNE_FIELDS[kind]
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != len(fields) or not all(p.isdigit() for p in parts):
+        raise ValueError(f"{text!r}: give {','.join(f.upper() for f in fields)} as {len(fields)} integers, "
+                         "e.g. 64,1024")
+    return dict(zip(fields, map(int, parts)))
+
+
 def example_inputs(model: Transformer, kind: str, shape: TuneShape | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs for tracing at `shape` (default: default_tune_shape). Random token ids (fixed seed): the

@@ -23,13 +23,18 @@ def _pass_list(passes: Optional[str]) -> tuple[str, ...] | None:
     return names
 
 
-def _sizes(flag: str, value: Optional[str], names: str) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    parts = value.split(",")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise CliError(f"{flag} {value!r}: give {names} as two integers, e.g. 64,1024", EXIT_USAGE)
-    return int(parts[0]), int(parts[1])
+def _tune_sizes(given: dict[str, Optional[str]]) -> dict[str, dict[str, int]]:
+    """{kind: --tune-KIND's text} -> {kind: sizes} (dsv3_export.export.parse_tune_sizes)."""
+    from dsv3_export.export import parse_tune_sizes
+
+    sizes = {}
+    for kind, text in given.items():
+        if text is not None:
+            try:
+                sizes[kind] = parse_tune_sizes(kind, text)
+            except ValueError as e:
+                raise CliError(f"--tune-{kind} {e}", EXIT_USAGE) from None
+    return sizes
 
 
 def build(
@@ -73,8 +78,7 @@ def build(
         preset=preset, checkpoint=checkpoint, backend=backend, precision=precision, device=device, out=out,
         passes=_pass_list(passes), dump_graphs=out.with_name(out.name + ".graphs") if dump_graphs else None,
         verify_each_pass=verify_each_pass, seed=seed, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-        tune_decode=_sizes("--tune-decode", tune_decode, "BATCH,CACHE_LEN"),
-        tune_prefill=_sizes("--tune-prefill", tune_prefill, "BATCH,SEQLEN"))
+        tune=_tune_sizes({"decode": tune_decode, "prefill": tune_prefill}))
     try:
         build_engine(options)
     except BackendUnavailable as e:

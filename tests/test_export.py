@@ -162,14 +162,21 @@ def test_naive_mode_step_equals_naive_reference(seed):
 
 @pytest.mark.slow
 def test_16b_preset_exports_and_compiles_on_meta():
-    """torch.export + every pass on the 16b preset on the meta device, in a fresh process so that
-    the peak RSS is this job's alone. Wall time and peak RSS are printed (pytest -s shows them)."""
+    """torch.export + every pass on the 16b preset's dims on the meta device, in a fresh process so that
+    the peak RSS is this job's alone. The first 3 layers (the dense one and two MoE ones: every pass's
+    per-layer rule twice at the real shapes; the 27 layers took ~200 s of the suite on 2 cores and
+    repeat the same matches). Materialized, those layers' bf16 weights would be ~3 GiB (the two MoE
+    layers' 66 experts 2.3, embedding and head 0.8); measured peak RSS 0.44 GiB. Wall time and peak RSS
+    are printed (pytest -s shows them)."""
+    n_layers = 3
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "export_16b_meta.py"), "--kinds", "decode",
-                           "--precision", "fp8"], cwd=REPO, capture_output=True, text=True, timeout=900)
+                           "--precision", "fp8", "--n-layers", str(n_layers)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    args = ModelArgs.preset("16b")
+    args = ModelArgs.preset("16b").replace(n_layers=n_layers)
     n_moe = args.n_layers - args.n_dense_layers
+    assert n_moe == 2, n_moe
     assert f"fuse_mla_absorb: {args.n_layers} matches" in proc.stdout
     assert f"rewrite_moe_grouped_gemm: {n_moe} matches" in proc.stdout
     assert f"fuse_shared_experts: {n_moe} matches" in proc.stdout
@@ -178,4 +185,4 @@ def test_16b_preset_exports_and_compiles_on_meta():
     assert quantized == args.n_layers * 3 + args.n_dense_layers * 3 + n_moe, quantized
     total = re.search(r"total ([\d.]+) s, peak RSS ([\d.]+) GiB", proc.stdout)
     assert total is not None
-    assert float(total.group(2)) < 4.0, "exporting on meta must not materialize weights"
+    assert float(total.group(2)) < 1.5, "exporting on meta must not materialize weights (~3 GiB in bf16)"

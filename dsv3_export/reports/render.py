@@ -82,7 +82,7 @@ def render_diff(report: dict[str, Any], images: list[str]) -> str:
     p = report["provenance"]
     vers = ", ".join(f"{k} {val}" for k, val in p["versions"].items() if val)
     seeds = ", ".join(f"{k} {val}" for k, val in p["seeds"].items() if val is not None)
-    lines += ["", "## Provenance", "", f"- seeds: {seeds}", f"- versions: {vers}", f"- engine built with: "
+    lines += ["", "## Provenance", "", f"- seeds: {seeds}", f"- versions: {vers}", "- engine built with: "
               + ", ".join(f"{k} {val}" for k, val in e["built_with"].items() if val),
               f"- device: {p['torch_device']}; reference on {p['reference_device']}", f"- created {p['created']}", ""]
     lines += [f"![{name}]({name})" for name in images]

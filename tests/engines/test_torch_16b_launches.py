@@ -33,65 +33,90 @@ from dsv3_export.passes.base import PassConfig
 from dsv3_export.passes.pipeline import PASS_NAMES, run_pipeline
 from dsv3_export.reference import ModelArgs, Transformer
 
-skip = set(filter(None, sys.argv[1].split(",")))
-with torch.device("meta"):
-    model = Transformer(ModelArgs.preset("16b").replace(n_layers=2, dtype="fp8"), dtype=torch.bfloat16)
-program, _ = run_pipeline(export_step(model, "decode"), PassConfig(precision="fp8"),
-                          passes=[n for n in PASS_NAMES if n not in skip])
-program, _ = fuse_router(program, "decode")
-program, _ = fuse_norm_act_quant(program, "decode")
-program, _ = fuse_mla_tail(program, "decode")
-lowered, how = lower_dsv3_ops(program, "cuda", triton_lowerings("decode"))
-kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)
-names, incomplete = [], {}
-for n in kernels.graph.nodes:
-    if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target):
-        k = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
-        fn = k
-        while not isinstance(fn, JITFunction):  # an Autotuner (or heuristics) around it
-            fn = fn.fn
-        names.append(fn.__name__)
-        passed = set(n.kwargs["kwargs"]) | set(kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"]))
-        passed |= set(k.configs[0].kwargs) if getattr(k, "configs", None) else set()
-        missing = sorted(set(fn.arg_names) - passed)
-        if missing:
-            incomplete[fn.__name__] = missing
-extern = [str(n.target) for n in kernels.graph.nodes if n.op == "call_function"
-          and getattr(n.target, "_opname", None) in ("topk", "sort", "mm", "bmm", "addmm", "linear")]
-print(json.dumps({"kernels": {k: names.count(k) for k in set(names)}, "extern": extern, "incomplete": incomplete}))
+settings = json.loads(sys.argv[1])  # [[skip_passes, {env}], ...]: one export per skip set, one lowering per setting
+base_env = dict(os.environ)
+programs, results = {}, []
+for skip_passes, env in settings:
+    if skip_passes not in programs:
+        skip = set(filter(None, skip_passes.split(",")))
+        with torch.device("meta"):
+            model = Transformer(ModelArgs.preset("16b").replace(n_layers=2, dtype="fp8"), dtype=torch.bfloat16)
+        programs[skip_passes], _ = run_pipeline(export_step(model, "decode"), PassConfig(precision="fp8"),
+                                                passes=[n for n in PASS_NAMES if n not in skip])
+    os.environ.clear()
+    os.environ.update({**base_env, **env})  # the switches are read when a program is rewritten and lowered
+    program, _ = fuse_router(programs[skip_passes], "decode")
+    program, _ = fuse_norm_act_quant(program, "decode")
+    program, _ = fuse_mla_tail(program, "decode")
+    lowered, how = lower_dsv3_ops(program, "cuda", triton_lowerings("decode"))
+    kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)
+    names, incomplete = [], {}
+    for n in kernels.graph.nodes:
+        if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target):
+            k = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
+            fn = k
+            while not isinstance(fn, JITFunction):  # an Autotuner (or heuristics) around it
+                fn = fn.fn
+            names.append(fn.__name__)
+            passed = set(n.kwargs["kwargs"]) | set(kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"]))
+            passed |= set(k.configs[0].kwargs) if getattr(k, "configs", None) else set()
+            missing = sorted(set(fn.arg_names) - passed)
+            if missing:
+                incomplete[fn.__name__] = missing
+    extern = [str(n.target) for n in kernels.graph.nodes if n.op == "call_function"
+              and getattr(n.target, "_opname", None) in ("topk", "sort", "mm", "bmm", "addmm", "linear")]
+    results.append({"kernels": {k: names.count(k) for k in set(names)}, "extern": extern, "incomplete": incomplete})
+print(json.dumps(results))
 '''
 
 
-_CACHE: dict[tuple, dict] = {}
+# Every switch setting the tests read: (passes left out, build switches). One subprocess traces them all
+# (one 16b export per pass set, then a rewrite + lowering per setting): ~7 separate processes took
+# ~330 s of the suite on 2 cores, each paying the export and the passes' pattern tracing again.
+SETTINGS = {
+    "defaults": ("", {}),
+    "sessions 6-7 on": ("", dict(DSV3_TORCH_NORM_QUANT="1", DSV3_TORCH_TOPK="kernel", DSV3_TORCH_ROUTER_GATE="1")),
+    "gate split": ("", dict(DSV3_TORCH_ROUTER_GATE="split")),
+    "mla tail": ("", dict(DSV3_TORCH_MLA_TAIL="1")),
+    "moe scan": ("", dict(DSV3_TORCH_MOE_ALIGN="scan")),
+    "all off": ("fuse_shared_experts", dict(DSV3_TORCH_NORM_QUANT="0", DSV3_TORCH_TOPK="aten", DSV3_TORCH_ROUTER="0",
+                                            DSV3_TORCH_ABSORB_GEMM="0")),
+    "session 9 on": ("", dict(DSV3_TORCH_ROUTER_ALIGN="1", DSV3_TORCH_MOE_QUANT_H="1", DSV3_TORCH_MLA_TAIL="gemmq")),
+}
+_CACHE: dict[str, dict] = {}
 
 
-def _launches(skip_passes: str = "", **env: str) -> dict:
-    """The traced kernel counts of one switch setting, once per test process (the default setting is
-    the baseline of several tests; they are separate tests so that pytest-xdist spreads them)."""
-    key = (skip_passes, tuple(sorted(env.items())))
-    if key not in _CACHE:
-        _CACHE[key] = _trace(skip_passes, **env)
-    return _CACHE[key]
+def _launches(setting: str) -> dict:
+    """The traced kernel counts of one SETTINGS entry; every setting is traced at the first call of a test
+    process (the tests share an xdist group, so one worker traces them once)."""
+    if not _CACHE:
+        _CACHE.update(zip(SETTINGS, _trace(list(SETTINGS.values()))))
+    return _CACHE[setting]
 
 
-def _trace(skip_passes: str = "", **env: str) -> dict:
+def _trace(settings: list[tuple[str, dict]]) -> list[dict]:
     pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, skip_passes], check=False, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **env})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSV3_TORCH_")}  # only the settings' switches
+    done = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(settings)], check=False, capture_output=True,
+                          text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    results = json.loads(done.stdout.strip().splitlines()[-1])
     # Every traced launch names every kernel argument, defaulted constexprs too: torch's triton_op
     # tracing (identify_mutated_tensors, which only runs where a GPU driver is) otherwise assumes each
     # input is mutated and AOTInductor copies them around the kernel -- the KV cache at every layer
     # (session 8: the split kernel's new TMA / EARLY flags, caught on the H200 by the warning alone).
-    assert not result["incomplete"], result["incomplete"]
-    return result
+    for result in results:
+        assert not result["incomplete"], result["incomplete"]
+    return results
 
 
-@pytest.mark.slow  # ~40 s: a 16b export on meta, the passes and the lowering
+pytestmark = pytest.mark.xdist_group("16b_launches")
+
+
+@pytest.mark.slow  # ~100 s for all the settings (the first test of the group): the 16b export on meta, passes, lowerings
 def test_16b_decode_launches_per_layer():
     """Layer 0 (dense MLP) + layer 1 (MoE), with every switch of sessions 6-7 on."""
-    new = _launches(DSV3_TORCH_NORM_QUANT="1", DSV3_TORCH_TOPK="kernel", DSV3_TORCH_ROUTER_GATE="1")
+    new = _launches("sessions 6-7 on")
     k = new["kernels"]
     # per layer: one fused (add +) RMSNorm + act_quant before attention and before the FFN
     assert k["_rmsnorm_kernel"] == 4, k
@@ -111,11 +136,11 @@ def test_16b_decode_launches_per_layer():
     assert sum(new["kernels"].values()) == 27, k
 
 
-@pytest.mark.slow  # ~40 s a setting
+@pytest.mark.slow  # the group's trace
 def test_16b_decode_launches_defaults():
     """The defaults: session 7's measurements turned the fused norm, the top-k kernel and the gate in
     the router off."""
-    default = _launches()
+    default = _launches("defaults")
     k_def = default["kernels"]
     assert "_rmsnorm_kernel" not in k_def, k_def  # Inductor's norms
     # the gate GEMM separate (cuBLAS), the rest of the router in one kernel
@@ -128,20 +153,20 @@ def test_16b_decode_launches_defaults():
     assert sum(k_def.values()) == 27 - 4 + 5, k_def
 
 
-@pytest.mark.slow  # ~40 s a setting
+@pytest.mark.slow  # the group's trace
 def test_16b_decode_launches_session8_switches():
     """Session 8's opt-ins against the defaults: the split gate, the MLA tail, the align-free MoE."""
-    k_def = _launches()["kernels"]
+    k_def = _launches("defaults")["kernels"]
     # DSV3_TORCH_ROUTER_GATE=split: the gate GEMM in the router launch again, its programs splitting the
     # experts (the arrival counters' zeros are an ATen op, not a kernel launch of ours)
-    split = _launches(DSV3_TORCH_ROUTER_GATE="split")
+    split = _launches("gate split")
     k_split = split["kernels"]
     assert k_split["_router_gate_split_kernel"] == 1 and "_router_kernel" not in k_split, k_split
     assert sum(".linear." in e for e in split["extern"]) == 1, split["extern"]
     assert sum(k_split.values()) == sum(k_def.values()), k_split
 
     # DSV3_TORCH_MLA_TAIL=1: per layer the splits' merge, W_UV and wo's act_quant in one kernel
-    tail = _launches(DSV3_TORCH_MLA_TAIL="1")["kernels"]
+    tail = _launches("mla tail")["kernels"]
     assert tail["_mla_tail_kernel"] == 2 and "_mla_decode_reduce_kernel" not in tail, tail
     assert k_def["_mla_decode_reduce_kernel"] == 2 and tail["_mla_decode_split_kernel"] == 2, (k_def, tail)
     assert tail["_head_gemm_kernel"] == 2 and tail["_fp8_gemm_kernel"] == k_def["_fp8_gemm_kernel"], tail
@@ -149,18 +174,17 @@ def test_16b_decode_launches_session8_switches():
     assert sum(tail.values()) == sum(k_def.values()) - 2 * 2, tail
 
     # DSV3_TORCH_MOE_ALIGN=scan: the MoE layer's two grouped GEMMs find their rows themselves, no moe_align
-    scan = _launches(DSV3_TORCH_MOE_ALIGN="scan")["kernels"]
+    scan = _launches("moe scan")["kernels"]
     assert scan["_grouped_gemm_scan_kernel"] == 2 and not {"_moe_align_kernel", "_grouped_gemm_kernel"} & set(scan)
     assert sum(scan.values()) == sum(k_def.values()) - 1, scan
 
 
-@pytest.mark.slow  # ~40 s
+@pytest.mark.slow  # the group's trace
 def test_16b_decode_launches_all_switches_off():
     """Every switch of sessions 6-7 off (then the MoE layer also runs torch's top-k, 2 launches, and
     the Inductor kernels of the softmax, gather and the shared experts' SwiGLU, add and split-K sums,
     not counted here)."""
-    old = _launches("fuse_shared_experts", DSV3_TORCH_NORM_QUANT="0", DSV3_TORCH_TOPK="aten", DSV3_TORCH_ROUTER="0",
-                    DSV3_TORCH_ABSORB_GEMM="0")
+    old = _launches("all off")
     k_old = old["kernels"]
     assert not {"_rmsnorm_kernel", "_topk_kernel", "_router_kernel", "_head_gemm_kernel"} & set(k_old), k_old
     assert k_old["_fp8_gemm_kernel"] == 2 * 2 + 3 + 2, k_old  # + the shared experts' w1+w3 and w2
@@ -171,15 +195,15 @@ def test_16b_decode_launches_all_switches_off():
     assert sum(k_old.values()) == 27, k_old
 
 
-@pytest.mark.slow  # ~40 s
+@pytest.mark.slow  # the group's trace
 def test_16b_decode_launches_session9_switches():
     """Session 9's opt-ins together (one trace: the suite's time), each one's launches against the defaults:
     DSV3_TORCH_ROUTER_ALIGN=1 the MoE layer's router and moe_align in one launch (kernels/router_align.py);
     DSV3_TORCH_MOE_QUANT_H=1 the MoE up GEMM writes h quantized (kernels/moe.py quant_out), no act_quant for h;
     DSV3_TORCH_MLA_TAIL=gemmq per layer W_UV's head_gemm and wo's act_quant in one head_gemm_quant
     (kernels/mla_absorb.py), split and reduce as in the defaults."""
-    k_def = _launches()["kernels"]
-    new = _launches(DSV3_TORCH_ROUTER_ALIGN="1", DSV3_TORCH_MOE_QUANT_H="1", DSV3_TORCH_MLA_TAIL="gemmq")["kernels"]
+    k_def = _launches("defaults")["kernels"]
+    new = _launches("session 9 on")["kernels"]
     assert k_def["_router_kernel"] == k_def["_moe_align_kernel"] == 1, k_def
     assert new["_router_align_kernel"] == 1 and not {"_router_kernel", "_moe_align_kernel"} & set(new), new
     assert new["_grouped_gemm_kernel"] == k_def["_grouped_gemm_kernel"] == 2, new

@@ -103,7 +103,7 @@ def copy_bandwidth() -> float:
     y = torch.empty_like(x)
     ms = cuda_ms(lambda: y.copy_(x), iters=5)
     x_bytes = x.numel()
-    del x, y
+    x = y = None  # frees them (the timed lambda closes over both: no del)
     return 2 * x_bytes / (ms / 1e3)
 
 
@@ -209,7 +209,7 @@ def time_step_decode(step: Callable, model, batch: int, context: int, iters: int
         write_cache(cache, new_kv, pos)
 
     ms = cuda_ms(one, iters)
-    del cache
+    cache = None  # frees it (closures read it: no del)
     return ms
 
 
@@ -587,11 +587,11 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
         for section, profiles in deferred:
             report.put(precision, section, report.data["results"][precision][section] | profiles[0]())
-        del programs, deferred
+        programs = deferred = None  # frees them (closures read them: no del)
         if "compile" not in skip and precision == "bf16":
             report.section(precision, "compile", 150, lambda: eager_section(model, batches[:1], opts.prompt_len,
                                                                              opts.decode_steps, True))
-        del model
+        model = None  # frees it (closures read it: no del)
         gc.collect()
         if DEVICE == "cuda":
             torch.cuda.empty_cache()

@@ -21,17 +21,7 @@ import argparse
 
 import torch
 
-
-def _cuda_ms(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+from _timing import cuda_ms  # noqa: E402 - sibling module of this script
 
 
 def mla_cases(bsz: int = 32, ctx: int = 4096, heads: int = 16, c: int = 512, r: int = 64):
@@ -114,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         fn()
         torch.cuda.synchronize()
         cudart.cudaProfilerStop()
-        ms = _cuda_ms(fn)
+        ms = cuda_ms(fn, warmup=1, reps=20)
         print(f"{name}: {ms * 1e3:.1f} us, {nbytes / (ms * 1e-3) / 1e12:.2f} TB/s of its bytes", flush=True)
     return 0
 

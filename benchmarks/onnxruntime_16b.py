@@ -41,26 +41,16 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from _floor import decode_step_bytes  # noqa: E402 - sibling module of this script
 from _report import Report, log  # noqa: E402 - sibling module of this script
+from _timing import cuda_ms  # noqa: E402 - sibling module of this script
 
 PRESET_SEED = 0
 
-def cuda_ms(fn: Callable[[], Any], warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 # --- floor -------------------------------------------------------------------------------------

@@ -87,8 +87,7 @@ _CACHE: dict[str, dict] = {}
 
 
 def _launches(setting: str) -> dict:
-    """The traced kernel counts of one SETTINGS entry; every setting is traced at the first call of a test
-    process (the tests share an xdist group, so one worker traces them once)."""
+    """The traced kernel counts of one SETTINGS entry; every setting is traced at the first call."""
     if not _CACHE:
         _CACHE.update(zip(SETTINGS, _trace(list(SETTINGS.values()))))
     return _CACHE[setting]
@@ -110,11 +109,7 @@ def _trace(settings: list[tuple[str, dict]]) -> list[dict]:
     return results
 
 
-pytestmark = pytest.mark.xdist_group("16b_launches")
-
-
-@pytest.mark.slow  # ~100 s for all the settings (the first test of the group): the 16b export on meta, passes, lowerings
-def test_16b_decode_launches_per_layer():
+def _check_per_layer():
     """Layer 0 (dense MLP) + layer 1 (MoE), with every switch of sessions 6-7 on."""
     new = _launches("sessions 6-7 on")
     k = new["kernels"]
@@ -136,8 +131,7 @@ def test_16b_decode_launches_per_layer():
     assert sum(new["kernels"].values()) == 27, k
 
 
-@pytest.mark.slow  # the group's trace
-def test_16b_decode_launches_defaults():
+def _check_defaults():
     """The defaults: session 7's measurements turned the fused norm, the top-k kernel and the gate in
     the router off."""
     default = _launches("defaults")
@@ -153,8 +147,7 @@ def test_16b_decode_launches_defaults():
     assert sum(k_def.values()) == 27 - 4 + 5, k_def
 
 
-@pytest.mark.slow  # the group's trace
-def test_16b_decode_launches_session8_switches():
+def _check_session8_switches():
     """Session 8's opt-ins against the defaults: the split gate, the MLA tail, the align-free MoE."""
     k_def = _launches("defaults")["kernels"]
     # DSV3_TORCH_ROUTER_GATE=split: the gate GEMM in the router launch again, its programs splitting the
@@ -179,8 +172,7 @@ def test_16b_decode_launches_session8_switches():
     assert sum(scan.values()) == sum(k_def.values()) - 1, scan
 
 
-@pytest.mark.slow  # the group's trace
-def test_16b_decode_launches_all_switches_off():
+def _check_all_switches_off():
     """Every switch of sessions 6-7 off (then the MoE layer also runs torch's top-k, 2 launches, and
     the Inductor kernels of the softmax, gather and the shared experts' SwiGLU, add and split-K sums,
     not counted here)."""
@@ -195,8 +187,7 @@ def test_16b_decode_launches_all_switches_off():
     assert sum(k_old.values()) == 27, k_old
 
 
-@pytest.mark.slow  # the group's trace
-def test_16b_decode_launches_session9_switches():
+def _check_session9_switches():
     """Session 9's opt-ins together (one trace: the suite's time), each one's launches against the defaults:
     DSV3_TORCH_ROUTER_ALIGN=1 the MoE layer's router and moe_align in one launch (kernels/router_align.py);
     DSV3_TORCH_MOE_QUANT_H=1 the MoE up GEMM writes h quantized (kernels/moe.py quant_out), no act_quant for h;
@@ -214,3 +205,14 @@ def test_16b_decode_launches_session9_switches():
     act_quant = [k.get("_act_quant_kernel", 0) + k.get("_act_quant_ieee_kernel", 0) for k in (k_def, new)]
     assert act_quant[0] - act_quant[1] == 1 + 2, act_quant  # the MoE's h, wo's input per layer
     assert sum(new.values()) == sum(k_def.values()) - 1 - 1 - 2, new
+
+
+@pytest.mark.slow  # ~100 s on 2 cores: one 16b export on meta per pass set, the passes, a lowering per setting
+def test_16b_decode_launches():
+    """One test for every setting's checks: the settings share one trace (pytest-xdist would split separate
+    tests over workers and trace in each; its loadgroup did not keep a group on one worker here)."""
+    _check_per_layer()
+    _check_defaults()
+    _check_session8_switches()
+    _check_all_switches_off()
+    _check_session9_switches()

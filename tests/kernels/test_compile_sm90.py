@@ -188,7 +188,7 @@ ALL_CONFIGS_ENV = "DSV3_SM90_ALL_CONFIGS"
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILY_CHECKS))
-def test_every_config_compiles_for_sm90_without_heavy_spills(family: str):
+def test_kernels_compile_for_sm90_without_heavy_spills(family: str):
     # One test per family so that xdist spreads the compiles; DSV3_SM90_ALL_CONFIGS=1: every config.
     all_configs = os.environ.get(ALL_CONFIGS_ENV) == "1"
     rows = _compile(*(["--all-configs"] if all_configs else []), "--usage", "--only", family)

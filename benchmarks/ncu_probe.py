@@ -12,7 +12,8 @@ warm up, then once between cudaProfilerStart / Stop (what ncu --profile-from-sta
 kernel of that one call), then is timed outside the profiled range.
 Cases: an elementwise kernel over the MLA caches' bytes (the bandwidth reference), mla_decode split kernels
 (two configs: the list's first and the 64-wide tile) at 8 splits, the fp8 MoE's up (SwiGLU) and down
-grouped GEMMs at T=1 with the decode program's tuned tiles. Also runs without ncu (prints timings).
+grouped GEMMs at T=1 with the decode program's tuned tiles, the batch-1 attention fp8 GEMMs at two tiles. Also
+runs without ncu (prints timings).
 """
 
 from __future__ import annotations
@@ -85,16 +86,41 @@ def moe_cases(dim: int = 2048, inter: int = 1408, routed: int = 64, topk: int = 
     return cases
 
 
+def fp8_cases(dim: int = 2048, fused_qkv: int = 16 * 192 + 576):
+    """(name, fn, weight bytes read) for the batch-1 fp8 GEMMs of an attention layer (wq + wkv_a fused, wo) at the
+    decode list's first tile and at the 64 x 128 wgmma tile that tuning at 64 x 1024 picked (session 12)."""
+    import triton
+
+    from dsv3_export.kernels import fp8_gemm as kg
+    from dsv3_export.kernels import fp8_quant as Q
+    from dsv3_export.reference import fp8 as R
+
+    torch.manual_seed(0)
+    x = torch.randn(1, dim, device="cuda", dtype=torch.bfloat16)
+    xq, xs = Q.act_quant(x)
+    cases = []
+    for n in (fused_qkv, dim):
+        w, ws = R.weight_quant(torch.randn(n, dim, device="cuda") / dim**0.5)
+        for cfg in (kg.DECODE_CONFIGS[0], triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4,
+                                                        num_stages=4)):
+            cases.append((f"fp8 GEMM M=1 N={n} K={dim} [{cfg}]",
+                          lambda w=w, ws=ws, cfg=cfg: kg.fp8_gemm(xq, xs, w, ws, shape_class="decode", config=cfg),
+                          n * dim))
+    return cases
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="launches of each case (ncu: skip the first ones)")
-    parser.add_argument("--only", default="mla,moe")
+    parser.add_argument("--only", default="mla,moe,fp8")
     args = parser.parse_args(argv)
     cases = []
     if "mla" in args.only:
         cases += mla_cases()
     if "moe" in args.only:
         cases += moe_cases()
+    if "fp8" in args.only:
+        cases += fp8_cases()
     cudart = torch.cuda.cudart()
     for name, fn, nbytes in cases:
         for _ in range(args.repeats):

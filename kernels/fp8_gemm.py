@@ -120,7 +120,7 @@ DECODE_MAX_M = 64
 # Split K until the weight's N tiles (at BLOCK_N = 64) times the split give this many CTAs per SM:
 # the weight read needs every SM busy with a few loads in flight.
 DECODE_CTAS_PER_SM = 2
-SPLIT_K_SUM_BLOCK = 1024
+SPLIT_K_SUM_BLOCK = 256  # M=1, N=2048: 8 programs instead of 2
 SPLIT_K_SUM_CONFIGS = [triton.Config({}, num_warps=4)]  # built once: a Config per call costs host time
 
 
@@ -195,14 +195,18 @@ def _fp8_gemm_kernel(
 
 @waits_for_producer
 @triton.jit
-def _split_k_sum_kernel(ws_ptr, c_ptr, MN, SPLIT_K, BLOCK: tl.constexpr):
+def _split_k_sum_kernel(ws_ptr, c_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     """c[i] = sum over s of ws[s, i] (fp32, in split order: deterministic), stored in c's dtype.
-    One launch for the split-K reduction and the output cast ([S, M, N] and [M, N] contiguous)."""
+    One launch for the split-K reduction and the output cast ([S, M, N] and [M, N] contiguous).
+
+    SPLIT_K is a constexpr so that the loop unrolls and every split's load is issued before the
+    first add: with a runtime trip count each load waited for the previous add, one L2 round trip
+    per split (Nsight Compute, H200, M=1: 3.4-5.5 us for 2-4 programs summing 4-8 splits)."""
     wait_for_producer()  # before any memory access: kernels/pdl.py
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(SPLIT_K):
+    for s in tl.static_range(SPLIT_K):
         acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
     tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
@@ -347,7 +351,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
         out = torch.empty((m, n), dtype=out_dtype, device=dev)
         sum_grid = (cdiv(m * n, SPLIT_K_SUM_BLOCK),)
         launch(_split_k_sum_kernel, None, SPLIT_K_SUM_CONFIGS, lambda meta: sum_grid,
-               (c, out, m * n, split), dict(BLOCK=SPLIT_K_SUM_BLOCK), None)
+               (c, out, m * n), dict(SPLIT_K=split, BLOCK=SPLIT_K_SUM_BLOCK), None)
         return out
     return c
 

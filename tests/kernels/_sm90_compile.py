@@ -142,7 +142,7 @@ def _cases(all_configs: bool):
                    cfg, dict(a_ptr=f8, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c), dict(BLOCK_K=128))
     for c in (bf, f32):
         yield (f"split_k_sum c={c}", fp8_gemm._split_k_sum_kernel, triton.Config({}, num_warps=4),
-               dict(ws_ptr=f32, c_ptr=c), dict(BLOCK=fp8_gemm.SPLIT_K_SUM_BLOCK))
+               dict(ws_ptr=f32, c_ptr=c), dict(SPLIT_K=fp8_gemm.MAX_SPLIT_K, BLOCK=fp8_gemm.SPLIT_K_SUM_BLOCK))
     for cfg in pick(moe.GROUPED_GEMM_CONFIGS):
         # quant_a: bf16 a quantized 1x128 in the kernel (the opt-in fused fp8 MoE, CUDA scale form)
         for w_fp8, a_fp8, quant_a, swiglu, block_m in ((True, True, False, True, 16), (True, True, False, False, 64),

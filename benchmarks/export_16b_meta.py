@@ -23,6 +23,15 @@ from dsv3_export.reference import ModelArgs, Transformer
 
 
 def peak_rss_gib() -> float:
+    """This process's peak resident set since it started. Linux: VmHWM, which exec resets; ru_maxrss is
+    not reset by exec and so reported the forking parent's RSS (a pytest-xdist worker's 1.5 GiB)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 

@@ -70,7 +70,7 @@ print(json.dumps(results))
 '''
 
 
-# Every switch setting the tests read: (passes left out, build switches). One subprocess traces them all
+# Every switch setting the checks read: (passes left out, build switches). One subprocess traces them all
 # (one 16b export per pass set, then a rewrite + lowering per setting): ~7 separate processes took
 # ~330 s of the suite on 2 cores, each paying the export and the passes' pattern tracing again.
 SETTINGS = {
@@ -83,14 +83,6 @@ SETTINGS = {
                                             DSV3_TORCH_ABSORB_GEMM="0")),
     "session 9 on": ("", dict(DSV3_TORCH_ROUTER_ALIGN="1", DSV3_TORCH_MOE_QUANT_H="1", DSV3_TORCH_MLA_TAIL="gemmq")),
 }
-_CACHE: dict[str, dict] = {}
-
-
-def _launches(setting: str) -> dict:
-    """The traced kernel counts of one SETTINGS entry; every setting is traced at the first call."""
-    if not _CACHE:
-        _CACHE.update(zip(SETTINGS, _trace(list(SETTINGS.values()))))
-    return _CACHE[setting]
 
 
 def _trace(settings: list[tuple[str, dict]]) -> list[dict]:
@@ -109,9 +101,9 @@ def _trace(settings: list[tuple[str, dict]]) -> list[dict]:
     return results
 
 
-def _check_per_layer():
+def _check_per_layer(launches: dict[str, dict]):
     """Layer 0 (dense MLP) + layer 1 (MoE), with every switch of sessions 6-7 on."""
-    new = _launches("sessions 6-7 on")
+    new = launches["sessions 6-7 on"]
     k = new["kernels"]
     # per layer: one fused (add +) RMSNorm + act_quant before attention and before the FFN
     assert k["_rmsnorm_kernel"] == 4, k
@@ -131,10 +123,10 @@ def _check_per_layer():
     assert sum(new["kernels"].values()) == 27, k
 
 
-def _check_defaults():
+def _check_defaults(launches: dict[str, dict]):
     """The defaults: session 7's measurements turned the fused norm, the top-k kernel and the gate in
     the router off."""
-    default = _launches("defaults")
+    default = launches["defaults"]
     k_def = default["kernels"]
     assert "_rmsnorm_kernel" not in k_def, k_def  # Inductor's norms
     # the gate GEMM separate (cuBLAS), the rest of the router in one kernel
@@ -147,19 +139,19 @@ def _check_defaults():
     assert sum(k_def.values()) == 27 - 4 + 5, k_def
 
 
-def _check_session8_switches():
+def _check_session8_switches(launches: dict[str, dict]):
     """Session 8's opt-ins against the defaults: the split gate, the MLA tail, the align-free MoE."""
-    k_def = _launches("defaults")["kernels"]
+    k_def = launches["defaults"]["kernels"]
     # DSV3_TORCH_ROUTER_GATE=split: the gate GEMM in the router launch again, its programs splitting the
     # experts (the arrival counters' zeros are an ATen op, not a kernel launch of ours)
-    split = _launches("gate split")
+    split = launches["gate split"]
     k_split = split["kernels"]
     assert k_split["_router_gate_split_kernel"] == 1 and "_router_kernel" not in k_split, k_split
     assert sum(".linear." in e for e in split["extern"]) == 1, split["extern"]
     assert sum(k_split.values()) == sum(k_def.values()), k_split
 
     # DSV3_TORCH_MLA_TAIL=1: per layer the splits' merge, W_UV and wo's act_quant in one kernel
-    tail = _launches("mla tail")["kernels"]
+    tail = launches["mla tail"]["kernels"]
     assert tail["_mla_tail_kernel"] == 2 and "_mla_decode_reduce_kernel" not in tail, tail
     assert k_def["_mla_decode_reduce_kernel"] == 2 and tail["_mla_decode_split_kernel"] == 2, (k_def, tail)
     assert tail["_head_gemm_kernel"] == 2 and tail["_fp8_gemm_kernel"] == k_def["_fp8_gemm_kernel"], tail
@@ -167,16 +159,16 @@ def _check_session8_switches():
     assert sum(tail.values()) == sum(k_def.values()) - 2 * 2, tail
 
     # DSV3_TORCH_MOE_ALIGN=scan: the MoE layer's two grouped GEMMs find their rows themselves, no moe_align
-    scan = _launches("moe scan")["kernels"]
+    scan = launches["moe scan"]["kernels"]
     assert scan["_grouped_gemm_scan_kernel"] == 2 and not {"_moe_align_kernel", "_grouped_gemm_kernel"} & set(scan)
     assert sum(scan.values()) == sum(k_def.values()) - 1, scan
 
 
-def _check_all_switches_off():
+def _check_all_switches_off(launches: dict[str, dict]):
     """Every switch of sessions 6-7 off (then the MoE layer also runs torch's top-k, 2 launches, and
     the Inductor kernels of the softmax, gather and the shared experts' SwiGLU, add and split-K sums,
     not counted here)."""
-    old = _launches("all off")
+    old = launches["all off"]
     k_old = old["kernels"]
     assert not {"_rmsnorm_kernel", "_topk_kernel", "_router_kernel", "_head_gemm_kernel"} & set(k_old), k_old
     assert k_old["_fp8_gemm_kernel"] == 2 * 2 + 3 + 2, k_old  # + the shared experts' w1+w3 and w2
@@ -187,14 +179,14 @@ def _check_all_switches_off():
     assert sum(k_old.values()) == 27, k_old
 
 
-def _check_session9_switches():
+def _check_session9_switches(launches: dict[str, dict]):
     """Session 9's opt-ins together (one trace: the suite's time), each one's launches against the defaults:
     DSV3_TORCH_ROUTER_ALIGN=1 the MoE layer's router and moe_align in one launch (kernels/router_align.py);
     DSV3_TORCH_MOE_QUANT_H=1 the MoE up GEMM writes h quantized (kernels/moe.py quant_out), no act_quant for h;
     DSV3_TORCH_MLA_TAIL=gemmq per layer W_UV's head_gemm and wo's act_quant in one head_gemm_quant
     (kernels/mla_absorb.py), split and reduce as in the defaults."""
-    k_def = _launches("defaults")["kernels"]
-    new = _launches("session 9 on")["kernels"]
+    k_def = launches["defaults"]["kernels"]
+    new = launches["session 9 on"]["kernels"]
     assert k_def["_router_kernel"] == k_def["_moe_align_kernel"] == 1, k_def
     assert new["_router_align_kernel"] == 1 and not {"_router_kernel", "_moe_align_kernel"} & set(new), new
     assert new["_grouped_gemm_kernel"] == k_def["_grouped_gemm_kernel"] == 2, new
@@ -211,8 +203,9 @@ def _check_session9_switches():
 def test_16b_decode_launches():
     """One test for every setting's checks: the settings share one trace (pytest-xdist would split separate
     tests over workers and trace in each; its loadgroup did not keep a group on one worker here)."""
-    _check_per_layer()
-    _check_defaults()
-    _check_session8_switches()
-    _check_all_switches_off()
-    _check_session9_switches()
+    launches = dict(zip(SETTINGS, _trace(list(SETTINGS.values()))))
+    _check_per_layer(launches)
+    _check_defaults(launches)
+    _check_session8_switches(launches)
+    _check_all_switches_off(launches)
+    _check_session9_switches(launches)

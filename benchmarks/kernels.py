@@ -27,6 +27,10 @@ triton.testing.do_bench (median) and reports: time, achieved TB/s or TFLOP/s, th
   MLA sweep     (mla_sweep, < 60 s) mla_decode's variants (TMA loads, early loads), split counts and
                 merge forms, each pinned, from CUDA graphs: % of copy bandwidth and error (MLA_SWEEP)
   RMSNorm, act_quant: eager torch
+  GEMV          (gemv, ~9 min on a cold cache: 12 configs compiled per K, K=10944 unrolled) kernels/fp8_gemv.py against
+                act_quant + the decode GEMM (ours: the chain the decode program runs), Linears and the MoE at M <= 4;
+                the attention Linears at M=1 also with the weight read from HBM (graphs cycling through 128 MB of
+                copies: the other sections repeat one weight, which stays in the 50 MB L2 when small)
 Device copy bandwidth is measured in the same run. Every section is guarded: an error prints and
 the script continues. The default run (fewer shapes, short timing) fits in about 4 minutes of
 GPU time including autotuning on a cold Triton cache; `--full` runs every shape with longer timing.
@@ -38,7 +42,7 @@ run into smaller calls. The summary table is printed last (a remote runner may k
 
 The sections live in benchmarks/kbench/, one module per kernel family (common.py: shapes, rows,
 timing and checking helpers; fp8.py: fp8, fp8_prefill; quant.py: quant, norm; router.py: topk,
-gate; mla.py: mla; mla_sweep.py; mla_proj.py: absorb, tail; moe.py: moe, moe_cfg, moe_scan, moe_qh); this
+gate; mla.py: mla; mla_sweep.py; mla_proj.py: absorb, tail; moe.py: moe, moe_cfg, moe_scan, moe_qh; gemv.py: gemv); this
 file keeps the command line, the section order (SECTIONS) and the reports.
 """
 
@@ -66,6 +70,7 @@ from kbench.common import (BF16_PEAK, FP8_PEAK, HBM_BW, TINY, Report, Shapes,  #
                            _bootstrap_imports, bench_copy)
 # _blockwise_operands and _pad_k: tests/kernels/test_benchmark_script.py checks them as attributes of this script
 from kbench.fp8 import _blockwise_operands, _pad_k, bench_fp8_gemm, bench_fp8_prefill  # noqa: E402, F401
+from kbench.gemv import bench_gemv  # noqa: E402
 from kbench.mla import SWEEP_MERGES, bench_mla  # noqa: E402
 from kbench.mla_proj import bench_absorb, bench_absorb_q, bench_tail  # noqa: E402
 from kbench.mla_sweep import bench_mla_sweep  # noqa: E402
@@ -94,6 +99,8 @@ SECTIONS = {  # cheap sections first: if the time budget runs out, the expensive
                  bench_moe_scan),
     "moe_qh": ("decode MoE: the up GEMM writing h quantized vs up GEMM + act_quant(h) (fp8, 16b, CUDA graphs)",
                bench_moe_qh),
+    "gemv": ("fp8 GEMV with act_quant in registers vs act_quant + tile GEMM, Linears and MoE at M <= 4 (CUDA graphs)",
+             bench_gemv),
     "fp8_prefill": ("fp8 blockwise GEMM at prefill M: TMA candidates, pinned", bench_fp8_prefill),
     "fp8": ("fp8 blockwise GEMM", bench_fp8_gemm),
 }

@@ -52,6 +52,7 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from dsv3_export.kernels import fp8_gemm as kg
+from dsv3_export.kernels import fp8_gemv as kv
 from dsv3_export.kernels import fp8_quant as kq
 from dsv3_export.kernels import mla_absorb as ka
 from dsv3_export.kernels import mla_decode as kd
@@ -92,6 +93,37 @@ TOPK_DEFAULT = "aten"
 # program's CUDA-graph step: 0.995 ms fused, 0.708 ms before this session's other decode changes).
 # DSV3_TORCH_FUSED_ACT_QUANT=1 at build time turns it on.
 FUSED_ACT_QUANT_ENV = "DSV3_TORCH_FUSED_ACT_QUANT"
+
+
+# Whether the decode program's small fp8 Linears (kernels/fp8_gemv.py gemv_suits: the attention's wq+wkv_a
+# and wo at the 16b shapes) run kernels/fp8_gemv.py at batch <= GEMV_MAX_ROWS: one launch that quantizes x
+# in registers, instead of act_quant + the tile GEMM (+ its split-K partials). Larger batches run the tile
+# path; both are in the one program, and the launches of the side that does not apply have an empty grid.
+# `1` turns it on (read when a program is lowered). Off by default: measured on the H200 (session 13), the
+# GEMV took 4.3 / 3.6 us (wq+wkv_a / wo, M=1) against 7.0 / 6.7 for the chain in kernels.py's CUDA graphs,
+# where the same weights repeat (L2-resident); inside the 27-layer 16b decode step it took 5.1 us against
+# act_quant 1.2 + GEMM 5.0, busy time 2.339 vs 2.338 ms, 54 launches fewer, step 2.624 vs 2.644 ms (b1).
+DECODE_GEMV_ENV = "DSV3_TORCH_DECODE_GEMV"
+DECODE_GEMV_CHOICES = {"1": f"fp8_gemv at batch <= {kv.GEMV_MAX_ROWS} for the small Linears, decode program",
+                       "0": "act_quant + tile GEMM at every batch"}
+
+
+def _decode_gemv(kind: str) -> bool:
+    return kind == "decode" and env_choice(DECODE_GEMV_ENV, "0", DECODE_GEMV_CHOICES) == "1"
+
+
+def _gated(spec: LaunchSpec, factor) -> LaunchSpec:
+    """spec with its grid's first dimension times factor (1 or 0; symbolic while traced): a zero first
+    dimension launches nothing, in Triton's launcher and AOTInductor's (`if (grid_0 == 0) return;`)."""
+    if isinstance(factor, int) and not isinstance(factor, bool) and factor == 1:  # a Python int: no guard
+        return spec
+    grid = spec.grid
+
+    def gated(meta):
+        dims = grid(meta)
+        return (dims[0] * factor, *dims[1:])
+
+    return spec._replace(grid=gated)
 
 
 def _fused_act_quant(kind: str) -> bool:
@@ -162,10 +194,11 @@ def _moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int):
     return km.moe_align(topk_ids, n_experts, block_m, traced_form="kernel" if form == "scan" else form)
 
 
-def _act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> fp8 [M, K], fp32 scales [M, ceil(K/128)] (kernels/fp8_quant.py)."""
+def _act_quant(x: torch.Tensor, rows_factor=1) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> fp8 [M, K], fp32 scales [M, ceil(K/128)] (kernels/fp8_quant.py); rows_factor 0: no
+    launch (see _gated)."""
     q, s = kq.act_quant_outputs(*x.shape, x.device)
-    _launch(kq.act_quant_spec(x, q, s, x.is_cuda))  # the scale's rounding as torch's on x's device
+    _launch(_gated(kq.act_quant_spec(x, q, s, x.is_cuda), rows_factor))  # the scale's rounding as torch's on x's device
     return q, s
 
 
@@ -264,12 +297,15 @@ def moe_fp8_quantized(xq: torch.Tensor, xs: torch.Tensor, topk_weights: torch.Te
 
 
 def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor,
-              out_dtype: torch.dtype, kind: str, quant_a: bool = False) -> torch.Tensor:
+              out_dtype: torch.dtype, kind: str, quant_a: bool = False, small_batch=None) -> torch.Tensor:
     """kernels/fp8_gemm.py fp8_gemm's launch with M symbolic: tiles and split-K from `kind` and the
     weight's static [N, K] (fp8_gemm itself buckets M with int(M), a guard on the traced size).
     a fp8 [M, K] + a_s [M, ceil(K/128)], or bf16/fp16 [M, K] with a_s None (weight-only), or with
     quant_a the bf16/fp16/fp32 activation quantized 1x128 inside the GEMM (act_quant's arithmetic in
-    _act_quant's form for a's device: one launch, the same fp8 operands)."""
+    _act_quant's form for a's device: one launch, the same fp8 operands).
+    small_batch (x, gate), decode: kernels/fp8_gemv.py from the unquantized x [M, K] when gate is 1
+    (kv.gemv_gate(M)), into the same output or split-K partials (the sum below then adds its zeros);
+    the tile GEMM launches nothing then."""
     m, k = a.shape
     n = w.shape[0]
     k_blocks = cdiv(k, QUANT_BLOCK)
@@ -281,19 +317,31 @@ def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: t
         c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     else:
         c = torch.empty((split, m, n), dtype=torch.float32, device=a.device)  # [S, M, N] partials
-    _launch(kg.fp8_gemm_spec(a, a_s, w, w_s, c, FP8_M_BUCKET[kind], per_split, split, decode, quant_a, a.is_cuda))
+    tile_rows = 1
+    if small_batch is not None:
+        x, gate = small_batch
+        _launch(kv.gemv_spec(x, w, w_s, c, m * gate, scale_reciprocal=a.is_cuda))
+        tile_rows = 1 - gate
+    _launch(_gated(kg.fp8_gemm_spec(a, a_s, w, w_s, c, FP8_M_BUCKET[kind], per_split, split, decode, quant_a,
+                                    a.is_cuda), tile_rows))
     return c.sum(dim=0).to(out_dtype) if split > 1 else c  # [M, N]
 
 
 @triton_op("dsv3_aoti::fp8_linear", mutates_args={})
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool,
-               decode: bool, fuse_act_quant: bool = False) -> torch.Tensor:
+               decode: bool, fuse_act_quant: bool = False, gemv: bool = False) -> torch.Tensor:
     """dsv3::fp8_linear: x [..., K] -> [..., N]; act_quant 1x128 + fp8 GEMM (fuse_act_quant: one
-    launch, the GEMM quantizes its own A tiles; see FUSED_ACT_QUANT_ENV), or weight-only."""
+    launch, the GEMM quantizes its own A tiles; see FUSED_ACT_QUANT_ENV), or weight-only.
+    gemv (decode, act_quant; DECODE_GEMV_ENV): batches of at most kv.GEMV_MAX_ROWS rows run
+    kernels/fp8_gemv.py instead of act_quant + the GEMM, which then launch nothing."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     kind = "decode" if decode else "prefill"
-    if act_quant and fuse_act_quant:
+    if act_quant and gemv and decode:
+        gate = kv.gemv_gate(x2.shape[0])  # 1 at M <= GEMV_MAX_ROWS, else 0 (symbolic: no guard)
+        xq, xs = _act_quant(x2, 1 - gate)
+        y = _fp8_gemm(xq, xs, weight, scale, x.dtype, kind, small_batch=(x2, gate))  # [M, N]
+    elif act_quant and fuse_act_quant:
         y = _fp8_gemm(x2, None, weight, scale, x.dtype, kind, quant_a=True)  # [M, N]
     elif act_quant:
         xq, xs = _act_quant(x2)
@@ -412,6 +460,7 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
     block_m = BLOCK_M[kind]
     fused = _fused_act_quant(kind)
     quant_h = _moe_quant_h(kind)
+    gemv = _decode_gemv(kind)
     absorb = _absorb_gemm()
     tail = env_choice(MLA_TAIL_ENV, MLA_TAIL_DEFAULT, MLA_TAIL_CHOICES) == "1" and kind == "decode"
     topk_form = env_choice(TOPK_ENV, TOPK_DEFAULT, TOPK_FORMS)
@@ -443,7 +492,8 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
     def lower_fp8_linear(x, weight, scale, act_quant):
         if not act_quant and x.dtype not in kg.DENSE_DTYPES:  # weight-only GEMM: bf16/fp16 activations
             return ATEN_LOWERINGS["dsv3::fp8_linear"](x, weight, scale, act_quant)
-        return fp8_linear(x, weight, scale, act_quant, kind == "decode", fused)
+        small = gemv and act_quant and not fused and kv.gemv_suits(*weight.shape)
+        return fp8_linear(x, weight, scale, act_quant, kind == "decode", fused, small)
 
     def lower_topk(x, k, dim=-1, largest=True, sorted=True):
         return topk(x, k)  # sorted either way: sorted=False allows any order
@@ -466,6 +516,8 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
                      + ") for bf16/fp16; ATen math for fp32")
     lower_fp8_linear.how = ("triton_op dsv3_aoti::fp8_linear (kernels/fp8_gemm.py: act_quant + fp8 GEMM"
                             + (", fused into one launch" if fused else "")
+                            + (f"; at batch <= {kv.GEMV_MAX_ROWS} kernels/fp8_gemv.py instead, for weights "
+                               "kernels/fp8_gemv.py gemv_suits takes" if gemv and not fused else "")
                             + ", or weight-only for bf16/fp16 x); ATen math for weight-only fp32 x")
     table = {"dsv3::moe_experts": lower_moe, "dsv3::moe_experts_fp8": lower_moe_fp8,
              "dsv3::mla_attention": lower_mla, "dsv3::fp8_linear": lower_fp8_linear}

@@ -82,6 +82,7 @@ SETTINGS = {
     "all off": ("fuse_shared_experts", dict(DSV3_TORCH_NORM_QUANT="0", DSV3_TORCH_TOPK="aten", DSV3_TORCH_ROUTER="0",
                                             DSV3_TORCH_ABSORB_GEMM="0")),
     "session 9 on": ("", dict(DSV3_TORCH_ROUTER_ALIGN="1", DSV3_TORCH_MOE_QUANT_H="1", DSV3_TORCH_MLA_TAIL="gemmq")),
+    "decode gemv": ("", dict(DSV3_TORCH_DECODE_GEMV="1")),
 }
 
 
@@ -199,6 +200,15 @@ def _check_session9_switches(launches: dict[str, dict]):
     assert sum(new.values()) == sum(k_def.values()) - 1 - 1 - 2, new
 
 
+def _check_decode_gemv(launches: dict[str, dict]):
+    """DSV3_TORCH_DECODE_GEMV=1 (session 13): wq+wkv_a and wo of each layer also launch kernels/fp8_gemv.py,
+    beside act_quant + the tile GEMM (each side's grid empty at the batches of the other); the dense MLP's
+    Linears (45 MB, K=10944) do not."""
+    k_def, gemv = launches["defaults"]["kernels"], launches["decode gemv"]["kernels"]
+    assert "_fp8_gemv_kernel" not in k_def and gemv["_fp8_gemv_kernel"] == 2 * 2, gemv
+    assert sum(gemv.values()) == sum(k_def.values()) + 2 * 2, (gemv, k_def)
+
+
 @pytest.mark.slow  # ~100 s on 2 cores: one 16b export on meta per pass set, the passes, a lowering per setting
 def test_16b_decode_launches():
     """One test for every setting's checks: the settings share one trace (pytest-xdist would split separate
@@ -209,3 +219,4 @@ def test_16b_decode_launches():
     _check_session8_switches(launches)
     _check_all_switches_off(launches)
     _check_session9_switches(launches)
+    _check_decode_gemv(launches)

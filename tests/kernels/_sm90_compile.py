@@ -24,8 +24,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_quant, mla_absorb, mla_decode,  # noqa: E402
-                                 mla_prefill, mla_tail, moe, moe_align, rmsnorm, router_align, router_gate,
+from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_gemv, fp8_quant, mla_absorb,  # noqa: E402
+                                 mla_decode, mla_prefill, mla_tail, moe, moe_align, rmsnorm, router_align, router_gate,
                                  topk)
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -53,7 +53,7 @@ DIVISIBLE_INTS = {"K", "N", "N_OUT", "D"}
 # word, a word the case's name must also hold); the first rule that matches a case names its family. The
 # decode attention with the fused merge takes ~40% of a cold compile on its own (its merge unrolls).
 FAMILY_RULES = (
-    ("fp8", ("act_quant", "weight_dequant", "fp8_gemm", "split_k_sum"), None),
+    ("fp8", ("act_quant", "weight_dequant", "fp8_gemm", "split_k_sum", "fp8_gemv"), None),
     ("moe", ("grouped_gemm", "grouped_gemm_scan", "moe_align"), None),
     ("mla_decode_fused", ("mla_decode_split",), "fused=True"),
     ("mla_decode", ("mla_decode_split",), None),
@@ -73,9 +73,11 @@ def family_of(case_name: str) -> str:
 
 
 def _attrs(kernel, pointers: dict[str, str]) -> dict[tuple[int], list]:
-    """tt.divisibility=16 on pointers, strides and DIVISIBLE_INTS, as a real launch would infer."""
+    """tt.divisibility=16 on pointers, strides and DIVISIBLE_INTS, as a real launch would infer (never on a
+    constexpr: fp8_gemv's K is one)."""
     return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-            if name in pointers or name.startswith("stride") or name in DIVISIBLE_INTS}
+            if not kernel.params[i].is_constexpr
+            and (name in pointers or name.startswith("stride") or name in DIVISIBLE_INTS)}
 
 
 def _resource_usage(cubin: bytes) -> dict[str, int]:
@@ -143,6 +145,18 @@ def _cases(all_configs: bool):
     for c in (bf, f32):
         yield (f"split_k_sum c={c}", fp8_gemm._split_k_sum_kernel, triton.Config({}, num_warps=4),
                dict(ws_ptr=f32, c_ptr=c), dict(SPLIT_K=fp8_gemm.MAX_SPLIT_K, BLOCK=fp8_gemm.SPLIT_K_SUM_BLOCK))
+    # the decode GEMV at the 16b K's: dense (bf16 x), the MoE's up (SwiGLU) and down (routing weight) forms
+    for cfg in fp8_gemv.GEMV_CONFIGS if all_configs else fp8_gemv.GEMV_CONFIGS[:1]:
+        for k, experts, swiglu, mul_weight, zero_splits in ((2048, False, False, False, 0),
+                                                            (2048, False, False, False, 3),  # into split-K partials
+                                                            (10944, False, False, False, 0),
+                                                            (2048, True, True, False, 0), (1408, True, False, True, 0)):
+            yield (f"fp8_gemv K={k} experts={experts} swiglu={swiglu} zero_splits={zero_splits}",
+                   fp8_gemv._fp8_gemv_kernel, cfg,
+                   dict(x_ptr=bf, w_ptr=f8, w_s_ptr=f32, c_ptr=f32 if zero_splits else bf, ids_ptr="*i64",
+                        topk_w_ptr=f32),
+                   dict(K=k, EXPERTS=experts, SWIGLU=swiglu, MUL_WEIGHT=mul_weight, SCALE_RECIPROCAL=True,
+                        SCALE_BLOCK=128, ZERO_SPLITS=zero_splits))
     for cfg in pick(moe.GROUPED_GEMM_CONFIGS):
         # quant_a: bf16 a quantized 1x128 in the kernel (the opt-in fused fp8 MoE, CUDA scale form)
         for w_fp8, a_fp8, quant_a, swiglu, block_m in ((True, True, False, True, 16), (True, True, False, False, 64),

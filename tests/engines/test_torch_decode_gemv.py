@@ -1,0 +1,99 @@
+"""engines/torch_triton.py DSV3_TORCH_DECODE_GEMV=1 (opt-in): the decode program's small fp8 Linears run
+kernels/fp8_gemv.py at batch <= GEMV_MAX_ROWS and act_quant + the tile GEMM above, from one program.
+
+Numerics in the Triton CPU interpreter (a subprocess: TRITON_INTERPRET is set before the kernels are
+decorated): dsv3_aoti::fp8_linear with the switch on equals, bit for bit, the GEMV alone at M <= 2 and
+the switch-off op (act_quant + tile GEMM) above, both with and without split-K partials (the GEMV then
+writes split 0 and zeros the rest), and is within the fp8 GEMM tolerance of dequantize-then-matmul.
+Traced (no interpreter): the op holds both paths, each launch's grid gated by the symbolic batch (no
+guard, the batch stays dynamic).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.engines._program_script import SCRIPT_PREAMBLE, run_script
+
+_SCRIPT = SCRIPT_PREAMBLE + r'''
+import torch
+from dsv3_export.engines import torch_triton as tt
+from dsv3_export.kernels import fp8_gemm as kg
+from dsv3_export.kernels import fp8_gemv as kv
+from dsv3_export.reference import fp8 as R
+
+g = torch.Generator().manual_seed(seed)
+out = {}
+for n, k in ((200, 1000), (72, 300)):  # split-K 4 at decode, and no split
+    w, s = R.weight_quant(torch.randn(n, k, generator=g) / k**0.5)
+    split = kg._choose_split_k(tt.FP8_DECODE_M, n, -(-k // 128), torch.device("cpu"))
+    for m in (1, 2, 3, 5):
+        x = torch.randn(m, k, generator=g) * 2
+        key = f"n{n}_k{k}_m{m}"
+        if mode == "trace":
+            from torch.export import Dim, export
+
+            class Linear(torch.nn.Module):  # buffers: on a CPU the mutation analysis (no GPU driver) flags every input
+                def __init__(self):
+                    super().__init__()
+                    self.register_buffer("w", w)
+                    self.register_buffer("s", s)
+
+                def forward(self, x):
+                    return tt.fp8_linear(x, self.w, self.s, True, True, False, True)
+
+            x3 = torch.randn(3, k, generator=g)  # batch 1 would specialize (torch.export's 0/1 rule)
+            ep = export(Linear(), (x3,), dynamic_shapes=({0: Dim("batch", min=1, max=64)},))
+            kernels = ep.run_decompositions({}, decompose_custom_triton_ops=True)
+            names = [str(nd.kwargs["kernel_idx"]) for nd in kernels.graph.nodes
+                     if nd.op == "call_function" and "triton_kernel_wrapper" in str(nd.target)]
+            out[key + "_launches"] = len(names)
+            out[key + "_dynamic"] = any(isinstance(d, torch.SymInt) for nd in ep.graph.nodes
+                                        if nd.op == "placeholder" and "val" in nd.meta
+                                        for d in getattr(nd.meta["val"], "shape", ()))
+            break
+        on = tt.fp8_linear(x, w, s, True, True, False, True)
+        off = tt.fp8_linear(x, w, s, True, True, False, False)
+        gemv = kv.fp8_gemv(x, w, s, torch.float32)
+        ref = kg.fp8_gemm_ref(*R.act_quant(x), w, s, torch.float32)
+        out[key] = dict(split=split, equal_gemv=bool(torch.equal(on, gemv)), equal_off=bool(torch.equal(on, off)),
+                        rel=((on - ref).abs().mean() / ref.abs().mean()).item(),
+                        finite=bool(torch.isfinite(on).all()))
+print(json.dumps(out))
+'''
+
+
+def test_small_batches_take_the_gemv_and_the_rest_the_tile_gemm(seed):
+    out = run_script(_SCRIPT, "interpret", seed)
+    assert out["n200_k1000_m1"]["split"] > 1 and out["n72_k300_m1"]["split"] == 1, out
+    for key, r in out.items():
+        m = int(key.rsplit("_m", 1)[1])
+        assert r["finite"] and r["rel"] < 1e-3, (key, r)
+        if m <= 2:
+            assert r["equal_gemv"], (key, r)
+        else:
+            assert r["equal_off"], (key, r)
+
+
+def test_traced_op_keeps_both_paths_and_the_batch_dynamic():
+    out = run_script(_SCRIPT, "trace")
+    # split-K: GEMV, act_quant, tile GEMM (the sum is Inductor's); no split: the same three launches
+    assert out["n200_k1000_m1_launches"] == out["n72_k300_m1_launches"] == 3, out
+    assert out["n200_k1000_m1_dynamic"] and out["n72_k300_m1_dynamic"], out
+
+
+def test_gemv_suits_the_small_weights_only():
+    pytest.importorskip("triton")
+    from dsv3_export.kernels import fp8_gemv as kv
+
+    assert kv.gemv_suits(3648, 2048) and kv.gemv_suits(2048, 2048)  # 16b wq+wkv_a, wo
+    assert not kv.gemv_suits(21888, 2048) and not kv.gemv_suits(2048, 10944)  # the dense MLP
+
+
+def test_switch_rejects_unknown(monkeypatch):
+    pytest.importorskip("triton")
+    from dsv3_export.engines import torch_triton as tt
+
+    monkeypatch.setenv(tt.DECODE_GEMV_ENV, "on")
+    with pytest.raises(ValueError, match="DSV3_TORCH_DECODE_GEMV='on'"):
+        tt.triton_lowerings("decode")

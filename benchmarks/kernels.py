@@ -42,7 +42,7 @@ run into smaller calls. The summary table is printed last (a remote runner may k
 
 The sections live in benchmarks/kbench/, one module per kernel family (common.py: shapes, rows,
 timing and checking helpers; fp8.py: fp8, fp8_prefill; quant.py: quant, norm; router.py: topk,
-gate; mla.py: mla; mla_sweep.py; mla_proj.py: absorb, tail; moe.py: moe, moe_cfg, moe_scan, moe_qh; gemv.py: gemv); this
+gate; mla.py: mla; mla_sweep.py; mla_proj.py: absorb; moe.py: moe, moe_cfg, moe_scan, moe_qh; gemv.py: gemv); this
 file keeps the command line, the section order (SECTIONS) and the reports.
 """
 
@@ -72,7 +72,7 @@ from kbench.common import (BF16_PEAK, FP8_PEAK, HBM_BW, TINY, Report, Shapes,  #
 from kbench.fp8 import _blockwise_operands, _pad_k, bench_fp8_gemm, bench_fp8_prefill  # noqa: E402, F401
 from kbench.gemv import bench_gemv  # noqa: E402
 from kbench.mla import SWEEP_MERGES, bench_mla  # noqa: E402
-from kbench.mla_proj import bench_absorb, bench_absorb_q, bench_tail  # noqa: E402
+from kbench.mla_proj import bench_absorb  # noqa: E402
 from kbench.mla_sweep import bench_mla_sweep  # noqa: E402
 from kbench.moe import bench_moe, bench_moe_configs, bench_moe_qh, bench_moe_scan  # noqa: E402
 from kbench.quant import bench_act_quant, bench_rmsnorm  # noqa: E402
@@ -87,10 +87,6 @@ SECTIONS = {  # cheap sections first: if the time budget runs out, the expensive
     "gate": ("MoE gate GEMM + router at decode: split over programs vs cuBLAS + router (CUDA graphs)", bench_gate),
     "router_align": ("MoE router + moe_align in one launch vs two, 16b decode (CUDA graphs)", bench_router_align),
     "absorb": ("MLA absorbed projections (W_UK, W_UV per head)", bench_absorb),
-    "absorb_q": ("W_UV + wo's act_quant in one head_gemm_quant vs head_gemm + act_quant, bit for bit (CUDA graphs)",
-                 bench_absorb_q),
-    "tail": ("MLA decode tail: split + merge/W_UV/act_quant in one kernel vs the separate kernels (CUDA graphs)",
-             bench_tail),
     "mla": ("MLA absorbed attention", bench_mla),
     "mla_sweep": ("MLA decode variants (TMA, splits, merge), pinned configs, CUDA graphs", bench_mla_sweep),
     "moe": ("MoE: grouped GEMM + fused MoE", bench_moe),

@@ -68,30 +68,29 @@ TRITON_OPS_ENV = "DSV3_TORCH_TRITON_OPS"
 def lower_program(ep: ExportedProgram, device: str, kind: str) -> tuple[ExportedProgram, dict[str, str]]:
     """dsv3:: ops replaced: ATen math, or on CUDA our Triton kernels where torch_triton.py has them,
     with each RMSNorm that feeds fp8 GEMMs fused with their act_quant (torch_norm_quant.py), each
-    softmax MoE router in one kernel (torch_router.py) and, opt-in, each fp8 decode attention's tail
-    fused with wo's act_quant (torch_mla_tail.py)
+    softmax MoE router in one kernel (torch_router.py)
     (DSV3_TORCH_TRITON_OPS=0: ATen everywhere, Inductor's own kernels only; the manifest's
     `lowerings` says which, to tell our kernels' launches apart from the rest of a package)."""
     triton = None
     if device == "cuda":
         from torch.export.passes import move_to_device_pass
 
+        from dsv3_export.engines.torch_decode_gemv import check_gemv_tune_batch
         from dsv3_export.engines.torch_triton import triton_lowerings
 
+        check_gemv_tune_batch(ep, kind)
         if any(t.device.type != "cuda" for t in program_constants(ep).values()):  # build.py exports on the CPU
             ep = move_to_device_pass(ep, f"cuda:{torch.cuda.current_device()}")
         triton = triton_lowerings(kind) if env_flag(TRITON_OPS_ENV, True) else None
     if triton is None:
         return lower_dsv3_ops(ep, device, triton)
-    from dsv3_export.engines.torch_mla_tail import fuse_mla_tail
     from dsv3_export.engines.torch_norm_quant import fuse_norm_act_quant
     from dsv3_export.engines.torch_router import fuse_router
 
     ep, router_how = fuse_router(ep, kind)  # first: the norm rewrite copies the MoE ops' routing inputs
     ep, norm_how = fuse_norm_act_quant(ep, kind)
-    ep, tail_how = fuse_mla_tail(ep, kind)
     lowered, how = lower_dsv3_ops(ep, device, triton)
-    return lowered, {**how, "router": router_how, "aten::rms_norm": norm_how, "mla_tail": tail_how}
+    return lowered, {**how, "router": router_how, "aten::rms_norm": norm_how}
 
 
 # Inductor's combo kernels (CUDA packages): independent kernels Inductor generates side by side (the

@@ -59,6 +59,7 @@ from dsv3_export.kernels import mla_decode as kd
 from dsv3_export.kernels import mla_prefill as kp
 from dsv3_export.kernels import moe as km
 from dsv3_export.kernels import topk as kt
+from dsv3_export.engines.torch_decode_gemv import decode_gemv, gated
 from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.kernels._common import QUANT_BLOCK, LaunchSpec, cdiv, fake_values_only, is_interpreted
 
@@ -93,37 +94,6 @@ TOPK_DEFAULT = "aten"
 # program's CUDA-graph step: 0.995 ms fused, 0.708 ms before this session's other decode changes).
 # DSV3_TORCH_FUSED_ACT_QUANT=1 at build time turns it on.
 FUSED_ACT_QUANT_ENV = "DSV3_TORCH_FUSED_ACT_QUANT"
-
-
-# Whether the decode program's small fp8 Linears (kernels/fp8_gemv.py gemv_suits: the attention's wq+wkv_a
-# and wo at the 16b shapes) run kernels/fp8_gemv.py at batch <= GEMV_MAX_ROWS: one launch that quantizes x
-# in registers, instead of act_quant + the tile GEMM (+ its split-K partials). Larger batches run the tile
-# path; both are in the one program, and the launches of the side that does not apply have an empty grid.
-# `1` turns it on (read when a program is lowered). Off by default: measured on the H200 (session 13), the
-# GEMV took 4.3 / 3.6 us (wq+wkv_a / wo, M=1) against 7.0 / 6.7 for the chain in kernels.py's CUDA graphs,
-# where the same weights repeat (L2-resident); inside the 27-layer 16b decode step it took 5.1 us against
-# act_quant 1.2 + GEMM 5.0, busy time 2.339 vs 2.338 ms, 54 launches fewer, step 2.624 vs 2.644 ms (b1).
-DECODE_GEMV_ENV = "DSV3_TORCH_DECODE_GEMV"
-DECODE_GEMV_CHOICES = {"1": f"fp8_gemv at batch <= {kv.GEMV_MAX_ROWS} for the small Linears, decode program",
-                       "0": "act_quant + tile GEMM at every batch"}
-
-
-def _decode_gemv(kind: str) -> bool:
-    return kind == "decode" and env_choice(DECODE_GEMV_ENV, "0", DECODE_GEMV_CHOICES) == "1"
-
-
-def _gated(spec: LaunchSpec, factor) -> LaunchSpec:
-    """spec with its grid's first dimension times factor (1 or 0; symbolic while traced): a zero first
-    dimension launches nothing, in Triton's launcher and AOTInductor's (`if (grid_0 == 0) return;`)."""
-    if isinstance(factor, int) and not isinstance(factor, bool) and factor == 1:  # a Python int: no guard
-        return spec
-    grid = spec.grid
-
-    def gated(meta):
-        dims = grid(meta)
-        return (dims[0] * factor, *dims[1:])
-
-    return spec._replace(grid=gated)
 
 
 def _fused_act_quant(kind: str) -> bool:
@@ -164,11 +134,14 @@ FP8_DECODE_M = 16
 FP8_M_BUCKET = {"decode": kg.DECODE_MAX_M, "prefill": 4096}
 
 
-def _launch(spec: LaunchSpec) -> None:
+def _launch(spec: LaunchSpec | None) -> None:
     """A kernel family's launch (its *_spec) through wrap_triton: the autotuned kernel on the GPU,
     the first config under the CPU interpreter. The interpreter runs a kernel even on fake tensors
     (wrap_triton defers only compiled kernels), so there a launch whose outputs are only fake
-    metadata is skipped: their shapes are set (kernels/_common.py fake_values_only)."""
+    metadata is skipped: their shapes are set (kernels/_common.py fake_values_only). None: no launch
+    (_gated)."""
+    if spec is None:
+        return
     if spec.tuned is not None:
         wrap_triton(spec.tuned)[spec.grid](*spec.args, **spec.kwargs)
         return
@@ -194,11 +167,11 @@ def _moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int):
     return km.moe_align(topk_ids, n_experts, block_m, traced_form="kernel" if form == "scan" else form)
 
 
-def _act_quant(x: torch.Tensor, rows_factor=1) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> fp8 [M, K], fp32 scales [M, ceil(K/128)] (kernels/fp8_quant.py); rows_factor 0: no
-    launch (see _gated)."""
+def _act_quant(x: torch.Tensor, gate=1) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> fp8 [M, K], fp32 scales [M, ceil(K/128)] (kernels/fp8_quant.py); gate 0: no launch
+    (see _gated)."""
     q, s = kq.act_quant_outputs(*x.shape, x.device)
-    _launch(_gated(kq.act_quant_spec(x, q, s, x.is_cuda), rows_factor))  # the scale's rounding as torch's on x's device
+    _launch(gated(kq.act_quant_spec(x, q, s, x.is_cuda), gate))  # the scale's rounding as torch's on x's device
     return q, s
 
 
@@ -317,13 +290,13 @@ def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: t
         c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     else:
         c = torch.empty((split, m, n), dtype=torch.float32, device=a.device)  # [S, M, N] partials
-    tile_rows = 1
+    tile_gate = 1
     if small_batch is not None:
         x, gate = small_batch
-        _launch(kv.gemv_spec(x, w, w_s, c, m * gate, scale_reciprocal=a.is_cuda))
-        tile_rows = 1 - gate
-    _launch(_gated(kg.fp8_gemm_spec(a, a_s, w, w_s, c, FP8_M_BUCKET[kind], per_split, split, decode, quant_a,
-                                    a.is_cuda), tile_rows))
+        _launch(gated(kv.gemv_spec(x, w, w_s, c, m, scale_reciprocal=a.is_cuda), gate))
+        tile_gate = 1 - gate
+    _launch(gated(kg.fp8_gemm_spec(a, a_s, w, w_s, c, FP8_M_BUCKET[kind], per_split, split, decode, quant_a,
+                                    a.is_cuda), tile_gate))
     return c.sum(dim=0).to(out_dtype) if split > 1 else c  # [M, N]
 
 
@@ -368,15 +341,14 @@ def decode_query(q_nope: torch.Tensor, w_uk: torch.Tensor, absorb_gemm: bool) ->
 
 
 def decode_latent(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
-                  start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, absorb_gemm: bool,
-                  op: str) -> tuple[torch.Tensor, torch.Tensor]:
+                  start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, absorb_gemm: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The decode attention up to W_UV: W_UK into the query (decode_query), then mla_decode over the
     cache rows t < min(start_pos, T) and the one new key, under the runtime split rule with its reduce
-    -> (lat [b, h, c], w_uv [h, dv, c]). dsv3_aoti::mla_attention's decode and engines/torch_mla_tail.py's
-    gemmq form both run this one path, so the W_UV they apply sees the same bits. op names the caller."""
+    -> (lat [b, h, c], w_uv [h, dv, c])."""
     _, s, h, dn = q_nope.shape
     c = wkv_b.shape[-1]
-    torch._check(s == 1, lambda: f"{op}: decode needs one new position, got {s}")
+    torch._check(s == 1, lambda: f"dsv3_aoti::mla_attention: decode needs one new position, got {s}")
     w = wkv_b.view(h, -1, c)  # [h, dn + dv, c]
     w_uk, w_uv = w[:, :dn], w[:, dn:]  # [h, dn, c], [h, dv, c]
     seen = start_pos.clamp(0, kv_cache.shape[1]).to(torch.int32)  # [b] cached keys per row
@@ -389,7 +361,7 @@ def decode_latent(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor
 @triton_op("dsv3_aoti::mla_attention", mutates_args={})
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
                   start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, decode: bool,
-                  absorb_gemm: bool = True, tail: bool = False) -> torch.Tensor:
+                  absorb_gemm: bool = True) -> torch.Tensor:
     """dsv3::mla_attention (step.absorbed_attention's math): W_UK absorbed into the query, the
     kernel over cache positions t < min(start_pos, T) plus the s new keys (causal), then W_UV.
 
@@ -398,18 +370,11 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor
     not keys) and the new keys' causal order, and keeps the kernels' cache reads in bounds.
     absorb_gemm (decode, bf16/fp16; ABSORB_ENV): W_UK and W_UV by kernels/mla_absorb.py head_gemm,
     one launch each, instead of the einsums.
-    tail (decode, bf16/fp16; DSV3_TORCH_MLA_TAIL=1, engines/torch_mla_tail.py): the split kernel, then
-    the merge and W_UV in one kernel (kernels/mla_tail.py) instead of the reduce kernel + W_UV.
     """
-    if tail and decode and q_nope.dtype in ka.DOT_DTYPES:
-        from dsv3_export.engines.torch_mla_tail import decode_tail
-
-        return decode_tail(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, absorb_gemm,
-                           False)[:, None]  # [b, 1, h, dv]
     if decode:
         absorb_gemm = absorb_gemm and q_nope.dtype in ka.DOT_DTYPES  # fp32 dots would be TF32
-        lat, w_uv = decode_latent(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, absorb_gemm,
-                                  "dsv3_aoti::mla_attention")  # [b, h, c], [h, dv, c]
+        lat, w_uv = decode_latent(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale,
+                                  absorb_gemm)  # [b, h, c], [h, dv, c]
         if absorb_gemm:
             return _head_gemm(lat, w_uv.transpose(1, 2))[:, None]  # [b, 1, h, dv]
         return torch.einsum("bshc,hdc->bshd", lat[:, None], w_uv)  # [b, 1, h, dv]
@@ -455,14 +420,11 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
     """dsv3:: op name -> function with the op's signature calling a triton_op (for run_decompositions)."""
     from dsv3_export.engines.torch_lower import ATEN_LOWERINGS
 
-    from dsv3_export.engines.torch_mla_tail import MLA_TAIL_CHOICES, MLA_TAIL_DEFAULT, MLA_TAIL_ENV
-
     block_m = BLOCK_M[kind]
     fused = _fused_act_quant(kind)
     quant_h = _moe_quant_h(kind)
-    gemv = _decode_gemv(kind)
+    gemv = decode_gemv(kind)
     absorb = _absorb_gemm()
-    tail = env_choice(MLA_TAIL_ENV, MLA_TAIL_DEFAULT, MLA_TAIL_CHOICES) == "1" and kind == "decode"
     topk_form = env_choice(TOPK_ENV, TOPK_DEFAULT, TOPK_FORMS)
     align_form = env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS)
     routing = ("no moe_align: grouped_gemm_scan programs find their rows in topk_ids"
@@ -487,7 +449,7 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
                                                          softmax_scale)
         s = q_nope.shape[1]
         decode = kind == "decode" and isinstance(s, int) and s == 1  # static, never a guard on a symbol
-        return mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, decode, absorb, tail)
+        return mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, decode, absorb)
 
     def lower_fp8_linear(x, weight, scale, act_quant):
         if not act_quant and x.dtype not in kg.DENSE_DTYPES:  # weight-only GEMM: bf16/fp16 activations
@@ -511,9 +473,7 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
                      + ("W_UK and W_UV by kernels/mla_absorb.py head_gemm in the decode program, einsums in "
                         "prefill" if absorb else "W_UK and W_UV by einsums")
                      + "; kernels/mla_attention.py over [cache | new]: mla_decode in the decode program, "
-                     "mla_prefill in prefill"
-                     + ("; decode: the splits' merge and W_UV in one kernel, kernels/mla_tail.py" if tail else "")
-                     + ") for bf16/fp16; ATen math for fp32")
+                     "mla_prefill in prefill) for bf16/fp16; ATen math for fp32")
     lower_fp8_linear.how = ("triton_op dsv3_aoti::fp8_linear (kernels/fp8_gemm.py: act_quant + fp8 GEMM"
                             + (", fused into one launch" if fused else "")
                             + (f"; at batch <= {kv.GEMV_MAX_ROWS} kernels/fp8_gemv.py instead, for weights "

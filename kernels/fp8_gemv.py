@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, cdiv, check_tensor, is_interpreted,
+from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv, check_tensor,
                                          launch)
 from dsv3_export.kernels.fp8_quant import ACT_DTYPES, quantize_rows
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
@@ -52,8 +52,10 @@ GEMV_MAX_ROWS = 2
 GEMV_MAX_WEIGHT_BYTES = 8 << 20
 GEMV_MAX_K = 4096
 # One config, not autotuned: the decode program is tuned at batch 64, where the GEMV launches nothing.
-# The first is the one the packages use: the fastest at M=1 and 2 on wq+wkv_a and wo of the 12 timed on
-# the H200 (session 13: 4.3 / 3.6 us at M=1); the others are the next best there, kept for the tests.
+# The first is the one the packages use (through a one-config autotuner, so that Inductor compiles it with
+# its warps and stages: a bare kernel gets Inductor's 4 warps / 3 stages, which the session-13 packages
+# ran): the fastest at M=1 and 2 on wq+wkv_a and wo of the 12 timed on the H200 (session 13: 4.3 / 3.6
+# us at M=1, L2-warm); the others are the next best there, kept for the tests.
 GEMV_CONFIGS = [
     triton.Config({"BLOCK_N": 16, "CHUNK": 1024}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_N": 8, "CHUNK": 1024}, num_warps=4, num_stages=1),
@@ -131,25 +133,35 @@ def _fp8_gemv_kernel(
         tl.store(c_row + split * stride_cs, tl.zeros((BLOCK_N,), dtype=c_ptr.dtype.element_ty), mask=mask_n)
 
 
+# GEMV_CONFIGS[0] as a one-config autotuner (None under the interpreter): Triton times nothing, and
+# Inductor compiles the kernel with the config's warps and stages.
+_fp8_gemv_single = autotune_or_single(_fp8_gemv_kernel, GEMV_CONFIGS[:1], key=[])
+
+
 def gemv_suits(n: int, k: int) -> bool:
     """Whether a [N, K] fp8 weight goes to the GEMV at small batch (GEMV_MAX_WEIGHT_BYTES, GEMV_MAX_K)."""
     return n * k <= GEMV_MAX_WEIGHT_BYTES and k <= GEMV_MAX_K
 
 
 def gemv_gate(m):
-    """1 when a traced decode step of m rows (m >= 1, symbolic or not) runs the GEMV, else 0: floor
-    divisions only (1 // ceil(m / GEMV_MAX_ROWS)), so no guard on m and a plain C++ expression in the
-    AOTInductor wrapper. The tile path's launches use 1 - gemv_gate(m)."""
+    """1 when a decode step of m rows (symbolic or not) runs the GEMV, else 0: floor divisions only
+    (1 // ceil(m / GEMV_MAX_ROWS)), so no guard on m and a plain C++ expression in the AOTInductor
+    wrapper. The tile path's launches use 1 - gemv_gate(m). m = 0 (a Python int; a traced batch is
+    at least 1): 0, the tile path, which handles empty inputs."""
+    if isinstance(m, int) and m == 0:
+        return 0
     return 1 // ((m + GEMV_MAX_ROWS - 1) // GEMV_MAX_ROWS)
 
 
 def gemv_spec(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out: torch.Tensor, rows, *,
               topk_ids: torch.Tensor | None = None, topk: int = 1, topk_weights: torch.Tensor | None = None,
               swiglu: bool = False, scale_reciprocal: bool = True) -> LaunchSpec:
-    """The launch into out [rows', N_OUT] (inputs checked by the caller; rows may be 0: nothing runs).
+    """The launch of `rows` output rows into out [>= rows, N_OUT] (inputs checked by the caller; rows may
+    be 0: nothing runs).
     Dense: x [M, K], w [N, K], w_s [ceil(N/128), ceil(K/128)]. Experts (topk_ids [T, topk] given):
     w [E, N, K], w_s [E, ceil(N/128), ceil(K/128)], out row p from x row p // topk and expert
-    topk_ids.flatten()[p]. swiglu: w rows are [gate; up], out has N/2 columns.
+    topk_ids.flatten()[p]. swiglu: w rows are [gate; up], out has N/2 columns, a multiple of the config's
+    BLOCK_N (the caller checks: each up tile reads one 128-row scale block, as its gate tile does).
     out may also be a split-K workspace [S, M, N] (dense): the result in split 0, zeros in the rest."""
     experts = topk_ids is not None
     k = x.shape[1]
@@ -167,7 +179,7 @@ def gemv_spec(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out: torch.Te
                   SCALE_RECIPROCAL=scale_reciprocal, SCALE_BLOCK=QUANT_BLOCK,
                   ZERO_SPLITS=out.shape[0] - 1 if workspace else 0)
     grid = lambda meta: (cdiv(n_out, meta["BLOCK_N"]) * rows,)  # noqa: E731
-    return LaunchSpec(_fp8_gemv_kernel, None, GEMV_CONFIGS, grid, args, kwargs)
+    return LaunchSpec(_fp8_gemv_kernel, _fp8_gemv_single, GEMV_CONFIGS, grid, args, kwargs)
 
 
 def _check_common(fn: str, x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype: torch.dtype, ndim: int):
@@ -241,5 +253,3 @@ def moe_gemv(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, topk_ids: torc
                       swiglu=fuse_swiglu, scale_reciprocal=_reciprocal(x, scale_reciprocal)), config)
     return out
 
-
-_INTERPRETED = is_interpreted(_fp8_gemv_kernel)

@@ -26,18 +26,6 @@ sm_90 (ptxas, tests/kernels/_sm90_compile.py; unit strides specialized as a laun
 them): every config compiles to bf16 mma.sync (16/32-row tiles) or wgmma (64-row tiles) fed by
 cp.async pipelines, 37-126 registers per thread, no spills, 12-72 KB of shared memory.
 
-head_gemm_quant (the fp8 decode program's W_UV with DSV3_TORCH_MLA_TAIL=gemmq): wo's input is the
-attention output flattened to [M, H * 128] and act_quant-ed in 1x128 blocks; with v_head_dim = N = 128
-each head's row is exactly one block. A program owning a head's whole 128 columns (BLOCK_N = N) rounds
-its fp32 tile to x's dtype (what act_quant would read) and quantizes it with fp8_quant.quantize_rows
-(act_quant's arithmetic, the scale rounding of the device), storing q fp8 [M, H * 128] and s fp32 [M, H]:
-one launch instead of head_gemm + act_quant. Both kernels run one K loop (_head_gemm_tile), so on the
-GPU (tl.dot accumulating k-step after k-step into acc) the sums, hence q and s, are the same bits as the
-two launches'. The interpreter's dot (numpy matmul) may sum in another order for another tile shape:
-compare there against head_gemm run with the same BLOCK_M/BLOCK_K and BLOCK_N = 128. sm_90 (ptxas, unit K
-strides specialized): every config a cp.async pipeline into mma.sync (16/32 rows) or wgmma (64 rows),
-56-128 registers, no spills, 55-147 KB of shared memory (18 KB, unpipelined, if the K strides are not 1).
-
 Autotune key: M_BUCKET (a power of 2, a runtime argument only to key the tuner, as in fp8_gemm.py),
 never M itself: M is symbolic when a program is traced, and the key must not specialize it.
 Under TRITON_INTERPRET=1 bf16/fp16 operands are upcast to fp32 before the dot (UPCAST: the
@@ -50,10 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3_export.kernels._common import QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv, check_tensor, \
-    is_interpreted, launch, next_pow2
+from dsv3_export.kernels._common import LaunchSpec, autotune_or_single, cdiv, check_tensor, is_interpreted, launch, \
+    next_pow2
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
-from dsv3_export.kernels.fp8_quant import act_quant_outputs, act_quant_ref, quantize_rows
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DOT_DTYPES = (torch.bfloat16, torch.float16)  # what the engine passes (fp32 dots would be TF32 on the GPU)
@@ -80,24 +67,6 @@ HEAD_GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
 ]
 
-# head_gemm_quant: one program owns a head's whole 128 columns (its act_quant block) and BLOCK_M rows, so
-# at batch 1 only H = 16 programs stream W_UV (128 KB each): deep cp.async pipelines keep more of it in
-# flight. The first config is the interpreter's (BLOCK_M 16, BLOCK_K 64 as HEAD_GEMM_CONFIGS[0]).
-QUANT_N = tl.constexpr(QUANT_BLOCK)
-HEAD_GEMM_QUANT_CONFIGS = [
-    triton.Config({"BLOCK_M": 16, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_K": 64}, num_warps=4, num_stages=6),
-    triton.Config({"BLOCK_M": 16, "BLOCK_K": 64}, num_warps=4, num_stages=8),  # all of K = 512 in flight
-    triton.Config({"BLOCK_M": 16, "BLOCK_K": 64}, num_warps=8, num_stages=5),
-    triton.Config({"BLOCK_M": 16, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 16, "BLOCK_K": 128}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_K": 128}, num_warps=8, num_stages=5),  # all of K = 512 in flight
-    triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=8, num_stages=4),
-]
-
 
 @triton.jit
 def _head_gemm_tile(
@@ -105,8 +74,7 @@ def _head_gemm_tile(
     stride_xm, stride_xh, stride_xk, stride_wh, stride_wk, stride_wn,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """The fp32 [BLOCK_M, BLOCK_N] tile of head `head`: the one K loop of both kernels, so the
-    quantizing kernel sums exactly as head_gemm does (same products, same order)."""
+    """The fp32 [BLOCK_M, BLOCK_N] tile of head `head`: x's rows times W's columns, K in BLOCK_K steps."""
     offs_k = tl.arange(0, BLOCK_K)
     rows = offs_m.to(tl.int64)
     x_ptrs = x_ptr + head * stride_xh + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BM, BK]
@@ -147,35 +115,8 @@ def _head_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@waits_for_producer
-@triton.jit
-def _head_gemm_quant_kernel(
-    x_ptr, w_ptr, q_ptr, s_ptr,
-    M, K, M_BUCKET,  # N is QUANT_N; M_BUCKET: unused in the body, it keys the autotuner
-    stride_xm, stride_xh, stride_xk, stride_wh, stride_wk, stride_wn, stride_qm, stride_sm, stride_sh,
-    UPCAST: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """head_gemm of one head's full 128 columns, then act_quant of them: the row's 1x128 block."""
-    wait_for_producer()  # before any memory access: kernels/pdl.py
-    head = tl.program_id(0).to(tl.int64)
-    offs_n = tl.arange(0, QUANT_N)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    acc = _head_gemm_tile(x_ptr, w_ptr, head, offs_m, offs_n, mask_m, offs_n < QUANT_N, K,
-                          stride_xm, stride_xh, stride_xk, stride_wh, stride_wk, stride_wn,
-                          UPCAST, BLOCK_M, QUANT_N, BLOCK_K)
-    # what act_quant reads: head_gemm's output rounded to x's dtype (masked rows are 0: their amax floors)
-    y = acc.to(x_ptr.dtype.element_ty).to(tl.float32)  # [BM, 128]
-    q, s = quantize_rows(y, SCALE_RECIPROCAL)
-    rows = offs_m.to(tl.int64)
-    q_ptrs = q_ptr + rows[:, None] * stride_qm + head * QUANT_N + offs_n[None, :]  # [BM, 128] of [M, H * 128]
-    tl.store(q_ptrs, q.to(q_ptr.dtype.element_ty), mask=mask_m[:, None])
-    tl.store(s_ptr + rows * stride_sm + head * stride_sh, s, mask=mask_m)
-
-
 _INTERPRETED = is_interpreted(_head_gemm_kernel)
 _head_gemm_tuned = autotune_or_single(_head_gemm_kernel, HEAD_GEMM_CONFIGS, key=["M_BUCKET", "K", "N"])
-_head_gemm_quant_tuned = autotune_or_single(_head_gemm_quant_kernel, HEAD_GEMM_QUANT_CONFIGS, key=["M_BUCKET", "K"])
 
 
 def m_bucket(m: int) -> int:
@@ -194,14 +135,14 @@ def head_gemm_spec(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, bucket: 
     return LaunchSpec(_head_gemm_kernel, _head_gemm_tuned, HEAD_GEMM_CONFIGS, grid, args, kwargs)
 
 
-def check_head_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, op: str = "head_gemm") -> None:
-    """Raise a ValueError/TypeError naming the op and tensor when (x, w, out) is not what the kernel takes."""
-    check_tensor(f"{op}: x", x, dtypes=DTYPES, ndim=3)
-    check_tensor(f"{op}: w", w, dtypes=(x.dtype,), ndim=3, device=x.device)
+def check_head_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> None:
+    """Raise a ValueError/TypeError naming the tensor when (x, w, out) is not what the kernel takes."""
+    check_tensor("head_gemm: x", x, dtypes=DTYPES, ndim=3)
+    check_tensor("head_gemm: w", w, dtypes=(x.dtype,), ndim=3, device=x.device)
     m, h, k = x.shape
     hw, kw, n = w.shape
     if (hw, kw) != (h, k):
-        raise ValueError(f"{op}: w is [H={hw}, K={kw}, N={n}] but x is [M={m}, H={h}, K={k}]; H and K must match")
+        raise ValueError(f"head_gemm: w is [H={hw}, K={kw}, N={n}] but x is [M={m}, H={h}, K={k}]; H and K must match")
     if out is not None:
         check_tensor("head_gemm: out", out, dtypes=(x.dtype,), ndim=3, device=x.device)
         if tuple(out.shape) != (m, h, n):
@@ -225,43 +166,3 @@ def head_gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = No
 def head_gemm_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The einsum in fp32, rounded to x.dtype."""
     return torch.einsum("mhk,hkn->mhn", x.float(), w.float()).to(x.dtype)
-
-
-def head_gemm_quant_spec(x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, bucket: int,
-                         scale_reciprocal: bool) -> LaunchSpec:
-    """The launch for x [M, H, K], w [H, K, 128] into q fp8 [M, H * 128] (unit column stride) and s fp32
-    [M, H] (any strides; checked by the caller). bucket: the autotune key's M. scale_reciprocal: act_quant's
-    scale rounding on that device (amax * fp32(1/448) on CUDA, IEEE amax / 448 on the CPU)."""
-    m, h, k = x.shape
-    grid = lambda meta: (h, cdiv(m, meta["BLOCK_M"]))  # noqa: E731
-    args = (x, w, q, s, m, k, bucket, *x.stride(), *w.stride(), q.stride(0), *s.stride())
-    kwargs = dict(UPCAST=_INTERPRETED and x.dtype != torch.float32, SCALE_RECIPROCAL=scale_reciprocal)
-    return LaunchSpec(_head_gemm_quant_kernel, _head_gemm_quant_tuned, HEAD_GEMM_QUANT_CONFIGS, grid, args, kwargs)
-
-
-def check_head_gemm_quant(x: torch.Tensor, w: torch.Tensor) -> None:
-    """head_gemm's checks, and N == 128: each head's output must be exactly one act_quant block."""
-    check_head_gemm(x, w, op="head_gemm_quant")
-    if w.shape[2] != QUANT_BLOCK:
-        raise ValueError(f"head_gemm_quant: w is [H, K, N={w.shape[2]}]; N must be {QUANT_BLOCK} (one "
-                         f"1x{QUANT_BLOCK} act_quant block per head)")
-
-
-def head_gemm_quant(x: torch.Tensor, w: torch.Tensor, *, scale_reciprocal: bool | None = None,
-                    config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """act_quant(head_gemm(x, w).flatten(1)) in one launch: x [M, H, K] @ w [H, K, 128] per head ->
-    (q fp8 e4m3fn [M, H * 128], s fp32 [M, H]), bit-identical to the two kernels in sequence.
-    scale_reciprocal: as act_quant's (default: x.is_cuda). config: one of HEAD_GEMM_QUANT_CONFIGS (tests)."""
-    check_head_gemm_quant(x, w)
-    m, h, _ = x.shape
-    q, s = act_quant_outputs(m, h * QUANT_BLOCK, x.device)  # [M, H * 128], [M, H]
-    if m and h:
-        reciprocal = x.is_cuda if scale_reciprocal is None else scale_reciprocal
-        launch(*head_gemm_quant_spec(x, w, q, s, m_bucket(m), reciprocal), config)
-    return q, s
-
-
-def head_gemm_quant_ref(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch oracle: act_quant_ref of head_gemm_ref flattened to [M, H * N]."""
-    m, h, _ = x.shape
-    return act_quant_ref(head_gemm_ref(x, w).reshape(m, h * w.shape[2]))  # [M, H * N] -> q, s [M, H]

@@ -493,9 +493,9 @@ def split_kernel_args(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torc
                       softmax_scale: float, split_target: int, *, fused: bool = False,
                       variant: str = "pointer") -> tuple[tuple, dict]:
     """The split kernel's arguments and constexprs (less the config's) writing o_part [B, H, S, C] and
-    lse [B, H, S]: one list for mla_decode and kernels/mla_tail.py's partials-only launch, so a new
-    kernel argument cannot be left out of one of them (a traced launch missing one makes torch assume
-    every input mutated: VARIANT_FLAGS). out / counters are only touched by the fused merge."""
+    lse [B, H, S], in one place so that a new kernel argument cannot be left out of a launch (a traced
+    launch missing one makes torch assume every input mutated: VARIANT_FLAGS). out / counters are only
+    touched by the fused merge."""
     bsz, heads, c = q_latent.shape
     r, splits = q_pe.shape[-1], o_part.shape[2]
     has_new = kv_new is not None

@@ -24,7 +24,6 @@ import torch
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from triton.runtime.jit import JITFunction
 from dsv3_export.engines.torch_lower import lower_dsv3_ops
-from dsv3_export.engines.torch_mla_tail import fuse_mla_tail
 from dsv3_export.engines.torch_norm_quant import fuse_norm_act_quant
 from dsv3_export.engines.torch_router import fuse_router
 from dsv3_export.engines.torch_triton import triton_lowerings
@@ -47,7 +46,6 @@ for skip_passes, env in settings:
     os.environ.update({**base_env, **env})  # the switches are read when a program is rewritten and lowered
     program, _ = fuse_router(programs[skip_passes], "decode")
     program, _ = fuse_norm_act_quant(program, "decode")
-    program, _ = fuse_mla_tail(program, "decode")
     lowered, how = lower_dsv3_ops(program, "cuda", triton_lowerings("decode"))
     kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)
     names, incomplete = [], {}
@@ -77,11 +75,10 @@ SETTINGS = {
     "defaults": ("", {}),
     "sessions 6-7 on": ("", dict(DSV3_TORCH_NORM_QUANT="1", DSV3_TORCH_TOPK="kernel", DSV3_TORCH_ROUTER_GATE="1")),
     "gate split": ("", dict(DSV3_TORCH_ROUTER_GATE="split")),
-    "mla tail": ("", dict(DSV3_TORCH_MLA_TAIL="1")),
     "moe scan": ("", dict(DSV3_TORCH_MOE_ALIGN="scan")),
     "all off": ("fuse_shared_experts", dict(DSV3_TORCH_NORM_QUANT="0", DSV3_TORCH_TOPK="aten", DSV3_TORCH_ROUTER="0",
                                             DSV3_TORCH_ABSORB_GEMM="0")),
-    "session 9 on": ("", dict(DSV3_TORCH_ROUTER_ALIGN="1", DSV3_TORCH_MOE_QUANT_H="1", DSV3_TORCH_MLA_TAIL="gemmq")),
+    "session 9 on": ("", dict(DSV3_TORCH_ROUTER_ALIGN="1", DSV3_TORCH_MOE_QUANT_H="1")),
     "decode gemv": ("", dict(DSV3_TORCH_DECODE_GEMV="1")),
 }
 
@@ -141,7 +138,7 @@ def _check_defaults(launches: dict[str, dict]):
 
 
 def _check_session8_switches(launches: dict[str, dict]):
-    """Session 8's opt-ins against the defaults: the split gate, the MLA tail, the align-free MoE."""
+    """Session 8's opt-ins against the defaults: the split gate, the align-free MoE."""
     k_def = launches["defaults"]["kernels"]
     # DSV3_TORCH_ROUTER_GATE=split: the gate GEMM in the router launch again, its programs splitting the
     # experts (the arrival counters' zeros are an ATen op, not a kernel launch of ours)
@@ -150,14 +147,6 @@ def _check_session8_switches(launches: dict[str, dict]):
     assert k_split["_router_gate_split_kernel"] == 1 and "_router_kernel" not in k_split, k_split
     assert sum(".linear." in e for e in split["extern"]) == 1, split["extern"]
     assert sum(k_split.values()) == sum(k_def.values()), k_split
-
-    # DSV3_TORCH_MLA_TAIL=1: per layer the splits' merge, W_UV and wo's act_quant in one kernel
-    tail = launches["mla tail"]["kernels"]
-    assert tail["_mla_tail_kernel"] == 2 and "_mla_decode_reduce_kernel" not in tail, tail
-    assert k_def["_mla_decode_reduce_kernel"] == 2 and tail["_mla_decode_split_kernel"] == 2, (k_def, tail)
-    assert tail["_head_gemm_kernel"] == 2 and tail["_fp8_gemm_kernel"] == k_def["_fp8_gemm_kernel"], tail
-    assert tail.get("_act_quant_kernel", 0) + tail.get("_act_quant_ieee_kernel", 0) == 5 + 4 - 2, tail
-    assert sum(tail.values()) == sum(k_def.values()) - 2 * 2, tail
 
     # DSV3_TORCH_MOE_ALIGN=scan: the MoE layer's two grouped GEMMs find their rows themselves, no moe_align
     scan = launches["moe scan"]["kernels"]
@@ -183,21 +172,19 @@ def _check_all_switches_off(launches: dict[str, dict]):
 def _check_session9_switches(launches: dict[str, dict]):
     """Session 9's opt-ins together (one trace: the suite's time), each one's launches against the defaults:
     DSV3_TORCH_ROUTER_ALIGN=1 the MoE layer's router and moe_align in one launch (kernels/router_align.py);
-    DSV3_TORCH_MOE_QUANT_H=1 the MoE up GEMM writes h quantized (kernels/moe.py quant_out), no act_quant for h;
-    DSV3_TORCH_MLA_TAIL=gemmq per layer W_UV's head_gemm and wo's act_quant in one head_gemm_quant
-    (kernels/mla_absorb.py), split and reduce as in the defaults."""
+    DSV3_TORCH_MOE_QUANT_H=1 the MoE up GEMM writes h quantized (kernels/moe.py quant_out), no act_quant for h.
+    MLA keeps the defaults' launches."""
     k_def = launches["defaults"]["kernels"]
     new = launches["session 9 on"]["kernels"]
     assert k_def["_router_kernel"] == k_def["_moe_align_kernel"] == 1, k_def
     assert new["_router_align_kernel"] == 1 and not {"_router_kernel", "_moe_align_kernel"} & set(new), new
     assert new["_grouped_gemm_kernel"] == k_def["_grouped_gemm_kernel"] == 2, new
-    assert new["_head_gemm_quant_kernel"] == 2 and "_mla_tail_kernel" not in new, new
     assert new["_mla_decode_split_kernel"] == new["_mla_decode_reduce_kernel"] == 2, new
-    assert k_def["_head_gemm_kernel"] - new["_head_gemm_kernel"] == 2, (k_def, new)  # W_UK stays
+    assert new["_head_gemm_kernel"] == k_def["_head_gemm_kernel"] == 2 * 2, (k_def, new)  # W_UK and W_UV
     assert new["_fp8_gemm_kernel"] == k_def["_fp8_gemm_kernel"], new
     act_quant = [k.get("_act_quant_kernel", 0) + k.get("_act_quant_ieee_kernel", 0) for k in (k_def, new)]
-    assert act_quant[0] - act_quant[1] == 1 + 2, act_quant  # the MoE's h, wo's input per layer
-    assert sum(new.values()) == sum(k_def.values()) - 1 - 1 - 2, new
+    assert act_quant[0] - act_quant[1] == 1, act_quant  # the MoE's h
+    assert sum(new.values()) == sum(k_def.values()) - 1 - 1, new
 
 
 def _check_decode_gemv(launches: dict[str, dict]):

@@ -25,8 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_gemv, fp8_quant, mla_absorb,  # noqa: E402
-                                 mla_decode, mla_prefill, mla_tail, moe, moe_align, rmsnorm, router_align, router_gate,
-                                 topk)
+                                 mla_decode, mla_prefill, moe, moe_align, rmsnorm, router_align, router_gate, topk)
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Opt-in shared memory per block on H100/H200 (227 KB).
@@ -57,7 +56,7 @@ FAMILY_RULES = (
     ("moe", ("grouped_gemm", "grouped_gemm_scan", "moe_align"), None),
     ("mla_decode_fused", ("mla_decode_split",), "fused=True"),
     ("mla_decode", ("mla_decode_split",), None),
-    ("mla", ("mla_decode_reduce", "mla_prefill", "mla_tail", "head_gemm", "head_gemm_quant"), None),
+    ("mla", ("mla_decode_reduce", "mla_prefill", "head_gemm"), None),
     ("routing_norm", ("rmsnorm", "topk", "router", "router_gate", "router_gate_split", "router_align"), None),
 )
 FAMILIES = tuple(dict.fromkeys(family for family, _, _ in FAMILY_RULES))
@@ -267,18 +266,6 @@ def _cases(all_configs: bool):
                dict(TOPK=6, N_EXTRA=2, BLOCK_N=64, **moe_align.align_meta(66, 16)))
     for cfg in pick(mla_absorb.HEAD_GEMM_CONFIGS):  # MLA's W_UK / W_UV per-head GEMM (bf16 x and weight views)
         yield ("head_gemm", mla_absorb._head_gemm_kernel, cfg, dict(x_ptr=bf, w_ptr=bf, out_ptr=bf), dict(UPCAST=False))
-    for cfg in pick(mla_absorb.HEAD_GEMM_QUANT_CONFIGS):  # W_UV + wo's act_quant (DSV3_TORCH_MLA_TAIL=gemmq)
-        for recip in (True, False):
-            yield (f"head_gemm_quant recip={recip}", mla_absorb._head_gemm_quant_kernel, cfg,
-                   dict(x_ptr=bf, w_ptr=bf, q_ptr=f8, s_ptr=f32),  # K unit strides: as the launch specializes them
-                   dict(UPCAST=False, SCALE_RECIPROCAL=recip, stride_xk=1, stride_wk=1))
-    for cfg in pick(mla_tail.MLA_TAIL_CONFIGS) + ([] if all_configs else mla_tail.MLA_TAIL_CONFIGS[-1:]):
-        # MLA decode's tail (runtime split rule, 16b shapes): quantized (CUDA and CPU scale forms) and bf16 out
-        for quant, recip in ((True, True), (True, False), (False, True)):
-            yield (f"mla_tail quant={quant} recip={recip}", mla_tail._mla_tail_kernel, cfg,
-                   dict(o_part_ptr=f32, lse_ptr=f32, seqlens_ptr=i32, w_ptr=bf, out_ptr=f8 if quant else bf, s_ptr=f32),
-                   dict(C=512, DV=128, BLOCK_D=128, BLOCK_S=mla_decode.MAX_SPLITS, SPLIT_TARGET=264, MIN_SPLITS=8,
-                        MIN_KEYS=64, QUANT=quant, SCALE_RECIPROCAL=recip, UPCAST=False))
 
 
 def main(all_configs: bool, with_usage: bool = False, only: frozenset[str] | None = None) -> int:

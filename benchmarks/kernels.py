@@ -42,7 +42,7 @@ run into smaller calls. The summary table is printed last (a remote runner may k
 
 The sections live in benchmarks/kbench/, one module per kernel family (common.py: shapes, rows,
 timing and checking helpers; fp8.py: fp8, fp8_prefill; quant.py: quant, norm; router.py: topk,
-gate; mla.py: mla; mla_sweep.py; mla_proj.py: absorb; moe.py: moe, moe_cfg, moe_scan, moe_qh; gemv.py: gemv); this
+gate; mla.py: mla; mla_sweep.py; mla_proj.py: absorb; moe.py: moe, moe_cfg; gemv.py: gemv); this
 file keeps the command line, the section order (SECTIONS) and the reports.
 """
 
@@ -74,7 +74,7 @@ from kbench.gemv import bench_gemv  # noqa: E402
 from kbench.mla import SWEEP_MERGES, bench_mla  # noqa: E402
 from kbench.mla_proj import bench_absorb  # noqa: E402
 from kbench.mla_sweep import bench_mla_sweep  # noqa: E402
-from kbench.moe import bench_moe, bench_moe_configs, bench_moe_qh, bench_moe_scan  # noqa: E402
+from kbench.moe import bench_moe, bench_moe_configs  # noqa: E402
 from kbench.quant import bench_act_quant, bench_rmsnorm  # noqa: E402
 from kbench.router import bench_gate, bench_router_align, bench_topk  # noqa: E402
 
@@ -91,10 +91,6 @@ SECTIONS = {  # cheap sections first: if the time budget runs out, the expensive
     "mla_sweep": ("MLA decode variants (TMA, splits, merge), pinned configs, CUDA graphs", bench_mla_sweep),
     "moe": ("MoE: grouped GEMM + fused MoE", bench_moe),
     "moe_cfg": ("grouped GEMM configs at decode (fp8, 16b MoE)", bench_moe_configs),
-    "moe_scan": ("decode MoE without moe_align: grouped_gemm_scan vs align + grouped_gemm (fp8, 16b)",
-                 bench_moe_scan),
-    "moe_qh": ("decode MoE: the up GEMM writing h quantized vs up GEMM + act_quant(h) (fp8, 16b, CUDA graphs)",
-               bench_moe_qh),
     "gemv": ("fp8 GEMV with act_quant in registers vs act_quant + tile GEMM, Linears and MoE at M <= 4 (CUDA graphs)",
              bench_gemv),
     "fp8_prefill": ("fp8 blockwise GEMM at prefill M: TMA candidates, pinned", bench_fp8_prefill),

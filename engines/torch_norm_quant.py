@@ -90,12 +90,10 @@ def fp8_linear_q(q: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, scale: 
 @triton_op("dsv3_aoti::moe_experts_fp8_q", mutates_args={})
 def moe_experts_fp8_q(xq: torch.Tensor, xs: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                       w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
-                      block_m: int, out_dtype: torch.dtype, quant_h: bool = False) -> torch.Tensor:
-    """dsv3::moe_experts_fp8(act_quant=True) on x already quantized: xq [T, D] fp8, xs [T, ceil(D/128)]
-    (quant_h: the up GEMM writes h quantized, engines/torch_triton.py MOE_QUANT_H_ENV)."""
+                      block_m: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """dsv3::moe_experts_fp8(act_quant=True) on x already quantized: xq [T, D] fp8, xs [T, ceil(D/128)]."""
     alignment = tt._moe_align(topk_ids, w13.shape[0], block_m)
-    return tt.moe_fp8_quantized(xq, xs, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, alignment, out_dtype,
-                                quant_h)
+    return tt.moe_fp8_quantized(xq, xs, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, alignment, out_dtype)
 
 
 def _cast_dtype(node: Node) -> torch.dtype | None:
@@ -164,8 +162,8 @@ def _rewrite(state: ProgramState, site: dict, kind: str) -> None:
             else:
                 q2 = state.call(aten.reshape.default, (q, [-1, d]))  # [T, D]
                 s2 = state.call(aten.reshape.default, (s, [-1, cdiv(d, QUANT_BLOCK)]))  # [T, D/128]
-                new = state.call(ops.moe_experts_fp8_q.default, (q2, s2, *consumer.args[1:7], tt.BLOCK_M[kind], dtype,
-                                                                 tt._moe_quant_h(kind)), meta_from=consumer)
+                new = state.call(ops.moe_experts_fp8_q.default, (q2, s2, *consumer.args[1:7], tt.BLOCK_M[kind], dtype),
+                                 meta_from=consumer)
         consumer.replace_all_uses_with(new)
     site["y"].replace_all_uses_with(y)
     if h is not None:

@@ -47,12 +47,12 @@ Where the router above feeds dsv3::moe_experts_fp8 (act_quant=True) or dsv3::moe
     dsv3::moe_experts_fp8(x, w, ids, w13, s13, w2, s2, True)
 becomes
     w, ids, sorted, experts, npp = dsv3_aoti::router_align(logits, k, route_scale, n, E, dtype, E_all, block_m)
-    dsv3_aoti::moe_experts_fp8_aligned(x, w, ids, sorted, experts, npp, w13, s13, w2, s2, quant_h)
+    dsv3_aoti::moe_experts_fp8_aligned(x, w, ids, sorted, experts, npp, w13, s13, w2, s2)
 (dsv3_aoti::moe_experts_aligned for the bf16 MoE): kernels/router_align.py routes every row and
 aligns the ids in one program, the same bits as router_topk + moe_align; the MoE op runs
 engines/torch_triton.py's experts (moe_fp8_quantized / moe_dense_aligned) on that alignment.
 E_all = w13.shape[0] (the shared experts included), block_m = BLOCK_M["decode"]. Not with the gate
-GEMM in the router (DSV3_TORCH_ROUTER_GATE != 0), nor with DSV3_TORCH_MOE_ALIGN=scan / aten, nor
+GEMM in the router (DSV3_TORCH_ROUTER_GATE != 0), nor with DSV3_TORCH_MOE_ALIGN=aten, nor
 DSV3_TORCH_FUSED_ACT_QUANT=1 (those paths are kept as they are), nor in prefill (one program
 serializing thousands of rows). With DSV3_TORCH_NORM_QUANT=1 the FFN norm no longer sees an fp8
 MoE op to quantize for, so the MoE input keeps its own act_quant launch (both switches are opt-in).
@@ -149,13 +149,13 @@ def router_align(logits: torch.Tensor, k: int, scale: float, n_extra: int, first
 @triton_op("dsv3_aoti::moe_experts_fp8_aligned", mutates_args={})
 def moe_experts_fp8_aligned(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                             sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor, num_tokens_post_pad: torch.Tensor,
-                            w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
-                            quant_h: bool) -> torch.Tensor:
+                            w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor
+                            ) -> torch.Tensor:
     """dsv3::moe_experts_fp8(act_quant=True) with the alignment given (router_align's): act_quant of x,
-    then engines/torch_triton.py moe_fp8_quantized (quant_h: its DSV3_TORCH_MOE_QUANT_H form)."""
+    then engines/torch_triton.py moe_fp8_quantized."""
     xq, xs = tt._act_quant(x.contiguous())
     return tt.moe_fp8_quantized(xq, xs, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale,
-                                (sorted_token_ids, expert_ids, num_tokens_post_pad), x.dtype, quant_h=quant_h)
+                                (sorted_token_ids, expert_ids, num_tokens_post_pad), x.dtype)
 
 
 @triton_op("dsv3_aoti::moe_experts_aligned", mutates_args={})
@@ -279,8 +279,7 @@ def _route_and_align(state: ProgramState, site: dict, route: tuple, kind: str) -
                          (site["logits"], *route, w13.meta["val"].shape[0], tt.BLOCK_M[kind]))
         parts = [state.call(operator.getitem, (out, i)) for i in range(5)]  # w, ids, sorted, experts, npp
         if is_call(moe, torch.ops.dsv3.moe_experts_fp8.default):
-            new = state.call(ops.moe_experts_fp8_aligned.default, (x, *parts, *moe.args[3:7], tt._moe_quant_h(kind)),
-                             meta_from=moe)
+            new = state.call(ops.moe_experts_fp8_aligned.default, (x, *parts, *moe.args[3:7]), meta_from=moe)
         else:
             new = state.call(ops.moe_experts_aligned.default, (x, *parts, w13, moe.args[4]), meta_from=moe)
     moe.replace_all_uses_with(new)

@@ -9,15 +9,11 @@ package (TOOLCHAIN.md: measured on the H200, loadable from C++ with no op regist
 Lowered here (engines/torch_lower.py uses these on CUDA, ATen math for the rest):
     dsv3::moe_experts      -> dsv3_aoti::moe_experts      moe_align + 2 grouped GEMMs (SwiGLU and
                                                           routing-weight epilogues), kernels/moe.py
-                                                          (bf16/fp16; fp32 engines: ATen);
-                                                          DSV3_TORCH_MOE_ALIGN=scan: the decode program's
-                                                          GEMMs find their own rows, no moe_align
+                                                          (bf16/fp16; fp32 engines: ATen)
     dsv3::moe_experts_fp8  -> dsv3_aoti::moe_experts_fp8  the same with 1x128 act_quant (act_quant=True
                              only; weight-only fp8 lowers to ATen: the kernel has no bf16 x fp8 path);
                              (DSV3_TORCH_FUSED_ACT_QUANT=1: the decode program's grouped GEMMs quantize
-                             x and h themselves, bit-identical, no act_quant launch; measured slower;
-                             DSV3_TORCH_MOE_QUANT_H=1: the decode program's up GEMM writes h quantized,
-                             bit-identical, no act_quant launch for h)
+                             x and h themselves, bit-identical, no act_quant launch; measured slower)
     dsv3::mla_attention    -> dsv3_aoti::mla_attention    W_UK absorbed into the query, then
                              kernels/mla_attention.py over [cache | new keys] (split-KV mla_decode in
                              the decode program, causal mla_prefill in the prefill program; new keys
@@ -46,7 +42,7 @@ sizes only with themselves.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 from torch.library import triton_op, wrap_triton
@@ -70,14 +66,7 @@ BLOCK_M = {"decode": 16, "prefill": 64}
 # kernel vs 0.739 ms aten, 1.05 vs 1.84 ms without a graph; per call 9.3 us vs 61 us (kernels.py).
 MOE_ALIGN_ENV = "DSV3_TORCH_MOE_ALIGN"
 MOE_ALIGN_DEFAULT = "kernel"
-MOE_ALIGN_FORMS = {"kernel": "one Triton kernel per MoE layer", "aten": "Inductor's kernels for the ATen form",
-                   "scan": "no alignment: each grouped GEMM program scans topk_ids itself; decode program only "
-                           "(prefill keeps `kernel`)"}
-# `scan` (kernels/moe.py grouped_gemm_scan): no moe_align launch (~4.4 us per MoE layer in the H200's
-# 27-layer batch-1 decode profile); the program kind reaches the MoE ops only as their block_m, so
-# the decode program is the one whose block_m is BLOCK_M["decode"]. Not the default: measured on the H200
-# (session 8, CUDA graphs, fp8 MoE with align / act_quant) 39.4 / 115 / 323 us at T = 1 / 8 / 64 against
-# 40.6 / 108 / 195 us aligned; 148 us less per 27-layer batch-1 step, ~3.3 ms more at batch 64 (26 layers).
+MOE_ALIGN_FORMS = {"kernel": "one Triton kernel per MoE layer", "aten": "Inductor's kernels for the ATen form"}
 # The router's top-k (routers the router kernel does not take: sigmoid, biased, grouped): `aten`
 # (default: torch's topk, on CUDA gatherTopK + a sort of the k results) or `kernel` (kernels/topk.py,
 # one launch), read when a program is lowered. Measured on the H200 (session 7, kernels.py, 66 scores,
@@ -99,21 +88,6 @@ FUSED_ACT_QUANT_ENV = "DSV3_TORCH_FUSED_ACT_QUANT"
 def _fused_act_quant(kind: str) -> bool:
     value = env_choice(FUSED_ACT_QUANT_ENV, "0", {"1": "fused, decode program", "0": "separate act_quant"})
     return kind == "decode" and value == "1"
-
-
-# Whether the decode program's MoE up GEMM (SwiGLU epilogue) writes h quantized for the down GEMM
-# (kernels/moe.py quant_out: h rounded to the activation dtype, then act_quant's arithmetic in the
-# epilogue; bit-identical, one act_quant launch fewer per MoE layer, its column tiles fixed at 128).
-# DSV3_TORCH_MOE_QUANT_H=1 at build time turns it on. Off by default: measured slower on the H200 (session 9,
-# CUDA graphs, 16b fp8 MoE): the quantizing up GEMM (128-wide tiles) 26.7 us at T=1 against 24.4 for the
-# up GEMM (32-wide) + act_quant, the whole MoE 43.4 / 115.6 / 212.7 us against 40.9 / 110.2 / 197.8 at
-# T = 1 / 8 / 64; 4-layer decode program (unprofiled, graph) 0.61 / 0.82 ms at batch 1 / 8 against 0.56 / 0.77.
-MOE_QUANT_H_ENV = "DSV3_TORCH_MOE_QUANT_H"
-MOE_QUANT_H_CHOICES = {"1": "the up GEMM quantizes h, decode program", "0": "act_quant launch for h"}
-
-
-def _moe_quant_h(kind: str) -> bool:
-    return env_choice(MOE_QUANT_H_ENV, "0", MOE_QUANT_H_CHOICES) == "1" and kind == "decode"
 
 
 # The decode program's absorbed MLA projections (q_nope @ W_UK, lat @ W_UV per head): `1` (default)
@@ -152,19 +126,10 @@ def _launch(spec: LaunchSpec | None) -> None:
     wrap_triton(spec.kernel)[spec.grid(meta)](*spec.args, **spec.kwargs, **cfg.kwargs)
 
 
-class ScanRouting(NamedTuple):
-    """The MoE's routing for the scan form: the grouped GEMMs read topk_ids [T, k] themselves."""
-
-    topk_ids: torch.Tensor
-
-
 def _moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int):
-    """moe_align's (sorted_ids, expert_ids, npp) in the MOE_ALIGN_ENV form, or ScanRouting for the
-    scan form in the decode program (prefill's block_m: the kernel form)."""
-    form = env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS)
-    if form == "scan" and block_m == BLOCK_M["decode"]:
-        return ScanRouting(topk_ids.contiguous())
-    return km.moe_align(topk_ids, n_experts, block_m, traced_form="kernel" if form == "scan" else form)
+    """moe_align's (sorted_ids, expert_ids, npp) in the MOE_ALIGN_ENV form."""
+    return km.moe_align(topk_ids, n_experts, block_m,
+                        traced_form=env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS))
 
 
 def _act_quant(x: torch.Tensor, gate=1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,27 +141,16 @@ def _act_quant(x: torch.Tensor, gate=1) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _grouped_gemm(a, w, routing, topk: int, out_dtype: torch.dtype, *, a_scale=None,
-                  w_scale=None, topk_weights=None, swiglu: bool = False, quant_a: bool = False,
-                  quant_out: bool = False):
-    """kernels/moe.py grouped_gemm's launch (checks done once by the caller's shapes), or grouped_gemm_scan's
-    when routing is a ScanRouting (_moe_align). quant_a: bf16/fp16 a quantized 1x128 inside the kernel,
-    as _act_quant would on a's device (fp8 w only). quant_out: -> _act_quant(the out_dtype output)'s
-    (q, s), quantized in the GEMM's epilogue."""
+                  w_scale=None, topk_weights=None, swiglu: bool = False, quant_a: bool = False):
+    """kernels/moe.py grouped_gemm's launch (checks done once by the caller's shapes). quant_a: bf16/fp16
+    a quantized 1x128 inside the kernel, as _act_quant would on a's device (fp8 w only)."""
     t = a.shape[0]
     n_out = w.shape[1] // 2 if swiglu else w.shape[1]
-    if quant_out:
-        out, out_scale = kq.act_quant_outputs(t * topk, n_out, a.device)
-    else:
-        out, out_scale = torch.empty((t * topk, n_out), dtype=out_dtype, device=a.device), None
-    if isinstance(routing, ScanRouting):
-        _launch(km.grouped_gemm_scan_spec(a, a_scale, w, w_scale, out, topk_weights, routing.topk_ids, topk, swiglu,
-                                          quant_a, a.is_cuda, out_scale=out_scale, round_dtype=out_dtype))
-    else:
-        sorted_ids, expert_ids, npp = routing
-        _launch(km.grouped_gemm_spec(a, a_scale, w, w_scale, out, topk_weights, sorted_ids, expert_ids, npp, topk,
-                                     swiglu, quant_a, a.is_cuda, out_scale,
-                                     out_dtype))  # the scale rounding as _act_quant picks it
-    return (out, out_scale) if quant_out else out
+    out = torch.empty((t * topk, n_out), dtype=out_dtype, device=a.device)
+    sorted_ids, expert_ids, npp = routing
+    _launch(km.grouped_gemm_spec(a, a_scale, w, w_scale, out, topk_weights, sorted_ids, expert_ids, npp, topk,
+                                 swiglu, quant_a, a.is_cuda))  # quant_a's scales rounded as _act_quant's on a's device
+    return out
 
 
 def _combine(y: torch.Tensor, t: int, topk: int, dtype: torch.dtype) -> torch.Tensor:
@@ -225,19 +179,12 @@ def moe_dense_aligned(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: tor
 @triton_op("dsv3_aoti::moe_experts_fp8", mutates_args={})
 def moe_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
                     w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, block_m: int,
-                    fuse_act_quant: bool = False, quant_h: bool = False) -> torch.Tensor:
+                    fuse_act_quant: bool = False) -> torch.Tensor:
     """fuse_act_quant (opt-in, FUSED_ACT_QUANT_ENV; bf16/fp16 x): the grouped GEMMs quantize x and h
     themselves, the same bits as the two _act_quant launches of the default form (kernels/moe.py
-    grouped_gemm(quant_a=True)); measured slower on the H200. quant_h (opt-in, MOE_QUANT_H_ENV): the
-    up GEMM writes h quantized (kernels/moe.py quant_out), the same bits as _act_quant(h)."""
+    grouped_gemm(quant_a=True)); measured slower on the H200."""
     t, topk = topk_ids.shape
     routing = _moe_align(topk_ids, w13.shape[0], block_m)
-    if fuse_act_quant and quant_h:  # x quantized in the up GEMM's K loop, h in its epilogue
-        hq, hs = _grouped_gemm(x.contiguous(), w13, routing, topk, x.dtype, w_scale=w13_scale, swiglu=True,
-                               quant_a=True, quant_out=True)  # [T*k, I], [T*k, ceil(I/128)]
-        y = _grouped_gemm(hq, w2, routing, 1, x.dtype, a_scale=hs, w_scale=w2_scale,
-                          topk_weights=topk_weights.contiguous())  # [T*k, D]
-        return _combine(y, t, topk, x.dtype)
     if fuse_act_quant:
         h = _grouped_gemm(x.contiguous(), w13, routing, topk, x.dtype, w_scale=w13_scale,
                           swiglu=True, quant_a=True)  # [T*k, I]
@@ -246,24 +193,19 @@ def moe_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
         return _combine(y, t, topk, x.dtype)
     xq, xs = _act_quant(x.contiguous())
     return moe_fp8_quantized(xq, xs, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale,
-                             routing, x.dtype, quant_h)
+                             routing, x.dtype)
 
 
 def moe_fp8_quantized(xq: torch.Tensor, xs: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                       w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
-                      alignment: tuple, out_dtype: torch.dtype, quant_h: bool = False) -> torch.Tensor:
+                      alignment: tuple, out_dtype: torch.dtype) -> torch.Tensor:
     """The W8A8 experts from x already quantized 1x128 (xq [T, D] fp8, xs [T, ceil(D/128)]): up GEMM
     with SwiGLU, act_quant of h, down GEMM with the routing weights, sum over k -> [T, D].
-    alignment: _moe_align's result (moe_align's three tensors or a ScanRouting). quant_h: the up GEMM's
-    epilogue quantizes h (rounded to out_dtype first: _act_quant(h)'s bits), no act_quant launch."""
+    alignment: _moe_align's result (moe_align's three tensors)."""
     t, topk = topk_ids.shape
-    if quant_h:
-        hq, hs = _grouped_gemm(xq, w13, alignment, topk, out_dtype, a_scale=xs, w_scale=w13_scale, swiglu=True,
-                               quant_out=True)  # [T*k, I], [T*k, ceil(I/128)]
-    else:
-        h = _grouped_gemm(xq, w13, alignment, topk, out_dtype, a_scale=xs, w_scale=w13_scale,
-                          swiglu=True)  # [T*k, I]
-        hq, hs = _act_quant(h)
+    h = _grouped_gemm(xq, w13, alignment, topk, out_dtype, a_scale=xs, w_scale=w13_scale,
+                      swiglu=True)  # [T*k, I]
+    hq, hs = _act_quant(h)
     y = _grouped_gemm(hq, w2, alignment, 1, out_dtype, a_scale=hs, w_scale=w2_scale,
                       topk_weights=topk_weights.contiguous())  # [T*k, D]
     return _combine(y, t, topk, out_dtype)
@@ -422,14 +364,11 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
 
     block_m = BLOCK_M[kind]
     fused = _fused_act_quant(kind)
-    quant_h = _moe_quant_h(kind)
     gemv = decode_gemv(kind)
     absorb = _absorb_gemm()
     topk_form = env_choice(TOPK_ENV, TOPK_DEFAULT, TOPK_FORMS)
     align_form = env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS)
-    routing = ("no moe_align: grouped_gemm_scan programs find their rows in topk_ids"
-               if align_form == "scan" and kind == "decode"
-               else "moe_align " + ("in ATen ops" if align_form == "aten" else "kernel"))
+    routing = "moe_align " + ("in ATen ops" if align_form == "aten" else "kernel")
 
     def lower_moe(x, topk_weights, topk_ids, w13, w2):
         if x.dtype not in km.DENSE_DTYPES:  # fp32 engines: the dense kernel takes bf16/fp16 only
@@ -441,7 +380,7 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
             return ATEN_LOWERINGS["dsv3::moe_experts_fp8"](x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale,
                                                            act_quant)
         fuse = fused and x.dtype in km.DENSE_DTYPES  # the in-GEMM quantization reads bf16/fp16 activations
-        return moe_experts_fp8(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m, fuse, quant_h)
+        return moe_experts_fp8(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m, fuse)
 
     def lower_mla(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale):
         if q_nope.dtype not in km.DENSE_DTYPES:  # fp32: the kernel's dots would be TF32
@@ -466,8 +405,6 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
                      "ATen math for fp32")
     lower_moe_fp8.how = (f"triton_op dsv3_aoti::moe_experts_fp8 ({routing}; act_quant + fp8 grouped GEMMs"
                          + ("; the GEMMs quantize their own activations" if fused else "")
-                         + (f"; {MOE_QUANT_H_ENV}=1: the up GEMM writes h quantized, no act_quant of h"
-                            if quant_h else "")
                          + ") with act_quant; ATen math for weight-only")
     lower_mla.how = ("triton_op dsv3_aoti::mla_attention ("
                      + ("W_UK and W_UV by kernels/mla_absorb.py head_gemm in the decode program, einsums in "

@@ -1,8 +1,8 @@
-"""Argument checks of kernels/moe.py's grouped GEMM launchers (grouped_gemm, grouped_gemm_scan).
+"""Argument checks of kernels/moe.py's grouped GEMM launcher (grouped_gemm).
 
-Why a module of its own: the launchers share these checks (fn names the caller in every error), and
-they are most of the lines that are not kernel code. Sizes are compared only with sizes of the same
-call, so the checks also hold for the traced lowerings that build the launches themselves.
+Why a module of its own: fn names the caller in every error, and the checks are most of the lines
+that are not kernel code. Sizes are compared only with sizes of the same call, so the checks also
+hold for the traced lowerings that build the launches themselves.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 def check_operands(fn: str, a: torch.Tensor, w: torch.Tensor, topk: int, a_scale: torch.Tensor | None,
                    w_scale: torch.Tensor | None, topk_weights: torch.Tensor | None, fuse_swiglu: bool,
                    out_dtype: torch.dtype | None, quant_a: bool) -> tuple[int, torch.dtype]:
-    """The operand checks grouped_gemm and grouped_gemm_scan share -> (output columns, output dtype)."""
+    """grouped_gemm's operand checks -> (output columns, output dtype)."""
     check_tensor(f"{fn}: a", a, dtypes=DENSE_DTYPES + (FP8_DTYPE,), ndim=2)
     dev = a.device
     check_tensor(f"{fn}: w", w, dtypes=DENSE_DTYPES + (FP8_DTYPE,), ndim=3, device=dev)
@@ -84,12 +84,3 @@ def check_alignment(sorted_token_ids: torch.Tensor, expert_ids: torch.Tensor, nu
         raise ValueError(f"grouped_gemm: inferred block_m={block_m} must be a power of 2 >= 16")
     return block_m
 
-
-def check_scan_routing(a: torch.Tensor, topk_ids: torch.Tensor, topk: int, block_m: int, chunk: int) -> None:
-    """grouped_gemm_scan's routing: topk_ids [T, k'] with T*k' == T_a * topk, power-of-2 block_m and chunk."""
-    check_tensor("grouped_gemm_scan: topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), device=a.device)
-    if topk_ids.numel() != a.shape[0] * topk:
-        raise ValueError(f"grouped_gemm_scan: topk_ids has {topk_ids.numel()} entries, need T*topk="
-                         f"{a.shape[0] * topk} (a is [T={a.shape[0]}, K], topk={topk})")
-    if block_m < 16 or block_m & (block_m - 1) or chunk < 16 or chunk & (chunk - 1):
-        raise ValueError(f"grouped_gemm_scan: block_m={block_m} and chunk={chunk} must be powers of 2 >= 16")

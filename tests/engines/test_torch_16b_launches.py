@@ -75,10 +75,9 @@ SETTINGS = {
     "defaults": ("", {}),
     "sessions 6-7 on": ("", dict(DSV3_TORCH_NORM_QUANT="1", DSV3_TORCH_TOPK="kernel", DSV3_TORCH_ROUTER_GATE="1")),
     "gate split": ("", dict(DSV3_TORCH_ROUTER_GATE="split")),
-    "moe scan": ("", dict(DSV3_TORCH_MOE_ALIGN="scan")),
     "all off": ("fuse_shared_experts", dict(DSV3_TORCH_NORM_QUANT="0", DSV3_TORCH_TOPK="aten", DSV3_TORCH_ROUTER="0",
                                             DSV3_TORCH_ABSORB_GEMM="0")),
-    "session 9 on": ("", dict(DSV3_TORCH_ROUTER_ALIGN="1", DSV3_TORCH_MOE_QUANT_H="1")),
+    "session 9 on": ("", dict(DSV3_TORCH_ROUTER_ALIGN="1")),
     "decode gemv": ("", dict(DSV3_TORCH_DECODE_GEMV="1")),
 }
 
@@ -138,7 +137,7 @@ def _check_defaults(launches: dict[str, dict]):
 
 
 def _check_session8_switches(launches: dict[str, dict]):
-    """Session 8's opt-ins against the defaults: the split gate, the align-free MoE."""
+    """Session 8's opt-in against the defaults: the split gate."""
     k_def = launches["defaults"]["kernels"]
     # DSV3_TORCH_ROUTER_GATE=split: the gate GEMM in the router launch again, its programs splitting the
     # experts (the arrival counters' zeros are an ATen op, not a kernel launch of ours)
@@ -147,11 +146,6 @@ def _check_session8_switches(launches: dict[str, dict]):
     assert k_split["_router_gate_split_kernel"] == 1 and "_router_kernel" not in k_split, k_split
     assert sum(".linear." in e for e in split["extern"]) == 1, split["extern"]
     assert sum(k_split.values()) == sum(k_def.values()), k_split
-
-    # DSV3_TORCH_MOE_ALIGN=scan: the MoE layer's two grouped GEMMs find their rows themselves, no moe_align
-    scan = launches["moe scan"]["kernels"]
-    assert scan["_grouped_gemm_scan_kernel"] == 2 and not {"_moe_align_kernel", "_grouped_gemm_kernel"} & set(scan)
-    assert sum(scan.values()) == sum(k_def.values()) - 1, scan
 
 
 def _check_all_switches_off(launches: dict[str, dict]):
@@ -170,10 +164,8 @@ def _check_all_switches_off(launches: dict[str, dict]):
 
 
 def _check_session9_switches(launches: dict[str, dict]):
-    """Session 9's opt-ins together (one trace: the suite's time), each one's launches against the defaults:
-    DSV3_TORCH_ROUTER_ALIGN=1 the MoE layer's router and moe_align in one launch (kernels/router_align.py);
-    DSV3_TORCH_MOE_QUANT_H=1 the MoE up GEMM writes h quantized (kernels/moe.py quant_out), no act_quant for h.
-    MLA keeps the defaults' launches."""
+    """Session 9's opt-in against the defaults: DSV3_TORCH_ROUTER_ALIGN=1 the MoE layer's router and
+    moe_align in one launch (kernels/router_align.py). MLA keeps the defaults' launches."""
     k_def = launches["defaults"]["kernels"]
     new = launches["session 9 on"]["kernels"]
     assert k_def["_router_kernel"] == k_def["_moe_align_kernel"] == 1, k_def
@@ -183,8 +175,8 @@ def _check_session9_switches(launches: dict[str, dict]):
     assert new["_head_gemm_kernel"] == k_def["_head_gemm_kernel"] == 2 * 2, (k_def, new)  # W_UK and W_UV
     assert new["_fp8_gemm_kernel"] == k_def["_fp8_gemm_kernel"], new
     act_quant = [k.get("_act_quant_kernel", 0) + k.get("_act_quant_ieee_kernel", 0) for k in (k_def, new)]
-    assert act_quant[0] - act_quant[1] == 1, act_quant  # the MoE's h
-    assert sum(new.values()) == sum(k_def.values()) - 1 - 1, new
+    assert act_quant[0] == act_quant[1], act_quant
+    assert sum(new.values()) == sum(k_def.values()) - 1, new
 
 
 def _check_decode_gemv(launches: dict[str, dict]):

@@ -6,10 +6,9 @@ Numerics in the Triton CPU interpreter (a subprocess: TRITON_INTERPRET must be s
 are decorated): the tiny bf16 model's fp8 and bf16 decode programs, rewritten by fuse_router and lowered
 for CUDA as engines/torch.py lower_program lowers them, switch on against off, random inputs, fresh
 seed: EQUAL outputs (the rewrite replaces router_topk + moe_align by a kernel computing the same bits,
-and the experts run the same launches on them). Also with DSV3_TORCH_MOE_QUANT_H=1 where that switch
-exists (the up GEMM quantizing h: the aligned op passes it through). Structure: one router_align per
-MoE layer and no router_topk / moe_align launch with the switch on; none in prefill, with the switch
-off, or with the other routing forms (gate in the router, MOE_ALIGN=scan, fused act_quant). Traced (no
+and the experts run the same launches on them). Structure: one router_align per MoE layer and no
+router_topk / moe_align launch with the switch on; none in prefill, with the switch off, or with the
+other routing forms (gate in the router, MOE_ALIGN=aten, fused act_quant). Traced (no
 interpreter; decomposed as AOTInductor decomposes): one _router_align_kernel per MoE layer, every kernel
 argument named in each launch (the 16b launch test's rule).
 """
@@ -50,48 +49,43 @@ def dsv3_ops(p):
 out = {}
 torch.manual_seed(0)
 model = Transformer(ModelArgs.preset("tiny").replace(route_scale=2.5), dtype=torch.bfloat16).eval()
-quant_h = [("", "0")] + ([("_qh", "1")] if hasattr(tt, "MOE_QUANT_H_ENV") and mode == "interpret" else [])
 for precision in ("fp8", "bf16"):
     program, _ = run_pipeline(export_step(model, "decode"), PassConfig(precision=precision))
     inputs = step_inputs("decode", seed, torch.bfloat16)
-    for suffix, qh in (quant_h if precision == "fp8" else quant_h[:1]):
-        if suffix:
-            os.environ[tt.MOE_QUANT_H_ENV] = qh
-        got = {}
-        for switch in ("1", "0"):
-            os.environ["DSV3_TORCH_ROUTER_ALIGN"] = switch
-            key = f"{precision}{suffix}_{switch}"
-            fused, how = fuse_router(program, "decode")
-            out[key + "_how"], out[key + "_ops"] = how, dsv3_ops(fused)
-            if mode == "trace":
-                from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-                from triton.runtime.jit import JITFunction
-                lowered, _ = lower_dsv3_ops(fused, "cuda", tt.triton_lowerings("decode"))
-                kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)
-                names, incomplete = [], {}
-                for n in kernels.graph.nodes:
-                    if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target):
-                        k = fn = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
-                        while not isinstance(fn, JITFunction):
-                            fn = fn.fn
-                        names.append(fn.__name__)
-                        passed = set(n.kwargs["kwargs"]) | set(
-                            kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"]))
-                        passed |= set(k.configs[0].kwargs) if getattr(k, "configs", None) else set()
-                        if set(fn.arg_names) - passed:
-                            incomplete[fn.__name__] = sorted(set(fn.arg_names) - passed)
-                out[key + "_kernels"] = {k: names.count(k) for k in set(names)}
-                out[key + "_incomplete"] = incomplete
-                continue
+    got = {}
+    for switch in ("1", "0"):
+        os.environ["DSV3_TORCH_ROUTER_ALIGN"] = switch
+        key = f"{precision}_{switch}"
+        fused, how = fuse_router(program, "decode")
+        out[key + "_how"], out[key + "_ops"] = how, dsv3_ops(fused)
+        if mode == "trace":
+            from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+            from triton.runtime.jit import JITFunction
             lowered, _ = lower_dsv3_ops(fused, "cuda", tt.triton_lowerings("decode"))
-            launches.clear()
-            with torch.no_grad():
-                got[switch] = lowered.module()(*inputs)
-            out[key + "_launches"] = {n: launches.count(n) for n in set(launches)}
-            out[key + "_finite"] = all(bool(torch.isfinite(g.float()).all()) for g in got[switch])
-        if got:
-            out[f"{precision}{suffix}_equal"] = all(torch.equal(a, b) for a, b in zip(got["1"], got["0"]))
-        os.environ.pop(getattr(tt, "MOE_QUANT_H_ENV", "-"), None)
+            kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)
+            names, incomplete = [], {}
+            for n in kernels.graph.nodes:
+                if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target):
+                    k = fn = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
+                    while not isinstance(fn, JITFunction):
+                        fn = fn.fn
+                    names.append(fn.__name__)
+                    passed = set(n.kwargs["kwargs"]) | set(
+                        kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"]))
+                    passed |= set(k.configs[0].kwargs) if getattr(k, "configs", None) else set()
+                    if set(fn.arg_names) - passed:
+                        incomplete[fn.__name__] = sorted(set(fn.arg_names) - passed)
+            out[key + "_kernels"] = {k: names.count(k) for k in set(names)}
+            out[key + "_incomplete"] = incomplete
+            continue
+        lowered, _ = lower_dsv3_ops(fused, "cuda", tt.triton_lowerings("decode"))
+        launches.clear()
+        with torch.no_grad():
+            got[switch] = lowered.module()(*inputs)
+        out[key + "_launches"] = {n: launches.count(n) for n in set(launches)}
+        out[key + "_finite"] = all(bool(torch.isfinite(g.float()).all()) for g in got[switch])
+    if got:
+        out[f"{precision}_equal"] = all(torch.equal(a, b) for a, b in zip(got["1"], got["0"]))
 print(json.dumps(out))
 '''
 
@@ -100,7 +94,7 @@ def _run(mode: str, seed: int = 0) -> dict:
     return run_script(_SCRIPT, mode, seed)
 
 
-@pytest.mark.slow  # ~40-80 s: the tiny decode programs exported, lowered 6 times and run by the interpreter
+@pytest.mark.slow  # ~40-80 s: the tiny decode programs exported, lowered 4 times and run by the interpreter
 def test_rewritten_decode_program_equals_the_unrewritten_one_in_the_interpreter(seed):
     out = _run("interpret", seed)
     keys = [k[: -len("_equal")] for k in out if k.endswith("_equal")]
@@ -122,8 +116,6 @@ def test_rewritten_decode_program_equals_the_unrewritten_one_in_the_interpreter(
         assert off_launches == {"router_spec": LAYERS, "moe_align": LAYERS}, off_launches
         assert out[on + "_finite"] and out[off + "_finite"]
         assert out[key + "_equal"], f"{key}: the switch changed the engine's outputs (seed {seed})"
-    if "fp8_qh" in keys:  # MOE_QUANT_H passed through: no act_quant of h in either form
-        assert out["fp8_1_launches"]["act_quant_spec"] - out["fp8_qh_1_launches"]["act_quant_spec"] == LAYERS, out
 
 
 @pytest.mark.slow  # ~40 s: 4 lowerings decomposed as AOTInductor decomposes them
@@ -138,7 +130,7 @@ def test_traced_decode_program_launches_router_align():
 
 
 def test_where_it_does_not_apply(monkeypatch):
-    """Switch off (the default) or unknown; prefill; the gate in the router; MOE_ALIGN=scan / aten;
+    """Switch off (the default) or unknown; prefill; the gate in the router; MOE_ALIGN=aten;
     fused act_quant: router_topk as before, the MoE op aligning its ids itself, and the reason."""
     pytest.importorskip("triton")
     from dsv3_export.engines import torch_router as tr
@@ -168,7 +160,6 @@ def test_where_it_does_not_apply(monkeypatch):
     how, aligned, topk = routed(prefill, "prefill")
     assert not aligned and topk and "0 of them with moe_align" in how and "prefill program" in how, how
     for env, value, reason in ((tr.GATE_ENV, "1", "DSV3_TORCH_ROUTER_GATE=1"),
-                               (tt.MOE_ALIGN_ENV, "scan", "DSV3_TORCH_MOE_ALIGN=scan"),
                                (tt.MOE_ALIGN_ENV, "aten", "DSV3_TORCH_MOE_ALIGN=aten"),
                                (tt.FUSED_ACT_QUANT_ENV, "1", "DSV3_TORCH_FUSED_ACT_QUANT=1")):
         monkeypatch.setenv(env, value)

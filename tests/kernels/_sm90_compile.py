@@ -53,7 +53,7 @@ DIVISIBLE_INTS = {"K", "N", "N_OUT", "D"}
 # decode attention with the fused merge takes ~40% of a cold compile on its own (its merge unrolls).
 FAMILY_RULES = (
     ("fp8", ("act_quant", "weight_dequant", "fp8_gemm", "split_k_sum", "fp8_gemv"), None),
-    ("moe", ("grouped_gemm", "grouped_gemm_scan", "moe_align"), None),
+    ("moe", ("grouped_gemm", "moe_align"), None),
     ("mla_decode_fused", ("mla_decode_split",), "fused=True"),
     ("mla_decode", ("mla_decode_split",), None),
     ("mla", ("mla_decode_reduce", "mla_prefill", "head_gemm"), None),
@@ -164,33 +164,11 @@ def _cases(all_configs: bool):
             yield (f"grouped_gemm w_fp8={w_fp8} a_fp8={a_fp8}{' quant_a=True' if quant_a else ''} swiglu={swiglu} "
                    f"block_m={block_m}", moe._grouped_gemm_kernel, cfg,
                    dict(a_ptr=f8 if a_fp8 and not quant_a else bf, a_s_ptr=f32, w_ptr=f8 if w_fp8 else bf,
-                        w_s_ptr=f32, c_ptr=bf, c_s_ptr=f32, topk_w_ptr=f32, sorted_ids_ptr=i32, expert_ids_ptr=i32,
+                        w_s_ptr=f32, c_ptr=bf, topk_w_ptr=f32, sorted_ids_ptr=i32, expert_ids_ptr=i32,
                         num_post_pad_ptr=i32),
                    dict(W_FP8=w_fp8, A_FP8=a_fp8, SWIGLU=swiglu, MUL_WEIGHT=not swiglu, UPCAST=False,
                         SCALE_BLOCK=128, BLOCK_M=block_m, BLOCK_K=128 if w_fp8 else moe.DENSE_BLOCK_K,
-                        QUANT_A=quant_a, SCALE_RECIPROCAL=True, QUANT_OUT=False, OUT_ROUND=0))
-    # the scan form (DSV3_TORCH_MOE_ALIGN=scan, decode): int64 router ids read SCAN_CHUNK at a time
-    for cfg in pick(moe.GROUPED_GEMM_SCAN_CONFIGS):
-        for w_fp8, a_fp8, swiglu in ((True, True, True), (True, True, False), (True, False, True), (False, False, True)):
-            yield (f"grouped_gemm_scan w_fp8={w_fp8} a_fp8={a_fp8} swiglu={swiglu} block_m={moe.SCAN_BLOCK_M}",
-                   moe._grouped_gemm_scan_kernel, cfg,
-                   dict(a_ptr=f8 if a_fp8 else bf, a_s_ptr=f32, w_ptr=f8 if w_fp8 else bf, w_s_ptr=f32, c_ptr=bf,
-                        c_s_ptr=f32, topk_w_ptr=f32, ids_ptr="*i64"),
-                   dict(W_FP8=w_fp8, A_FP8=a_fp8, SWIGLU=swiglu, MUL_WEIGHT=not swiglu, UPCAST=False,
-                        SCALE_BLOCK=128, BLOCK_M=moe.SCAN_BLOCK_M, BLOCK_K=128 if w_fp8 else moe.DENSE_BLOCK_K,
-                        QUANT_A=False, SCALE_RECIPROCAL=True, QUANT_OUT=False, OUT_ROUND=0, CHUNK=moe.SCAN_CHUNK,
-                        BLOCK_E=128))  # 16b: E = 66
-    # quant_out (DSV3_TORCH_MOE_QUANT_H=1): the fp8 up GEMM writes h as fp8 + 1x128 scales (bf16 rounding first)
-    for cfg in pick(moe.QUANT_OUT_CONFIGS):
-        for name, kernel, routing in (("grouped_gemm", moe._grouped_gemm_kernel,
-                                       dict(sorted_ids_ptr=i32, expert_ids_ptr=i32, num_post_pad_ptr=i32)),
-                                      ("grouped_gemm_scan", moe._grouped_gemm_scan_kernel, dict(ids_ptr="*i64"))):
-            scan = dict(CHUNK=moe.SCAN_CHUNK, BLOCK_E=128) if "ids_ptr" in routing else {}
-            yield (f"{name} w_fp8=True a_fp8=True quant_out=True swiglu=True block_m=16", kernel, cfg,
-                   dict(a_ptr=f8, a_s_ptr=f32, w_ptr=f8, w_s_ptr=f32, c_ptr=f8, c_s_ptr=f32, topk_w_ptr=f32, **routing),
-                   dict(W_FP8=True, A_FP8=True, SWIGLU=True, MUL_WEIGHT=False, UPCAST=False, SCALE_BLOCK=128,
-                        BLOCK_M=16, BLOCK_K=128, QUANT_A=False, SCALE_RECIPROCAL=True, QUANT_OUT=True, OUT_ROUND=1,
-                        **scan))
+                        QUANT_A=quant_a, SCALE_RECIPROCAL=True))
     for e, ids in ((64, "*i64"), (256, "*i32")):  # the 16b preset's 64 experts; V3's 256
         yield (f"moe_align E={e}", moe_align._moe_align_kernel, triton.Config({}, num_warps=4),
                dict(ids_ptr=ids, sorted_ids_ptr=i32, expert_ids_ptr=i32, npp_ptr=i32),

@@ -113,7 +113,7 @@ def _launch(spec: LaunchSpec | None) -> None:
     the first config under the CPU interpreter. The interpreter runs a kernel even on fake tensors
     (wrap_triton defers only compiled kernels), so there a launch whose outputs are only fake
     metadata is skipped: their shapes are set (kernels/_common.py fake_values_only). None: no launch
-    (_gated)."""
+    (engines/torch_decode_gemv.py gated)."""
     if spec is None:
         return
     if spec.tuned is not None:
@@ -134,7 +134,7 @@ def _moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int):
 
 def _act_quant(x: torch.Tensor, gate=1) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> fp8 [M, K], fp32 scales [M, ceil(K/128)] (kernels/fp8_quant.py); gate 0: no launch
-    (see _gated)."""
+    (engines/torch_decode_gemv.py gated)."""
     q, s = kq.act_quant_outputs(*x.shape, x.device)
     _launch(gated(kq.act_quant_spec(x, q, s, x.is_cuda), gate))  # the scale's rounding as torch's on x's device
     return q, s
@@ -235,7 +235,7 @@ def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: t
     tile_gate = 1
     if small_batch is not None:
         x, gate = small_batch
-        _launch(gated(kv.gemv_spec(x, w, w_s, c, m, scale_reciprocal=a.is_cuda), gate))
+        _launch(gated(kv.gemv_spec(x, w, w_s, c, scale_reciprocal=a.is_cuda), gate))
         tile_gate = 1 - gate
     _launch(gated(kg.fp8_gemm_spec(a, a_s, w, w_s, c, FP8_M_BUCKET[kind], per_split, split, decode, quant_a,
                                     a.is_cuda), tile_gate))

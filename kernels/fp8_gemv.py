@@ -22,12 +22,12 @@ topk_ids.flatten()[p] and its activation from row p // TOPK: no alignment. SWIGL
 computes the gate rows n and the up rows n + UP_OFFSET and stores silu(gate) * up. MUL_WEIGHT:
 the row is scaled by topk_weights.flatten()[p] before the store (the down GEMM's routing weight).
 
-Gating (engines/torch_triton.py): the decode program serves every batch up to 64, and a GEMV is
-right only for the smallest. The launchers take a row count `rows` that may be 0: the grid's first
-dimension is the tiles times `rows`, and a zero first dimension launches nothing (Triton's launcher,
-and AOTInductor's C++ wrapper: `if (grid_0 == 0) return;`). The traced caller passes
-rows = M * gemv_gate(M), the tile path's launches the complement, so one CUDA graph at batch 1 holds
-only the GEMV launches and one at batch 64 only the tile kernels, from one compiled program.
+Gating (engines/torch_decode_gemv.py): the decode program serves every batch up to 64, and a GEMV is
+right only for the smallest. The grid's first dimension is the tiles times the rows; the traced caller
+multiplies it by gemv_gate(M) and the tile path's launches by the complement, and a zero first
+dimension launches nothing (Triton's launcher, and AOTInductor's C++ wrapper: `if (grid_0 == 0)
+return;`), so one CUDA graph at batch 1 holds only the GEMV launches and one at batch 64 only the tile
+kernels, from one compiled program.
 """
 
 from __future__ import annotations
@@ -153,17 +153,18 @@ def gemv_gate(m):
     return 1 // ((m + GEMV_MAX_ROWS - 1) // GEMV_MAX_ROWS)
 
 
-def gemv_spec(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out: torch.Tensor, rows, *,
+def gemv_spec(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out: torch.Tensor, *,
               topk_ids: torch.Tensor | None = None, topk: int = 1, topk_weights: torch.Tensor | None = None,
               swiglu: bool = False, scale_reciprocal: bool = True) -> LaunchSpec:
-    """The launch of `rows` output rows into out [>= rows, N_OUT] (inputs checked by the caller; rows may
-    be 0: nothing runs).
+    """The launch into out [rows, N_OUT], rows = M (dense) or T*topk (experts); inputs checked by the
+    caller, no rows: nothing runs.
     Dense: x [M, K], w [N, K], w_s [ceil(N/128), ceil(K/128)]. Experts (topk_ids [T, topk] given):
     w [E, N, K], w_s [E, ceil(N/128), ceil(K/128)], out row p from x row p // topk and expert
     topk_ids.flatten()[p]. swiglu: w rows are [gate; up], out has N/2 columns, a multiple of the config's
     BLOCK_N (the caller checks: each up tile reads one 128-row scale block, as its gate tile does).
     out may also be a split-K workspace [S, M, N] (dense): the result in split 0, zeros in the rest."""
     experts = topk_ids is not None
+    rows = topk_ids.numel() if experts else x.shape[0]
     k = x.shape[1]
     n_rows = w.shape[-2]
     n_out = n_rows // 2 if swiglu else n_rows
@@ -215,7 +216,7 @@ def fp8_gemv(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype: tor
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    launch(*gemv_spec(x, w, w_s, out, m, scale_reciprocal=_reciprocal(x, scale_reciprocal)), config)
+    launch(*gemv_spec(x, w, w_s, out, scale_reciprocal=_reciprocal(x, scale_reciprocal)), config)
     return out
 
 
@@ -249,7 +250,7 @@ def moe_gemv(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, topk_ids: torc
     if t * topk == 0 or n_out == 0:
         return out
     weights = topk_weights.contiguous() if topk_weights is not None else None
-    launch(*gemv_spec(x, w, w_s, out, t * topk, topk_ids=topk_ids.contiguous(), topk=topk, topk_weights=weights,
+    launch(*gemv_spec(x, w, w_s, out, topk_ids=topk_ids.contiguous(), topk=topk, topk_weights=weights,
                       swiglu=fuse_swiglu, scale_reciprocal=_reciprocal(x, scale_reciprocal)), config)
     return out
 

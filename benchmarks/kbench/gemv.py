@@ -34,10 +34,7 @@ def _candidates():
 
 def _graph_ms(fn, sh: Shapes, quick: bool) -> float:
     """ms per call of fn, from a CUDA graph of GRAPH_REPEATS calls (one eager call on the CPU)."""
-    if sh.device != "cuda":
-        return bench(fn, sh, quick)
-    graph = _graph_of(lambda: [fn() for _ in range(GRAPH_REPEATS)])
-    return bench(graph.replay, sh, quick) / GRAPH_REPEATS
+    return _cold_graph_ms(fn, [()], sh, quick)
 
 
 def _cold_graph_ms(call, weights: list, sh: Shapes, quick: bool) -> float:

@@ -87,7 +87,7 @@ def test_with_the_switch_compiled_kernels_wait_and_torch_analyses_them_without_i
 import torch._higher_order_ops.triton_kernel_wrap as tkw
 from dsv3_export.kernels.pdl import CHECKED_KERNELS, GDC, waiting_kernel_names
 names = waiting_kernel_names()
-assert GDC and len(names) >= 20 and names == frozenset(CHECKED_KERNELS), (GDC, sorted(names))
+assert GDC and {"_fp8_gemm_kernel", "_mla_decode_split_kernel"} <= names and names == frozenset(CHECKED_KERNELS), (GDC, sorted(names))
 assert tkw.generate_ttir.compiles_without_gdc_wait
 print("ok", len(names))
 """, DSV3_TRITON_GDC="1")

@@ -21,7 +21,7 @@ def _kernels():
 def test_every_kernel_waits_for_its_producer():
     # the graph rewrite covers every kernel of the package: a new kernel without the wait fails here
     kernels = set(_kernels())
-    assert len(kernels) >= 20
+    assert {"_fp8_gemm_kernel", "_grouped_gemm_kernel", "_mla_decode_split_kernel", "_fp8_gemv_kernel"} <= kernels  # discovery works
     assert kernels <= CHECKED_KERNELS, sorted(kernels - CHECKED_KERNELS)
 
 

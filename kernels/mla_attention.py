@@ -19,10 +19,11 @@ len_b; prefill's new token u is key start_b + u and query i sees u <= i. Without
 tokens must already be in the cache.
 
 Decode lives in kernels/mla_decode.py (split-KV flash-decoding, separate or fused merge of the
-splits), prefill in kernels/mla_prefill.py (causal). This module is the family's entry point: what
-both share (DTYPES, LOG2E, the input checks), the pure-torch references, and every name of the two
-kernel modules, re-exported (see _REEXPORTS), so `from dsv3_export.kernels.mla_attention import
-mla_decode` and `mla_attention.DECODE_CONFIGS` keep working.
+splits; its Triton kernels in kernels/mla_decode_kernels.py), prefill in kernels/mla_prefill.py
+(causal). This module is the family's entry point: what both share (DTYPES, LOG2E, the input
+checks), the pure-torch references, and every name of the kernel modules, re-exported (see
+_REEXPORTS), so `from dsv3_export.kernels.mla_attention import mla_decode` and
+`mla_attention.DECODE_CONFIGS` keep working.
 """
 
 from __future__ import annotations
@@ -125,10 +126,11 @@ def mla_prefill_ref(q_latent, q_pe, kv_cache, pe_cache, start_pos, softmax_scale
 _REEXPORTS = {
     "mla_decode": (
         "MERGE_MODES", "DECODE_MERGE", "MERGE_ELEMS", "MIN_MERGE_C", "merge_cols",
-        "DECODE_CONFIGS", "_FUSED_KEEP", "FUSED_DECODE_CONFIGS", "_mla_decode_split_kernel", "_merge_splits",
-        "_mla_decode_reduce_kernel", "_decode_tuned", "_decode_fused_tuned", "_decode_chosen", "decode_config",
+        "DECODE_CONFIGS", "_FUSED_KEEP", "FUSED_DECODE_CONFIGS",
+        "_decode_tuned", "_decode_fused_tuned", "_decode_chosen", "decode_config",
         "mla_decode", "_counter_cache", "COUNTER_BUFFER_MIN", "_split_counters",
     ),
+    "mla_decode_kernels": ("_mla_decode_split_kernel", "_merge_splits", "_mla_decode_reduce_kernel"),
     "mla_splits": (
         "MAX_SPLITS", "MIN_BLOCK_H", "MAX_BLOCK_H", "DECODE_PROGRAMS_PER_SM", "MIN_SPLIT_KEYS",
         "SPLIT_OVERHEAD_KEYS", "choose_num_splits", "_num_splits", "_block_h",

@@ -1,4 +1,4 @@
-"""mla_decode's kernel variants: constexpr paths of the one split kernel (kernels/mla_decode.py), and the
+"""mla_decode's kernel variants: constexpr paths of the one split kernel (kernels/mla_decode_kernels.py), and the
 configs and input rules that go with them.
 
 Why they exist (the measurements that motivated them are in mla_decode's docstring): each variant is

@@ -13,6 +13,7 @@ import triton.language as tl  # noqa: E402
 from dsv3_export.kernels import _common  # noqa: E402
 from dsv3_export.kernels import mla_attention as A  # noqa: E402
 from dsv3_export.kernels import mla_decode as D  # noqa: E402
+from dsv3_export.kernels import mla_decode_kernels as K  # noqa: E402
 from dsv3_export.kernels import mla_prefill as P  # noqa: E402
 from dsv3_export.kernels import mla_splits  # noqa: E402
 from tests.kernels._helpers import TOL, assert_finite, mean_rel  # noqa: E402
@@ -249,8 +250,8 @@ def test_runtime_split_rule_on_132_sms(batch, ctx, heads, want):
 def _rule_probe_kernel(programs_ptr, seqlens_ptr, out_ptr, NUM_SPLITS, SPLIT_TARGET: tl.constexpr,
                        MIN_SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr):
     i = tl.program_id(0)
-    splits = D._batch_splits(tl.load(programs_ptr + i), NUM_SPLITS, SPLIT_TARGET, MIN_SPLITS)
-    tl.store(out_ptr + i, D._row_splits(splits, tl.load(seqlens_ptr + i), MIN_KEYS))
+    splits = mla_splits._batch_splits(tl.load(programs_ptr + i), NUM_SPLITS, SPLIT_TARGET, MIN_SPLITS)
+    tl.store(out_ptr + i, mla_splits._row_splits(splits, tl.load(seqlens_ptr + i), MIN_KEYS))
 
 
 def test_kernel_split_rule_is_runtime_num_splits():
@@ -455,13 +456,13 @@ def test_fused_configs_are_decode_configs():
 
 
 def test_entry_point_reexports_the_kernel_modules_own_objects():
-    for module in (D, P):
+    for module in (D, K, P):
         for name in A._REEXPORTS[module.__name__.rsplit(".", 1)[1]]:
             assert getattr(A, name) is getattr(module, name), name
             assert name in dir(A)
     from dsv3_export.kernels.mla_attention import _mla_decode_split_kernel, mla_prefill  # the from-import form
 
-    assert _mla_decode_split_kernel is D._mla_decode_split_kernel and mla_prefill is P.mla_prefill
+    assert _mla_decode_split_kernel is K._mla_decode_split_kernel and mla_prefill is P.mla_prefill
     with pytest.raises(AttributeError, match="has no attribute 'mla_decode_fast'"):
         A.mla_decode_fast  # noqa: B018
 

@@ -60,8 +60,7 @@ from dsv3_export.engines.torch import compile_package, lower_program, package_in
 from dsv3_export.engines.torch_step import AOTIStep
 from dsv3_export.engines.torch_norm_quant import NORM_QUANT_DEFAULT, NORM_QUANT_ENV
 from dsv3_export.engines.torch_router import ROUTER_ENV
-from dsv3_export.engines.torch_triton import (FUSED_ACT_QUANT_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_ENV, TOPK_DEFAULT,
-                                             TOPK_ENV)
+from dsv3_export.engines.torch_triton import MOE_ALIGN_DEFAULT, MOE_ALIGN_ENV, TOPK_DEFAULT, TOPK_ENV
 from dsv3_export.export import TUNE_FIELDS, export_step, parse_tune_sizes, tune_shape
 from dsv3_export.kernels.pdl import waiting_kernel_names
 from dsv3_export.passes.base import PassConfig
@@ -549,7 +548,6 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)", "torch": torch.__version__, "preset": opts.preset,
             "batches": batches, "prompt_len": opts.prompt_len, "decode_steps": opts.decode_steps,
             "n_layers_override": opts.n_layers, "moe_align": os.environ.get(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT),
-            "fused_act_quant": os.environ.get(FUSED_ACT_QUANT_ENV, "0"),
             "norm_quant": os.environ.get(NORM_QUANT_ENV, NORM_QUANT_DEFAULT),
             "topk": os.environ.get(TOPK_ENV, TOPK_DEFAULT),
             "router": os.environ.get(ROUTER_ENV, "1"),

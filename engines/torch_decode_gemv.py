@@ -20,12 +20,11 @@ from dsv3_export.kernels._common import LaunchSpec
 # run kernels/fp8_gemv.py at batch <= GEMV_MAX_ROWS: one launch that quantizes x in registers, instead of
 # act_quant + the tile GEMM (+ its split-K partials). Larger batches run the tile path; both are in the one
 # program, and the launches of the side that does not apply have an empty grid. `1` turns it on (read when a
-# program is lowered; it takes precedence over DSV3_TORCH_FUSED_ACT_QUANT for these Linears). Off by default:
-# on the H200 (session 13) the GEMV took 5.7 / 5.0 us (wq+wkv_a / wo, M=1, weights read from HBM) against
-# 8.3 / 7.3 us for act_quant + GEMM + split-K sum; inside the 27-layer 16b decode step (where Inductor fuses
-# the sum away) busy time 2.339 vs 2.338 ms, 54 launches fewer, step 2.624 vs 2.644 ms at batch 1. Those
-# packages compiled the GEMV with Inductor's default 4 warps / 3 stages, not GEMV_CONFIGS[0] (fixed since:
-# kernels/fp8_gemv.py's one-config autotuner); to be re-measured.
+# program is lowered). Off by default: on the H200 (session 13) the GEMV took 5.7 / 5.0 us (wq+wkv_a / wo,
+# M=1, weights read from HBM) against 8.3 / 7.3 us for act_quant + GEMM + split-K sum; inside the 27-layer 16b
+# decode step (where Inductor fuses the sum away) busy time 2.339 vs 2.338 ms, 54 launches fewer, step 2.624
+# vs 2.644 ms at batch 1. Those packages compiled the GEMV with Inductor's default 4 warps / 3 stages, not
+# GEMV_CONFIGS[0] (fixed since: kernels/fp8_gemv.py's one-config autotuner); to be re-measured.
 DECODE_GEMV_ENV = "DSV3_TORCH_DECODE_GEMV"
 DECODE_GEMV_CHOICES = {"1": f"fp8_gemv at batch <= {kv.GEMV_MAX_ROWS} for the small Linears, decode program",
                        "0": "act_quant + tile GEMM at every batch"}

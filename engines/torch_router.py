@@ -52,10 +52,10 @@ becomes
 aligns the ids in one program, the same bits as router_topk + moe_align; the MoE op runs
 engines/torch_triton.py's experts (moe_fp8_quantized / moe_dense_aligned) on that alignment.
 E_all = w13.shape[0] (the shared experts included), block_m = BLOCK_M["decode"]. Not with the gate
-GEMM in the router (DSV3_TORCH_ROUTER_GATE != 0), nor with DSV3_TORCH_MOE_ALIGN=aten, nor
-DSV3_TORCH_FUSED_ACT_QUANT=1 (those paths are kept as they are), nor in prefill (one program
-serializing thousands of rows). With DSV3_TORCH_NORM_QUANT=1 the FFN norm no longer sees an fp8
-MoE op to quantize for, so the MoE input keeps its own act_quant launch (both switches are opt-in).
+GEMM in the router (DSV3_TORCH_ROUTER_GATE != 0), nor with DSV3_TORCH_MOE_ALIGN=aten (those
+paths are kept as they are), nor in prefill (one program serializing thousands of rows). With
+DSV3_TORCH_NORM_QUANT=1 the FFN norm no longer sees an fp8 MoE op to quantize for, so the MoE
+input keeps its own act_quant launch (both switches are opt-in).
 """
 
 from __future__ import annotations
@@ -257,8 +257,6 @@ def _align_unfit(site: dict, kind: str, gate_value: str) -> str | None:
     if is_call(moe, torch.ops.dsv3.moe_experts_fp8.default):
         if not _arg(moe, 7, "act_quant", False):
             return f"{moe.name}: weight-only fp8 experts (ATen)"
-        if tt._fused_act_quant(kind):
-            return f"{tt.FUSED_ACT_QUANT_ENV}=1 (the grouped GEMMs quantize their own activations)"
     elif x.dtype not in km.DENSE_DTYPES:
         return f"{moe.name}: {x.dtype} experts (ATen)"
     n, e = site["logits"].meta["val"].shape[1], moe.args[3].meta["val"].shape[0]

@@ -11,9 +11,7 @@ Lowered here (engines/torch_lower.py uses these on CUDA, ATen math for the rest)
                                                           routing-weight epilogues), kernels/moe.py
                                                           (bf16/fp16; fp32 engines: ATen)
     dsv3::moe_experts_fp8  -> dsv3_aoti::moe_experts_fp8  the same with 1x128 act_quant (act_quant=True
-                             only; weight-only fp8 lowers to ATen: the kernel has no bf16 x fp8 path);
-                             (DSV3_TORCH_FUSED_ACT_QUANT=1: the decode program's grouped GEMMs quantize
-                             x and h themselves, bit-identical, no act_quant launch; measured slower)
+                             only; weight-only fp8 lowers to ATen: the kernel has no bf16 x fp8 path)
     dsv3::mla_attention    -> dsv3_aoti::mla_attention    W_UK absorbed into the query, then
                              kernels/mla_attention.py over [cache | new keys] (split-KV mla_decode in
                              the decode program, causal mla_prefill in the prefill program; new keys
@@ -21,9 +19,7 @@ Lowered here (engines/torch_lower.py uses these on CUDA, ATen math for the rest)
                              W_UK and W_UV are kernels/mla_absorb.py head_gemm (one launch each on the
                              strided views; DSV3_TORCH_ABSORB_GEMM=0: einsums), prefill's are einsums.
                              bf16/fp16; fp32 engines keep ATen (the kernel's fp32 dots are TF32).
-    dsv3::fp8_linear       -> dsv3_aoti::fp8_linear       act_quant=True: act_quant + fp8 x fp8 GEMM
-                             (DSV3_TORCH_FUSED_ACT_QUANT=1, decode: one GEMM launch that quantizes its A
-                             tiles itself, bit-identical; measured slower);
+    dsv3::fp8_linear       -> dsv3_aoti::fp8_linear       act_quant=True: act_quant + fp8 x fp8 GEMM;
                              act_quant=False: the weight-only GEMM (fp8 widened in registers; bf16/fp16
                              x only, fp32 x keeps ATen). kernels/fp8_gemm.py.
     aten::topk             -> dsv3_aoti::topk             opt-in (DSV3_TORCH_TOPK=kernel; measured slower than
@@ -75,21 +71,6 @@ MOE_ALIGN_FORMS = {"kernel": "one Triton kernel per MoE layer", "aten": "Inducto
 TOPK_ENV = "DSV3_TORCH_TOPK"
 TOPK_FORMS = {"kernel": "kernels/topk.py, one launch", "aten": "torch's top-k"}
 TOPK_DEFAULT = "aten"
-# Whether the decode program's fp8 GEMMs (fp8_linear and the MoE's grouped GEMMs) quantize their
-# own activations (QUANT_A: one launch fewer per Linear, two per MoE layer, bit-identical) or take
-# them from a separate act_quant launch. Off by default: measured on the H200 (4-layer 16b fp8
-# decode program, session 5) the fused GEMMs were slower (fp8 GEMM ~3.5x: ~22 us vs ~6 us per call;
-# grouped GEMM ~2x: ~37 us vs ~16-19 us), far more than the ~2.5 us act_quant launches they remove (that
-# program's CUDA-graph step: 0.995 ms fused, 0.708 ms before this session's other decode changes).
-# DSV3_TORCH_FUSED_ACT_QUANT=1 at build time turns it on.
-FUSED_ACT_QUANT_ENV = "DSV3_TORCH_FUSED_ACT_QUANT"
-
-
-def _fused_act_quant(kind: str) -> bool:
-    value = env_choice(FUSED_ACT_QUANT_ENV, "0", {"1": "fused, decode program", "0": "separate act_quant"})
-    return kind == "decode" and value == "1"
-
-
 # The decode program's absorbed MLA projections (q_nope @ W_UK, lat @ W_UV per head): `1` (default)
 # kernels/mla_absorb.py head_gemm, one launch each reading the strided activation and weight views;
 # `0` the einsums (Inductor: a permute copy + cuBLAS bmm + a copy each, ~9 us per layer for both in
@@ -141,15 +122,14 @@ def _act_quant(x: torch.Tensor, gate=1) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _grouped_gemm(a, w, routing, topk: int, out_dtype: torch.dtype, *, a_scale=None,
-                  w_scale=None, topk_weights=None, swiglu: bool = False, quant_a: bool = False):
-    """kernels/moe.py grouped_gemm's launch (checks done once by the caller's shapes). quant_a: bf16/fp16
-    a quantized 1x128 inside the kernel, as _act_quant would on a's device (fp8 w only)."""
+                  w_scale=None, topk_weights=None, swiglu: bool = False):
+    """kernels/moe.py grouped_gemm's launch (checks done once by the caller's shapes)."""
     t = a.shape[0]
     n_out = w.shape[1] // 2 if swiglu else w.shape[1]
     out = torch.empty((t * topk, n_out), dtype=out_dtype, device=a.device)
     sorted_ids, expert_ids, npp = routing
     _launch(km.grouped_gemm_spec(a, a_scale, w, w_scale, out, topk_weights, sorted_ids, expert_ids, npp, topk,
-                                 swiglu, quant_a, a.is_cuda))  # quant_a's scales rounded as _act_quant's on a's device
+                                 swiglu))
     return out
 
 
@@ -178,19 +158,9 @@ def moe_dense_aligned(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: tor
 
 @triton_op("dsv3_aoti::moe_experts_fp8", mutates_args={})
 def moe_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
-                    w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, block_m: int,
-                    fuse_act_quant: bool = False) -> torch.Tensor:
-    """fuse_act_quant (opt-in, FUSED_ACT_QUANT_ENV; bf16/fp16 x): the grouped GEMMs quantize x and h
-    themselves, the same bits as the two _act_quant launches of the default form (kernels/moe.py
-    grouped_gemm(quant_a=True)); measured slower on the H200."""
-    t, topk = topk_ids.shape
+                    w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, block_m: int) -> torch.Tensor:
+    """act_quant of x, then moe_fp8_quantized (the two grouped GEMMs, act_quant of h between them)."""
     routing = _moe_align(topk_ids, w13.shape[0], block_m)
-    if fuse_act_quant:
-        h = _grouped_gemm(x.contiguous(), w13, routing, topk, x.dtype, w_scale=w13_scale,
-                          swiglu=True, quant_a=True)  # [T*k, I]
-        y = _grouped_gemm(h, w2, routing, 1, x.dtype, w_scale=w2_scale,
-                          topk_weights=topk_weights.contiguous(), quant_a=True)  # [T*k, D]
-        return _combine(y, t, topk, x.dtype)
     xq, xs = _act_quant(x.contiguous())
     return moe_fp8_quantized(xq, xs, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale,
                              routing, x.dtype)
@@ -212,12 +182,10 @@ def moe_fp8_quantized(xq: torch.Tensor, xs: torch.Tensor, topk_weights: torch.Te
 
 
 def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor,
-              out_dtype: torch.dtype, kind: str, quant_a: bool = False, small_batch=None) -> torch.Tensor:
+              out_dtype: torch.dtype, kind: str, small_batch=None) -> torch.Tensor:
     """kernels/fp8_gemm.py fp8_gemm's launch with M symbolic: tiles and split-K from `kind` and the
     weight's static [N, K] (fp8_gemm itself buckets M with int(M), a guard on the traced size).
-    a fp8 [M, K] + a_s [M, ceil(K/128)], or bf16/fp16 [M, K] with a_s None (weight-only), or with
-    quant_a the bf16/fp16/fp32 activation quantized 1x128 inside the GEMM (act_quant's arithmetic in
-    _act_quant's form for a's device: one launch, the same fp8 operands).
+    a fp8 [M, K] + a_s [M, ceil(K/128)], or bf16/fp16 [M, K] with a_s None (weight-only).
     small_batch (x, gate), decode: kernels/fp8_gemv.py from the unquantized x [M, K] when gate is 1
     (kv.gemv_gate(M)), into the same output or split-K partials (the sum below then adds its zeros);
     the tile GEMM launches nothing then."""
@@ -237,16 +205,14 @@ def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: t
         x, gate = small_batch
         _launch(gated(kv.gemv_spec(x, w, w_s, c, scale_reciprocal=a.is_cuda), gate))
         tile_gate = 1 - gate
-    _launch(gated(kg.fp8_gemm_spec(a, a_s, w, w_s, c, FP8_M_BUCKET[kind], per_split, split, decode, quant_a,
-                                    a.is_cuda), tile_gate))
+    _launch(gated(kg.fp8_gemm_spec(a, a_s, w, w_s, c, FP8_M_BUCKET[kind], per_split, split, decode), tile_gate))
     return c.sum(dim=0).to(out_dtype) if split > 1 else c  # [M, N]
 
 
 @triton_op("dsv3_aoti::fp8_linear", mutates_args={})
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool,
-               decode: bool, fuse_act_quant: bool = False, gemv: bool = False) -> torch.Tensor:
-    """dsv3::fp8_linear: x [..., K] -> [..., N]; act_quant 1x128 + fp8 GEMM (fuse_act_quant: one
-    launch, the GEMM quantizes its own A tiles; see FUSED_ACT_QUANT_ENV), or weight-only.
+               decode: bool, gemv: bool = False) -> torch.Tensor:
+    """dsv3::fp8_linear: x [..., K] -> [..., N]; act_quant 1x128 + fp8 GEMM, or weight-only.
     gemv (decode, act_quant; DECODE_GEMV_ENV): batches of at most kv.GEMV_MAX_ROWS rows run
     kernels/fp8_gemv.py instead of act_quant + the GEMM, which then launch nothing."""
     k = x.shape[-1]
@@ -256,8 +222,6 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_q
         gate = kv.gemv_gate(x2.shape[0])  # 1 at M <= GEMV_MAX_ROWS, else 0 (symbolic: no guard)
         xq, xs = _act_quant(x2, 1 - gate)
         y = _fp8_gemm(xq, xs, weight, scale, x.dtype, kind, small_batch=(x2, gate))  # [M, N]
-    elif act_quant and fuse_act_quant:
-        y = _fp8_gemm(x2, None, weight, scale, x.dtype, kind, quant_a=True)  # [M, N]
     elif act_quant:
         xq, xs = _act_quant(x2)
         y = _fp8_gemm(xq, xs, weight, scale, x.dtype, kind)  # [M, N]
@@ -363,7 +327,6 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
     from dsv3_export.engines.torch_lower import ATEN_LOWERINGS
 
     block_m = BLOCK_M[kind]
-    fused = _fused_act_quant(kind)
     gemv = decode_gemv(kind)
     absorb = _absorb_gemm()
     topk_form = env_choice(TOPK_ENV, TOPK_DEFAULT, TOPK_FORMS)
@@ -379,8 +342,7 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
         if not act_quant:  # weight-only fp8: no kernel for bf16 activations x fp8 weights
             return ATEN_LOWERINGS["dsv3::moe_experts_fp8"](x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale,
                                                            act_quant)
-        fuse = fused and x.dtype in km.DENSE_DTYPES  # the in-GEMM quantization reads bf16/fp16 activations
-        return moe_experts_fp8(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m, fuse)
+        return moe_experts_fp8(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m)
 
     def lower_mla(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale):
         if q_nope.dtype not in km.DENSE_DTYPES:  # fp32: the kernel's dots would be TF32
@@ -393,8 +355,8 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
     def lower_fp8_linear(x, weight, scale, act_quant):
         if not act_quant and x.dtype not in kg.DENSE_DTYPES:  # weight-only GEMM: bf16/fp16 activations
             return ATEN_LOWERINGS["dsv3::fp8_linear"](x, weight, scale, act_quant)
-        small = gemv and act_quant and not fused and kv.gemv_suits(*weight.shape)
-        return fp8_linear(x, weight, scale, act_quant, kind == "decode", fused, small)
+        small = gemv and act_quant and kv.gemv_suits(*weight.shape)
+        return fp8_linear(x, weight, scale, act_quant, kind == "decode", small)
 
     def lower_topk(x, k, dim=-1, largest=True, sorted=True):
         return topk(x, k)  # sorted either way: sorted=False allows any order
@@ -404,17 +366,15 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
     lower_moe.how = (f"triton_op dsv3_aoti::moe_experts (kernels/moe.py grouped GEMMs; {routing}) for bf16/fp16; "
                      "ATen math for fp32")
     lower_moe_fp8.how = (f"triton_op dsv3_aoti::moe_experts_fp8 ({routing}; act_quant + fp8 grouped GEMMs"
-                         + ("; the GEMMs quantize their own activations" if fused else "")
-                         + ") with act_quant; ATen math for weight-only")
+                         ") with act_quant; ATen math for weight-only")
     lower_mla.how = ("triton_op dsv3_aoti::mla_attention ("
                      + ("W_UK and W_UV by kernels/mla_absorb.py head_gemm in the decode program, einsums in "
                         "prefill" if absorb else "W_UK and W_UV by einsums")
                      + "; kernels/mla_attention.py over [cache | new]: mla_decode in the decode program, "
                      "mla_prefill in prefill) for bf16/fp16; ATen math for fp32")
     lower_fp8_linear.how = ("triton_op dsv3_aoti::fp8_linear (kernels/fp8_gemm.py: act_quant + fp8 GEMM"
-                            + (", fused into one launch" if fused else "")
                             + (f"; at batch <= {kv.GEMV_MAX_ROWS} kernels/fp8_gemv.py instead, for weights "
-                               "kernels/fp8_gemv.py gemv_suits takes" if gemv and not fused else "")
+                               "kernels/fp8_gemv.py gemv_suits takes" if gemv else "")
                             + ", or weight-only for bf16/fp16 x); ATen math for weight-only fp32 x")
     table = {"dsv3::moe_experts": lower_moe, "dsv3::moe_experts_fp8": lower_moe_fp8,
              "dsv3::mla_attention": lower_mla, "dsv3::fp8_linear": lower_fp8_linear}

@@ -31,16 +31,10 @@ leave SMs idle (N=2048: 32 tiles of 64 on 132 SMs) the K loop is split over SPLI
 store fp32 partial tiles into a [SPLIT_K, M, N] workspace; one small kernel sums them in split
 order (deterministic, unlike atomics) and casts to out_dtype. The launcher chooses SPLIT_K.
 
-Fused activation quantization (QUANT_A, opt-in: fp8_linear(fuse_act_quant=True)) passes the
-bf16/fp16/fp32 activation itself (fp8_gemm(quant_a=True)) and each K step quantizes
-its [BLOCK_M, 128] A tile 1x128 in registers with kernels/fp8_quant.py quantize_rows, the function
-the act_quant kernels call (amax floor, amax * fp32(1/448) on CUDA or IEEE amax / 448 on the CPU,
-IEEE x / s, e4m3 rounding in fp32): one launch instead of act_quant + GEMM, and the same
-fp8 operands and scales, so the same output bit for bit. Every N tile (and K split) quantizes its
-own copy of A's blocks; at decode A is a few KB and the tile is 16 rows, so the redundant work is
-small next to the weight read, or so it seemed: on the H200 (session 5, 16b decode shapes inside
-the AOTInductor package) each fused GEMM took ~22 us against ~6 us for act_quant (~2.5 us) + GEMM,
-so it is not the default anywhere. Prefill would re-quantize A once per N tile (86x at N=10944).
+The fp8 a arrives quantized (fp8_linear: a separate act_quant launch, kernels/fp8_quant.py). A form
+that quantized its A tiles inside the K loop (one launch, the same bits) took ~22 us per GEMM against
+~6 us for act_quant (~2.5 us) + GEMM on the H200 (session 5, 16b decode shapes) and was removed in
+session 14 (benchmarks/RESULTS.md).
 
 Scales: a tile of BLOCK_N <= 128 columns lies in one 128-row block of the weight (tiles are
 BLOCK_N-aligned and BLOCK_N divides 128), so b_s is one scalar per K step, folded into the [BM]
@@ -59,7 +53,6 @@ from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, aut
                                          check_tensor, is_interpreted, launch, next_pow2, num_sms)
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 from dsv3_export.kernels.fp8_gemm_persistent import fp8_gemm_tma_persistent
-from dsv3_export.kernels.fp8_quant import ACT_DTYPES, quantize_rows
 from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
 from dsv3_export.reference import fp8 as fp8_ref
 
@@ -131,7 +124,7 @@ def _fp8_gemm_kernel(
     M, N, K, M_BUCKET,
     stride_am, stride_asm, stride_bn, stride_bsn, stride_cs, stride_cm,
     K_BLOCKS_PER_SPLIT, SPLIT_K,  # SPLIT_K: unused in the body, a runtime arg only to key the autotuner
-    A_FP8: tl.constexpr, QUANT_A: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr, UPCAST: tl.constexpr,
+    A_FP8: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # -- tile ids, grouped along M for L2 reuse of B tiles
@@ -172,11 +165,7 @@ def _fp8_gemm_kernel(
         else:
             b_s = tl.load(b_s_cols + kb, mask=mask_n, other=0.0)[None, :]  # [1, BN]
         if A_FP8:
-            if QUANT_A:  # a is the activation itself: act_quant's 1x128 step, in registers
-                a, a_s = quantize_rows(a.to(tl.float32), SCALE_RECIPROCAL)  # act_quant's arithmetic
-                a = a.to(b_ptr.dtype.element_ty)  # exact: already rounded to e4m3
-            else:
-                a_s = tl.load(a_s_rows + kb, mask=mask_m, other=0.0)
+            a_s = tl.load(a_s_rows + kb, mask=mask_m, other=0.0)
             if BLOCK_N <= BLOCK_K:  # fold the scalar into the row scales: BM multiplies, not BM * BN
                 acc += tl.dot(a, b) * (a_s * b_s)[:, None]
             else:
@@ -212,7 +201,7 @@ def _split_k_sum_kernel(ws_ptr, c_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.cons
 
 
 _INTERPRETED = is_interpreted(_fp8_gemm_kernel)
-_TUNE_KEY = ["M_BUCKET", "N", "K", "SPLIT_K", "A_FP8", "QUANT_A"]
+_TUNE_KEY = ["M_BUCKET", "N", "K", "SPLIT_K", "A_FP8"]
 _fp8_gemm_decode_tuned = autotune_or_single(_fp8_gemm_kernel, DECODE_CONFIGS, key=_TUNE_KEY)
 _fp8_gemm_prefill_tuned = autotune_or_single(_fp8_gemm_kernel, PREFILL_CONFIGS, key=_TUNE_KEY)
 
@@ -252,18 +241,16 @@ def tuned_config(shape_class: str) -> triton.Config | None:
 
 
 def fp8_gemm_spec(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: torch.Tensor, c: torch.Tensor,
-                  m_bucket: int, per_split: int, split: int, decode: bool, quant_a: bool,
-                  scale_reciprocal: bool) -> LaunchSpec:
+                  m_bucket: int, per_split: int, split: int, decode: bool) -> LaunchSpec:
     """The GEMM's launch into c ([M, N], or [split, M, N] fp32 partials when split > 1); inputs checked
-    by the caller. a_s None: weight-only, or quant_a. m_bucket: the autotune key's M (a power of 2)."""
+    by the caller. a_s None: weight-only. m_bucket: the autotune key's M (a power of 2)."""
     m, k = a.shape
     n = b.shape[0]
     a_fp8 = a_s is not None
-    a_s_arg = a_s if a_fp8 else b_s  # weight-only / quant_a: never read
+    a_s_arg = a_s if a_fp8 else b_s  # weight-only: never read
     args = (a, a_s_arg, b, b_s, c, m, n, k, m_bucket, a.stride(0), a_s_arg.stride(0) if a_fp8 else 0, b.stride(0),
             b_s.stride(0), 0 if split == 1 else c.stride(0), n, per_split, split)
-    kwargs = dict(A_FP8=a_fp8 or quant_a, QUANT_A=quant_a, SCALE_RECIPROCAL=scale_reciprocal,
-                  UPCAST=_INTERPRETED and not (a_fp8 or quant_a), BLOCK_K=QUANT_BLOCK)
+    kwargs = dict(A_FP8=a_fp8, UPCAST=_INTERPRETED and not a_fp8, BLOCK_K=QUANT_BLOCK)
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
     tuned, configs = (_fp8_gemm_decode_tuned, DECODE_CONFIGS) if decode else (_fp8_gemm_prefill_tuned, PREFILL_CONFIGS)
     return LaunchSpec(_fp8_gemm_kernel, tuned, configs, grid, args, kwargs)
@@ -272,8 +259,7 @@ def fp8_gemm_spec(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: torch.Tensor,
              out_dtype: torch.dtype = torch.bfloat16, *, split_k: int | None = None,
              shape_class: str | None = None, config: triton.Config | None = None,
-             variant: str = "default", quant_a: bool = False,
-             scale_reciprocal: bool | None = None) -> torch.Tensor:
+             variant: str = "default") -> torch.Tensor:
     """a [M, K], b fp8 [N, K], b_s fp32 [ceil(N/128), ceil(K/128)] -> [M, N] in out_dtype.
 
     a fp8 with a_s fp32 [M, ceil(K/128)] (W8A8), or a bf16/fp16 with a_s=None (weight-only W8A16:
@@ -283,14 +269,10 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
     variant "tma_persistent" runs the Hopper prefill candidate (kernels/fp8_gemm_persistent.py:
     TMA loads, persistent CTAs; fp8 a only, no split-K, 16-byte aligned rows) on any M; config
     then names one of its TMA_PERSISTENT_CONFIGS. "default" is the kernel above.
-    quant_a: a is the bf16/fp16/fp32 activation (a_s=None), quantized 1x128 inside the kernel
-    (one launch, W8A8; opt-in: fp8_linear(fuse_act_quant=True), slower on the H200): the same result
-    as fp8_gemm(*act_quant(a), ...) bit for bit. scale_reciprocal picks act_quant's scale form (default: as torch computes
-    it on a's device, see kernels/fp8_quant.py act_quant).
     """
     if variant not in VARIANTS:
         raise ValueError(f"fp8_gemm: variant={variant!r} must be one of {VARIANTS}")
-    check_tensor("fp8_gemm: a", a, dtypes=ACT_DTYPES if quant_a else (FP8_DTYPE,) + DENSE_DTYPES, ndim=2)
+    check_tensor("fp8_gemm: a", a, dtypes=(FP8_DTYPE,) + DENSE_DTYPES, ndim=2)
     dev = a.device
     a_fp8 = a.dtype == FP8_DTYPE
     check_tensor("fp8_gemm: b", b, dtypes=(FP8_DTYPE,), ndim=2, device=dev)
@@ -309,8 +291,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
         if tuple(a_s.shape) != (m, k_blocks):
             raise ValueError(f"fp8_gemm: a_s must be [M, ceil(K/128)] = {(m, k_blocks)}, got {tuple(a_s.shape)}")
     elif a_s is not None:
-        raise ValueError(f"fp8_gemm: a_s is only for fp8 a; a is {a.dtype} (the weight-only and quant_a "
-                         "paths take a_s=None)")
+        raise ValueError(f"fp8_gemm: a_s is only for fp8 a; a is {a.dtype} (the weight-only path takes a_s=None)")
     if tuple(b_s.shape) != (cdiv(n, QUANT_BLOCK), k_blocks):
         raise ValueError(f"fp8_gemm: b_s must be [ceil(N/128), ceil(K/128)] = "
                          f"{(cdiv(n, QUANT_BLOCK), k_blocks)}, got {tuple(b_s.shape)}")
@@ -321,9 +302,6 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
     if m == 0 or n == 0 or k == 0:
         return torch.zeros((m, n), dtype=out_dtype, device=dev)
     if variant == "tma_persistent":
-        if quant_a:
-            raise ValueError("fp8_gemm: variant='tma_persistent' does not quantize a (quant_a=True); "
-                             "pass act_quant's fp8 a and a_s")
         if not a_fp8:
             raise ValueError("fp8_gemm: variant='tma_persistent' needs fp8 a with a_s (W8A8); "
                              "the weight-only path runs on variant='default'")
@@ -344,9 +322,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
         c = torch.empty((m, n), dtype=out_dtype, device=dev)
     else:
         c = torch.empty((split, m, n), dtype=torch.float32, device=dev)  # [S, M, N] partials
-    reciprocal = dev.type == "cuda" if scale_reciprocal is None else scale_reciprocal
-    launch(*fp8_gemm_spec(a, a_s, b, b_s, c, min(next_pow2(m), 4096), per_split, split, decode, quant_a, reciprocal),
-           config)
+    launch(*fp8_gemm_spec(a, a_s, b, b_s, c, min(next_pow2(m), 4096), per_split, split, decode), config)
     if split > 1:  # the deterministic split-K reduction, cast to out_dtype in the same pass
         out = torch.empty((m, n), dtype=out_dtype, device=dev)
         sum_grid = (cdiv(m * n, SPLIT_K_SUM_BLOCK),)
@@ -357,32 +333,22 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype: torch.dtype | None = None,
-               *, act_quant: bool = True, shape_class: str | None = None,
-               fuse_act_quant: bool = False) -> torch.Tensor:
+               *, act_quant: bool = True, shape_class: str | None = None) -> torch.Tensor:
     """y = x @ dequant(w, w_s)^T: x [..., K] -> [..., N].
 
     act_quant=True: x is quantized 1x128 on the fly (W8A8, dsv3::fp8_linear(act_quant=True)).
     act_quant=False: weight-only (W8A16) for bf16/fp16 x. shape_class: see fp8_gemm.
-    fuse_act_quant (act_quant only): quantize inside the GEMM (one launch, fp8_gemm(quant_a=True))
-    instead of an act_quant launch first; same result bit for bit. Default: separate (measured
-    3-4x slower fused on the H200 at the 16b decode shapes: see engines/torch_triton.py
-    FUSED_ACT_QUANT_ENV).
     """
     check_tensor("fp8_linear: x", x, dtypes=(torch.bfloat16, torch.float16, torch.float32))
     if x.dim() == 0:
         raise ValueError("fp8_linear: x must have at least 1 dim [..., K]")
     if not act_quant and x.dtype not in DENSE_DTYPES:
         raise TypeError(f"fp8_linear: the weight-only path needs bf16/fp16 x, got {x.dtype}")
-    if fuse_act_quant and not act_quant:
-        raise ValueError("fp8_linear: fuse_act_quant=True needs act_quant=True (weight-only has nothing to quantize)")
     k = x.shape[-1]
     x2 = x.reshape(-1, k)  # [M, K]
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if act_quant and fuse_act_quant:
-        y = fp8_gemm(x2, None, w, w_s, out_dtype=out_dtype or x.dtype, shape_class=shape_class,
-                     quant_a=True)  # [M, N]
-    elif act_quant:
+    if act_quant:
         q, s = act_quant_kernel(x2)
         y = fp8_gemm(q, s, w, w_s, out_dtype=out_dtype or x.dtype, shape_class=shape_class)  # [M, N]
     else:

@@ -10,10 +10,7 @@ Shapes: T tokens, k = top-k, E experts, D model dim, I expert inter dim.
       row_blocks(n_blocks, T*k) rows (no more blocks can hold work); blocks past
       num_tokens_post_pad exit at once. Precisions: bf16/fp16; W8A8 (a fp8 [T, K] with scales
       [T, ceil(K/128)], w fp8 with [E, ceil(N/128), ceil(K/128)] scales, applied per 128-wide K
-      block); W8A8 with a in bf16/fp16, quantized 1x128 in registers with act_quant's arithmetic
-      (quant_a: the same bits as act_quant + the fp8 GEMM, one launch less; each program
-      re-quantizes its A tiles; opt-in, 2x slower than act_quant + GEMM on the H200 at decode);
-      W8A16 (bf16/fp16 a, fp8 w widened in registers). Epilogues: SwiGLU (w rows = [gate ; up], writes
+      block); W8A16 (bf16/fp16 a, fp8 w widened in registers). Epilogues: SwiGLU (w rows = [gate ; up], writes
       silu(gate) * up, N/2 columns) and the routing weight (row a scaled by topk_weights.flatten()[a]).
   fused_moe = align -> grouped gemm up (+SwiGLU) -> grouped gemm down (x routing weight) -> sum over k.
 BLOCK_M of the GEMM is the alignment's block_m (inferred from the tensor sizes); BLOCK_N and the
@@ -32,7 +29,6 @@ from dsv3_export.kernels._common import FP8_DTYPE  # noqa: F401 (re-exported: th
 from dsv3_export.kernels._common import (QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv,
                                          check_tensor, is_interpreted, launch)
 from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
-from dsv3_export.kernels.fp8_quant import quantize_rows
 from dsv3_export.kernels.moe_checks import OUT_DTYPES  # noqa: F401 (re-exported)
 from dsv3_export.kernels.moe_checks import DENSE_DTYPES, check_alignment, check_operands
 from dsv3_export.kernels.moe_ref import fused_moe_ref, grouped_gemm_ref  # noqa: F401 (re-exported)
@@ -78,7 +74,6 @@ def _expert_rows_tile(
     W_FP8: tl.constexpr, A_FP8: tl.constexpr, SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr,
     UPCAST: tl.constexpr, SCALE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    QUANT_A: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr,
 ):
     """Rows tok [BLOCK_M] (assignment ids, tok_mask: real ones) of one expert times column tile
     pid_n: the K loop and epilogue of _grouped_gemm_kernel's program."""
@@ -101,10 +96,7 @@ def _expert_rows_tile(
         a = tl.load(a_rows + offs_k[None, :], mask=tok_mask[:, None] & mask_k[None, :], other=0.0)
         if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong
             a = a.to(tl.float32)
-        if QUANT_A:  # act_quant of this K block, masked entries 0 as act_quant loads them
-            q, a_s = quantize_rows(a.to(tl.float32), SCALE_RECIPROCAL)
-            a = q.to(w_ptr.dtype.element_ty)  # exact: q is on the e4m3 grid
-        elif A_FP8:
+        if A_FP8:
             a_s = tl.load(a_s_rows + kb, mask=tok_mask, other=0.0)
         else:
             a_s = tl.zeros((BLOCK_M,), dtype=tl.float32)  # unused
@@ -135,10 +127,8 @@ def _grouped_gemm_kernel(
     UPCAST: tl.constexpr,
     SCALE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    QUANT_A: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr,
 ):
-    """A_FP8: fp8 x fp8 dots with a's 1x128 scales; from a_s_ptr, or with QUANT_A from quantizing
-    a's bf16/fp16 tiles here (BLOCK_K = 128, SCALE_RECIPROCAL as in fp8_quant.quantize_rows)."""
+    """A_FP8: fp8 x fp8 dots with a's 1x128 scales from a_s_ptr (BLOCK_K = 128)."""
     wait_for_producer()  # before any memory access: kernels/pdl.py
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -149,11 +139,10 @@ def _grouped_gemm_kernel(
     _expert_rows_tile(a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr, expert, tok, tok < NUM_VALID,
                       pid_n, N_OUT, K, TOPK, UP_OFFSET,
                       stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
-                      W_FP8, A_FP8, SWIGLU, MUL_WEIGHT, UPCAST, SCALE_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K,
-                      QUANT_A, SCALE_RECIPROCAL)
+                      W_FP8, A_FP8, SWIGLU, MUL_WEIGHT, UPCAST, SCALE_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
-_TUNE_KEY = ["N_OUT", "K", "BLOCK_M", "W_FP8", "A_FP8", "SWIGLU", "QUANT_A"]
+_TUNE_KEY = ["N_OUT", "K", "BLOCK_M", "W_FP8", "A_FP8", "SWIGLU"]
 _grouped_gemm_tuned = autotune_or_single(_grouped_gemm_kernel, GROUPED_GEMM_CONFIGS, key=_TUNE_KEY)
 
 
@@ -174,31 +163,27 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tenso
                  num_tokens_post_pad: torch.Tensor, topk: int, *, a_scale: torch.Tensor | None = None,
                  w_scale: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None,
                  fuse_swiglu: bool = False, out_dtype: torch.dtype | None = None,
-                 quant_a: bool = False, scale_reciprocal: bool | None = None,
                  config: triton.Config | None = None) -> torch.Tensor:
     """a [T, K] (row of assignment i is i // topk), w [E, N, K] -> [T*topk, N] (or N/2 with fuse_swiglu).
 
     Precisions: a and w bf16/fp16 (same dtype); w fp8 + w_scale with fp8 a + a_scale (W8A8);
-    w fp8 + w_scale with bf16/fp16 a and no a_scale: weight-only W8A16, or with quant_a W8A8
-    with a quantized 1x128 in the kernel, bit for bit fp8_quant.act_quant(a, scale_reciprocal=
-    scale_reciprocal) (default: as on a's device) followed by this GEMM.
+    w fp8 + w_scale with bf16/fp16 a and no a_scale: weight-only W8A16.
     """
     n_out, out_dtype = check_operands("grouped_gemm", a, w, topk, a_scale, w_scale, topk_weights, fuse_swiglu,
-                                      out_dtype, quant_a)
+                                      out_dtype)
     check_alignment(sorted_token_ids, expert_ids, num_tokens_post_pad, a.device)
     out = torch.empty((a.shape[0] * topk, n_out), dtype=out_dtype, device=a.device)
     if out.numel() == 0:
         return out
-    reciprocal = a.is_cuda if scale_reciprocal is None else scale_reciprocal
     launch(*grouped_gemm_spec(a, a_scale, w, w_scale, out, topk_weights, sorted_token_ids, expert_ids,
-                              num_tokens_post_pad, topk, fuse_swiglu, quant_a, reciprocal), config)
+                              num_tokens_post_pad, topk, fuse_swiglu), config)
     return out
 
 
 def grouped_gemm_spec(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor | None,
                       out: torch.Tensor, topk_weights: torch.Tensor | None, sorted_token_ids: torch.Tensor,
-                      expert_ids: torch.Tensor, num_tokens_post_pad: torch.Tensor, topk: int, fuse_swiglu: bool,
-                      quant_a: bool, scale_reciprocal: bool) -> LaunchSpec:
+                      expert_ids: torch.Tensor, num_tokens_post_pad: torch.Tensor, topk: int, fuse_swiglu: bool
+                      ) -> LaunchSpec:
     """grouped_gemm's launch into out [T*topk, N or N/2] (inputs checked by the caller); block_m is
     inferred from moe_align's sizes, the grid's rows bounded by row_blocks (symbolic when traced)."""
     t, k = a.shape
@@ -211,11 +196,10 @@ def grouped_gemm_spec(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Te
             n_out, k, t * topk, topk, n_out if fuse_swiglu else 0,
             a.stride(0), a_scale.stride(0) if a_fp8 else 0, w.stride(0), w.stride(1),
             w_scale.stride(0) if w_fp8 else 0, w_scale.stride(1) if w_fp8 else 0, out.stride(0))
-    fp8_dot = a_fp8 or quant_a
-    kwargs = dict(W_FP8=w_fp8, A_FP8=fp8_dot, SWIGLU=fuse_swiglu, MUL_WEIGHT=topk_weights is not None,
-                  UPCAST=is_interpreted(_grouped_gemm_kernel) and not fp8_dot, SCALE_BLOCK=QUANT_BLOCK,
+    kwargs = dict(W_FP8=w_fp8, A_FP8=a_fp8, SWIGLU=fuse_swiglu, MUL_WEIGHT=topk_weights is not None,
+                  UPCAST=is_interpreted(_grouped_gemm_kernel) and not a_fp8, SCALE_BLOCK=QUANT_BLOCK,
                   BLOCK_M=sorted_token_ids.shape[0] // expert_ids.shape[0],
-                  BLOCK_K=QUANT_BLOCK if w_fp8 else DENSE_BLOCK_K, QUANT_A=quant_a, SCALE_RECIPROCAL=scale_reciprocal)
+                  BLOCK_K=QUANT_BLOCK if w_fp8 else DENSE_BLOCK_K)
     rows = row_blocks(expert_ids.shape[0], t * topk)  # symbolic Min while traced: no guard on T
     grid = lambda meta: (rows, cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
     return LaunchSpec(_grouped_gemm_kernel, _grouped_gemm_tuned, GROUPED_GEMM_CONFIGS, grid, args, kwargs)
@@ -232,15 +216,11 @@ def choose_block_m(n_tokens: int, topk: int, n_experts: int) -> int:
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-              act_quant: bool = True, block_m: int | None = None, fuse_act_quant: bool = False
-              ) -> torch.Tensor:
+              act_quant: bool = True, block_m: int | None = None) -> torch.Tensor:
     """Routed experts: x [T, D], w13 [E, 2I, D] (rows [w1; w3]), w2 [E, D, I] -> [T, D] in x.dtype.
 
     With w13_scale/w2_scale (fp8 weights): act_quant=True quantizes the activations 1x128 on the
     fly (W8A8, dsv3::moe_experts_fp8(act_quant=True)); act_quant=False keeps them in x.dtype (W8A16).
-    fuse_act_quant: quantize x and h inside the grouped GEMMs (same result, two launches fewer)
-    instead of with act_quant launches. Off by default: 2x slower on the H200 at decode (see
-    engines/torch_triton.py FUSED_ACT_QUANT_ENV).
     """
     check_tensor("fused_moe: x", x, dtypes=DENSE_DTYPES, ndim=2)
     check_tensor("fused_moe: topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2, device=x.device)
@@ -263,11 +243,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         scales = {} if w2_scale is None else dict(w_scale=w2_scale)
         y = grouped_gemm(h, w2, sorted_ids, expert_ids, npp, 1, topk_weights=weights, out_dtype=x.dtype,
                          **scales)  # [T*k, D]
-    elif fuse_act_quant:
-        h = grouped_gemm(x.contiguous(), w13, sorted_ids, expert_ids, npp, topk, w_scale=w13_scale,
-                         fuse_swiglu=True, out_dtype=x.dtype, quant_a=True)  # [T*k, I]
-        y = grouped_gemm(h, w2, sorted_ids, expert_ids, npp, 1, w_scale=w2_scale, topk_weights=weights,
-                         out_dtype=x.dtype, quant_a=True)  # [T*k, D]
     else:
         xq, xs = act_quant_kernel(x.contiguous())
         h = grouped_gemm(xq, w13, sorted_ids, expert_ids, npp, topk, a_scale=xs, w_scale=w13_scale,

@@ -17,7 +17,7 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def check_operands(fn: str, a: torch.Tensor, w: torch.Tensor, topk: int, a_scale: torch.Tensor | None,
                    w_scale: torch.Tensor | None, topk_weights: torch.Tensor | None, fuse_swiglu: bool,
-                   out_dtype: torch.dtype | None, quant_a: bool) -> tuple[int, torch.dtype]:
+                   out_dtype: torch.dtype | None) -> tuple[int, torch.dtype]:
     """grouped_gemm's operand checks -> (output columns, output dtype)."""
     check_tensor(f"{fn}: a", a, dtypes=DENSE_DTYPES + (FP8_DTYPE,), ndim=2)
     dev = a.device
@@ -26,8 +26,6 @@ def check_operands(fn: str, a: torch.Tensor, w: torch.Tensor, topk: int, a_scale
     if a_fp8 and not w_fp8 or not w_fp8 and w.dtype != a.dtype:
         raise TypeError(f"{fn}: a {a.dtype} with w {w.dtype} is not a supported pair "
                         "(same dense dtype, fp8 x fp8, or dense a x fp8 w)")
-    if quant_a and (a_fp8 or not w_fp8):
-        raise TypeError(f"{fn}: quant_a needs bf16/fp16 a and fp8 w, got a {a.dtype}, w {w.dtype}")
     t, k = a.shape
     e, n, kw = w.shape
     if kw != k:

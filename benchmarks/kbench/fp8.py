@@ -1,8 +1,8 @@
 """Sections `fp8` and `fp8_prefill`: the blockwise fp8 GEMM (kernels/fp8_gemm.py, and at prefill M
 the Hopper TMA + persistent candidates of kernels/fp8_gemm_persistent.py, each config pinned)
 against torch._scaled_mm with 1x128 x 128x128 block scales (per-tensor scales if the blockwise form
-is refused, and the row says so) and F.linear on the dequantized bf16 weight; at decode M also
-fp8_linear's fused act_quant form and the weight-only form, eagerly and from CUDA graphs.
+is refused, and the row says so) and F.linear on the dequantized bf16 weight; also fp8_linear
+(act_quant + GEMM) and the weight-only form, and at decode M the GEMMs from CUDA graphs.
 
 The _scaled_mm baseline's operands are zero-padded outside the timing (K to a multiple of 512, M to
 16 rows: _blockwise_operands says why); zero rows and columns add nothing to the product.
@@ -185,18 +185,8 @@ def bench_fp8_gemm(report: Report, sh: Shapes, quick: bool) -> None:
                                         bench(lambda: F.linear(x, w_dense), sh, quick)),
                             bytes_=m * k * 2 + n * k * 2 + m * n * 2, flops=flops, peak=BF16_PEAK))
             rows.append(add(report, Row("fp8_gemm", case, "triton fp8_linear (act_quant + gemm)",
-                                        bench(lambda: fp8_linear(x, w, w_s, fuse_act_quant=False), sh, quick)),
+                                        bench(lambda: fp8_linear(x, w, w_s), sh, quick)),
                             bytes_=bytes_ + m * k * 2, flops=flops, peak=FP8_PEAK))
-            fused_bytes = m * k * 2 + n * k + w_s.numel() * 4 + m * n * 2  # x read in bf16, no a / a_s round trip
-            if decode:  # the opt-in fused form: one launch, the GEMM quantizes x's 1x128 blocks itself
-                fq_out, fq_choice = fp8_linear(x, w, w_s, fuse_act_quant=True), _fp8_choice(m, n, k, sh.device)
-                fq_err = mean_rel(fq_out.float(), ref)
-                fq_diff = int((fq_out != fp8_linear(x, w, w_s, fuse_act_quant=False)).sum())
-                rows.append(add(report, Row("fp8_gemm", case, "triton fp8_linear (fused act_quant)",
-                                            bench(lambda: fp8_linear(x, w, w_s, fuse_act_quant=True), sh, quick),
-                                            error=fq_err, tol=5e-3, ok=fq_err < 5e-3,
-                                            note=f"{fq_choice}; {fq_diff} outputs differ from act_quant + gemm"),
-                                bytes_=fused_bytes, flops=flops, peak=FP8_PEAK))
             wo_err = mean_rel(fp8_gemm(x, None, w, w_s).float(), fp8_gemm_ref(x, None, w, w_s, torch.float32))
             wo_choice = _fp8_choice(m, n, k, sh.device)
             rows.append(add(report, Row("fp8_gemm", case, "triton fp8_gemm weight-only (W8A16)",
@@ -207,8 +197,7 @@ def bench_fp8_gemm(report: Report, sh: Shapes, quick: bool) -> None:
                 # A decode step runs from a CUDA graph / AOTInductor: the kernels alone, without the
                 # host's checks and launches that do_bench around the Python call also times.
                 graphed = [("triton fp8_gemm (CUDA graph)", lambda: fp8_gemm(a, a_s, w, w_s), FP8_PEAK, choice),
-                           ("triton fp8_linear (CUDA graph)", lambda: fp8_linear(x, w, w_s, fuse_act_quant=False),
-                            FP8_PEAK, "")]
+                           ("triton fp8_linear (CUDA graph)", lambda: fp8_linear(x, w, w_s), FP8_PEAK, "")]
                 if any(r is not None and r.impl == "torch._scaled_mm blockwise" and r.ok for r in rows):
                     a_p, s_a, w_p, s_b = _blockwise_operands(a, a_s, w, w_s)
                     graphed.append(("torch._scaled_mm blockwise (CUDA graph)",
@@ -220,18 +209,6 @@ def bench_fp8_gemm(report: Report, sh: Shapes, quick: bool) -> None:
                                    bytes_=bytes_, flops=flops, peak=peak)
 
                     rows.append(guarded(report, f"{case} {impl}", timed))
-
-                def fused_graphed():  # checked on the graph's own output, after a replay
-                    outs = []
-                    graph = _graph_of(lambda: fp8_linear(x, w, w_s, fuse_act_quant=True), outs)
-                    graph.replay()
-                    e = mean_rel(outs[0].float(), ref)
-                    return add(report, Row("fp8_gemm", case, "triton fp8_linear fused act_quant (CUDA graph)",
-                                           bench(graph.replay, sh, quick), error=e, tol=5e-3, ok=e < 5e-3,
-                                           note="one launch (+ split-K sum)"),
-                               bytes_=fused_bytes, flops=flops, peak=FP8_PEAK)
-
-                rows.append(guarded(report, f"{case} fp8_linear fused act_quant (CUDA graph)", fused_graphed))
             rows = [r for r in rows if r is not None]
             finish_group(rows)
             show(case, rows)

@@ -117,24 +117,13 @@ def bench_moe(report: Report, sh: Shapes, quick: bool) -> None:
                     ("triton fused_moe bf16 (CUDA graph)", lambda: M.fused_moe(x, w13, w2, tw, ids), bf16_bytes,
                      BF16_PEAK),
                     ("triton fused_moe fp8 (CUDA graph)",
-                     lambda: M.fused_moe(x, w13q, w2q, tw, ids, fuse_act_quant=False, **fp8_kw),
+                     lambda: M.fused_moe(x, w13q, w2q, tw, ids, **fp8_kw),
                      active * expert_elems + act_bytes, FP8_PEAK),
                     ("torch._grouped_mm moe bf16 (CUDA graph, rows pre-sorted)", _presorted_grouped_mm(x, w13_t, w2_t, tw, ids, e),
                      bf16_bytes, BF16_PEAK)):
                 rows.append(guarded(report, f"moe {case} {impl}", lambda impl=impl, fn=fn, nbytes=nbytes, peak=peak: add(
                     report, Row("moe", case, impl, bench(_graph_of(fn).replay, sh, quick), note=note),
                     bytes_=nbytes, flops=flops, peak=peak)))
-
-            def fused_quant_graph():  # the opt-in fused fp8 MoE: x and h quantized inside the GEMMs
-                fused = lambda: M.fused_moe(x, w13q, w2q, tw, ids, fuse_act_quant=True, **fp8_kw)  # noqa: E731
-                same = torch.equal(fused(), M.fused_moe(x, w13q, w2q, tw, ids, fuse_act_quant=False, **fp8_kw))
-                return add(report, Row("moe", case, "triton fused_moe fp8, act_quant in the GEMMs (CUDA graph)",
-                                       bench(_graph_of(fused).replay, sh, quick), ok=same,
-                                       note=note + ("; = the act_quant form bit for bit" if same else
-                                                    "; DIFFERS from the act_quant form")),
-                           bytes_=active * expert_elems + act_bytes, flops=flops, peak=FP8_PEAK)
-
-            rows.append(guarded(report, f"moe {case} fp8 act_quant in the GEMMs", fused_quant_graph))
         rows = [r for r in rows if r is not None]
         finish_group(rows)
         show(case, rows)

@@ -41,7 +41,7 @@ for n, k in ((200, 1000), (72, 300)):  # split-K 4 at decode, and no split
                     self.register_buffer("s", s)
 
                 def forward(self, x):
-                    return tt.fp8_linear(x, self.w, self.s, True, True, False, True)
+                    return tt.fp8_linear(x, self.w, self.s, True, True, True)
 
             x3 = torch.randn(3, k, generator=g)  # batch 1 would specialize (torch.export's 0/1 rule)
             ep = export(Linear(), (x3,), dynamic_shapes=({0: Dim("batch", min=1, max=64)},))
@@ -56,8 +56,8 @@ for n, k in ((200, 1000), (72, 300)):  # split-K 4 at decode, and no split
             gemv = [k for k in launched if getattr(getattr(k, "fn", None), "__name__", "") == "_fp8_gemv_kernel"]
             out[key + "_gemv_configs"] = [[c.num_warps, c.num_stages, c.kwargs] for k in gemv for c in k.configs]
             break
-        on = tt.fp8_linear(x, w, s, True, True, False, True)
-        off = tt.fp8_linear(x, w, s, True, True, False, False)
+        on = tt.fp8_linear(x, w, s, True, True, True)
+        off = tt.fp8_linear(x, w, s, True, True, False)
         gemv = kv.fp8_gemv(x, w, s, torch.float32)
         ref = kg.fp8_gemm_ref(*R.act_quant(x), w, s, torch.float32)
         out[key] = dict(split=split, equal_gemv=bool(torch.equal(on, gemv)), equal_off=bool(torch.equal(on, off)),

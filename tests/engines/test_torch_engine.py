@@ -257,8 +257,6 @@ q2, s2 = fp8_experts(d, i)
 print("moe", rel(moe_experts(x, w, ids, w13, w2, 16), torch.ops.dsv3.moe_experts(x, w, ids, w13, w2)))
 print("moe_fp8", rel(moe_experts_fp8(x, w, ids, q13, s13, q2, s2, 16),
                      torch.ops.dsv3.moe_experts_fp8(x, w, ids, q13, s13, q2, s2, True)))
-print("moe_fp8_fused_quant", rel(moe_experts_fp8(x, w, ids, q13, s13, q2, s2, 16, True),
-                                 torch.ops.dsv3.moe_experts_fp8(x, w, ids, q13, s13, q2, s2, True)))
 
 # MLA: a populated cache of T = 13 rows; per-row start_pos 0 (cache unused), inside the cache, and
 # past its end (every cache row visible); heads, latent and rope widths off the kernels' blocks.
@@ -333,7 +331,6 @@ def test_triton_ops_match_dsv3_ops_in_the_interpreter(seed):
 _TRITON_TRACE_SCRIPT = r'''
 import os, sys
 os.environ.pop("TRITON_INTERPRET", None)  # traced kernels must be real JITFunctions for wrap_triton
-os.environ["DSV3_TORCH_FUSED_ACT_QUANT"] = sys.argv[2]
 import torch
 from torch.export import Dim
 import dsv3_export.ops  # noqa: F401
@@ -393,8 +390,8 @@ print("mla_minmax", sum("Min(" in e or "Max(" in e for e in vals))
 '''
 
 
-@pytest.mark.parametrize("kind,fused", [("decode", "0"), ("decode", "1"), ("prefill", "0")])
-def test_triton_ops_trace_with_dynamic_dims(kind, fused):
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_triton_ops_trace_with_dynamic_dims(kind):
     """torch.export of dsv3::mla_attention + fp8_linear with dynamic batch / cache (and seq for
     prefill), lowered for CUDA: the dsv3_aoti triton_ops stay in the program without specializing
     a dim, and decompose (as AOTInductor decomposes them) into our kernels. CPU-only: the triton
@@ -403,7 +400,7 @@ def test_triton_ops_trace_with_dynamic_dims(kind, fused):
     import sys
 
     pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, "-c", _TRITON_TRACE_SCRIPT, kind, fused], check=False,
+    done = subprocess.run([sys.executable, "-c", _TRITON_TRACE_SCRIPT, kind], check=False,
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "DSV3_TORCH_TOPK": "kernel"})  # the top-k kernel is opt-in
     assert done.returncode == 0, done.stderr[-3000:]
@@ -414,9 +411,7 @@ def test_triton_ops_trace_with_dynamic_dims(kind, fused):
     attention = "_mla_decode_split_kernel" if kind == "decode" else "_mla_prefill_kernel"
     kernels = set(out["kernels"].split(","))
     assert {attention, "_fp8_gemm_kernel", "_topk_kernel"} <= kernels, out
-    # act_quant then the fp8 GEMM, unless DSV3_TORCH_FUSED_ACT_QUANT=1 makes the decode program's GEMM
-    # quantize its own activations (one launch)
-    assert ("_act_quant_ieee_kernel" in kernels) == (kind == "prefill" or fused == "0"), out
+    assert "_act_quant_ieee_kernel" in kernels, out  # act_quant then the fp8 GEMM
     # decode: MAX_SPLITS split programs per row, the kernels pick how many run (mla_decode runtime_splits)
     from dsv3_export.kernels.mla_decode import MAX_SPLITS, runtime_split_target
 
@@ -488,7 +483,6 @@ if sys.argv[1] == "default":
     os.environ.pop("DSV3_TORCH_MOE_ALIGN", None)
 else:
     os.environ["DSV3_TORCH_MOE_ALIGN"] = sys.argv[1]
-os.environ["DSV3_TORCH_FUSED_ACT_QUANT"] = sys.argv[3]
 import torch
 from torch.export import Dim
 import dsv3_export.ops  # noqa: F401
@@ -537,29 +531,27 @@ print("gemm_rows", ",".join(sorted(rows)))
 '''
 
 
-@pytest.mark.parametrize("form,kind,fused", [("aten", "decode", "0"), ("kernel", "decode", "0"),
-                                             ("default", "decode", "0"), ("default", "decode", "1"),
-                                             ("default", "prefill", "0")])
-def test_moe_align_traced_form_switch(form, kind, fused):
+@pytest.mark.parametrize("form,kind", [("aten", "decode"), ("kernel", "decode"), ("default", "decode"),
+                                       ("default", "prefill")])
+def test_moe_align_traced_form_switch(form, kind):
     """DSV3_TORCH_MOE_ALIGN picks how the MoE's alignment is traced into a CUDA package: the ATen ops
     (sort / scatter / searchsorted, several kernels) or the single-program kernel (one launch, the
     default), with the token dim still dynamic. The bf16 and fp8 MoE ops of one program: the grouped
     GEMMs launch sym_min(n_blocks, T*k) row blocks (a Min of the token symbol, no guard); the fp8 MoE
-    launches act_quant twice, none when DSV3_TORCH_FUSED_ACT_QUANT=1 makes the decode program's
-    grouped GEMMs quantize their own activations.
+    launches act_quant twice.
     Traced only: the package is never run on this CPU."""
     import subprocess
     import sys
 
     pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, "-c", _MOE_ALIGN_TRACE_SCRIPT, form, kind, fused], check=False,
+    done = subprocess.run([sys.executable, "-c", _MOE_ALIGN_TRACE_SCRIPT, form, kind], check=False,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = dict((line.split(" ", 1) + [""])[:2] for line in done.stdout.strip().split("\n"))
     kernels = out["kernels"].split(",")
     assert kernels.count("_grouped_gemm_kernel") == 4 and int(out["dims"]) == 1, out
     assert out["gemm_rows"] == "sym_min", out
-    assert kernels.count("_act_quant_ieee_kernel") == (0 if kind == "decode" and fused == "1" else 2), out
+    assert kernels.count("_act_quant_ieee_kernel") == 2, out
     if form in ("kernel", "default"):
         assert kernels.count("_moe_align_kernel") == 2 and out["aten"] == "", out
     else:
@@ -572,14 +564,6 @@ def test_moe_align_traced_form_rejects_unknown(monkeypatch):
     monkeypatch.setenv(torch_triton.MOE_ALIGN_ENV, "fast")
     with pytest.raises(ValueError, match="DSV3_TORCH_MOE_ALIGN='fast'"):
         torch_triton._moe_align(torch.zeros(2, 2, dtype=torch.int64), 4, 16)
-
-
-def test_fused_act_quant_switch_rejects_unknown(monkeypatch):
-    from dsv3_export.engines import torch_triton
-
-    monkeypatch.setenv(torch_triton.FUSED_ACT_QUANT_ENV, "yes")
-    with pytest.raises(ValueError, match="DSV3_TORCH_FUSED_ACT_QUANT='yes'"):
-        torch_triton.triton_lowerings("decode")
 
 
 @pytest.mark.parametrize("second, reason", [

@@ -8,7 +8,7 @@ for CUDA as engines/torch.py lower_program lowers them, switch on against off, r
 seed: EQUAL outputs (the rewrite replaces router_topk + moe_align by a kernel computing the same bits,
 and the experts run the same launches on them). Structure: one router_align per MoE layer and no
 router_topk / moe_align launch with the switch on; none in prefill, with the switch off, or with the
-other routing forms (gate in the router, MOE_ALIGN=aten, fused act_quant). Traced (no
+other routing forms (gate in the router, MOE_ALIGN=aten). Traced (no
 interpreter; decomposed as AOTInductor decomposes): one _router_align_kernel per MoE layer, every kernel
 argument named in each launch (the 16b launch test's rule).
 """
@@ -130,8 +130,8 @@ def test_traced_decode_program_launches_router_align():
 
 
 def test_where_it_does_not_apply(monkeypatch):
-    """Switch off (the default) or unknown; prefill; the gate in the router; MOE_ALIGN=aten;
-    fused act_quant: router_topk as before, the MoE op aligning its ids itself, and the reason."""
+    """Switch off (the default) or unknown; prefill; the gate in the router; MOE_ALIGN=aten:
+    router_topk as before, the MoE op aligning its ids itself, and the reason."""
     pytest.importorskip("triton")
     from dsv3_export.engines import torch_router as tr
     from dsv3_export.engines import torch_triton as tt
@@ -142,7 +142,7 @@ def test_where_it_does_not_apply(monkeypatch):
     import torch
 
     decode = run_pipeline(tiny_program("decode", torch.bfloat16), PassConfig(precision="fp8"))[0]
-    for env in (tr.ALIGN_ENV, tr.GATE_ENV, tt.MOE_ALIGN_ENV, tt.FUSED_ACT_QUANT_ENV):
+    for env in (tr.ALIGN_ENV, tr.GATE_ENV, tt.MOE_ALIGN_ENV):
         monkeypatch.delenv(env, raising=False)
     assert tr.ALIGN_DEFAULT == "0"  # not measured on the H200 yet
 
@@ -160,8 +160,7 @@ def test_where_it_does_not_apply(monkeypatch):
     how, aligned, topk = routed(prefill, "prefill")
     assert not aligned and topk and "0 of them with moe_align" in how and "prefill program" in how, how
     for env, value, reason in ((tr.GATE_ENV, "1", "DSV3_TORCH_ROUTER_GATE=1"),
-                               (tt.MOE_ALIGN_ENV, "aten", "DSV3_TORCH_MOE_ALIGN=aten"),
-                               (tt.FUSED_ACT_QUANT_ENV, "1", "DSV3_TORCH_FUSED_ACT_QUANT=1")):
+                               (tt.MOE_ALIGN_ENV, "aten", "DSV3_TORCH_MOE_ALIGN=aten")):
         monkeypatch.setenv(env, value)
         how, aligned, _ = routed(decode)
         assert not aligned and f"not aligned: {reason}" in how, how

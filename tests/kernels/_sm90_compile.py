@@ -128,13 +128,7 @@ def _cases(all_configs: bool):
         for split, c, a_fp8 in ((1, bf, True), (4, f32, True), (1, bf, False)):
             yield (f"fp8_gemm split_k={split} a_fp8={a_fp8}", fp8_gemm._fp8_gemm_kernel, cfg,
                    dict(a_ptr=f8 if a_fp8 else bf, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c),
-                   dict(A_FP8=a_fp8, QUANT_A=False, SCALE_RECIPROCAL=True, UPCAST=False, BLOCK_K=128))
-    # The decode GEMM that quantizes its own A tiles (bf16 x; fp32 x, split-K; the CPU scale form).
-    for cfg in fp8_gemm.DECODE_CONFIGS if all_configs else fp8_gemm.DECODE_CONFIGS[:1] + fp8_gemm.DECODE_CONFIGS[-1:]:
-        for split, a, c, recip in ((1, bf, bf, True), (4, f32, f32, True), (1, bf, bf, False)):
-            yield (f"fp8_gemm quant_a x={a[1:]} recip={recip} split_k={split} a_fp8=True", fp8_gemm._fp8_gemm_kernel,
-                   cfg, dict(a_ptr=a, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c),
-                   dict(A_FP8=True, QUANT_A=True, SCALE_RECIPROCAL=recip, UPCAST=False, BLOCK_K=128))
+                   dict(A_FP8=a_fp8, UPCAST=False, BLOCK_K=128))
     # The Hopper prefill candidate (TMA descriptors, persistent): every config and prefill sweep candidate.
     for cfg in {str(c): c for c in [*fp8_gemm_persistent.TMA_PERSISTENT_CONFIGS,
                                     *fp8_gemm_persistent.PREFILL_CANDIDATES.values()]}.values():
@@ -156,19 +150,16 @@ def _cases(all_configs: bool):
                    dict(K=k, EXPERTS=experts, SWIGLU=swiglu, MUL_WEIGHT=mul_weight, SCALE_RECIPROCAL=True,
                         SCALE_BLOCK=128, ZERO_SPLITS=zero_splits))
     for cfg in pick(moe.GROUPED_GEMM_CONFIGS):
-        # quant_a: bf16 a quantized 1x128 in the kernel (the opt-in fused fp8 MoE, CUDA scale form)
-        for w_fp8, a_fp8, quant_a, swiglu, block_m in ((True, True, False, True, 16), (True, True, False, False, 64),
-                                                       (True, True, True, True, 16), (True, True, True, False, 16),
-                                                       (True, False, False, True, 16), (False, False, False, True, 64),
-                                                       (False, False, False, False, 16)):
-            yield (f"grouped_gemm w_fp8={w_fp8} a_fp8={a_fp8}{' quant_a=True' if quant_a else ''} swiglu={swiglu} "
-                   f"block_m={block_m}", moe._grouped_gemm_kernel, cfg,
-                   dict(a_ptr=f8 if a_fp8 and not quant_a else bf, a_s_ptr=f32, w_ptr=f8 if w_fp8 else bf,
+        for w_fp8, a_fp8, swiglu, block_m in ((True, True, True, 16), (True, True, False, 64),
+                                              (True, False, True, 16), (False, False, True, 64),
+                                              (False, False, False, 16)):
+            yield (f"grouped_gemm w_fp8={w_fp8} a_fp8={a_fp8} swiglu={swiglu} block_m={block_m}",
+                   moe._grouped_gemm_kernel, cfg,
+                   dict(a_ptr=f8 if a_fp8 else bf, a_s_ptr=f32, w_ptr=f8 if w_fp8 else bf,
                         w_s_ptr=f32, c_ptr=bf, topk_w_ptr=f32, sorted_ids_ptr=i32, expert_ids_ptr=i32,
                         num_post_pad_ptr=i32),
                    dict(W_FP8=w_fp8, A_FP8=a_fp8, SWIGLU=swiglu, MUL_WEIGHT=not swiglu, UPCAST=False,
-                        SCALE_BLOCK=128, BLOCK_M=block_m, BLOCK_K=128 if w_fp8 else moe.DENSE_BLOCK_K,
-                        QUANT_A=quant_a, SCALE_RECIPROCAL=True))
+                        SCALE_BLOCK=128, BLOCK_M=block_m, BLOCK_K=128 if w_fp8 else moe.DENSE_BLOCK_K))
     for e, ids in ((64, "*i64"), (256, "*i32")):  # the 16b preset's 64 experts; V3's 256
         yield (f"moe_align E={e}", moe_align._moe_align_kernel, triton.Config({}, num_warps=4),
                dict(ids_ptr=ids, sorted_ids_ptr=i32, expert_ids_ptr=i32, npp_ptr=i32),

@@ -277,100 +277,22 @@ def test_tma_persistent_allocator_installed_once_never_overwritten():
     assert contextvars.copy_context().run(after_ensure, theirs) is theirs
 
 
-# -- quant_a: the decode GEMM quantizes its own A tiles (one launch instead of act_quant + GEMM)
+# -- fp8_linear(act_quant=True): a separate act_quant launch, then the GEMM on its q and s
 
 
-def _activation(m: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-    # Many binades (as test_fp8_quant's bit-exact test) so every e4m3 rounding case is hit; row 1 all
-    # zeros and one whole 128-block zero, which quantize with the AMAX_FLOOR scale and must stay finite.
-    x = torch.randn(m, k) * torch.logspace(-3, 2, k)[torch.randperm(k)]
-    if m > 1:
-        x[1] = 0
-    x[:, 128:256] = 0
-    return x.to(dtype)
-
-
-def _unfused(x, w, w_s, out_dtype, split_k, scale_reciprocal, config=None):
-    q, s = K.act_quant(x, scale_reciprocal=scale_reciprocal)
-    return G.fp8_gemm(q, s, w, w_s, out_dtype, split_k=split_k, config=config)
-
-
-@pytest.mark.parametrize("m", [1, 3, 17])
-@pytest.mark.parametrize("n, k, split_k", [(200, 300, 1), (200, 300, 3), (130, 1100, None)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_quant_a_equals_act_quant_then_gemm_bit_for_bit(seed, m, n, k, split_k, dtype):
-    """Exact, not a tolerance: the kernel quantizes with act_quant's arithmetic (same fp8 operands,
-    same scales), so every K block's dot and its scaling are the same fp32 operations in the same
-    order. N, K off the 128 grid (ragged scale blocks, masked tails); split-K None lets the decode
-    heuristic split K=1100 (9 K blocks) too."""
-    torch.manual_seed(seed)
-    x = _activation(m, k, dtype)
-    w, w_s = R.weight_quant(torch.randn(n, k) / k**0.5)
-    out = G.fp8_gemm(x, None, w, w_s, torch.float32, split_k=split_k, quant_a=True)  # NaN-poisoned outputs
-    ref = _unfused(x, w, w_s, torch.float32, split_k, None)
-    assert out.shape == (m, n)
-    assert_finite("fp8_gemm quant_a", out)
-    assert torch.equal(out, ref), f"{int((out != ref).sum())} of {out.numel()} outputs differ"
-    # and the operands are the oracle's: equal to dequantize-then-matmul within the GEMM's own tolerance
-    assert mean_rel(out, G.fp8_gemm_ref(*R.act_quant(x), w, w_s, torch.float32)) < TOL["fp8_gemm_fp32_out"]
-    if m > 1:
-        assert (out[1] == 0).all()  # an all-zero row: AMAX_FLOOR scale, exact zeros, no NaN
-
-
-@pytest.mark.parametrize("scale_reciprocal", [True, False])
-def test_quant_a_follows_both_scale_forms(seed, scale_reciprocal):
-    """amax * fp32(1/448) (the CUDA form the GPU runs) and IEEE amax / 448 (the CPU form): each equal
-    to act_quant in the same form; the two forms give different outputs on these inputs, so the
-    flag really reaches the kernel. fp16 x and a bf16 output here."""
-    torch.manual_seed(seed)
-    x = _activation(5, 2048, torch.float16)
-    w, w_s = R.weight_quant(torch.randn(70, 2048) / 2048**0.5)
-    out = G.fp8_gemm(x, None, w, w_s, torch.bfloat16, split_k=2, quant_a=True, scale_reciprocal=scale_reciprocal)
-    assert out.dtype == torch.bfloat16
-    assert torch.equal(out, _unfused(x, w, w_s, torch.bfloat16, 2, scale_reciprocal))
-    other = _unfused(x, w, w_s, torch.float32, 2, not scale_reciprocal)
-    mine = G.fp8_gemm(x, None, w, w_s, torch.float32, split_k=2, quant_a=True, scale_reciprocal=scale_reciprocal)
-    assert not torch.equal(mine, other)
-
-
-@pytest.mark.parametrize("config", G.DECODE_CONFIGS, ids=str)
-def test_quant_a_every_decode_config(seed, config):
-    torch.manual_seed(seed)
-    x = _activation(17, 300, torch.bfloat16)
-    w, w_s = R.weight_quant(torch.randn(200, 300) / 300**0.5)
-    out = G.fp8_gemm(x, None, w, w_s, torch.float32, split_k=2, quant_a=True, config=config)
-    assert torch.equal(out, _unfused(x, w, w_s, torch.float32, 2, None, config))  # same tiles: same dot order
-
-
-def test_fp8_linear_fuses_the_quantization_only_when_asked(seed, monkeypatch):
-    """fp8_linear(fuse_act_quant=True): one launch (no act_quant kernel), the same output bit for bit;
-    the default is act_quant + GEMM at every size (the fused GEMM measured 3-4x slower on the H200)."""
+def test_fp8_linear_is_act_quant_then_the_gemm(seed, monkeypatch):
+    """One act_quant launch per call at decode and prefill sizes, the GEMM fed its q and s (the same
+    output bit for bit); an empty batch gives an empty [0, N] output."""
     torch.manual_seed(seed)
     w, w_s = R.weight_quant(torch.randn(130, 300) / 300**0.5)
     x = torch.randn(2, 3, 300, dtype=torch.bfloat16)
     calls = []
     real = G.act_quant_kernel
     monkeypatch.setattr(G, "act_quant_kernel", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    fused = G.fp8_linear(x, w, w_s, fuse_act_quant=True, shape_class="decode")
-    assert calls == []
-    separate = G.fp8_linear(x, w, w_s, shape_class="decode")  # M = 6: decode-sized, still separate
-    assert calls == [1] and torch.equal(fused, separate) and fused.shape == (2, 3, 130)
-    G.fp8_linear(x, w, w_s)
+    for shape_class in ("decode", "prefill"):
+        y = G.fp8_linear(x, w, w_s, shape_class=shape_class)
+        q, s = K.act_quant(x.reshape(-1, 300))
+        want = G.fp8_gemm(q, s, w, w_s, torch.bfloat16, shape_class=shape_class).view(2, 3, 130)
+        assert torch.equal(y, want)
     assert calls == [1, 1]
-
-
-def test_quant_a_empty_inputs_and_bad_arguments():
-    w, w_s = R.weight_quant(torch.randn(200, 300))
-    for fused in (False, True):
-        out = G.fp8_linear(torch.zeros(0, 300, dtype=torch.bfloat16), w, w_s, fuse_act_quant=fused)
-        assert out.shape == (0, 200)
-    x = torch.randn(3, 300, dtype=torch.bfloat16)
-    a, a_s = R.act_quant(x)
-    with pytest.raises(TypeError, match="fp8_gemm: a: dtype torch.float8_e4m3fn"):
-        G.fp8_gemm(a, a_s, w, w_s, quant_a=True)
-    with pytest.raises(ValueError, match="a_s is only for fp8 a"):
-        G.fp8_gemm(x, a_s, w, w_s, quant_a=True)
-    with pytest.raises(ValueError, match="does not quantize a"):
-        G.fp8_gemm(x[:, :256], None, w[:, :256], w_s[:, :2], quant_a=True, variant="tma_persistent")
-    with pytest.raises(ValueError, match="fuse_act_quant=True needs act_quant=True"):
-        G.fp8_linear(x, w, w_s, act_quant=False, fuse_act_quant=True)
+    assert G.fp8_linear(torch.zeros(0, 300, dtype=torch.bfloat16), w, w_s).shape == (0, 130)

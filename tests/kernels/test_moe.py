@@ -309,101 +309,29 @@ def test_grouped_gemm_grid_launches_only_blocks_that_can_hold_work(seed, monkeyp
     block_m = 16
     s_ids, e_ids, npp = M.moe_align(ids, e, block_m)
     n_blocks = e_ids.numel()
+    xq, xs = R.act_quant(x)
     grids = _recorded_grids(monkeypatch, M, "launch")
-    h = M.grouped_gemm(x, w13q, s_ids, e_ids, npp, k, w_scale=w13s, fuse_swiglu=True, quant_a=True)
-    y = M.grouped_gemm(h, w2q, s_ids, e_ids, npp, 1, w_scale=w2s, topk_weights=rw, quant_a=True,
+    h = M.grouped_gemm(xq, w13q, s_ids, e_ids, npp, k, a_scale=xs, w_scale=w13s, fuse_swiglu=True,
+                       out_dtype=torch.float16)
+    hq, hs = R.act_quant(h)
+    y = M.grouped_gemm(hq, w2q, s_ids, e_ids, npp, 1, a_scale=hs, w_scale=w2s, topk_weights=rw,
                        out_dtype=torch.float32)
     want_rows = min(n_blocks, t * k)
     assert want_rows < n_blocks or case == "one_expert_many_tokens", "case does not exercise the bound"
     assert [g[0] for _, g in grids] == [want_rows, want_rows], (grids, n_blocks)
     assert want_rows * block_m >= npp.item(), "a used block was not launched"
-    xq, xs = R.act_quant(x)
     h_ref = M.grouped_gemm_ref(xq, w13q, ids, k, a_scale=xs, w_scale=w13s, fuse_swiglu=True, out_dtype=torch.float16)
     assert_finite("grouped_gemm up", h)
     assert mean_rel(h, h_ref) < TOL["fused_moe_fp8_fp16"]
-    hq, hs = R.act_quant(h)
     y_ref = M.grouped_gemm_ref(hq, w2q, ids.reshape(-1, 1), 1, a_scale=hs, w_scale=w2s, topk_weights=rw)
     assert_finite("grouped_gemm down", y)
     assert mean_rel(y, y_ref) < TOL["fp8_gemm_fp32_out"]
 
 
-@pytest.mark.parametrize("t,block_m,dtype,reciprocal", [
-    (1, 16, torch.bfloat16, True),  # the decode program on CUDA: scale = amax * fp32(1/448)
-    (1, 16, torch.float16, False),  # IEEE amax / 448, as on the CPU
-    (13, 16, torch.bfloat16, False),
-    (13, 16, torch.float16, True),
-    (13, 32, torch.bfloat16, True),
-])
-def test_grouped_gemm_quant_a_is_act_quant_then_gemm_bit_for_bit(seed, t, block_m, dtype, reciprocal):
-    """The in-kernel 1x128 quantization (quant_a) gives exactly act_quant(scale_reciprocal) + the
-    fp8 x fp8 GEMM: same q, same scales, same dots. K = D = 200 (up) and I = 96 (down) leave ragged
-    K blocks; an all-zero row and an all-zero 128-block get the amax floor, not NaN."""
-    torch.manual_seed(seed)
-    k = 3
-    ids, rw = _routing(t, k)
-    x = (torch.randn(t, D) * 3).to(dtype)
-    x[0, QUANT_K:] = 0
-    if t > 2:
-        x[t // 2] = 0
-    (w13q, w13s), (w2q, w2s) = _fp8_experts()
-    s_ids, e_ids, npp = M.moe_align(ids, E, block_m)
-
-    def both(a, w, w_s, topk, **kw):
-        aq, a_s = M.act_quant_kernel(a, scale_reciprocal=reciprocal)
-        sep = M.grouped_gemm(aq, w, s_ids, e_ids, npp, topk, a_scale=a_s, w_scale=w_s, **kw)
-        fused = M.grouped_gemm(a, w, s_ids, e_ids, npp, topk, w_scale=w_s, quant_a=True,
-                               scale_reciprocal=reciprocal, **kw)
-        assert_finite("grouped_gemm quant_a", fused)
-        assert torch.equal(fused, sep), f"{int((fused != sep).sum())} of {fused.numel()} outputs differ"
-        return fused
-
-    h = both(x, w13q, w13s, k, fuse_swiglu=True, out_dtype=dtype)  # [T*k, I]
-    y = both(h, w2q, w2s, 1, topk_weights=rw, out_dtype=torch.float32)  # [T*k, D]
-    # The fused GEMM computes a real product: the dequantize-then-matmul oracle fed the same operands.
-    # They come from act_quant in the same scale form: with reciprocal scales, one scale an ulp off
-    # the oracle's IEEE one flips a near-amax fp8 value (step 32 at 448) and moves a T=1 output ~2%.
-    xq, xs = M.act_quant_kernel(x, scale_reciprocal=reciprocal)
-    ref = M.grouped_gemm_ref(xq, w13q, ids, k, a_scale=xs, w_scale=w13s, fuse_swiglu=True)
-    assert mean_rel(h, ref) < TOL["fused_moe_fp8_fp16"] and y.abs().sum() > 0
-
-
-def test_quant_a_bad_inputs_name_the_problem():
-    ids, _ = _routing(4, 2)
-    x = torch.randn(4, D, dtype=torch.float16)
-    w13, _ = _weights(torch.float16)
-    (w13q, w13s), _ = _fp8_experts()
-    s_ids, e_ids, npp = M.moe_align(ids, E, 16)
-    with pytest.raises(TypeError, match="quant_a needs bf16/fp16 a and fp8 w"):
-        M.grouped_gemm(x, w13, s_ids, e_ids, npp, 2, quant_a=True)
-    xq, xs = R.act_quant(x)
-    with pytest.raises(TypeError, match="quant_a needs bf16/fp16 a and fp8 w"):
-        M.grouped_gemm(xq, w13q, s_ids, e_ids, npp, 2, a_scale=xs, w_scale=w13s, quant_a=True)
-
-
-@pytest.mark.parametrize("t", [1, 11])
-def test_fused_moe_quantizes_inside_the_gemms_when_asked(seed, monkeypatch, t):
-    """fused_moe fp8 with fuse_act_quant=True launches no act_quant and equals the two-act_quant
-    form bit for bit; the default keeps act_quant (the fused GEMMs measured 2x slower on the H200)."""
-    torch.manual_seed(seed)
-    ids, rw = _routing(t, 3)
-    x = torch.randn(t, D, dtype=torch.bfloat16)
-    (w13q, w13s), (w2q, w2s) = _fp8_experts()
-    calls, real = [], M.act_quant_kernel
-    monkeypatch.setattr(M, "act_quant_kernel", lambda a, *r, **kw: calls.append(a.shape) or real(a, *r, **kw))
-    kw = dict(w13_scale=w13s, w2_scale=w2s)
-    assert M.choose_block_m(t, 3, E) == 16
-    fused = M.fused_moe(x, w13q, w2q, rw, ids, fuse_act_quant=True, **kw)
-    assert calls == []
-    separate = M.fused_moe(x, w13q, w2q, rw, ids, **kw)
-    assert len(calls) == 2, "the default quantizes with act_quant launches"
-    assert_finite("fused_moe fused act_quant", fused)
-    assert torch.equal(fused, separate)
-
-
-def test_engine_moe_fp8_decode_form_fuses_act_quant(seed, monkeypatch):
-    """dsv3_aoti::moe_experts_fp8 (the CUDA lowering's launch code, run by the interpreter):
-    fuse_act_quant=True (the opt-in DSV3_TORCH_FUSED_ACT_QUANT=1 form) launches moe_align + 2 grouped GEMMs and no
-    act_quant, each GEMM on min(n_blocks, T*k) row blocks, and equals the separate form bit for bit."""
+def test_engine_moe_fp8_decode_form_launches(seed, monkeypatch):
+    """dsv3_aoti::moe_experts_fp8 (the CUDA lowering's launch code, run by the interpreter): act_quant,
+    the up GEMM, act_quant of h, the down GEMM, each GEMM on min(n_blocks, T*k) row blocks; the same
+    bits as fused_moe, the eager launcher, at the same block_m."""
     from dsv3_export.engines import torch_triton as TT
 
     torch.manual_seed(seed)
@@ -414,12 +342,13 @@ def test_engine_moe_fp8_decode_form_fuses_act_quant(seed, monkeypatch):
     (w13q, w13s), (w2q, w2s) = _fp8_experts()
     grids = _recorded_grids(monkeypatch, TT, "_launch")
     args = (x, rw.bfloat16(), ids, w13q, w13s, w2q, w2s, TT.BLOCK_M["decode"])
-    fused = TT.moe_experts_fp8(*args, True)
-    fused_launches = [name for name, _ in grids]
-    separate = TT.moe_experts_fp8(*args, False)
-    assert fused_launches == ["_grouped_gemm_kernel", "_grouped_gemm_kernel"], fused_launches
-    assert [name for name, _ in grids[2:]].count("_act_quant_ieee_kernel") == 2, grids
+    out = TT.moe_experts_fp8(*args)
+    assert [name for name, _ in grids] == ["_act_quant_ieee_kernel", "_grouped_gemm_kernel"] * 2, grids
     n_blocks = -(-(t * k + E * 15) // 16)
     assert all(g[0] == min(n_blocks, t * k) == t * k for name, g in grids if name == "_grouped_gemm_kernel"), grids
-    assert_finite("moe_experts_fp8 fused", fused)
-    assert torch.equal(fused, separate)
+    assert_finite("moe_experts_fp8", out)
+    calls, real = [], M.act_quant_kernel
+    monkeypatch.setattr(M, "act_quant_kernel", lambda a, *r, **kw: calls.append(a.shape) or real(a, *r, **kw))
+    eager = M.fused_moe(x, w13q, w2q, rw.bfloat16(), ids, w13_scale=w13s, w2_scale=w2s, block_m=TT.BLOCK_M["decode"])
+    assert len(calls) == 2, "fused_moe fp8 quantizes x and h with act_quant launches"
+    assert torch.equal(out, eager)

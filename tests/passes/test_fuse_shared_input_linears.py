@@ -241,6 +241,14 @@ def test_fp8_fused_onnxruntime_engine_matches_the_program(tmp_path, seed):
     # an fp8 rounding boundary, and later layers amplify it), with or without this pass: over seeds
     # 1, 2, 3, 588180305 the engine differed by 9e-4 to 1.5e-2 from the fused AND the unfused program
     # alike, top-1 98.6-100% of 74 positions. That the fusion itself is exact is checked above.
+    # Most positions come out exact; the few that cross a boundary differ by up to ~0.3 in some logit, and
+    # a top-1 flips only where the program's top-1 margin is below that: seed 45173075 flipped 4 of 74
+    # positions at margins 0.001-0.045 against per-position errors of 0.08-0.13 (median margin 0.18).
+    # So: every top-1 whose margin exceeds twice its position's largest error must agree.
     assert rel_err(got, expected) < 5e-2, f"seed={seed}"
-    agree = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
-    assert agree >= 0.95, f"seed={seed}: top-1 agreement {agree:.3f}"
+    top2 = expected.topk(2, dim=-1).values
+    margin, pos_err = top2[..., 0] - top2[..., 1], (got - expected).abs().amax(-1)
+    flipped = got.argmax(-1) != expected.argmax(-1)
+    unexplained = flipped & (margin > 2 * pos_err)
+    assert not unexplained.any(), f"seed={seed}: margins {margin[unexplained].tolist()}, errors {pos_err[unexplained].tolist()}"
+    assert flipped.float().mean().item() <= 0.1, f"seed={seed}: {int(flipped.sum())} top-1 flips of {flipped.numel()}"

@@ -26,7 +26,8 @@ triton.testing.do_bench (median) and reports: time, achieved TB/s or TFLOP/s, th
                 kernels (runtime_splits) and with the fixed 8 splits it used before
   MLA sweep     (mla_sweep, < 60 s) mla_decode's variants (TMA loads, early loads), split counts and
                 merge forms, each pinned, from CUDA graphs: % of copy bandwidth and error (MLA_SWEEP)
-  RMSNorm, act_quant: eager torch
+  act_quant     eager torch
+  MoE router    (router) kernels/topk.py router_topk against torch's softmax + topk + gather + cat
   GEMV          (gemv, ~9 min on a cold cache: 12 configs compiled per K, K=10944 unrolled) kernels/fp8_gemv.py against
                 act_quant + the decode GEMM (ours: the chain the decode program runs), Linears and the MoE at M <= 4;
                 the attention Linears at M=1 also with the weight read from HBM (graphs cycling through 128 MB of
@@ -35,14 +36,14 @@ Device copy bandwidth is measured in the same run. Every section is guarded: an 
 the script continues. The default run (fewer shapes, short timing) fits in about 4 minutes of
 GPU time including autotuning on a cold Triton cache; `--full` runs every shape with longer timing.
 
-    python benchmarks/kernels.py [--full] [--only copy,quant,fp8,moe,mla,norm] [--budget-s 180]
+    python benchmarks/kernels.py [--full] [--only copy,quant,fp8,moe,mla,router] [--budget-s 180]
 Writes kernels.json and kernels.md to $OUT (after every section) when it is set. The first call of
 each kernel autotunes it (compiles and times every config per shape key); --only splits a --full
 run into smaller calls. The summary table is printed last (a remote runner may keep only the tail).
 
 The sections live in benchmarks/kbench/, one module per kernel family (common.py: shapes, rows,
-timing and checking helpers; fp8.py: fp8, fp8_prefill; quant.py: quant, norm; router.py: topk,
-gate; mla.py: mla; mla_sweep.py; mla_proj.py: absorb; moe.py: moe, moe_cfg; gemv.py: gemv); this
+timing and checking helpers; fp8.py: fp8, fp8_prefill; quant.py: quant; router.py: router; mla.py:
+mla; mla_sweep.py; mla_proj.py: absorb; moe.py: moe, moe_cfg; gemv.py: gemv); this
 file keeps the command line, the section order (SECTIONS) and the reports.
 """
 
@@ -75,17 +76,14 @@ from kbench.mla import SWEEP_MERGES, bench_mla  # noqa: E402
 from kbench.mla_proj import bench_absorb  # noqa: E402
 from kbench.mla_sweep import bench_mla_sweep  # noqa: E402
 from kbench.moe import bench_moe, bench_moe_configs  # noqa: E402
-from kbench.quant import bench_act_quant, bench_rmsnorm  # noqa: E402
-from kbench.router import bench_gate, bench_router_align, bench_topk  # noqa: E402
+from kbench.quant import bench_act_quant  # noqa: E402
+from kbench.router import bench_router  # noqa: E402
 
 
 SECTIONS = {  # cheap sections first: if the time budget runs out, the expensive autotuning goes last
     "copy": ("device copy bandwidth", bench_copy),
     "quant": ("fp8 act_quant / weight_dequant", bench_act_quant),
-    "norm": ("fused add + RMSNorm", bench_rmsnorm),
-    "topk": ("router top-k", bench_topk),
-    "gate": ("MoE gate GEMM + router at decode: split over programs vs cuBLAS + router (CUDA graphs)", bench_gate),
-    "router_align": ("MoE router + moe_align in one launch vs two, 16b decode (CUDA graphs)", bench_router_align),
+    "router": ("MoE softmax router in one launch", bench_router),
     "absorb": ("MLA absorbed projections (W_UK, W_UV per head)", bench_absorb),
     "mla": ("MLA absorbed attention", bench_mla),
     "mla_sweep": ("MLA decode variants (TMA, splits, merge), pinned configs, CUDA graphs", bench_mla_sweep),

@@ -67,8 +67,7 @@ TRITON_OPS_ENV = "DSV3_TORCH_TRITON_OPS"
 
 def lower_program(ep: ExportedProgram, device: str, kind: str) -> tuple[ExportedProgram, dict[str, str]]:
     """dsv3:: ops replaced: ATen math, or on CUDA our Triton kernels where torch_triton.py has them,
-    with each RMSNorm that feeds fp8 GEMMs fused with their act_quant (torch_norm_quant.py), each
-    softmax MoE router in one kernel (torch_router.py)
+    with each softmax MoE router in one kernel (torch_router.py)
     (DSV3_TORCH_TRITON_OPS=0: ATen everywhere, Inductor's own kernels only; the manifest's
     `lowerings` says which, to tell our kernels' launches apart from the rest of a package)."""
     triton = None
@@ -84,13 +83,11 @@ def lower_program(ep: ExportedProgram, device: str, kind: str) -> tuple[Exported
         triton = triton_lowerings(kind) if env_flag(TRITON_OPS_ENV, True) else None
     if triton is None:
         return lower_dsv3_ops(ep, device, triton)
-    from dsv3_export.engines.torch_norm_quant import fuse_norm_act_quant
     from dsv3_export.engines.torch_router import fuse_router
 
-    ep, router_how = fuse_router(ep, kind)  # first: the norm rewrite copies the MoE ops' routing inputs
-    ep, norm_how = fuse_norm_act_quant(ep, kind)
+    ep, router_how = fuse_router(ep)
     lowered, how = lower_dsv3_ops(ep, device, triton)
-    return lowered, {**how, "router": router_how, "aten::rms_norm": norm_how}
+    return lowered, {**how, "router": router_how}
 
 
 # Inductor's combo kernels (CUDA packages): independent kernels Inductor generates side by side (the

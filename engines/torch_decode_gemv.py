@@ -16,7 +16,7 @@ from dsv3_export.kernels import fp8_gemv as kv
 from dsv3_export.kernels._common import LaunchSpec
 
 # Whether the decode program's small fp8 Linears that take x unquantized (kernels/fp8_gemv.py gemv_suits: at
-# the 16b shapes wq+wkv_a and wo; wq+wkv_a takes the fused norm's fp8 x instead under DSV3_TORCH_NORM_QUANT=1)
+# the 16b shapes wq+wkv_a and wo)
 # run kernels/fp8_gemv.py at batch <= GEMV_MAX_ROWS: one launch that quantizes x in registers, instead of
 # act_quant + the tile GEMM (+ its split-K partials). Larger batches run the tile path; both are in the one
 # program, and the launches of the side that does not apply have an empty grid. `1` turns it on (read when a

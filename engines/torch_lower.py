@@ -138,32 +138,11 @@ def dsv3_ops(ep: ExportedProgram) -> Counter:
     return counts
 
 
-def _add_aten_lowerings(ep: ExportedProgram, lowerings: dict[str, Callable], table: dict, how: dict[str, str]) -> None:
-    """ATen ops with a kernel lowering (e.g. "aten::topk"): taken when EVERY node of the op fits it
-    (the lowering's `unfit(node)` says why not). All or none, because the decomposition table maps
-    an op, not a node, and a lowering cannot fall back to the op it replaces (it would recurse)."""
-    nodes: dict[str, list] = {}
-    for node in ep.graph.nodes:
-        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
-                and node.target.namespace == "aten" and node.target.name() in lowerings:
-            nodes.setdefault(node.target.name(), []).append(node)
-    for name, found in nodes.items():
-        fn = lowerings[name]
-        unfit = [reason for n in found if (reason := fn.unfit(n)) is not None]
-        if unfit:
-            how[name] = f"ATen ({len(unfit)} of {len(found)} nodes do not fit the kernel, e.g. {unfit[0]})"
-            continue
-        for target in {n.target for n in found}:
-            table[target] = fn
-        how[name] = fn.how
-
-
 def lower_dsv3_ops(ep: ExportedProgram, device: str,
                    triton_lowerings: dict[str, Callable] | None = None) -> tuple[ExportedProgram, dict[str, str]]:
     """The program with every dsv3:: op replaced; returns (program, {op: how it was lowered}).
 
-    triton_lowerings (cuda only): op name -> function calling a triton_op; preferred over ATen. Names
-    of ATen ops ("aten::topk") lower those too, where every node fits (see _add_aten_lowerings).
+    triton_lowerings (cuda only): op name -> function calling a triton_op; preferred over ATen.
     """
     found = dsv3_ops(ep)
     table: dict = {}
@@ -185,8 +164,6 @@ def lower_dsv3_ops(ep: ExportedProgram, device: str,
         else:
             raise LoweringError(f"torch backend: no {device} lowering for op {name} (node {node.name!r}); "
                                 f"known: {sorted(ATEN_LOWERINGS)}")
-    if device == "cuda" and triton_lowerings:
-        _add_aten_lowerings(ep, triton_lowerings, table, how)
     if not table:
         return ep, how
     lowered = ep.run_decompositions(table)

@@ -22,11 +22,6 @@ Lowered here (engines/torch_lower.py uses these on CUDA, ATen math for the rest)
     dsv3::fp8_linear       -> dsv3_aoti::fp8_linear       act_quant=True: act_quant + fp8 x fp8 GEMM;
                              act_quant=False: the weight-only GEMM (fp8 widened in registers; bf16/fp16
                              x only, fp32 x keeps ATen). kernels/fp8_gemm.py.
-    aten::topk             -> dsv3_aoti::topk             opt-in (DSV3_TORCH_TOPK=kernel; measured slower than
-                             torch's from 64 rows on): the router's top-k (rows <= 1024 values, k <= 32,
-                             largest, last dim), one launch instead of torch's gatherTopK + sort;
-                             kernels/topk.py. Only when every topk of the program fits (a lowering of
-                             an ATen op cannot fall back to that op inside run_decompositions).
 
 Shapes are symbolic when a package is traced, so nothing here is chosen from a token, batch or
 cache count: block_m (rows per expert block) is 16 for decode and 64 for prefill; the fp8 GEMM's
@@ -50,7 +45,6 @@ from dsv3_export.kernels import mla_absorb as ka
 from dsv3_export.kernels import mla_decode as kd
 from dsv3_export.kernels import mla_prefill as kp
 from dsv3_export.kernels import moe as km
-from dsv3_export.kernels import topk as kt
 from dsv3_export.engines.torch_decode_gemv import decode_gemv, gated
 from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.kernels._common import QUANT_BLOCK, LaunchSpec, cdiv, fake_values_only, is_interpreted
@@ -63,14 +57,6 @@ BLOCK_M = {"decode": 16, "prefill": 64}
 MOE_ALIGN_ENV = "DSV3_TORCH_MOE_ALIGN"
 MOE_ALIGN_DEFAULT = "kernel"
 MOE_ALIGN_FORMS = {"kernel": "one Triton kernel per MoE layer", "aten": "Inductor's kernels for the ATen form"}
-# The router's top-k (routers the router kernel does not take: sigmoid, biased, grouped): `aten`
-# (default: torch's topk, on CUDA gatherTopK + a sort of the k results) or `kernel` (kernels/topk.py,
-# one launch), read when a program is lowered. Measured on the H200 (session 7, kernels.py, 66 scores,
-# k=6): the kernel 7.9 us vs torch 8.0 (sorted=False) / 13.4 us (sorted) at 1 row, but 60 vs 14 us at
-# 64 rows and 43 vs 32 us at 4096: torch's wins where it matters.
-TOPK_ENV = "DSV3_TORCH_TOPK"
-TOPK_FORMS = {"kernel": "kernels/topk.py, one launch", "aten": "torch's top-k"}
-TOPK_DEFAULT = "aten"
 # The decode program's absorbed MLA projections (q_nope @ W_UK, lat @ W_UV per head): `1` (default)
 # kernels/mla_absorb.py head_gemm, one launch each reading the strided activation and weight views;
 # `0` the einsums (Inductor: a permute copy + cuBLAS bmm + a copy each, ~9 us per layer for both in
@@ -140,14 +126,10 @@ def _combine(y: torch.Tensor, t: int, topk: int, dtype: torch.dtype) -> torch.Te
 @triton_op("dsv3_aoti::moe_experts", mutates_args={})
 def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
                 w2: torch.Tensor, block_m: int) -> torch.Tensor:
-    return moe_dense_aligned(x, topk_weights, topk_ids, w13, w2, _moe_align(topk_ids, w13.shape[0], block_m))
-
-
-def moe_dense_aligned(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
-                      w2: torch.Tensor, routing) -> torch.Tensor:
-    """The bf16/fp16 experts with a given routing (_moe_align's result; engines/torch_router.py passes
-    router_align's): up GEMM with SwiGLU, down GEMM with the routing weights, sum over k -> [T, D]."""
+    """The bf16/fp16 experts: moe_align, up GEMM with SwiGLU, down GEMM with the routing weights, sum
+    over k -> [T, D]."""
     t, topk = topk_ids.shape
+    routing = _moe_align(topk_ids, w13.shape[0], block_m)
     x = x.contiguous()
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
     h = _grouped_gemm(x, w13, routing, topk, x.dtype, swiglu=True)  # [T*k, I]
@@ -159,26 +141,17 @@ def moe_dense_aligned(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: tor
 @triton_op("dsv3_aoti::moe_experts_fp8", mutates_args={})
 def moe_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
                     w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, block_m: int) -> torch.Tensor:
-    """act_quant of x, then moe_fp8_quantized (the two grouped GEMMs, act_quant of h between them)."""
+    """The W8A8 experts: moe_align, act_quant of x (1x128), up GEMM with SwiGLU, act_quant of h, down
+    GEMM with the routing weights, sum over k -> [T, D]."""
+    t, topk = topk_ids.shape
     routing = _moe_align(topk_ids, w13.shape[0], block_m)
     xq, xs = _act_quant(x.contiguous())
-    return moe_fp8_quantized(xq, xs, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale,
-                             routing, x.dtype)
-
-
-def moe_fp8_quantized(xq: torch.Tensor, xs: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                      w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
-                      alignment: tuple, out_dtype: torch.dtype) -> torch.Tensor:
-    """The W8A8 experts from x already quantized 1x128 (xq [T, D] fp8, xs [T, ceil(D/128)]): up GEMM
-    with SwiGLU, act_quant of h, down GEMM with the routing weights, sum over k -> [T, D].
-    alignment: _moe_align's result (moe_align's three tensors)."""
-    t, topk = topk_ids.shape
-    h = _grouped_gemm(xq, w13, alignment, topk, out_dtype, a_scale=xs, w_scale=w13_scale,
+    h = _grouped_gemm(xq, w13, routing, topk, x.dtype, a_scale=xs, w_scale=w13_scale,
                       swiglu=True)  # [T*k, I]
     hq, hs = _act_quant(h)
-    y = _grouped_gemm(hq, w2, alignment, 1, out_dtype, a_scale=hs, w_scale=w2_scale,
+    y = _grouped_gemm(hq, w2, routing, 1, x.dtype, a_scale=hs, w_scale=w2_scale,
                       topk_weights=topk_weights.contiguous())  # [T*k, D]
-    return _combine(y, t, topk, out_dtype)
+    return _combine(y, t, topk, x.dtype)
 
 
 def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor,
@@ -297,31 +270,6 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor
     return torch.einsum("bshc,hdc->bshd", lat, w_uv)  # [b, s, h, dv]
 
 
-@triton_op("dsv3_aoti::topk", mutates_args={})
-def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """aten.topk(x, k, dim=-1, largest=True): values [..., k] in x.dtype, indices [..., k] int64, sorted."""
-    n = x.shape[-1]
-    rows = x.reshape(-1, n).contiguous()  # [R, N]
-    values = torch.empty((rows.shape[0], k), dtype=x.dtype, device=x.device)
-    indices = torch.empty((rows.shape[0], k), dtype=torch.int64, device=x.device)
-    _launch(kt.topk_spec(rows, k, values, indices))
-    return values.view(*x.shape[:-1], k), indices.view(*x.shape[:-1], k)
-
-
-def topk_unfit(node: torch.fx.Node) -> str | None:
-    """Why an aten.topk node is not one the kernel takes (None: it is)."""
-    args = dict(zip(("self", "k", "dim", "largest", "sorted"), node.args)) | dict(node.kwargs)
-    x, k = args["self"].meta["val"], args["k"]
-    dim, largest = args.get("dim", -1), args.get("largest", True)
-    n = x.shape[-1] if x.dim() else None
-    if x.dtype not in kt.DTYPES:
-        return f"{node.name}: dtype {x.dtype}"
-    if dim not in (-1, x.dim() - 1) or not largest:
-        return f"{node.name}: dim={dim}, largest={largest} (the kernel: last dim, largest)"
-    reason = kt.rows_unfit(n, k)
-    return None if reason is None else f"{node.name}: {reason}"
-
-
 def triton_lowerings(kind: str) -> dict[str, Callable]:
     """dsv3:: op name -> function with the op's signature calling a triton_op (for run_decompositions)."""
     from dsv3_export.engines.torch_lower import ATEN_LOWERINGS
@@ -329,7 +277,6 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
     block_m = BLOCK_M[kind]
     gemv = decode_gemv(kind)
     absorb = _absorb_gemm()
-    topk_form = env_choice(TOPK_ENV, TOPK_DEFAULT, TOPK_FORMS)
     align_form = env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS)
     routing = "moe_align " + ("in ATen ops" if align_form == "aten" else "kernel")
 
@@ -358,11 +305,6 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
         small = gemv and act_quant and kv.gemv_suits(*weight.shape)
         return fp8_linear(x, weight, scale, act_quant, kind == "decode", small)
 
-    def lower_topk(x, k, dim=-1, largest=True, sorted=True):
-        return topk(x, k)  # sorted either way: sorted=False allows any order
-
-    lower_topk.unfit = topk_unfit
-    lower_topk.how = "triton_op dsv3_aoti::topk (kernels/topk.py: one launch per top-k, sorted)"
     lower_moe.how = (f"triton_op dsv3_aoti::moe_experts (kernels/moe.py grouped GEMMs; {routing}) for bf16/fp16; "
                      "ATen math for fp32")
     lower_moe_fp8.how = (f"triton_op dsv3_aoti::moe_experts_fp8 ({routing}; act_quant + fp8 grouped GEMMs"
@@ -376,6 +318,5 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
                             + (f"; at batch <= {kv.GEMV_MAX_ROWS} kernels/fp8_gemv.py instead, for weights "
                                "kernels/fp8_gemv.py gemv_suits takes" if gemv else "")
                             + ", or weight-only for bf16/fp16 x); ATen math for weight-only fp32 x")
-    table = {"dsv3::moe_experts": lower_moe, "dsv3::moe_experts_fp8": lower_moe_fp8,
-             "dsv3::mla_attention": lower_mla, "dsv3::fp8_linear": lower_fp8_linear}
-    return table | ({"aten::topk": lower_topk} if topk_form == "kernel" else {})
+    return {"dsv3::moe_experts": lower_moe, "dsv3::moe_experts_fp8": lower_moe_fp8,
+            "dsv3::mla_attention": lower_mla, "dsv3::fp8_linear": lower_fp8_linear}

@@ -11,11 +11,8 @@ One family per module, each with its kernel(s), a checking launcher and a pure-t
   mla_decode_kernels  mla_decode's Triton kernels (the split kernel with its fused merge, the reduce kernel)
   mla_splits      how many KV splits mla_decode uses: choose_num_splits (host), the runtime rule (traced)
   mla_prefill     mla_prefill (causal)
-  rmsnorm         rmsnorm, optionally fused with the residual add
-  topk            topk over short rows (the MoE router's scores), sorted, one launch; router_topk (the
-                  softmax router from its logits)
-  router_gate     router_topk_gate(_split): the gate GEMM and the router in one launch
-  router_align    the router and moe_align in one program
+  topk            router_topk: the softmax MoE router (softmax, top-k, weights, the shared experts'
+                  columns) from its logits, one launch
   pdl             which kernels wait for their producer (programmatic dependent launch, opt-in)
 
 Launch path: in eager mode a launcher calls the jitted (autotuned) kernel directly, a few us of

@@ -13,7 +13,6 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import triton
-import triton.language as tl
 
 FP8_E4M3_MAX = 448.0
 FP8_DTYPE = torch.float8_e4m3fn
@@ -196,22 +195,3 @@ def arrival_counters(n: int, device: torch.device) -> torch.Tensor:
         _arrival_buffers[device] = buf
     return buf[:n]
 
-
-@triton.jit
-def last_to_arrive(cnt_ptr, parts):
-    """Count this program's part on cnt_ptr; True in the program that completes `parts` counts.
-    bar.sync orders every thread's stores of the part before one thread's acq_rel atomic (release);
-    in the last program a second bar.sync spreads the acquire to all its threads, which then read
-    the other parts with cache_modifier=".cg" (L1 is not coherent) and finally call reset_arrivals."""
-    tl.debug_barrier()
-    done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
-    last = done == parts - 1
-    if last:
-        tl.debug_barrier()
-    return last
-
-
-@triton.jit
-def reset_arrivals(cnt_ptr):
-    """Every part has counted: the counter back to zero for the next launch or graph replay."""
-    tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")

@@ -84,9 +84,8 @@ def _round_to_e4m3(q):
 def quantize_rows(x, SCALE_RECIPROCAL: tl.constexpr):
     """fp32 x [BM, 128] (masked entries 0) -> (q on the e4m3 grid, fp32 [BM, 128]; s fp32 [BM]).
 
-    The one copy of act_quant's arithmetic: the act_quant kernels, kernels/rmsnorm.py's quantized
-    output and kernels/fp8_gemv.py (x quantized in registers) call it, so their q and s are the
-    same bits.
+    The one copy of act_quant's arithmetic: the act_quant kernels and kernels/fp8_gemv.py (x
+    quantized in registers) call it, so their q and s are the same bits.
     """
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_FLOOR)  # [BM]
     if SCALE_RECIPROCAL:  # torch on CUDA: amax * fp32(1/448)

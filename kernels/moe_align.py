@@ -8,8 +8,6 @@
       n_blocks = ceil((T*k + E*(block_m-1)) / block_m) is the worst case, so every size is a
       function of T, k, E only: no .item(), graph-capturable, exportable.
 One single-program Triton kernel, and moe_align_ref, the same in ATen ops (oracle and a traced form).
-The kernel's body is the @triton.jit helper align_ids, which kernels/router_align.py also runs after
-routing the rows in the same program (router + alignment in one launch).
 """
 
 from __future__ import annotations
@@ -27,13 +25,15 @@ ALIGN_TILE = 8192
 MAX_ALIGN_EXPERTS = 1024
 
 
+@waits_for_producer
 @triton.jit
-def align_ids(ids_ptr, sorted_ids_ptr, expert_ids_ptr, npp_ptr, NUMEL, N_BLOCKS,
-              E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
-              FILL: tl.constexpr):
-    """moe_align's whole algorithm in the calling program (one program does it all): histogram ->
-    padded offsets -> stable scatter -> block experts. Also called by kernels/router_align.py after
-    it wrote the ids itself. Meta-parameters: align_meta."""
+def _moe_align_kernel(
+    ids_ptr, sorted_ids_ptr, expert_ids_ptr, npp_ptr,
+    NUMEL, N_BLOCKS,
+    E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr,
+):
+    """One program: histogram -> padded offsets -> stable scatter -> block experts (see moe_align)."""
+    wait_for_producer()  # before any memory access: kernels/pdl.py
     experts = tl.arange(0, BLOCK_E)
     # 1. assignments per expert
     counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
@@ -70,36 +70,10 @@ def align_ids(ids_ptr, sorted_ids_ptr, expert_ids_ptr, npp_ptr, NUMEL, N_BLOCKS,
     tl.store(npp_ptr, total)
 
 
-@waits_for_producer
-@triton.jit
-def _moe_align_kernel(
-    ids_ptr, sorted_ids_ptr, expert_ids_ptr, npp_ptr,
-    NUMEL, N_BLOCKS,
-    E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr,
-):
-    """One program: align_ids on ids [NUMEL] (see moe_align)."""
-    wait_for_producer()  # before any memory access: kernels/pdl.py
-    align_ids(ids_ptr, sorted_ids_ptr, expert_ids_ptr, npp_ptr, NUMEL, N_BLOCKS, E, BLOCK_E, BLOCK_M, CHUNK, FILL)
-
-
 def align_blocks(numel, n_experts: int, block_m: int):
     """n_blocks of moe_align's layout for numel assignments: the worst case, a function of sizes only
     (numel may be a traced size)."""
     return cdiv(numel + n_experts * (block_m - 1), block_m)
-
-
-def align_meta(n_experts: int, block_m: int) -> dict:
-    """align_ids' meta-parameters: [CHUNK, BLOCK_E] one-hot tiles of ALIGN_TILE elements."""
-    block_e = max(16, next_pow2(n_experts))
-    return dict(E=n_experts, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK=max(16, ALIGN_TILE // block_e), FILL=1024)
-
-
-def check_align(who: str, n_experts: int, block_m: int) -> None:
-    """Raise naming the caller when (n_experts, block_m) is outside what align_ids takes."""
-    if n_experts <= 0:
-        raise ValueError(f"{who}: n_experts={n_experts} must be positive")
-    if block_m < 16 or block_m & (block_m - 1):
-        raise ValueError(f"{who}: block_m={block_m} must be a power of 2 >= 16 (tl.dot tile)")
 
 
 # How moe_align is traced (torch.export inside the engines' triton_ops, then AOTInductor): "kernel"
@@ -120,29 +94,27 @@ def moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int, *, traced_fo
     `traced_form` (TRACED_ALIGN_FORMS). Both forms give identical outputs.
     """
     check_tensor("moe_align: topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2)
-    check_align("moe_align", n_experts, block_m)
+    if n_experts <= 0:
+        raise ValueError(f"moe_align: n_experts={n_experts} must be positive")
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"moe_align: block_m={block_m} must be a power of 2 >= 16 (tl.dot tile)")
     if traced_form not in TRACED_ALIGN_FORMS:
         raise ValueError(f"moe_align: traced_form={traced_form!r} must be one of {TRACED_ALIGN_FORMS}")
     if (tracing() and traced_form == "aten") or n_experts > MAX_ALIGN_EXPERTS:
         return moe_align_ref(topk_ids, n_experts, block_m)
     dev = topk_ids.device
     numel = topk_ids.numel()
-    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
-    sorted_token_ids, expert_ids, num_tokens_post_pad = align_outputs(numel, n_experts, block_m, dev)
-    traceable(_moe_align_kernel)[(1,)](
-        ids, sorted_token_ids, expert_ids, num_tokens_post_pad, numel, align_blocks(numel, n_experts, block_m),
-        **align_meta(n_experts, block_m), num_warps=4)
-    return sorted_token_ids, expert_ids, num_tokens_post_pad
-
-
-def align_outputs(numel, n_experts: int, block_m: int, device: torch.device
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """moe_align's outputs, allocated: sorted_token_ids int32 [n_blocks * block_m], expert_ids int32
-    [n_blocks], num_tokens_post_pad int32 [1] (align_blocks)."""
     n_blocks = align_blocks(numel, n_experts, block_m)
-    return (torch.empty((n_blocks * block_m,), dtype=torch.int32, device=device),
-            torch.empty((n_blocks,), dtype=torch.int32, device=device),
-            torch.empty((1,), dtype=torch.int32, device=device))
+    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    sorted_token_ids = torch.empty((n_blocks * block_m,), dtype=torch.int32, device=dev)
+    expert_ids = torch.empty((n_blocks,), dtype=torch.int32, device=dev)
+    num_tokens_post_pad = torch.empty((1,), dtype=torch.int32, device=dev)
+    block_e = max(16, next_pow2(n_experts))
+    traceable(_moe_align_kernel)[(1,)](
+        ids, sorted_token_ids, expert_ids, num_tokens_post_pad, numel, n_blocks,
+        E=n_experts, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK=max(16, ALIGN_TILE // block_e), FILL=1024,
+        num_warps=4)
+    return sorted_token_ids, expert_ids, num_tokens_post_pad
 
 
 def moe_align_ref(topk_ids: torch.Tensor, n_experts: int, block_m: int

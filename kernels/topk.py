@@ -1,27 +1,23 @@
-"""Top-k over short rows (the MoE router's [T, E] scores), one program per block of rows; and the
-whole softmax router (softmax, top-k, weights, the shared experts' columns) as one kernel.
+"""The MoE router of a softmax-scored model (softmax, top-k, weights, the shared experts' columns) as
+one kernel, one program per block of rows.
 
-    values, indices = topk(x [R, N], k)      # largest k of each row, in descending order
+    weights, ids = router_topk(logits [R, E], k)    # the top-k experts of softmax(logits), weights p * scale
 
-Why a kernel: torch's CUDA topk for a [1, 64] router row is two launches (gatherTopK, then a
-bitonic sort of the k results), ~9 us per MoE layer in the 16b batch-1 decode profile; a row of
-E <= 1024 scores fits in registers and k extractions of the maximum give the sorted top-k in one
-launch. Algorithm: load the row (masked tail = -inf); k times: m = max(row), i = the lowest
-index holding m, emit (x[i], i), set row[i] = -inf.
+Why a kernel: between the gate GEMM and the grouped GEMMs a batch-1 decode step ran, per MoE layer,
+a softmax, torch's top-k (gatherTopK, then a bitonic sort of the k results), a gather * route_scale
+and the concatenations of the shared experts' columns: ~5 launches of ~2-5 us for a [T, 64] tensor.
+A row of E <= 1024 logits fits in registers and k extractions of the maximum give the sorted top-k
+in the same launch. Algorithm: load the row (masked tail = -inf); p = softmax(row) in fp32; k times:
+m = max(p), i = the lowest index holding m, emit (p[i] * scale, i), set p[i] = -inf; then the
+experts every token takes (passes/fuse_shared_experts), ids first_extra + j with weight 1.
 
-Semantics are torch.topk(x, k, dim=-1, largest=True, sorted=True)'s: same values, descending;
-among equal values the lower index comes first (torch leaves that order unspecified). NaN ranks
-above every number, as in torch's CUDA topk, and is returned as NaN. Values keep x's dtype,
-indices are int64.
+The Gate of a softmax-scored MoE (DeepSeek-V2/16b: one group, no bias); engines/torch_router.py puts
+it in the CUDA programs. The ids are torch.topk's (largest, sorted): among equal values the lower
+index comes first (torch leaves that order unspecified), NaN ranks above every number, as in
+torch's CUDA topk. Weights are in the output dtype, ids int64.
 
-router_topk (engines/torch_router.py puts it in the CUDA programs): the Gate of a softmax-scored
-MoE (DeepSeek-V2/16b: one group, no bias) from its logits: p = softmax(logits) in fp32, the top-k
-of p as above, weights p * route_scale in the output dtype, then the experts every token takes
-(passes/fuse_shared_experts) with weight 1: the five kernels of that chain (softmax, gatherTopK,
-sort, gather * scale, the concatenations) in one.
-
-The gate GEMM fused in front of the router (router_topk_gate, router_topk_gate_split) is in
-kernels/router_gate.py.
+The standalone top-k kernel (DSV3_TORCH_TOPK=kernel) was removed in session 14: 0.14x torch.topk at
+64 rows and 0.57x at 4096 on the H200 (session 7), 1.0x at one row.
 """
 
 from __future__ import annotations
@@ -37,12 +33,11 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_N = 1024  # a row in registers
 MAX_K = 32  # k passes over the row
 
-TOPK_CONFIGS = [
+ROUTER_CONFIGS = [
     triton.Config({"BLOCK_ROWS": 1}, num_warps=1, num_stages=1),
     triton.Config({"BLOCK_ROWS": 4}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_ROWS": 16}, num_warps=4, num_stages=1),
 ]
-
 
 
 @triton.jit
@@ -66,35 +61,20 @@ def _value_at(x, nan, chosen):
 
 @waits_for_producer
 @triton.jit
-def _topk_kernel(x_ptr, val_ptr, idx_ptr, ROWS, N, stride_x, stride_v, stride_i,
-                 TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+def _router_kernel(logits_ptr, w_ptr, idx_ptr, ROWS, N, scale, first_extra, stride_l, stride_w, stride_i,
+                   TOPK: tl.constexpr, N_EXTRA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """From the logits [ROWS, N]: columns [0, TOPK): the top-k of softmax(logits) in fp32, weight
+    p * scale; columns [TOPK, TOPK + N_EXTRA): expert first_extra + j with weight 1 (experts every
+    token takes)."""
     wait_for_producer()  # before any memory access: kernels/pdl.py
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < ROWS
-    rows64 = rows.to(tl.int64)
-    x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :],
-                mask=row_ok[:, None] & (cols[None, :] < N), other=float("-inf")).to(tl.float32)
-    # the ranking key: NaN above +inf (torch's CUDA order); -inf for the masked tail and taken entries
-    nan = x != x
-    key = tl.where(nan, float("inf"), x)
     valid = cols[None, :] < N
-    for j in tl.static_range(TOPK):
-        idx, chosen = _take_max(key, nan, valid, cols, BLOCK_N)
-        tl.store(val_ptr + rows64 * stride_v + j, _value_at(x, nan, chosen).to(val_ptr.dtype.element_ty), mask=row_ok)
-        tl.store(idx_ptr + rows64 * stride_i + j, idx.to(tl.int64), mask=row_ok)
-        key = tl.where(chosen, float("-inf"), key)
-        valid = valid & ~chosen
-
-
-@triton.jit
-def _route(x, rows, row_ok, valid, cols, w_ptr, idx_ptr, scale, first_extra, stride_w, stride_i,
-           TOPK: tl.constexpr, N_EXTRA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ROWS: tl.constexpr):
-    """The router's math from fp32 logits x [BLOCK_ROWS, BLOCK_N] (-inf past N): columns [0, TOPK):
-    the top-k of softmax(x), weight p * scale; columns [TOPK, TOPK + N_EXTRA): expert
-    first_extra + j with weight 1 (experts every token takes)."""
-    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64 scalars
     rows64 = rows.to(tl.int64)
+    x = tl.load(logits_ptr + rows64[:, None] * stride_l + cols[None, :], mask=row_ok[:, None] & valid,
+                other=float("-inf")).to(tl.float32)  # [BLOCK_ROWS, BLOCK_N], -inf past N
+    scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64 scalars
     m = tl.max(x, axis=1)
     m = tl.where(m == float("-inf"), 0.0, m)  # rows past ROWS (all -inf): no inf - inf
     e = tl.where(valid, tl.exp(x - m[:, None]), 0.0)
@@ -116,27 +96,12 @@ def _route(x, rows, row_ok, valid, cols, w_ptr, idx_ptr, scale, first_extra, str
                  mask=row_ok)
 
 
-@waits_for_producer
-@triton.jit
-def _router_kernel(logits_ptr, w_ptr, idx_ptr, ROWS, N, scale, first_extra, stride_l, stride_w, stride_i,
-                   TOPK: tl.constexpr, N_EXTRA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ROWS: tl.constexpr):
-    """_route from the logits [ROWS, N]."""
-    wait_for_producer()  # before any memory access: kernels/pdl.py
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.arange(0, BLOCK_N)
-    row_ok = rows < ROWS
-    valid = cols[None, :] < N
-    x = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_l + cols[None, :], mask=row_ok[:, None] & valid,
-                other=float("-inf")).to(tl.float32)
-    _route(x, rows, row_ok, valid, cols, w_ptr, idx_ptr, scale, first_extra, stride_w, stride_i,
-           TOPK, N_EXTRA, BLOCK_N, BLOCK_ROWS)
+_router_tuned = autotune_or_single(_router_kernel, ROUTER_CONFIGS, key=["N", "TOPK", "N_EXTRA"])
 
 
-_topk_tuned = autotune_or_single(_topk_kernel, TOPK_CONFIGS, key=["N", "TOPK"])
-_router_tuned = autotune_or_single(_router_kernel, TOPK_CONFIGS, key=["N", "TOPK", "N_EXTRA"])
 def rows_unfit(n, k) -> str | None:
-    """Why the top-k of rows of n values is not one the kernels take (None: it is). n and k may be
-    traced sizes: only static ones fit (the launchers and engines/ lowerings ask here)."""
+    """Why the top-k of rows of n values is not one the kernel takes (None: it is). n and k may be
+    traced sizes: only static ones fit (router_topk and engines/torch_router.py ask here)."""
     if not isinstance(n, int) or n > MAX_N:
         return f"last dim {n}: rows of more than {MAX_N} values (or not static) do not fit the kernel"
     if not isinstance(k, int) or not 1 <= k <= min(n, MAX_K):
@@ -144,32 +109,15 @@ def rows_unfit(n, k) -> str | None:
     return None
 
 
-def check_topk(x: torch.Tensor, k: int) -> None:
-    """Raise naming the problem when (x, k) is outside what the kernel takes."""
-    check_tensor("topk: x", x, dtypes=DTYPES, ndim=2)
-    if (reason := rows_unfit(x.shape[1], k)) is not None:
-        raise ValueError(f"topk: {reason}")
-    if x.stride(1) != 1:
-        raise ValueError(f"topk: x needs unit stride along the row, got strides {x.stride()}")
-
-
-def topk_spec(x: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor) -> LaunchSpec:
-    """The launch into given outputs values [R, k] (x.dtype), indices [R, k] int64 (checked by the caller)."""
-    rows, n = x.shape
-    grid = lambda meta: (cdiv(rows, meta["BLOCK_ROWS"]),)  # noqa: E731
-    return LaunchSpec(_topk_kernel, _topk_tuned, TOPK_CONFIGS, grid,
-                      (x, values, indices, rows, n, x.stride(0), values.stride(0), indices.stride(0)),
-                      dict(TOPK=k, BLOCK_N=max(next_pow2(n), 16)))
-
-
-def topk(x: torch.Tensor, k: int, *, config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, N] -> (values [R, k] in x.dtype, indices [R, k] int64), largest first."""
-    check_topk(x, k)
-    values = torch.empty((x.shape[0], k), dtype=x.dtype, device=x.device)
-    indices = torch.empty((x.shape[0], k), dtype=torch.int64, device=x.device)
-    if x.shape[0]:
-        launch(*topk_spec(x, k, values, indices), config)
-    return values, indices
+def check_router(logits: torch.Tensor, k: int, n_extra: int) -> None:
+    """Raise naming the problem when (logits, k, n_extra) is outside what the kernel takes."""
+    check_tensor("router_topk: logits", logits, dtypes=DTYPES, ndim=2)
+    if (reason := rows_unfit(logits.shape[1], k)) is not None:
+        raise ValueError(f"router_topk: {reason}")
+    if logits.stride(1) != 1:
+        raise ValueError(f"router_topk: logits need unit stride along the row, got strides {logits.stride()}")
+    if n_extra < 0:
+        raise ValueError(f"router_topk: n_extra={n_extra} must be >= 0")
 
 
 def topk_ref(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,16 +131,12 @@ def topk_ref(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x.gather(-1, idx), idx
 
 
-# ---------------------------------------------------------------------------------------------
-# the MoE router: softmax, top-k, weights (and the experts every token takes) in one launch
-
-
 def router_spec(logits: torch.Tensor, k: int, scale: float, n_extra: int, first_extra: int,
                 weights: torch.Tensor, indices: torch.Tensor) -> LaunchSpec:
     """The launch into weights [R, k + n_extra], indices [R, k + n_extra] int64 (checked by the caller)."""
     rows, n = logits.shape
     grid = lambda meta: (cdiv(rows, meta["BLOCK_ROWS"]),)  # noqa: E731
-    return LaunchSpec(_router_kernel, _router_tuned, TOPK_CONFIGS, grid,
+    return LaunchSpec(_router_kernel, _router_tuned, ROUTER_CONFIGS, grid,
                       (logits, weights, indices, rows, n, float(scale), first_extra, logits.stride(0),
                        weights.stride(0), indices.stride(0)),
                       dict(TOPK=k, N_EXTRA=n_extra, BLOCK_N=max(next_pow2(n), 16)))
@@ -205,9 +149,7 @@ def router_topk(logits: torch.Tensor, k: int, *, scale: float = 1.0, n_extra: in
     experts of softmax(logits) (fp32) with weight p * scale, then experts first_extra + j (j < n_extra)
     with weight 1. DeepSeek's softmax router (Gate with score_func softmax, one group, no bias) plus
     the shared experts of passes/fuse_shared_experts."""
-    check_topk(logits, k)
-    if n_extra < 0:
-        raise ValueError(f"router_topk: n_extra={n_extra} must be >= 0")
+    check_router(logits, k, n_extra)
     weights = torch.empty((logits.shape[0], k + n_extra), dtype=out_dtype, device=logits.device)
     indices = torch.empty((logits.shape[0], k + n_extra), dtype=torch.int64, device=logits.device)
     if logits.shape[0]:

@@ -1,7 +1,5 @@
-"""Sections `quant` and `norm`: kernels/fp8_quant.py act_quant (bit-exact against the reference's)
-and weight_dequant, and kernels/rmsnorm.py's fused add + RMSNorm (and rmsnorm_quant: + act_quant in
-the same launch), each against the eager torch reference it replaces; rmsnorm_quant also against
-rmsnorm + act_quant in two launches.
+"""Section `quant`: kernels/fp8_quant.py act_quant (bit-exact against the reference's) and
+weight_dequant, each against the eager torch reference it replaces.
 """
 
 from __future__ import annotations
@@ -45,39 +43,3 @@ def bench_act_quant(report: Report, sh: Shapes, quick: bool) -> None:
                             bench(lambda: R.weight_dequant(w, w_s, torch.bfloat16), sh, quick)), bytes_=bytes_)]
     finish_group(rows)
     show(case, rows)
-
-
-def bench_rmsnorm(report: Report, sh: Shapes, quick: bool) -> None:
-    from dsv3_export.kernels.fp8_quant import act_quant
-    from dsv3_export.kernels.rmsnorm import rmsnorm, rmsnorm_quant, rmsnorm_quant_ref, rmsnorm_ref
-    from dsv3_export.reference.fp8 import act_dequant
-
-    w = torch.randn(sh.dim, device=sh.device, dtype=torch.bfloat16)
-    for m in (*sh.decode_m, sh.prefill_m):
-        case = f"add+rmsnorm M={m} D={sh.dim}"
-        x = torch.randn(m, sh.dim, device=sh.device, dtype=torch.bfloat16)
-        r = torch.randn_like(x)
-        err = mean_rel(rmsnorm(x, w, 1e-6, residual=r)[0].float(), rmsnorm_ref(x, w, 1e-6, residual=r)[0].float())
-        bytes_ = 4 * m * sh.dim * 2 + sh.dim * 2
-        rows = [add(report, Row("rmsnorm", case, "triton rmsnorm(residual)",
-                                bench(lambda: rmsnorm(x, w, 1e-6, residual=r), sh, quick),
-                                error=err, tol=4e-3, ok=err < 4e-3), bytes_=bytes_),
-                add(report, Row("rmsnorm", case, "torch eager add + rms_norm",
-                                bench(lambda: rmsnorm_ref(x, w, 1e-6, residual=r), sh, quick)), bytes_=bytes_)]
-        finish_group(rows)
-        show(case, rows)
-        case = f"add+rmsnorm+act_quant M={m} D={sh.dim}"
-        # q, s must be act_quant of the kernel's own y, bit for bit (y itself: the rmsnorm row above)
-        y, _, q, s = rmsnorm_quant(x, w, 1e-6, residual=r)
-        err = mean_rel(act_dequant(q, s), act_dequant(*act_quant(y)))
-        bytes_ = 3 * m * sh.dim * 2 + m * sh.dim * (1 + 2) + sh.dim * 2 + m * (sh.dim // 128) * 4
-        rows = [add(report, Row("rmsnorm", case, "triton rmsnorm_quant(residual), one launch",
-                                bench(lambda: rmsnorm_quant(x, w, 1e-6, residual=r), sh, quick),
-                                error=err, tol=0.0, ok=err == 0), bytes_=bytes_),
-                add(report, Row("rmsnorm", case, "triton rmsnorm(residual) + act_quant, two launches",
-                                bench(lambda: act_quant(rmsnorm(x, w, 1e-6, residual=r)[0]), sh, quick)),
-                    bytes_=bytes_),
-                add(report, Row("rmsnorm", case, "torch eager add + rms_norm + act_quant",
-                                bench(lambda: rmsnorm_quant_ref(x, w, 1e-6, residual=r), sh, quick)), bytes_=bytes_)]
-        finish_group(rows)
-        show(case, rows)

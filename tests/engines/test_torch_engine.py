@@ -7,7 +7,6 @@ real build path: export -> passes (MLA / MoE fused into dsv3:: ops) -> lowering 
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 from pathlib import Path
@@ -234,7 +233,7 @@ import os, sys
 os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates the kernels
 import torch
 import dsv3_export.ops  # noqa: F401
-from dsv3_export.engines.torch_triton import fp8_linear, mla_attention, moe_experts, moe_experts_fp8, topk
+from dsv3_export.engines.torch_triton import fp8_linear, mla_attention, moe_experts, moe_experts_fp8
 from dsv3_export.reference.fp8 import weight_quant
 
 g = torch.Generator().manual_seed(int(sys.argv[1]))
@@ -283,12 +282,6 @@ for kk in (200, 520):
         print(f"fp8_act_bf16_{tag}", rel(fp8_linear(xb, wq, ws, True, decode), torch.ops.dsv3.fp8_linear(xb, wq, ws, True)))
         print(f"fp8_wonly_bf16_{tag}", rel(fp8_linear(xb, wq, ws, False, decode),
                                           torch.ops.dsv3.fp8_linear(xb, wq, ws, False)))
-
-# topk: router scores [b, s, E] (E = 66: 64 routed + 2 shared experts), rows of distinct values
-scores = torch.randn(2, 3, 66, generator=g).softmax(-1)
-for kk in (1, 8):
-    got, want = topk(scores, kk), torch.topk(scores, kk)
-    print(f"topk_k{kk}", float(not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))))
 '''
 
 
@@ -317,7 +310,6 @@ def test_triton_ops_match_dsv3_ops_in_the_interpreter(seed):
     errs = _triton_op_errors(seed)
     mla = {n: v for n, v in errs.items() if n.startswith("mla_")}
     assert len(mla) == 6 and len([n for n in errs if n.startswith("fp8_")]) == 12, errs
-    assert errs.pop("topk_k1") == errs.pop("topk_k8") == 0, "topk: values or indices differ from torch.topk"
     for name, err in errs.items():
         if name.endswith("_float32") or name.startswith("fp8_act_fp32"):
             limit = TOLERANCES["fp32_structural"]
@@ -354,7 +346,7 @@ class Attn(torch.nn.Module):
         o = torch.ops.dsv3.mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, self.wkv_b, 0.25)
         y = (torch.ops.dsv3.fp8_linear(o.flatten(2), self.wq, self.ws, True)
              + torch.ops.dsv3.fp8_linear(o.flatten(2), self.wq, self.ws, False))
-        return y, torch.topk(y.float().softmax(-1), 6)[1]  # a router's top-k over 70 scores
+        return y
 
 
 args = (torch.randn(b, s, h, dn).bfloat16(), torch.randn(b, s, h, r).bfloat16(), torch.randn(b, s, c + r).bfloat16(),
@@ -369,7 +361,6 @@ print("ops", ",".join(ops))
 print("dims", len(lowered.range_constraints))
 print("how_mla", how["dsv3::mla_attention"])
 print("how_fp8", how["dsv3::fp8_linear"])
-print("how_topk", how["aten::topk"])
 kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)  # what AOTInductor does
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 names = sorted({getattr(getattr(k, "fn", k), "__name__", "?") for k in
@@ -401,16 +392,15 @@ def test_triton_ops_trace_with_dynamic_dims(kind):
 
     pytest.importorskip("triton")
     done = subprocess.run([sys.executable, "-c", _TRITON_TRACE_SCRIPT, kind], check=False,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "DSV3_TORCH_TOPK": "kernel"})  # the top-k kernel is opt-in
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = dict(line.split(" ", 1) for line in done.stdout.strip().split("\n"))
-    assert out["ops"] == "dsv3_aoti.fp8_linear.default,dsv3_aoti.mla_attention.default,dsv3_aoti.topk.default", out
+    assert out["ops"] == "dsv3_aoti.fp8_linear.default,dsv3_aoti.mla_attention.default", out
     n_dims = 3 if kind == "prefill" else 2
     assert int(out["dims"]) == n_dims and int(out["kernel_dims"]) == n_dims, out
     attention = "_mla_decode_split_kernel" if kind == "decode" else "_mla_prefill_kernel"
     kernels = set(out["kernels"].split(","))
-    assert {attention, "_fp8_gemm_kernel", "_topk_kernel"} <= kernels, out
+    assert {attention, "_fp8_gemm_kernel"} <= kernels, out
     assert "_act_quant_ieee_kernel" in kernels, out  # act_quant then the fp8 GEMM
     # decode: MAX_SPLITS split programs per row, the kernels pick how many run (mla_decode runtime_splits)
     from dsv3_export.kernels.mla_decode import MAX_SPLITS, runtime_split_target
@@ -422,7 +412,6 @@ def test_triton_ops_trace_with_dynamic_dims(kind):
     # the manifest's `lowerings` text names what each op became
     assert "dsv3_aoti::mla_attention" in out["how_mla"] and "kernels/mla_attention.py" in out["how_mla"], out
     assert "dsv3_aoti::fp8_linear" in out["how_fp8"] and "kernels/fp8_gemm.py" in out["how_fp8"], out
-    assert "dsv3_aoti::topk" in out["how_topk"], out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -564,37 +553,3 @@ def test_moe_align_traced_form_rejects_unknown(monkeypatch):
     monkeypatch.setenv(torch_triton.MOE_ALIGN_ENV, "fast")
     with pytest.raises(ValueError, match="DSV3_TORCH_MOE_ALIGN='fast'"):
         torch_triton._moe_align(torch.zeros(2, 2, dtype=torch.int64), 4, 16)
-
-
-@pytest.mark.parametrize("second, reason", [
-    (lambda x: torch.topk(x, 2, largest=False), "largest=False"),
-    (lambda x: torch.topk(x, 2, dim=0), "dim=0"),
-    (lambda x: torch.topk(torch.cat([x] * 20, -1), 2), "last dim 1280"),
-    (lambda x: torch.topk(x.long(), 2), "dtype torch.int64"),
-])
-def test_topk_lowering_is_all_or_none(second, reason, monkeypatch):
-    """One topk the kernel does not take keeps every topk of the program in ATen, and says why."""
-    pytest.importorskip("triton")
-    from dsv3_export.engines import torch_triton
-
-    monkeypatch.setenv(torch_triton.TOPK_ENV, "kernel")  # opt-in (torch's top-k is the default)
-
-    class TwoTopk(torch.nn.Module):
-        def forward(self, x):
-            return torch.topk(x, 3)[1], second(x)[1]
-
-    ep = torch.export.export(TwoTopk(), (torch.randn(4, 64),))
-    lowered, how = lower_dsv3_ops(ep, "cuda", torch_triton.triton_lowerings("decode"))
-    assert lowered is ep, "nothing to lower: the program must come back unchanged"
-    assert how["aten::topk"].startswith("ATen (1 of 2 nodes do not fit") and reason in how["aten::topk"], how
-
-
-def test_topk_switch(monkeypatch):
-    from dsv3_export.engines import torch_triton
-
-    assert "aten::topk" not in torch_triton.triton_lowerings("decode")  # default: torch's (measured faster)
-    monkeypatch.setenv(torch_triton.TOPK_ENV, "kernel")
-    assert "aten::topk" in torch_triton.triton_lowerings("decode")
-    monkeypatch.setenv(torch_triton.TOPK_ENV, "fast")
-    with pytest.raises(ValueError, match="DSV3_TORCH_TOPK='fast'"):
-        torch_triton.triton_lowerings("decode")

@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from dsv3_export.kernels import _common, fp8_gemm, fp8_quant, mla_decode, moe, rmsnorm  # noqa: E402
+from dsv3_export.kernels import _common, fp8_gemm, fp8_quant, mla_decode, moe, topk  # noqa: E402
 
 COUNTS = {"launch": 0, "wrapped": 0}
 
@@ -49,8 +49,8 @@ torch.library.wrap_triton = _counting_wrap
 def _cases():
     bf, f8 = torch.bfloat16, torch.float8_e4m3fn
     x = torch.randn(1, 2048, dtype=bf)
-    w = torch.randn(2048, dtype=bf)
-    yield "rmsnorm(residual) M=1", lambda: rmsnorm.rmsnorm(x, w, 1e-6, residual=x)
+    logits = torch.randn(1, 64, dtype=bf)
+    yield "router_topk M=1", lambda: topk.router_topk(logits, 6, n_extra=2, first_extra=64, out_dtype=bf)
     yield "act_quant M=1", lambda: fp8_quant.act_quant(x)
     wq, ws = torch.zeros(10944, 2048, dtype=f8), torch.ones(86, 16)
     a, a_s = torch.zeros(1, 2048, dtype=f8), torch.ones(1, 16)

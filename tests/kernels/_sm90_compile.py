@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_gemv, fp8_quant, mla_absorb,  # noqa: E402
-                                 mla_decode, mla_prefill, moe, moe_align, rmsnorm, router_align, router_gate, topk)
+                                 mla_decode, mla_prefill, moe, moe_align, topk)
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Opt-in shared memory per block on H100/H200 (227 KB).
@@ -57,7 +57,7 @@ FAMILY_RULES = (
     ("mla_decode_fused", ("mla_decode_split",), "fused=True"),
     ("mla_decode", ("mla_decode_split",), None),
     ("mla", ("mla_decode_reduce", "mla_prefill", "head_gemm"), None),
-    ("routing_norm", ("rmsnorm", "topk", "router", "router_gate", "router_gate_split", "router_align"), None),
+    ("routing", ("router",), None),
 )
 FAMILIES = tuple(dict.fromkeys(family for family, _, _ in FAMILY_RULES))
 
@@ -211,28 +211,9 @@ def _cases(all_configs: bool):
             yield (f"mla_prefill has_new={has_new}", mla_prefill._mla_prefill_kernel, cfg,
                    dict(q_ptr=bf, q_pe_ptr=bf, kv_ptr=bf, pe_ptr=bf, kvn_ptr=bf, pen_ptr=bf, start_ptr=i32,
                         out_ptr=bf), dict(mla_dims, HAS_NEW=has_new))
-    for cfg in pick(rmsnorm.RMSNORM_CONFIGS):
-        for quant in (False, True):
-            yield (f"rmsnorm quant={quant}", rmsnorm._rmsnorm_kernel, cfg,
-                   dict(x_ptr=bf, res_ptr=bf, w_ptr=bf, y_ptr=bf, h_ptr=bf, q_ptr=f8, s_ptr=f32),
-                   dict(HAS_RESIDUAL=True, QUANT=quant, SCALE_RECIPROCAL=True, BLOCK_D=2048))
-    for cfg in pick(topk.TOPK_CONFIGS):  # the 16b router: 64 routed + 2 shared experts, top-8
-        yield ("topk", topk._topk_kernel, cfg, dict(x_ptr=f32, val_ptr=f32, idx_ptr="*i64"), dict(TOPK=8, BLOCK_N=128))
+    for cfg in pick(topk.ROUTER_CONFIGS):  # the 16b router: 64 routed + 2 shared experts, top-6
         yield ("router", topk._router_kernel, cfg, dict(logits_ptr=bf, w_ptr=bf, idx_ptr="*i64"),
                dict(TOPK=6, N_EXTRA=2, BLOCK_N=64))
-    # the 16b gate GEMM + router: the multiply-and-sum (1-row) and a tl.dot (32-row) form
-    for cfg in router_gate.GATE_CONFIGS if all_configs else router_gate.GATE_CONFIGS[:1] + router_gate.GATE_CONFIGS[-2:-1]:
-        yield ("router_gate", router_gate._router_gate_kernel, cfg, dict(x_ptr=bf, g_ptr=bf, w_ptr=bf, idx_ptr="*i64"),
-               dict(TOPK=6, N_EXTRA=2, BLOCK_N=64, UPCAST=False))
-    # the split form (experts over programs, the last one routes): a multiply-and-sum and the tl.dot config
-    for cfg in router_gate.GATE_SPLIT_CONFIGS if all_configs else router_gate.GATE_SPLIT_CONFIGS[:1] + router_gate.GATE_SPLIT_CONFIGS[-1:]:
-        yield ("router_gate_split", router_gate._router_gate_split_kernel, cfg,
-               dict(x_ptr=bf, g_ptr=bf, logits_ptr=bf, cnt_ptr=i32, w_ptr=bf, idx_ptr="*i64"),
-               dict(TOPK=6, N_EXTRA=2, BLOCK_N=64, UPCAST=False))
-    for cfg in pick(router_align.ROUTER_ALIGN_CONFIGS):  # the 16b router + moe_align in one program (E = 64 + 2)
-        yield ("router_align", router_align._router_align_kernel, cfg,
-               dict(logits_ptr=bf, w_ptr=bf, idx_ptr="*i64", sorted_ids_ptr=i32, expert_ids_ptr=i32, npp_ptr=i32),
-               dict(TOPK=6, N_EXTRA=2, BLOCK_N=64, **moe_align.align_meta(66, 16)))
     for cfg in pick(mla_absorb.HEAD_GEMM_CONFIGS):  # MLA's W_UK / W_UV per-head GEMM (bf16 x and weight views)
         yield ("head_gemm", mla_absorb._head_gemm_kernel, cfg, dict(x_ptr=bf, w_ptr=bf, out_ptr=bf), dict(UPCAST=False))
 

@@ -19,13 +19,12 @@ triton.testing.do_bench (median) and reports: time, achieved TB/s or TFLOP/s, th
                 each, no autotuning), each checked on its timed bf16 output (mean rel. < 1e-3).
   grouped GEMM  torch._grouped_mm (bf16), MoE end to end with it
   MLA decode    the eager absorbed einsum math and F.scaled_dot_product_attention; mla_decode is
-                also timed as a CUDA-graph replay (its kernels without Python launch cost), in both
-                merge forms (separate reduce kernel / fused in the split kernel), and at B=32 over
-                forced split counts (each autotuned and checked; the fastest is tabled); the
+                also timed as a CUDA-graph replay (its kernels without Python launch cost), and at
+                B=32 over forced split counts (each autotuned and checked; the fastest is tabled); the
                 traced program's form (cache + kv_new) with the split count chosen in the
                 kernels (runtime_splits) and with the fixed 8 splits it used before
-  MLA sweep     (mla_sweep, < 60 s) mla_decode's variants (TMA loads, early loads), split counts and
-                merge forms, each pinned, from CUDA graphs: % of copy bandwidth and error (MLA_SWEEP)
+  MLA sweep     (mla_sweep, < 60 s) mla_decode's variants (early loads) and split counts, each
+                pinned, from CUDA graphs: % of copy bandwidth and error (MLA_SWEEP)
   act_quant     eager torch
   MoE router    (router) kernels/topk.py router_topk against torch's softmax + topk + gather + cat
   GEMV          (gemv, ~9 min on a cold cache: 12 configs compiled per K, K=10944 unrolled) kernels/fp8_gemv.py against
@@ -72,7 +71,7 @@ from kbench.common import (BF16_PEAK, FP8_PEAK, HBM_BW, TINY, Report, Shapes,  #
 # _blockwise_operands and _pad_k: tests/kernels/test_benchmark_script.py checks them as attributes of this script
 from kbench.fp8 import _blockwise_operands, _pad_k, bench_fp8_gemm, bench_fp8_prefill  # noqa: E402, F401
 from kbench.gemv import bench_gemv  # noqa: E402
-from kbench.mla import SWEEP_MERGES, bench_mla  # noqa: E402
+from kbench.mla import bench_mla  # noqa: E402
 from kbench.mla_proj import bench_absorb  # noqa: E402
 from kbench.mla_sweep import bench_mla_sweep  # noqa: E402
 from kbench.moe import bench_moe, bench_moe_configs  # noqa: E402
@@ -86,7 +85,7 @@ SECTIONS = {  # cheap sections first: if the time budget runs out, the expensive
     "router": ("MoE softmax router in one launch", bench_router),
     "absorb": ("MLA absorbed projections (W_UK, W_UV per head)", bench_absorb),
     "mla": ("MLA absorbed attention", bench_mla),
-    "mla_sweep": ("MLA decode variants (TMA, splits, merge), pinned configs, CUDA graphs", bench_mla_sweep),
+    "mla_sweep": ("MLA decode variants (early loads, splits), pinned configs, CUDA graphs", bench_mla_sweep),
     "moe": ("MoE: grouped GEMM + fused MoE", bench_moe),
     "moe_cfg": ("grouped GEMM configs at decode (fp8, 16b MoE)", bench_moe_configs),
     "gemv": ("fp8 GEMV with act_quant in registers vs act_quant + tile GEMM, Linears and MoE at M <= 4 (CUDA graphs)",
@@ -170,10 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="start no new section after this many seconds (default: a ~4-minute run)")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny shapes on the CPU through TRITON_INTERPRET=1: checks the script, times nothing useful")
-    parser.add_argument("--sweep-fused", action="store_true",
-                        help="the MLA split sweep also times the fused-merge form (minutes of autotuning)")
     args = parser.parse_args(argv)
-    SWEEP_MERGES[1:] = ["fused"] if args.sweep_fused else []
     if args.full and args.quick:
         parser.error("--full and --quick contradict each other")
     quick = not args.full

@@ -43,8 +43,7 @@ def mla_cases(bsz: int = 32, ctx: int = 4096, heads: int = 16, c: int = 512, r: 
     cases = [("neg (reads the MLA cache bytes, writes as many)", lambda: torch.neg(src, out=dst), nbytes)]
     for cfg in (kd.DECODE_CONFIGS[0], triton.Config({"BLOCK_N": 64, "PREFETCH": 0}, num_warps=4, num_stages=2)):
         cases.append((f"mla_decode B={bsz} ctx={ctx} 8 splits [{cfg}]",
-                      lambda cfg=cfg: kd.mla_decode(q, qp, kv, pe, seqlens, 0.1, num_splits=8, config=cfg,
-                                                    merge="separate"),
+                      lambda cfg=cfg: kd.mla_decode(q, qp, kv, pe, seqlens, 0.1, num_splits=8, config=cfg),
                       nbytes))
     return cases
 

@@ -7,8 +7,8 @@ One family per module, each with its kernel(s), a checking launcher and a pure-t
   moe_align       moe_align (token assignments grouped and padded per expert), moe_align_ref (ATen form)
   mla_attention   the MLA family's entry point: shared checks, mla_decode_ref / mla_prefill_ref, and
                   the names of mla_decode / mla_prefill re-exported
-  mla_decode      mla_decode (split-KV flash-decoding over the latent cache, separate or fused merge)
-  mla_decode_kernels  mla_decode's Triton kernels (the split kernel with its fused merge, the reduce kernel)
+  mla_decode      mla_decode (split-KV flash-decoding over the latent cache, the splits merged by a second kernel)
+  mla_decode_kernels  mla_decode's Triton kernels (the split kernel, the reduce kernel)
   mla_splits      how many KV splits mla_decode uses: choose_num_splits (host), the runtime rule (traced)
   mla_prefill     mla_prefill (causal)
   topk            router_topk: the softmax MoE router (softmax, top-k, weights, the shared experts'

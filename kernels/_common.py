@@ -161,37 +161,3 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 132
-
-
-# ---------------------------------------------------------------------------------------------
-# Arrival counters: one launch whose programs each compute a part and whose LAST program to finish
-# combines the parts (the pattern of kernels/mla_decode.py merge="fused"). Each program counts its
-# finished part with bar.sync + one thread's acq_rel atomic add; the program that completes the
-# count reads the others' parts (from L2: ld.global.cg) and resets the counter to 0, so a counter
-# is zero between launches and CUDA-graph replays with no memset.
-COUNTER_BUFFER_MIN = 4096
-_arrival_buffers: dict[torch.device, torch.Tensor] = {}
-_retired_buffers: list[torch.Tensor] = []  # outgrown buffers a captured CUDA graph may still point at
-
-
-def arrival_counters(n: int, device: torch.device) -> torch.Tensor:
-    """n zeroed int32 counters for one launch of a last-program-combines kernel.
-
-    While tracing (torch.export / AOTInductor: the op is functional) and while a CUDA graph is being
-    captured with no buffer yet, a fresh torch.zeros (a memset the graph or package replays);
-    otherwise one cached self-cleaning buffer per device, shared by the kernels that use this
-    helper (one stream: two such launches must not run at once). A grown buffer keeps the old one
-    alive, since a captured graph may still use its address.
-    """
-    if tracing():
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    buf = _arrival_buffers.get(device)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return torch.zeros(n, dtype=torch.int32, device=device)  # graph-pool memory: not cached
-        if buf is not None:
-            _retired_buffers.append(buf)
-        buf = torch.zeros(max(n, COUNTER_BUFFER_MIN), dtype=torch.int32, device=device)
-        _arrival_buffers[device] = buf
-    return buf[:n]
-

@@ -18,7 +18,7 @@ Keys of batch row b: cache positions t < len_b, then optionally the new tokens k
 len_b; prefill's new token u is key start_b + u and query i sees u <= i. Without kv_new the new
 tokens must already be in the cache.
 
-Decode lives in kernels/mla_decode.py (split-KV flash-decoding, separate or fused merge of the
+Decode lives in kernels/mla_decode.py (split-KV flash-decoding, a reduce kernel merges the
 splits; its Triton kernels in kernels/mla_decode_kernels.py), prefill in kernels/mla_prefill.py
 (causal). This module is the family's entry point: what both share (DTYPES, LOG2E, the input
 checks), the pure-torch references, and every name of the kernel modules, re-exported (see
@@ -121,16 +121,11 @@ def mla_prefill_ref(q_latent, q_pe, kv_cache, pe_cache, start_pos, softmax_scale
 # The kernel modules' names, by module. Resolved on first access (PEP 562 module __getattr__), not
 # imported here: mla_decode and mla_prefill import this module's checks, so importing them at the top
 # would be an import cycle whichever module is imported first. Each name is the kernel module's own
-# object, read when accessed: module state (DECODE_MERGE, _decode_chosen, _counter_cache) lives in
-# mla_decode alone, and a default is changed there (mla_decode.DECODE_MERGE = ...), not here.
+# object, read when accessed: module state (DECODE_CONFIGS, _decode_chosen) lives in mla_decode alone,
+# and is changed there (mla_decode.DECODE_CONFIGS = ...), not here.
 _REEXPORTS = {
-    "mla_decode": (
-        "MERGE_MODES", "DECODE_MERGE", "MERGE_ELEMS", "MIN_MERGE_C", "merge_cols",
-        "DECODE_CONFIGS", "_FUSED_KEEP", "FUSED_DECODE_CONFIGS",
-        "_decode_tuned", "_decode_fused_tuned", "_decode_chosen", "decode_config",
-        "mla_decode", "_counter_cache", "COUNTER_BUFFER_MIN", "_split_counters",
-    ),
-    "mla_decode_kernels": ("_mla_decode_split_kernel", "_merge_splits", "_mla_decode_reduce_kernel"),
+    "mla_decode": ("DECODE_CONFIGS", "_decode_tuned", "_decode_chosen", "decode_config", "mla_decode"),
+    "mla_decode_kernels": ("_mla_decode_split_kernel", "_mla_decode_reduce_kernel"),
     "mla_splits": (
         "MAX_SPLITS", "MIN_BLOCK_H", "MAX_BLOCK_H", "DECODE_PROGRAMS_PER_SM", "MIN_SPLIT_KEYS",
         "SPLIT_OVERHEAD_KEYS", "choose_num_splits", "_num_splits", "_block_h",

@@ -1,19 +1,13 @@
-"""mla_decode's Triton kernels: the split kernel (with its fused merge) and the reduce kernel.
+"""mla_decode's Triton kernels: the split kernel and the reduce kernel that merges its splits.
 
-kernels/mla_decode.py holds their configs and autotuners and launches them (mla_decode, split_kernel_args).
+kernels/mla_decode.py holds their configs and autotuner and launches them (mla_decode, split_kernel_args).
 
 Decode (flash-decoding): because all heads share the cache row, one program holds a block of
 BLOCK_H heads and reads each KV tile once. The sequence of batch row b is cut into NUM_SPLITS
 chunks of ceil(len_b / NUM_SPLITS) tokens (rounded to BLOCK_N) computed from the device-side
 cache_seqlens, so ragged batches need no host sync; each program runs an online softmax (base 2)
 over its chunk and writes a normalized partial output and its log2-sum-exp; a second kernel merges
-the splits (merge="separate"). Empty chunks write lse = -inf, weight 0. merge="fused" merges in the
-same launch: each program counts its finished split on an int32 counter per (row, head block)
-(bar.sync, then one thread's acq_rel atomic add); the program that completes the count merges all
-splits' partials (still in L2, read with ld.global.cg) into the output and resets the counter to 0,
-so the counters stay valid across launches and CUDA-graph replays with no memset. With one split,
-the fused form writes the output directly. Eager calls share a cached counter buffer per device;
-traced calls (torch.export / AOTInductor, where the op is functional) allocate zeroed counters.
+the splits. Empty chunks write lse = -inf, weight 0.
 A traced decode program cannot pick NUM_SPLITS on the host (the batch and cache length are
 symbolic), and a fixed count leaves B=1 with 8 programs on 132 SMs. runtime_splits=True launches
 MAX_SPLITS split programs per (row, head block) and both kernels compute the count a row uses from
@@ -43,18 +37,16 @@ from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 @waits_for_producer
 @triton.jit
 def _mla_decode_split_kernel(
-    q_ptr, q_pe_ptr, kv_ptr, pe_ptr, kvn_ptr, pen_ptr, seqlens_ptr, o_part_ptr, lse_ptr, out_ptr, cnt_ptr,
+    q_ptr, q_pe_ptr, kv_ptr, pe_ptr, kvn_ptr, pen_ptr, seqlens_ptr, o_part_ptr, lse_ptr,
     H, NUM_SPLITS, scale_log2,
     stride_qb, stride_qh, stride_qpb, stride_qph, stride_kvb, stride_kvs, stride_peb, stride_pes,
     stride_kvnb, stride_penb,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_NEW: tl.constexpr, UPCAST: tl.constexpr,  # UPCAST: interpreted (fp32 operands, no inline PTX)
-    FUSED: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_C: tl.constexpr,  # FUSED: merge here (out_ptr, cnt_ptr)
     SPLIT_TARGET: tl.constexpr, MIN_SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr,  # > 0: the runtime split rule
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
-    TMA: tl.constexpr = False,  # KV tiles through device-side tensor descriptors (variant="tma")
-    EARLY: tl.constexpr = False,  # q and the new token loaded before the seqlen wait (variant "*early")
+    EARLY: tl.constexpr,  # q and the new token loaded before the seqlen wait (variant "early")
 ):
     wait_for_producer()  # before any memory access: kernels/pdl.py
     scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as fp64 scalars
@@ -113,12 +105,6 @@ def _mla_decode_split_kernel(
     acc = tl.zeros((BLOCK_C, BLOCK_H), dtype=tl.float32)  # out^T
     kv_base = kv_ptr + b * stride_kvb
     pe_base = pe_ptr + b * stride_peb
-    if TMA:  # the row's keys as a [seqlen, C] tensor: the TMA unit zero-fills rows >= seqlen, columns >= C
-        rows_b = tl.maximum(seqlen, 1)  # an empty row issues no load; its descriptor still needs a dimension
-        kv_desc = tl.make_tensor_descriptor(kv_base, shape=[rows_b, C], strides=[stride_kvs, 1],
-                                            block_shape=[BLOCK_N, BLOCK_C])
-        pe_desc = tl.make_tensor_descriptor(pe_base, shape=[rows_b, R], strides=[stride_pes, 1],
-                                            block_shape=[BLOCK_N, BLOCK_R])
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_cache = offs_n < end
@@ -134,15 +120,11 @@ def _mla_decode_split_kernel(
                                           dtype=tl.int32, is_pure=False, pack=1)
                 tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [pe_lines.to(tl.int64)],
                                           dtype=tl.int32, is_pure=False, pack=1)
-        if TMA:  # rows in [end, seqlen) are the next split's keys (finite; their scores are masked below)
-            kv = kv_desc.load([n0, 0])  # [BN, BLOCK_C]
-            pe = pe_desc.load([n0, 0])  # [BN, BLOCK_R]
-        else:
-            offs_n64 = offs_n.to(tl.int64)
-            kv = tl.load(kv_base + offs_n64[:, None] * stride_kvs + offs_c[None, :],
-                         mask=in_cache[:, None] & mask_c[None, :], other=0.0)  # [BN, C]
-            pe = tl.load(pe_base + offs_n64[:, None] * stride_pes + offs_r[None, :],
-                         mask=in_cache[:, None] & mask_r[None, :], other=0.0)  # [BN, R]
+        offs_n64 = offs_n.to(tl.int64)
+        kv = tl.load(kv_base + offs_n64[:, None] * stride_kvs + offs_c[None, :],
+                     mask=in_cache[:, None] & mask_c[None, :], other=0.0)  # [BN, C]
+        pe = tl.load(pe_base + offs_n64[:, None] * stride_pes + offs_r[None, :],
+                     mask=in_cache[:, None] & mask_r[None, :], other=0.0)  # [BN, R]
         if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong
             kv = kv.to(tl.float32)
             pe = pe.to(tl.float32)
@@ -179,31 +161,8 @@ def _mla_decode_split_kernel(
     out = acc / tl.where(has_keys, l_i, 1.0)[None, :]
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     o_ptrs = o_part_ptr + b * stride_ob + offs_h[None, :] * stride_oh + pid_s * stride_os + offs_c[:, None]
-    if FUSED:
-        if splits == 1:  # the output, no partials (static when Triton specializes NUM_SPLITS = 1)
-            tl.store(out_ptr + b * stride_outb + offs_h[None, :] * stride_outh + offs_c[:, None],
-                     out.to(out_ptr.dtype.element_ty), mask=mask_h[None, :] & mask_c[:, None])
-        else:
-            tl.store(o_ptrs, out, mask=mask_h[None, :] & mask_c[:, None])
-            tl.store(lse_ptr + b * stride_lb + offs_h * stride_lh + pid_s, lse, mask=mask_h)
-            # Count this split; the program that completes the count is the last split of this
-            # (row, head block) to finish and merges them all. bar.sync orders every thread's partial
-            # stores before the one thread's acq_rel atomic (release); the second spreads its acquire
-            # to the merging threads.
-            tl.debug_barrier()
-            cnt = cnt_ptr + pid_b * tl.num_programs(1) + pid_h
-            done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-            if done == splits - 1:
-                tl.debug_barrier()
-                _merge_splits(o_part_ptr, lse_ptr, out_ptr, b, offs_h, mask_h, splits,
-                              stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
-                              C, BLOCK_H, BLOCK_S, MERGE_C)
-                # Self-cleaning: every split of this group has counted, so the counter is zero again for
-                # the next launch or CUDA-graph replay, without a memset.
-                tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
-    else:
-        tl.store(o_ptrs, out, mask=mask_h[None, :] & mask_c[:, None])
-        tl.store(lse_ptr + b * stride_lb + offs_h * stride_lh + pid_s, lse, mask=mask_h)
+    tl.store(o_ptrs, out, mask=mask_h[None, :] & mask_c[:, None])
+    tl.store(lse_ptr + b * stride_lb + offs_h * stride_lh + pid_s, lse, mask=mask_h)
 
 
 @triton.jit
@@ -215,38 +174,6 @@ def _query_tiles(q_ptr, q_pe_ptr, b, offs_h, offs_c, offs_r, mask_h, mask_c, mas
     q_pe = tl.load(q_pe_ptr + b * stride_qpb + offs_h[:, None] * stride_qph + offs_r[None, :],
                    mask=mask_h[:, None] & mask_r[None, :], other=0.0)
     return q, q_pe
-
-
-@triton.jit
-def _merge_splits(o_part_ptr, lse_ptr, out_ptr, b, offs_h, mask_h, NUM_SPLITS,
-                  stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
-                  C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_C: tl.constexpr):
-    """out[b, heads] = sum_s w_s o_part[b, heads, s] with w_s = 2^lse_s / sum 2^lse (0 for empty splits).
-
-    One program merges a (row, head block) while the others are done, so its loads must not be a
-    chain of round trips: each step loads every split's [BLOCK_H, MERGE_C] slice at once (a
-    [BLOCK_S, BLOCK_H, MERGE_C] tile, MERGE_C sized by the launcher to ~32 fp32 registers per thread)
-    and sums over the splits. Loads bypass L1 (.cg): the partials come from other SMs.
-    """
-    offs_s = tl.arange(0, BLOCK_S)
-    mask_s = offs_s < NUM_SPLITS
-    lse = tl.load(lse_ptr + b * stride_lb + offs_h[None, :] * stride_lh + offs_s[:, None],
-                  mask=mask_s[:, None] & mask_h[None, :], other=float("-inf"), cache_modifier=".cg")  # [S, H]
-    m = tl.max(lse, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # rows with no key at all: weights 0, output 0
-    w = tl.exp2(lse - m[None, :])  # [BLOCK_S, BLOCK_H]
-    denom = tl.sum(w, axis=0)
-    w = w / tl.where(denom > 0, denom, 1.0)[None, :]
-    o_base = o_part_ptr + b * stride_ob + offs_s[:, None, None] * stride_os + offs_h[None, :, None] * stride_oh
-    mask_sh = mask_s[:, None, None] & mask_h[None, :, None]  # [BLOCK_S, BLOCK_H, 1]
-    out_base = out_ptr + b * stride_outb + offs_h[:, None] * stride_outh
-    for c0 in tl.static_range(0, C, MERGE_C):
-        offs_c = c0 + tl.arange(0, MERGE_C)
-        o = tl.load(o_base + offs_c[None, None, :], mask=mask_sh & (offs_c < C)[None, None, :], other=0.0,
-                    cache_modifier=".cg")  # [BLOCK_S, BLOCK_H, MERGE_C]
-        acc = tl.sum(o * w[:, :, None], axis=0)  # [BLOCK_H, MERGE_C]
-        tl.store(out_base + offs_c[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=mask_h[:, None] & (offs_c < C)[None, :])
 
 
 @waits_for_producer

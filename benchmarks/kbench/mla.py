@@ -1,8 +1,8 @@
 """Section `mla`: kernels/mla_decode.py and kernels/mla_prefill.py against the eager absorbed einsum
 math and F.scaled_dot_product_attention (the combined cache as one KV head, enable_gqa). mla_decode
-is also timed from CUDA graphs (its kernels without Python launch cost), in both merge forms, in the
-traced program's form (cache + kv_new; runtime split count vs the fixed 8 splits) and, at the
-bandwidth-bound B=32 ctx 4096, over forced split counts (the split sweep; the fastest is tabled).
+is also timed from CUDA graphs (its kernels without Python launch cost), in the traced program's
+form (cache + kv_new; runtime split count vs the fixed 8 splits) and, at the bandwidth-bound B=32
+ctx 4096, over forced split counts (the split sweep; the fastest is tabled).
 """
 
 from __future__ import annotations
@@ -18,56 +18,46 @@ def _absorbed_eager(q, qp, kv, pe, scale):
     return torch.einsum("bht,btc->bhc", scores.softmax(-1, dtype=torch.float32).type_as(q), kv)
 
 
-def _decode_choice(bsz: int, h: int, c: int, r: int, ctx: int, device: str, merge: str | None = None,
-                   splits: int | None = None) -> str:
+def _decode_choice(bsz: int, h: int, c: int, r: int, ctx: int, device: str, splits: int | None = None) -> str:
     """The split count mla_decode picks (or `splits`) and the config the autotuner chose for it."""
     from dsv3_export.kernels import mla_decode as kd
 
     splits = splits or kd.choose_num_splits(bsz, h, ctx, torch.device(device))
-    merge = merge or kd.DECODE_MERGE
-    cfg = kd.decode_config(h, c, r, splits, torch.bfloat16, merge=merge) if device == "cuda" else kd.DECODE_CONFIGS[0]
-    return f"merge={merge} NUM_SPLITS={splits} ({bsz * splits} programs), config {cfg}"
+    cfg = kd.decode_config(h, c, r, splits, torch.bfloat16) if device == "cuda" else kd.DECODE_CONFIGS[0]
+    return f"NUM_SPLITS={splits} ({bsz * splits} programs), config {cfg}"
 
 
-# Forced split counts of the sweep, per merge form: 8 = one wave at 2 programs per SM (B=32, 132 SMs),
-# 12 at 3, 16 at 4 (the maxnreg configs). 16 compiles apart (Triton specializes ints divisible by 16):
-# ~2 compiles per config and form, then ~2 s of autotuning per new key.
+# Forced split counts of the sweep: 8 = one wave at 2 programs per SM (B=32, 132 SMs), 12 at 3, 16 at 4
+# (the maxnreg configs). 16 compiles apart (Triton specializes ints divisible by 16): ~2 compiles per
+# config, then ~2 s of autotuning per new key.
 SWEEP_SPLITS = (8, 12, 16)
-# Merge forms of the sweep. Session 4 (H200): the fused merge's CUDA-graph row took 0.0766 ms against
-# the separate form's 0.0614 at the auto split count, and its sweep did not finish in the ~4 minutes the
-# lease had left (results/session4/kernels.log); the sweep times the separate form only. `--sweep-fused`
-# puts it back.
-SWEEP_MERGES = ["separate"]
 
 
 def _split_sweep(report: Report, q, qp, kv, pe, seqlens, scale, bytes_: int, sh: Shapes, quick: bool,
                  ref: torch.Tensor, case: str, flops: float) -> None:
-    """mla_decode from a CUDA graph at forced NUM_SPLITS (each autotuned), separate and fused merge:
-    printed, to show how far choose_num_splits' pick is from the best split count on this GPU; the
-    fastest correct (merge, splits, config) is also tabled. Each point's graph output is checked
-    against `ref` after its timing (the fused form's counters must survive hundreds of replays)."""
+    """mla_decode from a CUDA graph at forced NUM_SPLITS (each autotuned): printed, to show how far
+    choose_num_splits' pick is from the best split count on this GPU; the fastest correct (splits,
+    config) is also tabled. Each point's graph output is checked against `ref` after its timing."""
     from dsv3_export.kernels.mla_decode import mla_decode
 
     bsz, h, c = q.shape
     best = None
-    for merge in SWEEP_MERGES:
-        parts = []
-        for splits in SWEEP_SPLITS:
-            mla_decode(q, qp, kv, pe, seqlens, scale, num_splits=splits, merge=merge)  # autotune outside the graph
-            outs: list = []
-            graph = _graph_of(lambda: mla_decode(q, qp, kv, pe, seqlens, scale, num_splits=splits, merge=merge),
-                              outs)
-            ms = bench(graph.replay, sh, quick)
-            torch.cuda.synchronize()
-            err = mean_rel(outs[0].float(), ref)
-            pct = f" = {100 * bytes_ / (ms * 1e-3) / 1e12 / report.copy_tbps:.0f}% of copy" if report.copy_tbps else ""
-            bad = "" if err < 1e-2 else f" WRONG (mean rel err {err:.3g})"
-            if err >= 1e-2:
-                report.failures.append(f"mla split sweep merge={merge} splits={splits}: mean rel err {err:.3g}")
-            parts.append(f"{splits}: {ms:.4f} ms{pct}{bad}")
-            if err < 1e-2 and (best is None or ms < best[0]):
-                best = (ms, _decode_choice(bsz, h, c, pe.shape[-1], kv.shape[1], sh.device, merge, splits))
-        print(f"    split sweep merge={merge} (CUDA graph): " + "; ".join(parts), flush=True)
+    parts = []
+    for splits in SWEEP_SPLITS:
+        mla_decode(q, qp, kv, pe, seqlens, scale, num_splits=splits)  # autotune outside the graph
+        outs: list = []
+        graph = _graph_of(lambda: mla_decode(q, qp, kv, pe, seqlens, scale, num_splits=splits), outs)
+        ms = bench(graph.replay, sh, quick)
+        torch.cuda.synchronize()
+        err = mean_rel(outs[0].float(), ref)
+        pct = f" = {100 * bytes_ / (ms * 1e-3) / 1e12 / report.copy_tbps:.0f}% of copy" if report.copy_tbps else ""
+        bad = "" if err < 1e-2 else f" WRONG (mean rel err {err:.3g})"
+        if err >= 1e-2:
+            report.failures.append(f"mla split sweep splits={splits}: mean rel err {err:.3g}")
+        parts.append(f"{splits}: {ms:.4f} ms{pct}{bad}")
+        if err < 1e-2 and (best is None or ms < best[0]):
+            best = (ms, _decode_choice(bsz, h, c, pe.shape[-1], kv.shape[1], sh.device, splits))
+    print("    split sweep (CUDA graph): " + "; ".join(parts), flush=True)
     if best is not None:
         print(f"    split sweep best: {best[0]:.4f} ms with {best[1]}", flush=True)
         add(report, Row("mla", case, "triton mla sweep best (CUDA graph)", best[0], note=best[1], ok=True),
@@ -161,34 +151,6 @@ def bench_mla(report: Report, sh: Shapes, quick: bool) -> None:
             return out
 
         rows.extend(guarded(report, f"mla {case} traced form", traced_form) or [])
-
-        def fused():
-            # One launch: the last split program of each (row, head block) merges (self-cleaning counter).
-            # Checked eagerly (cache + kv_new, the op's form) and from the graph after all its replays.
-            e_new = mean_rel(mla_decode(q, qp, kv, pe, len_m1, scale, kv_new=new_kv, pe_new=new_pe,
-                                        merge="fused").float(), ref)
-            out = [add(report, Row("mla", case, "triton mla fused merge (+ kv_new)",
-                                   bench(lambda: mla_decode(q, qp, kv, pe, len_m1, scale, kv_new=new_kv, pe_new=new_pe,
-                                                            merge="fused"), sh, quick),
-                                   error=e_new, tol=1e-2, ok=e_new < 1e-2), bytes_=bytes_, flops=flops)]
-            if sh.device != "cuda":
-                e_ = mean_rel(mla_decode(q, qp, kv, pe, seqlens, scale, merge="fused", num_splits=3).float(), ref)
-                out[0].note = f"fused at 3 splits without kv_new: mean rel err {e_:.2g}"
-                out[0].ok = out[0].ok and e_ < 1e-2
-                return out
-            mla_decode(q, qp, kv, pe, seqlens, scale, merge="fused")  # autotune outside the graph
-            outs: list = []
-            graph = _graph_of(lambda: mla_decode(q, qp, kv, pe, seqlens, scale, merge="fused"), outs)
-            ms = bench(graph.replay, sh, quick)
-            torch.cuda.synchronize()
-            e_ = mean_rel(outs[0].float(), ref)  # after every replay: the counters reset themselves
-            out.append(add(report, Row("mla", case, "triton mla fused merge (CUDA graph)", ms, error=e_,
-                                       tol=1e-2, ok=e_ < 1e-2,
-                                       note=_decode_choice(bsz, h, c, r_, ctx, sh.device, "fused")),
-                           bytes_=bytes_, flops=flops))
-            return out
-
-        rows.extend(guarded(report, f"mla {case} fused merge", fused) or [])
         rows = [r for r in rows if r is not None]
         finish_group(rows)
         show(case, rows)

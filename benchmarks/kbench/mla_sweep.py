@@ -1,7 +1,7 @@
 """Section `mla_sweep`: which MLA decode variant the GPU prefers. kernels/mla_decode.py's variants
-(TMA loads, early loads), split counts and merge forms, each point pinned (no autotuning), timed
-from CUDA graphs (split + merge together) as % of the copy bandwidth measured in the same run, and
-checked against mla_decode_ref on the graph's own output.
+(early loads) and split counts, each point pinned (no autotuning), timed from CUDA graphs (split +
+merge together) as % of the copy bandwidth measured in the same run, and checked against
+mla_decode_ref on the graph's own output.
 """
 
 from __future__ import annotations
@@ -13,26 +13,20 @@ import torch
 from kbench.common import Report, Row, Shapes, _graph_of, add, bench, bench_copy, guarded, mean_rel
 
 
-# mla_sweep: MLA decode's variants (kernels/mla_decode.py DECODE_VARIANTS, configs, split counts, merge
-# forms), each point pinned (variant, splits, merge, config: no autotuning), timed from a CUDA graph
-# (split + merge together) and checked on the graph's output. Per (batch, context): whether the last key
-# arrives beside the cache (the decode program's form) or in it (comparable with sessions 4-5's B=32
-# sweeps), and the points, the first being what the default does there (the autotuner's pick of sessions
-# 4-5: BN=32 w4 s3 at B>=8, BN=64 s2 PREFETCH=2 at B=1). A point is (variant, splits or None for the
-# runtime rule, merge, (BLOCK_N, num_warps, num_stages, PREFETCH)), most wanted first: points that would
-# start after MLA_SWEEP_BUDGET_S are skipped (and printed). The fused points use 16 fixed splits (the
-# runtime rule's count at B=1, context 1024): with 32 split slots the fused merge takes ~9 s to compile. The CPU smoke test runs the first entries'
-# points at its tiny shapes.
+# mla_sweep: MLA decode's variants (kernels/mla_decode.py DECODE_VARIANTS, configs, split counts), each
+# point pinned (variant, splits, config: no autotuning), timed from a CUDA graph (split + merge together)
+# and checked on the graph's output. Per (batch, context): whether the last key arrives beside the cache
+# (the decode program's form) or in it (comparable with sessions 4-5's B=32 sweeps), and the points, the
+# first being what the default does there (the autotuner's pick of sessions 4-5: BN=32 w4 s3 at B>=8,
+# BN=64 s2 PREFETCH=2 at B=1). A point is (variant, splits or None for the runtime rule, (BLOCK_N,
+# num_warps, num_stages, PREFETCH)), most wanted first: points that would start after MLA_SWEEP_BUDGET_S
+# are skipped (and printed). The "tma" variants and the fused merge were removed in session 14 (mla_decode's
+# docstring). The CPU smoke test runs the first entries' points at its tiny shapes.
 MLA_SWEEP = [
-    ((32, 4096), False, [("pointer", 8, "separate", (32, 4, 3, 0)), ("tma", 8, "separate", (32, 4, 3, 0)),
-                         ("tma", 8, "separate", (32, 8, 3, 0)), ("tma", 12, "separate", (16, 4, 4, 0)),
-                         ("tma", 4, "separate", (64, 4, 2, 0))]),
-    ((1, 1024), True, [("pointer", None, "separate", (64, 4, 2, 2)), ("early", None, "separate", (64, 4, 2, 2)),
-                       ("tma", None, "separate", (64, 4, 2, 0)), ("tma_early", None, "separate", (64, 4, 2, 0)),
-                       ("pointer", 16, "fused", (32, 4, 3, 0)), ("early", 16, "fused", (32, 4, 3, 0)),
-                       ("pointer", 32, "separate", (32, 4, 3, 0)), ("early", 32, "separate", (32, 4, 3, 0))]),
-    ((8, 4096), True, [("pointer", None, "separate", (32, 4, 3, 0)), ("early", None, "separate", (32, 4, 3, 0)),
-                       ("tma", None, "separate", (32, 4, 3, 0)), ("tma", 16, "separate", (64, 4, 2, 0))]),
+    ((32, 4096), False, [("pointer", 8, (32, 4, 3, 0))]),
+    ((1, 1024), True, [("pointer", None, (64, 4, 2, 2)), ("early", None, (64, 4, 2, 2)),
+                       ("pointer", 32, (32, 4, 3, 0)), ("early", 32, (32, 4, 3, 0))]),
+    ((8, 4096), True, [("pointer", None, (32, 4, 3, 0)), ("early", None, (32, 4, 3, 0))]),
 ]
 MLA_SWEEP_BUDGET_S = 55.0
 
@@ -69,21 +63,19 @@ def bench_mla_sweep(report: Report, sh: Shapes, quick: bool) -> None:
         ref = mla_decode_ref(q.float(), qp.float(), kv.float(), pe.float(), full, scale)
         bytes_ = bsz * ctx * (c + r_) * 2 + bsz * h * (2 * c + r_) * 2
         best = None
-        for variant, splits, merge, spec in points:
+        for variant, splits, spec in points:
             if time.time() - t0 > MLA_SWEEP_BUDGET_S:
-                print(f"    {case} {variant} {splits} {merge} {spec}: skipped (the {MLA_SWEEP_BUDGET_S:.0f} s budget)")
+                print(f"    {case} {variant} {splits} {spec}: skipped (the {MLA_SWEEP_BUDGET_S:.0f} s budget)")
                 continue
-            cfg = _sweep_config(kd.TMA_DECODE_CONFIGS if kd.VARIANT_FLAGS[variant].get("TMA") else kd.DECODE_CONFIGS,
-                                spec)
+            cfg = _sweep_config(kd.DECODE_CONFIGS, spec)
             split_kw = {"runtime_splits": True} if splits is None else {"num_splits": splits}
             n_splits = kd.runtime_num_splits(bsz, h, ctx - new_token, q.device) if splits is None else splits
             bn, prefetch = cfg.kwargs["BLOCK_N"], cfg.kwargs["PREFETCH"]
-            label = (f"{variant} {merge} {'runtime ' if splits is None else ''}{n_splits} splits BN={bn} "
+            label = (f"{variant} {'runtime ' if splits is None else ''}{n_splits} splits BN={bn} "
                      f"w{cfg.num_warps} s{cfg.num_stages}" + (f" P{prefetch}" if prefetch else ""))
 
-            def call(split_kw=split_kw, merge=merge, cfg=cfg, variant=variant):
-                return kd.mla_decode(q, qp, kv, pe, seqlens, scale, merge=merge, config=cfg, variant=variant,
-                                     **split_kw, **kw)
+            def call(split_kw=split_kw, cfg=cfg, variant=variant):
+                return kd.mla_decode(q, qp, kv, pe, seqlens, scale, config=cfg, variant=variant, **split_kw, **kw)
 
             def point(call=call, label=label):
                 outs = [call()]  # compiles outside any graph
@@ -94,7 +86,7 @@ def bench_mla_sweep(report: Report, sh: Shapes, quick: bool) -> None:
                 ms = bench(fn, sh, quick)
                 if sh.device == "cuda":
                     torch.cuda.synchronize()
-                err = mean_rel(outs[0].float(), ref)  # after every replay (fused counters, TMA scratch)
+                err = mean_rel(outs[0].float(), ref)  # after every replay
                 return add(report, Row("mla_sweep", case, f"triton {label}", ms, error=err, tol=1e-2, ok=err < 1e-2,
                                        note="CUDA graph, split + merge" if sh.device == "cuda" else ""),
                            bytes_=bytes_)

@@ -48,27 +48,24 @@ RECIP_448 = "0f3B124925"
 DIVISIBLE_INTS = {"K", "N", "N_OUT", "D"}
 
 
-# The kernel families, one test each (xdist spreads them): (family, the kernels named by a case's first
-# word, a word the case's name must also hold); the first rule that matches a case names its family. The
-# decode attention with the fused merge takes ~40% of a cold compile on its own (its merge unrolls).
-FAMILY_RULES = (
-    ("fp8", ("act_quant", "weight_dequant", "fp8_gemm", "split_k_sum", "fp8_gemv"), None),
-    ("moe", ("grouped_gemm", "moe_align"), None),
-    ("mla_decode_fused", ("mla_decode_split",), "fused=True"),
-    ("mla_decode", ("mla_decode_split",), None),
-    ("mla", ("mla_decode_reduce", "mla_prefill", "head_gemm"), None),
-    ("routing", ("router",), None),
-)
-FAMILIES = tuple(dict.fromkeys(family for family, _, _ in FAMILY_RULES))
+# The kernel families, one test each (xdist spreads them): family -> the kernels a case's first word names.
+FAMILY_RULES = {
+    "fp8": ("act_quant", "weight_dequant", "fp8_gemm", "split_k_sum", "fp8_gemv"),
+    "moe": ("grouped_gemm", "moe_align"),
+    "mla_decode": ("mla_decode_split",),
+    "mla": ("mla_decode_reduce", "mla_prefill", "head_gemm"),
+    "routing": ("router",),
+}
+FAMILIES = tuple(FAMILY_RULES)
 
 
 def family_of(case_name: str) -> str:
     """The family a case belongs to; a case no rule names is an error (it would never be compiled)."""
-    words = case_name.split()
-    for family, heads, word in FAMILY_RULES:
-        if words[0] in heads and (word is None or word in words):
+    kernel = case_name.split()[0]
+    for family, heads in FAMILY_RULES.items():
+        if kernel in heads:
             return family
-    raise KeyError(f"compile case {case_name!r}: its kernel {words[0]!r} is in no family of FAMILY_RULES")
+    raise KeyError(f"compile case {case_name!r}: its kernel {kernel!r} is in no family of FAMILY_RULES")
 
 
 def _attrs(kernel, pointers: dict[str, str]) -> dict[tuple[int], list]:
@@ -170,38 +167,18 @@ def _cases(all_configs: bool):
     eager = dict(SPLIT_TARGET=0, MIN_SPLITS=mla_decode.RUNTIME_MIN_SPLITS, MIN_KEYS=mla_decode.MIN_SPLIT_KEYS)
     runtime = dict(eager, SPLIT_TARGET=2 * 132)
     max_s = triton.next_power_of_2(mla_decode.MAX_SPLITS)
-    for cfg in pick(mla_decode.DECODE_CONFIGS):
-        fused_ok = cfg in mla_decode.FUSED_DECODE_CONFIGS
-        # The fused merge over 32 split slots unrolls 64 merge steps (~40 s of cold compile per config on 2
-        # cores): --all-configs only, and only for the register-capped configs, where a spill would show; the
-        # others compile the same merge over 8 slots (runtime_splits=False).
-        forms = ((False, False, False), (True, False, False), (True, False, True)) + (
-            ((False, True, False), (True, True, False)) if fused_ok else ()) + (
-            ((True, True, True),) if fused_ok and all_configs and cfg.maxnreg else ())
-        for has_new, fused, rt in forms:
-            block_s = max_s if rt else 8
-            yield (f"mla_decode_split has_new={has_new} fused={fused} runtime_splits={rt}",
-                   mla_decode._mla_decode_split_kernel, cfg,
-                   dict(q_ptr=bf, q_pe_ptr=bf, kv_ptr=bf, pe_ptr=bf, kvn_ptr=bf, pen_ptr=bf, seqlens_ptr=i32,
-                        o_part_ptr=f32, lse_ptr=f32, out_ptr=bf, cnt_ptr=i32),
-                   dict(mla_dims, BLOCK_H=16, HAS_NEW=has_new, FUSED=fused, BLOCK_S=block_s,
-                        MERGE_C=mla_decode.merge_cols(block_s, 16, 512), **(runtime if rt else eager)))
-    # The other variants (mla_decode.VARIANT_FLAGS: TMA descriptors, early loads): every TMA config, the
-    # pointer configs the benchmark's mla_sweep pins for "early"; both merges, the new token, both split rules.
+    # Every variant (mla_decode.VARIANT_FLAGS): the pointer form's configs, and for "early" the pointer
+    # configs the benchmark's mla_sweep pins; without and with the new token, both split rules.
     early_ptr = [c for c in mla_decode.DECODE_CONFIGS if (c.kwargs["BLOCK_N"], c.kwargs["PREFETCH"], c.maxnreg) in
                  ((32, 0, None), (64, 2, None)) and c.num_warps == 4 and c.num_stages in (2, 3)]
     for variant, flags in mla_decode.VARIANT_FLAGS.items():
-        if variant == "pointer":
-            continue
-        for cfg in mla_decode.TMA_DECODE_CONFIGS if flags.get("TMA") else early_ptr:
-            for has_new, fused, rt in ((False, False, False), (True, False, True), (True, True, False)):
-                block_s = max_s if rt else 8
-                yield (f"mla_decode_split {variant} has_new={has_new} fused={fused} runtime_splits={rt}",
+        for cfg in pick(mla_decode.DECODE_CONFIGS) if variant == "pointer" else early_ptr:
+            for has_new, rt in ((False, False), (True, False), (True, True)):
+                yield (f"mla_decode_split {variant} has_new={has_new} runtime_splits={rt}",
                        mla_decode._mla_decode_split_kernel, cfg,
                        dict(q_ptr=bf, q_pe_ptr=bf, kv_ptr=bf, pe_ptr=bf, kvn_ptr=bf, pen_ptr=bf, seqlens_ptr=i32,
-                            o_part_ptr=f32, lse_ptr=f32, out_ptr=bf, cnt_ptr=i32),
-                       dict(mla_dims, BLOCK_H=16, HAS_NEW=has_new, FUSED=fused, BLOCK_S=block_s, **flags,
-                            MERGE_C=mla_decode.merge_cols(block_s, 16, 512), **(runtime if rt else eager)))
+                            o_part_ptr=f32, lse_ptr=f32),
+                       dict(mla_dims, BLOCK_H=16, HAS_NEW=has_new, **flags, **(runtime if rt else eager)))
     for rt in (False, True):
         yield (f"mla_decode_reduce runtime_splits={rt}", mla_decode._mla_decode_reduce_kernel,
                triton.Config({}, num_warps=4), dict(o_part_ptr=f32, lse_ptr=f32, out_ptr=bf, seqlens_ptr=i32),
@@ -225,7 +202,7 @@ def main(all_configs: bool, with_usage: bool = False, only: frozenset[str] | Non
         family = family_of(name)  # for every case: one in no family fails every run
         if only is not None and family not in only:
             continue
-        # constexpr parameters with a default (mla_decode's TMA) take it, as a real launch does
+        # constexpr parameters with a default take it, as a real launch does
         defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
         consts = {**defaults, **constexprs, **cfg.kwargs}
         src = ASTSource(fn=kernel, signature=_signature(kernel, pointers, consts), constexprs=consts,

@@ -10,7 +10,6 @@ pytest.importorskip("triton", reason="triton is not installed: kernel tests need
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from dsv3_export.kernels import _common  # noqa: E402
 from dsv3_export.kernels import mla_attention as A  # noqa: E402
 from dsv3_export.kernels import mla_decode as D  # noqa: E402
 from dsv3_export.kernels import mla_decode_kernels as K  # noqa: E402
@@ -270,7 +269,7 @@ def test_kernel_split_rule_is_runtime_num_splits():
 @pytest.mark.parametrize("bsz", sorted(RUNTIME_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mla_decode_runtime_splits_writes_the_rules_partials(seed, runtime_sms, monkeypatch, bsz, dtype):
-    """Separate merge: each row's split programs write exactly runtime_num_splits partials (the rest of
+    """Each row's split programs write exactly runtime_num_splits partials (the rest of
     the MAX_SPLITS slots keep torch.empty's NaN poison) and the reduce kernel merges just those."""
     torch.manual_seed(seed)
     kv, pe, q, qp, _, seqlens = _runtime_inputs(bsz, dtype)
@@ -291,20 +290,15 @@ def test_mla_decode_runtime_splits_writes_the_rules_partials(seed, runtime_sms, 
 
 
 @pytest.mark.parametrize("bsz", sorted(RUNTIME_CASES))
-@pytest.mark.parametrize("merge", D.MERGE_MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mla_decode_runtime_splits_with_new_token(seed, runtime_sms, bsz, merge, dtype):
-    """The traced program's form (cache + new token, runtime splits) vs the reference, both merges;
-    the fused merge's counters come back clean."""
+def test_mla_decode_runtime_splits_with_new_token(seed, runtime_sms, bsz, dtype):
+    """The traced program's form (cache + new token, runtime splits) vs the reference."""
     torch.manual_seed(seed)
     kv, pe, q, qp, new, seqlens = _runtime_inputs(bsz, dtype)
     kw = dict(kv_new=new[:, :C], pe_new=new[:, C:])
-    ref = A.mla_decode_ref(q, qp, kv, pe, seqlens, SCALE, **kw)
-    for _ in range(2 if merge == "fused" else 1):  # the fused form's second call reuses its counters
-        out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, runtime_splits=True, merge=merge, **kw)
-        assert out.shape == (bsz, H, C) and out.dtype == dtype
-        _check(out, ref, dtype)
-        _counters_clean()
+    out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, runtime_splits=True, **kw)
+    assert out.shape == (bsz, H, C) and out.dtype == dtype
+    _check(out, A.mla_decode_ref(q, qp, kv, pe, seqlens, SCALE, **kw), dtype)
 
 
 @pytest.mark.parametrize("config", DECODE_TILES, ids=str)
@@ -322,107 +316,6 @@ def test_mla_decode_runtime_splits_excludes_num_splits():
     with pytest.raises(ValueError, match="num_splits=4 with runtime_splits=True"):
         D.mla_decode(torch.randn(1, H, C), torch.randn(1, H, R), kv, pe, torch.ones(1, dtype=torch.int32), SCALE,
                      num_splits=4, runtime_splits=True)
-
-
-# Fused merge (merge="fused"): the last split program of each (row, head block) merges the partials,
-# found with a self-cleaning atomic counter. In the interpreter the programs run one after another, so
-# this checks the arithmetic, the counting and the reset, not the GPU's memory ordering (the benchmark
-# checks the fused form against mla_decode_ref on the H200).
-
-
-def _counters_clean() -> None:
-    for dev, buf in D._counter_cache.items():
-        assert (buf == 0).all(), f"fused-merge counters on {dev} not reset: {buf[buf != 0][:8].tolist()}"
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("num_splits", [None, 1, 3, 7])
-def test_mla_decode_fused_merge_ragged(seed, dtype, num_splits):
-    torch.manual_seed(seed)
-    kv, pe = _caches(5, dtype)
-    q, qp = torch.randn(4, H, C, dtype=dtype), torch.randn(4, H, R, dtype=dtype)
-    seqlens = torch.tensor([1, 37, 0, S], dtype=torch.int32)  # row 2 empty; 37: not a multiple of BLOCK_N
-    ref = A.mla_decode_ref(q, qp, kv, pe, seqlens, SCALE)
-    for _ in range(2):  # the second call reuses the counters the first one left
-        out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=num_splits, merge="fused")
-        assert out.shape == (4, H, C) and out.dtype == dtype
-        _check(out, ref, dtype)
-        assert (out[2] == 0).all()
-        _counters_clean()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("num_splits", [1, 4])
-def test_mla_decode_fused_merge_with_new_token(seed, dtype, num_splits):
-    torch.manual_seed(seed)
-    cache = torch.randn(4, S, C + R, dtype=dtype)
-    new = torch.randn(3, C + R, dtype=dtype)
-    q, qp = torch.randn(3, H, C, dtype=dtype), torch.randn(3, H, R, dtype=dtype)
-    seqlens = torch.tensor([0, 37, S - 1], dtype=torch.int32)
-    kw = dict(kv_new=new[:, :C], pe_new=new[:, C:])
-    out = D.mla_decode(q, qp, cache[..., :C], cache[..., C:], seqlens, SCALE, num_splits=num_splits, merge="fused",
-                       **kw)
-    _check(out, A.mla_decode_ref(q, qp, cache[..., :C], cache[..., C:], seqlens, SCALE, **kw), dtype)
-    _counters_clean()
-
-
-def test_mla_decode_fused_merge_many_heads_and_wide_latent(seed):
-    """Two head blocks (H=80 > MAX_BLOCK_H: counters per (row, head block)) and a latent wider than
-    the merge's column step, not a multiple of it (the merge's column loop and its mask)."""
-    torch.manual_seed(seed)
-    heads, c, r = 80, 200, 8
-    assert D.merge_cols(4, 64, c) < c and c % D.merge_cols(4, 64, c)
-    kv, pe = torch.randn(2, 50, c), torch.randn(2, 50, r)
-    q, qp = torch.randn(2, heads, c), torch.randn(2, heads, r)
-    seqlens = torch.tensor([50, 23], dtype=torch.int32)
-    out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=3, merge="fused")
-    _check(out, A.mla_decode_ref(q, qp, kv, pe, seqlens, SCALE), torch.float32)
-    _counters_clean()
-
-
-@pytest.mark.parametrize("config", list({c.kwargs["BLOCK_N"]: c for c in D.FUSED_DECODE_CONFIGS}.values()), ids=str)
-def test_mla_decode_fused_merge_every_config(seed, config):
-    torch.manual_seed(seed)
-    kv, pe = _caches(2, torch.float32)
-    q, qp = torch.randn(2, H, C), torch.randn(2, H, R)
-    seqlens = torch.tensor([70, 9], dtype=torch.int32)
-    out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=5, config=config, merge="fused")
-    _check(out, A.mla_decode_ref(q, qp, kv, pe, seqlens, SCALE), torch.float32)
-
-
-def test_mla_decode_fused_equals_separate(seed):
-    torch.manual_seed(seed)
-    kv, pe = _caches(3, torch.float32)
-    q, qp = torch.randn(3, H, C), torch.randn(3, H, R)
-    seqlens = torch.tensor([99, 64, 2], dtype=torch.int32)
-    sep = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=6, merge="separate")
-    fus = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=6, merge="fused")
-    assert (sep - fus).abs().max().item() < 1e-6
-
-
-def test_split_counters_are_fresh_while_tracing():
-    """Under torch.export / AOTInductor (the op is functional) the counters are the op's own zeros,
-    not the eager cache."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    before = dict(D._counter_cache)
-    with FakeTensorMode():
-        cnt = D._split_counters(7, torch.device("cpu"))
-    assert type(cnt).__name__ == "FakeTensor" and cnt.shape == (7,) and cnt.dtype == torch.int32
-    assert D._counter_cache == before
-    old = D._split_counters(1, torch.device("cpu"))
-    n = D._counter_cache[torch.device("cpu")].numel() + 5  # grows the cached buffer (shared with other tests)
-    eager = D._split_counters(n, torch.device("cpu"))
-    assert eager.shape == (n,) and (eager == 0).all()
-    # the outgrown buffer stays alive: a CUDA graph captured with it replays its address
-    assert any(r.untyped_storage().data_ptr() == old.untyped_storage().data_ptr() for r in _common._retired_buffers)
-
-
-def test_mla_decode_rejects_unknown_merge():
-    kv, pe = _caches(1, torch.float32)
-    with pytest.raises(ValueError, match="merge='both' must be one of"):
-        D.mla_decode(torch.randn(1, H, C), torch.randn(1, H, R), kv, pe, torch.ones(1, dtype=torch.int32), SCALE,
-                     merge="both")
 
 
 def test_launch_passes_the_register_cap_of_an_explicit_config(monkeypatch):
@@ -446,11 +339,6 @@ def test_launch_passes_the_register_cap_of_an_explicit_config(monkeypatch):
     assert any(c.maxnreg == 128 for c in D.DECODE_CONFIGS)
 
 
-def test_fused_configs_are_decode_configs():
-    assert len(D.FUSED_DECODE_CONFIGS) == len(D._FUSED_KEEP)  # each kept tuple names an existing config
-    assert all(c in D.DECODE_CONFIGS for c in D.FUSED_DECODE_CONFIGS)
-
-
 # The family's entry point (kernels/mla_attention.py) re-exports the kernel modules' names, lazily, so
 # the imports that predate the split into mla_decode / mla_prefill keep working.
 
@@ -468,9 +356,10 @@ def test_entry_point_reexports_the_kernel_modules_own_objects():
 
 
 def test_entry_point_reads_module_state_where_it_lives(monkeypatch):
-    """DECODE_MERGE and the caches live in mla_decode only; the entry point reads them there."""
-    monkeypatch.setattr(D, "DECODE_MERGE", "fused")
-    assert A.DECODE_MERGE == "fused" and A._counter_cache is D._counter_cache and A._decode_chosen is D._decode_chosen
+    """DECODE_CONFIGS and the chosen-config cache live in mla_decode only; the entry point reads them there."""
+    configs = D.DECODE_CONFIGS[:1]
+    monkeypatch.setattr(D, "DECODE_CONFIGS", configs)
+    assert A.DECODE_CONFIGS is configs and A._decode_chosen is D._decode_chosen
 
 
 @pytest.mark.parametrize("first", ["mla_decode", "mla_prefill", "mla_attention"])

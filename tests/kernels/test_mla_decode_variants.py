@@ -1,13 +1,11 @@
 """mla_decode's variants (kernels/mla_decode.py DECODE_VARIANTS) vs mla_decode_ref, in the interpreter.
 
-variant="tma" loads the KV tiles through device-side tensor descriptors whose row count is the row's
-cache length: the TMA unit (the interpreter too) zero-fills the rows past it, where the pointer form
-masks its loads. So the caches here hold NaN past every row's length: a tile that read them without
-the zero fill would turn the output into NaN (0 x NaN in the value dot). torch.empty is NaN-poisoned
-(conftest), so a partial or output the kernels forget to write fails the comparison too. Tolerances:
-tests/kernels/_helpers.py TOL (fp32: max abs 2e-5, summation order only; bf16: mean rel 1e-2). The
-"early" variants (q and the new token loaded before the cache-length wait) run the same checks with
-the pointer configs the benchmark pins. The sm_90 build of every variant's configs is checked by
+variant="early" loads q and the new token before the program waits for its cache length and scores the
+new token from q in registers; it runs with the pointer configs the benchmark pins. The caches here hold
+NaN past every row's length: a tile load not masked there would turn the output into NaN (0 x NaN in the
+value dot). torch.empty is NaN-poisoned (conftest), so a partial or output the kernels forget
+to write fails the comparison too. Tolerances: tests/kernels/_helpers.py TOL (fp32: max abs 2e-5,
+summation order only; bf16: mean rel 1e-2). The sm_90 build of every variant's configs is checked by
 tests/kernels/test_compile_sm90.py.
 """
 
@@ -36,7 +34,7 @@ def _poisoned_cache(bmax: int, lens: list[int], c: int, r: int, dtype) -> torch.
 
 
 def _check(out: torch.Tensor, ref: torch.Tensor, dtype) -> None:
-    assert_finite("mla_decode tma", out)
+    assert_finite("mla_decode variant", out)
     if dtype == torch.float32:
         assert (out - ref).abs().max().item() < TOL["mla_fp32_abs"]
     else:
@@ -47,17 +45,15 @@ OTHER_VARIANTS = [v for v in D.DECODE_VARIANTS if v != D.DECODE_VARIANT]
 # The early-load variants run pinned pointer configs: the ones benchmarks/kernels.py mla_sweep times.
 EARLY_CONFIGS = [c for c in D.DECODE_CONFIGS if c.num_warps == 4 and not c.maxnreg and
                  (c.kwargs["BLOCK_N"], c.kwargs["PREFETCH"], c.num_stages) in ((32, 0, 3), (64, 2, 2))]
-VARIANT_CONFIGS = [(v, c) for v in OTHER_VARIANTS
-                   for c in (D.TMA_DECODE_CONFIGS if D.VARIANT_FLAGS[v].get("TMA") else EARLY_CONFIGS)]
+VARIANT_CONFIGS = [(v, c) for v in OTHER_VARIANTS for c in EARLY_CONFIGS]
 
 
 def test_early_configs_found():
-    assert len(EARLY_CONFIGS) == 2 and set(OTHER_VARIANTS) == {"tma", "early", "tma_early"}
+    assert len(EARLY_CONFIGS) == 2 and OTHER_VARIANTS == ["early"]
 
 
 @pytest.mark.parametrize("variant,config", VARIANT_CONFIGS, ids=str)
-@pytest.mark.parametrize("merge", D.MERGE_MODES)
-def test_variant_every_config_ragged(seed, variant, config, merge):
+def test_variant_every_config_ragged(seed, variant, config):
     """Ragged rows (empty, 1 key, not a multiple of any BLOCK_N, the full cache) over 3 splits."""
     torch.manual_seed(seed)
     lens = [0, 1, 37, S]
@@ -66,7 +62,7 @@ def test_variant_every_config_ragged(seed, variant, config, merge):
     q, qp = torch.randn(4, H, C), torch.randn(4, H, R)
     seqlens = torch.tensor(lens, dtype=torch.int32)
     ref = A.mla_decode_ref(q, qp, torch.nan_to_num(kv), torch.nan_to_num(pe), seqlens, SCALE)
-    out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=3, config=config, merge=merge, variant=variant)
+    out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=3, config=config, variant=variant)
     assert out.shape == (4, H, C) and out.dtype == torch.float32
     _check(out, ref, torch.float32)
     assert (out[0] == 0).all()  # no keys: zeros, as the pointer form
@@ -84,22 +80,21 @@ def test_variant_matches_pointer_form(seed, variant, dtype, num_splits):
     kv, pe = cache[..., :C], cache[..., C:]
     q, qp = torch.randn(3, H, C, dtype=dtype), torch.randn(3, H, R, dtype=dtype)
     seqlens = torch.tensor(lens, dtype=torch.int32)
-    tma = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=num_splits, variant=variant,
-                       config=EARLY_CONFIGS[0] if variant == "early" else None)
+    out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=num_splits, variant=variant,
+                       config=EARLY_CONFIGS[0])
     ptr = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=num_splits, variant="pointer")
     assert_finite("mla_decode pointer", ptr)
     if dtype == torch.float32:
-        assert (tma - ptr).abs().max().item() < 1e-6
-    _check(tma, A.mla_decode_ref(q, qp, torch.nan_to_num(kv), torch.nan_to_num(pe), seqlens, SCALE), dtype)
+        assert (out - ptr).abs().max().item() < 1e-6
+    _check(out, A.mla_decode_ref(q, qp, torch.nan_to_num(kv), torch.nan_to_num(pe), seqlens, SCALE), dtype)
 
 
 @pytest.mark.parametrize("variant", OTHER_VARIANTS)
-@pytest.mark.parametrize("merge", D.MERGE_MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_variant_runtime_splits_with_new_token(seed, monkeypatch, variant, merge, dtype):
-    """The decode program's form: cache + new token (the early variants score it before the loop), the
+def test_variant_runtime_splits_with_new_token(seed, monkeypatch, variant, dtype):
+    """The decode program's form: cache + new token (the early variant scores it before the loop), the
     kernels' runtime split rule (20 SMs: B=5 -> 8 splits before the key cap; chunks not multiples of
-    BLOCK_N), both merges, the first and last config of the variant's list (fused counters reset)."""
+    BLOCK_N), the first and last pinned config."""
     monkeypatch.setattr(mla_splits, "num_sms", lambda device: 20)
     torch.manual_seed(seed)
     lens = [0, 37, 65, 90, S - 1]  # cache keys before the new token: 1, 1, 2, 2, 2 splits
@@ -111,37 +106,9 @@ def test_variant_runtime_splits_with_new_token(seed, monkeypatch, variant, merge
     kw = dict(kv_new=new[:, :C], pe_new=new[:, C:])
     ref = A.mla_decode_ref(q, qp, torch.nan_to_num(kv), torch.nan_to_num(pe), seqlens, SCALE, **kw)
     assert [D.runtime_num_splits(5, H, n, kv.device) for n in lens] == [1, 1, 2, 2, 2]
-    configs = D.TMA_DECODE_CONFIGS if D.VARIANT_FLAGS[variant].get("TMA") else EARLY_CONFIGS
-    for cfg in (configs[0], configs[-1]):  # BN=32 (mma.sync scores), BN=64 (wgmma)
-        out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, runtime_splits=True, merge=merge, config=cfg,
-                           variant=variant, **kw)
+    for cfg in (EARLY_CONFIGS[0], EARLY_CONFIGS[-1]):  # BN=32 (mma.sync scores), BN=64 (wgmma)
+        out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, runtime_splits=True, config=cfg, variant=variant, **kw)
         _check(out, ref, dtype)
-    for buf in D._counter_cache.values():
-        assert (buf == 0).all(), "fused-merge counters not reset"
-
-
-def test_tma_non_power_of_two_latent_width(seed):
-    """C=48 under a 64-wide tile: the descriptor's column bound zero-fills columns 48..63."""
-    torch.manual_seed(seed)
-    c, r = 48, 8
-    cache = _poisoned_cache(2, [33, 40], c, r, torch.float32)
-    kv, pe = cache[..., :c], cache[..., c:]
-    q, qp = torch.randn(2, 3, c), torch.randn(2, 3, r)
-    seqlens = torch.tensor([33, 40], dtype=torch.int32)
-    out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=2, variant="tma")
-    _check(out, A.mla_decode_ref(q, qp, torch.nan_to_num(kv), torch.nan_to_num(pe), seqlens, SCALE), torch.float32)
-
-
-def test_tma_refuses_unaligned_caches():
-    """TMA needs 16-byte aligned bases and strides: a cache view one fp32 column in is refused by name."""
-    cache = torch.randn(1, 20, C + R + 1)
-    kv, pe = cache[..., 1:C + 1], cache[..., C + 1:]
-    q, qp = torch.randn(1, H, C), torch.randn(1, H, R)
-    with pytest.raises(ValueError, match=r"variant='tma'.*kv_cache needs a 16-byte aligned base"):
-        D.mla_decode(q, qp, kv, pe, torch.tensor([5], dtype=torch.int32), SCALE, variant="tma")
-    assert D.tma_unsupported(cache[..., :C], cache[..., C:]) is not None  # row stride 81 x 4 B
-    ok = torch.randn(1, 20, C + R)
-    assert D.tma_unsupported(ok[..., :C], ok[..., C:]) is None
 
 
 def test_unknown_variant_is_an_error():
@@ -151,18 +118,6 @@ def test_unknown_variant_is_an_error():
                      variant="wgmma")
 
 
-def test_tma_is_eager_only():
-    """Traced calls (torch.export / AOTInductor) must take the pointer form: the TMA one says so."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode():
-        kv, pe = torch.randn(1, 8, C), torch.randn(1, 8, R)
-        with pytest.raises(NotImplementedError, match="variant='tma'.*eager-only"):
-            D.mla_decode(torch.randn(1, H, C), torch.randn(1, H, R), kv, pe, torch.ones(1, dtype=torch.int32),
-                         SCALE, variant="tma")
-
-
 def test_default_variant_is_the_measured_one():
     """No variant becomes the default before the H200 measured it (benchmarks/kernels.py mla_sweep)."""
     assert D.DECODE_VARIANT == "pointer" and D.DECODE_VARIANTS[0] == "pointer" and not any(D.VARIANT_FLAGS["pointer"].values())
-    assert all(c.kwargs["PREFETCH"] == 0 for c in D.TMA_DECODE_CONFIGS)  # no L2 prefetch in the TMA loop

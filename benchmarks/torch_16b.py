@@ -511,6 +511,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: smoke-test the script (tiny preset)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     opts = p.parse_args(argv)
+    # every usage error before anything is changed (the environment, this module's globals)
+    env_items = [item.partition("=") for item in opts.env]
+    for item, (name, sep, _) in zip(opts.env, env_items):
+        if not sep or not name.startswith("DSV3_TORCH_"):
+            p.error(f"--env {item!r}: expected DSV3_TORCH_<SWITCH>=VALUE")
+    try:
+        variants = [parse_variant(v) for v in opts.variant]
+    except ValueError as e:
+        p.error(str(e))
+    skip_passes = set(filter(None, opts.skip_passes.split(",")))
+    if skip_passes - set(PASS_NAMES):
+        p.error(f"--skip-passes: unknown {sorted(skip_passes - set(PASS_NAMES))}; passes: {PASS_NAMES}")
+    tune: dict[str, dict[str, int]] = {}
+    for kind in TUNE_FIELDS:
+        value = getattr(opts, f"tune_{kind}")
+        if value:
+            try:
+                tune[kind] = parse_tune_sizes(kind, value)
+            except ValueError as e:
+                p.error(f"--tune-{kind} {e}")
     global DEVICE
     DEVICE = opts.device
     opts.preset = opts.preset or ("16b" if DEVICE == "cuda" else "tiny")  # 16b on this CPU: out of memory
@@ -524,26 +544,10 @@ def main(argv: list[str] | None = None) -> int:
     for env, value in ((NORM_QUANT_ENV, opts.norm_quant), (TOPK_ENV, opts.topk), (ROUTER_ENV, opts.router)):
         if value:
             os.environ[env] = value
-    for item in opts.env:
-        name, sep, value = item.partition("=")
-        if not sep or not name.startswith("DSV3_TORCH_"):
-            p.error(f"--env {item!r}: expected DSV3_TORCH_<SWITCH>=VALUE")
+    for name, _, value in env_items:
         os.environ[name] = value
-    try:
-        variants = [parse_variant(v) for v in opts.variant]
-    except ValueError as e:
-        p.error(str(e))
-    unknown = set(filter(None, opts.skip_passes.split(","))) - set(PASS_NAMES)
-    if unknown:
-        p.error(f"--skip-passes: unknown {sorted(unknown)}; passes: {PASS_NAMES}")
-    SKIP_PASSES.update(filter(None, opts.skip_passes.split(",")))
-    for kind in TUNE_FIELDS:
-        value = getattr(opts, f"tune_{kind}")
-        if value:
-            try:
-                TUNE[kind] = parse_tune_sizes(kind, value)
-            except ValueError as e:
-                p.error(f"--tune-{kind} {e}")
+    SKIP_PASSES.update(skip_passes)
+    TUNE.update(tune)
     skip = set(filter(None, opts.skip.split(",")))
     meta = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)", "torch": torch.__version__, "preset": opts.preset,
             "batches": batches, "prompt_len": opts.prompt_len, "decode_steps": opts.decode_steps,

@@ -58,9 +58,8 @@ from dsv3_export.checkpoint import preset_model
 from dsv3_export.engines.cuda_graph_pdl import PdlPlan
 from dsv3_export.engines.torch import compile_package, lower_program, package_info, program_constants
 from dsv3_export.engines.torch_step import AOTIStep
-from dsv3_export.engines.torch_norm_quant import NORM_QUANT_DEFAULT, NORM_QUANT_ENV
 from dsv3_export.engines.torch_router import ROUTER_ENV
-from dsv3_export.engines.torch_triton import MOE_ALIGN_DEFAULT, MOE_ALIGN_ENV, TOPK_DEFAULT, TOPK_ENV
+from dsv3_export.engines.torch_triton import MOE_ALIGN_DEFAULT, MOE_ALIGN_ENV
 from dsv3_export.export import TUNE_FIELDS, export_step, parse_tune_sizes, tune_shape
 from dsv3_export.kernels.pdl import waiting_kernel_names
 from dsv3_export.passes.base import PassConfig
@@ -490,10 +489,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--moe-align", choices=("aten", "kernel"), default=None,
                    help="how the MoE alignment is traced into the package (sets DSV3_TORCH_MOE_ALIGN)")
     p.add_argument("--skip-passes", default="", help=f"comma-separated passes left out of the pipeline: {PASS_NAMES}")
-    p.add_argument("--norm-quant", choices=("0", "1"), default=None,
-                   help="RMSNorm fused with the act_quant of its fp8 GEMMs (sets DSV3_TORCH_NORM_QUANT)")
-    p.add_argument("--topk", choices=("kernel", "aten"), default=None,
-                   help="top-k as our kernel or torch's (sets DSV3_TORCH_TOPK)")
     p.add_argument("--router", choices=("0", "1"), default=None,
                    help="the softmax MoE router as one kernel (sets DSV3_TORCH_ROUTER)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
@@ -541,9 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"n_layers": opts.n_layers} if opts.n_layers else {}
     if opts.moe_align:
         os.environ[MOE_ALIGN_ENV] = opts.moe_align
-    for env, value in ((NORM_QUANT_ENV, opts.norm_quant), (TOPK_ENV, opts.topk), (ROUTER_ENV, opts.router)):
-        if value:
-            os.environ[env] = value
+    if opts.router:
+        os.environ[ROUTER_ENV] = opts.router
     for name, _, value in env_items:
         os.environ[name] = value
     SKIP_PASSES.update(skip_passes)
@@ -552,8 +546,6 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)", "torch": torch.__version__, "preset": opts.preset,
             "batches": batches, "prompt_len": opts.prompt_len, "decode_steps": opts.decode_steps,
             "n_layers_override": opts.n_layers, "moe_align": os.environ.get(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT),
-            "norm_quant": os.environ.get(NORM_QUANT_ENV, NORM_QUANT_DEFAULT),
-            "topk": os.environ.get(TOPK_ENV, TOPK_DEFAULT),
             "router": os.environ.get(ROUTER_ENV, "1"),
             "skip_passes": sorted(SKIP_PASSES), "tune": TUNE,
             "build_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("DSV3_TORCH_")},

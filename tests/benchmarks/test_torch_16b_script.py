@@ -58,7 +58,7 @@ def test_cpu_smoke_decode_only_profile_run(tmp_path, monkeypatch, capsys):
                                 "--decode-steps", "1", "--budget-s", "1e9", "--n-layers", "2",
                                 "--engine-kinds", "decode", "--skip", "compile,eager",
                                 "--skip-passes", "fuse_shared_experts",
-                                "--variant", "einsums:DSV3_TORCH_ABSORB_GEMM=0,DSV3_TORCH_NORM_QUANT=1",
+                                "--variant", "einsums:DSV3_TORCH_ABSORB_GEMM=0,DSV3_TORCH_MOE_ALIGN=aten",
                                 "--out", str(tmp_path / "out")])
     finally:
         torch.set_num_threads(threads)
@@ -85,7 +85,7 @@ def test_cpu_smoke_decode_only_profile_run(tmp_path, monkeypatch, capsys):
     variant = fp8["engine-einsums"]
     assert "error" not in variant, variant
     assert variant["decode_export_s"] == "shared with the first build", variant
-    assert variant["build_env"] == {"DSV3_TORCH_ABSORB_GEMM": "0", "DSV3_TORCH_NORM_QUANT": "1"}
+    assert variant["build_env"] == {"DSV3_TORCH_ABSORB_GEMM": "0", "DSV3_TORCH_MOE_ALIGN": "aten"}
     assert dict(os.environ) == environ
     assert isinstance(variant["decode_ms_b1"], float), variant
     assert data["meta"]["variants"] == {"einsums": variant["build_env"]}

@@ -1,4 +1,4 @@
-"""One tiny fp32 CPU torch engine per test session, shared by the Python and C++ runtime tests.
+"""One tiny fp32 CPU torch engine per test run (all xdist workers: tests/_shared_build.py), shared by the Python and C++ runtime tests.
 
 AOTInductor compiles each program in ~30-60 s on 2 cores, so the engine is built once (through
 the same build_engine the CLI uses: export -> passes -> torch backend) and memoized here rather
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dsv3_export.reference.model import Transformer
+from tests._shared_build import built_once
 
 PRESET, SEED = "tiny", 0
 _built: dict[str, Path] = {}
@@ -35,10 +36,11 @@ def tiny_torch_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
         from dsv3_export.build import BuildOptions, build_engine
 
-        out = tmp_path_factory.mktemp("torch_engine") / "engine"
-        build_engine(BuildOptions(preset=PRESET, seed=SEED, backend="torch", precision="fp32", device="cpu", out=out),
-                     console=Console(stderr=True, quiet=True))
-        _built["engine"] = out
+        def build(root: Path) -> None:
+            build_engine(BuildOptions(preset=PRESET, seed=SEED, backend="torch", precision="fp32", device="cpu",
+                                      out=root / "engine"), console=Console(stderr=True, quiet=True))
+
+        _built["engine"] = built_once(tmp_path_factory, "tiny_torch_engine", build) / "engine"  # one per run
     return _built["engine"]
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints and engines shared by the report tests, built once per session (~25 s per build on 2 cores).
+"""Checkpoints and engines shared by the report tests, built once per run (all xdist workers) (~25 s per build on 2 cores).
 
 A 4-layer tiny model (so a bug in layer 2 has a layer after it) saved as checkpoints:
   clean          the model as drawn
@@ -20,6 +20,7 @@ from rich.console import Console
 
 from dsv3_export.build import BuildOptions, build_engine
 from dsv3_export.checkpoint import preset_model, save_checkpoint
+from tests._shared_build import built_once
 
 N_LAYERS = 4
 PERTURBED = {"bug_layer2": "layers.2.attn.wo.weight", "bug_layer1": "layers.1.ffn.shared_experts.w2.weight"}
@@ -35,19 +36,27 @@ class Artifacts:
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory) -> Artifacts:
-    root = tmp_path_factory.mktemp("reports")
-    checkpoints = {}
+    """Checkpoints and engines built once per run for every xdist worker (tests/_shared_build.py); each
+    worker keeps its own debug builds (diff writes them)."""
+    root = built_once(tmp_path_factory, "report_artifacts", _build_artifacts)
+    checkpoints = {name: root / f"ckpt_{name}" for name in ("clean", *PERTURBED)}
+    engines = {name: root / f"engine_{name}" for name in ENGINES}
+    debug = tmp_path_factory.mktemp("reports_debug")
+    return Artifacts(checkpoints, engines, {name: debug / f"debug_{name}" for name in engines})
+
+
+ENGINES = ("clean", "bug_layer2")
+
+
+def _build_artifacts(root: Path) -> None:
     for name in ("clean", *PERTURBED):
         model = preset_model("tiny", torch.float32, "cpu", seed=0, n_layers=N_LAYERS)
         if name in PERTURBED:
             w = model.state_dict()[PERTURBED[name]]
             g = torch.Generator().manual_seed(1)
             w.add_(torch.randn(w.shape, generator=g) * w.std() * NOISE)
-        checkpoints[name] = save_checkpoint(model, root / f"ckpt_{name}")
-    engines = {}
-    for name in ("clean", "bug_layer2"):
-        out = root / f"engine_{name}"
+        save_checkpoint(model, root / f"ckpt_{name}")
+    for name in ENGINES:
         with contextlib.redirect_stdout(io.StringIO()):
-            build_engine(BuildOptions(checkpoint=checkpoints[name], out=out), Console(stderr=True, quiet=True))
-        engines[name] = out
-    return Artifacts(checkpoints, engines, {name: root / f"debug_{name}" for name in engines})
+            build_engine(BuildOptions(checkpoint=root / f"ckpt_{name}", out=root / f"engine_{name}"),
+                         Console(stderr=True, quiet=True))

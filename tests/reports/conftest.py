@@ -25,6 +25,8 @@ from tests._shared_build import built_once
 N_LAYERS = 4
 PERTURBED = {"bug_layer2": "layers.2.attn.wo.weight", "bug_layer1": "layers.1.ffn.shared_experts.w2.weight"}
 NOISE = 0.02  # of the weight's std
+CHECKPOINTS = ("clean", *PERTURBED)
+ENGINES = ("clean", "bug_layer2")  # built from the checkpoints of the same names
 
 
 @dataclass(frozen=True)
@@ -39,17 +41,15 @@ def artifacts(tmp_path_factory) -> Artifacts:
     """Checkpoints and engines built once per run for every xdist worker (tests/_shared_build.py); each
     worker keeps its own debug builds (diff writes them)."""
     root = built_once(tmp_path_factory, "report_artifacts", _build_artifacts)
-    checkpoints = {name: root / f"ckpt_{name}" for name in ("clean", *PERTURBED)}
+    checkpoints = {name: root / f"ckpt_{name}" for name in CHECKPOINTS}
     engines = {name: root / f"engine_{name}" for name in ENGINES}
     debug = tmp_path_factory.mktemp("reports_debug")
     return Artifacts(checkpoints, engines, {name: debug / f"debug_{name}" for name in engines})
 
 
-ENGINES = ("clean", "bug_layer2")
-
 
 def _build_artifacts(root: Path) -> None:
-    for name in ("clean", *PERTURBED):
+    for name in CHECKPOINTS:
         model = preset_model("tiny", torch.float32, "cpu", seed=0, n_layers=N_LAYERS)
         if name in PERTURBED:
             w = model.state_dict()[PERTURBED[name]]

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Under pytest-xdist each worker gets one intra-op thread, and so do the programs it starts
+# (C++ runtime, CLI subprocesses, AOTInductor CPU packages through OpenMP): with 2 workers on
+# 2 cores, 2 threads each oversubscribe the machine, and OpenMP's spin-waits then made one tiny
+# decode step take 0.6-0.9 s instead of ~11 ms (session 14). Outside xdist nothing changes.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 # One table of tolerances: relative error ||a - b|| / ||b|| unless said otherwise.
 TOLERANCES = {

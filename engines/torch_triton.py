@@ -65,6 +65,18 @@ MOE_ALIGN_FORMS = {"kernel": "one Triton kernel per MoE layer", "aten": "Inducto
 ABSORB_ENV = "DSV3_TORCH_ABSORB_GEMM"
 
 
+# The MoE's one-token direct mode (kernels/moe.py grouped_gemm_spec): `1` (default) at T = 1 the grouped
+# GEMMs take each assignment's expert from topk_ids and moe_align's launch has an empty grid
+# (kernels/moe_align.py align_gate), from the same program that aligns at T >= 2; `0` aligns at every T.
+# Read when a program is lowered.
+MOE_DIRECT_ENV = "DSV3_TORCH_MOE_DIRECT"
+
+
+def _moe_direct() -> bool:
+    return env_choice(MOE_DIRECT_ENV, "1", {"1": "one token: no moe_align, experts from topk_ids",
+                                            "0": "moe_align at every batch"}) == "1"
+
+
 def _absorb_gemm() -> bool:
     return env_choice(ABSORB_ENV, "1", {"1": "head_gemm kernel, decode program", "0": "einsums"}) == "1"
 
@@ -93,10 +105,15 @@ def _launch(spec: LaunchSpec | None) -> None:
     wrap_triton(spec.kernel)[spec.grid(meta)](*spec.args, **spec.kwargs, **cfg.kwargs)
 
 
-def _moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int):
-    """moe_align's (sorted_ids, expert_ids, npp) in the MOE_ALIGN_ENV form."""
-    return km.moe_align(topk_ids, n_experts, block_m,
-                        traced_form=env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS))
+def _moe_routing(topk_ids: torch.Tensor, n_experts: int, block_m: int):
+    """moe_align's (sorted_ids, expert_ids, npp) in the MOE_ALIGN_ENV form, and the grouped GEMMs'
+    direct_ids: with MOE_DIRECT_ENV on, the contiguous topk_ids, and the alignment launches nothing
+    at one token."""
+    direct = _moe_direct()
+    routing = km.moe_align(topk_ids, n_experts, block_m,
+                           traced_form=env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS),
+                           launch_gate=km.align_gate(topk_ids.shape[0]) if direct else 1)
+    return routing, topk_ids.contiguous() if direct else None
 
 
 def _act_quant(x: torch.Tensor, gate=1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,13 +126,14 @@ def _act_quant(x: torch.Tensor, gate=1) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _grouped_gemm(a, w, routing, topk: int, out_dtype: torch.dtype, *, a_scale=None,
                   w_scale=None, topk_weights=None, swiglu: bool = False):
-    """kernels/moe.py grouped_gemm's launch (checks done once by the caller's shapes)."""
+    """kernels/moe.py grouped_gemm's launch (checks done once by the caller's shapes); routing is
+    _moe_routing's."""
     t = a.shape[0]
     n_out = w.shape[1] // 2 if swiglu else w.shape[1]
     out = torch.empty((t * topk, n_out), dtype=out_dtype, device=a.device)
-    sorted_ids, expert_ids, npp = routing
+    (sorted_ids, expert_ids, npp), direct_ids = routing
     _launch(km.grouped_gemm_spec(a, a_scale, w, w_scale, out, topk_weights, sorted_ids, expert_ids, npp, topk,
-                                 swiglu))
+                                 swiglu, direct_ids))
     return out
 
 
@@ -129,7 +147,7 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     """The bf16/fp16 experts: moe_align, up GEMM with SwiGLU, down GEMM with the routing weights, sum
     over k -> [T, D]."""
     t, topk = topk_ids.shape
-    routing = _moe_align(topk_ids, w13.shape[0], block_m)
+    routing = _moe_routing(topk_ids, w13.shape[0], block_m)
     x = x.contiguous()
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
     h = _grouped_gemm(x, w13, routing, topk, x.dtype, swiglu=True)  # [T*k, I]
@@ -144,7 +162,7 @@ def moe_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
     """The W8A8 experts: moe_align, act_quant of x (1x128), up GEMM with SwiGLU, act_quant of h, down
     GEMM with the routing weights, sum over k -> [T, D]."""
     t, topk = topk_ids.shape
-    routing = _moe_align(topk_ids, w13.shape[0], block_m)
+    routing = _moe_routing(topk_ids, w13.shape[0], block_m)
     xq, xs = _act_quant(x.contiguous())
     h = _grouped_gemm(xq, w13, routing, topk, x.dtype, a_scale=xs, w_scale=w13_scale,
                       swiglu=True)  # [T*k, I]

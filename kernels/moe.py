@@ -32,7 +32,7 @@ from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
 from dsv3_export.kernels.moe_checks import OUT_DTYPES  # noqa: F401 (re-exported)
 from dsv3_export.kernels.moe_checks import DENSE_DTYPES, check_alignment, check_operands
 from dsv3_export.kernels.moe_ref import fused_moe_ref, grouped_gemm_ref  # noqa: F401 (re-exported)
-from dsv3_export.kernels.moe_align import TRACED_ALIGN_FORMS, moe_align, moe_align_ref  # noqa: F401 (re-exported)
+from dsv3_export.kernels.moe_align import TRACED_ALIGN_FORMS, align_gate, moe_align, moe_align_ref  # noqa: F401 (re-exported)
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 
 # K step of the dense path; the fp8 path steps by the scale block (128).
@@ -120,23 +120,35 @@ def _expert_rows_tile(
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr,
-    sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr,
-    N_OUT, K, NUM_VALID, TOPK, UP_OFFSET,
+    sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_ids_ptr,
+    N_OUT, K, NUM_VALID, DIRECT_ROWS, TOPK, UP_OFFSET,
     stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
     W_FP8: tl.constexpr, A_FP8: tl.constexpr, SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr,
     UPCAST: tl.constexpr,
     SCALE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """A_FP8: fp8 x fp8 dots with a's 1x128 scales from a_s_ptr (BLOCK_K = 128)."""
+    """A_FP8: fp8 x fp8 dots with a's 1x128 scales from a_s_ptr (BLOCK_K = 128).
+    Direct mode (NUM_VALID <= DIRECT_ROWS, i.e. one token): program row b takes assignment b alone,
+    its expert read from topk_ids_ptr; moe_align's outputs are not read (grouped_gemm_spec)."""
     wait_for_producer()  # before any memory access: kernels/pdl.py
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
+    direct = NUM_VALID <= DIRECT_ROWS
+    # blocks past the used ones exit (direct: the grid has exactly NUM_VALID rows, none exits; the
+    # alignment's num_post_pad, unwritten then, is loaded and discarded)
+    if pid_m >= tl.where(direct, NUM_VALID, tl.load(num_post_pad_ptr) // BLOCK_M):
         return
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    tok = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))  # assignment ids
-    _expert_rows_tile(a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr, expert, tok, tok < NUM_VALID,
+    rows = tl.arange(0, BLOCK_M)
+    if direct:
+        expert = tl.load(topk_ids_ptr + pid_m).to(tl.int64)
+        tok = pid_m + rows  # only row 0 is real
+        tok_mask = rows == 0
+    else:
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        tok = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + rows)  # assignment ids
+        tok_mask = tok < NUM_VALID
+    _expert_rows_tile(a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr, expert, tok, tok_mask,
                       pid_n, N_OUT, K, TOPK, UP_OFFSET,
                       stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
                       W_FP8, A_FP8, SWIGLU, MUL_WEIGHT, UPCAST, SCALE_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -163,29 +175,45 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tenso
                  num_tokens_post_pad: torch.Tensor, topk: int, *, a_scale: torch.Tensor | None = None,
                  w_scale: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None,
                  fuse_swiglu: bool = False, out_dtype: torch.dtype | None = None,
-                 config: triton.Config | None = None) -> torch.Tensor:
+                 direct_ids: torch.Tensor | None = None, config: triton.Config | None = None) -> torch.Tensor:
     """a [T, K] (row of assignment i is i // topk), w [E, N, K] -> [T*topk, N] (or N/2 with fuse_swiglu).
 
     Precisions: a and w bf16/fp16 (same dtype); w fp8 + w_scale with fp8 a + a_scale (W8A8);
     w fp8 + w_scale with bf16/fp16 a and no a_scale: weight-only W8A16.
+    direct_ids: the routing's topk_ids [tokens, k] (contiguous), for the direct mode of one token
+    (grouped_gemm_spec); the alignment's outputs are then not read.
     """
     n_out, out_dtype = check_operands("grouped_gemm", a, w, topk, a_scale, w_scale, topk_weights, fuse_swiglu,
                                       out_dtype)
     check_alignment(sorted_token_ids, expert_ids, num_tokens_post_pad, a.device)
+    if direct_ids is not None:
+        check_tensor("grouped_gemm: direct_ids", direct_ids, dtypes=(torch.int32, torch.int64), ndim=2,
+                     device=a.device)
+        if direct_ids.numel() != a.shape[0] * topk or not direct_ids.is_contiguous():
+            raise ValueError(f"grouped_gemm: direct_ids {tuple(direct_ids.shape)} must be the contiguous "
+                             f"topk_ids of the {a.shape[0] * topk} assignments")
     out = torch.empty((a.shape[0] * topk, n_out), dtype=out_dtype, device=a.device)
     if out.numel() == 0:
         return out
     launch(*grouped_gemm_spec(a, a_scale, w, w_scale, out, topk_weights, sorted_token_ids, expert_ids,
-                              num_tokens_post_pad, topk, fuse_swiglu), config)
+                              num_tokens_post_pad, topk, fuse_swiglu, direct_ids), config)
     return out
 
 
 def grouped_gemm_spec(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor | None,
                       out: torch.Tensor, topk_weights: torch.Tensor | None, sorted_token_ids: torch.Tensor,
-                      expert_ids: torch.Tensor, num_tokens_post_pad: torch.Tensor, topk: int, fuse_swiglu: bool
-                      ) -> LaunchSpec:
+                      expert_ids: torch.Tensor, num_tokens_post_pad: torch.Tensor, topk: int, fuse_swiglu: bool,
+                      direct_ids: torch.Tensor | None = None) -> LaunchSpec:
     """grouped_gemm's launch into out [T*topk, N or N/2] (inputs checked by the caller); block_m is
-    inferred from moe_align's sizes, the grid's rows bounded by row_blocks (symbolic when traced)."""
+    inferred from moe_align's sizes, the grid's rows bounded by row_blocks (symbolic when traced).
+
+    direct_ids (the routing's contiguous topk_ids [tokens, k]) turns on the direct mode for one
+    token: when the assignments number at most k, program row b computes assignment b alone with
+    expert direct_ids.flatten()[b] and the alignment's outputs are not read, so moe_align need not
+    run (moe_align's launch_gate, align_gate). Why: at one token every assignment has its own expert
+    (distinct top-k plus the shared experts), so the aligned layout holds one row per block anyway,
+    and moe_align's one-program launch (~4.4 us in the H200's batch-1 16b step, 26 per step) bought
+    nothing. Same rows, same per-row dot order: the same bits as the aligned path."""
     t, k = a.shape
     n_out = out.shape[1]
     a_fp8, w_fp8 = a_scale is not None, w_scale is not None
@@ -193,7 +221,9 @@ def grouped_gemm_spec(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Te
     args = (a, a_scale if a_fp8 else dummy, w, w_scale if w_fp8 else dummy, out,
             topk_weights if topk_weights is not None else dummy,
             sorted_token_ids, expert_ids, num_tokens_post_pad,
-            n_out, k, t * topk, topk, n_out if fuse_swiglu else 0,
+            direct_ids if direct_ids is not None else sorted_token_ids,  # not read when DIRECT_ROWS = 0
+            n_out, k, t * topk, direct_ids.shape[1] if direct_ids is not None else 0, topk,
+            n_out if fuse_swiglu else 0,
             a.stride(0), a_scale.stride(0) if a_fp8 else 0, w.stride(0), w.stride(1),
             w_scale.stride(0) if w_fp8 else 0, w_scale.stride(1) if w_fp8 else 0, out.stride(0))
     kwargs = dict(W_FP8=w_fp8, A_FP8=a_fp8, SWIGLU=fuse_swiglu, MUL_WEIGHT=topk_weights is not None,
@@ -216,11 +246,12 @@ def choose_block_m(n_tokens: int, topk: int, n_experts: int) -> int:
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-              act_quant: bool = True, block_m: int | None = None) -> torch.Tensor:
+              act_quant: bool = True, block_m: int | None = None, direct: bool = True) -> torch.Tensor:
     """Routed experts: x [T, D], w13 [E, 2I, D] (rows [w1; w3]), w2 [E, D, I] -> [T, D] in x.dtype.
 
     With w13_scale/w2_scale (fp8 weights): act_quant=True quantizes the activations 1x128 on the
     fly (W8A8, dsv3::moe_experts_fp8(act_quant=True)); act_quant=False keeps them in x.dtype (W8A16).
+    direct: one token takes the grouped GEMMs' direct mode and no moe_align (grouped_gemm_spec).
     """
     check_tensor("fused_moe: x", x, dtypes=DENSE_DTYPES, ndim=2)
     check_tensor("fused_moe: topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2, device=x.device)
@@ -234,20 +265,21 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     topk = topk_ids.shape[1]
     n_experts = w13.shape[0]
     bm = block_m or choose_block_m(t, topk, n_experts)
-    sorted_ids, expert_ids, npp = moe_align(topk_ids, n_experts, bm)
+    ids = topk_ids.contiguous() if direct else None
+    sorted_ids, expert_ids, npp = moe_align(topk_ids, n_experts, bm, launch_gate=align_gate(t) if direct else 1)
     weights = topk_weights.contiguous()
     if w13_scale is None or not act_quant:
         scales = {} if w13_scale is None else dict(w_scale=w13_scale)
         h = grouped_gemm(x.contiguous(), w13, sorted_ids, expert_ids, npp, topk, fuse_swiglu=True,
-                         out_dtype=x.dtype, **scales)  # [T*k, I]
+                         out_dtype=x.dtype, direct_ids=ids, **scales)  # [T*k, I]
         scales = {} if w2_scale is None else dict(w_scale=w2_scale)
         y = grouped_gemm(h, w2, sorted_ids, expert_ids, npp, 1, topk_weights=weights, out_dtype=x.dtype,
-                         **scales)  # [T*k, D]
+                         direct_ids=ids, **scales)  # [T*k, D]
     else:
         xq, xs = act_quant_kernel(x.contiguous())
         h = grouped_gemm(xq, w13, sorted_ids, expert_ids, npp, topk, a_scale=xs, w_scale=w13_scale,
-                         fuse_swiglu=True, out_dtype=x.dtype)  # [T*k, I]
+                         fuse_swiglu=True, out_dtype=x.dtype, direct_ids=ids)  # [T*k, I]
         hq, hs = act_quant_kernel(h)
         y = grouped_gemm(hq, w2, sorted_ids, expert_ids, npp, 1, a_scale=hs, w_scale=w2_scale,
-                         topk_weights=weights, out_dtype=x.dtype)  # [T*k, D]
+                         topk_weights=weights, out_dtype=x.dtype, direct_ids=ids)  # [T*k, D]
     return y.view(t, topk, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)  # [T, D]

@@ -84,14 +84,24 @@ def align_blocks(numel, n_experts: int, block_m: int):
 TRACED_ALIGN_FORMS = ("kernel", "aten")
 
 
-def moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int, *, traced_form: str = "kernel"
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def align_gate(n_tokens):
+    """1 when a batch of n_tokens needs moe_align, 0 at one token, whose grouped GEMMs run in direct
+    mode (kernels/moe.py grouped_gemm_spec): min(1, T // 2), a symbolic Min while traced (no guard on
+    T; T = 0 gives 0 too, and then nothing is launched anywhere)."""
+    return torch.sym_min(1, n_tokens // 2)
+
+
+def moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int, *, traced_form: str = "kernel",
+              launch_gate=1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group the T*k (token, slot) assignments by expert, padded per expert to block_m rows.
 
     topk_ids values must lie in [0, n_experts) (not checked: that would need a host sync).
     Eager: one single-program Triton kernel (the ATen form below is ~15 launches, 0.48 ms on the
     H200 at T=1, which dominated a decode MoE step). While tracing (torch.export / AOTInductor):
     `traced_form` (TRACED_ALIGN_FORMS). Both forms give identical outputs.
+    launch_gate (0 or 1, symbolic while traced; align_gate): multiplies the kernel's grid; 0 launches
+    nothing and leaves the outputs unwritten, for callers whose grouped GEMMs do not read them (direct
+    mode). The ATen form ignores it.
     """
     check_tensor("moe_align: topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2)
     if n_experts <= 0:
@@ -109,8 +119,10 @@ def moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int, *, traced_fo
     sorted_token_ids = torch.empty((n_blocks * block_m,), dtype=torch.int32, device=dev)
     expert_ids = torch.empty((n_blocks,), dtype=torch.int32, device=dev)
     num_tokens_post_pad = torch.empty((1,), dtype=torch.int32, device=dev)
+    if type(launch_gate) is int and not launch_gate:
+        return sorted_token_ids, expert_ids, num_tokens_post_pad
     block_e = max(16, next_pow2(n_experts))
-    traceable(_moe_align_kernel)[(1,)](
+    traceable(_moe_align_kernel)[(launch_gate,)](
         ids, sorted_token_ids, expert_ids, num_tokens_post_pad, numel, n_blocks,
         E=n_experts, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK=max(16, ALIGN_TILE // block_e), FILL=1024,
         num_warps=4)

@@ -472,6 +472,7 @@ if sys.argv[1] == "default":
     os.environ.pop("DSV3_TORCH_MOE_ALIGN", None)
 else:
     os.environ["DSV3_TORCH_MOE_ALIGN"] = sys.argv[1]
+os.environ["DSV3_TORCH_MOE_DIRECT"] = sys.argv[3]
 import torch
 from torch.export import Dim
 import dsv3_export.ops  # noqa: F401
@@ -517,23 +518,28 @@ print("dims", len(kernels.range_constraints))
 rows = {getattr(getattr(g[0], "target", None), "__name__", str(g[0])) for name, grid in launches
         if name == "_grouped_gemm_kernel" for g in grid}
 print("gemm_rows", ",".join(sorted(rows)))
+# moe_align's grid: gated by min(1, T // 2) in direct mode (no launch at one token), else (1,)
+align = {str(getattr(getattr(g[0], "target", None), "__name__", g[0])) for name, grid in launches
+         if name == "_moe_align_kernel" for g in grid}
+print("align_grid", ",".join(sorted(align)))
 '''
 
 
-@pytest.mark.parametrize("form,kind", [("aten", "decode"), ("kernel", "decode"), ("default", "decode"),
-                                       ("default", "prefill")])
-def test_moe_align_traced_form_switch(form, kind):
+@pytest.mark.parametrize("form,kind,direct", [("aten", "decode", "1"), ("kernel", "decode", "0"),
+                                              ("default", "decode", "1"), ("default", "prefill", "1")])
+def test_moe_align_traced_form_switch(form, kind, direct):
     """DSV3_TORCH_MOE_ALIGN picks how the MoE's alignment is traced into a CUDA package: the ATen ops
     (sort / scatter / searchsorted, several kernels) or the single-program kernel (one launch, the
     default), with the token dim still dynamic. The bf16 and fp8 MoE ops of one program: the grouped
     GEMMs launch sym_min(n_blocks, T*k) row blocks (a Min of the token symbol, no guard); the fp8 MoE
-    launches act_quant twice.
+    launches act_quant twice. DSV3_TORCH_MOE_DIRECT (default 1): the alignment kernel's grid is gated
+    by a Min of the token symbol (nothing launched at one token), 0: a plain one-program grid.
     Traced only: the package is never run on this CPU."""
     import subprocess
     import sys
 
     pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, "-c", _MOE_ALIGN_TRACE_SCRIPT, form, kind], check=False,
+    done = subprocess.run([sys.executable, "-c", _MOE_ALIGN_TRACE_SCRIPT, form, kind, direct], check=False,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = dict((line.split(" ", 1) + [""])[:2] for line in done.stdout.strip().split("\n"))
@@ -543,6 +549,7 @@ def test_moe_align_traced_form_switch(form, kind):
     assert kernels.count("_act_quant_ieee_kernel") == 2, out
     if form in ("kernel", "default"):
         assert kernels.count("_moe_align_kernel") == 2 and out["aten"] == "", out
+        assert out["align_grid"] == ("sym_min" if direct == "1" else "1"), out
     else:
         assert "_moe_align_kernel" not in kernels and "sort" in out["aten"], out
 
@@ -552,4 +559,4 @@ def test_moe_align_traced_form_rejects_unknown(monkeypatch):
 
     monkeypatch.setenv(torch_triton.MOE_ALIGN_ENV, "fast")
     with pytest.raises(ValueError, match="DSV3_TORCH_MOE_ALIGN='fast'"):
-        torch_triton._moe_align(torch.zeros(2, 2, dtype=torch.int64), 4, 16)
+        torch_triton._moe_routing(torch.zeros(2, 2, dtype=torch.int64), 4, 16)

@@ -154,7 +154,7 @@ def _cases(all_configs: bool):
                    moe._grouped_gemm_kernel, cfg,
                    dict(a_ptr=f8 if a_fp8 else bf, a_s_ptr=f32, w_ptr=f8 if w_fp8 else bf,
                         w_s_ptr=f32, c_ptr=bf, topk_w_ptr=f32, sorted_ids_ptr=i32, expert_ids_ptr=i32,
-                        num_post_pad_ptr=i32),
+                        num_post_pad_ptr=i32, topk_ids_ptr="*i64"),
                    dict(W_FP8=w_fp8, A_FP8=a_fp8, SWIGLU=swiglu, MUL_WEIGHT=not swiglu, UPCAST=False,
                         SCALE_BLOCK=128, BLOCK_M=block_m, BLOCK_K=128 if w_fp8 else moe.DENSE_BLOCK_K))
     for e, ids in ((64, "*i64"), (256, "*i32")):  # the 16b preset's 64 experts; V3's 256

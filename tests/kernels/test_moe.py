@@ -328,21 +328,26 @@ def test_grouped_gemm_grid_launches_only_blocks_that_can_hold_work(seed, monkeyp
     assert mean_rel(y, y_ref) < TOL["fp8_gemm_fp32_out"]
 
 
-def test_engine_moe_fp8_decode_form_launches(seed, monkeypatch):
-    """dsv3_aoti::moe_experts_fp8 (the CUDA lowering's launch code, run by the interpreter): act_quant,
-    the up GEMM, act_quant of h, the down GEMM, each GEMM on min(n_blocks, T*k) row blocks; the same
-    bits as fused_moe, the eager launcher, at the same block_m."""
+@pytest.mark.parametrize("t", [1, 2])
+def test_engine_moe_fp8_decode_form_launches(seed, monkeypatch, t):
+    """dsv3_aoti::moe_experts_fp8 (the CUDA lowering's launch code, run by the interpreter): moe_align
+    (not at one token: the direct mode), act_quant, the up GEMM, act_quant of h, the down GEMM, each
+    GEMM on min(n_blocks, T*k) row blocks; the same bits as fused_moe, the eager launcher, at the
+    same block_m."""
     from dsv3_export.engines import torch_triton as TT
 
     torch.manual_seed(seed)
-    t, k = 2, 3
+    k = 3
     ids, rw = _routing(t, k)
     x = torch.randn(t, D, dtype=torch.bfloat16)
-    x[1, :QUANT_K] = 0
+    x[-1, :QUANT_K] = 0
     (w13q, w13s), (w2q, w2s) = _fp8_experts()
     grids = _recorded_grids(monkeypatch, TT, "_launch")
+    aligns, real_traceable = [], M.moe_align.__globals__["traceable"]
+    monkeypatch.setitem(M.moe_align.__globals__, "traceable", lambda kern: aligns.append(kern) or real_traceable(kern))
     args = (x, rw.bfloat16(), ids, w13q, w13s, w2q, w2s, TT.BLOCK_M["decode"])
     out = TT.moe_experts_fp8(*args)
+    assert len(aligns) == (t > 1), aligns
     assert [name for name, _ in grids] == ["_act_quant_ieee_kernel", "_grouped_gemm_kernel"] * 2, grids
     n_blocks = -(-(t * k + E * 15) // 16)
     assert all(g[0] == min(n_blocks, t * k) == t * k for name, g in grids if name == "_grouped_gemm_kernel"), grids
@@ -352,3 +357,49 @@ def test_engine_moe_fp8_decode_form_launches(seed, monkeypatch):
     eager = M.fused_moe(x, w13q, w2q, rw.bfloat16(), ids, w13_scale=w13s, w2_scale=w2s, block_m=TT.BLOCK_M["decode"])
     assert len(calls) == 2, "fused_moe fp8 quantizes x and h with act_quant launches"
     assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("precision", ["fp8", "fp16"])
+def test_one_token_direct_mode_skips_alignment_with_the_same_bits(seed, monkeypatch, precision):
+    """At T=1 fused_moe launches no moe_align: its outputs stay unwritten (poisoned: int max) and the
+    grouped GEMMs take each assignment's expert from topk_ids, one program row per assignment. Same
+    bits as the aligned path (direct=False); E=64 with the 16b preset's k=8 (6 routed + 2 shared)."""
+    torch.manual_seed(seed)
+    e, k = 64, 8
+    ids, rw = _routing(1, k, e)
+    x = torch.randn(1, D, dtype=torch.float16)
+    if precision == "fp8":
+        (w13, w13s), (w2, w2s) = _fp8_experts(e)
+        kw = dict(w13_scale=w13s, w2_scale=w2s)
+    else:
+        w13, w2 = (torch.randn(e, 2 * I, D) / D**0.5).half(), (torch.randn(e, D, I) / I**0.5).half()
+        kw = {}
+    aligned = M.fused_moe(x, w13, w2, rw.half(), ids, direct=False, **kw)
+    kernels = []
+    real_traceable = M.moe_align.__globals__["traceable"]
+    monkeypatch.setitem(M.moe_align.__globals__, "traceable", lambda kern: kernels.append(kern) or real_traceable(kern))
+    grids = _recorded_grids(monkeypatch, M, "launch")
+    direct = M.fused_moe(x, w13, w2, rw.half(), ids, **kw)
+    assert kernels == [], "moe_align launched at one token"
+    assert [g[0] for name, g in grids if name == "_grouped_gemm_kernel"] == [k, k], grids
+    assert_finite("fused_moe direct", direct)
+    assert torch.equal(direct, aligned)
+    ref = M.fused_moe_ref(x, w13, w2, rw.half(), ids, **kw)
+    assert mean_rel(direct, ref) < TOL["fused_moe_fp8_fp16" if precision == "fp8" else "fused_moe_fp16"]
+
+
+def test_direct_ids_above_one_token_take_the_aligned_path(seed):
+    """direct_ids passed at T=3 (T*k above k): the kernel reads the alignment, as without them."""
+    torch.manual_seed(seed)
+    t, k = 3, 2
+    ids = torch.stack([torch.randperm(2)[:k] for _ in range(t)])  # tokens share experts 0 and 1
+    x = torch.randn(t, D, dtype=torch.float16)
+    w13, _ = _weights(torch.float16)
+    s_ids, e_ids, npp = M.moe_align(ids, E, 16)
+    out = M.grouped_gemm(x, w13, s_ids, e_ids, npp, k, fuse_swiglu=True, out_dtype=torch.float32,
+                         direct_ids=ids.contiguous())
+    plain = M.grouped_gemm(x, w13, s_ids, e_ids, npp, k, fuse_swiglu=True, out_dtype=torch.float32)
+    assert torch.equal(out, plain)
+    assert mean_rel(out, M.grouped_gemm_ref(x, w13, ids, k, fuse_swiglu=True)) < TOL["grouped_gemm_fp16"]
+    with pytest.raises(ValueError, match="direct_ids .* must be the contiguous topk_ids of the 6 assignments"):
+        M.grouped_gemm(x, w13, s_ids, e_ids, npp, k, direct_ids=ids[:2])

@@ -38,7 +38,6 @@ from torch.library import triton_op
 
 import dsv3_export.ops  # noqa: F401  (registers the dsv3:: ops matched here)
 from dsv3_export.engines import torch_triton as tt
-from dsv3_export.engines.torch_decode_pins import pinned
 from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.kernels import topk as kt
 from dsv3_export.passes.graph_utils import is_call
@@ -52,13 +51,12 @@ MOE_OPS = (torch.ops.dsv3.moe_experts.default, torch.ops.dsv3.moe_experts_fp8.de
 
 @triton_op("dsv3_aoti::router_topk", mutates_args={})
 def router_topk(logits: torch.Tensor, k: int, scale: float, n_extra: int, first_extra: int,
-                out_dtype: torch.dtype, decode: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, E] -> weights [T, k + n_extra] (out_dtype), ids [T, k + n_extra] int64; decode: the
-    pinned config (engines/torch_decode_pins.py)."""
+                out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] -> weights [T, k + n_extra] (out_dtype), ids [T, k + n_extra] int64."""
     logits = logits.contiguous()
     weights = torch.empty((logits.shape[0], k + n_extra), dtype=out_dtype, device=logits.device)
     ids = torch.empty((logits.shape[0], k + n_extra), dtype=torch.int64, device=logits.device)
-    tt._launch(pinned(kt.router_spec(logits, k, scale, n_extra, first_extra, weights, ids), decode))
+    tt._launch(kt.router_spec(logits, k, scale, n_extra, first_extra, weights, ids))
     return weights, ids
 
 
@@ -129,9 +127,9 @@ def _match(moe: Node) -> dict | str:
                 dtype=w.meta["val"].dtype)
 
 
-def fuse_router(ep: ExportedProgram, decode: bool = False) -> tuple[ExportedProgram, str]:
-    """The program (prefill or decode: `decode`) with each matching router rewritten, and a line for
-    the manifest's `lowerings`."""
+def fuse_router(ep: ExportedProgram) -> tuple[ExportedProgram, str]:
+    """The program (prefill or decode) with each matching router rewritten, and a line for the
+    manifest's `lowerings`."""
     value = env_choice(ROUTER_ENV, "1", {"1": "one router kernel", "0": "ATen softmax / top-k / gather"})
     moes = [n for n in ep.graph.nodes if is_call(n, *MOE_OPS)]
     if value == "0" or not moes:
@@ -142,8 +140,7 @@ def fuse_router(ep: ExportedProgram, decode: bool = False) -> tuple[ExportedProg
     for site in sites:
         with state.graph.inserting_before(site["moe"]):
             out = state.call(torch.ops.dsv3_aoti.router_topk.default,
-                             (site["logits"], site["k"], site["scale"], site["n_extra"], site["first"], site["dtype"],
-                              decode))
+                             (site["logits"], site["k"], site["scale"], site["n_extra"], site["first"], site["dtype"]))
             weights, ids = (state.call(operator.getitem, (out, i)) for i in range(2))
         site["moe"].replace_input_with(site["w"], weights)
         site["moe"].replace_input_with(site["ids"], ids)

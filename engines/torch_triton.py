@@ -46,7 +46,6 @@ from dsv3_export.kernels import mla_decode as kd
 from dsv3_export.kernels import mla_prefill as kp
 from dsv3_export.kernels import moe as km
 from dsv3_export.engines.torch_decode_gemv import decode_gemv, gated
-from dsv3_export.engines.torch_decode_pins import pinned
 from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.kernels._common import QUANT_BLOCK, LaunchSpec, cdiv, fake_values_only, is_interpreted
 
@@ -117,12 +116,11 @@ def _moe_routing(topk_ids: torch.Tensor, n_experts: int, block_m: int):
     return routing, topk_ids.contiguous() if direct else None
 
 
-def _act_quant(x: torch.Tensor, decode: bool, gate=1) -> tuple[torch.Tensor, torch.Tensor]:
+def _act_quant(x: torch.Tensor, gate=1) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> fp8 [M, K], fp32 scales [M, ceil(K/128)] (kernels/fp8_quant.py); gate 0: no launch
-    (engines/torch_decode_gemv.py gated); decode: the pinned config (engines/torch_decode_pins.py)."""
+    (engines/torch_decode_gemv.py gated)."""
     q, s = kq.act_quant_outputs(*x.shape, x.device)
-    spec = kq.act_quant_spec(x, q, s, x.is_cuda)  # the scale's rounding as torch's on x's device
-    _launch(gated(pinned(spec, decode), gate))
+    _launch(gated(kq.act_quant_spec(x, q, s, x.is_cuda), gate))  # the scale's rounding as torch's on x's device
     return q, s
 
 
@@ -165,11 +163,10 @@ def moe_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
     GEMM with the routing weights, sum over k -> [T, D]."""
     t, topk = topk_ids.shape
     routing = _moe_routing(topk_ids, w13.shape[0], block_m)
-    decode = block_m == BLOCK_M["decode"]
-    xq, xs = _act_quant(x.contiguous(), decode)
+    xq, xs = _act_quant(x.contiguous())
     h = _grouped_gemm(xq, w13, routing, topk, x.dtype, a_scale=xs, w_scale=w13_scale,
                       swiglu=True)  # [T*k, I]
-    hq, hs = _act_quant(h, decode)
+    hq, hs = _act_quant(h)
     y = _grouped_gemm(hq, w2, routing, 1, x.dtype, a_scale=hs, w_scale=w2_scale,
                       topk_weights=topk_weights.contiguous())  # [T*k, D]
     return _combine(y, t, topk, x.dtype)
@@ -214,10 +211,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_q
     kind = "decode" if decode else "prefill"
     if act_quant and gemv and decode:
         gate = kv.gemv_gate(x2.shape[0])  # 1 at M <= GEMV_MAX_ROWS, else 0 (symbolic: no guard)
-        xq, xs = _act_quant(x2, decode, 1 - gate)
+        xq, xs = _act_quant(x2, 1 - gate)
         y = _fp8_gemm(xq, xs, weight, scale, x.dtype, kind, small_batch=(x2, gate))  # [M, N]
     elif act_quant:
-        xq, xs = _act_quant(x2, decode)
+        xq, xs = _act_quant(x2)
         y = _fp8_gemm(xq, xs, weight, scale, x.dtype, kind)  # [M, N]
     else:
         y = _fp8_gemm(x2, None, weight, scale, x.dtype, kind)  # [M, N]

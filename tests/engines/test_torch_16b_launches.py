@@ -43,10 +43,10 @@ for skip_passes, env in settings:
                                                 passes=[n for n in PASS_NAMES if n not in skip])
     os.environ.clear()
     os.environ.update({**base_env, **env})  # the switches are read when a program is rewritten and lowered
-    program, _ = fuse_router(programs[skip_passes], decode=True)
+    program, _ = fuse_router(programs[skip_passes])
     lowered, how = lower_dsv3_ops(program, "cuda", triton_lowerings("decode"))
     kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)
-    names, incomplete, configs = [], {}, {}
+    names, incomplete = [], {}
     for n in kernels.graph.nodes:
         if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target):
             k = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
@@ -54,8 +54,6 @@ for skip_passes, env in settings:
             while not isinstance(fn, JITFunction):  # an Autotuner (or heuristics) around it
                 fn = fn.fn
             names.append(fn.__name__)
-            if getattr(k, "configs", None):  # the autotuner's configs: 1 when pinned
-                configs.setdefault(fn.__name__, set()).add(";".join(str(c) for c in k.configs))
             passed = set(n.kwargs["kwargs"]) | set(kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"]))
             passed |= set(k.configs[0].kwargs) if getattr(k, "configs", None) else set()
             missing = sorted(set(fn.arg_names) - passed)
@@ -63,8 +61,7 @@ for skip_passes, env in settings:
                 incomplete[fn.__name__] = missing
     extern = [str(n.target) for n in kernels.graph.nodes if n.op == "call_function"
               and getattr(n.target, "_opname", None) in ("topk", "sort", "mm", "bmm", "addmm", "linear")]
-    results.append({"kernels": {k: names.count(k) for k in set(names)}, "extern": extern, "incomplete": incomplete,
-                    "configs": {k: sorted(v) for k, v in configs.items()}})
+    results.append({"kernels": {k: names.count(k) for k in set(names)}, "extern": extern, "incomplete": incomplete})
 print(json.dumps(results))
 '''
 
@@ -76,7 +73,6 @@ SETTINGS = {
     "defaults": ("", {}),
     "all off": ("fuse_shared_experts", dict(DSV3_TORCH_ROUTER="0", DSV3_TORCH_ABSORB_GEMM="0")),
     "decode gemv": ("", dict(DSV3_TORCH_DECODE_GEMV="1")),
-    "no pins": ("", dict(DSV3_TORCH_DECODE_PINS="0")),
 }
 
 
@@ -143,21 +139,6 @@ def _check_decode_gemv(launches: dict[str, dict]):
     assert sum(gemv.values()) == sum(k_def.values()) + 2 * 2, (gemv, k_def)
 
 
-def _check_decode_pins(launches: dict[str, dict]):
-    """engines/torch_decode_pins.py: by default act_quant and the router run one config (one row per
-    program) in the decode program; DSV3_TORCH_DECODE_PINS=0 gives them their autotuners back."""
-    from dsv3_export.kernels import fp8_quant, topk
-
-    pinned, free = launches["defaults"]["configs"], launches["no pins"]["configs"]
-    act_quant = [n for n in ("_act_quant_kernel", "_act_quant_ieee_kernel") if n in pinned]
-    assert act_quant, pinned
-    for name, configs in [(n, fp8_quant.ACT_QUANT_CONFIGS) for n in act_quant] + [("_router_kernel", topk.ROUTER_CONFIGS)]:
-        assert len(pinned[name]) == 1 and pinned[name][0].count("num_warps") == 1, pinned
-        assert "BLOCK_M: 1," in pinned[name][0] or "BLOCK_ROWS: 1," in pinned[name][0], pinned[name]
-        assert free[name] == [";".join(str(c) for c in configs)], free[name]
-    assert launches["no pins"]["kernels"] == launches["defaults"]["kernels"]
-
-
 @pytest.mark.slow  # ~100 s on 2 cores: one 16b export on meta per pass set, the passes, a lowering per setting
 def test_16b_decode_launches():
     """One test for every setting's checks: the settings share one trace (pytest-xdist would split separate
@@ -166,4 +147,3 @@ def test_16b_decode_launches():
     _check_defaults(launches)
     _check_all_switches_off(launches)
     _check_decode_gemv(launches)
-    _check_decode_pins(launches)

@@ -68,7 +68,9 @@ ABSORB_ENV = "DSV3_TORCH_ABSORB_GEMM"
 # The MoE's one-token direct mode (kernels/moe.py grouped_gemm_spec): `1` (default) at T = 1 the grouped
 # GEMMs take each assignment's expert from topk_ids and moe_align's launch has an empty grid
 # (kernels/moe_align.py align_gate), from the same program that aligns at T >= 2; `0` aligns at every T.
-# Read when a program is lowered.
+# Read when a program is lowered. Measured on the H200 (session 15, 27-layer 16b fp8 decode): 26 launches
+# and ~115 us of moe_align fewer per batch-1 step; step 2.542-2.673 ms (3 builds) against 2.718 (1 build),
+# within the build-to-build spread; batch 8 unchanged (4.496-4.543 against 4.516).
 MOE_DIRECT_ENV = "DSV3_TORCH_MOE_DIRECT"
 
 

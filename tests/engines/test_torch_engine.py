@@ -414,65 +414,67 @@ def test_triton_ops_trace_with_dynamic_dims(kind):
     assert "dsv3_aoti::fp8_linear" in out["how_fp8"] and "kernels/fp8_gemm.py" in out["how_fp8"], out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("k", [200, 256, 328])
-def test_fake_quant_is_exact_after_aoti_compile(tmp_path, seed, k, dtype):
+_FAKE_QUANT_CASES = [(k, dtype) for k in (200, 256, 328) for dtype in (torch.float32, torch.bfloat16)]
+
+
+def test_fake_quant_is_exact_after_aoti_compile(tmp_path, seed):
     """The fp8 activation rounding survives AOTInductor bit-exactly, ragged K included (an earlier
     form, reference.fp8.act_quant + act_dequant, compiled to NaN for K = 200; slicing back to K
-    before the cast to bf16 compiled to garbage for K = 200 and 328: the tiny fp8 CPU engine's NaN)."""
+    before the cast to bf16 compiled to garbage for K = 200 and 328: the tiny fp8 CPU engine's NaN).
+    Every (K, dtype) case is one output of one program: one AOTInductor compile (~20 s each on 2 cores)."""
     from dsv3_export.engines.torch_lower import _fake_quant
     from dsv3_export.engines.torch_step import load_package
     from dsv3_export.reference.fp8 import act_dequant, act_quant
 
     class FakeQuant(torch.nn.Module):
-        def forward(self, x):
-            return _fake_quant(x)
+        def forward(self, *xs):
+            return tuple(_fake_quant(x) for x in xs)
 
-    x = (torch.randn(5, k, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype)
-    q, s = act_quant(x)
-    want = act_dequant(q, s).to(dtype)
-    assert torch.equal(_fake_quant(x), want)
-    package = torch._inductor.aoti_compile_and_package(torch.export.export(FakeQuant(), (x,)),
+    g = torch.Generator().manual_seed(seed)
+    xs = tuple((torch.randn(5, k, generator=g) * 3).to(dtype) for k, dtype in _FAKE_QUANT_CASES)
+    wants = [act_dequant(*act_quant(x)).to(x.dtype) for x in xs]
+    for x, want in zip(xs, wants):
+        assert torch.equal(_fake_quant(x), want)
+    package = torch._inductor.aoti_compile_and_package(torch.export.export(FakeQuant(), xs),
                                                        package_path=str(tmp_path / "fq.pt2"))
-    got = load_package(package, torch.device("cpu"))(x)
-    got = got[0] if isinstance(got, (list, tuple)) else got
-    assert torch.equal(got, want)
+    gots = load_package(package, torch.device("cpu"))(*xs)
+    assert len(gots) == len(wants)
+    for (k, dtype), got, want in zip(_FAKE_QUANT_CASES, gots, wants):
+        assert torch.equal(got, want), (k, dtype)
 
 
-@pytest.mark.parametrize("out_features, in_features", [(80, 192), (130, 200)])
-def test_fp8_linear_lowering_is_exact_after_aoti_compile(tmp_path, seed, out_features, in_features):
+def test_fp8_linear_lowering_is_exact_after_aoti_compile(tmp_path, seed):
     """One scale block along N (80 < 128) is where Inductor miscompiled the reference's
-    repeat_interleave dequant (inf); the lowering's block form must compile exactly."""
+    repeat_interleave dequant (inf); the lowering's block form must compile exactly. Both shapes
+    ([N, K] = [80, 192] and [130, 200]) in one program: one AOTInductor compile."""
     from dsv3_export.engines.torch_lower import ATEN_LOWERINGS
     from dsv3_export.engines.torch_step import load_package
 
     g = torch.Generator().manual_seed(seed)
-    w, s = _fp8_weight(out_features, in_features, g)
+    shapes = [(80, 192), (130, 200)]
+    weights = [_fp8_weight(n, k, g) for n, k in shapes]
 
-    class Fp8Linear(torch.nn.Module):
+    class Fp8Linears(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.w, self.s = torch.nn.Parameter(w, requires_grad=False), torch.nn.Parameter(s, requires_grad=False)
+            self.ws = torch.nn.ParameterList([torch.nn.Parameter(w, requires_grad=False) for w, _ in weights])
+            self.ss = torch.nn.ParameterList([torch.nn.Parameter(s, requires_grad=False) for _, s in weights])
 
-        def forward(self, x):
-            return ATEN_LOWERINGS["dsv3::fp8_linear"](x, self.w, self.s, True)
+        def forward(self, *xs):
+            return tuple(ATEN_LOWERINGS["dsv3::fp8_linear"](x, w, s, True) for x, w, s in zip(xs, self.ws, self.ss))
 
-    module, x = Fp8Linear(), torch.randn(2, 5, in_features, generator=g)
-    package = torch._inductor.aoti_compile_and_package(torch.export.export(module, (x,)),
+    module = Fp8Linears()
+    xs = tuple(torch.randn(2, 5, k, generator=g) for _, k in shapes)
+    package = torch._inductor.aoti_compile_and_package(torch.export.export(module, xs),
                                                        package_path=str(tmp_path / "fp8_linear.pt2"))
-    got = load_package(package, torch.device("cpu"))(x)
-    got = got[0] if isinstance(got, (list, tuple)) else got
-    assert rel_err(got, module(x)) < TOLERANCES["fp32_structural"]
+    gots = load_package(package, torch.device("cpu"))(*xs)
+    for shape, got, want in zip(shapes, gots, module(*xs)):
+        assert rel_err(got, want) < TOLERANCES["fp32_structural"], shape
 
 
 _MOE_ALIGN_TRACE_SCRIPT = r'''
-import os, sys
+import json, os, sys
 os.environ.pop("TRITON_INTERPRET", None)  # traced kernels must be real JITFunctions for wrap_triton
-if sys.argv[1] == "default":
-    os.environ.pop("DSV3_TORCH_MOE_ALIGN", None)
-else:
-    os.environ["DSV3_TORCH_MOE_ALIGN"] = sys.argv[1]
-os.environ["DSV3_TORCH_MOE_DIRECT"] = sys.argv[3]
 import torch
 from torch.export import Dim
 import dsv3_export.ops  # noqa: F401
@@ -504,54 +506,67 @@ class Moe(torch.nn.Module):
 args = (torch.randn(t, d).bfloat16(), torch.rand(t, k).bfloat16(), torch.randint(0, e, (t, k)))
 T = Dim("tokens", min=1, max=4096)
 ep = torch.export.export(Moe(), args, dynamic_shapes=({0: T}, {0: T}, {0: T}), strict=False)
-lowered, _ = lower_dsv3_ops(ep, "cuda", triton_lowerings(sys.argv[2]))
-kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)  # what AOTInductor does
-launches = [(getattr(getattr(k_, "fn", k_), "__name__", "?"), n.kwargs["grid"]) for n, k_ in
-            ((n, kernel_side_table.get_kernel(n.kwargs["kernel_idx"])) for n in kernels.graph.nodes
-             if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target))]
-aten = sorted({str(n.target) for n in kernels.graph.nodes if n.op == "call_function"
-               and any(a in str(n.target) for a in ("sort", "searchsorted", "scatter"))})
-print("kernels", ",".join(sorted(name for name, _ in launches)))
-print("aten", ",".join(aten))
-print("dims", len(kernels.range_constraints))
-# the grouped GEMMs' row blocks: one expression of the token symbol per autotune config
-rows = {getattr(getattr(g[0], "target", None), "__name__", str(g[0])) for name, grid in launches
-        if name == "_grouped_gemm_kernel" for g in grid}
-print("gemm_rows", ",".join(sorted(rows)))
-# moe_align's grid: gated by min(1, T // 2) in direct mode (no launch at one token), else (1,)
-align = {str(getattr(getattr(g[0], "target", None), "__name__", g[0])) for name, grid in launches
-         if name == "_moe_align_kernel" for g in grid}
-print("align_grid", ",".join(sorted(align)))
+results = []
+for form, kind, direct in json.loads(sys.argv[1]):  # the switches are read when a program is lowered
+    if form == "default":
+        os.environ.pop("DSV3_TORCH_MOE_ALIGN", None)
+    else:
+        os.environ["DSV3_TORCH_MOE_ALIGN"] = form
+    os.environ["DSV3_TORCH_MOE_DIRECT"] = direct
+    lowered, _ = lower_dsv3_ops(ep, "cuda", triton_lowerings(kind))
+    kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)  # what AOTInductor does
+    launches = [(getattr(getattr(k_, "fn", k_), "__name__", "?"), n.kwargs["grid"]) for n, k_ in
+                ((n, kernel_side_table.get_kernel(n.kwargs["kernel_idx"])) for n in kernels.graph.nodes
+                 if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target))]
+    aten = sorted({str(n.target) for n in kernels.graph.nodes if n.op == "call_function"
+                   and any(a in str(n.target) for a in ("sort", "searchsorted", "scatter"))})
+    # the grouped GEMMs' row blocks: one expression of the token symbol per autotune config
+    rows = {getattr(getattr(g[0], "target", None), "__name__", str(g[0])) for name, grid in launches
+            if name == "_grouped_gemm_kernel" for g in grid}
+    # moe_align's grid: gated by min(1, T // 2) in direct mode (no launch at one token), else (1,)
+    align = {str(getattr(getattr(g[0], "target", None), "__name__", g[0])) for name, grid in launches
+             if name == "_moe_align_kernel" for g in grid}
+    results.append({"kernels": ",".join(sorted(name for name, _ in launches)), "aten": ",".join(aten),
+                    "dims": len(kernels.range_constraints), "gemm_rows": ",".join(sorted(rows)),
+                    "align_grid": ",".join(sorted(align))})
+print(json.dumps(results))
 '''
 
 
-@pytest.mark.parametrize("form,kind,direct", [("aten", "decode", "1"), ("kernel", "decode", "0"),
-                                              ("default", "decode", "1"), ("default", "prefill", "1")])
-def test_moe_align_traced_form_switch(form, kind, direct):
+_MOE_ALIGN_CASES = [("aten", "decode", "1"), ("kernel", "decode", "0"), ("default", "decode", "1"),
+                    ("default", "prefill", "1")]  # (DSV3_TORCH_MOE_ALIGN, program kind, DSV3_TORCH_MOE_DIRECT)
+
+
+def test_moe_align_traced_form_switch():
     """DSV3_TORCH_MOE_ALIGN picks how the MoE's alignment is traced into a CUDA package: the ATen ops
     (sort / scatter / searchsorted, several kernels) or the single-program kernel (one launch, the
     default), with the token dim still dynamic. The bf16 and fp8 MoE ops of one program: the grouped
     GEMMs launch sym_min(n_blocks, T*k) row blocks (a Min of the token symbol, no guard); the fp8 MoE
     launches act_quant twice. DSV3_TORCH_MOE_DIRECT (default 1): the alignment kernel's grid is gated
     by a Min of the token symbol (nothing launched at one token), 0: a plain one-program grid.
-    Traced only: the package is never run on this CPU."""
+    Traced only: the package is never run on this CPU. One process exports once and lowers each case
+    (a process per case paid the interpreter start, imports and export again: ~15-20 s each)."""
+    import json
     import subprocess
     import sys
 
     pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, "-c", _MOE_ALIGN_TRACE_SCRIPT, form, kind, direct], check=False,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", _MOE_ALIGN_TRACE_SCRIPT, json.dumps(_MOE_ALIGN_CASES)],
+                          check=False, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    out = dict((line.split(" ", 1) + [""])[:2] for line in done.stdout.strip().split("\n"))
-    kernels = out["kernels"].split(",")
-    assert kernels.count("_grouped_gemm_kernel") == 4 and int(out["dims"]) == 1, out
-    assert out["gemm_rows"] == "sym_min", out
-    assert kernels.count("_act_quant_ieee_kernel") == 2, out
-    if form in ("kernel", "default"):
-        assert kernels.count("_moe_align_kernel") == 2 and out["aten"] == "", out
-        assert out["align_grid"] == ("sym_min" if direct == "1" else "1"), out
-    else:
-        assert "_moe_align_kernel" not in kernels and "sort" in out["aten"], out
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == len(_MOE_ALIGN_CASES)
+    for (form, kind, direct), out in zip(_MOE_ALIGN_CASES, results):
+        case = (form, kind, direct, out)
+        kernels = out["kernels"].split(",")
+        assert kernels.count("_grouped_gemm_kernel") == 4 and out["dims"] == 1, case
+        assert out["gemm_rows"] == "sym_min", case
+        assert kernels.count("_act_quant_ieee_kernel") == 2, case
+        if form in ("kernel", "default"):
+            assert kernels.count("_moe_align_kernel") == 2 and out["aten"] == "", case
+            assert out["align_grid"] == ("sym_min" if direct == "1" else "1"), case
+        else:
+            assert "_moe_align_kernel" not in kernels and "sort" in out["aten"], case
 
 
 def test_moe_align_traced_form_rejects_unknown(monkeypatch):

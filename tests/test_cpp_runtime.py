@@ -1,7 +1,8 @@
 """runtime/cpp (dsv3-run): builds with CMake against the torch wheel and matches the Python runtime.
 
 Skipped, with the reason, when cmake or a C++ compiler is missing. The build (~40-90 s on two
-cores) and the tiny engine (tests/engines/_torch_engine.py) are made once per module/session.
+cores) and the tiny engine (tests/engines/_torch_engine.py) are made once per test run, shared by the
+pytest-xdist workers (tests/_shared_build.py: a module fixture alone built it once in each worker).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from dsv3_export.runtime import load_engine
+from tests._shared_build import built_once
 from tests.engines._torch_engine import tiny_torch_engine
 
 SOURCE = Path(__file__).resolve().parents[1] / "runtime" / "cpp"
@@ -29,12 +31,7 @@ def _missing_tools() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def dsv3_run(tmp_path_factory) -> Path:
-    reason = _missing_tools()
-    if reason:
-        pytest.skip(reason)
-    build = tmp_path_factory.mktemp("cpp_build")
+def _cmake_build(build: Path) -> None:
     configure = ["cmake", "-S", str(SOURCE), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
                  f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
     if shutil.which("ninja"):
@@ -42,7 +39,14 @@ def dsv3_run(tmp_path_factory) -> Path:
     for cmd in (configure, ["cmake", "--build", str(build), "--parallel", str(os.cpu_count() or 2)]):
         done = subprocess.run(cmd, capture_output=True, text=True)
         assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-    exe = build / "dsv3-run"
+
+
+@pytest.fixture(scope="module")
+def dsv3_run(tmp_path_factory) -> Path:
+    reason = _missing_tools()
+    if reason:
+        pytest.skip(reason)
+    exe = built_once(tmp_path_factory, "cpp_build", _cmake_build) / "dsv3-run"
     assert exe.is_file()
     return exe
 

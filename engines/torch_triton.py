@@ -317,7 +317,10 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
                                                          softmax_scale)
         s = q_nope.shape[1]
         decode = kind == "decode" and isinstance(s, int) and s == 1  # static, never a guard on a symbol
-        return mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, decode, absorb)
+        # absorb applies to the decode form only; prefill passes the default, so that its program text does not
+        # depend on the switch
+        return mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, decode,
+                             absorb if decode else True)
 
     def lower_fp8_linear(x, weight, scale, act_quant):
         if not act_quant and x.dtype not in kg.DENSE_DTYPES:  # weight-only GEMM: bf16/fp16 activations

@@ -2,7 +2,7 @@
 
 Numerics: the fused program against the program before the pass (after rewrite_moe_grouped_gemm),
 random inputs with a fresh seed: fp32 relative error < 1e-5 (TOLERANCES["fp32_structural"]),
-bf16 < TOLERANCES["bf16"]. fp8 chunks are compared bit for bit with the checkpoint's bytes.
+bf16 < BF16_FUSED_TOLERANCE (below). fp8 chunks are compared bit for bit with the checkpoint's bytes.
 """
 
 from __future__ import annotations
@@ -75,12 +75,20 @@ def test_numerics_fp32(kind, seed):
         assert rel_err(got, want) < TOLERANCES["fp32_structural"], f"seed={seed}"
 
 
+# bf16: the fused program adds the shared experts' output in the grouped GEMMs' fp32 sum instead of as a
+# separate bf16 MLP, so a layer's output differs by bf16 rounding, and the next layer's top-k can flip a
+# near-tie expert. Measured over 61 seeds (session 15): 54 at 0.53-0.61% relative error, 7 at 1.3-3.2%
+# (bimodal: discrete changes, as such a flip makes; seed 1843626246 gave 2.17% and failed the old 2% bound).
+# A wrong fusion is far above it: the shared experts' down projection zeroed gave 48% (seed 3).
+BF16_FUSED_TOLERANCE = 0.05
+
+
 def test_bf16_program(seed):
     before, result = fused("prefill", torch.bfloat16)
     assert result.matches == 2
     inputs = step_inputs("prefill", seed, torch.bfloat16)
     for got, want in zip(run(result.program, inputs), run(before, inputs)):
-        assert rel_err(got, want) < TOLERANCES["bf16"], f"seed={seed}"
+        assert rel_err(got, want) < BF16_FUSED_TOLERANCE, f"seed={seed}"
 
 
 def test_idempotent():

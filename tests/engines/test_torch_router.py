@@ -22,6 +22,9 @@ import sys
 import pytest
 import torch
 
+# fp32 on the decode program, bf16 on both: the rewrite is the same on either program, the numerics differ
+# by dtype (the fp32 prefill program ran too until session 15, ~12 s of the suite, no different check).
+_CASES = [("float32", ["decode"]), ("bfloat16", ["decode", "prefill"])]
 _SCRIPT = r'''
 import os, sys, json
 os.environ["TRITON_INTERPRET"] = "1"
@@ -34,12 +37,12 @@ from dsv3_export.reference import ModelArgs, Transformer
 from tests.conftest import rel_err
 from tests.passes.tiny_programs import step_inputs
 
-seed, out = int(sys.argv[1]), {}
-for dtype_name in ("float32", "bfloat16"):
+seed, out, CASES = int(sys.argv[1]), {}, json.loads(sys.argv[2])
+for dtype_name, kinds in CASES:
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
     model = Transformer(ModelArgs.preset("tiny").replace(route_scale=2.5), dtype=dtype).eval()
-    for kind in ("decode", "prefill"):
+    for kind in kinds:
         program, _ = run_pipeline(export_step(model, kind), PassConfig(precision="fp8"))
         inputs = step_inputs(kind, seed, dtype)
         with torch.no_grad():
@@ -63,12 +66,14 @@ print(json.dumps(out))
 
 def test_rewritten_tiny_programs_match_in_the_interpreter(seed):
     pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, str(seed % 2**31)], check=False, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", _SCRIPT, str(seed % 2**31), json.dumps(_CASES)], check=False,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    for dtype, limit in (("float32", 0.02), ("bfloat16", 0.2)):
-        for kind in ("decode", "prefill"):
+    limits = {"float32": 0.02, "bfloat16": 0.2}
+    for dtype, kinds in _CASES:
+        limit = limits[dtype]
+        for kind in kinds:
             key = f"{dtype}_{kind}"
             assert out[key + "_how"].startswith("2 of 2 MoE routers"), out[key + "_how"]
             # the softmax, top-k, gather and the shared columns' two concatenations per layer are gone

@@ -25,8 +25,8 @@ killed at its limit still returns what was measured. Sections, per precision (bf
                switches act at lowering): an A/B of a lowering choice in one run, without a second
                export (~2 minutes of the 16b's 6-7 minute build)
   kernels      (in the engine section, run after every build of the process is timed: a profiled
-               process timed later builds slower) torch.profiler over a few batch-1 decode steps of the package
-               run directly: GPU kernels per step, GPU-busy ms per step and the kernels that take
+               process timed later builds slower) torch.profiler over a few decode steps of the package
+               run directly, at each --profile-batches batch (default 1): GPU kernels per step, GPU-busy ms per step and the kernels that take
                the most time, to say where a step's time goes (a step far above its floor)
   PDL          (in the engine section, with DSV3_TRITON_GDC=1 in the environment) the same build's decode
                graph with programmatic edges (engines/cuda_graph_pdl.py) per --pdl-ports port, then as
@@ -45,6 +45,7 @@ import gc
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -118,6 +119,7 @@ SKIP_PASSES: set[str] = set()  # --skip-passes: an A/B of one pass against the s
 # --tune-decode / --tune-prefill: the sizes each program is exported with (dsv3_export.export.tune_shape),
 # which AOTInductor's compile-time autotuning runs every kernel at
 TUNE: dict[str, dict[str, int]] = {}
+PROFILE_BATCHES: list[int] = []  # --profile-batches: the batches of the per-kernel profile and graph timeline
 # Inductor's compile-time autotuner logs each kernel's winner here (DEBUG): "Best config for <kernel>: <config>: <ms>,
 # nreg <n>, nspill <n>, #shared-mem <bytes>"
 AUTOTUNE_LOGGER = "torch._inductor.runtime.triton_heuristics"
@@ -304,20 +306,21 @@ def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds,
     out["decode_uses_cuda_graph"] = step._graphs is not None and not step._graphs.failed
     out["generate_ms_per_token"] = guarded_dict(lambda: generate_ms_per_token(step, model, 1))
     if profiles is not None:  # holds this engine until they run (memory: its packages and CUDA graphs)
-        profiles.append(lambda: {"decode_b1_kernels": guarded_dict(lambda: decode_kernel_profile(direct, model, prompt_len)),
-                                 "decode_b1_graph_timeline": guarded_dict(
-                                     lambda: decode_graph_timeline(step, model, prompt_len))})
+        profiles.append(lambda: {key: value for b in PROFILE_BATCHES or [1] for key, value in (
+            (f"decode_b{b}_kernels", guarded_dict(lambda: decode_kernel_profile(direct, model, prompt_len, b))),
+            (f"decode_b{b}_graph_timeline", guarded_dict(lambda: decode_graph_timeline(step, model, prompt_len, b))))})
     return out
 
 
-def decode_kernel_profile(step: Callable, model, context: int, steps: int = 4, top: int = 60) -> dict[str, Any]:
-    """Per-kernel GPU time of batch-1 decode steps (torch.profiler; CPU ops on a CPU smoke run)."""
+def decode_kernel_profile(step: Callable, model, context: int, batch: int = 1, steps: int = 4,
+                          top: int = 60) -> dict[str, Any]:
+    """Per-kernel GPU time of decode steps at `batch` (torch.profiler; CPU ops on a CPU smoke run)."""
     from torch.profiler import ProfilerActivity, profile
 
     a = model.args
-    cache = torch.randn(1, a.n_layers, context + 1, a.latent_cache_width, device=DEVICE).to(model.dtype)
-    tokens = torch.zeros(1, 1, dtype=torch.int64, device=DEVICE)
-    pos = torch.full((1,), context, dtype=torch.int64, device=DEVICE)
+    cache = torch.randn(batch, a.n_layers, context + 1, a.latent_cache_width, device=DEVICE).to(model.dtype)
+    tokens = torch.zeros(batch, 1, dtype=torch.int64, device=DEVICE)
+    pos = torch.full((batch,), context, dtype=torch.int64, device=DEVICE)
     step(tokens, pos, cache)  # warm
     sync()
     gpu = DEVICE == "cuda"
@@ -379,17 +382,17 @@ def kernel_gaps(kernels: list[tuple[str, float, float]], steps: int, top: int = 
                         for us, a, b in sorted(gaps, reverse=True)[:top]]}
 
 
-def decode_graph_timeline(step: Callable, model, context: int, steps: int = 3) -> dict[str, Any]:
-    """kernel_gaps of batch-1 decode steps replayed from the CUDA graph (torch.profiler's device events:
+def decode_graph_timeline(step: Callable, model, context: int, batch: int = 1, steps: int = 3) -> dict[str, Any]:
+    """kernel_gaps of decode steps at `batch` replayed from the CUDA graph (torch.profiler's device events:
     kernels, memsets and copies; CUPTI records a graph's kernels one by one)."""
     from torch.profiler import ProfilerActivity, profile
 
     if DEVICE != "cuda":
         return {"skipped": "no GPU (the timeline is of CUDA-graph replays)"}
     a = model.args
-    cache = torch.randn(1, a.n_layers, context + 1, a.latent_cache_width, device=DEVICE).to(model.dtype)
-    tokens = torch.zeros(1, 1, dtype=torch.int64, device=DEVICE)
-    pos = torch.full((1,), context, dtype=torch.int64, device=DEVICE)
+    cache = torch.randn(batch, a.n_layers, context + 1, a.latent_cache_width, device=DEVICE).to(model.dtype)
+    tokens = torch.zeros(batch, 1, dtype=torch.int64, device=DEVICE)
+    pos = torch.full((batch,), context, dtype=torch.int64, device=DEVICE)
     for _ in range(2):  # captured and warm
         step(tokens, pos, cache)
     sync()
@@ -477,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,8,64")
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--decode-steps", type=int, default=8)
+    p.add_argument("--profile-batches", default="1",
+                   help="comma-separated batches of the per-kernel profile and CUDA-graph timeline (default 1)")
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting sections after this")
     p.add_argument("--engine-kinds", default="decode,prefill", help="programs to compile (decode first)")
     p.add_argument("--engine-need-s", type=float, default=240.0,
@@ -518,6 +523,12 @@ def main(argv: list[str] | None = None) -> int:
     skip_passes = set(filter(None, opts.skip_passes.split(",")))
     if skip_passes - set(PASS_NAMES):
         p.error(f"--skip-passes: unknown {sorted(skip_passes - set(PASS_NAMES))}; passes: {PASS_NAMES}")
+    try:
+        profile_batches = [int(b) for b in opts.profile_batches.split(",")]
+    except ValueError:
+        profile_batches = []
+    if not profile_batches or min(profile_batches) < 1:
+        p.error(f"--profile-batches {opts.profile_batches!r}: expected positive integers, e.g. 1,8")
     tune: dict[str, dict[str, int]] = {}
     for kind in TUNE_FIELDS:
         value = getattr(opts, f"tune_{kind}")
@@ -542,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[name] = value
     SKIP_PASSES.update(skip_passes)
     TUNE.update(tune)
+    PROFILE_BATCHES[:] = profile_batches
     skip = set(filter(None, opts.skip.split(",")))
     meta = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)", "torch": torch.__version__, "preset": opts.preset,
             "batches": batches, "prompt_len": opts.prompt_len, "decode_steps": opts.decode_steps,
@@ -610,17 +622,25 @@ def _engine_notes(label: str, eng: dict[str, Any]) -> list[str]:
     if "b1_queued" in gen:
         lines.append(f"{label}: Engine.generate, greedy, batch 1: {gen['b1_queued']} ms/token with the next step queued "
                      f"before each token is read, {gen['b1_one_at_a_time']} one step at a time")
-    prof = eng.get("decode_b1_kernels") or {}
+    batches = sorted(int(m.group(1)) for m in map(re.compile(r"decode_b(\d+)_kernels$").match, eng) if m)
+    for b in batches:
+        lines += _profile_notes(label, b, eng.get(f"decode_b{b}_kernels") or {},
+                                eng.get(f"decode_b{b}_graph_timeline") or {})
+    return lines
+
+
+def _profile_notes(label: str, b: int, prof: dict[str, Any], tl: dict[str, Any]) -> list[str]:
+    """One batch's kernel profile and CUDA-graph timeline, as text lines."""
+    lines = []
     if "top" in prof:
-        lines.append(f"{label}: batch-1 decode step, {prof['what']}: {prof['launches_per_step']} per step, "
+        lines.append(f"{label}: batch-{b} decode step, {prof['what']}: {prof['launches_per_step']} per step, "
                      f"{prof['busy_ms_per_step']} ms busy; most time:")
         lines += [f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:<6} {r['name'][:90]}" for r in prof["top"][:12]]
     if prof.get("host_top"):
-        lines.append(f"{label}: batch-1 decode step run directly, host side (self CPU time):")
+        lines.append(f"{label}: batch-{b} decode step run directly, host side (self CPU time):")
         lines += [f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:<6} {r['name'][:90]}" for r in prof["host_top"][:10]]
-    tl = eng.get("decode_b1_graph_timeline") or {}
     if "span_us" in tl:
-        lines.append(f"{label}: batch-1 CUDA-graph replay: {tl['kernels_per_step']} device events, span {tl['span_us']} us, "
+        lines.append(f"{label}: batch-{b} CUDA-graph replay: {tl['kernels_per_step']} device events, span {tl['span_us']} us, "
                      f"busy {tl['busy_us']}, idle {tl['idle_us']} (gap median {tl['gap_us_median']} us, p90 "
                      f"{tl['gap_us_p90']}, max {tl['gap_us_max']}; {tl['gaps_over_5us_per_step']} gaps > 5 us holding "
                      f"{tl['idle_us_in_gaps_over_5us']} us); idle before:")

@@ -56,7 +56,7 @@ def test_cpu_smoke_decode_only_profile_run(tmp_path, monkeypatch, capsys):
         with torch.random.fork_rng():  # the script draws its inputs from the global generator
             code = script.main(["--device", "cpu", "--precisions", "fp8", "--batches", "1,2", "--prompt-len", "16",
                                 "--decode-steps", "1", "--budget-s", "1e9", "--n-layers", "2",
-                                "--engine-kinds", "decode", "--skip", "compile,eager",
+                                "--engine-kinds", "decode", "--skip", "compile,eager", "--profile-batches", "1,2",
                                 "--skip-passes", "fuse_shared_experts",
                                 "--variant", "einsums:DSV3_TORCH_ABSORB_GEMM=0,DSV3_TORCH_MOE_ALIGN=aten",
                                 "--out", str(tmp_path / "out")])
@@ -74,6 +74,8 @@ def test_cpu_smoke_decode_only_profile_run(tmp_path, monkeypatch, capsys):
     assert engine["decode_logits_rel_err_vs_eager_step"] < 0.1, engine  # fp8 W8A8 vs the weight-only step
     assert "generate_tokens" not in engine  # needs the prefill program, not built here
     assert engine["decode_b1_kernels"]["launches_per_step"] > 0, engine["decode_b1_kernels"]
+    assert engine["decode_b2_kernels"]["launches_per_step"] > 0, engine["decode_b2_kernels"]  # --profile-batches
+    assert "batch-2 decode step" in stdout
     assert "skipped" in engine["decode_b1_graph_timeline"], engine["decode_b1_graph_timeline"]  # needs a GPU
     gen = engine["generate_ms_per_token"]  # one-token prompts: the decode program alone serves generate
     assert gen["b1_queued"] > 0 and gen["b1_one_at_a_time"] > 0, gen
@@ -100,6 +102,8 @@ def test_cpu_smoke_decode_only_profile_run(tmp_path, monkeypatch, capsys):
     (["--skip-passes", "fuse_everything"], "fuse_everything"),
     (["--env", "FOO=1"], "--env"),
     (["--tune-decode", "64"], "--tune-decode"),
+    (["--profile-batches", "1,x"], "--profile-batches"),
+    (["--profile-batches", "0"], "--profile-batches"),
     (["--env", "DSV3_TORCH_ROUTER=0", "--moe-align", "aten", "--variant", "x"], "--variant"),  # valid ones first
 ])
 def test_malformed_option_is_a_usage_error(tmp_path, monkeypatch, capsys, argv, named):
@@ -111,7 +115,7 @@ def test_malformed_option_is_a_usage_error(tmp_path, monkeypatch, capsys, argv, 
     assert exited.value.code == 2 and named in err, err[-2000:]
     # nothing was changed before the error: the environment, the script's globals, the results file
     assert dict(os.environ) == environ
-    assert (script.DEVICE, script.SKIP_PASSES, script.TUNE) == ("cuda", set(), {})
+    assert (script.DEVICE, script.SKIP_PASSES, script.TUNE, script.PROFILE_BATCHES) == ("cuda", set(), {}, [])
     assert not (tmp_path / "torch_16b.json").exists()
 
 

@@ -111,11 +111,8 @@ def _moe_routing(topk_ids: torch.Tensor, n_experts: int, block_m: int):
     """moe_align's (sorted_ids, expert_ids, npp) in the MOE_ALIGN_ENV form, and the grouped GEMMs'
     direct_ids: with MOE_DIRECT_ENV on, the contiguous topk_ids, and the alignment launches nothing
     at one token."""
-    direct = _moe_direct()
-    routing = km.moe_align(topk_ids, n_experts, block_m,
-                           traced_form=env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS),
-                           launch_gate=km.align_gate(topk_ids.shape[0]) if direct else 1)
-    return routing, topk_ids.contiguous() if direct else None
+    return km.moe_routing(topk_ids, n_experts, block_m, _moe_direct(),
+                          traced_form=env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS))
 
 
 def _act_quant(x: torch.Tensor, gate=1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -244,6 +244,15 @@ def choose_block_m(n_tokens: int, topk: int, n_experts: int) -> int:
     return 64
 
 
+def moe_routing(topk_ids: torch.Tensor, n_experts: int, block_m: int, direct: bool, *, traced_form: str = "kernel"):
+    """The grouped GEMMs' routing: moe_align's (sorted_ids, expert_ids, num_tokens_post_pad), and
+    direct_ids, the contiguous topk_ids when `direct` (grouped_gemm_spec's one-token mode: at T = 1
+    the alignment then launches nothing, align_gate) or None."""
+    alignment = moe_align(topk_ids, n_experts, block_m, traced_form=traced_form,
+                          launch_gate=align_gate(topk_ids.shape[0]) if direct else 1)
+    return alignment, topk_ids.contiguous() if direct else None
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
               act_quant: bool = True, block_m: int | None = None, direct: bool = True) -> torch.Tensor:
@@ -265,8 +274,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     topk = topk_ids.shape[1]
     n_experts = w13.shape[0]
     bm = block_m or choose_block_m(t, topk, n_experts)
-    ids = topk_ids.contiguous() if direct else None
-    sorted_ids, expert_ids, npp = moe_align(topk_ids, n_experts, bm, launch_gate=align_gate(t) if direct else 1)
+    (sorted_ids, expert_ids, npp), ids = moe_routing(topk_ids, n_experts, bm, direct)
     weights = topk_weights.contiguous()
     if w13_scale is None or not act_quant:
         scales = {} if w13_scale is None else dict(w_scale=w13_scale)

@@ -286,6 +286,13 @@ def _recorded_grids(monkeypatch, module, name: str) -> list[tuple[str, tuple]]:
     return seen
 
 
+def _recorded_aligns(monkeypatch) -> list:
+    """The moe_align kernels launched (through kernels/moe_align.py traceable) from here on."""
+    seen, real = [], M.moe_align.__globals__["traceable"]
+    monkeypatch.setitem(M.moe_align.__globals__, "traceable", lambda kernel: seen.append(kernel) or real(kernel))
+    return seen
+
+
 def _fp8_experts(e: int = E):
     w13, w2 = (torch.randn(e, 2 * I, D) / D**0.5), (torch.randn(e, D, I) / I**0.5)
     return _quantize_experts(w13), _quantize_experts(w2)
@@ -343,8 +350,7 @@ def test_engine_moe_fp8_decode_form_launches(seed, monkeypatch, t):
     x[-1, :QUANT_K] = 0
     (w13q, w13s), (w2q, w2s) = _fp8_experts()
     grids = _recorded_grids(monkeypatch, TT, "_launch")
-    aligns, real_traceable = [], M.moe_align.__globals__["traceable"]
-    monkeypatch.setitem(M.moe_align.__globals__, "traceable", lambda kern: aligns.append(kern) or real_traceable(kern))
+    aligns = _recorded_aligns(monkeypatch)
     args = (x, rw.bfloat16(), ids, w13q, w13s, w2q, w2s, TT.BLOCK_M["decode"])
     out = TT.moe_experts_fp8(*args)
     assert len(aligns) == (t > 1), aligns
@@ -375,9 +381,7 @@ def test_one_token_direct_mode_skips_alignment_with_the_same_bits(seed, monkeypa
         w13, w2 = (torch.randn(e, 2 * I, D) / D**0.5).half(), (torch.randn(e, D, I) / I**0.5).half()
         kw = {}
     aligned = M.fused_moe(x, w13, w2, rw.half(), ids, direct=False, **kw)
-    kernels = []
-    real_traceable = M.moe_align.__globals__["traceable"]
-    monkeypatch.setitem(M.moe_align.__globals__, "traceable", lambda kern: kernels.append(kern) or real_traceable(kern))
+    kernels = _recorded_aligns(monkeypatch)
     grids = _recorded_grids(monkeypatch, M, "launch")
     direct = M.fused_moe(x, w13, w2, rw.half(), ids, **kw)
     assert kernels == [], "moe_align launched at one token"

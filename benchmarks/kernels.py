@@ -26,8 +26,6 @@ triton.testing.do_bench (median) and reports: time, achieved TB/s or TFLOP/s, th
   MLA sweep     (mla_sweep, < 60 s) mla_decode's variants (early loads) and split counts, each
                 pinned, from CUDA graphs: % of copy bandwidth and error (MLA_SWEEP)
   act_quant     eager torch
-  MoE split-K   (moe_split, ~1 min) the one-token fp8 MoE with its GEMMs' K split (kernels/moe_split.py) per
-                (up, down) split and grouped-GEMM config, against the unsplit direct mode, CUDA graphs of 8 routings
   MoE router    (router) kernels/topk.py router_topk against torch's softmax + topk + gather + cat
   GEMV          (gemv, ~9 min on a cold cache: 12 configs compiled per K, K=10944 unrolled) kernels/fp8_gemv.py against
                 act_quant + the decode GEMM (ours: the chain the decode program runs), Linears and the MoE at M <= 4;
@@ -77,7 +75,6 @@ from kbench.mla import bench_mla  # noqa: E402
 from kbench.mla_proj import bench_absorb  # noqa: E402
 from kbench.mla_sweep import bench_mla_sweep  # noqa: E402
 from kbench.moe import bench_moe, bench_moe_configs  # noqa: E402
-from kbench.moe_split import bench_moe_split  # noqa: E402
 from kbench.quant import bench_act_quant  # noqa: E402
 from kbench.router import bench_router  # noqa: E402
 
@@ -91,8 +88,6 @@ SECTIONS = {  # cheap sections first: if the time budget runs out, the expensive
     "mla_sweep": ("MLA decode variants (early loads, splits), pinned configs, CUDA graphs", bench_mla_sweep),
     "moe": ("MoE: grouped GEMM + fused MoE", bench_moe),
     "moe_cfg": ("grouped GEMM configs at decode (fp8, 16b MoE)", bench_moe_configs),
-    "moe_split": ("the MoE's one-token split-K vs the unsplit direct mode (fp8, CUDA graphs, 8 routings)",
-                  bench_moe_split),
     "gemv": ("fp8 GEMV with act_quant in registers vs act_quant + tile GEMM, Linears and MoE at M <= 4 (CUDA graphs)",
              bench_gemv),
     "fp8_prefill": ("fp8 blockwise GEMM at prefill M: TMA candidates, pinned", bench_fp8_prefill),

@@ -13,7 +13,7 @@ import torch
 
 from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.kernels import fp8_gemv as kv
-from dsv3_export.kernels._common import gated  # noqa: F401 (the lowerings import it from here)
+from dsv3_export.kernels._common import LaunchSpec
 
 # Whether the decode program's small fp8 Linears that take x unquantized (kernels/fp8_gemv.py gemv_suits: at
 # the 16b shapes wq+wkv_a and wo)
@@ -47,3 +47,19 @@ def check_gemv_tune_batch(ep, kind: str) -> None:
         raise ValueError(f"{DECODE_GEMV_ENV}=1: the decode program is traced at batch {hint}, where the GEMV takes "
                          f"the Linears and the tile GEMMs it would tune launch nothing; tune decode at a batch > "
                          f"{kv.GEMV_MAX_ROWS} (--tune-decode, default 64)")
+
+
+def gated(spec: LaunchSpec, gate) -> LaunchSpec | None:
+    """spec with its grid's first dimension times gate (1 or 0; symbolic while traced): a zero first
+    dimension launches nothing, in Triton's launcher and AOTInductor's (`if (grid_0 == 0) return;`).
+    A Python 0 (eager) gives None, no launch at all: an autotuner would otherwise time its configs on
+    the empty grid and cache the pick for this shape key."""
+    if type(gate) is int:  # a Python int: decided now, no guard
+        return spec if gate else None
+    grid = spec.grid
+
+    def gated_grid(meta):
+        dims = grid(meta)
+        return (dims[0] * gate, *dims[1:])
+
+    return spec._replace(grid=gated_grid)

@@ -45,7 +45,6 @@ from dsv3_export.kernels import mla_absorb as ka
 from dsv3_export.kernels import mla_decode as kd
 from dsv3_export.kernels import mla_prefill as kp
 from dsv3_export.kernels import moe as km
-from dsv3_export.kernels import moe_split as ks
 from dsv3_export.engines.torch_decode_gemv import decode_gemv, gated
 from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.kernels._common import QUANT_BLOCK, LaunchSpec, cdiv, fake_values_only, is_interpreted
@@ -78,24 +77,6 @@ MOE_DIRECT_ENV = "DSV3_TORCH_MOE_DIRECT"
 def _moe_direct() -> bool:
     return env_choice(MOE_DIRECT_ENV, "1", {"1": "one token: no moe_align, experts from topk_ids",
                                             "0": "moe_align at every batch"}) == "1"
-
-
-# The direct mode's split-K in the decode program (kernels/moe_split.py): K chunks of the MoE's up and down
-# GEMMs at one token, "UP,DOWN" (or one count for both); `1` none. Read when a program is lowered; applies with
-# MOE_DIRECT_ENV on, to the decode program only (prefill's batches are never one token).
-MOE_SPLIT_ENV = "DSV3_TORCH_MOE_SPLIT_K"
-MOE_SPLIT_DEFAULT = "1"
-MOE_SPLIT_COUNTS = (1, 2, 4, 8)
-MOE_SPLIT_CHOICES = {**{str(n): f"{n} K chunks in both GEMMs" for n in MOE_SPLIT_COUNTS},
-                     **{f"{u},{d}": f"{u} up, {d} down" for u in MOE_SPLIT_COUNTS for d in MOE_SPLIT_COUNTS}}
-
-
-def moe_splits(kind: str) -> tuple[int, int]:
-    """(up, down) K chunks of the MoE GEMMs at one token in a program of `kind` (MOE_SPLIT_ENV)."""
-    if kind != "decode" or not _moe_direct():
-        return 1, 1
-    counts = [int(c) for c in env_choice(MOE_SPLIT_ENV, MOE_SPLIT_DEFAULT, MOE_SPLIT_CHOICES).split(",")]
-    return counts[0], counts[-1]
 
 
 def _absorb_gemm() -> bool:
@@ -161,15 +142,13 @@ def _combine(y: torch.Tensor, t: int, topk: int, dtype: torch.dtype) -> torch.Te
 
 @triton_op("dsv3_aoti::moe_experts", mutates_args={})
 def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
-                w2: torch.Tensor, block_m: int, split_up: int = 1, split_down: int = 1) -> torch.Tensor:
+                w2: torch.Tensor, block_m: int) -> torch.Tensor:
     """The bf16/fp16 experts: moe_align, up GEMM with SwiGLU, down GEMM with the routing weights, sum
-    over k -> [T, D]. split_up / split_down > 1: one token's K chunks (kernels/moe_split.py; direct mode)."""
+    over k -> [T, D]."""
     t, topk = topk_ids.shape
     routing = _moe_routing(topk_ids, w13.shape[0], block_m)
     x = x.contiguous()
     w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
-    if max(split_up, split_down) > 1:
-        return ks.split_experts(_launch, x, w13, w2, topk_weights.contiguous(), routing, topk, (split_up, split_down))
     h = _grouped_gemm(x, w13, routing, topk, x.dtype, swiglu=True)  # [T*k, I]
     y = _grouped_gemm(h, w2, routing, 1, x.dtype,
                       topk_weights=topk_weights.contiguous())  # [T*k, D]
@@ -178,16 +157,11 @@ def moe_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
 
 @triton_op("dsv3_aoti::moe_experts_fp8", mutates_args={})
 def moe_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
-                    w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, block_m: int,
-                    split_up: int = 1, split_down: int = 1) -> torch.Tensor:
+                    w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, block_m: int) -> torch.Tensor:
     """The W8A8 experts: moe_align, act_quant of x (1x128), up GEMM with SwiGLU, act_quant of h, down
-    GEMM with the routing weights, sum over k -> [T, D]. split_up / split_down > 1: one token's K chunks
-    (kernels/moe_split.py; direct mode)."""
+    GEMM with the routing weights, sum over k -> [T, D]."""
     t, topk = topk_ids.shape
     routing = _moe_routing(topk_ids, w13.shape[0], block_m)
-    if max(split_up, split_down) > 1:
-        return ks.split_experts(_launch, x.contiguous(), w13, w2, topk_weights.contiguous(), routing, topk,
-                                (split_up, split_down), w13_scale=w13_scale, w2_scale=w2_scale)
     xq, xs = _act_quant(x.contiguous())
     h = _grouped_gemm(xq, w13, routing, topk, x.dtype, a_scale=xs, w_scale=w13_scale,
                       swiglu=True)  # [T*k, I]
@@ -322,22 +296,17 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
     absorb = _absorb_gemm()
     align_form = env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS)
     routing = "moe_align " + ("in ATen ops" if align_form == "aten" else "kernel")
-    if max(moe_splits(kind)) > 1:
-        routing += "; one token: K split {} (up) / {} (down), kernels/moe_split.py".format(*moe_splits(kind))
-
-    split_up, split_down = moe_splits(kind)
 
     def lower_moe(x, topk_weights, topk_ids, w13, w2):
         if x.dtype not in km.DENSE_DTYPES:  # fp32 engines: the dense kernel takes bf16/fp16 only
             return ATEN_LOWERINGS["dsv3::moe_experts"](x, topk_weights, topk_ids, w13, w2)
-        return moe_experts(x, topk_weights, topk_ids, w13, w2, block_m, split_up, split_down)
+        return moe_experts(x, topk_weights, topk_ids, w13, w2, block_m)
 
     def lower_moe_fp8(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, act_quant):
         if not act_quant:  # weight-only fp8: no kernel for bf16 activations x fp8 weights
             return ATEN_LOWERINGS["dsv3::moe_experts_fp8"](x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale,
                                                            act_quant)
-        return moe_experts_fp8(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m, split_up,
-                               split_down)
+        return moe_experts_fp8(x, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m)
 
     def lower_mla(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale):
         if q_nope.dtype not in km.DENSE_DTYPES:  # fp32: the kernel's dots would be TF32

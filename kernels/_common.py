@@ -161,19 +161,3 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 132
-
-
-def gated(spec: LaunchSpec, gate) -> LaunchSpec | None:
-    """spec with its grid's first dimension times gate (1 or 0; symbolic while traced): a zero first
-    dimension launches nothing, in Triton's launcher and AOTInductor's (`if (grid_0 == 0) return;`).
-    A Python 0 (eager) gives None, no launch at all: an autotuner would otherwise time its configs on
-    the empty grid and cache the pick for this shape key."""
-    if type(gate) is int:  # a Python int: decided now, no guard
-        return spec if gate else None
-    grid = spec.grid
-
-    def gated_grid(meta):
-        dims = grid(meta)
-        return (dims[0] * gate, *dims[1:])
-
-    return spec._replace(grid=gated_grid)

@@ -66,18 +66,21 @@ def _expert_k_step(a, a_s, w_ptrs, w_s_ptrs, mask_k, mask_n, acc, W_FP8: tl.cons
 
 
 @triton.jit
-def _expert_rows_acc(
-    a_ptr, a_s_ptr, w_ptr, w_s_ptr,
-    expert, tok, tok_mask, offs_n, mask_n, kb_lo, kb_hi,
-    K, TOPK, UP_OFFSET,
-    stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn,
-    W_FP8: tl.constexpr, A_FP8: tl.constexpr, SWIGLU: tl.constexpr, UPCAST: tl.constexpr,
-    SCALE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _expert_rows_tile(
+    a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr,
+    expert, tok, tok_mask, pid_n,
+    N_OUT, K, TOPK, UP_OFFSET,
+    stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
+    W_FP8: tl.constexpr, A_FP8: tl.constexpr, SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+    UPCAST: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Rows tok [BLOCK_M] (assignment ids, tok_mask: real ones) of one expert times column tile
-    offs_n over K blocks [kb_lo, kb_hi): the K loop of _grouped_gemm_kernel's program -> the fp32
-    accumulators (gate, up; up is zeros without SWIGLU)."""
+    pid_n: the K loop and epilogue of _grouped_gemm_kernel's program."""
     a_row = (tok // TOPK).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N_OUT
+
     a_rows = a_ptr + a_row[:, None] * stride_am
     w_gate = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn
     w_up = w_ptr + expert * stride_we + (offs_n + UP_OFFSET)[None, :] * stride_wn
@@ -87,7 +90,7 @@ def _expert_rows_acc(
 
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(kb_lo, kb_hi):
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         a = tl.load(a_rows + offs_k[None, :], mask=tok_mask[:, None] & mask_k[None, :], other=0.0)
@@ -102,29 +105,32 @@ def _expert_rows_acc(
         if SWIGLU:
             acc_u = _expert_k_step(a, a_s, w_up + offs_k[:, None], w_s_up + kb, mask_k, mask_n, acc_u,
                                    W_FP8, A_FP8, UPCAST)
-    return acc_g, acc_u
+
+    out = acc_g
+    if SWIGLU:
+        out = acc_g * tl.sigmoid(acc_g) * acc_u
+    if MUL_WEIGHT:
+        rw = tl.load(topk_w_ptr + tok, mask=tok_mask, other=0.0).to(tl.float32)
+        out = out * rw[:, None]
+    c_ptrs = c_ptr + tok.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=tok_mask[:, None] & mask_n[None, :])
 
 
 @waits_for_producer
 @triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr, p_ptr,
+    a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr,
     sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_ids_ptr,
     N_OUT, K, NUM_VALID, DIRECT_ROWS, TOPK, UP_OFFSET,
-    stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm, stride_pk, stride_pm,
+    stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
     W_FP8: tl.constexpr, A_FP8: tl.constexpr, SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr,
     UPCAST: tl.constexpr,
     SCALE_BLOCK: tl.constexpr,
-    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """A_FP8: fp8 x fp8 dots with a's 1x128 scales from a_s_ptr (BLOCK_K = 128).
     Direct mode (NUM_VALID <= DIRECT_ROWS, i.e. one token): program row b takes assignment b alone,
-    its expert read from topk_ids_ptr; moe_align's outputs are not read (grouped_gemm_spec).
-    SPLIT_K (kernels/moe_split.py): in direct mode the grid's third axis cuts K into as many chunks,
-    and program (b, n, s) writes its fp32 partial to plane s: SwiGLU's raw [gate | up] columns into
-    p_ptr's planes (stride_pk, stride_pm), else out (x the routing weight) into c_ptr's plane s
-    (stride_pk). In the aligned path the axis has one program, which runs the whole K loop."""
+    its expert read from topk_ids_ptr; moe_align's outputs are not read (grouped_gemm_spec)."""
     wait_for_producer()  # before any memory access: kernels/pdl.py
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -142,50 +148,13 @@ def _grouped_gemm_kernel(
         expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
         tok = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + rows)  # assignment ids
         tok_mask = tok < NUM_VALID
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N_OUT
-    mask = tok_mask[:, None] & mask_n[None, :]
-    k_blocks = tl.cdiv(K, BLOCK_K)
-    pid_k = 0
-    kb_lo = 0
-    kb_hi = k_blocks
-    if SPLIT_K:
-        pid_k = tl.program_id(2)
-        splits = tl.where(direct, tl.num_programs(2), 1)  # the aligned path never splits
-        if pid_k >= splits:
-            return
-        per = tl.cdiv(k_blocks, splits)
-        kb_lo = pid_k * per
-        kb_hi = tl.minimum(kb_lo + per, k_blocks)
-    acc_g, acc_u = _expert_rows_acc(a_ptr, a_s_ptr, w_ptr, w_s_ptr, expert, tok, tok_mask, offs_n, mask_n,
-                                    kb_lo, kb_hi, K, TOPK, UP_OFFSET,
-                                    stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn,
-                                    W_FP8, A_FP8, SWIGLU, UPCAST, SCALE_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K)
-    tok64 = tok.to(tl.int64)
-    if MUL_WEIGHT:
-        rw = tl.load(topk_w_ptr + tok, mask=tok_mask, other=0.0).to(tl.float32)
-    if SPLIT_K and SWIGLU:
-        if direct:  # SwiGLU needs the whole sum: raw [gate | up] partials (no weight: grouped_gemm_spec)
-            p_rows = p_ptr + pid_k * stride_pk + tok64[:, None] * stride_pm
-            tl.store(p_rows + offs_n[None, :], acc_g, mask=mask)
-            tl.store(p_rows + (offs_n + UP_OFFSET)[None, :], acc_u, mask=mask)
-        else:
-            out = acc_g * tl.sigmoid(acc_g) * acc_u
-            if MUL_WEIGHT:
-                out = out * rw[:, None]
-            tl.store(c_ptr + tok64[:, None] * stride_cm + offs_n[None, :], out.to(c_ptr.dtype.element_ty),
-                     mask=mask)
-    else:
-        out = acc_g
-        if SWIGLU:
-            out = acc_g * tl.sigmoid(acc_g) * acc_u
-        if MUL_WEIGHT:
-            out = out * rw[:, None]
-        c_ptrs = c_ptr + pid_k * stride_pk + tok64[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+    _expert_rows_tile(a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr, expert, tok, tok_mask,
+                      pid_n, N_OUT, K, TOPK, UP_OFFSET,
+                      stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
+                      W_FP8, A_FP8, SWIGLU, MUL_WEIGHT, UPCAST, SCALE_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
-_TUNE_KEY = ["N_OUT", "K", "BLOCK_M", "W_FP8", "A_FP8", "SWIGLU", "SPLIT_K"]
+_TUNE_KEY = ["N_OUT", "K", "BLOCK_M", "W_FP8", "A_FP8", "SWIGLU"]
 _grouped_gemm_tuned = autotune_or_single(_grouped_gemm_kernel, GROUPED_GEMM_CONFIGS, key=_TUNE_KEY)
 
 
@@ -234,7 +203,7 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tenso
 def grouped_gemm_spec(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor | None,
                       out: torch.Tensor, topk_weights: torch.Tensor | None, sorted_token_ids: torch.Tensor,
                       expert_ids: torch.Tensor, num_tokens_post_pad: torch.Tensor, topk: int, fuse_swiglu: bool,
-                      direct_ids: torch.Tensor | None = None, partials: torch.Tensor | None = None) -> LaunchSpec:
+                      direct_ids: torch.Tensor | None = None) -> LaunchSpec:
     """grouped_gemm's launch into out [T*topk, N or N/2] (inputs checked by the caller); block_m is
     inferred from moe_align's sizes, the grid's rows bounded by row_blocks (symbolic when traced).
 
@@ -244,33 +213,25 @@ def grouped_gemm_spec(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Te
     run (moe_align's launch_gate, align_gate). Why: at one token every assignment has its own expert
     (distinct top-k plus the shared experts), so the aligned layout holds one row per block anyway,
     and moe_align's one-program launch (~4.4 us in the H200's batch-1 16b step, 26 per step) bought
-    nothing. Same rows, same per-row dot order: the same bits as the aligned path.
-
-    partials (with direct_ids): the fp32 planes [S, T*topk, N] of the direct mode's split-K
-    (kernels/moe_split.py; S is 1 above one token, where nothing splits). With fuse_swiglu they take the
-    raw [gate | up] partials (N = 2 x out's columns) and out gets the aligned path's SwiGLU; else out
-    must be partials[0] and plane s gets K chunk s's product (x the routing weight)."""
+    nothing. Same rows, same per-row dot order: the same bits as the aligned path."""
     t, k = a.shape
     n_out = out.shape[1]
     a_fp8, w_fp8 = a_scale is not None, w_scale is not None
     dummy = out  # never read: the constexpr flags compile its loads away
-    split = partials is not None
     args = (a, a_scale if a_fp8 else dummy, w, w_scale if w_fp8 else dummy, out,
-            topk_weights if topk_weights is not None else dummy, partials if split else dummy,
+            topk_weights if topk_weights is not None else dummy,
             sorted_token_ids, expert_ids, num_tokens_post_pad,
             direct_ids if direct_ids is not None else sorted_token_ids,  # not read when DIRECT_ROWS = 0
             n_out, k, t * topk, direct_ids.shape[1] if direct_ids is not None else 0, topk,
             n_out if fuse_swiglu else 0,
             a.stride(0), a_scale.stride(0) if a_fp8 else 0, w.stride(0), w.stride(1),
-            w_scale.stride(0) if w_fp8 else 0, w_scale.stride(1) if w_fp8 else 0, out.stride(0),
-            partials.stride(0) if split else 0, partials.stride(1) if split else 0)
+            w_scale.stride(0) if w_fp8 else 0, w_scale.stride(1) if w_fp8 else 0, out.stride(0))
     kwargs = dict(W_FP8=w_fp8, A_FP8=a_fp8, SWIGLU=fuse_swiglu, MUL_WEIGHT=topk_weights is not None,
-                  UPCAST=is_interpreted(_grouped_gemm_kernel) and not a_fp8, SCALE_BLOCK=QUANT_BLOCK, SPLIT_K=split,
+                  UPCAST=is_interpreted(_grouped_gemm_kernel) and not a_fp8, SCALE_BLOCK=QUANT_BLOCK,
                   BLOCK_M=sorted_token_ids.shape[0] // expert_ids.shape[0],
                   BLOCK_K=QUANT_BLOCK if w_fp8 else DENSE_BLOCK_K)
     rows = row_blocks(expert_ids.shape[0], t * topk)  # symbolic Min while traced: no guard on T
-    planes = partials.shape[0] if split else 1
-    grid = lambda meta: (rows, cdiv(n_out, meta["BLOCK_N"]), planes)  # noqa: E731
+    grid = lambda meta: (rows, cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
     return LaunchSpec(_grouped_gemm_kernel, _grouped_gemm_tuned, GROUPED_GEMM_CONFIGS, grid, args, kwargs)
 
 
@@ -294,15 +255,12 @@ def moe_routing(topk_ids: torch.Tensor, n_experts: int, block_m: int, direct: bo
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-              act_quant: bool = True, block_m: int | None = None, direct: bool = True,
-              split_k: int | tuple[int, int] = 1) -> torch.Tensor:
+              act_quant: bool = True, block_m: int | None = None, direct: bool = True) -> torch.Tensor:
     """Routed experts: x [T, D], w13 [E, 2I, D] (rows [w1; w3]), w2 [E, D, I] -> [T, D] in x.dtype.
 
     With w13_scale/w2_scale (fp8 weights): act_quant=True quantizes the activations 1x128 on the
     fly (W8A8, dsv3::moe_experts_fp8(act_quant=True)); act_quant=False keeps them in x.dtype (W8A16).
     direct: one token takes the grouped GEMMs' direct mode and no moe_align (grouped_gemm_spec).
-    split_k > 1 (with direct): one token's GEMMs cut K into split_k chunks, or (up, down) chunks
-    (kernels/moe_split.py).
     """
     check_tensor("fused_moe: x", x, dtypes=DENSE_DTYPES, ndim=2)
     check_tensor("fused_moe: topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2, device=x.device)
@@ -316,17 +274,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     topk = topk_ids.shape[1]
     n_experts = w13.shape[0]
     bm = block_m or choose_block_m(t, topk, n_experts)
-    splits = (split_k, split_k) if isinstance(split_k, int) else tuple(split_k)
-    if min(splits) < 1 or max(splits) > 1 and not direct:
-        raise ValueError(f"fused_moe: split_k={split_k} must be >= 1, and 1 without direct mode")
     (sorted_ids, expert_ids, npp), ids = moe_routing(topk_ids, n_experts, bm, direct)
     weights = topk_weights.contiguous()
-    if max(splits) > 1:
-        from dsv3_export.kernels.moe_split import split_experts  # moe_split imports this module
-
-        return split_experts(lambda spec: spec is not None and launch(*spec, None), x.contiguous(), w13, w2,
-                             weights, ((sorted_ids, expert_ids, npp), ids), topk, splits, w13_scale=w13_scale,
-                             w2_scale=w2_scale, act_quant=act_quant)
     if w13_scale is None or not act_quant:
         scales = {} if w13_scale is None else dict(w_scale=w13_scale)
         h = grouped_gemm(x.contiguous(), w13, sorted_ids, expert_ids, npp, topk, fuse_swiglu=True,

@@ -507,13 +507,12 @@ args = (torch.randn(t, d).bfloat16(), torch.rand(t, k).bfloat16(), torch.randint
 T = Dim("tokens", min=1, max=4096)
 ep = torch.export.export(Moe(), args, dynamic_shapes=({0: T}, {0: T}, {0: T}), strict=False)
 results = []
-for form, kind, direct, split in json.loads(sys.argv[1]):  # the switches are read when a program is lowered
+for form, kind, direct in json.loads(sys.argv[1]):  # the switches are read when a program is lowered
     if form == "default":
         os.environ.pop("DSV3_TORCH_MOE_ALIGN", None)
     else:
         os.environ["DSV3_TORCH_MOE_ALIGN"] = form
     os.environ["DSV3_TORCH_MOE_DIRECT"] = direct
-    os.environ["DSV3_TORCH_MOE_SPLIT_K"] = split
     lowered, _ = lower_dsv3_ops(ep, "cuda", triton_lowerings(kind))
     kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)  # what AOTInductor does
     launches = [(getattr(getattr(k_, "fn", k_), "__name__", "?"), n.kwargs["grid"]) for n, k_ in
@@ -527,22 +526,15 @@ for form, kind, direct, split in json.loads(sys.argv[1]):  # the switches are re
     # moe_align's grid: gated by min(1, T // 2) in direct mode (no launch at one token), else (1,)
     align = {str(getattr(getattr(g[0], "target", None), "__name__", g[0])) for name, grid in launches
              if name == "_moe_align_kernel" for g in grid}
-    # the grouped GEMMs' third grid axis (split-K planes: 1, or a symbolic split count at one token)
-    planes = {str(getattr(getattr(g[2], "target", None), "__name__", g[2])) for name, grid in launches
-              if name == "_grouped_gemm_kernel" for g in grid}
-    gates = {str(getattr(getattr(g[0], "target", None), "__name__", g[0])) for name, grid in launches
-             if name == "_swiglu_partials_kernel" for g in grid}
     results.append({"kernels": ",".join(sorted(name for name, _ in launches)), "aten": ",".join(aten),
                     "dims": len(kernels.range_constraints), "gemm_rows": ",".join(sorted(rows)),
-                    "align_grid": ",".join(sorted(align)), "planes": ",".join(sorted(planes)),
-                    "reduce_grid": ",".join(sorted(gates))})
+                    "align_grid": ",".join(sorted(align))})
 print(json.dumps(results))
 '''
 
 
-# (DSV3_TORCH_MOE_ALIGN, program kind, DSV3_TORCH_MOE_DIRECT, DSV3_TORCH_MOE_SPLIT_K)
-_MOE_ALIGN_CASES = [("aten", "decode", "1", "1"), ("kernel", "decode", "0", "4"), ("default", "decode", "1", "1"),
-                    ("default", "prefill", "1", "4"), ("default", "decode", "1", "4,2")]
+_MOE_ALIGN_CASES = [("aten", "decode", "1"), ("kernel", "decode", "0"), ("default", "decode", "1"),
+                    ("default", "prefill", "1")]  # (DSV3_TORCH_MOE_ALIGN, program kind, DSV3_TORCH_MOE_DIRECT)
 
 
 def test_moe_align_traced_form_switch():
@@ -552,8 +544,6 @@ def test_moe_align_traced_form_switch():
     GEMMs launch sym_min(n_blocks, T*k) row blocks (a Min of the token symbol, no guard); the fp8 MoE
     launches act_quant twice. DSV3_TORCH_MOE_DIRECT (default 1): the alignment kernel's grid is gated
     by a Min of the token symbol (nothing launched at one token), 0: a plain one-program grid.
-    DSV3_TORCH_MOE_SPLIT_K (decode program, direct mode): the GEMMs' third grid axis is the symbolic
-    plane count and each MoE op adds the SwiGLU reduce, its grid gated by the token symbol.
     Traced only: the package is never run on this CPU. One process exports once and lowers each case
     (a process per case paid the interpreter start, imports and export again: ~15-20 s each)."""
     import json
@@ -566,18 +556,12 @@ def test_moe_align_traced_form_switch():
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(results) == len(_MOE_ALIGN_CASES)
-    for (form, kind, direct, split), out in zip(_MOE_ALIGN_CASES, results):
-        case = (form, kind, direct, split, out)
+    for (form, kind, direct), out in zip(_MOE_ALIGN_CASES, results):
+        case = (form, kind, direct, out)
         kernels = out["kernels"].split(",")
         assert kernels.count("_grouped_gemm_kernel") == 4 and out["dims"] == 1, case
         assert out["gemm_rows"] == "sym_min", case
         assert kernels.count("_act_quant_ieee_kernel") == 2, case
-        splits = split != "1" and direct == "1" and kind == "decode"  # the split-K needs both
-        assert kernels.count("_swiglu_partials_kernel") == (2 if splits else 0), case
-        # planes: 1 + (S - 1) x (1 - Min(1, T // 2)), an add node of the token symbol, or a constant 1; the
-        # reduce's grid: its rows times 1 - Min(1, T // 2), a mul node
-        assert out["planes"] == ("add" if splits else "1"), case
-        assert out["reduce_grid"] == ("mul" if splits else ""), case
         if form in ("kernel", "default"):
             assert kernels.count("_moe_align_kernel") == 2 and out["aten"] == "", case
             assert out["align_grid"] == ("sym_min" if direct == "1" else "1"), case

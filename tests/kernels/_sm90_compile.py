@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_gemv, fp8_quant, mla_absorb,  # noqa: E402
-                                 mla_decode, mla_prefill, moe, moe_align, moe_split, topk)
+                                 mla_decode, mla_prefill, moe, moe_align, topk)
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Opt-in shared memory per block on H100/H200 (227 KB).
@@ -51,7 +51,7 @@ DIVISIBLE_INTS = {"K", "N", "N_OUT", "D"}
 # The kernel families, one test each (xdist spreads them): family -> the kernels a case's first word names.
 FAMILY_RULES = {
     "fp8": ("act_quant", "weight_dequant", "fp8_gemm", "split_k_sum", "fp8_gemv"),
-    "moe": ("grouped_gemm", "moe_align", "swiglu_partials"),
+    "moe": ("grouped_gemm", "moe_align"),
     "mla_decode": ("mla_decode_split",),
     "mla": ("mla_decode_reduce", "mla_prefill", "head_gemm"),
     "routing": ("router",),
@@ -147,22 +147,16 @@ def _cases(all_configs: bool):
                    dict(K=k, EXPERTS=experts, SWIGLU=swiglu, MUL_WEIGHT=mul_weight, SCALE_RECIPROCAL=True,
                         SCALE_BLOCK=128, ZERO_SPLITS=zero_splits))
     for cfg in pick(moe.GROUPED_GEMM_CONFIGS):
-        # the last two: the one-token split-K forms (kernels/moe_split.py), raw SwiGLU partials and fp32 planes
-        for w_fp8, a_fp8, swiglu, block_m, split in ((True, True, True, 16, False), (True, True, False, 64, False),
-                                                     (True, False, True, 16, False), (False, False, True, 64, False),
-                                                     (False, False, False, 16, False), (True, True, True, 16, True),
-                                                     (True, True, False, 16, True)):
-            yield (f"grouped_gemm w_fp8={w_fp8} a_fp8={a_fp8} swiglu={swiglu} block_m={block_m} split_k={split}",
+        for w_fp8, a_fp8, swiglu, block_m in ((True, True, True, 16), (True, True, False, 64),
+                                              (True, False, True, 16), (False, False, True, 64),
+                                              (False, False, False, 16)):
+            yield (f"grouped_gemm w_fp8={w_fp8} a_fp8={a_fp8} swiglu={swiglu} block_m={block_m}",
                    moe._grouped_gemm_kernel, cfg,
                    dict(a_ptr=f8 if a_fp8 else bf, a_s_ptr=f32, w_ptr=f8 if w_fp8 else bf,
-                        w_s_ptr=f32, c_ptr=f32 if split and not swiglu else bf, topk_w_ptr=f32, p_ptr=f32,
-                        sorted_ids_ptr=i32, expert_ids_ptr=i32, num_post_pad_ptr=i32, topk_ids_ptr="*i64"),
+                        w_s_ptr=f32, c_ptr=bf, topk_w_ptr=f32, sorted_ids_ptr=i32, expert_ids_ptr=i32,
+                        num_post_pad_ptr=i32, topk_ids_ptr="*i64"),
                    dict(W_FP8=w_fp8, A_FP8=a_fp8, SWIGLU=swiglu, MUL_WEIGHT=not swiglu, UPCAST=False,
-                        SCALE_BLOCK=128, SPLIT_K=split, BLOCK_M=block_m, BLOCK_K=128 if w_fp8 else moe.DENSE_BLOCK_K))
-    for quant in (True, False):
-        yield (f"swiglu_partials quant={quant}", moe_split._swiglu_partials_kernel,
-               moe_split.SWIGLU_PARTIALS_CONFIGS[0], dict(p_ptr=f32, h_ptr=bf, q_ptr=f8, s_ptr=f32),
-               dict(PLANES=4, QUANT=quant, SCALE_RECIPROCAL=True, BLOCK_N=128))
+                        SCALE_BLOCK=128, BLOCK_M=block_m, BLOCK_K=128 if w_fp8 else moe.DENSE_BLOCK_K))
     for e, ids in ((64, "*i64"), (256, "*i32")):  # the 16b preset's 64 experts; V3's 256
         yield (f"moe_align E={e}", moe_align._moe_align_kernel, triton.Config({}, num_warps=4),
                dict(ids_ptr=ids, sorted_ids_ptr=i32, expert_ids_ptr=i32, npp_ptr=i32),

@@ -74,13 +74,13 @@ def lower_program(ep: ExportedProgram, device: str, kind: str) -> tuple[Exported
     if device == "cuda":
         from torch.export.passes import move_to_device_pass
 
-        from dsv3_export.engines.torch_decode_gemv import check_gemv_tune_batch
+        from dsv3_export.engines.torch_decode_gemv import program_decode_gemv
         from dsv3_export.engines.torch_triton import triton_lowerings
 
-        check_gemv_tune_batch(ep, kind)
+        gemv = program_decode_gemv(ep, kind)
         if any(t.device.type != "cuda" for t in program_constants(ep).values()):  # build.py exports on the CPU
             ep = move_to_device_pass(ep, f"cuda:{torch.cuda.current_device()}")
-        triton = triton_lowerings(kind) if env_flag(TRITON_OPS_ENV, True) else None
+        triton = triton_lowerings(kind, gemv) if env_flag(TRITON_OPS_ENV, True) else None
     if triton is None:
         return lower_dsv3_ops(ep, device, triton)
     from dsv3_export.engines.torch_router import fuse_router

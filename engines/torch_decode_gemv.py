@@ -16,37 +16,56 @@ from dsv3_export.kernels import fp8_gemv as kv
 from dsv3_export.kernels._common import LaunchSpec
 
 # Whether the decode program's small fp8 Linears that take x unquantized (kernels/fp8_gemv.py gemv_suits: at
-# the 16b shapes wq+wkv_a and wo)
-# run kernels/fp8_gemv.py at batch <= GEMV_MAX_ROWS: one launch that quantizes x in registers, instead of
-# act_quant + the tile GEMM (+ its split-K partials). Larger batches run the tile path; both are in the one
-# program, and the launches of the side that does not apply have an empty grid. `1` turns it on (read when a
-# program is lowered). Off by default: on the H200 (session 13) the GEMV took 5.7 / 5.0 us (wq+wkv_a / wo,
-# M=1, weights read from HBM) against 8.3 / 7.3 us for act_quant + GEMM + split-K sum; inside the 27-layer 16b
-# decode step (where Inductor fuses the sum away) busy time 2.339 vs 2.338 ms, 54 launches fewer, step 2.624
-# vs 2.644 ms at batch 1. Those packages compiled the GEMV with Inductor's default 4 warps / 3 stages, not
-# GEMV_CONFIGS[0] (fixed since: kernels/fp8_gemv.py's one-config autotuner); to be re-measured.
+# the 16b shapes wq+wkv_a and wo) run kernels/fp8_gemv.py at batch <= GEMV_MAX_ROWS: one launch that quantizes
+# x in registers, instead of act_quant + the tile GEMM (+ its split-K partials). Larger batches run the tile
+# path; both are in the one program, and the launches of the side that does not apply have an empty grid.
+# Read when a program is lowered: `auto` (default) on, unless the decode program is traced (so tuned) at a
+# batch <= GEMV_MAX_ROWS, where the tile path's kernels would be timed on empty grids (then off, and the
+# manifest's lowering line says so); `1` on (such a trace is refused); `0` off.
+# On by default since session 16, from 9 builds of the 27-layer 16b fp8 decode program on the H200 (CUDA
+# graph, ms per step): batch 1 2.470-2.529 with it (4 builds) against 2.540-2.673 without (5 builds), the
+# two ranges disjoint (means 2.491 / 2.607: -4.5%, 54 launches fewer); batch 8 4.551-4.670 against
+# 4.496-4.663 (means 4.605 / 4.548: +1.3%, overlapping ranges; the GEMV's grid is empty there, so what
+# differs is the rest of each build's autotune picks); batch 64 7.805 (1 build) against 8.098 / 8.555.
 DECODE_GEMV_ENV = "DSV3_TORCH_DECODE_GEMV"
-DECODE_GEMV_CHOICES = {"1": f"fp8_gemv at batch <= {kv.GEMV_MAX_ROWS} for the small Linears, decode program",
-                       "0": "act_quant + tile GEMM at every batch"}
+DECODE_GEMV_CHOICES = {
+    "auto": f"fp8_gemv at batch <= {kv.GEMV_MAX_ROWS} for the small Linears of a decode program traced above "
+            f"batch {kv.GEMV_MAX_ROWS}",
+    "1": f"fp8_gemv at batch <= {kv.GEMV_MAX_ROWS} for the small Linears, decode program",
+    "0": "act_quant + tile GEMM at every batch"}
 
 
-def decode_gemv(kind: str) -> bool:
-    return kind == "decode" and env_choice(DECODE_GEMV_ENV, "0", DECODE_GEMV_CHOICES) == "1"
+def decode_gemv(kind: str, traced_batch: int | None = None) -> bool:
+    """Whether a program of `kind` traced at `traced_batch` (None: not known, taken as the default tune
+    batch) gets the GEMV path (DECODE_GEMV_ENV)."""
+    if kind != "decode":
+        return False
+    choice = env_choice(DECODE_GEMV_ENV, "auto", DECODE_GEMV_CHOICES)
+    if choice == "auto":
+        return traced_batch is None or traced_batch > kv.GEMV_MAX_ROWS
+    return choice == "1"
 
 
-def check_gemv_tune_batch(ep, kind: str) -> None:
-    """With DECODE_GEMV_ENV on, the decode program must be traced (so tuned) at a batch above
-    GEMV_MAX_ROWS: at the tracing batch Inductor times the tile GEMMs' and act_quant's configs, whose
-    grids would be empty there, and the picks would hold for every batch."""
-    if not decode_gemv(kind):
-        return
+def traced_batch(ep) -> int | None:
+    """The batch the exported step was traced at (the hint of its symbolic batch), None if unknown."""
     tokens = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs)
     batch = tokens.meta["val"].shape[0]
-    hint = batch.node.hint if isinstance(batch, torch.SymInt) else batch
-    if hint is not None and hint <= kv.GEMV_MAX_ROWS:
-        raise ValueError(f"{DECODE_GEMV_ENV}=1: the decode program is traced at batch {hint}, where the GEMV takes "
+    return batch.node.hint if isinstance(batch, torch.SymInt) else batch
+
+
+def program_decode_gemv(ep, kind: str) -> bool:
+    """decode_gemv for the exported program ep; with DECODE_GEMV_ENV=1 the decode program must be traced
+    (so tuned) at a batch above GEMV_MAX_ROWS: at the tracing batch Inductor times the tile GEMMs' and
+    act_quant's configs, whose grids would be empty there, and the picks would hold for every batch."""
+    if kind != "decode":
+        return False
+    batch = traced_batch(ep)
+    if env_choice(DECODE_GEMV_ENV, "auto", DECODE_GEMV_CHOICES) == "1" and batch is not None \
+            and batch <= kv.GEMV_MAX_ROWS:
+        raise ValueError(f"{DECODE_GEMV_ENV}=1: the decode program is traced at batch {batch}, where the GEMV takes "
                          f"the Linears and the tile GEMMs it would tune launch nothing; tune decode at a batch > "
-                         f"{kv.GEMV_MAX_ROWS} (--tune-decode, default 64)")
+                         f"{kv.GEMV_MAX_ROWS} (--tune-decode, default 64), or leave the switch at auto")
+    return decode_gemv(kind, batch)
 
 
 def gated(spec: LaunchSpec, gate) -> LaunchSpec | None:

@@ -287,12 +287,13 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor
     return torch.einsum("bshc,hdc->bshd", lat, w_uv)  # [b, s, h, dv]
 
 
-def triton_lowerings(kind: str) -> dict[str, Callable]:
-    """dsv3:: op name -> function with the op's signature calling a triton_op (for run_decompositions)."""
+def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]:
+    """dsv3:: op name -> function with the op's signature calling a triton_op (for run_decompositions).
+    gemv: the decode GEMV path (engines/torch_decode_gemv.py program_decode_gemv); None: decode_gemv(kind)."""
     from dsv3_export.engines.torch_lower import ATEN_LOWERINGS
 
     block_m = BLOCK_M[kind]
-    gemv = decode_gemv(kind)
+    gemv = decode_gemv(kind) if gemv is None else gemv
     absorb = _absorb_gemm()
     align_form = env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS)
     routing = "moe_align " + ("in ATen ops" if align_form == "aten" else "kernel")
@@ -336,7 +337,9 @@ def triton_lowerings(kind: str) -> dict[str, Callable]:
                      "mla_prefill in prefill) for bf16/fp16; ATen math for fp32")
     lower_fp8_linear.how = ("triton_op dsv3_aoti::fp8_linear (kernels/fp8_gemm.py: act_quant + fp8 GEMM"
                             + (f"; at batch <= {kv.GEMV_MAX_ROWS} kernels/fp8_gemv.py instead, for weights "
-                               "kernels/fp8_gemv.py gemv_suits takes" if gemv else "")
+                               "kernels/fp8_gemv.py gemv_suits takes" if gemv else
+                               "; no fp8_gemv (DSV3_TORCH_DECODE_GEMV=0, or the decode program traced at batch "
+                               f"<= {kv.GEMV_MAX_ROWS})" if kind == "decode" else "")
                             + ", or weight-only for bf16/fp16 x); ATen math for weight-only fp32 x")
     return {"dsv3::moe_experts": lower_moe, "dsv3::moe_experts_fp8": lower_moe_fp8,
             "dsv3::mla_attention": lower_mla, "dsv3::fp8_linear": lower_fp8_linear}

@@ -71,8 +71,9 @@ print(json.dumps(results))
 # ~330 s of the suite on 2 cores, each paying the export and the passes' pattern tracing again.
 SETTINGS = {
     "defaults": ("", {}),
-    "all off": ("fuse_shared_experts", dict(DSV3_TORCH_ROUTER="0", DSV3_TORCH_ABSORB_GEMM="0")),
-    "decode gemv": ("", dict(DSV3_TORCH_DECODE_GEMV="1")),
+    "all off": ("fuse_shared_experts", dict(DSV3_TORCH_ROUTER="0", DSV3_TORCH_ABSORB_GEMM="0",
+                                            DSV3_TORCH_DECODE_GEMV="0")),
+    "decode gemv off": ("", dict(DSV3_TORCH_DECODE_GEMV="0")),
 }
 
 
@@ -112,11 +113,11 @@ def _check_defaults(launches: dict[str, dict]):
     # MLA's absorbed W_UK and W_UV per layer: kernels/mla_absorb.py head_gemm, no einsum's bmm
     assert k["_head_gemm_kernel"] == 2 * 2 and not any(".bmm." in e for e in default["extern"]), (k, default["extern"])
     assert k["_mla_decode_split_kernel"] == k["_mla_decode_reduce_kernel"] == 2, k
-    assert sum(k.values()) == 28, k
+    assert sum(k.values()) == 28 + 2 * 2, k  # + the GEMV of wq+wkv_a and wo per layer (_check_decode_gemv)
 
 
 def _check_all_switches_off(launches: dict[str, dict]):
-    """The router kernel and head_gemm off, fuse_shared_experts left out (then the MoE layer also runs
+    """The router kernel, head_gemm and the decode GEMV off, fuse_shared_experts left out (then the MoE layer also runs
     torch's top-k, 2 launches, and the Inductor kernels of the softmax, gather and the shared experts'
     SwiGLU, add and split-K sums, not counted here)."""
     old = launches["all off"]
@@ -131,12 +132,13 @@ def _check_all_switches_off(launches: dict[str, dict]):
 
 
 def _check_decode_gemv(launches: dict[str, dict]):
-    """DSV3_TORCH_DECODE_GEMV=1 (session 13): wq+wkv_a and wo of each layer also launch kernels/fp8_gemv.py,
-    beside act_quant + the tile GEMM (each side's grid empty at the batches of the other); the dense MLP's
-    Linears (45 MB, K=10944) do not."""
-    k_def, gemv = launches["defaults"]["kernels"], launches["decode gemv"]["kernels"]
-    assert "_fp8_gemv_kernel" not in k_def and gemv["_fp8_gemv_kernel"] == 2 * 2, gemv
-    assert sum(gemv.values()) == sum(k_def.values()) + 2 * 2, (gemv, k_def)
+    """DSV3_TORCH_DECODE_GEMV (default auto: on, the program traced at batch 64; session 13, default since
+    session 16): wq+wkv_a and wo of each layer also launch kernels/fp8_gemv.py, beside act_quant + the tile
+    GEMM (each side's grid empty at the batches of the other); the dense MLP's Linears (45 MB, K=10944) do
+    not. `0` leaves the GEMV out."""
+    gemv, k_off = launches["defaults"]["kernels"], launches["decode gemv off"]["kernels"]
+    assert "_fp8_gemv_kernel" not in k_off and gemv["_fp8_gemv_kernel"] == 2 * 2, gemv
+    assert sum(gemv.values()) == sum(k_off.values()) + 2 * 2, (gemv, k_off)
 
 
 @pytest.mark.slow  # ~100 s on 2 cores: one 16b export on meta per pass set, the passes, a lowering per setting

@@ -1,5 +1,6 @@
-"""engines/torch_triton.py DSV3_TORCH_DECODE_GEMV=1 (opt-in): the decode program's small fp8 Linears run
-kernels/fp8_gemv.py at batch <= GEMV_MAX_ROWS and act_quant + the tile GEMM above, from one program.
+"""engines/torch_triton.py DSV3_TORCH_DECODE_GEMV (default auto: on for a decode program traced above batch
+2): the decode program's small fp8 Linears run kernels/fp8_gemv.py at batch <= GEMV_MAX_ROWS and act_quant
++ the tile GEMM above, from one program.
 
 Numerics in the Triton CPU interpreter (a subprocess: TRITON_INTERPRET is set before the kernels are
 decorated): dsv3_aoti::fp8_linear with the switch on equals, bit for bit, the GEMV alone at M <= 2 and
@@ -111,7 +112,8 @@ def test_switch_rejects_unknown(monkeypatch):
 
 
 def test_switch_refuses_a_decode_program_traced_at_a_gemv_batch(monkeypatch):
-    """Traced (so tuned) at batch 2 the tile GEMMs' configs would be timed on empty grids."""
+    """Traced (so tuned) at batch 2 the tile GEMMs' configs would be timed on empty grids: `1` refuses
+    such a program, `auto` (the default) leaves the GEMV out of it and keeps it for the default tune batch."""
     pytest.importorskip("triton")
     import torch
 
@@ -121,10 +123,14 @@ def test_switch_refuses_a_decode_program_traced_at_a_gemv_batch(monkeypatch):
 
     model = tiny_model(torch.bfloat16)
     at_2 = export_step(model, "decode", shape=tune_shape(model.args, "decode", batch=2))
+    default = tiny_program("decode", torch.bfloat16)  # the default tune batch
     monkeypatch.setenv(dg.DECODE_GEMV_ENV, "1")
     with pytest.raises(ValueError, match="traced at batch 2"):
-        dg.check_gemv_tune_batch(at_2, "decode")
-    dg.check_gemv_tune_batch(tiny_program("decode", torch.bfloat16), "decode")  # the default tune batch
-    dg.check_gemv_tune_batch(at_2, "prefill")  # not the decode program: the switch does not apply
+        dg.program_decode_gemv(at_2, "decode")
+    assert dg.program_decode_gemv(default, "decode")
+    assert not dg.program_decode_gemv(at_2, "prefill")  # not the decode program: the switch does not apply
+    monkeypatch.delenv(dg.DECODE_GEMV_ENV)
+    assert dg.traced_batch(at_2) == 2
+    assert not dg.program_decode_gemv(at_2, "decode") and dg.program_decode_gemv(default, "decode")
     monkeypatch.setenv(dg.DECODE_GEMV_ENV, "0")
-    dg.check_gemv_tune_batch(at_2, "decode")
+    assert not dg.program_decode_gemv(at_2, "decode") and not dg.program_decode_gemv(default, "decode")

@@ -1,0 +1,240 @@
+"""mla_decode's Triton kernels: the split kernel and the reduce kernel that merges its splits.
+
+kernels/mla_decode.py holds their configs and autotuner and launches them (mla_decode, split_kernel_args).
+
+Decode (flash-decoding): because all heads share the cache row, one program holds a block of
+BLOCK_H heads and reads each KV tile once. The sequence of batch row b is cut into NUM_SPLITS
+chunks of ceil(len_b / NUM_SPLITS) tokens (rounded to BLOCK_N) computed from the device-side
+cache_seqlens, so ragged batches need no host sync; each program runs an online softmax (base 2)
+over its chunk and writes a normalized partial output and its log2-sum-exp; a second kernel merges
+the splits. Empty chunks write lse = -inf, weight 0.
+A traced decode program cannot pick NUM_SPLITS on the host (the batch and cache length are
+symbolic), and a fixed count leaves B=1 with 8 programs on 132 SMs. runtime_splits=True launches
+MAX_SPLITS split programs per (row, head block) and both kernels compute the count a row uses from
+the grid's batch (tl.num_programs) and the row's cache length (RUNTIME_MIN_SPLITS' comment): the
+surplus programs return before touching memory, so no shape or argument holds a min/max of the
+batch. Its chunks are cdiv(len, splits) keys, not rounded to BLOCK_N, so the reduce kernel (which
+has no BLOCK_N) recomputes the same count and merges only the partials that were written.
+The value dot puts the keys, not the heads, on its M dimension ("swap AB", as decode kernels do
+when the query block is small): out^T += kv^T [C, BN] . p^T [BN, BLOCK_H]; on sm_90 it is wgmma
+reading the KV tile straight from the shared-memory buffer the cp.async pipeline filled, with the
+fp32 accumulator [C, BLOCK_H] spread over the warpgroup (64 registers per thread at 4 warps). The
+score dot keeps the heads on M: scores = q [BLOCK_H, C] . kv^T [C, BN] (mma.sync, q read from
+shared memory). Triton lays a dot that feeds another dot out with all warps on its longer dimension,
+so with the keys on M (scores^T [BN=32, 16]) 4 warps tiled 2 row blocks of 16: every score MMA
+ran twice; with the heads on M each warp takes BN / num_warps keys, and half the MMA and
+shared-memory reads remain (sm_90 SASS, BN=32 w4: 36 instead of 72 HMMA, 54 instead of 72 LDSM per warp and tile).
+The score dot runs as three dots (latent columns [0, C/2), [C/2, C), rope) into separate
+accumulators, so its MMAs form three independent chains (16 + 16 + 4 k-steps at C = 512) instead of
+one of 36; the KV tile is loaded and multiplied in two halves of BLOCK_C / 2 columns for that.
+The heads-as-M form for both dots (M = 16) ran everything as mma.sync with q held in registers
+(164 registers/thread at 4 warps).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from dsv3_export.kernels.mla_splits import _batch_splits, _row_splits
+from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
+
+
+@waits_for_producer
+@triton.jit
+def _mla_decode_split_kernel(
+    q_ptr, q_pe_ptr, kv_ptr, pe_ptr, kvn_ptr, pen_ptr, seqlens_ptr, o_part_ptr, lse_ptr,
+    H, NUM_SPLITS, scale_log2,
+    stride_qb, stride_qh, stride_qpb, stride_qph, stride_kvb, stride_kvs, stride_peb, stride_pes,
+    stride_kvnb, stride_penb,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_NEW: tl.constexpr, UPCAST: tl.constexpr,  # UPCAST: interpreted (fp32 operands, no inline PTX)
+    SPLIT_TARGET: tl.constexpr, MIN_SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr,  # > 0: the runtime split rule
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
+    EARLY: tl.constexpr,  # q and the new token loaded before the seqlen wait (variant "early")
+):
+    wait_for_producer()  # before any memory access: kernels/pdl.py
+    scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as fp64 scalars
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    HALF_C: tl.constexpr = BLOCK_C // 2
+    offs_c0 = tl.arange(0, HALF_C)  # the latent columns in two halves: see the module docstring
+    offs_c1 = HALF_C + offs_c0
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_h, mask_c0, mask_c1, mask_r = offs_h < H, offs_c0 < C, offs_c1 < C, offs_r < R
+    b = pid_b.to(tl.int64)
+    if SPLIT_TARGET > 0:  # runtime rule: NUM_SPLITS is the grid's split axis, the most a row may use
+        splits = _batch_splits(tl.num_programs(0) * tl.num_programs(1), NUM_SPLITS, SPLIT_TARGET, MIN_SPLITS)
+        if pid_s >= splits:  # from the grid alone, before any memory access (most programs at B=32)
+            return
+        seqlen = tl.load(seqlens_ptr + pid_b)  # cached keys of this row
+        if EARLY:  # issued before the row check below waits for seqlen
+            q0, q1, q_pe = _query_tiles(q_ptr, q_pe_ptr, b, offs_h, offs_c0, offs_c1, offs_r, mask_h, mask_c0,
+                                        mask_c1, mask_r, stride_qb, stride_qh, stride_qpb, stride_qph)
+            if HAS_NEW:  # every program loads the new token (1 KB, an L2 hit); the last split uses it
+                kv_new0 = tl.load(kvn_ptr + b * stride_kvnb + offs_c0, mask=mask_c0, other=0.0)
+                kv_new1 = tl.load(kvn_ptr + b * stride_kvnb + offs_c1, mask=mask_c1, other=0.0)
+                pe_new = tl.load(pen_ptr + b * stride_penb + offs_r, mask=mask_r, other=0.0)
+        splits = _row_splits(splits, seqlen, MIN_KEYS)
+        if pid_s >= splits:
+            return
+        chunk = tl.cdiv(seqlen, splits)  # not rounded to BLOCK_N (the reduce kernel recomputes `splits`)
+    else:
+        splits = NUM_SPLITS
+        seqlen = tl.load(seqlens_ptr + pid_b)  # cached keys of this row
+        if EARLY:
+            q0, q1, q_pe = _query_tiles(q_ptr, q_pe_ptr, b, offs_h, offs_c0, offs_c1, offs_r, mask_h, mask_c0,
+                                        mask_c1, mask_r, stride_qb, stride_qh, stride_qpb, stride_qph)
+            if HAS_NEW:
+                kv_new0 = tl.load(kvn_ptr + b * stride_kvnb + offs_c0, mask=mask_c0, other=0.0)
+                kv_new1 = tl.load(kvn_ptr + b * stride_kvnb + offs_c1, mask=mask_c1, other=0.0)
+                pe_new = tl.load(pen_ptr + b * stride_penb + offs_r, mask=mask_r, other=0.0)
+        chunk = tl.cdiv(tl.cdiv(seqlen, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = pid_s * chunk
+    end = tl.minimum(start + chunk, seqlen)
+
+    if not EARLY:
+        q0, q1, q_pe = _query_tiles(q_ptr, q_pe_ptr, b, offs_h, offs_c0, offs_c1, offs_r, mask_h, mask_c0, mask_c1,
+                                    mask_r, stride_qb, stride_qh, stride_qpb, stride_qph)
+    if UPCAST:
+        q0 = q0.to(tl.float32)
+        q1 = q1.to(tl.float32)
+        q_pe = q_pe.to(tl.float32)
+    if EARLY:
+        if HAS_NEW:  # the new token's scores [BLOCK_H] now, from q in registers: no reload of q after the loop
+            s_new = (tl.sum(q0.to(tl.float32) * kv_new0.to(tl.float32)[None, :], axis=1)
+                     + tl.sum(q1.to(tl.float32) * kv_new1.to(tl.float32)[None, :], axis=1)
+                     + tl.sum(q_pe.to(tl.float32) * pe_new.to(tl.float32)[None, :], axis=1)) * scale_log2
+
+    # Heads on the score dot's M, keys on the value dot's M: see the module docstring.
+    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+    # The softmax denominator per (head, key slot), summed over the keys after the loop: no cross-warp sum
+    # (shuffles, shared-memory round trip, two barriers) per tile; only the fp32 summation order changes.
+    l_acc = tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32)
+    acc0 = tl.zeros((HALF_C, BLOCK_H), dtype=tl.float32)  # out^T, columns offs_c0
+    acc1 = tl.zeros((HALF_C, BLOCK_H), dtype=tl.float32)  # columns offs_c1
+    kv_base = kv_ptr + b * stride_kvb
+    pe_base = pe_ptr + b * stride_peb
+    offs_bn = tl.arange(0, BLOCK_N)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + offs_bn
+        in_cache = offs_n < end
+        # Rows past `end` re-read the chunk's last key (end - 1 >= n0: every tile has a key) instead of a
+        # masked zero fill: their scores are -inf below, so p = 0 multiplies a finite cached row (exact zeros).
+        # Offsets from the tile's first row in int32, that row as one 64-bit scalar.
+        kv_rows = tl.minimum(offs_bn, end - 1 - n0)
+        tile_kv = kv_base + tl.cast(n0, tl.int64) * stride_kvs
+        tile_pe = pe_base + tl.cast(n0, tl.int64) * stride_pes
+        if PREFETCH > 0:
+            if not UPCAST:  # PTX; the interpreter (UPCAST) has none
+                # L2 prefetch of the tile PREFETCH tiles ahead (clamped to this chunk): more bytes in
+                # flight per SM than the shared-memory pipeline holds. A kv row is 8 x 128 B lines.
+                rows = tl.minimum(offs_n + PREFETCH * BLOCK_N, end - 1)
+                rows = rows.to(tl.int64)
+                lines = kv_base + rows[:, None] * stride_kvs + (tl.arange(0, 8) * (C // 8))[None, :]
+                pe_lines = pe_base + rows * stride_pes
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [lines.to(tl.int64)],
+                                          dtype=tl.int32, is_pure=False, pack=1)
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [pe_lines.to(tl.int64)],
+                                          dtype=tl.int32, is_pure=False, pack=1)
+        kv0 = tl.load(tile_kv + (kv_rows[:, None] * stride_kvs + offs_c0[None, :]), mask=mask_c0[None, :], other=0.0)
+        kv1 = tl.load(tile_kv + (kv_rows[:, None] * stride_kvs + offs_c1[None, :]), mask=mask_c1[None, :], other=0.0)
+        pe = tl.load(tile_pe + (kv_rows[:, None] * stride_pes + offs_r[None, :]), mask=mask_r[None, :], other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong
+            kv0 = kv0.to(tl.float32)
+            kv1 = kv1.to(tl.float32)
+            pe = pe.to(tl.float32)
+        # Each partial scaled before the adds, which would otherwise fold the three dots into one
+        # accumulator chain (Triton combines add(dot(a, b, 0), c) into dot(a, b, c)).
+        s = (tl.dot(q0, tl.trans(kv0)) * scale_log2 + tl.dot(q1, tl.trans(kv1)) * scale_log2
+             + tl.dot(q_pe, tl.trans(pe)) * scale_log2)  # [BLOCK_H, BN] fp32
+        s = tl.where(in_cache[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile has a key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_acc = l_acc * alpha[:, None] + p
+        p_t = tl.trans(p.to(kv0.dtype))  # [BN, BLOCK_H]
+        acc0 = acc0 * alpha[None, :] + tl.dot(tl.trans(kv0), p_t)  # [C / 2, BN] x [BN, BLOCK_H]
+        acc1 = acc1 * alpha[None, :] + tl.dot(tl.trans(kv1), p_t)
+        m_i = m_new
+
+    l_i = tl.sum(l_acc, axis=1)
+    if HAS_NEW:
+        if pid_s == splits - 1:  # the new token (key number `seqlen`) joins the last split
+            if EARLY:
+                kv_new0_32 = kv_new0.to(tl.float32)  # loaded before the loop, s_new computed there
+                kv_new1_32 = kv_new1.to(tl.float32)
+            else:
+                kv_new0_32 = tl.load(kvn_ptr + b * stride_kvnb + offs_c0, mask=mask_c0, other=0.0).to(tl.float32)
+                kv_new1_32 = tl.load(kvn_ptr + b * stride_kvnb + offs_c1, mask=mask_c1, other=0.0).to(tl.float32)
+                pe_new32 = tl.load(pen_ptr + b * stride_penb + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+                # q again (an L2 hit), [C, BLOCK_H]: keeping the loop's copy live would cost registers in the loop
+                q_col = q_ptr + b * stride_qb + offs_h[None, :] * stride_qh
+                q_c0 = tl.load(q_col + offs_c0[:, None], mask=mask_h[None, :] & mask_c0[:, None],
+                               other=0.0).to(tl.float32)
+                q_c1 = tl.load(q_col + offs_c1[:, None], mask=mask_h[None, :] & mask_c1[:, None],
+                               other=0.0).to(tl.float32)
+                q_r = tl.load(q_pe_ptr + b * stride_qpb + offs_h[None, :] * stride_qph + offs_r[:, None],
+                              mask=mask_h[None, :] & mask_r[:, None], other=0.0).to(tl.float32)
+                s_new = (tl.sum(q_c0 * kv_new0_32[:, None], axis=0) + tl.sum(q_c1 * kv_new1_32[:, None], axis=0)
+                         + tl.sum(q_r * pe_new32[:, None], axis=0)) * scale_log2
+            m_new = tl.maximum(m_i, s_new)
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s_new - m_new)
+            l_i = l_i * alpha + p
+            acc0 = acc0 * alpha[None, :] + kv_new0_32[:, None] * p[None, :]
+            acc1 = acc1 * alpha[None, :] + kv_new1_32[:, None] * p[None, :]
+            m_i = m_new
+
+    has_keys = l_i > 0
+    l_div = tl.where(has_keys, l_i, 1.0)[None, :]
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    o_ptrs = o_part_ptr + b * stride_ob + offs_h[None, :] * stride_oh + pid_s * stride_os
+    tl.store(o_ptrs + offs_c0[:, None], acc0 / l_div, mask=mask_h[None, :] & mask_c0[:, None])
+    tl.store(o_ptrs + offs_c1[:, None], acc1 / l_div, mask=mask_h[None, :] & mask_c1[:, None])
+    tl.store(lse_ptr + b * stride_lb + offs_h * stride_lh + pid_s, lse, mask=mask_h)
+
+
+@triton.jit
+def _query_tiles(q_ptr, q_pe_ptr, b, offs_h, offs_c0, offs_c1, offs_r, mask_h, mask_c0, mask_c1, mask_r,
+                 stride_qb, stride_qh, stride_qpb, stride_qph):
+    """This row's query block: q in two column halves [BLOCK_H, BLOCK_C / 2] and q_pe [BLOCK_H, BLOCK_R],
+    zero past H, C, R."""
+    q_row = q_ptr + b * stride_qb + offs_h[:, None] * stride_qh
+    q0 = tl.load(q_row + offs_c0[None, :], mask=mask_h[:, None] & mask_c0[None, :], other=0.0)
+    q1 = tl.load(q_row + offs_c1[None, :], mask=mask_h[:, None] & mask_c1[None, :], other=0.0)
+    q_pe = tl.load(q_pe_ptr + b * stride_qpb + offs_h[:, None] * stride_qph + offs_r[None, :],
+                   mask=mask_h[:, None] & mask_r[None, :], other=0.0)
+    return q0, q1, q_pe
+
+
+@waits_for_producer
+@triton.jit
+def _mla_decode_reduce_kernel(
+    o_part_ptr, lse_ptr, out_ptr, seqlens_ptr, NUM_SPLITS, HEAD_BLOCKS,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
+    C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    SPLIT_TARGET: tl.constexpr, MIN_SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr,
+):
+    wait_for_producer()  # before any memory access: kernels/pdl.py
+    pid_b = tl.program_id(0)
+    h = tl.program_id(1)
+    splits = NUM_SPLITS
+    if SPLIT_TARGET > 0:  # the split kernel's runtime rule: only the row's first `splits` partials were written
+        splits = _batch_splits(tl.num_programs(0) * HEAD_BLOCKS, NUM_SPLITS, SPLIT_TARGET, MIN_SPLITS)
+        splits = _row_splits(splits, tl.load(seqlens_ptr + pid_b), MIN_KEYS)
+    b = pid_b.to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_s, mask_c = offs_s < splits, offs_c < C
+    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # [BLOCK_S], 0 for empty splits
+    o = tl.load(o_part_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_c[None, :],
+                mask=mask_s[:, None] & mask_c[None, :], other=0.0)
+    denom = tl.sum(w, axis=0)
+    out = tl.sum(o * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + b * stride_outb + h * stride_outh + offs_c, out.to(out_ptr.dtype.element_ty), mask=mask_c)

@@ -13,8 +13,18 @@ bytes in flight are not short (two programs per SM, two 36.9 KB tiles ahead each
 per-tile issue work and the serial chain of each tile. At B=1 (16 programs of one or two tiles) the
 time is latency: "early" issues q and the new token before the program waits for its cache length
 (which the runtime rule's row check does) and scores the new token from q in registers, where the
-default reloads q after the loop (and, on sm_90, uses fewer registers: 134 against 173 at BN=32 with
-the new token, 168 against 255 at BN=64).
+default reloads q after the loop (with session 8's kernel, on sm_90, it also used fewer registers: 134
+against 173 at BN=32 with the new token).
+
+Session 16 (benchmarks/mla_variant_probe.py at commit b6ca583, H200, CUDA graphs, split + merge): the split kernel's loop was
+735 sm_90 instructions per warp and 32-key tile, a third of them cp.async addresses and masks, and the score
+dot (keys on its M) ran every MMA twice (Triton put all 4 warps on the 2 row blocks of 16 keys). Now the
+heads are the score dot's M (each warp scores BN / 4 keys), rows past the chunk re-read its last key instead
+of a masked zero fill (their scores are -inf, p = 0), and the softmax denominator is summed per key slot,
+once after the loop (no cross-warp sum per tile): 495 instructions, half the HMMA, 5 barriers instead of 7.
+B=32 ctx 4096: 58.1 -> 56.4 us (62.5 -> 64.4% of copy); B=1 ctx 1024 15.5 -> 14.3; B=8 ctx 4096 28.7 ->
+27.6; B=64 ctx 1024 50.4 -> 48.7 (BN=32 w4 s3; BN=64 w4 s2 P2 at B=64: 56.3 -> 46.8). A further form, the
+score dot in three independent parts (a shorter MMA chain), was no faster (56.3 / 14.7 / 27.6 / 49.5).
 
 Removed in session 14 as measured no faster on the H200 (benchmarks/RESULTS.md, from CUDA graphs):
 the fused merge (merge="fused": the last split program of each (row, head block), found with an atomic
@@ -40,20 +50,17 @@ from dsv3_export.kernels.mla_splits import (DECODE_PROGRAMS_PER_SM, MAX_BLOCK_H,
 from dsv3_export.kernels.mla_variants import DECODE_VARIANTS, VARIANT_FLAGS
 
 # Decode is a stream over the cache: what matters is how many cache bytes each SM keeps in flight.
-# A [BN, 512 + 64] bf16 tile is BN x 1152 B (36.9 KB at BN = 32). With the mma.sync score dot
-# (BN < 64) the pipeline keeps num_stages - 1 tile buffers and, from 3 stages on, the next tiles
-# load while the current one is computed; the wgmma score dot (BN = 64) needs one buffer more, so
-# only 2 stages fit in 227 KB and its loads do not overlap its compute (one 73.7 KB tile per SM at
-# a time). PREFETCH = d > 0 also asks L2 for the tile d tiles ahead (prefetch.global.L2, no
+# A [BN, 512 + 64] bf16 tile is BN x 1152 B (36.9 KB at BN = 32). The pipeline keeps num_stages - 1
+# tile buffers and, from 3 stages on, the next tiles load while the current one is computed (the
+# score dot is mma.sync at every BN since session 16, heads on its M; before, BN = 64 made it wgmma,
+# which needed one buffer more, so that only 2 stages fit in 227 KB). PREFETCH = d > 0 also asks L2 for the tile d tiles ahead (prefetch.global.L2, no
 # registers or shared memory): up to d tiles in flight per program however few buffers fit. It
 # only adds to the pipeline when d exceeds its own lookahead (num_stages - 1 tiles for BN < 64);
 # resident prefetched bytes stay <= 29 MB of the 50 MB L2 (256 x 3 x 36.9 KB for BN=32 s3 at 2
 # programs per SM; 132 x 4 x 36.9 KB and 132 x 2 x 73.7 KB = 19 MB for the 1-per-SM tiles).
-# Shared memory / registers per thread (4 warps | 8 warps) at H = 16, sm_90:
-#   BN=32 s3: 93 KB (2 per SM), 128 | 97 regs    BN=32 s4: 130 KB (1 per SM), 128 | 97
-#   BN=16 s5: 93 KB (2 per SM), 128 | 97 regs    BN=64 s2 d=1: 168 KB (1 per SM), 222
-# (the kv_new variant needs up to 53 more in its epilogue; BN=64 with kv_new: 255, 20 B spill). The autotuner
-# times them all. PREFETCH sits in every config: the sm_90 compile test passes config kwargs as constexprs.
+# Shared memory / registers per thread at H = 16, sm_90 (session 16's kernel, ptxas): BN=32 w4 s3 93 KB
+# (2 per SM), 144 regs (168 with the kv_new epilogue); BN=32 w4 s2 with the 168 cap 55 KB (3 per SM), no
+# spill. The autotuner times them all. PREFETCH sits in every config: the sm_90 compile test passes config kwargs as constexprs.
 DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_N": 32, "PREFETCH": 3}, num_warps=4, num_stages=3),
@@ -63,7 +70,7 @@ DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=4, num_stages=5),
     triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=8, num_stages=5),
-    # More programs per SM to hide each tile's latency chain (score dot, cross-warp max/sum, value
+    # More programs per SM to hide each tile's latency chain (score dot, cross-warp max, value
     # wgmma): registers capped so that 65536 / (cap x 128 threads) programs fit, shared memory too.
     # 4 per SM: 56 KB, 128 registers (pairs with 16 splits at B=32: 512 programs = one wave of 4 x 132);
     # 3 per SM: 56 / 74 KB, 168 registers (12 splits: 384 programs = one wave of 3 x 132). No spills

@@ -15,14 +15,17 @@ the grid's batch (tl.num_programs) and the row's cache length (RUNTIME_MIN_SPLIT
 surplus programs return before touching memory, so no shape or argument holds a min/max of the
 batch. Its chunks are cdiv(len, splits) keys, not rounded to BLOCK_N, so the reduce kernel (which
 has no BLOCK_N) recomputes the same count and merges only the partials that were written.
-The decode tiles put the keys, not the heads, on the dots' M dimension ("swap AB", as decode
-kernels do when the query block is small): scores^T = kv [BN, C] . q^T [C, BLOCK_H] and
-out^T += kv^T [C, BN] . p^T [BN, BLOCK_H]. On sm_90 the value dot (M = C = 512) and, for
-BLOCK_N >= 64, the score dot become wgmma reading the KV tile straight from the shared-memory
-buffer the cp.async pipeline filled, q^T stays in shared memory instead of being replicated in
-every warp's registers, and the fp32 accumulator [C, BLOCK_H] is spread over the warpgroup (64
-registers per thread at 4 warps). The heads-as-M form (M = 16) ran everything as mma.sync with q
-held in registers (164 registers/thread at 4 warps).
+The value dot puts the keys, not the heads, on its M dimension ("swap AB", as decode kernels do
+when the query block is small): out^T += kv^T [C, BN] . p^T [BN, BLOCK_H]; on sm_90 it is wgmma
+reading the KV tile straight from the shared-memory buffer the cp.async pipeline filled, with the
+fp32 accumulator [C, BLOCK_H] spread over the warpgroup (64 registers per thread at 4 warps). The
+score dot keeps the heads on M: scores = q [BLOCK_H, C] . kv^T [C, BN] (mma.sync, q read from
+shared memory). Triton lays a dot that feeds another dot out with all warps on its longer dimension,
+so with the keys on M (scores^T [BN=32, 16]) 4 warps tiled 2 row blocks of 16: every score MMA
+ran twice; with the heads on M each warp takes BN / num_warps keys, and half the MMA and
+shared-memory reads remain (sm_90 SASS, BN=32 w4: 36 instead of 72 HMMA, 54 instead of 72 LDSM per warp and tile).
+The heads-as-M form for both dots (M = 16) ran everything as mma.sync with q held in registers
+(164 registers/thread at 4 warps).
 """
 
 from __future__ import annotations
@@ -96,18 +99,25 @@ def _mla_decode_split_kernel(
         if HAS_NEW:  # the new token's scores [BLOCK_H] now, from q in registers: no reload of q after the loop
             s_new = (tl.sum(q.to(tl.float32) * kv_new.to(tl.float32)[None, :], axis=1)
                      + tl.sum(q_pe.to(tl.float32) * pe_new.to(tl.float32)[None, :], axis=1)) * scale_log2
-    q_t = tl.trans(q)  # [BLOCK_C, BLOCK_H]
-    q_pe_t = tl.trans(q_pe)  # [BLOCK_R, BLOCK_H]
 
-    # Keys on the dots' M dimension (scores transposed, [BLOCK_N, BLOCK_H]): see the module docstring.
+    # Heads on the score dot's M, keys on the value dot's M: see the module docstring.
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    # The softmax denominator per (head, key slot), summed over the keys after the loop: no cross-warp sum
+    # (shuffles, shared-memory round trip, two barriers) per tile; only the fp32 summation order changes.
+    l_acc = tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32)
     acc = tl.zeros((BLOCK_C, BLOCK_H), dtype=tl.float32)  # out^T
     kv_base = kv_ptr + b * stride_kvb
     pe_base = pe_ptr + b * stride_peb
+    offs_bn = tl.arange(0, BLOCK_N)
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = n0 + offs_bn
         in_cache = offs_n < end
+        # Rows past `end` re-read the chunk's last key (end - 1 >= n0: every tile has a key) instead of a
+        # masked zero fill: their scores are -inf below, so p = 0 multiplies a finite cached row (exact zeros).
+        # Offsets from the tile's first row in int32, that row as one 64-bit scalar.
+        kv_rows = tl.minimum(offs_bn, end - 1 - n0)
+        tile_kv = kv_base + tl.cast(n0, tl.int64) * stride_kvs
+        tile_pe = pe_base + tl.cast(n0, tl.int64) * stride_pes
         if PREFETCH > 0:
             if not UPCAST:  # PTX; the interpreter (UPCAST) has none
                 # L2 prefetch of the tile PREFETCH tiles ahead (clamped to this chunk): more bytes in
@@ -120,23 +130,21 @@ def _mla_decode_split_kernel(
                                           dtype=tl.int32, is_pure=False, pack=1)
                 tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [pe_lines.to(tl.int64)],
                                           dtype=tl.int32, is_pure=False, pack=1)
-        offs_n64 = offs_n.to(tl.int64)
-        kv = tl.load(kv_base + offs_n64[:, None] * stride_kvs + offs_c[None, :],
-                     mask=in_cache[:, None] & mask_c[None, :], other=0.0)  # [BN, C]
-        pe = tl.load(pe_base + offs_n64[:, None] * stride_pes + offs_r[None, :],
-                     mask=in_cache[:, None] & mask_r[None, :], other=0.0)  # [BN, R]
+        kv = tl.load(tile_kv + (kv_rows[:, None] * stride_kvs + offs_c[None, :]), mask=mask_c[None, :], other=0.0)
+        pe = tl.load(tile_pe + (kv_rows[:, None] * stride_pes + offs_r[None, :]), mask=mask_r[None, :], other=0.0)
         if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong
             kv = kv.to(tl.float32)
             pe = pe.to(tl.float32)
-        s = tl.dot(kv, q_t) + tl.dot(pe, q_pe_t)  # [BN, BLOCK_H] fp32
-        s = tl.where(in_cache[:, None], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: every tile has a key
+        s = tl.dot(q, tl.trans(kv)) + tl.dot(q_pe, tl.trans(pe))  # [BLOCK_H, BN] fp32
+        s = tl.where(in_cache[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile has a key
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[None, :])
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha[None, :] + tl.dot(tl.trans(kv), p.to(kv.dtype))  # [C, BN] x [BN, BLOCK_H]
+        p = tl.exp2(s - m_new[:, None])
+        l_acc = l_acc * alpha[:, None] + p
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(kv), tl.trans(p.to(kv.dtype)))  # [C, BN] x [BN, BLOCK_H]
         m_i = m_new
 
+    l_i = tl.sum(l_acc, axis=1)
     if HAS_NEW:
         if pid_s == splits - 1:  # the new token (key number `seqlen`) joins the last split
             if EARLY:

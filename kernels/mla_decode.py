@@ -16,15 +16,15 @@ time is latency: "early" issues q and the new token before the program waits for
 default reloads q after the loop (with session 8's kernel, on sm_90, it also used fewer registers: 134
 against 173 at BN=32 with the new token).
 
-Session 16 (benchmarks/mla_variant_probe.py at commit b6ca583, H200, CUDA graphs, split + merge): the split kernel's loop was
-735 sm_90 instructions per warp and 32-key tile, a third of them cp.async addresses and masks, and the score
-dot (keys on its M) ran every MMA twice (Triton put all 4 warps on the 2 row blocks of 16 keys). Now the
-heads are the score dot's M (each warp scores BN / 4 keys), rows past the chunk re-read its last key instead
-of a masked zero fill (their scores are -inf, p = 0), and the softmax denominator is summed per key slot,
-once after the loop (no cross-warp sum per tile): 495 instructions, half the HMMA, 5 barriers instead of 7.
-B=32 ctx 4096: 58.1 -> 56.4 us (62.5 -> 64.4% of copy); B=1 ctx 1024 15.5 -> 14.3; B=8 ctx 4096 28.7 ->
-27.6; B=64 ctx 1024 50.4 -> 48.7 (BN=32 w4 s3; BN=64 w4 s2 P2 at B=64: 56.3 -> 46.8). A further form, the
-score dot in three independent parts (a shorter MMA chain), was no faster (56.3 / 14.7 / 27.6 / 49.5).
+Session 16 (benchmarks/mla_variant_probe.py at commit b6ca583, H200, CUDA graphs, split + merge): the split
+kernel's loop was 735 sm_90 instructions per warp and 32-key tile, a third of them cp.async addresses and
+masks, and the score dot (keys on its M) ran every MMA twice (Triton put all 4 warps on the 2 row blocks of 16
+keys). Now the heads are the score dot's M (each warp scores BN / 4 keys), rows past the chunk re-read its
+last key instead of a masked zero fill (their scores are -inf, p = 0), and the softmax denominator is summed
+per key slot, once after the loop (no cross-warp sum per tile): 495 instructions, half the HMMA, 5 barriers
+instead of 7. B=32 ctx 4096: 58.1 -> 56.4 us (62.5 -> 64.4% of copy); B=1 ctx 1024 15.5 -> 14.3; B=8 ctx 4096
+28.7 -> 27.6; B=64 ctx 1024 50.4 -> 48.7 (BN=32 w4 s3; BN=64 w4 s2 P2 at B=64: 56.3 -> 46.8). A further form,
+the score dot in three independent parts (a shorter MMA chain), was no faster (56.3 / 14.7 / 27.6 / 49.5).
 
 Removed in session 14 as measured no faster on the H200 (benchmarks/RESULTS.md, from CUDA graphs):
 the fused merge (merge="fused": the last split program of each (row, head block), found with an atomic

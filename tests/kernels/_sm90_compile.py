@@ -3,8 +3,8 @@
 Run as `python -m tests.kernels._sm90_compile [--all-configs] [--usage] [--only FAMILY[,FAMILY]]` WITHOUT
 TRITON_INTERPRET (the test runs it in a subprocess, one kernel family per test so that xdist spreads
 them). Triton's frontend, its NVIDIA backend and the bundled ptxas need no GPU, so this catches what the interpreter cannot: non-constexpr globals, dtype rules of the
-compiled tl.dot, shared-memory overflows; --usage adds registers and stack-frame (spill) bytes per thread.
-Prints one JSON object per line.
+compiled tl.dot, shared-memory overflows; --usage adds registers and stack-frame (spill) bytes per thread and
+the main loop's SASS instruction census (loop_census). Prints one JSON object per line.
 """
 
 from __future__ import annotations
@@ -92,6 +92,51 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     if usage is None:
         raise RuntimeError(f"cuobjdump printed no resource usage:\n{res.stdout[-500:]}")
     return dict(registers=int(usage.group(1)), spill_bytes=int(usage.group(2)))
+
+
+# SASS opcode -> census category of the main loop (loop_census): what the session-16 studies of the MLA decode
+# kernel read to find its duplicated score-dot MMAs (72 HMMA per warp and tile where 36 do the work).
+SASS_CATEGORIES = (
+    ("global", r"^(LDGSTS|LDG|STG|LDGDEPBAR|RED|ATOM)\b"),
+    ("shared", r"^(LDS|LDSM|STS|STSM)\b"),
+    ("spill", r"^(LDL|STL)\b"),
+    ("hmma", r"^HMMA\b"),
+    ("wgmma", r"^(HGMMA|QGMMA)\b"),
+    ("barrier", r"^(BAR|WARPSYNC|DEPBAR|WARPGROUP|MEMBAR|FENCE)\b"),
+    ("shuffle", r"^SHFL\b"),
+    ("convert", r"^(F2F|F2FP|F2I|I2F|I2FP)\b"),
+)
+SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);\s*/\* 0x")
+SASS_BRANCH = re.compile(r"\bBRA\s+(?:`\()?(?:0x)?([0-9a-f]+)")
+
+
+def loop_census(cubin: bytes) -> dict[str, int]:
+    """Instructions of the kernel's main loop (the backward branch's body with the most tensor-core
+    instructions, then the longest) by category, from the bundled cuobjdump's SASS: per warp and trip."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    cuobjdump = Path(get_ptxas(90).path).with_name("cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([str(cuobjdump), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    code = [(int(m.group(1), 16), m.group(2).strip()) for m in map(SASS_LINE.search, sass.splitlines()) if m]
+    best = None
+    for addr, op in code:
+        jump = SASS_BRANCH.search(op)
+        if jump and int(jump.group(1), 16) < addr:
+            body = [o for a, o in code if int(jump.group(1), 16) <= a <= addr]
+            key = (sum("MMA" in o for o in body), len(body))
+            best = max(best, (key, body)) if best else (key, body)
+    if best is None:
+        return {"total": 0}
+    census = {"total": len(best[1])}
+    for op in best[1]:
+        op = re.sub(r"^@!?U?P[T0-9]+\s+", "", op)
+        name = next((n for n, rx in SASS_CATEGORIES if re.match(rx, op)), None)
+        if name:
+            census[name] = census.get(name, 0) + 1
+    return census
 
 
 def _signature(kernel, pointers: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
@@ -219,7 +264,7 @@ def main(all_configs: bool, with_usage: bool = False, only: frozenset[str] | Non
                        mma_ops=sorted(set(MMA_OP.findall(ptx))), div_ops=sorted(set(DIV_OP.findall(ptx))),
                        mul_recip_448=RECIP_448 in ptx)
             if with_usage:
-                row.update(_resource_usage(compiled.asm["cubin"]))
+                row.update(_resource_usage(compiled.asm["cubin"]), loop=loop_census(compiled.asm["cubin"]))
         except Exception as e:  # noqa: BLE001 - report every failure, keep compiling the rest
             row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:800]}")
         row["seconds"] = round(time.time() - t0, 2)

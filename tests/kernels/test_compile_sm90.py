@@ -113,6 +113,27 @@ def _check_moe(rows: list[dict]) -> None:
 
 def _check_mla_decode(rows: list[dict]) -> None:
     _check_tensor_cores(rows, ("mla_decode_split",))
+    _check_score_dot_not_duplicated(rows)
+
+
+def _check_score_dot_not_duplicated(rows: list[dict]) -> None:
+    """The split kernel's score dot (16 heads x BLOCK_N keys x 576, m16n8k16 HMMA) runs once per tile:
+    per warp and trip 16 x BLOCK_N x 576 / (16 x 8 x 16) / num_warps HMMA, wherever its m16 x n8 tiles are
+    at least as many as the warps. Session 16's SASS study found 72 where 36 do the work at BLOCK_N 32 on 4
+    warps (Triton had put the warps on the keys: 2 row blocks of 16, so half of them repeated the other
+    half's MMAs and shared-memory reads); the rewrite with the heads on the dot's M took the step 3-8%."""
+    checked = 0
+    for r in rows:
+        if not r["kernel"].startswith("mla_decode_split") or "loop" not in r:
+            continue
+        block_n = int(re.search(r"BLOCK_N: (\d+)", r["config"]).group(1))
+        warps = int(re.search(r"num_warps: (\d+)", r["config"]).group(1))
+        if (16 // 16) * (block_n // 8) < warps:  # fewer tiles than warps: some must repeat
+            continue
+        want = 16 * block_n * (512 + 64) // (16 * 8 * 16) // warps
+        assert r["loop"].get("hmma", 0) <= want, (r["kernel"], r["config"], r["loop"], want)
+        checked += 1
+    assert checked, "no MLA decode split case with a loop census (--usage)"
 
 
 def _check_mla(rows: list[dict]) -> None:

@@ -1,10 +1,11 @@
 """Compile every kernel x config for sm_90 (H100/H200) on a machine without a GPU.
 
-Run as `python -m tests.kernels._sm90_compile [--all-configs] [--usage] [--only FAMILY[,FAMILY]]` WITHOUT
+Run as `python -m tests.kernels._sm90_compile [--all-configs] [--usage] [--census] [--only FAMILY[,FAMILY]]` WITHOUT
 TRITON_INTERPRET (the test runs it in a subprocess, one kernel family per test so that xdist spreads
 them). Triton's frontend, its NVIDIA backend and the bundled ptxas need no GPU, so this catches what the interpreter cannot: non-constexpr globals, dtype rules of the
-compiled tl.dot, shared-memory overflows; --usage adds registers and stack-frame (spill) bytes per thread and
-the main loop's SASS instruction census (loop_census). Prints one JSON object per line.
+compiled tl.dot, shared-memory overflows; --usage adds registers and stack-frame (spill) bytes per thread,
+--census the main loop's SASS instruction census (loop_census; a cuobjdump -sass per case, seconds for the
+large fp8 kernels). Prints one JSON object per line.
 """
 
 from __future__ import annotations
@@ -240,7 +241,8 @@ def _cases(all_configs: bool):
         yield ("head_gemm", mla_absorb._head_gemm_kernel, cfg, dict(x_ptr=bf, w_ptr=bf, out_ptr=bf), dict(UPCAST=False))
 
 
-def main(all_configs: bool, with_usage: bool = False, only: frozenset[str] | None = None) -> int:
+def main(all_configs: bool, with_usage: bool = False, only: frozenset[str] | None = None,
+         with_census: bool = False) -> int:
     print(json.dumps({"families": list(FAMILIES)}), flush=True)  # the test checks it has one test per family
     failures = 0
     for name, kernel, cfg, pointers, constexprs in _cases(all_configs):
@@ -264,7 +266,9 @@ def main(all_configs: bool, with_usage: bool = False, only: frozenset[str] | Non
                        mma_ops=sorted(set(MMA_OP.findall(ptx))), div_ops=sorted(set(DIV_OP.findall(ptx))),
                        mul_recip_448=RECIP_448 in ptx)
             if with_usage:
-                row.update(_resource_usage(compiled.asm["cubin"]), loop=loop_census(compiled.asm["cubin"]))
+                row.update(_resource_usage(compiled.asm["cubin"]))
+            if with_census:
+                row.update(loop=loop_census(compiled.asm["cubin"]))
         except Exception as e:  # noqa: BLE001 - report every failure, keep compiling the rest
             row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:800]}")
         row["seconds"] = round(time.time() - t0, 2)
@@ -285,4 +289,4 @@ def _only(argv: list[str]) -> frozenset[str] | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main("--all-configs" in sys.argv, "--usage" in sys.argv, _only(sys.argv)))
+    sys.exit(main("--all-configs" in sys.argv, "--usage" in sys.argv, _only(sys.argv), "--census" in sys.argv))

@@ -77,21 +77,25 @@ def _attrs(kernel, pointers: dict[str, str]) -> dict[tuple[int], list]:
             and (name in pointers or name.startswith("stride") or name in DIVISIBLE_INTS)}
 
 
-def _resource_usage(cubin: bytes) -> dict[str, int]:
-    """Registers and stack-frame bytes per thread of the cubin Triton built (spilled registers live in the
-    stack frame, so its size bounds the spills), from the bundled cuobjdump: no second ptxas run, and
-    the numbers hold with a warm Triton cache too."""
-    from triton.backends.nvidia.compiler import get_ptxas  # cuobjdump sits beside the ptxas triton uses
+def _cuobjdump(cubin: bytes, *flags: str) -> str:
+    """The bundled cuobjdump's output for a cubin (it sits beside the ptxas triton uses)."""
+    from triton.backends.nvidia.compiler import get_ptxas
 
     cuobjdump = Path(get_ptxas(90).path).with_name("cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
-        res = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)], capture_output=True, text=True,
-                             check=True)
-    usage = re.search(r"REG:(\d+) STACK:(\d+)", res.stdout)
+        return subprocess.run([str(cuobjdump), *flags, str(path)], capture_output=True, text=True, check=True).stdout
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    """Registers and stack-frame bytes per thread of the cubin Triton built (spilled registers live in the
+    stack frame, so its size bounds the spills), from the bundled cuobjdump: no second ptxas run, and
+    the numbers hold with a warm Triton cache too."""
+    report = _cuobjdump(cubin, "--dump-resource-usage")
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", report)
     if usage is None:
-        raise RuntimeError(f"cuobjdump printed no resource usage:\n{res.stdout[-500:]}")
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{report[-500:]}")
     return dict(registers=int(usage.group(1)), spill_bytes=int(usage.group(2)))
 
 
@@ -114,13 +118,7 @@ SASS_BRANCH = re.compile(r"\bBRA\s+(?:`\()?(?:0x)?([0-9a-f]+)")
 def loop_census(cubin: bytes) -> dict[str, int]:
     """Instructions of the kernel's main loop (the backward branch's body with the most tensor-core
     instructions, then the longest) by category, from the bundled cuobjdump's SASS: per warp and trip."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    cuobjdump = Path(get_ptxas(90).path).with_name("cuobjdump")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "k.cubin"
-        path.write_bytes(cubin)
-        sass = subprocess.run([str(cuobjdump), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    sass = _cuobjdump(cubin, "-sass")
     code = [(int(m.group(1), 16), m.group(2).strip()) for m in map(SASS_LINE.search, sass.splitlines()) if m]
     best = None
     for addr, op in code:

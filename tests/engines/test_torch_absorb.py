@@ -11,6 +11,11 @@ they differ by the projections' bf16 output rounding (the interpreter truncates 
 rounds: one bf16 step, ~0.4%) passed through 3 layers: measured 0.6-1.1% over three seeds, bound
 0.04. Against the unlowered program (which also rounds differently in the attention and the MoE):
 measured 0.5-1.2% with the kernel, 0.5-1.0% without, bound 0.05.
+Compared per batch row, and tightly only where the two runs routed the row alike: a rounding step
+can flip a near-tie expert in the gate's top-k, a discrete change of one expert's output. Seed
+1083769734 flipped expert 2 for 6 in row 0's first MoE layer with the kernel on (head_gemm itself
+within 0.4% of the rounded einsum): that row's logits moved 8.9%, the other rows 0.9-1.4%. A row
+routed differently is held to the wiring bound only (0.5: a wrong view, stride or head is O(1)).
 The prefill program keeps its einsums either way: its two lowerings are compared as code and run once.
 """
 
@@ -37,6 +42,36 @@ from dsv3_export.reference import ModelArgs, Transformer
 from tests.conftest import rel_err
 from tests.passes.tiny_programs import step_inputs
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class TopkIds(TorchDispatchMode):
+    """Each aten.topk's indices (the gate's routing), sorted, per batch row."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.topk.default:
+            self.ids.append(out[1].sort(-1).values.reshape(len(inputs[0]), -1))
+        return out
+
+
+def run(module):
+    with torch.no_grad(), TopkIds() as spy:
+        got = module(*inputs)
+    return got, spy.ids
+
+
+def compare(got, want, ids, want_ids):
+    """Per batch row: (relative error of each output, whether both runs routed the row alike)."""
+    same = [all(torch.equal(a[r], b[r]) for a, b in zip(ids, want_ids)) for r in range(len(inputs[0]))]
+    assert len(ids) == len(want_ids) > 0, (len(ids), len(want_ids))
+    return [[[rel_err(g[r], w[r]) for g, w in zip(got, want)], same[r]] for r in range(len(same))]
+
+
 launches = []
 spec = mla_absorb.head_gemm_spec
 mla_absorb.head_gemm_spec = lambda x, w, out, bucket: launches.append(tuple(w.shape)) or spec(x, w, out, bucket)
@@ -47,9 +82,8 @@ model = Transformer(ModelArgs.preset("tiny"), dtype=torch.bfloat16).eval()
 for kind in ("decode", "prefill"):
     program, _ = run_pipeline(export_step(model, kind), PassConfig(precision="bf16"))
     inputs = step_inputs(kind, seed, torch.bfloat16)
-    with torch.no_grad():
-        want = program.module()(*inputs)
-    got, code = {}, {}
+    want, want_ids = run(program.module())
+    got, ids, code = {}, {}, {}
     for switch in ("1", "0"):
         os.environ["DSV3_TORCH_ABSORB_GEMM"] = switch
         lowered, how = lower_dsv3_ops(program, "cuda", triton_lowerings(kind))
@@ -59,15 +93,26 @@ for kind in ("decode", "prefill"):
             out["prefill_same_program"] = code["0"] == code["1"]
             continue
         launches.clear()
-        with torch.no_grad():
-            got[switch] = lowered.module()(*inputs)
+        got[switch], ids[switch] = run(lowered.module())
         out[f"{kind}_{switch}_launches"] = launches[:]
         out[f"{kind}_{switch}_finite"] = all(bool(torch.isfinite(g.float()).all()) for g in got[switch])
-        out[f"{kind}_{switch}_rel_program"] = [rel_err(g, w) for g, w in zip(got[switch], want)]
+        out[f"{kind}_{switch}_rel_program"] = compare(got[switch], want, ids[switch], want_ids)
     if kind == "decode":
-        out["decode_rel_switch"] = [rel_err(a, b) for a, b in zip(got["1"], got["0"])]
+        out["decode_rel_switch"] = compare(got["1"], got["0"], ids["1"], ids["0"])
 print(json.dumps(out))
 '''
+
+
+WIRING_BOUND = 0.5  # a row the two runs routed differently: only an O(1) error (wrong view, stride, head) fails
+
+
+def _check_rows(rows: list, bound: float, what: str, seed: int) -> None:
+    """rows: per batch row [per-output relative errors, routed alike]. Alike rows within bound, the
+    others within WIRING_BOUND; at least one row routed alike (else nothing was checked tightly)."""
+    assert any(same for _, same in rows), f"{what}: every row routed differently (seed {seed}): {rows}"
+    for r, (rel, same) in enumerate(rows):
+        limit = bound if same else WIRING_BOUND
+        assert max(rel) < limit, f"{what}: row {r} (routed alike: {same}) {rel} >= {limit} (seed {seed})"
 
 
 def test_decode_program_with_and_without_the_kernel_in_the_interpreter(seed):
@@ -87,9 +132,9 @@ def test_decode_program_with_and_without_the_kernel_in_the_interpreter(seed):
     assert "head_gemm" not in out["decode_0_how"] and "kernels/mla_attention.py" in out["decode_0_how"]
     for kind, switch in (("decode", "1"), ("decode", "0"), ("prefill", "1")):
         assert out[f"{kind}_{switch}_finite"], (kind, switch)
-        rel = out[f"{kind}_{switch}_rel_program"]
-        assert max(rel) < 0.05, f"{kind} switch={switch} vs the unlowered program: {rel} (seed {seed})"
-    assert max(out["decode_rel_switch"]) < 0.04, f"decode 1 vs 0: {out['decode_rel_switch']} (seed {seed})"
+        _check_rows(out[f"{kind}_{switch}_rel_program"], 0.05, f"{kind} switch={switch} vs the unlowered program",
+                    seed)
+    _check_rows(out["decode_rel_switch"], 0.04, "decode 1 vs 0", seed)
     assert out["prefill_same_program"], "the prefill program depends on DSV3_TORCH_ABSORB_GEMM"
 
 

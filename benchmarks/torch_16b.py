@@ -197,12 +197,19 @@ def build_engine_in_memory(model, precision: str, kinds: tuple[str, ...], workdi
                                   torch.device(DEVICE), model.dtype, cuda_graph=DEVICE == "cuda")
 
 
-def time_step_decode(step: Callable, model, batch: int, context: int, iters: int) -> float:
+def decode_inputs(model, batch: int, context: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decode step's (tokens [b, 1], start_pos [b], cache [b, L, context + 1, w]): random tokens and
+    cache, every row at position `context`; the timed, profiled and PDL-checked steps all read these."""
     a = model.args
     cache = torch.randn(batch, a.n_layers, context + 1, a.latent_cache_width,
                         device=DEVICE).to(model.dtype)  # [b, L, T, w]
     tokens = torch.randint(0, a.vocab_size, (batch, 1), device=DEVICE)
     pos = torch.full((batch,), context, dtype=torch.int64, device=DEVICE)
+    return tokens, pos, cache
+
+
+def time_step_decode(step: Callable, model, batch: int, context: int, iters: int) -> float:
+    tokens, pos, cache = decode_inputs(model, batch, context)
 
     def one():
         _, new_kv = step(tokens, pos, cache)
@@ -243,10 +250,7 @@ def pdl_timings(step: AOTIStep, model, batches, context: int, iters: int, ports:
     the edit's counts, and whether batch-1 logits are bit-identical to the plain graph's."""
     if not waiting_kernel_names():
         return {"pdl": "skipped: kernels compiled without griddepcontrol.wait (DSV3_TRITON_GDC=1 turns it on)"}
-    a = model.args
-    cache = torch.randn(1, a.n_layers, context + 1, a.latent_cache_width, device=DEVICE).to(model.dtype)
-    tokens = torch.randint(0, a.vocab_size, (1, 1), device=DEVICE)
-    pos = torch.full((1,), context, dtype=torch.int64, device=DEVICE)
+    tokens, pos, cache = decode_inputs(model, 1, context)
     step.set_decode_pdl(None)
     want = step(tokens, pos, cache)[0].clone()
     out: dict[str, Any] = {}
@@ -317,10 +321,7 @@ def decode_kernel_profile(step: Callable, model, context: int, batch: int = 1, s
     """Per-kernel GPU time of decode steps at `batch` (torch.profiler; CPU ops on a CPU smoke run)."""
     from torch.profiler import ProfilerActivity, profile
 
-    a = model.args
-    cache = torch.randn(batch, a.n_layers, context + 1, a.latent_cache_width, device=DEVICE).to(model.dtype)
-    tokens = torch.zeros(batch, 1, dtype=torch.int64, device=DEVICE)
-    pos = torch.full((batch,), context, dtype=torch.int64, device=DEVICE)
+    tokens, pos, cache = decode_inputs(model, batch, context)
     step(tokens, pos, cache)  # warm
     sync()
     gpu = DEVICE == "cuda"
@@ -389,10 +390,7 @@ def decode_graph_timeline(step: Callable, model, context: int, batch: int = 1, s
 
     if DEVICE != "cuda":
         return {"skipped": "no GPU (the timeline is of CUDA-graph replays)"}
-    a = model.args
-    cache = torch.randn(batch, a.n_layers, context + 1, a.latent_cache_width, device=DEVICE).to(model.dtype)
-    tokens = torch.zeros(batch, 1, dtype=torch.int64, device=DEVICE)
-    pos = torch.full((batch,), context, dtype=torch.int64, device=DEVICE)
+    tokens, pos, cache = decode_inputs(model, batch, context)
     for _ in range(2):  # captured and warm
         step(tokens, pos, cache)
     sync()

@@ -40,7 +40,10 @@ def decode_gemv(kind: str, traced_batch: int | None = None) -> bool:
     batch) gets the GEMV path (DECODE_GEMV_ENV)."""
     if kind != "decode":
         return False
-    choice = env_choice(DECODE_GEMV_ENV, "auto", DECODE_GEMV_CHOICES)
+    return _gemv_applies(env_choice(DECODE_GEMV_ENV, "auto", DECODE_GEMV_CHOICES), traced_batch)
+
+
+def _gemv_applies(choice: str, traced_batch: int | None) -> bool:
     if choice == "auto":
         return traced_batch is None or traced_batch > kv.GEMV_MAX_ROWS
     return choice == "1"
@@ -60,12 +63,12 @@ def program_decode_gemv(ep, kind: str) -> bool:
     if kind != "decode":
         return False
     batch = traced_batch(ep)
-    if env_choice(DECODE_GEMV_ENV, "auto", DECODE_GEMV_CHOICES) == "1" and batch is not None \
-            and batch <= kv.GEMV_MAX_ROWS:
+    choice = env_choice(DECODE_GEMV_ENV, "auto", DECODE_GEMV_CHOICES)
+    if choice == "1" and batch is not None and batch <= kv.GEMV_MAX_ROWS:
         raise ValueError(f"{DECODE_GEMV_ENV}=1: the decode program is traced at batch {batch}, where the GEMV takes "
                          f"the Linears and the tile GEMMs it would tune launch nothing; tune decode at a batch > "
                          f"{kv.GEMV_MAX_ROWS} (--tune-decode, default 64), or leave the switch at auto")
-    return decode_gemv(kind, batch)
+    return _gemv_applies(choice, batch)
 
 
 def gated(spec: LaunchSpec, gate) -> LaunchSpec | None:

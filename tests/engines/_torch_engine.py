@@ -1,4 +1,4 @@
-"""One tiny fp32 CPU torch engine per test run (all xdist workers: tests/_shared_build.py), shared by the Python and C++ runtime tests.
+"""One tiny (2-layer) fp32 CPU torch engine per test run (all xdist workers: tests/_shared_build.py), shared by the Python and C++ runtime tests.
 
 AOTInductor compiles each program in ~30-60 s on 2 cores, so the engine is built once (through
 the same build_engine the CLI uses: export -> passes -> torch backend) and memoized here rather
@@ -17,6 +17,9 @@ from dsv3_export.reference.model import Transformer
 from tests._shared_build import built_once
 
 PRESET, SEED = "tiny", 0
+# The dense layer and one MoE layer (tiny has one more MoE layer): what every test of the engine reads,
+# at two thirds of the three-layer build (~150 s on a busy 2-core CI machine, the suite's largest setup).
+N_LAYERS = 2
 _built: dict[str, Path] = {}
 
 
@@ -38,7 +41,8 @@ def tiny_torch_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
         def build(root: Path) -> None:
             build_engine(BuildOptions(preset=PRESET, seed=SEED, backend="torch", precision="fp32", device="cpu",
-                                      out=root / "engine"), console=Console(stderr=True, quiet=True))
+                                      config_overrides=(("n_layers", N_LAYERS),), out=root / "engine"),
+                         console=Console(stderr=True, quiet=True))
 
         _built["engine"] = built_once(tmp_path_factory, "tiny_torch_engine", build) / "engine"  # one per run
     return _built["engine"]
@@ -48,4 +52,4 @@ def reference_model() -> Transformer:
     """The model the engine was built from (same preset and seed), eager, DeepSeek's MoE loop."""
     from dsv3_export.checkpoint import preset_model
 
-    return preset_model(PRESET, torch.float32, "cpu", seed=SEED, attn_impl="absorb").eval()
+    return preset_model(PRESET, torch.float32, "cpu", seed=SEED, attn_impl="absorb", n_layers=N_LAYERS).eval()

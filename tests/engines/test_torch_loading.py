@@ -191,14 +191,17 @@ def test_probe_reports_a_native_crash_with_both_stacks(tmp_path):
 
 @pytest.mark.slow
 def test_probe_stages_run_on_cpu(engine_dir, tmp_path):
-    stages = "load,attach,prefill,decode,decode_threadsafe,engine,aoti_load_package"
+    """Every CPU stage's code: load, attach and prefill are the first steps of decode (each stage runs
+    the earlier ones in its own process), so they are not run again as stages of their own (~7 s each)."""
+    stages = "decode,decode_threadsafe,engine,aoti_load_package"
     done, report = _probe(["--engine", str(engine_dir), "--stages", stages], tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert [s["stage"] for s in report["stages"]] == stages.split(",")
     assert all(s["status"] == "ok" for s in report["stages"]), report
-    by = {s["stage"]: s for s in report["stages"]}
-    assert "decode: logits (2, 1," in by["decode"]["stdout_tail"] and "finite=True" in by["decode"]["stdout_tail"]
-    assert by["attach"]["last_step"] == "attach weights to decode"
+    decode = {s["stage"]: s for s in report["stages"]}["decode"]
+    for line in ("prefill: logits (2, 7,", "decode: logits (2, 1,", "finite=True"):
+        assert line in decode["stdout_tail"], decode["stdout_tail"]
+    assert decode["last_step"] == "decode synchronize"
 
 
 def test_triton_ops_switch_lowers_cuda_programs_to_aten(monkeypatch):

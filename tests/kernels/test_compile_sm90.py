@@ -149,7 +149,7 @@ FAMILY_CHECKS = {"fp8": _check_fp8, "moe": _check_moe, "mla_decode": _check_mla_
 # Every config of every kernel (180 compiles; 245 before session 14 removed MLA decode's fused merge and TMA
 # cases and the router kernels, ~15-20 min of CPU on 2 cores with a cold Triton cache, which a CI clone always
 # has) only where asked, e.g. before a GPU run that autotunes new configs. By default each kernel's first
-# config and its tile extremes (51 compiles, 85 before; the two MLA families ~1 min of CPU cold, ~3 before):
+# config and its tile extremes (45 compiles, 85 before; the two MLA families ~1 min of CPU cold, ~3 before):
 # every kernel, both GEMM tile sets (mma.sync and wgmma), every arithmetic form the checks below read.
 ALL_CONFIGS_ENV = "DSV3_SM90_ALL_CONFIGS"
 

@@ -4,7 +4,9 @@ A 4-layer tiny model (so a bug in layer 2 has a layer after it) saved as checkpo
   clean          the model as drawn
   bug_layer2     layers.2.attn.wo.weight perturbed (2% of its std): the injected bug
   bug_layer1     layers.1.ffn.shared_experts.w2.weight perturbed: a wrong *reference*
-and ONNX Runtime cpu/fp32 engines built from `clean` and `bug_layer2`.
+and ONNX Runtime cpu/fp32 engines built from `clean` and `bug_layer2`, with their debug engines (the
+hidden state after each stage), built here by ensure_debug_engine as diff builds them: diff then reuses
+them (it only reads a debug engine that matches), instead of each xdist worker building its own two.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from rich.console import Console
 
 from dsv3_export.build import BuildOptions, build_engine
 from dsv3_export.checkpoint import preset_model, save_checkpoint
+from dsv3_export.reports.debug_engine import ensure_debug_engine
+from dsv3_export.runtime import load_engine
 from tests._shared_build import built_once
 
 N_LAYERS = 4
@@ -33,18 +37,17 @@ ENGINES = ("clean", "bug_layer2")  # built from the checkpoints of the same name
 class Artifacts:
     checkpoints: dict[str, Path]
     engines: dict[str, Path]
-    debug_engines: dict[str, Path]  # where diff keeps (and reuses) each engine's debug build
+    debug_engines: dict[str, Path]  # each engine's debug build, passed to diff as --debug-engine (reused)
 
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory) -> Artifacts:
-    """Checkpoints and engines built once per run for every xdist worker (tests/_shared_build.py); each
-    worker keeps its own debug builds (diff writes them)."""
+    """Checkpoints, engines and debug engines built once per run for every xdist worker
+    (tests/_shared_build.py)."""
     root = built_once(tmp_path_factory, "report_artifacts", _build_artifacts)
     checkpoints = {name: root / f"ckpt_{name}" for name in CHECKPOINTS}
     engines = {name: root / f"engine_{name}" for name in ENGINES}
-    debug = tmp_path_factory.mktemp("reports_debug")
-    return Artifacts(checkpoints, engines, {name: debug / f"debug_{name}" for name in engines})
+    return Artifacts(checkpoints, engines, {name: root / f"debug_{name}" for name in ENGINES})
 
 
 
@@ -60,3 +63,4 @@ def _build_artifacts(root: Path) -> None:
         with contextlib.redirect_stdout(io.StringIO()):
             build_engine(BuildOptions(checkpoint=root / f"ckpt_{name}", out=root / f"engine_{name}"),
                          Console(stderr=True, quiet=True))
+        ensure_debug_engine(load_engine(root / f"engine_{name}"), root / f"debug_{name}")

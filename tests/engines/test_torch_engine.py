@@ -417,58 +417,47 @@ def test_triton_ops_trace_with_dynamic_dims(kind):
 _FAKE_QUANT_CASES = [(k, dtype) for k in (200, 256, 328) for dtype in (torch.float32, torch.bfloat16)]
 
 
-def test_fake_quant_is_exact_after_aoti_compile(tmp_path, seed):
-    """The fp8 activation rounding survives AOTInductor bit-exactly, ragged K included (an earlier
-    form, reference.fp8.act_quant + act_dequant, compiled to NaN for K = 200; slicing back to K
-    before the cast to bf16 compiled to garbage for K = 200 and 328: the tiny fp8 CPU engine's NaN).
-    Every (K, dtype) case is one output of one program: one AOTInductor compile (~20 s each on 2 cores)."""
-    from dsv3_export.engines.torch_lower import _fake_quant
+def test_fp8_lowerings_are_exact_after_aoti_compile(tmp_path, seed):
+    """Two miscompiles of the fp8 CPU lowerings, pinned after AOTInductor (one program, one compile:
+    ~20 s each on 2 cores):
+    - the fp8 activation rounding (_fake_quant) must survive bit-exactly, ragged K included (an earlier
+      form, reference.fp8.act_quant + act_dequant, compiled to NaN for K = 200; slicing back to K before
+      the cast to bf16 compiled to garbage for K = 200 and 328: the tiny fp8 CPU engine's NaN);
+    - fp8_linear with one scale block along N (80 < 128), where Inductor miscompiled the reference's
+      repeat_interleave dequant (inf): the lowering's block form must compile exactly, at [N, K] =
+      [80, 192] and [130, 200]."""
+    from dsv3_export.engines.torch_lower import ATEN_LOWERINGS, _fake_quant
     from dsv3_export.engines.torch_step import load_package
     from dsv3_export.reference.fp8 import act_dequant, act_quant
-
-    class FakeQuant(torch.nn.Module):
-        def forward(self, *xs):
-            return tuple(_fake_quant(x) for x in xs)
-
-    g = torch.Generator().manual_seed(seed)
-    xs = tuple((torch.randn(5, k, generator=g) * 3).to(dtype) for k, dtype in _FAKE_QUANT_CASES)
-    wants = [act_dequant(*act_quant(x)).to(x.dtype) for x in xs]
-    for x, want in zip(xs, wants):
-        assert torch.equal(_fake_quant(x), want)
-    package = torch._inductor.aoti_compile_and_package(torch.export.export(FakeQuant(), xs),
-                                                       package_path=str(tmp_path / "fq.pt2"))
-    gots = load_package(package, torch.device("cpu"))(*xs)
-    assert len(gots) == len(wants)
-    for (k, dtype), got, want in zip(_FAKE_QUANT_CASES, gots, wants):
-        assert torch.equal(got, want), (k, dtype)
-
-
-def test_fp8_linear_lowering_is_exact_after_aoti_compile(tmp_path, seed):
-    """One scale block along N (80 < 128) is where Inductor miscompiled the reference's
-    repeat_interleave dequant (inf); the lowering's block form must compile exactly. Both shapes
-    ([N, K] = [80, 192] and [130, 200]) in one program: one AOTInductor compile."""
-    from dsv3_export.engines.torch_lower import ATEN_LOWERINGS
-    from dsv3_export.engines.torch_step import load_package
 
     g = torch.Generator().manual_seed(seed)
     shapes = [(80, 192), (130, 200)]
     weights = [_fp8_weight(n, k, g) for n, k in shapes]
 
-    class Fp8Linears(torch.nn.Module):
+    class Fp8Lowerings(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.ws = torch.nn.ParameterList([torch.nn.Parameter(w, requires_grad=False) for w, _ in weights])
             self.ss = torch.nn.ParameterList([torch.nn.Parameter(s, requires_grad=False) for _, s in weights])
 
-        def forward(self, *xs):
-            return tuple(ATEN_LOWERINGS["dsv3::fp8_linear"](x, w, s, True) for x, w, s in zip(xs, self.ws, self.ss))
+        def forward(self, fq_xs, linear_xs):
+            return (tuple(_fake_quant(x) for x in fq_xs),
+                    tuple(ATEN_LOWERINGS["dsv3::fp8_linear"](x, w, s, True)
+                          for x, w, s in zip(linear_xs, self.ws, self.ss)))
 
-    module = Fp8Linears()
-    xs = tuple(torch.randn(2, 5, k, generator=g) for _, k in shapes)
-    package = torch._inductor.aoti_compile_and_package(torch.export.export(module, xs),
-                                                       package_path=str(tmp_path / "fp8_linear.pt2"))
-    gots = load_package(package, torch.device("cpu"))(*xs)
-    for shape, got, want in zip(shapes, gots, module(*xs)):
+    fq_xs = tuple((torch.randn(5, k, generator=g) * 3).to(dtype) for k, dtype in _FAKE_QUANT_CASES)
+    fq_wants = [act_dequant(*act_quant(x)).to(x.dtype) for x in fq_xs]
+    for x, want in zip(fq_xs, fq_wants):
+        assert torch.equal(_fake_quant(x), want)
+    linear_xs = tuple(torch.randn(2, 5, k, generator=g) for _, k in shapes)
+    module = Fp8Lowerings()
+    package = torch._inductor.aoti_compile_and_package(torch.export.export(module, (fq_xs, linear_xs)),
+                                                       package_path=str(tmp_path / "fp8_lowerings.pt2"))
+    fq_gots, linear_gots = load_package(package, torch.device("cpu"))(fq_xs, linear_xs)  # the nested outputs
+    assert len(fq_gots) == len(fq_wants) and len(linear_gots) == len(shapes), (len(fq_gots), len(linear_gots))
+    for (k, dtype), got, want in zip(_FAKE_QUANT_CASES, fq_gots, fq_wants):
+        assert torch.equal(got, want), (k, dtype)
+    for shape, got, want in zip(shapes, linear_gots, module(fq_xs, linear_xs)[1]):
         assert rel_err(got, want) < TOLERANCES["fp32_structural"], shape
 
 

@@ -35,3 +35,20 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Calla
             build(out)
             (out / DONE).touch()
     return out
+
+
+_factory: pytest.TempPathFactory | None = None
+
+
+def remember_factory(factory: pytest.TempPathFactory) -> None:
+    """Called once per process by tests/conftest.py's session fixture, for built_once_in_run."""
+    global _factory
+    _factory = factory
+
+
+def built_once_in_run(name: str, build: Callable[[Path], None]) -> Path:
+    """built_once for helpers that tests call directly (no fixture to hand them tmp_path_factory)."""
+    if _factory is None:
+        raise RuntimeError("tests/_shared_build.py: no tmp_path_factory yet (tests/conftest.py's session fixture "
+                           "remembers it)")
+    return built_once(_factory, name, build)

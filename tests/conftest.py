@@ -15,6 +15,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
 
+@pytest.fixture(scope="session", autouse=True)
+def _shared_builds(tmp_path_factory):
+    """Lets helpers share builds between xdist workers without a fixture of their own (tests/_shared_build.py)."""
+    from tests._shared_build import remember_factory
+
+    remember_factory(tmp_path_factory)
+
+
 # One table of tolerances: relative error ||a - b|| / ||b|| unless said otherwise.
 TOLERANCES = {
     "fp32_structural": 1e-5,  # two formulations of the same math in fp32 (naive vs absorb, passes)

@@ -1,19 +1,19 @@
-"""Tiny ONNX Runtime engines built once per test process and shared by the engine, runtime and CLI tests.
+"""Tiny ONNX Runtime engines built once per test run (all xdist workers: tests/_shared_build.py) and shared
+by the engine, runtime and CLI tests.
 
 Building takes ~20 s on 2 cores (export, passes, ONNX export), so each kind is built once:
   default_cli_engine()   `dsv3-export build` with no arguments, run in a scratch working directory
-                         (the README's main job); its exit code and stderr are kept for the CLI test
+                         (the README's main job); its exit code, stdout and stderr are kept for the CLI test
   built(precision, device)   build_engine for other targets
+Tests must not change these directories (copy_engine first).
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import io
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -23,9 +23,8 @@ from rich.console import Console
 
 from dsv3_export.build import BuildOptions, build_engine
 from dsv3_export.checkpoint import preset_model
+from tests._shared_build import built_once_in_run
 
-ROOT = Path(tempfile.mkdtemp(prefix="dsv3-ort-tests-"))
-atexit.register(shutil.rmtree, ROOT, True)
 SEED = 0  # the preset's weight seed, as the CLI's default
 
 
@@ -39,10 +38,14 @@ class CliBuild:
 
 @lru_cache(maxsize=None)
 def default_cli_engine() -> CliBuild:
+    workdir = built_once_in_run("ort_cli_default", _run_cli_build)
+    return CliBuild(workdir / "engine", int((workdir / "exit_code").read_text()), (workdir / "stderr").read_text(),
+                    (workdir / "stdout").read_text())
+
+
+def _run_cli_build(workdir: Path) -> None:
     from dsv3_export.cli import main
 
-    workdir = ROOT / "cli-default"
-    workdir.mkdir()
     err, out = io.StringIO(), io.StringIO()
     cwd = os.getcwd()
     try:
@@ -51,7 +54,8 @@ def default_cli_engine() -> CliBuild:
             code = main(["build"])
     finally:
         os.chdir(cwd)
-    return CliBuild(workdir / "engine", code, err.getvalue(), out.getvalue())
+    for name, text in (("exit_code", str(code)), ("stderr", err.getvalue()), ("stdout", out.getvalue())):
+        (workdir / name).write_text(text)
 
 
 def fp32_engine_dir() -> Path:
@@ -62,10 +66,11 @@ def fp32_engine_dir() -> Path:
 
 @lru_cache(maxsize=None)
 def built(precision: str, device: str = "cpu") -> Path:
-    out = ROOT / f"{device}-{precision}"
-    build_engine(BuildOptions(preset="tiny", precision=precision, device=device, out=out, seed=SEED),
-                 console=Console(stderr=True, quiet=True))
-    return out
+    def build(root: Path) -> None:
+        build_engine(BuildOptions(preset="tiny", precision=precision, device=device, out=root / "engine", seed=SEED),
+                     console=Console(stderr=True, quiet=True))
+
+    return built_once_in_run(f"ort_{device}_{precision}", build) / "engine"
 
 
 @lru_cache(maxsize=None)

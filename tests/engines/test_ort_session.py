@@ -12,6 +12,7 @@ dequantized bit-exactly on both sides: TOLERANCES["fp32_engine"] (measured 6e-7)
 
 from __future__ import annotations
 
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,9 +25,10 @@ from dsv3_export.engines import ort_session
 from dsv3_export.engines.base import Target
 from dsv3_export.engines.onnx_graph import MODEL_FILE
 from tests.conftest import TOLERANCES, rel_err
-from tests.engines._ort_engines import ROOT, tiny_model
+from tests.engines._ort_engines import tiny_model
 
 FP8 = onnx.TensorProto.FLOAT8E4M3FN
+_SCRATCH = tempfile.TemporaryDirectory(prefix="dsv3-ort-session-")  # this process's builds; removed at exit
 
 
 @lru_cache(maxsize=None)
@@ -41,7 +43,7 @@ def cuda_fp8_graph_fp32():
     model = tiny_model()
     # As the build does for onnxruntime/cuda: com.microsoft.MoE is weight-only fp8.
     program, _ = run_pipeline(export_step(model, "prefill"), PassConfig(precision="fp8", fp8_activations=False))
-    out = ROOT / "cuda-fp8-in-fp32"
+    out = Path(_SCRATCH.name) / "cuda-fp8-in-fp32"
     out.mkdir()
     BACKEND.build({"prefill": program}, model.args, Target("fp8", "cuda"), out)
     return out, program

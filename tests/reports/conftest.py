@@ -4,8 +4,8 @@ A 4-layer tiny model (so a bug in layer 2 has a layer after it) saved as checkpo
   clean          the model as drawn
   bug_layer2     layers.2.attn.wo.weight perturbed (2% of its std): the injected bug
   bug_layer1     layers.1.ffn.shared_experts.w2.weight perturbed: a wrong *reference*
-and ONNX Runtime cpu/fp32 engines built from `clean` and `bug_layer2`, with their debug engines (the
-hidden state after each stage), built here by ensure_debug_engine as diff builds them: diff then reuses
+and ONNX Runtime cpu/fp32 engines built from `clean` and `bug_layer2`, and their debug engines (the
+hidden state after each stage), built by ensure_debug_engine as diff builds them: diff then reuses
 them (it only reads a debug engine that matches), instead of each xdist worker building its own two.
 """
 
@@ -24,7 +24,7 @@ from dsv3_export.build import BuildOptions, build_engine
 from dsv3_export.checkpoint import preset_model, save_checkpoint
 from dsv3_export.reports.debug_engine import ensure_debug_engine
 from dsv3_export.runtime import load_engine
-from tests._shared_build import built_once
+from tests._shared_build import built_once, built_once_in_run
 
 N_LAYERS = 4
 PERTURBED = {"bug_layer2": "layers.2.attn.wo.weight", "bug_layer1": "layers.1.ffn.shared_experts.w2.weight"}
@@ -37,18 +37,22 @@ ENGINES = ("clean", "bug_layer2")  # built from the checkpoints of the same name
 class Artifacts:
     checkpoints: dict[str, Path]
     engines: dict[str, Path]
-    debug_engines: dict[str, Path]  # each engine's debug build, passed to diff as --debug-engine (reused)
+
+    def debug_engine(self, name: str) -> Path:
+        """The engine's debug build, passed to diff as --debug-engine (reused), built on first use: a
+        separate shared build, so the profile tests (engines only) do not wait for it."""
+        def build(out: Path) -> None:
+            ensure_debug_engine(load_engine(self.engines[name]), out / "debug")
+
+        return built_once_in_run(f"report_debug_{name}", build) / "debug"
 
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory) -> Artifacts:
-    """Checkpoints, engines and debug engines built once per run for every xdist worker
-    (tests/_shared_build.py)."""
+    """Checkpoints and engines built once per run for every xdist worker (tests/_shared_build.py)."""
     root = built_once(tmp_path_factory, "report_artifacts", _build_artifacts)
     checkpoints = {name: root / f"ckpt_{name}" for name in CHECKPOINTS}
-    engines = {name: root / f"engine_{name}" for name in ENGINES}
-    return Artifacts(checkpoints, engines, {name: root / f"debug_{name}" for name in ENGINES})
-
+    return Artifacts(checkpoints, {name: root / f"engine_{name}" for name in ENGINES})
 
 
 def _build_artifacts(root: Path) -> None:
@@ -63,4 +67,3 @@ def _build_artifacts(root: Path) -> None:
         with contextlib.redirect_stdout(io.StringIO()):
             build_engine(BuildOptions(checkpoint=root / f"ckpt_{name}", out=root / f"engine_{name}"),
                          Console(stderr=True, quiet=True))
-        ensure_debug_engine(load_engine(root / f"engine_{name}"), root / f"debug_{name}")

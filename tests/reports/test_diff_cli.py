@@ -18,7 +18,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _diff(artifacts, engine: str, out: Path, *extra: str) -> tuple[int, dict]:
     argv = ["diff", str(artifacts.engines[engine]), "--out", str(out),
-            "--debug-engine", str(artifacts.debug_engines[engine]), "--seq-len", "24", "--gen-steps", "8", *extra]
+            "--debug-engine", str(artifacts.debug_engine(engine)), "--seq-len", "24", "--gen-steps", "8", *extra]
     code = main(argv)
     report = json.loads((out / "report.json").read_text(), parse_constant=_reject) if (out / "report.json").exists() else {}
     return code, report

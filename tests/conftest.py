@@ -15,6 +15,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
 
+
 @pytest.fixture(scope="session", autouse=True)
 def _shared_builds(tmp_path_factory):
     """Lets helpers share builds between xdist workers without a fixture of their own (tests/_shared_build.py)."""

@@ -52,8 +52,8 @@ def dsv3_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engine_dir(tmp_path_factory) -> Path:
-    return tiny_torch_engine(tmp_path_factory)
+def engine_dir() -> Path:
+    return tiny_torch_engine()
 
 
 def _run(exe: Path, *args: str) -> subprocess.CompletedProcess:

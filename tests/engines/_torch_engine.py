@@ -8,19 +8,19 @@ than in a fixture, which pytest would instantiate once per test module that impo
 from __future__ import annotations
 
 import shutil
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import torch
 
 from dsv3_export.reference.model import Transformer
-from tests._shared_build import built_once
+from tests._shared_build import built_once_in_run
 
 PRESET, SEED = "tiny", 0
 # The dense layer and one MoE layer (tiny has one more MoE layer): what every test of the engine reads,
 # at two thirds of the three-layer build (~150 s on a busy 2-core CI machine, the suite's largest setup).
 N_LAYERS = 2
-_built: dict[str, Path] = {}
 
 
 def skip_reason() -> str | None:
@@ -29,23 +29,22 @@ def skip_reason() -> str | None:
     return None
 
 
-def tiny_torch_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Path of the session's engine directory (built on first use)."""
-    if "engine" not in _built:
-        reason = skip_reason()
-        if reason:
-            pytest.skip(reason)
-        from rich.console import Console
+@lru_cache(maxsize=None)
+def tiny_torch_engine() -> Path:
+    """Path of the run's engine directory (built on first use by any worker; then memoized here)."""
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from rich.console import Console
 
-        from dsv3_export.build import BuildOptions, build_engine
+    from dsv3_export.build import BuildOptions, build_engine
 
-        def build(root: Path) -> None:
-            build_engine(BuildOptions(preset=PRESET, seed=SEED, backend="torch", precision="fp32", device="cpu",
-                                      config_overrides=(("n_layers", N_LAYERS),), out=root / "engine"),
-                         console=Console(stderr=True, quiet=True))
+    def build(root: Path) -> None:
+        build_engine(BuildOptions(preset=PRESET, seed=SEED, backend="torch", precision="fp32", device="cpu",
+                                  config_overrides=(("n_layers", N_LAYERS),), out=root / "engine"),
+                     console=Console(stderr=True, quiet=True))
 
-        _built["engine"] = built_once(tmp_path_factory, "tiny_torch_engine", build) / "engine"  # one per run
-    return _built["engine"]
+    return built_once_in_run("tiny_torch_engine", build) / "engine"
 
 
 def reference_model() -> Transformer:

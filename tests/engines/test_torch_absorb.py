@@ -67,8 +67,8 @@ def run(module):
 
 def compare(got, want, ids, want_ids):
     """Per batch row: (relative error of each output, whether both runs routed the row alike)."""
-    same = [all(torch.equal(a[r], b[r]) for a, b in zip(ids, want_ids)) for r in range(len(inputs[0]))]
     assert len(ids) == len(want_ids) > 0, (len(ids), len(want_ids))
+    same = [all(torch.equal(a[r], b[r]) for a, b in zip(ids, want_ids)) for r in range(len(inputs[0]))]
     return [[[rel_err(g[r], w[r]) for g, w in zip(got, want)], same[r]] for r in range(len(same))]
 
 

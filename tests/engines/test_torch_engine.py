@@ -24,8 +24,8 @@ from tests.engines._torch_engine import reference_model, tiny_torch_engine
 
 
 @pytest.fixture(scope="module")
-def engine_dir(tmp_path_factory) -> Path:
-    return tiny_torch_engine(tmp_path_factory)
+def engine_dir() -> Path:
+    return tiny_torch_engine()
 
 
 @pytest.fixture(scope="module")

@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def engine_dir(tmp_path_factory) -> Path:
-    return tiny_torch_engine(tmp_path_factory)
+def engine_dir() -> Path:
+    return tiny_torch_engine()
 
 
 @pytest.fixture(scope="module")

@@ -74,6 +74,30 @@ ABSORB_ENV = "DSV3_TORCH_ABSORB_GEMM"
 MOE_DIRECT_ENV = "DSV3_TORCH_MOE_DIRECT"
 
 
+# The traced fp8 GEMM's split-K reduction (decode Linears whose N tiles leave SMs idle: at the 16b shapes
+# wq+wkv_a and wo): `kernel` kernels/fp8_gemm.py's split-K sum kernel, gated like the tile GEMM, so a
+# batch the GEMV serves (engines/torch_decode_gemv.py) writes its output directly and launches no sum;
+# `inductor` (default) c.sum(dim=0), Inductor's reduction (fused with its consumer, launched at every
+# batch: at batch 1 it sums the GEMV's result with zero partials). Read when a program is lowered.
+SPLIT_K_SUM_ENV = "DSV3_TORCH_SPLIT_K_SUM"
+
+
+def _split_k_sum_kernel() -> bool:
+    return env_choice(SPLIT_K_SUM_ENV, "inductor", {
+        "kernel": "kernels/fp8_gemm.py's sum kernel, not launched where the GEMV runs",
+        "inductor": "c.sum(dim=0) in Inductor, at every batch"}) == "kernel"
+
+
+# The decode program's W_UV projection at batch <= 2 (with DSV3_TORCH_DECODE_GEMV on): `1` kernels/mla_absorb.py
+# head_gemv (CUDA-core FMAs, one row per program), head_gemm above, each launch gated by the batch; `0`
+# (default) head_gemm at every batch. Read when a program is lowered.
+HEAD_GEMV_ENV = "DSV3_TORCH_HEAD_GEMV"
+
+
+def _head_gemv() -> bool:
+    return env_choice(HEAD_GEMV_ENV, "0", {"1": "W_UV by head_gemv at batch <= 2", "0": "head_gemm"}) == "1"
+
+
 def _moe_direct() -> bool:
     return env_choice(MOE_DIRECT_ENV, "1", {"1": "one token: no moe_align, experts from topk_ids",
                                             "0": "moe_align at every batch"}) == "1"
@@ -190,12 +214,17 @@ def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: t
         c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     else:
         c = torch.empty((split, m, n), dtype=torch.float32, device=a.device)  # [S, M, N] partials
+    kernel_sum = split > 1 and _split_k_sum_kernel()
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device) if kernel_sum else c
     tile_gate = 1
     if small_batch is not None:
         x, gate = small_batch
-        _launch(gated(kv.gemv_spec(x, w, w_s, c, scale_reciprocal=a.is_cuda), gate))
+        _launch(gated(kv.gemv_spec(x, w, w_s, out, scale_reciprocal=a.is_cuda), gate))
         tile_gate = 1 - gate
     _launch(gated(kg.fp8_gemm_spec(a, a_s, w, w_s, c, FP8_M_BUCKET[kind], per_split, split, decode), tile_gate))
+    if kernel_sum:  # the sum launches only with the tile GEMM; the GEMV wrote `out` itself
+        _launch(gated(kg.split_k_sum_spec(c, out), tile_gate))
+        return out
     return c.sum(dim=0).to(out_dtype) if split > 1 else c  # [M, N]
 
 
@@ -220,11 +249,17 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_q
     return y.reshape(*x.shape[:-1], weight.shape[0])  # [..., N]
 
 
-def _head_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _head_gemm(x: torch.Tensor, w: torch.Tensor, gemv: bool = False) -> torch.Tensor:
     """kernels/mla_absorb.py head_gemm's launch: x [b, h, k] @ w [h, k, n] per head -> [b, h, n]
-    (strided views read as they are), tuned for the decode bucket (b is symbolic when traced)."""
+    (strided views read as they are), tuned for the decode bucket (b is symbolic when traced).
+    gemv (HEAD_GEMV_ENV): head_gemv at b <= kv.GEMV_MAX_ROWS, head_gemm above (each launch gated)."""
     out = torch.empty((x.shape[0], x.shape[1], w.shape[2]), dtype=x.dtype, device=x.device)  # [b, h, n]
-    _launch(ka.head_gemm_spec(x, w, out, ka.DECODE_MAX_M))
+    tile_gate = 1
+    if gemv and ka.head_gemv_suits(w):
+        gate = kv.gemv_gate(x.shape[0])
+        _launch(gated(ka.head_gemv_spec(x, w, out), gate))
+        tile_gate = 1 - gate
+    _launch(gated(ka.head_gemm_spec(x, w, out, ka.DECODE_MAX_M), tile_gate))
     return out
 
 
@@ -257,7 +292,7 @@ def decode_latent(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor
 @triton_op("dsv3_aoti::mla_attention", mutates_args={})
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
                   start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, decode: bool,
-                  absorb_gemm: bool = True) -> torch.Tensor:
+                  absorb_gemm: bool = True, head_gemv: bool = False) -> torch.Tensor:
     """dsv3::mla_attention (step.absorbed_attention's math): W_UK absorbed into the query, the
     kernel over cache positions t < min(start_pos, T) plus the s new keys (causal), then W_UV.
 
@@ -265,14 +300,15 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor
     mla_prefill. Clamping start_pos to [0, T] keeps the op's masking (t >= start_pos and t >= T are
     not keys) and the new keys' causal order, and keeps the kernels' cache reads in bounds.
     absorb_gemm (decode, bf16/fp16; ABSORB_ENV): W_UK and W_UV by kernels/mla_absorb.py head_gemm,
-    one launch each, instead of the einsums.
+    one launch each, instead of the einsums. head_gemv (with absorb_gemm; HEAD_GEMV_ENV): W_UV by
+    head_gemv at batch <= kv.GEMV_MAX_ROWS.
     """
     if decode:
         absorb_gemm = absorb_gemm and q_nope.dtype in ka.DOT_DTYPES  # fp32 dots would be TF32
         lat, w_uv = decode_latent(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale,
                                   absorb_gemm)  # [b, h, c], [h, dv, c]
         if absorb_gemm:
-            return _head_gemm(lat, w_uv.transpose(1, 2))[:, None]  # [b, 1, h, dv]
+            return _head_gemm(lat, w_uv.transpose(1, 2), head_gemv)[:, None]  # [b, 1, h, dv]
         return torch.einsum("bshc,hdc->bshd", lat[:, None], w_uv)  # [b, 1, h, dv]
     h, dn = q_nope.shape[2:]
     c = wkv_b.shape[-1]
@@ -295,6 +331,7 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
     block_m = BLOCK_M[kind]
     gemv = decode_gemv(kind) if gemv is None else gemv
     absorb = _absorb_gemm()
+    head_gemv = gemv and _head_gemv()  # with the decode GEMV: the same gate and the same tuning-batch rule
     align_form = env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS)
     routing = "moe_align " + ("in ATen ops" if align_form == "aten" else "kernel")
 
@@ -318,7 +355,7 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
         # absorb applies to the decode form only; prefill passes the default, so that its program text does not
         # depend on the switch
         return mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, decode,
-                             absorb if decode else True)
+                             absorb if decode else True, decode and absorb and head_gemv)
 
     def lower_fp8_linear(x, weight, scale, act_quant):
         if not act_quant and x.dtype not in kg.DENSE_DTYPES:  # weight-only GEMM: bf16/fp16 activations
@@ -333,6 +370,7 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
     lower_mla.how = ("triton_op dsv3_aoti::mla_attention ("
                      + ("W_UK and W_UV by kernels/mla_absorb.py head_gemm in the decode program, einsums in "
                         "prefill" if absorb else "W_UK and W_UV by einsums")
+                     + (f", W_UV by head_gemv at batch <= {kv.GEMV_MAX_ROWS}" if head_gemv else "")
                      + "; kernels/mla_attention.py over [cache | new]: mla_decode in the decode program, "
                      "mla_prefill in prefill) for bf16/fp16; ATen math for fp32")
     lower_fp8_linear.how = ("triton_op dsv3_aoti::fp8_linear (kernels/fp8_gemm.py: act_quant + fp8 GEMM"
@@ -340,6 +378,8 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
                                "kernels/fp8_gemv.py gemv_suits takes" if gemv else
                                "; no fp8_gemv (DSV3_TORCH_DECODE_GEMV=0, or the decode program traced at batch "
                                f"<= {kv.GEMV_MAX_ROWS})" if kind == "decode" else "")
-                            + ", or weight-only for bf16/fp16 x); ATen math for weight-only fp32 x")
+                            + ", or weight-only for bf16/fp16 x"
+                            + ("; split-K sums by the sum kernel" if _split_k_sum_kernel() else "")
+                            + "); ATen math for weight-only fp32 x")
     return {"dsv3::moe_experts": lower_moe, "dsv3::moe_experts_fp8": lower_moe_fp8,
             "dsv3::mla_attention": lower_mla, "dsv3::fp8_linear": lower_fp8_linear}

@@ -256,6 +256,15 @@ def fp8_gemm_spec(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_
     return LaunchSpec(_fp8_gemm_kernel, tuned, configs, grid, args, kwargs)
 
 
+def split_k_sum_spec(ws: torch.Tensor, out: torch.Tensor) -> LaunchSpec:
+    """The split-K reduction's launch: out [M, N] = ws [S, M, N] (fp32 partials) summed in split order,
+    cast to out's dtype; both contiguous (the caller allocates them). M may be symbolic (traced)."""
+    split, m, n = ws.shape
+    grid = lambda meta: (cdiv(m * n, SPLIT_K_SUM_BLOCK),)  # noqa: E731
+    return LaunchSpec(_split_k_sum_kernel, None, SPLIT_K_SUM_CONFIGS, grid, (ws, out, m * n),
+                      dict(SPLIT_K=split, BLOCK=SPLIT_K_SUM_BLOCK))
+
+
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: torch.Tensor,
              out_dtype: torch.dtype = torch.bfloat16, *, split_k: int | None = None,
              shape_class: str | None = None, config: triton.Config | None = None,
@@ -325,9 +334,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
     launch(*fp8_gemm_spec(a, a_s, b, b_s, c, min(next_pow2(m), 4096), per_split, split, decode), config)
     if split > 1:  # the deterministic split-K reduction, cast to out_dtype in the same pass
         out = torch.empty((m, n), dtype=out_dtype, device=dev)
-        sum_grid = (cdiv(m * n, SPLIT_K_SUM_BLOCK),)
-        launch(_split_k_sum_kernel, None, SPLIT_K_SUM_CONFIGS, lambda meta: sum_grid,
-               (c, out, m * n), dict(SPLIT_K=split, BLOCK=SPLIT_K_SUM_BLOCK), None)
+        launch(*split_k_sum_spec(c, out), None)
         return out
     return c
 

@@ -135,6 +135,75 @@ def head_gemm_spec(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, bucket: 
     return LaunchSpec(_head_gemm_kernel, _head_gemm_tuned, HEAD_GEMM_CONFIGS, grid, args, kwargs)
 
 
+# The GEMV form (head_gemv): one batch row per program, CUDA-core FMAs. For W_UV at batch <= 2 (the decode
+# program gates it like kernels/fp8_gemv.py): on the H200 (session 16, hg_variant_probe, CUDA graphs of 32
+# calls, cold L2) 2.77 us per call at B=1 against 3.69 for head_gemm's best tile, 4.9 at B=8 (slower than the
+# tiles above B=2). One config, not autotuned: the decode program is tuned at batch 64, where its grid is empty.
+HEAD_GEMV_CONFIGS = [triton.Config({"BLOCK_N": 8}, num_warps=4, num_stages=1)]
+HEAD_GEMV_MAX_K = 1024  # the program holds a [BLOCK_N, next_pow2(K)] weight tile in registers
+
+
+@waits_for_producer
+@triton.jit
+def _head_gemv_kernel(
+    x_ptr, w_ptr, out_ptr, N,
+    stride_xm, stride_xh, stride_xk, stride_wh, stride_wn, stride_om, stride_oh, stride_on,
+    K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out[m, h, n] for one row m (program axis 2), head h (axis 0) and BLOCK_N columns (axis 1): the
+    weight's [BLOCK_N, K] rows (K contiguous, as W_UV's are) times x's row, summed in fp32. K is a
+    constexpr (the weight's static shape): the K mask folds away where K == BLOCK_K."""
+    wait_for_producer()  # before any memory access: kernels/pdl.py
+    head = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = tl.program_id(2).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    mask_n = offs_n < N
+    x = tl.load(x_ptr + row * stride_xm + head * stride_xh + offs_k * stride_xk, mask=mask_k, other=0.0)
+    w = tl.load(w_ptr + head * stride_wh + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
+                mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+    acc = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
+    tl.store(out_ptr + row * stride_om + head * stride_oh + offs_n * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=mask_n)
+
+
+_head_gemv_single = autotune_or_single(_head_gemv_kernel, HEAD_GEMV_CONFIGS, key=[])
+
+
+def head_gemv_suits(w: torch.Tensor) -> bool:
+    """Whether head_gemv takes w [H, K, N]: K contiguous (W_UV^T's view) and at most HEAD_GEMV_MAX_K."""
+    return w.stride(1) == 1 and w.shape[1] <= HEAD_GEMV_MAX_K
+
+
+def head_gemv_spec(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> LaunchSpec:
+    """head_gemv's launch for x [M, H, K], w [H, K, N] with K contiguous (head_gemv_suits) into out
+    [M, H, N]; checked by the caller. M may be symbolic (traced)."""
+    m, h, k = x.shape
+    n = w.shape[2]
+    grid = lambda meta: (h, cdiv(n, meta["BLOCK_N"]), m)  # noqa: E731
+    args = (x, w, out, n, *x.stride(), w.stride(0), w.stride(2), *out.stride())
+    return LaunchSpec(_head_gemv_kernel, _head_gemv_single, HEAD_GEMV_CONFIGS, grid, args,
+                      dict(K=k, BLOCK_K=next_pow2(k)))
+
+
+def head_gemv(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None,
+              config: triton.Config | None = None) -> torch.Tensor:
+    """head_gemm's product by CUDA-core FMAs, one row per program: meant for M <= 2 and W_UV's layout
+    (w [H, K, N] with K contiguous, K <= HEAD_GEMV_MAX_K)."""
+    check_head_gemm(x, w, out)
+    if not head_gemv_suits(w):
+        raise ValueError(f"head_gemv: w {tuple(w.shape)} needs K contiguous (strides {w.stride()}) and K <= "
+                         f"{HEAD_GEMV_MAX_K}")
+    m, h, _ = x.shape
+    n = w.shape[2]
+    if out is None:
+        out = torch.empty((m, h, n), dtype=x.dtype, device=x.device)
+    if m and h and n:
+        launch(*head_gemv_spec(x, w, out), config)
+    return out
+
+
 def check_head_gemm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> None:
     """Raise a ValueError/TypeError naming the tensor when (x, w, out) is not what the kernel takes."""
     check_tensor("head_gemm: x", x, dtypes=DTYPES, ndim=3)

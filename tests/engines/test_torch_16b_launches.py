@@ -74,6 +74,8 @@ SETTINGS = {
     "all off": ("fuse_shared_experts", dict(DSV3_TORCH_ROUTER="0", DSV3_TORCH_ABSORB_GEMM="0",
                                             DSV3_TORCH_DECODE_GEMV="0")),
     "decode gemv off": ("", dict(DSV3_TORCH_DECODE_GEMV="0")),
+    "split-k sum kernel": ("", dict(DSV3_TORCH_SPLIT_K_SUM="kernel")),
+    "head gemv": ("", dict(DSV3_TORCH_HEAD_GEMV="1")),
 }
 
 
@@ -141,6 +143,22 @@ def _check_decode_gemv(launches: dict[str, dict]):
     assert sum(gemv.values()) == sum(k_off.values()) + 2 * 2, (gemv, k_off)
 
 
+def _check_split_k_sum_kernel(launches: dict[str, dict]):
+    """DSV3_TORCH_SPLIT_K_SUM=kernel: each decode fp8 GEMM that splits K (wq+wkv_a and wo per layer, the
+    dense MLP's w2: N tiles that leave SMs idle) also launches the sum kernel, gated like the tile GEMM,
+    where Inductor's sum ran (no user-kernel launch); nothing else changes."""
+    k_sum, default = launches["split-k sum kernel"]["kernels"], launches["defaults"]["kernels"]
+    assert k_sum.pop("_split_k_sum_kernel") == 2 * 2 + 1 and "_split_k_sum_kernel" not in default, (k_sum, default)
+    assert k_sum == default, (k_sum, default)
+
+
+def _check_head_gemv(launches: dict[str, dict]):
+    """DSV3_TORCH_HEAD_GEMV=1: each layer's W_UV also launches head_gemv (gated like the decode GEMV)."""
+    k_gemv, default = launches["head gemv"]["kernels"], launches["defaults"]["kernels"]
+    assert k_gemv.pop("_head_gemv_kernel") == 2 and "_head_gemv_kernel" not in default, (k_gemv, default)
+    assert k_gemv == default, (k_gemv, default)
+
+
 @pytest.mark.slow  # ~100 s on 2 cores: one 16b export on meta per pass set, the passes, a lowering per setting
 def test_16b_decode_launches():
     """One test for every setting's checks: the settings share one trace (pytest-xdist would split separate
@@ -149,3 +167,5 @@ def test_16b_decode_launches():
     _check_defaults(launches)
     _check_all_switches_off(launches)
     _check_decode_gemv(launches)
+    _check_split_k_sum_kernel(launches)
+    _check_head_gemv(launches)

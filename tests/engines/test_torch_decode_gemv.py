@@ -60,35 +60,56 @@ for n, k in ((200, 1000), (72, 300)):  # split-K 4 at decode, and no split
         on = tt.fp8_linear(x, w, s, True, True, True)
         off = tt.fp8_linear(x, w, s, True, True, False)
         gemv = kv.fp8_gemv(x, w, s, torch.float32)
+        tile = kg.fp8_gemm(*R.act_quant(x), w, s, torch.float32, shape_class="decode", split_k=split)
         ref = kg.fp8_gemm_ref(*R.act_quant(x), w, s, torch.float32)
         out[key] = dict(split=split, equal_gemv=bool(torch.equal(on, gemv)), equal_off=bool(torch.equal(on, off)),
+                        off_rel_tile=((off - tile).abs().max() / tile.abs().max()).item(),
                         rel=((on - ref).abs().mean() / ref.abs().mean()).item(),
                         finite=bool(torch.isfinite(on).all()))
+from dsv3_export.kernels import mla_absorb as ka  # W_UV at batch <= 2 by head_gemv (DSV3_TORCH_HEAD_GEMV)
+for m in (1, 2, 3):
+    w_uv = torch.randn(3, 40, 130, generator=g).transpose(1, 2)  # [h, c, dv] with c contiguous
+    lat = torch.randn(m, 3, 130, generator=g)
+    if mode == "trace":
+        break
+    both = tt._head_gemm(lat, w_uv, gemv=True)
+    out[f"head_m{m}"] = dict(equal_gemv=bool(torch.equal(both, ka.head_gemv(lat, w_uv))),
+                             equal_tile=bool(torch.equal(both, ka.head_gemm(lat, w_uv))))
 print(json.dumps(out))
 '''
 
 
-def test_small_batches_take_the_gemv_and_the_rest_the_tile_gemm(seed):
-    out = run_script(_SCRIPT, "interpret", seed)
+@pytest.mark.parametrize("split_k_sum", ["inductor", "kernel"])
+def test_small_batches_take_the_gemv_and_the_rest_the_tile_gemm(seed, split_k_sum):
+    """DSV3_TORCH_SPLIT_K_SUM: the split-K sum by Inductor (c.sum) or by the sum kernel, which the GEMV's
+    batches skip (the GEMV then writes the output itself); the same results either way."""
+    out = run_script(_SCRIPT, "interpret", seed, env={"DSV3_TORCH_SPLIT_K_SUM": split_k_sum})
     assert out["n200_k1000_m1"]["split"] > 1 and out["n72_k300_m1"]["split"] == 1, out
+    for m in (1, 2, 3):  # W_UV: head_gemv at m <= 2, head_gemm above
+        assert out.pop(f"head_m{m}")["equal_gemv" if m <= 2 else "equal_tile"], m
     for key, r in out.items():
         m = int(key.rsplit("_m", 1)[1])
         assert r["finite"] and r["rel"] < TOL["fp8_gemm_fp32_out"], (key, r)
+        # the switch-off op is act_quant + the tile GEMM + its split-K sum: fp8_gemm's, up to the sum's order
+        assert r["off_rel_tile"] < 1e-6, (key, r)
         if m <= 2:
             assert r["equal_gemv"], (key, r)
         else:
             assert r["equal_off"], (key, r)
 
 
-def test_traced_op_keeps_both_paths_with_the_gemv_config():
+@pytest.mark.parametrize("split_k_sum", ["inductor", "kernel"])
+def test_traced_op_keeps_both_paths_with_the_gemv_config(split_k_sum):
     """Exported with a dynamic batch (a guard on it would fail the export): both paths' launches, and the
     GEMV with GEMV_CONFIGS[0]'s warps and stages."""
     pytest.importorskip("triton")
     from dsv3_export.kernels.fp8_gemv import GEMV_CONFIGS
 
-    out = run_script(_SCRIPT, "trace")
-    # split-K: GEMV, act_quant, tile GEMM (the sum is Inductor's); no split: the same three launches
-    assert out["n200_k1000_m1_launches"] == out["n72_k300_m1_launches"] == 3, out
+    out = run_script(_SCRIPT, "trace", env={"DSV3_TORCH_SPLIT_K_SUM": split_k_sum})
+    # GEMV, act_quant, tile GEMM; with split-K and the kernel sum also the sum kernel (Inductor's sum is no
+    # user-kernel launch)
+    assert out["n72_k300_m1_launches"] == 3, out
+    assert out["n200_k1000_m1_launches"] == (4 if split_k_sum == "kernel" else 3), out
     first = GEMV_CONFIGS[0]
     assert out["n200_k1000_m1_gemv_configs"] == [[first.num_warps, first.num_stages, first.kwargs]], out
 

@@ -54,7 +54,7 @@ FAMILY_RULES = {
     "fp8": ("act_quant", "weight_dequant", "fp8_gemm", "split_k_sum", "fp8_gemv"),
     "moe": ("grouped_gemm", "moe_align"),
     "mla_decode": ("mla_decode_split",),
-    "mla": ("mla_decode_reduce", "mla_prefill", "head_gemm"),
+    "mla": ("mla_decode_reduce", "mla_prefill", "head_gemm", "head_gemv"),
     "routing": ("router",),
 }
 FAMILIES = tuple(FAMILY_RULES)
@@ -239,6 +239,9 @@ def _cases(all_configs: bool):
                dict(TOPK=6, N_EXTRA=2, BLOCK_N=64))
     for cfg in pick(mla_absorb.HEAD_GEMM_CONFIGS):  # MLA's W_UK / W_UV per-head GEMM (bf16 x and weight views)
         yield ("head_gemm", mla_absorb._head_gemm_kernel, cfg, dict(x_ptr=bf, w_ptr=bf, out_ptr=bf), dict(UPCAST=False))
+    for cfg in mla_absorb.HEAD_GEMV_CONFIGS:  # W_UV at batch <= 2: K = c = 512
+        yield ("head_gemv", mla_absorb._head_gemv_kernel, cfg, dict(x_ptr=bf, w_ptr=bf, out_ptr=bf),
+               dict(K=512, BLOCK_K=512))
 
 
 def main(all_configs: bool, with_usage: bool = False, only: frozenset[str] | None = None,

@@ -101,3 +101,16 @@ def test_empty_and_buckets():
 def test_bad_inputs_name_the_tensor(x, w, out, error, match):
     with pytest.raises(error, match=match):
         ka.head_gemm(x, w, out=out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m, h, k, n", [(1, 3, 130, 40), (2, 2, 72, 13), (5, 1, 512, 9)])
+def test_head_gemv_matches_ref(seed, dtype, m, h, k, n):
+    """head_gemv (the W_UV form: w [h, k, n] with k contiguous) on a strided x; fp32 products summed in
+    another order than head_gemm's dot, so the same bounds as head_gemm."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(h, n, k, generator=g).to(dtype).transpose(1, 2)  # [h, k, n], k contiguous
+    x = _strided_x(g, m, h, k, dtype)
+    _check(ka.head_gemv(x, w), ka.head_gemm_ref(x, w), dtype, "head_gemv")
+    with pytest.raises(ValueError, match="head_gemv: w .* needs K contiguous"):
+        ka.head_gemv(x, w.contiguous())  # N contiguous (W_UK's layout)

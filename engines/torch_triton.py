@@ -75,27 +75,32 @@ MOE_DIRECT_ENV = "DSV3_TORCH_MOE_DIRECT"
 
 
 # The traced fp8 GEMM's split-K reduction (decode Linears whose N tiles leave SMs idle: at the 16b shapes
-# wq+wkv_a and wo): `kernel` kernels/fp8_gemm.py's split-K sum kernel, gated like the tile GEMM, so a
-# batch the GEMV serves (engines/torch_decode_gemv.py) writes its output directly and launches no sum;
-# `inductor` (default) c.sum(dim=0), Inductor's reduction (fused with its consumer, launched at every
-# batch: at batch 1 it sums the GEMV's result with zero partials). Read when a program is lowered.
+# wq+wkv_a, wo and the dense MLP's w2): `kernel` (default) kernels/fp8_gemm.py's split-K sum kernel, gated
+# like the tile GEMM, so a batch the GEMV serves (engines/torch_decode_gemv.py) writes its output directly
+# and launches no sum; `inductor` c.sum(dim=0), Inductor's reduction, fused with its consumer and launched
+# at every batch (at batch 1 it summed the GEMV's result with zero partials). Read when a program is lowered.
+# Default since session 18, with DSV3_TORCH_HEAD_GEMV (27-layer 16b fp8 decode on the H200, CUDA graph, ms
+# per step; benchmarks/RESULTS.md): batch 1 2.226-2.417 with both (4 builds, mean 2.325) against 2.523 /
+# 2.584 without (and session 16's 2.470-2.529), 639 -> 531 kernels per step (Inductor re-fused the glue
+# around the GEMV outputs: ~4 kernels per layer fewer); batch 8 and 64 within the builds' spread.
 SPLIT_K_SUM_ENV = "DSV3_TORCH_SPLIT_K_SUM"
 
 
 def _split_k_sum_kernel() -> bool:
-    return env_choice(SPLIT_K_SUM_ENV, "inductor", {
+    return env_choice(SPLIT_K_SUM_ENV, "kernel", {
         "kernel": "kernels/fp8_gemm.py's sum kernel, not launched where the GEMV runs",
         "inductor": "c.sum(dim=0) in Inductor, at every batch"}) == "kernel"
 
 
-# The decode program's W_UV projection at batch <= 2 (with DSV3_TORCH_DECODE_GEMV on): `1` kernels/mla_absorb.py
-# head_gemv (CUDA-core FMAs, one row per program), head_gemm above, each launch gated by the batch; `0`
-# (default) head_gemm at every batch. Read when a program is lowered.
+# The decode program's W_UV projection at batch <= 2 (with DSV3_TORCH_DECODE_GEMV on): `1` (default)
+# kernels/mla_absorb.py head_gemv (CUDA-core FMAs, one row per program), head_gemm above, each launch gated by
+# the batch; `0` head_gemm at every batch. Read when a program is lowered. Session 18 (H200, 27-layer batch-1
+# profile): 2.3 us per call (62 us per step) where head_gemm's W_UV launches took ~3.1-4.2.
 HEAD_GEMV_ENV = "DSV3_TORCH_HEAD_GEMV"
 
 
 def _head_gemv() -> bool:
-    return env_choice(HEAD_GEMV_ENV, "0", {"1": "W_UV by head_gemv at batch <= 2", "0": "head_gemm"}) == "1"
+    return env_choice(HEAD_GEMV_ENV, "1", {"1": "W_UV by head_gemv at batch <= 2", "0": "head_gemm"}) == "1"
 
 
 def _moe_direct() -> bool:

@@ -72,10 +72,9 @@ print(json.dumps(results))
 SETTINGS = {
     "defaults": ("", {}),
     "all off": ("fuse_shared_experts", dict(DSV3_TORCH_ROUTER="0", DSV3_TORCH_ABSORB_GEMM="0",
-                                            DSV3_TORCH_DECODE_GEMV="0")),
+                                            DSV3_TORCH_DECODE_GEMV="0", DSV3_TORCH_SPLIT_K_SUM="inductor")),
     "decode gemv off": ("", dict(DSV3_TORCH_DECODE_GEMV="0")),
-    "split-k sum kernel": ("", dict(DSV3_TORCH_SPLIT_K_SUM="kernel")),
-    "head gemv": ("", dict(DSV3_TORCH_HEAD_GEMV="1")),
+    "session-18 switches off": ("", dict(DSV3_TORCH_SPLIT_K_SUM="inductor", DSV3_TORCH_HEAD_GEMV="0")),
 }
 
 
@@ -115,13 +114,15 @@ def _check_defaults(launches: dict[str, dict]):
     # MLA's absorbed W_UK and W_UV per layer: kernels/mla_absorb.py head_gemm, no einsum's bmm
     assert k["_head_gemm_kernel"] == 2 * 2 and not any(".bmm." in e for e in default["extern"]), (k, default["extern"])
     assert k["_mla_decode_split_kernel"] == k["_mla_decode_reduce_kernel"] == 2, k
-    assert sum(k.values()) == 28 + 2 * 2, k  # + the GEMV of wq+wkv_a and wo per layer (_check_decode_gemv)
+    # + per layer the GEMV of wq+wkv_a and wo and W_UV's head_gemv (_check_decode_gemv, _check_session18_switches), and
+    # the split-K sums of wq+wkv_a, wo and w2 (_check_session18_switches)
+    assert sum(k.values()) == 28 + 2 * 2 + 2 + 5, k
 
 
 def _check_all_switches_off(launches: dict[str, dict]):
-    """The router kernel, head_gemm and the decode GEMV off, fuse_shared_experts left out (then the MoE layer also runs
-    torch's top-k, 2 launches, and the Inductor kernels of the softmax, gather and the shared experts'
-    SwiGLU, add and split-K sums, not counted here)."""
+    """The router kernel, head_gemm, the decode GEMV and the split-K sum kernel off, fuse_shared_experts left out
+    (then the MoE layer also runs torch's top-k, 2 launches, and the Inductor kernels of the softmax, gather
+    and the shared experts' SwiGLU, add and split-K sums, not counted here)."""
     old = launches["all off"]
     k_old = old["kernels"]
     assert not {"_router_kernel", "_head_gemm_kernel"} & set(k_old), k_old
@@ -137,26 +138,22 @@ def _check_decode_gemv(launches: dict[str, dict]):
     """DSV3_TORCH_DECODE_GEMV (default auto: on, the program traced at batch 64; session 13, default since
     session 16): wq+wkv_a and wo of each layer also launch kernels/fp8_gemv.py, beside act_quant + the tile
     GEMM (each side's grid empty at the batches of the other); the dense MLP's Linears (45 MB, K=10944) do
-    not. `0` leaves the GEMV out."""
+    not. `0` leaves the GEMV out, and W_UV's head_gemv with it (the same gate)."""
     gemv, k_off = launches["defaults"]["kernels"], launches["decode gemv off"]["kernels"]
     assert "_fp8_gemv_kernel" not in k_off and gemv["_fp8_gemv_kernel"] == 2 * 2, gemv
-    assert sum(gemv.values()) == sum(k_off.values()) + 2 * 2, (gemv, k_off)
+    assert "_head_gemv_kernel" not in k_off, k_off
+    assert sum(gemv.values()) == sum(k_off.values()) + 2 * 2 + 2, (gemv, k_off)
 
 
-def _check_split_k_sum_kernel(launches: dict[str, dict]):
-    """DSV3_TORCH_SPLIT_K_SUM=kernel: each decode fp8 GEMM that splits K (wq+wkv_a and wo per layer, the
-    dense MLP's w2: N tiles that leave SMs idle) also launches the sum kernel, gated like the tile GEMM,
-    where Inductor's sum ran (no user-kernel launch); nothing else changes."""
-    k_sum, default = launches["split-k sum kernel"]["kernels"], launches["defaults"]["kernels"]
-    assert k_sum.pop("_split_k_sum_kernel") == 2 * 2 + 1 and "_split_k_sum_kernel" not in default, (k_sum, default)
-    assert k_sum == default, (k_sum, default)
-
-
-def _check_head_gemv(launches: dict[str, dict]):
-    """DSV3_TORCH_HEAD_GEMV=1: each layer's W_UV also launches head_gemv (gated like the decode GEMV)."""
-    k_gemv, default = launches["head gemv"]["kernels"], launches["defaults"]["kernels"]
-    assert k_gemv.pop("_head_gemv_kernel") == 2 and "_head_gemv_kernel" not in default, (k_gemv, default)
-    assert k_gemv == default, (k_gemv, default)
+def _check_session18_switches(launches: dict[str, dict]):
+    """DSV3_TORCH_SPLIT_K_SUM (default kernel): each decode fp8 GEMM that splits K (wq+wkv_a and wo per layer,
+    the dense MLP's w2: N tiles that leave SMs idle) also launches the sum kernel, gated like the tile GEMM;
+    `inductor` sums with Inductor's reduction (no user-kernel launch). DSV3_TORCH_HEAD_GEMV (default 1): each
+    layer's W_UV also launches head_gemv, gated like the decode GEMV; `0` leaves it out. Nothing else changes."""
+    default, k_off = dict(launches["defaults"]["kernels"]), launches["session-18 switches off"]["kernels"]
+    assert default.pop("_split_k_sum_kernel") == 2 * 2 + 1, default
+    assert default.pop("_head_gemv_kernel") == 2, default
+    assert k_off == default, (k_off, default)
 
 
 @pytest.mark.slow  # ~100 s on 2 cores: one 16b export on meta per pass set, the passes, a lowering per setting
@@ -167,5 +164,4 @@ def test_16b_decode_launches():
     _check_defaults(launches)
     _check_all_switches_off(launches)
     _check_decode_gemv(launches)
-    _check_split_k_sum_kernel(launches)
-    _check_head_gemv(launches)
+    _check_session18_switches(launches)

@@ -4,8 +4,10 @@
 
 Numerics in the Triton CPU interpreter (a subprocess: TRITON_INTERPRET is set before the kernels are
 decorated): dsv3_aoti::fp8_linear with the switch on equals, bit for bit, the GEMV alone at M <= 2 and
-the switch-off op (act_quant + tile GEMM) above, both with and without split-K partials (the GEMV then
-writes split 0 and zeros the rest), and is within the fp8 GEMM tolerance of dequantize-then-matmul.
+the switch-off op (act_quant + tile GEMM) above, both with and without split-K partials (summed by the
+sum kernel, which the GEMV's batches skip, or with DSV3_TORCH_SPLIT_K_SUM=inductor by Inductor: the GEMV
+then writes split 0 and zeros the rest), and is within the fp8 GEMM tolerance of dequantize-then-matmul;
+W_UV's head_gemv (DSV3_TORCH_HEAD_GEMV) equals head_gemv at M <= 2 and head_gemm above.
 Traced (no interpreter): the op holds both paths, each launch's grid gated by the symbolic batch (no
 guard, the batch stays dynamic).
 """
@@ -26,12 +28,13 @@ from dsv3_export.reference import fp8 as R
 
 g = torch.Generator().manual_seed(seed)
 out = {}
-for n, k in ((200, 1000), (72, 300)):  # split-K 4 at decode, and no split
+for n, k, sum_form in ((200, 1000, "kernel"), (200, 1000, "inductor"), (72, 300, "kernel")):  # split-K 4, no split
+    os.environ["DSV3_TORCH_SPLIT_K_SUM"] = sum_form  # read by each call (when a program is lowered)
     w, s = R.weight_quant(torch.randn(n, k, generator=g) / k**0.5)
     split = kg._choose_split_k(tt.FP8_DECODE_M, n, -(-k // 128), torch.device("cpu"))
     for m in (1, 2, 3, 5):
         x = torch.randn(m, k, generator=g) * 2
-        key = f"n{n}_k{k}_m{m}"
+        key = f"n{n}_k{k}_{sum_form}_m{m}"
         if mode == "trace":
             from torch.export import Dim, export
 
@@ -79,12 +82,11 @@ print(json.dumps(out))
 '''
 
 
-@pytest.mark.parametrize("split_k_sum", ["inductor", "kernel"])
-def test_small_batches_take_the_gemv_and_the_rest_the_tile_gemm(seed, split_k_sum):
-    """DSV3_TORCH_SPLIT_K_SUM: the split-K sum by Inductor (c.sum) or by the sum kernel, which the GEMV's
-    batches skip (the GEMV then writes the output itself); the same results either way."""
-    out = run_script(_SCRIPT, "interpret", seed, env={"DSV3_TORCH_SPLIT_K_SUM": split_k_sum})
-    assert out["n200_k1000_m1"]["split"] > 1 and out["n72_k300_m1"]["split"] == 1, out
+def test_small_batches_take_the_gemv_and_the_rest_the_tile_gemm(seed):
+    """Both DSV3_TORCH_SPLIT_K_SUM forms: the split-K sum by the sum kernel (default), which the GEMV's
+    batches skip (the GEMV then writes the output itself), or by Inductor (c.sum); the same results."""
+    out = run_script(_SCRIPT, "interpret", seed)
+    assert out["n200_k1000_kernel_m1"]["split"] > 1 and out["n72_k300_kernel_m1"]["split"] == 1, out
     for m in (1, 2, 3):  # W_UV: head_gemv at m <= 2, head_gemm above
         assert out.pop(f"head_m{m}")["equal_gemv" if m <= 2 else "equal_tile"], m
     for key, r in out.items():
@@ -98,20 +100,19 @@ def test_small_batches_take_the_gemv_and_the_rest_the_tile_gemm(seed, split_k_su
             assert r["equal_off"], (key, r)
 
 
-@pytest.mark.parametrize("split_k_sum", ["inductor", "kernel"])
-def test_traced_op_keeps_both_paths_with_the_gemv_config(split_k_sum):
+def test_traced_op_keeps_both_paths_with_the_gemv_config():
     """Exported with a dynamic batch (a guard on it would fail the export): both paths' launches, and the
     GEMV with GEMV_CONFIGS[0]'s warps and stages."""
     pytest.importorskip("triton")
     from dsv3_export.kernels.fp8_gemv import GEMV_CONFIGS
 
-    out = run_script(_SCRIPT, "trace", env={"DSV3_TORCH_SPLIT_K_SUM": split_k_sum})
-    # GEMV, act_quant, tile GEMM; with split-K and the kernel sum also the sum kernel (Inductor's sum is no
-    # user-kernel launch)
-    assert out["n72_k300_m1_launches"] == 3, out
-    assert out["n200_k1000_m1_launches"] == (4 if split_k_sum == "kernel" else 3), out
+    out = run_script(_SCRIPT, "trace")
+    # GEMV, act_quant, tile GEMM; with split-K and the kernel sum (the default) also the sum kernel (Inductor's
+    # sum is no user-kernel launch)
+    assert out["n72_k300_kernel_m1_launches"] == out["n200_k1000_inductor_m1_launches"] == 3, out
+    assert out["n200_k1000_kernel_m1_launches"] == 4, out
     first = GEMV_CONFIGS[0]
-    assert out["n200_k1000_m1_gemv_configs"] == [[first.num_warps, first.num_stages, first.kwargs]], out
+    assert out["n200_k1000_kernel_m1_gemv_configs"] == [[first.num_warps, first.num_stages, first.kwargs]], out
 
 
 def test_gemv_suits_the_small_weights_only():

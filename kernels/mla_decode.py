@@ -90,6 +90,22 @@ DECODE_VARIANT = "pointer"
 _INTERPRETED = is_interpreted(_mla_decode_split_kernel)
 _decode_tuned = autotune_or_single(_mla_decode_split_kernel, DECODE_CONFIGS,
                                    key=["H", "C", "R", "NUM_SPLITS", "SPLIT_TARGET"])
+
+
+def _decode_config(block_n: int, warps: int, stages: int, prefetch: int) -> triton.Config:
+    return next(c for c in DECODE_CONFIGS if not c.maxnreg and (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
+                                                               c.kwargs["PREFETCH"]) == (block_n, warps, stages, prefetch))
+
+
+# The split kernel's config in traced programs (AOTInductor packages): pinned, not autotuned. A package is
+# tuned once, at its tuning batch (64 x 1024), and session 18's builds picked four different configs there
+# (the same config timed at 19 and 44 us in two builds): noise. Pinned, every DECODE_CONFIGS entry at the 16b
+# decode program's shapes (benchmarks/mla_config_probe.py, H200, CUDA graphs of 27 calls on 27 caches, split +
+# merge, the new token beside the cache, runtime splits), us per call at B = 1 / 8 / 64, context 1024:
+# BN64 w4 s2 P2 9.94 / 12.20 / 39.21 (the fastest or within 0.5% at each), BN32 w4 s3 10.14 / 12.21 / 40.40,
+# BN32 w8 s3 11.12 / 13.32 / 46.06, BN16 w8 s5 (two of six builds' pick) 14.84 / 16.53 / 73.04.
+TRACED_DECODE_CONFIG = _decode_config(64, 4, 2, 2)
+_decode_pinned = autotune_or_single(_mla_decode_split_kernel, [TRACED_DECODE_CONFIG], key=[])
 # The config the autotuner chose, per (H, C, R, NUM_SPLITS, dtype, HAS_NEW, SPLIT_TARGET, variant); later
 # eager calls launch the kernel with it directly. Autotuner.run re-keys all ~30 arguments on every call (list
 # lookups, str(dtype)): host time each decode step pays before its kernels are queued.
@@ -139,6 +155,8 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     o_part, lse = split_partials(bsz, heads, splits, c, dev)
     grid = (bsz, head_blocks, splits)
     tuned = None if VARIANT_FLAGS[variant]["EARLY"] else _decode_tuned  # early: pinned (`config`, else the first)
+    if tuned is not None and config is None and tracing():
+        tuned = _decode_pinned  # a package's launch: TRACED_DECODE_CONFIG, through a one-config autotuner
     rule = dict(SPLIT_TARGET=split_target, MIN_SPLITS=RUNTIME_MIN_SPLITS, MIN_KEYS=MIN_SPLIT_KEYS)
     tune_key = (heads, c, r, splits, q_latent.dtype, has_new, split_target, variant)
     eager_tuned = config is None and tuned is not None and not tracing()  # tracing needs the autotuner

@@ -75,8 +75,8 @@ SETTINGS = {
     "defaults": ("", {}),
     "all off": ("fuse_shared_experts", dict(DSV3_TORCH_ROUTER="0", DSV3_TORCH_ABSORB_GEMM="0",
                                             DSV3_TORCH_DECODE_GEMV="0", DSV3_TORCH_SPLIT_K_SUM="inductor")),
-    "decode gemv off": ("", dict(DSV3_TORCH_DECODE_GEMV="0")),
-    "session-18 switches off": ("", dict(DSV3_TORCH_SPLIT_K_SUM="inductor", DSV3_TORCH_HEAD_GEMV="0")),
+    # the GEMV off takes W_UV's head_gemv with it (the same gate); the split-K sums back to Inductor's
+    "decode gemv off": ("", dict(DSV3_TORCH_DECODE_GEMV="0", DSV3_TORCH_SPLIT_K_SUM="inductor")),
 }
 
 
@@ -119,8 +119,8 @@ def _check_defaults(launches: dict[str, dict]):
     # the split kernel pinned (kernels/mla_decode.py TRACED_DECODE_CONFIG), not autotuned at the tuning batch
     from dsv3_export.kernels.mla_decode import TRACED_DECODE_CONFIG
     assert default["configs"]["_mla_decode_split_kernel"] == [str(TRACED_DECODE_CONFIG)], default["configs"]
-    # + per layer the GEMV of wq+wkv_a and wo and W_UV's head_gemv (_check_decode_gemv, _check_session18_switches), and
-    # the split-K sums of wq+wkv_a, wo and w2 (_check_session18_switches)
+    # + per layer the GEMV of wq+wkv_a and wo and W_UV's head_gemv (_check_decode_gemv), and
+    # the split-K sums of wq+wkv_a, wo and w2 (_check_decode_gemv)
     assert sum(k.values()) == 28 + 2 * 2 + 2 + 5, k
 
 
@@ -143,21 +143,15 @@ def _check_decode_gemv(launches: dict[str, dict]):
     """DSV3_TORCH_DECODE_GEMV (default auto: on, the program traced at batch 64; session 13, default since
     session 16): wq+wkv_a and wo of each layer also launch kernels/fp8_gemv.py, beside act_quant + the tile
     GEMM (each side's grid empty at the batches of the other); the dense MLP's Linears (45 MB, K=10944) do
-    not. `0` leaves the GEMV out, and W_UV's head_gemv with it (the same gate)."""
-    gemv, k_off = launches["defaults"]["kernels"], launches["decode gemv off"]["kernels"]
-    assert "_fp8_gemv_kernel" not in k_off and gemv["_fp8_gemv_kernel"] == 2 * 2, gemv
-    assert "_head_gemv_kernel" not in k_off, k_off
-    assert sum(gemv.values()) == sum(k_off.values()) + 2 * 2 + 2, (gemv, k_off)
-
-
-def _check_session18_switches(launches: dict[str, dict]):
-    """DSV3_TORCH_SPLIT_K_SUM (default kernel): each decode fp8 GEMM that splits K (wq+wkv_a and wo per layer,
-    the dense MLP's w2: N tiles that leave SMs idle) also launches the sum kernel, gated like the tile GEMM;
-    `inductor` sums with Inductor's reduction (no user-kernel launch). DSV3_TORCH_HEAD_GEMV (default 1): each
-    layer's W_UV also launches head_gemv, gated like the decode GEMV; `0` leaves it out. Nothing else changes."""
-    default, k_off = dict(launches["defaults"]["kernels"]), launches["session-18 switches off"]["kernels"]
-    assert default.pop("_split_k_sum_kernel") == 2 * 2 + 1, default
+    not. With it, DSV3_TORCH_HEAD_GEMV (default 1, session 18): each layer's W_UV also launches head_gemv.
+    DSV3_TORCH_SPLIT_K_SUM (default kernel, session 18): each decode fp8 GEMM that splits K (wq+wkv_a and wo
+    per layer, the dense MLP's w2: N tiles that leave SMs idle) also launches the sum kernel, gated like the
+    tile GEMM; `inductor` sums with Inductor's reduction (no user-kernel launch). The setting "decode gemv
+    off" turns off the GEMV (and so head_gemv) and the sum kernel: nothing else changes."""
+    default, k_off = dict(launches["defaults"]["kernels"]), launches["decode gemv off"]["kernels"]
+    assert default.pop("_fp8_gemv_kernel") == 2 * 2, default
     assert default.pop("_head_gemv_kernel") == 2, default
+    assert default.pop("_split_k_sum_kernel") == 2 * 2 + 1, default
     assert k_off == default, (k_off, default)
 
 
@@ -169,4 +163,3 @@ def test_16b_decode_launches():
     _check_defaults(launches)
     _check_all_switches_off(launches)
     _check_decode_gemv(launches)
-    _check_session18_switches(launches)

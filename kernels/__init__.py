@@ -2,7 +2,9 @@
 
 One family per module, each with its kernel(s), a checking launcher and a pure-torch `*_ref`:
   fp8_quant       act_quant (1x128 activation quant), weight_dequant (128x128 blocks)
-  fp8_gemm        fp8_gemm (blockwise-scaled, split-K for decode), fp8_linear = act_quant + fp8_gemm
+  fp8_gemm        fp8_gemm (blockwise-scaled, split-K for decode, the split-K sum kernel), fp8_linear =
+                  act_quant + fp8_gemm; fp8_gemm_persistent: the TMA persistent prefill candidate
+  fp8_gemv        fp8_gemv / moe_gemv: W8A8 for a few rows, the activation quantized in registers (decode)
   moe             grouped_gemm (fp8 or bf16, fused SwiGLU / routing weight), fused_moe; moe_align re-exported
   moe_align       moe_align (token assignments grouped and padded per expert), moe_align_ref (ATen form)
   mla_attention   the MLA family's entry point: shared checks, mla_decode_ref / mla_prefill_ref, and
@@ -11,6 +13,8 @@ One family per module, each with its kernel(s), a checking launcher and a pure-t
   mla_decode_kernels  mla_decode's Triton kernels (the split kernel, the reduce kernel)
   mla_splits      how many KV splits mla_decode uses: choose_num_splits (host), the runtime rule (traced)
   mla_prefill     mla_prefill (causal)
+  mla_absorb      head_gemm: MLA's absorbed per-head projections (W_UK, W_UV); head_gemv, its CUDA-core
+                  form for one or two rows (W_UV in the batch-1 decode step)
   topk            router_topk: the softmax MoE router (softmax, top-k, weights, the shared experts'
                   columns) from its logits, one launch
   pdl             which kernels wait for their producer (programmatic dependent launch, opt-in)

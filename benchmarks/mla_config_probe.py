@@ -1,7 +1,7 @@
 """Which MLA decode split-kernel config the decode program should run: every kernels/mla_decode.py
 DECODE_CONFIGS entry, pinned, at the 16b decode program's shapes, timed the way the step runs it.
 
-Why: the decode program is autotuned once, at 64 x 1024, and session 18's four builds picked four
+Why: the decode program is autotuned once, at 64 x 1024, and session 18's six builds picked four
 different configs there (BN16 w8 s5, BN64 w4 s2 P1, BN32 w8 s3, BN32 w8 s4), with the same config
 timed 19 and 44 us in two builds; at batch 1 the picks then ran 7.1 to 11.9 us per call in the step
 profiles (192 to 321 us per 27-layer step). A graph of one call (kbench mla_sweep) is dominated by the
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kbench.common import _bootstrap_imports  # noqa: E402
@@ -32,7 +33,7 @@ from dsv3_export.kernels.mla_attention import mla_decode_ref  # noqa: E402
 
 GPU = torch.cuda.is_available()
 H, C, R = (16, 512, 64) if GPU else (4, 64, 16)
-SCALE = (128 + 64) ** -0.5
+SCALE = (128 + 64) ** -0.5  # the 16b preset's softmax scale: (qk_nope_head_dim + qk_rope_head_dim) ** -0.5
 SHAPES = ((1, 1024), (8, 1024), (64, 1024)) if GPU else ((1, 45), (3, 70))  # (batch, cached keys + the new one)
 LAYERS = 27 if GPU else 2
 CONFIGS = kd.DECODE_CONFIGS if GPU else kd.DECODE_CONFIGS[:2]
@@ -73,8 +74,6 @@ def run_point(cfg, caches, q, qp, seqlens):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outs = step()
-    import triton
-
     ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
     torch.cuda.synchronize()
     return ms * 1e3 / LAYERS, outs[-1]

@@ -32,7 +32,8 @@ DECODE_GEMV_CHOICES = {
     "auto": f"fp8_gemv at batch <= {kv.GEMV_MAX_ROWS} for the small Linears of a decode program traced above "
             f"batch {kv.GEMV_MAX_ROWS}",
     "1": f"fp8_gemv at batch <= {kv.GEMV_MAX_ROWS} for the small Linears, decode program",
-    "0": "act_quant + tile GEMM at every batch"}
+    "0": "act_quant + tile GEMM at every batch (and W_UV by head_gemm, the split-K sums by Inductor: "
+         "DSV3_TORCH_HEAD_GEMV and DSV3_TORCH_SPLIT_K_SUM=auto follow this switch)"}
 
 
 def decode_gemv(kind: str, traced_batch: int | None = None) -> bool:

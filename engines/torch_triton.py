@@ -17,7 +17,8 @@ Lowered here (engines/torch_lower.py uses these on CUDA, ATen math for the rest)
                              the decode program, causal mla_prefill in the prefill program; new keys
                              passed separately, the cache is only read), then W_UV. The decode program's
                              W_UK and W_UV are kernels/mla_absorb.py head_gemm (one launch each on the
-                             strided views; DSV3_TORCH_ABSORB_GEMM=0: einsums), prefill's are einsums.
+                             strided views; DSV3_TORCH_ABSORB_GEMM=0: einsums), W_UV at batch <= 2 its
+                             CUDA-core form head_gemv (DSV3_TORCH_HEAD_GEMV); prefill's are einsums.
                              bf16/fp16; fp32 engines keep ATen (the kernel's fp32 dots are TF32).
     dsv3::fp8_linear       -> dsv3_aoti::fp8_linear       act_quant=True: act_quant + fp8 x fp8 GEMM;
                              act_quant=False: the weight-only GEMM (fp8 widened in registers; bf16/fp16
@@ -74,28 +75,33 @@ ABSORB_ENV = "DSV3_TORCH_ABSORB_GEMM"
 MOE_DIRECT_ENV = "DSV3_TORCH_MOE_DIRECT"
 
 
-# The traced fp8 GEMM's split-K reduction (decode Linears whose N tiles leave SMs idle: at the 16b shapes
-# wq+wkv_a, wo and the dense MLP's w2): `kernel` (default) kernels/fp8_gemm.py's split-K sum kernel, gated
-# like the tile GEMM, so a batch the GEMV serves (engines/torch_decode_gemv.py) writes its output directly
-# and launches no sum; `inductor` c.sum(dim=0), Inductor's reduction, fused with its consumer and launched
-# at every batch (at batch 1 it summed the GEMV's result with zero partials). Read when a program is lowered.
-# Default since session 18, with DSV3_TORCH_HEAD_GEMV (27-layer 16b fp8 decode on the H200, CUDA graph, ms
-# per step; benchmarks/RESULTS.md): batch 1 2.226-2.417 with both (4 builds, mean 2.325) against 2.523 /
-# 2.584 without (and session 16's 2.470-2.529), 639 -> 531 kernels per step (Inductor re-fused the glue
-# around the GEMV outputs: ~4 kernels per layer fewer); batch 8 and 64 within the builds' spread.
+# The decode fp8 GEMMs' split-K reduction (Linears whose N tiles leave SMs idle: at the 16b shapes wq+wkv_a,
+# wo and the dense MLP's w2): `kernel` kernels/fp8_gemm.py's split-K sum kernel, gated like the tile GEMM, so
+# a batch the GEMV serves (engines/torch_decode_gemv.py) writes its output directly and launches no sum;
+# `inductor` c.sum(dim=0), Inductor's reduction, fused with its consumer and launched at every batch (with the
+# GEMV it summed the GEMV's result with zero partials); `auto` (default) the kernel in a decode program with the
+# GEMV, Inductor's otherwise (the only pairings measured). Read when a program is lowered. The kernel with the
+# GEMV is the default since session 18, with DSV3_TORCH_HEAD_GEMV (27-layer 16b fp8 decode on the H200, CUDA
+# graph, ms per step; benchmarks/RESULTS.md): batch 1 2.226-2.417 with both (4 builds, mean 2.325) against
+# 2.523 / 2.584 without (and session 16's 2.470-2.529), 639 -> 531 kernels per step (Inductor re-fused the
+# glue around the GEMV outputs: ~4 kernels per layer fewer); batch 8 and 64 within the builds' spread.
 SPLIT_K_SUM_ENV = "DSV3_TORCH_SPLIT_K_SUM"
 
 
-def _split_k_sum_kernel() -> bool:
-    return env_choice(SPLIT_K_SUM_ENV, "kernel", {
+def _split_k_sum_kernel(kind: str, gemv: bool) -> bool:
+    """Whether a program of `kind` (with the decode GEMV or not) sums split-K partials with the kernel."""
+    choice = env_choice(SPLIT_K_SUM_ENV, "auto", {
+        "auto": "the sum kernel in a decode program with the GEMV, Inductor's sum otherwise",
         "kernel": "kernels/fp8_gemm.py's sum kernel, not launched where the GEMV runs",
-        "inductor": "c.sum(dim=0) in Inductor, at every batch"}) == "kernel"
+        "inductor": "c.sum(dim=0) in Inductor, at every batch"})
+    return kind == "decode" and (choice == "kernel" or (choice == "auto" and gemv))
 
 
 # The decode program's W_UV projection at batch <= 2 (with DSV3_TORCH_DECODE_GEMV on): `1` (default)
 # kernels/mla_absorb.py head_gemv (CUDA-core FMAs, one row per program), head_gemm above, each launch gated by
 # the batch; `0` head_gemm at every batch. Read when a program is lowered. Session 18 (H200, 27-layer batch-1
-# profile): 2.3 us per call (62 us per step) where head_gemm's W_UV launches took ~3.1-4.2.
+# profile): 2.3 us per call (62 us per step), where head_gemm took 3.1-4.2 us per call on average over W_UK
+# and W_UV in the builds without it.
 HEAD_GEMV_ENV = "DSV3_TORCH_HEAD_GEMV"
 
 
@@ -201,13 +207,14 @@ def moe_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
 
 
 def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor,
-              out_dtype: torch.dtype, kind: str, small_batch=None) -> torch.Tensor:
+              out_dtype: torch.dtype, kind: str, small_batch=None, kernel_sum: bool = False) -> torch.Tensor:
     """kernels/fp8_gemm.py fp8_gemm's launch with M symbolic: tiles and split-K from `kind` and the
     weight's static [N, K] (fp8_gemm itself buckets M with int(M), a guard on the traced size).
     a fp8 [M, K] + a_s [M, ceil(K/128)], or bf16/fp16 [M, K] with a_s None (weight-only).
     small_batch (x, gate), decode: kernels/fp8_gemv.py from the unquantized x [M, K] when gate is 1
-    (kv.gemv_gate(M)), into the same output or split-K partials (the sum below then adds its zeros);
-    the tile GEMM launches nothing then."""
+    (kv.gemv_gate(M)); the tile GEMM launches nothing then. kernel_sum (SPLIT_K_SUM_ENV): split-K partials
+    summed by the sum kernel, gated like the tile GEMM (the GEMV writes the output itself); else by
+    Inductor's c.sum (the GEMV then writes split 0 and zeros the rest, which the sum adds)."""
     m, k = a.shape
     n = w.shape[0]
     k_blocks = cdiv(k, QUANT_BLOCK)
@@ -219,7 +226,7 @@ def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: t
         c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     else:
         c = torch.empty((split, m, n), dtype=torch.float32, device=a.device)  # [S, M, N] partials
-    kernel_sum = split > 1 and _split_k_sum_kernel()
+    kernel_sum = split > 1 and kernel_sum
     out = torch.empty((m, n), dtype=out_dtype, device=a.device) if kernel_sum else c
     tile_gate = 1
     if small_batch is not None:
@@ -235,22 +242,23 @@ def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: t
 
 @triton_op("dsv3_aoti::fp8_linear", mutates_args={})
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool,
-               decode: bool, gemv: bool = False) -> torch.Tensor:
+               decode: bool, gemv: bool = False, split_k_sum: bool = False) -> torch.Tensor:
     """dsv3::fp8_linear: x [..., K] -> [..., N]; act_quant 1x128 + fp8 GEMM, or weight-only.
     gemv (decode, act_quant; DECODE_GEMV_ENV): batches of at most kv.GEMV_MAX_ROWS rows run
-    kernels/fp8_gemv.py instead of act_quant + the GEMM, which then launch nothing."""
+    kernels/fp8_gemv.py instead of act_quant + the GEMM, which then launch nothing. split_k_sum
+    (SPLIT_K_SUM_ENV): split-K partials summed by the sum kernel instead of Inductor's c.sum."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     kind = "decode" if decode else "prefill"
     if act_quant and gemv and decode:
         gate = kv.gemv_gate(x2.shape[0])  # 1 at M <= GEMV_MAX_ROWS, else 0 (symbolic: no guard)
         xq, xs = _act_quant(x2, 1 - gate)
-        y = _fp8_gemm(xq, xs, weight, scale, x.dtype, kind, small_batch=(x2, gate))  # [M, N]
+        y = _fp8_gemm(xq, xs, weight, scale, x.dtype, kind, small_batch=(x2, gate), kernel_sum=split_k_sum)
     elif act_quant:
         xq, xs = _act_quant(x2)
-        y = _fp8_gemm(xq, xs, weight, scale, x.dtype, kind)  # [M, N]
+        y = _fp8_gemm(xq, xs, weight, scale, x.dtype, kind, kernel_sum=split_k_sum)  # [M, N]
     else:
-        y = _fp8_gemm(x2, None, weight, scale, x.dtype, kind)  # [M, N]
+        y = _fp8_gemm(x2, None, weight, scale, x.dtype, kind, kernel_sum=split_k_sum)  # [M, N]
     return y.reshape(*x.shape[:-1], weight.shape[0])  # [..., N]
 
 
@@ -337,6 +345,7 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
     gemv = decode_gemv(kind) if gemv is None else gemv
     absorb = _absorb_gemm()
     head_gemv = gemv and _head_gemv()  # with the decode GEMV: the same gate and the same tuning-batch rule
+    kernel_sum = _split_k_sum_kernel(kind, gemv)
     align_form = env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS)
     routing = "moe_align " + ("in ATen ops" if align_form == "aten" else "kernel")
 
@@ -366,7 +375,7 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
         if not act_quant and x.dtype not in kg.DENSE_DTYPES:  # weight-only GEMM: bf16/fp16 activations
             return ATEN_LOWERINGS["dsv3::fp8_linear"](x, weight, scale, act_quant)
         small = gemv and act_quant and kv.gemv_suits(*weight.shape)
-        return fp8_linear(x, weight, scale, act_quant, kind == "decode", small)
+        return fp8_linear(x, weight, scale, act_quant, kind == "decode", small, kernel_sum)
 
     lower_moe.how = (f"triton_op dsv3_aoti::moe_experts (kernels/moe.py grouped GEMMs; {routing}) for bf16/fp16; "
                      "ATen math for fp32")
@@ -375,7 +384,7 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
     lower_mla.how = ("triton_op dsv3_aoti::mla_attention ("
                      + ("W_UK and W_UV by kernels/mla_absorb.py head_gemm in the decode program, einsums in "
                         "prefill" if absorb else "W_UK and W_UV by einsums")
-                     + (f", W_UV by head_gemv at batch <= {kv.GEMV_MAX_ROWS}" if head_gemv else "")
+                     + (f", W_UV by head_gemv at batch <= {kv.GEMV_MAX_ROWS}" if absorb and head_gemv else "")
                      + "; kernels/mla_attention.py over [cache | new]: mla_decode in the decode program, "
                      "mla_prefill in prefill) for bf16/fp16; ATen math for fp32")
     lower_fp8_linear.how = ("triton_op dsv3_aoti::fp8_linear (kernels/fp8_gemm.py: act_quant + fp8 GEMM"
@@ -384,7 +393,7 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
                                "; no fp8_gemv (DSV3_TORCH_DECODE_GEMV=0, or the decode program traced at batch "
                                f"<= {kv.GEMV_MAX_ROWS})" if kind == "decode" else "")
                             + ", or weight-only for bf16/fp16 x"
-                            + ("; split-K sums by the sum kernel" if _split_k_sum_kernel() else "")
+                            + ("; split-K sums by the sum kernel" if kernel_sum else "")
                             + "); ATen math for weight-only fp32 x")
     return {"dsv3::moe_experts": lower_moe, "dsv3::moe_experts_fp8": lower_moe_fp8,
             "dsv3::mla_attention": lower_mla, "dsv3::fp8_linear": lower_fp8_linear}

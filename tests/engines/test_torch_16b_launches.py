@@ -74,9 +74,10 @@ print(json.dumps(results))
 SETTINGS = {
     "defaults": ("", {}),
     "all off": ("fuse_shared_experts", dict(DSV3_TORCH_ROUTER="0", DSV3_TORCH_ABSORB_GEMM="0",
-                                            DSV3_TORCH_DECODE_GEMV="0", DSV3_TORCH_SPLIT_K_SUM="inductor")),
-    # the GEMV off takes W_UV's head_gemv with it (the same gate); the split-K sums back to Inductor's
-    "decode gemv off": ("", dict(DSV3_TORCH_DECODE_GEMV="0", DSV3_TORCH_SPLIT_K_SUM="inductor")),
+                                            DSV3_TORCH_DECODE_GEMV="0")),
+    # the GEMV off takes W_UV's head_gemv and (DSV3_TORCH_SPLIT_K_SUM=auto) the split-K sum kernel with it
+    "decode gemv off": ("", dict(DSV3_TORCH_DECODE_GEMV="0")),
+    "head gemv off": ("", dict(DSV3_TORCH_HEAD_GEMV="0")),
 }
 
 
@@ -144,18 +145,20 @@ def _check_decode_gemv(launches: dict[str, dict]):
     session 16): wq+wkv_a and wo of each layer also launch kernels/fp8_gemv.py, beside act_quant + the tile
     GEMM (each side's grid empty at the batches of the other); the dense MLP's Linears (45 MB, K=10944) do
     not. With it, DSV3_TORCH_HEAD_GEMV (default 1, session 18): each layer's W_UV also launches head_gemv.
-    DSV3_TORCH_SPLIT_K_SUM (default kernel, session 18): each decode fp8 GEMM that splits K (wq+wkv_a and wo
-    per layer, the dense MLP's w2: N tiles that leave SMs idle) also launches the sum kernel, gated like the
-    tile GEMM; `inductor` sums with Inductor's reduction (no user-kernel launch). The setting "decode gemv
-    off" turns off the GEMV (and so head_gemv) and the sum kernel: nothing else changes."""
+    DSV3_TORCH_SPLIT_K_SUM (default auto, session 18): with the GEMV, each decode fp8 GEMM that splits K
+    (wq+wkv_a and wo per layer, the dense MLP's w2: N tiles that leave SMs idle) also launches the sum kernel,
+    gated like the tile GEMM; without it Inductor's reduction sums (no user-kernel launch). The GEMV off
+    takes all three off, DSV3_TORCH_HEAD_GEMV=0 head_gemv alone: nothing else changes."""
     default, k_off = dict(launches["defaults"]["kernels"]), launches["decode gemv off"]["kernels"]
-    assert default.pop("_fp8_gemv_kernel") == 2 * 2, default
+    k_head_off = launches["head gemv off"]["kernels"]
     assert default.pop("_head_gemv_kernel") == 2, default
+    assert k_head_off == default, (k_head_off, default)
+    assert default.pop("_fp8_gemv_kernel") == 2 * 2, default
     assert default.pop("_split_k_sum_kernel") == 2 * 2 + 1, default
     assert k_off == default, (k_off, default)
 
 
-@pytest.mark.slow  # ~100 s on 2 cores: one 16b export on meta per pass set, the passes, a lowering per setting
+@pytest.mark.slow  # ~75-85 s on 2 cores: one 16b export on meta per pass set, the passes, a lowering per setting
 def test_16b_decode_launches():
     """One test for every setting's checks: the settings share one trace (pytest-xdist would split separate
     tests over workers and trace in each; its loadgroup did not keep a group on one worker here)."""

@@ -5,9 +5,10 @@
 Numerics in the Triton CPU interpreter (a subprocess: TRITON_INTERPRET is set before the kernels are
 decorated): dsv3_aoti::fp8_linear with the switch on equals, bit for bit, the GEMV alone at M <= 2 and
 the switch-off op (act_quant + tile GEMM) above, both with and without split-K partials (summed by the
-sum kernel, which the GEMV's batches skip, or with DSV3_TORCH_SPLIT_K_SUM=inductor by Inductor: the GEMV
-then writes split 0 and zeros the rest), and is within the fp8 GEMM tolerance of dequantize-then-matmul;
-W_UV's head_gemv (DSV3_TORCH_HEAD_GEMV) equals head_gemv at M <= 2 and head_gemm above.
+sum kernel, which the GEMV's batches skip, or by Inductor's c.sum: the GEMV then writes split 0 and zeros
+the rest), and is within the fp8 GEMM tolerance of dequantize-then-matmul;
+W_UV's head_gemv (DSV3_TORCH_HEAD_GEMV) equals head_gemv at M <= 2 and head_gemm above (traced: both
+launches, gated).
 Traced (no interpreter): the op holds both paths, each launch's grid gated by the symbolic batch (no
 guard, the batch stays dynamic).
 """
@@ -29,7 +30,7 @@ from dsv3_export.reference import fp8 as R
 g = torch.Generator().manual_seed(seed)
 out = {}
 for n, k, sum_form in ((200, 1000, "kernel"), (200, 1000, "inductor"), (72, 300, "kernel")):  # split-K 4, no split
-    os.environ["DSV3_TORCH_SPLIT_K_SUM"] = sum_form  # read by each call (when a program is lowered)
+    kernel_sum = sum_form == "kernel"  # what the lowering passes (engines/torch_triton.py SPLIT_K_SUM_ENV)
     w, s = R.weight_quant(torch.randn(n, k, generator=g) / k**0.5)
     split = kg._choose_split_k(tt.FP8_DECODE_M, n, -(-k // 128), torch.device("cpu"))
     for m in (1, 2, 3):  # the GEMV up to GEMV_MAX_ROWS = 2, the tile path above
@@ -45,7 +46,7 @@ for n, k, sum_form in ((200, 1000, "kernel"), (200, 1000, "inductor"), (72, 300,
                     self.register_buffer("s", s)
 
                 def forward(self, x):
-                    return tt.fp8_linear(x, self.w, self.s, True, True, True)
+                    return tt.fp8_linear(x, self.w, self.s, True, True, True, kernel_sum)
 
             x3 = torch.randn(3, k, generator=g)  # batch 1 would specialize (torch.export's 0/1 rule)
             ep = export(Linear(), (x3,), dynamic_shapes=({0: Dim("batch", min=1, max=64)},))
@@ -60,8 +61,8 @@ for n, k, sum_form in ((200, 1000, "kernel"), (200, 1000, "inductor"), (72, 300,
             gemv = [k for k in launched if getattr(getattr(k, "fn", None), "__name__", "") == "_fp8_gemv_kernel"]
             out[key + "_gemv_configs"] = [[c.num_warps, c.num_stages, c.kwargs] for k in gemv for c in k.configs]
             break
-        on = tt.fp8_linear(x, w, s, True, True, True)
-        off = tt.fp8_linear(x, w, s, True, True, False)
+        on = tt.fp8_linear(x, w, s, True, True, True, kernel_sum)
+        off = tt.fp8_linear(x, w, s, True, True, False, kernel_sum)
         gemv = kv.fp8_gemv(x, w, s, torch.float32)
         tile = kg.fp8_gemm(*R.act_quant(x), w, s, torch.float32, shape_class="decode", split_k=split)
         ref = kg.fp8_gemm_ref(*R.act_quant(x), w, s, torch.float32)
@@ -74,10 +75,27 @@ for m in (1, 2, 3):
     w_uv = torch.randn(3, 40, 130, generator=g).transpose(1, 2)  # [h, c, dv] with c contiguous
     lat = torch.randn(m, 3, 130, generator=g)
     if mode == "trace":
+        from torch.export import Dim, export
+        from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+        class Head(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.register_buffer("w", torch.randn(3, 40, 130, generator=g))  # wkv_b's W_UV rows [h, dv, c]
+
+            def forward(self, lat):
+                return tt._head_gemm(lat, self.w.transpose(1, 2), gemv=True)  # [h, c, dv], c contiguous
+
+        ep = export(Head(), (torch.randn(3, 3, 130, generator=g),), dynamic_shapes=({0: Dim("batch", min=1, max=64)},))
+        kernels = ep.run_decompositions({}, decompose_custom_triton_ops=True)
+        out["head_launches"] = sum(nd.op == "call_function" and "triton_kernel_wrapper" in str(nd.target)
+                                   for nd in kernels.graph.nodes)
         break
     both = tt._head_gemm(lat, w_uv, gemv=True)
-    out[f"head_m{m}"] = dict(equal_gemv=bool(torch.equal(both, ka.head_gemv(lat, w_uv))),
-                             equal_tile=bool(torch.equal(both, ka.head_gemm(lat, w_uv))))
+    gemv, tile = ka.head_gemv(lat, w_uv), ka.head_gemm(lat, w_uv)
+    # the two forms sum in other orders: their fp32 results differ, so equality names the path that ran
+    out[f"head_m{m}"] = dict(equal_gemv=bool(torch.equal(both, gemv)), equal_tile=bool(torch.equal(both, tile)),
+                             forms_differ=not torch.equal(gemv, tile))
 print(json.dumps(out))
 '''
 
@@ -88,7 +106,8 @@ def test_small_batches_take_the_gemv_and_the_rest_the_tile_gemm(seed):
     out = run_script(_SCRIPT, "interpret", seed)
     assert out["n200_k1000_kernel_m1"]["split"] > 1 and out["n72_k300_kernel_m1"]["split"] == 1, out
     for m in (1, 2, 3):  # W_UV: head_gemv at m <= 2, head_gemm above
-        assert out.pop(f"head_m{m}")["equal_gemv" if m <= 2 else "equal_tile"], m
+        head = out.pop(f"head_m{m}")
+        assert head["forms_differ"] and head["equal_gemv" if m <= 2 else "equal_tile"], (m, head)
     for key, r in out.items():
         m = int(key.rsplit("_m", 1)[1])
         assert r["finite"] and r["rel"] < TOL["fp8_gemm_fp32_out"], (key, r)
@@ -111,6 +130,7 @@ def test_traced_op_keeps_both_paths_with_the_gemv_config():
     # sum is no user-kernel launch)
     assert out["n72_k300_kernel_m1_launches"] == out["n200_k1000_inductor_m1_launches"] == 3, out
     assert out["n200_k1000_kernel_m1_launches"] == 4, out
+    assert out["head_launches"] == 2, out  # W_UV: head_gemv and head_gemm, each grid gated by the batch
     first = GEMV_CONFIGS[0]
     assert out["n200_k1000_kernel_m1_gemv_configs"] == [[first.num_warps, first.num_stages, first.kwargs]], out
 

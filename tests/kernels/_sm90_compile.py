@@ -239,9 +239,10 @@ def _cases(all_configs: bool):
                dict(TOPK=6, N_EXTRA=2, BLOCK_N=64))
     for cfg in pick(mla_absorb.HEAD_GEMM_CONFIGS):  # MLA's W_UK / W_UV per-head GEMM (bf16 x and weight views)
         yield ("head_gemm", mla_absorb._head_gemm_kernel, cfg, dict(x_ptr=bf, w_ptr=bf, out_ptr=bf), dict(UPCAST=False))
-    for cfg in mla_absorb.HEAD_GEMV_CONFIGS:  # W_UV at batch <= 2: K = c = 512
-        yield ("head_gemv", mla_absorb._head_gemv_kernel, cfg, dict(x_ptr=bf, w_ptr=bf, out_ptr=bf),
-               dict(K=512, BLOCK_K=512))
+    for cfg in mla_absorb.HEAD_GEMV_CONFIGS:  # W_UV at batch <= 2: K = c = 512; and the largest K it takes
+        for k in (512, mla_absorb.HEAD_GEMV_MAX_K):
+            yield (f"head_gemv K={k}", mla_absorb._head_gemv_kernel, cfg, dict(x_ptr=bf, w_ptr=bf, out_ptr=bf),
+                   dict(K=k, BLOCK_K=k))
 
 
 def main(all_configs: bool, with_usage: bool = False, only: frozenset[str] | None = None,

@@ -114,3 +114,7 @@ def test_head_gemv_matches_ref(seed, dtype, m, h, k, n):
     _check(ka.head_gemv(x, w), ka.head_gemm_ref(x, w), dtype, "head_gemv")
     with pytest.raises(ValueError, match="head_gemv: w .* needs K contiguous"):
         ka.head_gemv(x, w.contiguous())  # N contiguous (W_UK's layout)
+    out = torch.full((h, m, n), float("nan"), dtype=dtype).transpose(0, 1)  # [m, h, n], not contiguous
+    assert ka.head_gemv(x, w, out=out) is out
+    _check(out, ka.head_gemm_ref(x, w), dtype, "head_gemv out=")
+    assert ka.head_gemv(x[:0], w).shape == (0, h, n)

@@ -61,18 +61,6 @@ from dsv3_export.kernels.mla_variants import DECODE_VARIANTS, VARIANT_FLAGS
 # Shared memory / registers per thread at H = 16, sm_90 (session 16's kernel, ptxas): BN=32 w4 s3 93 KB
 # (2 per SM), 144 regs (168 with the kv_new epilogue); BN=32 w4 s2 with the 168 cap 55 KB (3 per SM), no
 # spill. The autotuner times them all. PREFETCH sits in every config: the sm_90 compile test passes config kwargs as constexprs.
-
-# The split kernel's config in traced programs (AOTInductor packages) at the shapes measured, 16 heads per
-# program (BLOCK_H) over C = 512, R = 64 (the 16b preset): pinned, not autotuned (TRACED_DECODE_SHAPES). A
-# package is tuned once, at its tuning batch (64 x 1024), and session 18's builds picked four different configs
-# there (the same config timed at 19 and 44 us in two builds): noise. Pinned, every DECODE_CONFIGS entry at the
-# 16b decode program's shapes (benchmarks/mla_config_probe.py, H200, CUDA graphs of 27 calls on 27 caches, split
-# + merge, the new token beside the cache, runtime splits), us per call at B = 1 / 8 / 64, context 1024:
-# BN64 w4 s2 P2 9.94 / 12.20 / 39.21 (the fastest or within 0.5% at each), BN32 w4 s3 10.14 / 12.21 / 40.40,
-# BN32 w8 s3 11.12 / 13.32 / 46.06, BN16 w8 s5 (two of six builds' pick) 14.84 / 16.53 / 73.04. Other shapes
-# (more heads per program: registers) keep the autotuner.
-TRACED_DECODE_CONFIG = triton.Config({"BLOCK_N": 64, "PREFETCH": 2}, num_warps=4, num_stages=2)
-TRACED_DECODE_SHAPES = {(16, 512, 64)}  # (BLOCK_H, C, R)
 DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_N": 32, "PREFETCH": 3}, num_warps=4, num_stages=3),
@@ -92,7 +80,7 @@ DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=4, num_stages=2, maxnreg=168),
     triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=4, num_stages=4, maxnreg=168),
     triton.Config({"BLOCK_N": 64, "PREFETCH": 1}, num_warps=4, num_stages=2),
-    TRACED_DECODE_CONFIG,
+    triton.Config({"BLOCK_N": 64, "PREFETCH": 2}, num_warps=4, num_stages=2),
 ]
 
 # The kernel variant a call runs unless it names one (variant=...; kernels/mla_variants.py says what each
@@ -102,9 +90,6 @@ DECODE_VARIANT = "pointer"
 _INTERPRETED = is_interpreted(_mla_decode_split_kernel)
 _decode_tuned = autotune_or_single(_mla_decode_split_kernel, DECODE_CONFIGS,
                                    key=["H", "C", "R", "NUM_SPLITS", "SPLIT_TARGET"])
-
-
-_decode_pinned = autotune_or_single(_mla_decode_split_kernel, [TRACED_DECODE_CONFIG], key=[])
 # The config the autotuner chose, per (H, C, R, NUM_SPLITS, dtype, HAS_NEW, SPLIT_TARGET, variant); later
 # eager calls launch the kernel with it directly. Autotuner.run re-keys all ~30 arguments on every call (list
 # lookups, str(dtype)): host time each decode step pays before its kernels are queued.
@@ -154,8 +139,6 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     o_part, lse = split_partials(bsz, heads, splits, c, dev)
     grid = (bsz, head_blocks, splits)
     tuned = None if VARIANT_FLAGS[variant]["EARLY"] else _decode_tuned  # early: pinned (`config`, else the first)
-    if tuned is not None and config is None and tracing() and (_block_h(heads), c, r) in TRACED_DECODE_SHAPES:
-        tuned = _decode_pinned  # a package's launch: TRACED_DECODE_CONFIG, through a one-config autotuner
     rule = dict(SPLIT_TARGET=split_target, MIN_SPLITS=RUNTIME_MIN_SPLITS, MIN_KEYS=MIN_SPLIT_KEYS)
     tune_key = (heads, c, r, splits, q_latent.dtype, has_new, split_target, variant)
     eager_tuned = config is None and tuned is not None and not tracing()  # tracing needs the autotuner

@@ -25,7 +25,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kbench.common import _bootstrap_imports  # noqa: E402
+from kbench.common import _bootstrap_imports, _graph_of  # noqa: E402
 
 _bootstrap_imports()
 from dsv3_export.kernels import mla_decode as kd  # noqa: E402
@@ -66,14 +66,9 @@ def run_point(cfg, caches, q, qp, seqlens):
     if not GPU:
         return None, step()[-1]
     step()  # compiles outside the graph
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    captured = []
+    graph = _graph_of(step, captured)
+    outs = captured[0]
     ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
     torch.cuda.synchronize()
     return ms * 1e3 / LAYERS, outs[-1]

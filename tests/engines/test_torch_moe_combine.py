@@ -9,9 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
 
-from dsv3_export.engines import torch_triton as tt  # noqa: E402
+
+def _torch_triton():
+    """engines/torch_triton.py, imported inside the tests: a module-level import of triton here would come before
+    tests/kernels' conftest sets TRITON_INTERPRET (it refuses to run then)."""
+    pytest.importorskip("triton")
+    from dsv3_export.engines import torch_triton
+
+    return torch_triton
 
 
 def _ulp_bound(ref: torch.Tensor) -> torch.Tensor:
@@ -19,6 +25,7 @@ def _ulp_bound(ref: torch.Tensor) -> torch.Tensor:
 
 
 def test_adds_match_the_sum(seed, monkeypatch):
+    tt = _torch_triton()
     g = torch.Generator().manual_seed(seed)
     t, k, d = 3, 8, 37
     y = torch.randn(t * k, d, generator=g).bfloat16()
@@ -36,6 +43,8 @@ def test_adds_leave_no_reduction_in_the_traced_program(monkeypatch):
     """Traced with a symbolic token count: `sum` is an aten.sum over the slots, `adds` only adds."""
     from torch.export import Dim, export
 
+    tt = _torch_triton()
+
     class Combine(torch.nn.Module):
         def forward(self, y):
             return tt._combine(y, y.shape[0] // 8, 8, torch.bfloat16)
@@ -51,6 +60,7 @@ def test_adds_leave_no_reduction_in_the_traced_program(monkeypatch):
 
 
 def test_switch_rejects_unknown(monkeypatch):
+    tt = _torch_triton()
     monkeypatch.setenv(tt.MOE_COMBINE_ENV, "tree")
     with pytest.raises(ValueError, match="DSV3_TORCH_MOE_COMBINE='tree': use sum"):
         tt._combine(torch.zeros(8, 2), 1, 8, torch.float32)

@@ -195,12 +195,18 @@ def head_gemv(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = No
     if not head_gemv_suits(w):
         raise ValueError(f"head_gemv: w {tuple(w.shape)} needs K contiguous (strides {w.stride()}) and K <= "
                          f"{HEAD_GEMV_MAX_K}")
+    return _launch_into(x, w, out, lambda o: head_gemv_spec(x, w, o), config)
+
+
+def _launch_into(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None, spec_of, config) -> torch.Tensor:
+    """The eager launchers' common tail: out [M, H, N] allocated unless given, spec_of(out) launched unless
+    a dimension is empty."""
     m, h, _ = x.shape
     n = w.shape[2]
     if out is None:
         out = torch.empty((m, h, n), dtype=x.dtype, device=x.device)
     if m and h and n:
-        launch(*head_gemv_spec(x, w, out), config)
+        launch(*spec_of(out), config)
     return out
 
 
@@ -223,13 +229,7 @@ def head_gemm(x: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = No
     """x [M, H, K] @ w [H, K, N] per head -> [M, H, N] in x.dtype (fp32 accumulation), any strides.
     out: write there instead of a new contiguous tensor. config: one of HEAD_GEMM_CONFIGS (tests)."""
     check_head_gemm(x, w, out)
-    m, h, _ = x.shape
-    n = w.shape[2]
-    if out is None:
-        out = torch.empty((m, h, n), dtype=x.dtype, device=x.device)
-    if m and h and n:
-        launch(*head_gemm_spec(x, w, out, m_bucket(m)), config)
-    return out
+    return _launch_into(x, w, out, lambda o: head_gemm_spec(x, w, o, m_bucket(x.shape[0])), config)
 
 
 def head_gemm_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,7 @@ def lower_program(ep: ExportedProgram, device: str, kind: str) -> tuple[Exported
         return lower_dsv3_ops(ep, device, triton)
     from dsv3_export.engines.torch_router import fuse_router
 
-    ep, router_how = fuse_router(ep)
+    ep, router_how = fuse_router(ep, kind)
     lowered, how = lower_dsv3_ops(ep, device, triton)
     return lowered, {**how, "router": router_how}
 

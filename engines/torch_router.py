@@ -17,7 +17,11 @@ becomes
     w, ids = dsv3_aoti::router_topk(logits, k, route_scale, n, E, dtype)
     dsv3::moe_experts(_fp8)(x, w, ids, ...)
 Sigmoid scoring, a score bias or group-limited routing (DeepSeek-V3) do not match and keep their
-ATen form (torch's top-k). The gate GEMM stays a separate cuBLAS call.
+ATen form (torch's top-k). The gate GEMM stays a separate cuBLAS call, except in decode programs with
+DSV3_TORCH_GATE_SPLIT=1, where `logits = linear(x, w_gate)` feeding the router becomes
+    w, ids = dsv3_aoti::router_gate_topk(x, w_gate, k, route_scale, n, E, dtype)
+kernels/router_gate.py's K-split partials (cuBLAS runs the batch-1 gate as one CTA: 5 us a layer) and
+the router kernel summing them: still two launches.
 
 Removed in session 14, measured slower or no faster on the H200 (benchmarks/RESULTS.md): the gate
 GEMM inside the router kernel (DSV3_TORCH_ROUTER_GATE=1: 342 us per 27-layer batch-1 step against
@@ -39,11 +43,14 @@ from torch.library import triton_op
 import dsv3_export.ops  # noqa: F401  (registers the dsv3:: ops matched here)
 from dsv3_export.engines import torch_triton as tt
 from dsv3_export.engines.torch_step import env_choice
+from dsv3_export.kernels import router_gate as kg
 from dsv3_export.kernels import topk as kt
 from dsv3_export.passes.graph_utils import is_call
 from dsv3_export.passes.program_state import ProgramState
 
 ROUTER_ENV = "DSV3_TORCH_ROUTER"
+GATE_SPLIT_ENV = "DSV3_TORCH_GATE_SPLIT"
+GATE_SPLIT_FORMS = {"0": "the gate GEMM by cuBLAS", "1": "the decode gate split over K (kernels/router_gate.py)"}
 aten = torch.ops.aten
 CASTS = (aten.type_as.default, aten.to.dtype, aten._to_copy.default)
 MOE_OPS = (torch.ops.dsv3.moe_experts.default, torch.ops.dsv3.moe_experts_fp8.default)
@@ -58,6 +65,33 @@ def router_topk(logits: torch.Tensor, k: int, scale: float, n_extra: int, first_
     ids = torch.empty((logits.shape[0], k + n_extra), dtype=torch.int64, device=logits.device)
     tt._launch(kt.router_spec(logits, k, scale, n_extra, first_extra, weights, ids))
     return weights, ids
+
+
+@triton_op("dsv3_aoti::router_gate_topk", mutates_args={})
+def router_gate_topk(x: torch.Tensor, gate_weight: torch.Tensor, k: int, scale: float, n_extra: int,
+                     first_extra: int, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_topk(linear(x [T, D], gate_weight [E, D])) with the gate as K-split fp32 partials that the
+    router kernel sums (rounded to bf16 for bf16 x, as linear's output is)."""
+    x = x.contiguous()
+    partials = kg.partials_buffer(x.shape[0], gate_weight.shape[0], x.shape[1], x.device)  # [S, T, E]
+    tt._launch(kg.gate_partials_spec(x, gate_weight.contiguous(), partials))
+    weights = torch.empty((x.shape[0], k + n_extra), dtype=out_dtype, device=x.device)
+    ids = torch.empty((x.shape[0], k + n_extra), dtype=torch.int64, device=x.device)
+    tt._launch(kt.router_spec(partials, k, scale, n_extra, first_extra, weights, ids,
+                              round_bf16=x.dtype == torch.bfloat16))
+    return weights, ids
+
+
+def _split_gate(logits: Node) -> tuple[Node, Node] | None:
+    """(x, w) when the logits are linear(x [T, D], w [E, D]) without a bias in a dtype the split gate
+    computes, else None."""
+    if not is_call(logits, aten.linear.default) or len(logits.args) != 2 or logits.kwargs:
+        return None
+    x, w = logits.args
+    xv, wv = x.meta.get("val"), w.meta.get("val")
+    if xv is None or wv is None or xv.dim() != 2 or wv.dim() != 2:
+        return None
+    return (x, w) if kg.gate_unfit(xv.dtype, wv.dtype, wv.shape[0], wv.shape[1]) is None else None
 
 
 def _arg(node: Node, index: int, name: str, default):
@@ -127,26 +161,35 @@ def _match(moe: Node) -> dict | str:
                 dtype=w.meta["val"].dtype)
 
 
-def fuse_router(ep: ExportedProgram) -> tuple[ExportedProgram, str]:
+def fuse_router(ep: ExportedProgram, kind: str = "decode") -> tuple[ExportedProgram, str]:
     """The program (prefill or decode) with each matching router rewritten, and a line for the
-    manifest's `lowerings`."""
+    manifest's `lowerings`. In a decode program with GATE_SPLIT_ENV=1 the gate GEMM joins the router op."""
     value = env_choice(ROUTER_ENV, "1", {"1": "one router kernel", "0": "ATen softmax / top-k / gather"})
+    split_gate = kind == "decode" and env_choice(GATE_SPLIT_ENV, "0", GATE_SPLIT_FORMS) == "1"
     moes = [n for n in ep.graph.nodes if is_call(n, *MOE_OPS)]
     if value == "0" or not moes:
         return ep, f"not fused ({ROUTER_ENV}=0)" if moes else "no MoE"
     state = ProgramState(ep)
     found = [_match(n) for n in state.graph.nodes if is_call(n, *MOE_OPS)]
     sites = [f for f in found if not isinstance(f, str)]
+    gates = 0
     for site in sites:
+        tail = (site["k"], site["scale"], site["n_extra"], site["first"], site["dtype"])
+        gate = _split_gate(site["logits"]) if split_gate else None
         with state.graph.inserting_before(site["moe"]):
-            out = state.call(torch.ops.dsv3_aoti.router_topk.default,
-                             (site["logits"], site["k"], site["scale"], site["n_extra"], site["first"], site["dtype"]))
+            if gate is None:
+                out = state.call(torch.ops.dsv3_aoti.router_topk.default, (site["logits"], *tail))
+            else:
+                out = state.call(torch.ops.dsv3_aoti.router_gate_topk.default, (*gate, *tail))
+                gates += 1
             weights, ids = (state.call(operator.getitem, (out, i)) for i in range(2))
         site["moe"].replace_input_with(site["w"], weights)
         site["moe"].replace_input_with(site["ids"], ids)
     state.eliminate_dead_code()
     how = (f"{len(sites)} of {len(moes)} MoE routers (softmax, top-k, weights, shared-expert columns) -> "
            "dsv3_aoti::router_topk (kernels/topk.py)")
+    if split_gate:
+        how += f"; {gates} gate GEMMs split over K into the router op ({GATE_SPLIT_ENV}=1, kernels/router_gate.py)"
     skipped = [f for f in found if isinstance(f, str)]
     if skipped:
         how += f"; not fused: {skipped[0]}"

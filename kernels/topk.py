@@ -59,21 +59,48 @@ def _value_at(x, nan, chosen):
     return tl.where(tl.max((chosen & nan).to(tl.int32), axis=1) > 0, float("nan"), val)
 
 
+@triton.jit
+def _round_bf16(x):
+    """fp32 x -> the nearest bf16 value (ties to even), kept in fp32; NaN stays NaN. Integer arithmetic,
+    so the CPU interpreter (whose bf16 cast truncates) rounds as the GPU and torch do."""
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, rounded)
+
+
+@triton.jit
+def _load_logits(logits_ptr, rows64, cols, mask, stride_l, stride_ls, SPLITS: tl.constexpr,
+                 ROUND_BF16: tl.constexpr):
+    """The [BLOCK_ROWS, BLOCK_N] logits in fp32, -inf where masked: the logits tensor itself (SPLITS 1,
+    no rounding), or kernels/router_gate.py's SPLITS fp32 partials summed in split order and, with
+    ROUND_BF16, rounded to bf16 as F.linear's bf16 output is."""
+    ptrs = logits_ptr + rows64[:, None] * stride_l + cols[None, :]
+    if SPLITS == 1 and not ROUND_BF16:
+        return tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    for s in tl.static_range(1, SPLITS):
+        x = x + tl.load(ptrs + s * stride_ls, mask=mask, other=0.0).to(tl.float32)
+    if ROUND_BF16:
+        x = _round_bf16(x)
+    return tl.where(mask, x, float("-inf"))
+
+
 @waits_for_producer
 @triton.jit
-def _router_kernel(logits_ptr, w_ptr, idx_ptr, ROWS, N, scale, first_extra, stride_l, stride_w, stride_i,
-                   TOPK: tl.constexpr, N_EXTRA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ROWS: tl.constexpr):
-    """From the logits [ROWS, N]: columns [0, TOPK): the top-k of softmax(logits) in fp32, weight
-    p * scale; columns [TOPK, TOPK + N_EXTRA): expert first_extra + j with weight 1 (experts every
-    token takes)."""
+def _router_kernel(logits_ptr, w_ptr, idx_ptr, ROWS, N, scale, first_extra, stride_l, stride_w, stride_i, stride_ls,
+                   TOPK: tl.constexpr, N_EXTRA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                   SPLITS: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """From the logits [ROWS, N] (or SPLITS partials [SPLITS, ROWS, N] that sum to them, stride_ls
+    apart): columns [0, TOPK): the top-k of softmax(logits) in fp32, weight p * scale; columns
+    [TOPK, TOPK + N_EXTRA): expert first_extra + j with weight 1 (experts every token takes)."""
     wait_for_producer()  # before any memory access: kernels/pdl.py
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < ROWS
     valid = cols[None, :] < N
     rows64 = rows.to(tl.int64)
-    x = tl.load(logits_ptr + rows64[:, None] * stride_l + cols[None, :], mask=row_ok[:, None] & valid,
-                other=float("-inf")).to(tl.float32)  # [BLOCK_ROWS, BLOCK_N], -inf past N
+    x = _load_logits(logits_ptr, rows64, cols, row_ok[:, None] & valid, stride_l, stride_ls, SPLITS,
+                     ROUND_BF16)  # [BLOCK_ROWS, BLOCK_N], -inf past N
     scale = tl.cast(scale, tl.float32)  # Inductor passes Python floats as fp64 scalars
     m = tl.max(x, axis=1)
     m = tl.where(m == float("-inf"), 0.0, m)  # rows past ROWS (all -inf): no inf - inf
@@ -96,7 +123,7 @@ def _router_kernel(logits_ptr, w_ptr, idx_ptr, ROWS, N, scale, first_extra, stri
                  mask=row_ok)
 
 
-_router_tuned = autotune_or_single(_router_kernel, ROUTER_CONFIGS, key=["N", "TOPK", "N_EXTRA"])
+_router_tuned = autotune_or_single(_router_kernel, ROUTER_CONFIGS, key=["N", "TOPK", "N_EXTRA", "SPLITS"])
 
 
 def rows_unfit(n, k) -> str | None:
@@ -132,14 +159,18 @@ def topk_ref(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def router_spec(logits: torch.Tensor, k: int, scale: float, n_extra: int, first_extra: int,
-                weights: torch.Tensor, indices: torch.Tensor) -> LaunchSpec:
-    """The launch into weights [R, k + n_extra], indices [R, k + n_extra] int64 (checked by the caller)."""
-    rows, n = logits.shape
+                weights: torch.Tensor, indices: torch.Tensor, round_bf16: bool = False) -> LaunchSpec:
+    """The launch into weights [R, k + n_extra], indices [R, k + n_extra] int64 (checked by the caller).
+    logits [R, N], or fp32 partials [S, R, N] (kernels/router_gate.py, unit stride along N) whose sum in
+    split order, rounded to bf16 with round_bf16, is the logits."""
+    splits = logits.shape[0] if logits.dim() == 3 else 1
+    rows, n = logits.shape[-2:]
     grid = lambda meta: (cdiv(rows, meta["BLOCK_ROWS"]),)  # noqa: E731
     return LaunchSpec(_router_kernel, _router_tuned, ROUTER_CONFIGS, grid,
-                      (logits, weights, indices, rows, n, float(scale), first_extra, logits.stride(0),
-                       weights.stride(0), indices.stride(0)),
-                      dict(TOPK=k, N_EXTRA=n_extra, BLOCK_N=max(next_pow2(n), 16)))
+                      (logits, weights, indices, rows, n, float(scale), first_extra, logits.stride(-2),
+                       weights.stride(0), indices.stride(0), logits.stride(0) if splits > 1 else 0),
+                      dict(TOPK=k, N_EXTRA=n_extra, BLOCK_N=max(next_pow2(n), 16), SPLITS=splits,
+                           ROUND_BF16=round_bf16))
 
 
 def router_topk(logits: torch.Tensor, k: int, *, scale: float = 1.0, n_extra: int = 0, first_extra: int = 0,

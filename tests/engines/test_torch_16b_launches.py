@@ -76,6 +76,7 @@ SETTINGS = {
     # the GEMV off takes W_UV's head_gemv and (DSV3_TORCH_SPLIT_K_SUM=auto) the split-K sum kernel with it
     "decode gemv off": ("", dict(DSV3_TORCH_DECODE_GEMV="0")),
     "head gemv off": ("", dict(DSV3_TORCH_HEAD_GEMV="0")),
+    "gate split": ("", dict(DSV3_TORCH_GATE_SPLIT="1")),
 }
 
 
@@ -153,6 +154,16 @@ def _check_decode_gemv(launches: dict[str, dict]):
     assert k_off == default, (k_off, default)
 
 
+def _check_gate_split(launches: dict[str, dict]):
+    """DSV3_TORCH_GATE_SPLIT=1: the MoE layer's gate GEMM (cuBLAS, an ATen linear) becomes
+    kernels/router_gate.py's partials kernel inside the router op; nothing else changes."""
+    split, default = launches["gate split"], launches["defaults"]
+    k = dict(split["kernels"])
+    assert k.pop("_gate_partials_kernel") == 1, k
+    assert k == default["kernels"], (k, default["kernels"])
+    assert sum(".linear." in e for e in split["extern"]) == 1, split["extern"]  # the LM head alone
+
+
 @pytest.mark.slow  # ~75-85 s on 2 cores: one 16b export on meta per pass set, the passes, a lowering per setting
 def test_16b_decode_launches():
     """One test for every setting's checks: the settings share one trace (pytest-xdist would split separate
@@ -161,3 +172,4 @@ def test_16b_decode_launches():
     _check_defaults(launches)
     _check_all_switches_off(launches)
     _check_decode_gemv(launches)
+    _check_gate_split(launches)

@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_gemv, fp8_quant, mla_absorb,  # noqa: E402
-                                 mla_decode, mla_prefill, moe, moe_align, topk)
+                                 mla_decode, mla_prefill, moe, moe_align, router_gate, topk)
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Opt-in shared memory per block on H100/H200 (227 KB).
@@ -55,7 +55,7 @@ FAMILY_RULES = {
     "moe": ("grouped_gemm", "moe_align"),
     "mla_decode": ("mla_decode_split",),
     "mla": ("mla_decode_reduce", "mla_prefill", "head_gemm", "head_gemv"),
-    "routing": ("router",),
+    "routing": ("router", "gate_partials"),
 }
 FAMILIES = tuple(FAMILY_RULES)
 
@@ -236,7 +236,13 @@ def _cases(all_configs: bool):
                         out_ptr=bf), dict(mla_dims, HAS_NEW=has_new))
     for cfg in pick(topk.ROUTER_CONFIGS):  # the 16b router: 64 routed + 2 shared experts, top-6
         yield ("router", topk._router_kernel, cfg, dict(logits_ptr=bf, w_ptr=bf, idx_ptr="*i64"),
-               dict(TOPK=6, N_EXTRA=2, BLOCK_N=64))
+               dict(TOPK=6, N_EXTRA=2, BLOCK_N=64, SPLITS=1, ROUND_BF16=False))
+        # from the split gate's partials (K = 2048: 16 splits), rounded to bf16
+        yield ("router splits=16", topk._router_kernel, cfg, dict(logits_ptr=f32, w_ptr=bf, idx_ptr="*i64"),
+               dict(TOPK=6, N_EXTRA=2, BLOCK_N=64, SPLITS=16, ROUND_BF16=True))
+    for cfg in pick(router_gate.GATE_CONFIGS):  # the 16b gate: x [T, 2048] . W [64, 2048]^T in 128-wide splits
+        yield ("gate_partials", router_gate._gate_partials_kernel, cfg, dict(x_ptr=bf, w_ptr=bf, part_ptr=f32),
+               dict(SPLIT=router_gate.SPLIT_K, UPCAST=False, IEEE=False))
     for cfg in pick(mla_absorb.HEAD_GEMM_CONFIGS):  # MLA's W_UK / W_UV per-head GEMM (bf16 x and weight views)
         yield ("head_gemm", mla_absorb._head_gemm_kernel, cfg, dict(x_ptr=bf, w_ptr=bf, out_ptr=bf), dict(UPCAST=False))
     for cfg in mla_absorb.HEAD_GEMV_CONFIGS:  # W_UV at batch <= 2: K = c = 512; and the largest K it takes

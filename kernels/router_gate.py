@@ -1,0 +1,157 @@
+"""The MoE gate GEMM of a decode step, split over K into fp32 partials that the router kernel sums.
+
+    partials = gate_partials(x [T, K], w [E, K])    # fp32 [S, T, E], S = ceil(K / 128)
+    logits  == round(partials.sum(0) in split order) # kernels/topk.py router kernel (SPLITS = S)
+
+Why: cuBLAS runs the batch-1 gate (x [1, 2048] . W [64, 2048]^T, 256 KB of bf16 weight) as one 64x8
+tile: one CTA streams the whole weight, 4.96 us per MoE layer in the 16b batch-1 step on the H200
+(session 18 profile), where the bytes take ~0.1 us at copy bandwidth. Putting the gate inside the
+router kernel lost (one program: 13.2 us; the experts split over programs: no faster, sessions 7-8),
+because the top-k needs every logit in one program. Here K is split instead: program (t, e, s)
+computes x[t-block, 128 s : 128 s + 128] . W[e-block, same]^T into partials[s], so at batch 1 the
+16 programs each read 16 KB, and the router kernel (which reads the [T, E] logits anyway) sums the S
+partials in a fixed order before it routes: still two launches, the first spread over the SMs.
+
+Numerics: the products and sums are fp32 (tl.dot, fp32 accumulation), and the router rounds the sum
+to bf16 with round-to-nearest-even, as F.linear's bf16 output is rounded; against cuBLAS only the
+summation order differs (the logits can differ in their last bf16 bit). fp32 models keep the fp32 sum.
+Under TRITON_INTERPRET=1 bf16 operands are upcast before the dot (UPCAST: the interpreter's bf16 dot
+is wrong); an fp32 dot asks for IEEE precision (on the GPU the default would be TF32).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv3_export.kernels import topk
+from dsv3_export.kernels._common import LaunchSpec, autotune_or_single, cdiv, check_tensor, is_interpreted, launch
+from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
+
+DTYPES = (torch.bfloat16, torch.float32)  # logits the router rounds back exactly (bf16) or keeps (fp32)
+SPLIT_K = 128  # K per partial: S = ceil(K / SPLIT_K) partials, summed by the router kernel
+# BLOCK_T 16 is tl.dot's minimum M (batch <= 16 in one tile); BLOCK_E splits the experts (V3's 256) so
+# that a program's [BLOCK_E, 128] weight tile stays small. The decode program is tuned at batch 64.
+GATE_CONFIGS = [
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64}, num_warps=2, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 32}, num_warps=2, num_stages=1),
+    triton.Config({"BLOCK_T": 64, "BLOCK_E": 64}, num_warps=4, num_stages=1),
+]
+
+
+@waits_for_producer
+@triton.jit
+def _gate_partials_kernel(
+    x_ptr, w_ptr, part_ptr, T, E, K,
+    stride_xt, stride_we, stride_ps, stride_pt,
+    SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """partials[s, t, e] = sum over k in split s of x[t, k] * w[e, k] (fp32), for one block of rows
+    (axis 0), of experts (axis 1) and one split (axis 2); rows, experts and K masked with zeros."""
+    wait_for_producer()  # before any memory access: kernels/pdl.py
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    split = tl.program_id(2)
+    offs_k = split * SPLIT + tl.arange(0, SPLIT)
+    mask_t, mask_e, mask_k = offs_t < T, offs_e < E, offs_k < K
+    x = tl.load(x_ptr + offs_t[:, None].to(tl.int64) * stride_xt + offs_k[None, :],
+                mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, SPLIT]
+    w = tl.load(w_ptr + offs_e[:, None].to(tl.int64) * stride_we + offs_k[None, :],
+                mask=mask_e[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_E, SPLIT]
+    if UPCAST:
+        x, w = x.to(tl.float32), w.to(tl.float32)
+    if IEEE:
+        acc = tl.dot(x, tl.trans(w), input_precision="ieee")
+    else:
+        acc = tl.dot(x, tl.trans(w))  # [BLOCK_T, BLOCK_E] fp32
+    tl.store(part_ptr + split * stride_ps + offs_t[:, None].to(tl.int64) * stride_pt + offs_e[None, :], acc,
+             mask=mask_t[:, None] & mask_e[None, :])
+
+
+_gate_tuned = autotune_or_single(_gate_partials_kernel, GATE_CONFIGS, key=["E", "K"])
+_INTERPRETED = is_interpreted(_gate_partials_kernel)
+
+
+def num_splits(k: int) -> int:
+    """Partials of a gate over K inputs."""
+    return cdiv(k, SPLIT_K)
+
+
+def gate_unfit(x_dtype: torch.dtype, w_dtype: torch.dtype, e: int, k) -> str | None:
+    """Why a gate linear(x [T, K], w [E, K]) is not one the split form computes (None: it is)."""
+    if x_dtype not in DTYPES or w_dtype != x_dtype:
+        return f"x {x_dtype}, w {w_dtype}: needs one dtype of {[str(d) for d in DTYPES]}"
+    if not isinstance(k, int) or not isinstance(e, int):
+        return "the gate weight's shape is not static"
+    return None
+
+
+def partials_buffer(t, e: int, k: int, device: torch.device) -> torch.Tensor:
+    """The kernel's output: fp32 [S, T, E] (T may be symbolic)."""
+    return torch.empty((num_splits(k), t, e), dtype=torch.float32, device=device)
+
+
+def gate_partials_spec(x: torch.Tensor, w: torch.Tensor, partials: torch.Tensor) -> LaunchSpec:
+    """The launch for x [T, K], w [E, K] (unit stride along K) into partials [S, T, E] (contiguous);
+    checked by the caller. T may be symbolic."""
+    t, k = x.shape
+    e = w.shape[0]
+    splits = partials.shape[0]
+    grid = lambda meta: (cdiv(t, meta["BLOCK_T"]), cdiv(e, meta["BLOCK_E"]), splits)  # noqa: E731
+    return LaunchSpec(_gate_partials_kernel, _gate_tuned, GATE_CONFIGS, grid,
+                      (x, w, partials, t, e, k, x.stride(0), w.stride(0), partials.stride(0), partials.stride(1)),
+                      dict(SPLIT=SPLIT_K, UPCAST=_INTERPRETED, IEEE=x.dtype == torch.float32))
+
+
+def check_gate(x: torch.Tensor, w: torch.Tensor) -> None:
+    """Raise naming the tensor when (x, w) is not what the kernel takes."""
+    check_tensor("gate_partials: x", x, dtypes=DTYPES, ndim=2)
+    check_tensor("gate_partials: w", w, dtypes=(x.dtype,), ndim=2, device=x.device)
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(f"gate_partials: w is [E, K={w.shape[1]}] but x is [T, K={x.shape[1]}]")
+    if x.stride(1) != 1 or w.stride(1) != 1:
+        raise ValueError(f"gate_partials: x and w need unit stride along K, got {x.stride()} and {w.stride()}")
+
+
+def gate_partials(x: torch.Tensor, w: torch.Tensor, *, config: triton.Config | None = None) -> torch.Tensor:
+    """x [T, K] . w [E, K]^T as fp32 partials [S, T, E] over K splits of SPLIT_K (summed in split order
+    they are the logits; kernels/topk.py router_topk(partials=...) does that)."""
+    check_gate(x, w)
+    partials = partials_buffer(x.shape[0], w.shape[0], x.shape[1], x.device)
+    if partials.numel():
+        launch(*gate_partials_spec(x, w, partials), config)
+    return partials
+
+
+def round_bf16_ref(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> the nearest bf16 value (ties to even), as fp32: what the router kernel rounds the summed
+    partials to (torch's .to(bfloat16))."""
+    return x.to(torch.bfloat16).float()
+
+
+def gate_logits_ref(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The router kernel's logits from the partials: fp32 sums in split order, rounded to dtype."""
+    acc = partials[0].clone()
+    for s in range(1, partials.shape[0]):
+        acc = acc + partials[s]
+    return round_bf16_ref(acc) if dtype == torch.bfloat16 else acc
+
+
+def gate_router_topk(x: torch.Tensor, w: torch.Tensor, k: int, *, scale: float = 1.0, n_extra: int = 0,
+                     first_extra: int = 0, out_dtype: torch.dtype = torch.float32,
+                     config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels/topk.py router_topk(F.linear(x, w), ...) in the split form, two launches: the partials,
+    then the router summing them (rounded to bf16 for bf16 x). config: the gate kernel's."""
+    check_gate(x, w)
+    if (reason := topk.rows_unfit(w.shape[0], k)) is not None:
+        raise ValueError(f"gate_router_topk: {reason}")
+    partials = gate_partials(x, w, config=config)
+    weights = torch.empty((x.shape[0], k + n_extra), dtype=out_dtype, device=x.device)
+    ids = torch.empty((x.shape[0], k + n_extra), dtype=torch.int64, device=x.device)
+    if x.shape[0]:
+        launch(*topk.router_spec(partials, k, scale, n_extra, first_extra, weights, ids,
+                                 round_bf16=x.dtype == torch.bfloat16), None)
+    return weights, ids

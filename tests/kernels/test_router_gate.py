@@ -1,0 +1,107 @@
+"""kernels/router_gate.py: the gate GEMM split over K into fp32 partials, and the router kernel summing them.
+
+Partials: against torch's fp32 product of the same K slices (the interpreter's dot sums in its own
+order: 1e-5 relative). The router from partials: exactly router_topk_ref of gate_logits_ref (the
+partials summed in split order, rounded to bf16 with ties to even), ids and weights, since both
+sides then start from the same logits. The whole form against router_topk_ref(F.linear(x, w)):
+ids equal on the rows whose k-th and (k+1)-th logits are more than two bf16 steps apart (elsewhere
+the summation order may decide), weights within one output rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton", reason="triton is not installed: kernel tests need it (TRITON_INTERPRET=1 on CPU)")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from dsv3_export.kernels import router_gate as G  # noqa: E402
+from dsv3_export.kernels import topk as K  # noqa: E402
+from dsv3_export.kernels.topk import _round_bf16  # noqa: E402
+
+
+def _poisoned(shape, dtype=torch.float32):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+@pytest.mark.parametrize("config", G.GATE_CONFIGS, ids=str)
+@pytest.mark.parametrize("t, e, k", [(1, 64, 2048), (3, 64, 300), (19, 40, 200), (2, 8, 128)])
+@pytest.mark.parametrize("dtype", G.DTYPES)
+def test_gate_partials_are_the_split_products(seed, config, t, e, k, dtype):
+    torch.manual_seed(seed)
+    x, w = torch.randn(t, k).to(dtype), (torch.randn(e, k) / k**0.5).to(dtype)
+    got = G.gate_partials(x, w, config=config)
+    splits = G.num_splits(k)
+    assert got.shape == (splits, t, e) and got.dtype == torch.float32
+    want = torch.stack([x[:, s * G.SPLIT_K:(s + 1) * G.SPLIT_K].double() @ w[:, s * G.SPLIT_K:(s + 1) * G.SPLIT_K].double().T
+                        for s in range(splits)])
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@triton.jit
+def _round_probe(x_ptr, y_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, _round_bf16(tl.load(x_ptr + offs, mask=offs < N)), mask=offs < N)
+
+
+def test_round_bf16_matches_torch(seed):
+    """The router's integer rounding against torch's cast: random bit patterns, ties, subnormals, the
+    largest finite values, inf and NaN."""
+    torch.manual_seed(seed)
+    bits = torch.randint(-2**31, 2**31 - 1, (4096,), dtype=torch.int64).to(torch.int32)
+    ties = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 3.3895e38, -3.3895e38, 3.4e38, 0.0, -0.0,
+                         float("inf"), -float("inf"), 1e-40, -1e-40, float("nan")])
+    x = torch.cat([bits.view(torch.float32), ties])
+    y = torch.full_like(x, 7.0)
+    _round_probe[(triton.cdiv(x.numel(), 512),)](x, y, x.numel(), BLOCK=512)
+    want = x.to(torch.bfloat16).float()
+    finite = ~x.isnan()
+    assert torch.equal(y[finite].view(torch.int32), want[finite].view(torch.int32))
+    assert y[~finite].isnan().all()
+
+
+@pytest.mark.parametrize("config", K.ROUTER_CONFIGS, ids=str)
+@pytest.mark.parametrize("splits, rows, n, k, n_extra", [(16, 1, 64, 6, 2), (3, 37, 64, 6, 2), (5, 5, 40, 3, 0)])
+@pytest.mark.parametrize("round_bf16", [True, False])
+def test_router_from_partials_equals_router_of_their_sum(seed, config, splits, rows, n, k, n_extra, round_bf16):
+    torch.manual_seed(seed)
+    partials = torch.randn(splits, rows, n) * 2
+    partials[:, 0, 5] = float("nan") if rows > 30 else partials[:, 0, 5]  # NaN ranks first, as torch's topk on CUDA
+    dtype = torch.bfloat16 if round_bf16 else torch.float32
+    weights, ids = torch.full((rows, k + n_extra), -1.0), torch.full((rows, k + n_extra), -7, dtype=torch.int64)
+    K.launch(*K.router_spec(partials, k, 2.5, n_extra, n, weights, ids, round_bf16=round_bf16), config)
+    logits = G.gate_logits_ref(partials, dtype)
+    want_w, want_ids = K.router_topk_ref(logits, k, scale=2.5, n_extra=n_extra, first_extra=n)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_w, rtol=2e-6, atol=0, equal_nan=True)  # the kernel's exp vs torch's
+
+
+@pytest.mark.parametrize("t", [1, 2, 33])
+def test_gate_router_topk_matches_the_linear_gate(seed, t):
+    torch.manual_seed(seed)
+    e, k, dim = 64, 6, 700
+    x, w = torch.randn(t, dim).bfloat16(), (torch.randn(e, dim) / dim**0.5).bfloat16()
+    weights, ids = G.gate_router_topk(x, w, k, scale=2.5, n_extra=2, first_extra=e, out_dtype=torch.bfloat16)
+    logits = F.linear(x.float(), w.float())  # fp32 sums: the two forms differ from this in rounding only
+    want_w, want_ids = K.router_topk_ref(logits.bfloat16(), k, scale=2.5, n_extra=2, first_extra=e,
+                                         out_dtype=torch.bfloat16)
+    ranked = logits.sort(dim=1, descending=True).values
+    clear = (ranked[:, k - 1] - ranked[:, k]) > 4 * 2.0**-8 * ranked[:, k - 1].abs()  # rows the order cannot flip
+    assert t < 33 or clear.sum() > t // 2
+    assert torch.equal(ids[clear], want_ids[clear])
+    assert torch.equal(ids[:, k:], want_ids[:, k:])
+    torch.testing.assert_close(weights[clear].float(), want_w[clear].float(), rtol=2 * 2.0**-7, atol=1e-6)
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(TypeError, match="gate_partials: w"):
+        G.gate_partials(torch.randn(2, 64), torch.randn(8, 64).bfloat16())
+    with pytest.raises(ValueError, match="K=32"):
+        G.gate_partials(torch.randn(2, 64), torch.randn(8, 32))
+    with pytest.raises(ValueError, match="k=9"):
+        G.gate_router_topk(torch.randn(2, 64), torch.randn(8, 64), 9)

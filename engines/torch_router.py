@@ -44,6 +44,7 @@ import dsv3_export.ops  # noqa: F401  (registers the dsv3:: ops matched here)
 from dsv3_export.engines import torch_triton as tt
 from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.kernels import router_gate as kg
+from dsv3_export.kernels.fp8_quant import act_quant_outputs
 from dsv3_export.kernels import topk as kt
 from dsv3_export.passes.graph_utils import is_call
 from dsv3_export.passes.program_state import ProgramState
@@ -72,9 +73,26 @@ def router_gate_topk(x: torch.Tensor, gate_weight: torch.Tensor, k: int, scale: 
                      first_extra: int, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """router_topk(linear(x [T, D], gate_weight [E, D])) with the gate as K-split fp32 partials that the
     router kernel sums (rounded to bf16 for bf16 x, as linear's output is)."""
+    return _gate_route(x, gate_weight, k, scale, n_extra, first_extra, out_dtype, None)
+
+
+@triton_op("dsv3_aoti::router_gate_topk_quant", mutates_args={})
+def router_gate_topk_quant(x: torch.Tensor, gate_weight: torch.Tensor, k: int, scale: float, n_extra: int,
+                           first_extra: int, out_dtype: torch.dtype
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """router_gate_topk, and act_quant(x) (q fp8 [T, D], s fp32 [T, D/128]) written by the gate kernel
+    from the same loads: the fp8 MoE's input (dsv3_aoti::moe_experts_fp8_quantized)."""
+    quant = act_quant_outputs(*x.shape, x.device)
+    weights, ids = _gate_route(x, gate_weight, k, scale, n_extra, first_extra, out_dtype, quant)
+    return weights, ids, *quant
+
+
+def _gate_route(x, gate_weight, k: int, scale: float, n_extra: int, first_extra: int, out_dtype: torch.dtype,
+                quant) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split gate's two launches (partials, with act_quant(x) into `quant` if given; the router)."""
     x = x.contiguous()
     partials = kg.partials_buffer(x.shape[0], gate_weight.shape[0], x.shape[1], x.device)  # [S, T, E]
-    tt._launch(kg.gate_partials_spec(x, gate_weight.contiguous(), partials))
+    tt._launch(kg.gate_partials_spec(x, gate_weight.contiguous(), partials, quant))
     weights = torch.empty((x.shape[0], k + n_extra), dtype=out_dtype, device=x.device)
     ids = torch.empty((x.shape[0], k + n_extra), dtype=torch.int64, device=x.device)
     tt._launch(kt.router_spec(partials, k, scale, n_extra, first_extra, weights, ids,
@@ -92,6 +110,14 @@ def _split_gate(logits: Node) -> tuple[Node, Node] | None:
     if xv is None or wv is None or xv.dim() != 2 or wv.dim() != 2:
         return None
     return (x, w) if kg.gate_unfit(xv.dtype, wv.dtype, wv.shape[0], wv.shape[1]) is None else None
+
+
+def _takes_quantized_x(moe: Node, gate_x: Node) -> bool:
+    """Whether the MoE is the W8A8 fp8 op (act_quant on, all eight arguments positional) on the gate's own x
+    with 128-aligned rows, so that the gate kernel's act_quant(x) can be its input."""
+    if not is_call(moe, torch.ops.dsv3.moe_experts_fp8.default) or len(moe.args) != 8 or moe.kwargs:
+        return False
+    return moe.args[0] is gate_x and moe.args[7] is True
 
 
 def _arg(node: Node, index: int, name: str, default):
@@ -172,24 +198,34 @@ def fuse_router(ep: ExportedProgram, kind: str = "decode") -> tuple[ExportedProg
     state = ProgramState(ep)
     found = [_match(n) for n in state.graph.nodes if is_call(n, *MOE_OPS)]
     sites = [f for f in found if not isinstance(f, str)]
-    gates = 0
+    gates = quantized = 0
     for site in sites:
         tail = (site["k"], site["scale"], site["n_extra"], site["first"], site["dtype"])
         gate = _split_gate(site["logits"]) if split_gate else None
-        with state.graph.inserting_before(site["moe"]):
+        moe = site["moe"]
+        quant = gate is not None and _takes_quantized_x(moe, gate[0])
+        with state.graph.inserting_before(moe):
             if gate is None:
                 out = state.call(torch.ops.dsv3_aoti.router_topk.default, (site["logits"], *tail))
             else:
-                out = state.call(torch.ops.dsv3_aoti.router_gate_topk.default, (*gate, *tail))
+                op = torch.ops.dsv3_aoti.router_gate_topk_quant if quant else torch.ops.dsv3_aoti.router_gate_topk
+                out = state.call(op.default, (*gate, *tail))
                 gates += 1
-            weights, ids = (state.call(operator.getitem, (out, i)) for i in range(2))
-        site["moe"].replace_input_with(site["w"], weights)
-        site["moe"].replace_input_with(site["ids"], ids)
+            weights, ids, *xq_xs = (state.call(operator.getitem, (out, i)) for i in range(4 if quant else 2))
+            if quant:  # the fp8 MoE without its own act_quant of x
+                x, _, _, w13, w13_s, w2, w2_s, _ = moe.args
+                new = state.call(torch.ops.dsv3_aoti.moe_experts_fp8_quantized.default,
+                                 (x, *xq_xs, weights, ids, w13, w13_s, w2, w2_s, tt.BLOCK_M[kind]), meta_from=moe)
+                moe.replace_all_uses_with(new)
+                quantized += 1
+        moe.replace_input_with(site["w"], weights)
+        moe.replace_input_with(site["ids"], ids)
     state.eliminate_dead_code()
     how = (f"{len(sites)} of {len(moes)} MoE routers (softmax, top-k, weights, shared-expert columns) -> "
            "dsv3_aoti::router_topk (kernels/topk.py)")
     if split_gate:
-        how += f"; {gates} gate GEMMs split over K into the router op ({GATE_SPLIT_ENV}=1, kernels/router_gate.py)"
+        how += (f"; {gates} gate GEMMs split over K into the router op ({GATE_SPLIT_ENV}=1, kernels/router_gate.py),"
+                f" {quantized} of them writing the fp8 MoE's act_quant of x")
     skipped = [f for f in found if isinstance(f, str)]
     if skipped:
         how += f"; not fused: {skipped[0]}"

@@ -211,9 +211,23 @@ def moe_experts_fp8(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
                     w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, block_m: int) -> torch.Tensor:
     """The W8A8 experts: moe_align, act_quant of x (1x128), up GEMM with SwiGLU, act_quant of h, down
     GEMM with the routing weights, sum over k -> [T, D]."""
+    xq, xs = _act_quant(x.contiguous())
+    return _moe_fp8(x, xq, xs, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m)
+
+
+@triton_op("dsv3_aoti::moe_experts_fp8_quantized", mutates_args={})
+def moe_experts_fp8_quantized(x: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, topk_weights: torch.Tensor,
+                              topk_ids: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+                              w2_scale: torch.Tensor, block_m: int) -> torch.Tensor:
+    """moe_experts_fp8 with act_quant(x) = (xq, xs) already computed (engines/torch_router.py: by the split
+    gate kernel, from the same x); x gives the output dtype."""
+    return _moe_fp8(x, xq, xs, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m)
+
+
+def _moe_fp8(x, xq, xs, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m: int) -> torch.Tensor:
+    """The W8A8 experts from act_quant(x): up GEMM with SwiGLU, act_quant of h, down GEMM, combine."""
     t, topk = topk_ids.shape
     routing = _moe_routing(topk_ids, w13.shape[0], block_m)
-    xq, xs = _act_quant(x.contiguous())
     h = _grouped_gemm(xq, w13, routing, topk, x.dtype, a_scale=xs, w_scale=w13_scale,
                       swiglu=True)  # [T*k, I]
     hq, hs = _act_quant(h)

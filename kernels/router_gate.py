@@ -12,6 +12,10 @@ computes x[t-block, 128 s : 128 s + 128] . W[e-block, same]^T into partials[s], 
 16 programs each read 16 KB, and the router kernel (which reads the [T, E] logits anyway) sums the S
 partials in a fixed order before it routes: still two launches, the first spread over the SMs.
 
+The MoE's act_quant of x (1x128 blocks) rides along (quant_x): a program's x tile is exactly one
+quantization block, so the first expert block's programs also write q and s, and the fp8 MoE op no
+longer launches its own act_quant for x (engines/torch_router.py, one launch fewer per MoE layer).
+
 Numerics: the products and sums are fp32 (tl.dot, fp32 accumulation), and the router rounds the sum
 to bf16 with round-to-nearest-even, as F.linear's bf16 output is rounded; against cuBLAS only the
 summation order differs (the logits can differ in their last bf16 bit). fp32 models keep the fp32 sum.
@@ -26,11 +30,13 @@ import triton
 import triton.language as tl
 
 from dsv3_export.kernels import topk
-from dsv3_export.kernels._common import LaunchSpec, autotune_or_single, cdiv, check_tensor, is_interpreted, launch
+from dsv3_export.kernels._common import (QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv, check_tensor,
+                                         is_interpreted, launch)
+from dsv3_export.kernels.fp8_quant import act_quant_outputs, quantize_rows
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 
 DTYPES = (torch.bfloat16, torch.float32)  # logits the router rounds back exactly (bf16) or keeps (fp32)
-SPLIT_K = 128  # K per partial: S = ceil(K / SPLIT_K) partials, summed by the router kernel
+SPLIT_K = QUANT_BLOCK  # K per partial (and one act_quant block): S = ceil(K / SPLIT_K) partials
 # BLOCK_T 16 is tl.dot's minimum M (batch <= 16 in one tile); BLOCK_E splits the experts (V3's 256) so
 # that a program's [BLOCK_E, 128] weight tile stays small. The decode program is tuned at batch 64.
 GATE_CONFIGS = [
@@ -44,21 +50,30 @@ GATE_CONFIGS = [
 @waits_for_producer
 @triton.jit
 def _gate_partials_kernel(
-    x_ptr, w_ptr, part_ptr, T, E, K,
-    stride_xt, stride_we, stride_ps, stride_pt,
+    x_ptr, w_ptr, part_ptr, q_ptr, s_ptr, T, E, K,
+    stride_xt, stride_we, stride_ps, stride_pt, stride_qt, stride_st,
     SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, QUANT_X: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr,
 ):
     """partials[s, t, e] = sum over k in split s of x[t, k] * w[e, k] (fp32), for one block of rows
-    (axis 0), of experts (axis 1) and one split (axis 2); rows, experts and K masked with zeros."""
+    (axis 0), of experts (axis 1) and one split (axis 2); rows, experts and K masked with zeros.
+    QUANT_X (SPLIT = 128): the programs of the first expert block also write act_quant(x)'s q and s for
+    their [BLOCK_T, 128] block of x, with act_quant's arithmetic (kernels/fp8_quant.py quantize_rows)."""
     wait_for_producer()  # before any memory access: kernels/pdl.py
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     split = tl.program_id(2)
     offs_k = split * SPLIT + tl.arange(0, SPLIT)
     mask_t, mask_e, mask_k = offs_t < T, offs_e < E, offs_k < K
-    x = tl.load(x_ptr + offs_t[:, None].to(tl.int64) * stride_xt + offs_k[None, :],
+    rows64 = offs_t[:, None].to(tl.int64)
+    x = tl.load(x_ptr + rows64 * stride_xt + offs_k[None, :],
                 mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, SPLIT]
+    if QUANT_X:
+        if tl.program_id(1) == 0:
+            q, s = quantize_rows(x.to(tl.float32), SCALE_RECIPROCAL)
+            tl.store(q_ptr + rows64 * stride_qt + offs_k[None, :], q.to(q_ptr.dtype.element_ty),
+                     mask=mask_t[:, None] & mask_k[None, :])
+            tl.store(s_ptr + offs_t.to(tl.int64) * stride_st + split, s, mask=mask_t)
     w = tl.load(w_ptr + offs_e[:, None].to(tl.int64) * stride_we + offs_k[None, :],
                 mask=mask_e[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_E, SPLIT]
     if UPCAST:
@@ -94,16 +109,21 @@ def partials_buffer(t, e: int, k: int, device: torch.device) -> torch.Tensor:
     return torch.empty((num_splits(k), t, e), dtype=torch.float32, device=device)
 
 
-def gate_partials_spec(x: torch.Tensor, w: torch.Tensor, partials: torch.Tensor) -> LaunchSpec:
+def gate_partials_spec(x: torch.Tensor, w: torch.Tensor, partials: torch.Tensor,
+                       quant: tuple[torch.Tensor, torch.Tensor] | None = None) -> LaunchSpec:
     """The launch for x [T, K], w [E, K] (unit stride along K) into partials [S, T, E] (contiguous);
-    checked by the caller. T may be symbolic."""
+    checked by the caller. T may be symbolic. quant: (q fp8 [T, K], s fp32 [T, ceil(K/128)]) to write
+    act_quant(x) into as well, its scale rounded as torch's on x's device (kernels/fp8_quant.py)."""
     t, k = x.shape
     e = w.shape[0]
     splits = partials.shape[0]
+    q, s = quant if quant is not None else (partials, partials)  # never written without QUANT_X
     grid = lambda meta: (cdiv(t, meta["BLOCK_T"]), cdiv(e, meta["BLOCK_E"]), splits)  # noqa: E731
     return LaunchSpec(_gate_partials_kernel, _gate_tuned, GATE_CONFIGS, grid,
-                      (x, w, partials, t, e, k, x.stride(0), w.stride(0), partials.stride(0), partials.stride(1)),
-                      dict(SPLIT=SPLIT_K, UPCAST=_INTERPRETED, IEEE=x.dtype == torch.float32))
+                      (x, w, partials, q, s, t, e, k, x.stride(0), w.stride(0), partials.stride(0), partials.stride(1),
+                       q.stride(0), s.stride(0)),
+                      dict(SPLIT=SPLIT_K, UPCAST=_INTERPRETED, IEEE=x.dtype == torch.float32, QUANT_X=quant is not None,
+                           SCALE_RECIPROCAL=x.is_cuda))
 
 
 def check_gate(x: torch.Tensor, w: torch.Tensor) -> None:
@@ -116,14 +136,17 @@ def check_gate(x: torch.Tensor, w: torch.Tensor) -> None:
         raise ValueError(f"gate_partials: x and w need unit stride along K, got {x.stride()} and {w.stride()}")
 
 
-def gate_partials(x: torch.Tensor, w: torch.Tensor, *, config: triton.Config | None = None) -> torch.Tensor:
+def gate_partials(x: torch.Tensor, w: torch.Tensor, *, quant_x: bool = False,
+                  config: triton.Config | None = None):
     """x [T, K] . w [E, K]^T as fp32 partials [S, T, E] over K splits of SPLIT_K (summed in split order
-    they are the logits; kernels/topk.py router_topk(partials=...) does that)."""
+    they are the logits: the router kernel's SPLITS form). quant_x: also act_quant(x) from the same loads,
+    returned as (partials, (q, s)), bit-identical to kernels/fp8_quant.py act_quant(x)."""
     check_gate(x, w)
     partials = partials_buffer(x.shape[0], w.shape[0], x.shape[1], x.device)
+    quant = act_quant_outputs(*x.shape, x.device) if quant_x else None
     if partials.numel():
-        launch(*gate_partials_spec(x, w, partials), config)
-    return partials
+        launch(*gate_partials_spec(x, w, partials, quant), config)
+    return (partials, quant) if quant_x else partials
 
 
 def round_bf16_ref(x: torch.Tensor) -> torch.Tensor:

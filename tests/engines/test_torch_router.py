@@ -69,6 +69,7 @@ for dtype_name, kinds in CASES:
             out[key + "_split_gate_gemms"] = len([n for n in ops(split, ("linear", "mm"))
                                                   if "gate_weight" in str(n.args[1])])
             out[key + "_split_routers"] = sorted(str(n.target) for n in split.graph.nodes if "router" in str(n.target))
+            out[key + "_split_moes"] = sorted(str(n.target) for n in split.graph.nodes if "moe_" in str(n.target))
             with torch.no_grad():
                 got = split.module()(*inputs)
             out[key + "_split_rel"] = [rel_err(g, w) for g, w in zip(got, want)]
@@ -99,7 +100,10 @@ def test_rewritten_tiny_programs_match_in_the_interpreter(seed):
             if kind == "decode":  # split gate: no gate linear left, the router op reads x and the weight
                 assert "2 gate GEMMs split over K" in out[key + "_split_how"], out[key + "_split_how"]
                 assert out[key + "_split_gate_gemms"] == 0
-                assert out[key + "_split_routers"] == ["dsv3_aoti.router_gate_topk.default"] * 2
+                # the fp8 MoE takes the gate kernel's act_quant of x (no act_quant of its own)
+                assert out[key + "_split_routers"] == ["dsv3_aoti.router_gate_topk_quant.default"] * 2
+                assert "2 of them writing the fp8 MoE's act_quant of x" in out[key + "_split_how"]
+                assert out[key + "_split_moes"] == ["dsv3_aoti.moe_experts_fp8_quantized.default"] * 2
                 assert max(out[key + "_split_rel"]) < limit, f"{key}: {out[key + '_split_rel']} (seed {seed})"
 
 
@@ -139,3 +143,35 @@ def test_switch(monkeypatch):
     monkeypatch.setenv(torch_router.ROUTER_ENV, "on")
     with pytest.raises(ValueError, match="DSV3_TORCH_ROUTER='on'"):
         torch_router.fuse_router(program)
+
+
+def test_moe_on_the_gate_kernels_act_quant_is_bit_identical(seed):
+    """dsv3_aoti::moe_experts_fp8_quantized on the split gate kernel's act_quant(x) equals
+    dsv3_aoti::moe_experts_fp8 (its own act_quant) bit for bit, in the interpreter: the split gate's
+    x quantization changes no bit of the MoE (a subprocess: TRITON_INTERPRET before the kernels load)."""
+    pytest.importorskip("triton")
+    script = r"""
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from dsv3_export.engines import torch_router, torch_triton as tt
+from dsv3_export.kernels import router_gate as kg
+from dsv3_export.kernels.fp8_quant import act_quant
+torch.manual_seed(int(sys.argv[1]))
+t, d, e, inter, k = 3, 300, 10, 200, 4
+x, gate_w = torch.randn(t, d).bfloat16(), torch.randn(e, d).bfloat16()
+w13q, w13s = act_quant(torch.randn(e * 2 * inter, d))
+w2q, w2s = act_quant(torch.randn(e * d, inter))
+w13q, w2q = w13q.view(e, 2 * inter, d), w2q.view(e, d, inter)
+w13s = torch.rand(e, 4, 3) / 100  # 128x128 block scales [E, ceil(2I/128), ceil(D/128)]
+w2s = torch.rand(e, 3, 2) / 100
+weights, ids, xq, xs = torch_router.router_gate_topk_quant(x, gate_w, k, 1.0, 0, 0, torch.bfloat16)
+want = tt.moe_experts_fp8(x, weights, ids, w13q, w13s, w2q, w2s, 16)
+got = tt.moe_experts_fp8_quantized(x, xq, xs, weights, ids, w13q, w13s, w2q, w2s, 16)
+assert not want.isnan().any() and want.abs().max() > 0
+assert torch.equal(got, want), (got - want).abs().max()
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(seed % 2**31)], check=False, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

@@ -241,8 +241,10 @@ def _cases(all_configs: bool):
         yield ("router splits=16", topk._router_kernel, cfg, dict(logits_ptr=f32, w_ptr=bf, idx_ptr="*i64"),
                dict(TOPK=6, N_EXTRA=2, BLOCK_N=64, SPLITS=16, ROUND_BF16=True))
     for cfg in pick(router_gate.GATE_CONFIGS):  # the 16b gate: x [T, 2048] . W [64, 2048]^T in 128-wide splits
-        yield ("gate_partials", router_gate._gate_partials_kernel, cfg, dict(x_ptr=bf, w_ptr=bf, part_ptr=f32),
-               dict(SPLIT=router_gate.SPLIT_K, UPCAST=False, IEEE=False))
+        for quant_x in (False, True):  # and act_quant(x) written from the same loads
+            yield (f"gate_partials quant_x={quant_x}", router_gate._gate_partials_kernel, cfg,
+                   dict(x_ptr=bf, w_ptr=bf, part_ptr=f32, q_ptr=f8 if quant_x else f32, s_ptr=f32),
+                   dict(SPLIT=router_gate.SPLIT_K, UPCAST=False, IEEE=False, QUANT_X=quant_x, SCALE_RECIPROCAL=True))
     for cfg in pick(mla_absorb.HEAD_GEMM_CONFIGS):  # MLA's W_UK / W_UV per-head GEMM (bf16 x and weight views)
         yield ("head_gemm", mla_absorb._head_gemm_kernel, cfg, dict(x_ptr=bf, w_ptr=bf, out_ptr=bf), dict(UPCAST=False))
     for cfg in mla_absorb.HEAD_GEMV_CONFIGS:  # W_UV at batch <= 2: K = c = 512; and the largest K it takes

@@ -20,6 +20,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from dsv3_export.kernels import router_gate as G  # noqa: E402
+from dsv3_export.kernels.fp8_quant import act_quant  # noqa: E402
 from dsv3_export.kernels import topk as K  # noqa: E402
 from dsv3_export.kernels.topk import _round_bf16  # noqa: E402
 
@@ -41,6 +42,19 @@ def test_gate_partials_are_the_split_products(seed, config, t, e, k, dtype):
                         for s in range(splits)])
     assert not got.isnan().any()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", G.GATE_CONFIGS[:1] + G.GATE_CONFIGS[3:], ids=str)
+@pytest.mark.parametrize("t, k", [(1, 2048), (19, 300), (3, 128)])
+def test_gate_quant_x_is_act_quant(seed, config, t, k):
+    """quant_x: q and s bit for bit act_quant(x)'s (an all-zero block too), the partials unchanged."""
+    torch.manual_seed(seed)
+    x, w = torch.randn(t, k).bfloat16(), torch.randn(40, k).bfloat16()
+    x[0, :128] = 0
+    partials, (q, s) = G.gate_partials(x, w, quant_x=True, config=config)
+    want_q, want_s = act_quant(x)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s, want_s)
+    assert torch.equal(partials, G.gate_partials(x, w, config=config))
 
 
 @triton.jit

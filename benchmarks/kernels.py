@@ -70,7 +70,7 @@ from kbench.common import (BF16_PEAK, FP8_PEAK, HBM_BW, TINY, Report, Shapes,  #
                            _bootstrap_imports, bench_copy)
 # _blockwise_operands and _pad_k: tests/kernels/test_benchmark_script.py checks them as attributes of this script
 from kbench.fp8 import _blockwise_operands, _pad_k, bench_fp8_gemm, bench_fp8_prefill  # noqa: E402, F401
-from kbench.gemv import bench_gemv  # noqa: E402
+from kbench.gemv import bench_decode_cold, bench_gemv  # noqa: E402
 from kbench.mla import bench_mla  # noqa: E402
 from kbench.mla_proj import bench_absorb  # noqa: E402
 from kbench.mla_sweep import bench_mla_sweep  # noqa: E402
@@ -90,6 +90,8 @@ SECTIONS = {  # cheap sections first: if the time budget runs out, the expensive
     "moe_cfg": ("grouped GEMM configs at decode (fp8, 16b MoE)", bench_moe_configs),
     "gemv": ("fp8 GEMV with act_quant in registers vs act_quant + tile GEMM, Linears and MoE at M <= 4 (CUDA graphs)",
              bench_gemv),
+    "decode_cold": ("batch-1 decode reads from HBM: the GEMV's configs, the MoE gate cuBLAS vs split (CUDA graphs)",
+                    bench_decode_cold),
     "fp8_prefill": ("fp8 blockwise GEMM at prefill M: TMA candidates, pinned", bench_fp8_prefill),
     "fp8": ("fp8 blockwise GEMM", bench_fp8_gemm),
 }

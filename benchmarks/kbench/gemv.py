@@ -46,9 +46,60 @@ def _cold_graph_ms(call, weights: list, sh: Shapes, quick: bool) -> float:
     return bench(graph.replay, sh, quick) / GRAPH_REPEATS
 
 
-def bench_gemv_cold(report: Report, sh: Shapes, quick: bool, names=("wq+wkv_a", "wo")) -> None:
+def _cold_candidates():
+    """_candidates and one-step chunks (CHUNK = K = 2048: the whole row slice in one load) for the cold sweep."""
+    import triton
+
+    extra = [({"BLOCK_N": 8, "CHUNK": 2048}, 8), ({"BLOCK_N": 4, "CHUNK": 2048}, 4), ({"BLOCK_N": 8, "CHUNK": 1024}, 8),
+             ({"BLOCK_N": 4, "CHUNK": 1024}, 2)]
+    return _candidates() + [triton.Config(kw, num_warps=w, num_stages=1) for kw, w in extra]
+
+
+def bench_decode_cold(report: Report, sh: Shapes, quick: bool) -> None:
+    """Section decode_cold: the batch-1 decode step's small weight reads from HBM, as the step reads them.
+    The attention Linears' GEMV in every candidate config (the packages pin GEMV_CONFIGS[0], chosen
+    L2-warm in session 13), and the MoE gate: cuBLAS linear + router_topk against kernels/router_gate.py's
+    K-split partials + the router summing them (DSV3_TORCH_GATE_SPLIT), with and without act_quant(x)."""
+    bench_gemv_cold(report, sh, quick, configs=_cold_candidates() if sh.device == "cuda" else None)
+    from dsv3_export.kernels import router_gate as RG
+    from dsv3_export.kernels import topk as TK
+
+    torch.manual_seed(0)
+    e, d, k = sh.n_experts, sh.dim, sh.topk
+    gate = torch.randn(e, d, device=sh.device, dtype=torch.bfloat16) / d**0.5
+    n_copies = max(2, -(-COLD_BYTES // (e * d * 2))) if sh.device == "cuda" else 2
+    copies = [(gate.clone(),) for _ in range(n_copies)]
+    x = torch.randn(1, d, device=sh.device, dtype=torch.bfloat16)
+    route = dict(scale=1.0, n_extra=2, first_extra=e, out_dtype=torch.bfloat16)
+    case = f"MoE gate + router M=1 E={e} D={d}, {n_copies} gate copies (cold L2)"
+
+    def cublas(w):
+        return TK.router_topk(torch.nn.functional.linear(x, w), k, **route)
+
+    def split(w, quant_x=False):
+        partials, quant = RG.gate_partials(x, w, quant_x=True) if quant_x else (RG.gate_partials(x, w), None)
+        weights = torch.empty((1, k + 2), dtype=torch.bfloat16, device=x.device)
+        ids = torch.empty((1, k + 2), dtype=torch.int64, device=x.device)
+        TK.launch(*TK.router_spec(partials, k, 1.0, 2, e, weights, ids, round_bf16=True), None)
+        return weights, ids
+
+    want_ids = cublas(gate)[1]
+    wrong = float((split(gate)[1] != want_ids).float().mean())
+    rows = [guarded(report, f"decode_cold {case} cublas", lambda: add(report, Row(
+        "decode_cold", case, "baseline: cuBLAS linear + router_topk, cold L2", _cold_graph_ms(cublas, copies, sh, quick)),
+        bytes_=e * d * 2))]
+    for quant_x in (False, True):
+        rows.append(guarded(report, f"decode_cold {case} split quant_x={quant_x}", lambda quant_x=quant_x: add(report, Row(
+            "decode_cold", case, f"gate_partials{' + act_quant(x)' if quant_x else ''} + router (split), cold L2",
+            _cold_graph_ms(lambda w: split(w, quant_x), copies, sh, quick), error=wrong, tol=0.0, ok=wrong == 0,
+            note="ids vs cuBLAS's (can differ on near ties)"), bytes_=e * d * 2)))
+    _ratio_vs_first(rows)
+    show(case, [r for r in rows if r])
+
+
+def bench_gemv_cold(report: Report, sh: Shapes, quick: bool, names=("wq+wkv_a", "wo"), configs=None) -> None:
     """The attention Linears at M=1 with the weight read from HBM (COLD_BYTES of copies): the chain
-    against fp8_gemv's first two configs, as inside the decode step."""
+    against fp8_gemv's first two configs (or `configs`), as inside the decode step."""
     from dsv3_export.kernels import fp8_gemm as G
     from dsv3_export.kernels import fp8_gemv as V
     from dsv3_export.kernels import fp8_quant as Q
@@ -65,7 +116,7 @@ def bench_gemv_cold(report: Report, sh: Shapes, quick: bool, names=("wq+wkv_a", 
             "gemv", case, "baseline: act_quant + fp8_gemm (+ split-K sum), cold L2", _cold_graph_ms(
                 lambda wq, ws: G.fp8_gemm(*Q.act_quant(x), wq, ws, torch.bfloat16, shape_class="decode"),
                 copies, sh, quick)), bytes_=n * k))]
-        for cfg in V.GEMV_CONFIGS[:2]:
+        for cfg in configs or V.GEMV_CONFIGS[:2]:
             rows.append(guarded(report, f"gemv {case} {cfg}", lambda cfg=cfg: add(report, Row(
                 "gemv", case, f"fp8_gemv [{cfg}], cold L2", _cold_graph_ms(
                     lambda wq, ws: V.fp8_gemv(x, wq, ws, torch.bfloat16, config=cfg), copies, sh, quick)),

@@ -4,7 +4,9 @@ The shared picture (layouts, the absorbed-MLA math, which keys a row sees, dtype
 kernels/mla_attention.py, which also holds the input checks and mla_decode_ref. How decode works
 (splits, the merge kernel, the runtime split rule, the tiles' layout) is in
 kernels/mla_decode_kernels.py with the kernels; this module holds their configs and autotuner, the
-launcher mla_decode and the host side of a launch (split_plan, split_partials, split_kernel_args).
+launcher mla_decode (= mla_decode_partials, the split kernel, then mla_decode_reduce; kernels/mla_merge_uv.py
+merges the partials inside W_UV's launch instead) and the host side of a launch (split_plan, split_partials,
+split_kernel_args, reduce_spec).
 
 Variants (session 8, kernels/mla_variants.py; "early" is not the default: benchmarks/kernels.py
 mla_sweep, H200: 13.8 vs 14.1 us at B=1 ctx 1024 and 26.9 vs 28.7 at B=8 ctx 4096, eager-only for now).

@@ -18,7 +18,9 @@ Lowered here (engines/torch_lower.py uses these on CUDA, ATen math for the rest)
                              passed separately, the cache is only read), then W_UV. The decode program's
                              W_UK and W_UV are kernels/mla_absorb.py head_gemm (one launch each on the
                              strided views; DSV3_TORCH_ABSORB_GEMM=0: einsums), W_UV at batch <= 2 its
-                             CUDA-core form head_gemv (DSV3_TORCH_HEAD_GEMV); prefill's are einsums.
+                             CUDA-core form head_gemv (DSV3_TORCH_HEAD_GEMV), there with mla_decode's
+                             split merge in its launch (kernels/mla_merge_uv.py, DSV3_TORCH_MERGE_UV);
+                             prefill's are einsums.
                              bf16/fp16; fp32 engines keep ATen (the kernel's fp32 dots are TF32).
     dsv3::fp8_linear       -> dsv3_aoti::fp8_linear       act_quant=True: act_quant + fp8 x fp8 GEMM;
                              act_quant=False: the weight-only GEMM (fp8 widened in registers; bf16/fp16
@@ -44,6 +46,7 @@ from dsv3_export.kernels import fp8_gemv as kv
 from dsv3_export.kernels import fp8_quant as kq
 from dsv3_export.kernels import mla_absorb as ka
 from dsv3_export.kernels import mla_decode as kd
+from dsv3_export.kernels import mla_merge_uv as km_uv
 from dsv3_export.kernels import mla_prefill as kp
 from dsv3_export.kernels import moe as km
 from dsv3_export.engines.torch_decode_gemv import decode_gemv, gated
@@ -107,6 +110,19 @@ HEAD_GEMV_ENV = "DSV3_TORCH_HEAD_GEMV"
 
 def _head_gemv() -> bool:
     return env_choice(HEAD_GEMV_ENV, "1", {"1": "W_UV by head_gemv at batch <= 2", "0": "head_gemm"}) == "1"
+
+
+# With head_gemv (DSV3_TORCH_HEAD_GEMV on): `1` (default) at batch <= 2 the decode attention's split merge and
+# W_UV in one launch (kernels/mla_merge_uv.py; the same bits as the reduce kernel then head_gemv), above it the
+# reduce kernel and head_gemm, each launch gated by the batch; `0` the reduce kernel at every batch, then
+# head_gemv / head_gemm. Read when a program is lowered. One launch fewer per layer at batch 1, where the
+# reduce kernel cost ~1.9 us + a 0.42 us gap per layer on the H200 (16b profile); not yet measured on the GPU.
+MERGE_UV_ENV = "DSV3_TORCH_MERGE_UV"
+
+
+def _merge_uv() -> bool:
+    return env_choice(MERGE_UV_ENV, "1", {"1": "split merge + W_UV in one launch at batch <= 2",
+                                          "0": "the reduce kernel, then head_gemv"}) == "1"
 
 
 def _moe_direct() -> bool:
@@ -317,9 +333,17 @@ def decode_query(q_nope: torch.Tensor, w_uk: torch.Tensor, absorb_gemm: bool) ->
 def decode_latent(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
                   start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, absorb_gemm: bool
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decode attention up to W_UV: W_UK into the query (decode_query), then mla_decode over the
-    cache rows t < min(start_pos, T) and the one new key, under the runtime split rule with its reduce
-    -> (lat [b, h, c], w_uv [h, dv, c])."""
+    """The decode attention up to W_UV: decode_partials, then the reduce kernel -> (lat [b, h, c], w_uv [h, dv, c])."""
+    parts, w_uv = decode_partials(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, absorb_gemm)
+    return kd.mla_decode_reduce(parts, q_nope.dtype), w_uv
+
+
+def decode_partials(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
+                    start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, absorb_gemm: bool
+                    ) -> tuple[kd.DecodePartials, torch.Tensor]:
+    """W_UK into the query (decode_query), then mla_decode's split kernel over the cache rows
+    t < min(start_pos, T) and the one new key, under the runtime split rule; the merge left to the caller
+    -> (the split partials, w_uv [h, dv, c])."""
     _, s, h, dn = q_nope.shape
     c = wkv_b.shape[-1]
     torch._check(s == 1, lambda: f"dsv3_aoti::mla_attention: decode needs one new position, got {s}")
@@ -327,15 +351,29 @@ def decode_latent(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor
     w_uk, w_uv = w[:, :dn], w[:, dn:]  # [h, dn, c], [h, dv, c]
     seen = start_pos.clamp(0, kv_cache.shape[1]).to(torch.int32)  # [b] cached keys per row
     q_latent = decode_query(q_nope, w_uk, absorb_gemm)  # [b, h, c]
-    lat = kd.mla_decode(q_latent, q_pe.contiguous()[:, 0], kv_cache[..., :c], kv_cache[..., c:], seen, softmax_scale,
-                        kv_new=kv_new[:, 0, :c], pe_new=kv_new[:, 0, c:], runtime_splits=True)  # [b, h, c]
-    return lat, w_uv
+    parts = kd.mla_decode_partials(q_latent, q_pe.contiguous()[:, 0], kv_cache[..., :c], kv_cache[..., c:], seen,
+                                   softmax_scale, kv_new=kv_new[:, 0, :c], pe_new=kv_new[:, 0, c:], runtime_splits=True)
+    return parts, w_uv
+
+
+def _merged_head_gemv(parts: kd.DecodePartials, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W_UV after the split kernel: w [h, c, dv] (c contiguous, ka.head_gemv_suits) -> [b, h, dv] in dtype. At
+    b <= kv.GEMV_MAX_ROWS kernels/mla_merge_uv.py (the merge and head_gemv in one launch), above it the reduce
+    kernel into the latent, then head_gemm; each launch gated by the batch."""
+    b, h, _, c = parts.o_part.shape
+    out = torch.empty((b, h, w.shape[2]), dtype=dtype, device=w.device)  # [b, h, dv]
+    gate = kv.gemv_gate(b)
+    _launch(gated(km_uv.merge_uv_spec(parts, w, out), gate))
+    lat = torch.empty((b, h, c), dtype=dtype, device=w.device)  # [b, h, c], written above batch 2 only
+    _launch(gated(kd.reduce_spec(parts, lat), 1 - gate))
+    _launch(gated(ka.head_gemm_spec(lat, w, out, ka.DECODE_MAX_M), 1 - gate))
+    return out
 
 
 @triton_op("dsv3_aoti::mla_attention", mutates_args={})
 def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
                   start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, decode: bool,
-                  absorb_gemm: bool = True, head_gemv: bool = False) -> torch.Tensor:
+                  absorb_gemm: bool = True, head_gemv: bool = False, merge_uv: bool = False) -> torch.Tensor:
     """dsv3::mla_attention (step.absorbed_attention's math): W_UK absorbed into the query, the
     kernel over cache positions t < min(start_pos, T) plus the s new keys (causal), then W_UV.
 
@@ -344,10 +382,17 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor
     not keys) and the new keys' causal order, and keeps the kernels' cache reads in bounds.
     absorb_gemm (decode, bf16/fp16; ABSORB_ENV): W_UK and W_UV by kernels/mla_absorb.py head_gemm,
     one launch each, instead of the einsums. head_gemv (with absorb_gemm; HEAD_GEMV_ENV): W_UV by
-    head_gemv at batch <= kv.GEMV_MAX_ROWS.
+    head_gemv at batch <= kv.GEMV_MAX_ROWS. merge_uv (with head_gemv; MERGE_UV_ENV): at those batches the split
+    merge and head_gemv in one launch (_merged_head_gemv).
     """
     if decode:
         absorb_gemm = absorb_gemm and q_nope.dtype in ka.DOT_DTYPES  # fp32 dots would be TF32
+        if absorb_gemm and head_gemv and merge_uv:
+            parts, w_uv = decode_partials(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, True)
+            w = w_uv.transpose(1, 2)  # [h, c, dv], c contiguous
+            if ka.head_gemv_suits(w):  # static: the weight's shape and strides
+                return _merged_head_gemv(parts, w, q_nope.dtype)[:, None]  # [b, 1, h, dv]
+            return _head_gemm(kd.mla_decode_reduce(parts, q_nope.dtype), w)[:, None]
         lat, w_uv = decode_latent(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale,
                                   absorb_gemm)  # [b, h, c], [h, dv, c]
         if absorb_gemm:
@@ -375,6 +420,7 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
     gemv = decode_gemv(kind) if gemv is None else gemv
     absorb = _absorb_gemm()
     head_gemv = gemv and _head_gemv()  # with the decode GEMV: the same gate and the same tuning-batch rule
+    merge_uv = head_gemv and _merge_uv()
     kernel_sum = _split_k_sum_kernel(kind, gemv)
     align_form = env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS)
     routing = "moe_align " + ("in ATen ops" if align_form == "aten" else "kernel")
@@ -399,7 +445,8 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
         # absorb applies to the decode form only; prefill passes the default, so that its program text does not
         # depend on the switch
         return mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, decode,
-                             absorb if decode else True, decode and absorb and head_gemv)
+                             absorb if decode else True, decode and absorb and head_gemv,
+                             decode and absorb and merge_uv)
 
     def lower_fp8_linear(x, weight, scale, act_quant):
         if not act_quant and x.dtype not in kg.DENSE_DTYPES:  # weight-only GEMM: bf16/fp16 activations
@@ -415,6 +462,8 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
                      + ("W_UK and W_UV by kernels/mla_absorb.py head_gemm in the decode program, einsums in "
                         "prefill" if absorb else "W_UK and W_UV by einsums")
                      + (f", W_UV by head_gemv at batch <= {kv.GEMV_MAX_ROWS}" if absorb and head_gemv else "")
+                     + (", with mla_decode's split merge in its launch (kernels/mla_merge_uv.py)"
+                        if absorb and merge_uv else "")
                      + "; kernels/mla_attention.py over [cache | new]: mla_decode in the decode program, "
                      "mla_prefill in prefill) for bf16/fp16; ATen math for fp32")
     lower_fp8_linear.how = ("triton_op dsv3_aoti::fp8_linear (kernels/fp8_gemm.py: act_quant + fp8 GEMM"

@@ -15,6 +15,7 @@ One family per module, each with its kernel(s), a checking launcher and a pure-t
   mla_prefill     mla_prefill (causal)
   mla_absorb      head_gemm: MLA's absorbed per-head projections (W_UK, W_UV); head_gemv, its CUDA-core
                   form for one or two rows (W_UV in the batch-1 decode step)
+  mla_merge_uv    mla_merge_uv: mla_decode's split merge and W_UV's head_gemv in one launch (batch <= 2 decode)
   topk            router_topk: the softmax MoE router (softmax, top-k, weights, the shared experts'
                   columns) from its logits, one launch
   pdl             which kernels wait for their producer (programmatic dependent launch, opt-in)

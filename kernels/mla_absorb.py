@@ -161,11 +161,24 @@ def _head_gemv_kernel(
     mask_k = offs_k < K
     mask_n = offs_n < N
     x = tl.load(x_ptr + row * stride_xm + head * stride_xh + offs_k * stride_xk, mask=mask_k, other=0.0)
-    w = tl.load(w_ptr + head * stride_wh + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
-                mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
-    acc = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
+    w = _head_gemv_weights(w_ptr, head, offs_n, offs_k, mask_n, mask_k, stride_wh, stride_wn)
+    acc = _head_gemv_product(w, x)  # [BLOCK_N]
     tl.store(out_ptr + row * stride_om + head * stride_oh + offs_n * stride_on, acc.to(out_ptr.dtype.element_ty),
              mask=mask_n)
+
+
+@triton.jit
+def _head_gemv_weights(w_ptr, head, offs_n, offs_k, mask_n, mask_k, stride_wh, stride_wn):
+    """Head `head`'s weight rows [BLOCK_N, BLOCK_K] (K contiguous), zero past N and K."""
+    return tl.load(w_ptr + head * stride_wh + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
+                   mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+
+
+@triton.jit
+def _head_gemv_product(w, x):
+    """w [BLOCK_N, BLOCK_K] times the row x [BLOCK_K], summed in fp32 -> [BLOCK_N]: one helper for head_gemv
+    and kernels/mla_merge_uv.py, so that both sum bit for bit alike."""
+    return tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
 
 
 _head_gemv_single = autotune_or_single(_head_gemv_kernel, HEAD_GEMV_CONFIGS, key=[])

@@ -4,7 +4,9 @@ The shared picture (layouts, the absorbed-MLA math, which keys a row sees, dtype
 kernels/mla_attention.py, which also holds the input checks and mla_decode_ref. How decode works
 (splits, the merge kernel, the runtime split rule, the tiles' layout) is in
 kernels/mla_decode_kernels.py with the kernels; this module holds their configs and autotuner, the
-launcher mla_decode and the host side of a launch (split_plan, split_partials, split_kernel_args).
+launcher mla_decode (= mla_decode_partials, the split kernel, then mla_decode_reduce; kernels/mla_merge_uv.py
+merges the partials inside W_UV's launch instead) and the host side of a launch (split_plan, split_partials,
+split_kernel_args, reduce_spec).
 
 Variants (session 8, kernels/mla_variants.py; "early" is not the default: benchmarks/kernels.py
 mla_sweep, H200: 13.8 vs 14.1 us at B=1 ctx 1024 and 26.9 vs 28.7 at B=8 ctx 4096, eager-only for now).
@@ -36,11 +38,13 @@ the default at B=32 ctx 4096, slower at B=1 (15.6 vs 14.1) and B=8 ctx 4096 (30.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 
-from dsv3_export.kernels._common import (autotune_or_single, cdiv, check_tensor, is_interpreted, launch, next_pow2,
-                                         traceable, tracing)
+from dsv3_export.kernels._common import (LaunchSpec, autotune_or_single, cdiv, check_tensor, is_interpreted, launch,
+                                         next_pow2, traceable, tracing)
 from dsv3_export.kernels.mla_attention import LOG2E, _check_caches, _check_new
 from dsv3_export.kernels.mla_decode_kernels import _mla_decode_reduce_kernel, _mla_decode_split_kernel
 from dsv3_export.kernels.mla_splits import (DECODE_PROGRAMS_PER_SM, MAX_BLOCK_H, MAX_SPLITS,  # noqa: F401
@@ -119,6 +123,42 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     traced with a symbolic batch. The split kernel writes fp32 partials, the reduce kernel merges them.
     variant: one of DECODE_VARIANTS (default DECODE_VARIANT; VARIANT_FLAGS says what each changes).
     """
+    parts = mla_decode_partials(q_latent, q_pe, kv_cache, pe_cache, cache_seqlens, softmax_scale, kv_new=kv_new,
+                                pe_new=pe_new, num_splits=num_splits, config=config, runtime_splits=runtime_splits,
+                                variant=variant)
+    return mla_decode_reduce(parts, q_latent.dtype)
+
+
+class DecodePartials(NamedTuple):
+    """The split kernel's outputs and what merging them needs: o_part fp32 [B, H, S, C] and lse fp32
+    [B, H, S] (row b's first `splits` written, the count its rule gives), the cache lengths the launch read,
+    its head blocks and SPLIT_TARGET (0: all S splits written)."""
+
+    o_part: torch.Tensor
+    lse: torch.Tensor
+    cache_seqlens: torch.Tensor
+    head_blocks: int
+    split_target: int
+
+    def merge_args(self) -> tuple:
+        """The merge's leading kernel arguments (the reduce kernel's, kernels/mla_merge_uv.py's)."""
+        bsz, heads, splits, c = self.o_part.shape
+        so, sl = (heads * splits * c, splits * c, c), (heads * splits, splits)  # o_part, lse: contiguous
+        return (self.o_part, self.lse, self.cache_seqlens, splits, self.head_blocks, *so, *sl)
+
+    def merge_constexprs(self) -> dict:
+        c, splits = self.o_part.shape[3], self.o_part.shape[2]
+        return dict(C=c, BLOCK_S=next_pow2(splits), SPLIT_TARGET=self.split_target, MIN_SPLITS=RUNTIME_MIN_SPLITS,
+                    MIN_KEYS=MIN_SPLIT_KEYS)
+
+
+def mla_decode_partials(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
+                        cache_seqlens: torch.Tensor, softmax_scale: float, *, kv_new: torch.Tensor | None = None,
+                        pe_new: torch.Tensor | None = None, num_splits: int | None = None,
+                        config: triton.Config | None = None, runtime_splits: bool = False,
+                        variant: str | None = None) -> DecodePartials:
+    """mla_decode's split kernel alone (same arguments): its partials, for a caller that merges them itself
+    (mla_decode_reduce, or kernels/mla_merge_uv.py with W_UV in the same launch)."""
     check_tensor("mla_decode: q_latent", q_latent, ndim=3)
     bsz, heads, _ = q_latent.shape
     c, r = _check_caches("mla_decode", q_latent, q_pe, kv_cache, pe_cache, bsz)
@@ -131,15 +171,13 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     if variant not in DECODE_VARIANTS:
         raise ValueError(f"mla_decode: variant={variant!r} must be one of {DECODE_VARIANTS}")
     dev = q_latent.device
-    out = torch.empty((bsz, heads, c), dtype=q_latent.dtype, device=dev)
-    if out.numel() == 0:
-        return out
-    splits, split_target = split_plan("mla_decode", bsz, heads, kv_cache.shape[1], dev, runtime_splits, num_splits)
     head_blocks = cdiv(heads, _block_h(heads))
+    if bsz * heads * c == 0:  # nothing to launch (and, as before, no split plan to check)
+        return DecodePartials(*split_partials(bsz, heads, 1, c, dev), cache_seqlens, head_blocks, 0)
+    splits, split_target = split_plan("mla_decode", bsz, heads, kv_cache.shape[1], dev, runtime_splits, num_splits)
     o_part, lse = split_partials(bsz, heads, splits, c, dev)
     grid = (bsz, head_blocks, splits)
     tuned = None if VARIANT_FLAGS[variant]["EARLY"] else _decode_tuned  # early: pinned (`config`, else the first)
-    rule = dict(SPLIT_TARGET=split_target, MIN_SPLITS=RUNTIME_MIN_SPLITS, MIN_KEYS=MIN_SPLIT_KEYS)
     tune_key = (heads, c, r, splits, q_latent.dtype, has_new, split_target, variant)
     eager_tuned = config is None and tuned is not None and not tracing()  # tracing needs the autotuner
     cfg = _decode_chosen.get(tune_key) if eager_tuned else config
@@ -149,11 +187,26 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     chosen = getattr(tuned, "best_config", None) if eager_tuned and cfg is None else None
     if chosen is not None:
         _decode_chosen[tune_key] = chosen
-    so, sl = (heads * splits * c, splits * c, c), (heads * splits, splits)  # o_part, lse: contiguous
-    traceable(_mla_decode_reduce_kernel)[(bsz, heads)](
-        o_part, lse, out, cache_seqlens, splits, head_blocks, *so, *sl, heads * c, c, C=c, BLOCK_C=next_pow2(c),
-        BLOCK_S=next_pow2(splits), **rule)
+    return DecodePartials(o_part, lse, cache_seqlens, head_blocks, split_target)
+
+
+def mla_decode_reduce(parts: DecodePartials, dtype: torch.dtype) -> torch.Tensor:
+    """The reduce kernel: parts' splits merged -> [B, H, C] in dtype (q_latent's)."""
+    bsz, heads, _, c = parts.o_part.shape
+    out = torch.empty((bsz, heads, c), dtype=dtype, device=parts.o_part.device)
+    if out.numel():
+        spec = reduce_spec(parts, out)
+        traceable(spec.kernel)[spec.grid({})](*spec.args, **spec.kwargs)  # Triton's default warps and stages
     return out
+
+
+def reduce_spec(parts: DecodePartials, out: torch.Tensor) -> LaunchSpec:
+    """The reduce kernel's launch into out [B, H, C] (contiguous), one program per (row, head); no config of
+    its own (configs[0] is empty: Triton's default warps and stages)."""
+    bsz, heads, _, c = parts.o_part.shape
+    args = (*parts.merge_args(), out, heads * c, c)
+    kwargs = dict(parts.merge_constexprs(), BLOCK_C=next_pow2(c))
+    return LaunchSpec(_mla_decode_reduce_kernel, None, [triton.Config({})], lambda meta: (bsz, heads), args, kwargs)
 
 
 def split_plan(op: str, bsz: int, heads: int, cache_len: int, device: torch.device, runtime_splits: bool,

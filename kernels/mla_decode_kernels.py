@@ -187,17 +187,35 @@ def _query_tiles(q_ptr, q_pe_ptr, b, offs_h, offs_c, offs_r, mask_h, mask_c, mas
 @waits_for_producer
 @triton.jit
 def _mla_decode_reduce_kernel(
-    o_part_ptr, lse_ptr, out_ptr, seqlens_ptr, NUM_SPLITS, HEAD_BLOCKS,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
+    o_part_ptr, lse_ptr, seqlens_ptr, NUM_SPLITS, HEAD_BLOCKS,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, out_ptr, stride_outb, stride_outh,
     C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     SPLIT_TARGET: tl.constexpr, MIN_SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr,
 ):
     wait_for_producer()  # before any memory access: kernels/pdl.py
     pid_b = tl.program_id(0)
     h = tl.program_id(1)
+    out = _merged_splits(o_part_ptr, lse_ptr, seqlens_ptr, pid_b, h, tl.num_programs(0) * HEAD_BLOCKS, NUM_SPLITS,
+                         stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                         C, BLOCK_C, BLOCK_S, SPLIT_TARGET, MIN_SPLITS, MIN_KEYS)
+    offs_c = tl.arange(0, BLOCK_C)
+    b = pid_b.to(tl.int64)
+    tl.store(out_ptr + b * stride_outb + h * stride_outh + offs_c, out.to(out_ptr.dtype.element_ty), mask=offs_c < C)
+
+
+@triton.jit
+def _merged_splits(
+    o_part_ptr, lse_ptr, seqlens_ptr, pid_b, h, split_programs, NUM_SPLITS,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    SPLIT_TARGET: tl.constexpr, MIN_SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr,
+):
+    """Row pid_b's head h merged over its splits: fp32 [BLOCK_C], zero past C. One helper for the reduce kernel
+    and kernels/mla_merge_uv.py, so that both merge bit for bit alike. split_programs: the split kernel's
+    (row, head block) programs, the runtime rule's input (its grid's batch x HEAD_BLOCKS)."""
     splits = NUM_SPLITS
     if SPLIT_TARGET > 0:  # the split kernel's runtime rule: only the row's first `splits` partials were written
-        splits = _batch_splits(tl.num_programs(0) * HEAD_BLOCKS, NUM_SPLITS, SPLIT_TARGET, MIN_SPLITS)
+        splits = _batch_splits(split_programs, NUM_SPLITS, SPLIT_TARGET, MIN_SPLITS)
         splits = _row_splits(splits, tl.load(seqlens_ptr + pid_b), MIN_KEYS)
     b = pid_b.to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
@@ -209,5 +227,4 @@ def _mla_decode_reduce_kernel(
     o = tl.load(o_part_ptr + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_c[None, :],
                 mask=mask_s[:, None] & mask_c[None, :], other=0.0)
     denom = tl.sum(w, axis=0)
-    out = tl.sum(o * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + b * stride_outb + h * stride_outh + offs_c, out.to(out_ptr.dtype.element_ty), mask=mask_c)
+    return tl.sum(o * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)

@@ -8,9 +8,11 @@ the switch-off op (act_quant + tile GEMM) above, both with and without split-K p
 sum kernel, which the GEMV's batches skip, or by Inductor's c.sum: the GEMV then writes split 0 and zeros
 the rest), and is within the fp8 GEMM tolerance of dequantize-then-matmul;
 W_UV's head_gemv (DSV3_TORCH_HEAD_GEMV) equals head_gemv at M <= 2 and head_gemm above (traced: both
-launches, gated).
+launches, gated); dsv3_aoti::mla_attention with the split merge in W_UV's launch (DSV3_TORCH_MERGE_UV) equals,
+bit for bit, the op without it at batch 1, 2 (kernels/mla_merge_uv.py against the reduce kernel + head_gemv)
+and 3 (the reduce kernel + head_gemm either way), ragged cache lengths.
 Traced (no interpreter): the op holds both paths, each launch's grid gated by the symbolic batch (no
-guard, the batch stays dynamic).
+guard, the batch stays dynamic); the MLA op's grids evaluated at batch 1 leave the reduce kernel out.
 """
 
 from __future__ import annotations
@@ -96,6 +98,68 @@ for m in (1, 2, 3):
     # the two forms sum in other orders: their fp32 results differ, so equality names the path that ran
     out[f"head_m{m}"] = dict(equal_gemv=bool(torch.equal(both, gemv)), equal_tile=bool(torch.equal(both, tile)),
                              forms_differ=not torch.equal(gemv, tile))
+# MLA decode's split merge + W_UV in one launch at batch <= 2 (DSV3_TORCH_MERGE_UV: mla_attention's merge_uv)
+h, dn, dv, c, r, T = 3, 24, 37, 130, 16, 50
+wkv_b = (torch.randn(h * (dn + dv), c, generator=g) * c**-0.5).bfloat16()
+
+
+def mla_inputs(m):
+    return (torch.randn(m, 1, h, dn, generator=g).bfloat16(), torch.randn(m, 1, h, r, generator=g).bfloat16(),
+            torch.randn(m, 1, c + r, generator=g).bfloat16(), torch.randn(m, T, c + r, generator=g).bfloat16(),
+            torch.tensor([7, 0, 49][:m]))  # ragged cached lengths; 0: the new key only
+
+
+if mode == "trace":
+    from torch.export import Dim, export
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    class Attn(torch.nn.Module):
+        def __init__(self, merge):
+            super().__init__()
+            self.merge = merge
+            self.register_buffer("wkv_b", wkv_b)
+
+        def forward(self, q_nope, q_pe, kv_new, kv_cache, start_pos):
+            return tt.mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, self.wkv_b, 0.25, True, True, True,
+                                    self.merge)
+
+    for merge in (True, False):
+        batch = Dim("batch", min=1, max=64)
+        ep = export(Attn(merge), mla_inputs(3), dynamic_shapes=({0: batch},) * 5, strict=False)
+        kernels = ep.run_decompositions({}, decompose_custom_triton_ops=True)
+        launches = []  # (kernel, its first config's grid as sympy expressions of the batch)
+        for nd in kernels.graph.nodes:
+            if nd.op == "call_function" and "triton_kernel_wrapper" in str(nd.target):
+                kernel = kernel_side_table.get_kernel(nd.kwargs["kernel_idx"])
+                grid = [x.meta["val"].node.expr if isinstance(x, torch.fx.Node) else x for x in nd.kwargs["grid"][0]]
+                launches.append((getattr(getattr(kernel, "fn", kernel), "__name__", "?"), grid))
+
+        def runs_at(b):  # the kernels whose grid is not empty at batch b
+            size = lambda e: int(e.subs({s: b for s in e.free_symbols})) if hasattr(e, "free_symbols") else e
+            return [name for name, grid in launches if all(size(e) > 0 for e in grid)]
+
+        key = "on" if merge else "off"
+        out[f"mla_{key}_program"] = [name for name, _ in launches]
+        out[f"mla_{key}_at_1"], out[f"mla_{key}_at_3"] = runs_at(1), runs_at(3)
+else:
+    ran, launch = [], tt._launch
+
+    def recording_launch(spec):  # the lowering's gated launches (the split and reduce kernels launch in kd)
+        if spec is not None:
+            ran.append(spec.kernel.fn.__name__)
+        launch(spec)
+
+    tt._launch = recording_launch
+    for m in (1, 2, 3):
+        args = mla_inputs(m)
+        ran.clear()
+        on = tt.mla_attention(*args, wkv_b, 0.25, True, True, True, True)
+        launched_on = ran[:]
+        ran.clear()
+        off = tt.mla_attention(*args, wkv_b, 0.25, True, True, True, False)
+        out[f"mla_m{m}"] = dict(equal=bool(torch.equal(on, off)), finite=bool(torch.isfinite(on.float()).all()),
+                                on=launched_on, off=ran[:])
+    tt._launch = launch
 print(json.dumps(out))
 '''
 
@@ -108,6 +172,11 @@ def test_small_batches_take_the_gemv_and_the_rest_the_tile_gemm(seed):
     for m in (1, 2, 3):  # W_UV: head_gemv at m <= 2, head_gemm above
         head = out.pop(f"head_m{m}")
         assert head["forms_differ"] and head["equal_gemv" if m <= 2 else "equal_tile"], (m, head)
+    for m in (1, 2, 3):  # MLA decode: the merge in W_UV's launch at m <= 2; the reduce kernel + head_gemm above
+        mla = out.pop(f"mla_m{m}")
+        assert mla["equal"] and mla["finite"], (m, mla)  # the same bits as without the merged launch
+        merged = ["_mla_merge_uv_kernel"] if m <= 2 else ["_mla_decode_reduce_kernel", "_head_gemm_kernel"]
+        assert mla["on"] == ["_head_gemm_kernel", *merged], (m, mla)  # W_UK's head_gemm first
     for key, r in out.items():
         m = int(key.rsplit("_m", 1)[1])
         assert r["finite"] and r["rel"] < TOL["fp8_gemm_fp32_out"], (key, r)
@@ -131,6 +200,14 @@ def test_traced_op_keeps_both_paths_with_the_gemv_config():
     assert out["n72_k300_kernel_m1_launches"] == out["n200_k1000_inductor_m1_launches"] == 3, out
     assert out["n200_k1000_kernel_m1_launches"] == 4, out
     assert out["head_launches"] == 2, out  # W_UV: head_gemv and head_gemm, each grid gated by the batch
+    # MLA decode (W_UK's head_gemm, the split kernel, then): at batch 1 the merged launch alone, the reduce kernel's
+    # grid empty (one launch fewer than the reduce kernel + head_gemv); at batch 3 the same launches either way
+    w_uk_split = ["_head_gemm_kernel", "_mla_decode_split_kernel"]
+    assert out["mla_on_at_1"] == [*w_uk_split, "_mla_merge_uv_kernel"], out
+    assert out["mla_off_at_1"] == [*w_uk_split, "_mla_decode_reduce_kernel", "_head_gemv_kernel"], out
+    assert out["mla_on_at_3"] == out["mla_off_at_3"] == [*w_uk_split, "_mla_decode_reduce_kernel",
+                                                           "_head_gemm_kernel"], out
+    assert len(out["mla_on_program"]) == len(out["mla_off_program"]) == 5, out
     first = GEMV_CONFIGS[0]
     assert out["n200_k1000_kernel_m1_gemv_configs"] == [[first.num_warps, first.num_stages, first.kwargs]], out
 
@@ -176,3 +253,24 @@ def test_switch_refuses_a_decode_program_traced_at_a_gemv_batch(monkeypatch):
     assert not dg.program_decode_gemv(at_2, "decode") and dg.program_decode_gemv(default, "decode")
     monkeypatch.setenv(dg.DECODE_GEMV_ENV, "0")
     assert not dg.program_decode_gemv(at_2, "decode") and not dg.program_decode_gemv(default, "decode")
+
+
+def test_merge_uv_switch(monkeypatch):
+    """DSV3_TORCH_MERGE_UV: on by default with head_gemv, named in the manifest's lowering line; `0` or head_gemv
+    off leave it out; other values are refused."""
+    pytest.importorskip("triton")
+    from dsv3_export.engines import torch_triton as tt
+
+    def how():
+        return tt.triton_lowerings("decode")["dsv3::mla_attention"].how
+
+    assert "head_gemv" in how() and "kernels/mla_merge_uv.py" in how(), how()
+    monkeypatch.setenv(tt.MERGE_UV_ENV, "0")
+    assert "head_gemv" in how() and "mla_merge_uv" not in how(), how()
+    monkeypatch.setenv(tt.MERGE_UV_ENV, "1")
+    monkeypatch.setenv(tt.HEAD_GEMV_ENV, "0")
+    assert "mla_merge_uv" not in how(), how()
+    monkeypatch.delenv(tt.HEAD_GEMV_ENV)  # read only with head_gemv on, as head_gemv's only with the GEMV
+    monkeypatch.setenv(tt.MERGE_UV_ENV, "on")
+    with pytest.raises(ValueError, match="DSV3_TORCH_MERGE_UV='on'"):
+        tt.triton_lowerings("decode")

@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_gemv, fp8_quant, mla_absorb,  # noqa: E402
-                                 mla_decode, mla_prefill, moe, moe_align, router_gate, topk)
+                                 mla_decode, mla_merge_uv, mla_prefill, moe, moe_align, router_gate, topk)
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Opt-in shared memory per block on H100/H200 (227 KB).
@@ -54,7 +54,7 @@ FAMILY_RULES = {
     "fp8": ("act_quant", "weight_dequant", "fp8_gemm", "split_k_sum", "fp8_gemv"),
     "moe": ("grouped_gemm", "moe_align"),
     "mla_decode": ("mla_decode_split",),
-    "mla": ("mla_decode_reduce", "mla_prefill", "head_gemm", "head_gemv"),
+    "mla": ("mla_decode_reduce", "mla_prefill", "head_gemm", "head_gemv", "mla_merge_uv"),
     "routing": ("router", "gate_partials"),
 }
 FAMILIES = tuple(FAMILY_RULES)
@@ -136,6 +136,17 @@ def loop_census(cubin: bytes) -> dict[str, int]:
         if name:
             census[name] = census.get(name, 0) + 1
     return census
+
+
+REDUCE_INPUT = re.compile(r"^\s*\}\) : \(tensor<([^,>]+), (#\w+)>\)", re.M)
+LAYOUT_DEF = re.compile(r"^(#\w+) = (#ttg\.\w+<.*>)$", re.M)
+
+
+def reduce_layouts(ttgir: str) -> list[str]:
+    """Each tt.reduce's input as `shape layout` (the layout spelled out), in program order: a reduction's fp32
+    sum order follows its layout, so kernels meant to sum alike (kernels/mla_merge_uv.py) must list the same."""
+    defs = dict(LAYOUT_DEF.findall(ttgir))
+    return [f"{shape} {defs.get(name, name)}" for shape, name in REDUCE_INPUT.findall(ttgir)]
 
 
 def _signature(kernel, pointers: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
@@ -251,6 +262,10 @@ def _cases(all_configs: bool):
         for k in (512, mla_absorb.HEAD_GEMV_MAX_K):
             yield (f"head_gemv K={k}", mla_absorb._head_gemv_kernel, cfg, dict(x_ptr=bf, w_ptr=bf, out_ptr=bf),
                    dict(K=k, BLOCK_K=k))
+    for cfg in mla_merge_uv.MERGE_UV_CONFIGS:  # the split merge + W_UV at batch <= 2: 16b's C = 512, 32 splits
+        yield ("mla_merge_uv runtime_splits=True", mla_merge_uv._mla_merge_uv_kernel, cfg,
+               dict(o_part_ptr=f32, lse_ptr=f32, seqlens_ptr=i32, w_ptr=bf, out_ptr=bf),
+               dict(C=512, BLOCK_C=512, BLOCK_S=max_s, **runtime))
 
 
 def main(all_configs: bool, with_usage: bool = False, only: frozenset[str] | None = None,
@@ -276,7 +291,7 @@ def main(all_configs: bool, with_usage: bool = False, only: frozenset[str] | Non
             row.update(ok=True, shared=compiled.metadata.shared, wgmma="wgmma" in ptx,
                        mma="mma.sync" in ptx, fits=compiled.metadata.shared <= SMEM_LIMIT,
                        mma_ops=sorted(set(MMA_OP.findall(ptx))), div_ops=sorted(set(DIV_OP.findall(ptx))),
-                       mul_recip_448=RECIP_448 in ptx)
+                       mul_recip_448=RECIP_448 in ptx, reduce_layouts=reduce_layouts(compiled.asm["ttgir"]))
             if with_usage:
                 row.update(_resource_usage(compiled.asm["cubin"]))
             if with_census:

@@ -138,6 +138,16 @@ def _check_score_dot_not_duplicated(rows: list[dict]) -> None:
 
 def _check_mla(rows: list[dict]) -> None:
     _check_tensor_cores(rows, ("mla_prefill", "head_gemm"))
+    _check_merge_uv_sums_like_its_parts(rows)
+
+
+def _check_merge_uv_sums_like_its_parts(rows: list[dict]) -> None:
+    """kernels/mla_merge_uv.py's reductions run in the layouts of the reduce kernel's (the split merge) and then
+    head_gemv's (the product): the same fp32 sum orders, so the same bits as the two launches it replaces. Triton
+    picks the product's layout from the order of the loads (kernels/mla_merge_uv.py says which)."""
+    layouts = {r["kernel"]: r["reduce_layouts"] for r in rows}
+    parts = layouts["mla_decode_reduce runtime_splits=True"] + layouts["head_gemv K=512"]
+    assert layouts["mla_merge_uv runtime_splits=True"] == parts, (layouts["mla_merge_uv runtime_splits=True"], parts)
 
 
 # tests/kernels/_sm90_compile.py FAMILIES, with the checks that are particular to each family. A case in

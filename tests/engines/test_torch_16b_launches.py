@@ -77,6 +77,7 @@ SETTINGS = {
     "decode gemv off": ("", dict(DSV3_TORCH_DECODE_GEMV="0")),
     "head gemv off": ("", dict(DSV3_TORCH_HEAD_GEMV="0")),
     "gate split": ("", dict(DSV3_TORCH_GATE_SPLIT="1")),
+    "merge uv off": ("", dict(DSV3_TORCH_MERGE_UV="0")),
 }
 
 
@@ -144,10 +145,15 @@ def _check_decode_gemv(launches: dict[str, dict]):
     DSV3_TORCH_SPLIT_K_SUM (default auto, session 18): with the GEMV, each decode fp8 GEMM that splits K
     (wq+wkv_a and wo per layer, the dense MLP's w2: N tiles that leave SMs idle) also launches the sum kernel,
     gated like the tile GEMM; without it Inductor's reduction sums (no user-kernel launch). The GEMV off
-    takes all three off, DSV3_TORCH_HEAD_GEMV=0 head_gemv alone: nothing else changes."""
+    takes all three off, DSV3_TORCH_HEAD_GEMV=0 head_gemv alone: nothing else changes. DSV3_TORCH_MERGE_UV (default
+    1, session 19): W_UV's head_gemv is kernels/mla_merge_uv.py's kernel, which also merges the split partials (the
+    reduce kernel stays in the program, gated to batches above 2); =0 restores head_gemv."""
     default, k_off = dict(launches["defaults"]["kernels"]), launches["decode gemv off"]["kernels"]
     k_head_off = launches["head gemv off"]["kernels"]
-    assert default.pop("_head_gemv_kernel") == 2, default
+    k_merge_off = dict(launches["merge uv off"]["kernels"])
+    assert k_merge_off.pop("_head_gemv_kernel") == 2, k_merge_off
+    assert default.pop("_mla_merge_uv_kernel") == 2, default
+    assert k_merge_off == default, (k_merge_off, default)
     assert k_head_off == default, (k_head_off, default)
     assert default.pop("_fp8_gemv_kernel") == 2 * 2, default
     assert default.pop("_split_k_sum_kernel") == 2 * 2 + 1, default

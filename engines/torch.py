@@ -136,8 +136,11 @@ def package_info(device: str, say: Progress | None = None) -> dict[str, Any]:
 
 def compile_package(ep: ExportedProgram, kind: str, path: Path, info: dict[str, Any]) -> Path:
     """AOTInductor-compile one (lowered) program into a .pt2 package without its weights."""
-    out = torch._inductor.aoti_compile_and_package(ep, package_path=str(path),
-                                                   inductor_configs=inductor_configs(kind, info))
+    from dsv3_export.engines.torch_int_arrays import unique_int_array_writers
+
+    with unique_int_array_writers():  # an AOTInductor wrapper codegen bug (torch_int_arrays.py)
+        out = torch._inductor.aoti_compile_and_package(ep, package_path=str(path),
+                                                       inductor_configs=inductor_configs(kind, info))
     return Path(out)
 
 

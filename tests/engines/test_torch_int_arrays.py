@@ -1,0 +1,54 @@
+"""engines/torch_int_arrays.py: AOTInductor's int-array declaration cache, keyed by a writer's id, must not
+hand a later writer a declaration that went into a freed one. Without the guard torch 2.13 does so every
+time (CPython reuses the freed object's address); with it, each writer gets its own declaration."""
+
+from __future__ import annotations
+
+from itertools import count
+
+import pytest
+
+cpp_wrapper_cpu = pytest.importorskip("torch._inductor.codegen.cpp_wrapper_cpu")
+
+from dsv3_export.engines.torch_int_arrays import unique_int_array_writers  # noqa: E402
+
+
+class _Buffer:
+    def __init__(self):
+        self.lines = []
+
+    def writeline(self, line):
+        self.lines.append(line)
+
+
+def _stale_declarations(rounds: int = 50) -> int:
+    """How often a writer created after another was freed gets no declaration of its array."""
+    from torch.utils._ordered_set import OrderedSet
+
+    wrapper = object.__new__(cpp_wrapper_cpu.CppWrapperCpu)  # only the cache's own state is needed
+    wrapper.int_array_id, wrapper.declared_int_array_vars, wrapper.codegen_int_array_var_cache = \
+        count(), OrderedSet(), {}
+    stale = 0
+    for _ in range(rounds):
+        first = _Buffer()
+        wrapper.codegen_int_array_var("{1, 2}", first.writeline)
+        del first
+        second = _Buffer()
+        var = wrapper.codegen_int_array_var("{1, 2}", second.writeline)
+        stale += not any(var in line for line in second.lines)
+    return stale
+
+
+def test_each_writer_gets_its_declaration():
+    with unique_int_array_writers():
+        assert _stale_declarations() == 0
+
+
+def test_the_guard_restores_inductor_and_nests():
+    original = cpp_wrapper_cpu.CppWrapperCpu.__dict__["codegen_int_array_var"]
+    with unique_int_array_writers():
+        patched = cpp_wrapper_cpu.CppWrapperCpu.codegen_int_array_var
+        with unique_int_array_writers():
+            assert cpp_wrapper_cpu.CppWrapperCpu.codegen_int_array_var is patched
+        assert cpp_wrapper_cpu.CppWrapperCpu.codegen_int_array_var is patched
+    assert cpp_wrapper_cpu.CppWrapperCpu.__dict__["codegen_int_array_var"] is original

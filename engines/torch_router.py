@@ -17,11 +17,15 @@ becomes
     w, ids = dsv3_aoti::router_topk(logits, k, route_scale, n, E, dtype)
     dsv3::moe_experts(_fp8)(x, w, ids, ...)
 Sigmoid scoring, a score bias or group-limited routing (DeepSeek-V3) do not match and keep their
-ATen form (torch's top-k). The gate GEMM stays a separate cuBLAS call, except in decode programs with
-DSV3_TORCH_GATE_SPLIT=1, where `logits = linear(x, w_gate)` feeding the router becomes
+ATen form (torch's top-k). The gate GEMM stays a separate cuBLAS call in prefill programs. In decode
+programs (DSV3_TORCH_GATE_SPLIT=1, the default since session 19; 0: cuBLAS) `logits = linear(x, w_gate)`
+feeding the router becomes
     w, ids = dsv3_aoti::router_gate_topk(x, w_gate, k, route_scale, n, E, dtype)
-kernels/router_gate.py's K-split partials (cuBLAS runs the batch-1 gate as one CTA: 5 us a layer) and
-the router kernel summing them: still two launches.
+kernels/router_gate.py's K-split partials (cuBLAS runs the batch-1 gate as one CTA: 5 us a layer) and the
+router kernel summing them: still two launches. When the MoE is the W8A8 fp8 op on the same x, the gate
+kernel also writes its act_quant(x) (router_gate_topk_quant -> dsv3_aoti::moe_experts_fp8_quantized): one
+launch fewer. H200, 27-layer 16b fp8 batch-1 step: gate + x's act_quant 125 us against 226 (cuBLAS 129 + act_quant
+97) in the build whose gate kernel had the pinned config (benchmarks/RESULTS.md session 19).
 
 Removed in session 14, measured slower or no faster on the H200 (benchmarks/RESULTS.md): the gate
 GEMM inside the router kernel (DSV3_TORCH_ROUTER_GATE=1: 342 us per 27-layer batch-1 step against
@@ -191,7 +195,7 @@ def fuse_router(ep: ExportedProgram, kind: str = "decode") -> tuple[ExportedProg
     """The program (prefill or decode) with each matching router rewritten, and a line for the
     manifest's `lowerings`. In a decode program with GATE_SPLIT_ENV=1 the gate GEMM joins the router op."""
     value = env_choice(ROUTER_ENV, "1", {"1": "one router kernel", "0": "ATen softmax / top-k / gather"})
-    split_gate = kind == "decode" and env_choice(GATE_SPLIT_ENV, "0", GATE_SPLIT_FORMS) == "1"
+    split_gate = kind == "decode" and env_choice(GATE_SPLIT_ENV, "1", GATE_SPLIT_FORMS) == "1"
     moes = [n for n in ep.graph.nodes if is_call(n, *MOE_OPS)]
     if value == "0" or not moes:
         return ep, f"not fused ({ROUTER_ENV}=0)" if moes else "no MoE"

@@ -187,17 +187,19 @@ def _grouped_gemm(a, w, routing, topk: int, out_dtype: torch.dtype, *, a_scale=N
     return out
 
 
-# The MoE's combine (the k routed + shared slots of each token summed), read when a program is lowered: `sum`
-# (default) one fp32 reduction over the slots, which Inductor emits as its own kernel (1.15 us per MoE layer
-# in the 16b batch-1 profile); `adds` the same fp32 sum as k - 1 unrolled adds in slot order, pointwise in D,
-# which Inductor can fuse into the next residual add + RMSNorm kernel. Opt-in: not yet measured on the GPU.
+# The MoE's combine (the k routed + shared slots of each token summed), read when a program is lowered: `adds`
+# (default since session 19) the fp32 sum as k - 1 unrolled adds in slot order, pointwise in D, which Inductor
+# fuses into the next residual add + RMSNorm kernel; `sum` one fp32 reduction over the slots, which Inductor
+# emits as its own kernel (1.15 us per MoE layer in the 16b batch-1 profile). On the H200 (27-layer 16b fp8
+# decode, with DSV3_TORCH_GATE_SPLIT and DSV3_TORCH_MERGE_UV: benchmarks/RESULTS.md session 19) the three took
+# 79 launches off the batch-1 step. Prefill programs take the same form (not timed there).
 MOE_COMBINE_ENV = "DSV3_TORCH_MOE_COMBINE"
 
 
 def _combine(y: torch.Tensor, t: int, topk: int, dtype: torch.dtype) -> torch.Tensor:
     """y [T*k, D] in (token, slot) order -> [T, D]: the slots summed in fp32, cast to dtype."""
     y3 = y.view(t, topk, -1)
-    form = env_choice(MOE_COMBINE_ENV, "sum", {"sum": "one fp32 reduction over the slots (its own kernel)",
+    form = env_choice(MOE_COMBINE_ENV, "adds", {"sum": "one fp32 reduction over the slots (its own kernel)",
                                                "adds": "unrolled fp32 adds in slot order (pointwise: fusable)"})
     if form == "sum":
         return y3.sum(dim=1, dtype=torch.float32).to(dtype)  # [T, D]

@@ -76,7 +76,7 @@ SETTINGS = {
     # the GEMV off takes W_UV's head_gemv and (DSV3_TORCH_SPLIT_K_SUM=auto) the split-K sum kernel with it
     "decode gemv off": ("", dict(DSV3_TORCH_DECODE_GEMV="0")),
     "head gemv off": ("", dict(DSV3_TORCH_HEAD_GEMV="0")),
-    "gate split": ("", dict(DSV3_TORCH_GATE_SPLIT="1")),
+    "gate split off": ("", dict(DSV3_TORCH_GATE_SPLIT="0")),
     "merge uv off": ("", dict(DSV3_TORCH_MERGE_UV="0")),
 }
 
@@ -106,20 +106,20 @@ def _check_defaults(launches: dict[str, dict]):
     # fp8 GEMMs: wq+wkv_a and wo per layer, the dense layer's w1, w3 (10944 rows: not concatenated) and
     # w2; the MoE's shared experts are experts of its grouped GEMMs now (fuse_shared_experts)
     assert k["_fp8_gemm_kernel"] == 2 * 2 + 3, k
-    # act_quant: one per fp8 GEMM (dense layer 5, MoE layer 2) + the MoE's x and h
-    assert k.get("_act_quant_kernel", 0) + k.get("_act_quant_ieee_kernel", 0) == 5 + 4, k
+    # act_quant: one per fp8 GEMM (dense layer 5, MoE layer 2) + the MoE's h (its x's: the gate kernel's)
+    assert k.get("_act_quant_kernel", 0) + k.get("_act_quant_ieee_kernel", 0) == 5 + 3, k
     assert k["_grouped_gemm_kernel"] == 2 and k["_moe_align_kernel"] == 1, k
-    # the router: softmax, top-k, weights and the shared experts' columns in one kernel; the gate GEMM
-    # separate (cuBLAS): the ATen linears are the gate's and the LM head's
-    assert k["_router_kernel"] == 1, k
-    assert sum(".linear." in e for e in default["extern"]) == 2, default["extern"]
+    # the router: softmax, top-k, weights and the shared experts' columns in one kernel; the gate GEMM as
+    # K-split partials (kernels/router_gate.py) that it sums: the one ATen linear is the LM head
+    assert k["_router_kernel"] == 1 and k["_gate_partials_kernel"] == 1, k
+    assert sum(".linear." in e for e in default["extern"]) == 1, default["extern"]
     assert not any(".topk." in e or ".sort." in e for e in default["extern"]), default["extern"]
     # MLA's absorbed W_UK and W_UV per layer: kernels/mla_absorb.py head_gemm, no einsum's bmm
     assert k["_head_gemm_kernel"] == 2 * 2 and not any(".bmm." in e for e in default["extern"]), (k, default["extern"])
     assert k["_mla_decode_split_kernel"] == k["_mla_decode_reduce_kernel"] == 2, k
     # + per layer the GEMV of wq+wkv_a and wo and W_UV's head_gemv (_check_decode_gemv), and
     # the split-K sums of wq+wkv_a, wo and w2 (_check_decode_gemv)
-    assert sum(k.values()) == 28 + 2 * 2 + 2 + 5, k
+    assert sum(k.values()) == 28 + 2 * 2 + 2 + 5, k  # the gate kernel in, the MoE x's act_quant out
 
 
 def _check_all_switches_off(launches: dict[str, dict]):
@@ -161,16 +161,16 @@ def _check_decode_gemv(launches: dict[str, dict]):
 
 
 def _check_gate_split(launches: dict[str, dict]):
-    """DSV3_TORCH_GATE_SPLIT=1: the MoE layer's gate GEMM (cuBLAS, an ATen linear) becomes
+    """DSV3_TORCH_GATE_SPLIT (default 1, session 19): the MoE layer's gate GEMM (cuBLAS, an ATen linear) is
     kernels/router_gate.py's partials kernel inside the router op, which also writes the fp8 MoE's act_quant
-    of x: one act_quant launch fewer; nothing else changes."""
-    split, default = launches["gate split"], launches["defaults"]
-    k, want = dict(split["kernels"]), dict(default["kernels"])
+    of x: one act_quant launch fewer. =0 restores the linear and the act_quant; nothing else changes."""
+    off, default = launches["gate split off"], launches["defaults"]
+    k, want = dict(default["kernels"]), dict(off["kernels"])
     assert k.pop("_gate_partials_kernel") == 1, k
     quant = "_act_quant_kernel" if "_act_quant_kernel" in want else "_act_quant_ieee_kernel"  # meta: not CUDA
     want[quant] -= 1
     assert k == want, (k, want)
-    assert sum(".linear." in e for e in split["extern"]) == 1, split["extern"]  # the LM head alone
+    assert sum(".linear." in e for e in off["extern"]) == 2, off["extern"]  # the gate's and the LM head's
 
 
 @pytest.mark.slow  # ~75-85 s on 2 cores: one 16b export on meta per pass set, the passes, a lowering per setting

@@ -10,8 +10,9 @@ rounds (one bf16 step, ~0.4%); the next layers' fp8 roundings amplify such a dif
 a value across a rounding boundary (the tiny random network's fp8 noise: the xfail in
 test_quantize_fp8_blockwise): bf16 measured up to 6.4%, bound 0.2; fp32 bound 0.02.
 Measured over 6 seeds: bf16 up to 2.6%, fp32 < 1e-4. Structure: the gate GEMMs stay (a linear
-reads each gate weight), router_topk reads their logits; with DSV3_TORCH_GATE_SPLIT=1 (decode) no gate
-linear is left and router_gate_topk reads x and the gate weight, within the same bounds.
+reads each gate weight), router_topk reads their logits (DSV3_TORCH_GATE_SPLIT=0); with the default
+DSV3_TORCH_GATE_SPLIT=1 (decode) no gate linear is left and router_gate_topk_quant reads x and the gate
+weight, within the same bounds.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ for dtype_name, kinds in CASES:
         inputs = step_inputs(kind, seed, dtype)
         with torch.no_grad():
             want = program.module()(*inputs)
-        fused, how = fuse_router(program)
+        os.environ["DSV3_TORCH_GATE_SPLIT"] = "0"  # the gate GEMM stays (cuBLAS); the split form below
+        fused, how = fuse_router(program, kind)
+        del os.environ["DSV3_TORCH_GATE_SPLIT"]
         key = f"{dtype_name}_{kind}"
         out[key + "_how"] = how
         ops = lambda p, names: [n for n in p.graph.nodes if getattr(n.target, "_opname", "") in names]  # noqa: E731
@@ -61,10 +64,8 @@ for dtype_name, kinds in CASES:
         with torch.no_grad():
             got = fused.module()(*inputs)
         out[key + "_rel"] = [rel_err(g, w) for g, w in zip(got, want)]
-        if kind == "decode":  # the gate GEMM split over K into the router op (DSV3_TORCH_GATE_SPLIT=1)
-            os.environ["DSV3_TORCH_GATE_SPLIT"] = "1"
+        if kind == "decode":  # the gate GEMM split over K into the router op (DSV3_TORCH_GATE_SPLIT, default 1)
             split, how = fuse_router(program, kind)
-            del os.environ["DSV3_TORCH_GATE_SPLIT"]
             out[key + "_split_how"] = how
             out[key + "_split_gate_gemms"] = len([n for n in ops(split, ("linear", "mm"))
                                                   if "gate_weight" in str(n.args[1])])
@@ -135,8 +136,18 @@ def test_switch(monkeypatch):
     from tests.passes.tiny_programs import tiny_program
 
     program = run_pipeline(tiny_program("decode"), PassConfig(precision="fp8"))[0]
-    fused, how = torch_router.fuse_router(program)  # default: on
-    assert "router_topk" in str(fused.graph) and "dsv3_aoti::router_topk" in how, how
+    fused, how = torch_router.fuse_router(program)  # default: on, the decode gate split into the router op
+    assert "router_gate_topk" in str(fused.graph) and "dsv3_aoti::router_topk" in how, how
+    assert "2 gate GEMMs split over K" in how, how
+    fused, how = torch_router.fuse_router(program, "prefill")  # prefill keeps the gate GEMM: cuBLAS
+    assert "router_topk" in str(fused.graph) and "split over K" not in how, how
+    monkeypatch.setenv(torch_router.GATE_SPLIT_ENV, "0")
+    fused, how = torch_router.fuse_router(program)
+    assert "router_gate_topk" not in str(fused.graph) and "split over K" not in how, how
+    monkeypatch.setenv(torch_router.GATE_SPLIT_ENV, "2")
+    with pytest.raises(ValueError, match="DSV3_TORCH_GATE_SPLIT='2'"):
+        torch_router.fuse_router(program)
+    monkeypatch.delenv(torch_router.GATE_SPLIT_ENV)
     monkeypatch.setenv(torch_router.ROUTER_ENV, "0")
     fused, how = torch_router.fuse_router(program)
     assert fused is program and "DSV3_TORCH_ROUTER=0" in how

@@ -1,16 +1,18 @@
 """A guard around an AOTInductor C++ wrapper bug that failed one 16b package build in four (H200, session 19).
 
-CppWrapperCpu.codegen_int_array_var caches each size/stride array it declares by
-(array, id(writeline.__self__), ...). Memory planning generates the wrapper twice and writes each pass into
-its own buffer, so that a second-pass array is declared again in the code that is kept. But the key holds
-only the buffer's id: once a first-pass buffer is freed, a later buffer can be allocated at its address,
-and the cache then hands back a variable whose declaration went into the discarded buffer. The C++ compile
-fails (`error: 'int_array_585' was not declared in this scope`), or not, depending on where Python's
-allocator placed the buffers. torch 2.13 reproduces the cache hit on the CPU every time
+CppWrapperCpu.codegen_int_array_var caches each size/stride array it declares by the id of the writer it
+was declared with: id(writeline) in torch 2.11 (a bound method, a new object at every attribute access),
+id(writeline.__self__) in 2.13. Memory planning generates the wrapper twice and writes each pass into its
+own buffer, so that a second-pass array is declared again in the code that is kept. But an id outlives
+nothing: once a writer is freed, a later one can be allocated at its address, and the cache then hands
+back a variable whose declaration went into another (perhaps discarded) buffer. The C++ compile fails
+(`error: 'int_array_585' was not declared in this scope`), or not, depending on where Python's allocator
+placed the objects. Both key forms reproduce the stale hit on the CPU every time
 (tests/engines/test_torch_int_arrays.py); a 16b fp8 decode build hit it on the H200 with torch 2.11.
 
-unique_int_array_writers() keeps every buffer the cache has seen alive while it is active, so that no two
-buffers share an id and the cache only returns a declaration to the buffer that holds it.
+unique_int_array_writers() keeps every writer the cache has seen (the bound method, and with it its buffer)
+alive while it is active, so that no two writers share an id and the cache only returns a declaration to
+the writer that wrote it. With 2.11's key that means no reuse at all: each call declares its array afresh.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def unique_int_array_writers() -> Iterator[None]:
 
     @functools.wraps(original)
     def codegen_int_array_var(self, int_array, writeline, *args, **kwargs):
-        self.__dict__.setdefault(KEPT, []).append(getattr(writeline, "__self__", writeline))
+        self.__dict__.setdefault(KEPT, []).append(writeline)  # holds writeline.__self__ too
         return original(self, int_array, writeline, *args, **kwargs)
 
     setattr(codegen_int_array_var, KEPT, True)

@@ -1,6 +1,7 @@
 """engines/torch_int_arrays.py: AOTInductor's int-array declaration cache, keyed by a writer's id, must not
-hand a later writer a declaration that went into a freed one. Without the guard torch 2.13 does so every
-time (CPython reuses the freed object's address); with it, each writer gets its own declaration."""
+hand a later writer a declaration that went into a freed one. Without the guard the installed torch (2.13:
+the buffer's id) and torch 2.11's key (the bound method's id) do so; with it, each writer gets its own
+declaration. If a torch release fixes the key, the unguarded check fails and the guard can go."""
 
 from __future__ import annotations
 
@@ -39,7 +40,20 @@ def _stale_declarations(rounds: int = 50) -> int:
     return stale
 
 
-def test_each_writer_gets_its_declaration():
+def _keyed_by_bound_method(self, int_array, writeline, known_statically=False, graph=None):
+    """torch 2.11's cache key (read from its source on the H200): the id of the bound method itself."""
+    key = (int_array, id(writeline), known_statically, id(graph) if graph else None)
+    if key not in self.codegen_int_array_var_cache:
+        self.codegen_int_array_var_cache[key] = self._codegen_int_array_var_impl(int_array, writeline,
+                                                                                 known_statically)
+    return self.codegen_int_array_var_cache[key]
+
+
+@pytest.mark.parametrize("key_form", ["installed", "torch 2.11"])
+def test_each_writer_gets_its_declaration(monkeypatch, key_form):
+    if key_form == "torch 2.11":
+        monkeypatch.setattr(cpp_wrapper_cpu.CppWrapperCpu, "codegen_int_array_var", _keyed_by_bound_method)
+    assert _stale_declarations() > 0  # the bug, unguarded (CPython reuses a freed object's address)
     with unique_int_array_writers():
         assert _stale_declarations() == 0
 

@@ -9,9 +9,14 @@ from itertools import count
 
 import pytest
 
-cpp_wrapper_cpu = pytest.importorskip("torch._inductor.codegen.cpp_wrapper_cpu")
+from dsv3_export.engines.torch_int_arrays import unique_int_array_writers
 
-from dsv3_export.engines.torch_int_arrays import unique_int_array_writers  # noqa: E402
+
+@pytest.fixture
+def cpp_wrapper_cpu():
+    """Inductor's C++ wrapper module, imported inside the tests: it imports triton, which must not load before
+    tests/kernels' conftest sets TRITON_INTERPRET (that conftest refuses to run then)."""
+    return pytest.importorskip("torch._inductor.codegen.cpp_wrapper_cpu")
 
 
 class _Buffer:
@@ -22,7 +27,7 @@ class _Buffer:
         self.lines.append(line)
 
 
-def _stale_declarations(rounds: int = 50) -> int:
+def _stale_declarations(cpp_wrapper_cpu, rounds: int = 50) -> int:
     """How often a writer created after another was freed gets no declaration of its array."""
     from torch.utils._ordered_set import OrderedSet
 
@@ -50,15 +55,15 @@ def _keyed_by_bound_method(self, int_array, writeline, known_statically=False, g
 
 
 @pytest.mark.parametrize("key_form", ["installed", "torch 2.11"])
-def test_each_writer_gets_its_declaration(monkeypatch, key_form):
+def test_each_writer_gets_its_declaration(monkeypatch, cpp_wrapper_cpu, key_form):
     if key_form == "torch 2.11":
         monkeypatch.setattr(cpp_wrapper_cpu.CppWrapperCpu, "codegen_int_array_var", _keyed_by_bound_method)
-    assert _stale_declarations() > 0  # the bug, unguarded (CPython reuses a freed object's address)
+    assert _stale_declarations(cpp_wrapper_cpu) > 0  # the bug, unguarded (CPython reuses a freed object's address)
     with unique_int_array_writers():
-        assert _stale_declarations() == 0
+        assert _stale_declarations(cpp_wrapper_cpu) == 0
 
 
-def test_the_guard_restores_inductor_and_nests():
+def test_the_guard_restores_inductor_and_nests(cpp_wrapper_cpu):
     original = cpp_wrapper_cpu.CppWrapperCpu.__dict__["codegen_int_array_var"]
     with unique_int_array_writers():
         patched = cpp_wrapper_cpu.CppWrapperCpu.codegen_int_array_var

@@ -42,11 +42,16 @@ SPLIT_K = QUANT_BLOCK  # K per partial (and one act_quant block): S = ceil(K / S
 # the decode program is tuned at batch 64, where the four timed within 30% of each other and the builds
 # picked either; at batch 1 in the 27-layer H200 step (with act_quant(x)) the first took 4.8 us per call,
 # the 2-warp ones 7.4 (session 19).
+# With act_quant(x) the per-thread arithmetic grows as the warps shrink (a [16, 128] x tile quantized, IEEE
+# divisions, 16 values a thread at 4 warps, 32 at 2): 8 and 16 warps are candidates for the next H200 probe
+# (benchmarks/kernels.py decode_cold times each config pinned).
 GATE_CONFIGS = [
     triton.Config({"BLOCK_T": 16, "BLOCK_E": 64}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_T": 16, "BLOCK_E": 64}, num_warps=2, num_stages=1),
     triton.Config({"BLOCK_T": 16, "BLOCK_E": 32}, num_warps=2, num_stages=1),
     triton.Config({"BLOCK_T": 64, "BLOCK_E": 64}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64}, num_warps=16, num_stages=1),
 ]
 
 

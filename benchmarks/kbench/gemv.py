@@ -76,8 +76,9 @@ def bench_decode_cold(report: Report, sh: Shapes, quick: bool) -> None:
     def cublas(w):
         return TK.router_topk(torch.nn.functional.linear(x, w), k, **route)
 
-    def split(w, quant_x=False):
-        partials, quant = RG.gate_partials(x, w, quant_x=True) if quant_x else (RG.gate_partials(x, w), None)
+    def split(w, quant_x=False, cfg=None):
+        partials, quant = (RG.gate_partials(x, w, quant_x=True, config=cfg) if quant_x
+                           else (RG.gate_partials(x, w, config=cfg), None))
         weights = torch.empty((1, k + 2), dtype=torch.bfloat16, device=x.device)
         ids = torch.empty((1, k + 2), dtype=torch.int64, device=x.device)
         TK.launch(*TK.router_spec(partials, k, 1.0, 2, e, weights, ids, round_bf16=True), None)
@@ -88,11 +89,16 @@ def bench_decode_cold(report: Report, sh: Shapes, quick: bool) -> None:
     rows = [guarded(report, f"decode_cold {case} cublas", lambda: add(report, Row(
         "decode_cold", case, "baseline: cuBLAS linear + router_topk, cold L2", _cold_graph_ms(cublas, copies, sh, quick)),
         bytes_=e * d * 2))]
-    for quant_x in (False, True):
-        rows.append(guarded(report, f"decode_cold {case} split quant_x={quant_x}", lambda quant_x=quant_x: add(report, Row(
-            "decode_cold", case, f"gate_partials{' + act_quant(x)' if quant_x else ''} + router (split), cold L2",
-            _cold_graph_ms(lambda w: split(w, quant_x), copies, sh, quick), error=wrong, tol=0.0, ok=wrong == 0,
-            note="ids vs cuBLAS's (can differ on near ties)"), bytes_=e * d * 2)))
+    # each gate config pinned (the packages run GATE_CONFIGS[0]), without and with act_quant(x)
+    for cfg in RG.GATE_CONFIGS if sh.device == "cuda" else RG.GATE_CONFIGS[:1]:
+        for quant_x in (False, True):
+            rows.append(guarded(report, f"decode_cold {case} split quant_x={quant_x} {cfg}",
+                                lambda quant_x=quant_x, cfg=cfg: add(report, Row(
+                                    "decode_cold", case,
+                                    f"gate_partials{' + act_quant(x)' if quant_x else ''} + router [{cfg}], cold L2",
+                                    _cold_graph_ms(lambda w: split(w, quant_x, cfg), copies, sh, quick), error=wrong,
+                                    tol=0.0, ok=wrong == 0, note="ids vs cuBLAS's (can differ on near ties)"),
+                                    bytes_=e * d * 2)))
     _ratio_vs_first(rows)
     show(case, [r for r in rows if r])
 

@@ -45,11 +45,12 @@ from torch.fx import Node
 from torch.library import triton_op
 
 import dsv3_export.ops  # noqa: F401  (registers the dsv3:: ops matched here)
+from dsv3_export.engines import torch_launch
 from dsv3_export.engines import torch_triton as tt
 from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.kernels import router_gate as kg
-from dsv3_export.kernels.fp8_quant import act_quant_outputs
 from dsv3_export.kernels import topk as kt
+from dsv3_export.kernels.fp8_quant import act_quant_outputs
 from dsv3_export.passes.graph_utils import is_call
 from dsv3_export.passes.program_state import ProgramState
 
@@ -68,7 +69,7 @@ def router_topk(logits: torch.Tensor, k: int, scale: float, n_extra: int, first_
     logits = logits.contiguous()
     weights = torch.empty((logits.shape[0], k + n_extra), dtype=out_dtype, device=logits.device)
     ids = torch.empty((logits.shape[0], k + n_extra), dtype=torch.int64, device=logits.device)
-    tt._launch(kt.router_spec(logits, k, scale, n_extra, first_extra, weights, ids))
+    torch_launch.launch_spec(kt.router_spec(logits, k, scale, n_extra, first_extra, weights, ids))
     return weights, ids
 
 
@@ -96,11 +97,11 @@ def _gate_route(x, gate_weight, k: int, scale: float, n_extra: int, first_extra:
     """The split gate's two launches (partials, with act_quant(x) into `quant` if given; the router)."""
     x = x.contiguous()
     partials = kg.partials_buffer(x.shape[0], gate_weight.shape[0], x.shape[1], x.device)  # [S, T, E]
-    tt._launch(kg.gate_partials_spec(x, gate_weight.contiguous(), partials, quant))
+    torch_launch.launch_spec(kg.gate_partials_spec(x, gate_weight.contiguous(), partials, quant))
     weights = torch.empty((x.shape[0], k + n_extra), dtype=out_dtype, device=x.device)
     ids = torch.empty((x.shape[0], k + n_extra), dtype=torch.int64, device=x.device)
-    tt._launch(kt.router_spec(partials, k, scale, n_extra, first_extra, weights, ids,
-                              round_bf16=x.dtype == torch.bfloat16))
+    torch_launch.launch_spec(kt.router_spec(partials, k, scale, n_extra, first_extra, weights, ids,
+                                            round_bf16=x.dtype == torch.bfloat16))
     return weights, ids
 
 

@@ -144,15 +144,15 @@ def test_decode_program_with_and_without_the_kernel_in_the_interpreter(seed):
 
 def test_switch_values(monkeypatch):
     pytest.importorskip("triton")
-    from dsv3_export.engines import torch_triton
+    from dsv3_export.engines import torch_triton, torch_triton_mla
 
-    monkeypatch.setenv(torch_triton.ABSORB_ENV, "yes")
+    monkeypatch.setenv(torch_triton_mla.ABSORB_ENV, "yes")
     with pytest.raises(ValueError, match="DSV3_TORCH_ABSORB_GEMM='yes'"):
         torch_triton.triton_lowerings("decode")
     for value in ("0", "1"):
-        monkeypatch.setenv(torch_triton.ABSORB_ENV, value)
+        monkeypatch.setenv(torch_triton_mla.ABSORB_ENV, value)
         how = torch_triton.triton_lowerings("decode")["dsv3::mla_attention"].how
         assert ("mla_absorb.py head_gemm" in how) == (value == "1"), how
-    monkeypatch.delenv(torch_triton.ABSORB_ENV)
+    monkeypatch.delenv(torch_triton_mla.ABSORB_ENV)
     assert "mla_absorb.py head_gemm" in torch_triton.triton_lowerings("decode")["dsv3::mla_attention"].how
-    assert torch.bfloat16 in torch_triton.ka.DOT_DTYPES and torch.float32 not in torch_triton.ka.DOT_DTYPES
+    assert torch.bfloat16 in torch_triton_mla.ka.DOT_DTYPES and torch.float32 not in torch_triton_mla.ka.DOT_DTYPES

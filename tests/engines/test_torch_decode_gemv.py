@@ -24,7 +24,7 @@ from tests.kernels._helpers import TOL
 
 _SCRIPT = SCRIPT_PREAMBLE + r'''
 import torch
-from dsv3_export.engines import torch_triton as tt
+from dsv3_export.engines import torch_launch, torch_triton as tt, torch_triton_mla as tm
 from dsv3_export.kernels import fp8_gemm as kg
 from dsv3_export.kernels import fp8_gemv as kv
 from dsv3_export.reference import fp8 as R
@@ -86,14 +86,14 @@ for m in (1, 2, 3):
                 self.register_buffer("w", torch.randn(3, 40, 130, generator=g))  # wkv_b's W_UV rows [h, dv, c]
 
             def forward(self, lat):
-                return tt._head_gemm(lat, self.w.transpose(1, 2), gemv=True)  # [h, c, dv], c contiguous
+                return tm._head_gemm(lat, self.w.transpose(1, 2), gemv=True)  # [h, c, dv], c contiguous
 
         ep = export(Head(), (torch.randn(3, 3, 130, generator=g),), dynamic_shapes=({0: Dim("batch", min=1, max=64)},))
         kernels = ep.run_decompositions({}, decompose_custom_triton_ops=True)
         out["head_launches"] = sum(nd.op == "call_function" and "triton_kernel_wrapper" in str(nd.target)
                                    for nd in kernels.graph.nodes)
         break
-    both = tt._head_gemm(lat, w_uv, gemv=True)
+    both = tm._head_gemm(lat, w_uv, gemv=True)
     gemv, tile = ka.head_gemv(lat, w_uv), ka.head_gemm(lat, w_uv)
     # the two forms sum in other orders: their fp32 results differ, so equality names the path that ran
     out[f"head_m{m}"] = dict(equal_gemv=bool(torch.equal(both, gemv)), equal_tile=bool(torch.equal(both, tile)),
@@ -120,7 +120,7 @@ if mode == "trace":
             self.register_buffer("wkv_b", wkv_b)
 
         def forward(self, q_nope, q_pe, kv_new, kv_cache, start_pos):
-            return tt.mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, self.wkv_b, 0.25, True, True, True,
+            return tm.mla_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, self.wkv_b, 0.25, True, True, True,
                                     self.merge)
 
     for merge in (True, False):
@@ -142,24 +142,24 @@ if mode == "trace":
         out[f"mla_{key}_program"] = [name for name, _ in launches]
         out[f"mla_{key}_at_1"], out[f"mla_{key}_at_3"] = runs_at(1), runs_at(3)
 else:
-    ran, launch = [], tt._launch
+    ran, launch = [], torch_launch.launch_spec
 
     def recording_launch(spec):  # the lowering's gated launches (the split and reduce kernels launch in kd)
         if spec is not None:
             ran.append(spec.kernel.fn.__name__)
         launch(spec)
 
-    tt._launch = recording_launch
+    torch_launch.launch_spec = recording_launch
     for m in (1, 2, 3):
         args = mla_inputs(m)
         ran.clear()
-        on = tt.mla_attention(*args, wkv_b, 0.25, True, True, True, True)
+        on = tm.mla_attention(*args, wkv_b, 0.25, True, True, True, True)
         launched_on = ran[:]
         ran.clear()
-        off = tt.mla_attention(*args, wkv_b, 0.25, True, True, True, False)
+        off = tm.mla_attention(*args, wkv_b, 0.25, True, True, True, False)
         out[f"mla_m{m}"] = dict(equal=bool(torch.equal(on, off)), finite=bool(torch.isfinite(on.float()).all()),
                                 on=launched_on, off=ran[:])
-    tt._launch = launch
+    torch_launch.launch_spec = launch
 print(json.dumps(out))
 '''
 
@@ -260,17 +260,18 @@ def test_merge_uv_switch(monkeypatch):
     off leave it out; other values are refused."""
     pytest.importorskip("triton")
     from dsv3_export.engines import torch_triton as tt
+    from dsv3_export.engines import torch_triton_mla as tm
 
     def how():
         return tt.triton_lowerings("decode")["dsv3::mla_attention"].how
 
     assert "head_gemv" in how() and "kernels/mla_merge_uv.py" in how(), how()
-    monkeypatch.setenv(tt.MERGE_UV_ENV, "0")
+    monkeypatch.setenv(tm.MERGE_UV_ENV, "0")
     assert "head_gemv" in how() and "mla_merge_uv" not in how(), how()
-    monkeypatch.setenv(tt.MERGE_UV_ENV, "1")
-    monkeypatch.setenv(tt.HEAD_GEMV_ENV, "0")
+    monkeypatch.setenv(tm.MERGE_UV_ENV, "1")
+    monkeypatch.setenv(tm.HEAD_GEMV_ENV, "0")
     assert "mla_merge_uv" not in how(), how()
-    monkeypatch.delenv(tt.HEAD_GEMV_ENV)  # read only with head_gemv on, as head_gemv's only with the GEMV
-    monkeypatch.setenv(tt.MERGE_UV_ENV, "on")
+    monkeypatch.delenv(tm.HEAD_GEMV_ENV)  # read only with head_gemv on, as head_gemv's only with the GEMV
+    monkeypatch.setenv(tm.MERGE_UV_ENV, "on")
     with pytest.raises(ValueError, match="DSV3_TORCH_MERGE_UV='on'"):
         tt.triton_lowerings("decode")

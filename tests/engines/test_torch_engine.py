@@ -559,8 +559,8 @@ def test_moe_align_traced_form_switch():
 
 
 def test_moe_align_traced_form_rejects_unknown(monkeypatch):
-    from dsv3_export.engines import torch_triton
+    from dsv3_export.engines import torch_triton, torch_triton_moe
 
     monkeypatch.setenv(torch_triton.MOE_ALIGN_ENV, "fast")
     with pytest.raises(ValueError, match="DSV3_TORCH_MOE_ALIGN='fast'"):
-        torch_triton._moe_routing(torch.zeros(2, 2, dtype=torch.int64), 4, 16)
+        torch_triton_moe._moe_routing(torch.zeros(2, 2, dtype=torch.int64), 4, 16)

@@ -1,4 +1,4 @@
-"""engines/torch_triton.py DSV3_TORCH_MOE_COMBINE: the MoE's combine over its k slots as one fp32 reduction
+"""engines/torch_triton_moe.py DSV3_TORCH_MOE_COMBINE: the MoE's combine over its k slots as one fp32 reduction
 (`sum`, default) or as unrolled fp32 adds in slot order (`adds`), which leave no reduction in the traced
 program (so Inductor can fuse them into the next pointwise or norm kernel; the fusion itself happens in a
 CUDA build only). Both are fp32 sums of the same bf16 terms cast to bf16: they differ by the summation order,
@@ -12,12 +12,12 @@ import torch
 
 
 def _torch_triton():
-    """engines/torch_triton.py, imported inside the tests: a module-level import of triton here would come before
-    tests/kernels' conftest sets TRITON_INTERPRET (it refuses to run then)."""
+    """engines/torch_triton_moe.py, imported inside the tests: a module-level import of triton here would come
+    before tests/kernels' conftest sets TRITON_INTERPRET (it refuses to run then)."""
     pytest.importorskip("triton")
-    from dsv3_export.engines import torch_triton
+    from dsv3_export.engines import torch_triton_moe
 
-    return torch_triton
+    return torch_triton_moe
 
 
 def _ulp_bound(ref: torch.Tensor) -> torch.Tensor:

@@ -165,7 +165,7 @@ def test_moe_on_the_gate_kernels_act_quant_is_bit_identical(seed):
 import os, sys
 os.environ["TRITON_INTERPRET"] = "1"
 import torch
-from dsv3_export.engines import torch_router, torch_triton as tt
+from dsv3_export.engines import torch_router, torch_triton_moe as tt
 from dsv3_export.kernels import router_gate as kg
 from dsv3_export.kernels.fp8_quant import act_quant
 torch.manual_seed(int(sys.argv[1]))

@@ -272,7 +272,7 @@ def test_memory_is_linear_in_assignments_not_in_weights_times_tokens(seed):
 
 def _recorded_grids(monkeypatch, module, name: str) -> list[tuple[str, tuple]]:
     """(kernel name, grid) of every launch through module.<name>: the kernels' `launch(kernel, tuned,
-    configs, grid, args, kwargs, config)` or the engines' `_launch(spec)`."""
+    configs, grid, args, kwargs, config)` or the engines' `launch_spec(spec)` (engines/torch_launch.py)."""
     seen, real = [], getattr(module, name)
 
     def record(*call):
@@ -341,6 +341,7 @@ def test_engine_moe_fp8_decode_form_launches(seed, monkeypatch, t):
     (not at one token: the direct mode), act_quant, the up GEMM, act_quant of h, the down GEMM, each
     GEMM on min(n_blocks, T*k) row blocks; the same bits as fused_moe, the eager launcher, at the
     same block_m."""
+    from dsv3_export.engines import torch_launch, torch_triton_moe
     from dsv3_export.engines import torch_triton as TT
 
     torch.manual_seed(seed)
@@ -349,10 +350,10 @@ def test_engine_moe_fp8_decode_form_launches(seed, monkeypatch, t):
     x = torch.randn(t, D, dtype=torch.bfloat16)
     x[-1, :QUANT_K] = 0
     (w13q, w13s), (w2q, w2s) = _fp8_experts()
-    grids = _recorded_grids(monkeypatch, TT, "_launch")
+    grids = _recorded_grids(monkeypatch, torch_launch, "launch_spec")
     aligns = _recorded_aligns(monkeypatch)
     args = (x, rw.bfloat16(), ids, w13q, w13s, w2q, w2s, TT.BLOCK_M["decode"])
-    out = TT.moe_experts_fp8(*args)
+    out = torch_triton_moe.moe_experts_fp8(*args)
     assert len(aligns) == (t > 1), aligns
     assert [name for name, _ in grids] == ["_act_quant_ieee_kernel", "_grouped_gemm_kernel"] * 2, grids
     n_blocks = -(-(t * k + E * 15) // 16)

@@ -42,16 +42,18 @@ SPLIT_K = QUANT_BLOCK  # K per partial (and one act_quant block): S = ceil(K / S
 # the decode program is tuned at batch 64, where the four timed within 30% of each other and the builds
 # picked either; at batch 1 in the 27-layer H200 step (with act_quant(x)) the first took 4.8 us per call,
 # the 2-warp ones 7.4 (session 19).
-# With act_quant(x) the per-thread arithmetic grows as the warps shrink (a [16, 128] x tile quantized, IEEE
-# divisions, 16 values a thread at 4 warps, 32 at 2): 8 and 16 warps are candidates for the next H200 probe
-# (benchmarks/kernels.py decode_cold times each config pinned).
+# With act_quant(x) the per-thread arithmetic grows as the warps shrink (the whole [16, 128] x tile quantized, IEEE
+# divisions, 16 values a thread at 4 warps, 32 at 2, though at batch 1 only one row is real). Candidates for the
+# next H200 probe (benchmarks/kernels.py decode_cold times each config pinned): 8 and 16 warps, and ROW_QUANT
+# (each real row quantized alone, [1, 128] at a time: 1 value a thread at 4 warps, one loop trip per row).
 GATE_CONFIGS = [
-    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64}, num_warps=2, num_stages=1),
-    triton.Config({"BLOCK_T": 16, "BLOCK_E": 32}, num_warps=2, num_stages=1),
-    triton.Config({"BLOCK_T": 64, "BLOCK_E": 64}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64}, num_warps=16, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT": False}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT": False}, num_warps=2, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 32, "ROW_QUANT": False}, num_warps=2, num_stages=1),
+    triton.Config({"BLOCK_T": 64, "BLOCK_E": 64, "ROW_QUANT": False}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT": False}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT": False}, num_warps=16, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT": True}, num_warps=4, num_stages=1),
 ]
 
 
@@ -62,11 +64,13 @@ def _gate_partials_kernel(
     stride_xt, stride_we, stride_ps, stride_pt, stride_qt, stride_st,
     SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, QUANT_X: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr,
+    ROW_QUANT: tl.constexpr,
 ):
     """partials[s, t, e] = sum over k in split s of x[t, k] * w[e, k] (fp32), for one block of rows
     (axis 0), of experts (axis 1) and one split (axis 2); rows, experts and K masked with zeros.
     QUANT_X (SPLIT = 128): the programs of the first expert block also write act_quant(x)'s q and s for
-    their [BLOCK_T, 128] block of x, with act_quant's arithmetic (kernels/fp8_quant.py quantize_rows)."""
+    their [BLOCK_T, 128] block of x, with act_quant's arithmetic (kernels/fp8_quant.py quantize_rows): the whole
+    tile at once, or with ROW_QUANT one real row at a time (the same values: quantize_rows works per row)."""
     wait_for_producer()  # before any memory access: kernels/pdl.py
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -78,10 +82,19 @@ def _gate_partials_kernel(
                 mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, SPLIT]
     if QUANT_X:
         if tl.program_id(1) == 0:
-            q, s = quantize_rows(x.to(tl.float32), SCALE_RECIPROCAL)
-            tl.store(q_ptr + rows64 * stride_qt + offs_k[None, :], q.to(q_ptr.dtype.element_ty),
-                     mask=mask_t[:, None] & mask_k[None, :])
-            tl.store(s_ptr + offs_t.to(tl.int64) * stride_st + split, s, mask=mask_t)
+            if ROW_QUANT:
+                for r in range(tl.minimum(T - tl.program_id(0) * BLOCK_T, BLOCK_T)):
+                    row = (tl.program_id(0) * BLOCK_T + r).to(tl.int64)
+                    x_row = tl.load(x_ptr + row * stride_xt + offs_k[None, :], mask=mask_k[None, :], other=0.0)
+                    q, s = quantize_rows(x_row.to(tl.float32), SCALE_RECIPROCAL)  # [1, SPLIT], [1]
+                    tl.store(q_ptr + row * stride_qt + offs_k[None, :], q.to(q_ptr.dtype.element_ty),
+                             mask=mask_k[None, :])
+                    tl.store(s_ptr + row * stride_st + split + tl.zeros((1,), tl.int64), s)
+            else:
+                q, s = quantize_rows(x.to(tl.float32), SCALE_RECIPROCAL)
+                tl.store(q_ptr + rows64 * stride_qt + offs_k[None, :], q.to(q_ptr.dtype.element_ty),
+                         mask=mask_t[:, None] & mask_k[None, :])
+                tl.store(s_ptr + offs_t.to(tl.int64) * stride_st + split, s, mask=mask_t)
     w = tl.load(w_ptr + offs_e[:, None].to(tl.int64) * stride_we + offs_k[None, :],
                 mask=mask_e[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_E, SPLIT]
     if UPCAST:

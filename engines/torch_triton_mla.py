@@ -94,6 +94,18 @@ def decode_latent(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor
     return kd.mla_decode_reduce(parts, q_nope.dtype), w_uv
 
 
+# The configs the decode program's MLA split kernel is autotuned among, read when a program is lowered: `all`
+# (default) kernels/mla_decode.py DECODE_CONFIGS; `best` its two configs that were the fastest at every batch
+# pinned (BEST_DECODE_CONFIGS). Opt-in: session 19's packages picked among all four different configs, 191-256 us
+# of split kernel per 27-layer batch-1 step; whether `best` takes that spread out is the next H200 A/B.
+MLA_CONFIGS_ENV = "DSV3_TORCH_MLA_CONFIGS"
+
+
+def mla_config_set() -> str:
+    return env_choice(MLA_CONFIGS_ENV, "all", {"all": "autotuned among every split-kernel config",
+                                               "best": "autotuned among the two fastest when pinned"})
+
+
 def decode_partials(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
                     start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, absorb_gemm: bool
                     ) -> tuple[kd.DecodePartials, torch.Tensor]:
@@ -108,7 +120,8 @@ def decode_partials(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tens
     seen = start_pos.clamp(0, kv_cache.shape[1]).to(torch.int32)  # [b] cached keys per row
     q_latent = decode_query(q_nope, w_uk, absorb_gemm)  # [b, h, c]
     parts = kd.mla_decode_partials(q_latent, q_pe.contiguous()[:, 0], kv_cache[..., :c], kv_cache[..., c:], seen,
-                                   softmax_scale, kv_new=kv_new[:, 0, :c], pe_new=kv_new[:, 0, c:], runtime_splits=True)
+                                   softmax_scale, kv_new=kv_new[:, 0, :c], pe_new=kv_new[:, 0, c:], runtime_splits=True,
+                                   config_set=mla_config_set())
     return parts, w_uv
 
 

@@ -92,8 +92,18 @@ DECODE_CONFIGS = [
 DECODE_VARIANT = "pointer"
 
 _INTERPRETED = is_interpreted(_mla_decode_split_kernel)
-_decode_tuned = autotune_or_single(_mla_decode_split_kernel, DECODE_CONFIGS,
-                                   key=["H", "C", "R", "NUM_SPLITS", "SPLIT_TARGET"])
+_TUNE_KEY = ["H", "C", "R", "NUM_SPLITS", "SPLIT_TARGET"]
+_decode_tuned = autotune_or_single(_mla_decode_split_kernel, DECODE_CONFIGS, key=_TUNE_KEY)
+# config_set="best": the autotuner chooses between the two configs that were the fastest, or within 3%, at every
+# batch when each was pinned at the 16b decode program's shapes (session 18, benchmarks/mla_config_probe.py,
+# H200, us per call at B = 1 / 8 / 64: BN64 w4 s2 P2 9.94 / 12.20 / 39.21, BN32 w4 s3 10.14 / 12.21 / 40.40).
+# Among all of DECODE_CONFIGS the packages' picks moved the 27-layer batch-1 step by ~65 us (session 19:
+# 191-256 us of split kernel per step). A one-config pin crashed a package once (session 18), so this keeps
+# the autotuner, with two choices. Opt-in (engines/torch_triton_mla.py MLA_CONFIGS_ENV) until timed in packages.
+BEST_DECODE_CONFIGS = [c for c in DECODE_CONFIGS if not c.maxnreg and (c.kwargs["BLOCK_N"], c.kwargs["PREFETCH"],
+                       c.num_warps, c.num_stages) in ((64, 2, 4, 2), (32, 0, 4, 3))]
+_decode_tuned_best = autotune_or_single(_mla_decode_split_kernel, BEST_DECODE_CONFIGS, key=_TUNE_KEY)
+CONFIG_SETS = {"all": (DECODE_CONFIGS, _decode_tuned), "best": (BEST_DECODE_CONFIGS, _decode_tuned_best)}
 # The config the autotuner chose, per (H, C, R, NUM_SPLITS, dtype, HAS_NEW, SPLIT_TARGET, variant); later
 # eager calls launch the kernel with it directly. Autotuner.run re-keys all ~30 arguments on every call (list
 # lookups, str(dtype)): host time each decode step pays before its kernels are queued.
@@ -101,11 +111,12 @@ _decode_chosen: dict[tuple, triton.Config] = {}
 
 
 def decode_config(heads: int, c: int, r: int, splits: int, dtype: torch.dtype, has_new: bool = False,
-                  split_target: int = 0, variant: str | None = None):
+                  split_target: int = 0, variant: str | None = None, config_set: str = "all"):
     """The split kernel's config for this shape once the autotuner has chosen it (None before).
     split_target: 0 for a host-chosen split count; runtime_splits calls: splits=MAX_SPLITS and
     split_target=runtime_split_target(device)."""
-    return _decode_chosen.get((heads, c, r, splits, dtype, has_new, split_target, variant or DECODE_VARIANT))
+    return _decode_chosen.get((heads, c, r, splits, dtype, has_new, split_target, variant or DECODE_VARIANT,
+                               config_set))
 
 
 def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
@@ -156,9 +167,10 @@ def mla_decode_partials(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
                         cache_seqlens: torch.Tensor, softmax_scale: float, *, kv_new: torch.Tensor | None = None,
                         pe_new: torch.Tensor | None = None, num_splits: int | None = None,
                         config: triton.Config | None = None, runtime_splits: bool = False,
-                        variant: str | None = None) -> DecodePartials:
+                        variant: str | None = None, config_set: str = "all") -> DecodePartials:
     """mla_decode's split kernel alone (same arguments): its partials, for a caller that merges them itself
-    (mla_decode_reduce, or kernels/mla_merge_uv.py with W_UV in the same launch)."""
+    (mla_decode_reduce, or kernels/mla_merge_uv.py with W_UV in the same launch). config_set: the configs the
+    autotuner chooses among, a key of CONFIG_SETS."""
     check_tensor("mla_decode: q_latent", q_latent, ndim=3)
     bsz, heads, _ = q_latent.shape
     c, r = _check_caches("mla_decode", q_latent, q_pe, kv_cache, pe_cache, bsz)
@@ -170,6 +182,9 @@ def mla_decode_partials(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
     variant = variant or DECODE_VARIANT
     if variant not in DECODE_VARIANTS:
         raise ValueError(f"mla_decode: variant={variant!r} must be one of {DECODE_VARIANTS}")
+    if config_set not in CONFIG_SETS:
+        raise ValueError(f"mla_decode: config_set={config_set!r} must be one of {sorted(CONFIG_SETS)}")
+    configs, tuned = CONFIG_SETS[config_set]
     dev = q_latent.device
     head_blocks = cdiv(heads, _block_h(heads))
     if bsz * heads * c == 0:  # nothing to launch (and, as before, no split plan to check)
@@ -177,13 +192,13 @@ def mla_decode_partials(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
     splits, split_target = split_plan("mla_decode", bsz, heads, kv_cache.shape[1], dev, runtime_splits, num_splits)
     o_part, lse = split_partials(bsz, heads, splits, c, dev)
     grid = (bsz, head_blocks, splits)
-    tuned = None if VARIANT_FLAGS[variant]["EARLY"] else _decode_tuned  # early: pinned (`config`, else the first)
-    tune_key = (heads, c, r, splits, q_latent.dtype, has_new, split_target, variant)
+    tuned = None if VARIANT_FLAGS[variant]["EARLY"] else tuned  # early: pinned (`config`, else the first)
+    tune_key = (heads, c, r, splits, q_latent.dtype, has_new, split_target, variant, config_set)
     eager_tuned = config is None and tuned is not None and not tracing()  # tracing needs the autotuner
     cfg = _decode_chosen.get(tune_key) if eager_tuned else config
     args, kwargs = split_kernel_args(q_latent, q_pe, kv_cache, pe_cache, kv_new, pe_new, cache_seqlens, o_part, lse,
                                      softmax_scale, split_target, variant=variant)
-    launch(_mla_decode_split_kernel, tuned, DECODE_CONFIGS, lambda meta: grid, args, kwargs, cfg)
+    launch(_mla_decode_split_kernel, tuned, configs, lambda meta: grid, args, kwargs, cfg)
     chosen = getattr(tuned, "best_config", None) if eager_tuned and cfg is None else None
     if chosen is not None:
         _decode_chosen[tune_key] = chosen

@@ -46,7 +46,7 @@ for skip_passes, env in settings:
     program, _ = fuse_router(programs[skip_passes])
     lowered, how = lower_dsv3_ops(program, "cuda", triton_lowerings("decode"))
     kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)
-    names, incomplete = [], {}
+    names, incomplete, tuned_among = [], {}, {}
     for n in kernels.graph.nodes:
         if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target):
             k = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
@@ -54,6 +54,7 @@ for skip_passes, env in settings:
             while not isinstance(fn, JITFunction):  # an Autotuner (or heuristics) around it
                 fn = fn.fn
             names.append(fn.__name__)
+            tuned_among[fn.__name__] = len(getattr(k, "configs", None) or [None])  # 1: a bare kernel
             passed = set(n.kwargs["kwargs"]) | set(kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"]))
             passed |= set(k.configs[0].kwargs) if getattr(k, "configs", None) else set()
             missing = sorted(set(fn.arg_names) - passed)
@@ -61,7 +62,8 @@ for skip_passes, env in settings:
                 incomplete[fn.__name__] = missing
     extern = [str(n.target) for n in kernels.graph.nodes if n.op == "call_function"
               and getattr(n.target, "_opname", None) in ("topk", "sort", "mm", "bmm", "addmm", "linear")]
-    results.append({"kernels": {k: names.count(k) for k in set(names)}, "extern": extern, "incomplete": incomplete})
+    results.append({"kernels": {k: names.count(k) for k in set(names)}, "extern": extern, "incomplete": incomplete,
+                    "tuned_among": tuned_among})
 print(json.dumps(results))
 '''
 
@@ -78,6 +80,7 @@ SETTINGS = {
     "head gemv off": ("", dict(DSV3_TORCH_HEAD_GEMV="0")),
     "gate split off": ("", dict(DSV3_TORCH_GATE_SPLIT="0")),
     "merge uv off": ("", dict(DSV3_TORCH_MERGE_UV="0")),
+    "mla best configs": ("", dict(DSV3_TORCH_MLA_CONFIGS="best")),
 }
 
 
@@ -173,6 +176,18 @@ def _check_gate_split(launches: dict[str, dict]):
     assert sum(".linear." in e for e in off["extern"]) == 2, off["extern"]  # the gate's and the LM head's
 
 
+def _check_mla_configs(launches: dict[str, dict]):
+    """DSV3_TORCH_MLA_CONFIGS=best (opt-in, session 19): the MLA split kernel's autotuner chooses among
+    kernels/mla_decode.py BEST_DECODE_CONFIGS (2) instead of all of DECODE_CONFIGS; the launches are the same."""
+    from dsv3_export.kernels import mla_decode as kd
+
+    best, default = launches["mla best configs"], launches["defaults"]
+    assert best["kernels"] == default["kernels"], (best["kernels"], default["kernels"])
+    assert default["tuned_among"]["_mla_decode_split_kernel"] == len(kd.DECODE_CONFIGS) > 2, default["tuned_among"]
+    assert best["tuned_among"]["_mla_decode_split_kernel"] == len(kd.BEST_DECODE_CONFIGS) == 2, best["tuned_among"]
+    assert best["tuned_among"]["_gate_partials_kernel"] == 1, best["tuned_among"]  # pinned (one-config autotuner)
+
+
 @pytest.mark.slow  # ~75-85 s on 2 cores: one 16b export on meta per pass set, the passes, a lowering per setting
 def test_16b_decode_launches():
     """One test for every setting's checks: the settings share one trace (pytest-xdist would split separate
@@ -182,3 +197,4 @@ def test_16b_decode_launches():
     _check_all_switches_off(launches)
     _check_decode_gemv(launches)
     _check_gate_split(launches)
+    _check_mla_configs(launches)

@@ -189,6 +189,21 @@ def test_bad_inputs_name_the_problem():
         D.mla_decode(q, qp, kv.bfloat16(), pe, seqlens, SCALE)
     with pytest.raises(ValueError, match=r"cached positions \[0, 105\) outside"):
         P.mla_prefill(torch.randn(2, 10, H, C), torch.randn(2, 10, H, R), kv, pe, 95, SCALE)
+    with pytest.raises(ValueError, match=r"config_set='fast' must be one of \['all', 'best'\]"):
+        D.mla_decode_partials(q, qp, kv, pe, seqlens, SCALE, config_set="fast")
+
+
+def test_best_config_set_is_two_of_the_configs_and_decodes_alike(seed):
+    """config_set="best": two of DECODE_CONFIGS (the fastest pinned on the H200); under the interpreter both sets
+    launch the first config of theirs, the same one, so the merged outputs are equal."""
+    assert len(D.BEST_DECODE_CONFIGS) == 2 and all(c in D.DECODE_CONFIGS for c in D.BEST_DECODE_CONFIGS)
+    torch.manual_seed(seed)
+    kv, pe = _caches(2, torch.float32)
+    q, qp, seqlens = torch.randn(2, H, C), torch.randn(2, H, R), torch.tensor([3, 2], dtype=torch.int32)
+    parts = [D.mla_decode_partials(q, qp, kv, pe, seqlens, SCALE, config_set=s) for s in ("all", "best")]
+    assert D.BEST_DECODE_CONFIGS[0] is D.DECODE_CONFIGS[0]
+    merged = [D.mla_decode_reduce(p, torch.float32) for p in parts]
+    assert torch.isfinite(merged[0]).all() and torch.equal(merged[0], merged[1])
 
 
 @pytest.mark.parametrize("batch,ctx", [(32, 4096), (1, 1024), (8, 1024), (64, 1024), (128, 4096), (3, 70), (1, 33)])

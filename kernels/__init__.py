@@ -17,7 +17,9 @@ One family per module, each with its kernel(s), a checking launcher and a pure-t
                   form for one or two rows (W_UV in the batch-1 decode step)
   mla_merge_uv    mla_merge_uv: mla_decode's split merge and W_UV's head_gemv in one launch (batch <= 2 decode)
   topk            router_topk: the softmax MoE router (softmax, top-k, weights, the shared experts'
-                  columns) from its logits, one launch
+                  columns) from its logits (or from router_gate's partials), one launch
+  router_gate     gate_partials: the decode MoE gate GEMM split over K into fp32 partials (and act_quant(x)
+                  from the same loads), which the router kernel sums
   pdl             which kernels wait for their producer (programmatic dependent launch, opt-in)
 
 Launch path: in eager mode a launcher calls the jitted (autotuned) kernel directly, a few us of

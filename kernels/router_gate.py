@@ -39,7 +39,7 @@ DTYPES = (torch.bfloat16, torch.float32)  # logits the router rounds back exactl
 SPLIT_K = QUANT_BLOCK  # K per partial (and one act_quant block): S = ceil(K / SPLIT_K) partials
 # BLOCK_T 16 is tl.dot's minimum M (batch <= 16 in one tile); BLOCK_E splits the experts (V3's 256) so
 # that a program's [BLOCK_E, 128] weight tile stays small. One config, not autotuned (the tests run them all):
-# the decode program is tuned at batch 64, where the four timed within 30% of each other and the builds
+# the decode program is tuned at batch 64, where the first four below timed within 30% of each other and builds
 # picked either; at batch 1 in the 27-layer H200 step (with act_quant(x)) the first took 4.8 us per call,
 # the 2-warp ones 7.4 (session 19).
 # With act_quant(x) the per-thread arithmetic grows as the warps shrink (the whole [16, 128] x tile quantized, IEEE

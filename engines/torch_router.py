@@ -67,8 +67,7 @@ def router_topk(logits: torch.Tensor, k: int, scale: float, n_extra: int, first_
                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] -> weights [T, k + n_extra] (out_dtype), ids [T, k + n_extra] int64."""
     logits = logits.contiguous()
-    weights = torch.empty((logits.shape[0], k + n_extra), dtype=out_dtype, device=logits.device)
-    ids = torch.empty((logits.shape[0], k + n_extra), dtype=torch.int64, device=logits.device)
+    weights, ids = kt.router_outputs(logits.shape[0], k, n_extra, out_dtype, logits.device)
     torch_launch.launch_spec(kt.router_spec(logits, k, scale, n_extra, first_extra, weights, ids))
     return weights, ids
 
@@ -98,8 +97,7 @@ def _gate_route(x, gate_weight, k: int, scale: float, n_extra: int, first_extra:
     x = x.contiguous()
     partials = kg.partials_buffer(x.shape[0], gate_weight.shape[0], x.shape[1], x.device)  # [S, T, E]
     torch_launch.launch_spec(kg.gate_partials_spec(x, gate_weight.contiguous(), partials, quant))
-    weights = torch.empty((x.shape[0], k + n_extra), dtype=out_dtype, device=x.device)
-    ids = torch.empty((x.shape[0], k + n_extra), dtype=torch.int64, device=x.device)
+    weights, ids = kt.router_outputs(x.shape[0], k, n_extra, out_dtype, x.device)
     torch_launch.launch_spec(kt.router_spec(partials, k, scale, n_extra, first_extra, weights, ids,
                                             round_bf16=x.dtype == torch.bfloat16))
     return weights, ids
@@ -118,8 +116,8 @@ def _split_gate(logits: Node) -> tuple[Node, Node] | None:
 
 
 def _takes_quantized_x(moe: Node, gate_x: Node) -> bool:
-    """Whether the MoE is the W8A8 fp8 op (act_quant on, all eight arguments positional) on the gate's own x
-    with 128-aligned rows, so that the gate kernel's act_quant(x) can be its input."""
+    """Whether the MoE is the W8A8 fp8 op (act_quant on, all eight arguments positional) on the gate's own x,
+    so that the gate kernel's act_quant(x) can be its input."""
     if not is_call(moe, torch.ops.dsv3.moe_experts_fp8.default) or len(moe.args) != 8 or moe.kwargs:
         return False
     return moe.args[0] is gate_x and moe.args[7] is True
@@ -221,10 +219,11 @@ def fuse_router(ep: ExportedProgram, kind: str = "decode") -> tuple[ExportedProg
                 x, _, _, w13, w13_s, w2, w2_s, _ = moe.args
                 new = state.call(torch.ops.dsv3_aoti.moe_experts_fp8_quantized.default,
                                  (x, *xq_xs, weights, ids, w13, w13_s, w2, w2_s, tt.BLOCK_M[kind]), meta_from=moe)
-                moe.replace_all_uses_with(new)
+                moe.replace_all_uses_with(new)  # the old node is left dead, removed below
                 quantized += 1
-        moe.replace_input_with(site["w"], weights)
-        moe.replace_input_with(site["ids"], ids)
+            else:
+                moe.replace_input_with(site["w"], weights)
+                moe.replace_input_with(site["ids"], ids)
     state.eliminate_dead_code()
     how = (f"{len(sites)} of {len(moes)} MoE routers (softmax, top-k, weights, shared-expert columns) -> "
            "dsv3_aoti::router_topk (kernels/topk.py)")

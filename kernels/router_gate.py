@@ -186,17 +186,18 @@ def gate_logits_ref(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def gate_router_topk(x: torch.Tensor, w: torch.Tensor, k: int, *, scale: float = 1.0, n_extra: int = 0,
-                     first_extra: int = 0, out_dtype: torch.dtype = torch.float32,
-                     config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     first_extra: int = 0, out_dtype: torch.dtype = torch.float32, quant_x: bool = False,
+                     config: triton.Config | None = None):
     """kernels/topk.py router_topk(F.linear(x, w), ...) in the split form, two launches: the partials,
-    then the router summing them (rounded to bf16 for bf16 x). config: the gate kernel's."""
+    then the router summing them (rounded to bf16 for bf16 x) -> (weights, ids). quant_x: the gate kernel
+    also writes act_quant(x), returned as (weights, ids, (q, s)). config: the gate kernel's."""
     check_gate(x, w)
     if (reason := topk.rows_unfit(w.shape[0], k)) is not None:
         raise ValueError(f"gate_router_topk: {reason}")
-    partials = gate_partials(x, w, config=config)
-    weights = torch.empty((x.shape[0], k + n_extra), dtype=out_dtype, device=x.device)
-    ids = torch.empty((x.shape[0], k + n_extra), dtype=torch.int64, device=x.device)
+    partials, quant = gate_partials(x, w, quant_x=True, config=config) if quant_x else \
+        (gate_partials(x, w, config=config), None)
+    weights, ids = topk.router_outputs(x.shape[0], k, n_extra, out_dtype, x.device)
     if x.shape[0]:
         launch(*topk.router_spec(partials, k, scale, n_extra, first_extra, weights, ids,
                                  round_bf16=x.dtype == torch.bfloat16), None)
-    return weights, ids
+    return (weights, ids, quant) if quant_x else (weights, ids)

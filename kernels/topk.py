@@ -173,6 +173,15 @@ def router_spec(logits: torch.Tensor, k: int, scale: float, n_extra: int, first_
                            ROUND_BF16=round_bf16))
 
 
+def router_outputs(rows, k: int, n_extra: int, out_dtype: torch.dtype, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router kernel's outputs for `rows` rows (may be symbolic): weights [rows, k + n_extra] out_dtype and
+    ids [rows, k + n_extra] int64; every launcher of the kernel (eager, traced, from logits or partials)
+    allocates them here."""
+    return (torch.empty((rows, k + n_extra), dtype=out_dtype, device=device),
+            torch.empty((rows, k + n_extra), dtype=torch.int64, device=device))
+
+
 def router_topk(logits: torch.Tensor, k: int, *, scale: float = 1.0, n_extra: int = 0, first_extra: int = 0,
                 out_dtype: torch.dtype = torch.float32, config: triton.Config | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,8 +190,7 @@ def router_topk(logits: torch.Tensor, k: int, *, scale: float = 1.0, n_extra: in
     with weight 1. DeepSeek's softmax router (Gate with score_func softmax, one group, no bias) plus
     the shared experts of passes/fuse_shared_experts."""
     check_router(logits, k, n_extra)
-    weights = torch.empty((logits.shape[0], k + n_extra), dtype=out_dtype, device=logits.device)
-    indices = torch.empty((logits.shape[0], k + n_extra), dtype=torch.int64, device=logits.device)
+    weights, indices = router_outputs(logits.shape[0], k, n_extra, out_dtype, logits.device)
     if logits.shape[0]:
         launch(*router_spec(logits, k, scale, n_extra, first_extra, weights, indices), config)
     return weights, indices

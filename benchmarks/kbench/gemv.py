@@ -77,12 +77,7 @@ def bench_decode_cold(report: Report, sh: Shapes, quick: bool) -> None:
         return TK.router_topk(torch.nn.functional.linear(x, w), k, **route)
 
     def split(w, quant_x=False, cfg=None):
-        partials, quant = (RG.gate_partials(x, w, quant_x=True, config=cfg) if quant_x
-                           else (RG.gate_partials(x, w, config=cfg), None))
-        weights = torch.empty((1, k + 2), dtype=torch.bfloat16, device=x.device)
-        ids = torch.empty((1, k + 2), dtype=torch.int64, device=x.device)
-        TK.launch(*TK.router_spec(partials, k, 1.0, 2, e, weights, ids, round_bf16=True), None)
-        return weights, ids
+        return RG.gate_router_topk(x, w, k, quant_x=quant_x, config=cfg, **route)[:2]
 
     want_ids = cublas(gate)[1]
     wrong = float((split(gate)[1] != want_ids).float().mean())

@@ -25,14 +25,27 @@ from dsv3_export.kernels import topk as K  # noqa: E402
 from dsv3_export.kernels.topk import _round_bf16  # noqa: E402
 
 
-def _poisoned(shape, dtype=torch.float32):
-    return torch.full(shape, float("nan"), dtype=dtype)
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """gate_partials' outputs NaN-filled before the kernel runs (partials, and act_quant's q and s): an entry the
+    kernel fails to write stays NaN."""
+    real_partials, real_quant = G.partials_buffer, G.act_quant_outputs
+
+    def partials(*args):
+        return real_partials(*args).fill_(float("nan"))
+
+    def quant(*args):
+        q, s = real_quant(*args)
+        return q.view(torch.uint8).fill_(0x7F).view(q.dtype), s.fill_(float("nan"))  # 0x7F: e4m3 NaN
+
+    monkeypatch.setattr(G, "partials_buffer", partials)
+    monkeypatch.setattr(G, "act_quant_outputs", quant)
 
 
 @pytest.mark.parametrize("config", G.GATE_CONFIGS, ids=str)
 @pytest.mark.parametrize("t, e, k", [(1, 64, 2048), (3, 64, 300), (19, 40, 200), (2, 8, 128)])
 @pytest.mark.parametrize("dtype", G.DTYPES)
-def test_gate_partials_are_the_split_products(seed, config, t, e, k, dtype):
+def test_gate_partials_are_the_split_products(seed, poisoned_outputs, config, t, e, k, dtype):
     torch.manual_seed(seed)
     x, w = torch.randn(t, k).to(dtype), (torch.randn(e, k) / k**0.5).to(dtype)
     got = G.gate_partials(x, w, config=config)
@@ -46,7 +59,7 @@ def test_gate_partials_are_the_split_products(seed, config, t, e, k, dtype):
 
 @pytest.mark.parametrize("config", [c for c in G.GATE_CONFIGS if c.num_warps == 4], ids=str)
 @pytest.mark.parametrize("t, k", [(1, 2048), (19, 300), (3, 128), (33, 200)])
-def test_gate_quant_x_is_act_quant(seed, config, t, k):
+def test_gate_quant_x_is_act_quant(seed, poisoned_outputs, config, t, k):
     """quant_x: q and s bit for bit act_quant(x)'s (an all-zero block too), the whole tile at once or a real row
     at a time (ROW_QUANT; 19 and 33 rows: a partial second and third row block), the partials unchanged."""
     torch.manual_seed(seed)

@@ -94,16 +94,17 @@ def decode_latent(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor
     return kd.mla_decode_reduce(parts, q_nope.dtype), w_uv
 
 
-# The configs the decode program's MLA split kernel is autotuned among, read when a program is lowered: `all`
-# (default) kernels/mla_decode.py DECODE_CONFIGS; `best` its two configs that were the fastest at every batch
-# pinned (BEST_DECODE_CONFIGS). Opt-in: session 19's packages picked among all four different configs, 191-256 us
-# of split kernel per 27-layer batch-1 step; whether `best` takes that spread out is the next H200 A/B.
+# The configs the decode program's MLA split kernel is autotuned among, read when a program is lowered: `best`
+# (default since session 20) kernels/mla_decode.py BEST_DECODE_CONFIGS, its two configs that were the fastest at
+# every batch pinned; `all` every config of DECODE_CONFIGS. Why: the decode program is tuned at batch 64, and
+# session 19's packages picked among four configs there, 191-256 us of split kernel per 27-layer batch-1 step; the
+# two in `best` were the 191 (BN 64 w4 s2 P2) and 199 us (BN 32 w4 s3) picks (benchmarks/RESULTS.md session 19).
 MLA_CONFIGS_ENV = "DSV3_TORCH_MLA_CONFIGS"
 
 
 def mla_config_set() -> str:
-    return env_choice(MLA_CONFIGS_ENV, "all", {"all": "autotuned among every split-kernel config",
-                                               "best": "autotuned among the two fastest when pinned"})
+    return env_choice(MLA_CONFIGS_ENV, "best", {"best": "autotuned among the two fastest when pinned",
+                                                "all": "autotuned among every split-kernel config"})
 
 
 def decode_partials(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,

@@ -38,23 +38,49 @@ from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 DTYPES = (torch.bfloat16, torch.float32)  # logits the router rounds back exactly (bf16) or keeps (fp32)
 SPLIT_K = QUANT_BLOCK  # K per partial (and one act_quant block): S = ceil(K / SPLIT_K) partials
 # BLOCK_T 16 is tl.dot's minimum M (batch <= 16 in one tile); BLOCK_E splits the experts (V3's 256) so
-# that a program's [BLOCK_E, 128] weight tile stays small. One config, not autotuned (the tests run them all):
-# the decode program is tuned at batch 64, where the first four below timed within 30% of each other and builds
-# picked either; at batch 1 in the 27-layer H200 step (with act_quant(x)) the first took 4.8 us per call,
-# the 2-warp ones 7.4 (session 19).
-# With act_quant(x) the per-thread arithmetic grows as the warps shrink (the whole [16, 128] x tile quantized, IEEE
-# divisions, 16 values a thread at 4 warps, 32 at 2, though at batch 1 only one row is real). Candidates for the
-# next H200 probe (benchmarks/kernels.py decode_cold times each config pinned): 8 and 16 warps, and ROW_QUANT
-# (each real row quantized alone, [1, 128] at a time: 1 value a thread at 4 warps, one loop trip per row).
+# that a program's [BLOCK_E, 128] weight tile stays small. The packages run the first config through a one-config
+# autotuner (the tests run them all): the decode program is tuned at batch 64, where the 4-warp and 2-warp configs
+# timed within 30% of each other and builds picked either; at batch 1 in the 27-layer H200 step (with act_quant(x))
+# the whole-tile 4-warp config took 4.8 us per call, the 2-warp ones 7.4 (session 19). With act_quant(x) every
+# program of the whole-tile form quantizes its [16, 128] x tile (IEEE divisions, 16 values a thread at 4 warps),
+# though at batch 1 only one row is real: 2.8 us of the cold-L2 gate + router's 8.1 (session 19). ROW_QUANT_MAX_ROWS
+# 4 (the first config since session 20, untimed until its H200 A/B) quantizes a block of at most 4 real rows one
+# row at a time (1 value a thread), fuller blocks as a tile. The rest: candidates benchmarks/kernels.py
+# decode_cold times pinned.
 GATE_CONFIGS = [
-    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT": False}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT": False}, num_warps=2, num_stages=1),
-    triton.Config({"BLOCK_T": 16, "BLOCK_E": 32, "ROW_QUANT": False}, num_warps=2, num_stages=1),
-    triton.Config({"BLOCK_T": 64, "BLOCK_E": 64, "ROW_QUANT": False}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT": False}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT": False}, num_warps=16, num_stages=1),
-    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT": True}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT_MAX_ROWS": 4}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT_MAX_ROWS": 0}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT_MAX_ROWS": 0}, num_warps=2, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 32, "ROW_QUANT_MAX_ROWS": 0}, num_warps=2, num_stages=1),
+    triton.Config({"BLOCK_T": 64, "BLOCK_E": 64, "ROW_QUANT_MAX_ROWS": 0}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT_MAX_ROWS": 0}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT_MAX_ROWS": 0}, num_warps=16, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT_MAX_ROWS": 16}, num_warps=4, num_stages=1),
 ]
+
+
+@triton.jit
+def _quantize_tile(x, offs_t, offs_k, mask_t, mask_k, q_ptr, s_ptr, stride_qt, stride_st, split,
+                   SCALE_RECIPROCAL: tl.constexpr):
+    """act_quant of the program's whole [BLOCK_T, 128] x tile (rows past T masked)."""
+    q, s = quantize_rows(x.to(tl.float32), SCALE_RECIPROCAL)
+    rows64 = offs_t[:, None].to(tl.int64)
+    tl.store(q_ptr + rows64 * stride_qt + offs_k[None, :], q.to(q_ptr.dtype.element_ty),
+             mask=mask_t[:, None] & mask_k[None, :])
+    tl.store(s_ptr + offs_t.to(tl.int64) * stride_st + split, s, mask=mask_t)
+
+
+@triton.jit
+def _quantize_rows_one_by_one(x_ptr, first_row, n_rows, offs_k, mask_k, q_ptr, s_ptr, stride_xt, stride_qt,
+                              stride_st, split, SCALE_RECIPROCAL: tl.constexpr):
+    """act_quant of the block's n_rows real rows, one [1, 128] row at a time: at batch 1 a sixteenth of
+    _quantize_tile's arithmetic (its 15 zero rows), each row re-read (from L1: the tile's load brought it)."""
+    for r in range(n_rows):
+        row = (first_row + r).to(tl.int64)
+        x_row = tl.load(x_ptr + row * stride_xt + offs_k[None, :], mask=mask_k[None, :], other=0.0)
+        q, s = quantize_rows(x_row.to(tl.float32), SCALE_RECIPROCAL)  # [1, SPLIT], [1]
+        tl.store(q_ptr + row * stride_qt + offs_k[None, :], q.to(q_ptr.dtype.element_ty), mask=mask_k[None, :])
+        tl.store(s_ptr + row * stride_st + split + tl.zeros((1,), tl.int64), s)
 
 
 @waits_for_producer
@@ -64,13 +90,14 @@ def _gate_partials_kernel(
     stride_xt, stride_we, stride_ps, stride_pt, stride_qt, stride_st,
     SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, QUANT_X: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr,
-    ROW_QUANT: tl.constexpr,
+    ROW_QUANT_MAX_ROWS: tl.constexpr,
 ):
     """partials[s, t, e] = sum over k in split s of x[t, k] * w[e, k] (fp32), for one block of rows
     (axis 0), of experts (axis 1) and one split (axis 2); rows, experts and K masked with zeros.
     QUANT_X (SPLIT = 128): the programs of the first expert block also write act_quant(x)'s q and s for
     their [BLOCK_T, 128] block of x, with act_quant's arithmetic (kernels/fp8_quant.py quantize_rows): the whole
-    tile at once, or with ROW_QUANT one real row at a time (the same values: quantize_rows works per row)."""
+    tile at once, or, when the block holds at most ROW_QUANT_MAX_ROWS real rows, one real row at a time (the
+    same values: quantize_rows works per row; 0: always the tile)."""
     wait_for_producer()  # before any memory access: kernels/pdl.py
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -80,23 +107,23 @@ def _gate_partials_kernel(
     rows64 = offs_t[:, None].to(tl.int64)
     x = tl.load(x_ptr + rows64 * stride_xt + offs_k[None, :],
                 mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, SPLIT]
-    if QUANT_X:
-        if tl.program_id(1) == 0:
-            if ROW_QUANT:
-                for r in range(tl.minimum(T - tl.program_id(0) * BLOCK_T, BLOCK_T)):
-                    row = (tl.program_id(0) * BLOCK_T + r).to(tl.int64)
-                    x_row = tl.load(x_ptr + row * stride_xt + offs_k[None, :], mask=mask_k[None, :], other=0.0)
-                    q, s = quantize_rows(x_row.to(tl.float32), SCALE_RECIPROCAL)  # [1, SPLIT], [1]
-                    tl.store(q_ptr + row * stride_qt + offs_k[None, :], q.to(q_ptr.dtype.element_ty),
-                             mask=mask_k[None, :])
-                    tl.store(s_ptr + row * stride_st + split + tl.zeros((1,), tl.int64), s)
-            else:
-                q, s = quantize_rows(x.to(tl.float32), SCALE_RECIPROCAL)
-                tl.store(q_ptr + rows64 * stride_qt + offs_k[None, :], q.to(q_ptr.dtype.element_ty),
-                         mask=mask_t[:, None] & mask_k[None, :])
-                tl.store(s_ptr + offs_t.to(tl.int64) * stride_st + split, s, mask=mask_t)
+    # the weight's load is issued before the quantization's arithmetic, so its latency overlaps it
     w = tl.load(w_ptr + offs_e[:, None].to(tl.int64) * stride_we + offs_k[None, :],
                 mask=mask_e[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_E, SPLIT]
+    if QUANT_X:
+        if tl.program_id(1) == 0:
+            if ROW_QUANT_MAX_ROWS == 0:
+                _quantize_tile(x, offs_t, offs_k, mask_t, mask_k, q_ptr, s_ptr, stride_qt, stride_st, split,
+                               SCALE_RECIPROCAL)
+            else:
+                first_row = tl.program_id(0) * BLOCK_T
+                n_rows = tl.minimum(T - first_row, BLOCK_T)
+                if n_rows <= ROW_QUANT_MAX_ROWS:
+                    _quantize_rows_one_by_one(x_ptr, first_row, n_rows, offs_k, mask_k, q_ptr, s_ptr, stride_xt,
+                                              stride_qt, stride_st, split, SCALE_RECIPROCAL)
+                else:
+                    _quantize_tile(x, offs_t, offs_k, mask_t, mask_k, q_ptr, s_ptr, stride_qt, stride_st, split,
+                                   SCALE_RECIPROCAL)
     if UPCAST:
         x, w = x.to(tl.float32), w.to(tl.float32)
     if IEEE:

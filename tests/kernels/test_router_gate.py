@@ -61,7 +61,8 @@ def test_gate_partials_are_the_split_products(seed, poisoned_outputs, config, t,
 @pytest.mark.parametrize("t, k", [(1, 2048), (19, 300), (3, 128), (33, 200)])
 def test_gate_quant_x_is_act_quant(seed, poisoned_outputs, config, t, k):
     """quant_x: q and s bit for bit act_quant(x)'s (an all-zero block too), the whole tile at once or a real row
-    at a time (ROW_QUANT; 19 and 33 rows: a partial second and third row block), the partials unchanged."""
+    at a time (ROW_QUANT_MAX_ROWS: blocks of 1 and 3 real rows one by one at 4, a full block as a tile; at 16 every
+    block one by one), the partials unchanged."""
     torch.manual_seed(seed)
     x, w = torch.randn(t, k).bfloat16(), torch.randn(40, k).bfloat16()
     x[0, :128] = 0

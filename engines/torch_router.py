@@ -57,6 +57,13 @@ from dsv3_export.passes.program_state import ProgramState
 ROUTER_ENV = "DSV3_TORCH_ROUTER"
 GATE_SPLIT_ENV = "DSV3_TORCH_GATE_SPLIT"
 GATE_SPLIT_FORMS = {"0": "the gate GEMM by cuBLAS", "1": "the decode gate split over K (kernels/router_gate.py)"}
+# How the split gate kernel writes act_quant(x), read when a program is lowered: `rows` (default since session 20,
+# untimed in packages until its H200 A/B) a block of at most kernels/router_gate.py ROW_QUANT_MAX_ROWS real rows
+# one row at a time (at batch 1 a sixteenth of the arithmetic), fuller blocks as a tile; `tile` every block as a
+# whole [16, 128] tile (session 19: 4.8 us per gate call at batch 1, 2.8 us of it the quantization cold-L2).
+GATE_QUANT_ENV = "DSV3_TORCH_GATE_QUANT"
+GATE_QUANT_FORMS = {"rows": f"blocks of <= {kg.ROW_QUANT_MAX_ROWS} real rows quantized row by row",
+                    "tile": "every block quantized as a whole tile"}
 aten = torch.ops.aten
 CASTS = (aten.type_as.default, aten.to.dtype, aten._to_copy.default)
 MOE_OPS = (torch.ops.dsv3.moe_experts.default, torch.ops.dsv3.moe_experts_fp8.default)
@@ -96,7 +103,8 @@ def _gate_route(x, gate_weight, k: int, scale: float, n_extra: int, first_extra:
     """The split gate's two launches (partials, with act_quant(x) into `quant` if given; the router)."""
     x = x.contiguous()
     partials = kg.partials_buffer(x.shape[0], gate_weight.shape[0], x.shape[1], x.device)  # [S, T, E]
-    torch_launch.launch_spec(kg.gate_partials_spec(x, gate_weight.contiguous(), partials, quant))
+    rows = kg.ROW_QUANT_MAX_ROWS if env_choice(GATE_QUANT_ENV, "rows", GATE_QUANT_FORMS) == "rows" else 0
+    torch_launch.launch_spec(kg.gate_partials_spec(x, gate_weight.contiguous(), partials, quant, rows))
     weights, ids = kt.router_outputs(x.shape[0], k, n_extra, out_dtype, x.device)
     torch_launch.launch_spec(kt.router_spec(partials, k, scale, n_extra, first_extra, weights, ids,
                                             round_bf16=x.dtype == torch.bfloat16))

@@ -41,22 +41,21 @@ SPLIT_K = QUANT_BLOCK  # K per partial (and one act_quant block): S = ceil(K / S
 # that a program's [BLOCK_E, 128] weight tile stays small. The packages run the first config through a one-config
 # autotuner (the tests run them all): the decode program is tuned at batch 64, where the 4-warp and 2-warp configs
 # timed within 30% of each other and builds picked either; at batch 1 in the 27-layer H200 step (with act_quant(x))
-# the whole-tile 4-warp config took 4.8 us per call, the 2-warp ones 7.4 (session 19). With act_quant(x) every
-# program of the whole-tile form quantizes its [16, 128] x tile (IEEE divisions, 16 values a thread at 4 warps),
-# though at batch 1 only one row is real: 2.8 us of the cold-L2 gate + router's 8.1 (session 19). ROW_QUANT_MAX_ROWS
-# 4 (the first config since session 20, untimed until its H200 A/B) quantizes a block of at most 4 real rows one
-# row at a time (1 value a thread), fuller blocks as a tile. The rest: candidates benchmarks/kernels.py
-# decode_cold times pinned.
+# the 4-warp config took 4.8 us per call, the 2-warp ones 7.4 (session 19). With act_quant(x) every program of the
+# whole-tile form quantizes its [16, 128] x tile (IEEE divisions, 16 values a thread at 4 warps), though at batch 1
+# only one row is real: 2.8 us of the cold-L2 gate + router's 8.1 (session 19); hence ROW_QUANT_MAX_ROWS.
 GATE_CONFIGS = [
-    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT_MAX_ROWS": 4}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT_MAX_ROWS": 0}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT_MAX_ROWS": 0}, num_warps=2, num_stages=1),
-    triton.Config({"BLOCK_T": 16, "BLOCK_E": 32, "ROW_QUANT_MAX_ROWS": 0}, num_warps=2, num_stages=1),
-    triton.Config({"BLOCK_T": 64, "BLOCK_E": 64, "ROW_QUANT_MAX_ROWS": 0}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT_MAX_ROWS": 0}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT_MAX_ROWS": 0}, num_warps=16, num_stages=1),
-    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64, "ROW_QUANT_MAX_ROWS": 16}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64}, num_warps=2, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 32}, num_warps=2, num_stages=1),
+    triton.Config({"BLOCK_T": 64, "BLOCK_E": 64}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_T": 16, "BLOCK_E": 64}, num_warps=16, num_stages=1),
 ]
+# quant_x: blocks of at most this many real rows quantized one row at a time, fuller ones as a tile (0: always
+# the tile). The default since session 20 (untimed in packages until its H200 A/B): at batch 1 a sixteenth of
+# the tile's arithmetic.
+ROW_QUANT_MAX_ROWS = 4
 
 
 @triton.jit
@@ -159,7 +158,8 @@ def partials_buffer(t, e: int, k: int, device: torch.device) -> torch.Tensor:
 
 
 def gate_partials_spec(x: torch.Tensor, w: torch.Tensor, partials: torch.Tensor,
-                       quant: tuple[torch.Tensor, torch.Tensor] | None = None) -> LaunchSpec:
+                       quant: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       row_quant_max_rows: int = ROW_QUANT_MAX_ROWS) -> LaunchSpec:
     """The launch for x [T, K], w [E, K] (unit stride along K) into partials [S, T, E] (contiguous);
     checked by the caller. T may be symbolic. quant: (q fp8 [T, K], s fp32 [T, ceil(K/128)]) to write
     act_quant(x) into as well, its scale rounded as torch's on x's device (kernels/fp8_quant.py)."""
@@ -172,7 +172,7 @@ def gate_partials_spec(x: torch.Tensor, w: torch.Tensor, partials: torch.Tensor,
                       (x, w, partials, q, s, t, e, k, x.stride(0), w.stride(0), partials.stride(0), partials.stride(1),
                        q.stride(0), s.stride(0)),
                       dict(SPLIT=SPLIT_K, UPCAST=_INTERPRETED, IEEE=x.dtype == torch.float32, QUANT_X=quant is not None,
-                           SCALE_RECIPROCAL=x.is_cuda))
+                           SCALE_RECIPROCAL=x.is_cuda, ROW_QUANT_MAX_ROWS=row_quant_max_rows))
 
 
 def check_gate(x: torch.Tensor, w: torch.Tensor) -> None:
@@ -186,7 +186,7 @@ def check_gate(x: torch.Tensor, w: torch.Tensor) -> None:
 
 
 def gate_partials(x: torch.Tensor, w: torch.Tensor, *, quant_x: bool = False,
-                  config: triton.Config | None = None):
+                  row_quant_max_rows: int = ROW_QUANT_MAX_ROWS, config: triton.Config | None = None):
     """x [T, K] . w [E, K]^T as fp32 partials [S, T, E] over K splits of SPLIT_K (summed in split order
     they are the logits: the router kernel's SPLITS form). quant_x: also act_quant(x) from the same loads,
     returned as (partials, (q, s)), bit-identical to kernels/fp8_quant.py act_quant(x)."""
@@ -194,7 +194,7 @@ def gate_partials(x: torch.Tensor, w: torch.Tensor, *, quant_x: bool = False,
     partials = partials_buffer(x.shape[0], w.shape[0], x.shape[1], x.device)
     quant = act_quant_outputs(*x.shape, x.device) if quant_x else None
     if partials.numel():
-        launch(*gate_partials_spec(x, w, partials, quant), config)
+        launch(*gate_partials_spec(x, w, partials, quant, row_quant_max_rows), config)
     return (partials, quant) if quant_x else partials
 
 
@@ -214,14 +214,15 @@ def gate_logits_ref(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def gate_router_topk(x: torch.Tensor, w: torch.Tensor, k: int, *, scale: float = 1.0, n_extra: int = 0,
                      first_extra: int = 0, out_dtype: torch.dtype = torch.float32, quant_x: bool = False,
-                     config: triton.Config | None = None):
+                     row_quant_max_rows: int = ROW_QUANT_MAX_ROWS, config: triton.Config | None = None):
     """kernels/topk.py router_topk(F.linear(x, w), ...) in the split form, two launches: the partials,
     then the router summing them (rounded to bf16 for bf16 x) -> (weights, ids). quant_x: the gate kernel
     also writes act_quant(x), returned as (weights, ids, (q, s)). config: the gate kernel's."""
     check_gate(x, w)
     if (reason := topk.rows_unfit(w.shape[0], k)) is not None:
         raise ValueError(f"gate_router_topk: {reason}")
-    partials, quant = gate_partials(x, w, quant_x=True, config=config) if quant_x else \
+    partials, quant = gate_partials(x, w, quant_x=True, row_quant_max_rows=row_quant_max_rows, config=config) \
+        if quant_x else \
         (gate_partials(x, w, config=config), None)
     weights, ids = topk.router_outputs(x.shape[0], k, n_extra, out_dtype, x.device)
     if x.shape[0]:

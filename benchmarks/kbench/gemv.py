@@ -76,24 +76,26 @@ def bench_decode_cold(report: Report, sh: Shapes, quick: bool) -> None:
     def cublas(w):
         return TK.router_topk(torch.nn.functional.linear(x, w), k, **route)
 
-    def split(w, quant_x=False, cfg=None):
-        return RG.gate_router_topk(x, w, k, quant_x=quant_x, config=cfg, **route)[:2]
+    def split(w, quant_x=False, cfg=None, rows=RG.ROW_QUANT_MAX_ROWS):
+        return RG.gate_router_topk(x, w, k, quant_x=quant_x, row_quant_max_rows=rows, config=cfg, **route)[:2]
 
     want_ids = cublas(gate)[1]
     wrong = float((split(gate)[1] != want_ids).float().mean())
     rows = [guarded(report, f"decode_cold {case} cublas", lambda: add(report, Row(
         "decode_cold", case, "baseline: cuBLAS linear + router_topk, cold L2", _cold_graph_ms(cublas, copies, sh, quick)),
         bytes_=e * d * 2))]
-    # each gate config pinned (the packages run GATE_CONFIGS[0]), without and with act_quant(x)
+    # each gate config pinned (the packages run GATE_CONFIGS[0]), without act_quant(x), and with it quantized as
+    # whole tiles (0) or row by row (ROW_QUANT_MAX_ROWS, the packages' default since session 20)
+    forms = ((False, 0), (True, 0), (True, RG.ROW_QUANT_MAX_ROWS))
     for cfg in RG.GATE_CONFIGS if sh.device == "cuda" else RG.GATE_CONFIGS[:1]:
-        for quant_x in (False, True):
-            rows.append(guarded(report, f"decode_cold {case} split quant_x={quant_x} {cfg}",
-                                lambda quant_x=quant_x, cfg=cfg: add(report, Row(
-                                    "decode_cold", case,
-                                    f"gate_partials{' + act_quant(x)' if quant_x else ''} + router [{cfg}], cold L2",
-                                    _cold_graph_ms(lambda w: split(w, quant_x, cfg), copies, sh, quick), error=wrong,
-                                    tol=0.0, ok=wrong == 0, note="ids vs cuBLAS's (can differ on near ties)"),
-                                    bytes_=e * d * 2)))
+        for quant_x, max_rows in forms:
+            how = f" + act_quant(x) rows<={max_rows}" if quant_x else ""
+            rows.append(guarded(report, f"decode_cold {case} split{how} {cfg}",
+                                lambda quant_x=quant_x, max_rows=max_rows, cfg=cfg, how=how: add(report, Row(
+                                    "decode_cold", case, f"gate_partials{how} + router [{cfg}], cold L2",
+                                    _cold_graph_ms(lambda w: split(w, quant_x, cfg, max_rows), copies, sh, quick),
+                                    error=wrong, tol=0.0, ok=wrong == 0,
+                                    note="ids vs cuBLAS's (can differ on near ties)"), bytes_=e * d * 2)))
     _ratio_vs_first(rows)
     show(case, [r for r in rows if r])
 

@@ -22,8 +22,8 @@ killed at its limit still returns what was measured. Sections, per precision (bf
   compile      torch.compile of the reference model (default mode), decode only, if it compiles
   engine-NAME  (--variant NAME:DSV3_TORCH_X=V,...) the same engine section for a variant of the build
                switches, lowered and compiled from the SAME exported and pass-rewritten programs (the
-               switches act at lowering): an A/B of a lowering choice in one run, without a second
-               export (~2 minutes of the 16b's 6-7 minute build)
+               switches act at lowering, DSV3_TORCH_PERSISTENT_NORMS at the AOTInductor compile): an A/B of
+               a build choice in one run, without a second export (~2 minutes of the 16b's 6-7 minute build)
   kernels      (in the engine section, run after every build of the process is timed: a profiled
                process timed later builds slower) torch.profiler over a few decode steps of the package
                run directly, at each --profile-batches batch (default 1): GPU kernels per step, GPU-busy ms per step and the kernels that take
@@ -183,10 +183,13 @@ def build_engine_in_memory(model, precision: str, kinds: tuple[str, ...], workdi
         ep, how = lower_program(programs[kind], DEVICE, kind)
         report["lowerings"] = how
         t = time.perf_counter()
+        promoted: dict[str, int] = {}
         with autotune_choices() as choices:
-            packages[kind] = compile_package(ep, kind, workdir / f"{kind}.pt2", info)
+            packages[kind] = compile_package(ep, kind, workdir / f"{kind}.pt2", info, promoted=promoted)
         report[f"{kind}_aoti_compile_s"] = round(time.perf_counter() - t, 1)
         report[f"{kind}_autotune_choices"] = choices
+        # kernels DSV3_TORCH_PERSISTENT_NORMS=1 made persistent that Inductor would loop (None: switch off, or CPU)
+        report[f"{kind}_persistent_norms"] = promoted.get(kind)
         log(f"compiled {kind} in {report[f'{kind}_aoti_compile_s']} s")
         for fqn, tensor in program_constants(ep).items():
             weights.setdefault(fqn, tensor)
@@ -222,7 +225,7 @@ def time_step_decode(step: Callable, model, batch: int, context: int, iters: int
 
 @contextlib.contextmanager
 def switched_env(env: dict[str, str]):
-    """The build switches of one --variant set while its programs are lowered, restored after."""
+    """The build switches of one --variant set while its programs are lowered and compiled, restored after."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

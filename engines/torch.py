@@ -33,6 +33,7 @@ top-k kernel, fused RMSNorm + act_quant, and the fuse_shared_experts pass) are c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -134,13 +135,61 @@ def package_info(device: str, say: Progress | None = None) -> dict[str, Any]:
         return {**device_info(device), "cxx": cxx.record()}
 
 
-def compile_package(ep: ExportedProgram, kind: str, path: Path, info: dict[str, Any]) -> Path:
-    """AOTInductor-compile one (lowered) program into a .pt2 package without its weights."""
+# Inner reductions of up to PERSISTENT_INNER_MAX elements (the 16b model's 2048-wide RMSNorms, looped by Inductor's
+# own heuristic: 2.87 / 1.74 us per call, ~110 us per H200 batch-1 decode step) as persistent Triton kernels in CUDA
+# packages (engines/torch_inductor_choices.py); the CPU's C++ kernels do not ask. On by default, untimed on the GPU
+# yet. 4096: the most elements Inductor's persistent configs hold per block (torch 2.13
+# runtime/triton_heuristics.py MAX_PERSISTENT_BLOCK_NUMEL), one row per program at that width.
+PERSISTENT_NORMS_ENV = "DSV3_TORCH_PERSISTENT_NORMS"
+PERSISTENT_INNER_MAX = 4096
+PERSISTENT_NORMS_FORMS = {
+    "1": f"inner reductions of up to {PERSISTENT_INNER_MAX} elements persistent (the hidden-size RMSNorms)",
+    "0": "Inductor's own persistent-reduction heuristic (inner: up to 1024 elements)"}
+
+
+def persistent_norms_switch(info: Mapping[str, Any]) -> str | None:
+    """DSV3_TORCH_PERSISTENT_NORMS for a package compiled for `info` (None: a CPU package, not asked)."""
+    if info["device_kind"] == "cpu":
+        return None
+    return env_choice(PERSISTENT_NORMS_ENV, "1", PERSISTENT_NORMS_FORMS)
+
+
+def persistent_norms_note(switch: str | None, promoted: Mapping[str, int]) -> str | None:
+    """The manifest's `lowerings` line for the switch (None: a CPU engine)."""
+    if switch is None:
+        return None
+    if switch == "0":
+        return f"off ({PERSISTENT_NORMS_ENV}=0: {PERSISTENT_NORMS_FORMS['0']})"
+    counts = ", ".join(f"{kind} {n}" for kind, n in promoted.items())
+    return (f"on ({PERSISTENT_NORMS_ENV}=1): inner reductions of up to {PERSISTENT_INNER_MAX} elements persistent; "
+            f"kernels made persistent that Inductor would loop: {counts}")
+
+
+def _choices_handler(switch: str | None) -> contextlib.AbstractContextManager[Any]:
+    """Inductor's choices for one compile: PersistentNorms with the switch on, else Inductor's own (None)."""
+    if switch != "1":
+        return contextlib.nullcontext(None)
+    from dsv3_export.engines.torch_inductor_choices import persistent_norms  # imports triton
+
+    return persistent_norms(PERSISTENT_INNER_MAX)
+
+
+def compile_package(ep: ExportedProgram, kind: str, path: Path, info: dict[str, Any],
+                    promoted: dict[str, int] | None = None) -> Path:
+    """AOTInductor-compile one (lowered) program into a .pt2 package without its weights.
+    promoted: where a CUDA package compiled with DSV3_TORCH_PERSISTENT_NORMS=1 records promoted[kind], the
+    number of kernels made persistent that Inductor would have looped (engines/torch_inductor_choices.py)."""
     from dsv3_export.engines.torch_int_arrays import unique_int_array_writers
 
-    with unique_int_array_writers():  # an AOTInductor wrapper codegen bug (torch_int_arrays.py)
+    choices_handler = _choices_handler(persistent_norms_switch(info))
+    with unique_int_array_writers(), choices_handler as choices:  # unique_int_array_writers: torch_int_arrays.py
         out = torch._inductor.aoti_compile_and_package(ep, package_path=str(path),
                                                        inductor_configs=inductor_configs(kind, info))
+    if choices is not None:
+        log.info("torch: %s package: %d kernels made persistent by %s=1", kind, len(choices.promoted),
+                 PERSISTENT_NORMS_ENV)
+        if promoted is not None:
+            promoted[kind] = len(choices.promoted)
     return Path(out)
 
 
@@ -240,13 +289,17 @@ class TorchBackend:
         lowered: dict[str, ExportedProgram] = {}
         lowerings: dict[str, str] = {}
         weights: dict[str, torch.Tensor] = {}
+        promoted: dict[str, int] = {}
         for kind in PROGRAM_KINDS:
             ep, how = lower_program(programs[kind], target.device, kind)
             lowered[kind], lowerings = ep, {**lowerings, **how}
             say(f"torch: AOTInductor compiling {kind} for {target.device} "
                 f"({info.get('march') or info.get('compute_capability') or 'native'})")
-            compile_package(ep, kind, out_dir / PACKAGE_FILES[kind], info)
+            compile_package(ep, kind, out_dir / PACKAGE_FILES[kind], info, promoted)
             _collect_weights(weights, ep)
+        note = persistent_norms_note(persistent_norms_switch(info), promoted)
+        if note:
+            lowerings["persistent_norms"] = note
         say(f"torch: writing {WEIGHTS_FILE} ({len(weights)} tensors)")
         save_weights(weights, out_dir / WEIGHTS_FILE)
         cache_dtype = _input_dtype(lowered["decode"], "kv_cache")

@@ -1,8 +1,7 @@
 """The MoE's triton_ops: dsv3::moe_experts / moe_experts_fp8 as kernels/moe.py's alignment and grouped GEMMs.
 
     dsv3_aoti::moe_experts            moe_align + 2 grouped GEMMs (SwiGLU and routing-weight epilogues), bf16/fp16
-    dsv3_aoti::moe_experts_fp8        the same with 1x128 act_quant of x and of h (W8A8; h's at one token inside
-                                      the down GEMM, MOE_QUANT_H_ENV)
+    dsv3_aoti::moe_experts_fp8        the same with 1x128 act_quant of x and of h (W8A8)
     dsv3_aoti::moe_experts_fp8_quantized  the fp8 form from act_quant(x) computed by the caller (the decode
                                           program's split gate kernel, engines/torch_router.py)
 
@@ -51,30 +50,16 @@ def _moe_routing(topk_ids: torch.Tensor, n_experts: int, block_m: int):
 
 
 def _grouped_gemm(a, w, routing, topk: int, out_dtype: torch.dtype, *, a_scale=None,
-                  w_scale=None, topk_weights=None, swiglu: bool = False, quant_direct=None):
+                  w_scale=None, topk_weights=None, swiglu: bool = False):
     """kernels/moe.py grouped_gemm's launch (checks done once by the caller's shapes); routing is
-    _moe_routing's; quant_direct: the unquantized a, quantized by the kernel in direct mode."""
+    _moe_routing's."""
     t = a.shape[0]
     n_out = w.shape[1] // 2 if swiglu else w.shape[1]
     out = torch.empty((t * topk, n_out), dtype=out_dtype, device=a.device)
     (sorted_ids, expert_ids, npp), direct_ids = routing
     torch_launch.launch_spec(km.grouped_gemm_spec(a, a_scale, w, w_scale, out, topk_weights, sorted_ids, expert_ids,
-                                                  npp, topk, swiglu, direct_ids, quant_direct))
+                                                  npp, topk, swiglu, direct_ids))
     return out
-
-
-# Where the fp8 MoE's act_quant of h (the down GEMM's input) happens at one token, read when a program is lowered:
-# `gemm` (default since session 20) in the direct-mode down GEMM, per K block from the bf16 h (kernels/moe.py
-# grouped_gemm_spec quant_direct: act_quant's arithmetic, the same bits), its act_quant launch gated off at one
-# token as moe_align's is; `kernel` one act_quant launch at every batch. Why: at batch 1 that launch was ~1.5 us
-# plus a launch gap per MoE layer (26 per 16b step, benchmarks/RESULTS.md session 19) for a [8, 1408] tensor.
-# Untimed in the 27-layer step until session 20's H200 A/B.
-MOE_QUANT_H_ENV = "DSV3_TORCH_MOE_QUANT_H"
-
-
-def quant_h_in_gemm() -> bool:
-    return env_choice(MOE_QUANT_H_ENV, "gemm", {"gemm": "at one token in the down GEMM",
-                                                "kernel": "one act_quant launch at every batch"}) == "gemm"
 
 
 # The MoE's combine (the k routed + shared slots of each token summed), read when a program is lowered: `adds`
@@ -133,15 +118,13 @@ def moe_experts_fp8_quantized(x: torch.Tensor, xq: torch.Tensor, xs: torch.Tenso
 
 
 def _moe_fp8(x, xq, xs, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m: int) -> torch.Tensor:
-    """The W8A8 experts from act_quant(x): up GEMM with SwiGLU, act_quant of h (at one token in the down GEMM:
-    MOE_QUANT_H_ENV), down GEMM, combine."""
+    """The W8A8 experts from act_quant(x): up GEMM with SwiGLU, act_quant of h, down GEMM, combine."""
     t, topk = topk_ids.shape
     routing = _moe_routing(topk_ids, w13.shape[0], block_m)
     h = _grouped_gemm(xq, w13, routing, topk, x.dtype, a_scale=xs, w_scale=w13_scale,
                       swiglu=True)  # [T*k, I]
-    in_gemm = routing[1] is not None and quant_h_in_gemm()  # direct mode at one token: h quantized in the GEMM
-    hq, hs = torch_launch.act_quant_launch(h, gate=km.align_gate(t) if in_gemm else 1)
+    hq, hs = torch_launch.act_quant_launch(h)
     y = _grouped_gemm(hq, w2, routing, 1, x.dtype, a_scale=hs, w_scale=w2_scale,
-                      topk_weights=topk_weights.contiguous(), quant_direct=h if in_gemm else None)  # [T*k, D]
+                      topk_weights=topk_weights.contiguous())  # [T*k, D]
     return _combine(y, t, topk, x.dtype)
 

@@ -29,7 +29,6 @@ from dsv3_export.kernels._common import FP8_DTYPE  # noqa: F401 (re-exported: th
 from dsv3_export.kernels._common import (QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv,
                                          check_tensor, is_interpreted, launch)
 from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
-from dsv3_export.kernels.fp8_quant import act_quant_outputs, quantize_rows
 from dsv3_export.kernels.moe_checks import OUT_DTYPES  # noqa: F401 (re-exported)
 from dsv3_export.kernels.moe_checks import DENSE_DTYPES, check_alignment, check_operands
 from dsv3_export.kernels.moe_ref import fused_moe_ref, grouped_gemm_ref  # noqa: F401 (re-exported)
@@ -67,30 +66,17 @@ def _expert_k_step(a, a_s, w_ptrs, w_s_ptrs, mask_k, mask_n, acc, W_FP8: tl.cons
 
 
 @triton.jit
-def _quantized_row0(a_raw_ptr, offs_k, mask_k, rows, SCALE_RECIPROCAL: tl.constexpr):
-    """act_quant of one K block of the unquantized row at a_raw_ptr, as the A tile of a program whose row 0
-    alone is real: (q [BLOCK_M, BK] fp8, rows past 0 zero; s [BLOCK_M], rows past 0 zero). The same bits as
-    kernels/fp8_quant.py act_quant's (quantize_rows works per row)."""
-    x = tl.load(a_raw_ptr + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)  # [1, BK]
-    q, s = quantize_rows(x, SCALE_RECIPROCAL)  # [1, BK], [1]
-    first = rows == 0
-    return tl.where(first[:, None], q, 0.0).to(tl.float8e4nv), tl.where(first, s, 0.0)
-
-
-@triton.jit
 def _expert_rows_tile(
-    a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr, a_raw_ptr,
+    a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr,
     expert, tok, tok_mask, pid_n,
     N_OUT, K, TOPK, UP_OFFSET,
-    stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm, stride_arm,
+    stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
     W_FP8: tl.constexpr, A_FP8: tl.constexpr, SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr,
-    UPCAST: tl.constexpr, SCALE_BLOCK: tl.constexpr, QUANT_ROW0: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr,
+    UPCAST: tl.constexpr, SCALE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Rows tok [BLOCK_M] (assignment ids, tok_mask: real ones) of one expert times column tile
-    pid_n: the K loop and epilogue of _grouped_gemm_kernel's program. QUANT_ROW0 (A_FP8, row 0 alone
-    real: the direct mode): the A operand is act_quant of a_raw's row, quantized here per K block
-    instead of read from a_ptr / a_s_ptr (which are then not read)."""
+    pid_n: the K loop and epilogue of _grouped_gemm_kernel's program."""
     a_row = (tok // TOPK).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N_OUT
@@ -104,23 +90,16 @@ def _expert_rows_tile(
 
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if QUANT_ROW0:  # row 0's a row: the smallest (the direct mode's rows are pid_m + 0, 1, ...)
-        a_raw_row0 = a_raw_ptr + tl.min(a_row, axis=0) * stride_arm
-    else:
-        a_raw_row0 = a_raw_ptr
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        if QUANT_ROW0:
-            a, a_s = _quantized_row0(a_raw_row0, offs_k, mask_k, tl.arange(0, BLOCK_M), SCALE_RECIPROCAL)
+        a = tl.load(a_rows + offs_k[None, :], mask=tok_mask[:, None] & mask_k[None, :], other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong
+            a = a.to(tl.float32)
+        if A_FP8:
+            a_s = tl.load(a_s_rows + kb, mask=tok_mask, other=0.0)
         else:
-            a = tl.load(a_rows + offs_k[None, :], mask=tok_mask[:, None] & mask_k[None, :], other=0.0)
-            if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong
-                a = a.to(tl.float32)
-            if A_FP8:
-                a_s = tl.load(a_s_rows + kb, mask=tok_mask, other=0.0)
-            else:
-                a_s = tl.zeros((BLOCK_M,), dtype=tl.float32)  # unused
+            a_s = tl.zeros((BLOCK_M,), dtype=tl.float32)  # unused
         acc_g = _expert_k_step(a, a_s, w_gate + offs_k[:, None], w_s_gate + kb, mask_k, mask_n, acc_g,
                                W_FP8, A_FP8, UPCAST)
         if SWIGLU:
@@ -141,19 +120,17 @@ def _expert_rows_tile(
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr,
-    sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_ids_ptr, a_raw_ptr,
+    sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_ids_ptr,
     N_OUT, K, NUM_VALID, DIRECT_ROWS, TOPK, UP_OFFSET,
-    stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm, stride_arm,
+    stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
     W_FP8: tl.constexpr, A_FP8: tl.constexpr, SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr,
     UPCAST: tl.constexpr,
-    SCALE_BLOCK: tl.constexpr, QUANT_DIRECT: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr,
+    SCALE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """A_FP8: fp8 x fp8 dots with a's 1x128 scales from a_s_ptr (BLOCK_K = 128).
     Direct mode (NUM_VALID <= DIRECT_ROWS, i.e. one token): program row b takes assignment b alone,
-    its expert read from topk_ids_ptr; moe_align's outputs are not read (grouped_gemm_spec).
-    QUANT_DIRECT (A_FP8): in direct mode the A rows are act_quant of a_raw_ptr's, computed here (a_ptr and
-    a_s_ptr, whose act_quant launch the caller skips at one token, are not read); other batches read them."""
+    its expert read from topk_ids_ptr; moe_align's outputs are not read (grouped_gemm_spec)."""
     wait_for_producer()  # before any memory access: kernels/pdl.py
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -171,30 +148,13 @@ def _grouped_gemm_kernel(
         expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
         tok = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + rows)  # assignment ids
         tok_mask = tok < NUM_VALID
-    # two copies of the K loop, each at the top of its branch (Triton pipelines a loop's loads there, not
-    # loads under an `if` inside the loop)
-    if QUANT_DIRECT:
-        if direct:
-            _expert_rows_tile(a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr, a_raw_ptr, expert, tok, tok_mask,
-                              pid_n, N_OUT, K, TOPK, UP_OFFSET,
-                              stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm, stride_arm,
-                              W_FP8, A_FP8, SWIGLU, MUL_WEIGHT, UPCAST, SCALE_BLOCK, True, SCALE_RECIPROCAL,
-                              BLOCK_M, BLOCK_N, BLOCK_K)
-        else:
-            _expert_rows_tile(a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr, a_raw_ptr, expert, tok, tok_mask,
-                              pid_n, N_OUT, K, TOPK, UP_OFFSET,
-                              stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm, stride_arm,
-                              W_FP8, A_FP8, SWIGLU, MUL_WEIGHT, UPCAST, SCALE_BLOCK, False, SCALE_RECIPROCAL,
-                              BLOCK_M, BLOCK_N, BLOCK_K)
-    else:
-        _expert_rows_tile(a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr, a_raw_ptr, expert, tok, tok_mask,
-                          pid_n, N_OUT, K, TOPK, UP_OFFSET,
-                          stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm, stride_arm,
-                          W_FP8, A_FP8, SWIGLU, MUL_WEIGHT, UPCAST, SCALE_BLOCK, False, SCALE_RECIPROCAL,
-                          BLOCK_M, BLOCK_N, BLOCK_K)
+    _expert_rows_tile(a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_w_ptr, expert, tok, tok_mask,
+                      pid_n, N_OUT, K, TOPK, UP_OFFSET,
+                      stride_am, stride_asm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm,
+                      W_FP8, A_FP8, SWIGLU, MUL_WEIGHT, UPCAST, SCALE_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
-_TUNE_KEY = ["N_OUT", "K", "BLOCK_M", "W_FP8", "A_FP8", "SWIGLU", "QUANT_DIRECT"]
+_TUNE_KEY = ["N_OUT", "K", "BLOCK_M", "W_FP8", "A_FP8", "SWIGLU"]
 _grouped_gemm_tuned = autotune_or_single(_grouped_gemm_kernel, GROUPED_GEMM_CONFIGS, key=_TUNE_KEY)
 
 
@@ -215,16 +175,13 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tenso
                  num_tokens_post_pad: torch.Tensor, topk: int, *, a_scale: torch.Tensor | None = None,
                  w_scale: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None,
                  fuse_swiglu: bool = False, out_dtype: torch.dtype | None = None,
-                 direct_ids: torch.Tensor | None = None, quant_direct: torch.Tensor | None = None,
-                 config: triton.Config | None = None) -> torch.Tensor:
+                 direct_ids: torch.Tensor | None = None, config: triton.Config | None = None) -> torch.Tensor:
     """a [T, K] (row of assignment i is i // topk), w [E, N, K] -> [T*topk, N] (or N/2 with fuse_swiglu).
 
     Precisions: a and w bf16/fp16 (same dtype); w fp8 + w_scale with fp8 a + a_scale (W8A8);
     w fp8 + w_scale with bf16/fp16 a and no a_scale: weight-only W8A16.
     direct_ids: the routing's topk_ids [tokens, k] (contiguous), for the direct mode of one token
     (grouped_gemm_spec); the alignment's outputs are then not read.
-    quant_direct (W8A8 with direct_ids): the unquantized a [T, K] whose act_quant (a, a_scale) is; in
-    direct mode the kernel quantizes its rows itself and a, a_scale are not read.
     """
     n_out, out_dtype = check_operands("grouped_gemm", a, w, topk, a_scale, w_scale, topk_weights, fuse_swiglu,
                                       out_dtype)
@@ -235,32 +192,18 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, sorted_token_ids: torch.Tenso
         if direct_ids.numel() != a.shape[0] * topk or not direct_ids.is_contiguous():
             raise ValueError(f"grouped_gemm: direct_ids {tuple(direct_ids.shape)} must be the contiguous "
                              f"topk_ids of the {a.shape[0] * topk} assignments")
-    if quant_direct is not None:
-        check_quant_direct(a, a_scale, quant_direct, direct_ids)
     out = torch.empty((a.shape[0] * topk, n_out), dtype=out_dtype, device=a.device)
     if out.numel() == 0:
         return out
     launch(*grouped_gemm_spec(a, a_scale, w, w_scale, out, topk_weights, sorted_token_ids, expert_ids,
-                              num_tokens_post_pad, topk, fuse_swiglu, direct_ids, quant_direct), config)
+                              num_tokens_post_pad, topk, fuse_swiglu, direct_ids), config)
     return out
-
-
-def check_quant_direct(a: torch.Tensor, a_scale: torch.Tensor | None, quant_direct: torch.Tensor,
-                       direct_ids: torch.Tensor | None) -> None:
-    """Raise naming the problem when quant_direct is not the unquantized a of a W8A8 direct-mode GEMM."""
-    if a_scale is None or direct_ids is None:
-        raise ValueError("grouped_gemm: quant_direct needs the W8A8 form (a_scale) and direct_ids")
-    check_tensor("grouped_gemm: quant_direct", quant_direct, dtypes=DENSE_DTYPES + (torch.float32,), ndim=2,
-                 device=a.device)
-    if quant_direct.shape != a.shape or quant_direct.stride(1) != 1:
-        raise ValueError(f"grouped_gemm: quant_direct {tuple(quant_direct.shape)} must be a's shape "
-                         f"{tuple(a.shape)} with unit stride along K")
 
 
 def grouped_gemm_spec(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor | None,
                       out: torch.Tensor, topk_weights: torch.Tensor | None, sorted_token_ids: torch.Tensor,
                       expert_ids: torch.Tensor, num_tokens_post_pad: torch.Tensor, topk: int, fuse_swiglu: bool,
-                      direct_ids: torch.Tensor | None = None, quant_direct: torch.Tensor | None = None) -> LaunchSpec:
+                      direct_ids: torch.Tensor | None = None) -> LaunchSpec:
     """grouped_gemm's launch into out [T*topk, N or N/2] (inputs checked by the caller); block_m is
     inferred from moe_align's sizes, the grid's rows bounded by row_blocks (symbolic when traced).
 
@@ -270,12 +213,7 @@ def grouped_gemm_spec(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Te
     run (moe_align's launch_gate, align_gate). Why: at one token every assignment has its own expert
     (distinct top-k plus the shared experts), so the aligned layout holds one row per block anyway,
     and moe_align's one-program launch (~4.4 us in the H200's batch-1 16b step, 26 per step) bought
-    nothing. Same rows, same per-row dot order: the same bits as the aligned path.
-
-    quant_direct (W8A8, with direct_ids; checked by the caller): the unquantized a, which the direct mode
-    quantizes per K block itself (act_quant's arithmetic, the same bits), so the caller's act_quant of a
-    can skip one token (engines/torch_triton_moe.py: h's, one launch fewer per batch-1 MoE layer); other
-    batches read a and a_scale."""
+    nothing. Same rows, same per-row dot order: the same bits as the aligned path."""
     t, k = a.shape
     n_out = out.shape[1]
     a_fp8, w_fp8 = a_scale is not None, w_scale is not None
@@ -284,15 +222,12 @@ def grouped_gemm_spec(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Te
             topk_weights if topk_weights is not None else dummy,
             sorted_token_ids, expert_ids, num_tokens_post_pad,
             direct_ids if direct_ids is not None else sorted_token_ids,  # not read when DIRECT_ROWS = 0
-            quant_direct if quant_direct is not None else a,  # not read without QUANT_DIRECT
             n_out, k, t * topk, direct_ids.shape[1] if direct_ids is not None else 0, topk,
             n_out if fuse_swiglu else 0,
             a.stride(0), a_scale.stride(0) if a_fp8 else 0, w.stride(0), w.stride(1),
-            w_scale.stride(0) if w_fp8 else 0, w_scale.stride(1) if w_fp8 else 0, out.stride(0),
-            quant_direct.stride(0) if quant_direct is not None else 0)
+            w_scale.stride(0) if w_fp8 else 0, w_scale.stride(1) if w_fp8 else 0, out.stride(0))
     kwargs = dict(W_FP8=w_fp8, A_FP8=a_fp8, SWIGLU=fuse_swiglu, MUL_WEIGHT=topk_weights is not None,
                   UPCAST=is_interpreted(_grouped_gemm_kernel) and not a_fp8, SCALE_BLOCK=QUANT_BLOCK,
-                  QUANT_DIRECT=quant_direct is not None, SCALE_RECIPROCAL=a.is_cuda,
                   BLOCK_M=sorted_token_ids.shape[0] // expert_ids.shape[0],
                   BLOCK_K=QUANT_BLOCK if w_fp8 else DENSE_BLOCK_K)
     rows = row_blocks(expert_ids.shape[0], t * topk)  # symbolic Min while traced: no guard on T
@@ -320,15 +255,12 @@ def moe_routing(topk_ids: torch.Tensor, n_experts: int, block_m: int, direct: bo
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-              act_quant: bool = True, block_m: int | None = None, direct: bool = True,
-              quant_h_in_gemm: bool = True) -> torch.Tensor:
+              act_quant: bool = True, block_m: int | None = None, direct: bool = True) -> torch.Tensor:
     """Routed experts: x [T, D], w13 [E, 2I, D] (rows [w1; w3]), w2 [E, D, I] -> [T, D] in x.dtype.
 
     With w13_scale/w2_scale (fp8 weights): act_quant=True quantizes the activations 1x128 on the
     fly (W8A8, dsv3::moe_experts_fp8(act_quant=True)); act_quant=False keeps them in x.dtype (W8A16).
     direct: one token takes the grouped GEMMs' direct mode and no moe_align (grouped_gemm_spec).
-    quant_h_in_gemm (W8A8, direct): the down GEMM quantizes h itself, and h's act_quant launches only
-    above one token (grouped_gemm_spec quant_direct); False: h's act_quant launches at every T.
     """
     check_tensor("fused_moe: x", x, dtypes=DENSE_DTYPES, ndim=2)
     check_tensor("fused_moe: topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), ndim=2, device=x.device)
@@ -355,10 +287,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         xq, xs = act_quant_kernel(x.contiguous())
         h = grouped_gemm(xq, w13, sorted_ids, expert_ids, npp, topk, a_scale=xs, w_scale=w13_scale,
                          fuse_swiglu=True, out_dtype=x.dtype, direct_ids=ids)  # [T*k, I]
-        # one token (direct mode): the down GEMM quantizes h itself (grouped_gemm_spec quant_direct)
-        in_gemm = ids is not None and quant_h_in_gemm
-        hq, hs = act_quant_outputs(*h.shape, h.device) if in_gemm and t == 1 else act_quant_kernel(h)
+        hq, hs = act_quant_kernel(h)
         y = grouped_gemm(hq, w2, sorted_ids, expert_ids, npp, 1, a_scale=hs, w_scale=w2_scale,
-                         topk_weights=weights, out_dtype=x.dtype, direct_ids=ids,
-                         quant_direct=h if in_gemm else None)  # [T*k, D]
+                         topk_weights=weights, out_dtype=x.dtype, direct_ids=ids)  # [T*k, D]
     return y.view(t, topk, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)  # [T, D]

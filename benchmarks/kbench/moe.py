@@ -249,36 +249,3 @@ def bench_moe_configs(report: Report, sh: Shapes, quick: bool) -> None:
                 rows.append(guarded(report, f"moe_cfg {case} {label}", one))
             show(case, [r for r in rows if r])
 
-
-
-def bench_moe_one_token(report: Report, sh: Shapes, quick: bool) -> None:
-    """Section moe_one_token: the whole batch-1 fp8 MoE (16b shapes, shared experts fused) with h's act_quant as
-    its own launch against inside the direct-mode down GEMM (kernels/moe.py quant_direct, the packages' default
-    since session 20), from CUDA graphs of 8 calls with different routings (the weights mostly from HBM)."""
-    from dsv3_export.kernels import moe as M
-
-    torch.manual_seed(0)
-    e, k, w13, w13s, w2, w2s = _decode_experts(sh)
-    tokens = [_decode_tokens(sh, 1, e, k) for _ in range(8 if sh.device == "cuda" else 1)]
-    kw = dict(w13_scale=w13s, w2_scale=w2s)
-
-    def moe(in_gemm: bool):
-        return [M.fused_moe(x, w13, w2, tw, ids, quant_h_in_gemm=in_gemm, **kw) for x, ids, tw, _ in tokens]
-
-    want = moe(False)
-    nbytes = sum(active for *_, active in tokens) * 3 * sh.moe_inter * sh.dim // len(tokens)
-    case = f"T=1 E={e} k={k} D={sh.dim} I={sh.moe_inter}, {len(tokens)} routings"
-    rows = []
-    for label, in_gemm in (("baseline: act_quant of h launched", False), ("h quantized in the down GEMM", True)):
-        def one(in_gemm=in_gemm, label=label):
-            err = max(mean_rel(a.float(), b.float()) for a, b in zip(moe(in_gemm), want))
-            call = _graph_of(lambda: moe(in_gemm)).replay if sh.device == "cuda" else (lambda: moe(in_gemm))
-            ms = bench(call, sh, quick) / len(tokens)
-            return add(report, Row("moe_one_token", case, label, ms, error=err, tol=0.0, ok=err == 0,
-                                   note="per MoE call; error vs the act_quant form (bit-exact expected)"),
-                       bytes_=nbytes)
-
-        rows.append(guarded(report, f"moe_one_token {label}", one))
-    if all(r is not None and r.ms for r in rows):  # the speedup against the act_quant form
-        rows[1].speedup_vs_best_alt = rows[0].ms / rows[1].ms
-    show(case, [r for r in rows if r])

@@ -204,19 +204,16 @@ def _cases(all_configs: bool):
                    dict(K=k, EXPERTS=experts, SWIGLU=swiglu, MUL_WEIGHT=mul_weight, SCALE_RECIPROCAL=True,
                         SCALE_BLOCK=128, ZERO_SPLITS=zero_splits))
     for cfg in pick(moe.GROUPED_GEMM_CONFIGS):
-        # quant_direct: the decode down GEMM quantizing h itself at one token (a_raw_ptr: bf16 h)
-        for w_fp8, a_fp8, swiglu, block_m, quant_direct in (
-                (True, True, True, 16, False), (True, True, False, 64, False), (True, True, False, 16, True),
-                (True, False, True, 16, False), (False, False, True, 64, False), (False, False, False, 16, False)):
-            yield (f"grouped_gemm w_fp8={w_fp8} a_fp8={a_fp8} swiglu={swiglu} block_m={block_m} "
-                   f"quant_direct={quant_direct}",
+        for w_fp8, a_fp8, swiglu, block_m in ((True, True, True, 16), (True, True, False, 64),
+                                              (True, False, True, 16), (False, False, True, 64),
+                                              (False, False, False, 16)):
+            yield (f"grouped_gemm w_fp8={w_fp8} a_fp8={a_fp8} swiglu={swiglu} block_m={block_m}",
                    moe._grouped_gemm_kernel, cfg,
                    dict(a_ptr=f8 if a_fp8 else bf, a_s_ptr=f32, w_ptr=f8 if w_fp8 else bf,
                         w_s_ptr=f32, c_ptr=bf, topk_w_ptr=f32, sorted_ids_ptr=i32, expert_ids_ptr=i32,
-                        num_post_pad_ptr=i32, topk_ids_ptr="*i64", a_raw_ptr=bf),
+                        num_post_pad_ptr=i32, topk_ids_ptr="*i64"),
                    dict(W_FP8=w_fp8, A_FP8=a_fp8, SWIGLU=swiglu, MUL_WEIGHT=not swiglu, UPCAST=False,
-                        SCALE_BLOCK=128, QUANT_DIRECT=quant_direct, SCALE_RECIPROCAL=True, BLOCK_M=block_m,
-                        BLOCK_K=128 if w_fp8 else moe.DENSE_BLOCK_K))
+                        SCALE_BLOCK=128, BLOCK_M=block_m, BLOCK_K=128 if w_fp8 else moe.DENSE_BLOCK_K))
     for e, ids in ((64, "*i64"), (256, "*i32")):  # the 16b preset's 64 experts; V3's 256
         yield (f"moe_align E={e}", moe_align._moe_align_kernel, triton.Config({}, num_warps=4),
                dict(ids_ptr=ids, sorted_ids_ptr=i32, expert_ids_ptr=i32, npp_ptr=i32),

@@ -8,7 +8,8 @@ the residual add, and after the MoE with the combine's adds) are looped: 2.87 an
 H200 batch-1 decode profile, ~110 us per step over 49 calls, against 1.1 us for the persistent 512-wide
 kv_norm. PersistentNorms makes inner reductions of up to `inner_max` elements persistent as well; engines/torch.py
 installs it with 4096 while a CUDA package compiles (DSV3_TORCH_PERSISTENT_NORMS=1, the default; 0: Inductor's own
-heuristic). Untimed on the GPU yet (the next H200 A/B times it).
+heuristic). On the H200 (session 20, benchmarks/RESULTS.md) the two hidden-size norm kernels of the 16b batch-1 step
+became persistent: 53.5 and 37 us per step against 69 and 44.
 
 Installed for one compile with V.set_choices_handler (thread-local, the previous handler restored after), not
 through config.inductor_choices_class: Inductor builds that class once per thread, the first time it asks for

@@ -53,8 +53,9 @@ GATE_CONFIGS = [
     triton.Config({"BLOCK_T": 16, "BLOCK_E": 64}, num_warps=16, num_stages=1),
 ]
 # quant_x: blocks of at most this many real rows quantized one row at a time, fuller ones as a tile (0: always
-# the tile). The default since session 20 (untimed in packages until its H200 A/B): at batch 1 a sixteenth of
-# the tile's arithmetic.
+# the tile). The default since session 20: at batch 1 a sixteenth of the tile's arithmetic; on the H200 the gate
+# kernel with act_quant(x) took 2.3 us per call in the 16b batch-1 step against 4.7 as tiles, and the cold-L2 gate +
+# router 5.6 us against 7.9, as fast as without act_quant (benchmarks/RESULTS.md session 20).
 ROW_QUANT_MAX_ROWS = 4
 
 

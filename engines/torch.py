@@ -139,8 +139,9 @@ def package_info(device: str, say: Progress | None = None) -> dict[str, Any]:
 # own heuristic: 2.87 / 1.74 us per call, ~110 us per H200 batch-1 decode step) as persistent Triton kernels in CUDA
 # packages (engines/torch_inductor_choices.py); the CPU's C++ kernels do not ask. On by default: on the H200 (session
 # 20, 27-layer 16b fp8 decode, 4 builds against 3) 54 kernels made persistent, the two hidden-size norm kernels 53.5 +
-# 37 us per batch-1 step against 69 + 44 looped (benchmarks/RESULTS.md). 4096: the most elements Inductor's persistent configs hold per block (torch 2.13
-# runtime/triton_heuristics.py MAX_PERSISTENT_BLOCK_NUMEL), one row per program at that width.
+# 37 us per batch-1 step against 69 + 44 looped (benchmarks/RESULTS.md). 4096: the most elements Inductor's
+# persistent configs hold per block (torch 2.13 runtime/triton_heuristics.py MAX_PERSISTENT_BLOCK_NUMEL), one row
+# per program at that width.
 PERSISTENT_NORMS_ENV = "DSV3_TORCH_PERSISTENT_NORMS"
 PERSISTENT_INNER_MAX = 4096
 PERSISTENT_NORMS_FORMS = {

@@ -57,10 +57,11 @@ from dsv3_export.passes.program_state import ProgramState
 ROUTER_ENV = "DSV3_TORCH_ROUTER"
 GATE_SPLIT_ENV = "DSV3_TORCH_GATE_SPLIT"
 GATE_SPLIT_FORMS = {"0": "the gate GEMM by cuBLAS", "1": "the decode gate split over K (kernels/router_gate.py)"}
-# How the split gate kernel writes act_quant(x), read when a program is lowered: `rows` (default since session 20:
-# the gate kernel 60 us per 27-layer batch-1 step against 122 as tiles, 4 H200 builds against 3) a block of at most kernels/router_gate.py ROW_QUANT_MAX_ROWS real rows
-# one row at a time (at batch 1 a sixteenth of the arithmetic), fuller blocks as a tile; `tile` every block as a
-# whole [16, 128] tile (session 19: 4.8 us per gate call at batch 1, 2.8 us of it the quantization cold-L2).
+# How the split gate kernel writes act_quant(x), read when a program is lowered: `rows` (default since session 20)
+# a block of at most kernels/router_gate.py ROW_QUANT_MAX_ROWS real rows one row at a time (at batch 1 a sixteenth
+# of the arithmetic), fuller blocks as a tile; `tile` every block as a whole [16, 128] tile. H200, 27-layer 16b fp8
+# batch-1 step: the gate kernel 60 us per step with `rows` against 122 with `tile` (4 builds against 3,
+# benchmarks/RESULTS.md session 20).
 GATE_QUANT_ENV = "DSV3_TORCH_GATE_QUANT"
 GATE_QUANT_FORMS = {"rows": f"blocks of <= {kg.ROW_QUANT_MAX_ROWS} real rows quantized row by row",
                     "tile": "every block quantized as a whole tile"}

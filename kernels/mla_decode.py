@@ -99,7 +99,8 @@ _decode_tuned = autotune_or_single(_mla_decode_split_kernel, DECODE_CONFIGS, key
 # H200, us per call at B = 1 / 8 / 64: BN64 w4 s2 P2 9.94 / 12.20 / 39.21, BN32 w4 s3 10.14 / 12.21 / 40.40).
 # Among all of DECODE_CONFIGS the packages' picks moved the 27-layer batch-1 step by ~65 us (session 19:
 # 191-256 us of split kernel per step). A one-config pin crashed a package once (session 18), so this keeps
-# the autotuner, with two choices. Opt-in (engines/torch_triton_mla.py MLA_CONFIGS_ENV) until timed in packages.
+# the autotuner, with two choices. The packages' default since session 20 (engines/torch_triton_mla.py
+# MLA_CONFIGS_ENV): their picks took 192-205 us per batch-1 step, against 205-253 among all configs.
 BEST_DECODE_CONFIGS = [c for c in DECODE_CONFIGS if not c.maxnreg and (c.kwargs["BLOCK_N"], c.kwargs["PREFETCH"],
                        c.num_warps, c.num_stages) in ((64, 2, 4, 2), (32, 0, 4, 3))]
 _decode_tuned_best = autotune_or_single(_mla_decode_split_kernel, BEST_DECODE_CONFIGS, key=_TUNE_KEY)

@@ -23,6 +23,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # traced kernels must be real JITFunct
 import torch
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from triton.runtime.jit import JITFunction
+from dsv3_export.engines.torch_kv_row import kv_row_as_where
 from dsv3_export.engines.torch_lower import lower_dsv3_ops
 from dsv3_export.engines.torch_router import fuse_router
 from dsv3_export.engines.torch_triton import triton_lowerings
@@ -44,7 +45,10 @@ for skip_passes, env in settings:
     os.environ.clear()
     os.environ.update({**base_env, **env})  # the switches are read when a program is rewritten and lowered
     program, _ = fuse_router(programs[skip_passes])
+    program, _ = kv_row_as_where(program, "decode")  # engines/torch.py lower_program's order
     lowered, how = lower_dsv3_ops(program, "cuda", triton_lowerings("decode"))
+    kv_rows = [str(n.args[2].target) for n in lowered.graph.nodes
+               if n.op == "call_function" and "mla_attention" in str(n.target)]
     kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)
     names, incomplete, tuned_among = [], {}, {}
     for n in kernels.graph.nodes:
@@ -63,7 +67,7 @@ for skip_passes, env in settings:
     extern = [str(n.target) for n in kernels.graph.nodes if n.op == "call_function"
               and getattr(n.target, "_opname", None) in ("topk", "sort", "mm", "bmm", "addmm", "linear")]
     results.append({"kernels": {k: names.count(k) for k in set(names)}, "extern": extern, "incomplete": incomplete,
-                    "tuned_among": tuned_among})
+                    "tuned_among": tuned_among, "kv_rows": kv_rows})
 print(json.dumps(results))
 '''
 
@@ -81,6 +85,7 @@ SETTINGS = {
     "gate split off": ("", dict(DSV3_TORCH_GATE_SPLIT="0")),
     "merge uv off": ("", dict(DSV3_TORCH_MERGE_UV="0")),
     "mla all configs": ("", dict(DSV3_TORCH_MLA_CONFIGS="all")),
+    "kv row where": ("", dict(DSV3_TORCH_KV_ROW="where")),
 }
 
 
@@ -190,6 +195,15 @@ def _check_mla_configs(launches: dict[str, dict]):
     assert default["tuned_among"]["_gate_partials_kernel"] == 1, default["tuned_among"]  # pinned (one config)
 
 
+def _check_kv_row(launches: dict[str, dict]):
+    """DSV3_TORCH_KV_ROW=where (opt-in, session 20): each layer's kv_new reaches mla_attention as a where instead
+    of a cat (engines/torch_kv_row.py); our kernels' launches are the same."""
+    where, default = launches["kv row where"], launches["defaults"]
+    assert where["kernels"] == default["kernels"], (where["kernels"], default["kernels"])
+    assert default["kv_rows"] == ["aten.cat.default"] * 2, default["kv_rows"]
+    assert where["kv_rows"] == ["aten.where.self"] * 2, where["kv_rows"]
+
+
 @pytest.mark.slow  # ~75-85 s on 2 cores: one 16b export on meta per pass set, the passes, a lowering per setting
 def test_16b_decode_launches():
     """One test for every setting's checks: the settings share one trace (pytest-xdist would split separate
@@ -200,3 +214,4 @@ def test_16b_decode_launches():
     _check_decode_gemv(launches)
     _check_gate_split(launches)
     _check_mla_configs(launches)
+    _check_kv_row(launches)

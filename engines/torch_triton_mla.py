@@ -118,9 +118,11 @@ def decode_partials(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tens
     torch._check(s == 1, lambda: f"dsv3_aoti::mla_attention: decode needs one new position, got {s}")
     w = wkv_b.view(h, -1, c)  # [h, dn + dv, c]
     w_uk, w_uv = w[:, :dn], w[:, dn:]  # [h, dn, c], [h, dv, c]
-    seen = start_pos.clamp(0, kv_cache.shape[1]).to(torch.int32)  # [b] cached keys per row
     q_latent = decode_query(q_nope, w_uk, absorb_gemm)  # [b, h, c]
-    parts = kd.mla_decode_partials(q_latent, q_pe.contiguous()[:, 0], kv_cache[..., :c], kv_cache[..., c:], seen,
+    # start_pos as it is: the kernels clamp it to [0, T] themselves (kernels/mla_splits.py _cached_keys), where a
+    # clamp here cost Inductor kernels of its own (14 launches per 27-layer 16b decode step)
+    parts = kd.mla_decode_partials(q_latent, q_pe.contiguous()[:, 0], kv_cache[..., :c], kv_cache[..., c:],
+                                   start_pos.contiguous(),
                                    softmax_scale, kv_new=kv_new[:, 0, :c], pe_new=kv_new[:, 0, c:], runtime_splits=True,
                                    config_set=mla_config_set())
     return parts, w_uv

@@ -127,7 +127,8 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
                variant: str | None = None) -> torch.Tensor:
     """One query per batch row -> [B, H, C].
 
-    q_latent [B, H, C], q_pe [B, H, R]; keys: cache positions t < cache_seqlens[b] (int32 [B]),
+    q_latent [B, H, C], q_pe [B, H, R]; keys: cache positions t < cache_seqlens[b] (int32 or int64 [B], clamped
+    to [0, T] by the kernels: the step's start_pos as it is),
     then, when given, the row's new token kv_new [B, C] / pe_new [B, R] (not in the cache).
     num_splits: KV splits per row (default choose_num_splits). runtime_splits=True instead lets the
     kernels pick each row's splits from the launch's batch and the row's cache length
@@ -149,6 +150,7 @@ class DecodePartials(NamedTuple):
     o_part: torch.Tensor
     lse: torch.Tensor
     cache_seqlens: torch.Tensor
+    seq_cap: int  # the cache's length: the kernels clamp cache_seqlens to [0, seq_cap]
     head_blocks: int
     split_target: int
 
@@ -156,7 +158,7 @@ class DecodePartials(NamedTuple):
         """The merge's leading kernel arguments (the reduce kernel's, kernels/mla_merge_uv.py's)."""
         bsz, heads, splits, c = self.o_part.shape
         so, sl = (heads * splits * c, splits * c, c), (heads * splits, splits)  # o_part, lse: contiguous
-        return (self.o_part, self.lse, self.cache_seqlens, splits, self.head_blocks, *so, *sl)
+        return (self.o_part, self.lse, self.cache_seqlens, self.seq_cap, splits, self.head_blocks, *so, *sl)
 
     def merge_constexprs(self) -> dict:
         c, splits = self.o_part.shape[3], self.o_part.shape[2]
@@ -175,8 +177,8 @@ def mla_decode_partials(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
     check_tensor("mla_decode: q_latent", q_latent, ndim=3)
     bsz, heads, _ = q_latent.shape
     c, r = _check_caches("mla_decode", q_latent, q_pe, kv_cache, pe_cache, bsz)
-    check_tensor("mla_decode: cache_seqlens", cache_seqlens, dtypes=(torch.int32,), ndim=1, device=q_latent.device,
-                 contiguous=True)
+    check_tensor("mla_decode: cache_seqlens", cache_seqlens, dtypes=(torch.int32, torch.int64), ndim=1,
+                 device=q_latent.device, contiguous=True)
     if cache_seqlens.shape[0] != bsz:
         raise ValueError(f"mla_decode: cache_seqlens has {cache_seqlens.shape[0]} entries for batch {bsz}")
     has_new = _check_new("mla_decode", kv_new, pe_new, q_latent, (bsz, c), (bsz, r))
@@ -189,7 +191,7 @@ def mla_decode_partials(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
     dev = q_latent.device
     head_blocks = cdiv(heads, _block_h(heads))
     if bsz * heads * c == 0:  # nothing to launch (and, as before, no split plan to check)
-        return DecodePartials(*split_partials(bsz, heads, 1, c, dev), cache_seqlens, head_blocks, 0)
+        return DecodePartials(*split_partials(bsz, heads, 1, c, dev), cache_seqlens, kv_cache.shape[1], head_blocks, 0)
     splits, split_target = split_plan("mla_decode", bsz, heads, kv_cache.shape[1], dev, runtime_splits, num_splits)
     o_part, lse = split_partials(bsz, heads, splits, c, dev)
     grid = (bsz, head_blocks, splits)
@@ -203,7 +205,7 @@ def mla_decode_partials(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
     chosen = getattr(tuned, "best_config", None) if eager_tuned and cfg is None else None
     if chosen is not None:
         _decode_chosen[tune_key] = chosen
-    return DecodePartials(o_part, lse, cache_seqlens, head_blocks, split_target)
+    return DecodePartials(o_part, lse, cache_seqlens, kv_cache.shape[1], head_blocks, split_target)
 
 
 def mla_decode_reduce(parts: DecodePartials, dtype: torch.dtype) -> torch.Tensor:
@@ -261,7 +263,7 @@ def split_kernel_args(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torc
     so = (heads * splits * c, splits * c, c)  # o_part [B, H, splits, C]
     sl = (heads * splits, splits)  # lse [B, H, splits]
     args = (q_latent, q_pe, kv_cache, pe_cache, kvn, pen, cache_seqlens, o_part, lse, heads, splits,
-            softmax_scale * LOG2E, sq[0], sq[1], sqp[0], sqp[1], skv[0], skv[1], spe[0], spe[1],
+            kv_cache.shape[1], softmax_scale * LOG2E, sq[0], sq[1], sqp[0], sqp[1], skv[0], skv[1], spe[0], spe[1],
             kvn.stride(0), pen.stride(0), *so, *sl)
     kwargs = dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), HAS_NEW=has_new,
                   UPCAST=_INTERPRETED,  # fp32 .to(fp32) is a no-op; also skips PTX

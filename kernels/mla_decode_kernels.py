@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dsv3_export.kernels.mla_splits import _batch_splits, _row_splits
+from dsv3_export.kernels.mla_splits import _batch_splits, _cached_keys, _row_splits
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 
 
@@ -41,7 +41,7 @@ from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 @triton.jit
 def _mla_decode_split_kernel(
     q_ptr, q_pe_ptr, kv_ptr, pe_ptr, kvn_ptr, pen_ptr, seqlens_ptr, o_part_ptr, lse_ptr,
-    H, NUM_SPLITS, scale_log2,
+    H, NUM_SPLITS, SEQ_CAP, scale_log2,
     stride_qb, stride_qh, stride_qpb, stride_qph, stride_kvb, stride_kvs, stride_peb, stride_pes,
     stride_kvnb, stride_penb,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
@@ -65,7 +65,7 @@ def _mla_decode_split_kernel(
         splits = _batch_splits(tl.num_programs(0) * tl.num_programs(1), NUM_SPLITS, SPLIT_TARGET, MIN_SPLITS)
         if pid_s >= splits:  # from the grid alone, before any memory access (most programs at B=32)
             return
-        seqlen = tl.load(seqlens_ptr + pid_b)  # cached keys of this row
+        seqlen = _cached_keys(seqlens_ptr, pid_b, SEQ_CAP)  # cached keys of this row
         if EARLY:  # issued before the row check below waits for seqlen
             q, q_pe = _query_tiles(q_ptr, q_pe_ptr, b, offs_h, offs_c, offs_r, mask_h, mask_c, mask_r,
                                    stride_qb, stride_qh, stride_qpb, stride_qph)
@@ -78,7 +78,7 @@ def _mla_decode_split_kernel(
         chunk = tl.cdiv(seqlen, splits)  # not rounded to BLOCK_N (the reduce kernel recomputes `splits`)
     else:
         splits = NUM_SPLITS
-        seqlen = tl.load(seqlens_ptr + pid_b)  # cached keys of this row
+        seqlen = _cached_keys(seqlens_ptr, pid_b, SEQ_CAP)  # cached keys of this row
         if EARLY:
             q, q_pe = _query_tiles(q_ptr, q_pe_ptr, b, offs_h, offs_c, offs_r, mask_h, mask_c, mask_r,
                                    stride_qb, stride_qh, stride_qpb, stride_qph)
@@ -187,7 +187,7 @@ def _query_tiles(q_ptr, q_pe_ptr, b, offs_h, offs_c, offs_r, mask_h, mask_c, mas
 @waits_for_producer
 @triton.jit
 def _mla_decode_reduce_kernel(
-    o_part_ptr, lse_ptr, seqlens_ptr, NUM_SPLITS, HEAD_BLOCKS,
+    o_part_ptr, lse_ptr, seqlens_ptr, SEQ_CAP, NUM_SPLITS, HEAD_BLOCKS,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, out_ptr, stride_outb, stride_outh,
     C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     SPLIT_TARGET: tl.constexpr, MIN_SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr,
@@ -195,7 +195,8 @@ def _mla_decode_reduce_kernel(
     wait_for_producer()  # before any memory access: kernels/pdl.py
     pid_b = tl.program_id(0)
     h = tl.program_id(1)
-    out = _merged_splits(o_part_ptr, lse_ptr, seqlens_ptr, pid_b, h, tl.num_programs(0) * HEAD_BLOCKS, NUM_SPLITS,
+    out = _merged_splits(o_part_ptr, lse_ptr, seqlens_ptr, SEQ_CAP, pid_b, h, tl.num_programs(0) * HEAD_BLOCKS,
+                         NUM_SPLITS,
                          stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                          C, BLOCK_C, BLOCK_S, SPLIT_TARGET, MIN_SPLITS, MIN_KEYS)
     offs_c = tl.arange(0, BLOCK_C)
@@ -205,7 +206,7 @@ def _mla_decode_reduce_kernel(
 
 @triton.jit
 def _merged_splits(
-    o_part_ptr, lse_ptr, seqlens_ptr, pid_b, h, split_programs, NUM_SPLITS,
+    o_part_ptr, lse_ptr, seqlens_ptr, SEQ_CAP, pid_b, h, split_programs, NUM_SPLITS,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     SPLIT_TARGET: tl.constexpr, MIN_SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr,
@@ -216,7 +217,7 @@ def _merged_splits(
     splits = NUM_SPLITS
     if SPLIT_TARGET > 0:  # the split kernel's runtime rule: only the row's first `splits` partials were written
         splits = _batch_splits(split_programs, NUM_SPLITS, SPLIT_TARGET, MIN_SPLITS)
-        splits = _row_splits(splits, tl.load(seqlens_ptr + pid_b), MIN_KEYS)
+        splits = _row_splits(splits, _cached_keys(seqlens_ptr, pid_b, SEQ_CAP), MIN_KEYS)
     b = pid_b.to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_c = tl.arange(0, BLOCK_C)

@@ -43,7 +43,7 @@ MERGE_UV_CONFIGS = ka.HEAD_GEMV_CONFIGS
 @waits_for_producer
 @triton.jit
 def _mla_merge_uv_kernel(
-    o_part_ptr, lse_ptr, seqlens_ptr, NUM_SPLITS, HEAD_BLOCKS,
+    o_part_ptr, lse_ptr, seqlens_ptr, SEQ_CAP, NUM_SPLITS, HEAD_BLOCKS,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     w_ptr, out_ptr, N, stride_wh, stride_wn, stride_outm, stride_outh, stride_outn,
     C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -56,7 +56,8 @@ def _mla_merge_uv_kernel(
     pid_m = tl.program_id(2)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c, mask_n = offs_c < C, offs_n < N
-    lat = _merged_splits(o_part_ptr, lse_ptr, seqlens_ptr, pid_m, head, tl.num_programs(2) * HEAD_BLOCKS, NUM_SPLITS,
+    lat = _merged_splits(o_part_ptr, lse_ptr, seqlens_ptr, SEQ_CAP, pid_m, head, tl.num_programs(2) * HEAD_BLOCKS,
+                         NUM_SPLITS,
                          stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                          C, BLOCK_C, BLOCK_S, SPLIT_TARGET, MIN_SPLITS, MIN_KEYS)  # fp32 [BLOCK_C]
     # The weights after the merge: Triton 3.9 then sums the product in the weight tile's layout, as head_gemv

@@ -48,6 +48,15 @@ def _batch_splits(programs, NUM_SPLITS, SPLIT_TARGET: tl.constexpr, MIN_SPLITS: 
 
 
 @triton.jit
+def _cached_keys(seqlens_ptr, row, SEQ_CAP):
+    """Row `row`'s cached keys: seqlens[row] clamped to [0, SEQ_CAP] (the cache's length), int32. The torch
+    engine passes the step's start_pos as it is (int64, unclamped): the clamp here replaces the per-layer
+    clamp kernels Inductor emitted for it (14 launches per 27-layer 16b decode step). Lengths already in range
+    (the eager callers' int32) come out unchanged."""
+    return tl.minimum(tl.maximum(tl.load(seqlens_ptr + row), 0), SEQ_CAP).to(tl.int32)
+
+
+@triton.jit
 def _row_splits(batch_splits, seqlen, MIN_KEYS: tl.constexpr):
     """At most one split per MIN_KEYS cached keys of the row (rounded up), at least one (empty rows too)."""
     return tl.minimum(batch_splits, tl.maximum(tl.cdiv(seqlen, MIN_KEYS), 1))

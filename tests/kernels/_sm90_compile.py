@@ -233,12 +233,14 @@ def _cases(all_configs: bool):
             for has_new, rt in ((False, False), (True, False), (True, True)):
                 yield (f"mla_decode_split {variant} has_new={has_new} runtime_splits={rt}",
                        mla_decode._mla_decode_split_kernel, cfg,
-                       dict(q_ptr=bf, q_pe_ptr=bf, kv_ptr=bf, pe_ptr=bf, kvn_ptr=bf, pen_ptr=bf, seqlens_ptr=i32,
+                       dict(q_ptr=bf, q_pe_ptr=bf, kv_ptr=bf, pe_ptr=bf, kvn_ptr=bf, pen_ptr=bf,
+                            seqlens_ptr="*i64" if rt else i32,  # the engine's: the step's start_pos as it is
                             o_part_ptr=f32, lse_ptr=f32),
                        dict(mla_dims, BLOCK_H=16, HAS_NEW=has_new, **flags, **(runtime if rt else eager)))
     for rt in (False, True):
         yield (f"mla_decode_reduce runtime_splits={rt}", mla_decode._mla_decode_reduce_kernel,
-               triton.Config({}, num_warps=4), dict(o_part_ptr=f32, lse_ptr=f32, out_ptr=bf, seqlens_ptr=i32),
+               triton.Config({}, num_warps=4),
+               dict(o_part_ptr=f32, lse_ptr=f32, out_ptr=bf, seqlens_ptr="*i64" if rt else i32),
                dict(C=512, BLOCK_C=512, BLOCK_S=max_s if rt else 8, **(runtime if rt else eager)))
     for cfg in pick(mla_prefill.PREFILL_CONFIGS):
         for has_new in (False, True):
@@ -265,7 +267,7 @@ def _cases(all_configs: bool):
                    dict(K=k, BLOCK_K=k))
     for cfg in mla_merge_uv.MERGE_UV_CONFIGS:  # the split merge + W_UV at batch <= 2: 16b's C = 512, 32 splits
         yield ("mla_merge_uv runtime_splits=True", mla_merge_uv._mla_merge_uv_kernel, cfg,
-               dict(o_part_ptr=f32, lse_ptr=f32, seqlens_ptr=i32, w_ptr=bf, out_ptr=bf),
+               dict(o_part_ptr=f32, lse_ptr=f32, seqlens_ptr="*i64", w_ptr=bf, out_ptr=bf),
                dict(C=512, BLOCK_C=512, BLOCK_S=max_s, **runtime))
 
 

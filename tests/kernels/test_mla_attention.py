@@ -173,8 +173,8 @@ def test_bad_inputs_name_the_problem():
     kv, pe = _caches(2, torch.float32)
     q, qp = torch.randn(2, H, C), torch.randn(2, H, R)
     seqlens = torch.tensor([3, 4], dtype=torch.int32)
-    with pytest.raises(TypeError, match="cache_seqlens: dtype torch.int64"):
-        D.mla_decode(q, qp, kv, pe, seqlens.long(), SCALE)
+    with pytest.raises(TypeError, match="cache_seqlens: dtype torch.float32"):
+        D.mla_decode(q, qp, kv, pe, seqlens.float(), SCALE)
     with pytest.raises(ValueError, match="exceeds the cache's 2 rows"):
         D.mla_decode(torch.randn(3, H, C), torch.randn(3, H, R), kv, pe, torch.ones(3, dtype=torch.int32), SCALE)
     with pytest.raises(ValueError, match=r"kv_cache .* must be \[Bmax, S, C=64\]"):
@@ -389,3 +389,22 @@ def test_any_module_of_the_family_can_be_imported_first(first):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split()[:2] == ["dsv3_export.kernels.mla_decode", "dsv3_export.kernels.mla_prefill"]
+
+
+@pytest.mark.parametrize("runtime_splits", [False, True])
+def test_unclamped_int64_start_positions_are_clamped_by_the_kernels(seed, runtime_splits):
+    """The torch engine passes the step's start_pos as it is (int64; below 0 or past the cache's T rows in
+    principle): the split and reduce kernels clamp it to [0, T], the same bits as the int32 clamped lengths."""
+    torch.manual_seed(seed)
+    b, t = 4, S
+    kv, pe = _caches(b, torch.float32)
+    q, qp = torch.randn(b, H, C), torch.randn(b, H, R)
+    kv_new, pe_new = torch.randn(b, C), torch.randn(b, R)
+    start_pos = torch.tensor([-3, 0, 37, t + 9], dtype=torch.int64)
+    seen = start_pos.clamp(0, t).to(torch.int32)
+    kw = dict(kv_new=kv_new, pe_new=pe_new, runtime_splits=runtime_splits)
+    want = D.mla_decode(q, qp, kv, pe, seen, SCALE, **kw)
+    got = D.mla_decode(q, qp, kv, pe, start_pos, SCALE, **kw)
+    assert_finite("mla_decode int64 start_pos", got)
+    assert torch.equal(got, want)
+    assert mean_rel(got, A.mla_decode_ref(q, qp, kv, pe, seen, SCALE, kv_new=kv_new, pe_new=pe_new)) < 1e-4

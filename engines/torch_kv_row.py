@@ -10,8 +10,8 @@ write into in place, and each row is itself a concat (of the kv_norm and rope ke
     kv_new = where(arange(c + r) < c, pad(a, [0, r]), pad(b, [c, 0]))
 
 the row is one pointwise node: the rope kernel writes it into its slice of the stack's output directly, and the
-copy kernels go (the fusion study compiled 10 layers: 68 -> 58 kernels). The same values bit for bit: pad adds
-zeros the where never selects. CUDA decode programs only; DSV3_TORCH_KV_ROW=where (opt-in until timed on the
+copy kernels go (the fusion study compiled 10 layers: 68 -> 58 kernels). The same values bit for bit (NaN payloads
+aside: compiled on the CPU, a bf16 NaN came out with another payload): pad adds zeros the where never selects. CUDA decode programs only; DSV3_TORCH_KV_ROW=where (opt-in until timed on the
 H200; `cat` keeps the cat).
 """
 

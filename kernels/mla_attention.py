@@ -95,6 +95,7 @@ def mla_decode_ref(q_latent, q_pe, kv_cache, pe_cache, cache_seqlens, softmax_sc
                    pe_new=None) -> torch.Tensor:
     out = torch.zeros(q_latent.shape, dtype=torch.float32, device=q_latent.device)
     for b, n in enumerate(cache_seqlens.tolist()):
+        n = min(max(n, 0), kv_cache.shape[1])  # the kernels' clamp (lengths may be the step's start_pos as it is)
         kv, pe = kv_cache[b, :n], pe_cache[b, :n]
         if kv_new is not None:
             kv, pe = torch.cat([kv, kv_new[b, None]]), torch.cat([pe, pe_new[b, None]])

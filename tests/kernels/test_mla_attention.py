@@ -400,7 +400,7 @@ def test_unclamped_int64_start_positions_are_clamped_by_the_kernels(seed, runtim
     kv, pe = _caches(b, torch.float32)
     q, qp = torch.randn(b, H, C), torch.randn(b, H, R)
     kv_new, pe_new = torch.randn(b, C), torch.randn(b, R)
-    start_pos = torch.tensor([-3, 0, 37, t + 9], dtype=torch.int64)
+    start_pos = torch.tensor([-3, 0, 37, t + 200], dtype=torch.int64)  # t + 200: more splits than t if unclamped
     seen = start_pos.clamp(0, t).to(torch.int32)
     kw = dict(kv_new=kv_new, pe_new=pe_new, runtime_splits=runtime_splits)
     want = D.mla_decode(q, qp, kv, pe, seen, SCALE, **kw)
@@ -408,3 +408,5 @@ def test_unclamped_int64_start_positions_are_clamped_by_the_kernels(seed, runtim
     assert_finite("mla_decode int64 start_pos", got)
     assert torch.equal(got, want)
     assert mean_rel(got, A.mla_decode_ref(q, qp, kv, pe, seen, SCALE, kv_new=kv_new, pe_new=pe_new)) < 1e-4
+    assert torch.equal(A.mla_decode_ref(q, qp, kv, pe, start_pos, SCALE, kv_new=kv_new, pe_new=pe_new),
+                       A.mla_decode_ref(q, qp, kv, pe, seen, SCALE, kv_new=kv_new, pe_new=pe_new))

@@ -100,3 +100,20 @@ def test_out_argument_and_bad_inputs(seed, runtime_sms):
         mla_merge_uv(parts, w_uv[:2])
     with pytest.raises(TypeError, match="mla_merge_uv: out: dtype"):
         mla_merge_uv(parts, w_uv, out=torch.empty(2, 3, 13))
+
+
+def test_unclamped_int64_lengths_merge_as_the_clamped(seed, runtime_sms):
+    """The engine's default path at batch <= 2 passes the step's start_pos as it is (int64): the split and merge
+    kernels clamp it to the cache's rows; the same bits as the clamped int32 lengths. 2000 past a cache of 103
+    rows would take 20 splits unclamped, 2 clamped; -5 takes one split either way."""
+    from dsv3_export.kernels import mla_decode as kd
+    from dsv3_export.kernels.mla_merge_uv import mla_merge_uv
+
+    g = torch.Generator().manual_seed(seed)
+    q, qp, kv, pe, _, new, w_uv = _case(g, [100, 100], 3, 72, 24, 37, torch.float32)
+    start_pos = torch.tensor([2000, -5], dtype=torch.int64)
+    seen = start_pos.clamp(0, kv.shape[1]).to(torch.int32)
+    got = mla_merge_uv(kd.mla_decode_partials(q, qp, kv, pe, start_pos, SCALE, **new, runtime_splits=True), w_uv)
+    want = mla_merge_uv(kd.mla_decode_partials(q, qp, kv, pe, seen, SCALE, **new, runtime_splits=True), w_uv)
+    assert_finite("mla_merge_uv int64 start_pos", got)
+    assert torch.equal(got, want)

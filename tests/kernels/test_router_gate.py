@@ -59,13 +59,14 @@ def test_gate_partials_are_the_split_products(seed, poisoned_outputs, config, t,
 
 @pytest.mark.parametrize("config", [c for c in G.GATE_CONFIGS if c.num_warps == 4], ids=str)
 @pytest.mark.parametrize("row_quant_max_rows", [0, G.ROW_QUANT_MAX_ROWS, 16])
-@pytest.mark.parametrize("t, k", [(1, 2048), (19, 300), (3, 128), (33, 200)])
+@pytest.mark.parametrize("t, k", [(1, 2048), (4, 300), (5, 128), (17, 200), (33, 200)])
 def test_gate_quant_x_is_act_quant(seed, poisoned_outputs, config, row_quant_max_rows, t, k):
     """quant_x: q and s bit for bit act_quant(x)'s (an all-zero block too), the whole tile at once or a real row
-    at a time (row_quant_max_rows: 0 every block a tile; 4: blocks of 1 and 3 real rows one by one, full ones as a
-    tile; 16 every block one by one), the partials unchanged."""
+    at a time (row_quant_max_rows: 0 every block a tile; 4: blocks of 1 and 4 real rows one by one, of 5 and full
+    ones as a tile; 16 every block one by one), the partials unchanged. 100 experts: two expert blocks at
+    BLOCK_E 64, of which only the first quantizes."""
     torch.manual_seed(seed)
-    x, w = torch.randn(t, k).bfloat16(), torch.randn(40, k).bfloat16()
+    x, w = torch.randn(t, k).bfloat16(), torch.randn(100, k).bfloat16()
     x[0, :128] = 0
     partials, (q, s) = G.gate_partials(x, w, quant_x=True, row_quant_max_rows=row_quant_max_rows, config=config)
     want_q, want_s = act_quant(x)

@@ -5,8 +5,8 @@
 Why: the batch-1 decode step is bound by its ~450 kernel launches, and the Inductor-generated ones (norms, RoPE,
 the kv row, copies) are only visible in an H200 profile. This runs the engine's own flow (meta export -> passes ->
 engines/torch_router.py fuse_router -> engines/torch_kv_row.py -> lower_dsv3_ops with the CUDA triton_ops ->
-aoti_compile_and_package under the engine's Inductor configs and choices) with Inductor's Triton code generation
-for CPU tensors (`cpu_backend="triton"`), records every kernel Inductor defines and the scheduler's post-fusion
+engines/torch_q_rope.py -> aoti_compile_and_package under the engine's Inductor configs and choices) with
+Inductor's Triton code generation for CPU tensors (`cpu_backend="triton"`), records every kernel Inductor defines and the scheduler's post-fusion
 order, and stops when Triton would compile (no CPU driver). Session 20's 27-layer run reproduced the H200 profile's
 kernel names and counts; its findings are in benchmarks/RESULTS.md.
 
@@ -60,6 +60,7 @@ def lowered_decode_program(layers: int):
     from dsv3_export.engines.torch_decode_gemv import program_decode_gemv
     from dsv3_export.engines.torch_kv_row import kv_row_as_where
     from dsv3_export.engines.torch_lower import lower_dsv3_ops
+    from dsv3_export.engines.torch_q_rope import q_rope_into_attention
     from dsv3_export.engines.torch_router import fuse_router
     from dsv3_export.engines.torch_triton import triton_lowerings
     from dsv3_export.export import export_step
@@ -83,7 +84,8 @@ def lowered_decode_program(layers: int):
     ep = move_to_device_pass(ep, "cpu")
     ep, _ = fuse_router(ep, "decode")
     ep, _ = kv_row_as_where(ep, "decode")
-    return lower_dsv3_ops(ep, "cuda", triton_lowerings("decode", gemv))[0]
+    lowered, _ = lower_dsv3_ops(ep, "cuda", triton_lowerings("decode", gemv))
+    return q_rope_into_attention(lowered, "decode")[0]
 
 
 def use_cuda_heuristics() -> None:

@@ -87,10 +87,11 @@ def decode_query(q_nope: torch.Tensor, w_uk: torch.Tensor, absorb_gemm: bool) ->
 
 
 def decode_latent(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
-                  start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, absorb_gemm: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, absorb_gemm: bool,
+                  q_rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The decode attention up to W_UV: decode_partials, then the reduce kernel -> (lat [b, h, c], w_uv [h, dv, c])."""
-    parts, w_uv = decode_partials(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, absorb_gemm)
+    parts, w_uv = decode_partials(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, absorb_gemm,
+                                  q_rope)
     return kd.mla_decode_reduce(parts, q_nope.dtype), w_uv
 
 
@@ -108,11 +109,12 @@ def mla_config_set() -> str:
 
 
 def decode_partials(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
-                    start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, absorb_gemm: bool
-                    ) -> tuple[kd.DecodePartials, torch.Tensor]:
+                    start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, absorb_gemm: bool,
+                    q_rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[kd.DecodePartials, torch.Tensor]:
     """W_UK into the query (decode_query), then mla_decode's split kernel over the cache rows
     t < min(start_pos, T) and the one new key, under the runtime split rule; the merge left to the caller
-    -> (the split partials, w_uv [h, dv, c])."""
+    -> (the split partials, w_uv [h, dv, c]). q_rope: the rope tables (cos, sin) [P, r/2] fp32, q_pe then before RoPE,
+    which the split kernel applies at each row's start_pos (engines/torch_q_rope.py); q_pe is read as the view it is."""
     _, s, h, dn = q_nope.shape
     c = wkv_b.shape[-1]
     torch._check(s == 1, lambda: f"dsv3_aoti::mla_attention: decode needs one new position, got {s}")
@@ -121,10 +123,12 @@ def decode_partials(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tens
     q_latent = decode_query(q_nope, w_uk, absorb_gemm)  # [b, h, c]
     # start_pos as it is: the kernels clamp it to [0, T] themselves (kernels/mla_splits.py _cached_keys), where a
     # clamp here cost Inductor kernels of its own (14 launches per 27-layer 16b decode step)
-    parts = kd.mla_decode_partials(q_latent, q_pe.contiguous()[:, 0], kv_cache[..., :c], kv_cache[..., c:],
+    rope = None if q_rope is None else (*q_rope, start_pos.contiguous())  # the tables at each row's position
+    q_pe_rows = q_pe[:, 0] if rope is not None else q_pe.contiguous()[:, 0]  # the raw view: no copy kernel
+    parts = kd.mla_decode_partials(q_latent, q_pe_rows, kv_cache[..., :c], kv_cache[..., c:],
                                    start_pos.contiguous(),
                                    softmax_scale, kv_new=kv_new[:, 0, :c], pe_new=kv_new[:, 0, c:], runtime_splits=True,
-                                   config_set=mla_config_set())
+                                   config_set=mla_config_set(), q_rope=rope)
     return parts, w_uv
 
 
@@ -158,18 +162,41 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor
     merge and head_gemv in one launch (_merged_head_gemv).
     """
     if decode:
-        absorb_gemm = absorb_gemm and q_nope.dtype in ka.DOT_DTYPES  # fp32 dots would be TF32
-        if absorb_gemm and head_gemv and merge_uv:
-            parts, w_uv = decode_partials(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, True)
-            w = w_uv.transpose(1, 2)  # [h, c, dv], c contiguous
-            if ka.head_gemv_suits(w):  # static: the weight's shape and strides
-                return _merged_head_gemv(parts, w, q_nope.dtype)[:, None]  # [b, 1, h, dv]
-            return _head_gemm(kd.mla_decode_reduce(parts, q_nope.dtype), w)[:, None]
-        lat, w_uv = decode_latent(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale,
-                                  absorb_gemm)  # [b, h, c], [h, dv, c]
-        if absorb_gemm:
-            return _head_gemm(lat, w_uv.transpose(1, 2), head_gemv)[:, None]  # [b, 1, h, dv]
-        return torch.einsum("bshc,hdc->bshd", lat[:, None], w_uv)  # [b, 1, h, dv]
+        return _decode_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, absorb_gemm,
+                                 head_gemv, merge_uv, None)
+    return _prefill_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale)
+
+
+@triton_op("dsv3_aoti::mla_attention_rope_q", mutates_args={})
+def mla_attention_rope_q(q_nope: torch.Tensor, q_pe_raw: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                         kv_new: torch.Tensor, kv_cache: torch.Tensor, start_pos: torch.Tensor, wkv_b: torch.Tensor,
+                         softmax_scale: float, absorb_gemm: bool = True, head_gemv: bool = False,
+                         merge_uv: bool = False) -> torch.Tensor:
+    """dsv3_aoti::mla_attention's decode form with q_pe before RoPE: the rope tables rope_cos / rope_sin [P, r/2] fp32
+    rotate it at each row's start_pos inside the split kernel (engines/torch_q_rope.py)."""
+    return _decode_attention(q_nope, q_pe_raw, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, absorb_gemm,
+                             head_gemv, merge_uv, (rope_cos, rope_sin))
+
+
+def _decode_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale: float, absorb_gemm: bool,
+                      head_gemv: bool, merge_uv: bool, q_rope) -> torch.Tensor:
+    """mla_attention's decode program form -> [b, 1, h, dv]; q_rope: see decode_partials."""
+    absorb_gemm = absorb_gemm and q_nope.dtype in ka.DOT_DTYPES  # fp32 dots would be TF32
+    if absorb_gemm and head_gemv and merge_uv:
+        parts, w_uv = decode_partials(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, True, q_rope)
+        w = w_uv.transpose(1, 2)  # [h, c, dv], c contiguous
+        if ka.head_gemv_suits(w):  # static: the weight's shape and strides
+            return _merged_head_gemv(parts, w, q_nope.dtype)[:, None]  # [b, 1, h, dv]
+        return _head_gemm(kd.mla_decode_reduce(parts, q_nope.dtype), w)[:, None]
+    lat, w_uv = decode_latent(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale,
+                              absorb_gemm, q_rope)  # [b, h, c], [h, dv, c]
+    if absorb_gemm:
+        return _head_gemm(lat, w_uv.transpose(1, 2), head_gemv)[:, None]  # [b, 1, h, dv]
+    return torch.einsum("bshc,hdc->bshd", lat[:, None], w_uv)  # [b, 1, h, dv]
+
+
+def _prefill_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale: float) -> torch.Tensor:
+    """mla_attention's prefill form: einsums for W_UK / W_UV around kernels/mla_prefill.py -> [b, s, h, dv]."""
     h, dn = q_nope.shape[2:]
     c = wkv_b.shape[-1]
     w = wkv_b.view(h, -1, c)  # [h, dn + dv, c]

@@ -105,19 +105,19 @@ BEST_DECODE_CONFIGS = [c for c in DECODE_CONFIGS if not c.maxnreg and (c.kwargs[
                        c.num_warps, c.num_stages) in ((64, 2, 4, 2), (32, 0, 4, 3))]
 _decode_tuned_best = autotune_or_single(_mla_decode_split_kernel, BEST_DECODE_CONFIGS, key=_TUNE_KEY)
 CONFIG_SETS = {"all": (DECODE_CONFIGS, _decode_tuned), "best": (BEST_DECODE_CONFIGS, _decode_tuned_best)}
-# The config the autotuner chose, per (H, C, R, NUM_SPLITS, dtype, HAS_NEW, SPLIT_TARGET, variant); later
-# eager calls launch the kernel with it directly. Autotuner.run re-keys all ~30 arguments on every call (list
-# lookups, str(dtype)): host time each decode step pays before its kernels are queued.
+# The config the autotuner chose, per (H, C, R, NUM_SPLITS, dtype, HAS_NEW, SPLIT_TARGET, variant, config set,
+# ROPE_Q); later eager calls launch the kernel with it directly. Autotuner.run re-keys all ~30 arguments on every
+# call (list lookups, str(dtype)): host time each decode step pays before its kernels are queued.
 _decode_chosen: dict[tuple, triton.Config] = {}
 
 
 def decode_config(heads: int, c: int, r: int, splits: int, dtype: torch.dtype, has_new: bool = False,
-                  split_target: int = 0, variant: str | None = None, config_set: str = "all"):
+                  split_target: int = 0, variant: str | None = None, config_set: str = "all", rope_q: bool = False):
     """The split kernel's config for this shape once the autotuner has chosen it (None before).
     split_target: 0 for a host-chosen split count; runtime_splits calls: splits=MAX_SPLITS and
     split_target=runtime_split_target(device)."""
     return _decode_chosen.get((heads, c, r, splits, dtype, has_new, split_target, variant or DECODE_VARIANT,
-                               config_set))
+                               config_set, rope_q))
 
 
 def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
@@ -170,10 +170,13 @@ def mla_decode_partials(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
                         cache_seqlens: torch.Tensor, softmax_scale: float, *, kv_new: torch.Tensor | None = None,
                         pe_new: torch.Tensor | None = None, num_splits: int | None = None,
                         config: triton.Config | None = None, runtime_splits: bool = False,
-                        variant: str | None = None, config_set: str = "all") -> DecodePartials:
+                        variant: str | None = None, config_set: str = "all",
+                        q_rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> DecodePartials:
     """mla_decode's split kernel alone (same arguments): its partials, for a caller that merges them itself
     (mla_decode_reduce, or kernels/mla_merge_uv.py with W_UV in the same launch). config_set: the configs the
-    autotuner chooses among, a key of CONFIG_SETS."""
+    autotuner chooses among, a key of CONFIG_SETS. q_rope: (cos, sin, positions): the rope tables fp32 [P, R/2]
+    and each row's position [B] (int, clamped to the tables' rows); q_pe is then the query's rope part before RoPE,
+    which the kernel applies (reference/layers.py apply_rotary_emb)."""
     check_tensor("mla_decode: q_latent", q_latent, ndim=3)
     bsz, heads, _ = q_latent.shape
     c, r = _check_caches("mla_decode", q_latent, q_pe, kv_cache, pe_cache, bsz)
@@ -182,6 +185,8 @@ def mla_decode_partials(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
     if cache_seqlens.shape[0] != bsz:
         raise ValueError(f"mla_decode: cache_seqlens has {cache_seqlens.shape[0]} entries for batch {bsz}")
     has_new = _check_new("mla_decode", kv_new, pe_new, q_latent, (bsz, c), (bsz, r))
+    if q_rope is not None:
+        _check_rope("mla_decode", q_rope, bsz, r, q_latent.device)
     variant = variant or DECODE_VARIANT
     if variant not in DECODE_VARIANTS:
         raise ValueError(f"mla_decode: variant={variant!r} must be one of {DECODE_VARIANTS}")
@@ -196,11 +201,11 @@ def mla_decode_partials(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
     o_part, lse = split_partials(bsz, heads, splits, c, dev)
     grid = (bsz, head_blocks, splits)
     tuned = None if VARIANT_FLAGS[variant]["EARLY"] else tuned  # early: pinned (`config`, else the first)
-    tune_key = (heads, c, r, splits, q_latent.dtype, has_new, split_target, variant, config_set)
+    tune_key = (heads, c, r, splits, q_latent.dtype, has_new, split_target, variant, config_set, q_rope is not None)
     eager_tuned = config is None and tuned is not None and not tracing()  # tracing needs the autotuner
     cfg = _decode_chosen.get(tune_key) if eager_tuned else config
     args, kwargs = split_kernel_args(q_latent, q_pe, kv_cache, pe_cache, kv_new, pe_new, cache_seqlens, o_part, lse,
-                                     softmax_scale, split_target, variant=variant)
+                                     softmax_scale, split_target, variant=variant, q_rope=q_rope)
     launch(_mla_decode_split_kernel, tuned, configs, lambda meta: grid, args, kwargs, cfg)
     chosen = getattr(tuned, "best_config", None) if eager_tuned and cfg is None else None
     if chosen is not None:
@@ -227,6 +232,26 @@ def reduce_spec(parts: DecodePartials, out: torch.Tensor) -> LaunchSpec:
     return LaunchSpec(_mla_decode_reduce_kernel, None, [triton.Config({})], lambda meta: (bsz, heads), args, kwargs)
 
 
+def _check_rope(op: str, q_rope, bsz, r: int, device: torch.device) -> None:
+    """Raise naming the tensor when (cos, sin, positions) are not fp32 [P, R/2] tables with unit stride along R/2
+    and one row stride, and int positions [B]."""
+    if len(q_rope) != 3:
+        raise ValueError(f"{op}: q_rope is (cos, sin, positions), got {len(q_rope)} tensors")
+    cos, sin, pos = q_rope
+    if r % 2:
+        raise ValueError(f"{op}: q_rope needs an even rope dim, got R={r}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_tensor(f"{op}: q_rope {name}", t, dtypes=(torch.float32,), ndim=2, device=device)
+        if t.shape[1] != r // 2 or t.stride(1) != 1 or t.shape[0] < 1:
+            raise ValueError(f"{op}: q_rope {name} {tuple(t.shape)} must be [P, R/2={r // 2}] with unit stride")
+    if cos.shape != sin.shape or cos.stride(0) != sin.stride(0):
+        raise ValueError(f"{op}: q_rope cos {tuple(cos.shape)} and sin {tuple(sin.shape)} need one shape and stride")
+    check_tensor(f"{op}: q_rope positions", pos, dtypes=(torch.int32, torch.int64), ndim=1, device=device,
+                 contiguous=True)
+    if pos.shape[0] != bsz:
+        raise ValueError(f"{op}: q_rope positions has {pos.shape[0]} entries for batch {bsz}")
+
+
 def split_plan(op: str, bsz: int, heads: int, cache_len: int, device: torch.device, runtime_splits: bool,
                num_splits: int | None) -> tuple[int, int]:
     """(split programs per row, split_target) of a decode launch: MAX_SPLITS under the runtime rule
@@ -249,7 +274,8 @@ def split_partials(bsz, heads, splits: int, c: int, device: torch.device) -> tup
 def split_kernel_args(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
                       kv_new: torch.Tensor | None, pe_new: torch.Tensor | None, cache_seqlens: torch.Tensor,
                       o_part: torch.Tensor, lse: torch.Tensor, softmax_scale: float, split_target: int, *,
-                      variant: str = "pointer") -> tuple[tuple, dict]:
+                      variant: str = "pointer", q_rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                      ) -> tuple[tuple, dict]:
     """The split kernel's arguments and constexprs (less the config's) writing o_part [B, H, S, C] and
     lse [B, H, S], in one place so that a new kernel argument cannot be left out of a launch (a traced
     launch missing one makes torch assume every input mutated: VARIANT_FLAGS)."""
@@ -262,11 +288,13 @@ def split_kernel_args(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torc
     sq, sqp, skv, spe = q_latent.stride(), q_pe.stride(), kv_cache.stride(), pe_cache.stride()
     so = (heads * splits * c, splits * c, c)  # o_part [B, H, splits, C]
     sl = (heads * splits, splits)  # lse [B, H, splits]
-    args = (q_latent, q_pe, kv_cache, pe_cache, kvn, pen, cache_seqlens, o_part, lse, heads, splits,
+    cos, sin, pos = q_rope if q_rope is not None else (lse, lse, cache_seqlens)  # never read without ROPE_Q
+    rope_rows = cos.shape[0] if q_rope is not None else 1
+    args = (q_latent, q_pe, kv_cache, pe_cache, kvn, pen, cache_seqlens, o_part, lse, cos, sin, pos, heads, splits,
             kv_cache.shape[1], softmax_scale * LOG2E, sq[0], sq[1], sqp[0], sqp[1], skv[0], skv[1], spe[0], spe[1],
-            kvn.stride(0), pen.stride(0), *so, *sl)
+            kvn.stride(0), pen.stride(0), cos.stride(0) if q_rope is not None else 0, rope_rows, *so, *sl)
     kwargs = dict(C=c, R=r, BLOCK_C=next_pow2(c), BLOCK_R=next_pow2(r), HAS_NEW=has_new,
                   UPCAST=_INTERPRETED,  # fp32 .to(fp32) is a no-op; also skips PTX
                   SPLIT_TARGET=split_target, MIN_SPLITS=RUNTIME_MIN_SPLITS, MIN_KEYS=MIN_SPLIT_KEYS,
-                  BLOCK_H=_block_h(heads), **VARIANT_FLAGS[variant])
+                  BLOCK_H=_block_h(heads), ROPE_Q=q_rope is not None, **VARIANT_FLAGS[variant])
     return args, kwargs

@@ -35,21 +35,23 @@ import triton.language as tl
 
 from dsv3_export.kernels.mla_splits import _batch_splits, _cached_keys, _row_splits
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
+from dsv3_export.kernels.topk import _round_bf16
 
 
 @waits_for_producer
 @triton.jit
 def _mla_decode_split_kernel(
-    q_ptr, q_pe_ptr, kv_ptr, pe_ptr, kvn_ptr, pen_ptr, seqlens_ptr, o_part_ptr, lse_ptr,
+    q_ptr, q_pe_ptr, kv_ptr, pe_ptr, kvn_ptr, pen_ptr, seqlens_ptr, o_part_ptr, lse_ptr, cos_ptr, sin_ptr, pos_ptr,
     H, NUM_SPLITS, SEQ_CAP, scale_log2,
     stride_qb, stride_qh, stride_qpb, stride_qph, stride_kvb, stride_kvs, stride_peb, stride_pes,
-    stride_kvnb, stride_penb,
+    stride_kvnb, stride_penb, stride_rope, ROPE_ROWS,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_NEW: tl.constexpr, UPCAST: tl.constexpr,  # UPCAST: interpreted (fp32 operands, no inline PTX)
     SPLIT_TARGET: tl.constexpr, MIN_SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr,  # > 0: the runtime split rule
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
     EARLY: tl.constexpr,  # q and the new token loaded before the seqlen wait (variant "early")
+    ROPE_Q: tl.constexpr,  # q_pe_ptr holds q_pe before RoPE, rotated here by the rope tables' row pos_ptr[b]
 ):
     wait_for_producer()  # before any memory access: kernels/pdl.py
     scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as fp64 scalars
@@ -68,7 +70,8 @@ def _mla_decode_split_kernel(
         seqlen = _cached_keys(seqlens_ptr, pid_b, SEQ_CAP)  # cached keys of this row
         if EARLY:  # issued before the row check below waits for seqlen
             q, q_pe = _query_tiles(q_ptr, q_pe_ptr, b, offs_h, offs_c, offs_r, mask_h, mask_c, mask_r,
-                                   stride_qb, stride_qh, stride_qpb, stride_qph)
+                                   stride_qb, stride_qh, stride_qpb, stride_qph, cos_ptr, sin_ptr, pos_ptr,
+                                   stride_rope, ROPE_ROWS, ROPE_Q)
             if HAS_NEW:  # every program loads the new token (1 KB, an L2 hit); the last split uses it
                 kv_new = tl.load(kvn_ptr + b * stride_kvnb + offs_c, mask=mask_c, other=0.0)
                 pe_new = tl.load(pen_ptr + b * stride_penb + offs_r, mask=mask_r, other=0.0)
@@ -81,7 +84,8 @@ def _mla_decode_split_kernel(
         seqlen = _cached_keys(seqlens_ptr, pid_b, SEQ_CAP)  # cached keys of this row
         if EARLY:
             q, q_pe = _query_tiles(q_ptr, q_pe_ptr, b, offs_h, offs_c, offs_r, mask_h, mask_c, mask_r,
-                                   stride_qb, stride_qh, stride_qpb, stride_qph)
+                                   stride_qb, stride_qh, stride_qpb, stride_qph, cos_ptr, sin_ptr, pos_ptr,
+                                   stride_rope, ROPE_ROWS, ROPE_Q)
             if HAS_NEW:
                 kv_new = tl.load(kvn_ptr + b * stride_kvnb + offs_c, mask=mask_c, other=0.0)
                 pe_new = tl.load(pen_ptr + b * stride_penb + offs_r, mask=mask_r, other=0.0)
@@ -91,7 +95,8 @@ def _mla_decode_split_kernel(
 
     if not EARLY:
         q, q_pe = _query_tiles(q_ptr, q_pe_ptr, b, offs_h, offs_c, offs_r, mask_h, mask_c, mask_r,
-                               stride_qb, stride_qh, stride_qpb, stride_qph)
+                               stride_qb, stride_qh, stride_qpb, stride_qph, cos_ptr, sin_ptr, pos_ptr,
+                               stride_rope, ROPE_ROWS, ROPE_Q)
     if UPCAST:
         q = q.to(tl.float32)
         q_pe = q_pe.to(tl.float32)
@@ -155,8 +160,8 @@ def _mla_decode_split_kernel(
                 # q again (an L2 hit), [C, BLOCK_H]: keeping the loop's copy live would cost registers in the loop
                 q_c = tl.load(q_ptr + b * stride_qb + offs_h[None, :] * stride_qh + offs_c[:, None],
                               mask=mask_h[None, :] & mask_c[:, None], other=0.0).to(tl.float32)
-                q_r = tl.load(q_pe_ptr + b * stride_qpb + offs_h[None, :] * stride_qph + offs_r[:, None],
-                              mask=mask_h[None, :] & mask_r[:, None], other=0.0).to(tl.float32)
+                q_r = _q_pe_tile(q_pe_ptr, b, offs_h, offs_r, mask_h, mask_r, stride_qpb, stride_qph, cos_ptr, sin_ptr,
+                                 pos_ptr, stride_rope, ROPE_ROWS, ROPE_Q, True).to(tl.float32)  # [BLOCK_R, BLOCK_H]
                 s_new = (tl.sum(q_c * kv_new32[:, None], axis=0) + tl.sum(q_r * pe_new32[:, None], axis=0)) * scale_log2
             m_new = tl.maximum(m_i, s_new)
             alpha = tl.exp2(m_i - m_new)
@@ -175,13 +180,45 @@ def _mla_decode_split_kernel(
 
 @triton.jit
 def _query_tiles(q_ptr, q_pe_ptr, b, offs_h, offs_c, offs_r, mask_h, mask_c, mask_r,
-                 stride_qb, stride_qh, stride_qpb, stride_qph):
+                 stride_qb, stride_qh, stride_qpb, stride_qph, cos_ptr, sin_ptr, pos_ptr, stride_rope, ROPE_ROWS,
+                 ROPE_Q: tl.constexpr):
     """This row's query block: q [BLOCK_H, BLOCK_C] and q_pe [BLOCK_H, BLOCK_R], zero past H, C, R."""
     q = tl.load(q_ptr + b * stride_qb + offs_h[:, None] * stride_qh + offs_c[None, :],
                 mask=mask_h[:, None] & mask_c[None, :], other=0.0)
-    q_pe = tl.load(q_pe_ptr + b * stride_qpb + offs_h[:, None] * stride_qph + offs_r[None, :],
-                   mask=mask_h[:, None] & mask_r[None, :], other=0.0)
+    q_pe = _q_pe_tile(q_pe_ptr, b, offs_h, offs_r, mask_h, mask_r, stride_qpb, stride_qph, cos_ptr, sin_ptr, pos_ptr,
+                      stride_rope, ROPE_ROWS, ROPE_Q, False)
     return q, q_pe
+
+
+@triton.jit
+def _q_pe_tile(q_pe_ptr, b, offs_h, offs_r, mask_h, mask_r, stride_qpb, stride_qph, cos_ptr, sin_ptr, pos_ptr,
+               stride_rope, ROPE_ROWS, ROPE_Q: tl.constexpr, R_FIRST: tl.constexpr):
+    """Row b's q_pe, [BLOCK_H, BLOCK_R] (R_FIRST: [BLOCK_R, BLOCK_H]), zero past H and R. ROPE_Q: q_pe_ptr holds it
+    before RoPE, rotated here as reference/layers.py apply_rotary_emb does (pair (2i, 2i + 1) by the rope tables' row
+    pos_ptr[b], column i, in fp32, rounded to q_pe's dtype): the rope kernel Inductor ran before the attention (one
+    launch per layer) is not needed. Each element is computed from itself and its pair partner (offset r ^ 1), so
+    the tile has the plain load's layout (the score sums in the same order as without ROPE_Q)."""
+    if R_FIRST:
+        offs = b * stride_qpb + offs_h[None, :] * stride_qph
+        mask = mask_h[None, :] & mask_r[:, None]
+        r, mask_rr = offs_r[:, None], mask_r[:, None]
+    else:
+        offs = b * stride_qpb + offs_h[:, None] * stride_qph
+        mask = mask_h[:, None] & mask_r[None, :]
+        r, mask_rr = offs_r[None, :], mask_r[None, :]
+    x = tl.load(q_pe_ptr + offs + r, mask=mask, other=0.0)
+    if ROPE_Q:
+        row = tl.minimum(tl.maximum(tl.load(pos_ptr + b), 0), ROPE_ROWS - 1).to(tl.int64) * stride_rope
+        partner = tl.load(q_pe_ptr + offs + (r ^ 1), mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + row + r // 2, mask=mask_rr, other=0.0)
+        s = tl.load(sin_ptr + row + r // 2, mask=mask_rr, other=0.0)
+        x32 = x.to(tl.float32)
+        # even r: x0 * c - x1 * s with (x0, x1) = (x, partner); odd r: x0 * s + x1 * c with (x0, x1) = (partner, x)
+        y = tl.where((r % 2) == 0, x32 * c - partner * s, partner * s + x32 * c)
+        if q_pe_ptr.dtype.element_ty == tl.bfloat16:  # to nearest even, in integers (the interpreter's cast truncates)
+            y = _round_bf16(y)
+        x = y.to(q_pe_ptr.dtype.element_ty)
+    return x
 
 
 @waits_for_producer

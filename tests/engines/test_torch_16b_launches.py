@@ -25,6 +25,7 @@ from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from triton.runtime.jit import JITFunction
 from dsv3_export.engines.torch_kv_row import kv_row_as_where
 from dsv3_export.engines.torch_lower import lower_dsv3_ops
+from dsv3_export.engines.torch_q_rope import q_rope_into_attention
 from dsv3_export.engines.torch_router import fuse_router
 from dsv3_export.engines.torch_triton import triton_lowerings
 from dsv3_export.export import export_step
@@ -47,6 +48,8 @@ for skip_passes, env in settings:
     program, _ = fuse_router(programs[skip_passes])
     program, _ = kv_row_as_where(program, "decode")  # engines/torch.py lower_program's order
     lowered, how = lower_dsv3_ops(program, "cuda", triton_lowerings("decode"))
+    lowered, _ = q_rope_into_attention(lowered, "decode")
+    rope_q = sum("mla_attention_rope_q" in str(n.target) for n in lowered.graph.nodes)
     kv_rows = [str(n.args[2].target) for n in lowered.graph.nodes
                if n.op == "call_function" and "mla_attention" in str(n.target)]
     kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)
@@ -67,7 +70,7 @@ for skip_passes, env in settings:
     extern = [str(n.target) for n in kernels.graph.nodes if n.op == "call_function"
               and getattr(n.target, "_opname", None) in ("topk", "sort", "mm", "bmm", "addmm", "linear")]
     results.append({"kernels": {k: names.count(k) for k in set(names)}, "extern": extern, "incomplete": incomplete,
-                    "tuned_among": tuned_among, "kv_rows": kv_rows})
+                    "tuned_among": tuned_among, "kv_rows": kv_rows, "rope_q": rope_q})
 print(json.dumps(results))
 '''
 
@@ -86,6 +89,7 @@ SETTINGS = {
     "merge uv off": ("", dict(DSV3_TORCH_MERGE_UV="0")),
     "mla all configs": ("", dict(DSV3_TORCH_MLA_CONFIGS="all")),
     "kv row where": ("", dict(DSV3_TORCH_KV_ROW="where")),
+    "q rope kernel": ("", dict(DSV3_TORCH_Q_ROPE="kernel")),
 }
 
 
@@ -204,6 +208,14 @@ def _check_kv_row(launches: dict[str, dict]):
     assert where["kv_rows"] == ["aten.where.self"] * 2, where["kv_rows"]
 
 
+def _check_q_rope(launches: dict[str, dict]):
+    """DSV3_TORCH_Q_ROPE=kernel (opt-in, session 20): each layer's query RoPE matched and moved into the split
+    kernel (engines/torch_q_rope.py; every kernel argument named: _trace); our kernels' launches are the same."""
+    rope, default = launches["q rope kernel"], launches["defaults"]
+    assert rope["kernels"] == default["kernels"], (rope["kernels"], default["kernels"])
+    assert (default["rope_q"], rope["rope_q"]) == (0, 2), (default["rope_q"], rope["rope_q"])
+
+
 @pytest.mark.slow  # ~75-85 s on 2 cores: one 16b export on meta per pass set, the passes, a lowering per setting
 def test_16b_decode_launches():
     """One test for every setting's checks: the settings share one trace (pytest-xdist would split separate
@@ -215,3 +227,4 @@ def test_16b_decode_launches():
     _check_gate_split(launches)
     _check_mla_configs(launches)
     _check_kv_row(launches)
+    _check_q_rope(launches)

@@ -230,13 +230,16 @@ def _cases(all_configs: bool):
                  ((32, 0, None), (64, 2, None)) and c.num_warps == 4 and c.num_stages in (2, 3)]
     for variant, flags in mla_decode.VARIANT_FLAGS.items():
         for cfg in pick(mla_decode.DECODE_CONFIGS) if variant == "pointer" else early_ptr:
-            for has_new, rt in ((False, False), (True, False), (True, True)):
-                yield (f"mla_decode_split {variant} has_new={has_new} runtime_splits={rt}",
+            # rope_q: the engine's DSV3_TORCH_Q_ROPE=kernel, the query's RoPE in the kernel
+            for has_new, rt, rope_q in ((False, False, False), (True, False, False), (True, True, False),
+                                        (True, True, True)):
+                yield (f"mla_decode_split {variant} has_new={has_new} runtime_splits={rt} rope_q={rope_q}",
                        mla_decode._mla_decode_split_kernel, cfg,
                        dict(q_ptr=bf, q_pe_ptr=bf, kv_ptr=bf, pe_ptr=bf, kvn_ptr=bf, pen_ptr=bf,
                             seqlens_ptr="*i64" if rt else i32,  # the engine's: the step's start_pos as it is
-                            o_part_ptr=f32, lse_ptr=f32),
-                       dict(mla_dims, BLOCK_H=16, HAS_NEW=has_new, **flags, **(runtime if rt else eager)))
+                            o_part_ptr=f32, lse_ptr=f32, cos_ptr=f32, sin_ptr=f32, pos_ptr="*i64"),
+                       dict(mla_dims, BLOCK_H=16, HAS_NEW=has_new, ROPE_Q=rope_q, **flags,
+                            **(runtime if rt else eager)))
     for rt in (False, True):
         yield (f"mla_decode_reduce runtime_splits={rt}", mla_decode._mla_decode_reduce_kernel,
                triton.Config({}, num_warps=4),

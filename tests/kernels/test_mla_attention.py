@@ -410,3 +410,33 @@ def test_unclamped_int64_start_positions_are_clamped_by_the_kernels(seed, runtim
     assert mean_rel(got, A.mla_decode_ref(q, qp, kv, pe, seen, SCALE, kv_new=kv_new, pe_new=pe_new)) < 1e-4
     assert torch.equal(A.mla_decode_ref(q, qp, kv, pe, start_pos, SCALE, kv_new=kv_new, pe_new=pe_new),
                        A.mla_decode_ref(q, qp, kv, pe, seen, SCALE, kv_new=kv_new, pe_new=pe_new))
+
+
+@pytest.mark.parametrize("variant", sorted(D.VARIANT_FLAGS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_q_rope_in_the_kernel_equals_the_roped_query(seed, variant, dtype):
+    """q_rope: the split kernel rotates the raw q_pe itself by the rope tables' row at each position
+    (reference/layers.py apply_rotary_emb: fp32, rounded to q_pe's dtype); the same bits as the query roped by torch,
+    read from a strided view as the engine passes it (heads 7 + R apart), with the new token (whose score reloads
+    q_pe) and both split rules; positions past the tables are clamped to their last row."""
+    from dsv3_export.reference.layers import apply_rotary_emb
+
+    torch.manual_seed(seed)
+    b, rows = 3, 11
+    kv, pe = (t.to(dtype) for t in _caches(b, torch.float32))
+    q = torch.randn(b, H, C).to(dtype)
+    raw = torch.randn(b, H, 7 + R).to(dtype)[..., 7:]  # [b, H, R], strides (H * (7 + R), 7 + R, 1)
+    angles = torch.rand(rows, R // 2) * 6.3
+    cos_t, sin_t = angles.cos(), angles.sin()  # the tables [P, R/2] fp32
+    positions = torch.tensor([0, 5, rows + 4])
+    at = positions.clamp(max=rows - 1)
+    roped = apply_rotary_emb(raw[:, None], cos_t[at][:, None], sin_t[at][:, None])[:, 0]  # [b, H, R] in dtype
+    kw = dict(kv_new=torch.randn(b, C).to(dtype), pe_new=torch.randn(b, R).to(dtype), variant=variant)
+    seqlens = torch.tensor([0, 41, S], dtype=torch.int32)
+    for rule in (dict(runtime_splits=True), dict(num_splits=3)):
+        want = D.mla_decode_partials(q, roped.contiguous(), kv, pe, seqlens, SCALE, **kw, **rule)
+        got = D.mla_decode_partials(q, raw, kv, pe, seqlens, SCALE, **kw, **rule, q_rope=(cos_t, sin_t, positions))
+        assert_finite("mla_decode q_rope", D.mla_decode_reduce(got, dtype))
+        assert torch.equal(D.mla_decode_reduce(got, dtype), D.mla_decode_reduce(want, dtype)), rule
+    with pytest.raises(ValueError, match=r"q_rope cos \(11, 4\) must be \[P, R/2=8\]"):
+        D.mla_decode_partials(q, raw, kv, pe, seqlens, SCALE, q_rope=(cos_t[:, :4], sin_t, positions))

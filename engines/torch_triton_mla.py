@@ -121,12 +121,12 @@ def decode_partials(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tens
     w = wkv_b.view(h, -1, c)  # [h, dn + dv, c]
     w_uk, w_uv = w[:, :dn], w[:, dn:]  # [h, dn, c], [h, dv, c]
     q_latent = decode_query(q_nope, w_uk, absorb_gemm)  # [b, h, c]
-    # start_pos as it is: the kernels clamp it to [0, T] themselves (kernels/mla_splits.py _cached_keys), where a
+    # start_pos as it is: the kernels clamp it to [0, T] themselves (kernels/mla_splits.py _clamped_load), where a
     # clamp here cost Inductor kernels of its own (14 launches per 27-layer 16b decode step)
-    rope = None if q_rope is None else (*q_rope, start_pos.contiguous())  # the tables at each row's position
+    positions = start_pos.contiguous()
+    rope = None if q_rope is None else (*q_rope, positions)  # the tables at each row's position
     q_pe_rows = q_pe[:, 0] if rope is not None else q_pe.contiguous()[:, 0]  # the raw view: no copy kernel
-    parts = kd.mla_decode_partials(q_latent, q_pe_rows, kv_cache[..., :c], kv_cache[..., c:],
-                                   start_pos.contiguous(),
+    parts = kd.mla_decode_partials(q_latent, q_pe_rows, kv_cache[..., :c], kv_cache[..., c:], positions,
                                    softmax_scale, kv_new=kv_new[:, 0, :c], pe_new=kv_new[:, 0, c:], runtime_splits=True,
                                    config_set=mla_config_set(), q_rope=rope)
     return parts, w_uv

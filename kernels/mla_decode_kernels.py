@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dsv3_export.kernels.mla_splits import _batch_splits, _cached_keys, _row_splits
+from dsv3_export.kernels.mla_splits import _batch_splits, _clamped_load, _row_splits
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 from dsv3_export.kernels.topk import _round_bf16
 
@@ -67,7 +67,7 @@ def _mla_decode_split_kernel(
         splits = _batch_splits(tl.num_programs(0) * tl.num_programs(1), NUM_SPLITS, SPLIT_TARGET, MIN_SPLITS)
         if pid_s >= splits:  # from the grid alone, before any memory access (most programs at B=32)
             return
-        seqlen = _cached_keys(seqlens_ptr, pid_b, SEQ_CAP)  # cached keys of this row
+        seqlen = _clamped_load(seqlens_ptr, pid_b, SEQ_CAP)  # cached keys of this row
         if EARLY:  # issued before the row check below waits for seqlen
             q, q_pe = _query_tiles(q_ptr, q_pe_ptr, b, offs_h, offs_c, offs_r, mask_h, mask_c, mask_r,
                                    stride_qb, stride_qh, stride_qpb, stride_qph, cos_ptr, sin_ptr, pos_ptr,
@@ -81,7 +81,7 @@ def _mla_decode_split_kernel(
         chunk = tl.cdiv(seqlen, splits)  # not rounded to BLOCK_N (the reduce kernel recomputes `splits`)
     else:
         splits = NUM_SPLITS
-        seqlen = _cached_keys(seqlens_ptr, pid_b, SEQ_CAP)  # cached keys of this row
+        seqlen = _clamped_load(seqlens_ptr, pid_b, SEQ_CAP)  # cached keys of this row
         if EARLY:
             q, q_pe = _query_tiles(q_ptr, q_pe_ptr, b, offs_h, offs_c, offs_r, mask_h, mask_c, mask_r,
                                    stride_qb, stride_qh, stride_qpb, stride_qph, cos_ptr, sin_ptr, pos_ptr,
@@ -208,7 +208,7 @@ def _q_pe_tile(q_pe_ptr, b, offs_h, offs_r, mask_h, mask_r, stride_qpb, stride_q
         r, mask_rr = offs_r[None, :], mask_r[None, :]
     x = tl.load(q_pe_ptr + offs + r, mask=mask, other=0.0)
     if ROPE_Q:
-        row = tl.minimum(tl.maximum(tl.load(pos_ptr + b), 0), ROPE_ROWS - 1).to(tl.int64) * stride_rope
+        row = _clamped_load(pos_ptr, b, ROPE_ROWS - 1).to(tl.int64) * stride_rope
         partner = tl.load(q_pe_ptr + offs + (r ^ 1), mask=mask, other=0.0).to(tl.float32)
         c = tl.load(cos_ptr + row + r // 2, mask=mask_rr, other=0.0)
         s = tl.load(sin_ptr + row + r // 2, mask=mask_rr, other=0.0)
@@ -254,7 +254,7 @@ def _merged_splits(
     splits = NUM_SPLITS
     if SPLIT_TARGET > 0:  # the split kernel's runtime rule: only the row's first `splits` partials were written
         splits = _batch_splits(split_programs, NUM_SPLITS, SPLIT_TARGET, MIN_SPLITS)
-        splits = _row_splits(splits, _cached_keys(seqlens_ptr, pid_b, SEQ_CAP), MIN_KEYS)
+        splits = _row_splits(splits, _clamped_load(seqlens_ptr, pid_b, SEQ_CAP), MIN_KEYS)
     b = pid_b.to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_c = tl.arange(0, BLOCK_C)

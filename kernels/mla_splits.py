@@ -48,12 +48,13 @@ def _batch_splits(programs, NUM_SPLITS, SPLIT_TARGET: tl.constexpr, MIN_SPLITS: 
 
 
 @triton.jit
-def _cached_keys(seqlens_ptr, row, SEQ_CAP):
-    """Row `row`'s cached keys: seqlens[row] clamped to [0, SEQ_CAP] (the cache's length), int32. The torch
-    engine passes the step's start_pos as it is (int64, unclamped): the clamp here replaces the per-layer
-    clamp kernels Inductor emitted for it (14 launches per 27-layer 16b decode step). Lengths already in range
-    (the eager callers' int32) come out unchanged."""
-    return tl.minimum(tl.maximum(tl.load(seqlens_ptr + row), 0), SEQ_CAP).to(tl.int32)
+def _clamped_load(ptr, row, HIGH):
+    """ptr[row] clamped to [0, HIGH], int32 (clamped before the cast). The decode kernels read the step's start_pos
+    through it as it is (int64, unclamped) for the cached keys (HIGH = the cache's length) and the query's rope row
+    (HIGH = the tables' last row): the clamp here replaces the per-layer clamp kernels Inductor emitted for it (14
+    launches per 27-layer 16b decode step). Values already in range (the eager callers' int32 lengths) come out
+    unchanged."""
+    return tl.minimum(tl.maximum(tl.load(ptr + row), 0), HIGH).to(tl.int32)
 
 
 @triton.jit

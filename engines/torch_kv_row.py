@@ -11,8 +11,9 @@ write into in place, and each row is itself a concat (of the kv_norm and rope ke
 
 the row is one pointwise node: the rope kernel writes it into its slice of the stack's output directly, and the
 copy kernels go (the fusion study compiled 10 layers: 68 -> 58 kernels). The same values bit for bit (NaN payloads
-aside: compiled on the CPU, a bf16 NaN came out with another payload): pad adds zeros the where never selects. CUDA decode programs only; DSV3_TORCH_KV_ROW=where (opt-in until timed on the
-H200; `cat` keeps the cat).
+aside: compiled on the CPU, a bf16 NaN came out with another payload): pad adds zeros the where never selects.
+CUDA decode programs only; DSV3_TORCH_KV_ROW=where (default since session 21: on the H200 the 27 stack copies went,
+27.5 us per batch-1 step; benchmarks/RESULTS.md) or `cat` (keeps the cat).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _last_dim_cat(node: object) -> tuple[Node, Node] | None:
 def kv_row_as_where(ep: ExportedProgram, kind: str) -> tuple[ExportedProgram, str]:
     """The program with each mla_attention's kv_new cat rewritten as where(pad, pad) (decode programs with
     KV_ROW_ENV=where), and a line for the manifest's `lowerings`."""
-    if kind != "decode" or env_choice(KV_ROW_ENV, "cat", KV_ROW_FORMS) != "where":
+    if kind != "decode" or env_choice(KV_ROW_ENV, "where", KV_ROW_FORMS) != "where":
         return ep, f"cat ({KV_ROW_ENV}=cat)" if kind == "decode" else "cat (prefill)"
     state = ProgramState(ep)
     rewritten = 0

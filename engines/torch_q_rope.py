@@ -4,7 +4,7 @@ Each decode layer rotates q_pe (reference/layers.py apply_rotary_emb: interleave
 rows, in fp32, rounded back) before dsv3_aoti::mla_attention reads it. In a CUDA package that is a kernel of its
 own per layer (`triton_poi_fused_..._index_mul_select_..._stack_sub_...`: 27 launches, ~32 us per H200 batch-1
 16b step, session 20's fusion study, benchmarks/inductor_fusion_study.py). Rewritten (after the dsv3:: ops are
-lowered; decode programs on CUDA; DSV3_TORCH_Q_ROPE=kernel, opt-in until timed on the H200):
+lowered; decode programs on CUDA; DSV3_TORCH_Q_ROPE=kernel, the default since session 21; `inductor` restores):
 
     x  = view(_to_copy(q_pe_raw, f32), [..., r/2, 2]);  x0, x1 = select(x, -1, 0), select(x, -1, 1)
     c = unsqueeze(index(rope_cos, [unsqueeze(start_pos, 1) + arange(1)]), 2)  (and s from rope_sin)
@@ -114,7 +114,7 @@ def rope_inputs(q_pe: Node, start_pos: Node) -> tuple[Node, Node, Node] | None:
 def q_rope_into_attention(ep: ExportedProgram, kind: str) -> tuple[ExportedProgram, str]:
     """The lowered program with each decode mla_attention's query RoPE moved into its split kernel (Q_ROPE_ENV=kernel,
     decode programs), and a line for the manifest's `lowerings`."""
-    if kind != "decode" or env_choice(Q_ROPE_ENV, "inductor", Q_ROPE_FORMS) != "kernel":
+    if kind != "decode" or env_choice(Q_ROPE_ENV, "kernel", Q_ROPE_FORMS) != "kernel":
         return ep, f"Inductor ({Q_ROPE_ENV}=inductor)" if kind == "decode" else "Inductor (prefill)"
     state = ProgramState(ep)
     rewritten = 0

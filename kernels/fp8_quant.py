@@ -53,6 +53,11 @@ ACT_QUANT_CONFIGS = [
     triton.Config({"BLOCK_M": 1}, num_warps=1, num_stages=1),
     triton.Config({"BLOCK_M": 32}, num_warps=8, num_stages=1),
 ]
+# The configs the autotuner picks among (ACT_QUANT_CONFIGS: every config the kernel supports, each tested). Not
+# BLOCK_M 32: AOTInductor tunes the decode program once, at batch 64, where the three time alike (~10 us, within
+# the noise), and at batch 1 a BLOCK_M 32 pick is slow: session 21's two 16b builds whose act_quant of h (26 calls
+# per step) got it spent 99-103 us per batch-1 step in act_quant, the two that got BLOCK_M 8 or 1 spent 42.
+ACT_QUANT_TUNED_CONFIGS = ACT_QUANT_CONFIGS[:2]
 DEQUANT_CONFIGS = [
     triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=8, num_stages=1),
@@ -156,8 +161,8 @@ def _weight_dequant_kernel(
     tl.store(y_ptr + offs_n[:, None] * stride_yn + offs_k[None, :], (w * s).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-_act_quant_tuned = autotune_or_single(_act_quant_kernel, ACT_QUANT_CONFIGS, key=["K"])
-_act_quant_ieee_tuned = autotune_or_single(_act_quant_ieee_kernel, ACT_QUANT_CONFIGS, key=["K"])
+_act_quant_tuned = autotune_or_single(_act_quant_kernel, ACT_QUANT_TUNED_CONFIGS, key=["K"])
+_act_quant_ieee_tuned = autotune_or_single(_act_quant_ieee_kernel, ACT_QUANT_TUNED_CONFIGS, key=["K"])
 _weight_dequant_tuned = autotune_or_single(_weight_dequant_kernel, DEQUANT_CONFIGS, key=["N", "K"])
 
 
@@ -197,7 +202,7 @@ def act_quant_spec(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, scale_reci
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(k, meta["BLOCK_K"]))  # noqa: E731
     kernel, tuned = ((_act_quant_kernel, _act_quant_tuned) if scale_reciprocal
                      else (_act_quant_ieee_kernel, _act_quant_ieee_tuned))
-    return LaunchSpec(kernel, tuned, ACT_QUANT_CONFIGS, grid, (x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0)),
+    return LaunchSpec(kernel, tuned, ACT_QUANT_TUNED_CONFIGS, grid, (x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0)),
                       dict(BLOCK_K=QUANT_BLOCK))
 
 

@@ -38,6 +38,11 @@ ROUTER_CONFIGS = [
     triton.Config({"BLOCK_ROWS": 4}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_ROWS": 16}, num_warps=4, num_stages=1),
 ]
+# The one config compiled runs use (ROUTER_CONFIGS: every config the kernel supports, each tested): one row per
+# 1-warp program. Why: AOTInductor tunes the decode program once, at batch 64, and its picks there cost the batch-1
+# step 57-63 us of router (BLOCK_ROWS 1, 12 of the 24 H200 builds of sessions 18-21), 63-76 (BLOCK_ROWS 4, 10 builds)
+# and 95-97 (BLOCK_ROWS 16, 2 builds): 26 calls of one token each.
+ROUTER_TUNED_CONFIGS = ROUTER_CONFIGS[:1]
 
 
 @triton.jit
@@ -123,7 +128,7 @@ def _router_kernel(logits_ptr, w_ptr, idx_ptr, ROWS, N, scale, first_extra, stri
                  mask=row_ok)
 
 
-_router_tuned = autotune_or_single(_router_kernel, ROUTER_CONFIGS, key=["N", "TOPK", "N_EXTRA", "SPLITS"])
+_router_tuned = autotune_or_single(_router_kernel, ROUTER_TUNED_CONFIGS, key=["N", "TOPK", "N_EXTRA", "SPLITS"])
 
 
 def rows_unfit(n, k) -> str | None:
@@ -166,7 +171,7 @@ def router_spec(logits: torch.Tensor, k: int, scale: float, n_extra: int, first_
     splits = logits.shape[0] if logits.dim() == 3 else 1
     rows, n = logits.shape[-2:]
     grid = lambda meta: (cdiv(rows, meta["BLOCK_ROWS"]),)  # noqa: E731
-    return LaunchSpec(_router_kernel, _router_tuned, ROUTER_CONFIGS, grid,
+    return LaunchSpec(_router_kernel, _router_tuned, ROUTER_TUNED_CONFIGS, grid,
                       (logits, weights, indices, rows, n, float(scale), first_extra, logits.stride(-2),
                        weights.stride(0), indices.stride(0), logits.stride(0) if splits > 1 else 0),
                       dict(TOPK=k, N_EXTRA=n_extra, BLOCK_N=max(next_pow2(n), 16), SPLITS=splits,

@@ -41,11 +41,15 @@ def test_where_row_is_the_cat_bit_for_bit(seed, monkeypatch):
 
 
 def test_switch_and_program_kinds(monkeypatch):
-    """Off by default (`cat`), prefill programs never rewritten, a bad value named."""
+    """On by default (`where`, session 21), `cat` keeps the program, prefill programs never rewritten, a bad value
+    named."""
     from dsv3_export.engines import torch_kv_row as R
 
     program = _fp8_decode_program()
-    assert R.kv_row_as_where(program, "decode")[0] is program
+    monkeypatch.delenv(R.KV_ROW_ENV, raising=False)
+    assert R.kv_row_as_where(program, "decode")[1].endswith(f"({R.KV_ROW_ENV}=where)")
+    monkeypatch.setenv(R.KV_ROW_ENV, "cat")
+    assert R.kv_row_as_where(program, "decode") == (program, f"cat ({R.KV_ROW_ENV}=cat)")
     monkeypatch.setenv(R.KV_ROW_ENV, "where")
     assert R.kv_row_as_where(program, "prefill") == (program, "cat (prefill)")
     monkeypatch.setenv(R.KV_ROW_ENV, "pad")

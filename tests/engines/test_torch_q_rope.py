@@ -36,6 +36,8 @@ tokens, start_pos, kv_cache = step_inputs("decode", seed, torch.bfloat16)
 inputs = (tokens, start_pos, kv_cache[:, :2].contiguous())
 lowered, _ = lower_dsv3_ops(program, "cuda", triton_lowerings("decode"))
 out["default"] = q_rope_into_attention(lowered, "decode")[1]
+os.environ[Q_ROPE_ENV] = "inductor"
+out["inductor"] = q_rope_into_attention(lowered, "decode")[1]
 os.environ[Q_ROPE_ENV] = "kernel"
 rewritten, out["how"] = q_rope_into_attention(lowered, "decode")
 count = lambda p, name: sum(name in str(n.target) for n in p.graph.nodes if n.op == "call_function")  # noqa: E731
@@ -54,8 +56,9 @@ def test_rewritten_decode_program_is_bit_identical_in_the_interpreter(seed):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["default"] == "Inductor (DSV3_TORCH_Q_ROPE=inductor)", out["default"]
+    assert out["inductor"] == "Inductor (DSV3_TORCH_Q_ROPE=inductor)", out["inductor"]
     assert out["how"] == "2 query RoPEs into the MLA split kernel (DSV3_TORCH_Q_ROPE=kernel)", out["how"]
+    assert out["default"] == out["how"], out  # the default since session 21
     assert out["ops"]["mla_attention_rope_q"] == [0, 2], out["ops"]
     stacks_before, stacks_after = out["ops"]["stack"]
     assert stacks_before - stacks_after == 2, out["ops"]  # each layer's query RoPE stack gone (k_pe's stays)

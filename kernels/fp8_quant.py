@@ -202,7 +202,8 @@ def act_quant_spec(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, scale_reci
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(k, meta["BLOCK_K"]))  # noqa: E731
     kernel, tuned = ((_act_quant_kernel, _act_quant_tuned) if scale_reciprocal
                      else (_act_quant_ieee_kernel, _act_quant_ieee_tuned))
-    return LaunchSpec(kernel, tuned, ACT_QUANT_TUNED_CONFIGS, grid, (x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0)),
+    return LaunchSpec(kernel, tuned, ACT_QUANT_TUNED_CONFIGS, grid,
+                      (x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0)),
                       dict(BLOCK_K=QUANT_BLOCK))
 
 

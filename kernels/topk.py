@@ -128,7 +128,8 @@ def _router_kernel(logits_ptr, w_ptr, idx_ptr, ROWS, N, scale, first_extra, stri
                  mask=row_ok)
 
 
-_router_tuned = autotune_or_single(_router_kernel, ROUTER_TUNED_CONFIGS, key=["N", "TOPK", "N_EXTRA", "SPLITS"])
+_router_tuned = autotune_or_single(_router_kernel, ROUTER_TUNED_CONFIGS,
+                                   key=["N", "TOPK", "N_EXTRA", "SPLITS"])
 
 
 def rows_unfit(n, k) -> str | None:

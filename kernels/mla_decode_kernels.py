@@ -160,12 +160,12 @@ def _mla_decode_split_kernel(
                 # q again (an L2 hit), [C, BLOCK_H]: keeping the loop's copy live would cost registers in the loop
                 q_c = tl.load(q_ptr + b * stride_qb + offs_h[None, :] * stride_qh + offs_c[:, None],
                               mask=mask_h[None, :] & mask_c[:, None], other=0.0).to(tl.float32)
-                # q_pe as the loop had it (live there: the score dot reads it every tile). Reloaded here, with ROPE_Q
-                # it was rotated again: two more dependent loads (the position, then the tables' row) on the path of
-                # the last split, which ends the kernel. With that, the RoPE made the split kernel 20 us slower per
-                # 27-layer 16b batch-1 step (session 21).
-                s_new = (tl.sum(q_c * kv_new32[:, None], axis=0)
-                         + tl.sum(q_pe.to(tl.float32) * pe_new32[None, :], axis=1)) * scale_log2
+                # q_pe reloaded too (with ROPE_Q rotated again). Taking the loop's q_pe instead (sum over axis 1 of
+                # [BLOCK_H, BLOCK_R]) made the kernel slower on the H200: 230 against 216 us per 27-layer 16b batch-1
+                # step (session 21), though it saves two dependent loads on the last split's path.
+                q_r = _q_pe_tile(q_pe_ptr, b, offs_h, offs_r, mask_h, mask_r, stride_qpb, stride_qph, cos_ptr, sin_ptr,
+                                 pos_ptr, stride_rope, ROPE_ROWS, ROPE_Q, True).to(tl.float32)  # [BLOCK_R, BLOCK_H]
+                s_new = (tl.sum(q_c * kv_new32[:, None], axis=0) + tl.sum(q_r * pe_new32[:, None], axis=0)) * scale_log2
             m_new = tl.maximum(m_i, s_new)
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s_new - m_new)
@@ -189,21 +189,26 @@ def _query_tiles(q_ptr, q_pe_ptr, b, offs_h, offs_c, offs_r, mask_h, mask_c, mas
     q = tl.load(q_ptr + b * stride_qb + offs_h[:, None] * stride_qh + offs_c[None, :],
                 mask=mask_h[:, None] & mask_c[None, :], other=0.0)
     q_pe = _q_pe_tile(q_pe_ptr, b, offs_h, offs_r, mask_h, mask_r, stride_qpb, stride_qph, cos_ptr, sin_ptr, pos_ptr,
-                      stride_rope, ROPE_ROWS, ROPE_Q)
+                      stride_rope, ROPE_ROWS, ROPE_Q, False)
     return q, q_pe
 
 
 @triton.jit
 def _q_pe_tile(q_pe_ptr, b, offs_h, offs_r, mask_h, mask_r, stride_qpb, stride_qph, cos_ptr, sin_ptr, pos_ptr,
-               stride_rope, ROPE_ROWS, ROPE_Q: tl.constexpr):
-    """Row b's q_pe, [BLOCK_H, BLOCK_R], zero past H and R. ROPE_Q: q_pe_ptr holds it before RoPE, rotated here as
-    reference/layers.py apply_rotary_emb does (pair (2i, 2i + 1) by the rope tables' row pos_ptr[b], column i, in
-    fp32, rounded to q_pe's dtype): the rope kernel Inductor ran before the attention (one launch per layer) is not
-    needed. Each element is computed from itself and its pair partner (offset r ^ 1), so the tile has the plain
-    load's layout (the score sums in the same order as without ROPE_Q)."""
-    offs = b * stride_qpb + offs_h[:, None] * stride_qph
-    mask = mask_h[:, None] & mask_r[None, :]
-    r, mask_rr = offs_r[None, :], mask_r[None, :]
+               stride_rope, ROPE_ROWS, ROPE_Q: tl.constexpr, R_FIRST: tl.constexpr):
+    """Row b's q_pe, [BLOCK_H, BLOCK_R] (R_FIRST: [BLOCK_R, BLOCK_H]), zero past H and R. ROPE_Q: q_pe_ptr holds it
+    before RoPE, rotated here as reference/layers.py apply_rotary_emb does (pair (2i, 2i + 1) by the rope tables' row
+    pos_ptr[b], column i, in fp32, rounded to q_pe's dtype): the rope kernel Inductor ran before the attention (one
+    launch per layer) is not needed. Each element is computed from itself and its pair partner (offset r ^ 1), so
+    the tile has the plain load's layout (the score sums in the same order as without ROPE_Q)."""
+    if R_FIRST:
+        offs = b * stride_qpb + offs_h[None, :] * stride_qph
+        mask = mask_h[None, :] & mask_r[:, None]
+        r, mask_rr = offs_r[:, None], mask_r[:, None]
+    else:
+        offs = b * stride_qpb + offs_h[:, None] * stride_qph
+        mask = mask_h[:, None] & mask_r[None, :]
+        r, mask_rr = offs_r[None, :], mask_r[None, :]
     x = tl.load(q_pe_ptr + offs + r, mask=mask, other=0.0)
     if ROPE_Q:
         row = _clamped_load(pos_ptr, b, ROPE_ROWS - 1).to(tl.int64) * stride_rope

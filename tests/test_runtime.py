@@ -37,16 +37,24 @@ def torch_engine() -> Engine:
     return Engine(manifest=manifest, step=TorchStep(tiny_model()), path=None)
 
 
-def test_write_cache_writes_each_row_at_its_start(seed):
+@pytest.mark.parametrize("new_tokens", [4, 1])
+def test_write_cache_writes_each_row_at_its_start(seed, new_tokens):
+    """Prefill (several tokens) and decode (one); the batch may be shorter than the cache's (rows past it kept)."""
     gen = torch.Generator().manual_seed(seed)
-    cache = torch.randn(3, 2, 20, 7, generator=gen)
-    new_kv = torch.randn(3, 2, 4, 7, generator=gen)
-    start_pos = torch.tensor([0, 9, 16])
+    cache = torch.randn(4, 2, 20, 7, generator=gen)
+    new_kv = torch.randn(3, 2, new_tokens, 7, generator=gen)
+    start_pos = torch.randint(0, 20 - new_tokens + 1, (3,), generator=gen)
     expected = cache.clone()
     for row, pos in enumerate(start_pos.tolist()):
-        expected[row, :, pos : pos + 4] = new_kv[row]
+        expected[row, :, pos : pos + new_tokens] = new_kv[row]
     write_cache(cache, new_kv, start_pos)
     assert torch.equal(cache, expected)
+
+
+def test_write_cache_refuses_a_position_past_the_cache():
+    cache, new_kv = torch.zeros(1, 2, 8, 3), torch.ones(1, 2, 2, 3)
+    with pytest.raises((RuntimeError, IndexError)):
+        write_cache(cache, new_kv, torch.tensor([7]))
 
 
 def test_runtime_logic_with_an_eager_step_matches_reference_greedy():

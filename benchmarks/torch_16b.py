@@ -12,7 +12,8 @@ killed at its limit still returns what was measured. Sections, per precision (bf
                bandwidth of this GPU
   engine       the torch engine built in memory exactly as engines/torch.py builds it (export ->
                passes -> dsv3 op lowering -> AOTInductor package per program), compile seconds;
-               decode ms/token at each batch (CUDA graph replay, and the package run directly),
+               decode ms/token at each batch (CUDA graph replay, and the package run directly; the
+               graph's replay alone too: the timed step less the host's work around the graph),
                prefill ms for prompt-len tokens at batch 1; max rel. error of decode logits vs
                the eager step; `Engine.generate` (the runtime's greedy loop) on this step, 16
                tokens, vs the reference model's own greedy loop (identical prefix length); the config
@@ -223,6 +224,18 @@ def time_step_decode(step: Callable, model, batch: int, context: int, iters: int
     return ms
 
 
+def time_graph_replay(step: AOTIStep, model, batch: int, context: int, iters: int) -> float:
+    """Milliseconds of the captured decode graph's replay alone (synchronized per replay): the timed step less the
+    host's work around the graph (its input copies, output clones, write_cache, the Python between them). Why: the
+    timed batch-1 step exceeded the graph timeline's span by 5-99 us in session 21's builds."""
+    tokens, pos, cache = decode_inputs(model, batch, context)
+    step(tokens, pos, cache)  # captures this batch's graph (or reuses it)
+    graph = next(reversed(step._graphs.graphs.values()))["graph"]  # the entry just used is the last
+    ms = cuda_ms(graph.replay, iters)
+    cache = None  # frees it (the graph holds its own reference)
+    return ms
+
+
 @contextlib.contextmanager
 def switched_env(env: dict[str, str]):
     """The build switches of one --variant set while its programs are lowered and compiled, restored after."""
@@ -302,6 +315,8 @@ def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds,
     for b in batches:
         out[f"decode_ms_b{b}"] = cuda_ms_safe(lambda: time_step_decode(step, model, b, prompt_len, steps))
         out[f"decode_ms_b{b}_no_graph"] = cuda_ms_safe(lambda: time_step_decode(direct, model, b, prompt_len, steps))
+        if step._graphs is not None and not step._graphs.failed:
+            out[f"decode_ms_b{b}_replay"] = cuda_ms_safe(lambda: time_graph_replay(step, model, b, prompt_len, steps))
     if DEVICE == "cuda" and pdl_ports:
         out.update(guarded_dict(lambda: pdl_timings(step, model, batches, prompt_len, steps, pdl_ports)))
     if "prefill" in kinds:
@@ -658,6 +673,8 @@ def markdown(data: dict[str, Any], batches: list[int]) -> str:
     for precision, sections in data["results"].items():
         engines = _engine_sections(sections)
         rows = [(e, "") for e in engines] + [(f"{e} (no CUDA graph)", "_no_graph") for e in engines]
+        rows += [(f"{e} (graph replay alone)", "_replay") for e in engines
+                 if f"decode_ms_b{batches[0]}_replay" in sections[e]]
         rows += [(f"{e} (PDL {key[4:]})", f"_{key}") for e in engines for key in ("pdl_launch", "pdl_programmatic",
                                                                                 "pdl_control")
                  if f"decode_ms_b{batches[0]}_{key}" in sections[e]]

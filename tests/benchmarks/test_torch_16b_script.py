@@ -154,3 +154,37 @@ def test_autotune_choices_records_the_winners_and_hands_the_rest_on(monkeypatch,
                       "nreg": 40, "nspill": 0, "shared": 512}]
     assert [r.getMessage() for r in caplog.records] == ["a warning the build should still show"]
     assert (logger.level, logger.propagate) == before
+
+
+def test_graph_replay_row_and_timing_of_the_last_used_graph(monkeypatch):
+    """The replay-alone timing replays the graph the step just used (the last entry of its LRU), not another
+    batch's; the table gets its row only when the JSON has the numbers (CPU runs have no graphs)."""
+    script = _load_script(monkeypatch)
+    replays = []
+
+    class FakeGraph:
+        def __init__(self, name):
+            self.name = name
+
+        def replay(self):
+            replays.append(self.name)
+
+    class FakeStep:
+        _graphs = type("G", (), {"graphs": {}})()
+
+        def __call__(self, tokens, pos, cache):
+            self._graphs.graphs.pop(tokens.shape[0], None)
+            self._graphs.graphs[tokens.shape[0]] = {"graph": FakeGraph(f"b{tokens.shape[0]}")}
+
+    monkeypatch.setattr(script, "DEVICE", "cpu")
+    model = type("M", (), {"args": type("A", (), {"n_layers": 1, "latent_cache_width": 4, "vocab_size": 9})(),
+                           "dtype": torch.float32})()
+    step = FakeStep()
+    step(torch.zeros(8, 1), None, None)
+    assert script.time_graph_replay(step, model, 2, 3, iters=3) >= 0
+    assert set(replays) == {"b2"} and len(replays) == 3 + 2  # the timed replays and cuda_ms's two warm-ups
+    engine = {"decode_ms_b1": 2.0, "decode_ms_b1_no_graph": 3.0}
+    data = {"meta": {"prompt_len": 16}, "results": {"fp8": {"engine": engine}}}
+    assert "replay alone" not in script.markdown(data, [1])
+    engine["decode_ms_b1_replay"] = 1.9
+    assert "| fp8 | engine (graph replay alone) |  | 1.90 |" in script.markdown(data, [1])

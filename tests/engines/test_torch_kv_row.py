@@ -40,6 +40,38 @@ def test_where_row_is_the_cat_bit_for_bit(seed, monkeypatch):
         assert torch.equal(w, g)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_norm_over_the_row_is_the_cat_up_to_the_sum_order(seed, monkeypatch, dtype):
+    """DSV3_TORCH_KV_ROW=norm: each layer's kv_norm reduces over the whole kv row, masked (the fp32 mean summed in
+    another order): every layer rewritten (the bf16 program through its casts), no rms_norm over the latent left,
+    and the outputs within that rounding of the cat's: the new kv rows (the norm's own output) within 2e-6 in fp32
+    and one bf16 ulp (2^-7 relative) in bf16; the logits within 1e-5 (fp32) and 2e-2 (bf16) relative in norm."""
+    from dsv3_export.engines import torch_kv_row as R
+    from dsv3_export.passes.base import PassConfig
+    from dsv3_export.passes.pipeline import run_pipeline
+    from tests.passes.tiny_programs import step_inputs, tiny_model, tiny_program
+
+    precision = "fp8" if dtype == torch.float32 else "bf16"
+    program = run_pipeline(tiny_program("decode", dtype), PassConfig(precision=precision))[0]
+    latent = tiny_model(dtype).args.kv_lora_rank
+    latent_norms = lambda p: sum(n.op == "call_function" and n.target is torch.ops.aten.rms_norm.default  # noqa: E731
+                                 and list(n.args[1]) == [latent] for n in p.graph.nodes)
+    layers = len(_kv_new_args(program))
+    assert latent_norms(program) == layers
+    monkeypatch.setenv(R.KV_ROW_ENV, "norm")
+    rewritten, how = R.kv_row_as_where(program, "decode")
+    assert how == f"{layers} kv_new cats -> where(pad, pad), {layers} kv_norms over the whole row " \
+                  f"({R.KV_ROW_ENV}=norm)", how
+    assert latent_norms(rewritten) == 0
+    inputs = step_inputs("decode", seed, dtype)
+    (want_logits, want_kv), (got_logits, got_kv) = program.module()(*inputs), rewritten.module()(*inputs)
+    kv_tol = 2e-6 if dtype == torch.float32 else 2**-7
+    assert torch.allclose(got_kv.float(), want_kv.float(), rtol=kv_tol, atol=kv_tol), \
+        (got_kv.float() - want_kv.float()).abs().max()
+    rel = ((got_logits.float() - want_logits.float()).norm() / want_logits.float().norm()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
+
+
 def test_switch_and_program_kinds(monkeypatch):
     """On by default (`where`, session 21), `cat` keeps the program, prefill programs never rewritten, a bad value
     named."""

@@ -17,6 +17,11 @@ Inductor a gather kernel per consumer (two layers a launch), half the launches s
 whose split kernel loads the raw pairs and rotates them with the same fp32 arithmetic and rounding
 (kernels/mla_decode_kernels.py _q_pe_tile): the same bits in the CPU interpreter; on the GPU the compiler may
 contract a multiply-add differently from Inductor's kernel (a last-bit difference before the rounding, rare).
+
+DSV3_TORCH_Q_ROPE=absorb (opt-in, session 21, not yet timed on the GPU): the same rewrite with rope_in_query set, so
+W_UK's head_gemm launch writes the rotated q_pe from programs of its own (kernels/mla_query.py, the same rotation)
+and the split kernel reads it as before the rewrite. Why: with the rotation inside it the split kernel took 20-24 us
+more per 27-layer batch-1 step on the H200 (session 21).
 """
 
 from __future__ import annotations
@@ -32,7 +37,10 @@ from dsv3_export.passes.program_state import ProgramState
 
 Q_ROPE_ENV = "DSV3_TORCH_Q_ROPE"
 Q_ROPE_FORMS = {"inductor": "the query's RoPE by an Inductor kernel per layer",
-                "kernel": "the query's RoPE inside the MLA split kernel"}
+                "kernel": "the query's RoPE inside the MLA split kernel",
+                "absorb": "the query's RoPE in W_UK's head_gemm launch (kernels/mla_query.py)"}
+# Where each form rotates the query, for the manifest's line.
+_WHERE = {"kernel": "the MLA split kernel", "absorb": "W_UK's head_gemm launch"}
 aten = torch.ops.aten
 
 
@@ -113,8 +121,9 @@ def rope_inputs(q_pe: Node, start_pos: Node) -> tuple[Node, Node, Node] | None:
 
 def q_rope_into_attention(ep: ExportedProgram, kind: str) -> tuple[ExportedProgram, str]:
     """The lowered program with each decode mla_attention's query RoPE moved into its split kernel (Q_ROPE_ENV=kernel,
-    decode programs), and a line for the manifest's `lowerings`."""
-    if kind != "decode" or env_choice(Q_ROPE_ENV, "kernel", Q_ROPE_FORMS) != "kernel":
+    decode programs) or W_UK's head_gemm launch (Q_ROPE_ENV=absorb), and a line for the manifest's `lowerings`."""
+    form = env_choice(Q_ROPE_ENV, "kernel", Q_ROPE_FORMS) if kind == "decode" else "inductor"
+    if form == "inductor":
         return ep, f"Inductor ({Q_ROPE_ENV}=inductor)" if kind == "decode" else "Inductor (prefill)"
     state = ProgramState(ep)
     rewritten = 0
@@ -129,10 +138,10 @@ def q_rope_into_attention(ep: ExportedProgram, kind: str) -> tuple[ExportedProgr
         with state.graph.inserting_before(node):
             new = state.call(torch.ops.dsv3_aoti.mla_attention_rope_q.default,
                              (q_nope, raw, cos, sin, kv_new, kv_cache, start_pos, wkv_b, scale, absorb, head_gemv,
-                              merge_uv), meta_from=node)
+                              merge_uv, form == "absorb"), meta_from=node)
         node.replace_all_uses_with(new)
         rewritten += 1
     if not rewritten:
-        return ep, f"no query RoPE matched ({Q_ROPE_ENV}=kernel)"
+        return ep, f"no query RoPE matched ({Q_ROPE_ENV}={form})"
     state.eliminate_dead_code()
-    return state.program(), f"{rewritten} query RoPEs into the MLA split kernel ({Q_ROPE_ENV}=kernel)"
+    return state.program(), f"{rewritten} query RoPEs into {_WHERE[form]} ({Q_ROPE_ENV}={form})"

@@ -14,6 +14,8 @@ fp32 dots would be TF32); the switches below are read when a program is lowered.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch.library import triton_op
 
@@ -25,6 +27,7 @@ from dsv3_export.kernels import mla_absorb as ka
 from dsv3_export.kernels import mla_decode as kd
 from dsv3_export.kernels import mla_merge_uv as km_uv
 from dsv3_export.kernels import mla_prefill as kp
+from dsv3_export.kernels import mla_query as kq
 
 # The decode program's absorbed MLA projections (q_nope @ W_UK, lat @ W_UV per head): `1` (default)
 # kernels/mla_absorb.py head_gemm, one launch each reading the strided activation and weight views;
@@ -78,6 +81,25 @@ def _head_gemm(x: torch.Tensor, w: torch.Tensor, gemv: bool = False) -> torch.Te
     return out
 
 
+class QueryRope(NamedTuple):
+    """A q_pe passed before RoPE: the rope tables [P, r/2] fp32 that rotate it at each row's start_pos, and where:
+    in the MLA split kernel, or (in_query) in W_UK's head_gemm launch (kernels/mla_query.py;
+    engines/torch_q_rope.py)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    in_query: bool = False
+
+
+def _head_gemm_rope(x: torch.Tensor, w: torch.Tensor, q_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels/mla_query.py's launch: (x [b, h, k] @ w [h, k, n] per head, q_pe [b, h, r] rotated at positions)."""
+    out = torch.empty((x.shape[0], x.shape[1], w.shape[2]), dtype=x.dtype, device=x.device)  # [b, h, n]
+    q_pe_out = torch.empty(q_pe.shape, dtype=q_pe.dtype, device=x.device)  # [b, h, r]
+    torch_launch.launch_spec(kq.head_gemm_rope_spec(x, w, out, ka.DECODE_MAX_M, q_pe, cos, sin, positions, q_pe_out))
+    return out, q_pe_out
+
+
 def decode_query(q_nope: torch.Tensor, w_uk: torch.Tensor, absorb_gemm: bool) -> torch.Tensor:
     """W_UK absorbed into the decode query: q_nope [b, 1, h, dn] x w_uk [h, dn, c] -> [b, h, c], by
     head_gemm on the strided [b, h, dn] slice (absorb_gemm) or the einsum."""
@@ -88,7 +110,7 @@ def decode_query(q_nope: torch.Tensor, w_uk: torch.Tensor, absorb_gemm: bool) ->
 
 def decode_latent(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
                   start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, absorb_gemm: bool,
-                  q_rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  q_rope: QueryRope | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The decode attention up to W_UV: decode_partials, then the reduce kernel -> (lat [b, h, c], w_uv [h, dv, c])."""
     parts, w_uv = decode_partials(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, absorb_gemm,
                                   q_rope)
@@ -110,22 +132,27 @@ def mla_config_set() -> str:
 
 def decode_partials(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor, kv_cache: torch.Tensor,
                     start_pos: torch.Tensor, wkv_b: torch.Tensor, softmax_scale: float, absorb_gemm: bool,
-                    q_rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[kd.DecodePartials, torch.Tensor]:
+                    q_rope: QueryRope | None = None) -> tuple[kd.DecodePartials, torch.Tensor]:
     """W_UK into the query (decode_query), then mla_decode's split kernel over the cache rows
     t < min(start_pos, T) and the one new key, under the runtime split rule; the merge left to the caller
-    -> (the split partials, w_uv [h, dv, c]). q_rope: the rope tables (cos, sin) [P, r/2] fp32, q_pe then before RoPE,
-    which the split kernel applies at each row's start_pos (engines/torch_q_rope.py); q_pe is read as the view it is."""
+    -> (the split partials, w_uv [h, dv, c]). q_rope: q_pe is before RoPE, rotated at each row's start_pos by the
+    split kernel, or with q_rope.in_query (and absorb_gemm) by W_UK's head_gemm launch (engines/torch_q_rope.py);
+    q_pe is read as the view it is."""
     _, s, h, dn = q_nope.shape
     c = wkv_b.shape[-1]
     torch._check(s == 1, lambda: f"dsv3_aoti::mla_attention: decode needs one new position, got {s}")
     w = wkv_b.view(h, -1, c)  # [h, dn + dv, c]
     w_uk, w_uv = w[:, :dn], w[:, dn:]  # [h, dn, c], [h, dv, c]
-    q_latent = decode_query(q_nope, w_uk, absorb_gemm)  # [b, h, c]
     # start_pos as it is: the kernels clamp it to [0, T] themselves (kernels/mla_splits.py _clamped_load), where a
     # clamp here cost Inductor kernels of its own (14 launches per 27-layer 16b decode step)
     positions = start_pos.contiguous()
-    rope = None if q_rope is None else (*q_rope, positions)  # the tables at each row's position
-    q_pe_rows = q_pe[:, 0] if rope is not None else q_pe.contiguous()[:, 0]  # the raw view: no copy kernel
+    rope = None
+    if q_rope is not None and q_rope.in_query and absorb_gemm:  # [b, h, c], the rotated [b, h, r]
+        q_latent, q_pe_rows = _head_gemm_rope(q_nope[:, 0], w_uk, q_pe[:, 0], q_rope.cos, q_rope.sin, positions)
+    else:
+        q_latent = decode_query(q_nope, w_uk, absorb_gemm)  # [b, h, c]
+        rope = None if q_rope is None else (q_rope.cos, q_rope.sin, positions)  # the tables at each row's position
+        q_pe_rows = q_pe[:, 0] if rope is not None else q_pe.contiguous()[:, 0]  # the raw view: no copy kernel
     parts = kd.mla_decode_partials(q_latent, q_pe_rows, kv_cache[..., :c], kv_cache[..., c:], positions,
                                    softmax_scale, kv_new=kv_new[:, 0, :c], pe_new=kv_new[:, 0, c:], runtime_splits=True,
                                    config_set=mla_config_set(), q_rope=rope)
@@ -171,11 +198,12 @@ def mla_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, kv_new: torch.Tensor
 def mla_attention_rope_q(q_nope: torch.Tensor, q_pe_raw: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
                          kv_new: torch.Tensor, kv_cache: torch.Tensor, start_pos: torch.Tensor, wkv_b: torch.Tensor,
                          softmax_scale: float, absorb_gemm: bool = True, head_gemv: bool = False,
-                         merge_uv: bool = False) -> torch.Tensor:
+                         merge_uv: bool = False, rope_in_query: bool = False) -> torch.Tensor:
     """dsv3_aoti::mla_attention's decode form with q_pe before RoPE: the rope tables rope_cos / rope_sin [P, r/2] fp32
-    rotate it at each row's start_pos inside the split kernel (engines/torch_q_rope.py)."""
+    rotate it at each row's start_pos inside the split kernel, or (rope_in_query, with absorb_gemm) in W_UK's
+    head_gemm launch (engines/torch_q_rope.py)."""
     return _decode_attention(q_nope, q_pe_raw, kv_new, kv_cache, start_pos, wkv_b, softmax_scale, absorb_gemm,
-                             head_gemv, merge_uv, (rope_cos, rope_sin))
+                             head_gemv, merge_uv, QueryRope(rope_cos, rope_sin, rope_in_query))
 
 
 def _decode_attention(q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, softmax_scale: float, absorb_gemm: bool,

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from dsv3_export.kernels.mla_splits import _batch_splits, _clamped_load, _row_splits
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
-from dsv3_export.kernels.topk import _round_bf16
+from dsv3_export.kernels.mla_query import rotate_pairs
 
 
 @waits_for_producer
@@ -212,14 +212,11 @@ def _q_pe_tile(q_pe_ptr, b, offs_h, offs_r, mask_h, mask_r, stride_qpb, stride_q
     x = tl.load(q_pe_ptr + offs + r, mask=mask, other=0.0)
     if ROPE_Q:
         row = _clamped_load(pos_ptr, b, ROPE_ROWS - 1).to(tl.int64) * stride_rope
-        partner = tl.load(q_pe_ptr + offs + (r ^ 1), mask=mask, other=0.0).to(tl.float32)
+        partner = tl.load(q_pe_ptr + offs + (r ^ 1), mask=mask, other=0.0)
         c = tl.load(cos_ptr + row + r // 2, mask=mask_rr, other=0.0)
         s = tl.load(sin_ptr + row + r // 2, mask=mask_rr, other=0.0)
-        x32 = x.to(tl.float32)
-        # even r: x0 * c - x1 * s with (x0, x1) = (x, partner); odd r: x0 * s + x1 * c with (x0, x1) = (partner, x)
-        y = tl.where((r % 2) == 0, x32 * c - partner * s, partner * s + x32 * c)
-        if q_pe_ptr.dtype.element_ty == tl.bfloat16:  # to nearest even, in integers (the interpreter's cast truncates)
-            y = _round_bf16(y)
+        # the rounding to bf16 in integers (the interpreter's cast truncates); kernels/mla_query.py shares the math
+        y = rotate_pairs(x, partner, c, s, r, q_pe_ptr.dtype.element_ty == tl.bfloat16)
         x = y.to(q_pe_ptr.dtype.element_ty)
     return x
 

@@ -90,6 +90,7 @@ SETTINGS = {
     "mla all configs": ("", dict(DSV3_TORCH_MLA_CONFIGS="all")),
     "kv row cat": ("", dict(DSV3_TORCH_KV_ROW="cat")),
     "q rope inductor": ("", dict(DSV3_TORCH_Q_ROPE="inductor")),
+    "q rope absorb": ("", dict(DSV3_TORCH_Q_ROPE="absorb")),
 }
 
 
@@ -221,6 +222,12 @@ def _check_q_rope(launches: dict[str, dict]):
     inductor, default = launches["q rope inductor"], launches["defaults"]
     assert inductor["kernels"] == default["kernels"], (inductor["kernels"], default["kernels"])
     assert (default["rope_q"], inductor["rope_q"]) == (2, 0), (default["rope_q"], inductor["rope_q"])
+    # DSV3_TORCH_Q_ROPE=absorb (opt-in, session 21): the same rewrite, W_UK's head_gemm launch (one per layer) becomes
+    # kernels/mla_query.py's, which also rotates q_pe; every argument named (_trace)
+    absorb, k = launches["q rope absorb"], dict(default["kernels"])
+    k["_head_gemm_kernel"] -= 2
+    k["_head_gemm_rope_kernel"] = 2
+    assert absorb["kernels"] == k and absorb["rope_q"] == 2, (absorb["kernels"], k)
 
 
 @pytest.mark.slow  # ~75-85 s on 2 cores: one 16b export on meta per pass set, the passes, a lowering per setting

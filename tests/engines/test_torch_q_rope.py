@@ -46,6 +46,17 @@ with torch.no_grad():
     want, got = lowered.module()(*inputs), rewritten.module()(*inputs)
 out["equal"] = [torch.equal(g, w) for g, w in zip(got, want)]
 out["finite"] = all(bool(torch.isfinite(g.float()).all()) for g in got)
+# DSV3_TORCH_Q_ROPE=absorb: the rotation in W_UK's head_gemm launch (counted: the kernel that runs is the new one)
+import dsv3_export.kernels.mla_query as kq
+spec, launches = kq.head_gemm_rope_spec, []
+kq.head_gemm_rope_spec = lambda *args: (launches.append(1), spec(*args))[1]
+os.environ[Q_ROPE_ENV] = "absorb"
+absorbed, out["how_absorb"] = q_rope_into_attention(lowered, "decode")
+launches.clear()  # the rewrite ran the op on fake tensors for its nodes' values: only the run's launches count
+with torch.no_grad():
+    got = absorbed.module()(*inputs)
+out["equal_absorb"] = [torch.equal(g, w) for g, w in zip(got, want)]
+out["head_gemm_rope_launches"] = len(launches)
 print(json.dumps(out))
 '''
 
@@ -63,6 +74,8 @@ def test_rewritten_decode_program_is_bit_identical_in_the_interpreter(seed):
     stacks_before, stacks_after = out["ops"]["stack"]
     assert stacks_before - stacks_after == 2, out["ops"]  # each layer's query RoPE stack gone (k_pe's stays)
     assert out["finite"] and all(out["equal"]), out
+    assert out["how_absorb"] == "2 query RoPEs into W_UK's head_gemm launch (DSV3_TORCH_Q_ROPE=absorb)", out
+    assert out["head_gemm_rope_launches"] == 2 and all(out["equal_absorb"]), out
 
 
 def test_switch_and_program_kinds(monkeypatch):

@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_gemv, fp8_quant, mla_absorb,  # noqa: E402
-                                 mla_decode, mla_merge_uv, mla_prefill, moe, moe_align, router_gate, topk)
+                                 mla_decode, mla_merge_uv, mla_prefill, mla_query, moe, moe_align, router_gate, topk)
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Opt-in shared memory per block on H100/H200 (227 KB).
@@ -54,7 +54,7 @@ FAMILY_RULES = {
     "fp8": ("act_quant", "weight_dequant", "fp8_gemm", "split_k_sum", "fp8_gemv"),
     "moe": ("grouped_gemm", "moe_align"),
     "mla_decode": ("mla_decode_split",),
-    "mla": ("mla_decode_reduce", "mla_prefill", "head_gemm", "head_gemv", "mla_merge_uv"),
+    "mla": ("mla_decode_reduce", "mla_prefill", "head_gemm", "head_gemm_rope", "head_gemv", "mla_merge_uv"),
     "routing": ("router", "gate_partials"),
 }
 FAMILIES = tuple(FAMILY_RULES)
@@ -264,6 +264,10 @@ def _cases(all_configs: bool):
                         ROW_QUANT_MAX_ROWS=rows))
     for cfg in pick(mla_absorb.HEAD_GEMM_CONFIGS):  # MLA's W_UK / W_UV per-head GEMM (bf16 x and weight views)
         yield ("head_gemm", mla_absorb._head_gemm_kernel, cfg, dict(x_ptr=bf, w_ptr=bf, out_ptr=bf), dict(UPCAST=False))
+    for cfg in pick(mla_query.HEAD_GEMM_ROPE_CONFIGS):  # W_UK with the query's RoPE in its launch (16b R = 64)
+        yield ("head_gemm_rope", mla_query._head_gemm_rope_kernel, cfg,
+               dict(x_ptr=bf, w_ptr=bf, out_ptr=bf, q_pe_ptr=bf, cos_ptr=f32, sin_ptr=f32, pos_ptr="*i64",
+                    q_pe_out_ptr=bf), dict(R=64, BLOCK_R=64, UPCAST=False))
     for cfg in mla_absorb.HEAD_GEMV_CONFIGS:  # W_UV at batch <= 2: K = c = 512; and the largest K it takes
         for k in (512, mla_absorb.HEAD_GEMV_MAX_K):
             yield (f"head_gemv K={k}", mla_absorb._head_gemv_kernel, cfg, dict(x_ptr=bf, w_ptr=bf, out_ptr=bf),

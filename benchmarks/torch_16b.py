@@ -230,6 +230,8 @@ def time_graph_replay(step: AOTIStep, model, batch: int, context: int, iters: in
     timed batch-1 step exceeded the graph timeline's span by 5-99 us in session 21's builds."""
     tokens, pos, cache = decode_inputs(model, batch, context)
     step(tokens, pos, cache)  # captures this batch's graph (or reuses it)
+    if step._graphs.failed:  # the capture failed just now: the LRU's last entry is another batch's graph
+        raise RuntimeError("the decode graph's capture failed; no graph of this batch to replay")
     graph = next(reversed(step._graphs.graphs.values()))["graph"]  # the entry just used is the last
     ms = cuda_ms(graph.replay, iters)
     cache = None  # frees it (the graph holds its own reference)

@@ -89,12 +89,15 @@ def _norm_over_row(state: ProgramState, normed: Node, width: int) -> bool:
     of `width` columns, masked to its first c (KV_ROW_ENV=norm, the module docstring); False where the shape is
     not rms_norm(kv[..., :c] in fp32, [c], weight, eps) over a row of `width`."""
     norm = _uncast(normed)
-    if not is_call(norm, aten.rms_norm.default) or len(norm.args) != 4:
+    if not is_call(norm, aten.rms_norm.default) or not 2 <= len(norm.args) <= 4:
         return False
-    x, shape, weight, eps = norm.args
+    x, shape, weight, eps = (*norm.args, None, None)[:4]  # rms_norm(input, normalized_shape, weight=None, eps=None)
+    weight, eps = norm.kwargs.get("weight", weight), norm.kwargs.get("eps", eps)
     found = _latent_of(x)
-    if found is None or x.meta["val"].dtype != torch.float32 or eps is None:
+    if found is None or x.meta["val"].dtype != torch.float32:
         return False
+    if eps is None:  # rms_norm's default for an fp32 computation (torch/_decomp/decompositions.py _fused_rms_norm)
+        eps = torch.finfo(torch.float32).eps
     kv, c = found
     if list(shape) != [c] or kv.meta["val"].shape[-1] != width:
         return False
@@ -106,8 +109,9 @@ def _norm_over_row(state: ProgramState, normed: Node, width: int) -> bool:
                                                       state.call(aten.pow.Tensor_Scalar, (row, 2)), 0.0))
         mean = state.call(aten.div.Tensor, (state.call(aten.sum.dim_IntList, (squares, [-1], True)), c))
         inv = state.call(aten.rsqrt.default, (state.call(aten.add.Scalar, (mean, eps)),))
-        out = state.call(aten.slice.Tensor, (state.call(aten.mul.Tensor, (row, inv)), -1, 0, c))
-        out = state.call(aten.mul.Tensor, (out, weight), meta_from=norm)
+        out = state.call(aten.slice.Tensor, (state.call(aten.mul.Tensor, (row, inv)), -1, 0, c), meta_from=norm)
+        if weight is not None:  # rms_norm(..., weight=None): no affine
+            out = state.call(aten.mul.Tensor, (out, weight), meta_from=norm)
     norm.replace_all_uses_with(out)
     return True
 

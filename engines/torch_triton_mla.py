@@ -62,6 +62,16 @@ def head_gemv_on() -> bool:
 MERGE_UV_ENV = "DSV3_TORCH_MERGE_UV"
 
 
+# With merge_uv: `1` prefetches each program's W_UV rows into L2 at the kernel's start (kernels/mla_merge_uv.py
+# PREFETCH_W; the same bits), `0` (default) not. Opt-in, session 21: not yet timed on the GPU.
+MERGE_UV_PREFETCH_ENV = "DSV3_TORCH_MERGE_UV_PREFETCH"
+
+
+def merge_uv_prefetch_on() -> bool:
+    return env_choice(MERGE_UV_PREFETCH_ENV, "0", {"1": "W_UV's rows prefetched into L2 first",
+                                                   "0": "no prefetch"}) == "1"
+
+
 def merge_uv_on() -> bool:
     return env_choice(MERGE_UV_ENV, "1", {"1": "split merge + W_UV in one launch at batch <= 2",
                                           "0": "the reduce kernel, then head_gemv"}) == "1"
@@ -166,7 +176,7 @@ def _merged_head_gemv(parts: kd.DecodePartials, w: torch.Tensor, dtype: torch.dt
     b, h, _, c = parts.o_part.shape
     out = torch.empty((b, h, w.shape[2]), dtype=dtype, device=w.device)  # [b, h, dv]
     gate = kv.gemv_gate(b)
-    torch_launch.launch_spec(gated(km_uv.merge_uv_spec(parts, w, out), gate))
+    torch_launch.launch_spec(gated(km_uv.merge_uv_spec(parts, w, out, merge_uv_prefetch_on()), gate))
     lat = torch.empty((b, h, c), dtype=dtype, device=w.device)  # [b, h, c], written above batch 2 only
     torch_launch.launch_spec(gated(kd.reduce_spec(parts, lat), 1 - gate))
     torch_launch.launch_spec(gated(ka.head_gemm_spec(lat, w, out, ka.DECODE_MAX_M), 1 - gate))

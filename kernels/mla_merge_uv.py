@@ -21,6 +21,9 @@ bit: in the interpreter (tests/kernels/test_mla_merge_uv.py); on sm_90 the compi
 kernels' layouts (test_compile_sm90.py), not yet compared on a GPU.
 Cost: each of a (row, head)'s N / BLOCK_N programs merges the whole row again (16 at dv = 128): splits x C x
 4 B of L2 reads each (64 KB at 32 splits), where the reduce kernel read them once.
+PREFETCH_W (opt-in, session 21, not yet timed): the program's weight rows are prefetched into L2 at its start (PTX
+prefetch.global.L2, no data result: the same bits), so their load after the merge is an L2 hit instead of a third
+DRAM round trip after the row's lengths and the partials (~3.7 us per call in the H200's batch-1 profile).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import triton
 import triton.language as tl
 
 from dsv3_export.kernels import mla_absorb as ka
-from dsv3_export.kernels._common import LaunchSpec, autotune_or_single, cdiv, check_tensor, launch, next_pow2
+from dsv3_export.kernels._common import (LaunchSpec, autotune_or_single, cdiv, check_tensor, is_interpreted, launch,
+                                         next_pow2)
 from dsv3_export.kernels.mla_absorb import _head_gemv_product, _head_gemv_weights
 from dsv3_export.kernels.mla_decode import DecodePartials
 from dsv3_export.kernels.mla_decode_kernels import _merged_splits
@@ -48,6 +52,7 @@ def _mla_merge_uv_kernel(
     w_ptr, out_ptr, N, stride_wh, stride_wn, stride_outm, stride_outh, stride_outn,
     C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     SPLIT_TARGET: tl.constexpr, MIN_SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREFETCH_W: tl.constexpr,  # the weight rows into L2 first (PTX: never in the interpreter)
 ):
     """out[m, h, n] for row m (program axis 2), head h (axis 0) and BLOCK_N columns (axis 1)."""
     wait_for_producer()  # before any memory access: kernels/pdl.py
@@ -56,6 +61,12 @@ def _mla_merge_uv_kernel(
     pid_m = tl.program_id(2)
     offs_c = tl.arange(0, BLOCK_C)
     mask_c, mask_n = offs_c < C, offs_n < N
+    if PREFETCH_W:  # an address in each 128-byte line of each row (64 bf16 / fp16 elements a line), none past w
+        rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+        cols = tl.minimum(tl.arange(0, BLOCK_C // 64) * 64, C - 1)
+        lines = w_ptr + head * stride_wh + rows[:, None] * stride_wn + cols[None, :]
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [lines.to(tl.int64)], dtype=tl.int32,
+                                  is_pure=False, pack=1)
     lat = _merged_splits(o_part_ptr, lse_ptr, seqlens_ptr, SEQ_CAP, pid_m, head, tl.num_programs(2) * HEAD_BLOCKS,
                          NUM_SPLITS,
                          stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
@@ -74,14 +85,17 @@ def _mla_merge_uv_kernel(
 _merge_uv_single = autotune_or_single(_mla_merge_uv_kernel, MERGE_UV_CONFIGS, key=[])
 
 
-def merge_uv_spec(parts: DecodePartials, w: torch.Tensor, out: torch.Tensor) -> LaunchSpec:
+def merge_uv_spec(parts: DecodePartials, w: torch.Tensor, out: torch.Tensor, prefetch_w: bool = False) -> LaunchSpec:
     """The launch for parts' splits times w [H, C, N] (C contiguous) into out [B, H, N]; checked by the
-    caller. B may be symbolic (traced): the kernel reads it from its grid."""
+    caller. B may be symbolic (traced): the kernel reads it from its grid. prefetch_w: PREFETCH_W (the module
+    docstring), ignored in the interpreter (no PTX)."""
     bsz, heads, _, c = parts.o_part.shape
     n = w.shape[2]
     grid = lambda meta: (heads, cdiv(n, meta["BLOCK_N"]), bsz)  # noqa: E731
     args = (*parts.merge_args(), w, out, n, w.stride(0), w.stride(2), *out.stride())
-    kwargs = dict(parts.merge_constexprs(), BLOCK_C=next_pow2(c))
+    kwargs = dict(parts.merge_constexprs(), BLOCK_C=next_pow2(c),
+                  PREFETCH_W=(prefetch_w and w.element_size() == 2 and c >= 64
+                              and not is_interpreted(_mla_merge_uv_kernel)))
     return LaunchSpec(_mla_merge_uv_kernel, _merge_uv_single, MERGE_UV_CONFIGS, grid, args, kwargs)
 
 

@@ -170,7 +170,7 @@ def test_graph_replay_row_and_timing_of_the_last_used_graph(monkeypatch):
             replays.append(self.name)
 
     class FakeStep:
-        _graphs = type("G", (), {"graphs": {}})()
+        _graphs = type("G", (), {"graphs": {}, "failed": False})()
 
         def __call__(self, tokens, pos, cache):
             self._graphs.graphs.pop(tokens.shape[0], None)

@@ -53,7 +53,7 @@ for skip_passes, env in settings:
     lowered, _ = q_rope_into_attention(lowered, "decode")
     rope_q = sum("mla_attention_rope_q" in str(n.target) for n in lowered.graph.nodes)
     kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)
-    names, incomplete, tuned_among = [], {}, {}
+    names, incomplete, tuned_among, prefetch_w = [], {}, {}, []
     for n in kernels.graph.nodes:
         if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target):
             k = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
@@ -62,7 +62,10 @@ for skip_passes, env in settings:
                 fn = fn.fn
             names.append(fn.__name__)
             tuned_among[fn.__name__] = len(getattr(k, "configs", None) or [None])  # 1: a bare kernel
-            passed = set(n.kwargs["kwargs"]) | set(kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"]))
+            constants = kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"])
+            if fn.__name__ == "_mla_merge_uv_kernel":
+                prefetch_w.append({**n.kwargs["kwargs"], **constants}.get("PREFETCH_W"))
+            passed = set(n.kwargs["kwargs"]) | set(constants)
             passed |= set(k.configs[0].kwargs) if getattr(k, "configs", None) else set()
             missing = sorted(set(fn.arg_names) - passed)
             if missing:
@@ -70,7 +73,7 @@ for skip_passes, env in settings:
     extern = [str(n.target) for n in kernels.graph.nodes if n.op == "call_function"
               and getattr(n.target, "_opname", None) in ("topk", "sort", "mm", "bmm", "addmm", "linear")]
     results.append({"kernels": {k: names.count(k) for k in set(names)}, "extern": extern, "incomplete": incomplete,
-                    "tuned_among": tuned_among, "kv_rows": kv_rows, "rope_q": rope_q})
+                    "tuned_among": tuned_among, "kv_rows": kv_rows, "rope_q": rope_q, "prefetch_w": prefetch_w})
 print(json.dumps(results))
 '''
 
@@ -91,6 +94,7 @@ SETTINGS = {
     "kv row cat": ("", dict(DSV3_TORCH_KV_ROW="cat")),
     "q rope inductor": ("", dict(DSV3_TORCH_Q_ROPE="inductor")),
     "q rope absorb": ("", dict(DSV3_TORCH_Q_ROPE="absorb")),
+    "merge uv prefetch": ("", dict(DSV3_TORCH_MERGE_UV_PREFETCH="1")),
 }
 
 
@@ -230,6 +234,15 @@ def _check_q_rope(launches: dict[str, dict]):
     assert absorb["kernels"] == k and absorb["rope_q"] == 2, (absorb["kernels"], k)
 
 
+def _check_merge_uv_prefetch(launches: dict[str, dict]):
+    """DSV3_TORCH_MERGE_UV_PREFETCH=1 (opt-in, session 21): merge_uv's launches (one per layer) prefetch W_UV's rows
+    (PREFETCH_W), the default's do not; the launches are the same."""
+    prefetch, default = launches["merge uv prefetch"], launches["defaults"]
+    assert prefetch["kernels"] == default["kernels"], (prefetch["kernels"], default["kernels"])
+    assert (default["prefetch_w"], prefetch["prefetch_w"]) == ([False] * 2, [True] * 2), \
+        (default["prefetch_w"], prefetch["prefetch_w"])
+
+
 @pytest.mark.slow  # ~75-85 s on 2 cores: one 16b export on meta per pass set, the passes, a lowering per setting
 def test_16b_decode_launches():
     """One test for every setting's checks: the settings share one trace (pytest-xdist would split separate
@@ -242,3 +255,4 @@ def test_16b_decode_launches():
     _check_mla_configs(launches)
     _check_kv_row(launches)
     _check_q_rope(launches)
+    _check_merge_uv_prefetch(launches)

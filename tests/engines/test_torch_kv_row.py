@@ -72,6 +72,42 @@ def test_norm_over_the_row_is_the_cat_up_to_the_sum_order(seed, monkeypatch, dty
     assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
 
 
+@pytest.mark.parametrize("case", ["fp32", "bf16 row", "no weight", "eps None", "dim 2", "tiny values"])
+def test_norm_over_row_matches_rms_norm(case):
+    """_norm_over_row on a small program: rms_norm(split(kv, [c, r], dim)[0].float(), [c], weight, eps) with a
+    non-unit weight (the tiny model's norms are all ones: a dropped weight would pass the test above) and values
+    small enough for eps to matter; the same values as torch's rms_norm in eager (within an fp32 ulp or two)."""
+    import torch.nn.functional as F
+
+    from dsv3_export.engines import torch_kv_row as R
+    from dsv3_export.passes.graph_utils import is_call
+    from dsv3_export.passes.program_state import ProgramState
+
+    c, r = 24, 8
+    dtype = torch.bfloat16 if case == "bf16 row" else torch.float32
+    weight = None if case == "no weight" else torch.rand(c, generator=torch.Generator().manual_seed(1)) + 0.5
+    eps = None if case == "eps None" else 1e-6
+    dim = 2 if case == "dim 2" else -1
+
+    class Norm(torch.nn.Module):
+        def forward(self, kv, w):
+            latent, k_pe = torch.split(kv, [c, r], dim=dim)
+            return F.rms_norm(latent.float(), (c,), w, eps).to(kv.dtype), k_pe
+
+    kv = torch.randn(3, 1, c + r, generator=torch.Generator().manual_seed(2)) * (1e-4 if case == "tiny values" else 1)
+    kv = kv.to(dtype)
+    program = torch.export.export(Norm(), (kv, weight))
+    state = ProgramState(program)
+    norm = next(n for n in state.graph.nodes if is_call(n, torch.ops.aten.rms_norm.default))
+    assert R._norm_over_row(state, norm, c + r)
+    state.eliminate_dead_code()
+    rewritten = state.program()
+    assert not any(is_call(n, torch.ops.aten.rms_norm.default) for n in rewritten.graph.nodes)
+    want, got = program.module()(kv, weight)[0], rewritten.module()(kv, weight)[0]
+    assert got.dtype == want.dtype
+    assert torch.allclose(got.float(), want.float(), rtol=4e-7, atol=0), (got.float() - want.float()).abs().max()
+
+
 def test_switch_and_program_kinds(monkeypatch):
     """On by default (`where`, session 21), `cat` keeps the program, prefill programs never rewritten, a bad value
     named."""

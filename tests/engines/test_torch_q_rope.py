@@ -35,6 +35,7 @@ program, _ = run_pipeline(export_step(model, "decode"), PassConfig(precision="bf
 tokens, start_pos, kv_cache = step_inputs("decode", seed, torch.bfloat16)
 inputs = (tokens, start_pos, kv_cache[:, :2].contiguous())
 lowered, _ = lower_dsv3_ops(program, "cuda", triton_lowerings("decode"))
+os.environ.pop(Q_ROPE_ENV, None)  # the default, whatever the caller's environment says
 out["default"] = q_rope_into_attention(lowered, "decode")[1]
 os.environ[Q_ROPE_ENV] = "inductor"
 out["inductor"] = q_rope_into_attention(lowered, "decode")[1]

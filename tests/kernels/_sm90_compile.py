@@ -273,9 +273,10 @@ def _cases(all_configs: bool):
             yield (f"head_gemv K={k}", mla_absorb._head_gemv_kernel, cfg, dict(x_ptr=bf, w_ptr=bf, out_ptr=bf),
                    dict(K=k, BLOCK_K=k))
     for cfg in mla_merge_uv.MERGE_UV_CONFIGS:  # the split merge + W_UV at batch <= 2: 16b's C = 512, 32 splits
-        yield ("mla_merge_uv runtime_splits=True", mla_merge_uv._mla_merge_uv_kernel, cfg,
-               dict(o_part_ptr=f32, lse_ptr=f32, seqlens_ptr="*i64", w_ptr=bf, out_ptr=bf),
-               dict(C=512, BLOCK_C=512, BLOCK_S=max_s, **runtime))
+        for prefetch in (False, True):  # and W_UV's rows prefetched into L2 first (DSV3_TORCH_MERGE_UV_PREFETCH)
+            yield (f"mla_merge_uv runtime_splits=True prefetch_w={prefetch}", mla_merge_uv._mla_merge_uv_kernel, cfg,
+                   dict(o_part_ptr=f32, lse_ptr=f32, seqlens_ptr="*i64", w_ptr=bf, out_ptr=bf),
+                   dict(C=512, BLOCK_C=512, BLOCK_S=max_s, PREFETCH_W=prefetch, **runtime))
 
 
 def main(all_configs: bool, with_usage: bool = False, only: frozenset[str] | None = None,

@@ -144,10 +144,13 @@ def _check_mla(rows: list[dict]) -> None:
 def _check_merge_uv_sums_like_its_parts(rows: list[dict]) -> None:
     """kernels/mla_merge_uv.py's reductions run in the layouts of the reduce kernel's (the split merge) and then
     head_gemv's (the product): the same fp32 sum orders, so the same bits as the two launches it replaces. Triton
-    picks the product's layout from the order of the loads (kernels/mla_merge_uv.py says which)."""
+    picks the product's layout from the order of the loads (kernels/mla_merge_uv.py says which); the L2 prefetch of
+    the weight rows (PREFETCH_W) changes none of it."""
     layouts = {r["kernel"]: r["reduce_layouts"] for r in rows}
     parts = layouts["mla_decode_reduce runtime_splits=True"] + layouts["head_gemv K=512"]
-    assert layouts["mla_merge_uv runtime_splits=True"] == parts, (layouts["mla_merge_uv runtime_splits=True"], parts)
+    for prefetch in (False, True):
+        merged = layouts[f"mla_merge_uv runtime_splits=True prefetch_w={prefetch}"]
+        assert merged == parts, (prefetch, merged, parts)
 
 
 # tests/kernels/_sm90_compile.py FAMILIES, with the checks that are particular to each family. A case in

@@ -14,9 +14,15 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op
 
+import os
+
+import triton
+
 from dsv3_export.engines import torch_launch
+from dsv3_export.engines.torch_decode_gemv import gated
 from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.kernels import moe as km
+from dsv3_export.kernels.moe_align import align_gate
 
 # moe_align's traced form in the packages (kernels/moe.py TRACED_ALIGN_FORMS), read when a program is
 # lowered: `kernel` (default: one launch per MoE layer) or `aten` (Inductor's kernels for the ATen
@@ -41,6 +47,34 @@ def moe_direct_on() -> bool:
                                             "0": "moe_align at every batch"}) == "1"
 
 
+# The one-token grouped GEMMs' own configs (opt-in, session 21, not yet timed), read when a program is lowered:
+# "up=BLOCK_N:WARPS:STAGES,down=BLOCK_N:WARPS:STAGES" (either may be left out; default none). Why: AOTInductor
+# tunes the decode program once, at batch 64, where the grouped GEMMs run aligned; at batch 1 they run in direct
+# mode (MOE_DIRECT_ENV) with the configs picked there (BLOCK_N 32 s5 up, 64 s4 down in every 16b build of sessions
+# 19-21), 658 us per step against a ~431 us weight-read floor. With a config here, a GEMM is two launches gated by
+# the batch: the tuned kernel at T >= 2, the pinned one at T = 1 (an empty grid launches nothing). The same bits:
+# BLOCK_N only splits the columns among programs (each output's K sum is the same).
+MOE_DIRECT_CONFIGS_ENV = "DSV3_TORCH_MOE_DIRECT_CONFIGS"
+
+
+def moe_direct_configs() -> dict[str, triton.Config]:
+    """MOE_DIRECT_CONFIGS_ENV parsed: {"up" and/or "down": config}; a malformed value names the variable."""
+    text = os.environ.get(MOE_DIRECT_CONFIGS_ENV, "").strip()
+    configs: dict[str, triton.Config] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        gemm, _, spec = item.partition("=")
+        numbers = spec.split(":")
+        if gemm not in ("up", "down") or gemm in configs or len(numbers) != 3 or not all(n.isdigit() for n in numbers):
+            raise ValueError(f"{MOE_DIRECT_CONFIGS_ENV}={text!r}: expected up=BLOCK_N:WARPS:STAGES and/or "
+                             f"down=BLOCK_N:WARPS:STAGES, comma-separated (e.g. up=32:4:5,down=64:4:4)")
+        block_n, warps, stages = map(int, numbers)
+        if block_n < 16 or block_n & (block_n - 1) or warps not in (1, 2, 4, 8, 16) or not 1 <= stages <= 8:
+            raise ValueError(f"{MOE_DIRECT_CONFIGS_ENV}: {item!r}: BLOCK_N must be a power of 2 >= 16, WARPS one of "
+                             f"1, 2, 4, 8, 16 and STAGES in 1..8")
+        configs[gemm] = triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+    return configs
+
+
 def _moe_routing(topk_ids: torch.Tensor, n_experts: int, block_m: int):
     """moe_align's (sorted_ids, expert_ids, npp) in the MOE_ALIGN_ENV form, and the grouped GEMMs'
     direct_ids: with MOE_DIRECT_ENV on, the contiguous topk_ids, and the alignment launches nothing
@@ -57,8 +91,15 @@ def _grouped_gemm(a, w, routing, topk: int, out_dtype: torch.dtype, *, a_scale=N
     n_out = w.shape[1] // 2 if swiglu else w.shape[1]
     out = torch.empty((t * topk, n_out), dtype=out_dtype, device=a.device)
     (sorted_ids, expert_ids, npp), direct_ids = routing
-    torch_launch.launch_spec(km.grouped_gemm_spec(a, a_scale, w, w_scale, out, topk_weights, sorted_ids, expert_ids,
-                                                  npp, topk, swiglu, direct_ids))
+    spec = km.grouped_gemm_spec(a, a_scale, w, w_scale, out, topk_weights, sorted_ids, expert_ids, npp, topk, swiglu,
+                                direct_ids)
+    pinned = moe_direct_configs().get("up" if swiglu else "down") if direct_ids is not None else None
+    if pinned is None:
+        torch_launch.launch_spec(spec)
+        return out
+    aligned = align_gate(direct_ids.shape[0])  # 1 from two tokens on, 0 at one (MOE_DIRECT_CONFIGS_ENV)
+    torch_launch.launch_spec(gated(spec, aligned))
+    torch_launch.launch_spec(gated(km.grouped_gemm_pinned(spec, pinned), 1 - aligned))
     return out
 
 

@@ -21,6 +21,8 @@ in kernels/moe_ref.py.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -156,6 +158,20 @@ def _grouped_gemm_kernel(
 
 _TUNE_KEY = ["N_OUT", "K", "BLOCK_M", "W_FP8", "A_FP8", "SWIGLU"]
 _grouped_gemm_tuned = autotune_or_single(_grouped_gemm_kernel, GROUPED_GEMM_CONFIGS, key=_TUNE_KEY)
+
+
+@functools.cache
+def _grouped_gemm_single(block_n: int, warps: int, stages: int):
+    """The kernel compiled with one config (an autotuner of one, which times nothing): one object per config."""
+    config = triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+    return autotune_or_single(_grouped_gemm_kernel, [config], key=_TUNE_KEY)
+
+
+def grouped_gemm_pinned(spec: LaunchSpec, config: triton.Config) -> LaunchSpec:
+    """grouped_gemm_spec's launch with `config` alone (no autotuning), e.g. the one-token launch of a decode program
+    tuned at a larger batch (engines/torch_triton_moe.py MOE_DIRECT_CONFIGS_ENV)."""
+    tuned = _grouped_gemm_single(config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+    return spec._replace(tuned=tuned, configs=[config])
 
 
 def row_blocks(n_blocks, n_assignments):

@@ -95,6 +95,7 @@ SETTINGS = {
     "q rope inductor": ("", dict(DSV3_TORCH_Q_ROPE="inductor")),
     "q rope absorb": ("", dict(DSV3_TORCH_Q_ROPE="absorb")),
     "merge uv prefetch": ("", dict(DSV3_TORCH_MERGE_UV_PREFETCH="1")),
+    "moe direct configs": ("", dict(DSV3_TORCH_MOE_DIRECT_CONFIGS="up=32:4:5,down=64:4:4")),
 }
 
 
@@ -234,6 +235,14 @@ def _check_q_rope(launches: dict[str, dict]):
     assert absorb["kernels"] == k and absorb["rope_q"] == 2, (absorb["kernels"], k)
 
 
+def _check_moe_direct_configs(launches: dict[str, dict]):
+    """DSV3_TORCH_MOE_DIRECT_CONFIGS (opt-in, session 21): each of the MoE layer's two grouped GEMMs is two launches,
+    the tuned one gated to two tokens and more, the pinned one to one token; every argument named (_trace)."""
+    pinned, k = launches["moe direct configs"]["kernels"], dict(launches["defaults"]["kernels"])
+    k["_grouped_gemm_kernel"] *= 2
+    assert pinned == k, (pinned, k)
+
+
 def _check_merge_uv_prefetch(launches: dict[str, dict]):
     """DSV3_TORCH_MERGE_UV_PREFETCH=1 (opt-in, session 21): merge_uv's launches (one per layer) prefetch W_UV's rows
     (PREFETCH_W), the default's do not; the launches are the same."""
@@ -256,3 +265,4 @@ def test_16b_decode_launches():
     _check_kv_row(launches)
     _check_q_rope(launches)
     _check_merge_uv_prefetch(launches)
+    _check_moe_direct_configs(launches)

@@ -221,15 +221,17 @@ def bench_moe_configs(report: Report, sh: Shapes, quick: bool) -> None:
     for t in sh.decode_m:
         x, ids, tw, active = _decode_tokens(sh, t, e, k)
         sorted_ids, expert_ids, npp = M.moe_align(ids, e, M.choose_block_m(t, k, e))
+        direct = ids.contiguous() if t == 1 else None  # one token: the direct mode, as the decode program runs it
         xq, xs = Q.act_quant(x)
-        h = M.grouped_gemm(xq, w13, sorted_ids, expert_ids, npp, k, a_scale=xs, w_scale=w13s, fuse_swiglu=True)
+        h = M.grouped_gemm(xq, w13, sorted_ids, expert_ids, npp, k, a_scale=xs, w_scale=w13s, fuse_swiglu=True,
+                           direct_ids=direct)
         hq, hs = Q.act_quant(h)
         gemms = {  # name -> (call with a config, weight bytes the active experts move)
             "up+SwiGLU": (lambda cfg: M.grouped_gemm(xq, w13, sorted_ids, expert_ids, npp, k, a_scale=xs,
-                                                     w_scale=w13s, fuse_swiglu=True, config=cfg),
+                                                     w_scale=w13s, fuse_swiglu=True, direct_ids=direct, config=cfg),
                           active * 2 * i * d),
             "down": (lambda cfg: M.grouped_gemm(hq, w2, sorted_ids, expert_ids, npp, 1, a_scale=hs, w_scale=w2s,
-                                                topk_weights=tw, config=cfg), active * d * i),
+                                                topk_weights=tw, direct_ids=direct, config=cfg), active * d * i),
         }
         for name, (call, nbytes) in gemms.items():
             case = f"{name} T={t} E={e} k={k} D={d} I={i}"

@@ -102,10 +102,21 @@ def _head_gemm_kernel(
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     wait_for_producer()  # before any memory access: kernels/pdl.py
-    head = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
+    _head_gemm_column_tile(x_ptr, w_ptr, out_ptr, tl.program_id(0).to(tl.int64), offs_m, offs_m < M,
+                           tl.program_id(1), K, N, stride_xm, stride_xh, stride_xk, stride_wh, stride_wk, stride_wn,
+                           stride_om, stride_oh, stride_on, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _head_gemm_column_tile(
+    x_ptr, w_ptr, out_ptr, head, offs_m, mask_m, tile, K, N,
+    stride_xm, stride_xh, stride_xk, stride_wh, stride_wk, stride_wn, stride_om, stride_oh, stride_on,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Column tile `tile` of head `head` for the rows offs_m: _head_gemm_tile's K loop, stored in out's dtype (one
+    program of _head_gemm_kernel; kernels/mla_query.py's GEMM programs)."""
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     acc = _head_gemm_tile(x_ptr, w_ptr, head, offs_m, offs_n, mask_m, mask_n, K,
                           stride_xm, stride_xh, stride_xk, stride_wh, stride_wk, stride_wn,

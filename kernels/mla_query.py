@@ -28,7 +28,7 @@ import triton.language as tl
 
 from dsv3_export.kernels import mla_absorb as ka
 from dsv3_export.kernels._common import LaunchSpec, autotune_or_single, cdiv, check_tensor, launch, next_pow2
-from dsv3_export.kernels.mla_absorb import _head_gemm_tile
+from dsv3_export.kernels.mla_absorb import _head_gemm_column_tile
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 from dsv3_export.kernels.topk import _round_bf16
 
@@ -84,15 +84,10 @@ def _head_gemm_rope_kernel(
     if tile == 0:  # the rotation's own programs, dispatched first: their dependent loads start early
         _rotate_rows(q_pe_ptr, cos_ptr, sin_ptr, pos_ptr, q_pe_out_ptr, head, offs_m, mask_m, ROPE_ROWS,
                      stride_qpm, stride_qph, stride_rope, stride_qom, stride_qoh, R, BLOCK_R)
-    else:
-        offs_n = (tile - 1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        acc = _head_gemm_tile(x_ptr, w_ptr, head, offs_m, offs_n, mask_m, mask_n, K,
-                              stride_xm, stride_xh, stride_xk, stride_wh, stride_wk, stride_wn,
-                              UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-        rows = offs_m.to(tl.int64)
-        out_ptrs = out_ptr + head * stride_oh + rows[:, None] * stride_om + offs_n[None, :] * stride_on
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    else:  # head_gemm's column tile - 1
+        _head_gemm_column_tile(x_ptr, w_ptr, out_ptr, head, offs_m, mask_m, tile - 1, K, N,
+                               stride_xm, stride_xh, stride_xk, stride_wh, stride_wk, stride_wn,
+                               stride_om, stride_oh, stride_on, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 # head_gemm's configs up to 32 rows (the decode program's; sm_90: 64-row tiles with the rotation spilled 336 bytes)

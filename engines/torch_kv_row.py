@@ -61,6 +61,12 @@ def _last_dim_cat(node: object) -> tuple[Node, Node] | None:
     return (a, b) if isinstance(av.shape[-1], int) and isinstance(bv.shape[-1], int) else None
 
 
+def _first_columns(state: ProgramState, width: int, c: int, device: torch.device) -> Node:
+    """The mask arange(width) < c [width]: a kv row's latent columns."""
+    col = state.call(aten.arange.default, (width,), dict(device=device, pin_memory=False))
+    return state.call(aten.lt.Scalar, (col, c))
+
+
 def _uncast(x: Node) -> Node:
     """x's input when x is a dtype cast (aten.to.dtype as exported, aten._to_copy once decomposed), else x."""
     if is_call(x, aten.to.dtype) or (is_call(x, aten._to_copy.default) and set(x.kwargs) <= {"dtype"}):
@@ -104,8 +110,7 @@ def _norm_over_row(state: ProgramState, normed: Node, width: int) -> bool:
     with state.graph.inserting_before(norm):
         row = kv if kv.meta["val"].dtype == torch.float32 else state.call(aten._to_copy.default, (kv,),
                                                                           dict(dtype=torch.float32))
-        col = state.call(aten.arange.default, (width,), dict(device=kv.meta["val"].device, pin_memory=False))
-        squares = state.call(aten.where.ScalarOther, (state.call(aten.lt.Scalar, (col, c)),
+        squares = state.call(aten.where.ScalarOther, (_first_columns(state, width, c, kv.meta["val"].device),
                                                       state.call(aten.pow.Tensor_Scalar, (row, 2)), 0.0))
         mean = state.call(aten.div.Tensor, (state.call(aten.sum.dim_IntList, (squares, [-1], True)), c))
         inv = state.call(aten.rsqrt.default, (state.call(aten.add.Scalar, (mean, eps)),))
@@ -135,8 +140,7 @@ def kv_row_as_where(ep: ExportedProgram, kind: str) -> tuple[ExportedProgram, st
         a, b = parts
         c, r = a.meta["val"].shape[-1], b.meta["val"].shape[-1]
         with state.graph.inserting_before(cat):
-            col = state.call(aten.arange.default, (c + r,), dict(device=a.meta["val"].device, pin_memory=False))
-            first = state.call(aten.lt.Scalar, (col, c))
+            first = _first_columns(state, c + r, c, a.meta["val"].device)
             left = state.call(aten.constant_pad_nd.default, (a, [0, r], 0.0))
             right = state.call(aten.constant_pad_nd.default, (b, [c, 0], 0.0))
             row = state.call(aten.where.self, (first, left, right), meta_from=cat)

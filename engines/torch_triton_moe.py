@@ -11,12 +11,11 @@ is lowered (traced), so each package holds one form.
 
 from __future__ import annotations
 
-import torch
-from torch.library import triton_op
-
 import os
 
+import torch
 import triton
+from torch.library import triton_op
 
 from dsv3_export.engines import torch_launch
 from dsv3_export.engines.torch_decode_gemv import gated
@@ -51,9 +50,9 @@ def moe_direct_on() -> bool:
 # "up=BLOCK_N:WARPS:STAGES,down=BLOCK_N:WARPS:STAGES" (either may be left out; default none). Why: AOTInductor
 # tunes the decode program once, at batch 64, where the grouped GEMMs run aligned; at batch 1 they run in direct
 # mode (MOE_DIRECT_ENV) with the configs picked there (BLOCK_N 32 s5 up, 64 s4 down in 19 of the 20 16b builds of
-# sessions 19-21), 658 us per step against a ~431 us weight-read floor. With a config here, a GEMM is two launches gated by
-# the batch: the tuned kernel at T >= 2, the pinned one at T = 1 (an empty grid launches nothing). The same bits:
-# BLOCK_N only splits the columns among programs (each output's K sum is the same).
+# sessions 19-21), 658 us per step against a ~431 us weight-read floor. With a config here, a GEMM is two launches
+# gated by the batch: the tuned kernel at T >= 2, the pinned one at T = 1 (an empty grid launches nothing). The same
+# bits: BLOCK_N only splits the columns among programs (each output's K sum is the same).
 MOE_DIRECT_CONFIGS_ENV = "DSV3_TORCH_MOE_DIRECT_CONFIGS"
 
 

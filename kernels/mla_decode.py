@@ -47,6 +47,7 @@ from dsv3_export.kernels._common import (LaunchSpec, autotune_or_single, cdiv, c
                                          next_pow2, traceable, tracing)
 from dsv3_export.kernels.mla_attention import LOG2E, _check_caches, _check_new
 from dsv3_export.kernels.mla_decode_kernels import _mla_decode_reduce_kernel, _mla_decode_split_kernel
+from dsv3_export.kernels.mla_query import check_rope_tables
 from dsv3_export.kernels.mla_splits import (DECODE_PROGRAMS_PER_SM, MAX_BLOCK_H, MAX_SPLITS,  # noqa: F401
                                            MIN_BLOCK_H, MIN_SPLIT_KEYS, RUNTIME_MIN_SPLITS,
                                            SPLIT_OVERHEAD_KEYS, _block_h, choose_num_splits, runtime_num_splits,
@@ -186,7 +187,7 @@ def mla_decode_partials(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
         raise ValueError(f"mla_decode: cache_seqlens has {cache_seqlens.shape[0]} entries for batch {bsz}")
     has_new = _check_new("mla_decode", kv_new, pe_new, q_latent, (bsz, c), (bsz, r))
     if q_rope is not None:
-        _check_rope("mla_decode", q_rope, bsz, r, q_latent.device)
+        check_rope_tables("mla_decode", q_rope, bsz, r, q_latent.device)
     variant = variant or DECODE_VARIANT
     if variant not in DECODE_VARIANTS:
         raise ValueError(f"mla_decode: variant={variant!r} must be one of {DECODE_VARIANTS}")
@@ -230,26 +231,6 @@ def reduce_spec(parts: DecodePartials, out: torch.Tensor) -> LaunchSpec:
     args = (*parts.merge_args(), out, heads * c, c)
     kwargs = dict(parts.merge_constexprs(), BLOCK_C=next_pow2(c))
     return LaunchSpec(_mla_decode_reduce_kernel, None, [triton.Config({})], lambda meta: (bsz, heads), args, kwargs)
-
-
-def _check_rope(op: str, q_rope, bsz, r: int, device: torch.device) -> None:
-    """Raise naming the tensor when (cos, sin, positions) are not fp32 [P, R/2] tables with unit stride along R/2
-    and one row stride, and int positions [B]."""
-    if len(q_rope) != 3:
-        raise ValueError(f"{op}: q_rope is (cos, sin, positions), got {len(q_rope)} tensors")
-    cos, sin, pos = q_rope
-    if r % 2:
-        raise ValueError(f"{op}: q_rope needs an even rope dim, got R={r}")
-    for name, t in (("cos", cos), ("sin", sin)):
-        check_tensor(f"{op}: q_rope {name}", t, dtypes=(torch.float32,), ndim=2, device=device)
-        if t.shape[1] != r // 2 or t.stride(1) != 1 or t.shape[0] < 1:
-            raise ValueError(f"{op}: q_rope {name} {tuple(t.shape)} must be [P, R/2={r // 2}] with unit stride")
-    if cos.shape != sin.shape or cos.stride(0) != sin.stride(0):
-        raise ValueError(f"{op}: q_rope cos {tuple(cos.shape)} and sin {tuple(sin.shape)} need one shape and stride")
-    check_tensor(f"{op}: q_rope positions", pos, dtypes=(torch.int32, torch.int64), ndim=1, device=device,
-                 contiguous=True)
-    if pos.shape[0] != bsz:
-        raise ValueError(f"{op}: q_rope positions has {pos.shape[0]} entries for batch {bsz}")
 
 
 def split_plan(op: str, bsz: int, heads: int, cache_len: int, device: torch.device, runtime_splits: bool,

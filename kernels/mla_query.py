@@ -108,6 +108,27 @@ def head_gemm_rope_spec(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, buc
     return LaunchSpec(_head_gemm_rope_kernel, _head_gemm_rope_tuned, HEAD_GEMM_ROPE_CONFIGS, grid, args, kwargs)
 
 
+def check_rope_tables(op: str, q_rope, bsz, r: int, device: torch.device) -> None:
+    """Raise naming the tensor when q_rope = (cos, sin, positions) are not fp32 [P, R/2] tables (P >= 1) with unit
+    stride along R/2 and one row stride, and contiguous int positions [B]: the split kernel's ROPE_Q (kernels/
+    mla_decode.py) and head_gemm_rope read them alike."""
+    if len(q_rope) != 3:
+        raise ValueError(f"{op}: q_rope is (cos, sin, positions), got {len(q_rope)} tensors")
+    cos, sin, pos = q_rope
+    if r % 2:
+        raise ValueError(f"{op}: q_rope needs an even rope dim, got R={r}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_tensor(f"{op}: q_rope {name}", t, dtypes=(torch.float32,), ndim=2, device=device)
+        if t.shape[1] != r // 2 or t.stride(1) != 1 or t.shape[0] < 1:
+            raise ValueError(f"{op}: q_rope {name} {tuple(t.shape)} must be [P, R/2={r // 2}] with unit stride")
+    if cos.shape != sin.shape or cos.stride(0) != sin.stride(0):
+        raise ValueError(f"{op}: q_rope cos {tuple(cos.shape)} and sin {tuple(sin.shape)} need one shape and stride")
+    check_tensor(f"{op}: q_rope positions", pos, dtypes=(torch.int32, torch.int64), ndim=1, device=device,
+                 contiguous=True)
+    if pos.shape[0] != bsz:
+        raise ValueError(f"{op}: q_rope positions has {pos.shape[0]} entries for batch {bsz}")
+
+
 def head_gemm_rope(x: torch.Tensor, w: torch.Tensor, q_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    pos: torch.Tensor, *, config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(head_gemm(x, w) [M, H, N], q_pe rotated at each row's position [M, H, R]) in one launch."""
@@ -117,16 +138,10 @@ def head_gemm_rope(x: torch.Tensor, w: torch.Tensor, q_pe: torch.Tensor, cos: to
     if q_pe.shape[:2] != (m, h) or q_pe.shape[2] % 2 or q_pe.stride(2) != 1:
         raise ValueError(f"head_gemm_rope: q_pe {tuple(q_pe.shape)} (strides {q_pe.stride()}) must be [M={m}, H={h}, "
                          f"R] with R even and unit stride on R")
-    for name, table in (("cos", cos), ("sin", sin)):
-        check_tensor(f"head_gemm_rope: {name}", table, dtypes=(torch.float32,), ndim=2, device=x.device)
-        if table.shape != cos.shape or table.shape[1] * 2 != q_pe.shape[2] or table.stride(1) != 1:
-            raise ValueError(f"head_gemm_rope: {name} {tuple(table.shape)} must be [P, R/2 = {q_pe.shape[2] // 2}] "
-                             f"with unit column stride, as cos")
-    check_tensor("head_gemm_rope: pos", pos, dtypes=(torch.int32, torch.int64), ndim=1, device=x.device)
-    if pos.shape[0] != m or cos.shape[0] == 0:
-        raise ValueError(f"head_gemm_rope: pos {tuple(pos.shape)} must be [M={m}] and the tables non-empty")
+    pos = pos.contiguous()
+    check_rope_tables("head_gemm_rope", (cos, sin, pos), m, q_pe.shape[2], x.device)
     out = torch.empty((m, h, w.shape[2]), dtype=x.dtype, device=x.device)
     q_pe_out = torch.empty(q_pe.shape, dtype=q_pe.dtype, device=x.device)
     if m:
-        launch(*head_gemm_rope_spec(x, w, out, ka.m_bucket(m), q_pe, cos, sin, pos.contiguous(), q_pe_out), config)
+        launch(*head_gemm_rope_spec(x, w, out, ka.m_bucket(m), q_pe, cos, sin, pos, q_pe_out), config)
     return out, q_pe_out

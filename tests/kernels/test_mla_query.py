@@ -42,7 +42,7 @@ def test_bad_inputs_are_named():
     pos = torch.tensor([0, 1])
     with pytest.raises(ValueError, match=r"q_pe \(2, 3, 5\).*R even"):
         kq.head_gemm_rope(x, w, torch.randn(2, 3, 5), cos_t[:, :2], sin_t[:, :2], pos)
-    with pytest.raises(ValueError, match=r"sin \(4, 2\) must be \[P, R/2 = 3\]"):
+    with pytest.raises(ValueError, match=r"head_gemm_rope: q_rope sin \(4, 2\) must be \[P, R/2=3\]"):
         kq.head_gemm_rope(x, w, torch.randn(2, 3, 6), cos_t, sin_t[:, :2], pos)
-    with pytest.raises(ValueError, match=r"pos \(3,\) must be \[M=2\]"):
+    with pytest.raises(ValueError, match=r"head_gemm_rope: q_rope positions has 3 entries for batch 2"):
         kq.head_gemm_rope(x, w, torch.randn(2, 3, 6), cos_t, sin_t, torch.tensor([0, 1, 2]))

@@ -10,6 +10,9 @@
 #   bash benchmarks/device_chain.sh chunk FILE     # calls 2..: hand over one onnxruntime-gpu chunk
 #                                                  #   (benchmarks/pack_onnxruntime_gpu.sh; the last one
 #                                                  #   is named with `chunk FILE last`)
+#   bash benchmarks/device_chain.sh setenv TAG "NAME=VALUE ..."
+#                                                  # later calls: more environment for torch16b:...:TAG steps
+#                                                  #   not yet started (switches picked by an earlier step)
 #   bash benchmarks/device_chain.sh wait SECONDS   # later calls: wait until the chain ends or SECONDS
 #                                                  #   pass, then pack everything into $OUT/chain.tgz
 #
@@ -77,6 +80,8 @@ run_step() {
     torch16b:*) prec=$(echo "$1" | cut -d: -f2); end=$(echo "$1" | cut -d: -f3); end=${end:-28}
                 tag=$(echo "$1" | cut -d: -f4); extra=""; [ -n "$tag" ] && extra=$(printenv "TORCH16B_ARGS_$tag")
                 procenv=""; [ -n "$tag" ] && procenv=$(printenv "TORCH16B_ENV_$tag")
+                # pairs set after the start (`setenv TAG ...`, e.g. configs picked by an earlier step)
+                [ -n "$tag" ] && [ -f "$CHAIN/env-$tag" ] && procenv="$procenv $(cat "$CHAIN/env-$tag")"
                 step "torch16b-$prec${tag:+-$tag}" $(( end - 8 )) env $procenv taskset -c $CORES python3 benchmarks/torch_16b.py \
                   --precisions "$prec" --budget-s $(( (end - $(minutes)) * 60 )) $extra \
                   --out "$CHAIN/torch16b-$prec${tag:+-$tag}" ;;
@@ -178,6 +183,10 @@ case ${1:-} in
     while [ ! -f "$CHAIN/chain.done" ] && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
     report
     ;;
+  setenv)  # setenv TAG "NAME=VALUE ...": added to torch16b:...:TAG's environment if that step has not started
+    mkdir -p "$CHAIN" && echo "${3:-}" > "$CHAIN/env-$2" && log "env-$2: ${3:-}"
+    report
+    ;;
   _chain) chain "${2:-}" "${3:-}" ;;
-  *) echo "usage: $0 start [STEPS [STEPS_GPU1]] | chunk FILE [last] | wait SECONDS" >&2; exit 2 ;;
+  *) echo "usage: $0 start [STEPS [STEPS_GPU1]] | chunk FILE [last] | setenv TAG PAIRS | wait SECONDS" >&2; exit 2 ;;
 esac

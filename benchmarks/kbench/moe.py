@@ -180,6 +180,7 @@ def bench_moe(report: Report, sh: Shapes, quick: bool) -> None:
 # expert has one row (batch-1 decode: the 16b MoE's GEMMs run at ~60% of copy bandwidth, session 7).
 MOE_CFG_CANDIDATES = (  # (BLOCK_N, num_warps, num_stages)
     (16, 4, 6), (32, 4, 6), (32, 4, 8), (64, 4, 6), (64, 8, 5), (128, 4, 5),
+    (16, 2, 6), (16, 4, 8), (32, 2, 5), (32, 2, 8),  # fewer warps: the direct mode's one-row tiles (session 22)
 )
 
 

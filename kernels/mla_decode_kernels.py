@@ -33,6 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from dsv3_export.kernels.l2_prefetch import prefetch_l2
 from dsv3_export.kernels.mla_splits import _batch_splits, _clamped_load, _row_splits
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 from dsv3_export.kernels.mla_query import rotate_pairs
@@ -131,10 +132,8 @@ def _mla_decode_split_kernel(
                 rows = rows.to(tl.int64)
                 lines = kv_base + rows[:, None] * stride_kvs + (tl.arange(0, 8) * (C // 8))[None, :]
                 pe_lines = pe_base + rows * stride_pes
-                tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [lines.to(tl.int64)],
-                                          dtype=tl.int32, is_pure=False, pack=1)
-                tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [pe_lines.to(tl.int64)],
-                                          dtype=tl.int32, is_pure=False, pack=1)
+                prefetch_l2(lines)
+                prefetch_l2(pe_lines)
         kv = tl.load(tile_kv + (kv_rows[:, None] * stride_kvs + offs_c[None, :]), mask=mask_c[None, :], other=0.0)
         pe = tl.load(tile_pe + (kv_rows[:, None] * stride_pes + offs_r[None, :]), mask=mask_r[None, :], other=0.0)
         if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong

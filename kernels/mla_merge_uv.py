@@ -37,6 +37,7 @@ from dsv3_export.kernels._common import (LaunchSpec, autotune_or_single, cdiv, c
                                          next_pow2)
 from dsv3_export.kernels.mla_absorb import _head_gemv_product, _head_gemv_weights
 from dsv3_export.kernels.mla_decode import DecodePartials
+from dsv3_export.kernels.l2_prefetch import prefetch_l2
 from dsv3_export.kernels.mla_decode_kernels import _merged_splits
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 
@@ -65,8 +66,7 @@ def _mla_merge_uv_kernel(
         rows = tl.minimum(offs_n, N - 1).to(tl.int64)
         cols = tl.minimum(tl.arange(0, BLOCK_C // 64) * 64, C - 1)
         lines = w_ptr + head * stride_wh + rows[:, None] * stride_wn + cols[None, :]
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [lines.to(tl.int64)], dtype=tl.int32,
-                                  is_pure=False, pack=1)
+        prefetch_l2(lines)
     lat = _merged_splits(o_part_ptr, lse_ptr, seqlens_ptr, SEQ_CAP, pid_m, head, tl.num_programs(2) * HEAD_BLOCKS,
                          NUM_SPLITS,
                          stride_ob, stride_oh, stride_os, stride_lb, stride_lh,

@@ -27,14 +27,13 @@ tensors it writes by reading its TTIR, and gives up on inline assembly with side
 how Triton 3.6 emits the wait; it then assumes every input is written (functional copies of the
 weights and caches; the first 16b package built that way died with an illegal memory access on the
 H200). The analysis reads the kernel compiled with GDC off (the same loads and stores, no wait):
-_analyse_without_the_wait wraps torch's TTIR generator for that. Where that wrapper cannot be
-installed (a torch without it), GDC stays off and no kernel is offered programmatic edges.
+GDC is registered with kernels/mutation_analysis.py, whose wrapper of torch's TTIR generator does that. Where
+the wrapper cannot be installed (a torch without it), GDC stays off and no kernel is offered programmatic edges.
 """
 
 from __future__ import annotations
 
 import ast
-import functools
 import importlib
 import inspect
 import os
@@ -47,37 +46,12 @@ import triton
 import triton.language as tl
 
 from dsv3_export.kernels._common import is_interpreted
+from dsv3_export.kernels.mutation_analysis import hidden_from_mutation_analysis
 
 
 @triton.jit
 def _interpreter_probe():
     pass
-
-
-def _analyse_without_the_wait() -> bool:
-    """Wrap torch's TTIR generator for its kernel mutation analysis so that it compiles with GDC off."""
-    try:
-        from torch._higher_order_ops import triton_kernel_wrap
-    except ImportError:
-        return False
-    original = getattr(triton_kernel_wrap, "generate_ttir", None)
-    if original is None:
-        return False
-    if getattr(original, "compiles_without_gdc_wait", False):
-        return True
-
-    @functools.wraps(original)
-    def generate_ttir(*args, **kwargs):
-        saved = globals()["GDC"]
-        globals()["GDC"] = tl.constexpr(False)  # read by wait_for_producer while this TTIR is generated
-        try:
-            return original(*args, **kwargs)
-        finally:
-            globals()["GDC"] = saved
-
-    generate_ttir.compiles_without_gdc_wait = True
-    triton_kernel_wrap.generate_ttir = generate_ttir
-    return True
 
 
 # DSV3_TRITON_GDC=1 (read at import) compiles the kernels with the wait; off by default. H200, 16b fp8
@@ -90,7 +64,7 @@ def _analyse_without_the_wait() -> bool:
 GDC_ENV = "DSV3_TRITON_GDC"
 # griddepcontrol exists on sm_90 and later; the interpreter (TRITON_INTERPRET=1) has none.
 GDC = tl.constexpr(os.environ.get(GDC_ENV, "0") == "1" and not is_interpreted(_interpreter_probe)
-                   and _analyse_without_the_wait())
+                   and hidden_from_mutation_analysis(globals(), "GDC"))
 
 
 @triton.jit

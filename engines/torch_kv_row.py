@@ -12,10 +12,10 @@ write into in place, and each row is itself a concat (of the kv_norm and rope ke
 the row is one pointwise node: the rope kernel writes it into its slice of the stack's output directly, and the
 copy kernels go (the fusion study compiled 10 layers: 68 -> 58 kernels). The same values bit for bit (NaN payloads
 aside: compiled on the CPU, a bf16 NaN came out with another payload): pad adds zeros the where never selects.
-CUDA decode programs only; DSV3_TORCH_KV_ROW=where (default since session 21: on the H200 the 27 stack copies went,
+CUDA decode programs only; DSV3_TORCH_KV_ROW=where (session 21's default: on the H200 the 27 stack copies went,
 27.5 us per batch-1 step; benchmarks/RESULTS.md) or `cat` (keeps the cat).
 
-DSV3_TORCH_KV_ROW=norm (opt-in, session 21, not yet timed on the GPU) also takes the row's kv_norm
+DSV3_TORCH_KV_ROW=norm (the default since session 22; session 21's opt-in) also takes the row's kv_norm
 (rms_norm(latent) with latent = kv[..., :c], kv = wkv_a's output row [b, 1, c + r]) as a mean over the whole row:
 
     ms = sum(where(arange(c + r) < c, kv.float() ** 2, 0), -1, keepdim) / c
@@ -25,7 +25,9 @@ rms_norm's own decomposition with its mean over c columns replaced. Why: Inducto
 the mean over the c latent columns (a reduction of c) and the row over c + r columns (pointwise, the norm, the key's
 RoPE, the where); a reduction over the row's c + r columns fuses with that pointwise row into one persistent kernel
 (27 launches fewer per 27-layer 16b step; 2 -> 1 kernels per layer in benchmarks/inductor_fusion_study.py). The
-values are the cat's up to the fp32 sum's order (not bit for bit; within an ulp of the fp32 mean).
+values are the cat's up to the fp32 sum's order (not bit for bit; within an ulp of the fp32 mean). H200, session 22
+(4-layer 16b fp8 A/B, two builds per arm, with Q_ROPE=absorb): per layer one kernel of 1.7-1.9 us against 2.0-2.7 +
+1.0-1.1 us, one launch gap fewer; logits as far from the eager step's as before.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ def kv_row_as_where(ep: ExportedProgram, kind: str) -> tuple[ExportedProgram, st
     """The program with each mla_attention's kv_new cat rewritten as where(pad, pad) (decode programs with
     KV_ROW_ENV=where or norm; norm also takes the row's kv_norm over the whole row), and a line for the manifest's
     `lowerings`."""
-    form = env_choice(KV_ROW_ENV, "where", KV_ROW_FORMS) if kind == "decode" else "cat"
+    form = env_choice(KV_ROW_ENV, "norm", KV_ROW_FORMS) if kind == "decode" else "cat"
     if form == "cat":
         return ep, f"cat ({KV_ROW_ENV}=cat)" if kind == "decode" else "cat (prefill)"
     state = ProgramState(ep)

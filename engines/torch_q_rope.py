@@ -4,7 +4,8 @@ Each decode layer rotates q_pe (reference/layers.py apply_rotary_emb: interleave
 rows, in fp32, rounded back) before dsv3_aoti::mla_attention reads it. In a CUDA package that is a kernel of its
 own per layer (`triton_poi_fused_..._index_mul_select_..._stack_sub_...`: 27 launches, ~32 us per H200 batch-1
 16b step, session 20's fusion study, benchmarks/inductor_fusion_study.py). Rewritten (after the dsv3:: ops are
-lowered; decode programs on CUDA; DSV3_TORCH_Q_ROPE=kernel, the default since session 21; `inductor` restores):
+lowered; decode programs on CUDA; DSV3_TORCH_Q_ROPE=kernel, session 21's default; `inductor` leaves the RoPE to
+Inductor):
 
     x  = view(_to_copy(q_pe_raw, f32), [..., r/2, 2]);  x0, x1 = select(x, -1, 0), select(x, -1, 1)
     c = unsqueeze(index(rope_cos, [unsqueeze(start_pos, 1) + arange(1)]), 2)  (and s from rope_sin)
@@ -18,10 +19,12 @@ whose split kernel loads the raw pairs and rotates them with the same fp32 arith
 (kernels/mla_decode_kernels.py _q_pe_tile): the same bits in the CPU interpreter; on the GPU the compiler may
 contract a multiply-add differently from Inductor's kernel (a last-bit difference before the rounding, rare).
 
-DSV3_TORCH_Q_ROPE=absorb (opt-in, session 21, not yet timed on the GPU): the same rewrite with rope_in_query set, so
-W_UK's head_gemm launch writes the rotated q_pe from programs of its own (kernels/mla_query.py, the same rotation)
-and the split kernel reads it as before the rewrite. Why: with the rotation inside it the split kernel took 20-24 us
-more per 27-layer batch-1 step on the H200 (session 21).
+DSV3_TORCH_Q_ROPE=absorb (the default since session 22; session 21's opt-in): the same rewrite with rope_in_query
+set, so W_UK's head_gemm launch writes the rotated q_pe from programs of its own (kernels/mla_query.py, the same
+rotation) and the split kernel reads it as before the rewrite. Why: with the rotation inside it the split kernel took
+20-24 us more per 27-layer batch-1 step on the H200 (session 21). H200, session 22 (4-layer 16b fp8 A/B, two builds
+per arm, with KV_ROW=norm): the split kernel 7.0-7.5 us per call against 8.1-8.2, head_gemm_rope 2.9-3.0 against
+head_gemm's 2.9-3.1.
 """
 
 from __future__ import annotations
@@ -119,18 +122,33 @@ def rope_inputs(q_pe: Node, start_pos: Node) -> tuple[Node, Node, Node] | None:
     return raw, tables[0], tables[1]
 
 
+def _args_with_defaults(node: Node) -> tuple | None:
+    """node's arguments in schema order, its defaulted trailing ones filled in: the traced call drops an argument
+    passed with its default value (mla_attention's merge_uv=False left 10 of 11), which the match must not miss."""
+    args = list(node.args)
+    for arg in node.target._schema.arguments[len(args):]:
+        if arg.name in node.kwargs:
+            args.append(node.kwargs[arg.name])
+        elif arg.has_default_value():
+            args.append(arg.default_value)
+        else:
+            return None
+    return tuple(args)
+
+
 def q_rope_into_attention(ep: ExportedProgram, kind: str) -> tuple[ExportedProgram, str]:
     """The lowered program with each decode mla_attention's query RoPE moved into its split kernel (Q_ROPE_ENV=kernel,
     decode programs) or W_UK's head_gemm launch (Q_ROPE_ENV=absorb), and a line for the manifest's `lowerings`."""
-    form = env_choice(Q_ROPE_ENV, "kernel", Q_ROPE_FORMS) if kind == "decode" else "inductor"
+    form = env_choice(Q_ROPE_ENV, "absorb", Q_ROPE_FORMS) if kind == "decode" else "inductor"
     if form == "inductor":
         return ep, f"Inductor ({Q_ROPE_ENV}=inductor)" if kind == "decode" else "Inductor (prefill)"
     state = ProgramState(ep)
     rewritten = 0
     for node in list(state.graph.nodes):
-        if not is_call(node, torch.ops.dsv3_aoti.mla_attention.default) or node.kwargs or len(node.args) != 11:
+        args = _args_with_defaults(node) if is_call(node, torch.ops.dsv3_aoti.mla_attention.default) else None
+        if args is None or len(args) != 11:
             continue
-        q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, scale, decode, absorb, head_gemv, merge_uv = node.args
+        q_nope, q_pe, kv_new, kv_cache, start_pos, wkv_b, scale, decode, absorb, head_gemv, merge_uv = args
         found = rope_inputs(q_pe, start_pos) if decode is True else None
         if found is None:
             continue

@@ -93,7 +93,7 @@ SETTINGS = {
     "mla all configs": ("", dict(DSV3_TORCH_MLA_CONFIGS="all")),
     "kv row cat": ("", dict(DSV3_TORCH_KV_ROW="cat")),
     "q rope inductor": ("", dict(DSV3_TORCH_Q_ROPE="inductor")),
-    "q rope absorb": ("", dict(DSV3_TORCH_Q_ROPE="absorb")),
+    "q rope kernel": ("", dict(DSV3_TORCH_Q_ROPE="kernel")),
     "merge uv prefetch": ("", dict(DSV3_TORCH_MERGE_UV_PREFETCH="1")),
     "moe direct configs": ("", dict(DSV3_TORCH_MOE_DIRECT_CONFIGS="up=32:4:5,down=64:4:4")),
 }
@@ -132,8 +132,10 @@ def _check_defaults(launches: dict[str, dict]):
     assert k["_router_kernel"] == 1 and k["_gate_partials_kernel"] == 1, k
     assert sum(".linear." in e for e in default["extern"]) == 1, default["extern"]
     assert not any(".topk." in e or ".sort." in e for e in default["extern"]), default["extern"]
-    # MLA's absorbed W_UK and W_UV per layer: kernels/mla_absorb.py head_gemm, no einsum's bmm
-    assert k["_head_gemm_kernel"] == 2 * 2 and not any(".bmm." in e for e in default["extern"]), (k, default["extern"])
+    # MLA's absorbed W_UK and W_UV per layer: kernels/mla_absorb.py head_gemm, no einsum's bmm; W_UK's launch is
+    # kernels/mla_query.py's, which also rotates the query's q_pe (DSV3_TORCH_Q_ROPE=absorb, _check_q_rope)
+    assert k["_head_gemm_kernel"] == k["_head_gemm_rope_kernel"] == 2, k
+    assert not any(".bmm." in e for e in default["extern"]), default["extern"]
     assert k["_mla_decode_split_kernel"] == k["_mla_decode_reduce_kernel"] == 2, k
     # + per layer the GEMV of wq+wkv_a and wo and W_UV's head_gemv (_check_decode_gemv), and
     # the split-K sums of wq+wkv_a, wo and w2 (_check_decode_gemv)
@@ -221,18 +223,22 @@ def _check_kv_row(launches: dict[str, dict]):
 
 
 def _check_q_rope(launches: dict[str, dict]):
-    """DSV3_TORCH_Q_ROPE=kernel (session 20, the default since session 21): each layer's query RoPE matched and moved
-    into the split kernel (engines/torch_q_rope.py; every kernel argument named: _trace); `inductor` leaves it to
-    Inductor; our kernels' launches are the same."""
-    inductor, default = launches["q rope inductor"], launches["defaults"]
-    assert inductor["kernels"] == default["kernels"], (inductor["kernels"], default["kernels"])
-    assert (default["rope_q"], inductor["rope_q"]) == (2, 0), (default["rope_q"], inductor["rope_q"])
-    # DSV3_TORCH_Q_ROPE=absorb (opt-in, session 21): the same rewrite, W_UK's head_gemm launch (one per layer) becomes
-    # kernels/mla_query.py's, which also rotates q_pe; every argument named (_trace)
-    absorb, k = launches["q rope absorb"], dict(default["kernels"])
+    """DSV3_TORCH_Q_ROPE=absorb (session 21's opt-in, the default since session 22): each layer's query RoPE matched
+    and moved into W_UK's head_gemm launch, which becomes kernels/mla_query.py's (every kernel argument named: _trace).
+    `kernel` (session 21's default) moves it into the split kernel instead and keeps head_gemm; `inductor` leaves it
+    to Inductor, with the same launches as `kernel`."""
+    inductor, kernel, default = launches["q rope inductor"], launches["q rope kernel"], launches["defaults"]
+    assert inductor["kernels"] == kernel["kernels"], (inductor["kernels"], kernel["kernels"])
+    assert (default["rope_q"], kernel["rope_q"], inductor["rope_q"]) == (2, 2, 0), \
+        (default["rope_q"], kernel["rope_q"], inductor["rope_q"])
+    k = dict(kernel["kernels"])
     k["_head_gemm_kernel"] -= 2
     k["_head_gemm_rope_kernel"] = 2
-    assert absorb["kernels"] == k and absorb["rope_q"] == 2, (absorb["kernels"], k)
+    assert default["kernels"] == k, (default["kernels"], k)
+    # every other setting rewrites both layers too: with merge_uv off the traced call drops that defaulted argument,
+    # which the match once missed (unseen while the rewrite launched nothing of its own)
+    rewritten = {name: r["rope_q"] for name, r in launches.items() if name != "q rope inductor"}
+    assert set(rewritten.values()) == {2}, rewritten
 
 
 def _check_moe_direct_configs(launches: dict[str, dict]):

@@ -109,13 +109,13 @@ def test_norm_over_row_matches_rms_norm(case):
 
 
 def test_switch_and_program_kinds(monkeypatch):
-    """On by default (`where`, session 21), `cat` keeps the program, prefill programs never rewritten, a bad value
-    named."""
+    """On by default (`norm` since session 22, `where` in session 21), `cat` keeps the program, prefill programs never
+    rewritten, a bad value named."""
     from dsv3_export.engines import torch_kv_row as R
 
     program = _fp8_decode_program()
     monkeypatch.delenv(R.KV_ROW_ENV, raising=False)
-    assert R.kv_row_as_where(program, "decode")[1].endswith(f"({R.KV_ROW_ENV}=where)")
+    assert R.kv_row_as_where(program, "decode")[1].endswith(f"({R.KV_ROW_ENV}=norm)")
     monkeypatch.setenv(R.KV_ROW_ENV, "cat")
     assert R.kv_row_as_where(program, "decode") == (program, f"cat ({R.KV_ROW_ENV}=cat)")
     monkeypatch.setenv(R.KV_ROW_ENV, "where")

@@ -1,4 +1,5 @@
-"""engines/torch_q_rope.py: the decode query's RoPE inside the MLA split kernel (DSV3_TORCH_Q_ROPE=kernel).
+"""engines/torch_q_rope.py: the decode query's RoPE inside the MLA split kernel (DSV3_TORCH_Q_ROPE=kernel) or W_UK's
+head_gemm launch (=absorb, the default since session 22).
 
 In the Triton CPU interpreter (a subprocess: TRITON_INTERPRET must be set before the kernels are decorated): the
 tiny bf16 model's decode program lowered for CUDA as engines/torch.py lower_program lowers it (every dsv3:: op a
@@ -70,7 +71,7 @@ def test_rewritten_decode_program_is_bit_identical_in_the_interpreter(seed):
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["inductor"] == "Inductor (DSV3_TORCH_Q_ROPE=inductor)", out["inductor"]
     assert out["how"] == "2 query RoPEs into the MLA split kernel (DSV3_TORCH_Q_ROPE=kernel)", out["how"]
-    assert out["default"] == out["how"], out  # the default since session 21
+    assert out["default"] == out["how_absorb"], out  # the default since session 22 (`kernel` in session 21)
     assert out["ops"]["mla_attention_rope_q"] == [0, 2], out["ops"]
     stacks_before, stacks_after = out["ops"]["stack"]
     assert stacks_before - stacks_after == 2, out["ops"]  # each layer's query RoPE stack gone (k_pe's stays)

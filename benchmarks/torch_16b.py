@@ -448,6 +448,11 @@ def generate_check(step: AOTIStep, model, new_tokens: int = 16) -> dict[str, Any
             "generate_identical_prefix_vs_reference": same, "generate_new_tokens": new_tokens}
 
 
+def _captures(step: AOTIStep) -> int:
+    """Decode graphs the step has captured so far (-1 without graphs)."""
+    return step._graphs.captures if step._graphs is not None else -1
+
+
 def generate_ms_per_token(step: AOTIStep, model, batch: int, new_tokens: int = 64) -> dict[str, Any]:
     """Engine.generate's greedy loop per token (one-token prompts: the decode program alone serves),
     with the next step queued before the host reads each token (the runtime's default) and one step
@@ -461,10 +466,14 @@ def generate_ms_per_token(step: AOTIStep, model, batch: int, new_tokens: int = 6
         prompts = [[(17 + 31 * row) % model.args.vocab_size] for row in range(batch)]
         engine.generate(prompts, 4)  # warm (graph captured)
         sync()
+        captured = _captures(step)
         t = time.perf_counter()
         engine.generate(prompts, new_tokens)
         sync()
         out[f"b{batch}_{name}"] = round((time.perf_counter() - t) * 1e3 / new_tokens, 3)
+        # graphs captured inside the timed call: 0 since session 22 (generate keeps its cache buffer, so the warm
+        # call's graph replays; before, each call's new cache was captured again inside the timing)
+        out[f"b{batch}_{name}_graph_captures"] = _captures(step) - captured
     return out
 
 

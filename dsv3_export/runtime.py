@@ -7,6 +7,8 @@
 Backend independent: the backend gives a step function and the device its tensors live on
 (engines/base.py); this module owns the KV cache (allocated once on that device, capacity =
 longest prompt + max_new_tokens), writes each step's new rows into it in place, and samples.
+On a step whose decode graphs are captured per cache buffer (engines/torch_step.py graphs_keyed_by_cache),
+generate keeps its cache between calls instead, its capacity rounded up to GENERATE_CACHE_BUCKET positions.
 Prompts of different lengths share one batch: they are right-padded and prefilled at position 0,
 then every row decodes at its own position (start_pos per row); the padded rows' cache entries
 are overwritten before any query can see them (step.py).
@@ -14,7 +16,7 @@ are overwritten before any query can see them (step.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +29,13 @@ from dsv3_export.reference.args import ModelArgs
 from dsv3_export.step import empty_cache, write_cache
 
 PAD_ID = 0  # right padding of shorter prompts; its logits and cache rows are never used
+# generate's cache capacity on a step that captures decode graphs per cache buffer, rounded up to a multiple of this
+# (at most max_seq_len): calls of nearby lengths then share one buffer and so one graph. Why: a cache allocated per
+# call is a new address, and each call captured its decode graph again (two uncaptured warm-up runs, the capture and
+# its instantiation: on the H200's 27-layer 16b step ~2.5 ms each run) inside the first token's time. The decode
+# kernels read each row's first start_pos positions only (kernels/mla_decode_kernels.py), so the longer buffer
+# costs memory, not time, and what an earlier call left past those positions is never read.
+GENERATE_CACHE_BUCKET = 256
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -48,6 +57,7 @@ class Engine:
     step: StepFunction
     path: Path
     queue_ahead: bool = True  # greedy: step n+1 queued before token n is read (generate); False: one at a time
+    _kept_cache: dict = field(default_factory=dict, repr=False)  # (batch, capacity) -> generate's cache, one at most
 
     @cached_property
     def args(self) -> ModelArgs:
@@ -104,7 +114,7 @@ class Engine:
 
         b, lengths = len(prompts), [len(p) for p in prompts]
         longest = max(lengths)
-        cache = self.new_cache(b, longest + max_new_tokens)
+        cache = self._generate_cache(b, longest + max_new_tokens)
         padded = torch.tensor([p + [PAD_ID] * (longest - len(p)) for p in prompts], dtype=torch.int64)  # [b, S]
         pos = torch.zeros(b, dtype=torch.int64, device=self.device)
         logits, new_kv = self.step(padded.to(self.device), pos, cache)  # [b, S, V]
@@ -134,6 +144,19 @@ class Engine:
             if not ahead:
                 token, pos = self._decode(token, pos, cache, temperature, top_p, generator)
         return out[0] if single else out
+
+    def _generate_cache(self, batch: int, length: int) -> torch.Tensor:
+        """generate's cache: new_cache's, or on a step with graphs keyed by the cache buffer the one kept from the last
+        call of this batch and capacity bucket (GENERATE_CACHE_BUCKET), not cleared: every position a row reads was
+        written in this call (the prompt's by the prefill, each new one after its step)."""
+        if not getattr(self.step, "graphs_keyed_by_cache", False) or length > self.args.max_seq_len:
+            return self.new_cache(batch, length)  # (too long: new_cache's error)
+        capacity = min(-(-length // GENERATE_CACHE_BUCKET) * GENERATE_CACHE_BUCKET, self.args.max_seq_len)
+        key = (batch, capacity)
+        if key not in self._kept_cache:
+            self._kept_cache.clear()  # one kept: its graph holds it anyway (engines/torch_step.py MAX_GRAPHS)
+            self._kept_cache[key] = self.new_cache(batch, capacity)
+        return self._kept_cache[key]
 
     def _decode(self, token: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor, temperature: float, top_p: float,
                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:

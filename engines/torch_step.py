@@ -209,6 +209,7 @@ class _DecodeGraphs:
         self.run = run
         self.pdl = pdl
         self.pdl_edges: PdlEdges | None = None  # the last capture's edit
+        self.captures = 0  # graphs captured so far (benchmarks/torch_16b.py: none inside a timed generate)
         self.graphs: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
         self.failed = False
 
@@ -225,6 +226,7 @@ class _DecodeGraphs:
                 self.failed = True
                 return self.run(tokens, start_pos, kv_cache)
             self.graphs[key] = entry
+            self.captures += 1
             while len(self.graphs) > MAX_GRAPHS:
                 self.graphs.popitem(last=False)
         else:
@@ -257,6 +259,12 @@ class AOTIStep:
         self._weights = weights  # kept alive: the packages use these tensors' memory (user_managed)
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self._graphs = _DecodeGraphs(decode, pdl) if self.cuda_graph else None
+
+    @property
+    def graphs_keyed_by_cache(self) -> bool:
+        """Decode steps replay CUDA graphs captured per cache buffer: a caller that reuses one cache buffer across
+        calls (dsv3_export/runtime.py Engine.generate) replays instead of capturing again."""
+        return self._graphs is not None and not self._graphs.failed
 
     @property
     def pdl(self) -> PdlPlan | None:

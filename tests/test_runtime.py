@@ -63,6 +63,52 @@ def test_runtime_logic_with_an_eager_step_matches_reference_greedy():
     assert engine.generate(PROMPTS, max_new_tokens=6) == [reference_greedy(model, p, 6) for p in PROMPTS]
 
 
+class KeyedStep(TorchStep):
+    """TorchStep as a step whose decode graphs are keyed by the cache buffer (engines/torch_step.py
+    graphs_keyed_by_cache): it records each cache it is given."""
+
+    graphs_keyed_by_cache = True
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.caches: list[torch.Tensor] = []
+
+    def __call__(self, tokens, start_pos, kv_cache):
+        self.caches.append(kv_cache)
+        return super().__call__(tokens, start_pos, kv_cache)
+
+
+def test_generate_keeps_one_cache_per_bucket_on_a_step_keyed_by_it(monkeypatch, seed):
+    """Calls of one batch and capacity bucket get the same buffer (so the same decode graph), not cleared: garbage
+    left past each row's positions (as an earlier call leaves them) changes no token; another bucket or batch gets a
+    new buffer, and a step without graphs a fresh cache per call."""
+    import dsv3_export.runtime as runtime
+
+    monkeypatch.setattr(runtime, "GENERATE_CACHE_BUCKET", 16)
+    model = tiny_model()
+    engine = torch_engine()
+    engine.step = KeyedStep(model)
+    want = [reference_greedy(model, p, 6) for p in PROMPTS]
+    assert engine.generate(PROMPTS, max_new_tokens=6) == want  # 13 + 6 positions: capacity 32
+    kept = engine.step.caches[0]
+    assert kept.shape[2] == 32 and all(c is kept for c in engine.step.caches)
+    kept.copy_(torch.randn(kept.shape, generator=torch.Generator().manual_seed(seed)) * 1e4)  # stale rows
+    assert engine.generate(PROMPTS, max_new_tokens=3) == [w[:3] for w in want]  # 16 positions: capacity 16
+    assert engine.step.caches[-1] is not kept and engine.step.caches[-1].shape[2] == 16
+    engine.step.caches.clear()
+    engine.generate(PROMPTS, max_new_tokens=4)  # 17: capacity 32 again (a new buffer: one is kept)
+    engine.generate(PROMPTS, max_new_tokens=5)  # 18: the same
+    assert len({c.data_ptr() for c in engine.step.caches}) == 1
+    engine.generate(PROMPTS[:2], max_new_tokens=5)  # another batch
+    assert engine.step.caches[-1].shape[0] == 2
+    plain = torch_engine()
+    plain.step = KeyedStep(model)
+    plain.step.graphs_keyed_by_cache = False
+    plain.generate(PROMPTS[1], max_new_tokens=2)
+    plain.generate(PROMPTS[1], max_new_tokens=2)
+    assert plain.step.caches[0] is not plain.step.caches[-1] and plain.step.caches[0].shape[2] == 4
+
+
 def test_greedy_32_tokens_identical_to_reference_decoding():
     engine = load_engine(fp32_engine_dir())
     assert engine.generate(PROMPTS[0], max_new_tokens=32) == reference_greedy(tiny_model(), PROMPTS[0], 32)

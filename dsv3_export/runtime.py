@@ -57,7 +57,7 @@ class Engine:
     step: StepFunction
     path: Path
     queue_ahead: bool = True  # greedy: step n+1 queued before token n is read (generate); False: one at a time
-    _kept_cache: dict = field(default_factory=dict, repr=False)  # (batch, capacity) -> generate's cache, one at most
+    _kept_cache: dict = field(default_factory=dict, init=False, repr=False)  # (batch, capacity) -> cache: one
 
     @cached_property
     def args(self) -> ModelArgs:

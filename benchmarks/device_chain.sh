@@ -184,7 +184,8 @@ case ${1:-} in
     report
     ;;
   setenv)  # setenv TAG "NAME=VALUE ...": added to torch16b:...:TAG's environment if that step has not started
-    mkdir -p "$CHAIN" && echo "${3:-}" > "$CHAIN/env-$2" && log "env-$2: ${3:-}"
+    # written whole, then renamed: a step starting meanwhile reads the old file or the new one, never half of it
+    mkdir -p "$CHAIN" && echo "${3:-}" > "$CHAIN/.env-$2" && mv "$CHAIN/.env-$2" "$CHAIN/env-$2" && log "env-$2: ${3:-}"
     report
     ;;
   _chain) chain "${2:-}" "${3:-}" ;;

@@ -32,9 +32,9 @@ PAD_ID = 0  # right padding of shorter prompts; its logits and cache rows are ne
 # generate's cache capacity on a step that captures decode graphs per cache buffer, rounded up to a multiple of this
 # (at most max_seq_len): calls of nearby lengths then share one buffer and so one graph. Why: a cache allocated per
 # call is a new address, and each call captured its decode graph again (two uncaptured warm-up runs, the capture and
-# its instantiation: on the H200's 27-layer 16b step ~2.5 ms each run) inside the first token's time. The decode
-# kernels read each row's first start_pos positions only (kernels/mla_decode_kernels.py), so the longer buffer
-# costs memory, not time, and what an earlier call left past those positions is never read.
+# its instantiation: on the H200's 27-layer 16b step ~2.5 ms each run) inside the first token's time. The Triton MLA
+# kernels read each row's first start_pos positions only (kernels/mla_decode_kernels.py), so there the longer
+# buffer costs memory, not time; the ATen attention (fp32 engines, DSV3_TORCH_TRITON_OPS=0) attends over all of it.
 GENERATE_CACHE_BUCKET = 256
 
 
@@ -57,7 +57,7 @@ class Engine:
     step: StepFunction
     path: Path
     queue_ahead: bool = True  # greedy: step n+1 queued before token n is read (generate); False: one at a time
-    _kept_cache: dict = field(default_factory=dict, init=False, repr=False)  # (batch, capacity) -> cache: one
+    _kept_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # generate's: one
 
     @cached_property
     def args(self) -> ModelArgs:
@@ -114,7 +114,7 @@ class Engine:
 
         b, lengths = len(prompts), [len(p) for p in prompts]
         longest = max(lengths)
-        cache = self._generate_cache(b, longest + max_new_tokens)
+        cache = self._generate_cache(b, longest, longest + max_new_tokens)
         padded = torch.tensor([p + [PAD_ID] * (longest - len(p)) for p in prompts], dtype=torch.int64)  # [b, S]
         pos = torch.zeros(b, dtype=torch.int64, device=self.device)
         logits, new_kv = self.step(padded.to(self.device), pos, cache)  # [b, S, V]
@@ -145,15 +145,19 @@ class Engine:
                 token, pos = self._decode(token, pos, cache, temperature, top_p, generator)
         return out[0] if single else out
 
-    def _generate_cache(self, batch: int, length: int) -> torch.Tensor:
-        """generate's cache: new_cache's, or on a step with graphs keyed by the cache buffer the one kept from the last
-        call of this batch and capacity bucket (GENERATE_CACHE_BUCKET), not cleared: every position a row reads was
-        written in this call (the prompt's by the prefill, each new one after its step)."""
+    def _generate_cache(self, batch: int, prompt: int, length: int) -> torch.Tensor:
+        """generate's cache for `length` positions, whose first `prompt` the prefill writes: new_cache's, or on a step
+        with graphs keyed by the cache buffer the one kept from the last call of this batch and capacity bucket
+        (GENERATE_CACHE_BUCKET), zeroed past the prompt (as new: an attention that reads past each row's positions
+        meets zeros, not an earlier call's rows). One generate at a time per Engine, on one stream: the kept buffer
+        (and the captured graph's input buffers) are shared by its calls."""
         if not getattr(self.step, "graphs_keyed_by_cache", False) or length > self.args.max_seq_len:
             return self.new_cache(batch, length)  # (too long: new_cache's error)
         capacity = min(-(-length // GENERATE_CACHE_BUCKET) * GENERATE_CACHE_BUCKET, self.args.max_seq_len)
         key = (batch, capacity)
-        if key not in self._kept_cache:
+        if key in self._kept_cache:
+            self._kept_cache[key][:, :, prompt:].zero_()
+        else:
             self._kept_cache.clear()  # one kept: its graph holds it anyway (engines/torch_step.py MAX_GRAPHS)
             self._kept_cache[key] = self.new_cache(batch, capacity)
         return self._kept_cache[key]

@@ -12,17 +12,29 @@ Our inline assembly never writes memory (griddepcontrol.wait, prefetch.global.L2
 kernel compiled without it:
 - each such asm sits behind a module-global `tl.constexpr` switch registered here (hidden_from_mutation_analysis);
 - the wrapped TTIR generator turns every registered switch off while it runs, and restores it after.
-The kernels compiled for running read the switches as they are.
+The kernels compiled for running read the switches as they are. Two things keep the window closed to them:
+- Triton memoizes a JIT function's cache key, and with it the globals it read (checked at each eager launch: "Global
+  variable ... has changed since we compiled this kernel"). TTIR generation hashes every callee, so a callee first
+  hashed inside the window would keep the switch at False for good (a session 22 review reproduced it on the real
+  lowering). The wrapper computes the analysed kernel's key, its callees' with it, before it turns the switches off.
+- Calls from several threads share one window (a lock and a depth count): the switches go off at the first entry
+  and come back at the last exit. Other threads must not compile our kernels while a program is being traced.
+Inductor copies a kernel's source and its constexpr globals when it generates code, outside the window, so the
+AOTInductor packages get the switches' real values.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any
 
+import triton
 import triton.language as tl
 
 _SWITCHES: list[tuple[dict[str, Any], str]] = []  # (a module's globals, the switch's name in them)
+_WINDOW = threading.RLock()
+_window = {"depth": 0, "saved": []}  # open analyses, the switches' values before the first
 
 
 def hidden_from_mutation_analysis(namespace: dict[str, Any], name: str) -> bool:
@@ -54,16 +66,32 @@ def _install() -> bool:
         return True
 
     @functools.wraps(original)
-    def generate_ttir(*args, **kwargs):
-        saved = [(ns, name, ns[name]) for ns, name in _SWITCHES if name in ns]
-        for ns, name, _ in saved:
-            ns[name] = tl.constexpr(False)
-        try:
-            return original(*args, **kwargs)
-        finally:
-            for ns, name, value in saved:
-                ns[name] = value
+    def generate_ttir(kernel, *args, **kwargs):
+        with _WINDOW:
+            if _window["depth"] == 0:  # (a nested call's kernel would be hashed inside the window: none nests)
+                _hash_first(kernel)
+                _window["saved"] = [(ns, name, ns[name]) for ns, name in _SWITCHES if name in ns]
+                for ns, name, _ in _window["saved"]:
+                    ns[name] = tl.constexpr(False)
+            _window["depth"] += 1
+            try:
+                return original(kernel, *args, **kwargs)
+            finally:
+                _window["depth"] -= 1
+                if _window["depth"] == 0:
+                    for ns, name, value in _window["saved"]:
+                        ns[name] = value
 
     generate_ttir.hides_side_effect_asm = True
+    generate_ttir.__wrapped__ = original
     triton_kernel_wrap.generate_ttir = generate_ttir
     return True
+
+
+def _hash_first(kernel: Any) -> None:
+    """The kernel's Triton cache key (through an Autotuner's or Heuristics' .fn), computed with the switches as they
+    are: it memoizes its callees' keys and the globals they read (the module docstring)."""
+    while not isinstance(kernel, triton.runtime.jit.JITFunction) and hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    if isinstance(kernel, triton.runtime.jit.JITFunction):
+        kernel.cache_key  # noqa: B018 - computed for its memoization

@@ -79,9 +79,10 @@ class KeyedStep(TorchStep):
 
 
 def test_generate_keeps_one_cache_per_bucket_on_a_step_keyed_by_it(monkeypatch, seed):
-    """Calls of one batch and capacity bucket get the same buffer (so the same decode graph), not cleared: garbage
-    left past each row's positions (as an earlier call leaves them) changes no token; another bucket or batch gets a
-    new buffer, and a step without graphs a fresh cache per call."""
+    """Calls of one batch and capacity bucket get the same buffer (so the same decode graph): whatever an earlier call
+    left in it changes no token (the prefill overwrites the prompt's positions, the rest is zeroed; this eager
+    attention reads every position, so a NaN left anywhere would show); another bucket or batch gets a new buffer,
+    and a step without graphs a fresh cache per call."""
     import dsv3_export.runtime as runtime
 
     monkeypatch.setattr(runtime, "GENERATE_CACHE_BUCKET", 16)
@@ -93,6 +94,10 @@ def test_generate_keeps_one_cache_per_bucket_on_a_step_keyed_by_it(monkeypatch, 
     kept = engine.step.caches[0]
     assert kept.shape[2] == 32 and all(c is kept for c in engine.step.caches)
     kept.copy_(torch.randn(kept.shape, generator=torch.Generator().manual_seed(seed)) * 1e4)  # stale rows
+    kept[:, :, 20:] = float("nan")
+    engine.step.caches.clear()
+    assert engine.generate(PROMPTS, max_new_tokens=5) == [w[:5] for w in want]  # 18 positions: capacity 32
+    assert engine.step.caches and all(c is kept for c in engine.step.caches)
     assert engine.generate(PROMPTS, max_new_tokens=3) == [w[:3] for w in want]  # 16 positions: capacity 16
     assert engine.step.caches[-1] is not kept and engine.step.caches[-1].shape[2] == 16
     engine.step.caches.clear()

@@ -72,6 +72,15 @@ with mock.patch.object(triton.runtime.driver, "_active", Sm90()):
             out[name]["seen"] = written(kernel, kwargs)
         finally:
             tkw.generate_ttir = wrapped
+# Triton memoizes each JIT function's key with the globals it read, checked at every eager launch: none may have kept
+# a switch at the value the analysis gave it
+from dsv3_export.kernels import l2_prefetch, pdl
+stale = []
+for fn in (mu._mla_merge_uv_kernel, mdk._mla_decode_split_kernel, l2_prefetch.prefetch_l2, pdl.wait_for_producer):
+    fn.cache_key
+    stale += [f"{fn.__name__}.{name}" for (name, _), (value, scope) in fn.used_global_vals.items()
+              if scope.get(name) != value]
+out["stale globals"] = stale
 print(json.dumps(out))
 '''
 
@@ -84,6 +93,7 @@ def test_the_analysis_finds_only_the_outputs_of_kernels_with_prefetch_asm():
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["merge_uv PREFETCH_W"]["hidden"] == ["out_ptr"], got
     assert got["split PREFETCH=3"]["hidden"] == ["lse_ptr", "o_part_ptr"], got
+    assert got.pop("stale globals") == [], got  # the keys were computed before the switches went off
     for name, result in got.items():  # the cases do carry the asm: torch's own generator gives up on it
         assert len(result["seen"]) > len(result["hidden"]), (name, result)
 

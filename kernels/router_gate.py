@@ -12,6 +12,12 @@ computes x[t-block, 128 s : 128 s + 128] . W[e-block, same]^T into partials[s], 
 16 programs each read 16 KB, and the router kernel (which reads the [T, E] logits anyway) sums the S
 partials in a fixed order before it routes: still two launches, the first spread over the SMs.
 
+norm (opt-in, engines/torch_gate_norm.py): x = rms_norm(bf16(r + d)) * nw computed by the kernel itself from the
+residual stream r and the attention's output d [T, K] (the ffn norm before the MoE; Inductor's kernel of its own per
+MoE layer otherwise): every program takes the mean square of its rows over all of K (L2 reads), normalizes its K
+split, and the first expert block's programs write h = bf16(r + d) (the residual stream after the attention, which
+the program still needs) and the normed tile into x_ptr (a scratch buffer: act_quant reads its rows back).
+
 The MoE's act_quant of x (1x128 blocks) rides along (quant_x): a program's x tile is exactly one
 quantization block, so the first expert block's programs also write q and s, and the fp8 MoE op no
 longer launches its own act_quant for x (engines/torch_router.py, one launch fewer per MoE layer).
@@ -24,6 +30,8 @@ is wrong); an fp32 dot asks for IEEE precision (on the GPU the default would be 
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -83,14 +91,49 @@ def _quantize_rows_one_by_one(x_ptr, first_row, n_rows, offs_k, mask_k, q_ptr, s
         tl.store(s_ptr + row * stride_st + split + tl.zeros((1,), tl.int64), s)
 
 
+@triton.jit
+def _rounded(v, dtype: tl.constexpr):
+    """fp32 v rounded to dtype to nearest even, as torch rounds (the interpreter's bf16 cast truncates: topk's
+    integer rounding instead), returned in dtype."""
+    if dtype == tl.bfloat16:
+        return topk._round_bf16(v).to(dtype)
+    return v.to(dtype)
+
+
+@triton.jit
+def _normed_tile(r_ptr, d_ptr, nw_ptr, offs_t, offs_k, mask_t, mask_k, K, stride_rt, stride_dt, eps,
+                 SPLIT: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(x, h) tiles [BLOCK_T, SPLIT] of the program's rows and K split: h = r + d rounded to r's dtype (torch's add),
+    x = rms_norm(h) * nw in fp32 (the reference RMSNorm: the mean square over all K columns), rounded to r's dtype."""
+    rows_r = r_ptr + offs_t[:, None].to(tl.int64) * stride_rt
+    rows_d = d_ptr + offs_t[:, None].to(tl.int64) * stride_dt
+    squares = tl.zeros((BLOCK_T, SPLIT), dtype=tl.float32)
+    for k0 in range(0, K, SPLIT):
+        cols = k0 + tl.arange(0, SPLIT)
+        m = mask_t[:, None] & (cols < K)[None, :]
+        r = tl.load(rows_r + cols[None, :], mask=m, other=0.0)
+        hk = _rounded(r.to(tl.float32) + tl.load(rows_d + cols[None, :], mask=m, other=0.0).to(tl.float32), r.dtype)
+        hk = hk.to(tl.float32)
+        squares += hk * hk
+    eps = tl.cast(eps, tl.float32)  # Inductor passes Python floats as fp64 scalars
+    inv = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)  # [BLOCK_T]
+    m = mask_t[:, None] & mask_k[None, :]
+    r = tl.load(rows_r + offs_k[None, :], mask=m, other=0.0)
+    h = _rounded(r.to(tl.float32) + tl.load(rows_d + offs_k[None, :], mask=m, other=0.0).to(tl.float32), r.dtype)
+    nw = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    x = _rounded(h.to(tl.float32) * inv[:, None] * nw[None, :], r.dtype)
+    return x, h
+
+
 @waits_for_producer
 @triton.jit
 def _gate_partials_kernel(
     x_ptr, w_ptr, part_ptr, q_ptr, s_ptr, T, E, K,
     stride_xt, stride_we, stride_ps, stride_pt, stride_qt, stride_st,
+    r_ptr, d_ptr, nw_ptr, h_ptr, stride_rt, stride_dt, stride_ht, eps,
     SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, QUANT_X: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr,
-    ROW_QUANT_MAX_ROWS: tl.constexpr,
+    ROW_QUANT_MAX_ROWS: tl.constexpr, NORM: tl.constexpr,
 ):
     """partials[s, t, e] = sum over k in split s of x[t, k] * w[e, k] (fp32), for one block of rows
     (axis 0), of experts (axis 1) and one split (axis 2); rows, experts and K masked with zeros.
@@ -105,11 +148,23 @@ def _gate_partials_kernel(
     offs_k = split * SPLIT + tl.arange(0, SPLIT)
     mask_t, mask_e, mask_k = offs_t < T, offs_e < E, offs_k < K
     rows64 = offs_t[:, None].to(tl.int64)
-    x = tl.load(x_ptr + rows64 * stride_xt + offs_k[None, :],
-                mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, SPLIT]
-    # the weight's load is issued before the quantization's arithmetic, so its latency overlaps it
-    w = tl.load(w_ptr + offs_e[:, None].to(tl.int64) * stride_we + offs_k[None, :],
-                mask=mask_e[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_E, SPLIT]
+    if NORM:
+        # the weight's load first: its latency overlaps the norm's loads and arithmetic
+        w = tl.load(w_ptr + offs_e[:, None].to(tl.int64) * stride_we + offs_k[None, :],
+                    mask=mask_e[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_E, SPLIT]
+        x, h = _normed_tile(r_ptr, d_ptr, nw_ptr, offs_t, offs_k, mask_t, mask_k, K, stride_rt, stride_dt, eps,
+                            SPLIT, BLOCK_T)
+        if tl.program_id(1) == 0:  # h for the rest of the layer; x for act_quant's row-by-row reads below
+            tile = mask_t[:, None] & mask_k[None, :]
+            tl.store(h_ptr + rows64 * stride_ht + offs_k[None, :], h, mask=tile)
+            tl.store(x_ptr + rows64 * stride_xt + offs_k[None, :], x, mask=tile)
+            tl.debug_barrier()
+    else:
+        x = tl.load(x_ptr + rows64 * stride_xt + offs_k[None, :],
+                    mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, SPLIT]
+        # the weight's load is issued before the quantization's arithmetic, so its latency overlaps it
+        w = tl.load(w_ptr + offs_e[:, None].to(tl.int64) * stride_we + offs_k[None, :],
+                    mask=mask_e[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_E, SPLIT]
     if QUANT_X:
         if tl.program_id(1) == 0:
             if ROW_QUANT_MAX_ROWS == 0:
@@ -158,22 +213,35 @@ def partials_buffer(t, e: int, k: int, device: torch.device) -> torch.Tensor:
     return torch.empty((num_splits(k), t, e), dtype=torch.float32, device=device)
 
 
+class GateNorm(NamedTuple):
+    """The norm the gate kernel computes x from (the module docstring): residual r and delta d [T, K] (unit stride
+    along K), the norm's weight nw [K], eps, and h [T, K] (r's dtype) to write r + d into."""
+
+    r: torch.Tensor
+    d: torch.Tensor
+    nw: torch.Tensor
+    eps: float
+    h: torch.Tensor
+
+
 def gate_partials_spec(x: torch.Tensor, w: torch.Tensor, partials: torch.Tensor,
                        quant: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       row_quant_max_rows: int = ROW_QUANT_MAX_ROWS) -> LaunchSpec:
+                       row_quant_max_rows: int = ROW_QUANT_MAX_ROWS, norm: GateNorm | None = None) -> LaunchSpec:
     """The launch for x [T, K], w [E, K] (unit stride along K) into partials [S, T, E] (contiguous);
     checked by the caller. T may be symbolic. quant: (q fp8 [T, K], s fp32 [T, ceil(K/128)]) to write
-    act_quant(x) into as well, its scale rounded as torch's on x's device (kernels/fp8_quant.py)."""
+    act_quant(x) into as well, its scale rounded as torch's on x's device (kernels/fp8_quant.py). norm: x is
+    computed from it, and x [T, K] (contiguous) is only written (the module docstring)."""
     t, k = x.shape
     e = w.shape[0]
     splits = partials.shape[0]
     q, s = quant if quant is not None else (partials, partials)  # never written without QUANT_X
+    r, d, nw, eps, h = norm if norm is not None else (x, x, x, 0.0, x)  # never read or written without NORM
     grid = lambda meta: (cdiv(t, meta["BLOCK_T"]), cdiv(e, meta["BLOCK_E"]), splits)  # noqa: E731
     return LaunchSpec(_gate_partials_kernel, _gate_tuned, GATE_CONFIGS, grid,
                       (x, w, partials, q, s, t, e, k, x.stride(0), w.stride(0), partials.stride(0), partials.stride(1),
-                       q.stride(0), s.stride(0)),
+                       q.stride(0), s.stride(0), r, d, nw, h, r.stride(0), d.stride(0), h.stride(0), float(eps)),
                       dict(SPLIT=SPLIT_K, UPCAST=_INTERPRETED, IEEE=x.dtype == torch.float32, QUANT_X=quant is not None,
-                           SCALE_RECIPROCAL=x.is_cuda, ROW_QUANT_MAX_ROWS=row_quant_max_rows))
+                           SCALE_RECIPROCAL=x.is_cuda, ROW_QUANT_MAX_ROWS=row_quant_max_rows, NORM=norm is not None))
 
 
 def check_gate(x: torch.Tensor, w: torch.Tensor) -> None:
@@ -197,6 +265,40 @@ def gate_partials(x: torch.Tensor, w: torch.Tensor, *, quant_x: bool = False,
     if partials.numel():
         launch(*gate_partials_spec(x, w, partials, quant, row_quant_max_rows), config)
     return (partials, quant) if quant_x else partials
+
+
+def norm_outputs(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_partials_normed's x and h buffers: [T, K] in r's dtype, contiguous."""
+    return (torch.empty(r.shape, dtype=r.dtype, device=r.device),
+            torch.empty(r.shape, dtype=r.dtype, device=r.device))
+
+
+def check_norm(r: torch.Tensor, d: torch.Tensor, nw: torch.Tensor) -> None:
+    """Raise naming the tensor when (r, d, nw) is not what the kernel's norm takes."""
+    check_tensor("gate_partials_normed: r", r, dtypes=DTYPES, ndim=2)
+    check_tensor("gate_partials_normed: d", d, dtypes=(r.dtype,), ndim=2, device=r.device)
+    check_tensor("gate_partials_normed: nw", nw, ndim=1, device=r.device)
+    if d.shape != r.shape or nw.shape[0] != r.shape[1]:
+        raise ValueError(f"gate_partials_normed: r {tuple(r.shape)}, d {tuple(d.shape)} and nw {tuple(nw.shape)} "
+                         "must be [T, K], [T, K] and [K]")
+    if r.stride(1) != 1 or d.stride(1) != 1 or nw.stride(0) != 1:
+        raise ValueError("gate_partials_normed: r, d and nw need unit stride along K")
+
+
+def gate_partials_normed(r: torch.Tensor, d: torch.Tensor, nw: torch.Tensor, eps: float, w: torch.Tensor, *,
+                         quant_x: bool = False, row_quant_max_rows: int = ROW_QUANT_MAX_ROWS,
+                         config: triton.Config | None = None):
+    """gate_partials(x, w) with x = rms_norm(r + d) * nw computed by the kernel (the module docstring's norm) ->
+    (partials, h, x), and (q, s) = act_quant(x) after them with quant_x. h = r + d in r's dtype; x is what the kernel
+    multiplied (within a bf16 rounding of the reference's: its fp32 mean square is summed in another order)."""
+    check_norm(r, d, nw)
+    check_gate(r, w)
+    x, h = norm_outputs(r)
+    partials = partials_buffer(r.shape[0], w.shape[0], r.shape[1], r.device)
+    quant = act_quant_outputs(*r.shape, r.device) if quant_x else None
+    if partials.numel():
+        launch(*gate_partials_spec(x, w, partials, quant, row_quant_max_rows, GateNorm(r, d, nw, eps, h)), config)
+    return (partials, h, x, quant) if quant_x else (partials, h, x)
 
 
 def round_bf16_ref(x: torch.Tensor) -> torch.Tensor:

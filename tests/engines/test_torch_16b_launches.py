@@ -23,6 +23,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # traced kernels must be real JITFunct
 import torch
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from triton.runtime.jit import JITFunction
+from dsv3_export.engines.torch_gate_norm import gate_norm_into_router
 from dsv3_export.engines.torch_kv_row import kv_row_as_where
 from dsv3_export.engines.torch_lower import lower_dsv3_ops
 from dsv3_export.engines.torch_q_rope import q_rope_into_attention
@@ -46,7 +47,9 @@ for skip_passes, env in settings:
     os.environ.clear()
     os.environ.update({**base_env, **env})  # the switches are read when a program is rewritten and lowered
     program, _ = fuse_router(programs[skip_passes])
-    program, _ = kv_row_as_where(program, "decode")  # engines/torch.py lower_program's order
+    program, _ = gate_norm_into_router(program, "decode")  # engines/torch.py lower_program's order
+    norms = sum(n.target is torch.ops.aten.rms_norm.default for n in program.graph.nodes)
+    program, _ = kv_row_as_where(program, "decode")
     lowered, how = lower_dsv3_ops(program, "cuda", triton_lowerings("decode"))
     kv_rows = [str(n.args[2].target) for n in lowered.graph.nodes  # before the query's RoPE moves the arguments
                if n.op == "call_function" and "mla_attention" in str(n.target)]
@@ -73,7 +76,8 @@ for skip_passes, env in settings:
     extern = [str(n.target) for n in kernels.graph.nodes if n.op == "call_function"
               and getattr(n.target, "_opname", None) in ("topk", "sort", "mm", "bmm", "addmm", "linear")]
     results.append({"kernels": {k: names.count(k) for k in set(names)}, "extern": extern, "incomplete": incomplete,
-                    "tuned_among": tuned_among, "kv_rows": kv_rows, "rope_q": rope_q, "prefetch_w": prefetch_w})
+                    "tuned_among": tuned_among, "kv_rows": kv_rows, "rope_q": rope_q, "prefetch_w": prefetch_w,
+                    "norms": norms})
 print(json.dumps(results))
 '''
 
@@ -96,6 +100,7 @@ SETTINGS = {
     "q rope kernel": ("", dict(DSV3_TORCH_Q_ROPE="kernel")),
     "merge uv prefetch": ("", dict(DSV3_TORCH_MERGE_UV_PREFETCH="1")),
     "moe direct configs": ("", dict(DSV3_TORCH_MOE_DIRECT_CONFIGS="up=32:4:5,down=64:4:4")),
+    "gate norm": ("", dict(DSV3_TORCH_GATE_NORM="1")),
 }
 
 
@@ -258,6 +263,15 @@ def _check_merge_uv_prefetch(launches: dict[str, dict]):
         (default["prefetch_w"], prefetch["prefetch_w"])
 
 
+def _check_gate_norm(launches: dict[str, dict]):
+    """DSV3_TORCH_GATE_NORM=1 (opt-in, session 22): the MoE layer's ffn norm computed by the router's gate kernel
+    (engines/torch_gate_norm.py): its rms_norm leaves the program (Inductor's kernel with it); our launches are the
+    same, every argument named (_trace)."""
+    norm, default = launches["gate norm"], launches["defaults"]
+    assert norm["kernels"] == default["kernels"], (norm["kernels"], default["kernels"])
+    assert default["norms"] - norm["norms"] == 1, (default["norms"], norm["norms"])
+
+
 @pytest.mark.slow  # ~75-85 s on 2 cores: one 16b export on meta per pass set, the passes, a lowering per setting
 def test_16b_decode_launches():
     """One test for every setting's checks: the settings share one trace (pytest-xdist would split separate
@@ -272,3 +286,4 @@ def test_16b_decode_launches():
     _check_q_rope(launches)
     _check_merge_uv_prefetch(launches)
     _check_moe_direct_configs(launches)
+    _check_gate_norm(launches)

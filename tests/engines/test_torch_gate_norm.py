@@ -9,15 +9,9 @@ layer's kv row the unrewritten program's (bit for bit on the seeds tried).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+from tests.engines._program_script import SCRIPT_PREAMBLE, run_script
 
-import pytest
-
-_SCRIPT = r'''
-import os, sys, json
-os.environ["TRITON_INTERPRET"] = "1"
+_SCRIPT = SCRIPT_PREAMBLE + r'''
 import torch
 from dsv3_export.engines.torch_gate_norm import GATE_NORM_ENV, gate_norm_into_router
 from dsv3_export.engines.torch_lower import lower_dsv3_ops
@@ -29,7 +23,7 @@ from dsv3_export.passes.pipeline import run_pipeline
 from dsv3_export.reference import ModelArgs, Transformer
 from tests.passes.tiny_programs import step_inputs
 
-seed, out = int(sys.argv[1]), {}
+out = {}
 torch.manual_seed(0)
 model = Transformer(ModelArgs.preset("tiny").replace(n_layers=3, dtype="fp8"), dtype=torch.bfloat16).eval()
 for layer in model.layers:  # norms that are not all ones: a dropped weight shows
@@ -60,11 +54,7 @@ print(json.dumps(out))
 
 
 def test_rewritten_decode_program_in_the_interpreter(seed):
-    pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, str(seed % 2**31)], check=False, capture_output=True,
-                          text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_script(_SCRIPT, "interpret", seed)
     assert out["default"] == "Inductor (DSV3_TORCH_GATE_NORM=0)" and out["prefill"] == "Inductor (prefill)", out
     assert out["how"] == "2 of 2 ffn norms into the router's gate kernel (DSV3_TORCH_GATE_NORM=1)", out["how"]
     assert out["ops"] == 2 and out["rms_norm"][0] - out["rms_norm"][1] == 2, out

@@ -16,8 +16,12 @@ becomes
     y   = dsv3_aoti::moe_experts_fp8_quantized(reshape(h, [T, D]), q, s, w, ids, ...)    # (x's dtype)
 and every other reader of h reads the op's h. The gate kernel's programs each take their rows' mean square over
 all of D (L2 reads of r and d), normalize their 128-wide split and multiply (kernels/router_gate.py norm); the
-first expert block's programs write h. The values: h bit for bit; x within a bf16 rounding of the reference's (its
-fp32 mean square summed in another order), so the gate's logits and act_quant(x) may differ in a last bit.
+first expert block's programs write h. The values, against the eager program: h bit for bit; x within a bf16
+rounding (its fp32 mean square summed in another order). Against the package without the rewrite x may differ more:
+Inductor's fused norm kernel need not round h to bf16 before the norm (emulate_precision_casts is off), this kernel
+does, as eager torch does; the A/B compares both against the eager step. Cost: each program re-reads its rows of r and
+d (L2): ~8 MB per MoE layer at batch 64 on the 16b model, so time batches 8 and 64 as well as 1. bf16 / fp16
+programs (an fp32 program has no casts around its norm: not matched).
 """
 
 from __future__ import annotations
@@ -91,8 +95,8 @@ def gate_norm_into_router(ep: ExportedProgram, kind: str) -> tuple[ExportedProgr
     state = ProgramState(ep)
     routers = [n for n in state.graph.nodes if is_call(n, torch.ops.dsv3_aoti.router_gate_topk_quant.default)]
     moved = 0
-    order = {n: i for i, n in enumerate(state.graph.nodes)}
     for router in routers:
+        order = {n: i for i, n in enumerate(state.graph.nodes)}  # (this loop inserts nodes)
         site = _ffn_norm(router.args[0], router)
         if site is None or any(order[u] < order[router] for u in site["h"].users if u is not site["cast32"]):
             continue  # (h read before the router: the op's h would come too late)

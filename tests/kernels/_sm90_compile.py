@@ -258,7 +258,7 @@ def _cases(all_configs: bool):
                dict(TOPK=6, N_EXTRA=2, BLOCK_N=64, SPLITS=16, ROUND_BF16=True))
     for cfg in pick(router_gate.GATE_CONFIGS):  # the 16b gate: x [T, 2048] . W [64, 2048]^T in 128-wide splits
         for quant_x, rows, norm in ((False, 0, False), (True, 0, False), (True, router_gate.ROW_QUANT_MAX_ROWS, False),
-                                    (True, router_gate.ROW_QUANT_MAX_ROWS, True)):  # and act_quant(x), the ffn norm
+                                    (True, router_gate.ROW_QUANT_MAX_ROWS, True), (True, 0, True)):  # the ffn norm
             yield (f"gate_partials quant_x={quant_x} row_quant_max_rows={rows}" + (" norm" if norm else ""),
                    router_gate._gate_partials_kernel, cfg,
                    dict(x_ptr=bf, w_ptr=bf, part_ptr=f32, q_ptr=f8 if quant_x else f32, s_ptr=f32, r_ptr=bf, d_ptr=bf,

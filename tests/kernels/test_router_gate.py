@@ -82,13 +82,14 @@ def test_gate_quant_x_is_act_quant(seed, poisoned_outputs, config, row_quant_max
 @pytest.mark.parametrize("config", [c for c in G.GATE_CONFIGS if c.num_warps == 4], ids=str)
 @pytest.mark.parametrize("row_quant_max_rows", [0, G.ROW_QUANT_MAX_ROWS])
 @pytest.mark.parametrize("t, k", [(1, 2048), (3, 300), (17, 200)])
-def test_gate_norm_is_the_ffn_norm(seed, poisoned_outputs, config, row_quant_max_rows, t, k):
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gate_norm_is_the_ffn_norm(seed, poisoned_outputs, config, row_quant_max_rows, t, k, weight_dtype):
     """norm: h = r + d bit for bit (torch's bf16 add); x within a bf16 rounding of the reference RMSNorm's
     (rms_norm of h in fp32, times the weight, rounded); the partials and act_quant(x) are the unfused kernel's on
     that x. 100 experts: two expert blocks at BLOCK_E 64, of which only the first writes h, x, q and s."""
     torch.manual_seed(seed)
     r, d = (torch.randn(t, k) * 4).bfloat16(), torch.randn(t, k).bfloat16()
-    nw, w = (1 + 0.2 * torch.randn(k)).bfloat16(), torch.randn(100, k).bfloat16()
+    nw, w = (1 + 0.2 * torch.randn(k)).to(weight_dtype), torch.randn(100, k).bfloat16()
     partials, h, x, (q, s) = G.gate_partials_normed(r, d, nw, 1e-6, w, quant_x=True,
                                                     row_quant_max_rows=row_quant_max_rows, config=config)
     assert torch.equal(h, r + d)

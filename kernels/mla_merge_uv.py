@@ -35,9 +35,9 @@ import triton.language as tl
 from dsv3_export.kernels import mla_absorb as ka
 from dsv3_export.kernels._common import (LaunchSpec, autotune_or_single, cdiv, check_tensor, is_interpreted, launch,
                                          next_pow2)
+from dsv3_export.kernels.l2_prefetch import prefetch_l2
 from dsv3_export.kernels.mla_absorb import _head_gemv_product, _head_gemv_weights
 from dsv3_export.kernels.mla_decode import DecodePartials
-from dsv3_export.kernels.l2_prefetch import prefetch_l2
 from dsv3_export.kernels.mla_decode_kernels import _merged_splits
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 

@@ -148,10 +148,10 @@ def _gate_partials_kernel(
     offs_k = split * SPLIT + tl.arange(0, SPLIT)
     mask_t, mask_e, mask_k = offs_t < T, offs_e < E, offs_k < K
     rows64 = offs_t[:, None].to(tl.int64)
+    # the weight's load is issued first, so its latency overlaps the norm's and the quantization's arithmetic
+    w = tl.load(w_ptr + offs_e[:, None].to(tl.int64) * stride_we + offs_k[None, :],
+                mask=mask_e[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_E, SPLIT]
     if NORM:
-        # the weight's load first: its latency overlaps the norm's loads and arithmetic
-        w = tl.load(w_ptr + offs_e[:, None].to(tl.int64) * stride_we + offs_k[None, :],
-                    mask=mask_e[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_E, SPLIT]
         x, h = _normed_tile(r_ptr, d_ptr, nw_ptr, offs_t, offs_k, mask_t, mask_k, K, stride_rt, stride_dt, eps,
                             SPLIT, BLOCK_T)
         if tl.program_id(1) == 0:  # h for the rest of the layer; x for act_quant's row-by-row reads below
@@ -162,9 +162,6 @@ def _gate_partials_kernel(
     else:
         x = tl.load(x_ptr + rows64 * stride_xt + offs_k[None, :],
                     mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, SPLIT]
-        # the weight's load is issued before the quantization's arithmetic, so its latency overlaps it
-        w = tl.load(w_ptr + offs_e[:, None].to(tl.int64) * stride_we + offs_k[None, :],
-                    mask=mask_e[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_E, SPLIT]
     if QUANT_X:
         if tl.program_id(1) == 0:
             if ROW_QUANT_MAX_ROWS == 0:

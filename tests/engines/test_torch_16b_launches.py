@@ -31,6 +31,7 @@ from dsv3_export.engines.torch_router import fuse_router
 from dsv3_export.engines.torch_triton import triton_lowerings
 from dsv3_export.export import export_step
 from dsv3_export.passes.base import PassConfig
+from dsv3_export.passes.graph_utils import count_calls
 from dsv3_export.passes.pipeline import PASS_NAMES, run_pipeline
 from dsv3_export.reference import ModelArgs, Transformer
 
@@ -48,7 +49,7 @@ for skip_passes, env in settings:
     os.environ.update({**base_env, **env})  # the switches are read when a program is rewritten and lowered
     program, _ = fuse_router(programs[skip_passes])
     program, _ = gate_norm_into_router(program, "decode")  # engines/torch.py lower_program's order
-    norms = sum(n.target is torch.ops.aten.rms_norm.default for n in program.graph.nodes)
+    norms = count_calls(program.graph, [torch.ops.aten.rms_norm.default])
     program, _ = kv_row_as_where(program, "decode")
     lowered, how = lower_dsv3_ops(program, "cuda", triton_lowerings("decode"))
     kv_rows = [str(n.args[2].target) for n in lowered.graph.nodes  # before the query's RoPE moves the arguments

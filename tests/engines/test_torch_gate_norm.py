@@ -36,9 +36,9 @@ out["default"] = gate_norm_into_router(routed, "decode")[1]
 out["prefill"] = gate_norm_into_router(routed, "prefill")[1]
 os.environ[GATE_NORM_ENV] = "1"
 rewritten, out["how"] = gate_norm_into_router(routed, "decode")
-count = lambda p, t: sum(n.target is t for n in p.graph.nodes)  # noqa: E731
-out["rms_norm"] = [count(routed, torch.ops.aten.rms_norm.default), count(rewritten, torch.ops.aten.rms_norm.default)]
-out["ops"] = count(rewritten, torch.ops.dsv3_aoti.router_gate_norm_topk_quant.default)
+from dsv3_export.passes.graph_utils import count_calls
+out["rms_norm"] = [count_calls(p.graph, [torch.ops.aten.rms_norm.default]) for p in (routed, rewritten)]
+out["ops"] = count_calls(rewritten.graph, [torch.ops.dsv3_aoti.router_gate_norm_topk_quant.default])
 tokens, start_pos, kv_cache = step_inputs("decode", seed, torch.bfloat16)
 inputs = (tokens, start_pos, kv_cache[:, :3].contiguous())
 want_p, _ = lower_dsv3_ops(routed, "cuda", triton_lowerings("decode"))

@@ -68,7 +68,7 @@ from dsv3_export.passes.base import PassConfig
 from dsv3_export.passes.pipeline import PASS_NAMES, run_pipeline
 from dsv3_export.reports.reference import reference_generate
 from dsv3_export.runtime import Engine
-from dsv3_export.step import write_cache
+from dsv3_export.step import step_writing_cache
 from dsv3_export.step import LatentCacheStep
 
 from _floor import decode_step_bytes  # noqa: E402 - sibling module of this script
@@ -215,9 +215,8 @@ def decode_inputs(model, batch: int, context: int) -> tuple[torch.Tensor, torch.
 def time_step_decode(step: Callable, model, batch: int, context: int, iters: int) -> float:
     tokens, pos, cache = decode_inputs(model, batch, context)
 
-    def one():
-        _, new_kv = step(tokens, pos, cache)
-        write_cache(cache, new_kv, pos)
+    def one():  # what each token of generate runs (dsv3_export/runtime.py _decode)
+        step_writing_cache(step, tokens, pos, cache)
 
     ms = cuda_ms(one, iters)
     cache = None  # frees it (closures read it: no del)
@@ -226,10 +225,11 @@ def time_step_decode(step: Callable, model, batch: int, context: int, iters: int
 
 def time_graph_replay(step: AOTIStep, model, batch: int, context: int, iters: int) -> float:
     """Milliseconds of the captured decode graph's replay alone (synchronized per replay): the timed step less the
-    host's work around the graph (its input copies, output clones, write_cache, the Python between them). Why: the
-    timed batch-1 step exceeded the graph timeline's span by 5-99 us in session 21's builds."""
+    host's work around the graph (its input copies, the logits' clone, the Python between them). Why: the
+    timed batch-1 step exceeded the graph timeline's span by 5-99 us in session 21's builds. The graph replayed is
+    the timed step's: the decode step with its cache write (step_writing_cache)."""
     tokens, pos, cache = decode_inputs(model, batch, context)
-    step(tokens, pos, cache)  # captures this batch's graph (or reuses it)
+    step.step_writing_cache(tokens, pos, cache)  # captures this batch's graph (or reuses it)
     if step._graphs.failed:  # the capture failed just now: the LRU's last entry is another batch's graph
         raise RuntimeError("the decode graph's capture failed; no graph of this batch to replay")
     graph = next(reversed(step._graphs.graphs.values()))["graph"]  # the entry just used is the last
@@ -412,11 +412,11 @@ def decode_graph_timeline(step: Callable, model, context: int, batch: int = 1, s
         return {"skipped": "no GPU (the timeline is of CUDA-graph replays)"}
     tokens, pos, cache = decode_inputs(model, batch, context)
     for _ in range(2):  # captured and warm
-        step(tokens, pos, cache)
+        step_writing_cache(step, tokens, pos, cache)
     sync()
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            step(tokens, pos, cache)
+            step_writing_cache(step, tokens, pos, cache)  # generate's token: the graph holds the cache write
             sync()
     device = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
               if e.device_type == torch.autograd.DeviceType.CUDA]

@@ -26,7 +26,7 @@ import torch
 from dsv3_export.engines.base import StepFunction, get_backend
 from dsv3_export.manifest import Manifest, verify_engine_dir
 from dsv3_export.reference.args import ModelArgs
-from dsv3_export.step import empty_cache, write_cache
+from dsv3_export.step import empty_cache, step_writing_cache, write_cache
 
 PAD_ID = 0  # right padding of shorter prompts; its logits and cache rows are never used
 # generate's cache capacity on a step that captures decode graphs per cache buffer, rounded up to a multiple of this
@@ -165,8 +165,7 @@ class Engine:
     def _decode(self, token: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor, temperature: float, top_p: float,
                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step for tokens [b] at positions pos [b]: the cache written, -> (next tokens, pos + 1)."""
-        logits, new_kv = self.step(token[:, None], pos, cache)  # [b, 1, V]
-        write_cache(cache, new_kv, pos)
+        logits = step_writing_cache(self.step, token[:, None], pos, cache)  # [b, 1, V]
         return sample(logits[:, 0], temperature, top_p, generator), pos + 1
 
 

@@ -161,3 +161,18 @@ def write_cache(kv_cache: torch.Tensor, new_kv: torch.Tensor, start_pos: torch.T
     if s > 1:
         cols = cols + torch.arange(s, device=kv_cache.device).view(1, 1, s, 1)  # [b, 1, s, 1]
     kv_cache[:b].scatter_(2, cols.expand(b, layers, s, w), new_kv)
+
+
+def step_writing_cache(step, tokens: torch.Tensor, start_pos: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+    """One step's logits [b, s, V] with its new latent rows written into kv_cache at start_pos.
+
+    A step that can do both in one call (its own `step_writing_cache`: the torch engine's decode CUDA graphs replay
+    the write with the step) does; any other step runs, then write_cache. Why: on a captured decode step the host's
+    scatter launch and new_kv copy were most of the work around the graph, paid on every token.
+    """
+    fused = getattr(step, "step_writing_cache", None)
+    if fused is not None:
+        return fused(tokens, start_pos, kv_cache)
+    logits, new_kv = step(tokens, start_pos, kv_cache)
+    write_cache(kv_cache, new_kv, start_pos)
+    return logits

@@ -11,7 +11,8 @@ CUDA graphs (CUDA only, `cuda_graph=True`): a decode step with a new (batch, cac
 cache buffer, dtype) key runs the package twice to warm up, then is captured into a CUDA graph
 with static token / position buffers; later steps with that key copy their inputs into those
 buffers and replay. The cache tensor is captured by address, which is right because the runtime
-updates it in place. At most MAX_GRAPHS graphs are kept (least recently used dropped). If a
+updates it in place. `step_writing_cache` replays graphs that also write the step's new latent rows
+into the cache (captured apart from the plain step's, keyed by that too). At most MAX_GRAPHS graphs are kept (least recently used dropped). If a
 capture fails the step falls back to running the package directly and says so once (log).
 
 Loading defences (added while the GPU machine's packages died with SIGSEGV at load, before the
@@ -42,6 +43,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from dsv3_export.engines.cuda_graph_pdl import PdlEdges, PdlPlan, capture_graph
+from dsv3_export.step import write_cache
 
 log = logging.getLogger(__name__)
 
@@ -213,18 +215,20 @@ class _DecodeGraphs:
         self.graphs: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
         self.failed = False
 
-    def __call__(self, tokens, start_pos, kv_cache):
+    def __call__(self, tokens, start_pos, kv_cache, write: bool = False):
+        """The package's (logits, new_kv) for one decode step; write=True: (logits,) with new_kv written into
+        kv_cache at start_pos inside the same graph (no new_kv clone, no scatter launched from the host)."""
         if self.failed:
-            return self.run(tokens, start_pos, kv_cache)
-        key = (tuple(kv_cache.shape), kv_cache.data_ptr(), kv_cache.dtype, tokens.device)
+            return self._run_direct(tokens, start_pos, kv_cache, write)
+        key = (tuple(kv_cache.shape), kv_cache.data_ptr(), kv_cache.dtype, tokens.device, write)
         entry = self.graphs.get(key)
         if entry is None:
             try:
-                entry = self._capture(tokens, start_pos, kv_cache)
+                entry = self._capture(tokens, start_pos, kv_cache, write)
             except Exception as e:  # noqa: BLE001 - capture is an optimization; run eagerly instead
                 log.warning("torch engine: CUDA graph capture of decode failed (%s); running the package directly", e)
                 self.failed = True
-                return self.run(tokens, start_pos, kv_cache)
+                return self._run_direct(tokens, start_pos, kv_cache, write)
             self.graphs[key] = entry
             self.captures += 1
             while len(self.graphs) > MAX_GRAPHS:
@@ -236,15 +240,30 @@ class _DecodeGraphs:
         entry["graph"].replay()
         return tuple(t.clone() for t in entry["outputs"])
 
-    def _capture(self, tokens, start_pos, kv_cache) -> dict[str, Any]:
+    def _run_direct(self, tokens, start_pos, kv_cache, write: bool):
+        logits, new_kv = self.run(tokens, start_pos, kv_cache)
+        if not write:
+            return logits, new_kv
+        write_cache(kv_cache, new_kv, start_pos)
+        return (logits,)
+
+    def _capture(self, tokens, start_pos, kv_cache, write: bool = False) -> dict[str, Any]:
         static_tokens, static_pos = tokens.clone(), start_pos.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # loads kernels, settles allocations outside the capture
+            for _ in range(2):  # loads kernels, settles allocations outside the capture; the cache is not written
                 self.run(static_tokens, static_pos, kv_cache)
         torch.cuda.current_stream().wait_stream(stream)
-        graph, outputs, self.pdl_edges = capture_graph(lambda: self.run(static_tokens, static_pos, kv_cache), self.pdl)
+
+        def record():
+            logits, new_kv = self.run(static_tokens, static_pos, kv_cache)
+            if not write:
+                return logits, new_kv
+            write_cache(kv_cache, new_kv, static_pos)  # the write replays with the step, at the copied positions
+            return (logits,)
+
+        graph, outputs, self.pdl_edges = capture_graph(record, self.pdl)
         return {"graph": graph, "tokens": static_tokens, "start_pos": static_pos, "outputs": outputs,
                 "cache": kv_cache}
 
@@ -300,6 +319,17 @@ class AOTIStep:
         # every tensor a package holds a handle to stays referenced by the step
         return cls(loaded["prefill"], loaded["decode"], device, cache_dtype, cuda_graph, {"file": weights, **handed},
                    pdl=pdl)
+
+    def step_writing_cache(self, tokens: torch.Tensor, start_pos: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        """One step's logits with its new latent rows written into kv_cache (dsv3_export/step.py
+        step_writing_cache): a decode step on CUDA graphs replays one graph holding the step and the write, so the
+        host launches neither the scatter nor a copy of new_kv; otherwise the step, then write_cache."""
+        if tokens.shape[1] == 1 and self._graphs is not None:
+            _check_inputs(tokens, start_pos, kv_cache, self.device, self.cache_dtype)
+            return self._graphs(tokens.contiguous(), start_pos.contiguous(), kv_cache, write=True)[0]
+        logits, new_kv = self(tokens, start_pos, kv_cache)
+        write_cache(kv_cache, new_kv, start_pos)
+        return logits
 
     def __call__(self, tokens: torch.Tensor, start_pos: torch.Tensor,
                  kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

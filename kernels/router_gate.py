@@ -42,6 +42,7 @@ from dsv3_export.kernels._common import (QUANT_BLOCK, LaunchSpec, autotune_or_si
                                          is_interpreted, launch)
 from dsv3_export.kernels.fp8_quant import act_quant_outputs, quantize_rows
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
+from dsv3_export.kernels.topk import _round_bf16
 
 DTYPES = (torch.bfloat16, torch.float32)  # logits the router rounds back exactly (bf16) or keeps (fp32)
 SPLIT_K = QUANT_BLOCK  # K per partial (and one act_quant block): S = ceil(K / SPLIT_K) partials
@@ -96,7 +97,7 @@ def _rounded(v, dtype: tl.constexpr):
     """fp32 v rounded to dtype to nearest even, as torch rounds (the interpreter's bf16 cast truncates: topk's
     integer rounding instead), returned in dtype."""
     if dtype == tl.bfloat16:
-        return topk._round_bf16(v).to(dtype)
+        return _round_bf16(v).to(dtype)
     return v.to(dtype)
 
 

@@ -176,13 +176,17 @@ def test_graph_replay_row_and_timing_of_the_last_used_graph(monkeypatch):
             self._graphs.graphs.pop(tokens.shape[0], None)
             self._graphs.graphs[tokens.shape[0]] = {"graph": FakeGraph(f"b{tokens.shape[0]}")}
 
+        def step_writing_cache(self, tokens, pos, cache):  # the timed step's graph: the one with the cache write
+            self._graphs.graphs.pop((tokens.shape[0], "write"), None)
+            self._graphs.graphs[(tokens.shape[0], "write")] = {"graph": FakeGraph(f"b{tokens.shape[0]} write")}
+
     monkeypatch.setattr(script, "DEVICE", "cpu")
     model = type("M", (), {"args": type("A", (), {"n_layers": 1, "latent_cache_width": 4, "vocab_size": 9})(),
                            "dtype": torch.float32})()
     step = FakeStep()
     step(torch.zeros(8, 1), None, None)
     assert script.time_graph_replay(step, model, 2, 3, iters=3) >= 0
-    assert set(replays) == {"b2"} and len(replays) == 3 + 2  # the timed replays and cuda_ms's two warm-ups
+    assert set(replays) == {"b2 write"} and len(replays) == 3 + 2  # the timed replays and cuda_ms's two warm-ups
     engine = {"decode_ms_b1": 2.0, "decode_ms_b1_no_graph": 3.0}
     data = {"meta": {"prompt_len": 16}, "results": {"fp8": {"engine": engine}}}
     assert "replay alone" not in script.markdown(data, [1])

@@ -2,7 +2,8 @@
 
 Run as `python -m tests.kernels._sm90_compile [--all-configs] [--usage] [--census] [--only FAMILY[,FAMILY]]` WITHOUT
 TRITON_INTERPRET (the test runs it in a subprocess, one kernel family per test so that xdist spreads
-them). Triton's frontend, its NVIDIA backend and the bundled ptxas need no GPU, so this catches what the interpreter cannot: non-constexpr globals, dtype rules of the
+them). Triton's frontend, its NVIDIA backend and the bundled ptxas need no GPU, so this catches what the interpreter cannot: non-constexpr globals, helpers AOTInductor's copy of a kernel
+cannot reach (each kernel is compiled from the source Inductor writes into a package: inductor_form), dtype rules of the
 compiled tl.dot, shared-memory overflows; --usage adds registers and stack-frame (spill) bytes per thread,
 --census the main loop's SASS instruction census (loop_census; a cuobjdump -sass per case, seconds for the
 large fp8 kernels). Prints one JSON object per line.
@@ -282,6 +283,34 @@ def _cases(all_configs: bool):
                    dict(C=512, BLOCK_C=512, BLOCK_S=max_s, PREFETCH_W=prefetch, **runtime))
 
 
+_INDUCTOR_FORMS: dict[str, object] = {}
+_INDUCTOR_DIR = tempfile.mkdtemp(prefix="dsv3_inductor_src_")
+
+
+def inductor_form(kernel):
+    """The kernel as AOTInductor compiles it: rebuilt from the source Inductor writes into a package (its common
+    Triton imports, then the kernel and every @triton.jit helper it reaches, with the int / constexpr globals they
+    read), imported from a file of its own. Why: the session-23 builds with the gate norm died on the GPU with
+    "NameError: topk is not defined": a helper called through a module attribute (topk._round_bf16) compiles from
+    its own module, but Inductor copies no modules into the package, only JIT functions and constants."""
+    import importlib.util
+
+    from torch._inductor.codegen.triton import TritonKernel
+    from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
+
+    key = f"{kernel.fn.__module__}.{kernel.__name__}"
+    if key not in _INDUCTOR_FORMS:
+        source = (TritonKernel.gen_common_triton_imports() + "\n@triton.jit\n"
+                  + user_defined_triton_kernel_transitive_closure_source_code(kernel))
+        path = Path(_INDUCTOR_DIR) / f"k{len(_INDUCTOR_FORMS)}_{kernel.__name__}.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _INDUCTOR_FORMS[key] = getattr(module, kernel.__name__)
+    return _INDUCTOR_FORMS[key]
+
+
 def main(all_configs: bool, with_usage: bool = False, only: frozenset[str] | None = None,
          with_census: bool = False) -> int:
     print(json.dumps({"families": list(FAMILIES)}), flush=True)  # the test checks it has one test per family
@@ -293,10 +322,17 @@ def main(all_configs: bool, with_usage: bool = False, only: frozenset[str] | Non
         # constexpr parameters with a default take it, as a real launch does
         defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
         consts = {**defaults, **constexprs, **cfg.kwargs}
+        row = dict(kernel=name, config=str(cfg))
+        try:
+            kernel = inductor_form(kernel)
+        except Exception as e:  # noqa: BLE001 - a kernel Inductor cannot copy fails its cases
+            row.update(ok=False, error=f"Inductor's copy of the kernel: {type(e).__name__}: {str(e)[:800]}")
+            failures += 1
+            print(json.dumps(row), flush=True)
+            continue
         src = ASTSource(fn=kernel, signature=_signature(kernel, pointers, consts), constexprs=consts,
                         attrs=_attrs(kernel, pointers))
         t0 = time.time()
-        row = dict(kernel=name, config=str(cfg))
         try:
             compiled = triton.compile(src, target=TARGET,
                                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,

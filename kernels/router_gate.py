@@ -14,7 +14,9 @@ partials in a fixed order before it routes: still two launches, the first spread
 
 norm (opt-in, engines/torch_gate_norm.py): x = rms_norm(bf16(r + d)) * nw computed by the kernel itself from the
 residual stream r and the attention's output d [T, K] (the ffn norm before the MoE; Inductor's kernel of its own per
-MoE layer otherwise): every program takes the mean square of its rows over all of K (L2 reads), normalizes its K
+MoE layer otherwise): every program takes the mean square of its rows over all of K (L2 reads: a whole row per
+load when the block holds at most ROW_QUANT_MAX_ROWS real rows, else one [BLOCK_T, 128] column block after another,
+a chain of K / 128 dependent reads that made the first form a loss on the H200 in session 23), normalizes its K
 split, and the first expert block's programs write h = bf16(r + d) (the residual stream after the attention, which
 the program still needs) and the normed tile into x_ptr (a scratch buffer: act_quant reads its rows back).
 
@@ -66,6 +68,9 @@ GATE_CONFIGS = [
 # kernel with act_quant(x) took 2.3 us per call in the 16b batch-1 step against 4.7 as tiles, and the cold-L2 gate +
 # router 5.6 us against 7.9, as fast as without act_quant (benchmarks/RESULTS.md session 20).
 ROW_QUANT_MAX_ROWS = 4
+# The norm's row-by-row mean square (NORM_ROWS_K) up to K = 8192 (V3's 7168 included): 64 values per thread per
+# tensor at 4 warps.
+NORM_ROWS_MAX_K = 8192
 
 
 @triton.jit
@@ -102,12 +107,26 @@ def _rounded(v, dtype: tl.constexpr):
 
 
 @triton.jit
-def _normed_tile(r_ptr, d_ptr, nw_ptr, offs_t, offs_k, mask_t, mask_k, K, stride_rt, stride_dt, eps,
-                 SPLIT: tl.constexpr, BLOCK_T: tl.constexpr):
-    """(x, h) tiles [BLOCK_T, SPLIT] of the program's rows and K split: h = r + d rounded to r's dtype (torch's add),
-    x = rms_norm(h) * nw in fp32 (the reference RMSNorm: the mean square over all K columns), rounded to r's dtype."""
-    rows_r = r_ptr + offs_t[:, None].to(tl.int64) * stride_rt
-    rows_d = d_ptr + offs_t[:, None].to(tl.int64) * stride_dt
+def _inv_rms_by_rows(r_ptr, d_ptr, offs_t, first_row, n_rows, K, stride_rt, stride_dt, eps,
+                     BLOCK_T: tl.constexpr, ROWS_K: tl.constexpr):
+    """1 / rms(h) [BLOCK_T] of the program's n_rows real rows, each row's whole h = r + d loaded at once (ROWS_K: K
+    rounded up to a power of two): one L2 round trip per row where the column-block loop takes K / SPLIT of them
+    in a row (at batch 1 the loop's 16 dependent reads cost 7 us per call on the H200, session 23)."""
+    cols = tl.arange(0, ROWS_K)
+    mask_c = cols < K
+    inv = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for i in range(0, n_rows):
+        row = first_row + i
+        r = tl.load(r_ptr + row.to(tl.int64) * stride_rt + cols, mask=mask_c, other=0.0)
+        hk = _rounded(r.to(tl.float32) + tl.load(d_ptr + row.to(tl.int64) * stride_dt + cols, mask=mask_c,
+                                                 other=0.0).to(tl.float32), r.dtype).to(tl.float32)
+        inv = tl.where(offs_t == row, 1.0 / tl.sqrt(tl.sum(hk * hk, axis=0) / K + eps), inv)
+    return inv
+
+
+@triton.jit
+def _inv_rms_by_blocks(rows_r, rows_d, mask_t, K, eps, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr):
+    """1 / rms(h) [BLOCK_T] of the program's rows, h = r + d read one [BLOCK_T, SPLIT] column block at a time."""
     squares = tl.zeros((BLOCK_T, SPLIT), dtype=tl.float32)
     for k0 in range(0, K, SPLIT):
         cols = k0 + tl.arange(0, SPLIT)
@@ -116,12 +135,34 @@ def _normed_tile(r_ptr, d_ptr, nw_ptr, offs_t, offs_k, mask_t, mask_k, K, stride
         hk = _rounded(r.to(tl.float32) + tl.load(rows_d + cols[None, :], mask=m, other=0.0).to(tl.float32), r.dtype)
         hk = hk.to(tl.float32)
         squares += hk * hk
-    eps = tl.cast(eps, tl.float32)  # Inductor passes Python floats as fp64 scalars
-    inv = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)  # [BLOCK_T]
+    return 1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)
+
+
+@triton.jit
+def _normed_tile(r_ptr, d_ptr, nw_ptr, offs_t, offs_k, mask_t, mask_k, T, K, stride_rt, stride_dt, eps,
+                 SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, ROWS_MAX: tl.constexpr, ROWS_K: tl.constexpr):
+    """(x, h) tiles [BLOCK_T, SPLIT] of the program's rows and K split: h = r + d rounded to r's dtype (torch's add),
+    x = rms_norm(h) * nw in fp32 (the reference RMSNorm: the mean square over all K columns), rounded to r's dtype.
+    The mean square: row by row when the block holds at most ROWS_MAX real rows and ROWS_K > 0 (_inv_rms_by_rows),
+    else by column blocks; the program's own tile is loaded first, so its reads overlap the mean square's."""
+    rows_r = r_ptr + offs_t[:, None].to(tl.int64) * stride_rt
+    rows_d = d_ptr + offs_t[:, None].to(tl.int64) * stride_dt
     m = mask_t[:, None] & mask_k[None, :]
     r = tl.load(rows_r + offs_k[None, :], mask=m, other=0.0)
-    h = _rounded(r.to(tl.float32) + tl.load(rows_d + offs_k[None, :], mask=m, other=0.0).to(tl.float32), r.dtype)
+    d = tl.load(rows_d + offs_k[None, :], mask=m, other=0.0)
     nw = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    eps = tl.cast(eps, tl.float32)  # Inductor passes Python floats as fp64 scalars
+    if ROWS_K > 0:
+        first_row = tl.program_id(0) * BLOCK_T
+        n_rows = tl.minimum(T - first_row, BLOCK_T)
+        if n_rows <= ROWS_MAX:
+            inv = _inv_rms_by_rows(r_ptr, d_ptr, offs_t, first_row, n_rows, K, stride_rt, stride_dt, eps,
+                                   BLOCK_T, ROWS_K)
+        else:
+            inv = _inv_rms_by_blocks(rows_r, rows_d, mask_t, K, eps, SPLIT, BLOCK_T)
+    else:
+        inv = _inv_rms_by_blocks(rows_r, rows_d, mask_t, K, eps, SPLIT, BLOCK_T)
+    h = _rounded(r.to(tl.float32) + d.to(tl.float32), r.dtype)
     x = _rounded(h.to(tl.float32) * inv[:, None] * nw[None, :], r.dtype)
     return x, h
 
@@ -134,7 +175,7 @@ def _gate_partials_kernel(
     r_ptr, d_ptr, nw_ptr, h_ptr, stride_rt, stride_dt, stride_ht, eps,
     SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, QUANT_X: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr,
-    ROW_QUANT_MAX_ROWS: tl.constexpr, NORM: tl.constexpr,
+    ROW_QUANT_MAX_ROWS: tl.constexpr, NORM: tl.constexpr, NORM_ROWS_K: tl.constexpr = 0,
 ):
     """partials[s, t, e] = sum over k in split s of x[t, k] * w[e, k] (fp32), for one block of rows
     (axis 0), of experts (axis 1) and one split (axis 2); rows, experts and K masked with zeros.
@@ -153,8 +194,8 @@ def _gate_partials_kernel(
     w = tl.load(w_ptr + offs_e[:, None].to(tl.int64) * stride_we + offs_k[None, :],
                 mask=mask_e[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_E, SPLIT]
     if NORM:
-        x, h = _normed_tile(r_ptr, d_ptr, nw_ptr, offs_t, offs_k, mask_t, mask_k, K, stride_rt, stride_dt, eps,
-                            SPLIT, BLOCK_T)
+        x, h = _normed_tile(r_ptr, d_ptr, nw_ptr, offs_t, offs_k, mask_t, mask_k, T, K, stride_rt, stride_dt, eps,
+                            SPLIT, BLOCK_T, ROW_QUANT_MAX_ROWS, NORM_ROWS_K)
         if tl.program_id(1) == 0:  # h for the rest of the layer; x for act_quant's row-by-row reads below
             tile = mask_t[:, None] & mask_k[None, :]
             tl.store(h_ptr + rows64 * stride_ht + offs_k[None, :], h, mask=tile)
@@ -211,6 +252,13 @@ def partials_buffer(t, e: int, k: int, device: torch.device) -> torch.Tensor:
     return torch.empty((num_splits(k), t, e), dtype=torch.float32, device=device)
 
 
+def norm_rows_k(k: int) -> int:
+    """The width the norm's row-by-row mean square loads a row at (kernels' NORM_ROWS_K): K rounded up to a power of
+    two, or 0 (the column-block loop only) past NORM_ROWS_MAX_K, where a whole row per load would spill registers."""
+    width = triton.next_power_of_2(k)
+    return width if width <= NORM_ROWS_MAX_K else 0
+
+
 class GateNorm(NamedTuple):
     """The norm the gate kernel computes x from (the module docstring): residual r and delta d [T, K] (unit stride
     along K), the norm's weight nw [K], eps, and h [T, K] (r's dtype) to write r + d into."""
@@ -239,7 +287,8 @@ def gate_partials_spec(x: torch.Tensor, w: torch.Tensor, partials: torch.Tensor,
                       (x, w, partials, q, s, t, e, k, x.stride(0), w.stride(0), partials.stride(0), partials.stride(1),
                        q.stride(0), s.stride(0), r, d, nw, h, r.stride(0), d.stride(0), h.stride(0), float(eps)),
                       dict(SPLIT=SPLIT_K, UPCAST=_INTERPRETED, IEEE=x.dtype == torch.float32, QUANT_X=quant is not None,
-                           SCALE_RECIPROCAL=x.is_cuda, ROW_QUANT_MAX_ROWS=row_quant_max_rows, NORM=norm is not None))
+                           SCALE_RECIPROCAL=x.is_cuda, ROW_QUANT_MAX_ROWS=row_quant_max_rows, NORM=norm is not None,
+                           NORM_ROWS_K=norm_rows_k(k) if norm is not None else 0))
 
 
 def check_gate(x: torch.Tensor, w: torch.Tensor) -> None:

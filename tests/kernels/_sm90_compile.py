@@ -265,7 +265,7 @@ def _cases(all_configs: bool):
                    dict(x_ptr=bf, w_ptr=bf, part_ptr=f32, q_ptr=f8 if quant_x else f32, s_ptr=f32, r_ptr=bf, d_ptr=bf,
                         nw_ptr=bf, h_ptr=bf),
                    dict(SPLIT=router_gate.SPLIT_K, UPCAST=False, IEEE=False, QUANT_X=quant_x, SCALE_RECIPROCAL=True,
-                        ROW_QUANT_MAX_ROWS=rows, NORM=norm))
+                        ROW_QUANT_MAX_ROWS=rows, NORM=norm, NORM_ROWS_K=router_gate.norm_rows_k(2048) if norm else 0))
     for cfg in pick(mla_absorb.HEAD_GEMM_CONFIGS):  # MLA's W_UK / W_UV per-head GEMM (bf16 x and weight views)
         yield ("head_gemm", mla_absorb._head_gemm_kernel, cfg, dict(x_ptr=bf, w_ptr=bf, out_ptr=bf), dict(UPCAST=False))
     for cfg in pick(mla_query.HEAD_GEMM_ROPE_CONFIGS):  # W_UK with the query's RoPE in its launch (16b R = 64)

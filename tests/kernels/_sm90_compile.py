@@ -2,9 +2,9 @@
 
 Run as `python -m tests.kernels._sm90_compile [--all-configs] [--usage] [--census] [--only FAMILY[,FAMILY]]` WITHOUT
 TRITON_INTERPRET (the test runs it in a subprocess, one kernel family per test so that xdist spreads
-them). Triton's frontend, its NVIDIA backend and the bundled ptxas need no GPU, so this catches what the interpreter cannot: non-constexpr globals, helpers AOTInductor's copy of a kernel
-cannot reach (each kernel is compiled from the source Inductor writes into a package: inductor_form), dtype rules of the
-compiled tl.dot, shared-memory overflows; --usage adds registers and stack-frame (spill) bytes per thread,
+them). Triton's frontend, its NVIDIA backend and the bundled ptxas need no GPU, so this catches what the
+interpreter cannot: non-constexpr globals, helpers AOTInductor's copy of a kernel cannot reach (each kernel is
+compiled from the source Inductor writes into a package: inductor_form), dtype rules of the compiled tl.dot, shared-memory overflows; --usage adds registers and stack-frame (spill) bytes per thread,
 --census the main loop's SASS instruction census (loop_census; a cuobjdump -sass per case, seconds for the
 large fp8 kernels). Prints one JSON object per line.
 """

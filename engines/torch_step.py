@@ -13,7 +13,8 @@ with static token / position buffers; later steps with that key copy their input
 buffers and replay. The cache tensor is captured by address, which is right because the runtime
 updates it in place. `step_writing_cache` replays graphs that also write the step's new latent rows
 into the cache (captured apart from the plain step's, keyed by that too). At most MAX_GRAPHS graphs
-are kept (least recently used dropped). If a capture fails the step falls back to running the package directly and says so once (log).
+are kept (least recently used dropped). If a capture fails the step falls back to running the
+package directly and says so once (log).
 
 Loading defences (added while the GPU machine's packages died with SIGSEGV at load, before the
 cause was found: its C++ compiler, engines/torch_cxx.py; kept because each is right on its own):

@@ -92,7 +92,10 @@ class StepFunction(Protocol):
 
     tokens [b, s] int64, start_pos [b] int64, kv_cache [b, L, T, w] cache_dtype
     -> logits [b, s, V] float32, new_kv [b, L, s, w] cache_dtype (all on `device`).
-    The cache is only read; the runtime writes new_kv into it.
+    The cache is only read; the runtime writes new_kv into it. A step may also offer
+    `step_writing_cache(tokens, start_pos, kv_cache) -> logits`, the same step with the write done
+    in the same call (the torch engine's decode CUDA graphs hold it): dsv3_export/step.py
+    step_writing_cache uses it when present.
     """
 
     device: torch.device

@@ -26,7 +26,7 @@ import torch
 from dsv3_export.engines.base import StepFunction, get_backend
 from dsv3_export.manifest import Manifest, verify_engine_dir
 from dsv3_export.reference.args import ModelArgs
-from dsv3_export.step import empty_cache, step_writing_cache, write_cache
+from dsv3_export.step import empty_cache, step_writing_cache
 
 PAD_ID = 0  # right padding of shorter prompts; its logits and cache rows are never used
 # generate's cache capacity on a step that captures decode graphs per cache buffer, rounded up to a multiple of this
@@ -117,8 +117,8 @@ class Engine:
         cache = self._generate_cache(b, longest, longest + max_new_tokens)
         padded = torch.tensor([p + [PAD_ID] * (longest - len(p)) for p in prompts], dtype=torch.int64)  # [b, S]
         pos = torch.zeros(b, dtype=torch.int64, device=self.device)
-        logits, new_kv = self.step(padded.to(self.device), pos, cache)  # [b, S, V]
-        write_cache(cache, new_kv, pos)
+        # one-token prompts run the decode step: the same graph (the write in it) as every later token
+        logits = step_writing_cache(self.step, padded.to(self.device), pos, cache)  # [b, S, V]
         last = torch.tensor(lengths, device=self.device) - 1
         next_logits = logits[torch.arange(b, device=self.device), last]  # [b, V]
         pos = last + 1

@@ -206,7 +206,7 @@ def _check_inputs(tokens: torch.Tensor, start_pos: torch.Tensor, kv_cache: torch
 
 
 class _DecodeGraphs:
-    """CUDA graphs of the decode package, one per (b, T, cache address, dtype)."""
+    """CUDA graphs of the decode package, one per (b, T, cache address, dtype, whether the cache write is in it)."""
 
     def __init__(self, run: Callable, pdl: PdlPlan | None = None):
         self.run = run
@@ -325,8 +325,8 @@ class AOTIStep:
         """One step's logits with its new latent rows written into kv_cache (dsv3_export/step.py
         step_writing_cache): a decode step on CUDA graphs replays one graph holding the step and the write, so the
         host launches neither the scatter nor a copy of new_kv; otherwise the step, then write_cache."""
+        _check_inputs(tokens, start_pos, kv_cache, self.device, self.cache_dtype)
         if tokens.shape[1] == 1 and self._graphs is not None:
-            _check_inputs(tokens, start_pos, kv_cache, self.device, self.cache_dtype)
             return self._graphs(tokens.contiguous(), start_pos.contiguous(), kv_cache, write=True)[0]
         logits, new_kv = self(tokens, start_pos, kv_cache)
         write_cache(kv_cache, new_kv, start_pos)

@@ -114,6 +114,41 @@ def test_generate_keeps_one_cache_per_bucket_on_a_step_keyed_by_it(monkeypatch, 
     assert plain.step.caches[0] is not plain.step.caches[-1] and plain.step.caches[0].shape[2] == 4
 
 
+class WritingStep(TorchStep):
+    """A step with its own step_writing_cache (as the torch engine's CUDA-graph step has): generate must run every
+    step through it, the prefill included; a bare call outside it fails."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.fused_calls, self._inside = 0, False
+
+    def step_writing_cache(self, tokens, start_pos, kv_cache):
+        self.fused_calls += 1
+        self._inside = True
+        try:
+            logits, new_kv = super().__call__(tokens, start_pos, kv_cache)
+        finally:
+            self._inside = False
+        write_cache(kv_cache, new_kv, start_pos)
+        return logits
+
+    def __call__(self, tokens, start_pos, kv_cache):
+        assert self._inside, "generate called the step directly, not through step_writing_cache"
+        return super().__call__(tokens, start_pos, kv_cache)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generate_runs_every_step_through_step_writing_cache(temperature):
+    model = tiny_model()
+    engine = torch_engine()
+    engine.step = WritingStep(model)
+    got = engine.generate(PROMPTS, max_new_tokens=5, temperature=temperature, seed=3)
+    assert engine.step.fused_calls >= 5  # the prefill and at least the four decode steps
+    if temperature == 0.0:
+        assert got == [reference_greedy(model, p, 5) for p in PROMPTS]
+    engine.generate([PROMPTS[0][:1]], max_new_tokens=3)  # a one-token prompt: its prefill is a decode step
+
+
 def test_greedy_32_tokens_identical_to_reference_decoding():
     engine = load_engine(fp32_engine_dir())
     assert engine.generate(PROMPTS[0], max_new_tokens=32) == reference_greedy(tiny_model(), PROMPTS[0], 32)

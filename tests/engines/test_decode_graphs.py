@@ -145,8 +145,18 @@ def test_aoti_step_writing_cache_matches_step_then_write(cpu_capture, seed, grap
     logits = step_writing_cache(step, tokens, pos, got_cache)
     torch.testing.assert_close(logits, want_logits, rtol=0, atol=0)
     torch.testing.assert_close(got_cache, want_cache, rtol=0, atol=0)
-    assert (step._graphs.captures == 1) if graphed else step._graphs is None
+    if graphed:  # one graph, the one with the write (not the plain step's followed by a write from the host)
+        assert step._graphs.captures == 1 and [key[-1] for key in step._graphs.graphs] == [True]
+    else:
+        assert step._graphs is None
     plain_cache = cache.clone()
     plain = step_writing_cache(toy_decode, tokens, pos, plain_cache)  # a bare function: the step, then write_cache
     torch.testing.assert_close(plain, want_logits, rtol=0, atol=0)
     torch.testing.assert_close(plain_cache, want_cache, rtol=0, atol=0)
+
+
+def test_aoti_step_writing_cache_checks_its_inputs():
+    step = AOTIStep(toy_decode, toy_decode, torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="tokens must be int64"):
+        step.step_writing_cache(torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
+                                torch.zeros(2, LAYERS, 4, WIDTH))

@@ -284,7 +284,7 @@ def _cases(all_configs: bool):
 
 
 _INDUCTOR_FORMS: dict[str, object] = {}
-_INDUCTOR_DIR = tempfile.mkdtemp(prefix="dsv3_inductor_src_")
+_INDUCTOR_DIR = tempfile.TemporaryDirectory(prefix="dsv3_inductor_src_")  # removed at exit
 
 
 def inductor_form(kernel):
@@ -302,7 +302,7 @@ def inductor_form(kernel):
     if key not in _INDUCTOR_FORMS:
         source = (TritonKernel.gen_common_triton_imports() + "\n@triton.jit\n"
                   + user_defined_triton_kernel_transitive_closure_source_code(kernel))
-        path = Path(_INDUCTOR_DIR) / f"k{len(_INDUCTOR_FORMS)}_{kernel.__name__}.py"
+        path = Path(_INDUCTOR_DIR.name) / f"k{len(_INDUCTOR_FORMS)}_{kernel.__name__}.py"
         path.write_text(source)
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)

@@ -32,14 +32,18 @@ kernels, from one compiled program.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv, check_tensor,
-                                         launch)
+                                         launch, next_pow2)
 from dsv3_export.kernels.fp8_quant import ACT_DTYPES, quantize_rows
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
+from dsv3_export.kernels.rms_norm import add_rms_stats
+from dsv3_export.kernels.topk import round_to
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Largest row count the traced decode lowerings send here (gemv_gate); the tile kernels take the rest.
@@ -78,14 +82,18 @@ def _fp8_gemv_kernel(
     x_ptr, w_ptr, w_s_ptr, c_ptr, ids_ptr, topk_w_ptr,
     ROWS, N_OUT, UP_OFFSET, TOPK,
     stride_xm, stride_we, stride_wn, stride_wse, stride_wsn, stride_cs, stride_cm,
+    r_ptr, d_ptr, nw_ptr, h_ptr, stride_rm, stride_dm, stride_hm, eps,
     K: tl.constexpr, EXPERTS: tl.constexpr, SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr,
     SCALE_RECIPROCAL: tl.constexpr, SCALE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    ZERO_SPLITS: tl.constexpr,
+    ZERO_SPLITS: tl.constexpr, NORM: tl.constexpr, KP: tl.constexpr,
 ):
     """Program pid: column tile pid // ROWS, row pid % ROWS (a tile's rows adjacent: they share its
     weight in L2). EXPERTS: the weight is w[topk_ids.flatten()[row]] and x's row is row // TOPK.
     ZERO_SPLITS > 0: c is the tile GEMM's [1 + ZERO_SPLITS, M, N] split-K workspace; the result goes to
-    split 0 and zeros to the others, so the sum over splits that follows is this result exactly."""
+    split 0 and zeros to the others, so the sum over splits that follows is this result exactly.
+    NORM (dense only): x is not read; each program computes its row's x = rms_norm(r + d) * nw itself
+    (kernels/rms_norm.py: the whole row's mean square in one load of r and d, then each chunk of x from
+    r, d and nw again, L2 hits), and the first column tile's program writes the row's h = r + d."""
     wait_for_producer()  # before any memory access: kernels/pdl.py
     tl.static_assert(SCALE_BLOCK % BLOCK_N == 0, "a column tile lies in one 128-row scale block")
     tl.static_assert(CHUNK % SCALE_BLOCK == 0, "a K step holds whole 1x128 activation blocks")
@@ -108,11 +116,27 @@ def _fp8_gemv_kernel(
     SUB: tl.constexpr = CHUNK // SCALE_BLOCK
     K_BLOCKS: tl.constexpr = (K + SCALE_BLOCK - 1) // SCALE_BLOCK
 
+    if NORM:
+        tl.static_assert(not EXPERTS, "the norm prologue is for dense rows")
+        r_row = r_ptr + row.to(tl.int64) * stride_rm
+        d_row = d_ptr + row.to(tl.int64) * stride_dm
+        h, inv = add_rms_stats(r_row, d_row, K, eps, KP)
+        if pid_n == 0:
+            cols = tl.arange(0, KP)
+            tl.store(h_ptr + row.to(tl.int64) * stride_hm + cols, h, mask=cols < K)
     acc_g = tl.zeros((BLOCK_N, CHUNK), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_N, CHUNK), dtype=tl.float32)
     for c in tl.static_range(0, (K + CHUNK - 1) // CHUNK):
         offs_k = c * CHUNK + tl.arange(0, CHUNK)
-        x = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        if NORM:
+            mask_k = offs_k < K
+            r = tl.load(r_row + offs_k, mask=mask_k, other=0.0)
+            hk = round_to(r.to(tl.float32) + tl.load(d_row + offs_k, mask=mask_k, other=0.0).to(tl.float32),
+                          r.dtype).to(tl.float32)
+            nwk = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            x = round_to(hk * inv * nwk, r.dtype).to(tl.float32)
+        else:
+            x = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
         q, s = quantize_rows(tl.reshape(x, (SUB, SCALE_BLOCK)), SCALE_RECIPROCAL)  # [SUB, 128], [SUB]
         kb = c * SUB + tl.arange(0, SUB)
         ws = tl.load(s_gate + kb, mask=kb < K_BLOCKS, other=0.0)
@@ -153,16 +177,28 @@ def gemv_gate(m):
     return 1 // ((m + GEMV_MAX_ROWS - 1) // GEMV_MAX_ROWS)
 
 
+class GemvNorm(NamedTuple):
+    """The norm a GEMV's rows come from (kernel NORM): x = rms_norm(r + d) * nw; r, d [M, K] and h [M, K] (r + d is
+    written there) with unit stride along K, nw [K]."""
+
+    r: torch.Tensor
+    d: torch.Tensor
+    nw: torch.Tensor
+    h: torch.Tensor
+    eps: float
+
+
 def gemv_spec(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out: torch.Tensor, *,
               topk_ids: torch.Tensor | None = None, topk: int = 1, topk_weights: torch.Tensor | None = None,
-              swiglu: bool = False, scale_reciprocal: bool = True) -> LaunchSpec:
+              swiglu: bool = False, scale_reciprocal: bool = True, norm: GemvNorm | None = None) -> LaunchSpec:
     """The launch into out [rows, N_OUT], rows = M (dense) or T*topk (experts); inputs checked by the
     caller, no rows: nothing runs.
     Dense: x [M, K], w [N, K], w_s [ceil(N/128), ceil(K/128)]. Experts (topk_ids [T, topk] given):
     w [E, N, K], w_s [E, ceil(N/128), ceil(K/128)], out row p from x row p // topk and expert
     topk_ids.flatten()[p]. swiglu: w rows are [gate; up], out has N/2 columns, a multiple of the config's
     BLOCK_N (the caller checks: each up tile reads one 128-row scale block, as its gate tile does).
-    out may also be a split-K workspace [S, M, N] (dense): the result in split 0, zeros in the rest."""
+    out may also be a split-K workspace [S, M, N] (dense): the result in split 0, zeros in the rest.
+    norm (dense): x is computed from it (the kernel's NORM; x is then only a shape and dtype, never read)."""
     experts = topk_ids is not None
     rows = topk_ids.numel() if experts else x.shape[0]
     k = x.shape[1]
@@ -173,12 +209,15 @@ def gemv_spec(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out: torch.Te
     ids = topk_ids if experts else w_s  # never read without EXPERTS
     rw = topk_weights if topk_weights is not None else w_s  # never read without MUL_WEIGHT
     workspace = out.dim() == 3  # [S, M, N]
+    r, d, nw, h, eps = norm if norm is not None else (x, x, x, x, 0.0)  # never read or written without NORM
     args = (x, w3, w_s3, out, ids, rw, rows, n_out, n_out if swiglu else 0, topk,
             x.stride(0), w3.stride(0), w3.stride(1), w_s3.stride(0), w_s3.stride(1),
-            out.stride(0) if workspace else 0, out.stride(-2))
+            out.stride(0) if workspace else 0, out.stride(-2),
+            r, d, nw, h, r.stride(0), d.stride(0), h.stride(0), float(eps))
     kwargs = dict(K=k, EXPERTS=experts, SWIGLU=swiglu, MUL_WEIGHT=topk_weights is not None,
                   SCALE_RECIPROCAL=scale_reciprocal, SCALE_BLOCK=QUANT_BLOCK,
-                  ZERO_SPLITS=out.shape[0] - 1 if workspace else 0)
+                  ZERO_SPLITS=out.shape[0] - 1 if workspace else 0, NORM=norm is not None,
+                  KP=next_pow2(k) if norm is not None else 1)
     grid = lambda meta: (cdiv(n_out, meta["BLOCK_N"]) * rows,)  # noqa: E731
     return LaunchSpec(_fp8_gemv_kernel, _fp8_gemv_single, GEMV_CONFIGS, grid, args, kwargs)
 
@@ -218,6 +257,26 @@ def fp8_gemv(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype: tor
         return out
     launch(*gemv_spec(x, w, w_s, out, scale_reciprocal=_reciprocal(x, scale_reciprocal)), config)
     return out
+
+
+def fp8_gemv_normed(r: torch.Tensor, d: torch.Tensor, nw: torch.Tensor, eps: float, w: torch.Tensor, w_s: torch.Tensor,
+                    out_dtype: torch.dtype | None = None, *, config: triton.Config | None = None,
+                    scale_reciprocal: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8_gemv(x, w, w_s) with x = rms_norm(r + d) * nw computed in the kernel's prologue (NORM) -> (y [M, N],
+    h = r + d [M, K]); r, d [M, K] bf16/fp16, nw [K] (kernels/rms_norm.py's numerics)."""
+    from dsv3_export.kernels.rms_norm import check_norm
+
+    check_norm(r, d, nw)
+    out_dtype = out_dtype or r.dtype
+    _check_common("fp8_gemv_normed", r, w, w_s, out_dtype, 2)
+    m, n = r.shape[0], w.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype, device=r.device)
+    h = torch.empty_like(r)
+    if m == 0 or n == 0:
+        return out, h
+    norm = GemvNorm(r, d, nw, h, eps)
+    launch(*gemv_spec(r, w, w_s, out, scale_reciprocal=_reciprocal(r, scale_reciprocal), norm=norm), config)
+    return out, h
 
 
 def moe_gemv(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, topk_ids: torch.Tensor, *,

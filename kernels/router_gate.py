@@ -44,7 +44,7 @@ from dsv3_export.kernels._common import (QUANT_BLOCK, LaunchSpec, autotune_or_si
                                          is_interpreted, launch)
 from dsv3_export.kernels.fp8_quant import act_quant_outputs, quantize_rows
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
-from dsv3_export.kernels.topk import _round_bf16
+from dsv3_export.kernels.topk import round_to
 
 DTYPES = (torch.bfloat16, torch.float32)  # logits the router rounds back exactly (bf16) or keeps (fp32)
 SPLIT_K = QUANT_BLOCK  # K per partial (and one act_quant block): S = ceil(K / SPLIT_K) partials
@@ -98,15 +98,6 @@ def _quantize_rows_one_by_one(x_ptr, first_row, n_rows, offs_k, mask_k, q_ptr, s
 
 
 @triton.jit
-def _rounded(v, dtype: tl.constexpr):
-    """fp32 v rounded to dtype to nearest even, as torch rounds (the interpreter's bf16 cast truncates: topk's
-    integer rounding instead), returned in dtype."""
-    if dtype == tl.bfloat16:
-        return _round_bf16(v).to(dtype)
-    return v.to(dtype)
-
-
-@triton.jit
 def _inv_rms_by_rows(r_ptr, d_ptr, offs_t, first_row, n_rows, K, stride_rt, stride_dt, eps,
                      BLOCK_T: tl.constexpr, ROWS_K: tl.constexpr):
     """1 / rms(h) [BLOCK_T] of the program's n_rows real rows, each row's whole h = r + d loaded at once (ROWS_K: K
@@ -118,7 +109,7 @@ def _inv_rms_by_rows(r_ptr, d_ptr, offs_t, first_row, n_rows, K, stride_rt, stri
     for i in range(0, n_rows):
         row = first_row + i
         r = tl.load(r_ptr + row.to(tl.int64) * stride_rt + cols, mask=mask_c, other=0.0)
-        hk = _rounded(r.to(tl.float32) + tl.load(d_ptr + row.to(tl.int64) * stride_dt + cols, mask=mask_c,
+        hk = round_to(r.to(tl.float32) + tl.load(d_ptr + row.to(tl.int64) * stride_dt + cols, mask=mask_c,
                                                  other=0.0).to(tl.float32), r.dtype).to(tl.float32)
         inv = tl.where(offs_t == row, 1.0 / tl.sqrt(tl.sum(hk * hk, axis=0) / K + eps), inv)
     return inv
@@ -132,7 +123,7 @@ def _inv_rms_by_blocks(rows_r, rows_d, mask_t, K, eps, SPLIT: tl.constexpr, BLOC
         cols = k0 + tl.arange(0, SPLIT)
         m = mask_t[:, None] & (cols < K)[None, :]
         r = tl.load(rows_r + cols[None, :], mask=m, other=0.0)
-        hk = _rounded(r.to(tl.float32) + tl.load(rows_d + cols[None, :], mask=m, other=0.0).to(tl.float32), r.dtype)
+        hk = round_to(r.to(tl.float32) + tl.load(rows_d + cols[None, :], mask=m, other=0.0).to(tl.float32), r.dtype)
         hk = hk.to(tl.float32)
         squares += hk * hk
     return 1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)
@@ -162,8 +153,8 @@ def _normed_tile(r_ptr, d_ptr, nw_ptr, offs_t, offs_k, mask_t, mask_k, T, K, str
             inv = _inv_rms_by_blocks(rows_r, rows_d, mask_t, K, eps, SPLIT, BLOCK_T)
     else:
         inv = _inv_rms_by_blocks(rows_r, rows_d, mask_t, K, eps, SPLIT, BLOCK_T)
-    h = _rounded(r.to(tl.float32) + d.to(tl.float32), r.dtype)
-    x = _rounded(h.to(tl.float32) * inv[:, None] * nw[None, :], r.dtype)
+    h = round_to(r.to(tl.float32) + d.to(tl.float32), r.dtype)
+    x = round_to(h.to(tl.float32) * inv[:, None] * nw[None, :], r.dtype)
     return x, h
 
 

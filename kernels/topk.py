@@ -74,6 +74,16 @@ def _round_bf16(x):
 
 
 @triton.jit
+def round_to(v, dtype: tl.constexpr):
+    """fp32 v rounded to dtype to nearest even, as torch rounds, returned in dtype (bf16 through _round_bf16: the
+    interpreter's bf16 cast truncates). Kernels call it by name: AOTInductor's copy of a kernel carries the JIT
+    helpers it reaches, not the modules they live in."""
+    if dtype == tl.bfloat16:
+        return _round_bf16(v).to(dtype)
+    return v.to(dtype)
+
+
+@triton.jit
 def _load_logits(logits_ptr, rows64, cols, mask, stride_l, stride_ls, SPLITS: tl.constexpr,
                  ROUND_BF16: tl.constexpr):
     """The [BLOCK_ROWS, BLOCK_N] logits in fp32, -inf where masked: the logits tensor itself (SPLITS 1,

@@ -4,7 +4,8 @@ Run as `python -m tests.kernels._sm90_compile [--all-configs] [--usage] [--censu
 TRITON_INTERPRET (the test runs it in a subprocess, one kernel family per test so that xdist spreads
 them). Triton's frontend, its NVIDIA backend and the bundled ptxas need no GPU, so this catches what the
 interpreter cannot: non-constexpr globals, helpers AOTInductor's copy of a kernel cannot reach (each kernel is
-compiled from the source Inductor writes into a package: inductor_form), dtype rules of the compiled tl.dot, shared-memory overflows; --usage adds registers and stack-frame (spill) bytes per thread,
+compiled from the source Inductor writes into a package: inductor_form), dtype rules of the compiled tl.dot,
+shared-memory overflows; --usage adds registers and stack-frame (spill) bytes per thread,
 --census the main loop's SASS instruction census (loop_census; a cuobjdump -sass per case, seconds for the
 large fp8 kernels). Prints one JSON object per line.
 """
@@ -27,7 +28,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_gemv, fp8_quant, mla_absorb,  # noqa: E402
-                                 mla_decode, mla_merge_uv, mla_prefill, mla_query, moe, moe_align, router_gate, topk)
+                                 mla_decode, mla_merge_uv, mla_prefill, mla_query, moe, moe_align, rms_norm,
+                                 router_gate, topk)
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Opt-in shared memory per block on H100/H200 (227 KB).
@@ -52,7 +54,7 @@ DIVISIBLE_INTS = {"K", "N", "N_OUT", "D"}
 
 # The kernel families, one test each (xdist spreads them): family -> the kernels a case's first word names.
 FAMILY_RULES = {
-    "fp8": ("act_quant", "weight_dequant", "fp8_gemm", "split_k_sum", "fp8_gemv"),
+    "fp8": ("act_quant", "weight_dequant", "fp8_gemm", "split_k_sum", "fp8_gemv", "add_rms_norm"),
     "moe": ("grouped_gemm", "moe_align"),
     "mla_decode": ("mla_decode_split",),
     "mla": ("mla_decode_reduce", "mla_prefill", "head_gemm", "head_gemm_rope", "head_gemv", "mla_merge_uv"),
@@ -201,9 +203,18 @@ def _cases(all_configs: bool):
             yield (f"fp8_gemv K={k} experts={experts} swiglu={swiglu} zero_splits={zero_splits}",
                    fp8_gemv._fp8_gemv_kernel, cfg,
                    dict(x_ptr=bf, w_ptr=f8, w_s_ptr=f32, c_ptr=f32 if zero_splits else bf, ids_ptr="*i64",
-                        topk_w_ptr=f32),
+                        topk_w_ptr=f32, r_ptr=bf, d_ptr=bf, nw_ptr=bf, h_ptr=bf),
                    dict(K=k, EXPERTS=experts, SWIGLU=swiglu, MUL_WEIGHT=mul_weight, SCALE_RECIPROCAL=True,
-                        SCALE_BLOCK=128, ZERO_SPLITS=zero_splits))
+                        SCALE_BLOCK=128, ZERO_SPLITS=zero_splits, NORM=False, KP=1))
+        # the attention norm in the prologue (engines/torch_attn_norm.py): wq + wkv_a at the 16b K, split-K workspace
+        yield ("fp8_gemv K=2048 norm zero_splits=3", fp8_gemv._fp8_gemv_kernel, cfg,
+               dict(x_ptr=bf, w_ptr=f8, w_s_ptr=f32, c_ptr=f32, ids_ptr="*i64", topk_w_ptr=f32, r_ptr=bf, d_ptr=bf,
+                    nw_ptr=bf, h_ptr=bf),
+               dict(K=2048, EXPERTS=False, SWIGLU=False, MUL_WEIGHT=False, SCALE_RECIPROCAL=True, SCALE_BLOCK=128,
+                    ZERO_SPLITS=3, NORM=True, KP=2048))
+    for cfg in pick(rms_norm.NORM_CONFIGS):  # the attention norm at batches the tile GEMM serves (16b: K = 2048)
+        yield ("add_rms_norm K=2048", rms_norm._add_rms_norm_kernel, cfg,
+               dict(r_ptr=bf, d_ptr=bf, w_ptr=bf, x_ptr=bf, h_ptr=bf), dict(KP=2048))
     for cfg in pick(moe.GROUPED_GEMM_CONFIGS):
         for w_fp8, a_fp8, swiglu, block_m in ((True, True, True, 16), (True, True, False, 64),
                                               (True, False, True, 16), (False, False, True, 64),

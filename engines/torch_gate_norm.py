@@ -45,7 +45,7 @@ CASTS = (aten.to.dtype, aten._to_copy.default)
 RESHAPES = (aten.reshape.default, aten.view.default)
 
 
-def _cast_to(node: object, dtype: torch.dtype) -> Node | None:
+def cast_source(node: object, dtype: torch.dtype) -> Node | None:
     """The cast's input when node is a dtype cast to `dtype` (nothing else changed), else None."""
     if not is_call(node, *CASTS) or node.meta["val"].dtype != dtype:
         return None
@@ -64,14 +64,14 @@ def _ffn_norm(x: Node, router: Node) -> dict | None:
                 and x not in u.args[1:]) for u in moes):
         return None
     dtype = x.meta["val"].dtype
-    normed = _cast_to(x.args[0], dtype)
+    normed = cast_source(x.args[0], dtype)
     if normed is None or len(x.args[0].users) != 1 or not is_call(normed, aten.rms_norm.default):
         return None
     rms = normed
     if len(rms.users) != 1 or len(rms.args) != 4 or rms.kwargs or not isinstance(rms.args[3], float):
         return None
     h32, shape, weight = rms.args[:3]
-    h = _cast_to(h32, torch.float32)
+    h = cast_source(h32, torch.float32)
     if h is None or len(h32.users) != 1 or not is_call(h, aten.add.Tensor) or h.kwargs or len(h.args) != 2:
         return None
     r, d = h.args
@@ -81,7 +81,7 @@ def _ffn_norm(x: Node, router: Node) -> dict | None:
         return None
     if hv.dtype != dtype or dtype not in kg.DTYPES or list(shape) != [hv.shape[-1]] or not isinstance(weight, Node):
         return None
-    source = _cast_to(weight, torch.float32)  # the weight's own tensor: the kernel widens it (no cast kernel)
+    source = cast_source(weight, torch.float32)  # the weight's own tensor: the kernel widens it (no cast kernel)
     return dict(x=x, cast32=h32, h=h, r=r, d=d, weight=source if source is not None else weight, eps=rms.args[3],
                 moes=moes)
 

@@ -86,14 +86,16 @@ FP8_M_BUCKET = {"decode": kg.DECODE_MAX_M, "prefill": 4096}
 
 
 def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor,
-              out_dtype: torch.dtype, kind: str, small_batch=None, kernel_sum: bool = False) -> torch.Tensor:
+              out_dtype: torch.dtype, kind: str, small_batch=None, kernel_sum: bool = False,
+              gemv_norm: kv.GemvNorm | None = None) -> torch.Tensor:
     """kernels/fp8_gemm.py fp8_gemm's launch with M symbolic: tiles and split-K from `kind` and the
     weight's static [N, K] (fp8_gemm itself buckets M with int(M), a guard on the traced size).
     a fp8 [M, K] + a_s [M, ceil(K/128)], or bf16/fp16 [M, K] with a_s None (weight-only).
     small_batch (x, gate), decode: kernels/fp8_gemv.py from the unquantized x [M, K] when gate is 1
     (kv.gemv_gate(M)); the tile GEMM launches nothing then. kernel_sum (SPLIT_K_SUM_ENV): split-K partials
     summed by the sum kernel, gated like the tile GEMM (the GEMV writes the output itself); else by
-    Inductor's c.sum (the GEMV then writes split 0 and zeros the rest, which the sum adds)."""
+    Inductor's c.sum (the GEMV then writes split 0 and zeros the rest, which the sum adds). gemv_norm: the GEMV
+    computes its rows from this norm (engines/torch_attn_norm.py; x is then not read by it)."""
     m, k = a.shape
     n = w.shape[0]
     k_blocks = cdiv(k, QUANT_BLOCK)
@@ -110,7 +112,7 @@ def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: t
     tile_gate = 1
     if small_batch is not None:
         x, gate = small_batch
-        torch_launch.launch_spec(gated(kv.gemv_spec(x, w, w_s, out, scale_reciprocal=a.is_cuda), gate))
+        torch_launch.launch_spec(gated(kv.gemv_spec(x, w, w_s, out, scale_reciprocal=a.is_cuda, norm=gemv_norm), gate))
         tile_gate = 1 - gate
     tile = kg.fp8_gemm_spec(a, a_s, w, w_s, c, FP8_M_BUCKET[kind], per_split, split, decode)
     torch_launch.launch_spec(gated(tile, tile_gate))

@@ -23,6 +23,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # traced kernels must be real JITFunct
 import torch
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from triton.runtime.jit import JITFunction
+from dsv3_export.engines.torch_attn_norm import attn_norm_into_gemv
 from dsv3_export.engines.torch_gate_norm import gate_norm_into_router
 from dsv3_export.engines.torch_kv_row import kv_row_as_where
 from dsv3_export.engines.torch_lower import lower_dsv3_ops
@@ -49,6 +50,7 @@ for skip_passes, env in settings:
     os.environ.update({**base_env, **env})  # the switches are read when a program is rewritten and lowered
     program, _ = fuse_router(programs[skip_passes])
     program, _ = gate_norm_into_router(program, "decode")  # engines/torch.py lower_program's order
+    program, _ = attn_norm_into_gemv(program, "decode", True)  # (the program has the GEMV: traced at batch 64)
     norms = count_calls(program.graph, [torch.ops.aten.rms_norm.default])
     program, _ = kv_row_as_where(program, "decode")
     lowered, how = lower_dsv3_ops(program, "cuda", triton_lowerings("decode"))
@@ -102,6 +104,7 @@ SETTINGS = {
     "merge uv prefetch": ("", dict(DSV3_TORCH_MERGE_UV_PREFETCH="1")),
     "moe direct configs": ("", dict(DSV3_TORCH_MOE_DIRECT_CONFIGS="up=32:4:5,down=64:4:4")),
     "gate norm": ("", dict(DSV3_TORCH_GATE_NORM="1")),
+    "attn norm": ("", dict(DSV3_TORCH_ATTN_NORM="gemv")),
 }
 
 
@@ -273,6 +276,18 @@ def _check_gate_norm(launches: dict[str, dict]):
     assert default["norms"] - norm["norms"] == 1, (default["norms"], norm["norms"])
 
 
+def _check_attn_norm(launches: dict[str, dict]):
+    """DSV3_TORCH_ATTN_NORM=gemv (opt-in, session 23): the MoE layer's attention norm computed by the wq + wkv_a
+    GEMV's prologue, and above the GEMV's batches by kernels/rms_norm.py (engines/torch_attn_norm.py): its rms_norm
+    leaves the program (layer 0's, of the embedding, stays); our launches gain the norm kernel (gated), the rest the
+    same, every argument named (_trace)."""
+    norm, default = launches["attn norm"], launches["defaults"]
+    k = dict(norm["kernels"])
+    assert k.pop("_add_rms_norm_kernel") == 1, k
+    assert k == default["kernels"], (k, default["kernels"])
+    assert default["norms"] - norm["norms"] == 1, (default["norms"], norm["norms"])
+
+
 @pytest.mark.slow  # ~75-85 s on 2 cores: one 16b export on meta per pass set, the passes, a lowering per setting
 def test_16b_decode_launches():
     """One test for every setting's checks: the settings share one trace (pytest-xdist would split separate
@@ -288,3 +303,4 @@ def test_16b_decode_launches():
     _check_merge_uv_prefetch(launches)
     _check_moe_direct_configs(launches)
     _check_gate_norm(launches)
+    _check_attn_norm(launches)

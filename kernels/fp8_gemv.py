@@ -272,7 +272,9 @@ def fp8_gemv_normed(r: torch.Tensor, d: torch.Tensor, nw: torch.Tensor, eps: flo
     m, n = r.shape[0], w.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=r.device)
     h = torch.empty_like(r)
-    if m == 0 or n == 0:
+    if n == 0:  # no program would run to write h
+        return out, torch.add(r, d, out=h)
+    if m == 0:
         return out, h
     norm = GemvNorm(r, d, nw, h, eps)
     launch(*gemv_spec(r, w, w_s, out, scale_reciprocal=_reciprocal(r, scale_reciprocal), norm=norm), config)

@@ -10,8 +10,10 @@ launches one or the other.
 Algorithm: one program per row; the row's r and d are loaded whole ([KP] = K rounded up to a power of two), so
 the mean square costs one round trip to memory. Numerics as the eager program's: h = r + d rounded to r's dtype
 (torch's add), the mean square of h in fp32, x = h * (1 / sqrt(mean + eps)) * w in fp32 rounded to r's dtype (the
-reference RMSNorm in fp32, then the cast): the same bits up to the fp32 summation order of the mean square. bf16
-rounding by integers (kernels/topk.py round_to), so the CPU interpreter's truncating cast does not decide it.
+reference RMSNorm in fp32, then the cast): h the same bits; x within one rounding of r's dtype, from the fp32
+summation order of the mean square and, on the GPU, Triton's approximate square root and division where torch takes
+rsqrt. bf16 rounding by integers (kernels/topk.py round_to), so the CPU interpreter's truncating cast does not
+decide it.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def test_rewritten_decode_program_in_the_interpreter(seed):
     assert out["ops"] == 2 and out["rms_norm"][0] - out["rms_norm"][1] == 2, out  # layers 1 and 2 (0: the embedding)
     for b in (2, 3):
         assert out[f"b{b}_finite"] and out[f"b{b}_kv_equal_layer0"], out
-        # x within a bf16 rounding of the unrewritten program's (the fp32 mean square summed in another order; and
-        # Inductor's norm need not round h before it): an fp8 value of act_quant(x) may round the other way. A
-        # dropped norm weight gives ~0.3.
-        assert out[f"b{b}_logits_rel"] < 2e-2 and out[f"b{b}_kv_rel"] < 2e-2, out
+        # the same bits on every seed tried; a last-bit difference of x (its fp32 mean square summed in another
+        # order) could round an fp8 value of act_quant(x) the other way: a small bound, where a dropped norm weight
+        # gives ~0.2-0.3 (as in test_torch_gate_norm)
+        assert out[f"b{b}_logits_rel"] < 5e-3 and out[f"b{b}_kv_rel"] < 5e-3, out

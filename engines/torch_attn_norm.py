@@ -37,7 +37,7 @@ from torch.library import triton_op
 import dsv3_export.ops.fp8  # noqa: F401  (registers dsv3::fp8_linear)
 from dsv3_export.engines import torch_launch
 from dsv3_export.engines.torch_decode_gemv import gated
-from dsv3_export.engines.torch_gate_norm import cast_source
+from dsv3_export.engines.torch_gate_norm import residual_norm
 from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.engines.torch_triton import _fp8_gemm, _split_k_sum_kernel
 from dsv3_export.kernels import fp8_gemv as kv
@@ -70,8 +70,9 @@ def norm_fp8_linear(residual: torch.Tensor, delta: torch.Tensor, norm_weight: to
 
 
 def _attn_norm(linear: Node) -> dict | None:
-    """The norm chain feeding an fp8 Linear (act_quant on) whose weight the decode GEMV takes, or None unless its x
-    is cast(rms_norm(cast(h, f32))) of h = add(residual, delta), x read by this Linear alone."""
+    """The norm chain feeding an fp8 Linear (act_quant on) whose weight the decode GEMV takes (torch_gate_norm.py
+    residual_norm's dict), or None unless its x is cast(rms_norm(cast(h, f32))) of h = add(residual, delta), x read by
+    this Linear alone."""
     if len(linear.args) != 4 or linear.kwargs or linear.args[3] is not True:
         return None
     x, w = linear.args[:2]
@@ -80,25 +81,10 @@ def _attn_norm(linear: Node) -> dict | None:
     wv, xv = w.meta["val"], x.meta["val"]
     if wv.dim() != 2 or not kv.gemv_suits(*wv.shape) or xv.dtype not in kn.DTYPES:
         return None
-    rms = cast_source(x, xv.dtype)
-    if rms is None or len(rms.users) != 1 or not is_call(rms, aten.rms_norm.default):
+    site = residual_norm(x, xv.dtype)
+    if site is None or site["h"].meta["val"].shape[-1] > kn.MAX_K:
         return None
-    if len(rms.args) != 4 or rms.kwargs or not isinstance(rms.args[3], float):
-        return None
-    h32, shape, norm_weight = rms.args[:3]
-    h = cast_source(h32, torch.float32)
-    if h is None or len(h32.users) != 1 or not is_call(h, aten.add.Tensor) or h.kwargs or len(h.args) != 2:
-        return None
-    r, d = h.args
-    hv = h.meta["val"]
-    if not all(isinstance(a, Node) and a.meta["val"].shape == hv.shape and a.meta["val"].dtype == hv.dtype
-               for a in (r, d)):
-        return None
-    if hv.dtype != xv.dtype or list(shape) != [hv.shape[-1]] or hv.shape[-1] > kn.MAX_K \
-            or not isinstance(norm_weight, Node):
-        return None
-    source = cast_source(norm_weight, torch.float32)  # the weight's own tensor: the kernels widen it
-    return dict(cast32=h32, h=h, r=r, d=d, weight=source if source is not None else norm_weight, eps=rms.args[3])
+    return site
 
 
 def attn_norm_into_gemv(ep: ExportedProgram, kind: str, gemv: bool) -> tuple[ExportedProgram, str]:

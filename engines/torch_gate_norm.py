@@ -64,11 +64,20 @@ def _ffn_norm(x: Node, router: Node) -> dict | None:
                 and x not in u.args[1:]) for u in moes):
         return None
     dtype = x.meta["val"].dtype
-    normed = cast_source(x.args[0], dtype)
-    if normed is None or len(x.args[0].users) != 1 or not is_call(normed, aten.rms_norm.default):
+    if len(x.args[0].users) != 1 or dtype not in kg.DTYPES:
         return None
-    rms = normed
-    if len(rms.users) != 1 or len(rms.args) != 4 or rms.kwargs or not isinstance(rms.args[3], float):
+    site = residual_norm(x.args[0], dtype)
+    return None if site is None else dict(site, x=x, moes=moes)
+
+
+def residual_norm(normed: object, dtype: torch.dtype) -> dict | None:
+    """The chain `cast(rms_norm(cast(h, f32), [D], weight, eps), dtype)` ending at node `normed`, with h = add(residual,
+    delta) in dtype read by the f32 cast alone among the chain: dict(cast32, h, r, d, weight, eps), weight the norm
+    weight's own tensor (its f32 cast skipped: the kernels widen it), or None. Shared with engines/torch_attn_norm.py."""
+    rms = cast_source(normed, dtype)
+    if rms is None or not is_call(rms, aten.rms_norm.default) or len(rms.users) != 1:
+        return None
+    if len(rms.args) != 4 or rms.kwargs or not isinstance(rms.args[3], float):
         return None
     h32, shape, weight = rms.args[:3]
     h = cast_source(h32, torch.float32)
@@ -79,11 +88,10 @@ def _ffn_norm(x: Node, router: Node) -> dict | None:
     if not all(isinstance(a, Node) and a.meta["val"].shape == hv.shape and a.meta["val"].dtype == hv.dtype
                for a in (r, d)):
         return None
-    if hv.dtype != dtype or dtype not in kg.DTYPES or list(shape) != [hv.shape[-1]] or not isinstance(weight, Node):
+    if hv.dtype != dtype or list(shape) != [hv.shape[-1]] or not isinstance(weight, Node):
         return None
-    source = cast_source(weight, torch.float32)  # the weight's own tensor: the kernel widens it (no cast kernel)
-    return dict(x=x, cast32=h32, h=h, r=r, d=d, weight=source if source is not None else weight, eps=rms.args[3],
-                moes=moes)
+    source = cast_source(weight, torch.float32)
+    return dict(cast32=h32, h=h, r=r, d=d, weight=source if source is not None else weight, eps=rms.args[3])
 
 
 def gate_norm_into_router(ep: ExportedProgram, kind: str) -> tuple[ExportedProgram, str]:

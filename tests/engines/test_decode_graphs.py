@@ -79,19 +79,24 @@ def inputs(seed: int, batch: int = 2, length: int = 9):
     return tokens, pos, cache
 
 
-def test_written_graph_equals_the_step_then_write_cache(cpu_capture, seed):
-    graphs = _DecodeGraphs(toy_decode)
-    tokens, pos, cache = inputs(seed)
+def step_then_write(tokens, pos, cache):
+    """The plain step's logits and the cache after write_cache, on a copy of `cache`: what a written step must give."""
     want_cache = cache.clone()
     want_logits, new_kv = toy_decode(tokens, pos, want_cache)
     write_cache(want_cache, new_kv, pos)
+    return want_logits, want_cache
+
+
+def test_written_graph_equals_the_step_then_write_cache(cpu_capture, seed):
+    graphs = _DecodeGraphs(toy_decode)
+    tokens, pos, cache = inputs(seed)
+    want_logits, want_cache = step_then_write(tokens, pos, cache)
     (logits,) = graphs(tokens, pos, cache, write=True)
     torch.testing.assert_close(logits, want_logits, rtol=0, atol=0)
     torch.testing.assert_close(cache, want_cache, rtol=0, atol=0)
     # a second call replays the same graph at its own positions, into the same cache buffer
     tokens2, pos2 = (tokens + 1) % VOCAB, (pos + 3) % cache.shape[2]
-    want_logits, new_kv = toy_decode(tokens2, pos2, want_cache)
-    write_cache(want_cache, new_kv, pos2)
+    want_logits, want_cache = step_then_write(tokens2, pos2, want_cache)
     (logits2,) = graphs(tokens2, pos2, cache, write=True)
     torch.testing.assert_close(logits2, want_logits, rtol=0, atol=0)
     torch.testing.assert_close(cache, want_cache, rtol=0, atol=0)
@@ -121,9 +126,7 @@ def test_a_failed_capture_falls_back_and_still_writes(monkeypatch, cpu_capture, 
     monkeypatch.setattr(torch_step, "capture_graph", broken)
     graphs = _DecodeGraphs(toy_decode)
     tokens, pos, cache = inputs(seed)
-    want_cache = cache.clone()
-    want_logits, new_kv = toy_decode(tokens, pos, want_cache)
-    write_cache(want_cache, new_kv, pos)
+    want_logits, want_cache = step_then_write(tokens, pos, cache)
     (logits,) = graphs(tokens, pos, cache, write=True)
     assert graphs.failed
     torch.testing.assert_close(logits, want_logits, rtol=0, atol=0)
@@ -138,9 +141,7 @@ def test_aoti_step_writing_cache_matches_step_then_write(cpu_capture, seed, grap
     if graphed:
         step._graphs = _DecodeGraphs(toy_decode)
     tokens, pos, cache = inputs(seed)
-    want_cache = cache.clone()
-    want_logits, new_kv = toy_decode(tokens, pos, want_cache)
-    write_cache(want_cache, new_kv, pos)
+    want_logits, want_cache = step_then_write(tokens, pos, cache)
     got_cache = cache.clone()
     logits = step_writing_cache(step, tokens, pos, got_cache)
     torch.testing.assert_close(logits, want_logits, rtol=0, atol=0)

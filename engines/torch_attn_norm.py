@@ -65,7 +65,7 @@ def norm_fp8_linear(residual: torch.Tensor, delta: torch.Tensor, norm_weight: to
     torch_launch.launch_spec(gated(kn.add_rms_norm_spec(r, d, nw, eps, x, h), 1 - gate))
     xq, xs = torch_launch.act_quant_launch(x, 1 - gate)
     y = _fp8_gemm(xq, xs, weight, scale, r.dtype, "decode", small_batch=(x, gate), kernel_sum=split_k_sum,
-                  gemv_norm=kv.GemvNorm(r, d, nw, h, eps))
+                  gemv_norm=kn.ResidualNorm(r, d, nw, eps, h))
     return y.reshape(*residual.shape[:-1], weight.shape[0]), h.view(residual.shape)
 
 

@@ -51,6 +51,7 @@ from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.kernels import router_gate as kg
 from dsv3_export.kernels import topk as kt
 from dsv3_export.kernels.fp8_quant import act_quant_outputs
+from dsv3_export.kernels.rms_norm import ResidualNorm
 from dsv3_export.passes.graph_utils import is_call
 from dsv3_export.passes.program_state import ProgramState
 
@@ -111,12 +112,12 @@ def router_gate_norm_topk_quant(residual: torch.Tensor, delta: torch.Tensor, nor
     x, h = kg.norm_outputs(r)  # x: the normed rows, written and read back by the gate kernel only
     quant = act_quant_outputs(*r.shape, r.device)
     weights, ids = _gate_route(x, gate_weight, k, scale, n_extra, first_extra, out_dtype, quant,
-                               kg.GateNorm(r, d, norm_weight.contiguous(), eps, h))
+                               ResidualNorm(r, d, norm_weight.contiguous(), eps, h))
     return weights, ids, *quant, h.view(residual.shape)
 
 
 def _gate_route(x, gate_weight, k: int, scale: float, n_extra: int, first_extra: int, out_dtype: torch.dtype,
-                quant, norm: kg.GateNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                quant, norm: ResidualNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The split gate's two launches (partials, with act_quant(x) into `quant` if given, x from `norm` if given;
     the router)."""
     x = x.contiguous()

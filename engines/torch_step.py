@@ -256,15 +256,9 @@ class _DecodeGraphs:
             for _ in range(2):  # loads kernels, settles allocations outside the capture; the cache is not written
                 self.run(static_tokens, static_pos, kv_cache)
         torch.cuda.current_stream().wait_stream(stream)
-
-        def record():
-            logits, new_kv = self.run(static_tokens, static_pos, kv_cache)
-            if not write:
-                return logits, new_kv
-            write_cache(kv_cache, new_kv, static_pos)  # the write replays with the step, at the copied positions
-            return (logits,)
-
-        graph, outputs, self.pdl_edges = capture_graph(record, self.pdl)
+        # the write (if any) replays with the step, at the positions copied into static_pos
+        graph, outputs, self.pdl_edges = capture_graph(
+            lambda: self._run_direct(static_tokens, static_pos, kv_cache, write), self.pdl)
         return {"graph": graph, "tokens": static_tokens, "start_pos": static_pos, "outputs": outputs,
                 "cache": kv_cache}
 

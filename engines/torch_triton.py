@@ -53,6 +53,7 @@ from dsv3_export.kernels import fp8_gemm as kg
 from dsv3_export.kernels import fp8_gemv as kv
 from dsv3_export.kernels import moe as km
 from dsv3_export.kernels._common import QUANT_BLOCK, cdiv
+from dsv3_export.kernels.rms_norm import ResidualNorm
 
 BLOCK_M = {"decode": 16, "prefill": 64}
 
@@ -87,7 +88,7 @@ FP8_M_BUCKET = {"decode": kg.DECODE_MAX_M, "prefill": 4096}
 
 def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor,
               out_dtype: torch.dtype, kind: str, small_batch=None, kernel_sum: bool = False,
-              gemv_norm: kv.GemvNorm | None = None) -> torch.Tensor:
+              gemv_norm: ResidualNorm | None = None) -> torch.Tensor:
     """kernels/fp8_gemm.py fp8_gemm's launch with M symbolic: tiles and split-K from `kind` and the
     weight's static [N, K] (fp8_gemm itself buckets M with int(M), a guard on the traced size).
     a fp8 [M, K] + a_s [M, ceil(K/128)], or bf16/fp16 [M, K] with a_s None (weight-only).

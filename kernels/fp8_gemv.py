@@ -32,8 +32,6 @@ kernels, from one compiled program.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -42,7 +40,7 @@ from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, aut
                                          launch, next_pow2)
 from dsv3_export.kernels.fp8_quant import ACT_DTYPES, quantize_rows
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
-from dsv3_export.kernels.rms_norm import add_rms_stats
+from dsv3_export.kernels.rms_norm import ResidualNorm, add_rms_stats
 from dsv3_export.kernels.topk import round_to
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -177,20 +175,9 @@ def gemv_gate(m):
     return 1 // ((m + GEMV_MAX_ROWS - 1) // GEMV_MAX_ROWS)
 
 
-class GemvNorm(NamedTuple):
-    """The norm a GEMV's rows come from (kernel NORM): x = rms_norm(r + d) * nw; r, d [M, K] and h [M, K] (r + d is
-    written there) with unit stride along K, nw [K]."""
-
-    r: torch.Tensor
-    d: torch.Tensor
-    nw: torch.Tensor
-    h: torch.Tensor
-    eps: float
-
-
 def gemv_spec(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out: torch.Tensor, *,
               topk_ids: torch.Tensor | None = None, topk: int = 1, topk_weights: torch.Tensor | None = None,
-              swiglu: bool = False, scale_reciprocal: bool = True, norm: GemvNorm | None = None) -> LaunchSpec:
+              swiglu: bool = False, scale_reciprocal: bool = True, norm: ResidualNorm | None = None) -> LaunchSpec:
     """The launch into out [rows, N_OUT], rows = M (dense) or T*topk (experts); inputs checked by the
     caller, no rows: nothing runs.
     Dense: x [M, K], w [N, K], w_s [ceil(N/128), ceil(K/128)]. Experts (topk_ids [T, topk] given):
@@ -209,7 +196,7 @@ def gemv_spec(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out: torch.Te
     ids = topk_ids if experts else w_s  # never read without EXPERTS
     rw = topk_weights if topk_weights is not None else w_s  # never read without MUL_WEIGHT
     workspace = out.dim() == 3  # [S, M, N]
-    r, d, nw, h, eps = norm if norm is not None else (x, x, x, x, 0.0)  # never read or written without NORM
+    r, d, nw, eps, h = norm if norm is not None else (x, x, x, 0.0, x)  # never read or written without NORM
     args = (x, w3, w_s3, out, ids, rw, rows, n_out, n_out if swiglu else 0, topk,
             x.stride(0), w3.stride(0), w3.stride(1), w_s3.stride(0), w_s3.stride(1),
             out.stride(0) if workspace else 0, out.stride(-2),
@@ -276,7 +263,7 @@ def fp8_gemv_normed(r: torch.Tensor, d: torch.Tensor, nw: torch.Tensor, eps: flo
         return out, torch.add(r, d, out=h)
     if m == 0:
         return out, h
-    norm = GemvNorm(r, d, nw, h, eps)
+    norm = ResidualNorm(r, d, nw, eps, h)
     launch(*gemv_spec(r, w, w_s, out, scale_reciprocal=_reciprocal(r, scale_reciprocal), norm=norm), config)
     return out, h
 

@@ -18,6 +18,8 @@ decide it.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -33,6 +35,18 @@ NORM_CONFIGS = [
     triton.Config({}, num_warps=8, num_stages=1),
     triton.Config({}, num_warps=4, num_stages=1),
 ]
+
+
+class ResidualNorm(NamedTuple):
+    """A norm a kernel computes its input rows from (kernels/fp8_gemv.py NORM, kernels/router_gate.py norm):
+    x = rms_norm(r + d) * nw; r, d [M, K] with unit stride along K, nw [K], and h [M, K] (r's dtype) that the kernel
+    writes r + d into."""
+
+    r: torch.Tensor
+    d: torch.Tensor
+    nw: torch.Tensor
+    eps: float
+    h: torch.Tensor
 
 
 @triton.jit

@@ -33,8 +33,6 @@ is wrong); an fp32 dot asks for IEEE precision (on the GPU the default would be 
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -44,6 +42,7 @@ from dsv3_export.kernels._common import (QUANT_BLOCK, LaunchSpec, autotune_or_si
                                          is_interpreted, launch)
 from dsv3_export.kernels.fp8_quant import act_quant_outputs, quantize_rows
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
+from dsv3_export.kernels.rms_norm import ResidualNorm, add_rms_stats
 from dsv3_export.kernels.topk import round_to
 
 DTYPES = (torch.bfloat16, torch.float32)  # logits the router rounds back exactly (bf16) or keeps (fp32)
@@ -103,15 +102,12 @@ def _inv_rms_by_rows(r_ptr, d_ptr, offs_t, first_row, n_rows, K, stride_rt, stri
     """1 / rms(h) [BLOCK_T] of the program's n_rows real rows, each row's whole h = r + d loaded at once (ROWS_K: K
     rounded up to a power of two): one L2 round trip per row where the column-block loop takes K / SPLIT of them
     in a row (at batch 1 the loop's 16 dependent reads cost 7 us per call on the H200, session 23)."""
-    cols = tl.arange(0, ROWS_K)
-    mask_c = cols < K
     inv = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for i in range(0, n_rows):
         row = first_row + i
-        r = tl.load(r_ptr + row.to(tl.int64) * stride_rt + cols, mask=mask_c, other=0.0)
-        hk = round_to(r.to(tl.float32) + tl.load(d_ptr + row.to(tl.int64) * stride_dt + cols, mask=mask_c,
-                                                 other=0.0).to(tl.float32), r.dtype).to(tl.float32)
-        inv = tl.where(offs_t == row, 1.0 / tl.sqrt(tl.sum(hk * hk, axis=0) / K + eps), inv)
+        _, row_inv = add_rms_stats(r_ptr + row.to(tl.int64) * stride_rt, d_ptr + row.to(tl.int64) * stride_dt, K,
+                                   eps, ROWS_K)  # kernels/rms_norm.py
+        inv = tl.where(offs_t == row, row_inv, inv)
     return inv
 
 
@@ -250,20 +246,9 @@ def norm_rows_k(k: int) -> int:
     return width if width <= NORM_ROWS_MAX_K else 0
 
 
-class GateNorm(NamedTuple):
-    """The norm the gate kernel computes x from (the module docstring): residual r and delta d [T, K] (unit stride
-    along K), the norm's weight nw [K], eps, and h [T, K] (r's dtype) to write r + d into."""
-
-    r: torch.Tensor
-    d: torch.Tensor
-    nw: torch.Tensor
-    eps: float
-    h: torch.Tensor
-
-
 def gate_partials_spec(x: torch.Tensor, w: torch.Tensor, partials: torch.Tensor,
                        quant: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       row_quant_max_rows: int = ROW_QUANT_MAX_ROWS, norm: GateNorm | None = None) -> LaunchSpec:
+                       row_quant_max_rows: int = ROW_QUANT_MAX_ROWS, norm: ResidualNorm | None = None) -> LaunchSpec:
     """The launch for x [T, K], w [E, K] (unit stride along K) into partials [S, T, E] (contiguous);
     checked by the caller. T may be symbolic. quant: (q fp8 [T, K], s fp32 [T, ceil(K/128)]) to write
     act_quant(x) into as well, its scale rounded as torch's on x's device (kernels/fp8_quant.py). norm: x is
@@ -335,7 +320,7 @@ def gate_partials_normed(r: torch.Tensor, d: torch.Tensor, nw: torch.Tensor, eps
     partials = partials_buffer(r.shape[0], w.shape[0], r.shape[1], r.device)
     quant = act_quant_outputs(*r.shape, r.device) if quant_x else None
     if partials.numel():
-        launch(*gate_partials_spec(x, w, partials, quant, row_quant_max_rows, GateNorm(r, d, nw, eps, h)), config)
+        launch(*gate_partials_spec(x, w, partials, quant, row_quant_max_rows, ResidualNorm(r, d, nw, eps, h)), config)
     return (partials, h, x, quant) if quant_x else (partials, h, x)
 
 

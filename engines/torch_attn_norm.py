@@ -1,4 +1,4 @@
-"""The attention norm of a decode program computed by the wq + wkv_a GEMV: one launch fewer a layer at batch <= 2.
+"""The attention norm of a decode program computed by the wq + wkv_a GEMV (meant to save one launch a layer at batch <= 2).
 
 Each layer after the first reads x = RMSNorm(h) with h = residual + the last layer's output (reference/model.py
 Block; the RMSNorm in fp32, reference/layers.py), and x's only reader is the attention's first GEMM: wq + wkv_a as
@@ -23,6 +23,12 @@ Values against the eager program: h bit for bit; x within one bf16 rounding (its
 order), y the GEMV / GEMM of that x. Against the package without the rewrite x may differ more: Inductor's fused
 norm need not round h to bf16 before the norm, these kernels do, as eager torch does; compare both arms against the
 eager step. bf16 / fp16 programs; the first layer (its h is the embedding, no add) keeps Inductor's kernel.
+
+Measured on the H200 (benchmarks/RESULTS.md session 24, 27 layers): within the build-to-build spread. The 24 norm
+kernels go, but 25 pointwise kernels come (`triton_poi_fused__to_copy_add_select_view_*`, ~1.7 us each): delta, the
+MoE's output combine, was computed inside Inductor's norm kernel and must now be written out as this op's input; and
+the GEMVs with the norm in their prologue took 285 us per step against 250. A launch is saved only if the op also
+takes the combine's inputs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The attention norm of a decode program computed by the wq + wkv_a GEMV (meant to save one launch a layer at batch <= 2).
+"""The attention norm of a decode program computed by the wq + wkv_a GEMV (meant to save a launch a layer).
 
 Each layer after the first reads x = RMSNorm(h) with h = residual + the last layer's output (reference/model.py
 Block; the RMSNorm in fp32, reference/layers.py), and x's only reader is the attention's first GEMM: wq + wkv_a as

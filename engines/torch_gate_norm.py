@@ -1,4 +1,4 @@
-"""The ffn norm before each MoE of a decode program computed by the router's gate kernel (meant to save a launch a layer).
+"""The ffn norm before each MoE of a decode program computed by the router's gate kernel (meant to save a launch).
 
 Each MoE layer's input is x = RMSNorm(h) with h = residual + attention output (reference/model.py Block; the
 RMSNorm in fp32, reference/layers.py). In a CUDA package Inductor makes that a kernel of its own per MoE layer

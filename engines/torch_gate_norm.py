@@ -78,7 +78,7 @@ def _ffn_norm(x: Node, router: Node) -> dict | None:
 def residual_norm(normed: object, dtype: torch.dtype) -> dict | None:
     """The chain `cast(rms_norm(cast(h, f32), [D], weight, eps), dtype)` ending at node `normed`, with h = add(residual,
     delta) in dtype read by the f32 cast alone among the chain: dict(cast32, h, r, d, weight, eps), weight the norm
-    weight's own tensor (its f32 cast skipped: the kernels widen it), or None. Shared with engines/torch_attn_norm.py."""
+    weight's own tensor (its f32 cast skipped: the kernels widen it), or None. Shared with torch_attn_norm.py."""
     rms = cast_source(normed, dtype)
     if rms is None or not is_call(rms, aten.rms_norm.default) or len(rms.users) != 1:
         return None

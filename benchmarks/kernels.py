@@ -31,8 +31,8 @@ triton.testing.do_bench (median) and reports: time, achieved TB/s or TFLOP/s, th
                 act_quant + the decode GEMM (ours: the chain the decode program runs), Linears and the MoE at M <= 4;
                 the attention Linears at M=1 also with the weight read from HBM (graphs cycling through 128 MB of
                 copies: the other sections repeat one weight, which stays in the 50 MB L2 when small)
-  norms         (norms) the decode step's residual add + RMSNorm in the kernel that reads it (the GEMV's prologue,
-                the MoE gate kernel) against kernels/rms_norm.py's norm kernel before the same kernel (ours both)
+  norms         (norms) the decode step's attention norm (residual add + RMSNorm) in the GEMV's prologue against
+                kernels/rms_norm.py's norm kernel before the same GEMV (ours both)
 Device copy bandwidth is measured in the same run. Every section is guarded: an error prints and
 the script continues. The default run (fewer shapes, short timing) fits in about 4 minutes of
 GPU time including autotuning on a cold Triton cache; `--full` runs every shape with longer timing.
@@ -95,8 +95,7 @@ SECTIONS = {  # cheap sections first: if the time budget runs out, the expensive
              bench_gemv),
     "decode_cold": ("batch-1 decode reads from HBM: the GEMV's configs, the MoE gate cuBLAS vs split (CUDA graphs)",
                     bench_decode_cold),
-    "norms": ("residual add + RMSNorm inside the GEMV / the MoE gate vs a norm kernel before them (CUDA graphs)",
-              bench_norms),
+    "norms": ("residual add + RMSNorm inside the GEMV vs a norm kernel before it (CUDA graphs)", bench_norms),
     "fp8_prefill": ("fp8 blockwise GEMM at prefill M: TMA candidates, pinned", bench_fp8_prefill),
     "fp8": ("fp8 blockwise GEMM", bench_fp8_gemm),
 }

@@ -85,19 +85,17 @@ def lower_program(ep: ExportedProgram, device: str, kind: str) -> tuple[Exported
     if triton is None:
         return lower_dsv3_ops(ep, device, triton)
     from dsv3_export.engines.torch_attn_norm import attn_norm_into_gemv
-    from dsv3_export.engines.torch_gate_norm import gate_norm_into_router
     from dsv3_export.engines.torch_kv_row import kv_row_as_where
     from dsv3_export.engines.torch_q_rope import q_rope_into_attention
     from dsv3_export.engines.torch_router import fuse_router
 
     ep, router_how = fuse_router(ep, kind)
-    ep, gate_norm_how = gate_norm_into_router(ep, kind)
     ep, attn_norm_how = attn_norm_into_gemv(ep, kind, gemv)
     ep, kv_row_how = kv_row_as_where(ep, kind)
     lowered, how = lower_dsv3_ops(ep, device, triton)
     lowered, q_rope_how = q_rope_into_attention(lowered, kind)
-    return lowered, {**how, "router": router_how, "gate_norm": gate_norm_how, "attn_norm": attn_norm_how,
-                     "kv_row": kv_row_how, "q_rope": q_rope_how}
+    return lowered, {**how, "router": router_how, "attn_norm": attn_norm_how, "kv_row": kv_row_how,
+                     "q_rope": q_rope_how}
 
 
 # Inductor's combo kernels (CUDA packages): independent kernels Inductor generates side by side (the

@@ -43,7 +43,6 @@ from torch.library import triton_op
 import dsv3_export.ops.fp8  # noqa: F401  (registers dsv3::fp8_linear)
 from dsv3_export.engines import torch_launch
 from dsv3_export.engines.torch_decode_gemv import gated
-from dsv3_export.engines.torch_gate_norm import residual_norm
 from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.engines.torch_triton import _fp8_gemm, _split_k_sum_kernel
 from dsv3_export.kernels import fp8_gemv as kv
@@ -55,6 +54,7 @@ ATTN_NORM_ENV = "DSV3_TORCH_ATTN_NORM"
 ATTN_NORM_FORMS = {"0": "the attention norm by an Inductor kernel",
                    "gemv": "the attention norm in the wq + wkv_a GEMV's prologue (our norm kernel above its batches)"}
 aten = torch.ops.aten
+CASTS = (aten.to.dtype, aten._to_copy.default)
 
 
 @triton_op("dsv3_aoti::norm_fp8_linear", mutates_args={})
@@ -75,10 +75,43 @@ def norm_fp8_linear(residual: torch.Tensor, delta: torch.Tensor, norm_weight: to
     return y.reshape(*residual.shape[:-1], weight.shape[0]), h.view(residual.shape)
 
 
+def cast_source(node: object, dtype: torch.dtype) -> Node | None:
+    """The cast's input when node is a dtype cast to `dtype` (nothing else changed), else None."""
+    if not is_call(node, *CASTS) or node.meta["val"].dtype != dtype:
+        return None
+    if node.target is aten._to_copy.default and set(node.kwargs) - {"dtype"}:
+        return None
+    return node.args[0]
+
+
+def residual_norm(normed: object, dtype: torch.dtype) -> dict | None:
+    """The chain `cast(rms_norm(cast(h, f32), [D], weight, eps), dtype)` ending at node `normed`, with h = add(residual,
+    delta) in dtype read by the f32 cast alone among the chain: dict(cast32, h, r, d, weight, eps), weight the norm
+    weight's own tensor (its f32 cast skipped: the kernels widen it), or None."""
+    rms = cast_source(normed, dtype)
+    if rms is None or not is_call(rms, aten.rms_norm.default) or len(rms.users) != 1:
+        return None
+    if len(rms.args) != 4 or rms.kwargs or not isinstance(rms.args[3], float):
+        return None
+    h32, shape, weight = rms.args[:3]
+    h = cast_source(h32, torch.float32)
+    if h is None or len(h32.users) != 1 or not is_call(h, aten.add.Tensor) or h.kwargs or len(h.args) != 2:
+        return None
+    r, d = h.args
+    hv = h.meta["val"]
+    if not all(isinstance(a, Node) and a.meta["val"].shape == hv.shape and a.meta["val"].dtype == hv.dtype
+               for a in (r, d)):
+        return None
+    if hv.dtype != dtype or list(shape) != [hv.shape[-1]] or not isinstance(weight, Node):
+        return None
+    source = cast_source(weight, torch.float32)
+    return dict(cast32=h32, h=h, r=r, d=d, weight=source if source is not None else weight, eps=rms.args[3])
+
+
 def _attn_norm(linear: Node) -> dict | None:
-    """The norm chain feeding an fp8 Linear (act_quant on) whose weight the decode GEMV takes (torch_gate_norm.py
-    residual_norm's dict), or None unless its x is cast(rms_norm(cast(h, f32))) of h = add(residual, delta), x read by
-    this Linear alone."""
+    """The norm chain feeding an fp8 Linear (act_quant on) whose weight the decode GEMV takes (residual_norm's
+    dict), or None unless its x is cast(rms_norm(cast(h, f32))) of h = add(residual, delta), x read by this Linear
+    alone."""
     if len(linear.args) != 4 or linear.kwargs or linear.args[3] is not True:
         return None
     x, w = linear.args[:2]

@@ -51,7 +51,6 @@ from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.kernels import router_gate as kg
 from dsv3_export.kernels import topk as kt
 from dsv3_export.kernels.fp8_quant import act_quant_outputs
-from dsv3_export.kernels.rms_norm import ResidualNorm
 from dsv3_export.passes.graph_utils import is_call
 from dsv3_export.passes.program_state import ProgramState
 
@@ -100,30 +99,13 @@ def router_gate_topk_quant(x: torch.Tensor, gate_weight: torch.Tensor, k: int, s
     return weights, ids, *quant
 
 
-@triton_op("dsv3_aoti::router_gate_norm_topk_quant", mutates_args={})
-def router_gate_norm_topk_quant(residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                                gate_weight: torch.Tensor, k: int, scale: float, n_extra: int, first_extra: int,
-                                out_dtype: torch.dtype
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """router_gate_topk_quant(x) with x = rms_norm(h) * norm_weight, h = residual + delta ([..., D]), computed by the
-    gate kernel (engines/torch_gate_norm.py) -> (weights, ids, q, s, h in residual's shape)."""
-    r = residual.reshape(-1, residual.shape[-1]).contiguous()  # [T, D]
-    d = delta.reshape(-1, delta.shape[-1]).contiguous()
-    x, h = kg.norm_outputs(r)  # x: the normed rows, written and read back by the gate kernel only
-    quant = act_quant_outputs(*r.shape, r.device)
-    weights, ids = _gate_route(x, gate_weight, k, scale, n_extra, first_extra, out_dtype, quant,
-                               ResidualNorm(r, d, norm_weight.contiguous(), eps, h))
-    return weights, ids, *quant, h.view(residual.shape)
-
-
 def _gate_route(x, gate_weight, k: int, scale: float, n_extra: int, first_extra: int, out_dtype: torch.dtype,
-                quant, norm: ResidualNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split gate's two launches (partials, with act_quant(x) into `quant` if given, x from `norm` if given;
-    the router)."""
+                quant) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split gate's two launches (partials, with act_quant(x) into `quant` if given; the router)."""
     x = x.contiguous()
     partials = kg.partials_buffer(x.shape[0], gate_weight.shape[0], x.shape[1], x.device)  # [S, T, E]
     rows = kg.ROW_QUANT_MAX_ROWS if env_choice(GATE_QUANT_ENV, "rows", GATE_QUANT_FORMS) == "rows" else 0
-    torch_launch.launch_spec(kg.gate_partials_spec(x, gate_weight.contiguous(), partials, quant, rows, norm))
+    torch_launch.launch_spec(kg.gate_partials_spec(x, gate_weight.contiguous(), partials, quant, rows))
     weights, ids = kt.router_outputs(x.shape[0], k, n_extra, out_dtype, x.device)
     torch_launch.launch_spec(kt.router_spec(partials, k, scale, n_extra, first_extra, weights, ids,
                                             round_bf16=x.dtype == torch.bfloat16))

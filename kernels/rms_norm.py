@@ -38,9 +38,8 @@ NORM_CONFIGS = [
 
 
 class ResidualNorm(NamedTuple):
-    """A norm a kernel computes its input rows from (kernels/fp8_gemv.py NORM, kernels/router_gate.py norm):
-    x = rms_norm(r + d) * nw; r, d [M, K] with unit stride along K, nw [K], and h [M, K] (r's dtype) that the kernel
-    writes r + d into."""
+    """A norm a kernel computes its input rows from (kernels/fp8_gemv.py NORM): x = rms_norm(r + d) * nw; r, d [M, K]
+    with unit stride along K, nw [K], and h [M, K] (r's dtype) that the kernel writes r + d into."""
 
     r: torch.Tensor
     d: torch.Tensor

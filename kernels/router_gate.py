@@ -12,14 +12,6 @@ computes x[t-block, 128 s : 128 s + 128] . W[e-block, same]^T into partials[s], 
 16 programs each read 16 KB, and the router kernel (which reads the [T, E] logits anyway) sums the S
 partials in a fixed order before it routes: still two launches, the first spread over the SMs.
 
-norm (opt-in, engines/torch_gate_norm.py): x = rms_norm(bf16(r + d)) * nw computed by the kernel itself from the
-residual stream r and the attention's output d [T, K] (the ffn norm before the MoE; Inductor's kernel of its own per
-MoE layer otherwise): every program takes the mean square of its rows over all of K (L2 reads: a whole row per
-load when the block holds at most ROW_QUANT_MAX_ROWS real rows, else one [BLOCK_T, 128] column block after another,
-a chain of K / 128 dependent reads that made the first form a loss on the H200 in session 23), normalizes its K
-split, and the first expert block's programs write h = bf16(r + d) (the residual stream after the attention, which
-the program still needs) and the normed tile into x_ptr (a scratch buffer: act_quant reads its rows back).
-
 The MoE's act_quant of x (1x128 blocks) rides along (quant_x): a program's x tile is exactly one
 quantization block, so the first expert block's programs also write q and s, and the fp8 MoE op no
 longer launches its own act_quant for x (engines/torch_router.py, one launch fewer per MoE layer).
@@ -42,8 +34,6 @@ from dsv3_export.kernels._common import (QUANT_BLOCK, LaunchSpec, autotune_or_si
                                          is_interpreted, launch)
 from dsv3_export.kernels.fp8_quant import act_quant_outputs, quantize_rows
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
-from dsv3_export.kernels.rms_norm import ResidualNorm, add_rms_stats
-from dsv3_export.kernels.topk import round_to
 
 DTYPES = (torch.bfloat16, torch.float32)  # logits the router rounds back exactly (bf16) or keeps (fp32)
 SPLIT_K = QUANT_BLOCK  # K per partial (and one act_quant block): S = ceil(K / SPLIT_K) partials
@@ -67,9 +57,6 @@ GATE_CONFIGS = [
 # kernel with act_quant(x) took 2.3 us per call in the 16b batch-1 step against 4.7 as tiles, and the cold-L2 gate +
 # router 5.6 us against 7.9, as fast as without act_quant (benchmarks/RESULTS.md session 20).
 ROW_QUANT_MAX_ROWS = 4
-# The norm's row-by-row mean square (NORM_ROWS_K) up to K = 8192 (V3's 7168 included): 64 values per thread per
-# tensor at 4 warps.
-NORM_ROWS_MAX_K = 8192
 
 
 @triton.jit
@@ -96,73 +83,14 @@ def _quantize_rows_one_by_one(x_ptr, first_row, n_rows, offs_k, mask_k, q_ptr, s
         tl.store(s_ptr + row * stride_st + split + tl.zeros((1,), tl.int64), s)
 
 
-@triton.jit
-def _inv_rms_by_rows(r_ptr, d_ptr, offs_t, first_row, n_rows, K, stride_rt, stride_dt, eps,
-                     BLOCK_T: tl.constexpr, ROWS_K: tl.constexpr):
-    """1 / rms(h) [BLOCK_T] of the program's n_rows real rows, each row's whole h = r + d loaded at once (ROWS_K: K
-    rounded up to a power of two): one L2 round trip per row where the column-block loop takes K / SPLIT of them
-    in a row (at batch 1 the loop's 16 dependent reads cost 7 us per call on the H200, session 23)."""
-    inv = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    for i in range(0, n_rows):
-        row = first_row + i
-        _, row_inv = add_rms_stats(r_ptr + row.to(tl.int64) * stride_rt, d_ptr + row.to(tl.int64) * stride_dt, K,
-                                   eps, ROWS_K)  # kernels/rms_norm.py
-        inv = tl.where(offs_t == row, row_inv, inv)
-    return inv
-
-
-@triton.jit
-def _inv_rms_by_blocks(rows_r, rows_d, mask_t, K, eps, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr):
-    """1 / rms(h) [BLOCK_T] of the program's rows, h = r + d read one [BLOCK_T, SPLIT] column block at a time."""
-    squares = tl.zeros((BLOCK_T, SPLIT), dtype=tl.float32)
-    for k0 in range(0, K, SPLIT):
-        cols = k0 + tl.arange(0, SPLIT)
-        m = mask_t[:, None] & (cols < K)[None, :]
-        r = tl.load(rows_r + cols[None, :], mask=m, other=0.0)
-        hk = round_to(r.to(tl.float32) + tl.load(rows_d + cols[None, :], mask=m, other=0.0).to(tl.float32), r.dtype)
-        hk = hk.to(tl.float32)
-        squares += hk * hk
-    return 1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)
-
-
-@triton.jit
-def _normed_tile(r_ptr, d_ptr, nw_ptr, offs_t, offs_k, mask_t, mask_k, T, K, stride_rt, stride_dt, eps,
-                 SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, ROWS_MAX: tl.constexpr, ROWS_K: tl.constexpr):
-    """(x, h) tiles [BLOCK_T, SPLIT] of the program's rows and K split: h = r + d rounded to r's dtype (torch's add),
-    x = rms_norm(h) * nw in fp32 (the reference RMSNorm: the mean square over all K columns), rounded to r's dtype.
-    The mean square: row by row when the block holds at most ROWS_MAX real rows and ROWS_K > 0 (_inv_rms_by_rows),
-    else by column blocks; the program's own tile is loaded first, so its reads overlap the mean square's."""
-    rows_r = r_ptr + offs_t[:, None].to(tl.int64) * stride_rt
-    rows_d = d_ptr + offs_t[:, None].to(tl.int64) * stride_dt
-    m = mask_t[:, None] & mask_k[None, :]
-    r = tl.load(rows_r + offs_k[None, :], mask=m, other=0.0)
-    d = tl.load(rows_d + offs_k[None, :], mask=m, other=0.0)
-    nw = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    eps = tl.cast(eps, tl.float32)  # Inductor passes Python floats as fp64 scalars
-    if ROWS_K > 0:
-        first_row = tl.program_id(0) * BLOCK_T
-        n_rows = tl.minimum(T - first_row, BLOCK_T)
-        if n_rows <= ROWS_MAX:
-            inv = _inv_rms_by_rows(r_ptr, d_ptr, offs_t, first_row, n_rows, K, stride_rt, stride_dt, eps,
-                                   BLOCK_T, ROWS_K)
-        else:
-            inv = _inv_rms_by_blocks(rows_r, rows_d, mask_t, K, eps, SPLIT, BLOCK_T)
-    else:
-        inv = _inv_rms_by_blocks(rows_r, rows_d, mask_t, K, eps, SPLIT, BLOCK_T)
-    h = round_to(r.to(tl.float32) + d.to(tl.float32), r.dtype)
-    x = round_to(h.to(tl.float32) * inv[:, None] * nw[None, :], r.dtype)
-    return x, h
-
-
 @waits_for_producer
 @triton.jit
 def _gate_partials_kernel(
     x_ptr, w_ptr, part_ptr, q_ptr, s_ptr, T, E, K,
     stride_xt, stride_we, stride_ps, stride_pt, stride_qt, stride_st,
-    r_ptr, d_ptr, nw_ptr, h_ptr, stride_rt, stride_dt, stride_ht, eps,
     SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, QUANT_X: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr,
-    ROW_QUANT_MAX_ROWS: tl.constexpr, NORM: tl.constexpr, NORM_ROWS_K: tl.constexpr = 0,
+    ROW_QUANT_MAX_ROWS: tl.constexpr,
 ):
     """partials[s, t, e] = sum over k in split s of x[t, k] * w[e, k] (fp32), for one block of rows
     (axis 0), of experts (axis 1) and one split (axis 2); rows, experts and K masked with zeros.
@@ -177,20 +105,11 @@ def _gate_partials_kernel(
     offs_k = split * SPLIT + tl.arange(0, SPLIT)
     mask_t, mask_e, mask_k = offs_t < T, offs_e < E, offs_k < K
     rows64 = offs_t[:, None].to(tl.int64)
-    # the weight's load is issued first, so its latency overlaps the norm's and the quantization's arithmetic
+    # the weight's load is issued first, so its latency overlaps the quantization's arithmetic
     w = tl.load(w_ptr + offs_e[:, None].to(tl.int64) * stride_we + offs_k[None, :],
                 mask=mask_e[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_E, SPLIT]
-    if NORM:
-        x, h = _normed_tile(r_ptr, d_ptr, nw_ptr, offs_t, offs_k, mask_t, mask_k, T, K, stride_rt, stride_dt, eps,
-                            SPLIT, BLOCK_T, ROW_QUANT_MAX_ROWS, NORM_ROWS_K)
-        if tl.program_id(1) == 0:  # h for the rest of the layer; x for act_quant's row-by-row reads below
-            tile = mask_t[:, None] & mask_k[None, :]
-            tl.store(h_ptr + rows64 * stride_ht + offs_k[None, :], h, mask=tile)
-            tl.store(x_ptr + rows64 * stride_xt + offs_k[None, :], x, mask=tile)
-            tl.debug_barrier()
-    else:
-        x = tl.load(x_ptr + rows64 * stride_xt + offs_k[None, :],
-                    mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, SPLIT]
+    x = tl.load(x_ptr + rows64 * stride_xt + offs_k[None, :],
+                mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, SPLIT]
     if QUANT_X:
         if tl.program_id(1) == 0:
             if ROW_QUANT_MAX_ROWS == 0:
@@ -239,32 +158,22 @@ def partials_buffer(t, e: int, k: int, device: torch.device) -> torch.Tensor:
     return torch.empty((num_splits(k), t, e), dtype=torch.float32, device=device)
 
 
-def norm_rows_k(k: int) -> int:
-    """The width the norm's row-by-row mean square loads a row at (kernels' NORM_ROWS_K): K rounded up to a power of
-    two, or 0 (the column-block loop only) past NORM_ROWS_MAX_K, where a whole row per load would spill registers."""
-    width = triton.next_power_of_2(k)
-    return width if width <= NORM_ROWS_MAX_K else 0
-
-
 def gate_partials_spec(x: torch.Tensor, w: torch.Tensor, partials: torch.Tensor,
                        quant: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       row_quant_max_rows: int = ROW_QUANT_MAX_ROWS, norm: ResidualNorm | None = None) -> LaunchSpec:
+                       row_quant_max_rows: int = ROW_QUANT_MAX_ROWS) -> LaunchSpec:
     """The launch for x [T, K], w [E, K] (unit stride along K) into partials [S, T, E] (contiguous);
     checked by the caller. T may be symbolic. quant: (q fp8 [T, K], s fp32 [T, ceil(K/128)]) to write
-    act_quant(x) into as well, its scale rounded as torch's on x's device (kernels/fp8_quant.py). norm: x is
-    computed from it, and x [T, K] (contiguous) is only written (the module docstring)."""
+    act_quant(x) into as well, its scale rounded as torch's on x's device (kernels/fp8_quant.py)."""
     t, k = x.shape
     e = w.shape[0]
     splits = partials.shape[0]
     q, s = quant if quant is not None else (partials, partials)  # never written without QUANT_X
-    r, d, nw, eps, h = norm if norm is not None else (x, x, x, 0.0, x)  # never read or written without NORM
     grid = lambda meta: (cdiv(t, meta["BLOCK_T"]), cdiv(e, meta["BLOCK_E"]), splits)  # noqa: E731
     return LaunchSpec(_gate_partials_kernel, _gate_tuned, GATE_CONFIGS, grid,
                       (x, w, partials, q, s, t, e, k, x.stride(0), w.stride(0), partials.stride(0), partials.stride(1),
-                       q.stride(0), s.stride(0), r, d, nw, h, r.stride(0), d.stride(0), h.stride(0), float(eps)),
+                       q.stride(0), s.stride(0)),
                       dict(SPLIT=SPLIT_K, UPCAST=_INTERPRETED, IEEE=x.dtype == torch.float32, QUANT_X=quant is not None,
-                           SCALE_RECIPROCAL=x.is_cuda, ROW_QUANT_MAX_ROWS=row_quant_max_rows, NORM=norm is not None,
-                           NORM_ROWS_K=norm_rows_k(k) if norm is not None else 0))
+                           SCALE_RECIPROCAL=x.is_cuda, ROW_QUANT_MAX_ROWS=row_quant_max_rows))
 
 
 def check_gate(x: torch.Tensor, w: torch.Tensor) -> None:
@@ -288,40 +197,6 @@ def gate_partials(x: torch.Tensor, w: torch.Tensor, *, quant_x: bool = False,
     if partials.numel():
         launch(*gate_partials_spec(x, w, partials, quant, row_quant_max_rows), config)
     return (partials, quant) if quant_x else partials
-
-
-def norm_outputs(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """gate_partials_normed's x and h buffers: [T, K] in r's dtype, contiguous."""
-    return (torch.empty(r.shape, dtype=r.dtype, device=r.device),
-            torch.empty(r.shape, dtype=r.dtype, device=r.device))
-
-
-def check_norm(r: torch.Tensor, d: torch.Tensor, nw: torch.Tensor) -> None:
-    """Raise naming the tensor when (r, d, nw) is not what the kernel's norm takes."""
-    check_tensor("gate_partials_normed: r", r, dtypes=DTYPES, ndim=2)
-    check_tensor("gate_partials_normed: d", d, dtypes=(r.dtype,), ndim=2, device=r.device)
-    check_tensor("gate_partials_normed: nw", nw, ndim=1, device=r.device)
-    if d.shape != r.shape or nw.shape[0] != r.shape[1]:
-        raise ValueError(f"gate_partials_normed: r {tuple(r.shape)}, d {tuple(d.shape)} and nw {tuple(nw.shape)} "
-                         "must be [T, K], [T, K] and [K]")
-    if r.stride(1) != 1 or d.stride(1) != 1 or nw.stride(0) != 1:
-        raise ValueError("gate_partials_normed: r, d and nw need unit stride along K")
-
-
-def gate_partials_normed(r: torch.Tensor, d: torch.Tensor, nw: torch.Tensor, eps: float, w: torch.Tensor, *,
-                         quant_x: bool = False, row_quant_max_rows: int = ROW_QUANT_MAX_ROWS,
-                         config: triton.Config | None = None):
-    """gate_partials(x, w) with x = rms_norm(r + d) * nw computed by the kernel (the module docstring's norm) ->
-    (partials, h, x), and (q, s) = act_quant(x) after them with quant_x. h = r + d in r's dtype; x is what the kernel
-    multiplied (within a bf16 rounding of the reference's: its fp32 mean square is summed in another order)."""
-    check_norm(r, d, nw)
-    check_gate(r, w)
-    x, h = norm_outputs(r)
-    partials = partials_buffer(r.shape[0], w.shape[0], r.shape[1], r.device)
-    quant = act_quant_outputs(*r.shape, r.device) if quant_x else None
-    if partials.numel():
-        launch(*gate_partials_spec(x, w, partials, quant, row_quant_max_rows, ResidualNorm(r, d, nw, eps, h)), config)
-    return (partials, h, x, quant) if quant_x else (partials, h, x)
 
 
 def round_bf16_ref(x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,6 @@ import torch
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from triton.runtime.jit import JITFunction
 from dsv3_export.engines.torch_attn_norm import attn_norm_into_gemv
-from dsv3_export.engines.torch_gate_norm import gate_norm_into_router
 from dsv3_export.engines.torch_kv_row import kv_row_as_where
 from dsv3_export.engines.torch_lower import lower_dsv3_ops
 from dsv3_export.engines.torch_q_rope import q_rope_into_attention
@@ -48,8 +47,7 @@ for skip_passes, env in settings:
                                                 passes=[n for n in PASS_NAMES if n not in skip])
     os.environ.clear()
     os.environ.update({**base_env, **env})  # the switches are read when a program is rewritten and lowered
-    program, _ = fuse_router(programs[skip_passes])
-    program, _ = gate_norm_into_router(program, "decode")  # engines/torch.py lower_program's order
+    program, _ = fuse_router(programs[skip_passes])  # engines/torch.py lower_program's order
     program, _ = attn_norm_into_gemv(program, "decode", True)  # (the program has the GEMV: traced at batch 64)
     norms = count_calls(program.graph, [torch.ops.aten.rms_norm.default])
     program, _ = kv_row_as_where(program, "decode")
@@ -103,7 +101,6 @@ SETTINGS = {
     "q rope kernel": ("", dict(DSV3_TORCH_Q_ROPE="kernel")),
     "merge uv prefetch": ("", dict(DSV3_TORCH_MERGE_UV_PREFETCH="1")),
     "moe direct configs": ("", dict(DSV3_TORCH_MOE_DIRECT_CONFIGS="up=32:4:5,down=64:4:4")),
-    "gate norm": ("", dict(DSV3_TORCH_GATE_NORM="1")),
     "attn norm": ("", dict(DSV3_TORCH_ATTN_NORM="gemv")),
 }
 
@@ -267,15 +264,6 @@ def _check_merge_uv_prefetch(launches: dict[str, dict]):
         (default["prefetch_w"], prefetch["prefetch_w"])
 
 
-def _check_gate_norm(launches: dict[str, dict]):
-    """DSV3_TORCH_GATE_NORM=1 (opt-in, session 22): the MoE layer's ffn norm computed by the router's gate kernel
-    (engines/torch_gate_norm.py): its rms_norm leaves the program (Inductor's kernel with it); our launches are the
-    same, every argument named (_trace)."""
-    norm, default = launches["gate norm"], launches["defaults"]
-    assert norm["kernels"] == default["kernels"], (norm["kernels"], default["kernels"])
-    assert default["norms"] - norm["norms"] == 1, (default["norms"], norm["norms"])
-
-
 def _check_attn_norm(launches: dict[str, dict]):
     """DSV3_TORCH_ATTN_NORM=gemv (opt-in, session 23): the MoE layer's attention norm computed by the wq + wkv_a
     GEMV's prologue, and above the GEMV's batches by kernels/rms_norm.py (engines/torch_attn_norm.py): its rms_norm
@@ -302,5 +290,4 @@ def test_16b_decode_launches():
     _check_q_rope(launches)
     _check_merge_uv_prefetch(launches)
     _check_moe_direct_configs(launches)
-    _check_gate_norm(launches)
     _check_attn_norm(launches)

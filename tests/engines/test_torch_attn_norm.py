@@ -69,5 +69,5 @@ def test_rewritten_decode_program_in_the_interpreter(seed):
         assert out[f"b{b}_finite"] and out[f"b{b}_kv_equal_layer0"], out
         # the same bits on every seed tried; a last-bit difference of x (its fp32 mean square summed in another
         # order) could round an fp8 value of act_quant(x) the other way: a small bound, where a dropped norm weight
-        # gives ~0.2-0.3 (as in test_torch_gate_norm)
+        # gives ~0.2-0.3
         assert out[f"b{b}_logits_rel"] < 5e-3 and out[f"b{b}_kv_rel"] < 5e-3, out

@@ -269,14 +269,11 @@ def _cases(all_configs: bool):
         yield ("router splits=16", topk._router_kernel, cfg, dict(logits_ptr=f32, w_ptr=bf, idx_ptr="*i64"),
                dict(TOPK=6, N_EXTRA=2, BLOCK_N=64, SPLITS=16, ROUND_BF16=True))
     for cfg in pick(router_gate.GATE_CONFIGS):  # the 16b gate: x [T, 2048] . W [64, 2048]^T in 128-wide splits
-        for quant_x, rows, norm in ((False, 0, False), (True, 0, False), (True, router_gate.ROW_QUANT_MAX_ROWS, False),
-                                    (True, router_gate.ROW_QUANT_MAX_ROWS, True), (True, 0, True)):  # the ffn norm
-            yield (f"gate_partials quant_x={quant_x} row_quant_max_rows={rows}" + (" norm" if norm else ""),
-                   router_gate._gate_partials_kernel, cfg,
-                   dict(x_ptr=bf, w_ptr=bf, part_ptr=f32, q_ptr=f8 if quant_x else f32, s_ptr=f32, r_ptr=bf, d_ptr=bf,
-                        nw_ptr=bf, h_ptr=bf),
+        for quant_x, rows in ((False, 0), (True, 0), (True, router_gate.ROW_QUANT_MAX_ROWS)):  # and act_quant(x)
+            yield (f"gate_partials quant_x={quant_x} row_quant_max_rows={rows}", router_gate._gate_partials_kernel,
+                   cfg, dict(x_ptr=bf, w_ptr=bf, part_ptr=f32, q_ptr=f8 if quant_x else f32, s_ptr=f32),
                    dict(SPLIT=router_gate.SPLIT_K, UPCAST=False, IEEE=False, QUANT_X=quant_x, SCALE_RECIPROCAL=True,
-                        ROW_QUANT_MAX_ROWS=rows, NORM=norm, NORM_ROWS_K=router_gate.norm_rows_k(2048) if norm else 0))
+                        ROW_QUANT_MAX_ROWS=rows))
     for cfg in pick(mla_absorb.HEAD_GEMM_CONFIGS):  # MLA's W_UK / W_UV per-head GEMM (bf16 x and weight views)
         yield ("head_gemm", mla_absorb._head_gemm_kernel, cfg, dict(x_ptr=bf, w_ptr=bf, out_ptr=bf), dict(UPCAST=False))
     for cfg in pick(mla_query.HEAD_GEMM_ROPE_CONFIGS):  # W_UK with the query's RoPE in its launch (16b R = 64)

@@ -38,13 +38,8 @@ def poisoned_outputs(monkeypatch):
         q, s = real_quant(*args)
         return q.view(torch.uint8).fill_(0x7F).view(q.dtype), s.fill_(float("nan"))  # 0x7F: e4m3 NaN
 
-    def norm(r):
-        return tuple(t.fill_(float("nan")) for t in real_norm(r))
-
-    real_norm = G.norm_outputs
     monkeypatch.setattr(G, "partials_buffer", partials)
     monkeypatch.setattr(G, "act_quant_outputs", quant)
-    monkeypatch.setattr(G, "norm_outputs", norm)
 
 
 @pytest.mark.parametrize("config", G.GATE_CONFIGS, ids=str)
@@ -77,28 +72,6 @@ def test_gate_quant_x_is_act_quant(seed, poisoned_outputs, config, row_quant_max
     want_q, want_s = act_quant(x)
     assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s, want_s)
     assert torch.equal(partials, G.gate_partials(x, w, config=config))
-
-
-@pytest.mark.parametrize("config", [c for c in G.GATE_CONFIGS if c.num_warps == 4], ids=str)
-@pytest.mark.parametrize("row_quant_max_rows", [0, G.ROW_QUANT_MAX_ROWS])
-@pytest.mark.parametrize("t, k", [(1, 2048), (3, 300), (17, 200)])
-@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_gate_norm_is_the_ffn_norm(seed, poisoned_outputs, config, row_quant_max_rows, t, k, weight_dtype):
-    """norm: h = r + d bit for bit (torch's bf16 add); x within a bf16 rounding of the reference RMSNorm's
-    (rms_norm of h in fp32, times the weight, rounded); the partials and act_quant(x) are the unfused kernel's on
-    that x. 100 experts: two expert blocks at BLOCK_E 64, of which only the first writes h, x, q and s."""
-    torch.manual_seed(seed)
-    r, d = (torch.randn(t, k) * 4).bfloat16(), torch.randn(t, k).bfloat16()
-    nw, w = (1 + 0.2 * torch.randn(k)).to(weight_dtype), torch.randn(100, k).bfloat16()
-    partials, h, x, (q, s) = G.gate_partials_normed(r, d, nw, 1e-6, w, quant_x=True,
-                                                    row_quant_max_rows=row_quant_max_rows, config=config)
-    assert torch.equal(h, r + d)
-    want = torch.nn.functional.rms_norm((r + d).float(), (k,), nw.float(), 1e-6)
-    assert not x.isnan().any()
-    assert ((x.float() - want).abs() <= want.abs() * 2**-8 + 1e-30).all(), (x.float() - want).abs().max()
-    assert torch.equal(partials, G.gate_partials(x, w, config=config))
-    want_q, want_s = act_quant(x)
-    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s, want_s)
 
 
 @triton.jit

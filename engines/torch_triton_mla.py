@@ -63,7 +63,8 @@ MERGE_UV_ENV = "DSV3_TORCH_MERGE_UV"
 
 
 # With merge_uv: `1` prefetches each program's W_UV rows into L2 at the kernel's start (kernels/mla_merge_uv.py
-# PREFETCH_W; the same bits), `0` (default) not. Opt-in, session 21: not yet timed on the GPU.
+# PREFETCH_W; the same bits), `0` (default) not. Opt-in: within the noise on the H200
+# (session 22, benchmarks/RESULTS.md).
 MERGE_UV_PREFETCH_ENV = "DSV3_TORCH_MERGE_UV_PREFETCH"
 
 

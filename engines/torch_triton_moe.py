@@ -46,7 +46,8 @@ def moe_direct_on() -> bool:
                                             "0": "moe_align at every batch"}) == "1"
 
 
-# The one-token grouped GEMMs' own configs (opt-in, session 21, not yet timed), read when a program is lowered:
+# The one-token grouped GEMMs' own configs (opt-in; session 22's H200 sweep found the batch-64 picks
+# also the fastest at one token), read when a program is lowered:
 # "up=BLOCK_N:WARPS:STAGES,down=BLOCK_N:WARPS:STAGES" (either may be left out; default none). Why: AOTInductor
 # tunes the decode program once, at batch 64, where the grouped GEMMs run aligned; at batch 1 they run in direct
 # mode (MOE_DIRECT_ENV) with the configs picked there (BLOCK_N 32 s5 up, 64 s4 down in 19 of the 20 16b builds of

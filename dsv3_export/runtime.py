@@ -5,8 +5,9 @@
     ids = engine.generate([[1, 2, 3], [4, 5]], max_new_tokens=32)   # greedy; temperature / top_p
 
 Backend independent: the backend gives a step function and the device its tensors live on
-(engines/base.py); this module owns the KV cache (allocated once on that device, capacity =
-longest prompt + max_new_tokens), writes each step's new rows into it in place, and samples.
+(engines/base.py); this module owns the KV cache (allocated once on that device, capacity = longest
+prompt + max_new_tokens - 1: the last new token is not fed back), writes each step's new rows into it in place, and
+samples.
 On a step whose decode graphs are captured per cache buffer (engines/torch_step.py graphs_keyed_by_cache),
 generate keeps its cache between calls instead, its capacity rounded up to GENERATE_CACHE_BUCKET positions.
 Prompts of different lengths share one batch: they are right-padded and prefilled at position 0,
@@ -16,6 +17,8 @@ are overwritten before any query can see them (step.py).
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -42,7 +45,9 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     """logits [b, V] -> token ids [b] (int64, on logits' device). temperature 0: argmax."""
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)  # [b, V], sampled on the CPU: reproducible
+    logits = logits.float().cpu()  # sampled on the CPU: reproducible
+    # the row's max subtracted first: a tiny temperature then sends the others to -inf, not the max to inf (NaN)
+    probs = torch.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)  # [b, V]
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p  # mass before this token already >= top_p
@@ -74,12 +79,24 @@ class Engine:
                              "(its rotary tables end there)")
         return empty_cache(a, batch, length, self.step.cache_dtype, self.device)  # [b, L, T, w]
 
+    def check_token_ids(self, ids: Sequence[int]) -> None:
+        """Raise naming the first ids outside the vocabulary: an embedding lookup would wrap a negative id (ONNX
+        Gather) or abort the process (AOTInductor's CPU kernels check indices inside an OpenMP region)."""
+        vocab = self.args.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+
     @torch.no_grad()
     def forward(self, tokens) -> torch.Tensor:
-        """tokens [b, s] int64 -> logits [b, s, V] float32 on the CPU, from a fresh cache."""
-        tokens = torch.as_tensor(tokens, dtype=torch.int64)
+        """tokens [b, s] of integers -> logits [b, s, V] float32 on the CPU, from a fresh cache."""
+        tokens = torch.as_tensor(tokens)
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be integer ids, got {tokens.dtype}")
+        tokens = tokens.to(torch.int64)
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+        self.check_token_ids(tokens.flatten().tolist())
         b, s = tokens.shape
         cache = self.new_cache(b, s)
         start = torch.zeros(b, dtype=torch.int64, device=self.device)
@@ -95,26 +112,26 @@ class Engine:
         Greedy when temperature == 0; otherwise temperature / nucleus (top_p) sampling with a
         torch.Generator seeded by `seed`. A row stops after emitting eos_id (included).
         """
-        single = len(prompt_ids) > 0 and not isinstance(prompt_ids[0], (list, tuple))
-        prompts = [list(map(int, prompt_ids))] if single else [list(map(int, p)) for p in prompt_ids]
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+        prompts, single = prompt_lists(prompt_ids)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        vocab = self.args.vocab_size
-        bad = [t for p in prompts for t in p if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+        if not (math.isfinite(temperature) and temperature >= 0.0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+        self.check_token_ids([t for p in prompts for t in p])
         generator = None
         if temperature > 0.0:
             generator = torch.Generator()
-            generator.manual_seed(seed if seed is not None else torch.seed())
+            if seed is None:
+                generator.seed()  # its own random seed: the process's default generator is left alone
+            else:
+                generator.manual_seed(seed)
 
         b, lengths = len(prompts), [len(p) for p in prompts]
         longest = max(lengths)
-        cache = self._generate_cache(b, longest, longest + max_new_tokens)
+        # the last new token is returned, never fed back: the steps write positions up to longest + max_new_tokens - 2
+        cache = self._generate_cache(b, longest, longest + max_new_tokens - 1)
         padded = torch.tensor([p + [PAD_ID] * (longest - len(p)) for p in prompts], dtype=torch.int64)  # [b, S]
         pos = torch.zeros(b, dtype=torch.int64, device=self.device)
         # one-token prompts run the decode step: the same graph (the write in it) as every later token
@@ -167,6 +184,35 @@ class Engine:
         """One decode step for tokens [b] at positions pos [b]: the cache written, -> (next tokens, pos + 1)."""
         logits = step_writing_cache(self.step, token[:, None], pos, cache)  # [b, 1, V]
         return sample(logits[:, 0], temperature, top_p, generator), pos + 1
+
+
+def prompt_lists(prompt_ids) -> tuple[list[list[int]], bool]:
+    """generate's prompts as lists of ints, and whether one prompt was given (a flat sequence of ids, or a 1-D tensor /
+    array) rather than several (a sequence of sequences, or a 2-D tensor / array). Non-integer ids are refused, not
+    truncated."""
+    ndim = getattr(prompt_ids, "ndim", None)
+    if ndim is not None:  # a torch tensor or numpy array: its shape says which
+        if ndim not in (1, 2):
+            raise ValueError(f"prompt ids must be 1-D (one prompt) or 2-D (one row per prompt), got {ndim}-D")
+        single, rows = ndim == 1, prompt_ids.tolist()
+    else:
+        rows = list(prompt_ids)
+        single = len(rows) > 0 and _is_id(rows[0])
+    prompts = [rows] if single else [p.tolist() if hasattr(p, "tolist") else list(p) for p in rows]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    for p in prompts:
+        wrong = next((t for t in p if not _is_id(t)), None)
+        if wrong is not None:
+            raise ValueError(f"prompt ids must be integers, got {wrong!r} ({type(wrong).__name__})")
+    return [[int(t) for t in p] for p in prompts], single
+
+
+def _is_id(value) -> bool:
+    """An integer token id: a Python / numpy integer or a 0-d integer tensor (not a bool, not a float)."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class _HostCopy:

@@ -76,6 +76,18 @@ def test_cpp_single_token_prompt_uses_decode_package(dsv3_run, engine_dir):
     assert json.loads(done.stdout)["tokens"] == engine.generate([42], max_new_tokens=5)
 
 
+def test_cpp_fills_max_seq_len_exactly(dsv3_run, engine_dir):
+    """A prompt of max_seq_len tokens still gets its one new token (the last token is not fed back: L + N - 1
+    positions), as in the Python runtime; one more is refused with the sizes named."""
+    engine = load_engine(engine_dir)
+    prompt = ",".join(str((7 * i + 3) % engine.args.vocab_size) for i in range(engine.args.max_seq_len))
+    done = _run(dsv3_run, engine_dir, "--prompt-ids", prompt, "--max-new-tokens", 1)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["tokens"] == engine.generate(list(map(int, prompt.split(","))), max_new_tokens=1)
+    done = _run(dsv3_run, engine_dir, "--prompt-ids", prompt, "--max-new-tokens", 2)
+    assert done.returncode == 1 and f"and be <= max_seq_len {engine.args.max_seq_len}" in done.stderr
+
+
 def _copy(engine_dir: Path, tmp_path: Path) -> Path:
     out = tmp_path / "engine"
     shutil.copytree(engine_dir, out)

@@ -90,19 +90,19 @@ def test_generate_keeps_one_cache_per_bucket_on_a_step_keyed_by_it(monkeypatch, 
     engine = torch_engine()
     engine.step = KeyedStep(model)
     want = [reference_greedy(model, p, 6) for p in PROMPTS]
-    assert engine.generate(PROMPTS, max_new_tokens=6) == want  # 13 + 6 positions: capacity 32
+    assert engine.generate(PROMPTS, max_new_tokens=6) == want  # 13 + 6 - 1 positions: capacity 32
     kept = engine.step.caches[0]
     assert kept.shape[2] == 32 and all(c is kept for c in engine.step.caches)
     kept.copy_(torch.randn(kept.shape, generator=torch.Generator().manual_seed(seed)) * 1e4)  # stale rows
     kept[:, :, 20:] = float("nan")
     engine.step.caches.clear()
-    assert engine.generate(PROMPTS, max_new_tokens=5) == [w[:5] for w in want]  # 18 positions: capacity 32
+    assert engine.generate(PROMPTS, max_new_tokens=5) == [w[:5] for w in want]  # 17 positions: capacity 32
     assert engine.step.caches and all(c is kept for c in engine.step.caches)
-    assert engine.generate(PROMPTS, max_new_tokens=3) == [w[:3] for w in want]  # 16 positions: capacity 16
+    assert engine.generate(PROMPTS, max_new_tokens=4) == [w[:4] for w in want]  # 16 positions: capacity 16
     assert engine.step.caches[-1] is not kept and engine.step.caches[-1].shape[2] == 16
     engine.step.caches.clear()
-    engine.generate(PROMPTS, max_new_tokens=4)  # 17: capacity 32 again (a new buffer: one is kept)
-    engine.generate(PROMPTS, max_new_tokens=5)  # 18: the same
+    engine.generate(PROMPTS, max_new_tokens=5)  # 17: capacity 32 again (a new buffer: one is kept)
+    engine.generate(PROMPTS, max_new_tokens=6)  # 18: the same
     assert len({c.data_ptr() for c in engine.step.caches}) == 1
     engine.generate(PROMPTS[:2], max_new_tokens=5)  # another batch
     assert engine.step.caches[-1].shape[0] == 2
@@ -111,7 +111,7 @@ def test_generate_keeps_one_cache_per_bucket_on_a_step_keyed_by_it(monkeypatch, 
     plain.step.graphs_keyed_by_cache = False
     plain.generate(PROMPTS[1], max_new_tokens=2)
     plain.generate(PROMPTS[1], max_new_tokens=2)
-    assert plain.step.caches[0] is not plain.step.caches[-1] and plain.step.caches[0].shape[2] == 4
+    assert plain.step.caches[0] is not plain.step.caches[-1] and plain.step.caches[0].shape[2] == 3
 
 
 class WritingStep(TorchStep):
@@ -193,6 +193,51 @@ def test_bad_requests_are_refused():
         engine.generate([1, 1000])
     with pytest.raises(ValueError, match="at least one token"):
         engine.generate([[1, 2], []])
+    for temperature in (float("nan"), float("inf"), -0.5):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            engine.generate([1, 2], temperature=temperature)
+    with pytest.raises(ValueError, match="prompt ids must be integers, got 2.5"):
+        engine.generate([1, 2.5])
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 1000\)"):
+        engine.forward([[5, 17, -1]])  # (ONNX Gather would wrap -1 to the last row)
+    with pytest.raises(ValueError, match="tokens must be integer ids"):
+        engine.forward(torch.tensor([[1.0, 2.0]]))
+
+
+def test_generate_fills_max_seq_len_exactly():
+    """The last new token is returned, not fed back: a prompt of L tokens and N new ones need L + N - 1 positions, so
+    a full-length prompt still gets one token, and 250 + 7 fits a 256-position engine."""
+    engine = torch_engine()
+    model = tiny_model()
+    prompt = [(7 * i + 3) % 1000 for i in range(256)]
+    assert engine.generate(prompt, max_new_tokens=1) == reference_greedy(model, prompt, 1)
+    assert engine.generate(prompt[:250], max_new_tokens=7) == reference_greedy(model, prompt[:250], 7)
+
+
+def test_prompts_as_tensors_and_arrays():
+    """A 2-D tensor / array is one prompt per row, a 1-D one a single prompt (a [3, 1] tensor is three prompts of
+    one token, not one prompt of three)."""
+    import numpy as np
+
+    engine = torch_engine()
+    rows = [[1], [2], [3]]
+    want = engine.generate(rows, max_new_tokens=3)
+    assert engine.generate(torch.tensor(rows), max_new_tokens=3) == want
+    assert engine.generate(np.array(rows), max_new_tokens=3) == want
+    assert engine.generate([torch.tensor(r) for r in rows], max_new_tokens=3) == want
+    assert engine.generate(torch.tensor([1, 2, 3]), max_new_tokens=3) == engine.generate([1, 2, 3], max_new_tokens=3)
+    assert engine.generate(np.array([1, 2, 3]), max_new_tokens=3) == engine.generate([1, 2, 3], max_new_tokens=3)
+
+
+def test_sampling_leaves_the_global_generator_alone_and_survives_a_tiny_temperature():
+    engine = torch_engine()
+    torch.manual_seed(1234)
+    want = torch.rand(2)
+    torch.manual_seed(1234)
+    engine.generate([1, 2, 3], max_new_tokens=2, temperature=1.0)  # seed=None: a seed of its own
+    assert torch.equal(torch.rand(2), want)
+    greedy = engine.generate(PROMPTS, max_new_tokens=4)
+    assert engine.generate(PROMPTS, max_new_tokens=4, temperature=1e-40, seed=0) == greedy  # logits / T: no inf - inf
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

@@ -301,7 +301,7 @@ std::vector<int64_t> Engine::generate(const std::vector<int64_t>& prompt, int64_
     if (id < 0 || id >= vocab_size_)
       throw EngineError("generate: token id " + std::to_string(id) + " outside the vocabulary [0, " +
                         std::to_string(vocab_size_) + ")");
-  if (cache_len == 0) cache_len = n + max_new_tokens;
+  if (cache_len == 0) cache_len = n + max_new_tokens - 1;  // the last new token is not fed back
   if (cache_len < n + max_new_tokens - 1 || cache_len > max_seq_len_)
     throw EngineError("generate: cache length " + std::to_string(cache_len) + " must hold prompt + new tokens (" +
                       std::to_string(n + max_new_tokens - 1) + ") and be <= max_seq_len " + std::to_string(max_seq_len_));

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,8 +29,8 @@ from rich.console import Console
 
 from dsv3_export.engines.base import BackendUnavailable, Target, compute_dtype, get_backend
 from dsv3_export.export import TUNE_FIELDS, TuneShape, export_step, tune_shape
-from dsv3_export.manifest import Manifest, kv_cache_layout, write_engine_dir
-from dsv3_export.reference.args import ModelArgs
+from dsv3_export.manifest import MANIFEST_NAME, EngineDirError, Manifest, kv_cache_layout, write_engine_dir
+from dsv3_export.reference.args import ConfigError, ModelArgs
 from dsv3_export.reference.model import Transformer
 from dsv3_export.step import LatentCacheStep
 
@@ -111,6 +112,47 @@ def _load_model(options: BuildOptions, dtype: torch.dtype) -> tuple[Transformer,
     return model, {"preset": name, "seed": options.seed, **overrides}
 
 
+def _model_args(options: BuildOptions) -> ModelArgs:
+    """The ModelArgs _load_model's model will have, from the config alone (no weights drawn or read)."""
+    if options.checkpoint is not None:
+        from dsv3_export.checkpoint import load_args
+
+        args = load_args(options.checkpoint, max_seq_len=options.max_seq_len)
+        return args if options.max_batch_size is None else args.replace(max_batch_size=options.max_batch_size)
+    overrides = {k: v for k, v in (("max_batch_size", options.max_batch_size), ("max_seq_len", options.max_seq_len))
+                 if v is not None}
+    return ModelArgs.preset(options.preset or "tiny").replace(**overrides, **dict(options.config_overrides))
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an --out that write_engine_dir would refuse, or whose parent cannot be written, before any work:
+    on a large model the export and passes take minutes (write_engine_dir checks again when it writes)."""
+    out = Path(out).absolute()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
+        raise EngineDirError(f"{out}: exists and is not an engine directory; refusing to overwrite it")
+    parent = next(p for p in out.parents if p.exists())  # the first that exists: atomic_directory makes the rest
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise EngineDirError(f"{out}: cannot write there ({parent} is not a writable directory)")
+
+
+def check_passes(options: BuildOptions, target: Target) -> None:
+    """Unknown --passes names, and fp8 without its quantization pass, refused before the model is loaded."""
+    if not _pipeline_available():
+        if options.passes:
+            raise BackendUnavailable("--passes given, but the pass pipeline (passes/pipeline.py) is not available")
+        if target.precision == "fp8":
+            raise BackendUnavailable(f"precision fp8 needs the {FP8_PASS} pass (no pass pipeline)")
+        return
+    from dsv3_export.passes.pipeline import PASS_NAMES
+
+    unknown = sorted(set(options.passes or ()) - set(PASS_NAMES))
+    if unknown:
+        raise ConfigError(f"--passes: unknown pass(es) {unknown}; available: {', '.join(PASS_NAMES)}")
+    if target.precision == "fp8" and (FP8_PASS not in PASS_NAMES or (options.passes is not None
+                                                                      and FP8_PASS not in options.passes)):
+        raise BackendUnavailable(f"precision fp8 needs the {FP8_PASS} pass; available passes: {', '.join(PASS_NAMES)}")
+
+
 def _drop_reference_caches(model: Transformer) -> int:
     """Free the reference model's own KV buffers before export; returns the bytes freed.
 
@@ -138,18 +180,13 @@ def _pipeline_available() -> bool:
 
 def _run_passes(programs: dict, options: BuildOptions, target: Target, backend_name: str,
                 report) -> tuple[dict, list[dict[str, Any]]]:
-    """Run the pass pipeline on each program; return the programs and the manifest's pass list."""
-    if options.passes == () or (options.passes is None and not _pipeline_available()):
-        if target.precision == "fp8":
-            raise BackendUnavailable(f"precision fp8 needs the {FP8_PASS} pass (passes: none or no pipeline)")
+    """Run the pass pipeline on each program (the options vetted by check_passes); return the programs and the
+    manifest's pass list."""
+    if options.passes == () or not _pipeline_available():
         return programs, []
-    if not _pipeline_available():
-        raise BackendUnavailable("--passes given, but the pass pipeline (passes/pipeline.py) is not available")
     from dsv3_export.passes.base import PassConfig
-    from dsv3_export.passes.pipeline import PASS_NAMES, run_pipeline
+    from dsv3_export.passes.pipeline import run_pipeline
 
-    if target.precision == "fp8" and (FP8_PASS not in PASS_NAMES or (options.passes and FP8_PASS not in options.passes)):
-        raise BackendUnavailable(f"precision fp8 needs the {FP8_PASS} pass; available passes: {', '.join(PASS_NAMES)}")
     # ONNX Runtime's CUDA MoE kernels are weight-only fp8: no activation quantization there.
     fp8_activations = not (backend_name == "onnxruntime" and target.device == "cuda")
     config = PassConfig(precision=target.precision, fp8_activations=fp8_activations)
@@ -184,13 +221,16 @@ def build_engine(options: BuildOptions, console: Console | None = None,
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             console.print("[yellow]note:[/yellow] this onnxruntime has no CUDAExecutionProvider: the engine "
                           "builds here but runs only where onnxruntime-gpu is installed")
+    # everything that can be refused from the options and the config alone, before weights are drawn or read
+    check_out_dir(options.out)
+    check_passes(options, target)
+    shapes = export_shapes(options, _model_args(options), backend.program_kinds)
     phases = _Phases(console)
     dtype = compute_dtype(target)
     with phases.phase("load", f"model ({options.checkpoint or options.preset or 'tiny'}, {str(dtype)[6:]})"):
         model, source = _load_model(options, dtype)
         _drop_reference_caches(model)
     args = model.args
-    shapes = export_shapes(options, args, backend.program_kinds)
     with phases.phase("export", f"torch.export {', '.join(backend.program_kinds)}"), _quiet_libraries():
         programs = {kind: export_step(model, kind, step_factory, shapes[kind]) for kind in backend.program_kinds}
     del model  # the programs hold the weights they need; a pass that replaces some frees the old ones
@@ -219,11 +259,21 @@ def build_engine(options: BuildOptions, console: Console | None = None,
 
 def export_shapes(options: BuildOptions, args: ModelArgs, kinds: Sequence[str]) -> dict[str, TuneShape]:
     """The sizes each program in `kinds` is exported (and tuned) at, checked before any export starts;
-    sizes given for a program the backend does not build are checked too (a typo fails either way)."""
+    sizes given for a program the backend does not build are checked too (a typo fails either way), the
+    defaults of a program it does not build are not."""
     unknown = set(options.tune) - set(TUNE_FIELDS)
     if unknown:
         raise ValueError(f"tune sizes for unknown program kinds {sorted(unknown)}; kinds: {sorted(TUNE_FIELDS)}")
-    shapes = {kind: tune_shape(args, kind, **options.tune.get(kind, {})) for kind in TUNE_FIELDS}
+    if args.max_batch_size < 2:
+        raise ConfigError(f"max_batch_size {args.max_batch_size}: engines take a dynamic batch, exported at 2 or more "
+                          "rows (torch.export specializes a batch of 1); set --max-batch-size 2 or more")
+    shapes = {}
+    for kind in TUNE_FIELDS:
+        if kind in kinds or kind in options.tune:
+            try:
+                shapes[kind] = tune_shape(args, kind, **options.tune.get(kind, {}))
+            except ConfigError as e:
+                raise ConfigError(f"{e} (set --tune-{kind}, or --max-seq-len / --max-batch-size)") from None
     return {kind: shapes[kind] for kind in kinds}
 
 

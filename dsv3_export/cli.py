@@ -1,13 +1,15 @@
 """`dsv3-export` command line: a thin layer over typed functions.
 
 Each command lives in its own module and is registered here in one line. Errors become one line
-on stderr and an exit code (0 ok, 1 failure, 2 usage error, 3 accuracy gate failed); set
+on stderr and an exit code (0 ok, 1 failure, 2 usage error, 3 accuracy gate failed, 130 interrupted, 143
+terminated); set
 DSV3_EXPORT_DEBUG=1 for the traceback. Machine-readable output (--json) goes to stdout alone.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -96,10 +98,36 @@ app.command("diff")(_diff_cmd.diff)
 app.command("profile")(_profile_cmd.profile)
 
 
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report 128 + the signal
+EXIT_TERMINATED = 143  # SIGTERM (timeout, docker stop, Slurm)
+
+
+class Terminated(BaseException):
+    """SIGTERM as an exception: it unwinds like Ctrl-C, so a half-written engine's temporary directory is removed
+    (atomic_directory) instead of being left behind by Python's default action, which exits at once."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _run(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: Optional[list[str]]) -> int:
     try:
         result = app(args=argv, standalone_mode=False)
+    except Terminated:
+        stderr.print("terminated (SIGTERM); nothing was left half-written")
+        return EXIT_TERMINATED
     except typer.Exit as e:
+        if e.exit_code == EXIT_INTERRUPTED:  # typer's form of KeyboardInterrupt
+            stderr.print("interrupted; nothing was left half-written")
         return e.exit_code
     except typer.Abort:
         stderr.print("aborted")

@@ -87,7 +87,8 @@ def tune_shape(args: ModelArgs, kind: str, batch: int | None = None, seqlen: int
     if kind not in PROGRAM_KINDS:
         raise ValueError(f"unknown program kind {kind!r}; kinds: {PROGRAM_KINDS}")
     base = default_tune_shape(args, kind)
-    shape = TuneShape(batch or base.batch, seqlen or base.seqlen, cache_len or base.cache_len)
+    given = TuneShape(batch, seqlen, cache_len)  # None: the default's (0 is a size, refused below, not a default)
+    shape = TuneShape(*(base_size if size is None else size for size, base_size in zip(given, base)))
     problems = []
     if not 2 <= shape.batch <= args.max_batch_size:
         problems.append(f"batch {shape.batch} is not in [2, max_batch_size={args.max_batch_size}] "

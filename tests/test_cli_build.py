@@ -78,6 +78,60 @@ def test_tune_sizes_outside_the_models_limits_are_refused_before_export(capsys, 
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.parametrize("argv", [["--passes", "bogus_pass"], ["--passes", "fuse_mla_absorb,nope"]])
+def test_unknown_passes_are_usage_errors(capsys, tmp_path, argv):
+    assert main(["build", "--out", str(tmp_path / "e"), *argv]) == 2
+    assert "unknown pass(es)" in capsys.readouterr().err
+
+
+def test_refusals_come_before_the_model_is_loaded(capsys, tmp_path, monkeypatch):
+    """A bad --out, fp8 without its pass, a zero tune size and max_batch_size 1 are refused from the options and the
+    config alone: no weights drawn (on a large model those take minutes), no OUT.graphs left behind."""
+    import dsv3_export.build as build_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(build_module, "_load_model", no_loading)
+    a_file, full = tmp_path / "afile", tmp_path / "full"
+    a_file.write_text("x")
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    cases = [(["--out", str(a_file)], "exists and is not an engine directory"),
+             (["--out", str(full), "--dump-graphs"], "exists and is not an engine directory"),
+             (["--out", str(tmp_path / "e"), "--precision", "fp8", "--passes", "none"], "needs the quantize_fp8"),
+             (["--out", str(tmp_path / "e"), "--tune-decode", "0,0", "--backend", "torch"], "batch 0 is not in"),
+             (["--out", str(tmp_path / "e"), "--max-batch-size", "1"], "set --max-batch-size 2 or more")]
+    for argv, message in cases:
+        assert main(["build", *argv]) == 1, argv
+        assert message in capsys.readouterr().err, argv
+    assert not (tmp_path / "full.graphs").exists() and not (tmp_path / "e").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "full"]  # no temporary directory either
+
+
+def test_sigterm_unwinds_and_leaves_nothing_half_written(tmp_path):
+    """SIGTERM mid-build (timeout, docker stop) exits 143 with a message and removes the half-filled temporary
+    directory, as Ctrl-C does (130); Python's default action exits at once and leaves it. In a subprocess: the
+    signal is sent while the backend's files are in the temporary directory (the manifest not yet written)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, sys\n"
+        "import dsv3_export.build as b\n"
+        "real = b.kv_cache_layout\n"
+        "def signalled(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(*args, **kwargs)\n"
+        "b.kv_cache_layout = signalled\n"
+        "from dsv3_export.cli import main\n"
+        f"sys.exit(main(['build', '--out', {str(tmp_path / 'e')!r}]))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert "terminated (SIGTERM)" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_manifest_records_the_export_shapes():
     manifest = json.loads((fp32_engine_dir() / "manifest.json").read_text())
     # onnxruntime builds one program (prefill serves decode too); tiny: max_seq_len 256

@@ -20,6 +20,11 @@ def _pass_list(passes: Optional[str]) -> tuple[str, ...] | None:
     names = tuple(p.strip() for p in passes.split(",") if p.strip())
     if not names:
         raise CliError("--passes: give pass names separated by commas, or 'none'", EXIT_USAGE)
+    from dsv3_export.passes.pipeline import PASS_NAMES
+
+    unknown = [n for n in names if n not in PASS_NAMES]
+    if unknown:
+        raise CliError(f"--passes: unknown pass(es) {unknown}; available: {', '.join(PASS_NAMES)}", EXIT_USAGE)
     return names
 
 

@@ -221,6 +221,22 @@ def test_index_naming_a_missing_shard(tmp_path, tiny):
         load_checkpoint(path)
 
 
+def test_index_naming_a_shard_outside_the_directory(tmp_path, tiny):
+    """A weight_map entry is a file name in the checkpoint's directory: "../other/x.safetensors" (another
+    checkpoint's file, which exists) is refused, not read."""
+    import json
+
+    path = save_checkpoint(tiny, tmp_path / "ckpt", max_shard_bytes=1 << 20)
+    other = save_checkpoint(tiny, tmp_path / "other", max_shard_bytes=1 << 20)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    name, shard = next(iter(index["weight_map"].items()))
+    assert (other / shard).is_file()
+    index["weight_map"][name] = f"../other/{shard}"
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"weight_map names shard\(s\) \['\.\./other/"):
+        load_checkpoint(path)
+
+
 def test_not_a_checkpoint_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         load_checkpoint(tmp_path / "nowhere")

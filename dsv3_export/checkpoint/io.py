@@ -56,6 +56,10 @@ def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
         weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index_path}: no weight_map")
+        outside = sorted({f for f in weight_map.values() if not isinstance(f, str) or Path(f).name != f})
+        if outside:  # a shard is a file name in this directory: "../x" or "/x" would read another checkpoint's file
+            raise CheckpointError(f"{index_path}: weight_map names shard(s) {outside[:3]}; a shard must be a file name "
+                                  f"in {directory}")
         files = [directory / f for f in sorted(set(weight_map.values()))]
         for f in files:
             if not f.is_file():

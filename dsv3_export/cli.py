@@ -39,16 +39,20 @@ def resolve_args(preset: Optional[str], checkpoint: Optional[Path], config: Opti
     """The ModelArgs named by exactly one of --preset / --checkpoint / --config."""
     from dsv3_export.reference import ModelArgs
 
+    from dsv3_export.checkpoint import CheckpointError, load_args
+    from dsv3_export.reference.args import ConfigError
+
     given = [x for x in (preset, checkpoint, config) if x is not None]
     if len(given) > 1:
         raise CliError("give only one of --preset, --checkpoint, --config", EXIT_USAGE)
-    if checkpoint is not None:
-        from dsv3_export.checkpoint import load_args
-
-        return load_args(checkpoint)
-    if config is not None:
-        return ModelArgs.from_json(config)
-    return ModelArgs.preset(preset or "tiny")
+    try:
+        if checkpoint is not None:
+            return load_args(checkpoint)
+        if config is not None:
+            return ModelArgs.from_json(config)
+        return ModelArgs.preset(preset or "tiny")
+    except (CheckpointError, ConfigError) as e:  # their messages name the file or the preset
+        raise CliError(str(e), EXIT_FAILURE) from e
 
 
 @app.command()
@@ -133,6 +137,8 @@ def _run(argv: Optional[list[str]]) -> int:
         stderr.print("aborted")
         return EXIT_FAILURE
     except CliError as e:
+        if os.environ.get("DSV3_EXPORT_DEBUG"):
+            traceback.print_exc()
         stderr.print(f"[red]error:[/red] {e}", highlight=False)
         return e.exit_code
     except Exception as e:  # every other failure: one line, exit 1

@@ -30,6 +30,9 @@ def test_bad_input_exits_nonzero_with_the_problem_named(tmp_path, capsys):
     assert main(["info", "--config", str(bad)]) == 1
     assert "hidden_sise" in capsys.readouterr().err
     assert main(["info", "--checkpoint", str(tmp_path / "missing")]) == 1
-    assert "missing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "missing" in err and "CheckpointError" not in err  # the message alone, as every other command's
+    assert main(["info", "--preset", "huge"]) == 1
+    assert capsys.readouterr().err.strip() == "error: unknown preset 'huge'; presets: tiny, 16b, 671b"
     assert main(["info", "--no-such-flag"]) == 2
     assert main(["info", "--preset", "tiny", "--config", str(bad)]) == 2

@@ -19,8 +19,23 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 WEIGHT_DTYPES = ("bf16", "fp8")
 
 
+# Cache sizes bound so that a typo cannot ask for an absurd KV cache (the caches are
+# max_batch_size x max_seq_len rows per layer, allocated up front): 1 << 20 positions is over six
+# times DeepSeek-V3's 163840-token context, 4096 rows far above any decode batch we build.
+MAX_SEQ_LEN = 1 << 20
+MAX_BATCH_SIZE = 4096
+
+
 class ConfigError(ValueError):
-    """A model configuration that cannot describe a valid model."""
+    """A model configuration that cannot describe a valid model.
+
+    keys: the configuration keys at fault, so that a reader of another format (HF's config.json)
+    can name its own key for them.
+    """
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.keys = keys
 
 
 @dataclass(frozen=True)
@@ -65,28 +80,11 @@ class ModelArgs:
     mscale: float = 1.0
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.attn_impl not in ATTN_IMPLS:
-            problems.append(f"attn_impl={self.attn_impl!r} is not one of {ATTN_IMPLS}")
-        if self.score_func not in SCORE_FUNCS:
-            problems.append(f"score_func={self.score_func!r} is not one of {SCORE_FUNCS}")
-        if self.dtype not in WEIGHT_DTYPES:
-            problems.append(f"dtype={self.dtype!r} is not one of {WEIGHT_DTYPES}")
-        if self.n_routed_experts % max(self.n_expert_groups, 1):
-            problems.append(f"n_routed_experts={self.n_routed_experts} is not divisible by n_expert_groups={self.n_expert_groups}")
-        if not 1 <= self.n_limited_groups <= self.n_expert_groups:
-            problems.append(f"n_limited_groups={self.n_limited_groups} must be in [1, n_expert_groups={self.n_expert_groups}]")
-        if self.n_activated_experts > self.n_routed_experts:
-            problems.append(f"n_activated_experts={self.n_activated_experts} > n_routed_experts={self.n_routed_experts}")
-        if self.qk_rope_head_dim % 2:
-            problems.append(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
-        if not 0 <= self.n_dense_layers <= self.n_layers:
-            problems.append(f"n_dense_layers={self.n_dense_layers} must be in [0, n_layers={self.n_layers}]")
-        for f in ("vocab_size", "dim", "n_layers", "n_heads", "kv_lora_rank", "max_batch_size", "max_seq_len", "block_size"):
-            if getattr(self, f) <= 0:
-                problems.append(f"{f}={getattr(self, f)} must be positive")
+        # Types first: the range and relation rules below compare numbers.
+        problems = _type_problems(self) or _range_problems(self) + _relation_problems(self)
         if problems:
-            raise ConfigError("invalid ModelArgs: " + "; ".join(problems))
+            raise ConfigError("invalid ModelArgs: " + "; ".join(m for _, m in problems),
+                              keys=tuple(dict.fromkeys(k for k, _ in problems)))
 
     # derived values ------------------------------------------------------------------------
     @property
@@ -132,7 +130,10 @@ class ModelArgs:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ConfigError as e:  # name the file, not just the key
+            raise ConfigError(f"{source}: {e}", keys=e.keys) from None
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelArgs":
@@ -150,6 +151,82 @@ class ModelArgs:
 
     def replace(self, **changes: Any) -> "ModelArgs":
         return dataclasses.replace(self, **changes)
+
+
+# Inclusive lower bounds: zero (or less) of these makes no model or no cache.
+_AT_LEAST: dict[str, int | float] = dict(
+    vocab_size=1, dim=1, inter_dim=1, moe_inter_dim=1, n_layers=1, n_dense_layers=0, n_heads=1,
+    max_batch_size=1, max_seq_len=1, block_size=1, n_routed_experts=0, n_shared_experts=0,
+    n_activated_experts=0, n_expert_groups=1, n_limited_groups=1, q_lora_rank=0, kv_lora_rank=1,
+    qk_nope_head_dim=1, qk_rope_head_dim=2, v_head_dim=1, original_seq_len=1,
+    beta_fast=1, beta_slow=1,  # YaRN divides by the rotation counts
+    rope_factor=1.0,  # YaRN divides frequencies by it and takes its log (DeepSeek: 40; HF refuses < 1)
+)
+# Exclusive lower bounds: an epsilon of 0 divides by zero on a zero row, a negative one gives NaN;
+# YaRN divides by log(rope_theta).
+_ABOVE: dict[str, float] = dict(norm_eps=0.0, route_scale=0.0, rope_theta=1.0)
+_AT_MOST: dict[str, int] = dict(max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH_SIZE)
+_CHOICES: dict[str, tuple[str, ...]] = dict(attn_impl=ATTN_IMPLS, score_func=SCORE_FUNCS, dtype=WEIGHT_DTYPES)
+
+
+def _type_problem(kind: str, value: Any) -> str | None:
+    """Why value is not of the field's annotated kind (bool is no int here; a float takes an int)."""
+    if kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else "must be an integer"
+    if kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "must be a finite number"
+    if kind == "str":
+        return None if isinstance(value, str) else "must be a string"
+    return None if value is None or isinstance(value, bool) else "must be true, false or null"
+
+
+def _type_problems(args: ModelArgs) -> list[tuple[str, str]]:
+    problems = []
+    for f in fields(args):
+        value = getattr(args, f.name)
+        why = _type_problem(str(f.type), value)
+        if why:
+            problems.append((f.name, f"{f.name}={value!r} {why} (got {type(value).__name__})"))
+    return problems
+
+
+def _range_problems(args: ModelArgs) -> list[tuple[str, str]]:
+    moe = args.n_dense_layers < args.n_layers  # MoE layers need experts to route to
+    low = dict(_AT_LEAST, n_routed_experts=int(moe), n_activated_experts=int(moe))
+    problems = []
+    for name, lowest in low.items():
+        if getattr(args, name) < lowest:
+            problems.append((name, f"{name}={getattr(args, name)} must be >= {lowest}"))
+    for name, bound in _ABOVE.items():
+        if not getattr(args, name) > bound:
+            problems.append((name, f"{name}={getattr(args, name)} must be > {bound}"))
+    for name, highest in _AT_MOST.items():
+        if getattr(args, name) > highest:
+            problems.append((name, f"{name}={getattr(args, name)} must be <= {highest}"))
+    for name, choices in _CHOICES.items():
+        if getattr(args, name) not in choices:
+            problems.append((name, f"{name}={getattr(args, name)!r} is not one of {choices}"))
+    return problems
+
+
+def _relation_problems(a: ModelArgs) -> list[tuple[str, str]]:
+    problems = []
+    if a.n_routed_experts % max(a.n_expert_groups, 1):
+        problems.append(("n_routed_experts", f"n_routed_experts={a.n_routed_experts} is not divisible by "
+                                             f"n_expert_groups={a.n_expert_groups}"))
+    if a.n_limited_groups > a.n_expert_groups:
+        problems.append(("n_limited_groups", f"n_limited_groups={a.n_limited_groups} must be in "
+                                             f"[1, n_expert_groups={a.n_expert_groups}]"))
+    if a.n_activated_experts > a.n_routed_experts:
+        problems.append(("n_activated_experts", f"n_activated_experts={a.n_activated_experts} > "
+                                                f"n_routed_experts={a.n_routed_experts}"))
+    if a.qk_rope_head_dim % 2:
+        problems.append(("qk_rope_head_dim", f"qk_rope_head_dim={a.qk_rope_head_dim} must be even"))
+    if a.n_dense_layers > a.n_layers:
+        problems.append(("n_dense_layers", f"n_dense_layers={a.n_dense_layers} must be in [0, n_layers={a.n_layers}]"))
+    return problems
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -97,6 +97,58 @@ class HfLayout:
     n_mtp_layers: int  # DeepSeek-V3's multi-token-prediction layers after the last layer (skipped)
 
 
+# ModelArgs field -> the HF key it is read from, to name the HF key when ModelArgs refuses a value.
+_HF_KEY_OF = dict(
+    dim="hidden_size", inter_dim="intermediate_size", moe_inter_dim="moe_intermediate_size",
+    n_layers="num_hidden_layers", n_dense_layers="first_k_dense_replace", n_heads="num_attention_heads",
+    norm_eps="rms_norm_eps", n_activated_experts="num_experts_per_tok", route_scale="routed_scaling_factor",
+    max_seq_len="max_position_embeddings (or the max_seq_len asked for)", n_expert_groups="n_group",
+    n_limited_groups="topk_group", original_seq_len="rope_scaling.original_max_position_embeddings",
+    rope_factor="rope_scaling.factor", rope_theta="rope_theta", beta_fast="rope_scaling.beta_fast",
+    beta_slow="rope_scaling.beta_slow", mscale="rope_scaling.mscale_all_dim",
+    block_size="quantization_config.weight_block_size",
+)
+
+
+def _number(value: Any, name: str, src: str) -> float:
+    """A finite JSON number as float; anything else is refused naming the file and key (not float()'s error)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(f"{src}: {name}={value!r} must be a finite number")
+    return float(value)
+
+
+def _integer(value: Any, name: str, src: str) -> int:
+    """A JSON integer (or an integral float such as 4096.0) as int; anything else names the file and key."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"{src}: {name}={value!r} must be an integer")
+    return value
+
+
+def _falsy_number(value: Any) -> bool:
+    """null or a numeric 0: what HF's `x or default` replaces (a false or "" is no number: refused later)."""
+    return value is None or (type(value) in (int, float) and value == 0)
+
+
+def _int_or(cfg: dict[str, Any], key: str, src: str, fallback: int, name: str | None = None) -> int:
+    """cfg[key] as int, null or 0 meaning fallback (HF's `x or default` reading)."""
+    value = cfg.get(key)
+    if _falsy_number(value):
+        return fallback
+    return _integer(value, name or key, src)
+
+
+def _flag(cfg: dict[str, Any], key: str, src: str, default: bool) -> bool:
+    """A JSON boolean (null: false, as bool() read it); the string "false" must not read as true."""
+    value = cfg.get(key, default)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{src}: {key}={value!r} must be true or false")
+    return value
+
+
 def _yarn_mscale(factor: float, mscale: float) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
@@ -109,25 +161,35 @@ def _rope_args(cfg: dict[str, Any], src: str, max_seq_len: int) -> dict[str, Any
     unknown = sorted(set(rope) - _ROPE_KEYS)
     if unknown:
         raise CheckpointError(f"{src}: rope_scaling key(s) {unknown} are not supported")
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    where = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+    theta_key = f"{where}.rope_theta" if "rope_theta" in rope else "rope_theta"
+    theta = _number(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)), theta_key, src)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise CheckpointError(f"{src}: rope_scaling.partial_rotary_factor={rope['partial_rotary_factor']} != 1 is not supported")
+    partial = _number(rope.get("partial_rotary_factor", 1.0), f"{where}.partial_rotary_factor", src)
+    if partial != 1.0:
+        raise CheckpointError(f"{src}: {where}.partial_rotary_factor={partial} != 1 is not supported")
     if rope_type == "default":
         # YaRN off: DeepSeek's rule needs max_seq_len <= original_seq_len.
-        return dict(rope_theta=float(theta), original_seq_len=max_seq_len)
+        return dict(rope_theta=theta, original_seq_len=max_seq_len)
     if rope_type != "yarn":
         raise CheckpointError(f"{src}: rope_scaling.rope_type={rope_type!r} is not supported (only 'yarn' or none)")
     original = rope.get("original_max_position_embeddings")
     if not original:
         raise CheckpointError(f"{src}: rope_scaling.original_max_position_embeddings is required for yarn")
-    factor = rope.get("factor") or cfg["max_position_embeddings"] / original
+    original = _integer(original, f"{where}.original_max_position_embeddings", src)
+    if original < 1:
+        raise CheckpointError(f"{src}: {where}.original_max_position_embeddings={original} must be >= 1")
+    factor = rope.get("factor")
+    if _falsy_number(factor):  # HF: factor or max_position / original
+        factor = _integer(cfg["max_position_embeddings"], "max_position_embeddings", src) / original
+    factor = _number(factor, f"{where}.factor", src)
     if factor < 1:
         raise CheckpointError(f"{src}: rope_scaling.factor={factor} < 1 is not supported")
     if rope.get("truncate", True) is not True:
         raise CheckpointError(f"{src}: rope_scaling.truncate=false is not supported (DeepSeek floors/ceils the ramp)")
-    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
-    attention_factor = rope.get("attention_factor")
+    mscale, mscale_all_dim, attention_factor = (
+        None if rope.get(k) is None else _number(rope[k], f"{where}.{k}", src)
+        for k in ("mscale", "mscale_all_dim", "attention_factor"))
     if attention_factor is None:
         if mscale and mscale_all_dim:
             attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
@@ -143,9 +205,10 @@ def _rope_args(cfg: dict[str, Any], src: str, max_seq_len: int) -> dict[str, Any
             f"{src}: HF applies YaRN at every length, our model only when max_seq_len > "
             f"original_max_position_embeddings={original}; got max_seq_len={max_seq_len}. "
             f"Pass max_seq_len > {original}.")
-    beta_fast, beta_slow = rope.get("beta_fast") or 32, rope.get("beta_slow") or 1
-    return dict(rope_theta=float(theta), original_seq_len=int(original), rope_factor=float(factor),
-                beta_fast=beta_fast, beta_slow=beta_slow, mscale=float(mscale_all_dim or 0.0))
+    beta_fast = _int_or(rope, "beta_fast", src, 32, f"{where}.beta_fast")
+    beta_slow = _int_or(rope, "beta_slow", src, 1, f"{where}.beta_slow")
+    return dict(rope_theta=theta, original_seq_len=original, rope_factor=factor,
+                beta_fast=beta_fast, beta_slow=beta_slow, mscale=mscale_all_dim or 0.0)
 
 
 def _require(cfg: dict[str, Any], key: str, src: str, ok: bool, why: str) -> None:
@@ -154,8 +217,10 @@ def _require(cfg: dict[str, Any], key: str, src: str, ok: bool, why: str) -> Non
 
 
 def _routing_args(cfg: dict[str, Any], src: str, model_type: str) -> dict[str, Any]:
-    n_experts, top_k = cfg.get("n_routed_experts"), cfg.get("num_experts_per_tok")
-    n_group, topk_group = cfg.get("n_group") or 1, cfg.get("topk_group") or 1
+    n_experts = _integer(cfg.get("n_routed_experts"), "n_routed_experts", src)
+    top_k = _integer(cfg.get("num_experts_per_tok"), "num_experts_per_tok", src)
+    n_group, topk_group = _int_or(cfg, "n_group", src, 1), _int_or(cfg, "topk_group", src, 1)
+    experts = dict(n_routed_experts=n_experts, n_activated_experts=top_k)
     scoring, method = cfg.get("scoring_func"), cfg.get("topk_method")
     if model_type == "deepseek_v2":
         _require(cfg, "scoring_func", src, scoring in (None, "softmax"), "DeepseekV2 routes with softmax")
@@ -166,16 +231,17 @@ def _routing_args(cfg: dict[str, Any], src: str, model_type: str) -> dict[str, A
                           stacklevel=3)
         if method != "group_limited_greedy":
             n_group = topk_group = 1  # greedy ignores groups
-        elif top_k > topk_group * (n_experts // n_group):
+        elif n_group >= 1 and top_k > topk_group * (n_experts // n_group):  # n_group < 1: ModelArgs names it
             # HF masks dropped groups with 0 (picks zero-weight experts); we mask with -inf.
             raise CheckpointError(f"{src}: num_experts_per_tok={top_k} exceeds the experts of topk_group="
                                   f"{topk_group} groups; HF and DeepSeek routing differ there")
-        return dict(score_func="softmax", gate_bias=False, n_expert_groups=n_group, n_limited_groups=topk_group)
+        return dict(score_func="softmax", gate_bias=False, n_expert_groups=n_group, n_limited_groups=topk_group,
+                    **experts)
     _require(cfg, "scoring_func", src, scoring in (None, "sigmoid"), "DeepseekV3 routes with sigmoid")
     _require(cfg, "topk_method", src, method in (None, "noaux_tc"), "DeepseekV3 routes with noaux_tc")
     _require(cfg, "norm_topk_prob", src, cfg.get("norm_topk_prob", True) is True,
              "our sigmoid router always normalizes the top-k weights")
-    return dict(score_func="sigmoid", gate_bias=True, n_expert_groups=n_group, n_limited_groups=topk_group)
+    return dict(score_func="sigmoid", gate_bias=True, n_expert_groups=n_group, n_limited_groups=topk_group, **experts)
 
 
 def _quant_args(cfg: dict[str, Any], src: str) -> dict[str, Any]:
@@ -188,7 +254,7 @@ def _quant_args(cfg: dict[str, Any], src: str) -> dict[str, Any]:
     if not ok or not (isinstance(block, list) and len(block) == 2 and block[0] == block[1]):
         raise CheckpointError(f"{src}: quantization_config={q!r} is not supported; only fp8 e4m3 with square "
                               "weight_block_size and dynamic activations (DeepSeek-V3's scheme)")
-    return dict(dtype="fp8", block_size=int(block[0]))
+    return dict(dtype="fp8", block_size=_integer(block[0], "quantization_config.weight_block_size", src))
 
 
 def hf_config_to_args(cfg: dict[str, Any], src: str, max_seq_len: int | None = None) -> tuple[ModelArgs, HfLayout]:
@@ -207,34 +273,42 @@ def hf_config_to_args(cfg: dict[str, Any], src: str, max_seq_len: int | None = N
     kv_heads = cfg.get("num_key_value_heads")
     _require(cfg, "num_key_value_heads", src, kv_heads in (None, cfg.get("num_attention_heads")),
              "MLA has one latent shared by all heads; num_key_value_heads must equal num_attention_heads")
-    mpe = int(cfg.get("max_position_embeddings", DEFAULT_MAX_SEQ_LEN))
+    mpe = _integer(cfg.get("max_position_embeddings", DEFAULT_MAX_SEQ_LEN), "max_position_embeddings", src)
     seq = int(max_seq_len) if max_seq_len is not None else min(mpe, DEFAULT_MAX_SEQ_LEN)
     if cfg.get("num_experts_per_tok") is None:
         raise CheckpointError(f"{src}: num_experts_per_tok is required")
-    values = dict(
-        vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], inter_dim=cfg["intermediate_size"],
-        moe_inter_dim=cfg["moe_intermediate_size"], n_layers=cfg["num_hidden_layers"],
-        n_dense_layers=cfg.get("first_k_dense_replace") or 0, n_heads=cfg["num_attention_heads"],
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), n_routed_experts=cfg["n_routed_experts"],
-        n_shared_experts=cfg.get("n_shared_experts") or 0, n_activated_experts=cfg["num_experts_per_tok"],
-        route_scale=float(cfg.get("routed_scaling_factor", 1.0)), q_lora_rank=cfg.get("q_lora_rank") or 0,
-        kv_lora_rank=cfg["kv_lora_rank"], qk_nope_head_dim=cfg["qk_nope_head_dim"],
-        qk_rope_head_dim=cfg["qk_rope_head_dim"], v_head_dim=cfg["v_head_dim"], max_seq_len=seq,
-    )
-    values.update(_routing_args(cfg, src, model_type))
+    values = _size_args(cfg, src)
+    values.update(max_seq_len=seq, **_routing_args(cfg, src, model_type))
     values.update(_rope_args(cfg, src, seq))
     values.update(_quant_args(cfg, src))
     try:
         args = ModelArgs(**values)
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{src}: {e}") from None
+    except ConfigError as e:
+        hf_keys = ", ".join(_HF_KEY_OF.get(k, k) for k in e.keys)
+        raise CheckpointError(f"{src}: {e} (HF key(s): {hf_keys})") from None
+    mtp = _int_or(cfg, "num_nextn_predict_layers", src, 0) or _int_or(cfg, "num_mtp_layers", src, 0)
     layout = HfLayout(
         model_type=model_type,
-        rope_interleave=model_type == "deepseek_v2" or bool(cfg.get("rope_interleave", True)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        n_mtp_layers=int(cfg.get("num_nextn_predict_layers") or cfg.get("num_mtp_layers") or 0),
+        rope_interleave=model_type == "deepseek_v2" or _flag(cfg, "rope_interleave", src, True),
+        tie_word_embeddings=_flag(cfg, "tie_word_embeddings", src, False), n_mtp_layers=mtp,
     )
     return args, layout
+
+
+def _size_args(cfg: dict[str, Any], src: str) -> dict[str, Any]:
+    """The ModelArgs sizes, each HF value type-checked under its own key (ranges: ModelArgs)."""
+    required = dict(vocab_size="vocab_size", dim="hidden_size", inter_dim="intermediate_size",
+                    moe_inter_dim="moe_intermediate_size", n_layers="num_hidden_layers",
+                    n_heads="num_attention_heads", kv_lora_rank="kv_lora_rank", qk_nope_head_dim="qk_nope_head_dim",
+                    qk_rope_head_dim="qk_rope_head_dim", v_head_dim="v_head_dim")
+    values: dict[str, Any] = {ours: _integer(cfg.get(key), key, src) for ours, key in required.items()}
+    values.update(
+        n_dense_layers=_int_or(cfg, "first_k_dense_replace", src, 0),
+        n_shared_experts=_int_or(cfg, "n_shared_experts", src, 0), q_lora_rank=_int_or(cfg, "q_lora_rank", src, 0),
+        norm_eps=_number(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", src),
+        route_scale=_number(cfg.get("routed_scaling_factor", 1.0), "routed_scaling_factor", src),
+    )
+    return values
 
 
 def args_to_hf_config(args: ModelArgs, weight_dtype: str) -> dict[str, Any]:

@@ -30,6 +30,35 @@ def read_token_file(path: Path) -> list[list[int]]:
     return prompts
 
 
+def check_tolerance(flag: str, value: float | None) -> None:
+    """A negative or NaN tolerance fails every comparison: a usage error, not an accuracy verdict (exit 3)."""
+    if value is not None and not value >= 0:
+        raise CliError(f"{flag} {value}: a tolerance must be a number >= 0", EXIT_USAGE)
+
+
+def check_tol_override(text: str) -> None:
+    """--tol PATTERN:key=value,...: parsed, and every value a tolerance (min_cosine may be negative, not NaN)."""
+    from dsv3_export.reports.tolerances import parse_override
+
+    try:
+        _, values = parse_override(text)
+    except ValueError as e:
+        raise CliError(str(e), EXIT_USAGE) from e
+    for key, value in values.items():
+        if value != value or (key != "min_cosine" and value < 0):
+            raise CliError(f"--tol {text!r}: {key}={value} must be a number >= 0", EXIT_USAGE)
+
+
+def check_numbers(gen_steps: int, atol: float | None, rtol: float | None, tol: list[str]) -> None:
+    """Refuse bad numbers before the engine and the reference are loaded, naming the flag."""
+    if gen_steps < 0:
+        raise CliError(f"--gen-steps {gen_steps}: must be >= 0 (0: no greedy comparison)", EXIT_USAGE)
+    check_tolerance("--atol", atol)
+    check_tolerance("--rtol", rtol)
+    for t in tol:
+        check_tol_override(t)
+
+
 def diff(
     engine_dir: Path = typer.Argument(..., help="Engine directory written by `dsv3-export build`."),
     out: Path = typer.Option(..., help="Report directory: report.json, report.md, PNG plots."),
@@ -66,7 +95,6 @@ def diff(
     from dsv3_export.reports.diff import DiffOptions, run_diff, write_diff_report
     from dsv3_export.reports.files import check_replaceable
     from dsv3_export.reports.reference import ReferenceError
-    from dsv3_export.reports.tolerances import parse_override
 
     if prompt_ids is not None and token_file is not None:
         raise CliError("give only one of --prompt-ids and --token-file", EXIT_USAGE)
@@ -74,11 +102,7 @@ def diff(
         raise CliError("give only one of --reference and --preset", EXIT_USAGE)
     if reference_device not in (None, "cpu", "cuda"):
         raise CliError(f"--reference-device {reference_device!r}: choose cpu or cuda", EXIT_USAGE)
-    for t in tol:
-        try:
-            parse_override(t)
-        except ValueError as e:
-            raise CliError(str(e), EXIT_USAGE) from e
+    check_numbers(gen_steps, atol, rtol, tol)
     prompts = parse_prompts(prompt_ids) if prompt_ids is not None else (
         read_token_file(token_file) if token_file is not None else None)
     options = DiffOptions(

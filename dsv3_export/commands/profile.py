@@ -41,7 +41,7 @@ def profile(
 
     from dsv3_export.engines.base import BackendUnavailable
     from dsv3_export.manifest import EngineDirError
-    from dsv3_export.reports.profile import ProfileOptions, failed_configs, write_profile_report
+    from dsv3_export.reports.profile import ProfileOptions, write_profile_report
 
     options = ProfileOptions(
         engine_dirs=(engine_dir, *compare), out=out, batches=int_list("--batch", batch),
@@ -61,8 +61,21 @@ def profile(
                                             "tpot_ms_median": r.tpot_ms.median if r.tpot_ms else None}
                                            for r in e.results]} for e in report.engines]}))
     console.print(f"wrote {', '.join(str(f) for f in files)}")
+    problems = profile_problems(report)
+    if problems:
+        raise CliError(". ".join(problems), EXIT_FAILURE)
+    return 0
+
+
+def profile_problems(report) -> list[str]:
+    """Why the profile is incomplete: configurations whose runs raised, engines with nothing measured."""
+    from dsv3_export.reports.profile import failed_configs, unmeasured_engines
+
+    problems = []
     failed = failed_configs(report)
     if failed:
-        raise CliError(f"{len(failed)} configuration(s) failed (recorded in the report): " + "; ".join(failed),
-                       EXIT_FAILURE)
-    return 0
+        problems.append(f"{len(failed)} configuration(s) failed (recorded in the report): " + "; ".join(failed))
+    skipped = unmeasured_engines(report)
+    if skipped:
+        problems.append("every configuration was skipped, nothing was measured (" + "; ".join(skipped) + ")")
+    return problems

@@ -307,6 +307,19 @@ def failed_configs(report: ProfileReport) -> list[str]:
             for e in report.engines for r in e.results if r.skipped and r.skipped.startswith("failed:")]
 
 
+def unmeasured_engines(report: ProfileReport) -> list[str]:
+    """'label: why' for every engine whose configurations were all skipped (too long, too wide for
+    it): an empty profile is not a success. Engines whose runs raised are failed_configs' to report."""
+    out = []
+    for e in report.engines:
+        if any(not r.skipped for r in e.results):
+            continue
+        reasons = list(dict.fromkeys(r.skipped for r in e.results if not r.skipped.startswith("failed:")))
+        if reasons:
+            out.append(f"{e.label}: {'; '.join(reasons)}")
+    return out
+
+
 def device_used_before_load(engine_dir: Path) -> int | None:
     """CUDA engines: bytes in use on the device with nothing of ours cached (the previous engine is
     gone by now; its tensors left in torch's cache are released); None for CPU engines."""

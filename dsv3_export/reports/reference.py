@@ -18,6 +18,7 @@ import torch
 
 from dsv3_export.debug_step import stage_names
 from dsv3_export.manifest import Manifest
+from dsv3_export.reference.args import ModelArgs
 from dsv3_export.reference.model import Transformer
 
 # Runtime settings that may differ between an engine's config and its source's.
@@ -52,26 +53,40 @@ def load_reference(manifest: Manifest, checkpoint: Path | None = None, preset: s
     rows = rows if max_batch_size is None else min(max_batch_size, rows)
     runtime = {"max_batch_size": rows, "max_seq_len": manifest.model["max_seq_len"]}
     if checkpoint is not None:
-        from dsv3_export.checkpoint import load_checkpoint
+        return _checkpoint_reference(Path(checkpoint), manifest, device, runtime)
+    return _preset_reference(preset, 0 if seed is None else seed, manifest, device, runtime)
 
-        if not Path(checkpoint).is_dir():
-            raise ReferenceError(f"reference checkpoint {checkpoint}: not a directory")
-        model = load_checkpoint(checkpoint, torch.float32, device, attn_impl="absorb", **runtime)
-        described = {"checkpoint": str(Path(checkpoint).absolute())}
-    else:
-        from dsv3_export.checkpoint import preset_model
 
-        from dsv3_export.reports.debug_engine import preset_overrides
+def _checkpoint_reference(checkpoint: Path, manifest: Manifest, device: str,
+                          runtime: dict[str, Any]) -> tuple[Transformer, dict[str, Any]]:
+    """The checkpoint's config is checked against the engine's model before any weight is read
+    (a 16b checkpoint against a tiny engine would otherwise load tens of GB first)."""
+    from dsv3_export.checkpoint import load_args, load_checkpoint
 
-        seed = 0 if seed is None else seed
-        if source.get("preset") == preset:  # the engine's own preset: its config overrides too (e.g. n_layers)
-            runtime = {**preset_overrides(source), **runtime}
-        # Drawn on the CPU, as build_engine draws a preset's weights, then moved: the same seed
-        # gives other numbers on a CUDA generator, i.e. another model than the engine's.
-        model = preset_model(preset, torch.float32, "cpu", seed=seed, attn_impl="absorb", **runtime).to(device)
-        described = {"preset": preset, "seed": seed}
-    check_same_model(model.args.to_dict(), manifest.model)
-    return model, described
+    if not checkpoint.is_dir():
+        raise ReferenceError(f"reference checkpoint {checkpoint}: not a directory")
+    args = load_args(checkpoint, runtime["max_seq_len"])
+    check_same_model(args.to_dict(), manifest.model)
+    model = load_checkpoint(checkpoint, torch.float32, device, attn_impl="absorb", **runtime)
+    return model, {"checkpoint": str(checkpoint.absolute())}
+
+
+def _preset_reference(preset: str, seed: int, manifest: Manifest, device: str,
+                      runtime: dict[str, Any]) -> tuple[Transformer, dict[str, Any]]:
+    """The preset's ModelArgs are checked against the engine's model before its weights are drawn
+    (drawing the 16b preset for a tiny engine was OOM-killed before the mismatch was seen)."""
+    from dsv3_export.checkpoint import preset_model
+    from dsv3_export.reports.debug_engine import preset_overrides
+
+    source = manifest.source
+    if source.get("preset") == preset:  # the engine's own preset: its config overrides too (e.g. n_layers)
+        runtime = {**preset_overrides(source), **runtime}
+    args = ModelArgs.preset(preset).replace(attn_impl="absorb", **runtime)
+    check_same_model(args.to_dict(), manifest.model)
+    # Drawn on the CPU, as build_engine draws a preset's weights, then moved: the same seed
+    # gives other numbers on a CUDA generator, i.e. another model than the engine's.
+    model = preset_model(preset, torch.float32, "cpu", seed=seed, attn_impl="absorb", **runtime).to(device)
+    return model, {"preset": preset, "seed": seed}
 
 
 def check_same_model(ref: dict[str, Any], engine: dict[str, Any]) -> None:

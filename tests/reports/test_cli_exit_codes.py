@@ -1,0 +1,57 @@
+"""Exit codes of diff and profile on bad numbers and empty profiles (README "## CLI": 0 ok, 1 failure,
+2 usage error, 3 accuracy gate failed), each error naming its cause. On the tiny ONNX Runtime engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import dsv3_export.checkpoint as checkpoint_pkg
+from dsv3_export.cli import main
+from dsv3_export.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--atol", "-1"], "--atol -1.0: a tolerance must be a number >= 0"),
+    (["--rtol", "nan"], "--rtol nan: a tolerance must be a number >= 0"),
+    (["--tol", "logits:atol=-0.5"], "atol=-0.5 must be a number >= 0"),
+    (["--tol", "layers.*:min_cosine=nan"], "min_cosine=nan must be a number >= 0"),
+    (["--gen-steps", "-1"], "--gen-steps -1: must be >= 0"),
+])
+def test_diff_bad_numbers_are_usage_errors_naming_the_flag(artifacts, tmp_path, capsys, flags, named):
+    """A negative / NaN tolerance used to run the whole diff and end in exit 3 (every output over
+    it); --gen-steps -1 was refused as 'max_new_tokens must be >= 1', a flag diff does not have."""
+    out = tmp_path / "r"
+    code = main(["diff", str(artifacts.engines["clean"]), "--out", str(out), "--no-layers", "--seq-len", "8", *flags])
+    assert code == EXIT_USAGE
+    assert named in " ".join(capsys.readouterr().err.split())
+    assert not out.exists()
+
+
+def test_diff_preset_of_another_model_is_refused_without_drawing_it(artifacts, tmp_path, capsys, monkeypatch):
+    """--preset 16b against the tiny engine: drawn in full (62 GB) before the check, OOM-killed on a 24 GB host."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the 16b reference was drawn before the model check")
+
+    monkeypatch.setattr(checkpoint_pkg, "preset_model", refuse)
+    code = main(["diff", str(artifacts.engines["clean"]), "--out", str(tmp_path / "r"), "--no-layers",
+                 "--preset", "16b"])
+    assert code == EXIT_USAGE
+    assert "the reference is another model than the engine's" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("skipped, measurable, reason", [
+    (["--prompt-len", "300"], ["--prompt-len", "6,300"], "prompt 300 + 2 steps > max_seq_len 256"),
+    (["--batch", "64", "--prompt-len", "6"], ["--batch", "1,64", "--prompt-len", "6"], "batch 64 > max_batch_size 4"),
+])
+def test_profile_with_nothing_measured_fails(artifacts, tmp_path, capsys, skipped, measurable, reason):
+    """Every configuration skipped used to exit 0 with an empty profile; one measured is still a success."""
+    engine, common = str(artifacts.engines["clean"]), ["--decode-steps", "2", "--repeats", "1", "--warmup", "0"]
+    code = main(["profile", engine, "--out", str(tmp_path / "none"), *skipped, *common])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == EXIT_FAILURE
+    assert "every configuration was skipped, nothing was measured" in err and reason in err
+    report = json.loads((tmp_path / "none" / "report.json").read_text())  # still written, with the reasons
+    assert [r["skipped"] for r in report["engines"][0]["results"]] == [reason]
+    assert main(["profile", engine, "--out", str(tmp_path / "some"), *measurable, *common]) == EXIT_OK

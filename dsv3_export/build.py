@@ -121,7 +121,8 @@ def _model_args(options: BuildOptions) -> ModelArgs:
         return args if options.max_batch_size is None else args.replace(max_batch_size=options.max_batch_size)
     overrides = {k: v for k, v in (("max_batch_size", options.max_batch_size), ("max_seq_len", options.max_seq_len))
                  if v is not None}
-    return ModelArgs.preset(options.preset or "tiny").replace(**overrides, **dict(options.config_overrides))
+    overrides.update(dict(options.config_overrides))  # as _load_model: the config overrides win
+    return ModelArgs.preset(options.preset or "tiny").replace(**overrides)
 
 
 def check_out_dir(out: Path) -> None:

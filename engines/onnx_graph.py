@@ -19,6 +19,7 @@ from typing import Iterator
 
 import onnx
 import onnx_ir as ir
+from google.protobuf.message import DecodeError
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -122,7 +123,13 @@ def external_locations(model_path: Path) -> dict[str, str]:
 def check_external_data(model_path: Path, engine_dir: Path, allowed: set[str]) -> None:
     """Refuse (ValueError naming model and tensor) any location outside the directory's own files."""
     engine_dir = engine_dir.resolve()
-    for tensor, location in external_locations(model_path).items():
+    try:
+        locations = external_locations(model_path)
+    except DecodeError as e:  # intact by its hash, so written wrong: say which file
+        from dsv3_export.manifest import EngineDirError
+
+        raise EngineDirError(f"{model_path}: not a readable ONNX model ({e})") from e
+    for tensor, location in locations.items():
         where = f"{model_path}: tensor {tensor!r} has external-data location {location!r}"
         if not location or Path(location).is_absolute() or location.startswith(("/", "\\")) or ".." in Path(location).parts:
             raise ValueError(f"{where}: must be a plain file name inside the engine directory")

@@ -130,7 +130,12 @@ class OnnxRuntimeBackend:
             max_elements = CUDA_MAX_ELEMENTS
             provider_options = {"device_id": str(device.index), "user_compute_stream": str(stream.cuda_stream),
                                 "arena_extend_strategy": "kSameAsRequested"}  # no power-of-two slack on 31 GB
-        session = ort.InferenceSession(str(model_path), options, providers=[(provider, provider_options)])
+        try:
+            session = ort.InferenceSession(str(model_path), options, providers=[(provider, provider_options)])
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own types (InvalidProtobuf, Fail, ...) name no file
+            from dsv3_export.manifest import EngineDirError
+
+            raise EngineDirError(f"{model_path}: onnxruntime cannot load it ({str(e).splitlines()[0][:300]})") from e
         cache_dtype = torch_dtype(manifest.kv_cache["dtype"])
         return OrtStep(session, device, cache_dtype, ModelArgs.from_dict(manifest.model), stream=stream,
                        max_elements=max_elements)

@@ -44,6 +44,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from dsv3_export.engines.cuda_graph_pdl import PdlEdges, PdlPlan, capture_graph
+from dsv3_export.manifest import EngineDirError
 from dsv3_export.step import write_cache
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,13 @@ def save_weights(weights: Mapping[str, torch.Tensor], path: Path) -> None:
 
 
 def load_weights(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(str(path), device=str(device))
+    try:
+        return load_file(str(path), device=str(device))
+    except SafetensorError as e:  # intact by its hash, so written wrong: say which file
+        raise EngineDirError(f"{path}: not a readable safetensors file ({e})") from e
 
 
 def load_package(path: Path, device: torch.device, single_threaded: bool = True):
@@ -119,11 +124,14 @@ def load_package(path: Path, device: torch.device, single_threaded: bool = True)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: AOTInductor package not found")
     device = exact_device(device)
-    if device.type != "cuda":
-        return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", single_threaded, 1, -1))
-    torch.cuda.init()
-    with torch.cuda.device(device.index):
-        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", single_threaded, 1, device.index)
+    try:
+        if device.type != "cuda":
+            return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", single_threaded, 1, -1))
+        torch.cuda.init()
+        with torch.cuda.device(device.index):
+            loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", single_threaded, 1, device.index)
+    except RuntimeError as e:  # a truncated or foreign archive: the C++ loader's message names no file
+        raise EngineDirError(f"{path}: AOTInductor cannot load this package ({str(e).splitlines()[0][:300]})") from e
     return AOTICompiledModel(loader)
 
 

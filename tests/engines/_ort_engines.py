@@ -82,3 +82,18 @@ def tiny_model():
 def copy_engine(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def rehash(engine_dir: Path) -> None:
+    """Rewrite manifest.json's sizes and hashes from the files as they are now: an engine whose manifest matches
+    altered files, as a buggy builder or a malicious directory would hand over."""
+    import json
+
+    from dsv3_export.manifest import MANIFEST_NAME, sha256_file
+
+    path = engine_dir / MANIFEST_NAME
+    d = json.loads(path.read_text())
+    for name in d["files"]:
+        p = engine_dir / name
+        d["files"][name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    path.write_text(json.dumps(d))

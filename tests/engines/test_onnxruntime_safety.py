@@ -7,25 +7,15 @@ must still refuse, before any session is created, naming model.onnx, the tensor 
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import onnx
 import pytest
 
 from dsv3_export.engines.onnx_graph import DATA_FILE, MODEL_FILE
-from dsv3_export.manifest import MANIFEST_NAME, EngineDirError, sha256_file
+from dsv3_export.manifest import MANIFEST_NAME, EngineDirError
 from dsv3_export.runtime import load_engine
-from tests.engines._ort_engines import copy_engine, fp32_engine_dir
-
-
-def rehash(engine_dir):
-    path = engine_dir / MANIFEST_NAME
-    d = json.loads(path.read_text())
-    for name in d["files"]:
-        p = engine_dir / name
-        d["files"][name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-    path.write_text(json.dumps(d))
+from tests.engines._ort_engines import copy_engine, fp32_engine_dir, rehash
 
 
 def relocate_first_weight(engine_dir, location: str) -> str:
@@ -65,4 +55,15 @@ def test_tampered_graph_is_refused_by_hash(tmp_path):
     raw[len(raw) // 2] ^= 0x40
     (engine / MODEL_FILE).write_bytes(bytes(raw))
     with pytest.raises(EngineDirError, match=r"model\.onnx: sha256"):
+        load_engine(engine)
+
+
+def test_truncated_model_with_matching_hashes_is_named(tmp_path):
+    """A model.onnx written wrong (intact by its hash: the manifest was made from it) is refused naming the file, not
+    with onnxruntime's bare InvalidProtobuf."""
+    engine = copy_engine(fp32_engine_dir(), tmp_path / "engine")
+    model_path = engine / MODEL_FILE
+    model_path.write_bytes(model_path.read_bytes()[: model_path.stat().st_size // 2])
+    rehash(engine)
+    with pytest.raises(EngineDirError, match=rf"{MODEL_FILE}: (not a readable ONNX model|onnxruntime cannot load it)"):
         load_engine(engine)

@@ -159,6 +159,26 @@ def test_load_package_names_a_missing_file(tmp_path):
         load_package(tmp_path / "nope.pt2", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("victim", ["weights", "decode package"])
+def test_a_truncated_file_with_matching_hashes_is_named(engine_dir, tmp_path, victim):
+    """A weights file or package written wrong (intact by its hash: the manifest was made from it) is refused naming
+    the file, not with safetensors' or the C++ zip reader's bare message."""
+    import shutil
+
+    from dsv3_export.manifest import EngineDirError
+    from dsv3_export.runtime import load_engine
+    from tests.engines._ort_engines import rehash
+
+    engine = Path(shutil.copytree(engine_dir, tmp_path / "engine"))
+    info = verify_engine_dir(engine).backend_info
+    name = info["weights"] if victim == "weights" else info["packages"]["decode"]
+    path = engine / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    rehash(engine)
+    with pytest.raises(EngineDirError, match=rf"{name}: (not a readable safetensors file|AOTInductor cannot load)"):
+        load_engine(engine)
+
+
 def test_switches(monkeypatch):
     monkeypatch.delenv(CUDA_GRAPH_ENV, raising=False)
     assert env_flag(CUDA_GRAPH_ENV, True) and not env_flag(CUDA_GRAPH_ENV, False)

@@ -29,7 +29,7 @@ from rich.console import Console
 
 from dsv3_export.engines.base import BackendUnavailable, Target, compute_dtype, get_backend
 from dsv3_export.export import TUNE_FIELDS, TuneShape, export_step, tune_shape
-from dsv3_export.manifest import MANIFEST_NAME, EngineDirError, Manifest, kv_cache_layout, write_engine_dir
+from dsv3_export.manifest import EngineDirError, Manifest, kv_cache_layout, refuse_overwrite, write_engine_dir
 from dsv3_export.reference.args import ConfigError, ModelArgs
 from dsv3_export.reference.model import Transformer
 from dsv3_export.step import LatentCacheStep
@@ -129,8 +129,7 @@ def check_out_dir(out: Path) -> None:
     """Refuse an --out that write_engine_dir would refuse, or whose parent cannot be written, before any work:
     on a large model the export and passes take minutes (write_engine_dir checks again when it writes)."""
     out = Path(out).absolute()
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file())):
-        raise EngineDirError(f"{out}: exists and is not an engine directory; refusing to overwrite it")
+    refuse_overwrite(out)
     parent = next(p for p in out.parents if p.exists())  # the first that exists: atomic_directory makes the rest
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise EngineDirError(f"{out}: cannot write there ({parent} is not a writable directory)")

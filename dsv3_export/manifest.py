@@ -155,6 +155,12 @@ def _describe_files(directory: Path, names: list[str]) -> dict[str, FileEntry]:
     return {n: FileEntry(size=p.stat().st_size, sha256=d) for n, p, d in zip(names, paths, digests)}
 
 
+def refuse_overwrite(out_dir: Path) -> None:
+    """An existing out_dir may be replaced only when it is an engine directory (has manifest.json) or empty."""
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file())):
+        raise EngineDirError(f"{out_dir}: exists and is not an engine directory; refusing to overwrite it")
+
+
 def write_engine_dir(out_dir: str | Path, fill: Callable[[Path], Manifest]) -> Manifest:
     """Build an engine directory atomically.
 
@@ -164,8 +170,7 @@ def write_engine_dir(out_dir: str | Path, fill: Callable[[Path], Manifest]) -> M
     out_dir is replaced only when it is an engine directory (has manifest.json) or empty.
     """
     out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file())):
-        raise EngineDirError(f"{out_dir}: exists and is not an engine directory; refusing to overwrite it")
+    refuse_overwrite(out_dir)
     with atomic_directory(out_dir) as tmp:
         manifest = fill(tmp)
         entries = sorted(p.name for p in tmp.iterdir())

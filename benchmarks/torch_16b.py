@@ -305,6 +305,11 @@ def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds,
         want, _ = LatentCacheStep(model).eval()(tokens, pos, cache)
         got, _ = step(tokens, pos, cache)
         out["decode_logits_rel_err_vs_eager_step"] = rel_err(got, want)
+        # batch 1 apart: the decode program's one-row forms (the GEMVs, merge_uv, DSV3_TORCH_MOE_ONE_LAUNCH's MoE)
+        # launch only there
+        want, _ = LatentCacheStep(model).eval()(tokens[:1], pos[:1], cache[:1].contiguous())
+        got, _ = step(tokens[:1].contiguous(), pos[:1].contiguous(), cache[:1].contiguous())
+        out["decode_logits_rel_err_vs_eager_step_b1"] = rel_err(got, want)
         if "prefill" in kinds:  # 64 new tokens (fewer on a short smoke run) after 1 cached one, batch 2
             tokens = torch.randint(0, a.vocab_size, (2, min(64, prompt_len - 1)), device=DEVICE)
             pos = torch.tensor([1, 0], device=DEVICE)

@@ -252,3 +252,74 @@ def bench_moe_configs(report: Report, sh: Shapes, quick: bool) -> None:
                 rows.append(guarded(report, f"moe_cfg {case} {label}", one))
             show(case, [r for r in rows if r])
 
+
+
+def bench_moe_fused(report: Report, sh: Shapes, quick: bool) -> None:
+    """The one-token fp8 MoE as the batch-1 decode step runs it: kernels/moe.py's three launches (direct-mode up
+    GEMM with SwiGLU, act_quant of h, down GEMM; the combine is fused into the next norm in the step, so not
+    here) against kernels/moe_fused.py's one launch (each FUSED_CONFIGS entry; with and without the zero fill of
+    its fp32 output, which the step would get from the norm kernel before it). From CUDA graphs of `calls` calls,
+    each over its own routing (8 x 69 MB of experts: L2 holds little), ms per call; act_quant(x) before both (the
+    split gate computes it). Errors against the fp32 reference on the same quantized operands (kernels/moe_ref.py).
+    The baseline's speedup column is ours over it, not over a torch alternative."""
+    from dsv3_export.kernels import fp8_quant as Q
+    from dsv3_export.kernels import moe as M
+    from dsv3_export.kernels import moe_fused as MF
+
+    torch.manual_seed(0)
+    d, i = sh.dim, sh.moe_inter
+    e, k, w13, w13s, w2, w2s = _decode_experts(sh)
+    calls = 8 if sh.device == "cuda" else 1
+    tokens = []
+    for _ in range(calls):
+        x, ids, tw, active = _decode_tokens(sh, 1, e, k)
+        tokens.append((Q.act_quant(x), ids.contiguous(), tw.contiguous(), M.moe_align(ids, e, 16), active))
+        if not len(tokens) - 1:  # the first call's fp32 reference on the same quantized operands
+            want = M.fused_moe_ref(x, w13, w2, tw, ids, w13_scale=w13s, w2_scale=w2s).float()
+    nbytes = sum(active for *_, active in tokens) * 3 * i * d / calls  # fp8 weights an average call reads
+    outs = [torch.zeros(1, d, device=sh.device) for _ in range(calls)]
+
+    def three(j):
+        (xq, xs), ids, tw, align, _ = tokens[j]
+        h = M.grouped_gemm(xq, w13, *align, k, a_scale=xs, w_scale=w13s, fuse_swiglu=True, direct_ids=ids,
+                           out_dtype=torch.bfloat16)
+        hq, hs = Q.act_quant(h)
+        return M.grouped_gemm(hq, w2, *align, 1, a_scale=hs, w_scale=w2s, topk_weights=tw, direct_ids=ids,
+                              out_dtype=torch.bfloat16).view(1, k, d).float().sum(1)
+
+    def fused(j, cfg, zero: bool):
+        (xq, xs), ids, tw, _, _ = tokens[j]
+        if zero:
+            outs[j].zero_()
+        MF.launch(*MF.moe_one_token_spec(xq, xs, w13, w13s, w2, w2s, ids, tw, outs[j], torch.bfloat16,
+                                         sh.device == "cuda"), cfg)
+        return outs[j]
+
+    case = f"one token fp8 E={e} k={k} D={d} I={i}, {calls} routings"
+
+    def timed(call) -> float:
+        run = lambda: [call(j) for j in range(calls)]  # noqa: E731
+        return bench(_graph_of(run).replay if sh.device == "cuda" else run, sh, quick) / calls
+
+    rows = []
+    base_err = mean_rel(three(0), want)  # its per-slot rows rounded to bf16 (the interpreter truncates them)
+    base = guarded(report, f"moe_fused {case} three launches", lambda: add(
+        report, Row("moe_fused", case, "three launches (baseline)", timed(three), error=base_err, tol=2e-2,
+                    ok=base_err < 2e-2, note="up + act_quant(h) + down, direct mode"), bytes_=nbytes))
+    rows.append(base)
+    for cfg in MF.FUSED_CONFIGS:
+        label = f"one launch BD={cfg.kwargs['BLOCK_D']} w{cfg.num_warps} s{cfg.num_stages}"
+        for zero in (True, False):
+
+            def one(cfg=cfg, zero=zero, label=label):
+                # fp32 out cast as the step casts it: only the fp32 sum order differs from the reference
+                err = mean_rel(fused(0, cfg, True).to(torch.bfloat16), want)
+                row = Row("moe_fused", case, label + (" + zero fill" if zero else ""),
+                          timed(lambda j: fused(j, cfg, zero)), error=err, tol=1e-3, ok=err < 1e-3,
+                          note="launched config" if cfg is MF.FUSED_CONFIGS[0] else "")
+                if base and row.ms:
+                    row.speedup_vs_best_alt = base.ms / row.ms
+                return add(report, row, bytes_=nbytes)
+
+            rows.append(guarded(report, f"moe_fused {case} {label} zero={zero}", one))
+    show(case, [r for r in rows if r])

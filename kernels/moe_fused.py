@@ -43,11 +43,12 @@ TILE_ROWS = 16
 # The first config is the one launched (a one-config autotuner: the decode program is tuned at batch 64, where
 # this kernel launches nothing); the others are candidates for benchmarks/kbench/moe.py's sweep and the tests.
 FUSED_CONFIGS = [
-    triton.Config({"BLOCK_D": 128}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_D": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_D": 128}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_D": 256}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_D": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_D": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_D": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_D": 256}, num_warps=16, num_stages=3),
+    triton.Config({"BLOCK_D": 128}, num_warps=16, num_stages=3),
+    triton.Config({"BLOCK_D": 256}, num_warps=16, num_stages=4),
 ]
 
 

@@ -76,7 +76,7 @@ from kbench.gemv import bench_decode_cold, bench_gemv  # noqa: E402
 from kbench.mla import bench_mla  # noqa: E402
 from kbench.mla_proj import bench_absorb  # noqa: E402
 from kbench.mla_sweep import bench_mla_sweep  # noqa: E402
-from kbench.moe import bench_moe, bench_moe_configs, bench_moe_fused  # noqa: E402
+from kbench.moe import bench_moe, bench_moe_configs  # noqa: E402
 from kbench.norms import bench_norms  # noqa: E402
 from kbench.quant import bench_act_quant  # noqa: E402
 from kbench.router import bench_router  # noqa: E402
@@ -91,7 +91,6 @@ SECTIONS = {  # cheap sections first: if the time budget runs out, the expensive
     "mla_sweep": ("MLA decode variants (early loads, splits), pinned configs, CUDA graphs", bench_mla_sweep),
     "moe": ("MoE: grouped GEMM + fused MoE", bench_moe),
     "moe_cfg": ("grouped GEMM configs at decode (fp8, 16b MoE)", bench_moe_configs),
-    "moe_fused": ("the one-token fp8 MoE in one launch vs three (CUDA graphs)", bench_moe_fused),
     "gemv": ("fp8 GEMV with act_quant in registers vs act_quant + tile GEMM, Linears and MoE at M <= 4 (CUDA graphs)",
              bench_gemv),
     "decode_cold": ("batch-1 decode reads from HBM: the GEMV's configs, the MoE gate cuBLAS vs split (CUDA graphs)",

@@ -48,7 +48,7 @@ from dsv3_export.engines.torch_decode_gemv import decode_gemv, gated
 from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.engines.torch_triton_mla import absorb_gemm_on, head_gemv_on, merge_uv_on, mla_attention
 from dsv3_export.engines.torch_triton_moe import (MOE_ALIGN_DEFAULT, MOE_ALIGN_ENV, MOE_ALIGN_FORMS, moe_experts,
-                                                  moe_experts_fp8, moe_one_launch_on)
+                                                  moe_experts_fp8)
 from dsv3_export.kernels import fp8_gemm as kg
 from dsv3_export.kernels import fp8_gemv as kv
 from dsv3_export.kernels import moe as km
@@ -191,9 +191,7 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
     lower_moe.how = (f"triton_op dsv3_aoti::moe_experts (kernels/moe.py grouped GEMMs; {routing}) for bf16/fp16; "
                      "ATen math for fp32")
     lower_moe_fp8.how = (f"triton_op dsv3_aoti::moe_experts_fp8 ({routing}; act_quant + fp8 grouped GEMMs"
-                         + ("; the split gate's one-token experts in one launch (kernels/moe_fused.py)"
-                            if kind == "decode" and moe_one_launch_on() else "")
-                         + ") with act_quant; ATen math for weight-only")
+                         ") with act_quant; ATen math for weight-only")
     lower_mla.how = ("triton_op dsv3_aoti::mla_attention ("
                      + ("W_UK and W_UV by kernels/mla_absorb.py head_gemm in the decode program, einsums in "
                         "prefill" if absorb else "W_UK and W_UV by einsums")

@@ -21,7 +21,6 @@ from dsv3_export.engines import torch_launch
 from dsv3_export.engines.torch_decode_gemv import gated
 from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.kernels import moe as km
-from dsv3_export.kernels import moe_fused as kmf
 from dsv3_export.kernels.moe_align import align_gate
 
 # moe_align's traced form in the packages (kernels/moe.py TRACED_ALIGN_FORMS), read when a program is
@@ -85,19 +84,15 @@ def _moe_routing(topk_ids: torch.Tensor, n_experts: int, block_m: int):
 
 
 def _grouped_gemm(a, w, routing, topk: int, out_dtype: torch.dtype, *, a_scale=None,
-                  w_scale=None, topk_weights=None, swiglu: bool = False, gate=None):
+                  w_scale=None, topk_weights=None, swiglu: bool = False):
     """kernels/moe.py grouped_gemm's launch (checks done once by the caller's shapes); routing is
-    _moe_routing's. gate (1 or 0, symbolic while traced): the launch gated by it (engines/torch_decode_gemv.py
-    gated), the one-token configs of MOE_DIRECT_CONFIGS_ENV not used."""
+    _moe_routing's."""
     t = a.shape[0]
     n_out = w.shape[1] // 2 if swiglu else w.shape[1]
     out = torch.empty((t * topk, n_out), dtype=out_dtype, device=a.device)
     (sorted_ids, expert_ids, npp), direct_ids = routing
     spec = km.grouped_gemm_spec(a, a_scale, w, w_scale, out, topk_weights, sorted_ids, expert_ids, npp, topk, swiglu,
                                 direct_ids)
-    if gate is not None:
-        torch_launch.launch_spec(gated(spec, gate))
-        return out
     pinned = moe_direct_configs().get("up" if swiglu else "down") if direct_ids is not None else None
     if pinned is None:
         torch_launch.launch_spec(spec)
@@ -159,46 +154,8 @@ def moe_experts_fp8_quantized(x: torch.Tensor, xq: torch.Tensor, xs: torch.Tenso
                               topk_ids: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                               w2_scale: torch.Tensor, block_m: int) -> torch.Tensor:
     """moe_experts_fp8 with act_quant(x) = (xq, xs) already computed (engines/torch_router.py: by the split
-    gate kernel, from the same x); x gives the output dtype. MOE_ONE_LAUNCH_ENV: one token's experts in one launch
-    (this op is the decode program's: engines/torch_router.py)."""
-    if moe_one_launch_on():
-        return _moe_fp8_one_launch(x, xq, xs, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m)
+    gate kernel, from the same x); x gives the output dtype."""
     return _moe_fp8(x, xq, xs, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m)
-
-
-# The decode program's one-token fp8 MoE in one launch (kernels/moe_fused.py; dsv3_aoti::moe_experts_fp8_quantized,
-# the op of the split gate, engines/torch_router.py): `1` at T = 1 the experts run as that kernel, into an
-# fp32 [T, D] that Inductor zeroes from the kernel that computes x (a pointwise x * 0, no fill launch), and the
-# three launches of the direct mode (up GEMM, act_quant of h, down GEMM) launch nothing; from two tokens on the
-# aligned path runs as before, each launch gated by the batch. `0` (default) the three launches at T = 1. Read when
-# a program is lowered. The output differs from the three launches' in its last bits: the slots are summed in
-# fp32 atomics (run-to-run order), with no per-slot rounding to x's dtype first.
-MOE_ONE_LAUNCH_ENV = "DSV3_TORCH_MOE_ONE_LAUNCH"
-
-
-def moe_one_launch_on() -> bool:
-    return env_choice(MOE_ONE_LAUNCH_ENV, "0", {"1": "one token: the experts in one launch (kernels/moe_fused.py)",
-                                                 "0": "one token: up GEMM, act_quant of h, down GEMM"}) == "1"
-
-
-def _moe_fp8_one_launch(x, xq, xs, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m: int):
-    """_moe_fp8 with MOE_ONE_LAUNCH_ENV: kernels/moe_fused.py at one token, the aligned grouped GEMMs above it,
-    each launch gated by the batch; the result selected by the batch (where: the other form's buffer is unwritten)."""
-    t, topk = topk_ids.shape
-    aligned = align_gate(t)  # 0 at one token, 1 from two on
-    ids, weights = topk_ids.contiguous(), topk_weights.contiguous()
-    acc = x.float() * 0.0  # [T, D] zeros, pointwise in x: written by the kernel that computes x
-    torch_launch.launch_spec(gated(kmf.moe_one_token_spec(xq, xs, w13, w13_scale, w2, w2_scale, ids, weights, acc,
-                                                          x.dtype, x.is_cuda), 1 - aligned))
-    routing = km.moe_routing(topk_ids, w13.shape[0], block_m, True,
-                             traced_form=env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS))
-    h = _grouped_gemm(xq, w13, routing, topk, x.dtype, a_scale=xs, w_scale=w13_scale, swiglu=True,
-                      gate=aligned)  # [T*k, I]
-    hq, hs = torch_launch.act_quant_launch(h, aligned)
-    y = _grouped_gemm(hq, w2, routing, 1, x.dtype, a_scale=hs, w_scale=w2_scale, topk_weights=weights,
-                      gate=aligned)  # [T*k, D]
-    several = torch.full((1, 1), aligned, dtype=torch.int32, device=x.device) > 0
-    return torch.where(several, _combine(y, t, topk, x.dtype), acc.to(x.dtype))
 
 
 def _moe_fp8(x, xq, xs, topk_weights, topk_ids, w13, w13_scale, w2, w2_scale, block_m: int) -> torch.Tensor:

@@ -102,7 +102,6 @@ SETTINGS = {
     "merge uv prefetch": ("", dict(DSV3_TORCH_MERGE_UV_PREFETCH="1")),
     "moe direct configs": ("", dict(DSV3_TORCH_MOE_DIRECT_CONFIGS="up=32:4:5,down=64:4:4")),
     "attn norm": ("", dict(DSV3_TORCH_ATTN_NORM="gemv")),
-    "moe one launch": ("", dict(DSV3_TORCH_MOE_ONE_LAUNCH="1")),
 }
 
 
@@ -277,17 +276,6 @@ def _check_attn_norm(launches: dict[str, dict]):
     assert default["norms"] - norm["norms"] == 1, (default["norms"], norm["norms"])
 
 
-def _check_moe_one_launch(launches: dict[str, dict]):
-    """DSV3_TORCH_MOE_ONE_LAUNCH=1 (opt-in, session 25): the MoE layer's experts op also launches
-    kernels/moe_fused.py's one-token kernel (gated to one token, its grouped GEMMs and act_quant of h to two and
-    more): one launch more in the program, the rest the same, every argument named (_trace)."""
-    one, default = launches["moe one launch"], launches["defaults"]
-    k = dict(one["kernels"])
-    assert k.pop("_moe_one_token_kernel") == 1, k
-    assert k == default["kernels"], (k, default["kernels"])
-    assert one["tuned_among"]["_moe_one_token_kernel"] == 1, one["tuned_among"]  # pinned: FUSED_CONFIGS[0]
-
-
 @pytest.mark.slow  # ~75-85 s on 2 cores: one 16b export on meta per pass set, the passes, a lowering per setting
 def test_16b_decode_launches():
     """One test for every setting's checks: the settings share one trace (pytest-xdist would split separate
@@ -303,4 +291,3 @@ def test_16b_decode_launches():
     _check_merge_uv_prefetch(launches)
     _check_moe_direct_configs(launches)
     _check_attn_norm(launches)
-    _check_moe_one_launch(launches)

@@ -28,8 +28,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_gemv, fp8_quant, mla_absorb,  # noqa: E402
-                                 mla_decode, mla_merge_uv, mla_prefill, mla_query, moe, moe_align, moe_fused,
-                                 rms_norm, router_gate, topk)
+                                 mla_decode, mla_merge_uv, mla_prefill, mla_query, moe, moe_align, rms_norm,
+                                 router_gate, topk)
 
 TARGET = GPUTarget("cuda", 90, 32)
 # Opt-in shared memory per block on H100/H200 (227 KB).
@@ -55,7 +55,7 @@ DIVISIBLE_INTS = {"K", "N", "N_OUT", "D"}
 # The kernel families, one test each (xdist spreads them): family -> the kernels a case's first word names.
 FAMILY_RULES = {
     "fp8": ("act_quant", "weight_dequant", "fp8_gemm", "split_k_sum", "fp8_gemv", "add_rms_norm"),
-    "moe": ("grouped_gemm", "moe_align", "moe_one_token"),
+    "moe": ("grouped_gemm", "moe_align"),
     "mla_decode": ("mla_decode_split",),
     "mla": ("mla_decode_reduce", "mla_prefill", "head_gemm", "head_gemm_rope", "head_gemv", "mla_merge_uv"),
     "routing": ("router", "gate_partials"),
@@ -226,12 +226,6 @@ def _cases(all_configs: bool):
                         num_post_pad_ptr=i32, topk_ids_ptr="*i64"),
                    dict(W_FP8=w_fp8, A_FP8=a_fp8, SWIGLU=swiglu, MUL_WEIGHT=not swiglu, UPCAST=False,
                         SCALE_BLOCK=128, BLOCK_M=block_m, BLOCK_K=128 if w_fp8 else moe.DENSE_BLOCK_K))
-    # the one-token MoE: every config by default (one is launched; the others are the kbench sweep's candidates)
-    for cfg in moe_fused.FUSED_CONFIGS:
-        yield ("moe_one_token", moe_fused._moe_one_token_kernel, cfg,
-               dict(xq_ptr=f8, xs_ptr=f32, w13_ptr=f8, w13s_ptr=f32, w2_ptr=f8, w2s_ptr=f32, ids_ptr="*i64",
-                    tw_ptr=f32, out_ptr=f32),
-               dict(H_DTYPE=triton.language.bfloat16, SCALE_RECIPROCAL=True, BLOCK_I=128, BLOCK_M=moe_fused.TILE_ROWS))
     for e, ids in ((64, "*i64"), (256, "*i32")):  # the 16b preset's 64 experts; V3's 256
         yield (f"moe_align E={e}", moe_align._moe_align_kernel, triton.Config({}, num_warps=4),
                dict(ids_ptr=ids, sorted_ids_ptr=i32, expert_ids_ptr=i32, npp_ptr=i32),

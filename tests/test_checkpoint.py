@@ -188,6 +188,43 @@ def test_fp8_weights_without_fp8_config(hf_ckpt):
         load_checkpoint(hf_ckpt)
 
 
+def _fuse_experts(tensors: dict[str, torch.Tensor], layer: int, n_experts: int) -> None:
+    """A layer's per-expert HF tensors -> transformers 5's fused gate_up_proj [E, 2I, D] / down_proj [E, D, I]."""
+    prefix = f"model.layers.{layer}.mlp.experts"
+    w = {kind: [tensors.pop(f"{prefix}.{e}.{kind}.weight") for e in range(n_experts)]
+         for kind in ("gate_proj", "up_proj", "down_proj")}
+    tensors[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat(gu) for gu in zip(w["gate_proj"], w["up_proj"])])
+    tensors[f"{prefix}.down_proj"] = torch.stack(w["down_proj"])
+
+
+@pytest.mark.parametrize("kind,change", [
+    ("gate_up_proj", lambda t: t[:-1]),  # one expert fewer than the config's: was a raw IndexError
+    ("gate_up_proj", lambda t: torch.cat([t, t[:1]])),  # one more: the extra expert was silently dropped
+    ("gate_up_proj", lambda t: torch.cat([t, t[:, :2]], dim=1)),  # 2I + 2 rows: the last two silently dropped
+    ("down_proj", lambda t: torch.cat([t, t[:1]])),
+    ("down_proj", lambda t: torch.tensor(1.0)),  # 0-d: was a raw IndexError
+])
+def test_fused_experts_of_the_wrong_shape_are_refused(tmp_path, tiny, kind, change):
+    path = save_checkpoint(tiny, tmp_path / "hf", layout="hf")
+    fused = f"model.layers.1.mlp.experts.{kind}"
+
+    def fuse_and_change(t):
+        _fuse_experts(t, 1, tiny.args.n_routed_experts)
+        t[fused] = change(t[fused]).contiguous()
+
+    rewrite(path, fuse_and_change)
+    expected = {"gate_up_proj": r"\[8, 192, 192\]", "down_proj": r"\[8, 192, 96\]"}[kind]  # [E, 2I, D], [E, D, I]
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor " + fused.replace(".", r"\.") +
+                       r" has shape \[.*\], expected " + expected):
+        load_checkpoint(path)
+
+
+def test_fused_experts_load(tmp_path, tiny):
+    path = save_checkpoint(tiny, tmp_path / "hf", layout="hf")
+    rewrite(path, lambda t: _fuse_experts(t, 1, tiny.args.n_routed_experts))
+    assert bitwise_equal(load_checkpoint(path).state_dict(), tiny.state_dict())
+
+
 def test_pickle_checkpoint_is_refused_without_unpickling(tmp_path, tiny):
     directory = tmp_path / "pickled"
     directory.mkdir()

@@ -79,7 +79,7 @@ def _sources(files: WeightFiles, args: ModelArgs, layout: HfLayout | None) -> tu
         elif layout.n_mtp_layers and (layer_of(stored) or 0) >= args.n_layers:
             continue  # DeepSeek-V3's multi-token-prediction layer: not part of the causal LM
         else:
-            pieces = hf_to_ours(stored, args.n_routed_experts, args.moe_inter_dim)
+            pieces = hf_to_ours(stored, args.n_routed_experts, args.moe_inter_dim, args.dim)
         if pieces is None:
             unmapped.append(stored)
             continue
@@ -123,6 +123,10 @@ def _assign(model: Transformer, files: WeightFiles, layout: HfLayout | None, dev
     for name, target in model.state_dict().items():
         stored, piece = sources[name]
         info = files.tensors[stored]
+        if piece.whole is not None and info.shape != piece.whole:  # checked before it is sliced
+            raise CheckpointError(f"{info.file}: tensor {stored} has shape {list(info.shape)}, expected "
+                                  f"{list(piece.whole)} (fused experts; the config's n_routed_experts, "
+                                  "moe_intermediate_size and hidden_size)")
         shape = tuple(torch.empty(info.shape, device="meta")[piece.index].shape) if piece.index else info.shape
         what = f"{info.file}: tensor {stored}" + (f" (slice for {name})" if piece.index else "")
         if shape != tuple(target.shape):

@@ -32,10 +32,15 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 @dataclass(frozen=True)
 class Piece:
-    """Our tensor `name` is `index` of the stored tensor (None: all of it)."""
+    """Our tensor `name` is `index` of the stored tensor (None: all of it).
+
+    whole: the shape the stored tensor must have for `index` to mean what it says (a fused expert tensor
+    [E, 2I, D] / [E, D, I]); a slice of a larger or smaller tensor would load part of it, or fail to index.
+    """
 
     name: str
     index: tuple | None = None
+    whole: tuple[int, ...] | None = None
 
 
 def layer_of(hf_name: str) -> int | None:
@@ -43,17 +48,19 @@ def layer_of(hf_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def hf_to_ours(hf_name: str, n_experts: int, moe_inter_dim: int) -> list[Piece] | None:
+def hf_to_ours(hf_name: str, n_experts: int, moe_inter_dim: int, dim: int) -> list[Piece] | None:
     """Our name(s) for one stored HF tensor, or None when it has no counterpart."""
     fused = _FUSED.match(hf_name)
     if fused:
         layer, kind = fused.groups()
         prefix = f"layers.{layer}.ffn.experts"
+        i = moe_inter_dim
         if kind == "down_proj":  # [E, D, I]
-            return [Piece(f"{prefix}.{e}.w2.weight", (e,)) for e in range(n_experts)]
-        i = moe_inter_dim  # [E, 2I, D]: gate rows [0, I), up rows [I, 2I)
-        return [p for e in range(n_experts) for p in (Piece(f"{prefix}.{e}.w1.weight", (e, slice(0, i))),
-                                                        Piece(f"{prefix}.{e}.w3.weight", (e, slice(i, 2 * i))))]
+            whole = (n_experts, dim, i)
+            return [Piece(f"{prefix}.{e}.w2.weight", (e,), whole) for e in range(n_experts)]
+        whole = (n_experts, 2 * i, dim)  # [E, 2I, D]: gate rows [0, I), up rows [I, 2I)
+        return [p for e in range(n_experts) for p in (Piece(f"{prefix}.{e}.w1.weight", (e, slice(0, i)), whole),
+                                                        Piece(f"{prefix}.{e}.w3.weight", (e, slice(i, 2 * i)), whole))]
     parts = hf_name.split(".")
     if parts[0] == "model":
         parts = parts[1:]

@@ -219,6 +219,14 @@ def _relation_problems(a: ModelArgs) -> list[tuple[str, str]]:
     if a.n_limited_groups > a.n_expert_groups:
         problems.append(("n_limited_groups", f"n_limited_groups={a.n_limited_groups} must be in "
                                              f"[1, n_expert_groups={a.n_expert_groups}]"))
+    if a.has_gate_bias and a.n_expert_groups > 1 and a.n_routed_experts // a.n_expert_groups < 2 \
+            and a.n_dense_layers < a.n_layers:
+        # Biased routing scores a group by the sum of its top-2 experts (DeepSeek's and HF's topk(2)); one expert
+        # per group made every MoE forward fail with "selected index k out of range".
+        problems.append(("n_expert_groups", f"n_expert_groups={a.n_expert_groups} leaves "
+                                            f"{a.n_routed_experts // a.n_expert_groups} of n_routed_experts="
+                                            f"{a.n_routed_experts} per group; routing with a gate bias scores a "
+                                            "group by its top 2 experts, so each group needs 2 or more"))
     if a.n_activated_experts > a.n_routed_experts:
         problems.append(("n_activated_experts", f"n_activated_experts={a.n_activated_experts} > "
                                                 f"n_routed_experts={a.n_routed_experts}"))

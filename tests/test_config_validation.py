@@ -27,6 +27,10 @@ def deepseek_config(**change):
     return dict(ModelArgs.preset("tiny").to_dict(), **change)
 
 
+V3_ROUTING = dict(model_type="deepseek_v3", scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
+                  n_group=4, topk_group=2, rope_interleave=True)
+
+
 def hf_config(**change):
     return dict(args_to_hf_config(ModelArgs.preset("tiny"), "bfloat16"), **change)
 
@@ -47,6 +51,8 @@ def hf_config(**change):
     (dict(rope_theta=1.0), "rope_theta"),
     (dict(score_func=["softmax"]), "score_func"),
     (dict(gate_bias="false"), "gate_bias"),
+    # biased routing scores a group by its top-2 experts: one per group failed in every MoE forward
+    (dict(score_func="sigmoid", gate_bias=True, n_expert_groups=8, n_limited_groups=4), "n_expert_groups"),
 ])
 def test_bad_deepseek_config_names_file_and_key(tmp_path, change, key):
     ckpt = write_config(tmp_path / "ckpt", deepseek_config(**change))
@@ -71,6 +77,7 @@ def test_info_config_with_zero_rope_factor_exits_1_naming_the_key(tmp_path, caps
     (dict(num_experts_per_tok=0), "num_experts_per_tok"),
     (dict(moe_intermediate_size=-1), "moe_intermediate_size"),
     (dict(tie_word_embeddings="false"), "tie_word_embeddings"),
+    (dict(hf_config(**V3_ROUTING), n_group=8, topk_group=4), "n_group"),  # one expert per group (tiny has 8)
 ])
 def test_bad_hf_config_names_file_and_hf_key(tmp_path, change, key):
     ckpt = write_config(tmp_path / "ckpt", hf_config(**change))
@@ -102,6 +109,19 @@ def test_presets_validate_and_round_trip(tmp_path, name):
     hf_args, _ = hf_config_to_args(args_to_hf_config(args, "bfloat16"), "config.json")
     same = dict(gate_bias=None, max_batch_size=args.max_batch_size)  # an HF config holds no batch size
     assert hf_args.replace(**same) == args.replace(**same)
+
+
+def test_group_routing_with_two_experts_per_group_still_runs(tmp_path):
+    """The edge that stays allowed: 2 experts per group (8 experts, 4 groups), biased sigmoid routing."""
+    import torch
+
+    from dsv3_export.checkpoint import preset_model
+
+    model = preset_model("tiny", score_func="sigmoid", gate_bias=True, n_expert_groups=4, n_limited_groups=1)
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, dtype=torch.long)).isfinite().all()
+    args, _ = hf_config_to_args(hf_config(**V3_ROUTING), "config.json")
+    assert (args.n_expert_groups, args.n_limited_groups, args.has_gate_bias) == (4, 2, True)
 
 
 def test_ints_are_accepted_where_floats_are_expected():

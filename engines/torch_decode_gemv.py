@@ -36,6 +36,18 @@ DECODE_GEMV_CHOICES = {
          "DSV3_TORCH_HEAD_GEMV and DSV3_TORCH_SPLIT_K_SUM=auto follow this switch)"}
 
 
+# The decode GEMV's weight rows prefetched into L2 before its griddepcontrol.wait (kernels/fp8_gemv.py PREFETCH_W):
+# `1` or `0` (default), read when a program is lowered. Meant for packages built with DSV3_TRITON_GDC=1 (and
+# DSV3_TRITON_GDC_TRIGGER=1) and run under a programmatic port (DSV3_TORCH_PDL), where the prefetch overlaps the
+# producer's end; without PDL it is a prefetch at the kernel's start (the same bits either way). Not yet timed.
+GEMV_PREFETCH_ENV = "DSV3_TORCH_GEMV_PREFETCH"
+
+
+def gemv_prefetch_on() -> bool:
+    return env_choice(GEMV_PREFETCH_ENV, "0", {"1": "the GEMV's weight rows into L2 before its wait",
+                                               "0": "no prefetch"}) == "1"
+
+
 def decode_gemv(kind: str, traced_batch: int | None = None) -> bool:
     """Whether a program of `kind` traced at `traced_batch` (None: not known, taken as the default tune
     batch) gets the GEMV path (DECODE_GEMV_ENV)."""

@@ -44,7 +44,7 @@ import torch
 from torch.library import triton_op
 
 from dsv3_export.engines import torch_launch
-from dsv3_export.engines.torch_decode_gemv import decode_gemv, gated
+from dsv3_export.engines.torch_decode_gemv import decode_gemv, gated, gemv_prefetch_on
 from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.engines.torch_triton_mla import absorb_gemm_on, head_gemv_on, merge_uv_on, mla_attention
 from dsv3_export.engines.torch_triton_moe import (MOE_ALIGN_DEFAULT, MOE_ALIGN_ENV, MOE_ALIGN_FORMS, moe_experts,
@@ -113,7 +113,8 @@ def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: t
     tile_gate = 1
     if small_batch is not None:
         x, gate = small_batch
-        torch_launch.launch_spec(gated(kv.gemv_spec(x, w, w_s, out, scale_reciprocal=a.is_cuda, norm=gemv_norm), gate))
+        torch_launch.launch_spec(gated(kv.gemv_spec(x, w, w_s, out, scale_reciprocal=a.is_cuda, norm=gemv_norm,
+                                                    prefetch_w=gemv_prefetch_on()), gate))
         tile_gate = 1 - gate
     tile = kg.fp8_gemm_spec(a, a_s, w, w_s, c, FP8_M_BUCKET[kind], per_split, split, decode)
     torch_launch.launch_spec(gated(tile, tile_gate))

@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 
 from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv, check_tensor,
-                                         launch, next_pow2)
+                                         is_interpreted, launch, next_pow2)
+from dsv3_export.kernels.l2_prefetch import prefetch_l2
 from dsv3_export.kernels.fp8_quant import ACT_DTYPES, quantize_rows
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 from dsv3_export.kernels.rms_norm import ResidualNorm, add_rms_stats
@@ -84,6 +85,7 @@ def _fp8_gemv_kernel(
     K: tl.constexpr, EXPERTS: tl.constexpr, SWIGLU: tl.constexpr, MUL_WEIGHT: tl.constexpr,
     SCALE_RECIPROCAL: tl.constexpr, SCALE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     ZERO_SPLITS: tl.constexpr, NORM: tl.constexpr, KP: tl.constexpr,
+    PREFETCH_W: tl.constexpr, K_LINES: tl.constexpr,
 ):
     """Program pid: column tile pid // ROWS, row pid % ROWS (a tile's rows adjacent: they share its
     weight in L2). EXPERTS: the weight is w[topk_ids.flatten()[row]] and x's row is row // TOPK.
@@ -91,7 +93,16 @@ def _fp8_gemv_kernel(
     split 0 and zeros to the others, so the sum over splits that follows is this result exactly.
     NORM (dense only): x is not read; each program computes its row's x = rms_norm(r + d) * nw itself
     (kernels/rms_norm.py: the whole row's mean square in one load of r and d, then each chunk of x from
-    r, d and nw again, L2 hits), and the first column tile's program writes the row's h = r + d."""
+    r, d and nw again, L2 hits), and the first column tile's program writes the row's h = r + d.
+    PREFETCH_W (dense only; never interpreted): the tile's weight rows (K_LINES 128-byte lines each) are prefetched
+    into L2 before the wait, so that under a programmatic graph edge their DRAM reads overlap the producer's end
+    (kernels/pdl.py PRE_WAIT_CALLS; DSV3_TORCH_GEMV_PREFETCH)."""
+    if PREFETCH_W:
+        pf_rows = tl.minimum((tl.program_id(0) // ROWS) * BLOCK_N + tl.arange(0, BLOCK_N), N_OUT - 1).to(tl.int64)
+        pf_cols = tl.minimum(tl.arange(0, K_LINES) * 128, K - 1)[None, :]
+        prefetch_l2(w_ptr + pf_rows[:, None] * stride_wn + pf_cols)
+        if SWIGLU:
+            prefetch_l2(w_ptr + (pf_rows + UP_OFFSET)[:, None] * stride_wn + pf_cols)
     wait_for_producer()  # before any memory access: kernels/pdl.py
     tl.static_assert(SCALE_BLOCK % BLOCK_N == 0, "a column tile lies in one 128-row scale block")
     tl.static_assert(CHUNK % SCALE_BLOCK == 0, "a K step holds whole 1x128 activation blocks")
@@ -177,7 +188,8 @@ def gemv_gate(m):
 
 def gemv_spec(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out: torch.Tensor, *,
               topk_ids: torch.Tensor | None = None, topk: int = 1, topk_weights: torch.Tensor | None = None,
-              swiglu: bool = False, scale_reciprocal: bool = True, norm: ResidualNorm | None = None) -> LaunchSpec:
+              swiglu: bool = False, scale_reciprocal: bool = True, norm: ResidualNorm | None = None,
+              prefetch_w: bool = False) -> LaunchSpec:
     """The launch into out [rows, N_OUT], rows = M (dense) or T*topk (experts); inputs checked by the
     caller, no rows: nothing runs.
     Dense: x [M, K], w [N, K], w_s [ceil(N/128), ceil(K/128)]. Experts (topk_ids [T, topk] given):
@@ -185,7 +197,8 @@ def gemv_spec(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out: torch.Te
     topk_ids.flatten()[p]. swiglu: w rows are [gate; up], out has N/2 columns, a multiple of the config's
     BLOCK_N (the caller checks: each up tile reads one 128-row scale block, as its gate tile does).
     out may also be a split-K workspace [S, M, N] (dense): the result in split 0, zeros in the rest.
-    norm (dense): x is computed from it (the kernel's NORM; x is then only a shape and dtype, never read)."""
+    norm (dense): x is computed from it (the kernel's NORM; x is then only a shape and dtype, never read).
+    prefetch_w (dense, compiled kernels only: ignored otherwise): the kernel's PREFETCH_W."""
     experts = topk_ids is not None
     rows = topk_ids.numel() if experts else x.shape[0]
     k = x.shape[1]
@@ -204,7 +217,9 @@ def gemv_spec(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out: torch.Te
     kwargs = dict(K=k, EXPERTS=experts, SWIGLU=swiglu, MUL_WEIGHT=topk_weights is not None,
                   SCALE_RECIPROCAL=scale_reciprocal, SCALE_BLOCK=QUANT_BLOCK,
                   ZERO_SPLITS=out.shape[0] - 1 if workspace else 0, NORM=norm is not None,
-                  KP=next_pow2(k) if norm is not None else 1)
+                  KP=next_pow2(k) if norm is not None else 1,
+                  PREFETCH_W=prefetch_w and not experts and not is_interpreted(_fp8_gemv_kernel),
+                  K_LINES=next_pow2(cdiv(k, 128)))
     grid = lambda meta: (cdiv(n_out, meta["BLOCK_N"]) * rows,)  # noqa: E731
     return LaunchSpec(_fp8_gemv_kernel, _fp8_gemv_single, GEMV_CONFIGS, grid, args, kwargs)
 

@@ -55,18 +55,19 @@ def _mla_merge_uv_kernel(
     SPLIT_TARGET: tl.constexpr, MIN_SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr, BLOCK_N: tl.constexpr,
     PREFETCH_W: tl.constexpr,  # the weight rows into L2 first (PTX: never in the interpreter)
 ):
-    """out[m, h, n] for row m (program axis 2), head h (axis 0) and BLOCK_N columns (axis 1)."""
-    wait_for_producer()  # before any memory access: kernels/pdl.py
+    """out[m, h, n] for row m (program axis 2), head h (axis 0) and BLOCK_N columns (axis 1). PREFETCH_W's
+    prefetch comes before the wait (kernels/pdl.py PRE_WAIT_CALLS): under a programmatic graph edge it overlaps the
+    split kernel's end."""
     head = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    pid_m = tl.program_id(2)
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c, mask_n = offs_c < C, offs_n < N
     if PREFETCH_W:  # an address in each 128-byte line of each row (64 bf16 / fp16 elements a line), none past w
         rows = tl.minimum(offs_n, N - 1).to(tl.int64)
         cols = tl.minimum(tl.arange(0, BLOCK_C // 64) * 64, C - 1)
-        lines = w_ptr + head * stride_wh + rows[:, None] * stride_wn + cols[None, :]
-        prefetch_l2(lines)
+        prefetch_l2(w_ptr + head * stride_wh + rows[:, None] * stride_wn + cols[None, :])
+    wait_for_producer()  # before any memory access: kernels/pdl.py
+    pid_m = tl.program_id(2)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c, mask_n = offs_c < C, offs_n < N
     lat = _merged_splits(o_part_ptr, lse_ptr, seqlens_ptr, SEQ_CAP, pid_m, head, tl.num_programs(2) * HEAD_BLOCKS,
                          NUM_SPLITS,
                          stride_ob, stride_oh, stride_os, stride_lb, stride_lh,

@@ -67,11 +67,22 @@ GDC = tl.constexpr(os.environ.get(GDC_ENV, "0") == "1" and not is_interpreted(_i
                    and hidden_from_mutation_analysis(globals(), "GDC"))
 
 
+# DSV3_TRITON_GDC_TRIGGER=1 (read at import; with GDC on): each kernel signals `griddepcontrol.launch_dependents` as
+# soon as its wait returns, so that under the "programmatic" port (engines/cuda_graph_pdl.py) the next kernel's blocks
+# are launched while this one runs (without it they launch when this one's blocks exit) and issue what they may
+# before their own wait: L2 prefetches of their weights (PRE_WAIT_CALLS). Opt-in, not yet timed (session 25).
+GDC_TRIGGER_ENV = "DSV3_TRITON_GDC_TRIGGER"
+GDC_TRIGGER = tl.constexpr(os.environ.get(GDC_TRIGGER_ENV, "0") == "1")
+
+
 @triton.jit
 def wait_for_producer():
-    """Block until the grids this launch depends on have completed and their writes are visible."""
+    """Block until the grids this launch depends on have completed and their writes are visible (with
+    GDC_TRIGGER, then let the grids that depend on this one launch)."""
     if GDC:
         tl.extra.cuda.gdc_wait()
+        if GDC_TRIGGER:
+            tl.extra.cuda.gdc_launch_dependents()
 
 
 # Names (as the CUDA driver reports them: the @triton.jit function's name) of the kernels checked to
@@ -94,18 +105,44 @@ def import_kernel_families() -> list[ModuleType]:
     return [importlib.import_module(f"{package.__name__}.{info.name}") for info in pkgutil.iter_modules(package.__path__)]
 
 
+# What a kernel may call before wait_for_producer(): index arithmetic and L2 prefetches. A prefetch brings no value
+# into a register and L2 is where every grid's writes land, so a line prefetched before the producer wrote it is
+# updated there, never read stale; nothing here loads, stores or calls a helper that might.
+PRE_WAIT_CALLS = frozenset({"prefetch_l2", "program_id", "num_programs", "arange", "minimum", "maximum", "to",
+                            "cdiv", "static_assert"})
+
+
+def _is_wait(stmt: ast.stmt) -> bool:
+    call = stmt.value if isinstance(stmt, ast.Expr) else None
+    return isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "wait_for_producer"
+
+
+def _pre_wait_calls(stmts: list[ast.stmt]) -> set[str]:
+    """The names of the functions and methods the statements call (nested blocks included)."""
+    names = set()
+    for node in (n for stmt in stmts for n in ast.walk(stmt) if isinstance(n, ast.Call)):
+        func = node.func
+        names.add(func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else "?")
+    return names
+
+
 def waits_for_producer(kernel: Any) -> Any:
-    """Register a @triton.jit kernel whose first statement is `wait_for_producer()` (checked here)."""
+    """Register a @triton.jit kernel whose body calls `wait_for_producer()` before any memory access (checked here:
+    only PRE_WAIT_CALLS before it, in statements of the body's top level)."""
     fn = getattr(kernel, "fn", kernel)
     name = fn.__name__
     tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     body = tree.body[0].body
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         body = body[1:]  # the docstring
-    first = body[0] if body else None
-    call = first.value if isinstance(first, ast.Expr) else None
-    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "wait_for_producer"):
-        raise TypeError(f"@waits_for_producer: kernel {name} must start with wait_for_producer() (after its "
-                        "docstring): a programmatic graph edge would let it read its producer's outputs early")
+    at = next((i for i, stmt in enumerate(body) if _is_wait(stmt)), None)
+    if at is None:
+        raise TypeError(f"@waits_for_producer: kernel {name} must call wait_for_producer() in its body's top level "
+                        "before any memory access: a programmatic graph edge would let it read its producer's "
+                        "outputs early")
+    early = sorted(_pre_wait_calls(body[:at]) - PRE_WAIT_CALLS)
+    if early:
+        raise TypeError(f"@waits_for_producer: kernel {name} calls {early} before wait_for_producer(); only "
+                        f"{sorted(PRE_WAIT_CALLS)} may come first (a load there could read a producer's output early)")
     CHECKED_KERNELS.add(name)
     return kernel

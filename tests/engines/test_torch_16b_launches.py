@@ -67,8 +67,8 @@ for skip_passes, env in settings:
             names.append(fn.__name__)
             tuned_among[fn.__name__] = len(getattr(k, "configs", None) or [None])  # 1: a bare kernel
             constants = kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"])
-            if fn.__name__ == "_mla_merge_uv_kernel":
-                prefetch_w.append({**n.kwargs["kwargs"], **constants}.get("PREFETCH_W"))
+            if fn.__name__ in ("_mla_merge_uv_kernel", "_fp8_gemv_kernel"):
+                prefetch_w.append((fn.__name__, {**n.kwargs["kwargs"], **constants}.get("PREFETCH_W")))
             passed = set(n.kwargs["kwargs"]) | set(constants)
             passed |= set(k.configs[0].kwargs) if getattr(k, "configs", None) else set()
             missing = sorted(set(fn.arg_names) - passed)
@@ -102,6 +102,7 @@ SETTINGS = {
     "merge uv prefetch": ("", dict(DSV3_TORCH_MERGE_UV_PREFETCH="1")),
     "moe direct configs": ("", dict(DSV3_TORCH_MOE_DIRECT_CONFIGS="up=32:4:5,down=64:4:4")),
     "attn norm": ("", dict(DSV3_TORCH_ATTN_NORM="gemv")),
+    "gemv prefetch": ("", dict(DSV3_TORCH_GEMV_PREFETCH="1")),
 }
 
 
@@ -260,8 +261,18 @@ def _check_merge_uv_prefetch(launches: dict[str, dict]):
     (PREFETCH_W), the default's do not; the launches are the same."""
     prefetch, default = launches["merge uv prefetch"], launches["defaults"]
     assert prefetch["kernels"] == default["kernels"], (prefetch["kernels"], default["kernels"])
-    assert (default["prefetch_w"], prefetch["prefetch_w"]) == ([False] * 2, [True] * 2), \
-        (default["prefetch_w"], prefetch["prefetch_w"])
+    merge_uv = [[on for name, on in r["prefetch_w"] if name == "_mla_merge_uv_kernel"] for r in (default, prefetch)]
+    assert merge_uv == [[False] * 2, [True] * 2], merge_uv
+
+
+def _check_gemv_prefetch(launches: dict[str, dict]):
+    """DSV3_TORCH_GEMV_PREFETCH=1 (opt-in, session 25, not yet timed): the decode GEMV's launches (wq + wkv_a and wo
+    of both layers) prefetch their weight rows before their wait (PREFETCH_W), the default's do not; the launches
+    are the same, every argument named (_trace)."""
+    prefetch, default = launches["gemv prefetch"], launches["defaults"]
+    assert prefetch["kernels"] == default["kernels"], (prefetch["kernels"], default["kernels"])
+    gemv = [[on for name, on in r["prefetch_w"] if name == "_fp8_gemv_kernel"] for r in (default, prefetch)]
+    assert gemv == [[False] * 4, [True] * 4], gemv
 
 
 def _check_attn_norm(launches: dict[str, dict]):
@@ -291,3 +302,4 @@ def test_16b_decode_launches():
     _check_merge_uv_prefetch(launches)
     _check_moe_direct_configs(launches)
     _check_attn_norm(launches)
+    _check_gemv_prefetch(launches)

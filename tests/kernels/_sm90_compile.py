@@ -205,13 +205,19 @@ def _cases(all_configs: bool):
                    dict(x_ptr=bf, w_ptr=f8, w_s_ptr=f32, c_ptr=f32 if zero_splits else bf, ids_ptr="*i64",
                         topk_w_ptr=f32, r_ptr=bf, d_ptr=bf, nw_ptr=bf, h_ptr=bf),
                    dict(K=k, EXPERTS=experts, SWIGLU=swiglu, MUL_WEIGHT=mul_weight, SCALE_RECIPROCAL=True,
-                        SCALE_BLOCK=128, ZERO_SPLITS=zero_splits, NORM=False, KP=1))
+                        SCALE_BLOCK=128, ZERO_SPLITS=zero_splits, NORM=False, KP=1, PREFETCH_W=False, K_LINES=16))
+        # the weight rows prefetched into L2 before the wait (DSV3_TORCH_GEMV_PREFETCH): wq + wkv_a, wo
+        yield ("fp8_gemv K=2048 prefetch_w zero_splits=0", fp8_gemv._fp8_gemv_kernel, cfg,
+               dict(x_ptr=bf, w_ptr=f8, w_s_ptr=f32, c_ptr=bf, ids_ptr="*i64", topk_w_ptr=f32, r_ptr=bf, d_ptr=bf,
+                    nw_ptr=bf, h_ptr=bf),
+               dict(K=2048, EXPERTS=False, SWIGLU=False, MUL_WEIGHT=False, SCALE_RECIPROCAL=True, SCALE_BLOCK=128,
+                    ZERO_SPLITS=0, NORM=False, KP=1, PREFETCH_W=True, K_LINES=16))
         # the attention norm in the prologue (engines/torch_attn_norm.py): wq + wkv_a at the 16b K, split-K workspace
         yield ("fp8_gemv K=2048 norm zero_splits=3", fp8_gemv._fp8_gemv_kernel, cfg,
                dict(x_ptr=bf, w_ptr=f8, w_s_ptr=f32, c_ptr=f32, ids_ptr="*i64", topk_w_ptr=f32, r_ptr=bf, d_ptr=bf,
                     nw_ptr=bf, h_ptr=bf),
                dict(K=2048, EXPERTS=False, SWIGLU=False, MUL_WEIGHT=False, SCALE_RECIPROCAL=True, SCALE_BLOCK=128,
-                    ZERO_SPLITS=3, NORM=True, KP=2048))
+                    ZERO_SPLITS=3, NORM=True, KP=2048, PREFETCH_W=False, K_LINES=16))
     for cfg in pick(rms_norm.NORM_CONFIGS):  # the attention norm at batches the tile GEMM serves (16b: K = 2048)
         yield ("add_rms_norm K=2048", rms_norm._add_rms_norm_kernel, cfg,
                dict(r_ptr=bf, d_ptr=bf, w_ptr=bf, x_ptr=bf, h_ptr=bf), dict(KP=2048))
@@ -291,6 +297,20 @@ def _cases(all_configs: bool):
                    dict(C=512, BLOCK_C=512, BLOCK_S=max_s, PREFETCH_W=prefetch, **runtime))
 
 
+PDL_OP = re.compile(r"\b(prefetch\.global\.L2|griddepcontrol\.wait|griddepcontrol\.launch_dependents)\b")
+
+
+def pdl_order(ptx: str) -> list[str]:
+    """The PTX's L2 prefetches and griddepcontrol instructions in program order, runs of one collapsed: e.g.
+    ["prefetch", "wait", "launch_dependents"] for a kernel that prefetches, waits, then lets its dependents launch."""
+    order: list[str] = []
+    for op in PDL_OP.findall(ptx):
+        name = op.split(".")[-1] if op.startswith("griddep") else "prefetch"
+        if not order or order[-1] != name:
+            order.append(name)
+    return order
+
+
 _INDUCTOR_FORMS: dict[str, object] = {}
 _INDUCTOR_DIR = tempfile.TemporaryDirectory(prefix="dsv3_inductor_src_")  # removed at exit
 
@@ -349,7 +369,8 @@ def main(all_configs: bool, with_usage: bool = False, only: frozenset[str] | Non
             row.update(ok=True, shared=compiled.metadata.shared, wgmma="wgmma" in ptx,
                        mma="mma.sync" in ptx, fits=compiled.metadata.shared <= SMEM_LIMIT,
                        mma_ops=sorted(set(MMA_OP.findall(ptx))), div_ops=sorted(set(DIV_OP.findall(ptx))),
-                       mul_recip_448=RECIP_448 in ptx, reduce_layouts=reduce_layouts(compiled.asm["ttgir"]))
+                       mul_recip_448=RECIP_448 in ptx, reduce_layouts=reduce_layouts(compiled.asm["ttgir"]),
+                       pdl_order=pdl_order(ptx))
             if with_usage:
                 row.update(_resource_usage(compiled.asm["cubin"]))
             if with_census:

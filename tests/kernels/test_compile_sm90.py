@@ -36,11 +36,11 @@ def _ptxas_available() -> str | None:
     return None if Path(path).with_name("cuobjdump").exists() else "cuobjdump not found beside triton's ptxas"
 
 
-def _compile(*flags: str) -> list[dict]:
+def _compile(*flags: str, env_extra: dict[str, str] | None = None) -> list[dict]:
     reason = _ptxas_available()
     if reason:
         pytest.skip(reason)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | (env_extra or {})
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     res = subprocess.run([sys.executable, "-m", "tests.kernels._sm90_compile", *flags], cwd=REPO, env=env,
@@ -179,3 +179,18 @@ def test_kernels_compile_for_sm90_without_heavy_spills(family: str):
                 if r["spill_bytes"] > MAX_SPILL_BYTES]
     assert not spilling, spilling
     FAMILY_CHECKS[family](rows)
+
+
+@pytest.mark.slow
+def test_pdl_builds_prefetch_before_the_wait_and_let_dependents_launch_after_it():
+    """DSV3_TRITON_GDC=1 with DSV3_TRITON_GDC_TRIGGER=1 (kernels/pdl.py): every kernel of the fp8 and MLA families
+    waits, then triggers its dependents' launch, in that order; the GEMV and merge_uv forms that prefetch their
+    weight rows (DSV3_TORCH_GEMV_PREFETCH, DSV3_TORCH_MERGE_UV_PREFETCH) issue the prefetches before the wait, so
+    that they overlap the producer's end under a programmatic edge. Without GDC: no griddepcontrol at all."""
+    rows = _compile("--only", "fp8,mla", env_extra={"DSV3_TRITON_GDC": "1", "DSV3_TRITON_GDC_TRIGGER": "1"})
+    _check(rows)
+    prefetching = {"fp8_gemv K=2048 prefetch_w zero_splits=0", "mla_merge_uv runtime_splits=True prefetch_w=True"}
+    for r in rows:
+        want = ["prefetch", "wait", "launch_dependents"] if r["kernel"] in prefetching else ["wait", "launch_dependents"]
+        assert r["pdl_order"] == want, (r["kernel"], r["config"], r["pdl_order"])
+    assert prefetching <= {r["kernel"] for r in rows}

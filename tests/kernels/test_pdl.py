@@ -37,9 +37,47 @@ def test_a_kernel_that_reads_before_waiting_is_refused():
         x = tl.load(x_ptr)  # noqa: F841, F821
         wait_for_producer()  # noqa: F821
 
-    with pytest.raises(TypeError, match="_early_read_kernel must start with wait_for_producer"):
+    with pytest.raises(TypeError, match=r"_early_read_kernel calls \['load'\] before wait_for_producer"):
         waits_for_producer(_early_read_kernel)
     assert "_early_read_kernel" not in CHECKED_KERNELS
+
+
+def test_a_kernel_without_the_wait_at_its_top_level_is_refused():
+    @triton.jit
+    def _nested_wait_kernel(x_ptr, FLAG: tl.constexpr):  # noqa: F821
+        if FLAG:
+            wait_for_producer()  # noqa: F821
+        tl.store(x_ptr, 1)  # noqa: F821
+
+    with pytest.raises(TypeError, match="_nested_wait_kernel must call wait_for_producer"):
+        waits_for_producer(_nested_wait_kernel)
+
+
+def test_a_helper_that_might_load_is_refused_before_the_wait():
+    @triton.jit
+    def _helper_first_kernel(x_ptr):
+        if x_ptr is not None:
+            v = _clamped_load(x_ptr, 0, 1)  # noqa: F841, F821
+        wait_for_producer()  # noqa: F821
+
+    with pytest.raises(TypeError, match="_clamped_load"):
+        waits_for_producer(_helper_first_kernel)
+
+
+def test_index_arithmetic_and_l2_prefetches_may_come_before_the_wait():
+    """kernels/pdl.py PRE_WAIT_CALLS: a prefetch reads nothing into registers (the GEMV's weight rows, merge_uv's)."""
+    @triton.jit
+    def _prefetch_first_kernel(w_ptr, N, PREFETCH: tl.constexpr):  # noqa: F821
+        if PREFETCH:
+            rows = tl.minimum(tl.program_id(0) * 16 + tl.arange(0, 16), N - 1)  # noqa: F821
+            prefetch_l2(w_ptr + rows.to(tl.int64) * 128)  # noqa: F821
+        wait_for_producer()  # noqa: F821
+
+    try:
+        waits_for_producer(_prefetch_first_kernel)
+        assert "_prefetch_first_kernel" in CHECKED_KERNELS
+    finally:
+        CHECKED_KERNELS.discard("_prefetch_first_kernel")
 
 
 def test_the_wait_may_follow_the_docstring():

@@ -274,6 +274,32 @@ def test_index_naming_a_shard_outside_the_directory(tmp_path, tiny):
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("shards, shown", [
+    ([["model-00001.safetensors"]], r"\[\['model-00001\.safetensors'\]\]"),  # a list: was TypeError: unhashable
+    ([5, None], r"\[5, None\]"),  # an int and a null: was TypeError: '<' not supported
+    ([""], r"\[''\]"),  # was "lists shard ckpt, which does not exist", naming the directory
+])
+def test_index_naming_shards_that_are_not_file_names(tmp_path, tiny, shards, shown):
+    path = save_checkpoint(tiny, tmp_path / "ckpt", max_shard_bytes=1 << 20)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    for name, shard in zip(index["weight_map"], shards):
+        index["weight_map"][name] = shard
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"index\.json: weight_map names shard\(s\) " + shown):
+        load_checkpoint(path)
+
+
+def test_shard_holding_a_tensor_the_index_does_not_list(tmp_path, tiny):
+    path = save_checkpoint(tiny, tmp_path / "ckpt", max_shard_bytes=1 << 20)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    name, shard = next(iter(index["weight_map"].items()))
+    del index["weight_map"][name]
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"{shard}: holds {name}, which model\.safetensors\.index\.json "
+                                              r"does not list$"):  # was "... maps to None"
+        load_checkpoint(path)
+
+
 def test_not_a_checkpoint_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         load_checkpoint(tmp_path / "nowhere")

@@ -49,6 +49,10 @@ def read_json(path: Path) -> dict[str, Any]:
     return value
 
 
+def _is_file_name(value: Any) -> bool:
+    return isinstance(value, str) and value not in ("", ".", "..") and Path(value).name == value
+
+
 def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files to read and, for a sharded HF checkpoint, its name -> file map."""
     index_path = directory / INDEX_FILE
@@ -56,10 +60,12 @@ def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
         weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index_path}: no weight_map")
-        outside = sorted({f for f in weight_map.values() if not isinstance(f, str) or Path(f).name != f})
-        if outside:  # a shard is a file name in this directory: "../x" or "/x" would read another checkpoint's file
-            raise CheckpointError(f"{index_path}: weight_map names shard(s) {outside[:3]}; a shard must be a file name "
-                                  f"in {directory}")
+        # A shard is a file name in this directory: "../x" or "/x" would read another checkpoint's file; a
+        # non-string (a list, null) is no file name at all (repr: such values need neither hash nor order).
+        outside = sorted({repr(f) for f in weight_map.values() if not _is_file_name(f)})
+        if outside:
+            raise CheckpointError(f"{index_path}: weight_map names shard(s) [{', '.join(outside[:3])}]; "
+                                  f"a shard must be a file name in {directory}")
         files = [directory / f for f in sorted(set(weight_map.values()))]
         for f in files:
             if not f.is_file():
@@ -101,13 +107,15 @@ class WeightFiles:
                 if name in self.tensors:
                     raise CheckpointError(f"{f}: tensor {name} is also stored in {self.tensors[name].file}")
                 if weight_map is not None and weight_map.get(name) != f.name:
-                    raise CheckpointError(f"{f}: holds {name}, which {INDEX_FILE} maps to {weight_map.get(name)}")
+                    where = f"maps to {weight_map[name]}" if name in weight_map else "does not list"
+                    raise CheckpointError(f"{f}: holds {name}, which {INDEX_FILE} {where}")
                 self.tensors[name] = StoredTensor(f, name, shape, _DTYPES.get(dtype, dtype))
         if weight_map is not None:
             absent = sorted(set(weight_map) - set(self.tensors))
             if absent:
-                raise CheckpointError(f"{directory / INDEX_FILE}: lists {absent[:5]} (and {max(len(absent) - 5, 0)} more) "
-                                      f"that are not in the shard it names")
+                more = f" (and {len(absent) - 5} more)" if len(absent) > 5 else ""
+                raise CheckpointError(f"{directory / INDEX_FILE}: lists {absent[:5]}{more} that are not in "
+                                      "the shard it names")
 
     def read(self, name: str, index: tuple | None = None) -> torch.Tensor:
         """The stored tensor (or a slice of it); a view of the file map when possible."""

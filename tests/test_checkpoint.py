@@ -225,6 +225,35 @@ def test_fused_experts_load(tmp_path, tiny):
     assert bitwise_equal(load_checkpoint(path).state_dict(), tiny.state_dict())
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dense_weights_with_an_fp8_config_say_so(tmp_path, tiny, layout):
+    """A dense checkpoint whose config.json still declares fp8 (e.g. DeepSeek's fp8_cast_bf16.py output next to the
+    fp8 config): was "fp8 weight ... has no scale" for weights that are not fp8."""
+    path = save_checkpoint(tiny, tmp_path / "ckpt", layout=layout)
+    cfg = json.loads((path / "config.json").read_text())
+    if layout == "hf":
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": [128, 128]}
+    else:
+        cfg["dtype"] = "fp8"
+    (path / "config.json").write_text(json.dumps(cfg))
+    fix = "remove quantization_config from" if layout == "hf" else 'set "dtype": "bf16" in'
+    with pytest.raises(CheckpointError, match=r"the config declares fp8 weights but \S+ is torch\.float32; for a "
+                                              rf"dense checkpoint, {fix} config\.json\): missing tensor ") as e:
+        load_checkpoint(path)
+    assert "has no scale" not in str(e.value)
+
+
+def test_fp8_embedding_in_an_fp8_checkpoint_is_named_as_such(hf_ckpt):
+    """The hint said "the config declares no fp8 quantization" though it does."""
+    name = "model.embed_tokens.weight"
+    rewrite(hf_ckpt, lambda t: t.update({name: t[name].to(torch.float8_e4m3fn)}))
+    with pytest.raises(CheckpointError, match=r"tensor model\.embed_tokens\.weight has dtype torch\.float8_e4m3fn, "
+                                              r"expected a float dtype \(fp8 checkpoints keep the embedding") as e:
+        load_checkpoint(hf_ckpt)
+    assert "declares no fp8" not in str(e.value)
+
+
 def test_pickle_checkpoint_is_refused_without_unpickling(tmp_path, tiny):
     directory = tmp_path / "pickled"
     directory.mkdir()

@@ -97,20 +97,26 @@ def _check_names(model: Transformer, files: WeightFiles, layout: HfLayout | None
                  sources: dict[str, tuple[str, Piece]], unmapped: list[str]) -> None:
     expected = model.state_dict()
     where = (lambda ours: ours_to_hf(ours)) if layout is not None else (lambda ours: ours)
-    problems = []
+    problems, dense = [], []
     for name in sorted(set(expected) - set(sources)):
         weight = name[: -len("scale")] + "weight"
-        if name.endswith(".scale") and weight in sources:
-            stored = sources[weight][0]
+        stored = sources[weight][0] if name.endswith(".scale") and weight in sources else None
+        if stored is not None and files.tensors[stored].dtype == FP8_DTYPE:
             problems.append(f"fp8 weight {stored} in {files.tensors[stored].file} has no scale {where(name)}")
         else:
             problems.append(f"missing tensor {where(name)}")
+            if stored is not None:
+                dense.append(stored)
     extra = unmapped + sorted(sources[n][0] for n in set(sources) - set(expected))
     problems += [f"unexpected tensor {s} in {files.tensors[s].file}" for s in sorted(set(extra))]
     if problems:
         hint = ""
         if any(p.endswith(("_scale_inv", ".scale")) for p in extra) and model.args.dtype != "fp8":
             hint = " (the files hold fp8 scales but the config declares no fp8 quantization)"
+        elif dense:  # e.g. DeepSeek's fp8_cast_bf16.py output next to the fp8 checkpoint's config.json
+            fix = "remove quantization_config from" if layout is not None else 'set "dtype": "bf16" in'
+            hint = (f" (the config declares fp8 weights but {dense[0]} is {files.tensors[dense[0]].dtype}; "
+                    f"for a dense checkpoint, {fix} config.json)")
         raise CheckpointError(f"{files.directory}: checkpoint does not match its config{hint}: {_listing(problems)}")
 
 
@@ -135,7 +141,10 @@ def _assign(model: Transformer, files: WeightFiles, layout: HfLayout | None, dev
             if info.dtype != FP8_DTYPE:
                 raise CheckpointError(f"{what} has dtype {info.dtype}, expected float8_e4m3fn (the config declares fp8)")
         elif not (isinstance(info.dtype, torch.dtype) and info.dtype.is_floating_point and info.dtype.itemsize > 1):
-            hint = " (an fp8 weight, but the config declares no fp8 quantization)" if info.dtype == FP8_DTYPE else ""
+            hint = ""
+            if info.dtype == FP8_DTYPE:  # embedding, head, router and norms stay dense in DeepSeek's fp8 scheme
+                hint = (" (an fp8 weight, but the config declares no fp8 quantization)" if args.dtype != "fp8" else
+                        " (fp8 checkpoints keep the embedding, lm_head, router gate, norms and scales dense)")
             raise CheckpointError(f"{what} has dtype {info.dtype}, expected a float dtype{hint}")
         tensor = files.read(stored, piece.index)
         if layout is not None and not layout.rope_interleave:

@@ -103,6 +103,11 @@ def diff(
     if reference_device not in (None, "cpu", "cuda"):
         raise CliError(f"--reference-device {reference_device!r}: choose cpu or cuda", EXIT_USAGE)
     check_numbers(gen_steps, atol, rtol, tol)
+    if layers and debug_engine is not None:
+        kept, report_dir = debug_engine.absolute().resolve(), out.absolute().resolve()
+        if kept == report_dir or report_dir in kept.parents:
+            raise CliError(f"--debug-engine {debug_engine}: inside --out {out}, which the report replaces; "
+                           "keep it elsewhere", EXIT_USAGE)
     prompts = parse_prompts(prompt_ids) if prompt_ids is not None else (
         read_token_file(token_file) if token_file is not None else None)
     options = DiffOptions(

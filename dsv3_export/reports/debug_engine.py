@@ -82,9 +82,24 @@ def mismatch(debug: Manifest, manifest: Manifest) -> str | None:
     return None
 
 
+def check_debug_path(path: Path, engine: Engine) -> None:
+    """Refuse a debug-engine path that building there would destroy: the engine itself, or any engine directory that
+    is not a debug engine (ensure_debug_engine rebuilds a mismatching one in place, and build replaces engines)."""
+    path = Path(path)
+    if path.absolute().resolve() == Path(engine.path).absolute().resolve():
+        raise DebugEngineError(f"--debug-engine {path}: is the engine being compared, not a debug engine; "
+                               "refusing to replace it (give another directory)")
+    if (path / "manifest.json").is_file():
+        step = read_manifest(path).backend_info.get("step")
+        if step != DebugLatentCacheStep.__name__:
+            raise DebugEngineError(f"--debug-engine {path}: holds an engine that is not a debug engine; refusing to "
+                                   f"replace it (backend_info.step is {step!r}; give another directory)")
+
+
 def ensure_debug_engine(engine: Engine, path: Path, console: Console | None = None) -> Path:
-    """Reuse the debug engine at `path` when it matches `engine`, else build it there."""
+    """Reuse the debug engine at `path` when it matches `engine`, else build it there (check_debug_path first)."""
     console = console or Console(stderr=True, quiet=True)
+    check_debug_path(path, engine)
     if (path / "manifest.json").is_file():
         reason = mismatch(read_manifest(path), engine.manifest)
         if reason is None:

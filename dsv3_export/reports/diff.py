@@ -32,7 +32,7 @@ from rich.console import Console
 from dsv3_export.debug_step import stage_names
 from dsv3_export.manifest import MANIFEST_NAME, installed_versions
 from dsv3_export.reports import metrics
-from dsv3_export.reports.debug_engine import DebugRunner, ensure_debug_engine
+from dsv3_export.reports.debug_engine import DebugRunner, check_debug_path, ensure_debug_engine
 from dsv3_export.reports.reference import load_reference, reference_generate, reference_stages
 from dsv3_export.reports.tolerances import ToleranceSet, default_tolerances
 from dsv3_export.runtime import Engine, load_engine
@@ -205,6 +205,8 @@ def run_diff(options: DiffOptions, console: Console | None = None) -> dict[str, 
     """Run the comparison and return the report (see write_diff_report for the files)."""
     console = console or Console(stderr=True, quiet=True)
     engine = load_engine(options.engine_dir)
+    if options.layers and options.debug_engine is not None:
+        check_debug_path(Path(options.debug_engine), engine)  # before the reference is loaded
     m = engine.manifest
     args = engine.args
     ref_device = options.reference_device or m.device

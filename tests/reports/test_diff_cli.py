@@ -123,3 +123,32 @@ def test_out_that_is_not_a_report_dir_is_refused_before_running(artifacts, tmp_p
     assert main(["diff", str(artifacts.engines["clean"]), "--out", str(out), "--no-layers"]) == 1
     assert "not a report directory" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
+
+
+def test_debug_engine_path_never_replaces_an_engine(artifacts, tmp_path, capsys):
+    """--debug-engine naming the engine itself (or another, non-debug engine) rebuilt a debug engine over it and exited
+    0: the user's engine was gone. Now refused before any work, the directory left as it was; inside --out: a usage
+    error (the report's atomic replace would delete the kept debug engine)."""
+    import hashlib
+
+    from tests.engines._ort_engines import copy_engine
+
+    engine = copy_engine(artifacts.engines["clean"], tmp_path / "engine")
+    other = copy_engine(artifacts.engines["bug_layer2"], tmp_path / "other")
+
+    def digest(d: Path) -> str:
+        return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(d.iterdir()))).hexdigest()
+
+    before = {d: digest(d) for d in (engine, other)}
+    for target in (engine, other):
+        code = main(["diff", str(engine), "--out", str(tmp_path / "r"), "--debug-engine", str(target),
+                     "--seq-len", "4", "--gen-steps", "0"])
+        assert code == 1, target
+        assert "not a debug engine; refusing to replace it" in " ".join(capsys.readouterr().err.split())
+    assert {d: digest(d) for d in (engine, other)} == before
+    out = tmp_path / "r"
+    for target in (out, out / "debug"):
+        code = main(["diff", str(engine), "--out", str(out), "--debug-engine", str(target), "--seq-len", "4"])
+        assert code == EXIT_USAGE, target
+        assert "--debug-engine" in capsys.readouterr().err
+    assert not out.exists()

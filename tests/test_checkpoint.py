@@ -254,6 +254,22 @@ def test_fp8_embedding_in_an_fp8_checkpoint_is_named_as_such(hf_ckpt):
     assert "declares no fp8" not in str(e.value)
 
 
+def test_only_the_mtp_layers_after_the_last_are_skipped(tmp_path):
+    """num_nextn_predict_layers=1 makes layer n_layers the MTP layer; further layers are unexpected, as they are
+    without MTP (they were all skipped: a config with fewer layers than the checkpoint loaded a truncated model)."""
+    model = preset_model("tiny", score_func="sigmoid", gate_bias=True)
+    path = save_checkpoint(model, tmp_path / "hf", layout="hf")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(num_hidden_layers=1, num_nextn_predict_layers=1)  # stored: layers 0, 1 (the MTP layer) and 2
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor model\.layers\.2\.") as e:
+        load_checkpoint(path)
+    assert "model.layers.1." not in str(e.value)
+    cfg.update(num_hidden_layers=2)  # layer 2 is the MTP layer
+    (path / "config.json").write_text(json.dumps(cfg))
+    assert load_checkpoint(path).args.n_layers == 2
+
+
 def test_pickle_checkpoint_is_refused_without_unpickling(tmp_path, tiny):
     directory = tmp_path / "pickled"
     directory.mkdir()

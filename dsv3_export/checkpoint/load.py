@@ -76,8 +76,8 @@ def _sources(files: WeightFiles, args: ModelArgs, layout: HfLayout | None) -> tu
     for stored in files.tensors:
         if layout is None:
             pieces = [Piece(stored)]
-        elif layout.n_mtp_layers and (layer_of(stored) or 0) >= args.n_layers:
-            continue  # DeepSeek-V3's multi-token-prediction layer: not part of the causal LM
+        elif args.n_layers <= (layer_of(stored) or 0) < args.n_layers + layout.n_mtp_layers:
+            continue  # DeepSeek-V3's multi-token-prediction layer(s) after the last: not part of the causal LM
         else:
             pieces = hf_to_ours(stored, args.n_routed_experts, args.moe_inter_dim, args.dim)
         if pieces is None:

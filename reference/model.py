@@ -137,7 +137,7 @@ def _draw(module: nn.Module, seed: int) -> None:
     gen = torch.Generator(device=device).manual_seed(seed)
     if isinstance(module, Linear):
         dense = torch.randn(module.out_features, module.in_features, device=device, generator=gen)
-        dense *= module.in_features**-0.5
+        dense *= max(module.in_features, 1) ** -0.5  # in_features 0: the empty shared experts of n_shared_experts=0
         if module.is_fp8:
             q, s = weight_quant(dense, module.block_size)
             module.weight.copy_(q)

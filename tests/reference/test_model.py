@@ -149,6 +149,16 @@ def test_fp8_model_dequantizes_ragged_blocks(seed):
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_model_without_shared_experts_draws_weights_and_runs(seed, dtype):
+    """n_shared_experts=0 (ModelArgs allows it; HF builds empty shared experts): drawing the empty w2's weights
+    was a ZeroDivisionError (0 ** -0.5)."""
+    model = build(tiny(n_shared_experts=0, dtype=dtype), seed)
+    assert model.layers[1].ffn.shared_experts.w2.weight.shape == (192, 0)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.zeros(1, 3, dtype=torch.long))).all()
+
+
 def test_forward_rejects_positions_past_the_cache():
     model = build(tiny(), 0)
     with pytest.raises(RuntimeError, match="max_seq_len"):

@@ -39,7 +39,8 @@ DECODE_GEMV_CHOICES = {
 # The decode GEMV's weight rows prefetched into L2 before its griddepcontrol.wait (kernels/fp8_gemv.py PREFETCH_W):
 # `1` or `0` (default), read when a program is lowered. Meant for packages built with DSV3_TRITON_GDC=1 (and
 # DSV3_TRITON_GDC_TRIGGER=1) and run under a programmatic port (DSV3_TORCH_PDL), where the prefetch overlaps the
-# producer's end; without PDL it is a prefetch at the kernel's start (the same bits either way). Not yet timed.
+# producer's end; without PDL it is a prefetch at the kernel's start (the same bits either way). Timed only in
+# one 4-layer build with PDL so far (session 25, benchmarks/RESULTS.md).
 GEMV_PREFETCH_ENV = "DSV3_TORCH_GEMV_PREFETCH"
 
 

@@ -121,20 +121,20 @@ def external_locations(model_path: Path) -> dict[str, str]:
 
 
 def check_external_data(model_path: Path, engine_dir: Path, allowed: set[str]) -> None:
-    """Refuse (ValueError naming model and tensor) any location outside the directory's own files."""
+    """Refuse (EngineDirError, a ValueError, naming model and tensor) any location outside the directory's own files."""
+    from dsv3_export.manifest import EngineDirError
+
     engine_dir = engine_dir.resolve()
     try:
         locations = external_locations(model_path)
     except DecodeError as e:  # intact by its hash, so written wrong: say which file
-        from dsv3_export.manifest import EngineDirError
-
         raise EngineDirError(f"{model_path}: not a readable ONNX model ({e})") from e
     for tensor, location in locations.items():
         where = f"{model_path}: tensor {tensor!r} has external-data location {location!r}"
         if not location or Path(location).is_absolute() or location.startswith(("/", "\\")) or ".." in Path(location).parts:
-            raise ValueError(f"{where}: must be a plain file name inside the engine directory")
+            raise EngineDirError(f"{where}: must be a plain file name inside the engine directory")
         target = engine_dir / location
         if target.is_symlink():
-            raise ValueError(f"{where}: is a symlink")
+            raise EngineDirError(f"{where}: is a symlink")
         if target.resolve().parent != engine_dir or location not in allowed:
-            raise ValueError(f"{where}: not a payload file listed in manifest.json")
+            raise EngineDirError(f"{where}: not a payload file listed in manifest.json")

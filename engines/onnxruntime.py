@@ -118,7 +118,9 @@ class OnnxRuntimeBackend:
                                      f"({ort.__version__}) does not have; available: {ort.get_available_providers()}")
         model_path = engine_dir / onnx_graph.MODEL_FILE
         if onnx_graph.MODEL_FILE not in manifest.files:
-            raise ValueError(f"{engine_dir}: manifest.json lists no {onnx_graph.MODEL_FILE}")
+            from dsv3_export.manifest import EngineDirError
+
+            raise EngineDirError(f"{engine_dir}: manifest.json lists no {onnx_graph.MODEL_FILE}")
         onnx_graph.check_external_data(model_path, engine_dir, set(manifest.files))
         options = ort_session.session_options(manifest.device, model_path)  # CUDA: fp8 dequant folded to bf16
         device = torch.device("cpu")

@@ -67,3 +67,30 @@ def test_truncated_model_with_matching_hashes_is_named(tmp_path):
     rehash(engine)
     with pytest.raises(EngineDirError, match=rf"{MODEL_FILE}: (not a readable ONNX model|onnxruntime cannot load it)"):
         load_engine(engine)
+
+
+def _drop_model_file(engine_dir) -> None:
+    import json
+
+    (engine_dir / MODEL_FILE).unlink()
+    d = json.loads((engine_dir / MANIFEST_NAME).read_text())
+    del d["files"][MODEL_FILE]
+    (engine_dir / MANIFEST_NAME).write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize("case", ["outside", "no_model"])
+def test_refused_engine_is_a_failure_not_a_usage_error(tmp_path, capsys, case):
+    """The loader's refusals (external data outside the directory, no model.onnx listed) were plain ValueErrors, which
+    generate / profile / diff report as usage errors (exit 2); a bad engine directory is a failure (exit 1), as every
+    other refusal of one is (EngineDirError)."""
+    from dsv3_export.cli import main
+
+    engine = copy_engine(fp32_engine_dir(), tmp_path / "engine")
+    if case == "outside":
+        relocate_first_weight(engine, "/etc/hostname")
+    else:
+        _drop_model_file(engine)
+    with pytest.raises(EngineDirError, match=MODEL_FILE.replace(".", r"\.")):
+        load_engine(engine)
+    assert main(["generate", str(engine), "--prompt-ids", "1,2", "--max-new-tokens", "1"]) == 1
+    assert MODEL_FILE in capsys.readouterr().err

@@ -219,17 +219,17 @@ def run_diff(options: DiffOptions, console: Console | None = None) -> dict[str, 
     stages = stage_names(args.n_layers) if options.layers else []
 
     runner, debug_info, tmp = None, None, None
-    if options.layers:
-        path = options.debug_engine
-        if path is None:
-            tmp = Path(tempfile.mkdtemp(prefix="dsv3-diff-debug-"))
-            path = tmp / "engine"
-        console.print(f"debug engine (hidden state after each stage): {path}")
-        ensure_debug_engine(engine, Path(path), console)
-        runner = DebugRunner.load(Path(path))
-        debug_info = {"path": None if tmp else str(Path(path).absolute()), "hash": engine_hash(Path(path)),
-                      "hidden_output": runner.hidden_spec["name"]}
-    try:
+    try:  # a temporary debug engine is removed whatever happens once it is made (a failure, Ctrl-C)
+        if options.layers:
+            path = options.debug_engine
+            if path is None:
+                tmp = Path(tempfile.mkdtemp(prefix="dsv3-diff-debug-"))
+                path = tmp / "engine"
+            console.print(f"debug engine (hidden state after each stage): {path}")
+            ensure_debug_engine(engine, Path(path), console)
+            runner = DebugRunner.load(Path(path))
+            debug_info = {"path": None if tmp else str(Path(path).absolute()), "hash": engine_hash(Path(path)),
+                          "hidden_output": runner.hidden_spec["name"]}
         console.print(f"running {len(prompts)} prompt(s) through the engine and the reference")
         c = _collect(engine, model, runner, prompts, stages)
     finally:

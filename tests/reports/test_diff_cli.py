@@ -152,3 +152,33 @@ def test_debug_engine_path_never_replaces_an_engine(artifacts, tmp_path, capsys)
         assert code == EXIT_USAGE, target
         assert "--debug-engine" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fail_in", ["build", "load"])
+def test_temporary_debug_engine_is_removed_when_diff_fails(artifacts, tmp_path, monkeypatch, fail_in):
+    """Without --debug-engine the debug engine is built in a temporary directory; it was removed only around the runs,
+    so a failure or Ctrl-C while building or loading it left the directory (a whole engine: GBs for a large model)."""
+    import tempfile
+
+    import dsv3_export.reports.diff as diff_module
+    from dsv3_export.reports.debug_engine import DebugEngineError
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+
+    def fake_build(engine, path, console=None):
+        path.mkdir()
+        (path / "model.onnx.data").write_bytes(b"x" * 1000)
+        if fail_in == "build":
+            raise KeyboardInterrupt
+        return path
+
+    def failing_load(path):
+        raise DebugEngineError(f"{path}: cannot load it")
+
+    monkeypatch.setattr(diff_module, "ensure_debug_engine", fake_build)
+    monkeypatch.setattr(diff_module.DebugRunner, "load", staticmethod(failing_load))
+    code = main(["diff", str(artifacts.engines["clean"]), "--out", str(tmp_path / "r"), "--seq-len", "4"])
+    assert code == (130 if fail_in == "build" else 1)
+    assert list(scratch.iterdir()) == [] and not (tmp_path / "r").exists()

@@ -78,9 +78,10 @@ def make_prompts(options: DiffOptions, vocab: int, max_seq_len: int) -> list[lis
         g = torch.Generator().manual_seed(options.seed)
         prompts = torch.randint(0, vocab, (options.batch, options.seq_len), generator=g).tolist()
     longest = max(map(len, prompts))
-    if longest + options.gen_steps > max_seq_len:
+    # the last greedy token is never fed back (runtime.Engine.generate): the steps write longest + gen_steps - 1
+    if longest + max(options.gen_steps - 1, 0) > max_seq_len:
         raise ValueError(f"prompt length {longest} + {options.gen_steps} generated steps exceed the engine's "
-                         f"max_seq_len={max_seq_len}")
+                         f"max_seq_len={max_seq_len} (positions written: prompt + steps - 1)")
     return prompts
 
 

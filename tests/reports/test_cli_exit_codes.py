@@ -55,3 +55,23 @@ def test_profile_with_nothing_measured_fails(artifacts, tmp_path, capsys, skippe
     report = json.loads((tmp_path / "none" / "report.json").read_text())  # still written, with the reasons
     assert [r["skipped"] for r in report["engines"][0]["results"]] == [reason]
     assert main(["profile", engine, "--out", str(tmp_path / "some"), *measurable, *common]) == EXIT_OK
+
+
+def test_diff_takes_a_prompt_that_fills_max_seq_len_with_its_greedy_steps(artifacts, tmp_path, capsys):
+    """generate never feeds back the last new token, so a prompt of P tokens and N greedy steps writes P + N - 1
+    positions; diff refused P + N == max_seq_len + 1 (e.g. a full-length prompt with one step) as too long."""
+    from dsv3_export.reports.diff import DiffOptions, make_prompts
+
+    def options(seq_len: int, gen_steps: int) -> DiffOptions:
+        return DiffOptions(engine_dir=tmp_path, out=tmp_path, batch=1, seq_len=seq_len, gen_steps=gen_steps)
+
+    assert len(make_prompts(options(256, 1), 1000, 256)[0]) == 256
+    assert len(make_prompts(options(250, 7), 1000, 256)[0]) == 250
+    with pytest.raises(ValueError, match="exceed the engine's max_seq_len=256"):
+        make_prompts(options(250, 8), 1000, 256)
+    out = tmp_path / "r"
+    code = main(["diff", str(artifacts.engines["clean"]), "--out", str(out), "--no-layers", "--batch", "1",
+                 "--seq-len", "254", "--gen-steps", "3", "--json"])
+    assert code == EXIT_OK, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["greedy"]["agreement"] == 1.0 and len(report["greedy"]["engine"][0]) == 3

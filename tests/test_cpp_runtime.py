@@ -160,3 +160,72 @@ def test_cpp_rejects_other_backends_and_bad_usage(dsv3_run, engine_dir, tmp_path
     assert _run(dsv3_run, engine_dir, "--prompt-ids", "1,x").returncode == 2
     done = _run(dsv3_run, engine_dir, "--prompt-ids", "1,999999")
     assert done.returncode == 1 and "outside the vocabulary" in done.stderr
+
+
+def _grow_vocab(m: dict, logits_too: bool) -> None:
+    m["model"]["vocab_size"] += 1000
+    if logits_too:
+        next(s for s in m["outputs"] if s["name"] == "logits")["shape"][-1] += 1000
+
+
+def _set_layers(m: dict, n: int) -> None:
+    m["model"]["n_layers"] = n
+    m["kv_cache"]["shape"][1] = n
+
+
+_LONG_PROMPT = ("--prompt-ids", ",".join(str(i % 1000) for i in range(300)), "--max-new-tokens", "4")
+_MANIFEST_EDITS = {  # id: (edit of manifest.json, dsv3-run's arguments, the key named, what the message says of it)
+    # sizes beyond the payload's tables: the package indexed past them (exit 134) or ran with a wrong bound
+    "vocab_vs_logits": (lambda m: _grow_vocab(m, False), ("--prompt-ids", "1500,2"), "model.vocab_size",
+                        "is 2000 but the 'logits' output's last dimension is 1000"),
+    "vocab_vs_embedding": (lambda m: _grow_vocab(m, True), ("--prompt-ids", "1500,2"), "model.vocab_size",
+                           "is 2000 but the payload's embedding"),
+    "max_seq_len_vs_rope": (lambda m: m["model"].update(max_seq_len=512), _LONG_PROMPT, "model.max_seq_len",
+                            "is 512 but the payload's rope table"),
+    "n_layers_vs_weights": (lambda m: _set_layers(m, 3), (), "model.n_layers", "is 3 but the payload's weights"),
+    "width_vs_cache_spec": (lambda m: m["model"].update(kv_lora_rank=32), (), "kv_cache.shape",
+                            "width 80 differs from the model's latent cache width 48"),
+    "cache_dtype_vs_input": (lambda m: m["kv_cache"].update(dtype="bfloat16"), (), "kv_cache.dtype",
+                             "is \"bfloat16\" but the packages' 'kv_cache' input is \"float32\""),
+    # wrong JSON types
+    "n_layers_string": (lambda m: m["model"].update(n_layers="2"), (), "model.n_layers",
+                        "must be an integer, got \"2\""),
+    "max_seq_len_float": (lambda m: m["model"].update(max_seq_len=256.0), (), "model.max_seq_len",
+                          "must be an integer, got 256.0"),
+    "vocab_bool": (lambda m: m["model"].update(vocab_size=True), (), "model.vocab_size",
+                   "must be an integer, got true"),
+    "cache_dtype_int": (lambda m: m["kv_cache"].update(dtype=32), (), "kv_cache.dtype", "must be a string, got 32"),
+    "model_list": (lambda m: m.update(model=[1]), (), "model", "must be an object, got [1]"),
+    # missing keys
+    "model_key_missing": (lambda m: m["model"].pop("kv_lora_rank"), (), "model", "lacks key(s) ['kv_lora_rank']"),
+    "packages_key_missing": (lambda m: m["backend_info"]["packages"].pop("decode"), (), "backend_info.packages",
+                             "lacks key(s) ['decode']"),
+    # out of range
+    "max_seq_len_negative": (lambda m: m["model"].update(max_seq_len=-1), (), "model.max_seq_len",
+                             "must be >= 1, got -1"),
+    "n_layers_negative": (lambda m: m["model"].update(n_layers=-2), (), "model.n_layers", "must be >= 1, got -2"),
+    "max_batch_size_negative": (lambda m: m["model"].update(max_batch_size=-1), (), "model.max_batch_size",
+                                "must be >= 1, got -1"),
+    "file_size_negative": (lambda m: m["files"]["decode.pt2"].update(size=-1), (), "files.decode.pt2.size",
+                           "must be >= 0, got -1"),
+    "format_version_zero": (lambda m: m.update(format_version=0), (), "format_version", "must be >= 1, got 0"),
+    # a payload file the manifest does not list (and so does not verify)
+    "weights_unlisted": (lambda m: m["backend_info"].update(weights="../engine/weights.safetensors"), (),
+                         "backend_info.weights",
+                         "names \"../engine/weights.safetensors\", which 'files' does not list"),
+}
+
+
+@pytest.mark.parametrize("case", list(_MANIFEST_EDITS))
+def test_cpp_refuses_edited_manifest(dsv3_run, engine_dir, tmp_path, case):
+    """manifest.json is not hashed: an edited key is refused on one line naming manifest.json, the key and the value
+    found (exit 1, as for any bad engine directory), never an abort (134) or a libtorch error from inside a package."""
+    edit, args, key, says = _MANIFEST_EDITS[case]
+    bad = _copy(engine_dir, tmp_path)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    edit(manifest)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    done = _run(dsv3_run, bad, *(args or ("--prompt-ids", "1,2")))
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
+    assert done.stderr.count("\n") == 1 and done.stdout == "", done.stderr[-2000:]
+    assert done.stderr.startswith(f"dsv3-run: error: {bad / 'manifest.json'}: '{key}' {says}"), done.stderr

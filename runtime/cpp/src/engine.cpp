@@ -12,6 +12,7 @@
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
 #include "json.hpp"
+#include "manifest_checks.hpp"
 #include "safetensors.hpp"
 #include "sha256.hpp"
 
@@ -235,35 +236,28 @@ Engine::Engine(const std::string& engine_dir, bool verify_hashes) : dir_(engine_
     throw EngineError(e.what());
   }
   try {
-    const int64_t version = manifest.at("format_version", kManifestName).as_int("format_version");
-    if (version > kFormatVersion)
-      throw EngineError(manifest_path.string() + ": format version " + std::to_string(version) +
-                        " is newer than this runtime reads (<= " + std::to_string(kFormatVersion) + ")");
-    const std::string& backend = manifest.at("backend", kManifestName).as_string("backend");
-    if (backend != "torch")
-      throw EngineError(engine_dir + ": a '" + backend + "' engine; dsv3-run runs only torch-backend engines");
+    // manifest.json is not hashed: every key read below is checked first (manifest_checks.hpp)
+    check_format_version(manifest, manifest_path.string());
+    const ModelSizes model = check_manifest(manifest, manifest_path.string());
     verify_files(dir, manifest, verify_hashes);
     const Json& info = manifest.at("backend_info", kManifestName);
-    const std::string& layout = info.at("layout", "backend_info").as_string("backend_info.layout");
-    if (layout != kPayloadLayout)
-      throw EngineError(engine_dir + ": torch payload layout '" + layout + "' is not '" + kPayloadLayout + "'");
     try {
       device_ = check_device(info);
     } catch (const EngineError& e) {
       throw EngineError(engine_dir + ": cannot run this engine here: " + e.what());
     }
-    const Json& model = manifest.at("model", kManifestName);
-    n_layers_ = model.at("n_layers", "model").as_int("model.n_layers");
-    cache_width_ = model.at("kv_lora_rank", "model").as_int("model.kv_lora_rank") +
-                   model.at("qk_rope_head_dim", "model").as_int("model.qk_rope_head_dim");
-    max_seq_len_ = model.at("max_seq_len", "model").as_int("model.max_seq_len");
-    max_batch_size_ = model.at("max_batch_size", "model").as_int("model.max_batch_size");
-    vocab_size_ = model.at("vocab_size", "model").as_int("model.vocab_size");
+    n_layers_ = model.n_layers;
+    cache_width_ = model.cache_width();
+    max_seq_len_ = model.max_seq_len;
+    max_batch_size_ = model.max_batch_size;
+    vocab_size_ = model.vocab_size;
     cache_dtype_ = dtype_from_name(manifest.at("kv_cache", kManifestName).at("dtype", "kv_cache").as_string("kv_cache.dtype"));
-    weights_ = load_safetensors((dir / info.at("weights", "backend_info").as_string("backend_info.weights")).string(),
-                                device_);
+    const std::string weights = (dir / info.at("weights", "backend_info").as_string("backend_info.weights")).string();
+    check_payload_sizes(weights, model, manifest_path.string());  // header only, before reading the tensors
+    weights_ = load_safetensors(weights, device_);
     const Json& packages = info.at("packages", "backend_info");
     const Json* records = info.find("constants");
+    if (records != nullptr && records->is_null()) records = nullptr;  // as absent: names only
     prefill_ = load_package(dir / packages.at("prefill", "packages").as_string("packages.prefill"), weights_, device_,
                             records);
     decode_ = load_package(dir / packages.at("decode", "packages").as_string("packages.decode"), weights_, device_,

@@ -270,4 +270,65 @@ const Json& Json::at(const std::string& key, const std::string& what) const {
   return *v;
 }
 
+namespace {
+void dump_string(std::string& out, const std::string& s) {
+  static const char* kHex = "0123456789abcdef";
+  out += '"';
+  for (char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      out += "\\u00";
+      out += kHex[(c >> 4) & 0xF];
+      out += kHex[c & 0xF];
+    } else {
+      out += c;
+    }
+  }
+  out += '"';
+}
+}  // namespace
+
+void Json::dump_into(std::string& out, size_t max_chars) const {
+  if (out.size() > max_chars) return;  // the caller cuts it; no need to write the rest
+  switch (type_) {
+    case Json::Type::Null: out += "null"; break;
+    case Json::Type::Bool: out += bool_ ? "true" : "false"; break;
+    case Json::Type::Number: out += text_; break;
+    case Json::Type::String: dump_string(out, text_); break;
+    case Json::Type::Array: {
+      out += '[';
+      const char* sep = "";
+      for (const Json& item : array_) {
+        out += sep;
+        item.dump_into(out, max_chars);
+        sep = ", ";
+      }
+      out += ']';
+      break;
+    }
+    case Json::Type::Object: {
+      out += '{';
+      const char* sep = "";
+      for (const auto& [key, item] : object_) {
+        out += sep;
+        dump_string(out, key);
+        out += ": ";
+        item.dump_into(out, max_chars);
+        sep = ", ";
+      }
+      out += '}';
+      break;
+    }
+  }
+}
+
+std::string Json::dump(size_t max_chars) const {
+  std::string out;
+  dump_into(out, max_chars);
+  if (out.size() > max_chars) out = out.substr(0, max_chars) + "...";
+  return out;
+}
+
 }  // namespace dsv3

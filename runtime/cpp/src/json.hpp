@@ -36,8 +36,12 @@ class Json {
   // Object member; throws naming `what` and the key when absent.
   const Json& at(const std::string& key, const std::string& what) const;
 
+  // Compact JSON text of the value (numbers as written), cut to max_chars with "...": for messages.
+  std::string dump(size_t max_chars = 80) const;
+
  private:
   friend class JsonParser;
+  void dump_into(std::string& out, size_t max_chars) const;
   Type type_ = Type::Null;
   bool bool_ = false;
   double number_ = 0.0;

@@ -7,6 +7,7 @@
 
 #include <cstring>
 #include <stdexcept>
+#include <utility>
 
 #include <ATen/ATen.h>
 
@@ -62,16 +63,42 @@ class MappedFile {
   size_t size_ = 0;
 };
 
-}  // namespace
-
-std::unordered_map<std::string, at::Tensor> load_safetensors(const std::string& path, const c10::Device& device) {
-  MappedFile file(path);
+// The JSON header (8-byte little-endian length, then the text) and the length of the data after it.
+std::pair<Json, uint64_t> read_header(const MappedFile& file, const std::string& path) {
   if (file.size() < 8) throw std::runtime_error(path + ": too small to be a safetensors file");
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | file.data()[i];
   if (header_len > file.size() - 8) throw std::runtime_error(path + ": header length exceeds the file size");
   std::string header(reinterpret_cast<const char*>(file.data() + 8), header_len);
   Json meta = Json::parse(header, path + " (safetensors header)");
+  meta.as_object(path + " header");
+  return {std::move(meta), header_len};
+}
+
+std::vector<int64_t> parse_shape(const Json& entry, const std::string& where) {
+  std::vector<int64_t> shape;
+  for (const Json& d : entry.at("shape", where).as_array(where + " shape")) {
+    int64_t n = d.as_int(where + " shape");
+    if (n < 0) throw std::runtime_error(where + ": negative dimension");
+    shape.push_back(n);
+  }
+  return shape;
+}
+
+}  // namespace
+
+std::unordered_map<std::string, std::vector<int64_t>> safetensors_shapes(const std::string& path) {
+  MappedFile file(path);  // mapped, not read: only the header's pages are touched
+  const auto [meta, header_len] = read_header(file, path);
+  std::unordered_map<std::string, std::vector<int64_t>> out;
+  for (const auto& [name, entry] : meta.as_object(path + " header"))
+    if (name != "__metadata__") out.emplace(name, parse_shape(entry, path + ": tensor '" + name + "'"));
+  return out;
+}
+
+std::unordered_map<std::string, at::Tensor> load_safetensors(const std::string& path, const c10::Device& device) {
+  MappedFile file(path);
+  const auto [meta, header_len] = read_header(file, path);
   const uint8_t* base = file.data() + 8 + header_len;
   const uint64_t data_len = file.size() - 8 - header_len;
 
@@ -80,14 +107,9 @@ std::unordered_map<std::string, at::Tensor> load_safetensors(const std::string& 
     if (name == "__metadata__") continue;
     const std::string where = path + ": tensor '" + name + "'";
     DtypeInfo dt = parse_dtype(entry.at("dtype", where).as_string(where + " dtype"), where);
-    std::vector<int64_t> shape;
+    const std::vector<int64_t> shape = parse_shape(entry, where);
     int64_t numel = 1;
-    for (const Json& d : entry.at("shape", where).as_array(where + " shape")) {
-      int64_t n = d.as_int(where + " shape");
-      if (n < 0) throw std::runtime_error(where + ": negative dimension");
-      shape.push_back(n);
-      numel *= n;
-    }
+    for (int64_t n : shape) numel *= n;
     const auto& offsets = entry.at("data_offsets", where).as_array(where + " data_offsets");
     if (offsets.size() != 2) throw std::runtime_error(where + ": data_offsets must be [begin, end]");
     int64_t begin = offsets[0].as_int(where + " data_offsets"), end = offsets[1].as_int(where + " data_offsets");

@@ -96,6 +96,8 @@ class Engine:
         tokens = tokens.to(torch.int64)
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+        if tokens.numel() == 0:  # ONNX Runtime's binding refuses empty buffers, its row chunks a batch of 0
+            raise ValueError(f"tokens must hold at least one row and one position, got shape {tuple(tokens.shape)}")
         self.check_token_ids(tokens.flatten().tolist())
         b, s = tokens.shape
         cache = self.new_cache(b, s)

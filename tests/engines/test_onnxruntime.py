@@ -7,6 +7,8 @@ summation order) top-1 agreement > 98% (measured 100%) and relative error < 1e-3
 
 from __future__ import annotations
 
+import re
+
 import onnx
 import onnxruntime as ort
 import pytest
@@ -174,3 +176,14 @@ def test_program_straight_from_export_lowers_without_passes(tmp_path, seed):
     with torch.no_grad():
         expected = tiny_model()(tokens)
     assert rel_err(engine.forward(tokens), expected) < TOLERANCES["fp32_engine"]
+
+
+@pytest.mark.parametrize("shape", [(1, 0), (0, 3), (0, 0)])
+def test_forward_of_an_empty_batch_or_prompt_is_refused_by_name(shape):
+    """tokens of shape [1, 0] reached ONNX Runtime's IOBinding ('data_ptr != 0 was false'), [0, s] the row-chunk
+    loop ('range() arg 3 must not be zero'); both are refused naming the shape."""
+    engine = load_engine(fp32_engine_dir())
+    message = f"tokens must hold at least one row and one position, got shape {shape}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        engine.forward(torch.zeros(shape, dtype=torch.int64))
+    assert engine.forward(torch.ones(1, 1, dtype=torch.int64)).shape == (1, 1, tiny_model().args.vocab_size)

@@ -120,7 +120,8 @@ def diff(
         check_replaceable(out)
         report = run_diff(options, console)
         files = write_diff_report(report, out)
-    except (EngineDirError, BackendUnavailable, DebugEngineError, CheckpointError, FileExistsError) as e:
+    except (EngineDirError, BackendUnavailable, DebugEngineError, CheckpointError, FileExistsError,
+            PermissionError) as e:
         raise CliError(str(e), EXIT_FAILURE) from e
     except (ReferenceError, ValueError) as e:
         raise CliError(str(e), EXIT_USAGE) from e

@@ -50,7 +50,7 @@ def profile(
     console = Console(stderr=True)
     try:
         report, files = write_profile_report(options, console)
-    except (EngineDirError, BackendUnavailable, FileExistsError) as e:
+    except (EngineDirError, BackendUnavailable, FileExistsError, PermissionError) as e:
         raise CliError(str(e), EXIT_FAILURE) from e
     except ValueError as e:
         raise CliError(str(e), EXIT_USAGE) from e

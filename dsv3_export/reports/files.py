@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -14,10 +15,14 @@ REPORT_FILES = ("report.json", "report.md")
 
 
 def check_replaceable(out: Path) -> None:
-    """Refuse (FileExistsError) an `out` that atomic_dir would not replace; called before long work."""
+    """Refuse an `out` that atomic_dir would not replace (FileExistsError) or could not write (PermissionError: its
+    first existing parent is a file or not writable); called before long work."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())):
         raise FileExistsError(f"{out.absolute()}: exists and is not a report directory; refusing to overwrite it")
+    parent = next(p for p in out.absolute().parents if p.exists())  # atomic_directory makes the missing ones
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{out}: cannot write there ({parent} is not a writable directory)")
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,37 @@ def test_diff_takes_a_prompt_that_fills_max_seq_len_with_its_greedy_steps(artifa
     assert code == EXIT_OK, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["greedy"]["agreement"] == 1.0 and len(report["greedy"]["engine"][0]) == 3
+
+
+@pytest.mark.parametrize("command", ["diff", "profile"])
+@pytest.mark.parametrize("where", ["under_a_file", "unwritable"])
+def test_report_out_that_cannot_be_written_is_refused_first(artifacts, tmp_path, capsys, monkeypatch, command, where):
+    """An --out whose parent is a file or not writable: diff ran the whole comparison first, then both commands failed
+    with a raw OSError naming a temporary directory ('NotADirectoryError: ... .r.tmp-x7f...'). Now refused before any
+    work (exit 1), naming --out."""
+    import os
+
+    import dsv3_export.reports.diff as diff_module
+    import dsv3_export.reports.files as files_module
+    import dsv3_export.reports.profile as profile_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the engine was loaded before the refusal")
+
+    monkeypatch.setattr(diff_module, "load_engine", no_loading)
+    monkeypatch.setattr(profile_module, "load_engine", no_loading)
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    out = a_file / "r" if where == "under_a_file" else tmp_path / "ro" / "r"
+    if where == "unwritable":  # (the tests run as root, whom file modes do not stop)
+        (tmp_path / "ro").mkdir()
+        real_access = os.access
+        monkeypatch.setattr(files_module.os, "access",
+                            lambda p, mode: Path(p) != tmp_path / "ro" and real_access(p, mode))
+    flags = ["--no-layers"] if command == "diff" else ["--prompt-len", "4", "--decode-steps", "1"]
+    code = main([command, str(artifacts.engines["clean"]), "--out", str(out), *flags])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == EXIT_FAILURE, err
+    assert f"{out}: cannot write there" in err and "Error:" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["afile"] if where == "under_a_file" else ["afile", "ro"])
+    assert where == "under_a_file" or list((tmp_path / "ro").iterdir()) == []

@@ -350,6 +350,10 @@ def run_profile(options: ProfileOptions, console: Console | None = None, trace_d
             raise ValueError(f"{flag}: give positive integers, got {list(values)}")
     if options.decode_steps < 1 or options.repeats < 1 or options.warmup < 0:
         raise ValueError("--decode-steps and --repeats must be >= 1, --warmup >= 0")
+    from dsv3_export.manifest import verify_engine_dir
+
+    for path in options.engine_dirs:  # all of them before any is profiled (load_engine checks the hashes later)
+        verify_engine_dir(path, check_hashes=False)
     configs = [(b, p) for b in options.batches for p in options.prompt_lens]
     runs = len(options.engine_dirs) * len(configs) * (options.warmup + options.repeats)
     engines = []

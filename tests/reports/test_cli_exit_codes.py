@@ -110,3 +110,20 @@ def test_report_out_that_cannot_be_written_is_refused_first(artifacts, tmp_path,
     assert f"{out}: cannot write there" in err and "Error:" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == (["afile"] if where == "under_a_file" else ["afile", "ro"])
     assert where == "under_a_file" or list((tmp_path / "ro").iterdir()) == []
+
+
+def test_profile_checks_every_engine_directory_before_profiling_any(artifacts, tmp_path, capsys, monkeypatch):
+    """A --compare directory that is not an engine was found only after every engine before it had been profiled
+    (minutes on a large model), and that work thrown away; now refused first, naming the directory."""
+    import dsv3_export.reports.profile as profile_module
+
+    def not_yet(*args, **kwargs):
+        raise AssertionError("an engine was profiled before every directory was checked")
+
+    monkeypatch.setattr(profile_module, "profile_config", not_yet)
+    (tmp_path / "empty").mkdir()
+    code = main(["profile", str(artifacts.engines["clean"]), "--out", str(tmp_path / "p"), "--prompt-len", "4",
+                 "--decode-steps", "1", "--compare", str(tmp_path / "empty")])
+    assert code == EXIT_FAILURE
+    assert f"{tmp_path / 'empty' / 'manifest.json'}: missing" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "p").exists()

@@ -183,10 +183,10 @@ def _onnx_table_rows(engine_dir: Path, manifest: Manifest, rope_half: int) -> tu
     are a pair (cos, sin) of unnamed 2-D constants [positions, qk_rope_head_dim / 2] (no dotted weight name)."""
     if "model.onnx" not in manifest.files:
         return None, []
-    import onnx
+    from dsv3_export.engines.onnx_graph import read_proto
 
     try:
-        graph = onnx.load_model(str(engine_dir / "model.onnx"), load_external_data=False).graph
+        graph = read_proto(engine_dir / "model.onnx").graph  # parsed once: the loader's external-data check reuses it
     except Exception:  # a protobuf DecodeError or similar: loading the backend says so, naming the file
         return None, []
     dims = {t.name: list(t.dims) for t in graph.initializer}

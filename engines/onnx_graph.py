@@ -4,6 +4,7 @@
     fold_constants(model)                             # onnxscript optimizer, fp8 weights kept fp8
     save_with_external_data(model, dir)               # model.onnx + ONE model.onnx.data, > 2 GB ok
     check_external_data(model_path, engine_dir, allowed)   # before any session is created
+    read_proto(model_path)                            # without external data; parsed once per file version
 
 Why check external data ourselves: ONNX Runtime resolves each initializer's `location` relative
 to the model file and opens it. A tampered model.onnx could point at '../../secret', an absolute
@@ -14,6 +15,7 @@ come with a matching manifest, so every location must also name a file of the di
 from __future__ import annotations
 
 from collections import Counter
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
@@ -109,9 +111,23 @@ def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from _tensors(g)
 
 
+def read_proto(model_path: Path) -> onnx.ModelProto:
+    """model.onnx parsed without its external data, once per version of the file: loading an engine reads it for
+    verify_engine_dir's payload-size check, then for check_external_data (and on CUDA for the fold limit). Keyed by
+    the resolved path and the file's inode, size and times, so an altered file is parsed again. Do not modify it."""
+    path = Path(model_path).resolve()
+    st = path.stat()
+    return _read_proto(str(path), (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+
+
+@lru_cache(maxsize=1)
+def _read_proto(path: str, version: tuple[int, ...]) -> onnx.ModelProto:
+    return onnx.load(path, load_external_data=False)
+
+
 def external_locations(model_path: Path) -> dict[str, str]:
     """tensor name -> external-data location, read without loading any data."""
-    proto = onnx.load(str(model_path), load_external_data=False)
+    proto = read_proto(model_path)
     out = {}
     for tensor in _tensors(proto.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:

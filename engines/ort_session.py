@@ -31,6 +31,8 @@ from pathlib import Path
 
 import onnx
 
+from dsv3_export.engines.onnx_graph import read_proto
+
 DISABLE_QDQ = "session.disable_quant_qdq"
 FOLD_LIMIT = "optimization.constant_folding_max_output_size_in_bytes"
 ORT_DEFAULT_FOLD_LIMIT = 1 << 30  # kDefaultConstantFoldingMaxOutputSizeInBytes, constant_folding.cc
@@ -39,7 +41,7 @@ _FP32_BYTES = 4  # DequantizeLinear's output has its fp32 scale's type
 
 def largest_fp8_elements(model_path: Path) -> int:
     """Elements of the largest FLOAT8E4M3FN initializer (0 if none), read without loading data."""
-    proto = onnx.load(str(model_path), load_external_data=False)
+    proto = read_proto(model_path)
     return max((math.prod(t.dims) for t in proto.graph.initializer
                 if t.data_type == onnx.TensorProto.FLOAT8E4M3FN), default=0)
 

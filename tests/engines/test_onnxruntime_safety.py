@@ -94,3 +94,26 @@ def test_refused_engine_is_a_failure_not_a_usage_error(tmp_path, capsys, case):
         load_engine(engine)
     assert main(["generate", str(engine), "--prompt-ids", "1,2", "--max-new-tokens", "1"]) == 1
     assert MODEL_FILE in capsys.readouterr().err
+
+
+def test_loading_parses_model_onnx_once_and_an_altered_one_again(tmp_path, monkeypatch):
+    """verify_engine_dir's payload-size check and the loader's external-data check each parsed model.onnx (without
+    its data); they now share one parse. The shared parse must not hide a change: a model.onnx rewritten after a load
+    is read again, so the next load's checks see the new file."""
+    from dsv3_export.engines import onnx_graph
+
+    engine = copy_engine(fp32_engine_dir(), tmp_path / "engine")
+    real, calls = onnx.load, []
+
+    def counting(path, *args, **kwargs):
+        calls.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx, "load", counting)
+    monkeypatch.setattr(onnx, "load_model", counting)
+    onnx_graph._read_proto.cache_clear()
+    load_engine(engine)
+    assert calls == [str((engine / MODEL_FILE).resolve())]
+    tensor = relocate_first_weight(engine, "/etc/hostname")  # (its own onnx.load is counted too)
+    with pytest.raises(EngineDirError, match=rf"tensor '{tensor}' has external-data location '/etc/hostname'"):
+        load_engine(engine)

@@ -102,6 +102,12 @@ def diff(
         raise CliError("give only one of --reference and --preset", EXIT_USAGE)
     if reference_device not in (None, "cpu", "cuda"):
         raise CliError(f"--reference-device {reference_device!r}: choose cpu or cuda", EXIT_USAGE)
+    if reference_device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CliError("--reference-device cuda: no CUDA device here (torch.cuda.is_available() is False)",
+                           EXIT_FAILURE)
     check_numbers(gen_steps, atol, rtol, tol)
     if layers and debug_engine is not None:
         kept, report_dir = debug_engine.absolute().resolve(), out.absolute().resolve()

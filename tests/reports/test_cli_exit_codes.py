@@ -127,3 +127,22 @@ def test_profile_checks_every_engine_directory_before_profiling_any(artifacts, t
     assert code == EXIT_FAILURE
     assert f"{tmp_path / 'empty' / 'manifest.json'}: missing" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "p").exists()
+
+
+def test_reference_device_cuda_without_cuda_is_named_before_any_work(artifacts, tmp_path, capsys, monkeypatch):
+    """--reference-device cuda on a host without CUDA drew the reference, then failed on moving it with torch's
+    'AssertionError: Torch not compiled with CUDA enabled', naming no flag."""
+    import torch
+
+    import dsv3_export.reports.diff as diff_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the engine was loaded before the refusal")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(diff_module, "load_engine", no_loading)
+    code = main(["diff", str(artifacts.engines["clean"]), "--out", str(tmp_path / "r"), "--no-layers",
+                 "--reference-device", "cuda"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == EXIT_FAILURE and "--reference-device cuda: no CUDA device" in err, err
+    assert not (tmp_path / "r").exists()

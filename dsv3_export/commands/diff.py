@@ -37,7 +37,7 @@ def check_tolerance(flag: str, value: float | None) -> None:
 
 
 def check_tol_override(text: str) -> None:
-    """--tol PATTERN:key=value,...: parsed, and every value a tolerance (min_cosine may be negative, not NaN)."""
+    """--tol PATTERN:key=value,...: parsed, and every value a tolerance (min_cosine may be negative, not NaN or > 1)."""
     from dsv3_export.reports.tolerances import parse_override
 
     try:
@@ -47,6 +47,8 @@ def check_tol_override(text: str) -> None:
     for key, value in values.items():
         if value != value or (key != "min_cosine" and value < 0):
             raise CliError(f"--tol {text!r}: {key}={value} must be a number >= 0", EXIT_USAGE)
+        if key == "min_cosine" and value > 1:  # a cosine never exceeds 1: every output would fail (exit 3)
+            raise CliError(f"--tol {text!r}: {key}={value} must be at most 1", EXIT_USAGE)
 
 
 def check_numbers(gen_steps: int, atol: float | None, rtol: float | None, tol: list[str]) -> None:

@@ -18,6 +18,7 @@ from dsv3_export.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
     (["--rtol", "nan"], "--rtol nan: a tolerance must be a number >= 0"),
     (["--tol", "logits:atol=-0.5"], "atol=-0.5 must be a number >= 0"),
     (["--tol", "layers.*:min_cosine=nan"], "min_cosine=nan must be a number >= 0"),
+    (["--tol", "logits:min_cosine=2"], "min_cosine=2.0 must be at most 1"),  # (was exit 3: 'cosine 1.0 < 2.0')
     (["--gen-steps", "-1"], "--gen-steps -1: must be >= 0"),
 ])
 def test_diff_bad_numbers_are_usage_errors_naming_the_flag(artifacts, tmp_path, capsys, flags, named):

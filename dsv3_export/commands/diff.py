@@ -95,7 +95,7 @@ def diff(
     from dsv3_export.manifest import EngineDirError
     from dsv3_export.reports.debug_engine import DebugEngineError
     from dsv3_export.reports.diff import DiffOptions, run_diff, write_diff_report
-    from dsv3_export.reports.files import check_replaceable
+    from dsv3_export.reports.files import ReportDirError, check_replaceable
     from dsv3_export.reports.reference import ReferenceError
 
     if prompt_ids is not None and token_file is not None:
@@ -128,8 +128,7 @@ def diff(
         check_replaceable(out)
         report = run_diff(options, console)
         files = write_diff_report(report, out)
-    except (EngineDirError, BackendUnavailable, DebugEngineError, CheckpointError, FileExistsError,
-            PermissionError) as e:
+    except (EngineDirError, BackendUnavailable, DebugEngineError, CheckpointError, ReportDirError) as e:
         raise CliError(str(e), EXIT_FAILURE) from e
     except (ReferenceError, ValueError) as e:
         raise CliError(str(e), EXIT_USAGE) from e

@@ -41,6 +41,7 @@ def profile(
 
     from dsv3_export.engines.base import BackendUnavailable
     from dsv3_export.manifest import EngineDirError
+    from dsv3_export.reports.files import ReportDirError
     from dsv3_export.reports.profile import ProfileOptions, write_profile_report
 
     options = ProfileOptions(
@@ -50,7 +51,7 @@ def profile(
     console = Console(stderr=True)
     try:
         report, files = write_profile_report(options, console)
-    except (EngineDirError, BackendUnavailable, FileExistsError, PermissionError) as e:
+    except (EngineDirError, BackendUnavailable, ReportDirError) as e:
         raise CliError(str(e), EXIT_FAILURE) from e
     except ValueError as e:
         raise CliError(str(e), EXIT_USAGE) from e

@@ -14,15 +14,35 @@ from dsv3_export.atomic import atomic_directory
 REPORT_FILES = ("report.json", "report.md")
 
 
+class ReportDirError(Exception):
+    """A report --out that must not be replaced or cannot be written there; the message names it and why."""
+
+
 def check_replaceable(out: Path) -> None:
-    """Refuse an `out` that atomic_dir would not replace (FileExistsError) or could not write (PermissionError: its
-    first existing parent is a file or not writable); called before long work."""
+    """Refuse (ReportDirError) an `out` that atomic_dir would not replace, could not write (its first existing parent
+    a file or not writable), or would write into an engine directory (which then fails verification: a directory
+    not listed in its manifest); called before long work."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())):
-        raise FileExistsError(f"{out.absolute()}: exists and is not a report directory; refusing to overwrite it")
+        raise ReportDirError(f"{out.absolute()}: exists and is not a report directory; refusing to overwrite it")
     parent = next(p for p in out.absolute().parents if p.exists())  # atomic_directory makes the missing ones
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{out}: cannot write there ({parent} is not a writable directory)")
+        raise ReportDirError(f"{out}: cannot write there ({parent} is not a writable directory)")
+    if _is_engine_dir(parent):
+        raise ReportDirError(f"{out}: inside the engine directory {parent}, which then would not load (an engine "
+                             "directory holds only its manifest's files); write the report elsewhere")
+
+
+def _is_engine_dir(path: Path) -> bool:
+    from dsv3_export.manifest import MANIFEST_NAME, EngineDirError, read_manifest
+
+    if not (path / MANIFEST_NAME).is_file():
+        return False
+    try:
+        read_manifest(path)
+    except EngineDirError:  # another program's manifest.json
+        return False
+    return True
 
 
 @contextlib.contextmanager

@@ -147,3 +147,24 @@ def test_reference_device_cuda_without_cuda_is_named_before_any_work(artifacts, 
     err = " ".join(capsys.readouterr().err.split())
     assert code == EXIT_FAILURE and "--reference-device cuda: no CUDA device" in err, err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", ["diff", "profile"])
+def test_report_out_inside_an_engine_directory_is_refused(artifacts, tmp_path, capsys, command):
+    """`diff engine --out engine/diff` wrote the report and exited 0, leaving an engine that no command loads any more
+    ('engine/diff: unexpected directory (not listed in manifest.json)'); profile failed naming its temporary
+    directory. Now refused first, and the engine still loads. A manifest.json that is not an engine's is no reason."""
+    from dsv3_export.reports.files import check_replaceable
+    from dsv3_export.runtime import load_engine
+    from tests.engines._ort_engines import copy_engine
+
+    engine = copy_engine(artifacts.engines["clean"], tmp_path / "engine")
+    flags = ["--no-layers", "--seq-len", "4"] if command == "diff" else ["--prompt-len", "4", "--decode-steps", "1"]
+    code = main([command, str(engine), "--out", str(engine / "report"), *flags])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == EXIT_FAILURE and f"{engine / 'report'}: inside the engine directory {engine}" in err, err
+    assert sorted(p.name for p in engine.iterdir()) == ["manifest.json", "model.onnx", "model.onnx.data"]
+    load_engine(engine)
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "manifest.json").write_text('{"name": "a web app"}')
+    check_replaceable(tmp_path / "web" / "report")

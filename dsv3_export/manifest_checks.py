@@ -123,8 +123,10 @@ def _check_logits(outputs: list[dict[str, Any]], args: Any, source: str) -> None
                    f"is {width!r}")
 
 
-def _check_kv_cache(kv: dict[str, Any], args: Any, source: str) -> None:
-    """kv_cache_layout's shape [batch, n_layers, cache_len, latent width] and dtype, against the model."""
+def _check_kv_cache(kv: dict[str, Any], args: Any, inputs: list[dict[str, Any]], source: str) -> None:
+    """kv_cache_layout's shape [batch, n_layers, cache_len, latent width] and dtype, against the model, and its
+    dtype against the 'kv_cache' input's (the runtime allocates the cache in the layout's dtype and feeds it there:
+    another dtype failed inside the backend, e.g. a raw bmm error from an AOTInductor package)."""
     shape = kv.get("shape")
     if not (isinstance(shape, list) and len(shape) == 4):
         raise _bad(source, "kv_cache.shape", f"must be a list of 4 dimensions, got {shape!r}")
@@ -140,6 +142,9 @@ def _check_kv_cache(kv: dict[str, Any], args: Any, source: str) -> None:
         torch_dtype(kv["dtype"])  # what the backends allocate the cache in
     except ValueError as e:
         raise _bad(source, "kv_cache.dtype", f"is not a torch dtype name: {e}") from e
+    fed = [spec["dtype"] for spec in inputs if spec["name"] == "kv_cache"]
+    if fed and fed[0] != kv["dtype"]:
+        raise _bad(source, "kv_cache.dtype", f"is {kv['dtype']!r} but the 'kv_cache' input is {fed[0]!r}")
 
 
 def validate_manifest_dict(d: dict[str, Any], source: str = MANIFEST_NAME) -> None:
@@ -153,7 +158,7 @@ def validate_manifest_dict(d: dict[str, Any], source: str = MANIFEST_NAME) -> No
     _check_specs("inputs", d["inputs"], source)
     _check_specs("outputs", d["outputs"], source)
     _check_logits(d["outputs"], args, source)
-    _check_kv_cache(d["kv_cache"], args, source)
+    _check_kv_cache(d["kv_cache"], args, d["inputs"], source)
 
 
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:

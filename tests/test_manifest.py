@@ -232,6 +232,12 @@ def test_kv_cache_layout_is_checked_against_the_model(engine):
              r"'kv_cache\.shape' layers 2 differ from model\.n_layers=3")
     _refused(engine, lambda d: d["kv_cache"].update(shape=None), r"'kv_cache\.shape' must be a list of 4")
     _refused(engine, lambda d: d["kv_cache"].update(dtype="float99"), r"'kv_cache\.dtype' is not a torch dtype")
+    # was accepted, then a raw error inside the backend (dsv3-run refuses it too: runtime/cpp/src/manifest_checks.cpp)
+    def cache_fed_as_float32(d):
+        d["inputs"].append({"name": "kv_cache", "dtype": "float32", "shape": ["batch", 3, "cache_len", 80]})
+        d["kv_cache"]["dtype"] = "bfloat16"
+
+    _refused(engine, cache_fed_as_float32, r"'kv_cache\.dtype' is 'bfloat16' but the 'kv_cache' input is 'float32'")
     _refused(engine, _set_model("kv_lora_rank", 32), r"'kv_cache\.shape' width 80 differs .* width 48")
 
 

@@ -58,7 +58,8 @@ import torch
 
 from dsv3_export.checkpoint import preset_model
 from dsv3_export.engines.cuda_graph_pdl import PdlPlan
-from dsv3_export.engines.torch import compile_package, lower_program, package_info, program_constants
+from dsv3_export.engines.torch import (compile_package, inductor_pdl_kernels, lower_program, package_info,
+                                      program_constants)
 from dsv3_export.engines.torch_step import AOTIStep
 from dsv3_export.engines.torch_router import ROUTER_ENV
 from dsv3_export.engines.torch_triton import MOE_ALIGN_DEFAULT, MOE_ALIGN_ENV
@@ -275,7 +276,8 @@ def pdl_timings(step: AOTIStep, model, batches, context: int, iters: int, ports:
     out: dict[str, Any] = {}
     for port in [*ports, "0"]:
         key = f"pdl_{port}" if port != "0" else "pdl_control"
-        step.set_decode_pdl(PdlPlan(port, waiting_kernel_names()) if port != "0" else None)
+        waiting = waiting_kernel_names() | set(inductor_pdl_kernels(DEVICE))  # Inductor's with DSV3_TORCH_INDUCTOR_PDL
+        step.set_decode_pdl(PdlPlan(port, waiting) if port != "0" else None)
         for _ in range(3):  # captured, then replayed
             got = step_writing_cache(step, tokens, pos, cache)
         out[f"{key}_logits_identical"] = bool(torch.equal(got, want))

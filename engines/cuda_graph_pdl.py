@@ -160,7 +160,7 @@ def add_programmatic_edges(graph_handle: int, waiting: Iterable[str], port: str 
     edges = _edges(drv, graph)
     chosen = programmatic_candidates(names, edges, waiting)
     kernels = sum(name is not None for name in names.values())
-    waiting_nodes = sum(name in waiting for name in names.values() if name is not None)
+    waiting_nodes = sum(waits(name, waiting) for name in names.values())
     if chosen:
         n = len(chosen)
         src = (ctypes.c_void_p * n)(*[a for a, _, _ in chosen])
@@ -192,11 +192,19 @@ def capture_graph(record: Callable[[], Any], plan: PdlPlan | None) -> tuple[torc
     return graph, result, edges
 
 
+def waits(name: str | None, waiting: Iterable[str]) -> bool:
+    """Whether kernel `name` is in the allow-list: a name, or a prefix ending in `*` (Inductor's generated kernels,
+    engines/torch.py inductor_pdl_kernels)."""
+    if name is None:
+        return False
+    return any(name.startswith(w[:-1]) if w.endswith("*") else name == w for w in waiting)
+
+
 def programmatic_candidates(names: dict[int, str | None], edges: list[tuple[int, int, _EdgeData]],
                             waiting: Iterable[str]) -> list[tuple[int, int, _EdgeData]]:
     """The edges to make programmatic: default edges (full completion, ports 0) from a kernel node to a
-    kernel node whose function waits first. names: node -> kernel function name (None: not a kernel)."""
-    waiting = set(waiting)
+    kernel node whose function waits first (`waits`). names: node -> kernel function name (None: not a kernel)."""
+    waiting = frozenset(waiting)
     return [(a, b, d) for a, b, d in edges
-            if names.get(a) is not None and names.get(b) in waiting
+            if names.get(a) is not None and waits(names.get(b), waiting)
             and d.type == 0 and d.from_port == 0 and d.to_port == 0]

@@ -107,6 +107,41 @@ COMBO_KERNELS_ENV = "DSV3_TORCH_COMBO_KERNELS"
 COMBO_KERNELS_FORMS = {"0": "one launch per Inductor kernel", "1": "Inductor's combo kernels (horizontal fusion)"}
 
 
+# Inductor's own PDL code in CUDA packages (torch's config triton.enable_pdl): `1` every Triton kernel Inductor
+# generates waits (griddepcontrol.wait) before it reads what the kernel before it wrote and lets its dependents launch
+# after its last load, and the manifest lists those kernels (inductor_pdl_kernels) beside ours, so that
+# DSV3_TORCH_PDL's graph edit makes the edges into them programmatic too (AOTInductor launches without the PDL
+# attribute: the edges cannot come from the launches). Needs DSV3_TRITON_GDC=1 (our kernels wait too; each of them
+# lets its dependents launch only after its own wait with DSV3_TRITON_GDC_TRIGGER, as Inductor's do, so a kernel's
+# launch always follows its producer's producer's completion). `0` (default) no PDL code. Read when a package is
+# compiled. Opt-in, not yet timed (session 25): vLLM enables torch's flag for batch-1 decode under full CUDA graphs.
+INDUCTOR_PDL_ENV = "DSV3_TORCH_INDUCTOR_PDL"
+# Inductor's generated kernel names (pointwise, persistent reduction, reduction): its templates (triton_tem_*) get no
+# PDL code, and the decode program has none
+INDUCTOR_PDL_KERNELS = ("triton_poi_*", "triton_per_*", "triton_red_*")
+
+
+def inductor_pdl_on() -> bool:
+    """INDUCTOR_PDL_ENV, checked against what it needs: our kernels' wait, and a torch whose Inductor has the flag."""
+    if env_choice(INDUCTOR_PDL_ENV, "0", {"1": "Inductor's kernels with PDL code", "0": "no PDL code"}) != "1":
+        return False
+    from dsv3_export.kernels.pdl import GDC, GDC_ENV
+
+    if not GDC:
+        raise ValueError(f"{INDUCTOR_PDL_ENV}=1 needs {GDC_ENV}=1 (set before the kernels are imported): the graph "
+                         "edit gives programmatic edges only where every kernel waits")
+    if not hasattr(torch._inductor.config.triton, "enable_pdl"):
+        raise ValueError(f"{INDUCTOR_PDL_ENV}=1: this torch ({torch.__version__}) has no Inductor PDL "
+                         "(torch._inductor.config.triton.enable_pdl)")
+    return True
+
+
+def inductor_pdl_kernels(device: str) -> list[str]:
+    """The allow-list entries for Inductor's kernels in a package built now: its name prefixes with
+    INDUCTOR_PDL_ENV on CUDA, else none."""
+    return list(INDUCTOR_PDL_KERNELS) if device == "cuda" and inductor_pdl_on() else []
+
+
 def inductor_configs(kind: str, info: dict[str, Any]) -> dict[str, Any]:
     configs: dict[str, Any] = {
         "aot_inductor.package_constants_in_so": False,
@@ -124,6 +159,8 @@ def inductor_configs(kind: str, info: dict[str, Any]) -> dict[str, Any]:
         configs["cpp.march"] = info["march"]
     if info.get("cxx"):  # checked by engines/torch_cxx.py: its shared objects load next to torch
         configs["cpp.cxx"] = (None, info["cxx"]["path"])
+    if info["device_kind"] != "cpu" and inductor_pdl_on():
+        configs["triton.enable_pdl"] = True
     return configs
 
 
@@ -324,8 +361,10 @@ class TorchBackend:
             "packages": dict(PACKAGE_FILES),
             "weights": WEIGHTS_FILE,
             "decode_cuda_graph": target.device == "cuda",
-            # the Triton kernels inside the packages that start with griddepcontrol.wait (kernels/pdl.py)
-            "pdl_waiting_kernels": sorted(waiting_kernel_names()) if target.device == "cuda" else [],
+            # the Triton kernels inside the packages that wait first: ours (kernels/pdl.py), Inductor's by name
+            # prefix with INDUCTOR_PDL_ENV
+            "pdl_waiting_kernels": (sorted(waiting_kernel_names()) + inductor_pdl_kernels(target.device)
+                                    if target.device == "cuda" else []),
             # what the packages were compiled for; the loader checks the weights file against it
             "constants": constant_records(weights),
             "dispatch": "tokens.shape[1] == 1 -> decode package, else prefill package",

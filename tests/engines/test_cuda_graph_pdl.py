@@ -129,6 +129,36 @@ def test_only_kernel_to_waiting_kernel_default_edges_are_chosen():
     chosen = programmatic_candidates(names, edges, iter(["_act_quant_kernel", "_fp8_gemm_kernel"]))
     assert [(a, b) for a, b, _ in chosen] == [(1, 2), (5, 6), (7, 6)]
     assert programmatic_candidates(names, edges, []) == []
+    # with DSV3_TORCH_INDUCTOR_PDL the manifest also lists Inductor's kernels by name prefix: 4 -> 5 is chosen too
+    chosen = programmatic_candidates(names, edges, ["_act_quant_kernel", "_fp8_gemm_kernel", "triton_poi_*"])
+    assert [(a, b) for a, b, _ in chosen] == [(1, 2), (4, 5), (5, 6), (7, 6)]
+
+
+def test_prefixes_match_only_names_that_start_with_them():
+    from dsv3_export.engines.cuda_graph_pdl import waits
+
+    allow = ["triton_per_*", "_router_kernel"]
+    assert waits("triton_per_fused_add_mean_7", allow) and waits("_router_kernel", allow)
+    assert not waits("_router_kernel_2", allow) and not waits("triton_poi_fused_0", allow)
+    assert not waits("xtriton_per_fused", allow) and not waits(None, allow) and not waits("triton_per_", [])
+
+
+def test_inductor_pdl_needs_our_kernels_to_wait_and_is_off_by_default(monkeypatch):
+    from dsv3_export.engines import torch as te
+
+    monkeypatch.delenv(te.INDUCTOR_PDL_ENV, raising=False)
+    assert te.inductor_pdl_kernels("cuda") == [] and "triton.enable_pdl" not in te.inductor_configs(
+        "decode", {"device_kind": "sm_90"})
+    monkeypatch.setenv(te.INDUCTOR_PDL_ENV, "1")
+    assert te.inductor_pdl_kernels("cpu") == []  # CPU packages: C++ kernels, no PDL
+    with pytest.raises(ValueError, match="DSV3_TORCH_INDUCTOR_PDL=1 needs DSV3_TRITON_GDC=1"):
+        te.inductor_pdl_kernels("cuda")  # the kernels here are interpreted / compiled without the wait
+    monkeypatch.setattr("dsv3_export.kernels.pdl.GDC", True)
+    assert te.inductor_pdl_kernels("cuda") == list(te.INDUCTOR_PDL_KERNELS)
+    assert te.inductor_configs("decode", {"device_kind": "sm_90"})["triton.enable_pdl"] is True
+    monkeypatch.setenv(te.INDUCTOR_PDL_ENV, "yes")
+    with pytest.raises(ValueError, match=te.INDUCTOR_PDL_ENV):
+        te.inductor_pdl_on()
 
 
 class _FakeDriver:

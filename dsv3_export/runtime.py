@@ -115,8 +115,10 @@ class Engine:
         torch.Generator seeded by `seed`. A row stops after emitting eos_id (included).
         """
         prompts, single = prompt_lists(prompt_ids)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not _is_id(max_new_tokens) or max_new_tokens < 1:  # 2.5 was a raw TypeError in range(); True counted as 1
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if eos_id is not None and not _is_id(eos_id):
+            raise ValueError(f"eos_id must be an integer token id or None, got {eos_id!r}")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if not (math.isfinite(temperature) and temperature >= 0.0):

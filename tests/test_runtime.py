@@ -198,6 +198,12 @@ def test_bad_requests_are_refused():
             engine.generate([1, 2], temperature=temperature)
     with pytest.raises(ValueError, match="prompt ids must be integers, got 2.5"):
         engine.generate([1, 2.5])
+    # was a raw TypeError from range() (2.5) or a 1-token run (True)
+    for bad in (2.5, True, 0, "4"):
+        with pytest.raises(ValueError, match=rf"max_new_tokens must be an integer >= 1, got {bad!r}"):
+            engine.generate([1, 2], max_new_tokens=bad)
+    with pytest.raises(ValueError, match="eos_id must be an integer token id or None, got 2.0"):
+        engine.generate([1, 2], eos_id=2.0)
     with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 1000\)"):
         engine.forward([[5, 17, -1]])  # (ONNX Gather would wrap -1 to the last row)
     with pytest.raises(ValueError, match="tokens must be integer ids"):

@@ -156,9 +156,26 @@ def _describe_files(directory: Path, names: list[str]) -> dict[str, FileEntry]:
 
 
 def refuse_overwrite(out_dir: Path) -> None:
-    """An existing out_dir may be replaced only when it is an engine directory (has manifest.json) or empty."""
+    """An existing out_dir may be replaced only when it is an engine directory (has manifest.json) or empty; and none
+    is written inside another engine directory (which would then fail verification: an entry its manifest does not
+    list)."""
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file())):
         raise EngineDirError(f"{out_dir}: exists and is not an engine directory; refusing to overwrite it")
+    parent = next((p for p in out_dir.absolute().parents if p.exists()), None)  # the first that exists
+    if parent is not None and is_engine_dir(parent):
+        raise EngineDirError(f"{out_dir}: inside the engine directory {parent}, which then would not load (an engine "
+                             "directory holds only its manifest's files); write the engine elsewhere")
+
+
+def is_engine_dir(path: Path) -> bool:
+    """Whether path holds an engine's manifest.json (one that reads as ours: another program's is not)."""
+    if not (Path(path) / MANIFEST_NAME).is_file():
+        return False
+    try:
+        read_manifest(path)
+    except EngineDirError:
+        return False
+    return True
 
 
 def write_engine_dir(out_dir: str | Path, fill: Callable[[Path], Manifest]) -> Manifest:

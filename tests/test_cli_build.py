@@ -93,11 +93,17 @@ def test_refusals_come_before_the_model_is_loaded(capsys, tmp_path, monkeypatch)
         raise AssertionError("the model was loaded before the refusal")
 
     monkeypatch.setattr(build_module, "_load_model", no_loading)
-    a_file, full = tmp_path / "afile", tmp_path / "full"
+    from dsv3_export.manifest import write_engine_dir
+    from tests.test_manifest import fill_payload
+
+    a_file, full, engine = tmp_path / "afile", tmp_path / "full", tmp_path / "engine"
     a_file.write_text("x")
     full.mkdir()
     (full / "keep.txt").write_text("x")
+    write_engine_dir(engine, fill_payload)
     cases = [(["--out", str(a_file)], "exists and is not an engine directory"),
+             # was built and exited 0, leaving an engine that no command loads ('unexpected directory')
+             (["--out", str(engine / "inner")], f"inside the engine directory {engine}"),
              (["--out", str(full), "--dump-graphs"], "exists and is not an engine directory"),
              (["--out", str(tmp_path / "e"), "--precision", "fp8", "--passes", "none"], "needs the quantize_fp8"),
              (["--out", str(tmp_path / "e"), "--tune-decode", "0,0", "--backend", "torch"], "batch 0 is not in"),
@@ -106,7 +112,8 @@ def test_refusals_come_before_the_model_is_loaded(capsys, tmp_path, monkeypatch)
         assert main(["build", *argv]) == 1, argv
         assert message in capsys.readouterr().err, argv
     assert not (tmp_path / "full.graphs").exists() and not (tmp_path / "e").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "full"]  # no temporary directory either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "engine", "full"]  # no temporary directory either
+    assert sorted(p.name for p in engine.iterdir()) == ["manifest.json", "model.onnx", "model.onnx.data"]
 
 
 def test_sigterm_unwinds_and_leaves_nothing_half_written(tmp_path):

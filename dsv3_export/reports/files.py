@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from dsv3_export.atomic import atomic_directory
+from dsv3_export.manifest import is_engine_dir
 
 REPORT_FILES = ("report.json", "report.md")
 
@@ -28,21 +29,9 @@ def check_replaceable(out: Path) -> None:
     parent = next(p for p in out.absolute().parents if p.exists())  # atomic_directory makes the missing ones
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ReportDirError(f"{out}: cannot write there ({parent} is not a writable directory)")
-    if _is_engine_dir(parent):
+    if is_engine_dir(parent):
         raise ReportDirError(f"{out}: inside the engine directory {parent}, which then would not load (an engine "
                              "directory holds only its manifest's files); write the report elsewhere")
-
-
-def _is_engine_dir(path: Path) -> bool:
-    from dsv3_export.manifest import MANIFEST_NAME, EngineDirError, read_manifest
-
-    if not (path / MANIFEST_NAME).is_file():
-        return False
-    try:
-        read_manifest(path)
-    except EngineDirError:  # another program's manifest.json
-        return False
-    return True
 
 
 @contextlib.contextmanager

@@ -123,3 +123,12 @@ def test_failing_configuration_is_recorded_and_fails_the_command(artifacts, tmp_
 def test_profile_usage_errors(artifacts, tmp_path, flags):
     assert main(["profile", str(artifacts.engines["clean"]), "--out", str(tmp_path / "p"), *flags]) == EXIT_USAGE
     assert not (tmp_path / "p").exists()
+
+
+def test_repeated_sizes_are_profiled_once():
+    """--batch 1,1 (or a repeated --prompt-len) timed the same configuration twice; each size now runs once, in the
+    order given."""
+    from dsv3_export.commands.profile import int_list
+
+    assert int_list("--batch", "8,1,8,1,64") == (8, 1, 64)
+    assert int_list("--prompt-len", " 128 , 128") == (128,)

@@ -195,6 +195,17 @@ def test_unrepresentable_hf_config_is_refused(change, key):
         hf_config_to_args(cfg, "config.json")
 
 
+def test_a_scale_format_is_loaded_with_a_warning_that_it_is_not_applied():
+    """DeepSeek-V3.1's quantization_config.scale_fmt "ue8m0" was ignored silently: its activation scales are powers of
+    two, ours amax / 448."""
+    cfg = v3_config().to_dict()
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128], "scale_fmt": "ue8m0"}
+    with pytest.warns(UserWarning, match=r"scale_fmt='ue8m0' is not applied"):
+        args, _ = hf_config_to_args(cfg, "config.json")
+    assert args.dtype == "fp8" and args.block_size == 128
+
+
 def test_v3_without_normalized_topk_is_refused():
     cfg = v3_config(norm_topk_prob=False).to_dict()
     with pytest.raises(CheckpointError, match="norm_topk_prob"):

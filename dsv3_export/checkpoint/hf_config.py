@@ -254,6 +254,11 @@ def _quant_args(cfg: dict[str, Any], src: str) -> dict[str, Any]:
     if not ok or not (isinstance(block, list) and len(block) == 2 and block[0] == block[1]):
         raise CheckpointError(f"{src}: quantization_config={q!r} is not supported; only fp8 e4m3 with square "
                               "weight_block_size and dynamic activations (DeepSeek-V3's scheme)")
+    if q.get("scale_fmt") is not None:  # DeepSeek-V3.1: "ue8m0"
+        warnings.warn(f"{src}: quantization_config.scale_fmt={q['scale_fmt']!r} is not applied: the engines scale each "
+                      "1x128 activation block by amax / 448 (DeepSeek-V3's act_quant), not by the power of two above it "
+                      "(the weights and their scales load unchanged; activations round slightly differently)",
+                      stacklevel=3)
     return dict(dtype="fp8", block_size=_integer(block[0], "quantization_config.weight_block_size", src))
 
 

@@ -25,7 +25,7 @@ from rich.console import Console
 
 from dsv3_export.debug_step import DebugLatentCacheStep, stage_names
 from dsv3_export.engines.base import torch_dtype
-from dsv3_export.manifest import Manifest, read_manifest
+from dsv3_export.manifest import EngineDirError, Manifest, read_manifest
 from dsv3_export.runtime import Engine, load_engine
 
 
@@ -94,6 +94,12 @@ def check_debug_path(path: Path, engine: Engine) -> None:
         if step != DebugLatentCacheStep.__name__:
             raise DebugEngineError(f"--debug-engine {path}: holds an engine that is not a debug engine; refusing to "
                                    f"replace it (backend_info.step is {step!r}; give another directory)")
+    from dsv3_export.build import check_out_dir
+
+    try:  # what build would refuse there (a file, a non-empty other directory, inside an engine), refused now
+        check_out_dir(path)
+    except EngineDirError as e:
+        raise DebugEngineError(f"--debug-engine {e}") from None
 
 
 def ensure_debug_engine(engine: Engine, path: Path, console: Console | None = None) -> Path:

@@ -146,6 +146,23 @@ def test_debug_engine_path_never_replaces_an_engine(artifacts, tmp_path, capsys)
         assert code == 1, target
         assert "not a debug engine; refusing to replace it" in " ".join(capsys.readouterr().err.split())
     assert {d: digest(d) for d in (engine, other)} == before
+    # a directory build would refuse: was refused by build only after the reference model was loaded
+    import dsv3_export.reports.diff as diff_module
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the reference was loaded before the --debug-engine refusal")
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("x")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(diff_module, "load_reference", no_reference)
+        for target, why in ((tmp_path / "notes", "exists and is not an engine directory"),
+                            (engine / "debug", "inside the engine directory")):
+            code = main(["diff", str(engine), "--out", str(tmp_path / "r"), "--debug-engine", str(target),
+                         "--seq-len", "4", "--gen-steps", "0"])
+            assert code == 1, target
+            assert why in " ".join(capsys.readouterr().err.split()), target
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "x" and digest(engine) == before[engine]
     out = tmp_path / "r"
     for target in (out, out / "debug"):
         code = main(["diff", str(engine), "--out", str(out), "--debug-engine", str(target), "--seq-len", "4"])

@@ -16,6 +16,13 @@ def _umask() -> int:
     return mask
 
 
+def unwritable_parent(out: str | Path) -> Path | None:
+    """The first existing parent of `out` (atomic_directory makes the missing ones below it) when it is not a
+    writable directory, else None: what the final rename would fail on, known before any work."""
+    parent = next(p for p in Path(out).absolute().parents if p.exists())
+    return None if parent.is_dir() and os.access(parent, os.W_OK | os.X_OK) else parent
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | Path) -> Iterator[Path]:
     """Yield an empty temporary sibling of `out` to fill; on success it takes `out`'s place.

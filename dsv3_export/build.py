@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from rich.console import Console
 
+from dsv3_export.atomic import unwritable_parent
 from dsv3_export.engines.base import BackendUnavailable, Target, compute_dtype, get_backend
 from dsv3_export.export import TUNE_FIELDS, TuneShape, export_step, tune_shape
 from dsv3_export.manifest import EngineDirError, Manifest, kv_cache_layout, refuse_overwrite, write_engine_dir
@@ -130,8 +130,8 @@ def check_out_dir(out: Path) -> None:
     on a large model the export and passes take minutes (write_engine_dir checks again when it writes)."""
     out = Path(out).absolute()
     refuse_overwrite(out)
-    parent = next(p for p in out.parents if p.exists())  # the first that exists: atomic_directory makes the rest
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    parent = unwritable_parent(out)
+    if parent is not None:
         raise EngineDirError(f"{out}: cannot write there ({parent} is not a writable directory)")
 
 

@@ -161,10 +161,16 @@ def refuse_overwrite(out_dir: Path) -> None:
     list)."""
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file())):
         raise EngineDirError(f"{out_dir}: exists and is not an engine directory; refusing to overwrite it")
-    parent = next((p for p in out_dir.absolute().parents if p.exists()), None)  # the first that exists
-    if parent is not None and is_engine_dir(parent):
-        raise EngineDirError(f"{out_dir}: inside the engine directory {parent}, which then would not load (an engine "
+    engine = enclosing_engine_dir(out_dir)
+    if engine is not None:
+        raise EngineDirError(f"{out_dir}: inside the engine directory {engine}, which then would not load (an engine "
                              "directory holds only its manifest's files); write the engine elsewhere")
+
+
+def enclosing_engine_dir(out: Path) -> Path | None:
+    """The engine directory `out` would be created in (its first existing parent), or None."""
+    parent = next(p for p in Path(out).absolute().parents if p.exists())
+    return parent if is_engine_dir(parent) else None
 
 
 def is_engine_dir(path: Path) -> bool:

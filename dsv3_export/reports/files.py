@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from dsv3_export.atomic import atomic_directory
-from dsv3_export.manifest import is_engine_dir
+from dsv3_export.atomic import atomic_directory, unwritable_parent
+from dsv3_export.manifest import enclosing_engine_dir
 
 REPORT_FILES = ("report.json", "report.md")
 
@@ -26,11 +25,12 @@ def check_replaceable(out: Path) -> None:
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.json").is_file())):
         raise ReportDirError(f"{out.absolute()}: exists and is not a report directory; refusing to overwrite it")
-    parent = next(p for p in out.absolute().parents if p.exists())  # atomic_directory makes the missing ones
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    parent = unwritable_parent(out)
+    if parent is not None:
         raise ReportDirError(f"{out}: cannot write there ({parent} is not a writable directory)")
-    if is_engine_dir(parent):
-        raise ReportDirError(f"{out}: inside the engine directory {parent}, which then would not load (an engine "
+    engine = enclosing_engine_dir(out)
+    if engine is not None:
+        raise ReportDirError(f"{out}: inside the engine directory {engine}, which then would not load (an engine "
                              "directory holds only its manifest's files); write the report elsewhere")
 
 

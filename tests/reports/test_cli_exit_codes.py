@@ -87,8 +87,8 @@ def test_report_out_that_cannot_be_written_is_refused_first(artifacts, tmp_path,
     work (exit 1), naming --out."""
     import os
 
+    import dsv3_export.atomic as atomic_module
     import dsv3_export.reports.diff as diff_module
-    import dsv3_export.reports.files as files_module
     import dsv3_export.reports.profile as profile_module
 
     def no_loading(*args, **kwargs):
@@ -102,7 +102,7 @@ def test_report_out_that_cannot_be_written_is_refused_first(artifacts, tmp_path,
     if where == "unwritable":  # (the tests run as root, whom file modes do not stop)
         (tmp_path / "ro").mkdir()
         real_access = os.access
-        monkeypatch.setattr(files_module.os, "access",
+        monkeypatch.setattr(atomic_module.os, "access",
                             lambda p, mode: Path(p) != tmp_path / "ro" and real_access(p, mode))
     flags = ["--no-layers"] if command == "diff" else ["--prompt-len", "4", "--decode-steps", "1"]
     code = main([command, str(artifacts.engines["clean"]), "--out", str(out), *flags])

@@ -58,7 +58,7 @@ import torch
 
 from dsv3_export.checkpoint import preset_model
 from dsv3_export.engines.cuda_graph_pdl import PdlPlan
-from dsv3_export.engines.torch import (compile_package, inductor_pdl_kernels, lower_program, package_info,
+from dsv3_export.engines.torch import (compile_package, lower_program, package_info, pdl_waiting_kernels,
                                       program_constants)
 from dsv3_export.engines.torch_step import AOTIStep
 from dsv3_export.engines.torch_router import ROUTER_ENV
@@ -274,9 +274,9 @@ def pdl_timings(step: AOTIStep, model, batches, context: int, iters: int, ports:
     # the graph the timed step replays (with the cache write): every call writes the same row at the same position
     want = step_writing_cache(step, tokens, pos, cache).clone()
     out: dict[str, Any] = {}
+    waiting = frozenset(pdl_waiting_kernels(DEVICE))  # what the manifest of this build would list
     for port in [*ports, "0"]:
         key = f"pdl_{port}" if port != "0" else "pdl_control"
-        waiting = waiting_kernel_names() | set(inductor_pdl_kernels(DEVICE))  # Inductor's with DSV3_TORCH_INDUCTOR_PDL
         step.set_decode_pdl(PdlPlan(port, waiting) if port != "0" else None)
         for _ in range(3):  # captured, then replayed
             got = step_writing_cache(step, tokens, pos, cache)

@@ -194,7 +194,7 @@ def capture_graph(record: Callable[[], Any], plan: PdlPlan | None) -> tuple[torc
 
 def waits(name: str | None, waiting: Iterable[str]) -> bool:
     """Whether kernel `name` is in the allow-list: a name, or a prefix ending in `*` (Inductor's generated kernels,
-    engines/torch.py inductor_pdl_kernels)."""
+    engines/torch.py pdl_waiting_kernels)."""
     if name is None:
         return False
     return any(name.startswith(w[:-1]) if w.endswith("*") else name == w for w in waiting)

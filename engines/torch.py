@@ -109,7 +109,7 @@ COMBO_KERNELS_FORMS = {"0": "one launch per Inductor kernel", "1": "Inductor's c
 
 # Inductor's own PDL code in CUDA packages (torch's config triton.enable_pdl): `1` every Triton kernel Inductor
 # generates waits (griddepcontrol.wait) before it reads what the kernel before it wrote and lets its dependents launch
-# after its last load, and the manifest lists those kernels (inductor_pdl_kernels) beside ours, so that
+# after its last load, and the manifest lists those kernels (pdl_waiting_kernels) beside ours, so that
 # DSV3_TORCH_PDL's graph edit makes the edges into them programmatic too (AOTInductor launches without the PDL
 # attribute: the edges cannot come from the launches). Needs DSV3_TRITON_GDC=1 (our kernels wait too; each of them
 # lets its dependents launch only after its own wait with DSV3_TRITON_GDC_TRIGGER, as Inductor's do, so a kernel's
@@ -136,10 +136,14 @@ def inductor_pdl_on() -> bool:
     return True
 
 
-def inductor_pdl_kernels(device: str) -> list[str]:
-    """The allow-list entries for Inductor's kernels in a package built now: its name prefixes with
-    INDUCTOR_PDL_ENV on CUDA, else none."""
-    return list(INDUCTOR_PDL_KERNELS) if device == "cuda" and inductor_pdl_on() else []
+def pdl_waiting_kernels(device: str) -> list[str]:
+    """The kernels of packages built now for `device` that wait first, the graph edit's allow-list (the manifest's
+    pdl_waiting_kernels): ours (kernels/pdl.py), and Inductor's by name prefix with INDUCTOR_PDL_ENV; none on CPU."""
+    if device != "cuda":
+        return []
+    from dsv3_export.kernels.pdl import waiting_kernel_names  # triton: not at import (tests/kernels/conftest.py)
+
+    return sorted(waiting_kernel_names()) + (list(INDUCTOR_PDL_KERNELS) if inductor_pdl_on() else [])
 
 
 def inductor_configs(kind: str, info: dict[str, Any]) -> dict[str, Any]:
@@ -330,8 +334,6 @@ class TorchBackend:
         if missing:
             raise ValueError(f"torch backend: needs programs {PROGRAM_KINDS}, missing {missing}")
         info = package_info(target.device, say)
-        from dsv3_export.kernels.pdl import waiting_kernel_names  # triton: not at import (tests/kernels/conftest.py)
-
         lowered: dict[str, ExportedProgram] = {}
         lowerings: dict[str, str] = {}
         weights: dict[str, torch.Tensor] = {}
@@ -361,10 +363,7 @@ class TorchBackend:
             "packages": dict(PACKAGE_FILES),
             "weights": WEIGHTS_FILE,
             "decode_cuda_graph": target.device == "cuda",
-            # the Triton kernels inside the packages that wait first: ours (kernels/pdl.py), Inductor's by name
-            # prefix with INDUCTOR_PDL_ENV
-            "pdl_waiting_kernels": (sorted(waiting_kernel_names()) + inductor_pdl_kernels(target.device)
-                                    if target.device == "cuda" else []),
+            "pdl_waiting_kernels": pdl_waiting_kernels(target.device),
             # what the packages were compiled for; the loader checks the weights file against it
             "constants": constant_records(weights),
             "dispatch": "tokens.shape[1] == 1 -> decode package, else prefill package",

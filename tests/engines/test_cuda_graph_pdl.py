@@ -146,15 +146,18 @@ def test_prefixes_match_only_names_that_start_with_them():
 def test_inductor_pdl_needs_our_kernels_to_wait_and_is_off_by_default(monkeypatch):
     from dsv3_export.engines import torch as te
 
+    from dsv3_export.kernels.pdl import waiting_kernel_names
+
     monkeypatch.delenv(te.INDUCTOR_PDL_ENV, raising=False)
-    assert te.inductor_pdl_kernels("cuda") == [] and "triton.enable_pdl" not in te.inductor_configs(
+    assert te.pdl_waiting_kernels("cuda") == [] and "triton.enable_pdl" not in te.inductor_configs(
         "decode", {"device_kind": "sm_90"})
     monkeypatch.setenv(te.INDUCTOR_PDL_ENV, "1")
-    assert te.inductor_pdl_kernels("cpu") == []  # CPU packages: C++ kernels, no PDL
+    assert te.pdl_waiting_kernels("cpu") == []  # CPU packages: C++ kernels, no PDL
     with pytest.raises(ValueError, match="DSV3_TORCH_INDUCTOR_PDL=1 needs DSV3_TRITON_GDC=1"):
-        te.inductor_pdl_kernels("cuda")  # the kernels here are interpreted / compiled without the wait
+        te.pdl_waiting_kernels("cuda")  # the kernels here are interpreted / compiled without the wait
     monkeypatch.setattr("dsv3_export.kernels.pdl.GDC", True)
-    assert te.inductor_pdl_kernels("cuda") == list(te.INDUCTOR_PDL_KERNELS)
+    ours = sorted(waiting_kernel_names())
+    assert ours and te.pdl_waiting_kernels("cuda") == ours + list(te.INDUCTOR_PDL_KERNELS)
     assert te.inductor_configs("decode", {"device_kind": "sm_90"})["triton.enable_pdl"] is True
     monkeypatch.setenv(te.INDUCTOR_PDL_ENV, "yes")
     with pytest.raises(ValueError, match=te.INDUCTOR_PDL_ENV):

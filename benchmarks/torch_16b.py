@@ -29,9 +29,10 @@ killed at its limit still returns what was measured. Sections, per precision (bf
                process timed later builds slower) torch.profiler over a few decode steps of the package
                run directly, at each --profile-batches batch (default 1): GPU kernels per step, GPU-busy ms per step and the kernels that take
                the most time, to say where a step's time goes (a step far above its floor)
-  PDL          (in the engine section, with DSV3_TRITON_GDC=1 in the environment) the same build's decode
-               graph with programmatic edges (engines/cuda_graph_pdl.py) per --pdl-ports port, then as
-               captured again (the control); batch-1 logits bit-compared with the plain graph's
+  PDL          (in the engine section, where the kernels wait: DSV3_TRITON_GDC, auto on sm_90+) the same build's
+               decode graph with programmatic edges (engines/cuda_graph_pdl.py) per --pdl-ports port, then as
+               captured (the control); batch-1 logits bit-compared with the graph as captured. The engine's
+               own decode_ms_b* use the runtime's default (DSV3_TORCH_PDL: programmatic over the build's list)
 
 Decode is timed at position prompt-len over a cache of random values (the step's cost does not
 depend on them); ms/token = ms per decode step (one token per row). Prints a Markdown table on
@@ -58,8 +59,10 @@ import torch
 
 from dsv3_export.checkpoint import preset_model
 from dsv3_export.engines.cuda_graph_pdl import PdlPlan
-from dsv3_export.engines.torch import (compile_package, lower_program, package_info, pdl_waiting_kernels,
+from dsv3_export.engines.torch import (compile_package, decode_pdl, lower_program, package_info, pdl_note,
+                                       pdl_waiting_kernels,
                                       program_constants)
+from dsv3_export.engines.torch_inductor_pdl import InductorKernels
 from dsv3_export.engines.torch_step import AOTIStep
 from dsv3_export.engines.torch_router import ROUTER_ENV
 from dsv3_export.engines.torch_triton import MOE_ALIGN_DEFAULT, MOE_ALIGN_ENV
@@ -168,6 +171,7 @@ def build_engine_in_memory(model, precision: str, kinds: tuple[str, ...], workdi
     weights: dict[str, torch.Tensor] = {}
     packages = {}
     programs = {} if programs is None else programs
+    inductor = InductorKernels()  # Inductor's kernels that wait first (the manifest's pdl_waiting_kernels)
     for kind in kinds:
         if kind not in programs:
             t = time.perf_counter()
@@ -187,7 +191,8 @@ def build_engine_in_memory(model, precision: str, kinds: tuple[str, ...], workdi
         t = time.perf_counter()
         promoted: dict[str, int] = {}
         with autotune_choices() as choices:
-            packages[kind] = compile_package(ep, kind, workdir / f"{kind}.pt2", info, promoted=promoted)
+            packages[kind] = compile_package(ep, kind, workdir / f"{kind}.pt2", info, promoted=promoted,
+                                             inductor=inductor)
         report[f"{kind}_aoti_compile_s"] = round(time.perf_counter() - t, 1)
         report[f"{kind}_autotune_choices"] = choices
         # kernels DSV3_TORCH_PERSISTENT_NORMS=1 made persistent that Inductor would loop (None: switch off, or CPU)
@@ -198,8 +203,14 @@ def build_engine_in_memory(model, precision: str, kinds: tuple[str, ...], workdi
         del ep
     gc.collect()
     prefill = packages.get("prefill", packages["decode"])
+    # the decode graphs' edges as the runtime would make them from this build's manifest (DSV3_TORCH_PDL)
+    waiting = pdl_waiting_kernels(DEVICE, inductor)
+    report["pdl_waiting_kernels"] = waiting
+    if DEVICE == "cuda":
+        report["lowerings"] = {**report["lowerings"], "pdl": pdl_note(inductor)}
+    pdl = decode_pdl({"pdl_waiting_kernels": waiting}) if DEVICE == "cuda" else None
     return AOTIStep.from_packages({"prefill": prefill, "decode": packages["decode"]}, weights,
-                                  torch.device(DEVICE), model.dtype, cuda_graph=DEVICE == "cuda")
+                                  torch.device(DEVICE), model.dtype, cuda_graph=DEVICE == "cuda", pdl=pdl)
 
 
 def decode_inputs(model, batch: int, context: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -263,28 +274,30 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     return name, env
 
 
-def pdl_timings(step: AOTIStep, model, batches, context: int, iters: int, ports: list[str]) -> dict[str, Any]:
-    """The same build's decode graph with programmatic edges (engines/cuda_graph_pdl.py), per port, then as
-    captured again (the control: drift shows as control != the plain graph timed before): ms per step,
-    the edit's counts, and whether batch-1 logits are bit-identical to the plain graph's."""
+def pdl_timings(step: AOTIStep, model, batches, context: int, iters: int, ports: list[str],
+                waiting: list[str]) -> dict[str, Any]:
+    """The same build's decode graph with programmatic edges (engines/cuda_graph_pdl.py) over `waiting` (the
+    build's manifest record), per port, then as captured (the control): ms per step, the edit's counts, and
+    whether batch-1 logits are bit-identical to the graph as captured. The step keeps its own plan after."""
     if not waiting_kernel_names():
-        return {"pdl": "skipped: kernels compiled without griddepcontrol.wait (DSV3_TRITON_GDC=1 turns it on)"}
+        return {"pdl": "skipped: kernels compiled without griddepcontrol.wait (DSV3_TRITON_GDC: auto on an sm_90+ "
+                       "GPU, or 1)"}
     tokens, pos, cache = decode_inputs(model, 1, context)
+    default = step.pdl
     step.set_decode_pdl(None)
     # the graph the timed step replays (with the cache write): every call writes the same row at the same position
     want = step_writing_cache(step, tokens, pos, cache).clone()
     out: dict[str, Any] = {}
-    waiting = frozenset(pdl_waiting_kernels(DEVICE))  # what the manifest of this build would list
     for port in [*ports, "0"]:
         key = f"pdl_{port}" if port != "0" else "pdl_control"
-        step.set_decode_pdl(PdlPlan(port, waiting) if port != "0" else None)
+        step.set_decode_pdl(PdlPlan(port, frozenset(waiting)) if port != "0" else None)
         for _ in range(3):  # captured, then replayed
             got = step_writing_cache(step, tokens, pos, cache)
         out[f"{key}_logits_identical"] = bool(torch.equal(got, want))
         out[f"{key}_edges"] = str(step.pdl_edges) if step.pdl_edges else "as captured"
         for b in batches:
             out[f"decode_ms_b{b}_{key}"] = cuda_ms_safe(lambda: time_step_decode(step, model, b, context, iters))
-    step.set_decode_pdl(None)
+    step.set_decode_pdl(default)
     return out
 
 
@@ -328,7 +341,8 @@ def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds,
         if step._graphs is not None and not step._graphs.failed:
             out[f"decode_ms_b{b}_replay"] = cuda_ms_safe(lambda: time_graph_replay(step, model, b, prompt_len, steps))
     if DEVICE == "cuda" and pdl_ports:
-        out.update(guarded_dict(lambda: pdl_timings(step, model, batches, prompt_len, steps, pdl_ports)))
+        out.update(guarded_dict(lambda: pdl_timings(step, model, batches, prompt_len, steps, pdl_ports,
+                                                    out.get("pdl_waiting_kernels") or [])))
     if "prefill" in kinds:
         tokens = torch.randint(0, a.vocab_size, (1, prompt_len), device=DEVICE)
         cache = torch.zeros(1, a.n_layers, prompt_len, a.latent_cache_width, device=DEVICE,
@@ -537,8 +551,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also build and time the engine with these switches (repeatable), from the same "
                         "exported programs: results under engine-NAME")
     p.add_argument("--pdl-ports", default="launch,programmatic",
-                   help="decode graphs also timed with programmatic edges from these ports ('' for none); needs "
-                        "DSV3_TRITON_GDC=1 in the environment (kernels compiled with the wait)")
+                   help="decode graphs also timed with programmatic edges from these ports, then as captured ('' "
+                        "for none); needs kernels compiled with the wait (DSV3_TRITON_GDC, auto on sm_90+)")
     for kind, fields in TUNE_FIELDS.items():
         p.add_argument(f"--tune-{kind}", default=None, metavar=",".join(f.upper() for f in fields),
                        help=f"the {kind} program's example sizes, at which AOTInductor tunes its kernels "

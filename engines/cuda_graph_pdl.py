@@ -193,11 +193,8 @@ def capture_graph(record: Callable[[], Any], plan: PdlPlan | None) -> tuple[torc
 
 
 def waits(name: str | None, waiting: Iterable[str]) -> bool:
-    """Whether kernel `name` is in the allow-list: a name, or a prefix ending in `*` (Inductor's generated kernels,
-    engines/torch.py pdl_waiting_kernels)."""
-    if name is None:
-        return False
-    return any(name.startswith(w[:-1]) if w.endswith("*") else name == w for w in waiting)
+    """Whether kernel `name` is in the allow-list (exact names: engines/torch.py pdl_waiting_kernels)."""
+    return name is not None and name in frozenset(waiting)
 
 
 def programmatic_candidates(names: dict[int, str | None], edges: list[tuple[int, int, _EdgeData]],

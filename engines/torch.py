@@ -46,6 +46,7 @@ from dsv3_export.engines.base import (BackendUnavailable, BuildOutput, Progress,
 from dsv3_export.engines.cuda_graph_pdl import PORT_MEANINGS, PdlPlan
 from dsv3_export.engines.torch_cxx import select_cxx
 from dsv3_export.engines.torch_device import device_info, incompatibility
+from dsv3_export.engines.torch_inductor_pdl import InductorKernels
 from dsv3_export.engines.torch_lower import lower_dsv3_ops
 from dsv3_export.engines.torch_step import (CUDA_GRAPH_ENV, SINGLE_THREADED_ENV, AOTIStep, constant_records, env_choice,
                                             env_flag, load_weights, save_weights)
@@ -107,43 +108,64 @@ COMBO_KERNELS_ENV = "DSV3_TORCH_COMBO_KERNELS"
 COMBO_KERNELS_FORMS = {"0": "one launch per Inductor kernel", "1": "Inductor's combo kernels (horizontal fusion)"}
 
 
-# Inductor's own PDL code in CUDA packages (torch's config triton.enable_pdl): `1` every Triton kernel Inductor
-# generates waits (griddepcontrol.wait) before it reads what the kernel before it wrote and lets its dependents launch
-# after its last load, and the manifest lists those kernels (pdl_waiting_kernels) beside ours, so that
-# DSV3_TORCH_PDL's graph edit makes the edges into them programmatic too (AOTInductor launches without the PDL
-# attribute: the edges cannot come from the launches). Needs DSV3_TRITON_GDC=1 (our kernels wait too; each of them
-# lets its dependents launch only after its own wait with DSV3_TRITON_GDC_TRIGGER, as Inductor's do, so a kernel's
-# launch always follows its producer's producer's completion). `0` (default) no PDL code. Read when a package is
-# compiled. Opt-in, not yet timed (session 25): vLLM enables torch's flag for batch-1 decode under full CUDA graphs.
+# Inductor's own PDL code in CUDA packages (torch's config triton.enable_pdl): its Triton kernels wait
+# (griddepcontrol.wait) before they read what the kernel before them wrote, and let their dependents launch after
+# their last load. The kernels whose source shows a wait before any memory access in every program
+# (engines/torch_inductor_pdl.py, recorded as the package compiles) are listed in the manifest (pdl_waiting_kernels)
+# beside ours, so that DSV3_TORCH_PDL's graph edit makes the edges into them programmatic too (AOTInductor launches
+# without the PDL attribute: the edges cannot come from the launches). `auto` (default): on where our kernels wait
+# (DSV3_TRITON_GDC) and torch has the flag; `1` the same, an error where either is missing; `0` no PDL code. Read
+# when a package is compiled. On the H200 (session 26, 27-layer 16b fp8 decode, benchmarks/RESULTS.md) the
+# programmatic port took the batch-1 step from 1.911 ms as captured to 1.793 with it, against 1.877 / 1.843 in two
+# builds without it (our kernels' edges only). vLLM enables torch's flag for batch-1 decode under full CUDA graphs.
 INDUCTOR_PDL_ENV = "DSV3_TORCH_INDUCTOR_PDL"
-# Inductor's generated kernel names (pointwise, persistent reduction, reduction): its templates (triton_tem_*) get no
-# PDL code, and the decode program has none
-INDUCTOR_PDL_KERNELS = ("triton_poi_*", "triton_per_*", "triton_red_*")
+INDUCTOR_PDL_CHOICES = {"auto": "Inductor's kernels with PDL code where ours wait and torch has the flag",
+                        "1": "Inductor's kernels with PDL code", "0": "no PDL code"}
 
 
 def inductor_pdl_on() -> bool:
     """INDUCTOR_PDL_ENV, checked against what it needs: our kernels' wait, and a torch whose Inductor has the flag."""
-    if env_choice(INDUCTOR_PDL_ENV, "0", {"1": "Inductor's kernels with PDL code", "0": "no PDL code"}) != "1":
+    choice = env_choice(INDUCTOR_PDL_ENV, "auto", INDUCTOR_PDL_CHOICES)
+    if choice == "0":
         return False
     from dsv3_export.kernels.pdl import GDC, GDC_ENV
 
+    has_flag = hasattr(torch._inductor.config.triton, "enable_pdl")
+    if choice == "auto":
+        return bool(GDC) and has_flag
     if not GDC:
-        raise ValueError(f"{INDUCTOR_PDL_ENV}=1 needs {GDC_ENV}=1 (set before the kernels are imported): the graph "
-                         "edit gives programmatic edges only where every kernel waits")
-    if not hasattr(torch._inductor.config.triton, "enable_pdl"):
+        raise ValueError(f"{INDUCTOR_PDL_ENV}=1 needs our kernels to wait ({GDC_ENV}=1 or auto on an sm_90+ GPU, set "
+                         "before the kernels are imported): the graph edit gives programmatic edges only where every "
+                         "kernel waits")
+    if not has_flag:
         raise ValueError(f"{INDUCTOR_PDL_ENV}=1: this torch ({torch.__version__}) has no Inductor PDL "
                          "(torch._inductor.config.triton.enable_pdl)")
     return True
 
 
-def pdl_waiting_kernels(device: str) -> list[str]:
+def pdl_waiting_kernels(device: str, inductor: "InductorKernels | None" = None) -> list[str]:
     """The kernels of packages built now for `device` that wait first, the graph edit's allow-list (the manifest's
-    pdl_waiting_kernels): ours (kernels/pdl.py), and Inductor's by name prefix with INDUCTOR_PDL_ENV; none on CPU."""
+    pdl_waiting_kernels): ours (kernels/pdl.py), and those of Inductor's that `inductor` recorded waiting first while
+    the packages compiled (INDUCTOR_PDL_ENV); none on CPU."""
     if device != "cuda":
         return []
     from dsv3_export.kernels.pdl import waiting_kernel_names  # triton: not at import (tests/kernels/conftest.py)
 
-    return sorted(waiting_kernel_names()) + (list(INDUCTOR_PDL_KERNELS) if inductor_pdl_on() else [])
+    return sorted(waiting_kernel_names()) + (inductor.waiting() if inductor is not None else [])
+
+
+def pdl_note(inductor: InductorKernels) -> str:
+    """The manifest's `lowerings` line for a CUDA build: which kernels the decode graph edit may give programmatic
+    edges (the build's switches; the runtime's port is DSV3_TORCH_PDL)."""
+    from dsv3_export.kernels.pdl import GDC, GDC_ENV, GDC_TRIGGER, waiting_kernel_names
+
+    if not GDC:
+        return f"off: our kernels compiled without griddepcontrol.wait ({GDC_ENV})"
+    ours = f"{len(waiting_kernel_names())} of our kernels wait first" + (
+        ", then let their dependents launch" if GDC_TRIGGER else "")
+    if not inductor_pdl_on():
+        return f"{ours}; Inductor's kernels without PDL code ({INDUCTOR_PDL_ENV})"
+    return f"{ours}; Inductor's with PDL code: {inductor.summary()}"
 
 
 def inductor_configs(kind: str, info: dict[str, Any]) -> dict[str, Any]:
@@ -225,14 +247,21 @@ def _choices_handler(switch: str | None) -> contextlib.AbstractContextManager[An
 
 
 def compile_package(ep: ExportedProgram, kind: str, path: Path, info: dict[str, Any],
-                    promoted: dict[str, int] | None = None) -> Path:
+                    promoted: dict[str, int] | None = None, inductor: "InductorKernels | None" = None) -> Path:
     """AOTInductor-compile one (lowered) program into a .pt2 package without its weights.
     promoted: where a CUDA package compiled with DSV3_TORCH_PERSISTENT_NORMS=1 records promoted[kind], the
-    number of kernels made persistent that Inductor would have looped (engines/torch_inductor_choices.py)."""
+    number of kernels made persistent that Inductor would have looped (engines/torch_inductor_choices.py).
+    inductor: where a CUDA package compiled with Inductor's PDL code records its kernels (pdl_waiting_kernels)."""
     from dsv3_export.engines.torch_int_arrays import unique_int_array_writers
 
     choices_handler = _choices_handler(persistent_norms_switch(info))
-    with unique_int_array_writers(), choices_handler as choices:  # unique_int_array_writers: torch_int_arrays.py
+    recorder = contextlib.nullcontext()
+    if inductor is not None and info["device_kind"] != "cpu" and inductor_pdl_on():
+        from dsv3_export.engines.torch_inductor_pdl import recording
+
+        recorder = recording(inductor)
+    # unique_int_array_writers: engines/torch_int_arrays.py
+    with unique_int_array_writers(), choices_handler as choices, recorder:
         out = torch._inductor.aoti_compile_and_package(ep, package_path=str(path),
                                                        inductor_configs=inductor_configs(kind, info))
     if choices is not None:
@@ -292,10 +321,13 @@ def _aten_histogram(programs: Mapping[str, ExportedProgram]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-# Programmatic edges in the decode CUDA graph (engines/cuda_graph_pdl.py): "0" leaves the graph as captured.
+# Programmatic edges in the decode CUDA graph (engines/cuda_graph_pdl.py), read when an engine loads:
+# "programmatic" (default) for the kernels the manifest lists as waiting first (engines built where they do not
+# wait list none and keep the captured graph); "launch" (slower on the H200: sessions 18, 25 and 26); "0" leaves the
+# graph as captured. Timings in kernels/pdl.py GDC_ENV's comment.
 PDL_ENV = "DSV3_TORCH_PDL"
 PDL_CHOICES = {"0": "edges as captured", **PORT_MEANINGS}
-PDL_DEFAULT = "0"
+PDL_DEFAULT = "programmatic"
 
 
 def decode_pdl(info: Mapping[str, Any]) -> PdlPlan | None:
@@ -338,16 +370,19 @@ class TorchBackend:
         lowerings: dict[str, str] = {}
         weights: dict[str, torch.Tensor] = {}
         promoted: dict[str, int] = {}
+        inductor = InductorKernels()
         for kind in PROGRAM_KINDS:
             ep, how = lower_program(programs[kind], target.device, kind)
             lowered[kind], lowerings = ep, {**lowerings, **how}
             say(f"torch: AOTInductor compiling {kind} for {target.device} "
                 f"({info.get('march') or info.get('compute_capability') or 'native'})")
-            compile_package(ep, kind, out_dir / PACKAGE_FILES[kind], info, promoted)
+            compile_package(ep, kind, out_dir / PACKAGE_FILES[kind], info, promoted, inductor)
             _collect_weights(weights, ep)
         note = persistent_norms_note(persistent_norms_switch(info), promoted)
         if note:
             lowerings["persistent_norms"] = note
+        if target.device == "cuda":
+            lowerings["pdl"] = pdl_note(inductor)
         say(f"torch: writing {WEIGHTS_FILE} ({len(weights)} tensors)")
         save_weights(weights, out_dir / WEIGHTS_FILE)
         cache_dtype = _input_dtype(lowered["decode"], "kv_cache")
@@ -363,7 +398,7 @@ class TorchBackend:
             "packages": dict(PACKAGE_FILES),
             "weights": WEIGHTS_FILE,
             "decode_cuda_graph": target.device == "cuda",
-            "pdl_waiting_kernels": pdl_waiting_kernels(target.device),
+            "pdl_waiting_kernels": pdl_waiting_kernels(target.device, inductor),
             # what the packages were compiled for; the loader checks the weights file against it
             "constants": constant_records(weights),
             "dispatch": "tokens.shape[1] == 1 -> decode package, else prefill package",

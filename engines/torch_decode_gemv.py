@@ -37,16 +37,25 @@ DECODE_GEMV_CHOICES = {
 
 
 # The decode GEMV's weight rows prefetched into L2 before its griddepcontrol.wait (kernels/fp8_gemv.py PREFETCH_W):
-# `1` or `0` (default), read when a program is lowered. Meant for packages built with DSV3_TRITON_GDC=1 (and
-# DSV3_TRITON_GDC_TRIGGER=1) and run under a programmatic port (DSV3_TORCH_PDL), where the prefetch overlaps the
-# producer's end; without PDL it is a prefetch at the kernel's start (the same bits either way). Timed only in
-# one 4-layer build with PDL so far (session 25, benchmarks/RESULTS.md).
+# `auto` (default) where our kernels wait (DSV3_TRITON_GDC, so under the programmatic port the prefetch overlaps the
+# producer's end), `1` always (without the wait: a prefetch at the kernel's start, the same bits), `0` never. Read
+# when a program is lowered. On in every H200 build with the wait that was timed (sessions 25-26,
+# benchmarks/RESULTS.md).
 GEMV_PREFETCH_ENV = "DSV3_TORCH_GEMV_PREFETCH"
 
 
 def gemv_prefetch_on() -> bool:
-    return env_choice(GEMV_PREFETCH_ENV, "0", {"1": "the GEMV's weight rows into L2 before its wait",
-                                               "0": "no prefetch"}) == "1"
+    choice = env_choice(GEMV_PREFETCH_ENV, "auto", {"auto": "as DSV3_TRITON_GDC: with the wait",
+                                                    "1": "the GEMV's weight rows into L2 before its wait",
+                                                    "0": "no prefetch"})
+    return choice == "1" or (choice == "auto" and gdc_on())
+
+
+def gdc_on() -> bool:
+    """Whether our kernels were compiled with the wait here (kernels/pdl.py GDC; imported when first asked)."""
+    from dsv3_export.kernels.pdl import GDC
+
+    return bool(GDC)
 
 
 def decode_gemv(kind: str, traced_batch: int | None = None) -> bool:

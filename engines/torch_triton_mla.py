@@ -62,15 +62,20 @@ def head_gemv_on() -> bool:
 MERGE_UV_ENV = "DSV3_TORCH_MERGE_UV"
 
 
-# With merge_uv: `1` prefetches each program's W_UV rows into L2 at the kernel's start (kernels/mla_merge_uv.py
-# PREFETCH_W; the same bits), `0` (default) not. Opt-in: within the noise on the H200
-# (session 22, benchmarks/RESULTS.md).
+# With merge_uv: W_UV's rows prefetched into L2 before the kernel's wait (kernels/mla_merge_uv.py PREFETCH_W; the
+# same bits): `auto` (default) where our kernels wait (DSV3_TRITON_GDC: under the programmatic port the prefetch
+# overlaps the producer's end), `1` always, `0` never. Read when a program is lowered. Alone, without the wait,
+# within the noise on the H200 (session 22); on in every build with the wait timed in sessions 25-26.
 MERGE_UV_PREFETCH_ENV = "DSV3_TORCH_MERGE_UV_PREFETCH"
 
 
 def merge_uv_prefetch_on() -> bool:
-    return env_choice(MERGE_UV_PREFETCH_ENV, "0", {"1": "W_UV's rows prefetched into L2 first",
-                                                   "0": "no prefetch"}) == "1"
+    from dsv3_export.engines.torch_decode_gemv import gdc_on
+
+    choice = env_choice(MERGE_UV_PREFETCH_ENV, "auto", {"auto": "as DSV3_TRITON_GDC: with the wait",
+                                                        "1": "W_UV's rows prefetched into L2 first",
+                                                        "0": "no prefetch"})
+    return choice == "1" or (choice == "auto" and gdc_on())
 
 
 def merge_uv_on() -> bool:

@@ -1,10 +1,10 @@
 """Programmatic dependent launch (PDL, sm_90+): which of our kernels may start before their producer ends.
 
-Opt-in, two switches: DSV3_TRITON_GDC=1 when the engine is built (the kernels wait; the manifest lists
-them) and DSV3_TORCH_PDL=launch (or programmatic) when it runs (engines/torch.py). GDC_ENV's comment
-has the H200 figures that keep it off by default.
+On by default where it can run: a build on an sm_90+ GPU compiles the kernels with the wait (GDC, DSV3_TRITON_GDC)
+and the manifest lists them; the torch runtime makes the decode graph's edges into them programmatic
+(DSV3_TORCH_PDL=programmatic, engines/torch.py). GDC_ENV's comment has the H200 figures.
 
-A batch-1 decode step is ~720 short kernels replayed from one CUDA graph; with plain graph edges a
+A batch-1 decode step is ~360 short kernels replayed from one CUDA graph; with plain graph edges a
 kernel's blocks are only scheduled after the previous kernel has finished and flushed, so each
 boundary costs the launch ramp of the next kernel on top of the ~0.4 us gap (session 9's replay
 timeline). A *programmatic* edge (engines/cuda_graph_pdl.py rewrites the captured graph) lets the
@@ -16,11 +16,11 @@ So a kernel opts in with `@waits_for_producer` on top of `@triton.jit`, and its 
 statement must be `wait_for_producer()`; the decorator checks that at import and records the
 kernel's name in CHECKED_KERNELS, with GDC on the only names the graph rewrite gives programmatic edges to.
 Because every such kernel completes only after its producer completed, completion stays transitive
-along the graph and kernels that never wait (Inductor's, cuBLAS's) keep ordinary edges.
+along the graph; Inductor's kernels join only where their source shows the same (engines/torch_inductor_pdl.py),
+and the others (cuBLAS's) keep ordinary edges.
 
 PTX documents `griddepcontrol.wait` as returning at once when the launch had no programmatic
-dependency (eager calls, ordinary edges), yet packages built with it ran slower without a CUDA graph
-(GDC_ENV). The CPU interpreter has no such instruction, so there it is left out (GDC).
+dependency (eager calls, ordinary edges). The CPU interpreter has no such instruction, so there it is left out (GDC).
 
 torch's tracing of a user Triton kernel (torch.export / AOTInductor, triton_kernel_wrap) finds the
 tensors it writes by reading its TTIR, and gives up on inline assembly with side effects, which is
@@ -54,27 +54,62 @@ def _interpreter_probe():
     pass
 
 
-# DSV3_TRITON_GDC=1 (read at import) compiles the kernels with the wait; off by default. H200, 16b fp8
-# decode, session 10 (benchmarks/RESULTS.md): with the wait, the same build's graph replays 2.79 ms per
-# 27-layer batch-1 step with the edges as captured and 2.71 with the launch port (-3%; b8 / b64 unchanged),
-# but 4-layer builds in separate processes gave 0.57 (wait, as captured) / 0.56 (wait, launch port) against
-# 0.53 ms (no wait), and the package run without a graph 1.16 against 0.73 ms (twice with the wait), while the
-# wait alone costs ~0.015 us per kernel (benchmarks/pdl_probe.py): no net gain shown, so the wait stays opt-in
-# until an A/B with several builds per arm shows one.
+# DSV3_TRITON_GDC (read at import): `1` compiles the kernels with the wait, `0` without, `auto` (default) with it
+# when this process sees CUDA GPUs of compute capability 9.0 or later (griddepcontrol's minimum; a package is
+# built for the GPU it is compiled on). On by default since session 26: on the H200 (27-layer 16b fp8 decode, one
+# build per arm, benchmarks/RESULTS.md) the programmatic port replayed the batch-1 step in 1.793 ms against 1.911
+# as captured with Inductor's kernels waiting too (b8 4.012 / 4.175, b64 7.226 / 7.292), and 1.877 / 1.843 against
+# 1.901 / 1.904 with ours alone, logits bit-identical in every form; as captured, builds with the wait replay
+# within the spread of main's four builds without it (1.90-1.91 against 1.904-1.995 ms). Session 10's slower
+# runs without a graph did not recur (2.35-2.55 ms against 2.40).
 GDC_ENV = "DSV3_TRITON_GDC"
+GDC_CHOICES = {"auto": "the wait where the GPUs here are sm_90+", "1": "the wait", "0": "no wait"}
+
+
+def gdc_wanted(choice: str, capabilities: list[tuple[int, int]]) -> bool:
+    """Whether GDC_ENV's `choice` compiles the wait, given the compute capabilities of the GPUs this process sees."""
+    if choice not in GDC_CHOICES:
+        raise ValueError(f"{GDC_ENV}={choice!r}: expected one of {sorted(GDC_CHOICES)}")
+    if choice == "auto":
+        return bool(capabilities) and min(capabilities) >= (9, 0)
+    return choice == "1"
+
+
+def _visible_capabilities() -> list[tuple[int, int]]:
+    """The compute capabilities of the CUDA GPUs torch sees (none on a CPU build or a machine without GPUs)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+
+
+def _gdc_choice() -> str:
+    return os.environ.get(GDC_ENV, "auto") or "auto"
+
+
 # griddepcontrol exists on sm_90 and later; the interpreter (TRITON_INTERPRET=1) has none.
-GDC = tl.constexpr(os.environ.get(GDC_ENV, "0") == "1" and not is_interpreted(_interpreter_probe)
+GDC = tl.constexpr(not is_interpreted(_interpreter_probe)
+                   and gdc_wanted(_gdc_choice(), [] if _gdc_choice() == "0" else _visible_capabilities())
                    and hidden_from_mutation_analysis(globals(), "GDC"))
 
 
-# DSV3_TRITON_GDC_TRIGGER=1 (read at import; with GDC on): each kernel signals `griddepcontrol.launch_dependents` as
-# soon as its wait returns, so that under the "programmatic" port (engines/cuda_graph_pdl.py) the next kernel's blocks
-# are launched while this one runs (without it they launch when this one's blocks exit) and issue what they may
-# before their own wait: L2 prefetches of their weights (PRE_WAIT_CALLS). Opt-in: on the H200 (session 25,
-# one 4-layer 16b fp8 build with the GEMV's and merge_uv's prefetches) the programmatic port replayed the batch-1 step
-# in 0.409 ms against 0.416 as captured; the 27-layer A/B is still to do (benchmarks/RESULTS.md).
+# DSV3_TRITON_GDC_TRIGGER (read at import; with GDC on): `1` (default) each kernel signals
+# `griddepcontrol.launch_dependents` as soon as its wait returns, so that under the "programmatic" port
+# (engines/cuda_graph_pdl.py) the next kernel's blocks are launched while this one runs (without it they launch when
+# this one's blocks exit) and issue what they may before their own wait: L2 prefetches of their weights
+# (PRE_WAIT_CALLS). `0` no signal. Timed with it on in every session-26 build above (and session 25's 4-layer one).
 GDC_TRIGGER_ENV = "DSV3_TRITON_GDC_TRIGGER"
-GDC_TRIGGER = tl.constexpr(os.environ.get(GDC_TRIGGER_ENV, "0") == "1")
+
+
+def _trigger_choice() -> bool:
+    value = os.environ.get(GDC_TRIGGER_ENV, "1") or "1"
+    if value not in ("0", "1"):
+        raise ValueError(f"{GDC_TRIGGER_ENV}={value!r}: expected '1' (signal after the wait) or '0'")
+    return value == "1"
+
+
+GDC_TRIGGER = tl.constexpr(_trigger_choice())
 
 
 @triton.jit

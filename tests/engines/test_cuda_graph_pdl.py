@@ -23,6 +23,12 @@ def test_switch_selects_the_port_over_the_manifests_kernels(monkeypatch, port):
     assert decode_pdl(INFO) == PdlPlan(port, frozenset(INFO["pdl_waiting_kernels"]))
 
 
+def test_by_default_the_programmatic_port_over_the_manifests_kernels(monkeypatch):
+    monkeypatch.delenv(PDL_ENV, raising=False)
+    assert decode_pdl(INFO) == PdlPlan("programmatic", frozenset(INFO["pdl_waiting_kernels"]))
+    assert decode_pdl({"pdl_waiting_kernels": []}) is None  # built where the kernels do not wait: as captured
+
+
 def test_off_by_switch_and_for_engines_without_the_record(monkeypatch):
     monkeypatch.setenv(PDL_ENV, "0")
     assert decode_pdl(INFO) is None
@@ -95,16 +101,41 @@ print("ok", len(names))
     assert out.startswith("ok")
 
 
-def test_by_default_no_kernel_waits_and_the_analysis_hides_no_wait():
-    # torch's analysis is still wrapped, for the L2 prefetch's asm (kernels/mutation_analysis.py)
-    out = _compiled("""
+_NO_WAIT = """
 from dsv3_export.kernels.mutation_analysis import hidden_switches
 from dsv3_export.kernels.pdl import GDC, waiting_kernel_names
 assert not GDC and waiting_kernel_names() == frozenset()
 assert hidden_switches() == ["dsv3_export.kernels.l2_prefetch.PREFETCH_ASM"], hidden_switches()
 print("ok")
-""")
-    assert out.startswith("ok")
+"""
+
+
+def test_switched_off_no_kernel_waits_and_the_analysis_hides_no_wait():
+    # torch's analysis is still wrapped, for the L2 prefetch's asm (kernels/mutation_analysis.py)
+    assert _compiled(_NO_WAIT, DSV3_TRITON_GDC="0").startswith("ok")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto compiles the wait where an sm_90+ GPU is visible")
+def test_by_default_no_kernel_waits_without_a_gpu():
+    assert _compiled(_NO_WAIT).startswith("ok")
+
+
+def test_auto_waits_only_where_every_visible_gpu_is_sm90_or_later():
+    from dsv3_export.kernels.pdl import gdc_wanted
+
+    assert gdc_wanted("auto", [(9, 0)]) and gdc_wanted("auto", [(10, 0), (9, 0)])
+    assert not gdc_wanted("auto", []) and not gdc_wanted("auto", [(8, 0)]) and not gdc_wanted("auto", [(9, 0), (8, 9)])
+    assert gdc_wanted("1", []) and not gdc_wanted("0", [(9, 0)])
+    with pytest.raises(ValueError, match="DSV3_TRITON_GDC='yes'"):
+        gdc_wanted("yes", [(9, 0)])
+
+
+def test_a_bad_switch_value_fails_the_import_naming_the_variable():
+    for name in ("DSV3_TRITON_GDC", "DSV3_TRITON_GDC_TRIGGER"):
+        full = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {name: "yes"}
+        done = subprocess.run([sys.executable, "-c", "import dsv3_export.kernels.pdl"], env=full,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and f"{name}='yes'" in done.stderr, done.stderr[-500:]
 
 
 def _edge(from_port: int = 0, kind: int = 0):
@@ -129,36 +160,50 @@ def test_only_kernel_to_waiting_kernel_default_edges_are_chosen():
     chosen = programmatic_candidates(names, edges, iter(["_act_quant_kernel", "_fp8_gemm_kernel"]))
     assert [(a, b) for a, b, _ in chosen] == [(1, 2), (5, 6), (7, 6)]
     assert programmatic_candidates(names, edges, []) == []
-    # with DSV3_TORCH_INDUCTOR_PDL the manifest also lists Inductor's kernels by name prefix: 4 -> 5 is chosen too
-    chosen = programmatic_candidates(names, edges, ["_act_quant_kernel", "_fp8_gemm_kernel", "triton_poi_*"])
+    # with Inductor's PDL code the manifest also lists the Inductor kernels that wait first: 4 -> 5 is chosen too
+    chosen = programmatic_candidates(names, edges, ["_act_quant_kernel", "_fp8_gemm_kernel", "triton_poi_fused_add_0"])
     assert [(a, b) for a, b, _ in chosen] == [(1, 2), (4, 5), (5, 6), (7, 6)]
 
 
-def test_prefixes_match_only_names_that_start_with_them():
+def test_the_allow_list_matches_exact_names_only():
     from dsv3_export.engines.cuda_graph_pdl import waits
 
-    allow = ["triton_per_*", "_router_kernel"]
+    allow = ["triton_per_fused_add_mean_7", "_router_kernel"]
     assert waits("triton_per_fused_add_mean_7", allow) and waits("_router_kernel", allow)
-    assert not waits("_router_kernel_2", allow) and not waits("triton_poi_fused_0", allow)
-    assert not waits("xtriton_per_fused", allow) and not waits(None, allow) and not waits("triton_per_", [])
+    assert not waits("_router_kernel_2", allow) and not waits("triton_per_fused_add_mean_70", allow)
+    assert not waits("triton_per_*", ["triton_per_*x"]) and not waits(None, allow) and not waits("triton_per_", [])
 
 
-def test_inductor_pdl_needs_our_kernels_to_wait_and_is_off_by_default(monkeypatch):
+def test_inductor_pdl_follows_our_kernels_wait_and_lists_only_the_recorded_kernels_that_wait(monkeypatch):
     from dsv3_export.engines import torch as te
+    from dsv3_export.engines.torch_inductor_pdl import InductorKernels
 
     from dsv3_export.kernels.pdl import waiting_kernel_names
 
-    monkeypatch.delenv(te.INDUCTOR_PDL_ENV, raising=False)
-    assert te.pdl_waiting_kernels("cuda") == [] and "triton.enable_pdl" not in te.inductor_configs(
+    recorded = InductorKernels()
+    recorded.recorded = True  # as engines/torch_inductor_pdl.py recording() marks it
+    recorded.add("triton_per_fused_norm_0", "@triton.jit\ndef k(p):\n    tl.extra.cuda.gdc_wait()\n")
+    recorded.add("triton_poi_fused_fill_1", "@triton.jit\ndef k(p):\n    tl.store(p, 0)\n")
+    monkeypatch.delenv(te.INDUCTOR_PDL_ENV, raising=False)  # auto: off while our kernels do not wait
+    assert te.pdl_waiting_kernels("cuda", recorded) == ["triton_per_fused_norm_0"]  # ours: none (interpreted)
+    assert not te.inductor_pdl_on() and "triton.enable_pdl" not in te.inductor_configs(
         "decode", {"device_kind": "sm_90"})
+    assert "without griddepcontrol.wait" in te.pdl_note(recorded)
     monkeypatch.setenv(te.INDUCTOR_PDL_ENV, "1")
-    assert te.pdl_waiting_kernels("cpu") == []  # CPU packages: C++ kernels, no PDL
-    with pytest.raises(ValueError, match="DSV3_TORCH_INDUCTOR_PDL=1 needs DSV3_TRITON_GDC=1"):
-        te.pdl_waiting_kernels("cuda")  # the kernels here are interpreted / compiled without the wait
+    assert te.pdl_waiting_kernels("cpu", recorded) == []  # CPU packages: C++ kernels, no PDL
+    with pytest.raises(ValueError, match="DSV3_TORCH_INDUCTOR_PDL=1 needs our kernels to wait"):
+        te.inductor_pdl_on()  # the kernels here are interpreted: compiled without the wait
     monkeypatch.setattr("dsv3_export.kernels.pdl.GDC", True)
+    monkeypatch.delenv(te.INDUCTOR_PDL_ENV)
     ours = sorted(waiting_kernel_names())
-    assert ours and te.pdl_waiting_kernels("cuda") == ours + list(te.INDUCTOR_PDL_KERNELS)
-    assert te.inductor_configs("decode", {"device_kind": "sm_90"})["triton.enable_pdl"] is True
+    assert ours and te.pdl_waiting_kernels("cuda", recorded) == ours + ["triton_per_fused_norm_0"]
+    has_flag = hasattr(torch._inductor.config.triton, "enable_pdl")
+    assert te.inductor_pdl_on() is has_flag
+    configs = te.inductor_configs("decode", {"device_kind": "sm_90"})
+    assert configs.get("triton.enable_pdl") is (True if has_flag else None)
+    assert te.pdl_note(recorded).endswith("1 of 2 Inductor kernels wait before any memory access") or not has_flag
+    monkeypatch.setenv(te.INDUCTOR_PDL_ENV, "0")
+    assert not te.inductor_pdl_on() and "without PDL code" in te.pdl_note(recorded)
     monkeypatch.setenv(te.INDUCTOR_PDL_ENV, "yes")
     with pytest.raises(ValueError, match=te.INDUCTOR_PDL_ENV):
         te.inductor_pdl_on()

@@ -1,0 +1,101 @@
+"""Which of Inductor's kernels the decode graph edit may give programmatic edges (engines/torch_inductor_pdl.py):
+the source check on kernels written as Inductor writes them with torch's triton.enable_pdl, and the recording hook.
+Inductor's PDL code itself is generated only for an sm_90+ GPU: benchmarks/torch_16b.py reports its count there."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsv3_export.engines.torch_inductor_pdl import InductorKernels, recording, waits_first
+
+HEADER = '''
+import triton
+import triton.language as tl
+
+from torch._inductor.runtime import triton_helpers, triton_heuristics
+triton_helpers.set_driver_to_gpu()
+
+@triton_heuristics.persistent_reduction(
+    size_hints={'x': 1, 'r0_': 2048},
+    filename=__file__,
+    triton_meta={'signature': {'in_ptr0': '*bf16', 'out_ptr0': '*bf16'}, 'device': DeviceProperties.create(0)},
+)
+@triton.jit
+def KERNEL_NAME(in_ptr0, out_ptr0, xnumel, r0_numel, XBLOCK : tl.constexpr):
+    xnumel = 1
+    r0_numel = 2048
+    R0_BLOCK: tl.constexpr = 2048
+    xoffset = tl.program_id(0) * XBLOCK
+    xindex = xoffset + tl.arange(0, XBLOCK)[:, None]
+    xmask = tl.full([XBLOCK, R0_BLOCK], True, tl.int1)
+    r0_index = tl.arange(0, R0_BLOCK)[None, :]
+    r0_0 = r0_index
+'''
+LOAD = "    tmp0 = tl.load(in_ptr0 + (r0_0), None).to(tl.float32)\n"
+WAIT = "    tl.extra.cuda.gdc_wait()\n"
+STORE = "    tl.store(out_ptr0 + (r0_0), tmp0, None)\n"
+LAUNCH = "    tl.extra.cuda.gdc_launch_dependents()\n"
+
+
+def test_a_kernel_that_waits_before_its_first_access_qualifies():
+    assert waits_first(HEADER + WAIT + LOAD + LAUNCH + STORE)
+
+
+@pytest.mark.parametrize("body, why", [
+    (LOAD + WAIT + LAUNCH + STORE, "a load before the wait (Inductor waits only for the node it scheduled before)"),
+    (STORE.replace("tmp0", "0.0"), "no wait at all (a fill kernel: it could finish before its producer)"),
+    ("    if xoffset < 1:\n    " + WAIT + LOAD + STORE, "the wait under a branch: not every program waits"),
+    ("    for r0_offset in range(0, r0_numel, R0_BLOCK):\n    " + WAIT + LOAD + STORE, "the wait in a loop"),
+    ("    tmp9 = tl.atomic_add(out_ptr0, 1)\n" + WAIT + LOAD + STORE, "an atomic before the wait"),
+    ("    tmp9 = triton_helpers.promote_to_tensor(xindex)\n" + WAIT + LOAD + STORE, "an unknown call before the wait"),
+])
+def test_a_kernel_that_may_access_memory_before_waiting_does_not(body, why):
+    assert not waits_first(HEADER + body), why
+
+
+def test_sources_that_are_not_one_jit_kernel_do_not():
+    assert not waits_first("def (")
+    assert not waits_first("import triton\n")
+    two = HEADER + WAIT + LOAD + "\n@triton.jit\ndef other(p):\n    tl.extra.cuda.gdc_wait()\n"
+    assert not waits_first(two)
+
+
+def test_a_name_qualifies_only_if_every_definition_waits_first():
+    kernels = InductorKernels()
+    kernels.add("triton_per_fused_a_0", HEADER + WAIT + LOAD + STORE)
+    kernels.add("triton_per_fused_b_1", HEADER + WAIT + LOAD + STORE)
+    kernels.add("triton_per_fused_b_1", HEADER + LOAD + WAIT + STORE)  # the same name in the other package
+    kernels.add("triton_poi_fused_c_2", HEADER + STORE.replace("tmp0", "0.0"))
+    assert kernels.waiting() == ["triton_per_fused_a_0"]
+    assert kernels.summary().startswith("not recorded")
+    kernels.recorded = True
+    assert kernels.summary() == "1 of 3 Inductor kernels wait before any memory access"
+
+
+def test_recording_wraps_define_kernel_for_the_block_only(monkeypatch):
+    from torch._inductor.codegen.triton import TritonScheduling
+
+    calls = []
+
+    def fake_define_kernel(self, src_code, node_schedule, kernel):
+        calls.append(src_code)
+        return f"triton_poi_fused_{len(calls)}"
+
+    monkeypatch.setattr(TritonScheduling, "define_kernel", fake_define_kernel)
+    kernels = InductorKernels()
+    with recording(kernels):
+        assert TritonScheduling.define_kernel(None, HEADER + WAIT + LOAD, [], None) == "triton_poi_fused_1"
+        assert TritonScheduling.define_kernel(None, HEADER + LOAD, [], None) == "triton_poi_fused_2"
+    assert TritonScheduling.define_kernel is fake_define_kernel  # restored
+    TritonScheduling.define_kernel(None, HEADER + WAIT, [], None)  # after the block: not recorded
+    assert kernels.recorded and kernels.waiting() == ["triton_poi_fused_1"] and len(kernels.definitions) == 2
+
+
+def test_recording_restores_define_kernel_after_an_error():
+    from torch._inductor.codegen.triton import TritonScheduling
+
+    before = TritonScheduling.__dict__.get("define_kernel")
+    with pytest.raises(RuntimeError, match="compile failed"):
+        with recording(InductorKernels()):
+            raise RuntimeError("compile failed")
+    assert TritonScheduling.__dict__.get("define_kernel") is before

@@ -38,12 +38,12 @@ def test_cpu_smoke_decode_only_profile_run(tmp_path, monkeypatch, capsys):
     compiled: dict[str, Path] = {}
     builds = []
 
-    def compile_package(ep, kind, path, info, promoted=None, real=script.compile_package):
+    def compile_package(ep, kind, path, info, promoted=None, inductor=None, real=script.compile_package):
         key = json.dumps([kind, str(ep), info], default=str)  # graph, shapes, signature; what it is built for
         builds.append("reused" if key in compiled else "compiled")
         if key in compiled:
             return Path(shutil.copyfile(compiled[key], path))
-        out = real(ep, kind, path, info, promoted)
+        out = real(ep, kind, path, info, promoted, inductor)
         compiled[key] = Path(shutil.copyfile(out, tmp_path / f"package{len(compiled)}.pt2"))
         return out
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import logging
+import re
 from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,15 @@ def _jit_functions(tree: ast.Module) -> list[ast.FunctionDef]:
             and any(ast.unparse(d).split("(")[0] in ("triton.jit", "jit") for d in f.decorator_list)]
 
 
+# define_kernel sees the source before the kernel is named: `def Placeholder.KERNEL_NAME(` (torch 2.13), not Python
+_KERNEL_DEF = re.compile(r"^def\s+[\w.]+\s*\(", re.MULTILINE)
+
+
 def waits_first(source: str) -> bool:
     """Whether the one @triton.jit kernel in `source` (an Inductor kernel module) calls gdc_wait as a top-level
     statement of its body, with only straight-line index arithmetic (INDUCTOR_PRE_WAIT_CALLS) before it."""
     try:
-        kernels = _jit_functions(ast.parse(source))
+        kernels = _jit_functions(ast.parse(_KERNEL_DEF.sub("def kernel(", source)))
     except SyntaxError:
         return False
     if len(kernels) != 1:

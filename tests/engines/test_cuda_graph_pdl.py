@@ -174,7 +174,7 @@ def test_the_allow_list_matches_exact_names_only():
     assert not waits("triton_per_*", ["triton_per_*x"]) and not waits(None, allow) and not waits("triton_per_", [])
 
 
-def test_inductor_pdl_follows_our_kernels_wait_and_lists_only_the_recorded_kernels_that_wait(monkeypatch):
+def test_inductor_pdl_is_opt_in_follows_our_kernels_wait_and_lists_only_the_recorded_kernels_that_wait(monkeypatch):
     from dsv3_export.engines import torch as te
     from dsv3_export.engines.torch_inductor_pdl import InductorKernels
 
@@ -184,7 +184,10 @@ def test_inductor_pdl_follows_our_kernels_wait_and_lists_only_the_recorded_kerne
     recorded.recorded = True  # as engines/torch_inductor_pdl.py recording() marks it
     recorded.add("triton_per_fused_norm_0", "@triton.jit\ndef k(p):\n    tl.extra.cuda.gdc_wait()\n")
     recorded.add("triton_poi_fused_fill_1", "@triton.jit\ndef k(p):\n    tl.store(p, 0)\n")
-    monkeypatch.delenv(te.INDUCTOR_PDL_ENV, raising=False)  # auto: off while our kernels do not wait
+    monkeypatch.delenv(te.INDUCTOR_PDL_ENV, raising=False)  # off by default
+    assert not te.inductor_pdl_on() and "triton.enable_pdl" not in te.inductor_configs(
+        "decode", {"device_kind": "sm_90"})
+    monkeypatch.setenv(te.INDUCTOR_PDL_ENV, "auto")  # off while our kernels do not wait
     assert te.pdl_waiting_kernels("cuda", recorded) == ["triton_per_fused_norm_0"]  # ours: none (interpreted)
     assert not te.inductor_pdl_on() and "triton.enable_pdl" not in te.inductor_configs(
         "decode", {"device_kind": "sm_90"})
@@ -194,7 +197,7 @@ def test_inductor_pdl_follows_our_kernels_wait_and_lists_only_the_recorded_kerne
     with pytest.raises(ValueError, match="DSV3_TORCH_INDUCTOR_PDL=1 needs our kernels to wait"):
         te.inductor_pdl_on()  # the kernels here are interpreted: compiled without the wait
     monkeypatch.setattr("dsv3_export.kernels.pdl.GDC", True)
-    monkeypatch.delenv(te.INDUCTOR_PDL_ENV)
+    monkeypatch.setenv(te.INDUCTOR_PDL_ENV, "auto")
     ours = sorted(waiting_kernel_names())
     assert ours and te.pdl_waiting_kernels("cuda", recorded) == ours + ["triton_per_fused_norm_0"]
     has_flag = hasattr(torch._inductor.config.triton, "enable_pdl")

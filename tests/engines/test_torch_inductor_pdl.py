@@ -99,3 +99,40 @@ def test_recording_restores_define_kernel_after_an_error():
         with recording(InductorKernels()):
             raise RuntimeError("compile failed")
     assert TritonScheduling.__dict__.get("define_kernel") is before
+
+
+def test_the_kernels_inductor_writes_with_pdl_code_are_recorded_and_checked(monkeypatch):
+    """Inductor's own codegen, as in a CUDA package built with triton.enable_pdl, run here on the CPU: Triton as
+    its CPU backend, its PDL switch forced on (it asks for an sm_90+ GPU), and the compile stopped where Inductor would
+    compile the kernels (no Triton CPU driver here). Three kernels: a looped RMSNorm (waits first, hoisted above its
+    loops), the sum of a small vector (its load depends on no kernel Inductor scheduled, so it loads before waiting)
+    and an add of that sum (waits first). What define_kernel is given is not Python as it is (its name is a
+    placeholder): the check must parse it."""
+    import torch
+    import torch._inductor.config as inductor_config
+    from torch._inductor.codegen.triton import TritonKernel
+
+    if not hasattr(inductor_config.triton, "enable_pdl") or not hasattr(TritonKernel, "_enable_pdl_codegen"):
+        pytest.skip(f"torch {torch.__version__}: no Inductor PDL codegen")
+    monkeypatch.setattr(TritonKernel, "_enable_pdl_codegen", staticmethod(lambda: True))
+    monkeypatch.setattr(torch.utils._triton, "triton_hash_with_backend", lambda: "no-driver-here")
+    monkeypatch.setattr(inductor_config, "cpu_backend", "triton")
+    torch._dynamo.reset()
+
+    def norm_sum(x, residual, weight, small):
+        h = x.float() + residual.float()
+        normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+        return normed.bfloat16(), h.bfloat16(), torch.zeros(4, 7) + small.sum()
+
+    kernels = InductorKernels()
+    args = (torch.randn(1, 2048, dtype=torch.bfloat16), torch.randn(1, 2048, dtype=torch.bfloat16),
+            torch.randn(2048), torch.randn(3))
+    with recording(kernels), pytest.raises(Exception):  # no Triton driver for the CPU: stops at the kernels' compile
+        torch.compile(norm_sum, backend="inductor")(*args)
+    torch._dynamo.reset()
+    names = sorted(kernels.definitions)
+    assert len(names) == 3, names
+    norm, = (n for n in names if "rsqrt" in n)
+    total, = (n for n in names if n.endswith("sum_1"))
+    add, = (n for n in names if "zeros" in n)
+    assert kernels.waiting() == sorted([norm, add]) and total not in kernels.waiting()

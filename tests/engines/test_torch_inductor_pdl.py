@@ -116,7 +116,6 @@ def test_the_kernels_inductor_writes_with_pdl_code_are_recorded_and_checked(monk
         pytest.skip(f"torch {torch.__version__}: no Inductor PDL codegen")
     monkeypatch.setattr(TritonKernel, "_enable_pdl_codegen", staticmethod(lambda: True))
     monkeypatch.setattr(torch.utils._triton, "triton_hash_with_backend", lambda: "no-driver-here")
-    monkeypatch.setattr(inductor_config, "cpu_backend", "triton")
     torch._dynamo.reset()
 
     def norm_sum(x, residual, weight, small):
@@ -124,12 +123,17 @@ def test_the_kernels_inductor_writes_with_pdl_code_are_recorded_and_checked(monk
         normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
         return normed.bfloat16(), h.bfloat16(), torch.zeros(4, 7) + small.sum()
 
-    kernels = InductorKernels()
+    kernels, backend = InductorKernels(), inductor_config.cpu_backend
     args = (torch.randn(1, 2048, dtype=torch.bfloat16), torch.randn(1, 2048, dtype=torch.bfloat16),
             torch.randn(2048), torch.randn(3))
-    with recording(kernels), pytest.raises(Exception):  # no Triton driver for the CPU: stops at the kernels' compile
+    # inductor_config.patch, not monkeypatch: monkeypatch's undo deletes a config entry (every later Inductor
+    # compile in the process failed: "cpu_backend does not exist"). Caches off: a cached graph (this test run
+    # before) is loaded without Inductor defining any kernel, and nothing would be recorded.
+    with inductor_config.patch({"cpu_backend": "triton", "force_disable_caches": True}), recording(kernels), \
+            pytest.raises(Exception):  # no Triton driver for the CPU: stops at the kernels' compile
         torch.compile(norm_sum, backend="inductor")(*args)
     torch._dynamo.reset()
+    assert inductor_config.cpu_backend == backend  # the process's later compiles see Inductor's config as it was
     names = sorted(kernels.definitions)
     assert len(names) == 3, names
     norm, = (n for n in names if "rsqrt" in n)

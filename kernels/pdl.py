@@ -178,6 +178,10 @@ def waits_for_producer(kernel: Any) -> Any:
         raise TypeError(f"@waits_for_producer: kernel {name} must call wait_for_producer() in its body's top level "
                         "before any memory access: a programmatic graph edge would let it read its producer's "
                         "outputs early")
+    if any(isinstance(node, ast.Return) for stmt in body[:at] for node in ast.walk(stmt)):
+        raise TypeError(f"@waits_for_producer: kernel {name} may return before wait_for_producer(): a launch whose "
+                        "programs all return would complete before its producer, and a kernel after it, waiting only "
+                        "for this one, could read the producer's outputs early")
     early = sorted(_pre_wait_calls(body[:at]) - PRE_WAIT_CALLS)
     if early:
         raise TypeError(f"@waits_for_producer: kernel {name} calls {early} before wait_for_producer(); only "

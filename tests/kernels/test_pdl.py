@@ -53,6 +53,20 @@ def test_a_kernel_without_the_wait_at_its_top_level_is_refused():
         waits_for_producer(_nested_wait_kernel)
 
 
+def test_a_kernel_that_may_return_before_waiting_is_refused():
+    @triton.jit
+    def _early_exit_kernel(x_ptr, n):
+        """Programs past n return without waiting: with none before n (n = 0) the launch never waits."""
+        if tl.program_id(0) >= n:  # noqa: F821
+            return
+        wait_for_producer()  # noqa: F821
+        tl.store(x_ptr, 1)  # noqa: F821
+
+    with pytest.raises(TypeError, match="_early_exit_kernel may return before wait_for_producer"):
+        waits_for_producer(_early_exit_kernel)
+    assert "_early_exit_kernel" not in CHECKED_KERNELS
+
+
 def test_a_helper_that_might_load_is_refused_before_the_wait():
     @triton.jit
     def _helper_first_kernel(x_ptr):

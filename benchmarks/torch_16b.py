@@ -284,20 +284,22 @@ def pdl_timings(step: AOTIStep, model, batches, context: int, iters: int, ports:
                        "GPU, or 1)"}
     tokens, pos, cache = decode_inputs(model, 1, context)
     default = step.pdl
-    step.set_decode_pdl(None)
-    # the graph the timed step replays (with the cache write): every call writes the same row at the same position
-    want = step_writing_cache(step, tokens, pos, cache).clone()
     out: dict[str, Any] = {}
-    for port in [*ports, "0"]:
-        key = f"pdl_{port}" if port != "0" else "pdl_control"
-        step.set_decode_pdl(PdlPlan(port, frozenset(waiting)) if port != "0" else None)
-        for _ in range(3):  # captured, then replayed
-            got = step_writing_cache(step, tokens, pos, cache)
-        out[f"{key}_logits_identical"] = bool(torch.equal(got, want))
-        out[f"{key}_edges"] = str(step.pdl_edges) if step.pdl_edges else "as captured"
-        for b in batches:
-            out[f"decode_ms_b{b}_{key}"] = cuda_ms_safe(lambda: time_step_decode(step, model, b, context, iters))
-    step.set_decode_pdl(default)
+    try:  # the step's own plan back even when a port fails: generate and the graph timeline use the step after
+        step.set_decode_pdl(None)
+        # the graph the timed step replays (with the cache write): every call writes the same row at the same position
+        want = step_writing_cache(step, tokens, pos, cache).clone()
+        for port in [*ports, "0"]:
+            key = f"pdl_{port}" if port != "0" else "pdl_control"
+            step.set_decode_pdl(PdlPlan(port, frozenset(waiting)) if port != "0" else None)
+            for _ in range(3):  # captured, then replayed
+                got = step_writing_cache(step, tokens, pos, cache)
+            out[f"{key}_logits_identical"] = bool(torch.equal(got, want))
+            out[f"{key}_edges"] = str(step.pdl_edges) if step.pdl_edges else "as captured"
+            for b in batches:
+                out[f"decode_ms_b{b}_{key}"] = cuda_ms_safe(lambda: time_step_decode(step, model, b, context, iters))
+    finally:
+        step.set_decode_pdl(default)
     return out
 
 

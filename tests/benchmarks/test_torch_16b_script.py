@@ -192,3 +192,37 @@ def test_graph_replay_row_and_timing_of_the_last_used_graph(monkeypatch):
     assert "replay alone" not in script.markdown(data, [1])
     engine["decode_ms_b1_replay"] = 1.9
     assert "| fp8 | engine (graph replay alone) |  | 1.90 |" in script.markdown(data, [1])
+
+
+def test_pdl_timings_gives_the_step_its_own_plan_back_even_when_a_port_fails(monkeypatch):
+    """pdl_timings times other plans on the engine's step; the step's own (the runtime's default, DSV3_TORCH_PDL)
+    must be back after it, also when a port raises (guarded_dict keeps the run going, and generate and the graph
+    timeline then use the step)."""
+    from dsv3_export.engines.cuda_graph_pdl import PdlPlan
+
+    script = _load_script(monkeypatch)
+    own = PdlPlan("programmatic", frozenset({"_fp8_gemm_kernel"}))
+
+    class Step:
+        pdl, pdl_edges, plans = own, None, []
+
+        def set_decode_pdl(self, pdl):
+            self.pdl = pdl
+            self.plans.append(pdl.port if pdl is not None else "0")
+
+    def step_writing_cache(step, tokens, pos, cache):
+        if step.pdl is not None and step.pdl.port == "launch":
+            raise RuntimeError("capture failed")
+        return torch.zeros(2)
+
+    monkeypatch.setattr(script, "waiting_kernel_names", lambda: frozenset({"_fp8_gemm_kernel"}))
+    monkeypatch.setattr(script, "decode_inputs", lambda model, batch, context: (None, None, None))
+    monkeypatch.setattr(script, "step_writing_cache", step_writing_cache)
+    monkeypatch.setattr(script, "time_step_decode", lambda *args: 1.0)
+    step = Step()
+    out = script.pdl_timings(step, None, [1], 4, 2, ["programmatic"], ["_fp8_gemm_kernel"])
+    assert step.pdl is own and out["pdl_programmatic_logits_identical"] and out["pdl_control_edges"] == "as captured"
+    assert step.plans == ["0", "programmatic", "0", "programmatic"]
+    with pytest.raises(RuntimeError, match="capture failed"):
+        script.pdl_timings(step, None, [1], 4, 2, ["launch"], ["_fp8_gemm_kernel"])
+    assert step.pdl is own

@@ -86,12 +86,15 @@ def _visible_capabilities() -> list[tuple[int, int]]:
 
 
 def _gdc_choice() -> str:
-    return os.environ.get(GDC_ENV, "auto") or "auto"
+    choice = os.environ.get(GDC_ENV, "auto") or "auto"
+    gdc_wanted(choice, [])  # checked at import also under the interpreter, where GDC is off whatever it says
+    return choice
 
 
 # griddepcontrol exists on sm_90 and later; the interpreter (TRITON_INTERPRET=1) has none.
+_GDC_CHOICE = _gdc_choice()
 GDC = tl.constexpr(not is_interpreted(_interpreter_probe)
-                   and gdc_wanted(_gdc_choice(), [] if _gdc_choice() == "0" else _visible_capabilities())
+                   and gdc_wanted(_GDC_CHOICE, [] if _GDC_CHOICE == "0" else _visible_capabilities())
                    and hidden_from_mutation_analysis(globals(), "GDC"))
 
 

@@ -130,9 +130,12 @@ def test_auto_waits_only_where_every_visible_gpu_is_sm90_or_later():
         gdc_wanted("yes", [(9, 0)])
 
 
-def test_a_bad_switch_value_fails_the_import_naming_the_variable():
+@pytest.mark.parametrize("interpreted", [False, True])
+def test_a_bad_switch_value_fails_the_import_naming_the_variable(interpreted):
     for name in ("DSV3_TRITON_GDC", "DSV3_TRITON_GDC_TRIGGER"):
         full = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {name: "yes"}
+        if interpreted:  # the wait is compiled out there, the value is still checked
+            full["TRITON_INTERPRET"] = "1"
         done = subprocess.run([sys.executable, "-c", "import dsv3_export.kernels.pdl"], env=full,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and f"{name}='yes'" in done.stderr, done.stderr[-500:]

@@ -379,7 +379,9 @@ class TorchBackend:
             lowered[kind], lowerings = ep, {**lowerings, **how}
             say(f"torch: AOTInductor compiling {kind} for {target.device} "
                 f"({info.get('march') or info.get('compute_capability') or 'native'})")
-            compile_package(ep, kind, out_dir / PACKAGE_FILES[kind], info, promoted, inductor)
+            # the graph edit acts on the decode program's graph only: its kernels alone make the list
+            compile_package(ep, kind, out_dir / PACKAGE_FILES[kind], info, promoted,
+                            inductor if kind == "decode" else None)
             _collect_weights(weights, ep)
         note = persistent_norms_note(persistent_norms_switch(info), promoted)
         if note:

@@ -257,8 +257,8 @@ def _check_moe_direct_configs(launches: dict[str, dict]):
 
 
 def _check_merge_uv_prefetch(launches: dict[str, dict]):
-    """DSV3_TORCH_MERGE_UV_PREFETCH=1 (opt-in, session 21): merge_uv's launches (one per layer) prefetch W_UV's rows
-    (PREFETCH_W), the default's do not; the launches are the same."""
+    """DSV3_TORCH_MERGE_UV_PREFETCH=1: merge_uv's launches (one per layer) prefetch W_UV's rows (PREFETCH_W), the
+    default's here do not (`auto` follows the wait, which the CPU compiles out); the launches are the same."""
     prefetch, default = launches["merge uv prefetch"], launches["defaults"]
     assert prefetch["kernels"] == default["kernels"], (prefetch["kernels"], default["kernels"])
     merge_uv = [[on for name, on in r["prefetch_w"] if name == "_mla_merge_uv_kernel"] for r in (default, prefetch)]
@@ -266,9 +266,9 @@ def _check_merge_uv_prefetch(launches: dict[str, dict]):
 
 
 def _check_gemv_prefetch(launches: dict[str, dict]):
-    """DSV3_TORCH_GEMV_PREFETCH=1 (opt-in, session 25, not yet timed): the decode GEMV's launches (wq + wkv_a and wo
-    of both layers) prefetch their weight rows before their wait (PREFETCH_W), the default's do not; the launches
-    are the same, every argument named (_trace)."""
+    """DSV3_TORCH_GEMV_PREFETCH=1: the decode GEMV's launches (wq + wkv_a and wo of both layers) prefetch their
+    weight rows before their wait (PREFETCH_W), the default's here do not (`auto` follows the wait, which the CPU
+    compiles out); the launches are the same, every argument named (_trace)."""
     prefetch, default = launches["gemv prefetch"], launches["defaults"]
     assert prefetch["kernels"] == default["kernels"], (prefetch["kernels"], default["kernels"])
     gemv = [[on for name, on in r["prefetch_w"] if name == "_fp8_gemv_kernel"] for r in (default, prefetch)]

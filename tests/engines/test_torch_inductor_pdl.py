@@ -140,3 +140,36 @@ def test_the_kernels_inductor_writes_with_pdl_code_are_recorded_and_checked(monk
     total, = (n for n in names if n.endswith("sum_1"))
     add, = (n for n in names if "zeros" in n)
     assert kernels.waiting() == sorted([norm, add]) and total not in kernels.waiting()
+
+
+@pytest.mark.parametrize("switch, device_kind, record, recorded", [
+    ("1", "sm_90", True, True),  # a CUDA package with Inductor's PDL code: its kernels recorded
+    ("0", "sm_90", True, False),  # no PDL code: nothing to list
+    ("1", "cpu", True, False),  # a CPU package: C++ kernels
+    ("1", "sm_90", False, False),  # no record asked for (build's prefill package)
+])
+def test_compile_package_records_inductors_kernels_only_with_pdl_code_on_cuda(monkeypatch, tmp_path, switch,
+                                                                             device_kind, record, recorded):
+    import torch
+    from torch._inductor.codegen.triton import TritonScheduling
+
+    from dsv3_export.engines import torch as te
+
+    monkeypatch.setattr("dsv3_export.kernels.pdl.GDC", True)  # our kernels wait (an sm_90+ GPU)
+    monkeypatch.setattr(torch._inductor.config.triton, "enable_pdl", False, raising=False)
+    monkeypatch.setenv(te.INDUCTOR_PDL_ENV, switch)
+    monkeypatch.setattr(TritonScheduling, "define_kernel", lambda self, src_code, *args: "triton_poi_fused_0")
+    monkeypatch.setattr(te, "persistent_norms_switch", lambda info: None)
+    configs = []
+
+    def aoti_compile_and_package(ep, package_path, inductor_configs):  # Inductor defines one kernel, waiting first
+        configs.append(inductor_configs)
+        TritonScheduling.define_kernel(None, HEADER + WAIT + LOAD + STORE, [], None)
+        return package_path
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", aoti_compile_and_package)
+    kernels = te.InductorKernels()
+    te.compile_package(None, "decode", tmp_path / "decode.pt2", {"device_kind": device_kind},
+                       inductor=kernels if record else None)
+    assert kernels.waiting() == (["triton_poi_fused_0"] if recorded else [])
+    assert configs[0].get("triton.enable_pdl") is (True if switch == "1" and device_kind != "cpu" else None)

@@ -206,6 +206,8 @@ def build_engine_in_memory(model, precision: str, kinds: tuple[str, ...], workdi
     # the decode graphs' edges as the runtime would make them from this build's manifest (DSV3_TORCH_PDL)
     waiting = pdl_waiting_kernels(DEVICE, inductor)
     report["pdl_waiting_kernels"] = waiting
+    if inductor.definitions:  # DSV3_TORCH_INDUCTOR_PDL: the decode package's kernels left ordinary edges, and why
+        report["pdl_inductor_refused"] = inductor.refused()
     if DEVICE == "cuda":
         report["lowerings"] = {**report["lowerings"], "pdl": pdl_note(inductor)}
     pdl = decode_pdl({"pdl_waiting_kernels": waiting}) if DEVICE == "cuda" else None

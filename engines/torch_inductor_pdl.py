@@ -57,37 +57,48 @@ def _jit_functions(tree: ast.Module) -> list[ast.FunctionDef]:
 _KERNEL_DEF = re.compile(r"^def\s+[\w.]+\s*\(", re.MULTILINE)
 
 
-def waits_first(source: str) -> bool:
-    """Whether the one @triton.jit kernel in `source` (an Inductor kernel module) calls gdc_wait as a top-level
-    statement of its body, with only straight-line index arithmetic (INDUCTOR_PRE_WAIT_CALLS) before it."""
+def why_not_first(source: str) -> str | None:
+    """None if the one @triton.jit kernel in `source` (an Inductor kernel module) calls gdc_wait as a top-level
+    statement of its body with only straight-line index arithmetic (INDUCTOR_PRE_WAIT_CALLS) before it; else why not
+    (the statement that comes first), for the build's record."""
     try:
         kernels = _jit_functions(ast.parse(_KERNEL_DEF.sub("def kernel(", source)))
-    except SyntaxError:
-        return False
+    except SyntaxError as e:
+        return f"source does not parse ({e.msg}, line {e.lineno})"
     if len(kernels) != 1:
-        return False
+        return f"{len(kernels)} @triton.jit functions, not one"
     for stmt in kernels[0].body:
         if _is_gdc_wait(stmt):
-            return True
+            return None
         if not isinstance(stmt, _STRAIGHT_LINE) or _calls(stmt) - INDUCTOR_PRE_WAIT_CALLS:
-            return False
-    return False
+            return f"before any wait: {ast.unparse(stmt).splitlines()[0][:100]}"
+    return "no top-level gdc_wait"
+
+
+def waits_first(source: str) -> bool:
+    """Whether the kernel in `source` waits before any memory access, in every program (why_not_first)."""
+    return why_not_first(source) is None
 
 
 class InductorKernels:
-    """The Triton kernels Inductor defined while packages compiled: name -> whether each definition waits first
-    (one name can be defined by more than one package)."""
+    """The Triton kernels Inductor defined while packages compiled: name -> why each definition does not wait first
+    (None where it does; one name can be defined more than once)."""
 
     def __init__(self) -> None:
-        self.definitions: dict[str, set[bool]] = {}
+        self.definitions: dict[str, set[str | None]] = {}
         self.recorded = False  # the hook was installed for at least one compile
 
     def add(self, name: str, source: str) -> None:
-        self.definitions.setdefault(name, set()).add(waits_first(source))
+        self.definitions.setdefault(name, set()).add(why_not_first(source))
 
     def waiting(self) -> list[str]:
         """The names every definition of which waits first: safe targets of a programmatic edge."""
-        return sorted(name for name, waits in self.definitions.items() if waits == {True})
+        return sorted(name for name, why in self.definitions.items() if why == {None})
+
+    def refused(self) -> dict[str, str]:
+        """The other names, each with why (the first reason of its definitions)."""
+        return {name: sorted(w for w in why if w is not None)[0]
+                for name, why in sorted(self.definitions.items()) if why != {None}}
 
     def summary(self) -> str:
         if not self.recorded:

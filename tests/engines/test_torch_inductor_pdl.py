@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from dsv3_export.engines.torch_inductor_pdl import InductorKernels, recording, waits_first
+from dsv3_export.engines.torch_inductor_pdl import InductorKernels, recording, waits_first, why_not_first
 
 HEADER = '''
 import triton
@@ -54,7 +54,9 @@ def test_a_kernel_that_may_access_memory_before_waiting_does_not(body, why):
 
 
 def test_sources_that_are_not_one_jit_kernel_do_not():
-    assert not waits_first("def (")
+    assert why_not_first("def (").startswith("source does not parse")
+    assert why_not_first(HEADER + LOAD) == "before any wait: tmp0 = tl.load(in_ptr0 + r0_0, None).to(tl.float32)"
+    assert why_not_first(HEADER) == "no top-level gdc_wait"
     assert not waits_first("import triton\n")
     two = HEADER + WAIT + LOAD + "\n@triton.jit\ndef other(p):\n    tl.extra.cuda.gdc_wait()\n"
     assert not waits_first(two)
@@ -67,6 +69,9 @@ def test_a_name_qualifies_only_if_every_definition_waits_first():
     kernels.add("triton_per_fused_b_1", HEADER + LOAD + WAIT + STORE)  # the same name in the other package
     kernels.add("triton_poi_fused_c_2", HEADER + STORE.replace("tmp0", "0.0"))
     assert kernels.waiting() == ["triton_per_fused_a_0"]
+    assert kernels.refused() == {
+        "triton_per_fused_b_1": "before any wait: tmp0 = tl.load(in_ptr0 + r0_0, None).to(tl.float32)",
+        "triton_poi_fused_c_2": "before any wait: tl.store(out_ptr0 + r0_0, 0.0, None)"}
     assert kernels.summary().startswith("not recorded")
     kernels.recorded = True
     assert kernels.summary() == "1 of 3 Inductor kernels wait before any memory access"

@@ -191,7 +191,8 @@ def _cases(all_configs: bool):
     for i, cfg in enumerate(tma_configs):
         for c in (bf, f32) if i == 0 or all_configs else (bf,):
             yield (f"fp8_gemm tma_persistent c={c} a_fp8=True", fp8_gemm_persistent._fp8_gemm_tma_persistent_kernel,
-                   cfg, dict(a_ptr=f8, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c), dict(BLOCK_K=128))
+                   cfg, dict(a_ptr=f8, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c, a_s_t_ptr=f32, b_s_cols_ptr=f32),
+                   dict(BLOCK_K=128))
     for c in (bf, f32):
         yield (f"split_k_sum c={c}", fp8_gemm._split_k_sum_kernel, triton.Config({}, num_warps=4),
                dict(ws_ptr=f32, c_ptr=c), dict(SPLIT_K=fp8_gemm.MAX_SPLIT_K, BLOCK=fp8_gemm.SPLIT_K_SUM_BLOCK))
@@ -370,7 +371,7 @@ def main(all_configs: bool, with_usage: bool = False, only: frozenset[str] | Non
                        mma="mma.sync" in ptx, fits=compiled.metadata.shared <= SMEM_LIMIT,
                        mma_ops=sorted(set(MMA_OP.findall(ptx))), div_ops=sorted(set(DIV_OP.findall(ptx))),
                        mul_recip_448=RECIP_448 in ptx, reduce_layouts=reduce_layouts(compiled.asm["ttgir"]),
-                       pdl_order=pdl_order(ptx))
+                       pdl_order=pdl_order(ptx), warp_specialized="setmaxnreg" in ptx)
             if with_usage:
                 row.update(_resource_usage(compiled.asm["cubin"]))
             if with_census:

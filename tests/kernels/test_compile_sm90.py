@@ -105,6 +105,12 @@ def _check_act_quant_arithmetic(rows: list[dict]) -> None:
 def _check_fp8(rows: list[dict]) -> None:
     _check_tensor_cores(rows, ("fp8_gemm",), wgmma_e4m3="fp8_gemm")
     _check_act_quant_arithmetic(rows)
+    # the prefill candidate with WS=True is warp-specialized (Hopper autoWS: setmaxnreg between the producer and the
+    # consumer warpgroups), and no other fp8 GEMM is
+    tma = [r for r in rows if r["kernel"].startswith("fp8_gemm tma_persistent")]
+    assert {("WS: True" in r["config"]) for r in tma} == {True, False}, [r["config"] for r in tma]
+    assert all(r["warp_specialized"] == ("WS: True" in r["config"]) for r in tma), \
+        [(r["config"], r["warp_specialized"]) for r in tma]
 
 
 def _check_moe(rows: list[dict]) -> None:

@@ -159,8 +159,13 @@ def check_router(logits: torch.Tensor, k: int, n_extra: int) -> None:
         raise ValueError(f"router_topk: {reason}")
     if logits.stride(1) != 1:
         raise ValueError(f"router_topk: logits need unit stride along the row, got strides {logits.stride()}")
+    check_extra("router_topk", n_extra)
+
+
+def check_extra(op: str, n_extra: int) -> None:
+    """n_extra < 0 would allocate fewer output columns than the kernel's k top-k columns it stores."""
     if n_extra < 0:
-        raise ValueError(f"router_topk: n_extra={n_extra} must be >= 0")
+        raise ValueError(f"{op}: n_extra={n_extra} must be >= 0")
 
 
 def topk_ref(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -136,3 +136,10 @@ def test_bad_inputs_are_named():
         G.gate_partials(torch.randn(2, 64), torch.randn(8, 32))
     with pytest.raises(ValueError, match="k=9"):
         G.gate_router_topk(torch.randn(2, 64), torch.randn(8, 64), 9)
+
+
+def test_negative_n_extra_is_refused():
+    """n_extra < 0 allocated k + n_extra output columns while the router stored all k: it wrote past the outputs
+    (heap corruption under the interpreter) and returned k - 1 columns."""
+    with pytest.raises(ValueError, match="gate_router_topk: n_extra=-1"):
+        G.gate_router_topk(torch.randn(2, 64), torch.randn(8, 64), 2, n_extra=-1)

@@ -222,7 +222,7 @@ def gate_router_topk(x: torch.Tensor, w: torch.Tensor, k: int, *, scale: float =
     check_gate(x, w)
     if (reason := topk.rows_unfit(w.shape[0], k)) is not None:
         raise ValueError(f"gate_router_topk: {reason}")
-    topk.check_extra("gate_router_topk", n_extra)
+    topk.check_extra("gate_router_topk", n_extra, out_dtype)
     partials, quant = gate_partials(x, w, quant_x=True, row_quant_max_rows=row_quant_max_rows, config=config) \
         if quant_x else \
         (gate_partials(x, w, config=config), None)

@@ -30,6 +30,7 @@ from dsv3_export.kernels._common import LaunchSpec, autotune_or_single, cdiv, ch
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the routing weights
 MAX_N = 1024  # a row in registers
 MAX_K = 32  # k passes over the row
 
@@ -162,10 +163,13 @@ def check_router(logits: torch.Tensor, k: int, n_extra: int) -> None:
     check_extra("router_topk", n_extra)
 
 
-def check_extra(op: str, n_extra: int) -> None:
-    """n_extra < 0 would allocate fewer output columns than the kernel's k top-k columns it stores."""
+def check_extra(op: str, n_extra: int, out_dtype: torch.dtype | None = None) -> None:
+    """n_extra < 0 would allocate fewer output columns than the kernel's k top-k columns it stores; the weights
+    (probabilities in [0, 1]) need a floating out_dtype (an integer one stores them as zeros)."""
     if n_extra < 0:
         raise ValueError(f"{op}: n_extra={n_extra} must be >= 0")
+    if out_dtype is not None and out_dtype not in OUT_DTYPES:
+        raise TypeError(f"{op}: out_dtype {out_dtype} not supported; expected one of {[str(d) for d in OUT_DTYPES]}")
 
 
 def topk_ref(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,6 +215,7 @@ def router_topk(logits: torch.Tensor, k: int, *, scale: float = 1.0, n_extra: in
     with weight 1. DeepSeek's softmax router (Gate with score_func softmax, one group, no bias) plus
     the shared experts of passes/fuse_shared_experts."""
     check_router(logits, k, n_extra)
+    check_extra("router_topk", n_extra, out_dtype)
     weights, indices = router_outputs(logits.shape[0], k, n_extra, out_dtype, logits.device)
     if logits.shape[0]:
         launch(*router_spec(logits, k, scale, n_extra, first_extra, weights, indices), config)

@@ -143,3 +143,9 @@ def test_negative_n_extra_is_refused():
     (heap corruption under the interpreter) and returned k - 1 columns."""
     with pytest.raises(ValueError, match="gate_router_topk: n_extra=-1"):
         G.gate_router_topk(torch.randn(2, 64), torch.randn(8, 64), 2, n_extra=-1)
+
+
+def test_integer_out_dtype_is_refused():
+    """An integer out_dtype gave all-zero routing weights."""
+    with pytest.raises(TypeError, match="gate_router_topk: out_dtype"):
+        G.gate_router_topk(torch.randn(2, 64), torch.randn(8, 64), 2, out_dtype=torch.int32)

@@ -74,3 +74,10 @@ def test_router_topk_strided_rows_and_empty():
 def test_router_topk_bad_inputs_name_the_problem(logits, k, n_extra, match):
     with pytest.raises((ValueError, TypeError), match=match):
         K.router_topk(logits, k, n_extra=n_extra)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.int32, torch.int64])
+def test_router_topk_integer_out_dtype_is_refused(out_dtype):
+    """An integer out_dtype was accepted and the weights (probabilities < 1) came back as zeros."""
+    with pytest.raises(TypeError, match="router_topk: out_dtype"):
+        K.router_topk(torch.randn(3, 64), 6, out_dtype=out_dtype)

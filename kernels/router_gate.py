@@ -227,6 +227,8 @@ def gate_router_topk(x: torch.Tensor, w: torch.Tensor, k: int, *, scale: float =
         if quant_x else \
         (gate_partials(x, w, config=config), None)
     weights, ids = topk.router_outputs(x.shape[0], k, n_extra, out_dtype, x.device)
+    if partials.shape[0] == 0:  # K = 0: no split, zero logits; the router kernel always reads a first split
+        partials = torch.zeros((1, *partials.shape[1:]), dtype=partials.dtype, device=partials.device)
     if x.shape[0]:
         launch(*topk.router_spec(partials, k, scale, n_extra, first_extra, weights, ids,
                                  round_bf16=x.dtype == torch.bfloat16), None)

@@ -149,3 +149,14 @@ def test_integer_out_dtype_is_refused():
     """An integer out_dtype gave all-zero routing weights."""
     with pytest.raises(TypeError, match="gate_router_topk: out_dtype"):
         G.gate_router_topk(torch.randn(2, 64), torch.randn(8, 64), 2, out_dtype=torch.int32)
+
+
+def test_empty_k_routes_zero_logits():
+    """K = 0 made no partials ([0, T, E]) and the router kernel, which always loads a first split, read past
+    them (a segfault under the interpreter); the logits of an empty product are zeros."""
+    from dsv3_export.kernels import topk
+
+    x, w = torch.randn(2, 0), torch.randn(8, 0)
+    weights, ids = G.gate_router_topk(x, w, 2)
+    ref_w, ref_ids = topk.router_topk_ref(torch.zeros(2, 8), 2)
+    assert torch.equal(weights, ref_w) and torch.equal(ids, ref_ids)

@@ -286,6 +286,12 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
                          f"{tuple(topk_weights.shape)} must both be [T={x.shape[0]}, k]")
     if (w13_scale is None) != (w2_scale is None):
         raise ValueError("fused_moe: pass both w13_scale and w2_scale (fp8) or neither")
+    check_tensor("fused_moe: w13", w13, ndim=3, device=x.device)
+    check_tensor("fused_moe: w2", w2, ndim=3, device=x.device)
+    # the alignment is built for w13's experts and read by both GEMMs: w2 with fewer would be read past its end
+    if (w2.shape[0], w2.shape[1], 2 * w2.shape[2]) != (w13.shape[0], x.shape[1], w13.shape[1]):
+        raise ValueError(f"fused_moe: w2 {tuple(w2.shape)} must be [E={w13.shape[0]}, D={x.shape[1]}, "
+                         f"I={w13.shape[1] // 2}] for w13 {tuple(w13.shape)} and x {tuple(x.shape)}")
     t, _ = x.shape
     topk = topk_ids.shape[1]
     n_experts = w13.shape[0]

@@ -223,6 +223,18 @@ def test_bad_inputs_name_the_problem():
         M.fused_moe(x, w13, w2, rw[:, :1], ids)
 
 
+def test_fused_moe_w2_of_other_experts_is_refused():
+    """w2 with fewer experts than w13 (the alignment's E) was read past its end for the experts it lacks,
+    and a w2 of another model dim gave [T, D'] rows: neither was checked."""
+    ids, rw = _routing(4, 2)
+    x = torch.randn(4, D, dtype=torch.float16)
+    w13, w2 = _weights(torch.float16)
+    with pytest.raises(ValueError, match="fused_moe: w2"):
+        M.fused_moe(x, w13, w2[:1].contiguous(), rw, ids)
+    with pytest.raises(ValueError, match="fused_moe: w2"):
+        M.fused_moe(x, w13, w2[:, :-1].contiguous(), rw, ids)
+
+
 class _MaxAlloc(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the largest tensor any torch op produces (elements), and which op made it."""
 

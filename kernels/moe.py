@@ -312,4 +312,4 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         hq, hs = act_quant_kernel(h)
         y = grouped_gemm(hq, w2, sorted_ids, expert_ids, npp, 1, a_scale=hs, w_scale=w2_scale,
                          topk_weights=weights, out_dtype=x.dtype, direct_ids=ids)  # [T*k, D]
-    return y.view(t, topk, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)  # [T, D]
+    return y.view(t, topk, y.shape[1]).sum(dim=1, dtype=torch.float32).to(x.dtype)  # [T, D] (-1: ambiguous at T=0)

@@ -420,3 +420,11 @@ def test_direct_ids_above_one_token_take_the_aligned_path(seed):
     assert mean_rel(out, M.grouped_gemm_ref(x, w13, ids, k, fuse_swiglu=True)) < TOL["grouped_gemm_fp16"]
     with pytest.raises(ValueError, match="direct_ids .* must be the contiguous topk_ids of the 6 assignments"):
         M.grouped_gemm(x, w13, s_ids, e_ids, npp, k, direct_ids=ids[:2])
+
+
+def test_fused_moe_of_no_tokens_is_empty():
+    """Zero tokens routed: the final view(T, k, -1) of an empty tensor raised torch's 'cannot reshape' error."""
+    w13, w2 = _weights(torch.float16)
+    ids, rw = torch.zeros((0, 2), dtype=torch.int64), torch.zeros((0, 2))
+    y = M.fused_moe(torch.randn(0, D, dtype=torch.float16), w13, w2, rw, ids)
+    assert y.shape == (0, D) and y.dtype == torch.float16

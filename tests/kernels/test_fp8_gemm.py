@@ -302,3 +302,11 @@ def test_fp8_linear_is_act_quant_then_the_gemm(seed, monkeypatch):
         assert torch.equal(y, want)
     assert calls == [1, 1]
     assert G.fp8_linear(torch.zeros(0, 300, dtype=torch.bfloat16), w, w_s).shape == (0, 130)
+
+
+@pytest.mark.parametrize("act_quant", [True, False])
+def test_fp8_linear_of_empty_k_gives_zeros(act_quant):
+    """K = 0: x.reshape(-1, 0) raised torch's 'cannot reshape' error before fp8_gemm (which gives zeros) ran."""
+    w, w_s = torch.zeros((4, 0), dtype=torch.float8_e4m3fn), torch.zeros((1, 0))
+    y = G.fp8_linear(torch.randn(2, 3, 0, dtype=torch.bfloat16), w, w_s, act_quant=act_quant)
+    assert y.shape == (2, 3, 4) and torch.equal(y, torch.zeros_like(y))

@@ -108,7 +108,11 @@ def _load_model(options: BuildOptions, dtype: torch.dtype) -> tuple[Transformer,
 
     name = options.preset or "tiny"
     overrides.update(dict(options.config_overrides))
-    model = preset_model(name, dtype, "cpu", seed=options.seed, attn_impl="absorb", **overrides)
+    # ModelArgs.dtype (the weights' storage, "bf16" | "fp8") is preset_model's weight_dtype: its dtype argument is
+    # the compute dtype, so passing the override through **overrides raised "got multiple values for 'dtype'".
+    extra = {k: v for k, v in overrides.items() if k != "dtype"}
+    model = preset_model(name, dtype, "cpu", seed=options.seed, weight_dtype=overrides.get("dtype"),
+                         attn_impl="absorb", **extra)
     return model, {"preset": name, "seed": options.seed, **overrides}
 
 

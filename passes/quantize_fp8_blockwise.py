@@ -126,6 +126,11 @@ def _quantize_dense(state: ProgramState, group: list[_Linear], notes: list[str])
     if dense.dim() != 2 or not dense.is_floating_point() or dense.dtype == FP8_DTYPE:
         notes.append(f"kept {target}: {tuple(dense.shape)} {dense.dtype} is not a dense 2-D float weight")
         return None
+    if dense.numel() == 0:
+        # n_shared_experts=0 leaves empty shared-expert Linears ([0, D], [D, 0]) when fuse_shared_experts does not
+        # run: as fp8_linear they failed at run time (a reshape to [-1, 0], in eager and in ONNX Runtime).
+        notes.append(f"kept {target} dense: {tuple(dense.shape)} is empty (nothing to quantize)")
+        return None
     other = _other_consumer(param, group)
     if other is not None:
         notes.append(f"kept {target} dense: it also feeds {other.name} ({other.target}), not only Linears")

@@ -33,7 +33,7 @@ from dsv3_export.reference.fp8 import act_dequant, act_quant, weight_dequant, we
 from dsv3_export.reference.layers import Linear
 from dsv3_export.step import LatentCacheStep
 from tests.conftest import TOLERANCES, rel_err
-from tests.passes.tiny_programs import run, step_inputs, tiny_model, tiny_program
+from tests.passes.tiny_programs import MODEL_SEED, run, step_inputs, tiny_model, tiny_program
 
 aten = torch.ops.aten
 FP8_LINEAR = torch.ops.dsv3.fp8_linear.default
@@ -235,6 +235,24 @@ def test_weight_with_other_consumer_stays_dense(decomposed, seed):
         expected = F.linear(act_dequant(*act_quant(h)), out_w, module.out.bias) + module.proj.weight.sum()
         got = result.program.module()(x)
     assert rel_err(got, expected) < 1e-5
+
+
+def test_empty_shared_experts_stay_dense(seed):
+    """n_shared_experts=0 without fuse_shared_experts: the shared MLP's Linears are empty ([0, D], [D, 0]). Made
+    fp8_linear they failed at run time (reshape to [-1, 0]: eager, and ONNX Runtime refused to load the model)."""
+    torch.manual_seed(MODEL_SEED)
+    model = Transformer(ModelArgs.preset("tiny").replace(n_shared_experts=0, n_layers=2)).eval()
+    program = rewrite_moe_grouped_gemm(export_step(model, "prefill"), FP8).program
+    result = quantize_fp8_blockwise(program, PassConfig(precision="fp8", fp8_activations=False))
+    assert sum("is empty" in n for n in result.notes) == 3, result.notes
+    assert count(result.program, FP8_LINEAR) == len(expected_fp8_linears(model)) - 3
+    oracle = LatentCacheStep(_simulate_fp8(model, act=False)).eval()
+    tokens = torch.randint(0, 1000, (2, 5), generator=torch.Generator().manual_seed(seed))
+    inputs = (tokens, torch.tensor([0, 3]), torch.randn(2, 2, 4, 80, generator=torch.Generator().manual_seed(seed)))
+    with torch.no_grad():
+        expected = oracle(*inputs)
+    for got, want in zip(run(result.program, inputs), expected):
+        assert rel_err(got, want) < TOLERANCES["fp32_structural"]
 
 
 # --- an fp8 checkpoint goes through without re-quantization --------------------------------------

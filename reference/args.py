@@ -230,6 +230,14 @@ def _relation_problems(a: ModelArgs) -> list[tuple[str, str]]:
     if a.n_activated_experts > a.n_routed_experts:
         problems.append(("n_activated_experts", f"n_activated_experts={a.n_activated_experts} > "
                                                 f"n_routed_experts={a.n_routed_experts}"))
+    elif a.n_expert_groups > 1 and a.n_dense_layers < a.n_layers and not a.n_routed_experts % a.n_expert_groups \
+            and a.n_activated_experts > a.n_limited_groups * (a.n_routed_experts // a.n_expert_groups):
+        # The router masks the dropped groups with -inf (DeepSeek's Gate): the top-k then picks among -inf ties, an
+        # arbitrary choice that an engine's top-k makes differently (built and silently off the reference).
+        problems.append(("n_activated_experts", f"n_activated_experts={a.n_activated_experts} exceeds the "
+                                                f"{a.n_limited_groups * (a.n_routed_experts // a.n_expert_groups)} "
+                                                f"experts of n_limited_groups={a.n_limited_groups} of "
+                                                f"n_expert_groups={a.n_expert_groups} groups"))
     if a.qk_rope_head_dim % 2:
         problems.append(("qk_rope_head_dim", f"qk_rope_head_dim={a.qk_rope_head_dim} must be even"))
     if a.n_dense_layers > a.n_layers:

@@ -53,6 +53,9 @@ def hf_config(**change):
     (dict(gate_bias="false"), "gate_bias"),
     # biased routing scores a group by its top-2 experts: one per group failed in every MoE forward
     (dict(score_func="sigmoid", gate_bias=True, n_expert_groups=8, n_limited_groups=4), "n_expert_groups"),
+    # top-k beyond the kept groups' experts picks among -inf ties: the engine's choice differed from the reference's
+    (dict(score_func="sigmoid", gate_bias=True, n_expert_groups=4, n_limited_groups=1), "n_activated_experts"),
+    (dict(n_expert_groups=4, n_limited_groups=1), "n_activated_experts"),
 ])
 def test_bad_deepseek_config_names_file_and_key(tmp_path, change, key):
     ckpt = write_config(tmp_path / "ckpt", deepseek_config(**change))
@@ -78,6 +81,7 @@ def test_info_config_with_zero_rope_factor_exits_1_naming_the_key(tmp_path, caps
     (dict(moe_intermediate_size=-1), "moe_intermediate_size"),
     (dict(tie_word_embeddings="false"), "tie_word_embeddings"),
     (dict(hf_config(**V3_ROUTING), n_group=8, topk_group=4), "n_group"),  # one expert per group (tiny has 8)
+    (dict(hf_config(**V3_ROUTING), topk_group=1), "num_experts_per_tok"),  # top-3 of the 2 experts of 1 kept group
 ])
 def test_bad_hf_config_names_file_and_hf_key(tmp_path, change, key):
     ckpt = write_config(tmp_path / "ckpt", hf_config(**change))
@@ -117,7 +121,7 @@ def test_group_routing_with_two_experts_per_group_still_runs(tmp_path):
 
     from dsv3_export.checkpoint import preset_model
 
-    model = preset_model("tiny", score_func="sigmoid", gate_bias=True, n_expert_groups=4, n_limited_groups=1)
+    model = preset_model("tiny", score_func="sigmoid", gate_bias=True, n_expert_groups=4, n_limited_groups=2)
     with torch.no_grad():
         assert model(torch.zeros(1, 3, dtype=torch.long)).isfinite().all()
     args, _ = hf_config_to_args(hf_config(**V3_ROUTING), "config.json")

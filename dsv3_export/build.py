@@ -104,15 +104,11 @@ def _load_model(options: BuildOptions, dtype: torch.dtype) -> tuple[Transformer,
 
         model = load_checkpoint(options.checkpoint, dtype=dtype, device="cpu", attn_impl="absorb", **overrides)
         return model, {"checkpoint": str(Path(options.checkpoint).absolute())}
-    from dsv3_export.checkpoint import preset_model
+    from dsv3_export.checkpoint.presets import preset_model_from
 
     name = options.preset or "tiny"
     overrides.update(dict(options.config_overrides))
-    # ModelArgs.dtype (the weights' storage, "bf16" | "fp8") is preset_model's weight_dtype: its dtype argument is
-    # the compute dtype, so passing the override through **overrides raised "got multiple values for 'dtype'".
-    extra = {k: v for k, v in overrides.items() if k != "dtype"}
-    model = preset_model(name, dtype, "cpu", seed=options.seed, weight_dtype=overrides.get("dtype"),
-                         attn_impl="absorb", **extra)
+    model = preset_model_from(name, dtype, "cpu", options.seed, overrides, attn_impl="absorb")
     return model, {"preset": name, "seed": options.seed, **overrides}
 
 

@@ -1,8 +1,9 @@
-"""preset_model: a named ModelArgs preset with seeded random weights, leaving the caller's RNG alone."""
+"""preset_model: a named ModelArgs preset with seeded random weights, leaving the caller's RNG alone;
+preset_model_from: the same, from the overrides a build records."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -30,3 +31,12 @@ def preset_model(name: str, dtype: torch.dtype = torch.float32, device: str | to
         with device:
             model = Transformer(args, dtype=dtype)
     return model.eval()
+
+
+def preset_model_from(name: str, dtype: torch.dtype, device: str | torch.device, seed: int,
+                      overrides: Mapping[str, Any], **kwargs: Any) -> Transformer:
+    """preset_model with ModelArgs overrides as a build records them (--config overrides, the manifest's source):
+    a `dtype` among them is ModelArgs.dtype, the weights' storage ("bf16" | "fp8"), i.e. preset_model's
+    weight_dtype; passed through **overrides it collided with the compute dtype ("got multiple values")."""
+    rest = {k: v for k, v in overrides.items() if k != "dtype"}
+    return preset_model(name, dtype, device, seed=seed, weight_dtype=overrides.get("dtype"), **kwargs, **rest)

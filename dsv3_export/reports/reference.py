@@ -75,7 +75,7 @@ def _preset_reference(preset: str, seed: int, manifest: Manifest, device: str,
                       runtime: dict[str, Any]) -> tuple[Transformer, dict[str, Any]]:
     """The preset's ModelArgs are checked against the engine's model before its weights are drawn
     (drawing the 16b preset for a tiny engine was OOM-killed before the mismatch was seen)."""
-    from dsv3_export.checkpoint import preset_model
+    from dsv3_export.checkpoint.presets import preset_model_from
     from dsv3_export.reports.debug_engine import preset_overrides
 
     source = manifest.source
@@ -85,7 +85,7 @@ def _preset_reference(preset: str, seed: int, manifest: Manifest, device: str,
     check_same_model(args.to_dict(), manifest.model)
     # Drawn on the CPU, as build_engine draws a preset's weights, then moved: the same seed
     # gives other numbers on a CUDA generator, i.e. another model than the engine's.
-    model = preset_model(preset, torch.float32, "cpu", seed=seed, attn_impl="absorb", **runtime).to(device)
+    model = preset_model_from(preset, torch.float32, "cpu", seed, runtime, attn_impl="absorb").to(device)
     return model, {"preset": preset, "seed": seed}
 
 

@@ -45,14 +45,15 @@ GEMV_PREFETCH_ENV = "DSV3_TORCH_GEMV_PREFETCH"
 
 
 def gemv_prefetch_on() -> bool:
-    choice = env_choice(GEMV_PREFETCH_ENV, "auto", {"auto": "as DSV3_TRITON_GDC: with the wait",
-                                                    "1": "the GEMV's weight rows into L2 before its wait",
-                                                    "0": "no prefetch"})
-    return choice == "1" or (choice == "auto" and gdc_on())
+    return prefetch_before_wait(GEMV_PREFETCH_ENV, "the GEMV's weight rows into L2 before its wait")
 
 
-def gdc_on() -> bool:
-    """Whether our kernels were compiled with the wait here (kernels/pdl.py GDC; imported when first asked)."""
+def prefetch_before_wait(env: str, what: str) -> bool:
+    """A weight-prefetch switch (this one, merge_uv's): `1` on, `0` off, `auto` (default) on where our kernels were
+    compiled with the wait here (kernels/pdl.py GDC; imported when first asked)."""
+    choice = env_choice(env, "auto", {"auto": "as DSV3_TRITON_GDC: with the wait", "1": what, "0": "no prefetch"})
+    if choice != "auto":
+        return choice == "1"
     from dsv3_export.kernels.pdl import GDC
 
     return bool(GDC)

@@ -20,7 +20,7 @@ import torch
 from torch.library import triton_op
 
 from dsv3_export.engines import torch_launch
-from dsv3_export.engines.torch_decode_gemv import gated
+from dsv3_export.engines.torch_decode_gemv import gated, prefetch_before_wait
 from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.kernels import fp8_gemv as kv
 from dsv3_export.kernels import mla_absorb as ka
@@ -70,12 +70,7 @@ MERGE_UV_PREFETCH_ENV = "DSV3_TORCH_MERGE_UV_PREFETCH"
 
 
 def merge_uv_prefetch_on() -> bool:
-    from dsv3_export.engines.torch_decode_gemv import gdc_on
-
-    choice = env_choice(MERGE_UV_PREFETCH_ENV, "auto", {"auto": "as DSV3_TRITON_GDC: with the wait",
-                                                        "1": "W_UV's rows prefetched into L2 first",
-                                                        "0": "no prefetch"})
-    return choice == "1" or (choice == "auto" and gdc_on())
+    return prefetch_before_wait(MERGE_UV_PREFETCH_ENV, "W_UV's rows prefetched into L2 first")
 
 
 def merge_uv_on() -> bool:

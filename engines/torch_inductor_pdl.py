@@ -23,13 +23,13 @@ import logging
 import re
 from typing import Any, Iterator
 
+from dsv3_export.kernels.wait_first_source import INDEX_CALLS, called_names
+
 log = logging.getLogger(__name__)
 
 # What Inductor's kernels compute before their first load: offsets, index ranges and masks (tl.full for an
-# all-true mask). Nothing here reads or writes memory (kernels/pdl.py PRE_WAIT_CALLS is ours; not imported: it
-# imports triton, which the CPU tests configure before any kernel module loads).
-INDUCTOR_PRE_WAIT_CALLS = frozenset({"program_id", "num_programs", "arange", "minimum", "maximum", "to", "cdiv",
-                                     "full", "zeros", "where", "broadcast_to", "reshape"})
+# all-true mask). Nothing here reads or writes memory (ours may also prefetch: kernels/pdl.py PRE_WAIT_CALLS).
+INDUCTOR_PRE_WAIT_CALLS = INDEX_CALLS | {"full", "zeros", "where", "broadcast_to", "reshape"}
 # Statements that run in every program: no branch, loop or return before the wait.
 _STRAIGHT_LINE = (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Expr)
 
@@ -38,14 +38,6 @@ def _is_gdc_wait(stmt: ast.stmt) -> bool:
     call = stmt.value if isinstance(stmt, ast.Expr) else None
     return (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "gdc_wait"
             and ast.unparse(call.func) in ("tl.extra.cuda.gdc_wait", "triton.language.extra.cuda.gdc_wait"))
-
-
-def _calls(stmt: ast.stmt) -> set[str]:
-    names = set()
-    for node in (n for n in ast.walk(stmt) if isinstance(n, ast.Call)):
-        func = node.func
-        names.add(func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else "?")
-    return names
 
 
 def _jit_functions(tree: ast.Module) -> list[ast.FunctionDef]:
@@ -70,7 +62,7 @@ def why_not_first(source: str) -> str | None:
     for stmt in kernels[0].body:
         if _is_gdc_wait(stmt):
             return None
-        if not isinstance(stmt, _STRAIGHT_LINE) or _calls(stmt) - INDUCTOR_PRE_WAIT_CALLS:
+        if not isinstance(stmt, _STRAIGHT_LINE) or called_names([stmt]) - INDUCTOR_PRE_WAIT_CALLS:
             return f"before any wait: {ast.unparse(stmt).splitlines()[0][:100]}"
     return "no top-level gdc_wait"
 

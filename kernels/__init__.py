@@ -20,7 +20,8 @@ One family per module, each with its kernel(s), a checking launcher and a pure-t
                   columns) from its logits (or from router_gate's partials), one launch
   router_gate     gate_partials: the decode MoE gate GEMM split over K into fp32 partials (and act_quant(x)
                   from the same loads), which the router kernel sums
-  pdl             which kernels wait for their producer (programmatic dependent launch, opt-in)
+  pdl             which kernels wait for their producer (programmatic dependent launch, on by default on sm_90+)
+  wait_first_source  what a kernel's source calls before that wait (no triton import: Inductor's kernels too)
 
 Launch path: in eager mode a launcher calls the jitted (autotuned) kernel directly, a few us of
 Python; only while make_fx / torch.export / torch.compile trace it does the launch go through

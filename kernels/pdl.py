@@ -47,6 +47,7 @@ import triton.language as tl
 
 from dsv3_export.kernels._common import is_interpreted
 from dsv3_export.kernels.mutation_analysis import hidden_from_mutation_analysis
+from dsv3_export.kernels.wait_first_source import INDEX_CALLS, called_names
 
 
 @triton.jit
@@ -149,22 +150,12 @@ def import_kernel_families() -> list[ModuleType]:
 # What a kernel may call before wait_for_producer(): index arithmetic and L2 prefetches. A prefetch brings no value
 # into a register and L2 is where every grid's writes land, so a line prefetched before the producer wrote it is
 # updated there, never read stale; nothing here loads, stores or calls a helper that might.
-PRE_WAIT_CALLS = frozenset({"prefetch_l2", "program_id", "num_programs", "arange", "minimum", "maximum", "to",
-                            "cdiv", "static_assert"})
+PRE_WAIT_CALLS = INDEX_CALLS | {"prefetch_l2", "static_assert"}
 
 
 def _is_wait(stmt: ast.stmt) -> bool:
     call = stmt.value if isinstance(stmt, ast.Expr) else None
     return isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "wait_for_producer"
-
-
-def _pre_wait_calls(stmts: list[ast.stmt]) -> set[str]:
-    """The names of the functions and methods the statements call (nested blocks included)."""
-    names = set()
-    for node in (n for stmt in stmts for n in ast.walk(stmt) if isinstance(n, ast.Call)):
-        func = node.func
-        names.add(func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else "?")
-    return names
 
 
 def waits_for_producer(kernel: Any) -> Any:
@@ -185,7 +176,7 @@ def waits_for_producer(kernel: Any) -> Any:
         raise TypeError(f"@waits_for_producer: kernel {name} may return before wait_for_producer(): a launch whose "
                         "programs all return would complete before its producer, and a kernel after it, waiting only "
                         "for this one, could read the producer's outputs early")
-    early = sorted(_pre_wait_calls(body[:at]) - PRE_WAIT_CALLS)
+    early = sorted(called_names(body[:at]) - PRE_WAIT_CALLS)
     if early:
         raise TypeError(f"@waits_for_producer: kernel {name} calls {early} before wait_for_producer(); only "
                         f"{sorted(PRE_WAIT_CALLS)} may come first (a load there could read a producer's output early)")

@@ -24,11 +24,10 @@ default's 0.48-0.66x; still short of par):
   interpreter ignores warp specialization, so no test here can see it): triton-lang/triton#8311,
   open, wrong results from warp_specialize=True when the loop mixes pointer tl.loads with
   descriptor loads, which is this loop's shape (a_s, b_s are pointer loads beside the a, b TMA
-  loads). Left out of the autotuned configs. PREFILL_CANDIDATES' "128x128 ws desc" (WS=True) is
-  the form that issue suggests, for the GPU to judge (session 26, not yet run there): every load of
-  its K loop goes through a descriptor, the scales too, from copies the launcher lays out for TMA
-  (a_s transposed to [K blocks, M] and b_s spread over the columns to [K blocks, N]: a row slice
-  per K step, 16-byte aligned rows), and the promotion multiplies by a_s[m] * b_s[n] per element.
+  loads). Nor is the form that issue suggests (session 26, removed in session 27): every load of
+  the K loop through a descriptor, the scales too (a_s as [K blocks, M], b_s spread per column to
+  [K blocks, N]), 128x128 WS: on the H200 (triton 3.6) its output was NaN at both 16b prefill
+  shapes and it took 0.48 ms against 0.20-0.24 for the 64x128 forms (benchmarks/RESULTS.md).
 TMA needs 16-byte aligned row strides: K % 16 == 0 for a and b, N * itemsize % 16 == 0 for c
 (the 16b shapes: K 2048 / 10944, N 10944 / 2048 all qualify); the launcher refuses the rest with
 a message. W8A8 only (a fp8): W8A16 would widen b in registers, which TMA -> wgmma bypasses.
@@ -61,20 +60,20 @@ TMA_ALIGN = 16
 TMA_PERSISTENT_CONFIGS = [
     # 4 stages x 32 KB + 32 KB epilogue = 160 KB, one CTA per SM; the pipeliner overlaps tiles.
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8, "CTAS_PER_SM": 1, "SCALE_PREFETCH": False,
-                   "FLATTEN": True, "WS": False},
+                   "FLATTEN": True},
                   num_warps=8, num_stages=4),
     # 64x128 on one warpgroup, two CTAs per SM: one CTA's promotion FFMAs overlap the other's wgmma.
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "CTAS_PER_SM": 2, "SCALE_PREFETCH": False,
-                   "FLATTEN": True, "WS": False},
+                   "FLATTEN": True},
                   num_warps=4, num_stages=4),
 ]
 
 
 def _candidate(block_m: int, ctas_per_sm: int, stages: int, prefetch: bool, maxnreg: int | None = None,
-               flatten: bool = True, ws: bool = False):
+               flatten: bool = True):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": 128, "GROUP_M": 8, "CTAS_PER_SM": ctas_per_sm,
-                          "SCALE_PREFETCH": prefetch, "FLATTEN": flatten, "WS": ws},
-                         num_warps=4 if ws else block_m // 16, num_stages=stages, maxnreg=maxnreg)
+                          "SCALE_PREFETCH": prefetch, "FLATTEN": flatten},
+                         num_warps=block_m // 16, num_stages=stages, maxnreg=maxnreg)
 
 
 # The prefill sweep (benchmarks/kernels.py section fp8_prefill pins each one; autotuning above is
@@ -111,9 +110,6 @@ PREFILL_CANDIDATES = {
     "128x128 x1 s4": TMA_PERSISTENT_CONFIGS[0],
     "128x128 x1 s4 pf": _candidate(128, 1, 4, True),
     "128x128 x1 s5 pf": _candidate(128, 1, 5, True),
-    # Hopper autoWS (a producer warpgroup for the TMA loads, two consumer warpgroups of 64 rows; num_warps=4 is
-    # one consumer's), every K-loop load through a descriptor (module docstring); flatten does not combine with it.
-    "128x128 ws desc": _candidate(128, 1, 4, False, flatten=False, ws=True),
 }
 
 
@@ -121,11 +117,10 @@ PREFILL_CANDIDATES = {
 @triton.jit
 def _fp8_gemm_tma_persistent_kernel(
     a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr,
-    a_s_t_ptr, b_s_cols_ptr,  # WS: a_s as [K blocks, M], b_s per column as [K blocks, N] (scales_for_tma)
     M, N, K, M_BUCKET,  # M_BUCKET: unused in the body, a runtime arg only to key the autotuner
-    stride_am, stride_asm, stride_bn, stride_bsn, stride_cm, stride_ast, stride_bsc,
+    stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    CTAS_PER_SM: tl.constexpr, SCALE_PREFETCH: tl.constexpr, FLATTEN: tl.constexpr, WS: tl.constexpr,
+    CTAS_PER_SM: tl.constexpr, SCALE_PREFETCH: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     wait_for_producer()  # before any memory access: kernels/pdl.py
     tl.static_assert(BLOCK_N <= BLOCK_K, "a tile must lie in one 128-row block of b_s (one scale per K step)")
@@ -137,12 +132,7 @@ def _fp8_gemm_tma_persistent_kernel(
     num_tiles = num_pid_m * num_pid_n
     k_blocks = tl.cdiv(K, BLOCK_K)
     group_size = GROUP_M * num_pid_n
-    if WS:
-        a_s_desc = tl.make_tensor_descriptor(a_s_t_ptr, shape=[k_blocks, M], strides=[stride_ast, 1],
-                                             block_shape=[1, BLOCK_M])
-        b_s_desc = tl.make_tensor_descriptor(b_s_cols_ptr, shape=[k_blocks, N], strides=[stride_bsc, 1],
-                                             block_shape=[1, BLOCK_N])
-    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN, warp_specialize=WS):
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
         # -- tile ids, grouped along M for L2 reuse of b tiles (as the default kernel)
         first_m = (tile // group_size) * GROUP_M
         group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
@@ -154,15 +144,7 @@ def _fp8_gemm_tma_persistent_kernel(
         a_s_rows = a_s_ptr + offs_m * stride_asm
         b_s_row = b_s_ptr + (off_n // BLOCK_K) * stride_bsn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if WS:  # every load through a descriptor (triton-lang/triton#8311: module docstring)
-            for kb in range(k_blocks):
-                a = a_desc.load([off_m, kb * BLOCK_K])
-                b = b_desc.load([off_n, kb * BLOCK_K])
-                # 2-D, not reshaped: with a reshape, triton 3.9's NVGPUWarpSpecialization pass fails (sm_90 PTX)
-                s_m = tl.trans(a_s_desc.load([kb, off_m]))  # [BM, 1], zero past M
-                s_n = b_s_desc.load([kb, off_n])  # [1, BN]: b_s[n // 128, kb], one value per tile
-                acc += tl.dot(a, b.T) * (s_m * s_n)
-        elif SCALE_PREFETCH:  # the scales of K block kb + 1 are in flight while step kb runs
+        if SCALE_PREFETCH:  # the scales of K block kb + 1 are in flight while step kb runs
             s_next = tl.load(a_s_rows, mask=offs_m < M, other=0.0) * tl.load(b_s_row)  # [BM]
             for kb in range(k_blocks):
                 a = a_desc.load([off_m, kb * BLOCK_K])  # [BM, BK], zero-filled past M and K
@@ -213,18 +195,6 @@ def tma_unsupported(a: torch.Tensor, b: torch.Tensor, c_dtype: torch.dtype, n: i
     return None
 
 
-def scales_for_tma(a_s: torch.Tensor, b_s: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The WS form's scale operands: a_s [M, K blocks] as [K blocks, M] and b_s [N blocks, K blocks] as one value per
-    column, [K blocks, N] (b_s[n // 128, kb]); rows padded to 16 bytes, as TMA wants. Step kb then loads a row slice
-    of each. (~1.4 and ~0.7 MB at the 16b prefill shapes, M=4096: two small copies per call, in its time.)"""
-    k_blocks, m = cdiv(k, QUANT_BLOCK), a_s.shape[0]
-    a_s_t = torch.zeros(k_blocks, cdiv(m, 4) * 4, dtype=torch.float32, device=a_s.device)
-    a_s_t[:, :m] = a_s[:, :k_blocks].t()
-    b_s_cols = torch.zeros(k_blocks, cdiv(n, 4) * 4, dtype=torch.float32, device=b_s.device)
-    b_s_cols[:, :n] = b_s[:, :k_blocks].t().repeat_interleave(QUANT_BLOCK, dim=1)[:, :n]
-    return a_s_t, b_s_cols
-
-
 def tuned_config() -> triton.Config | None:
     """The config the autotuner used for the last launch (None when interpreted or not launched)."""
     return getattr(_tma_persistent_tuned, "best_config", None)
@@ -246,14 +216,12 @@ def fp8_gemm_tma_persistent(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor,
     if not _INTERPRETED:
         _ensure_allocator()
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    # the WS form's scale copies; the other configs read a_s and b_s (never these arguments)
-    a_s_t, b_s_cols = scales_for_tma(a_s, b_s, n, k) if config is not None and config.kwargs.get("WS") else (a_s, b_s)
     slots = num_sms(a.device)
     cap = programs or 1 << 30
     grid = lambda meta: (min(cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),  # noqa: E731
                              slots * meta["CTAS_PER_SM"], cap),)
     launch(_fp8_gemm_tma_persistent_kernel, _tma_persistent_tuned, TMA_PERSISTENT_CONFIGS, grid,
-           (a, a_s, b, b_s, c, a_s_t, b_s_cols, m, n, k, min(next_pow2(m), 4096),
-            a.stride(0), a_s.stride(0), b.stride(0), b_s.stride(0), c.stride(0), a_s_t.stride(0), b_s_cols.stride(0)),
+           (a, a_s, b, b_s, c, m, n, k, min(next_pow2(m), 4096),
+            a.stride(0), a_s.stride(0), b.stride(0), b_s.stride(0), c.stride(0)),
            dict(BLOCK_K=QUANT_BLOCK), config)
     return c

@@ -191,7 +191,7 @@ def _cases(all_configs: bool):
     for i, cfg in enumerate(tma_configs):
         for c in (bf, f32) if i == 0 or all_configs else (bf,):
             yield (f"fp8_gemm tma_persistent c={c} a_fp8=True", fp8_gemm_persistent._fp8_gemm_tma_persistent_kernel,
-                   cfg, dict(a_ptr=f8, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c, a_s_t_ptr=f32, b_s_cols_ptr=f32),
+                   cfg, dict(a_ptr=f8, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c),
                    dict(BLOCK_K=128))
     for c in (bf, f32):
         yield (f"split_k_sum c={c}", fp8_gemm._split_k_sum_kernel, triton.Config({}, num_warps=4),

@@ -105,12 +105,9 @@ def _check_act_quant_arithmetic(rows: list[dict]) -> None:
 def _check_fp8(rows: list[dict]) -> None:
     _check_tensor_cores(rows, ("fp8_gemm",), wgmma_e4m3="fp8_gemm")
     _check_act_quant_arithmetic(rows)
-    # the prefill candidate with WS=True is warp-specialized (Hopper autoWS: setmaxnreg between the producer and the
-    # consumer warpgroups), and no other fp8 GEMM is
-    tma = [r for r in rows if r["kernel"].startswith("fp8_gemm tma_persistent")]
-    assert {("WS: True" in r["config"]) for r in tma} == {True, False}, [r["config"] for r in tma]
-    assert all(r["warp_specialized"] == ("WS: True" in r["config"]) for r in tma), \
-        [(r["config"], r["warp_specialized"]) for r in tma]
+    # no fp8 GEMM is warp-specialized (Hopper autoWS, setmaxnreg: wrong results on the H200 with triton 3.6)
+    assert not any(r["warp_specialized"] for r in rows if r["kernel"].startswith("fp8_gemm")), \
+        [r["config"] for r in rows if r["warp_specialized"]]
 
 
 def _check_moe(rows: list[dict]) -> None:

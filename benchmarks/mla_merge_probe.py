@@ -1,0 +1,116 @@
+"""Where MLA decode's time goes at issue #4's point (B=32, context 4096): the split kernel, the merge, the gap.
+
+    python3 benchmarks/mla_merge_probe.py [--out DIR]
+
+Why: the split kernel alone ran at 50.1 us under Nsight Compute (session 12, before session 16's rewrite), which
+is ~72% of the copy bandwidth, while split + merge from a CUDA graph is 56.4 us (64%). This times, from CUDA
+graphs at the split kernel's default config (pinned, 8 splits; the reduce kernel at its num_warps):
+  split alone; split + reduce with the edges as captured; the same with the edge into the reduce kernel made
+  programmatic (engines/cuda_graph_pdl.py: how the engine's decode graph runs on sm_90 by default) on both ports;
+  the reduce alone over ready partials at 1 / 2 / 4 / 8 warps; the traced program's form (runtime splits, the new
+  token beside the cache) with and without programmatic edges.
+Each output is checked against mla_decode_ref after its timing; the copy bandwidth is measured in the same run.
+Timings: triton.testing.do_bench medians (one replay per sample, L2 flushed between samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import triton
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT"))
+    args = parser.parse_args()
+
+    from dsv3_export.engines.cuda_graph_pdl import PdlPlan, capture_graph
+    from dsv3_export.kernels import mla_decode as kd
+    from dsv3_export.kernels._common import traceable
+    from dsv3_export.kernels.mla_attention import mla_decode_ref
+    from dsv3_export.kernels.pdl import GDC, waiting_kernel_names
+
+    bsz, ctx, h, c, r, splits, scale = 32, 4096, 16, 512, 64, 8, 0.1
+    g = torch.Generator(device="cuda").manual_seed(27)
+    cache = torch.randn(bsz, ctx, c + r, device="cuda", dtype=torch.bfloat16, generator=g)
+    kv, pe = cache[..., :c], cache[..., c:]
+    q = torch.randn(bsz, h, c, device="cuda", dtype=torch.bfloat16, generator=g)
+    qp = torch.randn(bsz, h, r, device="cuda", dtype=torch.bfloat16, generator=g)
+    full = torch.full((bsz,), ctx, dtype=torch.int32, device="cuda")
+    short = full - 1  # the traced form: the last key arrives beside the cache
+    ref = mla_decode_ref(q.float(), qp.float(), kv.float(), pe.float(), full, scale)
+    cache_bytes = bsz * ctx * (c + r) * 2
+
+    n = 1 << 29
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
+    copy_tbps = 2 * n / (copy_ms * 1e-3) / 1e12
+    floor_us = cache_bytes / (copy_tbps * 1e12) * 1e6
+    waiting = waiting_kernel_names()
+    print(f"copy {copy_tbps:.2f} TB/s; floor {floor_us:.1f} us (cache {cache_bytes / 1e6:.0f} MB); GDC={GDC}; "
+          f"waiting kernels {len(waiting)}", flush=True)
+    cfg = kd.DECODE_CONFIGS[0]
+    rows = []
+
+    def reduce(parts, warps=None):
+        out = torch.empty((bsz, h, c), dtype=q.dtype, device="cuda")
+        spec = kd.reduce_spec(parts, out)
+        extra = {} if warps is None else {"num_warps": warps}
+        traceable(spec.kernel)[spec.grid({})](*spec.args, **spec.kwargs, **extra)
+        return out
+
+    def split(**kw):
+        return kd.mla_decode_partials(q, qp, kv, pe, full, scale, num_splits=splits, config=cfg, **kw)
+
+    def traced_form():
+        parts = kd.mla_decode_partials(q, qp, kv, pe, short, scale, kv_new=cache[:, -1, :c], pe_new=cache[:, -1, c:],
+                                       runtime_splits=True, config=cfg)
+        return reduce(parts)
+
+    def point(name, record, port=None, check=True):
+        record()  # compile outside the graph
+        torch.cuda.synchronize()
+        plan = PdlPlan(port, waiting) if port else None
+        graph, out, edges = capture_graph(record, plan)
+        ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+        torch.cuda.synchronize()
+        err = None
+        if check:
+            o = out if isinstance(out, torch.Tensor) else None
+            err = ((o.float() - ref).abs().mean() / ref.abs().mean()).item() if o is not None else None
+        us = ms * 1e3
+        pct = 100 * floor_us / us
+        row = dict(name=name, us=us, pct_of_copy=pct, err=err, edges=str(edges) if edges else "as captured")
+        rows.append(row)
+        print(f"{name:<58} {us:7.2f} us {pct:5.1f}% of copy  err {err if err is None else f'{err:.2e}'}  "
+              f"[{row['edges']}]", flush=True)
+
+    point("split alone (8 splits, BN32 w4 s3)", lambda: split(), check=False)
+    for warps in (None, 1, 2, 8):
+        label = f"split + reduce (reduce w{warps or 'default'})"
+        point(label, lambda w=warps: reduce(split(), w))
+        if GDC:
+            point(label + ", programmatic edge", lambda w=warps: reduce(split(), w), port="programmatic")
+    if GDC:
+        point("split + reduce, launch-port edge", lambda: reduce(split()), port="launch")
+    parts = split()
+    for warps in (None, 1, 2, 8):
+        point(f"reduce alone over ready partials (w{warps or 'default'})", lambda w=warps: reduce(parts, w),
+              check=False)
+    point("traced form (runtime splits, new token beside the cache)", traced_form)
+    if GDC:
+        point("traced form, programmatic edges", traced_form, port="programmatic")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "mla_merge_probe.json"), "w") as f:
+            json.dump(dict(copy_tbps=copy_tbps, floor_us=floor_us, gpu=torch.cuda.get_device_name(),
+                           torch=torch.__version__, triton=triton.__version__, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """Where MLA decode's time goes at issue #4's point (B=32, context 4096): the split kernel, the merge, the gap.
 
-    python3 benchmarks/mla_merge_probe.py [--out DIR]
+    python3 benchmarks/mla_merge_probe.py [--out DIR] [--sweep-only]
 
 Why: the split kernel alone ran at 50.1 us under Nsight Compute (session 12, before session 16's rewrite), which
 is ~72% of the copy bandwidth, while split + merge from a CUDA graph is 56.4 us (64%). This times, from CUDA
@@ -9,6 +9,11 @@ graphs at the split kernel's default config (pinned, 8 splits; the reduce kernel
   programmatic (engines/cuda_graph_pdl.py: how the engine's decode graph runs on sm_90 by default) on both ports;
   the reduce alone over ready partials at 1 / 2 / 4 / 8 warps; the traced program's form (runtime splits, the new
   token beside the cache) with and without programmatic edges.
+Then (SWEEP) split + reduce at pinned split-kernel configs, the registered ones and new ones (3 or 4 programs per SM
+with L2 prefetch ahead of a one-buffer pipeline), at 8 splits and at the split count that makes one wave of them.
+Why (session 27, the sm_90 SASS of the default BN32 w4 s3): it holds two KV buffers, and the next tile's cp.async is
+issued only after the value wgmma has drained the buffer it overwrites, so a program has one tile in flight while it
+computes; more bytes in flight per SM need more programs or L2 prefetches.
 Each output is checked against mla_decode_ref after its timing; the copy bandwidth is measured in the same run.
 Timings: triton.testing.do_bench medians (one replay per sample, L2 flushed between samples).
 """
@@ -23,9 +28,38 @@ import torch
 import triton
 
 
+# (BLOCK_N, num_warps, num_stages, PREFETCH, maxnreg), split counts. Shared memory per program at H=16 (sm_90 ptxas,
+# session 27; KV buffers = num_stages - 1 at BN <= 32, one at BN64 s2): BN32 s3 91 KB (2 buffers, 2 per SM), BN32 s2
+# 55 KB (1 buffer; 3 per SM at <= 168 registers), BN16 s3 55 KB (4 per SM at <= 128 registers, 32 B spilled),
+# BN16 s5 90.5 KB (4 buffers), BN64 s2 92 KB (1 buffer; w4 232 registers, w8 128).
+SWEEP = [
+    ((32, 4, 3, 0, None), (8,)),
+    ((32, 4, 3, 2, None), (8,)),
+    ((32, 4, 3, 3, None), (8,)),
+    ((32, 4, 3, 5, None), (8,)),
+    ((64, 4, 2, 1, None), (8,)),
+    ((64, 4, 2, 2, None), (8,)),
+    ((64, 4, 2, 3, None), (8,)),
+    ((64, 8, 2, 0, None), (8,)),
+    ((64, 8, 2, 2, None), (8,)),
+    ((64, 8, 2, 3, None), (8,)),
+    ((64, 8, 3, 0, None), (8,)),
+    ((32, 8, 3, 0, None), (8,)),
+    ((32, 8, 3, 3, None), (8,)),
+    ((32, 4, 2, 0, 168), (8, 12)),
+    ((32, 4, 2, 2, 168), (8, 12)),
+    ((32, 4, 2, 3, 168), (8, 12)),
+    ((16, 4, 5, 0, None), (8,)),
+    ((16, 4, 5, 6, None), (8,)),
+    ((16, 4, 3, 4, 128), (8, 16)),
+    ((16, 4, 3, 8, 128), (16,)),
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT"))
+    parser.add_argument("--sweep-only", action="store_true", help="only the config sweep")
     args = parser.parse_args()
 
     from dsv3_export.engines.cuda_graph_pdl import PdlPlan, capture_graph
@@ -90,21 +124,36 @@ def main() -> None:
         print(f"{name:<58} {us:7.2f} us {pct:5.1f}% of copy  err {err if err is None else f'{err:.2e}'}  "
               f"[{row['edges']}]", flush=True)
 
-    point("split alone (8 splits, BN32 w4 s3)", lambda: split(), check=False)
-    for warps in (None, 1, 2, 8):
-        label = f"split + reduce (reduce w{warps or 'default'})"
-        point(label, lambda w=warps: reduce(split(), w))
+    if not args.sweep_only:
+        point("split alone (8 splits, BN32 w4 s3)", lambda: split(), check=False)
+        for warps in (None, 1, 2, 8):
+            label = f"split + reduce (reduce w{warps or 'default'})"
+            point(label, lambda w=warps: reduce(split(), w))
+            if GDC:
+                point(label + ", programmatic edge", lambda w=warps: reduce(split(), w), port="programmatic")
         if GDC:
-            point(label + ", programmatic edge", lambda w=warps: reduce(split(), w), port="programmatic")
-    if GDC:
-        point("split + reduce, launch-port edge", lambda: reduce(split()), port="launch")
-    parts = split()
-    for warps in (None, 1, 2, 8):
-        point(f"reduce alone over ready partials (w{warps or 'default'})", lambda w=warps: reduce(parts, w),
-              check=False)
-    point("traced form (runtime splits, new token beside the cache)", traced_form)
-    if GDC:
-        point("traced form, programmatic edges", traced_form, port="programmatic")
+            point("split + reduce, launch-port edge", lambda: reduce(split()), port="launch")
+        parts = split()
+        for warps in (None, 1, 2, 8):
+            point(f"reduce alone over ready partials (w{warps or 'default'})", lambda w=warps: reduce(parts, w),
+                  check=False)
+        point("traced form (runtime splits, new token beside the cache)", traced_form)
+        if GDC:
+            point("traced form, programmatic edges", traced_form, port="programmatic")
+    for spec, split_counts in SWEEP:
+        bn, warps, stages, prefetch, maxnreg = spec
+        sweep_cfg = triton.Config({"BLOCK_N": bn, "PREFETCH": prefetch}, num_warps=warps, num_stages=stages,
+                                  maxnreg=maxnreg)
+        for n_splits in split_counts:
+            name = f"sweep {n_splits} splits BN{bn} w{warps} s{stages} P{prefetch}" + (f" r{maxnreg}" * bool(maxnreg))
+
+            def record(c=sweep_cfg, s=n_splits):
+                return reduce(kd.mla_decode_partials(q, qp, kv, pe, full, scale, num_splits=s, config=c))
+
+            try:
+                point(name, record)
+            except Exception as exc:  # a config that does not fit: printed, the sweep goes on
+                print(f"{name}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "mla_merge_probe.json"), "w") as f:

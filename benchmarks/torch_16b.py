@@ -276,6 +276,22 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     return name, env
 
 
+OURS_SUFFIX = "-ours"
+
+
+def port_plan(port: str, waiting: list[str]) -> PdlPlan | None:
+    """--pdl-ports' PORT: programmatic edges from PORT into every kernel of `waiting` (the build's list);
+    PORT-ours: into our kernels only (kernels/pdl.py's), not Inductor's, so that one build built with
+    DSV3_TORCH_INDUCTOR_PDL times both lists (with ordinary edges into them Inductor's waits return at once);
+    "0": the graph as captured."""
+    if port == "0":
+        return None
+    if port.endswith(OURS_SUFFIX):
+        ours = waiting_kernel_names()
+        return PdlPlan(port[:-len(OURS_SUFFIX)], frozenset(w for w in waiting if w in ours))
+    return PdlPlan(port, frozenset(waiting))
+
+
 def pdl_timings(step: AOTIStep, model, batches, context: int, iters: int, ports: list[str],
                 waiting: list[str]) -> dict[str, Any]:
     """The same build's decode graph with programmatic edges (engines/cuda_graph_pdl.py) over `waiting` (the
@@ -292,8 +308,8 @@ def pdl_timings(step: AOTIStep, model, batches, context: int, iters: int, ports:
         # the graph the timed step replays (with the cache write): every call writes the same row at the same position
         want = step_writing_cache(step, tokens, pos, cache).clone()
         for port in [*ports, "0"]:
-            key = f"pdl_{port}" if port != "0" else "pdl_control"
-            step.set_decode_pdl(PdlPlan(port, frozenset(waiting)) if port != "0" else None)
+            key = f"pdl_{port.replace('-', '_')}" if port != "0" else "pdl_control"
+            step.set_decode_pdl(port_plan(port, waiting))
             for _ in range(3):  # captured, then replayed
                 got = step_writing_cache(step, tokens, pos, cache)
             out[f"{key}_logits_identical"] = bool(torch.equal(got, want))
@@ -556,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
                         "exported programs: results under engine-NAME")
     p.add_argument("--pdl-ports", default="launch,programmatic",
                    help="decode graphs also timed with programmatic edges from these ports, then as captured ('' "
-                        "for none); needs kernels compiled with the wait (DSV3_TRITON_GDC, auto on sm_90+)")
+                        "for none; PORT-ours: into our kernels only, not Inductor's); needs kernels compiled with the "
+                        "wait (DSV3_TRITON_GDC, auto on sm_90+)")
     for kind, fields in TUNE_FIELDS.items():
         p.add_argument(f"--tune-{kind}", default=None, metavar=",".join(f.upper() for f in fields),
                        help=f"the {kind} program's example sizes, at which AOTInductor tunes its kernels "

@@ -226,3 +226,15 @@ def test_pdl_timings_gives_the_step_its_own_plan_back_even_when_a_port_fails(mon
     with pytest.raises(RuntimeError, match="capture failed"):
         script.pdl_timings(step, None, [1], 4, 2, ["launch"], ["_fp8_gemm_kernel"])
     assert step.pdl is own
+
+
+def test_pdl_port_ours_leaves_inductor_kernels_out(monkeypatch):
+    """programmatic-ours times one build's graph with edges into our kernels only: the same-build control of
+    DSV3_TORCH_INDUCTOR_PDL (Inductor's kernels in the list)."""
+    script = _load_script(monkeypatch)
+    monkeypatch.setattr(script, "waiting_kernel_names", lambda: frozenset({"_fp8_gemm_kernel"}))
+    waiting = ["_fp8_gemm_kernel", "triton_poi_fused_add_0"]
+    assert script.port_plan("programmatic", waiting).waiting == frozenset(waiting)
+    ours = script.port_plan("programmatic-ours", waiting)
+    assert ours.port == "programmatic" and ours.waiting == frozenset({"_fp8_gemm_kernel"})
+    assert script.port_plan("0", waiting) is None

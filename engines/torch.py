@@ -113,14 +113,15 @@ COMBO_KERNELS_FORMS = {"0": "one launch per Inductor kernel", "1": "Inductor's c
 # their last load. The kernels whose source shows a wait before any memory access in every program
 # (engines/torch_inductor_pdl.py, recorded as the package compiles) are listed in the manifest (pdl_waiting_kernels)
 # beside ours, so that DSV3_TORCH_PDL's graph edit makes the edges into them programmatic too (AOTInductor launches
-# without the PDL attribute: the edges cannot come from the launches). `0` (default) no PDL code; `auto` on where
-# our kernels wait (DSV3_TRITON_GDC) and torch has the flag; `1` the same, an error where either is missing. Read
-# when a package is compiled. Opt-in until timed as it now is: on the H200 (session 26, 27-layer 16b fp8 decode,
-# benchmarks/RESULTS.md) one build listing Inductor's kernels by name prefix (every one, waiting first or not: unsafe,
-# replaced by the source check) replayed the batch-1 step in 1.793 ms with the programmatic port against 1.911 as
-# captured; the build with the source check listed none of them (a parse bug, fixed after), so the check's own list
-# is untimed. Builds with this code ran 2.55 and 3.47 ms per batch-1 step without a CUDA graph against 2.35-2.40
-# for the others. vLLM enables torch's flag for batch-1 decode under full CUDA graphs.
+# without the PDL attribute: the edges cannot come from the launches). `auto` (default since session 27) on where
+# our kernels wait (DSV3_TRITON_GDC) and torch has the flag; `1` the same, an error where either is missing; `0` no
+# PDL code. Read when a package is compiled. On the H200 (session 27, one 27-layer 16b fp8 decode build,
+# benchmarks/RESULTS.md) every one of the decode package's Inductor kernels passed the source check, and the same
+# build replayed the batch-1 step in 1.783 ms with edges into ours and Inductor's, 1.871 into ours alone, 1.961 as
+# captured (batch 8: 4.130 / 4.195 / 4.357; batch 64: 7.301 / 7.365 / 7.624), logits bit-identical in every form;
+# the engine's own timing (the runtime's default plan) 1.724 ms, 2.67x its floor. Without a CUDA graph (eager
+# package calls) it ran 2.428 ms against 2.35-2.40 for builds without Inductor's PDL code (session 26: 2.55 and
+# 3.47 in two builds with it). vLLM enables torch's flag for batch-1 decode under full CUDA graphs.
 INDUCTOR_PDL_ENV = "DSV3_TORCH_INDUCTOR_PDL"
 INDUCTOR_PDL_CHOICES = {"auto": "Inductor's kernels with PDL code where ours wait and torch has the flag",
                         "1": "Inductor's kernels with PDL code", "0": "no PDL code"}
@@ -128,7 +129,7 @@ INDUCTOR_PDL_CHOICES = {"auto": "Inductor's kernels with PDL code where ours wai
 
 def inductor_pdl_on() -> bool:
     """INDUCTOR_PDL_ENV, checked against what it needs: our kernels' wait, and a torch whose Inductor has the flag."""
-    choice = env_choice(INDUCTOR_PDL_ENV, "0", INDUCTOR_PDL_CHOICES)
+    choice = env_choice(INDUCTOR_PDL_ENV, "auto", INDUCTOR_PDL_CHOICES)
     if choice == "0":
         return False
     from dsv3_export.kernels.pdl import GDC, GDC_ENV

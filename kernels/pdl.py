@@ -16,7 +16,7 @@ So a kernel opts in with `@waits_for_producer` on top of `@triton.jit`, and its 
 statement must be `wait_for_producer()`; the decorator checks that at import and records the
 kernel's name in CHECKED_KERNELS, with GDC on the only names the graph rewrite gives programmatic edges to.
 Because every such kernel completes only after its producer completed, completion stays transitive
-along the graph; Inductor's kernels join (opt-in, DSV3_TORCH_INDUCTOR_PDL) only where their source shows the
+along the graph; Inductor's kernels join (DSV3_TORCH_INDUCTOR_PDL, auto) only where their source shows the
 same (engines/torch_inductor_pdl.py), and the others (cuBLAS's) keep ordinary edges.
 
 PTX documents `griddepcontrol.wait` as returning at once when the launch had no programmatic
@@ -59,10 +59,11 @@ def _interpreter_probe():
 # when this process sees CUDA GPUs of compute capability 9.0 or later (griddepcontrol's minimum; a package is
 # built for the GPU it is compiled on). On by default since session 26: on the H200 (27-layer 16b fp8 decode, one
 # build per arm, benchmarks/RESULTS.md) the programmatic port replayed the batch-1 step in 1.793 ms against 1.911
-# as captured with Inductor's kernels too (engines/torch.py INDUCTOR_PDL_ENV, opt-in), and with ours alone (the
-# default) 1.877 / 1.843 / 1.841 against 1.901 / 1.904 / 1.891 in three builds, logits bit-identical in every form:
-# the default's step 1.860 ms, 2.88x its floor over those three builds against main's 2.996x over four builds
-# without the wait (1.904-1.995 ms). Without a CUDA graph, builds with our kernels' wait alone ran 2.35-2.38 ms per
+# as captured with Inductor's kernels too (a prefix list, since replaced by engines/torch.py INDUCTOR_PDL_ENV's source
+# check), and with ours alone 1.877 / 1.843 / 1.841 against 1.901 / 1.904 / 1.891 in three builds, logits
+# bit-identical in every form: 2.88x its floor over those three builds against main's 2.996x over four builds
+# without the wait (1.904-1.995 ms). Session 27 made Inductor's checked kernels join by default (1.724 ms, 2.67x:
+# INDUCTOR_PDL_ENV's comment). Without a CUDA graph, builds with our kernels' wait alone ran 2.35-2.38 ms per
 # batch-1 step against 2.40 (session 10's slowdown did not recur).
 GDC_ENV = "DSV3_TRITON_GDC"
 GDC_CHOICES = {"auto": "the wait where the GPUs here are sm_90+", "1": "the wait", "0": "no wait"}

@@ -187,7 +187,7 @@ def test_inductor_pdl_is_opt_in_follows_our_kernels_wait_and_lists_only_the_reco
     recorded.recorded = True  # as engines/torch_inductor_pdl.py recording() marks it
     recorded.add("triton_per_fused_norm_0", "@triton.jit\ndef k(p):\n    tl.extra.cuda.gdc_wait()\n")
     recorded.add("triton_poi_fused_fill_1", "@triton.jit\ndef k(p):\n    tl.store(p, 0)\n")
-    monkeypatch.delenv(te.INDUCTOR_PDL_ENV, raising=False)  # off by default
+    monkeypatch.delenv(te.INDUCTOR_PDL_ENV, raising=False)  # default auto: off while our kernels do not wait
     assert not te.inductor_pdl_on() and "triton.enable_pdl" not in te.inductor_configs(
         "decode", {"device_kind": "sm_90"})
     monkeypatch.setenv(te.INDUCTOR_PDL_ENV, "auto")  # off while our kernels do not wait
@@ -208,6 +208,8 @@ def test_inductor_pdl_is_opt_in_follows_our_kernels_wait_and_lists_only_the_reco
     configs = te.inductor_configs("decode", {"device_kind": "sm_90"})
     assert configs.get("triton.enable_pdl") is (True if has_flag else None)
     assert te.pdl_note(recorded).endswith("1 of 2 Inductor kernels wait before any memory access") or not has_flag
+    monkeypatch.delenv(te.INDUCTOR_PDL_ENV)  # the default, auto: on where ours wait and torch has the flag
+    assert te.inductor_pdl_on() is has_flag
     monkeypatch.setenv(te.INDUCTOR_PDL_ENV, "0")
     assert not te.inductor_pdl_on() and "without PDL code" in te.pdl_note(recorded)
     monkeypatch.setenv(te.INDUCTOR_PDL_ENV, "yes")

@@ -26,3 +26,17 @@ def prefetch_l2(ptrs):
     if PREFETCH_ASM:
         tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [ptrs.to(tl.int64)], dtype=tl.int32,
                                   is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_l2_bulk(ptr, nbytes):
+    """Ask L2 for the `nbytes` bytes from `ptr` on (16-byte aligned, a multiple of 16 bytes) with one
+    cp.async.bulk.prefetch (sm_90+), issued by the program's first thread: a contiguous range for one instruction,
+    where prefetch_l2 needs one per 128-byte line and thread."""
+    if PREFETCH_ASM:
+        start = tl.zeros([1], dtype=tl.int64) + ptr.to(tl.int64)
+        size = tl.zeros([1], dtype=tl.int32) + nbytes
+        tl.inline_asm_elementwise(
+            "{ .reg .pred first; mov.u32 $0, %tid.x; setp.eq.u32 first, $0, 0; "
+            "@first cp.async.bulk.prefetch.L2.global [$1], $2; }",
+            "=r,l,r", [start, size], dtype=tl.int32, is_pure=False, pack=1)

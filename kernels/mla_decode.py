@@ -28,6 +28,15 @@ instead of 7. B=32 ctx 4096: 58.1 -> 56.4 us (62.5 -> 64.4% of copy); B=1 ctx 10
 28.7 -> 27.6; B=64 ctx 1024 50.4 -> 48.7 (BN=32 w4 s3; BN=64 w4 s2 P2 at B=64: 56.3 -> 46.8). A further form,
 the score dot in three independent parts (a shorter MMA chain), was no faster (56.3 / 14.7 / 27.6 / 49.5).
 
+Session 27 (benchmarks/mla_merge_probe.py, mla_read_probe.py, H200, B=32 ctx 4096, issue #4's 70%-of-copy point =
+51.6 us): split + reduce 56.0 us (64.9%), the split kernel alone 53.2 (68.3%), the merge 2.8 us more (a programmatic
+edge into it changes nothing); a read of the same bytes with this kernel's tiling and pipeline but no attention math
+48.4 us (74.7%; TMA 51.6), a copy-like flat read 46 us (78.5%). The math is not hidden because the next tile's
+cp.async is issued only after the value wgmma has drained the buffer it reuses (sm_90 SASS: two KV buffers, one tile
+in flight while a program computes); L2 prefetches per line, 3-4 programs per SM, BN64 and 8 warps were all slower,
+and warp specialization (a producer that loads ahead) fails to compile on this loop (triton 3.9) or computes wrong
+results (triton 3.6, the fp8 GEMM). BULK_PREFETCH_CONFIGS are the next candidates, not yet run on a GPU.
+
 Removed in session 14 as measured no faster on the H200 (benchmarks/RESULTS.md, from CUDA graphs):
 the fused merge (merge="fused": the last split program of each (row, head block), found with an atomic
 arrival counter, merged the partials in the split kernel's launch): 0.0766 ms against the separate
@@ -87,6 +96,15 @@ DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": 64, "PREFETCH": 1}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 64, "PREFETCH": 2}, num_warps=4, num_stages=2),
 ]
+
+# L2 prefetch by cp.async.bulk.prefetch (PREFETCH_BULK = n: every n tiles one range of the next n tiles from two
+# ahead, one instruction per range and cache, issued by the program's first thread), for the benchmark's sweep
+# (benchmarks/mla_merge_probe.py) and not autotuned until measured on the GPU. Why: a program holds one tile in flight
+# while it computes (session 27: the next tile's cp.async waits for the value wgmma to drain its buffer), and the
+# per-line prefetches (PREFETCH) made B=32 ctx 4096 slower (56.3 -> 59.0-73.5 us), with 32 more instructions per warp
+# and tile; these cost a compare per tile and ~40 instructions per range.
+BULK_PREFETCH_CONFIGS = [triton.Config({"BLOCK_N": 32, "PREFETCH": 0, "PREFETCH_BULK": n}, num_warps=4, num_stages=3)
+                         for n in (2, 4)]
 
 # The kernel variant a call runs unless it names one (variant=...; kernels/mla_variants.py says what each
 # changes). The benchmark's mla_sweep times the others against it; none replaces it before it is measured.

@@ -259,6 +259,15 @@ def _cases(all_configs: bool):
                             o_part_ptr=f32, lse_ptr=f32, cos_ptr=f32, sin_ptr=f32, pos_ptr="*i64"),
                        dict(mla_dims, BLOCK_H=16, HAS_NEW=has_new, ROPE_Q=rope_q, **flags,
                             **(runtime if rt else eager)))
+    for cfg in mla_decode.BULK_PREFETCH_CONFIGS:  # the sweep's bulk L2 prefetch (cp.async.bulk.prefetch)
+        for has_new, rt, rope_q in ((False, False, False), (True, True, True)):
+            yield (f"mla_decode_split pointer has_new={has_new} runtime_splits={rt} rope_q={rope_q}",
+                   mla_decode._mla_decode_split_kernel, cfg,
+                   dict(q_ptr=bf, q_pe_ptr=bf, kv_ptr=bf, pe_ptr=bf, kvn_ptr=bf, pen_ptr=bf,
+                        seqlens_ptr="*i64" if rt else i32, o_part_ptr=f32, lse_ptr=f32, cos_ptr=f32, sin_ptr=f32,
+                        pos_ptr="*i64"),
+                   dict(mla_dims, BLOCK_H=16, HAS_NEW=has_new, ROPE_Q=rope_q, **mla_decode.VARIANT_FLAGS["pointer"],
+                        **(runtime if rt else eager)))
     for rt in (False, True):
         yield (f"mla_decode_reduce runtime_splits={rt}", mla_decode._mla_decode_reduce_kernel,
                triton.Config({}, num_warps=4),
@@ -371,7 +380,8 @@ def main(all_configs: bool, with_usage: bool = False, only: frozenset[str] | Non
                        mma="mma.sync" in ptx, fits=compiled.metadata.shared <= SMEM_LIMIT,
                        mma_ops=sorted(set(MMA_OP.findall(ptx))), div_ops=sorted(set(DIV_OP.findall(ptx))),
                        mul_recip_448=RECIP_448 in ptx, reduce_layouts=reduce_layouts(compiled.asm["ttgir"]),
-                       pdl_order=pdl_order(ptx), warp_specialized="setmaxnreg" in ptx)
+                       pdl_order=pdl_order(ptx), warp_specialized="setmaxnreg" in ptx,
+                       bulk_prefetches=ptx.count("cp.async.bulk.prefetch.L2"))
             if with_usage:
                 row.update(_resource_usage(compiled.asm["cubin"]))
             if with_census:

@@ -58,10 +58,13 @@ merge_uv = launch_args(mu._mla_merge_uv_kernel, dict(o_part_ptr=f32, lse_ptr=f32
 split = launch_args(mdk._mla_decode_split_kernel,
                     dict(o_part_ptr=f32, lse_ptr=f32, seqlens_ptr=i64, pos_ptr=i64, cos_ptr=f32, sin_ptr=f32),
                     dict(C=512, R=64, BLOCK_C=512, BLOCK_R=64, HAS_NEW=True, UPCAST=False, SPLIT_TARGET=264,
-                         MIN_SPLITS=8, MIN_KEYS=64, BLOCK_H=16, BLOCK_N=32, PREFETCH=3, EARLY=False, ROPE_Q=True),
+                         MIN_SPLITS=8, MIN_KEYS=64, BLOCK_H=16, BLOCK_N=32, PREFETCH=3, EARLY=False, ROPE_Q=True,
+                         PREFETCH_BULK=0),
                     floats=("scale_log2",))
+split_bulk = dict(split, PREFETCH=0, PREFETCH_BULK=2)  # cp.async.bulk.prefetch (kernels/l2_prefetch.py)
 cases = {"merge_uv PREFETCH_W": (mu._mla_merge_uv_kernel, merge_uv),
-         "split PREFETCH=3": (mdk._mla_decode_split_kernel, split)}
+         "split PREFETCH=3": (mdk._mla_decode_split_kernel, split),
+         "split PREFETCH_BULK=2": (mdk._mla_decode_split_kernel, split_bulk)}
 out = {}
 with mock.patch.object(triton.runtime.driver, "_active", Sm90()):
     for name, (kernel, kwargs) in cases.items():
@@ -76,7 +79,8 @@ with mock.patch.object(triton.runtime.driver, "_active", Sm90()):
 # a switch at the value the analysis gave it
 from dsv3_export.kernels import l2_prefetch, pdl
 stale = []
-for fn in (mu._mla_merge_uv_kernel, mdk._mla_decode_split_kernel, l2_prefetch.prefetch_l2, pdl.wait_for_producer):
+for fn in (mu._mla_merge_uv_kernel, mdk._mla_decode_split_kernel, l2_prefetch.prefetch_l2, l2_prefetch.prefetch_l2_bulk,
+           pdl.wait_for_producer):
     fn.cache_key
     stale += [f"{fn.__name__}.{name}" for (name, _), (value, scope) in fn.used_global_vals.items()
               if scope.get(name) != value]
@@ -93,6 +97,7 @@ def test_the_analysis_finds_only_the_outputs_of_kernels_with_prefetch_asm():
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["merge_uv PREFETCH_W"]["hidden"] == ["out_ptr"], got
     assert got["split PREFETCH=3"]["hidden"] == ["lse_ptr", "o_part_ptr"], got
+    assert got["split PREFETCH_BULK=2"]["hidden"] == ["lse_ptr", "o_part_ptr"], got
     assert got.pop("stale globals") == [], got  # the keys were computed before the switches went off
     for name, result in got.items():  # the cases do carry the asm: torch's own generator gives up on it
         assert len(result["seen"]) > len(result["hidden"]), (name, result)

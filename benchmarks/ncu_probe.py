@@ -41,7 +41,8 @@ def mla_cases(bsz: int = 32, ctx: int = 4096, heads: int = 16, c: int = 512, r: 
     src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
     cases = [("neg (reads the MLA cache bytes, writes as many)", lambda: torch.neg(src, out=dst), nbytes)]
-    for cfg in (kd.DECODE_CONFIGS[0], triton.Config({"BLOCK_N": 64, "PREFETCH": 0}, num_warps=4, num_stages=2)):
+    wide = triton.Config({"BLOCK_N": 64, "PREFETCH": 0, "PREFETCH_BULK": 0}, num_warps=4, num_stages=2)
+    for cfg in (kd.DECODE_CONFIGS[0], wide):
         cases.append((f"mla_decode B={bsz} ctx={ctx} 8 splits [{cfg}]",
                       lambda cfg=cfg: kd.mla_decode(q, qp, kv, pe, seqlens, 0.1, num_splits=8, config=cfg),
                       nbytes))

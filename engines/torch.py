@@ -115,14 +115,14 @@ COMBO_KERNELS_FORMS = {"0": "one launch per Inductor kernel", "1": "Inductor's c
 # beside ours, so that DSV3_TORCH_PDL's graph edit makes the edges into them programmatic too (AOTInductor launches
 # without the PDL attribute: the edges cannot come from the launches). `auto` (default since session 27) on where
 # our kernels wait (DSV3_TRITON_GDC) and torch has the flag; `1` the same, an error where either is missing; `0` no
-# PDL code. Read when a package is compiled. On the H200 (session 27, two 27-layer 16b fp8 decode builds,
-# benchmarks/RESULTS.md) every one of the decode package's Inductor kernels passed the source check; the same build
-# replayed the batch-1 step in 1.783 ms with edges into ours and Inductor's, 1.871 into ours alone, 1.961 as captured
-# (batch 8: 4.130 / 4.195 / 4.357; batch 64: 7.301 / 7.365 / 7.624), logits bit-identical in every form; the
-# engine's own timing (the runtime's default plan) 1.724 ms, and 1.783 in the second build (ours alone 1.829, as
-# captured 1.894): 2.68x its floor over both. Without a CUDA graph (eager package calls) they ran 2.43 / 2.50 ms
-# against 2.35-2.40 for builds without Inductor's PDL code (session 26: 2.55 and 3.47 in two builds with it).
-# vLLM enables torch's flag for batch-1 decode under full CUDA graphs.
+# PDL code. Read when a package is compiled; decode packages only (inductor_configs). On the H200 (session 27, two
+# 27-layer 16b fp8 decode builds, benchmarks/RESULTS.md) every one of the decode package's Inductor kernels passed the
+# source check and the logits stayed bit-identical in every edge plan. The engine's batch-1 step: 1.724 ms (2.68x its
+# floor) against 1.843-1.877 in session 26's three builds without Inductor's edges, by the same script and arguments.
+# In-build comparisons (1.783 with edges into ours and Inductor's, 1.871 into ours alone, 1.961 as captured) are
+# within a drift of the same order (one plan read 1.724 and, later, 1.783). Without a CUDA graph (eager package calls)
+# the builds ran 2.43 / 2.50 ms against 2.35-2.40 for builds without Inductor's PDL code (session 26: 2.55 and 3.47 in
+# two builds with it). vLLM enables torch's flag for batch-1 decode under full CUDA graphs.
 INDUCTOR_PDL_ENV = "DSV3_TORCH_INDUCTOR_PDL"
 INDUCTOR_PDL_CHOICES = {"auto": "Inductor's kernels with PDL code where ours wait and torch has the flag",
                         "1": "Inductor's kernels with PDL code", "0": "no PDL code"}
@@ -190,7 +190,9 @@ def inductor_configs(kind: str, info: dict[str, Any]) -> dict[str, Any]:
         configs["cpp.march"] = info["march"]
     if info.get("cxx"):  # checked by engines/torch_cxx.py: its shared objects load next to torch
         configs["cpp.cxx"] = (None, info["cxx"]["path"])
-    if info["device_kind"] != "cpu" and inductor_pdl_on():
+    # decode only: its CUDA graph is the one whose edges become programmatic; elsewhere (prefill, run directly) the
+    # PDL code would only cost (the no-graph timings in INDUCTOR_PDL_ENV's comment)
+    if info["device_kind"] != "cpu" and kind == "decode" and inductor_pdl_on():
         configs["triton.enable_pdl"] = True
     return configs
 

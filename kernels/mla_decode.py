@@ -74,27 +74,29 @@ from dsv3_export.kernels.mla_variants import DECODE_VARIANTS, VARIANT_FLAGS
 # programs per SM; 132 x 4 x 36.9 KB and 132 x 2 x 73.7 KB = 19 MB for the 1-per-SM tiles).
 # Shared memory / registers per thread at H = 16, sm_90 (session 16's kernel, ptxas): BN=32 w4 s3 93 KB
 # (2 per SM), 144 regs (168 with the kv_new epilogue); BN=32 w4 s2 with the 168 cap 55 KB (3 per SM), no
-# spill. The autotuner times them all. PREFETCH sits in every config: the sm_90 compile test passes config kwargs as constexprs.
+# spill. The autotuner times them all. PREFETCH and PREFETCH_BULK sit in every config: the sm_90 compile test passes
+# config kwargs as constexprs, and torch's tracing of the launch (AOTInductor) needs every kernel argument by name,
+# defaults included (one left out and it takes every input as written: VARIANT_FLAGS).
 DECODE_CONFIGS = [
-    triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 32, "PREFETCH": 3}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 32, "PREFETCH": 4}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=4, num_stages=5),
-    triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=8, num_stages=5),
+    triton.Config({"BLOCK_N": 32, "PREFETCH": 0, "PREFETCH_BULK": 0}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 32, "PREFETCH": 3, "PREFETCH_BULK": 0}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 32, "PREFETCH": 0, "PREFETCH_BULK": 0}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 32, "PREFETCH": 0, "PREFETCH_BULK": 0}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 32, "PREFETCH": 4, "PREFETCH_BULK": 0}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 32, "PREFETCH": 0, "PREFETCH_BULK": 0}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_N": 16, "PREFETCH": 0, "PREFETCH_BULK": 0}, num_warps=4, num_stages=5),
+    triton.Config({"BLOCK_N": 16, "PREFETCH": 0, "PREFETCH_BULK": 0}, num_warps=8, num_stages=5),
     # More programs per SM to hide each tile's latency chain (score dot, cross-warp max, value
     # wgmma): registers capped so that 65536 / (cap x 128 threads) programs fit, shared memory too.
     # 4 per SM: 56 KB, 128 registers (pairs with 16 splits at B=32: 512 programs = one wave of 4 x 132);
     # 3 per SM: 56 / 74 KB, 168 registers (12 splits: 384 programs = one wave of 3 x 132). No spills
     # (kv_new at 128: 144 B). choose_num_splits still sizes for 2 per SM: the benchmark's split sweep
     # times every (splits, config) pair.
-    triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=4, num_stages=3, maxnreg=128),
-    triton.Config({"BLOCK_N": 32, "PREFETCH": 0}, num_warps=4, num_stages=2, maxnreg=168),
-    triton.Config({"BLOCK_N": 16, "PREFETCH": 0}, num_warps=4, num_stages=4, maxnreg=168),
-    triton.Config({"BLOCK_N": 64, "PREFETCH": 1}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 64, "PREFETCH": 2}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 16, "PREFETCH": 0, "PREFETCH_BULK": 0}, num_warps=4, num_stages=3, maxnreg=128),
+    triton.Config({"BLOCK_N": 32, "PREFETCH": 0, "PREFETCH_BULK": 0}, num_warps=4, num_stages=2, maxnreg=168),
+    triton.Config({"BLOCK_N": 16, "PREFETCH": 0, "PREFETCH_BULK": 0}, num_warps=4, num_stages=4, maxnreg=168),
+    triton.Config({"BLOCK_N": 64, "PREFETCH": 1, "PREFETCH_BULK": 0}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "PREFETCH": 2, "PREFETCH_BULK": 0}, num_warps=4, num_stages=2),
 ]
 
 # L2 prefetch by cp.async.bulk.prefetch (PREFETCH_BULK = n: every n tiles one range of the next n tiles from two

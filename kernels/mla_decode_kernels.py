@@ -53,7 +53,7 @@ def _mla_decode_split_kernel(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
     EARLY: tl.constexpr,  # q and the new token loaded before the seqlen wait (variant "early")
     ROPE_Q: tl.constexpr,  # q_pe_ptr holds q_pe before RoPE, rotated here by the rope tables' row pos_ptr[b]
-    PREFETCH_BULK: tl.constexpr = 0,  # > 0: every PREFETCH_BULK tiles, the next PREFETCH_BULK from 2 ahead asked of L2
+    PREFETCH_BULK: tl.constexpr,  # > 0: every PREFETCH_BULK tiles, the next PREFETCH_BULK from 2 ahead asked of L2
 ):
     wait_for_producer()  # before any memory access: kernels/pdl.py
     scale_log2 = tl.cast(scale_log2, tl.float32)  # Inductor passes Python floats as fp64 scalars
@@ -117,10 +117,15 @@ def _mla_decode_split_kernel(
     pe_base = pe_ptr + b * stride_peb
     offs_bn = tl.arange(0, BLOCK_N)
     elem: tl.constexpr = kv_ptr.dtype.element_ty.primitive_bitwidth // 8
-    # the bulk prefetch's ranges must start 16-byte aligned and span multiples of 16 bytes: rows of whole 16-byte units
-    bulk = (PREFETCH_BULK > 0) and (not UPCAST) and ((C * elem) % 16 == 0) and ((R * elem) % 16 == 0)
-    if bulk:
-        bulk = ((stride_kvs * elem) % 16 == 0) & ((stride_pes * elem) % 16 == 0)
+    # The bulk prefetch's ranges must start 16-byte aligned and span multiples of 16 bytes: this row's caches aligned,
+    # rows of whole 16-byte units. Checked once here; a cache that fails it runs without the prefetch.
+    BULK: tl.constexpr = (PREFETCH_BULK > 0) and (not UPCAST) and ((C * elem) % 16 == 0) and ((R * elem) % 16 == 0)
+    bulk_aligned = False
+    interleaved = False
+    if BULK:
+        bulk_aligned = ((((kv_base.to(tl.int64) | pe_base.to(tl.int64)) & 15) == 0)
+                        & ((stride_kvs * elem) % 16 == 0) & ((stride_pes * elem) % 16 == 0))
+        interleaved = (pe_base.to(tl.int64) == kv_base.to(tl.int64) + C * elem) & (stride_pes == stride_kvs)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + offs_bn
         in_cache = offs_n < end
@@ -140,13 +145,16 @@ def _mla_decode_split_kernel(
                 pe_lines = pe_base + rows * stride_pes
                 prefetch_l2(lines)
                 prefetch_l2(pe_lines)
-        if bulk:  # one bulk prefetch per range of PREFETCH_BULK tiles, rows [ahead, last] of this chunk
+        if BULK:  # one bulk prefetch per range of PREFETCH_BULK tiles, rows [ahead, last] of this chunk
             ahead = n0 + 2 * BLOCK_N
-            if (ahead < end) & ((n0 - start) % (PREFETCH_BULK * BLOCK_N) == 0):
+            if bulk_aligned & (ahead < end) & ((n0 - start) % (PREFETCH_BULK * BLOCK_N) == 0):
                 later = tl.minimum(ahead + PREFETCH_BULK * BLOCK_N, end) - 1 - ahead  # rows after the range's first
                 row0 = tl.cast(ahead, tl.int64)
-                prefetch_l2_bulk(kv_base + row0 * stride_kvs, (later * stride_kvs + C) * elem)
-                prefetch_l2_bulk(pe_base + row0 * stride_pes, (later * stride_pes + R) * elem)
+                if interleaved:  # [latent | rope] rows of one cache: one range holds both
+                    prefetch_l2_bulk(kv_base + row0 * stride_kvs, (later * stride_kvs + C + R) * elem)
+                else:
+                    prefetch_l2_bulk(kv_base + row0 * stride_kvs, (later * stride_kvs + C) * elem)
+                    prefetch_l2_bulk(pe_base + row0 * stride_pes, (later * stride_pes + R) * elem)
         kv = tl.load(tile_kv + (kv_rows[:, None] * stride_kvs + offs_c[None, :]), mask=mask_c[None, :], other=0.0)
         pe = tl.load(tile_pe + (kv_rows[:, None] * stride_pes + offs_r[None, :]), mask=mask_r[None, :], other=0.0)
         if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong

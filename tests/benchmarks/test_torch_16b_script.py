@@ -222,7 +222,9 @@ def test_pdl_timings_gives_the_step_its_own_plan_back_even_when_a_port_fails(mon
     step = Step()
     out = script.pdl_timings(step, None, [1], 4, 2, ["programmatic"], ["_fp8_gemm_kernel"])
     assert step.pdl is own and out["pdl_programmatic_logits_identical"] and out["pdl_control_edges"] == "as captured"
-    assert step.plans == ["0", "programmatic", "0", "programmatic"]
+    # each plan timed twice, mirrored (a drift along the run hits every plan alike), then the step's own plan back
+    assert step.plans == ["0", "programmatic", "0", "0", "programmatic", "programmatic"]
+    assert out["decode_ms_b1_pdl_programmatic_runs"] == [1.0, 1.0] and out["decode_ms_b1_pdl_programmatic"] == 1.0
     with pytest.raises(RuntimeError, match="capture failed"):
         script.pdl_timings(step, None, [1], 4, 2, ["launch"], ["_fp8_gemm_kernel"])
     assert step.pdl is own
@@ -238,3 +240,5 @@ def test_pdl_port_ours_leaves_inductor_kernels_out(monkeypatch):
     ours = script.port_plan("programmatic-ours", waiting)
     assert ours.port == "programmatic" and ours.waiting == frozenset({"_fp8_gemm_kernel"})
     assert script.port_plan("0", waiting) is None
+    with pytest.raises(SystemExit):  # a misspelt port fails at the command line, not minutes into a build
+        script.main(["--device", "cpu", "--pdl-ports", "programatic-ours"])

@@ -177,7 +177,8 @@ def test_the_allow_list_matches_exact_names_only():
     assert not waits("triton_per_*", ["triton_per_*x"]) and not waits(None, allow) and not waits("triton_per_", [])
 
 
-def test_inductor_pdl_is_opt_in_follows_our_kernels_wait_and_lists_only_the_recorded_kernels_that_wait(monkeypatch):
+def test_inductor_pdl_follows_our_kernels_wait_in_decode_packages_and_lists_only_the_recorded_kernels_that_wait(
+        monkeypatch):
     from dsv3_export.engines import torch as te
     from dsv3_export.engines.torch_inductor_pdl import InductorKernels
 
@@ -207,6 +208,8 @@ def test_inductor_pdl_is_opt_in_follows_our_kernels_wait_and_lists_only_the_reco
     assert te.inductor_pdl_on() is has_flag
     configs = te.inductor_configs("decode", {"device_kind": "sm_90"})
     assert configs.get("triton.enable_pdl") is (True if has_flag else None)
+    # the prefill package runs without a CUDA graph, so without programmatic edges: no PDL code there
+    assert "triton.enable_pdl" not in te.inductor_configs("prefill", {"device_kind": "sm_90"})
     assert te.pdl_note(recorded).endswith("1 of 2 Inductor kernels wait before any memory access") or not has_flag
     monkeypatch.delenv(te.INDUCTOR_PDL_ENV)  # the default, auto: on where ours wait and torch has the flag
     assert te.inductor_pdl_on() is has_flag

@@ -117,9 +117,10 @@ def _check_moe(rows: list[dict]) -> None:
 def _check_mla_decode(rows: list[dict]) -> None:
     _check_tensor_cores(rows, ("mla_decode_split",))
     _check_score_dot_not_duplicated(rows)
-    # the sweep's bulk L2 prefetch configs issue cp.async.bulk.prefetch (kv and pe ranges), and no other config does
-    bulk = [r for r in rows if "PREFETCH_BULK" in r["config"]]
-    assert bulk and all(r["bulk_prefetches"] == 2 for r in bulk), [(r["config"], r["bulk_prefetches"]) for r in bulk]
+    # the sweep's bulk L2 prefetch configs issue cp.async.bulk.prefetch (one range for interleaved [latent | rope]
+    # rows, else a kv and a pe range: 3 in the PTX), and no other config does
+    bulk = [r for r in rows if re.search(r"PREFETCH_BULK: [1-9]", r["config"])]
+    assert bulk and all(r["bulk_prefetches"] == 3 for r in bulk), [(r["config"], r["bulk_prefetches"]) for r in bulk]
     assert not any(r["bulk_prefetches"] for r in rows if r not in bulk)
 
 

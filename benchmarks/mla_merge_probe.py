@@ -29,7 +29,7 @@ import torch
 import triton
 
 
-# (BLOCK_N, num_warps, num_stages, PREFETCH, maxnreg[, PREFETCH_BULK]), split counts. Shared memory per program at
+# (BLOCK_N, num_warps, num_stages, PREFETCH, maxnreg[, PREFETCH_BULK[, variant]]), split counts. Shared memory per program at
 # H=16 (sm_90 ptxas, session 27; KV buffers = num_stages - 1 at BN <= 32, one at BN64 s2): BN32 s3 91 KB (2 buffers,
 # 2 per SM), BN32 s2 55 KB (1 buffer; 3 per SM at <= 168 registers), BN16 s3 55 KB (4 per SM at <= 128 registers,
 # 32 B spilled), BN16 s5 90.5 KB (4 buffers), BN64 s2 92 KB (1 buffer; w4 232 registers, w8 128).
@@ -37,6 +37,9 @@ SWEEP = [
     ((32, 4, 3, 0, None), (8,)),
     ((32, 4, 3, 0, None, 2), (8,)),  # kernels/mla_decode.py BULK_PREFETCH_CONFIGS
     ((32, 4, 3, 0, None, 4), (8,)),
+    ((32, 4, 3, 0, None, 0, "lazy"), (8,)),  # kernels/mla_variants.py: the running max raised lazily
+    ((32, 4, 3, 0, None, 2, "lazy"), (8,)),
+    ((64, 4, 2, 2, None, 0, "lazy"), (8,)),
     ((32, 4, 3, 2, None), (8,)),
     ((32, 4, 3, 3, None), (8,)),
     ((32, 4, 3, 5, None), (8,)),
@@ -144,15 +147,15 @@ def main() -> None:
         if GDC:
             point("traced form, programmatic edges", traced_form, port="programmatic")
     for spec, split_counts in SWEEP:
-        bn, warps, stages, prefetch, maxnreg, bulk = (*spec, 0)[:6]
+        bn, warps, stages, prefetch, maxnreg, bulk, variant = (*spec, *(0, "pointer")[len(spec) - 5:])
         sweep_cfg = triton.Config({"BLOCK_N": bn, "PREFETCH": prefetch, "PREFETCH_BULK": bulk}, num_warps=warps,
                                   num_stages=stages, maxnreg=maxnreg)
         for n_splits in split_counts:
-            name = (f"sweep {n_splits} splits BN{bn} w{warps} s{stages} P{prefetch}" + (f" r{maxnreg}" * bool(maxnreg))
-                    + (f" bulk{bulk}" * bool(bulk)))
+            name = (f"sweep {variant} {n_splits} splits BN{bn} w{warps} s{stages} P{prefetch}"
+                    + (f" r{maxnreg}" * bool(maxnreg)) + (f" bulk{bulk}" * bool(bulk)))
 
-            def record(c=sweep_cfg, s=n_splits):
-                return reduce(kd.mla_decode_partials(q, qp, kv, pe, full, scale, num_splits=s, config=c))
+            def record(c=sweep_cfg, s=n_splits, v=variant):
+                return reduce(kd.mla_decode_partials(q, qp, kv, pe, full, scale, num_splits=s, config=c, variant=v))
 
             try:
                 point(name, record)

@@ -39,6 +39,12 @@ from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 from dsv3_export.kernels.mla_query import rotate_pairs
 
 
+# variant "lazy": the softmax's running max (base 2) is raised only when a tile's exceeds it by more than this, so most
+# tiles skip rescaling the [C, BLOCK_H] accumulator (64 multiplies per thread) and the denominators; the weights then
+# stay below 2**LAZY_LOG2 = 256, well inside bf16 and fp32 (FlashAttention-4's conditional rescaling).
+LAZY_LOG2 = tl.constexpr(8.0)
+
+
 @waits_for_producer
 @triton.jit
 def _mla_decode_split_kernel(
@@ -52,6 +58,7 @@ def _mla_decode_split_kernel(
     SPLIT_TARGET: tl.constexpr, MIN_SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr,  # > 0: the runtime split rule
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
     EARLY: tl.constexpr,  # q and the new token loaded before the seqlen wait (variant "early")
+    LAZY: tl.constexpr,  # the running max moves only when a tile's exceeds it by > LAZY_LOG2 (variant "lazy")
     ROPE_Q: tl.constexpr,  # q_pe_ptr holds q_pe before RoPE, rotated here by the rope tables' row pos_ptr[b]
     PREFETCH_BULK: tl.constexpr,  # > 0: every PREFETCH_BULK tiles, the next PREFETCH_BULK from 2 ahead asked of L2
 ):
@@ -162,12 +169,24 @@ def _mla_decode_split_kernel(
             pe = pe.to(tl.float32)
         s = tl.dot(q, tl.trans(kv)) + tl.dot(q_pe, tl.trans(pe))  # [BLOCK_H, BN] fp32
         s = tl.where(in_cache[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile has a key
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_acc = l_acc * alpha[:, None] + p
-        acc = acc * alpha[None, :] + tl.dot(tl.trans(kv), tl.trans(p.to(kv.dtype)))  # [C, BN] x [BN, BLOCK_H]
-        m_i = m_new
+        if LAZY:  # rescale acc and l only when some head's max grew by > LAZY_LOG2 (always on the first tile)
+            m_tile = tl.max(s, axis=1)  # finite: every tile has a key
+            if tl.max(m_tile - m_i, axis=0) > LAZY_LOG2:
+                m_new = tl.maximum(m_i, m_tile)
+                alpha = tl.exp2(m_i - m_new)
+                l_acc = l_acc * alpha[:, None]
+                acc = acc * alpha[None, :]
+                m_i = m_new
+            p = tl.exp2(s - m_i[:, None])  # < 2**LAZY_LOG2
+            l_acc = l_acc + p
+            acc = tl.dot(tl.trans(kv), tl.trans(p.to(kv.dtype)), acc)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile has a key
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_acc = l_acc * alpha[:, None] + p
+            acc = acc * alpha[None, :] + tl.dot(tl.trans(kv), tl.trans(p.to(kv.dtype)))  # [C, BN] x [BN, BLOCK_H]
+            m_i = m_new
 
     l_i = tl.sum(l_acc, axis=1)
     if HAS_NEW:

@@ -23,10 +23,11 @@ from kbench.common import Report, Row, Shapes, _graph_of, add, bench, bench_copy
 # are skipped (and printed). The "tma" variants and the fused merge were removed in session 14 (mla_decode's
 # docstring). The CPU smoke test runs the first entries' points at its tiny shapes.
 MLA_SWEEP = [
-    ((32, 4096), False, [("pointer", 8, (32, 4, 3, 0))]),
-    ((1, 1024), True, [("pointer", None, (64, 4, 2, 2)), ("early", None, (64, 4, 2, 2)),
+    ((32, 4096), False, [("pointer", 8, (32, 4, 3, 0)), ("lazy", 8, (32, 4, 3, 0))]),
+    ((1, 1024), True, [("pointer", None, (64, 4, 2, 2)), ("early", None, (64, 4, 2, 2)), ("lazy", None, (64, 4, 2, 2)),
                        ("pointer", 32, (32, 4, 3, 0)), ("early", 32, (32, 4, 3, 0))]),
-    ((8, 4096), True, [("pointer", None, (32, 4, 3, 0)), ("early", None, (32, 4, 3, 0))]),
+    ((8, 4096), True, [("pointer", None, (32, 4, 3, 0)), ("early", None, (32, 4, 3, 0)),
+                       ("lazy", None, (32, 4, 3, 0))]),
 ]
 MLA_SWEEP_BUDGET_S = 55.0
 

@@ -1,7 +1,8 @@
 """mla_decode's variants (kernels/mla_decode.py DECODE_VARIANTS) vs mla_decode_ref, in the interpreter.
 
 variant="early" loads q and the new token before the program waits for its cache length and scores the
-new token from q in registers; it runs with the pointer configs the benchmark pins. The caches here hold
+new token from q in registers; variant="lazy" raises the softmax's running max only when a tile's exceeds it by more
+than LAZY_LOG2; both run with the pointer configs the benchmark pins. The caches here hold
 NaN past every row's length: a tile load not masked there would turn the output into NaN (0 x NaN in the
 value dot). torch.empty is NaN-poisoned (conftest), so a partial or output the kernels forget
 to write fails the comparison too. Tolerances: tests/kernels/_helpers.py TOL (fp32: max abs 2e-5,
@@ -49,7 +50,7 @@ VARIANT_CONFIGS = [(v, c) for v in OTHER_VARIANTS for c in EARLY_CONFIGS]
 
 
 def test_early_configs_found():
-    assert len(EARLY_CONFIGS) == 2 and OTHER_VARIANTS == ["early"]
+    assert len(EARLY_CONFIGS) == 2 and OTHER_VARIANTS == ["early", "lazy"]
 
 
 @pytest.mark.parametrize("variant,config", VARIANT_CONFIGS, ids=str)
@@ -87,6 +88,35 @@ def test_variant_matches_pointer_form(seed, variant, dtype, num_splits):
     if dtype == torch.float32:
         assert (out - ptr).abs().max().item() < 1e-6
     _check(out, A.mla_decode_ref(q, qp, torch.nan_to_num(kv), torch.nan_to_num(pe), seqlens, SCALE), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lazy_rescales_when_a_later_tile_dominates(seed, dtype):
+    """variant="lazy" keeps the running max until a tile's exceeds it by > LAZY_LOG2: keys in later tiles scaled up
+    make some head's max grow by far more than that mid-loop (the rescale path), the others' by less (the skip
+    path); one split, so every tile of a row goes through one program."""
+    torch.manual_seed(seed)
+    lens = [S, 70]
+    cache = _poisoned_cache(2, lens, C, R, dtype)
+    cache[0, 80] *= 80  # tile 3 of row 0 (BLOCK_N 32): scores ~80x the others
+    cache[1, 40] *= 6
+    kv, pe = cache[..., :C], cache[..., C:]
+    q, qp = torch.randn(2, H, C, dtype=dtype), torch.randn(2, H, R, dtype=dtype)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    scores = (torch.einsum("hc,tc->ht", q[0].float(), kv[0].float())
+              + torch.einsum("hr,tr->ht", qp[0].float(), pe[0].float())) * SCALE * 1.4427  # base 2, [H, S]
+    grow = scores[:, 80] - scores[:, :64].max(dim=1).values  # over the running max after tiles 0-1
+    if grow.max().item() <= 8:  # the rescale path would not run mid-loop: make that head's key point along q
+        cache[0, 80, :C] = q[0, grow.argmax(), :].to(dtype) * 8
+        kv = cache[..., :C]
+    ref = A.mla_decode_ref(q, qp, torch.nan_to_num(kv), torch.nan_to_num(pe), seqlens, SCALE)
+    out = D.mla_decode(q, qp, kv, pe, seqlens, SCALE, num_splits=1, variant="lazy", config=EARLY_CONFIGS[0])
+    assert_finite("mla_decode lazy", out)
+    # the scaled keys' values reach ~40x the others': fp32 to rounding relative to the output's scale
+    if dtype == torch.float32:
+        assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    else:
+        assert mean_rel(out, ref) < TOL["mla_bf16_mean_rel"]
 
 
 @pytest.mark.parametrize("variant", OTHER_VARIANTS)

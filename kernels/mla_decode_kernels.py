@@ -177,7 +177,7 @@ def _mla_decode_split_kernel(
                 l_acc = l_acc * alpha[:, None]
                 acc = acc * alpha[None, :]
                 m_i = m_new
-            p = tl.exp2(s - m_i[:, None])  # < 2**LAZY_LOG2
+            p = tl.exp2(s - m_i[:, None])  # <= 2**LAZY_LOG2
             l_acc = l_acc + p
             acc = tl.dot(tl.trans(kv), tl.trans(p.to(kv.dtype)), acc)
         else:

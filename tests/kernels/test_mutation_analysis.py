@@ -58,8 +58,8 @@ merge_uv = launch_args(mu._mla_merge_uv_kernel, dict(o_part_ptr=f32, lse_ptr=f32
 split = launch_args(mdk._mla_decode_split_kernel,
                     dict(o_part_ptr=f32, lse_ptr=f32, seqlens_ptr=i64, pos_ptr=i64, cos_ptr=f32, sin_ptr=f32),
                     dict(C=512, R=64, BLOCK_C=512, BLOCK_R=64, HAS_NEW=True, UPCAST=False, SPLIT_TARGET=264,
-                         MIN_SPLITS=8, MIN_KEYS=64, BLOCK_H=16, BLOCK_N=32, PREFETCH=3, EARLY=False, ROPE_Q=True,
-                         PREFETCH_BULK=0),
+                         MIN_SPLITS=8, MIN_KEYS=64, BLOCK_H=16, BLOCK_N=32, PREFETCH=3, EARLY=False, LAZY=False,
+                         ROPE_Q=True, PREFETCH_BULK=0),
                     floats=("scale_log2",))
 split_bulk = dict(split, PREFETCH=0, PREFETCH_BULK=2)  # cp.async.bulk.prefetch (kernels/l2_prefetch.py)
 cases = {"merge_uv PREFETCH_W": (mu._mla_merge_uv_kernel, merge_uv),

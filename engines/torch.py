@@ -118,8 +118,8 @@ COMBO_KERNELS_FORMS = {"0": "one launch per Inductor kernel", "1": "Inductor's c
 # PDL code. Read when a package is compiled; decode packages only (inductor_configs). On the H200 (session 27, two
 # 27-layer 16b fp8 decode builds, benchmarks/RESULTS.md) every one of the decode package's Inductor kernels passed the
 # source check and the logits stayed bit-identical in every edge plan. The engine's batch-1 step: 1.724 ms (2.68x its
-# floor) against 1.843-1.877 in session 26's three builds without Inductor's edges, by the same script and arguments.
-# In-build comparisons (1.783 with edges into ours and Inductor's, 1.871 into ours alone, 1.961 as captured) are
+# floor) against 1.860 in session 26's like-for-like build (D1: no switch, same script and tune size, engine timed
+# first). Between edge plans in one build (1.783 into ours and Inductor's, 1.871 into ours alone) the difference is
 # within a drift of the same order (one plan read 1.724 and, later, 1.783). Without a CUDA graph (eager package calls)
 # the builds ran 2.43 / 2.50 ms against 2.35-2.40 for builds without Inductor's PDL code (session 26: 2.55 and 3.47 in
 # two builds with it). vLLM enables torch's flag for batch-1 decode under full CUDA graphs.

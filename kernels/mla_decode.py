@@ -102,7 +102,8 @@ DECODE_CONFIGS = [
 ]
 
 # L2 prefetch by cp.async.bulk.prefetch (PREFETCH_BULK = n: every n tiles one range of the next n tiles from two
-# ahead, one instruction per range and cache, issued by the program's first thread), for the benchmark's sweep
+# ahead, one instruction per range (per cache unless [latent | rope] rows interleave), issued by the program's first
+# thread), for the benchmark's sweep
 # (benchmarks/mla_merge_probe.py) and not autotuned until measured on the GPU. Why: a program holds one tile in flight
 # while it computes (session 27: the next tile's cp.async waits for the value wgmma to drain its buffer), and the
 # per-line prefetches (PREFETCH) made B=32 ctx 4096 slower (56.3 -> 59.0-73.5 us), with 32 more instructions per warp
@@ -223,7 +224,9 @@ def mla_decode_partials(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: to
     splits, split_target = split_plan("mla_decode", bsz, heads, kv_cache.shape[1], dev, runtime_splits, num_splits)
     o_part, lse = split_partials(bsz, heads, splits, c, dev)
     grid = (bsz, head_blocks, splits)
-    tuned = None if VARIANT_FLAGS[variant]["EARLY"] else tuned  # early: pinned (`config`, else the first)
+    # early and lazy: pinned (`config`, else the first). The autotuner's cache is keyed by _TUNE_KEY, not the variant
+    # flags, so a variant tuned through it would hand its pick to the default at the same shape.
+    tuned = None if VARIANT_FLAGS[variant]["EARLY"] or VARIANT_FLAGS[variant]["LAZY"] else tuned
     tune_key = (heads, c, r, splits, q_latent.dtype, has_new, split_target, variant, config_set, q_rope is not None)
     eager_tuned = config is None and tuned is not None and not tracing()  # tracing needs the autotuner
     cfg = _decode_chosen.get(tune_key) if eager_tuned else config

@@ -41,7 +41,8 @@ from dsv3_export.kernels.mla_query import rotate_pairs
 
 # variant "lazy": the softmax's running max (base 2) is raised only when a tile's exceeds it by more than this, so most
 # tiles skip rescaling the [C, BLOCK_H] accumulator (64 multiplies per thread) and the denominators; the weights then
-# stay below 2**LAZY_LOG2 = 256, well inside bf16 and fp32 (FlashAttention-4's conditional rescaling).
+# stay at most 2**LAZY_LOG2 = 256, well inside bf16, fp16 and fp32 (FlashAttention-4's conditional rescaling). The
+# test (a max over the heads, read back by every thread) is paid on every tile.
 LAZY_LOG2 = tl.constexpr(8.0)
 
 

@@ -243,7 +243,7 @@ def _cases(all_configs: bool):
     eager = dict(SPLIT_TARGET=0, MIN_SPLITS=mla_decode.RUNTIME_MIN_SPLITS, MIN_KEYS=mla_decode.MIN_SPLIT_KEYS)
     runtime = dict(eager, SPLIT_TARGET=2 * 132)
     max_s = triton.next_power_of_2(mla_decode.MAX_SPLITS)
-    # Every variant (mla_decode.VARIANT_FLAGS): the pointer form's configs, and for "early" the pointer
+    # Every variant (mla_decode.VARIANT_FLAGS): the pointer form's configs, and for "early" and "lazy" the pointer
     # configs the benchmark's mla_sweep pins; without and with the new token, both split rules.
     early_ptr = [c for c in mla_decode.DECODE_CONFIGS if (c.kwargs["BLOCK_N"], c.kwargs["PREFETCH"], c.maxnreg) in
                  ((32, 0, None), (64, 2, None)) and c.num_warps == 4 and c.num_stages in (2, 3)]

@@ -24,6 +24,7 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 from torch._higher_order_ops import triton_kernel_wrap as tkw
 from dsv3_export.kernels import mla_decode_kernels as mdk, mla_merge_uv as mu
+from dsv3_export.kernels.mla_variants import VARIANT_FLAGS
 
 
 class Sm90:  # the driver's one method the TTIR generator calls
@@ -58,8 +59,8 @@ merge_uv = launch_args(mu._mla_merge_uv_kernel, dict(o_part_ptr=f32, lse_ptr=f32
 split = launch_args(mdk._mla_decode_split_kernel,
                     dict(o_part_ptr=f32, lse_ptr=f32, seqlens_ptr=i64, pos_ptr=i64, cos_ptr=f32, sin_ptr=f32),
                     dict(C=512, R=64, BLOCK_C=512, BLOCK_R=64, HAS_NEW=True, UPCAST=False, SPLIT_TARGET=264,
-                         MIN_SPLITS=8, MIN_KEYS=64, BLOCK_H=16, BLOCK_N=32, PREFETCH=3, EARLY=False, LAZY=False,
-                         ROPE_Q=True, PREFETCH_BULK=0),
+                         MIN_SPLITS=8, MIN_KEYS=64, BLOCK_H=16, BLOCK_N=32, PREFETCH=3, ROPE_Q=True, PREFETCH_BULK=0,
+                         **VARIANT_FLAGS["pointer"]),
                     floats=("scale_log2",))
 split_bulk = dict(split, PREFETCH=0, PREFETCH_BULK=2)  # cp.async.bulk.prefetch (kernels/l2_prefetch.py)
 cases = {"merge_uv PREFETCH_W": (mu._mla_merge_uv_kernel, merge_uv),

@@ -28,11 +28,13 @@ import os
 import torch
 import triton
 
+from _timing import copy_tbps as device_copy_tbps  # sibling module of this script
 
-# (BLOCK_N, num_warps, num_stages, PREFETCH, maxnreg[, PREFETCH_BULK[, variant]]), split counts. Shared memory per program at
-# H=16 (sm_90 ptxas, session 27; KV buffers = num_stages - 1 at BN <= 32, one at BN64 s2): BN32 s3 91 KB (2 buffers,
-# 2 per SM), BN32 s2 55 KB (1 buffer; 3 per SM at <= 168 registers), BN16 s3 55 KB (4 per SM at <= 128 registers,
-# 32 B spilled), BN16 s5 90.5 KB (4 buffers), BN64 s2 92 KB (1 buffer; w4 232 registers, w8 128).
+
+# (BLOCK_N, num_warps, num_stages, PREFETCH, maxnreg[, PREFETCH_BULK[, variant]]), split counts. Shared memory per
+# program at H=16 (sm_90 ptxas, session 27; KV buffers = num_stages - 1 at BN <= 32, one at BN64 s2): BN32 s3 91 KB
+# (2 buffers, 2 per SM), BN32 s2 55 KB (1 buffer; 3 per SM at <= 168 registers), BN16 s3 55 KB (4 per SM at <= 128
+# registers, 32 B spilled), BN16 s5 90.5 KB (4 buffers), BN64 s2 92 KB (1 buffer; w4 232 registers, w8 128).
 SWEEP = [
     ((32, 4, 3, 0, None), (8,)),
     ((32, 4, 3, 0, None, 2), (8,)),  # kernels/mla_decode.py BULK_PREFETCH_CONFIGS
@@ -85,11 +87,7 @@ def main() -> None:
     ref = mla_decode_ref(q.float(), qp.float(), kv.float(), pe.float(), full, scale)
     cache_bytes = bsz * ctx * (c + r) * 2
 
-    n = 1 << 29
-    src = torch.empty(n, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
-    copy_tbps = 2 * n / (copy_ms * 1e-3) / 1e12
+    copy_tbps = device_copy_tbps()
     floor_us = cache_bytes / (copy_tbps * 1e12) * 1e6
     waiting = waiting_kernel_names()
     print(f"copy {copy_tbps:.2f} TB/s; floor {floor_us:.1f} us (cache {cache_bytes / 1e6:.0f} MB); GDC={GDC}; "

@@ -19,6 +19,8 @@ import os
 
 import torch
 import triton
+
+from _timing import copy_tbps as device_copy_tbps  # sibling module of this script
 import triton.language as tl
 
 
@@ -104,15 +106,19 @@ def main() -> None:
     cache = torch.randn(bsz, ctx, c + r, device="cuda", dtype=torch.bfloat16)
     kv, pe = cache[..., :c], cache[..., c:]
     nbytes = cache.numel() * 2
-    n = 1 << 29
-    src = torch.empty(n, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
-    copy_tbps = 2 * n / (copy_ms * 1e-3) / 1e12
+    copy_tbps = device_copy_tbps()
     print(f"copy {copy_tbps:.2f} TB/s (read + write); cache {nbytes / 1e6:.0f} MB; 70% of copy = "
           f"{0.7 * copy_tbps:.2f} TB/s = {nbytes / (0.7 * copy_tbps * 1e12) * 1e6:.1f} us", flush=True)
     rows = []
     ref = cache.float().sum(dim=1)  # [B, C + R]
+
+    def column_sums_error(splits):
+        """The check of a stream's output: its programs' column sums [B * splits, C + R], summed over the splits,
+        against the cache's (mean relative)."""
+        def check(o):
+            got = o.view(bsz, splits, c + r).sum(dim=1)
+            return ((got - ref).abs().mean() / ref.abs().mean()).item()
+        return check
 
     def point(name, fn, check=None):
         try:
@@ -155,11 +161,7 @@ def main() -> None:
                                         BLOCK_N=bn, DOT=dot, num_warps=warps, num_stages=stages)
             return out
 
-        def check(o, splits=splits):
-            got = o.view(bsz, splits, c + r).sum(dim=1)
-            return ((got - ref).abs().mean() / ref.abs().mean()).item()
-
-        point(f"stream{' dot' * dot} {bsz}x{splits} programs BN{bn} w{warps} s{stages}", run, check)
+        point(f"stream{' dot' * dot} {bsz}x{splits} programs BN{bn} w{warps} s{stages}", run, column_sums_error(splits))
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device="cuda", dtype=torch.int8))
     for splits, bn, warps, stages in ((8, 32, 4, 3), (8, 32, 4, 4), (8, 64, 4, 3), (8, 64, 4, 4),
                                       (16, 64, 4, 3), (4, 32, 4, 5)):
@@ -170,11 +172,7 @@ def main() -> None:
                                             num_stages=stages)
             return out
 
-        def check_tma(o, splits=splits):
-            got = o.view(bsz, splits, c + r).sum(dim=1)
-            return ((got - ref).abs().mean() / ref.abs().mean()).item()
-
-        point(f"stream tma {bsz}x{splits} programs BN{bn} w{warps} s{stages}", run_tma, check_tma)
+        point(f"stream tma {bsz}x{splits} programs BN{bn} w{warps} s{stages}", run_tma, column_sums_error(splits))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "mla_read_probe.json"), "w") as f:

@@ -353,7 +353,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype: t
     if not act_quant and x.dtype not in DENSE_DTYPES:
         raise TypeError(f"fp8_linear: the weight-only path needs bf16/fp16 x, got {x.dtype}")
     k = x.shape[-1]
-    x2 = x.reshape(-1, k) if k else x.reshape(math.prod(x.shape[:-1]), 0)  # [M, K] (-1 is ambiguous at K = 0)
+    x2 = x.reshape(math.prod(x.shape[:-1]), k)  # [M, K] (not -1: ambiguous at K = 0)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if act_quant:

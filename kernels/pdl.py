@@ -63,8 +63,8 @@ def _interpreter_probe():
 # check), and with ours alone 1.877 / 1.843 / 1.841 against 1.901 / 1.904 / 1.891 in three builds, logits
 # bit-identical in every form: 2.88x its floor over those three builds against main's 2.996x over four builds
 # without the wait (1.904-1.995 ms). Session 27 made Inductor's checked kernels join by default (1.724 ms,
-# 2.68x: engines/torch.py INDUCTOR_PDL_ENV's comment). Without a CUDA graph, builds with our kernels' wait alone ran 2.35-2.38 ms per
-# batch-1 step against 2.40 (session 10's slowdown did not recur).
+# 2.68x: engines/torch.py INDUCTOR_PDL_ENV's comment). Without a CUDA graph, builds with our kernels' wait alone
+# ran 2.35-2.38 ms per batch-1 step against 2.40 (session 10's slowdown did not recur).
 GDC_ENV = "DSV3_TRITON_GDC"
 GDC_CHOICES = {"auto": "the wait where the GPUs here are sm_90+", "1": "the wait", "0": "no wait"}
 

@@ -153,14 +153,14 @@ def rows_unfit(n, k) -> str | None:
     return None
 
 
-def check_router(logits: torch.Tensor, k: int, n_extra: int) -> None:
-    """Raise naming the problem when (logits, k, n_extra) is outside what the kernel takes."""
+def check_router(logits: torch.Tensor, k: int, n_extra: int, out_dtype: torch.dtype | None = None) -> None:
+    """Raise naming the problem when (logits, k, n_extra, out_dtype) is outside what the kernel takes."""
     check_tensor("router_topk: logits", logits, dtypes=DTYPES, ndim=2)
     if (reason := rows_unfit(logits.shape[1], k)) is not None:
         raise ValueError(f"router_topk: {reason}")
     if logits.stride(1) != 1:
         raise ValueError(f"router_topk: logits need unit stride along the row, got strides {logits.stride()}")
-    check_extra("router_topk", n_extra)
+    check_extra("router_topk", n_extra, out_dtype)
 
 
 def check_extra(op: str, n_extra: int, out_dtype: torch.dtype | None = None) -> None:
@@ -214,8 +214,7 @@ def router_topk(logits: torch.Tensor, k: int, *, scale: float = 1.0, n_extra: in
     experts of softmax(logits) (fp32) with weight p * scale, then experts first_extra + j (j < n_extra)
     with weight 1. DeepSeek's softmax router (Gate with score_func softmax, one group, no bias) plus
     the shared experts of passes/fuse_shared_experts."""
-    check_router(logits, k, n_extra)
-    check_extra("router_topk", n_extra, out_dtype)
+    check_router(logits, k, n_extra, out_dtype)
     weights, indices = router_outputs(logits.shape[0], k, n_extra, out_dtype, logits.device)
     if logits.shape[0]:
         launch(*router_spec(logits, k, scale, n_extra, first_extra, weights, indices), config)

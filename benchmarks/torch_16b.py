@@ -192,7 +192,7 @@ def build_engine_in_memory(model, precision: str, kinds: tuple[str, ...], workdi
         promoted: dict[str, int] = {}
         with autotune_choices() as choices:
             packages[kind] = compile_package(ep, kind, workdir / f"{kind}.pt2", info, promoted=promoted,
-                                             inductor=inductor if kind == "decode" else None)  # as TorchBackend.build
+                                             inductor=inductor)  # decode packages only record (inductor_configs)
         report[f"{kind}_aoti_compile_s"] = round(time.perf_counter() - t, 1)
         report[f"{kind}_autotune_choices"] = choices
         # kernels DSV3_TORCH_PERSISTENT_NORMS=1 made persistent that Inductor would loop (None: switch off, or CPU)

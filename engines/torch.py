@@ -258,19 +258,20 @@ def compile_package(ep: ExportedProgram, kind: str, path: Path, info: dict[str, 
     """AOTInductor-compile one (lowered) program into a .pt2 package without its weights.
     promoted: where a CUDA package compiled with DSV3_TORCH_PERSISTENT_NORMS=1 records promoted[kind], the
     number of kernels made persistent that Inductor would have looped (engines/torch_inductor_choices.py).
-    inductor: where a CUDA package compiled with Inductor's PDL code records its kernels (pdl_waiting_kernels)."""
+    inductor: where a package compiled with Inductor's PDL code (inductor_configs: CUDA decode packages, where
+    INDUCTOR_PDL_ENV is on) records its kernels (pdl_waiting_kernels)."""
     from dsv3_export.engines.torch_int_arrays import unique_int_array_writers
 
     choices_handler = _choices_handler(persistent_norms_switch(info))
+    configs = inductor_configs(kind, info)
     recorder = contextlib.nullcontext()
-    if inductor is not None and info["device_kind"] != "cpu" and inductor_pdl_on():
+    if inductor is not None and configs.get("triton.enable_pdl"):
         from dsv3_export.engines.torch_inductor_pdl import recording
 
         recorder = recording(inductor)
     # unique_int_array_writers: engines/torch_int_arrays.py
     with unique_int_array_writers(), choices_handler as choices, recorder:
-        out = torch._inductor.aoti_compile_and_package(ep, package_path=str(path),
-                                                       inductor_configs=inductor_configs(kind, info))
+        out = torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs)
     if choices is not None:
         log.info("torch: %s package: %d kernels made persistent by %s=1", kind, len(choices.promoted),
                  PERSISTENT_NORMS_ENV)
@@ -383,9 +384,7 @@ class TorchBackend:
             lowered[kind], lowerings = ep, {**lowerings, **how}
             say(f"torch: AOTInductor compiling {kind} for {target.device} "
                 f"({info.get('march') or info.get('compute_capability') or 'native'})")
-            # the graph edit acts on the decode program's graph only: its kernels alone make the list
-            compile_package(ep, kind, out_dir / PACKAGE_FILES[kind], info, promoted,
-                            inductor if kind == "decode" else None)
+            compile_package(ep, kind, out_dir / PACKAGE_FILES[kind], info, promoted, inductor)
             _collect_weights(weights, ep)
         note = persistent_norms_note(persistent_norms_switch(info), promoted)
         if note:

@@ -147,14 +147,15 @@ def test_the_kernels_inductor_writes_with_pdl_code_are_recorded_and_checked(monk
     assert kernels.waiting() == sorted([norm, add]) and total not in kernels.waiting()
 
 
-@pytest.mark.parametrize("switch, device_kind, record, recorded", [
-    ("1", "sm_90", True, True),  # a CUDA package with Inductor's PDL code: its kernels recorded
-    ("0", "sm_90", True, False),  # no PDL code: nothing to list
-    ("1", "cpu", True, False),  # a CPU package: C++ kernels
-    ("1", "sm_90", False, False),  # no record asked for (build's prefill package)
+@pytest.mark.parametrize("switch, device_kind, record, recorded, kind", [
+    ("1", "sm_90", True, True, "decode"),  # a CUDA package with Inductor's PDL code: its kernels recorded
+    ("0", "sm_90", True, False, "decode"),  # no PDL code: nothing to list
+    ("1", "cpu", True, False, "decode"),  # a CPU package: C++ kernels
+    ("1", "sm_90", False, False, "decode"),  # no record asked for
+    ("1", "sm_90", True, False, "prefill"),  # no PDL code in a prefill package (no CUDA graph edit there)
 ])
 def test_compile_package_records_inductors_kernels_only_with_pdl_code_on_cuda(monkeypatch, tmp_path, switch,
-                                                                             device_kind, record, recorded):
+                                                                             device_kind, record, recorded, kind):
     import torch
     from torch._inductor.codegen.triton import TritonScheduling
 
@@ -174,7 +175,8 @@ def test_compile_package_records_inductors_kernels_only_with_pdl_code_on_cuda(mo
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", aoti_compile_and_package)
     kernels = te.InductorKernels()
-    te.compile_package(None, "decode", tmp_path / "decode.pt2", {"device_kind": device_kind},
+    te.compile_package(None, kind, tmp_path / f"{kind}.pt2", {"device_kind": device_kind},
                        inductor=kernels if record else None)
     assert kernels.waiting() == (["triton_poi_fused_0"] if recorded else [])
-    assert configs[0].get("triton.enable_pdl") is (True if switch == "1" and device_kind != "cpu" else None)
+    assert configs[0].get("triton.enable_pdl") is (True if switch == "1" and device_kind != "cpu" and kind == "decode"
+                                                    else None)

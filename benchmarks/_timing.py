@@ -1,5 +1,6 @@
 """Timing shared by the benchmark scripts: CUDA events over back-to-back calls (cuda_ms, the eager host cost of each
-call included) and the device copy bandwidth the floors divide by (copy_tbps)."""
+call included), medians of single calls with the L2 evicted before each (median_ms) and the device copy bandwidth the
+floors divide by (copy_tbps)."""
 
 from __future__ import annotations
 
@@ -22,12 +23,59 @@ def cuda_ms(fn: Callable[[], Any], warmup: int, reps: int) -> float:
     return start.elapsed_time(end) / reps
 
 
-def copy_tbps(nbytes: int = 1 << 29) -> float:
-    """TB/s of a device-to-device copy of nbytes (read + write counted), triton.testing.do_bench's median: the copy
-    row of benchmarks/kernels.py (kbench.common.bench_copy), whose bandwidth issue #4's MLA target is a share of."""
-    import triton
+# How the L2 is emptied between timed samples (median_ms). "zero" is triton.testing.do_bench's own: a 256 MiB buffer
+# zeroed, which leaves the L2 full of dirty lines, so the timed call pays their write-back to HBM (up to the L2's
+# 50 MB at ~4 TB/s, ~12 us) as its first reads evict them. "read" reads a 256 MiB buffer instead: the lines left
+# are clean, as in a decode step whose earlier kernels write kilobytes. Both leave none of the timed call's data.
+L2_FLUSHES = ("zero", "read")
+_FLUSH_BYTES = 256 << 20
 
+
+def l2_flush(kind: str) -> Callable[[], Any]:
+    """The eviction median_ms runs before each sample (see L2_FLUSHES)."""
+    if kind not in L2_FLUSHES:
+        raise ValueError(f"unknown L2 flush {kind!r}; choose from {L2_FLUSHES}")
+    buf = torch.zeros(_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+    if kind == "zero":
+        return buf.zero_
+    return lambda: torch.sum(buf, dtype=torch.int64)  # a read-only kernel; its 8-byte result is dropped
+
+
+def median_ms(fn: Callable[[], Any], flush: str = "zero", warmup_ms: float = 25.0, rep_ms: float = 100.0,
+              samples: int | None = None) -> float:
+    """Median ms of one call of fn, each sample timed by CUDA events right after an L2 flush of the given kind; as
+    many samples as fit rep_ms (estimated from 5 calls, the flush included) unless `samples` is given. With
+    flush="zero" this is triton.testing.do_bench's measurement."""
+    evict = l2_flush(flush)
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        evict()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate))):
+        fn()
+    samples = samples or max(1, int(rep_ms / estimate))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(samples)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(samples)]
+    for start, end in zip(starts, ends):
+        evict()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return times[len(times) // 2]
+
+
+def copy_tbps(nbytes: int = 1 << 29, flush: str = "zero") -> float:
+    """TB/s of a device-to-device copy of nbytes (read + write counted), the median of median_ms: the copy row of
+    benchmarks/kernels.py (kbench.common.bench_copy), whose bandwidth issue #4's MLA target is a share of."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
+    ms = median_ms(lambda: dst.copy_(src), flush)
     return 2 * nbytes / (ms * 1e-3) / 1e12

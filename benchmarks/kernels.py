@@ -2,8 +2,10 @@
 
 One invocation = one GPU call (H200, torch 2.11, triton 3.6). For every kernel it first checks
 correctness on the GPU at the real shapes (against the pure-torch references), then times it with
-triton.testing.do_bench (median) and reports: time, achieved TB/s or TFLOP/s, the roofline floor
-(max(bytes / HBM_BW, flops / peak)) and the ratio to the best alternative timed in the same run:
+do_bench's method (benchmarks/_timing.py median_ms: the median of single calls, each after the L2 is emptied; by
+a 256 MiB read, or with --l2-flush zero by do_bench's own zeroing, which leaves dirty lines whose write-back the timed
+call pays, ~9 us on the H200: benchmarks/l2_flush_probe.py) and reports: time, achieved TB/s or TFLOP/s, the
+roofline floor (max(bytes / HBM_BW, flops / peak)) and the ratio to the best alternative timed in the same run:
   fp8 GEMM      torch._scaled_mm with 1x128 x 128x128 block scales (per-tensor scales if the
                 blockwise form is refused, and the row says so). For a K that is not a multiple
                 of 512 (10944) its operands are zero-padded to the next multiple (outside the
@@ -37,7 +39,7 @@ Device copy bandwidth is measured in the same run. Every section is guarded: an 
 the script continues. The default run (fewer shapes, short timing) fits in about 4 minutes of
 GPU time including autotuning on a cold Triton cache; `--full` runs every shape with longer timing.
 
-    python benchmarks/kernels.py [--full] [--only copy,quant,fp8,moe,mla,router] [--budget-s 180]
+    python benchmarks/kernels.py [--full] [--only copy,quant,fp8,moe,mla,router] [--budget-s 180] [--l2-flush read]
 Writes kernels.json and kernels.md to $OUT (after every section) when it is set. The first call of
 each kernel autotunes it (compiles and times every config per shape key); --only splits a --full
 run into smaller calls. The summary table is printed last (a remote runner may keep only the tail).
@@ -79,6 +81,8 @@ from kbench.mla_sweep import bench_mla_sweep  # noqa: E402
 from kbench.moe import bench_moe, bench_moe_configs  # noqa: E402
 from kbench.norms import bench_norms  # noqa: E402
 from kbench.quant import bench_act_quant  # noqa: E402
+import kbench.common as kbench_common  # noqa: E402
+from _timing import L2_FLUSHES  # noqa: E402
 from kbench.router import bench_router  # noqa: E402
 
 
@@ -111,7 +115,8 @@ def _fmt(v, spec: str) -> str:
 
 def to_markdown(report: Report) -> str:
     lines = [f"# Kernel benchmark on {report.device}", "",
-             f"versions: {report.versions}; device copy {_fmt(report.copy_tbps, '.2f')} TB/s; floors use "
+             f"versions: {report.versions}; L2 flush between samples: {report.l2_flush}; "
+             f"device copy {_fmt(report.copy_tbps, '.2f')} TB/s; floors use "
              f"{HBM_BW / 1e12:.1f} TB/s, {FP8_PEAK / 1e12:.0f} TFLOP/s fp8, {BF16_PEAK / 1e12:.0f} TFLOP/s bf16", "",
              "| section | case | impl | ms | TFLOP/s | TB/s | floor ms | floor/time | speedup vs best torch | err (tol) | note |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
@@ -141,7 +146,7 @@ def print_table(report: Report) -> None:
 def write_reports(report: Report, out: Path) -> None:
     """kernels.json + kernels.md, each written to a temporary name and renamed."""
     out.mkdir(parents=True, exist_ok=True)
-    payload = dict(device=report.device, versions=report.versions, copy_tbps=report.copy_tbps,
+    payload = dict(device=report.device, versions=report.versions, l2_flush=report.l2_flush, copy_tbps=report.copy_tbps,
                    ceilings=dict(hbm_bw=HBM_BW, fp8_peak=FP8_PEAK, bf16_peak=BF16_PEAK),
                    rows=[asdict(r) for r in report.rows], failures=report.failures)
     for name, text in (("kernels.json", json.dumps(payload, indent=1)), ("kernels.md", to_markdown(report))):
@@ -173,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {list(SECTIONS)}")
     parser.add_argument("--budget-s", type=float, default=180.0,
                         help="start no new section after this many seconds (default: a ~4-minute run)")
+    parser.add_argument("--l2-flush", choices=L2_FLUSHES, default="read",
+                        help="how the L2 is emptied before each timed sample: read (clean lines, the default) or zero "
+                             "(triton.testing.do_bench's, dirty lines; every run before session 28)")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny shapes on the CPU through TRITON_INTERPRET=1: checks the script, times nothing useful")
     args = parser.parse_args(argv)
@@ -201,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         device = f"{props.name} ({props.multi_processor_count} SMs)"
     else:
         device = "CPU smoke test (TRITON_INTERPRET=1, tiny shapes)"
-    report = Report(device=device,
+    kbench_common.L2_FLUSH = args.l2_flush
+    report = Report(device=device, l2_flush=args.l2_flush,
                     versions=dict(torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda))
-    print(f"{report.device}; {report.versions}", flush=True)
+    print(f"{report.device}; {report.versions}; L2 flush {report.l2_flush}", flush=True)
     t0 = time.time()
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     for key in [k for k in SECTIONS if k in wanted]:
@@ -218,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     if out_dir:
         write_reports(report, out_dir)
         print(f"wrote {out_dir / 'kernels.json'} and {out_dir / 'kernels.md'}")
-    print(f"total {time.time() - t0:.0f} s on {report.device}; {report.versions}", flush=True)
+    print(f"total {time.time() - t0:.0f} s on {report.device}; {report.versions}; L2 flush {report.l2_flush}",
+          flush=True)
     print_table(report)  # last: the device runner returns only the tail of stdout
     wrong = [r for r in report.rows if r.ok is False]
     return 1 if wrong else 0

@@ -83,6 +83,7 @@ class Report:
     device: str = ""
     versions: dict = field(default_factory=dict)
     copy_tbps: float | None = None
+    l2_flush: str = ""  # how the L2 was emptied between timed samples (L2_FLUSH)
     rows: list[Row] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
@@ -91,16 +92,22 @@ class Report:
 # helpers
 
 
+# How bench() empties the L2 before each sample (benchmarks/_timing.py L2_FLUSHES); kernels.py --l2-flush sets it.
+# "read" leaves clean lines; "zero" (do_bench's, every run before session 28) leaves dirty ones whose write-back the
+# timed call pays: ~9 us per call on the H200 (benchmarks/l2_flush_probe.py).
+L2_FLUSH = "read"
+
+
 def bench(fn, sh: Shapes, quick: bool) -> float:
-    """Median milliseconds: triton.testing.do_bench on the GPU, one timed call on the CPU smoke test."""
+    """Median milliseconds: _timing.median_ms on the GPU (do_bench's method with the L2_FLUSH eviction), one timed
+    call on the CPU smoke test."""
     if sh.device == "cpu":  # the smoke test checks the plumbing; one call, no warm-up
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
-    import triton
+    from _timing import median_ms  # benchmarks/_timing.py: benchmarks/ leads sys.path when kernels.py runs
 
-    return float(triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
-                                         return_mode="median"))
+    return median_ms(fn, L2_FLUSH, warmup_ms=10 if quick else 25, rep_ms=30 if quick else 100)
 
 
 def mean_rel(out: torch.Tensor, ref: torch.Tensor) -> float:

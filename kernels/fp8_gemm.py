@@ -62,7 +62,9 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # candidate in fp8_gemm_persistent.py: faster at M=4096 on the H200 (session 8: 64x128 on 2 CTAs per SM
 # 0.77x / 0.63x of blockwise _scaled_mm at w1/w3 / w2 against this kernel's 0.64x / 0.47x), but eager-only
 # (its device-side descriptors are untested inside AOTInductor), so the packages' prefill keeps "default".
-VARIANTS = ("default", "tma_persistent")
+# "gluon": kernels/fp8_gemm_gluon.py, Hopper only, eager-only (host-side descriptors), no CPU interpreter; the
+# fastest at the 16b prefill shapes on the H200 (session 28: 0.90x / 0.83x of blockwise _scaled_mm at w1/w3 / w2).
+VARIANTS = ("default", "tma_persistent", "gluon")
 DENSE_DTYPES = (torch.bfloat16, torch.float16)
 # Largest split of the K loop; more adds reduction traffic without adding useful parallelism.
 MAX_SPLIT_K = 16
@@ -276,6 +278,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
     the fp8 weight is widened in registers, never written back dequantized).
     shape_class "decode" / "prefill" picks the tile set (default: from M <= 64); split_k
     overrides the split heuristic. Both let a traced caller with a symbolic M avoid guards on M.
+    variant "gluon" runs kernels/fp8_gemm_gluon.py (sm_90 GPUs, eager, the same operand rules as TMA's).
     variant "tma_persistent" runs the Hopper prefill candidate (kernels/fp8_gemm_persistent.py:
     TMA loads, persistent CTAs; fp8 a only, no split-K, 16-byte aligned rows) on any M; config
     then names one of its TMA_PERSISTENT_CONFIGS. "default" is the kernel above.
@@ -311,12 +314,19 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
             raise ValueError(f"fp8_gemm: {name} needs unit stride along its last dim, got strides {st}")
     if m == 0 or n == 0 or k == 0:
         return torch.zeros((m, n), dtype=out_dtype, device=dev)
-    if variant == "tma_persistent":
+    if variant in ("tma_persistent", "gluon"):
         if not a_fp8:
-            raise ValueError("fp8_gemm: variant='tma_persistent' needs fp8 a with a_s (W8A8); "
+            raise ValueError(f"fp8_gemm: variant={variant!r} needs fp8 a with a_s (W8A8); "
                              "the weight-only path runs on variant='default'")
         if split_k not in (None, 1):
-            raise ValueError(f"fp8_gemm: variant='tma_persistent' does not split K (split_k={split_k})")
+            raise ValueError(f"fp8_gemm: variant={variant!r} does not split K (split_k={split_k})")
+        if variant == "gluon":
+            if config is not None:
+                raise ValueError("fp8_gemm: variant='gluon' takes no triton.Config (fp8_gemm_gluon's arguments "
+                                 "pick its tile)")
+            from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon  # imports Gluon only when asked for
+
+            return fp8_gemm_gluon(a, a_s, b, b_s, out_dtype)
         return fp8_gemm_tma_persistent(a, a_s, b, b_s, out_dtype, config)
     if shape_class not in (None, "decode", "prefill"):
         raise ValueError(f"fp8_gemm: shape_class={shape_class!r} must be 'decode', 'prefill' or None")

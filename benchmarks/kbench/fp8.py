@@ -214,6 +214,28 @@ def bench_fp8_gemm(report: Report, sh: Shapes, quick: bool) -> None:
             show(case, rows)
 
 
+def _gluon_unsupported(a, w, out_dtype) -> str | None:
+    """Why the Gluon candidate cannot run here (it has no CPU interpreter), or None."""
+    if a.device.type != "cuda":
+        return "Gluon kernels have no CPU interpreter"
+    from dsv3_export.kernels.fp8_gemm_gluon import gluon_unsupported
+
+    return gluon_unsupported(a, w, out_dtype)
+
+
+# (BLOCK_M, K blocks per loop iteration, stages, GROUP_M) of kernels/fp8_gemm_gluon.py, persistent: 128 rows on two
+# warpgroups (the default; one CTA per SM, 2/3 of the L2 -> SM bytes per flop of 64x128 tiles) or 64 on one (two
+# CTAs per SM). Session 28 also timed 5 and 6 stages and 4 blocks per iteration (no better; slower at w2) and one
+# tile per CTA (0.75x at w1/w3).
+GLUON_CANDIDATES = ((128, 2, 4, 8), (128, 2, 4, 4), (128, 2, 4, 16), (64, 2, 4, 8))
+
+
+def _gluon_gemm(a, a_s, w, w_s, out_dtype, block_m, unroll, stages, group_m):
+    from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon
+
+    return fp8_gemm_gluon(a, a_s, w, w_s, out_dtype, unroll=unroll, block_m=block_m, stages=stages, group_m=group_m)
+
+
 def bench_fp8_prefill(report: Report, sh: Shapes, quick: bool) -> None:
     """fp8 GEMM at the 16b prefill shapes (w1/w3, w2 at M=4096): every PREFILL_CANDIDATES config of
     the TMA + persistent kernel pinned (one compile each, no autotuning) and the default kernel's
@@ -274,6 +296,15 @@ def bench_fp8_prefill(report: Report, sh: Shapes, quick: bool) -> None:
                 f"config {G.config_label(cfg)}, {tiles} tiles on {grid} persistent CTAs")))
         if reason:
             print(f"  {case}: tma candidates skipped: {reason}", flush=True)
+        gluon_reason = _gluon_unsupported(a, w, out_dtype)
+        for block_m, unroll, stages, group_m in GLUON_CANDIDATES if not gluon_reason else ():
+            name = f"gluon {block_m}x128 s{stages} u{unroll} g{group_m}"
+            cfg = (block_m, unroll, stages, group_m)
+            rows.append(guarded(report, f"{case} {name}", lambda name=name, cfg=cfg: ours(
+                name, lambda: _gluon_gemm(a, a_s, w, w_s, out_dtype, *cfg),
+                f"kernels/fp8_gemm_gluon.py, {cfg[1]} K blocks per loop iteration")))
+        if gluon_reason:
+            print(f"  {case}: gluon candidates skipped: {gluon_reason}", flush=True)
         rows = [r for r in rows if r is not None]
         finish_group(rows)
         show(case, rows)

@@ -1,0 +1,81 @@
+"""fp8_gemm(variant="gluon") (kernels/fp8_gemm_gluon.py): Gluon has no CPU interpreter, so CI checks that it builds
+for sm_90 with the wgmma pipeline its design needs and that it refuses what it cannot run; its numbers are checked on
+a Hopper GPU (here when one is present, and by benchmarks/kernels.py section fp8_prefill on the H200)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: kernel tests need it")
+
+from dsv3_export.kernels import fp8_gemm as G  # noqa: E402
+from dsv3_export.reference import fp8 as R  # noqa: E402
+from tests.kernels._helpers import TOL, assert_finite, mean_rel  # noqa: E402
+from tests.kernels.test_compile_sm90 import REPO, _ptxas_available  # noqa: E402
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def _operands(m: int, n: int, k: int, device: str = "cpu"):
+    a, a_s = R.act_quant(torch.randn(m, k, device=device) * 2)
+    b, b_s = R.weight_quant(torch.randn(n, k, device=device) / k**0.5)
+    return a, a_s, b, b_s
+
+
+def test_builds_for_sm90_with_the_wgmma_pipeline_it_asks_for():
+    reason = _ptxas_available()
+    if reason:
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run([sys.executable, "-m", "tests.kernels._sm90_gluon_compile"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith('{"kernel"')]
+    assert rows, f"no compile results; stderr:\n{res.stderr[-3000:]}"
+    for r in rows:
+        case = f"block_m={r['block_m']} unroll={r['unroll']} stages={r['stages']} c={r['c']}"
+        assert r["ok"], f"{case}: {r['error']}"
+        assert r["fits"], f"{case}: {r['shared']} B of shared memory"
+        assert r["wgmma"] == ["wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3"], (case, r["wgmma"])
+        assert r["spill_bytes"] == 0, f"{case}: {r['spill_bytes']} B spilled ({r['registers']} registers)"
+        # ptxas serializing the pipeline (C7514) puts a DEPBAR after every wgmma: 4 per block instead of 1 wait
+        assert r["sass_depbars"] == r["ptx_waits"] == r["unroll"], (case, r["sass_depbars"], r["ptx_waits"])
+        assert r["sass_gmmas"] == 4 * r["unroll"], case  # K = 128 per block in four k32 wgmmas
+
+
+def test_refuses_what_it_cannot_run():
+    a, a_s, b, b_s = _operands(3, 200, 256)
+    if not HOPPER:
+        with pytest.raises(ValueError, match=r"variant='gluon'.*needs a Hopper \(sm_90\) GPU"):
+            G.fp8_gemm(a, a_s, b, b_s, variant="gluon")
+    with pytest.raises(ValueError, match="variant='gluon' needs fp8 a with a_s"):
+        G.fp8_gemm(torch.randn(3, 256, dtype=torch.bfloat16), None, b, b_s, variant="gluon")
+    with pytest.raises(ValueError, match="variant='gluon' does not split K"):
+        G.fp8_gemm(a, a_s, b, b_s, split_k=2, variant="gluon")
+    with pytest.raises(ValueError, match="variant='gluon' takes no triton.Config"):
+        G.fp8_gemm(a, a_s, b, b_s, variant="gluon", config=G.PREFILL_CONFIGS[0])
+
+
+@pytest.mark.skipif(not HOPPER, reason="Gluon kernels have no CPU interpreter; needs an sm_90 GPU (checked on the "
+                                       "H200 by benchmarks/kernels.py section fp8_prefill)")
+@pytest.mark.parametrize("block_m", [128, 64])
+@pytest.mark.parametrize("m, n, k", [(200, 264, 400), (1, 128, 2048), (300, 136, 1296)])
+def test_matches_reference_on_hopper(seed, block_m, m, n, k):
+    """Ragged M, N and K (odd K-block counts take the padded block), one and several tiles per program."""
+    from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon
+
+    a, a_s, b, b_s = _operands(m, n, k, "cuda")
+    ref = G.fp8_gemm_ref(a, a_s, b, b_s, torch.float32)
+    for programs in (None, 2):
+        out = fp8_gemm_gluon(a, a_s, b, b_s, torch.float32, block_m=block_m, programs=programs)
+        assert_finite("fp8_gemm gluon", out)
+        assert mean_rel(out, ref) < TOL["fp8_gemm_fp32_out"], (block_m, programs)
+    out = G.fp8_gemm(a, a_s, b, b_s, variant="gluon")  # bf16 through fp8_gemm
+    assert mean_rel(out.float(), ref) < 1e-2

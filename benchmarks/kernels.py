@@ -12,13 +12,15 @@ roofline floor (max(bytes / HBM_BW, flops / peak)) and the ratio to the best alt
                 timing): cuBLAS wants the 128x128 scales' rows round_up(K/128, 4) apart, which
                 torch 2.11 did not enforce (mean rel err 2.27 before). M=1 is padded to 16 rows
                 (cuBLAS refused it). Zero rows and columns add nothing to the product.
-                At the prefill M the Hopper candidate fp8_gemm(variant="tma_persistent") is
-                checked and timed too, each config pinned, then autotuned (rows "triton fp8 tma").
+                At the prefill M the Hopper candidates fp8_gemm(variant="gluon") (GPU-only: Gluon
+                has no interpreter) and variant="tma_persistent" are checked and timed too, the
+                latter's configs each pinned, then autotuned (rows "triton fp8 tma").
                 At decode M, fp8_linear's fused path (the GEMM quantizes x itself, one launch) is
                 checked and timed beside act_quant + gemm, eagerly and from a CUDA graph.
-  fp8 prefill   (--only fp8_prefill; planned < 60 s: 8 compiles, 16 timed rows) the same baseline at M=4096 vs every
-                PREFILL_CANDIDATES config of kernels/fp8_gemm_persistent.py pinned (one compile
-                each, no autotuning), each checked on its timed bf16 output (mean rel. < 1e-3).
+  fp8 prefill   (--only fp8_prefill; < 60 s) the same baseline at M=4096 vs every PREFILL_CANDIDATES config of
+                kernels/fp8_gemm_persistent.py pinned (one compile each, no autotuning) and the
+                GLUON_CANDIDATES of kernels/fp8_gemm_gluon.py, each checked on its timed bf16 output
+                (mean rel. < 1e-3).
   grouped GEMM  torch._grouped_mm (bf16), MoE end to end with it
   MLA decode    the eager absorbed einsum math and F.scaled_dot_product_attention; mla_decode is
                 also timed as a CUDA-graph replay (its kernels without Python launch cost), and at

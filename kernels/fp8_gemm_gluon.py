@@ -1,4 +1,4 @@
-"""FP8 blockwise GEMM for Hopper prefill in Gluon: each K block's promotion overlaps the next block's wgmma.
+"""FP8 blockwise GEMM for Hopper prefill in Gluon: each K block's promotion overlaps a wgmma.
 
 A variant of fp8_gemm (fp8_gemm(..., variant="gluon")) with the same layouts and math:
   a fp8 e4m3fn [M, K], a_s fp32 [M, ceil(K/128)]; b fp8 e4m3fn [N, K], b_s fp32 [ceil(N/128), ceil(K/128)]
@@ -8,33 +8,43 @@ A variant of fp8_gemm (fp8_gemm(..., variant="gluon")) with the same layouts and
 Why Gluon (Triton's lower-level dialect, same compiler): in the Triton kernels (kernels/fp8_gemm_persistent.py) a
 dot whose fp32 partial is read in the same step is never left in flight, so the tensor core idles through every
 step's wait and promotion, and only another CTA on the SM fills the gap (0.77x / 0.62x of blockwise
-torch._scaled_mm at the 16b prefill shapes on the H200). Triton's warp specialization, the usual way out, gave wrong
-results there (triton 3.6). Gluon states the asynchrony itself. Here K block kb + 1's wgmma is issued before block
-kb's is waited for (warpgroup_mma_wait(1)), so block kb's promotion FFMAs run while the tensor core works; the two
-partials alternate between two register sets, the K loop unrolled by UNROLL blocks.
-What ptxas needs for that (sm_90 SASS, checked by tests/kernels/test_fp8_gemm_gluon.py):
+torch._scaled_mm at the 16b prefill shapes on the H200). Triton's automatic warp specialization, the usual way out,
+gave wrong results there (triton 3.6). Gluon states the asynchrony and the partitions itself.
+
+Two forms, both persistent (grid = SMs x CTAs per SM; program p takes tiles p, p + P, ... in GROUP_M order), both
+with 128-wide K blocks in a ring of STAGES TMA buffers ordered by mbarriers:
+- warp-specialized (the default; _fp8_gemm_gluon_ws_kernel): 128 x 128 tiles, one CTA per SM holding a 1-warp TMA
+  producer and two 4-warp consumer partitions, rows 0-63 and 64-127 of each tile. The producer refills a stage once
+  both consumers have arrived on its `empty` barrier; the consumers never wait for each other, so one's promotion
+  runs while the other's wgmma holds the tensor core (setmaxnreg: 232 registers per consumer thread, 40 for the
+  producer). H200, session 28: 0.99x / 0.92x of blockwise _scaled_mm at w1/w3 / w2 (M=4096).
+- single partition (_fp8_gemm_gluon_kernel, warp_specialized=False): all warps compute, the loads are issued from
+  the same code (Gluon puts a CTA-wide barrier around each TMA issue, so two warpgroups run in lockstep). 0.90x /
+  0.82x with 128 x 128 tiles on two warpgroups; 64 x 128 on one warpgroup, two CTAs per SM: 0.84x / 0.67x.
+Inside a consumer, block kb + 1's wgmma is issued before block kb's is waited for (warpgroup_mma_wait(1)), so block
+kb's promotion FFMAs run while the tensor core works; the two partials alternate between two register sets, the K
+loop unrolled by UNROLL blocks. What ptxas needs for that (sm_90 SASS, checked by tests/kernels/test_fp8_gemm_gluon.py):
 - No wgmma in flight across the loop's back edge: otherwise every wgmma is serialized (ptxas C7514, "non wgmma
   instructions reading accumulator registers"), so each iteration ends with a wait(0) and one promotion not
-  overlapped (UNROLL = 4 overlaps more of them, but needs 253-255 registers and was slower at K = 10944).
+  overlapped (UNROLL = 4 overlaps more of them but needs 253-255 registers: slower at K = 10944, and in the
+  warp-specialized form at 248 registers per consumer 0.40x).
 - The next wgmma's (ignored, use_acc=False) input is `acc * 0.0`: that orders it after the FFMAs that read the old
   partial, so the new partial takes the old one's registers with no copies of registers still being written.
-Persistent: grid = SMs x CTAs per SM, program p takes tiles p, p + P, ...; its K blocks form one sequence of steps
-(stage step % STAGES, mbarrier phase (step // STAGES) & 1) and the TMA loads run STAGES blocks ahead, into the next
-tile while this one ends; the TMA store of a tile is waited for only before the next tile's epilogue writes c_smem.
-The next tile's offsets are computed once per tile: with them computed per load (integer divisions by runtime
-values, twice per block) the kernel was 20% slower at w1/w3 (session 28, H200).
-Tiles: 128 x 128 on two warpgroups (each holds a 64-row accumulator and two partials: 235 registers), one CTA per SM
-(4 stages x 32 KB + a 32 KB bf16 epilogue tile); 64 x 128 on one warpgroup, two CTAs per SM, was slower
-(0.84x / 0.67x against 0.90x / 0.83x). An odd count of K blocks is padded to whole iterations (and to >= STAGES)
-with re-reads of the last block whose scale is zero. M, N and K edges are zero-filled by TMA; c is clipped at M and
-N by the TMA store. TMA needs 16-byte aligned bases and rows (K % 16 == 0, N * itemsize % 16 == 0).
+The next tile's offsets are computed once per tile: computed per load (integer divisions by runtime values, twice
+per block) the single-partition kernel was 20% slower at w1/w3. The promotion is what is left to pay:
+benchmarks/fp8_gluon_probe.py runs the same data path with one chained accumulator and no scales at 1.10x / 1.04x.
+An odd count of K blocks is padded to whole iterations with a re-read of the last block whose scale is zero. M, N and
+K edges are zero-filled by TMA; c is clipped at M and N by the TMA store. TMA needs 16-byte aligned bases and rows
+(K % 16 == 0, N * itemsize % 16 == 0).
 
-No CPU interpreter runs Gluon: CI compiles this kernel for sm_90 (tests/kernels/test_fp8_gemm_gluon.py), and its
-numerical check runs on the GPU (that test on a Hopper machine; benchmarks/kernels.py section fp8_prefill against
-fp8_gemm_ref). It is eager-only (host-side tensor descriptors): the exported packages keep variant "default".
+No CPU interpreter runs Gluon: CI compiles both forms for sm_90 (tests/kernels/test_fp8_gemm_gluon.py), and the
+numerical checks run on the GPU (that test on a Hopper machine; benchmarks/kernels.py sections fp8_prefill and fp8
+against fp8_gemm_ref). It is eager-only (host-side tensor descriptors): the exported packages keep variant "default".
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from triton.experimental import gluon
@@ -199,6 +209,155 @@ def _fp8_gemm_gluon_kernel(a_desc, b_desc, c_desc, a_s_ptr, b_s_ptr, M, N, K, st
         mbarrier.invalidate(ready.index(stage))
 
 
+# -- the warp-specialized form: a 1-warp TMA producer and two consumer warpgroups that never wait for each other
+# Its partitions' arguments reach them as runtime values (warp_specialize flattens them), so its tile constants are
+# module constexprs, not kernel parameters.
+# DSV3_GLUON_WS_TILE="stages,unroll,group_m" overrides them at import (benchmarks/fp8_gluon_probe.py's sweep).
+_WS_TILE = [int(v) for v in os.environ.get("DSV3_GLUON_WS_TILE", "4,2,8").split(",")]
+WS_STAGES = gl.constexpr(_WS_TILE[0])
+WS_UNROLL = gl.constexpr(_WS_TILE[1])
+WS_GROUP_M = gl.constexpr(_WS_TILE[2])
+
+
+@gluon.jit
+def _ws_producer(a_desc, b_desc, a_lo, a_hi, b_bufs, ready, empty, M, N, K):
+    """Loads every step's tiles (both 64-row halves of a, and b) once the two consumers have released its stage."""
+    HALF_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    num_pid_m = gl.cdiv(M, 2 * HALF_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    my_tiles = gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), gl.num_programs(0))
+    k_blocks = gl.cdiv(K, BLOCK_K)
+    padded_blocks = gl.cdiv(k_blocks, WS_UNROLL) * WS_UNROLL
+    nbytes: gl.constexpr = 2 * a_desc.block_type.nbytes + b_desc.block_type.nbytes
+    for local_tile in range(my_tiles):
+        off_m, off_n = _tile_offsets(gl.program_id(0) + local_tile * gl.num_programs(0), num_pid_m, num_pid_n,
+                                     2 * HALF_M, BLOCK_N, WS_GROUP_M)
+        first_step = local_tile * padded_blocks
+        for kb in range(padded_blocks):
+            step = first_step + kb
+            slot = step % WS_STAGES
+            # the first pass over the ring waits on the phase before the barrier's first: it returns at once
+            mbarrier.wait(empty.index(slot), ((step // WS_STAGES) & 1) ^ 1)
+            k_off = gl.minimum(kb, k_blocks - 1) * BLOCK_K
+            bar = ready.index(slot)
+            mbarrier.expect(bar, nbytes)
+            _tma_load(a_desc, [off_m, k_off], bar, a_lo.index(slot))
+            _tma_load(a_desc, [off_m + HALF_M, k_off], bar, a_hi.index(slot))
+            _tma_load(b_desc, [off_n, k_off], bar, b_bufs.index(slot))
+
+
+@gluon.jit
+def _ws_consumer(a_bufs, b_bufs, ready, empty, c_desc, c_smem, a_s_ptr, b_s_ptr, M, N, K, stride_asm, stride_bsn,
+                 HALF: gl.constexpr):
+    """One warpgroup: rows [HALF * 64, HALF * 64 + 64) of every tile, the promotion overlapping its next wgmma."""
+    HALF_M: gl.constexpr = c_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
+    BLOCK_K: gl.constexpr = 128
+    num_warps: gl.constexpr = gl.num_warps()
+    INSTR_K: gl.constexpr = 256 // a_bufs.dtype.primitive_bitwidth
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, BLOCK_N, INSTR_K])
+    num_pid_m = gl.cdiv(M, 2 * HALF_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    my_tiles = gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), gl.num_programs(0))
+    k_blocks = gl.cdiv(K, BLOCK_K)
+    padded_blocks = gl.cdiv(k_blocks, WS_UNROLL) * WS_UNROLL
+    part_b = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma_layout)
+    for local_tile in range(my_tiles):
+        off_m, off_n = _tile_offsets(gl.program_id(0) + local_tile * gl.num_programs(0), num_pid_m, num_pid_n,
+                                     2 * HALF_M, BLOCK_N, WS_GROUP_M)
+        rows = off_m + HALF * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, mma_layout))
+        mask_m = rows < M
+        a_s_rows = a_s_ptr + rows * stride_asm
+        b_s_row = b_s_ptr + (off_n // BLOCK_N) * stride_bsn
+        first_step = local_tile * padded_blocks
+        acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma_layout)
+        # the scales of each group's first pair are loaded one group ahead (an L2 round trip per load otherwise
+        # waits right before its promotion); past the last block they are zero and unused
+        next_a = _block_scale(a_s_rows, mask_m, b_s_row, 0, k_blocks)
+        next_b = _block_scale(a_s_rows, mask_m, b_s_row, 1, k_blocks)
+        for group in range(padded_blocks // WS_UNROLL):
+            kb0 = group * WS_UNROLL
+            part_a = _mma_block(a_bufs, b_bufs, ready, first_step + kb0, acc * 0.0, WS_STAGES)
+            part_b = _mma_block(a_bufs, b_bufs, ready, first_step + kb0 + 1, part_b, WS_STAGES)
+            for pair in gl.static_range(WS_UNROLL // 2):
+                kb = kb0 + 2 * pair
+                if pair == 0:
+                    scale_a = next_a
+                    scale_b = next_b
+                    next_a = _block_scale(a_s_rows, mask_m, b_s_row, kb0 + WS_UNROLL, k_blocks)
+                    next_b = _block_scale(a_s_rows, mask_m, b_s_row, kb0 + WS_UNROLL + 1, k_blocks)
+                else:
+                    scale_a = _block_scale(a_s_rows, mask_m, b_s_row, kb, k_blocks)
+                    scale_b = _block_scale(a_s_rows, mask_m, b_s_row, kb + 1, k_blocks)
+                part_a = warpgroup_mma_wait(num_outstanding=1, deps=(part_a,))
+                mbarrier.arrive(empty.index((first_step + kb) % WS_STAGES), count=1)
+                acc += part_a * scale_a[:, None]
+                if pair < WS_UNROLL // 2 - 1:
+                    part_a = _mma_block(a_bufs, b_bufs, ready, first_step + kb + 2, acc * 0.0, WS_STAGES)
+                    part_b = warpgroup_mma_wait(num_outstanding=1, deps=(part_b,))
+                else:
+                    part_b = warpgroup_mma_wait(num_outstanding=0, deps=(part_b,))
+                mbarrier.arrive(empty.index((first_step + kb + 1) % WS_STAGES), count=1)
+                acc += part_b * scale_b[:, None]
+                if pair < WS_UNROLL // 2 - 1:
+                    part_b = _mma_block(a_bufs, b_bufs, ready, first_step + kb + 3, acc * 0.0, WS_STAGES)
+        tma.store_wait(pendings=0)
+        c_smem.store(acc.to(c_desc.dtype))
+        fence_async_shared()
+        _tma_store(c_desc, [off_m + HALF * HALF_M, off_n], c_smem)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _ws_consumer_lo(a_lo, a_hi, b_bufs, ready, empty, c_desc, c_lo, c_hi, a_s_ptr, b_s_ptr, M, N, K, stride_asm,
+                    stride_bsn):
+    _ws_consumer(a_lo, b_bufs, ready, empty, c_desc, c_lo, a_s_ptr, b_s_ptr, M, N, K, stride_asm, stride_bsn, 0)
+
+
+@gluon.jit
+def _ws_consumer_hi(a_lo, a_hi, b_bufs, ready, empty, c_desc, c_lo, c_hi, a_s_ptr, b_s_ptr, M, N, K, stride_asm,
+                    stride_bsn):
+    _ws_consumer(a_hi, b_bufs, ready, empty, c_desc, c_hi, a_s_ptr, b_s_ptr, M, N, K, stride_asm, stride_bsn, 1)
+
+
+@gluon.jit
+def _ws_producer_entry(a_lo, a_hi, b_bufs, ready, empty, c_desc, c_lo, c_hi, a_s_ptr, b_s_ptr, M, N, K, stride_asm,
+                       stride_bsn, a_desc, b_desc):
+    _ws_producer(a_desc, b_desc, a_lo, a_hi, b_bufs, ready, empty, M, N, K)
+
+
+@gluon.jit
+def _fp8_gemm_gluon_ws_kernel(a_desc, b_desc, c_desc, a_s_ptr, b_s_ptr, M, N, K, stride_asm, stride_bsn,
+                              CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """128 x 128 tiles: the default partition (4 warps) and a 4-warp worker take rows 0-63 and 64-127, a 1-warp
+    worker issues the TMA loads. a_desc / c_desc have 64-row blocks."""
+    HALF_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    gl.static_assert(BLOCK_N == BLOCK_K, "a tile must lie in one 128-row block of b_s")
+    gl.static_assert(WS_UNROLL % 2 == 0, "the partials alternate in pairs")
+    a_lo = gl.allocate_shared_memory(a_desc.dtype, [WS_STAGES, HALF_M, BLOCK_K], a_desc.layout)
+    a_hi = gl.allocate_shared_memory(a_desc.dtype, [WS_STAGES, HALF_M, BLOCK_K], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [WS_STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    c_lo = gl.allocate_shared_memory(c_desc.dtype, [HALF_M, BLOCK_N], c_desc.layout)
+    c_hi = gl.allocate_shared_memory(c_desc.dtype, [HALF_M, BLOCK_N], c_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [WS_STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [WS_STAGES, 1], mbarrier.MBarrierLayout())
+    for stage in gl.static_range(WS_STAGES):
+        mbarrier.init(ready.index(stage), count=1)
+        mbarrier.init(empty.index(stage), count=2)  # one arrival per consumer warpgroup
+    args = (a_lo, a_hi, b_bufs, ready, empty, c_desc, c_lo, c_hi, a_s_ptr, b_s_ptr, M, N, K, stride_asm, stride_bsn)
+    gl.warp_specialize([(_ws_consumer_lo, args), (_ws_consumer_hi, args),
+                        (_ws_producer_entry, args + (a_desc, b_desc))],
+                       [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    for stage in gl.static_range(WS_STAGES):
+        mbarrier.invalidate(ready.index(stage))
+        mbarrier.invalidate(empty.index(stage))
+
+
 def gluon_unsupported(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> str | None:
     """Why this kernel cannot take these operands, or None."""
     if a.device.type != "cuda" or torch.cuda.get_device_capability(a.device)[0] != 9:
@@ -226,10 +385,12 @@ def _descriptor(t: torch.Tensor, block: list[int], dtype) -> object:
 def fp8_gemm_gluon(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
                    out_dtype: torch.dtype = torch.bfloat16, unroll: int = UNROLL, block_m: int = BLOCK_M,
                    stages: int = STAGES, ctas_per_sm: int | None = None, programs: int | None = None,
-                   group_m: int = GROUP_M) -> torch.Tensor:
-    """Launch on operands fp8_gemm has already checked (shapes, dtypes). block_m 128 (two warpgroups, one CTA per
-    SM by default) or 64 (one warpgroup, two). programs caps the persistent grid (tests: several tiles per program
-    on small shapes)."""
+                   group_m: int = GROUP_M, warp_specialized: bool = True, ws_consumer_regs: int = 232) -> torch.Tensor:
+    """Launch on operands fp8_gemm has already checked (shapes, dtypes). warp_specialized (the default): the
+    producer / two-consumer form, 128 x 128 tiles with the module's WS_* constants, ws_consumer_regs registers per
+    consumer thread. Else the single-partition form: block_m 128 (two warpgroups, one CTA per SM by default) or 64
+    (one warpgroup, two), unroll, stages, group_m. programs caps the persistent grid (tests: several tiles per
+    program on small shapes)."""
     if block_m not in (64, 128) or unroll % 2 or stages < 3:
         raise ValueError(f"fp8_gemm_gluon: block_m must be 64 or 128, unroll even, stages >= 3; got {block_m}, "
                          f"{unroll}, {stages}")
@@ -245,6 +406,15 @@ def fp8_gemm_gluon(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: tor
     a_desc = _descriptor(a, [block_m, QUANT_BLOCK], gl.float8e4nv)
     b_desc = _descriptor(b, [BLOCK_N, QUANT_BLOCK], gl.float8e4nv)
     c_desc = _descriptor(c, [block_m, BLOCK_N], _GL_DTYPES[out_dtype])
+    if warp_specialized:  # 128 x 128 tiles, one CTA per SM; the tile constants are WS_STAGES / WS_UNROLL / WS_GROUP_M
+        a_desc = _descriptor(a, [64, QUANT_BLOCK], gl.float8e4nv)
+        b_desc = _descriptor(b, [BLOCK_N, QUANT_BLOCK], gl.float8e4nv)
+        c_desc = _descriptor(c, [64, BLOCK_N], _GL_DTYPES[out_dtype])
+        tiles = cdiv(m, 128) * cdiv(n, BLOCK_N)
+        grid = (min(tiles, num_sms(a.device), programs or tiles),)
+        _fp8_gemm_gluon_ws_kernel[grid](a_desc, b_desc, c_desc, a_s, b_s, m, n, k, a_s.stride(0), b_s.stride(0),
+                                        CONSUMER_REGS=ws_consumer_regs, PRODUCER_REGS=40, num_warps=4)
+        return c
     tiles = cdiv(m, block_m) * cdiv(n, BLOCK_N)
     grid = (min(tiles, num_sms(a.device) * (ctas_per_sm or (2 if block_m == 64 else 1)), programs or tiles),)
     _fp8_gemm_gluon_kernel[grid](a_desc, b_desc, c_desc, a_s, b_s, m, n, k, a_s.stride(0), b_s.stride(0),

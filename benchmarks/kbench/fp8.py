@@ -107,6 +107,19 @@ def _fp8_variant_rows(report: Report, case: str, operands, ref, sh: Shapes, quic
         print(f"  {case}: tma_persistent skipped: {reason}", flush=True)
         return []
     rows = []
+    gluon_reason = _gluon_unsupported(a, w, torch.bfloat16)
+
+    def gluon_row():
+        run = lambda: G.fp8_gemm(a, a_s, w, w_s, variant="gluon")  # noqa: E731
+        err = mean_rel(run().float(), ref)
+        return add(report, Row("fp8_gemm", case, "gluon fp8_gemm (warp-specialized)", bench(run, sh, quick),
+                               error=err, tol=5e-3, ok=err < 5e-3, note="fp8_gemm(variant='gluon')"),
+                   bytes_=bytes_, flops=flops, peak=FP8_PEAK)
+
+    if gluon_reason:
+        print(f"  {case}: gluon skipped: {gluon_reason}", flush=True)
+    else:
+        rows.append(guarded(report, f"{case} gluon", gluon_row))
     for cfg in [*P.TMA_PERSISTENT_CONFIGS, None]:
         def timed(cfg=cfg):
             run = lambda: G.fp8_gemm(a, a_s, w, w_s, variant="tma_persistent", config=cfg)  # noqa: E731
@@ -223,17 +236,29 @@ def _gluon_unsupported(a, w, out_dtype) -> str | None:
     return gluon_unsupported(a, w, out_dtype)
 
 
-# (BLOCK_M, K blocks per loop iteration, stages, GROUP_M) of kernels/fp8_gemm_gluon.py, persistent: 128 rows on two
-# warpgroups (the default; one CTA per SM, 2/3 of the L2 -> SM bytes per flop of 64x128 tiles) or 64 on one (two
-# CTAs per SM). Session 28 also timed 5 and 6 stages and 4 blocks per iteration (no better; slower at w2) and one
-# tile per CTA (0.75x at w1/w3).
-GLUON_CANDIDATES = ((128, 2, 4, 8), (128, 2, 4, 4), (128, 2, 4, 16), (64, 2, 4, 8))
+# kernels/fp8_gemm_gluon.py: None is its default, warp-specialized form (a TMA producer warp, two consumer
+# warpgroups); tuples (BLOCK_M, K blocks per loop iteration, stages, GROUP_M) its single-partition form, persistent:
+# 128 rows on two warpgroups (one CTA per SM, 2/3 of the L2 -> SM bytes per flop of 64x128 tiles) or 64 on one (two
+# CTAs per SM). Session 28 also timed 5 and 6 stages, 4 blocks per iteration and GROUP_M 4 / 16 (none better) and
+# one tile per CTA (0.75x at w1/w3); benchmarks/fp8_gluon_probe.py sweeps the warp-specialized form.
+GLUON_CANDIDATES = (None, (128, 2, 4, 8), (64, 2, 4, 8))
 
 
-def _gluon_gemm(a, a_s, w, w_s, out_dtype, block_m, unroll, stages, group_m):
+def _gluon_gemm(a, a_s, w, w_s, out_dtype, cfg):
     from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon
 
-    return fp8_gemm_gluon(a, a_s, w, w_s, out_dtype, unroll=unroll, block_m=block_m, stages=stages, group_m=group_m)
+    if cfg is None:
+        return fp8_gemm_gluon(a, a_s, w, w_s, out_dtype)
+    block_m, unroll, stages, group_m = cfg
+    return fp8_gemm_gluon(a, a_s, w, w_s, out_dtype, unroll=unroll, block_m=block_m, stages=stages, group_m=group_m,
+                          warp_specialized=False)
+
+
+def _gluon_label(cfg) -> str:
+    if cfg is None:
+        return "gluon ws 128x128 (default)"
+    block_m, unroll, stages, group_m = cfg
+    return f"gluon {block_m}x128 s{stages} u{unroll} g{group_m}"
 
 
 def bench_fp8_prefill(report: Report, sh: Shapes, quick: bool) -> None:
@@ -297,12 +322,11 @@ def bench_fp8_prefill(report: Report, sh: Shapes, quick: bool) -> None:
         if reason:
             print(f"  {case}: tma candidates skipped: {reason}", flush=True)
         gluon_reason = _gluon_unsupported(a, w, out_dtype)
-        for block_m, unroll, stages, group_m in GLUON_CANDIDATES if not gluon_reason else ():
-            name = f"gluon {block_m}x128 s{stages} u{unroll} g{group_m}"
-            cfg = (block_m, unroll, stages, group_m)
+        for cfg in GLUON_CANDIDATES if not gluon_reason else ():
+            name = _gluon_label(cfg)
             rows.append(guarded(report, f"{case} {name}", lambda name=name, cfg=cfg: ours(
-                name, lambda: _gluon_gemm(a, a_s, w, w_s, out_dtype, *cfg),
-                f"kernels/fp8_gemm_gluon.py, {cfg[1]} K blocks per loop iteration")))
+                name, lambda: _gluon_gemm(a, a_s, w, w_s, out_dtype, cfg),
+                "kernels/fp8_gemm_gluon.py" + (", single partition" if cfg else ", warp-specialized"))))
         if gluon_reason:
             print(f"  {case}: gluon candidates skipped: {gluon_reason}", flush=True)
         rows = [r for r in rows if r is not None]

@@ -150,16 +150,16 @@ def bench_mla(report: Report, sh: Shapes, quick: bool) -> None:
             return out
 
         rows.extend(guarded(report, f"mla {case} traced form", traced_form) or [])
-        # SDPA last: at B=32 its calls take 10 ms each, and the graph row timed right after them read 3-4 us slower
-        # than the same kernels in the sweep (session 28, both L2 flushes).
+        if sh.device == "cuda" and bsz * ctx >= 32 * 4096:  # the bandwidth-bound shape: does the split heuristic pay?
+            guarded(report, f"mla {case} split sweep", lambda: _split_sweep(report, q, qp, kv, pe, seqlens, scale,
+                                                                              bytes_, sh, quick, ref, case, flops))
+        # SDPA last: at B=32 its calls take 10 ms each, and whatever was timed right after them read 3-6 us slower
+        # than the same kernels timed before (session 28: the graph row, then the split sweep; both L2 flushes).
         rows.append(guarded(report, f"mla {case} sdpa", sdpa))
         rows = [r for r in rows if r is not None]
         finish_group(rows)
         show(case, rows)
         print(f"  {case}: {choice}", flush=True)
-        if sh.device == "cuda" and bsz * ctx >= 32 * 4096:  # the bandwidth-bound shape: does the split heuristic pay?
-            guarded(report, f"mla {case} split sweep", lambda: _split_sweep(report, q, qp, kv, pe, seqlens, scale,
-                                                                              bytes_, sh, quick, ref, case, flops))
         for r in rows:
             if r.impl.startswith("triton") and r.tbps and report.copy_tbps:
                 print(f"    {r.impl}: {r.tbps:.2f} TB/s = {100 * r.tbps / report.copy_tbps:.0f}% of copy "

@@ -39,15 +39,19 @@ def test_builds_for_sm90_with_the_wgmma_pipeline_it_asks_for():
                          capture_output=True, text=True, timeout=600)
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith('{"kernel"')]
     assert rows, f"no compile results; stderr:\n{res.stderr[-3000:]}"
+    assert {r["kernel"] for r in rows} == {"fp8_gemm_gluon", "fp8_gemm_gluon_ws"}, rows
     for r in rows:
-        case = f"block_m={r['block_m']} unroll={r['unroll']} stages={r['stages']} c={r['c']}"
+        case = f"{r['kernel']} block_m={r['block_m']} unroll={r['unroll']} stages={r['stages']} c={r['c']}"
+        copies = r.get("consumers", 1)  # the warp-specialized kernel holds the loop once per consumer warpgroup
         assert r["ok"], f"{case}: {r['error']}"
         assert r["fits"], f"{case}: {r['shared']} B of shared memory"
         assert r["wgmma"] == ["wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3"], (case, r["wgmma"])
         assert r["spill_bytes"] == 0, f"{case}: {r['spill_bytes']} B spilled ({r['registers']} registers)"
         # ptxas serializing the pipeline (C7514) puts a DEPBAR after every wgmma: 4 per block instead of 1 wait
-        assert r["sass_depbars"] == r["ptx_waits"] == r["unroll"], (case, r["sass_depbars"], r["ptx_waits"])
-        assert r["sass_gmmas"] == 4 * r["unroll"], case  # K = 128 per block in four k32 wgmmas
+        assert r["sass_depbars"] == r["ptx_waits"] == copies * r["unroll"], (case, r["sass_depbars"], r["ptx_waits"])
+        assert r["sass_gmmas"] == 4 * copies * r["unroll"], case  # K = 128 per block in four k32 wgmmas
+        if copies > 1:  # the producer warp gives its registers to the consumers
+            assert min(r["setmaxnreg"]) <= 40 and max(r["setmaxnreg"]) >= 232, (case, r["setmaxnreg"])
 
 
 def test_refuses_what_it_cannot_run():
@@ -65,17 +69,19 @@ def test_refuses_what_it_cannot_run():
 
 @pytest.mark.skipif(not HOPPER, reason="Gluon kernels have no CPU interpreter; needs an sm_90 GPU (checked on the "
                                        "H200 by benchmarks/kernels.py section fp8_prefill)")
-@pytest.mark.parametrize("block_m", [128, 64])
+@pytest.mark.parametrize("form", ["warp-specialized", "single 128", "single 64"])
 @pytest.mark.parametrize("m, n, k", [(200, 264, 400), (1, 128, 2048), (300, 136, 1296)])
-def test_matches_reference_on_hopper(seed, block_m, m, n, k):
+def test_matches_reference_on_hopper(seed, form, m, n, k):
     """Ragged M, N and K (odd K-block counts take the padded block), one and several tiles per program."""
     from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon
 
     a, a_s, b, b_s = _operands(m, n, k, "cuda")
     ref = G.fp8_gemm_ref(a, a_s, b, b_s, torch.float32)
+    kw = dict(warp_specialized=True) if form == "warp-specialized" else \
+        dict(warp_specialized=False, block_m=int(form.split()[1]))
     for programs in (None, 2):
-        out = fp8_gemm_gluon(a, a_s, b, b_s, torch.float32, block_m=block_m, programs=programs)
+        out = fp8_gemm_gluon(a, a_s, b, b_s, torch.float32, programs=programs, **kw)
         assert_finite("fp8_gemm gluon", out)
-        assert mean_rel(out, ref) < TOL["fp8_gemm_fp32_out"], (block_m, programs)
+        assert mean_rel(out, ref) < TOL["fp8_gemm_fp32_out"], (form, programs)
     out = G.fp8_gemm(a, a_s, b, b_s, variant="gluon")  # bf16 through fp8_gemm
     assert mean_rel(out.float(), ref) < 1e-2

@@ -1,0 +1,158 @@
+"""What limits the Gluon fp8 prefill GEMM (kernels/fp8_gemm_gluon.py): its promotion, or its tile and data path?
+
+At the 16b prefill shapes (M=4096; w1/w3 N=10944 K=2048, w2 N=2048 K=10944) on one GPU, in one run:
+  torch._scaled_mm blockwise    the baseline of issue #4 (1x128 x 128x128 scales; cuBLAS)
+  torch._scaled_mm tensorwise   cuBLAS with one scale per tensor: no per-block promotion at all
+  gluon                         fp8_gemm_gluon as fp8_gemm(variant="gluon") runs it
+  gluon warp-specialized        a 1-warp TMA producer and two consumer warpgroups (64 rows each) that do not wait
+                                for each other (fp8_gemm_gluon(warp_specialized=True))
+  gluon chained                 the same persistent kernel, tiles, stages and TMA loads, but one fp32 accumulator
+                                chained through the wgmmas with no promotion (the scales ignored): this data path's
+                                ceiling. Checked against the unscaled product of the same fp8 operands.
+If "chained" is about as slow as "gluon", the tile and its loads are the limit, not the promotion.
+Timings: benchmarks/_timing.py median_ms (L2 emptied by a 256 MiB read before each sample).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+from _timing import median_ms  # sibling module of this script
+from dsv3_export.kernels.fp8_gemm_gluon import (_descriptor, _load_ahead, _load_block, _tile_offsets, _tma_store)
+
+
+@gluon.jit
+def _chained_kernel(a_desc, b_desc, c_desc, M, N, K, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                    num_warps: gl.constexpr):
+    """fp8_gemm_gluon's persistent loop with acc = a @ b^T + acc chained in the tensor core (no scales)."""
+    BLOCK_M: gl.constexpr = c_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    my_tiles = gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), gl.num_programs(0))
+    k_blocks = gl.cdiv(K, BLOCK_K)
+    padded_blocks = gl.maximum(gl.cdiv(k_blocks, 2), gl.cdiv(STAGES, 2)) * 2  # the product's padding (UNROLL 2)
+    total_steps = my_tiles * padded_blocks
+    INSTR_K: gl.constexpr = 256 // a_desc.dtype.primitive_bitwidth
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, BLOCK_N, INSTR_K])
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    c_smem = gl.allocate_shared_memory(c_desc.dtype, [BLOCK_M, BLOCK_N], c_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for stage in gl.static_range(STAGES):
+        mbarrier.init(ready.index(stage), count=1)
+    off_m, off_n = _tile_offsets(gl.program_id(0), num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
+    for stage in gl.static_range(STAGES):
+        _load_block(a_desc, b_desc, a_bufs, b_bufs, ready, stage, total_steps, stage, off_m, off_n, k_blocks, STAGES)
+    for local_tile in range(my_tiles):
+        next_tile = gl.minimum(gl.program_id(0) + (local_tile + 1) * gl.num_programs(0), num_pid_m * num_pid_n - 1)
+        next_m, next_n = _tile_offsets(next_tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
+        first_step = local_tile * padded_blocks
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
+        for kb in range(padded_blocks):
+            step = first_step + kb
+            slot = step % STAGES
+            mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+            acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))  # block kb - 1 done: refill its stage
+            _load_ahead(a_desc, b_desc, a_bufs, b_bufs, ready, first_step, gl.where(kb > 0, total_steps, 0), kb - 1,
+                        padded_blocks, k_blocks, off_m, off_n, next_m, next_n, STAGES)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        _load_ahead(a_desc, b_desc, a_bufs, b_bufs, ready, first_step, total_steps, padded_blocks - 1,
+                    padded_blocks, k_blocks, off_m, off_n, next_m, next_n, STAGES)
+        tma.store_wait(pendings=0)
+        c_smem.store(acc.to(c_desc.dtype))
+        fence_async_shared()
+        _tma_store(c_desc, [off_m, off_n], c_smem)
+        off_m = next_m
+        off_n = next_n
+    tma.store_wait(pendings=0)
+    for stage in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(stage))
+
+
+def chained(a, b):
+    m, k = a.shape
+    n = b.shape[0]
+    c = torch.empty((m, n), dtype=torch.bfloat16, device=a.device)
+    a_desc = _descriptor(a, [128, 128], gl.float8e4nv)
+    b_desc = _descriptor(b, [128, 128], gl.float8e4nv)
+    c_desc = _descriptor(c, [128, 128], gl.bfloat16)
+    tiles = triton.cdiv(m, 128) * triton.cdiv(n, 128)
+    grid = (min(tiles, torch.cuda.get_device_properties(a.device).multi_processor_count),)
+    _chained_kernel[grid](a_desc, b_desc, c_desc, m, n, k, GROUP_M=8, STAGES=4, num_warps=8)
+    return c
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT"))
+    parser.add_argument("--ws-only", action="store_true",
+                        help="only blockwise _scaled_mm and the warp-specialized form (sweeps: DSV3_GLUON_WS_TILE)")
+    parser.add_argument("--ws-regs", type=int, default=232, help="registers per consumer thread (setmaxnreg)")
+    args = parser.parse_args()
+    from dsv3_export.kernels import fp8_gemm as G
+    from dsv3_export.reference import fp8 as R
+    from kbench.fp8 import _blockwise_operands, _scaled_mm_blockwise, _scaled_mm_tensorwise
+
+    from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon
+
+    rows = []
+    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    for m, n, k, programs in ((200, 264, 400, None), (300, 136, 1296, 2), (4096, 2048, 10944, None)):
+        # the warp-specialized form on ragged shapes first (a wrong barrier protocol hangs or is wrong here)
+        a, a_s = R.act_quant(torch.randn(m, k, device="cuda") * 2)
+        w, w_s = R.weight_quant(torch.randn(n, k, device="cuda") / k**0.5)
+        ref = G.fp8_gemm_ref(a, a_s, w, w_s, torch.float32)
+        out = fp8_gemm_gluon(a, a_s, w, w_s, torch.float32, warp_specialized=True, programs=programs,
+                             ws_consumer_regs=args.ws_regs)
+        torch.cuda.synchronize()
+        err = ((out - ref).abs().mean() / ref.abs().mean()).item()
+        print(f"ws check M={m} N={n} K={k} programs={programs}: mean rel err {err:.2e}", flush=True)
+    for label, n, k in (("w1/w3", 10944, 2048), ("w2", 2048, 10944)):
+        m = 4096
+        w, w_s = R.weight_quant(torch.randn(n, k, device="cuda") / k**0.5)
+        a, a_s = R.act_quant(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+        ref = G.fp8_gemm_ref(a, a_s, w, w_s, torch.float32)
+        unscaled = a.float() @ w.float().t()
+        a_p, s_a, w_p, s_b = _blockwise_operands(a, a_s, w, w_s)
+        cases = (("torch._scaled_mm blockwise", lambda: _scaled_mm_blockwise(a_p, s_a, w_p, s_b)[:m], ref),
+                 ("torch._scaled_mm tensorwise", lambda: _scaled_mm_tensorwise(a, w), unscaled),
+                 ("gluon", lambda: G.fp8_gemm(a, a_s, w, w_s, variant="gluon"), ref),
+                 ("gluon warp-specialized", lambda: fp8_gemm_gluon(a, a_s, w, w_s, warp_specialized=True,
+                                                                    ws_consumer_regs=args.ws_regs), ref),
+                 ("gluon chained (no promotion)", lambda: chained(a, w), unscaled))
+        base = None
+        if args.ws_only:
+            cases = tuple(c for c in cases if c[0] in ("torch._scaled_mm blockwise", "gluon warp-specialized"))
+        for name, fn, want in cases:
+            err = ((fn().float() - want).abs().mean() / want.abs().mean()).item()
+            ms = median_ms(fn, "read")
+            base = base or ms
+            tflops = 2 * m * n * k / (ms * 1e-3) / 1e12
+            rows.append(dict(case=label, impl=name, ms=ms, tflops=tflops, vs_blockwise=base / ms, err=err,
+                             ws_tile=os.environ.get("DSV3_GLUON_WS_TILE", "4,2,8"), ws_regs=args.ws_regs))
+            print(f"{label:<6} {name:<30} {ms:.4f} ms {tflops:7.1f} TFLOP/s  {base / ms:.2f}x of blockwise "
+                  f"_scaled_mm  err {err:.1e}", flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        tile = os.environ.get("DSV3_GLUON_WS_TILE", "4,2,8").replace(",", "-")
+        tag = f"_ws{tile}_r{args.ws_regs}" if args.ws_only else ""
+        with open(os.path.join(args.out, f"fp8_gluon_probe{tag}.json"), "w") as f:
+            json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

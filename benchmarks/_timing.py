@@ -4,6 +4,7 @@ floors divide by (copy_tbps)."""
 
 from __future__ import annotations
 
+import statistics
 from typing import Any, Callable
 
 import torch
@@ -38,7 +39,8 @@ def l2_flush(kind: str) -> Callable[[], Any]:
     buf = torch.zeros(_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
     if kind == "zero":
         return buf.zero_
-    return lambda: torch.sum(buf, dtype=torch.int64)  # a read-only kernel; its 8-byte result is dropped
+    floats = buf.view(torch.float32)  # zeros: a float sum reads them in place (an int64 sum would first copy them)
+    return lambda: floats.sum()  # a read-only kernel; its 4-byte result is dropped
 
 
 def median_ms(fn: Callable[[], Any], flush: str = "zero", warmup_ms: float = 25.0, rep_ms: float = 100.0,
@@ -68,8 +70,7 @@ def median_ms(fn: Callable[[], Any], flush: str = "zero", warmup_ms: float = 25.
         fn()
         end.record()
     torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    return times[len(times) // 2]
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
 def copy_tbps(nbytes: int = 1 << 29, flush: str = "zero") -> float:

@@ -6,11 +6,12 @@ the 151 MB cache reach only 78.5% of the copy bandwidth, which a fixed ~10 us pe
 the same calls three ways in one run (benchmarks/_timing.py):
   zero    do_bench's flush (the L2 left dirty), as every earlier MLA figure;
   read    a 256 MiB read instead (the L2 left clean, as in a decode step whose earlier kernels write kilobytes);
-  rotate  no flush, N_ROTATE distinct caches read one after the other in one CUDA graph (N_ROTATE x 151 MB does not
-          fit the L2), per call: the steady state of a model whose layers each read their own cache.
-Rows: the copy the target divides by (512 MiB each way, eager as in kernels.py, and the cache's size), a flat read of the cache (no math),
-and mla_decode at batch 32, context 4096 (the default config, split + reduce, from a CUDA graph), checked against
-mla_decode_ref.
+  rotate  N_ROTATE distinct caches read one after the other in one CUDA graph (N_ROTATE x 151 MB does not fit the
+          L2), per call; a read flush before each group, none between its calls: the steady state of a model whose
+          layers each read their own cache.
+Rows: the copy the target divides by (512 MiB each way, eager as in kernels.py, and the cache's size), a flat read
+of the cache (no math), and mla_decode at batch 32, context 4096 (the default config, split + reduce, from a CUDA
+graph), checked against mla_decode_ref.
 """
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ def _fp8_gemm_gluon_kernel(a_desc, b_desc, c_desc, a_s_ptr, b_s_ptr, M, N, K, st
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     gl.static_assert(BLOCK_N == BLOCK_K, "a tile must lie in one 128-row block of b_s")
     gl.static_assert(STAGES >= 3, "blocks kb and kb + 1 are read while kb + 2 loads")
-    gl.static_assert(UNROLL % 2 == 0, "the partials alternate in pairs")
+    gl.static_assert(UNROLL >= 2 and UNROLL % 2 == 0, "the partials alternate in pairs")
 
     # Persistent: program p takes tiles p, p + P, p + 2P, ... (P programs); its K blocks form one sequence of
     # `steps` (stage step % STAGES, mbarrier phase (step // STAGES) & 1).
@@ -257,7 +257,7 @@ def _ws_consumer(a_bufs, b_bufs, ready, empty, c_desc, c_smem, a_s_ptr, b_s_ptr,
     """One warpgroup: rows [HALF * 64, HALF * 64 + 64) of every tile, the promotion overlapping its next wgmma."""
     HALF_M: gl.constexpr = c_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
-    BLOCK_K: gl.constexpr = 128
+    BLOCK_K: gl.constexpr = a_bufs.shape[2]  # the producer's a_desc block: both sides count the same K blocks
     num_warps: gl.constexpr = gl.num_warps()
     INSTR_K: gl.constexpr = 256 // a_bufs.dtype.primitive_bitwidth
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -342,7 +342,8 @@ def _fp8_gemm_gluon_ws_kernel(a_desc, b_desc, c_desc, a_s_ptr, b_s_ptr, M, N, K,
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     gl.static_assert(BLOCK_N == BLOCK_K, "a tile must lie in one 128-row block of b_s")
-    gl.static_assert(WS_UNROLL % 2 == 0, "the partials alternate in pairs")
+    gl.static_assert(WS_UNROLL >= 2 and WS_UNROLL % 2 == 0, "the partials alternate in pairs")
+    gl.static_assert(WS_STAGES >= 2, "a consumer holds two stages at once")
     a_lo = gl.allocate_shared_memory(a_desc.dtype, [WS_STAGES, HALF_M, BLOCK_K], a_desc.layout)
     a_hi = gl.allocate_shared_memory(a_desc.dtype, [WS_STAGES, HALF_M, BLOCK_K], a_desc.layout)
     b_bufs = gl.allocate_shared_memory(b_desc.dtype, [WS_STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
@@ -387,17 +388,21 @@ def _descriptor(t: torch.Tensor, block: list[int], dtype) -> object:
 
 
 def fp8_gemm_gluon(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
-                   out_dtype: torch.dtype = torch.bfloat16, unroll: int = UNROLL, block_m: int = BLOCK_M,
-                   stages: int = STAGES, ctas_per_sm: int | None = None, programs: int | None = None,
-                   group_m: int = GROUP_M, warp_specialized: bool = True, ws_consumer_regs: int = 232) -> torch.Tensor:
+                   out_dtype: torch.dtype = torch.bfloat16, *, warp_specialized: bool = True,
+                   ws_consumer_regs: int = 232, block_m: int = BLOCK_M, unroll: int = UNROLL, stages: int = STAGES,
+                   group_m: int = GROUP_M, ctas_per_sm: int | None = None,
+                   programs: int | None = None) -> torch.Tensor:
     """Launch on operands fp8_gemm has already checked (shapes, dtypes). warp_specialized (the default): the
     producer / two-consumer form, 128 x 128 tiles with the module's WS_* constants, ws_consumer_regs registers per
-    consumer thread. Else the single-partition form: block_m 128 (two warpgroups, one CTA per SM by default) or 64
-    (one warpgroup, two), unroll, stages, group_m. programs caps the persistent grid (tests: several tiles per
-    program on small shapes)."""
-    if block_m not in (64, 128) or unroll % 2 or stages < 3:
-        raise ValueError(f"fp8_gemm_gluon: block_m must be 64 or 128, unroll even, stages >= 3; got {block_m}, "
-                         f"{unroll}, {stages}")
+    consumer thread. Else the single-partition form, which alone takes block_m 128 (two warpgroups, one CTA per SM
+    by default) or 64 (one warpgroup, two), unroll, stages, group_m and ctas_per_sm. programs caps the persistent
+    grid (tests: several tiles per program on small shapes)."""
+    if block_m not in (64, 128) or unroll < 2 or unroll % 2 or stages < 3:
+        raise ValueError(f"fp8_gemm_gluon: block_m must be 64 or 128, unroll even and >= 2, stages >= 3; got "
+                         f"block_m={block_m}, unroll={unroll}, stages={stages}")
+    if warp_specialized and (block_m, unroll, stages, group_m, ctas_per_sm) != (BLOCK_M, UNROLL, STAGES, GROUP_M, None):
+        raise ValueError("fp8_gemm_gluon: block_m / unroll / stages / group_m / ctas_per_sm are the single-partition "
+                         "form's (warp_specialized=False); the warp-specialized form's are WS_* (DSV3_GLUON_WS_TILE)")
     if tracing():
         raise NotImplementedError("fp8_gemm(variant='gluon') is eager-only (host-side TMA descriptors); "
                                   "trace variant='default'")
@@ -407,23 +412,19 @@ def fp8_gemm_gluon(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: tor
     m, k = a.shape
     n = b.shape[0]
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    a_desc = _descriptor(a, [block_m, QUANT_BLOCK], gl.float8e4nv)
     b_desc = _descriptor(b, [BLOCK_N, QUANT_BLOCK], gl.float8e4nv)
-    c_desc = _descriptor(c, [block_m, BLOCK_N], _GL_DTYPES[out_dtype])
-    if warp_specialized:  # 128 x 128 tiles, one CTA per SM; the tile constants are WS_STAGES / WS_UNROLL / WS_GROUP_M
+    if warp_specialized:  # 128 x 128 tiles, one CTA per SM, a and c in 64-row halves (one per consumer)
         a_desc = _descriptor(a, [64, QUANT_BLOCK], gl.float8e4nv)
-        b_desc = _descriptor(b, [BLOCK_N, QUANT_BLOCK], gl.float8e4nv)
         c_desc = _descriptor(c, [64, BLOCK_N], _GL_DTYPES[out_dtype])
         tiles = cdiv(m, 128) * cdiv(n, BLOCK_N)
         grid = (min(tiles, num_sms(a.device), programs or tiles),)
         _fp8_gemm_gluon_ws_kernel[grid](a_desc, b_desc, c_desc, a_s, b_s, m, n, k, a_s.stride(0), b_s.stride(0),
                                         CONSUMER_REGS=ws_consumer_regs, PRODUCER_REGS=40, num_warps=4)
         return c
+    a_desc = _descriptor(a, [block_m, QUANT_BLOCK], gl.float8e4nv)
+    c_desc = _descriptor(c, [block_m, BLOCK_N], _GL_DTYPES[out_dtype])
     tiles = cdiv(m, block_m) * cdiv(n, BLOCK_N)
     grid = (min(tiles, num_sms(a.device) * (ctas_per_sm or (2 if block_m == 64 else 1)), programs or tiles),)
     _fp8_gemm_gluon_kernel[grid](a_desc, b_desc, c_desc, a_s, b_s, m, n, k, a_s.stride(0), b_s.stride(0),
                                  GROUP_M=group_m, STAGES=stages, UNROLL=unroll, num_warps=block_m // 16)
     return c
-
-
-

@@ -56,6 +56,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from dsv3_export.kernels._common import QUANT_BLOCK, cdiv, num_sms, tracing
+from dsv3_export.kernels.pdl import eager_only
+
+_EAGER = "eager-only: host-side TMA descriptors, refused while tracing (fp8_gemm_gluon)"
 
 BLOCK_M = 128
 BLOCK_N = 128  # one 128-row block of b_s per tile: one weight scale per K block
@@ -127,6 +130,7 @@ def _block_scale(a_s_rows, mask_m, b_s_row, block, k_blocks):
             * gl.load(b_s_row + block, mask=real, other=0.0))
 
 
+@eager_only(_EAGER)
 @gluon.jit
 def _fp8_gemm_gluon_kernel(a_desc, b_desc, c_desc, a_s_ptr, b_s_ptr, M, N, K, stride_asm, stride_bsn,
                            GROUP_M: gl.constexpr, STAGES: gl.constexpr, UNROLL: gl.constexpr,
@@ -333,6 +337,7 @@ def _ws_producer_entry(a_lo, a_hi, b_bufs, ready, empty, c_desc, c_lo, c_hi, a_s
     _ws_producer(a_desc, b_desc, a_lo, a_hi, b_bufs, ready, empty, M, N, K)
 
 
+@eager_only(_EAGER)
 @gluon.jit
 def _fp8_gemm_gluon_ws_kernel(a_desc, b_desc, c_desc, a_s_ptr, b_s_ptr, M, N, K, stride_asm, stride_bsn,
                               CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):

@@ -133,6 +133,24 @@ def wait_for_producer():
 CHECKED_KERNELS: set[str] = set()
 
 
+# Kernels that never run inside a captured graph, with the reason (registered by @eager_only): they need no wait,
+# and are never offered a programmatic edge (they are not in CHECKED_KERNELS).
+EAGER_ONLY_KERNELS: dict[str, str] = {}
+
+
+def eager_only(reason: str):
+    """Register a kernel that cannot be traced into an engine's program (its launcher refuses tracing), so it never
+    sits behind a programmatic graph edge: e.g. a Gluon kernel, which takes host-side TMA descriptors and has no
+    wait_for_producer() (a Triton function) to call."""
+    def register(kernel: Any) -> Any:
+        name = getattr(kernel, "fn", kernel).__name__
+        if name in CHECKED_KERNELS:
+            raise TypeError(f"@eager_only: kernel {name} is also registered as waiting for its producer")
+        EAGER_ONLY_KERNELS[name] = reason
+        return kernel
+    return register
+
+
 def waiting_kernel_names() -> frozenset[str]:
     """The kernels compiled here that wait first, every kernel family imported (what an engine build
     records): CHECKED_KERNELS with GDC on, none without (the interpreter; a torch the analysis wrapper

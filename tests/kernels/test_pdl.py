@@ -6,9 +6,11 @@ from __future__ import annotations
 import inspect
 
 import pytest
+import torch
 import triton
 
-from dsv3_export.kernels.pdl import CHECKED_KERNELS, GDC, import_kernel_families, waiting_kernel_names, waits_for_producer
+from dsv3_export.kernels.pdl import (CHECKED_KERNELS, EAGER_ONLY_KERNELS, GDC, import_kernel_families,
+                                     waiting_kernel_names, waits_for_producer)
 
 
 def _kernels():
@@ -22,7 +24,25 @@ def test_every_kernel_waits_for_its_producer():
     # the graph rewrite covers every kernel of the package: a new kernel without the wait fails here
     kernels = set(_kernels())
     assert {"_fp8_gemm_kernel", "_grouped_gemm_kernel", "_mla_decode_split_kernel", "_fp8_gemv_kernel"} <= kernels  # discovery works
-    assert kernels <= CHECKED_KERNELS, sorted(kernels - CHECKED_KERNELS)
+    assert kernels <= CHECKED_KERNELS | set(EAGER_ONLY_KERNELS), sorted(kernels - CHECKED_KERNELS)
+    assert not CHECKED_KERNELS & set(EAGER_ONLY_KERNELS)  # an eager-only kernel is never offered a programmatic edge
+
+
+class _GluonGemm(torch.nn.Module):
+    def forward(self, a, a_s, b, b_s):
+        from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon
+
+        return fp8_gemm_gluon(a, a_s, b, b_s)
+
+
+def test_eager_only_kernels_are_the_gluon_ones_and_refuse_tracing():
+    import_kernel_families()
+    assert set(EAGER_ONLY_KERNELS) == {"_fp8_gemm_gluon_kernel", "_fp8_gemm_gluon_ws_kernel"}
+    assert not set(EAGER_ONLY_KERNELS) & waiting_kernel_names()
+    operands = (torch.zeros(4, 128, dtype=torch.float8_e4m3fn), torch.ones(4, 1),
+                torch.zeros(128, 128, dtype=torch.float8_e4m3fn), torch.ones(1, 1))
+    with pytest.raises(Exception, match="eager-only"):  # so they can never sit behind a programmatic graph edge
+        torch.export.export(_GluonGemm(), operands)
 
 
 def test_interpreted_kernels_are_not_offered_programmatic_edges():

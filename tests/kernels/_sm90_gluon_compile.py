@@ -34,8 +34,28 @@ def _descriptor_type(dtype: str, block: list[int]) -> str:
     return f"tensordesc<{dtype}[{block[0]}, {block[1]}],{layout!r}>"
 
 
+def _compile(kernel, signature: dict, constexprs: dict, num_warps: int, row: dict) -> dict:
+    """row + what the build shows: shared memory, the wgmma forms, wait / DEPBAR / QGMMA counts, setmaxnreg values,
+    registers and spills (or ok=False and the error)."""
+    src = GluonASTSource(fn=kernel, signature=signature,
+                         constexprs={(kernel.arg_names.index(name),): value for name, value in constexprs.items()})
+    try:
+        compiled = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps))
+    except Exception as e:  # noqa: BLE001 - a case that does not build is the result
+        return row | dict(ok=False, error=f"{type(e).__name__}: {str(e)[:1500]}")
+    ptx = compiled.asm["ptx"]
+    sass = _cuobjdump(compiled.asm["cubin"], "-sass")
+    setmaxnreg = re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)
+    return row | dict(ok=True, shared=compiled.metadata.shared, fits=compiled.metadata.shared <= SMEM_LIMIT,
+                      wgmma=sorted(set(re.findall(r"wgmma\.mma_async[\w.]*", ptx))),
+                      ptx_waits=len(re.findall(r"wgmma\.wait_group", ptx)),
+                      sass_depbars=len(re.findall(r"WARPGROUP\.DEPBAR", sass)),
+                      sass_gmmas=len(re.findall(r"\bQGMMA\b", sass)),
+                      setmaxnreg=sorted({int(v) for v in setmaxnreg}), **_resource_usage(compiled.asm["cubin"]))
+
+
 def compile_case(block_m: int, unroll: int, stages: int, c_dtype: str) -> dict:
-    kernel = G._fp8_gemm_gluon_kernel
+    """The single-partition kernel at one tile."""
     num_warps = block_m // 16
     signature = dict(a_desc=_descriptor_type("fp8e4nv", [block_m, 128]),
                      b_desc=_descriptor_type("fp8e4nv", [G.BLOCK_N, 128]),
@@ -43,48 +63,21 @@ def compile_case(block_m: int, unroll: int, stages: int, c_dtype: str) -> dict:
                      M="i32", N="i32", K="i32", stride_asm="i32", stride_bsn="i32", GROUP_M="constexpr",
                      STAGES="constexpr", UNROLL="constexpr", num_warps="constexpr")
     constexprs = dict(GROUP_M=G.GROUP_M, STAGES=stages, UNROLL=unroll, num_warps=num_warps)
-    src = GluonASTSource(fn=kernel, signature=signature,
-                         constexprs={(kernel.arg_names.index(name),): value for name, value in constexprs.items()})
     row = dict(kernel="fp8_gemm_gluon", block_m=block_m, unroll=unroll, stages=stages, c=c_dtype)
-    try:
-        compiled = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps))
-    except Exception as e:  # noqa: BLE001 - a case that does not build is the result
-        return row | dict(ok=False, error=f"{type(e).__name__}: {str(e)[:1500]}")
-    ptx = compiled.asm["ptx"]
-    sass = _cuobjdump(compiled.asm["cubin"], "-sass")
-    return row | dict(ok=True, shared=compiled.metadata.shared, fits=compiled.metadata.shared <= SMEM_LIMIT,
-                      wgmma=sorted(set(re.findall(r"wgmma\.mma_async[\w.]*", ptx))),
-                      ptx_waits=len(re.findall(r"wgmma\.wait_group", ptx)),
-                      sass_depbars=len(re.findall(r"WARPGROUP\.DEPBAR", sass)),
-                      sass_gmmas=len(re.findall(r"\bQGMMA\b", sass)),
-                      **_resource_usage(compiled.asm["cubin"]))
+    return _compile(G._fp8_gemm_gluon_kernel, signature, constexprs, num_warps, row)
 
 
 def compile_warp_specialized(c_dtype: str, consumer_regs: int = 232, producer_regs: int = 40) -> dict:
     """The producer / two-consumer kernel (its tile constants are the module's WS_* constexprs)."""
-    kernel = G._fp8_gemm_gluon_ws_kernel
     signature = dict(a_desc=_descriptor_type("fp8e4nv", [64, 128]),
                      b_desc=_descriptor_type("fp8e4nv", [G.BLOCK_N, 128]),
                      c_desc=_descriptor_type(c_dtype, [64, G.BLOCK_N]), a_s_ptr="*fp32", b_s_ptr="*fp32",
                      M="i32", N="i32", K="i32", stride_asm="i32", stride_bsn="i32", CONSUMER_REGS="constexpr",
                      PRODUCER_REGS="constexpr", num_warps="constexpr")
     constexprs = dict(CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=4)
-    src = GluonASTSource(fn=kernel, signature=signature,
-                         constexprs={(kernel.arg_names.index(name),): value for name, value in constexprs.items()})
-    row = dict(kernel="fp8_gemm_gluon_ws", block_m=128, unroll=int(G.WS_UNROLL), stages=int(G.WS_STAGES), c=c_dtype)
-    try:
-        compiled = triton.compile(src, target=TARGET, options=dict(num_warps=4))
-    except Exception as e:  # noqa: BLE001 - a case that does not build is the result
-        return row | dict(ok=False, error=f"{type(e).__name__}: {str(e)[:1500]}")
-    ptx = compiled.asm["ptx"]
-    sass = _cuobjdump(compiled.asm["cubin"], "-sass")
-    return row | dict(ok=True, shared=compiled.metadata.shared, fits=compiled.metadata.shared <= SMEM_LIMIT,
-                      wgmma=sorted(set(re.findall(r"wgmma\.mma_async[\w.]*", ptx))),
-                      ptx_waits=len(re.findall(r"wgmma\.wait_group", ptx)),
-                      sass_depbars=len(re.findall(r"WARPGROUP\.DEPBAR", sass)),
-                      sass_gmmas=len(re.findall(r"\bQGMMA\b", sass)),
-                      setmaxnreg=sorted(set(int(v) for v in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx))),
-                      consumers=2, **_resource_usage(compiled.asm["cubin"]))
+    row = dict(kernel="fp8_gemm_gluon_ws", block_m=128, unroll=int(G.WS_UNROLL), stages=int(G.WS_STAGES), c=c_dtype,
+               consumers=2)
+    return _compile(G._fp8_gemm_gluon_ws_kernel, signature, constexprs, 4, row)
 
 
 def main() -> None:

@@ -27,7 +27,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from _timing import median_ms  # sibling module of this script
-from dsv3_export.kernels.fp8_gemm_gluon import (_descriptor, _load_ahead, _load_block, _tile_offsets, _tma_store)
+from dsv3_export.kernels.fp8_gemm_gluon import (_descriptor, _load_ahead, _load_block, _ring, _schedule, _tile_offsets,
+                                                _tma_store)
 
 
 @gluon.jit
@@ -37,21 +38,13 @@ def _chained_kernel(a_desc, b_desc, c_desc, M, N, K, GROUP_M: gl.constexpr, STAG
     BLOCK_M: gl.constexpr = c_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    my_tiles = gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), gl.num_programs(0))
-    k_blocks = gl.cdiv(K, BLOCK_K)
-    padded_blocks = gl.maximum(gl.cdiv(k_blocks, 2), gl.cdiv(STAGES, 2)) * 2  # the product's padding (UNROLL 2)
+    # the product's schedule and padding (UNROLL 2) and shared memory
+    num_pid_m, num_pid_n, my_tiles, k_blocks, padded_blocks = _schedule(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, 2, STAGES)
     total_steps = my_tiles * padded_blocks
     INSTR_K: gl.constexpr = 256 // a_desc.dtype.primitive_bitwidth
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BLOCK_N, INSTR_K])
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
-    c_smem = gl.allocate_shared_memory(c_desc.dtype, [BLOCK_M, BLOCK_N], c_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for stage in gl.static_range(STAGES):
-        mbarrier.init(ready.index(stage), count=1)
+    a_bufs, b_bufs, c_smem, ready = _ring(a_desc, b_desc, c_desc, STAGES)
     off_m, off_n = _tile_offsets(gl.program_id(0), num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
     for stage in gl.static_range(STAGES):
         _load_block(a_desc, b_desc, a_bufs, b_bufs, ready, stage, total_steps, stage, off_m, off_n, k_blocks, STAGES)

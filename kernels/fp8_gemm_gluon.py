@@ -56,6 +56,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from dsv3_export.kernels._common import QUANT_BLOCK, cdiv, num_sms, tracing
+from dsv3_export.kernels.fp8_gemm_persistent import tma_unsupported
 from dsv3_export.kernels.pdl import eager_only
 
 _EAGER = "eager-only: host-side TMA descriptors, refused while tracing (fp8_gemm_gluon)"
@@ -65,7 +66,6 @@ BLOCK_N = 128  # one 128-row block of b_s per tile: one weight scale per K block
 STAGES = 4
 GROUP_M = 8
 UNROLL = 2  # K blocks per loop iteration: all but the last one's promotion overlap the next block's wgmma
-TMA_ALIGN = 16
 # TMA copies: triton 3.6 (the H200's) names them async_copy_global_to_shared / async_copy_shared_to_global, later
 # releases (3.9 here, for the sm_90 compile test) async_load / async_store, same arguments.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -82,6 +82,39 @@ def _tile_offsets(tile, num_pid_m, num_pid_n, BLOCK_M: gl.constexpr, BLOCK_N: gl
     pid_m = first_m + (tile % group_size) % group_m
     pid_n = (tile % group_size) // group_m
     return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+@gluon.jit
+def _schedule(M, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, UNROLL: gl.constexpr,
+              MIN_BLOCKS: gl.constexpr):
+    """This program's share of the persistent schedule, computed alike wherever a kernel's partitions must agree:
+    (num_pid_m, num_pid_n, my_tiles, k_blocks, padded_blocks). Program p takes tiles p, p + P, ... (P programs); each
+    tile's K blocks are padded to whole loop iterations of UNROLL blocks, and to at least MIN_BLOCKS."""
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    my_tiles = gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), gl.num_programs(0))
+    k_blocks = gl.cdiv(K, BLOCK_K)
+    if MIN_BLOCKS > 0:
+        padded_blocks = gl.maximum(gl.cdiv(k_blocks, UNROLL), gl.cdiv(MIN_BLOCKS, UNROLL)) * UNROLL
+    else:
+        padded_blocks = gl.cdiv(k_blocks, UNROLL) * UNROLL
+    return num_pid_m, num_pid_n, my_tiles, k_blocks, padded_blocks
+
+
+@gluon.jit
+def _ring(a_desc, b_desc, c_desc, STAGES: gl.constexpr):
+    """The single-partition kernels' shared memory: STAGES a and b tiles, the epilogue's c tile, one mbarrier per
+    stage (initialized)."""
+    BLOCK_M: gl.constexpr = c_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    c_smem = gl.allocate_shared_memory(c_desc.dtype, [BLOCK_M, BLOCK_N], c_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for stage in gl.static_range(STAGES):
+        mbarrier.init(ready.index(stage), count=1)
+    return a_bufs, b_bufs, c_smem, ready
 
 
 @gluon.jit
@@ -142,25 +175,16 @@ def _fp8_gemm_gluon_kernel(a_desc, b_desc, c_desc, a_s_ptr, b_s_ptr, M, N, K, st
     gl.static_assert(STAGES >= 3, "blocks kb and kb + 1 are read while kb + 2 loads")
     gl.static_assert(UNROLL >= 2 and UNROLL % 2 == 0, "the partials alternate in pairs")
 
-    # Persistent: program p takes tiles p, p + P, p + 2P, ... (P programs); its K blocks form one sequence of
-    # `steps` (stage step % STAGES, mbarrier phase (step // STAGES) & 1).
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    my_tiles = gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), gl.num_programs(0))
-    k_blocks = gl.cdiv(K, BLOCK_K)
-    # padded to whole loop iterations, and to at least STAGES (the loads run at most one tile ahead)
-    padded_blocks = gl.maximum(gl.cdiv(k_blocks, UNROLL), gl.cdiv(STAGES, UNROLL)) * UNROLL
+    # Persistent (_schedule); the program's K blocks form one sequence of `steps` (stage step % STAGES, mbarrier
+    # phase (step // STAGES) & 1), each tile's padded to at least STAGES (the loads run at most one tile ahead).
+    num_pid_m, num_pid_n, my_tiles, k_blocks, padded_blocks = _schedule(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, UNROLL,
+                                                                        STAGES)
     total_steps = my_tiles * padded_blocks
 
     INSTR_K: gl.constexpr = 256 // a_desc.dtype.primitive_bitwidth  # 32 for fp8
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BLOCK_N, INSTR_K])
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
-    c_smem = gl.allocate_shared_memory(c_desc.dtype, [BLOCK_M, BLOCK_N], c_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for stage in gl.static_range(STAGES):
-        mbarrier.init(ready.index(stage), count=1)
+    a_bufs, b_bufs, c_smem, ready = _ring(a_desc, b_desc, c_desc, STAGES)
     off_m, off_n = _tile_offsets(gl.program_id(0), num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
     for stage in gl.static_range(STAGES):
         _load_block(a_desc, b_desc, a_bufs, b_bufs, ready, stage, total_steps, stage, off_m, off_n, k_blocks, STAGES)
@@ -232,11 +256,8 @@ def _ws_producer(a_desc, b_desc, a_lo, a_hi, b_bufs, ready, empty, M, N, K):
     HALF_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    num_pid_m = gl.cdiv(M, 2 * HALF_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    my_tiles = gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), gl.num_programs(0))
-    k_blocks = gl.cdiv(K, BLOCK_K)
-    padded_blocks = gl.cdiv(k_blocks, WS_UNROLL) * WS_UNROLL
+    num_pid_m, num_pid_n, my_tiles, k_blocks, padded_blocks = _schedule(M, N, K, 2 * HALF_M, BLOCK_N, BLOCK_K,
+                                                                        WS_UNROLL, 0)
     nbytes: gl.constexpr = 2 * a_desc.block_type.nbytes + b_desc.block_type.nbytes
     for local_tile in range(my_tiles):
         off_m, off_n = _tile_offsets(gl.program_id(0) + local_tile * gl.num_programs(0), num_pid_m, num_pid_n,
@@ -266,11 +287,8 @@ def _ws_consumer(a_bufs, b_bufs, ready, empty, c_desc, c_smem, a_s_ptr, b_s_ptr,
     INSTR_K: gl.constexpr = 256 // a_bufs.dtype.primitive_bitwidth
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BLOCK_N, INSTR_K])
-    num_pid_m = gl.cdiv(M, 2 * HALF_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N)
-    my_tiles = gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), gl.num_programs(0))
-    k_blocks = gl.cdiv(K, BLOCK_K)
-    padded_blocks = gl.cdiv(k_blocks, WS_UNROLL) * WS_UNROLL
+    num_pid_m, num_pid_n, my_tiles, k_blocks, padded_blocks = _schedule(M, N, K, 2 * HALF_M, BLOCK_N, BLOCK_K,
+                                                                        WS_UNROLL, 0)
     part_a = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma_layout)
     part_b = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma_layout)
     for local_tile in range(my_tiles):
@@ -369,21 +387,18 @@ def _fp8_gemm_gluon_ws_kernel(a_desc, b_desc, c_desc, a_s_ptr, b_s_ptr, M, N, K,
 
 
 def gluon_unsupported(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> str | None:
-    """Why this kernel cannot take these operands, or None."""
+    """Why this kernel cannot take these operands, or None: a Hopper GPU, fp8 a, an output dtype it stores, and
+    what TMA needs (fp8_gemm_persistent.tma_unsupported, the Triton TMA kernel's same rule)."""
     if a.device.type != "cuda" or torch.cuda.get_device_capability(a.device)[0] != 9:
         return f"needs a Hopper (sm_90) GPU; a is on {a.device}"
     if a.dtype != torch.float8_e4m3fn:
         return f"needs fp8 a (W8A8); got {a.dtype}"
     if out_dtype not in _GL_DTYPES:
         return f"out_dtype {out_dtype} not supported; expected one of {tuple(_GL_DTYPES)}"
-    n = b.shape[0]
     for name, t in (("a", a), ("b", b)):
-        if t.data_ptr() % TMA_ALIGN or (t.stride(0) * t.element_size()) % TMA_ALIGN or t.stride(1) != 1:
-            return (f"{name} needs a 16-byte aligned base, unit last stride and 16-byte aligned rows for TMA; got "
-                    f"row stride {t.stride(0) * t.element_size()} B (K={a.shape[1]} must be a multiple of 16)")
-    if (n * out_dtype.itemsize) % TMA_ALIGN:
-        return f"c rows are {n * out_dtype.itemsize} B (N={n} x {out_dtype}); TMA needs a multiple of 16"
-    return None
+        if t.stride(1) != 1:
+            return f"{name} needs a unit last stride for TMA; got strides {t.stride()}"
+    return tma_unsupported(a, b, out_dtype, b.shape[0])
 
 
 def _descriptor(t: torch.Tensor, block: list[int], dtype) -> object:

@@ -35,9 +35,11 @@ edge into it changes nothing); a read of the same bytes with this kernel's tilin
 cp.async is issued only after the value wgmma has drained the buffer it reuses (sm_90 SASS: two KV buffers, one tile
 in flight while a program computes); L2 prefetches per line, 3-4 programs per SM, BN64 and 8 warps were all slower,
 and warp specialization (a producer that loads ahead) fails to compile on this loop (triton 3.9) or computes wrong
-results (triton 3.6, the fp8 GEMM). The next candidates, not yet run on a GPU: BULK_PREFETCH_CONFIGS, and the
+results (triton 3.6, the fp8 GEMM). Session 28 ran the two candidates it prepared, BULK_PREFETCH_CONFIGS and the
 "lazy" variant (kernels/mla_variants.py), whose common path skips the accumulator's rescale (sm_90 SASS: 86 of the
-loop's 493 instructions per warp and tile sit in the rescale branch, against 469 in all for the default).
+loop's 493 instructions per warp and tile sit in the rescale branch, against 469 in all for the default): neither
+helps (do_bench's flush: the default 56.4 us, bulk prefetch 57.3 / 58.9, lazy 57.0). With the benchmark's L2 flush
+leaving clean lines (benchmarks/l2_flush_probe.py) the default's split + reduce reads 46.1-46.8 us, 77-78% of copy.
 
 Removed in session 14 as measured no faster on the H200 (benchmarks/RESULTS.md, from CUDA graphs):
 the fused merge (merge="fused": the last split program of each (row, head block), found with an atomic
@@ -103,11 +105,11 @@ DECODE_CONFIGS = [
 
 # L2 prefetch by cp.async.bulk.prefetch (PREFETCH_BULK = n: every n tiles one range of the next n tiles from two
 # ahead, one instruction per range (per cache unless [latent | rope] rows interleave), issued by the program's first
-# thread), for the benchmark's sweep
-# (benchmarks/mla_merge_probe.py) and not autotuned until measured on the GPU. Why: a program holds one tile in flight
-# while it computes (session 27: the next tile's cp.async waits for the value wgmma to drain its buffer), and the
-# per-line prefetches (PREFETCH) made B=32 ctx 4096 slower (56.3 -> 59.0-73.5 us), with 32 more instructions per warp
-# and tile; these cost a compare per tile and ~40 instructions per range.
+# thread), for the benchmark's sweep (benchmarks/mla_merge_probe.py); not autotuned: slower on the H200 (session 28,
+# B=32 ctx 4096: 57.3 / 58.9 us for 2 / 4 tiles per range against 56.4). Why it was tried: a program holds one tile
+# in flight while it computes (session 27: the next tile's cp.async waits for the value wgmma to drain its buffer),
+# and the per-line prefetches (PREFETCH) made B=32 ctx 4096 slower (56.3 -> 59.0-73.5 us), with 32 more instructions
+# per warp and tile; these cost a compare per tile and ~40 instructions per range.
 BULK_PREFETCH_CONFIGS = [triton.Config({"BLOCK_N": 32, "PREFETCH": 0, "PREFETCH_BULK": n}, num_warps=4, num_stages=3)
                          for n in (2, 4)]
 

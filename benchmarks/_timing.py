@@ -73,6 +73,18 @@ def median_ms(fn: Callable[[], Any], flush: str = "zero", warmup_ms: float = 25.
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def interleaved_ms(fns: dict[str, Callable[[], Any]], flush: str = "zero", rounds: int = 5, warmup_ms: float = 10.0,
+                   rep_ms: float = 40.0) -> dict[str, list[float]]:
+    """median_ms of each fn, round-robin over `rounds` rounds: {name: [ms per round]}. A GPU whose clocks drift with
+    power and heat within a run (the H200's blockwise _scaled_mm moved by 5% between rounds in session 29) moves the
+    fns of one round alike, so the per-round ratios are steadier than one median_ms per fn, timed minutes apart."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(median_ms(fn, flush, warmup_ms, rep_ms))
+    return times
+
+
 def copy_tbps(nbytes: int = 1 << 29, flush: str = "zero") -> float:
     """TB/s of a device-to-device copy of nbytes (read + write counted), the median of median_ms: the copy row of
     benchmarks/kernels.py (kbench.common.bench_copy), whose bandwidth issue #4's MLA target is a share of."""

@@ -10,7 +10,8 @@ At the 16b prefill shapes (M=4096; w1/w3 N=10944 K=2048, w2 N=2048 K=10944) on o
                                 chained through the wgmmas with no promotion (the scales ignored): this data path's
                                 ceiling. Checked against the unscaled product of the same fp8 operands.
 If "chained" is about as slow as "gluon", the tile and its loads are the limit, not the promotion.
-Timings: benchmarks/_timing.py median_ms (L2 emptied by a 256 MiB read before each sample).
+Timings: benchmarks/_timing.py median_ms (L2 emptied by a 256 MiB read before each sample), of the eager call and of
+its CUDA graph replay (no host cost), and the host time of one eager call.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
 import torch
 import triton
@@ -88,6 +90,28 @@ def chained(a, b):
     return c
 
 
+def _graphed(fn):
+    """fn captured in a CUDA graph (after a warm-up call): its replay, which times the GPU work alone."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _host_us(fn, calls: int = 20) -> float:
+    """Host microseconds per eager call (Python, descriptors, launch), timed while the GPU drains a long queue: if it
+    exceeds the flush plus the kernel, median_ms's eager samples include GPU idle time."""
+    torch.cuda._sleep(200_000_000)  # keep the GPU busy so that the launches below never wait for it
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT"))
@@ -129,15 +153,21 @@ def main() -> None:
         base = None
         if args.ws_only:
             cases = tuple(c for c in cases if c[0] in ("torch._scaled_mm blockwise", "gluon warp-specialized"))
+        graph_base = None
         for name, fn, want in cases:
             err = ((fn().float() - want).abs().mean() / want.abs().mean()).item()
             ms = median_ms(fn, "read")
             base = base or ms
+            host_us = _host_us(fn)
+            graph_ms = median_ms(_graphed(fn), "read")  # the same call without its host cost
+            graph_base = graph_base or graph_ms
             tflops = 2 * m * n * k / (ms * 1e-3) / 1e12
             rows.append(dict(case=label, impl=name, ms=ms, tflops=tflops, vs_blockwise=base / ms, err=err,
+                             graph_ms=graph_ms, graph_vs_blockwise=graph_base / graph_ms, host_us=host_us,
                              ws_tile=os.environ.get("DSV3_GLUON_WS_TILE", "4,2,8"), ws_regs=args.ws_regs))
             print(f"{label:<6} {name:<30} {ms:.4f} ms {tflops:7.1f} TFLOP/s  {base / ms:.2f}x of blockwise "
-                  f"_scaled_mm  err {err:.1e}", flush=True)
+                  f"_scaled_mm  err {err:.1e} | CUDA graph {graph_ms:.4f} ms {graph_base / graph_ms:.2f}x | host "
+                  f"{host_us:.0f} us per call", flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         tile = os.environ.get("DSV3_GLUON_WS_TILE", "4,2,8").replace(",", "-")

@@ -10,6 +10,8 @@ The _scaled_mm baseline's operands are zero-padded outside the timing (K to a mu
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 import torch.nn.functional as F
 
@@ -261,6 +263,38 @@ def _gluon_label(cfg) -> str:
     return f"gluon {block_m}x128 s{stages} u{unroll} g{group_m}"
 
 
+def _graphed_pair(report: Report, case: str, operands, ref, out_dtype, quick: bool, bytes_: float,
+                  flops: float) -> list[Row]:
+    """Blockwise _scaled_mm and the Gluon kernel's default form from CUDA graphs, timed in alternation
+    (_timing.interleaved_ms). The eager rows also time the host's launch path, which for the Gluon kernel (three TMA
+    descriptors and Gluon's launcher in Python: 140-220 us per call on the H200's host in session 29) can exceed the
+    L2 flush plus the kernel, leaving the GPU idle inside the timed window; and rows timed minutes apart see the
+    clocks drift (5% between rounds)."""
+    from _timing import interleaved_ms  # benchmarks/_timing.py
+
+    from kbench import common
+
+    a, a_s, w, w_s = operands
+    m = a.shape[0]
+    a_p, s_a, w_p, s_b = _blockwise_operands(a, a_s, w, w_s)
+    names = ("torch._scaled_mm blockwise (CUDA graph)", f"{_gluon_label(None)} (CUDA graph)")
+    outputs: list = []
+    graphs = {names[0]: _graph_of(lambda: _scaled_mm_blockwise(a_p, s_a, w_p, s_b)).replay,
+              names[1]: _graph_of(lambda: _gluon_gemm(a, a_s, w, w_s, out_dtype, None), outputs).replay}
+    rounds = 3 if quick else 7
+    times = interleaved_ms(graphs, common.L2_FLUSH, rounds=rounds)
+    ratios = sorted(base / ours for base, ours in zip(times[names[0]], times[names[1]]))
+    note = (f"{rounds} rounds alternating the two graph rows; gluon vs blockwise _scaled_mm per round: median "
+            f"{statistics.median(ratios):.3f}x, range {ratios[0]:.3f}-{ratios[-1]:.3f}x")
+    err = mean_rel(outputs[0][:m].float(), ref)  # what the replays wrote
+    rows = [add(report, Row("fp8_prefill", case, names[0], statistics.median(times[names[0]]), note=note),
+                bytes_=bytes_, flops=flops, peak=FP8_PEAK),
+            add(report, Row("fp8_prefill", case, names[1], statistics.median(times[names[1]]), error=err, tol=1e-3,
+                            ok=err < 1e-3, note=note), bytes_=bytes_, flops=flops, peak=FP8_PEAK)]
+    print(f"  {case}: CUDA graphs, {note}", flush=True)
+    return rows
+
+
 def bench_fp8_prefill(report: Report, sh: Shapes, quick: bool) -> None:
     """fp8 GEMM at the 16b prefill shapes (w1/w3, w2 at M=4096): every PREFILL_CANDIDATES config of
     the TMA + persistent kernel pinned (one compile each, no autotuning) and the default kernel's
@@ -329,6 +363,10 @@ def bench_fp8_prefill(report: Report, sh: Shapes, quick: bool) -> None:
                 "kernels/fp8_gemm_gluon.py" + (", single partition" if cfg else ", warp-specialized"))))
         if gluon_reason:
             print(f"  {case}: gluon candidates skipped: {gluon_reason}", flush=True)
+        if sh.device == "cuda" and not gluon_reason and any(r is not None and r.impl == "torch._scaled_mm blockwise"
+                                                            and r.ok for r in rows):
+            rows += guarded(report, f"{case} CUDA graphs", lambda: _graphed_pair(
+                report, case, (a, a_s, w, w_s), ref, out_dtype, quick, bytes_, flops)) or []
         rows = [r for r in rows if r is not None]
         finish_group(rows)
         show(case, rows)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -90,6 +91,13 @@ def chained(a, b):
     return c
 
 
+def _ws_tile() -> str:
+    """The warp-specialized kernel's "stages,unroll,group_m" in this process (DSV3_GLUON_WS_TILE or its default)."""
+    from dsv3_export.kernels import fp8_gemm_gluon as GG
+
+    return f"{int(GG.WS_STAGES)},{int(GG.WS_UNROLL)},{int(GG.WS_GROUP_M)}"
+
+
 def _graphed(fn):
     """fn captured in a CUDA graph (after a warm-up call): its replay, which times the GPU work alone."""
     fn()
@@ -112,13 +120,64 @@ def _host_us(fn, calls: int = 20) -> float:
     return host
 
 
+def ws_rounds(rounds: int, out: str | None) -> None:
+    """The warp-specialized kernel (at this process's DSV3_GLUON_WS_TILE) against blockwise _scaled_mm, both from
+    CUDA graphs, `rounds` rounds alternating the two (_timing.interleaved_ms): the per-round ratio's median and range,
+    steadier than one timing of each (the H200's clocks drift by 5% within a run). Checked on an fp32 c (a bf16 c
+    where 6 stages leave no room for the fp32 epilogue tile)."""
+    from dsv3_export.kernels import fp8_gemm as G
+    from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon
+    from dsv3_export.reference import fp8 as R
+    from kbench.common import _graph_of
+    from kbench.fp8 import _blockwise_operands, _scaled_mm_blockwise
+
+    from triton.runtime.errors import OutOfResources
+
+    from _timing import interleaved_ms
+
+    rows = []
+    for label, n, k in (("w1/w3", 10944, 2048), ("w2", 2048, 10944)):
+        m = 4096
+        w, w_s = R.weight_quant(torch.randn(n, k, device="cuda") / k**0.5)
+        a, a_s = R.act_quant(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+        ref = G.fp8_gemm_ref(a, a_s, w, w_s, torch.float32)
+        try:
+            out_dtype, out = torch.float32, fp8_gemm_gluon(a, a_s, w, w_s, torch.float32)
+        except OutOfResources:
+            out_dtype, out = torch.bfloat16, fp8_gemm_gluon(a, a_s, w, w_s)
+        err = ((out.float() - ref).abs().mean() / ref.abs().mean()).item()
+        a_p, s_a, w_p, s_b = _blockwise_operands(a, a_s, w, w_s)
+        graphs = {"blockwise": _graph_of(lambda: _scaled_mm_blockwise(a_p, s_a, w_p, s_b)).replay,
+                  "gluon": _graph_of(lambda: fp8_gemm_gluon(a, a_s, w, w_s)).replay}
+        times = interleaved_ms(graphs, "read", rounds=rounds)
+        ratios = sorted(base / ours for base, ours in zip(times["blockwise"], times["gluon"]))
+        row = dict(case=label, ws_tile=_ws_tile(), rounds=rounds, gluon_ms=statistics.median(times["gluon"]),
+                   blockwise_ms=statistics.median(times["blockwise"]), ratio_median=statistics.median(ratios),
+                   ratio_min=ratios[0], ratio_max=ratios[-1], err=err, err_out_dtype=str(out_dtype), times=times)
+        rows.append(row)
+        print(f"{row['ws_tile']} {label}: gluon {row['gluon_ms']:.4f} ms, blockwise _scaled_mm "
+              f"{row['blockwise_ms']:.4f} ms; per round {row['ratio_median']:.3f}x (range {ratios[0]:.3f}-"
+              f"{ratios[-1]:.3f}); err {err:.1e} ({out_dtype})", flush=True)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"fp8_gluon_ws_rounds_{_ws_tile().replace(',', '-')}.json"), "w") as f:
+            json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           rows=rows), f, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--ws-only", action="store_true",
                         help="only blockwise _scaled_mm and the warp-specialized form (sweeps: DSV3_GLUON_WS_TILE)")
     parser.add_argument("--ws-regs", type=int, default=232, help="registers per consumer thread (setmaxnreg)")
+    parser.add_argument("--ws-rounds", type=int, default=0,
+                        help="only the warp-specialized form against blockwise _scaled_mm from CUDA graphs, this many "
+                             "rounds alternating the two (sweeps: DSV3_GLUON_WS_TILE)")
     args = parser.parse_args()
+    if args.ws_rounds:
+        ws_rounds(args.ws_rounds, args.out)
+        return
     from dsv3_export.kernels import fp8_gemm as G
     from dsv3_export.reference import fp8 as R
     from kbench.fp8 import _blockwise_operands, _scaled_mm_blockwise, _scaled_mm_tensorwise
@@ -164,13 +223,13 @@ def main() -> None:
             tflops = 2 * m * n * k / (ms * 1e-3) / 1e12
             rows.append(dict(case=label, impl=name, ms=ms, tflops=tflops, vs_blockwise=base / ms, err=err,
                              graph_ms=graph_ms, graph_vs_blockwise=graph_base / graph_ms, host_us=host_us,
-                             ws_tile=os.environ.get("DSV3_GLUON_WS_TILE", "4,2,8"), ws_regs=args.ws_regs))
+                             ws_tile=_ws_tile(), ws_regs=args.ws_regs))
             print(f"{label:<6} {name:<30} {ms:.4f} ms {tflops:7.1f} TFLOP/s  {base / ms:.2f}x of blockwise "
                   f"_scaled_mm  err {err:.1e} | CUDA graph {graph_ms:.4f} ms {graph_base / graph_ms:.2f}x | host "
                   f"{host_us:.0f} us per call", flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        tile = os.environ.get("DSV3_GLUON_WS_TILE", "4,2,8").replace(",", "-")
+        tile = _ws_tile().replace(",", "-")
         tag = f"_ws{tile}_r{args.ws_regs}" if args.ws_only else ""
         with open(os.path.join(args.out, f"fp8_gluon_probe{tag}.json"), "w") as f:
             json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

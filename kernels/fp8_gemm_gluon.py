@@ -17,7 +17,9 @@ with 128-wide K blocks in a ring of STAGES TMA buffers ordered by mbarriers:
   producer and two 4-warp consumer partitions, rows 0-63 and 64-127 of each tile. The producer refills a stage once
   both consumers have arrived on its `empty` barrier; the consumers never wait for each other, so one's promotion
   runs while the other's wgmma holds the tensor core (setmaxnreg: 232 registers per consumer thread, 40 for the
-  producer). H200, session 28: 0.99x / 0.92x of blockwise _scaled_mm at w1/w3 / w2 (M=4096).
+  producer). 5 stages, the K loop unrolled by 4 blocks, a tile's K blocks padded to pairs only (a last pair on its
+  own, _ws_pair). H200, session 29, from CUDA graphs alternating with blockwise _scaled_mm: 1.00x / 0.985x at
+  w1/w3 / w2 (M=4096); 0.99x / 0.93x with session 28's 4 stages and unroll 2.
 - single partition (_fp8_gemm_gluon_kernel, warp_specialized=False): all warps compute, the loads are issued from
   the same code (Gluon puts a CTA-wide barrier around each TMA issue, so two warpgroups run in lockstep). 0.90x /
   0.82x with 128 x 128 tiles on two warpgroups; 64 x 128 on one warpgroup, two CTAs per SM: 0.84x / 0.67x.
@@ -26,8 +28,9 @@ kb's promotion FFMAs run while the tensor core works; the two partials alternate
 loop unrolled by UNROLL blocks. What ptxas needs for that (sm_90 SASS, checked by tests/kernels/test_fp8_gemm_gluon.py):
 - No wgmma in flight across the loop's back edge: otherwise every wgmma is serialized (ptxas C7514, "non wgmma
   instructions reading accumulator registers"), so each iteration ends with a wait(0) and one promotion not
-  overlapped (UNROLL = 4 overlaps more of them but needs 253-255 registers: slower at K = 10944, and in the
-  warp-specialized form at 248 registers per consumer 0.40x).
+  overlapped. UNROLL = 4 overlaps three of four; the single-partition form needs 253-255 registers for it (slower at
+  K = 10944); the warp-specialized consumer fits it in 232 (session 28's 0.40x asked for 248 per consumer, which
+  two consumers and the producer cannot hold: 2 x 128 x 248 + 128 x 40 > 65536 registers).
 - A wgmma issued mid-iteration takes `acc * 0.0` as its (ignored, use_acc=False) input: that orders it after the
   FFMAs that read the old partial, so the new partial takes the old one's registers with no copies of registers
   still being written (254 -> 178 registers). At an iteration's start the old partial was promoted in the previous
@@ -36,8 +39,12 @@ loop unrolled by UNROLL blocks. What ptxas needs for that (sm_90 SASS, checked b
 The next tile's offsets are computed once per tile: computed per load (integer divisions by runtime values, twice
 per block) the single-partition kernel was 20% slower at w1/w3. The promotion is what is left to pay:
 benchmarks/fp8_gluon_probe.py runs the same data path with one chained accumulator and no scales at 1.10x / 1.04x.
-An odd count of K blocks is padded to whole iterations with a re-read of the last block whose scale is zero. M, N and
-K edges are zero-filled by TMA; c is clipped at M and N by the TMA store. TMA needs 16-byte aligned bases and rows
+K blocks are padded to whole iterations (the warp-specialized form: to pairs) with re-reads of the last block whose
+scale is zero. M, N and K edges are zero-filled by TMA; c is clipped at M and N by the TMA store.
+Tried on the H200 and not kept (session 29, benchmarks/RESULTS.md): stream-K for the last, partial wave (w2 is 512
+tiles on 132 SMs; slower), 6 stages (as 5), ptxas 12.9's interleaved FFMA yield bits (no change). cuBLAS's kernel
+here is the same 128 x 128 cooperative tile with 6 stages and 2-CTA clusters sharing loads by TMA multicast, which
+triton 3.6's Gluon does not expose. TMA needs 16-byte aligned bases and rows
 (K % 16 == 0, N * itemsize % 16 == 0).
 
 No CPU interpreter runs Gluon: CI compiles both forms for sm_90 (tests/kernels/test_fp8_gemm_gluon.py), and the
@@ -245,7 +252,8 @@ def _fp8_gemm_gluon_kernel(a_desc, b_desc, c_desc, a_s_ptr, b_s_ptr, M, N, K, st
 # Its partitions' arguments reach them as runtime values (warp_specialize flattens them), so its tile constants are
 # module constexprs, not kernel parameters.
 # DSV3_GLUON_WS_TILE="stages,unroll,group_m" overrides them at import (benchmarks/fp8_gluon_probe.py's sweep).
-_WS_TILE = [int(v) for v in os.environ.get("DSV3_GLUON_WS_TILE", "4,2,8").split(",")]
+# 5,4,8 since session 29 (4,2,8 before: 0.93x against 0.985x at w2); 6 stages with an fp32 c do not fit.
+_WS_TILE = [int(v) for v in os.environ.get("DSV3_GLUON_WS_TILE", "5,4,8").split(",")]
 WS_STAGES = gl.constexpr(_WS_TILE[0])
 WS_UNROLL = gl.constexpr(_WS_TILE[1])
 WS_GROUP_M = gl.constexpr(_WS_TILE[2])
@@ -257,8 +265,7 @@ def _ws_producer(a_desc, b_desc, a_lo, a_hi, b_bufs, ready, empty, M, N, K):
     HALF_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    num_pid_m, num_pid_n, my_tiles, k_blocks, padded_blocks = _schedule(M, N, K, 2 * HALF_M, BLOCK_N, BLOCK_K,
-                                                                        WS_UNROLL, 0)
+    num_pid_m, num_pid_n, my_tiles, k_blocks, padded_blocks = _schedule(M, N, K, 2 * HALF_M, BLOCK_N, BLOCK_K, 2, 0)
     nbytes: gl.constexpr = 2 * a_desc.block_type.nbytes + b_desc.block_type.nbytes
     for local_tile in range(my_tiles):
         off_m, off_n = _tile_offsets(gl.program_id(0) + local_tile * gl.num_programs(0), num_pid_m, num_pid_n,
@@ -278,6 +285,21 @@ def _ws_producer(a_desc, b_desc, a_lo, a_hi, b_bufs, ready, empty, M, N, K):
 
 
 @gluon.jit
+def _ws_pair(a_bufs, b_bufs, ready, empty, step, acc, part_a, part_b, scale_a, scale_b):
+    """Two K blocks (ring steps step, step + 1) after the groups of WS_UNROLL: a tile's K blocks are padded to pairs,
+    not to WS_UNROLL (w2's 86 blocks would take 88 at WS_UNROLL 4: 2.3% more wgmma work)."""
+    part_a = _mma_block(a_bufs, b_bufs, ready, step, part_a, WS_STAGES)
+    part_b = _mma_block(a_bufs, b_bufs, ready, step + 1, part_b, WS_STAGES)
+    part_a = warpgroup_mma_wait(num_outstanding=1, deps=(part_a,))
+    mbarrier.arrive(empty.index(step % WS_STAGES), count=1)
+    acc += part_a * scale_a[:, None]
+    part_b = warpgroup_mma_wait(num_outstanding=0, deps=(part_b,))
+    mbarrier.arrive(empty.index((step + 1) % WS_STAGES), count=1)
+    acc += part_b * scale_b[:, None]
+    return acc, part_a, part_b
+
+
+@gluon.jit
 def _ws_consumer(a_bufs, b_bufs, ready, empty, c_desc, c_smem, a_s_ptr, b_s_ptr, M, N, K, stride_asm, stride_bsn,
                  HALF: gl.constexpr):
     """One warpgroup: rows [HALF * 64, HALF * 64 + 64) of every tile, the promotion overlapping its next wgmma."""
@@ -288,8 +310,8 @@ def _ws_consumer(a_bufs, b_bufs, ready, empty, c_desc, c_smem, a_s_ptr, b_s_ptr,
     INSTR_K: gl.constexpr = 256 // a_bufs.dtype.primitive_bitwidth
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BLOCK_N, INSTR_K])
-    num_pid_m, num_pid_n, my_tiles, k_blocks, padded_blocks = _schedule(M, N, K, 2 * HALF_M, BLOCK_N, BLOCK_K,
-                                                                        WS_UNROLL, 0)
+    # K blocks padded to pairs only: groups of WS_UNROLL, then (WS_UNROLL 4) a last pair on its own (_ws_pair)
+    num_pid_m, num_pid_n, my_tiles, k_blocks, padded_blocks = _schedule(M, N, K, 2 * HALF_M, BLOCK_N, BLOCK_K, 2, 0)
     part_a = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma_layout)
     part_b = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma_layout)
     for local_tile in range(my_tiles):
@@ -331,6 +353,10 @@ def _ws_consumer(a_bufs, b_bufs, ready, empty, c_desc, c_smem, a_s_ptr, b_s_ptr,
                 acc += part_b * scale_b[:, None]
                 if pair < WS_UNROLL // 2 - 1:
                     part_b = _mma_block(a_bufs, b_bufs, ready, first_step + kb + 3, acc * 0.0, WS_STAGES)
+        if WS_UNROLL > 2:
+            if padded_blocks % WS_UNROLL != 0:  # its scales were loaded ahead by the last group (or above)
+                acc, part_a, part_b = _ws_pair(a_bufs, b_bufs, ready, empty, first_step + padded_blocks - 2, acc,
+                                               part_a, part_b, next_a, next_b)
         tma.store_wait(pendings=0)
         c_smem.store(acc.to(c_desc.dtype))
         fence_async_shared()

@@ -242,7 +242,9 @@ def _gluon_unsupported(a, w, out_dtype) -> str | None:
 # warpgroups); tuples (BLOCK_M, K blocks per loop iteration, stages, GROUP_M) its single-partition form, persistent:
 # 128 rows on two warpgroups (one CTA per SM, 2/3 of the L2 -> SM bytes per flop of 64x128 tiles) or 64 on one (two
 # CTAs per SM). Session 28 also timed 5 and 6 stages, 4 blocks per iteration and GROUP_M 4 / 16 (none better) and
-# one tile per CTA (0.75x at w1/w3); benchmarks/fp8_gluon_probe.py sweeps the warp-specialized form.
+# one tile per CTA (0.75x at w1/w3); benchmarks/fp8_gluon_probe.py sweeps the warp-specialized form (--ws-rounds:
+# against blockwise _scaled_mm in alternation), whose default became 5 stages and 4 blocks per iteration in
+# session 29.
 GLUON_CANDIDATES = (None, (128, 2, 4, 8), (64, 2, 4, 8))
 
 

@@ -22,8 +22,9 @@ from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 from dsv3_export.kernels import fp8_gemm_gluon as G  # noqa: E402
 from tests.kernels._sm90_compile import SMEM_LIMIT, TARGET, _cuobjdump, _resource_usage  # noqa: E402
 
-# (block_m, unroll, stages, c dtype): the launcher's default, the one-warpgroup tile and an fp32 c (a 64 KB epilogue
-# tile). Not offered: unroll 4 (253-255 registers; 64 B spilled at 6 stages with triton 3.9).
+# The single-partition kernel's (block_m, unroll, stages, c dtype): the launcher's default, the one-warpgroup tile and
+# an fp32 c (a 64 KB epilogue tile). Not offered: unroll 4 (253-255 registers; 64 B spilled at 6 stages with triton
+# 3.9). The warp-specialized kernel is compiled at the module's WS_* tile (unroll 4 since session 29).
 CASES = ((128, 2, 4, "bf16"), (64, 2, 4, "bf16"), (128, 2, 4, "fp32"))
 _GL = {"bf16": gl.bfloat16, "fp32": gl.float32, "fp8e4nv": gl.float8e4nv}
 

@@ -48,9 +48,11 @@ def test_builds_for_sm90_with_the_wgmma_pipeline_it_asks_for():
         assert r["fits"], f"{case}: {r['shared']} B of shared memory"
         assert r["wgmma"] == ["wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3"], (case, r["wgmma"])
         assert r["spill_bytes"] == 0, f"{case}: {r['spill_bytes']} B spilled ({r['registers']} registers)"
+        # one wait per K block in the loop, and in the warp-specialized form's last pair after groups of 4 (_ws_pair);
         # ptxas serializing the pipeline (C7514) puts a DEPBAR after every wgmma: 4 per block instead of 1 wait
-        assert r["sass_depbars"] == r["ptx_waits"] == copies * r["unroll"], (case, r["sass_depbars"], r["ptx_waits"])
-        assert r["sass_gmmas"] == 4 * copies * r["unroll"], case  # K = 128 per block in four k32 wgmmas
+        blocks = r["unroll"] + (2 if copies > 1 and r["unroll"] > 2 else 0)
+        assert r["sass_depbars"] == r["ptx_waits"] == copies * blocks, (case, r["sass_depbars"], r["ptx_waits"])
+        assert r["sass_gmmas"] == 4 * copies * blocks, case  # K = 128 per block in four k32 wgmmas
         if copies > 1:  # the producer warp gives its registers to the consumers
             assert min(r["setmaxnreg"]) <= 40 and max(r["setmaxnreg"]) >= 232, (case, r["setmaxnreg"])
 

@@ -120,7 +120,7 @@ def _host_us(fn, calls: int = 20) -> float:
     return host
 
 
-def ws_rounds(rounds: int, out: str | None) -> None:
+def ws_rounds(rounds: int, regs: int, out: str | None) -> None:
     """The warp-specialized kernel (at this process's DSV3_GLUON_WS_TILE) against blockwise _scaled_mm, both from
     CUDA graphs, `rounds` rounds alternating the two (_timing.interleaved_ms): the per-round ratio's median and range,
     steadier than one timing of each (the H200's clocks drift by 5% within a run). Checked on an fp32 c (a bf16 c
@@ -142,22 +142,26 @@ def ws_rounds(rounds: int, out: str | None) -> None:
         a, a_s = R.act_quant(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
         ref = G.fp8_gemm_ref(a, a_s, w, w_s, torch.float32)
         try:
-            out_dtype, out = torch.float32, fp8_gemm_gluon(a, a_s, w, w_s, torch.float32)
+            out_dtype, out = torch.float32, fp8_gemm_gluon(a, a_s, w, w_s, torch.float32, ws_consumer_regs=regs)
         except OutOfResources:
-            out_dtype, out = torch.bfloat16, fp8_gemm_gluon(a, a_s, w, w_s)
+            out_dtype, out = torch.bfloat16, fp8_gemm_gluon(a, a_s, w, w_s, ws_consumer_regs=regs)
         err = ((out.float() - ref).abs().mean() / ref.abs().mean()).item()
         a_p, s_a, w_p, s_b = _blockwise_operands(a, a_s, w, w_s)
+        replayed: list = []
         graphs = {"blockwise": _graph_of(lambda: _scaled_mm_blockwise(a_p, s_a, w_p, s_b)).replay,
-                  "gluon": _graph_of(lambda: fp8_gemm_gluon(a, a_s, w, w_s)).replay}
+                  "gluon": _graph_of(lambda: fp8_gemm_gluon(a, a_s, w, w_s, ws_consumer_regs=regs), replayed).replay}
         times = interleaved_ms(graphs, "read", rounds=rounds)
+        # what the timed replays wrote (bf16 c): a wrong kernel is off by far more than bf16 rounding (~1.4e-3)
+        graph_err = ((replayed[0].float() - ref).abs().mean() / ref.abs().mean()).item()
         ratios = sorted(base / ours for base, ours in zip(times["blockwise"], times["gluon"]))
         row = dict(case=label, ws_tile=_ws_tile(), rounds=rounds, gluon_ms=statistics.median(times["gluon"]),
                    blockwise_ms=statistics.median(times["blockwise"]), ratio_median=statistics.median(ratios),
-                   ratio_min=ratios[0], ratio_max=ratios[-1], err=err, err_out_dtype=str(out_dtype), times=times)
+                   ratio_min=ratios[0], ratio_max=ratios[-1], err=err, err_out_dtype=str(out_dtype),
+                   graph_err=graph_err, ws_regs=regs, times=times)
         rows.append(row)
         print(f"{row['ws_tile']} {label}: gluon {row['gluon_ms']:.4f} ms, blockwise _scaled_mm "
               f"{row['blockwise_ms']:.4f} ms; per round {row['ratio_median']:.3f}x (range {ratios[0]:.3f}-"
-              f"{ratios[-1]:.3f}); err {err:.1e} ({out_dtype})", flush=True)
+              f"{ratios[-1]:.3f}); err {err:.1e} ({out_dtype}), the timed graph's {graph_err:.1e} (bf16)", flush=True)
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, f"fp8_gluon_ws_rounds_{_ws_tile().replace(',', '-')}.json"), "w") as f:
@@ -176,7 +180,7 @@ def main() -> None:
                              "rounds alternating the two (sweeps: DSV3_GLUON_WS_TILE)")
     args = parser.parse_args()
     if args.ws_rounds:
-        ws_rounds(args.ws_rounds, args.out)
+        ws_rounds(args.ws_rounds, args.ws_regs, args.out)
         return
     from dsv3_export.kernels import fp8_gemm as G
     from dsv3_export.reference import fp8 as R

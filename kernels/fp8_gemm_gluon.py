@@ -97,7 +97,8 @@ def _schedule(M, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl
               MIN_BLOCKS: gl.constexpr):
     """This program's share of the persistent schedule, computed alike wherever a kernel's partitions must agree:
     (num_pid_m, num_pid_n, my_tiles, k_blocks, padded_blocks). Program p takes tiles p, p + P, ... (P programs); each
-    tile's K blocks are padded to whole loop iterations of UNROLL blocks, and to at least MIN_BLOCKS."""
+    tile's K blocks are padded to whole loop iterations of UNROLL blocks (the warp-specialized partitions pass 2: to
+    pairs), and to at least MIN_BLOCKS."""
     num_pid_m = gl.cdiv(M, BLOCK_M)
     num_pid_n = gl.cdiv(N, BLOCK_N)
     my_tiles = gl.cdiv(num_pid_m * num_pid_n - gl.program_id(0), gl.num_programs(0))
@@ -253,7 +254,20 @@ def _fp8_gemm_gluon_kernel(a_desc, b_desc, c_desc, a_s_ptr, b_s_ptr, M, N, K, st
 # module constexprs, not kernel parameters.
 # DSV3_GLUON_WS_TILE="stages,unroll,group_m" overrides them at import (benchmarks/fp8_gluon_probe.py's sweep).
 # 5,4,8 since session 29 (4,2,8 before: 0.93x against 0.985x at w2); 6 stages with an fp32 c do not fit.
-_WS_TILE = [int(v) for v in os.environ.get("DSV3_GLUON_WS_TILE", "5,4,8").split(",")]
+def _ws_tile(spec: str) -> list[int]:
+    """DSV3_GLUON_WS_TILE's "stages,unroll,group_m", checked: the kernel's static asserts would otherwise name it only
+    at the first launch, as a compile error."""
+    try:
+        stages, unroll, group_m = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise ValueError(f"DSV3_GLUON_WS_TILE={spec!r}: expected 'stages,unroll,group_m', e.g. '5,4,8'") from None
+    if stages < 2 or unroll not in (2, 4) or group_m < 1:
+        raise ValueError(f"DSV3_GLUON_WS_TILE={spec!r}: needs stages >= 2, unroll 2 or 4 (K is padded to pairs, one "
+                         f"pair at most after the groups), group_m >= 1")
+    return [stages, unroll, group_m]
+
+
+_WS_TILE = _ws_tile(os.environ.get("DSV3_GLUON_WS_TILE", "5,4,8"))
 WS_STAGES = gl.constexpr(_WS_TILE[0])
 WS_UNROLL = gl.constexpr(_WS_TILE[1])
 WS_GROUP_M = gl.constexpr(_WS_TILE[2])
@@ -324,7 +338,8 @@ def _ws_consumer(a_bufs, b_bufs, ready, empty, c_desc, c_smem, a_s_ptr, b_s_ptr,
         first_step = local_tile * padded_blocks
         acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma_layout)
         # the scales of each group's first pair are loaded one group ahead (an L2 round trip per load otherwise
-        # waits right before its promotion); past the last block they are zero and unused
+        # waits right before its promotion); the last group's are the last pair's (_ws_pair) or, past the last
+        # block, zero and unused
         next_a = _block_scale(a_s_rows, mask_m, b_s_row, 0, k_blocks)
         next_b = _block_scale(a_s_rows, mask_m, b_s_row, 1, k_blocks)
         for group in range(padded_blocks // WS_UNROLL):
@@ -392,7 +407,8 @@ def _fp8_gemm_gluon_ws_kernel(a_desc, b_desc, c_desc, a_s_ptr, b_s_ptr, M, N, K,
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     gl.static_assert(BLOCK_N == BLOCK_K, "a tile must lie in one 128-row block of b_s")
-    gl.static_assert(WS_UNROLL >= 2 and WS_UNROLL % 2 == 0, "the partials alternate in pairs")
+    gl.static_assert(WS_UNROLL == 2 or WS_UNROLL == 4, "the partials alternate in pairs; K padded to pairs leaves at "
+                     "most one pair after the groups (_ws_pair)")
     gl.static_assert(WS_STAGES >= 2, "a consumer holds two stages at once")
     a_lo = gl.allocate_shared_memory(a_desc.dtype, [WS_STAGES, HALF_M, BLOCK_K], a_desc.layout)
     a_hi = gl.allocate_shared_memory(a_desc.dtype, [WS_STAGES, HALF_M, BLOCK_K], a_desc.layout)

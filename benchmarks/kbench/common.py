@@ -127,21 +127,14 @@ def add(report: Report, row: Row, *, bytes_: float = 0.0, flops: float = 0.0, pe
     return row
 
 
-GRAPHED = "(CUDA graph)"  # how a row timed as a CUDA-graph replay ends its impl
-
-
 def finish_group(rows: list[Row]) -> None:
-    """speedup_vs_best_alt on our rows of one case = best torch time / our time, a CUDA-graph row's against the torch
-    rows also timed from graphs where there are any (a replay's launch costs the GPU a few us that an eager row's
-    does not: 8 us at the fp8 prefill shapes in session 29)."""
-    alts = [r for r in rows if r.impl.startswith("torch") and r.ms]
+    """speedup_vs_best_alt on our rows of one case = best torch time / our time."""
+    alts = [r.ms for r in rows if r.impl.startswith("torch") and r.ms]
     if not alts:
         return
-    graphed_alts = [r.ms for r in alts if r.impl.endswith(GRAPHED)]
     for r in rows:
         if not r.impl.startswith("torch") and r.ms:
-            best = min(graphed_alts) if r.impl.endswith(GRAPHED) and graphed_alts else min(a.ms for a in alts)
-            r.speedup_vs_best_alt = best / r.ms
+            r.speedup_vs_best_alt = min(alts) / r.ms
 
 
 def guarded(report: Report, label: str, fn):

@@ -269,9 +269,9 @@ def _graphed_pair(report: Report, case: str, operands, ref, out_dtype, quick: bo
                   flops: float) -> list[Row]:
     """Blockwise _scaled_mm and the Gluon kernel's default form from CUDA graphs, timed in alternation
     (_timing.interleaved_ms). The eager rows also time the host's launch path, which for the Gluon kernel (three TMA
-    descriptors and Gluon's launcher in Python: 140-220 us per call on the H200's host in session 29) can exceed the
-    L2 flush plus the kernel, leaving the GPU idle inside the timed window; and rows timed minutes apart see the
-    clocks drift (5% between rounds)."""
+    descriptors and Gluon's launcher in Python: up to ~200 us per call on the H200's host in session 29, 100-130 us
+    once the launcher kept its layouts) can exceed the L2 flush plus the kernel, leaving the GPU idle inside the
+    timed window; and rows timed minutes apart see the clocks drift (5% between rounds)."""
     from _timing import interleaved_ms  # benchmarks/_timing.py
 
     from kbench import common

@@ -57,6 +57,16 @@ def test_builds_for_sm90_with_the_wgmma_pipeline_it_asks_for():
             assert min(r["setmaxnreg"]) <= 40 and max(r["setmaxnreg"]) >= 232, (case, r["setmaxnreg"])
 
 
+@pytest.mark.parametrize("spec", ["4,6,8", "5,4"])
+def test_refuses_a_warp_specialized_tile_it_cannot_run(spec):
+    """DSV3_GLUON_WS_TILE is read at import: unroll 6 would leave two pairs after the groups, which the kernel does not
+    run (wrong sums, or a hang with several tiles per program)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"DSV3_GLUON_WS_TILE": spec}
+    res = subprocess.run([sys.executable, "-c", "import dsv3_export.kernels.fp8_gemm_gluon"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and f"DSV3_GLUON_WS_TILE={spec!r}" in res.stderr, res.stderr[-2000:]
+
+
 def test_refuses_what_it_cannot_run():
     a, a_s, b, b_s = _operands(3, 200, 256)
     if not HOPPER:
@@ -80,10 +90,11 @@ def test_refuses_what_it_cannot_run():
                                        "H200 by benchmarks/kernels.py section fp8_prefill)")
 @pytest.mark.parametrize("form", ["warp-specialized", "single 128", "single 64"])
 @pytest.mark.parametrize("m, n, k", [(200, 264, 400), (1, 128, 2048), (300, 136, 1296), (130, 256, 128),
-                                     (200, 264, 256)])
+                                     (200, 264, 256), (150, 136, 640), (150, 136, 768)])
 def test_matches_reference_on_hopper(seed, form, m, n, k):
     """Ragged M, N and K (odd K-block counts take the padded block; K <= 384 fewer blocks than stages), one and several
-    tiles per program."""
+    tiles per program. The warp-specialized form (4 blocks per iteration) runs 1-2 K blocks as a last pair only, 4,
+    11 and 16 as groups only, 5 (its pad block in the pair) and 6 as a group and a last pair (_ws_pair)."""
     from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon
 
     a, a_s, b, b_s = _operands(m, n, k, "cuda")

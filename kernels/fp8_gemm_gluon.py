@@ -40,12 +40,12 @@ The next tile's offsets are computed once per tile: computed per load (integer d
 per block) the single-partition kernel was 20% slower at w1/w3. The promotion is what is left to pay:
 benchmarks/fp8_gluon_probe.py runs the same data path with one chained accumulator and no scales at 1.10x / 1.04x.
 K blocks are padded to whole iterations (the warp-specialized form: to pairs) with re-reads of the last block whose
-scale is zero. M, N and K edges are zero-filled by TMA; c is clipped at M and N by the TMA store.
+scale is zero. M, N and K edges are zero-filled by TMA; c is clipped at M and N by the TMA store. TMA needs 16-byte
+aligned bases and rows (K % 16 == 0, N * itemsize % 16 == 0).
 Tried on the H200 and not kept (session 29, benchmarks/RESULTS.md): stream-K for the last, partial wave (w2 is 512
 tiles on 132 SMs; slower), 6 stages (as 5), ptxas 12.9's interleaved FFMA yield bits (no change). cuBLAS's kernel
 here is the same 128 x 128 cooperative tile with 6 stages and 2-CTA clusters sharing loads by TMA multicast, which
-triton 3.6's Gluon does not expose. TMA needs 16-byte aligned bases and rows
-(K % 16 == 0, N * itemsize % 16 == 0).
+triton 3.6's Gluon does not expose.
 
 No CPU interpreter runs Gluon: CI compiles both forms for sm_90 (tests/kernels/test_fp8_gemm_gluon.py), and the
 numerical checks run on the GPU (that test on a Hopper machine; benchmarks/kernels.py sections fp8_prefill and fp8
@@ -253,7 +253,6 @@ def _fp8_gemm_gluon_kernel(a_desc, b_desc, c_desc, a_s_ptr, b_s_ptr, M, N, K, st
 # Its partitions' arguments reach them as runtime values (warp_specialize flattens them), so its tile constants are
 # module constexprs, not kernel parameters.
 # DSV3_GLUON_WS_TILE="stages,unroll,group_m" overrides them at import (benchmarks/fp8_gluon_probe.py's sweep).
-# 5,4,8 since session 29 (4,2,8 before: 0.93x against 0.985x at w2); 6 stages with an fp32 c do not fit.
 def _ws_tile(spec: str) -> list[int]:
     """DSV3_GLUON_WS_TILE's "stages,unroll,group_m", checked: the kernel's static asserts would otherwise name it only
     at the first launch, as a compile error."""
@@ -267,6 +266,7 @@ def _ws_tile(spec: str) -> list[int]:
     return [stages, unroll, group_m]
 
 
+# 5,4,8 since session 29 (4,2,8 before: 0.93x against 0.985x at w2); 6 stages with an fp32 c do not fit.
 _WS_TILE = _ws_tile(os.environ.get("DSV3_GLUON_WS_TILE", "5,4,8"))
 WS_STAGES = gl.constexpr(_WS_TILE[0])
 WS_UNROLL = gl.constexpr(_WS_TILE[1])
@@ -447,7 +447,7 @@ def gluon_unsupported(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) 
 @functools.lru_cache(maxsize=None)
 def _shared_layout(block: tuple[int, ...], dtype) -> object:
     """The TMA tile's swizzled shared layout, built once per (block, dtype): get_default_for costs ~13 us of Python per
-    call on the H200's host, three per launch (the eager launch is host-bound otherwise; session 29)."""
+    call on the H200's host, three per launch (whose eager timing was host-bound without it; session 29)."""
     return gl.NVMMASharedLayout.get_default_for(list(block), dtype)
 
 

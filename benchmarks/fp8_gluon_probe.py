@@ -93,9 +93,9 @@ def chained(a, b):
 
 def _ws_tile() -> str:
     """The warp-specialized kernel's "stages,unroll,group_m" in this process (DSV3_GLUON_WS_TILE or its default)."""
-    from dsv3_export.kernels import fp8_gemm_gluon as GG
+    from dsv3_export.kernels import fp8_gemm_gluon_ws as W
 
-    return f"{int(GG.WS_STAGES)},{int(GG.WS_UNROLL)},{int(GG.WS_GROUP_M)}"
+    return f"{int(W.WS_STAGES)},{int(W.WS_UNROLL)},{int(W.WS_GROUP_M)}"
 
 
 def _graphed(fn):

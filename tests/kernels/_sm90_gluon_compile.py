@@ -20,6 +20,7 @@ from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
 from dsv3_export.kernels import fp8_gemm_gluon as G  # noqa: E402
+from dsv3_export.kernels import fp8_gemm_gluon_ws as W  # noqa: E402
 from tests.kernels._sm90_compile import SMEM_LIMIT, TARGET, _cuobjdump, _resource_usage  # noqa: E402
 
 # The single-partition kernel's (block_m, unroll, stages, c dtype): the launcher's default, the one-warpgroup tile and
@@ -69,16 +70,16 @@ def compile_case(block_m: int, unroll: int, stages: int, c_dtype: str) -> dict:
 
 
 def compile_warp_specialized(c_dtype: str, consumer_regs: int = 232, producer_regs: int = 40) -> dict:
-    """The producer / two-consumer kernel (its tile constants are the module's WS_* constexprs)."""
+    """The producer / two-consumer kernel (its tile constants are fp8_gemm_gluon_ws's WS_* constexprs)."""
     signature = dict(a_desc=_descriptor_type("fp8e4nv", [64, 128]),
                      b_desc=_descriptor_type("fp8e4nv", [G.BLOCK_N, 128]),
                      c_desc=_descriptor_type(c_dtype, [64, G.BLOCK_N]), a_s_ptr="*fp32", b_s_ptr="*fp32",
                      M="i32", N="i32", K="i32", stride_asm="i32", stride_bsn="i32", CONSUMER_REGS="constexpr",
                      PRODUCER_REGS="constexpr", num_warps="constexpr")
     constexprs = dict(CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=4)
-    row = dict(kernel="fp8_gemm_gluon_ws", block_m=128, unroll=int(G.WS_UNROLL), stages=int(G.WS_STAGES), c=c_dtype,
+    row = dict(kernel="fp8_gemm_gluon_ws", block_m=128, unroll=int(W.WS_UNROLL), stages=int(W.WS_STAGES), c=c_dtype,
                consumers=2)
-    return _compile(G._fp8_gemm_gluon_ws_kernel, signature, constexprs, 4, row)
+    return _compile(W._fp8_gemm_gluon_ws_kernel, signature, constexprs, 4, row)
 
 
 def main() -> None:

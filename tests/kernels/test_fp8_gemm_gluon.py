@@ -62,7 +62,7 @@ def test_refuses_a_warp_specialized_tile_it_cannot_run(spec):
     """DSV3_GLUON_WS_TILE is read at import: unroll 6 would leave two pairs after the groups, which the kernel does not
     run (wrong sums, or a hang with several tiles per program)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"DSV3_GLUON_WS_TILE": spec}
-    res = subprocess.run([sys.executable, "-c", "import dsv3_export.kernels.fp8_gemm_gluon"], cwd=REPO, env=env,
+    res = subprocess.run([sys.executable, "-c", "import dsv3_export.kernels.fp8_gemm_gluon_ws"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and f"DSV3_GLUON_WS_TILE={spec!r}" in res.stderr, res.stderr[-2000:]
 

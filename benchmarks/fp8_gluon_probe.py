@@ -30,8 +30,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from _timing import median_ms  # sibling module of this script
-from dsv3_export.kernels.fp8_gemm_gluon import (_descriptor, _load_ahead, _load_block, _ring, _schedule, _tile_offsets,
-                                                _tma_store)
+from dsv3_export.kernels.fp8_gemm_gluon import _descriptor, _load_ahead, _start, _tile_offsets, _tma_store
 
 
 @gluon.jit
@@ -40,17 +39,12 @@ def _chained_kernel(a_desc, b_desc, c_desc, M, N, K, GROUP_M: gl.constexpr, STAG
     """fp8_gemm_gluon's persistent loop with acc = a @ b^T + acc chained in the tensor core (no scales)."""
     BLOCK_M: gl.constexpr = c_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
-    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    # the product's schedule and padding (UNROLL 2) and shared memory
-    num_pid_m, num_pid_n, my_tiles, k_blocks, padded_blocks = _schedule(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, 2, STAGES)
-    total_steps = my_tiles * padded_blocks
+    # the product's schedule and padding (UNROLL 2), shared memory and first loads
+    (num_pid_m, num_pid_n, my_tiles, k_blocks, padded_blocks, total_steps, a_bufs, b_bufs, c_smem, ready, off_m,
+     off_n) = _start(a_desc, b_desc, c_desc, M, N, K, 2, STAGES, GROUP_M)
     INSTR_K: gl.constexpr = 256 // a_desc.dtype.primitive_bitwidth
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BLOCK_N, INSTR_K])
-    a_bufs, b_bufs, c_smem, ready = _ring(a_desc, b_desc, c_desc, STAGES)
-    off_m, off_n = _tile_offsets(gl.program_id(0), num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
-    for stage in gl.static_range(STAGES):
-        _load_block(a_desc, b_desc, a_bufs, b_bufs, ready, stage, total_steps, stage, off_m, off_n, k_blocks, STAGES)
     for local_tile in range(my_tiles):
         next_tile = gl.minimum(gl.program_id(0) + (local_tile + 1) * gl.num_programs(0), num_pid_m * num_pid_n - 1)
         next_m, next_n = _tile_offsets(next_tile, num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)

@@ -110,22 +110,6 @@ def _schedule(M, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl
 
 
 @gluon.jit
-def _ring(a_desc, b_desc, c_desc, STAGES: gl.constexpr):
-    """The single-partition kernels' shared memory: STAGES a and b tiles, the epilogue's c tile, one mbarrier per
-    stage (initialized)."""
-    BLOCK_M: gl.constexpr = c_desc.block_type.shape[0]
-    BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
-    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
-    c_smem = gl.allocate_shared_memory(c_desc.dtype, [BLOCK_M, BLOCK_N], c_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for stage in gl.static_range(STAGES):
-        mbarrier.init(ready.index(stage), count=1)
-    return a_bufs, b_bufs, c_smem, ready
-
-
-@gluon.jit
 def _load_block(a_desc, b_desc, a_bufs, b_bufs, ready, step, total_steps, kb, off_m, off_n, k_blocks,
                 STAGES: gl.constexpr):
     """TMA of this program's `step`-th K block (K block kb of the tile at off_m, off_n) into stage step % STAGES;
@@ -139,6 +123,31 @@ def _load_block(a_desc, b_desc, a_bufs, b_bufs, ready, step, total_steps, kb, of
     mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=issue)
     _tma_load(a_desc, [off_m, k_off], bar, a_bufs.index(stage), pred=issue)
     _tma_load(b_desc, [off_n, k_off], bar, b_bufs.index(stage), pred=issue)
+
+
+@gluon.jit
+def _start(a_desc, b_desc, c_desc, M, N, K, UNROLL: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+    """The single-partition kernels' start: their schedule (_schedule, each tile's K blocks padded to at least STAGES:
+    the loads run at most one tile ahead), their shared memory (STAGES a and b tiles, the epilogue's c tile, one
+    initialized mbarrier per stage) and the loads of the first STAGES steps. Returns (num_pid_m, num_pid_n, my_tiles,
+    k_blocks, padded_blocks, total_steps, a_bufs, b_bufs, c_smem, ready, off_m, off_n), off_* the first tile's."""
+    BLOCK_M: gl.constexpr = c_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    num_pid_m, num_pid_n, my_tiles, k_blocks, padded_blocks = _schedule(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, UNROLL,
+                                                                        STAGES)
+    total_steps = my_tiles * padded_blocks
+    a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    c_smem = gl.allocate_shared_memory(c_desc.dtype, [BLOCK_M, BLOCK_N], c_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for stage in gl.static_range(STAGES):
+        mbarrier.init(ready.index(stage), count=1)
+    off_m, off_n = _tile_offsets(gl.program_id(0), num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
+    for stage in gl.static_range(STAGES):
+        _load_block(a_desc, b_desc, a_bufs, b_bufs, ready, stage, total_steps, stage, off_m, off_n, k_blocks, STAGES)
+    return (num_pid_m, num_pid_n, my_tiles, k_blocks, padded_blocks, total_steps, a_bufs, b_bufs, c_smem, ready,
+            off_m, off_n)
 
 
 @gluon.jit
@@ -185,17 +194,11 @@ def _fp8_gemm_gluon_kernel(a_desc, b_desc, c_desc, a_s_ptr, b_s_ptr, M, N, K, st
 
     # Persistent (_schedule); the program's K blocks form one sequence of `steps` (stage step % STAGES, mbarrier
     # phase (step // STAGES) & 1), each tile's padded to at least STAGES (the loads run at most one tile ahead).
-    num_pid_m, num_pid_n, my_tiles, k_blocks, padded_blocks = _schedule(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, UNROLL,
-                                                                        STAGES)
-    total_steps = my_tiles * padded_blocks
-
+    (num_pid_m, num_pid_n, my_tiles, k_blocks, padded_blocks, total_steps, a_bufs, b_bufs, c_smem, ready, off_m,
+     off_n) = _start(a_desc, b_desc, c_desc, M, N, K, UNROLL, STAGES, GROUP_M)
     INSTR_K: gl.constexpr = 256 // a_desc.dtype.primitive_bitwidth  # 32 for fp8
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BLOCK_N, INSTR_K])
-    a_bufs, b_bufs, c_smem, ready = _ring(a_desc, b_desc, c_desc, STAGES)
-    off_m, off_n = _tile_offsets(gl.program_id(0), num_pid_m, num_pid_n, BLOCK_M, BLOCK_N, GROUP_M)
-    for stage in gl.static_range(STAGES):
-        _load_block(a_desc, b_desc, a_bufs, b_bufs, ready, stage, total_steps, stage, off_m, off_n, k_blocks, STAGES)
 
     part_b = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
     for local_tile in range(my_tiles):

@@ -122,12 +122,9 @@ def ws_rounds(rounds: int, regs: int, out: str | None) -> None:
     from dsv3_export.kernels import fp8_gemm as G
     from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon
     from dsv3_export.reference import fp8 as R
-    from kbench.common import _graph_of
-    from kbench.fp8 import _blockwise_operands, _scaled_mm_blockwise
+    from kbench.fp8 import against_blockwise_in_graphs
 
     from triton.runtime.errors import OutOfResources
-
-    from _timing import interleaved_ms
 
     rows = []
     for label, n, k in (("w1/w3", 10944, 2048), ("w2", 2048, 10944)):
@@ -140,18 +137,14 @@ def ws_rounds(rounds: int, regs: int, out: str | None) -> None:
         except OutOfResources:
             out_dtype, out = torch.bfloat16, fp8_gemm_gluon(a, a_s, w, w_s, ws_consumer_regs=regs)
         err = ((out.float() - ref).abs().mean() / ref.abs().mean()).item()
-        a_p, s_a, w_p, s_b = _blockwise_operands(a, a_s, w, w_s)
-        replayed: list = []
-        graphs = {"blockwise": _graph_of(lambda: _scaled_mm_blockwise(a_p, s_a, w_p, s_b)).replay,
-                  "gluon": _graph_of(lambda: fp8_gemm_gluon(a, a_s, w, w_s, ws_consumer_regs=regs), replayed).replay}
-        times = interleaved_ms(graphs, "read", rounds=rounds)
+        base_ms, gluon_ms, ratios, replayed = against_blockwise_in_graphs(
+            a, a_s, w, w_s, lambda: fp8_gemm_gluon(a, a_s, w, w_s, ws_consumer_regs=regs), rounds, "read")
         # what the timed replays wrote (bf16 c): a wrong kernel is off by far more than bf16 rounding (~1.4e-3)
-        graph_err = ((replayed[0].float() - ref).abs().mean() / ref.abs().mean()).item()
-        ratios = sorted(base / ours for base, ours in zip(times["blockwise"], times["gluon"]))
-        row = dict(case=label, ws_tile=_ws_tile(), rounds=rounds, gluon_ms=statistics.median(times["gluon"]),
-                   blockwise_ms=statistics.median(times["blockwise"]), ratio_median=statistics.median(ratios),
+        graph_err = ((replayed.float() - ref).abs().mean() / ref.abs().mean()).item()
+        row = dict(case=label, ws_tile=_ws_tile(), rounds=rounds, gluon_ms=statistics.median(gluon_ms),
+                   blockwise_ms=statistics.median(base_ms), ratio_median=statistics.median(ratios),
                    ratio_min=ratios[0], ratio_max=ratios[-1], err=err, err_out_dtype=str(out_dtype),
-                   graph_err=graph_err, ws_regs=regs, times=times)
+                   graph_err=graph_err, ws_regs=regs, times=dict(blockwise=base_ms, gluon=gluon_ms))
         rows.append(row)
         print(f"{row['ws_tile']} {label}: gluon {row['gluon_ms']:.4f} ms, blockwise _scaled_mm "
               f"{row['blockwise_ms']:.4f} ms; per round {row['ratio_median']:.3f}x (range {ratios[0]:.3f}-"

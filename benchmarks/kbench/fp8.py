@@ -265,6 +265,21 @@ def _gluon_label(cfg) -> str:
     return f"gluon {block_m}x128 s{stages} u{unroll} g{group_m}"
 
 
+def against_blockwise_in_graphs(a, a_s, w, w_s, ours, rounds: int, flush: str):
+    """ours() (an fp8 GEMM of a and w) and blockwise _scaled_mm of the same operands, each captured in a CUDA graph,
+    timed in alternation for `rounds` rounds (_timing.interleaved_ms): (blockwise ms per round, ours ms per round,
+    the per-round ratios blockwise / ours sorted, the tensor ours' replays wrote)."""
+    from _timing import interleaved_ms  # benchmarks/_timing.py
+
+    a_p, s_a, w_p, s_b = _blockwise_operands(a, a_s, w, w_s)
+    written: list = []
+    graphs = {"blockwise": _graph_of(lambda: _scaled_mm_blockwise(a_p, s_a, w_p, s_b)).replay,
+              "ours": _graph_of(ours, written).replay}
+    times = interleaved_ms(graphs, flush, rounds=rounds)
+    ratios = sorted(base / mine for base, mine in zip(times["blockwise"], times["ours"]))
+    return times["blockwise"], times["ours"], ratios, written[0]
+
+
 def _graphed_pair(report: Report, case: str, operands, ref, out_dtype, quick: bool, bytes_: float,
                   flops: float) -> list[Row]:
     """Blockwise _scaled_mm and the Gluon kernel's default form from CUDA graphs, timed in alternation
@@ -272,26 +287,20 @@ def _graphed_pair(report: Report, case: str, operands, ref, out_dtype, quick: bo
     descriptors and Gluon's launcher in Python: up to ~200 us per call on the H200's host in session 29, 100-130 us
     once the launcher kept its layouts) can exceed the L2 flush plus the kernel, leaving the GPU idle inside the
     timed window; and rows timed minutes apart see the clocks drift (5% between rounds)."""
-    from _timing import interleaved_ms  # benchmarks/_timing.py
-
     from kbench import common
 
     a, a_s, w, w_s = operands
     m = a.shape[0]
-    a_p, s_a, w_p, s_b = _blockwise_operands(a, a_s, w, w_s)
     names = ("torch._scaled_mm blockwise (CUDA graph)", f"{_gluon_label(None)} (CUDA graph)")
-    outputs: list = []
-    graphs = {names[0]: _graph_of(lambda: _scaled_mm_blockwise(a_p, s_a, w_p, s_b)).replay,
-              names[1]: _graph_of(lambda: _gluon_gemm(a, a_s, w, w_s, out_dtype, None), outputs).replay}
     rounds = 3 if quick else 7
-    times = interleaved_ms(graphs, common.L2_FLUSH, rounds=rounds)
-    ratios = sorted(base / ours for base, ours in zip(times[names[0]], times[names[1]]))
+    base_ms, ours_ms, ratios, written = against_blockwise_in_graphs(
+        a, a_s, w, w_s, lambda: _gluon_gemm(a, a_s, w, w_s, out_dtype, None), rounds, common.L2_FLUSH)
     note = (f"{rounds} rounds alternating the two graph rows; gluon vs blockwise _scaled_mm per round: median "
             f"{statistics.median(ratios):.3f}x, range {ratios[0]:.3f}-{ratios[-1]:.3f}x")
-    err = mean_rel(outputs[0][:m].float(), ref)  # what the replays wrote
-    rows = [add(report, Row("fp8_prefill", case, names[0], statistics.median(times[names[0]]), note=note),
+    err = mean_rel(written[:m].float(), ref)  # what the replays wrote
+    rows = [add(report, Row("fp8_prefill", case, names[0], statistics.median(base_ms), note=note),
                 bytes_=bytes_, flops=flops, peak=FP8_PEAK),
-            add(report, Row("fp8_prefill", case, names[1], statistics.median(times[names[1]]), error=err, tol=1e-3,
+            add(report, Row("fp8_prefill", case, names[1], statistics.median(ours_ms), error=err, tol=1e-3,
                             ok=err < 1e-3, note=note), bytes_=bytes_, flops=flops, peak=FP8_PEAK)]
     print(f"  {case}: CUDA graphs, {note}", flush=True)
     return rows

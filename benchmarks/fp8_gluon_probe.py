@@ -92,16 +92,6 @@ def _ws_tile() -> str:
     return f"{int(W.WS_STAGES)},{int(W.WS_UNROLL)},{int(W.WS_GROUP_M)}"
 
 
-def _graphed(fn):
-    """fn captured in a CUDA graph (after a warm-up call): its replay, which times the GPU work alone."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def _host_us(fn, calls: int = 20) -> float:
     """Host microseconds per eager call (Python, descriptors, launch), timed while the GPU drains a long queue: if it
     exceeds the flush plus the kernel, median_ms's eager samples include GPU idle time."""
@@ -171,6 +161,7 @@ def main() -> None:
         return
     from dsv3_export.kernels import fp8_gemm as G
     from dsv3_export.reference import fp8 as R
+    from kbench.common import _graph_of
     from kbench.fp8 import _blockwise_operands, _scaled_mm_blockwise, _scaled_mm_tensorwise
 
     from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon
@@ -209,7 +200,7 @@ def main() -> None:
             ms = median_ms(fn, "read")
             base = base or ms
             host_us = _host_us(fn)
-            graph_ms = median_ms(_graphed(fn), "read")  # the same call without its host cost
+            graph_ms = median_ms(_graph_of(fn).replay, "read")  # the same call without its host cost
             graph_base = graph_base or graph_ms
             tflops = 2 * m * n * k / (ms * 1e-3) / 1e12
             rows.append(dict(case=label, impl=name, ms=ms, tflops=tflops, vs_blockwise=base / ms, err=err,

@@ -104,7 +104,7 @@ def _host_us(fn, calls: int = 20) -> float:
     return host
 
 
-def ws_rounds(rounds: int, regs: int, out: str | None) -> None:
+def ws_rounds(rounds: int, regs: int, out_dir: str | None) -> None:
     """The warp-specialized kernel (at this process's DSV3_GLUON_WS_TILE) against blockwise _scaled_mm, both from
     CUDA graphs, `rounds` rounds alternating the two (_timing.interleaved_ms): the per-round ratio's median and range,
     steadier than one timing of each (the H200's clocks drift by 5% within a run). Checked on an fp32 c (a bf16 c
@@ -139,9 +139,9 @@ def ws_rounds(rounds: int, regs: int, out: str | None) -> None:
         print(f"{row['ws_tile']} {label}: gluon {row['gluon_ms']:.4f} ms, blockwise _scaled_mm "
               f"{row['blockwise_ms']:.4f} ms; per round {row['ratio_median']:.3f}x (range {ratios[0]:.3f}-"
               f"{ratios[-1]:.3f}); err {err:.1e} ({out_dtype}), the timed graph's {graph_err:.1e} (bf16)", flush=True)
-    if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, f"fp8_gluon_ws_rounds_{_ws_tile().replace(',', '-')}.json"), "w") as f:
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f"fp8_gluon_ws_rounds_{_ws_tile().replace(',', '-')}.json"), "w") as f:
             json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                            rows=rows), f, indent=1)
 

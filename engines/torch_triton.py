@@ -26,7 +26,9 @@ uses these on CUDA, ATen math for the rest):
                              bf16/fp16; fp32 engines keep ATen (the kernel's fp32 dots are TF32).
     dsv3::fp8_linear       -> dsv3_aoti::fp8_linear       act_quant=True: act_quant + fp8 x fp8 GEMM;
                              act_quant=False: the weight-only GEMM (fp8 widened in registers; bf16/fp16
-                             x only, fp32 x keeps ATen). kernels/fp8_gemm.py.
+                             x only, fp32 x keeps ATen). kernels/fp8_gemm.py. In the prefill program, W8A8
+                             with a weight whose K is a multiple of 512: act_quant + blockwise
+                             torch._scaled_mm (cuBLAS; engines/torch_scaled_mm.py, PREFILL_GEMM_ENV).
 
 Shapes are symbolic when a package is traced, so nothing here is chosen from a token, batch or
 cache count: block_m (rows per expert block) is 16 for decode and 64 for prefill; the fp8 GEMM's
@@ -45,6 +47,7 @@ from torch.library import triton_op
 
 from dsv3_export.engines import torch_launch
 from dsv3_export.engines.torch_decode_gemv import decode_gemv, gated, gemv_prefetch_on
+from dsv3_export.engines.torch_scaled_mm import blockwise_check, cublas_suits, fp8_linear_cublas
 from dsv3_export.engines.torch_step import env_choice
 from dsv3_export.engines.torch_triton_mla import absorb_gemm_on, head_gemv_on, merge_uv_on, mla_attention
 from dsv3_export.engines.torch_triton_moe import (MOE_ALIGN_DEFAULT, MOE_ALIGN_ENV, MOE_ALIGN_FORMS, moe_experts,
@@ -78,6 +81,32 @@ def _split_k_sum_kernel(kind: str, gemv: bool) -> bool:
         "kernel": "kernels/fp8_gemm.py's sum kernel, not launched where the GEMV runs",
         "inductor": "c.sum(dim=0) in Inductor, at every batch"})
     return kind == "decode" and (choice == "kernel" or (choice == "auto" and gemv))
+
+
+# The prefill program's W8A8 fp8 Linears (engines/torch_scaled_mm.py): `cublas` blockwise torch._scaled_mm for
+# weights whose K is a multiple of 512 (at the 16b shapes every fp8 Linear but the dense layer's w2, K=10944, which
+# keeps the Triton GEMM), `triton` kernels/fp8_gemm.py's GEMM for all; `auto` (default) cuBLAS when the GPU the
+# program is lowered on computes a small blockwise product right (blockwise_check), else the Triton GEMM. The decode
+# program keeps ours (decode rows: on par with cuBLAS for w1/w3, 1.3-1.9x faster for w2; fp8_gemv at batch <= 2).
+# Why: the Triton GEMM reaches 0.5-0.66x of cuBLAS at prefill M, and the faster Gluon kernel cannot enter a package
+# (Inductor compiles user kernels as @triton.jit). H200, session 30 (benchmarks/cublas_prefill_probe.py, act_quant
+# included, CUDA graphs; AOTInductor packages checked at M = 1, 7, 300, 4096): at M=4096 1.35x for wq, 1.29x wo,
+# 1.56x w1/w3, 0.99x wkv_a; at M=1024 1.00x / 1.14x / 1.35x / 0.98x. The dense w2 with K zero-padded per call: 1.12x
+# at 4096, 1.02x at 1024 (not taken).
+PREFILL_GEMM_ENV = "DSV3_TORCH_PREFILL_GEMM"
+
+
+def prefill_cublas(kind: str) -> bool:
+    """Whether a program of `kind` runs its fp8 Linears that cublas_suits through blockwise torch._scaled_mm."""
+    choice = env_choice(PREFILL_GEMM_ENV, "auto", {
+        "auto": "cuBLAS's blockwise fp8 GEMM when this GPU computes it right, else the Triton GEMM",
+        "cublas": "blockwise torch._scaled_mm for weights whose K is a multiple of 512",
+        "triton": "kernels/fp8_gemm.py's GEMM for every fp8 Linear"})
+    if kind != "prefill" or choice == "triton":
+        return False
+    if choice == "cublas":
+        return True
+    return torch.cuda.is_available() and blockwise_check(torch.cuda.current_device()) is None
 
 
 # M the fp8 GEMM's split-K is chosen for in the decode program (one 16-row tile: batch <= 16);
@@ -126,15 +155,19 @@ def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: t
 
 @triton_op("dsv3_aoti::fp8_linear", mutates_args={})
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool,
-               decode: bool, gemv: bool = False, split_k_sum: bool = False) -> torch.Tensor:
+               decode: bool, gemv: bool = False, split_k_sum: bool = False, cublas: bool = False) -> torch.Tensor:
     """dsv3::fp8_linear: x [..., K] -> [..., N]; act_quant 1x128 + fp8 GEMM, or weight-only.
     gemv (decode, act_quant; DECODE_GEMV_ENV): batches of at most kv.GEMV_MAX_ROWS rows run
     kernels/fp8_gemv.py instead of act_quant + the GEMM, which then launch nothing. split_k_sum
-    (SPLIT_K_SUM_ENV): split-K partials summed by the sum kernel instead of Inductor's c.sum."""
+    (SPLIT_K_SUM_ENV): split-K partials summed by the sum kernel instead of Inductor's c.sum. cublas
+    (act_quant, bf16/fp16 x, a weight cublas_suits takes; PREFILL_GEMM_ENV): act_quant, then blockwise
+    torch._scaled_mm (engines/torch_scaled_mm.py)."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     kind = "decode" if decode else "prefill"
-    if act_quant and gemv and decode:
+    if act_quant and cublas:
+        y = fp8_linear_cublas(x2, weight, scale)
+    elif act_quant and gemv and decode:
         gate = kv.gemv_gate(x2.shape[0])  # 1 at M <= GEMV_MAX_ROWS, else 0 (symbolic: no guard)
         xq, xs = torch_launch.act_quant_launch(x2, 1 - gate)
         y = _fp8_gemm(xq, xs, weight, scale, x.dtype, kind, small_batch=(x2, gate), kernel_sum=split_k_sum)
@@ -157,6 +190,7 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
     head_gemv = gemv and head_gemv_on()  # with the decode GEMV: the same gate and the same tuning-batch rule
     merge_uv = head_gemv and merge_uv_on()
     kernel_sum = _split_k_sum_kernel(kind, gemv)
+    cublas = prefill_cublas(kind)
     align_form = env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS)
     routing = "moe_align " + ("in ATen ops" if align_form == "aten" else "kernel")
 
@@ -187,7 +221,8 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
         if not act_quant and x.dtype not in kg.DENSE_DTYPES:  # weight-only GEMM: bf16/fp16 activations
             return ATEN_LOWERINGS["dsv3::fp8_linear"](x, weight, scale, act_quant)
         small = gemv and act_quant and kv.gemv_suits(*weight.shape)
-        return fp8_linear(x, weight, scale, act_quant, kind == "decode", small, kernel_sum)
+        by_cublas = cublas and act_quant and x.dtype in kg.DENSE_DTYPES and cublas_suits(*weight.shape)
+        return fp8_linear(x, weight, scale, act_quant, kind == "decode", small, kernel_sum, by_cublas)
 
     lower_moe.how = (f"triton_op dsv3_aoti::moe_experts (kernels/moe.py grouped GEMMs; {routing}) for bf16/fp16; "
                      "ATen math for fp32")
@@ -208,6 +243,8 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
                                f"<= {kv.GEMV_MAX_ROWS})" if kind == "decode" else "")
                             + ", or weight-only for bf16/fp16 x"
                             + ("; split-K sums by the sum kernel" if kernel_sum else "")
+                            + ("; bf16/fp16 x times weights whose K is a multiple of 512 by act_quant + blockwise "
+                               "torch._scaled_mm (cuBLAS, engines/torch_scaled_mm.py)" if cublas else "")
                             + "); ATen math for weight-only fp32 x")
     return {"dsv3::moe_experts": lower_moe, "dsv3::moe_experts_fp8": lower_moe_fp8,
             "dsv3::mla_attention": lower_mla, "dsv3::fp8_linear": lower_fp8_linear}

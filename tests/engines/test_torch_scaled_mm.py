@@ -1,0 +1,119 @@
+"""engines/torch_scaled_mm.py and DSV3_TORCH_PREFILL_GEMM (engines/torch_triton.py): the prefill program's fp8
+Linears whose K is a multiple of 512 run act_quant + blockwise torch._scaled_mm (cuBLAS) instead of the Triton GEMM.
+
+CPU, in subprocesses (tests/engines/_program_script.py):
+  interpret  act_quant_padded under the Triton interpreter: its first M rows are act_quant's, bit for bit, in
+             buffers of round_up(M, 16) rows, the scales outer-dim-major (strides (1, M')), as cuBLAS needs
+  trace      a program of three fp8 Linears (K=1024 W8A8, K=640 W8A8, K=1024 weight-only) lowered as
+             engines/torch.py lowers for CUDA, its triton_ops decomposed: which reach aten._scaled_mm per
+             switch value and program kind (cublas: the K=1024 W8A8 one, prefill only; triton, and auto
+             without a GPU: none), with M symbolic (no guard from the padded rows)
+GPU (skipped without CUDA): fp8_linear_cublas against the op's reference math at ragged M and N.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.engines._program_script import SCRIPT_PREAMBLE, run_script
+
+_SCRIPT = SCRIPT_PREAMBLE + r'''
+import torch
+from dsv3_export.engines import torch_scaled_mm as sm
+
+g = torch.Generator().manual_seed(seed)
+out = {}
+if mode == "interpret":
+    from dsv3_export.kernels import fp8_quant as kq
+
+    for m in (1, 5, 16, 37):
+        x = torch.randn(m, 640, generator=g, dtype=torch.bfloat16) * 3
+        q, scale_a = sm.act_quant_padded(x)
+        q_ref, s_ref = kq.act_quant(x)
+        out[f"m{m}"] = dict(rows=q.shape[0], scale_shape=list(scale_a.shape), scale_stride=list(scale_a.stride()),
+                            q_equal=bool(torch.equal(q[:m].view(torch.uint8), q_ref.view(torch.uint8))),
+                            s_equal=bool(torch.equal(scale_a[:m], s_ref)))
+else:
+    from torch.export import Dim, export
+
+    import dsv3_export.ops  # noqa: F401  registers dsv3::
+    from dsv3_export.engines.torch_lower import lower_dsv3_ops
+    from dsv3_export.engines.torch_triton import PREFILL_GEMM_ENV, triton_lowerings
+    from dsv3_export.reference import fp8 as R
+
+    w_a, s_a = R.weight_quant(torch.randn(200, 1024, generator=g) / 32)  # K = 1024: cuBLAS takes it
+    w_b, s_b = R.weight_quant(torch.randn(72, 640, generator=g) / 25)  # K = 640: the Triton GEMM keeps it
+
+    class Three(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, t in (("w_a", w_a), ("s_a", s_a), ("w_b", w_b), ("s_b", s_b)):
+                self.register_buffer(name, t)
+
+        def forward(self, x, y):
+            return (torch.ops.dsv3.fp8_linear(x, self.w_a, self.s_a, True),
+                    torch.ops.dsv3.fp8_linear(y, self.w_b, self.s_b, True),
+                    torch.ops.dsv3.fp8_linear(x, self.w_a, self.s_a, False))
+
+    m = Dim("m", min=1, max=8192)
+    args = (torch.randn(3, 1024, dtype=torch.bfloat16), torch.randn(3, 640, dtype=torch.bfloat16))
+    ep = export(Three(), args, dynamic_shapes=({0: m}, {0: m}))
+    for choice in ("cublas", "triton", "auto"):
+        os.environ[PREFILL_GEMM_ENV] = choice  # read when a program is lowered
+        for kind in ("prefill", "decode"):
+            lowered, how = lower_dsv3_ops(ep, "cuda", triton_lowerings(kind))
+            kernels = lowered.run_decompositions({}, decompose_custom_triton_ops=True)
+            gemms = [n for n in kernels.graph.nodes if n.target == torch.ops.aten._scaled_mm.default]
+            out[f"{choice}_{kind}"] = dict(
+                scaled_mm=[list(n.args[1].meta["val"].shape) for n in gemms],  # [K, N] of each cuBLAS GEMM
+                cublas_named="_scaled_mm" in how["dsv3::fp8_linear"],
+                symbolic_m=[str(n.meta["val"].shape[0]) for n in gemms])  # M' = round_up(M, 16), not a number
+    os.environ[PREFILL_GEMM_ENV] = "fast"
+    try:
+        triton_lowerings("prefill")
+    except ValueError as e:
+        out["bad_value"] = str(e)
+print(json.dumps(out))
+'''
+
+
+def test_act_quant_padded_rows_and_scale_layout(seed):
+    result = run_script(_SCRIPT, "interpret", seed)
+    for m in (1, 5, 16, 37):
+        got = result[f"m{m}"]
+        rows = -(-m // 16) * 16
+        assert got["rows"] == rows and got["scale_shape"] == [rows, 5], got
+        assert got["scale_stride"] == [1, rows], got  # outer-dim-major, leading dimension M'
+        assert got["q_equal"] and got["s_equal"], got
+
+
+def test_prefill_lowering_sends_k512_weights_to_scaled_mm():
+    result = run_script(_SCRIPT, "trace")
+    assert result["cublas_prefill"]["scaled_mm"] == [[1024, 200]], result  # only the K=1024 W8A8 Linear
+    assert result["cublas_prefill"]["cublas_named"], result  # the build's record says so
+    for key in ("cublas_decode", "triton_prefill", "triton_decode", "auto_prefill", "auto_decode"):  # no GPU: auto
+        assert result[key]["scaled_mm"] == [] and not result[key]["cublas_named"], (key, result[key])
+    assert not result["cublas_prefill"]["symbolic_m"][0].isdigit(), result
+    assert "DSV3_TORCH_PREFILL_GEMM='fast'" in result["bad_value"] and "cublas" in result["bad_value"], result
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLAS's blockwise fp8 GEMM needs a CUDA GPU (sm_90+)")
+def test_fp8_linear_cublas_matches_the_op_reference(seed):
+    from dsv3_export.engines.torch_scaled_mm import blockwise_check, fp8_linear_cublas
+    from dsv3_export.ops.fp8 import fp8_matmul
+    from dsv3_export.reference.fp8 import weight_quant
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("cuBLAS's blockwise fp8 mode needs sm_90 or later")
+    assert blockwise_check(torch.cuda.current_device()) is None
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    for n, k in ((200, 1024), (576, 2048), (3648, 2048)):
+        w, w_s = weight_quant(torch.randn(n, k, device="cuda", generator=g) / k**0.5)
+        for m in (1, 5, 33, 300):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g) * 2
+            got = fp8_linear_cublas(x, w, w_s).float()
+            want = fp8_matmul(x, w, w_s, True).float()  # both round to bf16 once
+            assert got.shape == (m, n) and torch.isfinite(got).all()
+            err = ((got - want).abs().mean() / want.abs().mean()).item()
+            assert err < 3e-3, (n, k, m, err)  # two bf16 roundings of fp32 sums in different orders: ~1e-3

@@ -6,8 +6,9 @@ CPU, in subprocesses (tests/engines/_program_script.py):
              buffers of round_up(M, 16) rows, the scales outer-dim-major (strides (1, M')), as cuBLAS needs
   trace      a program of three fp8 Linears (K=1024 W8A8, K=640 W8A8, K=1024 weight-only) lowered as
              engines/torch.py lowers for CUDA, its triton_ops decomposed: which reach aten._scaled_mm per
-             switch value and program kind (cublas: the K=1024 W8A8 one, prefill only; triton, and auto
-             without a GPU: none), with M symbolic (no guard from the padded rows)
+             switch value and program kind (cublas: the K=1024 W8A8 one, prefill only; triton: none; auto:
+             none without a GPU, as cublas where the GPU's blockwise check passes), with M symbolic (no guard
+             from the padded rows)
 GPU (skipped without CUDA): fp8_linear_cublas against the op's reference math at ragged M and N.
 """
 
@@ -39,7 +40,7 @@ else:
 
     import dsv3_export.ops  # noqa: F401  registers dsv3::
     from dsv3_export.engines.torch_lower import lower_dsv3_ops
-    from dsv3_export.engines.torch_triton import PREFILL_GEMM_ENV, triton_lowerings
+    from dsv3_export.engines.torch_triton import PREFILL_GEMM_ENV, prefill_cublas, triton_lowerings
     from dsv3_export.reference import fp8 as R
 
     w_a, s_a = R.weight_quant(torch.randn(200, 1024, generator=g) / 32)  # K = 1024: cuBLAS takes it
@@ -69,6 +70,9 @@ else:
                 scaled_mm=[list(n.args[1].meta["val"].shape) for n in gemms],  # [K, N] of each cuBLAS GEMM
                 cublas_named="_scaled_mm" in how["dsv3::fp8_linear"],
                 symbolic_m=[str(n.meta["val"].shape[0]) for n in gemms])  # M' = round_up(M, 16), not a number
+    os.environ[PREFILL_GEMM_ENV] = "auto"
+    out["auto_takes_cublas"] = prefill_cublas("prefill")  # on a GPU whose blockwise check passes
+    out["cuda"] = torch.cuda.is_available()
     os.environ[PREFILL_GEMM_ENV] = "fast"
     try:
         triton_lowerings("prefill")
@@ -92,8 +96,11 @@ def test_prefill_lowering_sends_k512_weights_to_scaled_mm():
     result = run_script(_SCRIPT, "trace")
     assert result["cublas_prefill"]["scaled_mm"] == [[1024, 200]], result  # only the K=1024 W8A8 Linear
     assert result["cublas_prefill"]["cublas_named"], result  # the build's record says so
-    for key in ("cublas_decode", "triton_prefill", "triton_decode", "auto_prefill", "auto_decode"):  # no GPU: auto
+    for key in ("cublas_decode", "triton_prefill", "triton_decode", "auto_decode"):
         assert result[key]["scaled_mm"] == [] and not result[key]["cublas_named"], (key, result[key])
+    assert result["cuda"] or not result["auto_takes_cublas"], result  # auto: never cuBLAS without a GPU
+    assert result["auto_prefill"] == (result["cublas_prefill"] if result["auto_takes_cublas"] else
+                                      result["triton_prefill"]), result
     assert not result["cublas_prefill"]["symbolic_m"][0].isdigit(), result
     assert "DSV3_TORCH_PREFILL_GEMM='fast'" in result["bad_value"] and "cublas" in result["bad_value"], result
 

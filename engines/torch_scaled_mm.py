@@ -8,8 +8,9 @@ accept and compute right (benchmarks/cublas_prefill_probe.py, session 30):
   M        a multiple of 4 (cuBLAS refuses M = 1 or 5 with CUBLAS_STATUS_NOT_SUPPORTED)
   scale_b  strides exactly (1, kb), and cuBLAS reads it right only when kb is a multiple of 4 (it reads the rows
            round_up(kb, 4) apart: w2's K=10944, kb=86, gave mean rel. errors of ~400); torch refuses padded strides
-So this path takes weights whose K is a multiple of 512 (every 16b fp8 Linear with K = dim = 2048: wq, wkv_a, wo,
-the dense and shared experts' w1/w3), and pads M: act_quant writes its fp8 rows and scales into buffers of
+  N        a multiple of 16 (torch refuses others)
+So this path takes weights whose K is a multiple of 512 and N of 16 (every 16b fp8 Linear with K = dim = 2048: wq,
+wkv_a, wo, the dense and shared experts' w1/w3), and pads M: act_quant writes its fp8 rows and scales into buffers of
 round_up(M, 16) rows (the rows past M are left unwritten: each output row depends only on its own input row and
 scale, and those rows are sliced off), its scales are transposed by one small copy, and the product's first M rows
 are returned.
@@ -29,9 +30,12 @@ M_MULTIPLE = 16  # rows of the activation buffers: cuBLAS wants a multiple of 4
 K_MULTIPLE = 4 * QUANT_BLOCK  # K whose 128-column blocks come in fours: scale_b's rows as cuBLAS reads them
 
 
+N_MULTIPLE = 16  # torch._scaled_mm refuses other N ("mat2 shape (1024x200) must be divisible by 16")
+
+
 def cublas_suits(n: int, k: int) -> bool:
-    """Whether a [N, K] fp8 weight can take this path (K a multiple of 512; N any)."""
-    return k > 0 and n > 0 and k % K_MULTIPLE == 0
+    """Whether a [N, K] fp8 weight can take this path (K a multiple of 512, N of 16)."""
+    return k > 0 and n > 0 and k % K_MULTIPLE == 0 and n % N_MULTIPLE == 0
 
 
 def act_quant_padded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +75,7 @@ def blockwise_check(device_index: int) -> str | None:
     name = torch.cuda.get_device_name(device)
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(5, 1024, device=device, dtype=torch.bfloat16, generator=g)  # 5 rows: the padded path
-    w, w_s = weight_quant(torch.randn(200, 1024, device=device, generator=g) / 32)  # 2 ragged scale rows
+    w, w_s = weight_quant(torch.randn(208, 1024, device=device, generator=g) / 32)  # 2 scale rows, one ragged
     try:
         got = fp8_linear_cublas(x, w, w_s).float()
         torch.cuda.synchronize(device)

@@ -27,7 +27,7 @@ uses these on CUDA, ATen math for the rest):
     dsv3::fp8_linear       -> dsv3_aoti::fp8_linear       act_quant=True: act_quant + fp8 x fp8 GEMM;
                              act_quant=False: the weight-only GEMM (fp8 widened in registers; bf16/fp16
                              x only, fp32 x keeps ATen). kernels/fp8_gemm.py. In the prefill program, W8A8
-                             with a weight whose K is a multiple of 512: act_quant + blockwise
+                             with a weight whose K is a multiple of 512 and N of 16: act_quant + blockwise
                              torch._scaled_mm (cuBLAS; engines/torch_scaled_mm.py, PREFILL_GEMM_ENV).
 
 Shapes are symbolic when a package is traced, so nothing here is chosen from a token, batch or
@@ -84,15 +84,15 @@ def _split_k_sum_kernel(kind: str, gemv: bool) -> bool:
 
 
 # The prefill program's W8A8 fp8 Linears (engines/torch_scaled_mm.py): `cublas` blockwise torch._scaled_mm for
-# weights whose K is a multiple of 512 (at the 16b shapes every fp8 Linear but the dense layer's w2, K=10944, which
-# keeps the Triton GEMM), `triton` kernels/fp8_gemm.py's GEMM for all; `auto` (default) cuBLAS when the GPU the
-# program is lowered on computes a small blockwise product right (blockwise_check), else the Triton GEMM. The decode
-# program keeps ours (decode rows: on par with cuBLAS for w1/w3, 1.3-1.9x faster for w2; fp8_gemv at batch <= 2).
-# Why: the Triton GEMM reaches 0.5-0.66x of cuBLAS at prefill M, and the faster Gluon kernel cannot enter a package
-# (Inductor compiles user kernels as @triton.jit). H200, session 30 (benchmarks/cublas_prefill_probe.py, act_quant
-# included, CUDA graphs; AOTInductor packages checked at M = 1, 7, 300, 4096): at M=4096 1.35x for wq, 1.29x wo,
-# 1.56x w1/w3, 0.99x wkv_a; at M=1024 1.00x / 1.14x / 1.35x / 0.98x. The dense w2 with K zero-padded per call: 1.12x
-# at 4096, 1.02x at 1024 (not taken).
+# weights whose K is a multiple of 512 and N of 16 (at the 16b shapes every fp8 Linear but the dense layer's w2,
+# K=10944, which keeps the Triton GEMM), `triton` kernels/fp8_gemm.py's GEMM for all; `auto` (default) cuBLAS when
+# the GPU the program is lowered on computes a small blockwise product right (blockwise_check), else the Triton
+# GEMM. The decode program keeps ours (decode rows: on par with cuBLAS for w1/w3, 1.3-1.9x faster for w2; fp8_gemv
+# at batch <= 2). Why: the Triton GEMM reaches 0.5-0.66x of cuBLAS at prefill M, and the faster Gluon kernel cannot
+# enter a package (Inductor compiles user kernels as @triton.jit). H200, session 30 (benchmarks/cublas_prefill_probe.py,
+# act_quant included, CUDA graphs; AOTInductor packages checked at M = 1, 7, 300, 4096): at M=4096 1.35x for wq,
+# 1.29x wo, 1.56x w1/w3, 0.99x wkv_a; at M=1024 1.00x / 1.14x / 1.35x / 0.98x. The dense w2 with K zero-padded per
+# call: 1.12x at 4096, 1.02x at 1024 (not taken).
 PREFILL_GEMM_ENV = "DSV3_TORCH_PREFILL_GEMM"
 
 
@@ -100,7 +100,7 @@ def prefill_cublas(kind: str) -> bool:
     """Whether a program of `kind` runs its fp8 Linears that cublas_suits through blockwise torch._scaled_mm."""
     choice = env_choice(PREFILL_GEMM_ENV, "auto", {
         "auto": "cuBLAS's blockwise fp8 GEMM when this GPU computes it right, else the Triton GEMM",
-        "cublas": "blockwise torch._scaled_mm for weights whose K is a multiple of 512",
+        "cublas": "blockwise torch._scaled_mm for weights whose K is a multiple of 512 and N of 16",
         "triton": "kernels/fp8_gemm.py's GEMM for every fp8 Linear"})
     if kind != "prefill" or choice == "triton":
         return False
@@ -243,7 +243,8 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
                                f"<= {kv.GEMV_MAX_ROWS})" if kind == "decode" else "")
                             + ", or weight-only for bf16/fp16 x"
                             + ("; split-K sums by the sum kernel" if kernel_sum else "")
-                            + ("; bf16/fp16 x times weights whose K is a multiple of 512 by act_quant + blockwise "
+                            + ("; bf16/fp16 x times weights whose K is a multiple of 512 and N of 16 by act_quant "
+                               "+ blockwise "
                                "torch._scaled_mm (cuBLAS, engines/torch_scaled_mm.py)" if cublas else "")
                             + "); ATen math for weight-only fp32 x")
     return {"dsv3::moe_experts": lower_moe, "dsv3::moe_experts_fp8": lower_moe_fp8,

@@ -4,8 +4,8 @@ Linears whose K is a multiple of 512 run act_quant + blockwise torch._scaled_mm 
 CPU, in subprocesses (tests/engines/_program_script.py):
   interpret  act_quant_padded under the Triton interpreter: its first M rows are act_quant's, bit for bit, in
              buffers of round_up(M, 16) rows, the scales outer-dim-major (strides (1, M')), as cuBLAS needs
-  trace      a program of three fp8 Linears (K=1024 W8A8, K=640 W8A8, K=1024 weight-only) lowered as
-             engines/torch.py lowers for CUDA, its triton_ops decomposed: which reach aten._scaled_mm per
+  trace      a program of three fp8 Linears (N x K: 208 x 1024 W8A8, 72 x 640 W8A8, 208 x 1024 weight-only)
+             lowered as engines/torch.py lowers for CUDA, its triton_ops decomposed: which reach aten._scaled_mm per
              switch value and program kind (cublas: the K=1024 W8A8 one, prefill only; triton: none; auto:
              none without a GPU, as cublas where the GPU's blockwise check passes), with M symbolic (no guard
              from the padded rows)
@@ -43,7 +43,7 @@ else:
     from dsv3_export.engines.torch_triton import PREFILL_GEMM_ENV, prefill_cublas, triton_lowerings
     from dsv3_export.reference import fp8 as R
 
-    w_a, s_a = R.weight_quant(torch.randn(200, 1024, generator=g) / 32)  # K = 1024: cuBLAS takes it
+    w_a, s_a = R.weight_quant(torch.randn(208, 1024, generator=g) / 32)  # K = 1024, N = 13 x 16: cuBLAS takes it
     w_b, s_b = R.weight_quant(torch.randn(72, 640, generator=g) / 25)  # K = 640: the Triton GEMM keeps it
 
     class Three(torch.nn.Module):
@@ -94,7 +94,7 @@ def test_act_quant_padded_rows_and_scale_layout(seed):
 
 def test_prefill_lowering_sends_k512_weights_to_scaled_mm():
     result = run_script(_SCRIPT, "trace")
-    assert result["cublas_prefill"]["scaled_mm"] == [[1024, 200]], result  # only the K=1024 W8A8 Linear
+    assert result["cublas_prefill"]["scaled_mm"] == [[1024, 208]], result  # only the K=1024 W8A8 Linear
     assert result["cublas_prefill"]["cublas_named"], result  # the build's record says so
     for key in ("cublas_decode", "triton_prefill", "triton_decode", "auto_decode"):
         assert result[key]["scaled_mm"] == [] and not result[key]["cublas_named"], (key, result[key])
@@ -115,7 +115,7 @@ def test_fp8_linear_cublas_matches_the_op_reference(seed):
         pytest.skip("cuBLAS's blockwise fp8 mode needs sm_90 or later")
     assert blockwise_check(torch.cuda.current_device()) is None
     g = torch.Generator(device="cuda").manual_seed(seed)
-    for n, k in ((200, 1024), (576, 2048), (3648, 2048)):
+    for n, k in ((208, 1024), (576, 2048), (3648, 2048)):
         w, w_s = weight_quant(torch.randn(n, k, device="cuda", generator=g) / k**0.5)
         for m in (1, 5, 33, 300):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g) * 2

@@ -7,7 +7,7 @@ measure the host's launch path as much as the kernel. This probe pins every cand
 more) at every split of K in SPLITS, captures each in a CUDA graph and times them all round-robin with blockwise
 `_scaled_mm` (benchmarks/_timing.py interleaved_ms, the L2 emptied by a 256 MiB read before each sample), per M.
 Every candidate is checked against fp8_gemm_ref rounded to bf16 on what its graph wrote (mean rel. < 1e-3). A torch
-sum over the weight's bytes, timed the same way, shows what a read of that size costs here. kernels/fp8_gemv.py's
+sum over the weight's bytes, timed the same way, shows what torch's own read of that size costs here. kernels/fp8_gemv.py's
 GEMV (act_quant of bf16 x in registers, so it does more than the GEMM it is compared with) runs at M <= 2.
 
     python benchmarks/fp8_decode_probe.py [--rounds 3] [--ms 1,16,64] [--out DIR]
@@ -62,6 +62,8 @@ def _candidates(m: int, label: str, configs):
 
 
 def probe_shape(label: str, m: int, rounds: int, flush: str) -> list[dict]:
+    """Every candidate at one shape and M, with blockwise _scaled_mm, the GEMV (M <= 2) and torch's read of the
+    weight, from CUDA graphs round-robin: one row each, fastest first."""
     from dsv3_export.kernels import fp8_gemm as G
     from dsv3_export.kernels import fp8_gemv as V
     from dsv3_export.reference import fp8 as R
@@ -84,8 +86,8 @@ def probe_shape(label: str, m: int, rounds: int, flush: str) -> list[dict]:
         meta[name] = info
 
     add("torch._scaled_mm blockwise", lambda: _scaled_mm_blockwise(a_p, s_a, w_p, s_b), {"kind": "baseline"})
-    # what reading the weight's bytes alone costs, timed the same way: the floor this size of read can reach here
-    add("read floor: torch sum over the weight's bytes", lambda: w.view(torch.float32).sum(), {"kind": "floor"})
+    # what reading the weight's bytes alone costs torch, timed the same way (not a bound: the GEMMs read faster)
+    add("reference read: torch sum over the weight's bytes", lambda: w.view(torch.float32).sum(), {"kind": "floor"})
     add("fp8_gemm autotuned (the launcher's choice)", lambda: G.fp8_gemm(a, a_s, w, w_s, shape_class="decode"),
         {"kind": "ours", "split": None})
     for cfg, split in _candidates(m, label, list(G.DECODE_CONFIGS) + EXTRA_CONFIGS):

@@ -32,10 +32,11 @@ def launch_spec(spec: LaunchSpec | None) -> None:
     wrap_triton(spec.kernel)[spec.grid(meta)](*spec.args, **spec.kwargs, **cfg.kwargs)
 
 
-def act_quant_launch(x: torch.Tensor, gate=1) -> tuple[torch.Tensor, torch.Tensor]:
+def act_quant_launch(x: torch.Tensor, gate=1, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> fp8 [M, K], fp32 scales [M, ceil(K/128)] (kernels/fp8_quant.py); gate 0: no launch
-    (engines/torch_decode_gemv.py gated)."""
-    q, s = kq.act_quant_outputs(*x.shape, x.device)
+    (engines/torch_decode_gemv.py gated). rows (>= M, may be symbolic): both outputs have that many rows, of
+    which the kernel writes the first M (engines/torch_scaled_mm.py pads M for cuBLAS)."""
+    q, s = kq.act_quant_outputs(x.shape[0] if rows is None else rows, x.shape[1], x.device)
     launch_spec(gated(kq.act_quant_spec(x, q, s, x.is_cuda), gate))  # the scale's rounding as torch's on x's device
     return q, s
 

@@ -27,7 +27,7 @@ uses these on CUDA, ATen math for the rest):
     dsv3::fp8_linear       -> dsv3_aoti::fp8_linear       act_quant=True: act_quant + fp8 x fp8 GEMM;
                              act_quant=False: the weight-only GEMM (fp8 widened in registers; bf16/fp16
                              x only, fp32 x keeps ATen). kernels/fp8_gemm.py. In the prefill program, W8A8
-                             with a weight whose K is a multiple of 512 and N of 16: act_quant + blockwise
+                             with bf16 x and a weight whose K is a multiple of 512 and N of 16: act_quant + blockwise
                              torch._scaled_mm (cuBLAS; engines/torch_scaled_mm.py, PREFILL_GEMM_ENV).
 
 Shapes are symbolic when a package is traced, so nothing here is chosen from a token, batch or
@@ -83,30 +83,36 @@ def _split_k_sum_kernel(kind: str, gemv: bool) -> bool:
     return kind == "decode" and (choice == "kernel" or (choice == "auto" and gemv))
 
 
-# The prefill program's W8A8 fp8 Linears (engines/torch_scaled_mm.py): `cublas` blockwise torch._scaled_mm for
-# weights whose K is a multiple of 512 and N of 16 (at the 16b shapes every fp8 Linear but the dense layer's w2,
-# K=10944, which keeps the Triton GEMM), `triton` kernels/fp8_gemm.py's GEMM for all; `auto` (default) cuBLAS when
-# the GPU the program is lowered on computes a small blockwise product right (blockwise_check), else the Triton
-# GEMM. The decode program keeps ours (decode rows: on par with cuBLAS for w1/w3, 1.3-1.9x faster for w2; fp8_gemv
-# at batch <= 2). Why: the Triton GEMM reaches 0.5-0.66x of cuBLAS at prefill M, and the faster Gluon kernel cannot
-# enter a package (Inductor compiles user kernels as @triton.jit). H200, session 30 (benchmarks/cublas_prefill_probe.py,
-# act_quant included, CUDA graphs; AOTInductor packages checked at M = 1, 7, 300, 4096): at M=4096 1.35x for wq,
-# 1.29x wo, 1.56x w1/w3, 0.99x wkv_a; at M=1024 1.00x / 1.14x / 1.35x / 0.98x. The dense w2 with K zero-padded per
-# call: 1.12x at 4096, 1.02x at 1024 (not taken).
+# The prefill program's W8A8 fp8 Linears with bf16 x (engines/torch_scaled_mm.py): `cublas` blockwise
+# torch._scaled_mm for weights whose K is a multiple of 512 and N of 16 (at the 16b shapes the fused wq+wkv_a, wo
+# and the dense layer's w1 and w3; its w2, K=10944, keeps the Triton GEMM), `triton` kernels/fp8_gemm.py's GEMM for
+# all; `auto` (default) cuBLAS when the GPU the program is lowered on computes a small blockwise product right
+# (blockwise_check; the build records why not otherwise), else the Triton GEMM. The decode program keeps ours
+# (decode rows: on par with cuBLAS for w1/w3, 1.2-1.9x faster for w2; fp8_gemv at batch <= 2). Why: the Triton GEMM
+# reaches 0.46-0.66x of cuBLAS at prefill M, and the faster Gluon kernel cannot enter a package (Inductor compiles
+# user kernels as @triton.jit). H200, session 30 (benchmarks/cublas_prefill_probe.py, act_quant included, CUDA
+# graphs; AOTInductor packages checked at M = 1, 7, 300, 4096), over act_quant + the Triton GEMM: at M=4096 1.35x
+# for wq alone, 0.99x for wkv_a alone (the fused 3648 x 2048 was not timed), 1.29x wo, 1.56x w1/w3; at M=1024 1.00x,
+# 0.98x, 1.14x, 1.35x. The dense w2 with K zero-padded per call: 1.12x at 4096, 1.02x at 1024 (not taken). A 2-layer
+# 16b prefill of 4096 tokens: 11.43 against 11.66 ms, one build each (within two builds' spread).
 PREFILL_GEMM_ENV = "DSV3_TORCH_PREFILL_GEMM"
 
 
-def prefill_cublas(kind: str) -> bool:
-    """Whether a program of `kind` runs its fp8 Linears that cublas_suits through blockwise torch._scaled_mm."""
+def prefill_cublas(kind: str) -> tuple[bool, str]:
+    """(whether a program of `kind` runs its fp8 Linears that cublas_suits through blockwise torch._scaled_mm,
+    why not when `auto` decided against it on this machine, else "")."""
     choice = env_choice(PREFILL_GEMM_ENV, "auto", {
         "auto": "cuBLAS's blockwise fp8 GEMM when this GPU computes it right, else the Triton GEMM",
         "cublas": "blockwise torch._scaled_mm for weights whose K is a multiple of 512 and N of 16",
         "triton": "kernels/fp8_gemm.py's GEMM for every fp8 Linear"})
     if kind != "prefill" or choice == "triton":
-        return False
+        return False, ""
     if choice == "cublas":
-        return True
-    return torch.cuda.is_available() and blockwise_check(torch.cuda.current_device()) is None
+        return True, ""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device to check cuBLAS's blockwise fp8 GEMM on"
+    why_not = blockwise_check(torch.cuda.current_device())
+    return why_not is None, why_not or ""
 
 
 # M the fp8 GEMM's split-K is chosen for in the decode program (one 16-row tile: batch <= 16);
@@ -160,7 +166,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_q
     gemv (decode, act_quant; DECODE_GEMV_ENV): batches of at most kv.GEMV_MAX_ROWS rows run
     kernels/fp8_gemv.py instead of act_quant + the GEMM, which then launch nothing. split_k_sum
     (SPLIT_K_SUM_ENV): split-K partials summed by the sum kernel instead of Inductor's c.sum. cublas
-    (act_quant, bf16/fp16 x, a weight cublas_suits takes; PREFILL_GEMM_ENV): act_quant, then blockwise
+    (act_quant, bf16 x, a weight cublas_suits takes; PREFILL_GEMM_ENV): act_quant, then blockwise
     torch._scaled_mm (engines/torch_scaled_mm.py)."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
@@ -190,7 +196,7 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
     head_gemv = gemv and head_gemv_on()  # with the decode GEMV: the same gate and the same tuning-batch rule
     merge_uv = head_gemv and merge_uv_on()
     kernel_sum = _split_k_sum_kernel(kind, gemv)
-    cublas = prefill_cublas(kind)
+    cublas, no_cublas = prefill_cublas(kind)
     align_form = env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS)
     routing = "moe_align " + ("in ATen ops" if align_form == "aten" else "kernel")
 
@@ -221,7 +227,7 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
         if not act_quant and x.dtype not in kg.DENSE_DTYPES:  # weight-only GEMM: bf16/fp16 activations
             return ATEN_LOWERINGS["dsv3::fp8_linear"](x, weight, scale, act_quant)
         small = gemv and act_quant and kv.gemv_suits(*weight.shape)
-        by_cublas = cublas and act_quant and x.dtype in kg.DENSE_DTYPES and cublas_suits(*weight.shape)
+        by_cublas = cublas and act_quant and x.dtype == torch.bfloat16 and cublas_suits(*weight.shape)
         return fp8_linear(x, weight, scale, act_quant, kind == "decode", small, kernel_sum, by_cublas)
 
     lower_moe.how = (f"triton_op dsv3_aoti::moe_experts (kernels/moe.py grouped GEMMs; {routing}) for bf16/fp16; "
@@ -243,9 +249,9 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
                                f"<= {kv.GEMV_MAX_ROWS})" if kind == "decode" else "")
                             + ", or weight-only for bf16/fp16 x"
                             + ("; split-K sums by the sum kernel" if kernel_sum else "")
-                            + ("; bf16/fp16 x times weights whose K is a multiple of 512 and N of 16 by act_quant "
-                               "+ blockwise "
-                               "torch._scaled_mm (cuBLAS, engines/torch_scaled_mm.py)" if cublas else "")
+                            + ("; in prefill, W8A8 with bf16 x and a weight whose K is a multiple of 512 and N of 16 "
+                               "by act_quant + blockwise torch._scaled_mm (cuBLAS, engines/torch_scaled_mm.py)"
+                               if cublas else f"; prefill without cuBLAS: {no_cublas}" if no_cublas else "")
                             + "); ATen math for weight-only fp32 x")
     return {"dsv3::moe_experts": lower_moe, "dsv3::moe_experts_fp8": lower_moe_fp8,
             "dsv3::mla_attention": lower_mla, "dsv3::fp8_linear": lower_fp8_linear}

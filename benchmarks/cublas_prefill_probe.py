@@ -33,6 +33,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _timing, kbench
 
 from _timing import interleaved_ms  # noqa: E402
+from kbench.common import mean_rel  # noqa: E402
 
 # The 16b model's fp8 Linears in a prefill step: name -> (N, K)
 SHAPES = {"wq": (3072, 2048), "wkv_a": (576, 2048), "wo": (2048, 2048), "w1/w3": (10944, 2048),
@@ -50,16 +51,12 @@ def _operands(m: int, n: int, k: int, seed: int):
     return x, w, w_s
 
 
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref).abs().mean() / ref.abs().mean().clamp_min(1e-30)).item()
-
-
 def _k_padded(w: torch.Tensor, w_s: torch.Tensor):
     """w [N, K], w_s -> K zero-padded to a multiple of 512 (unit scales on the new blocks), as a build step would."""
     from dsv3_export.engines.torch_scaled_mm import K_MULTIPLE
+    from kbench.fp8 import _pad_k
 
-    pad = -w.shape[1] % K_MULTIPLE
-    w_p = torch.nn.functional.pad(w.view(torch.uint8), (0, pad)).view(w.dtype)
+    w_p = _pad_k(w, K_MULTIPLE)
     return w_p, torch.nn.functional.pad(w_s, (0, w_p.shape[1] // 128 - w_s.shape[1]), value=1.0)
 
 
@@ -88,7 +85,7 @@ def check_layouts() -> list[dict]:
             try:
                 out = cublas_linear(x, w, w_s, _k_padded(w, w_s))
                 torch.cuda.synchronize()
-                err, status = _rel(out, ref), None
+                err, status = mean_rel(out, ref), None
             except Exception as e:  # noqa: BLE001 - the probe records what cuBLAS / torch refuse
                 err, status = None, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             ok = status is None and err < TOL and tuple(out.shape) == (m, n)
@@ -139,7 +136,7 @@ def check_package(workdir: str) -> list[dict]:
             xm = _operands(m, n, k, seed=m)[0]
             out = runner(xm)
             a, a_s = R.act_quant(xm)
-            err = _rel(out, G.fp8_gemm_ref(a, a_s, w, w_s, torch.float32))
+            err = mean_rel(out, G.fp8_gemm_ref(a, a_s, w, w_s, torch.float32))
             ok = err < TOL and tuple(out.shape) == (m, n)
             rows.append(dict(shape=name, m=m, err=err, ok=ok, wrapper_calls=calls[:6]))
             print(f"package {name} M={m}: err {err:.2e} {'ok' if ok else 'WRONG'}", flush=True)

@@ -7,8 +7,9 @@ measure the host's launch path as much as the kernel. This probe pins every cand
 more) at every split of K in SPLITS, captures each in a CUDA graph and times them all round-robin with blockwise
 `_scaled_mm` (benchmarks/_timing.py interleaved_ms, the L2 emptied by a 256 MiB read before each sample), per M.
 Every candidate is checked against fp8_gemm_ref rounded to bf16 on what its graph wrote (mean rel. < 1e-3). A torch
-sum over the weight's bytes, timed the same way, shows what torch's own read of that size costs here. kernels/fp8_gemv.py's
-GEMV (act_quant of bf16 x in registers, so it does more than the GEMM it is compared with) runs at M <= 2.
+sum over the weight's bytes, timed the same way, shows what torch's own read of that size costs here.
+kernels/fp8_gemv.py's GEMV (act_quant of bf16 x in registers, so it does more than the GEMM it is compared with)
+runs at M <= 2.
 
     python benchmarks/fp8_decode_probe.py [--rounds 3] [--ms 1,16,64] [--out DIR]
 Prints, per shape and M, the candidates fastest first as ratios against blockwise `_scaled_mm` (median of the
@@ -31,6 +32,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _timing, kbench
 
 from _timing import interleaved_ms  # noqa: E402
+from kbench.common import mean_rel  # noqa: E402
 
 SHAPES = {"w1/w3": (10944, 2048), "w2": (2048, 10944)}
 SPLITS = {"w1/w3": (1, 2, 3, 4), "w2": (4, 6, 8, 11)}
@@ -105,11 +107,7 @@ def probe_shape(label: str, m: int, rounds: int, flush: str) -> list[dict]:
     base = times["torch._scaled_mm blockwise"]
     rows = []
     for name, ms in times.items():
-        if meta[name]["kind"] == "floor":
-            err = 0.0
-        else:
-            out = outputs[name][0][:m].float()
-            err = ((out - ref).abs().mean() / ref.abs().mean()).item()
+        err = 0.0 if meta[name]["kind"] == "floor" else mean_rel(outputs[name][0][:m], ref)
         ratios = sorted(b / t for b, t in zip(base, ms))
         rows.append({"shape": label, "m": m, "n": n, "k": k, "impl": name, "ms": statistics.median(ms),
                      "ratio_median": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1],

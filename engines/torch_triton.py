@@ -28,7 +28,9 @@ uses these on CUDA, ATen math for the rest):
                              act_quant=False: the weight-only GEMM (fp8 widened in registers; bf16/fp16
                              x only, fp32 x keeps ATen). kernels/fp8_gemm.py. In the prefill program, W8A8
                              with bf16 x and a weight whose K is a multiple of 512 and N of 16: act_quant + blockwise
-                             torch._scaled_mm (cuBLAS; engines/torch_scaled_mm.py, PREFILL_GEMM_ENV).
+                             torch._scaled_mm (cuBLAS; engines/torch_scaled_mm.py, PREFILL_GEMM_ENV). In the
+                             decode program, W8A8 GEMMs whose K is not split: kernels/fp8_gemm_decode.py
+                             (DECODE_GEMM_ENV).
 
 Shapes are symbolic when a package is traced, so nothing here is chosen from a token, batch or
 cache count: block_m (rows per expert block) is 16 for decode and 64 for prefill; the fp8 GEMM's
@@ -53,6 +55,7 @@ from dsv3_export.engines.torch_triton_mla import absorb_gemm_on, head_gemv_on, m
 from dsv3_export.engines.torch_triton_moe import (MOE_ALIGN_DEFAULT, MOE_ALIGN_ENV, MOE_ALIGN_FORMS, moe_experts,
                                                   moe_experts_fp8)
 from dsv3_export.kernels import fp8_gemm as kg
+from dsv3_export.kernels import fp8_gemm_decode as kd
 from dsv3_export.kernels import fp8_gemv as kv
 from dsv3_export.kernels import moe as km
 from dsv3_export.kernels._common import QUANT_BLOCK, cdiv
@@ -115,6 +118,24 @@ def prefill_cublas(kind: str) -> tuple[bool, str]:
     return why_not is None, why_not or ""
 
 
+# The decode program's W8A8 fp8 Linears whose K is not split (N tiles enough to fill the SMs: at the 16b shapes the
+# dense MLP's w1 and w3): `decode` (default) kernels/fp8_gemm_decode.py, its swapped 64 x 16 tile at batch <= 16 and
+# its direct 64 x 64 tile above, each launch gated off outside its batches; `tile` kernels/fp8_gemm.py's autotuned
+# tile at every batch. H200, session 31 (benchmarks/fp8_decode_probe.py, w1/w3 N=10944 K=2048, CUDA graphs against
+# blockwise _scaled_mm in alternation): 1.11x / 1.10x / 1.02x at M = 1 / 16 / 64 against the tile's 0.96-0.99x.
+DECODE_GEMM_ENV = "DSV3_TORCH_DECODE_GEMM"
+
+
+def decode_gemm_kernel(kind: str) -> bool:
+    """Whether a program of `kind` runs kernels/fp8_gemm_decode.py for the fp8 Linears it takes."""
+    choice = env_choice(DECODE_GEMM_ENV, "decode", {
+        "decode": "kernels/fp8_gemm_decode.py for W8A8 Linears whose K is not split",
+        "tile": "kernels/fp8_gemm.py's autotuned tile for every decode fp8 Linear"})
+    return kind == "decode" and choice == "decode"
+
+
+assert kv.GEMV_MAX_ROWS <= kd.SWAP_MAX_M  # the GEMV's batches lie inside the swapped tile's (_fp8_gemm's gates)
+
 # M the fp8 GEMM's split-K is chosen for in the decode program (one 16-row tile: batch <= 16);
 # and the autotune key's M bucket per program kind.
 FP8_DECODE_M = 16
@@ -123,7 +144,7 @@ FP8_M_BUCKET = {"decode": kg.DECODE_MAX_M, "prefill": 4096}
 
 def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: torch.Tensor,
               out_dtype: torch.dtype, kind: str, small_batch=None, kernel_sum: bool = False,
-              gemv_norm: ResidualNorm | None = None) -> torch.Tensor:
+              gemv_norm: ResidualNorm | None = None, decode_kernel: bool = False) -> torch.Tensor:
     """kernels/fp8_gemm.py fp8_gemm's launch with M symbolic: tiles and split-K from `kind` and the
     weight's static [N, K] (fp8_gemm itself buckets M with int(M), a guard on the traced size).
     a fp8 [M, K] + a_s [M, ceil(K/128)], or bf16/fp16 [M, K] with a_s None (weight-only).
@@ -131,7 +152,9 @@ def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: t
     (kv.gemv_gate(M)); the tile GEMM launches nothing then. kernel_sum (SPLIT_K_SUM_ENV): split-K partials
     summed by the sum kernel, gated like the tile GEMM (the GEMV writes the output itself); else by
     Inductor's c.sum (the GEMV then writes split 0 and zeros the rest, which the sum adds). gemv_norm: the GEMV
-    computes its rows from this norm (engines/torch_attn_norm.py; x is then not read by it)."""
+    computes its rows from this norm (engines/torch_attn_norm.py; x is then not read by it). decode_kernel
+    (DECODE_GEMM_ENV): a W8A8 decode GEMM whose K is not split runs kernels/fp8_gemm_decode.py, its swapped tile
+    at M <= SWAP_MAX_M (less the GEMV's batches) and its direct tile above, instead of the autotuned tile."""
     m, k = a.shape
     n = w.shape[0]
     k_blocks = cdiv(k, QUANT_BLOCK)
@@ -151,6 +174,12 @@ def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: t
         torch_launch.launch_spec(gated(kv.gemv_spec(x, w, w_s, out, scale_reciprocal=a.is_cuda, norm=gemv_norm,
                                                     prefetch_w=gemv_prefetch_on()), gate))
         tile_gate = 1 - gate
+    if decode_kernel and decode and split == 1 and a_s is not None:
+        swap = kd.swap_gate(m)  # 1 at M <= SWAP_MAX_M; the GEMV's batches (tile_gate 0) are among those
+        gemv_rows = 1 - tile_gate
+        torch_launch.launch_spec(gated(kd.fp8_gemm_decode_spec(a, a_s, w, w_s, c, kd.SWAP_TILE), swap - gemv_rows))
+        torch_launch.launch_spec(gated(kd.fp8_gemm_decode_spec(a, a_s, w, w_s, c, kd.DIRECT_TILE), 1 - swap))
+        return c
     tile = kg.fp8_gemm_spec(a, a_s, w, w_s, c, FP8_M_BUCKET[kind], per_split, split, decode)
     torch_launch.launch_spec(gated(tile, tile_gate))
     if kernel_sum:  # the sum launches only with the tile GEMM; the GEMV wrote `out` itself
@@ -161,13 +190,15 @@ def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: t
 
 @triton_op("dsv3_aoti::fp8_linear", mutates_args={})
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool,
-               decode: bool, gemv: bool = False, split_k_sum: bool = False, cublas: bool = False) -> torch.Tensor:
+               decode: bool, gemv: bool = False, split_k_sum: bool = False, cublas: bool = False,
+               decode_kernel: bool = False) -> torch.Tensor:
     """dsv3::fp8_linear: x [..., K] -> [..., N]; act_quant 1x128 + fp8 GEMM, or weight-only.
     gemv (decode, act_quant; DECODE_GEMV_ENV): batches of at most kv.GEMV_MAX_ROWS rows run
     kernels/fp8_gemv.py instead of act_quant + the GEMM, which then launch nothing. split_k_sum
     (SPLIT_K_SUM_ENV): split-K partials summed by the sum kernel instead of Inductor's c.sum. cublas
     (act_quant, bf16 x, a weight cublas_suits takes; PREFILL_GEMM_ENV): act_quant, then blockwise
-    torch._scaled_mm (engines/torch_scaled_mm.py)."""
+    torch._scaled_mm (engines/torch_scaled_mm.py). decode_kernel (decode, act_quant; DECODE_GEMM_ENV): see
+    _fp8_gemm."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     kind = "decode" if decode else "prefill"
@@ -176,10 +207,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_q
     elif act_quant and gemv and decode:
         gate = kv.gemv_gate(x2.shape[0])  # 1 at M <= GEMV_MAX_ROWS, else 0 (symbolic: no guard)
         xq, xs = torch_launch.act_quant_launch(x2, 1 - gate)
-        y = _fp8_gemm(xq, xs, weight, scale, x.dtype, kind, small_batch=(x2, gate), kernel_sum=split_k_sum)
+        y = _fp8_gemm(xq, xs, weight, scale, x.dtype, kind, small_batch=(x2, gate), kernel_sum=split_k_sum,
+                      decode_kernel=decode_kernel)
     elif act_quant:
         xq, xs = torch_launch.act_quant_launch(x2)
-        y = _fp8_gemm(xq, xs, weight, scale, x.dtype, kind, kernel_sum=split_k_sum)  # [M, N]
+        y = _fp8_gemm(xq, xs, weight, scale, x.dtype, kind, kernel_sum=split_k_sum,
+                      decode_kernel=decode_kernel)  # [M, N]
     else:
         y = _fp8_gemm(x2, None, weight, scale, x.dtype, kind, kernel_sum=split_k_sum)  # [M, N]
     return y.reshape(*x.shape[:-1], weight.shape[0])  # [..., N]
@@ -197,6 +230,7 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
     merge_uv = head_gemv and merge_uv_on()
     kernel_sum = _split_k_sum_kernel(kind, gemv)
     cublas, no_cublas = prefill_cublas(kind)
+    decode_kernel = decode_gemm_kernel(kind)
     align_form = env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS)
     routing = "moe_align " + ("in ATen ops" if align_form == "aten" else "kernel")
 
@@ -228,7 +262,8 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
             return ATEN_LOWERINGS["dsv3::fp8_linear"](x, weight, scale, act_quant)
         small = gemv and act_quant and kv.gemv_suits(*weight.shape)
         by_cublas = cublas and act_quant and x.dtype == torch.bfloat16 and cublas_suits(*weight.shape)
-        return fp8_linear(x, weight, scale, act_quant, kind == "decode", small, kernel_sum, by_cublas)
+        return fp8_linear(x, weight, scale, act_quant, kind == "decode", small, kernel_sum, by_cublas,
+                          decode_kernel and act_quant)
 
     lower_moe.how = (f"triton_op dsv3_aoti::moe_experts (kernels/moe.py grouped GEMMs; {routing}) for bf16/fp16; "
                      "ATen math for fp32")
@@ -249,6 +284,8 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
                                f"<= {kv.GEMV_MAX_ROWS})" if kind == "decode" else "")
                             + ", or weight-only for bf16/fp16 x"
                             + ("; split-K sums by the sum kernel" if kernel_sum else "")
+                            + ("; W8A8 GEMMs whose K is not split by kernels/fp8_gemm_decode.py (swapped tile at batch "
+                               f"<= {kd.SWAP_MAX_M}, direct above)" if decode_kernel else "")
                             + ("; in prefill, W8A8 with bf16 x and a weight whose K is a multiple of 512 and N of 16 "
                                "by act_quant + blockwise torch._scaled_mm (cuBLAS, engines/torch_scaled_mm.py)"
                                if cublas else f"; prefill without cuBLAS: {no_cublas}" if no_cublas else "")

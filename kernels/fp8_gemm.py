@@ -53,6 +53,7 @@ import triton.language as tl
 from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv,
                                          check_tensor, is_interpreted, launch, next_pow2, num_sms)
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
+from dsv3_export.kernels.fp8_gemm_decode import fp8_gemm_decode
 from dsv3_export.kernels.fp8_gemm_persistent import fp8_gemm_tma_persistent
 from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
 from dsv3_export.reference import fp8 as fp8_ref
@@ -65,7 +66,10 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # "gluon": kernels/fp8_gemm_gluon.py, Hopper only, eager-only (host-side descriptors), no CPU interpreter; the
 # fastest at the 16b prefill shapes on the H200 (session 28, its warp-specialized form: 0.99x / 0.92x of blockwise
 # _scaled_mm at w1/w3 / w2).
-VARIANTS = ("default", "tma_persistent", "gluon")
+# "tile": this file's kernel at every M, also where "default" hands decode calls to kernels/fp8_gemm_decode.py (W8A8
+# at M <= 64 on weights that need no split of K: 1.02-1.11x of blockwise _scaled_mm at w1/w3 on the H200, session 31,
+# against this kernel's 0.96-0.99x).
+VARIANTS = ("default", "tile", "tma_persistent", "gluon")
 DENSE_DTYPES = (torch.bfloat16, torch.float16)
 # Largest split of the K loop; more adds reduction traffic without adding useful parallelism.
 MAX_SPLIT_K = 16
@@ -282,7 +286,8 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
     variant "gluon" runs kernels/fp8_gemm_gluon.py (sm_90 GPUs, eager, the same operand rules as TMA's).
     variant "tma_persistent" runs the Hopper prefill candidate (kernels/fp8_gemm_persistent.py:
     TMA loads, persistent CTAs; fp8 a only, no split-K, 16-byte aligned rows) on any M; config
-    then names one of its TMA_PERSISTENT_CONFIGS. "default" is the kernel above.
+    then names one of its TMA_PERSISTENT_CONFIGS. "default" is the kernel above, except that W8A8 decode calls
+    whose K is not split and that pin no config run kernels/fp8_gemm_decode.py; "tile" is the kernel above always.
     """
     if variant not in VARIANTS:
         raise ValueError(f"fp8_gemm: variant={variant!r} must be one of {VARIANTS}")
@@ -339,6 +344,8 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
         raise ValueError(f"fp8_gemm: split_k={split} must be in [1, ceil(K/128)={k_blocks}]")
     per_split = cdiv(k_blocks, split)
     split = cdiv(k_blocks, per_split)  # no empty splits
+    if variant == "default" and decode and a_fp8 and split == 1 and config is None and m <= DECODE_MAX_M:
+        return fp8_gemm_decode(a, a_s, b, b_s, out_dtype)
     if split == 1:
         c = torch.empty((m, n), dtype=out_dtype, device=dev)
     else:

@@ -68,14 +68,21 @@ def _scaled_mm_tensorwise(a, b):
     return torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
 
 
-def _fp8_choice(m: int, n: int, k: int, device: str) -> str:
-    """The tile set, split-K and the config fp8_gemm's autotuner used for its last launch."""
+def _fp8_choice(m: int, n: int, k: int, device: str, a_fp8: bool = True) -> str:
+    """The tile set, split-K and the config fp8_gemm's autotuner used for its last launch, or the decode kernel's tile
+    where fp8_gemm handed the call to kernels/fp8_gemm_decode.py (W8A8 decode, K not split)."""
     from dsv3_export.kernels import fp8_gemm as G
+    from dsv3_export.kernels import fp8_gemm_decode as D
 
     shape_class = "decode" if m <= G.DECODE_MAX_M else "prefill"
     k_blocks = -(-k // 128)
     split = G._choose_split_k(m, n, k_blocks, torch.device(device)) if shape_class == "decode" else 1
     split = -(-k_blocks // -(-k_blocks // split))  # as the launcher rounds it: no empty splits
+    if shape_class == "decode" and a_fp8 and split == 1:
+        tile = D.tile_for(m)
+        ctas = -(-n // D.CONFIG.kwargs["BLOCK_N"]) * -(-m // tile["BLOCK_M"])
+        return (f"fp8_gemm_decode {'swapped' if tile['SWAP_AB'] else 'direct'} BLOCK_M={tile['BLOCK_M']} "
+                f"{G.config_label(D.CONFIG)}, {ctas} CTAs")
     cfg = G.tuned_config(shape_class) or (G.DECODE_CONFIGS if shape_class == "decode" else G.PREFILL_CONFIGS)[0]
     tiles = -(-m // cfg.kwargs["BLOCK_M"]) * -(-n // cfg.kwargs["BLOCK_N"])
     return f"{shape_class} config {G.config_label(cfg)}, split_k {split}, {tiles * split} CTAs"
@@ -203,7 +210,7 @@ def bench_fp8_gemm(report: Report, sh: Shapes, quick: bool) -> None:
                                         bench(lambda: fp8_linear(x, w, w_s), sh, quick)),
                             bytes_=bytes_ + m * k * 2, flops=flops, peak=FP8_PEAK))
             wo_err = mean_rel(fp8_gemm(x, None, w, w_s).float(), fp8_gemm_ref(x, None, w, w_s, torch.float32))
-            wo_choice = _fp8_choice(m, n, k, sh.device)
+            wo_choice = _fp8_choice(m, n, k, sh.device, a_fp8=False)
             rows.append(add(report, Row("fp8_gemm", case, "triton fp8_gemm weight-only (W8A16)",
                                         bench(lambda: fp8_gemm(x, None, w, w_s), sh, quick), error=wo_err,
                                         tol=5e-3, ok=wo_err < 5e-3, note=wo_choice),

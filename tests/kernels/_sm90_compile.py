@@ -27,8 +27,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from dsv3_export.kernels import (fp8_gemm, fp8_gemm_persistent, fp8_gemv, fp8_quant, mla_absorb,  # noqa: E402
-                                 mla_decode, mla_merge_uv, mla_prefill, mla_query, moe, moe_align, rms_norm,
+from dsv3_export.kernels import (fp8_gemm, fp8_gemm_decode, fp8_gemm_persistent, fp8_gemv, fp8_quant,  # noqa: E402
+                                 mla_absorb, mla_decode, mla_merge_uv, mla_prefill, mla_query, moe, moe_align, rms_norm,
                                  router_gate, topk)
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -184,6 +184,15 @@ def _cases(all_configs: bool):
             yield (f"fp8_gemm split_k={split} a_fp8={a_fp8}", fp8_gemm._fp8_gemm_kernel, cfg,
                    dict(a_ptr=f8 if a_fp8 else bf, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c),
                    dict(A_FP8=a_fp8, UPCAST=False, BLOCK_K=128))
+    # The decode GEMM's two pinned tiles as the 16b w1/w3 run them (no predicate on the weight), the swapped one
+    # also ragged
+    for tile, even in ((fp8_gemm_decode.SWAP_TILE, True), (fp8_gemm_decode.SWAP_TILE, False),
+                       (fp8_gemm_decode.DIRECT_TILE, True)):
+        orientation = "swap" if tile["SWAP_AB"] else "direct"
+        yield (f"fp8_gemm decode {orientation} block_m={tile['BLOCK_M']} even={even} a_fp8=True",
+               fp8_gemm_decode._fp8_gemm_decode_kernel,
+               fp8_gemm_decode.CONFIG, dict(a_ptr=f8, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=bf),
+               dict(tile, BLOCK_K=128, EVEN_K=even, EVEN_N=even))
     # The Hopper prefill candidate (TMA descriptors, persistent): every config and prefill sweep candidate
     # with a bf16 C (what fp8_linear writes); an fp32 C (32 KB more epilogue tile) for the first config only.
     tma_configs = {str(c): c for c in [*fp8_gemm_persistent.TMA_PERSISTENT_CONFIGS,

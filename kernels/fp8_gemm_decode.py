@@ -113,8 +113,11 @@ _PINNED = autotune_or_single(_fp8_gemm_decode_kernel, [CONFIG], key=[])
 
 
 def swap_gate(m):
-    """1 when M rows (symbolic or not, >= 1) take the swapped tile, else 0; floor divisions only, so no guard on a
-    traced M and a plain C++ expression in an AOTInductor wrapper (as kernels/fp8_gemv.py gemv_gate)."""
+    """1 when M rows (symbolic or not) take the swapped tile, else 0; floor divisions only, so no guard on a traced M
+    and a plain C++ expression in an AOTInductor wrapper (as kernels/fp8_gemv.py gemv_gate). M = 0 (a Python int; a
+    traced batch is at least 1): 0, the direct tile, whose grid then has no rows."""
+    if isinstance(m, int) and m == 0:
+        return 0
     return 1 // ((m + SWAP_MAX_M - 1) // SWAP_MAX_M)
 
 

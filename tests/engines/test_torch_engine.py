@@ -292,6 +292,7 @@ for m in (1, 2, 16, 17):
     want = torch.ops.dsv3.fp8_linear(xb, wq, ws, True)
     print(f"fp8_decode_kernel_m{m}", rel(fp8_linear(xb, wq, ws, True, True, decode_kernel=True), want))
     print(f"fp8_decode_kernel_gemv_m{m}", rel(fp8_linear(xb, wq, ws, True, True, gemv=True, decode_kernel=True), want))
+assert fp8_linear(torch.randn(0, 200).bfloat16(), wq, ws, True, True, decode_kernel=True).shape == (0, 8500)
 '''
 
 

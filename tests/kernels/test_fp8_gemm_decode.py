@@ -62,7 +62,7 @@ def test_zero_blocks_stay_finite():
 
 def test_swap_gate_splits_the_batches():
     assert [D.swap_gate(m) for m in range(1, D.SWAP_MAX_M + 1)] == [1] * D.SWAP_MAX_M
-    assert [D.swap_gate(m) for m in (D.SWAP_MAX_M + 1, 2 * D.SWAP_MAX_M, D.MAX_M)] == [0, 0, 0]
+    assert [D.swap_gate(m) for m in (0, D.SWAP_MAX_M + 1, 2 * D.SWAP_MAX_M, D.MAX_M)] == [0, 0, 0, 0]
     assert D.tile_for(D.SWAP_MAX_M) is D.SWAP_TILE and D.tile_for(D.SWAP_MAX_M + 1) is D.DIRECT_TILE
 
 

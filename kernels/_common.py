@@ -155,6 +155,41 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def check_blockwise_gemm(who: str, a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: torch.Tensor,
+                         out_dtype: torch.dtype, out_dtypes: Sequence[torch.dtype],
+                         a_dtypes: Sequence[torch.dtype]) -> tuple[int, int, int]:
+    """The operand rules of a blockwise-scaled GEMM a [M, K] x b [N, K]^T (kernels/fp8_gemm.py's layouts): a of
+    a_dtypes with a_s fp32 [M, ceil(K/128)] when a is fp8 (None otherwise: weight-only), b fp8 with b_s fp32
+    [ceil(N/128), ceil(K/128)], unit strides along K; errors name `who` and the tensor. Returns (M, N, K)."""
+    check_tensor(f"{who}: a", a, dtypes=a_dtypes, ndim=2)
+    dev = a.device
+    check_tensor(f"{who}: b", b, dtypes=(FP8_DTYPE,), ndim=2, device=dev)
+    check_tensor(f"{who}: b_s", b_s, dtypes=(torch.float32,), ndim=2, device=dev)
+    if out_dtype not in out_dtypes:
+        raise TypeError(f"{who}: out_dtype {out_dtype} not supported; expected one of {tuple(out_dtypes)}")
+    m, k = a.shape
+    n, k_b = b.shape
+    if k_b != k:
+        raise ValueError(f"{who}: a is [M={m}, K={k}] but b is [N={n}, K={k_b}]; K must match")
+    k_blocks = cdiv(k, QUANT_BLOCK)
+    if a.dtype == FP8_DTYPE:
+        if a_s is None:
+            raise ValueError(f"{who}: fp8 a needs a_s [M, ceil(K/128)]")
+        check_tensor(f"{who}: a_s", a_s, dtypes=(torch.float32,), ndim=2, device=dev)
+        if tuple(a_s.shape) != (m, k_blocks):
+            raise ValueError(f"{who}: a_s must be [M, ceil(K/128)] = {(m, k_blocks)}, got {tuple(a_s.shape)}")
+    elif a_s is not None:
+        raise ValueError(f"{who}: a_s is only for fp8 a; a is {a.dtype} (the weight-only path takes a_s=None)")
+    if tuple(b_s.shape) != (cdiv(n, QUANT_BLOCK), k_blocks):
+        raise ValueError(f"{who}: b_s must be [ceil(N/128), ceil(K/128)] = "
+                         f"{(cdiv(n, QUANT_BLOCK), k_blocks)}, got {tuple(b_s.shape)}")
+    strides = {name: t.stride() for name, t in (("a", a), ("a_s", a_s), ("b", b), ("b_s", b_s)) if t is not None}
+    for name, st in strides.items():  # one stride() call per tensor: this runs on every decode step
+        if st[1] != 1:
+            raise ValueError(f"{who}: {name} needs unit stride along its last dim, got strides {st}")
+    return m, n, k
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (queried once per device); a nominal 132
     (H100/H200) elsewhere."""

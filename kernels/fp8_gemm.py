@@ -51,9 +51,10 @@ import triton
 import triton.language as tl
 
 from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv,
-                                         check_tensor, is_interpreted, launch, next_pow2, num_sms)
+                                         check_blockwise_gemm, check_tensor, is_interpreted, launch, next_pow2,
+                                         num_sms)
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
-from dsv3_export.kernels.fp8_gemm_decode import fp8_gemm_decode
+from dsv3_export.kernels.fp8_gemm_decode import decode_checked
 from dsv3_export.kernels.fp8_gemm_persistent import fp8_gemm_tma_persistent
 from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
 from dsv3_export.reference import fp8 as fp8_ref
@@ -291,33 +292,10 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
     """
     if variant not in VARIANTS:
         raise ValueError(f"fp8_gemm: variant={variant!r} must be one of {VARIANTS}")
-    check_tensor("fp8_gemm: a", a, dtypes=(FP8_DTYPE,) + DENSE_DTYPES, ndim=2)
+    m, n, k = check_blockwise_gemm("fp8_gemm", a, a_s, b, b_s, out_dtype, OUT_DTYPES, (FP8_DTYPE,) + DENSE_DTYPES)
     dev = a.device
     a_fp8 = a.dtype == FP8_DTYPE
-    check_tensor("fp8_gemm: b", b, dtypes=(FP8_DTYPE,), ndim=2, device=dev)
-    check_tensor("fp8_gemm: b_s", b_s, dtypes=(torch.float32,), ndim=2, device=dev)
-    if out_dtype not in OUT_DTYPES:
-        raise TypeError(f"fp8_gemm: out_dtype {out_dtype} not supported; expected one of {OUT_DTYPES}")
-    m, k = a.shape
-    n, kb_ = b.shape
-    if kb_ != k:
-        raise ValueError(f"fp8_gemm: a is [M={m}, K={k}] but b is [N={n}, K={kb_}]; K must match")
     k_blocks = cdiv(k, QUANT_BLOCK)
-    if a_fp8:
-        if a_s is None:
-            raise ValueError("fp8_gemm: fp8 a needs a_s [M, ceil(K/128)]")
-        check_tensor("fp8_gemm: a_s", a_s, dtypes=(torch.float32,), ndim=2, device=dev)
-        if tuple(a_s.shape) != (m, k_blocks):
-            raise ValueError(f"fp8_gemm: a_s must be [M, ceil(K/128)] = {(m, k_blocks)}, got {tuple(a_s.shape)}")
-    elif a_s is not None:
-        raise ValueError(f"fp8_gemm: a_s is only for fp8 a; a is {a.dtype} (the weight-only path takes a_s=None)")
-    if tuple(b_s.shape) != (cdiv(n, QUANT_BLOCK), k_blocks):
-        raise ValueError(f"fp8_gemm: b_s must be [ceil(N/128), ceil(K/128)] = "
-                         f"{(cdiv(n, QUANT_BLOCK), k_blocks)}, got {tuple(b_s.shape)}")
-    strides = {name: t.stride() for name, t in (("a", a), ("a_s", a_s), ("b", b), ("b_s", b_s)) if t is not None}
-    for name, st in strides.items():  # one stride() call per tensor: this runs on every decode step
-        if st[1] != 1:
-            raise ValueError(f"fp8_gemm: {name} needs unit stride along its last dim, got strides {st}")
     if m == 0 or n == 0 or k == 0:
         return torch.zeros((m, n), dtype=out_dtype, device=dev)
     if variant in ("tma_persistent", "gluon"):
@@ -345,7 +323,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
     per_split = cdiv(k_blocks, split)
     split = cdiv(k_blocks, per_split)  # no empty splits
     if variant == "default" and decode and a_fp8 and split == 1 and config is None and m <= DECODE_MAX_M:
-        return fp8_gemm_decode(a, a_s, b, b_s, out_dtype)
+        return decode_checked(a, a_s, b, b_s, out_dtype)
     if split == 1:
         c = torch.empty((m, n), dtype=out_dtype, device=dev)
     else:

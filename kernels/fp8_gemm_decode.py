@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv, check_tensor,
-                                         launch)
+from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv,
+                                         check_blockwise_gemm, launch)
 from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -145,32 +145,20 @@ def fp8_gemm_decode(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: to
                     config: triton.Config | None = None) -> torch.Tensor:
     """a fp8 [M <= 64, K] with a_s, b fp8 [N, K] with b_s -> [M, N] in out_dtype (fp8_gemm's contract, W8A8).
     tile: SWAP_TILE / DIRECT_TILE (default: tile_for(M)); config: CONFIG (default) or a benchmark's {BLOCK_N}."""
-    check_tensor("fp8_gemm_decode: a", a, dtypes=(FP8_DTYPE,), ndim=2)
-    dev = a.device
-    check_tensor("fp8_gemm_decode: a_s", a_s, dtypes=(torch.float32,), ndim=2, device=dev)
-    check_tensor("fp8_gemm_decode: b", b, dtypes=(FP8_DTYPE,), ndim=2, device=dev)
-    check_tensor("fp8_gemm_decode: b_s", b_s, dtypes=(torch.float32,), ndim=2, device=dev)
-    if out_dtype not in OUT_DTYPES:
-        raise TypeError(f"fp8_gemm_decode: out_dtype {out_dtype} not supported; expected one of {OUT_DTYPES}")
-    m, k = a.shape
-    n, k_b = b.shape
-    if k_b != k:
-        raise ValueError(f"fp8_gemm_decode: a is [M={m}, K={k}] but b is [N={n}, K={k_b}]; K must match")
+    m, n, k = check_blockwise_gemm("fp8_gemm_decode", a, a_s, b, b_s, out_dtype, OUT_DTYPES, (FP8_DTYPE,))
     if m > MAX_M:
         raise ValueError(f"fp8_gemm_decode: M={m} > {MAX_M}; larger M runs fp8_gemm's prefill tiles")
-    k_blocks = cdiv(k, QUANT_BLOCK)
-    if tuple(a_s.shape) != (m, k_blocks):
-        raise ValueError(f"fp8_gemm_decode: a_s must be [M, ceil(K/128)] = {(m, k_blocks)}, got {tuple(a_s.shape)}")
-    if tuple(b_s.shape) != (cdiv(n, QUANT_BLOCK), k_blocks):
-        raise ValueError(f"fp8_gemm_decode: b_s must be [ceil(N/128), ceil(K/128)] = "
-                         f"{(cdiv(n, QUANT_BLOCK), k_blocks)}, got {tuple(b_s.shape)}")
-    for name, t in (("a", a), ("a_s", a_s), ("b", b), ("b_s", b_s)):
-        if t.stride(1) != 1:
-            raise ValueError(f"fp8_gemm_decode: {name} needs unit stride along its last dim, got {t.stride()}")
     config = config or CONFIG
     if 128 % config.kwargs["BLOCK_N"]:
         raise ValueError(f"fp8_gemm_decode: BLOCK_N={config.kwargs['BLOCK_N']} must divide 128 (one scale row)")
-    c = torch.empty((m, n), dtype=out_dtype, device=dev)
+    return decode_checked(a, a_s, b, b_s, out_dtype, tile, config)
+
+
+def decode_checked(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, out_dtype: torch.dtype,
+                   tile: dict | None = None, config: triton.Config = CONFIG) -> torch.Tensor:
+    """fp8_gemm_decode on operands its caller has checked (fp8_gemm: one set of checks per decode step)."""
+    m, n, k = a.shape[0], b.shape[0], a.shape[1]
+    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0 or k == 0:
         return c.zero_()
     launch(*fp8_gemm_decode_spec(a, a_s, b, b_s, c, tile or tile_for(m), config), None)

@@ -70,8 +70,8 @@ def test_fp8_gemm_hands_w8a8_decode_calls_over(monkeypatch):
     """fp8_gemm runs fp8_gemm_decode for W8A8 decode calls whose K it does not split and that pin no config; the
     rest (split K, weight-only, a pinned config, variant 'tile', M > 64) keep the tile kernel."""
     calls = []
-    real = G.fp8_gemm_decode
-    monkeypatch.setattr(G, "fp8_gemm_decode", lambda *args, **kw: calls.append(args[0].shape[0]) or real(*args, **kw))
+    real = G.decode_checked
+    monkeypatch.setattr(G, "decode_checked", lambda *args, **kw: calls.append(args[0].shape[0]) or real(*args, **kw))
     a, a_s, b, b_s = _operands(70, 96, 256)
     x = torch.randn(4, 256).bfloat16()
     G.fp8_gemm(a[:4], a_s[:4], b, b_s, split_k=1)

@@ -60,8 +60,9 @@ EXTRA_CONFIGS = [
 
 # kernels/fp8_gemm_decode.py beyond its pinned config: other stages and widths, either tile (the swapped one from M=1,
 # the direct one from M=32), as (tile, config).
-_SWAP16, _SWAP32, _DIRECT = {"SWAP_AB": True, "BLOCK_M": 16}, {"SWAP_AB": True, "BLOCK_M": 32}, {"SWAP_AB": False,
-                                                                                                   "BLOCK_M": 64}
+_SWAP16 = {"SWAP_AB": True, "BLOCK_M": 16}
+_SWAP32 = {"SWAP_AB": True, "BLOCK_M": 32}
+_DIRECT = {"SWAP_AB": False, "BLOCK_M": 64}
 SWEEP = [
     (_SWAP16, triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4)),
     (_SWAP16, triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=6)),
@@ -168,10 +169,12 @@ def probe_shape(label: str, m: int, rounds: int, flush: str, splits=None, decode
             if (tile["SWAP_AB"] and tile["BLOCK_M"] > max(16, m)) or (not tile["SWAP_AB"] and m < 32):
                 continue
             pinned = " (pinned)" if cfg is D.CONFIG else ""
-            label = f"{'swapped' if tile['SWAP_AB'] else 'direct'} BLOCK_M={tile['BLOCK_M']} {G.config_label(cfg)}"
-            add(f"fp8_gemm_decode {label}{pinned}", lambda tile=tile, cfg=cfg: D.fp8_gemm_decode(a, a_s, w, w_s,
-                                                                                                tile=tile, config=cfg),
-                {"kind": "ours", "split": 1, "config": label})
+            tile_label = f"{'swapped' if tile['SWAP_AB'] else 'direct'} BLOCK_M={tile['BLOCK_M']} {G.config_label(cfg)}"
+
+            def run(tile=tile, cfg=cfg):
+                return D.fp8_gemm_decode(a, a_s, w, w_s, tile=tile, config=cfg)
+
+            add(f"fp8_gemm_decode {tile_label}{pinned}", run, {"kind": "ours", "split": 1, "config": tile_label})
     for cfg, split in _candidates(m, label, list(G.DECODE_CONFIGS) + EXTRA_CONFIGS, splits):
         tiles = -(-m // cfg.kwargs["BLOCK_M"]) * -(-n // cfg.kwargs["BLOCK_N"])
         name = f"{G.config_label(cfg)} split {split} ({tiles * split} CTAs)"

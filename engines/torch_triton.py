@@ -122,7 +122,8 @@ def prefill_cublas(kind: str) -> tuple[bool, str]:
 # dense MLP's w1 and w3): `decode` (default) kernels/fp8_gemm_decode.py, its swapped 64 x 16 tile at batch <= 16 and
 # its direct 64 x 64 tile above, each launch gated off outside its batches; `tile` kernels/fp8_gemm.py's autotuned
 # tile at every batch. H200, session 31 (benchmarks/fp8_decode_probe.py, w1/w3 N=10944 K=2048, CUDA graphs against
-# blockwise _scaled_mm in alternation): 1.11x / 1.10x / 1.02x at M = 1 / 16 / 64 against the tile's 0.96-0.99x.
+# blockwise _scaled_mm in alternation, call 8): 1.12x / 1.07x / 1.05x / 1.02x at M = 1 / 16 / 32 / 64 against the
+# autotuned tile's 0.99x / 0.94x / 0.90x / 0.67x (its pinned 64 x 64 tile: 0.96x at M=64).
 DECODE_GEMM_ENV = "DSV3_TORCH_DECODE_GEMM"
 
 
@@ -133,8 +134,6 @@ def decode_gemm_kernel(kind: str) -> bool:
         "tile": "kernels/fp8_gemm.py's autotuned tile for every decode fp8 Linear"})
     return kind == "decode" and choice == "decode"
 
-
-assert kv.GEMV_MAX_ROWS <= kd.SWAP_MAX_M  # the GEMV's batches lie inside the swapped tile's (_fp8_gemm's gates)
 
 # M the fp8 GEMM's split-K is chosen for in the decode program (one 16-row tile: batch <= 16);
 # and the autotune key's M bucket per program kind.
@@ -175,10 +174,10 @@ def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: t
                                                     prefetch_w=gemv_prefetch_on()), gate))
         tile_gate = 1 - gate
     if decode_kernel and decode and split == 1 and a_s is not None:
-        swap = kd.swap_gate(m)  # 1 at M <= SWAP_MAX_M; the GEMV's batches (tile_gate 0) are among those
-        gemv_rows = 1 - tile_gate
-        torch_launch.launch_spec(gated(kd.fp8_gemm_decode_spec(a, a_s, w, w_s, c, kd.SWAP_TILE), swap - gemv_rows))
-        torch_launch.launch_spec(gated(kd.fp8_gemm_decode_spec(a, a_s, w, w_s, c, kd.DIRECT_TILE), 1 - swap))
+        swap = kd.swap_gate(m)  # 1 at M <= SWAP_MAX_M; with the GEMV's gate, exactly one of the three launches runs
+        torch_launch.launch_spec(gated(kd.fp8_gemm_decode_spec(a, a_s, w, w_s, c, kd.SWAP_TILE), swap * tile_gate))
+        torch_launch.launch_spec(gated(kd.fp8_gemm_decode_spec(a, a_s, w, w_s, c, kd.DIRECT_TILE),
+                                       (1 - swap) * tile_gate))
         return c
     tile = kg.fp8_gemm_spec(a, a_s, w, w_s, c, FP8_M_BUCKET[kind], per_split, split, decode)
     torch_launch.launch_spec(gated(tile, tile_gate))

@@ -53,9 +53,9 @@ import triton.language as tl
 from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, autotune_or_single, cdiv,
                                          check_blockwise_gemm, check_tensor, is_interpreted, launch, next_pow2,
                                          num_sms)
-from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 from dsv3_export.kernels.fp8_gemm_decode import decode_checked
 from dsv3_export.kernels.fp8_gemm_persistent import fp8_gemm_tma_persistent
+from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
 from dsv3_export.reference import fp8 as fp8_ref
 
@@ -68,8 +68,8 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # fastest at the 16b prefill shapes on the H200 (session 28, its warp-specialized form: 0.99x / 0.92x of blockwise
 # _scaled_mm at w1/w3 / w2).
 # "tile": this file's kernel at every M, also where "default" hands decode calls to kernels/fp8_gemm_decode.py (W8A8
-# at M <= 64 on weights that need no split of K: 1.02-1.11x of blockwise _scaled_mm at w1/w3 on the H200, session 31,
-# against this kernel's 0.96-0.99x).
+# at M <= 64 on weights that need no split of K: 1.02-1.12x of blockwise _scaled_mm at w1/w3 on the H200, session 31,
+# against this kernel's 0.67-0.99x autotuned).
 VARIANTS = ("default", "tile", "tma_persistent", "gluon")
 DENSE_DTYPES = (torch.bfloat16, torch.float16)
 # Largest split of the K loop; more adds reduction traffic without adding useful parallelism.

@@ -17,11 +17,12 @@ Two tile orientations, one kernel (SWAP_AB):
 What differs from kernels/fp8_gemm.py's K loop, and why (H200, session 31, benchmarks/fp8_decode_probe.py):
 - The scales are loaded one K block ahead. They are not dot operands, so Triton's pipeliner leaves their loads
   in place, and every step waited for them after its wgmma (in the swapped accumulator's layout each thread
-  loads BLOCK_M / 4 of them): 13.6 -> 12.2 us at M=16.
+  loads BLOCK_M / 4 of them): 12.8 -> 12.2 us for the swapped tile at M=16.
 - The weight's loads carry no predicate when N is a multiple of BLOCK_N and K of 128 (EVEN_N, EVEN_K), the
   token rows' loads only the row mask.
 - No autotuner: one pinned config (a package gates one of the two launches off at its tuning batch, where an
-  autotuner would time an empty grid; the tile kernel's decode autotuner also picked a 0.66x config once).
+  autotuner would time an empty grid; the tile kernel's decode autotuner also picked configs at 0.66x (M=64) and
+  0.85x (M=32) of cuBLAS in some runs).
 Each 128-wide K step's fp8 x fp8 -> fp32 dot is scaled by a_s[m, kb] * b_s[n // 128, kb] and added in CUDA-core
 fp32 (never accumulated across K blocks in the tensor core: fp8_gemm.py says why). Ragged M, N and K are masked
 (zero fill). A TMA descriptor for the weight was faster still (1.04-1.11x of cuBLAS at M = 16-32) but cannot enter
@@ -42,9 +43,9 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_M = 64  # fp8_gemm.DECODE_MAX_M
 SWAP_MAX_M = 16  # the swapped tile's token count; above it the direct 64-row tile
 # The two tiles (the call's constexprs) and their pinned config (H200, session 31, w1/w3 N=10944 K=2048, CUDA graphs
-# against blockwise _scaled_mm in alternation, median of 5 rounds): swapped 64 x 16 on 4 warps, 5 stages: 1.11x at
-# M=1, 1.06-1.10x at M=16 (s4 1.05-1.09x, s6 the same as s5, 128 weight rows 1.01-1.05x); direct 64 x 64, 5 stages:
-# 1.02x at M=64, 1.05x at M=32 (s4 / s6 1.01-1.05x).
+# against blockwise _scaled_mm in alternation, median of 3-5 rounds): swapped 64 x 16 on 4 warps, 5 stages: 1.11-1.12x
+# at M=1, 1.06-1.10x at M=16 (s4 1.05-1.09x, s6 the same as s5, 128 weight rows 1.01-1.05x); direct 64 x 64, 5 stages:
+# 1.02-1.03x at M=64, 1.04x at M=32 (s4 1.02-1.04x, s6 0.995-1.05x).
 # The tile is a call argument, not a Config entry: Inductor keys the user kernels it compiles into a package on the
 # kernel and its call arguments, not on the autotuner's configs (torch/_inductor/codegen/wrapper.py
 # define_user_defined_triton_kernel), so two launches that differ only in their configs' constexprs ran the first's
@@ -149,7 +150,7 @@ def fp8_gemm_decode(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: to
     if m > MAX_M:
         raise ValueError(f"fp8_gemm_decode: M={m} > {MAX_M}; larger M runs fp8_gemm's prefill tiles")
     config = config or CONFIG
-    if 128 % config.kwargs["BLOCK_N"]:
+    if QUANT_BLOCK % config.kwargs["BLOCK_N"]:
         raise ValueError(f"fp8_gemm_decode: BLOCK_N={config.kwargs['BLOCK_N']} must divide 128 (one scale row)")
     return decode_checked(a, a_s, b, b_s, out_dtype, tile, config)
 

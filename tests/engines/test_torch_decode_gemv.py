@@ -66,7 +66,7 @@ for n, k, sum_form in ((200, 1000, "kernel"), (200, 1000, "inductor"), (72, 300,
         on = tt.fp8_linear(x, w, s, True, True, True, kernel_sum)
         off = tt.fp8_linear(x, w, s, True, True, False, kernel_sum)
         gemv = kv.fp8_gemv(x, w, s, torch.float32)
-        tile = kg.fp8_gemm(*R.act_quant(x), w, s, torch.float32, shape_class="decode", split_k=split)
+        tile = kg.fp8_gemm(*R.act_quant(x), w, s, torch.float32, shape_class="decode", split_k=split, variant="tile")
         ref = kg.fp8_gemm_ref(*R.act_quant(x), w, s, torch.float32)
         out[key] = dict(split=split, equal_gemv=bool(torch.equal(on, gemv)), equal_off=bool(torch.equal(on, off)),
                         off_rel_tile=((off - tile).abs().max() / tile.abs().max()).item(),

@@ -456,6 +456,39 @@ for n in kernels.graph.nodes:
         kw = n.kwargs["kwargs"]
         print("launch", getattr(getattr(k, "fn", k), "__name__", "?"), kw.get("SWAP_AB"), kw.get("BLOCK_M"))
 print("dims", len(kernels.range_constraints))
+
+# the switch, through the lowering of dsv3::fp8_linear (read when a program is lowered)
+import dsv3_export.ops  # noqa: F401  registers dsv3::
+from dsv3_export.engines.torch_lower import lower_dsv3_ops
+from dsv3_export.engines.torch_triton import DECODE_GEMM_ENV, triton_lowerings
+
+
+class Op(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", w)
+        self.register_buffer("s", s)
+
+    def forward(self, x):
+        return torch.ops.dsv3.fp8_linear(x, self.w, self.s, True)
+
+
+op = torch.export.export(Op(), (x,), dynamic_shapes={"x": {0: Dim("m", min=1, max=64)}})
+for choice in ("decode", "tile"):
+    os.environ[DECODE_GEMM_ENV] = choice
+    for kind in ("decode", "prefill"):
+        lowered, how = lower_dsv3_ops(op, "cuda", triton_lowerings(kind))
+        names = sorted({getattr(getattr(k, "fn", k), "__name__", "?") for k in
+                        (kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
+                         for n in lowered.run_decompositions({}, decompose_custom_triton_ops=True).graph.nodes
+                         if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target))})
+        gemms = ",".join(n for n in names if "gemm" in n)
+        print("switch", choice, kind, gemms, "fp8_gemm_decode" in how["dsv3::fp8_linear"])
+os.environ[DECODE_GEMM_ENV] = "fast"
+try:
+    triton_lowerings("decode")
+except ValueError as e:
+    print("bad", DECODE_GEMM_ENV in str(e) and "'fast'" in str(e))
 '''
 
 
@@ -476,6 +509,14 @@ def test_decode_gemm_tiles_reach_the_package_as_call_arguments():
     assert launches == ["_act_quant_ieee_kernel None None", "_fp8_gemm_decode_kernel False 64",
                         "_fp8_gemm_decode_kernel True 16"], lines
     assert "dims 1" in lines, lines
+    # DSV3_TORCH_DECODE_GEMM: the decode kernel in the decode program only, the tile kernel with `tile`; the
+    # manifest's lowering text says which; an unknown value is an error naming the variable
+    switch = sorted(line for line in lines if line.startswith("switch "))
+    assert switch == ["switch decode decode _fp8_gemm_decode_kernel True",
+                      "switch decode prefill _fp8_gemm_kernel False",
+                      "switch tile decode _fp8_gemm_kernel False",
+                      "switch tile prefill _fp8_gemm_kernel False"], lines
+    assert "bad True" in lines, lines
 
 
 _FAKE_QUANT_CASES = [(k, dtype) for k in (200, 256, 328) for dtype in (torch.float32, torch.bfloat16)]

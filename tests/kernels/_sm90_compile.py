@@ -184,10 +184,9 @@ def _cases(all_configs: bool):
             yield (f"fp8_gemm split_k={split} a_fp8={a_fp8}", fp8_gemm._fp8_gemm_kernel, cfg,
                    dict(a_ptr=f8 if a_fp8 else bf, a_s_ptr=f32, b_ptr=f8, b_s_ptr=f32, c_ptr=c),
                    dict(A_FP8=a_fp8, UPCAST=False, BLOCK_K=128))
-    # The decode GEMM's two pinned tiles as the 16b w1/w3 run them (no predicate on the weight), the swapped one
-    # also ragged
+    # The decode GEMM's two tiles as the 16b w1/w3 run them (no predicate on the weight), and ragged
     for tile, even in ((fp8_gemm_decode.SWAP_TILE, True), (fp8_gemm_decode.SWAP_TILE, False),
-                       (fp8_gemm_decode.DIRECT_TILE, True)):
+                       (fp8_gemm_decode.DIRECT_TILE, True), (fp8_gemm_decode.DIRECT_TILE, False)):
         orientation = "swap" if tile["SWAP_AB"] else "direct"
         yield (f"fp8_gemm decode {orientation} block_m={tile['BLOCK_M']} even={even} a_fp8=True",
                fp8_gemm_decode._fp8_gemm_decode_kernel,

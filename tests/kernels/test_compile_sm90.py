@@ -106,7 +106,7 @@ def _check_fp8(rows: list[dict]) -> None:
     _check_tensor_cores(rows, ("fp8_gemm",), wgmma_e4m3="fp8_gemm")
     # the decode GEMM's 16-token tile too: the weight rows are wgmma's 64 (kernels/fp8_gemm_decode.py swaps A and B)
     decode = [r for r in rows if r["kernel"].startswith("fp8_gemm decode")]
-    assert len(decode) == 3 and all(any(op.startswith("wgmma.mma_async") and op.endswith(".e4m3.e4m3")
+    assert len(decode) == 4 and all(any(op.startswith("wgmma.mma_async") and op.endswith(".e4m3.e4m3")
                                         for op in r["mma_ops"]) for r in decode), [r["mma_ops"] for r in decode]
     _check_act_quant_arithmetic(rows)
     # no fp8 GEMM is warp-specialized (Hopper autoWS, setmaxnreg: wrong results on the H200 with triton 3.6)

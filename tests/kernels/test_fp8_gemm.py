@@ -22,10 +22,11 @@ def _operands(m: int, n: int, k: int):
 
 @pytest.mark.parametrize("m", [1, 3, 37])
 @pytest.mark.parametrize("split_k", [None, 1, 3])
-def test_fp8_gemm_matches_reference(seed, m, split_k):
+@pytest.mark.parametrize("variant", ["default", "tile"])  # default: split 1 runs kernels/fp8_gemm_decode.py
+def test_fp8_gemm_matches_reference(seed, m, split_k, variant):
     torch.manual_seed(seed)
     a, a_s, b, b_s = _operands(m, 200, 300)
-    out = G.fp8_gemm(a, a_s, b, b_s, torch.float32, split_k=split_k)
+    out = G.fp8_gemm(a, a_s, b, b_s, torch.float32, split_k=split_k, variant=variant)
     ref = G.fp8_gemm_ref(a, a_s, b, b_s, torch.float32)
     assert out.shape == (m, 200) and out.dtype == torch.float32
     assert_finite("fp8_gemm", out)

@@ -89,7 +89,7 @@ print(json.dumps(results))
 SETTINGS = {
     "defaults": ("", {}),
     "all off": ("fuse_shared_experts", dict(DSV3_TORCH_ROUTER="0", DSV3_TORCH_ABSORB_GEMM="0",
-                                            DSV3_TORCH_DECODE_GEMV="0")),
+                                            DSV3_TORCH_DECODE_GEMV="0", DSV3_TORCH_DECODE_GEMM="tile")),
     # the GEMV off takes W_UV's head_gemv and (DSV3_TORCH_SPLIT_K_SUM=auto) the split-K sum kernel with it
     "decode gemv off": ("", dict(DSV3_TORCH_DECODE_GEMV="0")),
     "head gemv off": ("", dict(DSV3_TORCH_HEAD_GEMV="0")),
@@ -128,9 +128,11 @@ def _check_defaults(launches: dict[str, dict]):
     were removed in session 14, measured slower on the H200)."""
     default = launches["defaults"]
     k = default["kernels"]
-    # fp8 GEMMs: wq+wkv_a and wo per layer, the dense layer's w1, w3 (10944 rows: not concatenated) and
-    # w2; the MoE's shared experts are experts of its grouped GEMMs now (fuse_shared_experts)
-    assert k["_fp8_gemm_kernel"] == 2 * 2 + 3, k
+    # fp8 GEMMs: wq+wkv_a and wo per layer and the dense layer's w2 by the tile kernel (K split); the dense layer's
+    # w1 and w3 (10944 rows: not concatenated; K not split) by kernels/fp8_gemm_decode.py, its swapped and its
+    # direct tile each (gated by the batch, DSV3_TORCH_DECODE_GEMM); the MoE's shared experts are experts of its
+    # grouped GEMMs now (fuse_shared_experts)
+    assert k["_fp8_gemm_kernel"] == 2 * 2 + 1 and k["_fp8_gemm_decode_kernel"] == 2 * 2, k
     # act_quant: one per fp8 GEMM (dense layer 5, MoE layer 2) + the MoE's h (its x's: the gate kernel's)
     assert k.get("_act_quant_kernel", 0) + k.get("_act_quant_ieee_kernel", 0) == 5 + 3, k
     assert k["_grouped_gemm_kernel"] == 2 and k["_moe_align_kernel"] == 1, k
@@ -146,7 +148,8 @@ def _check_defaults(launches: dict[str, dict]):
     assert k["_mla_decode_split_kernel"] == k["_mla_decode_reduce_kernel"] == 2, k
     # + per layer the GEMV of wq+wkv_a and wo and W_UV's head_gemv (_check_decode_gemv), and
     # the split-K sums of wq+wkv_a, wo and w2 (_check_decode_gemv)
-    assert sum(k.values()) == 28 + 2 * 2 + 2 + 5, k  # the gate kernel in, the MoE x's act_quant out
+    # the gate kernel in, the MoE x's act_quant out; w1 and w3 two launches each
+    assert sum(k.values()) == 28 + 2 * 2 + 2 + 5 + 2, k
 
 
 def _check_all_switches_off(launches: dict[str, dict]):

@@ -25,7 +25,7 @@ What differs from kernels/fp8_gemm.py's K loop, and why (H200, session 31, bench
   0.85x (M=32) of cuBLAS in some runs).
 Each 128-wide K step's fp8 x fp8 -> fp32 dot is scaled by a_s[m, kb] * b_s[n // 128, kb] and added in CUDA-core
 fp32 (never accumulated across K blocks in the tensor core: fp8_gemm.py says why). Ragged M, N and K are masked
-(zero fill). A TMA descriptor for the weight was faster still (1.04-1.11x of cuBLAS at M = 16-32) but cannot enter
+(zero fill). A TMA descriptor for the weight was faster still (1.03-1.11x of cuBLAS at M = 16-32) but cannot enter
 an AOTInductor package with torch 2.11 (its mutation analysis finds no descriptor metadata), so it is not offered.
 """
 

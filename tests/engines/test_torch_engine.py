@@ -438,17 +438,21 @@ w, s = weight_quant(torch.randn(8500, 256) / 16)  # wide enough that decode does
 
 
 class Linear(torch.nn.Module):
-    def __init__(self):
+    """y = linear(x, w, s): the decode-form triton_op directly, or (Op below) dsv3::fp8_linear for the lowering."""
+
+    def __init__(self, linear):
         super().__init__()
         self.register_buffer("w", w)
         self.register_buffer("s", s)
+        self.linear = linear
 
     def forward(self, x):
-        return fp8_linear(x, self.w, self.s, True, True, decode_kernel=True)
+        return self.linear(x, self.w, self.s)
 
 
 x = torch.randn(64, 256).bfloat16()  # the decode program's tuning batch
-ep = torch.export.export(Linear(), (x,), dynamic_shapes={"x": {0: Dim("m", min=1, max=64)}})
+decode_form = Linear(lambda x, w, s: fp8_linear(x, w, s, True, True, decode_kernel=True))
+ep = torch.export.export(decode_form, (x,), dynamic_shapes={"x": {0: Dim("m", min=1, max=64)}})
 kernels = ep.run_decompositions({}, decompose_custom_triton_ops=True)  # what AOTInductor does
 for n in kernels.graph.nodes:
     if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target):
@@ -463,17 +467,8 @@ from dsv3_export.engines.torch_lower import lower_dsv3_ops
 from dsv3_export.engines.torch_triton import DECODE_GEMM_ENV, triton_lowerings
 
 
-class Op(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("w", w)
-        self.register_buffer("s", s)
-
-    def forward(self, x):
-        return torch.ops.dsv3.fp8_linear(x, self.w, self.s, True)
-
-
-op = torch.export.export(Op(), (x,), dynamic_shapes={"x": {0: Dim("m", min=1, max=64)}})
+op = torch.export.export(Linear(lambda x, w, s: torch.ops.dsv3.fp8_linear(x, w, s, True)), (x,),
+                        dynamic_shapes={"x": {0: Dim("m", min=1, max=64)}})
 for choice in ("decode", "tile"):
     os.environ[DECODE_GEMM_ENV] = choice
     for kind in ("decode", "prefill"):

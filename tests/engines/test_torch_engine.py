@@ -287,11 +287,11 @@ for kk in (200, 520):
 # nominal SMs), N and K off the grids; batches of the swapped tile, of the direct tile, and with the GEMV on (its
 # batches launch the GEMV alone).
 wq, ws = weight_quant(torch.randn(8500, 200, generator=g) * 200**-0.5)
-for m in (1, 2, 16, 17):
+for m, gemv in ((1, False), (16, False), (17, False), (2, True), (3, True), (17, True)):
     xb = torch.randn(m, 200, generator=g).bfloat16()
     want = torch.ops.dsv3.fp8_linear(xb, wq, ws, True)
-    print(f"fp8_decode_kernel_m{m}", rel(fp8_linear(xb, wq, ws, True, True, decode_kernel=True), want))
-    print(f"fp8_decode_kernel_gemv_m{m}", rel(fp8_linear(xb, wq, ws, True, True, gemv=True, decode_kernel=True), want))
+    got = fp8_linear(xb, wq, ws, True, True, gemv=gemv, decode_kernel=True)
+    print(f"fp8_decode_kernel{'_gemv' if gemv else ''}_m{m}", rel(got, want))
 assert fp8_linear(torch.randn(0, 200).bfloat16(), wq, ws, True, True, decode_kernel=True).shape == (0, 8500)
 '''
 
@@ -320,7 +320,7 @@ def test_triton_ops_match_dsv3_ops_in_the_interpreter(seed):
     pytest.importorskip("triton")
     errs = _triton_op_errors(seed)
     mla = {n: v for n, v in errs.items() if n.startswith("mla_")}
-    assert len(mla) == 6 and len([n for n in errs if n.startswith("fp8_")]) == 20, errs
+    assert len(mla) == 6 and len([n for n in errs if n.startswith("fp8_")]) == 18, errs
     for name, err in errs.items():
         if name.endswith("_float32") or name.startswith("fp8_act_fp32"):
             limit = TOLERANCES["fp32_structural"]

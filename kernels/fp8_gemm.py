@@ -55,8 +55,8 @@ from dsv3_export.kernels._common import (FP8_DTYPE, QUANT_BLOCK, LaunchSpec, aut
                                          num_sms)
 from dsv3_export.kernels.fp8_gemm_decode import decode_checked
 from dsv3_export.kernels.fp8_gemm_persistent import fp8_gemm_tma_persistent
-from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 from dsv3_export.kernels.fp8_quant import act_quant as act_quant_kernel
+from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 from dsv3_export.reference import fp8 as fp8_ref
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

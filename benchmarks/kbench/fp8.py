@@ -276,47 +276,62 @@ def against_blockwise_in_graphs(a, a_s, w, w_s, ours, rounds: int, flush: str):
     """ours() (an fp8 GEMM of a and w) and blockwise _scaled_mm of the same operands, each captured in a CUDA graph,
     timed in alternation for `rounds` rounds (_timing.interleaved_ms): (blockwise ms per round, ours ms per round,
     the per-round ratios blockwise / ours sorted, the tensor ours' replays wrote)."""
+    base_ms, timed = several_against_blockwise_in_graphs(a, a_s, w, w_s, {"ours": ours}, rounds, flush)
+    ours_ms, ratios, written = timed["ours"]
+    return base_ms, ours_ms, ratios, written
+
+
+def several_against_blockwise_in_graphs(a, a_s, w, w_s, candidates: dict, rounds: int, flush: str):
+    """Blockwise _scaled_mm and each candidate (name -> an fp8 GEMM of a and w), each captured in a CUDA graph, all
+    timed round-robin for `rounds` rounds: (blockwise ms per round, {name: (ms per round, the per-round ratios
+    blockwise / it sorted, the tensor its replays wrote)})."""
     from _timing import interleaved_ms  # benchmarks/_timing.py
 
     a_p, s_a, w_p, s_b = _blockwise_operands(a, a_s, w, w_s)
-    written: list = []
-    graphs = {"blockwise": _graph_of(lambda: _scaled_mm_blockwise(a_p, s_a, w_p, s_b)).replay,
-              "ours": _graph_of(ours, written).replay}
+    written: dict[str, list] = {name: [] for name in candidates}
+    graphs = {"blockwise": _graph_of(lambda: _scaled_mm_blockwise(a_p, s_a, w_p, s_b)).replay}
+    graphs.update({name: _graph_of(fn, written[name]).replay for name, fn in candidates.items()})
     times = interleaved_ms(graphs, flush, rounds=rounds)
-    ratios = sorted(base / mine for base, mine in zip(times["blockwise"], times["ours"]))
-    return times["blockwise"], times["ours"], ratios, written[0]
+    base = times["blockwise"]
+    return base, {name: (times[name], sorted(b / mine for b, mine in zip(base, times[name])), written[name][0])
+                  for name in candidates}
 
 
-def _graphed_pair(report: Report, case: str, operands, ref, out_dtype, quick: bool, bytes_: float,
+def _graphed_rows(report: Report, case: str, operands, ref, out_dtype, quick: bool, bytes_: float,
                   flops: float) -> list[Row]:
-    """Blockwise _scaled_mm and the Gluon kernel's default form from CUDA graphs, timed in alternation
-    (_timing.interleaved_ms). The eager rows also time the host's launch path, which for the Gluon kernel (three TMA
-    descriptors and Gluon's launcher in Python: up to ~200 us per call on the H200's host in session 29, 100-130 us
-    once the launcher kept its layouts) can exceed the L2 flush plus the kernel, leaving the GPU idle inside the
-    timed window; and rows timed minutes apart see the clocks drift (5% between rounds)."""
+    """Blockwise _scaled_mm, the Gluon kernel's default form and fp8_gemm's default kernel (the Triton GEMM a package
+    runs where it does not take cuBLAS) from CUDA graphs, timed in alternation (_timing.interleaved_ms). The eager rows
+    also time the host's launch path, which for the Gluon kernel (three TMA descriptors and Gluon's launcher in
+    Python: up to ~200 us per call on the H200's host in session 29, 100-130 us once the launcher kept its layouts)
+    can exceed the L2 flush plus the kernel, leaving the GPU idle inside the timed window (at the attention's small
+    GEMMs, ~20-35 us of GPU work, always); and rows timed minutes apart see the clocks drift (5% between rounds)."""
+    from dsv3_export.kernels import fp8_gemm as G
     from kbench import common
 
     a, a_s, w, w_s = operands
     m = a.shape[0]
-    names = ("torch._scaled_mm blockwise (CUDA graph)", f"{_gluon_label(None)} (CUDA graph)")
     rounds = 3 if quick else 7
-    base_ms, ours_ms, ratios, written = against_blockwise_in_graphs(
-        a, a_s, w, w_s, lambda: _gluon_gemm(a, a_s, w, w_s, out_dtype, None), rounds, common.L2_FLUSH)
-    note = (f"{rounds} rounds alternating the two graph rows; gluon vs blockwise _scaled_mm per round: median "
-            f"{statistics.median(ratios):.3f}x, range {ratios[0]:.3f}-{ratios[-1]:.3f}x")
-    err = mean_rel(written[:m].float(), ref)  # what the replays wrote
-    rows = [add(report, Row("fp8_prefill", case, names[0], statistics.median(base_ms), note=note),
-                bytes_=bytes_, flops=flops, peak=FP8_PEAK),
-            add(report, Row("fp8_prefill", case, names[1], statistics.median(ours_ms), error=err, tol=1e-3,
-                            ok=err < 1e-3, note=note), bytes_=bytes_, flops=flops, peak=FP8_PEAK)]
-    print(f"  {case}: CUDA graphs, {note}", flush=True)
+    candidates = {f"{_gluon_label(None)} (CUDA graph)": lambda: _gluon_gemm(a, a_s, w, w_s, out_dtype, None),
+                  "triton fp8_gemm (CUDA graph)": lambda: G.fp8_gemm(a, a_s, w, w_s, out_dtype)}
+    base_ms, timed = several_against_blockwise_in_graphs(a, a_s, w, w_s, candidates, rounds, common.L2_FLUSH)
+    notes = {name: (f"{rounds} rounds alternating the graph rows; vs blockwise _scaled_mm per round: median "
+                    f"{statistics.median(ratios):.3f}x, range {ratios[0]:.3f}-{ratios[-1]:.3f}x")
+             for name, (_, ratios, _) in timed.items()}
+    rows = [add(report, Row("fp8_prefill", case, "torch._scaled_mm blockwise (CUDA graph)", statistics.median(base_ms),
+                            note=f"{rounds} rounds alternating the graph rows"),
+                bytes_=bytes_, flops=flops, peak=FP8_PEAK)]
+    for name, (ms, _, written) in timed.items():
+        err = mean_rel(written[:m].float(), ref)  # what the replays wrote
+        rows.append(add(report, Row("fp8_prefill", case, name, statistics.median(ms), error=err, tol=1e-3,
+                                    ok=err < 1e-3, note=notes[name]), bytes_=bytes_, flops=flops, peak=FP8_PEAK))
+        print(f"  {case}: CUDA graphs, {name.removesuffix(' (CUDA graph)')}: {notes[name]}", flush=True)
     return rows
 
 
 def bench_fp8_prefill(report: Report, sh: Shapes, quick: bool) -> None:
-    """fp8 GEMM at the 16b prefill shapes (w1/w3, w2 at M=4096): every PREFILL_CANDIDATES config of
-    the TMA + persistent kernel pinned (one compile each, no autotuning) and the default kernel's
-    session-5 winner, vs blockwise torch._scaled_mm. Each row is checked on its own timed bf16
+    """fp8 GEMM at the 16b prefill shapes (w1/w3, w2 at M=4096; with --full also wq+wkv_a, wo and wkv_a): every
+    PREFILL_CANDIDATES config of the TMA + persistent kernel pinned (one compile each, no autotuning) and the default
+    kernel's session-5 winner, vs blockwise torch._scaled_mm. Each row is checked on its own timed bf16
     output against the fp32 reference rounded to bf16: a right kernel differs only where its fp32
     sum rounds the other way (mean rel. error ~1e-6), so < 1e-3 flags a wrong one (the removed
     warp-specialized loop was at 0.11). The CPU smoke test checks fp32 outputs instead (the
@@ -327,7 +342,13 @@ def bench_fp8_prefill(report: Report, sh: Shapes, quick: bool) -> None:
 
     m = sh.prefill_m
     out_dtype = torch.bfloat16 if sh.device == "cuda" else torch.float32
-    for label, n, k in (("w1/w3 mlp", sh.inter, sh.dim), ("w2 mlp", sh.dim, sh.inter)):
+    shapes = [("w1/w3 mlp", sh.inter, sh.dim), ("w2 mlp", sh.dim, sh.inter)]
+    if not quick:  # the attention's Linears as the packages run them (wq + wkv_a fused), and wkv_a alone
+        from kbench.gemv import _linear_shapes
+
+        shapes += [(f"{name} attn", n, k) for name, n, k in _linear_shapes(sh)[:2]]
+        shapes.append(("wkv_a attn", sh.kv_lora + sh.rope, sh.dim))
+    for label, n, k in shapes:
         case = f"prefill {label} M={m} N={n} K={k}"
         w, w_s = R.weight_quant(torch.randn(n, k, device=sh.device) / k**0.5)
         a, a_s = R.act_quant(torch.randn(m, k, device=sh.device, dtype=torch.bfloat16))
@@ -383,7 +404,7 @@ def bench_fp8_prefill(report: Report, sh: Shapes, quick: bool) -> None:
             print(f"  {case}: gluon candidates skipped: {gluon_reason}", flush=True)
         if sh.device == "cuda" and not gluon_reason and any(r is not None and r.impl == "torch._scaled_mm blockwise"
                                                             and r.ok for r in rows):
-            rows += guarded(report, f"{case} CUDA graphs", lambda: _graphed_pair(
+            rows += guarded(report, f"{case} CUDA graphs", lambda: _graphed_rows(
                 report, case, (a, a_s, w, w_s), ref, out_dtype, quick, bytes_, flops)) or []
         rows = [r for r in rows if r is not None]
         finish_group(rows)

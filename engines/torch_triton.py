@@ -158,9 +158,8 @@ def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: t
     n = w.shape[0]
     k_blocks = cdiv(k, QUANT_BLOCK)
     decode = kind == "decode"
-    split = kg._choose_split_k(FP8_DECODE_M, n, k_blocks, a.device) if decode else 1
-    per_split = cdiv(k_blocks, split)
-    split = cdiv(k_blocks, per_split)  # no empty splits
+    split, per_split = kg.rounded_split(kg._choose_split_k(FP8_DECODE_M, n, k_blocks, a.device) if decode else 1,
+                                        k_blocks)
     if split == 1:
         c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     else:
@@ -173,7 +172,7 @@ def _fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, w: torch.Tensor, w_s: t
         torch_launch.launch_spec(gated(kv.gemv_spec(x, w, w_s, out, scale_reciprocal=a.is_cuda, norm=gemv_norm,
                                                     prefetch_w=gemv_prefetch_on()), gate))
         tile_gate = 1 - gate
-    if decode_kernel and decode and split == 1 and a_s is not None:
+    if decode_kernel and decode and kg.takes_decode_kernel(a_s is not None, split):
         swap = kd.swap_gate(m)  # 1 at M <= SWAP_MAX_M; with the GEMV's gate, exactly one of the three launches runs
         torch_launch.launch_spec(gated(kd.fp8_gemm_decode_spec(a, a_s, w, w_s, c, kd.SWAP_TILE), swap * tile_gate))
         torch_launch.launch_spec(gated(kd.fp8_gemm_decode_spec(a, a_s, w, w_s, c, kd.DIRECT_TILE),

@@ -233,6 +233,18 @@ def _choose_split_k(m: int, n: int, k_blocks: int, device: torch.device) -> int:
     return max(1, split)
 
 
+def rounded_split(split: int, k_blocks: int) -> tuple[int, int]:
+    """(split, K blocks per split) as the launchers run a requested split of K: no split left empty."""
+    per_split = cdiv(k_blocks, split)
+    return cdiv(k_blocks, per_split), per_split
+
+
+def takes_decode_kernel(a_fp8: bool, split: int) -> bool:
+    """Whether a decode call runs kernels/fp8_gemm_decode.py instead of the tile kernel: W8A8 with K not split (it
+    has no split-K; where the tile kernel splits K, its partials spread a narrow weight over the SMs)."""
+    return a_fp8 and split == 1
+
+
 def config_label(config: triton.Config | None) -> str:
     """'BLOCK_M=16 BLOCK_N=64 GROUP_M=8 w4 s4': a tuning config in one short line (benchmarks)."""
     if config is None:
@@ -320,9 +332,8 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
     split = split_k
     if not 1 <= split <= k_blocks:
         raise ValueError(f"fp8_gemm: split_k={split} must be in [1, ceil(K/128)={k_blocks}]")
-    per_split = cdiv(k_blocks, split)
-    split = cdiv(k_blocks, per_split)  # no empty splits
-    if variant == "default" and decode and a_fp8 and split == 1 and config is None and m <= DECODE_MAX_M:
+    split, per_split = rounded_split(split, k_blocks)
+    if variant == "default" and decode and m <= DECODE_MAX_M and config is None and takes_decode_kernel(a_fp8, split):
         return decode_checked(a, a_s, b, b_s, out_dtype)
     if split == 1:
         c = torch.empty((m, n), dtype=out_dtype, device=dev)

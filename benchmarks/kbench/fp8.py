@@ -76,9 +76,9 @@ def _fp8_choice(m: int, n: int, k: int, device: str, a_fp8: bool = True) -> str:
 
     shape_class = "decode" if m <= G.DECODE_MAX_M else "prefill"
     k_blocks = -(-k // 128)
-    split = G._choose_split_k(m, n, k_blocks, torch.device(device)) if shape_class == "decode" else 1
-    split = -(-k_blocks // -(-k_blocks // split))  # as the launcher rounds it: no empty splits
-    if shape_class == "decode" and a_fp8 and split == 1:
+    split, _ = G.rounded_split(G._choose_split_k(m, n, k_blocks, torch.device(device)) if shape_class == "decode"
+                               else 1, k_blocks)
+    if shape_class == "decode" and G.takes_decode_kernel(a_fp8, split):
         tile = D.tile_for(m)
         ctas = -(-n // D.CONFIG.kwargs["BLOCK_N"]) * -(-m // tile["BLOCK_M"])
         return (f"fp8_gemm_decode {'swapped' if tile['SWAP_AB'] else 'direct'} BLOCK_M={tile['BLOCK_M']} "

@@ -86,6 +86,14 @@ def test_split_k_heuristic_at_the_16b_shapes():
     assert G._choose_split_k(64, 2048, 16, cpu) == 2  # partials' traffic <= half the weight: K / (16 M)
 
 
+def test_a_requested_split_is_rounded_so_that_no_split_is_empty():
+    assert G.rounded_split(9, 86) == (9, 10)  # w2's 86 K blocks: 8 splits of 10 and one of 6
+    assert G.rounded_split(8, 10) == (5, 2)  # 8 splits of 10 blocks would leave 3 empty: 5 of 2
+    assert G.rounded_split(1, 16) == (1, 16)
+    assert G.takes_decode_kernel(True, 1) and not G.takes_decode_kernel(True, 2)
+    assert not G.takes_decode_kernel(False, 1)  # W8A16: the tile kernel reads bf16 activations
+
+
 def test_split_k_partials_are_summed_and_cast_in_one_pass(seed):
     torch.manual_seed(seed)
     a, a_s, b, b_s = _operands(3, 200, 1100)  # 9 K blocks: splits of 3

@@ -77,11 +77,16 @@ def interleaved_ms(fns: dict[str, Callable[[], Any]], flush: str = "zero", round
                    rep_ms: float = 40.0) -> dict[str, list[float]]:
     """median_ms of each fn, round-robin over `rounds` rounds: {name: [ms per round]}. A GPU whose clocks drift with
     power and heat within a run (the H200's blockwise _scaled_mm moved by 5% between rounds in session 29) moves the
-    fns of one round alike, so the per-round ratios are steadier than one median_ms per fn, timed minutes apart."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(median_ms(fn, flush, warmup_ms, rep_ms))
+    fns of one round alike, so the per-round ratios are steadier than one median_ms per fn, timed minutes apart.
+    Round r starts at fn r % len(fns) (then in order, wrapping): each fn follows each other one in turn, so none is
+    always timed right after the same one (session 32, w2's Gluon GEMM against cuBLAS: 0.951x twice with every round
+    in one order, cuBLAS after the 0.33 ms Triton GEMM and Gluon after cuBLAS; 0.966x rotated; 0.98-1.00x in pairs)."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        start = r % len(names)
+        for name in names[start:] + names[:start]:
+            times[name].append(median_ms(fns[name], flush, warmup_ms, rep_ms))
     return times
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def test_interleaved_ms_times_each_fn_once_per_round_in_order(monkeypatch):
+def test_interleaved_ms_times_each_fn_once_per_round(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import _timing
 
@@ -19,6 +19,16 @@ def test_interleaved_ms_times_each_fn_once_per_round_in_order(monkeypatch):
     monkeypatch.setattr(_timing, "median_ms", fake_median_ms)
     times = _timing.interleaved_ms({"base": lambda: "b", "ours": lambda: "o"}, "read", rounds=3, warmup_ms=1.0,
                                    rep_ms=2.0)
-    assert [c[0] for c in calls] == ["b", "o"] * 3  # alternating, so a clock drift moves both rows of a round
+    assert [c[0] for c in calls] == ["b", "o", "o", "b", "b", "o"]  # a clock drift moves both rows of a round
     assert {c[1:] for c in calls} == {("read", 1.0, 2.0)}
-    assert times == {"base": [1.0, 3.0, 5.0], "ours": [2.0, 4.0, 6.0]}
+    assert times == {"base": [1.0, 4.0, 5.0], "ours": [2.0, 3.0, 6.0]}  # each fn's timings in round order
+
+
+def test_interleaved_ms_rotates_which_fn_starts_a_round(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import _timing
+
+    calls = []
+    monkeypatch.setattr(_timing, "median_ms", lambda fn, *args: calls.append(fn()) or 1.0)
+    _timing.interleaved_ms({"a": lambda: "a", "b": lambda: "b", "c": lambda: "c"}, "read", rounds=4)
+    assert calls == list("abc" "bca" "cab" "abc")  # each fn timed right after each other one in turn

@@ -78,12 +78,13 @@ def interleaved_ms(fns: dict[str, Callable[[], Any]], flush: str = "zero", round
     """median_ms of each fn, round-robin over `rounds` rounds: {name: [ms per round]}. A GPU whose clocks drift with
     power and heat within a run (the H200's blockwise _scaled_mm moved by 5% between rounds in session 29) moves the
     fns of one round alike, so the per-round ratios are steadier than one median_ms per fn, timed minutes apart.
-    Round r starts at fn r % len(fns) (then in order, wrapping): each fn follows each other one in turn, so none is
-    always timed right after the same one (session 32, w2's Gluon GEMM against cuBLAS: 0.951x twice with every round
-    in one order, cuBLAS after the 0.33 ms Triton GEMM and Gluon after cuBLAS; 0.966x rotated; 0.98-1.00x in pairs)."""
+    Round r starts at fn r % len(fns) (then in order, wrapping): which fn starts a round rotates, so with two fns
+    each precedes the other in turn; with three, each still follows its predecessor in the dict in 2 of 3 rounds
+    (session 32, w2's Gluon GEMM against cuBLAS: 0.951x twice with every round in one order, cuBLAS after the
+    0.33 ms Triton GEMM and Gluon after cuBLAS; 0.966x rotated; 0.98-1.00x in pairs)."""
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
+    for r in range(rounds if names else 0):
         start = r % len(names)
         for name in names[start:] + names[:start]:
             times[name].append(median_ms(fns[name], flush, warmup_ms, rep_ms))

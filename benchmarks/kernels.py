@@ -17,11 +17,13 @@ roofline floor (max(bytes / HBM_BW, flops / peak)) and the ratio to the best alt
                 latter's configs each pinned, then autotuned (rows "triton fp8 tma").
                 At decode M, fp8_linear's fused path (the GEMM quantizes x itself, one launch) is
                 checked and timed beside act_quant + gemm, eagerly and from a CUDA graph.
-  fp8 prefill   (--only fp8_prefill; < 60 s) the same baseline at M=4096 vs every PREFILL_CANDIDATES config of
+  fp8 prefill   (--only fp8_prefill; < 60 s) the same baseline at M=4096 (w1/w3, w2; with --full also the
+                attention's wq+wkv_a, wo and wkv_a) vs every PREFILL_CANDIDATES config of
                 kernels/fp8_gemm_persistent.py pinned (one compile each, no autotuning) and the
                 GLUON_CANDIDATES of kernels/fp8_gemm_gluon.py, each checked on its timed bf16 output
-                (mean rel. < 1e-3); then the baseline and the Gluon default again from CUDA graphs, timed
-                in alternation for 3 rounds (7 with --full): their per-round ratio is the acceptance figure.
+                (mean rel. < 1e-3); then the baseline, the Gluon default and fp8_gemm's Triton kernel again
+                from CUDA graphs, timed in alternation for 3 rounds (7 with --full): the per-round ratio is
+                the acceptance figure.
   grouped GEMM  torch._grouped_mm (bf16), MoE end to end with it
   MLA decode    the eager absorbed einsum math and F.scaled_dot_product_attention; mla_decode is
                 also timed as a CUDA-graph replay (its kernels without Python launch cost), and at

@@ -31,4 +31,5 @@ def test_interleaved_ms_rotates_which_fn_starts_a_round(monkeypatch):
     calls = []
     monkeypatch.setattr(_timing, "median_ms", lambda fn, *args: calls.append(fn()) or 1.0)
     _timing.interleaved_ms({"a": lambda: "a", "b": lambda: "b", "c": lambda: "c"}, "read", rounds=4)
-    assert calls == list("abc" "bca" "cab" "abc")  # each fn timed right after each other one in turn
+    assert calls == list("abc" "bca" "cab" "abc")  # the fn that starts a round rotates
+    assert _timing.interleaved_ms({}, "read", rounds=2) == {}

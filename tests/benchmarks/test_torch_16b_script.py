@@ -55,7 +55,7 @@ def test_cpu_smoke_decode_only_profile_run(tmp_path, monkeypatch, capsys):
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng():  # the script draws its inputs from the global generator
-            code = script.main(["--device", "cpu", "--precisions", "fp8", "--batches", "1,2", "--prompt-len", "16",
+            code = script.main(["--device", "cpu", "--precisions", "fp8", "--batches", "1,2,3", "--prompt-len", "16",
                                 "--decode-steps", "1", "--budget-s", "1e9", "--n-layers", "1",
                                 "--engine-kinds", "decode", "--skip", "compile,eager", "--profile-batches", "1,2",
                                 "--skip-passes", "fuse_shared_experts",
@@ -73,6 +73,8 @@ def test_cpu_smoke_decode_only_profile_run(tmp_path, monkeypatch, capsys):
     assert "error" not in engine, engine
     assert isinstance(engine["decode_ms_b1"], float) and isinstance(engine["decode_ms_b2"], float), engine
     assert engine["decode_logits_rel_err_vs_eager_step"] < 0.1, engine  # fp8 W8A8 vs the weight-only step
+    assert engine["decode_logits_rel_err_vs_eager_step_b3"] < 0.1, engine  # each timed batch above 2 apart
+    assert "decode_logits_rel_err_vs_eager_step_b2" not in engine  # batch 2 is the first check's
     assert "generate_tokens" not in engine  # needs the prefill program, not built here
     assert engine["decode_b1_kernels"]["launches_per_step"] > 0, engine["decode_b1_kernels"]
     assert engine["decode_b2_kernels"]["launches_per_step"] > 0, engine["decode_b2_kernels"]  # --profile-batches

@@ -231,8 +231,8 @@ def _cases(all_configs: bool):
         yield ("add_rms_norm K=2048", rms_norm._add_rms_norm_kernel, cfg,
                dict(r_ptr=bf, d_ptr=bf, w_ptr=bf, x_ptr=bf, h_ptr=bf), dict(KP=2048))
     for cfg in pick(moe.GROUPED_GEMM_CONFIGS):
-        # (True, True, True, 64): the fp8 prefill MoE's up GEMM (gate and up, each a partial and an accumulator:
-        # 250-255 registers, up to 64 B of spills at BLOCK_N >= 128, against 128-255 and 0-8 B for bf16)
+        # (True, True, True, 64): the fp8 prefill MoE's up GEMM (gate and up, each a partial and an accumulator; triton
+        # 3.9's ptxas: 250-255 registers at BLOCK_N >= 64 with up to 64 B of spills, 150 at 32; bf16: 72-255, 0-8 B)
         for w_fp8, a_fp8, swiglu, block_m in ((True, True, True, 16), (True, True, False, 64), (True, True, True, 64),
                                               (True, False, True, 16), (False, False, True, 64),
                                               (False, False, False, 16)):

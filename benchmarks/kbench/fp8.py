@@ -287,6 +287,8 @@ def several_against_blockwise_in_graphs(a, a_s, w, w_s, candidates: dict, rounds
     blockwise / it sorted, the tensor its replays wrote)})."""
     from _timing import interleaved_ms  # benchmarks/_timing.py
 
+    if "blockwise" in candidates:
+        raise ValueError("several_against_blockwise_in_graphs: 'blockwise' names the baseline; rename the candidate")
     a_p, s_a, w_p, s_b = _blockwise_operands(a, a_s, w, w_s)
     written: dict[str, list] = {name: [] for name in candidates}
     graphs = {"blockwise": _graph_of(lambda: _scaled_mm_blockwise(a_p, s_a, w_p, s_b)).replay}

@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _timing, kbench
 from _timing import interleaved_ms  # noqa: E402
 from kbench.common import mean_rel  # noqa: E402
 
-SHAPES = {"w1/w3": (10944, 2048), "w2": (2048, 10944)}
-SPLITS = {"w1/w3": (1, 2, 3, 4), "w2": (4, 6, 8, 11)}
+SHAPES = {"w1/w3": (10944, 2048), "w2": (2048, 10944), "wo": (2048, 2048), "wkv_a": (576, 2048)}
+SPLITS = {"w1/w3": (1, 2, 3, 4), "w2": (4, 6, 8, 11), "wo": (1, 2, 4, 8), "wkv_a": (1, 2, 4, 8)}
 # Beyond DECODE_CONFIGS: more warps or stages per CTA for the same tiles (more bytes in flight per SM).
 EXTRA_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 8}, num_warps=4, num_stages=6),

@@ -1,7 +1,8 @@
 """MoE sections, kernels/moe.py at the 16b MoE's shapes:
   moe       fused_moe (bf16, fp8, fp8 weight-only) against torch._grouped_mm (routing sort, two
             grouped GEMMs, SwiGLU, weighted index_add); the up projection's grouped_gemm + fused
-            SwiGLU and moe_align alone; at decode sizes also from CUDA graphs
+            SwiGLU (bf16 and W8A8) and moe_align alone, the down projection's grouped_gemm (bf16 and W8A8)
+            alone; at decode sizes also from CUDA graphs
   moe_cfg   each grouped-GEMM config (GROUPED_GEMM_CONFIGS + MOE_CFG_CANDIDATES) on the fp8 MoE's two
             GEMMs at decode sizes, from CUDA graphs: which tile the decode program should tune to
 """
@@ -150,6 +151,9 @@ def bench_moe(report: Report, sh: Shapes, quick: bool) -> None:
                        bytes_=up_bytes, flops=up_flops, peak=BF16_PEAK)
 
         up_rows.append(guarded(report, f"grouped_gemm {case} _grouped_mm", gm_up))
+        up_rows.append(guarded(report, f"grouped_gemm {case} fp8", lambda: _fp8_grouped_row(
+            report, up_case, x, w13q, w13s, s_ids, e_ids, npp, ids, sh, quick, fuse_swiglu=True,
+            nbytes=active * 2 * i * d + t * (d + 2 * sh.topk * i), flops=up_flops)))
         if sh.device == "cuda" and t <= 64:  # decode sizes: eager rows are mostly Python launch cost
             # moe_align as the packages trace it (DSV3_TORCH_MOE_ALIGN): ATen ops vs the kernel (default)
             align_case = f"moe_align block_m={bm} {case}"
@@ -173,6 +177,43 @@ def bench_moe(report: Report, sh: Shapes, quick: bool) -> None:
         up_rows = [r for r in up_rows if r is not None]
         finish_group(up_rows)
         show(up_case, up_rows)
+
+        # The down projection alone (routing weight in the epilogue), bf16 against W8A8: which of the two GEMMs
+        # holds the fp8 MoE back where it is slower than the bf16 one (T=4096, session 32: 1.87 against 1.69 ms).
+        down_case = f"down {case}"
+        h = M.grouped_gemm(x, w13, s_ids, e_ids, npp, sh.topk, fuse_swiglu=True)  # [T*k, I], the down GEMM's input
+        down_flops, down_bytes = 2 * t * sh.topk * i * d, active * i * d * 2 + 2 * t * sh.topk * (i + d)
+        d_err = mean_rel(M.grouped_gemm(h, w2, s_ids, e_ids, npp, 1, topk_weights=tw).float(),
+                         M.grouped_gemm_ref(h, w2, ids, 1, topk_weights=tw))
+        down_rows = [add(report, Row("grouped_gemm", down_case, "triton grouped_gemm bf16",
+                                     bench(lambda: M.grouped_gemm(h, w2, s_ids, e_ids, npp, 1, topk_weights=tw),
+                                           sh, quick), error=d_err, tol=2e-2, ok=d_err < 2e-2),
+                         bytes_=down_bytes, flops=down_flops, peak=BF16_PEAK)]
+        down_rows.append(guarded(report, f"grouped_gemm {down_case} fp8", lambda: _fp8_grouped_row(
+            report, down_case, h, w2q, w2s, s_ids, e_ids, npp, ids, sh, quick, topk_weights=tw,
+            nbytes=active * i * d + t * sh.topk * (i + 2 * d), flops=down_flops)))
+        down_rows = [r for r in down_rows if r is not None]
+        finish_group(down_rows)
+        show(down_case, down_rows)
+
+
+def _fp8_grouped_row(report: Report, case: str, a, w, w_s, s_ids, e_ids, npp, ids, sh: Shapes, quick: bool, *,
+                     nbytes: float, flops: float, fuse_swiglu: bool = False, topk_weights=None) -> Row:
+    """The W8A8 grouped GEMM of a (quantized 1x128 outside the timing) against its reference on the same fp8
+    operands: fused_moe's fp8 path, one GEMM at a time. a's rows are tokens (topk = top-k) for the up GEMM and
+    assignments (topk = 1) for the down one."""
+    from dsv3_export.kernels import fp8_quant as Q
+    from dsv3_export.kernels import moe as M
+
+    topk = sh.topk if fuse_swiglu else 1
+    aq, a_s = Q.act_quant(a)
+    kw = dict(a_scale=a_s, w_scale=w_s, topk_weights=topk_weights, fuse_swiglu=fuse_swiglu)
+    err = mean_rel(M.grouped_gemm(aq, w, s_ids, e_ids, npp, topk, **kw).float(),
+                   M.grouped_gemm_ref(aq, w, ids, topk, **kw))
+    return add(report, Row("grouped_gemm", case, "triton grouped_gemm fp8 (W8A8)",
+                           bench(lambda: M.grouped_gemm(aq, w, s_ids, e_ids, npp, topk, **kw), sh, quick),
+                           error=err, tol=2e-2, ok=err < 2e-2, note="act_quant outside the timing"),
+               bytes_=nbytes, flops=flops, peak=FP8_PEAK)
 
 
 # Candidate grouped-GEMM configs for decode, timed beside GROUPED_GEMM_CONFIGS by the moe_cfg

@@ -585,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-layers", type=int, default=None,
                    help="override the preset's layer count (a profile of the per-layer kernels at a fraction "
                         "of the build time; the floor follows the same layer count)")
-    p.add_argument("--moe-align", choices=("aten", "kernel"), default=None,
+    p.add_argument("--moe-align", choices=("aten", "kernel", "single"), default=None,
                    help="how the MoE alignment is traced into the package (sets DSV3_TORCH_MOE_ALIGN)")
     p.add_argument("--skip-passes", default="", help=f"comma-separated passes left out of the pipeline: {PASS_NAMES}")
     p.add_argument("--router", choices=("0", "1"), default=None,

@@ -230,7 +230,8 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
     cublas, no_cublas = prefill_cublas(kind)
     decode_kernel = decode_gemm_kernel(kind)
     align_form = env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS)
-    routing = "moe_align " + ("in ATen ops" if align_form == "aten" else "kernel")
+    routing = "moe_align " + {"aten": "in ATen ops", "single": "one-program kernel"}.get(
+        align_form, "kernel (parallel at block_m >= 64)")
 
     def lower_moe(x, topk_weights, topk_ids, w13, w2):
         if x.dtype not in km.DENSE_DTYPES:  # fp32 engines: the dense kernel takes bf16/fp16 only

@@ -29,7 +29,9 @@ from dsv3_export.kernels.moe_align import align_gate
 # kernel vs 0.739 ms aten, 1.05 vs 1.84 ms without a graph; per call 9.3 us vs 61 us (kernels.py).
 MOE_ALIGN_ENV = "DSV3_TORCH_MOE_ALIGN"
 MOE_ALIGN_DEFAULT = "kernel"
-MOE_ALIGN_FORMS = {"kernel": "one Triton kernel per MoE layer", "aten": "Inductor's kernels for the ATen form"}
+MOE_ALIGN_FORMS = {"kernel": "the Triton kernels (one program, or at block_m >= 64 three launches in parallel)",
+                   "single": "the one-program Triton kernel at every block_m (the form before session 33)",
+                   "aten": "Inductor's kernels for the ATen form"}
 
 
 # The MoE's one-token direct mode (kernels/moe.py grouped_gemm_spec): `1` (default) at T = 1 the grouped
@@ -79,8 +81,9 @@ def _moe_routing(topk_ids: torch.Tensor, n_experts: int, block_m: int):
     """moe_align's (sorted_ids, expert_ids, npp) in the MOE_ALIGN_ENV form, and the grouped GEMMs'
     direct_ids: with MOE_DIRECT_ENV on, the contiguous topk_ids, and the alignment launches nothing
     at one token."""
-    return km.moe_routing(topk_ids, n_experts, block_m, moe_direct_on(),
-                          traced_form=env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS))
+    form = env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS)
+    return km.moe_routing(topk_ids, n_experts, block_m, moe_direct_on(), traced_form="aten" if form == "aten" else
+                          "kernel", parallel=False if form == "single" else None)
 
 
 def _grouped_gemm(a, w, routing, topk: int, out_dtype: torch.dtype, *, a_scale=None,

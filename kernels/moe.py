@@ -260,12 +260,13 @@ def choose_block_m(n_tokens: int, topk: int, n_experts: int) -> int:
     return 64
 
 
-def moe_routing(topk_ids: torch.Tensor, n_experts: int, block_m: int, direct: bool, *, traced_form: str = "kernel"):
+def moe_routing(topk_ids: torch.Tensor, n_experts: int, block_m: int, direct: bool, *, traced_form: str = "kernel",
+                parallel: bool | None = None):
     """The grouped GEMMs' routing: moe_align's (sorted_ids, expert_ids, num_tokens_post_pad), and
     direct_ids, the contiguous topk_ids when `direct` (grouped_gemm_spec's one-token mode: at T = 1
-    the alignment then launches nothing, align_gate) or None."""
+    the alignment then launches nothing, align_gate) or None. parallel: moe_align's."""
     alignment = moe_align(topk_ids, n_experts, block_m, traced_form=traced_form,
-                          launch_gate=align_gate(topk_ids.shape[0]) if direct else 1)
+                          launch_gate=align_gate(topk_ids.shape[0]) if direct else 1, parallel=parallel)
     return alignment, topk_ids.contiguous() if direct else None
 
 

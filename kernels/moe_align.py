@@ -7,7 +7,16 @@
          num_tokens_post_pad int32 [1]: rows actually used (sum of the padded runs).
       n_blocks = ceil((T*k + E*(block_m-1)) / block_m) is the worst case, so every size is a
       function of T, k, E only: no .item(), graph-capturable, exportable.
-One single-program Triton kernel, and moe_align_ref, the same in ATen ops (oracle and a traced form).
+Two Triton forms with identical outputs, and moe_align_ref, the same in ATen ops (oracle and a traced form):
+  single   one program does it all (histogram, offsets, scatter, block experts): one launch, what decode
+           batches want (8-14 us at T = 1-64 on the H200), but at T = 4096 x 6 assignments 0.53 ms, a third of
+           the bf16 MoE layer (session 33).
+  parallel three launches over CHUNK-assignment slices: each slice's expert histogram (and its share of the
+           sentinel fill), one program turning the histograms into each slice's first slot per expert (and the
+           block experts), each slice scattering its assignments; slices are taken in order and each keeps its
+           own order, so the result is the same stable sort.
+moe_align picks parallel at block_m >= 64 (PARALLEL_BLOCK_M): what choose_block_m gives above 32 assignments per
+expert, and the prefill programs' block_m; a static choice, so traced programs need no guard on T.
 """
 
 from __future__ import annotations
@@ -23,6 +32,10 @@ from dsv3_export.kernels.pdl import wait_for_producer, waits_for_producer
 # MAX_ALIGN_EXPERTS experts the ATen form is used.
 ALIGN_TILE = 8192
 MAX_ALIGN_EXPERTS = 1024
+# the parallel form from this block_m up (see the module docstring); PARALLEL_SLICES programs' worth of offsets are
+# summed per loop step of its offsets kernel
+PARALLEL_BLOCK_M = 64
+PARALLEL_SLICES = 32
 
 
 @waits_for_producer
@@ -70,6 +83,77 @@ def _moe_align_kernel(
     tl.store(npp_ptr, total)
 
 
+@waits_for_producer
+@triton.jit
+def _align_count_kernel(ids_ptr, counts_ptr, sorted_ids_ptr, NUMEL, N_SLOTS, FILL_SHARE,
+                        BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr):
+    """Parallel form, step 1 (one program per CHUNK slice): the slice's assignments per expert into
+    counts[slice, :], and the sentinel NUMEL into this program's FILL_SHARE of the sorted slots."""
+    wait_for_producer()  # before any memory access: kernels/pdl.py
+    pid = tl.program_id(0)
+    experts = tl.arange(0, BLOCK_E)
+    offs = pid * CHUNK + tl.arange(0, CHUNK)
+    e = tl.load(ids_ptr + offs, mask=offs < NUMEL, other=BLOCK_E).to(tl.int32)
+    tl.store(counts_ptr + pid * BLOCK_E + experts, tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0))
+    for f0 in range(pid * FILL_SHARE, (pid + 1) * FILL_SHARE, FILL):
+        slots = f0 + tl.arange(0, FILL)
+        tl.store(sorted_ids_ptr + slots, tl.full((FILL,), 0, tl.int32) + NUMEL,
+                 mask=(slots < N_SLOTS) & (slots < (pid + 1) * FILL_SHARE))
+
+
+@waits_for_producer
+@triton.jit
+def _align_offsets_kernel(counts_ptr, offsets_ptr, expert_ids_ptr, npp_ptr, N_SLICES, N_BLOCKS,
+                          E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, SLICES: tl.constexpr,
+                          CHUNK: tl.constexpr):
+    """Parallel form, step 2 (one program): the experts' padded runs from the slices' histograms, each slice's
+    first slot per expert (its run's start plus the earlier slices' counts) into offsets[slice, :], the block
+    experts and the padded total, as the single kernel's steps 2 and 5."""
+    wait_for_producer()
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for s0 in range(0, N_SLICES, SLICES):
+        rows = s0 + tl.arange(0, SLICES)
+        tile = tl.load(counts_ptr + rows[:, None] * BLOCK_E + experts[None, :], mask=(rows < N_SLICES)[:, None],
+                       other=0)
+        counts += tl.sum(tile, axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    total = tl.sum(padded, axis=0)
+    carry = ends - padded  # the next slice's first slot per expert
+    for s0 in range(0, N_SLICES, SLICES):
+        rows = s0 + tl.arange(0, SLICES)
+        in_range = (rows < N_SLICES)[:, None]
+        tile = tl.load(counts_ptr + rows[:, None] * BLOCK_E + experts[None, :], mask=in_range, other=0)
+        before = tl.cumsum(tile, axis=0) - tile  # earlier slices of this step
+        tl.store(offsets_ptr + rows[:, None] * BLOCK_E + experts[None, :], carry[None, :] + before, mask=in_range)
+        carry += tl.sum(tile, axis=0)
+    real = experts < E
+    for b0 in range(0, N_BLOCKS, CHUNK):
+        blocks = b0 + tl.arange(0, CHUNK)
+        owner = tl.sum(((ends[None, :] <= blocks[:, None] * BLOCK_M) & real[None, :]).to(tl.int32), axis=1)
+        tl.store(expert_ids_ptr + blocks, tl.where(owner < E, owner, -1), mask=blocks < N_BLOCKS)
+    tl.store(npp_ptr, total)
+
+
+@waits_for_producer
+@triton.jit
+def _align_scatter_kernel(ids_ptr, offsets_ptr, sorted_ids_ptr, NUMEL, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
+    """Parallel form, step 3 (one program per slice): each assignment to its slice's first slot for its expert
+    plus the same-expert assignments before it in the slice (the single kernel's step 4)."""
+    wait_for_producer()
+    pid = tl.program_id(0)
+    experts = tl.arange(0, BLOCK_E)
+    offs = pid * CHUNK + tl.arange(0, CHUNK)
+    valid = offs < NUMEL
+    e = tl.load(ids_ptr + offs, mask=valid, other=BLOCK_E).to(tl.int32)
+    onehot = (e[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, BLOCK_E]
+    before = tl.cumsum(onehot, axis=0) - onehot
+    first = tl.load(offsets_ptr + pid * BLOCK_E + experts)
+    dest = tl.sum((before + first[None, :]) * onehot, axis=1)
+    tl.store(sorted_ids_ptr + dest, offs.to(tl.int32), mask=valid)
+
+
 def align_blocks(numel, n_experts: int, block_m: int):
     """n_blocks of moe_align's layout for numel assignments: the worst case, a function of sizes only
     (numel may be a traced size)."""
@@ -92,14 +176,15 @@ def align_gate(n_tokens):
 
 
 def moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int, *, traced_form: str = "kernel",
-              launch_gate=1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              launch_gate=1, parallel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group the T*k (token, slot) assignments by expert, padded per expert to block_m rows.
 
     topk_ids values must lie in [0, n_experts) (not checked: that would need a host sync).
-    Eager: one single-program Triton kernel (the ATen form below is ~15 launches, 0.48 ms on the
-    H200 at T=1, which dominated a decode MoE step). While tracing (torch.export / AOTInductor):
-    `traced_form` (TRACED_ALIGN_FORMS). Both forms give identical outputs.
-    launch_gate (0 or 1, symbolic while traced; align_gate): multiplies the kernel's grid; 0 launches
+    Eager: the Triton kernels, the single-program form or (parallel; default: block_m >= PARALLEL_BLOCK_M) the
+    three-launch one (the module docstring). The ATen form below is ~15 launches, 0.48 ms on the H200 at T=1, which
+    dominated a decode MoE step. While tracing (torch.export / AOTInductor): `traced_form` (TRACED_ALIGN_FORMS).
+    Every form gives identical outputs.
+    launch_gate (0 or 1, symbolic while traced; align_gate): multiplies the kernels' grids; 0 launches
     nothing and leaves the outputs unwritten, for callers whose grouped GEMMs do not read them (direct
     mode). The ATen form ignores it.
     """
@@ -122,10 +207,25 @@ def moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int, *, traced_fo
     if type(launch_gate) is int and not launch_gate:
         return sorted_token_ids, expert_ids, num_tokens_post_pad
     block_e = max(16, next_pow2(n_experts))
-    traceable(_moe_align_kernel)[(launch_gate,)](
-        ids, sorted_token_ids, expert_ids, num_tokens_post_pad, numel, n_blocks,
-        E=n_experts, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK=max(16, ALIGN_TILE // block_e), FILL=1024,
-        num_warps=4)
+    chunk = max(16, ALIGN_TILE // block_e)
+    if not (block_m >= PARALLEL_BLOCK_M if parallel is None else parallel):
+        traceable(_moe_align_kernel)[(launch_gate,)](
+            ids, sorted_token_ids, expert_ids, num_tokens_post_pad, numel, n_blocks,
+            E=n_experts, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK=chunk, FILL=1024, num_warps=4)
+        return sorted_token_ids, expert_ids, num_tokens_post_pad
+    # one slice at least: with no assignments its program still writes the sentinels and zero counts
+    n_slices = torch.sym_max(cdiv(numel, chunk), 1)
+    n_slots = n_blocks * block_m
+    counts = torch.empty((n_slices, block_e), dtype=torch.int32, device=dev)
+    offsets = torch.empty((n_slices, block_e), dtype=torch.int32, device=dev)
+    traceable(_align_count_kernel)[(n_slices * launch_gate,)](
+        ids, counts, sorted_token_ids, numel, n_slots, cdiv(n_slots, n_slices), BLOCK_E=block_e, CHUNK=chunk,
+        FILL=1024, num_warps=4)
+    traceable(_align_offsets_kernel)[(launch_gate,)](
+        counts, offsets, expert_ids, num_tokens_post_pad, n_slices, n_blocks, E=n_experts, BLOCK_E=block_e,
+        BLOCK_M=block_m, SLICES=PARALLEL_SLICES, CHUNK=chunk, num_warps=4)
+    traceable(_align_scatter_kernel)[(n_slices * launch_gate,)](
+        ids, offsets, sorted_token_ids, numel, BLOCK_E=block_e, CHUNK=chunk, num_warps=4)
     return sorted_token_ids, expert_ids, num_tokens_post_pad
 
 

@@ -63,7 +63,9 @@ def _quantized_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def bench_moe(report: Report, sh: Shapes, quick: bool) -> None:
+    from dsv3_export.kernels import fp8_quant as Q
     from dsv3_export.kernels import moe as M
+    from dsv3_export.kernels.moe_align import PARALLEL_BLOCK_M
 
     torch.manual_seed(0)
     d, i, e = sh.dim, sh.moe_inter, sh.n_experts
@@ -137,12 +139,26 @@ def bench_moe(report: Report, sh: Shapes, quick: bool) -> None:
         up_bytes = active * 2 * i * d * 2 + 2 * t * (d + sh.topk * i)
         g_err = mean_rel(M.grouped_gemm(x, w13, s_ids, e_ids, npp, sh.topk, fuse_swiglu=True).float(),
                          M.grouped_gemm_ref(x, w13, ids, sh.topk, fuse_swiglu=True))
-        up_rows = [add(report, Row("grouped_gemm", up_case, "triton moe_align (block_m=%d)" % bm,
-                                   bench(lambda: M.moe_align(ids, e, bm), sh, quick))),
-                   add(report, Row("grouped_gemm", up_case, "triton grouped_gemm bf16",
-                                   bench(lambda: M.grouped_gemm(x, w13, s_ids, e_ids, npp, sh.topk, fuse_swiglu=True),
-                                         sh, quick), error=g_err, tol=2e-2, ok=g_err < 2e-2),
-                       bytes_=up_bytes, flops=up_flops, peak=BF16_PEAK)]
+        parallel = bm >= PARALLEL_BLOCK_M  # moe_align's default form at this block_m
+        # identical to the ATen form's, as in tests/kernels/test_moe.py, here at the real sizes
+        aligned = all(torch.equal(a, b) for a, b in zip((s_ids, e_ids, npp), M.moe_align_ref(ids, e, bm)))
+        up_rows = [add(report, Row("grouped_gemm", up_case, "triton moe_align (block_m=%d, %s)" % (
+                                   bm, "parallel" if parallel else "single program"),
+                                   bench(lambda: M.moe_align(ids, e, bm), sh, quick), ok=aligned))]
+        if parallel:  # the form it replaced there (session 33)
+            up_rows.append(add(report, Row("grouped_gemm", up_case, "triton moe_align (block_m=%d, single program)"
+                                           % bm, bench(lambda: M.moe_align(ids, e, bm, parallel=False), sh, quick))))
+        if t >= 1024:  # the fp8 path's two activation quantizations at prefill sizes
+            h_bf16 = torch.randn(t * sh.topk, i, device=x.device, dtype=x.dtype)
+            for what, act in (("x [T, D]", x), ("h [T*k, I]", h_bf16)):
+                up_rows.append(add(report, Row("grouped_gemm", up_case, f"triton act_quant of {what}",
+                                               bench(lambda act=act: Q.act_quant(act), sh, quick)),
+                                   bytes_=act.numel() * 3 + act.numel() // 128 * 4))
+        up_rows.append(add(report, Row("grouped_gemm", up_case, "triton grouped_gemm bf16",
+                                       bench(lambda: M.grouped_gemm(x, w13, s_ids, e_ids, npp, sh.topk,
+                                                                    fuse_swiglu=True), sh, quick),
+                                       error=g_err, tol=2e-2, ok=g_err < 2e-2),
+                           bytes_=up_bytes, flops=up_flops, peak=BF16_PEAK))
 
         def gm_up():
             run = _presorted_up_swiglu(x, w13_t, ids, e)

@@ -623,13 +623,16 @@ print(json.dumps(results))
 
 
 _MOE_ALIGN_CASES = [("aten", "decode", "1"), ("kernel", "decode", "0"), ("default", "decode", "1"),
-                    ("default", "prefill", "1")]  # (DSV3_TORCH_MOE_ALIGN, program kind, DSV3_TORCH_MOE_DIRECT)
+                    ("default", "prefill", "1"), ("single", "prefill", "1")]
+# (DSV3_TORCH_MOE_ALIGN, program kind, DSV3_TORCH_MOE_DIRECT)
+_PARALLEL_ALIGN = ("_align_count_kernel", "_align_offsets_kernel", "_align_scatter_kernel")
 
 
 def test_moe_align_traced_form_switch():
     """DSV3_TORCH_MOE_ALIGN picks how the MoE's alignment is traced into a CUDA package: the ATen ops
-    (sort / scatter / searchsorted, several kernels) or the single-program kernel (one launch, the
-    default), with the token dim still dynamic. The bf16 and fp8 MoE ops of one program: the grouped
+    (sort / scatter / searchsorted, several kernels) or the Triton kernels (the default: the single-program
+    kernel in decode programs, block_m 16, and the parallel form's three in prefill programs, block_m 64; "single"
+    keeps the single program there too), with the token dim still dynamic. The bf16 and fp8 MoE ops of one program: the grouped
     GEMMs launch sym_min(n_blocks, T*k) row blocks (a Min of the token symbol, no guard); the fp8 MoE
     launches act_quant twice. DSV3_TORCH_MOE_DIRECT (default 1): the alignment kernel's grid is gated
     by a Min of the token symbol (nothing launched at one token), 0: a plain one-program grid.
@@ -651,8 +654,12 @@ def test_moe_align_traced_form_switch():
         assert kernels.count("_grouped_gemm_kernel") == 4 and out["dims"] == 1, case
         assert out["gemm_rows"] == "sym_min", case
         assert kernels.count("_act_quant_ieee_kernel") == 2, case
-        if form in ("kernel", "default"):
+        if form in ("kernel", "default") and kind == "prefill":
+            assert all(kernels.count(name) == 2 for name in _PARALLEL_ALIGN), case
+            assert "_moe_align_kernel" not in kernels and out["aten"] == "", case
+        elif form in ("kernel", "default", "single"):
             assert kernels.count("_moe_align_kernel") == 2 and out["aten"] == "", case
+            assert not set(_PARALLEL_ALIGN) & set(kernels), case
             assert out["align_grid"] == ("sym_min" if direct == "1" else "1"), case
         else:
             assert "_moe_align_kernel" not in kernels and "sort" in out["aten"], case

@@ -247,6 +247,15 @@ def _cases(all_configs: bool):
         yield (f"moe_align E={e}", moe_align._moe_align_kernel, triton.Config({}, num_warps=4),
                dict(ids_ptr=ids, sorted_ids_ptr=i32, expert_ids_ptr=i32, npp_ptr=i32),
                dict(E=e, BLOCK_E=e, BLOCK_M=16, CHUNK=moe_align.ALIGN_TILE // e, FILL=1024))
+        # the parallel form (block_m >= 64): per-slice histograms, the offsets program, the scatter
+        chunk = moe_align.ALIGN_TILE // e
+        yield (f"moe_align count E={e}", moe_align._align_count_kernel, triton.Config({}, num_warps=4),
+               dict(ids_ptr=ids, counts_ptr=i32, sorted_ids_ptr=i32), dict(BLOCK_E=e, CHUNK=chunk, FILL=1024))
+        yield (f"moe_align offsets E={e}", moe_align._align_offsets_kernel, triton.Config({}, num_warps=4),
+               dict(counts_ptr=i32, offsets_ptr=i32, expert_ids_ptr=i32, npp_ptr=i32),
+               dict(E=e, BLOCK_E=e, BLOCK_M=64, SLICES=moe_align.PARALLEL_SLICES, CHUNK=chunk))
+        yield (f"moe_align scatter E={e}", moe_align._align_scatter_kernel, triton.Config({}, num_warps=4),
+               dict(ids_ptr=ids, offsets_ptr=i32, sorted_ids_ptr=i32), dict(BLOCK_E=e, CHUNK=chunk))
     mla_dims = dict(C=512, R=64, BLOCK_C=512, BLOCK_R=64, UPCAST=False)
     # Host-chosen splits (8), and the traced program's runtime split rule (MAX_SPLITS split programs, the
     # kernels pick how many run: early returns, a runtime `splits`); it always has the new token.

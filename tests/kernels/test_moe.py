@@ -64,18 +64,22 @@ def test_moe_align_invariants(seed, t, k, block_m):
     (300, 6, 64, 64, torch.int64),  # several CHUNK tiles
     (2900, 6, 64, 16, torch.int32),  # > 1024 blocks: several FILL tiles of slots and of block experts
     (5, 2, 3, 16, torch.int64),  # E not a power of 2
+    (0, 6, 64, 64, torch.int64),  # no tokens: the parallel form's one slice writes the sentinels
 ])
-def test_moe_align_kernel_equals_aten_form(seed, t, k, e, block_m, idtype):
-    """The single-program kernel (eager) and the ATen form (traced) give identical outputs."""
+@pytest.mark.parametrize("parallel", [False, True], ids=["single", "parallel"])
+def test_moe_align_kernel_equals_aten_form(seed, t, k, e, block_m, idtype, parallel):
+    """The single-program and the parallel kernels (eager) and the ATen form (traced) give identical outputs; the
+    parallel form with several slices (T*k > 128 at E=64) and, at T=2900, more slices than one offsets step."""
     torch.manual_seed(seed)
     ids = torch.randint(0, e, (t, k), dtype=idtype)
-    ids[0, :] = e - 1  # an expert with several assignments from one token; others may get none
-    got = M.moe_align(ids, e, block_m)
+    if t:
+        ids[0, :] = e - 1  # an expert with several assignments from one token; others may get none
+    got = M.moe_align(ids, e, block_m, parallel=parallel)
     ref = M.moe_align_ref(ids, e, block_m)
     for name, a, b in zip(("sorted_token_ids", "expert_ids", "num_tokens_post_pad"), got, ref):
         assert a.dtype == b.dtype == torch.int32 and a.shape == b.shape, name
         assert torch.equal(a, b), f"{name}: {int((a != b).sum())} entries differ"
-    strided = M.moe_align(ids.t().contiguous().t(), e, block_m)  # a non-contiguous [T, k] view
+    strided = M.moe_align(ids.t().contiguous().t(), e, block_m, parallel=parallel)  # a non-contiguous [T, k] view
     assert all(torch.equal(a, b) for a, b in zip(strided, ref))
 
 

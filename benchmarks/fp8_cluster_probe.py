@@ -1,0 +1,191 @@
+"""Does sharing the weight tile over a 2-CTA cluster (TMA multicast) close the fp8 prefill GEMM's gap to cuBLAS?
+
+fp8_cluster_kernel.py (beside this script) against the warp-specialized kernel it extends
+(kernels/fp8_gemm_gluon_ws.py) and blockwise torch._scaled_mm (issue #4's baseline) at the 16b prefill shapes
+(M=4096), the three captured in CUDA graphs and timed round-robin (kbench.fp8.several_against_blockwise_in_graphs).
+--clocks N then replays each GEMM back to back for N s while nvidia-smi samples the SM clock and the board power: at
+these shapes the H200 runs at its 700 W cap, so a kernel's time is its cycles over the clock its power draw leaves.
+The cluster kernel needs triton >= 3.9; the H200 image has 3.6, so the device call unpacks triton 3.9 onto PYTHONPATH
+first (benchmarks/pack_triton39.sh). The probe first checks the kernel on ragged shapes, with several tiles per
+cluster, against fp8_gemm_ref (a wrong barrier protocol hangs or is wrong there: run it under `timeout`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+import triton
+
+# (label, N, K) at M=4096: the dense FFN's w1/w3 and w2, the attention's fused wq+wkv_a, wo, and wkv_a alone
+SHAPES = (("w1/w3", 10944, 2048), ("w2", 2048, 10944), ("wq+wkv_a", 3648, 2048), ("wo", 2048, 2048),
+          ("wkv_a", 576, 2048))
+# (M, N, K, programs): ragged edges in every dimension; programs=2 puts several tiles on each cluster
+CHECKS = ((200, 264, 400, None), (300, 136, 1296, 2), (513, 576, 2048, 3), (4096, 2048, 10944, None))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).abs().mean() / ref.abs().mean()).item()
+
+
+def check(tol: float) -> list[dict]:
+    from dsv3_export.kernels import fp8_gemm as G
+    from dsv3_export.reference import fp8 as R
+    from fp8_cluster_kernel import fp8_gemm_gluon_cluster
+
+    rows = []
+    for m, n, k, programs in CHECKS:
+        torch.manual_seed(m + n + k)
+        a, a_s = R.act_quant(torch.randn(m, k, device="cuda") * 2)
+        w, w_s = R.weight_quant(torch.randn(n, k, device="cuda") / k**0.5)
+        ref = G.fp8_gemm_ref(a, a_s, w, w_s, torch.float32)
+        for out_dtype in (torch.float32, torch.bfloat16):
+            out = fp8_gemm_gluon_cluster(a, a_s, w, w_s, out_dtype, programs=programs)
+            torch.cuda.synchronize()
+            err = rel_err(out, ref)
+            ok = bool(torch.isfinite(out).all()) and err < (tol if out_dtype == torch.float32 else 1e-2)
+            rows.append(dict(m=m, n=n, k=k, programs=programs, out=str(out_dtype), err=err, ok=ok))
+            print(f"check M={m} N={n} K={k} programs={programs} {out_dtype}: mean rel err {err:.2e} "
+                  f"{'ok' if ok else 'FAILED'}", flush=True)
+    return rows
+
+
+def timed(rounds: int) -> list[dict]:
+    from dsv3_export.kernels import fp8_gemm as G
+    from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon
+    from dsv3_export.reference import fp8 as R
+    from fp8_cluster_kernel import fp8_gemm_gluon_cluster
+    from kbench.fp8 import several_against_blockwise_in_graphs
+
+    rows = []
+    for label, n, k in SHAPES:
+        m = 4096
+        torch.manual_seed(n + k)
+        w, w_s = R.weight_quant(torch.randn(n, k, device="cuda") / k**0.5)
+        a, a_s = R.act_quant(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+        ref = G.fp8_gemm_ref(a, a_s, w, w_s, torch.float32)
+        candidates = {"ws": lambda: fp8_gemm_gluon(a, a_s, w, w_s),
+                      "cluster": lambda: fp8_gemm_gluon_cluster(a, a_s, w, w_s)}
+        base_ms, results = several_against_blockwise_in_graphs(a, a_s, w, w_s, candidates, rounds, "read")
+        row = dict(case=label, m=m, n=n, k=k, rounds=rounds, blockwise_ms=statistics.median(base_ms),
+                   times=dict(blockwise=base_ms))
+        line = f"{label:9s} blockwise {row['blockwise_ms']:.4f} ms"
+        for name, (ms, ratios, written) in results.items():
+            row[f"{name}_ms"] = statistics.median(ms)
+            row[f"{name}_ratio"] = statistics.median(ratios)
+            row[f"{name}_ratio_range"] = [ratios[0], ratios[-1]]
+            row[f"{name}_graph_err"] = rel_err(written, ref)  # what the timed replays wrote (bf16 c)
+            row["times"][name] = ms
+            line += (f" | {name} {row[f'{name}_ms']:.4f} ms {row[f'{name}_ratio']:.3f}x ({ratios[0]:.3f}-"
+                     f"{ratios[-1]:.3f}) err {row[f'{name}_graph_err']:.1e}")
+        rows.append(row)
+        print(line, flush=True)
+    return rows
+
+
+def _smi_samples(lines: list[str]) -> list[tuple[float, float, float]]:
+    """(unix time, SM MHz, W) from nvidia-smi's csv lines: timestamp, clocks.sm, power.draw."""
+    import datetime
+
+    out = []
+    for line in lines:
+        parts = [p.strip() for p in line.split(",")]
+        try:
+            when = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            out.append((when, float(parts[1].split()[0]), float(parts[2].split()[0])))
+        except (ValueError, IndexError):
+            continue
+    return out
+
+
+def clocks(seconds: float) -> list[dict]:
+    """Each GEMM's CUDA graph replayed back to back for `seconds` (no L2 flush: the steady state of a long prefill),
+    after 1 s idle, while nvidia-smi samples the SM clock and the board power every 50 ms: us per call, mean MHz and
+    W over the run, and cycles per call (us x MHz). Equal cycles at unequal clocks would mean the gap is the power
+    cap's, not the instruction stream's."""
+    import subprocess
+    import time
+
+    from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon
+    from dsv3_export.reference import fp8 as R
+    from fp8_cluster_kernel import fp8_gemm_gluon_cluster
+    from kbench.common import _graph_of
+    from kbench.fp8 import _blockwise_operands, _scaled_mm_blockwise
+
+    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw", "--format=csv,noheader",
+                            "-lms", "50"], stdout=subprocess.PIPE, text=True)
+    phases = []
+    try:
+        for label, n, k in SHAPES[:2]:
+            m = 4096
+            w, w_s = R.weight_quant(torch.randn(n, k, device="cuda") / k**0.5)
+            a, a_s = R.act_quant(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+            a_p, s_a, w_p, s_b = _blockwise_operands(a, a_s, w, w_s)
+            fns = {"blockwise": lambda: _scaled_mm_blockwise(a_p, s_a, w_p, s_b),
+                   "ws": lambda: fp8_gemm_gluon(a, a_s, w, w_s),
+                   "cluster": lambda: fp8_gemm_gluon_cluster(a, a_s, w, w_s)}
+            for name, fn in fns.items():
+                graph = _graph_of(fn)
+                time.sleep(1.0)
+                start = time.time()
+                calls = 0
+                while time.time() - start < seconds:
+                    for _ in range(50):
+                        graph.replay()
+                    calls += 50
+                    torch.cuda.synchronize()
+                end = time.time()
+                phases.append(dict(case=label, impl=name, start=start, end=end, us=(end - start) / calls * 1e6))
+    finally:
+        time.sleep(0.2)
+        smi.terminate()
+        samples = _smi_samples(smi.communicate()[0].splitlines())
+    rows = []
+    for ph in phases:  # the middle 80% of each phase: the clock settles after the start
+        lo, hi = ph["start"] + 0.1 * (ph["end"] - ph["start"]), ph["end"] - 0.1 * (ph["end"] - ph["start"])
+        inside = [(mhz, w) for when, mhz, w in samples if lo <= when <= hi]
+        mhz = statistics.mean(v for v, _ in inside) if inside else float("nan")
+        watts = statistics.mean(w for _, w in inside) if inside else float("nan")
+        row = dict(case=ph["case"], impl=ph["impl"], us=ph["us"], mhz=mhz, watts=watts, samples=len(inside),
+                   kcycles=ph["us"] * mhz / 1e3)
+        rows.append(row)
+        print(f"clocks {row['case']:6s} {row['impl']:9s} {row['us']:7.1f} us/call at {mhz:6.0f} MHz, {watts:5.0f} W "
+              f"({len(inside)} samples): {row['kcycles']:6.1f} kcycles/call", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT"))
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--check-only", action="store_true")
+    parser.add_argument("--clocks", type=float, default=0.0,
+                        help="also replay each GEMM back to back this many seconds with nvidia-smi sampling clocks")
+    parser.add_argument("--tol", type=float, default=1e-3, help="mean relative error bound of the fp32 checks")
+    args = parser.parse_args()
+    from fp8_cluster_kernel import cluster_unsupported
+
+    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    reason = cluster_unsupported()
+    if reason:
+        raise SystemExit(f"fp8_cluster_probe: {reason}")
+    result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                  checks=check(args.tol))
+    if not all(r["ok"] for r in result["checks"]):
+        raise SystemExit("fp8_cluster_probe: a check failed; not timing")
+    if not args.check_only and args.rounds:
+        result["rows"] = timed(args.rounds)
+    if args.clocks and not args.check_only:
+        result["clocks"] = clocks(args.clocks)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        name = "fp8_cluster_check.json" if args.check_only else "fp8_cluster_probe.json"
+        with open(os.path.join(args.out, name), "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,8 @@
 """An experimental fp8 prefill GEMM on 2-CTA clusters that share the weight tile by TMA multicast (triton >= 3.9).
 
 Not a product kernel: benchmarks/fp8_cluster_probe.py measures it against the warp-specialized kernel it extends
-(kernels/fp8_gemm_gluon_ws.py) and blockwise torch._scaled_mm, and it was slower than the former at every 16b prefill
-shape (session 33, benchmarks/RESULTS.md). Kept as the probe's subject: it answers "is cuBLAS's TMA multicast what
+(kernels/fp8_gemm_gluon_ws.py) and blockwise torch._scaled_mm: no faster than the former at w2 and slower at the
+other 16b prefill shapes (session 33, benchmarks/RESULTS.md). Kept as the probe's subject: it answers "is cuBLAS's TMA multicast what
 the Gluon kernel lacks at w2?" (no), and it is where to start if a later triton makes clusters cheaper.
 
 Why it was tried: at w2 (M=4096, N=2048, K=10944) the warp-specialized kernel reads 0.95-1.00x of blockwise

@@ -3,8 +3,9 @@
 fp8_cluster_kernel.py (beside this script) against the warp-specialized kernel it extends
 (kernels/fp8_gemm_gluon_ws.py) and blockwise torch._scaled_mm (issue #4's baseline) at the 16b prefill shapes
 (M=4096), the three captured in CUDA graphs and timed round-robin (kbench.fp8.several_against_blockwise_in_graphs).
---clocks N then replays each GEMM back to back for N s while nvidia-smi samples the SM clock and the board power: at
-these shapes the H200 runs at its 700 W cap, so a kernel's time is its cycles over the clock its power draw leaves.
+--clocks N then replays each GEMM back to back for N s while nvidia-smi samples the SM clock and the board power:
+at these shapes the H200 holds ~630 W and lowers its clock, so a kernel's time is its cycles over the clock its
+energy per cycle leaves it (session 33).
 The cluster kernel needs triton >= 3.9; the H200 image has 3.6, so the device call unpacks triton 3.9 onto PYTHONPATH
 first (benchmarks/pack_triton39.sh). The probe first checks the kernel on ragged shapes, with several tiles per
 cluster, against fp8_gemm_ref (a wrong barrier protocol hangs or is wrong there: run it under `timeout`).
@@ -101,12 +102,15 @@ def _smi_samples(lines: list[str]) -> list[tuple[float, float, float]]:
     return out
 
 
-def clocks(seconds: float) -> list[dict]:
+def clocks(seconds: float, out_dir: str | None) -> list[dict]:
     """Each GEMM's CUDA graph replayed back to back for `seconds` (no L2 flush: the steady state of a long prefill),
-    after 1 s idle, while nvidia-smi samples the SM clock and the board power every 50 ms: us per call, mean MHz and
-    W over the run, and cycles per call (us x MHz). Equal cycles at unequal clocks would mean the gap is the power
-    cap's, not the instruction stream's."""
+    after 1 s idle, while nvidia-smi samples this GPU's SM clock and board power every 50 ms into a file: us per
+    call, mean MHz and W, and cycles per call (us x MHz), all over the middle 80% of each run (the clock settles
+    after the start). The order of the GEMMs is one pass, then the reverse (ABBA), so that heat favours none.
+    Equal cycles at unequal clocks and equal power: one kernel spends more energy per cycle, which the power cap
+    turns into clock."""
     import subprocess
+    import tempfile
     import time
 
     from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon
@@ -115,8 +119,11 @@ def clocks(seconds: float) -> list[dict]:
     from kbench.common import _graph_of
     from kbench.fp8 import _blockwise_operands, _scaled_mm_blockwise
 
-    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw", "--format=csv,noheader",
-                            "-lms", "50"], stdout=subprocess.PIPE, text=True)
+    log = os.path.join(out_dir or tempfile.mkdtemp(), "nvidia_smi_clocks.csv")
+    uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+    gpu = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+    smi = subprocess.Popen(["nvidia-smi", f"--id={gpu}", "--query-gpu=timestamp,clocks.sm,power.draw",
+                            "--format=csv,noheader", "-lms", "50", "-f", log])
     phases = []
     try:
         for label, n, k in SHAPES[:2]:
@@ -127,32 +134,39 @@ def clocks(seconds: float) -> list[dict]:
             fns = {"blockwise": lambda: _scaled_mm_blockwise(a_p, s_a, w_p, s_b),
                    "ws": lambda: fp8_gemm_gluon(a, a_s, w, w_s),
                    "cluster": lambda: fp8_gemm_gluon_cluster(a, a_s, w, w_s)}
-            for name, fn in fns.items():
-                graph = _graph_of(fn)
+            graphs = {name: _graph_of(fn) for name, fn in fns.items()}
+            for name in list(graphs) + list(graphs)[::-1]:
                 time.sleep(1.0)
-                start = time.time()
-                calls = 0
-                while time.time() - start < seconds:
+                marks = [(time.time(), 0)]  # (wall time, calls done) at each synchronize
+                while marks[-1][0] - marks[0][0] < seconds:
                     for _ in range(50):
-                        graph.replay()
-                    calls += 50
+                        graphs[name].replay()
                     torch.cuda.synchronize()
-                end = time.time()
-                phases.append(dict(case=label, impl=name, start=start, end=end, us=(end - start) / calls * 1e6))
+                    marks.append((time.time(), marks[-1][1] + 50))
+                phases.append(dict(case=label, impl=name, marks=marks))
     finally:
         time.sleep(0.2)
         smi.terminate()
-        samples = _smi_samples(smi.communicate()[0].splitlines())
+        smi.wait()
+    with open(log) as f:
+        samples = _smi_samples(f.read().splitlines())
     rows = []
-    for ph in phases:  # the middle 80% of each phase: the clock settles after the start
-        lo, hi = ph["start"] + 0.1 * (ph["end"] - ph["start"]), ph["end"] - 0.1 * (ph["end"] - ph["start"])
+    for ph in phases:
+        marks = ph["marks"]
+        span = marks[-1][0] - marks[0][0]
+        lo, hi = marks[0][0] + 0.1 * span, marks[-1][0] - 0.1 * span
+        window = [mark for mark in marks if lo <= mark[0] <= hi]
         inside = [(mhz, w) for when, mhz, w in samples if lo <= when <= hi]
-        mhz = statistics.mean(v for v, _ in inside) if inside else float("nan")
-        watts = statistics.mean(w for _, w in inside) if inside else float("nan")
-        row = dict(case=ph["case"], impl=ph["impl"], us=ph["us"], mhz=mhz, watts=watts, samples=len(inside),
-                   kcycles=ph["us"] * mhz / 1e3)
+        if len(window) < 2 or len(inside) < 0.5 * (hi - lo) / 0.05:  # nvidia-smi should have ~20 samples a second
+            raise RuntimeError(f"clocks: {ph['case']} {ph['impl']}: {len(inside)} nvidia-smi samples and "
+                               f"{len(window)} timing marks in {hi - lo:.1f} s ({log})")
+        us = (window[-1][0] - window[0][0]) / (window[-1][1] - window[0][1]) * 1e6
+        mhz = statistics.mean(v for v, _ in inside)
+        watts = statistics.mean(w for _, w in inside)
+        row = dict(case=ph["case"], impl=ph["impl"], us=us, mhz=mhz, watts=watts, samples=len(inside),
+                   kcycles=us * mhz / 1e3)
         rows.append(row)
-        print(f"clocks {row['case']:6s} {row['impl']:9s} {row['us']:7.1f} us/call at {mhz:6.0f} MHz, {watts:5.0f} W "
+        print(f"clocks {row['case']:6s} {row['impl']:9s} {us:7.1f} us/call at {mhz:6.0f} MHz, {watts:5.0f} W "
               f"({len(inside)} samples): {row['kcycles']:6.1f} kcycles/call", flush=True)
     return rows
 
@@ -179,7 +193,7 @@ def main() -> None:
     if not args.check_only and args.rounds:
         result["rows"] = timed(args.rounds)
     if args.clocks and not args.check_only:
-        result["clocks"] = clocks(args.clocks)
+        result["clocks"] = clocks(args.clocks, args.out)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         name = "fp8_cluster_check.json" if args.check_only else "fp8_cluster_probe.json"

@@ -15,7 +15,8 @@
 # image's CUDA 12.9 one it emits PTX 8.8, which that ptxas takes.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel); cd "$root"
-grep -qx '/.t39/' .git/info/exclude 2>/dev/null || echo '/.t39/' >> .git/info/exclude
+exclude=$(git rev-parse --git-path info/exclude); mkdir -p "$(dirname "$exclude")"
+grep -qx '/.t39/' "$exclude" 2>/dev/null || echo '/.t39/' >> "$exclude"
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 wheel=${1:-}
 if [ -z "$wheel" ]; then

@@ -632,9 +632,9 @@ def test_moe_align_traced_form_switch():
     """DSV3_TORCH_MOE_ALIGN picks how the MoE's alignment is traced into a CUDA package: the ATen ops
     (sort / scatter / searchsorted, several kernels) or the Triton kernels (the default: the single-program
     kernel in decode programs, block_m 16, and the parallel form's three in prefill programs, block_m 64; "single"
-    keeps the single program there too), with the token dim still dynamic. The bf16 and fp8 MoE ops of one program: the grouped
-    GEMMs launch sym_min(n_blocks, T*k) row blocks (a Min of the token symbol, no guard); the fp8 MoE
-    launches act_quant twice. DSV3_TORCH_MOE_DIRECT (default 1): the alignment kernel's grid is gated
+    keeps the single program there too), with the token dim still dynamic. The bf16 and fp8 MoE ops of one
+    program: the grouped GEMMs launch sym_min(n_blocks, T*k) row blocks (a Min of the token symbol, no guard); the
+    fp8 MoE launches act_quant twice. DSV3_TORCH_MOE_DIRECT (default 1): the alignment kernel's grid is gated
     by a Min of the token symbol (nothing launched at one token), 0: a plain one-program grid.
     Traced only: the package is never run on this CPU. One process exports once and lowers each case
     (a process per case paid the interpreter start, imports and export again: ~15-20 s each)."""

@@ -65,6 +65,7 @@ def test_moe_align_invariants(seed, t, k, block_m):
     (2900, 6, 64, 16, torch.int32),  # > 1024 blocks: several FILL tiles of slots and of block experts
     (5, 2, 3, 16, torch.int64),  # E not a power of 2
     (0, 6, 64, 64, torch.int64),  # no tokens: the parallel form's one slice writes the sentinels
+    (1024, 2, 100, 64, torch.int32),  # E=100 (BLOCK_E 128, CHUNK 64): exactly 32 full slices, one offsets step
 ])
 @pytest.mark.parametrize("parallel", [False, True], ids=["single", "parallel"])
 def test_moe_align_kernel_equals_aten_form(seed, t, k, e, block_m, idtype, parallel):

@@ -38,6 +38,20 @@ PARALLEL_BLOCK_M = 64
 PARALLEL_SLICES = 32
 
 
+@triton.jit
+def _store_block_experts(ends, total, expert_ids_ptr, npp_ptr, N_BLOCKS, E: tl.constexpr, BLOCK_E: tl.constexpr,
+                         BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """Block b belongs to the first expert whose padded run ends past b * BLOCK_M (-1 past the last run); and the
+    padded total (num_tokens_post_pad). ends: the runs' inclusive ends [BLOCK_E], lanes >= E ignored."""
+    experts = tl.arange(0, BLOCK_E)
+    real = experts < E
+    for b0 in range(0, N_BLOCKS, CHUNK):
+        blocks = b0 + tl.arange(0, CHUNK)
+        owner = tl.sum(((ends[None, :] <= blocks[:, None] * BLOCK_M) & real[None, :]).to(tl.int32), axis=1)
+        tl.store(expert_ids_ptr + blocks, tl.where(owner < E, owner, -1), mask=blocks < N_BLOCKS)
+    tl.store(npp_ptr, total)
+
+
 @waits_for_producer
 @triton.jit
 def _moe_align_kernel(
@@ -74,13 +88,8 @@ def _moe_align_kernel(
         dest = tl.sum((before + next_slot[None, :]) * onehot, axis=1)  # [CHUNK]
         tl.store(sorted_ids_ptr + dest, offs.to(tl.int32), mask=valid)
         next_slot += tl.sum(onehot, axis=0)
-    # 5. block b belongs to the first expert whose run ends past b * BLOCK_M (-1 past the last run)
-    real = experts < E
-    for b0 in range(0, N_BLOCKS, CHUNK):
-        blocks = b0 + tl.arange(0, CHUNK)
-        owner = tl.sum(((ends[None, :] <= blocks[:, None] * BLOCK_M) & real[None, :]).to(tl.int32), axis=1)
-        tl.store(expert_ids_ptr + blocks, tl.where(owner < E, owner, -1), mask=blocks < N_BLOCKS)
-    tl.store(npp_ptr, total)
+    # 5. the block experts and the padded total
+    _store_block_experts(ends, total, expert_ids_ptr, npp_ptr, N_BLOCKS, E, BLOCK_E, BLOCK_M, CHUNK)
 
 
 @waits_for_producer
@@ -128,12 +137,7 @@ def _align_offsets_kernel(counts_ptr, offsets_ptr, expert_ids_ptr, npp_ptr, N_SL
         before = tl.cumsum(tile, axis=0) - tile  # earlier slices of this step
         tl.store(offsets_ptr + rows[:, None] * BLOCK_E + experts[None, :], carry[None, :] + before, mask=in_range)
         carry += tl.sum(tile, axis=0)
-    real = experts < E
-    for b0 in range(0, N_BLOCKS, CHUNK):
-        blocks = b0 + tl.arange(0, CHUNK)
-        owner = tl.sum(((ends[None, :] <= blocks[:, None] * BLOCK_M) & real[None, :]).to(tl.int32), axis=1)
-        tl.store(expert_ids_ptr + blocks, tl.where(owner < E, owner, -1), mask=blocks < N_BLOCKS)
-    tl.store(npp_ptr, total)
+    _store_block_experts(ends, total, expert_ids_ptr, npp_ptr, N_BLOCKS, E, BLOCK_E, BLOCK_M, CHUNK)
 
 
 @waits_for_producer

@@ -163,6 +163,16 @@ def _weight_dequant_kernel(
 
 _act_quant_tuned = autotune_or_single(_act_quant_kernel, ACT_QUANT_TUNED_CONFIGS, key=["K"])
 _act_quant_ieee_tuned = autotune_or_single(_act_quant_ieee_kernel, ACT_QUANT_TUNED_CONFIGS, key=["K"])
+# Eager act_quant of ACT_QUANT_LARGE_M rows or more tunes apart, among every config. Why: the key above is K alone
+# (the kernel has no M argument a bucket could come from, and the packages tune each program once), so in one
+# process the first call per K fixed the tile for all M: benchmarks/kernels.py's moe section first quantizes at
+# one token, and at 4096 tokens its act_quant of h [24576, 1408] then ran at 0.32 TB/s (session 33, not yet
+# re-measured with this split).
+ACT_QUANT_LARGE_M = 1024
+_act_quant_large_m_tuned = {
+    True: autotune_or_single(_act_quant_kernel, ACT_QUANT_CONFIGS, key=["K"]),
+    False: autotune_or_single(_act_quant_ieee_kernel, ACT_QUANT_CONFIGS, key=["K"]),
+}
 _weight_dequant_tuned = autotune_or_single(_weight_dequant_kernel, DEQUANT_CONFIGS, key=["N", "K"])
 
 
@@ -191,7 +201,10 @@ def act_quant(x: torch.Tensor, block_size: int = QUANT_BLOCK, *, config: triton.
     if m == 0 or k == 0:
         return q, s
     reciprocal = x.is_cuda if scale_reciprocal is None else scale_reciprocal
-    launch(*act_quant_spec(x, q, s, reciprocal), config)
+    spec = act_quant_spec(x, q, s, reciprocal)
+    if spec.tuned is not None and type(m) is int and m >= ACT_QUANT_LARGE_M:  # eager and large: its own tuning
+        spec = spec._replace(tuned=_act_quant_large_m_tuned[reciprocal], configs=ACT_QUANT_CONFIGS)
+    launch(*spec, config)
     return q, s
 
 

@@ -138,3 +138,20 @@ def test_bad_inputs_name_the_problem():
         K.weight_dequant(w.float(), s)
     with pytest.raises(TypeError, match="weight_dequant: dtype"):
         K.weight_dequant(w, s, torch.int8)
+
+
+def test_eager_large_m_tunes_apart(monkeypatch):
+    """Eager act_quant from ACT_QUANT_LARGE_M rows takes its own autotuner among every config; fewer rows the
+    packages' (whose key is K alone: in one process the first call per K would otherwise fix the tile for all M).
+    The launch is recorded, not run: autotuners exist on a GPU only."""
+    fp8_quant = K
+    small, large = object(), {True: object(), False: object()}
+    monkeypatch.setattr(fp8_quant, "_act_quant_ieee_tuned", small)
+    monkeypatch.setattr(fp8_quant, "_act_quant_large_m_tuned", large)
+    launched = []
+    monkeypatch.setattr(fp8_quant, "launch", lambda *spec: launched.append(spec))
+    for m in (fp8_quant.ACT_QUANT_LARGE_M - 1, fp8_quant.ACT_QUANT_LARGE_M):
+        fp8_quant.act_quant(torch.zeros(m, 256))
+    (_, tuned_small, configs_small, *_), (_, tuned_large, configs_large, *_) = launched
+    assert tuned_small is small and configs_small == fp8_quant.ACT_QUANT_TUNED_CONFIGS
+    assert tuned_large is large[False] and configs_large == fp8_quant.ACT_QUANT_CONFIGS

@@ -59,6 +59,7 @@ from dsv3_export.kernels import fp8_gemm_decode as kd
 from dsv3_export.kernels import fp8_gemv as kv
 from dsv3_export.kernels import moe as km
 from dsv3_export.kernels._common import QUANT_BLOCK, cdiv
+from dsv3_export.kernels.moe_align import PARALLEL_BLOCK_M
 from dsv3_export.kernels.rms_norm import ResidualNorm
 
 BLOCK_M = {"decode": 16, "prefill": 64}
@@ -230,8 +231,9 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
     cublas, no_cublas = prefill_cublas(kind)
     decode_kernel = decode_gemm_kernel(kind)
     align_form = env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS)
-    routing = "moe_align " + {"aten": "in ATen ops", "single": "one-program kernel"}.get(
-        align_form, "kernel (parallel at block_m >= 64)")
+    parallel_align = align_form == "kernel" and block_m >= PARALLEL_BLOCK_M  # moe_align's own rule
+    routing = "moe_align " + ("in ATen ops" if align_form == "aten" else
+                              "in three parallel kernels" if parallel_align else "one-program kernel")
 
     def lower_moe(x, topk_weights, topk_ids, w13, w2):
         if x.dtype not in km.DENSE_DTYPES:  # fp32 engines: the dense kernel takes bf16/fp16 only

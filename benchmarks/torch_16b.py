@@ -332,15 +332,20 @@ def pdl_timings(step: AOTIStep, model, batches, context: int, iters: int, ports:
     return out
 
 
+def rel_err_vs_eager(step, model, tokens, pos, cache) -> float:
+    """The engine's logits against the eager step's on the same inputs (the eager step runs first, as before)."""
+    want, _ = LatentCacheStep(model).eval()(tokens, pos, cache)
+    got, _ = step(tokens, pos, cache)
+    return rel_err(got, want)
+
+
 def decode_rel_err(step, model, bsz: int, prompt_len: int) -> float:
     """The engine's decode logits against the eager step's at batch bsz, over a random cache and positions."""
     a = model.args
     cache = torch.randn(bsz, a.n_layers, prompt_len, a.latent_cache_width, device=DEVICE).to(model.dtype)
     tokens = torch.randint(0, a.vocab_size, (bsz, 1), device=DEVICE)
     pos = torch.randint(0, prompt_len, (bsz,), device=DEVICE)
-    want, _ = LatentCacheStep(model).eval()(tokens, pos, cache)
-    got, _ = step(tokens, pos, cache)
-    return rel_err(got, want)
+    return rel_err_vs_eager(step, model, tokens, pos, cache)
 
 
 def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds,
@@ -359,20 +364,15 @@ def engine_section(model, precision, batches, prompt_len, steps, workdir, kinds,
         cache = torch.randn(2, a.n_layers, prompt_len, a.latent_cache_width, device=DEVICE).to(model.dtype)
         tokens = torch.randint(0, a.vocab_size, (2, 1), device=DEVICE)
         pos = torch.tensor([prompt_len - 1, prompt_len // 2], device=DEVICE)
-        want, _ = LatentCacheStep(model).eval()(tokens, pos, cache)
-        got, _ = step(tokens, pos, cache)
-        out["decode_logits_rel_err_vs_eager_step"] = rel_err(got, want)
+        out["decode_logits_rel_err_vs_eager_step"] = rel_err_vs_eager(step, model, tokens, pos, cache)
         # batch 1 apart: the decode program's one-row forms (the GEMVs, merge_uv, DSV3_TORCH_MOE_ONE_LAUNCH's MoE)
         # launch only there
-        want, _ = LatentCacheStep(model).eval()(tokens[:1], pos[:1], cache[:1].contiguous())
-        got, _ = step(tokens[:1].contiguous(), pos[:1].contiguous(), cache[:1].contiguous())
-        out["decode_logits_rel_err_vs_eager_step_b1"] = rel_err(got, want)
+        out["decode_logits_rel_err_vs_eager_step_b1"] = rel_err_vs_eager(
+            step, model, tokens[:1].contiguous(), pos[:1].contiguous(), cache[:1].contiguous())
         if "prefill" in kinds:  # 64 new tokens (fewer on a short smoke run) after 1 cached one, batch 2
             tokens = torch.randint(0, a.vocab_size, (2, min(64, prompt_len - 1)), device=DEVICE)
             pos = torch.tensor([1, 0], device=DEVICE)
-            want, _ = LatentCacheStep(model).eval()(tokens, pos, cache)
-            got, _ = step(tokens, pos, cache)
-            out["prefill_logits_rel_err_vs_eager_step"] = rel_err(got, want)
+            out["prefill_logits_rel_err_vs_eager_step"] = rel_err_vs_eager(step, model, tokens, pos, cache)
         del cache
         for big in sorted(b for b in set(batches) if b > 2):  # each timed batch above the GEMVs' apart: its kernels
             # may differ (kernels/fp8_gemm_decode.py: a swapped tile up to 16 rows, a direct one above)

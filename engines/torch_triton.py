@@ -59,7 +59,7 @@ from dsv3_export.kernels import fp8_gemm_decode as kd
 from dsv3_export.kernels import fp8_gemv as kv
 from dsv3_export.kernels import moe as km
 from dsv3_export.kernels._common import QUANT_BLOCK, cdiv
-from dsv3_export.kernels.moe_align import PARALLEL_BLOCK_M
+from dsv3_export.kernels.moe_align import takes_parallel_form
 from dsv3_export.kernels.rms_norm import ResidualNorm
 
 BLOCK_M = {"decode": 16, "prefill": 64}
@@ -231,7 +231,7 @@ def triton_lowerings(kind: str, gemv: bool | None = None) -> dict[str, Callable]
     cublas, no_cublas = prefill_cublas(kind)
     decode_kernel = decode_gemm_kernel(kind)
     align_form = env_choice(MOE_ALIGN_ENV, MOE_ALIGN_DEFAULT, MOE_ALIGN_FORMS)
-    parallel_align = align_form == "kernel" and block_m >= PARALLEL_BLOCK_M  # moe_align's own rule
+    parallel_align = align_form == "kernel" and takes_parallel_form(block_m)
     routing = "moe_align " + ("in ATen ops" if align_form == "aten" else
                               "in three parallel kernels" if parallel_align else "one-program kernel")
 

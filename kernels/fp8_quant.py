@@ -164,8 +164,9 @@ def _weight_dequant_kernel(
 _act_quant_tuned = autotune_or_single(_act_quant_kernel, ACT_QUANT_TUNED_CONFIGS, key=["K"])
 _act_quant_ieee_tuned = autotune_or_single(_act_quant_ieee_kernel, ACT_QUANT_TUNED_CONFIGS, key=["K"])
 # Eager act_quant of ACT_QUANT_LARGE_M rows or more tunes apart, among every config. Why: the key above is K alone
-# (the kernel has no M argument a bucket could come from, and the packages tune each program once), so in one
-# process the first call per K fixed the tile for all M: benchmarks/kernels.py's moe section first quantizes at
+# (keyed on M itself it would tune again at every new row count; a bucket would need an argument of its own in the
+# kernel's signature, which the packages, tuning each program once, do not need), so in one process the first call
+# per K fixed the tile for all M: benchmarks/kernels.py's moe section first quantizes at
 # one token, and at 4096 tokens its act_quant of h [24576, 1408] then ran at 0.32 TB/s (session 33, not yet
 # re-measured with this split).
 ACT_QUANT_LARGE_M = 1024

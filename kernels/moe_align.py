@@ -172,6 +172,12 @@ def align_blocks(numel, n_experts: int, block_m: int):
 TRACED_ALIGN_FORMS = ("kernel", "aten")
 
 
+def takes_parallel_form(block_m: int, parallel: bool | None = None) -> bool:
+    """Whether moe_align runs its parallel form: as `parallel` asks, else from PARALLEL_BLOCK_M rows per block
+    (the module docstring says why)."""
+    return block_m >= PARALLEL_BLOCK_M if parallel is None else parallel
+
+
 def align_gate(n_tokens):
     """1 when a batch of n_tokens needs moe_align, 0 at one token, whose grouped GEMMs run in direct
     mode (kernels/moe.py grouped_gemm_spec): min(1, T // 2), a symbolic Min while traced (no guard on
@@ -212,7 +218,7 @@ def moe_align(topk_ids: torch.Tensor, n_experts: int, block_m: int, *, traced_fo
         return sorted_token_ids, expert_ids, num_tokens_post_pad
     block_e = max(16, next_pow2(n_experts))
     chunk = max(16, ALIGN_TILE // block_e)
-    if not (block_m >= PARALLEL_BLOCK_M if parallel is None else parallel):
+    if not takes_parallel_form(block_m, parallel):
         traceable(_moe_align_kernel)[(launch_gate,)](
             ids, sorted_token_ids, expert_ids, num_tokens_post_pad, numel, n_blocks,
             E=n_experts, BLOCK_E=block_e, BLOCK_M=block_m, CHUNK=chunk, FILL=1024, num_warps=4)

@@ -65,7 +65,7 @@ def _quantized_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def bench_moe(report: Report, sh: Shapes, quick: bool) -> None:
     from dsv3_export.kernels import fp8_quant as Q
     from dsv3_export.kernels import moe as M
-    from dsv3_export.kernels.moe_align import PARALLEL_BLOCK_M
+    from dsv3_export.kernels.moe_align import takes_parallel_form
 
     torch.manual_seed(0)
     d, i, e = sh.dim, sh.moe_inter, sh.n_experts
@@ -139,7 +139,7 @@ def bench_moe(report: Report, sh: Shapes, quick: bool) -> None:
         up_bytes = active * 2 * i * d * 2 + 2 * t * (d + sh.topk * i)
         g_err = mean_rel(M.grouped_gemm(x, w13, s_ids, e_ids, npp, sh.topk, fuse_swiglu=True).float(),
                          M.grouped_gemm_ref(x, w13, ids, sh.topk, fuse_swiglu=True))
-        parallel = bm >= PARALLEL_BLOCK_M  # moe_align's default form at this block_m
+        parallel = takes_parallel_form(bm)  # moe_align's default form at this block_m
         # identical to the ATen form's, as in tests/kernels/test_moe.py, here at the real sizes
         aligned = all(torch.equal(a, b) for a, b in zip((s_ids, e_ids, npp), M.moe_align_ref(ids, e, bm)))
         up_rows = [add(report, Row("grouped_gemm", up_case, "triton moe_align (block_m=%d, %s)" % (

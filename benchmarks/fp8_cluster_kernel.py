@@ -2,8 +2,9 @@
 
 Not a product kernel: benchmarks/fp8_cluster_probe.py measures it against the warp-specialized kernel it extends
 (kernels/fp8_gemm_gluon_ws.py) and blockwise torch._scaled_mm: no faster than the former at w2 and slower at the
-other 16b prefill shapes (session 33, benchmarks/RESULTS.md). Kept as the probe's subject: it answers "is cuBLAS's TMA multicast what
-the Gluon kernel lacks at w2?" (no), and it is where to start if a later triton makes clusters cheaper.
+other 16b prefill shapes (session 33, benchmarks/RESULTS.md). Kept as the probe's subject: it answers "is cuBLAS's
+TMA multicast what the Gluon kernel lacks at w2?" (no), and it is where to start if a later triton makes clusters
+cheaper. Its consumers are the warp-specialized kernel's own (_ws_consumer, releasing to two rings).
 
 Why it was tried: at w2 (M=4096, N=2048, K=10944) the warp-specialized kernel reads 0.95-1.00x of blockwise
 torch._scaled_mm, whose cuBLAS kernel runs the same 128 x 128 cooperative tile on 2-CTA clusters whose weight loads
@@ -34,12 +35,12 @@ import inspect
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from dsv3_export.kernels._common import QUANT_BLOCK, cdiv, num_sms, tracing
-from dsv3_export.kernels.fp8_gemm_gluon import (_GL_DTYPES, BLOCK_N, _block_scale, _mma_block, _schedule,
-                                                _tile_offsets, _tma_load, _tma_store, gluon_unsupported)
-from dsv3_export.kernels.fp8_gemm_gluon_ws import WS_GROUP_M, WS_STAGES, WS_UNROLL
+from dsv3_export.kernels.fp8_gemm_gluon import (_GL_DTYPES, BLOCK_N, _schedule, _tile_offsets, _tma_load,
+                                                gluon_unsupported)
+from dsv3_export.kernels.fp8_gemm_gluon_ws import WS_GROUP_M, WS_STAGES, WS_UNROLL, _ws_consumer
 
 CLUSTER_CTAS = 2
 # the descriptors' cga layouts: a and c split their 128-row blocks over the two CTAs, b is broadcast to both
@@ -84,94 +85,18 @@ def _mc_producer(a_desc, b_desc, a_lo, a_hi, b_bufs, ready, empty, pair_empty, M
 
 
 @gluon.jit
-def _mc_release(empty, pair_empty, step):
-    mbarrier.arrive(empty.index(step % WS_STAGES))
-    mbarrier.arrive(pair_empty.index(step % WS_STAGES))
-
-
-@gluon.jit
-def _mc_consumer(a_bufs, b_bufs, ready, empty, pair_empty, c_desc, c_smem, a_s_ptr, b_s_ptr, M, N, K, stride_asm,
-                 stride_bsn, HALF: gl.constexpr):
-    """One warpgroup of each CTA: the warp-specialized consumer (fp8_gemm_gluon_ws._ws_consumer) on cluster layouts,
-    each stage released to both its CTA's producer and the lead's."""
-    HALF_M: gl.constexpr = c_desc.block_type.shape[0]  # 128 cluster rows, 64 per CTA
-    BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
-    BLOCK_K: gl.constexpr = a_bufs.shape[2]
-    num_warps: gl.constexpr = gl.num_warps()
-    INSTR_K: gl.constexpr = 256 // a_bufs.dtype.primitive_bitwidth
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, BLOCK_N, INSTR_K],
-                                                         cga_layout=c_desc.layout.cga_layout)
-    num_pid_m, num_pid_n, my_tiles, k_blocks, padded_blocks = _schedule(M, N, K, 2 * HALF_M, BLOCK_N, BLOCK_K, 2, 0)
-    part_a = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma_layout)
-    part_b = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma_layout)
-    for local_tile in range(my_tiles):
-        off_m, off_n = _tile_offsets(gl.program_id(0) + local_tile * gl.num_programs(0), num_pid_m, num_pid_n,
-                                     2 * HALF_M, BLOCK_N, WS_GROUP_M)
-        # the cluster's rows of this half; each CTA's registers hold its own 64 (the layout's cga split)
-        rows = off_m + HALF * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, mma_layout))
-        mask_m = rows < M
-        a_s_rows = a_s_ptr + rows * stride_asm
-        b_s_row = b_s_ptr + (off_n // BLOCK_N) * stride_bsn
-        first_step = local_tile * padded_blocks
-        acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma_layout)
-        next_a = _block_scale(a_s_rows, mask_m, b_s_row, 0, k_blocks)
-        next_b = _block_scale(a_s_rows, mask_m, b_s_row, 1, k_blocks)
-        for group in range(padded_blocks // WS_UNROLL):
-            kb0 = group * WS_UNROLL
-            part_a = _mma_block(a_bufs, b_bufs, ready, first_step + kb0, part_a, WS_STAGES)
-            part_b = _mma_block(a_bufs, b_bufs, ready, first_step + kb0 + 1, part_b, WS_STAGES)
-            for pair in gl.static_range(WS_UNROLL // 2):
-                kb = kb0 + 2 * pair
-                if pair == 0:
-                    scale_a = next_a
-                    scale_b = next_b
-                    next_a = _block_scale(a_s_rows, mask_m, b_s_row, kb0 + WS_UNROLL, k_blocks)
-                    next_b = _block_scale(a_s_rows, mask_m, b_s_row, kb0 + WS_UNROLL + 1, k_blocks)
-                else:
-                    scale_a = _block_scale(a_s_rows, mask_m, b_s_row, kb, k_blocks)
-                    scale_b = _block_scale(a_s_rows, mask_m, b_s_row, kb + 1, k_blocks)
-                part_a = warpgroup_mma_wait(num_outstanding=1, deps=(part_a,))
-                _mc_release(empty, pair_empty, first_step + kb)
-                acc += part_a * scale_a[:, None]
-                if pair < WS_UNROLL // 2 - 1:
-                    part_a = _mma_block(a_bufs, b_bufs, ready, first_step + kb + 2, acc * 0.0, WS_STAGES)
-                    part_b = warpgroup_mma_wait(num_outstanding=1, deps=(part_b,))
-                else:
-                    part_b = warpgroup_mma_wait(num_outstanding=0, deps=(part_b,))
-                _mc_release(empty, pair_empty, first_step + kb + 1)
-                acc += part_b * scale_b[:, None]
-                if pair < WS_UNROLL // 2 - 1:
-                    part_b = _mma_block(a_bufs, b_bufs, ready, first_step + kb + 3, acc * 0.0, WS_STAGES)
-        if WS_UNROLL > 2:
-            if padded_blocks % WS_UNROLL != 0:  # the last pair, its scales loaded ahead by the last group
-                step = first_step + padded_blocks - 2
-                part_a = _mma_block(a_bufs, b_bufs, ready, step, part_a, WS_STAGES)
-                part_b = _mma_block(a_bufs, b_bufs, ready, step + 1, part_b, WS_STAGES)
-                part_a = warpgroup_mma_wait(num_outstanding=1, deps=(part_a,))
-                _mc_release(empty, pair_empty, step)
-                acc += part_a * next_a[:, None]
-                part_b = warpgroup_mma_wait(num_outstanding=0, deps=(part_b,))
-                _mc_release(empty, pair_empty, step + 1)
-                acc += part_b * next_b[:, None]
-        tma.store_wait(pendings=0)
-        c_smem.store(acc.to(c_desc.dtype))
-        fence_async_shared()
-        _tma_store(c_desc, [off_m + HALF * HALF_M, off_n], c_smem)
-    tma.store_wait(pendings=0)
-
-
-@gluon.jit
 def _mc_consumer_lo(a_lo, a_hi, b_bufs, ready, empty, pair_empty, c_desc, c_lo, c_hi, a_s_ptr, b_s_ptr, M, N, K,
                     stride_asm, stride_bsn):
-    _mc_consumer(a_lo, b_bufs, ready, empty, pair_empty, c_desc, c_lo, a_s_ptr, b_s_ptr, M, N, K, stride_asm,
+    """The warp-specialized consumer on the cluster's layouts (its accumulator follows c_desc's cga split), each
+    read stage released to its CTA's producer ring and to the lead's pair ring."""
+    _ws_consumer(a_lo, b_bufs, ready, (empty, pair_empty), c_desc, c_lo, a_s_ptr, b_s_ptr, M, N, K, stride_asm,
                  stride_bsn, 0)
 
 
 @gluon.jit
 def _mc_consumer_hi(a_lo, a_hi, b_bufs, ready, empty, pair_empty, c_desc, c_lo, c_hi, a_s_ptr, b_s_ptr, M, N, K,
                     stride_asm, stride_bsn):
-    _mc_consumer(a_hi, b_bufs, ready, empty, pair_empty, c_desc, c_hi, a_s_ptr, b_s_ptr, M, N, K, stride_asm,
+    _ws_consumer(a_hi, b_bufs, ready, (empty, pair_empty), c_desc, c_hi, a_s_ptr, b_s_ptr, M, N, K, stride_asm,
                  stride_bsn, 1)
 
 

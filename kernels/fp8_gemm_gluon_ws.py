@@ -67,31 +67,42 @@ def _ws_producer(a_desc, b_desc, a_lo, a_hi, b_bufs, ready, empty, M, N, K):
 
 
 @gluon.jit
-def _ws_pair(a_bufs, b_bufs, ready, empty, step, acc, part_a, part_b, scale_a, scale_b):
+def _release(empties, step):
+    """Stage step's buffers are read: arrive on its barrier in each ring of `empties` (a tuple: this CTA's producer
+    ring; the cluster experiment, benchmarks/fp8_cluster_kernel.py, adds its pair's)."""
+    for ring in gl.static_range(len(empties)):
+        mbarrier.arrive(empties[ring].index(step % WS_STAGES), count=1)
+
+
+@gluon.jit
+def _ws_pair(a_bufs, b_bufs, ready, empties, step, acc, part_a, part_b, scale_a, scale_b):
     """Two K blocks (ring steps step, step + 1) after the groups of WS_UNROLL: a tile's K blocks are padded to pairs,
     not to WS_UNROLL (w2's 86 blocks would take 88 at WS_UNROLL 4: 2.3% more wgmma work)."""
     part_a = _mma_block(a_bufs, b_bufs, ready, step, part_a, WS_STAGES)
     part_b = _mma_block(a_bufs, b_bufs, ready, step + 1, part_b, WS_STAGES)
     part_a = warpgroup_mma_wait(num_outstanding=1, deps=(part_a,))
-    mbarrier.arrive(empty.index(step % WS_STAGES), count=1)
+    _release(empties, step)
     acc += part_a * scale_a[:, None]
     part_b = warpgroup_mma_wait(num_outstanding=0, deps=(part_b,))
-    mbarrier.arrive(empty.index((step + 1) % WS_STAGES), count=1)
+    _release(empties, step + 1)
     acc += part_b * scale_b[:, None]
     return acc, part_a, part_b
 
 
 @gluon.jit
-def _ws_consumer(a_bufs, b_bufs, ready, empty, c_desc, c_smem, a_s_ptr, b_s_ptr, M, N, K, stride_asm, stride_bsn,
+def _ws_consumer(a_bufs, b_bufs, ready, empties, c_desc, c_smem, a_s_ptr, b_s_ptr, M, N, K, stride_asm, stride_bsn,
                  HALF: gl.constexpr):
-    """One warpgroup: rows [HALF * 64, HALF * 64 + 64) of every tile, the promotion overlapping its next wgmma."""
+    """One warpgroup: rows [HALF * 64, HALF * 64 + 64) of every tile, the promotion overlapping its next wgmma.
+    empties: the rings each read stage is released to (_release). c_desc's layout may shard its rows over a
+    cluster's CTAs (its cga_layout; empty for one CTA), and the accumulator's layout follows it."""
     HALF_M: gl.constexpr = c_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
     BLOCK_K: gl.constexpr = a_bufs.shape[2]  # the producer's a_desc block: both sides count the same K blocks
     num_warps: gl.constexpr = gl.num_warps()
     INSTR_K: gl.constexpr = 256 // a_bufs.dtype.primitive_bitwidth
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, BLOCK_N, INSTR_K])
+                                                         instr_shape=[16, BLOCK_N, INSTR_K],
+                                                         cga_layout=c_desc.layout.cga_layout)
     # K blocks padded to pairs only: groups of WS_UNROLL, then (WS_UNROLL 4) a last pair on its own (_ws_pair)
     num_pid_m, num_pid_n, my_tiles, k_blocks, padded_blocks = _schedule(M, N, K, 2 * HALF_M, BLOCK_N, BLOCK_K, 2, 0)
     part_a = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma_layout)
@@ -125,20 +136,20 @@ def _ws_consumer(a_bufs, b_bufs, ready, empty, c_desc, c_smem, a_s_ptr, b_s_ptr,
                     scale_a = _block_scale(a_s_rows, mask_m, b_s_row, kb, k_blocks)
                     scale_b = _block_scale(a_s_rows, mask_m, b_s_row, kb + 1, k_blocks)
                 part_a = warpgroup_mma_wait(num_outstanding=1, deps=(part_a,))
-                mbarrier.arrive(empty.index((first_step + kb) % WS_STAGES), count=1)
+                _release(empties, first_step + kb)
                 acc += part_a * scale_a[:, None]
                 if pair < WS_UNROLL // 2 - 1:
                     part_a = _mma_block(a_bufs, b_bufs, ready, first_step + kb + 2, acc * 0.0, WS_STAGES)
                     part_b = warpgroup_mma_wait(num_outstanding=1, deps=(part_b,))
                 else:
                     part_b = warpgroup_mma_wait(num_outstanding=0, deps=(part_b,))
-                mbarrier.arrive(empty.index((first_step + kb + 1) % WS_STAGES), count=1)
+                _release(empties, first_step + kb + 1)
                 acc += part_b * scale_b[:, None]
                 if pair < WS_UNROLL // 2 - 1:
                     part_b = _mma_block(a_bufs, b_bufs, ready, first_step + kb + 3, acc * 0.0, WS_STAGES)
         if WS_UNROLL > 2:
             if padded_blocks % WS_UNROLL != 0:  # its scales were loaded ahead by the last group (or above)
-                acc, part_a, part_b = _ws_pair(a_bufs, b_bufs, ready, empty, first_step + padded_blocks - 2, acc,
+                acc, part_a, part_b = _ws_pair(a_bufs, b_bufs, ready, empties, first_step + padded_blocks - 2, acc,
                                                part_a, part_b, next_a, next_b)
         tma.store_wait(pendings=0)
         c_smem.store(acc.to(c_desc.dtype))
@@ -150,13 +161,13 @@ def _ws_consumer(a_bufs, b_bufs, ready, empty, c_desc, c_smem, a_s_ptr, b_s_ptr,
 @gluon.jit
 def _ws_consumer_lo(a_lo, a_hi, b_bufs, ready, empty, c_desc, c_lo, c_hi, a_s_ptr, b_s_ptr, M, N, K, stride_asm,
                     stride_bsn):
-    _ws_consumer(a_lo, b_bufs, ready, empty, c_desc, c_lo, a_s_ptr, b_s_ptr, M, N, K, stride_asm, stride_bsn, 0)
+    _ws_consumer(a_lo, b_bufs, ready, (empty,), c_desc, c_lo, a_s_ptr, b_s_ptr, M, N, K, stride_asm, stride_bsn, 0)
 
 
 @gluon.jit
 def _ws_consumer_hi(a_lo, a_hi, b_bufs, ready, empty, c_desc, c_lo, c_hi, a_s_ptr, b_s_ptr, M, N, K, stride_asm,
                     stride_bsn):
-    _ws_consumer(a_hi, b_bufs, ready, empty, c_desc, c_hi, a_s_ptr, b_s_ptr, M, N, K, stride_asm, stride_bsn, 1)
+    _ws_consumer(a_hi, b_bufs, ready, (empty,), c_desc, c_hi, a_s_ptr, b_s_ptr, M, N, K, stride_asm, stride_bsn, 1)
 
 
 @gluon.jit

@@ -111,6 +111,7 @@ def ws_rounds(rounds: int, regs: int, out_dir: str | None) -> None:
     where 6 stages leave no room for the fp32 epilogue tile)."""
     from dsv3_export.kernels import fp8_gemm as G
     from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon
+    from dsv3_export.kernels.fp8_gemm_gluon_ws import scales_for_tma
     from dsv3_export.reference import fp8 as R
     from kbench.fp8 import against_blockwise_in_graphs
 
@@ -127,8 +128,9 @@ def ws_rounds(rounds: int, regs: int, out_dir: str | None) -> None:
         except OutOfResources:
             out_dtype, out = torch.bfloat16, fp8_gemm_gluon(a, a_s, w, w_s, ws_consumer_regs=regs)
         err = ((out.float() - ref).abs().mean() / ref.abs().mean()).item()
+        a_s_tma = scales_for_tma(a_s)  # made once, as cuBLAS's outer-dim-major scales are
         base_ms, gluon_ms, ratios, replayed = against_blockwise_in_graphs(
-            a, a_s, w, w_s, lambda: fp8_gemm_gluon(a, a_s, w, w_s, ws_consumer_regs=regs), rounds, "read")
+            a, a_s, w, w_s, lambda: fp8_gemm_gluon(a, a_s_tma, w, w_s, ws_consumer_regs=regs), rounds, "read")
         # what the timed replays wrote (bf16 c): a wrong kernel is off by far more than bf16 rounding (~1.4e-3)
         graph_err = ((replayed.float() - ref).abs().mean() / ref.abs().mean()).item()
         row = dict(case=label, ws_tile=_ws_tile(), rounds=rounds, gluon_ms=statistics.median(gluon_ms),
@@ -165,6 +167,7 @@ def main() -> None:
     from kbench.fp8 import _blockwise_operands, _scaled_mm_blockwise, _scaled_mm_tensorwise
 
     from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon
+    from dsv3_export.kernels.fp8_gemm_gluon_ws import scales_for_tma
 
     rows = []
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}", flush=True)
@@ -185,10 +188,11 @@ def main() -> None:
         ref = G.fp8_gemm_ref(a, a_s, w, w_s, torch.float32)
         unscaled = a.float() @ w.float().t()
         a_p, s_a, w_p, s_b = _blockwise_operands(a, a_s, w, w_s)
+        a_s_tma = scales_for_tma(a_s)  # the warp-specialized form's, made once as cuBLAS's are
         cases = (("torch._scaled_mm blockwise", lambda: _scaled_mm_blockwise(a_p, s_a, w_p, s_b)[:m], ref),
                  ("torch._scaled_mm tensorwise", lambda: _scaled_mm_tensorwise(a, w), unscaled),
                  ("gluon", lambda: G.fp8_gemm(a, a_s, w, w_s, variant="gluon"), ref),
-                 ("gluon warp-specialized", lambda: fp8_gemm_gluon(a, a_s, w, w_s, warp_specialized=True,
+                 ("gluon warp-specialized", lambda: fp8_gemm_gluon(a, a_s_tma, w, w_s, warp_specialized=True,
                                                                     ws_consumer_regs=args.ws_regs), ref),
                  ("gluon chained (no promotion)", lambda: chained(a, w), unscaled))
         base = None

@@ -173,16 +173,18 @@ def _mma_block(a_bufs, b_bufs, ready, step, partial, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _block_scale(a_s_rows, mask_m, b_s_row, block, k_blocks):
-    """a_s[rows, block] * b_s[tile's scale row, block]: [BLOCK_M] fp32, zero for the pad block."""
+def _block_scale(a_s_rows, stride_ask, mask_m, b_s_row, block, k_blocks):
+    """a_s[rows, block] * b_s[tile's scale row, block]: [BLOCK_M] fp32, zero for the pad block. a_s is read through
+    both its strides: row-major, or outer-dim-major (strides (1, M), as cuBLAS's blockwise mode takes it), where a
+    warp's rows of one K block lie in one 32-byte sector instead of eight lines."""
     real = block < k_blocks
-    return (gl.load(a_s_rows + block, mask=mask_m & real, other=0.0)
+    return (gl.load(a_s_rows + block * stride_ask, mask=mask_m & real, other=0.0)
             * gl.load(b_s_row + block, mask=real, other=0.0))
 
 
 @eager_only(_EAGER)
 @gluon.jit
-def _fp8_gemm_gluon_kernel(a_desc, b_desc, c_desc, a_s_ptr, b_s_ptr, M, N, K, stride_asm, stride_bsn,
+def _fp8_gemm_gluon_kernel(a_desc, b_desc, c_desc, a_s_ptr, b_s_ptr, M, N, K, stride_asm, stride_ask, stride_bsn,
                            GROUP_M: gl.constexpr, STAGES: gl.constexpr, UNROLL: gl.constexpr,
                            num_warps: gl.constexpr):
     BLOCK_M: gl.constexpr = c_desc.block_type.shape[0]
@@ -221,8 +223,8 @@ def _fp8_gemm_gluon_kernel(a_desc, b_desc, c_desc, a_s_ptr, b_s_ptr, M, N, K, st
             part_b = _mma_block(a_bufs, b_bufs, ready, first_step + kb0 + 1, part_b, STAGES)
             for pair in gl.static_range(UNROLL // 2):
                 kb = kb0 + 2 * pair
-                scale_a = _block_scale(a_s_rows, mask_m, b_s_row, kb, k_blocks)
-                scale_b = _block_scale(a_s_rows, mask_m, b_s_row, kb + 1, k_blocks)
+                scale_a = _block_scale(a_s_rows, stride_ask, mask_m, b_s_row, kb, k_blocks)
+                scale_b = _block_scale(a_s_rows, stride_ask, mask_m, b_s_row, kb + 1, k_blocks)
                 part_a = warpgroup_mma_wait(num_outstanding=1, deps=(part_a,))  # block kb done, kb + 1 in flight
                 _load_ahead(a_desc, b_desc, a_bufs, b_bufs, ready, first_step, total_steps, kb, padded_blocks,
                             k_blocks, off_m, off_n, next_m, next_n, STAGES)
@@ -286,9 +288,10 @@ def fp8_gemm_gluon(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: tor
                    programs: int | None = None) -> torch.Tensor:
     """Launch on operands fp8_gemm has already checked (shapes, dtypes). warp_specialized (the default): the
     producer / two-consumer form, 128 x 128 tiles with fp8_gemm_gluon_ws's WS_* constants, ws_consumer_regs registers
-    per consumer thread. Else the single-partition form, which alone takes block_m 128 (two warpgroups, one CTA per SM
-    by default) or 64 (one warpgroup, two), unroll, stages, group_m and ctas_per_sm. programs caps the persistent
-    grid (tests: several tiles per program on small shapes)."""
+    per consumer thread; it reads a_s through TMA, outer-dim-major (fp8_gemm_gluon_ws.scales_for_tma: row-major a_s
+    is copied so first). Else the single-partition form, which reads a_s of any strides and alone takes block_m 128
+    (two warpgroups, one CTA per SM by default) or 64 (one warpgroup, two), unroll, stages, group_m and ctas_per_sm.
+    programs caps the persistent grid (tests: several tiles per program on small shapes)."""
     if block_m not in (64, 128) or unroll < 2 or unroll % 2 or stages < 3:
         raise ValueError(f"fp8_gemm_gluon: block_m must be 64 or 128, unroll even and >= 2, stages >= 3; got "
                          f"block_m={block_m}, unroll={unroll}, stages={stages}")
@@ -306,18 +309,22 @@ def fp8_gemm_gluon(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: tor
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     b_desc = _descriptor(b, [BLOCK_N, QUANT_BLOCK], gl.float8e4nv)
     if warp_specialized:  # 128 x 128 tiles, one CTA per SM, a and c in 64-row halves (one per consumer)
-        from dsv3_export.kernels.fp8_gemm_gluon_ws import _fp8_gemm_gluon_ws_kernel  # imports this module's helpers
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+        from dsv3_export.kernels import fp8_gemm_gluon_ws as W  # imports this module's helpers
+
         a_desc = _descriptor(a, [64, QUANT_BLOCK], gl.float8e4nv)
         c_desc = _descriptor(c, [64, BLOCK_N], _GL_DTYPES[out_dtype])
+        s_desc = TensorDescriptor.from_tensor(W.scales_for_tma(a_s).t(), W.SCALE_BLOCK, W.SCALE_LAYOUT)
         tiles = cdiv(m, 128) * cdiv(n, BLOCK_N)
         grid = (min(tiles, num_sms(a.device), programs or tiles),)
-        _fp8_gemm_gluon_ws_kernel[grid](a_desc, b_desc, c_desc, a_s, b_s, m, n, k, a_s.stride(0), b_s.stride(0),
-                                        CONSUMER_REGS=ws_consumer_regs, PRODUCER_REGS=40, num_warps=4)
+        W._fp8_gemm_gluon_ws_kernel[grid](a_desc, b_desc, c_desc, s_desc, b_s, m, n, k, b_s.stride(0),
+                                          CONSUMER_REGS=ws_consumer_regs, PRODUCER_REGS=40, num_warps=4)
         return c
     a_desc = _descriptor(a, [block_m, QUANT_BLOCK], gl.float8e4nv)
     c_desc = _descriptor(c, [block_m, BLOCK_N], _GL_DTYPES[out_dtype])
     tiles = cdiv(m, block_m) * cdiv(n, BLOCK_N)
     grid = (min(tiles, num_sms(a.device) * (ctas_per_sm or (2 if block_m == 64 else 1)), programs or tiles),)
-    _fp8_gemm_gluon_kernel[grid](a_desc, b_desc, c_desc, a_s, b_s, m, n, k, a_s.stride(0), b_s.stride(0),
+    _fp8_gemm_gluon_kernel[grid](a_desc, b_desc, c_desc, a_s, b_s, m, n, k, *a_s.stride(), b_s.stride(0),
                                  GROUP_M=group_m, STAGES=stages, UNROLL=unroll, num_warps=block_m // 16)
     return c

@@ -4,18 +4,29 @@ One CTA per SM holds a 1-warp TMA producer and two 4-warp consumer warpgroups, r
 tile, which never wait for each other: one's promotion runs while the other's wgmma holds the tensor core. The design,
 the math and the measurements are in kernels/fp8_gemm_gluon.py's docstring, whose schedule, tile order and wgmma
 helpers both forms share; this module holds the partitions and the kernel.
+
+The activation scales travel with the tiles: each stage's TMA loads also bring the tile's 128 scales of its K block
+(a [1, 128] box of outer-dim-major a_s), and each consumer reads its 64 from shared memory after the stage's ready
+wait, before releasing it. Read instead by the consumers from global memory, row-major a_s put a warp's 8 rows in 8
+cache lines, two loads per thread per K block: a third again of the L1 wavefronts the wgmmas' own shared-memory
+reads make, which at w2 cost the kernel ~5% of its clock under the H200's power cap (the same cycles as cuBLAS at a
+lower clock, session 33); outer-dim-major global loads saved that energy but missed L1 every block (4% more
+cycles). Staged, w2 runs 0.97-0.98 of cuBLAS's cycles (session 34). So the kernel takes a_s outer-dim-major with
+16-byte aligned rows (scales_for_tma; act_quant(..., outer_scales=True) writes them so), and pad blocks read past
+its last row, which TMA fills with zeros: their promotion adds nothing.
 """
 
 from __future__ import annotations
 
 import os
 
+import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma_wait
 
-from dsv3_export.kernels.fp8_gemm_gluon import (_EAGER, _block_scale, _mma_block, _schedule, _tile_offsets, _tma_load,
-                                                _tma_store)
+from dsv3_export.kernels._common import cdiv
+from dsv3_export.kernels.fp8_gemm_gluon import _EAGER, _mma_block, _schedule, _tile_offsets, _tma_load, _tma_store
 from dsv3_export.kernels.pdl import eager_only
 
 # Its partitions' arguments reach them as runtime values (warp_specialize flattens them), so its tile constants are
@@ -41,14 +52,33 @@ WS_UNROLL = gl.constexpr(_WS_TILE[1])
 WS_GROUP_M = gl.constexpr(_WS_TILE[2])
 
 
+# The scales' TMA box: one K block's 128 scales of a tile, unswizzled fp32.
+SCALE_BLOCK = [1, 128]
+SCALE_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+
+
+def scales_for_tma(a_s: torch.Tensor) -> torch.Tensor:
+    """a_s [M, K'] as the kernel's scale descriptor needs it: outer-dim-major (strides (1, M')) with rows starting
+    16-byte aligned (M' a multiple of 4). Returned as is when it already is; else copied (one small kernel, ~1% of
+    w2's GEMM: act_quant(..., outer_scales=True) writes them so in the first place)."""
+    m, blocks = a_s.shape
+    if a_s.stride(0) == 1 and a_s.stride(1) % 4 == 0 and a_s.stride(1) >= m and a_s.data_ptr() % 16 == 0:
+        return a_s
+    storage = torch.empty(blocks, cdiv(m, 4) * 4, dtype=a_s.dtype, device=a_s.device)
+    storage[:, :m] = a_s.t()
+    return storage[:, :m].t()
+
+
 @gluon.jit
-def _ws_producer(a_desc, b_desc, a_lo, a_hi, b_bufs, ready, empty, M, N, K):
-    """Loads every step's tiles (both 64-row halves of a, and b) once the two consumers have released its stage."""
+def _ws_producer(a_desc, b_desc, s_desc, a_lo, a_hi, b_bufs, s_bufs, ready, empty, M, N, K):
+    """Loads every step's tiles (both 64-row halves of a, b, and the tile's scales of that K block) once the two
+    consumers have released its stage. A pad block re-reads the last real block of a and b, and reads scales past
+    a_s's last row: zeros."""
     HALF_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     num_pid_m, num_pid_n, my_tiles, k_blocks, padded_blocks = _schedule(M, N, K, 2 * HALF_M, BLOCK_N, BLOCK_K, 2, 0)
-    nbytes: gl.constexpr = 2 * a_desc.block_type.nbytes + b_desc.block_type.nbytes
+    nbytes: gl.constexpr = 2 * a_desc.block_type.nbytes + b_desc.block_type.nbytes + s_desc.block_type.nbytes
     for local_tile in range(my_tiles):
         off_m, off_n = _tile_offsets(gl.program_id(0) + local_tile * gl.num_programs(0), num_pid_m, num_pid_n,
                                      2 * HALF_M, BLOCK_N, WS_GROUP_M)
@@ -64,45 +94,63 @@ def _ws_producer(a_desc, b_desc, a_lo, a_hi, b_bufs, ready, empty, M, N, K):
             _tma_load(a_desc, [off_m, k_off], bar, a_lo.index(slot))
             _tma_load(a_desc, [off_m + HALF_M, k_off], bar, a_hi.index(slot))
             _tma_load(b_desc, [off_n, k_off], bar, b_bufs.index(slot))
+            _tma_load(s_desc, [kb, off_m], bar, s_bufs.index(slot))
 
 
 @gluon.jit
-def _release(empties, step):
-    """Stage step's buffers are read: arrive on its barrier in each ring of `empties` (a tuple: this CTA's producer
-    ring; the cluster experiment, benchmarks/fp8_cluster_kernel.py, adds its pair's)."""
-    for ring in gl.static_range(len(empties)):
-        mbarrier.arrive(empties[ring].index(step % WS_STAGES), count=1)
+def _block(a_bufs, b_bufs, s_bufs, ready, step, partial, HALF: gl.constexpr, rows: gl.constexpr):
+    """Step `step`'s wgmma issued into `partial`'s registers (_mma_block, which waits for the stage), and this
+    consumer's 64 activation scales of its K block read from the stage while the stage is still held."""
+    HALF_M: gl.constexpr = a_bufs.shape[1]
+    BLOCK_M: gl.constexpr = s_bufs.shape[2]
+    partial = _mma_block(a_bufs, b_bufs, ready, step, partial, WS_STAGES)
+    scales = s_bufs.index(step % WS_STAGES).reshape([BLOCK_M]).slice(HALF * HALF_M, HALF_M).load(rows)
+    return partial, scales
 
 
 @gluon.jit
-def _ws_pair(a_bufs, b_bufs, ready, empties, step, acc, part_a, part_b, scale_a, scale_b):
-    """Two K blocks (ring steps step, step + 1) after the groups of WS_UNROLL: a tile's K blocks are padded to pairs,
-    not to WS_UNROLL (w2's 86 blocks would take 88 at WS_UNROLL 4: 2.3% more wgmma work)."""
-    part_a = _mma_block(a_bufs, b_bufs, ready, step, part_a, WS_STAGES)
-    part_b = _mma_block(a_bufs, b_bufs, ready, step + 1, part_b, WS_STAGES)
+def _weight_scale(b_s_row, block, k_blocks):
+    """b_s[tile's scale row, block], zero for a pad block."""
+    return gl.load(b_s_row + block, mask=block < k_blocks, other=0.0)
+
+
+@gluon.jit
+def _release(empty, step):
+    """Stage step's buffers are read: hand them back to the producer."""
+    mbarrier.arrive(empty.index(step % WS_STAGES), count=1)
+
+
+@gluon.jit
+def _ws_pair(a_bufs, b_bufs, s_bufs, ready, empty, step, block, k_blocks, b_s_row, acc, part_a, part_b,
+             HALF: gl.constexpr, rows: gl.constexpr):
+    """Two K blocks (ring steps step, step + 1; K blocks block, block + 1) after the groups of WS_UNROLL: a tile's K
+    blocks are padded to pairs, not to WS_UNROLL (w2's 86 blocks would take 88 at WS_UNROLL 4: 2.3% more wgmma
+    work)."""
+    part_a, rows_a = _block(a_bufs, b_bufs, s_bufs, ready, step, part_a, HALF, rows)
+    part_b, rows_b = _block(a_bufs, b_bufs, s_bufs, ready, step + 1, part_b, HALF, rows)
+    w_a = _weight_scale(b_s_row, block, k_blocks)
+    w_b = _weight_scale(b_s_row, block + 1, k_blocks)
     part_a = warpgroup_mma_wait(num_outstanding=1, deps=(part_a,))
-    _release(empties, step)
-    acc += part_a * scale_a[:, None]
+    _release(empty, step)
+    acc += part_a * (rows_a * w_a)[:, None]
     part_b = warpgroup_mma_wait(num_outstanding=0, deps=(part_b,))
-    _release(empties, step + 1)
-    acc += part_b * scale_b[:, None]
+    _release(empty, step + 1)
+    acc += part_b * (rows_b * w_b)[:, None]
     return acc, part_a, part_b
 
 
 @gluon.jit
-def _ws_consumer(a_bufs, b_bufs, ready, empties, c_desc, c_smem, a_s_ptr, b_s_ptr, M, N, K, stride_asm, stride_bsn,
+def _ws_consumer(a_bufs, b_bufs, s_bufs, ready, empty, c_desc, c_smem, b_s_ptr, M, N, K, stride_bsn,
                  HALF: gl.constexpr):
-    """One warpgroup: rows [HALF * 64, HALF * 64 + 64) of every tile, the promotion overlapping its next wgmma.
-    empties: the rings each read stage is released to (_release). c_desc's layout may shard its rows over a
-    cluster's CTAs (its cga_layout; empty for one CTA), and the accumulator's layout follows it."""
+    """One warpgroup: rows [HALF * 64, HALF * 64 + 64) of every tile, the promotion overlapping its next wgmma."""
     HALF_M: gl.constexpr = c_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
     BLOCK_K: gl.constexpr = a_bufs.shape[2]  # the producer's a_desc block: both sides count the same K blocks
     num_warps: gl.constexpr = gl.num_warps()
     INSTR_K: gl.constexpr = 256 // a_bufs.dtype.primitive_bitwidth
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, BLOCK_N, INSTR_K],
-                                                         cga_layout=c_desc.layout.cga_layout)
+                                                         instr_shape=[16, BLOCK_N, INSTR_K])
+    rows: gl.constexpr = gl.SliceLayout(1, mma_layout)
     # K blocks padded to pairs only: groups of WS_UNROLL, then (WS_UNROLL 4) a last pair on its own (_ws_pair)
     num_pid_m, num_pid_n, my_tiles, k_blocks, padded_blocks = _schedule(M, N, K, 2 * HALF_M, BLOCK_N, BLOCK_K, 2, 0)
     part_a = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma_layout)
@@ -110,47 +158,35 @@ def _ws_consumer(a_bufs, b_bufs, ready, empties, c_desc, c_smem, a_s_ptr, b_s_pt
     for local_tile in range(my_tiles):
         off_m, off_n = _tile_offsets(gl.program_id(0) + local_tile * gl.num_programs(0), num_pid_m, num_pid_n,
                                      2 * HALF_M, BLOCK_N, WS_GROUP_M)
-        rows = off_m + HALF * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, mma_layout))
-        mask_m = rows < M
-        a_s_rows = a_s_ptr + rows * stride_asm
         b_s_row = b_s_ptr + (off_n // BLOCK_N) * stride_bsn
         first_step = local_tile * padded_blocks
         acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma_layout)
-        # the scales of each group's first pair are loaded one group ahead (an L2 round trip per load otherwise
-        # waits right before its promotion); the last group's are the last pair's (_ws_pair) or, past the last
-        # block, zero and unused
-        next_a = _block_scale(a_s_rows, mask_m, b_s_row, 0, k_blocks)
-        next_b = _block_scale(a_s_rows, mask_m, b_s_row, 1, k_blocks)
         for group in range(padded_blocks // WS_UNROLL):
             kb0 = group * WS_UNROLL
-            part_a = _mma_block(a_bufs, b_bufs, ready, first_step + kb0, part_a, WS_STAGES)
-            part_b = _mma_block(a_bufs, b_bufs, ready, first_step + kb0 + 1, part_b, WS_STAGES)
+            part_a, rows_a = _block(a_bufs, b_bufs, s_bufs, ready, first_step + kb0, part_a, HALF, rows)
+            part_b, rows_b = _block(a_bufs, b_bufs, s_bufs, ready, first_step + kb0 + 1, part_b, HALF, rows)
             for pair in gl.static_range(WS_UNROLL // 2):
                 kb = kb0 + 2 * pair
-                if pair == 0:
-                    scale_a = next_a
-                    scale_b = next_b
-                    next_a = _block_scale(a_s_rows, mask_m, b_s_row, kb0 + WS_UNROLL, k_blocks)
-                    next_b = _block_scale(a_s_rows, mask_m, b_s_row, kb0 + WS_UNROLL + 1, k_blocks)
-                else:
-                    scale_a = _block_scale(a_s_rows, mask_m, b_s_row, kb, k_blocks)
-                    scale_b = _block_scale(a_s_rows, mask_m, b_s_row, kb + 1, k_blocks)
+                w_a = _weight_scale(b_s_row, kb, k_blocks)
+                w_b = _weight_scale(b_s_row, kb + 1, k_blocks)
                 part_a = warpgroup_mma_wait(num_outstanding=1, deps=(part_a,))
-                _release(empties, first_step + kb)
-                acc += part_a * scale_a[:, None]
+                _release(empty, first_step + kb)
+                acc += part_a * (rows_a * w_a)[:, None]
                 if pair < WS_UNROLL // 2 - 1:
-                    part_a = _mma_block(a_bufs, b_bufs, ready, first_step + kb + 2, acc * 0.0, WS_STAGES)
+                    part_a, rows_a = _block(a_bufs, b_bufs, s_bufs, ready, first_step + kb + 2, acc * 0.0, HALF,
+                                            rows)
                     part_b = warpgroup_mma_wait(num_outstanding=1, deps=(part_b,))
                 else:
                     part_b = warpgroup_mma_wait(num_outstanding=0, deps=(part_b,))
-                _release(empties, first_step + kb + 1)
-                acc += part_b * scale_b[:, None]
+                _release(empty, first_step + kb + 1)
+                acc += part_b * (rows_b * w_b)[:, None]
                 if pair < WS_UNROLL // 2 - 1:
-                    part_b = _mma_block(a_bufs, b_bufs, ready, first_step + kb + 3, acc * 0.0, WS_STAGES)
+                    part_b, rows_b = _block(a_bufs, b_bufs, s_bufs, ready, first_step + kb + 3, acc * 0.0, HALF,
+                                            rows)
         if WS_UNROLL > 2:
-            if padded_blocks % WS_UNROLL != 0:  # its scales were loaded ahead by the last group (or above)
-                acc, part_a, part_b = _ws_pair(a_bufs, b_bufs, ready, empties, first_step + padded_blocks - 2, acc,
-                                               part_a, part_b, next_a, next_b)
+            if padded_blocks % WS_UNROLL != 0:
+                acc, part_a, part_b = _ws_pair(a_bufs, b_bufs, s_bufs, ready, empty, first_step + padded_blocks - 2,
+                                               padded_blocks - 2, k_blocks, b_s_row, acc, part_a, part_b, HALF, rows)
         tma.store_wait(pendings=0)
         c_smem.store(acc.to(c_desc.dtype))
         fence_async_shared()
@@ -159,39 +195,39 @@ def _ws_consumer(a_bufs, b_bufs, ready, empties, c_desc, c_smem, a_s_ptr, b_s_pt
 
 
 @gluon.jit
-def _ws_consumer_lo(a_lo, a_hi, b_bufs, ready, empty, c_desc, c_lo, c_hi, a_s_ptr, b_s_ptr, M, N, K, stride_asm,
-                    stride_bsn):
-    _ws_consumer(a_lo, b_bufs, ready, (empty,), c_desc, c_lo, a_s_ptr, b_s_ptr, M, N, K, stride_asm, stride_bsn, 0)
+def _ws_consumer_lo(a_lo, a_hi, b_bufs, s_bufs, ready, empty, c_desc, c_lo, c_hi, b_s_ptr, M, N, K, stride_bsn):
+    _ws_consumer(a_lo, b_bufs, s_bufs, ready, empty, c_desc, c_lo, b_s_ptr, M, N, K, stride_bsn, 0)
 
 
 @gluon.jit
-def _ws_consumer_hi(a_lo, a_hi, b_bufs, ready, empty, c_desc, c_lo, c_hi, a_s_ptr, b_s_ptr, M, N, K, stride_asm,
-                    stride_bsn):
-    _ws_consumer(a_hi, b_bufs, ready, (empty,), c_desc, c_hi, a_s_ptr, b_s_ptr, M, N, K, stride_asm, stride_bsn, 1)
+def _ws_consumer_hi(a_lo, a_hi, b_bufs, s_bufs, ready, empty, c_desc, c_lo, c_hi, b_s_ptr, M, N, K, stride_bsn):
+    _ws_consumer(a_hi, b_bufs, s_bufs, ready, empty, c_desc, c_hi, b_s_ptr, M, N, K, stride_bsn, 1)
 
 
 @gluon.jit
-def _ws_producer_entry(a_lo, a_hi, b_bufs, ready, empty, c_desc, c_lo, c_hi, a_s_ptr, b_s_ptr, M, N, K, stride_asm,
-                       stride_bsn, a_desc, b_desc):
-    _ws_producer(a_desc, b_desc, a_lo, a_hi, b_bufs, ready, empty, M, N, K)
+def _ws_producer_entry(a_lo, a_hi, b_bufs, s_bufs, ready, empty, c_desc, c_lo, c_hi, b_s_ptr, M, N, K, stride_bsn,
+                       a_desc, b_desc, s_desc):
+    _ws_producer(a_desc, b_desc, s_desc, a_lo, a_hi, b_bufs, s_bufs, ready, empty, M, N, K)
 
 
 @eager_only(_EAGER)
 @gluon.jit
-def _fp8_gemm_gluon_ws_kernel(a_desc, b_desc, c_desc, a_s_ptr, b_s_ptr, M, N, K, stride_asm, stride_bsn,
+def _fp8_gemm_gluon_ws_kernel(a_desc, b_desc, c_desc, s_desc, b_s_ptr, M, N, K, stride_bsn,
                               CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """128 x 128 tiles: the default partition (4 warps) and a 4-warp worker take rows 0-63 and 64-127, a 1-warp
-    worker issues the TMA loads. a_desc / c_desc have 64-row blocks."""
+    worker issues the TMA loads. a_desc / c_desc have 64-row blocks, s_desc (outer-dim-major a_s) [1, 128]."""
     HALF_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     gl.static_assert(BLOCK_N == BLOCK_K, "a tile must lie in one 128-row block of b_s")
+    gl.static_assert(s_desc.block_type.shape[1] == 2 * HALF_M, "one activation scale per row of the tile")
     gl.static_assert(WS_UNROLL == 2 or WS_UNROLL == 4, "the partials alternate in pairs; K padded to pairs leaves at "
                      "most one pair after the groups (_ws_pair)")
     gl.static_assert(WS_STAGES >= 2, "a consumer holds two stages at once")
     a_lo = gl.allocate_shared_memory(a_desc.dtype, [WS_STAGES, HALF_M, BLOCK_K], a_desc.layout)
     a_hi = gl.allocate_shared_memory(a_desc.dtype, [WS_STAGES, HALF_M, BLOCK_K], a_desc.layout)
     b_bufs = gl.allocate_shared_memory(b_desc.dtype, [WS_STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    s_bufs = gl.allocate_shared_memory(s_desc.dtype, [WS_STAGES, 1, 2 * HALF_M], s_desc.layout)
     c_lo = gl.allocate_shared_memory(c_desc.dtype, [HALF_M, BLOCK_N], c_desc.layout)
     c_hi = gl.allocate_shared_memory(c_desc.dtype, [HALF_M, BLOCK_N], c_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [WS_STAGES, 1], mbarrier.MBarrierLayout())
@@ -199,9 +235,9 @@ def _fp8_gemm_gluon_ws_kernel(a_desc, b_desc, c_desc, a_s_ptr, b_s_ptr, M, N, K,
     for stage in gl.static_range(WS_STAGES):
         mbarrier.init(ready.index(stage), count=1)
         mbarrier.init(empty.index(stage), count=2)  # one arrival per consumer warpgroup
-    args = (a_lo, a_hi, b_bufs, ready, empty, c_desc, c_lo, c_hi, a_s_ptr, b_s_ptr, M, N, K, stride_asm, stride_bsn)
+    args = (a_lo, a_hi, b_bufs, s_bufs, ready, empty, c_desc, c_lo, c_hi, b_s_ptr, M, N, K, stride_bsn)
     gl.warp_specialize([(_ws_consumer_lo, args), (_ws_consumer_hi, args),
-                        (_ws_producer_entry, args + (a_desc, b_desc))],
+                        (_ws_producer_entry, args + (a_desc, b_desc, s_desc))],
                        [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     for stage in gl.static_range(WS_STAGES):
         mbarrier.invalidate(ready.index(stage))

@@ -102,7 +102,7 @@ def quantize_rows(x, SCALE_RECIPROCAL: tl.constexpr):
 
 
 @triton.jit
-def _act_quant_body(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
+def _act_quant_body(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_RECIPROCAL: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -112,7 +112,7 @@ def _act_quant_body(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
     q, s = quantize_rows(x, SCALE_RECIPROCAL)
     tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + offs_m * stride_sm + pid_k, s, mask=offs_m < M)
+    tl.store(s_ptr + offs_m * stride_sm + pid_k * stride_sk, s, mask=offs_m < M)
 
 
 @waits_for_producer
@@ -120,12 +120,12 @@ def _act_quant_body(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm,
 def _act_quant_kernel(
     x_ptr, q_ptr, s_ptr,
     M, K,
-    stride_xm, stride_qm, stride_sm,
+    stride_xm, stride_qm, stride_sm, stride_sk,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """s = amax * fp32(1/448): torch's oracle as computed on CUDA."""
     wait_for_producer()  # before any memory access: kernels/pdl.py
-    _act_quant_body(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, BLOCK_M, BLOCK_K, True)
+    _act_quant_body(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk, BLOCK_M, BLOCK_K, True)
 
 
 @waits_for_producer
@@ -133,12 +133,12 @@ def _act_quant_kernel(
 def _act_quant_ieee_kernel(
     x_ptr, q_ptr, s_ptr,
     M, K,
-    stride_xm, stride_qm, stride_sm,
+    stride_xm, stride_qm, stride_sm, stride_sk,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """s = amax / 448 (IEEE): torch's oracle as computed on the CPU."""
     wait_for_producer()  # before any memory access: kernels/pdl.py
-    _act_quant_body(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, BLOCK_M, BLOCK_K, False)
+    _act_quant_body(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk, BLOCK_M, BLOCK_K, False)
 
 
 @waits_for_producer
@@ -177,17 +177,25 @@ _act_quant_large_m_tuned = {
 _weight_dequant_tuned = autotune_or_single(_weight_dequant_kernel, DEQUANT_CONFIGS, key=["N", "K"])
 
 
-def act_quant_outputs(rows, cols, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def act_quant_outputs(rows, cols, device: torch.device, outer_scales: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """act_quant's outputs for a [rows, cols] input, allocated: q fp8 e4m3fn [rows, cols] and s fp32
     [rows, ceil(cols/128)]; also what the kernels that quantize their own output write (rows, cols may
-    be symbolic)."""
-    return (torch.empty((rows, cols), dtype=FP8_DTYPE, device=device),
-            torch.empty((rows, cdiv(cols, QUANT_BLOCK)), dtype=torch.float32, device=device))
+    be symbolic). outer_scales: s outer-dim-major, strides (1, round_up(rows, 4)): each K block's scales
+    contiguous and 16-byte aligned, as TMA (fp8_gemm_gluon's warp-specialized kernel) and blockwise
+    torch._scaled_mm read them."""
+    q = torch.empty((rows, cols), dtype=FP8_DTYPE, device=device)
+    blocks = cdiv(cols, QUANT_BLOCK)
+    if not outer_scales:
+        return q, torch.empty((rows, blocks), dtype=torch.float32, device=device)
+    storage = torch.empty((blocks, cdiv(rows, 4) * 4), dtype=torch.float32, device=device)
+    return q, storage[:, :rows].t()
 
 
 def act_quant(x: torch.Tensor, block_size: int = QUANT_BLOCK, *, config: triton.Config | None = None,
-              scale_reciprocal: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (q fp8 e4m3fn [M, K], s fp32 [M, ceil(K/128)]). `config` forces one tuning config.
+              scale_reciprocal: bool | None = None, outer_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q fp8 e4m3fn [M, K], s fp32 [M, ceil(K/128)]). `config` forces one tuning config;
+    outer_scales: s outer-dim-major (act_quant_outputs), the same values.
 
     scale_reciprocal: s = amax * fp32(1/448) (True) or amax / 448 (False); default: as torch
     computes the oracle on x's device (True on CUDA), so the result is bit-identical to it.
@@ -198,7 +206,7 @@ def act_quant(x: torch.Tensor, block_size: int = QUANT_BLOCK, *, config: triton.
     if x.stride(1) != 1:
         raise ValueError(f"act_quant: x must have unit stride along K, got strides {x.stride()}")
     m, k = x.shape
-    q, s = act_quant_outputs(m, k, x.device)
+    q, s = act_quant_outputs(m, k, x.device, outer_scales)
     if m == 0 or k == 0:
         return q, s
     reciprocal = x.is_cuda if scale_reciprocal is None else scale_reciprocal
@@ -210,14 +218,14 @@ def act_quant(x: torch.Tensor, block_size: int = QUANT_BLOCK, *, config: triton.
 
 
 def act_quant_spec(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, scale_reciprocal: bool) -> LaunchSpec:
-    """act_quant of x [M, K] (unit stride on K) into q [M, K], s [M, ceil(K/128)]; the kernel with
+    """act_quant of x [M, K] (unit stride on K) into q [M, K], s [M, ceil(K/128)] (of any strides); the kernel with
     the scale rounding asked for (amax * fp32(1/448), or IEEE amax / 448)."""
     m, k = x.shape
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(k, meta["BLOCK_K"]))  # noqa: E731
     kernel, tuned = ((_act_quant_kernel, _act_quant_tuned) if scale_reciprocal
                      else (_act_quant_ieee_kernel, _act_quant_ieee_tuned))
     return LaunchSpec(kernel, tuned, ACT_QUANT_TUNED_CONFIGS, grid,
-                      (x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0)),
+                      (x, q, s, m, k, x.stride(0), q.stride(0), *s.stride()),
                       dict(BLOCK_K=QUANT_BLOCK))
 
 

@@ -255,11 +255,14 @@ def _gluon_unsupported(a, w, out_dtype) -> str | None:
 GLUON_CANDIDATES = (None, (128, 2, 4, 8), (64, 2, 4, 8))
 
 
-def _gluon_gemm(a, a_s, w, w_s, out_dtype, cfg):
+def _gluon_gemm(a, a_s, w, w_s, out_dtype, cfg, a_s_tma=None):
+    """cfg None: the warp-specialized form, on a_s_tma (fp8_gemm_gluon_ws.scales_for_tma(a_s), made once outside the
+    timing as _blockwise_operands makes cuBLAS's; act_quant(..., outer_scales=True) writes them so) when given.
+    Else the single-partition form, on row-major a_s (its global loads of outer-dim-major scales miss L1)."""
     from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon
 
     if cfg is None:
-        return fp8_gemm_gluon(a, a_s, w, w_s, out_dtype)
+        return fp8_gemm_gluon(a, a_s if a_s_tma is None else a_s_tma, w, w_s, out_dtype)
     block_m, unroll, stages, group_m = cfg
     return fp8_gemm_gluon(a, a_s, w, w_s, out_dtype, unroll=unroll, block_m=block_m, stages=stages, group_m=group_m,
                           warp_specialized=False)
@@ -310,10 +313,13 @@ def _graphed_rows(report: Report, case: str, operands, ref, out_dtype, quick: bo
     from dsv3_export.kernels import fp8_gemm as G
     from kbench import common
 
+    from dsv3_export.kernels.fp8_gemm_gluon_ws import scales_for_tma
+
     a, a_s, w, w_s = operands
     m = a.shape[0]
     rounds = 3 if quick else 7
-    candidates = {f"{_gluon_label(None)} (CUDA graph)": lambda: _gluon_gemm(a, a_s, w, w_s, out_dtype, None),
+    a_s_tma = scales_for_tma(a_s)
+    candidates = {f"{_gluon_label(None)} (CUDA graph)": lambda: _gluon_gemm(a, a_s, w, w_s, out_dtype, None, a_s_tma),
                   "triton fp8_gemm (CUDA graph)": lambda: G.fp8_gemm(a, a_s, w, w_s, out_dtype)}
     base_ms, timed = several_against_blockwise_in_graphs(a, a_s, w, w_s, candidates, rounds, common.L2_FLUSH)
     notes = {name: (f"{rounds} rounds alternating the graph rows; vs blockwise _scaled_mm per round: median "
@@ -397,10 +403,14 @@ def bench_fp8_prefill(report: Report, sh: Shapes, quick: bool) -> None:
         if reason:
             print(f"  {case}: tma candidates skipped: {reason}", flush=True)
         gluon_reason = _gluon_unsupported(a, w, out_dtype)
+        if not gluon_reason:
+            from dsv3_export.kernels.fp8_gemm_gluon_ws import scales_for_tma
+
+            a_s_tma = scales_for_tma(a_s)
         for cfg in GLUON_CANDIDATES if not gluon_reason else ():
             name = _gluon_label(cfg)
             rows.append(guarded(report, f"{case} {name}", lambda name=name, cfg=cfg: ours(
-                name, lambda: _gluon_gemm(a, a_s, w, w_s, out_dtype, cfg),
+                name, lambda: _gluon_gemm(a, a_s, w, w_s, out_dtype, cfg, a_s_tma),
                 "kernels/fp8_gemm_gluon.py" + (", single partition" if cfg else ", warp-specialized"))))
         if gluon_reason:
             print(f"  {case}: gluon candidates skipped: {gluon_reason}", flush=True)

@@ -30,9 +30,10 @@ CASES = ((128, 2, 4, "bf16"), (64, 2, 4, "bf16"), (128, 2, 4, "fp32"))
 _GL = {"bf16": gl.bfloat16, "fp32": gl.float32, "fp8e4nv": gl.float8e4nv}
 
 
-def _descriptor_type(dtype: str, block: list[int]) -> str:
-    """The signature string of a host-side Gluon tensor descriptor argument (what a launch would infer)."""
-    layout = gl.NVMMASharedLayout.get_default_for(block, _GL[dtype])
+def _descriptor_type(dtype: str, block: list[int], layout=None) -> str:
+    """The signature string of a host-side Gluon tensor descriptor argument (what a launch would infer); layout:
+    the descriptor's shared layout, by default the swizzled one its block and dtype get."""
+    layout = layout or gl.NVMMASharedLayout.get_default_for(block, _GL[dtype])
     return f"tensordesc<{dtype}[{block[0]}, {block[1]}],{layout!r}>"
 
 
@@ -53,6 +54,7 @@ def _compile(kernel, signature: dict, constexprs: dict, num_warps: int, row: dic
                       ptx_waits=len(re.findall(r"wgmma\.wait_group", ptx)),
                       sass_depbars=len(re.findall(r"WARPGROUP\.DEPBAR", sass)),
                       sass_gmmas=len(re.findall(r"\bQGMMA\b", sass)),
+                      sass_tma_loads=len(re.findall(r"\bUTMALDG\.", sass)),
                       setmaxnreg=sorted({int(v) for v in setmaxnreg}), **_resource_usage(compiled.asm["cubin"]))
 
 
@@ -62,9 +64,10 @@ def compile_case(block_m: int, unroll: int, stages: int, c_dtype: str) -> dict:
     signature = dict(a_desc=_descriptor_type("fp8e4nv", [block_m, 128]),
                      b_desc=_descriptor_type("fp8e4nv", [G.BLOCK_N, 128]),
                      c_desc=_descriptor_type(c_dtype, [block_m, G.BLOCK_N]), a_s_ptr="*fp32", b_s_ptr="*fp32",
-                     M="i32", N="i32", K="i32", stride_asm="i32", stride_bsn="i32", GROUP_M="constexpr",
-                     STAGES="constexpr", UNROLL="constexpr", num_warps="constexpr")
-    constexprs = dict(GROUP_M=G.GROUP_M, STAGES=stages, UNROLL=unroll, num_warps=num_warps)
+                     M="i32", N="i32", K="i32", stride_asm="i32", stride_ask="constexpr", stride_bsn="i32",
+                     GROUP_M="constexpr", STAGES="constexpr", UNROLL="constexpr", num_warps="constexpr")
+    # row-major a_s: a launch makes its unit stride a constant (Triton's rule for ints equal to 1)
+    constexprs = dict(stride_ask=1, GROUP_M=G.GROUP_M, STAGES=stages, UNROLL=unroll, num_warps=num_warps)
     row = dict(kernel="fp8_gemm_gluon", block_m=block_m, unroll=unroll, stages=stages, c=c_dtype)
     return _compile(G._fp8_gemm_gluon_kernel, signature, constexprs, num_warps, row)
 
@@ -73,9 +76,10 @@ def compile_warp_specialized(c_dtype: str, consumer_regs: int = 232, producer_re
     """The producer / two-consumer kernel (its tile constants are fp8_gemm_gluon_ws's WS_* constexprs)."""
     signature = dict(a_desc=_descriptor_type("fp8e4nv", [64, 128]),
                      b_desc=_descriptor_type("fp8e4nv", [G.BLOCK_N, 128]),
-                     c_desc=_descriptor_type(c_dtype, [64, G.BLOCK_N]), a_s_ptr="*fp32", b_s_ptr="*fp32",
-                     M="i32", N="i32", K="i32", stride_asm="i32", stride_bsn="i32", CONSUMER_REGS="constexpr",
-                     PRODUCER_REGS="constexpr", num_warps="constexpr")
+                     c_desc=_descriptor_type(c_dtype, [64, G.BLOCK_N]),
+                     s_desc=_descriptor_type("fp32", W.SCALE_BLOCK, W.SCALE_LAYOUT), b_s_ptr="*fp32", M="i32",
+                     N="i32", K="i32", stride_bsn="i32", CONSUMER_REGS="constexpr", PRODUCER_REGS="constexpr",
+                     num_warps="constexpr")
     constexprs = dict(CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=4)
     row = dict(kernel="fp8_gemm_gluon_ws", block_m=128, unroll=int(W.WS_UNROLL), stages=int(W.WS_STAGES), c=c_dtype,
                consumers=2)

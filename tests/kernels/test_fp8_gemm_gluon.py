@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed: kernel tests need it")
 
 from dsv3_export.kernels import fp8_gemm as G  # noqa: E402
+from dsv3_export.kernels import fp8_quant as KQ  # noqa: E402
 from dsv3_export.reference import fp8 as R  # noqa: E402
 from tests.kernels._helpers import TOL, assert_finite, mean_rel  # noqa: E402
 from tests.kernels.test_compile_sm90 import REPO, _ptxas_available  # noqa: E402
@@ -55,6 +56,8 @@ def test_builds_for_sm90_with_the_wgmma_pipeline_it_asks_for():
         assert r["sass_gmmas"] == 4 * copies * blocks, case  # K = 128 per block in four k32 wgmmas
         if copies > 1:  # the producer warp gives its registers to the consumers
             assert min(r["setmaxnreg"]) <= 40 and max(r["setmaxnreg"]) >= 232, (case, r["setmaxnreg"])
+            # its one load site issues four TMA copies per step: both halves of a, b, and the tile's scales
+            assert r["sass_tma_loads"] == 4, (case, r["sass_tma_loads"])
 
 
 @pytest.mark.parametrize("spec", ["4,6,8", "5,4"])
@@ -97,13 +100,19 @@ def test_matches_reference_on_hopper(seed, form, m, n, k):
     11 and 16 as groups only, 5 (its pad block in the pair) and 6 as a group and a last pair (_ws_pair)."""
     from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon
 
-    a, a_s, b, b_s = _operands(m, n, k, "cuda")
+    x = torch.randn(m, k, device="cuda") * 2
+    a, a_s = R.act_quant(x)
+    b, b_s = R.weight_quant(torch.randn(n, k, device="cuda") / k**0.5)
     ref = G.fp8_gemm_ref(a, a_s, b, b_s, torch.float32)
     kw = dict(warp_specialized=True) if form == "warp-specialized" else \
         dict(warp_specialized=False, block_m=int(form.split()[1]))
-    for programs in (None, 2):
-        out = fp8_gemm_gluon(a, a_s, b, b_s, torch.float32, programs=programs, **kw)
+    # row-major scales (the warp-specialized form copies them outer-dim-major), and outer-dim-major ones as act_quant
+    # writes them (16-byte aligned rows: taken as they are) and as a transpose leaves them (M not a multiple of 4:
+    # copied)
+    for programs, scales in ((None, a_s), (2, a_s), (2, KQ.act_quant(x, outer_scales=True)[1]),
+                             (None, a_s.t().contiguous().t())):
+        out = fp8_gemm_gluon(a, scales, b, b_s, torch.float32, programs=programs, **kw)
         assert_finite("fp8_gemm gluon", out)
-        assert mean_rel(out, ref) < TOL["fp8_gemm_fp32_out"], (form, programs)
+        assert mean_rel(out, ref) < TOL["fp8_gemm_fp32_out"], (form, programs, scales.stride())
     out = G.fp8_gemm(a, a_s, b, b_s, variant="gluon")  # bf16 through fp8_gemm
     assert mean_rel(out.float(), ref) < 1e-2

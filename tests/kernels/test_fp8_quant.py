@@ -31,6 +31,26 @@ def test_act_quant_bit_exact(seed, m, k, dtype):
     assert torch.equal(_bits(q), _bits(q_ref)), f"{int((_bits(q) != _bits(q_ref)).sum())} fp8 values differ"
 
 
+@pytest.mark.parametrize("m,k", [(1, 300), (37, 300), (6, 1000)])
+def test_act_quant_outer_scales(seed, m, k):
+    """outer_scales: the same scales, outer-dim-major with each K block's row 16-byte aligned (what TMA and blockwise
+    torch._scaled_mm read), and the same q. fp8_gemm_gluon_ws.scales_for_tma takes them as they are and copies
+    row-major ones into that layout."""
+    torch.manual_seed(seed)
+    x = torch.randn(m, k) * 3
+    q, s = K.act_quant(x)
+    q_outer, s_outer = K.act_quant(x, outer_scales=True)
+    assert s_outer.shape == s.shape and s_outer.stride() == (1, -(-m // 4) * 4), s_outer.stride()
+    assert torch.equal(s_outer, s) and torch.equal(_bits(q_outer), _bits(q))
+    assert s_outer.data_ptr() % 16 == 0
+
+    from dsv3_export.kernels.fp8_gemm_gluon_ws import scales_for_tma
+
+    assert scales_for_tma(s_outer) is s_outer
+    copied = scales_for_tma(s)
+    assert copied.stride() == s_outer.stride() and torch.equal(copied, s)
+
+
 def test_act_quant_rounding_ties_and_subnormals():
     # Values on e4m3 rounding ties, subnormals, the 448 edge: x / s lands exactly on them when amax = 448.
     ties = torch.tensor([448.0, 1.0625, 1.1875, 2.0**-10, 3 * 2.0**-10, 2.0**-7 * 1.0625, 15.5, 240.0, 232.0,

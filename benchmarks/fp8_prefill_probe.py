@@ -1,14 +1,17 @@
-"""Does sharing the weight tile over a 2-CTA cluster (TMA multicast) close the fp8 prefill GEMM's gap to cuBLAS?
+"""Experiments on the fp8 prefill GEMM against cuBLAS: candidate forms of the Gluon kernel, timed and clocked.
 
-fp8_cluster_kernel.py (beside this script) against the warp-specialized kernel it extends
-(kernels/fp8_gemm_gluon_ws.py) and blockwise torch._scaled_mm (issue #4's baseline) at the 16b prefill shapes
-(M=4096), the three captured in CUDA graphs and timed round-robin (kbench.fp8.several_against_blockwise_in_graphs).
+Candidates (--impls) against blockwise torch._scaled_mm (issue #4's baseline) at the 16b prefill shapes (M=4096),
+all captured in CUDA graphs and timed round-robin (kbench.fp8.several_against_blockwise_in_graphs):
+  ws      the product kernel (kernels/fp8_gemm_gluon_ws.py) on outer-dim-major activation scales, made once outside
+          the timing as they are for _scaled_mm (act_quant(..., outer_scales=True) writes them so)
+  ws_row  the same on act_quant's default row-major scales: each call copies them outer-dim-major first
+Session 33's 2-CTA TMA multicast kernel and session 34's outer-dim-major global scale loads were candidates here too
+(benchmarks/RESULTS.md); the code of the first is at commit 194e0ab.
 --clocks N then replays each GEMM back to back for N s while nvidia-smi samples the SM clock and the board power:
 at these shapes the H200 holds ~630 W and lowers its clock, so a kernel's time is its cycles over the clock its
 energy per cycle leaves it (session 33).
-The cluster kernel needs triton >= 3.9; the H200 image has 3.6, so the device call unpacks triton 3.9 onto PYTHONPATH
-first (benchmarks/pack_triton39.sh). The probe first checks the kernel on ragged shapes, with several tiles per
-cluster, against fp8_gemm_ref (a wrong barrier protocol hangs or is wrong there: run it under `timeout`).
+Each candidate is first checked on ragged shapes, with several tiles per program, against fp8_gemm_ref (a wrong
+barrier protocol hangs or is wrong there: run it under `timeout`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import triton
 # (label, N, K) at M=4096: the dense FFN's w1/w3 and w2, the attention's fused wq+wkv_a, wo, and wkv_a alone
 SHAPES = (("w1/w3", 10944, 2048), ("w2", 2048, 10944), ("wq+wkv_a", 3648, 2048), ("wo", 2048, 2048),
           ("wkv_a", 576, 2048))
-# (M, N, K, programs): ragged edges in every dimension; programs=2 puts several tiles on each cluster
+# (M, N, K, programs): ragged edges in every dimension; programs=2 puts several tiles on each program
 CHECKS = ((200, 264, 400, None), (300, 136, 1296, 2), (513, 576, 2048, 3), (4096, 2048, 10944, None))
 
 
@@ -32,10 +35,23 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).abs().mean() / ref.abs().mean()).item()
 
 
-def check(tol: float) -> list[dict]:
+IMPLS = ("ws", "ws_row")
+
+
+def candidate(name: str, a: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, programs=None):
+    """A call of candidate `name` on these operands (its scale layout prepared here, outside any timing)."""
+    from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon
+    from dsv3_export.kernels.fp8_gemm_gluon_ws import scales_for_tma
+
+    if name not in IMPLS:
+        raise ValueError(f"unknown candidate {name!r}; expected one of {IMPLS}")
+    scales = scales_for_tma(a_s) if name == "ws" else a_s
+    return lambda out_dtype=torch.bfloat16: fp8_gemm_gluon(a, scales, w, w_s, out_dtype, programs=programs)
+
+
+def check(impls: list[str], tol: float) -> list[dict]:
     from dsv3_export.kernels import fp8_gemm as G
     from dsv3_export.reference import fp8 as R
-    from fp8_cluster_kernel import fp8_gemm_gluon_cluster
 
     rows = []
     for m, n, k, programs in CHECKS:
@@ -43,22 +59,22 @@ def check(tol: float) -> list[dict]:
         a, a_s = R.act_quant(torch.randn(m, k, device="cuda") * 2)
         w, w_s = R.weight_quant(torch.randn(n, k, device="cuda") / k**0.5)
         ref = G.fp8_gemm_ref(a, a_s, w, w_s, torch.float32)
-        for out_dtype in (torch.float32, torch.bfloat16):
-            out = fp8_gemm_gluon_cluster(a, a_s, w, w_s, out_dtype, programs=programs)
-            torch.cuda.synchronize()
-            err = rel_err(out, ref)
-            ok = bool(torch.isfinite(out).all()) and err < (tol if out_dtype == torch.float32 else 1e-2)
-            rows.append(dict(m=m, n=n, k=k, programs=programs, out=str(out_dtype), err=err, ok=ok))
-            print(f"check M={m} N={n} K={k} programs={programs} {out_dtype}: mean rel err {err:.2e} "
-                  f"{'ok' if ok else 'FAILED'}", flush=True)
+        for name in impls:
+            call = candidate(name, a, a_s, w, w_s, programs)
+            for out_dtype in (torch.float32, torch.bfloat16):
+                out = call(out_dtype)
+                torch.cuda.synchronize()
+                err = rel_err(out, ref)
+                ok = bool(torch.isfinite(out).all()) and err < (tol if out_dtype == torch.float32 else 1e-2)
+                rows.append(dict(impl=name, m=m, n=n, k=k, programs=programs, out=str(out_dtype), err=err, ok=ok))
+                print(f"check {name} M={m} N={n} K={k} programs={programs} {out_dtype}: mean rel err {err:.2e} "
+                      f"{'ok' if ok else 'FAILED'}", flush=True)
     return rows
 
 
-def timed(rounds: int) -> list[dict]:
+def timed(impls: list[str], rounds: int) -> list[dict]:
     from dsv3_export.kernels import fp8_gemm as G
-    from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon
     from dsv3_export.reference import fp8 as R
-    from fp8_cluster_kernel import fp8_gemm_gluon_cluster
     from kbench.fp8 import several_against_blockwise_in_graphs
 
     rows = []
@@ -68,8 +84,7 @@ def timed(rounds: int) -> list[dict]:
         w, w_s = R.weight_quant(torch.randn(n, k, device="cuda") / k**0.5)
         a, a_s = R.act_quant(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
         ref = G.fp8_gemm_ref(a, a_s, w, w_s, torch.float32)
-        candidates = {"ws": lambda: fp8_gemm_gluon(a, a_s, w, w_s),
-                      "cluster": lambda: fp8_gemm_gluon_cluster(a, a_s, w, w_s)}
+        candidates = {name: candidate(name, a, a_s, w, w_s) for name in impls}
         base_ms, results = several_against_blockwise_in_graphs(a, a_s, w, w_s, candidates, rounds, "read")
         row = dict(case=label, m=m, n=n, k=k, rounds=rounds, blockwise_ms=statistics.median(base_ms),
                    times=dict(blockwise=base_ms))
@@ -102,7 +117,7 @@ def _smi_samples(lines: list[str]) -> list[tuple[float, float, float]]:
     return out
 
 
-def clocks(seconds: float, out_dir: str | None) -> list[dict]:
+def clocks(impls: list[str], seconds: float, out_dir: str | None) -> list[dict]:
     """Each GEMM's CUDA graph replayed back to back for `seconds` (no L2 flush: the steady state of a long prefill),
     after 1 s idle, while nvidia-smi samples this GPU's SM clock and board power every 50 ms into a file: us per
     call, mean MHz and W, and cycles per call (us x MHz), all over the middle 80% of each run (the clock settles
@@ -113,9 +128,7 @@ def clocks(seconds: float, out_dir: str | None) -> list[dict]:
     import tempfile
     import time
 
-    from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon
     from dsv3_export.reference import fp8 as R
-    from fp8_cluster_kernel import fp8_gemm_gluon_cluster
     from kbench.common import _graph_of
     from kbench.fp8 import _blockwise_operands, _scaled_mm_blockwise
 
@@ -131,9 +144,8 @@ def clocks(seconds: float, out_dir: str | None) -> list[dict]:
             w, w_s = R.weight_quant(torch.randn(n, k, device="cuda") / k**0.5)
             a, a_s = R.act_quant(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
             a_p, s_a, w_p, s_b = _blockwise_operands(a, a_s, w, w_s)
-            fns = {"blockwise": lambda: _scaled_mm_blockwise(a_p, s_a, w_p, s_b),
-                   "ws": lambda: fp8_gemm_gluon(a, a_s, w, w_s),
-                   "cluster": lambda: fp8_gemm_gluon_cluster(a, a_s, w, w_s)}
+            fns = {"blockwise": lambda: _scaled_mm_blockwise(a_p, s_a, w_p, s_b)}
+            fns.update({name: candidate(name, a, a_s, w, w_s) for name in impls})
             graphs = {name: _graph_of(fn) for name, fn in fns.items()}
             for name in list(graphs) + list(graphs)[::-1]:
                 time.sleep(1.0)
@@ -174,29 +186,30 @@ def clocks(seconds: float, out_dir: str | None) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT"))
+    parser.add_argument("--impls", default="ws,ws_row", help=f"comma-separated candidates among {IMPLS}")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--check-only", action="store_true")
     parser.add_argument("--clocks", type=float, default=0.0,
                         help="also replay each GEMM back to back this many seconds with nvidia-smi sampling clocks")
     parser.add_argument("--tol", type=float, default=1e-3, help="mean relative error bound of the fp32 checks")
     args = parser.parse_args()
-    from fp8_cluster_kernel import cluster_unsupported
+    impls = [name for name in args.impls.split(",") if name]
+    unknown = sorted(set(impls) - set(IMPLS))
+    if unknown or not impls:
+        parser.error(f"--impls {args.impls!r}: unknown {unknown}; expected some of {IMPLS}")
 
     print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    reason = cluster_unsupported()
-    if reason:
-        raise SystemExit(f"fp8_cluster_probe: {reason}")
-    result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                  checks=check(args.tol))
+    result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, impls=impls,
+                  checks=check(impls, args.tol))
     if not all(r["ok"] for r in result["checks"]):
-        raise SystemExit("fp8_cluster_probe: a check failed; not timing")
+        raise SystemExit("fp8_prefill_probe: a check failed; not timing")
     if not args.check_only and args.rounds:
-        result["rows"] = timed(args.rounds)
+        result["rows"] = timed(impls, args.rounds)
     if args.clocks and not args.check_only:
-        result["clocks"] = clocks(args.clocks, args.out)
+        result["clocks"] = clocks(impls, args.clocks, args.out)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        name = "fp8_cluster_check.json" if args.check_only else "fp8_cluster_probe.json"
+        name = "fp8_prefill_check.json" if args.check_only else "fp8_prefill_probe.json"
         with open(os.path.join(args.out, name), "w") as f:
             json.dump(result, f, indent=1)
 

@@ -18,8 +18,10 @@ with 128-wide K blocks in a ring of STAGES TMA buffers ordered by mbarriers:
   both consumers have arrived on its `empty` barrier; the consumers never wait for each other, so one's promotion
   runs while the other's wgmma holds the tensor core (setmaxnreg: 232 registers per consumer thread, 40 for the
   producer). 5 stages, the K loop unrolled by 4 blocks, a tile's K blocks padded to pairs only (a last pair on its
-  own, _ws_pair). H200, session 29, from CUDA graphs alternating with blockwise _scaled_mm: 1.00x / 0.985x at
-  w1/w3 / w2 (M=4096); 0.99x / 0.93x with session 28's 4 stages and unroll 2.
+  own, _ws_pair). Each stage also brings the tile's activation scales of its K block by TMA (outer-dim-major a_s;
+  the consumers read them from shared memory). H200, session 34, from CUDA graphs alternating with blockwise
+  _scaled_mm: 1.03-1.04x / 0.995-1.02x at w1/w3 / w2 (M=4096), 1.05x / 1.03x at wq+wkv_a / wo; 1.00x / 0.985x in
+  session 29, when the consumers loaded row-major scales from global memory.
 - single partition (_fp8_gemm_gluon_kernel, warp_specialized=False): all warps compute, the loads are issued from
   the same code (Gluon puts a CTA-wide barrier around each TMA issue, so two warpgroups run in lockstep). 0.90x /
   0.82x with 128 x 128 tiles on two warpgroups; 64 x 128 on one warpgroup, two CTAs per SM: 0.84x / 0.67x.
@@ -42,10 +44,10 @@ benchmarks/fp8_gluon_probe.py runs the same data path with one chained accumulat
 K blocks are padded to whole iterations (the warp-specialized form: to pairs) with re-reads of the last block whose
 scale is zero. M, N and K edges are zero-filled by TMA; c is clipped at M and N by the TMA store. TMA needs 16-byte
 aligned bases and rows (K % 16 == 0, N * itemsize % 16 == 0).
-Tried on the H200 and not kept (session 29, benchmarks/RESULTS.md): stream-K for the last, partial wave (w2 is 512
-tiles on 132 SMs; slower), 6 stages (as 5), ptxas 12.9's interleaved FFMA yield bits (no change). cuBLAS's kernel
-here is the same 128 x 128 cooperative tile with 6 stages and 2-CTA clusters sharing loads by TMA multicast, which
-triton 3.6's Gluon does not expose.
+Tried on the H200 and not kept (benchmarks/RESULTS.md): stream-K for the last, partial wave (w2 is 512 tiles on 132
+SMs; slower), 6 stages (as 5), ptxas 12.9's interleaved FFMA yield bits (no change; session 29); 2-CTA clusters
+sharing b by TMA multicast, as cuBLAS's kernel here (triton 3.9: a higher clock, more cycles; session 33);
+outer-dim-major scales read by the consumers from global memory (an L1 miss every block; session 34).
 
 No CPU interpreter runs Gluon: CI compiles both forms for sm_90 (tests/kernels/test_fp8_gemm_gluon.py), and the
 numerical checks run on the GPU (that test on a Hopper machine; benchmarks/kernels.py sections fp8_prefill and fp8

@@ -157,10 +157,11 @@ def _cuda_sm_count(index: int) -> int:
 
 def check_blockwise_gemm(who: str, a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: torch.Tensor,
                          out_dtype: torch.dtype, out_dtypes: Sequence[torch.dtype],
-                         a_dtypes: Sequence[torch.dtype]) -> tuple[int, int, int]:
+                         a_dtypes: Sequence[torch.dtype], a_s_any_strides: bool = False) -> tuple[int, int, int]:
     """The operand rules of a blockwise-scaled GEMM a [M, K] x b [N, K]^T (kernels/fp8_gemm.py's layouts): a of
     a_dtypes with a_s fp32 [M, ceil(K/128)] when a is fp8 (None otherwise: weight-only), b fp8 with b_s fp32
-    [ceil(N/128), ceil(K/128)], unit strides along K; errors name `who` and the tensor. Returns (M, N, K)."""
+    [ceil(N/128), ceil(K/128)], unit strides along K (a_s_any_strides: except a_s, for the kernels that read it
+    through both strides, e.g. outer-dim-major); errors name `who` and the tensor. Returns (M, N, K)."""
     check_tensor(f"{who}: a", a, dtypes=a_dtypes, ndim=2)
     dev = a.device
     check_tensor(f"{who}: b", b, dtypes=(FP8_DTYPE,), ndim=2, device=dev)
@@ -183,7 +184,8 @@ def check_blockwise_gemm(who: str, a: torch.Tensor, a_s: torch.Tensor | None, b:
     if tuple(b_s.shape) != (cdiv(n, QUANT_BLOCK), k_blocks):
         raise ValueError(f"{who}: b_s must be [ceil(N/128), ceil(K/128)] = "
                          f"{(cdiv(n, QUANT_BLOCK), k_blocks)}, got {tuple(b_s.shape)}")
-    strides = {name: t.stride() for name, t in (("a", a), ("a_s", a_s), ("b", b), ("b_s", b_s)) if t is not None}
+    strides = {name: t.stride() for name, t in (("a", a), ("a_s", None if a_s_any_strides else a_s), ("b", b),
+                                                ("b_s", b_s)) if t is not None}
     for name, st in strides.items():  # one stride() call per tensor: this runs on every decode step
         if st[1] != 1:
             raise ValueError(f"{who}: {name} needs unit stride along its last dim, got strides {st}")

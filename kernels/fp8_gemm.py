@@ -296,7 +296,8 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
     the fp8 weight is widened in registers, never written back dequantized).
     shape_class "decode" / "prefill" picks the tile set (default: from M <= 64); split_k
     overrides the split heuristic. Both let a traced caller with a symbolic M avoid guards on M.
-    variant "gluon" runs kernels/fp8_gemm_gluon.py (sm_90 GPUs, eager, the same operand rules as TMA's).
+    variant "gluon" runs kernels/fp8_gemm_gluon.py (sm_90 GPUs, eager, the same operand rules as TMA's, a_s of any
+    strides: outer-dim-major from act_quant(..., outer_scales=True) saves its warp-specialized kernel a copy).
     variant "tma_persistent" runs the Hopper prefill candidate (kernels/fp8_gemm_persistent.py:
     TMA loads, persistent CTAs; fp8 a only, no split-K, 16-byte aligned rows) on any M; config
     then names one of its TMA_PERSISTENT_CONFIGS. "default" is the kernel above, except that W8A8 decode calls
@@ -304,7 +305,10 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor | None, b: torch.Tensor, b_s: to
     """
     if variant not in VARIANTS:
         raise ValueError(f"fp8_gemm: variant={variant!r} must be one of {VARIANTS}")
-    m, n, k = check_blockwise_gemm("fp8_gemm", a, a_s, b, b_s, out_dtype, OUT_DTYPES, (FP8_DTYPE,) + DENSE_DTYPES)
+    # the Gluon kernels read a_s through both strides: the warp-specialized one wants it outer-dim-major
+    # (act_quant(..., outer_scales=True)) and copies it so otherwise
+    m, n, k = check_blockwise_gemm("fp8_gemm", a, a_s, b, b_s, out_dtype, OUT_DTYPES, (FP8_DTYPE,) + DENSE_DTYPES,
+                                   a_s_any_strides=variant == "gluon")
     dev = a.device
     a_fp8 = a.dtype == FP8_DTYPE
     k_blocks = cdiv(k, QUANT_BLOCK)

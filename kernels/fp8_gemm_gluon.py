@@ -20,7 +20,7 @@ with 128-wide K blocks in a ring of STAGES TMA buffers ordered by mbarriers:
   producer). 5 stages, the K loop unrolled by 4 blocks, a tile's K blocks padded to pairs only (a last pair on its
   own, _ws_pair). Each stage also brings the tile's activation scales of its K block by TMA (outer-dim-major a_s;
   the consumers read them from shared memory). H200, session 34, from CUDA graphs alternating with blockwise
-  _scaled_mm: 1.03-1.04x / 0.995-1.02x at w1/w3 / w2 (M=4096), 1.05x / 1.03x at wq+wkv_a / wo; 1.00x / 0.985x in
+  _scaled_mm: 1.025-1.04x / 0.995-1.02x at w1/w3 / w2 (M=4096), 1.05x / 1.03x at wq+wkv_a / wo; 1.00x / 0.985x in
   session 29, when the consumers loaded row-major scales from global memory.
 - single partition (_fp8_gemm_gluon_kernel, warp_specialized=False): all warps compute, the loads are issued from
   the same code (Gluon puts a CTA-wide barrier around each TMA issue, so two warpgroups run in lockstep). 0.90x /

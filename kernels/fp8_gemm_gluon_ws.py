@@ -11,7 +11,7 @@ wait, before releasing it. Read instead by the consumers from global memory, row
 cache lines, two loads per thread per K block: a third again of the L1 wavefronts the wgmmas' own shared-memory
 reads make, which at w2 cost the kernel ~5% of its clock under the H200's power cap (the same cycles as cuBLAS at a
 lower clock, session 33); outer-dim-major global loads saved that energy but missed L1 every block (4% more
-cycles). Staged, w2 runs 0.97-0.98 of cuBLAS's cycles (session 34). So the kernel takes a_s outer-dim-major with
+cycles). Staged, w2 runs 0.94-0.96 of cuBLAS's cycles (session 34). So the kernel takes a_s outer-dim-major with
 16-byte aligned rows (scales_for_tma; act_quant(..., outer_scales=True) writes them so), and pad blocks read past
 its last row, which TMA fills with zeros: their promotion adds nothing.
 """
@@ -59,8 +59,8 @@ SCALE_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, r
 
 def scales_for_tma(a_s: torch.Tensor) -> torch.Tensor:
     """a_s [M, K'] as the kernel's scale descriptor needs it: outer-dim-major (strides (1, M')) with rows starting
-    16-byte aligned (M' a multiple of 4). Returned as is when it already is; else copied (one small kernel, ~1% of
-    w2's GEMM: act_quant(..., outer_scales=True) writes them so in the first place)."""
+    16-byte aligned (M' a multiple of 4). Returned as is when it already is; else copied by one small kernel, which
+    cost 3.7% at w2 and 7-12% at wo and wkv_a (session 34): act_quant(..., outer_scales=True) writes them so."""
     m, blocks = a_s.shape
     if a_s.stride(0) == 1 and a_s.stride(1) % 4 == 0 and a_s.stride(1) >= m and a_s.data_ptr() % 16 == 0:
         return a_s
@@ -116,7 +116,9 @@ def _weight_scale(b_s_row, block, k_blocks):
 
 @gluon.jit
 def _release(empty, step):
-    """Stage step's buffers are read: hand them back to the producer."""
+    """Stage step's buffers are read: hand them back to the producer. One thread of the warpgroup arrives (count 1),
+    after the partition-wide bar.sync Triton puts before every arrive, so all four warps' shared-memory reads of the
+    stage (the scales, and the wgmma operands their wait covered) are done (checked in the PTX, triton 3.6 and 3.9)."""
     mbarrier.arrive(empty.index(step % WS_STAGES), count=1)
 
 

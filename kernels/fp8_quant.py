@@ -188,8 +188,7 @@ def act_quant_outputs(rows, cols, device: torch.device, outer_scales: bool = Fal
     blocks = cdiv(cols, QUANT_BLOCK)
     if not outer_scales:
         return q, torch.empty((rows, blocks), dtype=torch.float32, device=device)
-    storage = torch.empty((blocks, cdiv(rows, 4) * 4), dtype=torch.float32, device=device)
-    return q, storage[:, :rows].t()
+    return q, torch.empty_strided((rows, blocks), (1, cdiv(rows, 4) * 4), dtype=torch.float32, device=device)
 
 
 def act_quant(x: torch.Tensor, block_size: int = QUANT_BLOCK, *, config: triton.Config | None = None,

@@ -307,7 +307,7 @@ def _graphed_rows(report: Report, case: str, operands, ref, out_dtype, quick: bo
     """Blockwise _scaled_mm, the Gluon kernel's default form and fp8_gemm's default kernel (the Triton GEMM a package
     runs where it does not take cuBLAS) from CUDA graphs, each of ours timed in alternation with blockwise _scaled_mm
     alone (_timing.interleaved_ms, a pair per candidate): with three in the rotation, the GEMM after the slow Triton
-    one starts cooler, which moved w2's Gluon ratio by 4-6% (0.951-0.961x in threes, 0.98-1.01x in pairs: sessions
+    one starts cooler, which moved w2's Gluon ratio by 4-6% (0.951-0.961x in threes, 0.98-1.02x in pairs: sessions
     32 and 34). The eager rows also time the host's launch path, which for the Gluon kernel (three TMA descriptors
     and Gluon's launcher in Python: up to ~200 us per call on the H200's host in session 29, 100-130 us once the
     launcher kept its layouts) can exceed the L2 flush plus the kernel, leaving the GPU idle inside the timed window

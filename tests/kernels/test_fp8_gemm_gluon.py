@@ -71,9 +71,13 @@ def test_refuses_a_warp_specialized_tile_it_cannot_run(spec):
 
 def test_refuses_what_it_cannot_run():
     a, a_s, b, b_s = _operands(3, 200, 256)
+    a_s_outer = a_s.t().contiguous().t()  # as act_quant(..., outer_scales=True) writes them: the Gluon path takes it
     if not HOPPER:
-        with pytest.raises(ValueError, match=r"variant='gluon'.*needs a Hopper \(sm_90\) GPU"):
-            G.fp8_gemm(a, a_s, b, b_s, variant="gluon")
+        for scales in (a_s, a_s_outer):
+            with pytest.raises(ValueError, match=r"variant='gluon'.*needs a Hopper \(sm_90\) GPU"):
+                G.fp8_gemm(a, scales, b, b_s, variant="gluon")
+    with pytest.raises(ValueError, match="a_s needs unit stride along its last dim"):  # the Triton kernels do not
+        G.fp8_gemm(a, a_s_outer, b, b_s)
     with pytest.raises(ValueError, match="variant='gluon' needs fp8 a with a_s"):
         G.fp8_gemm(torch.randn(3, 256, dtype=torch.bfloat16), None, b, b_s, variant="gluon")
     with pytest.raises(ValueError, match="variant='gluon' does not split K"):

@@ -64,9 +64,8 @@ def scales_for_tma(a_s: torch.Tensor) -> torch.Tensor:
     m, blocks = a_s.shape
     if a_s.stride(0) == 1 and a_s.stride(1) % 4 == 0 and a_s.stride(1) >= m and a_s.data_ptr() % 16 == 0:
         return a_s
-    storage = torch.empty(blocks, cdiv(m, 4) * 4, dtype=a_s.dtype, device=a_s.device)
-    storage[:, :m] = a_s.t()
-    return storage[:, :m].t()
+    staged = torch.empty_strided((m, blocks), (1, cdiv(m, 4) * 4), dtype=a_s.dtype, device=a_s.device)
+    return staged.copy_(a_s)
 
 
 @gluon.jit

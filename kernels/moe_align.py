@@ -39,6 +39,43 @@ PARALLEL_SLICES = 32
 
 
 @triton.jit
+def _padded_runs(counts, BLOCK_M: tl.constexpr):
+    """Each expert's run of `counts` assignments padded to BLOCK_M rows, the runs laid out in expert order:
+    (padded, ends, total), ends inclusive; lanes past E have count 0."""
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    return padded, tl.cumsum(padded, axis=0), tl.sum(padded, axis=0)
+
+
+@triton.jit
+def _chunk_histogram(ids_ptr, offs, NUMEL, BLOCK_E: tl.constexpr):
+    """Assignments `offs` (those < NUMEL) per expert: [BLOCK_E]."""
+    e = tl.load(ids_ptr + offs, mask=offs < NUMEL, other=BLOCK_E).to(tl.int32)
+    return tl.sum((e[:, None] == tl.arange(0, BLOCK_E)[None, :]).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _fill_sentinels(sorted_ids_ptr, lo, hi, NUMEL, FILL: tl.constexpr):
+    """The padding sentinel NUMEL into sorted slots [lo, hi)."""
+    for f0 in range(lo, hi, FILL):
+        slots = f0 + tl.arange(0, FILL)
+        tl.store(sorted_ids_ptr + slots, tl.full((FILL,), 0, tl.int32) + NUMEL, mask=slots < hi)
+
+
+@triton.jit
+def _scatter_chunk(ids_ptr, sorted_ids_ptr, offs, NUMEL, first, BLOCK_E: tl.constexpr):
+    """Assignments `offs` to their slots: first[e] (the chunk's first slot for expert e) plus the same-expert
+    assignments before each in the chunk, a stable sort. Returns the chunk's assignments per expert."""
+    experts = tl.arange(0, BLOCK_E)
+    valid = offs < NUMEL
+    e = tl.load(ids_ptr + offs, mask=valid, other=BLOCK_E).to(tl.int32)
+    onehot = (e[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, BLOCK_E]
+    before = tl.cumsum(onehot, axis=0) - onehot  # same-expert assignments earlier in the chunk
+    dest = tl.sum((before + first[None, :]) * onehot, axis=1)  # [CHUNK]
+    tl.store(sorted_ids_ptr + dest, offs.to(tl.int32), mask=valid)
+    return tl.sum(onehot, axis=0)
+
+
+@triton.jit
 def _store_block_experts(ends, total, expert_ids_ptr, npp_ptr, N_BLOCKS, E: tl.constexpr, BLOCK_E: tl.constexpr,
                          BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
     """Block b belongs to the first expert whose padded run ends past b * BLOCK_M (-1 past the last run); and the
@@ -61,33 +98,19 @@ def _moe_align_kernel(
 ):
     """One program: histogram -> padded offsets -> stable scatter -> block experts (see moe_align)."""
     wait_for_producer()  # before any memory access: kernels/pdl.py
-    experts = tl.arange(0, BLOCK_E)
     # 1. assignments per expert
     counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
     for c0 in range(0, NUMEL, CHUNK):
-        offs = c0 + tl.arange(0, CHUNK)
-        e = tl.load(ids_ptr + offs, mask=offs < NUMEL, other=BLOCK_E).to(tl.int32)
-        counts += tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
+        counts += _chunk_histogram(ids_ptr, c0 + tl.arange(0, CHUNK), NUMEL, BLOCK_E)
     # 2. each expert's run padded to BLOCK_M rows; runs laid out in expert order
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, axis=0)  # [BLOCK_E]; lanes >= E have count 0
-    total = tl.sum(padded, axis=0)
+    padded, ends, total = _padded_runs(counts, BLOCK_M)
     # 3. every slot starts as the padding sentinel NUMEL ...
-    for f0 in range(0, N_BLOCKS * BLOCK_M, FILL):
-        offs = f0 + tl.arange(0, FILL)
-        tl.store(sorted_ids_ptr + offs, tl.full((FILL,), 0, tl.int32) + NUMEL, mask=offs < N_BLOCKS * BLOCK_M)
+    _fill_sentinels(sorted_ids_ptr, 0, N_BLOCKS * BLOCK_M, NUMEL, FILL)
     tl.debug_barrier()  # ... before any thread writes a real id over a sentinel
     # 4. assignment a goes to ends[e] - padded[e] + (assignments of e before a): a stable sort
     next_slot = ends - padded
     for c0 in range(0, NUMEL, CHUNK):
-        offs = c0 + tl.arange(0, CHUNK)
-        valid = offs < NUMEL
-        e = tl.load(ids_ptr + offs, mask=valid, other=BLOCK_E).to(tl.int32)
-        onehot = (e[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, BLOCK_E]
-        before = tl.cumsum(onehot, axis=0) - onehot  # same-expert assignments earlier in the chunk
-        dest = tl.sum((before + next_slot[None, :]) * onehot, axis=1)  # [CHUNK]
-        tl.store(sorted_ids_ptr + dest, offs.to(tl.int32), mask=valid)
-        next_slot += tl.sum(onehot, axis=0)
+        next_slot += _scatter_chunk(ids_ptr, sorted_ids_ptr, c0 + tl.arange(0, CHUNK), NUMEL, next_slot, BLOCK_E)
     # 5. the block experts and the padded total
     _store_block_experts(ends, total, expert_ids_ptr, npp_ptr, N_BLOCKS, E, BLOCK_E, BLOCK_M, CHUNK)
 
@@ -100,14 +123,9 @@ def _align_count_kernel(ids_ptr, counts_ptr, sorted_ids_ptr, NUMEL, N_SLOTS, FIL
     counts[slice, :], and the sentinel NUMEL into this program's FILL_SHARE of the sorted slots."""
     wait_for_producer()  # before any memory access: kernels/pdl.py
     pid = tl.program_id(0)
-    experts = tl.arange(0, BLOCK_E)
-    offs = pid * CHUNK + tl.arange(0, CHUNK)
-    e = tl.load(ids_ptr + offs, mask=offs < NUMEL, other=BLOCK_E).to(tl.int32)
-    tl.store(counts_ptr + pid * BLOCK_E + experts, tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0))
-    for f0 in range(pid * FILL_SHARE, (pid + 1) * FILL_SHARE, FILL):
-        slots = f0 + tl.arange(0, FILL)
-        tl.store(sorted_ids_ptr + slots, tl.full((FILL,), 0, tl.int32) + NUMEL,
-                 mask=(slots < N_SLOTS) & (slots < (pid + 1) * FILL_SHARE))
+    tl.store(counts_ptr + pid * BLOCK_E + tl.arange(0, BLOCK_E),
+             _chunk_histogram(ids_ptr, pid * CHUNK + tl.arange(0, CHUNK), NUMEL, BLOCK_E))
+    _fill_sentinels(sorted_ids_ptr, pid * FILL_SHARE, tl.minimum((pid + 1) * FILL_SHARE, N_SLOTS), NUMEL, FILL)
 
 
 @waits_for_producer
@@ -126,9 +144,7 @@ def _align_offsets_kernel(counts_ptr, offsets_ptr, expert_ids_ptr, npp_ptr, N_SL
         tile = tl.load(counts_ptr + rows[:, None] * BLOCK_E + experts[None, :], mask=(rows < N_SLICES)[:, None],
                        other=0)
         counts += tl.sum(tile, axis=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, axis=0)
-    total = tl.sum(padded, axis=0)
+    padded, ends, total = _padded_runs(counts, BLOCK_M)
     carry = ends - padded  # the next slice's first slot per expert
     for s0 in range(0, N_SLICES, SLICES):
         rows = s0 + tl.arange(0, SLICES)
@@ -147,15 +163,8 @@ def _align_scatter_kernel(ids_ptr, offsets_ptr, sorted_ids_ptr, NUMEL, BLOCK_E: 
     plus the same-expert assignments before it in the slice (the single kernel's step 4)."""
     wait_for_producer()
     pid = tl.program_id(0)
-    experts = tl.arange(0, BLOCK_E)
-    offs = pid * CHUNK + tl.arange(0, CHUNK)
-    valid = offs < NUMEL
-    e = tl.load(ids_ptr + offs, mask=valid, other=BLOCK_E).to(tl.int32)
-    onehot = (e[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, BLOCK_E]
-    before = tl.cumsum(onehot, axis=0) - onehot
-    first = tl.load(offsets_ptr + pid * BLOCK_E + experts)
-    dest = tl.sum((before + first[None, :]) * onehot, axis=1)
-    tl.store(sorted_ids_ptr + dest, offs.to(tl.int32), mask=valid)
+    first = tl.load(offsets_ptr + pid * BLOCK_E + tl.arange(0, BLOCK_E))
+    _scatter_chunk(ids_ptr, sorted_ids_ptr, pid * CHUNK + tl.arange(0, CHUNK), NUMEL, first, BLOCK_E)
 
 
 def align_blocks(numel, n_experts: int, block_m: int):

@@ -31,10 +31,6 @@ SHAPES = (("w1/w3", 10944, 2048), ("w2", 2048, 10944), ("wq+wkv_a", 3648, 2048),
 CHECKS = ((200, 264, 400, None), (300, 136, 1296, 2), (513, 576, 2048, 3), (4096, 2048, 10944, None))
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref).abs().mean() / ref.abs().mean()).item()
-
-
 IMPLS = ("ws", "ws_row")
 
 
@@ -52,6 +48,7 @@ def candidate(name: str, a: torch.Tensor, a_s: torch.Tensor, w: torch.Tensor, w_
 def check(impls: list[str], tol: float) -> list[dict]:
     from dsv3_export.kernels import fp8_gemm as G
     from dsv3_export.reference import fp8 as R
+    from kbench.common import mean_rel
 
     rows = []
     for m, n, k, programs in CHECKS:
@@ -64,7 +61,7 @@ def check(impls: list[str], tol: float) -> list[dict]:
             for out_dtype in (torch.float32, torch.bfloat16):
                 out = call(out_dtype)
                 torch.cuda.synchronize()
-                err = rel_err(out, ref)
+                err = mean_rel(out, ref)
                 ok = bool(torch.isfinite(out).all()) and err < (tol if out_dtype == torch.float32 else 1e-2)
                 rows.append(dict(impl=name, m=m, n=n, k=k, programs=programs, out=str(out_dtype), err=err, ok=ok))
                 print(f"check {name} M={m} N={n} K={k} programs={programs} {out_dtype}: mean rel err {err:.2e} "
@@ -75,6 +72,7 @@ def check(impls: list[str], tol: float) -> list[dict]:
 def timed(impls: list[str], rounds: int) -> list[dict]:
     from dsv3_export.kernels import fp8_gemm as G
     from dsv3_export.reference import fp8 as R
+    from kbench.common import mean_rel
     from kbench.fp8 import several_against_blockwise_in_graphs
 
     rows = []
@@ -93,7 +91,7 @@ def timed(impls: list[str], rounds: int) -> list[dict]:
             row[f"{name}_ms"] = statistics.median(ms)
             row[f"{name}_ratio"] = statistics.median(ratios)
             row[f"{name}_ratio_range"] = [ratios[0], ratios[-1]]
-            row[f"{name}_graph_err"] = rel_err(written, ref)  # what the timed replays wrote (bf16 c)
+            row[f"{name}_graph_err"] = mean_rel(written, ref)  # what the timed replays wrote (bf16 c)
             row["times"][name] = ms
             line += (f" | {name} {row[f'{name}_ms']:.4f} ms {row[f'{name}_ratio']:.3f}x ({ratios[0]:.3f}-"
                      f"{ratios[-1]:.3f}) err {row[f'{name}_graph_err']:.1e}")

@@ -25,7 +25,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma_wait
 
-from dsv3_export.kernels._common import cdiv
+from dsv3_export.kernels.fp8_quant import outer_scale_storage
 from dsv3_export.kernels.fp8_gemm_gluon import _EAGER, _mma_block, _schedule, _tile_offsets, _tma_load, _tma_store
 from dsv3_export.kernels.pdl import eager_only
 
@@ -58,14 +58,14 @@ SCALE_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, r
 
 
 def scales_for_tma(a_s: torch.Tensor) -> torch.Tensor:
-    """a_s [M, K'] as the kernel's scale descriptor needs it: outer-dim-major (strides (1, M')) with rows starting
-    16-byte aligned (M' a multiple of 4). Returned as is when it already is; else copied by one small kernel, which
-    cost 3.7% at w2 and 7-12% at wo and wkv_a (session 34): act_quant(..., outer_scales=True) writes them so."""
+    """a_s [M, K'] fp32 as the kernel's scale descriptor needs it: outer-dim-major (strides (1, M')) with rows
+    starting 16-byte aligned (M' a multiple of 4: fp8_quant.outer_scale_storage). Returned as is when it already
+    is; else copied by one small kernel, which cost 3.7% at w2 and 7-12% at wo and wkv_a (session 34):
+    act_quant(..., outer_scales=True) writes them so."""
     m, blocks = a_s.shape
     if a_s.stride(0) == 1 and a_s.stride(1) % 4 == 0 and a_s.stride(1) >= m and a_s.data_ptr() % 16 == 0:
         return a_s
-    staged = torch.empty_strided((m, blocks), (1, cdiv(m, 4) * 4), dtype=a_s.dtype, device=a_s.device)
-    return staged.copy_(a_s)
+    return outer_scale_storage(m, blocks, a_s.device).copy_(a_s)
 
 
 @gluon.jit

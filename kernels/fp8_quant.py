@@ -177,18 +177,23 @@ _act_quant_large_m_tuned = {
 _weight_dequant_tuned = autotune_or_single(_weight_dequant_kernel, DEQUANT_CONFIGS, key=["N", "K"])
 
 
+def outer_scale_storage(rows, blocks, device: torch.device) -> torch.Tensor:
+    """An uninitialized fp32 [rows, blocks] of outer-dim-major strides (1, round_up(rows, 4)): each K block's scales
+    contiguous and 16-byte aligned, as TMA (fp8_gemm_gluon's warp-specialized kernel) and blockwise
+    torch._scaled_mm read them (rows may be symbolic)."""
+    return torch.empty_strided((rows, blocks), (1, cdiv(rows, 4) * 4), dtype=torch.float32, device=device)
+
+
 def act_quant_outputs(rows, cols, device: torch.device, outer_scales: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """act_quant's outputs for a [rows, cols] input, allocated: q fp8 e4m3fn [rows, cols] and s fp32
     [rows, ceil(cols/128)]; also what the kernels that quantize their own output write (rows, cols may
-    be symbolic). outer_scales: s outer-dim-major, strides (1, round_up(rows, 4)): each K block's scales
-    contiguous and 16-byte aligned, as TMA (fp8_gemm_gluon's warp-specialized kernel) and blockwise
-    torch._scaled_mm read them."""
+    be symbolic). outer_scales: s in outer_scale_storage's layout."""
     q = torch.empty((rows, cols), dtype=FP8_DTYPE, device=device)
     blocks = cdiv(cols, QUANT_BLOCK)
     if not outer_scales:
         return q, torch.empty((rows, blocks), dtype=torch.float32, device=device)
-    return q, torch.empty_strided((rows, blocks), (1, cdiv(rows, 4) * 4), dtype=torch.float32, device=device)
+    return q, outer_scale_storage(rows, blocks, device)
 
 
 def act_quant(x: torch.Tensor, block_size: int = QUANT_BLOCK, *, config: triton.Config | None = None,

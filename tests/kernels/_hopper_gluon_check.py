@@ -21,6 +21,7 @@ from dsv3_export.kernels import fp8_gemm as G  # noqa: E402
 from dsv3_export.kernels import fp8_quant as KQ  # noqa: E402
 from dsv3_export.kernels.fp8_gemm_gluon import fp8_gemm_gluon  # noqa: E402
 from dsv3_export.reference import fp8 as R  # noqa: E402
+from tests.kernels._helpers import mean_rel  # noqa: E402
 
 FORMS = ("warp-specialized", "single 128", "single 64")
 # Ragged M, N and K (odd K-block counts take the padded block; K <= 384 fewer blocks than stages). The
@@ -28,10 +29,6 @@ FORMS = ("warp-specialized", "single 128", "single 64")
 # 5 (its pad block in the pair) and 6 as a group and a last pair (_ws_pair).
 SHAPES = ((200, 264, 400), (1, 128, 2048), (300, 136, 1296), (130, 256, 128), (200, 264, 256), (150, 136, 640),
           (150, 136, 768))
-
-
-def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref).abs().mean() / ref.abs().mean()).item()
 
 
 def check(seed: int) -> None:
@@ -51,11 +48,11 @@ def check(seed: int) -> None:
             for programs, s in scales:
                 out = fp8_gemm_gluon(a, s, b, b_s, torch.float32, programs=programs, **kw)
                 print(json.dumps(dict(form=form, m=m, n=n, k=k, programs=programs, out="fp32",
-                                      scale_strides=list(s.stride()), err=_rel(out, ref),
+                                      scale_strides=list(s.stride()), err=mean_rel(out, ref),
                                       finite=bool(torch.isfinite(out).all()))), flush=True)
         out = G.fp8_gemm(a, a_s, b, b_s, variant="gluon")  # bf16, through fp8_gemm
         print(json.dumps(dict(form="fp8_gemm(variant='gluon')", m=m, n=n, k=k, programs=None, out="bf16",
-                              scale_strides=list(a_s.stride()), err=_rel(out, ref),
+                              scale_strides=list(a_s.stride()), err=mean_rel(out, ref),
                               finite=bool(torch.isfinite(out).all()))), flush=True)
 
 

@@ -302,7 +302,7 @@ def several_against_blockwise_in_graphs(a, a_s, w, w_s, candidates: dict, rounds
                   for name in candidates}
 
 
-def _graphed_rows(report: Report, case: str, operands, ref, out_dtype, quick: bool, bytes_: float,
+def _graphed_rows(report: Report, case: str, operands, a_s_tma, ref, out_dtype, quick: bool, bytes_: float,
                   flops: float) -> list[Row]:
     """Blockwise _scaled_mm, the Gluon kernel's default form and fp8_gemm's default kernel (the Triton GEMM a package
     runs where it does not take cuBLAS) from CUDA graphs, each of ours timed in alternation with blockwise _scaled_mm
@@ -312,15 +312,13 @@ def _graphed_rows(report: Report, case: str, operands, ref, out_dtype, quick: bo
     and Gluon's launcher in Python: up to ~200 us per call on the H200's host in session 29, 100-130 us once the
     launcher kept its layouts) can exceed the L2 flush plus the kernel, leaving the GPU idle inside the timed window
     (at the attention's small GEMMs, ~20-35 us of GPU work, always); and rows timed minutes apart see the clocks drift
-    (5% between rounds)."""
+    (5% between rounds). a_s_tma: the warp-specialized form's scales (_gluon_gemm)."""
     from dsv3_export.kernels import fp8_gemm as G
-    from dsv3_export.kernels.fp8_gemm_gluon_ws import scales_for_tma
     from kbench import common
 
     a, a_s, w, w_s = operands
     m = a.shape[0]
     rounds = 3 if quick else 7
-    a_s_tma = scales_for_tma(a_s)
     candidates = {f"{_gluon_label(None)} (CUDA graph)": lambda: _gluon_gemm(a, a_s, w, w_s, out_dtype, None, a_s_tma),
                   "triton fp8_gemm (CUDA graph)": lambda: G.fp8_gemm(a, a_s, w, w_s, out_dtype)}
     pairs = {name: several_against_blockwise_in_graphs(a, a_s, w, w_s, {name: fn}, rounds, common.L2_FLUSH)
@@ -422,7 +420,7 @@ def bench_fp8_prefill(report: Report, sh: Shapes, quick: bool) -> None:
         if sh.device == "cuda" and not gluon_reason and any(r is not None and r.impl == "torch._scaled_mm blockwise"
                                                             and r.ok for r in rows):
             rows += guarded(report, f"{case} CUDA graphs", lambda: _graphed_rows(
-                report, case, (a, a_s, w, w_s), ref, out_dtype, quick, bytes_, flops)) or []
+                report, case, (a, a_s, w, w_s), a_s_tma, ref, out_dtype, quick, bytes_, flops)) or []
         rows = [r for r in rows if r is not None]
         finish_group(rows)
         show(case, rows)
